@@ -1,0 +1,106 @@
+"""The result of a solve: outputs, dense solution, statistics and status."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import InputError
+
+SUCCESS = "success"
+EVENT = "event"
+MAX_STEPS_REACHED = "max_steps_reached"
+STEP_SIZE_UNDERFLOW = "step_size_underflow"
+NON_FINITE = "non_finite"
+FAILURE_STATUSES = (MAX_STEPS_REACHED, STEP_SIZE_UNDERFLOW, NON_FINITE)
+
+
+@dataclass
+class Solution:
+    """What :func:`neurodyn.solve` returns.
+
+    Attributes
+    ----------
+    ts : Tensor, shape ``(T,)``
+        The requested output times.
+    ys : Tensor, shape ``(T, *y0.shape)``
+        The solution at ``ts``. After a failure (``on_failure="return"``) or an event, rows past
+        ``t_final`` are NaN; ``n_valid`` rows are filled.
+    stats : dict
+        ``nfe`` (vector-field calls), ``steps`` (accepted), ``rejected``, ``initial_step``, ``last_step``
+        and, for adaptive methods, nothing else you need to know.
+    status : str
+        ``"success"``, ``"event"`` (an ``event_fn`` root stopped the solve), ``"max_steps_reached"``,
+        ``"step_size_underflow"`` or ``"non_finite"``.
+    message : str
+        A human-readable account of the status.
+    t_final : float
+        The time reached: the final time on success, the event time, or the last accepted time.
+    y_final : Tensor, shape ``y0.shape``
+        The state at ``t_final``.
+    event_t : Tensor or None
+        The event time (0-dim, differentiable) when an ``event_fn`` stopped the solve.
+
+    Examples
+    --------
+    >>> import torch, neurodyn
+    >>> sol = neurodyn.solve(lambda t, y: -y, torch.ones(2), torch.linspace(0, 1, 3), dense=True)
+    >>> sol.ys.shape, sol.status
+    (torch.Size([3, 2]), 'success')
+    >>> sol.evaluate(torch.tensor([0.25])).shape
+    torch.Size([1, 2])
+    """
+
+    ts: Tensor
+    ys: Tensor
+    stats: dict[str, Any]
+    status: str = SUCCESS
+    message: str = ""
+    t_final: float = float("nan")
+    y_final: Tensor | None = None
+    n_valid: int = 0
+    event_t: Tensor | None = None
+    _dense: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
+    _dense_span: tuple[float, float] | None = field(default=None, repr=False)
+
+    @property
+    def success(self) -> bool:
+        """True when the solve reached the final time (or stopped at a requested event)."""
+        return self.status in (SUCCESS, EVENT)
+
+    def evaluate(self, t: Tensor | float) -> Tensor:
+        """The dense solution at arbitrary times inside the solved span.
+
+        Parameters
+        ----------
+        t : Tensor of any shape, or float
+            Times within ``[ts[0], t_final]`` (either order of integration).
+
+        Returns
+        -------
+        Tensor, shape ``(*t.shape, *y0.shape)``
+            Each method's own continuous extension (4th order for dopri5/tsit5, 7th for dopri8,
+            cubic Hermite otherwise).
+
+        Raises
+        ------
+        InputError
+            If the solve was not run with ``dense=True`` or a time lies outside the solved span.
+        """
+        if self._dense is None:
+            raise InputError(
+                "Solution.evaluate needs the dense solution: call solve(..., dense=True)."
+            )
+        tt = torch.as_tensor(t, dtype=self.ts.dtype, device=self.ts.device)
+        lo, hi = self._dense_span
+        lo, hi = min(lo, hi), max(lo, hi)
+        if tt.numel() and not bool(((tt >= lo) & (tt <= hi)).all()):
+            raise InputError(
+                f"Solution.evaluate: times must lie in the solved span [{lo}, {hi}]; "
+                f"got values in [{float(tt.min())}, {float(tt.max())}]."
+            )
+        return self._dense(tt)

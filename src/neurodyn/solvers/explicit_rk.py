@@ -1,0 +1,183 @@
+"""One generic explicit Runge--Kutta stepper for every tableau.
+
+States travel through the engine flattened to shape ``(1, n)``; stage derivatives are stacked in a
+fresh ``(s, n)`` buffer per step so that every stage combination is one ``addmm`` over the stacked
+stages (one pass over memory, whatever the number of stages). The buffer is fresh each step, so
+autograd can differentiate through the stages (``gradient="direct"``) and accepted steps can be kept
+for dense output without copies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .tableaus import ButcherTableau
+
+Term = Callable[[float, Tensor], Tensor]  # (t, y of shape (1, n)) -> dy/dt of shape (n,)
+
+
+@dataclass
+class _Coefficients:
+    """A tableau's coefficients as tensors of one dtype on one device."""
+
+    a: list[Tensor | None]  # row i: (1, i)
+    b: Tensor  # (1, s)
+    e: Tensor | None  # (1, s)
+    c: list[float]
+    dense_t: Tensor | None  # (d, s + extra): transpose of the dense matrix P
+    extra_a: list[Tensor]  # row i: (1, s + i)
+    extra_c: list[float]
+
+
+@dataclass
+class Step:
+    """One accepted step: what dense output needs, with the pieces it may compute lazily.
+
+    ``f1`` is dy/dt at the end of the step (free for FSAL methods); ``k_full`` holds the main stages
+    followed by any extra dense-output stages (computed on first use).
+    """
+
+    t0: float
+    h: float
+    y0: Tensor  # (1, n)
+    y1: Tensor  # (1, n)
+    k: Tensor  # (s, n)
+    f1: Tensor | None = None  # (n,) or the user's shape (same elements)
+    k_full: Tensor | None = None
+
+
+def _tensor(values, dtype, device) -> Tensor:
+    return torch.tensor([float(v) for v in values], dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+class ExplicitRungeKutta:
+    """A generic explicit RK method driven by a :class:`ButcherTableau`.
+
+    The integrate loop calls :meth:`step` and, for accepted steps, :meth:`interpolate`; it knows
+    nothing about any particular method.
+    """
+
+    def __init__(self, tableau: ButcherTableau):
+        self.tableau = tableau
+        self.name = tableau.name
+        self.order = tableau.order
+        self.error_order = tableau.error_order
+        self.adaptive = tableau.adaptive
+        self.fsal = tableau.fsal
+        self.stages = tableau.stages
+        self.dense_order = tableau.dense_order if tableau.dense is not None else 3
+        self.has_own_dense = tableau.dense is not None
+        # Stage s-1 lands on y1 exactly when its row equals b (FSAL): reuse it as the new state.
+        self._last_stage_is_y1 = tableau.fsal and tuple(tableau.a[-1]) == tuple(tableau.b[:-1])
+        self._cache: dict[tuple[torch.dtype, torch.device], _Coefficients] = {}
+
+    # -- coefficients, cached per dtype/device ---------------------------------------------------
+    def coefficients(self, dtype: torch.dtype, device: torch.device) -> _Coefficients:
+        key = (dtype, device)
+        co = self._cache.get(key)
+        if co is None:
+            tb = self.tableau
+            a: list[Tensor | None] = [None] + [_tensor(row, dtype, device).view(1, -1) for row in tb.a[1:]]
+            b = _tensor(tb.b, dtype, device).view(1, -1)
+            e = _tensor(tb.b_err, dtype, device).view(1, -1) if tb.b_err is not None else None
+            dense_t = None
+            if tb.dense is not None:
+                p = torch.tensor([[float(v) for v in row] for row in tb.dense], dtype=torch.float64)
+                dense_t = p.t().contiguous().to(dtype=dtype, device=device)
+            extra_a = [_tensor(row, dtype, device).view(1, -1) for row in tb.extra_a]
+            co = _Coefficients(a, b, e, [float(x) for x in tb.c], dense_t, extra_a,
+                               [float(x) for x in tb.extra_c])
+            self._cache[key] = co
+        return co
+
+    # -- one step --------------------------------------------------------------------------------
+    def step(self, term: Term, t: float, y: Tensor, h: float, k1: Tensor, co: _Coefficients,
+             t_end_nudge: float | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Advance ``y`` (shape ``(1, n)``) from ``t`` by ``h``.
+
+        ``k1`` (the user's state shape) is dy/dt at ``(t, y)``. ``t_end_nudge`` replaces the time of stages with
+        ``c == 1`` (to evaluate just before a discontinuity). Returns ``(y1, k, err)``: ``k`` the stacked
+        stages ``(s, n)`` and ``err`` the local error estimate divided by ``h`` (``(1, n)``; ``None`` for
+        fixed-step methods) -- the caller scales by ``|h|`` inside the norm, which saves a pass.
+        """
+        s = self.stages
+        shaped = y.new_empty((s, *k1.shape))  # rows in the user's shape: f's output is stored as is
+        k = shaped.view(s, -1)
+        shaped[0] = k1
+        a = co.a
+        c = co.c
+        yi = y
+        addmm = torch.addmm
+        for i in range(1, self.stages):
+            yi = addmm(y, a[i], k[:i], alpha=h)
+            ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
+            shaped[i] = term(ti, yi)
+        if self._last_stage_is_y1:
+            y1 = yi
+        else:
+            y1 = addmm(y, co.b, k, alpha=h)
+        if co.e is None:
+            return y1, k, None
+        return y1, k, torch.mm(co.e, k.detach() if k.requires_grad else k)
+
+    # -- dense output ----------------------------------------------------------------------------
+    def _full_stages(self, term: Term, st: Step, co: _Coefficients) -> Tensor:
+        if st.k_full is None:
+            if not co.extra_a:
+                st.k_full = st.k
+            else:
+                s = self.stages
+                kf = st.y0.new_empty((s + len(co.extra_a), st.y0.shape[1]))
+                kf[:s] = st.k
+                for j, (row, cj) in enumerate(zip(co.extra_a, co.extra_c)):
+                    yj = torch.addmm(st.y0, row, kf[: s + j], alpha=st.h)
+                    kf[s + j] = term(st.t0 + cj * st.h, yj).reshape(-1)
+                st.k_full = kf
+        return st.k_full
+
+    def end_derivative(self, term: Term, st: Step) -> Tensor:
+        """dy/dt at the end of an accepted step (free for FSAL methods)."""
+        if st.f1 is None:
+            st.f1 = st.k[-1] if self.fsal else term(st.t0 + st.h, st.y1).reshape(-1)
+        return st.f1
+
+    def interpolate(self, term: Term, st: Step, thetas: Tensor, co: _Coefficients,
+                    interp: str = "auto") -> Tensor:
+        """The continuous extension of an accepted step at fractions ``thetas`` (shape ``(m,)``).
+
+        ``interp`` is ``"auto"`` (the method's own dense output, else cubic Hermite), ``"hermite"``
+        or ``"linear"``. Returns shape ``(m, n)``. ``thetas`` may carry gradients (output times that
+        require grad).
+        """
+        m = thetas.shape[0]
+        n = st.y0.shape[1]
+        y0 = st.y0.expand(m, n)
+        if interp == "linear":
+            th = thetas.view(m, 1)
+            return y0 + th * (st.y1 - st.y0)
+        if interp == "auto" and co.dense_t is not None:
+            kf = self._full_stages(term, st, co)
+            d = co.dense_t.shape[0]
+            powers = thetas.view(m, 1) ** torch.arange(1, d + 1, dtype=thetas.dtype, device=thetas.device)
+            weights = torch.mm(powers.to(co.dense_t.dtype), co.dense_t)  # (m, s_full)
+            return torch.addmm(y0, weights, kf, alpha=st.h)
+        # Cubic Hermite on (y0, f0, y1, f1).
+        f1 = self.end_derivative(term, st)
+        th = thetas.view(m, 1).to(st.y0.dtype)
+        th2 = th * th
+        th3 = th2 * th
+        h00 = 2 * th3 - 3 * th2 + 1
+        h01 = 3 * th2 - 2 * th3
+        h10 = (th3 - 2 * th2 + th) * st.h
+        h11 = (th3 - th2) * st.h
+        return h00 * st.y0 + h01 * st.y1 + h10 * st.k[0] + h11 * f1.reshape(-1)
+
+
+def nextafter(t: float, direction: float) -> float:
+    """The next representable float after ``t`` in ``direction``."""
+    return math.nextafter(t, math.inf if direction > 0 else -math.inf)
