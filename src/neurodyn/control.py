@@ -144,7 +144,7 @@ def initial_step(term: Callable[[float, Tensor], Tensor], t0: float, y0: Tensor,
         h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
         h0 = min(h0, max_step)
         y1 = y0 + (direction * h0) * f0
-        f1 = term(t0 + direction * h0, y1)
+        f1 = term(t0 + direction * h0, y1).reshape(1, -1)
         d2 = ratio_norm((f1 - f0) / scale) / h0
         if not math.isfinite(d2):
             return h0 * 1e-3 if math.isfinite(h0) else 1e-6

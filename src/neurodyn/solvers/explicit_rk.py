@@ -29,7 +29,7 @@ class _Coefficients:
     b: Tensor  # (1, s)
     e: Tensor | None  # (1, s)
     c: list[float]
-    dense_t: Tensor | None  # (d, s + extra): transpose of the dense matrix P
+    dense_t: Tensor | None  # (d, s + extra): transpose of the dense matrix P, float64
     extra_a: list[Tensor]  # row i: (1, s + i)
     extra_c: list[float]
 
@@ -88,7 +88,8 @@ class ExplicitRungeKutta:
             dense_t = None
             if tb.dense is not None:
                 p = torch.tensor([[float(v) for v in row] for row in tb.dense], dtype=torch.float64)
-                dense_t = p.t().contiguous().to(dtype=dtype, device=device)
+                # Kept in float64: DOP853's matrix has entries ~500 that cancel; weights are cast after.
+                dense_t = p.t().contiguous().to(device=device)
             extra_a = [_tensor(row, dtype, device).view(1, -1) for row in tb.extra_a]
             co = _Coefficients(a, b, e, [float(x) for x in tb.c], dense_t, extra_a,
                                [float(x) for x in tb.extra_c])
@@ -163,8 +164,9 @@ class ExplicitRungeKutta:
         if interp == "auto" and co.dense_t is not None:
             kf = self._full_stages(term, st, co)
             d = co.dense_t.shape[0]
-            powers = thetas.view(m, 1) ** torch.arange(1, d + 1, dtype=thetas.dtype, device=thetas.device)
-            weights = torch.mm(powers.to(co.dense_t.dtype), co.dense_t)  # (m, s_full)
+            th64 = thetas.view(m, 1).to(torch.float64)
+            powers = th64 ** torch.arange(1, d + 1, dtype=torch.float64, device=thetas.device)
+            weights = torch.mm(powers, co.dense_t).to(st.y0.dtype)  # (m, s_full)
             return torch.addmm(y0, weights, kf, alpha=st.h)
         # Cubic Hermite on (y0, f0, y1, f1).
         f1 = self.end_derivative(term, st)

@@ -1,0 +1,218 @@
+"""Continuous adjoints: ``gradient="adjoint"`` (backsolve) and ``gradient="interpolated"``.
+
+Forward: the solve runs without autograd. Backward: the adjoint ``a = dL/dy`` and the parameter
+gradient ``g`` are integrated from the last output time to the first,
+
+    da/dt = -a^T df/dy,    dg/dt = -a^T df/dtheta,
+
+with ``a`` jumping by ``dL/dy(t_i)`` at every output time. ``"adjoint"`` reconstructs ``y`` by solving
+it backward alongside (O(1) memory in the steps; the state is reset to the forward value at each
+output time, and the drift of that reconstruction is reported). ``"interpolated"`` reads ``y(t)`` from
+the forward dense solution instead (stable where the backward reconstruction diverges; memory
+O(accepted steps)).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError, SolveFailure
+from ..integrate import LoopConfig, ODETerm, assemble, check_derivative, integrate, real_dtype
+from ..solution import FAILURE_STATUSES, Solution
+from ..solvers import get_solver
+from ..solvers.explicit_rk import ExplicitRungeKutta, Step
+from .common import GradientOptions, flat_cat
+
+
+class _Setup:
+    """Everything the autograd Function needs besides tensors (kept off the tensor arguments)."""
+
+    def __init__(self, func, solver, cfg, on_failure, gopts, mode, shape):
+        self.func = func
+        self.solver = solver
+        self.cfg = cfg
+        self.on_failure = on_failure
+        self.gopts = gopts
+        self.mode = mode
+        self.shape = shape
+        self.solution: Solution | None = None
+        self.records: list[Step] = []
+        self.term: ODETerm | None = None
+
+
+class _DenseLookup:
+    """y(t) from the recorded forward steps (the interpolated adjoint's source of y)."""
+
+    def __init__(self, term: ODETerm, solver: ExplicitRungeKutta, records: list[Step], interp: str):
+        self.term, self.solver, self.records, self.interp = term, solver, records, interp
+        self.co = solver.coefficients(records[0].y0.dtype, records[0].y0.device)
+        self.sign = 1.0 if records[0].h > 0 else -1.0
+        self.starts = [r.t0 * self.sign for r in records]
+
+    def __call__(self, t: float) -> Tensor:
+        j = min(max(0, bisect.bisect_right(self.starts, t * self.sign) - 1), len(self.records) - 1)
+        r = self.records[j]
+        th = torch.tensor([(t - r.t0) / r.h], dtype=self.term.t_dtype, device=r.y0.device)
+        return self.solver.interpolate(self.term, r, th, self.co, self.interp)
+
+
+def _adjoint_field(func: Callable, shape, params: list[Tensor], n: int, t_dtype, device,
+                   y_of_t: Callable[[float], Tensor] | None):
+    """The augmented vector field on the flat state ``[y, a, g]`` (or ``[a, g]`` when ``y_of_t``)."""
+
+    def aug(t: Tensor, z: Tensor) -> Tensor:
+        zf = z.reshape(-1)
+        if y_of_t is None:
+            y, a = zf[:n], zf[n:2 * n]
+        else:
+            y, a = y_of_t(float(t)).reshape(-1), zf[:n]
+        with torch.enable_grad():
+            yv = y.detach().view(shape).requires_grad_(True)
+            fy = func(t, yv)
+            grads = torch.autograd.grad(fy, (yv, *params), -a.view(shape), allow_unused=True,
+                                        materialize_grads=False)
+        parts = [grads[0].reshape(-1) if grads[0] is not None else torch.zeros_like(a),
+                 flat_cat(grads[1:], params).to(z.dtype) if params else z.new_zeros(0)]
+        if y_of_t is None:
+            parts.insert(0, fy.detach().reshape(-1))
+        return torch.cat(parts).view(1, -1)
+
+    return aug
+
+
+class _AdjointFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, setup: _Setup, y0: Tensor, t: Tensor, *params: Tensor) -> Tensor:
+        func, solver, cfg = setup.func, setup.solver, setup.cfg
+        term = ODETerm(func, y0.shape, real_dtype(y0.dtype), y0.device)
+        times = t.detach().cpu().tolist()
+        with torch.no_grad():
+            f0 = check_derivative(func(torch.scalar_tensor(times[0], dtype=term.t_dtype, device=term.device), y0), y0)
+            term.nfe = 1
+            cfg.record = cfg.record or setup.mode == "interpolated"
+            res = integrate(term, solver, y0.detach().reshape(1, -1), f0, times, cfg)
+            sol = assemble(res, term, solver, cfg, y0.detach(), t.detach(), setup.on_failure)
+        setup.solution = sol
+        setup.records = res.records
+        setup.term = term
+        ctx.setup = setup
+        ys = sol.ys.detach()
+        ctx.save_for_backward(ys, t)
+        return ys
+
+    @staticmethod
+    def backward(ctx, grad_ys: Tensor):
+        setup: _Setup = ctx.setup
+        ys, t = ctx.saved_tensors
+        sol = setup.solution
+        if sol.status in FAILURE_STATUSES:
+            raise SolveFailure(f"cannot differentiate a failed solve (status {sol.status}, stopped at "
+                               f"t={sol.t_final:.6g}): fix the forward solve first.", status=sol.status,
+                               t=sol.t_final, solution=sol)
+        func, gopts, shape = setup.func, setup.gopts, setup.shape
+        params = gopts.params
+        n = ys[0].numel()
+        p_total = sum(p.numel() for p in params)
+        times = t.detach().cpu().tolist()
+        t_dtype, device = real_dtype(ys.dtype), ys.device
+        interpolated = setup.mode == "interpolated"
+        y_of_t = _DenseLookup(setup.term, setup.solver, setup.records, setup.cfg.interp) if interpolated else None
+        aug = _adjoint_field(func, shape, params, n, t_dtype, device, y_of_t)
+        adj_solver = get_solver(gopts.adjoint_method) if gopts.adjoint_method else setup.solver
+        rtol = gopts.adjoint_rtol if gopts.adjoint_rtol is not None else setup.cfg.rtol
+        atol = gopts.adjoint_atol if gopts.adjoint_atol is not None else setup.cfg.atol
+        y_dims = 0 if interpolated else n
+        if not isinstance(rtol, float) or not isinstance(atol, float):
+            # Per-element tolerances of the state apply to y and a alike; the g channels use the mean.
+            rtol, atol = _aug_tol(rtol, y_dims, n, p_total), _aug_tol(atol, y_dims, n, p_total)
+        cfg = LoopConfig(rtol=rtol, atol=atol, adaptive=adj_solver.adaptive and setup.cfg.step_size is None,
+                         step_size=setup.cfg.step_size, max_steps=setup.cfg.max_steps, min_step=setup.cfg.min_step,
+                         max_step=setup.cfg.max_step, controller=setup.cfg.controller,
+                         jump_t=setup.cfg.jump_t, step_t=setup.cfg.step_t if not adj_solver.adaptive else [],
+                         error_dims=(y_dims + n) if gopts.seminorm else None)
+        with torch.no_grad():
+            a = grad_ys[-1].reshape(-1).clone()
+            g = a.new_zeros(p_total) if p_total else a.new_zeros(0)
+            nfe = steps = 0
+            drift = 0.0
+            for i in range(len(times) - 1, 0, -1):
+                parts = [a, g] if interpolated else [ys[i].reshape(-1), a, g]
+                z0 = torch.cat(parts).view(1, -1)
+                term = ODETerm(aug, z0.shape, t_dtype, device)
+                k0 = term(times[i], z0)
+                res = integrate(term, adj_solver, z0, k0, [times[i], times[i - 1]], cfg)
+                nfe += term.nfe
+                steps += res.steps
+                if res.status in FAILURE_STATUSES:
+                    raise SolveFailure(
+                        f"the adjoint (backward) solve failed between t={times[i]:.6g} and t={times[i - 1]:.6g}: "
+                        f"{res.message} Try gradient='checkpoint' (exact, no backward solve), gradient="
+                        f"'interpolated', or other adjoint tolerances.", status=res.status, t=res.t_final,
+                        solution=sol)
+                z1 = res.outs[-1].reshape(-1)
+                if not interpolated:
+                    y_rec = z1[:n]
+                    scale = atol_abs(setup.cfg.atol, setup.cfg.rtol, ys[i - 1].reshape(-1))
+                    drift = max(drift, float(((y_rec - ys[i - 1].reshape(-1)).abs() / scale).max()))
+                    a, g = z1[n:2 * n].clone(), z1[2 * n:]
+                else:
+                    a, g = z1[:n].clone(), z1[n:]
+                a = a + grad_ys[i - 1].reshape(-1)
+            sol.stats["nfe_backward"] = nfe
+            sol.stats["steps_backward"] = steps
+            if not interpolated:
+                sol.stats["adjoint_drift"] = drift
+                if drift > 1e3:
+                    import warnings
+
+                    warnings.warn(
+                        f"gradient='adjoint': the backward reconstruction of y drifted from the forward solution by "
+                        f"{drift:.3g} tolerance units (sol.stats['adjoint_drift']); the gradient may be inaccurate. "
+                        f"Use gradient='checkpoint' or 'interpolated'.", RuntimeWarning, stacklevel=2)
+            grad_y0 = a.view(shape)
+            # Gradients with respect to t are added outside, the same way for every gradient method.
+            grad_t = None
+            grad_params = []
+            off = 0
+            for p in params:
+                k = p.numel()
+                grad_params.append(g[off:off + k].view(p.shape).to(p.dtype))
+                off += k
+        return (None, grad_y0, grad_t, *grad_params)
+
+
+def atol_abs(atol, rtol, y: Tensor) -> Tensor:
+    """The error scale ``atol + rtol |y|`` (drift is reported in these units)."""
+    a = atol.reshape(-1) if isinstance(atol, Tensor) else atol
+    r = rtol.reshape(-1) if isinstance(rtol, Tensor) else rtol
+    return a + r * y.abs()
+
+
+def _aug_tol(tol, y_dims: int, n: int, p_total: int) -> Tensor:
+    if not isinstance(tol, Tensor):
+        return tol
+    flat = tol.reshape(-1)
+    parts = ([flat] if y_dims else []) + [flat, flat.mean().expand(p_total)]
+    return torch.cat(parts).view(1, -1)
+
+
+def solve_adjoint(func: Callable, y0: Tensor, t: Tensor, solver: ExplicitRungeKutta, cfg: LoopConfig,
+                  on_failure: str, gopts: GradientOptions, mode: str = "adjoint") -> Solution:
+    """gradient="adjoint" / "interpolated": see the module docstring."""
+    if cfg.event_fn is not None:
+        raise InputError(f"event_fn is supported with gradient='direct' only, not {mode!r}.")
+    setup = _Setup(func, solver, cfg, on_failure, gopts, mode, y0.shape)
+    ys = _AdjointFunction.apply(setup, y0, t, *gopts.params)
+    sol = setup.solution
+    sol.ys = ys
+    sol.stats["gradient"] = mode
+    return sol
+
+
+def solve_interpolated(func, y0, t, solver, cfg, on_failure, gopts) -> Solution:
+    return solve_adjoint(func, y0, t, solver, cfg, on_failure, gopts, mode="interpolated")
+

@@ -1,0 +1,96 @@
+"""What every gradient method shares: options, parameter discovery, the hidden-tensor check."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError
+
+
+@dataclass
+class GradientOptions:
+    """Settings of the gradient methods (validated by :func:`neurodyn.solve`).
+
+    Attributes
+    ----------
+    params : list of Tensor
+        The tensors the vector field uses that need gradients (found automatically for ``nn.Module``
+        vector fields; closures pass them as ``params=``).
+    adjoint_method : str or None
+        Method of the backward (adjoint) solve; default: the forward method.
+    adjoint_rtol, adjoint_atol : float or None
+        Tolerances of the backward solve; default: the forward ones.
+    seminorm : bool
+        Leave the parameter-gradient channels out of the backward error control (fewer steps).
+    checkpoints : int
+        ``gradient="checkpoint"``: states kept per level; longer segments are checkpointed recursively.
+    """
+
+    params: list[Tensor]
+    adjoint_method: str | None = None
+    adjoint_rtol: float | None = None
+    adjoint_atol: float | None = None
+    seminorm: bool = True
+    checkpoints: int = 16
+
+
+def find_params(func: Callable, params: Sequence[Tensor] | None) -> list[Tensor]:
+    """The tensors needing gradients: ``params`` if given, else the parameters of an ``nn.Module``
+    vector field (or of the module a bound method belongs to), else none."""
+    if params is not None:
+        out = list(params)
+        for i, p in enumerate(out):
+            if not isinstance(p, Tensor):
+                raise InputError(f"params[{i}] is a {type(p).__name__}, not a tensor.")
+        return [p for p in out if p.requires_grad]
+    owner: Any = func if isinstance(func, nn.Module) else getattr(func, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return [p for p in owner.parameters() if p.requires_grad]
+    return []
+
+
+def _graph_leaves(root: Tensor) -> list[Tensor]:
+    """Leaf tensors requiring grad that ``root`` was computed from (walks the autograd graph)."""
+    leaves, seen, stack = [], set(), [root.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            leaves.append(var)
+        stack.extend(nf for nf, _ in fn.next_functions)
+    return leaves
+
+
+def check_hidden_tensors(func: Callable, t0: Tensor, y0: Tensor, params: list[Tensor], method: str) -> None:
+    """Raise if ``func`` depends on tensors requiring grad that the gradient method cannot see.
+
+    Only ``y`` and ``params`` get gradients from the adjoint or checkpoint backward pass; a tensor
+    captured by a closure would silently get none.
+    """
+    with torch.enable_grad():
+        y = y0.detach().requires_grad_(True)
+        out = func(t0, y)
+    if not isinstance(out, Tensor) or out.grad_fn is None:
+        return
+    known = {id(p) for p in params} | {id(y)}
+    hidden = [v for v in _graph_leaves(out) if id(v) not in known]
+    if hidden:
+        shapes = ", ".join(str(tuple(v.shape)) for v in hidden[:5])
+        raise InputError(
+            f"gradient={method!r}: the vector field uses {len(hidden)} tensor(s) requiring grad that are not "
+            f"among its parameters (shapes {shapes}); they would get no gradient. Pass them explicitly with "
+            f"solve(..., params=[...]) (odeint_adjoint: adjoint_params=...), or use gradient='direct'."
+        )
+
+
+def flat_cat(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
+    """Concatenate flattened tensors, zeros where an entry is None."""
+    return torch.cat([(t if t is not None else torch.zeros_like(ref)).reshape(-1) for t, ref in zip(tensors, like)])

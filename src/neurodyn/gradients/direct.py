@@ -1,0 +1,31 @@
+"""gradient="direct": autograd through every solver step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..integrate import LoopConfig, ODETerm, assemble, check_derivative, integrate, real_dtype
+from ..solution import Solution
+from ..solvers.explicit_rk import ExplicitRungeKutta, nextafter
+
+
+def solve_direct(func: Callable, y0: Tensor, t: Tensor, solver: ExplicitRungeKutta, cfg: LoopConfig,
+                 on_failure: str, gopts: object = None) -> Solution:
+    """gradient="direct": run the loop under autograd (memory grows with the steps)."""
+    term = ODETerm(func, y0.shape, real_dtype(y0.dtype), y0.device)
+    times = t.detach().cpu().tolist()
+    t0 = times[0]
+    t0_tensor = torch.scalar_tensor(t0 if not cfg.perturb else nextafter(t0, times[-1] - t0),
+                                    dtype=term.t_dtype, device=term.device)
+    f0 = check_derivative(func(t0_tensor, y0), y0)
+    term.nfe = 1
+    y0_flat = y0.reshape(1, -1)
+    res = integrate(term, solver, y0_flat, f0, times, cfg)
+    sol = assemble(res, term, solver, cfg, y0, t, on_failure)
+    sol.stats["gradient"] = "direct"
+    return sol
+
+

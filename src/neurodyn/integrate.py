@@ -1,0 +1,476 @@
+"""The one integrate loop every method and gradient method runs through, and its helpers."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import solution as _sol
+from .control import PIDController, initial_step, make_error_ratio
+from .errors import InputError, MaxStepsReached, NonFiniteError, StepSizeUnderflow
+from .solution import Solution
+from .solvers.explicit_rk import ExplicitRungeKutta, Step, nextafter
+
+
+# ----------------------------------------------------------------------------------------------
+# The term: how the loop calls the user's vector field.
+# ----------------------------------------------------------------------------------------------
+class ODETerm:
+    """Wraps ``func(t, y)`` for the engine: flat ``(1, n)`` states in, flat ``(n,)`` derivatives out.
+
+    ``t`` reaches ``func`` as a 0-dim tensor of the state's real dtype on the state's device, ``y`` in
+    its own shape. Counts evaluations in ``nfe``.
+    """
+
+    __slots__ = ("func", "shape", "t_dtype", "device", "nfe", "flat")
+
+    def __init__(self, func: Callable[[Tensor, Tensor], Tensor], shape: torch.Size,
+                 t_dtype: torch.dtype, device: torch.device):
+        self.func = func
+        self.shape = shape
+        self.t_dtype = t_dtype
+        self.device = device
+        self.nfe = 0
+        n = shape.numel()
+        self.flat = tuple(shape) == (1, n)  # the engine's (1, n) layout is already the user's shape
+        self.shape = tuple(shape)
+
+    def __call__(self, t: float, y: Tensor) -> Tensor:
+        """dy/dt at ``(t, y)``; ``y`` of shape ``(1, n)``; the result has the user's shape (a view of
+        ``(n,)`` elements, so it can be stored straight into a stage buffer row after ``view(-1)``)."""
+        self.nfe += 1
+        tt = torch.scalar_tensor(t, dtype=self.t_dtype, device=self.device)
+        if self.flat:
+            return self.func(tt, y)
+        return self.func(tt, y.view(self.shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings the loop needs (validated).
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class LoopConfig:
+    """Validated settings of one integration (internal)."""
+
+    rtol: float | Tensor
+    atol: float | Tensor
+    adaptive: bool
+    step_size: float | None = None
+    first_step: float | None = None
+    min_step: float = 0.0
+    max_step: float = math.inf
+    max_steps: int = 100_000
+    step_t: list[float] = field(default_factory=list)
+    jump_t: list[float] = field(default_factory=list)
+    controller: PIDController = field(default_factory=PIDController)
+    norm: Callable[[Tensor], Tensor] | None = None
+    unflatten: Callable[[Tensor], Any] | None = None
+    record: bool = False
+    interp: str = "auto"
+    perturb: bool = False
+    event_fn: Callable[[Tensor, Tensor], Tensor] | None = None
+    # Error control over the first ``error_dims`` components only (a seminorm, e.g. the adjoint's).
+    error_dims: int | None = None
+    # Called after every accepted step as on_accept(t, h, t1, nudge, k1_time, y_start).
+    on_accept: Callable[..., None] | None = None
+
+
+@dataclass
+class LoopResult:
+    """What the integrate loop returns (internal): outputs as ``(1, n)`` rows, status and steps."""
+
+    outs: list[Tensor]
+    status: str
+    t_final: float
+    y_final: Tensor
+    steps: int
+    rejected: int
+    initial_step: float
+    last_step: float
+    records: list[Step]
+    message: str = ""
+    event: tuple[Step, float, int] | None = None  # (step, theta, component)
+
+
+def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor, times: list[float],
+              cfg: LoopConfig) -> LoopResult:
+    """Integrate from ``times[0]`` through ``times[-1]``, returning the state at every time.
+
+    ``y0`` has shape ``(1, n)``; ``k0`` (the user's shape) is dy/dt at ``(times[0], y0)`` (already computed by the
+    caller's shape check). Never raises for a failed solve: the status says what happened.
+    """
+    t0, t_end = times[0], times[-1]
+    direction = 1.0 if t_end > t0 else -1.0
+    co = solver.coefficients(y0.dtype, y0.device)
+    n = y0.shape[1]
+    fixed = not cfg.adaptive
+    fsal = solver.fsal
+
+    # Times the solver must land on: step_t, jump_t and the final time, in the direction of travel.
+    jumps = {x for x in cfg.jump_t if (x - t0) * direction > 0 and (t_end - x) * direction > 0}
+    stops = sorted({x for x in cfg.step_t if (x - t0) * direction > 0 and (t_end - x) * direction > 0}
+                   | jumps, key=lambda x: x * direction) + [t_end]
+    stop_i = 0
+    next_stop = stops[0]
+
+    ratio_fn = None
+    ctrl = None
+    if fixed:
+        h_abs = cfg.step_size if cfg.step_size is not None else math.inf
+        first_h = h_abs
+    else:
+        ratio_fn = make_error_ratio(cfg.rtol, cfg.atol, cfg.error_dims or n, cfg.norm, cfg.unflatten)
+        if cfg.error_dims is not None and cfg.error_dims < n:
+            m, full_ratio = cfg.error_dims, ratio_fn
+
+            def ratio_fn(err, ya, yb, h_, _r=full_ratio, _m=m):  # noqa: E306
+                return _r(err[:, :_m], ya[:, :_m], yb[:, :_m], h_)
+        ctrl = cfg.controller.start(solver.error_order)
+        if cfg.first_step is not None:
+            h_abs = cfg.first_step
+        else:
+            inv = 1.0 / math.sqrt(max(n, 1))
+
+            def plain_norm(x: Tensor) -> float:
+                return float(torch.linalg.vector_norm(x)) * inv
+
+            h_abs = initial_step(term, t0, y0.detach(), k0.detach().view(1, -1), direction, solver.order,
+                                 cfg.rtol, cfg.atol, plain_norm, cfg.max_step)
+        first_h = h_abs
+    h_abs = min(h_abs, cfg.max_step)
+
+    outs: list[Tensor] = [y0]
+    out_i = 1
+    n_out = len(times)
+    records: list[Step] = []
+    t, y, k1 = t0, y0, k0
+    steps = rejected = 0
+    status = _sol.SUCCESS
+    message = ""
+    last_h = 0.0
+    nonfinite_streak = False
+    event = None
+    event_fn = cfg.event_fn
+    g_prev = None
+    if event_fn is not None:
+        with torch.no_grad():
+            g_prev = event_fn(torch.scalar_tensor(t0, dtype=term.t_dtype, device=term.device),
+                              y0.view(term.shape)).detach().reshape(-1)
+    perturb = cfg.perturb
+    max_steps = cfg.max_steps
+    attempts = 0
+
+    on_accept = cfg.on_accept
+    k1_time = nextafter(t0, direction) if perturb else t0
+    while True:
+        if k1 is None:
+            k1_time = nextafter(t, direction) if perturb else t
+            k1 = term(k1_time, y)
+        remaining = (next_stop - t) * direction
+        # Land on the stop when within a hair of it (no sliver steps from accumulated rounding).
+        landing = remaining <= h_abs * (1.0 + 1e-7)
+        h = (next_stop - t) if landing else direction * h_abs
+        t1 = next_stop if landing else t + h
+        nudge = nextafter(t1, -direction) if (perturb or (landing and next_stop in jumps)) else None
+        y1, k, err = solver.step(term, t, y, h, k1, co, nudge)
+        attempts += 1
+
+        if fixed:
+            accept = True
+            ratio = 0.0
+        else:
+            ratio = ratio_fn(err, y, y1, h)
+            accept = ratio <= 1.0  # False for NaN
+            nonfinite_streak = not math.isfinite(ratio)
+
+        if accept:
+            steps += 1
+            last_h = h
+            st = Step(t, h, y, y1, k)
+            if cfg.record:
+                records.append(st)
+            if on_accept is not None:
+                on_accept(t, h, t1, nudge, k1_time, y)
+            # Outputs inside (t, t1]: the method's own dense output, never forced steps.
+            if out_i < n_out and (times[out_i] - t1) * direction <= 0:
+                out_i = step_outputs(solver, term, st, co, cfg.interp, times, out_i, t1, direction, outs)
+            if event_fn is not None:
+                with torch.no_grad():
+                    g1 = event_fn(torch.scalar_tensor(t1, dtype=term.t_dtype, device=term.device),
+                                  y1.detach().view(term.shape)).detach().reshape(-1)
+                changed = (torch.sign(g1) != torch.sign(g_prev)) & (g_prev != 0)
+                if bool(changed.any()):
+                    event = _locate_event(term, solver, st, co, cfg, g_prev, changed)
+                    # Outputs already written past the event time are invalid: drop them.
+                    t_ev = st.t0 + event[1] * st.h
+                    while len(outs) > 1 and (times[len(outs) - 1] - t_ev) * direction > 0:
+                        outs.pop()
+                    out_i = len(outs)
+                    status = _sol.EVENT
+                    t, y = t_ev, None
+                    break
+                g_prev = g1
+            t, y = t1, y1
+            k1_time = t
+            if landing and next_stop in jumps:
+                k1_time = nextafter(t, direction)
+                k1 = None if perturb else term(k1_time, y)
+            elif perturb:
+                k1 = None
+            elif fsal:
+                k1 = k[-1].view(term.shape)
+            else:
+                # dy/dt at the step end if Hermite output computed it; else evaluated at the loop top.
+                k1 = st.f1.view(term.shape) if st.f1 is not None else None
+            if landing:
+                if next_stop == t_end:
+                    break
+                stop_i += 1
+                next_stop = stops[stop_i]
+            if fixed and fixed_bad(y1):
+                status = _sol.NON_FINITE
+                message = (f"NaN/inf in the state at t={t:.6g} with the fixed-step method '{solver.name}'"
+                           f": use a smaller step_size or an adaptive method, and check the vector field.")
+                break
+        else:
+            rejected += 1
+
+        if not fixed:
+            new_h = ctrl.propose(abs(h), ratio, accept)
+            if new_h < cfg.min_step:
+                if abs(h) > cfg.min_step and accept is False:
+                    new_h = cfg.min_step
+                else:
+                    new_h = -1.0
+            h_abs = min(new_h, cfg.max_step)
+            if h_abs <= 0 or not math.isfinite(h_abs) or t + direction * h_abs == t:
+                if nonfinite_streak:
+                    status = _sol.NON_FINITE
+                    message = (f"NaN/inf in the state or its derivative at t={t:.6g}: every step from there "
+                               f"produced non-finite values. Check the vector field for overflow, division "
+                               f"by zero or a log/sqrt of a negative near t={t:.6g}.")
+                else:
+                    status = _sol.STEP_SIZE_UNDERFLOW
+                    floor = f"min_step={cfg.min_step:g}" if cfg.min_step else "the resolution of t"
+                    message = (f"step size underflow at t={t:.6g}: the step fell below {floor}"
+                               f" (last {abs(h):.3g}). The solution may blow up near t={t:.6g}, or the "
+                               f"problem is stiff: loosen rtol/atol, check the vector field for a "
+                               f"singularity, or use an implicit method.")
+                break
+        if attempts >= max_steps and status == _sol.SUCCESS:
+            status = _sol.MAX_STEPS_REACHED
+            message = (f"max_steps={max_steps} reached at t={t:.6g} of [{t0:.6g}, {t_end:.6g}] "
+                       f"({steps} accepted, {rejected} rejected). Raise max_steps, loosen rtol/atol, or, "
+                       f"if the steps are tiny because the problem is stiff, use an implicit method.")
+            break
+
+    return LoopResult(outs=outs, status=status, t_final=t, y_final=y, steps=steps, rejected=rejected,
+                      initial_step=first_h, last_step=abs(last_h), records=records, message=message,
+                      event=event)
+
+
+def step_outputs(solver: ExplicitRungeKutta, term: ODETerm, st: Step, co, interp: str, times: list[float],
+                 out_i: int, t1: float, direction: float, outs: list[Tensor]) -> int:
+    """Append the outputs at ``times[out_i:]`` that fall in the step ``(st.t0, t1]`` to ``outs``.
+
+    Interior times use the method's dense output; a time equal to the step end is the new state.
+    Returns the index of the next output time.
+    """
+    n_out = len(times)
+    j = out_i
+    while j < n_out and (times[j] - t1) * direction <= 0:
+        j += 1
+    interior = [times[i] for i in range(out_i, j) if times[i] != t1]
+    if interior:
+        th = torch.tensor([(x - st.t0) / st.h for x in interior], dtype=torch.float64)
+        vals = solver.interpolate(term, st, th.to(dtype=term.t_dtype, device=st.y0.device), co, interp)
+        rows = list(vals.split(1, 0))
+        for i in range(out_i, j):
+            outs.append(st.y1 if times[i] == t1 else rows.pop(0))
+    else:
+        outs.extend([st.y1] * (j - out_i))
+    return j
+
+
+def fixed_bad(y: Tensor) -> bool:
+    return not bool(torch.isfinite(y.detach()).all())
+
+
+def _locate_event(term: ODETerm, solver: ExplicitRungeKutta, st: Step, co, cfg: LoopConfig,
+                  g0: Tensor, changed: Tensor) -> tuple[Step, float, int]:
+    """Earliest root in the step of any component of ``event_fn`` that changed sign (Illinois)."""
+    best_theta, best_comp = 2.0, -1
+    with torch.no_grad():
+        def g_at(theta: float, comp: int) -> float:
+            th = torch.tensor([theta], dtype=term.t_dtype, device=st.y0.device)
+            yv = solver.interpolate(term, st, th, co, cfg.interp)
+            tt = torch.scalar_tensor(st.t0 + theta * st.h, dtype=term.t_dtype, device=term.device)
+            return float(cfg.event_fn(tt, yv.view(term.shape)).reshape(-1)[comp])
+
+        for comp in torch.nonzero(changed).view(-1).tolist():
+            a, b = 0.0, 1.0
+            fa, fb = float(g0[comp]), g_at(1.0, comp)
+            side = 0
+            for _ in range(200):
+                if fb == fa:
+                    m = 0.5 * (a + b)
+                else:
+                    m = (a * fb - b * fa) / (fb - fa)
+                    if not (a < m < b):
+                        m = 0.5 * (a + b)
+                fm = g_at(m, comp)
+                if fm == 0 or abs(b - a) * abs(st.h) <= 4 * math.ulp(max(abs(st.t0), abs(st.t0 + st.h), 1e-300)):
+                    a = b = m
+                    break
+                if (fm > 0) == (fb > 0):
+                    b, fb = m, fm
+                    if side == -1:
+                        fa *= 0.5
+                    side = -1
+                else:
+                    a, fa = m, fm
+                    if side == 1:
+                        fb *= 0.5
+                    side = 1
+            theta = 0.5 * (a + b)
+            if theta < best_theta:
+                best_theta, best_comp = theta, comp
+    return st, best_theta, best_comp
+
+
+def assemble(res: LoopResult, term: ODETerm, solver: ExplicitRungeKutta, cfg: LoopConfig, y0: Tensor,
+             t: Tensor, on_failure: str) -> Solution:
+    """Turn the loop's result into a Solution (and raise on failure if asked)."""
+    shape = y0.shape
+    n_valid = len(res.outs)
+    event_t = None
+    y_final = res.y_final
+    if res.event is not None:
+        event_t, y_ev = _differentiable_event(term, solver, cfg, res.event)
+        y_final = y_ev
+    ys = torch.cat(res.outs, 0)
+    if n_valid < t.shape[0]:
+        pad = ys.new_full((t.shape[0] - n_valid, ys.shape[1]), float("nan"))
+        ys = torch.cat([ys, pad], 0)
+    ys = ys.view(t.shape[0], *shape)
+    stats = {
+        "nfe": term.nfe,
+        "steps": res.steps,
+        "rejected": res.rejected,
+        "initial_step": res.initial_step,
+        "last_step": res.last_step,
+        "method": solver.name,
+    }
+    dense_fn, span = None, None
+    if cfg.record and res.records:
+        dense_fn = _make_dense(term, solver, cfg, res.records, shape)
+        span = (res.records[0].t0, res.t_final)
+    message = res.message or ("event" if res.event is not None else "success")
+    sol = Solution(ts=t, ys=ys, stats=stats, status=res.status, message=message, t_final=res.t_final,
+                   y_final=y_final.view(shape) if y_final is not None else None, n_valid=n_valid,
+                   event_t=event_t, _dense=dense_fn, _dense_span=span)
+    if res.status in _sol.FAILURE_STATUSES and on_failure == "raise":
+        cls = {_sol.MAX_STEPS_REACHED: MaxStepsReached, _sol.STEP_SIZE_UNDERFLOW: StepSizeUnderflow,
+               _sol.NON_FINITE: NonFiniteError}[res.status]
+        raise cls(res.message + " (pass on_failure='return' to get the partial solution)",
+                  status=res.status, t=res.t_final, solution=sol)
+    return sol
+
+
+def _differentiable_event(term: ODETerm, solver: ExplicitRungeKutta, cfg: LoopConfig,
+                          event: tuple[Step, float, int]) -> tuple[Tensor, Tensor]:
+    """Event time and state, with gradients by the implicit function theorem.
+
+    With the root ``t*`` of ``g(t, y(t))`` found numerically, ``t_e = t* - (g - g.detach()) / (dg/dt)``
+    has the value ``t*`` and the gradient ``-dg/dtheta / (dg/dt)``; the state is moved along ``f``.
+    """
+    st, theta, comp = event
+    co = solver.coefficients(st.y0.dtype, st.y0.device)
+    t_star = st.t0 + theta * st.h
+    th = torch.tensor([theta], dtype=term.t_dtype, device=st.y0.device)
+    y_star = solver.interpolate(term, st, th, co, cfg.interp)  # (1, n), in the graph
+    tt = torch.scalar_tensor(t_star, dtype=term.t_dtype, device=term.device)
+    g = cfg.event_fn(tt, y_star.view(term.shape)).reshape(-1)[comp]
+    with torch.enable_grad():
+        td = tt.detach().requires_grad_(True)
+        yd = y_star.detach().view(term.shape).requires_grad_(True)
+        gd = cfg.event_fn(td, yd).reshape(-1)[comp]
+        if gd.requires_grad:
+            gt, gy = torch.autograd.grad(gd, (td, yd), allow_unused=True)
+        else:
+            gt, gy = None, None
+    f_star = term(t_star, y_star.detach()).view(term.shape)
+    dgdt = (gt if gt is not None else 0.0) + ((gy * f_star).sum() if gy is not None else 0.0)
+    dgdt = torch.as_tensor(dgdt, dtype=term.t_dtype, device=term.device).detach()
+    if float(dgdt.abs()) == 0.0:
+        t_e = tt
+    else:
+        t_e = tt - (g - g.detach()) / dgdt
+    y_e = y_star.view(term.shape) + f_star.detach() * (t_e - tt).to(f_star.dtype)
+    return t_e, y_e.reshape(1, -1)
+
+
+def _make_dense(term: ODETerm, solver: ExplicitRungeKutta, cfg: LoopConfig, records: list[Step],
+                shape: torch.Size) -> Callable[[Tensor], Tensor]:
+    co = solver.coefficients(records[0].y0.dtype, records[0].y0.device)
+    direction = 1.0 if records[0].h > 0 else -1.0
+    starts = [r.t0 * direction for r in records]
+
+    def dense(tt: Tensor) -> Tensor:
+        flat = tt.reshape(-1)
+        vals = flat.detach().cpu().tolist()
+        groups: dict[int, list[int]] = {}
+        for i, v in enumerate(vals):
+            j = max(0, bisect.bisect_right(starts, v * direction) - 1)
+            groups.setdefault(j, []).append(i)
+        n = records[0].y0.shape[1]
+        out = records[0].y0.new_empty((len(vals), n)) if not torch.is_grad_enabled() else None
+        pieces = []
+        for j, idx in groups.items():
+            r = records[j]
+            th = (flat[idx] - r.t0) / r.h
+            vals_j = solver.interpolate(term, r, th.to(term.t_dtype), co, cfg.interp)
+            if out is not None:
+                out[idx] = vals_j
+            else:
+                pieces.append((idx, vals_j))
+        if out is None:
+            order = [i for idx, _ in pieces for i in idx]
+            stacked = torch.cat([v for _, v in pieces], 0)
+            inv = torch.empty(len(order), dtype=torch.long)
+            inv[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+            out = stacked[inv.to(stacked.device)]
+        return out.view(*tt.shape, *shape)
+
+    return dense
+
+
+
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype of a (possibly complex) dtype."""
+    return _REAL.get(dtype, dtype)
+
+
+def check_derivative(f0: Any, y0: Tensor) -> Tensor:
+    if not isinstance(f0, Tensor):
+        raise InputError(f"func(t, y) must return a tensor, got {type(f0).__name__}.")
+    if f0.shape != y0.shape:
+        raise InputError(f"func(t, y) returned shape {tuple(f0.shape)}, but the state has shape "
+                         f"{tuple(y0.shape)}: dy/dt must have the state's shape.")
+    if f0.dtype != y0.dtype:
+        raise InputError(f"func(t, y) returned dtype {f0.dtype}, but the state has dtype {y0.dtype}: "
+                         f"make the vector field compute in the state's dtype.")
+    if f0.device != y0.device:
+        raise InputError(f"func(t, y) returned a tensor on {f0.device}, but the state is on {y0.device}.")
+    if not bool(torch.isfinite(f0.detach()).all()):
+        raise InputError("func(t0, y0) is NaN or inf at the initial time: check the vector field and y0.")
+    return f0
