@@ -7,7 +7,7 @@ Solvers, gradient methods and models for Neural ODEs, with a torchdiffeq drop-in
     ys = neurodyn.odeint(func, y0, t)            # exactly torchdiffeq's odeint
 """
 
-from .compat.torchdiffeq import odeint, odeint_event
+from .compat.torchdiffeq import odeint, odeint_adjoint, odeint_event
 from .control import PIDController
 from .errors import (
     InputError,
@@ -34,6 +34,7 @@ __all__ = [
     "StepSizeUnderflow",
     "available_methods",
     "odeint",
+    "odeint_adjoint",
     "odeint_event",
     "solve",
 ]

@@ -216,6 +216,52 @@ def odeint(func: Callable, y0: Tensor | tuple[Tensor, ...], t: Tensor, *, rtol: 
 _FAR = 1e30  # "until the event": a final time no step reaches
 
 
+def odeint_adjoint(func: Callable, y0: Tensor | tuple[Tensor, ...], t: Tensor, *, rtol: float | Tensor = 1e-7,
+                   atol: float | Tensor = 1e-9, method: str | None = None, options: dict | None = None,
+                   event_fn: Callable | None = None, adjoint_rtol: float | None = None,
+                   adjoint_atol: float | None = None, adjoint_method: str | None = None,
+                   adjoint_options: dict | None = None, adjoint_params=None):
+    """torchdiffeq's ``odeint_adjoint``: gradients by the continuous adjoint (``gradient="adjoint"``).
+
+    As in torchdiffeq, ``func`` must be an ``nn.Module`` unless ``adjoint_params`` lists the tensors
+    to differentiate. ``adjoint_options`` accepts ``norm="seminorm"`` (neurodyn's default; pass
+    ``norm="default"`` for the full norm over the parameter channels too).
+
+    Examples
+    --------
+    >>> import torch, neurodyn
+    >>> f = torch.nn.Linear(2, 2).double()
+    >>> ys = neurodyn.odeint_adjoint(lambda t, y: f(y), torch.ones(2, dtype=torch.float64),
+    ...                              torch.linspace(0, 1, 3, dtype=torch.float64), adjoint_params=f.parameters())
+    >>> ys[-1].sum().backward()
+    """
+    if event_fn is not None:
+        raise InputError("odeint_adjoint with event_fn is not supported; use odeint (direct gradients) for events.")
+    if adjoint_params is None:
+        if not isinstance(func, torch.nn.Module):
+            raise InputError("func must be an nn.Module to find the adjoint parameters; alternatively pass them "
+                             "with adjoint_params=...")
+        adjoint_params = tuple(func.parameters())
+    params = [p for p in adjoint_params]
+    seminorm = True
+    a_opts = dict(adjoint_options or {})
+    if "norm" in a_opts:
+        nv = a_opts.pop("norm")
+        if nv == "seminorm":
+            seminorm = True
+        elif nv in (None, "default"):
+            seminorm = False
+        else:
+            raise InputError(f"adjoint_options norm must be 'seminorm' or 'default', got {nv!r}.")
+    if a_opts:
+        raise InputError(f"unknown adjoint_options {sorted(a_opts)}; valid: norm.")
+    func, y0, t, rtol, atol, method, kw, ts, _ = _prepare(func, y0, t, rtol, atol, method, options, None)
+    sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, gradient="adjoint", params=params,
+                adjoint_method=adjoint_method, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
+                seminorm=seminorm, **kw)
+    return ts.split(sol.ys, (sol.ys.shape[0],)) if ts is not None else sol.ys
+
+
 def odeint_event(func: Callable, y0: Tensor | tuple[Tensor, ...], t0: Tensor, *, event_fn: Callable,
                  reverse_time: bool = False, odeint_interface: Callable = odeint, **kwargs):
     """Solve from ``t0`` until ``event_fn(t, y)`` crosses zero (torchdiffeq's ``odeint_event``).
@@ -241,4 +287,4 @@ def odeint_event(func: Callable, y0: Tensor | tuple[Tensor, ...], t0: Tensor, *,
     return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
 
 
-__all__ = ["odeint", "odeint_event"]
+__all__ = ["odeint", "odeint_adjoint", "odeint_event"]
