@@ -107,6 +107,11 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
     """
     t0, t_end = times[0], times[-1]
     direction = 1.0 if t_end > t0 else -1.0
+    if not bool(torch.isfinite(k0.detach()).all()):
+        return LoopResult(outs=[y0], status=_sol.NON_FINITE, t_final=t0, y_final=y0, steps=0, rejected=0,
+                          initial_step=0.0, last_step=0.0, records=[],
+                          message=(f"NaN/inf in the derivative func(t0, y0) at the initial time t={t0:.6g}: "
+                                   f"check the vector field and y0."))
     co = solver.coefficients(y0.dtype, y0.device)
     n = y0.shape[1]
     fixed = not cfg.adaptive
@@ -140,7 +145,7 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
             def plain_norm(x: Tensor) -> float:
                 return float(torch.linalg.vector_norm(x)) * inv
 
-            h_abs = initial_step(term, t0, y0.detach(), k0.detach().view(1, -1), direction, solver.order,
+            h_abs = initial_step(term, t0, y0.detach(), k0.detach().reshape(1, -1), direction, solver.order,
                                  cfg.rtol, cfg.atol, plain_norm, cfg.max_step)
         first_h = h_abs
     h_abs = min(h_abs, cfg.max_step)
@@ -182,8 +187,14 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
         attempts += 1
 
         if fixed:
-            accept = True
             ratio = 0.0
+            if fixed_bad(y1):
+                status = _sol.NON_FINITE
+                message = (f"NaN/inf in the state after the step from t={t:.6g} to t={t1:.6g} with the fixed-step "
+                           f"method '{solver.name}': use a smaller step_size or an adaptive method, and check the "
+                           f"vector field.")
+                break
+            accept = True
         else:
             ratio = ratio_fn(err, y, y1, h)
             accept = ratio <= 1.0  # False for NaN
@@ -233,11 +244,6 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
                     break
                 stop_i += 1
                 next_stop = stops[stop_i]
-            if fixed and fixed_bad(y1):
-                status = _sol.NON_FINITE
-                message = (f"NaN/inf in the state at t={t:.6g} with the fixed-step method '{solver.name}'"
-                           f": use a smaller step_size or an adaptive method, and check the vector field.")
-                break
         else:
             rejected += 1
 
@@ -471,6 +477,4 @@ def check_derivative(f0: Any, y0: Tensor) -> Tensor:
                          f"make the vector field compute in the state's dtype.")
     if f0.device != y0.device:
         raise InputError(f"func(t, y) returned a tensor on {f0.device}, but the state is on {y0.device}.")
-    if not bool(torch.isfinite(f0.detach()).all()):
-        raise InputError("func(t0, y0) is NaN or inf at the initial time: check the vector field and y0.")
     return f0

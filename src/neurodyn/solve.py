@@ -86,8 +86,6 @@ def validate_state(y0: Any) -> Tensor:
         raise InputError(f"y0 must be floating point or complex, got dtype {y0.dtype}: use y0.to(torch.float64).")
     if y0.numel() == 0:
         raise InputError(f"y0 is empty (shape {tuple(y0.shape)}): there is nothing to integrate.")
-    if not bool(torch.isfinite(y0.detach()).all()):
-        raise InputError("y0 contains NaN or inf.")
     return y0
 
 
@@ -218,6 +216,8 @@ def solve(
         raise InputError(f"func must be callable as func(t, y), got {type(func).__name__}.")
     y0 = validate_state(y0)
     t = validate_times(t, y0)
+    if not bool(torch.isfinite(y0.detach()).all()):
+        raise InputError("y0 contains NaN or inf.")
     solver = get_solver(method)
     if gradient not in GRADIENTS:
         raise InputError(f"unknown gradient method {gradient!r}; valid: {', '.join(sorted(GRADIENTS))}.")

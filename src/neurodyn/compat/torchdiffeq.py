@@ -43,7 +43,7 @@ class _TupleState:
 
     def split(self, y: Tensor, lead: tuple[int, ...] = ()) -> tuple[Tensor, ...]:
         parts = torch.split(y, self.sizes, dim=-1)
-        return tuple(p.reshape(*lead, *s) for p, s in zip(parts, self.shapes))
+        return tuple(p.reshape((*lead, *s)) for p, s in zip(parts, self.shapes))
 
 
 def _check_tuple_tol(tol: Any, ts: _TupleState, like: Tensor) -> Any:
@@ -63,8 +63,6 @@ def _mixed_norm(parts: tuple[Tensor, ...]) -> Tensor:
 def _translate(method: str | None, options: dict | None, func, y0: Tensor, t: Tensor) -> tuple[str, dict]:
     if options is None:
         options = {}
-    elif method is None:
-        raise InputError("cannot supply `options` without specifying `method` (torchdiffeq's rule).")
     if method is None:
         method = "dopri5"
     if method not in available_methods():
