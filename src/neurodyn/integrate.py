@@ -130,9 +130,12 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
         h_abs = cfg.step_size if cfg.step_size is not None else math.inf
         first_h = h_abs
     else:
-        ratio_fn = make_error_ratio(cfg.rtol, cfg.atol, cfg.error_dims or n, cfg.norm, cfg.unflatten)
-        if cfg.error_dims is not None and cfg.error_dims < n:
-            m, full_ratio = cfg.error_dims, ratio_fn
+        m = cfg.error_dims or n
+        rtol_m = cfg.rtol[:, :m] if isinstance(cfg.rtol, Tensor) else cfg.rtol
+        atol_m = cfg.atol[:, :m] if isinstance(cfg.atol, Tensor) else cfg.atol
+        ratio_fn = make_error_ratio(rtol_m, atol_m, m, cfg.norm, cfg.unflatten)
+        if m < n:
+            full_ratio = ratio_fn
 
             def ratio_fn(err, ya, yb, h_, _r=full_ratio, _m=m):  # noqa: E306
                 return _r(err[:, :_m], ya[:, :_m], yb[:, :_m], h_)

@@ -54,12 +54,13 @@ def find_params(func: Callable, params: Sequence[Tensor] | None) -> list[Tensor]
     return []
 
 
-def _graph_leaves(root: Tensor) -> list[Tensor]:
-    """Leaf tensors requiring grad that ``root`` was computed from (walks the autograd graph)."""
+def _graph_leaves(root: Tensor, stop: set) -> list[Tensor]:
+    """Leaf tensors requiring grad that ``root`` was computed from (walks the autograd graph, not past the
+    nodes in ``stop``: the ``grad_fn`` of non-leaf parameters, which receive their gradient there)."""
     leaves, seen, stack = [], set(), [root.grad_fn]
     while stack:
         fn = stack.pop()
-        if fn is None or fn in seen:
+        if fn is None or fn in seen or fn in stop:
             continue
         seen.add(fn)
         var = getattr(fn, "variable", None)
@@ -81,7 +82,8 @@ def check_hidden_tensors(func: Callable, t0: Tensor, y0: Tensor, params: list[Te
     if not isinstance(out, Tensor) or out.grad_fn is None:
         return
     known = {id(p) for p in params} | {id(y)}
-    hidden = [v for v in _graph_leaves(out) if id(v) not in known]
+    stop = {p.grad_fn for p in params if p.grad_fn is not None}
+    hidden = [v for v in _graph_leaves(out, stop) if id(v) not in known]
     if hidden:
         shapes = ", ".join(str(tuple(v.shape)) for v in hidden[:5])
         raise InputError(
