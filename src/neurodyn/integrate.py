@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import solution as _sol
+from .compiled import _CompileFailed
 from .control import PIDController, initial_step, make_error_ratio
 from .errors import InputError, MaxStepsReached, NonFiniteError, StepSizeUnderflow
 from .solution import Solution
@@ -79,6 +80,8 @@ class LoopConfig:
     error_dims: int | None = None
     # Called after every accepted step as on_accept(t, h, t1, nudge, k1_time, y_start).
     on_accept: Callable[..., None] | None = None
+    # A compiled step advance(t, y, h, k1) -> (y1, k, ratio) used where no nudge is needed (compile=True).
+    advance: Callable[..., Any] | None = None
 
 
 @dataclass
@@ -175,6 +178,8 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
     attempts = 0
 
     on_accept = cfg.on_accept
+    fast = cfg.advance
+    new_stages = solver.stages - 1
     k1_time = nextafter(t0, direction) if perturb else t0
     while True:
         if k1 is None:
@@ -186,7 +191,15 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
         h = (next_stop - t) if landing else direction * h_abs
         t1 = next_stop if landing else t + h
         nudge = nextafter(t1, -direction) if (perturb or (landing and next_stop in jumps)) else None
-        y1, k, err = solver.step(term, t, y, h, k1, co, nudge)
+        ratio = None
+        if fast is not None and nudge is None:
+            try:
+                y1, k, ratio = fast(t, y, h, k1)
+                term.nfe += new_stages
+            except _CompileFailed:
+                fast = None
+        if ratio is None:
+            y1, k, err = solver.step(term, t, y, h, k1, co, nudge)
         attempts += 1
 
         if fixed:
@@ -199,7 +212,8 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
                 break
             accept = True
         else:
-            ratio = ratio_fn(err, y, y1, h)
+            if ratio is None:
+                ratio = ratio_fn(err, y, y1, h)
             accept = ratio <= 1.0  # False for NaN
             nonfinite_streak = not math.isfinite(ratio)
 

@@ -1,0 +1,213 @@
+"""Adaptive methods meet their tolerance on the DETEST-style problems (tests/problems.py).
+
+Error is measured at 37 irregular output times (seeded, so they fall between the solver's steps),
+against exact solutions where they exist and a DOP853 rtol=1e-12 reference otherwise.  The bound is
+``GLOBAL_C[method] * problem.amplification * tol * scale`` -- see tests/problems.py for how the
+constants were chosen (from independent implementations of the same pairs, with headroom).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from problems import (
+    A3,
+    ADAPTIVE_METHODS,
+    ALL_PROBLEMS,
+    B5,
+    E_VDP,
+    GLOBAL_C,
+    PROBLEMS,
+    irregular_times,
+    max_error,
+)
+
+import neurodyn
+
+# Tolerances per method: low orders loose so the suite stays fast, dopri8 also tight.
+TOLS = {
+    "adaptive_heun": [1e-4],
+    "fehlberg2": [1e-4],
+    "bosh3": [1e-5],
+    "dopri5": [1e-6],
+    "tsit5": [1e-6],
+    "dopri8": [1e-6, 1e-10],
+}
+ATOL_FACTOR = 1e-3  # atol = rtol * 1e-3
+CASES = [(m, tol) for m in ADAPTIVE_METHODS for tol in TOLS[m]]
+
+KEPLER_05 = PROBLEMS["D_kepler_e0.5"]
+SUBSET = [A3, B5, KEPLER_05]  # for the more expensive checks
+
+
+def bound(method, problem, tol):
+    return GLOBAL_C[method] * problem.amplification * problem.scale(tol, tol * ATOL_FACTOR)
+
+
+def solve(problem, ts, method, tol, y0=None, **kwargs):
+    y0 = problem.y0_tensor() if y0 is None else y0
+    return neurodyn.solve(problem.f, y0, ts, method=method, rtol=tol, atol=tol * ATOL_FACTOR, **kwargs)
+
+
+@pytest.mark.parametrize("problem", ALL_PROBLEMS, ids=lambda p: p.name)
+@pytest.mark.parametrize("method,tol", CASES, ids=[f"{m}-{t:g}" for m, t in CASES])
+def test_tolerance_met(method, tol, problem):
+    ts = irregular_times(problem)
+    sol = solve(problem, ts, method, tol)
+    assert sol.status == "success" and sol.success
+    assert sol.ys.shape == (len(ts), problem.n)
+    assert sol.ys.dtype == torch.float64
+    torch.testing.assert_close(sol.ts, ts, rtol=0, atol=0)
+    torch.testing.assert_close(sol.ys[0], problem.y0_tensor(), rtol=0, atol=0)
+    err = max_error(sol.ys, problem, ts)
+    b = bound(method, problem, tol)
+    assert err <= b, f"{method} rtol={tol:g} on {problem.name}: max error {err:.3e} > bound {b:.3e} " \
+                     f"(= {err / b * GLOBAL_C[method]:.0f} x tol*scale*amp; C={GLOBAL_C[method]:g})"
+    # The final time and state are reported consistently.
+    assert math.isclose(sol.t_final, problem.t1, rel_tol=0, abs_tol=1e-12)
+    torch.testing.assert_close(sol.y_final, sol.ys[-1], rtol=1e-13, atol=1e-13)
+
+
+# Tolerance proportionality: with local extrapolation the global error is ~ proportional to tol, so a
+# 100x tighter rtol should give ~100x smaller error; require at least 10x.
+PROPORTIONALITY_TOLS = {
+    "adaptive_heun": 1e-3,
+    "fehlberg2": 1e-3,
+    "bosh3": 1e-4,
+    "dopri5": 1e-5,
+    "tsit5": 1e-5,
+    "dopri8": 1e-6,
+}
+
+
+@pytest.mark.parametrize("problem", [A3, B5, E_VDP], ids=lambda p: p.name)
+@pytest.mark.parametrize("method", ADAPTIVE_METHODS)
+def test_tolerance_proportionality(method, problem):
+    ts = irregular_times(problem, seed=1)
+    tol = PROPORTIONALITY_TOLS[method]
+    err_loose = max_error(solve(problem, ts, method, tol).ys, problem, ts)
+    err_tight = max_error(solve(problem, ts, method, tol / 100).ys, problem, ts)
+    assert err_tight * 10 <= err_loose, (
+        f"{method} on {problem.name}: error {err_loose:.3e} at rtol={tol:g} but {err_tight:.3e} at "
+        f"rtol={tol / 100:g} (ratio {err_loose / err_tight:.1f}, want >= 10)"
+    )
+
+
+def test_stats_are_consistent():
+    calls = [0]
+
+    def f(t, y):
+        calls[0] += 1
+        return A3.f(t, y)
+
+    ts = irregular_times(A3)
+    sol = neurodyn.solve(f, A3.y0_tensor(), ts, method="dopri5", rtol=1e-6, atol=1e-9)
+    st = sol.stats
+    for key in ("nfe", "steps", "rejected", "last_step", "initial_step"):
+        assert key in st, key
+    assert st["steps"] > 10 and st["rejected"] >= 0
+    # nfe counts evaluations of func: the count we observed (possibly minus the one shape check).
+    assert st["nfe"] in (calls[0], calls[0] - 1), (st["nfe"], calls[0])
+    # dopri5 is FSAL: 6 new evaluations per attempted step, plus a handful for the start.
+    attempts = st["steps"] + st["rejected"]
+    assert 6 * attempts <= st["nfe"] <= 6 * attempts + 5, (st, attempts)
+    assert 0 < st["initial_step"] < 20 and 0 < st["last_step"] <= 20
+
+
+# --------------------------------------------------------------------------------- backward in time
+BACKWARD_CASES = [(m, TOLS[m][0]) for m in ADAPTIVE_METHODS]
+
+
+@pytest.mark.parametrize("problem", SUBSET, ids=lambda p: p.name)
+@pytest.mark.parametrize("method,tol", BACKWARD_CASES, ids=[f"{m}-{t:g}" for m, t in BACKWARD_CASES])
+def test_backward_meets_tolerance(method, tol, problem):
+    ts = irregular_times(problem, seed=2).flip(0)  # t1 -> t0
+    y1 = torch.from_numpy(problem.reference([problem.t1])[0].copy())
+    sol = solve(problem, ts, method, tol, y0=y1)
+    assert sol.success
+    torch.testing.assert_close(sol.ts, ts, rtol=0, atol=0)
+    torch.testing.assert_close(sol.ys[0], y1, rtol=0, atol=0)
+    err = max_error(sol.ys, problem, ts)
+    b = bound(method, problem, tol)
+    assert err <= b, f"backward {method} on {problem.name}: error {err:.3e} > {b:.3e}"
+    assert math.isclose(sol.t_final, problem.t0, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("method,tol", BACKWARD_CASES, ids=[f"{m}-{t:g}" for m, t in BACKWARD_CASES])
+def test_backward_equals_mirrored_forward(method, tol):
+    """y' = f(t, y) on decreasing t is z' = -f(-s, z) on increasing s = -t: same values."""
+    problem = B5
+    ts = irregular_times(problem, seed=3).flip(0)
+    y1 = torch.from_numpy(problem.reference([problem.t1])[0].copy())
+    back = solve(problem, ts, method, tol, y0=y1)
+
+    def mirrored(s, z):
+        return -problem.f(-s, z)
+
+    fwd = neurodyn.solve(mirrored, y1, -ts, method=method, rtol=tol, atol=tol * ATOL_FACTOR)
+    diff = float((back.ys - fwd.ys).abs().max())
+    assert diff <= 1e-3 * tol, f"{method}: backward vs mirrored forward differ by {diff:.3e}"
+    assert back.stats["steps"] == fwd.stats["steps"]
+
+
+# ---------------------------------------------------------------------------------- dense output
+@pytest.mark.parametrize("problem", SUBSET, ids=lambda p: p.name)
+@pytest.mark.parametrize("method,tol", CASES, ids=[f"{m}-{t:g}" for m, t in CASES])
+def test_dense_output(method, tol, problem):
+    ts = irregular_times(problem, seed=4)
+    sol = solve(problem, ts, method, tol, dense=True)
+    assert sol.success
+    ymax = float(sol.ys.abs().max())
+    # evaluate() at the output times is the solution there.
+    at_outputs = sol.evaluate(ts)
+    assert at_outputs.shape == sol.ys.shape
+    d = float((at_outputs - sol.ys).abs().max())
+    assert d <= 1e-12 * ymax, f"evaluate(ts) differs from ys by {d:.3e}"
+    # ... and the exact solution anywhere in between.
+    fine = torch.linspace(problem.t0, problem.t1, 401, dtype=torch.float64)
+    err = max_error(sol.evaluate(fine), problem, fine)
+    b = bound(method, problem, tol)
+    assert err <= b, f"dense {method} on {problem.name}: error {err:.3e} > {b:.3e}"
+    # Endpoints.
+    torch.testing.assert_close(sol.evaluate(fine[0]), problem.y0_tensor(), rtol=0, atol=1e-14)
+    torch.testing.assert_close(sol.evaluate(fine[-1]), sol.y_final, rtol=0, atol=1e-12 * ymax)
+
+
+def test_dense_does_not_change_the_steps():
+    for method in ADAPTIVE_METHODS:
+        ts = irregular_times(B5)
+        a = solve(B5, ts, method, TOLS[method][0])
+        b = solve(B5, ts, method, TOLS[method][0], dense=True)
+        assert (a.stats["steps"], a.stats["rejected"]) == (b.stats["steps"], b.stats["rejected"]), method
+        torch.testing.assert_close(a.ys, b.ys, rtol=1e-12, atol=1e-12)
+
+
+def test_dense_output_shapes_and_domain():
+    ts = torch.tensor([0.0, 0.7, 2.0], dtype=torch.float64)
+    sol = solve(B5, ts, "dopri5", 1e-8, dense=True)
+    g = torch.linspace(0.0, 2.0, 20, dtype=torch.float64).reshape(4, 5)
+    out = sol.evaluate(g)
+    assert out.shape == (4, 5, 3)
+    ref = B5.reference(g.reshape(-1).numpy()).reshape(4, 5, 3)
+    assert np.abs(out.numpy() - ref).max() < 1e-6
+    assert sol.evaluate(torch.tensor(1.3, dtype=torch.float64)).shape == (3,)
+    for bad in (-0.1, 2.1):
+        with pytest.raises(neurodyn.InputError):
+            sol.evaluate(torch.tensor([0.5, bad], dtype=torch.float64))
+    no_dense = solve(B5, ts, "dopri5", 1e-8)
+    with pytest.raises(neurodyn.InputError):
+        no_dense.evaluate(torch.tensor([0.5], dtype=torch.float64))
+
+
+def test_dense_output_backward():
+    ts = torch.tensor([2.0, 1.2, 0.0], dtype=torch.float64)
+    y1 = torch.from_numpy(B5.reference([2.0])[0].copy())
+    sol = solve(B5, ts, "dopri5", 1e-8, y0=y1, dense=True)
+    fine = torch.linspace(2.0, 0.0, 51, dtype=torch.float64)
+    err = max_error(sol.evaluate(fine), B5, fine)
+    assert err <= bound("dopri5", B5, 1e-8), err
+    with pytest.raises(neurodyn.InputError):
+        sol.evaluate(torch.tensor([2.5], dtype=torch.float64))
