@@ -236,6 +236,11 @@ def test_dop853_third_order_estimate():
         0.244094488188976377952755905512, 0.733846688281611857341361741547, 0.220588235294117647058823529412e-1
     )
     assert alg.satisfies(b_hat3, 3) and not alg.satisfies(b_hat3, 4)
+    # The tableau carries it as the second (combined) estimate: b - b_err_low is this b_hat3.
+    tab = TABLEAUS["dopri8"]
+    from_tableau = [float(b) - float(e) for b, e in zip(tab.b, tab.b_err_low)] + [0.0] * (alg.n - len(tab.b))
+    assert max(abs(x - y) for x, y in zip(from_tableau, b_hat3)) < 1e-15
+    assert tab.controller_order == 7
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -50,7 +50,12 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], d
         err = torch.mm(e, k) * hy
         m = error_dims or err.shape[1]
         scale = atol + rtol * torch.maximum(y[:, :m].abs(), y1[:, :m].abs())
-        ratio = torch.sqrt(torch.mean((err[:, :m] / scale).abs() ** 2))
+        sq = ((err[:, :m] / scale).abs() ** 2).sum(dim=1)
+        if sq.shape[0] == 1:
+            ratio = torch.sqrt(sq[0] / m)
+        else:  # DOP853's combined estimate (see control.combined_ratio)
+            deno = sq[0] + 0.01 * sq[1]
+            ratio = torch.where(deno > 0, sq[0] / torch.sqrt(m * deno.clamp_min(1e-300)), torch.zeros_like(deno))
         return y1, k, ratio
 
     return torch.compile(step)

@@ -120,14 +120,27 @@ def make_error_ratio(rtol: float | Tensor, atol: float | Tensor, n: int,
                 y0, y1 = y0.detach(), y1.detach()
             scale = torch.maximum(y0.abs(), y1.abs())
             scale.mul_(rtol).add_(atol)
-            return float(torch.linalg.vector_norm(err.div_(scale))) * (inv_sqrt_n * abs(h))
+            if err.shape[0] == 1:
+                return float(torch.linalg.vector_norm(err.div_(scale))) * (inv_sqrt_n * abs(h))
+            return combined_ratio(err.div_(scale), h, inv_sqrt_n)
     else:
         def ratio(err: Tensor, y0: Tensor, y1: Tensor, h: float) -> float:
             scale = torch.maximum(y0.detach().abs(), y1.detach().abs())
             scale.mul_(rtol).add_(atol)
-            scaled = err.mul_(abs(h)).div_(scale)
+            scaled = err[:1].mul_(abs(h)).div_(scale)  # the highest-order estimate only
             return float(norm(unflatten(scaled) if unflatten is not None else scaled))
     return ratio
+
+
+def combined_ratio(q: Tensor, h: float, inv_sqrt_n: float) -> float:
+    """Hairer's DOP853 combination of two scaled estimates (rows of ``q``, divided by ``h``):
+    ``|h| E^2 / sqrt(n (E^2 + 0.01 E_low^2))`` with ``E^2`` the sums of squares."""
+    sq = (q.abs() ** 2).sum(dim=1)
+    e_hi, e_lo = float(sq[0]), float(sq[1])
+    deno = e_hi + 0.01 * e_lo
+    if deno <= 0.0:
+        return 0.0 if math.isfinite(deno) else math.nan
+    return abs(h) * e_hi / math.sqrt(deno) * inv_sqrt_n
 
 
 def initial_step(term: Callable[[float, Tensor], Tensor], t0: float, y0: Tensor, f0: Tensor,

@@ -142,7 +142,7 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
 
             def ratio_fn(err, ya, yb, h_, _r=full_ratio, _m=m):  # noqa: E306
                 return _r(err[:, :_m], ya[:, :_m], yb[:, :_m], h_)
-        ctrl = cfg.controller.start(solver.error_order)
+        ctrl = cfg.controller.start(solver.controller_order)
         if cfg.first_step is not None:
             h_abs = cfg.first_step
         else:

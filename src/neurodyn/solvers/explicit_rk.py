@@ -27,7 +27,7 @@ class _Coefficients:
 
     a: list[Tensor | None]  # row i: (1, i)
     b: Tensor  # (1, s)
-    e: Tensor | None  # (1, s)
+    e: Tensor | None  # (1, s), or (2, s) with a lower-order second estimate
     c: list[float]
     dense_t: Tensor | None  # (d, s + extra): transpose of the dense matrix P, float64
     extra_a: list[Tensor]  # row i: (1, s + i)
@@ -67,6 +67,7 @@ class ExplicitRungeKutta:
         self.name = tableau.name
         self.order = tableau.order
         self.error_order = tableau.error_order
+        self.controller_order = tableau.controller_order
         self.adaptive = tableau.adaptive
         self.fsal = tableau.fsal
         self.stages = tableau.stages
@@ -84,7 +85,10 @@ class ExplicitRungeKutta:
             tb = self.tableau
             a: list[Tensor | None] = [None] + [_tensor(row, dtype, device).view(1, -1) for row in tb.a[1:]]
             b = _tensor(tb.b, dtype, device).view(1, -1)
-            e = _tensor(tb.b_err, dtype, device).view(1, -1) if tb.b_err is not None else None
+            e = None
+            if tb.b_err is not None:  # one row, or two for a combined estimate (DOP853)
+                rows = [tb.b_err] + ([tb.b_err_low] if tb.b_err_low is not None else [])
+                e = torch.stack([_tensor(r, dtype, device) for r in rows])
             dense_t = None
             if tb.dense is not None:
                 p = torch.tensor([[float(v) for v in row] for row in tb.dense], dtype=torch.float64)
@@ -103,8 +107,9 @@ class ExplicitRungeKutta:
 
         ``k1`` (the user's state shape) is dy/dt at ``(t, y)``. ``t_end_nudge`` replaces the time of stages with
         ``c == 1`` (to evaluate just before a discontinuity). Returns ``(y1, k, err)``: ``k`` the stacked
-        stages ``(s, n)`` and ``err`` the local error estimate divided by ``h`` (``(1, n)``; ``None`` for
-        fixed-step methods) -- the caller scales by ``|h|`` inside the norm, which saves a pass.
+        stages ``(s, n)`` and ``err`` the local error estimate divided by ``h`` (``(1, n)``, or
+        ``(2, n)`` for a combined estimate; ``None`` for fixed-step methods) -- the caller scales by
+        ``|h|`` inside the norm, which saves a pass.
         """
         s = self.stages
         shaped = y.new_empty((s, *k1.shape))  # rows in the user's shape: f's output is stored as is

@@ -88,10 +88,21 @@ class ButcherTableau:
     dense_order: int = 3
     extra_c: Sequence[Number] = field(default_factory=tuple)
     extra_a: Sequence[Sequence[Number]] = field(default_factory=tuple)
+    b_err_low: Sequence[Number] | None = None
+    control_order: int | None = None
+
+    # ``b_err_low``: a second, lower-order estimate ``b - b_hat_low`` combined with ``b_err`` as in
+    # Hairer's DOP853: ratio = |h| E^2 / sqrt(n (E^2 + 0.01 E_low^2)) with E^2 the sum of squared scaled
+    # errors; the combination behaves like h^(control_order + 1). ``control_order`` is the order the
+    # step-size controller uses (``k = control_order + 1``); it defaults to ``error_order``.
 
     @property
     def stages(self) -> int:
         return len(self.c)
+
+    @property
+    def controller_order(self) -> int | None:
+        return self.control_order if self.control_order is not None else self.error_order
 
     @property
     def adaptive(self) -> bool:
@@ -378,9 +389,9 @@ register(ButcherTableau(
 # Error estimate: DOP853 combines a fifth-order estimate err5 = h * sum_j e5_j k_j (e5 = b - b_hat5,
 # with b_hat5 of order 5) and a third-order one err3 (b_hat3 of order 3) into
 # err5**2 / sqrt(err5**2 + 0.01 * err3**2), which behaves like h**8.  A generic embedded-pair engine
-# needs a single b_err, so dopri8 uses the fifth-order estimate alone: b_err = e5, error_order = 5
-# (the step-size controller then uses the exponent 1/6).  This overestimates the error of the
-# eighth-order solution, i.e. errs on the safe side; err3 is not used.
+# carries both: b_err = e5 (error_order = 5, the order of b - e5) and b_err_low = e3 = b - b_hat3, with
+# b_hat3 = bhh1, bhh2, bhh3 on stages 0, 8 and 11 (Hairer's BHH1..3); the controller uses order 7
+# (exponent 1/8), as DOP853 does.
 
 _DOP853_C = (
     "0", "0.526001519587677318785587544488e-01", "0.789002279381515978178381316732e-01",
@@ -540,12 +551,23 @@ def _dop853_dense() -> tuple[tuple[Number, ...], ...]:
     return _dense_matrix(weights, basis)
 
 
+_DOP853_BHH = {0: "0.244094488188976377952755905512", 8: "0.733846688281611857341361741547",
+               11: "0.220588235294117647058823529412e-01"}
+
+
+def _dop853_e3() -> tuple:
+    b = list(_dop853_row(_DOP853_S - 1)) + [0]
+    return tuple(_num(_exact(b[j]) - _exact(_DOP853_BHH.get(j, 0))) for j in range(_DOP853_S))
+
+
 register(ButcherTableau(
     name="dopri8",
     c=tuple(_num(_exact(x)) for x in _DOP853_C[:_DOP853_S]),
     a=tuple(tuple(_num(x) for x in _dop853_row(i)) for i in range(_DOP853_S)),
     b=tuple(_num(x) for x in _dop853_row(_DOP853_S - 1)) + (0,),
     b_err=tuple(_num(_exact(_DOP853_E5.get(j, 0))) for j in range(_DOP853_S)),
+    b_err_low=_dop853_e3(),
+    control_order=7,
     order=8,
     error_order=5,
     fsal=True,
