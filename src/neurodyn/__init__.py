@@ -17,6 +17,7 @@ from .errors import (
     SolveFailure,
     StepSizeUnderflow,
 )
+from .models import NeuralODE
 from .solution import Solution
 from .solve import solve
 from .solvers import available_methods
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "InputError",
     "MaxStepsReached",
+    "NeuralODE",
     "NeurodynError",
     "NonFiniteError",
     "PIDController",

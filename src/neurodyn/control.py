@@ -121,7 +121,7 @@ def make_error_ratio(rtol: float | Tensor, atol: float | Tensor, n: int,
             scale = torch.maximum(y0.abs(), y1.abs())
             scale.mul_(rtol).add_(atol)
             if err.shape[0] == 1:
-                return float(torch.linalg.vector_norm(err.div_(scale))) * (inv_sqrt_n * abs(h))
+                return float(torch.linalg.vector_norm(err.div_(scale)).detach()) * (inv_sqrt_n * abs(h))
             return combined_ratio(err.div_(scale), h, inv_sqrt_n)
     else:
         def ratio(err: Tensor, y0: Tensor, y1: Tensor, h: float) -> float:
