@@ -44,6 +44,9 @@ class Solution:
         The state at ``t_final``.
     event_t : Tensor or None
         The event time (0-dim, differentiable) when an ``event_fn`` stopped the solve.
+    sample_status, t_final_per_sample :
+        With ``per_sample_steps=True``: each sample's status and time reached (``status`` is then the
+        first failure, or ``"success"``).
 
     Examples
     --------
@@ -64,6 +67,8 @@ class Solution:
     y_final: Tensor | None = None
     n_valid: int = 0
     event_t: Tensor | None = None
+    sample_status: list[str] | None = None
+    t_final_per_sample: Tensor | None = None
     _dense: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
     _dense_span: tuple[float, float] | None = field(default=None, repr=False)
 

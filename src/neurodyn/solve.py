@@ -122,6 +122,7 @@ def solve(
     seminorm: bool = True,
     checkpoints: int = 16,
     compile: bool = False,
+    per_sample_steps: bool = False,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` and return the solution at the times ``t``.
 
@@ -187,6 +188,11 @@ def solve(
         Leave the parameter-gradient channels out of the backward error control (default True).
     checkpoints : int
         ``"checkpoint"``: states kept per level (default 16).
+    per_sample_steps : bool
+        Treat the leading dimension of ``y0`` as independent problems, each with its own step size,
+        accept/reject decisions, status and stats (``sol.sample_status``, ``stats["steps_per_sample"]``);
+        ``t`` may then be ``(B, T)``: per-sample output times. ``func`` receives ``t`` as a ``(B,)`` tensor.
+        Adaptive methods, ``gradient="direct"``.
     compile : bool
         Compile each step (vector field, stage combinations, error norm) into one graph with
         ``torch.compile``: far less Python overhead for small problems, after a one-off compilation
@@ -221,7 +227,14 @@ def solve(
     if not callable(func):
         raise InputError(f"func must be callable as func(t, y), got {type(func).__name__}.")
     y0 = validate_state(y0)
-    t = validate_times(t, y0)
+    if per_sample_steps and isinstance(t, Tensor) and t.dim() == 2:
+        if t.shape[0] != y0.shape[0]:
+            raise InputError(f"per-sample times t of shape {tuple(t.shape)} need one row per sample "
+                             f"({y0.shape[0]} samples).")
+        for row in t:
+            validate_times(row, y0)
+    else:
+        t = validate_times(t, y0)
     if not bool(torch.isfinite(y0.detach()).all()):
         raise InputError("y0 contains NaN or inf.")
     solver = get_solver(method)
@@ -293,6 +306,13 @@ def solve(
         if torch.is_grad_enabled():
             t0 = torch.scalar_tensor(float(t.detach()[0]), dtype=real_dtype(y0.dtype), device=y0.device)
             check_hidden_tensors(func, t0, y0, gopts.params, gradient)
+    if per_sample_steps:
+        if gradient != "direct" or (t.requires_grad and torch.is_grad_enabled()):
+            raise InputError("per_sample_steps supports gradient='direct' with respect to y0 and parameters "
+                             "(not time gradients) for now.")
+        from .per_sample import solve_per_sample
+
+        return solve_per_sample(func, y0, t, solver, cfg, on_failure)
     if not (t.requires_grad and torch.is_grad_enabled()):
         return GRADIENTS[gradient](func, y0, t, solver, cfg, on_failure, gopts)
     return _with_time_gradients(func, y0, t, solver, cfg, on_failure, gopts, gradient)

@@ -128,7 +128,8 @@ class NeuralODE(nn.Module):
         sol = solve(self.field, z0, tt, method=self.method, rtol=self.rtol, atol=self.atol, gradient=self.gradient,
                     dense=dense or self.solve_options.get("dense", False),
                     **{k: v for k, v in self.solve_options.items() if k != "dense"})
-        self.nfe_forward = self.field.calls - calls0
+        # The solver's own count: excludes one-off probes (e.g. the adjoint's hidden-tensor check).
+        self.nfe_forward = int(sol.stats.get("nfe", self.field.calls - calls0))
         self.last_solution = sol
         if self.output == "final":
             return sol.ys[-1]

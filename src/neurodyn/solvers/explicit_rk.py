@@ -131,6 +131,60 @@ class ExplicitRungeKutta:
             return y1, k, None
         return y1, k, torch.mm(co.e, k.detach() if k.requires_grad else k)
 
+    # -- per-sample steps: every row of a (B, n) state has its own step size ----------------------
+    def step_rows(self, term_rows: Callable[[Tensor, Tensor], Tensor], t: Tensor, y: Tensor, h: Tensor,
+                  k1: Tensor, co: _Coefficients) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One step of every row of ``y`` (``(B, n)``) with its own ``h`` (``(B,)``) from its own ``t``.
+
+        ``term_rows(t_rows, y_rows)`` evaluates dy/dt for all rows (``t_rows`` of shape ``(B,)``). Returns
+        ``(y1, k, err)``: ``k`` of shape ``(s, B, n)`` and ``err`` of shape ``(r, B, n)`` (the estimate
+        divided by ``h``; ``r = 2`` for a combined estimate), or None for fixed-step methods.
+        """
+        s = self.stages
+        b_rows, n = y.shape
+        k = y.new_empty((s, b_rows, n))
+        k[0] = k1
+        flat = k.view(s, b_rows * n)
+        hc = h.to(y.dtype).view(b_rows, 1)
+        yi = y
+        for i in range(1, s):
+            yi = torch.addcmul(y, hc, torch.mm(co.a[i], flat[:i]).view(b_rows, n))
+            k[i] = term_rows(t + co.c[i] * h, yi)
+        y1 = yi if self._last_stage_is_y1 else torch.addcmul(y, hc, torch.mm(co.b, flat).view(b_rows, n))
+        if co.e is None:
+            return y1, k, None
+        kd = flat.detach() if flat.requires_grad else flat
+        return y1, k, torch.mm(co.e, kd).view(-1, b_rows, n)
+
+    def interpolate_rows(self, term_rows: Callable[[Tensor, Tensor], Tensor], t0: Tensor, h: Tensor, y0: Tensor,
+                         y1: Tensor, k: Tensor, f1: Tensor | None, thetas: Tensor, co: _Coefficients) -> Tensor:
+        """Dense output of a per-sample step at one fraction per row (``thetas``: ``(B,)``); ``(B, n)``.
+
+        ``f1`` (dy/dt at the step ends) is needed only by methods without their own continuous extension.
+        """
+        b_rows, n = y0.shape
+        hc = h.to(y0.dtype).view(b_rows, 1)
+        if co.dense_t is not None:
+            kf = k
+            if co.extra_a:
+                s = self.stages
+                kf = y0.new_empty((s + len(co.extra_a), b_rows, n))
+                kf[:s] = k
+                flat = kf.view(kf.shape[0], b_rows * n)
+                for j, (row, cj) in enumerate(zip(co.extra_a, co.extra_c)):
+                    yj = torch.addcmul(y0, hc, torch.mm(row, flat[: s + j]).view(b_rows, n))
+                    kf[s + j] = term_rows(t0 + cj * h, yj)
+            d = co.dense_t.shape[0]
+            th64 = thetas.view(b_rows, 1).to(torch.float64)
+            powers = th64 ** torch.arange(1, d + 1, dtype=torch.float64, device=thetas.device)
+            weights = torch.mm(powers, co.dense_t).to(y0.dtype)  # (B, s_full)
+            return torch.addcmul(y0, hc, torch.bmm(weights.unsqueeze(1), kf.transpose(0, 1)).squeeze(1))
+        th = thetas.view(b_rows, 1).to(y0.dtype)
+        th2 = th * th
+        th3 = th2 * th
+        return ((2 * th3 - 3 * th2 + 1) * y0 + (3 * th2 - 2 * th3) * y1
+                + hc * ((th3 - 2 * th2 + th) * k[0] + (th3 - th2) * f1))
+
     # -- dense output ----------------------------------------------------------------------------
     def _full_stages(self, term: Term, st: Step, co: _Coefficients) -> Tensor:
         if st.k_full is None:

@@ -1,0 +1,751 @@
+"""A small, reproducible trainer for Neural ODE models (and any ``nn.Module``).
+
+:class:`Trainer` runs the usual loop (batch -> loss -> backward -> clip -> optimizer/scheduler step) and adds:
+
+* a :class:`~neurodyn.progress.Progress` bar showing the loss, the NFE (forward+backward, summed over
+  every :class:`~neurodyn.NeuralODE` in the model) and the step time;
+* per-step logs ``metrics.csv`` and ``metrics.jsonl`` (appended and flushed every step) and a
+  ``summary.json`` at the end, in ``log_dir``;
+* seeded determinism: the data order comes from the trainer's own ``torch.Generator``;
+* checkpoints (``log_dir/checkpoint.pt``) written atomically (temp file in the same folder, fsync,
+  ``os.replace``) holding the model, optimizer and scheduler states, the step/epoch counters, the data-order
+  generator and the python/numpy/torch RNG states, so that ``resume=True`` continues a run *bitwise* as if it
+  had never stopped;
+* DistributedDataParallel: under ``torchrun`` (or with ``torch.distributed`` already initialised) the model is
+  wrapped in DDP (gloo on CPU, nccl on CUDA), the data sharded with a ``DistributedSampler`` seeded from the
+  trainer's seed, and only rank 0 logs and writes checkpoints.
+
+Example::
+
+    import torch, neurodyn
+    neurodyn.seed_everything(0)                     # before building the model: reproducible init
+    f = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
+    model = neurodyn.NeuralODE(f, method="tsit5", rtol=1e-5, atol=1e-7)
+    x = torch.randn(256, 2); y = x.flip(-1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    trainer = neurodyn.Trainer(model, opt, torch.nn.MSELoss(), train_data=(x, y), batch_size=32,
+                               max_steps=200, log_dir="runs/flip", checkpoint_every=50, seed=0)
+    history = trainer.fit()                         # list of per-step dicts (loss, nfe_forward, ...)
+    trainer.evaluate((x, y))                        # {'loss': ..., 'samples': 256, ...}
+    # after an interruption, the same script with resume=True continues from runs/flip/checkpoint.pt
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+from .progress import Progress
+
+try:  # numpy is a dependency of neurodyn, but the trainer does not need it
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
+
+__all__ = ["Trainer", "atomic_save", "count_nfe", "seed_everything", "unwrap_model"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CSV_NAME = "metrics.csv"
+JSONL_NAME = "metrics.jsonl"
+SUMMARY_NAME = "summary.json"
+#: Columns of ``metrics.csv`` (and keys of each ``metrics.jsonl`` row / history entry).
+COLUMNS = ("step", "epoch", "loss", "lr", "nfe_forward", "nfe_backward", "grad_norm", "step_time")
+_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed: int, *, deterministic: bool = False) -> int:
+    """Seed python's ``random``, numpy's global generator (if numpy is installed) and torch (CPU and CUDA).
+
+    Also asks cuDNN for deterministic kernels and turns off its autotuner (cheap). With
+    ``deterministic=True`` it additionally calls ``torch.use_deterministic_algorithms(True, warn_only=True)``
+    (and sets ``CUBLAS_WORKSPACE_CONFIG`` if unset), which can cost speed on GPU and makes ``torch.empty``
+    fill memory; it is process-wide, so it is opt-in.
+
+    Returns the seed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurodyn.training import seed_everything
+    >>> _ = seed_everything(3); a = torch.rand(2)
+    >>> _ = seed_everything(3); bool(torch.equal(a, torch.rand(2)))
+    True
+    """
+    seed = int(seed)
+    random.seed(seed)
+    if np is not None:
+        np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return seed
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel / DataParallel (``.module``) or ``torch.compile``
+    (``._orig_mod``) wrappers."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def count_nfe(model: nn.Module) -> tuple[int, int]:
+    """``(nfe_forward, nfe_backward)`` summed over every submodule exposing both attributes (each
+    :class:`~neurodyn.NeuralODE`): the vector-field evaluations of its last forward solve and last backward
+    pass. Wrappers (DDP ``.module``, ``torch.compile``) are looked through.
+
+    Examples
+    --------
+    >>> import torch, neurodyn
+    >>> from neurodyn.training import count_nfe
+    >>> ode = neurodyn.NeuralODE(torch.nn.Linear(2, 2), method="rk4", step_size=0.25)
+    >>> model = torch.nn.Sequential(ode, torch.nn.Linear(2, 1))
+    >>> _ = model(torch.randn(3, 2))
+    >>> count_nfe(model)
+    (16, 0)
+    """
+    fwd = bwd = 0
+    for m in unwrap_model(model).modules():
+        if hasattr(m, "nfe_forward") and hasattr(m, "nfe_backward"):
+            fwd += int(m.nfe_forward)
+            bwd += int(m.nfe_backward)
+    return fwd, bwd
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write ``path`` all-or-nothing: ``write(f)`` into a temp file in the same folder, flush, fsync,
+    ``os.replace``. On any failure the temp file is removed and ``path`` is left as it was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)``, atomically: readers see the old file or the complete new one, never a
+    partial write (temp file in the same folder, fsync, ``os.replace``)."""
+    _atomic_write(os.fspath(path), lambda f: torch.save(obj, f))
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True) if batch.device != device else batch
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_to_device(b, device) for b in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, (list, tuple)) and batch:
+        return _batch_len(batch[0])
+    if isinstance(batch, dict) and batch:
+        return _batch_len(next(iter(batch.values())))
+    return 1
+
+
+def _as_dataset(data: Any) -> tuple[Dataset, bool]:
+    """A Dataset, plus whether batches should be a bare tensor (data given as one tensor)."""
+    if isinstance(data, Tensor):
+        return TensorDataset(data), True
+    if isinstance(data, (tuple, list)) and data and all(isinstance(d, Tensor) for d in data):
+        return TensorDataset(*data), False
+    if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        return data, False
+    raise TypeError(f"train/eval data must be a Dataset, a tensor or a tuple of tensors, got {type(data).__name__}.")
+
+
+def _fetch(dataset: Dataset, bare: bool, idx: list[int], collate: Callable) -> Any:
+    if isinstance(dataset, TensorDataset):  # fast path: one gather per tensor
+        out = []
+        for t in dataset.tensors:
+            out.append(t[torch.as_tensor(idx, dtype=torch.long, device=t.device)])
+        return out[0] if bare else tuple(out)
+    return collate([dataset[i] for i in idx])
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _maybe_init_distributed(device: torch.device | None) -> None:
+    """Initialise the default process group when launched by torchrun (WORLD_SIZE > 1 in the environment)."""
+    if not torch.distributed.is_available() or torch.distributed.is_initialized():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
+        return
+    use_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if np is not None:
+        state["numpy"] = np.random.get_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"].cpu())
+    if np is not None and "numpy" in state:
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------
+class Trainer:
+    """Train ``model`` with ``optimizer`` on ``loss_fn``; logs, checkpoints, exact resume, DDP.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model (a :class:`~neurodyn.NeuralODE` or anything containing some). Moved to ``device``; under
+        ``torch.distributed`` wrapped in ``DistributedDataParallel`` (``trainer.model``; the plain module is
+        ``trainer.module``).
+    optimizer : torch.optim.Optimizer
+        Built on ``model.parameters()``.
+    loss_fn : callable
+        ``loss_fn(model, batch) -> scalar Tensor`` (call ``model(...)`` inside: under DDP it is the wrapper).
+        A ``torch.nn`` loss module (``nn.MSELoss()``, ...) is called as ``loss_fn(model(x), y)`` on batches
+        ``(x, y)``. For exact data-parallel gradients use a *mean* over the batch.
+    train_data : Dataset, Tensor or tuple of Tensors
+        Tensors become a ``TensorDataset``: a batch is then a tuple of tensors (a bare tensor for a single one).
+        Other datasets are batched with ``collate_fn`` (default: torch's ``default_collate``) in-process.
+    batch_size : int
+        Per process (under DDP the global batch is ``batch_size * world_size``).
+    max_steps, epochs : int
+        How long ``fit`` trains: at least one is needed; with both it stops at whichever comes first.
+    scheduler : LR scheduler, optional
+        Stepped after every optimizer step (``scheduler_interval="step"``) or at the end of every epoch
+        (``"epoch"``); ``ReduceLROnPlateau`` is given the logged loss.
+    log_dir : str or PathLike, optional
+        Where ``metrics.csv``, ``metrics.jsonl``, ``summary.json`` and ``checkpoint.pt`` go (created; rank 0
+        only). ``None``: no files at all.
+    checkpoint_every : int, optional
+        Write the checkpoint every N steps. Whatever it is, ``fit`` writes one when it finishes;
+        ``checkpoint_every=0`` disables checkpoints.
+    seed : int
+        Seeds python/numpy/torch at construction (:func:`seed_everything`; seed *before* building the model
+        for a reproducible initialisation too), the data-order generator and the ``DistributedSampler``.
+    progress : bool
+        Show a :class:`~neurodyn.progress.Progress` bar (loss, NFE forward+backward, step time); rank 0 only.
+    device : str or torch.device, optional
+        Default: ``cuda:LOCAL_RANK`` under DDP with CUDA, else the model's device.
+    grad_clip : float, optional
+        Clip the global gradient norm to this value (the pre-clip norm is logged as ``grad_norm``).
+    resume : bool or path
+        Continue from ``log_dir/checkpoint.pt`` (or the given file) when it exists, restoring everything needed
+        for a bitwise-identical continuation; the logs are cut back to the checkpoint's step. Starts fresh when
+        there is no checkpoint. Checkpoints are pickles: resume only from files you trust.
+    shuffle, drop_last : bool
+        Data order per epoch (from the trainer's generator) and whether to drop a last incomplete batch.
+    collate_fn : callable, optional
+        Turns a list of dataset items into a batch (not used for tensor data).
+    scheduler_interval : ``"step"`` or ``"epoch"``
+        When the scheduler is stepped.
+    on_step : callable, optional
+        ``on_step(trainer, row)`` after every step, on every rank (gradients are still in ``.grad``).
+    ddp_kwargs : dict, optional
+        Extra keyword arguments for ``DistributedDataParallel`` (e.g. ``find_unused_parameters=True``).
+
+    Attributes
+    ----------
+    step, epoch, batch_in_epoch : int
+        Optimizer steps done, current epoch (0-based), batches of it consumed.
+    history : list of dict
+        One row per step (keys :data:`COLUMNS`), including the steps before a resume (read back from
+        ``metrics.jsonl``, rank 0).
+    rank, world_size : int
+        The process's rank and the number of processes (0 and 1 without DDP).
+
+    Examples
+    --------
+    >>> import tempfile, torch, neurodyn
+    >>> _ = neurodyn.seed_everything(0)
+    >>> model = neurodyn.NeuralODE(torch.nn.Linear(2, 2), method="rk4", step_size=0.25)
+    >>> x = torch.randn(64, 2)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> trainer = neurodyn.Trainer(model, opt, torch.nn.MSELoss(), train_data=(x, 0.5 * x), batch_size=16,
+    ...                            epochs=2, log_dir=tempfile.mkdtemp(), seed=0, progress=False)
+    >>> history = trainer.fit()
+    >>> len(history), history[-1]["step"], history[-1]["nfe_forward"]
+    (8, 8, 16)
+    >>> history[-1]["loss"] < history[0]["loss"]
+    True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[..., Tensor],
+        *,
+        train_data: Any,
+        batch_size: int,
+        max_steps: int | None = None,
+        epochs: int | None = None,
+        scheduler: Any = None,
+        log_dir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        seed: int = 0,
+        progress: bool = True,
+        device: str | torch.device | None = None,
+        grad_clip: float | None = None,
+        resume: bool | str | os.PathLike = False,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        collate_fn: Callable[[list], Any] | None = None,
+        scheduler_interval: str = "step",
+        on_step: Callable[[Trainer, dict], None] | None = None,
+        ddp_kwargs: dict[str, Any] | None = None,
+    ):
+        if max_steps is None and epochs is None:
+            raise ValueError("Trainer: give max_steps or epochs (or both).")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"Trainer: batch_size must be an integer >= 1, got {batch_size!r}.")
+        for name, v in (("max_steps", max_steps), ("epochs", epochs)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"Trainer: {name} must be an integer >= 0, got {v!r}.")
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 0):
+            raise ValueError(f"Trainer: checkpoint_every must be an integer >= 0, got {checkpoint_every!r}.")
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError(f"Trainer: scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}.")
+        if grad_clip is not None and not (float(grad_clip) > 0):
+            raise ValueError(f"Trainer: grad_clip must be > 0, got {grad_clip!r}.")
+
+        self.optimizer, self.loss_fn, self.scheduler = optimizer, loss_fn, scheduler
+        self.batch_size, self.max_steps, self.epochs = batch_size, max_steps, epochs
+        self.checkpoint_every = checkpoint_every
+        self.seed = seed_everything(seed)
+        self.grad_clip = None if grad_clip is None else float(grad_clip)
+        self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
+        self.collate_fn = collate_fn or default_collate
+        self.scheduler_interval = scheduler_interval
+        self.on_step = on_step
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.dataset, self._bare = _as_dataset(train_data)
+        if len(self.dataset) == 0:
+            raise ValueError("Trainer: train_data is empty.")
+
+        # --- distributed setup and device
+        explicit = torch.device(device) if device is not None else None
+        _maybe_init_distributed(explicit)
+        self.distributed = _dist_ready() and torch.distributed.get_world_size() > 1
+        self.rank = torch.distributed.get_rank() if self.distributed else 0
+        self.world_size = torch.distributed.get_world_size() if self.distributed else 1
+        if explicit is not None:
+            self.device = explicit
+        elif self.distributed and torch.distributed.get_backend() == "nccl":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        else:
+            p = next(iter(model.parameters()), None)
+            self.device = p.device if p is not None else torch.device("cpu")
+        self.module = unwrap_model(model).to(self.device)
+        self.is_main = self.rank == 0
+        self.progress = bool(progress) and self.is_main
+
+        # --- data order
+        self.sampler = None
+        if self.distributed:
+            from torch.utils.data.distributed import DistributedSampler
+
+            self.sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank,
+                                              shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last)
+        self._data_gen = torch.Generator().manual_seed(self.seed)
+        self._epoch_start_state: Tensor | None = None
+        self._batches: list[list[int]] | None = None
+        self._batches_epoch = -1
+
+        # --- counters, logs
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.resumed_from: int | None = None
+        self._logs_open = False
+        self._csv_file = self._jsonl_file = None
+        self._csv = None
+        self._train_time = 0.0
+
+        if self.is_main and self.log_dir is not None:
+            os.makedirs(self.log_dir, exist_ok=True)
+        if resume:
+            path = self.checkpoint_path if resume is True else os.fspath(resume)
+            if path is not None and os.path.exists(path):
+                self.load_checkpoint(path)
+            elif resume is not True:
+                raise FileNotFoundError(f"Trainer: no checkpoint at {path!r} to resume from.")
+
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            kwargs = dict(ddp_kwargs or {})
+            if self.device.type == "cuda":
+                kwargs.setdefault("device_ids", [self.device.index])
+            self.model: nn.Module = DistributedDataParallel(self.module, **kwargs)
+        else:
+            self.model = self.module
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def checkpoint_path(self) -> str | None:
+        return None if self.log_dir is None else os.path.join(self.log_dir, CHECKPOINT_NAME)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n = len(self.sampler) if self.sampler is not None else len(self.dataset)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        """Where ``fit`` stops: ``max_steps`` and/or ``epochs * steps_per_epoch``, whichever is smaller."""
+        limits = []
+        if self.max_steps is not None:
+            limits.append(self.max_steps)
+        if self.epochs is not None:
+            limits.append(self.epochs * self.steps_per_epoch)
+        return min(limits)
+
+    # ------------------------------------------------------------------ data
+    def _epoch_batches(self) -> list[list[int]]:
+        """The index batches of the current epoch (drawn once per epoch from the data-order generator)."""
+        if self._batches_epoch != self.epoch or self._batches is None:
+            if self.sampler is not None:
+                self.sampler.set_epoch(self.epoch)
+                order = list(iter(self.sampler))
+            else:
+                self._epoch_start_state = self._data_gen.get_state()
+                n = len(self.dataset)
+                order = (torch.randperm(n, generator=self._data_gen) if self.shuffle else torch.arange(n)).tolist()
+            bs = self.batch_size
+            batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+            if self.drop_last and batches and len(batches[-1]) < bs:
+                batches.pop()
+            if not batches:
+                raise ValueError(f"Trainer: no complete batch of {bs} in {len(order)} samples (drop_last=True).")
+            self._batches, self._batches_epoch = batches, self.epoch
+        return self._batches
+
+    def _loss(self, model: nn.Module, batch: Any) -> Tensor:
+        if isinstance(self.loss_fn, nn.modules.loss._Loss):
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise TypeError("Trainer: a torch.nn loss module needs (input, target) batches; pass "
+                                "loss_fn(model, batch) for other layouts.")
+            x, y = batch
+            loss = self.loss_fn(model(x), y)
+        else:
+            loss = self.loss_fn(model, batch)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError(f"Trainer: loss_fn must return a scalar tensor, got "
+                            f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, Tensor) else ''}.")
+        return loss.reshape(())
+
+    # ------------------------------------------------------------------ training
+    def _train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        batches = self._epoch_batches()
+        epoch = self.epoch
+        batch = _to_device(_fetch(self.dataset, self._bare, batches[self.batch_in_epoch], self.collate_fn),
+                           self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss(self.model, batch)
+        loss.backward()
+        nfe_f, nfe_b = count_nfe(self.module)
+        grad_norm = None
+        if self.grad_clip is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip))
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        loss_value = loss.detach()
+        if self.distributed:  # log the mean over ranks (the full-batch loss for a mean loss and equal shards)
+            loss_value = loss_value.clone()
+            torch.distributed.all_reduce(loss_value)
+            loss_value = loss_value / self.world_size
+        loss_value = float(loss_value)
+
+        self.step += 1
+        self.batch_in_epoch += 1
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            self._step_scheduler(loss_value)
+        if self.batch_in_epoch >= len(batches):
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            if self.scheduler is not None and self.scheduler_interval == "epoch":
+                self._step_scheduler(loss_value)
+        dt = time.perf_counter() - t0
+        self._train_time += dt
+        return {"step": self.step, "epoch": epoch, "loss": loss_value, "lr": lr, "nfe_forward": nfe_f,
+                "nfe_backward": nfe_b, "grad_norm": grad_norm, "step_time": dt}
+
+    def _step_scheduler(self, loss_value: float) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(loss_value)
+        else:
+            self.scheduler.step()
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train until :attr:`total_steps`; returns :attr:`history` (one dict per step, keys :data:`COLUMNS`).
+
+        Writes a row to ``metrics.csv``/``metrics.jsonl`` per step, the checkpoint every ``checkpoint_every``
+        steps and at the end, and ``summary.json`` at the end (rank 0). Calling ``fit`` again after raising
+        ``max_steps``/``epochs`` continues the run.
+        """
+        self.module.train()
+        if self.is_main:
+            self._open_logs()
+        total = self.total_steps
+        start = self.step
+        bar = None
+        if self.progress and total > start:
+            desc = "train" if start == 0 else f"train (from step {start})"
+            bar = Progress(total - start, desc=desc)
+        wall0 = time.perf_counter()
+        try:
+            while self.step < total:
+                row = self._train_step()
+                self.history.append(row)
+                if self.is_main:
+                    self._log_row(row)
+                if bar is not None:
+                    bar.update(loss=row["loss"], nfe=f"{row['nfe_forward']}+{row['nfe_backward']}",
+                               step=f"{1e3 * row['step_time']:.1f}ms")
+                if self.on_step is not None:
+                    self.on_step(self, row)
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0 and self.step < total:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            self._close_logs()
+        if self.checkpoint_every != 0:
+            self.save_checkpoint()
+        if self.is_main and self.log_dir is not None:
+            _atomic_write_text(os.path.join(self.log_dir, SUMMARY_NAME),
+                               json.dumps(self.summary(time.perf_counter() - wall0), indent=2) + "\n")
+        return self.history
+
+    def summary(self, wall_time: float | None = None) -> dict[str, Any]:
+        """Totals of the run so far (what ``summary.json`` holds)."""
+        h = self.history
+        times = [r["step_time"] for r in h]
+        losses = [r["loss"] for r in h]
+        return {
+            "steps": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "steps_logged": len(h),
+            "final_loss": losses[-1] if losses else None,
+            "min_loss": min(losses) if losses else None,
+            "nfe_forward_total": sum(r["nfe_forward"] for r in h),
+            "nfe_backward_total": sum(r["nfe_backward"] for r in h),
+            "mean_step_time": sum(times) / len(times) if times else None,
+            "train_time": sum(times), "wall_time_last_fit": wall_time,
+            "seed": self.seed, "world_size": self.world_size, "resumed_from": self.resumed_from,
+            "batch_size": self.batch_size, "device": str(self.device),
+        }
+
+    @torch.no_grad()
+    def evaluate(self, data: Any, batch_size: int | None = None) -> dict[str, Any]:
+        """Mean loss of the (unwrapped) model on ``data`` (same forms as ``train_data``), in eval mode, no grad.
+
+        Runs on the full ``data`` in every process (no sharding, no communication). Returns
+        ``{"loss": mean over samples (batch losses weighted by batch size), "samples": n, "batches": k,
+        "nfe_forward": mean per batch}``. Does not touch the RNG states beyond what the model itself draws.
+        """
+        dataset, bare = _as_dataset(data)
+        bs = batch_size or self.batch_size
+        was_training = self.module.training
+        self.module.eval()
+        total, n, nfe, k = 0.0, 0, 0, 0
+        try:
+            for i in range(0, len(dataset), bs):
+                batch = _to_device(_fetch(dataset, bare, list(range(i, min(i + bs, len(dataset)))),
+                                          self.collate_fn), self.device)
+                m = _batch_len(batch)
+                total += float(self._loss(self.module, batch)) * m
+                n += m
+                k += 1
+                nfe += count_nfe(self.module)[0]
+        finally:
+            self.module.train(was_training)
+        return {"loss": total / n if n else float("nan"), "samples": n, "batches": k,
+                "nfe_forward": nfe / k if k else 0.0}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a bitwise-exact resume needs (this process's RNG states under ``"rng"``)."""
+        started = self._batches_epoch == self.epoch and self._batches is not None and self.batch_in_epoch > 0
+        return {
+            "format": _FORMAT,
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            # the data-order generator as it was when the current epoch's order was drawn (or now, at a boundary)
+            "data_rng": (self._epoch_start_state if started and self.sampler is None else self._data_gen.get_state()),
+            "rng": _rng_state(),
+            "seed": self.seed, "world_size": self.world_size, "batch_size": self.batch_size,
+            "train_time": self._train_time,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (model, optimizer, scheduler, counters, data order, RNG states)."""
+        if state.get("format") != _FORMAT:
+            raise ValueError(f"Trainer: unknown checkpoint format {state.get('format')!r}.")
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self._data_gen.set_state(state["data_rng"])
+        self._batches, self._batches_epoch, self._epoch_start_state = None, -1, None
+        rng = state["rng"]
+        if isinstance(rng, list):  # one per rank (DDP): ours if the world is the same, else rank 0's
+            rng = rng[self.rank] if len(rng) == self.world_size else rng[0]
+        _set_rng_state(rng)
+        self._train_time = float(state.get("train_time", 0.0))
+        self.resumed_from = self.step
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> str | None:
+        """Write the checkpoint atomically (rank 0; every rank must call it under DDP, as ``fit`` does).
+        Returns the path (None without a ``log_dir`` and ``path``)."""
+        path = self.checkpoint_path if path is None else os.fspath(path)
+        if path is None:
+            return None
+        state = self.state_dict()
+        if self.distributed:  # each rank's RNG streams (they can differ, e.g. dropout with adaptive steps)
+            rngs: list[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(rngs, state["rng"])
+            state["rng"] = rngs
+        if self.is_main:
+            atomic_save(state, path)
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load a checkpoint written by :meth:`save_checkpoint` (a pickle: only from trusted files)."""
+        state = torch.load(os.fspath(path), map_location=self.device, weights_only=False)
+        self.load_state_dict(state)
+
+    # ------------------------------------------------------------------ logs
+    def _open_logs(self) -> None:
+        if self._logs_open or self.log_dir is None:
+            return
+        csv_path = os.path.join(self.log_dir, CSV_NAME)
+        jsonl_path = os.path.join(self.log_dir, JSONL_NAME)
+        if self.resumed_from is not None and not self.history:
+            # keep the rows up to the checkpoint's step (later ones belong to the interrupted run's lost tail)
+            rows = []
+            if os.path.exists(jsonl_path):
+                with open(jsonl_path, encoding="utf-8") as f:
+                    for line in f:
+                        line = line.strip()
+                        if not line:
+                            continue
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError:  # a torn last line
+                            continue
+                        if row.get("step", math.inf) <= self.resumed_from:
+                            rows.append(row)
+            self.history = rows
+            _atomic_write_text(jsonl_path, "".join(json.dumps(r) + "\n" for r in rows))
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            w.writerow(COLUMNS)
+            for r in rows:
+                w.writerow(["" if r.get(c) is None else r.get(c) for c in COLUMNS])
+            _atomic_write_text(csv_path, buf.getvalue())
+            mode = "a"
+        elif self.step == 0 and not self.history:
+            mode = "w"
+        else:
+            mode = "a"
+        self._csv_file = open(csv_path, mode, newline="", encoding="utf-8")
+        self._jsonl_file = open(jsonl_path, mode, encoding="utf-8")
+        self._csv = csv.writer(self._csv_file)
+        if mode == "w":
+            self._csv.writerow(COLUMNS)
+            self._csv_file.flush()
+        self._logs_open = True
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        if not self._logs_open:
+            return
+        self._csv.writerow(["" if row[c] is None else row[c] for c in COLUMNS])
+        self._csv_file.flush()
+        self._jsonl_file.write(json.dumps(row) + "\n")
+        self._jsonl_file.flush()
+
+    def _close_logs(self) -> None:
+        for f in (self._csv_file, self._jsonl_file):
+            if f is not None:
+                f.close()
+        self._csv_file = self._jsonl_file = self._csv = None
+        self._logs_open = False

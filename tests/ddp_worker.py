@@ -1,0 +1,73 @@
+"""Worker of ``tests/test_training.py::test_ddp_matches_single_process`` (not a test module itself).
+
+Started as ``python -m torch.distributed.run --nproc_per_node=2 ... tests/ddp_worker.py OUT``: the
+:class:`neurodyn.Trainer` initialises the process group itself (gloo on CPU), wraps the model in
+DistributedDataParallel and shards the data. Rank 0 writes ``OUT/result.pt`` (step-1 gradients and
+parameters, final parameters, logged losses) and the trainer's logs/checkpoint in ``OUT/logs``; every rank
+writes ``OUT/rank{r}.pt`` with its final parameters.
+
+The test imports :func:`make_problem` and :data:`STEPS` to run the same training in one process on the full
+batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+import neurodyn
+
+F64 = torch.float64
+N = 16  # samples: one global batch, so every step sees the whole data set whatever the order
+STEPS = 3
+
+
+def make_problem(seed: int = 0):
+    """Model (float64 NeuralODE on a fixed rk4 grid: identical steps on any batch), optimizer, data."""
+    neurodyn.seed_everything(seed)
+    f = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).to(F64)
+    model = neurodyn.NeuralODE(f, t=(0.0, 1.0), method="rk4", step_size=0.25)
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(N, 2, generator=g, dtype=F64)
+    rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=F64)
+    y = x @ rot.T
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return model, opt, x, y
+
+
+def recorder(store: dict):
+    """An ``on_step`` callback keeping the gradients and parameters after step 1."""
+
+    def on_step(trainer, row):
+        if row["step"] == 1:
+            store["grads1"] = [p.grad.detach().clone() for p in trainer.module.parameters()]
+            store["params1"] = [p.detach().clone() for p in trainer.module.parameters()]
+
+    return on_step
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model, opt, x, y = make_problem()
+    store: dict = {}
+    trainer = neurodyn.Trainer(model, opt, torch.nn.MSELoss(), train_data=(x, y), batch_size=N // world,
+                               max_steps=STEPS, log_dir=os.path.join(out, "logs"), checkpoint_every=2, seed=0,
+                               progress=False, on_step=recorder(store))
+    assert trainer.distributed and trainer.world_size == world, (trainer.distributed, trainer.world_size)
+    assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
+    history = trainer.fit()
+    params = [p.detach().clone() for p in trainer.module.parameters()]
+    torch.save({"params": params, "rank": trainer.rank}, os.path.join(out, f"rank{trainer.rank}.pt"))
+    if trainer.rank == 0:
+        torch.save({"grads1": store["grads1"], "params1": store["params1"], "params": params,
+                    "losses": [r["loss"] for r in history], "world_size": trainer.world_size},
+                   os.path.join(out, "result.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
