@@ -7,6 +7,7 @@ Solvers, gradient methods and models for Neural ODEs, with a torchdiffeq drop-in
     ys = neurodyn.odeint(func, y0, t)            # exactly torchdiffeq's odeint
 """
 
+from .analysis import jacobian_spectrum, lipschitz_estimate, reversibility, spectral_radius, stiffness_ratio
 from .compat.torchdiffeq import odeint, odeint_adjoint, odeint_event
 from .control import PIDController
 from .errors import (
@@ -17,26 +18,39 @@ from .errors import (
     SolveFailure,
     StepSizeUnderflow,
 )
-from .models import NeuralODE
+from .models import AugmentedNeuralODE, NeuralODE
+from .regularizers import RegularizedField, regularized_solve, steer_time
 from .solution import Solution
 from .solve import solve
 from .solvers import available_methods
+from .training import Trainer, seed_everything
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AugmentedNeuralODE",
     "InputError",
     "MaxStepsReached",
     "NeuralODE",
     "NeurodynError",
     "NonFiniteError",
     "PIDController",
+    "RegularizedField",
     "Solution",
     "SolveFailure",
     "StepSizeUnderflow",
+    "Trainer",
     "available_methods",
+    "jacobian_spectrum",
+    "lipschitz_estimate",
     "odeint",
     "odeint_adjoint",
     "odeint_event",
+    "regularized_solve",
+    "reversibility",
+    "seed_everything",
     "solve",
+    "spectral_radius",
+    "steer_time",
+    "stiffness_ratio",
 ]
