@@ -179,6 +179,12 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
 
     on_accept = cfg.on_accept
     fast = cfg.advance
+    # Without an autograd graph or recorded steps, stages go to two alternating preallocated buffers
+    # (alternating: a rejected attempt must not overwrite the FSAL stage the retry starts from).
+    buffers = None
+    if not torch.is_grad_enabled() and not cfg.record and fast is None:
+        buffers = (solver.make_buffers(y0, k0), solver.make_buffers(y0, k0))
+    which = 0
     new_stages = solver.stages - 1
     k1_time = nextafter(t0, direction) if perturb else t0
     while True:
@@ -199,7 +205,7 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
             except _CompileFailed:
                 fast = None
         if ratio is None:
-            y1, k, err = solver.step(term, t, y, h, k1, co, nudge)
+            y1, k, err = solver.step(term, t, y, h, k1, co, nudge, buffers[which] if buffers else None)
         attempts += 1
 
         if fixed:
@@ -219,6 +225,7 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
 
         if accept:
             steps += 1
+            which ^= 1
             last_h = h
             st = Step(t, h, y, y1, k)
             if cfg.record:
@@ -311,8 +318,7 @@ def step_outputs(solver: ExplicitRungeKutta, term: ODETerm, st: Step, co, interp
         j += 1
     interior = [times[i] for i in range(out_i, j) if times[i] != t1]
     if interior:
-        th = torch.tensor([(x - st.t0) / st.h for x in interior], dtype=torch.float64)
-        vals = solver.interpolate(term, st, th.to(dtype=term.t_dtype, device=st.y0.device), co, interp)
+        vals = solver.interpolate_floats(term, st, [(x - st.t0) / st.h for x in interior], co, interp)
         rows = list(vals.split(1, 0))
         for i in range(out_i, j):
             outs.append(st.y1 if times[i] == t1 else rows.pop(0))

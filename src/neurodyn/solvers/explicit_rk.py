@@ -51,6 +51,17 @@ class Step:
     k_full: Tensor | None = None
 
 
+@dataclass
+class StageBuffers:
+    """A reusable stage buffer: ``shaped`` (s, *state shape), ``flat`` (s, n), ``heads[i] = flat[:i]``,
+    ``rows[i] = shaped[i]``."""
+
+    shaped: Tensor
+    flat: Tensor
+    heads: list[Tensor]
+    rows: list[Tensor]
+
+
 def _tensor(values, dtype, device) -> Tensor:
     return torch.tensor([float(v) for v in values], dtype=torch.float64).to(dtype=dtype, device=device)
 
@@ -76,6 +87,7 @@ class ExplicitRungeKutta:
         # Stage s-1 lands on y1 exactly when its row equals b (FSAL): reuse it as the new state.
         self._last_stage_is_y1 = tableau.fsal and tuple(tableau.a[-1]) == tuple(tableau.b[:-1])
         self._cache: dict[tuple[torch.dtype, torch.device], _Coefficients] = {}
+        self._dense_rows = [[float(v) for v in row] for row in tableau.dense] if tableau.dense is not None else None
 
     # -- coefficients, cached per dtype/device ---------------------------------------------------
     def coefficients(self, dtype: torch.dtype, device: torch.device) -> _Coefficients:
@@ -100,9 +112,18 @@ class ExplicitRungeKutta:
             self._cache[key] = co
         return co
 
+    # -- stage buffers ---------------------------------------------------------------------------
+    def make_buffers(self, y: Tensor, k1: Tensor) -> StageBuffers:
+        """A preallocated stage buffer with its views, for solves that keep no autograd graph."""
+        s = self.stages
+        shaped = y.new_empty((s, *k1.shape))
+        flat = shaped.view(s, -1)
+        return StageBuffers(shaped, flat, [flat[:i] for i in range(s + 1)], [shaped[i] for i in range(s)])
+
     # -- one step --------------------------------------------------------------------------------
     def step(self, term: Term, t: float, y: Tensor, h: float, k1: Tensor, co: _Coefficients,
-             t_end_nudge: float | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+             t_end_nudge: float | None = None, buf: StageBuffers | None = None
+             ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Advance ``y`` (shape ``(1, n)``) from ``t`` by ``h``.
 
         ``k1`` (the user's state shape) is dy/dt at ``(t, y)``. ``t_end_nudge`` replaces the time of stages with
@@ -112,17 +133,25 @@ class ExplicitRungeKutta:
         ``|h|`` inside the norm, which saves a pass.
         """
         s = self.stages
-        shaped = y.new_empty((s, *k1.shape))  # rows in the user's shape: f's output is stored as is
-        k = shaped.view(s, -1)
-        shaped[0] = k1
         a = co.a
         c = co.c
         yi = y
         addmm = torch.addmm
-        for i in range(1, self.stages):
-            yi = addmm(y, a[i], k[:i], alpha=h)
-            ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
-            shaped[i] = term(ti, yi)
+        if buf is not None:  # no autograd graph: reuse a buffer and its cached views
+            k, heads, rows = buf.flat, buf.heads, buf.rows
+            rows[0].copy_(k1)
+            for i in range(1, s):
+                yi = addmm(y, a[i], heads[i], alpha=h)
+                ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
+                rows[i].copy_(term(ti, yi))
+        else:
+            shaped = y.new_empty((s, *k1.shape))  # rows in the user's shape: f's output is stored as is
+            k = shaped.view(s, -1)
+            shaped[0] = k1
+            for i in range(1, s):
+                yi = addmm(y, a[i], k[:i], alpha=h)
+                ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
+                shaped[i] = term(ti, yi)
         if self._last_stage_is_y1:
             y1 = yi
         else:
@@ -205,6 +234,23 @@ class ExplicitRungeKutta:
         if st.f1 is None:
             st.f1 = st.k[-1] if self.fsal else term(st.t0 + st.h, st.y1).reshape(-1)
         return st.f1
+
+    def interpolate_floats(self, term: Term, st: Step, thetas: list[float], co: _Coefficients,
+                           interp: str = "auto") -> Tensor:
+        """:meth:`interpolate` at plain-float fractions: the dense weights are computed in Python
+        (no small tensor ops), which is what the loop's output times need."""
+        if interp != "auto" or co.dense_t is None:
+            th = torch.tensor(thetas, dtype=torch.float64).to(dtype=co.b.real.dtype, device=st.y0.device)
+            return self.interpolate(term, st, th, co, interp)
+        kf = self._full_stages(term, st, co)
+        p = self._dense_rows
+        weights = []
+        for th in thetas:
+            pw = [th ** (m + 1) for m in range(len(p[0]))]
+            weights.append([sum(c * w for c, w in zip(row, pw)) for row in p])
+        w = torch.tensor(weights, dtype=torch.float64).to(dtype=st.y0.dtype, device=st.y0.device)
+        m, n = len(thetas), st.y0.shape[1]
+        return torch.addmm(st.y0.expand(m, n), w, kf, alpha=st.h)
 
     def interpolate(self, term: Term, st: Step, thetas: Tensor, co: _Coefficients,
                     interp: str = "auto") -> Tensor:
