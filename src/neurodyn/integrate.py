@@ -99,6 +99,7 @@ class LoopResult:
     records: list[Step]
     message: str = ""
     event: tuple[Step, float, int] | None = None  # (step, theta, component)
+    next_step: float | None = None  # the controller's proposal after the last step (to continue from)
 
 
 def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor, times: list[float],
@@ -302,6 +303,7 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
 
     return LoopResult(outs=outs, status=status, t_final=t, y_final=y, steps=steps, rejected=rejected,
                       initial_step=first_h, last_step=abs(last_h), records=records, message=message,
+                      next_step=h_abs if math.isfinite(h_abs) and h_abs > 0 else None,
                       event=event)
 
 

@@ -145,6 +145,8 @@ class _AdjointFunction(torch.autograd.Function):
                 term = ODETerm(aug, z0.shape, t_dtype, device)
                 k0 = term(times[i], z0)
                 res = integrate(term, adj_solver, z0, k0, [times[i], times[i - 1]], cfg)
+                # The next interval starts from the controller's proposal, not a fresh initial guess.
+                cfg.first_step = res.next_step if cfg.adaptive else None
                 nfe += term.nfe
                 steps += res.steps
                 if res.status in FAILURE_STATUSES:

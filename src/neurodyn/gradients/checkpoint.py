@@ -3,10 +3,11 @@
 Forward: the loop runs without autograd and logs each accepted step's ``(t, h)`` (a few floats) and
 the state at every ``stride``-th step, doubling the stride whenever more than ``checkpoints`` states
 would be kept. Backward: each segment between checkpoints is replayed with the logged steps under
-autograd and backpropagated, last segment first; a segment longer than ``checkpoints`` steps is first
-replayed without autograd to place ``checkpoints`` sub-checkpoints, recursively. The replay runs the
-same stepper on the same step sizes, so the gradient equals ``gradient="direct"`` to rounding, with
-memory O(checkpoints x levels) states plus the graph of at most ``checkpoints`` steps.
+autograd and backpropagated, last segment first; a segment longer than 2 steps is first
+replayed without autograd to place up to ``checkpoints`` sub-checkpoints, recursively, down to segments
+of 2 steps. The replay runs the same stepper on the same step sizes, so the gradient equals
+``gradient="direct"`` to rounding, with memory O(checkpoints x levels) states plus the graph of at most
+2 steps.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from ..integrate import LoopConfig, ODETerm, assemble, check_derivative, integra
 from ..solution import FAILURE_STATUSES, Solution
 from ..solvers.explicit_rk import ExplicitRungeKutta, Step
 from .common import GradientOptions
+
+# Longest segment backpropagated as one graph; longer ones are checkpointed again (recursively), so the
+# graph held at once stays this short however many steps the solve takes.
+_LEAF_STEPS = 2
 
 
 class _StepLog:
@@ -104,7 +109,7 @@ class _CheckpointFunction(torch.autograd.Function):
             return y1
 
         def backprop(j0: int, j1: int, y_start: Tensor, a_end: Tensor) -> Tensor:
-            if j1 - j0 > limit:
+            if j1 - j0 > _LEAF_STEPS:
                 stride = math.ceil((j1 - j0) / limit)
                 subs = {j0: y_start}
                 with torch.no_grad():
