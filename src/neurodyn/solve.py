@@ -69,10 +69,18 @@ def validate_times(t: Any, y0: Tensor) -> Tensor:
         raise InputError(f"t has dtype {t.dtype} but y0 has dtype {y0.dtype}: use t.to({real_dtype(y0.dtype)}) "
                          f"(times must have the state's real precision).")
     td = t.detach()
-    if not bool(torch.isfinite(td).all()):
-        raise InputError(f"t contains NaN or inf: {td.tolist()}.")
-    d = td[1:] - td[:-1]
-    if not (bool((d > 0).all()) or bool((d < 0).all())):
+    if td.numel() <= 256:  # short: one transfer, then plain Python (no per-check device syncs)
+        vals = td.tolist()
+        finite = all(math.isfinite(v) for v in vals)
+        inc = all(b > a for a, b in zip(vals, vals[1:]))
+        monotonic = inc or all(b < a for a, b in zip(vals, vals[1:]))
+    else:
+        finite = bool(torch.isfinite(td).all())
+        d = td[1:] - td[:-1]
+        monotonic = bool((d > 0).all()) or bool((d < 0).all())
+    if not finite:
+        raise InputError(f"t contains NaN or inf: {td.tolist() if td.numel() <= 20 else 'see t'}.")
+    if not monotonic:
         raise InputError("t must be strictly increasing or strictly decreasing (no repeats); got "
                          f"{td.tolist() if td.numel() <= 20 else 'a non-monotonic sequence'}.")
     return t
