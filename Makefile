@@ -1,0 +1,59 @@
+# neurodyn developer tasks.  Needs only python3 (>= 3.10) on the machine; everything else goes into .venv.
+#
+#   make demo    learn a 2-d spiral with a Neural ODE (writes runs/spiral/)
+#   make test    run the test suite
+#   make lint    ruff
+#   make bench   benchmarks against torchdiffeq / torchode
+#
+# Installs are recorded in stamp files inside .venv, so repeated runs skip pip entirely.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+STAMP_VENV := $(VENV)/.stamp-venv-torch-$(TORCH_VERSION)
+STAMP_DEMO := $(VENV)/.stamp-demo
+STAMP_TEST := $(VENV)/.stamp-test
+STAMP_BENCH := $(VENV)/.stamp-bench
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP_VENV)
+
+# torch is pinned and installed first, on its own: the CPU wheel of this version is what the package
+# extras are then resolved against (they ask for torch>=2.2, so pip pulls nothing more).
+$(STAMP_VENV):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==$(TORCH_VERSION)
+	touch $@
+
+$(STAMP_DEMO): $(STAMP_VENV) pyproject.toml
+	$(PIP) install -e ".[demo]"
+	touch $@
+
+$(STAMP_TEST): $(STAMP_VENV) pyproject.toml
+	$(PIP) install -e ".[test]" torchdiffeq==0.2.5 torchode==1.0.1
+	touch $@
+
+$(STAMP_BENCH): $(STAMP_VENV) pyproject.toml
+	$(PIP) install -e ".[bench]"
+	touch $@
+
+demo: $(STAMP_DEMO)
+	$(VENV)/bin/neurodyn demo spiral $(DEMO_ARGS)
+
+test: $(STAMP_TEST)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP_TEST)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: $(STAMP_BENCH)
+	$(PY) benchmarks/bench_core.py
+
+clean:
+	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache

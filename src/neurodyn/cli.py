@@ -1,0 +1,84 @@
+"""The ``neurodyn`` command line.
+
+    neurodyn demo --help            list the demos
+    neurodyn demo spiral [--out DIR] [--iters N] [--seed S] ...
+    python -m neurodyn demo spiral  (same thing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from neurodyn import demos
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return "unknown"
+    try:
+        return version("neurodyn")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser.  Only the demo named in ``argv`` (if any) is imported, to add its options:
+    listing the demos stays fast and does not depend on any one demo's imports."""
+    argv = list(argv) if argv is not None else []
+    selected = argv[1] if argv[:1] == ["demo"] and len(argv) > 1 else None
+
+    parser = argparse.ArgumentParser(
+        prog="neurodyn",
+        description="neurodyn: neural differential equations in PyTorch.",
+    )
+    parser.add_argument("--version", action="version", version=f"neurodyn {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    listing = "\n".join(f"  {name:<12s}{desc}" for name, (_, desc) in sorted(demos.DEMOS.items()))
+    demo = commands.add_parser(
+        "demo",
+        help="run a demo (see `neurodyn demo --help`)",
+        description="Run a demo. Available demos:\n" + listing,
+        epilog="`neurodyn demo NAME --help` shows the options of one demo.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.set_defaults(demo_parser=demo)
+    which = demo.add_subparsers(dest="demo", metavar="NAME", title="demos")
+    for name, (_, desc) in sorted(demos.DEMOS.items()):
+        if name == selected:
+            module = demos.load(name)
+            sub = which.add_parser(name, help=desc, description=module.__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+            module.add_arguments(sub)
+        else:
+            which.add_parser(name, help=desc, description=desc)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``neurodyn`` console script; returns the exit status."""
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "demo":
+        if args.demo is None:
+            args.demo_parser.print_help()
+            return 2
+        try:
+            return int(demos.load(args.demo).run(args) or 0)
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

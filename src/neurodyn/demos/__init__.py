@@ -1,0 +1,42 @@
+"""Runnable demos: ``neurodyn demo <name>`` (or ``python -m neurodyn demo <name>``).
+
+Each demo is a module in this package with ``NAME``, ``DESCRIPTION``, ``add_arguments(parser)`` and
+``run(args) -> int``.  The registry below lists them without importing them (so ``--help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# name -> (module, one-line description)
+DEMOS: dict[str, tuple[str, str]] = {
+    "digits": (
+        "neurodyn.demos.digits",
+        "ODE-Net vs ResNet vs RK-Net on scikit-learn's 8x8 digits (accuracy, NFE, memory, adaptive NFE)",
+    ),
+    "spiral": (
+        "neurodyn.demos.spiral",
+        "fit a Neural ODE to the 2-d cubic spiral dz/dt = A z^3 (plots + metrics.json)",
+    ),
+    "circles": (
+        "neurodyn.demos.circles",
+        "nested rings and the 1-d map g(-1)=1, g(1)=-1: Neural ODE vs Augmented Neural ODE (accuracy, NFE)",
+    ),
+    "pendulum": (
+        "neurodyn.demos.pendulum",
+        "fit a Neural ODE to a damped pendulum observed noisily at irregular times; extrapolate",
+    ),
+}
+
+
+def load(name: str) -> ModuleType:
+    """Import the module of demo ``name``."""
+    try:
+        module, _ = DEMOS[name]
+    except KeyError:
+        raise KeyError(f"unknown demo {name!r}; available: {', '.join(sorted(DEMOS))}") from None
+    return importlib.import_module(module)
+
+
+__all__ = ["DEMOS", "load"]

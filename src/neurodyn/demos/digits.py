@@ -1,0 +1,688 @@
+"""ODE-Net vs ResNet vs RK-Net on the 8x8 handwritten digits that ship with scikit-learn.
+
+The data: ``sklearn.datasets.load_digits`` (1797 grey 8x8 images, 10 classes; bundled with scikit-learn, so
+nothing is downloaded), scaled to [0, 1], split once by a seeded stratified split into 1437 training and 360
+test images.
+
+Three classifiers share a downsampling conv stem (1x8x8 -> Cx4x4) and a head (GroupNorm, ReLU, global
+average pool, linear); they differ only in the feature block between them, built from one vector field
+``f(t, h)`` as in the Neural ODE paper (Chen et al. 2018): GroupNorm, ReLU, 3x3 conv with the time as an
+extra input channel, GroupNorm, ReLU, 3x3 conv with time channel, GroupNorm.
+
+* ``odenet``: ``h(1) = h(0) + int_0^1 f(t, h) dt`` with ONE shared ``f``, solved by ``neurodyn.NeuralODE``
+  (adaptive ``dopri5``, ``rtol = atol = 1e-3``, gradient ``"direct"`` by default).
+* ``resnet``: ``N = 6`` separate residual layers ``h <- h + f_k(k / N, h)``, each with its own weights
+  (about 6x the block's parameters).
+* ``rknet``: the same single ``f`` integrated by fixed-step ``rk4`` (neurodyn's ``rk4`` is Kutta's 3/8 rule,
+  as torchdiffeq's; step 0.25: 4 steps, 16 evaluations), gradient by backpropagation through the steps.
+
+Reported per model (``metrics.json``): test accuracy, parameter count, vector-field evaluations (NFE) per
+forward and per backward pass of one training batch (mean over training; "direct" backprop replays the
+recorded graph and calls ``f`` zero times, so its backward NFE is 0), peak memory and training time.  Peak
+memory is the rise of the process's peak resident set size (``VmHWM``, reset through
+``/proc/self/clear_refs`` before each model, after ``malloc_trim``; ``resource.getrusage`` max RSS where that
+is unavailable) over the resident size at the start of that model's training.  RSS on CPU is coarse (allocator
+caching, page granularity, other allocations in the process), so ``extras.autograd_saved_mb`` also gives the
+bytes autograd keeps for the backward pass of one training batch, counted exactly with
+``torch.autograd.graph.saved_tensors_hooks``.
+
+Adaptive computation (ODE-Net): each test image is solved alone, and its NFE is set against its
+classification margin (top-1 minus top-2 logit), at the training tolerance and again at ``rtol = atol = 1e-5``
+(dopri5 spends 6 evaluations per step, so at 1e-3 the NFE only takes two or three values); the Spearman rank
+correlation is reported.  A tolerance
+sweep (``rtol = atol`` from 1e-1 to 1e-5) gives test accuracy, mean NFE and wall time per test batch.
+
+Default budget: 10 epochs of each model, float32, one torch thread; about 1.5-2 minutes on two shared CPU
+cores.  Everything is seeded (split, initialisation, batch order), so accuracies and NFE repeat exactly;
+times do not.
+
+Outputs (in ``--out``, default ``runs/digits``): ``metrics.json``, ``nfe_vs_margin.png``,
+``tolerance_sweep.png`` and ``training_curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import json
+import math
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import neurodyn
+from neurodyn.progress import Progress
+
+NAME = "digits"
+DESCRIPTION = "ODE-Net vs ResNet vs RK-Net on scikit-learn's 8x8 digits (accuracy, NFE, memory, adaptive NFE)"
+
+MODELS = ("odenet", "resnet", "rknet")
+METRIC_KEYS = ("test_accuracy", "params", "nfe_forward", "nfe_backward", "peak_memory_mb", "train_seconds")
+SWEEP_RTOLS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- config
+@dataclass
+class DigitsConfig:
+    out: str = "runs/digits"
+    epochs: int = 10
+    seed: int = 0
+    quick: bool = False
+    width: int = 32
+    groups: int = 8
+    batch_size: int = 64
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    method: str = "dopri5"
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    gradient: str = "direct"
+    resnet_blocks: int = 6
+    rk_step: float = 0.25
+    test_size: int = 360
+    eval_batch: int = 120
+    threads: int = 1
+    plots: bool = True
+    train_limit: int = 0  # > 0: use only this many training images (the --quick smoke run)
+    adaptive_limit: int = 0  # > 0: solve only this many test images one by one
+    adaptive_tight_rtol: float = 1e-5  # the per-image NFE study is repeated at this rtol = atol
+    sweep_rtols: tuple[float, ...] = SWEEP_RTOLS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DigitsConfig()
+    parser.add_argument("--out", default=d.out, metavar="DIR", help=f"output directory (default: {d.out})")
+    parser.add_argument("--epochs", type=int, default=None, metavar="N",
+                        help=f"training epochs per model (default: {d.epochs}; 2 with --quick)")
+    parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 320 training images, width 8, 2 epochs, 24 images in the per-image NFE "
+                             "study (seconds; the accuracies mean nothing)")
+    parser.add_argument("--width", type=int, default=None, metavar="C",
+                        help=f"channels of the feature block (default: {d.width})")
+    parser.add_argument("--method", default=d.method, help=f"ODE-Net solver (default: {d.method})")
+    parser.add_argument("--rtol", type=float, default=d.rtol, help=f"ODE-Net rtol (default: {d.rtol:g})")
+    parser.add_argument("--atol", type=float, default=d.atol, help=f"ODE-Net atol (default: {d.atol:g})")
+    parser.add_argument("--gradient", default=d.gradient, choices=("direct", "adjoint", "checkpoint"),
+                        help=f"ODE-Net gradient method (default: {d.gradient})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr:g})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+                        help=f"training batch size (default: {d.batch_size})")
+    parser.add_argument("--threads", type=int, default=d.threads,
+                        help=f"torch CPU threads (default: {d.threads}: these convolutions are tiny, and on a "
+                             "busy 2-core machine a second OpenMP thread made training 5-30x slower)")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+
+
+def config_from_args(args: argparse.Namespace) -> DigitsConfig:
+    names = {f.name for f in fields(DigitsConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    cfg = DigitsConfig(**kw)
+    if cfg.quick:
+        cfg.epochs = kw.get("epochs", 2)
+        cfg.width = kw.get("width", 8)
+        cfg.groups = min(cfg.groups, cfg.width)
+        cfg.train_limit = 320
+        cfg.test_size = 360
+        cfg.eval_batch = 120
+        cfg.adaptive_limit = 24
+        cfg.sweep_rtols = (1e-1, 1e-3)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------- data
+def load_data(cfg: DigitsConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_train, y_train, x_test, y_test)``: float32 images (N, 1, 8, 8) in [0, 1], int64 labels."""
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise SystemExit(f"the digits demo needs scikit-learn: pip install neurodyn[demo] ({exc})") from exc
+    digits = load_digits()
+    x = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]  # pixel values are 0..16
+    y = digits.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=cfg.test_size, stratify=y, random_state=cfg.seed)
+    if cfg.train_limit:
+        x_tr, y_tr = x_tr[: cfg.train_limit], y_tr[: cfg.train_limit]
+    return torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_te), torch.from_numpy(y_te)
+
+
+
+# ----------------------------------------------------------------------------------------------- models
+class ConcatConv2d(nn.Module):
+    """3x3 convolution that sees the time ``t`` as one extra constant input channel."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin + 1, cout, 3, padding=1)
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        tt = torch.ones_like(x[:, :1]) * t.to(x.dtype)
+        return self.conv(torch.cat([tt, x], 1))
+
+
+class ConvODEFunc(nn.Module):
+    """The vector field ``f(t, h)``: GN, ReLU, tconv, GN, ReLU, tconv, GN (the Neural ODE paper's block)."""
+
+    def __init__(self, width: int, groups: int = 8):
+        super().__init__()
+        g = min(groups, width)
+        self.norm1 = nn.GroupNorm(g, width)
+        self.conv1 = ConcatConv2d(width, width)
+        self.norm2 = nn.GroupNorm(g, width)
+        self.conv2 = ConcatConv2d(width, width)
+        self.norm3 = nn.GroupNorm(g, width)
+
+    def forward(self, t: Tensor, h: Tensor) -> Tensor:
+        out = self.conv1(t, F.relu(self.norm1(h)))
+        out = self.conv2(t, F.relu(self.norm2(out)))
+        return self.norm3(out)
+
+
+class ResBlocks(nn.Module):
+    """``N`` separate residual layers ``h <- h + f_k(k / N, h)`` (the same block, unshared weights)."""
+
+    def __init__(self, width: int, groups: int, n: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(ConvODEFunc(width, groups) for _ in range(n))
+        self.nfe_forward = 0
+        self.nfe_backward = 0  # backprop replays the graph: no block calls
+
+    def forward(self, h: Tensor) -> Tensor:
+        n = len(self.blocks)
+        for k, f in enumerate(self.blocks):
+            h = h + f(torch.tensor(k / n), h)
+        self.nfe_forward = n
+        return h
+
+
+def make_stem(width: int, groups: int) -> nn.Module:
+    """1x8x8 -> width x 4x4."""
+    g = min(groups, width)
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1), nn.GroupNorm(g, width), nn.ReLU(),
+        nn.Conv2d(width, width, 4, stride=2, padding=1),
+    )
+
+
+def make_head(width: int, groups: int) -> nn.Module:
+    return nn.Sequential(
+        nn.GroupNorm(min(groups, width), width), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(width, 10),
+    )
+
+
+class Classifier(nn.Module):
+    """stem -> feature block -> head; ``block`` exposes ``nfe_forward`` / ``nfe_backward``."""
+
+    def __init__(self, block: nn.Module, width: int, groups: int):
+        super().__init__()
+        self.stem = make_stem(width, groups)
+        self.block = block
+        self.head = make_head(width, groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.block(self.stem(x)))
+
+
+def build_model(kind: str, cfg: DigitsConfig) -> Classifier:
+    w, g = cfg.width, cfg.groups
+    if kind == "odenet":
+        block: nn.Module = neurodyn.NeuralODE(ConvODEFunc(w, g), t=(0.0, 1.0), method=cfg.method, rtol=cfg.rtol,
+                                              atol=cfg.atol, gradient=cfg.gradient)
+    elif kind == "resnet":
+        block = ResBlocks(w, g, cfg.resnet_blocks)
+    elif kind == "rknet":
+        block = neurodyn.NeuralODE(ConvODEFunc(w, g), t=(0.0, 1.0), method="rk4", step_size=cfg.rk_step,
+                                   gradient="direct")
+    else:
+        raise ValueError(f"unknown model {kind!r}; expected one of {MODELS}")
+    return Classifier(block, w, g)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------- memory
+_LIBC: Any = None
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the OS (glibc), so one model's cache does not hide the next one's."""
+    global _LIBC
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - non-glibc platforms
+        _LIBC = False
+
+
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):  # pragma: no cover - non-Linux
+        return None
+    return None
+
+
+class PeakRSS:
+    """Peak resident set size reached inside a ``with`` block, minus the resident size at its start (MB).
+
+    Linux: the high-water mark ``VmHWM`` is reset by writing 5 to ``/proc/self/clear_refs``.  Elsewhere:
+    ``resource.getrusage`` max RSS, which never goes down (so later blocks can only report a rise above
+    the earlier peak).
+    """
+
+    def __enter__(self) -> PeakRSS:
+        gc.collect()
+        _malloc_trim()
+        self.method = "ru_maxrss"
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            if _proc_status_kb("VmHWM") is not None:
+                self.method = "VmHWM (reset via /proc/self/clear_refs)"
+        except OSError:  # pragma: no cover - non-Linux or restricted /proc
+            pass
+        self.start_kb = _proc_status_kb("VmRSS") if self.method != "ru_maxrss" else self._maxrss_kb()
+        return self
+
+    @staticmethod
+    def _maxrss_kb() -> int:
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r // 1024 if sys.platform == "darwin" else r  # bytes on macOS, kB on Linux
+
+    def __exit__(self, *exc: object) -> None:
+        peak = _proc_status_kb("VmHWM") if self.method != "ru_maxrss" else self._maxrss_kb()
+        self.mb = max(0, (peak or 0) - (self.start_kb or 0)) / 1024.0
+
+
+def autograd_saved_mb(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Bytes (MB) autograd saves for the backward pass of one batch, each tensor storage counted once."""
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        try:
+            key = t.untyped_storage().data_ptr()
+            size = t.untyped_storage().nbytes()
+        except RuntimeError:  # pragma: no cover - tensors without storage
+            key, size = id(t), t.numel() * t.element_size()
+        if key not in seen:
+            seen.add(key)
+            total += size
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return total / 2**20
+
+
+# ------------------------------------------------------------------------------------------------- train
+def train_model(kind: str, model: Classifier, data: tuple[Tensor, ...], cfg: DigitsConfig,
+                stream: Any) -> dict[str, Any]:
+    x_tr, y_tr, x_te, y_te = data
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    n = x_tr.shape[0]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.2)
+    nfe_f: list[int] = []
+    nfe_b: list[int] = []
+    epoch_loss: list[float] = []
+    epoch_test_acc: list[float] = []
+    bar = Progress(total, desc=f"{kind:>6s}", stream=stream)
+    eval_seconds = 0.0
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        for _ in range(cfg.epochs):
+            model.train()
+            perm = torch.randperm(n, generator=gen)
+            run_loss = 0.0
+            for i in range(steps_per_epoch):
+                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+                nfe_f.append(model.block.nfe_forward)
+                loss.backward()
+                nfe_b.append(model.block.nfe_backward)
+                opt.step()
+                sched.step()
+                value = loss.item()
+                if not math.isfinite(value):
+                    bar.close()
+                    raise RuntimeError(f"{kind}: training diverged (loss={value}); try a lower --lr")
+                run_loss += value * idx.numel()
+                bar.update(loss=value, nfe=nfe_f[-1])
+            epoch_loss.append(run_loss / n)
+            e0 = time.perf_counter()
+            epoch_test_acc.append(accuracy(model, x_te, y_te, cfg.eval_batch))
+            eval_seconds += time.perf_counter() - e0
+        train_seconds = time.perf_counter() - t0 - eval_seconds  # the per-epoch test evaluations excluded
+    bar.close()
+    saved = autograd_saved_mb(model, x_tr[: cfg.batch_size], y_tr[: cfg.batch_size])
+    acc = accuracy(model, x_te, y_te, cfg.eval_batch)
+    result = {
+        "test_accuracy": acc,
+        "params": n_params(model),
+        "nfe_forward": float(np.mean(nfe_f)) if nfe_f else 0.0,
+        "nfe_backward": float(np.mean(nfe_b)) if nfe_b else 0.0,
+        "peak_memory_mb": mem.mb,
+        "train_seconds": train_seconds,
+        "extras": {
+            "block_params": n_params(model.block),
+            "nfe_forward_max": int(max(nfe_f)) if nfe_f else 0,
+            "nfe_backward_max": int(max(nfe_b)) if nfe_b else 0,
+            "autograd_saved_mb": saved,
+            "peak_memory_method": mem.method,
+            "epoch_train_loss": epoch_loss,
+            "epoch_test_accuracy": epoch_test_acc,
+            "train_steps": total,
+            "block": _describe_block(kind, cfg),
+        },
+    }
+    print(f"{kind}: test accuracy {acc:.4f}, {result['params']} params, NFE fwd {result['nfe_forward']:.1f} "
+          f"bwd {result['nfe_backward']:.1f}, peak RSS +{mem.mb:.1f} MB (autograd saves {saved:.1f} MB/batch), "
+          f"{train_seconds:.1f}s", file=stream)
+    return result
+
+
+def _describe_block(kind: str, cfg: DigitsConfig) -> str:
+    if kind == "odenet":
+        return f"NeuralODE({cfg.method}, rtol={cfg.rtol:g}, atol={cfg.atol:g}, gradient={cfg.gradient})"
+    if kind == "resnet":
+        return f"{cfg.resnet_blocks} residual layers h + f_k(k/N, h)"
+    return f"NeuralODE(rk4, step_size={cfg.rk_step:g}, gradient=direct)"
+
+
+def warm_up(cfg: DigitsConfig, x: Tensor, y: Tensor) -> None:
+    """One training step of a throwaway copy of each model, so that one-time allocations (kernel caches,
+    the autograd engine) are not charged to the first model's peak memory."""
+    for kind in MODELS:
+        model = build_model(kind, cfg)
+        F.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            model.eval()
+            model(x[:1])
+    gc.collect()
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, x: Tensor, batch: int) -> Tensor:
+    model.eval()
+    return torch.cat([model(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> float:
+    return float((logits_of(model, x, batch).argmax(1) == y).float().mean())
+
+
+# ------------------------------------------------------------------------------------ adaptive computation
+def spearman(a: Any, b: Any) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
+    def ranks(v: Any) -> Any:
+        v = np.asarray(v, dtype=np.float64)
+        order = np.argsort(v, kind="mergesort")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=np.float64)
+        _, inv, counts = np.unique(v, return_inverse=True, return_counts=True)
+        sums = np.bincount(inv, weights=r)
+        return sums[inv] / counts[inv]
+
+    ra, rb = ranks(a), ranks(b)
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@torch.no_grad()
+def per_input_nfe(model: Classifier, x: Tensor, y: Tensor, tol: float | None = None) -> dict[str, Any]:
+    """Solve each input alone (the error norm of a batched solve is shared by the whole batch): its NFE,
+    margin (top-1 minus top-2 logit) and correctness; at ``rtol = atol = tol`` if given."""
+    model.eval()
+    block = model.block
+    saved = (block.rtol, block.atol)
+    if tol is not None:
+        block.rtol = block.atol = tol
+    nfe, margin, correct = [], [], []
+    t0 = time.perf_counter()
+    try:
+        for i in range(x.shape[0]):
+            logits = model(x[i:i + 1])[0]
+            nfe.append(int(block.nfe_forward))
+            top2 = logits.topk(2).values
+            margin.append(float(top2[0] - top2[1]))
+            correct.append(bool(int(logits.argmax()) == int(y[i])))
+        rtol, atol = block.rtol, block.atol
+    finally:
+        block.rtol, block.atol = saved
+    seconds = time.perf_counter() - t0
+    nfe_a = np.asarray(nfe, dtype=np.float64)
+    ok = np.asarray(correct)
+    return {
+        "rtol": rtol,
+        "atol": atol,
+        "n_inputs": len(nfe),
+        "nfe": nfe,
+        "margin": margin,
+        "correct": correct,
+        "spearman_nfe_vs_margin": spearman(nfe, margin),
+        "nfe_mean": float(nfe_a.mean()),
+        "nfe_min": int(nfe_a.min()),
+        "nfe_max": int(nfe_a.max()),
+        "nfe_mean_correct": float(nfe_a[ok].mean()) if ok.any() else float("nan"),
+        "nfe_mean_wrong": float(nfe_a[~ok].mean()) if (~ok).any() else float("nan"),
+        "nfe_histogram": {str(k): int(v) for k, v in zip(*np.unique(nfe_a.astype(int), return_counts=True))},
+        "seconds": seconds,
+    }
+
+
+@torch.no_grad()
+def tolerance_sweep(model: Classifier, x: Tensor, y: Tensor, cfg: DigitsConfig) -> list[dict[str, Any]]:
+    """Test accuracy, mean NFE and wall time per test batch of the trained ODE-Net at each ``rtol = atol``."""
+    block = model.block
+    saved = (block.rtol, block.atol)
+    rows = []
+    model.eval()
+    try:
+        for tol in cfg.sweep_rtols:
+            block.rtol, block.atol = tol, tol
+            preds, nfes, walls = [], [], []
+            for i in range(0, x.shape[0], cfg.eval_batch):
+                t0 = time.perf_counter()
+                logits = model(x[i:i + cfg.eval_batch])
+                walls.append(time.perf_counter() - t0)
+                nfes.append(block.nfe_forward)
+                preds.append(logits.argmax(1))
+            acc = float((torch.cat(preds) == y).float().mean())
+            rows.append({"rtol": tol, "atol": tol, "test_accuracy": acc, "nfe_per_batch": float(np.mean(nfes)),
+                         "wall_ms_per_batch": 1e3 * float(np.mean(walls)), "batch_size": cfg.eval_batch})
+    finally:
+        block.rtol, block.atol = saved
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------- run
+def train(cfg: DigitsConfig, *, stream: Any = None) -> dict[str, Any]:
+    """Run the whole demo; return the metrics dict (also written to ``<out>/metrics.json``)."""
+    stream = stream if stream is not None else sys.stdout
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    wall0 = time.perf_counter()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, cfg.threads))
+    try:
+        data = load_data(cfg)
+        x_tr, y_tr, x_te, y_te = data
+        print(f"neurodyn demo digits: {x_tr.shape[0]} train / {x_te.shape[0]} test images, {cfg.epochs} epochs, "
+              f"width {cfg.width}, ODE-Net {cfg.method} rtol={cfg.rtol:g} atol={cfg.atol:g} "
+              f"gradient={cfg.gradient}, seed={cfg.seed}, out={out}", file=stream)
+        warm_up(cfg, x_tr[: cfg.batch_size], y_tr[: cfg.batch_size])
+        metrics: dict[str, Any] = {}
+        models: dict[str, Classifier] = {}
+        for kind in MODELS:
+            torch.manual_seed(cfg.seed)
+            models[kind] = build_model(kind, cfg)
+            metrics[kind] = train_model(kind, models[kind], data, cfg, stream)
+
+        odenet = models["odenet"]
+        x_ad, y_ad = x_te, y_te
+        if cfg.adaptive_limit:
+            x_ad, y_ad = x_te[: cfg.adaptive_limit], y_te[: cfg.adaptive_limit]
+        adaptive = per_input_nfe(odenet, x_ad, y_ad)
+        adaptive_tight = per_input_nfe(odenet, x_ad, y_ad, tol=cfg.adaptive_tight_rtol)
+        for a in (adaptive, adaptive_tight):
+            print(f"adaptive computation at rtol=atol={a['rtol']:g}: NFE per test image {a['nfe_min']}..{a['nfe_max']} "
+                  f"(mean {a['nfe_mean']:.1f}; correct {a['nfe_mean_correct']:.1f}, misclassified "
+                  f"{a['nfe_mean_wrong']:.1f}); Spearman(NFE, margin) = {a['spearman_nfe_vs_margin']:.3f}", file=stream)
+        sweep = tolerance_sweep(odenet, x_te, y_te, cfg)
+        for row in sweep:
+            print(f"  rtol {row['rtol']:.0e}: accuracy {row['test_accuracy']:.4f}, NFE/batch "
+                  f"{row['nfe_per_batch']:.1f}, {row['wall_ms_per_batch']:.1f} ms/batch", file=stream)
+
+        plots: list[str] = []
+        if cfg.plots:
+            plots = _make_plots(cfg, out, metrics, [adaptive, adaptive_tight], sweep, stream)
+        metrics["extras"] = {
+            "adaptive": adaptive,
+            "adaptive_tight": adaptive_tight,
+            "tolerance_sweep": sweep,
+            "wall_seconds": None,  # filled in below, just before writing
+            "data": {"train": int(x_tr.shape[0]), "test": int(x_te.shape[0]), "image": [1, 8, 8],
+                     "source": "sklearn.datasets.load_digits, stratified train_test_split(random_state=seed)"},
+            "config": asdict(cfg),
+            "torch_version": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "python_version": platform.python_version(),
+            "machine": platform.machine(),
+            "plots": plots,
+        }
+    finally:
+        torch.set_num_threads(old_threads)
+
+    wall = time.perf_counter() - wall0
+    metrics["extras"]["wall_seconds"] = wall
+    (out / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n")
+    print(f"done in {wall:.1f}s; wrote {out / 'metrics.json'}" + "".join(f", {p}" for p in plots), file=stream)
+    print(format_table(metrics), file=stream)
+    return metrics
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN / inf (e.g. a Spearman correlation of a constant NFE) become null: metrics.json stays strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    head = "| model | test acc | params | NFE fwd | NFE bwd | peak RSS (MB) | autograd saved (MB) | train (s) |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for kind in MODELS:
+        m = metrics[kind]
+        lines.append(f"| {kind} | {m['test_accuracy']:.4f} | {m['params']} | {m['nfe_forward']:.1f} | "
+                     f"{m['nfe_backward']:.1f} | {m['peak_memory_mb']:.1f} | {m['extras']['autograd_saved_mb']:.1f} "
+                     f"| {m['train_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def _make_plots(cfg: DigitsConfig, out: Path, metrics: dict[str, Any], adaptive: list[dict[str, Any]],
+                sweep: list[dict[str, Any]], stream: Any) -> list[str]:
+    try:
+        from neurodyn import viz
+        from neurodyn.viz import _figure, _save
+    except ImportError as exc:  # pragma: no cover
+        print(f"skipping plots: {exc}", file=stream)
+        return []
+    try:
+        paths = []
+        # NFE vs margin, one panel per tolerance
+        fig = _figure((5.2 * len(adaptive), 4.2))
+        axes = np.atleast_1d(fig.subplots(1, len(adaptive)))
+        rng = np.random.default_rng(cfg.seed)
+        for ax, a in zip(axes, adaptive):
+            nfe = np.asarray(a["nfe"], dtype=float)
+            margin = np.asarray(a["margin"])
+            ok = np.asarray(a["correct"], dtype=bool)
+            nfe = nfe + rng.uniform(-0.4, 0.4, nfe.shape)  # NFE moves in whole steps: jitter to show density
+            ax.scatter(margin[ok], nfe[ok], s=12, alpha=0.5, color="C0", label="correct")
+            if (~ok).any():
+                ax.scatter(margin[~ok], nfe[~ok], s=30, marker="x", color="C3", label="misclassified")
+            ax.set_xlabel("margin: top-1 minus top-2 logit")
+            ax.set_ylabel("NFE, this test image solved alone (jittered)")
+            ax.set_title(f"{cfg.method}, rtol = atol = {a['rtol']:g}: Spearman {a['spearman_nfe_vs_margin']:.2f}",
+                         fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle("ODE-Net adaptive computation: NFE per test image vs margin", fontsize=10)
+        paths.append(_save(fig, out / "nfe_vs_margin.png"))
+        # tolerance sweep
+        fig = _figure((9.0, 3.6))
+        ax1, ax2 = fig.subplots(1, 2)
+        tol = [r["rtol"] for r in sweep]
+        ax1.semilogx(tol, [r["test_accuracy"] for r in sweep], "o-", color="C0")
+        ax1.set_xlabel("rtol = atol")
+        ax1.set_ylabel("test accuracy")
+        ax1.invert_xaxis()
+        ax1b = ax1.twinx()
+        ax1b.semilogx(tol, [r["nfe_per_batch"] for r in sweep], "s--", color="C1")
+        ax1b.set_ylabel("NFE per test batch", color="C1")
+        ax1.grid(alpha=0.3)
+        ax2.plot([r["wall_ms_per_batch"] for r in sweep], [r["test_accuracy"] for r in sweep], "o-", color="C2")
+        for r in sweep:
+            ax2.annotate(f"{r['rtol']:.0e}", (r["wall_ms_per_batch"], r["test_accuracy"]), fontsize=7,
+                         textcoords="offset points", xytext=(3, 3))
+        ax2.set_xlabel(f"wall ms per test batch of {cfg.eval_batch}")
+        ax2.set_ylabel("test accuracy")
+        ax2.grid(alpha=0.3)
+        fig.suptitle("ODE-Net tolerance sweep: speed vs accuracy", fontsize=10)
+        paths.append(_save(fig, out / "tolerance_sweep.png"))
+        # training curves
+        fig = _figure((9.0, 3.4))
+        ax1, ax2 = fig.subplots(1, 2)
+        for i, kind in enumerate(MODELS):
+            ex = metrics[kind]["extras"]
+            ep = np.arange(1, len(ex["epoch_train_loss"]) + 1)
+            ax1.semilogy(ep, ex["epoch_train_loss"], "o-", color=f"C{i}", label=kind)
+            if ex["epoch_test_accuracy"]:
+                ax2.plot(ep, ex["epoch_test_accuracy"], "o-", color=f"C{i}", label=kind)
+        ax1.set_xlabel("epoch")
+        ax1.set_ylabel("train cross-entropy")
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel("test accuracy")
+        for a in (ax1, ax2):
+            a.grid(alpha=0.3)
+            a.legend(fontsize=8)
+        paths.append(_save(fig, out / "training_curves.png"))
+    except viz.MissingMatplotlib as exc:
+        print(f"skipping plots: {exc}", file=sys.stderr)
+        return []
+    return [str(p) for p in paths]
+
+
+def run(args: argparse.Namespace) -> int:
+    train(config_from_args(args))
+    return 0
