@@ -15,6 +15,7 @@ from .gradients import GRADIENTS, GradientOptions, check_hidden_tensors, find_pa
 from .integrate import LoopConfig, real_dtype
 from .solution import Solution
 from .solvers import get_solver
+from .solvers.explicit_rk import ExplicitRungeKutta
 
 INTERPOLATIONS = ("auto", "hermite", "linear")
 
@@ -280,6 +281,16 @@ def solve(
         raise InputError("norm must be callable: norm(scaled_error) -> scalar tensor.")
     if event_fn is not None and not callable(event_fn):
         raise InputError("event_fn must be callable as event_fn(t, y).")
+    # Method families with constraints of their own (flags carried by the steppers).
+    if getattr(solver, "symplectic", False) and gradient in ("adjoint", "interpolated") and adjoint_method is None:
+        adjoint_method = "rk4"  # the adjoint state is not a (q, p) pair: integrate it with a general method
+    if getattr(solver, "multistep", False) and gradient == "checkpoint":
+        raise InputError(f"gradient='checkpoint' replays steps from checkpoints, which a multistep method "
+                         f"({method!r}) cannot do without its history: use gradient='direct' or 'adjoint'.")
+    if per_sample_steps and not hasattr(solver, "step_rows"):
+        raise InputError(f"per_sample_steps supports the explicit Runge-Kutta methods, not {method!r}.")
+    if compile and not isinstance(solver, ExplicitRungeKutta):
+        compile = False  # only explicit Runge-Kutta steps are compiled; other families run eagerly
     if adjoint_method is not None:
         get_solver(adjoint_method)
     for name, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
