@@ -111,7 +111,7 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
     """
     t0, t_end = times[0], times[-1]
     direction = 1.0 if t_end > t0 else -1.0
-    if not bool(torch.isfinite(k0.detach()).all()):
+    if not vmapped(k0) and not bool(torch.isfinite(k0.detach()).all()):
         return LoopResult(outs=[y0], status=_sol.NON_FINITE, t_final=t0, y_final=y0, steps=0, rejected=0,
                           initial_step=0.0, last_step=0.0, records=[],
                           message=(f"NaN/inf in the derivative func(t0, y0) at the initial time t={t0:.6g}: "
@@ -329,8 +329,19 @@ def step_outputs(solver: ExplicitRungeKutta, term: ODETerm, st: Step, co, interp
     return j
 
 
+def vmapped(x: Tensor) -> bool:
+    """True inside ``torch.func.vmap`` (a batched tensor): no host-side decision may read its values."""
+    ft = torch._C._functorch
+    while ft.is_functorch_wrapped_tensor(x):  # e.g. jacrev inside vmap: a grad wrapper around a batched one
+        if ft.is_batchedtensor(x):
+            return True
+        x = ft.get_unwrapped(x)
+    return False
+
+
 def fixed_bad(y: Tensor) -> bool:
-    return not bool(torch.isfinite(y.detach()).all())
+    """Non-finite values in a fixed-step state (skipped under vmap, where values cannot reach the host)."""
+    return not vmapped(y) and not bool(torch.isfinite(y.detach()).all())
 
 
 def _locate_event(term: ODETerm, solver: ExplicitRungeKutta, st: Step, co, cfg: LoopConfig,

@@ -12,7 +12,7 @@ from torch import Tensor
 from .control import PIDController
 from .errors import InputError
 from .gradients import GRADIENTS, GradientOptions, check_hidden_tensors, find_params
-from .integrate import LoopConfig, real_dtype
+from .integrate import LoopConfig, real_dtype, vmapped
 from .solution import Solution
 from .solvers import get_solver
 from .solvers.explicit_rk import ExplicitRungeKutta
@@ -244,9 +244,13 @@ def solve(
             validate_times(row, y0)
     else:
         t = validate_times(t, y0)
-    if not bool(torch.isfinite(y0.detach()).all()):
+    if not vmapped(y0) and not bool(torch.isfinite(y0.detach()).all()):
         raise InputError("y0 contains NaN or inf.")
     solver = get_solver(method)
+    if vmapped(y0) and solver.adaptive and step_size is None:
+        raise InputError("torch.func.vmap over an adaptive solve is not possible: the step sizes are host-side "
+                         "decisions on the values. Use per_sample_steps=True (each sample its own steps) or a "
+                         "fixed-step method (e.g. method='rk4', step_size=h) under vmap.")
     if gradient not in GRADIENTS:
         raise InputError(f"unknown gradient method {gradient!r}; valid: {', '.join(sorted(GRADIENTS))}.")
     if on_failure not in ("raise", "return"):

@@ -17,12 +17,27 @@ OUTPUTS = ("final", "trajectory", "solution")
 
 
 def _takes_time(func: Callable) -> bool:
-    """True when ``func`` is called as ``func(t, z)``, False for ``func(z)``."""
+    """True when ``func`` is called as ``func(t, z)``, False for ``func(z)``.
+
+    Wrappers whose ``forward`` is ``(*args, **kwargs)`` are looked through: ``torch.compile``'s
+    ``OptimizedModule`` (``_orig_mod``), ``DistributedDataParallel`` / ``DataParallel`` (``module``).
+    A signature that cannot tell (uninspectable, or ``*args`` with fewer than two required positional
+    parameters) means the solver's own convention, ``f(t, z)``.
+    """
+    while isinstance(func, nn.Module):
+        inner = getattr(func, "_orig_mod", None)
+        if inner is None and isinstance(func, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = func.module
+        if not isinstance(inner, nn.Module):
+            break
+        func = inner
     target = func.forward if isinstance(func, nn.Module) else func
     try:
-        params = [p for p in inspect.signature(target).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+        sig = inspect.signature(target).parameters.values()
     except (TypeError, ValueError):
+        return True
+    params = [p for p in sig if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    if len(params) < 2 and any(p.kind is p.VAR_POSITIONAL for p in sig):
         return True
     return len(params) >= 2
 
