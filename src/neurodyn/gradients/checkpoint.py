@@ -98,24 +98,34 @@ class _CheckpointFunction(torch.autograd.Function):
                 out_i += 1
         g_params = [torch.zeros_like(p) for p in params]
         limit = log.limit
+        fsal = solver.fsal
 
-        def replay(j: int, y: Tensor, outs: list[Tensor] | None) -> Tensor:
+        def replay(j: int, y: Tensor, outs: list[Tensor] | None,
+                   k1: Tensor | None) -> tuple[Tensor, Tensor | None]:
+            """Step j again from y; returns (y1, the next step's first stage if FSAL gives it, else None).
+
+            Within a segment the first stage comes from the previous step's last (FSAL), as in the forward
+            loop, so the replayed graph is the direct method's; a segment start evaluates it afresh."""
             t, h, t1, nudge, k1_time = log.steps[j]
-            k1 = term(k1_time, y)
+            if k1 is None:
+                k1 = term(k1_time, y)
             y1, k, _ = solver.step(term, t, y, h, k1, co, nudge)
             if outs is not None:
                 step_outputs(solver, term, Step(t, h, y, y1, k), co, cfg.interp, times, first_out[j], t1,
                              direction, outs)
-            return y1
+            nxt = None
+            if fsal and j + 1 < len(log.steps) and log.steps[j + 1][4] == t1 and log.steps[j + 1][0] == t1:
+                nxt = k[-1].view(setup.shape)
+            return y1, nxt
 
         def backprop(j0: int, j1: int, y_start: Tensor, a_end: Tensor) -> Tensor:
             if j1 - j0 > _LEAF_STEPS:
                 stride = math.ceil((j1 - j0) / limit)
                 subs = {j0: y_start}
                 with torch.no_grad():
-                    y = y_start
+                    y, k1 = y_start, None
                     for j in range(j0, j1 - 1):
-                        y = replay(j, y, None)
+                        y, k1 = replay(j, y, None, k1)
                         if (j + 1 - j0) % stride == 0:
                             subs[j + 1] = y
                 keys = sorted(subs) + [j1]
@@ -124,11 +134,11 @@ class _CheckpointFunction(torch.autograd.Function):
                 return a_end
             with torch.enable_grad():
                 ys0 = y_start.detach().requires_grad_(True)
-                y = ys0
+                y, k1 = ys0, None
                 outs: list[Tensor] = []
                 idx0 = first_out[j0]
                 for j in range(j0, j1):
-                    y = replay(j, y, outs)
+                    y, k1 = replay(j, y, outs, k1)
                 roots = [y] + outs
                 grads = [a_end.view(1, -1)] + [grad_ys[idx0 + m].reshape(1, -1) for m in range(len(outs))]
                 res = torch.autograd.grad(roots, [ys0, *params], grads, allow_unused=True)
