@@ -409,6 +409,10 @@ def assemble(res: LoopResult, term: ODETerm, solver: ExplicitRungeKutta, cfg: Lo
         "last_step": res.last_step,
         "method": solver.name,
     }
+    # Implicit methods' Jacobians, factorisations and Newton iterations (copied: a backward solve with the
+    # same stepper would reset them).
+    if getattr(solver, "implicit", False) and isinstance(getattr(solver, "stats", None), dict):
+        stats.update(dict(solver.stats))
     dense_fn, span = None, None
     if cfg.record and res.records:
         dense_fn = _make_dense(term, solver, cfg, res.records, shape)

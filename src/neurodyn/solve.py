@@ -132,6 +132,7 @@ def solve(
     checkpoints: int = 16,
     compile: bool = False,
     per_sample_steps: bool = False,
+    solver_options: dict | None = None,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` and return the solution at the times ``t``.
 
@@ -202,6 +203,10 @@ def solve(
         accept/reject decisions, status and stats (``sol.sample_status``, ``stats["steps_per_sample"]``);
         ``t`` may then be ``(B, T)``: per-sample output times. ``func`` receives ``t`` as a ``(B,)`` tensor.
         Adaptive methods, ``gradient="direct"``.
+    solver_options : dict, optional
+        Options of the implicit methods (``radau``, ``kvaerno3/4/5``, ``trbdf2``, ...): ``jac`` (``"full"``,
+        ``"batched"`` for a block-diagonal Jacobian over independent batch rows, ``"fd"`` or a callable
+        ``jac(t, y)``), ``newton_tol``, ``max_newton_iter``, ``jac_rate``, ``refactor_ratio``.
     compile : bool
         Compile each step (vector field, stage combinations, error norm) into one graph with
         ``torch.compile``: far less Python overhead for small problems, after a one-off compilation
@@ -259,6 +264,14 @@ def solve(
         raise InputError(f"interp must be one of {INTERPOLATIONS}, got {interp!r}.")
     rtol_v = _check_tol("rtol", rtol, y0)
     atol_v = _check_tol("atol", atol, y0)
+    if getattr(solver, "implicit", False) and hasattr(solver, "bind") and (isinstance(method, str) or solver_options):
+        # Newton's convergence test is measured in the solve's own tolerances; solver_options (jac="batched",
+        # newton_tol, ...) configure a per-solve copy of the stepper.
+        opts = {"rtol": rtol_v, "atol": atol_v}
+        opts.update(solver_options or {})
+        solver = solver.bind(**opts)
+    elif solver_options:
+        raise InputError(f"solver_options are for the implicit methods; {method!r} takes none.")
     if isinstance(rtol_v, float) and isinstance(atol_v, float) and rtol_v == 0 and atol_v == 0 \
             and solver.adaptive and step_size is None:
         raise InputError("rtol and atol are both 0: an adaptive method needs a positive tolerance.")

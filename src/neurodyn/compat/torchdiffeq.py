@@ -23,6 +23,9 @@ FIXED_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb", "norm", "
                  "max_num_steps")
 
 _FIXED_INTERP = {"linear": "linear", "cubic": "hermite"}
+# Options of particular methods (torchdiffeq's names), passed to a configured stepper.
+METHOD_OPTIONS = {"explicit_adams": ("max_order",), "implicit_adams": ("max_order", "max_iters"),
+                  "adams": ("max_order",)}
 
 
 class _TupleState:
@@ -60,22 +63,26 @@ def _mixed_norm(parts: tuple[Tensor, ...]) -> Tensor:
     return torch.stack([p.abs().pow(2).mean().sqrt() for p in parts]).max()
 
 
-def _translate(method: str | None, options: dict | None, func, y0: Tensor, t: Tensor) -> tuple[str, dict]:
+def _translate(method: str | None, options: dict | None, func, y0: Tensor, t: Tensor, rtol: Any = 1e-7,
+               atol: Any = 1e-9) -> tuple[Any, dict]:
     if options is None:
         options = {}
     if method is None:
         method = "dopri5"
+    if method == "scipy_solver":
+        return method, dict(options)
     if method not in available_methods():
         raise InputError(f"unknown method {method!r}; valid methods: {', '.join(available_methods())}.")
     from ..solvers import get_solver
 
     adaptive = get_solver(method).adaptive
-    valid = ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS
+    valid = (ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS) + METHOD_OPTIONS.get(method, ())
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise InputError(f"unknown option(s) {unknown} for method {method!r}; valid options: {', '.join(valid)}.")
     kw: dict[str, Any] = {}
     o = dict(options)
+    stepper_opts = {k: o.pop(k) for k in METHOD_OPTIONS.get(method, ()) if k in o}
     if "dtype" in o:
         if not isinstance(o.pop("dtype"), torch.dtype):
             raise InputError("option dtype must be a torch.dtype.")
@@ -112,6 +119,13 @@ def _translate(method: str | None, options: dict | None, func, y0: Tensor, t: Te
             kw["step_t"] = torch.cat([kw.get("step_t", torch.zeros(0, dtype=torch.float64)),
                                       torch.as_tensor(grid).detach().reshape(-1).cpu().double()])
     assert not o, o
+    if method == "implicit_adams" or stepper_opts:
+        from ..solvers.adams import FixedAdams, VariableAdams
+
+        if method == "adams":
+            method = VariableAdams(**stepper_opts)
+        else:  # torchdiffeq's corrector iteration converges to odeint's rtol/atol
+            method = FixedAdams(implicit=method == "implicit_adams", rtol=rtol, atol=atol, **stepper_opts)
     return method, kw
 
 
@@ -141,7 +155,7 @@ def _prepare(func, y0, t, rtol, atol, method, options, event_fn):
         raise InputError(f"y0 must be a tensor or a tuple of tensors, got {type(y0).__name__}.")
     if t.is_floating_point() and (y0.is_floating_point() or y0.is_complex()):
         t = t.to(real_dtype(y0.dtype))  # torchdiffeq computes times in its own dtype
-    method, kw = _translate(method, options, func, y0, t)
+    method, kw = _translate(method, options, func, y0, t, rtol, atol)
     if tuple_state is not None:
         user_norm = kw.pop("norm", None)
         ts = tuple_state
@@ -170,12 +184,16 @@ def odeint(func: Callable, y0: Tensor | tuple[Tensor, ...], t: Tensor, *, rtol: 
     rtol, atol : float or Tensor
         Tolerances (tuples of them for tuple states).
     method : str, optional
-        torchdiffeq's method names (``dopri5`` by default) plus ``tsit5`` and ``ralston``.
+        torchdiffeq's method names (``dopri5`` by default; ``explicit_adams``/``implicit_adams`` with the
+        options ``max_order``, ``max_iters``; ``scipy_solver``) plus ``tsit5``, ``ralston``, ``adams``,
+        ``leapfrog``, ``yoshida4`` and ``semi_implicit_euler``.
     options : dict, optional
         torchdiffeq's options: ``step_size``, ``first_step``, ``max_num_steps``, ``min_step``,
         ``max_step``, ``step_t``/``grid_points``, ``jump_t``, ``perturb``, ``norm``, ``dtype``,
         ``safety``, ``ifactor``, ``dfactor`` (adaptive); ``step_size``, ``grid_constructor``,
-        ``interp`` (``"linear"``/``"cubic"``), ``perturb`` (fixed grid).
+        ``interp`` (``"linear"``/``"cubic"``), ``perturb`` (fixed grid). ``method="scipy_solver"`` (forward
+        only: raises if ``y0`` or ``t`` requires grad) takes ``solver`` (any ``solve_ivp`` method, ``"LSODA"`` by
+        default) and further ``solve_ivp`` keywords.
     event_fn : callable ``(t, y) -> Tensor``, optional
         Integrate from ``t[0]`` until ``event_fn`` crosses zero; returns ``(event_t, solution)`` with
         ``solution`` holding ``[y0, y(event_t)]``.
@@ -193,6 +211,13 @@ def odeint(func: Callable, y0: Tensor | tuple[Tensor, ...], t: Tensor, *, rtol: 
     """
     func, y0, t, rtol, atol, method, kw, ts, event_fn = _prepare(func, y0, t, rtol, atol, method, options,
                                                                  event_fn)
+    if method == "scipy_solver":
+        if event_fn is not None:
+            raise InputError("event_fn is not supported with method='scipy_solver'; use a torch method.")
+        from .scipy_solver import scipy_odeint
+
+        ys = scipy_odeint(func, y0, t, rtol=rtol, atol=atol, options=kw)
+        return ts.split(ys, (ys.shape[0],)) if ts is not None else ys
     if event_fn is None:
         sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, **kw)
         return ts.split(sol.ys, (sol.ys.shape[0],)) if ts is not None else sol.ys
@@ -235,6 +260,9 @@ def odeint_adjoint(func: Callable, y0: Tensor | tuple[Tensor, ...], t: Tensor, *
     """
     if event_fn is not None:
         raise InputError("odeint_adjoint with event_fn is not supported; use odeint (direct gradients) for events.")
+    if method == "scipy_solver":
+        raise InputError("method='scipy_solver' is forward only (no gradients through scipy); use odeint, or a "
+                         "torch method with odeint_adjoint.")
     if adjoint_params is None:
         if not isinstance(func, torch.nn.Module):
             raise InputError("func must be an nn.Module to find the adjoint parameters; alternatively pass them "

@@ -3,19 +3,38 @@
 from __future__ import annotations
 
 from ..errors import InputError
+from .adams import ADAMS_METHODS, make_adams
 from .explicit_rk import ExplicitRungeKutta
+from .implicit_rk import ImplicitRungeKutta, implicit_solver
+from .implicit_tableaus import IMPLICIT_TABLEAUS, ImplicitTableau
+from .symplectic import SCHEMES as _SYMPLECTIC
+from .symplectic import make_symplectic
 from .tableaus import TABLEAUS, ButcherTableau
 
 _INSTANCES: dict[str, ExplicitRungeKutta] = {}
+# Steppers built by a factory: stateless ones are cached like the tableaus; multistep ones keep a history
+# across steps, so every get_solver call (one per solve) builds a fresh one.
+_FACTORIES = {name: make_symplectic for name in _SYMPLECTIC}
+_FRESH = {name: make_adams for name in ADAMS_METHODS}
+# Implicit RK methods keep a Jacobian and factorisations across steps: a fresh stepper per solve too.
+_FRESH.update(dict.fromkeys(IMPLICIT_TABLEAUS, ImplicitRungeKutta))
 
 
 def available_methods() -> list[str]:
     """Names accepted as ``method=``."""
-    return sorted(TABLEAUS)
+    return sorted([*TABLEAUS, *_FACTORIES, *_FRESH])
 
 
 def get_solver(method: str) -> ExplicitRungeKutta:
     """The (cached) stepper for a method name; raises InputError listing valid names."""
+    if not isinstance(method, str) and callable(getattr(method, "step", None)) and hasattr(method, "adaptive"):
+        return method  # a configured stepper instance, e.g. neurodyn.solvers.adams.FixedAdams(max_order=6)
+    if isinstance(method, str) and method in _FRESH:
+        return _FRESH[method](method)
+    if isinstance(method, str) and method in _FACTORIES:
+        if method not in _INSTANCES:
+            _INSTANCES[method] = _FACTORIES[method](method)
+        return _INSTANCES[method]
     s = _INSTANCES.get(method)
     if s is None:
         if not isinstance(method, str) or method not in TABLEAUS:
@@ -24,4 +43,5 @@ def get_solver(method: str) -> ExplicitRungeKutta:
     return s
 
 
-__all__ = ["ButcherTableau", "ExplicitRungeKutta", "TABLEAUS", "available_methods", "get_solver"]
+__all__ = ["ButcherTableau", "ExplicitRungeKutta", "IMPLICIT_TABLEAUS", "ImplicitRungeKutta", "ImplicitTableau",
+           "TABLEAUS", "available_methods", "get_solver", "implicit_solver"]

@@ -1,0 +1,959 @@
+"""One generic implicit Runge--Kutta stepper for stiff problems (every :class:`ImplicitTableau`).
+
+The integrate loop (``integrate.py``) drives it exactly like the explicit stepper: ``step`` returns
+``(y1, k, err)`` -- ``k`` the stacked stage derivatives, ``err`` the local error estimate divided by ``h``
+-- and a step whose Newton iteration fails returns a NaN state with an infinite error, so the loop
+rejects it (adaptive) or stops with ``status="non_finite"`` (fixed step); an unconverged step is never
+accepted.
+
+Newton
+------
+Simplified Newton on the stage equations (DIRK methods: stage by stage, each started one Newton step away
+from the previous stage; coupled methods: all stages, started from the extrapolated collocation polynomial
+of the last accepted step as RADAU5 does), with the Jacobian ``J = df/dy`` from autograd
+(``torch.func.jacrev``), block-diagonal per sample with ``jac="batched"`` for a ``(B, D)`` state whose rows
+are independent problems, by forward differences (``jac="fd"``), or from a user callable
+``jac(t, y) -> (n, n) | (B, D, D)``. ``J`` is kept across steps until Newton converges slowly
+(contraction rate above ``jac_rate``) or fails; the LU factorisations of the iteration matrices
+(``torch.linalg.lu_factor``) are kept across stages and steps until ``J`` changes or ``h`` moves by more
+than ``refactor_ratio``. Convergence is tested as in Hairer & Wanner's RADAU5: with the rate
+``theta = |dz_k| / |dz_{k-1}|`` and ``eta = theta / (1 - theta)`` (carried over from the previous solve
+as ``eta^0.8``), stop when ``eta |dz| <= newton_tol`` in the norm of the error control; give up when
+``theta >= 1``, when the predicted error after ``max_newton_iter`` iterations exceeds the tolerance, or
+after ``max_newton_iter`` iterations. A failure with an old ``J`` recomputes ``J`` and retries the step
+once before rejecting it.
+
+Gradients
+---------
+Newton always runs under ``torch.no_grad()``. When gradients are needed (``gradient="direct"``,
+``"checkpoint"``), every converged implicit stage ``z*`` is passed through one differentiable correction
+
+    z = z* - C(G(z*)),
+
+with ``G`` the stage residual evaluated with autograd (so it depends on ``y0``, earlier stages and the
+parameters) and ``C`` a linear map whose forward value is 0 (so ``z`` equals ``z*`` exactly, with or without
+autograd) and whose backward is the exact transposed solve with ``dG/dz`` at ``z*``: the iteration matrix
+(its LU, detached) preconditions an iterative refinement that applies ``(dG/dz)^T`` by vector-Jacobian
+products (a dense solve if it stalls). The result is the implicit-function-theorem gradient of the
+discrete step, whatever the staleness of the Jacobian that Newton used -- no backpropagation through the
+Newton iterations.
+
+Tolerances
+----------
+Newton's norm is the error control's, ``RMS(dz / (atol + rtol |y|))``, with
+``newton_tol = max(10 eps / rtol, min(0.03, sqrt(rtol)))`` for the coupled systems (scipy's Radau) and
+``max(10 eps / rtol, 0.03)`` stage by stage. The stepper is not told the solve's ``rtol``/``atol`` by the
+loop, so they are options of the stepper (:meth:`ImplicitRungeKutta.bind`), defaulting to ``solve``'s
+defaults (``1e-7``/``1e-9``).
+
+State
+-----
+The Jacobian, factorisations, Newton rate and counters (``stats``) belong to the solve in progress: they
+are reset when ``step`` sees a new term (a new solve); ``get_solver`` builds a fresh stepper per call.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..errors import InputError
+from .explicit_rk import Step
+from .implicit_tableaus import IMPLICIT_TABLEAUS, ImplicitTableau
+
+Term = Callable[[float, Tensor], Tensor]
+
+JAC_MODES = ("full", "batched", "fd")
+STAT_KEYS = ("jacobian_evals", "factorizations", "linear_solves", "newton_iters", "newton_failures",
+             "adjoint_solves", "adjoint_refinements")
+
+
+# ------------------------------------------------------------------------------------------------
+# Coefficients
+# ------------------------------------------------------------------------------------------------
+def _f64(rows) -> np.ndarray:
+    return np.array([[float(x) for x in row] for row in rows], dtype=np.float64)
+
+
+def _radau5_constants(a: np.ndarray, c: np.ndarray) -> dict[str, Any]:
+    """RADAU5's transformation ``TI A^{-1} T = [[mu, 0, 0], [0, alpha, beta], [0, -beta, alpha]]`` and its
+    embedded error weights ``E`` (error = ``(mu/h I - J)^{-1} (f0 + sum_i E_i Z_i / h)``)."""
+    a_inv = np.linalg.inv(a)
+    vals, vecs = np.linalg.eig(a_inv)
+    i_real = int(np.argmin(np.abs(vals.imag)))
+    i_cplx = [i for i in range(3) if i != i_real and vals[i].imag > 0][0]
+    mu = float(vals[i_real].real)
+    lam = vals[i_cplx]
+    v_real = vecs[:, i_real].real
+    v_c = vecs[:, i_cplx]
+    t = np.stack([v_real / v_real[-1], v_c.real, v_c.imag], axis=1)
+    ti = np.linalg.inv(t)
+    lam_blk = np.array([[mu, 0, 0], [0, lam.real, lam.imag], [0, -lam.imag, lam.real]])
+    assert np.allclose(ti @ a_inv @ t, lam_blk, atol=1e-12), "RADAU5 transformation"
+    # Embedded 3rd-order method with b_hat_0 = 1/mu on f(t0, y0): b_hat from the order conditions.
+    g0 = 1.0 / mu
+    vand = np.stack([np.ones(3), c, c**2])
+    b_hat = np.linalg.solve(vand, np.array([1.0 - g0, 0.5, 1.0 / 3.0]))
+    b = a[-1]
+    e = mu * ((b_hat - b) @ a_inv)
+    return {"T": t, "TI": ti, "mu_real": mu, "mu_complex": complex(lam.real, -lam.imag), "E": e}
+
+
+def _collocation_dense(a: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``P`` (s x s) with the collocation polynomial ``u(t0 + theta h) = y0 + h sum_j w_j(theta) K_j``,
+    ``w_j(theta) = sum_m P[j, m] theta^(m+1)`` (``K_j`` the stage derivatives)."""
+    s = len(c)
+    vand = np.stack([c ** (m + 1) for m in range(s)], axis=1)  # vand[l, m] = c_l^(m+1)
+    q = np.linalg.inv(vand.T)  # Lagrange basis over (0, c_1..c_s), vanishing at 0: L_i = sum_m q[i, m] theta^(m+1)
+    return a.T @ q
+
+
+@dataclass
+class _ImplicitCoefficients:
+    """A tableau's coefficients as tensors of one dtype on one device (internal)."""
+
+    A: Tensor  # (s, s)
+    A_inv: Tensor | None  # (s, s), fully implicit methods
+    b: Tensor  # (1, s)
+    b_err: Tensor | None  # (1, s)
+    c: list[float]
+    a_rows: list[list[float]]
+    diag: list[float]
+    dense_t: Tensor | None  # (d, s), float64: collocation weights of the stage derivatives
+    radau: dict[str, Any] | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear algebra on flat rows: a full (n, n) Jacobian or a block-diagonal (B, D, D) one.
+# ------------------------------------------------------------------------------------------------
+class _Layout:
+    """Solves with iteration matrices built from ``J``: full ``(n, n)`` or per-sample ``(B, D, D)``."""
+
+    def __init__(self, n: int, batch: int | None):
+        self.n = n
+        self.B = batch
+        self.D = n // batch if batch else n
+
+    def eye(self, J: Tensor) -> Tensor:
+        e = torch.eye(self.D, dtype=J.dtype, device=J.device)
+        return e if self.B is None else e.expand(self.B, self.D, self.D)
+
+    def solve(self, lu: tuple[Tensor, Tensor], r: Tensor, adjoint: bool = False) -> Tensor:
+        """``M^{-1} r`` (or ``M^{-T} r``; conjugate transpose for complex ``M``) for rows ``r`` of shape ``(m, n)``."""
+        m = r.shape[0]
+        if self.B is None:
+            return torch.linalg.lu_solve(lu[0], lu[1], r.transpose(0, 1), adjoint=adjoint).transpose(0, 1)
+        rb = r.reshape(m, self.B, self.D).permute(1, 2, 0)
+        return torch.linalg.lu_solve(lu[0], lu[1], rb, adjoint=adjoint).permute(2, 0, 1).reshape(m, self.n)
+
+    def firk_matrix(self, A: Tensor, J: Tensor, h: float) -> Tensor:
+        """``I - h A (x) J`` over the stacked stages: ``(s n, s n)`` or ``(B, s D, s D)``."""
+        s = A.shape[0]
+        if self.B is None:
+            return torch.eye(s * self.n, dtype=J.dtype, device=J.device) - h * torch.kron(A, J)
+        blk = torch.einsum("ij,bpq->bipjq", A, J).reshape(self.B, s * self.D, s * self.D)
+        return torch.eye(s * self.D, dtype=J.dtype, device=J.device) - h * blk
+
+    def firk_solve(self, lu: tuple[Tensor, Tensor], r: Tensor, adjoint: bool = False) -> Tensor:
+        """Solve with ``I - h A (x) J`` for stacked stages ``r`` of shape ``(s, n)``."""
+        s = r.shape[0]
+        if self.B is None:
+            return torch.linalg.lu_solve(lu[0], lu[1], r.reshape(s * self.n, 1), adjoint=adjoint).view(s, self.n)
+        rb = r.reshape(s, self.B, self.D).permute(1, 0, 2).reshape(self.B, s * self.D, 1)
+        x = torch.linalg.lu_solve(lu[0], lu[1], rb, adjoint=adjoint)
+        return x.view(self.B, s, self.D).permute(1, 0, 2).reshape(s, self.n)
+
+
+# ------------------------------------------------------------------------------------------------
+# The differentiable correction z = z* - C(G(z*)): forward 0, backward the exact transposed solve.
+# ------------------------------------------------------------------------------------------------
+class _AdjointSolve:
+    """Applies ``(dG/dz)^{-T}`` at a converged stage ``z*`` (backward of :class:`_Correction`)."""
+
+    __slots__ = ("g_of", "zstar", "precond_t", "stats")
+
+    def __init__(self, g_of: Callable[[Tensor], Tensor], zstar: Tensor, precond_t: Callable[[Tensor], Tensor],
+                 stats: dict):
+        self.g_of, self.zstar, self.precond_t, self.stats = g_of, zstar, precond_t, stats
+
+    def __call__(self, v: Tensor) -> Tensor:
+        self.stats["adjoint_solves"] += 1
+        vn = float(torch.linalg.vector_norm(v))
+        if vn == 0.0 or not math.isfinite(vn):
+            return torch.zeros_like(v) if vn == 0.0 else v * math.nan
+        with torch.enable_grad():
+            zd = self.zstar.detach().requires_grad_(True)
+            gd = self.g_of(zd)
+
+        def gzt(u: Tensor) -> Tensor:  # (dG/dz)^T u
+            (out,) = torch.autograd.grad(gd, zd, u, retain_graph=True, allow_unused=True)
+            return out if out is not None else torch.zeros_like(u)
+
+        tol = 1e3 * torch.finfo(v.dtype).eps * vn
+        lam = self.precond_t(v)
+        prev = math.inf
+        for _ in range(40):
+            res = v - gzt(lam)
+            rn = float(torch.linalg.vector_norm(res))
+            if rn <= tol:
+                return lam
+            if not rn < 0.7 * prev:  # stalled or diverging: dense solve
+                break
+            prev = rn
+            self.stats["adjoint_refinements"] += 1
+            lam = lam + self.precond_t(res)
+        # Dense fallback: (dG/dz)^T built column by column from vector-Jacobian products.
+        n = v.numel()
+        eye = torch.eye(n, dtype=v.dtype, device=v.device)
+        gzt_rows = torch.stack([gzt(eye[i].view_as(v)).reshape(-1) for i in range(n)])  # row i = e_i^T dG/dz
+        return torch.linalg.solve(gzt_rows.transpose(0, 1), v.reshape(-1)).view_as(v)
+
+
+class _Correction(torch.autograd.Function):
+    """``C(g)``: value 0; backward ``(dG/dz)^{-T} v`` (see :class:`_AdjointSolve`)."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, solver: _AdjointSolve) -> Tensor:
+        ctx.solver = solver
+        return torch.zeros_like(g)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, v: Tensor):
+        return ctx.solver(v), None
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-solve state (the stepper is shared: the state follows the term of the current solve).
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _SolveState:
+    term: Any
+    dtype: torch.dtype
+    device: torch.device
+    stats: dict
+    layout: _Layout | None = None
+    J: Tensor | None = None
+    J_at: tuple[float, Tensor] | None = None
+    need_jac: bool = True
+    lus: dict = field(default_factory=dict)
+    eta: float = 1.0
+    last: tuple | None = None  # (t0, h, y_in, y1_out, K) of the last successful step() call
+    accepted: tuple | None = None  # the last step known to be accepted
+    last_call: tuple | None = None  # (t, y) of the last step() call
+    fd_warned: bool = False
+    patient: bool = False  # no early give-up on a predicted slow convergence (last-chance attempts)
+
+
+def _new_stats() -> dict:
+    return dict.fromkeys(STAT_KEYS, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The stepper
+# ------------------------------------------------------------------------------------------------
+class ImplicitRungeKutta:
+    """A generic implicit Runge--Kutta method driven by an :class:`ImplicitTableau` (stiff problems).
+
+    Plugs into the one integrate loop like the explicit stepper. States are flat ``(1, n)`` rows; the
+    Jacobian is ``(n, n)`` (``jac="full"``) or ``(B, D, D)`` (``jac="batched"``, ``B = y0.shape[0]``,
+    ``D = n / B``: rows of the state are independent problems).
+
+    Parameters
+    ----------
+    tableau : ImplicitTableau or str
+        The method (``"kvaerno5"``, ``"radau"``, ...; see ``implicit_tableaus.py``).
+    jac : ``"full"``, ``"batched"``, ``"fd"`` or callable
+        How ``J = df/dy`` is computed: autograd (``torch.func.jacrev``) of the whole state, autograd of a
+        block-diagonal per-sample Jacobian (one reverse pass per state dimension ``D``, whatever ``B``),
+        forward differences (``n`` or ``D`` extra evaluations of ``f``, counted in ``nfe``), or
+        ``jac(t, y) -> Tensor`` with ``t`` 0-dim and ``y`` in the state's shape, returning ``(n, n)`` or
+        ``(B, D, D)``. If autograd fails on ``f`` (e.g. a vector field that calls ``torch.autograd.grad``),
+        forward differences are used with a warning.
+    rtol, atol : float or Tensor, optional
+        The tolerances of Newton's norm; pass the solve's (default ``1e-7``/``1e-9``, ``solve``'s defaults).
+    newton_tol : float, optional
+        Newton's stopping tolerance in that norm; default ``max(10 eps / rtol, min(0.03, sqrt(rtol)))``.
+    max_newton_iter : int
+        Newton iterations per stage (or stage system) before the step is rejected (default 7).
+    jac_rate : float
+        Recompute ``J`` at the next step when Newton's contraction rate exceeded this (default 0.1).
+    refactor_ratio : float
+        Refactor the iteration matrix when ``h`` (times the diagonal) changed by more than this
+        fraction since the last factorisation (default 0.2).
+
+    Attributes
+    ----------
+    stats : dict
+        Counters of the current (last) solve: ``jacobian_evals``, ``factorizations`` (RADAU5's real and
+        complex pair count once, as scipy's ``nlu``), ``linear_solves``, ``newton_iters``,
+        ``newton_failures``, ``adjoint_solves``/``adjoint_refinements`` (backward passes).
+
+    Examples
+    --------
+    >>> import torch, neurodyn
+    >>> from neurodyn.solvers import get_solver
+    >>> k = torch.tensor([0.04, 3e7, 1e4], dtype=torch.float64)
+    >>> def rober(t, y):
+    ...     r1, r2, r3 = k[0] * y[0], k[1] * y[1] ** 2, k[2] * y[1] * y[2]
+    ...     return torch.stack([-r1 + r3, r1 - r2 - r3, r2])
+    >>> solver = get_solver("radau").bind(rtol=1e-6, atol=1e-10)
+    >>> y0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    >>> sol = neurodyn.solve(rober, y0, torch.tensor([0.0, 40.0], dtype=torch.float64), method=solver,
+    ...                      rtol=1e-6, atol=1e-10)
+    >>> round(float(sol.ys[-1, 0]), 4)
+    0.7158
+    >>> solver.stats["jacobian_evals"] > 0
+    True
+    """
+
+    implicit = True
+
+    def __init__(self, tableau: ImplicitTableau | str, *, jac: str | Callable = "full",
+                 rtol: float | Tensor | None = None, atol: float | Tensor | None = None,
+                 newton_tol: float | None = None, max_newton_iter: int | None = None, jac_rate: float = 0.1,
+                 refactor_ratio: float = 0.2):
+        if isinstance(tableau, str):
+            if tableau not in IMPLICIT_TABLEAUS:
+                raise InputError(f"unknown implicit method {tableau!r}; valid: {', '.join(sorted(IMPLICIT_TABLEAUS))}.")
+            tableau = IMPLICIT_TABLEAUS[tableau]
+        if not (callable(jac) or jac in JAC_MODES):
+            raise InputError(f"jac must be one of {JAC_MODES} or a callable jac(t, y), got {jac!r}.")
+        if max_newton_iter is None:
+            max_newton_iter = 10 if tableau.kind == "dirk" else 7
+        if isinstance(max_newton_iter, bool) or not isinstance(max_newton_iter, int) or max_newton_iter < 1:
+            raise InputError(f"max_newton_iter must be an integer >= 1, got {max_newton_iter!r}.")
+        for nm, v in (("jac_rate", jac_rate), ("refactor_ratio", refactor_ratio)):
+            if not (isinstance(v, (int, float)) and 0 <= v):
+                raise InputError(f"{nm} must be a number >= 0, got {v!r}.")
+        if newton_tol is not None and not (newton_tol > 0 and math.isfinite(newton_tol)):
+            raise InputError(f"newton_tol must be a finite number > 0, got {newton_tol!r}.")
+        self.tableau = tableau
+        self.name = tableau.name
+        self.order = tableau.order
+        self.error_order = tableau.error_order
+        self.controller_order = tableau.controller_order
+        self.adaptive = tableau.adaptive
+        self.kind = tableau.kind
+        # Stiffly accurate DIRKs: the last stage derivative (from the stage equation) is f(t1, y1).
+        self.fsal = tableau.kind == "dirk" and tableau.stiffly_accurate
+        self.stages = tableau.stages
+        self.dense_order = tableau.dense_order
+        self.has_own_dense = tableau.dense == "collocation"
+        self._extra_f0 = not tableau.explicit_first  # k's row 0 is f(t0, y0), then the stage derivatives
+        self.jac = jac
+        self.rtol = 1e-7 if rtol is None else rtol
+        self.atol = 1e-9 if atol is None else atol
+        self.newton_tol = newton_tol
+        self.max_newton_iter = max_newton_iter
+        self.jac_rate = float(jac_rate)
+        self.refactor_ratio = float(refactor_ratio)
+        self._cache: dict[tuple[torch.dtype, torch.device], _ImplicitCoefficients] = {}
+        self._state: _SolveState | None = None
+        self._idle_stats = _new_stats()
+
+    # -- options -----------------------------------------------------------------------------------
+    def bind(self, **options: Any) -> ImplicitRungeKutta:
+        """A new stepper for the same method with some options replaced (``jac``, ``rtol``, ``atol``,
+        ``newton_tol``, ``max_newton_iter``, ``jac_rate``, ``refactor_ratio``)."""
+        kw = {"jac": self.jac, "rtol": self.rtol, "atol": self.atol, "newton_tol": self.newton_tol,
+              "max_newton_iter": self.max_newton_iter, "jac_rate": self.jac_rate,
+              "refactor_ratio": self.refactor_ratio}
+        unknown = sorted(set(options) - set(kw))
+        if unknown:
+            raise InputError(f"unknown option(s) {unknown} for an implicit method; valid: {', '.join(kw)}.")
+        kw.update(options)
+        return ImplicitRungeKutta(self.tableau, **kw)
+
+    @property
+    def stats(self) -> dict:
+        """Counters of the current (last) solve."""
+        return self._state.stats if self._state is not None else self._idle_stats
+
+    def reset(self) -> None:
+        """Forget the Jacobian, factorisations and counters of the last solve."""
+        self._state = None
+
+    def __repr__(self) -> str:
+        jac = self.jac if isinstance(self.jac, str) else "callable"
+        return f"ImplicitRungeKutta({self.name!r}, jac={jac!r}, rtol={self.rtol}, atol={self.atol})"
+
+    # -- coefficients ------------------------------------------------------------------------------
+    def coefficients(self, dtype: torch.dtype, device: torch.device) -> _ImplicitCoefficients:
+        key = (dtype, device)
+        co = self._cache.get(key)
+        if co is None:
+            tb = self.tableau
+            a = _f64(tb.a)
+            c = np.array([float(x) for x in tb.c])
+
+            def t_(x) -> Tensor:
+                return torch.as_tensor(np.asarray(x, dtype=np.float64)).to(dtype=dtype, device=device)
+
+            a_inv = None if tb.kind == "dirk" else t_(np.linalg.inv(a))
+            dense_t = None
+            if tb.dense == "collocation":
+                dense_t = torch.as_tensor(_collocation_dense(a, c).T.copy()).to(device=device)
+            radau = None
+            if tb.kind == "radau5":
+                k = _radau5_constants(a, c)
+                cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+                ti = k["TI"]
+                radau = {"T": t_(k["T"]), "TI": t_(ti), "TI_real": t_(ti[:1]),
+                         "TI_complex": torch.as_tensor(ti[1:2] + 1j * ti[2:3]).to(dtype=cdt, device=device),
+                         "mu_real": k["mu_real"], "mu_complex": k["mu_complex"], "E": t_(k["E"][None, :]),
+                         "cdtype": cdt}
+            co = _ImplicitCoefficients(
+                A=t_(a), A_inv=a_inv, b=t_([[float(x) for x in tb.b]]),
+                b_err=None if tb.b_err is None else t_([[float(x) for x in tb.b_err]]),
+                c=[float(x) for x in c], a_rows=[[float(x) for x in row] for row in tb.a],
+                diag=[float(tb.a[i][i]) for i in range(tb.stages)], dense_t=dense_t, radau=radau)
+            self._cache[key] = co
+        return co
+
+    # -- per-solve state ---------------------------------------------------------------------------
+    def _begin(self, term: Any, y: Tensor) -> _SolveState:
+        st = self._state
+        if st is None or st.term is not term or st.dtype != y.dtype or st.device != y.device:
+            if y.is_complex():
+                raise InputError("implicit methods support real states only (float32/float64).")
+            st = self._state = _SolveState(term=term, dtype=y.dtype, device=y.device, stats=_new_stats())
+        return st
+
+    def _tolerances(self, y: Tensor) -> tuple[Tensor | float, float]:
+        """(scale for Newton's norm (without |y|), newton_tol)."""
+        n = y.shape[1]
+
+        def as_row(v):
+            if isinstance(v, Tensor):
+                if v.numel() == n:
+                    return v.reshape(1, n).to(dtype=y.dtype, device=y.device)
+                return float(v.min())  # e.g. the augmented state of an adjoint solve
+            return float(v)
+
+        rtol, atol = as_row(self.rtol), as_row(self.atol)
+        rmin = float(rtol.min()) if isinstance(rtol, Tensor) else rtol
+        eps = torch.finfo(y.dtype).eps
+        tol = self.newton_tol
+        if tol is None:
+            # scipy's Radau for the coupled stage systems; 0.03 (Hairer's upper value) stage by stage
+            kappa = 0.03 if self.kind == "dirk" else min(0.03, math.sqrt(max(rmin, 0.0)))
+            tol = max(10 * eps / max(rmin, 1e-300), kappa)
+        return (rtol, atol), tol
+
+    @staticmethod
+    def _scale(tols, y: Tensor) -> Tensor:
+        rtol, atol = tols
+        return y.abs() * rtol + atol
+
+    # -- Jacobian ----------------------------------------------------------------------------------
+    def _jacobian(self, term: Any, t: float, y: Tensor, st: _SolveState) -> Tensor:
+        """``df/dy`` at ``(t, y)`` (``y`` of shape ``(1, n)``, detached): ``(n, n)`` or ``(B, D, D)``."""
+        n = y.shape[1]
+        shape = tuple(term.shape)
+        tt = torch.scalar_tensor(t, dtype=term.t_dtype, device=term.device)
+        mode = self.jac
+        st.stats["jacobian_evals"] += 1
+        if callable(mode):
+            with torch.no_grad():
+                J = torch.as_tensor(mode(tt, y.view(shape))).detach().to(dtype=y.dtype, device=y.device).contiguous()
+            if tuple(J.shape) == (n, n):
+                st.layout = _Layout(n, None)
+            elif J.dim() == 3 and J.shape[1] == J.shape[2] and J.shape[0] * J.shape[1] == n:
+                st.layout = _Layout(n, J.shape[0])
+            else:
+                raise InputError(f"jac(t, y) returned shape {tuple(J.shape)}; expected ({n}, {n}) or (B, D, D) "
+                                 f"with B * D = {n}.")
+            return J
+        batch = shape[0] if (mode == "batched" and len(shape) >= 2 and shape[0] > 1) else None
+        st.layout = _Layout(n, batch)
+        if mode != "fd":
+            try:
+                return self._jac_autograd(term.func, tt, y, shape, batch)
+            except Exception as exc:  # not differentiable by torch.func: forward differences
+                if not st.fd_warned:
+                    st.fd_warned = True
+                    warnings.warn(f"implicit method {self.name!r}: autograd Jacobian failed ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}); using forward differences "
+                                  f"(pass jac='fd' or a jac callable to silence this).", RuntimeWarning,
+                                  stacklevel=4)
+        return self._jac_fd(term, t, y, st.layout)
+
+    @staticmethod
+    def _jac_autograd(func: Callable, tt: Tensor, y: Tensor, shape: tuple, batch: int | None) -> Tensor:
+        n = y.shape[1]
+        if batch is None:
+            def g(v: Tensor) -> Tensor:
+                return func(tt, v.view(shape)).reshape(-1)
+            with torch.no_grad():
+                return torch.func.jacrev(g)(y.reshape(-1)).detach().contiguous()
+        d = n // batch
+
+        def gs(v: Tensor) -> Tensor:  # rows independent: d(sum over samples of f_b)/dy_b = J_b
+            return func(tt, v.view(shape)).reshape(batch, d).sum(0)
+        with torch.no_grad():
+            jt = torch.func.jacrev(gs)(y.reshape(-1)).detach()  # (D, n): [i, b*D + j]
+        return jt.view(d, batch, d).permute(1, 0, 2).contiguous()
+
+    def _jac_fd(self, term: Any, t: float, y: Tensor, layout: _Layout) -> Tensor:
+        with torch.no_grad():
+            f0 = term(t, y).reshape(1, -1)
+            eps = math.sqrt(torch.finfo(y.dtype).eps)
+            n = y.shape[1]
+            if layout.B is None:
+                cols = []
+                for j in range(n):
+                    dj = eps * max(abs(float(y[0, j])), 1e-5)
+                    yp = y.clone()
+                    yp[0, j] += dj
+                    cols.append((term(t, yp).reshape(-1) - f0.reshape(-1)) / dj)
+                return torch.stack(cols, 1)
+            B, D = layout.B, layout.D
+            yb = y.view(B, D)
+            J = y.new_empty((B, D, D))
+            for j in range(D):
+                dj = eps * torch.clamp(yb[:, j].abs(), min=1e-5)
+                yp = yb.clone()
+                yp[:, j] += dj
+                J[:, :, j] = (term(t, yp.reshape(1, n)).reshape(B, D) - f0.view(B, D)) / dj.view(B, 1)
+            return J
+
+    def _ensure_jacobian(self, term: Any, t: float, y: Tensor, y_key: Tensor, st: _SolveState) -> bool:
+        """Compute ``J`` at ``(t, y)`` if needed; True when ``J`` belongs to this step's start (``y_key`` is the
+        loop's state object, the same for a retry after a rejection)."""
+        if st.J is None or st.need_jac:
+            st.J = self._jacobian(term, t, y, st)
+            st.J_at = (t, y_key)
+            st.need_jac = False
+            st.lus.clear()
+            return True
+        return st.J_at is not None and st.J_at[0] == t and st.J_at[1] is y_key
+
+    def _rescue_jacobian(self, term: Any, t_point: float, y_point: Tensor, t: float, y_key: Tensor,
+                         st: _SolveState) -> None:
+        """Last chance before rejecting (a fixed step cannot shrink): ``J`` where Newton got stuck."""
+        if bool(torch.isfinite(y_point).all()):
+            st.J = self._jacobian(term, t_point, y_point, st)
+            st.J_at = (t, y_key)
+            st.need_jac = False
+            st.lus.clear()
+
+    def _stale(self, key: Any, value: float, st: _SolveState):
+        entry = st.lus.get(key)
+        if entry is None or abs(value / entry[1] - 1.0) > self.refactor_ratio:
+            return None
+        return entry[0]
+
+    def _lu_dirk(self, st: _SolveState, h: float, gamma: float) -> tuple[Tensor, Tensor]:
+        hg = h * gamma
+        key = ("d", gamma, h > 0)
+        lu = self._stale(key, hg, st)
+        if lu is None:
+            J = st.J
+            lu = torch.linalg.lu_factor(st.layout.eye(J) - hg * J)
+            st.lus[key] = (lu, hg)
+            st.stats["factorizations"] += 1
+        return lu
+
+    def _lu_firk(self, st: _SolveState, co: _ImplicitCoefficients, h: float) -> tuple[Tensor, Tensor]:
+        lu = self._stale(("f", h > 0), h, st)
+        if lu is None:
+            lu = torch.linalg.lu_factor(st.layout.firk_matrix(co.A, st.J, h))
+            st.lus[("f", h > 0)] = (lu, h)
+            st.stats["factorizations"] += 1
+        return lu
+
+    def _lu_radau(self, st: _SolveState, co: _ImplicitCoefficients, h: float):
+        lus = self._stale(("r", h > 0), h, st)
+        if lus is None:
+            J = st.J
+            eye = st.layout.eye(J)
+            rd = co.radau
+            lur = torch.linalg.lu_factor(rd["mu_real"] / h * eye - J)
+            luc = torch.linalg.lu_factor((rd["mu_complex"] / h) * eye.to(rd["cdtype"]) - J.to(rd["cdtype"]))
+            lus = (lur, luc, h)
+            st.lus[("r", h > 0)] = (lus, h)
+            st.stats["factorizations"] += 1
+        return lus
+
+    # -- Newton ------------------------------------------------------------------------------------
+    @staticmethod
+    def _rms(x: Tensor, scale: Tensor) -> float:
+        return float(torch.linalg.vector_norm(x / scale)) / math.sqrt(x.numel())
+
+    def _converge(self, it: int, dn: float, dn_old: float | None, eta: float, tol: float, patient: bool = False):
+        """One Newton convergence test: returns (status, eta, theta); status 1 converged, -1 failed, 0 go on."""
+        if not math.isfinite(dn):
+            return -1, eta, math.inf
+        theta = 0.0
+        if dn_old is not None:
+            theta = dn / dn_old if dn_old > 0 else 0.0
+            if theta >= 1.0:
+                return -1, eta, theta
+            eta = theta / (1.0 - theta)
+            if not patient and theta ** (self.max_newton_iter - 1 - it) / (1.0 - theta) * dn > tol:
+                return -1, eta, theta
+        if eta * dn <= tol or dn == 0.0:
+            return 1, eta, theta
+        return 0, eta, theta
+
+    def _newton_stage(self, term: Any, ti: float, psi: Tensor, hg: float, Y: Tensor, lu, scale: Tensor,
+                      tol: float, st: _SolveState) -> tuple[Tensor, bool, float]:
+        """Solve ``Y = psi + hg f(ti, Y)`` (one DIRK stage) from the guess ``Y``."""
+        eta = max(st.eta, 1e-16) ** 0.8
+        dn_old = None
+        stats = st.stats
+        layout = st.layout
+        theta = 0.0
+        for it in range(self.max_newton_iter):
+            F = term(ti, Y).reshape(1, -1)
+            dY = layout.solve(lu, psi + hg * F - Y)
+            stats["newton_iters"] += 1
+            stats["linear_solves"] += 1
+            dn = self._rms(dY, scale)
+            status, eta, theta = self._converge(it, dn, dn_old, eta, tol, st.patient)
+            if status < 0:
+                return Y, False, theta
+            Y = Y + dY
+            if status > 0:
+                st.eta = eta
+                return Y, True, theta
+            dn_old = dn
+        return Y, False, theta
+
+    def _newton_firk(self, term: Any, t: float, y: Tensor, h: float, Z: Tensor, lu, scale: Tensor, tol: float,
+                     co: _ImplicitCoefficients, times: list[float], st: _SolveState) -> tuple[Tensor, bool, float]:
+        """Solve ``Z = h (A (x) I) F(y + Z)`` for the stacked stages ``Z`` (``(s, n)``)."""
+        eta = max(st.eta, 1e-16) ** 0.8
+        dn_old = None
+        theta = 0.0
+        s = Z.shape[0]
+        for it in range(self.max_newton_iter):
+            F = torch.cat([term(times[i], y + Z[i:i + 1]).reshape(1, -1) for i in range(s)])
+            dZ = st.layout.firk_solve(lu, h * (co.A @ F) - Z)
+            st.stats["newton_iters"] += 1
+            st.stats["linear_solves"] += 1
+            dn = self._rms(dZ, scale)
+            status, eta, theta = self._converge(it, dn, dn_old, eta, tol, st.patient)
+            if status < 0:
+                return Z, False, theta
+            Z = Z + dZ
+            if status > 0:
+                st.eta = eta
+                return Z, True, theta
+            dn_old = dn
+        return Z, False, theta
+
+    def _newton_radau(self, term: Any, y: Tensor, h: float, Z: Tensor, lus, scale: Tensor, tol: float,
+                      co: _ImplicitCoefficients, times: list[float], st: _SolveState) -> tuple[Tensor, bool, float]:
+        """RADAU5's Newton on the transformed stages ``W = TI Z`` (one real, one complex solve)."""
+        rd = co.radau
+        lur, luc, _ = lus
+        mr = rd["mu_real"] / h
+        mc = rd["mu_complex"] / h
+        T, TI = rd["T"], rd["TI"]
+        W = TI @ Z
+        eta = max(st.eta, 1e-16) ** 0.8
+        dn_old = None
+        theta = 0.0
+        layout = st.layout
+        for it in range(self.max_newton_iter):
+            F = torch.cat([term(times[i], y + Z[i:i + 1]).reshape(1, -1) for i in range(3)])
+            f_real = rd["TI_real"] @ F - mr * W[0:1]
+            f_cplx = rd["TI_complex"] @ F.to(rd["cdtype"]) - mc * torch.complex(W[1:2], W[2:3])
+            d_real = layout.solve(lur, f_real)
+            d_cplx = layout.solve(luc, f_cplx)
+            dW = torch.cat([d_real, d_cplx.real, d_cplx.imag])
+            st.stats["newton_iters"] += 1
+            st.stats["linear_solves"] += 2
+            dn = self._rms(dW, scale)
+            status, eta, theta = self._converge(it, dn, dn_old, eta, tol, st.patient)
+            if status < 0:
+                return Z, False, theta
+            W = W + dW
+            Z = T @ W
+            if status > 0:
+                st.eta = eta
+                return Z, True, theta
+            dn_old = dn
+        return Z, False, theta
+
+    # -- one step ----------------------------------------------------------------------------------
+    def make_buffers(self, y: Tensor, k1: Tensor) -> None:
+        """No preallocated stage buffers: stages are few and Newton allocates anyway (the loop passes None)."""
+        return None
+
+    def step(self, term: Term, t: float, y: Tensor, h: float, k1: Tensor, co: _ImplicitCoefficients,
+             t_end_nudge: float | None = None, buf: Any = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Advance ``y`` (shape ``(1, n)``) from ``t`` by ``h``.
+
+        ``k1`` (the user's state shape) is dy/dt at ``(t, y)``; ``buf`` (stage buffers) is ignored. Returns
+        ``(y1, k, err)``: ``k`` the stacked
+        stage derivatives (``(s, n)`` for methods with an explicit first stage, else ``(s + 1, n)`` with
+        ``f(t, y)`` first), ``err`` the error estimate divided by ``h`` (``(1, n)``; ``None`` for fixed-step
+        methods). A failed Newton iteration gives a NaN ``y1`` and an infinite ``err``.
+        """
+        st = self._begin(term, y)
+        if st.last is not None and st.last[3] is y:
+            st.accepted = st.last  # the previous step ended where this one starts: it was accepted
+        retry = st.last_call is not None and st.last_call[0] == t and st.last_call[1] is y
+        st.last_call = (t, y)
+        times = [t_end_nudge if (t_end_nudge is not None and ci == 1.0) else t + ci * h for ci in co.c]
+        if self.kind == "dirk":
+            out = self._step_dirk(term, t, y, h, k1, co, times, st)
+        else:
+            out = self._step_coupled(term, t, y, h, k1, co, times, st, retry)
+        return out
+
+    def _failed(self, y: Tensor, rows: int, st: _SolveState):
+        st.stats["newton_failures"] += 1
+        n = y.shape[1]
+        nan = y.detach().new_full((1, n), math.nan)
+        return nan, y.detach().new_zeros((rows, n)), y.detach().new_full((1, n), math.inf)
+
+    @staticmethod
+    def _needs_grad(y: Tensor, k1: Tensor) -> bool:
+        return torch.is_grad_enabled() and (y.requires_grad or k1.requires_grad)
+
+    def _step_dirk(self, term, t, y, h, k1, co, times, st):
+        s = self.stages
+        n = y.shape[1]
+        first = 0 if self._extra_f0 else 1
+        rows = s + (1 if self._extra_f0 else 0)
+        tols, tol = self._tolerances(y)
+        a = co.a_rows
+        with torch.no_grad():
+            yd = y.detach()
+            k1d = k1.detach().reshape(1, n)
+            scale = self._scale(tols, yd)
+            rescued = False
+            for attempt in range(4):
+                fresh = self._ensure_jacobian(term, t, yd, y, st) or rescued
+                st.patient = rescued or not self.adaptive
+                Ks = [k1d] if first else []
+                Ys: list[Tensor | None] = [None] * s
+                lus: list = [None] * s
+                ok, theta_max = True, 0.0
+                for i in range(first, s):
+                    hg = h * co.diag[i]
+                    lus[i] = lu = self._lu_dirk(st, h, co.diag[i])
+                    psi = yd
+                    for j in range(i):
+                        if a[i][j] != 0.0:
+                            psi = psi + (h * a[i][j]) * Ks[j]
+                    # Starting value: one Newton step from the previous stage (value Y_prev, derivative K_prev
+                    # from its stage equation): stays bounded on stiff components, unlike an extrapolation.
+                    y_prev = yd if (i == 0 or Ys[i - 1] is None) else Ys[i - 1]
+                    guess = y_prev + st.layout.solve(lu, psi + hg * (Ks[-1] if Ks else k1d) - y_prev)
+                    st.stats["linear_solves"] += 1
+                    Y, ok, theta = self._newton_stage(term, times[i], psi, hg, guess, lu, scale, tol, st)
+                    if not ok:
+                        fail_at = (times[i], Y)
+                        break
+                    theta_max = max(theta_max, theta)
+                    Ys[i] = Y
+                    Ks.append((Y - psi) / hg)
+                if ok or attempt == 3:
+                    break
+                if fresh:  # the Jacobian where Newton got stuck, and no early give-up (fixed steps need this)
+                    rescued = True
+                    self._rescue_jacobian(term, fail_at[0], fail_at[1], t, y, st)
+                else:
+                    st.need_jac = True  # failed with an old Jacobian: recompute it and retry once
+            if not ok:
+                return self._failed(y, rows, st)
+            st.need_jac = theta_max > self.jac_rate
+            err = None
+            if co.b_err is not None:
+                err = co.b_err @ torch.cat(Ks)
+                if self.tableau.filter_error:
+                    err = st.layout.solve(lus[-1], err)
+                    st.stats["linear_solves"] += 1
+
+        if self._needs_grad(y, k1):
+            Kg = [k1.reshape(1, n)] if first else []
+            for i in range(first, s):
+                hg = h * co.diag[i]
+                psi = y
+                for j in range(i):
+                    if a[i][j] != 0.0:
+                        psi = psi + (h * a[i][j]) * Kg[j]
+                Ystar = Ys[i]
+                G = Ystar - psi - hg * term(times[i], Ystar).reshape(1, n)
+                Yi = Ystar - _Correction.apply(G, self._dirk_adjoint(term, times[i], hg, Ystar, lus[i], st))
+                Ys[i] = Yi
+                Kg.append((Yi - psi) / hg)
+            Ks = Kg
+        k = torch.cat(([k1.reshape(1, n)] if self._extra_f0 else []) + Ks)
+        if self.tableau.stiffly_accurate:
+            y1 = Ys[-1]
+        else:
+            y1 = y + h * (co.b @ torch.cat(Ks))
+        st.last = (t, h, y, y1, None)
+        return y1, k, err
+
+    def _dirk_adjoint(self, term, ti, hg, Ystar, lu, st) -> _AdjointSolve:
+        layout = st.layout
+
+        def g_of(Yd: Tensor) -> Tensor:
+            return Yd - hg * term(ti, Yd).reshape(Yd.shape)
+
+        return _AdjointSolve(g_of, Ystar, lambda v: layout.solve(lu, v, adjoint=True), st.stats)
+
+    def _predict_coupled(self, t, y, yd, h, k1d, co, st) -> Tensor:
+        """Starting stages: extrapolate the collocation polynomial of the step that ended at ``(t, y)`` (as
+        RADAU5), else ``Z_i = c_i h f(t, y)``."""
+        acc = st.accepted
+        if acc is not None and acc[3] is y:
+            t0p, hp, y0p, _, Kp = acc
+            th = torch.tensor([(t + ci * h - t0p) / hp for ci in co.c], dtype=torch.float64, device=yd.device)
+            d = co.dense_t.shape[0]
+            powers = th.view(-1, 1) ** torch.arange(1, d + 1, dtype=torch.float64, device=yd.device)
+            w = torch.mm(powers, co.dense_t).to(yd.dtype)  # (s, s)
+            return (y0p + hp * (w @ Kp)) - yd
+        c = torch.tensor(co.c, dtype=yd.dtype, device=yd.device).view(-1, 1)
+        return c * (h * k1d)
+
+    def _step_coupled(self, term, t, y, h, k1, co, times, st, retry):
+        s = self.stages
+        n = y.shape[1]
+        radau = self.kind == "radau5"
+        tols, tol = self._tolerances(y)
+        with torch.no_grad():
+            yd = y.detach()
+            k1d = k1.detach().reshape(1, n)
+            scale = self._scale(tols, yd)
+            Z0 = self._predict_coupled(t, y, yd, h, k1d, co, st)
+            rescued = False
+            for attempt in range(4):
+                fresh = self._ensure_jacobian(term, t, yd, y, st) or rescued
+                st.patient = rescued or not self.adaptive
+                if radau:
+                    lu = self._lu_radau(st, co, h)
+                    Z, ok, theta = self._newton_radau(term, yd, h, Z0, lu, scale, tol, co, times, st)
+                else:
+                    lu = self._lu_firk(st, co, h)
+                    Z, ok, theta = self._newton_firk(term, t, yd, h, Z0, lu, scale, tol, co, times, st)
+                if ok or attempt == 3:
+                    break
+                if fresh:  # the Jacobian at the end of the failing iterate, from there; no early give-up
+                    rescued = True
+                    self._rescue_jacobian(term, times[-1], yd + Z[-1:], t, y, st)
+                    Z0 = Z if bool(torch.isfinite(Z).all()) else Z0
+                else:
+                    st.need_jac = True
+            if not ok:
+                return self._failed(y, s + 1, st)
+            st.need_jac = theta > self.jac_rate
+            err = None
+            if radau and self.adaptive:
+                rd = co.radau
+                lur = lu[0]
+                ZE = (rd["E"] @ Z) / h
+                err = st.layout.solve(lur, k1d + ZE)
+                st.stats["linear_solves"] += 1
+                if retry or st.accepted is None:
+                    # After a rejection (and on the first step) RADAU5 improves a large estimate once.
+                    y1d = yd + Z[-1:]
+                    sc = torch.maximum(yd.abs(), y1d.abs()) * tols[0] + tols[1]
+                    if self._rms(err, sc) > 1.0:
+                        err = st.layout.solve(lur, term(t, yd + err).reshape(1, n) + ZE)
+                        st.stats["linear_solves"] += 1
+                err = err / h
+        Zk = Z
+        if self._needs_grad(y, k1):
+            F = torch.cat([term(times[i], y + Z[i:i + 1]).reshape(1, n) for i in range(s)])
+            if radau:
+                G = (co.A_inv @ Z) / h - F
+            else:
+                G = Z - h * (co.A @ F)
+            Zk = Z - _Correction.apply(G, self._coupled_adjoint(term, yd, h, Z, lu, co, times, st, radau))
+        K = (co.A_inv @ Zk) / h
+        if self.tableau.stiffly_accurate:
+            y1 = y + Zk[-1:]
+        else:
+            y1 = y + h * (co.b @ K)
+        k = torch.cat([k1.reshape(1, n), K])
+        st.last = (t, h, y.detach(), y1, K.detach())
+        return y1, k, err
+
+    def _coupled_adjoint(self, term, yd, h, Zstar, lu, co, times, st, radau) -> _AdjointSolve:
+        layout = st.layout
+        s = Zstar.shape[0]
+
+        def F_of(Zd: Tensor) -> Tensor:
+            return torch.cat([term(times[i], yd + Zd[i:i + 1]).reshape(1, -1) for i in range(s)])
+
+        if radau:
+            rd = co.radau
+            lur, luc, _ = lu
+            T, TI = rd["T"], rd["TI"]
+
+            def g_of(Zd: Tensor) -> Tensor:
+                return (co.A_inv @ Zd) / h - F_of(Zd)
+
+            def precond_t(v: Tensor) -> Tensor:  # M^{-T} v, M = (T (x) I)(Lambda/h (x) I - I (x) J)(TI (x) I)
+                u = T.transpose(0, 1) @ v
+                x0 = layout.solve(lur, u[0:1], adjoint=True)
+                xc = layout.solve(luc, torch.complex(u[1:2], u[2:3]), adjoint=True)
+                return TI.transpose(0, 1) @ torch.cat([x0, xc.real, xc.imag])
+        else:
+            def g_of(Zd: Tensor) -> Tensor:
+                return Zd - h * (co.A @ F_of(Zd))
+
+            def precond_t(v: Tensor) -> Tensor:
+                return layout.firk_solve(lu, v, adjoint=True)
+
+        return _AdjointSolve(g_of, Zstar, precond_t, st.stats)
+
+    # -- dense output ------------------------------------------------------------------------------
+    def end_derivative(self, term: Term, st: Step) -> Tensor:
+        """dy/dt at the end of an accepted step (the last stage derivative for stiffly accurate DIRKs)."""
+        if st.f1 is None:
+            st.f1 = st.k[-1] if self.fsal else term(st.t0 + st.h, st.y1).reshape(-1)
+        return st.f1
+
+    def interpolate_floats(self, term: Term, st: Step, thetas: list[float], co: _ImplicitCoefficients,
+                           interp: str = "auto") -> Tensor:
+        """:meth:`interpolate` at plain-float fractions."""
+        th = torch.tensor(thetas, dtype=torch.float64).to(dtype=st.y0.dtype, device=st.y0.device)
+        return self.interpolate(term, st, th, co, interp)
+
+    def interpolate(self, term: Term, st: Step, thetas: Tensor, co: _ImplicitCoefficients,
+                    interp: str = "auto") -> Tensor:
+        """The continuous extension of an accepted step at fractions ``thetas`` (shape ``(m,)``) -> ``(m, n)``.
+
+        ``"auto"``: the collocation polynomial for collocation methods (``radau``, ``radauIIA3/5``, ``gl4``,
+        ``gl6``), cubic Hermite otherwise; ``"hermite"`` or ``"linear"`` force one.
+        """
+        m = thetas.shape[0]
+        n = st.y0.shape[1]
+        if interp == "linear":
+            th = thetas.view(m, 1).to(st.y0.dtype)
+            return st.y0 + th * (st.y1 - st.y0)
+        if interp == "auto" and co.dense_t is not None:
+            d = co.dense_t.shape[0]
+            th64 = thetas.view(m, 1).to(torch.float64)
+            powers = th64 ** torch.arange(1, d + 1, dtype=torch.float64, device=thetas.device)
+            weights = torch.mm(powers, co.dense_t).to(st.y0.dtype)  # (m, s)
+            return torch.addmm(st.y0.expand(m, n), weights, st.k[1:], alpha=st.h)
+        f1 = self.end_derivative(term, st)
+        th = thetas.view(m, 1).to(st.y0.dtype)
+        th2 = th * th
+        th3 = th2 * th
+        return ((2 * th3 - 3 * th2 + 1) * st.y0 + (3 * th2 - 2 * th3) * st.y1
+                + ((th3 - 2 * th2 + th) * st.h) * st.k[0] + ((th3 - th2) * st.h) * f1.reshape(-1))
+
+
+def implicit_solver(method: str, **options: Any) -> ImplicitRungeKutta:
+    """A new implicit stepper for ``method`` with options (see :class:`ImplicitRungeKutta`), to pass as
+    ``solve(..., method=implicit_solver("radau", jac="batched", rtol=1e-6, atol=1e-9), rtol=1e-6, atol=1e-9)``."""
+    return ImplicitRungeKutta(method, **options)
