@@ -110,8 +110,9 @@ def plot_phase_portrait(true: Any, pred: Any, path: str | Path, *, field: Any = 
 def plot_loss_curve(losses: Sequence[float], path: str | Path, *,
                     eval_iters: Sequence[int] = (), eval_values: Sequence[float] = (),
                     train_label: str = "minibatch loss", eval_label: str = "full-trajectory MSE",
-                    title: str = "") -> Path:
-    """Training loss per iteration (log scale), optionally with periodic evaluations as markers."""
+                    vlines: Sequence[tuple[float, str]] = (), title: str = "") -> Path:
+    """Training loss per iteration (log scale), optionally with periodic evaluations as markers and
+    labelled vertical lines ``(iteration, label)`` marking phases of the run."""
     import numpy as np
 
     losses = _np(losses).astype(float)
@@ -125,6 +126,8 @@ def plot_loss_curve(losses: Sequence[float], path: str | Path, *,
         ax.plot(it[k - 1:], smooth, color="C0", lw=1.6, label=f"{train_label} ({k}-iter mean)")
     if len(eval_iters):
         ax.plot(list(eval_iters), list(eval_values), "o-", color="C3", ms=4, lw=1.2, label=eval_label)
+    for x, label in vlines:
+        ax.axvline(x, color="0.4", ls=":", lw=1.2, label=label if label else None, alpha=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
