@@ -144,3 +144,26 @@ def test_spearman_matches_scipy():
     b = [x - 0.05 * y for x, y in zip(b, a)]
     assert digits.spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
     assert math.isnan(digits.spearman([3, 3, 3], [1.0, 2.0, 3.0]))
+
+
+def test_quick_run_with_regularizers(tmp_path):
+    """``--regularizers``: the ODE-Net retrained with RNODE, STEER and TayNODE; every variant reports finite
+    accuracy and NFE under ``extras.regularizers`` (one tiny epoch; the numbers mean nothing)."""
+    out = tmp_path / "digits"
+    # one epoch of 7 steps (batch 48 of 320 images): the one-cycle schedule needs >= 6 steps
+    argv = ["demo", "digits", "--quick", "--epochs", "1", "--batch-size", "48", "--regularizers", "--no-plots",
+            "--out", str(out)]
+    assert cli.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    reg = metrics["extras"]["regularizers"]
+    assert set(reg["variants"]) == {"plain", *digits.REG_VARIANTS}
+    for name, v in reg["variants"].items():
+        for key in digits.REG_KEYS:
+            assert isinstance(v[key], (int, float)) and math.isfinite(v[key]), (name, key, v[key])
+        assert 0.0 <= v["test_accuracy"] <= 1.0 and 0.0 <= v["test_accuracy_tight"] <= 1.0
+        assert v["nfe_forward_end"] > 0 and v["nfe_test_batch"] > 0
+        assert v["nfe_test_batch_tight"] >= v["nfe_test_batch"]  # tighter tolerance, no less work
+    assert reg["variants"]["plain"]["test_accuracy"] == metrics["odenet"]["test_accuracy"]
+    assert set(reg["variants"]["rnode"]["penalties_last_batch"]) == {"kinetic", "jacobian"}
+    assert set(reg["variants"]["taynode"]["penalties_last_batch"]) == {"taylor"}
+    assert reg["eval_rtol"] == 1e-3 and reg["eval_rtol_tight"] == 1e-5

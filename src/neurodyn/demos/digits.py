@@ -36,6 +36,14 @@ Default budget: 10 epochs of each model, float32, one torch thread; about 1.5-2 
 cores.  Everything is seeded (split, initialisation, batch order), so accuracies and NFE repeat exactly;
 times do not.
 
+Regularisers (``--regularizers``, off by default): the ODE-Net is trained again, same initialisation, batch
+order and epochs, with (a) RNODE: kinetic energy + Jacobian Frobenius norm (Hutchinson) integrated with the
+state (``neurodyn.regularizers.regularized_solve``), (b) STEER: the end time of every training solve drawn
+uniformly from ``[1 - b, 1 + b]`` (``steer_time``), (c) TayNODE: ``||d^2 h/dt^2||^2`` integrated with the state.
+Each is evaluated as a plain ODE-Net at ``t = (0, 1)``: test accuracy and NFE per test batch at the training
+tolerance (and at ``adaptive_tight_rtol``), next to its forward NFE per training batch over the last epoch;
+``extras.regularizers`` in ``metrics.json`` and a console table.
+
 Outputs (in ``--out``, default ``runs/digits``): ``metrics.json``, ``nfe_vs_margin.png``,
 ``tolerance_sweep.png`` and ``training_curves.png``.
 """
@@ -62,12 +70,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import neurodyn
+from neurodyn import regularizers
 from neurodyn.progress import Progress
+from neurodyn.regularizers import regularized_solve, steer_time
 
 NAME = "digits"
 DESCRIPTION = "ODE-Net vs ResNet vs RK-Net on scikit-learn's 8x8 digits (accuracy, NFE, memory, adaptive NFE)"
 
 MODELS = ("odenet", "resnet", "rknet")
+REG_VARIANTS = ("rnode", "steer", "taynode")  # --regularizers: the ODE-Net retrained with each
+REG_KEYS = ("test_accuracy", "nfe_forward_end", "nfe_test_batch", "test_accuracy_tight", "nfe_test_batch_tight",
+            "train_seconds")
 METRIC_KEYS = ("test_accuracy", "params", "nfe_forward", "nfe_backward", "peak_memory_mb", "train_seconds")
 SWEEP_RTOLS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 
@@ -98,6 +111,15 @@ class DigitsConfig:
     adaptive_limit: int = 0  # > 0: solve only this many test images one by one
     adaptive_tight_rtol: float = 1e-5  # the per-image NFE study is repeated at this rtol = atol
     sweep_rtols: tuple[float, ...] = SWEEP_RTOLS
+    regularizers: bool = False  # also train the ODE-Net with RNODE, STEER and TayNODE (REG_VARIANTS)
+    # RNODE weights. The penalties are sums over the 16 * width = 512 features of a sample (not means): 0.01
+    # (the RNODE paper's scale) held the test accuracy at chance after 2 epochs; 1e-4 trained (short trial)
+    reg_kinetic: float = 1e-4
+    reg_jacobian: float = 1e-4
+    reg_taylor: float = 1e-4  # TayNODE weight of ||d^K h/dt^K||^2, K = taylor_order (1e-3 collapsed at 3 epochs)
+    taylor_order: int = 2
+    steer_b: float = 0.5  # STEER: end time uniform in [1 - b, 1 + b]
+    reg_variants: tuple[str, ...] = REG_VARIANTS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +145,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"torch CPU threads (default: {d.threads}: these convolutions are tiny, and on a "
                              "busy 2-core machine a second OpenMP thread made training 5-30x slower)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    parser.add_argument("--regularizers", action="store_true",
+                        help="also train the ODE-Net (same seed and epochs) with RNODE (kinetic + Jacobian), STEER "
+                             "and TayNODE, and report accuracy and NFE of each (extras.regularizers)")
+    parser.add_argument("--reg-kinetic", type=float, default=d.reg_kinetic,
+                        help=f"RNODE kinetic-energy weight (default: {d.reg_kinetic:g})")
+    parser.add_argument("--reg-jacobian", type=float, default=d.reg_jacobian,
+                        help=f"RNODE Jacobian-Frobenius weight (default: {d.reg_jacobian:g})")
+    parser.add_argument("--reg-taylor", type=float, default=d.reg_taylor,
+                        help=f"TayNODE weight (default: {d.reg_taylor:g}, order {d.taylor_order})")
+    parser.add_argument("--steer-b", type=float, default=d.steer_b,
+                        help=f"STEER half-width b: end time uniform in [1-b, 1+b] (default: {d.steer_b:g})")
+    parser.add_argument("--reg-variants", type=_variants, default=None, metavar="LIST",
+                        help=f"comma-separated subset of {','.join(REG_VARIANTS)} to train with --regularizers "
+                             "(default: all; rnode and taynode cost 4-20x a plain training step on CPU)")
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in names if v not in REG_VARIANTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {REG_VARIANTS}, got {text!r}")
+    return names
 
 
 def config_from_args(args: argparse.Namespace) -> DigitsConfig:
@@ -251,6 +295,99 @@ def build_model(kind: str, cfg: DigitsConfig) -> Classifier:
     return Classifier(block, w, g)
 
 
+class _CountingField(regularizers.RegularizedField):
+    """``RegularizedField`` that counts its (augmented) evaluations, as ``NeuralODE``'s field does."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def forward(self, t: Tensor, state: Tensor) -> Tensor:
+        self.calls += 1
+        return super().forward(t, state)
+
+
+class RegularizedODEBlock(nn.Module):
+    """The ODE-Net block trained with a regulariser (``variant`` in ``REG_VARIANTS``).
+
+    Training (``self.training``): ``rnode`` / ``taynode`` solve the state together with the penalty integrals
+    (:func:`neurodyn.regularizers.regularized_solve`) and leave the weighted penalty in ``self.penalty`` for
+    the loss; ``steer`` integrates to a random end time in ``[1 - b, 1 + b]``.  Evaluation: the plain
+    ``NeuralODE`` solve on ``t = (0, 1)``, so every variant is measured exactly as the plain ODE-Net is.
+    """
+
+    def __init__(self, ode: neurodyn.NeuralODE, variant: str, cfg: DigitsConfig):
+        super().__init__()
+        if variant not in REG_VARIANTS:
+            raise ValueError(f"unknown regulariser {variant!r}; expected one of {REG_VARIANTS}")
+        self.ode = ode
+        self.variant = variant
+        self.steer_b = cfg.steer_b
+        self.steer_gen = torch.Generator().manual_seed(cfg.seed + 2)
+        self.field: _CountingField | None = None
+        if variant == "rnode":
+            self.field = _CountingField(ode.func, kinetic=cfg.reg_kinetic, jacobian=cfg.reg_jacobian,
+                                        generator=torch.Generator().manual_seed(cfg.seed + 3))
+        elif variant == "taynode":
+            self.field = _CountingField(ode.func, taylor=cfg.reg_taylor, taylor_order=cfg.taylor_order)
+        self.penalty: Tensor | None = None
+        self.parts: dict[str, float] = {}
+        self.nfe_forward = 0
+        self._calls_after_forward = 0
+
+    # the tolerance study and the sweep set these on the block
+    @property
+    def rtol(self) -> float:
+        return self.ode.rtol
+
+    @rtol.setter
+    def rtol(self, value: float) -> None:
+        self.ode.rtol = value
+
+    @property
+    def atol(self) -> float:
+        return self.ode.atol
+
+    @atol.setter
+    def atol(self, value: float) -> None:
+        self.ode.atol = value
+
+    @property
+    def nfe_backward(self) -> int:
+        if self.training and self.field is not None:  # the adjoint's solves call the field; "direct" does not
+            return self.field.calls - self._calls_after_forward
+        return self.ode.nfe_backward
+
+    def forward(self, h: Tensor) -> Tensor:
+        self.penalty = None
+        if not self.training:
+            out = self.ode(h)
+            self.nfe_forward = self.ode.nfe_forward
+            return out
+        t_end = steer_time(1.0, self.steer_b, self.steer_gen, t0=0.0) if self.variant == "steer" else 1.0
+        t = torch.tensor([0.0, t_end], dtype=h.dtype)
+        if self.field is None:
+            out = self.ode(h, t=t)
+            self.nfe_forward = self.ode.nfe_forward
+            return out
+        c0 = self.field.calls
+        zs, penalty, parts = regularized_solve(self.field, h, t, method=self.ode.method, rtol=self.ode.rtol,
+                                               atol=self.ode.atol, gradient=self.ode.gradient)
+        self._calls_after_forward = self.field.calls
+        self.nfe_forward = self._calls_after_forward - c0
+        self.penalty = penalty
+        self.parts = {k: float(v.detach().mean()) for k, v in parts.items()}
+        return zs[-1]
+
+
+def build_regularized(variant: str, cfg: DigitsConfig) -> Classifier:
+    """The ODE-Net of ``build_model("odenet")`` (same parameters, same initialisation under the same seed) with
+    its block wrapped for ``variant``."""
+    model = build_model("odenet", cfg)
+    model.block = RegularizedODEBlock(model.block, variant, cfg)
+    return model
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -345,7 +482,10 @@ def train_model(kind: str, model: Classifier, data: tuple[Tensor, ...], cfg: Dig
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.2)
+    if total >= 10:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.2)
+    else:  # OneCycleLR divides by zero when the warm-up phase rounds to no step (e.g. 5 steps): constant LR
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     nfe_f: list[int] = []
     nfe_b: list[int] = []
     epoch_loss: list[float] = []
@@ -362,6 +502,9 @@ def train_model(kind: str, model: Classifier, data: tuple[Tensor, ...], cfg: Dig
                 idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+                penalty = getattr(model.block, "penalty", None)  # RegularizedODEBlock (--regularizers) only
+                if penalty is not None:
+                    loss = loss + penalty
                 nfe_f.append(model.block.nfe_forward)
                 loss.backward()
                 nfe_b.append(model.block.nfe_backward)
@@ -400,6 +543,8 @@ def train_model(kind: str, model: Classifier, data: tuple[Tensor, ...], cfg: Dig
             "block": _describe_block(kind, cfg),
         },
     }
+    if cfg.regularizers:  # forward NFE per training batch over the last epoch ("at the end of training")
+        result["extras"]["nfe_forward_last_epoch"] = float(np.mean(nfe_f[-steps_per_epoch:])) if nfe_f else 0.0
     print(f"{kind}: test accuracy {acc:.4f}, {result['params']} params, NFE fwd {result['nfe_forward']:.1f} "
           f"bwd {result['nfe_backward']:.1f}, peak RSS +{mem.mb:.1f} MB (autograd saves {saved:.1f} MB/batch), "
           f"{train_seconds:.1f}s", file=stream)
@@ -407,6 +552,13 @@ def train_model(kind: str, model: Classifier, data: tuple[Tensor, ...], cfg: Dig
 
 
 def _describe_block(kind: str, cfg: DigitsConfig) -> str:
+    ode = f"NeuralODE({cfg.method}, rtol={cfg.rtol:g}, atol={cfg.atol:g}, gradient={cfg.gradient})"
+    if kind == "rnode":
+        return f"{ode} + kinetic {cfg.reg_kinetic:g} + Jacobian Frobenius {cfg.reg_jacobian:g} (Hutchinson)"
+    if kind == "steer":
+        return f"{ode}, STEER end time ~ U[{1 - cfg.steer_b:g}, {1 + cfg.steer_b:g}] in training"
+    if kind == "taynode":
+        return f"{ode} + TayNODE order {cfg.taylor_order}, weight {cfg.reg_taylor:g}"
     if kind == "odenet":
         return f"NeuralODE({cfg.method}, rtol={cfg.rtol:g}, atol={cfg.atol:g}, gradient={cfg.gradient})"
     if kind == "resnet":
@@ -559,6 +711,8 @@ def train(cfg: DigitsConfig, *, stream: Any = None) -> dict[str, Any]:
             print(f"  rtol {row['rtol']:.0e}: accuracy {row['test_accuracy']:.4f}, NFE/batch "
                   f"{row['nfe_per_batch']:.1f}, {row['wall_ms_per_batch']:.1f} ms/batch", file=stream)
 
+        reg = run_regularizers(cfg, data, metrics["odenet"], odenet, stream) if cfg.regularizers else None
+
         plots: list[str] = []
         if cfg.plots:
             plots = _make_plots(cfg, out, metrics, [adaptive, adaptive_tight], sweep, stream)
@@ -576,6 +730,8 @@ def train(cfg: DigitsConfig, *, stream: Any = None) -> dict[str, Any]:
             "machine": platform.machine(),
             "plots": plots,
         }
+        if reg is not None:
+            metrics["extras"]["regularizers"] = reg
     finally:
         torch.set_num_threads(old_threads)
 
@@ -584,7 +740,59 @@ def train(cfg: DigitsConfig, *, stream: Any = None) -> dict[str, Any]:
     (out / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n")
     print(f"done in {wall:.1f}s; wrote {out / 'metrics.json'}" + "".join(f", {p}" for p in plots), file=stream)
     print(format_table(metrics), file=stream)
+    if reg is not None:
+        print(format_regularizer_table(reg), file=stream)
     return metrics
+
+
+def run_regularizers(cfg: DigitsConfig, data: tuple[Tensor, ...], plain_metrics: dict[str, Any],
+                     plain: Classifier, stream: Any) -> dict[str, Any]:
+    """Train the ODE-Net with each of ``REG_VARIANTS`` (same seed, batches, epochs as the plain one) and
+    evaluate every variant, the plain one included, as a plain ODE-Net on ``t = (0, 1)``."""
+    _, _, x_te, y_te = data
+    tols = (cfg.rtol, cfg.adaptive_tight_rtol)
+    eval_cfg = DigitsConfig(**{**asdict(cfg), "sweep_rtols": tols})
+
+    def summary(model: Classifier, m: dict[str, Any]) -> dict[str, Any]:
+        at, tight = tolerance_sweep(model, x_te, y_te, eval_cfg)
+        return {"test_accuracy": at["test_accuracy"], "nfe_forward_end": m["extras"]["nfe_forward_last_epoch"],
+                "nfe_test_batch": at["nfe_per_batch"], "test_accuracy_tight": tight["test_accuracy"],
+                "nfe_test_batch_tight": tight["nfe_per_batch"], "train_seconds": m["train_seconds"],
+                "nfe_forward_mean": m["nfe_forward"], "nfe_backward_mean": m["nfe_backward"],
+                "epoch_test_accuracy": m["extras"]["epoch_test_accuracy"], "block": m["extras"]["block"]}
+
+    variants = {"plain": summary(plain, plain_metrics)}
+    for variant in cfg.reg_variants:
+        torch.manual_seed(cfg.seed)
+        model = build_regularized(variant, cfg)
+        m = train_model(variant, model, data, cfg, stream)
+        m["extras"]["block"] = _describe_block(variant, cfg)
+        variants[variant] = summary(model, m)
+        if model.block.parts:
+            variants[variant]["penalties_last_batch"] = model.block.parts
+    return {
+        "variants": variants,
+        "eval_rtol": cfg.rtol,
+        "eval_rtol_tight": cfg.adaptive_tight_rtol,
+        "eval_batch": cfg.eval_batch,
+        "weights": {"kinetic": cfg.reg_kinetic, "jacobian": cfg.reg_jacobian, "taylor": cfg.reg_taylor,
+                    "taylor_order": cfg.taylor_order, "steer_b": cfg.steer_b},
+        "notes": "nfe_forward_end: forward NFE per training batch, mean over the last epoch (rnode/taynode count "
+                 "evaluations of the augmented field, steer solves to its random end time); nfe_test_batch: "
+                 "plain solve on t=(0,1) per test batch of eval_batch at rtol=atol=eval_rtol (_tight: at "
+                 "eval_rtol_tight); same seed, initialisation, batch order and epochs for every variant",
+    }
+
+
+def format_regularizer_table(reg: dict[str, Any]) -> str:
+    tight = f"{reg['eval_rtol_tight']:g}"
+    lines = [f"| ODE-Net variant | test acc | NFE fwd / train batch (last epoch) | NFE / test batch "
+             f"(rtol {reg['eval_rtol']:g}) | test acc ({tight}) | NFE / test batch ({tight}) | train (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, v in reg["variants"].items():
+        lines.append(f"| {name} | {v['test_accuracy']:.4f} | {v['nfe_forward_end']:.1f} | {v['nfe_test_batch']:.1f} "
+                     f"| {v['test_accuracy_tight']:.4f} | {v['nfe_test_batch_tight']:.1f} | {v['train_seconds']:.1f} |")
+    return "\n".join(lines)
 
 
 def _json_safe(obj: Any) -> Any:
