@@ -28,7 +28,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from neurodyn import AugmentedNeuralODE, solve
+from neurodyn.demos._common import config_from_args as _config_from_args
 from neurodyn.progress import Progress
 
 NAME = "circles"
@@ -98,12 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> CirclesConfig:
-    names = {f.name for f in fields(CirclesConfig)}
-    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    cfg = CirclesConfig(**given)
-    if cfg.quick:
-        cfg = replace(cfg, **{k: v for k, v in QUICK.items() if given.get(k) is None})
-    return cfg
+    return _config_from_args(CirclesConfig, args, QUICK)
 
 
 # ------------------------------------------------------------------------------------------------- data
