@@ -331,6 +331,8 @@ def step_outputs(solver: ExplicitRungeKutta, term: ODETerm, st: Step, co, interp
 
 def vmapped(x: Tensor) -> bool:
     """True inside ``torch.func.vmap`` (a batched tensor): no host-side decision may read its values."""
+    if torch.compiler.is_compiling():  # dynamo traces fake tensors; nothing is vmapped there
+        return False
     ft = torch._C._functorch
     while ft.is_functorch_wrapped_tensor(x):  # e.g. jacrev inside vmap: a grad wrapper around a batched one
         if ft.is_batchedtensor(x):
