@@ -242,10 +242,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is not available in this torch build")
 def test_ddp_matches_single_process(tmp_path):
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
     import signal
 
     sys.path.insert(0, str(HERE))
