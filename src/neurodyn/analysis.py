@@ -32,6 +32,16 @@ def _field(func: Callable, autonomous: bool | None) -> Callable[[Tensor, Tensor]
     return func if takes_time else (lambda t, z: func(z))
 
 
+def _resolve_per_sample(ys: Tensor, per_sample: bool | None) -> bool:
+    """Per-sample analysis by default for batched states (T, B, *features); checked when forced."""
+    state_dims = ys.dim() - 1
+    per_sample = state_dims >= 2 if per_sample is None else bool(per_sample)
+    if per_sample and state_dims < 2:
+        raise InputError(f"per_sample=True needs a batched state (B, *features), got state shape "
+                         f"{tuple(ys.shape[1:])}.")
+    return per_sample
+
+
 def _check_traj(t: Any, ys: Any) -> tuple[Tensor, Tensor]:
     if not isinstance(ys, Tensor) or not ys.is_floating_point() or ys.dim() < 2:
         raise InputError("ys must be a real floating-point tensor of shape (T, *state) (a trajectory, e.g. sol.ys); "
@@ -108,11 +118,7 @@ def jacobian_spectrum(func: Callable, t: Tensor, ys: Tensor, *, per_sample: bool
     """
     f = _field(func, autonomous)
     t, ys = _check_traj(t, ys)
-    state_dims = ys.dim() - 1
-    per_sample = state_dims >= 2 if per_sample is None else bool(per_sample)
-    if per_sample and state_dims < 2:
-        raise InputError(f"per_sample=True needs a batched state (B, *features), got state shape "
-                         f"{tuple(ys.shape[1:])}.")
+    per_sample = _resolve_per_sample(ys, per_sample)
     with torch.no_grad():
         jacs = torch.stack([_jacobians(f, t[i], ys[i], per_sample) for i in range(ys.shape[0])])
         return _sort_eigs(torch.linalg.eigvals(jacs))
@@ -196,11 +202,7 @@ def lipschitz_estimate(func: Callable, t: Tensor, ys: Tensor, iters: int = 20, *
         raise InputError(f"iters must be an integer >= 1, got {iters!r}.")
     f = _field(func, autonomous)
     t, ys = _check_traj(t, ys)
-    state_dims = ys.dim() - 1
-    per_sample = state_dims >= 2 if per_sample is None else bool(per_sample)
-    if per_sample and state_dims < 2:
-        raise InputError(f"per_sample=True needs a batched state (B, *features), got state shape "
-                         f"{tuple(ys.shape[1:])}.")
+    per_sample = _resolve_per_sample(ys, per_sample)
 
     def rows(x: Tensor) -> Tensor:  # norms per sample (B, 1, ...) or of the whole state (0-dim)
         if not per_sample:

@@ -66,7 +66,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..errors import InputError
-from .explicit_rk import Step
+from .explicit_rk import ExplicitRungeKutta, Step
 from .implicit_tableaus import IMPLICIT_TABLEAUS, ImplicitTableau
 
 Term = Callable[[float, Tensor], Tensor]
@@ -915,11 +915,9 @@ class ImplicitRungeKutta:
         return _AdjointSolve(g_of, Zstar, precond_t, st.stats)
 
     # -- dense output ------------------------------------------------------------------------------
-    def end_derivative(self, term: Term, st: Step) -> Tensor:
-        """dy/dt at the end of an accepted step (the last stage derivative for stiffly accurate DIRKs)."""
-        if st.f1 is None:
-            st.f1 = st.k[-1] if self.fsal else term(st.t0 + st.h, st.y1).reshape(-1)
-        return st.f1
+    # dy/dt at the end of an accepted step: the explicit stepper's rule (the last stage derivative when
+    # ``fsal``, which holds for stiffly accurate DIRKs).
+    end_derivative = ExplicitRungeKutta.end_derivative
 
     def interpolate_floats(self, term: Term, st: Step, thetas: list[float], co: _ImplicitCoefficients,
                            interp: str = "auto") -> Tensor:
