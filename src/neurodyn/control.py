@@ -100,6 +100,44 @@ class _ControllerState:
         return h_abs * min(1.0, max(self.dfactor, factor))
 
 
+class StepperController(PIDController):
+    """The step sizes a stepper proposes itself, for methods that choose their order and step together (``bdf``).
+
+    After every attempt the loop asks the stepper (``stepper.propose_step(h_abs, ratio, accepted)``); where it
+    has no proposal (a step it did not take, e.g. an adjoint solved with another method) PI control with this
+    controller's settings applies. Methods that have one return it from ``default_controller()``, which
+    :func:`neurodyn.solve` uses unless a ``controller`` is given.
+
+    Parameters
+    ----------
+    stepper : object
+        With ``begin_control()`` (an integration starts) and ``propose_step(h_abs, ratio, accepted) -> float |
+        None``.
+    **pid :
+        :class:`PIDController` settings of the fallback.
+    """
+
+    def __init__(self, stepper, **pid) -> None:
+        super().__init__(**pid)
+        self.stepper = stepper
+
+    def start(self, error_order: int) -> _ControllerState:
+        self.stepper.begin_control()
+        return _StepperControlState(self, error_order + 1)
+
+
+class _StepperControlState(_ControllerState):
+    __slots__ = ("stepper",)
+
+    def __init__(self, c: StepperController, k: int):
+        super().__init__(c, k)
+        self.stepper = c.stepper
+
+    def propose(self, h_abs: float, ratio: float, accepted: bool) -> float:
+        h = self.stepper.propose_step(h_abs, ratio, accepted)
+        return super().propose(h_abs, ratio, accepted) if h is None else h
+
+
 ErrorRatio = Callable[[Tensor, Tensor, Tensor, float], float]
 
 

@@ -292,13 +292,16 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
                     message = (f"step size underflow at t={t:.6g}: the step fell below {floor}"
                                f" (last {abs(h):.3g}). The solution may blow up near t={t:.6g}, or the "
                                f"problem is stiff: loosen rtol/atol, check the vector field for a "
-                               f"singularity, or use an implicit method.")
+                               f"singularity, or use method='auto' (switches to an implicit method when it "
+                               f"detects stiffness) or an implicit method ('radau', 'kvaerno5').")
                 break
         if attempts >= max_steps and status == _sol.SUCCESS:
             status = _sol.MAX_STEPS_REACHED
             message = (f"max_steps={max_steps} reached at t={t:.6g} of [{t0:.6g}, {t_end:.6g}] "
                        f"({steps} accepted, {rejected} rejected). Raise max_steps, loosen rtol/atol, or, "
-                       f"if the steps are tiny because the problem is stiff, use an implicit method.")
+                       f"if the steps are tiny because the problem is stiff, use method='auto' (switches "
+                       f"to an implicit method when it detects stiffness) or an implicit method ('radau', "
+                       f"'kvaerno5').")
             break
 
     return LoopResult(outs=outs, status=status, t_final=t, y_final=y, steps=steps, rejected=rejected,

@@ -70,15 +70,19 @@ def _adjoint_field(func: Callable, shape, params: list[Tensor], n: int, t_dtype,
             y, a = zf[:n], zf[n:2 * n]
         else:
             y, a = y_of_t(float(t)).reshape(-1), zf[:n]
+        # Differentiable in z when z requires grad (an implicit method's Jacobian of this field by reverse passes).
+        # Not under torch.func: its transforms would miss the parameter channels (wrong, silently), so the
+        # requires_grad_ below makes them fail instead and the Jacobian comes from plain autograd.
+        diff = z.requires_grad and torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(z)
         with torch.enable_grad():
-            yv = y.detach().view(shape).requires_grad_(True)
+            yv = y.view(shape) if diff and y.requires_grad else y.detach().view(shape).requires_grad_(True)
             fy = func(t, yv)
             grads = torch.autograd.grad(fy, (yv, *params), -a.view(shape), allow_unused=True,
-                                        materialize_grads=False)
+                                        materialize_grads=False, create_graph=diff)
         parts = [grads[0].reshape(-1) if grads[0] is not None else torch.zeros_like(a),
                  flat_cat(grads[1:], params).to(z.dtype) if params else z.new_zeros(0)]
         if y_of_t is None:
-            parts.insert(0, fy.detach().reshape(-1))
+            parts.insert(0, fy.reshape(-1) if diff else fy.detach().reshape(-1))
         return torch.cat(parts).view(1, -1)
 
     return aug

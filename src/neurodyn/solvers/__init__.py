@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ..errors import InputError
 from .adams import ADAMS_METHODS, make_adams
+from .auto import AutoSwitch, make_auto
+from .bdf import BDF, make_bdf
 from .explicit_rk import ExplicitRungeKutta
 from .implicit_rk import ImplicitRungeKutta, implicit_solver
 from .implicit_tableaus import IMPLICIT_TABLEAUS, ImplicitTableau
@@ -18,6 +20,8 @@ _FACTORIES = {name: make_symplectic for name in _SYMPLECTIC}
 _FRESH = {name: make_adams for name in ADAMS_METHODS}
 # Implicit RK methods keep a Jacobian and factorisations across steps: a fresh stepper per solve too.
 _FRESH.update(dict.fromkeys(IMPLICIT_TABLEAUS, ImplicitRungeKutta))
+_FRESH["bdf"] = make_bdf  # multistep and implicit: history, Jacobian and factorisations per solve
+_FRESH["auto"] = make_auto  # explicit/implicit switching: a switching state and an implicit stepper per solve
 
 
 def available_methods() -> list[str]:
@@ -43,5 +47,5 @@ def get_solver(method: str) -> ExplicitRungeKutta:
     return s
 
 
-__all__ = ["ButcherTableau", "ExplicitRungeKutta", "IMPLICIT_TABLEAUS", "ImplicitRungeKutta", "ImplicitTableau",
-           "TABLEAUS", "available_methods", "get_solver", "implicit_solver"]
+__all__ = ["AutoSwitch", "BDF", "ButcherTableau", "ExplicitRungeKutta", "IMPLICIT_TABLEAUS", "ImplicitRungeKutta",
+           "ImplicitTableau", "TABLEAUS", "available_methods", "get_solver", "implicit_solver"]

@@ -11,8 +11,9 @@ Newton
 Simplified Newton on the stage equations (DIRK methods: stage by stage, each started one Newton step away
 from the previous stage; coupled methods: all stages, started from the extrapolated collocation polynomial
 of the last accepted step as RADAU5 does), with the Jacobian ``J = df/dy`` from autograd
-(``torch.func.jacrev``), block-diagonal per sample with ``jac="batched"`` for a ``(B, D)`` state whose rows
-are independent problems, by forward differences (``jac="fd"``), or from a user callable
+(``torch.func.jacrev``; plain reverse passes, one per row, when ``torch.func`` cannot transform ``f``),
+block-diagonal per sample with ``jac="batched"`` for a ``(B, D)`` state whose rows are independent problems, by
+forward differences (``jac="fd"``), or from a user callable
 ``jac(t, y) -> (n, n) | (B, D, D)``. ``J`` is kept across steps until Newton converges slowly
 (contraction rate above ``jac_rate``) or fails; the LU factorisations of the iteration matrices
 (``torch.linalg.lu_factor``) are kept across stages and steps until ``J`` changes or ``h`` moves by more
@@ -276,8 +277,10 @@ class ImplicitRungeKutta:
         block-diagonal per-sample Jacobian (one reverse pass per state dimension ``D``, whatever ``B``),
         forward differences (``n`` or ``D`` extra evaluations of ``f``, counted in ``nfe``), or
         ``jac(t, y) -> Tensor`` with ``t`` 0-dim and ``y`` in the state's shape, returning ``(n, n)`` or
-        ``(B, D, D)``. If autograd fails on ``f`` (e.g. a vector field that calls ``torch.autograd.grad``),
-        forward differences are used with a warning.
+        ``(B, D, D)``. If ``torch.func`` cannot transform ``f`` (e.g. a vector field that calls
+        ``torch.autograd.grad``, as the adjoint's augmented field does), plain autograd takes one reverse pass per
+        row (still exact, no warning); only an ``f`` not differentiable at all falls back to forward
+        differences, with a warning.
     rtol, atol : float or Tensor, optional
         The tolerances of Newton's norm; pass the solve's (default ``1e-7``/``1e-9``, ``solve``'s defaults).
     newton_tol : float, optional
@@ -382,6 +385,11 @@ class ImplicitRungeKutta:
         """Forget the Jacobian, factorisations and counters of the last solve."""
         self._state = None
 
+    def invalidate_jacobian(self) -> None:
+        """Recompute ``J`` at the next step (e.g. when another method advanced the solve since it was computed)."""
+        if self._state is not None:
+            self._state.need_jac = True
+
     def __repr__(self) -> str:
         jac = self.jac if isinstance(self.jac, str) else "callable"
         return f"ImplicitRungeKutta({self.name!r}, jac={jac!r}, rtol={self.rtol}, atol={self.atol})"
@@ -428,8 +436,8 @@ class ImplicitRungeKutta:
             st = self._state = _SolveState(term=term, dtype=y.dtype, device=y.device, stats=_new_stats())
         return st
 
-    def _tolerances(self, y: Tensor) -> tuple[Tensor | float, float]:
-        """(scale for Newton's norm (without |y|), newton_tol)."""
+    def _user_tolerances(self, y: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """The stepper's ``(rtol, atol)`` as floats or ``(1, n)`` rows for a state ``y`` of shape ``(1, n)``."""
         n = y.shape[1]
 
         def as_row(v):
@@ -439,7 +447,31 @@ class ImplicitRungeKutta:
                 return float(v.min())  # e.g. the augmented state of an adjoint solve
             return float(v)
 
-        rtol, atol = as_row(self.rtol), as_row(self.atol)
+        return as_row(self.rtol), as_row(self.atol)
+
+    def _error_factor(self, rtol: Tensor | float) -> Tensor | float:
+        """``rtol / rtol'``: how much tighter than the user's the method's internal tolerances are (1 for most).
+
+        A method that advances its lower-order solution (``trbdf2``) has a global error that grows like
+        ``rtol^(p/(p+1))`` under error-per-step control; below ``tableau.proportional_below = r0`` it runs at
+        ``rtol' = r0 (rtol / r0)^((p+1)/p)``, ``atol' = atol rtol' / rtol`` so that the global error follows
+        ``rtol`` (RADAU5 transforms its tolerances the same way, in the other direction). Multiplying the error
+        estimate by this factor is exactly that transformation in the loop's norm.
+        """
+        r0 = self.tableau.proportional_below
+        if r0 is None:
+            return 1.0
+        q = 1.0 / self.order
+        if isinstance(rtol, Tensor):
+            return (r0 / rtol.clamp(min=1e-300)).pow(q).clamp(min=1.0).masked_fill(rtol <= 0, 1.0)
+        return max(1.0, (r0 / rtol) ** q) if rtol > 0 else 1.0
+
+    def _tolerances(self, y: Tensor) -> tuple[Tensor | float, float]:
+        """(scale for Newton's norm (without |y|), newton_tol), in the method's internal tolerances."""
+        rtol, atol = self._user_tolerances(y)
+        if self.tableau.proportional_below is not None:
+            f = self._error_factor(rtol)
+            rtol, atol = rtol / f, atol / f
         rmin = float(rtol.min()) if isinstance(rtol, Tensor) else rtol
         eps = torch.finfo(y.dtype).eps
         tol = self.newton_tol
@@ -478,7 +510,11 @@ class ImplicitRungeKutta:
         if mode != "fd":
             try:
                 return self._jac_autograd(term.func, tt, y, shape, batch)
-            except Exception as exc:  # not differentiable by torch.func: forward differences
+            except Exception:  # not transformable by torch.func (e.g. f calls torch.autograd itself)
+                pass
+            try:  # plain autograd, one reverse pass per row: exact, no functorch
+                return self._jac_reverse(term.func, tt, y, shape, batch)
+            except Exception as exc:  # not differentiable at all: forward differences
                 if not st.fd_warned:
                     st.fd_warned = True
                     warnings.warn(f"implicit method {self.name!r}: autograd Jacobian failed ({type(exc).__name__}: "
@@ -501,6 +537,30 @@ class ImplicitRungeKutta:
             return func(tt, v.view(shape)).reshape(batch, d).sum(0)
         with torch.no_grad():
             jt = torch.func.jacrev(gs)(y.reshape(-1)).detach()  # (D, n): [i, b*D + j]
+        return jt.view(d, batch, d).permute(1, 0, 2).contiguous()
+
+    @staticmethod
+    def _jac_reverse(func: Callable, tt: Tensor, y: Tensor, shape: tuple, batch: int | None) -> Tensor:
+        """:meth:`_jac_autograd` without ``torch.func``: one ``torch.autograd.grad`` reverse pass per row of
+        ``J`` (``n`` rows, or ``D`` for the per-sample ``(B, D, D)`` layout), for vector fields that call
+        ``torch.autograd`` themselves (the adjoint's augmented field). Raises ``RuntimeError`` when ``f`` is not
+        connected to ``y`` in the autograd graph (e.g. it detaches ``y``): its Jacobian is not available."""
+        n = y.shape[1]
+        d = n if batch is None else n // batch
+        with torch.enable_grad():
+            v = y.detach().reshape(-1).requires_grad_(True)
+            out = func(tt, v.view(shape)).reshape(-1)
+            if batch is not None:  # rows independent: d(sum over samples of f_b)/dy_b = J_b
+                out = out.view(batch, d).sum(0)
+            if not out.requires_grad:
+                raise RuntimeError("f(t, y) is not connected to y in the autograd graph")
+            rows = []
+            for i in range(d):
+                (g,) = torch.autograd.grad(out[i], v, retain_graph=i + 1 < d, allow_unused=True)
+                rows.append(torch.zeros_like(v) if g is None else g)
+        jt = torch.stack(rows).detach()  # (d, n)
+        if batch is None:
+            return jt.contiguous()
         return jt.view(d, batch, d).permute(1, 0, 2).contiguous()
 
     def _jac_fd(self, term: Any, t: float, y: Tensor, layout: _Layout) -> Tensor:
@@ -777,6 +837,8 @@ class ImplicitRungeKutta:
                 if self.tableau.filter_error:
                     err = st.layout.solve(lus[-1], err)
                     st.stats["linear_solves"] += 1
+                if self.tableau.proportional_below is not None:
+                    err = err * self._error_factor(self._user_tolerances(y)[0])
 
         if self._needs_grad(y, k1):
             Kg = [k1.reshape(1, n)] if first else []
