@@ -92,7 +92,144 @@ def test_bad_input():
     t = torch.linspace(0, 1, 3, dtype=F64)
     with pytest.raises(neurodyn.InputError, match="adaptive"):
         neurodyn.solve(lambda tt, y: -y, y0, t, method="rk4", step_size=0.1, per_sample_steps=True)
-    with pytest.raises(neurodyn.InputError, match="gradient"):
-        neurodyn.solve(lambda tt, y: -y, y0, t, gradient="adjoint", per_sample_steps=True)
+    with pytest.raises(neurodyn.InputError, match="not the times"):
+        neurodyn.solve(lambda tt, y: -y, y0, t.clone().requires_grad_(True), gradient="adjoint", per_sample_steps=True)
+    with pytest.raises(neurodyn.InputError, match="adjoint_method"):
+        neurodyn.solve(lambda tt, y: -y, y0, t, gradient="adjoint", adjoint_method="rk4", per_sample_steps=True)
     with pytest.raises(neurodyn.InputError, match="one row per sample"):
         neurodyn.solve(lambda tt, y: -y, y0, torch.zeros(3, 3, dtype=F64), per_sample_steps=True)
+
+
+def test_rows_in_both_directions_match_scipy():
+    """Per-sample times may run forward for some rows and backward for others (a time-dependent field)."""
+    w = torch.tensor([[0.3, -1.0], [1.0, -0.2]], dtype=F64)
+    y0 = torch.tensor([[1.0, 0.0], [0.2, 0.5], [2.0, -1.0]], dtype=F64)
+    t = torch.tensor([[0.0, 0.5, 1.0], [1.0, 0.3, -0.5], [0.0, 2.0, 3.0]], dtype=F64)
+    sol = neurodyn.solve(lambda tt, y: torch.tanh(y @ w) * (1 + 0.1 * tt.view(-1, 1)), y0, t, rtol=1e-10,
+                         atol=1e-12, per_sample_steps=True)
+    wn = w.numpy()
+    for b in range(3):
+        ref = solve_ivp(lambda tt, y: np.tanh(y @ wn) * (1 + 0.1 * tt), (float(t[b, 0]), float(t[b, -1])),
+                        y0[b].numpy(), t_eval=t[b].numpy(), method="DOP853", rtol=1e-12, atol=1e-13)
+        assert np.abs(ref.y.T - sol.ys[:, b].numpy()).max() < 1e-8
+    assert abs(float(sol.t_final_per_sample[1]) + 0.5) < 1e-15
+
+
+def test_per_row_tolerances_and_a_row_with_nonfinite_start():
+    """A (B, n) tolerance acts per row; a row whose derivative is NaN at the start stops there alone."""
+    a = torch.tensor([[-1.0], [-2.0], [-0.5]], dtype=F64)
+    t = torch.linspace(0, 2, 5, dtype=F64)
+    rtol = torch.tensor([[1e-3], [1e-10], [1e-6]], dtype=F64)
+    sol = neurodyn.solve(lambda tt, y: a * y, torch.ones(3, 1, dtype=F64), t, rtol=rtol, atol=1e-12,
+                         per_sample_steps=True)
+    err = (sol.ys[:, :, 0] - torch.exp(a.view(1, 3) * t.view(-1, 1))).abs().max(0).values
+    steps = sol.stats["steps_per_sample"]
+    assert err[1] < 1e-9 < err[0] and steps[0] < steps[2] < steps[1]
+
+    def f(tt, y):
+        return torch.cat([-y[:1], torch.log(y[1:2] - 2.0), -y[2:]])  # row 1: log of a negative number
+
+    sol = neurodyn.solve(f, torch.ones(3, 1, dtype=F64), t, per_sample_steps=True, on_failure="return")
+    assert sol.sample_status == ["success", "non_finite", "success"]
+    assert float(sol.t_final_per_sample[1]) == 0.0 and sol.stats["steps_per_sample"][1] == 0
+    assert torch.allclose(sol.ys[-1, 2, 0], torch.exp(torch.tensor(-2.0, dtype=F64)), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient methods with per-sample steps
+# ----------------------------------------------------------------------------------------------
+def _mlp_rows():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, t, y):
+            return self.net(y) * (1 + 0.2 * t.view(-1, 1))
+
+    return Field(), torch.randn(4, 3, dtype=F64), torch.randn(5, 4, 3, dtype=F64)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint", "interpolated"])
+@pytest.mark.parametrize("method", ["dopri5", "dopri8", "bosh3", "adaptive_heun"])
+def test_gradient_methods_match_direct(gradient, method):
+    """Every gradient method agrees with autograd through the per-sample loop; checkpoint replays the same
+    computation (equal to rounding), the continuous adjoints to the tolerance."""
+    field, y0, weights = _mlp_rows()
+    y0.requires_grad_(True)
+    t = torch.tensor([[0.0, 0.3, 0.6, 1.0, 1.5]] * 2 + [[0.0, -0.2, -0.5, -0.7, -1.0]] * 2, dtype=F64)
+    rtol = 1e-6 if method == "adaptive_heun" else 1e-9
+    grads = {}
+    for g in ("direct", gradient):
+        sol = neurodyn.solve(field, y0, t, method=method, rtol=rtol, atol=rtol * 1e-2, per_sample_steps=True,
+                             gradient=g, checkpoints=3)
+        assert sol.stats["gradient"] == g
+        out = torch.autograd.grad((sol.ys * weights).sum(), [y0, *field.parameters()])
+        grads[g] = torch.cat([x.reshape(-1) for x in out])
+    scale = grads["direct"].abs().max()
+    tol = 1e-12 if gradient == "checkpoint" else (2e-4 if method == "adaptive_heun" else 1e-6)
+    assert (grads[gradient] - grads["direct"]).abs().max() <= tol * scale
+
+
+@pytest.mark.parametrize("gradient", ["direct", "adjoint", "checkpoint", "interpolated"])
+def test_gradient_methods_match_finite_differences(gradient):
+    """d(loss)/d(w, y0) against central differences of tight per-sample solves (a closure: params=[w])."""
+    w = torch.tensor([[0.3, -1.0], [1.0, -0.2]], dtype=F64, requires_grad=True)
+    y0 = torch.tensor([[1.0, 0.0], [0.2, 0.5], [-1.0, 2.0]], dtype=F64, requires_grad=True)
+    t = torch.linspace(0, 1.5, 4, dtype=F64)
+    mu = torch.tensor([[0.5], [1.0], [3.0]], dtype=F64)  # rows differ in stiffness: different steps
+    weights = torch.randn(4, 3, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+
+    def loss(w_, y0_, g="direct", rtol=1e-12):
+        sol = neurodyn.solve(lambda tt, y: mu * torch.tanh(y @ w_), y0_, t, rtol=rtol, atol=rtol * 1e-2,
+                             per_sample_steps=True, gradient=g, params=[w_])
+        return (sol.ys * weights).sum()
+
+    gw, gy = torch.autograd.grad(loss(w, y0, gradient, 1e-10), (w, y0))
+    eps = 1e-6
+    with torch.no_grad():
+        for x, gx in ((w, gw), (y0, gy)):
+            for i in range(x.numel()):
+                xp, xm = x.clone(), x.clone()
+                xp.view(-1)[i] += eps
+                xm.view(-1)[i] -= eps
+                args_p, args_m = ((xp, y0), (xm, y0)) if x is w else ((w, xp), (w, xm))
+                fd = (loss(*args_p) - loss(*args_m)) / (2 * eps)
+                assert abs(float(gx.view(-1)[i]) - float(fd)) < 1e-6 * (1 + abs(float(fd)))
+
+
+def test_adjoint_backward_steps_per_sample_and_reports():
+    """The backward solve steps per sample too (the stiffer row takes more backward steps); its stats are
+    reported, and another adjoint method may be used."""
+    mu = torch.tensor([0.5, 3.0], dtype=F64, requires_grad=True)
+    y0 = torch.tensor([[2.0, 0.0], [2.0, 0.0]], dtype=F64, requires_grad=True)
+    t = torch.linspace(0, 1, 3, dtype=F64)
+    f = _vdp_batch(mu)
+    ref = torch.autograd.grad(neurodyn.solve(f, y0, t, rtol=1e-10, atol=1e-12, per_sample_steps=True).ys.sum(),
+                              (mu, y0))
+    sol = neurodyn.solve(f, y0, t, rtol=1e-10, atol=1e-12, per_sample_steps=True, gradient="adjoint",
+                         adjoint_method="tsit5", params=[mu])
+    got = torch.autograd.grad(sol.ys.sum(), (mu, y0))
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-9)
+    back = sol.stats["steps_backward_per_sample"]
+    assert back[1] > back[0] > 0 and sol.stats["nfe_backward"] > 0 and sol.stats["adjoint_drift"] < 1e3
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint", "interpolated"])
+def test_failed_sample_cannot_be_differentiated(gradient):
+    """A per-sample solve with a failed row returns its partial solution, and its backward pass says why it stops."""
+    w = torch.tensor([1.0], dtype=F64, requires_grad=True)
+
+    def f(t, y):  # row 1 blows up at t = 1 (y' = y^2 from 1)
+        return torch.cat([-w * y[:1], y[1:2] ** 2])
+
+    sol = neurodyn.solve(f, torch.ones(2, 1, dtype=F64), torch.tensor([0.0, 0.5, 2.0], dtype=F64),
+                         per_sample_steps=True, gradient=gradient, params=[w], on_failure="return")
+    assert sol.sample_status[0] == "success" and sol.sample_status[1] != "success"
+    assert abs(float(sol.ys[1, 1, 0].detach()) - 2.0) < 1e-5
+    with pytest.raises(neurodyn.SolveFailure, match="cannot differentiate"):
+        sol.ys[:2].sum().backward()

@@ -3,18 +3,25 @@
 The leading dimension of the state holds independent problems. Each row has its own time, step size,
 accept/reject decision, output times, status and statistics, so an easy sample takes large steps while
 a hard one takes small ones, instead of the whole batch sharing the step size of the hardest. Every
-step still evaluates the vector field once per stage on the whole batch (rows that have finished are
-frozen), so it pays off when the rows' difficulties differ.
+step still evaluates the vector field once per stage on the whole batch (``func`` sees the batch it was
+given; rows that have finished are frozen with a zero step), so it pays off when the rows' difficulties
+differ.
 
-This is the vectorised form of the loop in ``integrate.py``, over the same stepper and tableau data:
-``ExplicitRungeKutta.step_rows`` / ``interpolate_rows`` do the arithmetic; the controller and the error
-norm are the same formulas, evaluated per row.
+This is the vectorised form of the loop in ``integrate.py``, over the same stepper and tableau data
+(``ExplicitRungeKutta.step_rows`` / ``interpolate_rows``); the controller and the error norm are the same
+formulas, evaluated per row. The loop is written for few tensor operations per step: the stages are kept
+multiplied by each row's step so every stage combination is one ``addmm``; decisions are masks
+(``torch.where``), never index gathers of the active rows; the only host synchronisation per step is one
+small read that decides whether to continue, whether any row needs an output and whether any row failed.
+
+:func:`integrate_rows` is the loop itself, shared by the gradient methods (``gradients/per_sample.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -25,185 +32,478 @@ from .integrate import LoopConfig, real_dtype
 from .solution import Solution
 from .solvers.explicit_rk import ExplicitRungeKutta
 
-_STATUS_CODES = [_sol.SUCCESS, _sol.MAX_STEPS_REACHED, _sol.STEP_SIZE_UNDERFLOW, _sol.NON_FINITE]
+RowTerm = Callable[[Tensor, Tensor], Tensor]  # (t of shape (B,), y of shape (B, n)) -> dy/dt of shape (B, n)
+
+# Per-row status codes (index into STATUS_CODES).
+STATUS_CODES = [_sol.SUCCESS, _sol.MAX_STEPS_REACHED, _sol.STEP_SIZE_UNDERFLOW, _sol.NON_FINITE]
+_MAX_STEPS, _UNDERFLOW, _NON_FINITE = 1, 2, 3
+_LAND = 1.0 + 1e-7  # land on the end when within this factor of the step (as integrate.py)
 
 
-def _row_ratio(err: Tensor, y0: Tensor, y1: Tensor, h: Tensor, rtol, atol) -> Tensor:
-    """Per-row error ratio (RMS, or DOP853's combination for two estimates); ``(B,)``, detached."""
+class StepHooks:
+    """Callbacks of :func:`integrate_rows` around every attempted step (default: nothing).
+
+    ``start_step()`` runs before the stages are evaluated; ``end_step`` after the error control decided,
+    with the rows' start times ``t`` (``(B,)``), start states ``y`` (``(B, n)``), signed steps ``h`` (``(B,)``,
+    float64; 0 for rows that have finished), the accepted rows ``accept``, the step's end states ``y1``,
+    its ``h``-scaled stages ``kh`` (``(s, B, n)``; a reused buffer: copy what must outlive the call) and
+    the unscaled derivative ``f_last`` of its last stage.
+    """
+
+    def start_step(self) -> None:
+        """Called before every attempted step."""
+
+    def end_step(self, t: Tensor, y: Tensor, h: Tensor, accept: Tensor, y1: Tensor, kh: Tensor,
+                 f_last: Tensor) -> None:
+        """Called after every attempted step."""
+
+
+@dataclass
+class RowLog:
+    """What a replay of the loop needs (``gradient="checkpoint"``): each step's ``h``, end time and accepted
+    rows, and the loop state ``(y, t, out_slot)`` at the start of every ``stride``-th step, the stride doubling
+    whenever more than ``limit`` states would be kept."""
+
+    limit: int
+    h: list[Tensor] = field(default_factory=list)
+    t1: list[Tensor] = field(default_factory=list)
+    accept: list[Tensor] = field(default_factory=list)
+    states: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+    stride: int = 1
+
+    def record(self, h: Tensor, t1: Tensor, accept: Tensor, y: Tensor, t: Tensor, out_slot: Tensor) -> None:
+        j = len(self.h)
+        self.h.append(h)
+        self.t1.append(t1)
+        self.accept.append(accept)
+        if j % self.stride == 0:
+            self.states[j] = (y.detach(), t, out_slot)
+            if len(self.states) > max(2, self.limit):
+                self.stride *= 2
+                self.states = {i: v for i, v in self.states.items() if i % self.stride == 0}
+
+
+@dataclass
+class RowsResult:
+    """What :func:`integrate_rows` returns."""
+
+    ys: Tensor  # (T, B, n); NaN where a row failed before the output time
+    y: Tensor  # (B, n): each row's state at its time reached
+    t: Tensor  # (B,) float64: time reached
+    status: Tensor  # (B,) long: index into STATUS_CODES
+    steps: Tensor  # (B,) accepted steps
+    attempts: Tensor  # (B,) attempted steps
+    n_valid: Tensor  # (B,) outputs filled
+    nfe: int  # vector-field calls (each on the whole batch)
+    first_step: Tensor  # (B,) float64
+    next_step: Tensor  # (B,) float64: the controller's proposal after the last step (to continue from)
+
+
+class _Frame:
+    """The constant data of one per-sample integration and its output buffer (flat ``((T + 1) B, n)``: one
+    block per output time, and a last block that takes the writes of rows with nothing to write)."""
+
+    def __init__(self, term: RowTerm, solver: ExplicitRungeKutta, y0: Tensor, times: Tensor, d: float):
+        self.term, self.solver, self.d = term, solver, d
+        self.b, self.n = y0.shape
+        self.n_out = times.shape[1]
+        self.co = solver.coefficients(y0.dtype, y0.device)
+        self.rdt = real_dtype(y0.dtype)
+        self.rows = torch.arange(self.b, device=y0.device)
+        # Next-output times; the last output is the end state itself, never interpolated: a sentinel beyond it.
+        # Output slots are flat positions ``index * B + row`` in the output buffer and in ``times_flat``.
+        pad = times.clone()
+        pad[:, -1] = d * math.inf
+        self.times_flat = pad.t().contiguous().view(-1)
+        self.trash = self.rows + self.n_out * self.b
+        self.t_end = times[:, -1].contiguous()
+
+    def new_outputs(self, y0: Tensor | None, like: Tensor) -> Tensor:
+        buf = like.new_full(((self.n_out + 1) * self.b, self.n), math.nan if y0 is not None else 0.0)
+        if y0 is not None:
+            buf[: self.b] = y0
+        return buf
+
+    def passed(self, next_out: Tensor, t: Tensor) -> Tensor:
+        """Rows whose next output time lies at or behind ``t``."""
+        return next_out <= t if self.d > 0 else next_out >= t
+
+    def write_outputs(self, buf: Tensor, need: Tensor, out_slot: Tensor, next_out: Tensor, t_prev: Tensor,
+                      t_cur: Tensor, h: Tensor, hc: Tensor, y_prev: Tensor, y1: Tensor, kh: Tensor,
+                      f_last: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Write every output time inside the step ``(t_prev, t_cur]`` of the rows in ``need`` (the method's dense
+        output, vectorised over rows; one pass per output a step contains). Returns the new ``out_slot``,
+        ``next_out`` and the number of extra vector-field calls (dense-output stages)."""
+        solver, co, b = self.solver, self.co, self.b
+        kf = solver.dense_stages_rows(self.term, t_prev, h, hc, y_prev, kh, co)
+        fh1 = f_last * hc if co.dense_t is None else None
+        masked = kf.requires_grad  # under autograd the unused rows' values must be finite (0 * NaN = NaN)
+        while True:
+            theta = (next_out - t_prev) / h
+            if masked:
+                theta = torch.where(need, theta, 0.0)
+            vals = solver.interpolate_rows(y_prev, y1, kf, fh1, theta, co)
+            buf.index_copy_(0, torch.where(need, out_slot, self.trash), vals)
+            out_slot = torch.add(out_slot, need, alpha=b)
+            next_out = self.times_flat.take(out_slot)
+            need = self.passed(next_out, t_cur)
+            if not bool(need.any()):
+                return out_slot, next_out, len(co.extra_a)
+
+    def finish_outputs(self, buf: Tensor, y: Tensor, success: Tensor) -> Tensor:
+        """The outputs ``(T, B, n)``: the written ones and, for the rows that reached the end, the end state."""
+        b = self.b
+        last = torch.where(success.view(b, 1), y, buf.new_full((), math.nan))
+        return torch.cat([buf[: (self.n_out - 1) * b], last], 0).view(self.n_out, b, self.n)
+
+
+def _error_ratio(err: Tensor, y0: Tensor, y1: Tensor, rtol: Tensor, atol: Tensor, m: int) -> Tensor:
+    """Per-row ``RMS(err / (atol + rtol max(|y0|, |y1|)))`` over the first ``m`` components (``rtol``/``atol``
+    carry the ``1/sqrt(m)`` of the mean), or DOP853's combination of two estimates; ``(B,)``."""
+    if m < y0.shape[1]:
+        err, y0, y1 = err[..., :m], y0[:, :m], y1[:, :m]
+    q = err / torch.addcmul(atol, torch.maximum(y0.abs(), y1.abs()), rtol)
+    if q.shape[0] == 1:
+        return torch.linalg.vector_norm(q[0], dim=1)
+    sq = q.abs().square_().sum(2)
+    hi, deno = sq[0], sq[0] + 0.01 * sq[1]
+    return torch.where(deno == 0, torch.zeros_like(hi), hi / deno.sqrt())
+
+
+def _scaled_tol(tol: float | Tensor, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A tolerance over the first ``m`` components times ``sqrt(m)`` (so a plain norm gives the RMS)."""
+    t = tol[:, :m] if isinstance(tol, Tensor) else torch.tensor(tol, dtype=torch.float64, device=device)
+    return t.to(dtype) * math.sqrt(m)
+
+
+def _initial_step(term: RowTerm, t0: Tensor, y: Tensor, f0: Tensor, d: float, order: int, rtol: Tensor,
+                  atol: Tensor, max_step: float) -> Tensor:
+    """Hairer's starting step (as ``control.initial_step``) for every row; ``rtol``/``atol`` carry ``1/sqrt(n)``."""
+    scale = torch.addcmul(atol, y.abs(), rtol)
+    d0 = torch.linalg.vector_norm(y / scale, dim=1).to(torch.float64)
+    d1 = torch.linalg.vector_norm(f0 / scale, dim=1).to(torch.float64)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+    h0 = h0.clamp(max=max_step)
+    f1 = term(t0 + d * h0, y + (d * h0).to(y.dtype if not y.is_complex() else scale.dtype).view(-1, 1) * f0)
+    d2 = torch.linalg.vector_norm((f1 - f0) / scale, dim=1).to(torch.float64) / h0
+    big = torch.maximum(d1, d2)
+    h1 = torch.where(big <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / big) ** (1.0 / (order + 1)))
+    h = torch.minimum(torch.minimum(100 * h0, h1), torch.full_like(h0, max_step))
+    fallback = torch.where(torch.isfinite(h0), h0 * 1e-3, torch.full_like(h0, 1e-6))
+    return torch.where(torch.isfinite(d2), h, fallback)
+
+
+def _oriented(term: RowTerm, times: Tensor) -> tuple[RowTerm, Tensor, float, Tensor | None]:
+    """One direction of integration for all rows: ``(term, times, d, sign)``. Rows integrating backward
+    while others go forward are integrated in ``s = -t`` (``sign`` is then the per-row ``(B,)`` sign)."""
+    sign = torch.sign(times[:, -1] - times[:, 0])
+    lo, hi = torch.aminmax(sign)
+    lo, hi = float(lo), float(hi)
+    if lo == hi:
+        return term, times, hi, None
+    col = sign.view(-1, 1)
+
+    def flipped(s: Tensor, y: Tensor) -> Tensor:
+        return term(s * sign, y) * col.to(y.dtype)
+
+    return flipped, times * col, 1.0, sign
+
+
+def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver: ExplicitRungeKutta,
+                   cfg: LoopConfig, rtol: float | Tensor, atol: float | Tensor, *,
+                   first_step: Tensor | None = None, error_dims: int | None = None,
+                   hooks: StepHooks | None = None, log: RowLog | None = None) -> RowsResult:
+    """Integrate every row of ``y0`` (``(B, n)``) through its own output times ``times`` (``(B, T)``, float64).
+
+    ``term(t, y)`` evaluates the vector field on all rows (``t`` of shape ``(B,)``, float64); ``f0`` is its value
+    at the start. ``rtol``/``atol`` are floats or ``(B, n)`` tensors; ``error_dims`` restricts the error
+    control to the first components (a seminorm). ``first_step`` (``(B,)``) replaces the initial step
+    selection. ``hooks`` sees every attempted step; ``log`` records what :func:`replay_rows` needs. Never
+    raises for a failed row: ``status`` says what happened to each.
+    """
+    term, times, d, sign = _oriented(term, times)
+    if sign is not None:
+        f0 = f0 * sign.view(-1, 1).to(f0.dtype)
+    fr = _Frame(term, solver, y0, times, d)
+    b, n, co, rdt = fr.b, fr.n, fr.co, fr.rdt
+    dev = y0.device
+    m = error_dims or n
+    rtol_t, atol_t = _scaled_tol(rtol, m, rdt, dev), _scaled_tol(atol, m, rdt, dev)
+    grad = torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad)
+    fsal = solver.fsal
+    s_new = solver.stages - 1
+    t_cur = times[:, 0].contiguous()
+    t_stop = fr.t_end.clone()
+    nfe = 0
     with torch.no_grad():
-        scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
-        sq = (err / scale).abs().pow_(2).sum(dim=2)  # (r, B)
-        n = err.shape[2]
-        ha = h.abs().to(sq.dtype)
-        if sq.shape[0] == 1:
-            return ha * torch.sqrt(sq[0] / n)
-        deno = sq[0] + 0.01 * sq[1]
-        return torch.where(deno > 0, ha * sq[0] / torch.sqrt(n * deno.clamp_min(1e-300)), torch.zeros_like(deno))
+        if first_step is not None:
+            h_abs = first_step.to(torch.float64).clamp(max=cfg.max_step)
+        elif cfg.first_step is not None:
+            h_abs = torch.full((b,), min(cfg.first_step, cfg.max_step), dtype=torch.float64, device=dev)
+        else:
+            rt, at = (rtol_t, atol_t) if m == n else (_scaled_tol(rtol, n, rdt, dev), _scaled_tol(atol, n, rdt, dev))
+            h_abs = _initial_step(term, t_cur, y0.detach(), f0.detach(), d, solver.order, rt, at, cfg.max_step)
+            nfe += 1
+        # A non-finite derivative at the start stops the row there (as integrate.py).
+        bad0 = ~torch.isfinite(f0.detach()).all(1)
+        any_bad0 = bool(bad0.any())
+    first = h_abs.clone()
+
+    c = cfg.controller
+    k_exp = solver.controller_order + 1
+    b1, b2, b3 = (c.pcoeff + c.icoeff + c.dcoeff) / k_exp, (c.pcoeff + 2 * c.dcoeff) / k_exp, c.dcoeff / k_exp
+    inv_k = 1.0 / k_exp
+    plain_i = b2 == 0 and b3 == 0 and b1 == inv_k  # I control: one formula for accepted and rejected steps
+    lo_fac = torch.tensor(c.dfactor, dtype=rdt, device=dev)
+    prev = torch.ones(b, dtype=rdt, device=dev)
+    prev2 = prev
+    min_step, max_step = cfg.min_step, cfg.max_step
+
+    y, k1 = y0, f0
+    ys_buf = fr.new_outputs(y0, y0)
+    out_slot = fr.rows + b  # output 1 of every row
+    next_out = fr.times_flat.take(out_slot)
+    steps = torch.zeros(b, dtype=torch.long, device=dev)
+    attempts = torch.zeros_like(steps)
+    status = torch.zeros_like(steps)
+    if any_bad0:
+        status = torch.where(bad0, _NON_FINITE, status)
+        t_stop = torch.where(bad0, t_cur, t_stop)
+    buf = None if grad else solver.make_row_buffers(y0)
+    it = 0
+    while True:
+        if hooks is not None:
+            hooks.start_step()
+        rem = (t_stop - t_cur).abs()
+        land = rem <= h_abs * _LAND
+        hp = torch.where(land, rem, h_abs)
+        h = hp if d > 0 else -hp
+        t1 = torch.where(land, t_stop, t_cur + h)
+        act = rem > 0
+        hc = (h if h.dtype == rdt else h.to(rdt)).view(b, 1)
+        y1, kh, err, f_last = solver.step_rows(term, t_cur, y, h, hc, k1, co, buf)
+        nfe += s_new
+        if grad:
+            ratio = _error_ratio(err, y.detach(), y1.detach(), rtol_t, atol_t, m)
+        else:
+            ratio = _error_ratio(err, y, y1, rtol_t, atol_t, m)
+        accept = (ratio <= 1.0) & act
+        if not fsal:
+            f_last = term(t1, y1)
+            nfe += 1
+        if hooks is not None:
+            if sign is None:
+                hooks.end_step(t_cur, y, h, accept, y1, kh, f_last)
+            else:  # real times and steps (the stages are the same in both orientations)
+                hooks.end_step(t_cur * sign, y, h * sign, accept, y1, kh, f_last * sign.view(b, 1).to(y.dtype))
+        if log is not None:
+            log.record(h, t1, accept, y, t_cur, out_slot)
+        acc_col = accept.view(b, 1)
+        y_prev, t_prev = y, t_cur
+        y = torch.where(acc_col, y1, y)
+        k1 = torch.where(acc_col, f_last, k1)
+        t_cur = torch.where(accept, t1, t_cur)
+        steps += accept
+        attempts += act
+        still = t_cur != t_stop
+
+        # Controller, per row (the formulas of control.PIDController); NaN/inf ratios shrink by dfactor.
+        r = ratio.clamp_min(1e-10)
+        if plain_i:
+            fac = r.pow(-b1)
+        else:
+            fac = r.pow(-b1)
+            if b2:
+                fac = fac * prev.pow(b2)
+            if b3:
+                fac = fac * prev2.pow(-b3)
+                prev2 = torch.where(accept, prev, prev2)
+            prev = torch.where(accept, r, prev)
+            fac = torch.where(accept, fac, r.pow(-inv_k))
+        # (A rejected step has r > 1, so its factor is below safety <= 1: only accepted ones need the ifactor cap.)
+        fac = torch.fmax(fac * c.safety, lo_fac).clamp_(max=c.ifactor)
+        h_new = hp * fac
+        if max_step < math.inf:
+            h_new = h_new.clamp(max=max_step)
+        if min_step > 0:
+            bump = (h_new < min_step) & ~accept & (hp > min_step)
+            h_new = torch.where(bump, torch.full_like(h_new, min_step), h_new)
+        # Rows that finished keep the proposal from before their last (landing) step, to continue from.
+        h_abs = torch.where(still, h_new, h_abs)
+        stuck = torch.add(t_cur, h_abs, alpha=d) == t_cur
+        if min_step > 0:
+            stuck = stuck | (h_abs < min_step)
+        stuck = stuck & still
+        need = fr.passed(next_out, t_cur)
+        cont, any_stuck, any_need = torch.stack((still, stuck, need)).any(1).tolist()
+        if any_need:
+            out_slot, next_out, extra = fr.write_outputs(ys_buf, need, out_slot, next_out, t_prev, t_cur, h, hc,
+                                                        y_prev, y1, kh, f_last)
+            nfe += extra
+        it += 1
+        if any_stuck:  # step size underflow (or every attempt non-finite): the row stops where it is
+            code = torch.where(torch.isfinite(ratio), _UNDERFLOW, _NON_FINITE)
+            status = torch.where(stuck, code, status)
+            t_stop = torch.where(stuck, t_cur, t_stop)
+            still = still & ~stuck
+            cont = bool(still.any())
+        if not cont:
+            break
+        if it >= cfg.max_steps:
+            status = torch.where(still, _MAX_STEPS, status)
+            break
+
+    success = status == 0
+    ys = fr.finish_outputs(ys_buf, y, success)
+    if sign is not None:
+        t_cur = t_cur * sign
+    return RowsResult(ys=ys, y=y, t=t_cur, status=status, steps=steps, attempts=attempts,
+                      n_valid=out_slot // b + success, nfe=nfe, first_step=first, next_step=h_abs)
 
 
-def solve_per_sample(func: Callable, y0: Tensor, t: Tensor, solver: ExplicitRungeKutta, cfg: LoopConfig,
-                     on_failure: str) -> Solution:
-    """Integrate each row of ``y0`` (shape ``(B, ...)``) independently; ``t`` is ``(T,)`` or ``(B, T)``."""
+def replay_rows(term: RowTerm, solver: ExplicitRungeKutta, times: Tensor, log: RowLog, j0: int, j1: int,
+                y: Tensor, t_cur: Tensor, out_slot: Tensor, outs: Tensor | None = None,
+                marks: Collection[int] = ()) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor, Tensor]], int]:
+    """Steps ``j0 .. j1 - 1`` of a logged :func:`integrate_rows` again from ``(y, t_cur, out_slot)`` (the loop
+    state at step ``j0``), with the logged step sizes and decisions: the same computation, so under autograd
+    its graph is ``gradient="direct"``'s. Outputs falling in those steps are written into ``outs`` (a
+    :meth:`_Frame.new_outputs` buffer) unless it is None. Returns the state after step ``j1 - 1``, the loop
+    states at the start of the steps in ``marks``, and the number of vector-field calls."""
+    term, times, d, _ = _oriented(term, times)
+    fr = _Frame(term, solver, y, times, d)
+    b, co, rdt = fr.b, fr.co, fr.rdt
+    k1 = term(t_cur, y)
+    nfe = 1
+    next_out = fr.times_flat.take(out_slot)
+    states = {}
+    for j in range(j0, j1):
+        h, t1, accept = log.h[j], log.t1[j], log.accept[j]
+        hc = (h if h.dtype == rdt else h.to(rdt)).view(b, 1)
+        y1, kh, _, f_last = solver.step_rows(term, t_cur, y, h, hc, k1, co)
+        nfe += solver.stages - 1
+        if not solver.fsal:
+            f_last = term(t1, y1)
+            nfe += 1
+        acc_col = accept.view(b, 1)
+        y_prev, t_prev = y, t_cur
+        y = torch.where(acc_col, y1, y)
+        k1 = torch.where(acc_col, f_last, k1)
+        t_cur = torch.where(accept, t1, t_cur)
+        need = fr.passed(next_out, t_cur)
+        while bool(need.any()):
+            if outs is None:  # bookkeeping only
+                out_slot = torch.add(out_slot, need, alpha=b)
+                next_out = fr.times_flat.take(out_slot)
+                need = fr.passed(next_out, t_cur)
+                continue
+            out_slot, next_out, extra = fr.write_outputs(outs, need, out_slot, next_out, t_prev, t_cur, h, hc,
+                                                         y_prev, y1, kh, f_last)
+            nfe += extra
+            break
+        if j + 1 in marks:
+            states[j + 1] = (y, t_cur, out_slot)
+    return y, states, nfe
+
+
+# ----------------------------------------------------------------------------------------------
+# The pieces every per-sample entry point shares
+# ----------------------------------------------------------------------------------------------
+def check_supported(y0: Tensor, solver: ExplicitRungeKutta, cfg: LoopConfig) -> None:
+    """Raise InputError for what per-sample stepping does not support."""
     if y0.dim() < 1 or y0.shape[0] < 1:
         raise InputError("per_sample_steps needs a leading batch dimension in y0.")
     if not solver.adaptive or cfg.step_size is not None:
         raise InputError("per_sample_steps needs an adaptive method without step_size (a fixed step is shared).")
     if cfg.event_fn is not None or cfg.step_t or cfg.jump_t or cfg.norm is not None or cfg.perturb:
         raise InputError("per_sample_steps does not support event_fn, step_t, jump_t, norm or perturb yet.")
-    b_rows = y0.shape[0]
-    rest = tuple(y0.shape[1:])
-    n = max(1, math.prod(rest))
-    tdt = real_dtype(y0.dtype)
-    dev = y0.device
+
+
+def row_times(t: Tensor, b_rows: int) -> Tensor:
+    """The output times as a detached float64 ``(B, T)`` tensor (one row per sample)."""
     times = t.detach().to(torch.float64)
-    if times.dim() == 1:
-        times = times.unsqueeze(0).expand(b_rows, -1)
-    n_out = times.shape[1]
-    t0 = times[:, 0].clone()
-    t_end = times[:, -1].clone()
-    direction = torch.sign(t_end - t0)
-    co = solver.coefficients(y0.dtype, dev)
-    rtol = cfg.rtol.view(1, n) if isinstance(cfg.rtol, Tensor) else cfg.rtol
-    atol = cfg.atol.view(1, n) if isinstance(cfg.atol, Tensor) else cfg.atol
-    calls = [0]
+    return times.unsqueeze(0).expand(b_rows, -1).contiguous() if times.dim() == 1 else times.contiguous()
 
-    def term_rows(t_rows: Tensor, y_rows: Tensor) -> Tensor:
-        calls[0] += 1
-        return func(t_rows.to(tdt), y_rows.view(b_rows, *rest)).reshape(b_rows, n)
 
-    y = y0.reshape(b_rows, n)
-    k1 = term_rows(t0, y)
-    if k1.shape != (b_rows, n) or k1.dtype != y.dtype:
-        raise InputError(f"func(t, y) must return the state's shape {tuple(y0.shape)} and dtype {y0.dtype}.")
+def row_term(func: Callable, shape: torch.Size) -> RowTerm:
+    """``func`` as a :data:`RowTerm` on flat ``(B, n)`` rows (``t`` cast to the state's real dtype)."""
+    b_rows = shape[0]
+    n = max(1, math.prod(shape[1:]))
+    if tuple(shape) == (b_rows, n):
+        return func
+    return lambda t, y: func(t, y.view(shape)).reshape(b_rows, n)
 
-    # Hairer's initial step, per row.
-    with torch.no_grad():
-        yd, kd = y.detach(), k1.detach()
-        scale = yd.abs().mul(rtol).add(atol)
-        inv = 1.0 / math.sqrt(n)
-        d0 = torch.linalg.vector_norm(yd / scale, dim=1) * inv
-        d1 = torch.linalg.vector_norm(kd / scale, dim=1) * inv
-        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
-        h0 = h0.clamp(max=cfg.max_step).to(torch.float64)
-        f1 = term_rows(t0 + direction * h0, yd + (direction * h0).to(yd.dtype).view(-1, 1) * kd)
-        d2 = (torch.linalg.vector_norm((f1 - kd) / scale, dim=1) * inv).to(torch.float64) / h0
-        big = torch.maximum(d1.to(torch.float64), d2)
-        order = solver.order
-        h1 = torch.where(big <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6),
-                         (0.01 / big.clamp_min(1e-300)) ** (1.0 / (order + 1)))
-        h_abs = torch.minimum(torch.minimum(100 * h0, h1), torch.full_like(h0, cfg.max_step))
-        h_abs = torch.where(torch.isfinite(h_abs), h_abs, torch.full_like(h_abs, 1e-6))
-    first_step = h_abs.clone()
 
-    c = cfg.controller
-    k_exp = solver.controller_order + 1
-    b1 = (c.pcoeff + c.icoeff + c.dcoeff) / k_exp
-    b2 = (c.pcoeff + 2 * c.dcoeff) / k_exp
-    b3 = c.dcoeff / k_exp
-    prev = torch.ones(b_rows, dtype=torch.float64, device=dev)
-    prev2 = torch.ones_like(prev)
+def time_cast(term: RowTerm, dtype: torch.dtype) -> RowTerm:
+    """``term`` receiving its times in ``dtype`` (the loop keeps them in float64)."""
+    if dtype == torch.float64:
+        return term
+    return lambda t, y: term(t.to(dtype), y)
 
-    ys = y.new_full((n_out, b_rows, n), float("nan"))
-    ys[0] = y
-    out_idx = torch.ones(b_rows, dtype=torch.long, device=dev)
-    rows = torch.arange(b_rows, device=dev)
-    # Output times padded with one time beyond the end, so "next output" never runs out.
-    times_pad = torch.cat([times, (t_end + direction).unsqueeze(1)], 1)
-    next_out = times_pad[rows, out_idx]
-    t_cur = t0.clone()
-    steps = torch.zeros(b_rows, dtype=torch.long, device=dev)
-    rejected = torch.zeros_like(steps)
-    attempts = torch.zeros_like(steps)
-    status = torch.zeros_like(steps)  # index into _STATUS_CODES
-    active = t_cur != t_end
-    nonfinite_streak = torch.zeros(b_rows, dtype=torch.bool, device=dev)
-    fsal = solver.fsal
 
-    while bool(active.any()):
-        remaining = (t_end - t_cur).abs()
-        landing = remaining <= h_abs * (1.0 + 1e-7)
-        h = torch.where(landing, t_end - t_cur, direction * torch.minimum(h_abs, remaining))
-        h = torch.where(active, h, torch.zeros_like(h))
-        t1 = torch.where(landing, t_end, t_cur + h)
-        y1, k, err = solver.step_rows(term_rows, t_cur, y, h, k1, co)
-        ratio = _row_ratio(err, y, y1, h, rtol, atol)
-        finite = torch.isfinite(ratio)
-        accept = active & finite & (ratio <= 1.0)
-        attempts += active.long()
+def first_derivative(func: Callable, y0: Tensor, times: Tensor) -> Tensor:
+    """``func`` at the start of every row, with the checks of its shape and dtype; ``(B, n)``."""
+    f0 = func(times[:, 0].to(real_dtype(y0.dtype)), y0)
+    if not isinstance(f0, Tensor) or f0.shape != y0.shape or f0.dtype != y0.dtype:
+        got = f"{tuple(f0.shape)} {f0.dtype}" if isinstance(f0, Tensor) else type(f0).__name__
+        raise InputError(f"func(t, y) must return the state's shape {tuple(y0.shape)} and dtype {y0.dtype}, "
+                         f"got {got}.")
+    return f0.reshape(y0.shape[0], -1)
 
-        # Outputs inside (t, t1] for accepted rows, with the method's dense output.
-        f_end = None
-        if not fsal:
-            f_end = term_rows(t1, y1)
-        while True:
-            need = accept & ((next_out - t1) * direction <= 0)
-            if not bool(need.any()):
-                break
-            idx = out_idx.clamp(max=n_out - 1)
-            t_out = next_out
-            safe_h = torch.where(h == 0, torch.ones_like(h), h)
-            theta = torch.where(need, (t_out - t_cur) / safe_h, torch.zeros_like(h))
-            vals = solver.interpolate_rows(term_rows, t_cur, h, y, y1, k, k[-1] if fsal else f_end, theta, co)
-            vals = torch.where((t_out == t1).view(-1, 1), y1, vals)
-            ys[idx[need], rows[need]] = vals[need]
-            out_idx = out_idx + need.long()
-            next_out = times_pad[rows, out_idx]
 
-        acc_col = accept.view(-1, 1)
-        y = torch.where(acc_col, y1, y)
-        k1 = torch.where(acc_col, k[-1] if fsal else f_end, k1)
-        t_cur = torch.where(accept, t1, t_cur)
-        steps += accept.long()
-        rejected += (active & ~accept).long()
+def row_tolerance(tol: float | Tensor, b_rows: int, n: int) -> float | Tensor:
+    """A tolerance as validated by ``solve`` (float, or a tensor of ``B * n`` elements) for rows: ``(B, n)``."""
+    return tol.reshape(b_rows, n) if isinstance(tol, Tensor) else tol
 
-        # Controller, per row (same formula as control.PIDController).
-        with torch.no_grad():
-            r = ratio.clamp_min(1e-10).to(torch.float64)
-            fac_acc = c.safety * r.pow(-b1) * prev.pow(b2) * prev2.pow(-b3)
-            fac_acc = fac_acc.clamp(c.dfactor, c.ifactor)
-            fac_rej = (c.safety * r.pow(-1.0 / k_exp)).clamp(c.dfactor, 1.0)
-            fac = torch.where(accept, fac_acc, fac_rej)
-            fac = torch.where(finite, fac, torch.full_like(fac, c.dfactor))
-            prev2 = torch.where(accept, prev, prev2)
-            prev = torch.where(accept, r, prev)
-            h_used = h.abs()
-            h_abs = torch.where(active, (h_used * fac).clamp(max=cfg.max_step), h_abs)
-            nonfinite_streak = torch.where(active, ~finite, nonfinite_streak)
-        done = t_cur == t_end
-        too_small = active & ~done & ((h_abs < max(cfg.min_step, 0.0)) | (t_cur + direction * h_abs == t_cur)
-                                      | (h_abs <= 0))
-        status = torch.where(too_small & nonfinite_streak, torch.full_like(status, 3), status)
-        status = torch.where(too_small & ~nonfinite_streak, torch.full_like(status, 2), status)
-        out_of_steps = active & ~done & ~too_small & (attempts >= cfg.max_steps)
-        status = torch.where(out_of_steps, torch.full_like(status, 1), status)
-        active = active & ~done & ~too_small & ~out_of_steps
 
-    ys_out = ys.view(n_out, b_rows, *rest)
-    codes = [_STATUS_CODES[i] for i in status.tolist()]
+def make_solution(res: RowsResult, t: Tensor, shape: torch.Size, method: str, on_failure: str,
+                  gradient: str, ys: Tensor | None = None) -> Solution:
+    """The :class:`Solution` of a per-sample solve (raising for a failed sample if asked)."""
+    b_rows = shape[0]
+    codes = [STATUS_CODES[i] for i in res.status.tolist()]
     failed = [i for i, s_ in enumerate(codes) if s_ != _sol.SUCCESS]
     overall = codes[failed[0]] if failed else _sol.SUCCESS
     stats = {
-        "nfe": calls[0],
-        "steps": int(steps.max()),
-        "rejected": int(rejected.sum()),
-        "steps_per_sample": steps,
-        "rejected_per_sample": rejected,
-        "initial_step": first_step,
-        "method": solver.name,
+        "nfe": res.nfe,
+        "steps": int(res.steps.max()),
+        "rejected": int((res.attempts - res.steps).sum()),
+        "steps_per_sample": res.steps,
+        "rejected_per_sample": res.attempts - res.steps,
+        "initial_step": res.first_step,
+        "method": method,
         "per_sample": True,
-        "gradient": "direct",
+        "gradient": gradient,
     }
     message = "success" if not failed else (
         f"{len(failed)} of {b_rows} samples failed (first: sample {failed[0]}, {codes[failed[0]]} at "
-        f"t={float(t_cur[failed[0]]):.6g}); see sol.sample_status and sol.t_final_per_sample. Loosen rtol/atol, "
+        f"t={float(res.t[failed[0]]):.6g}); see sol.sample_status and sol.t_final_per_sample. Loosen rtol/atol, "
         f"raise max_steps, or check the vector field for those samples.")
-    sol = Solution(ts=t, ys=ys_out, stats=stats, status=overall, message=message,
-                   t_final=float(t_cur.max() if float(direction[0]) > 0 else t_cur.min()),
-                   y_final=y.view(b_rows, *rest), n_valid=int(out_idx.min()), sample_status=codes,
-                   t_final_per_sample=t_cur)
+    forward = float(t.detach().reshape(-1, t.shape[-1])[0, -1] - t.detach().reshape(-1, t.shape[-1])[0, 0]) > 0
+    out = res.ys if ys is None else ys
+    sol = Solution(ts=t, ys=out.view(out.shape[0], *shape), stats=stats, status=overall, message=message,
+                   t_final=float(res.t.max() if forward else res.t.min()), y_final=res.y.view(shape),
+                   n_valid=int(res.n_valid.min()), sample_status=codes, t_final_per_sample=res.t)
     if failed and on_failure == "raise":
         cls = {_sol.MAX_STEPS_REACHED: MaxStepsReached, _sol.STEP_SIZE_UNDERFLOW: StepSizeUnderflow,
                _sol.NON_FINITE: NonFiniteError}[overall]
         raise cls(message + " (pass on_failure='return' to get the partial solution)", status=overall,
-                  t=float(t_cur[failed[0]]), solution=sol)
+                  t=float(res.t[failed[0]]), solution=sol)
     return sol
+
+
+def solve_per_sample(func: Callable, y0: Tensor, t: Tensor, solver: ExplicitRungeKutta, cfg: LoopConfig,
+                     on_failure: str) -> Solution:
+    """Integrate each row of ``y0`` (shape ``(B, ...)``) independently; ``t`` is ``(T,)`` or ``(B, T)``.
+
+    ``gradient="direct"``: autograd differentiates through the loop (see ``gradients/per_sample.py`` for the
+    other gradient methods).
+    """
+    check_supported(y0, solver, cfg)
+    b_rows = y0.shape[0]
+    n = max(1, math.prod(y0.shape[1:]))
+    times = row_times(t, b_rows)
+    f0 = first_derivative(func, y0, times)
+    term = time_cast(row_term(func, y0.shape), real_dtype(y0.dtype))
+    res = integrate_rows(term, y0.reshape(b_rows, n), f0, times, solver, cfg, row_tolerance(cfg.rtol, b_rows, n),
+                         row_tolerance(cfg.atol, b_rows, n))
+    res.nfe += 1
+    return make_solution(res, t, y0.shape, solver.name, on_failure, "direct")

@@ -149,7 +149,9 @@ def solve(
     method : str
         ``"dopri5"`` (default), ``"tsit5"``, ``"dopri8"``, ``"bosh3"``, ``"fehlberg2"``,
         ``"adaptive_heun"`` (adaptive), or ``"euler"``, ``"midpoint"``, ``"heun2"``, ``"heun3"``,
-        ``"ralston"``, ``"rk4"`` (fixed step).
+        ``"ralston"``, ``"rk4"`` (fixed step); stiff: ``"radau"``, ``"kvaerno3/4/5"``, ``"trbdf2"``, ``"bdf"``,
+        or ``"auto"`` (``tsit5``, switching to an implicit method where it detects stiffness and back;
+        ``sol.stats["switches"]``); ``neurodyn.solvers.available_methods()`` lists them all.
     rtol, atol : float or Tensor broadcastable to ``y0``
         Relative and absolute tolerances for the error norm
         ``RMS(err / (atol + rtol * max(|y_n|, |y_{n+1}|)))``.
@@ -171,7 +173,7 @@ def solve(
     jump_t : sequence of times, optional
         Discontinuities of ``func``: stepped onto exactly, and ``func`` is re-evaluated just after.
     controller : PIDController, optional
-        Step-size controller (default: PI control).
+        Step-size controller (default: PI control; ``"bdf"`` proposes its own steps with its orders).
     norm : callable, optional
         Norm of the scaled error (a tensor of ``y0``'s shape) returning a scalar tensor; default RMS.
     dense : bool
@@ -202,11 +204,15 @@ def solve(
         Treat the leading dimension of ``y0`` as independent problems, each with its own step size,
         accept/reject decisions, status and stats (``sol.sample_status``, ``stats["steps_per_sample"]``);
         ``t`` may then be ``(B, T)``: per-sample output times. ``func`` receives ``t`` as a ``(B,)`` tensor.
-        Adaptive methods, ``gradient="direct"``.
+        Adaptive explicit Runge--Kutta methods; every gradient method (the adjoint's backward solve steps per
+        sample too, its parameter channels always left out of the error control); no gradients for ``t``.
     solver_options : dict, optional
-        Options of the implicit methods (``radau``, ``kvaerno3/4/5``, ``trbdf2``, ...): ``jac`` (``"full"``,
-        ``"batched"`` for a block-diagonal Jacobian over independent batch rows, ``"fd"`` or a callable
-        ``jac(t, y)``), ``newton_tol``, ``max_newton_iter``, ``jac_rate``, ``refactor_ratio``.
+        Options of the implicit methods (``radau``, ``kvaerno3/4/5``, ``trbdf2``, ``bdf``, ...): ``jac``
+        (``"full"``, ``"batched"`` for a block-diagonal Jacobian over independent batch rows, ``"fd"`` or a
+        callable ``jac(t, y)``), ``newton_tol``, ``max_newton_iter``; the Runge--Kutta ones also ``jac_rate``,
+        ``refactor_ratio``; ``bdf`` also ``max_order`` (1..5) and ``ndf`` (see :class:`neurodyn.solvers.BDF`);
+        ``"auto"`` also ``stiff`` (``"kvaerno5"``, ``"radau"``, ...), ``nonstiff`` and its switching thresholds
+        (see :class:`neurodyn.solvers.AutoSwitch`).
     compile : bool
         Compile each step (vector field, stage combinations, error norm) into one graph with
         ``torch.compile``: far less Python overhead for small problems, after a one-off compilation
@@ -321,7 +327,7 @@ def solve(
     cfg = LoopConfig(
         rtol=rtol_v, atol=atol_v, adaptive=solver.adaptive and step_size is None, step_size=step_size,
         first_step=first_step, min_step=min_step, max_step=max_step, max_steps=max_steps,
-        step_t=step_list, jump_t=jump_list, controller=controller or PIDController(), norm=norm,
+        step_t=step_list, jump_t=jump_list, controller=controller or _default_controller(solver), norm=norm,
         unflatten=(lambda x: x.view(y0.shape)) if norm is not None else None, record=dense,
         interp=interp, perturb=bool(perturb), event_fn=event_fn,
     )
@@ -340,18 +346,36 @@ def solve(
     if gradient != "direct":
         gopts.params = find_params(func, params)
         if torch.is_grad_enabled():
-            t0 = torch.scalar_tensor(float(t.detach()[0]), dtype=real_dtype(y0.dtype), device=y0.device)
+            if per_sample_steps:  # func sees one time per sample
+                t0 = t.detach()[..., 0].expand(y0.shape[0]).contiguous()
+            else:
+                t0 = torch.scalar_tensor(float(t.detach()[0]), dtype=real_dtype(y0.dtype), device=y0.device)
             check_hidden_tensors(func, t0, y0, gopts.params, gradient)
     if per_sample_steps:
-        if gradient != "direct" or (t.requires_grad and torch.is_grad_enabled()):
-            raise InputError("per_sample_steps supports gradient='direct' with respect to y0 and parameters "
-                             "(not time gradients) for now.")
-        from .per_sample import solve_per_sample
+        if t.requires_grad and torch.is_grad_enabled():
+            raise InputError("per_sample_steps gives gradients with respect to y0 and parameters, not the times t "
+                             "(pass t.detach()).")
+        from .gradients.per_sample import solve_per_sample_gradient
 
-        return solve_per_sample(func, y0, t, solver, cfg, on_failure)
+        return solve_per_sample_gradient(func, y0, t, solver, cfg, on_failure, gopts, gradient)
+    if cfg.advance is not None:
+        from .compiled import compiled_context
+
+        with compiled_context():
+            return _dispatch(func, y0, t, solver, cfg, on_failure, gopts, gradient)
+    return _dispatch(func, y0, t, solver, cfg, on_failure, gopts, gradient)
+
+
+def _dispatch(func, y0, t, solver, cfg, on_failure, gopts, gradient) -> Solution:
     if not (t.requires_grad and torch.is_grad_enabled()):
         return GRADIENTS[gradient](func, y0, t, solver, cfg, on_failure, gopts)
     return _with_time_gradients(func, y0, t, solver, cfg, on_failure, gopts, gradient)
+
+
+def _default_controller(solver: Any) -> PIDController:
+    """PI control, or the stepper's own controller where it has one (``bdf`` sizes its steps with its order)."""
+    make = getattr(solver, "default_controller", None)
+    return make() if callable(make) else PIDController()
 
 
 def _with_time_gradients(func, y0, t, solver, cfg, on_failure, gopts, gradient) -> Solution:

@@ -87,6 +87,8 @@ class ExplicitRungeKutta:
         # Stage s-1 lands on y1 exactly when its row equals b (FSAL): reuse it as the new state.
         self._last_stage_is_y1 = tableau.fsal and tuple(tableau.a[-1]) == tuple(tableau.b[:-1])
         self._cache: dict[tuple[torch.dtype, torch.device], _Coefficients] = {}
+        self._power_cache: dict[tuple[int, torch.device], Tensor] = {}
+        self._c_cache: dict[torch.device, Tensor] = {}
         self._dense_rows = [[float(v) for v in row] for row in tableau.dense] if tableau.dense is not None else None
 
     # -- coefficients, cached per dtype/device ---------------------------------------------------
@@ -161,58 +163,99 @@ class ExplicitRungeKutta:
         return y1, k, torch.mm(co.e, k.detach() if k.requires_grad else k)
 
     # -- per-sample steps: every row of a (B, n) state has its own step size ----------------------
+    def make_row_buffers(self, y: Tensor) -> StageBuffers:
+        """A preallocated ``(s, B, n)`` stage buffer for :meth:`step_rows` (solves without autograd)."""
+        s = self.stages
+        shaped = y.new_empty((s, *y.shape))
+        flat = shaped.view(s, -1)
+        return StageBuffers(shaped, flat, [flat[:i] for i in range(s + 1)], [shaped[i] for i in range(s)])
+
     def step_rows(self, term_rows: Callable[[Tensor, Tensor], Tensor], t: Tensor, y: Tensor, h: Tensor,
-                  k1: Tensor, co: _Coefficients) -> tuple[Tensor, Tensor, Tensor | None]:
+                  hc: Tensor, k1: Tensor, co: _Coefficients, buf: StageBuffers | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """One step of every row of ``y`` (``(B, n)``) with its own ``h`` (``(B,)``) from its own ``t``.
 
-        ``term_rows(t_rows, y_rows)`` evaluates dy/dt for all rows (``t_rows`` of shape ``(B,)``). Returns
-        ``(y1, k, err)``: ``k`` of shape ``(s, B, n)`` and ``err`` of shape ``(r, B, n)`` (the estimate
-        divided by ``h``; ``r = 2`` for a combined estimate), or None for fixed-step methods.
+        ``term_rows(t_rows, y_rows)`` evaluates dy/dt for all rows (``t_rows`` of shape ``(B,)``); ``hc`` is
+        ``h`` as a ``(B, 1)`` column of the state's real dtype. The stages are stored multiplied by their
+        row's step, ``kh[i] = h * k_i`` (shape ``(s, B, n)``), so every stage combination is one ``addmm``
+        of a tableau row with the stacked stages. ``buf`` (from :meth:`make_row_buffers`) is reused when
+        no autograd graph is kept. Returns ``(y1, kh, err, f_last)``: ``err`` of shape ``(r, B, n)`` is the
+        local error estimate (already multiplied by ``h``; ``r = 2`` for a combined estimate) or None
+        for fixed-step methods; ``f_last`` is the last stage's unscaled derivative (the next step's
+        first stage for FSAL methods).
         """
         s = self.stages
         b_rows, n = y.shape
-        k = y.new_empty((s, b_rows, n))
-        k[0] = k1
-        flat = k.view(s, b_rows * n)
-        hc = h.to(y.dtype).view(b_rows, 1)
-        yi = y
-        for i in range(1, s):
-            yi = torch.addcmul(y, hc, torch.mm(co.a[i], flat[:i]).view(b_rows, n))
-            k[i] = term_rows(t + co.c[i] * h, yi)
-        y1 = yi if self._last_stage_is_y1 else torch.addcmul(y, hc, torch.mm(co.b, flat).view(b_rows, n))
+        yflat = y.view(1, b_rows * n)
+        addmm, mul = torch.addmm, torch.mul
+        a = co.a
+        yi, f = y, k1
+        c = self._c_cache.get(t.device)
+        if c is None:
+            c = self._c_cache[t.device] = torch.tensor(co.c, dtype=torch.float64, device=t.device).view(-1, 1)
+        tc = torch.addcmul(t.view(1, b_rows), c, h.view(1, b_rows))  # every stage's times, (s, B)
+        if buf is not None:
+            kh, flat, heads, rows = buf.shaped, buf.flat, buf.heads, buf.rows
+            mul(k1, hc, out=rows[0])
+            for i in range(1, s):
+                yi = addmm(yflat, a[i], heads[i]).view(b_rows, n)
+                f = term_rows(tc[i], yi)
+                mul(f, hc, out=rows[i])
+        else:  # a fresh buffer: autograd differentiates through the stage writes
+            kh = y.new_empty((s, b_rows, n))
+            flat = kh.view(s, b_rows * n)
+            kh[0] = k1 * hc
+            for i in range(1, s):
+                yi = addmm(yflat, a[i], flat[:i]).view(b_rows, n)
+                f = term_rows(tc[i], yi)
+                kh[i] = f * hc
+        y1 = yi if self._last_stage_is_y1 else addmm(yflat, co.b, flat).view(b_rows, n)
         if co.e is None:
-            return y1, k, None
+            return y1, kh, None, f
         kd = flat.detach() if flat.requires_grad else flat
-        return y1, k, torch.mm(co.e, kd).view(-1, b_rows, n)
+        return y1, kh, torch.mm(co.e, kd).view(-1, b_rows, n), f
 
-    def interpolate_rows(self, term_rows: Callable[[Tensor, Tensor], Tensor], t0: Tensor, h: Tensor, y0: Tensor,
-                         y1: Tensor, k: Tensor, f1: Tensor | None, thetas: Tensor, co: _Coefficients) -> Tensor:
-        """Dense output of a per-sample step at one fraction per row (``thetas``: ``(B,)``); ``(B, n)``.
+    def dense_stages_rows(self, term_rows: Callable[[Tensor, Tensor], Tensor], t0: Tensor, h: Tensor, hc: Tensor,
+                          y0: Tensor, kh: Tensor, co: _Coefficients) -> Tensor:
+        """The stages of a per-sample step followed by its extra dense-output stages (DOP853's three, evaluated
+        for all rows and scaled by ``h`` like ``kh``); ``kh`` itself for methods without extra stages."""
+        if not co.extra_a:
+            return kh
+        s, (b_rows, n) = self.stages, y0.shape
+        kf = y0.new_empty((s + len(co.extra_a), b_rows, n))
+        kf[:s] = kh
+        flat = kf.view(kf.shape[0], b_rows * n)
+        yflat = y0.view(1, b_rows * n)
+        for j, (row, cj) in enumerate(zip(co.extra_a, co.extra_c)):
+            yj = torch.addmm(yflat, row, flat[: s + j]).view(b_rows, n)
+            kf[s + j] = term_rows(torch.add(t0, h, alpha=cj), yj) * hc
+        return kf
 
-        ``f1`` (dy/dt at the step ends) is needed only by methods without their own continuous extension.
+    def interpolate_rows(self, y0: Tensor, y1: Tensor, kf: Tensor, fh1: Tensor | None, thetas: Tensor,
+                         co: _Coefficients) -> Tensor:
+        """Dense output of a per-sample step at one fraction per row; ``(B, n)``.
+
+        ``kf``: the ``h``-scaled stages from :meth:`dense_stages_rows`; ``thetas`` (``(B,)``, float64): the
+        fractions of each row's step; ``fh1`` (``h`` times dy/dt at the step ends) is needed only by
+        methods without their own continuous extension (cubic Hermite).
         """
         b_rows, n = y0.shape
-        hc = h.to(y0.dtype).view(b_rows, 1)
         if co.dense_t is not None:
-            kf = k
-            if co.extra_a:
-                s = self.stages
-                kf = y0.new_empty((s + len(co.extra_a), b_rows, n))
-                kf[:s] = k
-                flat = kf.view(kf.shape[0], b_rows * n)
-                for j, (row, cj) in enumerate(zip(co.extra_a, co.extra_c)):
-                    yj = torch.addcmul(y0, hc, torch.mm(row, flat[: s + j]).view(b_rows, n))
-                    kf[s + j] = term_rows(t0 + cj * h, yj)
-            d = co.dense_t.shape[0]
-            th64 = thetas.view(b_rows, 1).to(torch.float64)
-            powers = th64 ** torch.arange(1, d + 1, dtype=torch.float64, device=thetas.device)
+            powers = thetas.view(b_rows, 1) ** self._powers(co.dense_t.shape[0], thetas.device)
             weights = torch.mm(powers, co.dense_t).to(y0.dtype)  # (B, s_full)
-            return torch.addcmul(y0, hc, torch.bmm(weights.unsqueeze(1), kf.transpose(0, 1)).squeeze(1))
-        th = thetas.view(b_rows, 1).to(y0.dtype)
+            return torch.baddbmm(y0.unsqueeze(1), weights.unsqueeze(1), kf.transpose(0, 1)).view(b_rows, n)
+        th = thetas.view(b_rows, 1).to(co.b.real.dtype)
         th2 = th * th
         th3 = th2 * th
         return ((2 * th3 - 3 * th2 + 1) * y0 + (3 * th2 - 2 * th3) * y1
-                + hc * ((th3 - 2 * th2 + th) * k[0] + (th3 - th2) * f1))
+                + (th3 - 2 * th2 + th) * kf[0] + (th3 - th2) * fh1)
+
+    def _powers(self, d: int, device: torch.device) -> Tensor:
+        """``[1, 2, ..., d]`` as a float64 tensor (cached per device): exponents of the dense output."""
+        p = self._power_cache.get((d, device))
+        if p is None:
+            p = self._power_cache[(d, device)] = torch.arange(1, d + 1, dtype=torch.float64, device=device)
+        return p
 
     # -- dense output ----------------------------------------------------------------------------
     def _full_stages(self, term: Term, st: Step, co: _Coefficients) -> Tensor:
