@@ -4,6 +4,7 @@
 #   make test    run the test suite
 #   make lint    ruff
 #   make bench   benchmarks against torchdiffeq / torchode
+#   make bench-suite  all peers (torchdiffeq, torchode, torchdyn, diffrax on JAX-CPU), tables + plots
 #
 # Installs are recorded in stamp files inside .venv, so repeated runs skip pip entirely.
 
@@ -14,13 +15,15 @@ PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
+TORCHDYN_VERSION := 1.0.6
 
 STAMP_VENV := $(VENV)/.stamp-venv-torch-$(TORCH_VERSION)
 STAMP_DEMO := $(VENV)/.stamp-demo
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_BENCH := $(VENV)/.stamp-bench
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench bench-suite clean
 
 venv: $(STAMP_VENV)
 
@@ -39,8 +42,12 @@ $(STAMP_TEST): $(STAMP_VENV) pyproject.toml
 	$(PIP) install -e ".[test]" torchdiffeq==0.2.5 torchode==1.0.1
 	touch $@
 
+# The bench extra holds the peers (jax/diffrax CPU wheels, torchdyn's real import dependencies); torch is
+# named with its pinned version so that nothing can replace the CPU wheel. torchdyn goes in with --no-deps:
+# its metadata asks for torchvision, ipykernel, ipywidgets, poethepoet, ... (and through them another torch).
 $(STAMP_BENCH): $(STAMP_VENV) pyproject.toml
-	$(PIP) install -e ".[bench]"
+	$(PIP) install -e ".[bench]" torch==$(TORCH_VERSION)
+	$(PIP) install --no-deps torchdyn==$(TORCHDYN_VERSION)
 	touch $@
 
 demo: $(STAMP_DEMO)
@@ -54,6 +61,9 @@ lint: $(STAMP_TEST)
 
 bench: $(STAMP_BENCH)
 	$(PY) benchmarks/bench_core.py
+
+bench-suite: $(STAMP_BENCH)
+	$(PY) benchmarks/bench_suite.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache

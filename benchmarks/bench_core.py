@@ -384,15 +384,16 @@ def format_markdown(meta, results, comp_rows, targets, args) -> str:
     return "\n".join(lines)
 
 
-def update_readme(md: str) -> bool:
+def update_readme(md: str, start: str = README_START, end: str = README_END) -> bool:
+    """Replace what stands between the ``start`` and ``end`` markers of benchmarks/README.md with ``md``."""
     path = Path(__file__).resolve().parent / "README.md"
     if not path.exists():
         return False
     text = path.read_text()
-    pat = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.S)
+    pat = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if not pat.search(text):
         return False
-    text = pat.sub(lambda _: f"{README_START}\n{md}\n{README_END}", text)
+    text = pat.sub(lambda _: f"{start}\n{md}\n{end}", text)
     path.write_text(text)
     return True
 
