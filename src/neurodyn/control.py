@@ -152,21 +152,38 @@ def make_error_ratio(rtol: float | Tensor, atol: float | Tensor, n: int,
     error in the state's own shape (``unflatten`` restores it) and returns a scalar tensor.
     """
     inv_sqrt_n = 1.0 / math.sqrt(max(n, 1))
+    # |y| of the last two states seen: an accepted step's y1 is the next step's y0 (the same tensor), so its
+    # magnitude is computed once. Tolerances given as floats become 0-dim tensors of the state's real dtype
+    # on first use (cheaper per op than Python scalars, same arithmetic).
+    seen: list = [None, None, None, None]  # y_a, |y_a|, y_b, |y_b|
+    tols: list = [None, None]
+
+    def scale_of(y0: Tensor, y1: Tensor) -> Tensor:
+        c = seen
+        if y0 is c[2]:
+            a0 = c[3]
+        elif y0 is c[0]:
+            a0 = c[1]
+        else:
+            a0 = (y0.detach() if y0.requires_grad else y0).abs()
+        a1 = (y1.detach() if y1.requires_grad else y1).abs()
+        c[0], c[1], c[2], c[3] = y0, a0, y1, a1
+        r, a = tols
+        if r is None:
+            r = rtol if isinstance(rtol, Tensor) else torch.scalar_tensor(rtol, dtype=a1.dtype, device=a1.device)
+            a = atol if isinstance(atol, Tensor) else torch.scalar_tensor(atol, dtype=a1.dtype, device=a1.device)
+            tols[0], tols[1] = r, a
+        return torch.maximum(a0, a1).mul_(r).add_(a)
 
     if norm is None:
         def ratio(err: Tensor, y0: Tensor, y1: Tensor, h: float) -> float:
-            if y1.requires_grad:
-                y0, y1 = y0.detach(), y1.detach()
-            scale = torch.maximum(y0.abs(), y1.abs())
-            scale.mul_(rtol).add_(atol)
+            scaled = err.div_(scale_of(y0, y1))
             if err.shape[0] == 1:
-                return float(torch.linalg.vector_norm(err.div_(scale)).detach()) * (inv_sqrt_n * abs(h))
-            return combined_ratio(err.div_(scale), h, inv_sqrt_n)
+                return float(torch.linalg.vector_norm(scaled)) * (inv_sqrt_n * abs(h))
+            return combined_ratio(scaled, h, inv_sqrt_n)
     else:
         def ratio(err: Tensor, y0: Tensor, y1: Tensor, h: float) -> float:
-            scale = torch.maximum(y0.detach().abs(), y1.detach().abs())
-            scale.mul_(rtol).add_(atol)
-            scaled = err[:1].mul_(abs(h)).div_(scale)  # the highest-order estimate only
+            scaled = err[:1].mul_(abs(h)).div_(scale_of(y0, y1))  # the highest-order estimate only
             return float(norm(unflatten(scaled) if unflatten is not None else scaled))
     return ratio
 

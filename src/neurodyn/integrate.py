@@ -26,10 +26,12 @@ class ODETerm:
     """Wraps ``func(t, y)`` for the engine: flat ``(1, n)`` states in, flat ``(n,)`` derivatives out.
 
     ``t`` reaches ``func`` as a 0-dim tensor of the state's real dtype on the state's device, ``y`` in
-    its own shape. Counts evaluations in ``nfe``.
+    its own shape. Counts evaluations in ``nfe``. ``inline``: steppers may call ``func`` themselves the way
+    :meth:`__call__` does (same time tensor, same state view, ``nfe`` counted), saving a frame per stage.
     """
 
     __slots__ = ("func", "shape", "t_dtype", "device", "nfe", "flat")
+    inline = True
 
     def __init__(self, func: Callable[[Tensor, Tensor], Tensor], shape: torch.Size,
                  t_dtype: torch.dtype, device: torch.device):
@@ -78,7 +80,7 @@ class LoopConfig:
     event_fn: Callable[[Tensor, Tensor], Tensor] | None = None
     # Error control over the first ``error_dims`` components only (a seminorm, e.g. the adjoint's).
     error_dims: int | None = None
-    # Called after every accepted step as on_accept(t, h, t1, nudge, k1_time, y_start).
+    # Called after every accepted step as on_accept(t, h, t1, nudge, k1_time, y_start, k1) (k1: dy/dt the step used).
     on_accept: Callable[..., None] | None = None
     # A compiled step advance(t, y, h, k1) -> (y1, k, ratio) used where no nudge is needed (compile=True).
     advance: Callable[..., Any] | None = None
@@ -186,7 +188,11 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
     if not torch.is_grad_enabled() and not cfg.record and fast is None:
         buffers = (solver.make_buffers(y0, k0), solver.make_buffers(y0, k0))
     which = 0
+    buf = None
     new_stages = solver.stages - 1
+    record = cfg.record
+    min_step, max_step_size = cfg.min_step, cfg.max_step
+    propose = ctrl.propose if ctrl is not None else None
     k1_time = nextafter(t0, direction) if perturb else t0
     while True:
         if k1 is None:
@@ -206,7 +212,8 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
             except _CompileFailed:
                 fast = None
         if ratio is None:
-            y1, k, err = solver.step(term, t, y, h, k1, co, nudge, buffers[which] if buffers else None)
+            buf = buffers[which] if buffers else None
+            y1, k, err = solver.step(term, t, y, h, k1, co, nudge, buf)
         attempts += 1
 
         if fixed:
@@ -229,10 +236,10 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
             which ^= 1
             last_h = h
             st = Step(t, h, y, y1, k)
-            if cfg.record:
+            if record:
                 records.append(st)
             if on_accept is not None:
-                on_accept(t, h, t1, nudge, k1_time, y)
+                on_accept(t, h, t1, nudge, k1_time, y, k1)
             # Outputs inside (t, t1]: the method's own dense output, never forced steps.
             if out_i < n_out and (times[out_i] - t1) * direction <= 0:
                 out_i = step_outputs(solver, term, st, co, cfg.interp, times, out_i, t1, direction, outs)
@@ -260,7 +267,8 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
             elif perturb:
                 k1 = None
             elif fsal:
-                k1 = k[-1].view(term.shape)
+                # The last stage in the state's shape (a cached view when it sits in a stage buffer).
+                k1 = buf.rows[-1] if buf is not None and k is buf.flat else k[-1].view(term.shape)
             else:
                 # dy/dt at the step end if Hermite output computed it; else evaluated at the loop top.
                 k1 = st.f1.view(term.shape) if st.f1 is not None else None
@@ -273,13 +281,13 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
             rejected += 1
 
         if not fixed:
-            new_h = ctrl.propose(abs(h), ratio, accept)
-            if new_h < cfg.min_step:
-                if abs(h) > cfg.min_step and accept is False:
-                    new_h = cfg.min_step
+            new_h = propose(abs(h), ratio, accept)
+            if new_h < min_step:
+                if abs(h) > min_step and accept is False:
+                    new_h = min_step
                 else:
                     new_h = -1.0
-            h_abs = min(new_h, cfg.max_step)
+            h_abs = min(new_h, max_step_size)
             if h_abs <= 0 or not math.isfinite(h_abs) or t + direction * h_abs == t:
                 if nonfinite_streak:
                     status = _sol.NON_FINITE
@@ -322,7 +330,9 @@ def step_outputs(solver: ExplicitRungeKutta, term: ODETerm, st: Step, co, interp
     while j < n_out and (times[j] - t1) * direction <= 0:
         j += 1
     interior = [times[i] for i in range(out_i, j) if times[i] != t1]
-    if interior:
+    if len(interior) == j - out_i == 1:  # the common case: one output inside the step
+        outs.append(solver.interpolate_floats(term, st, [(interior[0] - st.t0) / st.h], co, interp))
+    elif interior:
         vals = solver.interpolate_floats(term, st, [(x - st.t0) / st.h for x in interior], co, interp)
         rows = list(vals.split(1, 0))
         for i in range(out_i, j):

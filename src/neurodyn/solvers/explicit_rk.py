@@ -10,6 +10,7 @@ for dense output without copies.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,12 +55,14 @@ class Step:
 @dataclass
 class StageBuffers:
     """A reusable stage buffer: ``shaped`` (s, *state shape), ``flat`` (s, n), ``heads[i] = flat[:i]``,
-    ``rows[i] = shaped[i]``."""
+    ``rows[i] = shaped[i]``; ``plan`` (for :meth:`ExplicitRungeKutta.step`) lists per stage ``i >= 1`` its
+    tableau row, ``heads[i]``, ``rows[i]``, ``c[i]`` and whether ``c[i] == c[i-1]`` (the same stage time)."""
 
     shaped: Tensor
     flat: Tensor
     heads: list[Tensor]
     rows: list[Tensor]
+    plan: list[tuple[Tensor, Tensor, Tensor, float, bool]] | None = None
 
 
 def _tensor(values, dtype, device) -> Tensor:
@@ -120,7 +123,11 @@ class ExplicitRungeKutta:
         s = self.stages
         shaped = y.new_empty((s, *k1.shape))
         flat = shaped.view(s, -1)
-        return StageBuffers(shaped, flat, [flat[:i] for i in range(s + 1)], [shaped[i] for i in range(s)])
+        heads, rows = [flat[:i] for i in range(s + 1)], list(shaped.unbind(0))
+        co = self.coefficients(y.dtype, y.device)
+        c = co.c
+        plan = [(co.a[i], heads[i], rows[i], c[i], i > 1 and c[i] == c[i - 1]) for i in range(1, s)]
+        return StageBuffers(shaped, flat, heads, rows, plan)
 
     # -- one step --------------------------------------------------------------------------------
     def step(self, term: Term, t: float, y: Tensor, h: float, k1: Tensor, co: _Coefficients,
@@ -140,12 +147,34 @@ class ExplicitRungeKutta:
         yi = y
         addmm = torch.addmm
         if buf is not None:  # no autograd graph: reuse a buffer and its cached views
-            k, heads, rows = buf.flat, buf.heads, buf.rows
-            rows[0].copy_(k1)
-            for i in range(1, s):
-                yi = addmm(y, a[i], heads[i], alpha=h)
-                ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
-                rows[i].copy_(term(ti, yi))
+            k = buf.flat
+            buf.rows[0].copy_(k1)
+            if getattr(term, "inline", False):
+                # The term's call inlined (the per-stage Python frames are a measurable share of a small
+                # solve); stages at the same time as the previous one get the same time tensor.
+                func, t_dtype, device, shape = term.func, term.t_dtype, term.device, term.shape
+                term.nfe += s - 1
+                scalar = torch.scalar_tensor
+                tt = None
+                if term.flat:
+                    for ai, hi, ri, ci, same in buf.plan:
+                        yi = addmm(y, ai, hi, alpha=h)
+                        if not same:
+                            ti = t + ci * h if (t_end_nudge is None or ci != 1.0) else t_end_nudge
+                            tt = scalar(ti, dtype=t_dtype, device=device)
+                        ri.copy_(func(tt, yi))
+                else:
+                    for ai, hi, ri, ci, same in buf.plan:
+                        yi = addmm(y, ai, hi, alpha=h)
+                        if not same:
+                            ti = t + ci * h if (t_end_nudge is None or ci != 1.0) else t_end_nudge
+                            tt = scalar(ti, dtype=t_dtype, device=device)
+                        ri.copy_(func(tt, yi.view(shape)))
+            else:
+                for ai, hi, ri, ci, _ in buf.plan:
+                    yi = addmm(y, ai, hi, alpha=h)
+                    ti = t + ci * h if (t_end_nudge is None or ci != 1.0) else t_end_nudge
+                    ri.copy_(term(ti, yi))
         else:
             shaped = y.new_empty((s, *k1.shape))  # rows in the user's shape: f's output is stored as is
             k = shaped.view(s, -1)
@@ -287,13 +316,16 @@ class ExplicitRungeKutta:
             return self.interpolate(term, st, th, co, interp)
         kf = self._full_stages(term, st, co)
         p = self._dense_rows
+        exps = range(1, len(p[0]) + 1)
+        mul = operator.mul
         weights = []
         for th in thetas:
-            pw = [th ** (m + 1) for m in range(len(p[0]))]
-            weights.append([sum(c * w for c, w in zip(row, pw)) for row in p])
-        w = torch.tensor(weights, dtype=torch.float64).to(dtype=st.y0.dtype, device=st.y0.device)
-        m, n = len(thetas), st.y0.shape[1]
-        return torch.addmm(st.y0.expand(m, n), w, kf, alpha=st.h)
+            pw = [th ** e for e in exps]
+            weights.append([sum(map(mul, row, pw)) for row in p])
+        # Each weight is rounded once from float64 to the state's dtype, as a float64 tensor cast would be.
+        w = torch.tensor(weights, dtype=st.y0.dtype, device=st.y0.device)
+        m = len(thetas)
+        return torch.addmm(st.y0 if m == 1 else st.y0.expand(m, st.y0.shape[1]), w, kf, alpha=st.h)
 
     def interpolate(self, term: Term, st: Step, thetas: Tensor, co: _Coefficients,
                     interp: str = "auto") -> Tensor:
