@@ -276,8 +276,6 @@ def test_options_are_validated_and_unsupported_paths_say_so():
             get_solver("bdf").bind(**bad)
     y0 = torch.ones(2, 2, dtype=F64)
     t = torch.tensor([0.0, 1.0], dtype=F64)
-    with pytest.raises(InputError, match="checkpoint"):
-        neurodyn.solve(lambda t, y: -y, y0.requires_grad_(), t, method="bdf", gradient="checkpoint")
     with pytest.raises(InputError, match="per_sample_steps"):
         neurodyn.solve(lambda t, y: -y, y0, t, method="bdf", per_sample_steps=True)
     sol = neurodyn.solve(lambda t, y: -y, y0, t, method="bdf", solver_options={"max_order": 2})

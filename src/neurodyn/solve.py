@@ -159,8 +159,11 @@ def solve(
         How gradients reach ``y0``, ``t`` and the parameters: ``"direct"`` (autograd through the solver
         steps; memory grows with the steps), ``"adjoint"`` (continuous adjoint solved backward with a
         backward reconstruction of ``y``; O(1) memory in the steps), ``"checkpoint"`` (exact gradient of
-        the discrete solve, replayed from ``checkpoints`` states per level; bounded memory) or
-        ``"interpolated"`` (adjoint against the forward dense solution; memory O(accepted steps)).
+        the discrete solve, replayed from ``checkpoints`` states per level; bounded memory; every method,
+        multistep ones with their history kept at the checkpoints, implicit ones with the stage equations
+        solved afresh on the replay, so equal to ``"direct"`` to the forward's Newton tolerance) or
+        ``"interpolated"`` (adjoint against the forward dense solution; memory O(accepted steps)). The
+        continuous adjoints' accuracy on stiff problems: see ``neurodyn.gradients.adjoint``.
     step_size : float, optional
         Constant step size: required by... nothing: a fixed-step method without it steps on the grid
         ``t``. Given for an adaptive method, it disables error control (constant steps).
@@ -197,7 +200,8 @@ def solve(
         Method and tolerances of the backward solve (``"adjoint"``/``"interpolated"``); default: the
         forward ones.
     seminorm : bool
-        Leave the parameter-gradient channels out of the backward error control (default True).
+        Leave the parameter-gradient channels out of the backward error control (default True; on stiff
+        problems these channels can need it: see ``neurodyn.gradients.adjoint``).
     checkpoints : int
         ``"checkpoint"``: states kept per level (default 16).
     per_sample_steps : bool
@@ -307,9 +311,6 @@ def solve(
     # Method families with constraints of their own (flags carried by the steppers).
     if getattr(solver, "symplectic", False) and gradient in ("adjoint", "interpolated") and adjoint_method is None:
         adjoint_method = "rk4"  # the adjoint state is not a (q, p) pair: integrate it with a general method
-    if getattr(solver, "multistep", False) and gradient == "checkpoint":
-        raise InputError(f"gradient='checkpoint' replays steps from checkpoints, which a multistep method "
-                         f"({method!r}) cannot do without its history: use gradient='direct' or 'adjoint'.")
     if per_sample_steps and not hasattr(solver, "step_rows"):
         raise InputError(f"per_sample_steps supports the explicit Runge-Kutta methods, not {method!r}.")
     if compile and not isinstance(solver, ExplicitRungeKutta):

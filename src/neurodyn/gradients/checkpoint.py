@@ -6,14 +6,44 @@ would be kept. Backward: each segment between checkpoints is replayed with the l
 autograd and backpropagated, last segment first; a segment longer than 2 steps is first
 replayed without autograd to place up to ``checkpoints`` sub-checkpoints, recursively, down to segments
 of 2 steps. The replay runs the same stepper on the same step sizes, so the gradient equals
-``gradient="direct"`` to rounding, with memory O(checkpoints x levels) states plus the graph of at most
-2 steps.
+``gradient="direct"``, with memory O(checkpoints x levels) states plus the graph of at most 2 steps.
+
+What a checkpoint holds
+-----------------------
+The state a step starts from is more than ``y``:
+
+* ``k1``, dy/dt at the step start, when the loop passed it on from the previous step (FSAL). Its value is
+  then the previous step's last stage -- for an implicit method the stage equation's derivative, which differs
+  from a fresh ``f(t, y)`` by the Newton residual -- and its gradient flows back into that step, as in the
+  direct graph. So it is kept and differentiated as part of the state.
+* A stepper that carries state from step to step (the multistep methods' history of past derivatives or
+  differences) exposes it through two optional methods, so that a replay from a checkpoint reproduces the forward
+  steps without any restart:
+
+  ``replay_record() -> (info, tensors, meta)``
+      called after every accepted step: ``info`` the decisions that step took (e.g. its order: a rejected attempt
+      may have changed them, and the replay sees accepted steps only), ``tensors`` (differentiable) and ``meta``
+      (plain data) the state the next step starts from;
+  ``replay_prepare(t, y, info, carry)``
+      called before a replayed step from ``(t, y)``: impose ``info``, and, with ``carry = (tensors, meta)``
+      (a replay starting at a checkpoint), restore that state first.
+
+  The tensors are part of the checkpointed state: their gradients flow from segment to segment like ``y``'s.
+
+Implicit methods solve their stage equations with Newton's method on a Jacobian they keep across steps; a
+replay cannot rebuild that Jacobian's history (it sees accepted steps only, in a different order). The replay
+therefore runs on a term marked ``replay = True``, which tells an implicit stepper to solve each replayed step's
+equations afresh -- a Jacobian at the step start, Newton iterated past the forward's tolerance, never rejecting
+the step (see :class:`~neurodyn.solvers.implicit_rk.ImplicitRungeKutta`). The replayed stages then agree with the
+forward ones to the forward's Newton tolerance (a small fraction of ``rtol``), and the gradient (implicit function
+theorem at the stages, the same as ``"direct"``) with ``"direct"`` to that order.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,24 +58,58 @@ from .common import GradientOptions
 # graph held at once stays this short however many steps the solve takes.
 _LEAF_STEPS = 2
 
+# The state a step starts from: y (1, n), the carried k1 (or None: evaluated afresh), the stepper's tensors and
+# plain data (see the module docstring).
+State = tuple[Tensor, Tensor | None, tuple[Tensor, ...], Any]
+
+
+class ReplayTerm(ODETerm):
+    """The term of a replay: tells stateful steppers (Newton's Jacobian reuse) that the steps are replayed."""
+
+    __slots__ = ()
+    replay = True
+
+
+def fsal_continues(steps: list, j: int, fsal: bool) -> bool:
+    """True when the loop passed the previous step's last stage on as step ``j``'s ``k1`` (FSAL, no jump or
+    perturbation at the step start)."""
+    if not fsal or j <= 0 or j >= len(steps):
+        return False
+    t, _, _, _, k1_time = steps[j]
+    return k1_time == t and steps[j - 1][2] == t
+
 
 class _StepLog:
-    """Accepted steps (floats) and states at a stride that doubles to keep at most ``limit`` of them."""
+    """Accepted steps (floats), the stepper's decisions per step, and states at a stride that doubles to keep
+    at most ``limit`` of them."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, solver: Any):
         self.limit = max(2, limit)
         self.steps: list[tuple[float, float, float, float | None, float]] = []
-        self.states: dict[int, Tensor] = {}
+        self.infos: list[Any] = []
+        self.states: dict[int, State] = {}
         self.stride = 1
+        self.fsal = solver.fsal
+        self._record = getattr(solver, "replay_record", None)
+        self._carry: tuple[tuple[Tensor, ...], Any] = ((), None)  # what the next step starts from
 
-    def __call__(self, t: float, h: float, t1: float, nudge: float | None, k1_time: float, y: Tensor) -> None:
+    def __call__(self, t: float, h: float, t1: float, nudge: float | None, k1_time: float, y: Tensor,
+                 k1: Tensor) -> None:
         j = len(self.steps)
         self.steps.append((t, h, t1, nudge, k1_time))
         if j % self.stride == 0:
-            self.states[j] = y.detach()
+            # (a copy: the loop's k1 may sit in a stage buffer that later steps overwrite)
+            k1_kept = k1.detach().reshape(1, -1).clone() if fsal_continues(self.steps, j, self.fsal) else None
+            self.states[j] = (y.detach(), k1_kept, *self._carry)
             if len(self.states) > self.limit:
                 self.stride *= 2
                 self.states = {i: v for i, v in self.states.items() if i % self.stride == 0}
+        if self._record is not None:
+            info, tensors, meta = self._record()
+            self.infos.append(info)
+            self._carry = (tuple(x.detach() for x in tensors), meta)
+        else:
+            self.infos.append(None)
 
 
 class _Setup:
@@ -63,7 +127,7 @@ class _CheckpointFunction(torch.autograd.Function):
         func, solver, cfg = setup.func, setup.solver, setup.cfg
         term = ODETerm(func, y0.shape, real_dtype(y0.dtype), y0.device)
         times = setup.times
-        log = _StepLog(setup.gopts.checkpoints)
+        log = _StepLog(setup.gopts.checkpoints, solver)
         cfg.on_accept = log
         with torch.no_grad():
             f0 = check_derivative(func(torch.scalar_tensor(times[0], dtype=term.t_dtype, device=term.device), y0), y0)
@@ -83,78 +147,111 @@ class _CheckpointFunction(torch.autograd.Function):
             raise SolveFailure(f"cannot differentiate a failed solve (status {sol.status}, stopped at "
                                f"t={sol.t_final:.6g}): fix the forward solve first.", status=sol.status,
                                t=sol.t_final, solution=sol)
-        log, solver, cfg, params = setup.log, setup.solver, setup.cfg, setup.gopts.params
-        times = setup.times
-        direction = 1.0 if times[-1] > times[0] else -1.0
-        term = ODETerm(setup.func, setup.shape, setup.term.t_dtype, setup.term.device)
-        co = solver.coefficients(grad_ys.dtype, grad_ys.device)
-        n = grad_ys[0].numel()
+        log = setup.log
+        replayer = _Replayer(setup, grad_ys)
+        keys = sorted(log.states) + [len(log.steps)]
+        cot: tuple = (grad_ys.new_zeros((1, grad_ys[0].numel())), None, ())
+        for s0, s1 in reversed(list(zip(keys[:-1], keys[1:]))):
+            cot = replayer.backprop(s0, s1, log.states[s0], cot)
+        sol.stats["nfe_backward"] = replayer.term.nfe
+        sol.stats["checkpoints"] = len(log.states)
+        grad_y0 = (cot[0].reshape(-1) + grad_ys[0].reshape(-1)).view(setup.shape)
+        return (None, grad_y0, *replayer.g_params)
+
+
+class _Replayer:
+    """Replays logged steps from checkpointed states and backpropagates segment by segment."""
+
+    def __init__(self, setup: _Setup, grad_ys: Tensor):
+        self.setup, self.grad_ys = setup, grad_ys
+        self.log, self.solver, self.cfg = setup.log, setup.solver, setup.cfg
+        self.params = setup.gopts.params
+        self.times = setup.times
+        self.direction = 1.0 if self.times[-1] > self.times[0] else -1.0
+        self.term = ReplayTerm(setup.func, setup.shape, setup.term.t_dtype, setup.term.device)
+        self.co = self.solver.coefficients(grad_ys.dtype, grad_ys.device)
+        self.prepare: Callable | None = getattr(self.solver, "replay_prepare", None)
+        self.record: Callable | None = getattr(self.solver, "replay_record", None)
+        self.g_params = [torch.zeros_like(p) for p in self.params]
         # First output index produced by each step.
-        first_out = []
+        self.first_out = []
         out_i = 1
-        for (_, _, t1, _, _) in log.steps:
-            first_out.append(out_i)
-            while out_i < len(times) and (times[out_i] - t1) * direction <= 0:
+        for (_, _, t1, _, _) in self.log.steps:
+            self.first_out.append(out_i)
+            while out_i < len(self.times) and (self.times[out_i] - t1) * self.direction <= 0:
                 out_i += 1
-        g_params = [torch.zeros_like(p) for p in params]
-        limit = log.limit
-        fsal = solver.fsal
 
-        def replay(j: int, y: Tensor, outs: list[Tensor] | None,
-                   k1: Tensor | None) -> tuple[Tensor, Tensor | None]:
-            """Step j again from y; returns (y1, the next step's first stage if FSAL gives it, else None).
+    def run(self, j0: int, j1: int, state: State, outs: list[Tensor] | None = None,
+            subs: dict[int, State] | None = None, stride: int = 1) -> State:
+        """Steps ``j0 .. j1 - 1`` again from ``state`` (the state at ``j0``); returns the state at ``j1``.
 
-            Within a segment the first stage comes from the previous step's last (FSAL), as in the forward
-            loop, so the replayed graph is the direct method's; a segment start evaluates it afresh."""
+        Within the segment the first stage comes from the previous step's last (FSAL), as in the forward loop,
+        so the replayed graph is the direct method's. ``outs`` collects the outputs the steps produce; ``subs``
+        the state at every ``stride``-th step (sub-checkpoints)."""
+        log, solver, term, co = self.log, self.solver, self.term, self.co
+        y, k1, tensors, meta = state
+        k1 = k1.view(self.setup.shape) if k1 is not None else None
+        for j in range(j0, j1):
             t, h, t1, nudge, k1_time = log.steps[j]
             if k1 is None:
                 k1 = term(k1_time, y)
+            if self.prepare is not None:
+                self.prepare(t, y, log.infos[j], (tensors, meta) if j == j0 and meta is not None else None)
             y1, k, _ = solver.step(term, t, y, h, k1, co, nudge)
             if outs is not None:
-                step_outputs(solver, term, Step(t, h, y, y1, k), co, cfg.interp, times, first_out[j], t1,
-                             direction, outs)
-            nxt = None
-            if fsal and j + 1 < len(log.steps) and log.steps[j + 1][4] == t1 and log.steps[j + 1][0] == t1:
-                nxt = k[-1].view(setup.shape)
-            return y1, nxt
+                step_outputs(solver, term, Step(t, h, y, y1, k), co, self.cfg.interp, self.times, self.first_out[j],
+                             t1, self.direction, outs)
+            if self.record is not None:
+                _, tensors, meta = self.record()
+                tensors = tuple(tensors)
+            y = y1
+            k1 = k[-1].view(self.setup.shape) if fsal_continues(log.steps, j + 1, log.fsal) else None
+            if subs is not None and (j + 1 - j0) % stride == 0:
+                subs[j + 1] = (y, k1.reshape(1, -1) if k1 is not None else None, tensors, meta)
+        if j1 > j0 and not bool(torch.isfinite(y.detach()).all()):  # one check per segment (a host sync)
+            t_a, t_b = log.steps[j0][0], log.steps[j1 - 1][2]
+            raise SolveFailure(
+                f"gradient='checkpoint': replaying the steps from t={t_a:.6g} to t={t_b:.6g} with method "
+                f"{solver.name!r} gave NaN/inf (an implicit method's Newton iteration did not converge on the "
+                f"replay). Use gradient='direct', or other tolerances.", status="non_finite", t=t_a,
+                solution=self.setup.solution)
+        return y, (k1.reshape(1, -1) if k1 is not None else None), tensors, meta
 
-        def backprop(j0: int, j1: int, y_start: Tensor, a_end: Tensor) -> Tensor:
-            if j1 - j0 > _LEAF_STEPS:
-                stride = math.ceil((j1 - j0) / limit)
-                subs = {j0: y_start}
-                with torch.no_grad():
-                    y, k1 = y_start, None
-                    for j in range(j0, j1 - 1):
-                        y, k1 = replay(j, y, None, k1)
-                        if (j + 1 - j0) % stride == 0:
-                            subs[j + 1] = y
-                keys = sorted(subs) + [j1]
-                for s0, s1 in reversed(list(zip(keys[:-1], keys[1:]))):
-                    a_end = backprop(s0, s1, subs[s0], a_end)
-                return a_end
-            with torch.enable_grad():
-                ys0 = y_start.detach().requires_grad_(True)
-                y, k1 = ys0, None
-                outs: list[Tensor] = []
-                idx0 = first_out[j0]
-                for j in range(j0, j1):
-                    y, k1 = replay(j, y, outs, k1)
-                roots = [y] + outs
-                grads = [a_end.view(1, -1)] + [grad_ys[idx0 + m].reshape(1, -1) for m in range(len(outs))]
-                res = torch.autograd.grad(roots, [ys0, *params], grads, allow_unused=True)
-            for gp, r in zip(g_params, res[1:]):
-                if r is not None:
-                    gp.add_(r)
-            return res[0] if res[0] is not None else torch.zeros_like(ys0)
-
-        keys = sorted(log.states) + [len(log.steps)]
-        a = grad_ys.new_zeros((1, n))
-        for s0, s1 in reversed(list(zip(keys[:-1], keys[1:]))):
-            a = backprop(s0, s1, log.states[s0], a)
-        sol.stats["nfe_backward"] = term.nfe
-        sol.stats["checkpoints"] = len(log.states)
-        grad_y0 = (a.reshape(-1) + grad_ys[0].reshape(-1)).view(setup.shape)
-        return (None, grad_y0, *g_params)
+    def backprop(self, j0: int, j1: int, state: State, cot: tuple) -> tuple:
+        """Backpropagate the cotangent ``cot = (a_y, a_k1, a_tensors)`` of the state at ``j1`` (and the outputs
+        of steps ``j0 .. j1 - 1``) to the state at ``j0``."""
+        if j1 - j0 > _LEAF_STEPS:
+            stride = math.ceil((j1 - j0) / self.log.limit)
+            subs = {j0: state}
+            with torch.no_grad():
+                self.run(j0, j1 - 1, state, subs=subs, stride=stride)
+            keys = sorted(subs) + [j1]
+            for s0, s1 in reversed(list(zip(keys[:-1], keys[1:]))):
+                cot = self.backprop(s0, s1, subs[s0], cot)
+            return cot
+        y, k1, tensors, meta = state
+        with torch.enable_grad():
+            leaves = [y.detach().requires_grad_(True), None if k1 is None else k1.detach().requires_grad_(True),
+                      *(x.detach().requires_grad_(True) for x in tensors)]
+            outs: list[Tensor] = []
+            y_end, k1_end, tensors_end, _ = self.run(j0, j1, (leaves[0], leaves[1], tuple(leaves[2:]), meta), outs)
+            idx0 = self.first_out[j0]
+            a_y, a_k1, a_tensors = cot
+            roots = [y_end, k1_end, *tensors_end] + outs
+            grads = [a_y, a_k1, *(a_tensors or (None,) * len(tensors_end))]
+            grads += [self.grad_ys[idx0 + m].reshape(1, -1) for m in range(len(outs))]
+            pairs = [(r, g.view_as(r)) for r, g in zip(roots, grads)
+                     if r is not None and g is not None and r.requires_grad]
+            inputs = [x for x in leaves if x is not None]
+            res = torch.autograd.grad([r for r, _ in pairs], [*inputs, *self.params], [g for _, g in pairs],
+                                      allow_unused=True) if pairs else (None,) * (len(inputs) + len(self.params))
+        for gp, r in zip(self.g_params, res[len(inputs):]):
+            if r is not None:
+                gp.add_(r)
+        got = [torch.zeros_like(x) if r is None else r for x, r in zip(inputs, res[:len(inputs)])]
+        a_y = got.pop(0)
+        a_k1 = got.pop(0) if k1 is not None else None
+        return a_y, a_k1, tuple(got)
 
 
 def solve_checkpoint(func: Callable, y0: Tensor, t: Tensor, solver: ExplicitRungeKutta, cfg: LoopConfig,

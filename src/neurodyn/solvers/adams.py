@@ -15,8 +15,11 @@ A multistep method needs past derivatives. Each stepper keeps its own history of
 * a call whose ``y`` is the ``y1`` the previous call returned continues the history;
 * a call with the previous call's ``(t, y)`` again is a retry after a rejected step: the rejected
   attempt leaves no trace (the history only ever holds accepted points);
-* anything else (a new solve, a replay, another gradient method's solve) starts afresh, with the
-  one-step starter (torchdiffeq's RK4 for the fixed methods, order 1 for ``adams``);
+* anything else (a new solve, another gradient method's solve) starts afresh, with the one-step starter
+  (torchdiffeq's RK4 for the fixed methods, order 1 for ``adams``);
+* a replay of the forward steps (``gradient="checkpoint"``) restores the history kept at its checkpoint and the
+  order each step took (:meth:`_Multistep.replay_record`, :meth:`_Multistep.replay_prepare`), so it reproduces
+  the forward steps exactly, and the gradient flows through the history as in ``gradient="direct"``;
 * after a step that landed on a discontinuity (``jump_t``) the history is dropped too, so no formula
   interpolates across the jump. (With ``perturb=True`` every step is nudged: the history is dropped once,
   after the first step, and kept from then on; two consecutive steps landing on jumps look alike, and the
@@ -70,6 +73,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -181,8 +185,7 @@ class _Multistep:
 
     adaptive = False
     max_history = 1
-    #: Keeps state (the history) across steps: a replay of single steps from a stored state (the checkpoint
-    #: gradient's) does not reproduce the forward steps.
+    #: Keeps state (the history) across steps; a checkpoint replay restores it (:meth:`replay_prepare`).
     multistep = True
 
     def __init__(self) -> None:
@@ -190,10 +193,19 @@ class _Multistep:
         self._last: _Attempt | None = None
         self._nudge_run = 0  # consecutive accepted steps whose end was nudged (jump_t landing or perturb)
         self._fails = 0
+        self._imposed = None  # decisions a replayed step must take (see replay_prepare)
 
     def _sync(self, t: float, y: Tensor, k1: Tensor) -> str:
         """Bring the history to the current step start ``(t, y)`` (with ``k1 = f(t, y)`` as its newest point);
-        returns ``"continue"``, ``"restart"`` (after a jump), ``"retry"`` or ``"reset"`` (a new solve)."""
+        returns ``"continue"``, ``"restart"`` (after a jump), ``"retry"`` or ``"reset"`` (a new solve). A replayed
+        step then takes the decisions its forward step took."""
+        mode = self._follow(t, y, k1)
+        if self._imposed is not None:
+            self._impose(self._imposed)
+            self._imposed = None
+        return mode
+
+    def _follow(self, t: float, y: Tensor, k1: Tensor) -> str:
         last = self._last
         f = k1.reshape(-1)
         if last is not None and y is last.y1 and abs(t - last.t1) <= 1e-12 * max(1.0, abs(t)):
@@ -243,6 +255,43 @@ class _Multistep:
         """Forget the history (the next step starts afresh)."""
         self._hist = _History()
         self._last = None
+
+    # -- checkpoint replays (see gradients/checkpoint.py) ------------------------------------------
+    def replay_record(self) -> tuple[Any, tuple[Tensor, ...], Any]:
+        """After an accepted step: ``(decisions, tensors, meta)`` -- the decisions the step took (its order: a
+        rejected attempt before it may have changed it), and the state the next step starts from, its tensors
+        (differentiable: the past derivatives) and plain data."""
+        last = self._last
+        tensors, extra = self._carry(last)
+        return self._decisions(last), tensors, (list(self._hist.ts), last.nudged, self._nudge_run, extra)
+
+    def replay_prepare(self, t: float, y: Tensor, info: Any, carry: tuple | None = None) -> None:
+        """Before a replayed step from ``(t, y)``: with ``carry = (tensors, meta)`` from :meth:`replay_record`
+        (a replay starting at a checkpoint) continue from that state, as the forward step did; take the
+        decisions ``info`` the forward step took."""
+        if carry is not None:
+            tensors, (ts, nudged, nudge_run, extra) = carry
+            self._last = self._restore(t, y, list(ts), tuple(tensors), nudged, extra)
+            self._nudge_run = nudge_run
+            self._fails = 0
+        self._imposed = info
+
+    def _carry(self, last: _Attempt) -> tuple[tuple[Tensor, ...], Any]:
+        """The tensors (and plain data) the next step starts from: the history of derivatives."""
+        return tuple(self._hist.fs), None
+
+    def _restore(self, t: float, y: Tensor, ts: list[float], tensors: tuple[Tensor, ...], nudged: bool,
+                 extra: Any) -> _Attempt:
+        """Install a state from :meth:`_carry`; returns the attempt the next step continues from (ending at
+        ``(t, y)``)."""
+        self._hist = _History(ts, [x.reshape(-1) for x in tensors])
+        return _Attempt(t, y, t, y, nudged)
+
+    def _decisions(self, last: _Attempt) -> Any:
+        return None
+
+    def _impose(self, info: Any) -> None:
+        pass
 
     def coefficients(self, dtype: torch.dtype, device: torch.device) -> None:
         return None
@@ -467,6 +516,12 @@ class VariableAdams(_Multistep):
 
     def _on_reset(self) -> None:
         self._k = self.start_order
+
+    def _decisions(self, last: _Attempt) -> int:
+        return last.order
+
+    def _impose(self, order: int) -> None:
+        self._k = order
 
     def _on_accept(self, last: _Attempt) -> None:
         em1, ek, ep1 = last.norms

@@ -33,7 +33,10 @@ Dense output is the BDF interpolating polynomial of the step (degree ``k``, from
 ``BdfDenseOutput``. Gradients (``gradient="direct"``): Newton runs without autograd; the converged ``y*`` passes
 through one implicit-function-theorem correction (the implicit RK stepper's ``_Correction``), so the gradient is
 that of the discrete method, with no backpropagation through Newton. ``"adjoint"`` and ``"interpolated"`` work as
-for any method; ``"checkpoint"`` is refused (a multistep method cannot replay single steps).
+for any method. ``"checkpoint"`` keeps the differences ``D`` with every checkpoint and replays each step with the order
+the forward step took; the replay solves the corrector afresh (a Jacobian at the step start, Newton past the forward's
+tolerance, see :class:`~neurodyn.solvers.implicit_rk.ImplicitRungeKutta`), so the gradient agrees with ``"direct"`` to
+the forward's Newton tolerance.
 
 The stepper starts at order 1 with the loop's initial step. With a constant ``step_size`` (no error control) it
 still raises its order as above, but its order-1 start limits the accuracy to O(h^2): use it adaptively.
@@ -52,9 +55,16 @@ from torch import Tensor
 
 from ..control import StepperController
 from ..errors import InputError
-from .adams import _Attempt, _Multistep
+from .adams import _Attempt, _History, _Multistep
 from .explicit_rk import Step, Term
-from .implicit_rk import JAC_MODES, ImplicitRungeKutta, _Correction, _new_stats, _SolveState
+from .implicit_rk import (
+    JAC_MODES,
+    ImplicitRungeKutta,
+    _Correction,
+    _new_stats,
+    _SolveState,
+    replay_newton,
+)
 
 MAX_ORDER = 5
 NEWTON_MAXITER = 4
@@ -317,6 +327,21 @@ class BDF(_Multistep):
         self._k = k if new_k is None else max(1, min(self.max_order, new_k))
         self._n_equal = n_equal
 
+    # -- checkpoint replays: the differences D are the state a step starts from; its order the decision it took ----
+    def _carry(self, last: _BdfAttempt) -> tuple[tuple[Tensor, ...], Any]:
+        return (last.D,), last.h
+
+    def _restore(self, t: float, y: Tensor, ts: list[float], tensors: tuple[Tensor, ...], nudged: bool,
+                 extra: Any) -> _BdfAttempt:
+        self._hist = _History()
+        return _BdfAttempt(t, y, t, y, nudged, h=extra, D=tensors[0])
+
+    def _decisions(self, last: _BdfAttempt) -> int:
+        return last.order
+
+    def _impose(self, order: int) -> None:
+        self._k = order
+
     # -- the controller's side -----------------------------------------------------------------------------
     def begin_control(self) -> None:
         """Called by :class:`~neurodyn.control.StepperController` when an integration starts."""
@@ -427,7 +452,11 @@ class BDF(_Multistep):
         """Solve ``y - c f(t1, y) = y_pred - psi`` from ``y_pred``: ``(y*, d* = y* - y_pred, iterations, LU)``, or
         ``(None, None, iterations, LU)`` when it fails with a Jacobian computed for this attempt."""
         scale = y_pred.abs() * tols[0] + tols[1]
-        fresh = False
+        iters, floor = self.max_newton_iter, None
+        if st.replay:  # a checkpoint replay: J at the step start, Newton past the forward's tolerance, no early give-up
+            st.J = None
+            tol, floor, iters = replay_newton(tol, tols[0], y_pred.dtype, self.max_newton_iter)
+        fresh = rescued = False
         if st.J is None:
             st.J = self._jac_source._jacobian(term, t, y_key.detach(), st)
             st.lus.clear()
@@ -447,7 +476,7 @@ class BDF(_Multistep):
             d = torch.zeros_like(y_pred)
             dn_old = None
             converged = False
-            for it in range(self.max_newton_iter):
+            for it in range(iters):
                 f = term(t1, yk).reshape(1, -1)
                 dy = layout_solve(lu, c * f - psi - d)
                 stats["newton_iters"] += 1
@@ -458,7 +487,8 @@ class BDF(_Multistep):
                     break
                 rate = None if dn_old is None else (dn / dn_old if dn_old > 0 else 0.0)
                 if rate is not None and (rate >= 1.0 or
-                                         rate ** (self.max_newton_iter - it) / (1.0 - rate) * dn > tol):
+                                         (floor is None and rate ** (iters - it) / (1.0 - rate) * dn > tol)):
+                    converged = floor is not None and dn <= floor  # a replay stalled within the forward's test
                     break
                 yk = yk + dy
                 d = d + dy
@@ -466,10 +496,17 @@ class BDF(_Multistep):
                     converged = True
                     break
                 dn_old = dn
+            else:
+                converged = floor is not None and dn <= floor
             if converged:
                 return yk, d, it + 1, lu
-            if fresh:
+            if fresh and (floor is None or rescued or not bool(torch.isfinite(yk).all())):
                 return None, None, total, lu
+            if fresh:  # a replay cannot shrink the step: once more with J where Newton got stuck
+                rescued = True
+                st.J = self._jac_source._jacobian(term, t1, yk, st)
+                st.lus.clear()
+                continue
             # Failed with an old Jacobian: recompute it at the prediction and try once more.
             st.J = self._jac_source._jacobian(term, t1, y_pred, st)
             st.lus.clear()

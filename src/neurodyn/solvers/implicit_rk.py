@@ -19,7 +19,10 @@ forward differences (``jac="fd"``), or from a user callable
 (``torch.linalg.lu_factor``) are kept across stages and steps until ``J`` changes or ``h`` moves by more
 than ``refactor_ratio``. Convergence is tested as in Hairer & Wanner's RADAU5: with the rate
 ``theta = |dz_k| / |dz_{k-1}|`` and ``eta = theta / (1 - theta)`` (carried over from the previous solve
-as ``eta^0.8``), stop when ``eta |dz| <= newton_tol`` in the norm of the error control; give up when
+as ``eta^0.8``, but at least ``ETA_FLOOR`` = 0.01, and at least ``m / (1 - m)`` when the factorisation in use was
+made for another step size, ``m = |h / h_factored - 1|``: the iteration then contracts the stiff components only
+by about ``m``), stop when
+``eta |dz| <= newton_tol`` in the norm of the error control; give up when
 ``theta >= 1``, when the predicted error after ``max_newton_iter`` iterations exceeds the tolerance, or
 after ``max_newton_iter`` iterations. A failure with an old ``J`` recomputes ``J`` and retries the step
 once before rejecting it.
@@ -38,6 +41,13 @@ autograd) and whose backward is the exact transposed solve with ``dG/dz`` at ``z
 products (a dense solve if it stalls). The result is the implicit-function-theorem gradient of the
 discrete step, whatever the staleness of the Jacobian that Newton used -- no backpropagation through the
 Newton iterations.
+
+A ``gradient="checkpoint"`` replay (its term has ``replay = True``) cannot rebuild the forward's Jacobian history
+and cannot reject or shrink a step: each replayed step gets a Jacobian at its start, Newton is iterated to
+``newton_tol * REPLAY_TIGHTER`` (an iteration that stalls within ``newton_tol`` is accepted) with up to
+``REPLAY_ITERS`` iterations and no early give-up (after a failure: again with ``J`` where Newton got stuck,
+as for fixed steps). Its stages then match the forward's to the forward's Newton tolerance, and so does the
+gradient (see ``gradients/checkpoint.py``).
 
 Tolerances
 ----------
@@ -73,8 +83,24 @@ from .implicit_tableaus import IMPLICIT_TABLEAUS, ImplicitTableau
 Term = Callable[[float, Tensor], Tensor]
 
 JAC_MODES = ("full", "batched", "fd")
+# The smallest convergence rate Newton's first test assumes (see ImplicitRungeKutta._start_rate): a first increment
+# passes only within newton_tol / ETA_FLOOR.
+ETA_FLOOR = 1e-2
+# Checkpoint replays: Newton's tolerance is the forward's times REPLAY_TIGHTER, with up to REPLAY_ITERS iterations.
+REPLAY_TIGHTER = 1e-3
+REPLAY_ITERS = 40
 STAT_KEYS = ("jacobian_evals", "factorizations", "linear_solves", "newton_iters", "newton_failures",
              "adjoint_solves", "adjoint_refinements")
+
+
+def replay_newton(tol: float, rtol: float | Tensor, dtype: torch.dtype, max_iter: int) -> tuple[float, float, int]:
+    """Newton's settings on a checkpoint replay: ``(target, floor, iterations)``. A replay cannot shrink its step
+    or reject it, so Newton goes past the forward's tolerance ``tol`` (to ``tol * REPLAY_TIGHTER``, not below the
+    rounding level ``10 eps / rtol``), an iteration that stalls within ``tol`` counts as converged (``floor``), and
+    it may take ``REPLAY_ITERS`` iterations."""
+    rmin = float(rtol.min()) if isinstance(rtol, Tensor) else float(rtol)
+    target = max(10 * torch.finfo(dtype).eps / max(rmin, 1e-300), tol * REPLAY_TIGHTER)
+    return target, tol, max(REPLAY_ITERS, 4 * max_iter)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,6 +278,12 @@ class _SolveState:
     last_call: tuple | None = None  # (t, y) of the last step() call
     fd_warned: bool = False
     patient: bool = False  # no early give-up on a predicted slow convergence (last-chance attempts)
+    # A checkpoint replay (the term says so): a Jacobian at every step start, Newton to ``newton_tol * REPLAY_TIGHTER``
+    # with up to REPLAY_ITERS iterations, accepted where it stalls within the forward's ``newton_tol`` (``floor``).
+    replay: bool = False
+    floor: float | None = None
+    max_iter: int = 7
+    lu_mismatch: float = 0.0  # |h / h_factored - 1| of the factorisation in use (see _start_rate)
 
 
 def _new_stats() -> dict:
@@ -433,7 +465,8 @@ class ImplicitRungeKutta:
         if st is None or st.term is not term or st.dtype != y.dtype or st.device != y.device:
             if y.is_complex():
                 raise InputError("implicit methods support real states only (float32/float64).")
-            st = self._state = _SolveState(term=term, dtype=y.dtype, device=y.device, stats=_new_stats())
+            st = self._state = _SolveState(term=term, dtype=y.dtype, device=y.device, stats=_new_stats(),
+                                           replay=bool(getattr(term, "replay", False)))
         return st
 
     def _user_tolerances(self, y: Tensor) -> tuple[Tensor | float, Tensor | float]:
@@ -607,9 +640,14 @@ class ImplicitRungeKutta:
             st.lus.clear()
 
     def _stale(self, key: Any, value: float, st: _SolveState):
+        """The kept factorisation for ``key`` if it was made for a ``value`` (``h`` or ``h gamma``) close enough, else
+        None (refactor). Records the mismatch ``|value / value_factored - 1|`` in ``st.lu_mismatch``."""
         entry = st.lus.get(key)
-        if entry is None or abs(value / entry[1] - 1.0) > self.refactor_ratio:
+        mismatch = math.inf if entry is None else abs(value / entry[1] - 1.0)
+        if mismatch > self.refactor_ratio:
+            st.lu_mismatch = 0.0  # refactored for this value
             return None
+        st.lu_mismatch = mismatch
         return entry[0]
 
     def _lu_dirk(self, st: _SolveState, h: float, gamma: float) -> tuple[Tensor, Tensor]:
@@ -649,15 +687,17 @@ class ImplicitRungeKutta:
     def _rms(x: Tensor, scale: Tensor) -> float:
         return float(torch.linalg.vector_norm(x / scale)) / math.sqrt(x.numel())
 
-    def _converge(self, it: int, dn: float, dn_old: float | None, eta: float, tol: float, patient: bool = False):
-        """One Newton convergence test: returns (status, eta, theta); status 1 converged, -1 failed, 0 go on."""
+    def _converge(self, it: int, dn: float, dn_old: float | None, eta: float, tol: float, patient: bool = False,
+                  floor: float | None = None):
+        """One Newton convergence test: returns (status, eta, theta); status 1 converged, -1 failed, 0 go on.
+        ``floor`` (replays): an iteration that stops contracting is converged when its increment is below it."""
         if not math.isfinite(dn):
             return -1, eta, math.inf
         theta = 0.0
         if dn_old is not None:
             theta = dn / dn_old if dn_old > 0 else 0.0
             if theta >= 1.0:
-                return -1, eta, theta
+                return (1 if floor is not None and dn <= floor else -1), eta, theta
             eta = theta / (1.0 - theta)
             if not patient and theta ** (self.max_newton_iter - 1 - it) / (1.0 - theta) * dn > tol:
                 return -1, eta, theta
@@ -665,21 +705,48 @@ class ImplicitRungeKutta:
             return 1, eta, theta
         return 0, eta, theta
 
+    @staticmethod
+    def _start_rate(st: _SolveState) -> float:
+        """The rate ``eta`` Newton's first convergence test assumes: the last solve's, carried over as ``eta^0.8``
+        (RADAU5), but no smaller than what a factorisation kept from another step size implies, nor than
+        ``ETA_FLOOR``. On the stiff components the iteration matrix made for ``h'`` contracts the error only by about
+        ``|h / h' - 1|`` per iteration; and a rate carried from a solve that converged at once (a linear problem) can
+        be ~1e-13 while ``J`` has gone stale (a time-dependent Jacobian). Without these bounds a first increment
+        of any size passed the test: accepted stages were several tolerance units (linear problem, reused LU) to
+        1e5 units (``kvaerno5``, time-dependent ``J``) off the stage solution."""
+        m = min(st.lu_mismatch, 0.9)
+        return max(max(st.eta, 1e-16) ** 0.8, m / (1.0 - m), ETA_FLOOR)
+
+    @staticmethod
+    def _within_floor(st: _SolveState, dn: float) -> bool:
+        """Out of iterations: converged all the same in a replay when the last increment met the forward's test."""
+        return st.floor is not None and dn <= st.floor
+
+    def _step_tolerances(self, y: Tensor, st: _SolveState) -> tuple[tuple, float]:
+        """:meth:`_tolerances` for one step; in a replay also a fresh Jacobian and the replay's Newton settings."""
+        tols, tol = self._tolerances(y)
+        st.max_iter = self.max_newton_iter
+        st.floor = None
+        if st.replay:
+            st.need_jac = True
+            tol, st.floor, st.max_iter = replay_newton(tol, tols[0], y.dtype, self.max_newton_iter)
+        return tols, tol
+
     def _newton_stage(self, term: Any, ti: float, psi: Tensor, hg: float, Y: Tensor, lu, scale: Tensor,
                       tol: float, st: _SolveState) -> tuple[Tensor, bool, float]:
         """Solve ``Y = psi + hg f(ti, Y)`` (one DIRK stage) from the guess ``Y``."""
-        eta = max(st.eta, 1e-16) ** 0.8
+        eta = self._start_rate(st)
         dn_old = None
         stats = st.stats
         layout = st.layout
         theta = 0.0
-        for it in range(self.max_newton_iter):
+        for it in range(st.max_iter):
             F = term(ti, Y).reshape(1, -1)
             dY = layout.solve(lu, psi + hg * F - Y)
             stats["newton_iters"] += 1
             stats["linear_solves"] += 1
             dn = self._rms(dY, scale)
-            status, eta, theta = self._converge(it, dn, dn_old, eta, tol, st.patient)
+            status, eta, theta = self._converge(it, dn, dn_old, eta, tol, st.patient, st.floor)
             if status < 0:
                 return Y, False, theta
             Y = Y + dY
@@ -687,22 +754,22 @@ class ImplicitRungeKutta:
                 st.eta = eta
                 return Y, True, theta
             dn_old = dn
-        return Y, False, theta
+        return Y, self._within_floor(st, dn), theta
 
     def _newton_firk(self, term: Any, t: float, y: Tensor, h: float, Z: Tensor, lu, scale: Tensor, tol: float,
                      co: _ImplicitCoefficients, times: list[float], st: _SolveState) -> tuple[Tensor, bool, float]:
         """Solve ``Z = h (A (x) I) F(y + Z)`` for the stacked stages ``Z`` (``(s, n)``)."""
-        eta = max(st.eta, 1e-16) ** 0.8
+        eta = self._start_rate(st)
         dn_old = None
         theta = 0.0
         s = Z.shape[0]
-        for it in range(self.max_newton_iter):
+        for it in range(st.max_iter):
             F = torch.cat([term(times[i], y + Z[i:i + 1]).reshape(1, -1) for i in range(s)])
             dZ = st.layout.firk_solve(lu, h * (co.A @ F) - Z)
             st.stats["newton_iters"] += 1
             st.stats["linear_solves"] += 1
             dn = self._rms(dZ, scale)
-            status, eta, theta = self._converge(it, dn, dn_old, eta, tol, st.patient)
+            status, eta, theta = self._converge(it, dn, dn_old, eta, tol, st.patient, st.floor)
             if status < 0:
                 return Z, False, theta
             Z = Z + dZ
@@ -710,7 +777,7 @@ class ImplicitRungeKutta:
                 st.eta = eta
                 return Z, True, theta
             dn_old = dn
-        return Z, False, theta
+        return Z, self._within_floor(st, dn), theta
 
     def _newton_radau(self, term: Any, y: Tensor, h: float, Z: Tensor, lus, scale: Tensor, tol: float,
                       co: _ImplicitCoefficients, times: list[float], st: _SolveState) -> tuple[Tensor, bool, float]:
@@ -721,11 +788,11 @@ class ImplicitRungeKutta:
         mc = rd["mu_complex"] / h
         T, TI = rd["T"], rd["TI"]
         W = TI @ Z
-        eta = max(st.eta, 1e-16) ** 0.8
+        eta = self._start_rate(st)
         dn_old = None
         theta = 0.0
         layout = st.layout
-        for it in range(self.max_newton_iter):
+        for it in range(st.max_iter):
             F = torch.cat([term(times[i], y + Z[i:i + 1]).reshape(1, -1) for i in range(3)])
             f_real = rd["TI_real"] @ F - mr * W[0:1]
             f_cplx = rd["TI_complex"] @ F.to(rd["cdtype"]) - mc * torch.complex(W[1:2], W[2:3])
@@ -735,7 +802,7 @@ class ImplicitRungeKutta:
             st.stats["newton_iters"] += 1
             st.stats["linear_solves"] += 2
             dn = self._rms(dW, scale)
-            status, eta, theta = self._converge(it, dn, dn_old, eta, tol, st.patient)
+            status, eta, theta = self._converge(it, dn, dn_old, eta, tol, st.patient, st.floor)
             if status < 0:
                 return Z, False, theta
             W = W + dW
@@ -744,7 +811,7 @@ class ImplicitRungeKutta:
                 st.eta = eta
                 return Z, True, theta
             dn_old = dn
-        return Z, False, theta
+        return Z, self._within_floor(st, dn), theta
 
     # -- one step ----------------------------------------------------------------------------------
     def make_buffers(self, y: Tensor, k1: Tensor) -> None:
@@ -788,7 +855,7 @@ class ImplicitRungeKutta:
         n = y.shape[1]
         first = 0 if self._extra_f0 else 1
         rows = s + (1 if self._extra_f0 else 0)
-        tols, tol = self._tolerances(y)
+        tols, tol = self._step_tolerances(y, st)
         a = co.a_rows
         with torch.no_grad():
             yd = y.detach()
@@ -797,7 +864,7 @@ class ImplicitRungeKutta:
             rescued = False
             for attempt in range(4):
                 fresh = self._ensure_jacobian(term, t, yd, y, st) or rescued
-                st.patient = rescued or not self.adaptive
+                st.patient = rescued or not self.adaptive or st.replay
                 Ks = [k1d] if first else []
                 Ys: list[Tensor | None] = [None] * s
                 lus: list = [None] * s
@@ -832,7 +899,7 @@ class ImplicitRungeKutta:
                 return self._failed(y, rows, st)
             st.need_jac = theta_max > self.jac_rate
             err = None
-            if co.b_err is not None:
+            if co.b_err is not None and not st.replay:  # a replay's steps are not judged again
                 err = co.b_err @ torch.cat(Ks)
                 if self.tableau.filter_error:
                     err = st.layout.solve(lus[-1], err)
@@ -888,7 +955,7 @@ class ImplicitRungeKutta:
         s = self.stages
         n = y.shape[1]
         radau = self.kind == "radau5"
-        tols, tol = self._tolerances(y)
+        tols, tol = self._step_tolerances(y, st)
         with torch.no_grad():
             yd = y.detach()
             k1d = k1.detach().reshape(1, n)
@@ -897,7 +964,7 @@ class ImplicitRungeKutta:
             rescued = False
             for attempt in range(4):
                 fresh = self._ensure_jacobian(term, t, yd, y, st) or rescued
-                st.patient = rescued or not self.adaptive
+                st.patient = rescued or not self.adaptive or st.replay
                 if radau:
                     lu = self._lu_radau(st, co, h)
                     Z, ok, theta = self._newton_radau(term, yd, h, Z0, lu, scale, tol, co, times, st)
@@ -916,7 +983,7 @@ class ImplicitRungeKutta:
                 return self._failed(y, s + 1, st)
             st.need_jac = theta > self.jac_rate
             err = None
-            if radau and self.adaptive:
+            if radau and self.adaptive and not st.replay:
                 rd = co.radau
                 lur = lu[0]
                 ZE = (rd["E"] @ Z) / h
