@@ -732,52 +732,46 @@ class ImplicitRungeKutta:
             tol, st.floor, st.max_iter = replay_newton(tol, tols[0], y.dtype, self.max_newton_iter)
         return tols, tol
 
-    def _newton_stage(self, term: Any, ti: float, psi: Tensor, hg: float, Y: Tensor, lu, scale: Tensor,
-                      tol: float, st: _SolveState) -> tuple[Tensor, bool, float]:
-        """Solve ``Y = psi + hg f(ti, Y)`` (one DIRK stage) from the guess ``Y``."""
+    def _newton(self, increment: Callable[[Tensor], Tensor], X: Tensor, scale: Tensor, tol: float,
+                st: _SolveState) -> tuple[Tensor, bool, float]:
+        """Simplified Newton from the guess ``X``: ``X += increment(X)`` until the convergence test of
+        :meth:`_converge` passes (True) or fails (False). Returns ``(X, converged, contraction rate)``."""
         eta = self._start_rate(st)
         dn_old = None
         stats = st.stats
-        layout = st.layout
         theta = 0.0
         for it in range(st.max_iter):
-            F = term(ti, Y).reshape(1, -1)
-            dY = layout.solve(lu, psi + hg * F - Y)
+            dX = increment(X)
             stats["newton_iters"] += 1
             stats["linear_solves"] += 1
-            dn = self._rms(dY, scale)
+            dn = self._rms(dX, scale)
             status, eta, theta = self._converge(it, dn, dn_old, eta, tol, st.patient, st.floor)
             if status < 0:
-                return Y, False, theta
-            Y = Y + dY
+                return X, False, theta
+            X = X + dX
             if status > 0:
                 st.eta = eta
-                return Y, True, theta
+                return X, True, theta
             dn_old = dn
-        return Y, self._within_floor(st, dn), theta
+        return X, self._within_floor(st, dn), theta
+
+    def _newton_stage(self, term: Any, ti: float, psi: Tensor, hg: float, Y: Tensor, lu, scale: Tensor,
+                      tol: float, st: _SolveState) -> tuple[Tensor, bool, float]:
+        """Solve ``Y = psi + hg f(ti, Y)`` (one DIRK stage) from the guess ``Y``."""
+        layout = st.layout
+        return self._newton(lambda Y_: layout.solve(lu, psi + hg * term(ti, Y_).reshape(1, -1) - Y_), Y, scale, tol,
+                            st)
 
     def _newton_firk(self, term: Any, t: float, y: Tensor, h: float, Z: Tensor, lu, scale: Tensor, tol: float,
                      co: _ImplicitCoefficients, times: list[float], st: _SolveState) -> tuple[Tensor, bool, float]:
         """Solve ``Z = h (A (x) I) F(y + Z)`` for the stacked stages ``Z`` (``(s, n)``)."""
-        eta = self._start_rate(st)
-        dn_old = None
-        theta = 0.0
         s = Z.shape[0]
-        for it in range(st.max_iter):
-            F = torch.cat([term(times[i], y + Z[i:i + 1]).reshape(1, -1) for i in range(s)])
-            dZ = st.layout.firk_solve(lu, h * (co.A @ F) - Z)
-            st.stats["newton_iters"] += 1
-            st.stats["linear_solves"] += 1
-            dn = self._rms(dZ, scale)
-            status, eta, theta = self._converge(it, dn, dn_old, eta, tol, st.patient, st.floor)
-            if status < 0:
-                return Z, False, theta
-            Z = Z + dZ
-            if status > 0:
-                st.eta = eta
-                return Z, True, theta
-            dn_old = dn
-        return Z, self._within_floor(st, dn), theta
+
+        def increment(Z_: Tensor) -> Tensor:
+            F = torch.cat([term(times[i], y + Z_[i:i + 1]).reshape(1, -1) for i in range(s)])
+            return st.layout.firk_solve(lu, h * (co.A @ F) - Z_)
+
+        return self._newton(increment, Z, scale, tol, st)
 
     def _newton_radau(self, term: Any, y: Tensor, h: float, Z: Tensor, lus, scale: Tensor, tol: float,
                       co: _ImplicitCoefficients, times: list[float], st: _SolveState) -> tuple[Tensor, bool, float]:
