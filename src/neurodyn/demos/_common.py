@@ -18,3 +18,9 @@ def config_from_args(cls: type[C], args: argparse.Namespace, quick: dict[str, An
     if getattr(cfg, "quick", False) and quick:
         cfg = replace(cfg, **{k: v for k, v in quick.items() if given.get(k) is None})
     return cfg
+
+
+def add_out_and_seed(parser: argparse.ArgumentParser, out: str, seed: int) -> None:
+    """The ``--out DIR`` and ``--seed`` options every demo has."""
+    parser.add_argument("--out", default=out, metavar="DIR", help=f"output directory (default: {out})")
+    parser.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")

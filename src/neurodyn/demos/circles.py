@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from neurodyn import AugmentedNeuralODE, solve
+from neurodyn.demos._common import add_out_and_seed
 from neurodyn.demos._common import config_from_args as _config_from_args
 from neurodyn.progress import Progress
 
@@ -75,10 +76,9 @@ QUICK = dict(iters=60, iters_1d=30, n_train=256, n_test=512, evals=2, grid=40)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = CirclesConfig()
-    parser.add_argument("--out", default=d.out, metavar="DIR", help=f"output directory (default: {d.out})")
+    add_out_and_seed(parser, d.out, d.seed)
     parser.add_argument("--iters", type=int, default=None, metavar="N",
                         help=f"training iterations per rings model (default: {d.iters}; --quick: {QUICK['iters']})")
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds' smoke run (fewer iterations and points; numbers not meaningful)")
     parser.add_argument("--hidden", type=int, default=d.hidden,

@@ -71,6 +71,7 @@ from torch import Tensor, nn
 
 import neurodyn
 from neurodyn import regularizers
+from neurodyn.demos._common import add_out_and_seed
 from neurodyn.progress import Progress
 from neurodyn.regularizers import regularized_solve, steer_time
 
@@ -124,10 +125,9 @@ class DigitsConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DigitsConfig()
-    parser.add_argument("--out", default=d.out, metavar="DIR", help=f"output directory (default: {d.out})")
+    add_out_and_seed(parser, d.out, d.seed)
     parser.add_argument("--epochs", type=int, default=None, metavar="N",
                         help=f"training epochs per model (default: {d.epochs}; 2 with --quick)")
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 320 training images, width 8, 2 epochs, 24 images in the per-image NFE "
                              "study (seconds; the accuracies mean nothing)")

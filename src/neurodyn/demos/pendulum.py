@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from neurodyn import NeuralODE, solve
+from neurodyn.demos._common import add_out_and_seed
 from neurodyn.demos._common import config_from_args as _config_from_args
 from neurodyn.progress import Progress
 
@@ -88,10 +89,9 @@ QUICK = dict(iters=40, n_obs=30, n_heldout=10, grid=201, evals=2)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = PendulumConfig()
-    parser.add_argument("--out", default=d.out, metavar="DIR", help=f"output directory (default: {d.out})")
+    add_out_and_seed(parser, d.out, d.seed)
     parser.add_argument("--iters", type=int, default=None, metavar="N",
                         help=f"training iterations (default: {d.iters}; --quick: {QUICK['iters']})")
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds' smoke run (fewer iterations and observations; numbers not meaningful)")
     parser.add_argument("--noise", type=float, default=d.noise,

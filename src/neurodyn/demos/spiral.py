@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from neurodyn import odeint, solve
+from neurodyn.demos._common import add_out_and_seed
 from neurodyn.progress import Progress
 
 NAME = "spiral"
@@ -108,10 +109,9 @@ class SpiralConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = SpiralConfig()
-    parser.add_argument("--out", default=d.out, metavar="DIR", help=f"output directory (default: {d.out})")
+    add_out_and_seed(parser, d.out, d.seed)
     parser.add_argument("--iters", type=int, default=d.iters, metavar="N",
                         help=f"training iterations (default: {d.iters})")
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
     parser.add_argument("--method", default=d.method, help=f"ODE solver for training (default: {d.method})")
     parser.add_argument("--rtol", type=float, default=d.rtol, help=f"training rtol (default: {d.rtol:g})")
     parser.add_argument("--atol", type=float, default=d.atol, help=f"training atol (default: {d.atol:g})")
