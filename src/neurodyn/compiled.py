@@ -22,23 +22,30 @@ from torch import Tensor
 from .solvers.explicit_rk import ExplicitRungeKutta
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_UNSPEC_INTS = torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=64)
-_ACTIVE = [0]  # > 0 while compiled_context() holds _UNSPEC_INTS (entering the patch costs ~8 us)
+_ACTIVE = [0]  # > 0 while compiled_context() holds the compiler settings below
+_SAVED: list = []
 
 
 class compiled_context:
     """Holds the compiler settings of compiled steps for the duration of a solve, so that each step
-    need not enter them (internal; re-entrant)."""
+    need not enter them (internal; re-entrant): integer attributes of modules (NFE counters, say) do not
+    become guards, and up to 64 compiled variants per step function."""
 
     def __enter__(self) -> None:
-        if not _ACTIVE[0]:  # the patch object remembers one prior state: enter it once only
-            _UNSPEC_INTS.__enter__()
+        if not _ACTIVE[0]:  # set directly (a config.patch context costs ~8 us per entry)
+            cfg = torch._dynamo.config
+            _SAVED[:] = [cfg.allow_unspec_int_on_nn_module, cfg.recompile_limit]
+            cfg.allow_unspec_int_on_nn_module = True
+            cfg.recompile_limit = max(64, _SAVED[1])
         _ACTIVE[0] += 1
 
     def __exit__(self, *exc) -> None:
         _ACTIVE[0] -= 1
         if not _ACTIVE[0]:
-            _UNSPEC_INTS.__exit__(*exc)
+            cfg = torch._dynamo.config
+            cfg.allow_unspec_int_on_nn_module, cfg.recompile_limit = _SAVED
+
+
 _FALLBACK = object()
 
 
@@ -134,7 +141,7 @@ def compiled_advance(solver: ExplicitRungeKutta, func: Callable, shape: tuple[in
         if _ACTIVE[0]:
             y1, k, ratio = fn(tt, y, hh, k1, rt, at)
         else:
-            with _UNSPEC_INTS:
+            with compiled_context():
                 y1, k, ratio = fn(tt, y, hh, k1, rt, at)
         return y1, k, float(ratio.detach())
 

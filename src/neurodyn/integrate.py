@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import solution as _sol
-from .compiled import _CompileFailed
+from .compiled import _CompileFailed, compiled_context
 from .control import PIDController, initial_step, make_error_ratio
 from .errors import InputError, MaxStepsReached, NonFiniteError, StepSizeUnderflow
 from .solution import Solution
@@ -84,6 +85,8 @@ class LoopConfig:
     on_accept: Callable[..., None] | None = None
     # A compiled step advance(t, y, h, k1) -> (y1, k, ratio) used where no nudge is needed (compile=True).
     advance: Callable[..., Any] | None = None
+    # The whole loop compiled (compile=True; compiled_loop.compiled_loop), used where it applies.
+    loop: Callable[..., Any] | None = None
 
 
 @dataclass
@@ -102,6 +105,8 @@ class LoopResult:
     message: str = ""
     event: tuple[Step, float, int] | None = None  # (step, theta, component)
     next_step: float | None = None  # the controller's proposal after the last step (to continue from)
+    ys: Tensor | None = None  # the outputs stacked, (n_valid, n), where the loop wrote them in one tensor (outs empty)
+    compiled: str | None = None  # "loop": the whole loop ran compiled; "step": compiled steps; None: eager
 
 
 def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor, times: list[float],
@@ -129,6 +134,10 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
                    | jumps, key=lambda x: x * direction) + [t_end]
     stop_i = 0
     next_stop = stops[0]
+    if cfg.loop is not None and not jumps and _whole_loop_applies(cfg, y0, k0):
+        res = _run_compiled_loop(term, solver, y0, k0, times, stops, cfg)
+        if res is not None:
+            return res
 
     ratio_fn = None
     ctrl = None
@@ -194,128 +203,162 @@ def integrate(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor,
     min_step, max_step_size = cfg.min_step, cfg.max_step
     propose = ctrl.propose if ctrl is not None else None
     k1_time = nextafter(t0, direction) if perturb else t0
-    while True:
-        if k1 is None:
-            k1_time = nextafter(t, direction) if perturb else t
-            k1 = term(k1_time, y)
-        remaining = (next_stop - t) * direction
-        # Land on the stop when within a hair of it (no sliver steps from accumulated rounding).
-        landing = remaining <= h_abs * (1.0 + 1e-7)
-        h = (next_stop - t) if landing else direction * h_abs
-        t1 = next_stop if landing else t + h
-        nudge = nextafter(t1, -direction) if (perturb or (landing and next_stop in jumps)) else None
-        ratio = None
-        if fast is not None and nudge is None:
-            try:
-                y1, k, ratio = fast(t, y, h, k1)
-                term.nfe += new_stages
-            except _CompileFailed:
-                fast = None
-        if ratio is None:
-            buf = buffers[which] if buffers else None
-            y1, k, err = solver.step(term, t, y, h, k1, co, nudge, buf)
-        attempts += 1
-
-        if fixed:
-            ratio = 0.0
-            if fixed_bad(y1):
-                status = _sol.NON_FINITE
-                message = (f"NaN/inf in the state after the step from t={t:.6g} to t={t1:.6g} with the fixed-step "
-                           f"method '{solver.name}': use a smaller step_size or an adaptive method, and check the "
-                           f"vector field.")
-                break
-            accept = True
-        else:
+    # Compiled steps: their compiler settings held once for the whole loop (not entered per step).
+    with compiled_context() if fast is not None else contextlib.nullcontext():
+        while True:
+            if k1 is None:
+                k1_time = nextafter(t, direction) if perturb else t
+                k1 = term(k1_time, y)
+            remaining = (next_stop - t) * direction
+            # Land on the stop when within a hair of it (no sliver steps from accumulated rounding).
+            landing = remaining <= h_abs * (1.0 + 1e-7)
+            h = (next_stop - t) if landing else direction * h_abs
+            t1 = next_stop if landing else t + h
+            nudge = nextafter(t1, -direction) if (perturb or (landing and next_stop in jumps)) else None
+            ratio = None
+            if fast is not None and nudge is None:
+                try:
+                    y1, k, ratio = fast(t, y, h, k1)
+                    term.nfe += new_stages
+                except _CompileFailed:
+                    fast = None
             if ratio is None:
-                ratio = ratio_fn(err, y, y1, h)
-            accept = ratio <= 1.0  # False for NaN
-            nonfinite_streak = not math.isfinite(ratio)
+                buf = buffers[which] if buffers else None
+                y1, k, err = solver.step(term, t, y, h, k1, co, nudge, buf)
+            attempts += 1
 
-        if accept:
-            steps += 1
-            which ^= 1
-            last_h = h
-            st = Step(t, h, y, y1, k)
-            if record:
-                records.append(st)
-            if on_accept is not None:
-                on_accept(t, h, t1, nudge, k1_time, y, k1)
-            # Outputs inside (t, t1]: the method's own dense output, never forced steps.
-            if out_i < n_out and (times[out_i] - t1) * direction <= 0:
-                out_i = step_outputs(solver, term, st, co, cfg.interp, times, out_i, t1, direction, outs)
-            if event_fn is not None:
-                with torch.no_grad():
-                    g1 = event_fn(torch.scalar_tensor(t1, dtype=term.t_dtype, device=term.device),
-                                  y1.detach().view(term.shape)).detach().reshape(-1)
-                changed = (torch.sign(g1) != torch.sign(g_prev)) & (g_prev != 0)
-                if bool(changed.any()):
-                    event = _locate_event(term, solver, st, co, cfg, g_prev, changed)
-                    # Outputs already written past the event time are invalid: drop them.
-                    t_ev = st.t0 + event[1] * st.h
-                    while len(outs) > 1 and (times[len(outs) - 1] - t_ev) * direction > 0:
-                        outs.pop()
-                    out_i = len(outs)
-                    status = _sol.EVENT
-                    t, y = t_ev, None
-                    break
-                g_prev = g1
-            t, y = t1, y1
-            k1_time = t
-            if landing and next_stop in jumps:
-                k1_time = nextafter(t, direction)
-                k1 = None if perturb else term(k1_time, y)
-            elif perturb:
-                k1 = None
-            elif fsal:
-                # The last stage in the state's shape (a cached view when it sits in a stage buffer).
-                k1 = buf.rows[-1] if buf is not None and k is buf.flat else k[-1].view(term.shape)
-            else:
-                # dy/dt at the step end if Hermite output computed it; else evaluated at the loop top.
-                k1 = st.f1.view(term.shape) if st.f1 is not None else None
-            if landing:
-                if next_stop == t_end:
-                    break
-                stop_i += 1
-                next_stop = stops[stop_i]
-        else:
-            rejected += 1
-
-        if not fixed:
-            new_h = propose(abs(h), ratio, accept)
-            if new_h < min_step:
-                if abs(h) > min_step and accept is False:
-                    new_h = min_step
-                else:
-                    new_h = -1.0
-            h_abs = min(new_h, max_step_size)
-            if h_abs <= 0 or not math.isfinite(h_abs) or t + direction * h_abs == t:
-                if nonfinite_streak:
+            if fixed:
+                ratio = 0.0
+                if fixed_bad(y1):
                     status = _sol.NON_FINITE
-                    message = (f"NaN/inf in the state or its derivative at t={t:.6g}: every step from there "
-                               f"produced non-finite values. Check the vector field for overflow, division "
-                               f"by zero or a log/sqrt of a negative near t={t:.6g}.")
+                    message = failure_message(status, t, abs(h), cfg, solver, t0, t_end, steps, rejected)
+                    break
+                accept = True
+            else:
+                if ratio is None:
+                    ratio = ratio_fn(err, y, y1, h)
+                accept = ratio <= 1.0  # False for NaN
+                nonfinite_streak = not math.isfinite(ratio)
+
+            if accept:
+                steps += 1
+                which ^= 1
+                last_h = h
+                st = Step(t, h, y, y1, k)
+                if record:
+                    records.append(st)
+                if on_accept is not None:
+                    on_accept(t, h, t1, nudge, k1_time, y, k1)
+                # Outputs inside (t, t1]: the method's own dense output, never forced steps.
+                if out_i < n_out and (times[out_i] - t1) * direction <= 0:
+                    out_i = step_outputs(solver, term, st, co, cfg.interp, times, out_i, t1, direction, outs)
+                if event_fn is not None:
+                    with torch.no_grad():
+                        g1 = event_fn(torch.scalar_tensor(t1, dtype=term.t_dtype, device=term.device),
+                                      y1.detach().view(term.shape)).detach().reshape(-1)
+                    changed = (torch.sign(g1) != torch.sign(g_prev)) & (g_prev != 0)
+                    if bool(changed.any()):
+                        event = _locate_event(term, solver, st, co, cfg, g_prev, changed)
+                        # Outputs already written past the event time are invalid: drop them.
+                        t_ev = st.t0 + event[1] * st.h
+                        while len(outs) > 1 and (times[len(outs) - 1] - t_ev) * direction > 0:
+                            outs.pop()
+                        out_i = len(outs)
+                        status = _sol.EVENT
+                        t, y = t_ev, None
+                        break
+                    g_prev = g1
+                t, y = t1, y1
+                k1_time = t
+                if landing and next_stop in jumps:
+                    k1_time = nextafter(t, direction)
+                    k1 = None if perturb else term(k1_time, y)
+                elif perturb:
+                    k1 = None
+                elif fsal:
+                    # The last stage in the state's shape (a cached view when it sits in a stage buffer).
+                    k1 = buf.rows[-1] if buf is not None and k is buf.flat else k[-1].view(term.shape)
                 else:
-                    status = _sol.STEP_SIZE_UNDERFLOW
-                    floor = f"min_step={cfg.min_step:g}" if cfg.min_step else "the resolution of t"
-                    message = (f"step size underflow at t={t:.6g}: the step fell below {floor}"
-                               f" (last {abs(h):.3g}). The solution may blow up near t={t:.6g}, or the "
-                               f"problem is stiff: loosen rtol/atol, check the vector field for a "
-                               f"singularity, or use method='auto' (switches to an implicit method when it "
-                               f"detects stiffness) or an implicit method ('radau', 'kvaerno5').")
+                    # dy/dt at the step end if Hermite output computed it; else evaluated at the loop top.
+                    k1 = st.f1.view(term.shape) if st.f1 is not None else None
+                if landing:
+                    if next_stop == t_end:
+                        break
+                    stop_i += 1
+                    next_stop = stops[stop_i]
+            else:
+                rejected += 1
+
+            if not fixed:
+                new_h = propose(abs(h), ratio, accept)
+                if new_h < min_step:
+                    if abs(h) > min_step and accept is False:
+                        new_h = min_step
+                    else:
+                        new_h = -1.0
+                h_abs = min(new_h, max_step_size)
+                if h_abs <= 0 or not math.isfinite(h_abs) or t + direction * h_abs == t:
+                    status = _sol.NON_FINITE if nonfinite_streak else _sol.STEP_SIZE_UNDERFLOW
+                    message = failure_message(status, t, abs(h), cfg, solver, t0, t_end, steps, rejected)
+                    break
+            if attempts >= max_steps and status == _sol.SUCCESS:
+                status = _sol.MAX_STEPS_REACHED
+                message = failure_message(status, t, abs(h), cfg, solver, t0, t_end, steps, rejected)
                 break
-        if attempts >= max_steps and status == _sol.SUCCESS:
-            status = _sol.MAX_STEPS_REACHED
-            message = (f"max_steps={max_steps} reached at t={t:.6g} of [{t0:.6g}, {t_end:.6g}] "
-                       f"({steps} accepted, {rejected} rejected). Raise max_steps, loosen rtol/atol, or, "
-                       f"if the steps are tiny because the problem is stiff, use method='auto' (switches "
-                       f"to an implicit method when it detects stiffness) or an implicit method ('radau', "
-                       f"'kvaerno5').")
-            break
 
     return LoopResult(outs=outs, status=status, t_final=t, y_final=y, steps=steps, rejected=rejected,
                       initial_step=first_h, last_step=abs(last_h), records=records, message=message,
                       next_step=h_abs if math.isfinite(h_abs) and h_abs > 0 else None,
-                      event=event)
+                      event=event, compiled="step" if fast is not None else None)
+
+
+def failure_message(status: str, t: float, h_abs: float, cfg: LoopConfig, solver: ExplicitRungeKutta, t0: float,
+                    t_end: float, steps: int, rejected: int) -> str:
+    """What went wrong and what to do, for a failed solve stopped at ``t`` (last attempted step ``h_abs``)."""
+    stiff_hint = ("use method='auto' (switches to an implicit method when it detects stiffness) or an implicit "
+                  "method ('radau', 'kvaerno5')")
+    if status == _sol.NON_FINITE and not cfg.adaptive:
+        return (f"NaN/inf in the state after the step from t={t:.6g} to t={t + h_abs * (1 if t_end > t0 else -1):.6g} "
+                f"with the fixed-step method '{solver.name}': use a smaller step_size or an adaptive method, and "
+                f"check the vector field.")
+    if status == _sol.NON_FINITE:
+        return (f"NaN/inf in the state or its derivative at t={t:.6g}: every step from there produced non-finite "
+                f"values. Check the vector field for overflow, division by zero or a log/sqrt of a negative near "
+                f"t={t:.6g}.")
+    if status == _sol.STEP_SIZE_UNDERFLOW:
+        floor = f"min_step={cfg.min_step:g}" if cfg.min_step else "the resolution of t"
+        return (f"step size underflow at t={t:.6g}: the step fell below {floor} (last {h_abs:.3g}). The solution "
+                f"may blow up near t={t:.6g}, or the problem is stiff: loosen rtol/atol, check the vector field for "
+                f"a singularity, or {stiff_hint}.")
+    return (f"max_steps={cfg.max_steps} reached at t={t:.6g} of [{t0:.6g}, {t_end:.6g}] ({steps} accepted, "
+            f"{rejected} rejected). Raise max_steps, loosen rtol/atol, or, if the steps are tiny because the problem "
+            f"is stiff, {stiff_hint}.")
+
+
+def _whole_loop_applies(cfg: LoopConfig, y0: Tensor, k0: Tensor) -> bool:
+    """The compiled whole loop covers solves that record nothing: no graph, steps, events or per-step hooks."""
+    if cfg.record or cfg.perturb or cfg.event_fn is not None or cfg.on_accept is not None or cfg.norm is not None:
+        return False
+    if cfg.error_dims is not None:
+        return False
+    return not (torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad))
+
+
+def _run_compiled_loop(term: ODETerm, solver: ExplicitRungeKutta, y0: Tensor, k0: Tensor, times: list[float],
+                       stops: list[float], cfg: LoopConfig) -> LoopResult | None:
+    """Run the compiled whole loop and report it as the eager loop would (None: it could not run)."""
+    first = cfg.first_step if cfg.adaptive else cfg.step_size
+    o = cfg.loop(times, stops, y0, k0, first, cfg.rtol, cfg.atol, cfg.min_step, cfg.max_step, cfg.max_steps)
+    if o is None:
+        return None
+    per_attempt = solver.stages - (1 if solver.fsal else 0)
+    term.nfe += o.attempts * per_attempt + (1 if cfg.adaptive and cfg.first_step is None else 0)
+    message = "" if o.status == _sol.SUCCESS else failure_message(
+        o.status, o.t_final, o.last_try, cfg, solver, times[0], times[-1], o.steps, o.rejected)
+    ys = o.ys[: o.n_valid]
+    return LoopResult(outs=[], status=o.status, t_final=o.t_final, y_final=o.y_final,
+                      steps=o.steps, rejected=o.rejected, initial_step=o.initial_step, last_step=o.last_step,
+                      records=[], message=message, next_step=o.next_step, ys=ys, compiled="loop")
 
 
 def step_outputs(solver: ExplicitRungeKutta, term: ODETerm, st: Step, co, interp: str, times: list[float],
@@ -405,13 +448,13 @@ def assemble(res: LoopResult, term: ODETerm, solver: ExplicitRungeKutta, cfg: Lo
              t: Tensor, on_failure: str) -> Solution:
     """Turn the loop's result into a Solution (and raise on failure if asked)."""
     shape = y0.shape
-    n_valid = len(res.outs)
+    n_valid = res.ys.shape[0] if res.ys is not None else len(res.outs)
     event_t = None
     y_final = res.y_final
     if res.event is not None:
         event_t, y_ev = _differentiable_event(term, solver, cfg, res.event)
         y_final = y_ev
-    ys = torch.cat(res.outs, 0)
+    ys = res.ys if res.ys is not None else torch.cat(res.outs, 0)
     if n_valid < t.shape[0]:
         pad = ys.new_full((t.shape[0] - n_valid, ys.shape[1]), float("nan"))
         ys = torch.cat([ys, pad], 0)
@@ -424,6 +467,8 @@ def assemble(res: LoopResult, term: ODETerm, solver: ExplicitRungeKutta, cfg: Lo
         "last_step": res.last_step,
         "method": solver.name,
     }
+    if res.compiled:
+        stats["compiled"] = res.compiled
     # Implicit methods' Jacobians, factorisations and Newton iterations (copied: a backward solve with the
     # same stepper would reset them).
     if getattr(solver, "implicit", False) and isinstance(getattr(solver, "stats", None), dict):

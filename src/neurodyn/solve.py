@@ -218,10 +218,15 @@ def solve(
         ``"auto"`` also ``stiff`` (``"kvaerno5"``, ``"radau"``, ...), ``nonstiff`` and its switching thresholds
         (see :class:`neurodyn.solvers.AutoSwitch`).
     compile : bool
-        Compile each step (vector field, stage combinations, error norm) into one graph with
-        ``torch.compile``: far less Python overhead for small problems, after a one-off compilation
-        (tens of seconds on CPU; cached per vector field, method, shape and dtype). Falls back to the
-        eager stepper with a warning if compilation fails. Not used with a custom ``norm``.
+        Compile with ``torch.compile`` (after a one-off compilation of seconds to tens of seconds on CPU, cached
+        per vector field, method, shape and dtype). Where no autograd graph is recorded (under
+        ``torch.no_grad()``, or nothing requires grad: inference, the adjoint's forward pass) and the method is
+        FSAL or fixed-step (``dopri5``, ``tsit5``, ``bosh3``, every fixed-step method), the whole loop is compiled
+        into one program, stepping, error control, outputs and statuses included (``stats["compiled"] ==
+        "loop"``; no events, ``dense``, ``jump_t``, ``perturb`` or per-sample steps); otherwise each step is
+        (``"step"``). Python side effects in ``func`` (counters, prints) run when it is traced, not per
+        evaluation. Falls back to Python stepping with a warning where compilation fails. Not used with a
+        custom ``norm``.
 
     Returns
     -------
@@ -337,9 +342,13 @@ def solve(
         cfg.step_t = cfg.step_t + t.detach().cpu().tolist()
     if compile and norm is None:
         from .compiled import compiled_advance
+        from .compiled_loop import compiled_loop
 
         cfg.advance = compiled_advance(solver, func, tuple(y0.shape), y0.dtype, y0.device, rtol_v, atol_v,
                                        None, cfg.adaptive, real_dtype(y0.dtype))
+        if not per_sample_steps and event_fn is None and not dense and not perturb and not jump_list:
+            cfg.loop = compiled_loop(solver, func, tuple(y0.shape), y0.dtype, y0.device, cfg.adaptive, interp,
+                                     cfg.controller, first_step is None)
     gopts = GradientOptions(params=[], adjoint_method=adjoint_method,
                             adjoint_rtol=None if adjoint_rtol is None else float(adjoint_rtol),
                             adjoint_atol=None if adjoint_atol is None else float(adjoint_atol),
@@ -359,11 +368,6 @@ def solve(
         from .gradients.per_sample import solve_per_sample_gradient
 
         return solve_per_sample_gradient(func, y0, t, solver, cfg, on_failure, gopts, gradient)
-    if cfg.advance is not None:
-        from .compiled import compiled_context
-
-        with compiled_context():
-            return _dispatch(func, y0, t, solver, cfg, on_failure, gopts, gradient)
     return _dispatch(func, y0, t, solver, cfg, on_failure, gopts, gradient)
 
 

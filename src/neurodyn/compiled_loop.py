@@ -1,0 +1,357 @@
+"""The whole integrate loop compiled into one graph (``solve(..., compile=True)`` where torch can).
+
+The per-step compiled path (:mod:`neurodyn.compiled`) still returns to Python once per step: the loop
+reads the error ratio, chooses the next step, writes outputs. For a small problem that Python round trip
+costs as much as the step itself. Here the loop itself -- step, error norm, accept/reject, PI control,
+landing on the stops, dense output at the output times, the failure statuses -- runs inside
+``torch._higher_order_ops.while_loop``, compiled once by ``torch.compile`` into one kernel program; the
+host reads the counters and the status once, after the solve.
+
+It is the same algorithm as :func:`neurodyn.integrate.integrate` (same step-size sequence, same
+outputs, to rounding: stage sums are fused in another order) for the cases it covers:
+
+* explicit Runge--Kutta methods that are FSAL or fixed-step, with no extra dense-output stages
+  (``dopri5``, ``tsit5``, ``bosh3``, and every fixed-step method);
+* no autograd graph to record (under ``torch.no_grad()``, or nothing requires grad: inference, the
+  adjoint's forward pass), no ``dense=True``, events, ``jump_t``, ``perturb``, custom ``norm`` or
+  error seminorm; real floating-point states.
+
+Everything else uses the per-step compiled path. Compilation failures fall back with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+from . import solution as _sol
+from .control import PIDController
+from .solvers.explicit_rk import ExplicitRungeKutta
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Inductor on the CPU: the graph's wrapper in C++ (no Python between kernels); products with a single row (a
+# batch-1 state through a Linear layer) as fused loops rather than library GEMV calls; 256-bit vectors (the
+# state's short rows and the MLP's 64-wide layers run ~1.5x faster per evaluation than with 512-bit ones, which
+# Inductor picks by default where the CPU has them).
+_CPU_OPTIONS = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp.simdlen": 256}
+_FALLBACK = object()
+# Compiled variants of one loop (train()/eval(), say) before a field counts as changing its Python state every solve.
+_MAX_VARIANTS = 3
+# Status codes inside the graph.
+_RUNNING, _NON_FINITE, _UNDERFLOW, _MAX_STEPS = 0, 1, 2, 3
+_STATUS = {_RUNNING: _sol.SUCCESS, _NON_FINITE: _sol.NON_FINITE, _UNDERFLOW: _sol.STEP_SIZE_UNDERFLOW,
+           _MAX_STEPS: _sol.MAX_STEPS_REACHED}
+
+
+def supports(solver: ExplicitRungeKutta, adaptive: bool, controller: PIDController) -> bool:
+    """Whether the whole loop of ``solver`` can be compiled (see the module docstring)."""
+    tb = solver.tableau
+    return (isinstance(solver, ExplicitRungeKutta) and not tb.extra_a and (solver.fsal or not adaptive)
+            and type(controller) is PIDController)
+
+
+def _combo(ks: list[Tensor], row: list[tuple[int, float]]) -> Tensor:
+    acc = ks[row[0][0]] * row[0][1]
+    for j, v in row[1:]:
+        acc = acc + ks[j] * v
+    return acc
+
+
+def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], adaptive: bool, interp: str,
+           controller: PIDController, choose_first: bool, device: torch.device, n_times: int,
+           n_stop_times: int) -> Callable:
+    tb = solver.tableau
+    s = solver.stages
+    c = [float(x) for x in tb.c]
+    a_rows = [[(j, float(v)) for j, v in enumerate(row) if float(v) != 0.0] for row in tb.a]
+    b_row = [(j, float(v)) for j, v in enumerate(tb.b) if float(v) != 0.0]
+    e_row = [(j, float(v)) for j, v in enumerate(tb.b_err) if float(v) != 0.0] if adaptive else []
+    last_is_y1 = solver._last_stage_is_y1
+    fsal = solver.fsal
+    own_dense = interp == "auto" and tb.dense is not None
+    hermite = interp == "hermite" or (interp == "auto" and tb.dense is None)
+    dense_p = [[float(v) for v in row] for row in tb.dense] if own_dense else None
+    order = solver.order
+    k_exp = solver.controller_order + 1 if adaptive else 1
+    safety, ifactor, dfactor = controller.safety, controller.ifactor, controller.dfactor
+    b1 = (controller.pcoeff + controller.icoeff + controller.dcoeff) / k_exp
+    b2 = (controller.pcoeff + 2 * controller.dcoeff) / k_exp
+    b3 = controller.dcoeff / k_exp
+    inv_k = 1.0 / k_exp
+    user_shape = tuple(shape)
+
+    def f(t64: Tensor, y: Tensor, t_dtype: torch.dtype, state: dict | None) -> Tensor:
+        tt, yy = t64.to(t_dtype), y.view(user_shape)
+        out = func(tt, yy) if state is None else torch.func.functional_call(func, state, (tt, yy))
+        return out.reshape(1, -1)
+
+    n_out, n_stops = n_times, n_stop_times
+    state_names = list(module_state(func)) if isinstance(func, torch.nn.Module) else None
+
+    def run(cv: Tensor, y0: Tensor, k0: Tensor, tol: Tensor, iv: Tensor, *tensors: Tensor):
+        # cv (float64): the output times, the stops, the first step (inf: choose), min_step, max_step. tol: rtol and
+        # atol as rows, (2, n), the state's real dtype. iv (int64): the integer state, max_steps last. Few inputs:
+        # the compiled loop passes every input to every iteration (a tensor handle each).
+        t_dtype = tol.dtype
+        n = y0.shape[1]
+        # A module's parameters and buffers arrive as inputs (module_state): read from the module inside the loop,
+        # each evaluation would add an input of its own, and the compiled loop rejects inputs that alias.
+        state = dict(zip(state_names, tensors)) if state_names is not None else None
+        times = cv[:n_out]
+        h_init, max_step = cv[-3], cv[-1]
+        rtol, atol = tol[0:1], tol[1:2]
+        t0 = times[0]
+        direction = torch.where(times[-1] > t0, 1.0, -1.0).to(torch.float64)
+        k0 = k0.reshape(1, -1)
+        if adaptive and choose_first:  # Hairer's initial step (control.initial_step), in the graph
+            inv = 1.0 / math.sqrt(max(n, 1))
+            scale = y0.abs() * rtol + atol
+            d0 = (torch.linalg.vector_norm(y0 / scale) * inv).to(torch.float64)
+            d1 = (torch.linalg.vector_norm(k0 / scale) * inv).to(torch.float64)
+            h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+            h0 = torch.minimum(h0, max_step)
+            f1 = f(t0 + direction * h0, y0 + (direction * h0).to(y0.dtype) * k0, t_dtype, state)
+            d2 = (torch.linalg.vector_norm((f1 - k0) / scale) * inv).to(torch.float64) / h0
+            dm = torch.maximum(d1, d2)
+            h1 = torch.where(dm <= 1e-15, torch.clamp_min(h0 * 1e-3, 1e-6),
+                             (0.01 / dm.clamp_min(1e-300)) ** (1.0 / (order + 1)))
+            h_first = torch.minimum(torch.minimum(100 * h0, h1), max_step)
+            h_first = torch.where(torch.isfinite(d2), h_first,
+                                  torch.where(torch.isfinite(h0), h0 * 1e-3, torch.full_like(h0, 1e-6)))
+        else:
+            h_first = h_init
+        h_abs = torch.minimum(h_first, max_step)
+        # The carried state, packed into three tensors (each carried tensor costs the compiled loop buffers and
+        # handles per iteration): Z = [y; k1; outputs] in the state's dtype, (2 + n_out, n); S = [t, |h|, the
+        # controller's last two ratios, last accepted h, last attempted |h|] (float64); I = [next output, next
+        # stop, accepted, rejected, attempts, status, done, max_steps] (int64).
+        z = torch.cat([y0, k0, y0.expand(n_out, n)])
+        one = torch.ones((), dtype=torch.float64, device=y0.device)
+        sv = torch.stack([t0, h_abs, one, one, one * 0, one * 0])
+
+        def cond(z, sv, iv):
+            return iv[6] == 0
+
+        def body(z, sv, iv):
+            times, stops = cv[:n_out], cv[n_out:n_out + n_stops]
+            min_step, max_step = cv[-2], cv[-1]
+            rtol, atol = tol[0:1], tol[1:2]
+            direction = torch.where(times[-1] > times[0], 1.0, -1.0).to(torch.float64)
+            one = torch.ones((), dtype=torch.float64, device=z.device)
+            rows = torch.arange(2 + n_out, device=z.device).view(-1, 1)
+            y, k1 = z[0:1], z[1:2]
+            t, h_abs, prev, prev2, last_h = sv[0], sv[1], sv[2], sv[3], sv[4]
+            out_i, stop_i, steps, rejected, attempts, status = iv[0], iv[1], iv[2], iv[3], iv[4], iv[5]
+            next_stop = stops.index_select(0, stop_i.view(1)).view(())
+            landing = (next_stop - t) * direction <= h_abs * (1.0 + 1e-7)
+            h = torch.where(landing, next_stop - t, direction * h_abs)
+            t1 = torch.where(landing, next_stop, t + h)
+            hy = h.to(y.dtype)
+            ks = [k1]
+            yi = y
+            for i in range(1, s):
+                yi = y + hy * _combo(ks, a_rows[i]) if a_rows[i] else y
+                ks.append(f(t + c[i] * h, yi, t_dtype, state))
+            y1 = yi if last_is_y1 else y + hy * _combo(ks, b_row)
+            habs_now = h.abs()
+            if adaptive:
+                err = _combo(ks, e_row)
+                sc = atol + rtol * torch.maximum(y.abs(), y1.abs())
+                ratio = (torch.linalg.vector_norm(err / sc) * (1.0 / math.sqrt(n))).to(torch.float64) * habs_now
+                finite = torch.isfinite(ratio)
+                accept = ratio <= 1.0
+            else:
+                finite = torch.isfinite(y1).all()
+                accept = finite
+            # Next k1: the last stage for FSAL methods; dy/dt at the step end otherwise (fixed-step methods).
+            f_end = ks[-1] if fsal else f(t1, y1, t_dtype, state)
+            # Outputs inside (t, t1]: the method's dense output; a time equal to t1 is y1. Computed on the rows of
+            # z (rows 0 and 1, y and k1, are masked out), so that the new z is one elementwise expression.
+            tz = times.index_select(0, (rows.view(-1) - 2).clamp_min(0))
+            mask = (rows.view(-1) - 2 >= out_i) & ((tz - t1) * direction <= 0) & accept
+            theta = ((tz - t) / h).view(-1, 1)
+            if own_dense:
+                powers = [theta]
+                for _ in range(len(dense_p[0]) - 1):
+                    powers.append(powers[-1] * theta)
+                w = [sum(p[m] * powers[m] for m in range(len(p)) if p[m] != 0.0) for p in dense_p]
+                val = y + hy * _combo_cols(w, ks, y.dtype)
+            elif hermite:
+                th = theta.to(y.dtype)
+                th2 = th * th
+                th3 = th2 * th
+                val = ((2 * th3 - 3 * th2 + 1) * y + (3 * th2 - 2 * th3) * y1
+                       + ((th3 - 2 * th2 + th) * hy) * k1 + ((th3 - th2) * hy) * f_end)
+            else:  # linear
+                val = y + theta.to(y.dtype) * (y1 - y)
+            val = torch.where((tz == t1).view(-1, 1), y1, val)
+            finished = accept & landing & (stop_i == n_stops - 1)
+            if adaptive:
+                r = ratio.clamp_min(1e-10)
+                fac = safety * r ** (-b1)
+                if b2:
+                    fac = fac * prev ** b2
+                if b3:
+                    fac = fac * prev2 ** (-b3)
+                grow = habs_now * fac.clamp(dfactor, ifactor)
+                shrink = habs_now * (safety * r ** (-inv_k)).clamp(dfactor, 1.0)
+                new_h = torch.where(finite, torch.where(accept, grow, shrink), habs_now * dfactor)
+                upd = accept & finite
+                prev2 = torch.where(upd, prev, prev2)
+                prev = torch.where(upd, r, prev)
+                new_h = torch.where(new_h < min_step,
+                                    torch.where((habs_now > min_step) & ~accept, min_step, -one), new_h)
+                h_new = torch.minimum(new_h, max_step)
+                t_new = torch.where(accept, t1, t)
+                under = (h_new <= 0) | ~torch.isfinite(h_new) | (t_new + direction * h_new == t_new)
+                failed = under & ~finished
+                status = torch.where(failed, torch.where(finite, _UNDERFLOW, _NON_FINITE), status)
+                h_abs = torch.where(finished, h_abs, h_new)
+            else:
+                failed = ~finite
+                status = torch.where(failed, _NON_FINITE, status)
+            attempts = attempts + 1
+            out_of_budget = (attempts >= iv[7]) & ~finished & ~failed
+            status = torch.where(out_of_budget, _MAX_STEPS, status)
+            done = finished | failed | out_of_budget
+            z = torch.where(rows == 0, torch.where(accept, y1, y),
+                            torch.where(rows == 1, torch.where(accept, f_end, k1),
+                                        torch.where(mask.view(-1, 1), val, z)))
+            sv = _pack([torch.where(accept, t1, t), h_abs, prev, prev2, torch.where(accept, h, last_h), habs_now])
+            iv = _pack([out_i + mask.sum(), torch.where(accept & landing & ~finished, stop_i + 1, stop_i),
+                        steps + accept.long(), rejected + (~accept).long(), attempts, status, done.long(), iv[7]])
+            return z, sv, iv
+
+        z, sv, iv = torch._higher_order_ops.while_loop(cond, body, (z, sv, iv))
+        counters = torch.cat([sv[[0, 1, 4, 5]], h_first.view(1), iv[[2, 3, 4, 0, 5]].double()])
+        return z[2:], z[0:1], counters
+
+    options = _CPU_OPTIONS if device.type == "cpu" else None
+    from .compiled import _own_code
+
+    own = _own_code(run)
+    compiled = torch.compile(own, options=options, fullgraph=True)
+    compiled.code = own.__code__  # to count Dynamo's compiled entries (recompilations)
+    return compiled
+
+
+def _pack(vals: list[Tensor]) -> Tensor:
+    """``torch.stack(vals)`` of 0-dim tensors as one elementwise expression: the compiler writes it as a single
+    buffer (a stack would add a view per element, each a tensor handle per loop iteration)."""
+    idx = torch.arange(len(vals), device=vals[0].device)
+    out = vals[-1].expand(len(vals))
+    for i in range(len(vals) - 2, -1, -1):
+        out = torch.where(idx == i, vals[i], out)
+    return out
+
+
+def _combo_cols(w: list[Tensor], ks: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """``sum_j w[j] * ks[j]`` with ``w[j]`` columns ``(m, 1)`` (float64) and ``ks[j]`` rows ``(1, n)``."""
+    acc = None
+    for wj, kj in zip(w, ks):
+        if isinstance(wj, int):  # an all-zero column
+            continue
+        term = wj.to(dtype) * kj
+        acc = term if acc is None else acc + term
+    return acc
+
+
+def _give_up(per_func: dict, why: str) -> None:
+    per_func[_FALLBACK] = True
+    warnings.warn(f"compile=True: the solve loop {why}; stepping from Python with compiled steps instead (for this "
+                  f"vector field). Common causes: Python side effects in the vector field (counters, lists, prints: "
+                  f"they cannot run inside a compiled loop; sol.stats['nfe'] counts evaluations), or views of its "
+                  f"tensors made inside it, such as `y @ self.w.T` (keep the transposed tensor as an attribute "
+                  f"instead).", RuntimeWarning, stacklevel=5)
+
+
+def module_state(func: Callable) -> dict[str, Tensor]:
+    """The parameters and buffers of ``func`` (an ``nn.Module``; none otherwise) by name, in a fixed order."""
+    if not isinstance(func, torch.nn.Module):
+        return {}
+    # Detached: no graph is recorded, and requires_grad flags toggled between solves must not recompile the loop.
+    return {name: v.detach() for name, v in (*func.named_parameters(), *func.named_buffers())}
+
+
+def _tolerances(cache: dict, rtol: float | Tensor, atol: float | Tensor, y0: Tensor) -> Tensor:
+    """rtol and atol as the rows of one ``(2, n)`` tensor of the state's dtype (float pairs cached per field)."""
+    n = y0.shape[1]
+    if isinstance(rtol, Tensor) or isinstance(atol, Tensor):
+        return torch.cat([torch.as_tensor(v, dtype=y0.dtype, device=y0.device).expand(1, n) for v in (rtol, atol)])
+    key = ("tol", rtol, atol, n, y0.dtype, y0.device)
+    tol = cache.get(key)
+    if tol is None:
+        tol = cache[key] = torch.tensor([[rtol] * n, [atol] * n], dtype=y0.dtype, device=y0.device)
+    return tol
+
+
+class LoopOutcome:
+    """What a compiled loop returns to :func:`neurodyn.integrate.integrate` (internal)."""
+
+    __slots__ = ("ys", "y_final", "t_final", "next_step", "last_step", "last_try", "initial_step", "steps",
+                 "rejected", "attempts", "n_valid", "status")
+
+
+def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device, adaptive: bool, interp: str, controller: PIDController,
+                  choose_first: bool) -> Callable | None:
+    """A function ``run(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps) -> LoopOutcome |
+    None`` running the whole loop compiled (compiled on first use for each number of output times and stops);
+    it returns None where compilation failed (warned once per vector field; the caller then steps in Python).
+    ``compiled_loop`` itself returns None where the whole loop is not supported."""
+    if not supports(solver, adaptive, controller) or dtype not in (torch.float32, torch.float64):
+        return None
+    try:
+        per_func = _CACHE.setdefault(func, {})
+    except TypeError:  # not weak-referenceable: cache on nothing (compiles per solve)
+        per_func = {}
+    if per_func.get(_FALLBACK):
+        return None
+    base_key = (solver.name, tuple(shape), dtype, device, adaptive, interp, choose_first,
+                (controller.pcoeff, controller.icoeff, controller.dcoeff, controller.safety, controller.ifactor,
+                 controller.dfactor))
+
+    def call(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps) -> LoopOutcome | None:
+        if per_func.get(_FALLBACK):
+            return None
+        key = (base_key, len(times), len(stops))
+        fn = per_func.get(key)
+        if fn is None:
+            fn = per_func[key] = _build(solver, func, shape, adaptive, interp, controller, choose_first, device,
+                                        len(times), len(stops))
+        cv = torch.tensor([*times, *stops, first if first is not None else math.inf, min_step, max_step],
+                          dtype=torch.float64, device=device)
+        tol = _tolerances(per_func, rtol, atol, y0)
+        iv = torch.tensor([1, 0, 0, 0, 0, 0, 0, max_steps], dtype=torch.int64, device=device)
+        try:
+            with torch.no_grad():
+                ys, y_final, counters = fn(cv, y0, k0, tol, iv, *module_state(func).values())
+        except Exception as exc:  # compilation failed: Python steps from now on, for this field
+            # Dynamo's messages: a headline, then the specific reason as the second paragraph.
+            parts = [p.strip() for p in str(exc).split("\n\n") if p.strip()]
+            reason = parts[min(1, len(parts) - 1)].splitlines()[0] if parts else type(exc).__name__
+            _give_up(per_func, f"could not be compiled as a whole ({type(exc).__name__}: {reason})")
+            return None
+        if len(_debug_get_cache_entry_list(fn.code)) > _MAX_VARIANTS:
+            # Recompiled again and again: Python state the field reads changes between solves (a counter it
+            # increments, say). This result is right, but every solve would compile anew: compiled steps from now on
+            # (their guards and recompilations are per step, and cheap).
+            _give_up(per_func, "was compiled again because Python state of the vector field changed between "
+                               "solves")
+        vals = counters.tolist()  # the one read back to the host
+        o = LoopOutcome()
+        o.t_final, h_abs, last_h, o.last_try, o.initial_step = vals[:5]
+        o.steps, o.rejected, o.attempts, o.n_valid, code = (int(v) for v in vals[5:])
+        o.status = _STATUS[code]
+        o.next_step = h_abs if math.isfinite(h_abs) and h_abs > 0 else None
+        o.last_step = abs(last_h)
+        o.ys, o.y_final = ys, y_final
+        return o
+
+    return call

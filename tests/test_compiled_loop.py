@@ -1,0 +1,180 @@
+"""``solve(..., compile=True)`` with the whole loop compiled (``stats["compiled"] == "loop"``): the same steps,
+statuses and outputs as the eager loop, to rounding; the per-step path where a graph is recorded; a fallback
+with a warning where the loop cannot be compiled."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import neurodyn
+
+F64 = torch.float64
+A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]], dtype=F64)
+
+
+class Linear(nn.Module):
+    """dy/dt = y A^T: exact solution by the matrix exponential."""
+
+    def __init__(self, dtype=F64):
+        super().__init__()
+        self.register_buffer("a_t", A.T.contiguous().to(dtype))
+
+    def forward(self, t, y):
+        return y @ self.a_t
+
+
+class Tanh(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = nn.Parameter(torch.randn(2, 2, generator=g, dtype=F64))
+
+    def forward(self, t, y):
+        return torch.tanh(y @ self.w) * (1.0 + 0.5 * torch.sin(t))
+
+
+LIN = Linear()
+TANH = Tanh()
+Y0 = torch.tensor([[1.0, 0.5]], dtype=F64)
+T = torch.linspace(0, 3, 7, dtype=F64)
+
+
+def _both(f, y0, t, **kw):
+    with torch.no_grad():
+        return neurodyn.solve(f, y0, t, **kw), neurodyn.solve(f, y0, t, compile=True, **kw)
+
+
+def _same(eager, comp, nfe_extra=0):
+    assert comp.stats["compiled"] == "loop"
+    assert comp.status == eager.status
+    for key in ("steps", "rejected"):
+        assert comp.stats[key] == eager.stats[key], key
+    assert comp.stats["nfe"] == eager.stats["nfe"] + nfe_extra
+    assert comp.n_valid == eager.n_valid
+    # step sizes follow the error estimate, a difference of nearly equal sums: equal to ~1e-9 relative
+    assert math.isclose(comp.t_final, eager.t_final, rel_tol=1e-7, abs_tol=1e-12)
+    assert math.isclose(comp.stats["initial_step"], eager.stats["initial_step"], rel_tol=1e-12)
+    assert torch.allclose(comp.ys[: comp.n_valid], eager.ys[: eager.n_valid], rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["tsit5", "dopri5", "bosh3"])
+def test_loop_matches_eager_and_the_exact_solution(method):
+    eager, comp = _both(TANH, Y0, T, method=method, rtol=1e-8, atol=1e-10)
+    _same(eager, comp)
+    # the linear field: against the matrix exponential too
+    eager, comp = _both(LIN, Y0, T, method=method, rtol=1e-8, atol=1e-10)
+    _same(eager, comp)
+    exact = torch.stack([Y0 @ torch.linalg.matrix_exp(A.T * float(ti)) for ti in T])
+    assert torch.allclose(comp.ys, exact, atol=2e-6 if method == "bosh3" else 1e-7)
+
+
+def test_loop_fixed_step_method_on_the_grid_and_with_a_step_size():
+    # rk4 (not FSAL): the loop evaluates dy/dt at the end of every step, once more than the eager loop in all
+    eager, comp = _both(TANH, Y0, T, method="rk4")
+    _same(eager, comp, nfe_extra=1)
+    eager, comp = _both(TANH, Y0, T, method="rk4", step_size=0.07)  # outputs between steps: Hermite
+    _same(eager, comp, nfe_extra=1)
+
+
+def test_loop_failure_statuses_keep_the_partial_solution():
+    kw = dict(method="tsit5", rtol=1e-8, atol=1e-10, on_failure="return")
+    eager, comp = _both(TANH, Y0, T, max_steps=7, **kw)
+    partial = comp
+    assert comp.status == "max_steps_reached" and comp.n_valid < T.shape[0]
+    _same(eager, comp)
+    assert "max_steps=7" in comp.message
+    assert torch.isnan(comp.ys[comp.n_valid:]).all()
+    eager, comp = _both(TANH, Y0, T, min_step=0.5, **kw)  # the first rejected step falls below min_step
+    assert comp.status == eager.status
+    _same(eager, comp)
+    with pytest.raises(neurodyn.MaxStepsReached) as err:
+        with torch.no_grad():
+            neurodyn.solve(TANH, Y0, T, method="tsit5", rtol=1e-8, atol=1e-10, max_steps=7, compile=True)
+    assert err.value.solution.n_valid == partial.n_valid
+
+
+def test_loop_non_finite_field_reports_non_finite():
+    class Blowup(nn.Module):
+        def forward(self, t, y):
+            return y * y  # y' = y^2 blows up at t = 1 for y0 = 1
+
+    f = Blowup()
+    y0 = torch.ones(1, 2, dtype=F64)
+    t = torch.tensor([0.0, 2.0], dtype=F64)
+    eager, comp = _both(f, y0, t, method="tsit5", on_failure="return")
+    assert comp.stats["compiled"] == "loop"
+    assert comp.status == eager.status
+    assert abs(comp.t_final - 1.0) < 1e-3 and abs(eager.t_final - 1.0) < 1e-3
+
+
+@pytest.mark.slow
+def test_loop_backward_in_time_stops_float32_and_tensor_tolerances():
+    tb = torch.linspace(3, 0, 5, dtype=F64)
+    eager, comp = _both(TANH, Y0, tb, method="tsit5", rtol=1e-8, atol=1e-10, step_t=[2.2, 1.1])
+    _same(eager, comp)
+    rtol = torch.tensor([1e-7, 1e-9], dtype=F64)
+    eager, comp = _both(TANH, Y0, T, method="tsit5", rtol=rtol, atol=1e-10, first_step=0.01)
+    _same(eager, comp)
+    f32 = Linear(torch.float32)
+    eager, comp = _both(f32, Y0.float(), T.float(), method="tsit5", rtol=1e-5, atol=1e-7)
+    assert comp.stats["compiled"] == "loop" and comp.ys.dtype == torch.float32
+    assert comp.stats["steps"] == eager.stats["steps"]
+    assert torch.allclose(comp.ys, eager.ys, rtol=1e-5, atol=1e-6)
+
+
+def test_recorded_graphs_use_the_compiled_steps():
+    """Gradients need the autograd graph: the loop stays in Python with compiled steps; same gradients."""
+    y0 = Y0.clone().requires_grad_(True)
+    sols = [neurodyn.solve(TANH, y0, T, method="tsit5", rtol=1e-8, atol=1e-10, compile=c) for c in (False, True)]
+    assert sols[1].stats["compiled"] == "step"
+    grads = [torch.autograd.grad(s.ys[-1].sum(), [y0, TANH.w]) for s in sols]
+    for ge, gc in zip(*grads):
+        assert torch.allclose(ge, gc, rtol=1e-9, atol=1e-12)
+    # nothing requires grad (even with grad mode on): the whole loop
+    with torch.no_grad():
+        TANH.w.requires_grad_(False)
+    try:
+        sol = neurodyn.solve(TANH, Y0, T, method="tsit5", rtol=1e-8, atol=1e-10, compile=True)
+    finally:
+        TANH.w.requires_grad_(True)
+    assert sol.stats["compiled"] == "loop"
+
+
+def test_views_made_inside_the_field_fall_back_with_a_warning():
+    """``y @ A.T`` inside func: torch cannot compile the loop around it (views of captured tensors); the solve
+    warns, steps from Python with compiled steps, and gets the same answer."""
+    def f(t, y):
+        return y @ A.T
+
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match=r"self\.w\.T"):
+            sol = neurodyn.solve(f, Y0, T, method="tsit5", rtol=1e-8, atol=1e-10, compile=True)
+        eager = neurodyn.solve(f, Y0, T, method="tsit5", rtol=1e-8, atol=1e-10)
+    assert sol.stats["compiled"] == "step"
+    assert torch.allclose(sol.ys, eager.ys, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_python_side_effects_in_the_field_fall_back_with_a_warning():
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, t, y):
+            self.calls += 1
+            return -y
+
+    f = Counting()
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    with torch.no_grad():
+        exact = torch.exp(-t[-1]) * Y0
+        sols = []
+        with pytest.warns(RuntimeWarning, match="side effects"):
+            for _ in range(5):  # the counter changes between solves: each solve would compile the loop anew
+                sols.append(neurodyn.solve(f, Y0, t, method="tsit5", rtol=1e-8, atol=1e-10, compile=True))
+    for sol in sols:
+        assert torch.allclose(sol.ys[-1], exact, rtol=1e-7)
+    assert sols[-1].stats["compiled"] == "step"
