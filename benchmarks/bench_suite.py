@@ -868,7 +868,9 @@ def format_markdown(meta: dict, table: dict, targets: list[dict], files: list[st
         f"Run {m['date']} on {m['cpu']} ({m['logical_cpus']} logical CPUs, shared with other jobs; 1-min load "
         f"average {_f(la[0], '.1f')} at start, {_f(la[1], '.1f')} at end), Python {m['python']}, torch "
         f"{m['torch']} (1 thread), {vers}; {meta.get('jax_versions') or _jax_versions()} on the CPU, float64, "
-        f"`XLA_FLAGS={meta['xla_flags']}`. "
+        f"`XLA_FLAGS={meta['xla_flags']}`"
+        + (f"; the process pinned to core {meta['pinned_cpu']} (every library on one core). "
+           if meta.get("pinned_cpu") is not None else ". ") +
         f"Median of {meta['args']['repeats']} timed runs per entry after a warm-up, all entries interleaved "
         f"round-robin{' (--quick)' if meta['args']['quick'] else ''}. dopri5 everywhere.",
         "",
@@ -1016,6 +1018,9 @@ def parse_args(argv):
     ap.add_argument("--no-vdp", action="store_true", help="skip the Van der Pol batch")
     ap.add_argument("--no-plots", action="store_true", help="write the CSV/JSON but no PNG")
     ap.add_argument("--no-ref-cache", action="store_true", help="recompute the DOP853 references")
+    ap.add_argument("--all-cores", action="store_true",
+                    help="do not pin the process to one core (by default it is: torch runs one thread, and XLA's "
+                         "CPU runtime would otherwise run helper threads beside its one intra-op thread)")
     ap.add_argument("--out-dir", type=Path, default=OUT_DIR)
     ap.add_argument("--update-readme", action="store_true",
                     help="replace the suite section of benchmarks/README.md with this run's table")
@@ -1059,6 +1064,10 @@ def main(argv=None) -> int:
     if args.render is not None:
         meta, table, wp, scaling = render(args.render)
         return write_outputs(args, meta, table, wp, scaling)
+    pinned = None
+    if not args.all_cores and hasattr(os, "sched_setaffinity"):
+        pinned = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {pinned})  # every library on one core, like torch.set_num_threads(1)
     common.setup_torch()
     libs = load_libs(args.lib_names)
     js = JaxSide() if "diffrax" in libs and not libs["diffrax"].missing else None
@@ -1066,6 +1075,7 @@ def main(argv=None) -> int:
         "machine": {**machine_info(), "loadavg_start": os.getloadavg()[0]},
         "libs": {k: {"version": v.version, "missing": v.missing} for k, v in libs.items()},
         "xla_flags": os.environ.get("XLA_FLAGS") if js else None,
+        "pinned_cpu": pinned,
         "jax_versions": _jax_versions() if js else None,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "protocol": {"dtype": "float64", "method": "dopri5", "field_seed": common.FIELD_SEED,

@@ -223,10 +223,11 @@ def solve(
         ``torch.no_grad()``, or nothing requires grad: inference, the adjoint's forward pass) and the method is
         FSAL or fixed-step (``dopri5``, ``tsit5``, ``bosh3``, every fixed-step method), the whole loop is compiled
         into one program, stepping, error control, outputs and statuses included (``stats["compiled"] ==
-        "loop"``; no events, ``dense``, ``jump_t``, ``perturb`` or per-sample steps); otherwise each step is
-        (``"step"``). Python side effects in ``func`` (counters, prints) run when it is traced, not per
-        evaluation. Falls back to Python stepping with a warning where compilation fails. Not used with a
-        custom ``norm``.
+        "loop"``; no events, ``dense``, ``jump_t``, ``perturb`` or per-sample steps; on the CPU for states with
+        ``y0.numel() * len(t) <= 32768``, where per-step Python costs more than the loop's fixed-shape output
+        writes); otherwise each step is (``"step"``). Python side effects in ``func`` (counters, prints) run
+        when it is traced, not per evaluation. Falls back to Python stepping with a warning where compilation
+        fails. Not used with a custom ``norm``.
 
     Returns
     -------
@@ -342,11 +343,12 @@ def solve(
         cfg.step_t = cfg.step_t + t.detach().cpu().tolist()
     if compile and norm is None:
         from .compiled import compiled_advance
-        from .compiled_loop import compiled_loop
+        from .compiled_loop import compiled_loop, worthwhile
 
         cfg.advance = compiled_advance(solver, func, tuple(y0.shape), y0.dtype, y0.device, rtol_v, atol_v,
                                        None, cfg.adaptive, real_dtype(y0.dtype))
-        if not per_sample_steps and event_fn is None and not dense and not perturb and not jump_list:
+        if (not per_sample_steps and event_fn is None and not dense and not perturb and not jump_list
+                and worthwhile(y0, t.shape[-1])):
             cfg.loop = compiled_loop(solver, func, tuple(y0.shape), y0.dtype, y0.device, cfg.adaptive, interp,
                                      cfg.controller, first_step is None)
     gopts = GradientOptions(params=[], adjoint_method=adjoint_method,
