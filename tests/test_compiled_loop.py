@@ -207,3 +207,22 @@ def test_several_attempts_per_loop_iteration_change_nothing(monkeypatch, max_ste
     _same(eager, comp)
     assert comp.stats["steps"] + comp.stats["rejected"] == (7 if max_steps == 7 else eager.stats["steps"]
                                                            + eager.stats["rejected"])
+
+
+def test_vmap_over_a_fixed_step_solve_steps_from_python():
+    """torch.func.vmap cannot enter torch's compiled while_loop: compiled steps, no warning, same values."""
+    import warnings
+
+    t = torch.linspace(0, 1, 5, dtype=F64)
+    ys = torch.tensor([[1.0, 0.5], [-0.3, 2.0], [0.0, 1.0]], dtype=F64)
+
+    def one(y0, c):
+        return neurodyn.solve(LIN, y0, t, method="rk4", step_size=0.1, compile=c).ys[-1]
+
+    eager = torch.func.vmap(lambda y: one(y, False))(ys)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=RuntimeWarning)
+        comp = torch.func.vmap(lambda y: one(y, True))(ys)
+    exact = ys @ torch.linalg.matrix_exp(A.T)
+    assert torch.allclose(comp, eager, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(comp, exact, atol=5e-4)  # rk4 with h = 0.1 on eigenvalues of modulus 2

@@ -388,10 +388,11 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
             with torch.no_grad(), _vectorize_strided_loads():
                 ys, y_final, counters = fn(cv, y0, k0, tol, iv, *module_state(func).values())
         except Exception as exc:  # compilation failed: Python steps from now on, for this field
-            # Dynamo's messages: a headline, then the specific reason as the second paragraph.
-            parts = [p.strip() for p in str(exc).split("\n\n") if p.strip()]
-            reason = parts[min(1, len(parts) - 1)].splitlines()[0] if parts else type(exc).__name__
-            _give_up(per_func, f"could not be compiled as a whole ({type(exc).__name__}: {reason})")
+            # Dynamo's messages: a headline (for higher-order operators a generic one ending in ':'), then the
+            # specific reason on the next line.
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            reason = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]) if lines else ""
+            _give_up(per_func, f"could not be compiled as a whole ({type(exc).__name__}: {reason[:200]})")
             return None
         if len(_debug_get_cache_entry_list(fn.code)) > _MAX_VARIANTS:
             # Recompiled again and again: Python state the field reads changes between solves (a counter it

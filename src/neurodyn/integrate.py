@@ -339,7 +339,7 @@ def _whole_loop_applies(cfg: LoopConfig, y0: Tensor, k0: Tensor) -> bool:
     """The compiled whole loop covers solves that record nothing: no graph, steps, events or per-step hooks."""
     if cfg.record or cfg.perturb or cfg.event_fn is not None or cfg.on_accept is not None or cfg.norm is not None:
         return False
-    if cfg.error_dims is not None:
+    if cfg.error_dims is not None or vmapped(y0):  # torch.func.vmap cannot enter a compiled while_loop
         return False
     return not (torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad))
 
