@@ -49,25 +49,32 @@ class compiled_context:
 _FALLBACK = object()
 
 
+def nonzero(row) -> list[tuple[int, float]]:
+    """A tableau row as ``(index, coefficient)`` pairs, zeros left out (for :func:`stage_sum`)."""
+    return [(j, float(v)) for j, v in enumerate(row) if float(v) != 0.0]
+
+
+def stage_sum(ks: list[Tensor], row: list[tuple[int, float]]) -> Tensor:
+    """``sum_j c_j ks[j]`` over a :func:`nonzero` row, written as float-coefficient products that the compiler
+    fuses into its own loops (no library matrix product per stage, as the eager stepper's ``addmm``)."""
+    acc = ks[row[0][0]] * row[0][1]
+    for j, v in row[1:]:
+        acc = acc + ks[j] * v
+    return acc
+
+
 def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], dtype: torch.dtype,
            device: torch.device, error_dims: int | None, adaptive: bool) -> Callable:
     tb = solver.tableau
     s = solver.stages
     c = [float(x) for x in tb.c]
-    # Stage combinations as sums with float coefficients (zeros skipped): the compiler fuses them into
-    # its own loops instead of a library matrix product per stage (one call fewer per stage).
-    a_rows = [[(j, float(v)) for j, v in enumerate(row) if float(v) != 0.0] for row in tb.a]
-    b_row = [(j, float(v)) for j, v in enumerate(tb.b) if float(v) != 0.0]
-    e_rows = [] if tb.b_err is None else [[(j, float(v)) for j, v in enumerate(r) if float(v) != 0.0]
-                                          for r in [tb.b_err] + ([tb.b_err_low] if tb.b_err_low is not None else [])]
+    a_rows = [nonzero(row) for row in tb.a]
+    b_row = nonzero(tb.b)
+    e_rows = [] if tb.b_err is None else [nonzero(r) for r in
+                                          [tb.b_err] + ([tb.b_err_low] if tb.b_err_low is not None else [])]
     last_is_y1 = solver._last_stage_is_y1
     n_shape = tuple(shape)
-
-    def combo(ks: list[Tensor], row: list[tuple[int, float]]) -> Tensor:
-        acc = ks[row[0][0]] * row[0][1]
-        for j, v in row[1:]:
-            acc = acc + ks[j] * v
-        return acc
+    combo = stage_sum
 
     def step(t: Tensor, y: Tensor, h: Tensor, k1: Tensor, rtol: Tensor, atol: Tensor):
         hy = h.to(y.dtype)

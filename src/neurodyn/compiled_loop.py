@@ -31,6 +31,7 @@ from torch import Tensor
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from . import solution as _sol
+from .compiled import _own_code, nonzero, stage_sum
 from .control import PIDController
 from .solvers.explicit_rk import ExplicitRungeKutta
 
@@ -72,34 +73,25 @@ def supports(solver: ExplicitRungeKutta, adaptive: bool, controller: PIDControll
             and type(controller) is PIDController)
 
 
-def _combo(ks: list[Tensor], row: list[tuple[int, float]]) -> Tensor:
-    acc = ks[row[0][0]] * row[0][1]
-    for j, v in row[1:]:
-        acc = acc + ks[j] * v
-    return acc
-
-
 def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], adaptive: bool, interp: str,
            controller: PIDController, choose_first: bool, device: torch.device, n_times: int,
            n_stop_times: int) -> Callable:
     tb = solver.tableau
     s = solver.stages
     c = [float(x) for x in tb.c]
-    a_rows = [[(j, float(v)) for j, v in enumerate(row) if float(v) != 0.0] for row in tb.a]
-    b_row = [(j, float(v)) for j, v in enumerate(tb.b) if float(v) != 0.0]
-    e_row = [(j, float(v)) for j, v in enumerate(tb.b_err) if float(v) != 0.0] if adaptive else []
+    a_rows = [nonzero(row) for row in tb.a]
+    b_row = nonzero(tb.b)
+    e_row = nonzero(tb.b_err) if adaptive else []
     last_is_y1 = solver._last_stage_is_y1
     fsal = solver.fsal
     own_dense = interp == "auto" and tb.dense is not None
     hermite = interp == "hermite" or (interp == "auto" and tb.dense is None)
     dense_p = [[float(v) for v in row] for row in tb.dense] if own_dense else None
     order = solver.order
-    k_exp = solver.controller_order + 1 if adaptive else 1
-    safety, ifactor, dfactor = controller.safety, controller.ifactor, controller.dfactor
-    b1 = (controller.pcoeff + controller.icoeff + controller.dcoeff) / k_exp
-    b2 = (controller.pcoeff + 2 * controller.dcoeff) / k_exp
-    b3 = controller.dcoeff / k_exp
-    inv_k = 1.0 / k_exp
+    # The controller's exponents and limits, as the eager loop's controller state computes them.
+    pid = controller.start(solver.controller_order if adaptive else 0)
+    safety, ifactor, dfactor = pid.safety, pid.ifactor, pid.dfactor
+    b1, b2, b3, inv_k = pid.b1, pid.b2, pid.b3, pid.inv_k
     user_shape = tuple(shape)
 
     def f(t64: Tensor, y: Tensor, t_dtype: torch.dtype, state: dict | None) -> Tensor:
@@ -186,12 +178,12 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
             ks = [k1]
             yi = y
             for i in range(1, s):
-                yi = y + hy * _combo(ks, a_rows[i]) if a_rows[i] else y
+                yi = y + hy * stage_sum(ks, a_rows[i]) if a_rows[i] else y
                 ks.append(f(t + c[i] * h, yi, t_dtype, state))
-            y1 = yi if last_is_y1 else y + hy * _combo(ks, b_row)
+            y1 = yi if last_is_y1 else y + hy * stage_sum(ks, b_row)
             habs_now = h.abs()
             if adaptive:
-                err = _combo(ks, e_row)
+                err = stage_sum(ks, e_row)
                 sc = atol + rtol * torch.maximum(y.abs(), y1.abs())
                 ratio = (torch.linalg.vector_norm(err / sc) * (1.0 / math.sqrt(n))).to(torch.float64) * habs_now
                 finite = torch.isfinite(ratio)
@@ -263,8 +255,6 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         return z[2:], z[0:1], counters
 
     options = _CPU_OPTIONS if device.type == "cpu" else None
-    from .compiled import _own_code
-
     own = _own_code(run)
     compiled = torch.compile(own, options=options, fullgraph=True)
     compiled.code = own.__code__  # to count Dynamo's compiled entries (recompilations)
