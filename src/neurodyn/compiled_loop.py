@@ -14,7 +14,8 @@ outputs, to rounding: stage sums are fused in another order) for the cases it co
   (``dopri5``, ``tsit5``, ``bosh3``, and every fixed-step method);
 * no autograd graph to record (under ``torch.no_grad()``, or nothing requires grad: inference, the
   adjoint's forward pass), no ``dense=True``, events, ``jump_t``, ``perturb``, custom ``norm`` or
-  error seminorm; real floating-point states.
+  error seminorm, no ``torch.func.vmap``; real floating-point states;
+* on the CPU, ``y0.numel() * len(t) <= CPU_MAX_OUTPUT_ELEMENTS`` (see there).
 
 Everything else uses the per-step compiled path. Compilation failures fall back with a warning.
 """
