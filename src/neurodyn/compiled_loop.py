@@ -29,12 +29,17 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from . import solution as _sol
 from .compiled import _own_code, nonzero, stage_sum
 from .control import PIDController
 from .solvers.explicit_rk import ExplicitRungeKutta
+
+try:  # Dynamo's compiled entries of a code object (to notice recompilations); private, so optional
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+except ImportError:  # another torch: recompilations go unnoticed (each solve still correct)
+    def _debug_get_cache_entry_list(code) -> list:
+        return []
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Inductor on the CPU: the graph's wrapper in C++ (no Python between kernels); products with a single row (a
