@@ -347,8 +347,8 @@ def solve(
 
         cfg.advance = compiled_advance(solver, func, tuple(y0.shape), y0.dtype, y0.device, rtol_v, atol_v,
                                        None, cfg.adaptive, real_dtype(y0.dtype))
-        if (not per_sample_steps and event_fn is None and not dense and not perturb and not jump_list
-                and worthwhile(y0, t.shape[-1])):
+        # Whether each solve can run it (no graph, events, dense output, jumps, ...) is decided in integrate().
+        if not per_sample_steps and worthwhile(y0, t.shape[-1]):
             cfg.loop = compiled_loop(solver, func, tuple(y0.shape), y0.dtype, y0.device, cfg.adaptive, interp,
                                      cfg.controller, first_step is None)
     gopts = GradientOptions(params=[], adjoint_method=adjoint_method,
