@@ -14,8 +14,8 @@ import torchdiffeq
 from problems import A4, B5, E_VDP, KEPLER, max_error
 
 import neurodyn
+from neurodyn.core.term import ODETerm
 from neurodyn.errors import InputError
-from neurodyn.integrate import ODETerm
 from neurodyn.solvers import get_solver
 from neurodyn.solvers.adams import FixedAdams, VariableAdams, quadrature_weights
 

@@ -18,8 +18,8 @@ from problems import B5
 from stiff_problems import HIRES, PROBLEMS, ROBER, rober
 
 import neurodyn
+from neurodyn.core.term import ODETerm
 from neurodyn.errors import InputError
-from neurodyn.integrate import ODETerm
 from neurodyn.solvers import BDF, available_methods, get_solver
 
 F64 = torch.float64
@@ -147,7 +147,7 @@ def test_dense_polynomial_interpolates_the_past_points():
         states.append(y)
     order = k.shape[0] - 3
     assert order >= 2
-    from neurodyn.solvers.explicit_rk import Step
+    from neurodyn.core.stepper import Step
 
     vals = stepper.interpolate(term, Step(t - h, h, states[-2], y, k), torch.tensor([1.0, 0.0, -1.0], dtype=F64))
     for row, state in zip(vals, [states[-1], states[-2], states[-3]]):

@@ -61,7 +61,7 @@ def test_compiled_direct_gradient_matches_eager():
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     """A backend that fails (simulated: torch.compile returns a function that raises) -> one warning,
     then the eager stepper, with the eager result; the field is marked so later solves skip compiling."""
-    import neurodyn.compiled as compiled
+    import neurodyn.compile.step as compiled
 
     def broken_compile(fn, **kwargs):
         def run(*args):

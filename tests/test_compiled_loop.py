@@ -199,7 +199,7 @@ def test_adjoint_forward_pass_runs_the_compiled_loop():
 def test_several_attempts_per_loop_iteration_change_nothing(monkeypatch, max_steps):
     """On a GPU the loop runs 8 attempts between host reads of its condition; attempts after the end of the solve
     must leave everything as it was (checked here on the CPU with 3 per iteration)."""
-    import neurodyn.compiled_loop as compiled_loop
+    import neurodyn.compile.loop as compiled_loop
 
     monkeypatch.setattr(compiled_loop, "UNROLL", 3)
     kw = dict(method="tsit5", rtol=1e-8, atol=1e-10, max_steps=max_steps, on_failure="return")

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
+from .fields import time_field
 from .solution import FAILURE_STATUSES
 from .solve import solve
 
@@ -26,10 +27,7 @@ __all__ = ["jacobian_spectrum", "lipschitz_estimate", "reversibility", "spectral
 def _field(func: Callable, autonomous: bool | None) -> Callable[[Tensor, Tensor], Tensor]:
     if not callable(func):
         raise InputError(f"func must be callable as func(t, z), got {type(func).__name__}.")
-    from .models.neural_ode import _takes_time
-
-    takes_time = (not autonomous) if autonomous is not None else _takes_time(func)
-    return func if takes_time else (lambda t, z: func(z))
+    return time_field(func, autonomous)
 
 
 def _resolve_per_sample(ys: Tensor, per_sample: bool | None) -> bool:

@@ -5,10 +5,7 @@ Every message says what went wrong, where (the time reached, for solve failures)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .solution import Solution
+from typing import Any
 
 
 class NeurodynError(Exception):
@@ -32,7 +29,7 @@ class SolveFailure(NeurodynError, RuntimeError):
         Everything computed up to the failure: outputs before ``t`` are valid, later rows are NaN.
     """
 
-    def __init__(self, message: str, *, status: str, t: float, solution: Solution | Any = None):
+    def __init__(self, message: str, *, status: str, t: float, solution: Any = None):
         super().__init__(message)
         self.status = status
         self.t = t

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InputError
+from .fields import takes_time
 from .solve import solve
 
 PENALTIES = ("kinetic", "jacobian", "taylor")
@@ -37,12 +38,6 @@ ESTIMATORS = ("hutchinson", "exact")
 NOISES = ("gaussian", "rademacher")
 
 __all__ = ["RegularizedField", "regularized_solve", "steer_time"]
-
-
-def _takes_time(func: Callable) -> bool:
-    from .models.neural_ode import _takes_time as takes_time
-
-    return takes_time(func)
 
 
 class RegularizedField(nn.Module):
@@ -121,7 +116,7 @@ class RegularizedField(nn.Module):
         if noise not in NOISES:
             raise InputError(f"RegularizedField: noise must be one of {NOISES}, got {noise!r}.")
         self.func = func  # a submodule when it is one: its parameters are this module's
-        self.takes_time = (not autonomous) if autonomous is not None else _takes_time(func)
+        self.takes_time = (not autonomous) if autonomous is not None else takes_time(func)
         self.weights = weights
         self.active: tuple[str, ...] = tuple(k for k in PENALTIES if weights[k] != 0)
         self.taylor_order = taylor_order

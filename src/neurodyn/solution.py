@@ -9,14 +9,34 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, MaxStepsReached, NonFiniteError, SolveFailure, StepSizeUnderflow
 
+# The one status table. A status is a string everywhere a user sees it; inside tensors (per-sample rows, the
+# compiled loop) it is its index in STATUSES. FAILURE_STATUSES map to the exception raised for them.
 SUCCESS = "success"
-EVENT = "event"
 MAX_STEPS_REACHED = "max_steps_reached"
 STEP_SIZE_UNDERFLOW = "step_size_underflow"
 NON_FINITE = "non_finite"
+EVENT = "event"
+STATUSES = (SUCCESS, MAX_STEPS_REACHED, STEP_SIZE_UNDERFLOW, NON_FINITE, EVENT)
+CODE = {s: i for i, s in enumerate(STATUSES)}
 FAILURE_STATUSES = (MAX_STEPS_REACHED, STEP_SIZE_UNDERFLOW, NON_FINITE)
+_ERRORS: dict[str, type[SolveFailure]] = {MAX_STEPS_REACHED: MaxStepsReached, STEP_SIZE_UNDERFLOW: StepSizeUnderflow,
+                                          NON_FINITE: NonFiniteError}
+
+
+def failure(status: str, message: str, t: float, solution: Solution) -> SolveFailure:
+    """The exception of a failed ``status`` (one of ``FAILURE_STATUSES``), holding the partial ``solution``."""
+    return _ERRORS[status](message + " (pass on_failure='return' to get the partial solution)", status=status, t=t,
+                           solution=solution)
+
+
+def check_differentiable(sol: Solution) -> None:
+    """Raise :class:`SolveFailure` when a backward pass is asked of a failed solve."""
+    if sol.status in FAILURE_STATUSES:
+        raise SolveFailure(f"cannot differentiate a failed solve (status {sol.status}, stopped at t={sol.t_final:.6g}:"
+                           f" {sol.message}): fix the forward solve first.", status=sol.status, t=sol.t_final,
+                           solution=sol)
 
 
 @dataclass

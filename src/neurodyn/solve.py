@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .control import PIDController
+from .core.config import LoopConfig
+from .core.control import PIDController
+from .core.tensors import real_dtype, vmapped
 from .errors import InputError
 from .gradients import GRADIENTS, GradientOptions, check_hidden_tensors, find_params
-from .integrate import LoopConfig, real_dtype, vmapped
 from .solution import Solution
 from .solvers import get_solver
 from .solvers.explicit_rk import ExplicitRungeKutta
@@ -342,8 +343,8 @@ def solve(
         # Fixed-step method without a step size: step on the output grid (torchdiffeq's behaviour).
         cfg.step_t = cfg.step_t + t.detach().cpu().tolist()
     if compile and norm is None:
-        from .compiled import compiled_advance
-        from .compiled_loop import compiled_loop, worthwhile
+        from .compile.loop import compiled_loop, worthwhile
+        from .compile.step import compiled_advance
 
         cfg.advance = compiled_advance(solver, func, tuple(y0.shape), y0.dtype, y0.device, rtol_v, atol_v,
                                        None, cfg.adaptive, real_dtype(y0.dtype))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..control import PIDController
+from ..core.control import PIDController
 from ..errors import InputError
 from ..solve import real_dtype, solve
 from ..solvers import available_methods

@@ -41,12 +41,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..control import StepperController
+from ..core.config import LoopConfig
+from ..core.control import StepperController
+from ..core.loop import integrate
+from ..core.output import assemble
+from ..core.stepper import Step
+from ..core.tensors import real_dtype
+from ..core.term import ODETerm
 from ..errors import InputError, SolveFailure
-from ..integrate import LoopConfig, ODETerm, assemble, check_derivative, integrate, real_dtype
-from ..solution import FAILURE_STATUSES, Solution
+from ..fields import check_derivative
+from ..solution import FAILURE_STATUSES, Solution, check_differentiable
 from ..solvers import get_solver
-from ..solvers.explicit_rk import ExplicitRungeKutta, Step
+from ..solvers.explicit_rk import ExplicitRungeKutta
 from .common import GradientOptions, flat_cat
 
 
@@ -135,10 +141,7 @@ class _AdjointFunction(torch.autograd.Function):
         setup: _Setup = ctx.setup
         ys, t = ctx.saved_tensors
         sol = setup.solution
-        if sol.status in FAILURE_STATUSES:
-            raise SolveFailure(f"cannot differentiate a failed solve (status {sol.status}, stopped at "
-                               f"t={sol.t_final:.6g}): fix the forward solve first.", status=sol.status,
-                               t=sol.t_final, solution=sol)
+        check_differentiable(sol)
         func, gopts, shape = setup.func, setup.gopts, setup.shape
         params = gopts.params
         n = ys[0].numel()

@@ -48,10 +48,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.config import LoopConfig
+from ..core.loop import integrate
+from ..core.output import assemble, step_outputs
+from ..core.stepper import Step
+from ..core.tensors import real_dtype
+from ..core.term import ODETerm
 from ..errors import InputError, SolveFailure
-from ..integrate import LoopConfig, ODETerm, assemble, check_derivative, integrate, real_dtype, step_outputs
-from ..solution import FAILURE_STATUSES, Solution
-from ..solvers.explicit_rk import ExplicitRungeKutta, Step
+from ..fields import check_derivative
+from ..solution import Solution, check_differentiable
+from ..solvers.explicit_rk import ExplicitRungeKutta
 from .common import GradientOptions
 
 # Longest segment backpropagated as one graph; longer ones are checkpointed again (recursively), so the
@@ -143,10 +149,7 @@ class _CheckpointFunction(torch.autograd.Function):
     def backward(ctx, grad_ys: Tensor):
         setup: _Setup = ctx.setup
         sol = setup.solution
-        if sol.status in FAILURE_STATUSES:
-            raise SolveFailure(f"cannot differentiate a failed solve (status {sol.status}, stopped at "
-                               f"t={sol.t_final:.6g}): fix the forward solve first.", status=sol.status,
-                               t=sol.t_final, solution=sol)
+        check_differentiable(sol)
         log = setup.log
         replayer = _Replayer(setup, grad_ys)
         keys = sorted(log.states) + [len(log.steps)]

@@ -7,9 +7,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..integrate import LoopConfig, ODETerm, assemble, check_derivative, integrate, real_dtype
+from ..core.config import LoopConfig
+from ..core.loop import integrate
+from ..core.output import assemble
+from ..core.stepper import nextafter
+from ..core.tensors import real_dtype
+from ..core.term import ODETerm
+from ..fields import check_derivative
 from ..solution import Solution
-from ..solvers.explicit_rk import ExplicitRungeKutta, nextafter
+from ..solvers.explicit_rk import ExplicitRungeKutta
 
 
 def solve_direct(func: Callable, y0: Tensor, t: Tensor, solver: ExplicitRungeKutta, cfg: LoopConfig,

@@ -31,10 +31,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..errors import InputError, SolveFailure
-from ..integrate import LoopConfig, real_dtype
-from ..per_sample import (
-    STATUS_CODES,
+from ..core.config import LoopConfig
+from ..core.rows import (
     RowLog,
     RowsResult,
     StepHooks,
@@ -49,7 +47,9 @@ from ..per_sample import (
     solve_per_sample,
     time_cast,
 )
-from ..solution import FAILURE_STATUSES, Solution
+from ..core.tensors import real_dtype
+from ..errors import InputError, SolveFailure
+from ..solution import FAILURE_STATUSES, STATUSES, Solution, check_differentiable
 from ..solvers import get_solver
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from .common import GradientOptions
@@ -209,9 +209,7 @@ class _Setup:
     # -- backward --------------------------------------------------------------------------------
     def backward(self, grad_ys: Tensor) -> tuple[Tensor, list[Tensor]]:
         sol = self.solution
-        if self.failed():
-            raise SolveFailure(f"cannot differentiate a failed solve ({sol.message}): fix the forward solve first.",
-                               status=sol.status, t=sol.t_final, solution=sol)
+        check_differentiable(sol)
         gy = grad_ys.reshape(grad_ys.shape[0], self.b_rows, self.n)
         if self.mode == "checkpoint":
             return self._checkpoint(gy)
@@ -253,7 +251,7 @@ class _Setup:
                         f"the adjoint (backward) solve of sample {row} failed between t={float(times[row, i]):.6g} "
                         f"and t={float(times[row, i - 1]):.6g} (stopped at t={float(res.t[row]):.6g}). Try "
                         f"gradient='checkpoint' (exact, no backward solve), gradient='interpolated', or other "
-                        f"adjoint tolerances.", status=STATUS_CODES[int(res.status[row])], t=float(res.t[row]),
+                        f"adjoint tolerances.", status=STATUSES[int(res.status[row])], t=float(res.t[row]),
                         solution=self.solution)
                 if interpolated:
                     a = res.y + gy[i - 1]

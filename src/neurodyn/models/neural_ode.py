@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,36 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..fields import takes_time
 from ..solution import Solution
 from ..solve import solve
 
 OUTPUTS = ("final", "trajectory", "solution")
-
-
-def _takes_time(func: Callable) -> bool:
-    """True when ``func`` is called as ``func(t, z)``, False for ``func(z)``.
-
-    Wrappers whose ``forward`` is ``(*args, **kwargs)`` are looked through: ``torch.compile``'s
-    ``OptimizedModule`` (``_orig_mod``), ``DistributedDataParallel`` / ``DataParallel`` (``module``).
-    A signature that cannot tell (uninspectable, or ``*args`` with fewer than two required positional
-    parameters) means the solver's own convention, ``f(t, z)``.
-    """
-    while isinstance(func, nn.Module):
-        inner = getattr(func, "_orig_mod", None)
-        if inner is None and isinstance(func, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            inner = func.module
-        if not isinstance(inner, nn.Module):
-            break
-        func = inner
-    target = func.forward if isinstance(func, nn.Module) else func
-    try:
-        sig = inspect.signature(target).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    params = [p for p in sig if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
-    if len(params) < 2 and any(p.kind is p.VAR_POSITIONAL for p in sig):
-        return True
-    return len(params) >= 2
 
 
 class _Field(nn.Module):
@@ -107,8 +81,8 @@ class NeuralODE(nn.Module):
             raise InputError(f"NeuralODE: func must be callable, got {type(func).__name__}.")
         if output not in OUTPUTS:
             raise InputError(f"NeuralODE: output must be one of {OUTPUTS}, got {output!r}.")
-        takes_time = (not autonomous) if autonomous is not None else _takes_time(func)
-        self.field = _Field(func, takes_time)
+        with_time = (not autonomous) if autonomous is not None else takes_time(func)
+        self.field = _Field(func, with_time)
         t_tensor = torch.as_tensor(t, dtype=torch.get_default_dtype()) if not isinstance(t, Tensor) else t
         if t_tensor.dim() != 1 or t_tensor.numel() < 2:
             raise InputError(f"NeuralODE: t must hold at least 2 times, got {t_tensor.tolist()}.")

@@ -78,8 +78,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.stepper import Step
 from ..errors import InputError
-from .explicit_rk import Step, Term
+from .explicit_rk import Term
 
 MAX_ORDER = 12
 

@@ -44,8 +44,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.stepper import Step
 from ..errors import InputError
-from .explicit_rk import ExplicitRungeKutta, StageBuffers, Step, Term
+from .explicit_rk import ExplicitRungeKutta, StageBuffers, Term
 from .implicit_rk import ImplicitRungeKutta, _new_stats
 from .implicit_tableaus import IMPLICIT_TABLEAUS
 from .tableaus import TABLEAUS, ButcherTableau

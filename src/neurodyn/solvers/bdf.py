@@ -53,18 +53,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..control import StepperController
+from ..core.control import StepperController
+from ..core.stepper import Step
 from ..errors import InputError
 from .adams import _Attempt, _History, _Multistep
-from .explicit_rk import Step, Term
-from .implicit_rk import (
-    JAC_MODES,
-    ImplicitRungeKutta,
-    _Correction,
-    _new_stats,
-    _SolveState,
-    replay_newton,
-)
+from .explicit_rk import Term
+from .implicit_rk import JAC_MODES, ImplicitRungeKutta, _Correction, _new_stats, _SolveState, replay_newton
 
 MAX_ORDER = 5
 NEWTON_MAXITER = 4

@@ -76,8 +76,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..core.stepper import Step
 from ..errors import InputError
-from .explicit_rk import ExplicitRungeKutta, Step
+from .explicit_rk import ExplicitRungeKutta
 from .implicit_tableaus import IMPLICIT_TABLEAUS, ImplicitTableau
 
 Term = Callable[[float, Tensor], Tensor]

@@ -66,8 +66,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..core.stepper import Step
 from ..errors import InputError
-from .explicit_rk import Step, Term
+from .explicit_rk import Term
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from ..errors import InputError
 
 
 @dataclass

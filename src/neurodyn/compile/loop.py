@@ -30,10 +30,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import solution as _sol
-from .compiled import _own_code, nonzero, stage_sum
-from .control import PIDController
-from .solvers.explicit_rk import ExplicitRungeKutta
+from .. import solution as _sol
+from ..core.control import PIDController
+from ..solvers.explicit_rk import ExplicitRungeKutta
+from .step import _own_code, nonzero, stage_sum
 
 try:  # Dynamo's compiled entries of a code object (to notice recompilations); private, so optional
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
@@ -51,9 +51,9 @@ _FALLBACK = object()
 # Compiled variants of one loop (train()/eval(), say) before a field counts as changing its Python state every solve.
 _MAX_VARIANTS = 3
 # Status codes inside the graph.
-_RUNNING, _NON_FINITE, _UNDERFLOW, _MAX_STEPS = 0, 1, 2, 3
-_STATUS = {_RUNNING: _sol.SUCCESS, _NON_FINITE: _sol.NON_FINITE, _UNDERFLOW: _sol.STEP_SIZE_UNDERFLOW,
-           _MAX_STEPS: _sol.MAX_STEPS_REACHED}
+_RUNNING, _NON_FINITE, _UNDERFLOW, _MAX_STEPS = (_sol.CODE[s] for s in (_sol.SUCCESS, _sol.NON_FINITE,
+                                                                         _sol.STEP_SIZE_UNDERFLOW,
+                                                                         _sol.MAX_STEPS_REACHED))
 
 
 # On the CPU the whole loop is for problems whose steps are cheap: it rewrites every output row each attempt
@@ -400,7 +400,7 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         o = LoopOutcome()
         o.t_final, h_abs, last_h, o.last_try, o.initial_step = vals[:5]
         o.steps, o.rejected, o.attempts, o.n_valid, code = (int(v) for v in vals[5:])
-        o.status = _STATUS[code]
+        o.status = _sol.STATUSES[code]
         o.next_step = h_abs if math.isfinite(h_abs) and h_abs > 0 else None
         o.last_step = abs(last_h)
         o.ys, o.y_final = ys, y_final

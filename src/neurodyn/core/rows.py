@@ -8,7 +8,7 @@ given; rows that have finished are frozen with a zero step), so it pays off when
 differ.
 
 This is the vectorised form of the loop in ``integrate.py``, over the same stepper and tableau data
-(``ExplicitRungeKutta.step_rows`` / ``interpolate_rows``); the controller and the error norm are the same
+(``Stepper.step_rows`` / ``interpolate_rows``); the controller and the error norm are the same
 formulas, evaluated per row. The loop is written for few tensor operations per step: the stages are kept
 multiplied by each row's step so every stage combination is one ``addmm``; decisions are masks
 (``torch.where``), never index gathers of the active rows; the only host synchronisation per step is one
@@ -26,17 +26,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import solution as _sol
-from .errors import InputError, MaxStepsReached, NonFiniteError, StepSizeUnderflow
-from .integrate import LoopConfig, real_dtype
-from .solution import Solution
-from .solvers.explicit_rk import ExplicitRungeKutta
+from .. import solution as _sol
+from ..errors import InputError
+from ..solution import Solution
+from .config import LoopConfig
+from .stepper import Stepper
+from .tensors import real_dtype
 
 RowTerm = Callable[[Tensor, Tensor], Tensor]  # (t of shape (B,), y of shape (B, n)) -> dy/dt of shape (B, n)
 
-# Per-row status codes (index into STATUS_CODES).
-STATUS_CODES = [_sol.SUCCESS, _sol.MAX_STEPS_REACHED, _sol.STEP_SIZE_UNDERFLOW, _sol.NON_FINITE]
-_MAX_STEPS, _UNDERFLOW, _NON_FINITE = 1, 2, 3
+# Per-row status codes: indices into solution.STATUSES.
+_MAX_STEPS, _UNDERFLOW, _NON_FINITE = (_sol.CODE[s] for s in (_sol.MAX_STEPS_REACHED, _sol.STEP_SIZE_UNDERFLOW,
+                                                               _sol.NON_FINITE))
 _LAND = 1.0 + 1e-7  # land on the end when within this factor of the step (as integrate.py)
 
 
@@ -90,7 +91,7 @@ class RowsResult:
     ys: Tensor  # (T, B, n); NaN where a row failed before the output time
     y: Tensor  # (B, n): each row's state at its time reached
     t: Tensor  # (B,) float64: time reached
-    status: Tensor  # (B,) long: index into STATUS_CODES
+    status: Tensor  # (B,) long: index into solution.STATUSES
     steps: Tensor  # (B,) accepted steps
     attempts: Tensor  # (B,) attempted steps
     n_valid: Tensor  # (B,) outputs filled
@@ -103,7 +104,7 @@ class _Frame:
     """The constant data of one per-sample integration and its output buffer (flat ``((T + 1) B, n)``: one
     block per output time, and a last block that takes the writes of rows with nothing to write)."""
 
-    def __init__(self, term: RowTerm, solver: ExplicitRungeKutta, y0: Tensor, times: Tensor, d: float):
+    def __init__(self, term: RowTerm, solver: Stepper, y0: Tensor, times: Tensor, d: float):
         self.term, self.solver, self.d = term, solver, d
         self.b, self.n = y0.shape
         self.n_out = times.shape[1]
@@ -209,7 +210,7 @@ def _oriented(term: RowTerm, times: Tensor) -> tuple[RowTerm, Tensor, float, Ten
     return flipped, times * col, 1.0, sign
 
 
-def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver: ExplicitRungeKutta,
+def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver: Stepper,
                    cfg: LoopConfig, rtol: float | Tensor, atol: float | Tensor, *,
                    first_step: Tensor | None = None, error_dims: int | None = None,
                    hooks: StepHooks | None = None, log: RowLog | None = None) -> RowsResult:
@@ -361,7 +362,7 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
                       n_valid=out_slot // b + success, nfe=nfe, first_step=first, next_step=h_abs)
 
 
-def replay_rows(term: RowTerm, solver: ExplicitRungeKutta, times: Tensor, log: RowLog, j0: int, j1: int,
+def replay_rows(term: RowTerm, solver: Stepper, times: Tensor, log: RowLog, j0: int, j1: int,
                 y: Tensor, t_cur: Tensor, out_slot: Tensor, outs: Tensor | None = None,
                 marks: Collection[int] = ()) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor, Tensor]], int]:
     """Steps ``j0 .. j1 - 1`` of a logged :func:`integrate_rows` again from ``(y, t_cur, out_slot)`` (the loop
@@ -408,7 +409,7 @@ def replay_rows(term: RowTerm, solver: ExplicitRungeKutta, times: Tensor, log: R
 # ----------------------------------------------------------------------------------------------
 # The pieces every per-sample entry point shares
 # ----------------------------------------------------------------------------------------------
-def check_supported(y0: Tensor, solver: ExplicitRungeKutta, cfg: LoopConfig) -> None:
+def check_supported(y0: Tensor, solver: Stepper, cfg: LoopConfig) -> None:
     """Raise InputError for what per-sample stepping does not support."""
     if y0.dim() < 1 or y0.shape[0] < 1:
         raise InputError("per_sample_steps needs a leading batch dimension in y0.")
@@ -459,7 +460,7 @@ def make_solution(res: RowsResult, t: Tensor, shape: torch.Size, method: str, on
                   gradient: str, ys: Tensor | None = None) -> Solution:
     """The :class:`Solution` of a per-sample solve (raising for a failed sample if asked)."""
     b_rows = shape[0]
-    codes = [STATUS_CODES[i] for i in res.status.tolist()]
+    codes = [_sol.STATUSES[i] for i in res.status.tolist()]
     failed = [i for i, s_ in enumerate(codes) if s_ != _sol.SUCCESS]
     overall = codes[failed[0]] if failed else _sol.SUCCESS
     stats = {
@@ -483,14 +484,11 @@ def make_solution(res: RowsResult, t: Tensor, shape: torch.Size, method: str, on
                    t_final=float(res.t.max() if forward else res.t.min()), y_final=res.y.view(shape),
                    n_valid=int(res.n_valid.min()), sample_status=codes, t_final_per_sample=res.t)
     if failed and on_failure == "raise":
-        cls = {_sol.MAX_STEPS_REACHED: MaxStepsReached, _sol.STEP_SIZE_UNDERFLOW: StepSizeUnderflow,
-               _sol.NON_FINITE: NonFiniteError}[overall]
-        raise cls(message + " (pass on_failure='return' to get the partial solution)", status=overall,
-                  t=float(res.t[failed[0]]), solution=sol)
+        raise _sol.failure(overall, message, float(res.t[failed[0]]), sol)
     return sol
 
 
-def solve_per_sample(func: Callable, y0: Tensor, t: Tensor, solver: ExplicitRungeKutta, cfg: LoopConfig,
+def solve_per_sample(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg: LoopConfig,
                      on_failure: str) -> Solution:
     """Integrate each row of ``y0`` (shape ``(B, ...)``) independently; ``t`` is ``(T,)`` or ``(B, T)``.
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .solvers.explicit_rk import ExplicitRungeKutta
+from ..solvers.explicit_rk import ExplicitRungeKutta
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ACTIVE = [0]  # > 0 while compiled_context() holds the compiler settings below
@@ -152,20 +152,26 @@ def compiled_advance(solver: ExplicitRungeKutta, func: Callable, shape: tuple[in
                 y1, k, ratio = fn(tt, y, hh, k1, rt, at)
         return y1, k, float(ratio.detach())
 
-    def safe_advance(t: float, y: Tensor, h: float, k1: Tensor):
-        nonlocal advance_impl
+    return CompiledStep(advance, per_func, key)
+
+
+class CompiledStep:
+    """The plug-in the loop receives as ``LoopConfig.advance``: ``step(t, y, h, k1) -> (y1, k, ratio)``, or None
+    once compilation has failed (after one warning; the loop then uses the stepper). ``context()`` holds the
+    compiler settings for a whole solve."""
+
+    __slots__ = ("_advance", "_per_func", "_key")
+    context = compiled_context
+
+    def __init__(self, advance: Callable, per_func: dict, key: tuple):
+        self._advance, self._per_func, self._key = advance, per_func, key
+
+    def __call__(self, t: float, y: Tensor, h: float, k1: Tensor):
         try:
-            return advance_impl(t, y, h, k1)
+            return self._advance(t, y, h, k1)
         except Exception as exc:  # compilation failed: eager from now on, for this field
-            per_func[key] = _FALLBACK
+            self._per_func[self._key] = _FALLBACK
             warnings.warn(f"compile=True: torch.compile failed for this vector field ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}); falling back to the eager stepper.",
                           RuntimeWarning, stacklevel=3)
-            raise _CompileFailed() from exc
-
-    advance_impl = advance
-    return safe_advance
-
-
-class _CompileFailed(Exception):
-    """Raised once by a compiled step that failed; the loop switches to the eager stepper."""
+            return None

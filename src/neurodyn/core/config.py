@@ -1,0 +1,43 @@
+"""The validated, immutable settings of one integration."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from .control import PIDController
+
+
+@dataclass
+class LoopConfig:
+    """Validated settings of one integration (internal)."""
+
+    rtol: float | Tensor
+    atol: float | Tensor
+    adaptive: bool
+    step_size: float | None = None
+    first_step: float | None = None
+    min_step: float = 0.0
+    max_step: float = math.inf
+    max_steps: int = 100_000
+    step_t: list[float] = field(default_factory=list)
+    jump_t: list[float] = field(default_factory=list)
+    controller: PIDController = field(default_factory=PIDController)
+    norm: Callable[[Tensor], Tensor] | None = None
+    unflatten: Callable[[Tensor], Any] | None = None
+    record: bool = False
+    interp: str = "auto"
+    perturb: bool = False
+    event_fn: Callable[[Tensor, Tensor], Tensor] | None = None
+    # Error control over the first ``error_dims`` components only (a seminorm, e.g. the adjoint's).
+    error_dims: int | None = None
+    # Called after every accepted step as on_accept(t, h, t1, nudge, k1_time, y_start, k1) (k1: dy/dt the step used).
+    on_accept: Callable[..., None] | None = None
+    # A compiled step advance(t, y, h, k1) -> (y1, k, ratio) used where no nudge is needed (compile=True).
+    advance: Callable[..., Any] | None = None
+    # The whole loop compiled (compile=True; compiled_loop.compiled_loop), used where it applies.
+    loop: Callable[..., Any] | None = None

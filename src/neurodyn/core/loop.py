@@ -1,0 +1,271 @@
+"""The integrate loop: every method and gradient method steps through it."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor
+
+from .. import solution as _sol
+from .config import LoopConfig
+from .control import initial_step, make_error_ratio
+from .events import locate_event
+from .output import LoopResult, step_outputs
+from .stepper import Step, Stepper, nextafter
+from .tensors import fixed_bad, vmapped
+from .term import ODETerm
+
+
+def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[float],
+              cfg: LoopConfig) -> LoopResult:
+    """Integrate from ``times[0]`` through ``times[-1]``, returning the state at every time.
+
+    ``y0`` has shape ``(1, n)``; ``k0`` (the user's shape) is dy/dt at ``(times[0], y0)`` (already computed by the
+    caller's shape check). Never raises for a failed solve: the status says what happened.
+    """
+    t0, t_end = times[0], times[-1]
+    direction = 1.0 if t_end > t0 else -1.0
+    if not vmapped(k0) and not bool(torch.isfinite(k0.detach()).all()):
+        return LoopResult(outs=[y0], status=_sol.NON_FINITE, t_final=t0, y_final=y0, steps=0, rejected=0,
+                          initial_step=0.0, last_step=0.0, records=[],
+                          message=(f"NaN/inf in the derivative func(t0, y0) at the initial time t={t0:.6g}: "
+                                   f"check the vector field and y0."))
+    co = solver.coefficients(y0.dtype, y0.device)
+    n = y0.shape[1]
+    fixed = not cfg.adaptive
+    fsal = solver.fsal
+
+    # Times the solver must land on: step_t, jump_t and the final time, in the direction of travel.
+    jumps = {x for x in cfg.jump_t if (x - t0) * direction > 0 and (t_end - x) * direction > 0}
+    stops = sorted({x for x in cfg.step_t if (x - t0) * direction > 0 and (t_end - x) * direction > 0}
+                   | jumps, key=lambda x: x * direction) + [t_end]
+    stop_i = 0
+    next_stop = stops[0]
+    if cfg.loop is not None and not jumps and _whole_loop_applies(cfg, y0, k0):
+        res = _run_compiled_loop(term, solver, y0, k0, times, stops, cfg)
+        if res is not None:
+            return res
+
+    ratio_fn = None
+    ctrl = None
+    if fixed:
+        h_abs = cfg.step_size if cfg.step_size is not None else math.inf
+        first_h = h_abs
+    else:
+        m = cfg.error_dims or n
+        rtol_m = cfg.rtol[:, :m] if isinstance(cfg.rtol, Tensor) else cfg.rtol
+        atol_m = cfg.atol[:, :m] if isinstance(cfg.atol, Tensor) else cfg.atol
+        ratio_fn = make_error_ratio(rtol_m, atol_m, m, cfg.norm, cfg.unflatten)
+        if m < n:
+            full_ratio = ratio_fn
+
+            def ratio_fn(err, ya, yb, h_, _r=full_ratio, _m=m):  # noqa: E306
+                return _r(err[:, :_m], ya[:, :_m], yb[:, :_m], h_)
+        ctrl = cfg.controller.start(solver.controller_order)
+        if cfg.first_step is not None:
+            h_abs = cfg.first_step
+        else:
+            inv = 1.0 / math.sqrt(max(n, 1))
+
+            def plain_norm(x: Tensor) -> float:
+                return float(torch.linalg.vector_norm(x)) * inv
+
+            h_abs = initial_step(term, t0, y0.detach(), k0.detach().reshape(1, -1), direction, solver.order,
+                                 cfg.rtol, cfg.atol, plain_norm, cfg.max_step)
+        first_h = h_abs
+    h_abs = min(h_abs, cfg.max_step)
+
+    outs: list[Tensor] = [y0]
+    out_i = 1
+    n_out = len(times)
+    records: list[Step] = []
+    t, y, k1 = t0, y0, k0
+    steps = rejected = 0
+    status = _sol.SUCCESS
+    message = ""
+    last_h = 0.0
+    nonfinite_streak = False
+    event = None
+    event_fn = cfg.event_fn
+    g_prev = None
+    if event_fn is not None:
+        with torch.no_grad():
+            g_prev = event_fn(torch.scalar_tensor(t0, dtype=term.t_dtype, device=term.device),
+                              y0.view(term.shape)).detach().reshape(-1)
+    perturb = cfg.perturb
+    max_steps = cfg.max_steps
+    attempts = 0
+
+    on_accept = cfg.on_accept
+    fast = cfg.advance
+    # Without an autograd graph or recorded steps, stages go to two alternating preallocated buffers
+    # (alternating: a rejected attempt must not overwrite the FSAL stage the retry starts from).
+    buffers = None
+    if not torch.is_grad_enabled() and not cfg.record and fast is None:
+        buffers = (solver.make_buffers(y0, k0), solver.make_buffers(y0, k0))
+    which = 0
+    buf = None
+    new_stages = solver.stages - 1
+    record = cfg.record
+    min_step, max_step_size = cfg.min_step, cfg.max_step
+    propose = ctrl.propose if ctrl is not None else None
+    k1_time = nextafter(t0, direction) if perturb else t0
+    # Compiled steps: their compiler settings held once for the whole loop (not entered per step).
+    with fast.context() if fast is not None else contextlib.nullcontext():
+        while True:
+            if k1 is None:
+                k1_time = nextafter(t, direction) if perturb else t
+                k1 = term(k1_time, y)
+            remaining = (next_stop - t) * direction
+            # Land on the stop when within a hair of it (no sliver steps from accumulated rounding).
+            landing = remaining <= h_abs * (1.0 + 1e-7)
+            h = (next_stop - t) if landing else direction * h_abs
+            t1 = next_stop if landing else t + h
+            nudge = nextafter(t1, -direction) if (perturb or (landing and next_stop in jumps)) else None
+            ratio = None
+            if fast is not None and nudge is None:
+                out = fast(t, y, h, k1)
+                if out is None:  # compilation failed (the plug-in warned): the stepper from now on
+                    fast = None
+                else:
+                    y1, k, ratio = out
+                    term.nfe += new_stages
+            if ratio is None:
+                buf = buffers[which] if buffers else None
+                y1, k, err = solver.step(term, t, y, h, k1, co, nudge, buf)
+            attempts += 1
+
+            if fixed:
+                ratio = 0.0
+                if fixed_bad(y1):
+                    status = _sol.NON_FINITE
+                    message = failure_message(status, t, abs(h), cfg, solver, t0, t_end, steps, rejected)
+                    break
+                accept = True
+            else:
+                if ratio is None:
+                    ratio = ratio_fn(err, y, y1, h)
+                accept = ratio <= 1.0  # False for NaN
+                nonfinite_streak = not math.isfinite(ratio)
+
+            if accept:
+                steps += 1
+                which ^= 1
+                last_h = h
+                st = Step(t, h, y, y1, k)
+                if record:
+                    records.append(st)
+                if on_accept is not None:
+                    on_accept(t, h, t1, nudge, k1_time, y, k1)
+                # Outputs inside (t, t1]: the method's own dense output, never forced steps.
+                if out_i < n_out and (times[out_i] - t1) * direction <= 0:
+                    out_i = step_outputs(solver, term, st, co, cfg.interp, times, out_i, t1, direction, outs)
+                if event_fn is not None:
+                    with torch.no_grad():
+                        g1 = event_fn(torch.scalar_tensor(t1, dtype=term.t_dtype, device=term.device),
+                                      y1.detach().view(term.shape)).detach().reshape(-1)
+                    changed = (torch.sign(g1) != torch.sign(g_prev)) & (g_prev != 0)
+                    if bool(changed.any()):
+                        event = locate_event(term, solver, st, co, cfg, g_prev, changed)
+                        # Outputs already written past the event time are invalid: drop them.
+                        t_ev = st.t0 + event[1] * st.h
+                        while len(outs) > 1 and (times[len(outs) - 1] - t_ev) * direction > 0:
+                            outs.pop()
+                        out_i = len(outs)
+                        status = _sol.EVENT
+                        t, y = t_ev, None
+                        break
+                    g_prev = g1
+                t, y = t1, y1
+                k1_time = t
+                if landing and next_stop in jumps:
+                    k1_time = nextafter(t, direction)
+                    k1 = None if perturb else term(k1_time, y)
+                elif perturb:
+                    k1 = None
+                elif fsal:
+                    # The last stage in the state's shape (a cached view when it sits in a stage buffer).
+                    k1 = buf.rows[-1] if buf is not None and k is buf.flat else k[-1].view(term.shape)
+                else:
+                    # dy/dt at the step end if Hermite output computed it; else evaluated at the loop top.
+                    k1 = st.f1.view(term.shape) if st.f1 is not None else None
+                if landing:
+                    if next_stop == t_end:
+                        break
+                    stop_i += 1
+                    next_stop = stops[stop_i]
+            else:
+                rejected += 1
+
+            if not fixed:
+                new_h = propose(abs(h), ratio, accept)
+                if new_h < min_step:
+                    if abs(h) > min_step and accept is False:
+                        new_h = min_step
+                    else:
+                        new_h = -1.0
+                h_abs = min(new_h, max_step_size)
+                if h_abs <= 0 or not math.isfinite(h_abs) or t + direction * h_abs == t:
+                    status = _sol.NON_FINITE if nonfinite_streak else _sol.STEP_SIZE_UNDERFLOW
+                    message = failure_message(status, t, abs(h), cfg, solver, t0, t_end, steps, rejected)
+                    break
+            if attempts >= max_steps and status == _sol.SUCCESS:
+                status = _sol.MAX_STEPS_REACHED
+                message = failure_message(status, t, abs(h), cfg, solver, t0, t_end, steps, rejected)
+                break
+
+    return LoopResult(outs=outs, status=status, t_final=t, y_final=y, steps=steps, rejected=rejected,
+                      initial_step=first_h, last_step=abs(last_h), records=records, message=message,
+                      next_step=h_abs if math.isfinite(h_abs) and h_abs > 0 else None,
+                      event=event, compiled="step" if fast is not None else None)
+
+
+def failure_message(status: str, t: float, h_abs: float, cfg: LoopConfig, solver: Stepper, t0: float,
+                    t_end: float, steps: int, rejected: int) -> str:
+    """What went wrong and what to do, for a failed solve stopped at ``t`` (last attempted step ``h_abs``)."""
+    stiff_hint = ("use method='auto' (switches to an implicit method when it detects stiffness) or an implicit "
+                  "method ('radau', 'kvaerno5')")
+    if status == _sol.NON_FINITE and not cfg.adaptive:
+        return (f"NaN/inf in the state after the step from t={t:.6g} to t={t + h_abs * (1 if t_end > t0 else -1):.6g} "
+                f"with the fixed-step method '{solver.name}': use a smaller step_size or an adaptive method, and "
+                f"check the vector field.")
+    if status == _sol.NON_FINITE:
+        return (f"NaN/inf in the state or its derivative at t={t:.6g}: every step from there produced non-finite "
+                f"values. Check the vector field for overflow, division by zero or a log/sqrt of a negative near "
+                f"t={t:.6g}.")
+    if status == _sol.STEP_SIZE_UNDERFLOW:
+        floor = f"min_step={cfg.min_step:g}" if cfg.min_step else "the resolution of t"
+        return (f"step size underflow at t={t:.6g}: the step fell below {floor} (last {h_abs:.3g}). The solution "
+                f"may blow up near t={t:.6g}, or the problem is stiff: loosen rtol/atol, check the vector field for "
+                f"a singularity, or {stiff_hint}.")
+    return (f"max_steps={cfg.max_steps} reached at t={t:.6g} of [{t0:.6g}, {t_end:.6g}] ({steps} accepted, "
+            f"{rejected} rejected). Raise max_steps, loosen rtol/atol, or, if the steps are tiny because the problem "
+            f"is stiff, {stiff_hint}.")
+
+
+def _whole_loop_applies(cfg: LoopConfig, y0: Tensor, k0: Tensor) -> bool:
+    """The compiled whole loop covers solves that record nothing: no graph, steps, events or per-step hooks."""
+    if cfg.record or cfg.perturb or cfg.event_fn is not None or cfg.on_accept is not None or cfg.norm is not None:
+        return False
+    if cfg.error_dims is not None or vmapped(y0):  # torch.func.vmap cannot enter a compiled while_loop
+        return False
+    return not (torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad))
+
+
+def _run_compiled_loop(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[float],
+                       stops: list[float], cfg: LoopConfig) -> LoopResult | None:
+    """Run the compiled whole loop and report it as the eager loop would (None: it could not run)."""
+    first = cfg.first_step if cfg.adaptive else cfg.step_size
+    o = cfg.loop(times, stops, y0, k0, first, cfg.rtol, cfg.atol, cfg.min_step, cfg.max_step, cfg.max_steps)
+    if o is None:
+        return None
+    per_attempt = solver.stages - (1 if solver.fsal else 0)
+    term.nfe += o.attempts * per_attempt + (1 if cfg.adaptive and cfg.first_step is None else 0)
+    message = "" if o.status == _sol.SUCCESS else failure_message(
+        o.status, o.t_final, o.last_try, cfg, solver, times[0], times[-1], o.steps, o.rejected)
+    ys = o.ys[: o.n_valid]
+    return LoopResult(outs=[], status=o.status, t_final=o.t_final, y_final=o.y_final,
+                      steps=o.steps, rejected=o.rejected, initial_step=o.initial_step, last_step=o.last_step,
+                      records=[], message=message, next_step=o.next_step, ys=ys, compiled="loop")

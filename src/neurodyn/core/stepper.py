@@ -1,0 +1,131 @@
+"""The stepper contract: what the loop may ask of a method, and what every method declares.
+
+A *stepper* advances a :class:`~neurodyn.core.term.Term` by one step. The loops (:mod:`neurodyn.core.loop`,
+:mod:`neurodyn.core.rows`), the gradient methods and the compiled paths use a stepper only through the
+:class:`Stepper` protocol below; what a stepper can do beyond the minimum is *declared* as class attributes
+(``implicit``, ``symplectic``, ``rows``, ``replay``, ...), never probed with ``hasattr``.
+
+Rules every stepper follows
+---------------------------
+1. States reach :meth:`Stepper.step` flattened to shape ``(1, n)``; ``k1`` is ``dy/dt`` at the step start in the
+   user's state shape. ``step`` returns ``(y1, k, err)``: the new state ``(1, n)``, the stacked stage derivatives
+   ``(s, n)`` (whatever :meth:`Stepper.interpolate` needs later), and the local error estimate *divided by h*
+   (``(1, n)``, ``(2, n)`` for a combined estimate, ``None`` for fixed-step methods). The loop owns the step size,
+   the accept/reject decision, the error norm (:func:`neurodyn.core.control.make_error_ratio`), output times and
+   statuses; a stepper never reads tolerances unless it declares ``implicit`` (Newton tolerances, via ``bind``).
+2. ``step`` must not keep references to its inputs that it later mutates: a rejected attempt is retried from the
+   same ``(t, y, k1)``. The buffers the loop passes (``buf``, from :meth:`Stepper.make_buffers`) alternate between
+   attempts for this reason.
+3. With ``fsal`` the last row of ``k`` is ``dy/dt`` at ``(t + h, y1)``: the loop passes it on as the next ``k1``.
+4. Dense output: :meth:`Stepper.interpolate` evaluates the step's continuous extension at fractions
+   ``theta`` of an accepted :class:`Step` (``"auto"``: the method's own, else cubic Hermite, see
+   :mod:`neurodyn.core.interpolation`). It may evaluate the term (extra stages) and caches them in the Step.
+5. A stepper that carries state between steps (``multistep``) resets it in ``reset()`` and, with ``replay``,
+   exposes it to checkpoint replays through ``replay_record()`` / ``replay_prepare()``
+   (see :mod:`neurodyn.gradients.checkpoint`).
+6. ``accepts`` lists the term kinds the stepper integrates (``"ode"``; ``"control"``; ``"sde"``; ``"split"``: a
+   :class:`~neurodyn.core.term.MultiTerm` of two halves). The loop rejects any other term before work.
+
+A new explicit Runge--Kutta method is a new tableau (:mod:`neurodyn.solvers.tableaus`), not a new stepper.
+A new family (SDE steppers, say) implements this protocol and needs no change to the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@dataclass
+class Step:
+    """One accepted step: what dense output needs, with the pieces it may compute lazily.
+
+    ``f1`` is dy/dt at the end of the step (free for FSAL methods); ``k_full`` holds the main stages
+    followed by any extra dense-output stages (computed on first use).
+    """
+
+    t0: float
+    h: float
+    y0: Tensor  # (1, n)
+    y1: Tensor  # (1, n)
+    k: Tensor  # (s, n)
+    f1: Tensor | None = None  # (n,) or the user's shape (same elements)
+    k_full: Tensor | None = None
+
+
+def nextafter(t: float, direction: float) -> float:
+    """The next representable float after ``t`` in ``direction``."""
+    return math.nextafter(t, math.inf if direction > 0 else -math.inf)
+
+
+@runtime_checkable
+class Stepper(Protocol):
+    """The interface the loops use (see the module docstring for the rules).
+
+    Attributes
+    ----------
+    name : str
+        The method's name (``method=``).
+    order, error_order, controller_order : int
+        Order of the solution, of the error estimate (None: fixed step), and the order the step-size
+        controller assumes (``error_order + 1`` is the exponent's denominator).
+    adaptive, fsal : bool
+        Has an error estimate; first stage of a step is the last of the previous one.
+    stages : int
+        Derivative evaluations per step (the loop counts NFE from it for compiled steps).
+    has_own_dense : bool
+        Has its own continuous extension (else cubic Hermite on the step ends).
+    """
+
+    name: str
+    order: int
+    error_order: int | None
+    controller_order: int
+    adaptive: bool
+    fsal: bool
+    stages: int
+    has_own_dense: bool
+
+    def coefficients(self, dtype: Any, device: Any) -> Any: ...
+
+    def make_buffers(self, y: Tensor, k1: Tensor) -> Any: ...
+
+    def step(self, term: Any, t: float, y: Tensor, h: float, k1: Tensor, co: Any,
+             t_end_nudge: float | None = None, buf: Any = None) -> tuple[Tensor, Tensor, Tensor | None]: ...
+
+    def interpolate(self, term: Any, st: Step, thetas: Tensor, co: Any, interp: str = "auto") -> Tensor: ...
+
+    def interpolate_floats(self, term: Any, st: Step, thetas: list[float], co: Any,
+                           interp: str = "auto") -> Tensor: ...
+
+
+class StepperBase:
+    """Default declarations of the optional capabilities; every stepper derives from it and overrides
+    what it has.
+
+    ``implicit``: solves stage equations (Newton); has ``bind(**options)`` returning a stepper bound to the
+    tolerances and solver options, and ``stats`` (Jacobians, factorisations, Newton iterations).
+    ``symplectic``: preserves a symplectic form for separable Hamiltonian fields (fixed step).
+    ``multistep``: keeps a history between steps (``reset()``).
+    ``replay``: ``replay_record()`` / ``replay_prepare()`` for exact checkpoint replays of its carried state.
+    ``rows``: ``step_rows`` / ``interpolate_rows`` / ``dense_stages_rows`` for per-sample stepping.
+    ``own_controller``: ``default_controller()`` returns the controller the method needs (``bdf``).
+    ``compilable``: an explicit Runge--Kutta tableau the compiled paths can generate code for.
+    ``accepts``: the term kinds it integrates (rule 6).
+    """
+
+    implicit: ClassVar[bool] = False
+    symplectic: ClassVar[bool] = False
+    multistep: ClassVar[bool] = False
+    replay: ClassVar[bool] = False
+    rows: ClassVar[bool] = False
+    own_controller: ClassVar[bool] = False
+    compilable: ClassVar[bool] = False
+    accepts: ClassVar[tuple[str, ...]] = ("ode",)
+
+    def make_buffers(self, y: Tensor, k1: Tensor) -> Any:
+        """No reusable stage buffers (the default): the stages are fresh tensors every step."""
+        return None

@@ -1,0 +1,30 @@
+"""Tensor helpers of the engine: real dtypes, functorch (vmap) detection, finiteness checks."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype of a (possibly complex) dtype."""
+    return _REAL.get(dtype, dtype)
+
+
+def vmapped(x: Tensor) -> bool:
+    """True inside ``torch.func.vmap`` (a batched tensor): no host-side decision may read its values."""
+    if torch.compiler.is_compiling():  # dynamo traces fake tensors; nothing is vmapped there
+        return False
+    ft = torch._C._functorch
+    while ft.is_functorch_wrapped_tensor(x):  # e.g. jacrev inside vmap: a grad wrapper around a batched one
+        if ft.is_batchedtensor(x):
+            return True
+        x = ft.get_unwrapped(x)
+    return False
+
+
+def fixed_bad(y: Tensor) -> bool:
+    """Non-finite values in a fixed-step state (skipped under vmap, where values cannot reach the host)."""
+    return not vmapped(y) and not bool(torch.isfinite(y.detach()).all())
