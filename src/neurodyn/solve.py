@@ -16,7 +16,6 @@ from .errors import InputError
 from .gradients import GRADIENTS, GradientOptions, check_hidden_tensors, find_params
 from .solution import Solution
 from .solvers import get_solver
-from .solvers.explicit_rk import ExplicitRungeKutta
 
 INTERPOLATIONS = ("auto", "hermite", "linear")
 
@@ -281,7 +280,7 @@ def solve(
         raise InputError(f"interp must be one of {INTERPOLATIONS}, got {interp!r}.")
     rtol_v = _check_tol("rtol", rtol, y0)
     atol_v = _check_tol("atol", atol, y0)
-    if getattr(solver, "implicit", False) and hasattr(solver, "bind") and (isinstance(method, str) or solver_options):
+    if solver.bind_tolerances and (isinstance(method, str) or solver_options):
         # Newton's convergence test is measured in the solve's own tolerances; solver_options (jac="batched",
         # newton_tol, ...) configure a per-solve copy of the stepper.
         opts = {"rtol": rtol_v, "atol": atol_v}
@@ -316,11 +315,11 @@ def solve(
     if event_fn is not None and not callable(event_fn):
         raise InputError("event_fn must be callable as event_fn(t, y).")
     # Method families with constraints of their own (flags carried by the steppers).
-    if getattr(solver, "symplectic", False) and gradient in ("adjoint", "interpolated") and adjoint_method is None:
+    if solver.symplectic and gradient in ("adjoint", "interpolated") and adjoint_method is None:
         adjoint_method = "rk4"  # the adjoint state is not a (q, p) pair: integrate it with a general method
-    if per_sample_steps and not hasattr(solver, "step_rows"):
+    if per_sample_steps and not solver.rows:
         raise InputError(f"per_sample_steps supports the explicit Runge-Kutta methods, not {method!r}.")
-    if compile and not isinstance(solver, ExplicitRungeKutta):
+    if compile and not solver.compilable:
         compile = False  # only explicit Runge-Kutta steps are compiled; other families run eagerly
     if adjoint_method is not None:
         get_solver(adjoint_method)
@@ -382,8 +381,7 @@ def _dispatch(func, y0, t, solver, cfg, on_failure, gopts, gradient) -> Solution
 
 def _default_controller(solver: Any) -> PIDController:
     """PI control, or the stepper's own controller where it has one (``bdf`` sizes its steps with its order)."""
-    make = getattr(solver, "default_controller", None)
-    return make() if callable(make) else PIDController()
+    return solver.default_controller() if solver.own_controller else PIDController()
 
 
 def _with_time_gradients(func, y0, t, solver, cfg, on_failure, gopts, gradient) -> Solution:

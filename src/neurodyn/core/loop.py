@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import solution as _sol
 from .config import LoopConfig
-from .control import initial_step, make_error_ratio
+from .control import LANDING_SLACK, initial_step, make_error_ratio
 from .events import locate_event
 from .output import LoopResult, step_outputs
 from .stepper import Step, Stepper, nextafter
@@ -120,7 +120,7 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                 k1 = term(k1_time, y)
             remaining = (next_stop - t) * direction
             # Land on the stop when within a hair of it (no sliver steps from accumulated rounding).
-            landing = remaining <= h_abs * (1.0 + 1e-7)
+            landing = remaining <= h_abs * LANDING_SLACK
             h = (next_stop - t) if landing else direction * h_abs
             t1 = next_stop if landing else t + h
             nudge = nextafter(t1, -direction) if (perturb or (landing and next_stop in jumps)) else None

@@ -45,14 +45,13 @@ from ..core.config import LoopConfig
 from ..core.control import StepperController
 from ..core.loop import integrate
 from ..core.output import assemble
-from ..core.stepper import Step
+from ..core.stepper import Step, Stepper
 from ..core.tensors import real_dtype
 from ..core.term import ODETerm
 from ..errors import InputError, SolveFailure
 from ..fields import check_derivative
 from ..solution import FAILURE_STATUSES, Solution, check_differentiable
 from ..solvers import get_solver
-from ..solvers.explicit_rk import ExplicitRungeKutta
 from .common import GradientOptions, flat_cat
 
 
@@ -75,7 +74,7 @@ class _Setup:
 class _DenseLookup:
     """y(t) from the recorded forward steps (the interpolated adjoint's source of y)."""
 
-    def __init__(self, term: ODETerm, solver: ExplicitRungeKutta, records: list[Step], interp: str):
+    def __init__(self, term: ODETerm, solver: Stepper, records: list[Step], interp: str):
         self.term, self.solver, self.records, self.interp = term, solver, records, interp
         self.co = solver.coefficients(records[0].y0.dtype, records[0].y0.device)
         self.sign = 1.0 if records[0].h > 0 else -1.0
@@ -159,7 +158,7 @@ class _AdjointFunction(torch.autograd.Function):
             # Per-element tolerances of the state apply to y and a alike; the g channels use the mean.
             rtol, atol = _aug_tol(rtol, y_dims, n, p_total), _aug_tol(atol, y_dims, n, p_total)
         controller = setup.cfg.controller
-        if getattr(adj_solver, "implicit", False) and hasattr(adj_solver, "bind"):
+        if adj_solver.bind_tolerances:
             # Newton's tolerance follows the backward solve's: a stepper bound to the forward tolerances would stop
             # Newton far above a tighter adjoint_rtol, and the error control would then chase Newton's residual.
             own = isinstance(controller, StepperController) and controller.stepper is adj_solver
@@ -239,7 +238,7 @@ def _aug_tol(tol, y_dims: int, n: int, p_total: int) -> Tensor:
     return torch.cat(parts).view(1, -1)
 
 
-def solve_adjoint(func: Callable, y0: Tensor, t: Tensor, solver: ExplicitRungeKutta, cfg: LoopConfig,
+def solve_adjoint(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg: LoopConfig,
                   on_failure: str, gopts: GradientOptions, mode: str = "adjoint") -> Solution:
     """gradient="adjoint" / "interpolated": see the module docstring."""
     if cfg.event_fn is not None:

@@ -78,7 +78,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.stepper import Step
+from ..core.interpolation import step_interpolant
+from ..core.stepper import Step, StepperBase
 from ..errors import InputError
 from .explicit_rk import Term
 
@@ -181,13 +182,14 @@ class _History:
     fs: list[Tensor] = field(default_factory=list)  # (n,) each, newest first
 
 
-class _Multistep:
+class _Multistep(StepperBase):
     """History bookkeeping across :meth:`step` calls (see the module docstring)."""
 
     adaptive = False
     max_history = 1
     #: Keeps state (the history) across steps; a checkpoint replay restores it (:meth:`replay_prepare`).
     multistep = True
+    replay = True
 
     def __init__(self) -> None:
         self._hist = _History()
@@ -315,15 +317,9 @@ class _Multistep:
         return st.f1
 
     def _hermite(self, term: Term, st: Step, thetas: Tensor, interp: str) -> Tensor:
-        m = thetas.shape[0]
-        th = thetas.view(m, 1).to(st.y0.dtype)
-        if interp == "linear":
-            return st.y0 + th * (st.y1 - st.y0)
-        f1 = self.end_derivative(term, st).reshape(-1)
-        th2 = th * th
-        th3 = th2 * th
-        return ((2 * th3 - 3 * th2 + 1) * st.y0 + (3 * th2 - 2 * th3) * st.y1
-                + ((th3 - 2 * th2 + th) * st.h) * st.k[0] + ((th3 - th2) * st.h) * f1)
+        th = thetas.view(thetas.shape[0], 1).to(st.y0.dtype)
+        return step_interpolant(interp, th, st.y0, st.y1, st.k[0], lambda: self.end_derivative(term, st).reshape(-1),
+                                st.h)
 
 
 def _weights_tensor(rows: list[list[float]], width: int, like: Tensor) -> Tensor:

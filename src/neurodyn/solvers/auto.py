@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.stepper import Step
+from ..core.stepper import Step, StepperBase
 from ..errors import InputError
 from .explicit_rk import ExplicitRungeKutta, StageBuffers, Term
 from .implicit_rk import ImplicitRungeKutta, _new_stats
@@ -114,7 +114,7 @@ class _AutoState:
     direction: Tensor | None = None  # power-iteration vector (1, n)
 
 
-class AutoSwitch:
+class AutoSwitch(StepperBase):
     """Automatic stiffness detection and switching between an explicit and an implicit method (``method="auto"``).
 
     Plugs into the one integrate loop like any stepper; see the module docstring for the switching rules. States
@@ -161,7 +161,8 @@ class AutoSwitch:
     True
     """
 
-    implicit = True  # solve() passes its tolerances (and solver_options) through bind()
+    implicit = True
+    bind_tolerances = True  # solve() passes its tolerances (and solver_options) through bind()
     adaptive = True
     fsal = True  # the last row of every step's stages is dy/dt at the step's end
     name = "auto"

@@ -173,6 +173,8 @@ class BDF(_Multistep):
     """
 
     implicit = True
+    bind_tolerances = True
+    own_controller = True
     adaptive = True
     #: ``k[-1]`` is ``f(t1, y1)`` (from the corrector equation): the loop passes it back as the next ``k1``
     #: instead of evaluating ``f`` again (the BDF step itself needs ``f(t0, y0)`` only at a (re)start).
@@ -338,7 +340,7 @@ class BDF(_Multistep):
 
     # -- the controller's side -----------------------------------------------------------------------------
     def begin_control(self) -> None:
-        """Called by :class:`~neurodyn.control.StepperController` when an integration starts."""
+        """Called by :class:`~neurodyn.core.control.StepperController` when an integration starts."""
         self._pending = None
 
     def propose_step(self, h_abs: float, ratio: float, accepted: bool) -> float | None:

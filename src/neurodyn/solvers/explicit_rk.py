@@ -9,7 +9,6 @@ for dense output without copies.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..core.interpolation import hermite, linear
+from ..core.stepper import Step, StepperBase
 from .tableaus import ButcherTableau
 
 Term = Callable[[float, Tensor], Tensor]  # (t, y of shape (1, n)) -> dy/dt of shape (n,)
@@ -36,23 +37,6 @@ class _Coefficients:
 
 
 @dataclass
-class Step:
-    """One accepted step: what dense output needs, with the pieces it may compute lazily.
-
-    ``f1`` is dy/dt at the end of the step (free for FSAL methods); ``k_full`` holds the main stages
-    followed by any extra dense-output stages (computed on first use).
-    """
-
-    t0: float
-    h: float
-    y0: Tensor  # (1, n)
-    y1: Tensor  # (1, n)
-    k: Tensor  # (s, n)
-    f1: Tensor | None = None  # (n,) or the user's shape (same elements)
-    k_full: Tensor | None = None
-
-
-@dataclass
 class StageBuffers:
     """A reusable stage buffer: ``shaped`` (s, *state shape), ``flat`` (s, n), ``heads[i] = flat[:i]``,
     ``rows[i] = shaped[i]``; ``plan`` (for :meth:`ExplicitRungeKutta.step`) lists per stage ``i >= 1`` its
@@ -69,12 +53,15 @@ def _tensor(values, dtype, device) -> Tensor:
     return torch.tensor([float(v) for v in values], dtype=torch.float64).to(dtype=dtype, device=device)
 
 
-class ExplicitRungeKutta:
+class ExplicitRungeKutta(StepperBase):
     """A generic explicit RK method driven by a :class:`ButcherTableau`.
 
     The integrate loop calls :meth:`step` and, for accepted steps, :meth:`interpolate`; it knows
     nothing about any particular method.
     """
+
+    rows = True
+    compilable = True
 
     def __init__(self, tableau: ButcherTableau):
         self.tableau = tableau
@@ -273,11 +260,7 @@ class ExplicitRungeKutta:
             powers = thetas.view(b_rows, 1) ** self._powers(co.dense_t.shape[0], thetas.device)
             weights = torch.mm(powers, co.dense_t).to(y0.dtype)  # (B, s_full)
             return torch.baddbmm(y0.unsqueeze(1), weights.unsqueeze(1), kf.transpose(0, 1)).view(b_rows, n)
-        th = thetas.view(b_rows, 1).to(co.b.real.dtype)
-        th2 = th * th
-        th3 = th2 * th
-        return ((2 * th3 - 3 * th2 + 1) * y0 + (3 * th2 - 2 * th3) * y1
-                + (th3 - 2 * th2 + th) * kf[0] + (th3 - th2) * fh1)
+        return hermite(thetas.view(b_rows, 1).to(co.b.real.dtype), y0, y1, kf[0], fh1)
 
     def _powers(self, d: int, device: torch.device) -> Tensor:
         """``[1, 2, ..., d]`` as a float64 tensor (cached per device): exponents of the dense output."""
@@ -339,8 +322,7 @@ class ExplicitRungeKutta:
         n = st.y0.shape[1]
         y0 = st.y0.expand(m, n)
         if interp == "linear":
-            th = thetas.view(m, 1)
-            return y0 + th * (st.y1 - st.y0)
+            return linear(thetas.view(m, 1), st.y0, st.y1)
         if interp == "auto" and co.dense_t is not None:
             kf = self._full_stages(term, st, co)
             d = co.dense_t.shape[0]
@@ -348,18 +330,5 @@ class ExplicitRungeKutta:
             powers = th64 ** torch.arange(1, d + 1, dtype=torch.float64, device=thetas.device)
             weights = torch.mm(powers, co.dense_t).to(st.y0.dtype)  # (m, s_full)
             return torch.addmm(y0, weights, kf, alpha=st.h)
-        # Cubic Hermite on (y0, f0, y1, f1).
         f1 = self.end_derivative(term, st)
-        th = thetas.view(m, 1).to(st.y0.dtype)
-        th2 = th * th
-        th3 = th2 * th
-        h00 = 2 * th3 - 3 * th2 + 1
-        h01 = 3 * th2 - 2 * th3
-        h10 = (th3 - 2 * th2 + th) * st.h
-        h11 = (th3 - th2) * st.h
-        return h00 * st.y0 + h01 * st.y1 + h10 * st.k[0] + h11 * f1.reshape(-1)
-
-
-def nextafter(t: float, direction: float) -> float:
-    """The next representable float after ``t`` in ``direction``."""
-    return math.nextafter(t, math.inf if direction > 0 else -math.inf)
+        return hermite(thetas.view(m, 1).to(st.y0.dtype), st.y0, st.y1, st.k[0], f1.reshape(-1), st.h)

@@ -1,6 +1,6 @@
 """One generic implicit Runge--Kutta stepper for stiff problems (every :class:`ImplicitTableau`).
 
-The integrate loop (``integrate.py``) drives it exactly like the explicit stepper: ``step`` returns
+The integrate loop (``core/loop.py``) drives it exactly like the explicit stepper: ``step`` returns
 ``(y1, k, err)`` -- ``k`` the stacked stage derivatives, ``err`` the local error estimate divided by ``h``
 -- and a step whose Newton iteration fails returns a NaN state with an infinite error, so the loop
 rejects it (adaptive) or stops with ``status="non_finite"`` (fixed step); an unconverged step is never
@@ -76,7 +76,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..core.stepper import Step
+from ..core.interpolation import hermite, linear
+from ..core.stepper import Step, StepperBase
 from ..errors import InputError
 from .explicit_rk import ExplicitRungeKutta
 from .implicit_tableaus import IMPLICIT_TABLEAUS, ImplicitTableau
@@ -294,7 +295,7 @@ def _new_stats() -> dict:
 # ------------------------------------------------------------------------------------------------
 # The stepper
 # ------------------------------------------------------------------------------------------------
-class ImplicitRungeKutta:
+class ImplicitRungeKutta(StepperBase):
     """A generic implicit Runge--Kutta method driven by an :class:`ImplicitTableau` (stiff problems).
 
     Plugs into the one integrate loop like the explicit stepper. States are flat ``(1, n)`` rows; the
@@ -352,6 +353,7 @@ class ImplicitRungeKutta:
     """
 
     implicit = True
+    bind_tolerances = True
 
     def __init__(self, tableau: ImplicitTableau | str, *, jac: str | Callable = "full",
                  rtol: float | Tensor | None = None, atol: float | Tensor | None = None,
@@ -1059,8 +1061,7 @@ class ImplicitRungeKutta:
         m = thetas.shape[0]
         n = st.y0.shape[1]
         if interp == "linear":
-            th = thetas.view(m, 1).to(st.y0.dtype)
-            return st.y0 + th * (st.y1 - st.y0)
+            return linear(thetas.view(m, 1).to(st.y0.dtype), st.y0, st.y1)
         if interp == "auto" and co.dense_t is not None:
             d = co.dense_t.shape[0]
             th64 = thetas.view(m, 1).to(torch.float64)
@@ -1068,11 +1069,7 @@ class ImplicitRungeKutta:
             weights = torch.mm(powers, co.dense_t).to(st.y0.dtype)  # (m, s)
             return torch.addmm(st.y0.expand(m, n), weights, st.k[1:], alpha=st.h)
         f1 = self.end_derivative(term, st)
-        th = thetas.view(m, 1).to(st.y0.dtype)
-        th2 = th * th
-        th3 = th2 * th
-        return ((2 * th3 - 3 * th2 + 1) * st.y0 + (3 * th2 - 2 * th3) * st.y1
-                + ((th3 - 2 * th2 + th) * st.h) * st.k[0] + ((th3 - th2) * st.h) * f1.reshape(-1))
+        return hermite(thetas.view(m, 1).to(st.y0.dtype), st.y0, st.y1, st.k[0], f1.reshape(-1), st.h)
 
 
 def implicit_solver(method: str, **options: Any) -> ImplicitRungeKutta:
