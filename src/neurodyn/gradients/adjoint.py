@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -104,8 +105,11 @@ def _adjoint_field(func: Callable, shape, params: list[Tensor], n: int, t_dtype,
         with torch.enable_grad():
             yv = y.view(shape) if diff and y.requires_grad else y.detach().view(shape).requires_grad_(True)
             fy = func(t, yv)
-            grads = torch.autograd.grad(fy, (yv, *params), -a.view(shape), allow_unused=True,
-                                        materialize_grads=False, create_graph=diff)
+            if fy.requires_grad:
+                grads = torch.autograd.grad(fy, (yv, *params), -a.view(shape), allow_unused=True,
+                                            materialize_grads=False, create_graph=diff)
+            else:  # a field of t alone: no dependence on y or the parameters
+                grads = (None,) * (1 + len(params))
         parts = [grads[0].reshape(-1) if grads[0] is not None else torch.zeros_like(a),
                  flat_cat(grads[1:], params).to(z.dtype) if params else z.new_zeros(0)]
         if y_of_t is None:
@@ -124,7 +128,8 @@ class _AdjointFunction(torch.autograd.Function):
         with torch.no_grad():
             f0 = check_derivative(func(torch.scalar_tensor(times[0], dtype=term.t_dtype, device=term.device), y0), y0)
             term.nfe = 1
-            cfg.record = cfg.record or setup.mode == "interpolated"
+            if setup.mode == "interpolated":
+                cfg = replace(cfg, record=True)
             res = integrate(term, solver, y0.detach().reshape(1, -1), f0, times, cfg)
             sol = assemble(res, term, solver, cfg, y0.detach(), t.detach(), setup.on_failure)
         setup.solution = sol
@@ -167,7 +172,7 @@ class _AdjointFunction(torch.autograd.Function):
                 controller = adj_solver.default_controller()
         cfg = LoopConfig(rtol=rtol, atol=atol, adaptive=adj_solver.adaptive and setup.cfg.step_size is None,
                          step_size=setup.cfg.step_size, max_steps=setup.cfg.max_steps, min_step=setup.cfg.min_step,
-                         max_step=setup.cfg.max_step, controller=controller,
+                         max_step=setup.cfg.max_step, controller=controller, accept_min_step=setup.cfg.accept_min_step,
                          jump_t=setup.cfg.jump_t, step_t=setup.cfg.step_t if not adj_solver.adaptive else [],
                          error_dims=(y_dims + n) if gopts.seminorm else None)
         with torch.no_grad():
@@ -182,7 +187,7 @@ class _AdjointFunction(torch.autograd.Function):
                 k0 = term(times[i], z0)
                 res = integrate(term, adj_solver, z0, k0, [times[i], times[i - 1]], cfg)
                 # The next interval starts from the controller's proposal, not a fresh initial guess.
-                cfg.first_step = res.next_step if cfg.adaptive else None
+                cfg = replace(cfg, first_step=res.next_step if cfg.adaptive else None)
                 nfe += term.nfe
                 steps += res.steps
                 if res.status in FAILURE_STATUSES:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -133,13 +134,12 @@ class _CheckpointFunction(torch.autograd.Function):
         term = ODETerm(func, y0.shape, real_dtype(y0.dtype), y0.device)
         times = setup.times
         log = _StepLog(setup.gopts.checkpoints, solver)
-        cfg.on_accept = log
+        cfg = replace(cfg, on_accept=log)
         with torch.no_grad():
             f0 = check_derivative(func(torch.scalar_tensor(times[0], dtype=term.t_dtype, device=term.device), y0), y0)
             term.nfe = 1
             res = integrate(term, solver, y0.detach().reshape(1, -1), f0, times, cfg)
             sol = assemble(res, term, solver, cfg, y0.detach(), setup.t.detach(), setup.on_failure)
-        cfg.on_accept = None
         setup.solution, setup.log, setup.term = sol, log, term
         ctx.setup = setup
         return sol.ys.detach()
