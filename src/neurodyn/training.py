@@ -313,7 +313,7 @@ class Trainer:
         Continue from ``log_dir/checkpoint.pt`` (or the given file) when it exists, restoring everything needed
         for a bitwise-identical continuation; the logs are cut back to the checkpoint's step. Starts fresh when
         there is no checkpoint. A truncated or corrupt checkpoint, or one written with another ``seed`` or
-        ``batch_size``, raises :class:`CheckpointError` naming the file. Checkpoints are pickles: resume only
+        global batch size, raises :class:`CheckpointError` naming the file. Checkpoints are pickles: resume only
         from files you trust.
     shuffle, drop_last : bool
         Data order per epoch (from the trainer's generator) and whether to drop a last incomplete batch.
@@ -668,9 +668,10 @@ class Trainer:
         """Restore from :meth:`state_dict` (model, optimizer, scheduler, counters, data order, RNG states).
 
         Raises :class:`CheckpointError` (naming ``source``, e.g. the file) when ``state`` is not a checkpoint
-        of this format, or when it was written with another ``seed`` or ``batch_size`` than this trainer's:
-        the data order of the continuation would then silently differ from both runs. (A different number of
-        DDP processes is accepted: the checkpoint then restores rank 0's RNG streams on every rank.)
+        of this format, or when it was written with another ``seed`` or global batch size (``batch_size`` times
+        the number of processes) than this trainer's: the continuation would then silently differ from both
+        runs. (Another number of DDP processes with the same global batch is accepted: the checkpoint then
+        restores rank 0's RNG streams on every rank.)
         """
         if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
             missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
@@ -681,11 +682,18 @@ class Trainer:
             raise CheckpointError(
                 f"Trainer: {source} has checkpoint format {state['format']!r}, this version reads {_FORMAT}; "
                 f"delete it to start fresh, or resume with the neurodyn version that wrote it.")
-        clashes = [(name, state[name], mine)
-                   for name, mine in (("seed", self.seed), ("batch_size", self.batch_size)) if state[name] != mine]
+        clashes = []
+        if state["seed"] != self.seed:
+            clashes.append(("seed", f"seed={state['seed']!r} there, {self.seed!r} here"))
+        # the global batch (batch_size per process x processes) decides the steps: a DDP run may resume in one
+        # process with the whole global batch, and the other way round
+        theirs_world = int(state.get("world_size", 1))
+        if state["batch_size"] * theirs_world != self.batch_size * self.world_size:
+            clashes.append(("batch_size", f"batch_size={state['batch_size']!r} x {theirs_world} process(es) there, "
+                                          f"{self.batch_size!r} x {self.world_size} here"))
         if clashes:
-            names = " and ".join(name for name, _, _ in clashes)
-            values = "; ".join(f"{name}={theirs!r} there, {mine!r} here" for name, theirs, mine in clashes)
+            names = " and ".join(name for name, _ in clashes)
+            values = "; ".join(text for _, text in clashes)
             raise CheckpointError(
                 f"Trainer: {source} was written by a run with another {names} ({values}): resuming would not "
                 f"continue that run. Pass the same {names} to resume it, or start fresh (another log_dir, or "
