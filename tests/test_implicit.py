@@ -449,7 +449,7 @@ def test_jacobian_of_a_field_that_calls_autograd_is_exact():
     z = torch.tensor([[0.3, -0.2, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0]], dtype=F64)
     term = ODETerm(aug, z.shape, F64, torch.device("cpu"))
     solver = implicit("kvaerno5")
-    st = solver._begin(term, z)
+    st = solver.begin_solve(term, z)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         J = solver._jacobian(term, 0.0, z, st)

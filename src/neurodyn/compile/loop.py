@@ -34,7 +34,7 @@ from .. import solution as _sol
 from ..core import interpolation
 from ..core.control import LANDING_SLACK, PIDController
 from ..solvers.explicit_rk import ExplicitRungeKutta
-from .step import _own_code, nonzero, stage_sum
+from .step import nonzero, own_code, stage_sum
 
 try:  # Dynamo's compiled entries of a code object (to notice recompilations); private, so optional
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
@@ -89,7 +89,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
     a_rows = [nonzero(row) for row in tb.a]
     b_row = nonzero(tb.b)
     e_row = nonzero(tb.b_err) if adaptive else []
-    last_is_y1 = solver._last_stage_is_y1
+    last_is_y1 = solver.last_stage_is_y1
     fsal = solver.fsal
     own_dense = interp == "auto" and tb.dense is not None
     hermite = interp == "hermite" or (interp == "auto" and tb.dense is None)
@@ -245,7 +245,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         return z[2:], z[0:1], counters
 
     options = _CPU_OPTIONS if device.type == "cpu" else None
-    own = _own_code(run)
+    own = own_code(run)
     compiled = torch.compile(own, options=options, fullgraph=True)
     compiled.code = own.__code__  # to count Dynamo's compiled entries (recompilations)
     return compiled

@@ -75,7 +75,7 @@ class ExplicitRungeKutta(StepperBase):
         self.dense_order = tableau.dense_order if tableau.dense is not None else 3
         self.has_own_dense = tableau.dense is not None
         # Stage s-1 lands on y1 exactly when its row equals b (FSAL): reuse it as the new state.
-        self._last_stage_is_y1 = tableau.fsal and tuple(tableau.a[-1]) == tuple(tableau.b[:-1])
+        self.last_stage_is_y1 = tableau.fsal and tuple(tableau.a[-1]) == tuple(tableau.b[:-1])
         self._cache: dict[tuple[torch.dtype, torch.device], _Coefficients] = {}
         self._power_cache: dict[tuple[int, torch.device], Tensor] = {}
         self._c_cache: dict[torch.device, Tensor] = {}
@@ -170,7 +170,7 @@ class ExplicitRungeKutta(StepperBase):
                 yi = addmm(y, a[i], k[:i], alpha=h)
                 ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
                 shaped[i] = term(ti, yi)
-        if self._last_stage_is_y1:
+        if self.last_stage_is_y1:
             y1 = yi
         else:
             y1 = addmm(y, co.b, k, alpha=h)
@@ -225,7 +225,7 @@ class ExplicitRungeKutta(StepperBase):
                 yi = addmm(yflat, a[i], flat[:i]).view(b_rows, n)
                 f = term_rows(tc[i], yi)
                 kh[i] = f * hc
-        y1 = yi if self._last_stage_is_y1 else addmm(yflat, co.b, flat).view(b_rows, n)
+        y1 = yi if self.last_stage_is_y1 else addmm(yflat, co.b, flat).view(b_rows, n)
         if co.e is None:
             return y1, kh, None, f
         kd = flat.detach() if flat.requires_grad else flat
