@@ -232,3 +232,23 @@ def test_controller_tensor_form_equals_scalar_form(ctrl):
                                                  torch.tensor([accept]), prev, prev2)
         assert got.item() == pytest.approx(want, rel=1e-14), r
         h = want
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_error_ratio_tensor_form_equals_scalar_form(rows):
+    """control.rms_ratio (per-sample rows, compiled paths) equals make_error_ratio (eager loop), single estimate and
+    DOP853's combined pair, with tolerance tensors."""
+    from neurodyn.core.control import make_error_ratio, rms_ratio
+
+    gen = torch.Generator().manual_seed(7)
+    n, h = 5, 0.3
+    for _ in range(20):
+        err = torch.randn(rows, n, generator=gen, dtype=torch.float64) * 1e-6
+        y0, y1 = torch.randn(1, n, generator=gen, dtype=torch.float64), torch.randn(1, n, generator=gen,
+                                                                                    dtype=torch.float64)
+        rtol = torch.rand(1, n, generator=gen, dtype=torch.float64) * 1e-5
+        atol = 1e-8
+        want = make_error_ratio(rtol, atol, n)(err.clone(), y0, y1, h)
+        root = math.sqrt(n)
+        got = rms_ratio(err.unsqueeze(1) * h, y0, y1, rtol * root, torch.tensor(atol * root, dtype=torch.float64))
+        assert got.item() == pytest.approx(want, rel=1e-13)

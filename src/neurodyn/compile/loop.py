@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .. import solution as _sol
 from ..core import interpolation
-from ..core.control import LANDING_SLACK, PIDController
+from ..core.control import LANDING_SLACK, PIDController, rms_ratio
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from .step import nonzero, own_code, stage_sum
 
@@ -168,7 +168,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         def attempt(z, sv, iv):
             times, stops = cv[:n_out], cv[n_out:n_out + n_stops]
             min_step, max_step = cv[-2], cv[-1]
-            rtol, atol = tol[0:1], tol[1:2]
+            rtol_s, atol_s = tol[0:1] * math.sqrt(n), tol[1:2] * math.sqrt(n)
             direction = torch.where(times[-1] > times[0], 1.0, -1.0).to(torch.float64)
             one = torch.ones((), dtype=torch.float64, device=z.device)
             rows = torch.arange(2 + n_out, device=z.device).view(-1, 1)
@@ -189,8 +189,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
             habs_now = h.abs()
             if adaptive:
                 err = stage_sum(ks, e_row)
-                sc = atol + rtol * torch.maximum(y.abs(), y1.abs())
-                ratio = (torch.linalg.vector_norm(err / sc) * (1.0 / math.sqrt(n))).to(torch.float64) * habs_now
+                ratio = rms_ratio(err.unsqueeze(0), y, y1, rtol_s, atol_s).reshape(()).to(torch.float64) * habs_now
                 finite = torch.isfinite(ratio)
                 accept = ratio <= 1.0
             else:

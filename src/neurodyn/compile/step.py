@@ -11,6 +11,7 @@ the eager path to rounding.
 
 from __future__ import annotations
 
+import math
 import types
 import warnings
 import weakref
@@ -19,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..core.control import rms_ratio
 from ..solvers.explicit_rk import ExplicitRungeKutta
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -89,13 +91,8 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], d
             return y1, k, torch.zeros((), dtype=rtol.dtype, device=rtol.device)
         err = torch.cat([combo(ks, r) for r in e_rows]) * hy
         m = error_dims or err.shape[1]
-        scale = atol + rtol * torch.maximum(y[:, :m].abs(), y1[:, :m].abs())
-        sq = ((err[:, :m] / scale).abs() ** 2).sum(dim=1)
-        if sq.shape[0] == 1:
-            ratio = torch.sqrt(sq[0] / m)
-        else:  # DOP853's combined estimate (see control.combined_ratio)
-            deno = sq[0] + 0.01 * sq[1]
-            ratio = torch.where(deno > 0, sq[0] / torch.sqrt(m * deno.clamp_min(1e-300)), torch.zeros_like(deno))
+        root_m = math.sqrt(m)
+        ratio = rms_ratio(err[:, None, :m], y[:, :m], y1[:, :m], rtol * root_m, atol * root_m).reshape(())
         return y1, k, ratio
 
     # On the CPU the compiled graph's wrapper (which launches its kernels and library calls) is generated

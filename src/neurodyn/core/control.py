@@ -218,6 +218,32 @@ def make_error_ratio(rtol: float | Tensor, atol: float | Tensor, n: int,
     return ratio
 
 
+def rms_ratio(err: Tensor, y0: Tensor, y1: Tensor, rtol: Tensor, atol: Tensor) -> Tensor:
+    """The error ratio in tensor form: ``RMS(err / (atol + rtol max(|y0|, |y1|)))`` over the last dimension, or
+    DOP853's combination of two estimates (:func:`combined_ratio`); what :func:`make_error_ratio` computes on the host,
+    for loops that keep it on the device (per-sample rows, compiled steps and the compiled loop).
+
+    Parameters
+    ----------
+    err : Tensor, shape ``(r, ..., n)``
+        ``r = 1`` error estimate, or ``r = 2`` (the higher- and lower-order estimates), already multiplied by ``h``.
+    y0, y1 : Tensor, shape ``(..., n)``
+        The states at the step ends.
+    rtol, atol : Tensor broadcastable to ``(..., n)``
+        The tolerances **multiplied by** ``sqrt(n)`` (so that a plain 2-norm is the RMS: computed once per solve).
+
+    Returns
+    -------
+    Tensor, shape ``(...)``
+    """
+    q = err / torch.addcmul(atol, torch.maximum(y0.abs(), y1.abs()), rtol)
+    if q.shape[0] == 1:
+        return torch.linalg.vector_norm(q[0], dim=-1)
+    sq = q.abs().square().sum(-1)
+    hi, deno = sq[0], sq[0] + 0.01 * sq[1]
+    return torch.where(deno == 0, torch.zeros_like(hi), hi / deno.sqrt())
+
+
 def combined_ratio(q: Tensor, h: float, inv_sqrt_n: float) -> float:
     """Hairer's DOP853 combination of two scaled estimates (rows of ``q``, divided by ``h``):
     ``|h| E^2 / sqrt(n (E^2 + 0.01 E_low^2))`` with ``E^2`` the sums of squares."""

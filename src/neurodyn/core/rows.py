@@ -30,7 +30,7 @@ from .. import solution as _sol
 from ..errors import InputError
 from ..solution import Solution
 from .config import LoopConfig
-from .control import LANDING_SLACK, PIDController
+from .control import LANDING_SLACK, PIDController, rms_ratio
 from .stepper import Stepper
 from .tensors import real_dtype
 
@@ -159,16 +159,10 @@ class _Frame:
 
 
 def _error_ratio(err: Tensor, y0: Tensor, y1: Tensor, rtol: Tensor, atol: Tensor, m: int) -> Tensor:
-    """Per-row ``RMS(err / (atol + rtol max(|y0|, |y1|)))`` over the first ``m`` components (``rtol``/``atol``
-    carry the ``1/sqrt(m)`` of the mean), or DOP853's combination of two estimates; ``(B,)``."""
+    """Per-row error ratio (:func:`~neurodyn.core.control.rms_ratio`) over the first ``m`` components; ``(B,)``."""
     if m < y0.shape[1]:
         err, y0, y1 = err[..., :m], y0[:, :m], y1[:, :m]
-    q = err / torch.addcmul(atol, torch.maximum(y0.abs(), y1.abs()), rtol)
-    if q.shape[0] == 1:
-        return torch.linalg.vector_norm(q[0], dim=1)
-    sq = q.abs().square_().sum(2)
-    hi, deno = sq[0], sq[0] + 0.01 * sq[1]
-    return torch.where(deno == 0, torch.zeros_like(hi), hi / deno.sqrt())
+    return rms_ratio(err, y0, y1, rtol, atol)
 
 
 def _scaled_tol(tol: float | Tensor, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
