@@ -79,6 +79,7 @@ import torch
 from torch import Tensor
 
 from ..core.stepper import Step
+from ..core.term import ODE_FORM_KINDS
 from ..errors import InputError
 from .explicit_rk import Term
 
@@ -188,6 +189,7 @@ class _Multistep:
     max_history = 1
     #: Keeps state (the history) across steps; a checkpoint replay restores it (:meth:`replay_prepare`).
     multistep = True
+    accepts = ODE_FORM_KINDS  # integrates a term's ODE form (see neurodyn.core.stepper, rule 6)
 
     def __init__(self) -> None:
         self._hist = _History()

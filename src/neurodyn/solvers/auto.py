@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from ..core.stepper import Step
+from ..core.term import ODE_FORM_KINDS
 from ..errors import InputError
 from .explicit_rk import ExplicitRungeKutta, StageBuffers, Term
 from .implicit_rk import ImplicitRungeKutta, _new_stats
@@ -162,6 +163,7 @@ class AutoSwitch:
     """
 
     implicit = True  # solve() passes its tolerances (and solver_options) through bind()
+    accepts = ODE_FORM_KINDS  # integrates a term's ODE form (see neurodyn.core.stepper, rule 6)
     adaptive = True
     fsal = True  # the last row of every step's stages is dy/dt at the step's end
     name = "auto"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..core.term import ODE_FORM_KINDS
 from .tableaus import ButcherTableau
 
 Term = Callable[[float, Tensor], Tensor]  # (t, y of shape (1, n)) -> dy/dt of shape (n,)
@@ -75,6 +76,8 @@ class ExplicitRungeKutta:
     The integrate loop calls :meth:`step` and, for accepted steps, :meth:`interpolate`; it knows
     nothing about any particular method.
     """
+
+    accepts = ODE_FORM_KINDS  # integrates a term's ODE form (see neurodyn.core.stepper, rule 6)
 
     def __init__(self, tableau: ButcherTableau):
         self.tableau = tableau

@@ -77,6 +77,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..core.stepper import Step
+from ..core.term import ODE_FORM_KINDS
 from ..errors import InputError
 from .explicit_rk import ExplicitRungeKutta
 from .implicit_tableaus import IMPLICIT_TABLEAUS, ImplicitTableau
@@ -352,6 +353,7 @@ class ImplicitRungeKutta:
     """
 
     implicit = True
+    accepts = ODE_FORM_KINDS  # integrates a term's ODE form (see neurodyn.core.stepper, rule 6)
 
     def __init__(self, tableau: ImplicitTableau | str, *, jac: str | Callable = "full",
                  rtol: float | Tensor | None = None, atol: float | Tensor | None = None,
