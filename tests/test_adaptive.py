@@ -211,3 +211,24 @@ def test_dense_output_backward():
     assert err <= bound("dopri5", B5, 1e-8), err
     with pytest.raises(neurodyn.InputError):
         sol.evaluate(torch.tensor([2.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("ctrl", [neurodyn.PIDController(), neurodyn.PIDController(pcoeff=0.0, icoeff=1.0),
+                                  neurodyn.PIDController(pcoeff=0.2, icoeff=0.6, dcoeff=0.1, ifactor=5.0)])
+def test_controller_tensor_form_equals_scalar_form(ctrl):
+    """The per-row/compiled proposal (tensor form) is the eager loop's (scalar form), step after step."""
+    gen = torch.Generator().manual_seed(3)
+    ratios = torch.cat([10.0 ** (torch.rand(200, generator=gen, dtype=torch.float64) * 6 - 4),
+                        torch.tensor([math.nan, math.inf, 0.0, 1.0], dtype=torch.float64)])
+    scalar = ctrl.start(4)
+    tensor = ctrl.start(4)
+    prev = prev2 = torch.ones(1, dtype=torch.float64)
+    h = 0.1
+    for r in ratios.tolist():
+        accept = r <= 1.0
+        want = scalar.propose(h, r, accept)
+        got, prev, prev2 = tensor.propose_tensor(torch.tensor([h], dtype=torch.float64),
+                                                 torch.tensor([r], dtype=torch.float64),
+                                                 torch.tensor([accept]), prev, prev2)
+        assert got.item() == pytest.approx(want, rel=1e-14), r
+        h = want

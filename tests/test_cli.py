@@ -42,7 +42,7 @@ def _assert_png(path):
 def test_spiral_demo_smoke(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "spiral"
-    rc = main(["demo", "spiral", "--iters", "20", "--out", str(out), "--seed", "1"])
+    rc = main(["demo", "spiral", "--iters", "20", "--out", str(out)])  # seed 0: an evaluation fails (issue 12)
     assert rc == 0
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -51,7 +51,8 @@ def test_spiral_demo_smoke(tmp_path, capsys):
         assert isinstance(metrics[key], (int, float)), key
         assert math.isfinite(metrics[key]), (key, metrics[key])
     assert metrics["iterations"] == 20
-    assert metrics["seed"] == 1
+    assert metrics["seed"] == 0
+    assert metrics["eval_status"][0] == "step_size_underflow" and metrics["full_traj_status"] == "success"
     assert metrics["method"] == "dopri5"
     assert metrics["nfe_forward_per_iter"] > 0
     assert metrics["full_traj_mse"] >= 0

@@ -255,7 +255,7 @@ def test_newton_failure_rejects_the_step():
     solver = implicit("kvaerno3", rtol=1e-12, atol=1e-14, max_newton_iter=1)
     y = ROBER.y0_tensor().view(1, 3)
     co = solver.coefficients(F64, torch.device("cpu"))
-    term = neurodyn.integrate.ODETerm(rober, torch.Size([3]), F64, torch.device("cpu"))
+    term = neurodyn.core.term.ODETerm(rober, torch.Size([3]), F64, torch.device("cpu"))
     with torch.no_grad():
         k1 = term(0.0, y)
         y1, k, err = solver.step(term, 0.0, y, 10.0, k1, co)
@@ -448,7 +448,7 @@ def test_jacobian_of_a_field_that_calls_autograd_is_exact():
     z = torch.tensor([[0.3, -0.2, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0]], dtype=F64)
     term = ODETerm(aug, z.shape, F64, torch.device("cpu"))
     solver = implicit("kvaerno5")
-    st = solver._begin(term, z)
+    st = solver.begin_solve(term, z)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         J = solver._jacobian(term, 0.0, z, st)
@@ -485,7 +485,7 @@ def test_trbdf2_error_estimate_is_the_local_error():
     A = torch.tensor([[-0.5, 1.0, 0.0], [-1.0, -0.5, 0.0], [0.0, 20.0, -1e4]], dtype=F64)
     y0 = torch.tensor([[1.0, 0.5, 0.0]], dtype=F64)
     y0 = y0 @ torch.linalg.matrix_exp(0.01 * A).T  # the fast mode has decayed
-    term = neurodyn.integrate.ODETerm(lambda t, y: y @ A.T, torch.Size([1, 3]), F64, torch.device("cpu"))
+    term = neurodyn.core.term.ODETerm(lambda t, y: y @ A.T, torch.Size([1, 3]), F64, torch.device("cpu"))
     for h in (0.02, 0.05, 0.1):
         solver = implicit("trbdf2", rtol=1e-6, atol=1e-9)
         co = solver.coefficients(F64, torch.device("cpu"))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import neurodyn
-from neurodyn.training import COLUMNS, atomic_save
+from neurodyn.training import COLUMNS, CheckpointError, atomic_save
 
 F64 = torch.float64
 HERE = Path(__file__).resolve().parent
@@ -171,6 +171,55 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=False)["step"] == 8
     atomic_save({"a": torch.arange(3)}, tmp_path / "x.pt")
     assert torch.equal(torch.load(tmp_path / "x.pt")["a"], torch.arange(3))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not_a_checkpoint"])
+def test_damaged_checkpoint_error_names_file(reference, tmp_path, damage):
+    """A checkpoint cut short (disk full, partial copy), overwritten, empty or holding something else: resume
+    raises CheckpointError naming the file and what to do, and the intact file resumes exactly."""
+    make_trainer(tmp_path, max_steps=10).fit()
+    path = tmp_path / "checkpoint.pt"
+    intact = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(intact[: len(intact) // 2])
+    elif damage == "garbage":
+        path.write_bytes(bytes(range(256)) * 8)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError) as err:
+        make_trainer(tmp_path, resume=True)
+    msg = str(err.value)
+    assert str(path) in msg and "elete it" in msg and "\n" not in msg
+    with pytest.raises(CheckpointError, match="checkpoint.pt"):  # the explicit-path form too
+        make_trainer(tmp_path / "other", resume=path)
+
+    path.write_bytes(intact)
+    tr = make_trainer(tmp_path, resume=True)
+    assert tr.step == 10
+    assert [r["loss"] for r in tr.fit()] == reference["losses"]
+
+
+@pytest.mark.parametrize("change", [{"seed": 1}, {"batch_size": BATCH // 2}, {"seed": 3, "batch_size": 4}])
+def test_resume_with_other_seed_or_batch_size_is_refused(reference, tmp_path, change):
+    """The data order of a continuation depends on the seed and the batch size: a checkpoint written with
+    other values is refused (nothing restored), the same values resume the reference run exactly."""
+    make_trainer(tmp_path, max_steps=10).fit()
+    model, opt, sched = build(0)
+    fresh = [p.detach().clone() for p in model.parameters()]
+    kw = {"seed": 0, "batch_size": BATCH, **change}
+    with pytest.raises(CheckpointError) as err:
+        neurodyn.Trainer(model, opt, mse, train_data=data(), max_steps=20, scheduler=sched, log_dir=tmp_path,
+                         grad_clip=1.0, resume=True, progress=False, **kw)
+    msg = str(err.value)
+    assert str(tmp_path / "checkpoint.pt") in msg
+    for name in change:
+        assert f"{name}=" in msg
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh))  # refused before restoring anything
+
+    tr = make_trainer(tmp_path, resume=True)
+    assert [r["loss"] for r in tr.fit()] == reference["losses"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Solvers, gradient methods and models for Neural ODEs, with a torchdiffeq drop-in
 """
 
 from .analysis import jacobian_spectrum, lipschitz_estimate, reversibility, spectral_radius, stiffness_ratio
-from .compat.torchdiffeq import odeint, odeint_adjoint, odeint_event
+from .compat.torchdiffeq import odeint, odeint_adjoint, odeint_dense, odeint_event
 from .core.control import PIDController
 from .core.term import ControlTerm, MultiTerm, ODETerm, SplitTerm, Term
 from .errors import InputError, MaxStepsReached, NeurodynError, NonFiniteError, SolveFailure, StepSizeUnderflow
@@ -46,6 +46,7 @@ __all__ = [
     "lipschitz_estimate",
     "odeint",
     "odeint_adjoint",
+    "odeint_dense",
     "odeint_event",
     "regularized_solve",
     "reversibility",

@@ -8,10 +8,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from neurodyn import demos
+from neurodyn.demos._common import DemoError
+from neurodyn.errors import SolveFailure
 
 
 def _version() -> str:
@@ -59,6 +64,25 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def check_out_dir(out: str) -> str | None:
+    """Create ``out`` (and its parents) and check a file can be written in it; returns None when it can,
+    else a one-line reason naming the directory."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".neurodyn-write-check-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if path.exists() and not path.is_dir():
+            reason = "it exists and is not a directory"
+        elif isinstance(exc, (FileExistsError, NotADirectoryError)):
+            reason = "a part of the path is a file, not a directory"
+        return f"cannot write to --out {out!r}: {reason}; choose another directory"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``neurodyn`` console script; returns the exit status."""
     argv = list(argv) if argv is not None else sys.argv[1:]
@@ -71,11 +95,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.demo is None:
             args.demo_parser.print_help()
             return 2
+        prefix = f"neurodyn demo {args.demo}: error:"
+        problem = check_out_dir(args.out) if getattr(args, "out", None) is not None else None
+        if problem is not None:
+            print(f"{prefix} {problem}", file=sys.stderr)
+            return 2
         try:
             return int(demos.load(args.demo).run(args) or 0)
         except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)
             return 130
+        except (DemoError, SolveFailure) as exc:  # a run that cannot go on: one line, no traceback
+            print(f"{prefix} {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2  # pragma: no cover
 

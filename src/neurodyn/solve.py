@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -15,89 +16,9 @@ from .core.tensors import real_dtype, vmapped
 from .core.term import Term, as_field, check_accepts
 from .errors import InputError
 from .gradients import GRADIENTS, GradientOptions, check_hidden_tensors, find_params
+from .options import INTERPOLATIONS, as_time_list, check_tol, validate_state, validate_times
 from .solution import Solution
 from .solvers import get_solver, methods_accepting
-from .solvers.explicit_rk import ExplicitRungeKutta
-
-INTERPOLATIONS = ("auto", "hermite", "linear")
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation
-# ----------------------------------------------------------------------------------------------
-def _as_time_list(name: str, values: Any, device: torch.device) -> list[float]:
-    if values is None:
-        return []
-    v = torch.as_tensor(values).detach()
-    if v.dim() > 1:
-        raise InputError(f"{name} must be a 1-d sequence of times, got shape {tuple(v.shape)}.")
-    v = v.reshape(-1).to("cpu", torch.float64)
-    if not bool(torch.isfinite(v).all()):
-        raise InputError(f"{name} contains NaN or inf: {v.tolist()}.")
-    return v.tolist()
-
-
-def _check_tol(name: str, tol: Any, y0: Tensor) -> float | Tensor:
-    if isinstance(tol, Tensor):
-        if tol.is_complex() or not bool(torch.isfinite(tol).all()) or bool((tol < 0).any()):
-            raise InputError(f"{name} must be finite and >= 0, got {tol}.")
-        if tol.numel() == 1:
-            return float(tol)
-        try:
-            return torch.broadcast_to(tol.to(y0.device, real_dtype(y0.dtype)), y0.shape).reshape(1, -1)
-        except RuntimeError:
-            raise InputError(f"{name} of shape {tuple(tol.shape)} does not broadcast to the state shape "
-                             f"{tuple(y0.shape)}.") from None
-    try:
-        v = float(tol)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number or a tensor, got {type(tol).__name__}.") from None
-    if not math.isfinite(v) or v < 0:
-        raise InputError(f"{name} must be finite and >= 0, got {v}.")
-    return v
-
-
-def validate_times(t: Any, y0: Tensor) -> Tensor:
-    """Check the output times: 1-d, >= 2 entries, real floating of y0's precision, finite, monotonic."""
-    if not isinstance(t, Tensor):
-        raise InputError(f"t must be a 1-d tensor of times, got {type(t).__name__}: use torch.tensor(t).")
-    if t.dim() != 1 or t.numel() < 2:
-        raise InputError(f"t must be a 1-d tensor with at least 2 times (t[0] is the initial time), got "
-                         f"shape {tuple(t.shape)}.")
-    if not t.is_floating_point():
-        raise InputError(f"t must be a floating-point tensor, got dtype {t.dtype}: use t.to({real_dtype(y0.dtype)}).")
-    if t.device != y0.device:
-        raise InputError(f"t is on {t.device} but y0 is on {y0.device}: move both to one device.")
-    if t.dtype != real_dtype(y0.dtype):
-        raise InputError(f"t has dtype {t.dtype} but y0 has dtype {y0.dtype}: use t.to({real_dtype(y0.dtype)}) "
-                         f"(times must have the state's real precision).")
-    td = t.detach()
-    if td.numel() <= 256:  # short: one transfer, then plain Python (no per-check device syncs)
-        vals = td.tolist()
-        finite = all(math.isfinite(v) for v in vals)
-        inc = all(b > a for a, b in zip(vals, vals[1:]))
-        monotonic = inc or all(b < a for a, b in zip(vals, vals[1:]))
-    else:
-        finite = bool(torch.isfinite(td).all())
-        d = td[1:] - td[:-1]
-        monotonic = bool((d > 0).all()) or bool((d < 0).all())
-    if not finite:
-        raise InputError(f"t contains NaN or inf: {td.tolist() if td.numel() <= 20 else 'see t'}.")
-    if not monotonic:
-        raise InputError("t must be strictly increasing or strictly decreasing (no repeats); got "
-                         f"{td.tolist() if td.numel() <= 20 else 'a non-monotonic sequence'}.")
-    return t
-
-
-def validate_state(y0: Any) -> Tensor:
-    if not isinstance(y0, Tensor):
-        raise InputError(f"y0 must be a tensor, got {type(y0).__name__} (tuples of tensors are accepted by "
-                         f"neurodyn.odeint).")
-    if not (y0.is_floating_point() or y0.is_complex()):
-        raise InputError(f"y0 must be floating point or complex, got dtype {y0.dtype}: use y0.to(torch.float64).")
-    if y0.numel() == 0:
-        raise InputError(f"y0 is empty (shape {tuple(y0.shape)}): there is nothing to integrate.")
-    return y0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +56,8 @@ def solve(
     compile: bool = False,
     per_sample_steps: bool = False,
     solver_options: dict | None = None,
+    accept_min_step: bool = False,
+    step_callbacks: dict[str, Callable[[float, Tensor, float], None]] | None = None,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` and return the solution at the times ``t``.
 
@@ -222,6 +145,15 @@ def solve(
         ``refactor_ratio``; ``bdf`` also ``max_order`` (1..5) and ``ndf`` (see :class:`neurodyn.solvers.BDF`);
         ``"auto"`` also ``stiff`` (``"kvaerno5"``, ``"radau"``, ...), ``nonstiff`` and its switching thresholds
         (see :class:`neurodyn.solvers.AutoSwitch`).
+    accept_min_step : bool
+        torchdiffeq's ``min_step``: steps are never proposed below ``min_step`` and a step of at most ``min_step``
+        is accepted whatever its error (default False: a step that must shrink below ``min_step`` is a
+        :class:`StepSizeUnderflow`). Applies to the adjoint's backward solve too.
+    step_callbacks : dict, optional
+        ``{"step": cb, "accept": cb, "reject": cb}`` (any subset), each called as ``cb(t, y, h_abs)`` with the
+        step's start time (float), start state (a ``(1, n)`` view of the flat state) and step size magnitude:
+        ``"step"`` before every attempted step, then ``"accept"`` or ``"reject"`` (fixed-step methods accept every
+        step). The forward solve only (not an adjoint's backward solve).
     compile : bool
         Compile with ``torch.compile`` (after a one-off compilation of seconds to tens of seconds on CPU, cached
         per vector field, method, shape and dtype). Where no autograd graph is recorded (under
@@ -284,9 +216,9 @@ def solve(
         raise InputError(f"on_failure must be 'raise' or 'return', got {on_failure!r}.")
     if interp not in INTERPOLATIONS:
         raise InputError(f"interp must be one of {INTERPOLATIONS}, got {interp!r}.")
-    rtol_v = _check_tol("rtol", rtol, y0)
-    atol_v = _check_tol("atol", atol, y0)
-    if getattr(solver, "implicit", False) and hasattr(solver, "bind") and (isinstance(method, str) or solver_options):
+    rtol_v = check_tol("rtol", rtol, y0)
+    atol_v = check_tol("atol", atol, y0)
+    if solver.bind_tolerances and (isinstance(method, str) or solver_options):
         # Newton's convergence test is measured in the solve's own tolerances; solver_options (jac="batched",
         # newton_tol, ...) configure a per-solve copy of the stepper.
         opts = {"rtol": rtol_v, "atol": atol_v}
@@ -323,14 +255,19 @@ def solve(
         raise InputError(f"controller must be a neurodyn.PIDController, got {type(controller).__name__}.")
     if norm is not None and not callable(norm):
         raise InputError("norm must be callable: norm(scaled_error) -> scalar tensor.")
+    if step_callbacks is not None:
+        bad = sorted(set(step_callbacks) - {"step", "accept", "reject"})
+        if bad or not all(callable(c) for c in step_callbacks.values()):
+            raise InputError(f"step_callbacks must map 'step', 'accept', 'reject' to callables cb(t, y, h_abs); got "
+                             f"keys {sorted(step_callbacks)}.")
     if event_fn is not None and not callable(event_fn):
         raise InputError("event_fn must be callable as event_fn(t, y).")
     # Method families with constraints of their own (flags carried by the steppers).
-    if getattr(solver, "symplectic", False) and gradient in ("adjoint", "interpolated") and adjoint_method is None:
+    if solver.symplectic and gradient in ("adjoint", "interpolated") and adjoint_method is None:
         adjoint_method = "rk4"  # the adjoint state is not a (q, p) pair: integrate it with a general method
-    if per_sample_steps and not hasattr(solver, "step_rows"):
+    if per_sample_steps and not solver.rows:
         raise InputError(f"per_sample_steps supports the explicit Runge-Kutta methods, not {method!r}.")
-    if compile and not isinstance(solver, ExplicitRungeKutta):
+    if compile and not solver.compilable:
         compile = False  # only explicit Runge-Kutta steps are compiled; other families run eagerly
     if adjoint_method is not None:
         get_solver(adjoint_method)
@@ -339,8 +276,8 @@ def solve(
             raise InputError(f"{name} must be finite and >= 0, got {v}.")
     if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 2:
         raise InputError(f"checkpoints must be an integer >= 2, got {checkpoints!r}.")
-    step_list = _as_time_list("step_t", step_t, y0.device)
-    jump_list = _as_time_list("jump_t", jump_t, y0.device)
+    step_list = as_time_list("step_t", step_t, y0.device)
+    jump_list = as_time_list("jump_t", jump_t, y0.device)
     if term is not None and term.knots:
         jump_list = sorted(set(jump_list) | set(term.knots))
 
@@ -349,21 +286,16 @@ def solve(
         first_step=first_step, min_step=min_step, max_step=max_step, max_steps=max_steps,
         step_t=step_list, jump_t=jump_list, controller=controller or _default_controller(solver), norm=norm,
         unflatten=(lambda x: x.view(y0.shape)) if norm is not None else None, record=dense,
-        interp=interp, perturb=bool(perturb), event_fn=event_fn,
+        interp=interp, perturb=bool(perturb), event_fn=event_fn, accept_min_step=bool(accept_min_step),
+        step_callbacks=dict(step_callbacks) if step_callbacks else None,
     )
     if not solver.adaptive and step_size is None:
         # Fixed-step method without a step size: step on the output grid (torchdiffeq's behaviour).
-        cfg.step_t = cfg.step_t + t.detach().cpu().tolist()
-    if compile and norm is None:
-        from .compile.loop import compiled_loop, worthwhile
-        from .compile.step import compiled_advance
+        cfg = replace(cfg, step_t=cfg.step_t + t.detach().cpu().tolist())
+    if compile:
+        from .compile import plug_in
 
-        cfg.advance = compiled_advance(solver, func, tuple(y0.shape), y0.dtype, y0.device, rtol_v, atol_v,
-                                       None, cfg.adaptive, real_dtype(y0.dtype))
-        # Whether each solve can run it (no graph, events, dense output, jumps, ...) is decided in integrate().
-        if not per_sample_steps and worthwhile(y0, t.shape[-1]):
-            cfg.loop = compiled_loop(solver, func, tuple(y0.shape), y0.dtype, y0.device, cfg.adaptive, interp,
-                                     cfg.controller, first_step is None)
+        cfg = plug_in(cfg, solver, func, y0, t.shape[-1], per_sample_steps)
     gopts = GradientOptions(params=[], adjoint_method=adjoint_method,
                             adjoint_rtol=None if adjoint_rtol is None else float(adjoint_rtol),
                             adjoint_atol=None if adjoint_atol is None else float(adjoint_atol),
@@ -394,8 +326,7 @@ def _dispatch(func, y0, t, solver, cfg, on_failure, gopts, gradient) -> Solution
 
 def _default_controller(solver: Any) -> PIDController:
     """PI control, or the stepper's own controller where it has one (``bdf`` sizes its steps with its order)."""
-    make = getattr(solver, "default_controller", None)
-    return make() if callable(make) else PIDController()
+    return solver.default_controller() if solver.own_controller else PIDController()
 
 
 def _with_time_gradients(func, y0, t, solver, cfg, on_failure, gopts, gradient) -> Solution:

@@ -56,7 +56,7 @@ try:  # numpy is a dependency of neurodyn, but the trainer does not need it
 except ImportError:  # pragma: no cover
     np = None
 
-__all__ = ["Trainer", "atomic_save", "count_nfe", "seed_everything", "unwrap_model"]
+__all__ = ["CheckpointError", "Trainer", "atomic_save", "count_nfe", "seed_everything", "unwrap_model"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CSV_NAME = "metrics.csv"
@@ -65,6 +65,14 @@ SUMMARY_NAME = "summary.json"
 #: Columns of ``metrics.csv`` (and keys of each ``metrics.jsonl`` row / history entry).
 COLUMNS = ("step", "epoch", "loss", "lr", "nfe_forward", "nfe_backward", "grad_norm", "step_time")
 _FORMAT = 1
+#: Keys every checkpoint written by :meth:`Trainer.save_checkpoint` holds.
+_STATE_KEYS = ("format", "step", "epoch", "batch_in_epoch", "model", "optimizer", "data_rng", "rng", "seed",
+               "batch_size")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: unreadable (truncated, corrupt, not a checkpoint) or written by a run with
+    another seed or batch size. The message names the file and what to do."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,7 +312,9 @@ class Trainer:
     resume : bool or path
         Continue from ``log_dir/checkpoint.pt`` (or the given file) when it exists, restoring everything needed
         for a bitwise-identical continuation; the logs are cut back to the checkpoint's step. Starts fresh when
-        there is no checkpoint. Checkpoints are pickles: resume only from files you trust.
+        there is no checkpoint. A truncated or corrupt checkpoint, or one written with another ``seed`` or
+        global batch size, raises :class:`CheckpointError` naming the file. Checkpoints are pickles: resume only
+        from files you trust.
     shuffle, drop_last : bool
         Data order per epoch (from the trainer's generator) and whether to drop a last incomplete batch.
     collate_fn : callable, optional
@@ -654,10 +664,40 @@ class Trainer:
             "train_time": self._train_time,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (model, optimizer, scheduler, counters, data order, RNG states)."""
-        if state.get("format") != _FORMAT:
-            raise ValueError(f"Trainer: unknown checkpoint format {state.get('format')!r}.")
+    def load_state_dict(self, state: dict[str, Any], *, source: str = "the checkpoint") -> None:
+        """Restore from :meth:`state_dict` (model, optimizer, scheduler, counters, data order, RNG states).
+
+        Raises :class:`CheckpointError` (naming ``source``, e.g. the file) when ``state`` is not a checkpoint
+        of this format, or when it was written with another ``seed`` or global batch size (``batch_size`` times
+        the number of processes) than this trainer's: the continuation would then silently differ from both
+        runs. (Another number of DDP processes with the same global batch is accepted: the checkpoint then
+        restores rank 0's RNG streams on every rank.)
+        """
+        if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
+            missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+            raise CheckpointError(
+                f"Trainer: {source} is not a Trainer checkpoint (missing {', '.join(missing)}); delete it to "
+                f"start fresh, or resume from another file.")
+        if state["format"] != _FORMAT:
+            raise CheckpointError(
+                f"Trainer: {source} has checkpoint format {state['format']!r}, this version reads {_FORMAT}; "
+                f"delete it to start fresh, or resume with the neurodyn version that wrote it.")
+        clashes = []
+        if state["seed"] != self.seed:
+            clashes.append(("seed", f"seed={state['seed']!r} there, {self.seed!r} here"))
+        # the global batch (batch_size per process x processes) decides the steps: a DDP run may resume in one
+        # process with the whole global batch, and the other way round
+        theirs_world = int(state.get("world_size", 1))
+        if state["batch_size"] * theirs_world != self.batch_size * self.world_size:
+            clashes.append(("batch_size", f"batch_size={state['batch_size']!r} x {theirs_world} process(es) there, "
+                                          f"{self.batch_size!r} x {self.world_size} here"))
+        if clashes:
+            names = " and ".join(name for name, _ in clashes)
+            values = "; ".join(text for _, text in clashes)
+            raise CheckpointError(
+                f"Trainer: {source} was written by a run with another {names} ({values}): resuming would not "
+                f"continue that run. Pass the same {names} to resume it, or start fresh (another log_dir, or "
+                f"delete the checkpoint).")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
@@ -689,9 +729,22 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Load a checkpoint written by :meth:`save_checkpoint` (a pickle: only from trusted files)."""
-        state = torch.load(os.fspath(path), map_location=self.device, weights_only=False)
-        self.load_state_dict(state)
+        """Load a checkpoint written by :meth:`save_checkpoint` (a pickle: only from trusted files).
+
+        Raises :class:`CheckpointError` naming ``path`` when the file cannot be read (truncated, corrupt) or
+        does not fit this trainer (see :meth:`load_state_dict`)."""
+        path = os.fspath(path)
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+            first_line = (str(exc).splitlines() or [""])[0]
+            raise CheckpointError(
+                f"Trainer: cannot read the checkpoint {path!r} ({type(exc).__name__}: {first_line}); "
+                f"it is truncated or corrupt (e.g. the disk filled up, or it was copied partially). Delete it to "
+                f"start fresh, or resume from an intact copy.") from exc
+        self.load_state_dict(state, source=f"the checkpoint {path!r}")
 
     # ------------------------------------------------------------------ logs
     def _open_logs(self) -> None:

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.tensors import real_dtype
 from ..errors import InputError, SolveFailure
-from ..solve import real_dtype, validate_state, validate_times
+from ..options import validate_state, validate_times
 
 IGNORED_OPTIONS = ("norm", "grid_points", "eps", "dtype")
 SCIPY_METHODS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")

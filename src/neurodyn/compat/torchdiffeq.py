@@ -6,6 +6,7 @@ here and everything runs through :func:`neurodyn.solve`. Tuple states are flatte
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -13,8 +14,9 @@ import torch
 from torch import Tensor
 
 from ..core.control import PIDController
+from ..core.tensors import real_dtype
 from ..errors import InputError
-from ..solve import real_dtype, solve
+from ..solve import solve
 from ..solvers import available_methods
 
 ADAPTIVE_OPTIONS = ("first_step", "min_step", "max_step", "max_num_steps", "step_t", "grid_points", "jump_t",
@@ -23,6 +25,11 @@ FIXED_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb", "norm", "
                  "max_num_steps")
 
 _FIXED_INTERP = {"linear": "linear", "cubic": "hermite"}
+# torchdiffeq's solver classes, named in its warnings.
+_TD_SOLVER_NAMES = {"dopri5": "Dopri5Solver", "dopri8": "Dopri8Solver", "bosh3": "Bosh3Solver",
+                    "adaptive_heun": "AdaptiveHeunSolver", "fehlberg2": "Fehlberg2"}
+CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
+ADJOINT_CALLBACK_NAMES = tuple(name + "_adjoint" for name in CALLBACK_NAMES)
 # Options of particular methods (torchdiffeq's names), passed to a configured stepper.
 METHOD_OPTIONS = {"explicit_adams": ("max_order",), "implicit_adams": ("max_order", "max_iters"),
                   "adams": ("max_order",)}
@@ -82,6 +89,12 @@ def _translate(method: str | None, options: dict | None, func, y0: Tensor, t: Te
         raise InputError(f"unknown option(s) {unknown} for method {method!r}; valid options: {', '.join(valid)}.")
     kw: dict[str, Any] = {}
     o = dict(options)
+    if adaptive and "step_size" in o:
+        # torchdiffeq's adaptive solvers take no step_size: they warn about the unexpected argument and stay adaptive.
+        warnings.warn(f"{_TD_SOLVER_NAMES.get(method, method)}: Unexpected arguments "
+                      f"{ {'step_size': o.pop('step_size')} }", UserWarning, stacklevel=4)
+    if adaptive and o.get("min_step") is not None:
+        kw["accept_min_step"] = True  # torchdiffeq takes steps of min_step whatever their error
     stepper_opts = {k: o.pop(k) for k in METHOD_OPTIONS.get(method, ()) if k in o}
     if "dtype" in o:
         if not isinstance(o.pop("dtype"), torch.dtype):
@@ -129,8 +142,41 @@ def _translate(method: str | None, options: dict | None, func, y0: Tensor, t: Te
     return method, kw
 
 
+def _callback_hooks(owner: Any, method: Any, tuple_state: _TupleState | None, shape: torch.Size,
+                    t_dtype: torch.dtype, device: torch.device) -> dict | None:
+    """``solve``'s step_callbacks calling torchdiffeq's ``callback_step``/``_accept_step``/``_reject_step`` on
+    ``owner`` (the vector field) as ``cb(t0, y0, dt)``: tensors, ``y0`` in the user's shape (a tuple for tuple
+    states), ``dt > 0``. As torchdiffeq: adaptive methods call all three, fixed-grid methods only ``callback_step``,
+    ``scipy_solver`` none, and a callback a method does not call is warned about."""
+    found = {name: getattr(owner, name) for name in CALLBACK_NAMES if callable(getattr(owner, name, None))}
+    if not found:
+        return None
+    from ..solvers import get_solver
+
+    if method == "scipy_solver":
+        valid: set[str] = set()
+    elif get_solver(method or "dopri5").adaptive:
+        valid = set(CALLBACK_NAMES)
+    else:
+        valid = {"callback_step"}
+    invalid = set(found) - valid
+    if invalid:
+        warnings.warn(f"Solver '{method or 'dopri5'}' does not support callbacks {invalid}", stacklevel=4)
+
+    def wrap(cb):
+        def hook(t: float, y: Tensor, h: float) -> None:
+            tt = torch.scalar_tensor(t, dtype=t_dtype, device=device)
+            dt = torch.scalar_tensor(h, dtype=t_dtype, device=device)
+            cb(tt, tuple_state.split(y.reshape(-1)) if tuple_state is not None else y.view(shape), dt)
+        return hook
+
+    keys = {"callback_step": "step", "callback_accept_step": "accept", "callback_reject_step": "reject"}
+    return {keys[name]: wrap(cb) for name, cb in found.items() if name in valid} or None
+
+
 def _prepare(func, y0, t, rtol, atol, method, options, event_fn):
     """Common translation for odeint: tuple flattening, dtype of t, options."""
+    owner = func
     tuple_state = None
     if isinstance(y0, (tuple, list)):
         if len(y0) == 0 or not all(isinstance(y, Tensor) for y in y0):
@@ -155,8 +201,11 @@ def _prepare(func, y0, t, rtol, atol, method, options, event_fn):
         raise InputError(f"y0 must be a tensor or a tuple of tensors, got {type(y0).__name__}.")
     if t.is_floating_point() and (y0.is_floating_point() or y0.is_complex()):
         t = t.to(real_dtype(y0.dtype))  # torchdiffeq computes times in its own dtype
+    hooks = _callback_hooks(owner, method, tuple_state, y0.shape, real_dtype(y0.dtype), y0.device)
     method, kw = _translate(method, options, func, y0, t, rtol, atol)
-    if tuple_state is not None:
+    if hooks is not None and method != "scipy_solver":
+        kw["step_callbacks"] = hooks
+    if tuple_state is not None and method != "scipy_solver":
         user_norm = kw.pop("norm", None)
         ts = tuple_state
 
@@ -191,8 +240,9 @@ def odeint(func: Callable, y0: Tensor | tuple[Tensor, ...], t: Tensor, *, rtol: 
         torchdiffeq's options: ``step_size``, ``first_step``, ``max_num_steps``, ``min_step``,
         ``max_step``, ``step_t``/``grid_points``, ``jump_t``, ``perturb``, ``norm``, ``dtype``,
         ``safety``, ``ifactor``, ``dfactor`` (adaptive); ``step_size``, ``grid_constructor``,
-        ``interp`` (``"linear"``/``"cubic"``), ``perturb`` (fixed grid). ``method="scipy_solver"`` (forward
-        only: raises if ``y0`` or ``t`` requires grad) takes ``solver`` (any ``solve_ivp`` method, ``"LSODA"`` by
+        ``interp`` (``"linear"``/``"cubic"``), ``perturb`` (fixed grid). ``method="scipy_solver"`` (as torchdiffeq:
+        ``y0`` and ``t`` go to scipy detached and the result carries no gradient; ``odeint_adjoint`` gives one)
+        takes ``solver`` (any ``solve_ivp`` method, ``"LSODA"`` by
         default) and further ``solve_ivp`` keywords.
     event_fn : callable ``(t, y) -> Tensor``, optional
         Integrate from ``t[0]`` until ``event_fn`` crosses zero; returns ``(event_t, solution)`` with
@@ -211,12 +261,17 @@ def odeint(func: Callable, y0: Tensor | tuple[Tensor, ...], t: Tensor, *, rtol: 
     """
     func, y0, t, rtol, atol, method, kw, ts, event_fn = _prepare(func, y0, t, rtol, atol, method, options,
                                                                  event_fn)
+    if event_fn is None and _single_time(t):
+        # torchdiffeq: one time is the initial time, the solution is y0 (a copy; scipy_solver's carries no gradient)
+        ys = torch.stack([y0.detach() if method == "scipy_solver" else y0])
+        return ts.split(ys, (1,)) if ts is not None else ys
     if method == "scipy_solver":
         if event_fn is not None:
             raise InputError("event_fn is not supported with method='scipy_solver'; use a torch method.")
         from .scipy_solver import scipy_odeint
 
-        ys = scipy_odeint(func, y0, t, rtol=rtol, atol=atol, options=kw)
+        # As torchdiffeq's wrapper: the values go to scipy detached, and the result carries no gradient.
+        ys = scipy_odeint(func, y0.detach(), t.detach(), rtol=rtol, atol=atol, options=kw)
         return ts.split(ys, (ys.shape[0],)) if ts is not None else ys
     if event_fn is None:
         sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, **kw)
@@ -239,16 +294,49 @@ def odeint(func: Callable, y0: Tensor | tuple[Tensor, ...], t: Tensor, *, rtol: 
 _FAR = 1e30  # "until the event": a final time no step reaches
 
 
+def _single_time(t: Tensor) -> bool:
+    """``t`` holds only the initial time (legal in torchdiffeq: the output is ``y0[None]``)."""
+    if t.dim() == 1 and t.numel() == 1:
+        if not t.is_floating_point():
+            raise InputError(f"t must be a floating-point tensor, got dtype {t.dtype}.")
+        return True
+    return False
+
+
 def odeint_adjoint(func: Callable, y0: Tensor | tuple[Tensor, ...], t: Tensor, *, rtol: float | Tensor = 1e-7,
                    atol: float | Tensor = 1e-9, method: str | None = None, options: dict | None = None,
                    event_fn: Callable | None = None, adjoint_rtol: float | None = None,
                    adjoint_atol: float | None = None, adjoint_method: str | None = None,
                    adjoint_options: dict | None = None, adjoint_params=None):
-    """torchdiffeq's ``odeint_adjoint``: gradients by the continuous adjoint (``gradient="adjoint"``).
+    """torchdiffeq's ``odeint_adjoint``: gradients by the continuous adjoint.
 
     As in torchdiffeq, ``func`` must be an ``nn.Module`` unless ``adjoint_params`` lists the tensors
-    to differentiate. ``adjoint_options`` accepts ``norm="seminorm"`` (neurodyn's default; pass
-    ``norm="default"`` for the full norm over the parameter channels too).
+    to differentiate (parameters not requiring grad are left out). The backward solve uses ``adjoint_rtol``,
+    ``adjoint_atol``, ``adjoint_method`` (default: the forward ones) and ``adjoint_options`` (default: ``options``
+    without ``norm``). Its error norm, as torchdiffeq's: by default the full norm
+    ``max(|a_t|, norm(y), norm(a_y), max_p rms(a_p))`` over every channel; ``adjoint_options=dict(norm="seminorm")``
+    leaves the parameter channels out (fewer backward steps); a callable ``norm`` receives the backward state as
+    the tuple ``(a_t, y, a_y, *a_params)`` (``(a_t, *y, *a_y, *a_params)`` for tuple states).
+
+    The default and ``"seminorm"`` norms run :func:`neurodyn.solve`'s ``gradient="adjoint"`` (``seminorm=False`` /
+    ``True``). A callable norm, other ``adjoint_options``, ``method``/``adjoint_method="scipy_solver"`` (the
+    forward and backward solves run in scipy; nothing is differentiated through it) and the vector field's
+    ``callback_step_adjoint``/``callback_accept_step_adjoint``/``callback_reject_step_adjoint`` run torchdiffeq's
+    algorithm here instead: the augmented state ``(a_t, y, a_y, *a_params)`` is integrated backward between output
+    times with :func:`odeint` itself, so every option and callback applies to it as to any solve.
+
+    Parameters
+    ----------
+    func, y0, t, rtol, atol, method, options :
+        As :func:`odeint` (``t`` may require grad).
+    adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options :
+        The backward solve's settings (see above).
+    adjoint_params : iterable of Tensor, optional
+        The tensors to differentiate (default: ``func.parameters()``).
+
+    Returns
+    -------
+    Tensor of shape ``(T, *y0.shape)`` (a tuple for tuple states).
 
     Examples
     --------
@@ -260,32 +348,213 @@ def odeint_adjoint(func: Callable, y0: Tensor | tuple[Tensor, ...], t: Tensor, *
     """
     if event_fn is not None:
         raise InputError("odeint_adjoint with event_fn is not supported; use odeint (direct gradients) for events.")
-    if method == "scipy_solver":
-        raise InputError("method='scipy_solver' is forward only (no gradients through scipy); use odeint, or a "
-                         "torch method with odeint_adjoint.")
     if adjoint_params is None:
         if not isinstance(func, torch.nn.Module):
             raise InputError("func must be an nn.Module to find the adjoint parameters; alternatively pass them "
-                             "with adjoint_params=...")
+                             "with adjoint_params=... (adjoint_params=() if there are none).")
         adjoint_params = tuple(func.parameters())
-    params = [p for p in adjoint_params]
-    seminorm = True
+    params = [p for p in adjoint_params if p.requires_grad]
     a_opts = dict(adjoint_options or {})
-    if "norm" in a_opts:
-        nv = a_opts.pop("norm")
-        if nv == "seminorm":
-            seminorm = True
-        elif nv in (None, "default"):
-            seminorm = False
-        else:
-            raise InputError(f"adjoint_options norm must be 'seminorm' or 'default', got {nv!r}.")
-    if a_opts:
-        raise InputError(f"unknown adjoint_options {sorted(a_opts)}; valid: norm.")
+    a_norm = a_opts.get("norm", "default")
+    if isinstance(a_norm, str) and a_norm not in ("seminorm", "default"):
+        raise InputError(f"adjoint_options norm must be 'seminorm', 'default' or a callable, got {a_norm!r}.")
+    in_layer = ("scipy_solver" in (method, adjoint_method) or callable(a_norm) or bool(set(a_opts) - {"norm"})
+                or any(callable(getattr(func, name, None)) for name in ADJOINT_CALLBACK_NAMES))
+    if in_layer:
+        return _adjoint_in_layer(func, y0, t, rtol, atol, method, options, adjoint_rtol, adjoint_atol,
+                                 adjoint_method, adjoint_options, params)
     func, y0, t, rtol, atol, method, kw, ts, _ = _prepare(func, y0, t, rtol, atol, method, options, None)
+    if _single_time(t):
+        ys = torch.stack([y0])
+        return ts.split(ys, (1,)) if ts is not None else ys
     sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, gradient="adjoint", params=params,
                 adjoint_method=adjoint_method, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
-                seminorm=seminorm, **kw)
+                seminorm=a_norm == "seminorm", **kw)
     return ts.split(sol.ys, (sol.ys.shape[0],)) if ts is not None else sol.ys
+
+
+class _Augmented:
+    """The backward vector field of :func:`_adjoint_in_layer` on the tuple ``(a_t, *y, *a_y, *a_params)``.
+
+    Carries the user's ``*_adjoint`` callbacks under the plain names, so :func:`odeint` calls them for the
+    backward solve (torchdiffeq's convention)."""
+
+    def __init__(self, func: Callable, k: int, tuple_state: bool, params: list[Tensor], t_grad: bool):
+        self.func, self.k, self.tuple_state, self.params, self.t_grad = func, k, tuple_state, params, t_grad
+        for name, adj_name in zip(CALLBACK_NAMES, ADJOINT_CALLBACK_NAMES):
+            cb = getattr(func, adj_name, None)
+            if callable(cb):
+                setattr(self, name, cb)
+
+    def __call__(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        k = self.k
+        ys, adj = state[1:1 + k], state[1 + k:1 + 2 * k]
+        with torch.enable_grad():
+            tt = t.detach().requires_grad_(self.t_grad)
+            yv = tuple(y.detach().requires_grad_(True) for y in ys)
+            out = self.func(tt, yv if self.tuple_state else yv[0])
+            fs = tuple(out) if self.tuple_state else (out,)
+            inputs = ((tt,) if self.t_grad else ()) + yv + tuple(self.params)
+            live = [(f, -a) for f, a in zip(fs, adj) if f.requires_grad]
+            if live:
+                grads = torch.autograd.grad([f for f, _ in live], inputs, [a for _, a in live], allow_unused=True)
+            else:  # a field of t alone
+                grads = (None,) * len(inputs)
+        if self.t_grad:
+            vjp_t, grads = grads[0], grads[1:]
+        else:
+            vjp_t = None
+        vjp_t = torch.zeros_like(state[0]) if vjp_t is None else vjp_t.to(state[0].dtype).reshape(())
+        vjps = tuple(torch.zeros_like(ref) if g is None else g for g, ref in zip(grads, (*ys, *self.params)))
+        return (vjp_t, *(f.detach() for f in fs), *vjps)
+
+
+class _InLayerAdjoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec: dict, t: Tensor, *tensors: Tensor):
+        k = spec["k"]
+        y0 = tensors[:k] if spec["tuple"] else tensors[0]
+        with torch.no_grad():
+            ys = odeint(spec["func"], y0, t, rtol=spec["rtol"], atol=spec["atol"], method=spec["method"],
+                        options=spec["options"])
+        ys = tuple(ys) if spec["tuple"] else (ys,)
+        ctx.spec = spec
+        ctx.save_for_backward(t, *ys, *tensors[k:])
+        return ys
+
+    @staticmethod
+    def backward(ctx, *grad_ys: Tensor):
+        spec = ctx.spec
+        k = spec["k"]
+        t, *saved = ctx.saved_tensors
+        ys, params = saved[:k], saved[k:]
+        t_grad = ctx.needs_input_grad[1]
+        aug = _Augmented(spec["func"], k, spec["tuple"], list(params), t_grad)
+        with torch.no_grad():
+            grad_ys = [torch.zeros_like(y) if g is None else g for g, y in zip(grad_ys, ys)]
+            state = [ys[0].new_zeros(()), *(y[-1] for y in ys), *(g[-1] for g in grad_ys),
+                     *(torch.zeros_like(p) for p in params)]
+            time_vjps = torch.zeros_like(t) if t_grad else None
+            for i in range(t.shape[0] - 1, 0, -1):
+                if t_grad:  # moving the output time t_i moves y_i along f
+                    f_i = spec["func"](t[i], tuple(y[i] for y in ys) if spec["tuple"] else ys[0][i])
+                    f_i = tuple(f_i) if spec["tuple"] else (f_i,)
+                    d = sum((f.reshape(-1) * g[i].reshape(-1)).sum() for f, g in zip(f_i, grad_ys))
+                    state[0] = state[0] - d
+                    time_vjps[i] = d
+                out = odeint(aug, tuple(state), t[i - 1:i + 1].flip(0), rtol=spec["adjoint_rtol"],
+                             atol=spec["adjoint_atol"], method=spec["adjoint_method"],
+                             options=spec["adjoint_options"])
+                state = [o[1] for o in out]
+                for j in range(k):
+                    state[1 + j] = ys[j][i - 1]
+                    state[1 + k + j] = state[1 + k + j] + grad_ys[j][i - 1]
+            if t_grad:
+                time_vjps[0] = state[0]
+        return (None, time_vjps, *state[1 + k:1 + 2 * k], *state[1 + 2 * k:])
+
+
+def _adjoint_in_layer(func, y0, t, rtol, atol, method, options, adjoint_rtol, adjoint_atol, adjoint_method,
+                      adjoint_options, params):
+    """torchdiffeq's adjoint algorithm, with :func:`odeint` for the forward and every backward interval."""
+    is_tuple = isinstance(y0, (tuple, list))
+    parts = tuple(y0) if is_tuple else (y0,)
+    if not parts or not all(isinstance(p, Tensor) for p in parts):
+        raise InputError("y0 must be a tensor or a non-empty tuple of tensors.")
+    if not isinstance(t, Tensor):
+        raise InputError(f"t must be a 1-d tensor of times, got {type(t).__name__}.")
+    if method is None:
+        method = "dopri5"
+    if adjoint_method is None:
+        adjoint_method = method
+    if adjoint_method != method and options is not None and adjoint_options is None:
+        raise InputError("adjoint_method differs from method, so the backward solve cannot reuse options: pass "
+                         "adjoint_options too (as torchdiffeq requires).")
+    if adjoint_options is None:
+        adjoint_options = {key: v for key, v in (options or {}).items() if key != "norm"}
+    else:
+        adjoint_options = dict(adjoint_options)
+    k = len(parts)
+    state_norm = (options or {}).get("norm")
+
+    def y_norm(ys: tuple[Tensor, ...]) -> Tensor:
+        if state_norm is not None:
+            return torch.as_tensor(state_norm(ys if is_tuple else ys[0]))
+        return _mixed_norm(ys)
+
+    user = adjoint_options.get("norm", "default")
+    if callable(user):
+        def adjoint_norm(s, _u=user):
+            return _u(s)
+    else:
+        def adjoint_norm(s, _semi=user == "seminorm"):
+            vals = [s[0].abs().reshape(()), y_norm(s[1:1 + k]), y_norm(s[1 + k:1 + 2 * k])]
+            if not _semi and len(s) > 1 + 2 * k:
+                vals.append(_mixed_norm(s[1 + 2 * k:]))
+            return torch.stack([torch.as_tensor(v, dtype=s[0].dtype) for v in vals]).max()
+    adjoint_options["norm"] = adjoint_norm
+    spec = dict(func=func, k=k, tuple=is_tuple, rtol=rtol, atol=atol, method=method, options=options,
+                adjoint_rtol=rtol if adjoint_rtol is None else adjoint_rtol,
+                adjoint_atol=atol if adjoint_atol is None else adjoint_atol,
+                adjoint_method=adjoint_method, adjoint_options=adjoint_options)
+    ys = _InLayerAdjoint.apply(spec, t, *parts, *params)
+    return tuple(ys) if is_tuple else ys[0]
+
+
+def odeint_dense(func: Callable, y0: Tensor, t0: Tensor, t1: Tensor, *, rtol: float | Tensor = 1e-7,
+                 atol: float | Tensor = 1e-9, method: str | None = None,
+                 options: dict | None = None) -> Callable[[Tensor], Tensor]:
+    """torchdiffeq's ``odeint_dense``: solve from ``t0`` to ``t1`` and return the dense solution as a function.
+
+    Parameters
+    ----------
+    func : callable ``(t, y) -> dy/dt``
+    y0 : Tensor
+        Initial state at ``t0`` (a tensor: tuple states are not supported, as in torchdiffeq).
+    t0, t1 : Tensor (0-dim)
+        Initial and final time (``t1 > t0``).
+    rtol, atol, options :
+        As :func:`odeint`.
+    method : str, optional
+        ``"dopri5"`` (the default; torchdiffeq accepts only it) or any adaptive method of :func:`odeint`.
+
+    Returns
+    -------
+    callable ``dense(t_eval) -> Tensor``
+        ``t_eval`` a tensor of times in ``[t0, t1]`` of any shape (``t1`` included); the result has shape
+        ``(*t_eval.shape, *y0.shape)``: each method's continuous extension (dopri5's 4th-order one, as
+        torchdiffeq's). Differentiable with respect to ``y0`` and ``func``'s parameters.
+
+    Examples
+    --------
+    >>> import torch, neurodyn
+    >>> dense = neurodyn.odeint_dense(lambda t, y: -y, torch.ones(2, dtype=torch.float64),
+    ...                               torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    >>> bool(torch.allclose(dense(torch.tensor(0.5, dtype=torch.float64)), torch.exp(torch.tensor(-0.5)).double()))
+    True
+    """
+    if not isinstance(y0, Tensor):
+        raise InputError("odeint_dense: y0 must be a tensor (tuple states are not supported, as in torchdiffeq).")
+    if not isinstance(t0, Tensor) or not isinstance(t1, Tensor):
+        raise InputError("odeint_dense: t0 and t1 must be tensors (e.g. torch.tensor(0.0)).")
+    t = torch.stack([t0.reshape(()), t1.reshape(()).to(t0)])
+    if not float(t[1]) > float(t[0]):
+        raise InputError(f"odeint_dense integrates forward: t1 must be > t0, got t0={float(t0)}, t1={float(t1)}.")
+    func, y0, t, rtol, atol, method, kw, _, _ = _prepare(func, y0, t, rtol, atol, method, options, None)
+    if method == "scipy_solver" or (isinstance(method, str) and not _adaptive(method)):
+        raise InputError(f"odeint_dense needs an adaptive torch method (dopri5 as torchdiffeq), got {method!r}.")
+    sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, dense=True, **kw)
+
+    def dense_output_fn(t_eval: Tensor) -> Tensor:
+        return sol.evaluate(torch.as_tensor(t_eval).to(t.dtype))
+
+    return dense_output_fn
+
+
+def _adaptive(method: str) -> bool:
+    from ..solvers import get_solver
+
+    return get_solver(method).adaptive
 
 
 def odeint_event(func: Callable, y0: Tensor | tuple[Tensor, ...], t0: Tensor, *, event_fn: Callable,
@@ -313,4 +582,4 @@ def odeint_event(func: Callable, y0: Tensor | tuple[Tensor, ...], t0: Tensor, *,
     return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
 
 
-__all__ = ["odeint", "odeint_adjoint", "odeint_event"]
+__all__ = ["odeint", "odeint_adjoint", "odeint_dense", "odeint_event"]

@@ -1,13 +1,13 @@
 """The whole integrate loop compiled into one graph (``solve(..., compile=True)`` where torch can).
 
-The per-step compiled path (:mod:`neurodyn.compiled`) still returns to Python once per step: the loop
+The per-step compiled path (:mod:`neurodyn.compile.step`) still returns to Python once per step: the loop
 reads the error ratio, chooses the next step, writes outputs. For a small problem that Python round trip
 costs as much as the step itself. Here the loop itself -- step, error norm, accept/reject, PI control,
 landing on the stops, dense output at the output times, the failure statuses -- runs inside
 ``torch._higher_order_ops.while_loop``, compiled once by ``torch.compile`` into one kernel program; the
 host reads the counters and the status once, after the solve.
 
-It is the same algorithm as :func:`neurodyn.integrate.integrate` (same step-size sequence, same
+It is the same algorithm as :func:`neurodyn.core.loop.integrate` (same step-size sequence, same
 outputs, to rounding: stage sums are fused in another order) for the cases it covers:
 
 * explicit Runge--Kutta methods that are FSAL or fixed-step, with no extra dense-output stages
@@ -31,9 +31,10 @@ import torch
 from torch import Tensor
 
 from .. import solution as _sol
-from ..core.control import PIDController
+from ..core import interpolation
+from ..core.control import LANDING_SLACK, PIDController
 from ..solvers.explicit_rk import ExplicitRungeKutta
-from .step import _own_code, nonzero, stage_sum
+from .step import nonzero, own_code, stage_sum
 
 try:  # Dynamo's compiled entries of a code object (to notice recompilations); private, so optional
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
@@ -88,7 +89,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
     a_rows = [nonzero(row) for row in tb.a]
     b_row = nonzero(tb.b)
     e_row = nonzero(tb.b_err) if adaptive else []
-    last_is_y1 = solver._last_stage_is_y1
+    last_is_y1 = solver.last_stage_is_y1
     fsal = solver.fsal
     own_dense = interp == "auto" and tb.dense is not None
     hermite = interp == "hermite" or (interp == "auto" and tb.dense is None)
@@ -96,8 +97,6 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
     order = solver.order
     # The controller's exponents and limits, as the eager loop's controller state computes them.
     pid = controller.start(solver.controller_order if adaptive else 0)
-    safety, ifactor, dfactor = pid.safety, pid.ifactor, pid.dfactor
-    b1, b2, b3, inv_k = pid.b1, pid.b2, pid.b3, pid.inv_k
     user_shape = tuple(shape)
 
     def f(t64: Tensor, y: Tensor, t_dtype: torch.dtype, state: dict | None) -> Tensor:
@@ -177,7 +176,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
             t, h_abs, prev, prev2, last_h = sv[0], sv[1], sv[2], sv[3], sv[4]
             out_i, stop_i, steps, rejected, attempts, status = iv[0], iv[1], iv[2], iv[3], iv[4], iv[5]
             next_stop = stops.index_select(0, stop_i.view(1)).view(())
-            landing = (next_stop - t) * direction <= h_abs * (1.0 + 1e-7)
+            landing = (next_stop - t) * direction <= h_abs * LANDING_SLACK
             h = torch.where(landing, next_stop - t, direction * h_abs)
             t1 = torch.where(landing, next_stop, t + h)
             hy = h.to(y.dtype)
@@ -211,28 +210,13 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
                 w = [sum(p[m] * powers[m] for m in range(len(p)) if p[m] != 0.0) for p in dense_p]
                 val = y + hy * _combo_cols(w, ks, y.dtype)
             elif hermite:
-                th = theta.to(y.dtype)
-                th2 = th * th
-                th3 = th2 * th
-                val = ((2 * th3 - 3 * th2 + 1) * y + (3 * th2 - 2 * th3) * y1
-                       + ((th3 - 2 * th2 + th) * hy) * k1 + ((th3 - th2) * hy) * f_end)
-            else:  # linear
-                val = y + theta.to(y.dtype) * (y1 - y)
+                val = interpolation.hermite(theta.to(y.dtype), y, y1, k1, f_end, hy)
+            else:
+                val = interpolation.linear(theta.to(y.dtype), y, y1)
             val = torch.where((tz == t1).view(-1, 1), y1, val)
             finished = accept & landing & (stop_i == n_stops - 1)
             if adaptive:
-                r = ratio.clamp_min(1e-10)
-                fac = safety * r ** (-b1)
-                if b2:
-                    fac = fac * prev ** b2
-                if b3:
-                    fac = fac * prev2 ** (-b3)
-                grow = habs_now * fac.clamp(dfactor, ifactor)
-                shrink = habs_now * (safety * r ** (-inv_k)).clamp(dfactor, 1.0)
-                new_h = torch.where(finite, torch.where(accept, grow, shrink), habs_now * dfactor)
-                upd = accept & finite
-                prev2 = torch.where(upd, prev, prev2)
-                prev = torch.where(upd, r, prev)
+                new_h, prev, prev2 = pid.propose_tensor(habs_now, ratio, accept, prev, prev2)
                 new_h = torch.where(new_h < min_step,
                                     torch.where((habs_now > min_step) & ~accept, min_step, -one), new_h)
                 h_new = torch.minimum(new_h, max_step)
@@ -261,7 +245,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         return z[2:], z[0:1], counters
 
     options = _CPU_OPTIONS if device.type == "cpu" else None
-    own = _own_code(run)
+    own = own_code(run)
     compiled = torch.compile(own, options=options, fullgraph=True)
     compiled.code = own.__code__  # to count Dynamo's compiled entries (recompilations)
     return compiled
@@ -343,7 +327,7 @@ def _tolerances(cache: dict, rtol: float | Tensor, atol: float | Tensor, y0: Ten
 
 
 class LoopOutcome:
-    """What a compiled loop returns to :func:`neurodyn.integrate.integrate` (internal)."""
+    """What a compiled loop returns to :func:`neurodyn.core.loop.integrate` (internal)."""
 
     __slots__ = ("ys", "y_final", "t_final", "next_step", "last_step", "last_try", "initial_step", "steps",
                  "rejected", "attempts", "n_valid", "status")

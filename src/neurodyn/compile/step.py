@@ -72,7 +72,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], d
     b_row = nonzero(tb.b)
     e_rows = [] if tb.b_err is None else [nonzero(r) for r in
                                           [tb.b_err] + ([tb.b_err_low] if tb.b_err_low is not None else [])]
-    last_is_y1 = solver._last_stage_is_y1
+    last_is_y1 = solver.last_stage_is_y1
     n_shape = tuple(shape)
     combo = stage_sum
 
@@ -101,13 +101,13 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], d
     # On the CPU the compiled graph's wrapper (which launches its kernels and library calls) is generated
     # as C++ rather than Python: a small problem's step costs ~40% less per call this way.
     options = {"cpp_wrapper": True} if device.type == "cpu" else None
-    return torch.compile(_own_code(step), options=options)
+    return torch.compile(own_code(step), options=options)
 
 
 _BUILDS = [0]
 
 
-def _own_code(fn: Callable) -> Callable:
+def own_code(fn: Callable) -> Callable:
     """``fn`` with a code object of its own. Dynamo keeps its compiled entries per code object: steps built
     from the same source for different methods or fields would share one list of entries, and every call
     would first check (and fail) the guards of the others."""

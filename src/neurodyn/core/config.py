@@ -12,9 +12,10 @@ from torch import Tensor
 from .control import PIDController
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoopConfig:
-    """Validated settings of one integration (internal)."""
+    """Validated settings of one integration (internal). Immutable: a gradient method that needs other settings
+    (a per-step hook, recorded steps, a backward solve) makes its own copy with ``dataclasses.replace``."""
 
     rtol: float | Tensor
     atol: float | Tensor
@@ -41,3 +42,9 @@ class LoopConfig:
     advance: Callable[..., Any] | None = None
     # The whole loop compiled (compile=True; compiled_loop.compiled_loop), used where it applies.
     loop: Callable[..., Any] | None = None
+    # torchdiffeq's min_step: steps are never proposed below min_step, and a step of at most min_step is accepted
+    # whatever its (finite) error. False: a step that must shrink below min_step is a StepSizeUnderflow.
+    accept_min_step: bool = False
+    # Per-attempt hooks {"step": cb, "accept": cb, "reject": cb}, each called as cb(t, y, |h|) with the step's
+    # start time, start state (1, n) and size: "step" before every attempt, then "accept" or "reject".
+    step_callbacks: dict[str, Callable[[float, Tensor, float], None]] | None = None

@@ -64,14 +64,23 @@ class PIDController:
         if not 0 < self.dfactor <= 1:
             raise InputError(f"PIDController: dfactor must be in (0, 1], got {self.dfactor}.")
 
-    def start(self, error_order: int) -> _ControllerState:
-        return _ControllerState(self, error_order + 1)
+    def start(self, error_order: int) -> ControllerState:
+        """The per-solve state for a method whose error estimate has order ``error_order``."""
+        return ControllerState(self, error_order + 1)
 
 
-class _ControllerState:
-    """Per-solve memory of a controller (previous error ratios)."""
+# The landing rule: a step lands on the next stop when the distance to it is within this factor of the step
+# (no sliver steps from accumulated rounding). Every loop (eager, per-sample rows, compiled) uses it.
+LANDING_SLACK = 1.0 + 1e-7
 
-    __slots__ = ("b1", "b2", "b3", "safety", "ifactor", "dfactor", "prev", "prev2", "inv_k")
+
+class ControllerState:
+    """Per-solve memory of a controller (previous error ratios) and its proposal formula, in two forms side by
+    side: :meth:`propose` on Python floats (the eager loop: one step, host-side) and :meth:`propose_tensor` on
+    tensors (per-sample rows and the compiled loop: one value per row, no host read). tests/test_adaptive.py
+    holds them equal."""
+
+    __slots__ = ("b1", "b2", "b3", "safety", "ifactor", "dfactor", "prev", "prev2", "inv_k", "plain_i")
 
     def __init__(self, c: PIDController, k: int):
         self.b1 = (c.pcoeff + c.icoeff + c.dcoeff) / k
@@ -81,6 +90,8 @@ class _ControllerState:
         self.safety, self.ifactor, self.dfactor = c.safety, c.ifactor, c.dfactor
         self.prev = 1.0
         self.prev2 = 1.0
+        # I control: accepted and rejected steps share one exponent and no memory is needed.
+        self.plain_i = self.b2 == 0 and self.b3 == 0 and self.b1 == self.inv_k
 
     def propose(self, h_abs: float, ratio: float, accepted: bool) -> float:
         """The next step size magnitude after a step of size ``h_abs`` with error ratio ``ratio``."""
@@ -98,6 +109,25 @@ class _ControllerState:
         # Rejected: plain I control, never grow.
         factor = self.safety * r ** (-self.inv_k)
         return h_abs * min(1.0, max(self.dfactor, factor))
+
+    def propose_tensor(self, h_abs: Tensor, ratio: Tensor, accept: Tensor, prev: Tensor, prev2: Tensor
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`propose` elementwise: ``h_abs``, ``ratio``, ``accept`` and the previous accepted ratios ``prev``,
+        ``prev2`` (all of one shape, e.g. ``(B,)``) -> ``(h_new, prev, prev2)``. NaN/inf ratios shrink by ``dfactor``.
+        """
+        r = ratio.clamp_min(1e-10)  # NaN stays NaN
+        fac = r.pow(-self.b1)
+        if not self.plain_i:
+            if self.b2:
+                fac = fac * prev.pow(self.b2)
+            if self.b3:
+                fac = fac * prev2.pow(-self.b3)
+                prev2 = torch.where(accept, prev, prev2)
+            prev = torch.where(accept, r, prev)
+            fac = torch.where(accept, fac, r.pow(-self.inv_k))
+        # A rejected step has r > 1, so its factor is below safety <= 1: the ifactor cap only bites accepted ones.
+        fac = torch.nan_to_num(fac * self.safety, nan=self.dfactor).clamp_(self.dfactor, self.ifactor)
+        return h_abs * fac, prev, prev2
 
 
 class StepperController(PIDController):
@@ -121,12 +151,12 @@ class StepperController(PIDController):
         super().__init__(**pid)
         self.stepper = stepper
 
-    def start(self, error_order: int) -> _ControllerState:
+    def start(self, error_order: int) -> ControllerState:
         self.stepper.begin_control()
         return _StepperControlState(self, error_order + 1)
 
 
-class _StepperControlState(_ControllerState):
+class _StepperControlState(ControllerState):
     __slots__ = ("stepper",)
 
     def __init__(self, c: StepperController, k: int):

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import solution as _sol
 from .config import LoopConfig
-from .control import initial_step, make_error_ratio
+from .control import LANDING_SLACK, initial_step, make_error_ratio
 from .events import locate_event
 from .output import LoopResult, step_outputs
 from .stepper import Step, Stepper, nextafter
@@ -76,6 +76,11 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                                  cfg.rtol, cfg.atol, plain_norm, cfg.max_step)
         first_h = h_abs
     h_abs = min(h_abs, cfg.max_step)
+    accept_min = cfg.accept_min_step and not fixed
+    if accept_min:
+        h_abs = max(h_abs, cfg.min_step)
+    cbs = cfg.step_callbacks or {}
+    cb_step, cb_accept, cb_reject = cbs.get("step"), cbs.get("accept"), cbs.get("reject")
 
     outs: list[Tensor] = [y0]
     out_i = 1
@@ -120,10 +125,12 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                 k1 = term(k1_time, y)
             remaining = (next_stop - t) * direction
             # Land on the stop when within a hair of it (no sliver steps from accumulated rounding).
-            landing = remaining <= h_abs * (1.0 + 1e-7)
+            landing = remaining <= h_abs * LANDING_SLACK
             h = (next_stop - t) if landing else direction * h_abs
             t1 = next_stop if landing else t + h
             nudge = nextafter(t1, -direction) if (perturb or (landing and next_stop in jumps)) else None
+            if cb_step is not None:
+                cb_step(t, y, abs(h))
             ratio = None
             if fast is not None and nudge is None:
                 out = fast(t, y, h, k1)
@@ -149,8 +156,13 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                     ratio = ratio_fn(err, y, y1, h)
                 accept = ratio <= 1.0  # False for NaN
                 nonfinite_streak = not math.isfinite(ratio)
+                # (h_abs: a step landing on a stop may exceed its proposal by a rounding sliver)
+                if accept_min and not accept and not nonfinite_streak and min(abs(h), h_abs) <= min_step:
+                    accept = True  # torchdiffeq: a step at min_step is taken whatever its error
 
             if accept:
+                if cb_accept is not None:
+                    cb_accept(t, y, abs(h))
                 steps += 1
                 which ^= 1
                 last_h = h
@@ -197,11 +209,16 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                     stop_i += 1
                     next_stop = stops[stop_i]
             else:
+                if cb_reject is not None:
+                    cb_reject(t, y, abs(h))
                 rejected += 1
 
             if not fixed:
                 new_h = propose(abs(h), ratio, accept)
-                if new_h < min_step:
+                if accept_min:
+                    # Clamped to min_step; non-finite values at min_step cannot be stepped past.
+                    new_h = -1.0 if (nonfinite_streak and min(abs(h), h_abs) <= min_step) else max(new_h, min_step)
+                elif new_h < min_step:
                     if abs(h) > min_step and accept is False:
                         new_h = min_step
                     else:
@@ -248,6 +265,8 @@ def failure_message(status: str, t: float, h_abs: float, cfg: LoopConfig, solver
 def _whole_loop_applies(cfg: LoopConfig, y0: Tensor, k0: Tensor) -> bool:
     """The compiled whole loop covers solves that record nothing: no graph, steps, events or per-step hooks."""
     if cfg.record or cfg.perturb or cfg.event_fn is not None or cfg.on_accept is not None or cfg.norm is not None:
+        return False
+    if cfg.accept_min_step or cfg.step_callbacks:
         return False
     if cfg.error_dims is not None or vmapped(y0):  # torch.func.vmap cannot enter a compiled while_loop
         return False

@@ -88,7 +88,7 @@ def assemble(res: LoopResult, term: ODETerm, solver: Stepper, cfg: LoopConfig, y
         stats["compiled"] = res.compiled
     # Implicit methods' Jacobians, factorisations and Newton iterations (copied: a backward solve with the
     # same stepper would reset them).
-    if getattr(solver, "implicit", False) and isinstance(getattr(solver, "stats", None), dict):
+    if solver.stats:
         stats.update(dict(solver.stats))
     dense_fn, span = None, None
     if cfg.record and res.records:

@@ -7,7 +7,7 @@ step still evaluates the vector field once per stage on the whole batch (``func`
 given; rows that have finished are frozen with a zero step), so it pays off when the rows' difficulties
 differ.
 
-This is the vectorised form of the loop in ``integrate.py``, over the same stepper and tableau data
+This is the vectorised form of the loop in ``core/loop.py``, over the same stepper and tableau data
 (``Stepper.step_rows`` / ``interpolate_rows``); the controller and the error norm are the same
 formulas, evaluated per row. The loop is written for few tensor operations per step: the stages are kept
 multiplied by each row's step so every stage combination is one ``addmm``; decisions are masks
@@ -30,6 +30,7 @@ from .. import solution as _sol
 from ..errors import InputError
 from ..solution import Solution
 from .config import LoopConfig
+from .control import LANDING_SLACK, PIDController
 from .stepper import Stepper
 from .tensors import real_dtype
 
@@ -38,7 +39,6 @@ RowTerm = Callable[[Tensor, Tensor], Tensor]  # (t of shape (B,), y of shape (B,
 # Per-row status codes: indices into solution.STATUSES.
 _MAX_STEPS, _UNDERFLOW, _NON_FINITE = (_sol.CODE[s] for s in (_sol.MAX_STEPS_REACHED, _sol.STEP_SIZE_UNDERFLOW,
                                                                _sol.NON_FINITE))
-_LAND = 1.0 + 1e-7  # land on the end when within this factor of the step (as integrate.py)
 
 
 class StepHooks:
@@ -245,17 +245,12 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
             rt, at = (rtol_t, atol_t) if m == n else (_scaled_tol(rtol, n, rdt, dev), _scaled_tol(atol, n, rdt, dev))
             h_abs = _initial_step(term, t_cur, y0.detach(), f0.detach(), d, solver.order, rt, at, cfg.max_step)
             nfe += 1
-        # A non-finite derivative at the start stops the row there (as integrate.py).
+        # A non-finite derivative at the start stops the row there (as core/loop.py).
         bad0 = ~torch.isfinite(f0.detach()).all(1)
         any_bad0 = bool(bad0.any())
     first = h_abs.clone()
 
-    c = cfg.controller
-    k_exp = solver.controller_order + 1
-    b1, b2, b3 = (c.pcoeff + c.icoeff + c.dcoeff) / k_exp, (c.pcoeff + 2 * c.dcoeff) / k_exp, c.dcoeff / k_exp
-    inv_k = 1.0 / k_exp
-    plain_i = b2 == 0 and b3 == 0 and b1 == inv_k  # I control: one formula for accepted and rejected steps
-    lo_fac = torch.tensor(c.dfactor, dtype=rdt, device=dev)
+    ctrl = PIDController.start(cfg.controller, solver.controller_order)  # the PID formula, not a stepper's own
     prev = torch.ones(b, dtype=rdt, device=dev)
     prev2 = prev
     min_step, max_step = cfg.min_step, cfg.max_step
@@ -276,7 +271,7 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
         if hooks is not None:
             hooks.start_step()
         rem = (t_stop - t_cur).abs()
-        land = rem <= h_abs * _LAND
+        land = rem <= h_abs * LANDING_SLACK
         hp = torch.where(land, rem, h_abs)
         h = hp if d > 0 else -hp
         t1 = torch.where(land, t_stop, t_cur + h)
@@ -309,21 +304,7 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
         still = t_cur != t_stop
 
         # Controller, per row (the formulas of control.PIDController); NaN/inf ratios shrink by dfactor.
-        r = ratio.clamp_min(1e-10)
-        if plain_i:
-            fac = r.pow(-b1)
-        else:
-            fac = r.pow(-b1)
-            if b2:
-                fac = fac * prev.pow(b2)
-            if b3:
-                fac = fac * prev2.pow(-b3)
-                prev2 = torch.where(accept, prev, prev2)
-            prev = torch.where(accept, r, prev)
-            fac = torch.where(accept, fac, r.pow(-inv_k))
-        # (A rejected step has r > 1, so its factor is below safety <= 1: only accepted ones need the ifactor cap.)
-        fac = torch.fmax(fac * c.safety, lo_fac).clamp_(max=c.ifactor)
-        h_new = hp * fac
+        h_new, prev, prev2 = ctrl.propose_tensor(hp, ratio, accept, prev, prev2)
         if max_step < math.inf:
             h_new = h_new.clamp(max=max_step)
         if min_step > 0:

@@ -119,6 +119,8 @@ class StepperBase:
     ``replay``: ``replay_record()`` / ``replay_prepare()`` for exact checkpoint replays of its carried state.
     ``rows``: ``step_rows`` / ``interpolate_rows`` / ``dense_stages_rows`` for per-sample stepping.
     ``own_controller``: ``default_controller()`` returns the controller the method needs (``bdf``).
+    ``bind_tolerances``: ``bind(**options)`` returns a per-solve stepper bound to the tolerances and solver options
+    (Newton's convergence test is measured in them); the implicit Runge--Kutta methods, ``bdf`` and ``auto``.
     ``compilable``: an explicit Runge--Kutta tableau the compiled paths can generate code for.
     ``accepts``: the term kinds it integrates (rule 6).
     """
@@ -130,7 +132,10 @@ class StepperBase:
     rows: ClassVar[bool] = False
     own_controller: ClassVar[bool] = False
     compilable: ClassVar[bool] = False
+    bind_tolerances: ClassVar[bool] = False
     accepts: ClassVar[tuple[str, ...]] = ODE_FORM_KINDS
+    # Counters of the solve in progress that go into ``sol.stats`` (implicit methods: Jacobians, Newton iterations).
+    stats: dict | None = None
 
     def make_buffers(self, y: Tensor, k1: Tensor) -> Any:
         """No reusable stage buffers (the default): the stages are fresh tensors every step."""

@@ -426,8 +426,11 @@ class AdjointTerm(Term):
         with torch.enable_grad():
             yv = y.view(shape) if diff and y.requires_grad else y.detach().view(shape).requires_grad_(True)
             fy = self.func(t, yv)
-            grads = torch.autograd.grad(fy, (yv, *params), -a.view(shape), allow_unused=True,
-                                        materialize_grads=False, create_graph=diff)
+            if fy.requires_grad:
+                grads = torch.autograd.grad(fy, (yv, *params), -a.view(shape), allow_unused=True,
+                                            materialize_grads=False, create_graph=diff)
+            else:  # a field of t alone: no dependence on y or the parameters
+                grads = (None,) * (1 + len(params))
         parts = [grads[0].reshape(-1) if grads[0] is not None else torch.zeros_like(a),
                  flat_cat(grads[1:], params).to(z.dtype) if params else z.new_zeros(0)]
         if y_of_t is None:

@@ -18,6 +18,9 @@ ANODE with one extra dimension (``y`` = first coordinate of ``z(1)``) fits it.
 Outputs (in ``--out``, default ``runs/circles``): ``metrics.json``, ``rings_flows.png`` (decision regions,
 trajectories, final features), ``rings_training.png`` (loss, NFE and accuracy over training) and
 ``map1d.png``.
+
+An evaluation solve that fails (a learned field that stiffens) does not stop the demo: its points count as
+misclassified, ``eval_failures`` in ``metrics.json`` notes it, and training goes on.
 """
 
 from __future__ import annotations
@@ -36,9 +39,20 @@ import torch
 from torch import nn
 
 from neurodyn import AugmentedNeuralODE, solve
-from neurodyn.demos._common import add_out_and_seed
+from neurodyn.demos._common import (
+    POSITIVE,
+    POSITIVE_INT,
+    DemoError,
+    add_out_and_seed,
+    failure_note,
+    failures_returned,
+    json_safe,
+    training_failure,
+)
 from neurodyn.demos._common import config_from_args as _config_from_args
+from neurodyn.errors import SolveFailure
 from neurodyn.progress import Progress
+from neurodyn.solvers import available_methods
 
 NAME = "circles"
 DESCRIPTION = "nested rings and the 1-d map g(-1)=1, g(1)=-1: Neural ODE vs Augmented Neural ODE (accuracy, NFE)"
@@ -77,23 +91,24 @@ QUICK = dict(iters=60, iters_1d=30, n_train=256, n_test=512, evals=2, grid=40)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = CirclesConfig()
     add_out_and_seed(parser, d.out, d.seed)
-    parser.add_argument("--iters", type=int, default=None, metavar="N",
+    parser.add_argument("--iters", type=POSITIVE_INT, default=None, metavar="N",
                         help=f"training iterations per rings model (default: {d.iters}; --quick: {QUICK['iters']})")
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds' smoke run (fewer iterations and points; numbers not meaningful)")
-    parser.add_argument("--hidden", type=int, default=d.hidden,
+    parser.add_argument("--hidden", type=POSITIVE_INT, default=d.hidden,
                         help=f"hidden width of both vector fields (default: {d.hidden})")
-    parser.add_argument("--aug-dim", type=int, default=d.aug_dim,
+    parser.add_argument("--aug-dim", type=POSITIVE_INT, default=d.aug_dim,
                         help=f"extra dimensions of the ANODE on the rings (default: {d.aug_dim})")
     parser.add_argument("--augmentation", choices=("zero", "learned"), default=d.augmentation,
                         help=f"ANODE augmentation (default: {d.augmentation})")
-    parser.add_argument("--method", default=d.method, help=f"ODE solver (default: {d.method})")
-    parser.add_argument("--rtol", type=float, default=d.rtol, help=f"solver rtol (default: {d.rtol:g})")
-    parser.add_argument("--atol", type=float, default=d.atol, help=f"solver atol (default: {d.atol:g})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr:g})")
-    parser.add_argument("--iters-1d", type=int, default=None, metavar="N",
+    parser.add_argument("--method", default=d.method, choices=available_methods(), metavar="METHOD",
+                        help=f"ODE solver (default: {d.method})")
+    parser.add_argument("--rtol", type=POSITIVE, default=d.rtol, help=f"solver rtol (default: {d.rtol:g})")
+    parser.add_argument("--atol", type=POSITIVE, default=d.atol, help=f"solver atol (default: {d.atol:g})")
+    parser.add_argument("--lr", type=POSITIVE, default=d.lr, help=f"Adam learning rate (default: {d.lr:g})")
+    parser.add_argument("--iters-1d", type=POSITIVE_INT, default=None, metavar="N",
                         help=f"iterations of the 1-d map experiment (default: {d.iters_1d})")
-    parser.add_argument("--threads", type=int, default=d.threads,
+    parser.add_argument("--threads", type=POSITIVE_INT, default=d.threads,
                         help=f"torch CPU threads (default: {d.threads}: the problems are tiny)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
 
@@ -144,7 +159,7 @@ def trajectory(model: AugmentedNeuralODE, x: torch.Tensor, steps: int = 41) -> t
     with torch.no_grad():
         z0 = model.augment(x)
         sol = solve(lambda t, z: model.func(z), z0, ts, method=model.ode.method, rtol=model.ode.rtol,
-                    atol=model.ode.atol)
+                    atol=model.ode.atol, on_failure="return")  # for plots: NaN past a failure
     return sol.ys
 
 
@@ -164,10 +179,16 @@ def train_classifier(name: str, model: AugmentedNeuralODE, data: dict[str, torch
     eval_iters: list[int] = []
     eval_acc: list[float] = []
     eval_every = max(cfg.iters // max(cfg.evals, 1), 1)
+    eval_failures: list[str] = []
 
-    def accuracy(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, int]:
-        with torch.no_grad():
+    def accuracy(x: torch.Tensor, y: torch.Tensor, what: str) -> tuple[float, float, int]:
+        """Accuracy, MSE and NFE on ``(x, y)``; a failed solve (noted) counts every point as wrong, MSE NaN."""
+        with torch.no_grad(), failures_returned(model) as failed:
             out = model(x).squeeze(-1)
+            sol = failed()
+        if sol is not None:
+            eval_failures.append(f"{what}: {failure_note(sol)}")
+            return 0.0, float("nan"), model.nfe_forward
         acc = float((torch.where(out >= 0, 1.0, -1.0) == y).float().mean())
         return acc, float(torch.mean((out - y) ** 2)), model.nfe_forward
 
@@ -176,7 +197,11 @@ def train_classifier(name: str, model: AugmentedNeuralODE, data: dict[str, torch
     for it in range(1, cfg.iters + 1):
         idx = torch.randint(0, x_tr.shape[0], (min(cfg.batch_size, x_tr.shape[0]),), generator=gen)
         opt.zero_grad(set_to_none=True)
-        out = model(x_tr[idx]).squeeze(-1)
+        try:
+            out = model(x_tr[idx]).squeeze(-1)
+        except SolveFailure as exc:
+            bar.close()
+            raise training_failure(f"rings {name}, iteration {it}", exc) from exc
         nfes.append(model.nfe_forward)
         loss = torch.mean((out - y_tr[idx]) ** 2)
         loss.backward()
@@ -184,18 +209,18 @@ def train_classifier(name: str, model: AugmentedNeuralODE, data: dict[str, torch
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             bar.close()
-            raise RuntimeError(f"rings {name}: training diverged at iteration {it}; try a lower --lr")
+            raise DemoError(f"rings {name}: training diverged at iteration {it}; try a lower --lr")
         if it % eval_every == 0 or it == cfg.iters:
             eval_iters.append(it)
-            eval_acc.append(accuracy(x_te, y_te)[0])
+            eval_acc.append(accuracy(x_te, y_te, f"iteration {it}, test set")[0])
             bar.update(loss=losses[-1], nfe=nfes[-1], test_acc=eval_acc[-1])
         else:
             bar.update(loss=losses[-1], nfe=nfes[-1])
     bar.close()
     seconds = time.perf_counter() - t0
 
-    acc, mse, nfe_test = accuracy(x_te, y_te)
-    train_acc, _, _ = accuracy(x_tr, y_tr)
+    acc, mse, nfe_test = accuracy(x_te, y_te, "final, test set")
+    train_acc, _, _ = accuracy(x_tr, y_tr, "final, training set")
     tail = max(len(nfes) // 10, 1)
     return {
         "accuracy": acc,
@@ -212,6 +237,7 @@ def train_classifier(name: str, model: AugmentedNeuralODE, data: dict[str, torch
         "train_seconds": seconds,
         "eval_iters": eval_iters,
         "eval_accuracy": eval_acc,
+        "eval_failures": eval_failures,
         "loss_history": losses,
         "nfe_history": nfes,
     }
@@ -226,17 +252,22 @@ def train_map1d(name: str, model: AugmentedNeuralODE, cfg: CirclesConfig, stream
     nfes: list[int] = []
     bar = Progress(cfg.iters_1d, desc=f"1-d map {name}", stream=stream)
     t0 = time.perf_counter()
-    for _ in range(cfg.iters_1d):
+    for it in range(1, cfg.iters_1d + 1):
         opt.zero_grad(set_to_none=True)
-        loss = torch.mean((model(x)[:, :1] - y) ** 2)
+        try:
+            loss = torch.mean((model(x)[:, :1] - y) ** 2)
+        except SolveFailure as exc:
+            bar.close()
+            raise training_failure(f"1-d map {name}, iteration {it}", exc) from exc
         loss.backward()
         opt.step()
         losses.append(loss.item())
         nfes.append(model.nfe_forward)
         bar.update(loss=losses[-1], nfe=nfes[-1])
     bar.close()
-    with torch.no_grad():
-        pred = model(x)[:, 0]
+    with torch.no_grad(), failures_returned(model) as failed:
+        pred = model(x)[:, 0]  # NaN if the solve failed (then noted)
+        sol = failed()
         final = float(torch.mean((pred - y[:, 0]) ** 2))
     tail = max(len(losses) // 10, 1)
     return {
@@ -249,6 +280,7 @@ def train_map1d(name: str, model: AugmentedNeuralODE, cfg: CirclesConfig, stream
         "state_dim": model.state_dim,
         "train_seconds": time.perf_counter() - t0,
         "loss_history": losses,
+        "eval_failures": [] if sol is None else [f"final: {failure_note(sol)}"],
     }
 
 
@@ -332,7 +364,7 @@ def train(cfg: CirclesConfig, *, stream: Any = None) -> dict[str, Any]:
 
     metrics["wall_seconds"] = time.perf_counter() - wall0
     metrics["cpu_seconds"] = time.process_time() - cpu0
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n")
     m1 = metrics["map1d"]
     print(f"done in {metrics['wall_seconds']:.1f}s (CPU {metrics['cpu_seconds']:.1f}s)\n"
           f"  rings NODE : accuracy {node['accuracy']:.4f}, {node['nfe']:.1f} NFE/batch (end), "
@@ -381,12 +413,12 @@ def _plot_flows(cfg, path, data, models, results, viz) -> Path:
     X, Y = np.meshgrid(xs, xs)
     grid = torch.tensor(np.stack([X.ravel(), Y.ravel()], -1), dtype=x_te.dtype)
 
-    fig = viz._figure((14.0, 9.0))
+    fig = viz.new_figure((14.0, 9.0))
     axes = fig.subplots(2, 3)
     for row, (name, model) in enumerate(models.items()):
         r = results[name]
         label = "NODE (2-d)" if name == "node" else f"ANODE (2+{model.aug_dim}-d)"
-        with torch.no_grad():
+        with torch.no_grad(), failures_returned(model):  # plots: NaN (blank) where a solve failed
             score = model(grid).squeeze(-1).reshape(X.shape).numpy()
         ax = axes[row, 0]
         ax.contourf(X, Y, score, levels=[-1e9, 0.0, 1e9], colors=["#cfe0f3", "#f6d2cf"], alpha=0.9)
@@ -408,8 +440,12 @@ def _plot_flows(cfg, path, data, models, results, viz) -> Path:
         ax.legend(fontsize=7, loc="upper right")
         ax.set_aspect("equal", adjustable="datalim")
 
-        with torch.no_grad():
+        with torch.no_grad(), failures_returned(model):
             z1 = model.ode(model.augment(x_te))
+        ax = axes[row, 2]
+        if not bool(torch.isfinite(z1).all()):  # the solve failed: no features to show
+            ax.set_title(f"{label}: final features z(1): the solve failed")
+            continue
         w = model.head.weight[0].detach()
         b = float(model.head.bias.detach()[0])
         s = (z1 @ w + b).numpy()
@@ -418,20 +454,19 @@ def _plot_flows(cfg, path, data, models, results, viz) -> Path:
         rest = rest - rest.mean(0)
         _, _, v = torch.linalg.svd(rest, full_matrices=False)
         o = (rest @ v[0]).numpy()
-        ax = axes[row, 2]
         ax.scatter(s, o, c=_class_colors(y_te), s=3, alpha=0.6)
         ax.axvline(0.0, color="k", lw=1.0)
         ax.set_title(f"{label}: final features z(1)")
         ax.set_xlabel("read-out  w·z(1) + b")
         ax.set_ylabel("main orthogonal direction")
     fig.suptitle(f"nested rings (blue: disk, -1; red: ring, +1), {cfg.iters} iterations, seed {cfg.seed}")
-    return viz._save(fig, path)
+    return viz.save_figure(fig, path)
 
 
 def _plot_training(cfg, path, results, viz) -> Path:
     import numpy as np
 
-    fig = viz._figure((14.0, 4.0))
+    fig = viz.new_figure((14.0, 4.0))
     axes = fig.subplots(1, 3)
     for name, r in results.items():
         color = "C1" if name == "node" else "C2"
@@ -455,7 +490,7 @@ def _plot_training(cfg, path, results, viz) -> Path:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return viz._save(fig, path)
+    return viz.save_figure(fig, path)
 
 
 def _plot_map1d(cfg, path, map_models, map_results, viz) -> Path:
@@ -463,7 +498,7 @@ def _plot_map1d(cfg, path, map_models, map_results, viz) -> Path:
 
     x0 = torch.linspace(-1.5, 1.5, 13)[:, None]
     x0 = torch.cat([x0, torch.tensor([[-1.0], [1.0]])])
-    fig = viz._figure((16.0, 4.0))
+    fig = viz.new_figure((16.0, 4.0))
     axes = fig.subplots(1, 4)
     ts = np.linspace(0.0, 1.0, 41)
     for ax, name in ((axes[0], "node"), (axes[1], "anode")):
@@ -498,7 +533,7 @@ def _plot_map1d(cfg, path, map_models, map_results, viz) -> Path:
     axes[3].set_title("1-d map: training loss")
     axes[3].legend(fontsize=8)
     axes[3].grid(alpha=0.3, which="both")
-    return viz._save(fig, path)
+    return viz.save_figure(fig, path)
 
 
 def run(args: argparse.Namespace) -> int:

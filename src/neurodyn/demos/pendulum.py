@@ -23,6 +23,10 @@ extrapolation the pendulum at rest (predicting 0).
 Outputs (in ``--out``, default ``runs/pendulum``): ``metrics.json``, ``pendulum_fit.png`` (observations,
 fit, extrapolation), ``pendulum_phase.png`` (phase portrait with the learned vector field) and
 ``loss_curve.png``.
+
+A learned field can blow up (or stiffen) beyond the times it was trained on: an evaluation solve that stops
+early keeps its partial result (NaN past the failure), training goes on, and ``metrics.json`` records the
+status in ``eval_status`` / ``final_eval_status`` and ``notes``; RMSEs that need the missing times are null.
 """
 
 from __future__ import annotations
@@ -41,9 +45,22 @@ import torch
 from torch import nn
 
 from neurodyn import NeuralODE, solve
-from neurodyn.demos._common import add_out_and_seed
+from neurodyn.demos._common import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    DemoError,
+    add_out_and_seed,
+    failure_note,
+    failures_returned,
+    int_at_least,
+    json_safe,
+    training_failure,
+)
 from neurodyn.demos._common import config_from_args as _config_from_args
+from neurodyn.errors import SolveFailure
 from neurodyn.progress import Progress
+from neurodyn.solvers import available_methods
 
 NAME = "pendulum"
 DESCRIPTION = "fit a Neural ODE to a damped pendulum observed noisily at irregular times; extrapolate"
@@ -90,22 +107,23 @@ QUICK = dict(iters=40, n_obs=30, n_heldout=10, grid=201, evals=2)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = PendulumConfig()
     add_out_and_seed(parser, d.out, d.seed)
-    parser.add_argument("--iters", type=int, default=None, metavar="N",
+    parser.add_argument("--iters", type=POSITIVE_INT, default=None, metavar="N",
                         help=f"training iterations (default: {d.iters}; --quick: {QUICK['iters']})")
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds' smoke run (fewer iterations and observations; numbers not meaningful)")
-    parser.add_argument("--noise", type=float, default=d.noise,
+    parser.add_argument("--noise", type=NON_NEGATIVE, default=d.noise,
                         help=f"noise std as a fraction of each component's std (default: {d.noise:g})")
-    parser.add_argument("--n-obs", type=int, default=None,
+    parser.add_argument("--n-obs", type=int_at_least(2), default=None,
                         help=f"training observations in [0, T_train] (default: {d.n_obs})")
-    parser.add_argument("--t-train", type=float, default=d.t_train,
+    parser.add_argument("--t-train", type=POSITIVE, default=d.t_train,
                         help=f"end of the training window, seconds (default: {d.t_train:g})")
-    parser.add_argument("--hidden", type=int, default=d.hidden, help=f"MLP hidden width (default: {d.hidden})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr:g})")
-    parser.add_argument("--method", default=d.method, help=f"ODE solver (default: {d.method})")
-    parser.add_argument("--rtol", type=float, default=d.rtol, help=f"training rtol (default: {d.rtol:g})")
-    parser.add_argument("--atol", type=float, default=d.atol, help=f"training atol (default: {d.atol:g})")
-    parser.add_argument("--threads", type=int, default=d.threads,
+    parser.add_argument("--hidden", type=POSITIVE_INT, default=d.hidden, help=f"MLP hidden width (default: {d.hidden})")
+    parser.add_argument("--lr", type=POSITIVE, default=d.lr, help=f"Adam learning rate (default: {d.lr:g})")
+    parser.add_argument("--method", default=d.method, choices=available_methods(), metavar="METHOD",
+                        help=f"ODE solver (default: {d.method})")
+    parser.add_argument("--rtol", type=POSITIVE, default=d.rtol, help=f"training rtol (default: {d.rtol:g})")
+    parser.add_argument("--atol", type=POSITIVE, default=d.atol, help=f"training atol (default: {d.atol:g})")
+    parser.add_argument("--threads", type=POSITIVE_INT, default=d.threads,
                         help=f"torch CPU threads (default: {d.threads}: the problem is tiny)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
 
@@ -219,28 +237,34 @@ def train(cfg: PendulumConfig, *, stream: Any = None) -> dict[str, Any]:
         opt = torch.optim.Adam([*model.parameters(), u0], lr=cfg.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iters, 1), eta_min=cfg.lr * cfg.eta_min)
 
-        def predict(ts: torch.Tensor) -> tuple[torch.Tensor, int]:
-            """Learned states at ``ts`` (> 0, increasing) at the evaluation tolerance; and the NFE."""
+        def predict(ts: torch.Tensor) -> tuple[torch.Tensor, int, str | None]:
+            """Learned states at ``ts`` (> 0, increasing) at the evaluation tolerance, the NFE, and None or
+            a note on where the solve stopped (the states are then NaN past that time)."""
             model.rtol, model.atol = cfg.eval_rtol, cfg.eval_atol
             try:
-                with torch.no_grad():
+                with torch.no_grad(), failures_returned(model) as failed:
                     ts0 = torch.cat([zero, ts]) if float(ts[0]) > 0 else ts
                     u = model(u0, ts0)[-ts.shape[0]:]
+                    sol = failed()
             finally:
                 model.rtol, model.atol = cfg.rtol, cfg.atol
-            return u * scale, model.nfe_forward
+            return u * scale, model.nfe_forward, None if sol is None else failure_note(sol)
 
         in_window = d["t_grid"] <= cfg.t_train
 
         def evaluate() -> dict[str, Any]:
-            pred_held, _ = predict(d["t_held"])
-            pred_grid, nfe = predict(d["t_grid"])
+            pred_held, _, note_held = predict(d["t_held"])
+            pred_grid, nfe, note_grid = predict(d["t_grid"])
+            t_reached = float(model.last_solution.t_final)  # the grid solve's: 2 * t_train unless it failed
             return {
                 "interp": rmse(pred_held, d["clean_held"]),
                 "interp_dense": rmse(pred_grid[in_window], d["clean_grid"][in_window]),
                 "extrap": rmse(pred_grid[~in_window], d["clean_grid"][~in_window]),
                 "pred_grid": pred_grid,
                 "nfe": nfe,
+                "t_reached": t_reached,
+                "notes": [f"{what} solve stopped: {n}" for what, n in
+                          (("held-out", note_held), (f"grid [0, {2 * cfg.t_train:g}]", note_grid)) if n],
             }
 
         print(f"neurodyn demo pendulum: {cfg.n_obs} noisy observations (+{cfg.n_heldout} held out) at irregular "
@@ -252,6 +276,8 @@ def train(cfg: PendulumConfig, *, stream: Any = None) -> dict[str, Any]:
         eval_iters: list[int] = []
         eval_interp: list[float] = []
         eval_extrap: list[float] = []
+        eval_status: list[str] = []
+        notes: list[str] = []
         eval_every = max(cfg.iters // max(cfg.evals, 1), 1)
         grow = max(cfg.curriculum * cfg.iters, 1.0)
         y_tr_u = y_tr / scale
@@ -262,7 +288,11 @@ def train(cfg: PendulumConfig, *, stream: Any = None) -> dict[str, Any]:
             k = max(int((t_tr <= frac * cfg.t_train).sum()), min(5, t_tr.shape[0]))
             windows.append(frac * cfg.t_train)
             opt.zero_grad(set_to_none=True)
-            pred = model(u0, torch.cat([zero, t_tr[:k]]))[1:]
+            try:
+                pred = model(u0, torch.cat([zero, t_tr[:k]]))[1:]
+            except SolveFailure as exc:
+                bar.close()
+                raise training_failure(f"iteration {it}", exc) from exc
             nfes.append(model.nfe_forward)
             loss = torch.mean((pred - y_tr_u[:k]) ** 2)
             loss.backward()
@@ -271,12 +301,14 @@ def train(cfg: PendulumConfig, *, stream: Any = None) -> dict[str, Any]:
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
                 bar.close()
-                raise RuntimeError(f"training diverged at iteration {it} (loss={losses[-1]}); try a lower --lr")
+                raise DemoError(f"training diverged at iteration {it} (loss={losses[-1]}); try a lower --lr")
             if it % eval_every == 0 or it == cfg.iters:
                 ev = evaluate()
                 eval_iters.append(it)
                 eval_interp.append(ev["interp"]["theta"])
                 eval_extrap.append(ev["extrap"]["theta"])
+                eval_status.append("success" if not ev["notes"] else "failed")
+                notes.extend(f"iteration {it}: {n}" for n in ev["notes"])  # noted; training goes on
                 bar.update(loss=losses[-1], nfe=nfes[-1], interp_theta=ev["interp"]["theta"],
                            extrap_theta=ev["extrap"]["theta"])
             else:
@@ -285,8 +317,10 @@ def train(cfg: PendulumConfig, *, stream: Any = None) -> dict[str, Any]:
         train_seconds = time.perf_counter() - t0
 
         ev = evaluate()
-        with torch.no_grad():
-            fit_train, _ = predict(t_tr)
+        fit_train, _, note_train = predict(t_tr)
+        notes.extend(f"final: {n}" for n in ev["notes"])
+        if note_train:
+            notes.append(f"final: training-times solve stopped: {note_train}")
         pred_grid = ev["pred_grid"]
         extrap_mask = ~in_window
         half = d["t_grid"] <= 1.5 * cfg.t_train
@@ -331,6 +365,10 @@ def train(cfg: PendulumConfig, *, stream: Any = None) -> dict[str, Any]:
             "eval_iters": eval_iters,
             "eval_interpolation_rmse_theta": eval_interp,
             "eval_extrapolation_rmse_theta": eval_extrap,
+            "eval_status": eval_status,
+            "final_eval_status": "success" if not ev["notes"] and not note_train else "failed",
+            "final_eval_t_reached": ev["t_reached"],
+            "notes": notes,
             "dtype": str(dtype).replace("torch.", ""),
             "config": asdict(cfg),
             "torch_version": torch.__version__,
@@ -347,7 +385,7 @@ def train(cfg: PendulumConfig, *, stream: Any = None) -> dict[str, Any]:
 
     metrics["wall_seconds"] = time.perf_counter() - wall0
     metrics["cpu_seconds"] = time.process_time() - cpu0
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n")
     i, e, b, n = (metrics["interpolation_rmse"], metrics["extrapolation_rmse"],
                   metrics["baseline_rest_extrapolation_rmse"], metrics["noise_std"])
     print(f"done in {metrics['wall_seconds']:.1f}s (CPU {metrics['cpu_seconds']:.1f}s): RMSE vs clean truth "
@@ -357,6 +395,8 @@ def train(cfg: PendulumConfig, *, stream: Any = None) -> dict[str, Any]:
           f"  extrapolation ({cfg.t_train:g}, {2 * cfg.t_train:g}]: {e['theta']:.4f}, {e['omega']:.4f}   "
           f"(pendulum-at-rest baseline {b['theta']:.4f}, {b['omega']:.4f})\n"
           f"  {metrics['nfe_forward_per_iter']:.1f} NFE/iter forward", file=stream)
+    for note in notes:
+        print(f"note: {note}", file=stream)
     print(f"wrote {out / 'metrics.json'}" + "".join(f", {p}" for p in plots), file=stream)
     return metrics
 
@@ -389,7 +429,7 @@ def _make_plots(cfg, out, d, pred_grid, model, scale, losses, eval_iters, eval_i
 
 
 def _plot_fit(cfg, path, d, pred_grid, viz) -> Any:
-    fig = viz._figure((10.0, 6.5))
+    fig = viz.new_figure((10.0, 6.5))
     axes = fig.subplots(2, 1, sharex=True)
     tg = d["t_grid"].numpy()
     for i, (ax, name) in enumerate(zip(axes, ("theta [rad]", "omega [rad/s]"))):
@@ -406,7 +446,7 @@ def _plot_fit(cfg, path, d, pred_grid, viz) -> Any:
     axes[1].set_xlabel("t [s]")
     fig.suptitle(f"damped pendulum: fit on [0, {cfg.t_train:g}] from {cfg.n_obs} noisy irregular samples, "
                  f"extrapolation to {2 * cfg.t_train:g}")
-    return viz._save(fig, path)
+    return viz.save_figure(fig, path)
 
 
 def _plot_phase(cfg, path, d, pred_grid, model, scale, viz) -> Any:
@@ -414,10 +454,11 @@ def _plot_phase(cfg, path, d, pred_grid, model, scale, viz) -> Any:
 
     true = d["clean_grid"].numpy()
     pred = pred_grid.numpy()
-    fig = viz._figure((7.0, 6.0))
+    fig = viz.new_figure((7.0, 6.0))
     ax = fig.subplots()
-    lo = np.minimum(true.min(0), pred.min(0))
-    hi = np.maximum(true.max(0), pred.max(0))
+    reached = pred[np.isfinite(pred).all(1)]  # rows before a failed solve stopped
+    lo = np.minimum(true.min(0), reached.min(0)) if len(reached) else true.min(0)
+    hi = np.maximum(true.max(0), reached.max(0)) if len(reached) else true.max(0)
     pad = 0.1 * (hi - lo)
     X, Y = np.meshgrid(np.linspace(lo[0] - pad[0], hi[0] + pad[0], 23), np.linspace(lo[1] - pad[1], hi[1] + pad[1], 23))
     pts = torch.tensor(np.stack([X.ravel(), Y.ravel()], -1), dtype=scale.dtype)
@@ -433,7 +474,7 @@ def _plot_phase(cfg, path, d, pred_grid, model, scale, viz) -> Any:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title("phase portrait (arrows: learned vector field)")
-    return viz._save(fig, path)
+    return viz.save_figure(fig, path)
 
 
 def run(args: argparse.Namespace) -> int:

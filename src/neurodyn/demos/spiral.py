@@ -13,6 +13,12 @@ already shifts the phase visibly.  So for the last 20% of the run the windows gr
 trajectory.  At the end the learned ODE is solved from z(0) over the whole interval and compared with the
 data: that full-trajectory MSE is the number to look at.
 
+An untrained (or badly trained) field can blow up before t = 25: such an evaluation solve stops with a
+status (e.g. ``step_size_underflow``) instead of reaching the end. Training goes on; ``metrics.json`` records
+the status, the time reached and the MSE over the times reached, and the full-trajectory MSE is null.
+A training solve that fails (a long window late in a short run) skips that step, noted likewise;
+``MAX_SKIPPED_IN_A_ROW`` failures in a row stop the run with a one-line error.
+
 Outputs (in ``--out``, default ``runs/spiral``): ``metrics.json``, ``trajectories.png`` (x(t), y(t)),
 ``phase_portrait.png`` and ``loss_curve.png``.
 """
@@ -33,13 +39,27 @@ import torch
 from torch import nn
 
 from neurodyn import odeint, solve
-from neurodyn.demos._common import add_out_and_seed
+from neurodyn.demos._common import (
+    POSITIVE,
+    POSITIVE_INT,
+    DemoError,
+    add_out_and_seed,
+    failure_note,
+    float_in,
+    int_at_least,
+    training_failure,
+)
+from neurodyn.errors import SolveFailure
 from neurodyn.progress import Progress
+from neurodyn.solution import Solution
+from neurodyn.solvers import available_methods
 
 NAME = "spiral"
 DESCRIPTION = "fit a Neural ODE to the 2-d cubic spiral dz/dt = A z^3 (plots + metrics.json)"
 
 TRUE_A = ((-0.1, 2.0), (-2.0, -0.1))
+#: Stop (DemoError) when this many consecutive training solves fail: the field is not coming back.
+MAX_SKIPPED_IN_A_ROW = 20
 TRUE_Z0 = (2.0, 0.0)
 
 
@@ -110,20 +130,21 @@ class SpiralConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = SpiralConfig()
     add_out_and_seed(parser, d.out, d.seed)
-    parser.add_argument("--iters", type=int, default=d.iters, metavar="N",
+    parser.add_argument("--iters", type=POSITIVE_INT, default=d.iters, metavar="N",
                         help=f"training iterations (default: {d.iters})")
-    parser.add_argument("--method", default=d.method, help=f"ODE solver for training (default: {d.method})")
-    parser.add_argument("--rtol", type=float, default=d.rtol, help=f"training rtol (default: {d.rtol:g})")
-    parser.add_argument("--atol", type=float, default=d.atol, help=f"training atol (default: {d.atol:g})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr:g})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+    parser.add_argument("--method", default=d.method, choices=available_methods(), metavar="METHOD",
+                        help=f"ODE solver for training (default: {d.method})")
+    parser.add_argument("--rtol", type=POSITIVE, default=d.rtol, help=f"training rtol (default: {d.rtol:g})")
+    parser.add_argument("--atol", type=POSITIVE, default=d.atol, help=f"training atol (default: {d.atol:g})")
+    parser.add_argument("--lr", type=POSITIVE, default=d.lr, help=f"Adam learning rate (default: {d.lr:g})")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=d.batch_size,
                         help=f"sub-trajectories per minibatch (default: {d.batch_size})")
-    parser.add_argument("--batch-time", type=int, default=d.batch_time,
+    parser.add_argument("--batch-time", type=int_at_least(2), default=d.batch_time,
                         help=f"samples per sub-trajectory at the start (default: {d.batch_time})")
-    parser.add_argument("--grow-from", type=float, default=d.grow_from, metavar="FRAC",
+    parser.add_argument("--grow-from", type=float_in(0.0, 1.0), default=d.grow_from, metavar="FRAC",
                         help="fraction of the run after which the windows grow linearly to the whole "
                              f"trajectory; 1 disables growing (default: {d.grow_from})")
-    parser.add_argument("--threads", type=int, default=d.threads,
+    parser.add_argument("--threads", type=POSITIVE_INT, default=d.threads,
                         help=f"torch CPU threads (default: {d.threads}; the work is many tiny ops, "
                              "for which more threads are slower)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
@@ -139,6 +160,9 @@ def validate(cfg: SpiralConfig) -> None:
         raise ValueError(f"--batch-time must be in [2, {cfg.data_size}], got {cfg.batch_time}")
     if not 0.0 <= cfg.grow_from <= 1.0:
         raise ValueError(f"--grow-from must be in [0, 1], got {cfg.grow_from}")
+    for name in ("rtol", "atol", "lr"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"--{name} must be > 0, got {getattr(cfg, name)}")
 
 
 def config_from_args(args: argparse.Namespace) -> SpiralConfig:
@@ -156,6 +180,36 @@ def make_data(cfg: SpiralConfig, dtype: torch.dtype = torch.float64) -> tuple[to
     if sol.status != "success":
         raise RuntimeError(f"generating the true spiral failed: status={sol.status!r}")
     return t, sol.ys
+
+
+def evaluate_trajectory(func: Any, z0: torch.Tensor, t: torch.Tensor, z_true: torch.Tensor, *, method: str,
+                        rtol: float, atol: float) -> tuple[Solution, dict[str, Any]]:
+    """Solve the learned ODE from ``z0`` at the times ``t`` (T,) without gradients, keeping a partial result
+    when the solve fails (``on_failure="return"``: NaN rows past the failure), and compare it with ``z_true``
+    (T, 2).
+
+    Returns the :class:`~neurodyn.solution.Solution` and a record: ``status``, ``t_reached``, ``valid_rows``,
+    ``mse`` (over all T times; None unless the solve succeeded), ``mse_reached`` (over the rows reached) and
+    ``note`` (None on success, else one line saying where the solve stopped).
+
+    Example::
+
+        sol, rec = evaluate_trajectory(func, z_true[0], t, z_true, method="dopri5", rtol=1e-5, atol=1e-7)
+        rec["status"], rec["mse"]      # ('success', 0.012) or ('step_size_underflow', None)
+    """
+    with torch.no_grad():
+        sol = solve(func, z0, t, method=method, rtol=rtol, atol=atol, on_failure="return")
+    n = sol.n_valid if not sol.success else t.shape[0]
+    err = (sol.ys[:n] - z_true[:n]) ** 2
+    record = {
+        "status": sol.status,
+        "t_reached": float(sol.t_final),
+        "valid_rows": int(n),
+        "mse": float(torch.mean(err)) if sol.success else None,
+        "mse_reached": float(torch.mean(err)) if n else None,
+        "note": None if sol.success else failure_note(sol),
+    }
+    return sol, record
 
 
 def window_length(cfg: SpiralConfig, it: int) -> int:
@@ -197,12 +251,8 @@ def train(cfg: SpiralConfig, *, stream: Any = None) -> dict[str, Any]:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iters, 1),
                                                            eta_min=cfg.lr * cfg.lr_final_frac)
 
-        def full_trajectory() -> torch.Tensor:
-            with torch.no_grad():
-                return odeint(func, z0, t, rtol=cfg.rtol, atol=cfg.atol, method=cfg.method)
-
-        def full_mse(pred: torch.Tensor) -> float:
-            return float(torch.mean((pred - z_true) ** 2))
+        def full_trajectory() -> tuple[Solution, dict[str, Any]]:
+            return evaluate_trajectory(func, z0, t, z_true, method=cfg.method, rtol=cfg.rtol, atol=cfg.atol)
 
         print(
             f"neurodyn demo spiral: {cfg.iters} iterations, method={cfg.method}, rtol={cfg.rtol:g}, "
@@ -214,7 +264,13 @@ def train(cfg: SpiralConfig, *, stream: Any = None) -> dict[str, Any]:
         losses: list[float] = []
         nfes: list[int] = []
         eval_iters: list[int] = []
-        eval_mse: list[float] = []
+        eval_mse: list[float | None] = []
+        eval_status: list[str] = []
+        eval_t_reached: list[float] = []
+        eval_notes: list[str] = []
+        skipped: list[int] = []  # iterations whose training solve failed (no optimizer step)
+        train_notes: list[str] = []
+        in_a_row = 0
         eval_every = max(cfg.iters // max(cfg.evals, 1), 1)
         train0 = time.perf_counter()
         bar = Progress(cfg.iters, desc="spiral", stream=stream)
@@ -223,52 +279,92 @@ def train(cfg: SpiralConfig, *, stream: Any = None) -> dict[str, Any]:
             batch_z0, batch_t, batch_z = get_batch(t, z_true, cfg.batch_size, length, gen)
             opt.zero_grad(set_to_none=True)
             func.nfe = 0
-            pred = odeint(func, batch_z0, batch_t, rtol=cfg.rtol, atol=cfg.atol, method=cfg.method)
-            nfes.append(func.nfe)
-            loss = torch.mean((pred - batch_z) ** 2)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                bar.close()
-                raise RuntimeError(f"training diverged at iteration {it} (loss={losses[-1]}); try a lower --lr")
-            shown = {"loss": losses[-1], "nfe": nfes[-1], "window": length}
+            try:
+                pred = odeint(func, batch_z0, batch_t, rtol=cfg.rtol, atol=cfg.atol, method=cfg.method)
+            except SolveFailure as exc:
+                # a long window can outlast a still-untrained field: skip this step (noted), keep training
+                nfes.append(func.nfe)
+                losses.append(math.nan)
+                sched.step()
+                skipped.append(it)
+                train_notes.append(f"iteration {it}: training solve stopped ({exc.status} at t={exc.t:.6g} of "
+                                   f"a {length}-sample window), step skipped")
+                in_a_row += 1
+                if in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    bar.close()
+                    raise training_failure(f"{in_a_row} iterations in a row (the last: {it})", exc) from exc
+            else:
+                in_a_row = 0
+                nfes.append(func.nfe)
+                loss = torch.mean((pred - batch_z) ** 2)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                if not math.isfinite(losses[-1]):
+                    bar.close()
+                    raise DemoError(f"training diverged at iteration {it} (loss={losses[-1]}); try a lower --lr")
+            shown = {"loss": losses[-1] if in_a_row == 0 else "skipped", "nfe": nfes[-1], "window": length}
             if it % eval_every == 0 or it == cfg.iters:
+                _, rec = full_trajectory()
                 eval_iters.append(it)
-                eval_mse.append(full_mse(full_trajectory()))
-                shown["full_mse"] = eval_mse[-1]
+                eval_mse.append(rec["mse"])
+                eval_status.append(rec["status"])
+                eval_t_reached.append(rec["t_reached"])
+                if rec["note"] is not None:  # an untrained field can blow up: note it, keep training
+                    eval_notes.append(f"iteration {it}: full-trajectory solve stopped: {rec['note']}")
+                shown["full_mse"] = rec["mse"] if rec["mse"] is not None else f"failed@t={rec['t_reached']:.3g}"
             bar.update(**shown)
         bar.close()
         train_seconds = time.perf_counter() - train0
 
         func.nfe = 0
-        z_pred = full_trajectory()
+        sol_full, final = full_trajectory()
         nfe_full = func.nfe
-        mse = full_mse(z_pred)
-        mae = float(torch.mean(torch.abs(z_pred - z_true)))
-        with torch.no_grad():  # the learned field again, solved far more accurately than in training
-            z_tight = odeint(func.func, z0, t, rtol=cfg.true_rtol, atol=cfg.true_atol, method="dopri5")
-        mse_tight = full_mse(z_tight)
-        tail = losses[-max(len(losses) // 20, 1):]
+        z_pred = sol_full.ys
+        mse = final["mse"]
+        n_ok = final["valid_rows"]
+        mae = float(torch.mean(torch.abs(z_pred - z_true))) if sol_full.success else None
+        # the learned field again, solved far more accurately than in training
+        _, tight = evaluate_trajectory(func.func, z0, t, z_true, method="dopri5", rtol=cfg.true_rtol,
+                                       atol=cfg.true_atol)
+        notes = train_notes + eval_notes
+        if final["note"] is not None:
+            notes.append(f"final full-trajectory solve stopped: {final['note']}; full_traj_mse is null, "
+                         "full_traj_mse_reached covers the times reached (train longer: more --iters)")
+        if tight["note"] is not None:
+            notes.append(f"final tight solve stopped: {tight['note']}")
+        taken = [v for v in losses if math.isfinite(v)]
+        if not taken:
+            raise DemoError(f"every training solve failed ({len(skipped)} of {cfg.iters} iterations), so nothing "
+                            "was trained; try more --iters (the windows start short), a lower --lr or looser "
+                            "--rtol/--atol")
+        tail = taken[-max(len(taken) // 20, 1):]
 
         plots: list[str] = []
         if cfg.plots:
-            plots = _make_plots(cfg, out, t, z_true, z_pred, func, losses, eval_iters, eval_mse, stream)
+            ok = [(i, v) for i, v in zip(eval_iters, eval_mse) if v is not None]
+            plots = _make_plots(cfg, out, t, z_true, z_pred, n_ok, func, losses, [i for i, _ in ok],
+                                [v for _, v in ok], stream)
 
         metrics: dict[str, Any] = {
             "demo": NAME,
-            "final_train_loss": losses[-1],
+            "final_train_loss": taken[-1],
             "final_train_loss_tail_mean": sum(tail) / len(tail),
             "train_loss_kind": "MSE on random windows of the trajectory (last window length below)",
             "final_window": window_length(cfg, cfg.iters),
             "full_traj_mse": mse,
             "full_traj_mae": mae,
-            "full_traj_mse_tight_solve": mse_tight,
+            "full_traj_status": final["status"],
+            "full_traj_t_reached": final["t_reached"],
+            "full_traj_mse_reached": final["mse_reached"],
+            "full_traj_mse_tight_solve": tight["mse"],
+            "full_traj_tight_solve_status": tight["status"],
             "nfe_forward_per_iter": sum(nfes) / len(nfes),
             "nfe_forward_per_iter_max": max(nfes),
             "nfe_full_trajectory": nfe_full,
             "iterations": cfg.iters,
+            "iterations_skipped": skipped,
             "train_seconds": train_seconds,
             "wall_seconds": None,  # filled in below, just before writing
             "seed": cfg.seed,
@@ -280,6 +376,9 @@ def train(cfg: SpiralConfig, *, stream: Any = None) -> dict[str, Any]:
             "dtype": str(dtype).replace("torch.", ""),
             "eval_iters": eval_iters,
             "eval_full_traj_mse": eval_mse,
+            "eval_status": eval_status,
+            "eval_t_reached": eval_t_reached,
+            "notes": notes,
             "config": asdict(cfg),
             "torch_version": torch.__version__,
             "torch_threads": torch.get_num_threads(),
@@ -290,18 +389,21 @@ def train(cfg: SpiralConfig, *, stream: Any = None) -> dict[str, Any]:
         torch.set_num_threads(old_threads)
 
     metrics["wall_seconds"] = time.perf_counter() - wall0
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    full = (f"full-trajectory MSE {mse:.3e} (MAE {mae:.3e})" if mse is not None else
+            f"full-trajectory solve failed ({final['note']})")
     print(
-        f"done in {metrics['wall_seconds']:.1f}s: final train loss {metrics['final_train_loss']:.3e}, "
-        f"full-trajectory MSE {mse:.3e} (MAE {mae:.3e}), "
+        f"done in {metrics['wall_seconds']:.1f}s: final train loss {metrics['final_train_loss']:.3e}, {full}, "
         f"{metrics['nfe_forward_per_iter']:.1f} NFE/iter forward",
         file=stream,
     )
+    for note in notes:
+        print(f"note: {note}", file=stream)
     print(f"wrote {out / 'metrics.json'}" + "".join(f", {p}" for p in plots), file=stream)
     return metrics
 
 
-def _make_plots(cfg, out, t, z_true, z_pred, func, losses, eval_iters, eval_mse, stream) -> list[str]:
+def _make_plots(cfg, out, t, z_true, z_pred, n_ok, func, losses, eval_iters, eval_mse, stream) -> list[str]:
     try:
         from neurodyn import viz
     except ImportError as exc:  # pragma: no cover
@@ -320,7 +422,7 @@ def _make_plots(cfg, out, t, z_true, z_pred, func, losses, eval_iters, eval_mse,
     try:
         paths = [
             viz.plot_trajectories(t, z_true, z_pred, out / "trajectories.png", title=title),
-            viz.plot_phase_portrait(z_true, z_pred, out / "phase_portrait.png", field=learned_field,
+            viz.plot_phase_portrait(z_true, z_pred[:n_ok], out / "phase_portrait.png", field=learned_field,
                                     title=title),
             viz.plot_loss_curve(losses, out / "loss_curve.png", eval_iters=eval_iters, eval_values=eval_mse,
                                 vlines=vlines, title=title),

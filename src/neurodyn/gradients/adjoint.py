@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -45,14 +46,13 @@ from ..core.config import LoopConfig
 from ..core.control import StepperController
 from ..core.loop import integrate
 from ..core.output import assemble
-from ..core.stepper import Step, nextafter
+from ..core.stepper import Step, Stepper, nextafter
 from ..core.tensors import real_dtype
 from ..core.term import AdjointTerm, ODETerm
 from ..errors import InputError, SolveFailure
 from ..fields import check_derivative
 from ..solution import FAILURE_STATUSES, Solution, check_differentiable
 from ..solvers import get_solver
-from ..solvers.explicit_rk import ExplicitRungeKutta
 from .common import GradientOptions
 
 
@@ -75,7 +75,7 @@ class _Setup:
 class _DenseLookup:
     """y(t) from the recorded forward steps (the interpolated adjoint's source of y)."""
 
-    def __init__(self, term: ODETerm, solver: ExplicitRungeKutta, records: list[Step], interp: str):
+    def __init__(self, term: ODETerm, solver: Stepper, records: list[Step], interp: str):
         self.term, self.solver, self.records, self.interp = term, solver, records, interp
         self.co = solver.coefficients(records[0].y0.dtype, records[0].y0.device)
         self.sign = 1.0 if records[0].h > 0 else -1.0
@@ -97,7 +97,8 @@ class _AdjointFunction(torch.autograd.Function):
         with torch.no_grad():
             f0 = check_derivative(func(torch.scalar_tensor(times[0], dtype=term.t_dtype, device=term.device), y0), y0)
             term.nfe = 1
-            cfg.record = cfg.record or setup.mode == "interpolated"
+            if setup.mode == "interpolated":
+                cfg = replace(cfg, record=True)
             res = integrate(term, solver, y0.detach().reshape(1, -1), f0, times, cfg)
             sol = assemble(res, term, solver, cfg, y0.detach(), t.detach(), setup.on_failure)
         setup.solution = sol
@@ -131,7 +132,7 @@ class _AdjointFunction(torch.autograd.Function):
             # Per-element tolerances of the state apply to y and a alike; the g channels use the mean.
             rtol, atol = _aug_tol(rtol, y_dims, n, p_total), _aug_tol(atol, y_dims, n, p_total)
         controller = setup.cfg.controller
-        if getattr(adj_solver, "implicit", False) and hasattr(adj_solver, "bind"):
+        if adj_solver.bind_tolerances:
             # Newton's tolerance follows the backward solve's: a stepper bound to the forward tolerances would stop
             # Newton far above a tighter adjoint_rtol, and the error control would then chase Newton's residual.
             own = isinstance(controller, StepperController) and controller.stepper is adj_solver
@@ -140,7 +141,7 @@ class _AdjointFunction(torch.autograd.Function):
                 controller = adj_solver.default_controller()
         cfg = LoopConfig(rtol=rtol, atol=atol, adaptive=adj_solver.adaptive and setup.cfg.step_size is None,
                          step_size=setup.cfg.step_size, max_steps=setup.cfg.max_steps, min_step=setup.cfg.min_step,
-                         max_step=setup.cfg.max_step, controller=controller,
+                         max_step=setup.cfg.max_step, controller=controller, accept_min_step=setup.cfg.accept_min_step,
                          jump_t=setup.cfg.jump_t, step_t=setup.cfg.step_t if not adj_solver.adaptive else [],
                          error_dims=(y_dims + n) if gopts.seminorm else None)
         jumps = set(setup.cfg.jump_t)
@@ -157,7 +158,7 @@ class _AdjointFunction(torch.autograd.Function):
                 k0 = term(nextafter(times[i], times[i - 1] - times[i]) if times[i] in jumps else times[i], z0)
                 res = integrate(term, adj_solver, z0, k0, [times[i], times[i - 1]], cfg)
                 # The next interval starts from the controller's proposal, not a fresh initial guess.
-                cfg.first_step = res.next_step if cfg.adaptive else None
+                cfg = replace(cfg, first_step=res.next_step if cfg.adaptive else None)
                 nfe += term.nfe
                 steps += res.steps
                 if res.status in FAILURE_STATUSES:
@@ -213,7 +214,7 @@ def _aug_tol(tol, y_dims: int, n: int, p_total: int) -> Tensor:
     return torch.cat(parts).view(1, -1)
 
 
-def solve_adjoint(func: Callable, y0: Tensor, t: Tensor, solver: ExplicitRungeKutta, cfg: LoopConfig,
+def solve_adjoint(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg: LoopConfig,
                   on_failure: str, gopts: GradientOptions, mode: str = "adjoint") -> Solution:
     """gradient="adjoint" / "interpolated": see the module docstring."""
     if cfg.event_fn is not None:

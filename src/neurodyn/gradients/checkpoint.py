@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -51,13 +52,12 @@ from torch import Tensor
 from ..core.config import LoopConfig
 from ..core.loop import integrate
 from ..core.output import assemble, step_outputs
-from ..core.stepper import Step
+from ..core.stepper import Step, Stepper
 from ..core.tensors import real_dtype
 from ..core.term import ODETerm
 from ..errors import InputError, SolveFailure
 from ..fields import check_derivative
 from ..solution import Solution, check_differentiable
-from ..solvers.explicit_rk import ExplicitRungeKutta
 from .common import GradientOptions
 
 # Longest segment backpropagated as one graph; longer ones are checkpointed again (recursively), so the
@@ -96,7 +96,7 @@ class _StepLog:
         self.states: dict[int, State] = {}
         self.stride = 1
         self.fsal = solver.fsal
-        self._record = getattr(solver, "replay_record", None)
+        self._record = solver.replay_record if solver.replay else None
         self._carry: tuple[tuple[Tensor, ...], Any] = ((), None)  # what the next step starts from
 
     def __call__(self, t: float, h: float, t1: float, nudge: float | None, k1_time: float, y: Tensor,
@@ -134,13 +134,12 @@ class _CheckpointFunction(torch.autograd.Function):
         term = ODETerm(func, y0.shape, real_dtype(y0.dtype), y0.device)
         times = setup.times
         log = _StepLog(setup.gopts.checkpoints, solver)
-        cfg.on_accept = log
+        cfg = replace(cfg, on_accept=log)
         with torch.no_grad():
             f0 = check_derivative(func(torch.scalar_tensor(times[0], dtype=term.t_dtype, device=term.device), y0), y0)
             term.nfe = 1
             res = integrate(term, solver, y0.detach().reshape(1, -1), f0, times, cfg)
             sol = assemble(res, term, solver, cfg, y0.detach(), setup.t.detach(), setup.on_failure)
-        cfg.on_accept = None
         setup.solution, setup.log, setup.term = sol, log, term
         ctx.setup = setup
         return sol.ys.detach()
@@ -173,8 +172,8 @@ class _Replayer:
         self.direction = 1.0 if self.times[-1] > self.times[0] else -1.0
         self.term = ReplayTerm(setup.func, setup.shape, setup.term.t_dtype, setup.term.device)
         self.co = self.solver.coefficients(grad_ys.dtype, grad_ys.device)
-        self.prepare: Callable | None = getattr(self.solver, "replay_prepare", None)
-        self.record: Callable | None = getattr(self.solver, "replay_record", None)
+        self.prepare: Callable | None = self.solver.replay_prepare if self.solver.replay else None
+        self.record: Callable | None = self.solver.replay_record if self.solver.replay else None
         self.g_params = [torch.zeros_like(p) for p in self.params]
         # First output index produced by each step.
         self.first_out = []
@@ -257,7 +256,7 @@ class _Replayer:
         return a_y, a_k1, tuple(got)
 
 
-def solve_checkpoint(func: Callable, y0: Tensor, t: Tensor, solver: ExplicitRungeKutta, cfg: LoopConfig,
+def solve_checkpoint(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg: LoopConfig,
                      on_failure: str, gopts: GradientOptions) -> Solution:
     """gradient="checkpoint": see the module docstring."""
     if cfg.event_fn is not None:

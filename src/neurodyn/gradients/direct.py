@@ -10,15 +10,14 @@ from torch import Tensor
 from ..core.config import LoopConfig
 from ..core.loop import integrate
 from ..core.output import assemble
-from ..core.stepper import nextafter
+from ..core.stepper import Stepper, nextafter
 from ..core.tensors import real_dtype
 from ..core.term import ODETerm
 from ..fields import check_derivative
 from ..solution import Solution
-from ..solvers.explicit_rk import ExplicitRungeKutta
 
 
-def solve_direct(func: Callable, y0: Tensor, t: Tensor, solver: ExplicitRungeKutta, cfg: LoopConfig,
+def solve_direct(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg: LoopConfig,
                  on_failure: str, gopts: object = None) -> Solution:
     """gradient="direct": run the loop under autograd (memory grows with the steps)."""
     term = ODETerm(func, y0.shape, real_dtype(y0.dtype), y0.device)

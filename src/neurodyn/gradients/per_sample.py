@@ -1,9 +1,9 @@
 """Gradient methods with per-sample stepping (``solve(..., per_sample_steps=True, gradient=...)``).
 
-Every method runs the per-sample loop (:func:`neurodyn.per_sample.integrate_rows`); none touches a solver.
+Every method runs the per-sample loop (:func:`neurodyn.core.rows.integrate_rows`); none touches a solver.
 
 ``"direct"``
-    Autograd through the per-sample loop (:func:`neurodyn.per_sample.solve_per_sample`).
+    Autograd through the per-sample loop (:func:`neurodyn.core.rows.solve_per_sample`).
 ``"adjoint"``
     The forward solve keeps no graph. The backward pass integrates each sample's ``[y, a]`` (``a = dL/dy``)
     from the last output time to the first with per-sample steps of its own: the rows are independent
@@ -47,11 +47,11 @@ from ..core.rows import (
     solve_per_sample,
     time_cast,
 )
+from ..core.stepper import Stepper
 from ..core.tensors import real_dtype
 from ..errors import InputError, SolveFailure
 from ..solution import FAILURE_STATUSES, STATUSES, Solution, check_differentiable
 from ..solvers import get_solver
-from ..solvers.explicit_rk import ExplicitRungeKutta
 from .common import GradientOptions
 
 _LEAF_STEPS = 2  # longest replayed segment backpropagated as one graph (as gradients/checkpoint.py)
@@ -61,7 +61,7 @@ class _DenseRows(StepHooks):
     """Records every step of a forward per-sample solve and evaluates each row's dense solution at a time of
     its own (the interpolated adjoint's source of ``y``)."""
 
-    def __init__(self, term: Callable[[Tensor, Tensor], Tensor], solver: ExplicitRungeKutta):
+    def __init__(self, term: Callable[[Tensor, Tensor], Tensor], solver: Stepper):
         self.term, self.solver = term, solver
         self.parts: list[tuple[Tensor, ...]] = []
         self.tables: tuple[Tensor, ...] | None = None
@@ -169,7 +169,7 @@ class _AdjointRows(StepHooks):
 class _Setup:
     """Everything the autograd Function needs besides tensors."""
 
-    def __init__(self, func: Callable, y0: Tensor, t: Tensor, solver: ExplicitRungeKutta, cfg: LoopConfig,
+    def __init__(self, func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg: LoopConfig,
                  on_failure: str, gopts: GradientOptions, mode: str):
         self.func, self.t, self.solver, self.cfg, self.on_failure, self.gopts, self.mode = (
             func, t, solver, cfg, on_failure, gopts, mode)
@@ -340,7 +340,7 @@ class _PerSampleFunction(torch.autograd.Function):
         return (None, grad_y0, *grad_params)
 
 
-def solve_per_sample_gradient(func: Callable, y0: Tensor, t: Tensor, solver: ExplicitRungeKutta, cfg: LoopConfig,
+def solve_per_sample_gradient(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg: LoopConfig,
                               on_failure: str, gopts: GradientOptions, gradient: str) -> Solution:
     """A per-sample solve with the gradient method ``gradient`` (see the module docstring)."""
     if gradient == "direct":
@@ -348,7 +348,7 @@ def solve_per_sample_gradient(func: Callable, y0: Tensor, t: Tensor, solver: Exp
     check_supported(y0, solver, cfg)
     if gradient in ("adjoint", "interpolated") and gopts.adjoint_method is not None:
         adj = get_solver(gopts.adjoint_method)
-        if not hasattr(adj, "step_rows") or not adj.adaptive:
+        if not adj.rows or not adj.adaptive:
             raise InputError(f"per_sample_steps: the backward solve needs an adaptive explicit Runge-Kutta "
                              f"adjoint_method, not {gopts.adjoint_method!r}.")
     setup = _Setup(func, y0, t, solver, cfg, on_failure, gopts, gradient)

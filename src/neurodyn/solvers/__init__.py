@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..core.stepper import Stepper
 from ..errors import InputError
 from .adams import ADAMS_METHODS, make_adams
 from .auto import AutoSwitch, make_auto
@@ -36,7 +37,7 @@ def methods_accepting(kind: str) -> list[str]:
 
 def get_solver(method: str) -> ExplicitRungeKutta:
     """The (cached) stepper for a method name; raises InputError listing valid names."""
-    if not isinstance(method, str) and callable(getattr(method, "step", None)) and hasattr(method, "adaptive"):
+    if not isinstance(method, str) and isinstance(method, Stepper):
         return method  # a configured stepper instance, e.g. neurodyn.solvers.adams.FixedAdams(max_order=6)
     if isinstance(method, str) and method in _FRESH:
         return _FRESH[method](method)

@@ -18,7 +18,7 @@ A multistep method needs past derivatives. Each stepper keeps its own history of
 * anything else (a new solve, another gradient method's solve) starts afresh, with the one-step starter
   (torchdiffeq's RK4 for the fixed methods, order 1 for ``adams``);
 * a replay of the forward steps (``gradient="checkpoint"``) restores the history kept at its checkpoint and the
-  order each step took (:meth:`_Multistep.replay_record`, :meth:`_Multistep.replay_prepare`), so it reproduces
+  order each step took (:meth:`MultistepBase.replay_record`, :meth:`MultistepBase.replay_prepare`), so it reproduces
   the forward steps exactly, and the gradient flows through the history as in ``gradient="direct"``;
 * after a step that landed on a discontinuity (``jump_t``) the history is dropped too, so no formula
   interpolates across the jump. (With ``perturb=True`` every step is nudged: the history is dropped once,
@@ -78,8 +78,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.stepper import Step
-from ..core.term import ODE_FORM_KINDS
+from ..core.interpolation import step_interpolant
+from ..core.stepper import Step, StepperBase
 from ..errors import InputError
 from .explicit_rk import Term
 
@@ -164,7 +164,7 @@ def dense_weight_polys(z: list[float]) -> list[list[float]]:
 # History shared by the multistep steppers.
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class _Attempt:
+class StepAttempt:
     """The last call of ``step``: enough to recognise what the loop did with it."""
 
     t0: float
@@ -177,23 +177,23 @@ class _Attempt:
 
 
 @dataclass
-class _History:
+class StepHistory:
     ts: list[float] = field(default_factory=list)  # newest first
     fs: list[Tensor] = field(default_factory=list)  # (n,) each, newest first
 
 
-class _Multistep:
+class MultistepBase(StepperBase):
     """History bookkeeping across :meth:`step` calls (see the module docstring)."""
 
     adaptive = False
     max_history = 1
     #: Keeps state (the history) across steps; a checkpoint replay restores it (:meth:`replay_prepare`).
     multistep = True
-    accepts = ODE_FORM_KINDS  # integrates a term's ODE form (see neurodyn.core.stepper, rule 6)
+    replay = True
 
     def __init__(self) -> None:
-        self._hist = _History()
-        self._last: _Attempt | None = None
+        self._hist = StepHistory()
+        self._last: StepAttempt | None = None
         self._nudge_run = 0  # consecutive accepted steps whose end was nudged (jump_t landing or perturb)
         self._fails = 0
         self._imposed = None  # decisions a replayed step must take (see replay_prepare)
@@ -234,21 +234,21 @@ class _Multistep:
         return "reset"
 
     def _restart(self, t: float, f: Tensor) -> None:
-        self._hist = _History([t], [f])
+        self._hist = StepHistory([t], [f])
         self._fails = 0
         self._on_reset()
 
     def _record(self, t: float, y: Tensor, h: float, y1: Tensor, nudge: float | None, **kw) -> None:
-        self._last = _Attempt(t, y, t + h, y1, nudge is not None, **kw)
+        self._last = StepAttempt(t, y, t + h, y1, nudge is not None, **kw)
 
     def _nodes(self, t: float, h: float, count: int) -> list[float]:
         """Offsets of the ``count`` newest history times from ``t`` in units of ``h`` (0 first)."""
         return [(s - t) / h for s in self._hist.ts[:count]]
 
-    def _on_accept(self, last: _Attempt) -> None:
+    def _on_accept(self, last: StepAttempt) -> None:
         pass
 
-    def _on_reject(self, last: _Attempt) -> None:
+    def _on_reject(self, last: StepAttempt) -> None:
         pass
 
     def _on_reset(self) -> None:
@@ -256,7 +256,7 @@ class _Multistep:
 
     def reset(self) -> None:
         """Forget the history (the next step starts afresh)."""
-        self._hist = _History()
+        self._hist = StepHistory()
         self._last = None
 
     # -- checkpoint replays (see gradients/checkpoint.py) ------------------------------------------
@@ -279,18 +279,18 @@ class _Multistep:
             self._fails = 0
         self._imposed = info
 
-    def _carry(self, last: _Attempt) -> tuple[tuple[Tensor, ...], Any]:
+    def _carry(self, last: StepAttempt) -> tuple[tuple[Tensor, ...], Any]:
         """The tensors (and plain data) the next step starts from: the history of derivatives."""
         return tuple(self._hist.fs), None
 
     def _restore(self, t: float, y: Tensor, ts: list[float], tensors: tuple[Tensor, ...], nudged: bool,
-                 extra: Any) -> _Attempt:
+                 extra: Any) -> StepAttempt:
         """Install a state from :meth:`_carry`; returns the attempt the next step continues from (ending at
         ``(t, y)``)."""
-        self._hist = _History(ts, [x.reshape(-1) for x in tensors])
-        return _Attempt(t, y, t, y, nudged)
+        self._hist = StepHistory(ts, [x.reshape(-1) for x in tensors])
+        return StepAttempt(t, y, t, y, nudged)
 
-    def _decisions(self, last: _Attempt) -> Any:
+    def _decisions(self, last: StepAttempt) -> Any:
         return None
 
     def _impose(self, info: Any) -> None:
@@ -317,15 +317,9 @@ class _Multistep:
         return st.f1
 
     def _hermite(self, term: Term, st: Step, thetas: Tensor, interp: str) -> Tensor:
-        m = thetas.shape[0]
-        th = thetas.view(m, 1).to(st.y0.dtype)
-        if interp == "linear":
-            return st.y0 + th * (st.y1 - st.y0)
-        f1 = self.end_derivative(term, st).reshape(-1)
-        th2 = th * th
-        th3 = th2 * th
-        return ((2 * th3 - 3 * th2 + 1) * st.y0 + (3 * th2 - 2 * th3) * st.y1
-                + ((th3 - 2 * th2 + th) * st.h) * st.k[0] + ((th3 - th2) * st.h) * f1)
+        th = thetas.view(thetas.shape[0], 1).to(st.y0.dtype)
+        return step_interpolant(interp, th, st.y0, st.y1, st.k[0], lambda: self.end_derivative(term, st).reshape(-1),
+                                st.h)
 
 
 def _weights_tensor(rows: list[list[float]], width: int, like: Tensor) -> Tensor:
@@ -336,7 +330,7 @@ def _weights_tensor(rows: list[list[float]], width: int, like: Tensor) -> Tensor
 # ----------------------------------------------------------------------------------------------
 # Fixed step: torchdiffeq's AdamsBashforth / AdamsBashforthMoulton.
 # ----------------------------------------------------------------------------------------------
-class FixedAdams(_Multistep):
+class FixedAdams(MultistepBase):
     """Fixed-step Adams--Bashforth (``implicit=False``) or Adams--Bashforth--Moulton (``implicit=True``).
 
     Parameters
@@ -464,7 +458,7 @@ class FixedAdams(_Multistep):
 # ----------------------------------------------------------------------------------------------
 # Adaptive: variable-step, variable-order Adams--Bashforth--Moulton PECE.
 # ----------------------------------------------------------------------------------------------
-class VariableAdams(_Multistep):
+class VariableAdams(MultistepBase):
     """Adaptive variable-step, variable-order Adams PECE (``method="adams"``; see the module docstring).
 
     Parameters
@@ -520,13 +514,13 @@ class VariableAdams(_Multistep):
     def _on_reset(self) -> None:
         self._k = self.start_order
 
-    def _decisions(self, last: _Attempt) -> int:
+    def _decisions(self, last: StepAttempt) -> int:
         return last.order
 
     def _impose(self, order: int) -> None:
         self._k = order
 
-    def _on_accept(self, last: _Attempt) -> None:
+    def _on_accept(self, last: StepAttempt) -> None:
         em1, ek, ep1 = last.norms
         k = last.order
         if k > 1 and em1 is not None and ek is not None and em1 <= ek:
@@ -535,7 +529,7 @@ class VariableAdams(_Multistep):
             k += 1
         self._k = k
 
-    def _on_reject(self, last: _Attempt) -> None:
+    def _on_reject(self, last: StepAttempt) -> None:
         em1, ek, _ = last.norms
         k = last.order
         if self._fails >= 3:

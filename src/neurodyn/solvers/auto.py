@@ -44,11 +44,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.stepper import Step
-from ..core.term import ODE_FORM_KINDS
+from ..core.stepper import Step, StepperBase
 from ..errors import InputError
 from .explicit_rk import ExplicitRungeKutta, StageBuffers, Term
-from .implicit_rk import ImplicitRungeKutta, _new_stats
+from .implicit_rk import ImplicitRungeKutta, new_stats
 from .implicit_tableaus import IMPLICIT_TABLEAUS
 from .tableaus import TABLEAUS, ButcherTableau
 
@@ -115,7 +114,7 @@ class _AutoState:
     direction: Tensor | None = None  # power-iteration vector (1, n)
 
 
-class AutoSwitch:
+class AutoSwitch(StepperBase):
     """Automatic stiffness detection and switching between an explicit and an implicit method (``method="auto"``).
 
     Plugs into the one integrate loop like any stepper; see the module docstring for the switching rules. States
@@ -162,8 +161,8 @@ class AutoSwitch:
     True
     """
 
-    implicit = True  # solve() passes its tolerances (and solver_options) through bind()
-    accepts = ODE_FORM_KINDS  # integrates a term's ODE form (see neurodyn.core.stepper, rule 6)
+    implicit = True
+    bind_tolerances = True  # solve() passes its tolerances (and solver_options) through bind()
     adaptive = True
     fsal = True  # the last row of every step's stages is dy/dt at the step's end
     name = "auto"
@@ -240,8 +239,8 @@ class AutoSwitch:
     def stats(self) -> dict:
         """The implicit method's counters, ``"switches"`` and ``"steps_per_method"`` of the current (last) solve."""
         st = self._state
-        inner = self.stiff._state
-        out = dict(inner.stats) if (st is not None and inner is not None and inner.term is st.term) else _new_stats()
+        inner = self.stiff.solve_state
+        out = dict(inner.stats) if (st is not None and inner is not None and inner.term is st.term) else new_stats()
         accepted = list(st.accepted) if st is not None else [0, 0]
         if st is not None and st.last is not None and bool(torch.isfinite(st.last[3].detach()).all()):
             accepted[st.last[4]] += 1  # the solve's last attempt: accepted unless the solve failed on it

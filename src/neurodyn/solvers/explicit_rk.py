@@ -9,7 +9,6 @@ for dense output without copies.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..core.term import ODE_FORM_KINDS
+from ..core.interpolation import hermite, linear
+from ..core.stepper import Step, StepperBase
 from .tableaus import ButcherTableau
 
 Term = Callable[[float, Tensor], Tensor]  # (t, y of shape (1, n)) -> dy/dt of shape (n,)
@@ -37,23 +37,6 @@ class _Coefficients:
 
 
 @dataclass
-class Step:
-    """One accepted step: what dense output needs, with the pieces it may compute lazily.
-
-    ``f1`` is dy/dt at the end of the step (free for FSAL methods); ``k_full`` holds the main stages
-    followed by any extra dense-output stages (computed on first use).
-    """
-
-    t0: float
-    h: float
-    y0: Tensor  # (1, n)
-    y1: Tensor  # (1, n)
-    k: Tensor  # (s, n)
-    f1: Tensor | None = None  # (n,) or the user's shape (same elements)
-    k_full: Tensor | None = None
-
-
-@dataclass
 class StageBuffers:
     """A reusable stage buffer: ``shaped`` (s, *state shape), ``flat`` (s, n), ``heads[i] = flat[:i]``,
     ``rows[i] = shaped[i]``; ``plan`` (for :meth:`ExplicitRungeKutta.step`) lists per stage ``i >= 1`` its
@@ -70,14 +53,15 @@ def _tensor(values, dtype, device) -> Tensor:
     return torch.tensor([float(v) for v in values], dtype=torch.float64).to(dtype=dtype, device=device)
 
 
-class ExplicitRungeKutta:
+class ExplicitRungeKutta(StepperBase):
     """A generic explicit RK method driven by a :class:`ButcherTableau`.
 
     The integrate loop calls :meth:`step` and, for accepted steps, :meth:`interpolate`; it knows
     nothing about any particular method.
     """
 
-    accepts = ODE_FORM_KINDS  # integrates a term's ODE form (see neurodyn.core.stepper, rule 6)
+    rows = True
+    compilable = True
 
     def __init__(self, tableau: ButcherTableau):
         self.tableau = tableau
@@ -91,7 +75,7 @@ class ExplicitRungeKutta:
         self.dense_order = tableau.dense_order if tableau.dense is not None else 3
         self.has_own_dense = tableau.dense is not None
         # Stage s-1 lands on y1 exactly when its row equals b (FSAL): reuse it as the new state.
-        self._last_stage_is_y1 = tableau.fsal and tuple(tableau.a[-1]) == tuple(tableau.b[:-1])
+        self.last_stage_is_y1 = tableau.fsal and tuple(tableau.a[-1]) == tuple(tableau.b[:-1])
         self._cache: dict[tuple[torch.dtype, torch.device], _Coefficients] = {}
         self._power_cache: dict[tuple[int, torch.device], Tensor] = {}
         self._c_cache: dict[torch.device, Tensor] = {}
@@ -186,7 +170,7 @@ class ExplicitRungeKutta:
                 yi = addmm(y, a[i], k[:i], alpha=h)
                 ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
                 shaped[i] = term(ti, yi)
-        if self._last_stage_is_y1:
+        if self.last_stage_is_y1:
             y1 = yi
         else:
             y1 = addmm(y, co.b, k, alpha=h)
@@ -241,7 +225,7 @@ class ExplicitRungeKutta:
                 yi = addmm(yflat, a[i], flat[:i]).view(b_rows, n)
                 f = term_rows(tc[i], yi)
                 kh[i] = f * hc
-        y1 = yi if self._last_stage_is_y1 else addmm(yflat, co.b, flat).view(b_rows, n)
+        y1 = yi if self.last_stage_is_y1 else addmm(yflat, co.b, flat).view(b_rows, n)
         if co.e is None:
             return y1, kh, None, f
         kd = flat.detach() if flat.requires_grad else flat
@@ -276,11 +260,7 @@ class ExplicitRungeKutta:
             powers = thetas.view(b_rows, 1) ** self._powers(co.dense_t.shape[0], thetas.device)
             weights = torch.mm(powers, co.dense_t).to(y0.dtype)  # (B, s_full)
             return torch.baddbmm(y0.unsqueeze(1), weights.unsqueeze(1), kf.transpose(0, 1)).view(b_rows, n)
-        th = thetas.view(b_rows, 1).to(co.b.real.dtype)
-        th2 = th * th
-        th3 = th2 * th
-        return ((2 * th3 - 3 * th2 + 1) * y0 + (3 * th2 - 2 * th3) * y1
-                + (th3 - 2 * th2 + th) * kf[0] + (th3 - th2) * fh1)
+        return hermite(thetas.view(b_rows, 1).to(co.b.real.dtype), y0, y1, kf[0], fh1)
 
     def _powers(self, d: int, device: torch.device) -> Tensor:
         """``[1, 2, ..., d]`` as a float64 tensor (cached per device): exponents of the dense output."""
@@ -342,8 +322,7 @@ class ExplicitRungeKutta:
         n = st.y0.shape[1]
         y0 = st.y0.expand(m, n)
         if interp == "linear":
-            th = thetas.view(m, 1)
-            return y0 + th * (st.y1 - st.y0)
+            return linear(thetas.view(m, 1), st.y0, st.y1)
         if interp == "auto" and co.dense_t is not None:
             kf = self._full_stages(term, st, co)
             d = co.dense_t.shape[0]
@@ -351,18 +330,5 @@ class ExplicitRungeKutta:
             powers = th64 ** torch.arange(1, d + 1, dtype=torch.float64, device=thetas.device)
             weights = torch.mm(powers, co.dense_t).to(st.y0.dtype)  # (m, s_full)
             return torch.addmm(y0, weights, kf, alpha=st.h)
-        # Cubic Hermite on (y0, f0, y1, f1).
         f1 = self.end_derivative(term, st)
-        th = thetas.view(m, 1).to(st.y0.dtype)
-        th2 = th * th
-        th3 = th2 * th
-        h00 = 2 * th3 - 3 * th2 + 1
-        h01 = 3 * th2 - 2 * th3
-        h10 = (th3 - 2 * th2 + th) * st.h
-        h11 = (th3 - th2) * st.h
-        return h00 * st.y0 + h01 * st.y1 + h10 * st.k[0] + h11 * f1.reshape(-1)
-
-
-def nextafter(t: float, direction: float) -> float:
-    """The next representable float after ``t`` in ``direction``."""
-    return math.nextafter(t, math.inf if direction > 0 else -math.inf)
+        return hermite(thetas.view(m, 1).to(st.y0.dtype), st.y0, st.y1, st.k[0], f1.reshape(-1), st.h)

@@ -70,7 +70,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..core.stepper import Step
+from ..core.interpolation import hermite, linear
+from ..core.stepper import Step, StepperBase
 from ..core.term import split_halves
 from ..errors import InputError
 from .explicit_rk import Term
@@ -108,7 +109,7 @@ class _Coefficients:
     drift_times: tuple[float, ...]  # fractions of h at which drift i's dq/dt is evaluated
 
 
-class SymplecticStepper:
+class SymplecticStepper(StepperBase):
     """Fixed-step symplectic kick--drift stepper for separable Hamiltonian fields (see the module docstring).
 
     Plugs into the integrate loop like :class:`~neurodyn.solvers.explicit_rk.ExplicitRungeKutta`:
@@ -252,17 +253,11 @@ class SymplecticStepper:
                     interp: str = "auto") -> Tensor:
         """Cubic Hermite (``"auto"``/``"hermite"``) or linear output at fractions ``thetas`` (``(m,)``) of the
         step; returns ``(m, n)``."""
-        m = thetas.shape[0]
+        th = thetas.view(thetas.shape[0], 1).to(st.y0.dtype)
         if interp == "linear":
-            th = thetas.view(m, 1).to(st.y0.dtype)
-            return st.y0 + th * (st.y1 - st.y0)
+            return linear(th, st.y0, st.y1)
         f0 = self._start_derivative(term, st).reshape(-1)
-        f1 = self.end_derivative(term, st).reshape(-1)
-        th = thetas.view(m, 1).to(st.y0.dtype)
-        th2 = th * th
-        th3 = th2 * th
-        return ((2 * th3 - 3 * th2 + 1) * st.y0 + (3 * th2 - 2 * th3) * st.y1
-                + ((th3 - 2 * th2 + th) * st.h) * f0 + ((th3 - th2) * st.h) * f1)
+        return hermite(th, st.y0, st.y1, f0, self.end_derivative(term, st).reshape(-1), st.h)
 
 
     def interpolate_floats(self, term: Term, st: Step, thetas: list[float], co: _Coefficients,
