@@ -481,9 +481,7 @@ def check_accepts(stepper: Any, term: Term, method: Any,
 
     ``alternatives(kind)`` lists the methods that do (named in the message).
     """
-    from .stepper import StepperBase
-
-    accepts = getattr(stepper, "accepts", StepperBase.accepts)  # steppers outside StepperBase: the base default
+    accepts = stepper.accepts  # declared by every stepper (StepperBase: the ODE-form kinds)
     missing = sorted(term.kinds - set(accepts))
     if not missing:
         return
