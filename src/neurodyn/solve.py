@@ -13,18 +13,19 @@ from torch import Tensor
 from .core.config import LoopConfig
 from .core.control import PIDController
 from .core.tensors import real_dtype, vmapped
+from .core.term import Term, as_field, check_accepts
 from .errors import InputError
 from .gradients import GRADIENTS, GradientOptions, check_hidden_tensors, find_params
 from .options import INTERPOLATIONS, as_time_list, check_tol, validate_state, validate_times
 from .solution import Solution
-from .solvers import get_solver
+from .solvers import get_solver, methods_accepting
 
 
 # ----------------------------------------------------------------------------------------------
 # solve
 # ----------------------------------------------------------------------------------------------
 def solve(
-    func: Callable[[Tensor, Tensor], Tensor],
+    func: Callable[[Tensor, Tensor], Tensor] | Term,
     y0: Tensor,
     t: Tensor,
     *,
@@ -62,9 +63,12 @@ def solve(
 
     Parameters
     ----------
-    func : callable ``(t, y) -> dy/dt``
+    func : callable ``(t, y) -> dy/dt``, or a term
         ``t`` is a 0-dim tensor of ``y``'s real dtype; ``y`` and the result have ``y0``'s shape and dtype.
-        An ``nn.Module`` or a plain function.
+        An ``nn.Module`` or a plain function. Or a term (:class:`neurodyn.ODETerm`, :class:`neurodyn.ControlTerm`,
+        :class:`neurodyn.MultiTerm`, :class:`neurodyn.SplitTerm`): its ODE form is integrated, its ``knots``
+        (a path's observation times) join ``jump_t``, and the gradient methods see its tensors (vector fields'
+        parameters, a path's data ``xs``); the method must accept its kind (``stepper.accepts``).
     y0 : Tensor, any shape
         Initial state; float32, float64 or complex, on any device.
     t : Tensor, shape ``(T,)``, ``T >= 2``
@@ -187,8 +191,9 @@ def solve(
     >>> bool(torch.allclose(sol.ys[-1], exact, atol=1e-6))
     True
     """
+    func, term = as_field(func)  # a term: its ODE form, the knots landed on, its tensors seen by the gradients
     if not callable(func):
-        raise InputError(f"func must be callable as func(t, y), got {type(func).__name__}.")
+        raise InputError(f"func must be callable as func(t, y) or be a neurodyn term, got {type(func).__name__}.")
     y0 = validate_state(y0)
     if per_sample_steps and isinstance(t, Tensor) and t.dim() == 2:
         if t.shape[0] != y0.shape[0]:
@@ -221,6 +226,11 @@ def solve(
         solver = solver.bind(**opts)
     elif solver_options:
         raise InputError(f"solver_options are for the implicit methods; {method!r} takes none.")
+    if term is not None:
+        check_accepts(solver, term, method, methods_accepting)
+        if per_sample_steps and term.kinds != {"ode"}:
+            raise InputError(f"per_sample_steps integrates ODE terms; a {type(term).__name__} needs "
+                             f"per_sample_steps=False.")
     if isinstance(rtol_v, float) and isinstance(atol_v, float) and rtol_v == 0 and atol_v == 0 \
             and solver.adaptive and step_size is None:
         raise InputError("rtol and atol are both 0: an adaptive method needs a positive tolerance.")
@@ -268,6 +278,8 @@ def solve(
         raise InputError(f"checkpoints must be an integer >= 2, got {checkpoints!r}.")
     step_list = as_time_list("step_t", step_t, y0.device)
     jump_list = as_time_list("jump_t", jump_t, y0.device)
+    if term is not None and term.knots:
+        jump_list = sorted(set(jump_list) | set(term.knots))
 
     cfg = LoopConfig(
         rtol=rtol_v, atol=atol_v, adaptive=solver.adaptive and step_size is None, step_size=step_size,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -28,3 +30,8 @@ def vmapped(x: Tensor) -> bool:
 def fixed_bad(y: Tensor) -> bool:
     """Non-finite values in a fixed-step state (skipped under vmap, where values cannot reach the host)."""
     return not vmapped(y) and not bool(torch.isfinite(y.detach()).all())
+
+
+def flat_cat(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
+    """Concatenate flattened tensors, zeros (of the matching ``like`` entry's shape) where an entry is None."""
+    return torch.cat([(t if t is not None else torch.zeros_like(ref)).reshape(-1) for t, ref in zip(tensors, like)])
