@@ -5,6 +5,10 @@ fresh ``(s, n)`` buffer per step so that every stage combination is one ``addmm`
 stages (one pass over memory, whatever the number of stages). The buffer is fresh each step, so
 autograd can differentiate through the stages (``gradient="direct"``) and accepted steps can be kept
 for dense output without copies.
+
+Under ``torch.func.vmap`` (e.g. an ensemble of fields evaluated with ``functional_call`` over stacked
+parameters) a stage may be batched while the state is not, and a batched value cannot be written into an
+unbatched buffer: there the stages are kept in a list and stacked out of place (:func:`_under_vmap`).
 """
 
 from __future__ import annotations
@@ -65,6 +69,23 @@ class StageBuffers:
     plan: list[tuple[Tensor, Tensor, Tensor, float, bool]] | None = None
 
 
+def _under_vmap(*xs: Tensor) -> bool:
+    """True when any of ``xs`` is a ``torch.func.vmap`` batched tensor (possibly under grad wrappers).
+
+    Such stages cannot be written into a buffer allocated from an unbatched state. Under ``torch.compile``
+    tracing there are no batched tensors (fake tensors), so it is False there.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    ft = torch._C._functorch
+    for x in xs:
+        while ft.is_functorch_wrapped_tensor(x):
+            if ft.is_batchedtensor(x):
+                return True
+            x = ft.get_unwrapped(x)
+    return False
+
+
 def _tensor(values, dtype, device) -> Tensor:
     return torch.tensor([float(v) for v in values], dtype=torch.float64).to(dtype=dtype, device=device)
 
@@ -118,8 +139,14 @@ class ExplicitRungeKutta:
         return co
 
     # -- stage buffers ---------------------------------------------------------------------------
-    def make_buffers(self, y: Tensor, k1: Tensor) -> StageBuffers:
-        """A preallocated stage buffer with its views, for solves that keep no autograd graph."""
+    def make_buffers(self, y: Tensor, k1: Tensor) -> StageBuffers | None:
+        """A preallocated stage buffer with its views, for solves that keep no autograd graph.
+
+        None under ``torch.func.vmap`` (``y`` or ``k1`` batched): :meth:`step` then builds its stages out of
+        place, as batched stages cannot be copied into a buffer allocated from an unbatched state.
+        """
+        if _under_vmap(y, k1):
+            return None
         s = self.stages
         shaped = y.new_empty((s, *k1.shape))
         flat = shaped.view(s, -1)
@@ -175,6 +202,15 @@ class ExplicitRungeKutta:
                     yi = addmm(y, ai, hi, alpha=h)
                     ti = t + ci * h if (t_end_nudge is None or ci != 1.0) else t_end_nudge
                     ri.copy_(term(ti, yi))
+        elif _under_vmap(y, k1):
+            # Out of place: the stages so far are stacked for each combination (s small; vmap only).
+            ks = [k1.reshape(-1)]
+            k = ks[0].unsqueeze(0)
+            for i in range(1, s):
+                yi = addmm(y, a[i], k, alpha=h)
+                ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
+                ks.append(term(ti, yi).reshape(-1))
+                k = torch.stack(ks)
         else:
             shaped = y.new_empty((s, *k1.shape))  # rows in the user's shape: f's output is stored as is
             k = shaped.view(s, -1)
