@@ -92,6 +92,14 @@ class NeuralODE(nn.Module):
     last_solution : Solution
         The last forward solve (stats, status).
 
+    Notes
+    -----
+    ``torch.compile(model)`` compiles a bounded set of graphs (with graph breaks at the solver's host-side
+    decisions) and reuses them for same-shaped inputs; the NFE counters come from the solve's stats, so they
+    stay right under compilation. An ensemble of models runs with PyTorch's recipe
+    (``torch.func.stack_module_state`` + ``functional_call`` under ``torch.func.vmap``) for fixed-step methods
+    (``method="rk4", step_size=h``, or steps on the grid ``t``); the times ``t`` are not stacked (see :attr:`t`).
+
     Examples
     --------
     >>> import torch, neurodyn
@@ -101,6 +109,14 @@ class NeuralODE(nn.Module):
     >>> z1.pow(2).mean().backward()
     >>> model.nfe_forward > 0
     True
+    >>> import copy
+    >>> from torch.func import functional_call, stack_module_state, vmap
+    >>> ens = [neurodyn.NeuralODE(torch.nn.Linear(2, 2), method="rk4", step_size=0.1) for _ in range(3)]
+    >>> params, buffers = stack_module_state(ens)
+    >>> skeleton = copy.deepcopy(ens[0]).to("meta")
+    >>> z = torch.randn(8, 2)
+    >>> vmap(lambda p, b: functional_call(skeleton, (p, b), (z,)))(params, buffers).shape  # one z(1) per member
+    torch.Size([3, 8, 2])
     """
 
     def __init__(self, func: Callable, t: Sequence[float] | Tensor = (0.0, 1.0), *, output: str = "final",
@@ -169,7 +185,8 @@ class NeuralODE(nn.Module):
         real = z0.real.dtype if z0.is_complex() else z0.dtype
         if tt.dtype != real or tt.device != z0.device:
             tt = tt.to(device=z0.device, dtype=real)
-        if self.solve_options.get("step_size") is None and _under_vmap(*self.parameters()):
+        if (self.solve_options.get("step_size") is None and not torch.compiler.is_compiling()
+                and torch._C._functorch.maybe_current_level() is not None and _under_vmap(*self.parameters())):
             self._refuse_adaptive_ensemble()
         dense = self.output == "solution"
         sol = solve(self.field, z0, tt, method=self.method, rtol=self.rtol, atol=self.atol, gradient=self.gradient,

@@ -78,6 +78,8 @@ def _under_vmap(*xs: Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     ft = torch._C._functorch
+    if ft.maybe_current_level() is None:  # outside every torch.func transform (one cheap call)
+        return False
     for x in xs:
         while ft.is_functorch_wrapped_tensor(x):
             if ft.is_batchedtensor(x):
