@@ -15,15 +15,21 @@ def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return _REAL.get(dtype, dtype)
 
 
-def vmapped(x: Tensor) -> bool:
-    """True inside ``torch.func.vmap`` (a batched tensor): no host-side decision may read its values."""
-    if torch.compiler.is_compiling():  # dynamo traces fake tensors; nothing is vmapped there
+def vmapped(*xs: Tensor) -> bool:
+    """True when any of ``xs`` is a ``torch.func.vmap`` batched tensor (possibly under grad wrappers): no host-side
+    decision may read its values, and it cannot be written into a buffer allocated from an unbatched tensor.
+    Outside every ``torch.func`` transform this costs one cheap call; under ``torch.compile`` tracing (fake tensors)
+    it is False."""
+    if torch.compiler.is_compiling():
         return False
     ft = torch._C._functorch
-    while ft.is_functorch_wrapped_tensor(x):  # e.g. jacrev inside vmap: a grad wrapper around a batched one
-        if ft.is_batchedtensor(x):
-            return True
-        x = ft.get_unwrapped(x)
+    if ft.maybe_current_level() is None:
+        return False
+    for x in xs:
+        while ft.is_functorch_wrapped_tensor(x):  # e.g. jacrev inside vmap: a grad wrapper around a batched one
+            if ft.is_batchedtensor(x):
+                return True
+            x = ft.get_unwrapped(x)
     return False
 
 

@@ -5,6 +5,10 @@ fresh ``(s, n)`` buffer per step so that every stage combination is one ``addmm`
 stages (one pass over memory, whatever the number of stages). The buffer is fresh each step, so
 autograd can differentiate through the stages (``gradient="direct"``) and accepted steps can be kept
 for dense output without copies.
+
+Under ``torch.func.vmap`` (e.g. an ensemble of fields evaluated with ``functional_call`` over stacked
+parameters) a stage may be batched while the state is not, and a batched value cannot be written into an
+unbatched buffer: there the stages are kept in a list and stacked out of place (:func:`~neurodyn.core.tensors.vmapped`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import Tensor
 
 from ..core.interpolation import hermite, linear
 from ..core.stepper import Step, StepperBase
+from ..core.tensors import vmapped
 from .tableaus import ButcherTableau
 
 Term = Callable[[float, Tensor], Tensor]  # (t, y of shape (1, n)) -> dy/dt of shape (n,)
@@ -105,8 +110,14 @@ class ExplicitRungeKutta(StepperBase):
         return co
 
     # -- stage buffers ---------------------------------------------------------------------------
-    def make_buffers(self, y: Tensor, k1: Tensor) -> StageBuffers:
-        """A preallocated stage buffer with its views, for solves that keep no autograd graph."""
+    def make_buffers(self, y: Tensor, k1: Tensor) -> StageBuffers | None:
+        """A preallocated stage buffer with its views, for solves that keep no autograd graph.
+
+        None under ``torch.func.vmap`` (``y`` or ``k1`` batched): :meth:`step` then builds its stages out of
+        place, as batched stages cannot be copied into a buffer allocated from an unbatched state.
+        """
+        if vmapped(y, k1):
+            return None
         s = self.stages
         shaped = y.new_empty((s, *k1.shape))
         flat = shaped.view(s, -1)
@@ -162,6 +173,15 @@ class ExplicitRungeKutta(StepperBase):
                     yi = addmm(y, ai, hi, alpha=h)
                     ti = t + ci * h if (t_end_nudge is None or ci != 1.0) else t_end_nudge
                     ri.copy_(term(ti, yi))
+        elif vmapped(y, k1):
+            # Out of place: the stages so far are stacked for each combination (s small; vmap only).
+            ks = [k1.reshape(-1)]
+            k = ks[0].unsqueeze(0)
+            for i in range(1, s):
+                yi = addmm(y, a[i], k, alpha=h)
+                ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
+                ks.append(term(ti, yi).reshape(-1))
+                k = torch.stack(ks)
         else:
             shaped = y.new_empty((s, *k1.shape))  # rows in the user's shape: f's output is stored as is
             k = shaped.view(s, -1)
