@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .core.config import LoopConfig
 from .core.control import PIDController
-from .core.tensors import real_dtype, vmapped
+from .core.tensors import VMAP_ADAPTIVE, real_dtype, vmapped
 from .core.term import Term, as_field, check_accepts
 from .errors import InputError
 from .gradients import GRADIENTS, GradientOptions, check_hidden_tensors, find_params
@@ -162,8 +162,13 @@ def solve(
         into one program, stepping, error control, outputs and statuses included (``stats["compiled"] ==
         "loop"``; no events, ``dense``, ``jump_t``, ``perturb`` or per-sample steps; on the CPU for states with
         ``y0.numel() * len(t) <= 32768``, where per-step Python costs more than the loop's fixed-shape output
-        writes); otherwise each step is (``"step"``). Python side effects in ``func`` (counters, prints) run
-        when it is traced, not per evaluation. Falls back to Python stepping with a warning where compilation
+        writes); otherwise each step is (``"step"``). Compiling does not always pay (for larger states Inductor's
+        float64 ``tanh``/``exp`` are 2-4x slower than eager ATen's): the first solve of a field times a few eager
+        and compiled steps from ``y0`` and runs eager steps unless the compiled step takes <= 0.9x the eager one
+        (``stats["compiled"] == "eager"``); the choice is cached per field, method, shape, dtype, device and grad
+        mode, and ``stats["compile_reason"]`` gives it with the measured times (see ``neurodyn.compile.policy``).
+        Python side effects in ``func`` (counters, prints) run when it is traced, not per evaluation, and a few
+        times more on the first solve (the timing). Falls back to Python stepping with a warning where compilation
         fails. Not used with a custom ``norm``.
 
     Returns
@@ -207,9 +212,7 @@ def solve(
         raise InputError("y0 contains NaN or inf.")
     solver = get_solver(method)
     if vmapped(y0) and solver.adaptive and step_size is None:
-        raise InputError("torch.func.vmap over an adaptive solve is not possible: the step sizes are host-side "
-                         "decisions on the values. Use per_sample_steps=True (each sample its own steps) or a "
-                         "fixed-step method (e.g. method='rk4', step_size=h) under vmap.")
+        raise InputError(VMAP_ADAPTIVE)
     if gradient not in GRADIENTS:
         raise InputError(f"unknown gradient method {gradient!r}; valid: {', '.join(sorted(GRADIENTS))}.")
     if on_failure not in ("raise", "return"):

@@ -163,6 +163,14 @@ class CompiledStep:
     def __init__(self, advance: Callable, per_func: dict, key: tuple):
         self._advance, self._per_func, self._key = advance, per_func, key
 
+    def choose(self, term, solver, y0: Tensor, k0: Tensor, times: list[float], stops: list[float], cfg,
+               loop_available: bool) -> tuple[str, str]:
+        """Which path this solve runs (``"loop"``, ``"step"`` or ``"eager"``) and why:
+        :func:`neurodyn.compile.policy.choose` (measured once per field and problem)."""
+        from .policy import choose
+
+        return choose(term, solver, y0, k0, times, stops, cfg, loop_available)
+
     def __call__(self, t: float, y: Tensor, h: float, k1: Tensor):
         try:
             return self._advance(t, y, h, k1)

@@ -9,12 +9,13 @@ import torch
 from torch import Tensor
 
 from .. import solution as _sol
+from ..errors import InputError
 from .config import LoopConfig
 from .control import LANDING_SLACK, initial_step, make_error_ratio
 from .events import locate_event
 from .output import LoopResult, step_outputs
 from .stepper import Step, Stepper, nextafter
-from .tensors import fixed_bad, vmapped
+from .tensors import VMAP_ADAPTIVE, fixed_bad, vmapped
 from .term import ODETerm
 
 
@@ -27,7 +28,10 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
     """
     t0, t_end = times[0], times[-1]
     direction = 1.0 if t_end > t0 else -1.0
-    if not vmapped(k0) and not bool(torch.isfinite(k0.detach()).all()):
+    if vmapped(k0):
+        if cfg.adaptive:  # vmapped over the field's parameters only (a batched state is refused by solve())
+            raise InputError(VMAP_ADAPTIVE)
+    elif not bool(torch.isfinite(k0.detach()).all()):
         return LoopResult(outs=[y0], status=_sol.NON_FINITE, t_final=t0, y_final=y0, steps=0, rejected=0,
                           initial_step=0.0, last_step=0.0, records=[],
                           message=(f"NaN/inf in the derivative func(t0, y0) at the initial time t={t0:.6g}: "
@@ -43,10 +47,17 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                    | jumps, key=lambda x: x * direction) + [t_end]
     stop_i = 0
     next_stop = stops[0]
-    if cfg.loop is not None and not jumps and _whole_loop_applies(cfg, y0, k0):
+    # compile=True: the compiled plug-in says whether the whole loop, compiled steps or eager steps run here.
+    path, why = None, None
+    if cfg.advance is not None:
+        loop_ok = cfg.loop is not None and not jumps and _whole_loop_applies(cfg, y0, k0)
+        path, why = cfg.advance.choose(term, solver, y0, k0, times, stops, cfg, loop_ok)
+    if path == "loop":
         res = _run_compiled_loop(term, solver, y0, k0, times, stops, cfg)
         if res is not None:
+            res.compile_reason = why
             return res
+        path, why = "step", f"{why}; it could not be compiled: compiled steps"
 
     ratio_fn = None
     ctrl = None
@@ -104,7 +115,7 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
     attempts = 0
 
     on_accept = cfg.on_accept
-    fast = cfg.advance
+    fast = cfg.advance if path != "eager" else None
     # Without an autograd graph or recorded steps, stages go to two alternating preallocated buffers
     # (alternating: a rejected attempt must not overwrite the FSAL stage the retry starts from).
     buffers = None
@@ -236,7 +247,8 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
     return LoopResult(outs=outs, status=status, t_final=t, y_final=y, steps=steps, rejected=rejected,
                       initial_step=first_h, last_step=abs(last_h), records=records, message=message,
                       next_step=h_abs if math.isfinite(h_abs) and h_abs > 0 else None,
-                      event=event, compiled="step" if fast is not None else None)
+                      event=event, compiled="step" if fast is not None else ("eager" if path == "eager" else None),
+                      compile_reason=why)
 
 
 def failure_message(status: str, t: float, h_abs: float, cfg: LoopConfig, solver: Stepper, t0: float,

@@ -15,6 +15,12 @@ def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return _REAL.get(dtype, dtype)
 
 
+VMAP_ADAPTIVE = ("torch.func.vmap over an adaptive solve is not possible: the step sizes are host-side decisions on "
+                 "the values of every vmapped member (states or parameters). Use a fixed-step method (e.g. "
+                 "method='rk4', step_size=h) under vmap, per_sample_steps=True for a batch of states, or a loop over "
+                 "the members.")
+
+
 def vmapped(*xs: Tensor) -> bool:
     """True when any of ``xs`` is a ``torch.func.vmap`` batched tensor (possibly under grad wrappers): no host-side
     decision may read its values, and it cannot be written into a buffer allocated from an unbatched tensor.

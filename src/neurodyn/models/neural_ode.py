@@ -12,8 +12,6 @@ from ..errors import InputError
 from ..fields import takes_time
 from ..solution import Solution
 from ..solve import solve
-from ..solvers import get_solver
-from ..solvers.explicit_rk import _under_vmap
 
 OUTPUTS = ("final", "trajectory", "solution")
 
@@ -159,9 +157,6 @@ class NeuralODE(nn.Module):
         real = z0.real.dtype if z0.is_complex() else z0.dtype
         if tt.dtype != real or tt.device != z0.device:
             tt = tt.to(device=z0.device, dtype=real)
-        if (self.solve_options.get("step_size") is None and not torch.compiler.is_compiling()
-                and torch._C._functorch.maybe_current_level() is not None and _under_vmap(*self.parameters())):
-            self._refuse_adaptive_ensemble()
         dense = self.output == "solution"
         sol = solve(self.field, z0, tt, method=self.method, rtol=self.rtol, atol=self.atol, gradient=self.gradient,
                     dense=dense or self.solve_options.get("dense", False),
@@ -174,16 +169,6 @@ class NeuralODE(nn.Module):
         if self.output == "trajectory":
             return sol.ys
         return sol
-
-    def _refuse_adaptive_ensemble(self) -> None:
-        """Under ``torch.func.vmap`` over the parameters (an ensemble), an adaptive solve cannot run: say so
-        here, where it is known, rather than fail deep in the step-size control."""
-        if getattr(get_solver(self.method), "adaptive", False):
-            raise InputError(
-                f"NeuralODE: torch.func.vmap over the model's parameters (an ensemble) cannot run the adaptive "
-                f"method {self.method!r}: its step sizes are host-side decisions on each member's values. Use a "
-                f"fixed-step method (e.g. method='rk4', step_size=h) for the vmapped ensemble, or loop over the "
-                f"models.")
 
     def extra_repr(self) -> str:
         return (f"method={self.method!r}, rtol={self.rtol}, atol={self.atol}, gradient={self.gradient!r}, "
