@@ -126,3 +126,50 @@ def test_a_new_explicit_method_is_only_a_tableau():
         errs.append(abs(float(sol.ys[-1, 0]) - math.exp(-1.0)))
     slopes = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
     assert all(abs(s - 3.0) < 0.15 for s in slopes), slopes
+
+
+class _IncrementEuler(neurodyn.core.stepper.StepperBase):
+    """A stepper written against the contract only (outside the library): Euler in increment form,
+    ``y1 = y + prod(vf(t, y), contr(t, t + h))`` over the user's term -- Euler--Maruyama when the control is a
+    Brownian sample path. No change to the loop is needed to run it."""
+
+    name, order, error_order, controller_order = "increment_euler", 1, None, 1
+    adaptive, fsal, stages, has_own_dense = False, False, 1, False
+    accepts = ("ode", "control")
+
+    def coefficients(self, dtype, device):
+        return None
+
+    def step(self, term, t, y, h, k1, co, t_end_nudge=None, buf=None):
+        user = neurodyn.core.term.term_of(term.func)
+        tt = torch.tensor(t, dtype=term.t_dtype)
+        inc = user.vf_prod(tt, y.view(term.shape), user.contr(t, t + h))
+        y1 = y + inc.reshape(1, -1)
+        return y1, k1.reshape(1, -1), None
+
+    def interpolate(self, term, st, thetas, co, interp="auto"):
+        return neurodyn.core.interpolation.linear(thetas.view(-1, 1).to(st.y0.dtype), st.y0, st.y1)
+
+    def interpolate_floats(self, term, st, thetas, co, interp="auto"):
+        return self.interpolate(term, st, torch.tensor(thetas, dtype=st.y0.dtype), co, interp)
+
+
+def test_a_new_sde_style_stepper_needs_no_change_to_the_loop():
+    """Geometric Brownian motion dy = a y dt + b y dW on a sampled Brownian path: the contract-only stepper above,
+    run by neurodyn.solve on MultiTerm(ODETerm, ControlTerm), reproduces the Euler--Maruyama recursion exactly."""
+    from neurodyn.core.term import ControlTerm, MultiTerm, ODETerm
+    from neurodyn.paths import LinearPath
+
+    gen = torch.Generator().manual_seed(5)
+    a, b, h, n = 0.3, 0.5, 0.01, 100
+    ts = torch.linspace(0, n * h, n + 1, dtype=torch.float64)
+    w = torch.cat([torch.zeros(1, 1, dtype=torch.float64),
+                   torch.cumsum(torch.randn(n, 1, generator=gen, dtype=torch.float64) * math.sqrt(h), 0)])
+    term = MultiTerm(ODETerm(lambda t, y: a * y), ControlTerm(lambda t, y: (b * y).unsqueeze(-1), LinearPath(ts, w)))
+    y0 = torch.tensor([1.0], dtype=torch.float64)
+    sol = neurodyn.solve(term, y0, ts, method=_IncrementEuler(), step_size=h)
+    want = [1.0]
+    for k in range(n):
+        want.append(want[-1] + a * want[-1] * h + b * want[-1] * float(w[k + 1, 0] - w[k, 0]))
+    assert sol.status == "success" and sol.stats["steps"] == n
+    torch.testing.assert_close(sol.ys[:, 0], torch.tensor(want, dtype=torch.float64), rtol=1e-13, atol=1e-13)

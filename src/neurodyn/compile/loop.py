@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .. import solution as _sol
 from ..core import interpolation
-from ..core.control import LANDING_SLACK, PIDController, rms_ratio
+from ..core.control import LANDING_SLACK, PIDController, initial_step_tensor, rms_ratio
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from .step import nonzero, own_code, stage_sum
 
@@ -123,21 +123,10 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         t0 = times[0]
         direction = torch.where(times[-1] > t0, 1.0, -1.0).to(torch.float64)
         k0 = k0.reshape(1, -1)
-        if adaptive and choose_first:  # Hairer's initial step (control.initial_step), in the graph
-            inv = 1.0 / math.sqrt(max(n, 1))
-            scale = y0.abs() * rtol + atol
-            d0 = (torch.linalg.vector_norm(y0 / scale) * inv).to(torch.float64)
-            d1 = (torch.linalg.vector_norm(k0 / scale) * inv).to(torch.float64)
-            h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-            h0 = torch.minimum(h0, max_step)
-            f1 = f(t0 + direction * h0, y0 + (direction * h0).to(y0.dtype) * k0, t_dtype, state)
-            d2 = (torch.linalg.vector_norm((f1 - k0) / scale) * inv).to(torch.float64) / h0
-            dm = torch.maximum(d1, d2)
-            h1 = torch.where(dm <= 1e-15, torch.clamp_min(h0 * 1e-3, 1e-6),
-                             (0.01 / dm.clamp_min(1e-300)) ** (1.0 / (order + 1)))
-            h_first = torch.minimum(torch.minimum(100 * h0, h1), max_step)
-            h_first = torch.where(torch.isfinite(d2), h_first,
-                                  torch.where(torch.isfinite(h0), h0 * 1e-3, torch.full_like(h0, 1e-6)))
+        if adaptive and choose_first:  # Hairer's initial step (core.control.initial_step_tensor), in the graph
+            root = math.sqrt(max(n, 1))
+            h_first = initial_step_tensor(lambda tt, yy: f(tt.reshape(()), yy, t_dtype, state), t0, y0, k0,
+                                          direction, order, rtol * root, atol * root, max_step).reshape(())
         else:
             h_first = h_init
         h_abs = torch.minimum(h_first, max_step)

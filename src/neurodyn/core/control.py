@@ -278,3 +278,30 @@ def initial_step(term: Callable[[float, Tensor], Tensor], t0: float, y0: Tensor,
         else:
             h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
         return min(100 * h0, h1, max_step)
+
+
+def initial_step_tensor(f_at: Callable[[Tensor, Tensor], Tensor], t0: Tensor, y0: Tensor, f0: Tensor,
+                        direction: float | Tensor, order: int, rtol: Tensor, atol: Tensor,
+                        max_step: float | Tensor) -> Tensor:
+    """:func:`initial_step` per row, in tensor form (per-sample rows and the compiled loop; no host read).
+
+    ``y0``, ``f0``: ``(B, n)``; ``t0``: ``(B,)`` or 0-dim; ``rtol``/``atol`` multiplied by ``sqrt(n)`` (as for
+    :func:`rms_ratio`); ``f_at(t, y)`` evaluates the field at ``(B,)`` times (one extra evaluation). Returns the
+    step magnitudes, ``(B,)`` float64.
+    """
+    scale = torch.addcmul(atol, y0.abs(), rtol)
+    d0 = torch.linalg.vector_norm(y0 / scale, dim=-1).to(torch.float64)
+    d1 = torch.linalg.vector_norm(f0 / scale, dim=-1).to(torch.float64)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+    cap = torch.as_tensor(max_step, dtype=torch.float64, device=h0.device)
+    h0 = torch.minimum(h0, cap)
+    step = (direction * h0).to(scale.dtype).view(-1, 1)
+    f1 = f_at(t0 + direction * h0, y0 + step * f0)
+    d2 = torch.linalg.vector_norm((f1 - f0) / scale, dim=-1).to(torch.float64) / h0
+    big = torch.maximum(d1, d2)
+    h1 = torch.where(big <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6),
+                     (0.01 / big.clamp_min(1e-300)) ** (1.0 / (order + 1)))
+    h = torch.minimum(torch.minimum(100 * h0, h1), cap)
+    fallback = torch.where(torch.isfinite(h0), h0 * 1e-3, torch.full_like(h0, 1e-6))
+    return torch.where(torch.isfinite(d2), h, fallback)
+

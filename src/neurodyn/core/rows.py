@@ -30,7 +30,7 @@ from .. import solution as _sol
 from ..errors import InputError
 from ..solution import Solution
 from .config import LoopConfig
-from .control import LANDING_SLACK, PIDController, rms_ratio
+from .control import LANDING_SLACK, PIDController, initial_step_tensor, rms_ratio
 from .stepper import Stepper
 from .tensors import real_dtype
 
@@ -171,23 +171,6 @@ def _scaled_tol(tol: float | Tensor, m: int, dtype: torch.dtype, device: torch.d
     return t.to(dtype) * math.sqrt(m)
 
 
-def _initial_step(term: RowTerm, t0: Tensor, y: Tensor, f0: Tensor, d: float, order: int, rtol: Tensor,
-                  atol: Tensor, max_step: float) -> Tensor:
-    """Hairer's starting step (as ``control.initial_step``) for every row; ``rtol``/``atol`` carry ``1/sqrt(n)``."""
-    scale = torch.addcmul(atol, y.abs(), rtol)
-    d0 = torch.linalg.vector_norm(y / scale, dim=1).to(torch.float64)
-    d1 = torch.linalg.vector_norm(f0 / scale, dim=1).to(torch.float64)
-    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-    h0 = h0.clamp(max=max_step)
-    f1 = term(t0 + d * h0, y + (d * h0).to(y.dtype if not y.is_complex() else scale.dtype).view(-1, 1) * f0)
-    d2 = torch.linalg.vector_norm((f1 - f0) / scale, dim=1).to(torch.float64) / h0
-    big = torch.maximum(d1, d2)
-    h1 = torch.where(big <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / big) ** (1.0 / (order + 1)))
-    h = torch.minimum(torch.minimum(100 * h0, h1), torch.full_like(h0, max_step))
-    fallback = torch.where(torch.isfinite(h0), h0 * 1e-3, torch.full_like(h0, 1e-6))
-    return torch.where(torch.isfinite(d2), h, fallback)
-
-
 def _oriented(term: RowTerm, times: Tensor) -> tuple[RowTerm, Tensor, float, Tensor | None]:
     """One direction of integration for all rows: ``(term, times, d, sign)``. Rows integrating backward
     while others go forward are integrated in ``s = -t`` (``sign`` is then the per-row ``(B,)`` sign)."""
@@ -237,7 +220,7 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
             h_abs = torch.full((b,), min(cfg.first_step, cfg.max_step), dtype=torch.float64, device=dev)
         else:
             rt, at = (rtol_t, atol_t) if m == n else (_scaled_tol(rtol, n, rdt, dev), _scaled_tol(atol, n, rdt, dev))
-            h_abs = _initial_step(term, t_cur, y0.detach(), f0.detach(), d, solver.order, rt, at, cfg.max_step)
+            h_abs = initial_step_tensor(term, t_cur, y0.detach(), f0.detach(), d, solver.order, rt, at, cfg.max_step)
             nfe += 1
         # A non-finite derivative at the start stops the row there (as core/loop.py).
         bad0 = ~torch.isfinite(f0.detach()).all(1)
