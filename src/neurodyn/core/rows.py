@@ -33,6 +33,7 @@ from .config import LoopConfig
 from .control import LANDING_SLACK, PIDController, initial_step_tensor, rms_ratio
 from .stepper import Stepper
 from .tensors import real_dtype
+from .term import check_output
 
 RowTerm = Callable[[Tensor, Tensor], Tensor]  # (t of shape (B,), y of shape (B, n)) -> dy/dt of shape (B, n)
 
@@ -384,12 +385,20 @@ def row_times(t: Tensor, b_rows: int) -> Tensor:
 
 
 def row_term(func: Callable, shape: torch.Size) -> RowTerm:
-    """``func`` as a :data:`RowTerm` on flat ``(B, n)`` rows (``t`` cast to the state's real dtype)."""
+    """``func`` as a :data:`RowTerm` on flat ``(B, n)`` rows (``t`` cast to the state's real dtype); every result
+    is checked to be a tensor of the state's shape (:func:`~neurodyn.core.term.check_output`)."""
     b_rows = shape[0]
     n = max(1, math.prod(shape[1:]))
-    if tuple(shape) == (b_rows, n):
-        return func
-    return lambda t, y: func(t, y.view(shape)).reshape(b_rows, n)
+    shape = tuple(shape)
+    flat = shape == (b_rows, n)
+
+    def term(t: Tensor, y: Tensor) -> Tensor:
+        out = func(t, y) if flat else func(t, y.view(shape))
+        if not (isinstance(out, Tensor) and out.shape == shape):
+            check_output(out, shape, float(t.reshape(-1)[0]))
+        return out if flat else out.reshape(b_rows, n)
+
+    return term
 
 
 def time_cast(term: RowTerm, dtype: torch.dtype) -> RowTerm:

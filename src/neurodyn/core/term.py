@@ -158,12 +158,14 @@ class ODETerm(Term):
 
     def __call__(self, t: float, y: Tensor) -> Tensor:
         """dy/dt at ``(t, y)``; ``y`` of shape ``(1, n)``; the result has the user's shape (a view of
-        ``(n,)`` elements, so it can be stored straight into a stage buffer row after ``view(-1)``)."""
+        ``(n,)`` elements, so it can be stored straight into a stage buffer row after ``view(-1)``). Every result
+        is checked (type and shape: metadata, no host sync), see :func:`check_output`."""
         self.nfe += 1
         tt = torch.scalar_tensor(t, dtype=self.t_dtype, device=self.device)
-        if self.flat:
-            return self.func(tt, y)
-        return self.func(tt, y.view(self.shape))
+        out = self.func(tt, y) if self.flat else self.func(tt, y.view(self.shape))
+        if not (isinstance(out, Tensor) and out.shape == self.shape):
+            check_output(out, self.shape, t)
+        return out
 
     def vf(self, t: Tensor, y: Tensor) -> Tensor:
         return self.func(t, y)
@@ -450,6 +452,18 @@ class AdjointTerm(Term):
 # ----------------------------------------------------------------------------------------------
 # How the engine meets terms
 # ----------------------------------------------------------------------------------------------
+def check_output(out: Any, shape: tuple[int, ...], t: float) -> None:
+    """Raise an InputError when a vector field's result at time ``t`` is not a tensor of the state's ``shape``
+    (a broadcastable wrong shape would otherwise fill stage rows silently wrong). Called on every evaluation where
+    the cheap test ``isinstance(out, Tensor) and out.shape == shape`` fails."""
+    if not isinstance(out, Tensor):
+        raise InputError(f"func(t, y) returned {type(out).__name__} at t={t:.6g}, not a tensor: dy/dt must be a tensor "
+                         f"of the state's shape {tuple(shape)} at every call.")
+    if out.shape != tuple(shape):
+        raise InputError(f"func(t, y) returned shape {tuple(out.shape)} at t={t:.6g}, but the state has shape "
+                         f"{tuple(shape)}: dy/dt must have the state's shape at every call.")
+
+
 def as_field(func: Any) -> tuple[Callable[[Tensor, Tensor], Tensor], Term | None]:
     """``(field, term)``: the ``f(t, y)`` the engine integrates for ``func`` (a term's ODE form, an
     :class:`ODETerm`'s own function, or ``func`` itself) and the term it came from (None for a plain field).

@@ -23,6 +23,7 @@ from torch import Tensor
 from ..core.interpolation import hermite, linear
 from ..core.stepper import Step, StepperBase
 from ..core.tensors import vmapped
+from ..core.term import check_output
 from .tableaus import ButcherTableau
 
 Term = Callable[[float, Tensor], Tensor]  # (t, y of shape (1, n)) -> dy/dt of shape (n,)
@@ -160,14 +161,20 @@ class ExplicitRungeKutta(StepperBase):
                         if not same:
                             ti = t + ci * h if (t_end_nudge is None or ci != 1.0) else t_end_nudge
                             tt = scalar(ti, dtype=t_dtype, device=device)
-                        ri.copy_(func(tt, yi))
+                        fi = func(tt, yi)
+                        if not (isinstance(fi, Tensor) and fi.shape == shape):
+                            check_output(fi, shape, float(tt))
+                        ri.copy_(fi)
                 else:
                     for ai, hi, ri, ci, same in buf.plan:
                         yi = addmm(y, ai, hi, alpha=h)
                         if not same:
                             ti = t + ci * h if (t_end_nudge is None or ci != 1.0) else t_end_nudge
                             tt = scalar(ti, dtype=t_dtype, device=device)
-                        ri.copy_(func(tt, yi.view(shape)))
+                        fi = func(tt, yi.view(shape))
+                        if not (isinstance(fi, Tensor) and fi.shape == shape):
+                            check_output(fi, shape, float(tt))
+                        ri.copy_(fi)
             else:
                 for ai, hi, ri, ci, _ in buf.plan:
                     yi = addmm(y, ai, hi, alpha=h)
