@@ -10,7 +10,15 @@ Solvers, gradient methods and models for Neural ODEs, with a torchdiffeq drop-in
 from .analysis import jacobian_spectrum, lipschitz_estimate, reversibility, spectral_radius, stiffness_ratio
 from .compat.torchdiffeq import odeint, odeint_adjoint, odeint_dense, odeint_event
 from .core.control import PIDController
-from .errors import InputError, MaxStepsReached, NeurodynError, NonFiniteError, SolveFailure, StepSizeUnderflow
+from .errors import (
+    InputError,
+    MaxStepsReached,
+    NeurodynError,
+    NoEventError,
+    NonFiniteError,
+    SolveFailure,
+    StepSizeUnderflow,
+)
 from .models import AugmentedNeuralODE, NeuralODE
 from .regularizers import RegularizedField, regularized_solve, steer_time
 from .solution import Solution
@@ -26,6 +34,7 @@ __all__ = [
     "MaxStepsReached",
     "NeuralODE",
     "NeurodynError",
+    "NoEventError",
     "NonFiniteError",
     "PIDController",
     "RegularizedField",
