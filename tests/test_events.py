@@ -186,6 +186,24 @@ def test_two_roots_inside_one_step(method, rtol, delta, tol):
     t_e, s = neurodyn.odeint_event(osc, y0, t0_(), event_fn=ev, method=method, rtol=rtol, atol=rtol * 1e-2)
     assert abs(float(t_e.detach()) - (math.pi - delta)) < tol
     assert abs(float(s[-1, 1]) + math.sin(delta)) < 10 * tol  # y' = -sin t
+    # torchdiffeq sees both roots only with steps shorter than their distance; then it agrees.
+    td_method = "dopri5" if method == "tsit5" else method  # (torchdiffeq has no tsit5)
+    td_t, _ = torchdiffeq.odeint_event(osc, y0, t0_(), event_fn=ev, method=td_method, rtol=rtol,
+                                       atol=rtol * 1e-2, options={"max_step": delta / 2})
+    assert abs(float(t_e.detach()) - float(td_t.detach())) < 2 * tol
+
+
+@pytest.mark.parametrize("method, extra", [("dopri5", 0), ("tsit5", 0), ("bdf", 0), ("radau", 0), ("adams", 0),
+                                           ("kvaerno5", 0), ("dopri8", 3)])
+def test_sub_point_checks_cost_no_field_evaluations(method, extra):
+    """The interior sign checks use dense output that comes with the step; DOP853's own needs three extra stages, so
+    after the first step its checks use cubic Hermite (the end derivative is the next step's first stage)."""
+    y0 = torch.tensor([1.0, 0.0], dtype=F64)
+    t = torch.tensor([0.0, 6.0], dtype=F64)
+    plain = neurodyn.solve(osc, y0, t, method=method, rtol=1e-8, atol=1e-10)
+    watched = neurodyn.solve(osc, y0, t, method=method, rtol=1e-8, atol=1e-10, event_fn=lambda t, y: y[0] + 2.0)
+    assert watched.status == "success" and watched.stats["steps"] == plain.stats["steps"]
+    assert watched.stats["nfe"] == plain.stats["nfe"] + extra
 
 
 def test_two_roots_inside_one_fixed_step():

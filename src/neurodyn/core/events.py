@@ -4,11 +4,12 @@ event time and state.
 How a root is found
 -------------------
 1. ``event_fn(t0, y0)`` is evaluated (and its return type checked) before the first step.
-2. After every accepted step, ``event_fn`` is evaluated on the step's dense output at the interior fractions
-   :data:`EVENT_FRACTIONS` and at the step end (no extra field evaluations for methods whose dense output comes
-   with the step: ``dopri5``, ``tsit5``, ``bdf``, ``adams``, collocation methods, cubic Hermite on FSAL methods).
-   Two roots closer together than a step but further apart than a quarter step are therefore both seen; roots
-   closer than that may still cancel out.
+2. After every accepted step, ``event_fn`` is evaluated at the interior fractions :data:`EVENT_FRACTIONS` of the
+   step and at the step end, on the step's dense output where that needs no field evaluation (``dopri5``,
+   ``tsit5``, ``bdf``, ``adams``, collocation methods), else on its cubic Hermite interpolant (whose end derivative
+   is the next step's first stage). Two roots closer together than a step but further apart than a quarter step
+   are therefore both seen; roots closer than that may still cancel out. A step where a sign changes is checked
+   again on the dense output the solve uses (``interp``: the method's own by default).
 3. In the first sub-interval where some component changes sign, the root of each such component is bracketed
    and shrunk (Illinois regula falsi, with a bisection whenever an iteration fails to halve the bracket) down to
    the resolution of ``t``. The earliest wins.
@@ -114,6 +115,10 @@ class EventWatch:
         self.fn = cfg.event_fn
         self.term = term
         self.interp = cfg.interp
+        # The dense output the sign checks use: ``interp``, until the method's own ("auto") turns out to evaluate
+        # the field (DOP853's three extra stages); then cubic Hermite, which costs none (its end derivative is the
+        # next step's first stage). A flagged step is confirmed on ``interp``.
+        self.detect = cfg.interp
         with torch.no_grad():
             self.g = event_values(self.fn, self._time(t0), y0.detach().view(term.shape)).detach()
         self.n = self.g.numel()
@@ -128,39 +133,22 @@ class EventWatch:
     def check(self, solver: Stepper, st: Step, co, t1: float) -> tuple[Step, float, int] | None:
         """The first root of any component in the accepted step ``st`` (ending at ``t1``), or None."""
         with torch.no_grad():
-            fr = EVENT_FRACTIONS
-            k = len(fr) + 1
-            if self._fr is None:
-                self._fr = torch.tensor(fr, dtype=torch.float64).to(st.y0.device)
-            ys = solver.interpolate(self.term, st, self._fr, co, self.interp)
-            # The interior points and the step end as views of two tensors (no per-point tensor construction).
-            states = torch.cat([ys, st.y1.detach()]).view(k, *self.term.shape).unbind(0)
-            times = [st.t0 + th * st.h for th in fr] + [t1]
-            tts = torch.tensor(times, dtype=self.term.t_dtype).to(self.term.device).unbind(0)
-            fn, n = self.fn, self.n
-            G = torch.stack([self.g] + [event_values(fn, tt, yy, n, False) for tt, yy in zip(tts, states)])
-            if n <= _FEW:  # a few components: the sign logic on Python floats after one host sync
-                rows = G.tolist()
-                nan_rows = [any(v != v for v in r) for r in rows[1:]]
-                changed_rows = [[(q > 0) != (p > 0) or q == 0 for p, q in zip(rows[i], rows[i + 1]) if p != 0]
-                                for i in range(k)]
-                per_interval = [any(c) for c in changed_rows]
-            else:
-                sg = torch.sign(G)
-                changed = (sg[1:] != sg[:-1]) & (G[:-1] != 0)  # (k, n_components)
-                flags = torch.cat([changed.any(dim=1), torch.isnan(G[1:]).any(dim=1)]).tolist()  # one host sync
-                per_interval, nan_rows = flags[:k], flags[k:]
-            if any(nan_rows):
-                i = nan_rows.index(True)
-                _nan_error(times[i], G[i + 1])
-            if not any(per_interval):
+            nfe = self.term.nfe
+            G, times = self._table(solver, st, co, t1, self.detect)
+            if self.detect == "auto" and self.term.nfe > nfe:
+                self.detect = "hermite"
+            j = self._first_change(G, times)
+            if j is not None and self.detect != self.interp:
+                # Confirmed on the dense output the root is located on (the sub-point values again).
+                G, times = self._table(solver, st, co, t1, self.interp)
+                j = self._first_change(G, times)
+            if j is None:
                 self.g = G[-1]
                 return None
-            thetas = (0.0, *fr, 1.0)
-            j = per_interval.index(True)
+            thetas = (0.0, *EVENT_FRACTIONS, 1.0)
             a, b = thetas[j], thetas[j + 1]
             gj, gj1 = G[j].tolist(), G[j + 1].tolist()
-            comps = [c for c in range(n) if gj[c] != 0 and ((gj1[c] > 0) != (gj[c] > 0) or gj1[c] == 0)]
+            comps = [c for c in range(self.n) if gj[c] != 0 and ((gj1[c] > 0) != (gj[c] > 0) or gj1[c] == 0)]
             best_theta, best_comp = math.inf, -1
             res = _resolution(st.t0, st.h)
             for comp in comps:
@@ -169,6 +157,39 @@ class EventWatch:
                 if theta < best_theta:
                     best_theta, best_comp = theta, comp
         return st, best_theta, best_comp
+
+    def _table(self, solver: Stepper, st: Step, co, t1: float, interp: str) -> tuple[Tensor, list[float]]:
+        """``event_fn`` at the step start (kept), the interior fractions on the ``interp`` dense output and the step
+        end: shape ``(len(EVENT_FRACTIONS) + 2, n_components)``, and the times of rows 1 onward."""
+        fr = EVENT_FRACTIONS
+        if self._fr is None:
+            self._fr = torch.tensor(fr, dtype=torch.float64).to(st.y0.device)
+        ys = solver.interpolate(self.term, st, self._fr, co, interp)
+        # The interior points and the step end as views of two tensors (no per-point tensor construction).
+        states = torch.cat([ys, st.y1.detach()]).view(len(fr) + 1, *self.term.shape).unbind(0)
+        times = [st.t0 + th * st.h for th in fr] + [t1]
+        tts = torch.tensor(times, dtype=self.term.t_dtype).to(self.term.device).unbind(0)
+        fn, n = self.fn, self.n
+        G = torch.stack([self.g] + [event_values(fn, tt, yy, n, False) for tt, yy in zip(tts, states)])
+        return G, times
+
+    def _first_change(self, G: Tensor, times: list[float]) -> int | None:
+        """The first sub-interval (row ``j`` to ``j + 1`` of ``G``) where a component leaves its nonzero sign."""
+        k = G.shape[0] - 1
+        if self.n <= _FEW:  # a few components: the sign logic on Python floats after one host sync
+            rows = G.tolist()
+            nan_rows = [any(v != v for v in r) for r in rows[1:]]
+            per_interval = [any((q > 0) != (p > 0) or q == 0 for p, q in zip(rows[i], rows[i + 1]) if p != 0)
+                            for i in range(k)]
+        else:
+            sg = torch.sign(G)
+            changed = (sg[1:] != sg[:-1]) & (G[:-1] != 0)  # (k, n_components)
+            flags = torch.cat([changed.any(dim=1), torch.isnan(G[1:]).any(dim=1)]).tolist()  # one host sync
+            per_interval, nan_rows = flags[:k], flags[k:]
+        if any(nan_rows):
+            i = nan_rows.index(True)
+            _nan_error(times[i], G[i + 1])
+        return per_interval.index(True) if any(per_interval) else None
 
     def _g_at(self, solver: Stepper, st: Step, co, theta: float) -> Tensor:
         y = solver.interpolate_floats(self.term, st, [theta], co, self.interp)
