@@ -264,11 +264,11 @@ def test_initial_step_tensor_form_equals_scalar_form():
     A = torch.randn(n, n, generator=gen, dtype=torch.float64) * 5
     f = lambda t, y: torch.tanh(y @ A.T) * (1 + t.reshape(-1, 1))  # noqa: E731
     y0 = torch.randn(4, n, generator=gen, dtype=torch.float64)
+    root = math.sqrt(n)
     for direction in (1.0, -1.0):
         for rtol, atol, max_step in ((1e-6, 1e-9, math.inf), (1e-3, 1e-5, 0.01)):
             t0 = torch.zeros(4, dtype=torch.float64)
             f0 = f(t0, y0)
-            root = math.sqrt(n)
             rt, at = torch.tensor(rtol * root, dtype=torch.float64), torch.tensor(atol * root, dtype=torch.float64)
             got = initial_step_tensor(f, t0, y0, f0, direction, 5, rt, at, max_step)
             for b in range(4):

@@ -11,7 +11,15 @@ from .analysis import jacobian_spectrum, lipschitz_estimate, reversibility, spec
 from .compat.torchdiffeq import odeint, odeint_adjoint, odeint_dense, odeint_event
 from .core.control import PIDController
 from .core.term import ControlTerm, MultiTerm, ODETerm, SplitTerm, Term
-from .errors import InputError, MaxStepsReached, NeurodynError, NonFiniteError, SolveFailure, StepSizeUnderflow
+from .errors import (
+    InputError,
+    MaxStepsReached,
+    NeurodynError,
+    NoEventError,
+    NonFiniteError,
+    SolveFailure,
+    StepSizeUnderflow,
+)
 from .models import AugmentedNeuralODE, NeuralODE
 from .paths import LinearPath
 from .regularizers import RegularizedField, regularized_solve, steer_time
@@ -31,6 +39,7 @@ __all__ = [
     "MultiTerm",
     "NeuralODE",
     "NeurodynError",
+    "NoEventError",
     "NonFiniteError",
     "ODETerm",
     "PIDController",

@@ -12,7 +12,7 @@ from .. import solution as _sol
 from ..errors import InputError
 from .config import LoopConfig
 from .control import LANDING_SLACK, initial_step, make_error_ratio
-from .events import locate_event
+from .events import EventWatch
 from .output import LoopResult, step_outputs
 from .stepper import Step, Stepper, nextafter
 from .tensors import VMAP_ADAPTIVE, fixed_bad, vmapped
@@ -36,6 +36,8 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                           initial_step=0.0, last_step=0.0, records=[],
                           message=(f"NaN/inf in the derivative func(t0, y0) at the initial time t={t0:.6g}: "
                                    f"check the vector field and y0."))
+    # event_fn(t0, y0) evaluated and checked before any work.
+    watch = EventWatch(term, cfg, t0, y0) if cfg.event_fn is not None else None
     co = solver.coefficients(y0.dtype, y0.device)
     n = y0.shape[1]
     fixed = not cfg.adaptive
@@ -104,12 +106,6 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
     last_h = 0.0
     nonfinite_streak = False
     event = None
-    event_fn = cfg.event_fn
-    g_prev = None
-    if event_fn is not None:
-        with torch.no_grad():
-            g_prev = event_fn(torch.scalar_tensor(t0, dtype=term.t_dtype, device=term.device),
-                              y0.view(term.shape)).detach().reshape(-1)
     perturb = cfg.perturb
     max_steps = cfg.max_steps
     attempts = 0
@@ -185,13 +181,9 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                 # Outputs inside (t, t1]: the method's own dense output, never forced steps.
                 if out_i < n_out and (times[out_i] - t1) * direction <= 0:
                     out_i = step_outputs(solver, term, st, co, cfg.interp, times, out_i, t1, direction, outs)
-                if event_fn is not None:
-                    with torch.no_grad():
-                        g1 = event_fn(torch.scalar_tensor(t1, dtype=term.t_dtype, device=term.device),
-                                      y1.detach().view(term.shape)).detach().reshape(-1)
-                    changed = (torch.sign(g1) != torch.sign(g_prev)) & (g_prev != 0)
-                    if bool(changed.any()):
-                        event = locate_event(term, solver, st, co, cfg, g_prev, changed)
+                if watch is not None:
+                    event = watch.check(solver, st, co, t1)
+                    if event is not None:
                         # Outputs already written past the event time are invalid: drop them.
                         t_ev = st.t0 + event[1] * st.h
                         while len(outs) > 1 and (times[len(outs) - 1] - t_ev) * direction > 0:
@@ -200,7 +192,6 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                         status = _sol.EVENT
                         t, y = t_ev, None
                         break
-                    g_prev = g1
                 t, y = t1, y1
                 k1_time = t
                 if landing and next_stop in jumps:
