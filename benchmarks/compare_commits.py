@@ -613,6 +613,8 @@ def run(args) -> int:
     }
     md = format_markdown(meta, rows)
     out = Path(args.out)
+    if out.is_dir():  # a folder: the default file name inside it
+        out = out / DEFAULT_OUT.name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("# Old vs new\n\n" + md)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
