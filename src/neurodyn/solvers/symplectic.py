@@ -171,58 +171,37 @@ class SymplecticStepper(StepperBase):
         """
         shape, d = self._halves(term)
         halves = split_halves(term)
-        if halves is not None:
-            return self._step_halves(term, halves, shape, d, t, y, h, k1, co, t_end_nudge)
-        yv = y.view(shape)
-        q, p = yv[..., :d], yv[..., d:]
-        fp = k1.reshape(shape)[..., d:]
-        evals = [k1.reshape(1, -1)]
-        m = len(co.drifts)
-        for i in range(m):
-            a = co.kicks[i]
-            if a != 0.0:
-                p = p + (a * h) * fp
-            e = term(t + co.drift_times[i] * h, torch.cat([q, p], -1))
-            evals.append(e.reshape(1, -1))
-            q = q + (co.drifts[i] * h) * e.reshape(shape)[..., :d]
-            tk = t + co.kick_times[i + 1] * h
-            if i == m - 1:
-                tk = t + h if t_end_nudge is None else t_end_nudge
-            e = term(tk, torch.cat([q, p], -1))
-            evals.append(e.reshape(1, -1))
-            fp = e.reshape(shape)[..., d:]
-        a = co.kicks[m]
-        if a != 0.0:
-            p = p + (a * h) * fp
-        y1 = torch.cat([q, p], -1).reshape(1, -1)
-        return y1, torch.cat(evals, 0), None
+        if halves is None:  # the whole field at [q, p]: each kick or drift uses one half of it
+            def evaluate(tt: float, q: Tensor, p: Tensor, drift: bool) -> tuple[Tensor, Tensor]:
+                e = term(tt, torch.cat([q, p], -1)).reshape(shape)
+                return (e[..., :d] if drift else e[..., d:]), e
+        else:  # a SplitTerm: dq/dt(t, p) for a drift, dp/dt(t, q) for a kick, each counted in term.nfe
+            dq_dt, dp_dt = halves
 
-    def _step_halves(self, term: Term, halves: tuple, shape: tuple[int, ...], d: int, t: float, y: Tensor,
-                     h: float, k1: Tensor, co: _Coefficients, t_end_nudge: float | None) -> tuple[Tensor, Tensor, None]:
-        """:meth:`step` with the halves ``(dq_dt(t, p), dp_dt(t, q))`` of a SplitTerm: each drift calls ``dq_dt``
-        and each kick ``dp_dt`` (counted in ``term.nfe``), the arithmetic of the whole-field step. Row ``i`` of
-        ``k`` holds ``[dq/dt, dp/dt]`` as last evaluated by stage ``i``."""
-        dq_dt, dp_dt = halves
-        t_dtype, device, scalar = term.t_dtype, term.device, torch.scalar_tensor
+            def evaluate(tt: float, q: Tensor, p: Tensor, drift: bool) -> tuple[Tensor, None]:
+                term.nfe += 1
+                ts = torch.scalar_tensor(tt, dtype=term.t_dtype, device=term.device)
+                return (dq_dt(ts, p) if drift else dp_dt(ts, q)), None
+
         yv = y.view(shape)
         q, p = yv[..., :d], yv[..., d:]
         k1v = k1.reshape(shape)
         fq, fp = k1v[..., :d], k1v[..., d:]
+        # Row i of k: the field as last evaluated by stage i ([dq/dt, dp/dt] as last known, with halves).
         evals = [k1.reshape(1, -1)]
         m = len(co.drifts)
         for i in range(m):
             a = co.kicks[i]
             if a != 0.0:
                 p = p + (a * h) * fp
-            fq = dq_dt(scalar(t + co.drift_times[i] * h, dtype=t_dtype, device=device), p)
+            fq, e = evaluate(t + co.drift_times[i] * h, q, p, True)
+            evals.append((e if e is not None else torch.cat([fq, fp], -1)).reshape(1, -1))
             q = q + (co.drifts[i] * h) * fq
-            evals.append(torch.cat([fq, fp], -1).reshape(1, -1))
             tk = t + co.kick_times[i + 1] * h
             if i == m - 1:
                 tk = t + h if t_end_nudge is None else t_end_nudge
-            fp = dp_dt(scalar(tk, dtype=t_dtype, device=device), q)
-            evals.append(torch.cat([fq, fp], -1).reshape(1, -1))
-        term.nfe += 2 * m
+            fp, e = evaluate(tk, q, p, False)
+            evals.append((e if e is not None else torch.cat([fq, fp], -1)).reshape(1, -1))
         a = co.kicks[m]
         if a != 0.0:
             p = p + (a * h) * fp
