@@ -34,7 +34,8 @@ def linear_exact(y0, ts):
     return torch.stack([torch.linalg.matrix_exp(A * float(s)) @ y0 for s in ts])
 
 
-# A damped, non-autonomous 2-d field (smooth; stable for every Adams order at the steps used).
+# A damped, non-autonomous 2-d field (smooth; eigenvalues near -0.1 +- 0.5i: AB11 is unstable there at h = 0.01 --
+# its parasitic root leaves the unit circle near -1 -- and explicit_adams' guard lowers the order).
 def damped(t, y):
     return 0.5 * torch.stack([y[1], -y[0] + 0.1 * torch.sin(t) * y[0]]) - 0.1 * y
 
@@ -301,3 +302,82 @@ def test_fixed_gradcheck(implicit):
     y0 = torch.tensor([0.7, -0.2], dtype=F64, requires_grad=True)
     c = torch.tensor(1.4, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(run, (y0, c))
+
+
+# ----------------------------------------------------------------------------------- stability guard
+# AB11 (explicit_adams' default max_order=12, as torchdiffeq) is stable on the negative real axis only for
+# h |lambda| < 0.0034 (AB9: 0.0127): y' = -y with h = 0.01 grows a parasitic mode by 1.26 per step. Both libraries
+# used to return 5e19 at t = 3 with status success; the guard lowers the order to a stable formula.
+def _decay(t, y):
+    return -y
+
+
+def test_real_stability_intervals_are_the_classical_ones():
+    from neurodyn.solvers.adams import _real_interval
+    # Adams--Bashforth: 2, 1, 6/11, 3/10, 90/551 (Hairer, Norsett & Wanner I, III.3); Adams--Moulton: 6, 3, 90/49.
+    ab = [_real_interval(k, False) for k in (1, 2, 3, 4, 5)]
+    np.testing.assert_allclose(ab, [2.0, 1.0, 6 / 11, 0.3, 90 / 551], rtol=1e-6)
+    am = [_real_interval(k, True) for k in (2, 3, 4)]
+    np.testing.assert_allclose(am, [6.0, 3.0, 90 / 49], rtol=1e-6)
+    assert 0.0033 < _real_interval(11, False) < 0.0035 and 0.0126 < _real_interval(9, False) < 0.0128
+
+
+def test_explicit_adams_unstable_order_is_lowered():
+    y0 = torch.ones(1, dtype=F64)
+    t = torch.linspace(0, 3, 301, dtype=F64)
+    with pytest.warns(RuntimeWarning, match=r"order-11 formula \(AB11\) is unstable at step 0.01"):
+        sol = neurodyn.solve(_decay, y0, t, method="explicit_adams", step_size=0.01)
+    assert sol.status == "success"
+    err = float((sol.ys[:, 0] - torch.exp(-t)).abs().max())
+    # torchdiffeq (which blows up with the default) is right with max_order=10 (AB9), to 3.7e-9 (the start-up AB3
+    # step's error): the same answer to the method's accuracy (the parasitic mode grew for a few steps before the
+    # guard acted), and bit for bit with the same max_order (the guard then never acts).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        td = torchdiffeq.odeint(_decay, y0, t, method="explicit_adams", options={"step_size": 0.01, "max_order": 10})
+        nd = neurodyn.odeint(_decay, y0, t, method="explicit_adams", options={"step_size": 0.01, "max_order": 10})
+    td_err = float((td[:, 0] - torch.exp(-t)).abs().max())
+    assert td_err < 5e-9 and err < 2.5 * td_err, (err, td_err)
+    assert float((sol.ys - td).abs().max()) < 1e-8
+    assert float((nd - td).abs().max()) < 1e-14
+
+
+@pytest.mark.parametrize("implicit,h,t_end,tol", [(False, 0.05, 30.0, 1e-12), (False, 0.3, 30.0, 1e-4),
+                                                   (True, 0.1, 30.0, 1e-15), (True, 0.6, 30.0, 1e-5)])
+def test_fixed_adams_long_decay_stays_accurate(implicit, h, t_end, tol):
+    """Before the guard: 6e160 (AB, h=0.05), 5e50 (AB, h=0.3), 7.6e3 (ABM, h=0.1), -337 (ABM, h=0.6) at t=30."""
+    y0 = torch.ones(1, dtype=F64)
+    t = torch.tensor([0.0, 1.0, t_end], dtype=F64)
+    with pytest.warns(RuntimeWarning, match="unstable"):
+        sol = neurodyn.solve(_decay, y0, t, method=FixedAdams(implicit), step_size=h)
+    assert sol.status == "success"
+    assert abs(float(sol.ys[-1, 0]) - math.exp(-t_end)) < tol
+
+
+def test_explicit_adams_blow_up_ends_non_finite():
+    """h = 1 on y' = -y: no Adams--Bashforth formula of order >= 3 is stable (AB3 needs h < 6/11); the solve stops
+    with status non_finite (torchdiffeq returns 1e20 at t=30)."""
+    y0 = torch.ones(1, dtype=F64)
+    t = torch.tensor([0.0, 30.0], dtype=F64)
+    with pytest.warns(RuntimeWarning, match="unstable at step 1 .*stopping"):
+        sol = neurodyn.solve(_decay, y0, t, method="explicit_adams", step_size=1.0, on_failure="return")
+    assert sol.status == "non_finite" and sol.t_final < 30.0
+    with pytest.warns(RuntimeWarning, match="stopping"), pytest.raises(neurodyn.errors.NonFiniteError,
+                                                                     match="step_size"):
+        neurodyn.solve(_decay, y0, t, method="explicit_adams", step_size=1.0)
+
+
+def test_lowered_order_replays_exactly_under_checkpoint():
+    """The order the guard chose is a decision of the step: a checkpoint replay takes it again, so the gradient
+    equals the direct one and the closed form d y(T) / d c = -T exp(-c T)."""
+    t = torch.tensor([0.0, 1.5], dtype=F64)
+    grads = {}
+    for gradient in ("direct", "checkpoint"):
+        c = torch.tensor(1.0, dtype=F64, requires_grad=True)
+        with pytest.warns(RuntimeWarning, match="AB11"):
+            sol = neurodyn.solve(lambda t_, y, c=c: -c * y, torch.ones(1, dtype=F64), t, method="explicit_adams",
+                                 step_size=0.01, gradient=gradient, checkpoints=4, params=[c])
+        (g,) = torch.autograd.grad(sol.ys[-1, 0], c)
+        grads[gradient] = float(g)
+    assert abs(grads["checkpoint"] - grads["direct"]) < 1e-13
+    assert abs(grads["direct"] + 1.5 * math.exp(-1.5)) < 2e-8  # the solution's own accuracy (4e-9)

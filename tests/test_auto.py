@@ -74,12 +74,14 @@ def test_reference_problems(problem):
 
 def test_tight_tolerance_switches_on_the_stiffness_ratio():
     """Robertson at rtol 1e-8: tsit5's steps are held near |h rho| ~ 0.05 beta by the fast components' errors (not at
-    the stability boundary: tsit5 would take 11000 steps to t = 15); the stiffness ratio switches within t < 0.1."""
+    the stability boundary: tsit5 would take 11000 steps to t = 15); the stiffness ratio switches within t < 0.1
+    (stability alone: none before t = 1, > 700 steps)."""
     sol = solve_reference(ROBER, rtol=1e-8)
     assert ROBER.rel_error(sol.ys[-1].numpy()) <= 1e-5
-    assert sol.stats["switches"][0][0] < 0.1 and sol.stats["steps"] < 600
+    # 645 steps since kvaerno5's dense output joined its step control (its error on the stiff components).
+    assert sol.stats["switches"][0][0] < 0.1 and sol.stats["steps"] < 700
     stability_only = solve_reference(ROBER, rtol=1e-8, solver_options={"stiff_ratio": math.inf}, t_end=1.0)
-    assert stability_only.stats["switches"] == [] and stability_only.stats["steps"] > 600
+    assert stability_only.stats["switches"] == [] and stability_only.stats["steps"] > 700
 
 
 @pytest.mark.parametrize("problem", [ROBER, VDP_SHORT], ids=lambda p: p.name)

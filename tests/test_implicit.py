@@ -562,3 +562,99 @@ def test_events_dense_and_jumps():
         sol = neurodyn.solve(g, y0, torch.tensor([0.0, 2.0], dtype=F64), method=implicit(method, 1e-8, 1e-10),
                              rtol=1e-8, atol=1e-10, jump_t=[1.0])
         assert abs(float(sol.ys[-1, 0]) - math.exp(-4.0)) < 1e-7
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dense output of the ESDIRKs on stiff problems: the stage-value extension (kvaerno4, kvaerno5, auto).
+# ----------------------------------------------------------------------------------------------------
+STAGE_DENSE = {"kvaerno4": 2, "kvaerno5": 3}  # the stiff degree the extension reproduces
+
+
+@pytest.mark.parametrize("name", sorted(STAGE_DENSE))
+def test_stage_dense_output_conditions(name):
+    """w(theta) with u(t0 + theta h) = y0 + h w(theta) . K: the end points, the non-stiff order-3 conditions, and
+    -- from stage values of a polynomial of the stiff degree, whatever k1 -- the polynomial itself."""
+    tb, a, b, c = _arrays(name)
+    co = get_solver(name).coefficients(F64, torch.device("cpu"))
+    p = co.dense_t.numpy()  # (d, s)
+
+    def w(theta):
+        return np.array([theta ** (m + 1) for m in range(p.shape[0])]) @ p
+
+    assert np.allclose(w(0.0), 0.0, atol=1e-14) and np.allclose(w(1.0), b, atol=1e-12)
+    rng = np.random.default_rng(0)
+    for theta in (0.1, 0.37, 0.8):
+        wt = w(theta)
+        assert abs(wt.sum() - theta) < 1e-12
+        assert abs(wt @ c - theta ** 2 / 2) < 1e-12
+        assert abs(wt @ c ** 2 - theta ** 3 / 3) < 1e-12 and abs(wt @ (a @ c) - theta ** 3 / 6) < 1e-12
+        for deg in range(STAGE_DENSE[name] + 1):
+            poly = rng.standard_normal(deg + 1)
+            Y = np.polyval(poly, c)  # stage values on the polynomial; K from the stage equations, k1 arbitrary
+            K = np.zeros(len(c))
+            K[0] = rng.standard_normal()
+            for i in range(1, len(c)):
+                K[i] = (Y[i] - Y[0] - a[i, :i] @ K[:i]) / a[i, i]
+            assert abs(Y[0] + w(theta) @ K - np.polyval(poly, theta)) < 1e-11, (deg, theta)
+
+
+STIFF_L = 1e6
+
+
+def _forced(t, y):
+    return -STIFF_L * (y - torch.cos(t))
+
+
+def _forced_exact(t):
+    L2 = STIFF_L * STIFF_L
+    return (L2 * np.cos(t) + STIFF_L * np.sin(t)) / (L2 + 1) - L2 / (L2 + 1) * np.exp(-STIFF_L * t)
+
+
+@pytest.mark.parametrize("method", ["kvaerno4", "kvaerno5", "auto"])
+@pytest.mark.parametrize("rtol", [1e-6, 1e-8])
+def test_stiff_forced_dense_output_meets_the_tolerance(method, rtol):
+    """y' = -1e6 (y - cos t), y(0) = 0: after the layer the step ends are exact to O(1 / (h lambda)) whatever h, so
+    steps grew to 0.3 and cubic Hermite on f(y0), f(y1) (1e6 times the Newton error) was 2e-4 .. 2e-3 off between
+    them at either rtol. Now within 2 rtol of the closed form at 200 interior times."""
+    ts = np.linspace(0.0, 1.0, 201)
+    with torch.no_grad():
+        sol = neurodyn.solve(_forced, torch.zeros(1, dtype=F64), torch.tensor(ts, dtype=F64), method=method,
+                             rtol=rtol, atol=rtol * 1e-3)
+    err = np.abs(sol.ys[1:, 0].numpy() - _forced_exact(ts[1:])).max()
+    assert err < 2 * rtol, err
+
+
+def test_stage_dense_output_gradient_at_interior_times():
+    """Outputs between steps are differentiable through the stage values: d/d(mu) of interior outputs of the forced
+    problem y' = -mu (y - cos t) (adaptive kvaerno5) against central differences of the same adaptive solves."""
+    ts = torch.linspace(0.0, 0.5, 11, dtype=F64)
+
+    def out(mu):
+        return neurodyn.solve(lambda t, y: -mu * (y - torch.cos(t)), torch.zeros(1, dtype=F64), ts,
+                              method="kvaerno5", rtol=1e-9, atol=1e-12).ys[1:, 0].sum()
+
+    mu = torch.tensor(50.0, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(out(mu), mu)
+    with torch.no_grad():
+        eps = 1e-4
+        fd = (float(out(torch.tensor(50.0 + eps, dtype=F64))) - float(out(torch.tensor(50.0 - eps, dtype=F64)))) / (
+            2 * eps)
+    # (the step sequence is the same at mu +- eps: the adaptive decisions do not change)
+    assert abs(float(g) - fd) < 1e-6 * max(1.0, abs(fd)), (float(g), fd)
+
+
+def test_dense_error_off_controls_the_step_ends_only():
+    """kvaerno5 with bind(dense_error=False) (the adjoint's backward solves) takes the steps of step-end control only:
+    fewer than with the interior control, and its end value still meets the tolerance (y' = -1e6 (y - cos t): y(1)
+    = cos 1 + sin 1 * 1e-6 + O(1e-12))."""
+    f = lambda t, y: -1e6 * (y - torch.cos(t))  # noqa: E731
+    y0 = torch.zeros(1, dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    exact = math.cos(1.0) + math.sin(1.0) * 1e-6
+    steps = {}
+    for dense_error in (True, False):
+        solver = neurodyn.solvers.get_solver("kvaerno5").bind(rtol=1e-6, atol=1e-9, dense_error=dense_error)
+        sol = neurodyn.solve(f, y0, t, method=solver, rtol=1e-6, atol=1e-9)
+        assert abs(float(sol.ys[-1, 0]) - exact) < 1e-6
+        steps[dense_error] = sol.stats["steps"]
+    assert steps[False] < steps[True]

@@ -121,6 +121,8 @@ class StepperBase:
     ``own_controller``: ``default_controller()`` returns the controller the method needs (``bdf``).
     ``bind_tolerances``: ``bind(**options)`` returns a per-solve stepper bound to the tolerances and solver options
     (Newton's convergence test is measured in them); the implicit Runge--Kutta methods, ``bdf`` and ``auto``.
+    ``interior_error``: ``bind(dense_error=...)`` switches the error control of the continuous extension between the
+    step ends on or off (a solve whose outputs all fall on step ends, like the adjoint's backward solves, needs none).
     ``compilable``: an explicit Runge--Kutta tableau the compiled paths can generate code for.
     ``accepts``: the term kinds it integrates (rule 6).
     """
@@ -133,6 +135,7 @@ class StepperBase:
     own_controller: ClassVar[bool] = False
     compilable: ClassVar[bool] = False
     bind_tolerances: ClassVar[bool] = False
+    interior_error: ClassVar[bool] = False
     accepts: ClassVar[tuple[str, ...]] = ODE_FORM_KINDS
     # Counters of the solve in progress that go into ``sol.stats`` (implicit methods: Jacobians, Newton iterations).
     stats: dict | None = None

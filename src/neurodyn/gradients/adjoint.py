@@ -136,7 +136,9 @@ class _AdjointFunction(torch.autograd.Function):
             # Newton's tolerance follows the backward solve's: a stepper bound to the forward tolerances would stop
             # Newton far above a tighter adjoint_rtol, and the error control would then chase Newton's residual.
             own = isinstance(controller, StepperController) and controller.stepper is adj_solver
-            adj_solver = adj_solver.bind(rtol=rtol, atol=atol)
+            # Its outputs are the interval ends only: no error control of values between steps is needed.
+            extra = {"dense_error": False} if adj_solver.interior_error else {}
+            adj_solver = adj_solver.bind(rtol=rtol, atol=atol, **extra)
             if own:  # bdf sizes its own steps: the new stepper's controller
                 controller = adj_solver.default_controller()
         cfg = LoopConfig(rtol=rtol, atol=atol, adaptive=adj_solver.adaptive and setup.cfg.step_size is None,

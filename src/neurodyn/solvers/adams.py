@@ -34,9 +34,17 @@ Methods
     Adams--Bashforth with as many past points as available, up to ``max_order - 1`` (default 11);
     the first two steps (fewer than 3 points) are RK4 (3/8 rule). One ``func`` call per step.
     Global order 4 asymptotically: the single AB3 step (third step) has an O(h^4) local error (3 with
-    ``max_order=4``). High-order AB formulas have tiny stability regions: with the default ``max_order=12``
-    (AB11) oscillatory or moderately damped problems blow up unless ``h |lambda|`` is very small (torchdiffeq's
-    behaviour, reproduced); ``max_order=5`` (AB4) is far more robust.
+    ``max_order=4``). High-order AB formulas have tiny stability regions: AB11 (the default ``max_order=12``) is
+    stable on the negative real axis only for ``h |lambda| < 0.0034`` (AB9: 0.0127, AB4: 0.3, AB3: 6/11), so
+    ``y' = -y`` with ``h = 0.01`` grows a parasitic mode by 1.26 per step -- torchdiffeq returns 5e19 at ``t = 3``.
+    neurodyn guards against it (both fixed methods): when the highest backward difference the formula uses grows
+    for ``order`` steps in a row while no smaller than the one below it and well above rounding (the signature of
+    a parasitic root near -1), the order is lowered for the rest of the solve -- to the highest formula whose real
+    stability interval covers the ``h lambda`` implied by the measured growth -- with a ``RuntimeWarning``; when
+    no formula of order 3 or more is stable there, the step returns NaN and the solve ends with status
+    ``non_finite``. Where torchdiffeq's formulas are stable the guard never acts and the results are the same.
+    It does not act during the first ``max_order`` steps (the order ramp) nor on a one-step RK4 (``max_order``
+    below 4).
 ``implicit_adams`` (torchdiffeq's ``AdamsBashforthMoulton``)
     The same AB predictor, then the Adams--Moulton corrector with one more point, solved by functional
     iteration (at most ``max_iters``, default 4) until successive increments agree to ``rtol``/``atol``
@@ -71,19 +79,29 @@ True
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..core.interpolation import step_interpolant
 from ..core.stepper import Step, StepperBase
+from ..core.tensors import vmapped
 from ..errors import InputError
 from .explicit_rk import Term
 
 MAX_ORDER = 12
+# The fixed-step methods' stability guard (FixedAdams._growing): the highest backward difference the formula uses
+# counts as parasitic only above NOISE_FACTOR times its rounding level 2^m eps max|f|.
+NOISE_FACTOR = 100.0
+CONFIRM = 3
+# After a formula was found unstable: the highest one whose real stability interval exceeds SAFETY times the
+# estimated |h lambda|.
+SAFETY = 1.25
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,6 +340,62 @@ class MultistepBase(StepperBase):
                                 st.h)
 
 
+_DIFFERENCES: dict[int, list[list[float]]] = {}
+_INTERVALS: dict[tuple[int, bool], float] = {}
+
+
+def _char_coefficients(order: int, implicit: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(rho, sigma)``, highest power first, of the order-``order`` formula on an even grid: Adams--Bashforth with
+    ``order`` points, or (``implicit``) the Adams--Moulton corrector with ``order + 1``; on ``y' = lambda y`` its
+    steps solve ``rho(zeta) = h lambda sigma(zeta)``."""
+    rho = np.zeros(order + 1)
+    rho[0], rho[1] = 1.0, -1.0
+    sigma = np.zeros(order + 1)
+    if implicit:
+        sigma[:] = quadrature_weights([1.0 - i for i in range(order + 1)])[order + 1]
+    else:
+        sigma[1:] = quadrature_weights([-float(i) for i in range(order)])[order]
+    return rho, sigma
+
+
+def _lambda_h(order: int, implicit: bool, zeta: float) -> float:
+    """The ``h lambda`` at which the formula has the root ``zeta`` (real)."""
+    rho, sigma = _char_coefficients(order, implicit)
+    return float(np.polyval(rho, zeta) / np.polyval(sigma, zeta))
+
+
+def _real_interval(order: int, implicit: bool) -> float:
+    """The length ``x`` of the formula's real stability interval ``[-x, 0]`` (at most 10), by bisection."""
+    key = (order, implicit)
+    if key not in _INTERVALS:
+        rho, sigma = _char_coefficients(order, implicit)
+
+        def stable(x: float) -> bool:
+            return bool(np.abs(np.roots(rho + x * sigma)).max() <= 1.0 + 1e-9)
+
+        grid = np.geomspace(1e-4, 10.0, 121)
+        bad = next((float(x) for x in grid if not stable(float(x))), None)
+        if bad is None:
+            _INTERVALS[key] = 10.0
+        else:
+            lo, hi = bad / grid[1] * grid[0], bad
+            for _ in range(40):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if stable(mid) else (lo, mid)
+            _INTERVALS[key] = lo
+    return _INTERVALS[key]
+
+
+def _difference_matrix(order: int, like: Tensor) -> Tensor:
+    """``(order, order)``: row ``j`` maps the newest-first values ``f_0 .. f_{order-1}`` to their ``j``-th backward
+    difference at ``f_0`` (``sum_i (-1)^i C(j, i) f_i``)."""
+    rows = _DIFFERENCES.get(order)
+    if rows is None:
+        rows = _DIFFERENCES[order] = [[(-1.0) ** i * math.comb(j, i) if i <= j else 0.0 for i in range(order)]
+                                      for j in range(order)]
+    return torch.tensor(rows, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
+
+
 def _weights_tensor(rows: list[list[float]], width: int, like: Tensor) -> Tensor:
     data = [r + [0.0] * (width - len(r)) for r in rows]
     return torch.tensor(data, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
@@ -339,7 +413,8 @@ class FixedAdams(MultistepBase):
         Correct the AB prediction with Adams--Moulton by functional iteration.
     max_order : int
         At most ``max_order - 1`` past points (2 .. 12; default 12, as torchdiffeq). Below 4 every step
-        is RK4, as in torchdiffeq.
+        is RK4, as in torchdiffeq. Lowered during a solve where the formula shows parasitic growth (see the
+        module docstring).
     max_iters : int
         Corrector iterations per step (``implicit`` only; default 4).
     rtol, atol : float or Tensor
@@ -384,15 +459,43 @@ class FixedAdams(MultistepBase):
         self.dense_order = 3
         self.has_own_dense = False
         self.max_history = max(1, max_order - 1)
+        self._cap = max_order - 1  # the highest formula allowed (lowered by the stability guard)
+        # (order, [|grad^(order-2) f|, |grad^(order-1) f|, max |f|]) at the previous step, and for how many
+        # consecutive steps the formula of that order has looked unstable (see _stable_order).
+        self._diffs: tuple[int, list[float]] | None = None
+        self._run = 0
+        self._run_start = 0.0  # |grad^(order-1) f| before the run began
+        self._forced: int | None = None
+
+    def _on_reset(self) -> None:
+        self._cap = self.max_order - 1
+        self._diffs = None
+        self._run = 0
+
+    def _decisions(self, last: StepAttempt) -> int:
+        return last.order
+
+    def _impose(self, order: int) -> None:
+        self._forced = order
 
     def step(self, term: Term, t: float, y: Tensor, h: float, k1: Tensor, co: None = None,
              t_end_nudge: float | None = None, buf: None = None) -> tuple[Tensor, Tensor, None]:
         """One step from ``(t, y)`` (``(1, n)``) with ``k1 = func(t, y)``; returns ``(y1, k, None)``."""
-        self._sync(t, y, k1)
+        self._forced = None
+        mode = self._sync(t, y, k1)
         hist = self._hist
-        order = min(len(hist.fs), self.max_order - 1)
         t1 = t + h if t_end_nudge is None else t_end_nudge
         f0 = k1.reshape(1, -1)
+        if self._forced is not None:  # a checkpoint replay: the order the forward step took
+            order = self._forced
+        else:
+            order = min(len(hist.fs), self._cap)
+            if order >= 3:
+                order = self._stable_order(t, h, order, mode)
+                if order < 3:  # even AB3 is unstable at this step: stop (the loop reports non_finite)
+                    y1 = y.detach() * math.nan
+                    self._record(t, y, h, y1, t_end_nudge, order=order)
+                    return y1, f0, None
         if order < 3:
             y1, k = self._rk4(term, t, y, h, f0, t1)
         else:
@@ -404,8 +507,68 @@ class FixedAdams(MultistepBase):
             if self.implicit:
                 y1, f_last = self._correct(term, t1, y, y1, h, x, F, order)
                 k = torch.cat([f0, f_last.reshape(1, -1)], 0)
-        self._record(t, y, h, y1, t_end_nudge)
+        self._record(t, y, h, y1, t_end_nudge, order=order)
         return y1, k, None
+
+    # -- stability guard ---------------------------------------------------------------------------
+    def _stable_order(self, t: float, h: float, order: int, mode: str) -> int:
+        """The order for this step: ``order``, or one less when the formula of that order has shown parasitic growth
+        (:meth:`_growing`) on ``order`` consecutive steps (``CONFIRM`` once a higher order was found unstable; the cap
+        then stays lowered for the rest of the solve); below 3 the step is refused."""
+        if vmapped(self._hist.fs[0]):  # values cannot reach the host under vmap
+            return order
+        with torch.no_grad():
+            F = torch.stack(self._hist.fs[:order]).detach()
+            D = torch.mm(_difference_matrix(order, F)[-2:], F)  # the two highest backward differences at t
+            vals = torch.cat([torch.linalg.vector_norm(D, dim=1), torch.linalg.vector_norm(F, dim=1).amax().view(1)])
+            vals = vals.tolist()
+        prev, self._diffs = self._diffs, (order, vals)
+        if mode != "continue" or prev is None or prev[0] != order:  # a new formula: count afresh
+            self._run = 0
+            return order
+        if self._growing(vals, prev[1], order - 1, F.dtype):
+            self._run += 1
+            if self._run == 1:
+                self._run_start = prev[1][1]
+        else:
+            self._run = 0
+        # A formula is judged unstable after `order` steps of growth in a row (longer than the rise of a kink of f
+        # or a start-up step passing through the differences), or after CONFIRM steps once a higher one was.
+        if self._run < (CONFIRM if self._cap < self.max_order - 1 else order):
+            return order
+        # The parasitic root, taken as negative real (where Adams formulas leave their stability regions on the real
+        # axis), from the growth over the run; the h lambda it implies; the highest formula stable there.
+        growth = (vals[1] / self._run_start) ** (1.0 / self._run) if self._run_start > 0.0 else 2.0
+        z = abs(_lambda_h(order, self.implicit, -max(growth, 1.0)))
+        new = max([j for j in range(3, order) if _real_interval(j, self.implicit) >= SAFETY * z], default=2)
+        self._cap = new
+        self._run = 0
+        self._diffs = None
+        name = f"{'ABM' if self.implicit else 'AB'}{order}"
+        if new >= 3:
+            warnings.warn(f"{self.name}: the order-{order} formula ({name}) is unstable at step {abs(h):.3g} "
+                          f"(parasitic growth up to t={t:.6g}); continuing with order {new}. Use a smaller "
+                          f"step_size, or max_order={new + 1} (formulas up to order {new}) from the start.",
+                          RuntimeWarning, stacklevel=4)
+        else:
+            warnings.warn(f"{self.name}: unstable at step {abs(h):.3g} (parasitic growth up to t={t:.6g}, about "
+                          f"h*lambda = -{z:.2g}, beyond the order-3 formula's limit "
+                          f"{_real_interval(3, self.implicit):.2g}): stopping. Use a smaller step_size, an adaptive "
+                          f"method, or an implicit method for a stiff problem.", RuntimeWarning, stacklevel=4)
+        return new
+
+    @staticmethod
+    def _growing(vals: list[float], prev: list[float], m: int, dtype: torch.dtype) -> bool:
+        """Whether the highest backward difference the formula uses, ``|grad^m f|`` (``vals[1]``; ``vals[0]`` is
+        ``|grad^(m-1) f|``, ``vals[2]`` is ``max |f|`` over the points, ``prev`` the same at the previous step)
+        looks parasitic and growing: it is not smaller than the difference below it (a resolved solution has
+        ``|grad^m f| ~ |h lambda| |grad^(m-1) f|`` with ``|h lambda|`` well below 1 wherever an Adams formula of
+        order 3 or more is stable; where an Adams--Bashforth formula leaves its stability region on the negative
+        real axis its parasitic root crosses the unit circle at -1, and each difference doubles that mode), it is
+        well above its rounding level ``2^m eps max|f|``, and it grew since the previous step."""
+        below, d, scale = vals
+        noise = NOISE_FACTOR * 2.0**m * torch.finfo(dtype).eps * scale
+        return d >= below and d > noise and d > prev[1]
 
     def _rk4(self, term: Term, t: float, y: Tensor, h: float, f0: Tensor, t1: float) -> tuple[Tensor, Tensor]:
         """torchdiffeq's starting step: RK4 with the 3/8 rule."""

@@ -52,7 +52,7 @@ from .implicit_tableaus import IMPLICIT_TABLEAUS
 from .tableaus import TABLEAUS, ButcherTableau
 
 _TAG = "_neurodyn_auto_method"  # attribute of a step's stacked stages: the index of the method that made it
-_IMPLICIT_OPTIONS = ("jac", "newton_tol", "max_newton_iter", "jac_rate", "refactor_ratio")
+_IMPLICIT_OPTIONS = ("jac", "newton_tol", "max_newton_iter", "jac_rate", "refactor_ratio", "dense_error")
 _STIFF_METHODS = ("kvaerno5", "kvaerno4", "kvaerno3", "radau")
 
 
@@ -163,6 +163,7 @@ class AutoSwitch(StepperBase):
 
     implicit = True
     bind_tolerances = True  # solve() passes its tolerances (and solver_options) through bind()
+    interior_error = True
     adaptive = True
     fsal = True  # the last row of every step's stages is dy/dt at the step's end
     name = "auto"

@@ -91,6 +91,9 @@ ETA_FLOOR = 1e-2
 # Checkpoint replays: Newton's tolerance is the forward's times REPLAY_TIGHTER, with up to REPLAY_ITERS iterations.
 REPLAY_TIGHTER = 1e-3
 REPLAY_ITERS = 40
+# Where a stage-value continuous extension is checked against a second one (ImplicitTableau.stage_dense_check).
+DENSE_CHECK_AT = (1.0 / 3.0, 2.0 / 3.0)
+DENSE_FILTER_POWER = 2
 STAT_KEYS = ("jacobian_evals", "factorizations", "linear_solves", "newton_iters", "newton_failures",
              "adjoint_solves", "adjoint_refinements")
 
@@ -145,6 +148,49 @@ def _collocation_dense(a: np.ndarray, c: np.ndarray) -> np.ndarray:
     return a.T @ q
 
 
+def _stage_dense(a: np.ndarray, c: np.ndarray, spec: tuple) -> np.ndarray:
+    """``P`` (s x d) of a stage-value continuous extension of a stiffly accurate ESDIRK with stage order 2:
+    ``u(t0 + theta h) = y0 + sum_i l_i(theta) (Y_i - y0) = y0 + h sum_j w_j(theta) K_j`` with
+    ``w_j(theta) = sum_m P[j, m] theta^(m+1)`` (``w = A^T l``; ``K_j`` the stage derivatives).
+
+    ``spec = (stiff_degree, trees, skip)``: the weights ``l_i`` of the stage values (stages not in ``skip``, the
+    first excluded: its value is ``y0``) solve the square system
+
+    * ``sum_i l_i c_i^q = theta^q`` for ``q = 1 .. stiff_degree``: the stage values, combined, reproduce polynomials
+      of that degree in their abscissae. On a very stiff component ``y' = lambda (y - g(t))`` every stage value is
+      ``g(t0 + c_i h) + O(1 / (h lambda))``, so the extension interpolates ``g`` to that degree instead of
+      amplifying ``lambda``-sized derivatives (what cubic Hermite on ``f(y0), f(y1)`` does);
+    * the order conditions of the trees in ``trees`` (``"Ac2"``: ``l^T A c^2 = theta^3 / 3``; ``"Ac3"``:
+      ``theta^4 / 4``; ``"AAc2"``: ``l^T A A c^2 = theta^4 / 12``): with stage order 2 (``A c = c^2 / 2``) those and
+      the degree-1 and -2 conditions above are all the conditions of the corresponding non-stiff order.
+
+    ``u(t0) = y0``, and ``u(t0 + h) = y1`` (the last stage) because ``l = e_s`` solves the system at ``theta = 1``
+    (the method's own order conditions)."""
+    s = len(c)
+    skip = set(spec[2])
+    unknowns = [i for i in range(1, s) if i not in skip]
+    rows, powers, scale = [], [], []
+    for q in range(1, spec[0] + 1):
+        rows.append(c ** q)
+        powers.append(q)
+        scale.append(1.0)
+    trees = {"Ac2": (a @ c ** 2, 3, 1.0 / 3.0), "Ac3": (a @ c ** 3, 4, 0.25), "AAc2": (a @ a @ c ** 2, 4, 1.0 / 12.0)}
+    for name in spec[1]:
+        row, q, w = trees[name]
+        rows.append(row)
+        powers.append(q)
+        scale.append(w)
+    m = np.stack(rows)[:, unknowns]
+    if m.shape[0] != m.shape[1]:
+        raise ValueError(f"stage dense output: {m.shape[0]} conditions for {m.shape[1]} stage weights")
+    m_inv = np.linalg.inv(m)
+    p = np.zeros((s, max(powers)))
+    for k, (q, w) in enumerate(zip(powers, scale)):
+        # l_u(theta) += m_inv[u, k] w theta^q; w_j = sum_u a[u, j] l_u
+        p[:, q - 1] += a[unknowns].T @ (m_inv[:, k] * w)
+    return p
+
+
 @dataclass
 class _ImplicitCoefficients:
     """A tableau's coefficients as tensors of one dtype on one device (internal)."""
@@ -156,8 +202,10 @@ class _ImplicitCoefficients:
     c: list[float]
     a_rows: list[list[float]]
     diag: list[float]
-    dense_t: Tensor | None  # (d, s), float64: collocation weights of the stage derivatives
+    dense_t: Tensor | None  # (d, s), float64: collocation (or stage-value) weights of the stage derivatives
     radau: dict[str, Any] | None = None
+    dense_first: int = 1  # the rows of a step's k the dense weights apply to start here (1: after f(t0, y0))
+    dense_check: Tensor | None = None  # (2, s): weights of (other - own) stage-value extension at DENSE_CHECK_AT
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,6 +374,11 @@ class ImplicitRungeKutta(StepperBase):
     refactor_ratio : float
         Refactor the iteration matrix when ``h`` (times the diagonal) changed by more than this
         fraction since the last factorisation (default 0.2).
+    dense_error : bool
+        ``kvaerno4``/``kvaerno5``: add the continuous extension's error on stiff components to the step's error
+        estimate (default True), so that outputs between steps meet the tolerance on stiff problems (at 1.3-2.3x the
+        steps there). False: only the step ends are error-controlled, as for a solve whose outputs all fall on step
+        ends (the adjoint's backward solves use False).
 
     Attributes
     ----------
@@ -354,11 +407,12 @@ class ImplicitRungeKutta(StepperBase):
 
     implicit = True
     bind_tolerances = True
+    interior_error = True
 
     def __init__(self, tableau: ImplicitTableau | str, *, jac: str | Callable = "full",
                  rtol: float | Tensor | None = None, atol: float | Tensor | None = None,
                  newton_tol: float | None = None, max_newton_iter: int | None = None, jac_rate: float = 0.1,
-                 refactor_ratio: float = 0.2):
+                 refactor_ratio: float = 0.2, dense_error: bool = True):
         if isinstance(tableau, str):
             if tableau not in IMPLICIT_TABLEAUS:
                 raise InputError(f"unknown implicit method {tableau!r}; valid: {', '.join(sorted(IMPLICIT_TABLEAUS))}.")
@@ -385,7 +439,7 @@ class ImplicitRungeKutta(StepperBase):
         self.fsal = tableau.kind == "dirk" and tableau.stiffly_accurate
         self.stages = tableau.stages
         self.dense_order = tableau.dense_order
-        self.has_own_dense = tableau.dense == "collocation"
+        self.has_own_dense = tableau.dense in ("collocation", "stages")
         self._extra_f0 = not tableau.explicit_first  # k's row 0 is f(t0, y0), then the stage derivatives
         self.jac = jac
         self.rtol = 1e-7 if rtol is None else rtol
@@ -394,6 +448,7 @@ class ImplicitRungeKutta(StepperBase):
         self.max_newton_iter = max_newton_iter
         self.jac_rate = float(jac_rate)
         self.refactor_ratio = float(refactor_ratio)
+        self.dense_error = bool(dense_error)
         self._cache: dict[tuple[torch.dtype, torch.device], _ImplicitCoefficients] = {}
         self._state: SolveState | None = None
         self._idle_stats = new_stats()
@@ -401,10 +456,10 @@ class ImplicitRungeKutta(StepperBase):
     # -- options -----------------------------------------------------------------------------------
     def bind(self, **options: Any) -> ImplicitRungeKutta:
         """A new stepper for the same method with some options replaced (``jac``, ``rtol``, ``atol``,
-        ``newton_tol``, ``max_newton_iter``, ``jac_rate``, ``refactor_ratio``)."""
+        ``newton_tol``, ``max_newton_iter``, ``jac_rate``, ``refactor_ratio``, ``dense_error``)."""
         kw = {"jac": self.jac, "rtol": self.rtol, "atol": self.atol, "newton_tol": self.newton_tol,
               "max_newton_iter": self.max_newton_iter, "jac_rate": self.jac_rate,
-              "refactor_ratio": self.refactor_ratio}
+              "refactor_ratio": self.refactor_ratio, "dense_error": self.dense_error}
         unknown = sorted(set(options) - set(kw))
         if unknown:
             raise InputError(f"unknown option(s) {unknown} for an implicit method; valid: {', '.join(kw)}.")
@@ -450,6 +505,16 @@ class ImplicitRungeKutta(StepperBase):
             dense_t = None
             if tb.dense == "collocation":
                 dense_t = torch.as_tensor(_collocation_dense(a, c).T.copy()).to(device=device)
+            dense_check = None
+            if tb.dense == "stages":
+                own = _stage_dense(a, c, tb.stage_dense)
+                dense_t = torch.as_tensor(own.T.copy()).to(device=device)
+                if tb.stage_dense_check is not None:
+                    other = _stage_dense(a, c, tb.stage_dense_check)
+                    th = np.array(DENSE_CHECK_AT)[:, None]
+                    w_other = (th ** np.arange(1, other.shape[1] + 1)) @ other.T
+                    w_own = (th ** np.arange(1, own.shape[1] + 1)) @ own.T
+                    dense_check = t_(w_other - w_own)
             radau = None
             if tb.kind == "radau5":
                 k = _radau5_constants(a, c)
@@ -463,7 +528,8 @@ class ImplicitRungeKutta(StepperBase):
                 A=t_(a), A_inv=a_inv, b=t_([[float(x) for x in tb.b]]),
                 b_err=None if tb.b_err is None else t_([[float(x) for x in tb.b_err]]),
                 c=[float(x) for x in c], a_rows=[[float(x) for x in row] for row in tb.a],
-                diag=[float(tb.a[i][i]) for i in range(tb.stages)], dense_t=dense_t, radau=radau)
+                diag=[float(tb.a[i][i]) for i in range(tb.stages)], dense_t=dense_t, radau=radau,
+                dense_first=0 if tb.dense == "stages" else 1, dense_check=dense_check)
             self._cache[key] = co
         return co
 
@@ -906,6 +972,8 @@ class ImplicitRungeKutta(StepperBase):
                 if self.tableau.filter_error:
                     err = st.layout.solve(lus[-1], err)
                     st.stats["linear_solves"] += 1
+                if co.dense_check is not None and self.dense_error:
+                    err = err.abs() + self._dense_error(co, Ks, h, lus[-1], st)
                 if self.tableau.proportional_below is not None:
                     err = err * self._error_factor(self._user_tolerances(y)[0])
 
@@ -930,6 +998,20 @@ class ImplicitRungeKutta(StepperBase):
             y1 = y + h * (co.b @ torch.cat(Ks))
         st.last = (t, h, y, y1, None)
         return y1, k, err
+
+    @staticmethod
+    def _dense_error(co: _ImplicitCoefficients, Ks: list[Tensor], h: float, lu, st: SolveState) -> Tensor:
+        """The continuous extension's error on stiff components, divided by ``h`` (``(1, n)``): the difference ``E``
+        to a second stage-value extension at two interior points, with its non-stiff part removed,
+        ``E - (I - h gamma J)^{-1} E = -h gamma J (I - h gamma J)^{-1} E``. Shampine's filter of the step's own
+        estimate keeps the complementary part: on a very stiff forced component the step's end value is exact to
+        ``O(1 / (h lambda))`` whatever ``h``, and steps grow until only the interpolant can tell (a step of 0.6 on
+        ``y' = -1e6 (y - cos t)``)."""
+        E = h * torch.mm(co.dense_check, torch.cat(Ks))  # (2, n)
+        for _ in range(DENSE_FILTER_POWER):
+            E = E - st.layout.solve(lu, E)
+            st.stats["linear_solves"] += 1
+        return E.abs().amax(0, keepdim=True) / h
 
     def dirk_adjoint(self, term, ti, hg, Ystar, lu, st) -> _AdjointSolve:
         layout = st.layout
@@ -1061,7 +1143,8 @@ class ImplicitRungeKutta(StepperBase):
         """The continuous extension of an accepted step at fractions ``thetas`` (shape ``(m,)``) -> ``(m, n)``.
 
         ``"auto"``: the collocation polynomial for collocation methods (``radau``, ``radauIIA3/5``, ``gl4``,
-        ``gl6``), cubic Hermite otherwise; ``"hermite"`` or ``"linear"`` force one.
+        ``gl6``), the stage-value extension for ``kvaerno4``/``kvaerno5`` (:func:`_stage_dense`), cubic Hermite
+        otherwise; ``"hermite"`` or ``"linear"`` force one.
         """
         m = thetas.shape[0]
         n = st.y0.shape[1]
@@ -1072,7 +1155,7 @@ class ImplicitRungeKutta(StepperBase):
             th64 = thetas.view(m, 1).to(torch.float64)
             powers = th64 ** torch.arange(1, d + 1, dtype=torch.float64, device=thetas.device)
             weights = torch.mm(powers, co.dense_t).to(st.y0.dtype)  # (m, s)
-            return torch.addmm(st.y0.expand(m, n), weights, st.k[1:], alpha=st.h)
+            return torch.addmm(st.y0.expand(m, n), weights, st.k[co.dense_first:], alpha=st.h)
         f1 = self.end_derivative(term, st)
         return hermite(thetas.view(m, 1).to(st.y0.dtype), st.y0, st.y1, st.k[0], f1.reshape(-1), st.h)
 
