@@ -30,7 +30,7 @@ from .. import solution as _sol
 from ..errors import InputError
 from ..solution import Solution
 from .config import LoopConfig
-from .control import LANDING_SLACK, PIDController
+from .control import LANDING_SLACK, PIDController, frozen_attempt, step_underflow_tensor
 from .stepper import Stepper
 from .tensors import real_dtype
 
@@ -229,6 +229,7 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
     b, n, co, rdt = fr.b, fr.n, fr.co, fr.rdt
     dev = y0.device
     m = error_dims or n
+    eps = torch.finfo(rdt).eps  # the state's precision: the underflow rule's unit
     rtol_t, atol_t = _scaled_tol(rtol, m, rdt, dev), _scaled_tol(atol, m, rdt, dev)
     grad = torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad)
     fsal = solver.fsal
@@ -312,7 +313,10 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
             h_new = torch.where(bump, torch.full_like(h_new, min_step), h_new)
         # Rows that finished keep the proposal from before their last (landing) step, to continue from.
         h_abs = torch.where(still, h_new, h_abs)
-        stuck = torch.add(t_cur, h_abs, alpha=d) == t_cur
+        # The underflow rule (control.step_underflow_tensor): the time resolution of the state's dtype, or a rejected
+        # attempt whose changes a smaller step could not resolve.
+        frozen = frozen_attempt(y_prev[:, :m], y1[:, :m], (h_abs / hp).view(b, 1), eps) & ~accept & act
+        stuck = step_underflow_tensor(t_cur, h_abs, eps, frozen & torch.isfinite(ratio))
         if min_step > 0:
             stuck = stuck | (h_abs < min_step)
         stuck = stuck & still
