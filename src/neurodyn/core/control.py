@@ -105,9 +105,12 @@ def step_underflow(t: float, h_new: float, eps: float, frozen: bool = False) -> 
     return not (0.0 < h_new < math.inf) or h_new < eps * abs(t) or frozen
 
 
-def step_underflow_tensor(t: Tensor, h_new: Tensor, eps: float, frozen: Tensor) -> Tensor:
-    """:func:`step_underflow` elementwise on tensors of one shape (e.g. ``(B,)``; per-sample rows, compiled loop)."""
-    return (h_new <= 0) | ~torch.isfinite(h_new) | (h_new < eps * t.abs()) | frozen
+def step_underflow_tensor(t: Tensor, h_new: Tensor, eps: float, frozen: Tensor | None = None) -> Tensor:
+    """:func:`step_underflow` elementwise on tensors of one shape (e.g. ``(B,)``; per-sample rows, compiled loop);
+    ``frozen`` None: rules 1 and 2 only (the caller ors in rule 3 where an attempt was rejected)."""
+    # (NaN compares False: not above the floor, so too small, as in the scalar form)
+    under = (h_new > t.abs().mul_(eps)).logical_and_(h_new < math.inf).logical_not_()
+    return under if frozen is None else under.logical_or_(frozen)
 
 
 def frozen_attempt(y0: Tensor, y1: Tensor, shrink: float | Tensor, eps: float) -> Tensor:
@@ -115,7 +118,7 @@ def frozen_attempt(y0: Tensor, y1: Tensor, shrink: float | Tensor, eps: float) -
     attempt), ``shrink`` the proposed step over the tried one (a float or ``(B, 1)``): ``(B,)``, True where every
     component's scaled change ``|y1 - y0| shrink`` is at most ``eps |y0|``. NaN/inf changes are never frozen."""
     y0 = y0.detach()
-    return ((y1.detach() - y0).abs().mul_(shrink) <= y0.abs().mul_(eps)).all(dim=-1)
+    return (y1.detach() - y0).abs().mul_(shrink).le_(y0.abs().mul_(eps)).all(dim=-1)
 
 
 class ControllerState:
