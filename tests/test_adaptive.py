@@ -232,3 +232,47 @@ def test_controller_tensor_form_equals_scalar_form(ctrl):
                                                  torch.tensor([accept]), prev, prev2)
         assert got.item() == pytest.approx(want, rel=1e-14), r
         h = want
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_error_ratio_tensor_form_equals_scalar_form(rows):
+    """control.rms_ratio (per-sample rows, compiled paths) equals make_error_ratio (eager loop), single estimate and
+    DOP853's combined pair, with tolerance tensors."""
+    from neurodyn.core.control import make_error_ratio, rms_ratio
+
+    gen = torch.Generator().manual_seed(7)
+    n, h = 5, 0.3
+    for _ in range(20):
+        err = torch.randn(rows, n, generator=gen, dtype=torch.float64) * 1e-6
+        y0, y1 = torch.randn(1, n, generator=gen, dtype=torch.float64), torch.randn(1, n, generator=gen,
+                                                                                    dtype=torch.float64)
+        rtol = torch.rand(1, n, generator=gen, dtype=torch.float64) * 1e-5
+        atol = 1e-8
+        want = make_error_ratio(rtol, atol, n)(err.clone(), y0, y1, h)
+        root = math.sqrt(n)
+        got = rms_ratio(err.unsqueeze(1) * h, y0, y1, rtol * root, torch.tensor(atol * root, dtype=torch.float64))
+        assert got.item() == pytest.approx(want, rel=1e-13)
+
+
+def test_initial_step_tensor_form_equals_scalar_form():
+    """Hairer's starting step per row (core.control.initial_step_tensor: per-sample rows, compiled loop) equals the
+    eager loop's initial_step, row by row, for fields of different scales and both directions."""
+    from neurodyn.core.control import initial_step, initial_step_tensor
+
+    gen = torch.Generator().manual_seed(11)
+    n = 3
+    A = torch.randn(n, n, generator=gen, dtype=torch.float64) * 5
+    f = lambda t, y: torch.tanh(y @ A.T) * (1 + t.reshape(-1, 1))  # noqa: E731
+    y0 = torch.randn(4, n, generator=gen, dtype=torch.float64)
+    root = math.sqrt(n)
+    for direction in (1.0, -1.0):
+        for rtol, atol, max_step in ((1e-6, 1e-9, math.inf), (1e-3, 1e-5, 0.01)):
+            t0 = torch.zeros(4, dtype=torch.float64)
+            f0 = f(t0, y0)
+            rt, at = torch.tensor(rtol * root, dtype=torch.float64), torch.tensor(atol * root, dtype=torch.float64)
+            got = initial_step_tensor(f, t0, y0, f0, direction, 5, rt, at, max_step)
+            for b in range(4):
+                term = lambda t, y: f(torch.tensor([t], dtype=torch.float64), y)  # noqa: E731
+                want = initial_step(term, 0.0, y0[b:b + 1], f0[b:b + 1], direction, 5, rtol, atol,
+                                    lambda x: float(torch.linalg.vector_norm(x)) / root, max_step)
+                assert got[b].item() == pytest.approx(want, rel=1e-12)

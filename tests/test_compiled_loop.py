@@ -124,8 +124,11 @@ def test_loop_backward_in_time_stops_float32_and_tensor_tolerances():
     assert torch.allclose(comp.ys, eager.ys, rtol=1e-5, atol=1e-6)
 
 
-def test_recorded_graphs_use_the_compiled_steps():
+def test_recorded_graphs_use_the_compiled_steps(monkeypatch):
     """Gradients need the autograd graph: the loop stays in Python with compiled steps; same gradients."""
+    from neurodyn.compile import policy as compile_policy
+
+    monkeypatch.setattr(compile_policy, "FORCE", "compiled")  # the paths, not whether compiling pays here
     y0 = Y0.clone().requires_grad_(True)
     sols = [neurodyn.solve(TANH, y0, T, method="tsit5", rtol=1e-8, atol=1e-10, compile=c) for c in (False, True)]
     assert sols[1].stats["compiled"] == "step"
@@ -142,9 +145,13 @@ def test_recorded_graphs_use_the_compiled_steps():
     assert sol.stats["compiled"] == "loop"
 
 
-def test_views_made_inside_the_field_fall_back_with_a_warning():
+def test_views_made_inside_the_field_fall_back_with_a_warning(monkeypatch):
     """``y @ A.T`` inside func: torch cannot compile the loop around it (views of captured tensors); the solve
     warns, steps from Python with compiled steps, and gets the same answer."""
+    from neurodyn.compile import policy as compile_policy
+
+    monkeypatch.setattr(compile_policy, "FORCE", "compiled")  # the fallback, not whether compiled steps pay here
+
     def f(t, y):
         return y @ A.T
 
@@ -157,7 +164,11 @@ def test_views_made_inside_the_field_fall_back_with_a_warning():
 
 
 @pytest.mark.slow
-def test_python_side_effects_in_the_field_fall_back_with_a_warning():
+def test_python_side_effects_in_the_field_fall_back_with_a_warning(monkeypatch):
+    from neurodyn.compile import policy as compile_policy
+
+    monkeypatch.setattr(compile_policy, "FORCE", "compiled")  # the fallback, not whether compiling pays here
+
     class Counting(nn.Module):
         def __init__(self):
             super().__init__()

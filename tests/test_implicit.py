@@ -441,15 +441,14 @@ def test_jacobian_of_a_field_that_calls_autograd_is_exact():
     comes from plain reverse passes, exactly, with no warning."""
     import warnings
 
-    from neurodyn.core.term import ODETerm
-    from neurodyn.gradients.adjoint import _adjoint_field
+    from neurodyn.core.term import AdjointTerm, ODETerm
 
     A = torch.tensor([[-1.0, 2.0], [0.5, -3.0]], dtype=F64, requires_grad=True)
-    aug = _adjoint_field(lambda t, y: torch.tanh(y @ A.T), (2,), [A], 2, F64, torch.device("cpu"), None)
+    aug = AdjointTerm(lambda t, y: torch.tanh(y @ A.T), (2,), [A]).ode
     z = torch.tensor([[0.3, -0.2, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0]], dtype=F64)
     term = ODETerm(aug, z.shape, F64, torch.device("cpu"))
     solver = implicit("kvaerno5")
-    st = solver._begin(term, z)
+    st = solver.begin_solve(term, z)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         J = solver._jacobian(term, 0.0, z, st)

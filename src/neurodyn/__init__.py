@@ -10,8 +10,18 @@ Solvers, gradient methods and models for Neural ODEs, with a torchdiffeq drop-in
 from .analysis import jacobian_spectrum, lipschitz_estimate, reversibility, spectral_radius, stiffness_ratio
 from .compat.torchdiffeq import odeint, odeint_adjoint, odeint_dense, odeint_event
 from .core.control import PIDController
-from .errors import InputError, MaxStepsReached, NeurodynError, NonFiniteError, SolveFailure, StepSizeUnderflow
+from .core.term import ControlTerm, MultiTerm, ODETerm, SplitTerm, Term
+from .errors import (
+    InputError,
+    MaxStepsReached,
+    NeurodynError,
+    NoEventError,
+    NonFiniteError,
+    SolveFailure,
+    StepSizeUnderflow,
+)
 from .models import AugmentedNeuralODE, NeuralODE
+from .paths import LinearPath
 from .regularizers import RegularizedField, regularized_solve, steer_time
 from .solution import Solution
 from .solve import solve
@@ -22,16 +32,23 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AugmentedNeuralODE",
+    "ControlTerm",
     "InputError",
+    "LinearPath",
     "MaxStepsReached",
+    "MultiTerm",
     "NeuralODE",
     "NeurodynError",
+    "NoEventError",
     "NonFiniteError",
+    "ODETerm",
     "PIDController",
     "RegularizedField",
     "Solution",
     "SolveFailure",
+    "SplitTerm",
     "StepSizeUnderflow",
+    "Term",
     "Trainer",
     "available_methods",
     "jacobian_spectrum",

@@ -46,3 +46,24 @@ class StepSizeUnderflow(SolveFailure):
 
 class NonFiniteError(SolveFailure):
     """NaN or inf appeared in the state or its derivative."""
+
+
+class NoEventError(NeurodynError, RuntimeError):
+    """:func:`neurodyn.odeint_event` (or ``odeint(..., event_fn=...)``) stopped searching before ``event_fn``
+    crossed zero: ``t_max`` was reached, or the step budget (``options={"max_num_steps": ...}``) ran out.
+
+    Attributes
+    ----------
+    status : str
+        ``"success"`` (the search reached ``t_max``) or ``"max_steps_reached"``.
+    t : float
+        The time the search reached.
+    solution : Solution
+        The solve that searched (its ``t_final``, ``y_final``, ``stats``).
+    """
+
+    def __init__(self, message: str, *, status: str, t: float, solution: Any = None):
+        super().__init__(message)
+        self.status = status
+        self.t = t
+        self.solution = solution

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from .core.config import LoopConfig
 from .core.control import PIDController
-from .core.tensors import real_dtype, vmapped
+from .core.tensors import VMAP_ADAPTIVE, real_dtype, vmapped
+from .core.term import Term, as_field, check_accepts
 from .errors import InputError
 from .gradients import GRADIENTS, GradientOptions, check_hidden_tensors, find_params
 from .options import (
@@ -26,14 +27,14 @@ from .options import (
     zero_tolerance,
 )
 from .solution import Solution
-from .solvers import get_solver
+from .solvers import get_solver, methods_accepting
 
 
 # ----------------------------------------------------------------------------------------------
 # solve
 # ----------------------------------------------------------------------------------------------
 def solve(
-    func: Callable[[Tensor, Tensor], Tensor],
+    func: Callable[[Tensor, Tensor], Tensor] | Term,
     y0: Tensor,
     t: Tensor,
     *,
@@ -71,9 +72,12 @@ def solve(
 
     Parameters
     ----------
-    func : callable ``(t, y) -> dy/dt``
+    func : callable ``(t, y) -> dy/dt``, or a term
         ``t`` is a 0-dim tensor of ``y``'s real dtype; ``y`` and the result have ``y0``'s shape and dtype.
-        An ``nn.Module`` or a plain function.
+        An ``nn.Module`` or a plain function. Or a term (:class:`neurodyn.ODETerm`, :class:`neurodyn.ControlTerm`,
+        :class:`neurodyn.MultiTerm`, :class:`neurodyn.SplitTerm`): its ODE form is integrated, its ``knots``
+        (a path's observation times) join ``jump_t``, and the gradient methods see its tensors (vector fields'
+        parameters, a path's data ``xs``); the method must accept its kind (``stepper.accepts``).
     y0 : Tensor, any shape
         Initial state; float32, float64 or complex, on any device (half precision, float16/bfloat16, is refused:
         too few bits for a solve's increments).
@@ -176,8 +180,13 @@ def solve(
         into one program, stepping, error control, outputs and statuses included (``stats["compiled"] ==
         "loop"``; no events, ``dense``, ``jump_t``, ``perturb`` or per-sample steps; on the CPU for states with
         ``y0.numel() * len(t) <= 32768``, where per-step Python costs more than the loop's fixed-shape output
-        writes); otherwise each step is (``"step"``). Python side effects in ``func`` (counters, prints) run
-        when it is traced, not per evaluation. Falls back to Python stepping with a warning where compilation
+        writes); otherwise each step is (``"step"``). Compiling does not always pay (for larger states Inductor's
+        float64 ``tanh``/``exp`` are 2-4x slower than eager ATen's): the first solve of a field times a few eager
+        and compiled steps from ``y0`` and runs eager steps unless the compiled step takes <= 0.9x the eager one
+        (``stats["compiled"] == "eager"``); the choice is cached per field, method, shape, dtype, device and grad
+        mode, and ``stats["compile_reason"]`` gives it with the measured times (see ``neurodyn.compile.policy``).
+        Python side effects in ``func`` (counters, prints) run when it is traced, not per evaluation, and a few
+        times more on the first solve (the timing). Falls back to Python stepping with a warning where compilation
         fails. Not used with a custom ``norm``.
 
     Returns
@@ -205,8 +214,9 @@ def solve(
     >>> bool(torch.allclose(sol.ys[-1], exact, atol=1e-6))
     True
     """
+    func, term = as_field(func)  # a term: its ODE form, the knots landed on, its tensors seen by the gradients
     if not callable(func):
-        raise InputError(f"func must be callable as func(t, y), got {type(func).__name__}.")
+        raise InputError(f"func must be callable as func(t, y) or be a neurodyn term, got {type(func).__name__}.")
     y0 = validate_state(y0)
     if per_sample_steps and isinstance(t, Tensor) and t.dim() == 2:
         if t.shape[0] != y0.shape[0]:
@@ -220,9 +230,7 @@ def solve(
         raise InputError("y0 contains NaN or inf.")
     solver = get_solver(method)
     if vmapped(y0) and solver.adaptive and step_size is None:
-        raise InputError("torch.func.vmap over an adaptive solve is not possible: the step sizes are host-side "
-                         "decisions on the values. Use per_sample_steps=True (each sample its own steps) or a "
-                         "fixed-step method (e.g. method='rk4', step_size=h) under vmap.")
+        raise InputError(VMAP_ADAPTIVE)
     if gradient not in GRADIENTS:
         raise InputError(f"unknown gradient method {gradient!r}; valid: {', '.join(sorted(GRADIENTS))}.")
     if on_failure not in ("raise", "return"):
@@ -248,6 +256,11 @@ def solve(
         solver = solver.bind(**opts)
     elif solver_options:
         raise InputError(f"solver_options are for the implicit methods; {method!r} takes none.")
+    if term is not None:
+        check_accepts(solver, term, method, methods_accepting)
+        if per_sample_steps and term.kinds != {"ode"}:
+            raise InputError(f"per_sample_steps integrates ODE terms; a {type(term).__name__} needs "
+                             f"per_sample_steps=False.")
     if step_size is not None:
         step_size = float(step_size)
         if not math.isfinite(step_size) or step_size <= 0:
@@ -303,6 +316,8 @@ def solve(
         raise InputError(f"checkpoints must be an integer >= 2, got {checkpoints!r}.")
     step_list = as_time_list("step_t", step_t, y0.device)
     jump_list = as_time_list("jump_t", jump_t, y0.device)
+    if term is not None and term.knots:
+        jump_list = sorted(set(jump_list) | set(term.knots))
 
     cfg = LoopConfig(
         rtol=rtol_v, atol=atol_v, adaptive=solver.adaptive and step_size is None, step_size=step_size,

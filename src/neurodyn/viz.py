@@ -20,7 +20,11 @@ class MissingMatplotlib(ImportError):
     """matplotlib is not installed."""
 
 
-def _figure(figsize: tuple[float, float]) -> Any:
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib ``Figure`` of ``figsize`` inches (Agg canvas, constrained layout; no pyplot state).
+
+    Raises :class:`MissingMatplotlib` when matplotlib is not installed.
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -31,7 +35,8 @@ def _figure(figsize: tuple[float, float]) -> Any:
     return fig
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG to ``path`` (parent folders created) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
@@ -55,7 +60,7 @@ def plot_trajectories(t: Any, true: Any, pred: Any, path: str | Path, *, labels:
     """
     t, true, pred = _np(t), _np(true), _np(pred)
     d = true.shape[-1]
-    fig = _figure((8.0, 2.2 * d + 0.6))
+    fig = new_figure((8.0, 2.2 * d + 0.6))
     axes = fig.subplots(d, 1, sharex=True, squeeze=False)[:, 0]
     for i, ax in enumerate(axes):
         name = labels[i] if i < len(labels) else f"z{i}"
@@ -67,7 +72,7 @@ def plot_trajectories(t: Any, true: Any, pred: Any, path: str | Path, *, labels:
     axes[-1].set_xlabel("t")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_phase_portrait(true: Any, pred: Any, path: str | Path, *, field: Any = None,
@@ -80,7 +85,7 @@ def plot_phase_portrait(true: Any, pred: Any, path: str | Path, *, field: Any = 
     import numpy as np
 
     true, pred = _np(true), _np(pred)
-    fig = _figure((6.0, 6.0))
+    fig = new_figure((6.0, 6.0))
     ax = fig.subplots()
     if field is not None:
         lo = np.minimum(true.min(0), pred.min(0))
@@ -104,7 +109,7 @@ def plot_phase_portrait(true: Any, pred: Any, path: str | Path, *, field: Any = 
     ax.legend(loc="upper right", fontsize=8)
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_loss_curve(losses: Sequence[float], path: str | Path, *,
@@ -116,7 +121,7 @@ def plot_loss_curve(losses: Sequence[float], path: str | Path, *,
     import numpy as np
 
     losses = _np(losses).astype(float)
-    fig = _figure((7.0, 4.0))
+    fig = new_figure((7.0, 4.0))
     ax = fig.subplots()
     it = np.arange(1, len(losses) + 1)
     ax.plot(it, losses, color="C0", lw=0.6, alpha=0.35, label=train_label)
@@ -135,4 +140,4 @@ def plot_loss_curve(losses: Sequence[float], path: str | Path, *,
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -13,9 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import solution as _sol
 from ..core.control import PIDController
+from ..core.events import event_values, implicit_event
 from ..core.tensors import real_dtype
-from ..errors import InputError
+from ..errors import InputError, NoEventError
+from ..fields import check_derivative
 from ..solve import solve
 from ..solvers import available_methods
 
@@ -275,22 +278,64 @@ def odeint(func: Callable, y0: Tensor | tuple[Tensor, ...], t: Tensor, *, rtol: 
     if event_fn is None:
         sol = solve(func, y0, t, method=method, rtol=rtol, atol=atol, **kw)
         return ts.split(sol.ys, (sol.ys.shape[0],)) if ts is not None else sol.ys
+    return _until_event(func, y0, t, event_fn, method, rtol, atol, kw, ts, options, None)
+
+
+_FAR = 1e30  # "until the event" without t_max: a final time no step reaches (the step budget bounds the search)
+# The step budget of an event search when options give no max_num_steps (torchdiffeq searches without a bound).
+EVENT_MAX_STEPS = 100_000
+
+
+def _until_event(func: Callable, y0: Tensor, t: Tensor, event_fn: Callable, method: Any, rtol: Any, atol: Any,
+                 kw: dict, ts: _TupleState | None, options: dict | None, t_max: Any) -> tuple[Tensor, Any]:
+    """Integrate from ``t[0]`` to the first root of ``event_fn`` (``func``, ``y0``, ``event_fn`` as ``_prepare``
+    returns them), at most to ``t_max`` and within the step budget; ``(event_t, [y0, y(event_t)])``."""
     if t.dim() != 1 or t.numel() < 1:
         raise InputError("t must be a 1-d tensor; with event_fn only t[0] is used.")
-    direction = -1.0 if (t.numel() >= 2 and float(t[1]) < float(t[0])) else 1.0
-    t_span = torch.stack([t[0], t[0].detach() + direction * _FAR]).to(t.dtype)
-    sol = solve(func, y0, t_span, method=method, rtol=rtol, atol=atol, event_fn=event_fn, **kw)
-    if sol.event_t is None:
-        raise InputError("event_fn never crossed zero before the solve stopped "
-                         f"(status {sol.status}, t={sol.t_final:.6g}).")
-    solution = torch.stack([y0, sol.y_final.reshape(y0.shape)])
-    event_t = sol.event_t.to(t.dtype)
-    if ts is not None:
-        solution = ts.split(solution, (2,))
-    return event_t, solution
-
-
-_FAR = 1e30  # "until the event": a final time no step reaches
+    if not t.is_floating_point():
+        raise InputError(f"t must be a floating-point tensor, got dtype {t.dtype}.")
+    direction = -1.0 if (t.numel() >= 2 and float(t[1].detach()) < float(t[0].detach())) else 1.0
+    t0 = t[0]
+    # event_fn(t0, y0) checked before any work; a component exactly zero there is the event (as torchdiffeq).
+    with torch.no_grad():
+        g0 = event_values(event_fn, t0.detach(), y0.detach())
+        zeros = (g0 == 0).nonzero().view(-1).tolist()
+    if zeros:
+        f0 = check_derivative(func(t0.detach(), y0.detach()), y0)
+        event_t, y_e = implicit_event(event_fn, t0, y0, f0, zeros[0])
+        solution = torch.stack([y0, y_e])
+        return event_t.to(t.dtype), (ts.split(solution, (2,)) if ts is not None else solution)
+    if t_max is None:
+        t_end = t0.detach() + direction * _FAR
+    else:
+        t_end = torch.as_tensor(t_max, dtype=t.dtype, device=t.device).detach()
+        if t_end.numel() != 1 or not bool(torch.isfinite(t_end)) or float(t_end - t0) * direction <= 0:
+            side = "before" if direction < 0 else "after"
+            raise InputError(f"t_max must be one finite time {side} t0={float(t0.detach()):.6g} (the search runs "
+                             f"{'backward' if direction < 0 else 'forward'}), got {t_max!r}.")
+        t_end = t_end.reshape(())
+    budget = "max_num_steps" in (options or {})
+    if not budget:
+        kw = dict(kw, max_steps=EVENT_MAX_STEPS)
+    t_span = torch.stack([t0, t_end]).to(t.dtype)
+    sol = solve(func, y0, t_span, method=method, rtol=rtol, atol=atol, event_fn=event_fn, on_failure="return", **kw)
+    if sol.status == _sol.EVENT:
+        solution = torch.stack([y0, sol.y_final.reshape(y0.shape)])
+        event_t = sol.event_t.to(t.dtype)
+        return event_t, (ts.split(solution, (2,)) if ts is not None else solution)
+    span = f"[{float(t0.detach()):.6g}, {sol.t_final:.6g}]"
+    if sol.status == _sol.SUCCESS:
+        raise NoEventError(f"no event before t_max={float(t_end):.6g}: event_fn did not change sign on {span} "
+                           f"({sol.stats['steps']} steps). Pass a later t_max, or check that event_fn crosses zero "
+                           f"along the solution.", status=sol.status, t=sol.t_final, solution=sol)
+    if sol.status == _sol.MAX_STEPS_REACHED:
+        limit = kw["max_steps"]
+        given = "max_num_steps" if budget else "the default step budget"
+        raise NoEventError(f"no event within {given} ({limit} steps): event_fn did not change sign on {span}. The "
+                           f"event may never happen (e.g. the solution settles where event_fn != 0). Pass t_max=... "
+                           f"to odeint_event to search a bounded time span, or options={{'max_num_steps': N}} with a "
+                           f"larger N to search longer.", status=sol.status, t=sol.t_final, solution=sol)
+    raise _sol.failure(sol.status, sol.message, sol.t_final, sol)
 
 
 def _single_time(t: Tensor) -> bool:
@@ -557,11 +602,44 @@ def _adaptive(method: str) -> bool:
 
 
 def odeint_event(func: Callable, y0: Tensor | tuple[Tensor, ...], t0: Tensor, *, event_fn: Callable,
-                 reverse_time: bool = False, odeint_interface: Callable = odeint, **kwargs):
+                 reverse_time: bool = False, odeint_interface: Callable = odeint, t_max: float | Tensor | None = None,
+                 **kwargs):
     """Solve from ``t0`` until ``event_fn(t, y)`` crosses zero (torchdiffeq's ``odeint_event``).
 
-    Returns ``(event_t, solution)``; ``solution`` has shape ``(2, *y0.shape)``: ``[y0, y(event_t)]``.
-    The event time and state carry gradients (implicit function theorem).
+    As torchdiffeq: ``event_fn`` returns a tensor (several components: the first root of any); a component
+    exactly zero at ``t0`` is an event at ``t0``; ``reverse_time`` searches backward; ``kwargs`` go to
+    ``odeint_interface`` (``rtol``, ``atol``, ``method``, ``options``). Unlike torchdiffeq the search is bounded:
+    by ``t_max`` when given, and by ``options["max_num_steps"]`` (default :data:`EVENT_MAX_STEPS`); a search that
+    ends without a root raises :class:`~neurodyn.NoEventError` saying which bound stopped it.
+
+    Parameters
+    ----------
+    func : callable ``(t, y) -> dy/dt``
+    y0 : Tensor or tuple of Tensors
+        Initial state.
+    t0 : Tensor, 0-dim or shape ``(1,)``
+        Initial time (may require grad).
+    event_fn : callable ``(t, y) -> Tensor``
+        The event function; the solve stops where a component changes sign.
+    reverse_time : bool
+        Search toward earlier times.
+    odeint_interface : callable
+        :func:`odeint` (default); ``t_max`` needs it.
+    t_max : float or Tensor, optional
+        The latest (earliest with ``reverse_time``) time to search to (neurodyn's addition).
+
+    Returns
+    -------
+    (Tensor, Tensor)
+        ``event_t`` (0-dim) and ``solution`` of shape ``(2, *y0.shape)``: ``[y0, y(event_t)]`` (tuples for tuple
+        states). The event time and state carry gradients (implicit function theorem).
+
+    Raises
+    ------
+    NoEventError
+        No sign change before ``t_max`` or within the step budget.
+    InputError
+        ``event_fn(t0, y0)`` is not a real tensor (a Python number, None, ...) or is NaN; a bad ``t_max``.
 
     Examples
     --------
@@ -578,7 +656,20 @@ def odeint_event(func: Callable, y0: Tensor | tuple[Tensor, ...], t0: Tensor, *,
         t = torch.cat([t0.reshape(-1), t0.reshape(-1).detach() - 1.0])
     else:
         t = torch.cat([t0.reshape(-1), t0.reshape(-1).detach() + 1.0])
-    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+    if odeint_interface is not odeint:
+        if t_max is not None:
+            raise InputError("t_max needs odeint_interface=neurodyn.odeint (the default).")
+        return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+    unknown = sorted(set(kwargs) - {"rtol", "atol", "method", "options"})
+    if unknown:
+        raise InputError(f"odeint_event got unexpected keyword argument(s) {unknown}; it takes rtol, atol, method, "
+                         f"options (passed to odeint), reverse_time and t_max.")
+    rtol, atol = kwargs.get("rtol", 1e-7), kwargs.get("atol", 1e-9)
+    method, options = kwargs.get("method"), kwargs.get("options")
+    func, y0, t, rtol, atol, method, kw, ts, event_fn = _prepare(func, y0, t, rtol, atol, method, options, event_fn)
+    if method == "scipy_solver":
+        raise InputError("event_fn is not supported with method='scipy_solver'; use a torch method.")
+    return _until_event(func, y0, t, event_fn, method, rtol, atol, kw, ts, options, t_max)
 
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_dense", "odeint_event"]

@@ -32,9 +32,16 @@ from torch import Tensor
 
 from .. import solution as _sol
 from ..core import interpolation
-from ..core.control import LANDING_SLACK, PIDController, frozen_attempt, step_underflow_tensor
+from ..core.control import (
+    LANDING_SLACK,
+    PIDController,
+    frozen_attempt,
+    initial_step_tensor,
+    rms_ratio,
+    step_underflow_tensor,
+)
 from ..solvers.explicit_rk import ExplicitRungeKutta
-from .step import _own_code, nonzero, stage_sum
+from .step import nonzero, own_code, stage_sum
 
 try:  # Dynamo's compiled entries of a code object (to notice recompilations); private, so optional
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
@@ -89,7 +96,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
     a_rows = [nonzero(row) for row in tb.a]
     b_row = nonzero(tb.b)
     e_row = nonzero(tb.b_err) if adaptive else []
-    last_is_y1 = solver._last_stage_is_y1
+    last_is_y1 = solver.last_stage_is_y1
     fsal = solver.fsal
     own_dense = interp == "auto" and tb.dense is not None
     hermite = interp == "hermite" or (interp == "auto" and tb.dense is None)
@@ -124,21 +131,10 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         t0 = times[0]
         direction = torch.where(times[-1] > t0, 1.0, -1.0).to(torch.float64)
         k0 = k0.reshape(1, -1)
-        if adaptive and choose_first:  # Hairer's initial step (control.initial_step), in the graph
-            inv = 1.0 / math.sqrt(max(n, 1))
-            scale = y0.abs() * rtol + atol
-            d0 = (torch.linalg.vector_norm(y0 / scale) * inv).to(torch.float64)
-            d1 = (torch.linalg.vector_norm(k0 / scale) * inv).to(torch.float64)
-            h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-            h0 = torch.minimum(h0, max_step)
-            f1 = f(t0 + direction * h0, y0 + (direction * h0).to(y0.dtype) * k0, t_dtype, state)
-            d2 = (torch.linalg.vector_norm((f1 - k0) / scale) * inv).to(torch.float64) / h0
-            dm = torch.maximum(d1, d2)
-            h1 = torch.where(dm <= 1e-15, torch.clamp_min(h0 * 1e-3, 1e-6),
-                             (0.01 / dm.clamp_min(1e-300)) ** (1.0 / (order + 1)))
-            h_first = torch.minimum(torch.minimum(100 * h0, h1), max_step)
-            h_first = torch.where(torch.isfinite(d2), h_first,
-                                  torch.where(torch.isfinite(h0), h0 * 1e-3, torch.full_like(h0, 1e-6)))
+        if adaptive and choose_first:  # Hairer's initial step (core.control.initial_step_tensor), in the graph
+            root = math.sqrt(max(n, 1))
+            h_first = initial_step_tensor(lambda tt, yy: f(tt.reshape(()), yy, t_dtype, state), t0, y0, k0,
+                                          direction, order, rtol * root, atol * root, max_step).reshape(())
         else:
             h_first = h_init
         h_abs = torch.minimum(h_first, max_step)
@@ -169,7 +165,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         def attempt(z, sv, iv):
             times, stops = cv[:n_out], cv[n_out:n_out + n_stops]
             min_step, max_step = cv[-2], cv[-1]
-            rtol, atol = tol[0:1], tol[1:2]
+            rtol_s, atol_s = tol[0:1] * math.sqrt(n), tol[1:2] * math.sqrt(n)
             direction = torch.where(times[-1] > times[0], 1.0, -1.0).to(torch.float64)
             one = torch.ones((), dtype=torch.float64, device=z.device)
             rows = torch.arange(2 + n_out, device=z.device).view(-1, 1)
@@ -190,8 +186,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
             habs_now = h.abs()
             if adaptive:
                 err = stage_sum(ks, e_row)
-                sc = atol + rtol * torch.maximum(y.abs(), y1.abs())
-                ratio = (torch.linalg.vector_norm(err / sc) * (1.0 / math.sqrt(n))).to(torch.float64) * habs_now
+                ratio = rms_ratio(err.unsqueeze(0), y, y1, rtol_s, atol_s).reshape(()).to(torch.float64) * habs_now
                 finite = torch.isfinite(ratio)
                 accept = ratio <= 1.0
             else:
@@ -248,7 +243,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         return z[2:], z[0:1], counters
 
     options = _CPU_OPTIONS if device.type == "cpu" else None
-    own = _own_code(run)
+    own = own_code(run)
     compiled = torch.compile(own, options=options, fullgraph=True)
     compiled.code = own.__code__  # to count Dynamo's compiled entries (recompilations)
     return compiled

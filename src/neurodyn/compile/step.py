@@ -11,6 +11,7 @@ the eager path to rounding.
 
 from __future__ import annotations
 
+import math
 import types
 import warnings
 import weakref
@@ -19,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..core.control import rms_ratio
 from ..solvers.explicit_rk import ExplicitRungeKutta
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -72,7 +74,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], d
     b_row = nonzero(tb.b)
     e_rows = [] if tb.b_err is None else [nonzero(r) for r in
                                           [tb.b_err] + ([tb.b_err_low] if tb.b_err_low is not None else [])]
-    last_is_y1 = solver._last_stage_is_y1
+    last_is_y1 = solver.last_stage_is_y1
     n_shape = tuple(shape)
     combo = stage_sum
 
@@ -89,25 +91,20 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], d
             return y1, k, torch.zeros((), dtype=rtol.dtype, device=rtol.device)
         err = torch.cat([combo(ks, r) for r in e_rows]) * hy
         m = error_dims or err.shape[1]
-        scale = atol + rtol * torch.maximum(y[:, :m].abs(), y1[:, :m].abs())
-        sq = ((err[:, :m] / scale).abs() ** 2).sum(dim=1)
-        if sq.shape[0] == 1:
-            ratio = torch.sqrt(sq[0] / m)
-        else:  # DOP853's combined estimate (see control.combined_ratio)
-            deno = sq[0] + 0.01 * sq[1]
-            ratio = torch.where(deno > 0, sq[0] / torch.sqrt(m * deno.clamp_min(1e-300)), torch.zeros_like(deno))
+        root_m = math.sqrt(m)
+        ratio = rms_ratio(err[:, None, :m], y[:, :m], y1[:, :m], rtol * root_m, atol * root_m).reshape(())
         return y1, k, ratio
 
     # On the CPU the compiled graph's wrapper (which launches its kernels and library calls) is generated
     # as C++ rather than Python: a small problem's step costs ~40% less per call this way.
     options = {"cpp_wrapper": True} if device.type == "cpu" else None
-    return torch.compile(_own_code(step), options=options)
+    return torch.compile(own_code(step), options=options)
 
 
 _BUILDS = [0]
 
 
-def _own_code(fn: Callable) -> Callable:
+def own_code(fn: Callable) -> Callable:
     """``fn`` with a code object of its own. Dynamo keeps its compiled entries per code object: steps built
     from the same source for different methods or fields would share one list of entries, and every call
     would first check (and fail) the guards of the others."""
@@ -165,6 +162,14 @@ class CompiledStep:
 
     def __init__(self, advance: Callable, per_func: dict, key: tuple):
         self._advance, self._per_func, self._key = advance, per_func, key
+
+    def choose(self, term, solver, y0: Tensor, k0: Tensor, times: list[float], stops: list[float], cfg,
+               loop_available: bool) -> tuple[str, str]:
+        """Which path this solve runs (``"loop"``, ``"step"`` or ``"eager"``) and why:
+        :func:`neurodyn.compile.policy.choose` (measured once per field and problem)."""
+        from .policy import choose
+
+        return choose(term, solver, y0, k0, times, stops, cfg, loop_available)
 
     def __call__(self, t: float, y: Tensor, h: float, k1: Tensor):
         try:

@@ -265,6 +265,32 @@ def make_error_ratio(rtol: float | Tensor, atol: float | Tensor, n: int,
     return ratio
 
 
+def rms_ratio(err: Tensor, y0: Tensor, y1: Tensor, rtol: Tensor, atol: Tensor) -> Tensor:
+    """The error ratio in tensor form: ``RMS(err / (atol + rtol max(|y0|, |y1|)))`` over the last dimension, or
+    DOP853's combination of two estimates (:func:`combined_ratio`); what :func:`make_error_ratio` computes on the host,
+    for loops that keep it on the device (per-sample rows, compiled steps and the compiled loop).
+
+    Parameters
+    ----------
+    err : Tensor, shape ``(r, ..., n)``
+        ``r = 1`` error estimate, or ``r = 2`` (the higher- and lower-order estimates), already multiplied by ``h``.
+    y0, y1 : Tensor, shape ``(..., n)``
+        The states at the step ends.
+    rtol, atol : Tensor broadcastable to ``(..., n)``
+        The tolerances **multiplied by** ``sqrt(n)`` (so that a plain 2-norm is the RMS: computed once per solve).
+
+    Returns
+    -------
+    Tensor, shape ``(...)``
+    """
+    q = err / torch.addcmul(atol, torch.maximum(y0.abs(), y1.abs()), rtol)
+    if q.shape[0] == 1:
+        return torch.linalg.vector_norm(q[0], dim=-1)
+    sq = q.abs().square().sum(-1)
+    hi, deno = sq[0], sq[0] + 0.01 * sq[1]
+    return torch.where(deno == 0, torch.zeros_like(hi), hi / deno.sqrt())
+
+
 def combined_ratio(q: Tensor, h: float, inv_sqrt_n: float) -> float:
     """Hairer's DOP853 combination of two scaled estimates (rows of ``q``, divided by ``h``):
     ``|h| E^2 / sqrt(n (E^2 + 0.01 E_low^2))`` with ``E^2`` the sums of squares."""
@@ -299,3 +325,30 @@ def initial_step(term: Callable[[float, Tensor], Tensor], t0: float, y0: Tensor,
         else:
             h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
         return min(100 * h0, h1, max_step)
+
+
+def initial_step_tensor(f_at: Callable[[Tensor, Tensor], Tensor], t0: Tensor, y0: Tensor, f0: Tensor,
+                        direction: float | Tensor, order: int, rtol: Tensor, atol: Tensor,
+                        max_step: float | Tensor) -> Tensor:
+    """:func:`initial_step` per row, in tensor form (per-sample rows and the compiled loop; no host read).
+
+    ``y0``, ``f0``: ``(B, n)``; ``t0``: ``(B,)`` or 0-dim; ``rtol``/``atol`` multiplied by ``sqrt(n)`` (as for
+    :func:`rms_ratio`); ``f_at(t, y)`` evaluates the field at ``(B,)`` times (one extra evaluation). Returns the
+    step magnitudes, ``(B,)`` float64.
+    """
+    scale = torch.addcmul(atol, y0.abs(), rtol)
+    d0 = torch.linalg.vector_norm(y0 / scale, dim=-1).to(torch.float64)
+    d1 = torch.linalg.vector_norm(f0 / scale, dim=-1).to(torch.float64)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+    cap = torch.as_tensor(max_step, dtype=torch.float64, device=h0.device)
+    h0 = torch.minimum(h0, cap)
+    step = (direction * h0).to(scale.dtype).view(-1, 1)
+    f1 = f_at(t0 + direction * h0, y0 + step * f0)
+    d2 = torch.linalg.vector_norm((f1 - f0) / scale, dim=-1).to(torch.float64) / h0
+    big = torch.maximum(d1, d2)
+    h1 = torch.where(big <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6),
+                     (0.01 / big.clamp_min(1e-300)) ** (1.0 / (order + 1)))
+    h = torch.minimum(torch.minimum(100 * h0, h1), cap)
+    fallback = torch.where(torch.isfinite(h0), h0 * 1e-3, torch.full_like(h0, 1e-6))
+    return torch.where(torch.isfinite(d2), h, fallback)
+

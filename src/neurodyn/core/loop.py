@@ -9,12 +9,13 @@ import torch
 from torch import Tensor
 
 from .. import solution as _sol
+from ..errors import InputError
 from .config import LoopConfig
 from .control import LANDING_SLACK, frozen_attempt, initial_step, make_error_ratio, step_underflow
-from .events import locate_event
+from .events import EventWatch
 from .output import LoopResult, step_outputs
 from .stepper import Step, Stepper, nextafter
-from .tensors import fixed_bad, real_dtype, vmapped
+from .tensors import VMAP_ADAPTIVE, fixed_bad, real_dtype, vmapped
 from .term import ODETerm
 
 
@@ -27,11 +28,16 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
     """
     t0, t_end = times[0], times[-1]
     direction = 1.0 if t_end > t0 else -1.0
-    if not vmapped(k0) and not bool(torch.isfinite(k0.detach()).all()):
+    if vmapped(k0):
+        if cfg.adaptive:  # vmapped over the field's parameters only (a batched state is refused by solve())
+            raise InputError(VMAP_ADAPTIVE)
+    elif not bool(torch.isfinite(k0.detach()).all()):
         return LoopResult(outs=[y0], status=_sol.NON_FINITE, t_final=t0, y_final=y0, steps=0, rejected=0,
                           initial_step=0.0, last_step=0.0, records=[],
                           message=(f"NaN/inf in the derivative func(t0, y0) at the initial time t={t0:.6g}: "
                                    f"check the vector field and y0."))
+    # event_fn(t0, y0) evaluated and checked before any work.
+    watch = EventWatch(term, cfg, t0, y0) if cfg.event_fn is not None else None
     co = solver.coefficients(y0.dtype, y0.device)
     n = y0.shape[1]
     fixed = not cfg.adaptive
@@ -43,10 +49,17 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                    | jumps, key=lambda x: x * direction) + [t_end]
     stop_i = 0
     next_stop = stops[0]
-    if cfg.loop is not None and not jumps and _whole_loop_applies(cfg, y0, k0):
+    # compile=True: the compiled plug-in says whether the whole loop, compiled steps or eager steps run here.
+    path, why = None, None
+    if cfg.advance is not None:
+        loop_ok = cfg.loop is not None and not jumps and _whole_loop_applies(cfg, y0, k0)
+        path, why = cfg.advance.choose(term, solver, y0, k0, times, stops, cfg, loop_ok)
+    if path == "loop":
         res = _run_compiled_loop(term, solver, y0, k0, times, stops, cfg)
         if res is not None:
+            res.compile_reason = why
             return res
+        path, why = "step", f"{why}; it could not be compiled: compiled steps"
 
     ratio_fn = None
     ctrl = None
@@ -95,18 +108,12 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
     last_h = 0.0
     nonfinite_streak = False
     event = None
-    event_fn = cfg.event_fn
-    g_prev = None
-    if event_fn is not None:
-        with torch.no_grad():
-            g_prev = event_fn(torch.scalar_tensor(t0, dtype=term.t_dtype, device=term.device),
-                              y0.view(term.shape)).detach().reshape(-1)
     perturb = cfg.perturb
     max_steps = cfg.max_steps
     attempts = 0
 
     on_accept = cfg.on_accept
-    fast = cfg.advance
+    fast = cfg.advance if path != "eager" else None
     # Without an autograd graph or recorded steps, stages go to two alternating preallocated buffers
     # (alternating: a rejected attempt must not overwrite the FSAL stage the retry starts from).
     buffers = None
@@ -176,13 +183,9 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                 # Outputs inside (t, t1]: the method's own dense output, never forced steps.
                 if out_i < n_out and (times[out_i] - t1) * direction <= 0:
                     out_i = step_outputs(solver, term, st, co, cfg.interp, times, out_i, t1, direction, outs)
-                if event_fn is not None:
-                    with torch.no_grad():
-                        g1 = event_fn(torch.scalar_tensor(t1, dtype=term.t_dtype, device=term.device),
-                                      y1.detach().view(term.shape)).detach().reshape(-1)
-                    changed = (torch.sign(g1) != torch.sign(g_prev)) & (g_prev != 0)
-                    if bool(changed.any()):
-                        event = locate_event(term, solver, st, co, cfg, g_prev, changed)
+                if watch is not None:
+                    event = watch.check(solver, st, co, t1)
+                    if event is not None:
                         # Outputs already written past the event time are invalid: drop them.
                         t_ev = st.t0 + event[1] * st.h
                         while len(outs) > 1 and (times[len(outs) - 1] - t_ev) * direction > 0:
@@ -191,7 +194,6 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                         status = _sol.EVENT
                         t, y = t_ev, None
                         break
-                    g_prev = g1
                 t, y = t1, y1
                 k1_time = t
                 if landing and next_stop in jumps:
@@ -242,7 +244,8 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
     return LoopResult(outs=outs, status=status, t_final=t, y_final=y, steps=steps, rejected=rejected,
                       initial_step=first_h, last_step=abs(last_h), records=records, message=message,
                       next_step=h_abs if math.isfinite(h_abs) and h_abs > 0 else None,
-                      event=event, compiled="step" if fast is not None else None)
+                      event=event, compiled="step" if fast is not None else ("eager" if path == "eager" else None),
+                      compile_reason=why)
 
 
 def failure_message(status: str, t: float, h_abs: float, cfg: LoopConfig, solver: Stepper, t0: float,

@@ -34,7 +34,9 @@ class LoopResult:
     event: tuple[Step, float, int] | None = None  # (step, theta, component)
     next_step: float | None = None  # the controller's proposal after the last step (to continue from)
     ys: Tensor | None = None  # the outputs stacked, (n_valid, n), where the loop wrote them in one tensor (outs empty)
-    compiled: str | None = None  # "loop": the whole loop ran compiled; "step": compiled steps; None: eager
+    compiled: str | None = None  # "loop": the whole loop ran compiled; "step": compiled steps; "eager": compile=True
+    # chose eager steps (compile.policy); None: eager
+    compile_reason: str | None = None  # compile=True: why this path (compile.policy.decide)
 
 
 def step_outputs(solver: Stepper, term: ODETerm, st: Step, co, interp: str, times: list[float],
@@ -86,6 +88,8 @@ def assemble(res: LoopResult, term: ODETerm, solver: Stepper, cfg: LoopConfig, y
     }
     if res.compiled:
         stats["compiled"] = res.compiled
+    if res.compile_reason:
+        stats["compile_reason"] = res.compile_reason
     # Implicit methods' Jacobians, factorisations and Newton iterations (copied: a backward solve with the
     # same stepper would reset them).
     if solver.stats:

@@ -30,9 +30,17 @@ from .. import solution as _sol
 from ..errors import InputError
 from ..solution import Solution
 from .config import LoopConfig
-from .control import LANDING_SLACK, PIDController, frozen_attempt, step_underflow_tensor
+from .control import (
+    LANDING_SLACK,
+    PIDController,
+    frozen_attempt,
+    initial_step_tensor,
+    rms_ratio,
+    step_underflow_tensor,
+)
 from .stepper import Stepper
 from .tensors import real_dtype
+from .term import check_output
 
 RowTerm = Callable[[Tensor, Tensor], Tensor]  # (t of shape (B,), y of shape (B, n)) -> dy/dt of shape (B, n)
 
@@ -159,39 +167,16 @@ class _Frame:
 
 
 def _error_ratio(err: Tensor, y0: Tensor, y1: Tensor, rtol: Tensor, atol: Tensor, m: int) -> Tensor:
-    """Per-row ``RMS(err / (atol + rtol max(|y0|, |y1|)))`` over the first ``m`` components (``rtol``/``atol``
-    carry the ``1/sqrt(m)`` of the mean), or DOP853's combination of two estimates; ``(B,)``."""
+    """Per-row error ratio (:func:`~neurodyn.core.control.rms_ratio`) over the first ``m`` components; ``(B,)``."""
     if m < y0.shape[1]:
         err, y0, y1 = err[..., :m], y0[:, :m], y1[:, :m]
-    q = err / torch.addcmul(atol, torch.maximum(y0.abs(), y1.abs()), rtol)
-    if q.shape[0] == 1:
-        return torch.linalg.vector_norm(q[0], dim=1)
-    sq = q.abs().square_().sum(2)
-    hi, deno = sq[0], sq[0] + 0.01 * sq[1]
-    return torch.where(deno == 0, torch.zeros_like(hi), hi / deno.sqrt())
+    return rms_ratio(err, y0, y1, rtol, atol)
 
 
 def _scaled_tol(tol: float | Tensor, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A tolerance over the first ``m`` components times ``sqrt(m)`` (so a plain norm gives the RMS)."""
     t = tol[:, :m] if isinstance(tol, Tensor) else torch.tensor(tol, dtype=torch.float64, device=device)
     return t.to(dtype) * math.sqrt(m)
-
-
-def _initial_step(term: RowTerm, t0: Tensor, y: Tensor, f0: Tensor, d: float, order: int, rtol: Tensor,
-                  atol: Tensor, max_step: float) -> Tensor:
-    """Hairer's starting step (as ``control.initial_step``) for every row; ``rtol``/``atol`` carry ``1/sqrt(n)``."""
-    scale = torch.addcmul(atol, y.abs(), rtol)
-    d0 = torch.linalg.vector_norm(y / scale, dim=1).to(torch.float64)
-    d1 = torch.linalg.vector_norm(f0 / scale, dim=1).to(torch.float64)
-    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-    h0 = h0.clamp(max=max_step)
-    f1 = term(t0 + d * h0, y + (d * h0).to(y.dtype if not y.is_complex() else scale.dtype).view(-1, 1) * f0)
-    d2 = torch.linalg.vector_norm((f1 - f0) / scale, dim=1).to(torch.float64) / h0
-    big = torch.maximum(d1, d2)
-    h1 = torch.where(big <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / big) ** (1.0 / (order + 1)))
-    h = torch.minimum(torch.minimum(100 * h0, h1), torch.full_like(h0, max_step))
-    fallback = torch.where(torch.isfinite(h0), h0 * 1e-3, torch.full_like(h0, 1e-6))
-    return torch.where(torch.isfinite(d2), h, fallback)
 
 
 def _oriented(term: RowTerm, times: Tensor) -> tuple[RowTerm, Tensor, float, Tensor | None]:
@@ -244,7 +229,7 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
             h_abs = torch.full((b,), min(cfg.first_step, cfg.max_step), dtype=torch.float64, device=dev)
         else:
             rt, at = (rtol_t, atol_t) if m == n else (_scaled_tol(rtol, n, rdt, dev), _scaled_tol(atol, n, rdt, dev))
-            h_abs = _initial_step(term, t_cur, y0.detach(), f0.detach(), d, solver.order, rt, at, cfg.max_step)
+            h_abs = initial_step_tensor(term, t_cur, y0.detach(), f0.detach(), d, solver.order, rt, at, cfg.max_step)
             nfe += 1
         # A non-finite derivative at the start stops the row there (as core/loop.py).
         bad0 = ~torch.isfinite(f0.detach()).all(1)
@@ -416,12 +401,20 @@ def row_times(t: Tensor, b_rows: int) -> Tensor:
 
 
 def row_term(func: Callable, shape: torch.Size) -> RowTerm:
-    """``func`` as a :data:`RowTerm` on flat ``(B, n)`` rows (``t`` cast to the state's real dtype)."""
+    """``func`` as a :data:`RowTerm` on flat ``(B, n)`` rows (``t`` cast to the state's real dtype); every result
+    is checked to be a tensor of the state's shape (:func:`~neurodyn.core.term.check_output`)."""
     b_rows = shape[0]
     n = max(1, math.prod(shape[1:]))
-    if tuple(shape) == (b_rows, n):
-        return func
-    return lambda t, y: func(t, y.view(shape)).reshape(b_rows, n)
+    shape = tuple(shape)
+    flat = shape == (b_rows, n)
+
+    def term(t: Tensor, y: Tensor) -> Tensor:
+        out = func(t, y) if flat else func(t, y.view(shape))
+        if not (isinstance(out, Tensor) and out.shape == shape):
+            check_output(out, shape, float(t.reshape(-1)[0]))
+        return out if flat else out.reshape(b_rows, n)
+
+    return term
 
 
 def time_cast(term: RowTerm, dtype: torch.dtype) -> RowTerm:

@@ -23,8 +23,12 @@ Rules every stepper follows
 5. A stepper that carries state between steps (``multistep``) resets it in ``reset()`` and, with ``replay``,
    exposes it to checkpoint replays through ``replay_record()`` / ``replay_prepare()``
    (see :mod:`neurodyn.gradients.checkpoint`).
-6. ``accepts`` lists the term kinds the stepper integrates (``"ode"``; ``"control"``; ``"sde"``; ``"split"``: a
-   :class:`~neurodyn.core.term.MultiTerm` of two halves). The loop rejects any other term before work.
+6. ``accepts`` lists the term kinds the stepper integrates (``"ode"``: :class:`~neurodyn.core.term.ODETerm`;
+   ``"control"``: :class:`~neurodyn.core.term.ControlTerm`; ``"split"``: a separable Hamiltonian's two halves,
+   :class:`~neurodyn.core.term.SplitTerm`; later ``"sde"``). A stepper that integrates the terms' ODE form
+   (``dy/dt``, what every ``step`` receives as the bound term) accepts ``ODE_FORM_KINDS`` (the default); one that
+   uses a term's structure declares what it needs. :func:`~neurodyn.core.term.check_accepts` rejects any other
+   term before work (:func:`neurodyn.solve` calls it).
 
 A new explicit Runge--Kutta method is a new tableau (:mod:`neurodyn.solvers.tableaus`), not a new stepper.
 A new family (SDE steppers, say) implements this protocol and needs no change to the loop.
@@ -37,6 +41,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor
+
+from .term import ODE_FORM_KINDS
 
 
 @dataclass
@@ -127,7 +133,7 @@ class StepperBase:
     own_controller: ClassVar[bool] = False
     compilable: ClassVar[bool] = False
     bind_tolerances: ClassVar[bool] = False
-    accepts: ClassVar[tuple[str, ...]] = ("ode",)
+    accepts: ClassVar[tuple[str, ...]] = ODE_FORM_KINDS
     # Counters of the solve in progress that go into ``sol.stats`` (implicit methods: Jacobians, Newton iterations).
     stats: dict | None = None
 

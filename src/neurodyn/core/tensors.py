@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -13,18 +15,35 @@ def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return _REAL.get(dtype, dtype)
 
 
-def vmapped(x: Tensor) -> bool:
-    """True inside ``torch.func.vmap`` (a batched tensor): no host-side decision may read its values."""
-    if torch.compiler.is_compiling():  # dynamo traces fake tensors; nothing is vmapped there
+VMAP_ADAPTIVE = ("torch.func.vmap over an adaptive solve is not possible: the step sizes are host-side decisions on "
+                 "the values of every vmapped member (states or parameters). Use a fixed-step method (e.g. "
+                 "method='rk4', step_size=h) under vmap, per_sample_steps=True for a batch of states, or a loop over "
+                 "the members.")
+
+
+def vmapped(*xs: Tensor) -> bool:
+    """True when any of ``xs`` is a ``torch.func.vmap`` batched tensor (possibly under grad wrappers): no host-side
+    decision may read its values, and it cannot be written into a buffer allocated from an unbatched tensor.
+    Outside every ``torch.func`` transform this costs one cheap call; under ``torch.compile`` tracing (fake tensors)
+    it is False."""
+    if torch.compiler.is_compiling():
         return False
     ft = torch._C._functorch
-    while ft.is_functorch_wrapped_tensor(x):  # e.g. jacrev inside vmap: a grad wrapper around a batched one
-        if ft.is_batchedtensor(x):
-            return True
-        x = ft.get_unwrapped(x)
+    if ft.maybe_current_level() is None:
+        return False
+    for x in xs:
+        while ft.is_functorch_wrapped_tensor(x):  # e.g. jacrev inside vmap: a grad wrapper around a batched one
+            if ft.is_batchedtensor(x):
+                return True
+            x = ft.get_unwrapped(x)
     return False
 
 
 def fixed_bad(y: Tensor) -> bool:
     """Non-finite values in a fixed-step state (skipped under vmap, where values cannot reach the host)."""
     return not vmapped(y) and not bool(torch.isfinite(y.detach()).all())
+
+
+def flat_cat(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
+    """Concatenate flattened tensors, zeros (of the matching ``like`` entry's shape) where an entry is None."""
+    return torch.cat([(t if t is not None else torch.zeros_like(ref)).reshape(-1) for t, ref in zip(tensors, like)])

@@ -1,40 +1,507 @@
-"""Terms: what the loop integrates, and how it calls the user's vector field."""
+"""Terms: what the loop integrates, and how it calls the user's vector field.
+
+A term describes the right-hand side of ``dy = vf(t, y) . dcontrol``, in diffrax's three pieces:
+
+``vf(t, y)``
+    the vector field; ``contr(t0, t1)`` the control's increment over a step; ``prod(vf, control)`` their product,
+    the state's increment (``vf_prod(t, y, control)`` fuses the two, by default ``prod(vf(t, y), control)``).
+
+Every term here also has an **ODE form** ``ode(t, y) = dy/dt`` (``t`` a 0-dim tensor, ``y`` and the result in the
+state's shape), which is what the ODE steppers integrate: any ODE method integrates any of these terms.
+
+=====================  =========  ============================================================================
+term                   kind       ``vf`` / ``contr`` / ``prod``; ODE form
+=====================  =========  ============================================================================
+:class:`ODETerm`       ``ode``    ``f(t, y)`` / ``t1 - t0`` / scalar multiply; ``f(t, y)``
+:class:`ControlTerm`   control    ``f(t, y)`` of shape ``(*y.shape, channels)`` / ``X(t1) - X(t0)`` /
+                                  matrix-vector product; ``f(t, y) @ dX/dt(t)``
+:class:`MultiTerm`     its parts  tuples of the parts' / sum of the parts' products; sum of the ODE forms
+:class:`SplitTerm`     split      a separable Hamiltonian's halves ``dq/dt(t, p)``, ``dp/dt(t, q)`` on the state
+                                  ``[q, p]``; symplectic steppers evaluate each half only where needed
+:class:`AdjointTerm`   ``ode``    the continuous adjoint's augmented field of any term (gradient="adjoint")
+=====================  =========  ============================================================================
+
+A stepper declares the kinds it integrates (``accepts``, :mod:`neurodyn.core.stepper`); :func:`check_accepts`
+rejects other combinations before any work. :func:`neurodyn.solve` takes a term wherever it takes ``func``: it
+integrates the term's ODE form (:func:`as_field`), lands on the term's ``knots`` (they join ``jump_t``), and the
+gradient methods see the tensors of :meth:`Term.grad_tensors` (the vector fields' parameters, a path's data).
+
+The engine wraps the field it integrates in a *bound* :class:`ODETerm` (``ODETerm(field, shape, t_dtype,
+device)``): the steppers call it as ``term(t, y_flat)`` with a float time and a ``(1, n)`` state, and it counts
+the evaluations in ``nfe``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from ..errors import InputError
+from .paths import Path
+from .tensors import flat_cat
+
+#: The term kinds with an ODE form: every stepper that integrates ``dy/dt`` accepts them.
+ODE_FORM_KINDS: tuple[str, ...] = ("ode", "control", "split")
 
 
-class ODETerm:
-    """Wraps ``func(t, y)`` for the engine: flat ``(1, n)`` states in, flat ``(n,)`` derivatives out.
+def field_params(func: Any) -> list[Tensor]:
+    """The parameters requiring grad of an ``nn.Module`` vector field, or of the module a bound method belongs
+    to; ``[]`` for other callables (a closure's tensors must be passed as ``params=``)."""
+    owner = func if isinstance(func, nn.Module) else getattr(func, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return [p for p in owner.parameters() if p.requires_grad]
+    return []
 
-    ``t`` reaches ``func`` as a 0-dim tensor of the state's real dtype on the state's device, ``y`` in
-    its own shape. Counts evaluations in ``nfe``. ``inline``: steppers may call ``func`` themselves the way
-    :meth:`__call__` does (same time tensor, same state view, ``nfe`` counted), saving a frame per stage.
+
+def _unique(tensors: Sequence[Tensor]) -> list[Tensor]:
+    seen: set[int] = set()
+    out = []
+    for x in tensors:
+        if id(x) not in seen:
+            seen.add(id(x))
+            out.append(x)
+    return out
+
+
+class Term:
+    """Base of the terms: ``dy = prod(vf(t, y), contr(t0, t1))`` (see the module docstring).
+
+    Subclasses define ``kinds`` (the stepper capabilities they need), ``vf``, ``contr``, ``prod`` and, where the
+    term has one, the ODE form ``ode``; ``knots`` (times the solve must land on) and ``grad_tensors`` default to
+    none.
+    """
+
+    __slots__ = ()
+    kinds: ClassVar[frozenset[str]] = frozenset()
+
+    def vf(self, t: Tensor, y: Tensor) -> Any:
+        """The vector field at ``(t, y)``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no vf(t, y)")
+
+    def contr(self, t0: Tensor | float, t1: Tensor | float) -> Any:
+        """The control's increment over ``[t0, t1]``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no contr(t0, t1)")
+
+    def prod(self, vf: Any, control: Any) -> Tensor:
+        """The state increment from a vector field value and a control increment (state's shape)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no prod(vf, control)")
+
+    def vf_prod(self, t: Tensor, y: Tensor, control: Any) -> Tensor:
+        """``prod(vf(t, y), control)``: the state increment of a step with control ``control``."""
+        return self.prod(self.vf(t, y), control)
+
+    def ode(self, t: Tensor, y: Tensor) -> Tensor:
+        """The ODE form ``dy/dt`` at ``(t, y)`` (state's shape)."""
+        raise InputError(f"{type(self).__name__} has no ODE form dy/dt: an ODE method cannot integrate it.")
+
+    @property
+    def knots(self) -> tuple[float, ...]:
+        """Times where the term is not smooth in ``t``: the solve steps exactly onto them."""
+        return ()
+
+    def grad_tensors(self) -> list[Tensor]:
+        """The tensors the term uses that need gradients (parameters, a path's data)."""
+        return []
+
+
+class ODETerm(Term):
+    """``dy = f(t, y) dt``: an ordinary differential equation.
+
+    ``ODETerm(f)`` is the public term (``vf = f``, ``contr(t0, t1) = t1 - t0``, ``prod`` = scalar multiply, ODE
+    form ``f(t, y)``); ``solve(ODETerm(f), ...)`` is ``solve(f, ...)``.
+
+    The engine *binds* it to a state layout, ``ODETerm(field, shape, t_dtype, device)``: calling the bound term
+    as ``term(t, y)`` with a float ``t`` and a flat ``(1, n)`` state evaluates ``field`` with ``t`` as a 0-dim
+    tensor of the state's real dtype on its device and ``y`` in the user's ``shape``, and counts evaluations in
+    ``nfe``. ``inline``: steppers may call ``func`` themselves the way :meth:`__call__` does (same time tensor,
+    same state view, ``nfe`` counted), saving a frame per stage.
+
+    Parameters
+    ----------
+    func : callable ``(t, y) -> dy/dt``
+        ``y`` and the result of one shape.
+    shape, t_dtype, device :
+        The bound layout (engine use).
+
+    Examples
+    --------
+    >>> import torch, neurodyn
+    >>> t = torch.linspace(0, 1, 3, dtype=torch.float64)
+    >>> sol = neurodyn.solve(neurodyn.ODETerm(lambda t, y: -y), torch.ones(2, dtype=torch.float64), t)
+    >>> bool(torch.allclose(sol.ys[-1], torch.full((2,), 1.0, dtype=torch.float64).mul(-1).exp(), atol=1e-7))
+    True
     """
 
     __slots__ = ("func", "shape", "t_dtype", "device", "nfe", "flat")
     inline = True
+    kinds: ClassVar[frozenset[str]] = frozenset({"ode"})
 
-    def __init__(self, func: Callable[[Tensor, Tensor], Tensor], shape: torch.Size,
-                 t_dtype: torch.dtype, device: torch.device):
+    def __init__(self, func: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int] | None = None,
+                 t_dtype: torch.dtype | None = None, device: torch.device | None = None):
+        if not callable(func):
+            raise InputError(f"ODETerm(func): func must be callable as func(t, y), got {type(func).__name__}.")
         self.func = func
-        self.shape = shape
         self.t_dtype = t_dtype
         self.device = device
         self.nfe = 0
-        n = shape.numel()
-        self.flat = tuple(shape) == (1, n)  # the engine's (1, n) layout is already the user's shape
-        self.shape = tuple(shape)
+        if shape is None:
+            self.shape = None
+            self.flat = False
+        else:
+            n = math.prod(shape)
+            self.flat = tuple(shape) == (1, n)  # the engine's (1, n) layout is already the user's shape
+            self.shape = tuple(shape)
 
     def __call__(self, t: float, y: Tensor) -> Tensor:
         """dy/dt at ``(t, y)``; ``y`` of shape ``(1, n)``; the result has the user's shape (a view of
-        ``(n,)`` elements, so it can be stored straight into a stage buffer row after ``view(-1)``)."""
+        ``(n,)`` elements, so it can be stored straight into a stage buffer row after ``view(-1)``). Every result
+        is checked (type and shape: metadata, no host sync), see :func:`check_output`."""
         self.nfe += 1
         tt = torch.scalar_tensor(t, dtype=self.t_dtype, device=self.device)
-        if self.flat:
-            return self.func(tt, y)
-        return self.func(tt, y.view(self.shape))
+        out = self.func(tt, y) if self.flat else self.func(tt, y.view(self.shape))
+        if not (isinstance(out, Tensor) and out.shape == self.shape):
+            check_output(out, self.shape, t)
+        return out
+
+    def vf(self, t: Tensor, y: Tensor) -> Tensor:
+        return self.func(t, y)
+
+    def contr(self, t0: Tensor | float, t1: Tensor | float) -> Tensor | float:
+        return t1 - t0
+
+    def prod(self, vf: Tensor, control: Tensor | float) -> Tensor:
+        return vf * control
+
+    def ode(self, t: Tensor, y: Tensor) -> Tensor:
+        return self.func(t, y)
+
+    def grad_tensors(self) -> list[Tensor]:
+        return field_params(self.func)
+
+
+class ControlTerm(Term):
+    """``dy = f(t, y) dX(t)``: a controlled differential equation (CDE) driven by a path ``X``.
+
+    Parameters
+    ----------
+    vector_field : callable ``(t, y) -> Tensor`` of shape ``(*y.shape, channels)``
+        A matrix per state element row: ``dy_i = sum_c f(t, y)[..., i, c] dX_c``.
+    path : :class:`~neurodyn.core.paths.Path`
+        ``X(t)`` with values ``(..., channels)`` whose batch dimensions broadcast against ``y``'s leading ones
+        (e.g. ``y`` of shape ``(B, d)`` with a path of data ``(B, T, channels)`` or ``(T, channels)``);
+        :class:`neurodyn.LinearPath` for piecewise-linear data.
+
+    ``contr(t0, t1) = X(t1) - X(t0)``, ``prod(vf, dX) = vf @ dX`` (``(*y.shape, channels) x (..., channels) ->
+    y.shape``), ODE form ``f(t, y) @ dX/dt(t)`` (so every ODE method integrates it, as torchcde does). The
+    path's ``knots`` (where ``dX/dt`` jumps) are landed on; gradients reach the path's data through every
+    gradient method.
+
+    Examples
+    --------
+    ``dh = A h dX`` with a scalar piecewise-linear ``X``: ``h(t) = expm(A (X(t) - X(0))) h0``.
+
+    >>> import torch, neurodyn
+    >>> A = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    >>> ts = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    >>> X = neurodyn.LinearPath(ts, torch.tensor([[0.0], [0.5], [-0.25]], dtype=torch.float64))
+    >>> term = neurodyn.ControlTerm(lambda t, h: (A @ h).unsqueeze(-1), X)   # (2,) -> (2, 1)
+    >>> h0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    >>> sol = neurodyn.solve(term, h0, ts, rtol=1e-10, atol=1e-12)
+    >>> exact = torch.linalg.matrix_exp(A * -0.25) @ h0
+    >>> bool(torch.allclose(sol.ys[-1], exact, atol=1e-8))
+    True
+    """
+
+    __slots__ = ("vector_field", "path")
+    kinds: ClassVar[frozenset[str]] = frozenset({"control"})
+
+    def __init__(self, vector_field: Callable[[Tensor, Tensor], Tensor], path: Path):
+        if not callable(vector_field):
+            raise InputError(f"ControlTerm(vector_field, path): vector_field must be callable as f(t, y), got "
+                             f"{type(vector_field).__name__}.")
+        if not isinstance(path, Path):
+            raise InputError(f"ControlTerm(vector_field, path): path must have evaluate(t), derivative(t), "
+                             f"increment(s, t), knots and grad_tensors() (e.g. neurodyn.LinearPath(ts, xs)), got "
+                             f"{type(path).__name__}.")
+        self.vector_field = vector_field
+        self.path = path
+
+    def vf(self, t: Tensor, y: Tensor) -> Tensor:
+        return self.vector_field(t, y)
+
+    def contr(self, t0: Tensor | float, t1: Tensor | float) -> Tensor:
+        return self.path.increment(t0, t1)
+
+    def prod(self, vf: Tensor, control: Tensor) -> Tensor:
+        try:
+            return torch.matmul(vf, control.unsqueeze(-1)).squeeze(-1)
+        except RuntimeError as err:
+            raise InputError(
+                f"ControlTerm: vector_field(t, y) returned shape {tuple(vf.shape)} ({vf.dtype}), which does not "
+                f"multiply the control of shape {tuple(control.shape)} ({control.dtype}): it must return "
+                f"(*y.shape, channels) with channels = {control.shape[-1]} (the path's last dimension), in the "
+                f"path's dtype. ({err})") from None
+
+    def ode(self, t: Tensor, y: Tensor) -> Tensor:
+        return self.prod(self.vector_field(t, y), self.path.derivative(t))
+
+    @property
+    def knots(self) -> tuple[float, ...]:
+        return tuple(self.path.knots)
+
+    def grad_tensors(self) -> list[Tensor]:
+        return _unique(field_params(self.vector_field) + list(self.path.grad_tensors()))
+
+
+class MultiTerm(Term):
+    """A sum of terms, ``dy = sum_i prod_i(vf_i(t, y), contr_i(t0, t1))`` (drift + diffusion, ODE + CDE, ...).
+
+    ``vf`` and ``contr`` return tuples (one entry per term), ``prod`` sums the terms' products; the ODE form is the
+    sum of the terms' ODE forms; ``knots`` and ``grad_tensors`` are the union of the terms'. Its ``kinds`` are
+    its terms' kinds: a stepper must accept each.
+
+    Examples
+    --------
+    ``dh = -h dt + h dX`` (scalar): ``h(t) = h0 exp(-(t - t0) + X(t) - X(t0))``.
+
+    >>> import torch, neurodyn
+    >>> ts = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    >>> X = neurodyn.LinearPath(ts, torch.tensor([[0.0], [1.0], [0.5]], dtype=torch.float64))
+    >>> term = neurodyn.MultiTerm(neurodyn.ODETerm(lambda t, h: -h),
+    ...                           neurodyn.ControlTerm(lambda t, h: h.unsqueeze(-1), X))
+    >>> sol = neurodyn.solve(term, torch.ones(1, dtype=torch.float64), ts, rtol=1e-10, atol=1e-12)
+    >>> bool(torch.allclose(sol.ys[-1], torch.tensor([-1.5], dtype=torch.float64).exp(), atol=1e-8))
+    True
+    """
+
+    __slots__ = ("terms",)
+
+    def __init__(self, *terms: Term):
+        if not terms:
+            raise InputError("MultiTerm(*terms) needs at least one term.")
+        for i, term in enumerate(terms):
+            if not isinstance(term, Term):
+                raise InputError(f"MultiTerm: argument {i} is a {type(term).__name__}, not a term (wrap a vector "
+                                 f"field f(t, y) in neurodyn.ODETerm(f)).")
+        self.terms: tuple[Term, ...] = tuple(terms)
+
+    @property
+    def kinds(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset().union(*(term.kinds for term in self.terms))
+
+    def vf(self, t: Tensor, y: Tensor) -> tuple:
+        return tuple(term.vf(t, y) for term in self.terms)
+
+    def contr(self, t0: Tensor | float, t1: Tensor | float) -> tuple:
+        return tuple(term.contr(t0, t1) for term in self.terms)
+
+    def prod(self, vf: tuple, control: tuple) -> Tensor:
+        parts = [term.prod(v, c) for term, v, c in zip(self.terms, vf, control)]
+        return _sum(parts)
+
+    def vf_prod(self, t: Tensor, y: Tensor, control: tuple) -> Tensor:
+        return _sum([term.vf_prod(t, y, c) for term, c in zip(self.terms, control)])
+
+    def ode(self, t: Tensor, y: Tensor) -> Tensor:
+        return _sum([term.ode(t, y) for term in self.terms])
+
+    @property
+    def knots(self) -> tuple[float, ...]:
+        return tuple(sorted({x for term in self.terms for x in term.knots}))
+
+    def grad_tensors(self) -> list[Tensor]:
+        return _unique([x for term in self.terms for x in term.grad_tensors()])
+
+
+def _sum(parts: list[Tensor]) -> Tensor:
+    out = parts[0]
+    for x in parts[1:]:
+        out = out + x
+    return out
+
+
+class SplitTerm(Term):
+    """A separable Hamiltonian system given by its two halves: ``dq/dt = dq_dt(t, p)``, ``dp/dt = dp_dt(t, q)``.
+
+    The state's last dimension holds ``[q, p]`` (shape ``(..., 2d)``); ``dq_dt(t, p)`` and ``dp_dt(t, q)`` take and
+    return ``(..., d)`` (for ``H = T(p) + V(q)``: ``dT/dp`` and ``-dV/dq``). The ODE form is
+    ``cat([dq_dt(t, p), dp_dt(t, q)], -1)``, so every ODE method integrates it; the symplectic methods
+    (``leapfrog``, ``yoshida4``, ``semi_implicit_euler``) evaluate each half only where a drift or kick needs it,
+    where a whole field ``f(t, y)`` computes both halves at every stage and uses one. With a ``SplitTerm``,
+    ``stats["nfe"]`` counts the calls of either half (each half-cost).
+
+    Examples
+    --------
+    A pendulum, ``H = p^2 / 2 - cos q``:
+
+    >>> import torch, neurodyn
+    >>> term = neurodyn.SplitTerm(lambda t, p: p, lambda t, q: -torch.sin(q))
+    >>> y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    >>> sol = neurodyn.solve(term, y0, torch.linspace(0, 10, 11, dtype=torch.float64), method="leapfrog",
+    ...                      step_size=0.01)
+    >>> H = lambda y: 0.5 * y[..., 1] ** 2 - torch.cos(y[..., 0])
+    >>> bool((H(sol.ys) - H(y0)).abs().max() < 1e-4)
+    True
+    """
+
+    __slots__ = ("dq_dt", "dp_dt")
+    kinds: ClassVar[frozenset[str]] = frozenset({"split"})
+
+    def __init__(self, dq_dt: Callable[[Tensor, Tensor], Tensor], dp_dt: Callable[[Tensor, Tensor], Tensor]):
+        for name, f in (("dq_dt", dq_dt), ("dp_dt", dp_dt)):
+            if not callable(f):
+                raise InputError(f"SplitTerm(dq_dt, dp_dt): {name} must be callable as {name}(t, half), got "
+                                 f"{type(f).__name__}.")
+        self.dq_dt = dq_dt
+        self.dp_dt = dp_dt
+
+    def vf(self, t: Tensor, y: Tensor) -> Tensor:
+        return self.ode(t, y)
+
+    def contr(self, t0: Tensor | float, t1: Tensor | float) -> Tensor | float:
+        return t1 - t0
+
+    def prod(self, vf: Tensor, control: Tensor | float) -> Tensor:
+        return vf * control
+
+    def ode(self, t: Tensor, y: Tensor) -> Tensor:
+        d2 = y.shape[-1] if y.dim() else 1
+        if d2 % 2:
+            raise InputError(f"SplitTerm: the state's last dimension must hold [q, p] (an even size), got state "
+                             f"shape {tuple(y.shape)}.")
+        d = d2 // 2
+        return torch.cat([self.dq_dt(t, y[..., d:]), self.dp_dt(t, y[..., :d])], -1)
+
+    def grad_tensors(self) -> list[Tensor]:
+        return _unique(field_params(self.dq_dt) + field_params(self.dp_dt))
+
+
+class AdjointTerm(Term):
+    """The continuous adjoint's augmented field of a term (``gradient="adjoint"`` / ``"interpolated"``).
+
+    On the flat state ``z = [y, a, g]`` (shape ``(1, 2n + P)``; ``n`` elements of the state, ``P`` of the
+    parameters) it is ``[f(t, y), -a^T df/dy, -a^T df/dtheta]`` (integrated backward in time); with ``y_of_t`` (the
+    interpolated adjoint: ``y`` read from the forward dense solution) the state is ``[a, g]`` and ``y``'s channel is
+    dropped. ``f`` is the term's ODE form (or a plain field ``f(t, y)``); ``params`` default to the term's
+    :meth:`~Term.grad_tensors`.
+
+    When ``z`` requires grad (an implicit backward method's Jacobian by reverse passes) the field is differentiable
+    in ``z``; not under ``torch.func`` transforms, which would miss the parameter channels.
+
+    Examples
+    --------
+    >>> import torch
+    >>> w = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    >>> adj = AdjointTerm(ODETerm(lambda t, y: w * y), (1,), [w])
+    >>> adj.ode(torch.tensor(0.0), torch.tensor([[3.0, 1.0, 0.0]], dtype=torch.float64))   # [f, -a w, -a y]
+    tensor([[ 6., -2., -3.]], dtype=torch.float64)
+    """
+
+    __slots__ = ("func", "shape", "n", "params", "y_of_t")
+    kinds: ClassVar[frozenset[str]] = frozenset({"ode"})
+
+    def __init__(self, term: Term | Callable[[Tensor, Tensor], Tensor], shape: Sequence[int],
+                 params: Sequence[Tensor] | None = None, y_of_t: Callable[[float], Tensor] | None = None):
+        self.func = term.ode if isinstance(term, Term) else term
+        if params is None:
+            params = term.grad_tensors() if isinstance(term, Term) else field_params(term)
+        self.params = list(params)
+        self.shape = tuple(shape)
+        self.n = math.prod(self.shape)
+        self.y_of_t = y_of_t
+
+    def ode(self, t: Tensor, z: Tensor) -> Tensor:
+        n, shape, params, y_of_t = self.n, self.shape, self.params, self.y_of_t
+        zf = z.reshape(-1)
+        if y_of_t is None:
+            y, a = zf[:n], zf[n:2 * n]
+        else:
+            y, a = y_of_t(float(t)).reshape(-1), zf[:n]
+        # Differentiable in z when z requires grad (an implicit method's Jacobian of this field by reverse passes).
+        # Not under torch.func: its transforms would miss the parameter channels (wrong, silently), so the
+        # requires_grad_ below makes them fail instead and the Jacobian comes from plain autograd.
+        diff = z.requires_grad and torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(z)
+        with torch.enable_grad():
+            yv = y.view(shape) if diff and y.requires_grad else y.detach().view(shape).requires_grad_(True)
+            fy = self.func(t, yv)
+            if fy.requires_grad:
+                grads = torch.autograd.grad(fy, (yv, *params), -a.view(shape), allow_unused=True,
+                                            materialize_grads=False, create_graph=diff)
+            else:  # a field of t alone: no dependence on y or the parameters
+                grads = (None,) * (1 + len(params))
+        parts = [grads[0].reshape(-1) if grads[0] is not None else torch.zeros_like(a),
+                 flat_cat(grads[1:], params).to(z.dtype) if params else z.new_zeros(0)]
+        if y_of_t is None:
+            parts.insert(0, fy.reshape(-1) if diff else fy.detach().reshape(-1))
+        return torch.cat(parts).view(1, -1)
+
+    def vf(self, t: Tensor, z: Tensor) -> Tensor:
+        return self.ode(t, z)
+
+    def contr(self, t0: Tensor | float, t1: Tensor | float) -> Tensor | float:
+        return t1 - t0
+
+    def prod(self, vf: Tensor, control: Tensor | float) -> Tensor:
+        return vf * control
+
+
+# ----------------------------------------------------------------------------------------------
+# How the engine meets terms
+# ----------------------------------------------------------------------------------------------
+def check_output(out: Any, shape: tuple[int, ...], t: float) -> None:
+    """Raise an InputError when a vector field's result at time ``t`` is not a tensor of the state's ``shape``
+    (a broadcastable wrong shape would otherwise fill stage rows silently wrong). Called on every evaluation where
+    the cheap test ``isinstance(out, Tensor) and out.shape == shape`` fails."""
+    if not isinstance(out, Tensor):
+        raise InputError(f"func(t, y) returned {type(out).__name__} at t={t:.6g}, not a tensor: dy/dt must be a tensor "
+                         f"of the state's shape {tuple(shape)} at every call.")
+    if out.shape != tuple(shape):
+        raise InputError(f"func(t, y) returned shape {tuple(out.shape)} at t={t:.6g}, but the state has shape "
+                         f"{tuple(shape)}: dy/dt must have the state's shape at every call.")
+
+
+def as_field(func: Any) -> tuple[Callable[[Tensor, Tensor], Tensor], Term | None]:
+    """``(field, term)``: the ``f(t, y)`` the engine integrates for ``func`` (a term's ODE form, an
+    :class:`ODETerm`'s own function, or ``func`` itself) and the term it came from (None for a plain field).
+
+    A term's ODE form is its bound ``ode`` method, so :func:`term_of` finds the term again from the field.
+    """
+    if isinstance(func, ODETerm):
+        return func.func, func
+    if isinstance(func, Term):
+        return func.ode, func
+    return func, None
+
+
+def term_of(field: Any) -> Term | None:
+    """The term whose ODE form ``field`` is (its bound ``ode`` method), else None."""
+    owner = getattr(field, "__self__", None)
+    return owner if isinstance(owner, Term) else None
+
+
+def split_halves(term: Any) -> tuple[Callable, Callable] | None:
+    """``(dq_dt, dp_dt)`` when the engine term ``term`` integrates a :class:`SplitTerm`, else None."""
+    owner = term_of(getattr(term, "func", None))
+    return (owner.dq_dt, owner.dp_dt) if isinstance(owner, SplitTerm) else None
+
+
+def check_accepts(stepper: Any, term: Term, method: Any,
+                  alternatives: Callable[[str], list[str]] | None = None) -> None:
+    """Raise an InputError, before any work, when ``stepper`` does not integrate every kind of ``term``.
+
+    ``alternatives(kind)`` lists the methods that do (named in the message).
+    """
+    accepts = stepper.accepts  # declared by every stepper (StepperBase: the ODE-form kinds)
+    missing = sorted(term.kinds - set(accepts))
+    if not missing:
+        return
+    kind = missing[0]
+    name = method if isinstance(method, str) else getattr(stepper, "name", type(stepper).__name__)
+    others = alternatives(kind) if alternatives is not None else []
+    tail = (f"methods that do: {', '.join(others)}." if others else f"no method integrates {kind!r} terms.")
+    raise InputError(f"method {name!r} integrates {', '.join(repr(k) for k in accepts)} terms, not a "
+                     f"{type(term).__name__} (kind {kind!r}); {tail}")

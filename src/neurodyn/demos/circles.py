@@ -413,7 +413,7 @@ def _plot_flows(cfg, path, data, models, results, viz) -> Path:
     X, Y = np.meshgrid(xs, xs)
     grid = torch.tensor(np.stack([X.ravel(), Y.ravel()], -1), dtype=x_te.dtype)
 
-    fig = viz._figure((14.0, 9.0))
+    fig = viz.new_figure((14.0, 9.0))
     axes = fig.subplots(2, 3)
     for row, (name, model) in enumerate(models.items()):
         r = results[name]
@@ -460,13 +460,13 @@ def _plot_flows(cfg, path, data, models, results, viz) -> Path:
         ax.set_xlabel("read-out  w·z(1) + b")
         ax.set_ylabel("main orthogonal direction")
     fig.suptitle(f"nested rings (blue: disk, -1; red: ring, +1), {cfg.iters} iterations, seed {cfg.seed}")
-    return viz._save(fig, path)
+    return viz.save_figure(fig, path)
 
 
 def _plot_training(cfg, path, results, viz) -> Path:
     import numpy as np
 
-    fig = viz._figure((14.0, 4.0))
+    fig = viz.new_figure((14.0, 4.0))
     axes = fig.subplots(1, 3)
     for name, r in results.items():
         color = "C1" if name == "node" else "C2"
@@ -490,7 +490,7 @@ def _plot_training(cfg, path, results, viz) -> Path:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return viz._save(fig, path)
+    return viz.save_figure(fig, path)
 
 
 def _plot_map1d(cfg, path, map_models, map_results, viz) -> Path:
@@ -498,7 +498,7 @@ def _plot_map1d(cfg, path, map_models, map_results, viz) -> Path:
 
     x0 = torch.linspace(-1.5, 1.5, 13)[:, None]
     x0 = torch.cat([x0, torch.tensor([[-1.0], [1.0]])])
-    fig = viz._figure((16.0, 4.0))
+    fig = viz.new_figure((16.0, 4.0))
     axes = fig.subplots(1, 4)
     ts = np.linspace(0.0, 1.0, 41)
     for ax, name in ((axes[0], "node"), (axes[1], "anode")):
@@ -533,7 +533,7 @@ def _plot_map1d(cfg, path, map_models, map_results, viz) -> Path:
     axes[3].set_title("1-d map: training loss")
     axes[3].legend(fontsize=8)
     axes[3].grid(alpha=0.3, which="both")
-    return viz._save(fig, path)
+    return viz.save_figure(fig, path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -871,14 +871,14 @@ def _make_plots(cfg: DigitsConfig, out: Path, metrics: dict[str, Any], adaptive:
                 sweep: list[dict[str, Any]], stream: Any) -> list[str]:
     try:
         from neurodyn import viz
-        from neurodyn.viz import _figure, _save
+        from neurodyn.viz import new_figure, save_figure
     except ImportError as exc:  # pragma: no cover
         print(f"skipping plots: {exc}", file=stream)
         return []
     try:
         paths = []
         # NFE vs margin, one panel per tolerance
-        fig = _figure((5.2 * len(adaptive), 4.2))
+        fig = new_figure((5.2 * len(adaptive), 4.2))
         axes = np.atleast_1d(fig.subplots(1, len(adaptive)))
         rng = np.random.default_rng(cfg.seed)
         for ax, a in zip(axes, adaptive):
@@ -896,9 +896,9 @@ def _make_plots(cfg: DigitsConfig, out: Path, metrics: dict[str, Any], adaptive:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.suptitle("ODE-Net adaptive computation: NFE per test image vs margin", fontsize=10)
-        paths.append(_save(fig, out / "nfe_vs_margin.png"))
+        paths.append(save_figure(fig, out / "nfe_vs_margin.png"))
         # tolerance sweep
-        fig = _figure((9.0, 3.6))
+        fig = new_figure((9.0, 3.6))
         ax1, ax2 = fig.subplots(1, 2)
         tol = [r["rtol"] for r in sweep]
         ax1.semilogx(tol, [r["test_accuracy"] for r in sweep], "o-", color="C0")
@@ -917,9 +917,9 @@ def _make_plots(cfg: DigitsConfig, out: Path, metrics: dict[str, Any], adaptive:
         ax2.set_ylabel("test accuracy")
         ax2.grid(alpha=0.3)
         fig.suptitle("ODE-Net tolerance sweep: speed vs accuracy", fontsize=10)
-        paths.append(_save(fig, out / "tolerance_sweep.png"))
+        paths.append(save_figure(fig, out / "tolerance_sweep.png"))
         # training curves
-        fig = _figure((9.0, 3.4))
+        fig = new_figure((9.0, 3.4))
         ax1, ax2 = fig.subplots(1, 2)
         for i, kind in enumerate(MODELS):
             ex = metrics[kind]["extras"]
@@ -934,7 +934,7 @@ def _make_plots(cfg: DigitsConfig, out: Path, metrics: dict[str, Any], adaptive:
         for a in (ax1, ax2):
             a.grid(alpha=0.3)
             a.legend(fontsize=8)
-        paths.append(_save(fig, out / "training_curves.png"))
+        paths.append(save_figure(fig, out / "training_curves.png"))
     except viz.MissingMatplotlib as exc:
         print(f"skipping plots: {exc}", file=sys.stderr)
         return []

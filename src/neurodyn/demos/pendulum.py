@@ -429,7 +429,7 @@ def _make_plots(cfg, out, d, pred_grid, model, scale, losses, eval_iters, eval_i
 
 
 def _plot_fit(cfg, path, d, pred_grid, viz) -> Any:
-    fig = viz._figure((10.0, 6.5))
+    fig = viz.new_figure((10.0, 6.5))
     axes = fig.subplots(2, 1, sharex=True)
     tg = d["t_grid"].numpy()
     for i, (ax, name) in enumerate(zip(axes, ("theta [rad]", "omega [rad/s]"))):
@@ -446,7 +446,7 @@ def _plot_fit(cfg, path, d, pred_grid, viz) -> Any:
     axes[1].set_xlabel("t [s]")
     fig.suptitle(f"damped pendulum: fit on [0, {cfg.t_train:g}] from {cfg.n_obs} noisy irregular samples, "
                  f"extrapolation to {2 * cfg.t_train:g}")
-    return viz._save(fig, path)
+    return viz.save_figure(fig, path)
 
 
 def _plot_phase(cfg, path, d, pred_grid, model, scale, viz) -> Any:
@@ -454,7 +454,7 @@ def _plot_phase(cfg, path, d, pred_grid, model, scale, viz) -> Any:
 
     true = d["clean_grid"].numpy()
     pred = pred_grid.numpy()
-    fig = viz._figure((7.0, 6.0))
+    fig = viz.new_figure((7.0, 6.0))
     ax = fig.subplots()
     reached = pred[np.isfinite(pred).all(1)]  # rows before a failed solve stopped
     lo = np.minimum(true.min(0), reached.min(0)) if len(reached) else true.min(0)
@@ -474,7 +474,7 @@ def _plot_phase(cfg, path, d, pred_grid, model, scale, viz) -> Any:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title("phase portrait (arrows: learned vector field)")
-    return viz._save(fig, path)
+    return viz.save_figure(fig, path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,14 +46,14 @@ from ..core.config import LoopConfig
 from ..core.control import StepperController
 from ..core.loop import integrate
 from ..core.output import assemble
-from ..core.stepper import Step, Stepper
+from ..core.stepper import Step, Stepper, nextafter
 from ..core.tensors import real_dtype
-from ..core.term import ODETerm
+from ..core.term import AdjointTerm, ODETerm
 from ..errors import InputError, SolveFailure
 from ..fields import check_derivative
 from ..solution import FAILURE_STATUSES, Solution, check_differentiable
 from ..solvers import get_solver
-from .common import GradientOptions, flat_cat
+from .common import GradientOptions
 
 
 class _Setup:
@@ -86,37 +86,6 @@ class _DenseLookup:
         r = self.records[j]
         th = torch.tensor([(t - r.t0) / r.h], dtype=self.term.t_dtype, device=r.y0.device)
         return self.solver.interpolate(self.term, r, th, self.co, self.interp)
-
-
-def _adjoint_field(func: Callable, shape, params: list[Tensor], n: int, t_dtype, device,
-                   y_of_t: Callable[[float], Tensor] | None):
-    """The augmented vector field on the flat state ``[y, a, g]`` (or ``[a, g]`` when ``y_of_t``)."""
-
-    def aug(t: Tensor, z: Tensor) -> Tensor:
-        zf = z.reshape(-1)
-        if y_of_t is None:
-            y, a = zf[:n], zf[n:2 * n]
-        else:
-            y, a = y_of_t(float(t)).reshape(-1), zf[:n]
-        # Differentiable in z when z requires grad (an implicit method's Jacobian of this field by reverse passes).
-        # Not under torch.func: its transforms would miss the parameter channels (wrong, silently), so the
-        # requires_grad_ below makes them fail instead and the Jacobian comes from plain autograd.
-        diff = z.requires_grad and torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(z)
-        with torch.enable_grad():
-            yv = y.view(shape) if diff and y.requires_grad else y.detach().view(shape).requires_grad_(True)
-            fy = func(t, yv)
-            if fy.requires_grad:
-                grads = torch.autograd.grad(fy, (yv, *params), -a.view(shape), allow_unused=True,
-                                            materialize_grads=False, create_graph=diff)
-            else:  # a field of t alone: no dependence on y or the parameters
-                grads = (None,) * (1 + len(params))
-        parts = [grads[0].reshape(-1) if grads[0] is not None else torch.zeros_like(a),
-                 flat_cat(grads[1:], params).to(z.dtype) if params else z.new_zeros(0)]
-        if y_of_t is None:
-            parts.insert(0, fy.reshape(-1) if diff else fy.detach().reshape(-1))
-        return torch.cat(parts).view(1, -1)
-
-    return aug
 
 
 class _AdjointFunction(torch.autograd.Function):
@@ -154,7 +123,7 @@ class _AdjointFunction(torch.autograd.Function):
         t_dtype, device = real_dtype(ys.dtype), ys.device
         interpolated = setup.mode == "interpolated"
         y_of_t = _DenseLookup(setup.term, setup.solver, setup.records, setup.cfg.interp) if interpolated else None
-        aug = _adjoint_field(func, shape, params, n, t_dtype, device, y_of_t)
+        aug = AdjointTerm(func, shape, params, y_of_t)
         adj_solver = get_solver(gopts.adjoint_method) if gopts.adjoint_method else setup.solver
         rtol = gopts.adjoint_rtol if gopts.adjoint_rtol is not None else setup.cfg.rtol
         atol = gopts.adjoint_atol if gopts.adjoint_atol is not None else setup.cfg.atol
@@ -175,6 +144,7 @@ class _AdjointFunction(torch.autograd.Function):
                          max_step=setup.cfg.max_step, controller=controller, accept_min_step=setup.cfg.accept_min_step,
                          jump_t=setup.cfg.jump_t, step_t=setup.cfg.step_t if not adj_solver.adaptive else [],
                          error_dims=(y_dims + n) if gopts.seminorm else None)
+        jumps = set(setup.cfg.jump_t)
         with torch.no_grad():
             a = grad_ys[-1].reshape(-1).clone()
             g = a.new_zeros(p_total) if p_total else a.new_zeros(0)
@@ -183,8 +153,9 @@ class _AdjointFunction(torch.autograd.Function):
             for i in range(len(times) - 1, 0, -1):
                 parts = [a, g] if interpolated else [ys[i].reshape(-1), a, g]
                 z0 = torch.cat(parts).view(1, -1)
-                term = ODETerm(aug, z0.shape, t_dtype, device)
-                k0 = term(times[i], z0)
+                term = ODETerm(aug.ode, z0.shape, t_dtype, device)
+                # Starting on a jump (a path knot at an output time): the derivative of the side travelled into.
+                k0 = term(nextafter(times[i], times[i - 1] - times[i]) if times[i] in jumps else times[i], z0)
                 res = integrate(term, adj_solver, z0, k0, [times[i], times[i - 1]], cfg)
                 # The next interval starts from the controller's proposal, not a fresh initial guess.
                 cfg = replace(cfg, first_step=res.next_step if cfg.adaptive else None)

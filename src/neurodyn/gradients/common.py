@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ..core.term import field_params, term_of
 from ..errors import InputError
 
 
@@ -41,17 +41,21 @@ class GradientOptions:
 
 def find_params(func: Callable, params: Sequence[Tensor] | None) -> list[Tensor]:
     """The tensors needing gradients: ``params`` if given, else the parameters of an ``nn.Module``
-    vector field (or of the module a bound method belongs to), else none."""
+    vector field (or of the module a bound method belongs to), else none. For a term's ODE form (``solve`` given a
+    :class:`~neurodyn.core.term.Term`) the term's :meth:`~neurodyn.core.term.Term.grad_tensors` (its vector fields'
+    parameters, a path's data), joined by ``params`` when given."""
+    term = term_of(func)
     if params is not None:
         out = list(params)
         for i, p in enumerate(out):
             if not isinstance(p, Tensor):
                 raise InputError(f"params[{i}] is a {type(p).__name__}, not a tensor.")
-        return [p for p in out if p.requires_grad]
-    owner: Any = func if isinstance(func, nn.Module) else getattr(func, "__self__", None)
-    if isinstance(owner, nn.Module):
-        return [p for p in owner.parameters() if p.requires_grad]
-    return []
+        out = [p for p in out if p.requires_grad]
+        if term is None:
+            return out
+        known = {id(p) for p in out}
+        return [p for p in term.grad_tensors() if id(p) not in known] + out
+    return term.grad_tensors() if term is not None else field_params(func)
 
 
 def _graph_leaves(root: Tensor, stop: set) -> list[Tensor]:
@@ -91,8 +95,3 @@ def check_hidden_tensors(func: Callable, t0: Tensor, y0: Tensor, params: list[Te
             f"among its parameters (shapes {shapes}); they would get no gradient. Pass them explicitly with "
             f"solve(..., params=[...]) (odeint_adjoint: adjoint_params=...), or use gradient='direct'."
         )
-
-
-def flat_cat(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
-    """Concatenate flattened tensors, zeros where an entry is None."""
-    return torch.cat([(t if t is not None else torch.zeros_like(ref)).reshape(-1) for t, ref in zip(tensors, like)])

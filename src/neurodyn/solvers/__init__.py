@@ -30,6 +30,11 @@ def available_methods() -> list[str]:
     return sorted([*TABLEAUS, *_FACTORIES, *_FRESH])
 
 
+def methods_accepting(kind: str) -> list[str]:
+    """The method names whose steppers integrate terms of ``kind`` (``"ode"``, ``"control"``, ``"split"``, ...)."""
+    return [m for m in available_methods() if kind in get_solver(m).accepts]
+
+
 def get_solver(method: str) -> ExplicitRungeKutta:
     """The (cached) stepper for a method name; raises InputError listing valid names."""
     if not isinstance(method, str) and isinstance(method, Stepper):
@@ -49,4 +54,5 @@ def get_solver(method: str) -> ExplicitRungeKutta:
 
 
 __all__ = ["AutoSwitch", "BDF", "ButcherTableau", "ExplicitRungeKutta", "IMPLICIT_TABLEAUS", "ImplicitRungeKutta",
-           "ImplicitTableau", "TABLEAUS", "available_methods", "get_solver", "implicit_solver"]
+           "ImplicitTableau", "TABLEAUS", "available_methods", "get_solver", "implicit_solver",
+           "methods_accepting"]

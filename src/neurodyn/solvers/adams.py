@@ -18,7 +18,7 @@ A multistep method needs past derivatives. Each stepper keeps its own history of
 * anything else (a new solve, another gradient method's solve) starts afresh, with the one-step starter
   (torchdiffeq's RK4 for the fixed methods, order 1 for ``adams``);
 * a replay of the forward steps (``gradient="checkpoint"``) restores the history kept at its checkpoint and the
-  order each step took (:meth:`_Multistep.replay_record`, :meth:`_Multistep.replay_prepare`), so it reproduces
+  order each step took (:meth:`MultistepBase.replay_record`, :meth:`MultistepBase.replay_prepare`), so it reproduces
   the forward steps exactly, and the gradient flows through the history as in ``gradient="direct"``;
 * after a step that landed on a discontinuity (``jump_t``) the history is dropped too, so no formula
   interpolates across the jump. (With ``perturb=True`` every step is nudged: the history is dropped once,
@@ -164,7 +164,7 @@ def dense_weight_polys(z: list[float]) -> list[list[float]]:
 # History shared by the multistep steppers.
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class _Attempt:
+class StepAttempt:
     """The last call of ``step``: enough to recognise what the loop did with it."""
 
     t0: float
@@ -177,12 +177,12 @@ class _Attempt:
 
 
 @dataclass
-class _History:
+class StepHistory:
     ts: list[float] = field(default_factory=list)  # newest first
     fs: list[Tensor] = field(default_factory=list)  # (n,) each, newest first
 
 
-class _Multistep(StepperBase):
+class MultistepBase(StepperBase):
     """History bookkeeping across :meth:`step` calls (see the module docstring)."""
 
     adaptive = False
@@ -192,8 +192,8 @@ class _Multistep(StepperBase):
     replay = True
 
     def __init__(self) -> None:
-        self._hist = _History()
-        self._last: _Attempt | None = None
+        self._hist = StepHistory()
+        self._last: StepAttempt | None = None
         self._nudge_run = 0  # consecutive accepted steps whose end was nudged (jump_t landing or perturb)
         self._fails = 0
         self._imposed = None  # decisions a replayed step must take (see replay_prepare)
@@ -234,21 +234,21 @@ class _Multistep(StepperBase):
         return "reset"
 
     def _restart(self, t: float, f: Tensor) -> None:
-        self._hist = _History([t], [f])
+        self._hist = StepHistory([t], [f])
         self._fails = 0
         self._on_reset()
 
     def _record(self, t: float, y: Tensor, h: float, y1: Tensor, nudge: float | None, **kw) -> None:
-        self._last = _Attempt(t, y, t + h, y1, nudge is not None, **kw)
+        self._last = StepAttempt(t, y, t + h, y1, nudge is not None, **kw)
 
     def _nodes(self, t: float, h: float, count: int) -> list[float]:
         """Offsets of the ``count`` newest history times from ``t`` in units of ``h`` (0 first)."""
         return [(s - t) / h for s in self._hist.ts[:count]]
 
-    def _on_accept(self, last: _Attempt) -> None:
+    def _on_accept(self, last: StepAttempt) -> None:
         pass
 
-    def _on_reject(self, last: _Attempt) -> None:
+    def _on_reject(self, last: StepAttempt) -> None:
         pass
 
     def _on_reset(self) -> None:
@@ -256,7 +256,7 @@ class _Multistep(StepperBase):
 
     def reset(self) -> None:
         """Forget the history (the next step starts afresh)."""
-        self._hist = _History()
+        self._hist = StepHistory()
         self._last = None
 
     # -- checkpoint replays (see gradients/checkpoint.py) ------------------------------------------
@@ -279,18 +279,18 @@ class _Multistep(StepperBase):
             self._fails = 0
         self._imposed = info
 
-    def _carry(self, last: _Attempt) -> tuple[tuple[Tensor, ...], Any]:
+    def _carry(self, last: StepAttempt) -> tuple[tuple[Tensor, ...], Any]:
         """The tensors (and plain data) the next step starts from: the history of derivatives."""
         return tuple(self._hist.fs), None
 
     def _restore(self, t: float, y: Tensor, ts: list[float], tensors: tuple[Tensor, ...], nudged: bool,
-                 extra: Any) -> _Attempt:
+                 extra: Any) -> StepAttempt:
         """Install a state from :meth:`_carry`; returns the attempt the next step continues from (ending at
         ``(t, y)``)."""
-        self._hist = _History(ts, [x.reshape(-1) for x in tensors])
-        return _Attempt(t, y, t, y, nudged)
+        self._hist = StepHistory(ts, [x.reshape(-1) for x in tensors])
+        return StepAttempt(t, y, t, y, nudged)
 
-    def _decisions(self, last: _Attempt) -> Any:
+    def _decisions(self, last: StepAttempt) -> Any:
         return None
 
     def _impose(self, info: Any) -> None:
@@ -330,7 +330,7 @@ def _weights_tensor(rows: list[list[float]], width: int, like: Tensor) -> Tensor
 # ----------------------------------------------------------------------------------------------
 # Fixed step: torchdiffeq's AdamsBashforth / AdamsBashforthMoulton.
 # ----------------------------------------------------------------------------------------------
-class FixedAdams(_Multistep):
+class FixedAdams(MultistepBase):
     """Fixed-step Adams--Bashforth (``implicit=False``) or Adams--Bashforth--Moulton (``implicit=True``).
 
     Parameters
@@ -458,7 +458,7 @@ class FixedAdams(_Multistep):
 # ----------------------------------------------------------------------------------------------
 # Adaptive: variable-step, variable-order Adams--Bashforth--Moulton PECE.
 # ----------------------------------------------------------------------------------------------
-class VariableAdams(_Multistep):
+class VariableAdams(MultistepBase):
     """Adaptive variable-step, variable-order Adams PECE (``method="adams"``; see the module docstring).
 
     Parameters
@@ -514,13 +514,13 @@ class VariableAdams(_Multistep):
     def _on_reset(self) -> None:
         self._k = self.start_order
 
-    def _decisions(self, last: _Attempt) -> int:
+    def _decisions(self, last: StepAttempt) -> int:
         return last.order
 
     def _impose(self, order: int) -> None:
         self._k = order
 
-    def _on_accept(self, last: _Attempt) -> None:
+    def _on_accept(self, last: StepAttempt) -> None:
         em1, ek, ep1 = last.norms
         k = last.order
         if k > 1 and em1 is not None and ek is not None and em1 <= ek:
@@ -529,7 +529,7 @@ class VariableAdams(_Multistep):
             k += 1
         self._k = k
 
-    def _on_reject(self, last: _Attempt) -> None:
+    def _on_reject(self, last: StepAttempt) -> None:
         em1, ek, _ = last.norms
         k = last.order
         if self._fails >= 3:

@@ -47,7 +47,7 @@ from torch import Tensor
 from ..core.stepper import Step, StepperBase
 from ..errors import InputError
 from .explicit_rk import ExplicitRungeKutta, StageBuffers, Term
-from .implicit_rk import ImplicitRungeKutta, _new_stats
+from .implicit_rk import ImplicitRungeKutta, new_stats
 from .implicit_tableaus import IMPLICIT_TABLEAUS
 from .tableaus import TABLEAUS, ButcherTableau
 
@@ -239,8 +239,8 @@ class AutoSwitch(StepperBase):
     def stats(self) -> dict:
         """The implicit method's counters, ``"switches"`` and ``"steps_per_method"`` of the current (last) solve."""
         st = self._state
-        inner = self.stiff._state
-        out = dict(inner.stats) if (st is not None and inner is not None and inner.term is st.term) else _new_stats()
+        inner = self.stiff.solve_state
+        out = dict(inner.stats) if (st is not None and inner is not None and inner.term is st.term) else new_stats()
         accepted = list(st.accepted) if st is not None else [0, 0]
         if st is not None and st.last is not None and bool(torch.isfinite(st.last[3].detach()).all()):
             accepted[st.last[4]] += 1  # the solve's last attempt: accepted unless the solve failed on it

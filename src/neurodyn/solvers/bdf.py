@@ -31,7 +31,7 @@ The formulation is Shampine & Reichelt's (MATLAB's ode15s; "The MATLAB ODE Suite
 
 Dense output is the BDF interpolating polynomial of the step (degree ``k``, from ``D``), as scipy's
 ``BdfDenseOutput``. Gradients (``gradient="direct"``): Newton runs without autograd; the converged ``y*`` passes
-through one implicit-function-theorem correction (the implicit RK stepper's ``_Correction``), so the gradient is
+through one implicit-function-theorem correction (the implicit RK stepper's ``StageCorrection``), so the gradient is
 that of the discrete method, with no backpropagation through Newton. ``"adjoint"`` and ``"interpolated"`` work as
 for any method. ``"checkpoint"`` keeps the differences ``D`` with every checkpoint and replays each step with the order
 the forward step took; the replay solves the corrector afresh (a Jacobian at the step start, Newton past the forward's
@@ -56,9 +56,9 @@ from torch import Tensor
 from ..core.control import StepperController
 from ..core.stepper import Step
 from ..errors import InputError
-from .adams import _Attempt, _History, _Multistep
+from .adams import MultistepBase, StepAttempt, StepHistory
 from .explicit_rk import Term
-from .implicit_rk import JAC_MODES, ImplicitRungeKutta, _Correction, _new_stats, _SolveState, replay_newton
+from .implicit_rk import JAC_MODES, ImplicitRungeKutta, SolveState, StageCorrection, new_stats, replay_newton
 
 MAX_ORDER = 5
 NEWTON_MAXITER = 4
@@ -103,7 +103,7 @@ def _choose_order(order: int, norms: tuple[float, float, float]) -> tuple[int, f
 
 
 @dataclass
-class _BdfAttempt(_Attempt):
+class _BdfAttempt(StepAttempt):
     """One :meth:`BDF.step` call: what the loop's accept/reject turns into the next state."""
 
     h: float = 0.0
@@ -122,7 +122,7 @@ class _Coefficients:
     update: Tensor  # (k + 2, k + 2): upper-triangular ones, [D[:k + 1]; d] -> D_new[:k + 2]
 
 
-class BDF(_Multistep):
+class BDF(MultistepBase):
     """Variable-order (1--5), variable-step BDF/NDF for stiff problems (``method="bdf"``; see the module docstring).
 
     States are flat ``(1, n)`` rows; ``J`` is ``(n, n)`` or, with ``jac="batched"`` and a ``(B, ...)`` state whose
@@ -184,9 +184,9 @@ class BDF(_Multistep):
 
     # The implicit Runge--Kutta stepper's per-solve state, Newton norm and adjoint solve (of a stage equation
     # Y - c f(t, Y) = rhs, which the BDF corrector is), shared.
-    _begin = ImplicitRungeKutta._begin
-    _dirk_adjoint = ImplicitRungeKutta._dirk_adjoint
-    _rms = staticmethod(ImplicitRungeKutta._rms)
+    begin_solve = ImplicitRungeKutta.begin_solve
+    dirk_adjoint = ImplicitRungeKutta.dirk_adjoint
+    rms = staticmethod(ImplicitRungeKutta.rms)
 
     def __init__(self, *, jac: str | Callable = "full", rtol: float | Tensor | None = None,
                  atol: float | Tensor | None = None, newton_tol: float | None = None,
@@ -223,8 +223,8 @@ class BDF(_Multistep):
         self._alpha = [(1.0 - kappa[j]) * self._gamma[j] for j in range(MAX_ORDER + 1)]
         self._error_const = [kappa[j] * self._gamma[j] + 1.0 / (j + 1) for j in range(MAX_ORDER + 1)]
         self._co: dict[tuple[int, torch.dtype, torch.device], _Coefficients] = {}
-        self._state: _SolveState | None = None
-        self._idle_stats = {**_new_stats(), "orders": {}, "order": 1}
+        self._state: SolveState | None = None
+        self._idle_stats = {**new_stats(), "orders": {}, "order": 1}
         self._D: Tensor | None = None  # accepted differences, at spacing self._hD
         self._hD = 0.0
         self._k = 1
@@ -271,9 +271,9 @@ class BDF(_Multistep):
         return (f"BDF(jac={jac!r}, rtol={self.rtol}, atol={self.atol}, max_order={self.max_order}, "
                 f"ndf={self.ndf})")
 
-    def _solve_state(self, term: Any, y: Tensor) -> _SolveState:
+    def _solve_state(self, term: Any, y: Tensor) -> SolveState:
         """The state of the solve in progress; a new one (Jacobian, factorisation, counters) for a new term."""
-        st = self._begin(term, y)
+        st = self.begin_solve(term, y)
         if "orders" not in st.stats:  # just created
             st.stats.update(orders={}, order=1)
             self._driven = False
@@ -329,7 +329,7 @@ class BDF(_Multistep):
 
     def _restore(self, t: float, y: Tensor, ts: list[float], tensors: tuple[Tensor, ...], nudged: bool,
                  extra: Any) -> _BdfAttempt:
-        self._hist = _History()
+        self._hist = StepHistory()
         return _BdfAttempt(t, y, t, y, nudged, h=extra, D=tensors[0])
 
     def _decisions(self, last: _BdfAttempt) -> int:
@@ -410,7 +410,7 @@ class BDF(_Multistep):
             P = co_k.predict @ D[:k + 1]
             y_pred, psi = P[0:1], P[1:2]
             G = ystar - (y_pred - psi) - c * term(t1, ystar).reshape(1, n)
-            y1 = ystar - _Correction.apply(G, self._dirk_adjoint(term, t1, c, ystar, lu, st))
+            y1 = ystar - StageCorrection.apply(G, self.dirk_adjoint(term, t1, c, ystar, lu, st))
             d = y1 - y_pred
         else:
             y1, d = ystar, dstar
@@ -444,7 +444,7 @@ class BDF(_Multistep):
         return torch.cat([m @ D[:k + 1], D[k + 1:k + 2] * factor ** (k + 1), D[k + 2:]])
 
     def _newton(self, term: Any, t: float, t1: float, y_key: Tensor, y_pred: Tensor, psi: Tensor, c: float,
-                tols: tuple, tol: float, st: _SolveState) -> tuple[Tensor | None, Tensor | None, int, Any]:
+                tols: tuple, tol: float, st: SolveState) -> tuple[Tensor | None, Tensor | None, int, Any]:
         """Solve ``y - c f(t1, y) = y_pred - psi`` from ``y_pred``: ``(y*, d* = y* - y_pred, iterations, LU)``, or
         ``(None, None, iterations, LU)`` when it fails with a Jacobian computed for this attempt."""
         scale = y_pred.abs() * tols[0] + tols[1]
@@ -478,7 +478,7 @@ class BDF(_Multistep):
                 stats["newton_iters"] += 1
                 stats["linear_solves"] += 1
                 total += 1
-                dn = self._rms(dy, scale)
+                dn = self.rms(dy, scale)
                 if not math.isfinite(dn):
                     break
                 rate = None if dn_old is None else (dn / dn_old if dn_old > 0 else 0.0)

@@ -5,6 +5,10 @@ fresh ``(s, n)`` buffer per step so that every stage combination is one ``addmm`
 stages (one pass over memory, whatever the number of stages). The buffer is fresh each step, so
 autograd can differentiate through the stages (``gradient="direct"``) and accepted steps can be kept
 for dense output without copies.
+
+Under ``torch.func.vmap`` (e.g. an ensemble of fields evaluated with ``functional_call`` over stacked
+parameters) a stage may be batched while the state is not, and a batched value cannot be written into an
+unbatched buffer: there the stages are kept in a list and stacked out of place (:func:`~neurodyn.core.tensors.vmapped`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from torch import Tensor
 
 from ..core.interpolation import hermite, linear
 from ..core.stepper import Step, StepperBase
+from ..core.tensors import vmapped
+from ..core.term import check_output
 from .tableaus import ButcherTableau
 
 Term = Callable[[float, Tensor], Tensor]  # (t, y of shape (1, n)) -> dy/dt of shape (n,)
@@ -75,7 +81,7 @@ class ExplicitRungeKutta(StepperBase):
         self.dense_order = tableau.dense_order if tableau.dense is not None else 3
         self.has_own_dense = tableau.dense is not None
         # Stage s-1 lands on y1 exactly when its row equals b (FSAL): reuse it as the new state.
-        self._last_stage_is_y1 = tableau.fsal and tuple(tableau.a[-1]) == tuple(tableau.b[:-1])
+        self.last_stage_is_y1 = tableau.fsal and tuple(tableau.a[-1]) == tuple(tableau.b[:-1])
         self._cache: dict[tuple[torch.dtype, torch.device], _Coefficients] = {}
         self._power_cache: dict[tuple[int, torch.device], Tensor] = {}
         self._c_cache: dict[torch.device, Tensor] = {}
@@ -105,8 +111,14 @@ class ExplicitRungeKutta(StepperBase):
         return co
 
     # -- stage buffers ---------------------------------------------------------------------------
-    def make_buffers(self, y: Tensor, k1: Tensor) -> StageBuffers:
-        """A preallocated stage buffer with its views, for solves that keep no autograd graph."""
+    def make_buffers(self, y: Tensor, k1: Tensor) -> StageBuffers | None:
+        """A preallocated stage buffer with its views, for solves that keep no autograd graph.
+
+        None under ``torch.func.vmap`` (``y`` or ``k1`` batched): :meth:`step` then builds its stages out of
+        place, as batched stages cannot be copied into a buffer allocated from an unbatched state.
+        """
+        if vmapped(y, k1):
+            return None
         s = self.stages
         shaped = y.new_empty((s, *k1.shape))
         flat = shaped.view(s, -1)
@@ -149,19 +161,34 @@ class ExplicitRungeKutta(StepperBase):
                         if not same:
                             ti = t + ci * h if (t_end_nudge is None or ci != 1.0) else t_end_nudge
                             tt = scalar(ti, dtype=t_dtype, device=device)
-                        ri.copy_(func(tt, yi))
+                        fi = func(tt, yi)
+                        if not (isinstance(fi, Tensor) and fi.shape == shape):
+                            check_output(fi, shape, float(tt))
+                        ri.copy_(fi)
                 else:
                     for ai, hi, ri, ci, same in buf.plan:
                         yi = addmm(y, ai, hi, alpha=h)
                         if not same:
                             ti = t + ci * h if (t_end_nudge is None or ci != 1.0) else t_end_nudge
                             tt = scalar(ti, dtype=t_dtype, device=device)
-                        ri.copy_(func(tt, yi.view(shape)))
+                        fi = func(tt, yi.view(shape))
+                        if not (isinstance(fi, Tensor) and fi.shape == shape):
+                            check_output(fi, shape, float(tt))
+                        ri.copy_(fi)
             else:
                 for ai, hi, ri, ci, _ in buf.plan:
                     yi = addmm(y, ai, hi, alpha=h)
                     ti = t + ci * h if (t_end_nudge is None or ci != 1.0) else t_end_nudge
                     ri.copy_(term(ti, yi))
+        elif vmapped(y, k1):
+            # Out of place: the stages so far are stacked for each combination (s small; vmap only).
+            ks = [k1.reshape(-1)]
+            k = ks[0].unsqueeze(0)
+            for i in range(1, s):
+                yi = addmm(y, a[i], k, alpha=h)
+                ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
+                ks.append(term(ti, yi).reshape(-1))
+                k = torch.stack(ks)
         else:
             shaped = y.new_empty((s, *k1.shape))  # rows in the user's shape: f's output is stored as is
             k = shaped.view(s, -1)
@@ -170,7 +197,7 @@ class ExplicitRungeKutta(StepperBase):
                 yi = addmm(y, a[i], k[:i], alpha=h)
                 ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
                 shaped[i] = term(ti, yi)
-        if self._last_stage_is_y1:
+        if self.last_stage_is_y1:
             y1 = yi
         else:
             y1 = addmm(y, co.b, k, alpha=h)
@@ -225,7 +252,7 @@ class ExplicitRungeKutta(StepperBase):
                 yi = addmm(yflat, a[i], flat[:i]).view(b_rows, n)
                 f = term_rows(tc[i], yi)
                 kh[i] = f * hc
-        y1 = yi if self._last_stage_is_y1 else addmm(yflat, co.b, flat).view(b_rows, n)
+        y1 = yi if self.last_stage_is_y1 else addmm(yflat, co.b, flat).view(b_rows, n)
         if co.e is None:
             return y1, kh, None, f
         kd = flat.detach() if flat.requires_grad else flat

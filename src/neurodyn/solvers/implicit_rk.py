@@ -206,7 +206,7 @@ class _Layout:
 # The differentiable correction z = z* - C(G(z*)): forward 0, backward the exact transposed solve.
 # ------------------------------------------------------------------------------------------------
 class _AdjointSolve:
-    """Applies ``(dG/dz)^{-T}`` at a converged stage ``z*`` (backward of :class:`_Correction`)."""
+    """Applies ``(dG/dz)^{-T}`` at a converged stage ``z*`` (backward of :class:`StageCorrection`)."""
 
     __slots__ = ("g_of", "zstar", "precond_t", "stats")
 
@@ -247,7 +247,7 @@ class _AdjointSolve:
         return torch.linalg.solve(gzt_rows.transpose(0, 1), v.reshape(-1)).view_as(v)
 
 
-class _Correction(torch.autograd.Function):
+class StageCorrection(torch.autograd.Function):
     """``C(g)``: value 0; backward ``(dG/dz)^{-T} v`` (see :class:`_AdjointSolve`)."""
 
     @staticmethod
@@ -265,7 +265,7 @@ class _Correction(torch.autograd.Function):
 # Per-solve state (the stepper is shared: the state follows the term of the current solve).
 # ------------------------------------------------------------------------------------------------
 @dataclass
-class _SolveState:
+class SolveState:
     term: Any
     dtype: torch.dtype
     device: torch.device
@@ -289,7 +289,7 @@ class _SolveState:
     lu_mismatch: float = 0.0  # |h / h_factored - 1| of the factorisation in use (see _start_rate)
 
 
-def _new_stats() -> dict:
+def new_stats() -> dict:
     return dict.fromkeys(STAT_KEYS, 0)
 
 
@@ -396,8 +396,8 @@ class ImplicitRungeKutta(StepperBase):
         self.jac_rate = float(jac_rate)
         self.refactor_ratio = float(refactor_ratio)
         self._cache: dict[tuple[torch.dtype, torch.device], _ImplicitCoefficients] = {}
-        self._state: _SolveState | None = None
-        self._idle_stats = _new_stats()
+        self._state: SolveState | None = None
+        self._idle_stats = new_stats()
 
     # -- options -----------------------------------------------------------------------------------
     def bind(self, **options: Any) -> ImplicitRungeKutta:
@@ -416,6 +416,11 @@ class ImplicitRungeKutta(StepperBase):
     def stats(self) -> dict:
         """Counters of the current (last) solve."""
         return self._state.stats if self._state is not None else self._idle_stats
+
+    @property
+    def solve_state(self) -> SolveState | None:
+        """The Jacobian, factorisations and counters of the solve in progress (None between solves)."""
+        return self._state
 
     def reset(self) -> None:
         """Forget the Jacobian, factorisations and counters of the last solve."""
@@ -464,12 +469,12 @@ class ImplicitRungeKutta(StepperBase):
         return co
 
     # -- per-solve state ---------------------------------------------------------------------------
-    def _begin(self, term: Any, y: Tensor) -> _SolveState:
+    def begin_solve(self, term: Any, y: Tensor) -> SolveState:
         st = self._state
         if st is None or st.term is not term or st.dtype != y.dtype or st.device != y.device:
             if y.is_complex():
                 raise InputError("implicit methods support real states only (float32/float64).")
-            st = self._state = _SolveState(term=term, dtype=y.dtype, device=y.device, stats=_new_stats(),
+            st = self._state = SolveState(term=term, dtype=y.dtype, device=y.device, stats=new_stats(),
                                            replay=bool(getattr(term, "replay", False)))
         return st
 
@@ -527,7 +532,7 @@ class ImplicitRungeKutta(StepperBase):
         return y.abs() * rtol + atol
 
     # -- Jacobian ----------------------------------------------------------------------------------
-    def _jacobian(self, term: Any, t: float, y: Tensor, st: _SolveState) -> Tensor:
+    def _jacobian(self, term: Any, t: float, y: Tensor, st: SolveState) -> Tensor:
         """``df/dy`` at ``(t, y)`` (``y`` of shape ``(1, n)``, detached): ``(n, n)`` or ``(B, D, D)``."""
         n = y.shape[1]
         shape = tuple(term.shape)
@@ -626,7 +631,7 @@ class ImplicitRungeKutta(StepperBase):
                 J[:, :, j] = (term(t, yp.reshape(1, n)).reshape(B, D) - f0.view(B, D)) / dj.view(B, 1)
             return J
 
-    def _ensure_jacobian(self, term: Any, t: float, y: Tensor, y_key: Tensor, st: _SolveState) -> bool:
+    def _ensure_jacobian(self, term: Any, t: float, y: Tensor, y_key: Tensor, st: SolveState) -> bool:
         """Compute ``J`` at ``(t, y)`` if needed; True when ``J`` belongs to this step's start (``y_key`` is the
         loop's state object, the same for a retry after a rejection)."""
         if st.J is None or st.need_jac:
@@ -638,7 +643,7 @@ class ImplicitRungeKutta(StepperBase):
         return st.J_at is not None and st.J_at[0] == t and st.J_at[1] is y_key
 
     def _rescue_jacobian(self, term: Any, t_point: float, y_point: Tensor, t: float, y_key: Tensor,
-                         st: _SolveState) -> None:
+                         st: SolveState) -> None:
         """Last chance before rejecting (a fixed step cannot shrink): ``J`` where Newton got stuck."""
         if bool(torch.isfinite(y_point).all()):
             st.J = self._jacobian(term, t_point, y_point, st)
@@ -646,7 +651,7 @@ class ImplicitRungeKutta(StepperBase):
             st.need_jac = False
             st.lus.clear()
 
-    def _stale(self, key: Any, value: float, st: _SolveState):
+    def _stale(self, key: Any, value: float, st: SolveState):
         """The kept factorisation for ``key`` if it was made for a ``value`` (``h`` or ``h gamma``) close enough, else
         None (refactor). Records the mismatch ``|value / value_factored - 1|`` in ``st.lu_mismatch``."""
         entry = st.lus.get(key)
@@ -657,7 +662,7 @@ class ImplicitRungeKutta(StepperBase):
         st.lu_mismatch = mismatch
         return entry[0]
 
-    def _lu_dirk(self, st: _SolveState, h: float, gamma: float) -> tuple[Tensor, Tensor]:
+    def _lu_dirk(self, st: SolveState, h: float, gamma: float) -> tuple[Tensor, Tensor]:
         hg = h * gamma
         key = ("d", gamma, h > 0)
         lu = self._stale(key, hg, st)
@@ -668,7 +673,7 @@ class ImplicitRungeKutta(StepperBase):
             st.stats["factorizations"] += 1
         return lu
 
-    def _lu_firk(self, st: _SolveState, co: _ImplicitCoefficients, h: float) -> tuple[Tensor, Tensor]:
+    def _lu_firk(self, st: SolveState, co: _ImplicitCoefficients, h: float) -> tuple[Tensor, Tensor]:
         lu = self._stale(("f", h > 0), h, st)
         if lu is None:
             lu = torch.linalg.lu_factor(st.layout.firk_matrix(co.A, st.J, h))
@@ -676,7 +681,7 @@ class ImplicitRungeKutta(StepperBase):
             st.stats["factorizations"] += 1
         return lu
 
-    def _lu_radau(self, st: _SolveState, co: _ImplicitCoefficients, h: float):
+    def _lu_radau(self, st: SolveState, co: _ImplicitCoefficients, h: float):
         lus = self._stale(("r", h > 0), h, st)
         if lus is None:
             J = st.J
@@ -691,7 +696,7 @@ class ImplicitRungeKutta(StepperBase):
 
     # -- Newton ------------------------------------------------------------------------------------
     @staticmethod
-    def _rms(x: Tensor, scale: Tensor) -> float:
+    def rms(x: Tensor, scale: Tensor) -> float:
         return float(torch.linalg.vector_norm(x / scale)) / math.sqrt(x.numel())
 
     def _converge(self, it: int, dn: float, dn_old: float | None, eta: float, tol: float, patient: bool = False,
@@ -713,7 +718,7 @@ class ImplicitRungeKutta(StepperBase):
         return 0, eta, theta
 
     @staticmethod
-    def _start_rate(st: _SolveState) -> float:
+    def _start_rate(st: SolveState) -> float:
         """The rate ``eta`` Newton's first convergence test assumes: the last solve's, carried over as ``eta^0.8``
         (RADAU5), but no smaller than what a factorisation kept from another step size implies, nor than
         ``ETA_FLOOR``. On the stiff components the iteration matrix made for ``h'`` contracts the error only by about
@@ -725,11 +730,11 @@ class ImplicitRungeKutta(StepperBase):
         return max(max(st.eta, 1e-16) ** 0.8, m / (1.0 - m), ETA_FLOOR)
 
     @staticmethod
-    def _within_floor(st: _SolveState, dn: float) -> bool:
+    def _within_floor(st: SolveState, dn: float) -> bool:
         """Out of iterations: converged all the same in a replay when the last increment met the forward's test."""
         return st.floor is not None and dn <= st.floor
 
-    def _step_tolerances(self, y: Tensor, st: _SolveState) -> tuple[tuple, float]:
+    def _step_tolerances(self, y: Tensor, st: SolveState) -> tuple[tuple, float]:
         """:meth:`_tolerances` for one step; in a replay also a fresh Jacobian and the replay's Newton settings."""
         tols, tol = self._tolerances(y)
         st.max_iter = self.max_newton_iter
@@ -740,7 +745,7 @@ class ImplicitRungeKutta(StepperBase):
         return tols, tol
 
     def _newton(self, increment: Callable[[Tensor], Tensor], X: Tensor, scale: Tensor, tol: float,
-                st: _SolveState) -> tuple[Tensor, bool, float]:
+                st: SolveState) -> tuple[Tensor, bool, float]:
         """Simplified Newton from the guess ``X``: ``X += increment(X)`` until the convergence test of
         :meth:`_converge` passes (True) or fails (False). Returns ``(X, converged, contraction rate)``."""
         eta = self._start_rate(st)
@@ -751,7 +756,7 @@ class ImplicitRungeKutta(StepperBase):
             dX = increment(X)
             stats["newton_iters"] += 1
             stats["linear_solves"] += 1
-            dn = self._rms(dX, scale)
+            dn = self.rms(dX, scale)
             status, eta, theta = self._converge(it, dn, dn_old, eta, tol, st.patient, st.floor)
             if status < 0:
                 return X, False, theta
@@ -763,14 +768,14 @@ class ImplicitRungeKutta(StepperBase):
         return X, self._within_floor(st, dn), theta
 
     def _newton_stage(self, term: Any, ti: float, psi: Tensor, hg: float, Y: Tensor, lu, scale: Tensor,
-                      tol: float, st: _SolveState) -> tuple[Tensor, bool, float]:
+                      tol: float, st: SolveState) -> tuple[Tensor, bool, float]:
         """Solve ``Y = psi + hg f(ti, Y)`` (one DIRK stage) from the guess ``Y``."""
         layout = st.layout
         return self._newton(lambda Y_: layout.solve(lu, psi + hg * term(ti, Y_).reshape(1, -1) - Y_), Y, scale, tol,
                             st)
 
     def _newton_firk(self, term: Any, t: float, y: Tensor, h: float, Z: Tensor, lu, scale: Tensor, tol: float,
-                     co: _ImplicitCoefficients, times: list[float], st: _SolveState) -> tuple[Tensor, bool, float]:
+                     co: _ImplicitCoefficients, times: list[float], st: SolveState) -> tuple[Tensor, bool, float]:
         """Solve ``Z = h (A (x) I) F(y + Z)`` for the stacked stages ``Z`` (``(s, n)``)."""
         s = Z.shape[0]
 
@@ -781,7 +786,7 @@ class ImplicitRungeKutta(StepperBase):
         return self._newton(increment, Z, scale, tol, st)
 
     def _newton_radau(self, term: Any, y: Tensor, h: float, Z: Tensor, lus, scale: Tensor, tol: float,
-                      co: _ImplicitCoefficients, times: list[float], st: _SolveState) -> tuple[Tensor, bool, float]:
+                      co: _ImplicitCoefficients, times: list[float], st: SolveState) -> tuple[Tensor, bool, float]:
         """RADAU5's Newton on the transformed stages ``W = TI Z`` (one real, one complex solve)."""
         rd = co.radau
         lur, luc, _ = lus
@@ -802,7 +807,7 @@ class ImplicitRungeKutta(StepperBase):
             dW = torch.cat([d_real, d_cplx.real, d_cplx.imag])
             st.stats["newton_iters"] += 1
             st.stats["linear_solves"] += 2
-            dn = self._rms(dW, scale)
+            dn = self.rms(dW, scale)
             status, eta, theta = self._converge(it, dn, dn_old, eta, tol, st.patient, st.floor)
             if status < 0:
                 return Z, False, theta
@@ -829,7 +834,7 @@ class ImplicitRungeKutta(StepperBase):
         ``f(t, y)`` first), ``err`` the error estimate divided by ``h`` (``(1, n)``; ``None`` for fixed-step
         methods). A failed Newton iteration gives a NaN ``y1`` and an infinite ``err``.
         """
-        st = self._begin(term, y)
+        st = self.begin_solve(term, y)
         if st.last is not None and st.last[3] is y:
             st.accepted = st.last  # the previous step ended where this one starts: it was accepted
         retry = st.last_call is not None and st.last_call[0] == t and st.last_call[1] is y
@@ -841,7 +846,7 @@ class ImplicitRungeKutta(StepperBase):
             out = self._step_coupled(term, t, y, h, k1, co, times, st, retry)
         return out
 
-    def _failed(self, y: Tensor, rows: int, st: _SolveState):
+    def _failed(self, y: Tensor, rows: int, st: SolveState):
         st.stats["newton_failures"] += 1
         n = y.shape[1]
         nan = y.detach().new_full((1, n), math.nan)
@@ -918,7 +923,7 @@ class ImplicitRungeKutta(StepperBase):
                         psi = psi + (h * a[i][j]) * Kg[j]
                 Ystar = Ys[i]
                 G = Ystar - psi - hg * term(times[i], Ystar).reshape(1, n)
-                Yi = Ystar - _Correction.apply(G, self._dirk_adjoint(term, times[i], hg, Ystar, lus[i], st))
+                Yi = Ystar - StageCorrection.apply(G, self.dirk_adjoint(term, times[i], hg, Ystar, lus[i], st))
                 Ys[i] = Yi
                 Kg.append((Yi - psi) / hg)
             Ks = Kg
@@ -930,7 +935,7 @@ class ImplicitRungeKutta(StepperBase):
         st.last = (t, h, y, y1, None)
         return y1, k, err
 
-    def _dirk_adjoint(self, term, ti, hg, Ystar, lu, st) -> _AdjointSolve:
+    def dirk_adjoint(self, term, ti, hg, Ystar, lu, st) -> _AdjointSolve:
         layout = st.layout
 
         def g_of(Yd: Tensor) -> Tensor:
@@ -994,7 +999,7 @@ class ImplicitRungeKutta(StepperBase):
                     # After a rejection (and on the first step) RADAU5 improves a large estimate once.
                     y1d = yd + Z[-1:]
                     sc = torch.maximum(yd.abs(), y1d.abs()) * tols[0] + tols[1]
-                    if self._rms(err, sc) > 1.0:
+                    if self.rms(err, sc) > 1.0:
                         err = st.layout.solve(lur, term(t, yd + err).reshape(1, n) + ZE)
                         st.stats["linear_solves"] += 1
                 err = err / h
@@ -1005,7 +1010,7 @@ class ImplicitRungeKutta(StepperBase):
                 G = (co.A_inv @ Z) / h - F
             else:
                 G = Z - h * (co.A @ F)
-            Zk = Z - _Correction.apply(G, self._coupled_adjoint(term, yd, h, Z, lu, co, times, st, radau))
+            Zk = Z - StageCorrection.apply(G, self._coupled_adjoint(term, yd, h, Z, lu, co, times, st, radau))
         K = (co.A_inv @ Zk) / h
         if self.tableau.stiffly_accurate:
             y1 = y + Zk[-1:]

@@ -12,11 +12,15 @@ so for a separable ``H`` the ``q``-half of ``func`` depends on ``p`` only and th
 The steppers alternate *kicks* (``p += a h dp/dt(q)``) and *drifts* (``q += b h dq/dt(p)``); each kick or
 drift needs one half of ``func``, and they take it from one call of ``func`` on the full current state.
 
-Cost: every stage evaluation computes both halves of ``func`` and uses one (the other half is wasted), so
-a step costs ``2m`` calls of ``func`` for ``m`` drifts -- ``leapfrog`` 2, ``semi_implicit_euler`` 2,
-``yoshida4`` 6 -- where a hand-written Verlet with separate ``dT/dp`` and ``dV/dq`` would pay ``m`` gradient
-evaluations of ``V``. ``func`` must really be separable in this sense: for a non-separable ``H`` these
+Cost: with a whole field ``func``, every stage evaluation computes both halves and uses one (the other half is
+wasted), so a step costs ``2m`` calls of ``func`` for ``m`` drifts -- ``leapfrog`` 2, ``semi_implicit_euler`` 2,
+``yoshida4`` 6. Given the halves separately, as a :class:`neurodyn.SplitTerm` ``(dq_dt(t, p), dp_dt(t, q))``,
+each drift calls ``dq_dt`` once and each kick ``dp_dt`` once: ``m`` calls of each half per step, nothing wasted
+(same trajectory, to rounding). ``func`` must really be separable in this sense: for a non-separable ``H`` these
 are no longer symplectic (they fall to first order).
+
+Terms: ``ode`` (a whole field) and ``split`` (a :class:`~neurodyn.core.term.SplitTerm`); a controlled term is not
+a Hamiltonian ``[q, p]`` system and is rejected.
 
 Methods (fixed step; pass ``step_size``, else they step on the output grid like every fixed-step method):
 
@@ -40,9 +44,9 @@ Time-dependent separable fields are allowed (``dq/dt = F(p, t)``, ``dp/dt = G(q,
 at its midpoint time and a kick at the time its ``q`` has reached (``yoshida4``'s inner stages lie
 outside ``[t, t + h]``, as the negative weight ``w0`` steps backwards).
 
-Dense output is cubic Hermite on the true end derivatives. ``leapfrog`` and ``yoshida4`` carry
-``[dq/dt at the last half-kick momentum, dp/dt at the new q]`` from one step to the next (all the next
-kick needs) rather than ``func(t1, y1)``, so output times strictly inside a step cost two extra calls of
+Dense output is cubic Hermite on the true end derivatives. ``leapfrog`` and ``yoshida4`` (and every scheme given
+the halves) carry ``[dq/dt at the last half-kick momentum, dp/dt at the new q]`` from one step to the next (all
+the next kick needs) rather than ``func(t1, y1)``, so output times strictly inside a step cost two extra calls of
 ``func`` (at the step ends); times on the step grid cost nothing.
 
 Examples
@@ -68,6 +72,7 @@ from torch import Tensor
 
 from ..core.interpolation import hermite, linear
 from ..core.stepper import Step, StepperBase
+from ..core.term import split_halves
 from ..errors import InputError
 from .explicit_rk import Term
 
@@ -116,6 +121,8 @@ class SymplecticStepper(StepperBase):
     #: Only meaningful for [q, p] states of a separable Hamiltonian field: a solve of another system with the
     #: same stepper (an adjoint's augmented state) needs a general method instead.
     symplectic = True
+    #: A whole field ``f(t, y)``, or its halves as a SplitTerm (each evaluated only where needed).
+    accepts = ("ode", "split")
 
     def __init__(self, scheme: SymplecticScheme):
         self.scheme = scheme
@@ -163,24 +170,38 @@ class SymplecticStepper(StepperBase):
         Only the ``dp/dt``-half of ``k1`` is read (``dp/dt`` at ``q``). Returns ``(y1, k, None)``.
         """
         shape, d = self._halves(term)
+        halves = split_halves(term)
+        if halves is None:  # the whole field at [q, p]: each kick or drift uses one half of it
+            def evaluate(tt: float, q: Tensor, p: Tensor, drift: bool) -> tuple[Tensor, Tensor]:
+                e = term(tt, torch.cat([q, p], -1)).reshape(shape)
+                return (e[..., :d] if drift else e[..., d:]), e
+        else:  # a SplitTerm: dq/dt(t, p) for a drift, dp/dt(t, q) for a kick, each counted in term.nfe
+            dq_dt, dp_dt = halves
+
+            def evaluate(tt: float, q: Tensor, p: Tensor, drift: bool) -> tuple[Tensor, None]:
+                term.nfe += 1
+                ts = torch.scalar_tensor(tt, dtype=term.t_dtype, device=term.device)
+                return (dq_dt(ts, p) if drift else dp_dt(ts, q)), None
+
         yv = y.view(shape)
         q, p = yv[..., :d], yv[..., d:]
-        fp = k1.reshape(shape)[..., d:]
+        k1v = k1.reshape(shape)
+        fq, fp = k1v[..., :d], k1v[..., d:]
+        # Row i of k: the field as last evaluated by stage i ([dq/dt, dp/dt] as last known, with halves).
         evals = [k1.reshape(1, -1)]
         m = len(co.drifts)
         for i in range(m):
             a = co.kicks[i]
             if a != 0.0:
                 p = p + (a * h) * fp
-            e = term(t + co.drift_times[i] * h, torch.cat([q, p], -1))
-            evals.append(e.reshape(1, -1))
-            q = q + (co.drifts[i] * h) * e.reshape(shape)[..., :d]
+            fq, e = evaluate(t + co.drift_times[i] * h, q, p, True)
+            evals.append((e if e is not None else torch.cat([fq, fp], -1)).reshape(1, -1))
+            q = q + (co.drifts[i] * h) * fq
             tk = t + co.kick_times[i + 1] * h
             if i == m - 1:
                 tk = t + h if t_end_nudge is None else t_end_nudge
-            e = term(tk, torch.cat([q, p], -1))
-            evals.append(e.reshape(1, -1))
-            fp = e.reshape(shape)[..., d:]
+            fp, e = evaluate(tk, q, p, False)
+            evals.append((e if e is not None else torch.cat([fq, fp], -1)).reshape(1, -1))
         a = co.kicks[m]
         if a != 0.0:
             p = p + (a * h) * fp
@@ -188,9 +209,14 @@ class SymplecticStepper(StepperBase):
         return y1, torch.cat(evals, 0), None
 
     # -- dense output ----------------------------------------------------------------------------
+    def _exact_ends(self, term: Term) -> bool:
+        """Whether ``k[0]`` / ``k[-1]`` are the full dy/dt at the step ends (whole fields with an empty last kick;
+        with halves the dq/dt entry was evaluated at a drift's midpoint time)."""
+        return self._last_stage_exact and split_halves(term) is None
+
     def _start_derivative(self, term: Term, st: Step) -> Tensor:
         """dy/dt at the start of the step, shape ``(n,)`` (re-evaluated where ``k[0]`` is not exact)."""
-        if self._last_stage_exact:
+        if self._exact_ends(term):
             return st.k[0]
         if st.k_full is None:
             st.k_full = term(st.t0, st.y0).reshape(-1)
@@ -199,7 +225,7 @@ class SymplecticStepper(StepperBase):
     def end_derivative(self, term: Term, st: Step) -> Tensor:
         """dy/dt at the end of an accepted step, shape ``(n,)`` (one ``func`` call unless exact already)."""
         if st.f1 is None:
-            st.f1 = st.k[-1] if self._last_stage_exact else term(st.t0 + st.h, st.y1).reshape(-1)
+            st.f1 = st.k[-1] if self._exact_ends(term) else term(st.t0 + st.h, st.y1).reshape(-1)
         return st.f1
 
     def interpolate(self, term: Term, st: Step, thetas: Tensor, co: _Coefficients,
