@@ -4,15 +4,19 @@ what to do, before any work."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .core.tensors import real_dtype
+from .core.control import RTOL_FLOOR_EPS, rtol_floor
+from .core.tensors import real_dtype, vmapped
 from .errors import InputError
 
 INTERPOLATIONS = ("auto", "hermite", "linear")
+# Half precision states are refused (validate_state).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def as_time_list(name: str, values: Any, device: torch.device) -> list[float]:
@@ -85,6 +89,102 @@ def validate_state(y0: Any) -> Tensor:
                          f"neurodyn.odeint).")
     if not (y0.is_floating_point() or y0.is_complex()):
         raise InputError(f"y0 must be floating point or complex, got dtype {y0.dtype}: use y0.to(torch.float64).")
+    if real_dtype(y0.dtype) in HALF_DTYPES:
+        wide = "complex64" if y0.is_complex() else "float32"
+        raise InputError(f"y0 has dtype {y0.dtype}: half precision is not supported (its 8 or 11 significant bits "
+                         f"cannot hold a solve's increments, so the state freezes or the steps underflow). Use "
+                         f"y0.to(torch.{wide}) (and t.to(torch.float32)), or torch.float64 for tight tolerances.")
     if y0.numel() == 0:
         raise InputError(f"y0 is empty (shape {tuple(y0.shape)}): there is nothing to integrate.")
     return y0
+
+
+def clamp_rtol(name: str, rtol: float | Tensor, dtype: torch.dtype, atol: float | Tensor | None = None,
+               y0: Tensor | None = None) -> float | Tensor:
+    """``rtol`` (a float or a ``(1, n)`` row) raised to :func:`rtol_floor` of ``dtype`` wherever it is below, with a
+    :class:`PrecisionWarning`.
+
+    Below about ten rounding units per step an error estimate is rounding noise: the error control cannot be met (the
+    step shrinks until the state stops changing, then the solve stalls or underflows) and the result is no more
+    accurate. A zero ``rtol`` (a pure absolute tolerance) is raised too when ``atol`` and the state ``y0`` (its
+    ``(1, n)`` rows) are given: the error scale ``atol + rtol |y|`` then never falls below the state's resolution,
+    which changes nothing where ``atol`` is resolved; it warns only where ``atol`` is below the resolution of
+    ``y0`` itself. Without them zeros are kept.
+
+    Examples
+    --------
+    >>> import torch, warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     clamp_rtol("rtol", 1e-9, torch.float32) == rtol_floor(torch.float32)
+    True
+    >>> clamp_rtol("rtol", 1e-6, torch.float64)
+    1e-06
+    """
+    floor = rtol_floor(dtype)
+    zeros_too = atol is not None and y0 is not None and not vmapped(y0)
+    if isinstance(rtol, Tensor):
+        low = rtol < floor if zeros_too else (rtol > 0) & (rtol < floor)
+        if not bool(low.any()):
+            return rtol
+        positive = low & (rtol > 0)
+        smallest = float(rtol[positive].min()) if bool(positive.any()) else 0.0
+        out = torch.where(low, torch.full_like(rtol, floor), rtol)
+    else:
+        if not (rtol < floor and (rtol > 0 or zeros_too)):
+            return rtol
+        positive = rtol > 0
+        smallest, out = rtol, floor
+    warn = bool(positive.any()) if isinstance(positive, Tensor) else positive
+    dt = str(real_dtype(dtype)).replace("torch.", "")
+    if warn:
+        why = f"{name}={smallest:.3g} is below what {dt} resolves"
+    else:  # zeros only: warn where atol asks for less than the state's resolution at y0
+        resolution = y0.detach().abs().reshape(1, -1) * floor
+        unresolved = (atol < resolution) & (rtol == 0 if isinstance(rtol, Tensor) else True)
+        warn = bool(unresolved.any())
+        why = f"{name}=0 with atol={float(torch.as_tensor(atol).min()):.3g} asks for less than {dt} resolves at y0"
+    if warn:
+        warnings.warn(f"{why}: using {name}={floor:.3g} ({RTOL_FLOOR_EPS:g} times {dt}'s machine epsilon) instead. "
+                      f"Pass {name} >= {floor:.3g}, or use float64 states and times for tighter tolerances.",
+                      PrecisionWarning, stacklevel=3)
+    return out
+
+
+class PrecisionWarning(UserWarning):
+    """A tolerance was raised to what the state's dtype resolves (see :func:`clamp_rtol`)."""
+
+
+def zero_tolerance(rtol: float | Tensor, atol: float | Tensor) -> int:
+    """How many state components have ``rtol == atol == 0`` (an error control no step can satisfy) for validated
+    tolerances (floats or ``(1, n)`` rows)."""
+    if isinstance(rtol, Tensor) or isinstance(atol, Tensor):
+        r = rtol if isinstance(rtol, Tensor) else torch.tensor(float(rtol))
+        a = atol if isinstance(atol, Tensor) else torch.tensor(float(atol))
+        r, a = torch.broadcast_tensors(r, a.to(r.device))
+        return int(((r == 0) & (a == 0)).sum())
+    return int(rtol == 0 and atol == 0)
+
+
+def check_norm(norm: Any, y0: Tensor, probe: bool = True) -> None:
+    """``norm`` maps a scaled error of ``y0``'s shape to a real scalar; with ``probe`` (an adaptive solve, which will
+    use it) it is called once on ones to check that, before any work."""
+    if not callable(norm):
+        raise InputError("norm must be callable: norm(scaled_error) -> scalar tensor.")
+    if not probe:
+        return
+    try:
+        with torch.no_grad():
+            out = norm(torch.ones_like(y0.detach()))
+    except Exception as exc:  # the user's function failed on a plain tensor: say so up front
+        raise InputError(f"norm(scaled_error) failed on a tensor of the state's shape {tuple(y0.shape)} and dtype "
+                         f"{y0.dtype}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(out, Tensor):
+        ok = out.numel() == 1 and not out.is_complex()
+        got = f"a tensor of shape {tuple(out.shape)} and dtype {out.dtype}"
+    else:
+        ok = isinstance(out, (int, float)) and not isinstance(out, bool)
+        got = type(out).__name__
+    if not ok:
+        raise InputError(f"norm must return a real scalar (e.g. x.abs().max() or x.pow(2).mean().sqrt()), got {got} "
+                         f"for a scaled error of shape {tuple(y0.shape)}: reduce over every element.")

@@ -16,7 +16,16 @@ from .core.tensors import VMAP_ADAPTIVE, real_dtype, vmapped
 from .core.term import Term, as_field, check_accepts
 from .errors import InputError
 from .gradients import GRADIENTS, GradientOptions, check_hidden_tensors, find_params
-from .options import INTERPOLATIONS, as_time_list, check_tol, validate_state, validate_times
+from .options import (
+    INTERPOLATIONS,
+    as_time_list,
+    check_norm,
+    check_tol,
+    clamp_rtol,
+    validate_state,
+    validate_times,
+    zero_tolerance,
+)
 from .solution import Solution
 from .solvers import get_solver, methods_accepting
 
@@ -70,7 +79,8 @@ def solve(
         (a path's observation times) join ``jump_t``, and the gradient methods see its tensors (vector fields'
         parameters, a path's data ``xs``); the method must accept its kind (``stepper.accepts``).
     y0 : Tensor, any shape
-        Initial state; float32, float64 or complex, on any device.
+        Initial state; float32, float64 or complex, on any device (half precision, float16/bfloat16, is refused:
+        too few bits for a solve's increments).
     t : Tensor, shape ``(T,)``, ``T >= 2``
         Output times, strictly increasing or strictly decreasing (integrates backward); ``t[0]`` is the
         initial time. Same device as ``y0`` and ``y0``'s real precision.
@@ -82,7 +92,11 @@ def solve(
         ``sol.stats["switches"]``); ``neurodyn.solvers.available_methods()`` lists them all.
     rtol, atol : float or Tensor broadcastable to ``y0``
         Relative and absolute tolerances for the error norm
-        ``RMS(err / (atol + rtol * max(|y_n|, |y_{n+1}|)))``.
+        ``RMS(err / (atol + rtol * max(|y_n|, |y_{n+1}|)))``. No component may have both 0. ``rtol`` is raised to
+        eight machine epsilons of the state's dtype (float32: 9.5e-7, float64: 1.8e-15) with a
+        :class:`~neurodyn.options.PrecisionWarning` where it is below (an ``rtol`` of 0 too, silently unless ``atol``
+        is below the resolution of ``y0``): below that an error estimate is rounding noise, the error control
+        cannot be met and the result is no more accurate. The same for ``adjoint_rtol``.
     gradient : str
         How gradients reach ``y0``, ``t`` and the parameters: ``"direct"`` (autograd through the solver
         steps; memory grows with the steps), ``"adjoint"`` (continuous adjoint solved backward with a
@@ -98,7 +112,9 @@ def solve(
     first_step, min_step, max_step : float
         Initial step (else Hairer's selection), bounds on the step size magnitude.
     max_steps : int
-        Budget of attempted steps (accepted + rejected).
+        Budget of attempted steps (accepted + rejected). A step is never smaller than what the state's dtype
+        resolves: below the resolution of ``t`` in that dtype, or after a rejected step whose changes a smaller
+        step could not resolve, the solve stops with ``StepSizeUnderflow``.
     step_t : sequence of times, optional
         Times the solver must step onto exactly.
     jump_t : sequence of times, optional
@@ -106,9 +122,11 @@ def solve(
     controller : PIDController, optional
         Step-size controller (default: PI control; ``"bdf"`` proposes its own steps with its orders).
     norm : callable, optional
-        Norm of the scaled error (a tensor of ``y0``'s shape) returning a scalar tensor; default RMS.
+        Norm of the scaled error (a tensor of ``y0``'s shape) returning a real scalar tensor; default RMS. Checked
+        once on a tensor of ones before the solve.
     dense : bool
-        Keep the dense solution for :meth:`Solution.evaluate` (memory grows with the steps).
+        Keep the dense solution for :meth:`Solution.evaluate` (memory grows with the steps). Not with
+        ``per_sample_steps``.
     on_failure : ``"raise"`` or ``"return"``
         On a failed solve raise a :class:`SolveFailure` subclass (default) or return the partial
         :class:`Solution` with its status.
@@ -221,6 +239,15 @@ def solve(
         raise InputError(f"interp must be one of {INTERPOLATIONS}, got {interp!r}.")
     rtol_v = check_tol("rtol", rtol, y0)
     atol_v = check_tol("atol", atol, y0)
+    adaptive = solver.adaptive and step_size is None
+    if adaptive:
+        n_zero = zero_tolerance(rtol_v, atol_v)
+        if n_zero:
+            where = "" if isinstance(rtol_v, float) and isinstance(atol_v, float) else \
+                f" for {n_zero} of {y0.numel()} state components"
+            raise InputError(f"rtol and atol are both 0{where}: an adaptive method needs a positive tolerance for "
+                             f"every component (e.g. atol=1e-9).")
+        rtol_v = clamp_rtol("rtol", rtol_v, y0.dtype, atol_v, y0)
     if solver.bind_tolerances and (isinstance(method, str) or solver_options):
         # Newton's convergence test is measured in the solve's own tolerances; solver_options (jac="batched",
         # newton_tol, ...) configure a per-solve copy of the stepper.
@@ -234,9 +261,6 @@ def solve(
         if per_sample_steps and term.kinds != {"ode"}:
             raise InputError(f"per_sample_steps integrates ODE terms; a {type(term).__name__} needs "
                              f"per_sample_steps=False.")
-    if isinstance(rtol_v, float) and isinstance(atol_v, float) and rtol_v == 0 and atol_v == 0 \
-            and solver.adaptive and step_size is None:
-        raise InputError("rtol and atol are both 0: an adaptive method needs a positive tolerance.")
     if step_size is not None:
         step_size = float(step_size)
         if not math.isfinite(step_size) or step_size <= 0:
@@ -256,8 +280,8 @@ def solve(
         raise InputError(f"max_steps must be an integer >= 1, got {max_steps!r}.")
     if controller is not None and not isinstance(controller, PIDController):
         raise InputError(f"controller must be a neurodyn.PIDController, got {type(controller).__name__}.")
-    if norm is not None and not callable(norm):
-        raise InputError("norm must be callable: norm(scaled_error) -> scalar tensor.")
+    if norm is not None:
+        check_norm(norm, y0, probe=adaptive)
     if step_callbacks is not None:
         bad = sorted(set(step_callbacks) - {"step", "accept", "reject"})
         if bad or not all(callable(c) for c in step_callbacks.values()):
@@ -270,6 +294,10 @@ def solve(
         adjoint_method = "rk4"  # the adjoint state is not a (q, p) pair: integrate it with a general method
     if per_sample_steps and not solver.rows:
         raise InputError(f"per_sample_steps supports the explicit Runge-Kutta methods, not {method!r}.")
+    if per_sample_steps and dense:
+        raise InputError("dense=True is not available with per_sample_steps=True (each sample steps on its own grid): "
+                         "pass the times you need in t (per-sample times: t of shape (B, T)), or solve without "
+                         "per_sample_steps for a dense solution.")
     if compile and not solver.compilable:
         compile = False  # only explicit Runge-Kutta steps are compiled; other families run eagerly
     if adjoint_method is not None:
@@ -277,6 +305,13 @@ def solve(
     for name, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
         if v is not None and (not math.isfinite(float(v)) or float(v) < 0):
             raise InputError(f"{name} must be finite and >= 0, got {v}.")
+    if adjoint_rtol is not None:
+        adjoint_rtol = clamp_rtol("adjoint_rtol", float(adjoint_rtol), y0.dtype)
+    if gradient in ("adjoint", "interpolated") and (adjoint_rtol is not None or adjoint_atol is not None) \
+            and zero_tolerance(rtol_v if adjoint_rtol is None else adjoint_rtol,
+                               atol_v if adjoint_atol is None else float(adjoint_atol)):
+        raise InputError("the backward solve's tolerances (adjoint_rtol, adjoint_atol, else the forward's rtol, atol) "
+                         "are both 0: give it a positive tolerance.")
     if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 2:
         raise InputError(f"checkpoints must be an integer >= 2, got {checkpoints!r}.")
     step_list = as_time_list("step_t", step_t, y0.device)

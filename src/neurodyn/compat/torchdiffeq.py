@@ -114,11 +114,9 @@ def _translate(method: str | None, options: dict | None, func, y0: Tensor, t: Te
     if step_t is not None or grid_points is not None:
         kw["step_t"] = torch.cat([torch.as_tensor(x, dtype=torch.float64).reshape(-1).cpu()
                                   for x in (step_t, grid_points) if x is not None])
-    if "max_num_steps" in o:
+    if "max_num_steps" in o:  # default: solve's max_steps (torchdiffeq's 2**31 - 1 never ends a stalled solve)
         v = o.pop("max_num_steps")
         kw["max_steps"] = int(min(int(v), 2**62))
-    else:
-        kw["max_steps"] = 2**31 - 1
     if any(k in o for k in ("safety", "ifactor", "dfactor")):
         kw["controller"] = PIDController(safety=float(o.pop("safety", 0.9)), ifactor=float(o.pop("ifactor", 10.0)),
                                          dfactor=float(o.pop("dfactor", 0.2)))
@@ -240,7 +238,8 @@ def odeint(func: Callable, y0: Tensor | tuple[Tensor, ...], t: Tensor, *, rtol: 
         options ``max_order``, ``max_iters``; ``scipy_solver``) plus ``tsit5``, ``ralston``, ``adams``,
         ``leapfrog``, ``yoshida4`` and ``semi_implicit_euler``.
     options : dict, optional
-        torchdiffeq's options: ``step_size``, ``first_step``, ``max_num_steps``, ``min_step``,
+        torchdiffeq's options: ``step_size``, ``first_step``, ``max_num_steps`` (default 100000 attempted steps,
+        where torchdiffeq's is unbounded: a solve that needs more raises ``MaxStepsReached``), ``min_step``,
         ``max_step``, ``step_t``/``grid_points``, ``jump_t``, ``perturb``, ``norm``, ``dtype``,
         ``safety``, ``ifactor``, ``dfactor`` (adaptive); ``step_size``, ``grid_constructor``,
         ``interp`` (``"linear"``/``"cubic"``), ``perturb`` (fixed grid). ``method="scipy_solver"`` (as torchdiffeq:

@@ -32,7 +32,14 @@ from torch import Tensor
 
 from .. import solution as _sol
 from ..core import interpolation
-from ..core.control import LANDING_SLACK, PIDController, initial_step_tensor, rms_ratio
+from ..core.control import (
+    LANDING_SLACK,
+    PIDController,
+    frozen_attempt,
+    initial_step_tensor,
+    rms_ratio,
+    step_underflow_tensor,
+)
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from .step import nonzero, own_code, stage_sum
 
@@ -113,6 +120,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         # atol as rows, (2, n), the state's real dtype. iv (int64): the integer state, max_steps last. Few inputs:
         # the compiled loop passes every input to every iteration (a tensor handle each).
         t_dtype = tol.dtype
+        eps = torch.finfo(t_dtype).eps  # the state's precision: the underflow rule's unit
         n = y0.shape[1]
         # A module's parameters and buffers arrive as inputs (module_state): read from the module inside the loop,
         # each evaluation would add an input of its own, and the compiled loop rejects inputs that alias.
@@ -209,7 +217,9 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
                                     torch.where((habs_now > min_step) & ~accept, min_step, -one), new_h)
                 h_new = torch.minimum(new_h, max_step)
                 t_new = torch.where(accept, t1, t)
-                under = (h_new <= 0) | ~torch.isfinite(h_new) | (t_new + direction * h_new == t_new)
+                # The underflow rule (control.step_underflow_tensor), as the eager loop's.
+                frozen = frozen_attempt(y, y1, h_new / habs_now, eps).view(()) & ~accept & finite
+                under = step_underflow_tensor(t_new, h_new, eps, frozen)
                 failed = under & ~finished
                 status = torch.where(failed, torch.where(finite, _UNDERFLOW, _NON_FINITE), status)
                 h_abs = torch.where(finished, h_abs, h_new)

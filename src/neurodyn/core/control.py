@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from .tensors import real_dtype
 
 
 @dataclass
@@ -72,6 +73,52 @@ class PIDController:
 # The landing rule: a step lands on the next stop when the distance to it is within this factor of the step
 # (no sliver steps from accumulated rounding). Every loop (eager, per-sample rows, compiled) uses it.
 LANDING_SLACK = 1.0 + 1e-7
+
+
+# Relative tolerances are raised to this many machine epsilons of the state's real dtype (float32: 9.5e-7, so that the
+# common 1e-6 passes; float64: 1.8e-15; neurodyn.options.clamp_rtol warns), and methods that tighten their tolerances
+# internally (trbdf2) stop there too: below about ten rounding units per step an error estimate is rounding noise
+# (on float32 MLP and Van der Pol problems, floors of 2 to 10 epsilons gave the same accuracy).
+RTOL_FLOOR_EPS = 8.0
+
+
+def rtol_floor(dtype: torch.dtype) -> float:
+    """The smallest relative tolerance a solve runs at for a state of ``dtype``: ``RTOL_FLOOR_EPS`` machine epsilons
+    of its real dtype."""
+    return RTOL_FLOOR_EPS * torch.finfo(real_dtype(dtype)).eps
+
+
+# The step-size underflow rule, judged against the precision of the state (its real dtype's machine epsilon
+# ``eps``), the same in every loop (eager, per-sample rows, compiled) in a scalar and a tensor form side by side
+# (tests/test_precision.py holds them equal). A proposed step ``h`` from time ``t`` is too small when
+#   1. it is not a positive finite number;
+#   2. it is below the resolution of time in the state's dtype, ``h < eps |t|`` (``t + h`` rounds to ``t`` or its
+#      neighbour there: the vector field, which receives ``t`` in that dtype, could not tell the step's ends apart);
+#   3. or the attempt just rejected could not have been improved by a smaller step: every component's change over
+#      it, scaled down to the proposed step, ``|y1 - y0| h / h_tried``, is within the state's resolution
+#      ``eps |y0|``. An error estimate that rejects changes that small is rounding (a tolerance below what the dtype
+#      resolves, e.g. an implicit method's tightened internal tolerance), and a smaller step cannot reduce it:
+#      steps that small leave the state unchanged, so a solve would advance in time with a frozen state.
+def step_underflow(t: float, h_new: float, eps: float, frozen: bool = False) -> bool:
+    """The underflow rule on Python floats (the eager loop); ``frozen`` from :func:`frozen_attempt` (False after an
+    accepted step)."""
+    return not (0.0 < h_new < math.inf) or h_new < eps * abs(t) or frozen
+
+
+def step_underflow_tensor(t: Tensor, h_new: Tensor, eps: float, frozen: Tensor | None = None) -> Tensor:
+    """:func:`step_underflow` elementwise on tensors of one shape (e.g. ``(B,)``; per-sample rows, compiled loop);
+    ``frozen`` None: rules 1 and 2 only (the caller ors in rule 3 where an attempt was rejected)."""
+    # (NaN compares False: not above the floor, so too small, as in the scalar form)
+    under = (h_new > t.abs().mul_(eps)).logical_and_(h_new < math.inf).logical_not_()
+    return under if frozen is None else under.logical_or_(frozen)
+
+
+def frozen_attempt(y0: Tensor, y1: Tensor, shrink: float | Tensor, eps: float) -> Tensor:
+    """Rule 3 of the underflow rule for rows ``y0``, ``y1`` of shape ``(B, n)`` (the start and the end of a rejected
+    attempt), ``shrink`` the proposed step over the tried one (a float or ``(B, 1)``): ``(B,)``, True where every
+    component's scaled change ``|y1 - y0| shrink`` is at most ``eps |y0|``. NaN/inf changes are never frozen."""
+    y0 = y0.detach()
+    return (y1.detach() - y0).abs().mul_(shrink).le_(y0.abs().mul_(eps)).all(dim=-1)
 
 
 class ControllerState:

@@ -11,11 +11,11 @@ from torch import Tensor
 from .. import solution as _sol
 from ..errors import InputError
 from .config import LoopConfig
-from .control import LANDING_SLACK, initial_step, make_error_ratio
+from .control import LANDING_SLACK, frozen_attempt, initial_step, make_error_ratio, step_underflow
 from .events import EventWatch
 from .output import LoopResult, step_outputs
 from .stepper import Step, Stepper, nextafter
-from .tensors import VMAP_ADAPTIVE, fixed_bad, vmapped
+from .tensors import VMAP_ADAPTIVE, fixed_bad, real_dtype, vmapped
 from .term import ODETerm
 
 
@@ -63,6 +63,8 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
 
     ratio_fn = None
     ctrl = None
+    m = n
+    eps = torch.finfo(real_dtype(y0.dtype)).eps  # the state's precision: the underflow rule's unit
     if fixed:
         h_abs = cfg.step_size if cfg.step_size is not None else math.inf
         first_h = h_abs
@@ -226,9 +228,13 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                     else:
                         new_h = -1.0
                 h_abs = min(new_h, max_step_size)
-                if h_abs <= 0 or not math.isfinite(h_abs) or t + direction * h_abs == t:
+                # The underflow rule (control.step_underflow): below the time resolution of the state's dtype, or
+                # a rejected attempt whose changes a smaller step could not resolve (a host read per rejection).
+                frozen = (not accept and not nonfinite_streak and h_abs > 0
+                          and bool(frozen_attempt(y[:, :m], y1[:, :m], h_abs / abs(h), eps)[0]))
+                if step_underflow(t, h_abs, eps, frozen):
                     status = _sol.NON_FINITE if nonfinite_streak else _sol.STEP_SIZE_UNDERFLOW
-                    message = failure_message(status, t, abs(h), cfg, solver, t0, t_end, steps, rejected)
+                    message = failure_message(status, t, abs(h), cfg, solver, t0, t_end, steps, rejected, y0.dtype)
                     break
             if attempts >= max_steps and status == _sol.SUCCESS:
                 status = _sol.MAX_STEPS_REACHED
@@ -243,7 +249,7 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
 
 
 def failure_message(status: str, t: float, h_abs: float, cfg: LoopConfig, solver: Stepper, t0: float,
-                    t_end: float, steps: int, rejected: int) -> str:
+                    t_end: float, steps: int, rejected: int, dtype: torch.dtype | None = None) -> str:
     """What went wrong and what to do, for a failed solve stopped at ``t`` (last attempted step ``h_abs``)."""
     stiff_hint = ("use method='auto' (switches to an implicit method when it detects stiffness) or an implicit "
                   "method ('radau', 'kvaerno5')")
@@ -256,13 +262,17 @@ def failure_message(status: str, t: float, h_abs: float, cfg: LoopConfig, solver
                 f"values. Check the vector field for overflow, division by zero or a log/sqrt of a negative near "
                 f"t={t:.6g}.")
     if status == _sol.STEP_SIZE_UNDERFLOW:
-        floor = f"min_step={cfg.min_step:g}" if cfg.min_step else "the resolution of t"
+        dt = str(real_dtype(dtype)).replace("torch.", "") if dtype is not None else "the state's dtype"
+        floor = f"min_step={cfg.min_step:g}" if cfg.min_step else \
+            f"what {dt} resolves (the resolution of t, or a step too small to change y)"
+        wider = ", or use float64" if dtype is not None and real_dtype(dtype) != torch.float64 else ""
         return (f"step size underflow at t={t:.6g}: the step fell below {floor} (last {h_abs:.3g}). The solution "
-                f"may blow up near t={t:.6g}, or the problem is stiff: loosen rtol/atol, check the vector field for "
-                f"a singularity, or {stiff_hint}.")
+                f"may blow up near t={t:.6g}, the tolerances (or a custom norm) may ask for more than {dt} resolves "
+                f"(loosen rtol/atol{wider}), or the problem is stiff: check the vector field for a singularity, or "
+                f"{stiff_hint}.")
     return (f"max_steps={cfg.max_steps} reached at t={t:.6g} of [{t0:.6g}, {t_end:.6g}] ({steps} accepted, "
-            f"{rejected} rejected). Raise max_steps, loosen rtol/atol, or, if the steps are tiny because the problem "
-            f"is stiff, {stiff_hint}.")
+            f"{rejected} rejected). Raise max_steps (odeint: options={{'max_num_steps': ...}}), loosen rtol/atol, or, "
+            f"if the steps are tiny because the problem is stiff, {stiff_hint}.")
 
 
 def _whole_loop_applies(cfg: LoopConfig, y0: Tensor, k0: Tensor) -> bool:
@@ -286,7 +296,7 @@ def _run_compiled_loop(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, t
     per_attempt = solver.stages - (1 if solver.fsal else 0)
     term.nfe += o.attempts * per_attempt + (1 if cfg.adaptive and cfg.first_step is None else 0)
     message = "" if o.status == _sol.SUCCESS else failure_message(
-        o.status, o.t_final, o.last_try, cfg, solver, times[0], times[-1], o.steps, o.rejected)
+        o.status, o.t_final, o.last_try, cfg, solver, times[0], times[-1], o.steps, o.rejected, y0.dtype)
     ys = o.ys[: o.n_valid]
     return LoopResult(outs=[], status=o.status, t_final=o.t_final, y_final=o.y_final,
                       steps=o.steps, rejected=o.rejected, initial_step=o.initial_step, last_step=o.last_step,

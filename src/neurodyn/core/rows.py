@@ -30,7 +30,14 @@ from .. import solution as _sol
 from ..errors import InputError
 from ..solution import Solution
 from .config import LoopConfig
-from .control import LANDING_SLACK, PIDController, initial_step_tensor, rms_ratio
+from .control import (
+    LANDING_SLACK,
+    PIDController,
+    frozen_attempt,
+    initial_step_tensor,
+    rms_ratio,
+    step_underflow_tensor,
+)
 from .stepper import Stepper
 from .tensors import real_dtype
 from .term import check_output
@@ -207,6 +214,7 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
     b, n, co, rdt = fr.b, fr.n, fr.co, fr.rdt
     dev = y0.device
     m = error_dims or n
+    eps = torch.finfo(rdt).eps  # the state's precision: the underflow rule's unit
     rtol_t, atol_t = _scaled_tol(rtol, m, rdt, dev), _scaled_tol(atol, m, rdt, dev)
     grad = torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad)
     fsal = solver.fsal
@@ -290,12 +298,20 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
             h_new = torch.where(bump, torch.full_like(h_new, min_step), h_new)
         # Rows that finished keep the proposal from before their last (landing) step, to continue from.
         h_abs = torch.where(still, h_new, h_abs)
-        stuck = torch.add(t_cur, h_abs, alpha=d) == t_cur
+        # The underflow rule (control.step_underflow_tensor): the time resolution of the state's dtype, or a rejected
+        # attempt whose changes a smaller step could not resolve (that part evaluated on steps with a rejected row).
+        rejected = act & ~accept
+        stuck = step_underflow_tensor(t_cur, h_abs, eps)
         if min_step > 0:
             stuck = stuck | (h_abs < min_step)
         stuck = stuck & still
         need = fr.passed(next_out, t_cur)
-        cont, any_stuck, any_need = torch.stack((still, stuck, need)).any(1).tolist()
+        cont, any_stuck, any_need, any_rejected = torch.stack((still, stuck, need, rejected)).any(1).tolist()
+        if any_rejected:
+            frozen = frozen_attempt(y_prev[:, :m], y1[:, :m], (h_abs / hp).view(b, 1), eps).logical_and_(rejected)
+            if bool(frozen.any()):
+                stuck = stuck | frozen
+                any_stuck = True
         if any_need:
             out_slot, next_out, extra = fr.write_outputs(ys_buf, need, out_slot, next_out, t_prev, t_cur, h, hc,
                                                         y_prev, y1, kh, f_last)

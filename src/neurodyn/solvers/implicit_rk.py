@@ -76,6 +76,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..core.control import rtol_floor
 from ..core.interpolation import hermite, linear
 from ..core.stepper import Step, StepperBase
 from ..errors import InputError
@@ -556,28 +557,31 @@ class ImplicitRungeKutta(StepperBase):
 
         return as_row(self.rtol), as_row(self.atol)
 
-    def _error_factor(self, rtol: Tensor | float) -> Tensor | float:
+    def _error_factor(self, rtol: Tensor | float, dtype: torch.dtype = torch.float64) -> Tensor | float:
         """``rtol / rtol'``: how much tighter than the user's the method's internal tolerances are (1 for most).
 
         A method that advances its lower-order solution (``trbdf2``) has a global error that grows like
         ``rtol^(p/(p+1))`` under error-per-step control; below ``tableau.proportional_below = r0`` it runs at
         ``rtol' = r0 (rtol / r0)^((p+1)/p)``, ``atol' = atol rtol' / rtol`` so that the global error follows
         ``rtol`` (RADAU5 transforms its tolerances the same way, in the other direction). Multiplying the error
-        estimate by this factor is exactly that transformation in the loop's norm.
+        estimate by this factor is exactly that transformation in the loop's norm. ``rtol'`` stops at
+        ``control.rtol_floor(dtype)`` (the state's precision: below it the estimate is rounding noise).
         """
         r0 = self.tableau.proportional_below
         if r0 is None:
             return 1.0
         q = 1.0 / self.order
+        floor = rtol_floor(dtype)
         if isinstance(rtol, Tensor):
-            return (r0 / rtol.clamp(min=1e-300)).pow(q).clamp(min=1.0).masked_fill(rtol <= 0, 1.0)
-        return max(1.0, (r0 / rtol) ** q) if rtol > 0 else 1.0
+            f = (r0 / rtol.clamp(min=1e-300)).pow(q).clamp(min=1.0)
+            return torch.minimum(f, (rtol / floor).clamp(min=1.0)).masked_fill(rtol <= 0, 1.0)
+        return max(1.0, min((r0 / rtol) ** q, rtol / floor)) if rtol > 0 else 1.0
 
     def _tolerances(self, y: Tensor) -> tuple[Tensor | float, float]:
         """(scale for Newton's norm (without |y|), newton_tol), in the method's internal tolerances."""
         rtol, atol = self._user_tolerances(y)
         if self.tableau.proportional_below is not None:
-            f = self._error_factor(rtol)
+            f = self._error_factor(rtol, y.dtype)
             rtol, atol = rtol / f, atol / f
         rmin = float(rtol.min()) if isinstance(rtol, Tensor) else rtol
         eps = torch.finfo(y.dtype).eps
@@ -975,7 +979,7 @@ class ImplicitRungeKutta(StepperBase):
                 if co.dense_check is not None and self.dense_error:
                     err = err.abs() + self._dense_error(co, Ks, h, lus[-1], st)
                 if self.tableau.proportional_below is not None:
-                    err = err * self._error_factor(self._user_tolerances(y)[0])
+                    err = err * self._error_factor(self._user_tolerances(y)[0], y.dtype)
 
         if self._needs_grad(y, k1):
             Kg = [k1.reshape(1, n)] if first else []
