@@ -15,7 +15,7 @@ from torch import nn
 
 import neurodyn
 from neurodyn.core.control import frozen_attempt, rtol_floor, step_underflow, step_underflow_tensor
-from neurodyn.options import PrecisionWarning
+from neurodyn.errors import PrecisionWarning
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -17,6 +17,7 @@ from .errors import (
     NeurodynError,
     NoEventError,
     NonFiniteError,
+    PrecisionWarning,
     SolveFailure,
     StepSizeUnderflow,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "NonFiniteError",
     "ODETerm",
     "PIDController",
+    "PrecisionWarning",
     "RegularizedField",
     "Solution",
     "SolveFailure",

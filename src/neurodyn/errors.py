@@ -67,3 +67,7 @@ class NoEventError(NeurodynError, RuntimeError):
         self.status = status
         self.t = t
         self.solution = solution
+
+
+class PrecisionWarning(UserWarning):
+    """A tolerance was raised to what the state's dtype resolves (see :func:`neurodyn.options.clamp_rtol`)."""

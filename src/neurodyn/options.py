@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .core.control import RTOL_FLOOR_EPS, rtol_floor
 from .core.tensors import real_dtype, vmapped
-from .errors import InputError
+from .errors import InputError, PrecisionWarning
 
 INTERPOLATIONS = ("auto", "hermite", "linear")
 # Half precision states are refused (validate_state).
@@ -149,10 +149,6 @@ def clamp_rtol(name: str, rtol: float | Tensor, dtype: torch.dtype, atol: float 
                       f"Pass {name} >= {floor:.3g}, or use float64 states and times for tighter tolerances.",
                       PrecisionWarning, stacklevel=3)
     return out
-
-
-class PrecisionWarning(UserWarning):
-    """A tolerance was raised to what the state's dtype resolves (see :func:`clamp_rtol`)."""
 
 
 def zero_tolerance(rtol: float | Tensor, atol: float | Tensor) -> int:

@@ -94,7 +94,7 @@ def solve(
         Relative and absolute tolerances for the error norm
         ``RMS(err / (atol + rtol * max(|y_n|, |y_{n+1}|)))``. No component may have both 0. ``rtol`` is raised to
         eight machine epsilons of the state's dtype (float32: 9.5e-7, float64: 1.8e-15) with a
-        :class:`~neurodyn.options.PrecisionWarning` where it is below (an ``rtol`` of 0 too, silently unless ``atol``
+        :class:`~neurodyn.errors.PrecisionWarning` where it is below (an ``rtol`` of 0 too, silently unless ``atol``
         is below the resolution of ``y0``): below that an error estimate is rounding noise, the error control
         cannot be met and the result is no more accurate. The same for ``adjoint_rtol``.
     gradient : str

@@ -33,7 +33,6 @@ from .config import LoopConfig
 from .control import (
     LANDING_SLACK,
     PIDController,
-    frozen_attempt,
     initial_step_tensor,
     rms_ratio,
     step_underflow_tensor,
@@ -298,20 +297,15 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
             h_new = torch.where(bump, torch.full_like(h_new, min_step), h_new)
         # Rows that finished keep the proposal from before their last (landing) step, to continue from.
         h_abs = torch.where(still, h_new, h_abs)
-        # The underflow rule (control.step_underflow_tensor): the time resolution of the state's dtype, or a rejected
-        # attempt whose changes a smaller step could not resolve (that part evaluated on steps with a rejected row).
-        rejected = act & ~accept
+        # The underflow rule (control.step_underflow_tensor): the step below the time resolution of the state's
+        # dtype. (Its third part, a rejected attempt too small to change the state, needs a tolerance below the
+        # state's precision -- clamped away by options.clamp_rtol -- or a custom norm, which rows do not take.)
         stuck = step_underflow_tensor(t_cur, h_abs, eps)
         if min_step > 0:
             stuck = stuck | (h_abs < min_step)
         stuck = stuck & still
         need = fr.passed(next_out, t_cur)
-        cont, any_stuck, any_need, any_rejected = torch.stack((still, stuck, need, rejected)).any(1).tolist()
-        if any_rejected:
-            frozen = frozen_attempt(y_prev[:, :m], y1[:, :m], (h_abs / hp).view(b, 1), eps).logical_and_(rejected)
-            if bool(frozen.any()):
-                stuck = stuck | frozen
-                any_stuck = True
+        cont, any_stuck, any_need = torch.stack((still, stuck, need)).any(1).tolist()
         if any_need:
             out_slot, next_out, extra = fr.write_outputs(ys_buf, need, out_slot, next_out, t_prev, t_cur, h, hc,
                                                         y_prev, y1, kh, f_last)
