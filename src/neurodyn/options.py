@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -184,3 +185,77 @@ def check_norm(norm: Any, y0: Tensor, probe: bool = True) -> None:
     if not ok:
         raise InputError(f"norm must return a real scalar (e.g. x.abs().max() or x.pow(2).mean().sqrt()), got {got} "
                          f"for a scaled error of shape {tuple(y0.shape)}: reduce over every element.")
+
+
+def validate_problem(y0: Any, t: Any, per_sample_steps: bool) -> tuple[Tensor, Tensor]:
+    """``(y0, t)`` checked: the state (:func:`validate_state`, finite values), the times (:func:`validate_times`;
+    with ``per_sample_steps`` also ``(B, T)``: one row of times per sample)."""
+    from .core.tensors import vmapped
+
+    y0 = validate_state(y0)
+    if per_sample_steps and isinstance(t, Tensor) and t.dim() == 2:
+        if t.shape[0] != y0.shape[0]:
+            raise InputError(f"per-sample times t of shape {tuple(t.shape)} need one row per sample "
+                             f"({y0.shape[0]} samples).")
+        for row in t:
+            validate_times(row, y0)
+    else:
+        t = validate_times(t, y0)
+    if not vmapped(y0) and not bool(torch.isfinite(y0.detach()).all()):
+        raise InputError("y0 contains NaN or inf.")
+    return y0, t
+
+
+def check_choice(name: str, value: Any, valid: Sequence[str]) -> None:
+    """Raise unless ``value`` is one of ``valid`` (the message lists them)."""
+    if value not in valid:
+        raise InputError(f"unknown {name} {value!r}; valid: {', '.join(map(repr, valid))}.")
+
+
+def check_int(name: str, value: Any, least: int) -> int:
+    """``value`` as an integer ``>= least`` (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise InputError(f"{name} must be an integer >= {least}, got {value!r}.")
+    return value
+
+
+def check_nonnegative(**values: Any) -> None:
+    """Each given value (None: not given) must be a finite number >= 0."""
+    for name, v in values.items():
+        if v is not None and (not math.isfinite(float(v)) or float(v) < 0):
+            raise InputError(f"{name} must be finite and >= 0, got {v}.")
+
+
+def check_steps(step_size: Any, first_step: Any, min_step: Any, max_step: Any, max_steps: Any
+                ) -> tuple[float | None, float | None, float, float]:
+    """The step-size options as floats: ``step_size`` and ``first_step`` finite and > 0 (or None), ``0 <= min_step <=
+    max_step``, ``max_steps`` an integer >= 1."""
+    for name, v in (("step_size", step_size), ("first_step", first_step)):
+        if v is not None and not (math.isfinite(float(v)) and float(v) > 0):
+            raise InputError(f"{name} must be a finite number > 0, got {float(v)}.")
+    min_step, max_step = float(min_step), float(max_step)
+    if not (min_step >= 0 and math.isfinite(min_step)):
+        raise InputError(f"min_step must be a finite number >= 0, got {min_step}.")
+    if not max_step > 0:
+        raise InputError(f"max_step must be > 0, got {max_step}.")
+    if min_step > max_step:
+        raise InputError(f"min_step={min_step} is larger than max_step={max_step}.")
+    check_int("max_steps", max_steps, 1)
+    return (None if step_size is None else float(step_size), None if first_step is None else float(first_step),
+            min_step, max_step)
+
+
+def check_hooks(controller: Any, step_callbacks: Any, event_fn: Any) -> None:
+    """The controller is a :class:`~neurodyn.PIDController`; ``step_callbacks`` maps ``"step"``, ``"accept"``,
+    ``"reject"`` to callables; ``event_fn`` is callable."""
+    from .core.control import PIDController
+
+    if controller is not None and not isinstance(controller, PIDController):
+        raise InputError(f"controller must be a neurodyn.PIDController, got {type(controller).__name__}.")
+    if step_callbacks is not None:
+        bad = sorted(set(step_callbacks) - {"step", "accept", "reject"})
+        if bad or not all(callable(c) for c in step_callbacks.values()):
+            raise InputError(f"step_callbacks must map 'step', 'accept', 'reject' to callables cb(t, y, h_abs); got "
+                             f"keys {sorted(step_callbacks)}.")
+    if event_fn is not None and not callable(event_fn):
+        raise InputError("event_fn must be callable as event_fn(t, y).")

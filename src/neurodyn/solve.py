@@ -19,11 +19,15 @@ from .gradients import GRADIENTS, GradientOptions, check_hidden_tensors, find_pa
 from .options import (
     INTERPOLATIONS,
     as_time_list,
+    check_choice,
+    check_hooks,
+    check_int,
+    check_nonnegative,
     check_norm,
+    check_steps,
     check_tol,
     clamp_rtol,
-    validate_state,
-    validate_times,
+    validate_problem,
     zero_tolerance,
 )
 from .solution import Solution
@@ -217,26 +221,13 @@ def solve(
     func, term = as_field(func)  # a term: its ODE form, the knots landed on, its tensors seen by the gradients
     if not callable(func):
         raise InputError(f"func must be callable as func(t, y) or be a neurodyn term, got {type(func).__name__}.")
-    y0 = validate_state(y0)
-    if per_sample_steps and isinstance(t, Tensor) and t.dim() == 2:
-        if t.shape[0] != y0.shape[0]:
-            raise InputError(f"per-sample times t of shape {tuple(t.shape)} need one row per sample "
-                             f"({y0.shape[0]} samples).")
-        for row in t:
-            validate_times(row, y0)
-    else:
-        t = validate_times(t, y0)
-    if not vmapped(y0) and not bool(torch.isfinite(y0.detach()).all()):
-        raise InputError("y0 contains NaN or inf.")
+    y0, t = validate_problem(y0, t, per_sample_steps)
     solver = get_solver(method)
     if vmapped(y0) and solver.adaptive and step_size is None:
         raise InputError(VMAP_ADAPTIVE)
-    if gradient not in GRADIENTS:
-        raise InputError(f"unknown gradient method {gradient!r}; valid: {', '.join(sorted(GRADIENTS))}.")
-    if on_failure not in ("raise", "return"):
-        raise InputError(f"on_failure must be 'raise' or 'return', got {on_failure!r}.")
-    if interp not in INTERPOLATIONS:
-        raise InputError(f"interp must be one of {INTERPOLATIONS}, got {interp!r}.")
+    check_choice("gradient method", gradient, sorted(GRADIENTS))
+    check_choice("on_failure", on_failure, ("raise", "return"))
+    check_choice("interp", interp, INTERPOLATIONS)
     rtol_v = check_tol("rtol", rtol, y0)
     atol_v = check_tol("atol", atol, y0)
     adaptive = solver.adaptive and step_size is None
@@ -261,34 +252,10 @@ def solve(
         if per_sample_steps and term.kinds != {"ode"}:
             raise InputError(f"per_sample_steps integrates ODE terms; a {type(term).__name__} needs "
                              f"per_sample_steps=False.")
-    if step_size is not None:
-        step_size = float(step_size)
-        if not math.isfinite(step_size) or step_size <= 0:
-            raise InputError(f"step_size must be a finite number > 0, got {step_size}.")
-    if first_step is not None:
-        first_step = float(first_step)
-        if not math.isfinite(first_step) or first_step <= 0:
-            raise InputError(f"first_step must be a finite number > 0, got {first_step}.")
-    min_step, max_step = float(min_step), float(max_step)
-    if not (min_step >= 0 and math.isfinite(min_step)):
-        raise InputError(f"min_step must be a finite number >= 0, got {min_step}.")
-    if not max_step > 0:
-        raise InputError(f"max_step must be > 0, got {max_step}.")
-    if min_step > max_step:
-        raise InputError(f"min_step={min_step} is larger than max_step={max_step}.")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise InputError(f"max_steps must be an integer >= 1, got {max_steps!r}.")
-    if controller is not None and not isinstance(controller, PIDController):
-        raise InputError(f"controller must be a neurodyn.PIDController, got {type(controller).__name__}.")
+    step_size, first_step, min_step, max_step = check_steps(step_size, first_step, min_step, max_step, max_steps)
+    check_hooks(controller, step_callbacks, event_fn)
     if norm is not None:
         check_norm(norm, y0, probe=adaptive)
-    if step_callbacks is not None:
-        bad = sorted(set(step_callbacks) - {"step", "accept", "reject"})
-        if bad or not all(callable(c) for c in step_callbacks.values()):
-            raise InputError(f"step_callbacks must map 'step', 'accept', 'reject' to callables cb(t, y, h_abs); got "
-                             f"keys {sorted(step_callbacks)}.")
-    if event_fn is not None and not callable(event_fn):
-        raise InputError("event_fn must be callable as event_fn(t, y).")
     # Method families with constraints of their own (flags carried by the steppers).
     if solver.symplectic and gradient in ("adjoint", "interpolated") and adjoint_method is None:
         adjoint_method = "rk4"  # the adjoint state is not a (q, p) pair: integrate it with a general method
@@ -302,9 +269,7 @@ def solve(
         compile = False  # only explicit Runge-Kutta steps are compiled; other families run eagerly
     if adjoint_method is not None:
         get_solver(adjoint_method)
-    for name, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
-        if v is not None and (not math.isfinite(float(v)) or float(v) < 0):
-            raise InputError(f"{name} must be finite and >= 0, got {v}.")
+    check_nonnegative(adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol)
     if adjoint_rtol is not None:
         adjoint_rtol = clamp_rtol("adjoint_rtol", float(adjoint_rtol), y0.dtype)
     if gradient in ("adjoint", "interpolated") and (adjoint_rtol is not None or adjoint_atol is not None) \
@@ -312,8 +277,7 @@ def solve(
                                atol_v if adjoint_atol is None else float(adjoint_atol)):
         raise InputError("the backward solve's tolerances (adjoint_rtol, adjoint_atol, else the forward's rtol, atol) "
                          "are both 0: give it a positive tolerance.")
-    if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 2:
-        raise InputError(f"checkpoints must be an integer >= 2, got {checkpoints!r}.")
+    check_int("checkpoints", checkpoints, 2)
     step_list = as_time_list("step_t", step_t, y0.device)
     jump_list = as_time_list("jump_t", jump_t, y0.device)
     if term is not None and term.knots:
