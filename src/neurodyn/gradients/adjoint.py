@@ -31,6 +31,23 @@ problem, ``lambda(t)`` down to -1e4, ``kvaerno5`` at ``rtol=1e-7``; see ``tests/
   ``y`` carries that error whatever the adjoint tolerance (4e-6 to 5e-6 relative at forward ``rtol=1e-7``) and it
   shrinks only with the forward tolerance (6e-7 at 1e-8, 2e-7 to 3e-7 at 1e-9, ~h^4). ``radau``: 1e-9 at the
   defaults. Use ``radau``, or ``"checkpoint"``, where this matters.
+
+Random draws in the field
+-------------------------
+The backward solve evaluates the field at other times than the forward and in another order, so a field that draws
+random numbers in each call (dropout in training mode, noise drawn inside the call) sees different draws backward:
+the gradient is not that of the forward that ran (7 % off on a small dropout MLP). Draw the noise once per solve,
+outside the field, and let the field read it -- FFJORD's Hutchinson estimator samples ``e`` before ``odeint`` --
+and the adjoint is consistent again (``tests/test_gradient_correctness.py``); or use ``"checkpoint"``, which
+replays the forward's draws exactly, or ``"direct"``.
+
+Hidden tensors and second derivatives
+-------------------------------------
+The backward solve differentiates the field with respect to ``y`` and ``params`` only. Every backward evaluation
+is checked (:class:`~neurodyn.gradients.common.HiddenTensorGuard`) for other tensors requiring grad that the field
+uses -- a field may use one only after some time -- and an :class:`~neurodyn.errors.InputError` names them.
+The gradient is computed outside autograd, so it cannot be differentiated again (``create_graph=True``): doing so
+raises an :class:`~neurodyn.errors.InputError`; use ``gradient="direct"`` for second derivatives.
 """
 
 from __future__ import annotations
@@ -53,7 +70,7 @@ from ..errors import InputError, SolveFailure
 from ..fields import check_derivative
 from ..solution import FAILURE_STATUSES, Solution, check_differentiable
 from ..solvers import get_solver
-from .common import GradientOptions
+from .common import GradientOptions, HiddenTensorGuard, first_order_only
 
 
 class _Setup:
@@ -106,13 +123,13 @@ class _AdjointFunction(torch.autograd.Function):
         setup.term = term
         ctx.setup = setup
         ys = sol.ys.detach()
-        ctx.save_for_backward(ys, t)
+        ctx.save_for_backward(ys, t, y0, *params)
         return ys
 
     @staticmethod
     def backward(ctx, grad_ys: Tensor):
         setup: _Setup = ctx.setup
-        ys, t = ctx.saved_tensors
+        ys, t, *inputs = ctx.saved_tensors
         sol = setup.solution
         check_differentiable(sol)
         func, gopts, shape = setup.func, setup.gopts, setup.shape
@@ -123,7 +140,8 @@ class _AdjointFunction(torch.autograd.Function):
         t_dtype, device = real_dtype(ys.dtype), ys.device
         interpolated = setup.mode == "interpolated"
         y_of_t = _DenseLookup(setup.term, setup.solver, setup.records, setup.cfg.interp) if interpolated else None
-        aug = AdjointTerm(func, shape, params, y_of_t)
+        guard = HiddenTensorGuard(params, setup.mode)
+        aug = AdjointTerm(guard.field(func), shape, params, y_of_t)
         adj_solver = get_solver(gopts.adjoint_method) if gopts.adjoint_method else setup.solver
         rtol = gopts.adjoint_rtol if gopts.adjoint_rtol is not None else setup.cfg.rtol
         atol = gopts.adjoint_atol if gopts.adjoint_atol is not None else setup.cfg.atol
@@ -178,6 +196,7 @@ class _AdjointFunction(torch.autograd.Function):
                 else:
                     a, g = z1[:n].clone(), z1[n:]
                 a = a + grad_ys[i - 1].reshape(-1)
+            guard.settle()
             sol.stats["nfe_backward"] = nfe
             sol.stats["steps_backward"] = steps
             if not interpolated:
@@ -198,7 +217,7 @@ class _AdjointFunction(torch.autograd.Function):
                 k = p.numel()
                 grad_params.append(g[off:off + k].view(p.shape).to(p.dtype))
                 off += k
-        return (None, grad_y0, grad_t, *grad_params)
+        return (None, *first_order_only(setup.mode, [grad_y0, grad_t, *grad_params], [grad_ys, *inputs]))
 
 
 def atol_abs(atol, rtol, y: Tensor) -> Tensor:

@@ -37,6 +37,23 @@ equations afresh -- a Jacobian at the step start, Newton iterated past the forwa
 the step (see :class:`~neurodyn.solvers.implicit_rk.ImplicitRungeKutta`). The replayed stages then agree with the
 forward ones to the forward's Newton tolerance (a small fraction of ``rtol``), and the gradient (implicit function
 theorem at the stages, the same as ``"direct"``) with ``"direct"`` to that order.
+
+Random draws in the field
+-------------------------
+A field that draws random numbers (dropout in training mode, noise drawn inside the call) would draw new ones on the
+replay, and the gradient would be that of another forward pass (7 % off on a small dropout MLP). The forward
+therefore keeps the generators' states (torch's CPU generator, and the CUDA one of the state's device) per accepted
+step (:class:`RngTape`: when the accepted attempt began, and when it was accepted), and the replay restores them
+around the same calls, so the draws are the forward's and the gradient equals ``"direct"``'s exactly (with explicit
+methods: an implicit method's replayed Newton iterations call the field a different number of times). A
+deterministic field stores one state; a stochastic one ~5 KB per step. The caller's generators are left where the
+forward left them, as with ``"direct"``.
+
+Second derivatives
+------------------
+The backward pass runs outside autograd, so its gradient cannot be differentiated again: under
+``create_graph=True``, differentiating it raises an :class:`~neurodyn.errors.InputError` (it is never a silent zero).
+Use ``gradient="direct"`` for second derivatives.
 """
 
 from __future__ import annotations
@@ -58,7 +75,7 @@ from ..core.term import ODETerm
 from ..errors import InputError, SolveFailure
 from ..fields import check_derivative
 from ..solution import Solution, check_differentiable
-from .common import GradientOptions
+from .common import GradientOptions, HiddenTensorGuard, first_order_only
 
 # Longest segment backpropagated as one graph; longer ones are checkpointed again (recursively), so the
 # graph held at once stays this short however many steps the solve takes.
@@ -85,11 +102,58 @@ def fsal_continues(steps: list, j: int, fsal: bool) -> bool:
     return k1_time == t and steps[j - 1][2] == t
 
 
+class RngTape:
+    """The random-number generator states of a forward solve, to replay a stochastic field's draws exactly.
+
+    A field that draws random numbers (dropout, Hutchinson noise drawn in the field) draws new ones when its steps
+    are replayed, unless the generators are put back where they were. The forward loop's sequence of field calls is
+    not the replay's (rejected attempts, Newton iterations and dense output are not replayed), so the states are
+    kept per accepted step: ``attempt[j]``, the state when step ``j``'s accepted attempt began (the stages), and
+    ``after[j]``, the state when it was accepted (its dense output and the next step's first ``f(t, y)`` follow from
+    there; ``after[-1]`` is the state before the solve's first evaluation). The replay restores them around the
+    same calls. A state equal to the previous one is not stored again, so a deterministic field keeps one state;
+    a stochastic one ~5 KB per step (the CPU generator; a CUDA generator's state adds 16 bytes).
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device if device.type == "cuda" else None
+        self.attempt: list[Any] = []
+        self.after: dict[int, Any] = {}
+        self._last: Any = None
+        self._pending: Any = None
+        self.after[-1] = self.snapshot()
+
+    def snapshot(self) -> Any:
+        cpu = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state(self.cuda) if self.cuda is not None else None
+        last = self._last
+        if last is not None and torch.equal(last[0], cpu) and (cuda is None or torch.equal(last[1], cuda)):
+            return last
+        self._last = (cpu, cuda)
+        return self._last
+
+    def restore(self, state: Any) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.cuda)
+
+    def devices(self) -> list:
+        return [self.cuda] if self.cuda is not None else []
+
+    def on_attempt(self) -> None:
+        self._pending = self.snapshot()
+
+    def on_accept(self) -> None:
+        self.attempt.append(self._pending)
+        self.after[len(self.attempt) - 1] = self.snapshot()
+
+
 class _StepLog:
     """Accepted steps (floats), the stepper's decisions per step, and states at a stride that doubles to keep
     at most ``limit`` of them."""
 
-    def __init__(self, limit: int, solver: Any):
+    def __init__(self, limit: int, solver: Any, rng: RngTape | None = None):
+        self.rng = rng
         self.limit = max(2, limit)
         self.steps: list[tuple[float, float, float, float | None, float]] = []
         self.infos: list[Any] = []
@@ -103,6 +167,8 @@ class _StepLog:
                  k1: Tensor) -> None:
         j = len(self.steps)
         self.steps.append((t, h, t1, nudge, k1_time))
+        if self.rng is not None:
+            self.rng.on_accept()
         if j % self.stride == 0:
             # (a copy: the loop's k1 may sit in a stage buffer that later steps overwrite)
             k1_kept = k1.detach().reshape(1, -1).clone() if fsal_continues(self.steps, j, self.fsal) else None
@@ -133,8 +199,18 @@ class _CheckpointFunction(torch.autograd.Function):
         func, solver, cfg = setup.func, setup.solver, setup.cfg
         term = ODETerm(func, y0.shape, real_dtype(y0.dtype), y0.device)
         times = setup.times
-        log = _StepLog(setup.gopts.checkpoints, solver)
-        cfg = replace(cfg, on_accept=log)
+        ctx.save_for_backward(y0, *params)
+        rng = RngTape(y0.device)
+        log = _StepLog(setup.gopts.checkpoints, solver, rng)
+        user_cbs = dict(cfg.step_callbacks or {})
+        user_step = user_cbs.get("step")
+
+        def on_attempt(t: float, y: Tensor, h: float) -> None:
+            if user_step is not None:
+                user_step(t, y, h)
+            rng.on_attempt()
+
+        cfg = replace(cfg, on_accept=log, step_callbacks={**user_cbs, "step": on_attempt})
         with torch.no_grad():
             f0 = check_derivative(func(torch.scalar_tensor(times[0], dtype=term.t_dtype, device=term.device), y0), y0)
             term.nfe = 1
@@ -153,12 +229,14 @@ class _CheckpointFunction(torch.autograd.Function):
         replayer = _Replayer(setup, grad_ys)
         keys = sorted(log.states) + [len(log.steps)]
         cot: tuple = (grad_ys.new_zeros((1, grad_ys[0].numel())), None, ())
-        for s0, s1 in reversed(list(zip(keys[:-1], keys[1:]))):
-            cot = replayer.backprop(s0, s1, log.states[s0], cot)
+        # The replay puts the generators where the forward had them at every step: the caller's are restored after.
+        with torch.random.fork_rng(devices=log.rng.devices()):
+            for s0, s1 in reversed(list(zip(keys[:-1], keys[1:]))):
+                cot = replayer.backprop(s0, s1, log.states[s0], cot)
         sol.stats["nfe_backward"] = replayer.term.nfe
         sol.stats["checkpoints"] = len(log.states)
         grad_y0 = (cot[0].reshape(-1) + grad_ys[0].reshape(-1)).view(setup.shape)
-        return (None, grad_y0, *replayer.g_params)
+        return (None, *first_order_only("checkpoint", [grad_y0, *replayer.g_params], [grad_ys, *ctx.saved_tensors]))
 
 
 class _Replayer:
@@ -170,7 +248,11 @@ class _Replayer:
         self.params = setup.gopts.params
         self.times = setup.times
         self.direction = 1.0 if self.times[-1] > self.times[0] else -1.0
-        self.term = ReplayTerm(setup.func, setup.shape, setup.term.t_dtype, setup.term.device)
+        # Every replayed evaluation is checked for captured tensors outside params (a stepper may keep the last
+        # step's tensors, so "seen in two evaluations" tells them from the field's own leaves).
+        self.guard = HiddenTensorGuard(self.params, "checkpoint", mode="repeat")
+        self.term = ReplayTerm(self.guard.field(setup.func, settle=False), setup.shape, setup.term.t_dtype,
+                               setup.term.device)
         self.co = self.solver.coefficients(grad_ys.dtype, grad_ys.device)
         self.prepare: Callable | None = self.solver.replay_prepare if self.solver.replay else None
         self.record: Callable | None = self.solver.replay_record if self.solver.replay else None
@@ -193,13 +275,17 @@ class _Replayer:
         log, solver, term, co = self.log, self.solver, self.term, self.co
         y, k1, tensors, meta = state
         k1 = k1.view(self.setup.shape) if k1 is not None else None
+        rng = log.rng
         for j in range(j0, j1):
             t, h, t1, nudge, k1_time = log.steps[j]
             if k1 is None:
+                rng.restore(rng.after[j - 1])
                 k1 = term(k1_time, y)
             if self.prepare is not None:
                 self.prepare(t, y, log.infos[j], (tensors, meta) if j == j0 and meta is not None else None)
+            rng.restore(rng.attempt[j])
             y1, k, _ = solver.step(term, t, y, h, k1, co, nudge)
+            rng.restore(rng.after[j])
             if outs is not None:
                 step_outputs(solver, term, Step(t, h, y, y1, k), co, self.cfg.interp, self.times, self.first_out[j],
                              t1, self.direction, outs)

@@ -52,7 +52,7 @@ from ..core.tensors import real_dtype
 from ..errors import InputError, SolveFailure
 from ..solution import FAILURE_STATUSES, STATUSES, Solution, check_differentiable
 from ..solvers import get_solver
-from .common import GradientOptions
+from .common import GradientOptions, HiddenTensorGuard, first_order_only
 
 _LEAF_STEPS = 2  # longest replayed segment backpropagated as one graph (as gradients/checkpoint.py)
 
@@ -102,8 +102,11 @@ class _AdjointRows(StepHooks):
     forward dense output, and the quadrature of the parameter gradient over each row's accepted steps."""
 
     def __init__(self, func: Callable, shape: torch.Size, params: list[Tensor], weights: list[float],
-                 y_of_t: _DenseRows | None):
-        self.func, self.shape, self.params, self.weights, self.y_of_t = func, shape, params, weights, y_of_t
+                 y_of_t: _DenseRows | None, guard: HiddenTensorGuard):
+        # The stage graphs are kept until the step ends: the guard settles there.
+        self.func, self.shape, self.params, self.weights, self.y_of_t = (
+            guard.field(func, settle=False), shape, params, weights, y_of_t)
+        self.guard = guard
         self.b_rows = shape[0]
         self.n = max(1, math.prod(shape[1:]))
         self.keep = bool(params)
@@ -143,9 +146,12 @@ class _AdjointRows(StepHooks):
     def end_step(self, t, y, h, accept, y1, kh, f_last) -> None:
         self.calls = len(self.weights)
         if not self.keep:
+            self.stash.clear()
+            self.guard.settle()
             return
         w = (h * accept).to(real_dtype(y.dtype)).view(-1, 1)
         outs, grads = [], []
+        fy = None
         if self.weights[0] != 0:  # the first stage came from the previous step (FSAL): evaluate it again
             y0, a0 = self._split(t, y)
             with torch.enable_grad():
@@ -164,6 +170,8 @@ class _AdjointRows(StepHooks):
             for acc, g in zip(self.g, gp):
                 if g is not None:
                     acc.add_(g)
+        del outs, fy  # the stage graphs: a leaf the field made dies with them
+        self.guard.settle()
 
 
 class _Setup:
@@ -222,7 +230,7 @@ class _Setup:
         solver = get_solver(gopts.adjoint_method) if gopts.adjoint_method else self.solver
         interpolated = self.mode == "interpolated"
         field = _AdjointRows(self.func, self.shape, gopts.params, [float(x) for x in solver.tableau.b],
-                             self.dense if interpolated else None)
+                             self.dense if interpolated else None, HiddenTensorGuard(gopts.params, self.mode))
         rtol = gopts.adjoint_rtol if gopts.adjoint_rtol is not None else self.rtol
         atol = gopts.adjoint_atol if gopts.adjoint_atol is not None else self.atol
         if not interpolated:  # per-element tolerances apply to y and a alike
@@ -260,6 +268,7 @@ class _Setup:
                     drift = max(drift, float(((res.y[:, :n] - ys[i - 1]).abs() / scale).max()))
                     a = res.y[:, n:] + gy[i - 1]
                 h_next = res.next_step
+        field.guard.settle()
         stats = self.solution.stats
         stats["nfe_backward"] = nfe + field.nfe
         stats["steps_backward"] = steps
@@ -284,6 +293,7 @@ class _Setup:
         grad_buf = gy.new_zeros(((n_out + 1) * b, n))
         grad_buf[b:(n_out - 1) * b] = gy[1:n_out - 1].reshape(-1, n)
         g_params = [torch.zeros_like(p) for p in params]
+        guard = HiddenTensorGuard(params, "checkpoint")
         nfe = 0
 
         def backprop(j0: int, j1: int, state: tuple[Tensor, Tensor, Tensor], a_end: Tensor) -> Tensor:
@@ -307,7 +317,10 @@ class _Setup:
                 if outs.requires_grad:
                     roots.append(outs)
                     grads.append(grad_buf)
+                guard.watch(roots, [y_start])
                 res = torch.autograd.grad(roots, [y_start, *params], grads, allow_unused=True)
+            del roots, outs, y_end  # the replayed graph: a leaf the field made dies with it
+            guard.settle()
             nfe += k
             for acc, r in zip(g_params, res[1:]):
                 if r is not None:
@@ -332,12 +345,13 @@ class _PerSampleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, setup: _Setup, y0: Tensor, *params: Tensor) -> Tensor:
         ctx.setup = setup
+        ctx.save_for_backward(y0, *params)
         return setup.forward(y0)
 
     @staticmethod
     def backward(ctx, grad_ys: Tensor):
         grad_y0, grad_params = ctx.setup.backward(grad_ys)
-        return (None, grad_y0, *grad_params)
+        return (None, *first_order_only(ctx.setup.mode, [grad_y0, *grad_params], [grad_ys, *ctx.saved_tensors]))
 
 
 def solve_per_sample_gradient(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg: LoopConfig,

@@ -31,12 +31,13 @@ The formulation is Shampine & Reichelt's (MATLAB's ode15s; "The MATLAB ODE Suite
 
 Dense output is the BDF interpolating polynomial of the step (degree ``k``, from ``D``), as scipy's
 ``BdfDenseOutput``. Gradients (``gradient="direct"``): Newton runs without autograd; the converged ``y*`` passes
-through one implicit-function-theorem correction (the implicit RK stepper's ``StageCorrection``), so the gradient is
-that of the discrete method, with no backpropagation through Newton. ``"adjoint"`` and ``"interpolated"`` work as
-for any method. ``"checkpoint"`` keeps the differences ``D`` with every checkpoint and replays each step with the order
-the forward step took; the replay solves the corrector afresh (a Jacobian at the step start, Newton past the forward's
-tolerance, see :class:`~neurodyn.solvers.implicit_rk.ImplicitRungeKutta`), so the gradient agrees with ``"direct"`` to
-the forward's Newton tolerance.
+through the implicit-function-theorem correction (the implicit RK stepper's ``correct_stage``), so the gradient is
+that of the discrete method, with no backpropagation through Newton (exact to second order as well, for
+``create_graph=True``). ``"adjoint"`` and ``"interpolated"`` work as for any method. ``"checkpoint"`` keeps the
+differences ``D`` with every checkpoint and replays each step with the order the forward step took; the replay
+solves the corrector afresh (a Jacobian at the step start, Newton past the forward's tolerance, see
+:class:`~neurodyn.solvers.implicit_rk.ImplicitRungeKutta`), so the gradient agrees with ``"direct"`` to the
+forward's Newton tolerance.
 
 The stepper starts at order 1 with the loop's initial step. With a constant ``step_size`` (no error control) it
 still raises its order as above, but its order-1 start limits the accuracy to O(h^2): use it adaptively.
@@ -58,7 +59,15 @@ from ..core.stepper import Step
 from ..errors import InputError
 from .adams import MultistepBase, StepAttempt, StepHistory
 from .explicit_rk import Term
-from .implicit_rk import JAC_MODES, ImplicitRungeKutta, SolveState, StageCorrection, new_stats, replay_newton
+from .implicit_rk import (
+    JAC_MODES,
+    ImplicitRungeKutta,
+    SolveState,
+    correct_stage,
+    dirk_residual,
+    new_stats,
+    replay_newton,
+)
 
 MAX_ORDER = 5
 NEWTON_MAXITER = 4
@@ -409,8 +418,8 @@ class BDF(MultistepBase):
         if torch.is_grad_enabled() and (y.requires_grad or k1.requires_grad or D.requires_grad):
             P = co_k.predict @ D[:k + 1]
             y_pred, psi = P[0:1], P[1:2]
-            G = ystar - (y_pred - psi) - c * term(t1, ystar).reshape(1, n)
-            y1 = ystar - StageCorrection.apply(G, self.dirk_adjoint(term, t1, c, ystar, lu, st))
+            y1 = correct_stage(ystar, dirk_residual(term, t1, y_pred - psi, c),
+                               self.dirk_adjoint(term, t1, c, ystar, lu, st))
             d = y1 - y_pred
         else:
             y1, d = ystar, dstar
