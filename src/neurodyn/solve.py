@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .core.config import LoopConfig
 from .core.control import PIDController
+from .core.stepper import nextafter
 from .core.tensors import VMAP_ADAPTIVE, real_dtype, vmapped
 from .core.term import Term, as_field, check_accepts
 from .errors import InputError
@@ -308,7 +309,10 @@ def solve(
             if per_sample_steps:  # func sees one time per sample
                 t0 = t.detach()[..., 0].expand(y0.shape[0]).contiguous()
             else:
-                t0 = torch.scalar_tensor(float(t.detach()[0]), dtype=real_dtype(y0.dtype), device=y0.device)
+                td0, rdt = float(t.detach()[0]), real_dtype(y0.dtype)
+                if perturb:  # the field is never evaluated on a grid point (nor in this check)
+                    td0 = nextafter(td0, float(t.detach()[-1]) - td0, rdt)
+                t0 = torch.scalar_tensor(td0, dtype=rdt, device=y0.device)
             check_hidden_tensors(func, t0, y0, gopts.params, gradient)
     if per_sample_steps:
         if t.requires_grad and torch.is_grad_enabled():

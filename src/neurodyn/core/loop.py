@@ -125,19 +125,21 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
     record = cfg.record
     min_step, max_step_size = cfg.min_step, cfg.max_step
     propose = ctrl.propose if ctrl is not None else None
-    k1_time = nextafter(t0, direction) if perturb else t0
+    # perturb / jump_t nudges: one ulp of the time tensor the field receives (a float64 ulp vanishes in float32).
+    t_dtype = getattr(term, "t_dtype", None) or torch.get_default_dtype()
+    k1_time = nextafter(t0, direction, t_dtype) if perturb else t0
     # Compiled steps: their compiler settings held once for the whole loop (not entered per step).
     with fast.context() if fast is not None else contextlib.nullcontext():
         while True:
             if k1 is None:
-                k1_time = nextafter(t, direction) if perturb else t
+                k1_time = nextafter(t, direction, t_dtype) if perturb else t
                 k1 = term(k1_time, y)
             remaining = (next_stop - t) * direction
             # Land on the stop when within a hair of it (no sliver steps from accumulated rounding).
             landing = remaining <= h_abs * LANDING_SLACK
             h = (next_stop - t) if landing else direction * h_abs
             t1 = next_stop if landing else t + h
-            nudge = nextafter(t1, -direction) if (perturb or (landing and next_stop in jumps)) else None
+            nudge = nextafter(t1, -direction, t_dtype) if (perturb or (landing and next_stop in jumps)) else None
             if cb_step is not None:
                 cb_step(t, y, abs(h))
             ratio = None
@@ -197,7 +199,7 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                 t, y = t1, y1
                 k1_time = t
                 if landing and next_stop in jumps:
-                    k1_time = nextafter(t, direction)
+                    k1_time = nextafter(t, direction, t_dtype)
                     k1 = None if perturb else term(k1_time, y)
                 elif perturb:
                     k1 = None

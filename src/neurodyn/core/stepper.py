@@ -40,6 +40,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from .term import ODE_FORM_KINDS
@@ -62,9 +64,30 @@ class Step:
     k_full: Tensor | None = None
 
 
-def nextafter(t: float, direction: float) -> float:
-    """The next representable float after ``t`` in ``direction``."""
-    return math.nextafter(t, math.inf if direction > 0 else -math.inf)
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float16: np.float16}
+
+
+def nextafter(t: float, direction: float, dtype: torch.dtype | None = None) -> float:
+    """The time one unit in the last place after ``t`` in ``direction`` (> 0: later), in the precision of the time
+    tensor the field receives.
+
+    ``dtype`` is that tensor's dtype (a term's ``t_dtype``; ``None``: float64). Below float64 the result is the
+    next ``dtype`` number after ``t`` rounded to ``dtype`` (as torchdiffeq's ``perturb``): a float64 ulp would be
+    rounded away when the time is cast to float32. The result is exactly representable in ``dtype``.
+
+    >>> nextafter(1.0, 1.0) - 1.0 == 2.0 ** -52
+    True
+    >>> nextafter(1.0, -1.0, torch.float32) == 1.0 - 2.0 ** -24
+    True
+    """
+    inf = math.inf if direction > 0 else -math.inf
+    if dtype is None or dtype == torch.float64:
+        return math.nextafter(t, inf)
+    np_type = _NUMPY_FLOATS.get(dtype)
+    if np_type is not None:
+        return float(np.nextafter(np_type(t), np_type(inf)))
+    x = torch.tensor(t, dtype=dtype)  # bfloat16 and other dtypes numpy lacks
+    return float(torch.nextafter(x, torch.full((), inf, dtype=dtype)))
 
 
 @runtime_checkable

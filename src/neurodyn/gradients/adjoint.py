@@ -112,7 +112,9 @@ class _AdjointFunction(torch.autograd.Function):
         term = ODETerm(func, y0.shape, real_dtype(y0.dtype), y0.device)
         times = t.detach().cpu().tolist()
         with torch.no_grad():
-            f0 = check_derivative(func(torch.scalar_tensor(times[0], dtype=term.t_dtype, device=term.device), y0), y0)
+            # perturb: the first derivative just after t0, as the loop's (and gradient="direct"'s)
+            t_start = nextafter(times[0], times[-1] - times[0], term.t_dtype) if cfg.perturb else times[0]
+            f0 = check_derivative(func(torch.scalar_tensor(t_start, dtype=term.t_dtype, device=term.device), y0), y0)
             term.nfe = 1
             if setup.mode == "interpolated":
                 cfg = replace(cfg, record=True)
@@ -163,6 +165,7 @@ class _AdjointFunction(torch.autograd.Function):
                          step_size=setup.cfg.step_size, max_steps=setup.cfg.max_steps, min_step=setup.cfg.min_step,
                          max_step=setup.cfg.max_step, controller=controller, accept_min_step=setup.cfg.accept_min_step,
                          jump_t=setup.cfg.jump_t, step_t=setup.cfg.step_t if not adj_solver.adaptive else [],
+                         perturb=setup.cfg.perturb,
                          error_dims=(y_dims + n) if gopts.seminorm else None)
         jumps = set(setup.cfg.jump_t)
         with torch.no_grad():
@@ -174,8 +177,10 @@ class _AdjointFunction(torch.autograd.Function):
                 parts = [a, g] if interpolated else [ys[i].reshape(-1), a, g]
                 z0 = torch.cat(parts).view(1, -1)
                 term = ODETerm(aug.ode, z0.shape, t_dtype, device)
-                # Starting on a jump (a path knot at an output time): the derivative of the side travelled into.
-                k0 = term(nextafter(times[i], times[i - 1] - times[i]) if times[i] in jumps else times[i], z0)
+                # Starting on a jump (a path knot at an output time) or with perturb: the derivative of the side
+                # travelled into, one ulp of the time dtype inside the interval.
+                nudged = times[i] in jumps or cfg.perturb
+                k0 = term(nextafter(times[i], times[i - 1] - times[i], t_dtype) if nudged else times[i], z0)
                 res = integrate(term, adj_solver, z0, k0, [times[i], times[i - 1]], cfg)
                 # The next interval starts from the controller's proposal, not a fresh initial guess.
                 cfg = replace(cfg, first_step=res.next_step if cfg.adaptive else None)

@@ -69,7 +69,7 @@ from torch import Tensor
 from ..core.config import LoopConfig
 from ..core.loop import integrate
 from ..core.output import assemble, step_outputs
-from ..core.stepper import Step, Stepper
+from ..core.stepper import Step, Stepper, nextafter
 from ..core.tensors import real_dtype
 from ..core.term import ODETerm
 from ..errors import InputError, SolveFailure
@@ -212,7 +212,9 @@ class _CheckpointFunction(torch.autograd.Function):
 
         cfg = replace(cfg, on_accept=log, step_callbacks={**user_cbs, "step": on_attempt})
         with torch.no_grad():
-            f0 = check_derivative(func(torch.scalar_tensor(times[0], dtype=term.t_dtype, device=term.device), y0), y0)
+            # perturb: the first derivative just after t0, where the loop (and its replays) take it
+            t_start = nextafter(times[0], times[-1] - times[0], term.t_dtype) if cfg.perturb else times[0]
+            f0 = check_derivative(func(torch.scalar_tensor(t_start, dtype=term.t_dtype, device=term.device), y0), y0)
             term.nfe = 1
             res = integrate(term, solver, y0.detach().reshape(1, -1), f0, times, cfg)
             sol = assemble(res, term, solver, cfg, y0.detach(), setup.t.detach(), setup.on_failure)

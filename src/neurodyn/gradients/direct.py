@@ -23,7 +23,7 @@ def solve_direct(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg: Lo
     term = ODETerm(func, y0.shape, real_dtype(y0.dtype), y0.device)
     times = t.detach().cpu().tolist()
     t0 = times[0]
-    t0_tensor = torch.scalar_tensor(t0 if not cfg.perturb else nextafter(t0, times[-1] - t0),
+    t0_tensor = torch.scalar_tensor(t0 if not cfg.perturb else nextafter(t0, times[-1] - t0, term.t_dtype),
                                     dtype=term.t_dtype, device=term.device)
     f0 = check_derivative(func(t0_tensor, y0), y0)
     term.nfe = 1
