@@ -61,19 +61,34 @@ def find_params(func: Callable, params: Sequence[Tensor] | None) -> list[Tensor]
 
 def _graph_leaves(roots: Sequence[Tensor | None], stop: set) -> list[Tensor]:
     """Leaf tensors requiring grad that ``roots`` were computed from (walks the autograd graph, not past the
-    nodes in ``stop``: the ``grad_fn`` of non-leaf parameters, which receive their gradient there)."""
-    leaves, seen = [], set()
+    nodes in ``stop``: the ``grad_fn`` of non-leaf parameters, which receive their gradient there, and the
+    gradient accumulators of leaf parameters)."""
+    leaves: list[Tensor] = []
+    seen = set(stop)
     stack = [r.grad_fn for r in roots if isinstance(r, Tensor)]
+    pop, push, add = stack.pop, stack.extend, seen.add
     while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen or fn in stop:
+        fn = pop()
+        if fn is None or fn in seen:
             continue
-        seen.add(fn)
-        var = getattr(fn, "variable", None)
-        if var is not None:
-            leaves.append(var)
-        stack.extend(nf for nf, _ in fn.next_functions)
+        add(fn)
+        nexts = fn.next_functions
+        if nexts:
+            push(nf for nf, _ in nexts)
+        else:
+            var = getattr(fn, "variable", None)
+            if var is not None:
+                leaves.append(var)
     return leaves
+
+
+def _accumulator(p: Tensor) -> Any:
+    """The gradient accumulator node of a leaf tensor requiring grad (the same object in every graph using it while
+    it is held), or its ``grad_fn`` for a non-leaf."""
+    if p.grad_fn is not None:
+        return p.grad_fn
+    with torch.enable_grad():
+        return p.view_as(p).grad_fn.next_functions[0][0]
 
 
 def _hidden_error(method: str, shapes: list[tuple[int, ...]], when: str) -> InputError:
@@ -109,7 +124,7 @@ class HiddenTensorGuard:
 
     def __init__(self, params: Sequence[Tensor], method: str, mode: str = "alive"):
         self.known = {id(p) for p in params}
-        self.stop = {p.grad_fn for p in params if p.grad_fn is not None}
+        self.stop = {_accumulator(p) for p in params if p.requires_grad}
         self.method = method
         self.mode = mode
         self.pending: list[tuple[weakref.ref, int]] = []
@@ -117,10 +132,17 @@ class HiddenTensorGuard:
 
     def watch(self, roots: Sequence[Tensor | None], inputs: Sequence[Tensor | None]) -> None:
         """Record the leaves requiring grad behind ``roots`` other than ``inputs`` and the parameters."""
-        live = [x for x in inputs if isinstance(x, Tensor)]
-        own = self.known | {id(x) for x in live}
-        stop = self.stop | {x.grad_fn for x in live if x.grad_fn is not None}
-        found = {id(v): v for v in _graph_leaves(roots, stop) if id(v) not in own}
+        stop = self.stop
+        for x in inputs:
+            if isinstance(x, Tensor) and x.grad_fn is not None:
+                stop = stop | {x.grad_fn}
+        leaves = _graph_leaves(roots, stop)
+        if not leaves:
+            return
+        own = {id(x) for x in inputs if isinstance(x, Tensor)}
+        found = {id(v): v for v in leaves if id(v) not in self.known and id(v) not in own}
+        if not found:
+            return
         if self.mode == "alive":
             self.pending.extend((weakref.ref(v), i) for i, v in found.items())
             return
