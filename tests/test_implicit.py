@@ -610,7 +610,7 @@ def _forced_exact(t):
     return (L2 * np.cos(t) + STIFF_L * np.sin(t)) / (L2 + 1) - L2 / (L2 + 1) * np.exp(-STIFF_L * t)
 
 
-@pytest.mark.parametrize("method", ["kvaerno4", "kvaerno5", "auto"])
+@pytest.mark.parametrize("method", ["kvaerno3", "kvaerno4", "kvaerno5", "trbdf2", "auto"])
 @pytest.mark.parametrize("rtol", [1e-6, 1e-8])
 def test_stiff_forced_dense_output_meets_the_tolerance(method, rtol):
     """y' = -1e6 (y - cos t), y(0) = 0: after the layer the step ends are exact to O(1 / (h lambda)) whatever h, so

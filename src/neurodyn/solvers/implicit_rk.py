@@ -203,6 +203,17 @@ def _stage_dense(a: np.ndarray, c: np.ndarray, spec: tuple) -> np.ndarray:
     return p
 
 
+def _stage_hermite(b: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Weights ``w`` (``(m, s)``) of cubic Hermite on the stage derivatives of an ESDIRK (explicit first stage,
+    stiffly accurate: the slopes at the step's ends are ``K_0`` and ``K_{s-1}``, ``y1 - y0 = h b.K``):
+    ``u(t0 + theta h) = y0 + h sum_j w_j(theta) K_j``."""
+    th = theta[:, None]
+    w = (-2 * th**3 + 3 * th**2) * b[None, :]
+    w[:, 0] += (th**3 - 2 * th**2 + th)[:, 0]
+    w[:, -1] += (th**3 - th**2)[:, 0]
+    return w
+
+
 @dataclass
 class _ImplicitCoefficients:
     """A tableau's coefficients as tensors of one dtype on one device (internal)."""
@@ -607,9 +618,12 @@ class ImplicitRungeKutta(StepperBase):
                 own = _stage_dense(a, c, tb.stage_dense)
                 dense_t = torch.as_tensor(own.T.copy()).to(device=device)
                 if tb.stage_dense_check is not None:
-                    other = _stage_dense(a, c, tb.stage_dense_check)
                     th = np.array(DENSE_CHECK_AT)[:, None]
-                    w_other = (th ** np.arange(1, other.shape[1] + 1)) @ other.T
+                    if tb.stage_dense_check == "hermite":
+                        w_other = _stage_hermite(np.array([float(x) for x in tb.b]), th[:, 0])
+                    else:
+                        other = _stage_dense(a, c, tb.stage_dense_check)
+                        w_other = (th ** np.arange(1, other.shape[1] + 1)) @ other.T
                     w_own = (th ** np.arange(1, own.shape[1] + 1)) @ own.T
                     dense_check = t_(w_other - w_own)
             radau = None
@@ -1252,7 +1266,7 @@ class ImplicitRungeKutta(StepperBase):
         """The continuous extension of an accepted step at fractions ``thetas`` (shape ``(m,)``) -> ``(m, n)``.
 
         ``"auto"``: the collocation polynomial for collocation methods (``radau``, ``radauIIA3/5``, ``gl4``,
-        ``gl6``), the stage-value extension for ``kvaerno4``/``kvaerno5`` (:func:`_stage_dense`), cubic Hermite
+        ``gl6``), the stage-value extension for ``kvaerno3``/``4``/``5`` and ``trbdf2`` (:func:`_stage_dense`), cubic Hermite
         otherwise; ``"hermite"`` or ``"linear"`` force one.
         """
         m = thetas.shape[0]

@@ -98,9 +98,10 @@ class ImplicitTableau:
         Order of the continuous extension.
     stage_dense : tuple or None
         ``(stiff_degree, trees, skip)`` of the stage-value extension (see ``implicit_rk._stage_dense``).
-    stage_dense_check : tuple or None
-        A second stage-value extension of another stiff degree: their difference at two interior points, restricted
-        to the stiff components, joins the step's error estimate (``implicit_rk.ImplicitRungeKutta._dense_error``).
+    stage_dense_check : tuple, ``"hermite"`` or None
+        A second stage-value extension of another stiff degree (or ``"hermite"``: cubic Hermite on the stage
+        derivatives at the step's ends): their difference at two interior points, restricted to the stiff
+        components, joins the step's error estimate (``implicit_rk.ImplicitRungeKutta._dense_error``).
     proportional_below : float or None
         For a method that advances its lower-order solution (no local extrapolation): below this ``rtol`` the
         stepper runs at the internal tolerances ``rtol' = r0 (rtol / r0)^((p+1)/p)``, ``atol' = atol rtol' / rtol``
@@ -120,7 +121,7 @@ class ImplicitTableau:
     dense_order: int = 3
     adaptive_estimate: bool = False  # radau5: the embedded RADAU5 estimate is available
     stage_dense: tuple | None = None
-    stage_dense_check: tuple | None = None
+    stage_dense_check: tuple | str | None = None
     proportional_below: float | None = None
 
     @property
@@ -182,7 +183,7 @@ def _row_sums(a: Sequence[Sequence[Number]]) -> list[Number]:
 # (y1 is the last stage, the embedded solution the one before), so b_err = a_s - a_{s-1}.
 # ------------------------------------------------------------------------------------------------
 def _esdirk(name: str, a: list[list[Number]], order: int, stage_dense: tuple | None = None,
-            stage_dense_check: tuple | None = None) -> ImplicitTableau:
+            stage_dense_check: tuple | str | None = None) -> ImplicitTableau:
     s = len(a)
     b = list(a[-1])
     b_hat = list(a[-2])
@@ -201,7 +202,9 @@ _kv3 = [
     [(-4 * _g3**2 + 6 * _g3 - 1) / (4 * _g3), (-2 * _g3 + 1) / (4 * _g3), _g3, 0],
     [(6 * _g3 - 1) / (12 * _g3), -1 / ((24 * _g3 - 12) * _g3), (-6 * _g3**2 + 6 * _g3 - 1) / (6 * _g3 - 3), _g3],
 ]
-register(_esdirk("kvaerno3", _kv3, 3))
+# Stage-value continuous extension: stiff degree 2 over stages 1 and 3 (c = 0, 0.872, 1; the embedded stage 2 at
+# c = 1 skipped), checked against cubic Hermite on the stage derivatives K_0, K_3.
+register(_esdirk("kvaerno3", _kv3, 3, stage_dense=(2, (), (2,)), stage_dense_check="hermite"))
 
 # kvaerno4: gamma is the root near 0.5728 of x^4 - 4 x^3 + 3 x^2 - 2/3 x + 1/24 (the paper prints
 # 0.5728160625); the coefficients are the paper's closed forms in gamma.
@@ -264,7 +267,8 @@ _trbdf2_a = [[0, 0, 0], [_d, _d, 0], [_w, _w, _d]]
 register(ImplicitTableau(
     name="trbdf2", c=[0, 2.0 - _s2, 1], a=_trbdf2_a, b=[_w, _w, _d], order=2, kind="dirk",
     b_err=[(_s2 - 1.0) / 3.0, -Fr(1, 3), (2.0 - _s2) / 3.0],  # b - b_hat
-    error_order=2, dense="hermite", dense_order=3, proportional_below=1e-3,
+    error_order=2, dense="stages", dense_order=2, stage_dense=(2, (), ()), stage_dense_check="hermite",
+    proportional_below=1e-3,
 ))
 
 # ------------------------------------------------------------------------------------------------
