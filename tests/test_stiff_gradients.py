@@ -140,7 +140,7 @@ def bump_checkpoint_vs_direct(method, rtol, options, vs_direct, vs_exact):
     ("radau", 1e-7, None, 1e-8, 1e-8),  # 9e-11; 4e-10
     ("kvaerno5", 1e-6, None, 1e-7, 1e-5),  # 2.7e-8; 1.1e-6 (7e-7 before Newton's first test had its floor)
     ("bdf", 1e-7, None, 1e-8, 3e-6),  # 3e-10; 2.4e-7
-    ("trbdf2", 1e-5, None, 1.5e-6, 2e-4),  # 6.2e-7 (Newton tolerance x steps; more steps with interior error control); 2.7e-5
+    ("trbdf2", 1e-5, None, 1.5e-6, 2e-4),  # 6.2e-7 (Newton tolerance x steps, interior error control); 2.7e-5
     ("auto", 1e-7, {"stiff": "radau"}, 1e-8, 1e-6),  # 1e-11; 1e-8 (NaN before: Newton stalled on the replay)
     ("auto", 1e-7, None, 3e-8, 1e-6),  # 3e-9; 1e-8
 ])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,6 +43,7 @@ from .tensors import real_dtype
 from .term import check_output
 
 RowTerm = Callable[[Tensor, Tensor], Tensor]  # (t of shape (B,), y of shape (B, n)) -> dy/dt of shape (B, n)
+RowState = tuple[Tensor, Tensor, Tensor, Tensor]  # the loop's (y, t, out_slot, k1) at the start of a step
 
 # Per-row status codes: indices into solution.STATUSES.
 _MAX_STEPS, _UNDERFLOW, _NON_FINITE = (_sol.CODE[s] for s in (_sol.MAX_STEPS_REACHED, _sol.STEP_SIZE_UNDERFLOW,
@@ -69,23 +71,34 @@ class StepHooks:
 @dataclass
 class RowLog:
     """What a replay of the loop needs (``gradient="checkpoint"``): each step's ``h``, end time and accepted
-    rows, and the loop state ``(y, t, out_slot)`` at the start of every ``stride``-th step, the stride doubling
-    whenever more than ``limit`` states would be kept."""
+    rows, and the loop state ``(y, t, out_slot, k1)`` at the start of every ``stride``-th step, the stride doubling
+    whenever more than ``limit`` states would be kept. ``rng`` (an object with ``on_attempt()``, ``on_accept()``,
+    ``restore(state)`` and ``attempt``, e.g. :class:`neurodyn.gradients.checkpoint.RngTape`) keeps the random
+    generators' state at the start of every step, so a replay draws what the forward drew."""
 
     limit: int
+    rng: Any = None
     h: list[Tensor] = field(default_factory=list)
     t1: list[Tensor] = field(default_factory=list)
     accept: list[Tensor] = field(default_factory=list)
-    states: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+    states: dict[int, RowState] = field(default_factory=dict)
     stride: int = 1
 
-    def record(self, h: Tensor, t1: Tensor, accept: Tensor, y: Tensor, t: Tensor, out_slot: Tensor) -> None:
+    def begin(self) -> None:
+        """Called before every step (its stages draw from the generators from here)."""
+        if self.rng is not None:
+            self.rng.on_attempt()
+
+    def record(self, h: Tensor, t1: Tensor, accept: Tensor, y: Tensor, t: Tensor, out_slot: Tensor,
+               k1: Tensor) -> None:
         j = len(self.h)
         self.h.append(h)
         self.t1.append(t1)
         self.accept.append(accept)
+        if self.rng is not None:
+            self.rng.on_accept()
         if j % self.stride == 0:
-            self.states[j] = (y.detach(), t, out_slot)
+            self.states[j] = (y.detach(), t, out_slot, k1.detach())
             if len(self.states) > max(2, self.limit):
                 self.stride *= 2
                 self.states = {i: v for i, v in self.states.items() if i % self.stride == 0}
@@ -255,6 +268,8 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
     while True:
         if hooks is not None:
             hooks.start_step()
+        if log is not None:
+            log.begin()
         rem = (t_stop - t_cur).abs()
         land = rem <= h_abs * LANDING_SLACK
         hp = torch.where(land, rem, h_abs)
@@ -278,7 +293,7 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
             else:  # real times and steps (the stages are the same in both orientations)
                 hooks.end_step(t_cur * sign, y, h * sign, accept, y1, kh, f_last * sign.view(b, 1).to(y.dtype))
         if log is not None:
-            log.record(h, t1, accept, y, t_cur, out_slot)
+            log.record(h, t1, accept, y, t_cur, out_slot, k1)
         acc_col = accept.view(b, 1)
         y_prev, t_prev = y, t_cur
         y = torch.where(acc_col, y1, y)
@@ -332,22 +347,25 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
 
 
 def replay_rows(term: RowTerm, solver: Stepper, times: Tensor, log: RowLog, j0: int, j1: int,
-                y: Tensor, t_cur: Tensor, out_slot: Tensor, outs: Tensor | None = None,
-                marks: Collection[int] = ()) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor, Tensor]], int]:
-    """Steps ``j0 .. j1 - 1`` of a logged :func:`integrate_rows` again from ``(y, t_cur, out_slot)`` (the loop
-    state at step ``j0``), with the logged step sizes and decisions: the same computation, so under autograd
-    its graph is ``gradient="direct"``'s. Outputs falling in those steps are written into ``outs`` (a
-    :meth:`_Frame.new_outputs` buffer) unless it is None. Returns the state after step ``j1 - 1``, the loop
-    states at the start of the steps in ``marks``, and the number of vector-field calls."""
+                y: Tensor, t_cur: Tensor, out_slot: Tensor, k1: Tensor, outs: Tensor | None = None,
+                marks: Collection[int] = ()) -> tuple[Tensor, Tensor, dict[int, RowState], int]:
+    """Steps ``j0 .. j1 - 1`` of a logged :func:`integrate_rows` again from ``(y, t_cur, out_slot, k1)`` (the loop
+    state at step ``j0``), with the logged step sizes and decisions, and the logged random-generator states: the
+    same computation, so under autograd its graph is ``gradient="direct"``'s. Outputs falling in those steps are
+    written into ``outs`` (a :meth:`_Frame.new_outputs` buffer) unless it is None. Returns the state ``y`` and
+    ``k1`` after step ``j1 - 1``, the loop states at the start of the steps in ``marks``, and the number of
+    vector-field calls."""
     term, times, d, _ = _oriented(term, times)
     fr = _Frame(term, solver, y, times, d)
     b, co, rdt = fr.b, fr.co, fr.rdt
-    k1 = term(t_cur, y)
-    nfe = 1
+    nfe = 0
     next_out = fr.times_flat.take(out_slot)
     states = {}
+    rng = log.rng
     for j in range(j0, j1):
         h, t1, accept = log.h[j], log.t1[j], log.accept[j]
+        if rng is not None:
+            rng.restore(rng.attempt[j])
         hc = (h if h.dtype == rdt else h.to(rdt)).view(b, 1)
         y1, kh, _, f_last = solver.step_rows(term, t_cur, y, h, hc, k1, co)
         nfe += solver.stages - 1
@@ -371,8 +389,8 @@ def replay_rows(term: RowTerm, solver: Stepper, times: Tensor, log: RowLog, j0: 
             nfe += extra
             break
         if j + 1 in marks:
-            states[j + 1] = (y, t_cur, out_slot)
-    return y, states, nfe
+            states[j + 1] = (y, t_cur, out_slot, k1)
+    return y, k1, states, nfe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,6 +444,13 @@ def first_derivative(func: Callable, y0: Tensor, times: Tensor) -> Tensor:
         raise InputError(f"func(t, y) must return the state's shape {tuple(y0.shape)} and dtype {y0.dtype}, "
                          f"got {got}.")
     return f0.reshape(y0.shape[0], -1)
+
+
+def start_derivative(term: RowTerm, times: Tensor, y0: Tensor) -> Tensor:
+    """``term`` at the rows' start ``(times[:, 0], y0)`` as :func:`integrate_rows` holds it (its ``k1``: times each
+    row's direction where rows integrate in both directions); ``(B, n)``."""
+    oterm, otimes, _, _ = _oriented(term, times)
+    return oterm(otimes[:, 0].contiguous(), y0)
 
 
 def row_tolerance(tol: float | Tensor, b_rows: int, n: int) -> float | Tensor:

@@ -35,6 +35,7 @@ from ..core.config import LoopConfig
 from ..core.rows import (
     RowLog,
     RowsResult,
+    RowState,
     StepHooks,
     check_supported,
     first_derivative,
@@ -45,6 +46,7 @@ from ..core.rows import (
     row_times,
     row_tolerance,
     solve_per_sample,
+    start_derivative,
     time_cast,
 )
 from ..core.stepper import Stepper
@@ -52,6 +54,7 @@ from ..core.tensors import real_dtype
 from ..errors import InputError, SolveFailure
 from ..solution import FAILURE_STATUSES, STATUSES, Solution, check_differentiable
 from ..solvers import get_solver
+from .checkpoint import RngTape
 from .common import GradientOptions, HiddenTensorGuard, first_order_only
 
 _LEAF_STEPS = 2  # longest replayed segment backpropagated as one graph (as gradients/checkpoint.py)
@@ -197,7 +200,8 @@ class _Setup:
     def forward(self, y0: Tensor) -> Tensor:
         b, n = self.b_rows, self.n
         if self.mode == "checkpoint":
-            self.log = RowLog(self.gopts.checkpoints)
+            # (the tape's first state is the generators' before f0: the backward pass evaluates f0 again there)
+            self.log = RowLog(self.gopts.checkpoints, rng=RngTape(y0.device))
         elif self.mode == "interpolated":
             self.dense = _DenseRows(self.term, self.solver)
         with torch.no_grad():
@@ -220,7 +224,9 @@ class _Setup:
         check_differentiable(sol)
         gy = grad_ys.reshape(grad_ys.shape[0], self.b_rows, self.n)
         if self.mode == "checkpoint":
-            return self._checkpoint(gy)
+            # The replay puts the generators where the forward had them: the caller's are restored after.
+            with torch.random.fork_rng(devices=[gy.device] if gy.device.type == "cuda" else []):
+                return self._checkpoint(gy)
         return self._adjoint(gy)
 
     def _adjoint(self, gy: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -296,13 +302,16 @@ class _Setup:
         guard = HiddenTensorGuard(params, "checkpoint")
         nfe = 0
 
-        def backprop(j0: int, j1: int, state: tuple[Tensor, Tensor, Tensor], a_end: Tensor) -> Tensor:
+        def backprop(j0: int, j1: int, state: RowState, a_end: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+            """The adjoints ``(a_y, a_k1)`` of the loop state at step ``j0`` from those at ``j1`` (``k1``, the
+            derivative the next step starts from, carries its gradient across segments: it is not evaluated
+            again, so a stochastic field's draws stay the forward's)."""
             nonlocal nfe
             if j1 - j0 > _LEAF_STEPS:
                 stride = math.ceil((j1 - j0) / log.limit)
                 marks = set(range(j0 + stride, j1, max(stride, 1)))
                 with torch.no_grad():
-                    _, subs, k = replay_rows(term, solver, times, log, j0, max(marks), *state, marks=marks)
+                    _, _, subs, k = replay_rows(term, solver, times, log, j0, max(marks), *state, marks=marks)
                 nfe += k
                 subs[j0] = state
                 keys = sorted(subs) + [j1]
@@ -311,26 +320,46 @@ class _Setup:
                 return a_end
             with torch.enable_grad():
                 y_start = state[0].detach().requires_grad_(True)
+                k_start = state[3].detach().requires_grad_(True)
                 outs = grad_buf.new_zeros(grad_buf.shape)
-                y_end, _, k = replay_rows(term, solver, times, log, j0, j1, y_start, state[1], state[2], outs)
-                roots, grads = [y_end], [a_end]
+                y_end, k_end, _, k = replay_rows(term, solver, times, log, j0, j1, y_start, state[1], state[2],
+                                                 k_start, outs)
+                roots, grads = [y_end, k_end], list(a_end)
                 if outs.requires_grad:
                     roots.append(outs)
                     grads.append(grad_buf)
-                guard.watch(roots, [y_start])
-                res = torch.autograd.grad(roots, [y_start, *params], grads, allow_unused=True)
-            del roots, outs, y_end  # the replayed graph: a leaf the field made dies with it
+                guard.watch(roots, [y_start, k_start])
+                res = torch.autograd.grad(roots, [y_start, k_start, *params], grads, allow_unused=True)
+            del roots, outs, y_end, k_end  # the replayed graph: a leaf the field made dies with it
             guard.settle()
             nfe += k
+            for acc, r in zip(g_params, res[2:]):
+                if r is not None:
+                    acc.add_(r)
+            return tuple(r if r is not None else torch.zeros_like(x) for r, x in zip(res[:2], (y_start, k_start)))
+
+        keys = sorted(log.states) + [len(log.h)]
+        a = (gy[-1].clone(), gy.new_zeros((b, n)))
+        for s0, s1 in reversed(list(zip(keys[:-1], keys[1:]))):
+            a = backprop(s0, s1, log.states[s0], a)
+        # f0 = f(t0, y0), evaluated again where the forward evaluated it (its draws too): its adjoint reaches y0
+        # and the parameters.
+        a, a_k = a
+        if log.states:
+            log.rng.restore(log.rng.after[-1])
+            with torch.enable_grad():
+                y_start = log.states[0][0].detach().requires_grad_(True)
+                f0 = start_derivative(term, times, y_start)
+                guard.watch([f0], [y_start])
+                res = torch.autograd.grad(f0, [y_start, *params], a_k, allow_unused=True)
+            del f0
+            guard.settle()
+            nfe += 1
+            if res[0] is not None:
+                a = a + res[0]
             for acc, r in zip(g_params, res[1:]):
                 if r is not None:
                     acc.add_(r)
-            return res[0] if res[0] is not None else torch.zeros_like(y_start)
-
-        keys = sorted(log.states) + [len(log.h)]
-        a = gy[-1].clone()
-        for s0, s1 in reversed(list(zip(keys[:-1], keys[1:]))):
-            a = backprop(s0, s1, log.states[s0], a)
         self.solution.stats["nfe_backward"] = nfe
         self.solution.stats["checkpoints"] = len(log.states)
         return (a + gy[0]).view(self.shape), g_params

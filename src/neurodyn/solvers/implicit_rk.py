@@ -1266,8 +1266,8 @@ class ImplicitRungeKutta(StepperBase):
         """The continuous extension of an accepted step at fractions ``thetas`` (shape ``(m,)``) -> ``(m, n)``.
 
         ``"auto"``: the collocation polynomial for collocation methods (``radau``, ``radauIIA3/5``, ``gl4``,
-        ``gl6``), the stage-value extension for ``kvaerno3``/``4``/``5`` and ``trbdf2`` (:func:`_stage_dense`), cubic Hermite
-        otherwise; ``"hermite"`` or ``"linear"`` force one.
+        ``gl6``), the stage-value extension for ``kvaerno3``/``4``/``5`` and ``trbdf2`` (:func:`_stage_dense`),
+        cubic Hermite otherwise; ``"hermite"`` or ``"linear"`` force one.
         """
         m = thetas.shape[0]
         n = st.y0.shape[1]
