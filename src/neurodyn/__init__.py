@@ -10,7 +10,7 @@ Solvers, gradient methods and models for Neural ODEs, with a torchdiffeq drop-in
 from .analysis import jacobian_spectrum, lipschitz_estimate, reversibility, spectral_radius, stiffness_ratio
 from .compat.torchdiffeq import odeint, odeint_adjoint, odeint_dense, odeint_event
 from .core.control import PIDController
-from .core.term import ControlTerm, MultiTerm, ODETerm, SplitTerm, Term
+from .core.term import ControlTerm, MultiTerm, ODETerm, SDETerm, SplitTerm, Term, sde_term
 from .errors import (
     InputError,
     MaxStepsReached,
@@ -46,6 +46,7 @@ __all__ = [
     "PIDController",
     "PrecisionWarning",
     "RegularizedField",
+    "SDETerm",
     "Solution",
     "SolveFailure",
     "SplitTerm",
@@ -61,6 +62,7 @@ __all__ = [
     "odeint_event",
     "regularized_solve",
     "reversibility",
+    "sde_term",
     "seed_everything",
     "solve",
     "spectral_radius",

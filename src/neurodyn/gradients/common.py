@@ -158,6 +158,7 @@ class HiddenTensorGuard:
                 self.watch([out], [t, y])
             return out
 
+        watched.__wrapped__ = func  # type: ignore[attr-defined]  # core.term.term_of finds the term behind it
         return watched
 
 
