@@ -57,7 +57,7 @@ def _mix(x: int) -> int:
     return x ^ (x >> 31)
 
 
-_LEFT, _RIGHT, _AREA = 0x5851F42D4C957F2D, 0x14057B7EF767814F, 0x2545F4914F6CDD1D
+_LEFT, _RIGHT, _AREA, _ROOT = 0x5851F42D4C957F2D, 0x14057B7EF767814F, 0x2545F4914F6CDD1D, 0x61C8864680B583EB
 
 
 class BrownianIncrement(NamedTuple):
@@ -132,7 +132,8 @@ def _split_coefficients(r: float, k: int) -> tuple[tuple[float, ...], ...]:
     ``h_i * (1, 1/12, 1/720)``; the parent is the linear map :func:`_compose` of them. Conditioning on the parent,
     the left child is normal with mean ``S_L M_L^T D^{-1} p`` and covariance ``S_L - S_L M_L^T D^{-1} M_L S_L``
     (``S`` the children's covariances, ``D`` the parent's, ``M`` the composition's blocks); the right child follows
-    exactly from the parent and the left child, ``M_R^{-1} (p - M_L x_L)``.
+    exactly from the parent and the left child, ``M_R^{-1} (p - M_L x_L)``. (For ``r > 1/2`` the roles swap: the
+    smaller child is drawn, so that the inverted block is well conditioned.)
     Returns ``G`` as a tuple of ``2k`` rows of ``2k`` coefficients.
     """
     h1, h2 = r, 1.0 - r
@@ -150,20 +151,21 @@ def _split_coefficients(r: float, k: int) -> tuple[tuple[float, ...], ...]:
     mr = [[_compose(h1, h2, zero, [sd_r[j] * e for j, e in enumerate(unit(c))])[i] / sd_p[i] for c in range(k)]
           for i in range(k)]
     # Standardised: children covariance I, parent covariance ML ML^T + MR MR^T = I (checked in the tests).
-    # Left | p: mean ML^T p, covariance I - ML^T ML.
-    mean_l = [[ml[c][i] for c in range(k)] for i in range(k)]  # ML^T
-    cov_l = [[(1.0 if i == j else 0.0) - sum(ml[c][i] * ml[c][j] for c in range(k)) for j in range(k)]
-             for i in range(k)]
-    chol = _cholesky(cov_l)
-    # Right = MR^{-1} (p - ML xl), xl = ML^T p + chol z.
-    mr_inv = _inverse(mr)
-    a = [[sum(ml[i][c] * mean_l[c][j] for c in range(k)) for j in range(k)] for i in range(k)]  # ML ML^T
-    right_p = [[sum(mr_inv[i][c] * ((1.0 if c == j else 0.0) - a[c][j]) for c in range(k)) for j in range(k)]
-               for i in range(k)]
-    mlc = [[sum(ml[i][c] * chol[c][j] for c in range(k)) for j in range(k)] for i in range(k)]
-    right_z = [[-sum(mr_inv[i][c] * mlc[c][j] for c in range(k)) for j in range(k)] for i in range(k)]
-    rows = [tuple(mean_l[i]) + tuple(chol[i]) for i in range(k)]
-    rows += [tuple(right_p[i]) + tuple(right_z[i]) for i in range(k)]
+    # The smaller child a is drawn given p: mean Ma^T p, covariance I - Ma^T Ma; the larger one b follows as
+    # Mb^{-1} (p - Ma xa) (Mb is then the well-conditioned block).
+    ma, mb = (ml, mr) if r <= 0.5 else (mr, ml)
+    eye = [[1.0 if i == j else 0.0 for j in range(k)] for i in range(k)]
+    mean_a = [[ma[c][i] for c in range(k)] for i in range(k)]  # Ma^T
+    cov_a = [[eye[i][j] - sum(ma[c][i] * ma[c][j] for c in range(k)) for j in range(k)] for i in range(k)]
+    chol = _cholesky(cov_a)
+    mb_inv = _inverse(mb)
+    aa = [[sum(ma[i][c] * mean_a[c][j] for c in range(k)) for j in range(k)] for i in range(k)]  # Ma Ma^T
+    b_p = [[sum(mb_inv[i][c] * (eye[c][j] - aa[c][j]) for c in range(k)) for j in range(k)] for i in range(k)]
+    mac = [[sum(ma[i][c] * chol[c][j] for c in range(k)) for j in range(k)] for i in range(k)]
+    b_z = [[-sum(mb_inv[i][c] * mac[c][j] for c in range(k)) for j in range(k)] for i in range(k)]
+    rows_a = [tuple(mean_a[i]) + tuple(chol[i]) for i in range(k)]
+    rows_b = [tuple(b_p[i]) + tuple(b_z[i]) for i in range(k)]
+    rows = rows_a + rows_b if r <= 0.5 else rows_b + rows_a
     return tuple(rows)
 
 
@@ -361,14 +363,15 @@ class BrownianInterval:
             self._round = None
         else:
             self._round = None if not tol else -int(math.log10(tol))
-        cache_cap = 100 if cache_size is None else min(cache_size, 100)
-        self._piece_factor = 0.8 * max(cache_cap, 1)
+        # Nodes wider than _piece are split at their midpoints (a dyadic skeleton), so that the tree stays
+        # O(log n) deep; below it, at the queried times. Independent of cache_size: the path does not depend on it.
+        self._piece_factor = 32.0
         self._piece = math.inf if dt is None else dt * self._piece_factor
 
         root_seed = _mix(entropy & _M64)
         self._root = _Node(t0, t1, None, True, root_seed, 0 if self._halfway else None,
                            self._grid if self._halfway else None)
-        z = self._randn(root_seed, 0, self._k)
+        z = self._randn(root_seed, _ROOT, self._k)  # the split noise of the root uses the unsalted seed
         h = t1 - t0
         vals = [z[i] * math.sqrt(h * _VAR_FACTORS[i]) for i in range(self._k)]
         if W is not None:
@@ -654,8 +657,8 @@ class BrownianInterval:
     def levy(self, s: Tensor | float, t: Tensor | float) -> BrownianIncrement:
         """``W``, ``H``, ``K``, ``A`` over ``[s, t]``, ``s <= t`` (see :class:`BrownianIncrement`).
 
-        Raises :class:`~neurodyn.InputError` when ``s > t`` (the Levy areas of a reversed interval are not those of
-        the interval) and never returns ``None`` for what the interval was built for.
+        Fields the interval was not built for are ``None`` (:meth:`require` raises for them, naming the
+        ``levy_area`` to use). Raises :class:`~neurodyn.InputError` when ``s > t``.
         """
         s, t = self._check_time("s", s), self._check_time("t", t)
         if s > t:
@@ -674,7 +677,16 @@ class BrownianInterval:
             a = self._area(nodes) if self._shape else self._zeros()
         return BrownianIncrement(v[0], v[1] if k > 1 else None, v[2] if k > 2 else None, a)
 
-    def _need(self, what: str) -> None:
+    def require(self, what: str) -> None:
+        """Raise :class:`~neurodyn.InputError` unless ``what`` (``"H"``, ``"K"``, ``"A"`` or torchsde's ``"U"``) is
+        available, naming the ``levy_area`` to build the interval with; a stepper calls it before any work.
+
+        Examples
+        --------
+        >>> BrownianInterval(0.0, 1.0, shape=(2,), levy_area="space-time").require("H")   # fine; "A" would raise
+        """
+        if what not in ("H", "K", "A", "U"):
+            raise InputError(f"{type(self).__name__}.require: what must be 'H', 'K', 'A' or 'U', got {what!r}.")
         ok = {"H": self._k > 1, "K": self._k > 2, "A": self._have_a, "U": self._k > 1}[what]
         if not ok:
             use = {"H": "'space-time' (or 'space-time-time', 'davie', 'foster')", "U": "'space-time'",
@@ -690,9 +702,9 @@ class BrownianInterval:
         scalar motions). Times outside ``[t0, t1]`` are clamped with a warning, as torchsde; ``ta > tb`` raises.
         """
         if return_U:
-            self._need("U")
+            self.require("U")
         if return_A:
-            self._need("A")
+            self.require("A")
         if tb is None:
             ta, tb, names = self._t0, ta, ("t0", "ta")
         else:
