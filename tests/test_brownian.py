@@ -414,16 +414,36 @@ def test_torchsde_sdeint_runs_on_our_brownian_interval():
 # ------------------------------------------------------------------------------------------------ memory, errors
 
 
-def test_memory_is_bounded_by_the_cache():
-    bm = BrownianInterval(0.0, 1.0, shape=(2,), entropy=0, cache_size=10)
-    for i in range(2000):
-        bm.increment(i / 2000, (i + 1) / 2000)
-    assert len(bm._cache) <= 10
-    # the tree stays shallow: depth of the node for the last step is O(log n + cache)
-    node, depth = bm._last, 0
+def _depth(node) -> int:
+    d = 0
     while node.parent is not None:
-        node, depth = node.parent, depth + 1
-    assert depth < 40, depth
+        node, d = node.parent, d + 1
+    return d
+
+
+def test_memory_is_bounded_by_the_cache_and_the_tree_stays_shallow():
+    """O(cache) memory; O(log n) depth even when step widths vary by 1e4 (a stiff patch of an adaptive solve), so
+    that the backward pass with evictions costs O(1) draws per step, not O(n)."""
+    bm = BrownianInterval(0.0, 1.0, shape=(2,), entropy=0, cache_size=45)
+    ts = [i / 200 for i in range(101)]  # [0, 0.5] in steps of 5e-3
+    ts += [0.5 + i * 5e-7 for i in range(1, 2001)]  # then 2000 steps of 5e-7
+    ts += [ts[-1] + i * (1.0 - ts[-1]) / 50 for i in range(1, 51)]
+    for a, b in zip(ts, ts[1:]):
+        bm.increment(a, b)
+    assert len(bm._cache) <= 45
+    deepest = max(_depth(bm._locate(a, b)[0]) for a, b in zip(ts, ts[1:]))
+    assert deepest < math.log2(1 / 5e-7) + 40, deepest
+    draws = [0]
+    children = bm._children
+
+    def counting(parent, v):
+        draws[0] += 1
+        return children(parent, v)
+
+    bm._children = counting
+    for a, b in reversed(list(zip(ts, ts[1:]))):
+        bm.increment(a, b)
+    assert draws[0] < 4 * len(ts), draws[0]  # (the tree's shape, hence this count, depends on the queries only)
 
 
 def test_errors():

@@ -252,8 +252,8 @@ class BrownianInterval:
     W, H : Tensor, optional
         The increment (and space-time Levy area) over ``[t0, t1]``, drawn when not given.
     dt : float, optional
-        Expected step size: sets up the tree so that queries of this size stay ``O(log n)`` deep (without it, the
-        smallest query so far is used).
+        Accepted for torchsde compatibility (its expected step size); unused: the tree adapts to each query's
+        width (nodes much wider than the query are split at their midpoints), so it stays ``O(log n)`` deep.
     cache_size : int or None
         How many nodes' values to keep (LRU); ``None``: all of them. Memory is ``O(cache_size)`` tensors.
     pool_size : int
@@ -355,6 +355,7 @@ class BrownianInterval:
         self._cache_size = cache_size
         self._pool_size = pool_size
         self._gen = torch.Generator(device=device)
+        self._pairs: tuple[Tensor, Tensor] | None = None
         self._numel = math.prod(shape)
         self._slack = 1e-12 * max(1.0, abs(t0), abs(t1))
         if self._halfway:
@@ -363,10 +364,10 @@ class BrownianInterval:
             self._round = None
         else:
             self._round = None if not tol else -int(math.log10(tol))
-        # Nodes wider than _piece are split at their midpoints (a dyadic skeleton), so that the tree stays
-        # O(log n) deep; below it, at the queried times. Independent of cache_size: the path does not depend on it.
+        # A node wider than _piece_factor times the query's width is split at its midpoint (a dyadic skeleton,
+        # local to where the queries are), narrower ones at the queried time: the tree stays O(log n) deep however
+        # the widths vary. Independent of cache_size and dt: the path does not depend on them.
         self._piece_factor = 32.0
-        self._piece = math.inf if dt is None else dt * self._piece_factor
 
         root_seed = _mix(entropy & _M64)
         self._root = _Node(t0, t1, None, True, root_seed, 0 if self._halfway else None,
@@ -481,7 +482,7 @@ class BrownianInterval:
         return self._t0 + (self._t1 - self._t0) * (k / self._grid)
 
     # ------------------------------------------------------------------ tree
-    def _split(self, node: _Node, at: float) -> None:
+    def _split(self, node: _Node, at: float, query_width: float) -> None:
         """Give ``node`` two children; the split is at ``at``, or at the midpoint for wide nodes / dyadic trees."""
         if self._halfway:
             km = (node.ks + node.ke) // 2
@@ -490,8 +491,9 @@ class BrownianInterval:
             node.right = _Node(mid, node.end, node, False, _mix(node.seed ^ _RIGHT), km, node.ke)
         else:
             width = node.end - node.start
-            mid = 0.5 * (node.start + node.end) if width > self._piece else at
-            if self._round is not None and width > self._piece:
+            dyadic = width > self._piece_factor * query_width
+            mid = 0.5 * (node.start + node.end) if dyadic else at
+            if self._round is not None and dyadic:
                 mid = round(mid, self._round)
             if not node.start < mid < node.end:
                 mid = at
@@ -502,6 +504,7 @@ class BrownianInterval:
     def _locate(self, a: float, b: float) -> list[_Node]:
         """The nodes whose union is ``[a, b]`` (``a < b``), in order, splitting nodes as needed."""
         node = self._last
+        width = b - a
         while a < node.start or b > node.end:
             node = node.parent
         out: list[_Node] = []
@@ -514,7 +517,7 @@ class BrownianInterval:
                 node, a, b = pending.pop()
                 continue
             if node.mid is None:
-                self._split(node, a if a > node.start else b)
+                self._split(node, a if a > node.start else b, width)
             m = node.mid
             if b <= m:
                 node = node.left
@@ -583,10 +586,6 @@ class BrownianInterval:
 
     def _query(self, a: float, b: float) -> tuple[Tensor, list[_Node]]:
         """Stacked ``(W, H, K)[:k]`` over ``[a, b]`` (``a < b``, already checked) and the nodes that make it."""
-        if not self._halfway and self._dt is None:
-            piece = (b - a) * self._piece_factor
-            if piece < self._piece:
-                self._piece = piece
         nodes = self._locate(a, b)
         v = self._values(nodes[0])
         if len(nodes) > 1:
@@ -599,30 +598,39 @@ class BrownianInterval:
         return v, nodes
 
     def _area(self, nodes: list[_Node]) -> Tensor:
-        """Davie's / Foster's approximate Levy area over the union of ``nodes``, Chen's relation across them."""
+        """Davie's / Foster's approximate Levy area over the union of ``nodes``, Chen's relation across them.
+
+        Computed on the pairs ``i < j`` only (``(*batch, m (m - 1) / 2)``), then laid out antisymmetrically.
+        """
+        m = self._shape[-1]
+        if self._pairs is None:
+            iu, ju = torch.triu_indices(m, m, 1, device=self._device)
+            self._pairs = (iu, ju)
+        iu, ju = self._pairs
         total = None
         w_acc = None
         for n in nodes:
             v = self._values(n)
             w, hh = v[0], v[1]
             h = n.end - n.start
-            a = hh.unsqueeze(-1) * w.unsqueeze(-2) - w.unsqueeze(-1) * hh.unsqueeze(-2)
-            m = self._shape[-1]
+            wi, wj, hi, hj = w[..., iu], w[..., ju], hh[..., iu], hh[..., ju]
             self._seed(n.seed ^ _AREA)
-            noise = torch.randn((*self._shape, m), dtype=self._dtype, device=self._device, generator=self._gen)
-            noise = (noise - noise.transpose(-1, -2)) * math.sqrt(0.5)  # antisymmetric, unit variance off-diagonal
+            noise = torch.randn(wi.shape, dtype=self._dtype, device=self._device, generator=self._gen)
+            a = hi * wj - wi * hj
             if self._levy_area == "davie":
-                a = a + noise * (h / math.sqrt(12.0))
+                a = a.add_(noise, alpha=h / math.sqrt(12.0))
             else:
-                h2 = hh * hh
-                a = a + noise * (h * h / 20.0 + (h / 5.0) * (h2.unsqueeze(-1) + h2.unsqueeze(-2))).sqrt()
+                var = (hi * hi + hj * hj).mul_(h / 5.0).add_(h * h / 20.0)
+                a = a.addcmul_(var.sqrt_(), noise)
             if total is None:
                 total, w_acc = a, w
             else:
-                chen = w_acc.unsqueeze(-1) * w.unsqueeze(-2) - w.unsqueeze(-1) * w_acc.unsqueeze(-2)
-                total = total + a + 0.5 * chen
+                total = total + a + 0.5 * (w_acc[..., iu] * wj - wi * w_acc[..., ju])
                 w_acc = w_acc + w
-        return total
+        out = self._zeros(m)
+        out[..., iu, ju] = total
+        out[..., ju, iu] = -total
+        return out
 
     def _zeros(self, *extra: int) -> Tensor:
         return torch.zeros((*self._shape, *extra), dtype=self._dtype, device=self._device)
@@ -762,7 +770,6 @@ class BrownianPath(BrownianInterval):
         t1 = t0 + 1.0 if t1 is None else t1
         super().__init__(t0, t1, shape, dtype, device, entropy, levy_area, size=size,
                          levy_area_approximation=levy_area_approximation, W=W, cache_size=None)
-        self._piece = math.inf
         self._piece_factor = math.inf
 
     def __call__(self, ta: Any, tb: Any = None, return_U: bool = False, return_A: bool = False) -> Any:
