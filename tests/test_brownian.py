@@ -155,6 +155,16 @@ def test_U_and_K_match_riemann_sums_of_the_path():
     assert (u - u_riemann).abs().max() < 0.2 * h * math.sqrt(h / n)
     assert (k - k_riemann).abs().max() < 0.2 * math.sqrt(h / n)
     assert (u - u_riemann).abs().max() < 1e-3 * u.abs().max()  # and it is not trivially small
+    # Backward in time, [t, s] read from t down to s: the same definitions with h = s - t < 0, W_{t,r} = W(r) - W(t).
+    back = bm.levy(t, s)
+    w_back = path - path[-1]  # W(r) - W(t)
+    r_back = r_t - h  # r - t
+    h_back = -h
+    h_def = -torch.trapezoid(w_back, dx=h / n, dim=0) / h_back + 0.5 * w  # (1/h) int_t^s = -(1/h) int_s^t
+    k_def = -torch.trapezoid(w_back * (h_back / 2 - r_back), dx=h / n, dim=0) / h_back**2 - w / 12
+    torch.testing.assert_close(back.W, -w, rtol=0, atol=0)
+    assert (back.H - h_def).abs().max() < 0.2 * math.sqrt(h / n)
+    assert (back.K - k_def).abs().max() < 0.2 * math.sqrt(h / n)
 
 
 # ------------------------------------------------------------------------------------------------ Levy area A
@@ -472,7 +482,5 @@ def test_errors():
         bm(0.1, 0.2, return_U=True)
     with pytest.raises(InputError, match="'space-time-time'"):
         BrownianInterval(0.0, 1.0, shape=(2,), levy_area="foster").require("K")
-    with pytest.raises(InputError, match="need s <= t"):
-        bm.levy(0.5, 0.2)
     assert bm.levy(0.1, 0.2).A is None and bm.levy(0.1, 0.2).H is None
     torch.testing.assert_close(bm.increment(0.0, 1.0 + 1e-15), bm.increment(0.0, 1.0))  # rounding slack

@@ -318,8 +318,9 @@ class BrownianInterval:
                 raise InputError(f"BrownianInterval: {name} has shape {tuple(x.shape)}, {x.dtype}, {x.device}; "
                                  f"expected {shape}, {dtype}, {device}.")
         if H is not None and _NUM_STATS[levy_area] < 2:
-            raise InputError(f"BrownianInterval: H= given but levy_area={levy_area!r} does not use it; pass "
-                             f"levy_area='space-time'.")
+            warnings.warn(f"BrownianInterval: H= is ignored with levy_area={levy_area!r} (as torchsde); pass "
+                          f"levy_area='space-time' to use it.", stacklevel=2)
+            H = None
         if tol is not None:
             tol = _as_float("tol", tol)
             if tol < 0:
@@ -663,14 +664,17 @@ class BrownianInterval:
         return []
 
     def levy(self, s: Tensor | float, t: Tensor | float) -> BrownianIncrement:
-        """``W``, ``H``, ``K``, ``A`` over ``[s, t]``, ``s <= t`` (see :class:`BrownianIncrement`).
+        """``W``, ``H``, ``K``, ``A`` over ``[s, t]`` (see :class:`BrownianIncrement`).
 
         Fields the interval was not built for are ``None`` (:meth:`require` raises for them, naming the
-        ``levy_area`` to use). Raises :class:`~neurodyn.InputError` when ``s > t``.
+        ``levy_area`` to use). ``s > t`` (a step backward in time): the definitions with ``h = t - s < 0`` give
+        ``W_{s,t} = -W_{t,s}``, ``H_{s,t} = H_{t,s}``, ``K_{s,t} = -K_{t,s}``, ``A_{s,t} = -A_{t,s}``.
         """
         s, t = self._check_time("s", s), self._check_time("t", t)
         if s > t:
-            raise InputError(f"{type(self).__name__}.levy(s, t): need s <= t, got s={s}, t={t}.")
+            out = self.levy(t, s)
+            neg = [None if x is None else -x for x in (out.W, out.K, out.A)]
+            return BrownianIncrement(neg[0], out.H, neg[1], neg[2])
         (s, _), (t, _) = self._snap(s), self._snap(t)
         k = self._k
         if s == t:
@@ -865,6 +869,22 @@ class ReverseBrownian:
     def derivative(self, t: Tensor | float) -> Tensor:
         """Raises, as :meth:`BrownianInterval.derivative`."""
         return self.base_brownian.derivative(t)
+
+    def levy(self, s: Tensor | float, t: Tensor | float) -> BrownianIncrement:
+        """``bm.levy(-t, -s)``, passed through as torchsde passes ``U`` and ``A``."""
+        return self.base_brownian.levy(-_as_float("t", t), -_as_float("s", s))
+
+    def require(self, what: str) -> None:
+        """As :meth:`BrownianInterval.require`."""
+        self.base_brownian.require(what)
+
+    @property
+    def t0(self) -> float:
+        return 0.0 - self.base_brownian.t1
+
+    @property
+    def t1(self) -> float:
+        return 0.0 - self.base_brownian.t0
 
     def grad_tensors(self) -> list[Tensor]:
         return []
