@@ -596,6 +596,9 @@ class BrownianInterval:
                 w = self._values(n)
                 acc = _compose(n.start - a, n.end - n.start, acc, list(w.unbind(0))) if k > 1 else [acc[0] + w[0]]
             v = torch.stack(acc)
+        else:
+            v = v.clone()  # the cached values must not be reachable by the caller (an in-place dW.mul_ would
+            # change the path)
         return v, nodes
 
     def _area(self, nodes: list[_Node]) -> Tensor:
