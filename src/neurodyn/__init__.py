@@ -22,7 +22,7 @@ from .errors import (
     StepSizeUnderflow,
 )
 from .models import AugmentedNeuralODE, NeuralODE
-from .paths import LinearPath
+from .paths import BrownianIncrement, BrownianInterval, BrownianPath, BrownianTree, LinearPath, ReverseBrownian
 from .regularizers import RegularizedField, regularized_solve, steer_time
 from .solution import Solution
 from .solve import solve
@@ -33,6 +33,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AugmentedNeuralODE",
+    "BrownianIncrement",
+    "BrownianInterval",
+    "BrownianPath",
+    "BrownianTree",
+    "ReverseBrownian",
     "ControlTerm",
     "InputError",
     "LinearPath",
