@@ -159,6 +159,7 @@ class HiddenTensorGuard:
             return out
 
         watched.__wrapped__ = func  # type: ignore[attr-defined]  # core.term.term_of finds the term behind it
+        watched.guard = self  # type: ignore[attr-defined]  # steppers evaluating a term's other parts watch them too
         return watched
 
 
