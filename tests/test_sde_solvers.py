@@ -549,3 +549,22 @@ def test_checkpoint_refuses_a_captured_diffusion_tensor():
     gc = torch.autograd.grad(sol.ys.sum(), (y0, c))
     for a, b in zip(gd, gc):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_dense_output_and_events_are_linear_between_steps():
+    """dy = dt + 0.3 dW (additive): Euler is exact at the step ends; between them the dense solution is the linear
+    interpolant (what the stepper declares), and an event y = 1 is located on it."""
+    bm = BrownianInterval(0.0, 2.0, shape=(1, 1), dtype=F64, entropy=2)
+    term = neurodyn.sde_term(lambda t, y: torch.ones_like(y), lambda t, y: torch.full_like(y, 0.3), bm,
+                             noise="additive")
+    sol = neurodyn.solve(term, torch.zeros(1, 1, dtype=F64), torch.tensor([0.0, 2.0], dtype=F64), method="euler",
+                         step_size=0.01, event_fn=lambda t, y: y - 1.0, dense=True)
+    assert sol.status == "event"
+    te = float(sol.event_t)
+    k = int(te / 0.01)
+    ya = 0.01 * k + 0.3 * float(bm.increment(0.0, 0.01 * k))
+    yb = 0.01 * (k + 1) + 0.3 * float(bm.increment(0.0, 0.01 * (k + 1)))
+    assert ya < 1.0 <= yb or yb <= 1.0 < ya
+    assert abs(te - (0.01 * k + 0.01 * (1.0 - ya) / (yb - ya))) < 1e-8  # the event root finder's tolerance
+    mid = float(sol.evaluate(torch.tensor(0.005, dtype=F64)))
+    assert abs(mid - 0.5 * (0.01 + 0.3 * float(bm.increment(0.0, 0.01)))) < 1e-14

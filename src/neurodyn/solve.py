@@ -82,7 +82,9 @@ def solve(
         An ``nn.Module`` or a plain function. Or a term (:class:`neurodyn.ODETerm`, :class:`neurodyn.ControlTerm`,
         :class:`neurodyn.MultiTerm`, :class:`neurodyn.SplitTerm`): its ODE form is integrated, its ``knots``
         (a path's observation times) join ``jump_t``, and the gradient methods see its tensors (vector fields'
-        parameters, a path's data ``xs``); the method must accept its kind (``stepper.accepts``).
+        parameters, a path's data ``xs``); the method must accept its kind (``stepper.accepts``). An SDE term
+        (:func:`neurodyn.sde_term`, or ``MultiTerm(ODETerm(f), ControlTerm(g, bm, noise=..., sde_type=...))``) is
+        integrated by the SDE methods (below); its drift is what the loop evaluates at every step start.
     y0 : Tensor, any shape
         Initial state; float32, float64 or complex, on any device (half precision, float16/bfloat16, is refused:
         too few bits for a solve's increments).
@@ -94,7 +96,11 @@ def solve(
         ``"adaptive_heun"`` (adaptive), or ``"euler"``, ``"midpoint"``, ``"heun2"``, ``"heun3"``,
         ``"ralston"``, ``"rk4"`` (fixed step); stiff: ``"radau"``, ``"kvaerno3/4/5"``, ``"trbdf2"``, ``"bdf"``,
         or ``"auto"`` (``tsit5``, switching to an implicit method where it detects stiffness and back;
-        ``sol.stats["switches"]``); ``neurodyn.solvers.available_methods()`` lists them all.
+        ``sol.stats["switches"]``); ``neurodyn.solvers.available_methods()`` lists them all. On an SDE term:
+        ``"euler"`` (Euler--Maruyama), ``"milstein"``, ``"srk"`` (Ito), ``"heun"``, ``"midpoint"``,
+        ``"euler_heun"``, ``"log_ode"``, ``"reversible_heun"`` (Stratonovich; ``milstein`` both), fixed with
+        ``step_size`` or adaptive by step doubling (see :mod:`neurodyn.solvers.sde`); gradients ``"direct"`` and
+        ``"checkpoint"``.
     rtol, atol : float or Tensor broadcastable to ``y0``
         Relative and absolute tolerances for the error norm
         ``RMS(err / (atol + rtol * max(|y_n|, |y_{n+1}|)))``. No component may have both 0. ``rtol`` is raised to
