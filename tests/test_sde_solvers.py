@@ -568,3 +568,24 @@ def test_dense_output_and_events_are_linear_between_steps():
     assert abs(te - (0.01 * k + 0.01 * (1.0 - ya) / (yb - ya))) < 1e-8  # the event root finder's tolerance
     mid = float(sol.evaluate(torch.tensor(0.005, dtype=F64)))
     assert abs(mid - 0.5 * (0.01 + 0.3 * float(bm.increment(0.0, 0.01)))) < 1e-14
+
+
+@pytest.mark.parametrize("method", ["milstein", "srk"])
+def test_adaptive_checkpoint_equals_direct(method):
+    """Adaptive steps with rejections: the checkpoint replay of the accepted steps (step doubling again, the same
+    Brownian interval) gives direct's gradient to rounding."""
+    bm = BrownianInterval(0.0, 1.0, shape=(3, 2), dtype=F64, entropy=2, levy_area="space-time")
+    w = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    c = torch.tensor(0.4, dtype=F64, requires_grad=True)
+    term = neurodyn.sde_term(lambda t, y: -w * torch.sin(y), lambda t, y: c * torch.cos(y), bm, noise="diagonal")
+    y0 = torch.ones(3, 2, dtype=F64, requires_grad=True)
+    ts = torch.linspace(0, 1, 4, dtype=F64)
+    grads = []
+    for gradient in ("direct", "checkpoint"):
+        tol = 1e-3 if method == "milstein" else 1e-5
+        sol = neurodyn.solve(term, y0, ts, method=method, rtol=tol, atol=tol, gradient=gradient, params=[w, c],
+                             checkpoints=3)
+        assert sol.stats["rejected"] > 0
+        grads.append(torch.autograd.grad(sol.ys.sum(), (y0, w, c)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
