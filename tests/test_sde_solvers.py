@@ -108,7 +108,7 @@ def strong_errors(term, y0, exact, method, dts, T=1.0, **kw):
 # Problems with closed-form solutions on the path
 # ---------------------------------------------------------------------------------------------------------------
 MU, SIG = 0.6, 0.5
-P = 2000  # paths
+P = 1000  # paths
 
 
 def gbm(sde_type, levels=8, seed=1):
@@ -200,7 +200,7 @@ CASES = [  # (method, problem, sde_type, theoretical strong order, options)
 @pytest.mark.parametrize("method,problem,sde_type,order,opts", CASES,
                          ids=[f"{c[0]}-{c[1].__name__}-{c[2]}{'-gradfree' if c[4] else ''}" for c in CASES])
 def test_strong_order(method, problem, sde_type, order, opts):
-    """Mean |y_N - y(1)| over 2000 paths at dt = 1/4 .. 1/64: the fitted slope is within 0.15 of the order."""
+    """Mean |y_N - y(1)| over 1000 paths at dt = 1/4 .. 1/64: the fitted slope is within 0.15 of the order."""
     term, y0, exact = problem(sde_type)
     errs = strong_errors(term, y0, exact, method, DTS, solver_options=opts)
     s = slope(DTS, errs)
