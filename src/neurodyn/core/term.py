@@ -190,6 +190,9 @@ class ODETerm(Term):
     def ode(self, t: Tensor, y: Tensor) -> Tensor:
         return self.func(t, y)
 
+    def rate(self, t: Tensor, y: Tensor) -> Tensor:
+        return self.func(t, y)
+
     def grad_tensors(self) -> list[Tensor]:
         return field_params(self.func)
 
@@ -353,7 +356,7 @@ class MultiTerm(Term):
     True
     """
 
-    __slots__ = ("terms",)
+    __slots__ = ("terms", "rated")
 
     def __init__(self, *terms: Term):
         if not terms:
@@ -363,6 +366,8 @@ class MultiTerm(Term):
                 raise InputError(f"MultiTerm: argument {i} is a {type(term).__name__}, not a term (wrap a vector "
                                  f"field f(t, y) in neurodyn.ODETerm(f)).")
         self.terms: tuple[Term, ...] = tuple(terms)
+        # the parts with a dt form (what rate sums): all but the Brownian ones
+        self.rated: tuple[Term, ...] = tuple(term for term in self.terms if "sde" not in term.kinds)
 
     @property
     def kinds(self) -> frozenset[str]:  # type: ignore[override]
@@ -385,8 +390,10 @@ class MultiTerm(Term):
         return _sum([term.ode(t, y) for term in self.terms])
 
     def rate(self, t: Tensor, y: Tensor) -> Tensor:
-        parts = [term.rate(t, y) for term in self.terms if "sde" not in term.kinds]
-        return _sum(parts) if parts else torch.zeros_like(y)
+        rated = self.rated
+        if len(rated) == 1:
+            return rated[0].rate(t, y)
+        return _sum([term.rate(t, y) for term in rated]) if rated else torch.zeros_like(y)
 
     @property
     def knots(self) -> tuple[float, ...]:
