@@ -341,8 +341,14 @@ def test_stepper_rejects_terms_it_cannot_integrate():
     class NoiseTerm(Term):
         kinds = frozenset({"sde"})
 
-    with pytest.raises(InputError, match="no method integrates 'sde'"):
+    with pytest.raises(InputError, match="not a NoiseTerm.*methods that do: euler, euler_heun, heun, log_ode"):
         neurodyn.solve(NoiseTerm(), torch.ones(2, dtype=D), ts)
+
+    class JumpTerm(Term):
+        kinds = frozenset({"jump"})
+
+    with pytest.raises(InputError, match="no method integrates 'jump'"):
+        neurodyn.solve(JumpTerm(), torch.ones(2, dtype=D), ts)
     with pytest.raises(InputError, match="per_sample_steps"):
         neurodyn.solve(term, torch.ones(1, 2, dtype=D), ts, per_sample_steps=True)
     with pytest.raises(InputError, match="not a term"):

@@ -10,7 +10,7 @@ Solvers, gradient methods and models for Neural ODEs, with a torchdiffeq drop-in
 from .analysis import jacobian_spectrum, lipschitz_estimate, reversibility, spectral_radius, stiffness_ratio
 from .compat.torchdiffeq import odeint, odeint_adjoint, odeint_dense, odeint_event
 from .core.control import PIDController
-from .core.term import ControlTerm, MultiTerm, ODETerm, SplitTerm, Term
+from .core.term import ControlTerm, MultiTerm, ODETerm, SDETerm, SplitTerm, Term, sde_term
 from .errors import (
     InputError,
     MaxStepsReached,
@@ -22,7 +22,7 @@ from .errors import (
     StepSizeUnderflow,
 )
 from .models import AugmentedNeuralODE, NeuralODE
-from .paths import LinearPath
+from .paths import BrownianIncrement, BrownianInterval, BrownianPath, BrownianTree, LinearPath, ReverseBrownian
 from .regularizers import RegularizedField, regularized_solve, steer_time
 from .solution import Solution
 from .solve import solve
@@ -33,6 +33,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AugmentedNeuralODE",
+    "BrownianIncrement",
+    "BrownianInterval",
+    "BrownianPath",
+    "BrownianTree",
+    "ReverseBrownian",
     "ControlTerm",
     "InputError",
     "LinearPath",
@@ -46,6 +51,7 @@ __all__ = [
     "PIDController",
     "PrecisionWarning",
     "RegularizedField",
+    "SDETerm",
     "Solution",
     "SolveFailure",
     "SplitTerm",
@@ -61,6 +67,7 @@ __all__ = [
     "odeint_event",
     "regularized_solve",
     "reversibility",
+    "sde_term",
     "seed_everything",
     "solve",
     "spectral_radius",

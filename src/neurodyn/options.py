@@ -23,7 +23,8 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 def as_time_list(name: str, values: Any, device: torch.device) -> list[float]:
     if values is None:
         return []
-    v = torch.as_tensor(values).detach()
+    # a list of Python floats read as float64 (torch.as_tensor would round it to the default float32 dtype)
+    v = values.detach() if isinstance(values, torch.Tensor) else torch.as_tensor(values, dtype=torch.float64)
     if v.dim() > 1:
         raise InputError(f"{name} must be a 1-d sequence of times, got shape {tuple(v.shape)}.")
     v = v.reshape(-1).to("cpu", torch.float64)

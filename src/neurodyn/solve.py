@@ -82,7 +82,9 @@ def solve(
         An ``nn.Module`` or a plain function. Or a term (:class:`neurodyn.ODETerm`, :class:`neurodyn.ControlTerm`,
         :class:`neurodyn.MultiTerm`, :class:`neurodyn.SplitTerm`): its ODE form is integrated, its ``knots``
         (a path's observation times) join ``jump_t``, and the gradient methods see its tensors (vector fields'
-        parameters, a path's data ``xs``); the method must accept its kind (``stepper.accepts``).
+        parameters, a path's data ``xs``); the method must accept its kind (``stepper.accepts``). An SDE term
+        (:func:`neurodyn.sde_term`, or ``MultiTerm(ODETerm(f), ControlTerm(g, bm, noise=..., sde_type=...))``) is
+        integrated by the SDE methods (below); its drift is what the loop evaluates at every step start.
     y0 : Tensor, any shape
         Initial state; float32, float64 or complex, on any device (half precision, float16/bfloat16, is refused:
         too few bits for a solve's increments).
@@ -94,7 +96,11 @@ def solve(
         ``"adaptive_heun"`` (adaptive), or ``"euler"``, ``"midpoint"``, ``"heun2"``, ``"heun3"``,
         ``"ralston"``, ``"rk4"`` (fixed step); stiff: ``"radau"``, ``"kvaerno3/4/5"``, ``"trbdf2"``, ``"bdf"``,
         or ``"auto"`` (``tsit5``, switching to an implicit method where it detects stiffness and back;
-        ``sol.stats["switches"]``); ``neurodyn.solvers.available_methods()`` lists them all.
+        ``sol.stats["switches"]``); ``neurodyn.solvers.available_methods()`` lists them all. On an SDE term:
+        ``"euler"`` (Euler--Maruyama), ``"milstein"``, ``"srk"`` (Ito), ``"heun"``, ``"midpoint"``,
+        ``"euler_heun"``, ``"log_ode"``, ``"reversible_heun"`` (Stratonovich; ``milstein`` both), fixed with
+        ``step_size`` or adaptive by step doubling (see :mod:`neurodyn.solvers.sde`); gradients ``"direct"`` and
+        ``"checkpoint"``.
     rtol, atol : float or Tensor broadcastable to ``y0``
         Relative and absolute tolerances for the error norm
         ``RMS(err / (atol + rtol * max(|y_n|, |y_{n+1}|)))``. No component may have both 0. ``rtol`` is raised to
@@ -223,7 +229,7 @@ def solve(
     if not callable(func):
         raise InputError(f"func must be callable as func(t, y) or be a neurodyn term, got {type(func).__name__}.")
     y0, t = validate_problem(y0, t, per_sample_steps)
-    solver = get_solver(method)
+    solver = get_solver(method, term.kinds if term is not None else None)
     if vmapped(y0) and solver.adaptive and step_size is None:
         raise InputError(VMAP_ADAPTIVE)
     check_choice("gradient method", gradient, sorted(GRADIENTS))
@@ -248,12 +254,26 @@ def solve(
         solver = solver.bind(**opts)
     elif solver_options:
         raise InputError(f"solver_options are for the implicit methods; {method!r} takes none.")
+    if solver.gradients is not None and gradient not in solver.gradients:
+        what = "SDEs (the stochastic adjoint)" if "sde" in solver.accepts else f"method {solver.name!r}"
+        raise InputError(f"gradient={gradient!r} is not implemented yet for {what}: use gradient="
+                         f"{' or '.join(map(repr, solver.gradients))} (exact gradients of the discrete solve).")
+    if interp not in solver.interpolations:
+        kinds = ", ".join(map(repr, solver.interpolations))
+        raise InputError(f"interp={interp!r}: method {solver.name!r} implements {kinds} dense output between steps.")
+    if t.requires_grad and torch.is_grad_enabled() and not solver.time_gradients:
+        raise InputError(f"method {solver.name!r} gives no gradients with respect to the output times t (its term has "
+                         f"no ODE form dy/dt to move them along): pass t.detach().")
     if term is not None:
         check_accepts(solver, term, method, methods_accepting)
         if per_sample_steps and term.kinds != {"ode"}:
             raise InputError(f"per_sample_steps integrates ODE terms; a {type(term).__name__} needs "
                              f"per_sample_steps=False.")
     step_size, first_step, min_step, max_step = check_steps(step_size, first_step, min_step, max_step, max_steps)
+    if solver.optional_error and not adaptive:
+        solver = solver.fixed_step()  # its error estimate (SDE step doubling) would go unused
+    # The stepper's own checks of the term (an SDE's type, noise, Brownian path), before any work.
+    solver.check_term(term, y0, t.detach()[..., 0], adaptive)
     check_hooks(controller, step_callbacks, event_fn)
     if norm is not None:
         check_norm(norm, y0, probe=adaptive)

@@ -18,7 +18,9 @@ engine needs four things from it:
 ``grad_tensors()``
     The path's tensors that need gradients (its data), for the adjoint and checkpoint gradients.
 
-Concrete paths: :class:`neurodyn.paths.LinearPath` (piecewise-linear interpolation of data).
+Concrete paths: :class:`neurodyn.paths.LinearPath` (piecewise-linear interpolation of data);
+:class:`neurodyn.paths.BrownianInterval` and its relatives (Brownian motion: ``derivative`` raises, SDE steppers use
+``increment`` and ``levy``).
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ Rules every stepper follows
    (see :mod:`neurodyn.gradients.checkpoint`).
 6. ``accepts`` lists the term kinds the stepper integrates (``"ode"``: :class:`~neurodyn.core.term.ODETerm`;
    ``"control"``: :class:`~neurodyn.core.term.ControlTerm`; ``"split"``: a separable Hamiltonian's two halves,
-   :class:`~neurodyn.core.term.SplitTerm`; later ``"sde"``). A stepper that integrates the terms' ODE form
+   :class:`~neurodyn.core.term.SplitTerm`; ``"sde"``: a ControlTerm driven by Brownian motion, see
+   :mod:`neurodyn.solvers.sde`). A stepper that integrates the terms' ODE form
    (``dy/dt``, what every ``step`` receives as the bound term) accepts ``ODE_FORM_KINDS`` (the default); one that
    uses a term's structure declares what it needs. :func:`~neurodyn.core.term.check_accepts` rejects any other
    term before work (:func:`neurodyn.solve` calls it).
@@ -148,6 +149,14 @@ class StepperBase:
     step ends on or off (a solve whose outputs all fall on step ends, like the adjoint's backward solves, needs none).
     ``compilable``: an explicit Runge--Kutta tableau the compiled paths can generate code for.
     ``accepts``: the term kinds it integrates (rule 6).
+    ``gradients``: the gradient methods it supports (None: all); :func:`neurodyn.solve` refuses the others.
+    ``time_gradients``: gradients with respect to the output times ``t`` (they move outputs along ``dy/dt``, which
+    a term without an ODE form lacks).
+    ``interpolations``: the ``interp=`` values its dense output implements.
+    ``optional_error``: its error estimate costs extra work (SDE step doubling): ``fixed_step()`` returns the
+    stepper for a fixed-step solve, without it.
+    ``check_term(term, y0, t0, adaptive)``: raises an InputError, before any work, for a term it cannot integrate
+    beyond its kind (an SDE's type, noise type, Brownian path); the default checks nothing.
     """
 
     implicit: ClassVar[bool] = False
@@ -160,9 +169,16 @@ class StepperBase:
     bind_tolerances: ClassVar[bool] = False
     interior_error: ClassVar[bool] = False
     accepts: ClassVar[tuple[str, ...]] = ODE_FORM_KINDS
+    gradients: ClassVar[tuple[str, ...] | None] = None
+    time_gradients: ClassVar[bool] = True
+    interpolations: ClassVar[tuple[str, ...]] = ("auto", "hermite", "linear")
+    optional_error: ClassVar[bool] = False
     # Counters of the solve in progress that go into ``sol.stats`` (implicit methods: Jacobians, Newton iterations).
     stats: dict | None = None
 
     def make_buffers(self, y: Tensor, k1: Tensor) -> Any:
         """No reusable stage buffers (the default): the stages are fresh tensors every step."""
         return None
+
+    def check_term(self, term: Any, y0: Tensor, t0: Tensor, adaptive: bool) -> None:
+        """Raise an InputError before any work when the stepper cannot integrate ``term`` (default: no check)."""

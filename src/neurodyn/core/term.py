@@ -46,6 +46,12 @@ from .tensors import flat_cat
 
 #: The term kinds with an ODE form: every stepper that integrates ``dy/dt`` accepts them.
 ODE_FORM_KINDS: tuple[str, ...] = ("ode", "control", "split")
+#: Layouts of an SDE's diffusion ``g(t, y)`` against the Brownian increment ``dW`` (torchsde's names):
+#: ``general`` ``(*y.shape, m) @ (..., m)``; ``diagonal`` elementwise, ``g`` and ``dW`` of the state's shape;
+#: ``scalar`` ``(*y.shape, 1) @ (..., 1)``; ``additive`` ``g`` independent of ``y`` in either layout.
+NOISE_TYPES: tuple[str, ...] = ("general", "diagonal", "scalar", "additive")
+#: Interpretations of the stochastic integral.
+SDE_TYPES: tuple[str, ...] = ("ito", "stratonovich")
 
 
 def field_params(func: Any) -> list[Tensor]:
@@ -97,6 +103,11 @@ class Term:
     def ode(self, t: Tensor, y: Tensor) -> Tensor:
         """The ODE form ``dy/dt`` at ``(t, y)`` (state's shape)."""
         raise InputError(f"{type(self).__name__} has no ODE form dy/dt: an ODE method cannot integrate it.")
+
+    def rate(self, t: Tensor, y: Tensor) -> Tensor:
+        """What the loop evaluates at every step start (its ``k1``): the ODE form where the term has one; for a
+        term with Brownian parts (kind ``"sde"``) the sum of its ``dt`` parts, the drift."""
+        return self.ode(t, y)
 
     @property
     def knots(self) -> tuple[float, ...]:
@@ -179,6 +190,9 @@ class ODETerm(Term):
     def ode(self, t: Tensor, y: Tensor) -> Tensor:
         return self.func(t, y)
 
+    def rate(self, t: Tensor, y: Tensor) -> Tensor:
+        return self.func(t, y)
+
     def grad_tensors(self) -> list[Tensor]:
         return field_params(self.func)
 
@@ -200,6 +214,20 @@ class ControlTerm(Term):
     path's ``knots`` (where ``dX/dt`` jumps) are landed on; gradients reach the path's data through every
     gradient method.
 
+    **Brownian control (an SDE's diffusion).** With ``noise=`` or ``sde_type=`` the term is the diffusion
+    ``g(t, y) dW`` of a stochastic differential equation (kind ``"sde"``; no ODE form, SDE methods only, see
+    :mod:`neurodyn.solvers.sde` and :func:`sde_term`):
+
+    * ``noise`` (torchsde's noise types): ``"general"`` (default) ``g`` of shape ``(*y.shape, m)`` times ``dW`` of
+      shape ``(..., m)``; ``"diagonal"`` ``g`` and ``dW`` of the state's shape, multiplied elementwise;
+      ``"scalar"`` ``g`` of shape ``(*y.shape, 1)``, ``dW`` of ``(..., 1)``; ``"additive"`` ``g`` independent of
+      ``y`` in either layout (elementwise when ``g`` has ``dW``'s number of dimensions).
+    * ``sde_type``: ``"ito"`` (default) or ``"stratonovich"``.
+    * ``g_prod(t, y, dW)``: the product ``g(t, y) dW`` computed by the user (fused); used wherever a method needs
+      only the product. ``vector_field`` may then be None (methods needing ``g`` itself refuse the term).
+    * ``path``: anything with ``increment(s, t) = W(t) - W(s)`` (``neurodyn.paths.BrownianInterval``; ``levy(s, t)``
+      for the methods needing Levy areas).
+
     Examples
     --------
     ``dh = A h dX`` with a scalar piecewise-linear ``X``: ``h(t) = expm(A (X(t) - X(0))) h0``.
@@ -216,27 +244,60 @@ class ControlTerm(Term):
     True
     """
 
-    __slots__ = ("vector_field", "path")
-    kinds: ClassVar[frozenset[str]] = frozenset({"control"})
+    __slots__ = ("vector_field", "path", "noise", "sde_type", "g_prod")
 
-    def __init__(self, vector_field: Callable[[Tensor, Tensor], Tensor], path: Path):
-        if not callable(vector_field):
+    def __init__(self, vector_field: Callable[[Tensor, Tensor], Tensor], path: Path, *, noise: str | None = None,
+                 sde_type: str | None = None, g_prod: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None):
+        if not callable(vector_field) and not (vector_field is None and g_prod is not None):
             raise InputError(f"ControlTerm(vector_field, path): vector_field must be callable as f(t, y), got "
                              f"{type(vector_field).__name__}.")
-        if not isinstance(path, Path):
+        stochastic = noise is not None or sde_type is not None
+        if stochastic:
+            noise = "general" if noise is None else noise
+            sde_type = "ito" if sde_type is None else sde_type
+            if noise not in NOISE_TYPES:
+                raise InputError(f"ControlTerm: noise must be one of {', '.join(map(repr, NOISE_TYPES))}, got "
+                                 f"{noise!r}.")
+            if sde_type not in SDE_TYPES:
+                raise InputError(f"ControlTerm: sde_type must be one of {', '.join(map(repr, SDE_TYPES))}, got "
+                                 f"{sde_type!r}.")
+            if not callable(getattr(path, "increment", None)):
+                raise InputError(f"ControlTerm(diffusion, bm, noise=...): bm must have increment(s, t) = W(t) - W(s) "
+                                 f"(e.g. neurodyn.paths.BrownianInterval), got {type(path).__name__}.")
+        elif not isinstance(path, Path):
             raise InputError(f"ControlTerm(vector_field, path): path must have evaluate(t), derivative(t), "
                              f"increment(s, t), knots and grad_tensors() (e.g. neurodyn.LinearPath(ts, xs)), got "
                              f"{type(path).__name__}.")
+        if g_prod is not None and not callable(g_prod):
+            raise InputError(f"ControlTerm: g_prod must be callable as g_prod(t, y, dW), got {type(g_prod).__name__}.")
         self.vector_field = vector_field
         self.path = path
+        self.noise = noise
+        self.sde_type = sde_type
+        self.g_prod = g_prod
+
+    @property
+    def kinds(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"sde"}) if self.noise is not None else frozenset({"control"})
 
     def vf(self, t: Tensor, y: Tensor) -> Tensor:
+        if self.vector_field is None:
+            raise InputError("this diffusion term was given as g_prod(t, y, dW) only: g(t, y) itself is not "
+                             "available (give the diffusion too).")
         return self.vector_field(t, y)
 
     def contr(self, t0: Tensor | float, t1: Tensor | float) -> Tensor:
         return self.path.increment(t0, t1)
 
     def prod(self, vf: Tensor, control: Tensor) -> Tensor:
+        if self.noise == "diagonal" or (self.noise == "additive" and vf.dim() == control.dim()):
+            out = vf * control  # elementwise: g of the state's shape, one Brownian channel per component
+            if out.shape == vf.shape:
+                return out
+            raise InputError(f"ControlTerm (noise={self.noise!r}): the diffusion returned shape {tuple(vf.shape)}, "
+                             f"which does not multiply the Brownian increment of shape {tuple(control.shape)} "
+                             f"elementwise: with diagonal noise g(t, y) has the state's shape and the Brownian "
+                             f"motion too.")
         try:
             return torch.matmul(vf, control.unsqueeze(-1)).squeeze(-1)
         except RuntimeError as err:
@@ -246,15 +307,32 @@ class ControlTerm(Term):
                 f"(*y.shape, channels) with channels = {control.shape[-1]} (the path's last dimension), in the "
                 f"path's dtype. ({err})") from None
 
+    def vf_prod(self, t: Tensor, y: Tensor, control: Tensor) -> Tensor:
+        if self.g_prod is not None:
+            return self.g_prod(t, y, control)
+        return self.prod(self.vector_field(t, y), control)
+
     def ode(self, t: Tensor, y: Tensor) -> Tensor:
+        if self.noise is not None:
+            raise InputError("a ControlTerm driven by Brownian motion (noise=...) has no ODE form (a Brownian path "
+                             "has no derivative): integrate it with an SDE method (neurodyn.solvers.sde).")
         return self.prod(self.vector_field(t, y), self.path.derivative(t))
+
+    def rate(self, t: Tensor, y: Tensor) -> Tensor:
+        if self.noise is not None:
+            return torch.zeros_like(y)  # no dt part
+        return self.ode(t, y)
 
     @property
     def knots(self) -> tuple[float, ...]:
-        return tuple(self.path.knots)
+        return tuple(getattr(self.path, "knots", ()))
 
     def grad_tensors(self) -> list[Tensor]:
-        return _unique(field_params(self.vector_field) + list(self.path.grad_tensors()))
+        grads = getattr(self.path, "grad_tensors", None)
+        extra = list(grads()) if grads is not None else []
+        g_prod = field_params(self.g_prod) if self.g_prod is not None else []
+        g = field_params(self.vector_field) if self.vector_field is not None else []
+        return _unique(g + g_prod + extra)
 
 
 class MultiTerm(Term):
@@ -278,7 +356,7 @@ class MultiTerm(Term):
     True
     """
 
-    __slots__ = ("terms",)
+    __slots__ = ("terms", "rated")
 
     def __init__(self, *terms: Term):
         if not terms:
@@ -288,6 +366,8 @@ class MultiTerm(Term):
                 raise InputError(f"MultiTerm: argument {i} is a {type(term).__name__}, not a term (wrap a vector "
                                  f"field f(t, y) in neurodyn.ODETerm(f)).")
         self.terms: tuple[Term, ...] = tuple(terms)
+        # the parts with a dt form (what rate sums): all but the Brownian ones
+        self.rated: tuple[Term, ...] = tuple(term for term in self.terms if "sde" not in term.kinds)
 
     @property
     def kinds(self) -> frozenset[str]:  # type: ignore[override]
@@ -309,6 +389,12 @@ class MultiTerm(Term):
     def ode(self, t: Tensor, y: Tensor) -> Tensor:
         return _sum([term.ode(t, y) for term in self.terms])
 
+    def rate(self, t: Tensor, y: Tensor) -> Tensor:
+        rated = self.rated
+        if len(rated) == 1:
+            return rated[0].rate(t, y)
+        return _sum([term.rate(t, y) for term in rated]) if rated else torch.zeros_like(y)
+
     @property
     def knots(self) -> tuple[float, ...]:
         return tuple(sorted({x for term in self.terms for x in term.knots}))
@@ -322,6 +408,88 @@ def _sum(parts: list[Tensor]) -> Tensor:
     for x in parts[1:]:
         out = out + x
     return out
+
+
+class SDETerm(MultiTerm):
+    """``dy = f(t, y) dt + g(t, y) dW``: ``MultiTerm(ODETerm(drift), ControlTerm(diffusion, bm, noise, sde_type))``
+    with torchsde's fused forms, which the SDE methods use where they need both pieces at one point.
+
+    Build it with :func:`sde_term`. ``f_and_g(t, y) -> (f, g)`` and ``f_and_g_prod(t, y, dW) -> (f, g dW)`` must
+    return what the plain forms return: the solution is then identical bit for bit, with fewer calls.
+    """
+
+    __slots__ = ("f_and_g", "f_and_g_prod")
+
+    def __init__(self, drift: Term, diffusion: ControlTerm,
+                 f_and_g: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+                 f_and_g_prod: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None):
+        super().__init__(drift, diffusion)
+        for name, fn in (("f_and_g", f_and_g), ("f_and_g_prod", f_and_g_prod)):
+            if fn is not None and not callable(fn):
+                raise InputError(f"sde_term: {name} must be callable, got {type(fn).__name__}.")
+        self.f_and_g = f_and_g
+        self.f_and_g_prod = f_and_g_prod
+
+    def grad_tensors(self) -> list[Tensor]:
+        extra = [p for fn in (self.f_and_g, self.f_and_g_prod) if fn is not None for p in field_params(fn)]
+        return _unique(super().grad_tensors() + extra)
+
+
+def sde_term(drift: Callable[[Tensor, Tensor], Tensor] | None, diffusion: Callable[[Tensor, Tensor], Tensor] | None,
+             bm: Any, *, noise: str = "diagonal", sde_type: str = "ito",
+             f_and_g: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+             g_prod: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+             f_and_g_prod: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None) -> SDETerm:
+    """The SDE ``dy = drift(t, y) dt + diffusion(t, y) dW`` as a term for :func:`neurodyn.solve` (SDE methods).
+
+    Parameters
+    ----------
+    drift : callable ``(t, y) -> Tensor`` of ``y``'s shape, or None (taken from ``f_and_g``)
+    diffusion : callable ``(t, y) -> Tensor``, or None (from ``f_and_g``; or only ``g_prod`` given)
+        Shape by ``noise``: ``"diagonal"`` ``y.shape``; ``"scalar"`` ``(*y.shape, 1)``; ``"general"``
+        ``(*y.shape, m)``; ``"additive"`` either, independent of ``y``.
+    bm : Brownian path
+        ``increment(s, t)`` of shape ``y.shape`` (diagonal) or ``(*batch, m)``, e.g.
+        ``neurodyn.paths.BrownianInterval(t0, t1, shape=(B, m), dtype=y0.dtype)``.
+    noise : ``"diagonal"`` (default, torchsde's), ``"scalar"``, ``"general"``, ``"additive"``
+    sde_type : ``"ito"`` (default) or ``"stratonovich"``
+    f_and_g, g_prod, f_and_g_prod : callables, optional
+        torchsde's fused forms ``(t, y) -> (f, g)``, ``(t, y, dW) -> g dW``, ``(t, y, dW) -> (f, g dW)``.
+
+    Examples
+    --------
+    Geometric Brownian motion ``dy = 0.5 y dt + 0.2 y dW`` (Ito, diagonal noise) on a sampled Brownian path:
+
+    >>> import torch, neurodyn
+    >>> ts = torch.linspace(0, 1, 101, dtype=torch.float64)
+    >>> w = torch.cat([torch.zeros(1, 3, dtype=torch.float64),
+    ...                (torch.randn(100, 3, dtype=torch.float64) * 0.1).cumsum(0)])
+    >>> bm = neurodyn.LinearPath(ts, w)   # W(t) on a grid; steps on the grid
+    >>> term = neurodyn.sde_term(lambda t, y: 0.5 * y, lambda t, y: 0.2 * y, bm)
+    >>> sol = neurodyn.solve(term, torch.ones(3, dtype=torch.float64), ts, method="euler", step_size=0.01)
+    >>> sol.ys.shape
+    torch.Size([101, 3])
+    """
+    if drift is None and f_and_g is None and f_and_g_prod is None:
+        raise InputError("sde_term: give the drift (or f_and_g / f_and_g_prod).")
+    if diffusion is None and f_and_g is None and g_prod is None and f_and_g_prod is None:
+        raise InputError("sde_term: give the diffusion (or f_and_g / g_prod / f_and_g_prod).")
+    if drift is None:
+        fused = f_and_g if f_and_g is not None else None
+        if fused is not None:
+            def drift(t: Tensor, y: Tensor, _fg=fused) -> Tensor:
+                return _fg(t, y)[0]
+        else:
+            def drift(t: Tensor, y: Tensor, _fgp=f_and_g_prod) -> Tensor:
+                return _fgp(t, y, None)[0]
+    if diffusion is None and f_and_g is not None:
+        def diffusion(t: Tensor, y: Tensor, _fg=f_and_g) -> Tensor:
+            return _fg(t, y)[1]
+    if diffusion is None and g_prod is None:
+        def g_prod(t: Tensor, y: Tensor, v: Tensor, _fgp=f_and_g_prod) -> Tensor:
+            return _fgp(t, y, v)[1]
+    return SDETerm(ODETerm(drift), ControlTerm(diffusion, bm, noise=noise, sde_type=sde_type, g_prod=g_prod),
+                   f_and_g=f_and_g, f_and_g_prod=f_and_g_prod)
 
 
 class SplitTerm(Term):
@@ -468,17 +636,21 @@ def as_field(func: Any) -> tuple[Callable[[Tensor, Tensor], Tensor], Term | None
     """``(field, term)``: the ``f(t, y)`` the engine integrates for ``func`` (a term's ODE form, an
     :class:`ODETerm`'s own function, or ``func`` itself) and the term it came from (None for a plain field).
 
-    A term's ODE form is its bound ``ode`` method, so :func:`term_of` finds the term again from the field.
+    A term's field is its bound ``rate`` method (the ODE form; an SDE's drift), so :func:`term_of` finds the term
+    again from the field.
     """
     if isinstance(func, ODETerm):
         return func.func, func
     if isinstance(func, Term):
-        return func.ode, func
+        return func.rate, func
     return func, None
 
 
 def term_of(field: Any) -> Term | None:
-    """The term whose ODE form ``field`` is (its bound ``ode`` method), else None."""
+    """The term whose ODE form ``field`` is (its bound ``rate`` method, or a wrapper of it with ``__wrapped__``),
+    else None."""
+    while getattr(field, "__wrapped__", None) is not None and getattr(field, "__self__", None) is None:
+        field = field.__wrapped__
     owner = getattr(field, "__self__", None)
     return owner if isinstance(owner, Term) else None
 

@@ -181,6 +181,8 @@ class HiddenTensorGuard:
                 self.watch([out], [t, y])
             return out
 
+        watched.__wrapped__ = func  # type: ignore[attr-defined]  # core.term.term_of finds the term behind it
+        watched.guard = self  # type: ignore[attr-defined]  # steppers evaluating a term's other parts watch them too
         return watched
 
 

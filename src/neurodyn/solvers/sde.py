@@ -1,0 +1,644 @@
+"""SDE steppers: ``dy = f(t, y) dt + g(t, y) dW`` on the one engine.
+
+An SDE is a term with a Brownian part: ``MultiTerm(ODETerm(f), ControlTerm(g, bm, noise=..., sde_type=...))``
+(or :func:`neurodyn.core.term.sde_term`, which also takes torchsde's fused forms). The loop evaluates the drift
+``f`` at every step start (the term's ``rate``; the stepper's ``k1``); a stepper here finds the drift, the diffusion,
+the Brownian path and the fused forms from the term and advances one step. Each stepper declares what it integrates
+(``sde_type``, ``noise_types``, the Levy area it needs) and :meth:`SDEStepper.check_term` rejects other SDEs before
+any work, naming the methods that do.
+
+======================  =============  ==========================  ==============================  ===============
+method                  SDE type       noise                       needs                           strong order
+======================  =============  ==========================  ==============================  ===============
+``euler``               Ito            all                         increments                      0.5 (1.0 add.)
+``milstein``            Ito or Strat.  diagonal, scalar, additive  ``g`` (derivative-free option)  1.0
+``srk``                 Ito            diagonal, scalar, additive  space-time Levy area ``H``      1.5 (diag. 1.0+)
+``heun``, ``midpoint``  Stratonovich   all                         increments                      1.0 (gen. 0.5)
+``euler_heun``          Stratonovich   all                         increments                      1.0 (gen. 0.5)
+``log_ode``             Stratonovich   all                         Levy area ``A`` (davie/foster)  1.0 (gen. 0.5)
+``reversible_heun``     Stratonovich   all                         increments                      0.5 (1.0 add.)
+======================  =============  ==========================  ==============================  ===============
+
+Orders: "gen." general non-commutative noise, "add." additive noise (see the tests for the measured slopes).
+
+Step sizes: with ``step_size=dt`` every step is ``dt`` (landing on the output times); without it the steps are
+adaptive (``reversible_heun``: on the output grid), with an error estimate by step doubling: one step of ``h``
+against two of ``h / 2`` over the same Brownian path (the half-step increments come from the same path, so a
+rejected step and its retry see one sample path; with a :class:`neurodyn.paths.BrownianInterval` any step is
+consistent). The two half steps are the accepted solution. The loop's PID controller sizes the steps with the error
+exponent ``1 / (order + 1/2)``.
+
+Dense output between steps is linear interpolation of the step ends (``interp="auto"`` or ``"linear"``), what a
+sample path allows without the Brownian bridge.
+
+Gradients: ``"direct"`` and ``"checkpoint"`` (the replay queries the same Brownian increments: exact discrete
+gradients); the stochastic adjoint is not implemented yet (``gradient="adjoint"`` is refused).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..core.interpolation import linear
+from ..core.stepper import Step, StepperBase
+from ..core.term import MultiTerm, ODETerm, SDETerm, Term, term_of
+from ..errors import InputError
+
+#: SDE methods by SDE type, for the messages.
+ITO_METHODS = ("euler", "milstein", "srk")
+STRATONOVICH_METHODS = ("heun", "midpoint", "euler_heun", "milstein", "log_ode", "reversible_heun")
+#: Levy-area settings of a Brownian path that provide ``H`` / ``A`` (neurodyn.paths.BrownianInterval's names).
+LEVY_H = ("space-time", "space-time-time", "davie", "foster")
+LEVY_A = ("davie", "foster")
+
+
+class SDEParts:
+    """The pieces of an SDE term a stepper uses, evaluated the way the engine evaluates the drift.
+
+    ``f(t, y)`` goes through the engine's bound term (counted in ``nfe``; checkpoint replays watch it); ``g``,
+    ``g_prod`` and the fused forms through the user's term (counted in ``stepper.stats["nfe_diffusion"]``).
+    States ``y`` are in the user's shape; times are floats.
+    """
+
+    __slots__ = ("bound", "drift", "diffusion", "fused", "noise", "sde_type", "t_dtype", "device", "counts", "bm",
+                 "guard")
+
+    def __init__(self, bound: ODETerm, user: Term, counts: dict):
+        self.bound = bound
+        self.drift, self.diffusion = split_sde(user)
+        self.fused = user if isinstance(user, SDETerm) else None
+        self.noise = self.diffusion.noise
+        self.sde_type = self.diffusion.sde_type
+        self.bm = self.diffusion.path
+        self.t_dtype, self.device = bound.t_dtype, bound.device
+        self.counts = counts
+        # A checkpoint replay watches every evaluation for captured tensors outside its params (the drift through
+        # the bound term; the diffusion here).
+        self.guard = getattr(bound.func, "guard", None)
+
+    def watch(self, out: Any, t: Tensor, y: Tensor) -> Any:
+        guard = self.guard
+        if guard is not None and torch.is_grad_enabled():
+            roots = [x for x in (out if isinstance(out, tuple) else (out,)) if isinstance(x, Tensor)]
+            if any(x.grad_fn is not None for x in roots):
+                guard.watch(roots, [t, y])
+        return out
+
+    def time(self, t: float) -> Tensor:
+        return torch.scalar_tensor(t, dtype=self.t_dtype, device=self.device)
+
+    def f(self, t: float, y: Tensor) -> Tensor:
+        return self.bound(t, y)
+
+    def g(self, t: float, y: Tensor) -> Tensor:
+        self.counts["nfe_diffusion"] += 1
+        tt = self.time(t)
+        return self.watch(self.diffusion.vector_field(tt, y), tt, y)
+
+    def g_prod(self, t: float, y: Tensor, v: Tensor) -> Tensor:
+        self.counts["nfe_diffusion"] += 1
+        tt = self.time(t)
+        return self.watch(self.diffusion.vf_prod(tt, y, v), tt, y)
+
+    def prod(self, g: Tensor, v: Tensor) -> Tensor:
+        return self.diffusion.prod(g, v)
+
+    def f_and_g(self, t: float, y: Tensor) -> tuple[Tensor, Tensor]:
+        fused = self.fused
+        if fused is not None and fused.f_and_g is not None:
+            self.bound.nfe += 1
+            self.counts["nfe_diffusion"] += 1
+            tt = self.time(t)
+            return self.watch(fused.f_and_g(tt, y), tt, y)
+        return self.f(t, y), self.g(t, y)
+
+    def f_and_g_prod(self, t: float, y: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        fused = self.fused
+        if fused is not None and fused.f_and_g_prod is not None:
+            self.bound.nfe += 1
+            self.counts["nfe_diffusion"] += 1
+            tt = self.time(t)
+            return self.watch(fused.f_and_g_prod(tt, y, v), tt, y)
+        return self.f(t, y), self.g_prod(t, y, v)
+
+    def dW(self, t0: float, t1: float) -> Tensor:
+        return self.bm.increment(t0, t1)
+
+    def levy(self, t0: float, t1: float) -> Any:
+        return self.bm.levy(t0, t1)
+
+    def vec(self, g: Tensor) -> Tensor:
+        """``g`` as a state-shaped tensor: diagonal noise as it is, scalar noise without its channel."""
+        return g.squeeze(-1) if self.noise == "scalar" else g
+
+
+def split_sde(term: Term) -> tuple[Term | None, Any]:
+    """``(drift, diffusion)`` of an SDE term: the ``dt`` part (None: no drift) and the Brownian ControlTerm.
+
+    Raises an InputError when ``term`` is not one drift plus one Brownian ControlTerm."""
+    from ..core.term import ControlTerm
+
+    parts = term.terms if isinstance(term, MultiTerm) else (term,)
+    noisy = [p for p in parts if "sde" in p.kinds]
+    rest = [p for p in parts if "sde" not in p.kinds]
+    if len(noisy) != 1 or len(rest) > 1 or not isinstance(noisy[0], ControlTerm):
+        raise InputError(f"an SDE term is MultiTerm(ODETerm(drift), ControlTerm(diffusion, bm, noise=...)) (or "
+                         f"neurodyn.sde_term(drift, diffusion, bm)); got {len(noisy)} Brownian term(s) and "
+                         f"{len(rest)} other term(s).")
+    return (rest[0] if rest else None), noisy[0]
+
+
+class SDEStepper(StepperBase):
+    """Base of the SDE steppers: the checks, step doubling, linear dense output (see the module docstring).
+
+    A subclass defines ``name``, ``order`` (strong order it is built for), ``sde_types``, ``noise_types``, ``levy``
+    (``None``, ``"H"`` or ``"A"``: the Levy area it needs) and ``base(sde, t, y, h, f0) -> y1`` (one step in the
+    user's shape, ``f0`` the drift at ``(t, y)``).
+    """
+
+    accepts: ClassVar[tuple[str, ...]] = ("ode", "sde")
+    sde_types: ClassVar[tuple[str, ...]] = ("ito", "stratonovich")
+    noise_types: ClassVar[tuple[str, ...]] = ("general", "diagonal", "scalar", "additive")
+    levy: ClassVar[str | None] = None
+    needs_g: ClassVar[bool] = False  # uses g itself, not only the product g dW
+    fsal = False
+    has_own_dense = True
+    error_order = None
+    stages = 1
+    # Engine capability flags (core.stepper): what solve() lets through.
+    gradients: ClassVar[tuple[str, ...] | None] = ("direct", "checkpoint")
+    time_gradients: ClassVar[bool] = False
+    interpolations: ClassVar[tuple[str, ...]] = ("auto", "linear")
+    bind_tolerances: ClassVar[bool] = True
+    optional_error: ClassVar[bool] = True
+
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None:
+            self.name = name
+        self.adaptive = True
+        self.controller_order = self.order - 0.5
+        self.stats = {"nfe_diffusion": 0}
+        self.options: dict[str, Any] = {}
+        self._parts: tuple[Any, Any, SDEParts] | None = None
+
+    # -- configuration ----------------------------------------------------------------------------------------
+    def bind(self, rtol: Any = None, atol: Any = None, **options: Any) -> SDEStepper:
+        """This stepper with ``solver_options`` (``grad_free`` for ``milstein``); tolerances are the loop's."""
+        allowed = self.option_names()
+        bad = sorted(set(options) - set(allowed))
+        if bad:
+            raise InputError(f"method {self.name!r} takes no solver option(s) {', '.join(map(repr, bad))}"
+                             + (f"; its options: {', '.join(allowed)}." if allowed else "."))
+        self.options.update(options)
+        return self
+
+    def option_names(self) -> tuple[str, ...]:
+        return ()
+
+    def fixed_step(self) -> SDEStepper:
+        """The stepper for a fixed-step solve: no step doubling (its error estimate would go unused)."""
+        self.adaptive = False
+        return self
+
+    # -- checks before any work -------------------------------------------------------------------------------
+    def check_term(self, term: Term, y0: Tensor, t0: Tensor, adaptive: bool) -> None:
+        """Raise an InputError, before any work, when this method does not integrate the SDE ``term``."""
+        if not isinstance(term, Term):
+            raise InputError(f"method {self.name!r} integrates SDE terms (neurodyn.sde_term(drift, diffusion, bm) or "
+                             f"MultiTerm(ODETerm(f), ControlTerm(g, bm, noise=...))), not a plain vector field.")
+        _, diff = split_sde(term)
+        noise, sde_type = diff.noise, diff.sde_type
+        if sde_type not in self.sde_types:
+            others = ITO_METHODS if sde_type == "ito" else STRATONOVICH_METHODS
+            raise InputError(f"method {self.name!r} integrates {' and '.join(self.sde_types)} SDEs, but this SDE is "
+                             f"{sde_type} (sde_type={sde_type!r}): use one of {', '.join(others)}, or convert the "
+                             f"drift to the other interpretation.")
+        if noise not in self.noise_types:
+            works = [m for m in (ITO_METHODS if sde_type == "ito" else STRATONOVICH_METHODS)
+                     if noise in SDE_STEPPERS[m].noise_types]
+            raise InputError(f"method {self.name!r} supports noise types {', '.join(self.noise_types)}, not "
+                             f"{noise!r}: for {noise} noise ({sde_type}) use one of {', '.join(works)}.")
+        if self.levy is not None:
+            have = getattr(diff.path, "levy_area", None)
+            need = LEVY_H if self.levy == "H" else LEVY_A
+            if not callable(getattr(diff.path, "levy", None)) or have not in need:
+                raise InputError(f"method {self.name!r} needs the Brownian path's "
+                                 f"{'space-time Levy area H' if self.levy == 'H' else 'Levy area A'}, but the path "
+                                 f"was built with levy_area={have!r}: build it with levy_area="
+                                 f"{need[0] if self.levy == 'H' else 'davie'!r} (or one of {', '.join(need)}), e.g. "
+                                 f"neurodyn.paths.BrownianInterval(t0, t1, shape=..., levy_area={need[0]!r}).")
+        if self.needs_g and diff.vector_field is None:
+            raise InputError(f"method {self.name!r} needs the diffusion g(t, y) itself; this SDE gives only g_prod.")
+        if adaptive and self.name == "euler" and noise != "additive":
+            warnings.warn("adaptive Euler-Maruyama with non-additive noise: the numerical solution is not guaranteed "
+                          "to converge to the SDE's solution (the step sizes depend on the noise). Pass step_size=dt, "
+                          "or use method='milstein' or 'srk' for adaptive steps.", stacklevel=3)
+        self._check_shapes(diff, y0, t0)
+
+    def _check_shapes(self, diff: Any, y0: Tensor, t0: Tensor) -> None:
+        t0f = float(t0)
+        dW = diff.path.increment(t0f, t0f)
+        if not isinstance(dW, Tensor) or dW.dtype != y0.dtype or dW.device != y0.device:
+            raise InputError(f"the Brownian path's increments are {getattr(dW, 'dtype', type(dW))} on "
+                             f"{getattr(dW, 'device', '?')}, the state is {y0.dtype} on {y0.device}: build the path "
+                             f"with the state's dtype and device.")
+        if diff.vector_field is None:
+            return
+        with torch.no_grad(), torch.random.fork_rng(devices=[y0.device] if y0.device.type == "cuda" else []):
+            g = diff.vector_field(t0, y0)
+        if not isinstance(g, Tensor):
+            raise InputError(f"the diffusion g(t, y) returned {type(g).__name__}, not a tensor.")
+        noise = diff.noise
+        want = {"diagonal": "the state's shape", "scalar": "(*y.shape, 1)", "general": "(*y.shape, m)"}
+        ok = {"diagonal": g.shape == y0.shape,
+              "scalar": g.shape == (*y0.shape, 1),
+              "general": g.dim() == y0.dim() + 1 and g.shape[:-1] == y0.shape,
+              "additive": g.shape == y0.shape or (g.dim() == y0.dim() + 1 and g.shape[:-1] == y0.shape)}[noise]
+        if not ok:
+            raise InputError(f"the diffusion g(t, y) returned shape {tuple(g.shape)} for a state of shape "
+                             f"{tuple(y0.shape)}; with noise={noise!r} it must be "
+                             f"{want.get(noise, 'the state shape or (*y.shape, m)')}.")
+        try:
+            out = diff.prod(g, dW)
+        except RuntimeError:
+            out = None
+        if out is None or out.shape != y0.shape:
+            want_bm = tuple(y0.shape) if noise == "diagonal" else "(*batch, m)"
+            raise InputError(f"the diffusion of shape {tuple(g.shape)} times the Brownian increment of shape "
+                             f"{tuple(dW.shape)} does not give the state's shape {tuple(y0.shape)} (noise={noise!r}): "
+                             f"build the Brownian path with shape {want_bm} (m = g's last dimension"
+                             f"{', 1 for scalar noise' if noise == 'scalar' else ''}).")
+
+    # -- the step ---------------------------------------------------------------------------------------------
+    def parts(self, term: ODETerm) -> SDEParts:
+        """The SDE pieces of the engine's bound ``term`` (cached per bound term)."""
+        cached = self._parts
+        if cached is not None and cached[0] is term:
+            return cached[2]
+        user = term_of(term.func)
+        if user is None:
+            raise InputError(f"method {self.name!r} integrates SDE terms (neurodyn.sde_term or MultiTerm(ODETerm, "
+                             f"ControlTerm(g, bm, noise=...))), not a plain vector field.")
+        sde = SDEParts(term, user, self.stats)
+        self._parts = (term, user, sde)
+        return sde
+
+    def coefficients(self, dtype: Any, device: Any) -> None:
+        return None
+
+    def step(self, term: ODETerm, t: float, y: Tensor, h: float, k1: Tensor, co: Any = None,
+             t_end_nudge: float | None = None, buf: Any = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        sde = self.parts(term)
+        shape = term.shape
+        ys = y.view(shape)
+        f0 = k1.view(shape)
+        if not self.adaptive:
+            y1 = self.base(sde, t, ys, h, f0)
+            return y1.reshape(1, -1), f0.reshape(1, -1), None
+        half = 0.5 * h
+        t_mid = t + half
+        coarse = self.base(sde, t, ys, h, f0)
+        mid = self.base(sde, t, ys, half, f0)
+        # the second half ends where the coarse step does (t_mid + (t + h - t_mid) == t + h: Sterbenz)
+        fine = self.base(sde, t_mid, mid, (t + h) - t_mid, sde.f(t_mid, mid))
+        err = (fine - coarse).reshape(1, -1) / h
+        return fine.reshape(1, -1), f0.reshape(1, -1), err
+
+    def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # -- dense output -----------------------------------------------------------------------------------------
+    def interpolate(self, term: Any, st: Step, thetas: Tensor, co: Any = None, interp: str = "auto") -> Tensor:
+        """Linear interpolation between the step ends at fractions ``thetas`` (``(m,)``) -> ``(m, n)``."""
+        return linear(thetas.reshape(-1, 1).to(st.y0.dtype), st.y0, st.y1)
+
+    def interpolate_floats(self, term: Any, st: Step, thetas: list[float], co: Any = None,
+                           interp: str = "auto") -> Tensor:
+        th = torch.tensor(thetas, dtype=st.y0.dtype, device=st.y0.device)
+        return self.interpolate(term, st, th, co, interp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The methods
+# ----------------------------------------------------------------------------------------------------------------
+class EulerMaruyama(SDEStepper):
+    """Euler--Maruyama, ``y1 = y + f h + g dW`` (Ito; strong order 0.5, 1.0 for additive noise)."""
+
+    name = "euler"
+    order = 0.5
+    sde_types = ("ito",)
+
+    def check_term(self, term: Term, y0: Tensor, t0: Tensor, adaptive: bool) -> None:
+        super().check_term(term, y0, t0, adaptive)
+        _, diff = split_sde(term)
+        if diff.noise == "additive":  # strong order 1 for additive noise: the controller's exponent follows
+            self.controller_order = 0.5
+
+    def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
+        return y + f0 * h + sde.g_prod(t, y, sde.dW(t, t + h))
+
+
+def _jvp(fn: Any, y: Tensor, v: Tensor) -> Tensor:
+    """``J_fn(y) v`` (differentiable with respect to ``y`` and the parameters ``fn`` uses)."""
+    return torch.func.jvp(fn, (y,), (v,))[1]
+
+
+def _diag_vjp(fn: Any, y: Tensor, w: Tensor) -> Tensor:
+    """``w^T J_fn(y)``: with a diagonal Jacobian, ``(dfn_i/dy_i) w_i``. Differentiable (a graph is built when grad
+    mode is on) with respect to ``y`` and the parameters ``fn`` uses."""
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        z = y if (create and y.requires_grad) else y.detach().requires_grad_(True)
+        out = fn(z)
+        (res,) = torch.autograd.grad(out, z, w, create_graph=create)
+    return res
+
+
+class Milstein(SDEStepper):
+    """Milstein's method, Ito or Stratonovich by the SDE's ``sde_type`` (strong order 1.0; diagonal, scalar and
+    additive noise): ``y1 = y + f h + g dW + 1/2 (g . dg/dy) (dW^2 - h)`` (Stratonovich: ``dW^2``). The derivative
+    term by a Jacobian-vector product (diagonal noise, whose ``g_i`` depends on ``y_i`` alone: one vector-Jacobian
+    product; scalar noise: ``torch.func.jvp``), or derivative-free with ``solver_options={"grad_free":
+    True}``: ``(g(y + f h + g sqrt(h)) - g(y)) / sqrt(h)`` in its place (Stratonovich: without ``f h``)."""
+
+    name = "milstein"
+    order = 1.0
+    noise_types = ("diagonal", "scalar", "additive")
+    needs_g = True
+
+    def option_names(self) -> tuple[str, ...]:
+        return ("grad_free",)
+
+    def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
+        dW = sde.dW(t, t + h)
+        if sde.noise == "additive":
+            return y + f0 * h + sde.g_prod(t, y, dW)
+        v = dW * dW - h if sde.sde_type == "ito" else dW * dW
+        g = sde.g(t, y)
+        if self.options.get("grad_free", False):
+            sq = math.sqrt(h)
+            y_p = y + sde.vec(g) * sq
+            if sde.sde_type == "ito":
+                y_p = y_p + f0 * h
+            gdg = sde.prod(sde.g(t, y_p) - g, v) / (2.0 * sq)
+        elif sde.noise == "diagonal":
+            # Diagonal noise (g_i depends on y_i alone): (dg_i/dy_i) g_i is the vector-Jacobian product with g, one
+            # reverse pass (a quarter of torch.func.jvp's cost on an MLP).
+            sde.counts["nfe_diffusion"] += 1
+            gdg = _diag_vjp(lambda z: sde.diffusion.vector_field(sde.time(t), z), y, g * (0.5 * v))
+        else:
+            tt = sde.time(t)
+            sde.counts["nfe_diffusion"] += 1
+            jg = _jvp(lambda z: sde.diffusion.vector_field(tt, z), y, sde.vec(g))
+            gdg = sde.prod(jg, 0.5 * v)
+        return y + f0 * h + sde.prod(g, dW) + gdg
+
+
+# Rossler (2010) SRI2-type tableau for diagonal/scalar noise and SRA1 for additive noise (Ito): stage times c0 (drift)
+# and c1 (diffusion), stage matrices a0, a1, b0, b1, weights alpha, beta1..beta4.
+_SRID = {
+    "c0": (0.0, 1.0, 0.5, 0.0), "c1": (0.0, 0.25, 1.0, 0.25),
+    "a0": ((), (1.0,), (0.25, 0.25), (0.0, 0.0, 0.0)),
+    "a1": ((), (0.25,), (1.0, 0.0), (0.0, 0.0, 0.25)),
+    "b0": ((), (0.0,), (1.0, 0.5), (0.0, 0.0, 0.0)),
+    "b1": ((), (-0.5,), (1.0, 0.0), (2.0, -1.0, 0.5)),
+    "alpha": (1 / 6, 1 / 6, 2 / 3, 0.0),
+    "beta1": (-1.0, 4 / 3, 2 / 3, 0.0), "beta2": (1.0, -4 / 3, 1 / 3, 0.0),
+    "beta3": (2.0, -4 / 3, -2 / 3, 0.0), "beta4": (-2.0, 5 / 3, -2 / 3, 1.0),
+}
+_SRA = {"c0": (0.0, 0.75), "c1": (1.0, 0.0), "a0": ((), (0.75,)), "b0": ((), (1.5,)),
+        "alpha": (1 / 3, 2 / 3), "beta1": (1.0, 0.0), "beta2": (-1.0, 1.0)}
+
+
+class SRK(SDEStepper):
+    """Stochastic Runge--Kutta for Ito SDEs with diagonal, scalar or additive noise (Rossler 2010: an SRI-type
+    method for diagonal/scalar noise, SRA1 for additive noise; strong order 1.5 for additive and scalar-per-component
+    noise). Uses the space-time Levy area ``H`` (``U = int (W_r - W_s) dr = h (H + dW / 2)``)."""
+
+    name = "srk"
+    order = 1.5
+    sde_types = ("ito",)
+    noise_types = ("diagonal", "scalar", "additive")
+    levy = "H"
+    needs_g = True
+
+    def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
+        inc = sde.levy(t, t + h)
+        dW, H = inc.W, inc.H
+        u_h = H + 0.5 * dW  # U / h
+        if sde.noise == "additive":
+            return self._additive(sde, t, y, h, f0, dW, u_h)
+        sq = math.sqrt(h)
+        i_kk = (dW * dW - h) * 0.5
+        i_kkk = (dW * dW * dW - 3.0 * h * dW) / 6.0
+        T = _SRID
+        y1 = y + (T["alpha"][0] * h) * f0
+        H0: list[Tensor] = [y]
+        H1: list[Tensor] = [y]
+        fs: list[Tensor] = [f0]
+        gs: list[Tensor] = []
+        for s in range(4):
+            if s > 0:
+                h0, h1 = y, y
+                for j in range(s):
+                    a0, a1, b0, b1 = T["a0"][s][j], T["a1"][s][j], T["b0"][s][j], T["b1"][s][j]
+                    if a0:
+                        h0 = h0 + (a0 * h) * fs[j]
+                    if a1:
+                        h1 = h1 + (a1 * h) * fs[j]
+                    if b0:
+                        h0 = h0 + b0 * sde.vec(gs[j]) * u_h
+                    if b1:
+                        h1 = h1 + (b1 * sq) * sde.vec(gs[j])
+                H0.append(h0)
+                H1.append(h1)
+                if T["alpha"][s] or any(T["a0"][r][s] or T["a1"][r][s] for r in range(s + 1, 4)):
+                    fs.append(sde.f(t + T["c0"][s] * h, h0))
+                    if T["alpha"][s]:
+                        y1 = y1 + (T["alpha"][s] * h) * fs[s]
+                else:
+                    fs.append(f0)  # unused
+            g = sde.g(t + T["c1"][s] * h, H1[s])
+            gs.append(g)
+            w = T["beta1"][s] * dW + (T["beta2"][s] / sq) * i_kk + T["beta3"][s] * u_h + (T["beta4"][s] / h) * i_kkk
+            y1 = y1 + sde.prod(g, w)
+        return y1
+
+    def _additive(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor, dW: Tensor, u_h: Tensor) -> Tensor:
+        T = _SRA
+        # Additive noise: g depends on t only; the stages evaluate it at y.
+        g0 = sde.g(t + T["c1"][0] * h, y)
+        g1 = g0 if T["c1"][1] == T["c1"][0] else sde.g(t + T["c1"][1] * h, y)
+        h1 = y + (T["a0"][1][0] * h) * f0 + sde.prod(g0, T["b0"][1][0] * u_h)
+        f1 = sde.f(t + T["c0"][1] * h, h1)
+        return (y + (T["alpha"][0] * h) * f0 + (T["alpha"][1] * h) * f1
+                + sde.prod(g0, T["beta1"][0] * dW + T["beta2"][0] * u_h)
+                + sde.prod(g1, T["beta1"][1] * dW + T["beta2"][1] * u_h))
+
+
+class StratHeun(SDEStepper):
+    """Heun's method for Stratonovich SDEs: predictor ``y' = y + f h + g dW``, then the trapezoidal average
+    (strong order 1.0 for commutative noise, 0.5 general)."""
+
+    name = "heun"
+    order = 1.0
+    sde_types = ("stratonovich",)
+
+    def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
+        dW = sde.dW(t, t + h)
+        gp = sde.g_prod(t, y, dW)
+        y_p = y + f0 * h + gp
+        f1, gp1 = sde.f_and_g_prod(t + h, y_p, dW)
+        return y + ((f0 + f1) * h + gp + gp1) * 0.5
+
+
+class StratMidpoint(SDEStepper):
+    """The midpoint method for Stratonovich SDEs (strong order 1.0 for commutative noise, 0.5 general)."""
+
+    name = "midpoint"
+    order = 1.0
+    sde_types = ("stratonovich",)
+
+    def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
+        dW = sde.dW(t, t + h)
+        y_m = y + f0 * (0.5 * h) + 0.5 * sde.g_prod(t, y, dW)
+        f_m, gp_m = sde.f_and_g_prod(t + 0.5 * h, y_m, dW)
+        return y + f_m * h + gp_m
+
+
+class EulerHeun(SDEStepper):
+    """Euler--Heun (Stratonovich): Euler in the drift, Heun in the diffusion (strong order 1.0 commutative, 0.5
+    general); one drift evaluation per step."""
+
+    name = "euler_heun"
+    order = 1.0
+    sde_types = ("stratonovich",)
+
+    def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
+        dW = sde.dW(t, t + h)
+        gp = sde.g_prod(t, y, dW)
+        gp1 = sde.g_prod(t + h, y + gp, dW)
+        return y + f0 * h + (gp + gp1) * 0.5
+
+
+class LogODE(SDEStepper):
+    """The log-ODE method (Stratonovich, any noise): one midpoint step of the ODE driven by the step's log-signature
+    ``f h + g dW + sum_jk [g_j, g_k] A_jk / 2`` (Lie brackets of the diffusion's columns against the Levy area
+    ``A``; they vanish for diagonal, scalar and additive noise). Strong order 1.0 where the noise commutes, 0.5
+    otherwise with an approximate ``A`` (davie / foster)."""
+
+    name = "log_ode"
+    order = 1.0
+    sde_types = ("stratonovich",)
+    levy = "A"
+
+    def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
+        inc = sde.levy(t, t + h)
+        dW, A = inc.W, inc.A
+        y_m = y + f0 * (0.5 * h) + 0.5 * sde.g_prod(t, y, dW)
+        tm = t + 0.5 * h
+        if sde.noise != "general":
+            f_m, gp_m = sde.f_and_g_prod(tm, y_m, dW)
+            return y + f_m * h + gp_m
+        f_m, g_m = sde.f_and_g(tm, y_m)
+        tt = sde.time(tm)
+        m = g_m.shape[-1]
+        area = torch.zeros_like(y)
+        # sum_j (J g)(y_m) g_j . A[j, :]: J g_k g_j for every k by one jvp per column j.
+        for j in range(m):
+            sde.counts["nfe_diffusion"] += 1
+            jg = _jvp(lambda z: sde.diffusion.vector_field(tt, z), y_m, g_m[..., j])
+            area = area + torch.matmul(jg, A[..., j, :].unsqueeze(-1)).squeeze(-1)
+        return y + f_m * h + sde.prod(g_m, dW) + area
+
+
+class ReversibleHeun(SDEStepper):
+    """Reversible Heun (Kidger et al. 2021; Stratonovich, any noise; strong order 0.5, 1.0 additive): with the
+    carried state ``(z, f(z), g(z))``, ``z1 = 2 y - z + f(z) h + g(z) dW``, ``y1 = y + (f(z) + f(z1)) h / 2 +
+    (g(z) + g(z1)) dW / 2``. Algebraically reversible: ``z = 2 y - z1 - f(z1) h - g(z1) dW`` and ``y`` from ``y1``
+    by the same averages, exactly in exact arithmetic. One drift and one diffusion evaluation per step. Fixed steps
+    (``step_size`` or the output grid).
+
+    Solver state: ``f(z)`` travels as the loop's ``k1`` (FSAL: the first step's ``k1 = f(y0) = f(z0)``), ``z`` and
+    ``g(z)`` in the stepper (:attr:`carried`, exposed to checkpoint replays by ``replay_record`` /
+    ``replay_prepare``)."""
+
+    name = "reversible_heun"
+    order = 0.5
+    sde_types = ("stratonovich",)
+    needs_g = True
+    fsal = True
+    multistep = True
+    replay = True
+    optional_error = False
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name)
+        self.adaptive = False
+        self.carried: tuple[float, Tensor, Tensor, Tensor] | None = None  # (t, y, z, g(z)) the next step continues
+        self._pending: tuple[float, Tensor, Tensor, Tensor] | None = None
+
+    def check_term(self, term: Term, y0: Tensor, t0: Tensor, adaptive: bool) -> None:
+        super().check_term(term, y0, t0, adaptive)
+        if split_sde(term)[1].noise == "additive":
+            self.controller_order = 0.5
+
+    def reset(self) -> None:
+        self.carried = None
+        self._pending = None
+
+    def step(self, term: ODETerm, t: float, y: Tensor, h: float, k1: Tensor, co: Any = None,
+             t_end_nudge: float | None = None, buf: Any = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        sde = self.parts(term)
+        shape = term.shape
+        ys = y.view(shape)
+        f_z = k1.view(shape)
+        pend = self._pending
+        if pend is not None and pend[0] == t and pend[1] is y:  # the previous step was accepted
+            self.carried = pend
+        c = self.carried
+        if c is not None and c[0] == t and c[1] is y:
+            z, g_z = c[2], c[3]
+        else:  # a new solve (or a replay without a carried state): z0 = y0
+            z, g_z = ys, sde.g(t, ys)
+        dW = sde.dW(t, t + h)
+        z1 = 2.0 * ys - z + f_z * h + sde.prod(g_z, dW)
+        f1, g1 = sde.f_and_g(t + h, z1)
+        y1 = ys + (f_z + f1) * (0.5 * h) + sde.prod(g_z + g1, 0.5 * dW)
+        y1f = y1.reshape(1, -1)
+        self._pending = (t + h, y1f, z1, g1)
+        return y1f, f1.reshape(1, -1), None
+
+    def replay_record(self) -> tuple[Any, tuple[Tensor, ...], Any]:
+        """After an accepted step: the carried ``(z, g(z))`` and its time (``f(z)`` is the FSAL ``k1``)."""
+        p = self._pending
+        return None, (p[2], p[3]), p[0]
+
+    def replay_prepare(self, t: float, y: Tensor, info: Any, carry: tuple | None = None) -> None:
+        """Before a replayed step from ``(t, y)``: continue from the carried state ``carry`` when given."""
+        if carry is not None:
+            (z, g_z), t_c = carry
+            self.carried = (t, y, z, g_z)
+            self._pending = None
+
+
+SDE_STEPPERS: dict[str, type[SDEStepper]] = {
+    "euler": EulerMaruyama,
+    "milstein": Milstein,
+    "srk": SRK,
+    "heun": StratHeun,
+    "midpoint": StratMidpoint,
+    "euler_heun": EulerHeun,
+    "log_ode": LogODE,
+    "reversible_heun": ReversibleHeun,
+}
+
+
+def make_sde(name: str) -> SDEStepper:
+    """A fresh SDE stepper for ``method=name`` (they keep per-solve options, counters and solver state)."""
+    return SDE_STEPPERS[name](name)
