@@ -1,19 +1,24 @@
 """Latent ODE training time per epoch: neurodyn's LatentODE vs a torchdiffeq reimplementation of the reference code.
 
-The reference (github.com/YuliaRubanova/latent_ode, ``run_models.py --latent-ode --dataset periodic -n 1000 -s 50
--l 10``) is not installed; ``Reference`` below re-implements its training step with torchdiffeq, written from
-reading that code: the GRU unit of three tanh MLPs (100 units; mean and std states) with masked updates, the
-ODE-RNN encoder run backward (rec dims 20, field MLP of 100 units; a gap shorter than span/50 takes one explicit Euler
-step by hand, a longer one ``odeint(method="euler")`` over ``max(2, int(gap / (span/50)))`` linspace points; the
-NaN asserts and the "first point of the ODE equals the initial value" check of every step kept), ``transform_z0``
-(40 -> 100 -> 20), the latent ODE (10 dims, MLP of 100 units) solved by ``torchdiffeq.odeint(method="dopri5",
-rtol=1e-3, atol=1e-4)`` from 3 posterior samples, a linear decoder, the masked Gaussian log-density (obs std 0.01,
-mean over observed times and dims), KL to N(0, 1) (mean over latents and series) and the loss
-``-logsumexp_s(likelihood_s - kl_coef * KL)``; Adamax, lr 1e-2.
+The reference (github.com/YuliaRubanova/latent_ode, ``run_models.py --latent-ode --dataset periodic -n 1000 -s 50 -l
+10``) is not installed; ``Reference`` below re-implements its training step with torchdiffeq, written from reading
+that code: the GRU unit of three tanh MLPs (100 units; mean and std states) with masked updates, the ODE-RNN encoder
+run backward (rec dims 20, field MLP of two hidden layers of 100 units; a gap shorter than span/50 takes one explicit
+Euler step by hand, a longer one ``odeint(method="euler")`` over ``max(2, int(gap / (span/50)))`` linspace points; the
+NaN asserts and the "first point of the ODE equals the initial value" check of every step kept), ``transform_z0`` (40
+-> 100 -> 20), the latent ODE (10 dims, MLP of two hidden layers of 100 units) solved by
+``torchdiffeq.odeint(method="dopri5", rtol=1e-3, atol=1e-4)`` from 3 posterior samples, a linear decoder, the masked
+Gaussian log-density (obs std 0.01, mean over observed times and dims), KL to N(0, 1) (mean over latents and series)
+and the loss ``-logsumexp_s(likelihood_s - kl_coef * KL)``; Adamax, lr 1e-2.
 
 neurodyn's side: ``LatentODE(1)`` with the same sizes and solvers (``encoder_cell="gated_mlp"``, encoder Euler with
 largest step span/50, latent dopri5 at 1e-3 / 1e-4, 3 samples), its weights copied from the reference model so both
 start from the same function; its loss is the per-series IWAE bound (``LatentODE.loss``).
+
+Two neurodyn variants: ``neurodyn`` runs the encoder over the union of the 100 times with masks (the reference's
+formulation: 100 encoder steps, Euler steps of at most span/50); ``neurodyn_per_row`` gives each series' 50 observed
+points as per-row times ``(B, 50)`` (``neurodyn.data.compact``; 50 encoder steps, each interval solved for all rows at
+once with Euler steps of at most span/50, as the demo does).
 
 Same data: the periodic toy (1000 series, 100 shared times on [0, 5], 800 for training), batches of 50 with 50 of the
 100 points observed per series (the same masks for both), interpolation task (reconstruct all 100 points).
@@ -34,12 +39,13 @@ import torchdiffeq
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from neurodyn.data import interpolation_mask, periodic_toy
+from neurodyn.data import compact, interpolation_mask, periodic_toy
 from neurodyn.models import LatentODE
 
 
-def _mlp(n_in: int, units: int, n_out: int) -> nn.Sequential:
-    net = nn.Sequential(nn.Linear(n_in, units), nn.Tanh(), nn.Linear(units, n_out))
+def _mlp(n_in: int, units: int, n_out: int, hidden: int = 1) -> nn.Sequential:
+    mid = [m for _ in range(hidden - 1) for m in (nn.Linear(units, units), nn.Tanh())]
+    net = nn.Sequential(nn.Linear(n_in, units), nn.Tanh(), *mid, nn.Linear(units, n_out))
     for m in net:
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.1)
@@ -73,7 +79,7 @@ class RefGRUUnit(nn.Module):
 class RefODEFunc(nn.Module):
     def __init__(self, dim: int, units: int = 100):
         super().__init__()
-        self.net = _mlp(dim, units, dim)
+        self.net = _mlp(dim, units, dim, hidden=2)  # create_net(n_layers=1): two hidden layers
 
     def forward(self, t, y):
         return self.net(y)
@@ -156,37 +162,48 @@ def main() -> None:
     tt, train = t[0], x[:800]
     full = torch.ones_like(train)
     g = torch.Generator().manual_seed(1)
-    ref, ours = Reference(), LatentODE(1)
+    ref, ours, ours_c = Reference(), LatentODE(1), LatentODE(1)
     copy_weights(ref, ours)
+    copy_weights(ref, ours_c)
     with torch.no_grad():  # same function: same encoder output at init
         m0 = interpolation_mask(full[:50], 50, torch.Generator().manual_seed(3))
         mu_r, _ = ref.encode(torch.cat([train[:50] * m0, m0], -1), tt)
         mu_o, _, _ = ours.encode(train[:50], tt, m0)
         enc_diff = float((mu_r[0] - mu_o).abs().max())
-    opts = {"reference": torch.optim.Adamax(ref.parameters(), lr=1e-2),
-            "neurodyn": torch.optim.Adamax(ours.parameters(), lr=1e-2)}
-    times: dict[str, list[float]] = {"reference": [], "neurodyn": []}
+    models = {"reference": ref, "neurodyn": ours, "neurodyn_per_row": ours_c}
+    opts = {k: torch.optim.Adamax(m.parameters(), lr=1e-2) for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    nfe: dict[str, list[int]] = {k: [] for k in models if k != "reference"}
     for epoch in range(args.epochs):
         perm = torch.randperm(800, generator=g)
         masks = [interpolation_mask(full[perm[i * 50:(i + 1) * 50]], 50, g) for i in range(16)]
-        for name in (("reference", "neurodyn") if epoch % 2 == 0 else ("neurodyn", "reference")):
+        names = list(models)
+        for name in names[epoch % 3:] + names[:epoch % 3]:  # rotate the order
             t0 = time.perf_counter()
             for i in range(16):
                 idx = perm[i * 50:(i + 1) * 50]
                 xb, mb = train[idx], masks[i]
                 if name == "reference":
                     loss = ref.loss(xb, tt, mb, full[idx])
-                else:
+                elif name == "neurodyn":  # the masked union grid, as the reference
                     loss = ours.loss(xb, tt, mb, tt, xb, full[idx], n_samples=3, kl_weight=0.0)["loss"]
+                else:  # each series steps through its own 50 observed times
+                    b = compact(tt, xb, mb)
+                    loss = ours_c.loss(b.values, b.times, b.mask, tt, xb, full[idx], n_samples=3,
+                                       kl_weight=0.0)["loss"]
+                if name != "reference":
+                    nfe[name].append(models[name].ode.nfe_forward)
                 opts[name].zero_grad()
                 loss.backward()
                 opts[name].step()
             times[name].append(time.perf_counter() - t0)
             print(f"epoch {epoch} {name:9s} {times[name][-1]:.2f} s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = [o / r for o, r in zip(times["neurodyn"], times["reference"])]
+    ratios = {k: [o / r for o, r in zip(times[k], times["reference"])] for k in nfe}
     result = {"epoch_s": times, "median_epoch_s": med, "ratio_per_epoch": ratios,
-              "median_ratio": statistics.median(ratios), "encoder_max_abs_diff_at_init": enc_diff,
+              "median_ratio": {k: statistics.median(v) for k, v in ratios.items()},
+              "latent_nfe_per_iter_mean": {k: sum(v) / len(v) for k, v in nfe.items()},
+              "encoder_max_abs_diff_at_init": enc_diff,
               "torch": torch.__version__, "torchdiffeq": torchdiffeq.__version__, "threads": args.threads}
     print(json.dumps(result, indent=1))
     if args.json:

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def _series(seed=0, n=7, channels=3):
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         k = int(torch.randint(1, 12, (1,), generator=g))
         t = torch.rand(k, generator=g, dtype=torch.float64).sort().values * 10
         x = torch.randn(k, channels, generator=g, dtype=torch.float64)
@@ -88,7 +88,7 @@ def test_compact_keeps_exactly_each_rows_observed_points():
         if n:
             assert bool((b.times[i, n:] == t[i, rows[-1]]).all())
     # the round trip through uncollate gives the observed entries back
-    for i, (ti, xi, mi) in enumerate(uncollate(b)):
+    for i, (ti, _, mi) in enumerate(uncollate(b)):
         rows = (m[i].amax(-1) > 0).nonzero().flatten()
         assert torch.equal(ti, t[i, rows]) and torch.equal(mi, m[i, rows] != 0)
 

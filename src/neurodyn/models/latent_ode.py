@@ -22,10 +22,11 @@ from .odernn import ODERNN, mlp
 class _LatentField(nn.Module):
     """``dz/dt = f(z)``; with a Poisson process also ``dLambda/dt = exp(g(z))`` on the state ``cat(z, Lambda)``."""
 
-    def __init__(self, latent_size: int, units: int, channels: int, poisson: bool, init_std: float | None):
+    def __init__(self, latent_size: int, units: int, channels: int, poisson: bool, init_std: float | None,
+                 layers: int):
         super().__init__()
         self.latent_size = latent_size
-        self.net = mlp(latent_size, units, latent_size, init_std)
+        self.net = mlp(latent_size, units, latent_size, init_std, layers)
         self.log_rate = mlp(latent_size, units, channels, init_std) if poisson else None
 
     def forward(self, z: Tensor) -> Tensor:
@@ -77,6 +78,9 @@ class LatentODE(nn.Module):
         Latent state ``L`` (default 10) and the encoder's hidden size (default 20).
     units, rec_units, gru_units : int
         Hidden units of the latent field, the encoder's field and the encoder's gated MLP unit (default 100 each).
+    field_layers : int
+        Hidden layers of the latent field and of the encoder's field (default 2: the paper's ``create_net`` with
+        ``--gen-layers 1 --rec-layers 1``).
     obs_std : float
         Observation noise of the Gaussian likelihood (default 0.01).
     method, rtol, atol, gradient :
@@ -115,12 +119,13 @@ class LatentODE(nn.Module):
     """
 
     def __init__(self, input_size: int, latent_size: int = 10, rec_size: int = 20, *, units: int = 100,
-                 rec_units: int = 100, gru_units: int = 100, obs_std: float = 0.01, method: str = "dopri5",
-                 rtol: float = 1e-3, atol: float = 1e-4, gradient: str = "direct", encoder_method: str = "euler",
+                 rec_units: int = 100, gru_units: int = 100, field_layers: int = 2, obs_std: float = 0.01,
+                 method: str = "dopri5", rtol: float = 1e-3, atol: float = 1e-4, gradient: str = "direct",
+                 encoder_method: str = "euler",
                  encoder_steps: int = 50, encoder_cell: str = "gated_mlp", poisson: bool = False,
                  init_std: float | None = 0.1, **solve_options: Any):
         super().__init__()
-        if min(input_size, latent_size, rec_size, units, rec_units, gru_units, encoder_steps) < 1:
+        if min(input_size, latent_size, rec_size, units, rec_units, gru_units, encoder_steps, field_layers) < 1:
             raise InputError("LatentODE: sizes, unit counts and encoder_steps must all be >= 1.")
         if not obs_std > 0:
             raise InputError(f"LatentODE: obs_std must be > 0, got {obs_std}.")
@@ -134,10 +139,10 @@ class LatentODE(nn.Module):
             raise InputError(f"LatentODE: encoder_cell must be one of {sorted(CELLS)}, got {encoder_cell!r}.")
         self.input_size, self.latent_size, self.obs_std = input_size, latent_size, obs_std
         self.encoder_steps, self.poisson = encoder_steps, poisson
-        self.encoder = ODERNN(input_size, rec_size, cell=cell, field=mlp(rec_size, rec_units, rec_size, init_std),
-                              method=encoder_method)
+        rec_field = mlp(rec_size, rec_units, rec_size, init_std, field_layers)
+        self.encoder = ODERNN(input_size, rec_size, cell=cell, field=rec_field, method=encoder_method)
         self.to_z0 = mlp(cell.state_size, 100, 2 * latent_size, init_std)
-        self.field = _LatentField(latent_size, units, input_size, poisson, init_std)
+        self.field = _LatentField(latent_size, units, input_size, poisson, init_std, field_layers)
         self.ode = NeuralODE(self.field, output="trajectory", method=method, rtol=rtol, atol=atol,
                              gradient=gradient, autonomous=True, **solve_options)
         self.decoder = nn.Linear(latent_size, input_size)
@@ -227,7 +232,8 @@ class LatentODE(nn.Module):
         default to ``x, t, mask``. The likelihood is :func:`gaussian_log_likelihood` (``reduction``), plus the Poisson
         process log-likelihood ``sum_events log rate - integral of the rate`` (over each row's prediction span) with
         ``poisson``. ``use_mean``: decode the posterior mean instead of samples (one "sample"; a deterministic
-        reconstruction term, the KL term unchanged). Returns ``loss``, ``likelihood`` (mean over samples and batch), ``kl`` (batch mean), ``mse``
+        reconstruction term, the KL term unchanged). Returns ``loss``, ``likelihood`` (mean over samples and batch),
+        ``kl`` (batch mean), ``mse`` (detached)
         (masked, over samples) and ``pred (S, B, P, C)``.
         """
         if t_pred is None:
@@ -249,7 +255,7 @@ class LatentODE(nn.Module):
         else:
             bound = terms.mean(0)
         sq = ((pred - y_pred) ** 2 * mask_pred).sum() / (mask_pred.sum() * pred.shape[0]).clamp(min=1)
-        return {"loss": -bound.mean(), "likelihood": loglik.mean(), "kl": kl.mean(), "mse": sq, "pred": pred}
+        return {"loss": -bound.mean(), "likelihood": loglik.mean(), "kl": kl.mean(), "mse": sq.detach(), "pred": pred}
 
     def extra_repr(self) -> str:
         return f"input_size={self.input_size}, latent_size={self.latent_size}, obs_std={self.obs_std}, " \

@@ -22,10 +22,15 @@ from ..solve import solve
 FIXED_STEP = ("euler", "midpoint", "heun2", "heun3", "ralston", "rk4")
 
 
-def mlp(size_in: int, units: int, size_out: int, init_std: float | None = None) -> nn.Sequential:
-    """``Linear(size_in, units) -> Tanh -> Linear(units, size_out)``; weights ``N(0, init_std^2)`` and zero biases when
-    ``init_std`` is given (the latent ODE paper's initialisation), else PyTorch's default."""
-    net = nn.Sequential(nn.Linear(size_in, units), nn.Tanh(), nn.Linear(units, size_out))
+def mlp(size_in: int, units: int, size_out: int, init_std: float | None = None, hidden_layers: int = 1
+        ) -> nn.Sequential:
+    """``Linear(size_in, units) -> Tanh -> [Linear(units, units) -> Tanh] * (hidden_layers - 1) -> Linear(units,
+    size_out)``; weights ``N(0, init_std^2)`` and zero biases when ``init_std`` is given (the latent ODE paper's
+    initialisation), else PyTorch's default."""
+    layers: list[nn.Module] = [nn.Linear(size_in, units), nn.Tanh()]
+    for _ in range(hidden_layers - 1):
+        layers += [nn.Linear(units, units), nn.Tanh()]
+    net = nn.Sequential(*layers, nn.Linear(units, size_out))
     if init_std is not None:
         for m in net:
             if isinstance(m, nn.Linear):
@@ -105,14 +110,14 @@ class _Rescaled(nn.Module):
         super().__init__()
         self.field = field
         self.with_time = with_time
-        self.dt: Tensor = torch.zeros(())
-        self.t0: Tensor = torch.zeros(())
+        self.interval: list[Tensor] = [torch.zeros(()), torch.zeros(())]  # [t0, dt], updated in place per solve
 
     def forward(self, s: Tensor, h: Tensor) -> Tensor:
+        t0, dt = self.interval
         if self.with_time:
             s = s[:, None] if s.dim() == 1 else s  # per-sample steps: one s per row
-            return self.dt * self.field(self.t0 + s * self.dt, h)
-        return self.dt * self.field(h)
+            return dt * self.field(t0 + s * dt, h)
+        return dt * self.field(h)
 
 
 class ODERNN(nn.Module):
@@ -189,6 +194,7 @@ class ODERNN(nn.Module):
         self.per_sample_steps, self.union = per_sample_steps, union
         self.solve_options = dict(solve_options)
         self.nfe = 0
+        self._unit: dict[tuple, Tensor] = {}  # the rescaled interval [0, 1] per dtype and device
 
     def evolve(self, h: Tensor, t0: Tensor, dt: Tensor, max_step: float | None = None,
                dt_max: float | None = None) -> Tensor:
@@ -202,8 +208,10 @@ class ODERNN(nn.Module):
         if self.method in FIXED_STEP and "step_size" not in opts:
             n = max(1, math.ceil(big / step - 1e-9)) if step is not None else 1
             opts["step_size"] = 1.0 / n
-        self.rescaled.dt, self.rescaled.t0 = dt, t0
-        s = torch.tensor([0.0, 1.0], dtype=h.dtype, device=h.device)
+        self.rescaled.interval[:] = (t0, dt)
+        s = self._unit.get((h.dtype, h.device))
+        if s is None:
+            s = self._unit[(h.dtype, h.device)] = torch.tensor([0.0, 1.0], dtype=h.dtype, device=h.device)
         sol = solve(self.rescaled, h.contiguous(), s, method=self.method, rtol=self.rtol, atol=self.atol,
                     gradient=self.gradient, per_sample_steps=self.per_sample_steps, **opts)
         self.nfe += int(sol.stats["nfe"])
