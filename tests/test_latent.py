@@ -301,3 +301,18 @@ def test_short_training_reduces_the_loss_on_the_periodic_toy():
         opt.step()
         losses.append(float(out["mse"]))
     assert sum(losses[-8:]) / 8 < 0.6 * sum(losses[:4]) / 4
+
+
+def test_odernn_gradient_methods_agree():
+    """The adjoint and checkpoint backward passes evaluate the field again after the forward: each interval's solve
+    must keep its own interval (equal to autograd through the steps)."""
+    x = torch.randn(2, 4, 1, dtype=f64, generator=torch.Generator().manual_seed(0))
+    t = torch.rand(2, 4, dtype=f64, generator=torch.Generator().manual_seed(1)).cumsum(-1)
+    grads = {}
+    for method in ("direct", "adjoint", "checkpoint"):
+        torch.manual_seed(0)
+        rnn = ODERNN(1, 3, method="dopri5", rtol=1e-10, atol=1e-12, gradient=method).to(f64)
+        rnn(x, t)[0].sum().backward()
+        grads[method] = torch.cat([p.grad.flatten() for p in rnn.parameters()])
+    assert torch.allclose(grads["adjoint"], grads["direct"], atol=1e-8)
+    assert torch.allclose(grads["checkpoint"], grads["direct"], atol=1e-10)

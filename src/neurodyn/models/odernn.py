@@ -208,11 +208,16 @@ class ODERNN(nn.Module):
         if self.method in FIXED_STEP and "step_size" not in opts:
             n = max(1, math.ceil(big / step - 1e-9)) if step is not None else 1
             opts["step_size"] = 1.0 / n
-        self.rescaled.interval[:] = (t0, dt)
+        if self.gradient == "direct":  # autograd records every evaluation now: the one field object can be reused
+            field = self.rescaled
+            field.interval[:] = (t0, dt)
+        else:  # the backward pass evaluates the field again later: each solve keeps its own interval
+            field = _Rescaled(self.field, self.rescaled.with_time)
+            field.interval[:] = (t0, dt)
         s = self._unit.get((h.dtype, h.device))
         if s is None:
             s = self._unit[(h.dtype, h.device)] = torch.tensor([0.0, 1.0], dtype=h.dtype, device=h.device)
-        sol = solve(self.rescaled, h.contiguous(), s, method=self.method, rtol=self.rtol, atol=self.atol,
+        sol = solve(field, h.contiguous(), s, method=self.method, rtol=self.rtol, atol=self.atol,
                     gradient=self.gradient, per_sample_steps=self.per_sample_steps, **opts)
         self.nfe += int(sol.stats["nfe"])
         return sol.ys[-1]
