@@ -316,3 +316,31 @@ def test_odernn_gradient_methods_agree():
         grads[method] = torch.cat([p.grad.flatten() for p in rnn.parameters()])
     assert torch.allclose(grads["adjoint"], grads["direct"], atol=1e-8)
     assert torch.allclose(grads["checkpoint"], grads["direct"], atol=1e-10)
+
+
+def test_latent_demo_help_lists_its_options(capsys):
+    from neurodyn.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "latent", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--budget" in out and "--n-observed" in out and "--grow-epochs" in out
+
+
+@pytest.mark.slow
+def test_latent_demo_smoke(tmp_path):
+    import json
+
+    from neurodyn.cli import main
+
+    out = tmp_path / "latent"
+    assert main(["demo", "latent", "--quick", "--budget", "4", "--out", str(out), "--threads", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for task in ("interpolation", "extrapolation"):
+        res = metrics[task]
+        assert res["epochs"] >= 1 and math.isfinite(res["test"]["mse"])
+        assert len(res["epoch_seconds"]) == res["epochs"]
+    assert metrics["target"]["met"] == (metrics["interpolation"]["test"]["mse"] <= 0.08)
+    for name in ("interpolation.png", "extrapolation.png", "mse_curve.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
