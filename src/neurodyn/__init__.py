@@ -7,6 +7,7 @@ Solvers, gradient methods and models for Neural ODEs, with a torchdiffeq drop-in
     ys = neurodyn.odeint(func, y0, t)            # exactly torchdiffeq's odeint
 """
 
+from . import data as data  # issue 14: irregular time series tooling (neurodyn.data)
 from .analysis import jacobian_spectrum, lipschitz_estimate, reversibility, spectral_radius, stiffness_ratio
 from .compat.torchdiffeq import odeint, odeint_adjoint, odeint_dense, odeint_event
 from .core.control import PIDController
@@ -21,7 +22,15 @@ from .errors import (
     SolveFailure,
     StepSizeUnderflow,
 )
-from .models import AugmentedNeuralODE, NeuralODE
+from .models import (  # issue 14: irregular time series
+    GRUD,
+    ODERNN,
+    AugmentedNeuralODE,
+    DiagonalSSM,
+    GRUBaseline,
+    LatentODE,
+    NeuralODE,
+)
 from .paths import BrownianIncrement, BrownianInterval, BrownianPath, BrownianTree, LinearPath, ReverseBrownian
 from .regularizers import RegularizedField, regularized_solve, steer_time
 from .solution import Solution
@@ -38,6 +47,11 @@ __all__ = [
     "BrownianPath",
     "BrownianTree",
     "ReverseBrownian",
+    "DiagonalSSM",
+    "GRUD",
+    "GRUBaseline",
+    "LatentODE",
+    "ODERNN",
     "ControlTerm",
     "InputError",
     "LinearPath",

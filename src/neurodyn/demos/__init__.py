@@ -23,6 +23,10 @@ DEMOS: dict[str, tuple[str, str]] = {
         "neurodyn.demos.circles",
         "nested rings and the 1-d map g(-1)=1, g(1)=-1: Neural ODE vs Augmented Neural ODE (accuracy, NFE)",
     ),
+    "latent": (
+        "neurodyn.demos.latent",
+        "latent ODE on the periodic toy (Rubanova et al. 2019): interpolation/extrapolation MSE, posterior bands",
+    ),
     "pendulum": (
         "neurodyn.demos.pendulum",
         "fit a Neural ODE to a damped pendulum observed noisily at irregular times; extrapolate",

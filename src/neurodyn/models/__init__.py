@@ -1,6 +1,11 @@
 """Models: thin ``nn.Module`` wrappers over :func:`neurodyn.solve`."""
 
 from .augmented import AugmentedNeuralODE
+from .baselines import GRUD, GRUBaseline
+from .latent_ode import LatentODE
 from .neural_ode import NeuralODE
+from .odernn import ODERNN, GatedMLPUpdate, GRUUpdate, LSTMUpdate
+from .ssm import DiagonalSSM, linear_scan
 
-__all__ = ["AugmentedNeuralODE", "NeuralODE"]
+__all__ = ["GRUD", "AugmentedNeuralODE", "DiagonalSSM", "GRUBaseline", "GRUUpdate", "GatedMLPUpdate", "LSTMUpdate",
+           "LatentODE", "NeuralODE", "ODERNN", "linear_scan"]

@@ -1,0 +1,296 @@
+"""``ODERNN``: a recurrent network whose hidden state follows an ODE between observations (Rubanova et al. 2019).
+
+At each observation time the update cell (GRU, LSTM or the gated MLP unit of the latent ODE paper) folds the
+observation into the state; between observations the state's ODE part ``h`` solves ``dh/dt = f(t, h)`` with
+:func:`neurodyn.solve`. One solve per observation index covers the whole batch: each row's interval
+``[t_{k-1}, t_k]`` is mapped to ``s in [0, 1]`` (``dh/ds = dt_k f(t_{k-1} + s dt_k, h)``), so rows with their own
+times (``t`` of shape ``(B, T)``) are solved together exactly, and a padded step (``dt = 0``) leaves the state as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError
+from ..fields import takes_time
+from ..solve import solve
+
+FIXED_STEP = ("euler", "midpoint", "heun2", "heun3", "ralston", "rk4")
+
+
+def mlp(size_in: int, units: int, size_out: int, init_std: float | None = None, hidden_layers: int = 1
+        ) -> nn.Sequential:
+    """``Linear(size_in, units) -> Tanh -> [Linear(units, units) -> Tanh] * (hidden_layers - 1) -> Linear(units,
+    size_out)``; weights ``N(0, init_std^2)`` and zero biases when ``init_std`` is given (the latent ODE paper's
+    initialisation), else PyTorch's default."""
+    layers: list[nn.Module] = [nn.Linear(size_in, units), nn.Tanh()]
+    for _ in range(hidden_layers - 1):
+        layers += [nn.Linear(units, units), nn.Tanh()]
+    net = nn.Sequential(*layers, nn.Linear(units, size_out))
+    if init_std is not None:
+        for m in net:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=init_std)
+                nn.init.zeros_(m.bias)
+    return net
+
+
+# --------------------------------------------------------------------------------------------- update cells
+class GRUUpdate(nn.Module):
+    """``nn.GRUCell`` as an ODE-RNN update: state ``h (B, H)``, all of it evolved by the ODE."""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.cell = nn.GRUCell(input_size, hidden_size)
+        self.state_size = self.ode_size = hidden_size
+
+    def forward(self, inp: Tensor, state: Tensor) -> Tensor:
+        return self.cell(inp, state)
+
+
+class LSTMUpdate(nn.Module):
+    """``nn.LSTMCell`` as an ODE-RNN update: state ``cat(h, c) (B, 2H)``; the ODE evolves ``h`` (ODE-LSTM)."""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.cell = nn.LSTMCell(input_size, hidden_size)
+        self.state_size, self.ode_size = 2 * hidden_size, hidden_size
+
+    def forward(self, inp: Tensor, state: Tensor) -> Tensor:
+        h, c = state.chunk(2, -1)
+        return torch.cat(self.cell(inp, (h, c)), -1)
+
+
+class GatedMLPUpdate(nn.Module):
+    """The latent ODE paper's GRU unit: state ``cat(mean, std) (B, 2H)``, gates and candidate from one-hidden-layer
+    tanh MLPs of ``units`` units on ``cat(mean, std, input)``; the ODE evolves ``mean``.
+
+    ``u = sigmoid(MLP_u(.))``, ``r = sigmoid(MLP_r(.))``, ``(m~, s~) = MLP_n(cat(r mean, r std, input))``,
+    ``mean' = (1 - u) m~ + u mean``, ``std' = |(1 - u) |s~| + u std|``. The update and reset MLPs' first layers are one
+    ``Linear`` of ``2 units`` outputs (the same function and parameters as two separate layers).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, units: int = 100, init_std: float | None = 0.1):
+        super().__init__()
+        self.hidden_size, self.units = hidden_size, units
+        self.state_size, self.ode_size = 2 * hidden_size, hidden_size
+        self.gates_in = nn.Linear(2 * hidden_size + input_size, 2 * units)
+        self.update_out = nn.Linear(units, hidden_size)
+        self.reset_out = nn.Linear(units, hidden_size)
+        self.new_state = mlp(2 * hidden_size + input_size, units, 2 * hidden_size, init_std)
+        if init_std is not None:
+            for m in (self.gates_in, self.update_out, self.reset_out):
+                nn.init.normal_(m.weight, std=init_std)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, inp: Tensor, state: Tensor) -> Tensor:
+        H = self.hidden_size
+        z = torch.cat([state, inp], -1)
+        a = torch.tanh(self.gates_in(z))
+        u = torch.sigmoid(self.update_out(a[..., :self.units]))
+        r = torch.sigmoid(self.reset_out(a[..., self.units:]))
+        mean, std = state[..., :H], state[..., H:]
+        n = self.new_state(torch.cat([state * r.repeat(1, 2), inp], -1))
+        new_mean = (1 - u) * n[..., :H] + u * mean
+        new_std = ((1 - u) * n[..., H:].abs() + u * std).abs()
+        return torch.cat([new_mean, new_std], -1)
+
+
+CELLS = {"gru": GRUUpdate, "lstm": LSTMUpdate, "gated_mlp": GatedMLPUpdate}
+
+
+class _Rescaled(nn.Module):
+    """``dh/ds = dt * f(t0 + s dt, h)`` on ``s in [0, 1]``; ``dt``, ``t0``: 0-dim (shared) or ``(B, 1)`` per row."""
+
+    def __init__(self, field: nn.Module | Any, with_time: bool):
+        super().__init__()
+        self.field = field
+        self.with_time = with_time
+        self.interval: list[Tensor] = [torch.zeros(()), torch.zeros(())]  # [t0, dt], updated in place per solve
+
+    def forward(self, s: Tensor, h: Tensor) -> Tensor:
+        t0, dt = self.interval
+        if self.with_time:
+            s = s[:, None] if s.dim() == 1 else s  # per-sample steps: one s per row
+            return dt * self.field(t0 + s * dt, h)
+        return dt * self.field(h)
+
+
+class ODERNN(nn.Module):
+    """ODE-RNN: update cell at observations, ODE evolution (:func:`neurodyn.solve`) between them.
+
+    Parameters
+    ----------
+    input_size : int
+        Channels ``C`` of the observations; the cell sees ``cat(values * mask, mask)`` (``2 C`` inputs).
+    hidden_size : int
+        Size ``H`` of the ODE-evolved hidden state.
+    cell : ``"gru"``, ``"lstm"``, ``"gated_mlp"`` or nn.Module
+        The update. A module takes ``(input (B, 2C), state (B, S))`` and returns the new state, and has attributes
+        ``state_size`` (``S``) and ``ode_size`` (the leading state entries the ODE evolves; the rest is held).
+    field : nn.Module or callable, optional
+        ``f(h)`` or ``f(t, h)`` on ``(B, ode_size)`` (``t``: 0-dim, or ``(B, 1)`` when rows have their own times).
+        Default: ``Linear(H, units) -> Tanh -> Linear(units, H)``.
+    units : int
+        Hidden units of the default field and of the ``"gated_mlp"`` cell.
+    method : str
+        Solver between observations (default ``"euler"``); a fixed-step method takes
+        ``ceil(max_row |dt| / max_step)`` equal steps per interval (at least one).
+    max_step : float, optional
+        Largest step (in time units) of a fixed-step method; default: one step per interval.
+    rtol, atol, gradient, per_sample_steps, **solve_options :
+        As in :func:`neurodyn.solve` (adaptive methods; ``per_sample_steps=True`` gives each row its own steps).
+    union : bool
+        For ``t`` of shape ``(B, T)`` with rows that differ: run on the union of all rows' times with per-row masks
+        (True), or step each row through its own times (False, default).
+
+    Shapes
+    ------
+    ``forward(x (B, T, C), t (T,) or (B, T), mask (B, T, C) = ones)`` returns ``(states (B, T, S), last (B, S))``:
+    the state right after the update at each time (in time order) and the final state (at each row's first time
+    when ``reverse=True``, else at its last). A time point where no channel is observed leaves the state unchanged
+    (the ODE evolution still runs through it).
+
+    Examples
+    --------
+    >>> import torch, neurodyn
+    >>> rnn = neurodyn.models.ODERNN(input_size=1, hidden_size=8, max_step=0.1)
+    >>> x, t = torch.randn(4, 10, 1), torch.rand(4, 10).sort(-1).values
+    >>> states, last = rnn(x, t)
+    >>> states.shape, last.shape
+    (torch.Size([4, 10, 8]), torch.Size([4, 8]))
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, *, cell: str | nn.Module = "gru",
+                 field: nn.Module | Any | None = None, units: int = 100, method: str = "euler",
+                 max_step: float | None = None, rtol: float = 1e-3, atol: float = 1e-4, gradient: str = "direct",
+                 per_sample_steps: bool = False, union: bool = False, **solve_options: Any):
+        super().__init__()
+        if input_size < 1 or hidden_size < 1:
+            raise InputError(f"ODERNN: input_size and hidden_size must be >= 1, got {input_size}, {hidden_size}.")
+        if isinstance(cell, str):
+            if cell not in CELLS:
+                raise InputError(f"ODERNN: cell must be one of {sorted(CELLS)} or an nn.Module, got {cell!r}.")
+            cell = CELLS[cell](2 * input_size, hidden_size, units) if cell == "gated_mlp" else \
+                CELLS[cell](2 * input_size, hidden_size)
+        for attr in ("state_size", "ode_size"):
+            if not isinstance(getattr(cell, attr, None), int):
+                raise InputError(f"ODERNN: the cell module needs an integer attribute {attr!r}.")
+        if max_step is not None and not max_step > 0:
+            raise InputError(f"ODERNN: max_step must be > 0, got {max_step}.")
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.cell = cell
+        if field is None:
+            field = mlp(cell.ode_size, units, cell.ode_size)
+        if not callable(field):
+            raise InputError(f"ODERNN: field must be callable, got {type(field).__name__}.")
+        self.field = field
+        self.rescaled = _Rescaled(field, takes_time(field))
+        self.method, self.max_step, self.rtol, self.atol, self.gradient = method, max_step, rtol, atol, gradient
+        self.per_sample_steps, self.union = per_sample_steps, union
+        self.solve_options = dict(solve_options)
+        self.nfe = 0
+        self._unit: dict[tuple, Tensor] = {}  # the rescaled interval [0, 1] per dtype and device
+
+    def evolve(self, h: Tensor, t0: Tensor, dt: Tensor, max_step: float | None = None,
+               dt_max: float | None = None) -> Tensor:
+        """Solve the ODE part ``h (B, ode_size)`` from ``t0`` over ``dt`` (0-dim, or ``(B, 1)`` per row; negative:
+        backward in time). ``dt_max``: ``max |dt|`` when the caller knows it (saves a device sync)."""
+        big = float(dt.abs().max()) if dt_max is None else dt_max
+        if big == 0.0:
+            return h
+        opts = dict(self.solve_options)
+        step = self.max_step if max_step is None else max_step
+        if self.method in FIXED_STEP and "step_size" not in opts:
+            n = max(1, math.ceil(big / step - 1e-9)) if step is not None else 1
+            opts["step_size"] = 1.0 / n
+        if self.gradient == "direct":  # autograd records every evaluation now: the one field object can be reused
+            field = self.rescaled
+            field.interval[:] = (t0, dt)
+        else:  # the backward pass evaluates the field again later: each solve keeps its own interval
+            field = _Rescaled(self.field, self.rescaled.with_time)
+            field.interval[:] = (t0, dt)
+        s = self._unit.get((h.dtype, h.device))
+        if s is None:
+            s = self._unit[(h.dtype, h.device)] = torch.tensor([0.0, 1.0], dtype=h.dtype, device=h.device)
+        sol = solve(field, h.contiguous(), s, method=self.method, rtol=self.rtol, atol=self.atol,
+                    gradient=self.gradient, per_sample_steps=self.per_sample_steps, **opts)
+        self.nfe += int(sol.stats["nfe"])
+        return sol.ys[-1]
+
+    def forward(self, x: Tensor, t: Tensor, mask: Tensor | None = None, *, reverse: bool = False,
+                state0: Tensor | None = None, max_step: float | None = None) -> tuple[Tensor, Tensor]:
+        """Run over the observations (see the class docstring for shapes); ``reverse=True`` runs from the last time
+        back to the first (the latent ODE encoder); ``max_step`` overrides the module's for this call."""
+        B, T, C = self._check(x, t, mask)
+        mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)
+        if t.dim() == 2 and self.union and not bool((t == t[:1]).all()):
+            return self._forward_union(x, t, mask, reverse, state0, max_step)
+        shared = t.dim() == 1 or bool((t == t[:1]).all())
+        tt = (t if t.dim() == 1 else t[0]) if shared else t
+        state = x.new_zeros(B, self.cell.state_size) if state0 is None else state0
+        n_ode = self.cell.ode_size
+        inp = torch.cat([x * mask, mask], -1)
+        seen = (mask.amax(-1, keepdim=True) > 0).to(x.dtype)  # (B, T, 1)
+        order = range(T - 1, -1, -1) if reverse else range(T)
+        dts = (tt.diff(dim=-1)).detach()
+        dt_max = dts.abs().amax(0).tolist() if not shared else dts.abs().tolist()
+        out: list[Tensor] = []
+        prev = None
+        self.nfe = 0
+        for k in order:
+            if prev is not None:
+                j = min(prev, k)  # interval index between k and prev
+                if shared:
+                    dt, t0 = tt[k] - tt[prev], tt[prev]
+                else:
+                    dt, t0 = (tt[:, k] - tt[:, prev])[:, None], tt[:, prev][:, None]
+                h = self.evolve(state[:, :n_ode], t0, dt, max_step, dt_max[j])
+                state = torch.cat([h, state[:, n_ode:]], -1) if n_ode < state.shape[1] else h
+            new = self.cell(inp[:, k], state)
+            state = seen[:, k] * new + (1 - seen[:, k]) * state
+            out.append(state)
+            prev = k
+        states = torch.stack(out[::-1] if reverse else out, 1)
+        return states, state
+
+    def _forward_union(self, x: Tensor, t: Tensor, mask: Tensor, reverse: bool, state0: Tensor | None,
+                       max_step: float | None) -> tuple[Tensor, Tensor]:
+        """Scatter the rows onto the union of their times (masks 0 where a row has no observation), run there, and
+        gather each row's states back."""
+        u, idx = torch.unique(t, sorted=True, return_inverse=True)  # (M,), (B, T)
+        B, T, C = x.shape
+        M = u.shape[0]
+        xu = x.new_zeros(B, M, C).scatter_add_(1, idx[..., None].expand(-1, -1, C), x * mask)
+        mu = x.new_zeros(B, M, C).scatter_add_(1, idx[..., None].expand(-1, -1, C), mask)
+        xu = xu / mu.clamp(min=1)
+        mu = (mu > 0).to(x.dtype)
+        union, self.union = self.union, False
+        try:
+            states_u, _ = self.forward(xu, u, mu, reverse=reverse, state0=state0, max_step=max_step)
+        finally:
+            self.union = union
+        states = states_u.gather(1, idx[..., None].expand(-1, -1, states_u.shape[-1]))
+        last = states[:, 0] if reverse else states[torch.arange(B), T - 1]
+        return states, last
+
+    def _check(self, x: Tensor, t: Tensor, mask: Tensor | None) -> tuple[int, int, int]:
+        if x.dim() != 3 or x.shape[-1] != self.input_size:
+            raise InputError(f"ODERNN: x must have shape (B, T, {self.input_size}), got {tuple(x.shape)}.")
+        B, T, C = x.shape
+        if t.shape not in ((T,), (B, T)):
+            raise InputError(f"ODERNN: t must have shape ({T},) or ({B}, {T}) to match x {tuple(x.shape)}, got "
+                             f"{tuple(t.shape)}.")
+        if T > 1 and bool((t.diff(dim=-1) < 0).any()):
+            raise InputError("ODERNN: times must be nondecreasing along each row (pad by repeating the last time).")
+        if mask is not None and mask.shape != x.shape:
+            raise InputError(f"ODERNN: mask shape {tuple(mask.shape)} differs from x shape {tuple(x.shape)}.")
+        return B, T, C
+
+    def extra_repr(self) -> str:
+        return f"input_size={self.input_size}, hidden_size={self.hidden_size}, method={self.method!r}, " \
+               f"max_step={self.max_step}"
