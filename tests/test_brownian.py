@@ -201,6 +201,18 @@ def test_levy_area_approximations_have_the_levy_area_moments(approx):
                 assert abs(torch.corrcoef(torch.stack([resid, y]))[0, 1].item()) < 5 * _se(N)
 
 
+@pytest.mark.parametrize("approx", ["davie", "foster"])
+def test_levy_area_satisfies_chens_relation(approx):
+    """A Levy area over [s, t] is A_{s,u} + A_{u,t} + (W_{s,u} (x) W_{u,t} - W_{u,t} (x) W_{s,u}) / 2 (exactly, for
+    the Levy area of any path): the approximation obeys it across the intervals it was asked about."""
+    bm = BrownianInterval(0.0, 1.0, shape=(5, 4), dtype=torch.float64, entropy=3, levy_area=approx)
+    a, b = bm.levy(0.2, 0.45), bm.levy(0.45, 0.9)
+    whole = bm.levy(0.2, 0.9)
+    chen = a.A + b.A + 0.5 * (a.W.unsqueeze(-1) * b.W.unsqueeze(-2) - b.W.unsqueeze(-1) * a.W.unsqueeze(-2))
+    torch.testing.assert_close(whole.A, chen, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bm.levy(0.9, 0.2).A, -whole.A, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_foster_conditional_variance_matches_the_true_levy_area():
     """The true Levy area (fine Stratonovich sums of the same path) given H has variance h^2/20 + h/5 (H_i^2 + H_j^2)
@@ -473,6 +485,8 @@ def test_errors():
         BrownianInterval(0.0, 1.0, shape=(2,), W=torch.zeros(3))
     with pytest.raises(InputError, match="positive tol"):
         BrownianInterval(0.0, 1.0, shape=(2,), halfway_tree=True, tol=0.0)
+    with pytest.raises(InputError, match="below the floating-point resolution"):
+        BrownianTree(1e6, t1=1e6 + 1, shape=(2,), tol=1e-12)
     bm = BrownianInterval(0.0, 1.0, shape=(2,), entropy=0)
     with pytest.raises(InputError, match=r"outside the path's interval \[0.0, 1.0\]"):
         bm.increment(0.5, 1.5)

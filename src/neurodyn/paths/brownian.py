@@ -356,11 +356,14 @@ class BrownianInterval:
         self._cache_size = cache_size
         self._pool_size = pool_size
         self._gen = torch.Generator(device=device)
-        self._pairs: tuple[Tensor, Tensor] | None = None
         self._numel = math.prod(shape)
         self._slack = 1e-12 * max(1.0, abs(t0), abs(t1))
         if self._halfway:
             self._depth = max(1, math.ceil(math.log2((t1 - t0) / tol)))
+            if self._depth > 50 or (t1 - t0) / 2**self._depth <= 4 * math.ulp(max(abs(t0), abs(t1))):
+                raise InputError(f"BrownianInterval: tol={tol} is below the floating-point resolution of times in "
+                                 f"[{t0}, {t1}] (a dyadic tree {self._depth} levels deep); use tol >= "
+                                 f"{max((t1 - t0) * 2.0**-50, 8 * math.ulp(max(abs(t0), abs(t1)))):.3g}.")
             self._grid = 1 << self._depth
             self._round = None
         else:
@@ -604,37 +607,34 @@ class BrownianInterval:
     def _area(self, nodes: list[_Node]) -> Tensor:
         """Davie's / Foster's approximate Levy area over the union of ``nodes``, Chen's relation across them.
 
-        Computed on the pairs ``i < j`` only (``(*batch, m (m - 1) / 2)``), then laid out antisymmetrically.
+        Per node: ``A = M - M^T`` with ``M = H (x) W + c * N`` (``N`` standard normal ``(*shape, m)``, ``c`` half the
+        wanted standard deviation times ``sqrt 2``), so ``A`` is exactly antisymmetric with ``A_ij`` having mean
+        ``H_i W_j - W_i H_j`` and noise variance ``2 c^2``: ``h^2/12`` (Davie), ``h^2/20 + h/5 (H_i^2 + H_j^2)``
+        (Foster).
         """
-        m = self._shape[-1]
-        if self._pairs is None:
-            iu, ju = torch.triu_indices(m, m, 1, device=self._device)
-            self._pairs = (iu, ju)
-        iu, ju = self._pairs
         total = None
         w_acc = None
         for n in nodes:
             v = self._values(n)
             w, hh = v[0], v[1]
             h = n.end - n.start
-            wi, wj, hi, hj = w[..., iu], w[..., ju], hh[..., iu], hh[..., ju]
             self._seed(n.seed ^ _AREA)
-            noise = torch.randn(wi.shape, dtype=self._dtype, device=self._device, generator=self._gen)
-            a = hi * wj - wi * hj
+            noise = torch.randn((*self._shape, self._shape[-1]), dtype=self._dtype, device=self._device,
+                                generator=self._gen)
+            mat = hh.unsqueeze(-1) * w.unsqueeze(-2)
             if self._levy_area == "davie":
-                a = a.add_(noise, alpha=h / math.sqrt(12.0))
+                mat.add_(noise, alpha=h / math.sqrt(24.0))
             else:
-                var = (hi * hi + hj * hj).mul_(h / 5.0).add_(h * h / 20.0)
-                a = a.addcmul_(var.sqrt_(), noise)
+                h2 = hh * hh
+                c = (h2.unsqueeze(-1) + h2.unsqueeze(-2)).mul_(h / 10.0).add_(h * h / 40.0).sqrt_()
+                mat.addcmul_(c, noise)
             if total is None:
-                total, w_acc = a, w
-            else:
-                total = total + a + 0.5 * (w_acc[..., iu] * wj - wi * w_acc[..., ju])
+                total, w_acc = mat - mat.transpose(-1, -2), w
+            else:  # Chen: A_acc + A_node + (1/2) (W_acc (x) W - W (x) W_acc)
+                mat.addcmul_(0.5 * w_acc.unsqueeze(-1), w.unsqueeze(-2))
+                total = total + (mat - mat.transpose(-1, -2))
                 w_acc = w_acc + w
-        out = self._zeros(m)
-        out[..., iu, ju] = total
-        out[..., ju, iu] = -total
-        return out
+        return total
 
     def _zeros(self, *extra: int) -> Tensor:
         return torch.zeros((*self._shape, *extra), dtype=self._dtype, device=self._device)
