@@ -313,6 +313,8 @@ class BrownianInterval:
         if not dtype.is_floating_point:
             raise InputError(f"BrownianInterval: dtype must be floating point, got {dtype}.")
         device = torch.device(device) if device is not None else (given[0].device if given else torch.device("cpu"))
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())  # 'cuda' and W's 'cuda:0' are one device
         for name, x in (("W", W), ("H", H)):
             if x is not None and (tuple(x.shape) != shape or x.dtype != dtype or x.device != device):
                 raise InputError(f"BrownianInterval: {name} has shape {tuple(x.shape)}, {x.dtype}, {x.device}; "
@@ -356,7 +358,6 @@ class BrownianInterval:
         self._cache_size = cache_size
         self._pool_size = pool_size
         self._gen = torch.Generator(device=device)
-        self._numel = math.prod(shape)
         self._slack = 1e-12 * max(1.0, abs(t0), abs(t1))
         if self._halfway:
             self._depth = max(1, math.ceil(math.log2((t1 - t0) / tol)))
