@@ -269,8 +269,13 @@ def test_same_interval_same_increment_in_any_query_order(cache_size):
             assert torch.equal(out.W, first[q].W) and torch.equal(out.H, first[q].H), (order, q)
     q = _queries("forward")[60]
     out = bm.levy(*q)
-    out.W.mul_(0.0), out.H.mul_(0.0)  # the caller's tensors are not the cache's
-    assert torch.equal(bm.levy(*q).W, first[q].W) and first[q].W.abs().max() > 0
+    saved = out.W.clone(), out.H.clone()
+    out.W.mul_(0.0), out.H.mul_(0.0)  # a caller changing what it got in place does not change the path
+    assert torch.equal(bm.levy(*q).W, saved[0]) and torch.equal(bm.levy(*q).H, saved[1])
+    assert saved[0].abs().max() > 0
+    whole = bm.increment(0.0, 1.0)
+    whole.zero_()
+    assert bm.increment(0.0, 1.0).abs().max() > 0
     # rejected adaptive step: a long step, then two halves, then the long one again
     big = bm.increment(0.1, 0.6)
     torch.testing.assert_close(bm.increment(0.1, 0.35) + bm.increment(0.35, 0.6), big, rtol=1e-13, atol=1e-13)

@@ -262,7 +262,9 @@ class BrownianInterval:
     Methods: ``evaluate(t)`` (``W(t)``), ``increment(s, t)``, ``levy(s, t)`` (a :class:`BrownianIncrement`), and
     torchsde's call form ``bm(ta)`` (``W(ta)``) / ``bm(ta, tb, return_U=False, return_A=False)`` with
     ``U = int_ta^tb (W(r) - W(ta)) dr = h (W/2 + H)``. Times may be asked in any order; ``increment(s, t)`` with
-    ``s > t`` is ``-increment(t, s)``.
+    ``s > t`` is ``-increment(t, s)``. Returned tensors may be the cache's own (not copied, as torchsde): changing
+    one in place does not change the path (the entry is noticed and drawn again), but the next identical query may
+    return the same tensor object.
 
     Examples
     --------
@@ -538,16 +540,15 @@ class BrownianInterval:
         """The node's stacked ``(W, H, K)[:k]``, shape ``(k, *shape)``, from the cache or drawn from its parent."""
         if node is self._root:
             return self._root_vals
-        cache = self._cache
-        v = cache.get(node)
+        v = self._cached(node)
         if v is not None:
             if self._cache_size is not None:
-                cache.move_to_end(node)
+                self._cache.move_to_end(node)
             return v
         chain = [node]
         n = node.parent
         while n is not self._root:
-            v = cache.get(n)
+            v = self._cached(n)
             if v is not None:
                 break
             chain.append(n)
@@ -557,6 +558,17 @@ class BrownianInterval:
         for c in reversed(chain):
             v = self._children(c.parent, v)[0 if c.is_left else 1]
         return v
+
+    def _cached(self, node: _Node) -> Tensor | None:
+        """The cached values of ``node``, or ``None``. Values are handed to the caller uncopied; an entry whose tensor
+        was changed in place since (its version counter moved) is dropped and drawn again, identically."""
+        e = self._cache.get(node)
+        if e is None:
+            return None
+        if e[0]._version != e[1]:
+            del self._cache[node]
+            return None
+        return e[0]
 
     def _children(self, parent: _Node, v: Tensor) -> tuple[Tensor, Tensor]:
         """Draw both children of ``parent`` from its values ``v`` (exact conditional law), and cache them."""
@@ -582,8 +594,8 @@ class BrownianInterval:
             left, right = out[:k], out[k:]
         if self._cache_size != 0:
             cache = self._cache
-            cache[parent.left] = left
-            cache[parent.right] = right
+            cache[parent.left] = (left, left._version)
+            cache[parent.right] = (right, right._version)
             if self._cache_size is not None:
                 while len(cache) > self._cache_size:
                     cache.popitem(last=False)
@@ -600,9 +612,8 @@ class BrownianInterval:
                 w = self._values(n)
                 acc = _compose(n.start - a, n.end - n.start, acc, list(w.unbind(0))) if k > 1 else [acc[0] + w[0]]
             v = torch.stack(acc)
-        else:
-            v = v.clone()  # the cached values must not be reachable by the caller (an in-place dW.mul_ would
-            # change the path)
+        elif nodes[0] is self._root:
+            v = v.clone()  # the root's values cannot be redrawn (W, H may be given): the caller gets a copy
         return v, nodes
 
     def _area(self, nodes: list[_Node]) -> Tensor:
