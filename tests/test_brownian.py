@@ -345,6 +345,17 @@ def test_shapes_and_dtypes(shape, dtype):
     assert z.W.abs().max() == 0 and z.W.shape == shape
 
 
+def test_inference_mode_and_grad_mode_give_the_same_path():
+    ref = BrownianInterval(0.0, 1.0, shape=(3,), dtype=torch.float64, entropy=0, levy_area="space-time")
+    with torch.inference_mode():
+        bm = BrownianInterval(0.0, 1.0, shape=(3,), dtype=torch.float64, entropy=0, levy_area="space-time")
+        got = [bm.levy(0.1, 0.2), bm.levy(0.1, 0.2), bm.levy(0.0, 1.0), bm.levy(0.15, 0.6)]
+    want = [ref.levy(0.1, 0.2), ref.levy(0.1, 0.2), ref.levy(0.0, 1.0), ref.levy(0.15, 0.6)]
+    for g, w in zip(got, want):
+        assert torch.equal(g.W, w.W) and torch.equal(g.H, w.H)
+    assert torch.equal(bm.increment(0.1, 0.2), ref.increment(0.1, 0.2))  # used outside inference mode afterwards
+
+
 # ------------------------------------------------------------------------------------------------ engine
 
 

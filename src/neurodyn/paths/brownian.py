@@ -572,6 +572,9 @@ class BrownianInterval:
 
     def _children(self, parent: _Node, v: Tensor) -> tuple[Tensor, Tensor]:
         """Draw both children of ``parent`` from its values ``v`` (exact conditional law), and cache them."""
+        if torch.is_inference_mode_enabled():  # cached values must be ordinary tensors (they carry a version counter)
+            with torch.inference_mode(False):
+                return self._children(parent, v)
         h = parent.end - parent.start
         h1 = parent.mid - parent.start
         z = self._randn(parent.seed, 0, self._k)
