@@ -9,7 +9,8 @@ Both are built as torchsde's ``sdeint`` builds its default (no ``dt`` hint, defa
 * ``halves``: a fresh object, each step asked as a whole, then as two halves (an adaptive step rejected and
   retried), in increasing time.
 
-for ``levy_area`` ``none`` and ``space-time`` (the SRK's), plus ``foster`` for ``forward`` (with ``return_A``).
+for ``levy_area`` ``none`` and ``space-time`` (the SRK's), plus ``foster`` for ``forward`` (with ``return_A``), and
+``BrownianPath`` (torchsde's form ``BrownianPath(t0, w0)``, every value kept) ``forward`` and ``backward``.
 Entries run round-robin (one call of each per repeat) so that load changes hit them alike; the figure is the median
 over repeats of queries per second on CPU time (``time.process_time``) and wall time. Run it on one core:
 
@@ -72,14 +73,19 @@ def main() -> None:
     torch.set_num_threads(1)
     size = (args.batch, args.channels)
 
-    libs = {
-        "neurodyn": lambda levy, seed: (lambda: neurodyn.BrownianInterval(
-            0.0, 1.0, size=size, dtype=torch.float32, entropy=seed, levy_area_approximation=levy)),
-        "torchsde": lambda levy, seed: (lambda: torchsde.BrownianInterval(
-            0.0, 1.0, size=size, dtype=torch.float32, entropy=seed, levy_area_approximation=levy)),
-    }
+    w0 = torch.zeros(size)
+
+    def interval(mod):
+        def make(levy, seed):
+            if levy == "path":
+                return lambda: mod.BrownianPath(0.0, w0)
+            return lambda: mod.BrownianInterval(0.0, 1.0, size=size, dtype=torch.float32, entropy=seed,
+                                                levy_area_approximation=levy)
+        return make
+
+    libs = {"neurodyn": interval(neurodyn), "torchsde": interval(torchsde)}
     cases = [(order, levy) for levy in ("none", "space-time") for order in ("forward", "backward", "random", "halves")]
-    cases.append(("forward", "foster"))
+    cases += [("forward", "foster"), ("forward", "path"), ("backward", "path")]
     times: dict[tuple[str, str, str], list[tuple[float, float, int]]] = {}
     for rep in range(args.repeats + 1):  # the first round warms up and is dropped
         for order, levy in cases:
@@ -91,7 +97,8 @@ def main() -> None:
     print(f"# Brownian interval queries per second, shape {size} float32, dt={DT} on [0, 1], "
           f"median of {args.repeats}, torch {torch.__version__}, torchsde {torchsde.__version__}, "
           f"threads={torch.get_num_threads()}\n")
-    print("| queries | levy_area | neurodyn q/s (CPU) | torchsde q/s (CPU) | speed-up CPU | speed-up wall |")
+    print("| queries | levy_area (path: BrownianPath) | neurodyn q/s (CPU) | torchsde q/s (CPU) | speed-up CPU "
+          "| speed-up wall |")
     print("|---|---|---:|---:|---:|---:|")
     for order, levy in cases:
         row = {}

@@ -201,6 +201,18 @@ def test_levy_area_approximations_have_the_levy_area_moments(approx):
                 assert abs(torch.corrcoef(torch.stack([resid, y]))[0, 1].item()) < 5 * _se(N)
 
 
+@pytest.mark.parametrize("approx", ["davie", "foster"])
+def test_levy_area_satisfies_chens_relation(approx):
+    """A Levy area over [s, t] is A_{s,u} + A_{u,t} + (W_{s,u} (x) W_{u,t} - W_{u,t} (x) W_{s,u}) / 2 (exactly, for
+    the Levy area of any path): the approximation obeys it across the intervals it was asked about."""
+    bm = BrownianInterval(0.0, 1.0, shape=(5, 4), dtype=torch.float64, entropy=3, levy_area=approx)
+    a, b = bm.levy(0.2, 0.45), bm.levy(0.45, 0.9)
+    whole = bm.levy(0.2, 0.9)
+    chen = a.A + b.A + 0.5 * (a.W.unsqueeze(-1) * b.W.unsqueeze(-2) - b.W.unsqueeze(-1) * a.W.unsqueeze(-2))
+    torch.testing.assert_close(whole.A, chen, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bm.levy(0.9, 0.2).A, -whole.A, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_foster_conditional_variance_matches_the_true_levy_area():
     """The true Levy area (fine Stratonovich sums of the same path) given H has variance h^2/20 + h/5 (H_i^2 + H_j^2)
@@ -257,8 +269,13 @@ def test_same_interval_same_increment_in_any_query_order(cache_size):
             assert torch.equal(out.W, first[q].W) and torch.equal(out.H, first[q].H), (order, q)
     q = _queries("forward")[60]
     out = bm.levy(*q)
-    out.W.mul_(0.0), out.H.mul_(0.0)  # the caller's tensors are not the cache's
-    assert torch.equal(bm.levy(*q).W, first[q].W) and first[q].W.abs().max() > 0
+    saved = out.W.clone(), out.H.clone()
+    out.W.mul_(0.0), out.H.mul_(0.0)  # a caller changing what it got in place does not change the path
+    assert torch.equal(bm.levy(*q).W, saved[0]) and torch.equal(bm.levy(*q).H, saved[1])
+    assert saved[0].abs().max() > 0
+    whole = bm.increment(0.0, 1.0)
+    whole.zero_()
+    assert bm.increment(0.0, 1.0).abs().max() > 0
     # rejected adaptive step: a long step, then two halves, then the long one again
     big = bm.increment(0.1, 0.6)
     torch.testing.assert_close(bm.increment(0.1, 0.35) + bm.increment(0.35, 0.6), big, rtol=1e-13, atol=1e-13)
@@ -326,6 +343,17 @@ def test_shapes_and_dtypes(shape, dtype):
     assert bm.evaluate(0.5).shape == shape and bm.increment(0.6, 0.2).shape == shape
     z = bm.levy(0.3, 0.3)
     assert z.W.abs().max() == 0 and z.W.shape == shape
+
+
+def test_inference_mode_and_grad_mode_give_the_same_path():
+    ref = BrownianInterval(0.0, 1.0, shape=(3,), dtype=torch.float64, entropy=0, levy_area="space-time")
+    with torch.inference_mode():
+        bm = BrownianInterval(0.0, 1.0, shape=(3,), dtype=torch.float64, entropy=0, levy_area="space-time")
+        got = [bm.levy(0.1, 0.2), bm.levy(0.1, 0.2), bm.levy(0.0, 1.0), bm.levy(0.15, 0.6)]
+    want = [ref.levy(0.1, 0.2), ref.levy(0.1, 0.2), ref.levy(0.0, 1.0), ref.levy(0.15, 0.6)]
+    for g, w in zip(got, want):
+        assert torch.equal(g.W, w.W) and torch.equal(g.H, w.H)
+    assert torch.equal(bm.increment(0.1, 0.2), ref.increment(0.1, 0.2))  # used outside inference mode afterwards
 
 
 # ------------------------------------------------------------------------------------------------ engine
@@ -425,6 +453,32 @@ def test_torchsde_sdeint_runs_on_our_brownian_interval():
     torch.testing.assert_close(ys[-1], y, rtol=1e-10, atol=1e-10)
 
 
+def test_torchsde_srk_on_our_space_time_area_converges_at_order_1_5():
+    """torchsde's SRK (strong order 1.5, it uses U = h (W/2 + H)) on our path, against a fine SRK solve on the same
+    path: slope 1.5 within 0.15 only if H at each step size is the conditional law's (an H drawn independently of
+    the path, with the right variance, gives slope ~0.94 on this SDE)."""
+
+    class SDE(torch.nn.Module):
+        noise_type, sde_type = "diagonal", "ito"
+
+        def f(self, t, y):
+            return torch.sin(3 * y)
+
+        def g(self, t, y):
+            return 0.5 * torch.cos(y) + 0.8
+
+    y0 = torch.ones(128, 1, dtype=torch.float64)
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    dts = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    bm = BrownianInterval(0.0, 1.0, size=(128, 1), dtype=torch.float64, entropy=3, levy_area_approximation="space-time")
+    ref = torchsde.sdeint(SDE(), y0, ts, bm=bm, method="srk", dt=1 / 512)[-1]  # the coarse steps then aggregate
+    errs = []
+    for dt in dts:
+        errs.append((torchsde.sdeint(SDE(), y0, ts, bm=bm, method="srk", dt=dt)[-1] - ref).abs().mean().item())
+    slope = (math.log(errs[0]) - math.log(errs[-1])) / (math.log(dts[0]) - math.log(dts[-1]))
+    assert abs(slope - 1.5) < 0.15, (slope, errs)
+
+
 # ------------------------------------------------------------------------------------------------ memory, errors
 
 
@@ -473,6 +527,8 @@ def test_errors():
         BrownianInterval(0.0, 1.0, shape=(2,), W=torch.zeros(3))
     with pytest.raises(InputError, match="positive tol"):
         BrownianInterval(0.0, 1.0, shape=(2,), halfway_tree=True, tol=0.0)
+    with pytest.raises(InputError, match="below the floating-point resolution"):
+        BrownianTree(1e6, t1=1e6 + 1, shape=(2,), tol=1e-12)
     bm = BrownianInterval(0.0, 1.0, shape=(2,), entropy=0)
     with pytest.raises(InputError, match=r"outside the path's interval \[0.0, 1.0\]"):
         bm.increment(0.5, 1.5)

@@ -262,7 +262,9 @@ class BrownianInterval:
     Methods: ``evaluate(t)`` (``W(t)``), ``increment(s, t)``, ``levy(s, t)`` (a :class:`BrownianIncrement`), and
     torchsde's call form ``bm(ta)`` (``W(ta)``) / ``bm(ta, tb, return_U=False, return_A=False)`` with
     ``U = int_ta^tb (W(r) - W(ta)) dr = h (W/2 + H)``. Times may be asked in any order; ``increment(s, t)`` with
-    ``s > t`` is ``-increment(t, s)``.
+    ``s > t`` is ``-increment(t, s)``. Returned tensors may be the cache's own (not copied, as torchsde): changing
+    one in place does not change the path (the entry is noticed and drawn again), but the next identical query may
+    return the same tensor object.
 
     Examples
     --------
@@ -313,6 +315,8 @@ class BrownianInterval:
         if not dtype.is_floating_point:
             raise InputError(f"BrownianInterval: dtype must be floating point, got {dtype}.")
         device = torch.device(device) if device is not None else (given[0].device if given else torch.device("cpu"))
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())  # 'cuda' and W's 'cuda:0' are one device
         for name, x in (("W", W), ("H", H)):
             if x is not None and (tuple(x.shape) != shape or x.dtype != dtype or x.device != device):
                 raise InputError(f"BrownianInterval: {name} has shape {tuple(x.shape)}, {x.dtype}, {x.device}; "
@@ -356,11 +360,13 @@ class BrownianInterval:
         self._cache_size = cache_size
         self._pool_size = pool_size
         self._gen = torch.Generator(device=device)
-        self._pairs: tuple[Tensor, Tensor] | None = None
-        self._numel = math.prod(shape)
         self._slack = 1e-12 * max(1.0, abs(t0), abs(t1))
         if self._halfway:
             self._depth = max(1, math.ceil(math.log2((t1 - t0) / tol)))
+            if self._depth > 50 or (t1 - t0) / 2**self._depth <= 4 * math.ulp(max(abs(t0), abs(t1))):
+                raise InputError(f"BrownianInterval: tol={tol} is below the floating-point resolution of times in "
+                                 f"[{t0}, {t1}] (a dyadic tree {self._depth} levels deep); use tol >= "
+                                 f"{max((t1 - t0) * 2.0**-50, 8 * math.ulp(max(abs(t0), abs(t1)))):.3g}.")
             self._grid = 1 << self._depth
             self._round = None
         else:
@@ -534,16 +540,15 @@ class BrownianInterval:
         """The node's stacked ``(W, H, K)[:k]``, shape ``(k, *shape)``, from the cache or drawn from its parent."""
         if node is self._root:
             return self._root_vals
-        cache = self._cache
-        v = cache.get(node)
+        v = self._cached(node)
         if v is not None:
             if self._cache_size is not None:
-                cache.move_to_end(node)
+                self._cache.move_to_end(node)
             return v
         chain = [node]
         n = node.parent
         while n is not self._root:
-            v = cache.get(n)
+            v = self._cached(n)
             if v is not None:
                 break
             chain.append(n)
@@ -554,8 +559,22 @@ class BrownianInterval:
             v = self._children(c.parent, v)[0 if c.is_left else 1]
         return v
 
+    def _cached(self, node: _Node) -> Tensor | None:
+        """The cached values of ``node``, or ``None``. Values are handed to the caller uncopied; an entry whose tensor
+        was changed in place since (its version counter moved) is dropped and drawn again, identically."""
+        e = self._cache.get(node)
+        if e is None:
+            return None
+        if e[0]._version != e[1]:
+            del self._cache[node]
+            return None
+        return e[0]
+
     def _children(self, parent: _Node, v: Tensor) -> tuple[Tensor, Tensor]:
         """Draw both children of ``parent`` from its values ``v`` (exact conditional law), and cache them."""
+        if torch.is_inference_mode_enabled():  # cached values must be ordinary tensors (they carry a version counter)
+            with torch.inference_mode(False):
+                return self._children(parent, v)
         h = parent.end - parent.start
         h1 = parent.mid - parent.start
         z = self._randn(parent.seed, 0, self._k)
@@ -578,8 +597,8 @@ class BrownianInterval:
             left, right = out[:k], out[k:]
         if self._cache_size != 0:
             cache = self._cache
-            cache[parent.left] = left
-            cache[parent.right] = right
+            cache[parent.left] = (left, left._version)
+            cache[parent.right] = (right, right._version)
             if self._cache_size is not None:
                 while len(cache) > self._cache_size:
                     cache.popitem(last=False)
@@ -596,45 +615,41 @@ class BrownianInterval:
                 w = self._values(n)
                 acc = _compose(n.start - a, n.end - n.start, acc, list(w.unbind(0))) if k > 1 else [acc[0] + w[0]]
             v = torch.stack(acc)
-        else:
-            v = v.clone()  # the cached values must not be reachable by the caller (an in-place dW.mul_ would
-            # change the path)
+        elif nodes[0] is self._root:
+            v = v.clone()  # the root's values cannot be redrawn (W, H may be given): the caller gets a copy
         return v, nodes
 
     def _area(self, nodes: list[_Node]) -> Tensor:
         """Davie's / Foster's approximate Levy area over the union of ``nodes``, Chen's relation across them.
 
-        Computed on the pairs ``i < j`` only (``(*batch, m (m - 1) / 2)``), then laid out antisymmetrically.
+        Per node: ``A = M - M^T`` with ``M = H (x) W + c * N`` (``N`` standard normal ``(*shape, m)``, ``c`` half the
+        wanted standard deviation times ``sqrt 2``), so ``A`` is exactly antisymmetric with ``A_ij`` having mean
+        ``H_i W_j - W_i H_j`` and noise variance ``2 c^2``: ``h^2/12`` (Davie), ``h^2/20 + h/5 (H_i^2 + H_j^2)``
+        (Foster).
         """
-        m = self._shape[-1]
-        if self._pairs is None:
-            iu, ju = torch.triu_indices(m, m, 1, device=self._device)
-            self._pairs = (iu, ju)
-        iu, ju = self._pairs
         total = None
         w_acc = None
         for n in nodes:
             v = self._values(n)
             w, hh = v[0], v[1]
             h = n.end - n.start
-            wi, wj, hi, hj = w[..., iu], w[..., ju], hh[..., iu], hh[..., ju]
             self._seed(n.seed ^ _AREA)
-            noise = torch.randn(wi.shape, dtype=self._dtype, device=self._device, generator=self._gen)
-            a = hi * wj - wi * hj
+            noise = torch.randn((*self._shape, self._shape[-1]), dtype=self._dtype, device=self._device,
+                                generator=self._gen)
+            mat = hh.unsqueeze(-1) * w.unsqueeze(-2)
             if self._levy_area == "davie":
-                a = a.add_(noise, alpha=h / math.sqrt(12.0))
+                mat.add_(noise, alpha=h / math.sqrt(24.0))
             else:
-                var = (hi * hi + hj * hj).mul_(h / 5.0).add_(h * h / 20.0)
-                a = a.addcmul_(var.sqrt_(), noise)
+                h2 = hh * hh
+                c = (h2.unsqueeze(-1) + h2.unsqueeze(-2)).mul_(h / 10.0).add_(h * h / 40.0).sqrt_()
+                mat.addcmul_(c, noise)
             if total is None:
-                total, w_acc = a, w
-            else:
-                total = total + a + 0.5 * (w_acc[..., iu] * wj - wi * w_acc[..., ju])
+                total, w_acc = mat - mat.transpose(-1, -2), w
+            else:  # Chen: A_acc + A_node + (1/2) (W_acc (x) W - W (x) W_acc)
+                mat.addcmul_(0.5 * w_acc.unsqueeze(-1), w.unsqueeze(-2))
+                total = total + (mat - mat.transpose(-1, -2))
                 w_acc = w_acc + w
-        out = self._zeros(m)
-        out[..., iu, ju] = total
-        out[..., ju, iu] = -total
-        return out
+        return total
 
     def _zeros(self, *extra: int) -> Tensor:
         return torch.zeros((*self._shape, *extra), dtype=self._dtype, device=self._device)
