@@ -10,6 +10,7 @@ Solvers, gradient methods and models for Neural ODEs, with a torchdiffeq drop-in
 from .analysis import jacobian_spectrum, lipschitz_estimate, reversibility, spectral_radius, stiffness_ratio
 from .compat.torchdiffeq import odeint, odeint_adjoint, odeint_dense, odeint_event
 from .core.control import PIDController
+from .core.events import Event
 from .core.term import ControlTerm, MultiTerm, ODETerm, SplitTerm, Term
 from .errors import (
     InputError,
@@ -20,11 +21,12 @@ from .errors import (
     PrecisionWarning,
     SolveFailure,
     StepSizeUnderflow,
+    ZenoError,
 )
 from .models import AugmentedNeuralODE, NeuralODE
 from .paths import LinearPath
 from .regularizers import RegularizedField, regularized_solve, steer_time
-from .solution import Solution
+from .solution import Events, Solution
 from .solve import solve
 from .solvers import available_methods
 from .training import Trainer, seed_everything
@@ -33,7 +35,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AugmentedNeuralODE",
+    "Event",
     "ControlTerm",
+    "Events",
     "InputError",
     "LinearPath",
     "MaxStepsReached",
@@ -52,6 +56,7 @@ __all__ = [
     "StepSizeUnderflow",
     "Term",
     "Trainer",
+    "ZenoError",
     "available_methods",
     "jacobian_spectrum",
     "lipschitz_estimate",

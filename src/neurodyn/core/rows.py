@@ -384,8 +384,8 @@ def check_supported(y0: Tensor, solver: Stepper, cfg: LoopConfig) -> None:
         raise InputError("per_sample_steps needs a leading batch dimension in y0.")
     if not solver.adaptive or cfg.step_size is not None:
         raise InputError("per_sample_steps needs an adaptive method without step_size (a fixed step is shared).")
-    if cfg.event_fn is not None or cfg.step_t or cfg.jump_t or cfg.norm is not None or cfg.perturb:
-        raise InputError("per_sample_steps does not support event_fn, step_t, jump_t, norm or perturb yet.")
+    if cfg.events or cfg.step_t or cfg.jump_t or cfg.norm is not None or cfg.perturb:
+        raise InputError("per_sample_steps does not support events (event_fn), step_t, jump_t, norm or perturb yet.")
 
 
 def row_times(t: Tensor, b_rows: int) -> Tensor:
