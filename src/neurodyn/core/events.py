@@ -291,11 +291,22 @@ class EventWatch:
             shape = self.term.shape
             found = []
             for j, c in cands:
-                def g_at(th: float, c: int = c) -> Tensor:
-                    y = solver.interpolate_floats(self.term, st, [th], co, self.interp)
-                    return self.component(c, self._time(st.t0 + th * st.h), y.view(shape))
+                e = self.owner[c]
+                fn, local = self.events[e].fn, c - self.offset[e]
 
-                found.append((_crossing(g_at, thetas[j], rows[j][c], thetas[j + 1], rows[j + 1][c], res), c))
+                def g_many(ths: list[float], fn: Callable = fn, local: int = local) -> list[float]:
+                    # (the function's output was checked at the step's sub-points: no checks per iteration)
+                    ys = solver.interpolate_floats(self.term, st, ths, co, self.interp).view(len(ths), *shape)
+                    tts = torch.tensor([st.t0 + th * st.h for th in ths], dtype=self.term.t_dtype)
+                    tts = tts.to(self.term.device).unbind(0)
+                    return [float(fn(tt, y).reshape(-1)[local]) for tt, y in zip(tts, ys.unbind(0))]
+
+                a, fa, b, fb = thetas[j], rows[j][c], thetas[j + 1], rows[j + 1][c]
+                guess = _poly_root(thetas, [r[c] for r in rows], j)
+                theta, a, fa, b, fb = _polish(g_many, a, fa, b, fb, res, guess)
+                if theta is None:
+                    theta = _crossing(lambda th, f=g_many: f([th])[0], a, fa, b, fb, res)
+                found.append((theta, c))
             found.sort()
             hit = Hit([])
             for th, c in found:
@@ -423,6 +434,74 @@ def _resolution(t0: float, h: float) -> float:
     near ``t = 0``), and at least two ulps of its times."""
     scale = max(abs(t0), abs(t0 + h))
     return max(2.0 * math.ulp(max(scale, 1e-300)), ROOT_RTOL * max(scale, abs(h))) / abs(h)
+
+
+def _poly_root(xs: tuple[float, ...], vs: list[float], j: int) -> float | None:
+    """A root in ``[xs[j], xs[j + 1]]`` of the polynomial through ``(xs, vs)`` (Newton from the secant point, on
+    Python floats), or None (no convergence, or it leaves the interval)."""
+    k = len(xs)
+    if any(not math.isfinite(v) for v in vs):
+        return None
+    # Newton's divided differences.
+    coef = list(vs)
+    for lev in range(1, k):
+        for i in range(k - 1, lev - 1, -1):
+            coef[i] = (coef[i] - coef[i - 1]) / (xs[i] - xs[i - lev])
+    a, b = xs[j], xs[j + 1]
+    fa, fb = vs[j], vs[j + 1]
+    x = a + (b - a) * (fa / (fa - fb)) if fa != fb else 0.5 * (a + b)
+    for _ in range(12):
+        p, dp = coef[-1], 0.0
+        for i in range(k - 2, -1, -1):
+            dp = dp * (x - xs[i]) + p
+            p = p * (x - xs[i]) + coef[i]
+        if dp == 0 or not math.isfinite(p):
+            return None
+        step = p / dp
+        x -= step
+        if not (a <= x <= b):
+            return None
+        if abs(step) <= 1e-15 * (b - a):
+            break
+    return x
+
+
+def _polish(g_many: Callable[[list[float]], list[float]], a: float, fa: float, b: float, fb: float, res: float,
+            guess: float | None) -> tuple[float | None, float, float, float, float]:
+    """Newton's method on ``g`` with derivatives from pairs of nearby points (one dense-output call per pair): from
+    ``guess``, the pair ``x -+ d`` gives ``g`` and its slope at ``x``; the next ``x`` is the Newton point, the next
+    ``d`` about its expected error (the square of the step), at least ``res / 2`` -- so a pair ends up bracketing the
+    root within ``res``. Every value seen narrows the bracket ``[a, b]``. Returns ``(theta, a, fa, b, fb)``:
+    ``theta`` the far end of a bracket of width ``<= res`` (or an exact zero), else None (for :func:`_crossing`)."""
+    if fb == 0:
+        return b, a, fa, b, fb
+    if guess is None:
+        return None, a, fa, b, fb
+    x = guess
+    d = max(1e-3 * (b - a), 0.5 * res)
+    for _ in range(6):
+        pts = [p for p in (x - d, x + d) if a < p < b]
+        if len(pts) < 2:
+            return None, a, fa, b, fb
+        v1, v2 = g_many(pts)
+        xs, fs = [a, *pts, b], [fa, v1, v2, fb]
+        for i in range(3):  # the first sub-bracket where the sign leaves fa's
+            if fs[i + 1] == 0:
+                return xs[i + 1], xs[i], fs[i], xs[i + 1], fs[i + 1]
+            if (fs[i + 1] > 0) != (fa > 0):
+                a, fa, b, fb = xs[i], fs[i], xs[i + 1], fs[i + 1]
+                break
+        if b - a <= res:
+            return b, a, fa, b, fb
+        slope = (v2 - v1) / (pts[1] - pts[0])
+        if slope == 0 or not math.isfinite(slope):
+            return None, a, fa, b, fb
+        step = 0.5 * (v1 + v2) / slope
+        x -= step
+        if not (a < x < b):
+            return None, a, fa, b, fb
+        d = max(min(4.0 * step * step / (b - a), 0.5 * abs(step)), 0.5 * res)
+    return None, a, fa, b, fb
 
 
 def _crossing(g: Callable[[float], Tensor], a: float, fa: float, b: float, fb: float, res: float) -> float:
