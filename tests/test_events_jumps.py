@@ -350,3 +350,18 @@ def test_checkpoint_refuses_event_tensors_outside_params():
     ts, v1 = bounce_times(9.81, e, 1.0, 6)
     (want,) = torch.autograd.grad(torch.as_tensor(height(2.0, 9.81, e, 1.0)), e)
     assert float(ge) == pytest.approx(float(want), rel=1e-7)
+
+
+# ------------------------------------------------------------------------------------------ the demo
+def test_bouncing_ball_demo_meets_its_targets(tmp_path):
+    """10 bounces to 1e-9 of the closed form; g and e recovered within 1e-3 from noisy heights (metrics.json)."""
+    import json
+
+    from neurodyn.demos.bouncing_ball import experiment
+
+    m = experiment(tmp_path, plots=False, n_obs=25, stream=open("/dev/null", "w"))
+    assert m["bounces_found"] == 10 and m["bounce_time_max_error"] < 1e-9
+    assert m["g_abs_error"] < 1e-3 and m["e_abs_error"] < 1e-3 and m["recovered_within_1e_3"]
+    assert abs(m["g_init"] - m["g_true"]) > 0.5  # it did learn
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["g_learned"] == m["g_learned"]
