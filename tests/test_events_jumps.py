@@ -365,3 +365,85 @@ def test_bouncing_ball_demo_meets_its_targets(tmp_path):
     assert abs(m["g_init"] - m["g_true"]) > 0.5  # it did learn
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["g_learned"] == m["g_learned"]
+
+
+def test_zeno_detected_where_bounces_accumulate():
+    """e = 0.5 over [0, 3]: the bounces accumulate at t_1 (1 + 2 e / (1 - e)) = 3 t_1; with the default limits the
+    solve stops there with status "zeno" (the ball does not fall through the floor)."""
+    t = torch.linspace(0, 3, 7, dtype=F64)
+    sol = neurodyn.solve(ball(9.81), torch.tensor([1.0, 0.0], dtype=F64), t, events=[bounce(0.5)],
+                         on_failure="return", **TOL)
+    t_acc = 3 * math.sqrt(2 / 9.81)
+    assert sol.status == "zeno" and abs(sol.t_final - t_acc) < 1e-6 and "would occur again" in sol.message
+    assert len(sol.events) > 15 and float(sol.events.y[:, 0].abs().max()) < 1e-9
+    assert sol.n_valid == 3 and float(sol.ys[:3, 0].min()) >= 0
+
+
+# ------------------------------------------------------------------------------------------ per-sample
+def _row_ball(gs, es):
+    def f(t, y):
+        return torch.stack([y[:, 1], -gs * torch.ones_like(y[:, 1])], 1)
+    ev = neurodyn.Event(lambda t, y: y[:, 0], direction=-1, terminal=False,
+                        jump=lambda t, y: torch.stack([y[:, 0], -es * y[:, 1]], 1))
+    return f, ev
+
+
+def test_per_sample_bounces_each_row_its_own_closed_form_and_gradients():
+    gs = torch.tensor([9.81, 5.0, 9.81, 2.0], dtype=F64, requires_grad=True)
+    es = torch.tensor([0.9, 0.8, 0.6, 0.7], dtype=F64, requires_grad=True)
+    f, ev = _row_ball(gs, es)
+    y0 = torch.tensor([[1.0, 0.0]] * 4, dtype=F64)
+    t = torch.linspace(0, 1.7, 5, dtype=F64)
+    sol = neurodyn.solve(f, y0, t, events=[ev], per_sample_steps=True, **TOL)
+    assert sol.sample_status == ["success"] * 4
+    loss = 0.0
+    want_loss = 0.0
+    gs2 = gs.detach().clone().requires_grad_(True)
+    es2 = es.detach().clone().requires_grad_(True)
+    for b in range(4):
+        got = sol.events.t[sol.events.sample == b]
+        exact, _ = bounce_times(float(gs[b]), float(es[b]), 1.0, 30)
+        exact = [x for x in exact if x <= 1.7]
+        assert len(got) == len(exact) >= 1
+        assert max(abs(a - c) for a, c in zip(got.tolist(), exact)) < 1e-9
+        loss = loss + got.sum()
+        ts, _ = bounce_times(gs2[b], es2[b], 1.0, len(exact))
+        want_loss = want_loss + torch.stack(ts).sum()
+        # heights at the output times, after the jumps
+        for i, tt in enumerate(t.tolist()):
+            assert abs(float(sol.ys[i, b, 0]) - height(tt, float(gs[b]), float(es[b]), 1.0)) < 1e-9
+    got_g = torch.autograd.grad(loss + sol.ys[-1, :, 0].sum(), (gs, es))
+    hs = torch.stack([torch.as_tensor(height(1.7, gs2[b], es2[b], 1.0)) for b in range(4)])
+    want_g = torch.autograd.grad(want_loss + hs.sum(), (gs2, es2))
+    for a, c in zip(got_g, want_g):
+        torch.testing.assert_close(a, c, rtol=1e-7, atol=1e-9)
+
+
+def test_per_sample_terminal_and_zeno_rows():
+    gs = torch.tensor([9.81, 9.81, 9.81], dtype=F64)
+    es = torch.tensor([0.9, 0.5, 0.9], dtype=F64)
+    f, ev = _row_ball(gs, es)
+    stop = neurodyn.Event(lambda t, y: y[:, 0] - torch.tensor([2.0, 2.0, 0.3], dtype=F64), direction=1)
+    y0 = torch.tensor([[1.0, 0.0]] * 3, dtype=F64)
+    sol = neurodyn.solve(f, y0, torch.linspace(0, 3, 7, dtype=F64), events=[ev, stop], per_sample_steps=True,
+                         on_failure="return", **TOL)
+    assert sol.sample_status == ["success", "zeno", "event"]
+    t1 = math.sqrt(2 / 9.81)
+    assert abs(float(sol.t_final_per_sample[1]) - 3 * t1) < 1e-6
+    # row 2 stops when rising through 0.3 after its first bounce: v = 0.9 v1, 0.3 = v s - g s^2 / 2
+    v = 0.9 * 9.81 * t1
+    s = (v - math.sqrt(v * v - 2 * 9.81 * 0.3)) / 9.81
+    assert abs(float(sol.t_final_per_sample[2]) - (t1 + s)) < 1e-9
+    last = sol.events.index[sol.events.sample == 2].tolist()
+    assert last == [0, 1]
+
+
+def test_per_sample_events_bad_input():
+    f, _ = _row_ball(torch.tensor([9.81, 9.81], dtype=F64), torch.tensor([0.9, 0.9], dtype=F64))
+    y0 = torch.tensor([[1.0, 0.0]] * 2, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    with pytest.raises(InputError, match=r"one real value per row, shape \(2,\)"):
+        neurodyn.solve(f, y0, t, events=[neurodyn.Event(lambda t, y: y[0, 0])], per_sample_steps=True)
+    with pytest.raises(InputError, match="gradient='direct' only"):
+        neurodyn.solve(f, y0, t, events=[neurodyn.Event(lambda t, y: y[:, 0])], per_sample_steps=True,
+                       gradient="checkpoint")

@@ -52,6 +52,9 @@ class Events:
         The states at the events, before any jump (differentiable).
     index : Tensor, shape ``(E,)``, long
         Which event (its position in ``events=[...]``) occurred.
+    sample : Tensor, shape ``(E,)``, long, or None
+        With ``per_sample_steps=True``: the sample (row of ``y0``) each occurrence belongs to (``y`` then holds
+        that row's state, shape ``(E, *y0.shape[1:])``).
 
     Examples
     --------
@@ -67,6 +70,7 @@ class Events:
     t: Tensor
     y: Tensor
     index: Tensor
+    sample: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.t.shape[0])

@@ -252,6 +252,7 @@ class EventWatch:
         self.max_events, self.min_gap = cfg.max_events, cfg.min_event_gap
         self.last_t: float | None = None
         self.hits: list[tuple[int, Hit]] = []  # (accepted steps so far, hit): what a replay repeats
+        self.probes: dict[int, float] = {}  # component -> the time its start value was taken (after a jump)
         self._fr: Tensor | None = None  # EVENT_FRACTIONS as a tensor on the state's device
 
     def _time(self, t: float) -> Tensor:
@@ -283,6 +284,7 @@ class EventWatch:
                 G, times = self._table(solver, st, co, t1, self.interp)
                 rows = self._rows(G, times)
                 cands = self._changes(rows)
+            probes, self.probes = self.probes, {}
             if not cands:
                 self.g = G[-1]
                 return None
@@ -302,6 +304,8 @@ class EventWatch:
                     return [float(fn(tt, y).reshape(-1)[local]) for tt, y in zip(tts, ys.unbind(0))]
 
                 a, fa, b, fb = thetas[j], rows[j][c], thetas[j + 1], rows[j + 1][c]
+                if j == 0 and c in probes:  # the start value was taken a moment after a jump
+                    a = min(max((probes[c] - st.t0) / st.h, 0.0), 0.5 * b)
                 guess = _poly_root(thetas, [r[c] for r in rows], j)
                 theta, a, fa, b, fb = _polish(g_many, a, fa, b, fb, res, guess)
                 if theta is None:
@@ -373,10 +377,11 @@ class EventWatch:
         return occurrence(self.term, solver, st, co, self.interp, self.events[self.owner[comp]],
                           comp - self.offset[self.owner[comp]], theta)
 
-    def restart(self, t_e: Tensor, y_e: Tensor, comp: int, h: float) -> tuple[Tensor, Tensor | None]:
+    def restart(self, t_e: Tensor, y_e: Tensor, comp: int, h: float) -> tuple[Tensor, Tensor | None, bool]:
         """Apply the jump of component ``comp``'s event at ``(t_e, y_e)`` (see :func:`jump_state`) and watch from
-        there. Returns the new state ``(1, n)`` and, where no graph is recorded, ``dy/dt`` there (else None: the
-        loop evaluates it)."""
+        there. Returns the new state ``(1, n)``, where no graph is recorded ``dy/dt`` there (else None: the loop
+        evaluates it), and whether the events accumulate (Zeno): the jump sends the component back toward the side
+        its event fires from, yet it is past the surface again ``sqrt(eps) |h|`` later."""
         ev = self.events[self.owner[comp]]
         y_start, f_plus = jump_state(self.term, ev, t_e, y_e)
         td = float(t_e.detach())
@@ -387,12 +392,33 @@ class EventWatch:
             g_pre = float(self.component(comp, tt, y_e.detach()))
             # The fired component still at the surface it crossed (the jump left it ~0): watch it from its value a
             # moment later along the new trajectory, so the crossing just handled is not seen again.
+            zeno = False
             if abs(float(g[comp])) <= 4.0 * abs(g_pre):
                 dt = math.copysign(math.sqrt(torch.finfo(y_new.real.dtype).eps) * abs(h), h)
                 g[comp] = self.component(comp, self._time(td + dt), y_new + dt * f_plus.view(self.term.shape))
+                self.probes[comp] = td + dt
+                d = self.dirs[comp] * (1 if h > 0 else -1)  # the direction as a sign of dg/dt in time
+                if d != 0 and not (float(g[comp]) * d < 0):
+                    # Moving back to the side the event fires from, yet past the surface again a moment later:
+                    # the next occurrence follows within dt (events accumulating, e.g. a ball coming to rest).
+                    zeno = _rate(ev.fn, comp - self.offset[self.owner[comp]], tt, y_new, f_plus) * d < 0
             self.g = g
         k1 = f_plus.view(self.term.shape) if not y_start.requires_grad else None
-        return y_start.reshape(1, -1), k1
+        return y_start.reshape(1, -1), k1, zeno
+
+
+def _rate(fn: Callable, local: int, t: Tensor, y: Tensor, f: Tensor) -> float:
+    """``dg/dt = g_t + g_y . f`` of component ``local`` of ``fn`` at ``(t, y)`` by autograd (0 where ``fn`` is not
+    differentiable)."""
+    with torch.enable_grad():
+        tg = t.detach().clone().requires_grad_(True)
+        yg = y.detach().clone().requires_grad_(True)
+        gd = fn(tg, yg).reshape(-1)[local]
+        if not gd.requires_grad:
+            return 0.0
+        gt, gy = torch.autograd.grad(gd, (tg, yg), allow_unused=True)
+    rate = (float(gt) if gt is not None else 0.0) + (float((gy * f.view(gy.shape)).sum()) if gy is not None else 0.0)
+    return rate
 
 
 def occurrence(term: ODETerm, solver: Stepper, st: Step, co, interp: str, event: Event, local: int,
@@ -605,3 +631,248 @@ def implicit_event(event_fn: Callable, t: Tensor, y: Tensor, f: Tensor | Callabl
         t_e = td - (g - g.detach()).to(td.dtype) / dgdt
     y_e = y_at + f * (t_e - td).to(f.dtype)
     return t_e, y_e
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-sample events (core/rows.py)
+# ----------------------------------------------------------------------------------------------
+class RowEventWatch:
+    """Events of a per-sample solve (:func:`neurodyn.core.rows.integrate_rows`): every row its own occurrences.
+
+    An event function receives the rows' times ``t`` (``(B,)``) and states ``y`` (``(B, *shape)``, the user's
+    shape) and returns one value per row (``(B,)``) or ``k`` per row (``(B, k)``). After every attempted step the
+    accepted rows' values at :data:`EVENT_FRACTIONS` of their steps (on their dense output) and at the step ends are
+    checked for sign changes (in each event's direction); a row's first root is located by Illinois regula falsi on
+    its dense output, vectorised over the rows, to :data:`ROOT_RTOL`. That occurrence ends the row's step: the row
+    continues from the event (its state there, or the jumped state, with its derivative evaluated afresh), so
+    several occurrences in one step are found one step at a time. Terminal occurrences and Zeno limits end the row
+    (status ``"event"`` / ``"zeno"``); the others go on.
+    """
+
+    def __init__(self, events: tuple[Event, ...], term: Callable[[Tensor, Tensor], Tensor], solver: Stepper,
+                 shape: torch.Size, t0: Tensor, y0: Tensor, cfg: LoopConfig):
+        self.events, self.term, self.solver, self.shape = events, term, solver, tuple(shape)
+        self.b = y0.shape[0]
+        self.co = solver.coefficients(y0.dtype, y0.device)
+        with torch.no_grad():
+            g0 = [self._one(e, t0, y0, None) for e in events]
+        self.sizes = [g.shape[1] for g in g0]
+        owner = [i for i, k in enumerate(self.sizes) for _ in range(k)]
+        dev = y0.device
+        self.owner = torch.tensor(owner, dtype=torch.long, device=dev)
+        self.dirs = torch.tensor([events[i].direction for i in owner], dtype=torch.float64, device=dev)
+        self.stop_after = torch.tensor([math.inf if e.stop_after is None else e.stop_after for e in events],
+                                       dtype=torch.float64, device=dev)
+        self.has_jump = [e.jump is not None for e in events]
+        self.g = torch.cat(g0, 1)
+        self.counts = torch.zeros(self.b, len(events), dtype=torch.float64, device=dev)
+        self.total = torch.zeros(self.b, dtype=torch.float64, device=dev)
+        self.last_t = torch.full((self.b,), math.nan, dtype=torch.float64, device=dev)
+        self.max_events, self.min_gap = cfg.max_events, cfg.min_event_gap
+        self.records: list[tuple[int, Tensor, Tensor, int]] = []  # (row, t_e, y_e, event)
+        self.probe_t = torch.full((self.b,), math.nan, dtype=torch.float64, device=dev)  # see EventWatch.probes
+        self.nfe = 0
+
+    def _one(self, e: Event, t: Tensor, y: Tensor, k: int | None) -> Tensor:
+        """Event ``e`` at the rows' ``(t, y)``, checked: ``(B, k)`` float64."""
+        v = e.fn(t.to(y.real.dtype if y.is_complex() else y.dtype), y.view(self.b, *self.shape[1:]))
+        if not isinstance(v, Tensor) or v.dtype == torch.bool or v.is_complex() or v.dim() not in (1, 2) \
+                or v.shape[0] != self.b or (k is not None and (v.shape[1] if v.dim() == 2 else 1) != k):
+            got = f"shape {tuple(v.shape)}, dtype {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
+            raise InputError(f"with per_sample_steps an Event's fn(t, y) gets the rows' times (B,) and states "
+                             f"{(self.b, *self.shape[1:])} and must return one real value per row, shape ({self.b},) "
+                             f"or ({self.b}, k) with the same k at every time; got {got}.")
+        v = v.reshape(self.b, -1).to(torch.float64)
+        if bool(torch.isnan(v.detach()).any()):
+            raise InputError("an Event's fn returned NaN along the per-sample solve: an event function must be a "
+                             "number everywhere along the solution.")
+        return v
+
+    def values(self, t: Tensor, y: Tensor) -> Tensor:
+        """Every event's components at the rows' ``(t, y)``: ``(B, K)`` float64."""
+        parts = [self._one(e, t, y, k) for e, k in zip(self.events, self.sizes)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def after_step(self, t_prev: Tensor, y_prev: Tensor, h: Tensor, hc: Tensor, y1: Tensor, kh: Tensor,
+                   f_last: Tensor, accept: Tensor, t_cur: Tensor, y: Tensor, k1: Tensor, t_stop: Tensor,
+                   status: Tensor, codes: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Find, locate and act on the rows' first occurrences in the step just attempted. Returns the updated
+        ``(t_cur, y, k1, t_stop, status)``."""
+        solver, co = self.solver, self.co
+        fh1 = f_last * hc if co.dense_t is None else None
+        with torch.no_grad():
+            kf = solver.dense_stages_rows(self.term, t_prev, h, hc, y_prev.detach(), kh.detach(), co)
+            self.nfe += len(co.extra_a)
+            yp, yn, fh = y_prev.detach(), y1.detach(), None if fh1 is None else fh1.detach()
+            rows = [self.g]
+            for fr in EVENT_FRACTIONS:
+                th = torch.full_like(t_prev, fr)
+                rows.append(self.values(t_prev + fr * h, solver.interpolate_rows(yp, yn, kf, fh, th, co)))
+            g_end = self.values(t_prev + h, yn)
+            rows.append(g_end)
+            G = torch.stack(rows)  # (5, B, K)
+            p, q = G[:-1], G[1:]
+            dirs = self.dirs.view(1, 1, -1)
+            changed = (p != 0) & ((q > 0) != (p > 0) | (q == 0)) & ((dirs == 0) | ((dirs > 0) == (p < 0)))
+            changed &= accept.view(1, -1, 1)
+            any_row = changed.any(2)  # (4, B)
+            occ = any_row.any(0)
+            if not bool(occ.any()):
+                self.g = torch.where(accept.view(-1, 1), g_end, self.g)
+                self.probe_t = torch.where(accept, math.nan, self.probe_t)
+                return t_cur, y, k1, t_stop, status
+            j = torch.argmax(any_row.to(torch.int8), 0)  # first interval per row
+            fracs = torch.tensor((0.0, *EVENT_FRACTIONS, 1.0), dtype=torch.float64, device=h.device)
+            ar = torch.arange(self.b, device=h.device)
+            t_scale = torch.maximum(t_prev.abs(), (t_prev + h).abs())
+            res = torch.maximum(2 * torch.finfo(torch.float64).eps * t_scale,
+                                ROOT_RTOL * torch.maximum(t_scale, h.abs())) / h.abs().clamp(min=1e-300)
+            theta = torch.full((self.b,), math.inf, dtype=torch.float64, device=h.device)
+            comp = torch.zeros(self.b, dtype=torch.long, device=h.device)
+            # rows whose start value was taken a moment after a jump: their first bracket starts there
+            a0 = torch.where((j == 0) & torch.isfinite(self.probe_t),
+                             ((self.probe_t - t_prev) / h).clamp(0.0, 0.5 * EVENT_FRACTIONS[0]), fracs[j])
+            for c in range(G.shape[2]):
+                m = occ & changed[j, ar, c]
+                if not bool(m.any()):
+                    continue
+                th = self._locate(c, m, a0, G[j, ar, c], fracs[j + 1], G[j + 1, ar, c], res, t_prev, h, yp,
+                                  yn, kf, fh)
+                better = m & (th < theta)
+                theta = torch.where(better, th, theta)
+                comp = torch.where(better, c, comp)
+            theta = torch.where(occ, theta, 1.0)
+            ev = self.owner[comp]
+            t_occ = t_prev + theta * h
+            zeno = occ & ((self.total >= self.max_events) | ((t_occ - self.last_t).abs() < self.min_gap))
+            counted = occ & ~zeno
+            self.counts[ar, ev] += counted.to(torch.float64)
+            self.total += counted.to(torch.float64)
+            self.last_t = torch.where(counted, t_occ, self.last_t)
+            terminal = counted & (self.counts[ar, ev] >= self.stop_after[ev])
+            jump_rows = counted & ~terminal & torch.tensor(self.has_jump, device=h.device)[ev]
+        # The occurrences' times and states, in the graph where one is recorded (implicit function theorem).
+        kf_g = solver.dense_stages_rows(self.term, t_prev, h, hc, y_prev, kh, co) if torch.is_grad_enabled() else kf
+        y_star = solver.interpolate_rows(y_prev, y1, kf_g, fh1, theta, co)
+        t_e, y_e = self._implicit(t_occ, y_star, comp, occ)
+        for r in torch.nonzero(counted).view(-1).tolist():
+            self.records.append((r, t_e[r], y_e[r], int(ev[r])))
+        # The rows' steps end at their occurrences.
+        cut = occ.view(-1, 1)
+        y_new = y_e
+        if any(self.has_jump) and bool(jump_rows.any()):
+            y_new = self._jump(t_e, y_e, ev, jump_rows)
+        if t_e.requires_grad:
+            # The row goes on from a moving time (as jump_state): the state moved back along f there.
+            with torch.no_grad():
+                f_plus = self.term(t_occ, y_new.detach())
+            self.nfe += 1
+            y_new = y_new - f_plus * (t_e - t_e.detach()).to(f_plus.dtype).view(-1, 1)
+        y = torch.where(cut, y_new, y)
+        t_cur = torch.where(occ, t_occ, t_cur)
+        stopped = terminal | zeno
+        status = torch.where(terminal, codes[0], torch.where(zeno, codes[1], status))
+        t_stop = torch.where(stopped, t_occ, t_stop)
+        k1 = torch.where(cut, self.term(t_cur, y), k1)
+        self.nfe += 1
+        with torch.no_grad():
+            g_post = self.values(t_cur, y.detach())
+            # the component that fired, watched from its value a moment later along the row's new trajectory
+            dt = math.sqrt(torch.finfo(y.dtype).eps) * h
+            probe = self.values(t_cur + dt, y.detach() + dt.to(y.dtype).view(-1, 1) * k1.detach())
+            fired = torch.zeros_like(g_post, dtype=torch.bool)
+            fired[ar, comp] = True
+            g_post = torch.where(fired, probe, g_post)
+            self.g = torch.where(occ.view(-1, 1), g_post, torch.where(accept.view(-1, 1), g_end, self.g))
+            self.probe_t = torch.where(occ, t_cur + dt, torch.where(accept, math.nan, self.probe_t))
+            # A jump that sends the fired component back toward the side its event fires from, yet it is past the
+            # surface again dt later: the next occurrence follows within dt (Zeno; as the eager loop).
+            d = self.dirs[comp] * torch.sign(h)
+            back = jump_rows & (d != 0) & (probe[ar, comp] * d >= 0)
+        if bool(back.any()):
+            with torch.enable_grad():
+                tg = t_cur.detach().clone().requires_grad_(True)
+                yg = y.detach().clone().requires_grad_(True)
+                gd = self.values(tg, yg)[ar, comp]
+                grads = torch.autograd.grad(gd.sum(), (tg, yg), allow_unused=True) if gd.requires_grad else \
+                    (None, None)
+            rate = torch.zeros_like(t_cur)
+            if grads[0] is not None:
+                rate = rate + grads[0]
+            if grads[1] is not None:
+                rate = rate + (grads[1] * k1.detach()).sum(1).to(torch.float64)
+            zeno2 = back & (rate * d < 0)
+            status = torch.where(zeno2, codes[1], status)
+            t_stop = torch.where(zeno2, t_cur.detach(), t_stop)
+        return t_cur, y, k1, t_stop, status
+
+    def _locate(self, c: int, m: Tensor, a: Tensor, fa: Tensor, b: Tensor, fb: Tensor, res: Tensor,
+                t_prev: Tensor, h: Tensor, yp: Tensor, yn: Tensor, kf: Tensor, fh: Tensor | None) -> Tensor:
+        """Illinois regula falsi (with bisections where a bracket fails to halve), vectorised over the rows in
+        ``m``; the far end of each final bracket (the crossing's far side)."""
+        solver, co = self.solver, self.co
+        side = torch.zeros_like(a)
+        bis = torch.zeros_like(m)
+        done = ~m | (fb == 0) | (b - a <= res)
+        for _ in range(_MAX_ITERATIONS):
+            if bool(done.all()):
+                break
+            x = a + (b - a) * (fa / (fa - fb))
+            x = torch.where(bis | ~((a < x) & (x < b)), 0.5 * (a + b), x)
+            done = done | ~((a < x) & (x < b))
+            xs = torch.where(done, b, x)
+            fx = self.values(t_prev + xs * h, solver.interpolate_rows(yp, yn, kf, fh, xs, co))[:, c]
+            width = b - a
+            live = ~done
+            to_b = live & ((fx > 0) == (fb > 0))
+            to_a = live & ~to_b
+            zero = live & (fx == 0)
+            fa = torch.where(to_b & (side == -1), 0.5 * fa, fa)
+            fb = torch.where(to_a & (side == 1), 0.5 * fb, fb)
+            b, fb = torch.where(to_b | zero, xs, b), torch.where(to_b | zero, fx, fb)
+            a, fa = torch.where(to_a & ~zero, xs, a), torch.where(to_a & ~zero, fx, fa)
+            side = torch.where(to_b, -1.0, torch.where(to_a, 1.0, side))
+            bis = (b - a) > 0.5 * width
+            done = done | zero | (b - a <= res)
+        return b
+
+    def _implicit(self, t_star: Tensor, y_star: Tensor, comp: Tensor, occ: Tensor) -> tuple[Tensor, Tensor]:
+        """Event times ``(B,)`` and states ``(B, n)`` with the implicit function theorem's gradients (rows in
+        ``occ``; one field evaluation on the batch where a graph is recorded)."""
+        if not torch.is_grad_enabled():
+            return t_star, y_star
+        ar = torch.arange(self.b, device=t_star.device)
+        g = self.values(t_star, y_star)[ar, comp]
+        if not g.requires_grad:
+            return t_star, y_star
+        with torch.enable_grad():
+            tg = t_star.detach().clone().requires_grad_(True)
+            yg = y_star.detach().clone().requires_grad_(True)
+            gd = self.values(tg, yg)[ar, comp]
+            gt, gy = torch.autograd.grad(gd.sum(), (tg, yg), allow_unused=True)
+        f = self.term(t_star, y_star.detach()).detach()
+        self.nfe += 1
+        dgdt = (gt if gt is not None else 0.0) + ((gy * f).sum(1).to(torch.float64) if gy is not None else 0.0)
+        dgdt = torch.as_tensor(dgdt, dtype=torch.float64, device=t_star.device)
+        ok = occ & (dgdt != 0)
+        t_e = torch.where(ok, t_star - (g - g.detach()) / torch.where(ok, dgdt, 1.0), t_star)
+        y_e = y_star + f * (t_e - t_star.detach()).to(f.dtype).view(-1, 1)
+        return t_e, y_e
+
+    def _jump(self, t_e: Tensor, y_e: Tensor, ev: Tensor, rows: Tensor) -> Tensor:
+        """The rows' states after their events' jumps (each event's ``jump`` sees all rows; the rows whose event it
+        is take its result), moved for a time with a gradient as :func:`jump_state` does."""
+        y_new = y_e
+        for i, e in enumerate(self.events):
+            mine = rows & (ev == i)
+            if e.jump is None or not bool(mine.any()):
+                continue
+            out = e.jump(t_e.to(y_e.dtype), y_e.view(self.b, *self.shape[1:]))
+            if not isinstance(out, Tensor) or tuple(out.shape) != (self.b, *self.shape[1:]) or out.dtype != y_e.dtype:
+                got = f"shape {tuple(out.shape)}, dtype {out.dtype}" if isinstance(out, Tensor) else \
+                    type(out).__name__
+                raise InputError(f"with per_sample_steps an Event's jump(t, y) gets the rows' times (B,) and states "
+                                 f"{(self.b, *self.shape[1:])} and must return the new states, that shape and dtype "
+                                 f"{y_e.dtype}; got {got}.")
+            y_new = torch.where(mine.view(-1, 1), out.reshape(self.b, -1), y_new)
+        return y_new

@@ -211,10 +211,14 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                         # The jump: the solve continues from the new state with the derivative evaluated afresh
                         # (a multistep stepper sees a state that is not its last step's end, and restarts).
                         t_e, y_e, _ = records[-1]
-                        y, k1 = watch.restart(t_e, y_e, hit.occ[-1][1], h)
+                        y, k1, zeno = watch.restart(t_e, y_e, hit.occ[-1][1], h)
                         t = t_ev
                         k1_time = t
                         jumped = True
+                        if zeno:
+                            status, message = _sol.ZENO, zeno_message(t_ev, cfg, watch.total, h)
+                            event = (t_e, y.view(term.shape))
+                            break
                 if not jumped:
                     t, y = t1, y1
                     k1_time = t
@@ -272,10 +276,15 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                       compile_reason=why)
 
 
-def zeno_message(t: float, cfg: LoopConfig, total: int) -> str:
-    """What stopped a solve whose events accumulated at ``t``."""
-    why = (f"more than max_events={cfg.max_events} events" if total >= cfg.max_events else
-           f"two events closer than min_event_gap={cfg.min_event_gap:g}")
+def zeno_message(t: float, cfg: LoopConfig, total: int, h: float | None = None) -> str:
+    """What stopped a solve whose events accumulated at ``t`` (``h``: the step, when an event would fire again
+    right after its jump)."""
+    if h is not None:
+        why = f"an event would occur again within {math.sqrt(2.2e-16) * abs(h):.2g} of its jump"
+    elif total >= cfg.max_events:
+        why = f"more than max_events={cfg.max_events} events"
+    else:
+        why = f"two events closer than min_event_gap={cfg.min_event_gap:g}"
     return (f"Zeno behaviour at t={t:.6g}: {why} (the events accumulate, e.g. a bouncing ball coming to rest). The "
             f"solution up to t={t:.6g} is kept (pass on_failure='return'). Stop the solve there with a terminal event "
             f"or a final time before it, change the jump so events stop accumulating, or raise max_events / lower "
