@@ -159,7 +159,8 @@ def experiment(out_dir: str | Path = "runs/bouncing_ball", *, g_true: float = 9.
     metrics.update(n_obs=n_obs + 1, t_obs=t_obs, noise_std=noise, g_init=g0, e_init=e0, g_learned=g_hat,
                    e_learned=e_hat, g_abs_error=abs(g_hat - g_true), e_abs_error=abs(e_hat - e_true),
                    recovered_within_1e_3=abs(g_hat - g_true) <= 1e-3 and abs(e_hat - e_true) <= 1e-3,
-                   loss_evaluations=len(losses), zeno_trials=zeno[0], losses=losses, final_loss=losses[-1] if losses else math.nan,
+                   loss_evaluations=len(losses), zeno_trials=zeno[0], losses=losses,
+                   final_loss=losses[-1] if losses else math.nan,
                    fit_nfe=nfe[0], fit_seconds=fit_s)
     print(f"learned from {n_obs + 1} heights (noise std {noise:g}): g = {g_hat:.6f} (true {g_true}, error "
           f"{abs(g_hat - g_true):.1e}), e = {e_hat:.6f} (true {e_true}, error {abs(e_hat - e_true):.1e}) in "
