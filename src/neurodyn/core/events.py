@@ -253,6 +253,7 @@ class EventWatch:
         self.last_t: float | None = None
         self.hits: list[tuple[int, Hit]] = []  # (accepted steps so far, hit): what a replay repeats
         self.probes: dict[int, float] = {}  # component -> the time its start value was taken (after a jump)
+        self._seen: dict[float, Tensor] = {}
         self._fr: Tensor | None = None  # EVENT_FRACTIONS as a tensor on the state's device
 
     def _time(self, t: float) -> Tensor:
@@ -261,6 +262,11 @@ class EventWatch:
     def values(self, t: Tensor, y: Tensor, check_nan: bool = True) -> Tensor:
         """Every event's components at ``(t, y)`` (``y`` in the user's shape), concatenated: shape ``(n,)``."""
         if len(self.events) == 1:
+            if not check_nan:  # the common case checked in one line; anything else gets event_values' errors
+                v = self.events[0].fn(t, y)
+                if type(v) is Tensor and v.numel() == self.sizes[0] and v.dtype.is_floating_point \
+                        and not v.is_complex():
+                    return v.reshape(-1)
             return event_values(self.events[0].fn, t, y, self.sizes[0], check_nan)
         return torch.cat([event_values(e.fn, t, y, k, check_nan) for e, k in zip(self.events, self.sizes)])
 
@@ -290,6 +296,7 @@ class EventWatch:
                 return None
             thetas = (0.0, *EVENT_FRACTIONS, 1.0)
             res = _resolution(st.t0, st.h)
+            self._seen = {}  # dense-output states the root finding computed, by fraction
             shape = self.term.shape
             found = []
             for j, c in cands:
@@ -301,7 +308,9 @@ class EventWatch:
                     ys = solver.interpolate_floats(self.term, st, ths, co, self.interp).view(len(ths), *shape)
                     tts = torch.tensor([st.t0 + th * st.h for th in ths], dtype=self.term.t_dtype)
                     tts = tts.to(self.term.device).unbind(0)
-                    return [float(fn(tt, y).reshape(-1)[local]) for tt, y in zip(tts, ys.unbind(0))]
+                    rows_y = ys.unbind(0)
+                    self._seen.update(zip(ths, rows_y))
+                    return [float(fn(tt, y).reshape(-1)[local]) for tt, y in zip(tts, rows_y)]
 
                 a, fa, b, fb = thetas[j], rows[j][c], thetas[j + 1], rows[j + 1][c]
                 if j == 0 and c in probes:  # the start value was taken a moment after a jump
@@ -374,6 +383,9 @@ class EventWatch:
     def occurrence(self, solver: Stepper, st: Step, co, theta: float, comp: int) -> tuple[Tensor, Tensor]:
         """The time (0-dim) and state (the user's shape) of the occurrence of component ``comp`` at the fraction
         ``theta`` of ``st``, differentiable (implicit function theorem) where a graph is recorded."""
+        seen = self._seen.get(theta)
+        if seen is not None and not torch.is_grad_enabled():  # the root finding's own evaluation
+            return torch.scalar_tensor(st.t0 + theta * st.h, dtype=self.term.t_dtype, device=self.term.device), seen
         return occurrence(self.term, solver, st, co, self.interp, self.events[self.owner[comp]],
                           comp - self.offset[self.owner[comp]], theta)
 
@@ -504,10 +516,13 @@ def _polish(g_many: Callable[[list[float]], list[float]], a: float, fa: float, b
     if guess is None:
         return None, a, fa, b, fb
     x = guess
-    d = max(1e-3 * (b - a), 0.5 * res)
+    w0 = b - a
+    d = max(1e-3 * w0, 0.5 * res)
     for _ in range(6):
-        pts = [p for p in (x - d, x + d) if a < p < b]
-        if len(pts) < 2:
+        if not (a < x < b):
+            return None, a, fa, b, fb
+        pts = [max(x - d, 0.5 * (a + x)), min(x + d, 0.5 * (x + b))]
+        if not (a < pts[0] < pts[1] < b):
             return None, a, fa, b, fb
         v1, v2 = g_many(pts)
         xs, fs = [a, *pts, b], [fa, v1, v2, fb]
@@ -523,10 +538,8 @@ def _polish(g_many: Callable[[list[float]], list[float]], a: float, fa: float, b
         if slope == 0 or not math.isfinite(slope):
             return None, a, fa, b, fb
         step = 0.5 * (v1 + v2) / slope
-        x -= step
-        if not (a < x < b):
-            return None, a, fa, b, fb
-        d = max(min(4.0 * step * step / (b - a), 0.5 * abs(step)), 0.5 * res)
+        x = 0.5 * (pts[0] + pts[1]) - step
+        d = max(min(4.0 * step * step / w0, 0.5 * abs(step)), 0.5 * res)
     return None, a, fa, b, fb
 
 
