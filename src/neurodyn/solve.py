@@ -149,8 +149,11 @@ def solve(
         jump, ``.index``); a terminal one stops the solve (status ``"event"``, ``sol.event_t``, ``sol.y_final``).
         Event times and post-jump states are differentiable with ``gradient="direct"`` and ``"checkpoint"``;
         ``"adjoint"`` and ``"interpolated"`` take events without jumps or terminal stops (the gradient of ``sol.ys``
-        is exact; differentiating ``sol.events`` raises). ``per_sample_steps=True``: see
-        ``neurodyn.core.rows``. Not with ``compile=True``'s whole compiled loop (compiled steps are used).
+        is exact; differentiating ``sol.events`` raises). With ``per_sample_steps=True`` an event function gets the
+        rows' times ``(B,)`` and states ``(B, ...)`` and returns ``(B,)`` (or ``(B, k)``) values, a jump returns the
+        rows' new states; each row's occurrences are its own (``sol.events.sample``), an occurrence ends the row's
+        step, terminal and Zeno rows stop (``sol.sample_status``); ``gradient="direct"`` only. Not with
+        ``compile=True``'s whole compiled loop (compiled steps are used).
     max_events, min_event_gap :
         Zeno protection: the solve stops with status ``"zeno"`` (:class:`~neurodyn.errors.ZenoError`, holding the
         partial solution) at an occurrence beyond ``max_events`` (default 10000) or closer in time than
