@@ -11,6 +11,7 @@ from . import data as data  # issue 14: irregular time series tooling (neurodyn.
 from .analysis import jacobian_spectrum, lipschitz_estimate, reversibility, spectral_radius, stiffness_ratio
 from .compat.torchdiffeq import odeint, odeint_adjoint, odeint_dense, odeint_event
 from .core.control import PIDController
+from .core.events import Event
 from .core.term import ControlTerm, MultiTerm, ODETerm, SDETerm, SplitTerm, Term, sde_term
 from .errors import (
     InputError,
@@ -21,6 +22,7 @@ from .errors import (
     PrecisionWarning,
     SolveFailure,
     StepSizeUnderflow,
+    ZenoError,
 )
 from .models import (  # issue 14: irregular time series
     GRUD,
@@ -33,7 +35,7 @@ from .models import (  # issue 14: irregular time series
 )
 from .paths import BrownianIncrement, BrownianInterval, BrownianPath, BrownianTree, LinearPath, ReverseBrownian
 from .regularizers import RegularizedField, regularized_solve, steer_time
-from .solution import Solution
+from .solution import Events, Solution
 from .solve import solve
 from .solvers import available_methods
 from .training import Trainer, seed_everything
@@ -52,7 +54,9 @@ __all__ = [
     "GRUBaseline",
     "LatentODE",
     "ODERNN",
+    "Event",
     "ControlTerm",
+    "Events",
     "InputError",
     "LinearPath",
     "MaxStepsReached",
@@ -72,6 +76,7 @@ __all__ = [
     "StepSizeUnderflow",
     "Term",
     "Trainer",
+    "ZenoError",
     "available_methods",
     "jacobian_spectrum",
     "lipschitz_estimate",

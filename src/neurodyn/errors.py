@@ -22,7 +22,7 @@ class SolveFailure(NeurodynError, RuntimeError):
     Attributes
     ----------
     status : str
-        One of ``"max_steps_reached"``, ``"step_size_underflow"``, ``"non_finite"``.
+        One of ``"max_steps_reached"``, ``"step_size_underflow"``, ``"non_finite"``, ``"zeno"``.
     t : float
         The time reached (the last accepted step).
     solution : Solution
@@ -46,6 +46,11 @@ class StepSizeUnderflow(SolveFailure):
 
 class NonFiniteError(SolveFailure):
     """NaN or inf appeared in the state or its derivative."""
+
+
+class ZenoError(SolveFailure):
+    """Events accumulated (status ``"zeno"``): more than ``max_events`` occurrences, or two closer in time than
+    ``min_event_gap`` (a bouncing ball coming to rest, a chattering switch)."""
 
 
 class NoEventError(NeurodynError, RuntimeError):

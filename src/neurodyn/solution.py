@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import InputError, MaxStepsReached, NonFiniteError, SolveFailure, StepSizeUnderflow
+from .errors import InputError, MaxStepsReached, NonFiniteError, SolveFailure, StepSizeUnderflow, ZenoError
 
 # The one status table. A status is a string everywhere a user sees it; inside tensors (per-sample rows, the
 # compiled loop) it is its index in STATUSES. FAILURE_STATUSES map to the exception raised for them.
@@ -18,11 +18,12 @@ MAX_STEPS_REACHED = "max_steps_reached"
 STEP_SIZE_UNDERFLOW = "step_size_underflow"
 NON_FINITE = "non_finite"
 EVENT = "event"
-STATUSES = (SUCCESS, MAX_STEPS_REACHED, STEP_SIZE_UNDERFLOW, NON_FINITE, EVENT)
+ZENO = "zeno"  # events accumulating: more than max_events, or two closer than min_event_gap in time
+STATUSES = (SUCCESS, MAX_STEPS_REACHED, STEP_SIZE_UNDERFLOW, NON_FINITE, EVENT, ZENO)
 CODE = {s: i for i, s in enumerate(STATUSES)}
-FAILURE_STATUSES = (MAX_STEPS_REACHED, STEP_SIZE_UNDERFLOW, NON_FINITE)
+FAILURE_STATUSES = (MAX_STEPS_REACHED, STEP_SIZE_UNDERFLOW, NON_FINITE, ZENO)
 _ERRORS: dict[str, type[SolveFailure]] = {MAX_STEPS_REACHED: MaxStepsReached, STEP_SIZE_UNDERFLOW: StepSizeUnderflow,
-                                          NON_FINITE: NonFiniteError}
+                                          NON_FINITE: NonFiniteError, ZENO: ZenoError}
 
 
 def failure(status: str, message: str, t: float, solution: Solution) -> SolveFailure:
@@ -40,6 +41,42 @@ def check_differentiable(sol: Solution) -> None:
 
 
 @dataclass
+class Events:
+    """The event occurrences of a solve, in time order (``sol.events``).
+
+    Attributes
+    ----------
+    t : Tensor, shape ``(E,)``
+        The event times (differentiable: implicit function theorem).
+    y : Tensor, shape ``(E, *y0.shape)``
+        The states at the events, before any jump (differentiable).
+    index : Tensor, shape ``(E,)``, long
+        Which event (its position in ``events=[...]``) occurred.
+    sample : Tensor, shape ``(E,)``, long, or None
+        With ``per_sample_steps=True``: the sample (row of ``y0``) each occurrence belongs to (``y`` then holds
+        that row's state, shape ``(E, *y0.shape[1:])``).
+
+    Examples
+    --------
+    >>> import torch, neurodyn
+    >>> osc = lambda t, y: torch.stack([y[1], -y[0]])
+    >>> sol = neurodyn.solve(osc, torch.tensor([0.0, 1.0], dtype=torch.float64),
+    ...                      torch.tensor([0.0, 7.0], dtype=torch.float64),
+    ...                      events=[neurodyn.Event(lambda t, y: y[0], terminal=False)], rtol=1e-10, atol=1e-12)
+    >>> [round(v, 6) for v in sol.events.t.tolist()], sol.events.index.tolist()   # sin t = 0: pi, 2 pi
+    ([3.141593, 6.283185], [0, 0])
+    """
+
+    t: Tensor
+    y: Tensor
+    index: Tensor
+    sample: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+
+@dataclass
 class Solution:
     """What :func:`neurodyn.solve` returns.
 
@@ -54,8 +91,9 @@ class Solution:
         ``nfe`` (vector-field calls), ``steps`` (accepted), ``rejected``, ``initial_step``, ``last_step``
         and, for adaptive methods, nothing else you need to know.
     status : str
-        ``"success"``, ``"event"`` (an ``event_fn`` root stopped the solve), ``"max_steps_reached"``,
-        ``"step_size_underflow"`` or ``"non_finite"``.
+        ``"success"``, ``"event"`` (a terminal event or an ``event_fn`` root stopped the solve),
+        ``"max_steps_reached"``, ``"step_size_underflow"``, ``"non_finite"`` or ``"zeno"`` (events accumulated:
+        more than ``max_events``, or two closer than ``min_event_gap``; ``t_final`` is the refused event's time).
     message : str
         A human-readable account of the status.
     t_final : float
@@ -63,7 +101,9 @@ class Solution:
     y_final : Tensor, shape ``y0.shape``
         The state at ``t_final``.
     event_t : Tensor or None
-        The event time (0-dim, differentiable) when an ``event_fn`` stopped the solve.
+        The event time (0-dim, differentiable) when a terminal event or ``event_fn`` stopped the solve.
+    events : Events or None
+        With ``events=[...]``: every occurrence (:class:`Events`: ``.t``, ``.y``, ``.index``).
     sample_status, t_final_per_sample :
         With ``per_sample_steps=True``: each sample's status and time reached (``status`` is then the
         first failure, or ``"success"``).
@@ -87,6 +127,7 @@ class Solution:
     y_final: Tensor | None = None
     n_valid: int = 0
     event_t: Tensor | None = None
+    events: Events | None = None
     sample_status: list[str] | None = None
     t_final_per_sample: Tensor | None = None
     _dense: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .core.config import LoopConfig
 from .core.control import PIDController
+from .core.events import Event, as_events
 from .core.stepper import nextafter
 from .core.tensors import VMAP_ADAPTIVE, real_dtype, vmapped
 from .core.term import Term, as_field, check_accepts
@@ -59,6 +60,9 @@ def solve(
     dense: bool = False,
     on_failure: str = "raise",
     event_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    events: Event | Sequence[Event] | None = None,
+    max_events: int = 10_000,
+    min_event_gap: float = 0.0,
     interp: str = "auto",
     perturb: bool = False,
     params: Sequence[Tensor] | None = None,
@@ -143,7 +147,23 @@ def solve(
         :class:`Solution` with its status.
     event_fn : callable ``(t, y) -> Tensor``, optional
         Stop at the first root of any component of ``event_fn`` (status ``"event"``, ``sol.event_t``).
-        The event time is differentiable (implicit function theorem).
+        The event time is differentiable (implicit function theorem). The same as
+        ``events=[neurodyn.Event(event_fn, terminal=True)]``.
+    events : Event or sequence of Event, optional
+        Events (:class:`neurodyn.Event`: a function, a crossing ``direction``, ``terminal`` after ``n`` occurrences,
+        an optional ``jump`` map of the state). Every occurrence is in ``sol.events`` (``.t``, ``.y`` before any
+        jump, ``.index``); a terminal one stops the solve (status ``"event"``, ``sol.event_t``, ``sol.y_final``).
+        Event times and post-jump states are differentiable with ``gradient="direct"`` and ``"checkpoint"``;
+        ``"adjoint"`` and ``"interpolated"`` take events without jumps or terminal stops (the gradient of ``sol.ys``
+        is exact; differentiating ``sol.events`` raises). With ``per_sample_steps=True`` an event function gets the
+        rows' times ``(B,)`` and states ``(B, ...)`` and returns ``(B,)`` (or ``(B, k)``) values, a jump returns the
+        rows' new states; each row's occurrences are its own (``sol.events.sample``), an occurrence ends the row's
+        step, terminal and Zeno rows stop (``sol.sample_status``); ``gradient="direct"`` only. Not with
+        ``compile=True``'s whole compiled loop (compiled steps are used).
+    max_events, min_event_gap :
+        Zeno protection: the solve stops with status ``"zeno"`` (:class:`~neurodyn.errors.ZenoError`, holding the
+        partial solution) at an occurrence beyond ``max_events`` (default 10000) or closer in time than
+        ``min_event_gap`` (default 0: off) to the previous one.
     interp : ``"auto"``, ``"hermite"`` or ``"linear"``
         Output interpolation: the method's own dense output (``"auto"``), cubic Hermite, or linear.
     perturb : bool
@@ -275,6 +295,7 @@ def solve(
     # The stepper's own checks of the term (an SDE's type, noise, Brownian path), before any work.
     solver.check_term(term, y0, t.detach()[..., 0], adaptive)
     check_hooks(controller, step_callbacks, event_fn)
+    event_list = _event_options(event_fn, events, max_events, min_event_gap)
     if norm is not None:
         check_norm(norm, y0, probe=adaptive)
     # Method families with constraints of their own (flags carried by the steppers).
@@ -309,7 +330,8 @@ def solve(
         first_step=first_step, min_step=min_step, max_step=max_step, max_steps=max_steps,
         step_t=step_list, jump_t=jump_list, controller=controller or _default_controller(solver), norm=norm,
         unflatten=(lambda x: x.view(y0.shape)) if norm is not None else None, record=dense,
-        interp=interp, perturb=bool(perturb), event_fn=event_fn, accept_min_step=bool(accept_min_step),
+        interp=interp, perturb=bool(perturb), events=event_list, max_events=int(max_events),
+        min_event_gap=float(min_event_gap), accept_min_step=bool(accept_min_step),
         step_callbacks=dict(step_callbacks) if step_callbacks else None,
     )
     if not solver.adaptive and step_size is None:
@@ -342,6 +364,20 @@ def solve(
 
         return solve_per_sample_gradient(func, y0, t, solver, cfg, on_failure, gopts, gradient)
     return _dispatch(func, y0, t, solver, cfg, on_failure, gopts, gradient)
+
+
+def _event_options(event_fn: Any, events: Any, max_events: Any, min_event_gap: Any) -> tuple[Event, ...]:
+    """``event_fn`` / ``events`` as one tuple of :class:`Event`, and the Zeno limits checked."""
+    if event_fn is not None and events is not None:
+        raise InputError("pass event_fn or events, not both (event_fn=f is events=[neurodyn.Event(f)]).")
+    if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 0:
+        raise InputError(f"max_events must be an int >= 0, got {max_events!r}.")
+    if isinstance(min_event_gap, bool) or not isinstance(min_event_gap, (int, float)) \
+            or not math.isfinite(min_event_gap) or min_event_gap < 0:
+        raise InputError(f"min_event_gap must be a finite number >= 0 (a time), got {min_event_gap!r}.")
+    if event_fn is not None:
+        return (Event(event_fn, terminal=True),)
+    return as_events(events) if events is not None else ()
 
 
 def _dispatch(func, y0, t, solver, cfg, on_failure, gopts, gradient) -> Solution:

@@ -33,7 +33,11 @@ class LoopConfig:
     record: bool = False
     interp: str = "auto"
     perturb: bool = False
-    event_fn: Callable[[Tensor, Tensor], Tensor] | None = None
+    # Events (core.events.Event), located after every accepted step; the Zeno limits: at most ``max_events``
+    # occurrences, consecutive ones at least ``min_event_gap`` apart in time.
+    events: tuple = ()
+    max_events: int = 10_000
+    min_event_gap: float = 0.0
     # Error control over the first ``error_dims`` components only (a seminorm, e.g. the adjoint's).
     error_dims: int | None = None
     # Called after every accepted step as on_accept(t, h, t1, nudge, k1_time, y_start, k1) (k1: dy/dt the step used).

@@ -1,31 +1,44 @@
-"""Events: watching ``event_fn`` along accepted steps, locating its first sign change, and the differentiable
-event time and state.
+"""Events (:class:`Event`): locating the zero crossings of event functions along the accepted steps, counting
+them, stopping, jumping, and the differentiable event times and states.
 
 How a root is found
 -------------------
-1. ``event_fn(t0, y0)`` is evaluated (and its return type checked) before the first step.
-2. After every accepted step, ``event_fn`` is evaluated at the interior fractions :data:`EVENT_FRACTIONS` of the
+1. Every event function is evaluated at ``(t0, y0)`` (and its return type checked) before the first step.
+2. After every accepted step, the functions are evaluated at the interior fractions :data:`EVENT_FRACTIONS` of the
    step and at the step end, on the step's dense output where that needs no field evaluation (``dopri5``,
    ``tsit5``, ``bdf``, ``adams``, collocation methods), else on its cubic Hermite interpolant (whose end derivative
    is the next step's first stage). Two roots closer together than a step but further apart than a quarter step
    are therefore both seen; roots closer than that may still cancel out. A step where a sign changes is checked
    again on the dense output the solve uses (``interp``: the method's own by default).
-3. In the first sub-interval where some component changes sign, the root of each such component is bracketed
-   and shrunk (Illinois regula falsi, with a bisection whenever an iteration fails to halve the bracket) down to
-   the resolution of ``t``. The earliest wins.
+3. In every sub-interval where a component leaves its sign (in its event's ``direction``), the root is bracketed
+   and shrunk (Illinois regula falsi on the dense output, with a bisection whenever an iteration fails to halve the
+   bracket) to :data:`ROOT_RTOL` relative in time (or the resolution of ``t``, if coarser). The occurrences are
+   handled in time order: each is recorded; the one that makes its event terminal (its ``n``-th), has a jump, or
+   breaks a Zeno limit (``max_events``, ``min_event_gap``) ends the step there.
 
 The reported point is the end of the final bracket on the far side of the crossing (or an exact zero): it is a
-true sign change of ``g`` to the resolution of ``t``, so a continuous ``g`` is ~0 there, and a discontinuous
-``g`` (a jump, a sign-type function, a pole) gets its crossing time.
+true sign change of ``g``, so a continuous ``g`` is ~0 there, and a discontinuous ``g`` (a jump, a sign-type
+function, a pole) gets its crossing time.
 
 A component that is exactly zero at ``t0`` is watched from its first nonzero value on (``solve`` does not stop
-at its initial time; :func:`neurodyn.odeint_event` does, as torchdiffeq).
+at its initial time; :func:`neurodyn.odeint_event` does, as torchdiffeq). After a jump, the component that fired,
+if the jump left it at the surface it crossed, is watched from its value a moment (``sqrt(eps) |h|``) later along
+the new trajectory: a bouncing ball leaving the floor is not a new crossing.
+
+Gradients
+---------
+With ``g(t*, y(t*)) = 0`` the event time's gradient is ``dt*/dtheta = -(dg/dtheta) / (dg/dt)`` (implicit function
+theorem, :func:`implicit_event`); the state after a jump, ``jump(t*, y(t*))``, continues from a moving time
+(:func:`jump_state`), which gives the saltation matrix's gradient. Both are built in the autograd graph of the
+step they fall in, so ``gradient="direct"`` and the replays of ``"checkpoint"`` differentiate them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,6 +52,8 @@ from .term import ODETerm
 EVENT_FRACTIONS = (0.25, 0.5, 0.75)
 # Up to this many event components, the per-step sign logic runs on Python floats (fewer small tensor ops).
 _FEW = 8
+# Roots are located to this relative accuracy in time (the bracket's width), or to the resolution of t if coarser.
+ROOT_RTOL = 1e-12
 # Bracket iterations are bounded by the bisections needed to reach the resolution of t (about 2 x 53).
 _MAX_ITERATIONS = 400
 
@@ -104,63 +119,236 @@ def _nan_error(t: Tensor | float, values: Tensor, initial: bool = False) -> None
                      f"negative, 0/0).")
 
 
-class EventWatch:
-    """The sign of ``event_fn`` along the accepted steps of one solve (see the module docstring).
+class Event:
+    """An event: a function whose zero crossings along the solution are located, counted and acted on.
 
-    ``EventWatch(term, cfg, t0, y0)`` evaluates and checks ``event_fn(t0, y0)``; :meth:`check` after each
-    accepted step returns ``(step, theta, component)`` of the first root in it, or None.
+    Parameters
+    ----------
+    fn : callable ``(t, y) -> Tensor``
+        ``t`` a 0-dim tensor, ``y`` the state in ``y0``'s shape. Returns a real tensor (any shape, the same number
+        of components at every time; one component is the usual case); a sign change of any component is an
+        occurrence of this event.
+    direction : ``0``, ``+1`` or ``-1``
+        Which crossings count, along the direction of integration: ``+1`` from negative to positive, ``-1`` from
+        positive to negative, ``0`` both.
+    terminal : bool or int
+        ``True``: the solve stops at the first occurrence (status ``"event"``); ``False``: never; an int ``n >= 1``:
+        at the ``n``-th occurrence.
+    jump : callable ``(t, y) -> Tensor``, optional
+        A jump map applied at every occurrence that does not stop the solve: the state ``y`` (``y0``'s shape) just
+        before the event becomes ``jump(t, y)`` (same shape and dtype); the solve continues from there with the
+        derivative evaluated afresh (no first-same-as-last reuse, multistep history restarted). The time and
+        the state at the event enter ``jump`` with their gradients (implicit function theorem), so post-jump
+        states are differentiable with respect to ``y0``, the field's parameters and ``jump``'s own tensors.
+
+    Raises
+    ------
+    InputError
+        ``fn`` or ``jump`` not callable, ``direction`` not one of 0, 1, -1, ``terminal`` not a bool or an int >= 1.
+
+    Examples
+    --------
+    A ball dropped from height 1 (``y = (height, velocity)``, gravity 9.81) bouncing with restitution 0.9:
+
+    >>> import torch, neurodyn
+    >>> f = lambda t, y: torch.stack([y[1], torch.full_like(y[1], -9.81)])
+    >>> bounce = neurodyn.Event(lambda t, y: y[0], direction=-1, terminal=False,
+    ...                         jump=lambda t, y: torch.stack([y[0], -0.9 * y[1]]))
+    >>> sol = neurodyn.solve(f, torch.tensor([1.0, 0.0], dtype=torch.float64),
+    ...                      torch.tensor([0.0, 1.5], dtype=torch.float64), events=[bounce], rtol=1e-10, atol=1e-12)
+    >>> sol.events.t.shape, round(float(sol.events.t[0]), 6)   # t_1 = sqrt(2 / 9.81)
+    (torch.Size([2]), 0.451524)
+    """
+
+    __slots__ = ("fn", "direction", "terminal", "jump")
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], direction: int = 0, terminal: bool | int = True,
+                 jump: Callable[[Tensor, Tensor], Tensor] | None = None):
+        if not callable(fn):
+            raise InputError(f"Event: fn must be callable as fn(t, y) returning a tensor, got {type(fn).__name__}.")
+        if isinstance(direction, bool) or direction not in (0, 1, -1):
+            raise InputError(f"Event: direction must be 0 (both), +1 (negative to positive) or -1 (positive to "
+                             f"negative), got {direction!r}.")
+        if not (isinstance(terminal, bool) or (isinstance(terminal, int) and terminal >= 1)):
+            raise InputError(f"Event: terminal must be True, False or an int n >= 1 (stop at the n-th occurrence), "
+                             f"got {terminal!r}.")
+        if jump is not None and not callable(jump):
+            raise InputError(f"Event: jump must be callable as jump(t, y) returning the new state, got "
+                             f"{type(jump).__name__}.")
+        self.fn, self.direction, self.terminal, self.jump = fn, int(direction), terminal, jump
+
+    @property
+    def stop_after(self) -> int | None:
+        """The occurrence that stops the solve (None: none does)."""
+        if self.terminal is True:
+            return 1
+        if self.terminal is False:
+            return None
+        return int(self.terminal)
+
+    def __repr__(self) -> str:
+        return (f"Event(fn={getattr(self.fn, '__name__', type(self.fn).__name__)}, direction={self.direction}, "
+                f"terminal={self.terminal}, jump={None if self.jump is None else 'set'})")
+
+
+def as_events(events: Any) -> tuple[Event, ...]:
+    """``events`` checked: an :class:`Event` or a sequence of them, as a tuple.
+
+    >>> as_events(Event(lambda t, y: y[0]))[0].terminal
+    True
+    """
+    if isinstance(events, Event):
+        return (events,)
+    if isinstance(events, (list, tuple)):
+        for i, e in enumerate(events):
+            if not isinstance(e, Event):
+                raise InputError(f"events[{i}] is a {type(e).__name__}, not a neurodyn.Event: wrap the function as "
+                                 f"neurodyn.Event(fn, direction=..., terminal=..., jump=...).")
+        return tuple(events)
+    raise InputError(f"events must be a neurodyn.Event or a list of them, got {type(events).__name__}.")
+
+
+@dataclass
+class Hit:
+    """The occurrences :meth:`EventWatch.check` found in one step, in time order: ``occ`` lists
+    ``(theta, component)`` (``theta`` the fraction of the step); ``stop`` says what the last one does:
+    None (nothing: all are recorded), ``"terminal"``, ``"jump"`` or ``"zeno"`` (the last one is refused)."""
+
+    occ: list[tuple[float, int]]
+    stop: str | None = None
+
+    @property
+    def theta(self) -> float:
+        return self.occ[-1][0]
+
+
+class EventWatch:
+    """The signs of the events' functions along the accepted steps of one solve (see the module docstring).
+
+    ``EventWatch(term, cfg, t0, y0)`` evaluates and checks every event function at ``(t0, y0)``; :meth:`check` after
+    each accepted step returns the occurrences in it (a :class:`Hit`) or None; :meth:`occurrence` builds the
+    differentiable time and state of one; :meth:`restart` applies a jump.
     """
 
     def __init__(self, term: ODETerm, cfg: LoopConfig, t0: float, y0: Tensor):
-        self.fn = cfg.event_fn
+        self.events: tuple[Event, ...] = cfg.events
         self.term = term
         self.interp = cfg.interp
         # The dense output the sign checks use: ``interp``, until the method's own ("auto") turns out to evaluate
         # the field (DOP853's three extra stages); then cubic Hermite, which costs none (its end derivative is the
         # next step's first stage). A flagged step is confirmed on ``interp``.
         self.detect = cfg.interp
+        tt = self._time(t0)
         with torch.no_grad():
-            self.g = event_values(self.fn, self._time(t0), y0.detach().view(term.shape)).detach()
-        self.n = self.g.numel()
+            parts = [event_values(e.fn, tt, y0.detach().view(term.shape)).detach() for e in self.events]
+        self.sizes = [p.numel() for p in parts]
+        self.owner = [i for i, k in enumerate(self.sizes) for _ in range(k)]  # component -> event
+        self.offset = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.dirs = [self.events[i].direction for i in self.owner]
+        self.n = len(self.owner)
+        self.g = parts[0] if len(parts) == 1 else torch.cat(parts)
+        self.counts = [0] * len(self.events)
+        self.total = 0
+        self.max_events, self.min_gap = cfg.max_events, cfg.min_event_gap
+        self.last_t: float | None = None
+        self.hits: list[tuple[int, Hit]] = []  # (accepted steps so far, hit): what a replay repeats
+        self.probes: dict[int, float] = {}  # component -> the time its start value was taken (after a jump)
+        self._seen: dict[float, Tensor] = {}
         self._fr: Tensor | None = None  # EVENT_FRACTIONS as a tensor on the state's device
 
     def _time(self, t: float) -> Tensor:
         return torch.scalar_tensor(t, dtype=self.term.t_dtype, device=self.term.device)
 
-    def _g(self, t: float, y: Tensor) -> Tensor:
-        return event_values(self.fn, self._time(t), y.detach().view(self.term.shape), self.n).detach()
+    def values(self, t: Tensor, y: Tensor, check_nan: bool = True) -> Tensor:
+        """Every event's components at ``(t, y)`` (``y`` in the user's shape), concatenated: shape ``(n,)``."""
+        if len(self.events) == 1:
+            if not check_nan:  # the common case checked in one line; anything else gets event_values' errors
+                v = self.events[0].fn(t, y)
+                if type(v) is Tensor and v.numel() == self.sizes[0] and v.dtype.is_floating_point \
+                        and not v.is_complex():
+                    return v.reshape(-1)
+            return event_values(self.events[0].fn, t, y, self.sizes[0], check_nan)
+        return torch.cat([event_values(e.fn, t, y, k, check_nan) for e, k in zip(self.events, self.sizes)])
 
-    def check(self, solver: Stepper, st: Step, co, t1: float) -> tuple[Step, float, int] | None:
-        """The first root of any component in the accepted step ``st`` (ending at ``t1``), or None."""
+    def component(self, c: int, t: Tensor, y: Tensor) -> Tensor:
+        """Component ``c`` at ``(t, y)`` (only its event's function is evaluated)."""
+        e = self.owner[c]
+        return event_values(self.events[e].fn, t, y, self.sizes[e], False)[c - self.offset[e]]
+
+    def check(self, solver: Stepper, st: Step, co, t1: float, step_index: int = 0) -> Hit | None:
+        """The occurrences in the accepted step ``st`` (ending at ``t1``): located, counted, the Zeno limits
+        applied; None when no component crossed."""
         with torch.no_grad():
             nfe = self.term.nfe
             G, times = self._table(solver, st, co, t1, self.detect)
             if self.detect == "auto" and self.term.nfe > nfe:
                 self.detect = "hermite"
-            j = self._first_change(G, times)
-            if j is not None and self.detect != self.interp:
+            rows = self._rows(G, times)
+            cands = self._changes(rows)
+            if cands and self.detect != self.interp:
                 # Confirmed on the dense output the root is located on (the sub-point values again).
                 G, times = self._table(solver, st, co, t1, self.interp)
-                j = self._first_change(G, times)
-            if j is None:
+                rows = self._rows(G, times)
+                cands = self._changes(rows)
+            probes, self.probes = self.probes, {}
+            if not cands:
                 self.g = G[-1]
                 return None
             thetas = (0.0, *EVENT_FRACTIONS, 1.0)
-            a, b = thetas[j], thetas[j + 1]
-            gj, gj1 = G[j].tolist(), G[j + 1].tolist()
-            comps = [c for c in range(self.n) if gj[c] != 0 and ((gj1[c] > 0) != (gj[c] > 0) or gj1[c] == 0)]
-            best_theta, best_comp = math.inf, -1
             res = _resolution(st.t0, st.h)
-            for comp in comps:
-                theta = _crossing(lambda th, c=comp: self._g_at(solver, st, co, th)[c], a, gj[comp], b, gj1[comp],
-                                  res)
-                if theta < best_theta:
-                    best_theta, best_comp = theta, comp
-        return st, best_theta, best_comp
+            self._seen = {}  # dense-output states the root finding computed, by fraction
+            shape = self.term.shape
+            found = []
+            for j, c in cands:
+                e = self.owner[c]
+                fn, local = self.events[e].fn, c - self.offset[e]
+
+                def g_many(ths: list[float], fn: Callable = fn, local: int = local) -> list[float]:
+                    # (the function's output was checked at the step's sub-points: no checks per iteration)
+                    ys = solver.interpolate_floats(self.term, st, ths, co, self.interp).view(len(ths), *shape)
+                    tts = torch.tensor([st.t0 + th * st.h for th in ths], dtype=self.term.t_dtype)
+                    tts = tts.to(self.term.device).unbind(0)
+                    rows_y = ys.unbind(0)
+                    self._seen.update(zip(ths, rows_y))
+                    return [float(fn(tt, y).reshape(-1)[local]) for tt, y in zip(tts, rows_y)]
+
+                a, fa, b, fb = thetas[j], rows[j][c], thetas[j + 1], rows[j + 1][c]
+                if j == 0 and c in probes:  # the start value was taken a moment after a jump
+                    a = min(max((probes[c] - st.t0) / st.h, 0.0), 0.5 * b)
+                guess = _poly_root(thetas, [r[c] for r in rows], j)
+                theta, a, fa, b, fb = _polish(g_many, a, fa, b, fb, res, guess)
+                if theta is None:
+                    theta = _crossing(lambda th, f=g_many: f([th])[0], a, fa, b, fb, res)
+                found.append((theta, c))
+            found.sort()
+            hit = Hit([])
+            for th, c in found:
+                t_occ = st.t0 + th * st.h
+                hit.occ.append((th, c))
+                if self.total >= self.max_events or (self.last_t is not None and abs(t_occ - self.last_t)
+                                                     < self.min_gap):
+                    hit.stop = "zeno"
+                    break
+                e = self.owner[c]
+                self.total += 1
+                self.counts[e] += 1
+                self.last_t = t_occ
+                ev = self.events[e]
+                stop = ev.stop_after
+                if stop is not None and self.counts[e] >= stop:
+                    hit.stop = "terminal"
+                    break
+                if ev.jump is not None:
+                    hit.stop = "jump"
+                    break
+            if hit.stop is None:
+                self.g = G[-1]
+        self.hits.append((step_index, hit))
+        return hit
 
     def _table(self, solver: Stepper, st: Step, co, t1: float, interp: str) -> tuple[Tensor, list[float]]:
-        """``event_fn`` at the step start (kept), the interior fractions on the ``interp`` dense output and the step
-        end: shape ``(len(EVENT_FRACTIONS) + 2, n_components)``, and the times of rows 1 onward."""
+        """The event components at the step start (kept), the interior fractions on the ``interp`` dense output
+        and the step end: shape ``(len(EVENT_FRACTIONS) + 2, n)``, and the times of rows 1 onward."""
         fr = EVENT_FRACTIONS
         if self._fr is None:
             self._fr = torch.tensor(fr, dtype=torch.float64).to(st.y0.device)
@@ -169,36 +357,190 @@ class EventWatch:
         states = torch.cat([ys, st.y1.detach()]).view(len(fr) + 1, *self.term.shape).unbind(0)
         times = [st.t0 + th * st.h for th in fr] + [t1]
         tts = torch.tensor(times, dtype=self.term.t_dtype).to(self.term.device).unbind(0)
-        fn, n = self.fn, self.n
-        G = torch.stack([self.g] + [event_values(fn, tt, yy, n, False) for tt, yy in zip(tts, states)])
+        G = torch.stack([self.g] + [self.values(tt, yy, False) for tt, yy in zip(tts, states)])
         return G, times
 
-    def _first_change(self, G: Tensor, times: list[float]) -> int | None:
-        """The first sub-interval (row ``j`` to ``j + 1`` of ``G``) where a component leaves its nonzero sign."""
-        k = G.shape[0] - 1
-        if self.n <= _FEW:  # a few components: the sign logic on Python floats after one host sync
-            rows = G.tolist()
-            nan_rows = [any(v != v for v in r) for r in rows[1:]]
-            per_interval = [any((q > 0) != (p > 0) or q == 0 for p, q in zip(rows[i], rows[i + 1]) if p != 0)
-                            for i in range(k)]
-        else:
-            sg = torch.sign(G)
-            changed = (sg[1:] != sg[:-1]) & (G[:-1] != 0)  # (k, n_components)
-            flags = torch.cat([changed.any(dim=1), torch.isnan(G[1:]).any(dim=1)]).tolist()  # one host sync
-            per_interval, nan_rows = flags[:k], flags[k:]
-        if any(nan_rows):
-            i = nan_rows.index(True)
-            _nan_error(times[i], G[i + 1])
-        return per_interval.index(True) if any(per_interval) else None
+    def _rows(self, G: Tensor, times: list[float]) -> list[list[float]]:
+        """``G`` on the host (one synchronisation), NaN rows refused."""
+        rows = G.tolist()
+        for i, r in enumerate(rows[1:]):
+            if any(v != v for v in r):
+                _nan_error(times[i], G[i + 1])
+        return rows
 
-    def _g_at(self, solver: Stepper, st: Step, co, theta: float) -> Tensor:
-        y = solver.interpolate_floats(self.term, st, [theta], co, self.interp)
-        return self._g(st.t0 + theta * st.h, y)
+    def _changes(self, rows: list[list[float]]) -> list[tuple[int, int]]:
+        """``(j, c)``: component ``c`` leaves its nonzero sign between rows ``j`` and ``j + 1`` in its direction."""
+        out = []
+        dirs = self.dirs
+        for j in range(len(rows) - 1):
+            for c, (p, q) in enumerate(zip(rows[j], rows[j + 1])):
+                if p != 0 and ((q > 0) != (p > 0) or q == 0):
+                    d = dirs[c]
+                    if d == 0 or (d > 0) == (p < 0):
+                        out.append((j, c))
+        return out
 
+    def occurrence(self, solver: Stepper, st: Step, co, theta: float, comp: int) -> tuple[Tensor, Tensor]:
+        """The time (0-dim) and state (the user's shape) of the occurrence of component ``comp`` at the fraction
+        ``theta`` of ``st``, differentiable (implicit function theorem) where a graph is recorded."""
+        seen = self._seen.get(theta)
+        if seen is not None and not torch.is_grad_enabled():  # the root finding's own evaluation
+            return torch.scalar_tensor(st.t0 + theta * st.h, dtype=self.term.t_dtype, device=self.term.device), seen
+        return occurrence(self.term, solver, st, co, self.interp, self.events[self.owner[comp]],
+                          comp - self.offset[self.owner[comp]], theta)
+
+    def restart(self, t_e: Tensor, y_e: Tensor, comp: int, h: float) -> tuple[Tensor, Tensor | None, bool]:
+        """Apply the jump of component ``comp``'s event at ``(t_e, y_e)`` (see :func:`jump_state`) and watch from
+        there. Returns the new state ``(1, n)``, where no graph is recorded ``dy/dt`` there (else None: the loop
+        evaluates it), and whether the events accumulate (Zeno): the jump sends the component back toward the side
+        its event fires from, yet it is past the surface again ``sqrt(eps) |h|`` later."""
+        ev = self.events[self.owner[comp]]
+        y_start, f_plus = jump_state(self.term, ev, t_e, y_e)
+        td = float(t_e.detach())
+        tt = self._time(td)
+        with torch.no_grad():
+            y_new = y_start.detach().view(self.term.shape)
+            g = self.values(tt, y_new).clone()
+            g_pre = float(self.component(comp, tt, y_e.detach()))
+            # The fired component still at the surface it crossed (the jump left it ~0): watch it from its value a
+            # moment later along the new trajectory, so the crossing just handled is not seen again.
+            zeno = False
+            if abs(float(g[comp])) <= 4.0 * abs(g_pre):
+                dt = math.copysign(math.sqrt(torch.finfo(y_new.real.dtype).eps) * abs(h), h)
+                g[comp] = self.component(comp, self._time(td + dt), y_new + dt * f_plus.view(self.term.shape))
+                self.probes[comp] = td + dt
+                d = self.dirs[comp] * (1 if h > 0 else -1)  # the direction as a sign of dg/dt in time
+                if d != 0 and not (float(g[comp]) * d < 0):
+                    # Moving back to the side the event fires from, yet past the surface again a moment later:
+                    # the next occurrence follows within dt (events accumulating, e.g. a ball coming to rest).
+                    zeno = _rate(ev.fn, comp - self.offset[self.owner[comp]], tt, y_new, f_plus) * d < 0
+            self.g = g
+        k1 = f_plus.view(self.term.shape) if not y_start.requires_grad else None
+        return y_start.reshape(1, -1), k1, zeno
+
+
+def _rate(fn: Callable, local: int, t: Tensor, y: Tensor, f: Tensor) -> float:
+    """``dg/dt = g_t + g_y . f`` of component ``local`` of ``fn`` at ``(t, y)`` by autograd (0 where ``fn`` is not
+    differentiable)."""
+    with torch.enable_grad():
+        tg = t.detach().clone().requires_grad_(True)
+        yg = y.detach().clone().requires_grad_(True)
+        gd = fn(tg, yg).reshape(-1)[local]
+        if not gd.requires_grad:
+            return 0.0
+        gt, gy = torch.autograd.grad(gd, (tg, yg), allow_unused=True)
+    rate = (float(gt) if gt is not None else 0.0) + (float((gy * f.view(gy.shape)).sum()) if gy is not None else 0.0)
+    return rate
+
+
+def occurrence(term: ODETerm, solver: Stepper, st: Step, co, interp: str, event: Event, local: int,
+               theta: float) -> tuple[Tensor, Tensor]:
+    """Time (0-dim) and state (the user's shape) where component ``local`` of ``event`` crosses zero at the
+    fraction ``theta`` of the step ``st``; with the implicit function theorem's gradients where a graph is
+    recorded (:func:`implicit_event`; one field evaluation then)."""
+    t_star = st.t0 + theta * st.h
+    y_star = solver.interpolate_floats(term, st, [theta], co, interp).view(term.shape)
+    tt = torch.scalar_tensor(t_star, dtype=term.t_dtype, device=term.device)
+    if not torch.is_grad_enabled():
+        return tt, y_star
+    return implicit_event(event.fn, tt, y_star, lambda: term(t_star, y_star.detach()), local)
+
+
+def jump_state(term: ODETerm, event: Event, t_e: Tensor, y_e: Tensor) -> tuple[Tensor, Tensor]:
+    """The state the solve continues from after ``event``'s jump at ``(t_e, y_e)``, and ``dy/dt`` there (detached).
+
+    ``y+ = jump(t_e, y_e)``; where ``t_e`` carries a gradient the trajectory after the event starts at a moving
+    time, so the state is ``y+ - f(t_e, y+) (t_e - t_e.detach())`` (the value of ``y+``; with ``y_e`` moving along
+    ``f(t_e, y-)`` this gives the saltation matrix's gradient ``J_y + (J_y f- + J_t - f+) dt_e/dy``).
+    """
+    y_new = event.jump(t_e, y_e)
+    shape = term.shape
+    if not isinstance(y_new, Tensor) or tuple(y_new.shape) != tuple(shape) or y_new.dtype != y_e.dtype:
+        got = f"shape {tuple(y_new.shape)}, dtype {y_new.dtype}" if isinstance(y_new, Tensor) else \
+            type(y_new).__name__
+        raise InputError(f"an Event's jump(t, y) must return the new state, a tensor of the state's shape "
+                         f"{tuple(shape)} and dtype {y_e.dtype}; got {got} at t={float(t_e.detach()):.6g}.")
+    td = float(t_e.detach())
+    with torch.no_grad():
+        f_plus = term(td, y_new.detach())
+    if t_e.requires_grad:
+        y_new = y_new - f_plus.view(shape) * (t_e - t_e.detach()).to(f_plus.dtype)
+    return y_new, f_plus
 
 def _resolution(t0: float, h: float) -> float:
-    """The smallest meaningful fraction of the step ``[t0, t0 + h]``: two ulps of its times."""
-    return 2.0 * math.ulp(max(abs(t0), abs(t0 + h), 1e-300)) / abs(h)
+    """The fraction of the step ``[t0, t0 + h]`` a root is located to: :data:`ROOT_RTOL` of its times (or of ``h``
+    near ``t = 0``), and at least two ulps of its times."""
+    scale = max(abs(t0), abs(t0 + h))
+    return max(2.0 * math.ulp(max(scale, 1e-300)), ROOT_RTOL * max(scale, abs(h))) / abs(h)
+
+
+def _poly_root(xs: tuple[float, ...], vs: list[float], j: int) -> float | None:
+    """A root in ``[xs[j], xs[j + 1]]`` of the polynomial through ``(xs, vs)`` (Newton from the secant point, on
+    Python floats), or None (no convergence, or it leaves the interval)."""
+    k = len(xs)
+    if any(not math.isfinite(v) for v in vs):
+        return None
+    # Newton's divided differences.
+    coef = list(vs)
+    for lev in range(1, k):
+        for i in range(k - 1, lev - 1, -1):
+            coef[i] = (coef[i] - coef[i - 1]) / (xs[i] - xs[i - lev])
+    a, b = xs[j], xs[j + 1]
+    fa, fb = vs[j], vs[j + 1]
+    x = a + (b - a) * (fa / (fa - fb)) if fa != fb else 0.5 * (a + b)
+    for _ in range(12):
+        p, dp = coef[-1], 0.0
+        for i in range(k - 2, -1, -1):
+            dp = dp * (x - xs[i]) + p
+            p = p * (x - xs[i]) + coef[i]
+        if dp == 0 or not math.isfinite(p):
+            return None
+        step = p / dp
+        x -= step
+        if not (a <= x <= b):
+            return None
+        if abs(step) <= 1e-15 * (b - a):
+            break
+    return x
+
+
+def _polish(g_many: Callable[[list[float]], list[float]], a: float, fa: float, b: float, fb: float, res: float,
+            guess: float | None) -> tuple[float | None, float, float, float, float]:
+    """Newton's method on ``g`` with derivatives from pairs of nearby points (one dense-output call per pair): from
+    ``guess``, the pair ``x -+ d`` gives ``g`` and its slope at ``x``; the next ``x`` is the Newton point, the next
+    ``d`` about its expected error (the square of the step), at least ``res / 2`` -- so a pair ends up bracketing the
+    root within ``res``. Every value seen narrows the bracket ``[a, b]``. Returns ``(theta, a, fa, b, fb)``:
+    ``theta`` the far end of a bracket of width ``<= res`` (or an exact zero), else None (for :func:`_crossing`)."""
+    if fb == 0:
+        return b, a, fa, b, fb
+    if guess is None:
+        return None, a, fa, b, fb
+    x = guess
+    w0 = b - a
+    d = max(1e-3 * w0, 0.5 * res)
+    for _ in range(6):
+        if not (a < x < b):
+            return None, a, fa, b, fb
+        pts = [max(x - d, 0.5 * (a + x)), min(x + d, 0.5 * (x + b))]
+        if not (a < pts[0] < pts[1] < b):
+            return None, a, fa, b, fb
+        v1, v2 = g_many(pts)
+        xs, fs = [a, *pts, b], [fa, v1, v2, fb]
+        for i in range(3):  # the first sub-bracket where the sign leaves fa's
+            if fs[i + 1] == 0:
+                return xs[i + 1], xs[i], fs[i], xs[i + 1], fs[i + 1]
+            if (fs[i + 1] > 0) != (fa > 0):
+                a, fa, b, fb = xs[i], fs[i], xs[i + 1], fs[i + 1]
+                break
+        if b - a <= res:
+            return b, a, fa, b, fb
+        slope = (v2 - v1) / (pts[1] - pts[0])
+        if slope == 0 or not math.isfinite(slope):
+            return None, a, fa, b, fb
+        step = 0.5 * (v1 + v2) / slope
+        x = 0.5 * (pts[0] + pts[1]) - step
+        d = max(min(4.0 * step * step / w0, 0.5 * abs(step)), 0.5 * res)
+    return None, a, fa, b, fb
 
 
 def _crossing(g: Callable[[float], Tensor], a: float, fa: float, b: float, fb: float, res: float) -> float:
@@ -241,7 +583,8 @@ def _crossing(g: Callable[[float], Tensor], a: float, fa: float, b: float, fb: f
     return b
 
 
-def implicit_event(event_fn: Callable, t: Tensor, y: Tensor, f: Tensor, comp: int) -> tuple[Tensor, Tensor]:
+def implicit_event(event_fn: Callable, t: Tensor, y: Tensor, f: Tensor | Callable[[], Tensor],
+                   comp: int) -> tuple[Tensor, Tensor]:
     """The event time and state at a root ``(t, y)`` of component ``comp`` of ``event_fn``, with the gradients of
     the implicit function theorem.
 
@@ -256,8 +599,9 @@ def implicit_event(event_fn: Callable, t: Tensor, y: Tensor, f: Tensor, comp: in
         The root's time (may be in the graph).
     y : Tensor
         The state there, in the user's shape, in the graph.
-    f : Tensor
-        ``dy/dt`` at ``(t, y)`` (same number of elements as ``y``; used detached).
+    f : Tensor, or a callable returning it
+        ``dy/dt`` at ``(t, y)`` (same number of elements as ``y``; used detached). A callable is called only when a
+        gradient is needed.
     comp : int
         The component of ``event_fn`` that crossed zero.
 
@@ -275,10 +619,15 @@ def implicit_event(event_fn: Callable, t: Tensor, y: Tensor, f: Tensor, comp: in
     >>> torch.autograd.grad(t_e, c)[0]              # d log(1/c) / dc = -1/c
     tensor(-2.)
     """
-    f = f.detach().reshape(y.shape)
     td = t.detach()
+    if not t.requires_grad:
+        g = event_values(event_fn, td, y)[comp]
+        if not g.requires_grad:  # nothing to differentiate: no derivative needed
+            return td, y
+    f = (f() if callable(f) else f).detach().reshape(y.shape)
     y_at = y - f * (t - td).to(f.dtype) if t.requires_grad else y
-    g = event_values(event_fn, td, y_at)[comp]
+    if t.requires_grad:
+        g = event_values(event_fn, td, y_at)[comp]
     with torch.enable_grad():
         tg = td.clone().requires_grad_(True)
         yg = y.detach().clone().requires_grad_(True)
@@ -297,16 +646,246 @@ def implicit_event(event_fn: Callable, t: Tensor, y: Tensor, f: Tensor, comp: in
     return t_e, y_e
 
 
-def differentiable_event(term: ODETerm, solver: Stepper, cfg: LoopConfig,
-                         event: tuple[Step, float, int]) -> tuple[Tensor, Tensor]:
-    """Event time (0-dim) and state ``(1, n)`` of a located root, with gradients by the implicit function theorem
-    (see :func:`implicit_event`)."""
-    st, theta, comp = event
-    co = solver.coefficients(st.y0.dtype, st.y0.device)
-    t_star = st.t0 + theta * st.h
-    th = torch.tensor([theta], dtype=term.t_dtype, device=st.y0.device)
-    y_star = solver.interpolate(term, st, th, co, cfg.interp)  # (1, n), in the graph
-    tt = torch.scalar_tensor(t_star, dtype=term.t_dtype, device=term.device)
-    f_star = term(t_star, y_star.detach()).view(term.shape)
-    t_e, y_e = implicit_event(cfg.event_fn, tt, y_star.view(term.shape), f_star, comp)
-    return t_e, y_e.reshape(1, -1)
+# ----------------------------------------------------------------------------------------------
+# Per-sample events (core/rows.py)
+# ----------------------------------------------------------------------------------------------
+class RowEventWatch:
+    """Events of a per-sample solve (:func:`neurodyn.core.rows.integrate_rows`): every row its own occurrences.
+
+    An event function receives the rows' times ``t`` (``(B,)``) and states ``y`` (``(B, *shape)``, the user's
+    shape) and returns one value per row (``(B,)``) or ``k`` per row (``(B, k)``). After every attempted step the
+    accepted rows' values at :data:`EVENT_FRACTIONS` of their steps (on their dense output) and at the step ends are
+    checked for sign changes (in each event's direction); a row's first root is located by Illinois regula falsi on
+    its dense output, vectorised over the rows, to :data:`ROOT_RTOL`. That occurrence ends the row's step: the row
+    continues from the event (its state there, or the jumped state, with its derivative evaluated afresh), so
+    several occurrences in one step are found one step at a time. Terminal occurrences and Zeno limits end the row
+    (status ``"event"`` / ``"zeno"``); the others go on.
+    """
+
+    def __init__(self, events: tuple[Event, ...], term: Callable[[Tensor, Tensor], Tensor], solver: Stepper,
+                 shape: torch.Size, t0: Tensor, y0: Tensor, cfg: LoopConfig):
+        self.events, self.term, self.solver, self.shape = events, term, solver, tuple(shape)
+        self.b = y0.shape[0]
+        self.co = solver.coefficients(y0.dtype, y0.device)
+        with torch.no_grad():
+            g0 = [self._one(e, t0, y0, None) for e in events]
+        self.sizes = [g.shape[1] for g in g0]
+        owner = [i for i, k in enumerate(self.sizes) for _ in range(k)]
+        dev = y0.device
+        self.owner = torch.tensor(owner, dtype=torch.long, device=dev)
+        self.dirs = torch.tensor([events[i].direction for i in owner], dtype=torch.float64, device=dev)
+        self.stop_after = torch.tensor([math.inf if e.stop_after is None else e.stop_after for e in events],
+                                       dtype=torch.float64, device=dev)
+        self.has_jump = [e.jump is not None for e in events]
+        self.g = torch.cat(g0, 1)
+        self.counts = torch.zeros(self.b, len(events), dtype=torch.float64, device=dev)
+        self.total = torch.zeros(self.b, dtype=torch.float64, device=dev)
+        self.last_t = torch.full((self.b,), math.nan, dtype=torch.float64, device=dev)
+        self.max_events, self.min_gap = cfg.max_events, cfg.min_event_gap
+        self.records: list[tuple[int, Tensor, Tensor, int]] = []  # (row, t_e, y_e, event)
+        self.probe_t = torch.full((self.b,), math.nan, dtype=torch.float64, device=dev)  # see EventWatch.probes
+        self.nfe = 0
+
+    def _one(self, e: Event, t: Tensor, y: Tensor, k: int | None) -> Tensor:
+        """Event ``e`` at the rows' ``(t, y)``, checked: ``(B, k)`` float64."""
+        v = e.fn(t.to(y.real.dtype if y.is_complex() else y.dtype), y.view(self.b, *self.shape[1:]))
+        if not isinstance(v, Tensor) or v.dtype == torch.bool or v.is_complex() or v.dim() not in (1, 2) \
+                or v.shape[0] != self.b or (k is not None and (v.shape[1] if v.dim() == 2 else 1) != k):
+            got = f"shape {tuple(v.shape)}, dtype {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
+            raise InputError(f"with per_sample_steps an Event's fn(t, y) gets the rows' times (B,) and states "
+                             f"{(self.b, *self.shape[1:])} and must return one real value per row, shape ({self.b},) "
+                             f"or ({self.b}, k) with the same k at every time; got {got}.")
+        v = v.reshape(self.b, -1).to(torch.float64)
+        if bool(torch.isnan(v.detach()).any()):
+            raise InputError("an Event's fn returned NaN along the per-sample solve: an event function must be a "
+                             "number everywhere along the solution.")
+        return v
+
+    def values(self, t: Tensor, y: Tensor) -> Tensor:
+        """Every event's components at the rows' ``(t, y)``: ``(B, K)`` float64."""
+        parts = [self._one(e, t, y, k) for e, k in zip(self.events, self.sizes)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def after_step(self, t_prev: Tensor, y_prev: Tensor, h: Tensor, hc: Tensor, y1: Tensor, kh: Tensor,
+                   f_last: Tensor, accept: Tensor, t_cur: Tensor, y: Tensor, k1: Tensor, t_stop: Tensor,
+                   status: Tensor, codes: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Find, locate and act on the rows' first occurrences in the step just attempted. Returns the updated
+        ``(t_cur, y, k1, t_stop, status)``."""
+        solver, co = self.solver, self.co
+        fh1 = f_last * hc if co.dense_t is None else None
+        with torch.no_grad():
+            kf = solver.dense_stages_rows(self.term, t_prev, h, hc, y_prev.detach(), kh.detach(), co)
+            self.nfe += len(co.extra_a)
+            yp, yn, fh = y_prev.detach(), y1.detach(), None if fh1 is None else fh1.detach()
+            rows = [self.g]
+            for fr in EVENT_FRACTIONS:
+                th = torch.full_like(t_prev, fr)
+                rows.append(self.values(t_prev + fr * h, solver.interpolate_rows(yp, yn, kf, fh, th, co)))
+            g_end = self.values(t_prev + h, yn)
+            rows.append(g_end)
+            G = torch.stack(rows)  # (5, B, K)
+            p, q = G[:-1], G[1:]
+            dirs = self.dirs.view(1, 1, -1)
+            changed = (p != 0) & ((q > 0) != (p > 0) | (q == 0)) & ((dirs == 0) | ((dirs > 0) == (p < 0)))
+            changed &= accept.view(1, -1, 1)
+            any_row = changed.any(2)  # (4, B)
+            occ = any_row.any(0)
+            if not bool(occ.any()):
+                self.g = torch.where(accept.view(-1, 1), g_end, self.g)
+                self.probe_t = torch.where(accept, math.nan, self.probe_t)
+                return t_cur, y, k1, t_stop, status
+            j = torch.argmax(any_row.to(torch.int8), 0)  # first interval per row
+            fracs = torch.tensor((0.0, *EVENT_FRACTIONS, 1.0), dtype=torch.float64, device=h.device)
+            ar = torch.arange(self.b, device=h.device)
+            t_scale = torch.maximum(t_prev.abs(), (t_prev + h).abs())
+            res = torch.maximum(2 * torch.finfo(torch.float64).eps * t_scale,
+                                ROOT_RTOL * torch.maximum(t_scale, h.abs())) / h.abs().clamp(min=1e-300)
+            theta = torch.full((self.b,), math.inf, dtype=torch.float64, device=h.device)
+            comp = torch.zeros(self.b, dtype=torch.long, device=h.device)
+            # rows whose start value was taken a moment after a jump: their first bracket starts there
+            a0 = torch.where((j == 0) & torch.isfinite(self.probe_t),
+                             ((self.probe_t - t_prev) / h).clamp(0.0, 0.5 * EVENT_FRACTIONS[0]), fracs[j])
+            for c in range(G.shape[2]):
+                m = occ & changed[j, ar, c]
+                if not bool(m.any()):
+                    continue
+                th = self._locate(c, m, a0, G[j, ar, c], fracs[j + 1], G[j + 1, ar, c], res, t_prev, h, yp,
+                                  yn, kf, fh)
+                better = m & (th < theta)
+                theta = torch.where(better, th, theta)
+                comp = torch.where(better, c, comp)
+            theta = torch.where(occ, theta, 1.0)
+            ev = self.owner[comp]
+            t_occ = t_prev + theta * h
+            zeno = occ & ((self.total >= self.max_events) | ((t_occ - self.last_t).abs() < self.min_gap))
+            counted = occ & ~zeno
+            self.counts[ar, ev] += counted.to(torch.float64)
+            self.total += counted.to(torch.float64)
+            self.last_t = torch.where(counted, t_occ, self.last_t)
+            terminal = counted & (self.counts[ar, ev] >= self.stop_after[ev])
+            jump_rows = counted & ~terminal & torch.tensor(self.has_jump, device=h.device)[ev]
+        # The occurrences' times and states, in the graph where one is recorded (implicit function theorem).
+        kf_g = solver.dense_stages_rows(self.term, t_prev, h, hc, y_prev, kh, co) if torch.is_grad_enabled() else kf
+        y_star = solver.interpolate_rows(y_prev, y1, kf_g, fh1, theta, co)
+        t_e, y_e = self._implicit(t_occ, y_star, comp, occ)
+        for r in torch.nonzero(counted).view(-1).tolist():
+            self.records.append((r, t_e[r], y_e[r], int(ev[r])))
+        # The rows' steps end at their occurrences.
+        cut = occ.view(-1, 1)
+        y_new = y_e
+        if any(self.has_jump) and bool(jump_rows.any()):
+            y_new = self._jump(t_e, y_e, ev, jump_rows)
+        if t_e.requires_grad:
+            # The row goes on from a moving time (as jump_state): the state moved back along f there.
+            with torch.no_grad():
+                f_plus = self.term(t_occ, y_new.detach())
+            self.nfe += 1
+            y_new = y_new - f_plus * (t_e - t_e.detach()).to(f_plus.dtype).view(-1, 1)
+        y = torch.where(cut, y_new, y)
+        t_cur = torch.where(occ, t_occ, t_cur)
+        stopped = terminal | zeno
+        status = torch.where(terminal, codes[0], torch.where(zeno, codes[1], status))
+        t_stop = torch.where(stopped, t_occ, t_stop)
+        k1 = torch.where(cut, self.term(t_cur, y), k1)
+        self.nfe += 1
+        with torch.no_grad():
+            g_post = self.values(t_cur, y.detach())
+            # the component that fired, watched from its value a moment later along the row's new trajectory
+            dt = math.sqrt(torch.finfo(y.dtype).eps) * h
+            probe = self.values(t_cur + dt, y.detach() + dt.to(y.dtype).view(-1, 1) * k1.detach())
+            fired = torch.zeros_like(g_post, dtype=torch.bool)
+            fired[ar, comp] = True
+            g_post = torch.where(fired, probe, g_post)
+            self.g = torch.where(occ.view(-1, 1), g_post, torch.where(accept.view(-1, 1), g_end, self.g))
+            self.probe_t = torch.where(occ, t_cur + dt, torch.where(accept, math.nan, self.probe_t))
+            # A jump that sends the fired component back toward the side its event fires from, yet it is past the
+            # surface again dt later: the next occurrence follows within dt (Zeno; as the eager loop).
+            d = self.dirs[comp] * torch.sign(h)
+            back = jump_rows & (d != 0) & (probe[ar, comp] * d >= 0)
+        if bool(back.any()):
+            with torch.enable_grad():
+                tg = t_cur.detach().clone().requires_grad_(True)
+                yg = y.detach().clone().requires_grad_(True)
+                gd = self.values(tg, yg)[ar, comp]
+                grads = torch.autograd.grad(gd.sum(), (tg, yg), allow_unused=True) if gd.requires_grad else \
+                    (None, None)
+            rate = torch.zeros_like(t_cur)
+            if grads[0] is not None:
+                rate = rate + grads[0]
+            if grads[1] is not None:
+                rate = rate + (grads[1] * k1.detach()).sum(1).to(torch.float64)
+            zeno2 = back & (rate * d < 0)
+            status = torch.where(zeno2, codes[1], status)
+            t_stop = torch.where(zeno2, t_cur.detach(), t_stop)
+        return t_cur, y, k1, t_stop, status
+
+    def _locate(self, c: int, m: Tensor, a: Tensor, fa: Tensor, b: Tensor, fb: Tensor, res: Tensor,
+                t_prev: Tensor, h: Tensor, yp: Tensor, yn: Tensor, kf: Tensor, fh: Tensor | None) -> Tensor:
+        """Illinois regula falsi (with bisections where a bracket fails to halve), vectorised over the rows in
+        ``m``; the far end of each final bracket (the crossing's far side)."""
+        solver, co = self.solver, self.co
+        side = torch.zeros_like(a)
+        bis = torch.zeros_like(m)
+        done = ~m | (fb == 0) | (b - a <= res)
+        for _ in range(_MAX_ITERATIONS):
+            if bool(done.all()):
+                break
+            x = a + (b - a) * (fa / (fa - fb))
+            x = torch.where(bis | ~((a < x) & (x < b)), 0.5 * (a + b), x)
+            done = done | ~((a < x) & (x < b))
+            xs = torch.where(done, b, x)
+            fx = self.values(t_prev + xs * h, solver.interpolate_rows(yp, yn, kf, fh, xs, co))[:, c]
+            width = b - a
+            live = ~done
+            to_b = live & ((fx > 0) == (fb > 0))
+            to_a = live & ~to_b
+            zero = live & (fx == 0)
+            fa = torch.where(to_b & (side == -1), 0.5 * fa, fa)
+            fb = torch.where(to_a & (side == 1), 0.5 * fb, fb)
+            b, fb = torch.where(to_b | zero, xs, b), torch.where(to_b | zero, fx, fb)
+            a, fa = torch.where(to_a & ~zero, xs, a), torch.where(to_a & ~zero, fx, fa)
+            side = torch.where(to_b, -1.0, torch.where(to_a, 1.0, side))
+            bis = (b - a) > 0.5 * width
+            done = done | zero | (b - a <= res)
+        return b
+
+    def _implicit(self, t_star: Tensor, y_star: Tensor, comp: Tensor, occ: Tensor) -> tuple[Tensor, Tensor]:
+        """Event times ``(B,)`` and states ``(B, n)`` with the implicit function theorem's gradients (rows in
+        ``occ``; one field evaluation on the batch where a graph is recorded)."""
+        if not torch.is_grad_enabled():
+            return t_star, y_star
+        ar = torch.arange(self.b, device=t_star.device)
+        g = self.values(t_star, y_star)[ar, comp]
+        if not g.requires_grad:
+            return t_star, y_star
+        with torch.enable_grad():
+            tg = t_star.detach().clone().requires_grad_(True)
+            yg = y_star.detach().clone().requires_grad_(True)
+            gd = self.values(tg, yg)[ar, comp]
+            gt, gy = torch.autograd.grad(gd.sum(), (tg, yg), allow_unused=True)
+        f = self.term(t_star, y_star.detach()).detach()
+        self.nfe += 1
+        dgdt = (gt if gt is not None else 0.0) + ((gy * f).sum(1).to(torch.float64) if gy is not None else 0.0)
+        dgdt = torch.as_tensor(dgdt, dtype=torch.float64, device=t_star.device)
+        ok = occ & (dgdt != 0)
+        t_e = torch.where(ok, t_star - (g - g.detach()) / torch.where(ok, dgdt, 1.0), t_star)
+        y_e = y_star + f * (t_e - t_star.detach()).to(f.dtype).view(-1, 1)
+        return t_e, y_e
+
+    def _jump(self, t_e: Tensor, y_e: Tensor, ev: Tensor, rows: Tensor) -> Tensor:
+        """The rows' states after their events' jumps (each event's ``jump`` sees all rows; the rows whose event it
+        is take its result), moved for a time with a gradient as :func:`jump_state` does."""
+        y_new = y_e
+        for i, e in enumerate(self.events):
+            mine = rows & (ev == i)
+            if e.jump is None or not bool(mine.any()):
+                continue
+            out = e.jump(t_e.to(y_e.dtype), y_e.view(self.b, *self.shape[1:]))
+            if not isinstance(out, Tensor) or tuple(out.shape) != (self.b, *self.shape[1:]) or out.dtype != y_e.dtype:
+                got = f"shape {tuple(out.shape)}, dtype {out.dtype}" if isinstance(out, Tensor) else \
+                    type(out).__name__
+                raise InputError(f"with per_sample_steps an Event's jump(t, y) gets the rows' times (B,) and states "
+                                 f"{(self.b, *self.shape[1:])} and must return the new states, that shape and dtype "
+                                 f"{y_e.dtype}; got {got}.")
+            y_new = torch.where(mine.view(-1, 1), out.reshape(self.b, -1), y_new)
+        return y_new

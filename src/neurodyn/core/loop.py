@@ -36,8 +36,9 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                           initial_step=0.0, last_step=0.0, records=[],
                           message=(f"NaN/inf in the derivative func(t0, y0) at the initial time t={t0:.6g}: "
                                    f"check the vector field and y0."))
-    # event_fn(t0, y0) evaluated and checked before any work.
-    watch = EventWatch(term, cfg, t0, y0) if cfg.event_fn is not None else None
+    # The event functions evaluated and checked at (t0, y0) before any work.
+    watch = EventWatch(term, cfg, t0, y0) if cfg.events else None
+    records: list = []  # event occurrences (t_e, y_e, event index)
     co = solver.coefficients(y0.dtype, y0.device)
     n = y0.shape[1]
     fixed = not cfg.adaptive
@@ -100,7 +101,7 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
     outs: list[Tensor] = [y0]
     out_i = 1
     n_out = len(times)
-    records: list[Step] = []
+    steps_kept: list[Step] = []
     t, y, k1 = t0, y0, k0
     steps = rejected = 0
     status = _sol.SUCCESS
@@ -179,41 +180,64 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                 last_h = h
                 st = Step(t, h, y, y1, k)
                 if record:
-                    records.append(st)
+                    steps_kept.append(st)
                 if on_accept is not None:
                     on_accept(t, h, t1, nudge, k1_time, y, k1)
                 # Outputs inside (t, t1]: the method's own dense output, never forced steps.
                 if out_i < n_out and (times[out_i] - t1) * direction <= 0:
                     out_i = step_outputs(solver, term, st, co, cfg.interp, times, out_i, t1, direction, outs)
-                if watch is not None:
-                    event = watch.check(solver, st, co, t1)
-                    if event is not None:
+                hit = watch.check(solver, st, co, t1, steps - 1) if watch is not None else None
+                jumped = False
+                if hit is not None:
+                    # Occurrences recorded (their differentiable times and states); the last one may stop the
+                    # solve, refuse (Zeno) or jump.
+                    n_rec = len(hit.occ) - (1 if hit.stop == "zeno" else 0)
+                    for th, c in hit.occ[:n_rec]:
+                        records.append((*watch.occurrence(solver, st, co, th, c), watch.owner[c]))
+                    if hit.stop is not None:
                         # Outputs already written past the event time are invalid: drop them.
-                        t_ev = st.t0 + event[1] * st.h
+                        t_ev = st.t0 + hit.theta * st.h
                         while len(outs) > 1 and (times[len(outs) - 1] - t_ev) * direction > 0:
                             outs.pop()
                         out_i = len(outs)
-                        status = _sol.EVENT
-                        t, y = t_ev, None
-                        break
-                t, y = t1, y1
-                k1_time = t
-                if landing and next_stop in jumps:
-                    k1_time = nextafter(t, direction, t_dtype)
-                    k1 = None if perturb else term(k1_time, y)
-                elif perturb:
-                    k1 = None
-                elif fsal:
-                    # The last stage in the state's shape (a cached view when it sits in a stage buffer).
-                    k1 = buf.rows[-1] if buf is not None and k is buf.flat else k[-1].view(term.shape)
-                else:
-                    # dy/dt at the step end if Hermite output computed it; else evaluated at the loop top.
-                    k1 = st.f1.view(term.shape) if st.f1 is not None else None
-                if landing:
-                    if next_stop == t_end:
-                        break
-                    stop_i += 1
-                    next_stop = stops[stop_i]
+                        if hit.stop != "jump":
+                            event = records[-1][:2] if hit.stop == "terminal" else \
+                                watch.occurrence(solver, st, co, *hit.occ[-1])
+                            status = _sol.EVENT if hit.stop == "terminal" else _sol.ZENO
+                            if status == _sol.ZENO:
+                                message = zeno_message(t_ev, cfg, watch.total)
+                            t, y = t_ev, None
+                            break
+                        # The jump: the solve continues from the new state with the derivative evaluated afresh
+                        # (a multistep stepper sees a state that is not its last step's end, and restarts).
+                        t_e, y_e, _ = records[-1]
+                        y, k1, zeno = watch.restart(t_e, y_e, hit.occ[-1][1], h)
+                        t = t_ev
+                        k1_time = t
+                        jumped = True
+                        if zeno:
+                            status, message = _sol.ZENO, zeno_message(t_ev, cfg, watch.total, h)
+                            event = (t_e, y.view(term.shape))
+                            break
+                if not jumped:
+                    t, y = t1, y1
+                    k1_time = t
+                    if landing and next_stop in jumps:
+                        k1_time = nextafter(t, direction, t_dtype)
+                        k1 = None if perturb else term(k1_time, y)
+                    elif perturb:
+                        k1 = None
+                    elif fsal:
+                        # The last stage in the state's shape (a cached view when it sits in a stage buffer).
+                        k1 = buf.rows[-1] if buf is not None and k is buf.flat else k[-1].view(term.shape)
+                    else:
+                        # dy/dt at the step end if Hermite output computed it; else evaluated at the loop top.
+                        k1 = st.f1.view(term.shape) if st.f1 is not None else None
+                    if landing:
+                        if next_stop == t_end:
+                            break
+                        stop_i += 1
+                        next_stop = stops[stop_i]
             else:
                 if cb_reject is not None:
                     cb_reject(t, y, abs(h))
@@ -244,10 +268,27 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                 break
 
     return LoopResult(outs=outs, status=status, t_final=t, y_final=y, steps=steps, rejected=rejected,
-                      initial_step=first_h, last_step=abs(last_h), records=records, message=message,
+                      initial_step=first_h, last_step=abs(last_h), records=steps_kept, message=message,
                       next_step=h_abs if math.isfinite(h_abs) and h_abs > 0 else None,
-                      event=event, compiled="step" if fast is not None else ("eager" if path == "eager" else None),
+                      event=event, events=records if watch is not None else None,
+                      hits=watch.hits if watch is not None else None,
+                      compiled="step" if fast is not None else ("eager" if path == "eager" else None),
                       compile_reason=why)
+
+
+def zeno_message(t: float, cfg: LoopConfig, total: int, h: float | None = None) -> str:
+    """What stopped a solve whose events accumulated at ``t`` (``h``: the step, when an event would fire again
+    right after its jump)."""
+    if h is not None:
+        why = f"an event would occur again within {math.sqrt(2.2e-16) * abs(h):.2g} of its jump"
+    elif total >= cfg.max_events:
+        why = f"more than max_events={cfg.max_events} events"
+    else:
+        why = f"two events closer than min_event_gap={cfg.min_event_gap:g}"
+    return (f"Zeno behaviour at t={t:.6g}: {why} (the events accumulate, e.g. a bouncing ball coming to rest). The "
+            f"solution up to t={t:.6g} is kept (pass on_failure='return'). Stop the solve there with a terminal event "
+            f"or a final time before it, change the jump so events stop accumulating, or raise max_events / lower "
+            f"min_event_gap.")
 
 
 def failure_message(status: str, t: float, h_abs: float, cfg: LoopConfig, solver: Stepper, t0: float,
@@ -279,7 +320,7 @@ def failure_message(status: str, t: float, h_abs: float, cfg: LoopConfig, solver
 
 def _whole_loop_applies(cfg: LoopConfig, y0: Tensor, k0: Tensor) -> bool:
     """The compiled whole loop covers solves that record nothing: no graph, steps, events or per-step hooks."""
-    if cfg.record or cfg.perturb or cfg.event_fn is not None or cfg.on_accept is not None or cfg.norm is not None:
+    if cfg.record or cfg.perturb or cfg.events or cfg.on_accept is not None or cfg.norm is not None:
         return False
     if cfg.accept_min_step or cfg.step_callbacks:
         return False

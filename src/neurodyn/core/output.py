@@ -10,9 +10,8 @@ import torch
 from torch import Tensor
 
 from .. import solution as _sol
-from ..solution import Solution
+from ..solution import Events, Solution
 from .config import LoopConfig
-from .events import differentiable_event
 from .stepper import Step, Stepper
 from .term import ODETerm
 
@@ -31,7 +30,9 @@ class LoopResult:
     last_step: float
     records: list[Step]
     message: str = ""
-    event: tuple[Step, float, int] | None = None  # (step, theta, component)
+    event: tuple[Tensor, Tensor] | None = None  # (time, state) where a terminal event or Zeno stopped the solve
+    events: list[tuple[Tensor, Tensor, int]] | None = None  # occurrences (time, state before a jump, event index)
+    hits: list | None = None  # (accepted step index, core.events.Hit) per step with occurrences (for replays)
     next_step: float | None = None  # the controller's proposal after the last step (to continue from)
     ys: Tensor | None = None  # the outputs stacked, (n_valid, n), where the loop wrote them in one tensor (outs empty)
     compiled: str | None = None  # "loop": the whole loop ran compiled; "step": compiled steps; "eager": compile=True
@@ -71,8 +72,10 @@ def assemble(res: LoopResult, term: ODETerm, solver: Stepper, cfg: LoopConfig, y
     event_t = None
     y_final = res.y_final
     if res.event is not None:
-        event_t, y_ev = differentiable_event(term, solver, cfg, res.event)
-        y_final = y_ev
+        t_ev, y_final = res.event
+        if res.status == _sol.EVENT:
+            event_t = t_ev
+    events = stack_events(res.events, shape, y0, t) if res.events is not None else None
     ys = res.ys if res.ys is not None else torch.cat(res.outs, 0)
     if n_valid < t.shape[0]:
         pad = ys.new_full((t.shape[0] - n_valid, ys.shape[1]), float("nan"))
@@ -98,13 +101,25 @@ def assemble(res: LoopResult, term: ODETerm, solver: Stepper, cfg: LoopConfig, y
     if cfg.record and res.records:
         dense_fn = _make_dense(term, solver, cfg, res.records, shape)
         span = (res.records[0].t0, res.t_final)
-    message = res.message or ("event" if res.event is not None else "success")
+    message = res.message or ("event" if res.status == _sol.EVENT else "success")
     sol = Solution(ts=t, ys=ys, stats=stats, status=res.status, message=message, t_final=res.t_final,
                    y_final=y_final.view(shape) if y_final is not None else None, n_valid=n_valid,
-                   event_t=event_t, _dense=dense_fn, _dense_span=span)
+                   event_t=event_t, events=events, _dense=dense_fn, _dense_span=span)
     if res.status in _sol.FAILURE_STATUSES and on_failure == "raise":
         raise _sol.failure(res.status, res.message, res.t_final, sol)
     return sol
+
+
+def stack_events(records: list[tuple[Tensor, Tensor, int]], shape: torch.Size, y0: Tensor, t: Tensor) -> Events:
+    """The occurrences ``(t_e, y_e, index)`` as an :class:`~neurodyn.solution.Events` (``(E,)``, ``(E, *shape)``,
+    ``(E,)``)."""
+    if not records:
+        return Events(t=t.new_zeros(0).detach(), y=y0.new_zeros((0, *shape)).detach(),
+                      index=torch.zeros(0, dtype=torch.long, device=y0.device))
+    ts = torch.stack([r[0].to(t.dtype) for r in records])
+    ys = torch.stack([r[1].reshape(shape) for r in records])
+    index = torch.tensor([r[2] for r in records], dtype=torch.long, device=y0.device)
+    return Events(t=ts, y=ys, index=index)
 
 
 def _make_dense(term: ODETerm, solver: Stepper, cfg: LoopConfig, records: list[Step],

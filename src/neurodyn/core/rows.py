@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import solution as _sol
 from ..errors import InputError
-from ..solution import Solution
+from ..solution import Events, Solution
 from .config import LoopConfig
 from .control import (
     LANDING_SLACK,
@@ -38,6 +38,7 @@ from .control import (
     rms_ratio,
     step_underflow_tensor,
 )
+from .events import RowEventWatch
 from .stepper import Stepper
 from .tensors import real_dtype
 from .term import check_output
@@ -46,8 +47,8 @@ RowTerm = Callable[[Tensor, Tensor], Tensor]  # (t of shape (B,), y of shape (B,
 RowState = tuple[Tensor, Tensor, Tensor, Tensor]  # the loop's (y, t, out_slot, k1) at the start of a step
 
 # Per-row status codes: indices into solution.STATUSES.
-_MAX_STEPS, _UNDERFLOW, _NON_FINITE = (_sol.CODE[s] for s in (_sol.MAX_STEPS_REACHED, _sol.STEP_SIZE_UNDERFLOW,
-                                                               _sol.NON_FINITE))
+_MAX_STEPS, _UNDERFLOW, _NON_FINITE, _EVENT, _ZENO = (_sol.CODE[s] for s in (
+    _sol.MAX_STEPS_REACHED, _sol.STEP_SIZE_UNDERFLOW, _sol.NON_FINITE, _sol.EVENT, _sol.ZENO))
 
 
 class StepHooks:
@@ -210,14 +211,17 @@ def _oriented(term: RowTerm, times: Tensor) -> tuple[RowTerm, Tensor, float, Ten
 def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver: Stepper,
                    cfg: LoopConfig, rtol: float | Tensor, atol: float | Tensor, *,
                    first_step: Tensor | None = None, error_dims: int | None = None,
-                   hooks: StepHooks | None = None, log: RowLog | None = None) -> RowsResult:
+                   hooks: StepHooks | None = None, log: RowLog | None = None,
+                   events: RowEventWatch | None = None) -> RowsResult:
     """Integrate every row of ``y0`` (``(B, n)``) through its own output times ``times`` (``(B, T)``, float64).
 
     ``term(t, y)`` evaluates the vector field on all rows (``t`` of shape ``(B,)``, float64); ``f0`` is its value
     at the start. ``rtol``/``atol`` are floats or ``(B, n)`` tensors; ``error_dims`` restricts the error
     control to the first components (a seminorm). ``first_step`` (``(B,)``) replaces the initial step
-    selection. ``hooks`` sees every attempted step; ``log`` records what :func:`replay_rows` needs. Never
-    raises for a failed row: ``status`` says what happened to each.
+    selection. ``hooks`` sees every attempted step; ``log`` records what :func:`replay_rows` needs; ``events``
+    (a :class:`~neurodyn.core.events.RowEventWatch`, rows integrating in one direction) locates and acts on each row's
+    events, a row's step ending at its occurrence. Never raises for a failed row: ``status`` says what happened to
+    each.
     """
     term, times, d, sign = _oriented(term, times)
     if sign is not None:
@@ -299,6 +303,9 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
         y = torch.where(acc_col, y1, y)
         k1 = torch.where(acc_col, f_last, k1)
         t_cur = torch.where(accept, t1, t_cur)
+        if events is not None:
+            t_cur, y, k1, t_stop, status = events.after_step(t_prev, y_prev, h, hc, y1, kh, f_last, accept, t_cur, y,
+                                                             k1, t_stop, status, (_EVENT, _ZENO))
         steps += accept
         attempts += act
         still = t_cur != t_stop
@@ -340,6 +347,8 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
 
     success = status == 0
     ys = fr.finish_outputs(ys_buf, y, success)
+    if events is not None:
+        nfe += events.nfe
     if sign is not None:
         t_cur = t_cur * sign
     return RowsResult(ys=ys, y=y, t=t_cur, status=status, steps=steps, attempts=attempts,
@@ -402,8 +411,8 @@ def check_supported(y0: Tensor, solver: Stepper, cfg: LoopConfig) -> None:
         raise InputError("per_sample_steps needs a leading batch dimension in y0.")
     if not solver.adaptive or cfg.step_size is not None:
         raise InputError("per_sample_steps needs an adaptive method without step_size (a fixed step is shared).")
-    if cfg.event_fn is not None or cfg.step_t or cfg.jump_t or cfg.norm is not None or cfg.perturb:
-        raise InputError("per_sample_steps does not support event_fn, step_t, jump_t, norm or perturb yet.")
+    if cfg.step_t or cfg.jump_t or cfg.norm is not None or cfg.perturb:
+        raise InputError("per_sample_steps does not support step_t, jump_t, norm or perturb yet.")
 
 
 def row_times(t: Tensor, b_rows: int) -> Tensor:
@@ -459,12 +468,13 @@ def row_tolerance(tol: float | Tensor, b_rows: int, n: int) -> float | Tensor:
 
 
 def make_solution(res: RowsResult, t: Tensor, shape: torch.Size, method: str, on_failure: str,
-                  gradient: str, ys: Tensor | None = None) -> Solution:
-    """The :class:`Solution` of a per-sample solve (raising for a failed sample if asked)."""
+                  gradient: str, ys: Tensor | None = None, events: RowEventWatch | None = None) -> Solution:
+    """The :class:`Solution` of a per-sample solve (raising for a failed sample if asked); with ``events``, its
+    occurrences in ``sol.events`` (``.sample``: the row of each)."""
     b_rows = shape[0]
     codes = [_sol.STATUSES[i] for i in res.status.tolist()]
-    failed = [i for i, s_ in enumerate(codes) if s_ != _sol.SUCCESS]
-    overall = codes[failed[0]] if failed else _sol.SUCCESS
+    failed = [i for i, s_ in enumerate(codes) if s_ in _sol.FAILURE_STATUSES]
+    overall = codes[failed[0]] if failed else (_sol.EVENT if _sol.EVENT in codes else _sol.SUCCESS)
     stats = {
         "nfe": res.nfe,
         "steps": int(res.steps.max()),
@@ -476,7 +486,7 @@ def make_solution(res: RowsResult, t: Tensor, shape: torch.Size, method: str, on
         "per_sample": True,
         "gradient": gradient,
     }
-    message = "success" if not failed else (
+    message = overall if not failed else (
         f"{len(failed)} of {b_rows} samples failed (first: sample {failed[0]}, {codes[failed[0]]} at "
         f"t={float(res.t[failed[0]]):.6g}); see sol.sample_status and sol.t_final_per_sample. Loosen rtol/atol, "
         f"raise max_steps, or check the vector field for those samples.")
@@ -485,6 +495,18 @@ def make_solution(res: RowsResult, t: Tensor, shape: torch.Size, method: str, on
     sol = Solution(ts=t, ys=out.view(out.shape[0], *shape), stats=stats, status=overall, message=message,
                    t_final=float(res.t.max() if forward else res.t.min()), y_final=res.y.view(shape),
                    n_valid=int(res.n_valid.min()), sample_status=codes, t_final_per_sample=res.t)
+    if events is not None:
+        rec = events.records
+        row_shape = tuple(shape[1:])
+        if rec:
+            sol.events = Events(t=torch.stack([r[1] for r in rec]).to(t.dtype),
+                                y=torch.stack([r[2].reshape(row_shape) for r in rec]),
+                                index=torch.tensor([r[3] for r in rec], dtype=torch.long, device=res.y.device),
+                                sample=torch.tensor([r[0] for r in rec], dtype=torch.long, device=res.y.device))
+        else:
+            sol.events = Events(t=t.new_zeros(0), y=res.y.new_zeros((0, *row_shape)),
+                                index=torch.zeros(0, dtype=torch.long, device=res.y.device),
+                                sample=torch.zeros(0, dtype=torch.long, device=res.y.device))
     if failed and on_failure == "raise":
         raise _sol.failure(overall, message, float(res.t[failed[0]]), sol)
     return sol
@@ -503,7 +525,14 @@ def solve_per_sample(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg
     times = row_times(t, b_rows)
     f0 = first_derivative(func, y0, times)
     term = time_cast(row_term(func, y0.shape), real_dtype(y0.dtype))
+    watch = None
+    if cfg.events:
+        d = torch.sign(times[:, -1] - times[:, 0])
+        if not bool((d == d[0]).all()):
+            raise InputError("per_sample_steps with events needs every sample to integrate in the same direction of "
+                             "time (some t rows increase, others decrease).")
+        watch = RowEventWatch(cfg.events, term, solver, y0.shape, times[:, 0], y0.reshape(b_rows, n), cfg)
     res = integrate_rows(term, y0.reshape(b_rows, n), f0, times, solver, cfg, row_tolerance(cfg.rtol, b_rows, n),
-                         row_tolerance(cfg.atol, b_rows, n))
+                         row_tolerance(cfg.atol, b_rows, n), events=watch)
     res.nfe += 1
-    return make_solution(res, t, y0.shape, solver.name, on_failure, "direct")
+    return make_solution(res, t, y0.shape, solver.name, on_failure, "direct", events=watch)

@@ -11,6 +11,10 @@ from types import ModuleType
 
 # name -> (module, one-line description)
 DEMOS: dict[str, tuple[str, str]] = {
+    "bouncing-ball": (
+        "neurodyn.demos.bouncing_ball",
+        "a bouncing ball through events with a jump: bounce times vs closed form; learn g and e from heights",
+    ),
     "digits": (
         "neurodyn.demos.digits",
         "ODE-Net vs ResNet vs RK-Net on scikit-learn's 8x8 digits (accuracy, NFE, memory, adaptive NFE)",

@@ -225,6 +225,21 @@ class _AdjointFunction(torch.autograd.Function):
         return (None, *first_order_only(setup.mode, [grad_y0, grad_t, *grad_params], [grad_ys, *inputs]))
 
 
+class _NoEventGradient(torch.autograd.Function):
+    """Passes event values through; a gradient reaching them raises (the continuous adjoint gives none)."""
+
+    @staticmethod
+    def forward(ctx, mode: str, value: Tensor, *links: Tensor) -> Tensor:
+        ctx.mode = mode
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise InputError(f"gradient={ctx.mode!r} gives the gradient of sol.ys only, not of the event times and states "
+                         f"(sol.events): use gradient='checkpoint' (exact, bounded memory) or 'direct' to "
+                         f"differentiate them.")
+
+
 def atol_abs(atol, rtol, y: Tensor) -> Tensor:
     """The error scale ``atol + rtol |y|`` (drift is reported in these units)."""
     a = atol.reshape(-1) if isinstance(atol, Tensor) else atol
@@ -243,12 +258,22 @@ def _aug_tol(tol, y_dims: int, n: int, p_total: int) -> Tensor:
 def solve_adjoint(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg: LoopConfig,
                   on_failure: str, gopts: GradientOptions, mode: str = "adjoint") -> Solution:
     """gradient="adjoint" / "interpolated": see the module docstring."""
-    if cfg.event_fn is not None:
-        raise InputError(f"event_fn is supported with gradient='direct' only, not {mode!r}.")
+    stopping = [i for i, e in enumerate(cfg.events) if e.jump is not None or e.stop_after is not None]
+    if stopping:
+        raise InputError(f"gradient={mode!r} cannot differentiate through a jump or a terminal event (events "
+                         f"{stopping}): its backward solve would need the adjoint's jump at every event. Use "
+                         f"gradient='checkpoint' (exact, bounded memory) or 'direct'.")
     setup = _Setup(func, solver, cfg, on_failure, gopts, mode, y0.shape)
     ys = _AdjointFunction.apply(setup, y0, t, *gopts.params)
     sol = setup.solution
     sol.ys = ys
+    if sol.events is not None and torch.is_grad_enabled():
+        # Events without jumps leave the trajectory alone: the gradient of ys is exact. The event times and states
+        # carry none: a backward pass reaching them raises.
+        links = [x for x in (y0, *gopts.params) if x.requires_grad]
+        if links:
+            sol.events.t = _NoEventGradient.apply(mode, sol.events.t, *links)
+            sol.events.y = _NoEventGradient.apply(mode, sol.events.y, *links)
     sol.stats["gradient"] = mode
     return sol
 

@@ -67,6 +67,7 @@ import torch
 from torch import Tensor
 
 from ..core.config import LoopConfig
+from ..core.events import Event, Hit, event_values, jump_state, occurrence
 from ..core.loop import integrate
 from ..core.output import assemble, step_outputs
 from ..core.stepper import Step, Stepper, nextafter
@@ -74,7 +75,7 @@ from ..core.tensors import real_dtype
 from ..core.term import ODETerm
 from ..errors import InputError, SolveFailure
 from ..fields import check_derivative
-from ..solution import Solution, check_differentiable
+from ..solution import EVENT, Solution, check_differentiable
 from .common import GradientOptions, HiddenTensorGuard, first_order_only
 
 # Longest segment backpropagated as one graph; longer ones are checkpointed again (recursively), so the
@@ -219,16 +220,20 @@ class _CheckpointFunction(torch.autograd.Function):
             res = integrate(term, solver, y0.detach().reshape(1, -1), f0, times, cfg)
             sol = assemble(res, term, solver, cfg, y0.detach(), setup.t.detach(), setup.on_failure)
         setup.solution, setup.log, setup.term = sol, log, term
+        setup.hits = res.hits or []
         ctx.setup = setup
-        return sol.ys.detach()
+        ev = sol.events
+        if ev is None:
+            return sol.ys.detach(), sol.ys.new_zeros(0), sol.ys.new_zeros(0)
+        return sol.ys.detach(), ev.t.detach(), ev.y.detach()
 
     @staticmethod
-    def backward(ctx, grad_ys: Tensor):
+    def backward(ctx, grad_ys: Tensor, grad_ev_t: Tensor | None = None, grad_ev_y: Tensor | None = None):
         setup: _Setup = ctx.setup
         sol = setup.solution
         check_differentiable(sol)
         log = setup.log
-        replayer = _Replayer(setup, grad_ys)
+        replayer = _Replayer(setup, grad_ys, grad_ev_t, grad_ev_y)
         keys = sorted(log.states) + [len(log.steps)]
         cot: tuple = (grad_ys.new_zeros((1, grad_ys[0].numel())), None, ())
         # The replay puts the generators where the forward had them at every step: the caller's are restored after.
@@ -244,8 +249,10 @@ class _CheckpointFunction(torch.autograd.Function):
 class _Replayer:
     """Replays logged steps from checkpointed states and backpropagates segment by segment."""
 
-    def __init__(self, setup: _Setup, grad_ys: Tensor):
+    def __init__(self, setup: _Setup, grad_ys: Tensor, grad_ev_t: Tensor | None = None,
+                 grad_ev_y: Tensor | None = None):
         self.setup, self.grad_ys = setup, grad_ys
+        self.grad_ev = (grad_ev_t, grad_ev_y)
         self.log, self.solver, self.cfg = setup.log, setup.solver, setup.cfg
         self.params = setup.gopts.params
         self.times = setup.times
@@ -259,24 +266,44 @@ class _Replayer:
         self.prepare: Callable | None = self.solver.replay_prepare if self.solver.replay else None
         self.record: Callable | None = self.solver.replay_record if self.solver.replay else None
         self.g_params = [torch.zeros_like(p) for p in self.params]
-        # First output index produced by each step.
+        # The events, with the field's guard (their tensors must be params too): per step with occurrences, the
+        # hit, the number of its first occurrence among all, and where the step was cut (a jump, a stop).
+        cfg = self.cfg
+        self.events = tuple(Event(self.guard.field(e.fn, settle=False), e.direction, e.terminal,
+                                  None if e.jump is None else self.guard.field(e.jump, settle=False))
+                            for e in cfg.events)
+        self.owner = [i for i, e in enumerate(cfg.events) for _ in range(setup.event_sizes[i])]
+        self.offset = [sum(setup.event_sizes[:i]) for i in range(len(cfg.events))]
+        self.hits: dict[int, tuple[Hit, int]] = {}
+        number = 0
+        for j, hit in setup.hits:
+            self.hits[j] = (hit, number)
+            number += len(hit.occ) - (1 if hit.stop == "zeno" else 0)
+        # First output index produced by each step (a cut step produces those up to its cut).
         self.first_out = []
         out_i = 1
-        for (_, _, t1, _, _) in self.log.steps:
+        for j, (t, h, t1, _, _) in enumerate(self.log.steps):
             self.first_out.append(out_i)
-            while out_i < len(self.times) and (self.times[out_i] - t1) * self.direction <= 0:
+            hit = self.hits.get(j)
+            end = t + hit[0].theta * h if hit is not None and hit[0].stop is not None else t1
+            while out_i < len(self.times) and (self.times[out_i] - end) * self.direction <= 0:
                 out_i += 1
+        self.first_out.append(out_i)
 
     def run(self, j0: int, j1: int, state: State, outs: list[Tensor] | None = None,
-            subs: dict[int, State] | None = None, stride: int = 1) -> State:
+            subs: dict[int, State] | None = None, stride: int = 1,
+            ev_outs: list[tuple[int, Tensor, Tensor]] | None = None) -> State:
         """Steps ``j0 .. j1 - 1`` again from ``state`` (the state at ``j0``); returns the state at ``j1``.
 
         Within the segment the first stage comes from the previous step's last (FSAL), as in the forward loop,
         so the replayed graph is the direct method's. ``outs`` collects the outputs the steps produce; ``subs``
-        the state at every ``stride``-th step (sub-checkpoints)."""
+        the state at every ``stride``-th step (sub-checkpoints); ``ev_outs`` the events' ``(number, t_e, y_e)``.
+        A step with event occurrences repeats them: the same occurrences (times from the log, gradients from the
+        replayed graph), and a jump continues from the jumped state as the forward did."""
         log, solver, term, co = self.log, self.solver, self.term, self.co
         y, k1, tensors, meta = state
-        k1 = k1.view(self.setup.shape) if k1 is not None else None
+        after_jump = (j0 - 1) in self.hits and self.hits[j0 - 1][0].stop == "jump"
+        k1 = k1.view(self.setup.shape) if k1 is not None and not after_jump else None
         rng = log.rng
         for j in range(j0, j1):
             t, h, t1, nudge, k1_time = log.steps[j]
@@ -288,14 +315,19 @@ class _Replayer:
             rng.restore(rng.attempt[j])
             y1, k, _ = solver.step(term, t, y, h, k1, co, nudge)
             rng.restore(rng.after[j])
+            st = Step(t, h, y, y1, k)
             if outs is not None:
-                step_outputs(solver, term, Step(t, h, y, y1, k), co, self.cfg.interp, self.times, self.first_out[j],
-                             t1, self.direction, outs)
+                produced: list[Tensor] = []
+                step_outputs(solver, term, st, co, self.cfg.interp, self.times, self.first_out[j], t1,
+                             self.direction, produced)
+                outs.extend(produced[: self.first_out[j + 1] - self.first_out[j]])
             if self.record is not None:
                 _, tensors, meta = self.record()
                 tensors = tuple(tensors)
             y = y1
             k1 = k[-1].view(self.setup.shape) if fsal_continues(log.steps, j + 1, log.fsal) else None
+            if j in self.hits:
+                y, k1 = self._events(j, st, ev_outs, y, k1)
             if subs is not None and (j + 1 - j0) % stride == 0:
                 subs[j + 1] = (y, k1.reshape(1, -1) if k1 is not None else None, tensors, meta)
         if j1 > j0 and not bool(torch.isfinite(y.detach()).all()):  # one check per segment (a host sync)
@@ -306,6 +338,24 @@ class _Replayer:
                 f"replay). Use gradient='direct', or other tolerances.", status="non_finite", t=t_a,
                 solution=self.setup.solution)
         return y, (k1.reshape(1, -1) if k1 is not None else None), tensors, meta
+
+    def _events(self, j: int, st: Step, ev_outs: list | None, y: Tensor, k1: Tensor | None):
+        """The occurrences of step ``j`` again; returns the state and ``k1`` the next step starts from."""
+        hit, number = self.hits[j]
+        n_rec = len(hit.occ) - (1 if hit.stop == "zeno" else 0)
+        last = None
+        for m, (th, c) in enumerate(hit.occ[:n_rec]):
+            e = self.owner[c]
+            t_e, y_e = occurrence(self.term, self.solver, st, self.co, self.cfg.interp, self.events[e],
+                                  c - self.offset[e], th)
+            if ev_outs is not None:
+                ev_outs.append((number + m, t_e, y_e))
+            last = (t_e, y_e, self.events[e])
+        if hit.stop == "jump":
+            t_e, y_e, ev = last
+            y_new, _ = jump_state(self.term, ev, t_e, y_e)
+            return y_new.reshape(1, -1), None
+        return y, k1
 
     def backprop(self, j0: int, j1: int, state: State, cot: tuple) -> tuple:
         """Backpropagate the cotangent ``cot = (a_y, a_k1, a_tensors)`` of the state at ``j1`` (and the outputs
@@ -324,12 +374,22 @@ class _Replayer:
             leaves = [y.detach().requires_grad_(True), None if k1 is None else k1.detach().requires_grad_(True),
                       *(x.detach().requires_grad_(True) for x in tensors)]
             outs: list[Tensor] = []
-            y_end, k1_end, tensors_end, _ = self.run(j0, j1, (leaves[0], leaves[1], tuple(leaves[2:]), meta), outs)
+            ev_outs: list[tuple[int, Tensor, Tensor]] = []
+            y_end, k1_end, tensors_end, _ = self.run(j0, j1, (leaves[0], leaves[1], tuple(leaves[2:]), meta), outs,
+                                                     ev_outs=ev_outs)
             idx0 = self.first_out[j0]
             a_y, a_k1, a_tensors = cot
             roots = [y_end, k1_end, *tensors_end] + outs
             grads = [a_y, a_k1, *(a_tensors or (None,) * len(tensors_end))]
             grads += [self.grad_ys[idx0 + m].reshape(1, -1) for m in range(len(outs))]
+            g_t, g_y = self.grad_ev
+            for number, t_e, y_e in ev_outs:
+                if g_t is not None:
+                    roots.append(t_e)
+                    grads.append(g_t[number])
+                if g_y is not None:
+                    roots.append(y_e)
+                    grads.append(g_y[number])
             pairs = [(r, g.view_as(r)) for r, g in zip(roots, grads)
                      if r is not None and g is not None and r.requires_grad]
             inputs = [x for x in leaves if x is not None]
@@ -344,16 +404,46 @@ class _Replayer:
         return a_y, a_k1, tuple(got)
 
 
+def _check_event_tensors(cfg: LoopConfig, y0: Tensor, t0: float, params: list[Tensor]) -> list[int]:
+    """The events' functions and jumps may use only ``y``, ``t`` and ``params`` among tensors requiring grad (the
+    replay differentiates with respect to those); checked at ``(t0, y0)``. Returns each function's component
+    count."""
+    sizes = []
+    tt = torch.scalar_tensor(t0, dtype=real_dtype(y0.dtype), device=y0.device)
+    for i, ev in enumerate(cfg.events):
+        for name, fn in (("fn", ev.fn), ("jump", ev.jump)):
+            if fn is None:
+                continue
+            guard = HiddenTensorGuard(params, "checkpoint")
+            with torch.random.fork_rng(devices=[y0.device] if y0.device.type == "cuda" else []), \
+                    torch.enable_grad():
+                y = y0.detach().requires_grad_(True)
+                out = fn(tt, y)
+                if name == "fn":
+                    sizes.append(event_values(fn, tt, y.detach()).numel())
+                if isinstance(out, Tensor) and out.grad_fn is not None:
+                    guard.watch([out], [tt, y])
+            del out
+            try:
+                guard.settle(f"in events[{i}].{name} at t={t0:.6g}")
+            except InputError as err:
+                raise InputError(f"events[{i}].{name}: {err}") from None
+    return sizes
+
+
 def solve_checkpoint(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg: LoopConfig,
                      on_failure: str, gopts: GradientOptions) -> Solution:
     """gradient="checkpoint": see the module docstring."""
-    if cfg.event_fn is not None:
-        raise InputError("event_fn is supported with gradient='direct' only, not 'checkpoint'.")
     setup = _Setup(func, solver, cfg, on_failure, gopts, y0.shape)
     setup.t = t
     setup.times = t.detach().cpu().tolist()
-    ys = _CheckpointFunction.apply(setup, y0, *gopts.params)
+    setup.event_sizes = _check_event_tensors(cfg, y0, setup.times[0], gopts.params) if cfg.events else []
+    ys, ev_t, ev_y = _CheckpointFunction.apply(setup, y0, *gopts.params)
     sol = setup.solution
     sol.ys = ys
+    if sol.events is not None:
+        sol.events.t, sol.events.y = ev_t.to(sol.events.t.dtype), ev_y
+        if sol.status == EVENT:
+            sol.event_t, sol.y_final = sol.events.t[-1], ev_y[-1]
     sol.stats["gradient"] = "checkpoint"
     return sol

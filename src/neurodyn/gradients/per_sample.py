@@ -389,6 +389,9 @@ def solve_per_sample_gradient(func: Callable, y0: Tensor, t: Tensor, solver: Ste
     if gradient == "direct":
         return solve_per_sample(func, y0, t, solver, cfg, on_failure)
     check_supported(y0, solver, cfg)
+    if cfg.events:
+        raise InputError(f"per_sample_steps with events differentiates with gradient='direct' only, not "
+                         f"{gradient!r} (the per-sample replays and backward solves do not repeat the events).")
     if gradient in ("adjoint", "interpolated") and gopts.adjoint_method is not None:
         adj = get_solver(gopts.adjoint_method)
         if not adj.rows or not adj.adaptive:
