@@ -8,6 +8,7 @@ Solvers, gradient methods and models for Neural ODEs, with a torchdiffeq drop-in
 """
 
 from .analysis import jacobian_spectrum, lipschitz_estimate, reversibility, spectral_radius, stiffness_ratio
+from .compat.torchcde import cdeint
 from .compat.torchdiffeq import odeint, odeint_adjoint, odeint_dense, odeint_event
 from .core.control import PIDController
 from .core.term import ControlTerm, MultiTerm, ODETerm, SplitTerm, Term
@@ -22,7 +23,7 @@ from .errors import (
     StepSizeUnderflow,
 )
 from .models import AugmentedNeuralODE, NeuralODE
-from .paths import LinearPath
+from .paths import CubicPath, LinearPath
 from .regularizers import RegularizedField, regularized_solve, steer_time
 from .solution import Solution
 from .solve import solve
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AugmentedNeuralODE",
     "ControlTerm",
+    "CubicPath",
     "InputError",
     "LinearPath",
     "MaxStepsReached",
@@ -53,6 +55,7 @@ __all__ = [
     "Term",
     "Trainer",
     "available_methods",
+    "cdeint",
     "jacobian_spectrum",
     "lipschitz_estimate",
     "odeint",

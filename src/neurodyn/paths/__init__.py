@@ -1,8 +1,16 @@
 """Control paths for :class:`neurodyn.ControlTerm` (the protocol: :mod:`neurodyn.core.paths`).
 
-:class:`LinearPath`: piecewise-linear interpolation of data ``(..., T, channels)``.
+:class:`LinearPath`: piecewise-linear interpolation of data ``(..., T, channels)`` (and rectilinear, causal);
+:class:`CubicPath`: piecewise cubics in torchcde's coefficient layout -- natural cubic splines
+(:func:`natural_cubic_coeffs`) and cubic Hermite with backward differences (:func:`hermite_coeffs`, causal);
+:func:`logsig_windows`: depth-1/2 log-signatures over windows (the log-ODE method); data preparation in
+:mod:`neurodyn.paths.fill` (missing values, rectilinear data, observation-intensity / mask channels).
 """
 
+from .cubic import CubicPath, hermite_coeffs, natural_cubic_coeffs
+from .fill import fill_missing, forward_fill, observation_channels, rectilinear_data
 from .linear import LinearPath
+from .logsig import logsig_windows
 
-__all__ = ["LinearPath"]
+__all__ = ["CubicPath", "LinearPath", "fill_missing", "forward_fill", "hermite_coeffs", "logsig_windows",
+           "natural_cubic_coeffs", "observation_channels", "rectilinear_data"]
