@@ -22,7 +22,7 @@ from .errors import (
     SolveFailure,
     StepSizeUnderflow,
 )
-from .models import AugmentedNeuralODE, NeuralODE
+from .models import AugmentedNeuralODE, NeuralCDE, NeuralODE
 from .paths import CubicPath, LinearPath
 from .regularizers import RegularizedField, regularized_solve, steer_time
 from .solution import Solution
@@ -40,6 +40,7 @@ __all__ = [
     "LinearPath",
     "MaxStepsReached",
     "MultiTerm",
+    "NeuralCDE",
     "NeuralODE",
     "NeurodynError",
     "NoEventError",

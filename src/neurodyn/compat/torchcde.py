@@ -447,13 +447,23 @@ def cdeint(X: Any, func: Callable | nn.Module, z0: Tensor | tuple[Tensor, ...], 
     if adjoint:
         kwargs.setdefault("adjoint_atol", kwargs["atol"])
         kwargs.setdefault("adjoint_rtol", kwargs["rtol"])
-        params = list(adjoint_params) if adjoint_params is not None else field_params(func)
-        seen = {id(p) for p in params}
-        params += [x for x in grad_tensors if id(x) not in seen]
+        params = _adjoint_params(adjoint_params, func, grad_tensors, X)
         ys = odeint_adjoint(field, z0, t, adjoint_params=params, **kwargs)
     else:
         ys = odeint(field, z0, t, **kwargs)
     return _time_second_last(ys)
+
+
+def _adjoint_params(adjoint_params: Any, func: Any, grad_tensors: list[Tensor], X: Any) -> list[Tensor]:
+    """The user's adjoint parameters (default: ``func``'s) joined by the path's gradient tensors, without the
+    path's own coefficient and time buffers (the path's gradient tensors stand for them: counting both would give
+    them their gradient twice)."""
+    params = list(adjoint_params) if adjoint_params is not None else field_params(func)
+    controls = X.controls if isinstance(X, TupleControl) else [X]
+    covered = {id(b) for c in controls if isinstance(c, _Interpolation) for b in (c._t, c._coeffs)}
+    params = [p for p in params if id(p) not in covered]
+    seen = {id(p) for p in params}
+    return params + [x for x in grad_tensors if id(x) not in seen]
 
 
 def _tuple_field(func: Any, paths: list, is_prod: bool) -> Callable:
@@ -491,9 +501,7 @@ def _sde_backend(field: Callable, z0: Any, t: Tensor, adjoint: bool, adjoint_par
         raise InputError(f"cdeint: unknown argument(s) {sorted(kwargs)} for backend='torchsde'.")
     params = None
     if adjoint:
-        params = list(adjoint_params) if adjoint_params is not None else field_params(func)
-        seen = {id(p) for p in params}
-        params += [x for x in grad_tensors if id(x) not in seen]
+        params = _adjoint_params(adjoint_params, func, grad_tensors, None)
     sol = solve(field, z0, t, method=_SDE_METHODS[method], step_size=dt, rtol=rtol, atol=atol,
                 gradient="adjoint" if adjoint else "direct", params=params)
     return sol.ys

@@ -9,8 +9,11 @@ piece ``k`` with ``s = t - t_k``
 Both interpolants are C^1 (the natural spline C^2): ``dX/dt`` is continuous at the knots, so a controlled equation
 driven by them has a continuous right-hand side, and only its higher time derivatives jump at the knots. The path
 is therefore ``smooth``: the solve lands on its knots as ``step_t`` (keeping the method's order; no
-re-evaluation), not as ``jump_t``. For the same reason its knot times may require grad: the solution depends on
-them only through ``X`` itself (no moving discontinuity), which autograd and every gradient method see.
+re-evaluation), not as ``jump_t`` -- except when its coefficients or times require grad: the sensitivities of
+``dX/dt`` to them jump at the knots, and a gradient method must integrate them piece by piece (``jump_t``: landed
+on in the backward solve too, no stage evaluated across a knot). Its knot times may require grad: the solution
+depends on them only through ``X`` itself (no moving discontinuity of ``dX/dt``), which every gradient method
+sees.
 """
 
 from __future__ import annotations
@@ -177,7 +180,7 @@ class CubicPath:
         protocol's; the two agree up to rounding, ``dX/dt`` being continuous).
 
     Values and derivatives have shape ``(..., channels)``; outside ``[t_0, t_{T-1}]`` the first and last pieces
-    are extended. ``smooth = True``: ``dX/dt`` is continuous at the knots (see :mod:`neurodyn.paths.cubic`).
+    are extended. ``smooth``: ``dX/dt`` is continuous at the knots (see :mod:`neurodyn.paths.cubic`).
 
     A path holds the graph from its coefficients to the data they were computed from: build it in each forward
     pass (as with torchcde), from coefficients computed there or loaded.
@@ -191,7 +194,12 @@ class CubicPath:
     (tensor([0.1250], dtype=torch.float64), torch.Size([1]))
     """
 
-    smooth = True
+    @property
+    def smooth(self) -> bool:
+        """True (knots landed on as ``step_t``) unless the coefficients or the times require grad: the sensitivity
+        of ``dX/dt`` to them jumps at the knots, so the knots are then ``jump_t`` -- no stage of a step, forward or
+        in an adjoint's backward solve, is evaluated on the far side of a knot (one more evaluation per knot)."""
+        return not (self.coeffs.requires_grad or self.ts.requires_grad)
 
     def __init__(self, ts: Tensor, coeffs: Tensor, *, land: bool = True, left: bool = False):
         if not isinstance(coeffs, Tensor) or coeffs.dim() < 2:
@@ -216,6 +224,17 @@ class CubicPath:
         self._bisect = bisect.bisect_left if left else bisect.bisect_right
         self._right = not left
         self._rows: tuple[Tensor, ...] | None = None
+        self._tview: Tensor | None = None
+
+    def _times(self) -> Tensor:
+        """The knot times the evaluations use: under grad mode a view of ``ts`` of its own, so that a gradient
+        method differentiating with respect to it (and to the rows) does not reach ``ts`` again through the
+        coefficients computed from it (counted once, by the solve's backward pass)."""
+        if not (self.ts.requires_grad and torch.is_grad_enabled()):
+            return self.ts
+        if self._tview is None:
+            self._tview = self.ts.view(self.ts.shape)
+        return self._tview
 
     def _row(self, i: int) -> Tensor:
         """Piece ``i``'s coefficients ``(..., 4C)``. With coefficients requiring grad the rows are split off once
@@ -241,13 +260,14 @@ class CubicPath:
         """``(row, s)``: the coefficient row ``(..., 4C)`` of the piece holding ``t`` and ``s = t - t_k``."""
         if isinstance(t, Tensor) and t.dim() == 0 and t.device.type == "cpu":
             i = self._bisect(self._inner_list, float(t))
-            return self._row(i), t.to(self.coeffs.dtype) - self.ts[i].to(self.coeffs.dtype)
+            return self._row(i), t.to(self.coeffs.dtype) - self._times()[i].to(self.coeffs.dtype)
         tt = torch.as_tensor(t, dtype=self.ts.dtype, device=self.ts.device)
         if tt.dim() != 0:
             raise InputError(f"CubicPath: t must be a scalar time, got shape {tuple(tt.shape)}.")
         i = torch.searchsorted(self._inner, tt.reshape(1), right=self._right)
-        row = self.coeffs.index_select(-2, i).squeeze(-2)
-        return row, (tt - self.ts.index_select(0, i).squeeze(0)).to(self.coeffs.dtype)
+        row = self.coeffs.index_select(-2, i).squeeze(-2) if self._rows is None else \
+            torch.stack(self._rows, -2).index_select(-2, i).squeeze(-2)
+        return row, (tt - self._times().index_select(0, i).squeeze(0)).to(self.coeffs.dtype)
 
     def evaluate(self, t: Tensor | float) -> Tensor:
         """``X(t)``, shape ``(..., channels)``."""
@@ -266,8 +286,20 @@ class CubicPath:
         return self.evaluate(t) - self.evaluate(s)
 
     def grad_tensors(self) -> list[Tensor]:
-        """The coefficients and the knot times, those that require grad."""
-        return [x for x in (self.coeffs, self.ts) if x.requires_grad]
+        """The coefficients (as the per-piece rows the evaluations use, under grad mode) and the knot times, those
+        that require grad. The gradient methods differentiate the field with respect to these tensors, possibly many
+        times; the rows' graph back to ``coeffs`` is then traversed once, by the solve's own backward pass."""
+        out = []
+        if self.coeffs.requires_grad:
+            if torch.is_grad_enabled():
+                if self._rows is None:
+                    self._rows = self.coeffs.unbind(-2)
+                out += list(self._rows)
+            else:
+                out.append(self.coeffs)
+        if self.ts.requires_grad:
+            out.append(self._times())
+        return out
 
     def __repr__(self) -> str:
         return f"CubicPath(T={self._n + 1}, coeffs shape={tuple(self.coeffs.shape)})"
