@@ -93,7 +93,7 @@ def test_cdeint_matches_torchcde(kind, adjoint):
         kw = dict(adjoint_params=tuple(func.parameters()) + (coeffs,)) if adjoint else {}
         tt = X.grid_points[[0, 3, -1]]
         z = lib.cdeint(X=X, func=func, z0=z0, t=tt, adjoint=adjoint, method="rk4",
-                       options=dict(step_size=0.05), **kw)
+                       options=dict(step_size=0.1), **kw)
         grads = torch.autograd.grad(z.pow(2).sum(), [xs, *func.parameters()])
         outs.append((z.detach(), grads))
     for z, grads in outs[1:]:
@@ -127,15 +127,15 @@ def test_adjoint_path_gradients_without_adjoint_params_and_stacked_cdes():
     for adjoint in (False, True):
         xs, ts = x.clone().requires_grad_(True), t.clone().requires_grad_(True)
         X = ncde.CubicSpline(ncde.natural_cubic_coeffs(xs, ts), ts)
-        z1 = ncde.cdeint(X=X, func=f1, z0=z0, t=ts, adjoint=adjoint, method="rk4", options=dict(step_size=0.02))
+        opts = dict(step_size=0.1, jump_t=t)  # steps within pieces: direct and adjoint converge to one gradient
+        z1 = ncde.cdeint(X=X, func=f1, z0=z0, t=ts, adjoint=adjoint, method="rk4", options=opts)
         Y = ncde.CubicSpline(ncde.natural_cubic_coeffs(z1, ts), ts)
-        z2 = ncde.cdeint(X=Y, func=f2, z0=z1[:, 0], t=ts[[0, -1]], adjoint=adjoint, method="rk4",
-                         options=dict(step_size=0.02))
+        z2 = ncde.cdeint(X=Y, func=f2, z0=z1[:, 0], t=ts[[0, -1]], adjoint=adjoint, method="rk4", options=opts)
         loss = z2[:, -1].pow(2).sum() + z1[:, 2].sum()
         res.append(torch.autograd.grad(loss, [xs, ts, *f1.parameters(), *f2.parameters()]))
     for a, b in zip(*res):
-        # continuous adjoint vs discrete gradient (rk4 steps across knots): close, where a double count would be 2x
-        assert (a - b).abs().max() <= 1e-2 * b.abs().max()
+        # continuous adjoint vs discrete gradient: close (rk4, h = 0.1), where a double count would be 2x
+        assert (a - b).abs().max() <= 1e-3 * b.abs().max()
     assert res[0][1].abs().max() > 1e-3  # the times do get a gradient
 
 

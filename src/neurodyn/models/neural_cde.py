@@ -55,8 +55,9 @@ class NeuralCDE(nn.Module):
 
     ``forward(x, t=None, times=None)``: ``x`` ``(B, T, input_channels)`` with NaN for missing values, ``t`` ``(T,)``
     its times (default ``0..T-1``). Returns the readout ``(B, output_channels)`` at the last time, or at ``times``
-    ``(K,)`` as ``(B, K, output_channels)``. ``causal=True`` (or ``path="hermite"``): the output at ``t_k`` uses no
-    observation after ``t_{k+1}`` (Hermite), and with ``path="linear"`` none after ``t_k``. The initial state uses
+    ``(K,)`` as ``(B, K, output_channels)``. Online/causal use: with ``path="hermite"`` the output at a time in
+    ``[t_k, t_{k+1}]`` uses no observation after ``t_{k+1}``; with ``path="linear"`` and data made rectilinear
+    (:func:`neurodyn.paths.rectilinear_data`), none after ``t_k``. The initial state uses
     the first observation, missing values filled as the path fills them.
 
     Examples
