@@ -135,7 +135,7 @@ def test_adjoint_path_gradients_without_adjoint_params_and_stacked_cdes():
         res.append(torch.autograd.grad(loss, [xs, ts, *f1.parameters(), *f2.parameters()]))
     for a, b in zip(*res):
         # continuous adjoint vs discrete gradient: close (rk4, h = 0.1), where a double count would be 2x
-        assert (a - b).abs().max() <= 1e-3 * b.abs().max()
+        assert (a - b).abs().max() <= 5e-3 * b.abs().max()
     assert res[0][1].abs().max() > 1e-3  # the times do get a gradient
 
 
