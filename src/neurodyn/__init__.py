@@ -9,6 +9,7 @@ Solvers, gradient methods and models for Neural ODEs, with a torchdiffeq drop-in
 
 from . import data as data  # issue 14: irregular time series tooling (neurodyn.data)
 from .analysis import jacobian_spectrum, lipschitz_estimate, reversibility, spectral_radius, stiffness_ratio
+from .compat.torchcde import cdeint
 from .compat.torchdiffeq import odeint, odeint_adjoint, odeint_dense, odeint_event
 from .core.control import PIDController
 from .core.events import Event
@@ -31,9 +32,18 @@ from .models import (  # issue 14: irregular time series
     DiagonalSSM,
     GRUBaseline,
     LatentODE,
+    NeuralCDE,
     NeuralODE,
 )
-from .paths import BrownianIncrement, BrownianInterval, BrownianPath, BrownianTree, LinearPath, ReverseBrownian
+from .paths import (
+    BrownianIncrement,
+    BrownianInterval,
+    BrownianPath,
+    BrownianTree,
+    CubicPath,
+    LinearPath,
+    ReverseBrownian,
+)
 from .regularizers import RegularizedField, regularized_solve, steer_time
 from .solution import Events, Solution
 from .solve import solve
@@ -57,10 +67,12 @@ __all__ = [
     "Event",
     "ControlTerm",
     "Events",
+    "CubicPath",
     "InputError",
     "LinearPath",
     "MaxStepsReached",
     "MultiTerm",
+    "NeuralCDE",
     "NeuralODE",
     "NeurodynError",
     "NoEventError",
@@ -78,6 +90,7 @@ __all__ = [
     "Trainer",
     "ZenoError",
     "available_methods",
+    "cdeint",
     "jacobian_spectrum",
     "lipschitz_estimate",
     "odeint",

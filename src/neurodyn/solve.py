@@ -85,10 +85,11 @@ def solve(
         ``t`` is a 0-dim tensor of ``y``'s real dtype; ``y`` and the result have ``y0``'s shape and dtype.
         An ``nn.Module`` or a plain function. Or a term (:class:`neurodyn.ODETerm`, :class:`neurodyn.ControlTerm`,
         :class:`neurodyn.MultiTerm`, :class:`neurodyn.SplitTerm`): its ODE form is integrated, its ``knots``
-        (a path's observation times) join ``jump_t``, and the gradient methods see its tensors (vector fields'
-        parameters, a path's data ``xs``); the method must accept its kind (``stepper.accepts``). An SDE term
-        (:func:`neurodyn.sde_term`, or ``MultiTerm(ODETerm(f), ControlTerm(g, bm, noise=..., sde_type=...))``) is
-        integrated by the SDE methods (below); its drift is what the loop evaluates at every step start.
+        (a path's observation times) join ``jump_t`` (``step_t`` for a smooth path: a cubic spline), and the
+        gradient methods see its tensors (vector fields' parameters, a path's data or coefficients); the method
+        must accept its kind (``stepper.accepts``). An SDE term (:func:`neurodyn.sde_term`, or
+        ``MultiTerm(ODETerm(f), ControlTerm(g, bm, noise=..., sde_type=...))``) is integrated by the SDE methods
+        (below); its drift is what the loop evaluates at every step start.
     y0 : Tensor, any shape
         Initial state; float32, float64 or complex, on any device (half precision, float16/bfloat16, is refused:
         too few bits for a solve's increments).
@@ -324,6 +325,8 @@ def solve(
     jump_list = as_time_list("jump_t", jump_t, y0.device)
     if term is not None and term.knots:
         jump_list = sorted(set(jump_list) | set(term.knots))
+    if term is not None and term.step_knots:
+        step_list = sorted(set(step_list) | set(term.step_knots))
 
     cfg = LoopConfig(
         rtol=rtol_v, atol=atol_v, adaptive=solver.adaptive and step_size is None, step_size=step_size,

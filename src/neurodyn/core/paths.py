@@ -13,12 +13,15 @@ engine needs four things from it:
 ``increment(s, t)``
     ``X(t) - X(s)``, shape ``(..., channels)`` (the control of one step, ``contr``).
 ``knots``
-    The times where the path is not smooth, a tuple of floats: the solve steps exactly onto them (they join its
-    ``jump_t``).
+    The times where the path is not smooth, a tuple of floats: the solve steps exactly onto them. They join its
+    ``jump_t`` (re-evaluated just past them), unless the path sets ``smooth = True``: then ``dX/dt`` is continuous
+    there (a cubic spline, only a higher derivative jumps) and they join ``step_t`` (landed on, the last evaluation
+    kept). A path may give ``()`` (nothing landed on; torchcde's default).
 ``grad_tensors()``
     The path's tensors that need gradients (its data), for the adjoint and checkpoint gradients.
 
-Concrete paths: :class:`neurodyn.paths.LinearPath` (piecewise-linear interpolation of data);
+Concrete paths: :class:`neurodyn.paths.LinearPath` (piecewise-linear interpolation of data),
+:class:`neurodyn.paths.CubicPath` (natural cubic splines, cubic Hermite with backward differences; ``smooth``);
 :class:`neurodyn.paths.BrownianInterval` and its relatives (Brownian motion: ``derivative`` raises, SDE steppers use
 ``increment`` and ``levy``).
 """

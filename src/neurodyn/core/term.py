@@ -111,7 +111,15 @@ class Term:
 
     @property
     def knots(self) -> tuple[float, ...]:
-        """Times where the term is not smooth in ``t``: the solve steps exactly onto them."""
+        """Times where the term's ODE form jumps in ``t``: the solve steps exactly onto them and re-evaluates just
+        past them (they join ``jump_t``)."""
+        return ()
+
+    @property
+    def step_knots(self) -> tuple[float, ...]:
+        """Times where the ODE form is continuous but a higher derivative in ``t`` jumps (the knots of a cubic
+        spline control): the solve steps exactly onto them (they join ``step_t``), keeping the method's order,
+        and keeps its last evaluation (continuous there)."""
         return ()
 
     def grad_tensors(self) -> list[Tensor]:
@@ -211,7 +219,8 @@ class ControlTerm(Term):
 
     ``contr(t0, t1) = X(t1) - X(t0)``, ``prod(vf, dX) = vf @ dX`` (``(*y.shape, channels) x (..., channels) ->
     y.shape``), ODE form ``f(t, y) @ dX/dt(t)`` (so every ODE method integrates it, as torchcde does). The
-    path's ``knots`` (where ``dX/dt`` jumps) are landed on; gradients reach the path's data through every
+    path's ``knots`` are landed on (as ``jump_t`` where ``dX/dt`` jumps; as ``step_t`` for a path with
+    ``smooth = True``, a cubic spline, whose ``dX/dt`` is continuous); gradients reach the path's data through every
     gradient method.
 
     **Brownian control (an SDE's diffusion).** With ``noise=`` or ``sde_type=`` the term is the diffusion
@@ -325,7 +334,11 @@ class ControlTerm(Term):
 
     @property
     def knots(self) -> tuple[float, ...]:
-        return tuple(getattr(self.path, "knots", ()))
+        return () if getattr(self.path, "smooth", False) else tuple(getattr(self.path, "knots", ()))
+
+    @property
+    def step_knots(self) -> tuple[float, ...]:
+        return tuple(getattr(self.path, "knots", ())) if getattr(self.path, "smooth", False) else ()
 
     def grad_tensors(self) -> list[Tensor]:
         grads = getattr(self.path, "grad_tensors", None)
@@ -398,6 +411,10 @@ class MultiTerm(Term):
     @property
     def knots(self) -> tuple[float, ...]:
         return tuple(sorted({x for term in self.terms for x in term.knots}))
+
+    @property
+    def step_knots(self) -> tuple[float, ...]:
+        return tuple(sorted({x for term in self.terms for x in term.step_knots}))
 
     def grad_tensors(self) -> list[Tensor]:
         return _unique([x for term in self.terms for x in term.grad_tensors()])

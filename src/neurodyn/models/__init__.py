@@ -3,9 +3,10 @@
 from .augmented import AugmentedNeuralODE
 from .baselines import GRUD, GRUBaseline
 from .latent_ode import LatentODE
+from .neural_cde import CDEField, NeuralCDE
 from .neural_ode import NeuralODE
 from .odernn import ODERNN, GatedMLPUpdate, GRUUpdate, LSTMUpdate
 from .ssm import DiagonalSSM, linear_scan
 
-__all__ = ["GRUD", "AugmentedNeuralODE", "DiagonalSSM", "GRUBaseline", "GRUUpdate", "GatedMLPUpdate", "LSTMUpdate",
-           "LatentODE", "NeuralODE", "ODERNN", "linear_scan"]
+__all__ = ["GRUD", "AugmentedNeuralODE", "CDEField", "DiagonalSSM", "GRUBaseline", "GRUUpdate", "GatedMLPUpdate",
+           "LSTMUpdate", "LatentODE", "NeuralCDE", "NeuralODE", "ODERNN", "linear_scan"]

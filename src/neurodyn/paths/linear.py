@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
 from torch import Tensor
 
 from ..errors import InputError
+from .fill import fill_missing, rectilinear_data
 
 
 class LinearPath:
@@ -20,7 +22,12 @@ class LinearPath:
         solve lands; their positions are not differentiated).
     xs : Tensor, shape ``(..., T, channels)``
         Observations (any batch dimensions in front), on ``ts``'s device. May require grad: gradients reach it
-        through every gradient method (:meth:`grad_tensors`).
+        through every gradient method (:meth:`grad_tensors`). NaN marks a missing value, filled as torchcde does
+        (:func:`neurodyn.paths.fill.fill_missing`: linear between observations, constant before the first and after
+        the last one).
+
+    ``left=True``: ``derivative`` on an interior knot is the slope of the piece ending there (torchcde's
+    convention).
 
     Values and derivatives have shape ``(..., channels)``. Outside ``[ts[0], ts[-1]]`` the first and last pieces
     are extended linearly. ``derivative`` at an interior knot is the slope of the piece starting there (see
@@ -38,7 +45,7 @@ class LinearPath:
     (tensor([2.], dtype=torch.float64), tensor([1.], dtype=torch.float64))
     """
 
-    def __init__(self, ts: Tensor, xs: Tensor):
+    def __init__(self, ts: Tensor, xs: Tensor, *, left: bool = False):
         if not isinstance(ts, Tensor) or not isinstance(xs, Tensor):
             raise InputError(f"LinearPath(ts, xs) takes tensors, got {type(ts).__name__} and {type(xs).__name__}.")
         if ts.dim() != 1 or ts.numel() < 2:
@@ -59,19 +66,33 @@ class LinearPath:
         if not all(math.isfinite(v) for v in knots) or any(b <= a for a, b in zip(knots, knots[1:])):
             raise InputError(f"LinearPath: ts must be finite and strictly increasing, got "
                              f"{knots if len(knots) <= 20 else 'a sequence that is not'}.")
+        if bool(torch.isnan(xs).any()):
+            xs = fill_missing(xs, ts)
         self.ts = ts
         self.xs = xs
         self.knots: tuple[float, ...] = tuple(knots)
         self._inner = ts[1:-1].contiguous()  # searchsorted over the interior knots gives the piece index
+        self._inner_list = list(knots[1:-1])
+        self._bisect = bisect.bisect_left if left else bisect.bisect_right
+        self._right = not left
         self._starts = ts[:-1]
         self._dt = (ts[1:] - ts[:-1]).to(xs.dtype)
         # Slopes precomputed for constant data; data requiring grad gets them per call, so that every evaluation
         # builds its own graph back to xs (a graph built once here would be freed by the first backward pass).
         self._slopes = None if xs.requires_grad else (xs[..., 1:, :] - xs[..., :-1, :]) / self._dt.unsqueeze(-1)
 
+    @classmethod
+    def rectilinear(cls, xs: Tensor, time_index: int) -> LinearPath:
+        """The rectilinear interpolation of ``xs`` ``(..., T, channels)`` whose channel ``time_index`` holds the
+        time (:func:`neurodyn.paths.fill.rectilinear_data`), on the times ``0, 1, ..., 2T - 2``: causal."""
+        data = rectilinear_data(xs, time_index)
+        return cls(torch.arange(data.shape[-2], dtype=data.dtype, device=data.device), data)
+
     def _piece(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
         tt = torch.as_tensor(t, dtype=self.ts.dtype, device=self.ts.device)
-        return torch.searchsorted(self._inner, tt.reshape(1), right=True), tt
+        if tt.dim() == 0 and tt.device.type == "cpu":  # host bisection: no kernel launches
+            return torch.tensor([self._bisect(self._inner_list, float(tt))]), tt
+        return torch.searchsorted(self._inner, tt.reshape(1), right=self._right), tt
 
     def _slope(self, i: Tensor) -> Tensor:
         if self._slopes is not None:

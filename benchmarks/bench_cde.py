@@ -1,0 +1,114 @@
+"""cdeint forward+backward: neurodyn.compat.torchcde vs torchcde 0.2.5 (torchdiffeq backend), one process.
+
+Same model (MLP vector field, float32), same data (natural cubic coefficients computed once by torchcde and used by
+both), same settings; the variants are interleaved round by round on one thread after one warm-up run each, and
+the per-variant median wall of a forward+backward pass is reported with the ratio torchcde / neurodyn (> 1:
+neurodyn faster), with each library's error against a float64 rk4 reference (8 steps per knot interval,
+adjoint): z at the final time and the gradient with respect to the coefficients.
+
+    taskset -c 1 python benchmarks/bench_cde.py                 # batch 256, 32 channels, length 100, hidden 32
+    taskset -c 1 python benchmarks/bench_cde.py --repeats 3 --batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torchcde
+
+import neurodyn.compat.torchcde as ncde
+
+
+class Field(torch.nn.Module):
+    """``f(z)``: (B, hidden) -> (B, hidden, channels), a one-hidden-layer MLP with a tanh output."""
+
+    def __init__(self, hidden: int, channels: int, width: int = 64):
+        super().__init__()
+        self.hidden, self.channels = hidden, channels
+        self.l1 = torch.nn.Linear(hidden, width)
+        self.l2 = torch.nn.Linear(width, hidden * channels)
+
+    def forward(self, t, z):
+        return self.l2(torch.relu(self.l1(z))).tanh().view(*z.shape[:-1], self.hidden, self.channels)
+
+
+def run_once(lib, coeffs, func, z0, method, adjoint, rtol, atol):
+    X = lib.CubicSpline(coeffs)
+    kw = dict(adjoint_params=tuple(func.parameters()) + (coeffs,)) if adjoint else {}
+    opts = dict(step_size=1.0) if method == "rk4" else {}
+    t0 = time.perf_counter()
+    z = lib.cdeint(X=X, func=func, z0=z0, t=X.interval, adjoint=adjoint, method=method, options=opts, rtol=rtol,
+                   atol=atol, **kw)
+    loss = z[..., -1, :].pow(2).sum()
+    loss.backward()
+    return time.perf_counter() - t0, z.detach()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--channels", type=int, default=32)
+    ap.add_argument("--length", type=int, default=100)
+    ap.add_argument("--hidden", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rtol", type=float, default=1e-4)
+    ap.add_argument("--atol", type=float, default=1e-6)
+    ap.add_argument("--configs", default="rk4-direct,rk4-adjoint,dopri5-direct,dopri5-adjoint",
+                    help="comma-separated METHOD-GRADIENT pairs to run")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    # smooth series: x[b, k, c] = sin(w k + phase), frequencies 0.02..0.3 per unit time (knots 1 apart)
+    w = torch.rand(args.batch, 1, args.channels) * 0.28 + 0.02
+    phase = torch.rand(args.batch, 1, args.channels) * 6.28
+    x = torch.sin(w * torch.arange(args.length, dtype=torch.float32).view(1, -1, 1) + phase)
+    coeffs = torchcde.natural_cubic_coeffs(x)
+    func = Field(args.hidden, args.channels)
+    z0 = torch.randn(args.batch, args.hidden) * 0.1
+    # Reference: float64, rk4 with 8 steps per knot interval, landing on the knots, adjoint gradients (neurodyn).
+    f64 = Field(args.hidden, args.channels).double()
+    f64.load_state_dict({k: v.double() for k, v in func.state_dict().items()})
+    c64 = coeffs.double().requires_grad_(True)
+    X64 = ncde.CubicSpline(c64)
+    z_ref = ncde.cdeint(X=X64, func=f64, z0=z0.double(), t=X64.interval, adjoint=True, method="rk4",
+                        options=dict(step_size=0.125, jump_t=X64.grid_points))
+    z_ref[..., -1, :].pow(2).sum().backward()
+    z_ref, g_ref = z_ref.detach()[..., -1, :], c64.grad
+    for lib in (torchcde, ncde):  # warm-up
+        run_once(lib, coeffs.clone().requires_grad_(True), func, z0, "rk4", False, args.rtol, args.atol)
+    rows = []
+    for method in ("rk4", "dopri5"):
+        for adjoint in (False, True):
+            if f"{method}-{'adjoint' if adjoint else 'direct'}" not in args.configs.split(","):
+                continue
+            times = {"torchcde": [], "neurodyn": []}
+            errs = {}
+            for _ in range(args.repeats):
+                for name, lib in (("torchcde", torchcde), ("neurodyn", ncde)):
+                    func.zero_grad()
+                    c = coeffs.clone().requires_grad_(True)
+                    wall, z = run_once(lib, c, func, z0, method, adjoint, args.rtol, args.atol)
+                    times[name].append(wall)
+                    errs[name] = (float((z[..., -1, :].double() - z_ref).abs().max()),
+                                  float((c.grad.double() - g_ref).abs().max() / g_ref.abs().max()))
+            t_ref, t_nd = statistics.median(times["torchcde"]), statistics.median(times["neurodyn"])
+            rows.append((method, "adjoint" if adjoint else "direct", t_ref, t_nd, t_ref / t_nd, errs))
+            print(f"{method:7s} {rows[-1][1]:8s} torchcde {t_ref:7.3f} s  neurodyn {t_nd:7.3f} s  "
+                  f"ratio {t_ref / t_nd:5.2f}x  errors vs reference (z, dL/dcoeffs) torchcde {errs['torchcde']} "
+                  f"neurodyn {errs['neurodyn']}", flush=True)
+    print()
+    print(f"batch {args.batch}, {args.channels} channels, length {args.length}, hidden {args.hidden}, float32, "
+          f"natural cubic, rtol {args.rtol}, atol {args.atol}, rk4 step 1, median of {args.repeats}, 1 thread")
+    print("| method | gradient | torchcde (s) | neurodyn (s) | speed-up | error z(T) torchcde / neurodyn "
+          "| rel. error dL/dcoeffs torchcde / neurodyn |")
+    print("|---|---|---|---|---|---|---|")
+    for m, g, a, b, ratio, e in rows:
+        print(f"| {m} | {g} | {a:.3f} | {b:.3f} | {ratio:.2f}x | {e['torchcde'][0]:.1e} / {e['neurodyn'][0]:.1e} "
+              f"| {e['torchcde'][1]:.1e} / {e['neurodyn'][1]:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
