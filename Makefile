@@ -39,7 +39,7 @@ $(STAMP_DEMO): $(STAMP_VENV) pyproject.toml
 	touch $@
 
 $(STAMP_TEST): $(STAMP_VENV) pyproject.toml
-	$(PIP) install -e ".[test]" torchdiffeq==0.2.5 torchode==1.0.1
+	$(PIP) install -e ".[test]" torchdiffeq==0.2.5 torchode==1.0.1 torchsde==0.2.6 torchcde==0.2.5 torch==$(TORCH_VERSION)
 	touch $@
 
 # The bench extra holds the peers (jax/diffrax CPU wheels, torchdyn's real import dependencies); torch is

@@ -1,5 +1,7 @@
 """Per-sample stepping: every row its own step size, output times, status; against scipy per row."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -233,3 +235,17 @@ def test_failed_sample_cannot_be_differentiated(gradient):
     assert abs(float(sol.ys[1, 1, 0].detach()) - 2.0) < 1e-5
     with pytest.raises(neurodyn.SolveFailure, match="cannot differentiate"):
         sol.ys[:2].sum().backward()
+
+
+@pytest.mark.parametrize("gradient", ["direct", "checkpoint", "adjoint"])
+def test_non_contiguous_y0(gradient):
+    """A transposed (non-contiguous) y0: y' = -w y per row, y(1) = y0 exp(-w), dy(1)/dw summed = -sum(y0) exp(-w)."""
+    y0 = torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).t()
+    assert not y0.is_contiguous()
+    w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    sol = neurodyn.solve(lambda t, y: -w * y, y0, torch.linspace(0, 1, 3, dtype=torch.float64), per_sample_steps=True,
+                         gradient=gradient, params=[w], rtol=1e-10, atol=1e-12)
+    sol.ys[-1].sum().backward()
+    e = math.exp(-0.7)
+    torch.testing.assert_close(sol.ys[-1].detach(), y0 * e, rtol=1e-9, atol=1e-10)
+    assert abs(float(w.grad) + float(y0.sum()) * e) < 1e-8

@@ -277,7 +277,7 @@ class ExplicitRungeKutta(StepperBase):
         """
         s = self.stages
         b_rows, n = y.shape
-        yflat = y.view(1, b_rows * n)
+        yflat = y.reshape(1, b_rows * n)
         addmm, mul = torch.addmm, torch.mul
         if co.low:  # y + (a @ kh): rounded once at y's magnitude (module docstring)
             def addmm(y_, a_, k_):
