@@ -44,13 +44,16 @@ def _riccati_exact() -> tuple[torch.Tensor, torch.Tensor]:
     return grad, hess
 
 
-@pytest.mark.parametrize("method", ["dopri5", "radau", "kvaerno5", "bdf", "trbdf2"])
-def test_second_order_direct_matches_closed_form(method):
+@pytest.mark.parametrize("method,rtol,bound", [
+    ("dopri5", 1e-10, 1e-5), ("radau", 1e-10, 1e-5), ("kvaerno5", 1e-10, 1e-5), ("bdf", 1e-10, 1e-5),
+    # trbdf2 (order 2) at rtol 1e-10 takes minutes; at 1e-6 its global error is 1e-5 (measured 9.5e-6 / 1.4e-5)
+    ("trbdf2", 1e-6, 4e-5)])
+def test_second_order_direct_matches_closed_form(method, rtol, bound):
     # Before: radau +0.066 for d2 y(1)^2 / dy0^2 (exact -0.114); every implicit method was wrong at second order.
-    g, h = _riccati_hessian(method, rtol=1e-10, atol=1e-12)
+    g, h = _riccati_hessian(method, rtol=rtol, atol=rtol * 1e-2)
     g_ex, h_ex = _riccati_exact()
-    assert torch.allclose(g, g_ex, rtol=1e-6, atol=0)
-    assert torch.allclose(h, h_ex, rtol=1e-5, atol=0), (h, h_ex)
+    assert torch.allclose(g, g_ex, rtol=bound / 10 if rtol < 1e-8 else bound, atol=0)
+    assert torch.allclose(h, h_ex, rtol=bound, atol=0), (h, h_ex)
 
 
 def _coupled_grad(method: str, theta: torch.Tensor, y0: torch.Tensor, create_graph: bool = False):
