@@ -23,6 +23,10 @@ DEMOS: dict[str, tuple[str, str]] = {
         "neurodyn.demos.circles",
         "nested rings and the 1-d map g(-1)=1, g(1)=-1: Neural ODE vs Augmented Neural ODE (accuracy, NFE)",
     ),
+    "physics": (
+        "neurodyn.demos.physics",
+        "HNN vs LNN vs plain network on mass-spring, pendulum and two-body (energy MSE, drift plots)",
+    ),
     "pendulum": (
         "neurodyn.demos.pendulum",
         "fit a Neural ODE to a damped pendulum observed noisily at irregular times; extrapolate",

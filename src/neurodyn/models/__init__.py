@@ -2,5 +2,8 @@
 
 from .augmented import AugmentedNeuralODE
 from .neural_ode import NeuralODE
+from .physics import HNN, LNN, DerivativeMLP
+from .shooting import MultipleShooting, penalty_schedule
 
-__all__ = ["AugmentedNeuralODE", "NeuralODE"]
+__all__ = ["AugmentedNeuralODE", "DerivativeMLP", "HNN", "LNN", "MultipleShooting", "NeuralODE",
+           "penalty_schedule"]
