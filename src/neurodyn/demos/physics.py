@@ -24,8 +24,8 @@ coordinates; the LNN's ``dp/dt`` is its ``qddot`` mapped back), ``energy_mse`` (
 mean squared difference between the true energy along the model's rollout and the true energy of its start,
 over ``[0, 20]`` at 100 points with ``dopri5`` at rtol 1e-9, from 15 starts: for the mass-spring the paper's
 analysis notebook's, each component uniform in ``[-1, -0.2] U [0.2, 1]`` (partly outside the training radii), for
-the others the test trajectories' clean starts) and the mean energy drift at the end of the rollouts. Plots (matplotlib): ``energy_<system>.png`` (true energy along one rollout per
-model), ``phase_<system>.png``.
+the others the test trajectories' clean starts) and the mean energy drift at the end of the rollouts. Plots
+(matplotlib): ``energy_<system>.png`` (true energy along one rollout per model), ``phase_<system>.png``.
 
 ``--budget paper`` uses the paper's training budget everywhere (2,000 steps; two-body 10,000 steps, batch 200,
 1,000 orbits; the LNN as many steps); the default ``ci`` budget keeps it for the HNN and the baseline on the
@@ -84,7 +84,8 @@ class PhysicsConfig:
 QUICK = dict(trials=3, rollout_points=50)
 #: Training steps per system by budget, the LNN's steps (its Hessian makes a step ~10x dearer), two-body orbits.
 BUDGETS = {
-    "paper": {"mass_spring": 2000, "pendulum": 2000, "two_body": 10000, "lnn_fraction": 1.0, "two_body_orbits": 1000},
+    "paper": {"mass_spring": 2000, "pendulum": 2000, "two_body": 10000, "lnn_fraction": 1.0,
+              "two_body_orbits": 1000},
     "ci": {"mass_spring": 2000, "pendulum": 2000, "two_body": 2000, "lnn_fraction": 0.25, "two_body_orbits": 200},
     "quick": {"mass_spring": 30, "pendulum": 30, "two_body": 30, "lnn_fraction": 1.0, "two_body_orbits": 10},
 }
@@ -296,7 +297,7 @@ def _hamiltonian_experiment(name: str, cfg: PhysicsConfig, out: Path, stream: An
         n_steps = max(1, int(steps * budget["lnn_fraction"])) if kind == "lnn" else steps
         losses = train_model(kind, model, system, data, n_steps, cfg.lr, gen)
         train_s = time.perf_counter() - t0
-        def mse(x: Tensor, dx: Tensor) -> float:
+        def mse(x: Tensor, dx: Tensor, kind: str = kind, model: torch.nn.Module = model) -> float:
             return float((predict(kind, model, system, x.float()).detach() - dx.float()).pow(2).mean())
         train_mse, test_mse = mse(data["x_train"], data["dx_train"]), mse(data["x_test"], data["dx_test"])
         t0 = time.perf_counter()

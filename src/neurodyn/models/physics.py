@@ -267,7 +267,8 @@ class HNN(nn.Module):
         ``leapfrog`` / ``yoshida4`` / ``semi_implicit_euler``: each kick or drift evaluates one half only.
 
         >>> import torch, neurodyn
-        >>> hnn = neurodyn.models.HNN(kinetic=lambda p: 0.5 * p.pow(2).sum(-1), potential=lambda q: -torch.cos(q).sum(-1))
+        >>> hnn = neurodyn.models.HNN(kinetic=lambda p: 0.5 * p.pow(2).sum(-1),
+        ...                           potential=lambda q: -torch.cos(q).sum(-1))
         >>> y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
         >>> sol = neurodyn.solve(hnn.split_term(), y0, torch.linspace(0, 10, 3, dtype=torch.float64),
         ...                      method="leapfrog", step_size=0.01)
