@@ -1,18 +1,19 @@
 """Single vs multiple shooting on a long-horizon fit: the frequency and damping of an oscillator.
 
 Truth: ``x'' = -w^2 x - 2 z w x'``, ``w = 2``, ``z = 0.02``, from ``(1, 0)``, observed at 161 uniform times on
-``[0, 40]`` (about 13 periods) with Gaussian noise 0.05. Both fits start from ``w = 1.2``, ``z = 0.1`` and the first
-observation, use the same discretisation (``rk4``, step 0.05) and L-BFGS; multiple shooting uses ``K = 20``
+``[0, 40]`` (about 13 periods) with Gaussian noise 0.05. Both fits start from ``w = W0`` (argument, default 1.2),
+``z = 0.1`` and the first observation, use the same discretisation (``rk4``, step 0.05) and L-BFGS; multiple shooting uses ``K = 20``
 segments of 8 intervals, continuity weights 1, 10, 100, 1000 (one L-BFGS run each). Reported: the parameters found,
 their errors and the data RMSE of the final single-shooting trajectory.
 
-    PYTHONPATH=src python benchmarks/multiple_shooting.py
+    PYTHONPATH=src python benchmarks/multiple_shooting.py [W0]
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 
 import torch
@@ -21,6 +22,7 @@ import neurodyn
 from neurodyn.models import MultipleShooting, penalty_schedule
 
 F64 = torch.float64
+W0 = float(sys.argv[1]) if len(sys.argv) > 1 else 1.2  # initial guess of w
 
 
 def field_of(w: torch.Tensor, z: torch.Tensor):
@@ -52,7 +54,7 @@ def main() -> dict:
     obs = truth + 0.05 * torch.randn(truth.shape, dtype=F64, generator=torch.Generator().manual_seed(0))
     out = {}
     # single shooting
-    w = torch.nn.Parameter(torch.tensor(1.2, dtype=F64))
+    w = torch.nn.Parameter(torch.tensor(W0, dtype=F64))
     z = torch.nn.Parameter(torch.tensor(0.1, dtype=F64))
     s0 = torch.nn.Parameter(obs[0].clone())
     t0 = time.perf_counter()
@@ -63,7 +65,7 @@ def main() -> dict:
     out["single"] = {"w": float(w), "z": float(z), "w_error": abs(float(w) - w_true), "z_error": abs(float(z) - z_true),
                      "rmse_vs_truth": rmse, "seconds": round(time.perf_counter() - t0, 1)}
     # multiple shooting
-    w = torch.nn.Parameter(torch.tensor(1.2, dtype=F64))
+    w = torch.nn.Parameter(torch.tensor(W0, dtype=F64))
     z = torch.nn.Parameter(torch.tensor(0.1, dtype=F64))
     ms = MultipleShooting(field_of(w, z), t, 20, y_obs=obs, params=[w, z], **opts)
     t0 = time.perf_counter()

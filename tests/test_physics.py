@@ -313,3 +313,21 @@ def test_bad_inputs_are_named():
         HNN(2, 8, "swish-ish")
     with pytest.raises(InputError, match="regularization"):
         LNN(2, 8, regularization=2.0)
+
+
+def test_demo_physics_quick_smoke(tmp_path):
+    import json
+
+    from neurodyn.cli import main
+
+    out = tmp_path / "physics"
+    rc = main(["demo", "physics", "--quick", "--only", "mass_spring", "--models", "hnn,node", "--no-plots",
+               "--out", str(out)])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    ms = metrics["experiments"]["mass_spring"]
+    assert ms["trajectories"] == 50 and ms["train_points"] == 750 and ms["test_points"] == 750
+    for kind in ("hnn", "node"):
+        m = ms["models"][kind]
+        assert m["rollout_status"] == "success"
+        assert all(math.isfinite(m[k]) and m[k] >= 0 for k in ("train_mse", "test_mse", "energy_mse"))
