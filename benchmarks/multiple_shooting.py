@@ -2,7 +2,8 @@
 
 Truth: ``x'' = -w^2 x - 2 z w x'``, ``w = 2``, ``z = 0.02``, from ``(1, 0)``, observed at 161 uniform times on
 ``[0, 40]`` (about 13 periods) with Gaussian noise 0.05. Both fits start from ``w = W0`` (argument, default 1.2),
-``z = 0.1`` and the first observation, use the same discretisation (``rk4``, step 0.05) and L-BFGS; multiple shooting uses ``K = 20``
+``z = 0.1`` and the first observation, use the same discretisation (``rk4``, step 0.05) and L-BFGS; multiple
+shooting uses ``K = 20``
 segments of 8 intervals, continuity weights 1, 10, 100, 1000 (one L-BFGS run each). Reported: the parameters found,
 their errors and the data RMSE of the final single-shooting trajectory.
 
