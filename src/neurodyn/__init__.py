@@ -21,7 +21,7 @@ from .errors import (
     SolveFailure,
     StepSizeUnderflow,
 )
-from .models import AugmentedNeuralODE, NeuralODE
+from .models import HNN, LNN, AugmentedNeuralODE, DerivativeMLP, MultipleShooting, NeuralODE
 from .paths import LinearPath
 from .regularizers import RegularizedField, regularized_solve, steer_time
 from .solution import Solution
@@ -33,6 +33,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AugmentedNeuralODE",
+    "DerivativeMLP",
+    "HNN",
+    "LNN",
+    "MultipleShooting",
     "ControlTerm",
     "InputError",
     "LinearPath",

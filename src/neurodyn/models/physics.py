@@ -82,7 +82,7 @@ def _check_state(x: Tensor, n: int | None, who: str) -> None:
 
 def scalar_gradient(fn: Callable[[Tensor], Tensor], x: Tensor, create_graph: bool | None = None) -> Tensor:
     """``d(sum fn(x))/dx``, shape ``x.shape``. Plain autograd for ordinary tensors, differentiable (``create_graph``)
-    when ``create_graph`` is true (default: when grad mode is on); ``torch.func.grad`` inside ``torch.func``
+    when ``create_graph`` is true and grad mode is on (default: when ``x`` requires grad); ``torch.func.grad`` inside ``torch.func``
     transforms (``vmap``, ``jacrev``: an implicit method's Jacobian), where autograd cannot reach.
 
     >>> scalar_gradient(lambda z: (z ** 2).sum(-1), torch.tensor([[1.0, 2.0]]))
@@ -90,7 +90,7 @@ def scalar_gradient(fn: Callable[[Tensor], Tensor], x: Tensor, create_graph: boo
     """
     if torch._C._functorch.is_functorch_wrapped_tensor(x):
         return torch.func.grad(lambda z: fn(z).sum())(x)
-    outer = torch.is_grad_enabled() if create_graph is None else create_graph and torch.is_grad_enabled()
+    outer = torch.is_grad_enabled() and (x.requires_grad if create_graph is None else create_graph)
     with torch.enable_grad():
         xg = x if x.requires_grad else x.detach().requires_grad_(True)
         out = fn(xg).sum()
