@@ -25,13 +25,17 @@ from .errors import (
     StepSizeUnderflow,
     ZenoError,
 )
-from .models import (  # issue 14: irregular time series
+from .models import (
     GRUD,
+    HNN,
+    LNN,
     ODERNN,
     AugmentedNeuralODE,
+    DerivativeMLP,
     DiagonalSSM,
     GRUBaseline,
     LatentODE,
+    MultipleShooting,
     NeuralCDE,
     NeuralODE,
 )
@@ -65,6 +69,10 @@ __all__ = [
     "LatentODE",
     "ODERNN",
     "Event",
+    "DerivativeMLP",
+    "HNN",
+    "LNN",
+    "MultipleShooting",
     "ControlTerm",
     "Events",
     "CubicPath",

@@ -31,6 +31,10 @@ DEMOS: dict[str, tuple[str, str]] = {
         "neurodyn.demos.latent",
         "latent ODE on the periodic toy (Rubanova et al. 2019): interpolation/extrapolation MSE, posterior bands",
     ),
+    "physics": (
+        "neurodyn.demos.physics",
+        "HNN vs LNN vs plain network on mass-spring, pendulum and two-body (energy MSE, drift plots)",
+    ),
     "pendulum": (
         "neurodyn.demos.pendulum",
         "fit a Neural ODE to a damped pendulum observed noisily at irregular times; extrapolate",
