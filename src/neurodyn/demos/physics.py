@@ -344,7 +344,7 @@ def run_bouncing_ball(cfg: PhysicsConfig, out: Path, stream: Any) -> dict[str, A
     observed heights (:func:`neurodyn.demos.bouncing_ball.experiment`)."""
     from .bouncing_ball import experiment
 
-    return experiment(out / "bouncing_ball", iters=10 if cfg.quick else 60, seed=cfg.seed, plots=cfg.plots,
+    return experiment(out / "bouncing_ball", iters=60, seed=cfg.seed, plots=cfg.plots,
                       stream=stream)
 
 
