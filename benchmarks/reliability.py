@@ -343,7 +343,8 @@ class Problem:
 
 
 def _methods() -> list[str]:
-    return neurodyn.available_methods()
+    """The ODE methods (SDE methods have their own tests: tests/test_sde_solvers.py)."""
+    return neurodyn.solvers.methods_accepting("ode")
 
 
 def make_problem(index: int, seed: int = 0) -> Problem:
