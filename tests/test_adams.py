@@ -325,7 +325,8 @@ def test_real_stability_intervals_are_the_classical_ones():
 def test_explicit_adams_unstable_order_is_lowered():
     y0 = torch.ones(1, dtype=F64)
     t = torch.linspace(0, 3, 301, dtype=F64)
-    with pytest.warns(RuntimeWarning, match=r"order-11 formula \(AB11\) is unstable at step 0.01"):
+    # (the order ramp stops below the first formula unstable at h |lambda| = 0.01: AB10)
+    with pytest.warns(RuntimeWarning, match=r"order-10 formula \(AB10\) is unstable at step 0.01"):
         sol = neurodyn.solve(_decay, y0, t, method="explicit_adams", step_size=0.01)
     assert sol.status == "success"
     err = float((sol.ys[:, 0] - torch.exp(-t)).abs().max())
@@ -374,10 +375,23 @@ def test_lowered_order_replays_exactly_under_checkpoint():
     grads = {}
     for gradient in ("direct", "checkpoint"):
         c = torch.tensor(1.0, dtype=F64, requires_grad=True)
-        with pytest.warns(RuntimeWarning, match="AB11"):
+        with pytest.warns(RuntimeWarning, match="unstable at step 0.01"):
             sol = neurodyn.solve(lambda t_, y, c=c: -c * y, torch.ones(1, dtype=F64), t, method="explicit_adams",
                                  step_size=0.01, gradient=gradient, checkpoints=4, params=[c])
         (g,) = torch.autograd.grad(sol.ys[-1, 0], c)
         grads[gradient] = float(g)
     assert abs(grads["checkpoint"] - grads["direct"]) < 1e-13
     assert abs(grads["direct"] + 1.5 * math.exp(-1.5)) < 2e-8  # the solution's own accuracy (4e-9)
+
+
+@pytest.mark.parametrize("h,t_end,tol", [(0.1, 2.0, 2e-5), (0.2, 2.0, 2e-4), (0.05, 1.0, 2e-6)])
+def test_explicit_adams_short_coarse_solve_is_accurate(h, t_end, tol):
+    """Too few steps for the growth guard: the order ramp itself stops below the first unstable formula. Before:
+    y' = -y, h = 0.1 to t = 2 returned 1.754 for e^-2 = 0.135 (AB formulas up to AB11, unstable there), status
+    success, no warning; torchdiffeq returns the same wrong value."""
+    y0 = torch.ones(1, dtype=F64)
+    t = torch.tensor([0.0, t_end], dtype=F64)
+    with pytest.warns(RuntimeWarning, match="unstable at step"):
+        sol = neurodyn.solve(_decay, y0, t, method="explicit_adams", step_size=h)
+    assert sol.status == "success"
+    assert abs(float(sol.ys[-1, 0]) - math.exp(-t_end)) < tol

@@ -525,6 +525,8 @@ class FixedAdams(MultistepBase):
         prev, self._diffs = self._diffs, (order, vals)
         if mode != "continue" or prev is None or prev[0] != order:  # a new formula: count afresh
             self._run = 0
+            if not self.implicit and prev is not None and mode == "continue" and order > prev[0]:
+                return self._ramp_order(F, order, h)
             return order
         if self._growing(vals, prev[1], order - 1, F.dtype):
             self._run += 1
@@ -556,6 +558,29 @@ class FixedAdams(MultistepBase):
                           f"{_real_interval(3, self.implicit):.2g}): stopping. Use a smaller step_size, an adaptive "
                           f"method, or an implicit method for a stiff problem.", RuntimeWarning, stacklevel=4)
         return new
+
+    def _ramp_order(self, F: Tensor, order: int, h: float) -> int:
+        """The order ramp climbs to formula ``order`` only where it is stable for the solution seen so far: ``h
+        |lambda|`` estimated as ``|grad^2 f| / |grad f|`` (a resolved mode ``e^(lambda t)`` has
+        ``grad^(j+1) f ~ h lambda grad^j f``) must lie in its real stability interval (with ``SAFETY``). Otherwise
+        the ramp stops at the highest formula that is (order 3 at least), for the rest of the solve: AB11 is
+        stable only for ``h |lambda| < 0.0034``, and climbing into it on ``y' = -y`` at ``h = 0.1`` returned 1.75
+        for ``e^-2`` before the growth guard had the steps to notice."""
+        D = torch.linalg.vector_norm(torch.mm(_difference_matrix(3, F)[1:], F[:3]), dim=1).tolist()
+        noise = NOISE_FACTOR * 4.0 * torch.finfo(F.dtype).eps * float(torch.linalg.vector_norm(F[0]))
+        if D[0] <= noise or D[1] <= noise:
+            return order
+        est = D[1] / D[0]
+        if _real_interval(order, self.implicit) >= SAFETY * est:
+            return order
+        self._cap = max([j for j in range(3, order) if _real_interval(j, self.implicit) >= SAFETY * est], default=3)
+        self._diffs = None
+        warnings.warn(f"{self.name}: the order-{order} formula (AB{order}) is unstable at step {abs(h):.3g} (h*lambda "
+                      f"about -{est:.2g} from the solution's differences, beyond its limit "
+                      f"{_real_interval(order, self.implicit):.2g}); continuing with order {self._cap}. Use a smaller "
+                      f"step_size, or max_order={self._cap + 1} (formulas up to order {self._cap}) from the start.",
+                      RuntimeWarning, stacklevel=4)
+        return self._cap
 
     @staticmethod
     def _growing(vals: list[float], prev: list[float], m: int, dtype: torch.dtype) -> bool:
