@@ -255,6 +255,7 @@ class CNF(nn.Module):
         self.base = base
         self.generator = generator
         sqrt_t1 = torch.tensor(math.sqrt(t1), dtype=torch.get_default_dtype())
+        self.t1_fixed = None if train_t1 else t1  # exact in any dtype when not trained
         if train_t1:
             self.sqrt_end_time = nn.Parameter(sqrt_t1)
         else:
@@ -266,6 +267,8 @@ class CNF(nn.Module):
     @property
     def end_time(self) -> Tensor:
         """``t1`` as a 0-dim tensor (differentiable when ``train_t1``)."""
+        if self.t1_fixed is not None:
+            return torch.tensor(self.t1_fixed, dtype=self.sqrt_end_time.dtype, device=self.sqrt_end_time.device)
         return self.sqrt_end_time * self.sqrt_end_time
 
     # ------------------------------------------------------------------------------------------
@@ -321,8 +324,11 @@ class CNF(nn.Module):
         return ys[..., :self.dim], ys[..., self.dim]
 
     def _times(self, reverse: bool, ref: Tensor) -> Tensor:
-        t1 = self.end_time.to(ref.dtype)
-        t = torch.stack([torch.zeros_like(t1), t1])
+        if self.t1_fixed is not None:
+            t = torch.tensor([0.0, self.t1_fixed], dtype=ref.dtype, device=ref.device)
+        else:
+            t1 = self.end_time.to(ref.dtype)
+            t = torch.stack([torch.zeros_like(t1), t1])
         return t.flip(0) if reverse else t
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
