@@ -130,7 +130,8 @@ def ffjord_experiment(out_dir: str | Path, dataset: str = "8gaussians", iters: i
         if it % log_every == 0 or it == iters:
             nll = -float(_exact_log_prob(flow, test).mean())
             history.append((it, nll))
-            note(f"iter {it} train_loss {float(loss.detach()):.4f} test_nll {nll:.4f} t1 {float(flow.end_time.detach()):.4f} "
+            t1_now = float(flow.end_time.detach())
+            note(f"iter {it} train_loss {float(loss.detach()):.4f} test_nll {nll:.4f} t1 {t1_now:.4f} "
                  f"nfe_f {nfe_f[-1]} nfe_b {nfe_b[-1]} train_s {train_time:.1f}")
     test_nll = history[-1][1]
     metrics: dict[str, Any] = dict(

@@ -9,5 +9,6 @@ from .neural_ode import NeuralODE
 from .odernn import ODERNN, GatedMLPUpdate, GRUUpdate, LSTMUpdate
 from .ssm import DiagonalSSM, linear_scan
 
-__all__ = ["CNF", "GRUD", "AugmentedNeuralODE", "CNFStack", "ConcatSquashLinear", "ODEnet", "CDEField", "DiagonalSSM", "GRUBaseline", "GRUUpdate", "GatedMLPUpdate",
+__all__ = ["CNF", "GRUD", "AugmentedNeuralODE", "CNFStack", "ConcatSquashLinear", "ODEnet",
+           "CDEField", "DiagonalSSM", "GRUBaseline", "GRUUpdate", "GatedMLPUpdate",
            "LSTMUpdate", "LatentODE", "NeuralCDE", "NeuralODE", "ODERNN", "linear_scan"]
