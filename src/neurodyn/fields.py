@@ -136,8 +136,8 @@ def jacobian_trace(f: Tensor, z: Tensor, eps: Tensor | None = None, *, create_gr
     >>> tr.tolist(), fro[0].item()
     ([5.0, 5.0, 5.0, 5.0, 5.0], 30.0)
     """
-    zero = per_sample_sum(torch.zeros_like(z))
     if not f.requires_grad:
+        zero = per_sample_sum(torch.zeros_like(z))
         return zero, (zero if frobenius else None)
     if eps is not None:
         if eps.shape != z.shape:
@@ -145,10 +145,12 @@ def jacobian_trace(f: Tensor, z: Tensor, eps: Tensor | None = None, *, create_gr
                              f"draw the probe with the state's shape.")
         (v,) = torch.autograd.grad(f, z, eps, create_graph=create_graph, retain_graph=True, allow_unused=True)
         if v is None:
+            zero = per_sample_sum(torch.zeros_like(z))
             return zero, (zero if frobenius else None)
         return per_sample_sum(v * eps), (per_sample_sum(v * v) if frobenius else None)
     batched = z.dim() >= 2
     d = z[0].numel() if batched else z.numel()
+    zero = per_sample_sum(torch.zeros_like(z))
     trace, frob = zero, (zero if frobenius else None)
     for i in range(d):
         e = torch.zeros(d, dtype=z.dtype, device=z.device)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..errors import InputError
 from ..fields import NOISES, draw_probe, jacobian_trace, takes_time
@@ -28,8 +29,8 @@ from ..solution import Solution
 from ..solve import solve
 
 TRACES = ("exact", "hutchinson")
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU, "relu": nn.ReLU, "swish": nn.SiLU, "selu": nn.SELU,
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "tanh": torch.tanh, "softplus": F.softplus, "elu": F.elu, "relu": torch.relu, "swish": F.silu, "selu": F.selu,
 }
 
 __all__ = ["CNF", "CNFField", "CNFStack", "ConcatSquashLinear", "ODEnet"]
@@ -37,7 +38,8 @@ __all__ = ["CNF", "CNFField", "CNFStack", "ConcatSquashLinear", "ODEnet"]
 
 def _time_column(t: Tensor, like: Tensor) -> Tensor:
     """``t`` (scalar, or ``(B,)`` under per-sample steps) as a ``(1, 1)`` or ``(B, 1)`` column in ``like``'s dtype."""
-    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if not (isinstance(t, Tensor) and t.dtype == like.dtype and t.device == like.device):
+        t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
     return t.reshape(-1, 1)
 
 
@@ -66,8 +68,12 @@ class ConcatSquashLinear(nn.Module):
         self.hyper_bias = nn.Linear(1, dim_out, bias=False)
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        tc = _time_column(t, x)
-        return self.layer(x) * torch.sigmoid(self.hyper_gate(tc)) + self.hyper_bias(tc)
+        return self.apply_column(_time_column(t, x), x)
+
+    def apply_column(self, tc: Tensor, x: Tensor) -> Tensor:
+        """The layer for a time column ``tc`` (``(1, 1)`` or ``(B, 1)``) already in ``x``'s dtype."""
+        gate = torch.sigmoid(F.linear(tc, self.hyper_gate.weight, self.hyper_gate.bias))
+        return F.linear(x, self.layer.weight, self.layer.bias) * gate + F.linear(tc, self.hyper_bias.weight)
 
 
 class ODEnet(nn.Module):
@@ -100,15 +106,16 @@ class ODEnet(nn.Module):
             raise InputError(f"ODEnet: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
         widths = [dim, *[int(h) for h in hidden_dims], dim]
         self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.act = ACTIVATIONS[activation]()
+        self.activation = activation
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        tc = _time_column(t, z)
+        act = ACTIVATIONS[self.activation]
+        layers = list(self.layers)
         h = z
-        for i, layer in enumerate(self.layers):
-            h = layer(t, h)
-            if i < len(self.layers) - 1:
-                h = self.act(h)
-        return h
+        for layer in layers[:-1]:
+            h = act(layer.apply_column(tc, h))
+        return layers[-1].apply_column(tc, h)
 
 
 class CNFField(nn.Module):
@@ -151,7 +158,8 @@ class CNFField(nn.Module):
                 raise InputError(f"CNFField: the Hutchinson probe has shape "
                                  f"{None if eps is None else tuple(eps.shape)}, the state {tuple(z.shape)}; call "
                                  f"set_probe(eps) with a (B, D) probe before solving (CNF does this).")
-            eps = eps.to(z.dtype)
+            if eps.dtype != z.dtype:
+                eps = eps.to(z.dtype)
         with torch.enable_grad():
             if not (need_graph and z.requires_grad):
                 z = z.detach().requires_grad_(True)
