@@ -281,3 +281,32 @@ def test_moons_circles_match_sklearn(name):
     assert np.allclose(np.cov(ours.T), np.cov(ref.T), atol=0.05)
     r_o, r_r = np.linalg.norm(ours, axis=1), np.linalg.norm(ref, axis=1)
     assert np.allclose(np.quantile(r_o, [0.1, 0.5, 0.9]), np.quantile(r_r, [0.1, 0.5, 0.9]), atol=0.05)
+
+
+# ------------------------------------------------------------------------------------------ FFJORD experiment
+def test_eight_gaussians_density_normalised_and_matches_samples():
+    from neurodyn.demos.ffjord import eight_gaussians_log_density
+
+    xs = torch.linspace(-6, 6, 601, dtype=D64)
+    grid = torch.stack(torch.meshgrid(xs, xs, indexing="xy"), -1).reshape(-1, 2)
+    p = eight_gaussians_log_density(grid).exp()
+    h = float(xs[1] - xs[0])
+    assert abs(float(p.sum()) * h * h - 1.0) < 1e-6
+    entropy_grid = -float((p * p.clamp_min(1e-300).log()).sum()) * h * h
+    x = sample_2d("8gaussians", 100_000, torch.Generator().manual_seed(3), dtype=D64)
+    lp = eight_gaussians_log_density(x)
+    # the samples follow the density: Monte-Carlo entropy equals the grid entropy (about 2.84 nats)
+    assert abs(-float(lp.mean()) - entropy_grid) < 4 * float(lp.std()) / math.sqrt(x.shape[0])
+    assert 2.8 < entropy_grid < 2.9
+
+
+@pytest.mark.slow
+def test_ffjord_experiment_quick(tmp_path):
+    from neurodyn.demos.ffjord import ffjord_experiment
+
+    m = ffjord_experiment(tmp_path, iters=20, quick=True, test_n=500, log_every=10, plots=True)
+    assert m["iters"] == 20 and len(m["history"]) == 2
+    assert m["history"][-1][1] < m["history"][0][1] + 0.5 and math.isfinite(m["test_nll"])
+    assert m["test_nll"] > m["data_entropy"] - 0.1  # no model beats the density's own entropy (test set noise aside)
+    for f in ("metrics.json", "log.txt", "density.png", "samples.png", "trajectories.png"):
+        assert (tmp_path / f).exists()
