@@ -33,7 +33,7 @@ def _shuffle(x: Tensor, g: torch.Generator | None) -> Tensor:
 def eight_gaussian_centers(dtype: torch.dtype = torch.float32) -> Tensor:
     """The 8 component means of ``"8gaussians"``: radius ``4 / 1.414`` at angles ``k * pi / 4``; shape ``(8, 2)``.
 
-    >>> eight_gaussian_centers().norm(dim=1).round(decimals=3).unique().tolist()
+    >>> eight_gaussian_centers(torch.float64).norm(dim=1).round(decimals=3).unique().tolist()
     [2.829]
     """
     c = 1.0 / math.sqrt(2.0)

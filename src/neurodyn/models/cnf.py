@@ -206,7 +206,8 @@ class CNF(nn.Module):
         As in :func:`neurodyn.solve` (``gradient``: ``"direct"``, ``"adjoint"``, ``"checkpoint"``,
         ``"interpolated"``).
     generator : torch.Generator, optional
-        Source of the probes and of :meth:`sample`'s base draws.
+        Source of the probes and of :meth:`sample`'s draws from the default base (a given ``base`` samples with
+        its own stream).
     **solve_kwargs :
         Any other keyword of :func:`neurodyn.solve` (``per_sample_steps``, ``max_steps``, ...).
 
