@@ -78,7 +78,8 @@ def draw_probe(shape: torch.Size | tuple[int, ...], noise: str = "gaussian", *,
     """A Hutchinson probe ``eps`` of the given shape with ``E[eps eps^T] = I``: standard normal
     (``noise="gaussian"``) or uniform on ``{-1, +1}`` (``"rademacher"``, lower variance).
 
-    ``dtype`` defaults to the default dtype, ``device`` to the generator's (else CPU).
+    Drawn on the generator's device (else ``device``, else CPU), then moved to ``device`` when given.
+    ``dtype`` defaults to the default dtype.
 
     >>> draw_probe((3, 2), "rademacher", generator=torch.Generator().manual_seed(0)).abs().unique().tolist()
     [1.0]
@@ -86,13 +87,13 @@ def draw_probe(shape: torch.Size | tuple[int, ...], noise: str = "gaussian", *,
     if noise not in NOISES:
         raise InputError(f"draw_probe: noise must be one of {NOISES}, got {noise!r}.")
     dtype = dtype or torch.get_default_dtype()
-    if generator is not None:
-        device = generator.device
-    device = device or "cpu"
+    where = generator.device if generator is not None else (device or "cpu")
     with torch.no_grad():
         if noise == "gaussian":
-            return torch.randn(torch.Size(shape), generator=generator, dtype=dtype, device=device)
-        return torch.randint(0, 2, torch.Size(shape), generator=generator, device=device).to(dtype) * 2 - 1
+            eps = torch.randn(torch.Size(shape), generator=generator, dtype=dtype, device=where)
+        else:
+            eps = torch.randint(0, 2, torch.Size(shape), generator=generator, device=where).to(dtype) * 2 - 1
+    return eps if device is None else eps.to(device)
 
 
 def per_sample_sum(x: Tensor) -> Tensor:

@@ -224,7 +224,7 @@ class RegularizedField(nn.Module):
         """
         prev = self.eps
         dtype = dtype or (prev.dtype if prev is not None else torch.get_default_dtype())
-        device = device or (prev.device if prev is not None else "cpu")
+        device = device or (prev.device if prev is not None else None)
         eps = draw_probe(z_shape, self.noise, generator=self.generator, dtype=dtype, device=device)
         self.eps = eps
         return eps

@@ -299,8 +299,9 @@ class CNF(nn.Module):
         """``n`` base samples, shape ``(n, D)``."""
         if self.base is None:
             dtype = dtype or self.sqrt_end_time.dtype
-            device = self.generator.device if self.generator is not None else (device or self.sqrt_end_time.device)
-            return torch.randn(n, self.dim, generator=self.generator, dtype=dtype, device=device)
+            device = device or self.sqrt_end_time.device
+            where = self.generator.device if self.generator is not None else device
+            return torch.randn(n, self.dim, generator=self.generator, dtype=dtype, device=where).to(device)
         return self.base.sample((n,))
 
     def penalty(self) -> Tensor:
