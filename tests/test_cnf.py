@@ -310,3 +310,18 @@ def test_ffjord_experiment_quick(tmp_path):
     assert m["test_nll"] > m["data_entropy"] - 0.1  # no model beats the density's own entropy (test set noise aside)
     for f in ("metrics.json", "log.txt", "density.png", "samples.png", "trajectories.png"):
         assert (tmp_path / f).exists()
+
+
+def test_taynode_penalty_closed_form():
+    a, t1, d = 0.3, 0.8, 2
+    x = torch.randn(4, d, dtype=D64, generator=torch.Generator().manual_seed(8))
+    flow = CNF(Linear(a * torch.eye(d, dtype=D64)), dim=d, t1=t1, taylor=1.0, taylor_order=2, **TIGHT)
+    with torch.no_grad():
+        flow(x)
+    # d^2 z/dt^2 = a^2 z(t): int ||a^2 e^{at} x||^2 dt = a^4 |x|^2 (e^{2 a t1} - 1) / (2 a)
+    want = a ** 4 * x.pow(2).sum(1) * (math.exp(2 * a * t1) - 1) / (2 * a)
+    assert torch.allclose(flow.penalties["taylor"], want, atol=1e-9, rtol=0)
+    flow.zero_grad()
+    flow(x)
+    flow.penalty().backward()  # differentiable in the parameters
+    assert flow.field.net.A.grad is not None and torch.isfinite(flow.field.net.A.grad).all()

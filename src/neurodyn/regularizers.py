@@ -36,7 +36,7 @@ from .solve import solve
 PENALTIES = ("kinetic", "jacobian", "taylor")
 ESTIMATORS = ("hutchinson", "exact")
 
-__all__ = ["RegularizedField", "regularized_solve", "steer_time"]
+__all__ = ["RegularizedField", "regularized_solve", "steer_time", "taylor_derivative"]
 
 
 class RegularizedField(nn.Module):
@@ -249,24 +249,8 @@ class RegularizedField(nn.Module):
         return jacobian_trace(f, z, eps, create_graph=need_graph, frobenius=True)[1]
 
     def _taylor_derivative(self, t: Tensor, z: Tensor, f: Tensor) -> Tensor:
-        """``d^K z/dt^K`` along the flow at ``(t, z)`` by nested forward-mode products (``f = dz/dt`` given)."""
-        if self.taylor_order == 1:
-            return f
-        from torch.func import jvp
-
-        def deriv(k: int) -> Callable[[Tensor, Tensor], Tensor]:
-            # d^k z/dt^k as a function of (t, z): D_1 = f, D_{k+1} = dD_k/dt + dD_k/dz f
-            if k == 1:
-                return self._f
-
-            inner = deriv(k - 1)
-
-            def dk(t_: Tensor, z_: Tensor) -> Tensor:
-                return jvp(inner, (t_, z_), (torch.ones_like(t_), self._f(t_, z_)))[1]
-
-            return dk
-
-        return jvp(deriv(self.taylor_order - 1), (t, z), (torch.ones_like(t), f))[1]
+        """``d^K z/dt^K`` along the flow at ``(t, z)`` (``f = dz/dt`` given)."""
+        return taylor_derivative(self._f, t, z, f, self.taylor_order)
 
     def forward(self, t: Tensor, state: Tensor) -> Tensor:
         """``d/dt [z, E...]`` for the flat augmented ``state`` (shape ``(N,)``, as :meth:`augment` builds)."""
@@ -298,6 +282,33 @@ class RegularizedField(nn.Module):
         w = ", ".join(f"{k}={self.weights[k]}" for k in PENALTIES if self.weights[k])
         return f"{w or 'no penalties'}, taylor_order={self.taylor_order}, estimator={self.estimator!r}, " \
                f"noise={self.noise!r}"
+
+
+def taylor_derivative(func: Callable[[Tensor, Tensor], Tensor], t: Tensor, z: Tensor, f: Tensor,
+                      order: int) -> Tensor:
+    """``d^K z/dt^K`` (``K = order >= 1``) along the flow of ``dz/dt = func(t, z)`` at ``(t, z)``, given
+    ``f = func(t, z)``; TayNODE's quantity. ``K - 1`` nested forward-mode products (``torch.func.jvp``) along the
+    tangent ``(dt, dz) = (1, f)``: ``D_1 = f``, ``D_{k+1} = dD_k/dt + (dD_k/dz) f``. Same shape as ``z``.
+
+    >>> a = 0.5
+    >>> taylor_derivative(lambda t, z: a * z, torch.tensor(0.0), torch.ones(3), 0.5 * torch.ones(3), 3)
+    tensor([0.1250, 0.1250, 0.1250])
+    """
+    if order == 1:
+        return f
+    from torch.func import jvp
+
+    def deriv(k: int) -> Callable[[Tensor, Tensor], Tensor]:
+        if k == 1:
+            return func
+        inner = deriv(k - 1)
+
+        def dk(t_: Tensor, z_: Tensor) -> Tensor:
+            return jvp(inner, (t_, z_), (torch.ones_like(t_), func(t_, z_)))[1]
+
+        return dk
+
+    return jvp(deriv(order - 1), (t, z), (torch.ones_like(t), f))[1]
 
 
 def regularized_solve(func: Callable, z0: Tensor, t: Tensor, *, kinetic: float = 0.0, jacobian: float = 0.0,

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from ..errors import InputError
 from ..fields import NOISES, draw_probe, jacobian_trace, takes_time
+from ..regularizers import taylor_derivative
 from ..solution import Solution
 from ..solve import solve
 
@@ -123,7 +124,8 @@ class CNFField(nn.Module):
 
         dz/dt = f(t, z),   dL/dt = tr(df/dz),   dE_kinetic/dt = ||f||^2,   dE_jacobian/dt = ||df/dz||_F^2
 
-    (per sample; ``L`` is the log-determinant of the flow map so far). ``trace="hutchinson"`` uses the probe
+    and ``dE_taylor/dt = ||d^K z/dt^K||^2`` (TayNODE) (per sample; ``L`` is the log-determinant of the flow map so
+    far; the penalties present are those switched on, in this order). ``trace="hutchinson"`` uses the probe
     :attr:`eps` (``(B, D)``), set by :meth:`set_probe` before a solve and left unchanged by :meth:`forward`.
 
     Examples
@@ -134,13 +136,14 @@ class CNFField(nn.Module):
     """
 
     def __init__(self, net: Callable, dim: int, trace: str = "exact", kinetic: bool = False,
-                 jacobian: bool = False, autonomous: bool | None = None):
+                 jacobian: bool = False, autonomous: bool | None = None, taylor: bool = False, taylor_order: int = 2):
         super().__init__()
+        self.taylor_order = taylor_order
         self.net = net
         self.dim = dim
         self.trace = trace
         self.takes_time = (not autonomous) if autonomous is not None else takes_time(net)
-        self.active = tuple(k for k, on in (("kinetic", kinetic), ("jacobian", jacobian)) if on)
+        self.active = tuple(k for k, on in (("kinetic", kinetic), ("jacobian", jacobian), ("taylor", taylor)) if on)
         self.register_buffer("eps", None, persistent=False)
 
     def set_probe(self, eps: Tensor | None) -> None:
@@ -173,6 +176,14 @@ class CNFField(nn.Module):
             cols.append(f.pow(2).sum(1, keepdim=True))
         if "jacobian" in self.active:
             cols.append(frob.unsqueeze(1))
+        if "taylor" in self.active:
+            with torch.set_grad_enabled(need_graph):
+                tt = t if isinstance(t, Tensor) and t.dtype == z.dtype else torch.as_tensor(t, dtype=z.dtype,
+                                                                                             device=z.device)
+                fz, zz = (f, z) if need_graph else (f.detach(), z.detach())
+                fn = self.net if self.takes_time else (lambda t_, z_: self.net(z_))
+                dk = taylor_derivative(fn, tt, zz, fz, self.taylor_order)
+            cols.append(dk.pow(2).sum(1, keepdim=True))
         out = torch.cat(cols, 1)
         return out if need_graph else out.detach()
 
@@ -201,7 +212,10 @@ class CNF(nn.Module):
         normal (computed in the data's dtype and device).
     kinetic, jacobian : float
         RNODE weights (>= 0) of the kinetic energy and Jacobian Frobenius penalties, integrated with the flow
-        (the Jacobian one from the same probe / products as the trace); :attr:`penalty` after each solve.
+        (the Jacobian one from the same probe / products as the trace); :meth:`penalty` after each solve.
+    taylor, taylor_order : float, int
+        TayNODE weight (>= 0) of ``integral ||d^K z/dt^K||^2 dt`` with ``K = taylor_order``
+        (:func:`neurodyn.regularizers.taylor_derivative`).
     method, rtol, atol, gradient :
         As in :func:`neurodyn.solve` (``gradient``: ``"direct"``, ``"adjoint"``, ``"checkpoint"``,
         ``"interpolated"``).
@@ -232,7 +246,8 @@ class CNF(nn.Module):
 
     def __init__(self, net: Callable, dim: int, *, trace: str = "exact", noise: str = "gaussian", t1: float = 1.0,
                  train_t1: bool = False, base: Any = None, kinetic: float = 0.0, jacobian: float = 0.0,
-                 method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5, gradient: str = "direct",
+                 taylor: float = 0.0, taylor_order: int = 2, method: str = "dopri5", rtol: float = 1e-5,
+                 atol: float = 1e-5, gradient: str = "direct",
                  generator: torch.Generator | None = None, autonomous: bool | None = None, **solve_kwargs: Any):
         super().__init__()
         if not callable(net):
@@ -250,14 +265,16 @@ class CNF(nn.Module):
         if not math.isfinite(t1) or t1 <= 0:
             raise InputError(f"CNF: t1 must be finite and > 0, got {t1}.")
         weights = {}
-        for name, w in (("kinetic", kinetic), ("jacobian", jacobian)):
+        if isinstance(taylor_order, bool) or not isinstance(taylor_order, int) or taylor_order < 1:
+            raise InputError(f"CNF: taylor_order must be an integer >= 1, got {taylor_order!r}.")
+        for name, w in (("kinetic", kinetic), ("jacobian", jacobian), ("taylor", taylor)):
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
                 raise InputError(f"CNF: {name} must be a finite number >= 0, got {w!r}.")
             weights[name] = float(w)
         if base is not None and not (hasattr(base, "log_prob") and hasattr(base, "sample")):
             raise InputError("CNF: base must be a torch.distributions.Distribution (log_prob and sample).")
         self.field = CNFField(net, dim, trace, kinetic=weights["kinetic"] > 0, jacobian=weights["jacobian"] > 0,
-                              autonomous=autonomous)
+                              autonomous=autonomous, taylor=weights["taylor"] > 0, taylor_order=taylor_order)
         self.dim = dim
         self.noise = noise
         self.weights = weights
@@ -305,7 +322,7 @@ class CNF(nn.Module):
         return self.base.sample((n,))
 
     def penalty(self) -> Tensor:
-        """``kinetic * mean(E_kinetic) + jacobian * mean(E_jacobian)`` of the last solve (0 when none)."""
+        """``sum_k weight_k * mean(E_k)`` over the active penalties of the last solve (0 when none)."""
         out = self.sqrt_end_time.new_zeros(())
         for k, v in self.penalties.items():
             out = out + self.weights[k] * v.mean()
