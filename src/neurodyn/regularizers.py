@@ -30,14 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InputError
-from .fields import takes_time
+from .fields import NOISES, draw_probe, jacobian_trace, per_sample_sum, takes_time
 from .solve import solve
 
 PENALTIES = ("kinetic", "jacobian", "taylor")
 ESTIMATORS = ("hutchinson", "exact")
-NOISES = ("gaussian", "rademacher")
 
-__all__ = ["RegularizedField", "regularized_solve", "steer_time"]
+__all__ = ["RegularizedField", "regularized_solve", "steer_time", "taylor_derivative"]
 
 
 class RegularizedField(nn.Module):
@@ -225,15 +224,8 @@ class RegularizedField(nn.Module):
         """
         prev = self.eps
         dtype = dtype or (prev.dtype if prev is not None else torch.get_default_dtype())
-        device = device or (prev.device if prev is not None else "cpu")
-        if self.generator is not None:
-            device = self.generator.device
-        shape = torch.Size(z_shape)
-        with torch.no_grad():
-            if self.noise == "gaussian":
-                eps = torch.randn(shape, generator=self.generator, dtype=dtype, device=device)
-            else:
-                eps = torch.randint(0, 2, shape, generator=self.generator, device=device).to(dtype) * 2 - 1
+        device = device or (prev.device if prev is not None else None)
+        eps = draw_probe(z_shape, self.noise, generator=self.generator, dtype=dtype, device=device)
         self.eps = eps
         return eps
 
@@ -243,55 +235,22 @@ class RegularizedField(nn.Module):
     def _f(self, t: Tensor, z: Tensor) -> Tensor:
         return self.func(t, z) if self.takes_time else self.func(z)
 
-    def _per_sample(self, x: Tensor) -> Tensor:
+    @staticmethod
+    def _per_sample(x: Tensor) -> Tensor:
         """Sum of squares over the feature dimensions: ``(B, *features) -> (B,)``, ``(D,) -> ()``."""
-        if x.dim() >= 2:
-            return x.pow(2).reshape(x.shape[0], -1).sum(-1)
-        return x.pow(2).sum()
+        return per_sample_sum(x.pow(2))
 
     def _jacobian_rate(self, f: Tensor, z: Tensor, need_graph: bool) -> Tensor:
-        zero = self._per_sample(torch.zeros_like(z))
-        if not f.requires_grad:
-            return zero
+        eps = None
         if self.estimator == "hutchinson":
             eps = self.eps
             if eps is None or not self._noise_fits(z):
                 eps = self.resample(z.shape, dtype=z.dtype, device=z.device)
-            (v,) = torch.autograd.grad(f, z, eps, create_graph=need_graph, retain_graph=True, allow_unused=True)
-            return zero if v is None else self._per_sample(v)
-        # exact: one VJP per feature basis vector (applied to every sample at once)
-        batched = z.dim() >= 2
-        d = z[0].numel() if batched else z.numel()
-        total = zero
-        basis = torch.zeros(d, dtype=z.dtype, device=z.device)
-        for i in range(d):
-            e = basis.clone()
-            e[i] = 1.0
-            e = e.expand(z.shape[0], d).reshape(z.shape) if batched else e.view(z.shape)
-            (v,) = torch.autograd.grad(f, z, e, create_graph=need_graph, retain_graph=True, allow_unused=True)
-            if v is not None:
-                total = total + self._per_sample(v)
-        return total
+        return jacobian_trace(f, z, eps, create_graph=need_graph, frobenius=True)[1]
 
     def _taylor_derivative(self, t: Tensor, z: Tensor, f: Tensor) -> Tensor:
-        """``d^K z/dt^K`` along the flow at ``(t, z)`` by nested forward-mode products (``f = dz/dt`` given)."""
-        if self.taylor_order == 1:
-            return f
-        from torch.func import jvp
-
-        def deriv(k: int) -> Callable[[Tensor, Tensor], Tensor]:
-            # d^k z/dt^k as a function of (t, z): D_1 = f, D_{k+1} = dD_k/dt + dD_k/dz f
-            if k == 1:
-                return self._f
-
-            inner = deriv(k - 1)
-
-            def dk(t_: Tensor, z_: Tensor) -> Tensor:
-                return jvp(inner, (t_, z_), (torch.ones_like(t_), self._f(t_, z_)))[1]
-
-            return dk
-
-        return jvp(deriv(self.taylor_order - 1), (t, z), (torch.ones_like(t), f))[1]
+        """``d^K z/dt^K`` along the flow at ``(t, z)`` (``f = dz/dt`` given)."""
+        return taylor_derivative(self._f, t, z, f, self.taylor_order)
 
     def forward(self, t: Tensor, state: Tensor) -> Tensor:
         """``d/dt [z, E...]`` for the flat augmented ``state`` (shape ``(N,)``, as :meth:`augment` builds)."""
@@ -323,6 +282,33 @@ class RegularizedField(nn.Module):
         w = ", ".join(f"{k}={self.weights[k]}" for k in PENALTIES if self.weights[k])
         return f"{w or 'no penalties'}, taylor_order={self.taylor_order}, estimator={self.estimator!r}, " \
                f"noise={self.noise!r}"
+
+
+def taylor_derivative(func: Callable[[Tensor, Tensor], Tensor], t: Tensor, z: Tensor, f: Tensor,
+                      order: int) -> Tensor:
+    """``d^K z/dt^K`` (``K = order >= 1``) along the flow of ``dz/dt = func(t, z)`` at ``(t, z)``, given
+    ``f = func(t, z)``; TayNODE's quantity. ``K - 1`` nested forward-mode products (``torch.func.jvp``) along the
+    tangent ``(dt, dz) = (1, f)``: ``D_1 = f``, ``D_{k+1} = dD_k/dt + (dD_k/dz) f``. Same shape as ``z``.
+
+    >>> a = 0.5
+    >>> taylor_derivative(lambda t, z: a * z, torch.tensor(0.0), torch.ones(3), 0.5 * torch.ones(3), 3)
+    tensor([0.1250, 0.1250, 0.1250])
+    """
+    if order == 1:
+        return f
+    from torch.func import jvp
+
+    def deriv(k: int) -> Callable[[Tensor, Tensor], Tensor]:
+        if k == 1:
+            return func
+        inner = deriv(k - 1)
+
+        def dk(t_: Tensor, z_: Tensor) -> Tensor:
+            return jvp(inner, (t_, z_), (torch.ones_like(t_), func(t_, z_)))[1]
+
+        return dk
+
+    return jvp(deriv(order - 1), (t, z), (torch.ones_like(t), f))[1]
 
 
 def regularized_solve(func: Callable, z0: Tensor, t: Tensor, *, kinetic: float = 0.0, jacobian: float = 0.0,

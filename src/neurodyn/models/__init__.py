@@ -2,6 +2,7 @@
 
 from .augmented import AugmentedNeuralODE
 from .baselines import GRUD, GRUBaseline
+from .cnf import CNF, CNFStack, ConcatSquashLinear, ODEnet
 from .latent_ode import LatentODE
 from .neural_cde import CDEField, NeuralCDE
 from .neural_ode import NeuralODE
@@ -10,6 +11,6 @@ from .physics import HNN, LNN, DerivativeMLP
 from .shooting import MultipleShooting, penalty_schedule
 from .ssm import DiagonalSSM, linear_scan
 
-__all__ = ["GRUD", "HNN", "LNN", "AugmentedNeuralODE", "CDEField", "DerivativeMLP", "DiagonalSSM", "GRUBaseline",
-           "GRUUpdate", "GatedMLPUpdate", "LSTMUpdate", "LatentODE", "MultipleShooting", "NeuralCDE", "NeuralODE",
-           "ODERNN", "linear_scan", "penalty_schedule"]
+__all__ = ["CNF", "GRUD", "HNN", "LNN", "AugmentedNeuralODE", "CDEField", "CNFStack", "ConcatSquashLinear",
+           "DerivativeMLP", "DiagonalSSM", "GRUBaseline", "GRUUpdate", "GatedMLPUpdate", "LSTMUpdate", "LatentODE",
+           "MultipleShooting", "NeuralCDE", "NeuralODE", "ODERNN", "ODEnet", "linear_scan", "penalty_schedule"]
