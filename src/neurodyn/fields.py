@@ -6,9 +6,12 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .errors import InputError
+
+NOISES = ("gaussian", "rademacher")
 
 
 def check_derivative(f0: Any, y0: Tensor) -> Tensor:
@@ -64,3 +67,98 @@ def time_field(func: Callable, autonomous: bool | None = None) -> Callable[[Tens
     """
     with_time = (not autonomous) if autonomous is not None else takes_time(func)
     return func if with_time else (lambda t, z: func(z))
+
+
+# ----------------------------------------------------------------------------------------------
+# Trace (divergence) and Jacobian-norm estimators, shared by the CNF and the regularisers
+# ----------------------------------------------------------------------------------------------
+def draw_probe(shape: torch.Size | tuple[int, ...], noise: str = "gaussian", *,
+               generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> Tensor:
+    """A Hutchinson probe ``eps`` of the given shape with ``E[eps eps^T] = I``: standard normal
+    (``noise="gaussian"``) or uniform on ``{-1, +1}`` (``"rademacher"``, lower variance).
+
+    ``dtype`` defaults to the default dtype, ``device`` to the generator's (else CPU).
+
+    >>> draw_probe((3, 2), "rademacher", generator=torch.Generator().manual_seed(0)).abs().unique().tolist()
+    [1.0]
+    """
+    if noise not in NOISES:
+        raise InputError(f"draw_probe: noise must be one of {NOISES}, got {noise!r}.")
+    dtype = dtype or torch.get_default_dtype()
+    if generator is not None:
+        device = generator.device
+    device = device or "cpu"
+    with torch.no_grad():
+        if noise == "gaussian":
+            return torch.randn(torch.Size(shape), generator=generator, dtype=dtype, device=device)
+        return torch.randint(0, 2, torch.Size(shape), generator=generator, device=device).to(dtype) * 2 - 1
+
+
+def per_sample_sum(x: Tensor) -> Tensor:
+    """Sum over the feature dimensions: ``(B, *features) -> (B,)``; a 1-d ``(D,)`` (one sample) gives ``()``.
+
+    >>> per_sample_sum(torch.ones(4, 3)).tolist()
+    [3.0, 3.0, 3.0, 3.0]
+    """
+    return x.reshape(x.shape[0], -1).sum(-1) if x.dim() >= 2 else x.sum()
+
+
+def jacobian_trace(f: Tensor, z: Tensor, eps: Tensor | None = None, *, create_graph: bool = False,
+                   frobenius: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Per-sample ``tr(df/dz)`` and (``frobenius=True``) ``||df/dz||_F^2``, from ``f = f(z)`` already computed
+    with ``z`` in its graph.
+
+    Parameters
+    ----------
+    f, z : Tensor, shape ``(B, *features)`` (a batch of independent samples) or ``(D,)`` (one sample)
+        The field's value and its input (``z.requires_grad``).
+    eps : Tensor of ``z``'s shape, optional
+        A Hutchinson probe (:func:`draw_probe`): the estimates are ``eps^T J eps`` and ``||eps^T J||^2`` from
+        one vector-Jacobian product (unbiased; the caller keeps ``eps`` fixed for a whole solve). Omitted:
+        exact, one VJP per feature (``D`` products, each over the whole batch; exact per sample when the
+        field treats the samples independently, as an MLP does).
+    create_graph : bool
+        Keep the graph of the products (to differentiate the estimates; training).
+    frobenius : bool
+        Also return the squared Frobenius norm (RNODE's Jacobian penalty) from the same products.
+
+    Returns
+    -------
+    trace : Tensor, shape ``(B,)`` (``()`` for a 1-d ``z``)
+    frob : Tensor of the same shape, or None when ``frobenius=False``
+
+    Examples
+    --------
+    >>> A = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    >>> z = torch.randn(5, 2, requires_grad=True)
+    >>> tr, fro = jacobian_trace(z @ A.T, z, frobenius=True)
+    >>> tr.tolist(), fro[0].item()
+    ([5.0, 5.0, 5.0, 5.0, 5.0], 30.0)
+    """
+    zero = per_sample_sum(torch.zeros_like(z))
+    if not f.requires_grad:
+        return zero, (zero if frobenius else None)
+    if eps is not None:
+        if eps.shape != z.shape:
+            raise InputError(f"jacobian_trace: the probe has shape {tuple(eps.shape)}, the state {tuple(z.shape)}: "
+                             f"draw the probe with the state's shape.")
+        (v,) = torch.autograd.grad(f, z, eps, create_graph=create_graph, retain_graph=True, allow_unused=True)
+        if v is None:
+            return zero, (zero if frobenius else None)
+        return per_sample_sum(v * eps), (per_sample_sum(v * v) if frobenius else None)
+    batched = z.dim() >= 2
+    d = z[0].numel() if batched else z.numel()
+    trace, frob = zero, (zero if frobenius else None)
+    for i in range(d):
+        e = torch.zeros(d, dtype=z.dtype, device=z.device)
+        e[i] = 1.0
+        e = e.expand(z.shape[0], d).reshape(z.shape) if batched else e.view(z.shape)
+        (v,) = torch.autograd.grad(f, z, e, create_graph=create_graph, retain_graph=True, allow_unused=True)
+        if v is None:
+            continue
+        vf = v.reshape(z.shape[0], d) if batched else v.reshape(d)
+        trace = trace + vf[..., i]
+        if frobenius:
+            frob = frob + per_sample_sum(v * v)
+    return trace, frob

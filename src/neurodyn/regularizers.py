@@ -30,12 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InputError
-from .fields import takes_time
+from .fields import NOISES, draw_probe, jacobian_trace, per_sample_sum, takes_time
 from .solve import solve
 
 PENALTIES = ("kinetic", "jacobian", "taylor")
 ESTIMATORS = ("hutchinson", "exact")
-NOISES = ("gaussian", "rademacher")
 
 __all__ = ["RegularizedField", "regularized_solve", "steer_time"]
 
@@ -226,14 +225,7 @@ class RegularizedField(nn.Module):
         prev = self.eps
         dtype = dtype or (prev.dtype if prev is not None else torch.get_default_dtype())
         device = device or (prev.device if prev is not None else "cpu")
-        if self.generator is not None:
-            device = self.generator.device
-        shape = torch.Size(z_shape)
-        with torch.no_grad():
-            if self.noise == "gaussian":
-                eps = torch.randn(shape, generator=self.generator, dtype=dtype, device=device)
-            else:
-                eps = torch.randint(0, 2, shape, generator=self.generator, device=device).to(dtype) * 2 - 1
+        eps = draw_probe(z_shape, self.noise, generator=self.generator, dtype=dtype, device=device)
         self.eps = eps
         return eps
 
@@ -243,35 +235,18 @@ class RegularizedField(nn.Module):
     def _f(self, t: Tensor, z: Tensor) -> Tensor:
         return self.func(t, z) if self.takes_time else self.func(z)
 
-    def _per_sample(self, x: Tensor) -> Tensor:
+    @staticmethod
+    def _per_sample(x: Tensor) -> Tensor:
         """Sum of squares over the feature dimensions: ``(B, *features) -> (B,)``, ``(D,) -> ()``."""
-        if x.dim() >= 2:
-            return x.pow(2).reshape(x.shape[0], -1).sum(-1)
-        return x.pow(2).sum()
+        return per_sample_sum(x.pow(2))
 
     def _jacobian_rate(self, f: Tensor, z: Tensor, need_graph: bool) -> Tensor:
-        zero = self._per_sample(torch.zeros_like(z))
-        if not f.requires_grad:
-            return zero
+        eps = None
         if self.estimator == "hutchinson":
             eps = self.eps
             if eps is None or not self._noise_fits(z):
                 eps = self.resample(z.shape, dtype=z.dtype, device=z.device)
-            (v,) = torch.autograd.grad(f, z, eps, create_graph=need_graph, retain_graph=True, allow_unused=True)
-            return zero if v is None else self._per_sample(v)
-        # exact: one VJP per feature basis vector (applied to every sample at once)
-        batched = z.dim() >= 2
-        d = z[0].numel() if batched else z.numel()
-        total = zero
-        basis = torch.zeros(d, dtype=z.dtype, device=z.device)
-        for i in range(d):
-            e = basis.clone()
-            e[i] = 1.0
-            e = e.expand(z.shape[0], d).reshape(z.shape) if batched else e.view(z.shape)
-            (v,) = torch.autograd.grad(f, z, e, create_graph=need_graph, retain_graph=True, allow_unused=True)
-            if v is not None:
-                total = total + self._per_sample(v)
-        return total
+        return jacobian_trace(f, z, eps, create_graph=need_graph, frobenius=True)[1]
 
     def _taylor_derivative(self, t: Tensor, z: Tensor, f: Tensor) -> Tensor:
         """``d^K z/dt^K`` along the flow at ``(t, z)`` by nested forward-mode products (``f = dz/dt`` given)."""

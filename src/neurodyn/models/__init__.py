@@ -2,11 +2,12 @@
 
 from .augmented import AugmentedNeuralODE
 from .baselines import GRUD, GRUBaseline
+from .cnf import CNF, CNFStack, ConcatSquashLinear, ODEnet
 from .latent_ode import LatentODE
 from .neural_cde import CDEField, NeuralCDE
 from .neural_ode import NeuralODE
 from .odernn import ODERNN, GatedMLPUpdate, GRUUpdate, LSTMUpdate
 from .ssm import DiagonalSSM, linear_scan
 
-__all__ = ["GRUD", "AugmentedNeuralODE", "CDEField", "DiagonalSSM", "GRUBaseline", "GRUUpdate", "GatedMLPUpdate",
+__all__ = ["CNF", "GRUD", "AugmentedNeuralODE", "CNFStack", "ConcatSquashLinear", "ODEnet", "CDEField", "DiagonalSSM", "GRUBaseline", "GRUUpdate", "GatedMLPUpdate",
            "LSTMUpdate", "LatentODE", "NeuralCDE", "NeuralODE", "ODERNN", "linear_scan"]
