@@ -139,15 +139,6 @@ def test_exact_log_likelihood_of_a_linear_flow():
     assert nfe > 0
 
 
-def test_exact_divergence():
-    A = torch.randn(3, 3, dtype=torch.float64)
-    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    div = fm.exact_divergence(torch.tanh(x @ A.T), x)
-    expected = torch.stack([torch.trace(torch.autograd.functional.jacobian(lambda r: torch.tanh(A @ r), xi))
-                            for xi in x.detach()])
-    torch.testing.assert_close(div, expected)
-
-
 def test_straightness_closed_forms():
     x0 = torch.randn(100, 2, dtype=torch.float64)
     assert fm.path_straightness(lambda t, x: torch.ones_like(x), x0) == pytest.approx(1.0, abs=1e-10)

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..solve import solve
 from ..transport import cost_matrix, exact_plan, have_pot, sinkhorn_plan
+from .cnf import CNF
 
 __all__ = [
     "ConditionalFlowMatcher",
@@ -55,7 +56,6 @@ __all__ = [
     "VariancePreservingConditionalFlowMatcher",
     "VelocityMLP",
     "cfm_loss",
-    "exact_divergence",
     "flow_log_likelihood",
     "pad_t_like_x",
     "path_straightness",
@@ -438,59 +438,38 @@ def sample_flow(model: Callable[..., Tensor], x0: Tensor, *, y: Tensor | None = 
     return FlowSamples(sol.ys[-1], sol.ys, t, int(sol.stats["nfe"]), dict(sol.stats))
 
 
-def exact_divergence(v: Tensor, x: Tensor, create_graph: bool = False) -> Tensor:
-    """The exact divergence ``sum_i dv_i/dx_i`` ``(B,)`` of ``v = f(x)`` ``(B, d)`` with respect to ``x``
-    ``(B, d)`` (rows independent), by ``d`` vector-Jacobian products. ``x`` must require grad.
+class _ReversedField(nn.Module):
+    """``net(s, z) = -v(1 - s, z)``: the flow-matching field (base at ``t=0``, data at ``t=1``) in the CNF's
+    direction (data at ``s=0``, base at ``s=1``)."""
 
-    Example::
+    def __init__(self, field: Callable[[Tensor, Tensor], Tensor], t1: float) -> None:
+        super().__init__()
+        self.field, self.t1 = field, t1
 
-        x = torch.randn(5, 2, requires_grad=True)
-        exact_divergence(x @ A.T, x)   # == trace(A) for every row
-    """
-    div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    for i in range(x.shape[1]):
-        (g,) = torch.autograd.grad(v[:, i].sum(), x, create_graph=create_graph, retain_graph=True)
-        div = div + g[:, i]
-    return div
+    def forward(self, s: Tensor, z: Tensor) -> Tensor:
+        return -self.field(self.t1 - s, z)
 
 
-def _standard_normal_logp(z: Tensor) -> Tensor:
-    return -0.5 * (z**2).sum(dim=1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
-
-
-def flow_log_likelihood(model: Callable[..., Tensor], x1: Tensor, *, y: Tensor | None = None,
-                        base_log_prob: Callable[[Tensor], Tensor] | None = None, t0: float = 0.0, t1: float = 1.0,
+def flow_log_likelihood(model: Callable[..., Tensor], x1: Tensor, *, y: Tensor | None = None, base: Any = None,
                         method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5,
                         **solve_kwargs: Any) -> tuple[Tensor, int]:
     """Exact log-density ``log p_1(x1)`` ``(B,)`` of samples ``x1`` ``(B, d)`` under the flow ``dx/dt = model(t, x)``
-    started from the base density ``p_0`` (standard normal unless ``base_log_prob(z) -> (B,)`` is given), and the
-    NFE of the solve.
+    on ``[0, 1]`` started from the base density ``p_0`` (standard normal unless ``base``, a
+    ``torch.distributions.Distribution``), and the NFE of the solve.
 
-    The state ``(x, l)`` is solved from ``t1`` back to ``t0`` with ``dl/dt = div v(t, x)`` (exact trace, ``d``
-    vector-Jacobian products) and ``l(t1) = 0``, so ``log p_1(x1) = log p_0(x(t0)) + l(t0)`` (the instantaneous
-    change of variables ``d log p / dt = -div v``). Detached (no graph to the parameters).
+    Computed by :class:`neurodyn.models.CNF` with the exact trace (``d`` vector-Jacobian products) on the reversed
+    field ``-v(1 - s, z)`` (data at ``s=0``, base at ``s=1``): ``log p_1(x1) = log p_0(z(1)) + log|det dz/dx|``,
+    the instantaneous change of variables ``d log p / dt = -div v``. Runs without a graph to the parameters.
 
     Example: ``logp, nfe = flow_log_likelihood(net, test_x); nll = -logp.mean()``.
     """
     if x1.dim() != 2:
         raise InputError(f"x1 must have shape (B, d), got {tuple(x1.shape)}.")
-    d = x1.shape[1]
-    field = _bind(model, y)
-
-    def aug(t: Tensor, s: Tensor) -> Tensor:
-        with torch.enable_grad():
-            x = s[:, :d].detach().requires_grad_(True)
-            v = field(t, x)
-            div = exact_divergence(v, x)
-        return torch.cat([v.detach(), div.detach()[:, None]], dim=1)
-
-    s1 = torch.cat([x1.detach(), torch.zeros(x1.shape[0], 1, dtype=x1.dtype)], dim=1)
+    flow = CNF(_ReversedField(_bind(model, y), 1.0), x1.shape[1], trace="exact", t1=1.0, base=base, method=method,
+               rtol=rtol, atol=atol, **solve_kwargs)
     with torch.no_grad():
-        sol = solve(aug, s1, torch.tensor([t1, t0], dtype=x1.dtype), method=method, rtol=rtol, atol=atol,
-                    **solve_kwargs)
-    s0 = sol.ys[-1]
-    base = base_log_prob or _standard_normal_logp
-    return base(s0[:, :d]) + s0[:, d], int(sol.stats["nfe"])
+        logp = flow.log_prob(x1)
+    return logp, int(flow.last_solution.stats["nfe"])
 
 
 def path_straightness(model: Callable[..., Tensor], x0: Tensor, *, y: Tensor | None = None, t0: float = 0.0,
