@@ -164,3 +164,20 @@ def test_cfm_loss_value_and_class_conditioning():
         net(0.5, x0)
     with pytest.raises(InputError, match="same sample shape"):
         fm.cfm_loss(net, matcher, x0, torch.zeros(32, 3, dtype=torch.float64))
+
+
+@pytest.mark.slow
+def test_flows_demo_small_run(tmp_path):
+    import json
+
+    from neurodyn.demos.flows import flows_experiment
+
+    m = flows_experiment(tmp_path, ("8gaussians",), iters=20, test_n=150, ffjord=False, plots=False)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for kind in ("icfm", "otcfm"):
+        r = m["8gaussians"][kind]
+        assert saved["8gaussians"][kind]["w2"] == pytest.approx(r["w2"], rel=1e-12)
+        assert r["straightness"] >= 1 - 1e-6          # Cauchy-Schwarz: kinetic energy >= squared displacement
+        assert r["iters"] == 20 and r["sample_nfe"] > 0 and r["nll_nfe"] > 0
+        # cross-entropy against the data density is at least its entropy (2.84 nats) up to test-set noise
+        assert r["test_nll"] > 2.84 - 0.3
