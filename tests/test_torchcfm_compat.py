@@ -115,13 +115,19 @@ def test_fallback_without_pot_reproduces_pot(monkeypatch):
 
 
 def test_readme_snippet_runs_unchanged():
-    """torchcfm's README training loop, with the import swapped: the same seed gives the same loss sequence."""
-    def train(lib):
+    """torchcfm's README training loop (ConditionalFlowMatcher + models.models.MLP), the imports swapped: the same
+    seed gives the same loss sequence, and the trained fields agree; torch_wrapper gives the same f(t, x)."""
+    from torchcfm.models.models import MLP as RefMLP
+
+    from neurodyn.compat.torchcfm.models.models import MLP
+    from neurodyn.compat.torchcfm.utils import torch_wrapper
+
+    def train(lib, mlp):
         torch.manual_seed(0)
         np.random.seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.SELU(), torch.nn.Linear(32, 2))
-        optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-        FM = lib.ConditionalFlowMatcher(sigma=0.1)
+        model = mlp(dim=2, time_varying=True)
+        optimizer = torch.optim.Adam(model.parameters())
+        FM = lib.ExactOptimalTransportConditionalFlowMatcher(sigma=0.1)
         losses = []
         for _ in range(5):
             optimizer.zero_grad()
@@ -132,5 +138,10 @@ def test_readme_snippet_runs_unchanged():
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        return losses
-    assert train(ours) == train(torchcfm)
+        return losses, model
+
+    (la, ma), (lb, mb) = train(ours, MLP), train(torchcfm, RefMLP)
+    assert la == lb
+    x = torch.randn(10, 2)
+    t = torch.tensor(0.3)
+    assert torch.equal(torch_wrapper(ma)(t, x), mb(torch.cat([x, torch.full((10, 1), 0.3)], 1)))
