@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from neurodyn.data.toy2d import sample_2d
+from neurodyn.data.toy2d import TOY_2D, sample_2d
 from neurodyn.demos._common import DemoError, add_out_and_seed, float_in, int_at_least, json_safe
 from neurodyn.errors import InputError
 from neurodyn.models.flow_matching import (
@@ -151,6 +151,9 @@ def flows_experiment(out_dir: str | Path, datasets: tuple[str, ...] = ("8gaussia
 
     Example: ``m = flows_experiment("runs/flows", quick=True); m["8gaussians"]["otcfm"]["w2"]``.
     """
+    unknown = [d for d in datasets if d not in TOY_2D]
+    if unknown:
+        raise InputError(f"unknown densities {unknown}; choose from {sorted(TOY_2D)}.")
     if quick:
         iters, ffjord_iters, test_n = min(iters, 150), min(ffjord_iters, 30), min(test_n, 500)
     out = Path(out_dir)
