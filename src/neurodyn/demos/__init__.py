@@ -27,6 +27,10 @@ DEMOS: dict[str, tuple[str, str]] = {
         "neurodyn.demos.circles",
         "nested rings and the 1-d map g(-1)=1, g(1)=-1: Neural ODE vs Augmented Neural ODE (accuracy, NFE)",
     ),
+    "flows": (
+        "neurodyn.demos.flows",
+        "FFJORD vs I-CFM vs OT-CFM on 8gaussians and checkerboard: NLL, exact W2, sampling NFE, wall time, plots",
+    ),
     "latent": (
         "neurodyn.demos.latent",
         "latent ODE on the periodic toy (Rubanova et al. 2019): interpolation/extrapolation MSE, posterior bands",
