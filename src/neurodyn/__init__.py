@@ -26,6 +26,7 @@ from .errors import (
     ZenoError,
 )
 from .models import (
+    CNF,
     GRUD,
     HNN,
     LNN,
@@ -57,6 +58,7 @@ from .training import Trainer, seed_everything
 __version__ = "0.1.0"
 
 __all__ = [
+    "CNF",
     "AugmentedNeuralODE",
     "BrownianIncrement",
     "BrownianInterval",
