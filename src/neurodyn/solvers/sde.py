@@ -171,7 +171,7 @@ class SDEStepper(StepperBase):
     error_order = None
     stages = 1
     # Engine capability flags (core.stepper): what solve() lets through.
-    gradients: ClassVar[tuple[str, ...] | None] = ("direct", "checkpoint")
+    gradients: ClassVar[tuple[str, ...] | None] = ("direct", "checkpoint", "adjoint")
     time_gradients: ClassVar[bool] = False
     interpolations: ClassVar[tuple[str, ...]] = ("auto", "linear")
     bind_tolerances: ClassVar[bool] = True
