@@ -176,6 +176,9 @@ def solve_reversible(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg
         raise InputError("the exact reversible-Heun adjoint integrates SDE terms (neurodyn.sde_term).")
     if _sde_pieces(user)[1].vector_field is None:
         raise InputError("the exact reversible-Heun adjoint needs the diffusion g(t, y) itself (not only g_prod).")
+    if getattr(solver, "options", {}).get("initial_state") is not None:
+        raise InputError("the exact reversible-Heun adjoint starts from z0 = y0; a solve continued from a carried "
+                         "state (solver_options={'initial_state': ...}) needs gradient='direct' or 'checkpoint'.")
     setup = _Setup(func, solver, cfg, on_failure, gopts, y0.shape)
     ys = _ReversibleFunction.apply(setup, y0, t, *gopts.params)
     sol = setup.solution

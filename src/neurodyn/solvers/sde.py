@@ -564,6 +564,9 @@ class ReversibleHeun(SDEStepper):
     by the same averages, exactly in exact arithmetic. One drift and one diffusion evaluation per step. Fixed steps
     (``step_size`` or the output grid).
 
+    ``solver_options={"initial_state": (f(z0), g(z0), z0)}`` starts from a carried state (continuing an earlier
+    solve, whose :meth:`final_state` it is) instead of ``z0 = y0``.
+
     Solver state: ``f(z)`` travels as the loop's ``k1`` (FSAL: the first step's ``k1 = f(y0) = f(z0)``), ``z`` and
     ``g(z)`` in the stepper (:attr:`carried`, exposed to checkpoint replays by ``replay_record`` /
     ``replay_prepare``)."""
@@ -602,7 +605,10 @@ class ReversibleHeun(SDEStepper):
         if pend is not None and pend[0] == t and pend[1] is y:  # the previous step was accepted
             self.carried = pend
         c = self.carried
-        if c is not None and c[0] == t and c[1] is y:
+        start = self.options.pop("initial_state", None)
+        if start is not None:  # a solve continuing another (solver_options={"initial_state": (f(z), g(z), z)})
+            f_z, g_z, z = (x.view(shape) if i != 1 else x for i, x in enumerate(start))
+        elif c is not None and c[0] == t and c[1] is y:
             z, g_z = c[2], c[3]
         else:  # a new solve (or a replay without a carried state): z0 = y0
             z, g_z = ys, sde.g(t, ys)
@@ -611,8 +617,17 @@ class ReversibleHeun(SDEStepper):
         f1, g1 = sde.f_and_g(t + h, z1)
         y1 = ys + (f_z + f1) * (0.5 * h) + sde.prod(g_z + g1, 0.5 * dW)
         y1f = y1.reshape(1, -1)
-        self._pending = (t + h, y1f, z1, g1)
+        self._pending = (t + h, y1f, z1, g1, f1)
         return y1f, f1.reshape(1, -1), None
+
+    def option_names(self) -> tuple[str, ...]:
+        return ("initial_state",)
+
+    def final_state(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(f(z), g(z), z)`` after the last step (user's shapes; torchsde's extra solver state order), to continue
+        with ``solver_options={"initial_state": ...}``; None before any step."""
+        p = self._pending
+        return None if p is None else (p[4], p[3], p[2])
 
     def replay_record(self) -> tuple[Any, tuple[Tensor, ...], Any]:
         """After an accepted step: the carried ``(z, g(z))`` and its time (``f(z)`` is the FSAL ``k1``)."""
