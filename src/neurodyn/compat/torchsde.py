@@ -509,7 +509,7 @@ def sdeint_adjoint(sde: nn.Module, y0: Tensor, ts: Any, bm: Any = None, method: 
         raise ValueError("adjoint_method='adjoint_reversible_heun' is the exact adjoint of method='reversible_heun'; "
                          f"method={method!r} needs another adjoint_method (midpoint, heun, euler_heun).")
     else:
-        chosen = adjoint_method if adjoint_method in ("midpoint", "heun", "euler_heun") else None
+        chosen = adjoint_method if adjoint_method in ("midpoint", "heun", "euler_heun") else "midpoint"
     if adjoint_method is not None and adjoint_method not in METHODS:
         raise ValueError(f"Expected method in {METHODS}, but found {adjoint_method}.")
     return _solve(fns, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, logqp, extra,
