@@ -20,6 +20,8 @@ Differences from torchsde (where its behaviour loses accuracy or work):
   names (``euler``, ``milstein``, ``srk``) and ``log_ode``/``reversible_heun`` select ``midpoint`` (same limit as
   ``dt -> 0``). ``method="reversible_heun"`` with ``adjoint_method="adjoint_reversible_heun"`` (the default) is
   the exact algebraic adjoint (:mod:`neurodyn.gradients.reversible`): the gradient of the discrete solve.
+* ``milstein`` with scalar noise uses ``(dg/dy) g`` (the Milstein term); torchsde 0.2.6 uses ``(dg/dy)^T g`` (a
+  vector-Jacobian product), equal only where ``dg/dy`` is symmetric (e.g. ``g_i`` depending on ``y_i`` alone).
 * Tensors requiring grad that the SDE uses but ``adjoint_params`` lacks raise an error (torchsde gives them no
   gradient silently).
 
