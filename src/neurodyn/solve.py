@@ -282,7 +282,7 @@ def solve(
     elif solver_options:
         raise InputError(f"solver_options are for the implicit methods; {method!r} takes none.")
     if solver.gradients is not None and gradient not in solver.gradients:
-        what = "SDEs (the stochastic adjoint)" if "sde" in solver.accepts else f"method {solver.name!r}"
+        what = "SDE methods" if "sde" in solver.accepts else f"method {solver.name!r}"
         raise InputError(f"gradient={gradient!r} is not implemented yet for {what}: use gradient="
                          f"{' or '.join(map(repr, solver.gradients))} (exact gradients of the discrete solve).")
     if interp not in solver.interpolations:

@@ -446,7 +446,8 @@ def sdeint(sde: Any, y0: Tensor, ts: Any, bm: Any = None, method: str | None = N
     ...     def f(self, t, y): return -y
     ...     def g(self, t, y): return 0.3 * torch.ones_like(y)
     >>> bm = torchsde.BrownianInterval(0.0, 1.0, size=(2, 1), dtype=torch.float64, entropy=0)
-    >>> ys = torchsde.sdeint(OU(), torch.ones(2, 1, dtype=torch.float64), [0.0, 0.5, 1.0], bm=bm, dt=0.01)
+    >>> ys = torchsde.sdeint(OU(), torch.ones(2, 1, dtype=torch.float64), [0.0, 0.5, 1.0], bm=bm, method="euler",
+    ...                      dt=0.01)
     >>> ys.shape
     torch.Size([3, 2, 1])
     """

@@ -21,6 +21,8 @@ term                   kind       ``vf`` / ``contr`` / ``prod``; ODE form
 :class:`AdjointTerm`   ``ode``    the continuous adjoint's augmented field of any term (gradient="adjoint")
 =====================  =========  ============================================================================
 
+:class:`SDEAdjointTerm` (kind ``sde``) is the stochastic adjoint's augmented Stratonovich SDE of an SDE term.
+
 A stepper declares the kinds it integrates (``accepts``, :mod:`neurodyn.core.stepper`); :func:`check_accepts`
 rejects other combinations before any work. :func:`neurodyn.solve` takes a term wherever it takes ``func``: it
 integrates the term's ODE form (:func:`as_field`), lands on the term's ``knots`` (they join ``jump_t``), and the

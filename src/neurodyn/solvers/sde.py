@@ -32,7 +32,9 @@ Dense output between steps is linear interpolation of the step ends (``interp="a
 sample path allows without the Brownian bridge.
 
 Gradients: ``"direct"`` and ``"checkpoint"`` (the replay queries the same Brownian increments: exact discrete
-gradients); the stochastic adjoint is not implemented yet (``gradient="adjoint"`` is refused).
+gradients); ``"adjoint"``: the stochastic adjoint (:class:`neurodyn.core.term.SDEAdjointTerm`, solved backward on
+the same Brownian path by ``midpoint``/``heun``/``euler_heun``), and for ``reversible_heun`` its exact algebraic
+adjoint (:mod:`neurodyn.gradients.reversible`).
 """
 
 from __future__ import annotations
