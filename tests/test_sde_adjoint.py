@@ -156,9 +156,10 @@ def test_reversible_heun_exact_adjoint(noise):
     assert sa.stats["steps_backward"] == 64
 
 
-def test_reversible_heun_memory_flat():
-    """The exact adjoint keeps no per-step tensors for backward: the saved-tensor count of the forward is the same
-    for 16x the steps (gradient='direct' grows with the steps)."""
+@pytest.mark.parametrize("method", ["reversible_heun", "midpoint"])
+def test_adjoint_memory_flat(method):
+    """Both adjoints keep no per-step tensors for backward: the saved-tensor count of the forward is the same for
+    16x the steps (gradient='direct' grows with the steps)."""
     def saved(gradient, dt):
         count = [0]
 
@@ -167,7 +168,7 @@ def test_reversible_heun_memory_flat():
             return x
         term, y0, params = _problem("diagonal", "stratonovich")
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            neurodyn.solve(term, y0, TS, method="reversible_heun", step_size=dt, gradient=gradient,
+            neurodyn.solve(term, y0, TS, method=method, step_size=dt, gradient=gradient,
                            params=None if gradient == "direct" else params)
         return count[0]
 

@@ -177,7 +177,7 @@ class _AdjointFunction(torch.autograd.Function):
                          first_step=setup.cfg.step_size if adaptive else None, max_steps=setup.cfg.max_steps,
                          min_step=setup.cfg.min_step,
                          max_step=setup.cfg.max_step, controller=controller, accept_min_step=setup.cfg.accept_min_step,
-                         jump_t=setup.cfg.jump_t, step_t=setup.cfg.step_t if not adaptive else [],
+                         jump_t=setup.cfg.jump_t, step_t=setup.cfg.step_t if not adj_solver.adaptive else [],
                          perturb=setup.cfg.perturb,
                          error_dims=(y_dims + n) if gopts.seminorm else None)
         jumps = set(setup.cfg.jump_t)
