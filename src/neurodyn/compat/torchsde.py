@@ -10,9 +10,9 @@
 
 Differences from torchsde (where its behaviour loses accuracy or work):
 
-* Steps land on every output time ``ts[i]`` (torchsde steps ``dt`` from ``ts[0]`` and interpolates linearly between
-  its step ends at output times off its grid). On output times that are multiples of ``dt`` from ``ts[0]`` the two
-  agree (to rounding, given the same Brownian path).
+* Fixed steps are those of torchsde: ``dt`` from ``ts[0]``, outputs between step ends linearly interpolated (the
+  last step lands on ``ts[-1]``). Results agree with torchsde's to rounding on the same Brownian path when the
+  step times are computed alike (e.g. ``dt`` a power of two).
 * Adaptive steps use neurodyn's PID controller on the step-doubling error; steps below ``dt_min`` are accepted with
   a status in ``stats`` as torchsde accepts them (``accept_min_step=True``).
 * ``sdeint_adjoint``: the stochastic adjoint is solved as a Stratonovich SDE (an Ito SDE's drift is converted,

@@ -13,7 +13,9 @@ step, last to first, reconstructs ``(y0, z0)`` from ``(y1, z1)`` with the same B
 returns the same ``dW`` for the same query), re-runs the step under autograd and backpropagates the adjoints of
 ``(y1, z1)`` through it. The gradients are those of the discrete forward solve (``gradient="direct"``'s) up to
 rounding in the reconstruction, with memory independent of the number of steps (two states and the step
-times). ``sol.stats["reconstruction_error"]``: the largest ``|y_reconstructed - y|`` at the output times.
+times). Output times between step ends are the linear dense output ``(1 - theta) y0 + theta y1``; their
+cotangents enter the two ends by those weights. ``sol.stats["reconstruction_error"]``: the largest
+``|y_reconstructed - y|`` at the output times.
 
 Cost per step backward: two drift and two diffusion evaluations with their graph, one reverse pass (the forward
 step costs one of each).
@@ -63,6 +65,7 @@ class _Setup:
         self.solution: Solution | None = None
         self.steps: list[tuple[float, float]] = []
         self.z_end: Tensor | None = None
+        self.y_end: Tensor | None = None
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -71,10 +74,10 @@ class _ReversibleFunction(torch.autograd.Function):
         func, solver, cfg = setup.func, setup.solver, setup.cfg
         term = ODETerm(func, y0.shape, real_dtype(y0.dtype), y0.device)
         times = t.detach().cpu().tolist()
-        steps: list[tuple[float, float]] = []
+        steps: list[tuple[float, float, float]] = []
 
         def on_accept(t0, h, t1, nudge, k1_time, y_start, k1, _inner=cfg.on_accept):
-            steps.append((t0, h))
+            steps.append((t0, h, t1))
             if _inner is not None:
                 _inner(t0, h, t1, nudge, k1_time, y_start, k1)
 
@@ -88,6 +91,7 @@ class _ReversibleFunction(torch.autograd.Function):
         setup.steps = steps
         # The carried z of the last accepted step (replay_record: (info, (z, g(z)), t)).
         setup.z_end = solver.replay_record()[1][0].detach() if steps else y0.detach()
+        setup.y_end = res.y_final.detach() if steps else y0.detach()
         ctx.setup = setup
         ys = sol.ys.detach()
         ctx.save_for_backward(ys, t, y0, *params)
@@ -115,18 +119,25 @@ class _ReversibleFunction(torch.autograd.Function):
             return drift(ts_, z), diffusion.vf(ts_, z)
 
         n_valid = sol.n_valid
-        i = n_valid - 1
-        y1 = ys[i].detach().clone()
+        y1 = setup.y_end.view(shape).clone()
         z1 = setup.z_end.view(shape).clone()
-        a_y = grad_ys[i].clone()
+        a_y = torch.zeros_like(y1)
         a_z = torch.zeros_like(a_y)
         a_p = [torch.zeros_like(p) for p in params]
-        i -= 1
+        i = n_valid - 1
         err = 0.0
         nfe = 0
         with torch.no_grad():
             f1, g1 = fg(setup.steps[-1][0] + setup.steps[-1][1], z1) if setup.steps else (None, None)
-        for t0, h in reversed(setup.steps):
+        for t0, h, t_end in reversed(setup.steps):
+            # The outputs this step wrote (times in (t0, t_end]): the step end, or the linear interpolation
+            # (1 - theta) y0 + theta y1 of the dense output.
+            mine = []
+            while i >= 1 and (times[i] - t0) * (1.0 if h > 0 else -1.0) > 0:
+                theta = 1.0 if times[i] == t_end else (times[i] - t0) / h
+                mine.append((i, theta))
+                a_y = a_y + theta * grad_ys[i]
+                i -= 1
             dW = bm.increment(t0, t0 + h)
             with torch.no_grad():
                 z0 = 2.0 * y1 - z1 - f1 * h - diffusion.prod(g1, dW)
@@ -146,14 +157,14 @@ class _ReversibleFunction(torch.autograd.Function):
             for k, gp in enumerate(grads[2:]):
                 if gp is not None:
                     a_p[k] = a_p[k] + gp
+            for j, theta in mine:
+                a_y = a_y + (1.0 - theta) * grad_ys[j]
+                err = max(err, float(((1.0 - theta) * y0 + theta * y1 - ys[j]).abs().max()))
             y1, z1 = y0, z0
             f1, g1 = f0v.detach(), g0v.detach()
-            while i >= 0 and _same_time(t0, times[i]):
-                err = max(err, float((y1 - ys[i]).abs().max()))
-                a_y = a_y + grad_ys[i]
-                i -= 1
-        # z0 = y0 at the start.
-        grad_y0 = (a_y + a_z).view(shape)
+        err = max(err, float((y1 - ys[0]).abs().max()))
+        # z0 = y0 at the start; ys[0] is y0.
+        grad_y0 = (a_y + a_z + grad_ys[0]).view(shape)
         sol.stats["nfe_backward"] = nfe
         sol.stats["steps_backward"] = len(setup.steps)
         sol.stats["reconstruction_error"] = err
