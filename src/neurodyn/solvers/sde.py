@@ -21,7 +21,8 @@ method                  SDE type       noise                       needs        
 
 Orders: "gen." general non-commutative noise, "add." additive noise (see the tests for the measured slopes).
 
-Step sizes: with ``step_size=dt`` every step is ``dt`` (landing on the output times); without it the steps are
+Step sizes: with ``step_size=dt`` every step is ``dt`` from ``t[0]`` (outputs between step ends by the dense
+output below; the last step lands on ``t[-1]``, as torchsde); without it the steps are
 adaptive (``reversible_heun``: on the output grid), with an error estimate by step doubling: one step of ``h``
 against two of ``h / 2`` over the same Brownian path (the half-step increments come from the same path, so a
 rejected step and its retry see one sample path; with a :class:`neurodyn.paths.BrownianInterval` any step is
