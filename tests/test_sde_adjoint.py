@@ -185,3 +185,18 @@ def test_adjoint_memory_flat(method):
 
     assert saved("adjoint", 1 / 8) == saved("adjoint", 1 / 128)
     assert saved("direct", 1 / 128) > 8 * saved("direct", 1 / 8) / 2
+
+
+def test_hidden_diffusion_tensor_refused():
+    """A diffusion capturing a tensor requiring grad that params lacks: refused before work (it would get no
+    gradient from the adjoint); given in params, it gets its gradient."""
+    s = torch.tensor([0.3], dtype=F64, requires_grad=True)
+    w = torch.tensor([0.5], dtype=F64, requires_grad=True)
+    bm = BrownianInterval(0.0, 1.0, shape=(2, 1), dtype=F64, entropy=0)
+    term = neurodyn.sde_term(lambda t, y: -w * y, lambda t, y: s * y, bm, sde_type="stratonovich")
+    y0 = torch.ones(2, 1, dtype=F64)
+    with pytest.raises(InputError, match="not among its parameters"):
+        neurodyn.solve(term, y0, TS, method="midpoint", step_size=0.1, gradient="adjoint", params=[w])
+    sol = neurodyn.solve(term, y0, TS, method="midpoint", step_size=0.1, gradient="adjoint", params=[w, s])
+    sol.ys.sum().backward()
+    assert s.grad is not None and float(s.grad.abs()) > 0

@@ -15,7 +15,7 @@ from .core.control import PIDController
 from .core.events import Event, as_events
 from .core.stepper import nextafter
 from .core.tensors import VMAP_ADAPTIVE, real_dtype, vmapped
-from .core.term import Term, as_field, check_accepts
+from .core.term import Term, as_field, check_accepts, diffusion_probe
 from .errors import InputError
 from .gradients import GRADIENTS, GradientOptions, check_hidden_tensors, find_params
 from .options import (
@@ -374,6 +374,9 @@ def solve(
                     td0 = nextafter(td0, float(t.detach()[-1]) - td0, rdt)
                 t0 = torch.scalar_tensor(td0, dtype=rdt, device=y0.device)
             check_hidden_tensors(func, t0, y0, gopts.params, gradient)
+            if term is not None and "sde" in term.kinds and not per_sample_steps:
+                # The diffusion too (the drift is func): its tensors need gradients as the drift's do.
+                check_hidden_tensors(diffusion_probe(term), t0, y0, gopts.params, gradient)
     if per_sample_steps:
         if t.requires_grad and torch.is_grad_enabled():
             raise InputError("per_sample_steps gives gradients with respect to y0 and parameters, not the times t "

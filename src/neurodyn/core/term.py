@@ -668,6 +668,18 @@ def ito_correction(diffusion: ControlTerm, t: Tensor, y: Tensor) -> Tensor:
     return 0.5 * out
 
 
+def diffusion_probe(term: Term) -> Callable[[Tensor, Tensor], Tensor]:
+    """``(t, y) -> g(t, y) v`` for the Brownian part of an SDE term, with ``v`` a fixed all-ones increment: the
+    diffusion as one field whose evaluations the gradient methods can check for captured tensors."""
+    parts = term.terms if isinstance(term, MultiTerm) else (term,)
+    diffusion = next(p for p in parts if "sde" in p.kinds)
+
+    def probe(t: Tensor, y: Tensor) -> Tensor:
+        v = torch.ones_like(diffusion.path.increment(float(t), float(t)))
+        return diffusion.vf_prod(t, y, v)
+    return probe
+
+
 class SDEAdjointTerm(MultiTerm):
     """The stochastic adjoint's augmented SDE of an SDE term (``gradient="adjoint"`` on an SDE; Li et al. 2020).
 
@@ -683,7 +695,8 @@ class SDEAdjointTerm(MultiTerm):
     evaluation whatever the noise type; so the backward methods are those using ``g dW`` only: ``heun``,
     ``midpoint``, ``euler_heun``.
 
-    ``params`` default to the term's :meth:`~Term.grad_tensors` (drift and diffusion parameters).
+    ``params`` default to the term's :meth:`~Term.grad_tensors` (drift and diffusion parameters); ``drift`` replaces
+    the term's drift (e.g. watched for captured tensors) and ``wrap`` wraps each diffusion-product evaluation.
 
     Examples
     --------
@@ -701,7 +714,8 @@ class SDEAdjointTerm(MultiTerm):
     __slots__ = ("user", "shape", "n", "params", "drift_of", "diffusion_of")
 
     def __init__(self, term: Term, shape: Sequence[int], params: Sequence[Tensor] | None = None,
-                 drift: Callable[[Tensor, Tensor], Tensor] | None = None):
+                 drift: Callable[[Tensor, Tensor], Tensor] | None = None,
+                 wrap: Callable[[Callable], Callable] | None = None):
         parts = term.terms if isinstance(term, MultiTerm) else (term,)
         noisy = [p for p in parts if "sde" in p.kinds]
         rest = [p for p in parts if "sde" not in p.kinds]
@@ -732,7 +746,9 @@ class SDEAdjointTerm(MultiTerm):
             return adjoint_field(self.drift_of, t, z, n, shp, ps)
 
         def aug_g_prod(t: Tensor, z: Tensor, dW: Tensor) -> Tensor:
-            return adjoint_field(lambda s, y: diffusion.vf_prod(s, y, dW), t, z, n, shp, ps)
+            def g_dw(s: Tensor, y: Tensor) -> Tensor:
+                return diffusion.vf_prod(s, y, dW)
+            return adjoint_field(wrap(g_dw) if wrap is not None else g_dw, t, z, n, shp, ps)
 
         super().__init__(ODETerm(aug_drift), ControlTerm(None, diffusion.path, noise="general",
                                                          sde_type="stratonovich", g_prod=aug_g_prod))

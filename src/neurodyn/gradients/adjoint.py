@@ -147,7 +147,7 @@ class _AdjointFunction(torch.autograd.Function):
         user = term_of(func)
         stochastic = user is not None and "sde" in user.kinds
         if stochastic:  # the stochastic adjoint: an augmented Stratonovich SDE on the forward's Brownian path
-            aug = SDEAdjointTerm(user, shape, params, drift=guard.field(func))
+            aug = SDEAdjointTerm(user, shape, params, drift=guard.field(func), wrap=guard.field)
             adj_solver = get_solver(sde_adjoint_method(setup.solver, gopts.adjoint_method), frozenset({"sde"}))
         else:
             aug = AdjointTerm(guard.field(func), shape, params, y_of_t)
