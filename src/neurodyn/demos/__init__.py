@@ -31,6 +31,10 @@ DEMOS: dict[str, tuple[str, str]] = {
         "neurodyn.demos.latent",
         "latent ODE on the periodic toy (Rubanova et al. 2019): interpolation/extrapolation MSE, posterior bands",
     ),
+    "latent-sde": (
+        "neurodyn.demos.latent_sde",
+        "latent SDE on the stochastic Lorenz attractor: ELBO, KL, posterior samples vs data (metrics.json)",
+    ),
     "pendulum": (
         "neurodyn.demos.pendulum",
         "fit a Neural ODE to a damped pendulum observed noisily at irregular times; extrapolate",
