@@ -32,8 +32,10 @@ from .models import (  # issue 14: irregular time series
     DiagonalSSM,
     GRUBaseline,
     LatentODE,
+    LatentSDE,
     NeuralCDE,
     NeuralODE,
+    NeuralSDE,
 )
 from .paths import (
     BrownianIncrement,
@@ -63,6 +65,7 @@ __all__ = [
     "GRUD",
     "GRUBaseline",
     "LatentODE",
+    "LatentSDE",
     "ODERNN",
     "Event",
     "ControlTerm",
@@ -74,6 +77,7 @@ __all__ = [
     "MultiTerm",
     "NeuralCDE",
     "NeuralODE",
+    "NeuralSDE",
     "NeurodynError",
     "NoEventError",
     "NonFiniteError",

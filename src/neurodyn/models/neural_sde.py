@@ -242,7 +242,7 @@ class LatentSDE(nn.Module):
     >>> out = model.elbo(xs, ts, entropy=0)
     >>> out["loss"].backward()            # -ELBO per series, averaged over the batch
     >>> sorted(out)
-    ['elbo', 'kl', 'kl0', 'logqp', 'loss', 'log_lik', 'zs']
+    ['elbo', 'kl', 'kl0', 'log_lik', 'logqp', 'loss', 'zs']
     """
 
     def __init__(self, data_size: int, latent_size: int = 4, context_size: int = 64, hidden_size: int = 64, *,
