@@ -359,9 +359,7 @@ def _g_and_diag_vjp(sde: SDEParts, t: float, y: Tensor, c: Tensor) -> tuple[Tens
         sde.counts["nfe_diffusion"] += 1  # the reverse pass
         if not g.requires_grad:  # g built without z (a constant): no derivative term
             return g, torch.zeros_like(y)
-        (res,) = torch.autograd.grad(g, z, (g if create else g.detach()) * c, create_graph=create, allow_unused=True)
-    if res is None:
-        res = torch.zeros_like(y)
+        (res,) = torch.autograd.grad(g, z, (g if create else g.detach()) * c, create_graph=create)
     return (g if create else g.detach()), res
 
 
