@@ -361,7 +361,8 @@ def test_rejections_before_work():
     nolevy_s = neurodyn.sde_term(f, lambda t, y: y, TorchsdePath(None, "space-time"), noise="diagonal",
                                  sde_type="stratonovich")
     _bad("levy_area='davie'", nolevy_s, "log_ode", step_size=0.25)
-    _bad("gradient='adjoint' is not implemented yet for SDEs", ito, "euler", step_size=0.25, gradient="adjoint")
+    _bad("adjoint_method='srk'.*midpoint, heun, euler_heun", ito, "euler", step_size=0.25, gradient="adjoint",
+         adjoint_method="srk")
     _bad("not implemented yet", ito, "euler", step_size=0.25, gradient="interpolated")
     _bad("interp='hermite'", ito, "euler", step_size=0.25, interp="hermite")
     _bad("integrates 'ode', 'sde' terms|methods that do: .*milstein", ito, "dopri5")

@@ -11,6 +11,7 @@ from . import data as data  # issue 14: irregular time series tooling (neurodyn.
 from .analysis import jacobian_spectrum, lipschitz_estimate, reversibility, spectral_radius, stiffness_ratio
 from .compat.torchcde import cdeint
 from .compat.torchdiffeq import odeint, odeint_adjoint, odeint_dense, odeint_event
+from .compat.torchsde import sdeint, sdeint_adjoint
 from .core.control import PIDController
 from .core.events import Event
 from .core.term import ControlTerm, MultiTerm, ODETerm, SDETerm, SplitTerm, Term, sde_term
@@ -101,6 +102,8 @@ __all__ = [
     "odeint_adjoint",
     "odeint_dense",
     "odeint_event",
+    "sdeint",
+    "sdeint_adjoint",
     "regularized_solve",
     "reversibility",
     "sde_term",

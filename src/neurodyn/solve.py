@@ -69,6 +69,7 @@ def solve(
     adjoint_method: str | None = None,
     adjoint_rtol: float | None = None,
     adjoint_atol: float | None = None,
+    adjoint_adaptive: bool | None = None,
     seminorm: bool = True,
     checkpoints: int = 16,
     compile: bool = False,
@@ -176,7 +177,12 @@ def solve(
         a closure over tensors requiring grad must pass them (else an InputError says so).
     adjoint_method, adjoint_rtol, adjoint_atol :
         Method and tolerances of the backward solve (``"adjoint"``/``"interpolated"``); default: the
-        forward ones.
+        forward ones. SDEs (the stochastic adjoint): ``"midpoint"``, ``"heun"`` or ``"euler_heun"`` (default: the
+        forward method when it is one of these, else ``"midpoint"``); ``"reversible_heun"`` forward: its exact
+        algebraic adjoint (see ``neurodyn.gradients.reversible``).
+    adjoint_adaptive : bool or None
+        Whether the backward solve steps adaptively (default: as the forward; True after a fixed-step forward
+        adapts from its step size).
     seminorm : bool
         Leave the parameter-gradient channels out of the backward error control (default True; on stiff
         problems these channels can need it: see ``neurodyn.gradients.adjoint``).
@@ -276,7 +282,7 @@ def solve(
     elif solver_options:
         raise InputError(f"solver_options are for the implicit methods; {method!r} takes none.")
     if solver.gradients is not None and gradient not in solver.gradients:
-        what = "SDEs (the stochastic adjoint)" if "sde" in solver.accepts else f"method {solver.name!r}"
+        what = "SDE methods" if "sde" in solver.accepts else f"method {solver.name!r}"
         raise InputError(f"gradient={gradient!r} is not implemented yet for {what}: use gradient="
                          f"{' or '.join(map(repr, solver.gradients))} (exact gradients of the discrete solve).")
     if interp not in solver.interpolations:
@@ -311,7 +317,16 @@ def solve(
     if compile and not solver.compilable:
         compile = False  # only explicit Runge-Kutta steps are compiled; other families run eagerly
     if adjoint_method is not None:
-        get_solver(adjoint_method)
+        if term is not None and "sde" in term.kinds and gradient == "adjoint":
+            from .gradients.adjoint import sde_adjoint_method
+            from .gradients.reversible import exact_reversible
+
+            if not exact_reversible(solver, adjoint_method):
+                sde_adjoint_method(solver, adjoint_method)
+        else:
+            get_solver(adjoint_method)
+    if adjoint_adaptive is not None and not isinstance(adjoint_adaptive, bool):
+        raise InputError(f"adjoint_adaptive must be True, False or None, got {adjoint_adaptive!r}.")
     check_nonnegative(adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol)
     if adjoint_rtol is not None:
         adjoint_rtol = clamp_rtol("adjoint_rtol", float(adjoint_rtol), y0.dtype)
@@ -347,7 +362,7 @@ def solve(
     gopts = GradientOptions(params=[], adjoint_method=adjoint_method,
                             adjoint_rtol=None if adjoint_rtol is None else float(adjoint_rtol),
                             adjoint_atol=None if adjoint_atol is None else float(adjoint_atol),
-                            seminorm=bool(seminorm), checkpoints=checkpoints)
+                            seminorm=bool(seminorm), checkpoints=checkpoints, adjoint_adaptive=adjoint_adaptive)
     if gradient != "direct":
         gopts.params = find_params(func, params)
         if torch.is_grad_enabled():

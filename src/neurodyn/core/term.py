@@ -21,6 +21,8 @@ term                   kind       ``vf`` / ``contr`` / ``prod``; ODE form
 :class:`AdjointTerm`   ``ode``    the continuous adjoint's augmented field of any term (gradient="adjoint")
 =====================  =========  ============================================================================
 
+:class:`SDEAdjointTerm` (kind ``sde``) is the stochastic adjoint's augmented Stratonovich SDE of an SDE term.
+
 A stepper declares the kinds it integrates (``accepts``, :mod:`neurodyn.core.stepper`); :func:`check_accepts`
 rejects other combinations before any work. :func:`neurodyn.solve` takes a term wherever it takes ``func``: it
 integrates the term's ODE form (:func:`as_field`), lands on the term's ``knots`` (they join ``jump_t``), and the
@@ -600,29 +602,7 @@ class AdjointTerm(Term):
         self.y_of_t = y_of_t
 
     def ode(self, t: Tensor, z: Tensor) -> Tensor:
-        n, shape, params, y_of_t = self.n, self.shape, self.params, self.y_of_t
-        zf = z.reshape(-1)
-        if y_of_t is None:
-            y, a = zf[:n], zf[n:2 * n]
-        else:
-            y, a = y_of_t(float(t)).reshape(-1), zf[:n]
-        # Differentiable in z when z requires grad (an implicit method's Jacobian of this field by reverse passes).
-        # Not under torch.func: its transforms would miss the parameter channels (wrong, silently), so the
-        # requires_grad_ below makes them fail instead and the Jacobian comes from plain autograd.
-        diff = z.requires_grad and torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(z)
-        with torch.enable_grad():
-            yv = y.view(shape) if diff and y.requires_grad else y.detach().view(shape).requires_grad_(True)
-            fy = self.func(t, yv)
-            if fy.requires_grad:
-                grads = torch.autograd.grad(fy, (yv, *params), -a.view(shape), allow_unused=True,
-                                            materialize_grads=False, create_graph=diff)
-            else:  # a field of t alone: no dependence on y or the parameters
-                grads = (None,) * (1 + len(params))
-        parts = [grads[0].reshape(-1) if grads[0] is not None else torch.zeros_like(a),
-                 flat_cat(grads[1:], params).to(z.dtype) if params else z.new_zeros(0)]
-        if y_of_t is None:
-            parts.insert(0, fy.reshape(-1) if diff else fy.detach().reshape(-1))
-        return torch.cat(parts).view(1, -1)
+        return adjoint_field(self.func, t, z, self.n, self.shape, self.params, self.y_of_t)
 
     def vf(self, t: Tensor, z: Tensor) -> Tensor:
         return self.ode(t, z)
@@ -632,6 +612,133 @@ class AdjointTerm(Term):
 
     def prod(self, vf: Tensor, control: Tensor | float) -> Tensor:
         return vf * control
+
+
+def adjoint_field(func: Callable[[Tensor, Tensor], Tensor], t: Tensor, z: Tensor, n: int, shape: tuple[int, ...],
+                  params: Sequence[Tensor], y_of_t: Callable[[float], Tensor] | None = None) -> Tensor:
+    """``[F(t, y), -a^T dF/dy, -a^T dF/dtheta]`` on the flat augmented state ``z = [y, a, g]`` (``(1, 2n + P)``;
+    with ``y_of_t`` the state is ``[a, g]``, ``y`` read from it, and ``F`` is not returned): the augmented field of
+    the continuous adjoint for one field ``F = func`` (an ODE's right-hand side; an SDE's drift, or its diffusion
+    times a fixed Brownian increment)."""
+    zf = z.reshape(-1)
+    if y_of_t is None:
+        y, a = zf[:n], zf[n:2 * n]
+    else:
+        y, a = y_of_t(float(t)).reshape(-1), zf[:n]
+    # Differentiable in z when z requires grad (an implicit method's Jacobian of this field by reverse passes).
+    # Not under torch.func: its transforms would miss the parameter channels (wrong, silently), so the
+    # requires_grad_ below makes them fail instead and the Jacobian comes from plain autograd.
+    diff = z.requires_grad and torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(z)
+    with torch.enable_grad():
+        yv = y.view(shape) if diff and y.requires_grad else y.detach().view(shape).requires_grad_(True)
+        fy = func(t, yv)
+        if fy.requires_grad:
+            grads = torch.autograd.grad(fy, (yv, *params), -a.view(shape), allow_unused=True,
+                                        materialize_grads=False, create_graph=diff)
+        else:  # a field of t alone: no dependence on y or the parameters
+            grads = (None,) * (1 + len(params))
+    parts = [grads[0].reshape(-1) if grads[0] is not None else torch.zeros_like(a),
+             flat_cat(grads[1:], params).to(z.dtype) if params else z.new_zeros(0)]
+    if y_of_t is None:
+        parts.insert(0, fy.reshape(-1) if diff else fy.detach().reshape(-1))
+    return torch.cat(parts).view(1, -1)
+
+
+def ito_correction(diffusion: ControlTerm, t: Tensor, y: Tensor) -> Tensor:
+    """``1/2 sum_j (dg_j/dy) g_j`` at ``(t, y)``: an Ito drift minus this is the Stratonovich drift of the same SDE.
+
+    ``g_j`` the diffusion's noise columns (diagonal noise: ``g_i`` depends on ``y_i`` alone, so the term is
+    ``(dg_i/dy_i) g_i / 2``, one vector-Jacobian product; scalar and general noise: one Jacobian-vector product per
+    column by double reverse passes; additive noise: zero). Differentiable in ``y`` and the diffusion's parameters
+    (a graph is built under grad mode), so an adjoint can differentiate the converted drift."""
+    if diffusion.noise == "additive":
+        return torch.zeros_like(y)
+    g = diffusion.vf(t, y)
+    create = torch.is_grad_enabled()
+    if diffusion.noise == "diagonal":
+        (out,) = torch.autograd.grad(g, y, g, create_graph=create)
+        return 0.5 * out
+    out = torch.zeros_like(y)
+    for j in range(g.shape[-1]):
+        col = g[..., j]
+        u = torch.zeros_like(col, requires_grad=True)
+        (vjp,) = torch.autograd.grad(col, y, u, create_graph=True)
+        (jvp,) = torch.autograd.grad(vjp, u, col, create_graph=create)
+        out = out + jvp
+    return 0.5 * out
+
+
+class SDEAdjointTerm(MultiTerm):
+    """The stochastic adjoint's augmented SDE of an SDE term (``gradient="adjoint"`` on an SDE; Li et al. 2020).
+
+    On the flat state ``z = [y, a, g]`` (``(1, 2n + P)``) it is the Stratonovich SDE
+
+    ``dz = [f, -a^T df/dy, -a^T df/dtheta] dt + [g dW, -a^T d(g dW)/dy, -a^T d(g dW)/dtheta]``
+
+    driven by the forward's Brownian path, integrated backward in time (steps of negative size query the same
+    increments: ``bm.increment(t, t + h) = -(W(t) - W(t + h))``). A Stratonovich SDE runs backward by the same
+    rules, so the backward solve reconstructs ``y`` and carries ``a = dL/dy`` and the parameter gradient. An Ito
+    SDE is converted first: ``f`` becomes ``f - 1/2 sum_j (dg_j/dy) g_j`` (:func:`ito_correction`). The diffusion
+    part is given in product form (``noise="general"``, ``g_prod`` only), one vector-Jacobian product per
+    evaluation whatever the noise type; so the backward methods are those using ``g dW`` only: ``heun``,
+    ``midpoint``, ``euler_heun``.
+
+    ``params`` default to the term's :meth:`~Term.grad_tensors` (drift and diffusion parameters).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurodyn.paths import BrownianInterval
+    >>> w = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
+    >>> bm = BrownianInterval(0.0, 1.0, shape=(1,), dtype=torch.float64, entropy=0)
+    >>> sde = sde_term(lambda t, y: -y, lambda t, y: w * y, bm, sde_type="stratonovich")
+    >>> adj = SDEAdjointTerm(sde, (1,), [w])
+    >>> z = torch.tensor([[2.0, 1.0, 0.0]], dtype=torch.float64)      # [y, a, g]
+    >>> adj.rate(torch.tensor(0.0), z)                                # [f, -a df/dy, -a df/dw]
+    tensor([[-2.,  1.,  0.]], dtype=torch.float64)
+    """
+
+    __slots__ = ("user", "shape", "n", "params", "drift_of", "diffusion_of")
+
+    def __init__(self, term: Term, shape: Sequence[int], params: Sequence[Tensor] | None = None,
+                 drift: Callable[[Tensor, Tensor], Tensor] | None = None):
+        parts = term.terms if isinstance(term, MultiTerm) else (term,)
+        noisy = [p for p in parts if "sde" in p.kinds]
+        rest = [p for p in parts if "sde" not in p.kinds]
+        if len(noisy) != 1 or len(rest) > 1 or not isinstance(noisy[0], ControlTerm):
+            raise InputError("SDEAdjointTerm: the term must be one drift plus one Brownian ControlTerm "
+                             "(neurodyn.sde_term(drift, diffusion, bm)).")
+        diffusion = noisy[0]
+        f = drift if drift is not None else (rest[0].rate if rest else (lambda t, y: torch.zeros_like(y)))
+        self.user = term
+        self.shape = tuple(shape)
+        self.n = math.prod(self.shape)
+        self.params = list(term.grad_tensors() if params is None else params)
+        if diffusion.sde_type == "ito" and diffusion.noise != "additive":
+            if diffusion.vector_field is None:
+                raise InputError("gradient='adjoint' on an Ito SDE needs the diffusion g(t, y) itself (for the "
+                                 "Ito-Stratonovich correction); this SDE gives only g_prod: give the diffusion, or "
+                                 "use gradient='direct' / 'checkpoint'.")
+
+            def strat(t: Tensor, y: Tensor, _f=f, _d=diffusion) -> Tensor:
+                return _f(t, y) - ito_correction(_d, t, y)
+            self.drift_of = strat
+        else:
+            self.drift_of = f
+        self.diffusion_of = diffusion
+        n, shp, ps = self.n, self.shape, self.params
+
+        def aug_drift(t: Tensor, z: Tensor) -> Tensor:
+            return adjoint_field(self.drift_of, t, z, n, shp, ps)
+
+        def aug_g_prod(t: Tensor, z: Tensor, dW: Tensor) -> Tensor:
+            return adjoint_field(lambda s, y: diffusion.vf_prod(s, y, dW), t, z, n, shp, ps)
+
+        super().__init__(ODETerm(aug_drift), ControlTerm(None, diffusion.path, noise="general",
+                                                         sde_type="stratonovich", g_prod=aug_g_prod))
+
+    def grad_tensors(self) -> list[Tensor]:
+        return []
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,12 +65,13 @@ from ..core.loop import integrate
 from ..core.output import assemble
 from ..core.stepper import Step, Stepper, nextafter
 from ..core.tensors import real_dtype
-from ..core.term import AdjointTerm, ODETerm
+from ..core.term import AdjointTerm, ODETerm, SDEAdjointTerm, term_of
 from ..errors import InputError, SolveFailure
 from ..fields import check_derivative
 from ..solution import FAILURE_STATUSES, Solution, check_differentiable
 from ..solvers import get_solver
 from .common import GradientOptions, HiddenTensorGuard, first_order_only
+from .reversible import exact_reversible, solve_reversible
 
 
 class _Setup:
@@ -143,8 +144,14 @@ class _AdjointFunction(torch.autograd.Function):
         interpolated = setup.mode == "interpolated"
         y_of_t = _DenseLookup(setup.term, setup.solver, setup.records, setup.cfg.interp) if interpolated else None
         guard = HiddenTensorGuard(params, setup.mode)
-        aug = AdjointTerm(guard.field(func), shape, params, y_of_t)
-        adj_solver = get_solver(gopts.adjoint_method) if gopts.adjoint_method else setup.solver
+        user = term_of(func)
+        stochastic = user is not None and "sde" in user.kinds
+        if stochastic:  # the stochastic adjoint: an augmented Stratonovich SDE on the forward's Brownian path
+            aug = SDEAdjointTerm(user, shape, params, drift=guard.field(func))
+            adj_solver = get_solver(sde_adjoint_method(setup.solver, gopts.adjoint_method), frozenset({"sde"}))
+        else:
+            aug = AdjointTerm(guard.field(func), shape, params, y_of_t)
+            adj_solver = get_solver(gopts.adjoint_method) if gopts.adjoint_method else setup.solver
         rtol = gopts.adjoint_rtol if gopts.adjoint_rtol is not None else setup.cfg.rtol
         atol = gopts.adjoint_atol if gopts.adjoint_atol is not None else setup.cfg.atol
         y_dims = 0 if interpolated else n
@@ -161,8 +168,14 @@ class _AdjointFunction(torch.autograd.Function):
             adj_solver = adj_solver.bind(rtol=rtol, atol=atol, **extra)
             if own:  # bdf sizes its own steps: the new stepper's controller
                 controller = adj_solver.default_controller()
-        cfg = LoopConfig(rtol=rtol, atol=atol, adaptive=adj_solver.adaptive and setup.cfg.step_size is None,
-                         step_size=setup.cfg.step_size, max_steps=setup.cfg.max_steps, min_step=setup.cfg.min_step,
+        want = setup.cfg.step_size is None if gopts.adjoint_adaptive is None else gopts.adjoint_adaptive
+        adaptive = adj_solver.adaptive and want
+        if adj_solver.optional_error and not adaptive:
+            adj_solver = adj_solver.fixed_step()
+        cfg = LoopConfig(rtol=rtol, atol=atol, adaptive=adaptive,
+                         step_size=None if adaptive else setup.cfg.step_size,
+                         first_step=setup.cfg.step_size if adaptive else None, max_steps=setup.cfg.max_steps,
+                         min_step=setup.cfg.min_step,
                          max_step=setup.cfg.max_step, controller=controller, accept_min_step=setup.cfg.accept_min_step,
                          jump_t=setup.cfg.jump_t, step_t=setup.cfg.step_t if not adj_solver.adaptive else [],
                          perturb=setup.cfg.perturb,
@@ -176,7 +189,7 @@ class _AdjointFunction(torch.autograd.Function):
             for i in range(len(times) - 1, 0, -1):
                 parts = [a, g] if interpolated else [ys[i].reshape(-1), a, g]
                 z0 = torch.cat(parts).view(1, -1)
-                term = ODETerm(aug.ode, z0.shape, t_dtype, device)
+                term = ODETerm(aug.rate, z0.shape, t_dtype, device)
                 # Starting on a jump (a path knot at an output time) or with perturb: the derivative of the side
                 # travelled into, one ulp of the time dtype inside the interval.
                 nudged = times[i] in jumps or cfg.perturb
@@ -258,6 +271,8 @@ def _aug_tol(tol, y_dims: int, n: int, p_total: int) -> Tensor:
 def solve_adjoint(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg: LoopConfig,
                   on_failure: str, gopts: GradientOptions, mode: str = "adjoint") -> Solution:
     """gradient="adjoint" / "interpolated": see the module docstring."""
+    if mode == "adjoint" and exact_reversible(solver, gopts.adjoint_method):
+        return solve_reversible(func, y0, t, solver, cfg, on_failure, gopts)
     stopping = [i for i, e in enumerate(cfg.events) if e.jump is not None or e.stop_after is not None]
     if stopping:
         raise InputError(f"gradient={mode!r} cannot differentiate through a jump or a terminal event (events "
@@ -276,6 +291,23 @@ def solve_adjoint(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg: L
             sol.events.y = _NoEventGradient.apply(mode, sol.events.y, *links)
     sol.stats["gradient"] = mode
     return sol
+
+
+#: SDE methods integrating the stochastic adjoint (they use the diffusion only as the product g dW).
+SDE_ADJOINT_METHODS = ("midpoint", "heun", "euler_heun")
+
+
+def sde_adjoint_method(forward: Stepper, adjoint_method: str | None) -> str:
+    """The SDE method of the stochastic adjoint's backward solve: ``adjoint_method``, else the forward method when
+    it can integrate the adjoint SDE, else ``"midpoint"``. Raises an InputError for a method that cannot."""
+    if adjoint_method is None:
+        name = getattr(forward, "name", None)
+        return name if name in SDE_ADJOINT_METHODS else "midpoint"
+    if adjoint_method not in SDE_ADJOINT_METHODS:
+        raise InputError(f"adjoint_method={adjoint_method!r}: the stochastic adjoint is a Stratonovich SDE with "
+                         f"general noise given as the product g dW; the methods integrating it are "
+                         f"{', '.join(SDE_ADJOINT_METHODS)}.")
+    return adjoint_method
 
 
 def solve_interpolated(func, y0, t, solver, cfg, on_failure, gopts) -> Solution:

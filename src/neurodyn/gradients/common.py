@@ -38,6 +38,9 @@ class GradientOptions:
     adjoint_rtol: float | None = None
     adjoint_atol: float | None = None
     seminorm: bool = True
+    #: Whether the backward solve steps adaptively (None: as the forward solve; True with a fixed-step forward: the
+    #: backward solve adapts from the forward's step size).
+    adjoint_adaptive: bool | None = None
     checkpoints: int = 16
 
 

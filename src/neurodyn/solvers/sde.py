@@ -21,7 +21,8 @@ method                  SDE type       noise                       needs        
 
 Orders: "gen." general non-commutative noise, "add." additive noise (see the tests for the measured slopes).
 
-Step sizes: with ``step_size=dt`` every step is ``dt`` (landing on the output times); without it the steps are
+Step sizes: with ``step_size=dt`` every step is ``dt`` from ``t[0]`` (outputs between step ends by the dense
+output below; the last step lands on ``t[-1]``, as torchsde); without it the steps are
 adaptive (``reversible_heun``: on the output grid), with an error estimate by step doubling: one step of ``h``
 against two of ``h / 2`` over the same Brownian path (the half-step increments come from the same path, so a
 rejected step and its retry see one sample path; with a :class:`neurodyn.paths.BrownianInterval` any step is
@@ -32,7 +33,9 @@ Dense output between steps is linear interpolation of the step ends (``interp="a
 sample path allows without the Brownian bridge.
 
 Gradients: ``"direct"`` and ``"checkpoint"`` (the replay queries the same Brownian increments: exact discrete
-gradients); the stochastic adjoint is not implemented yet (``gradient="adjoint"`` is refused).
+gradients); ``"adjoint"``: the stochastic adjoint (:class:`neurodyn.core.term.SDEAdjointTerm`, solved backward on
+the same Brownian path by ``midpoint``/``heun``/``euler_heun``), and for ``reversible_heun`` its exact algebraic
+adjoint (:mod:`neurodyn.gradients.reversible`).
 """
 
 from __future__ import annotations
@@ -171,7 +174,7 @@ class SDEStepper(StepperBase):
     error_order = None
     stages = 1
     # Engine capability flags (core.stepper): what solve() lets through.
-    gradients: ClassVar[tuple[str, ...] | None] = ("direct", "checkpoint")
+    gradients: ClassVar[tuple[str, ...] | None] = ("direct", "checkpoint", "adjoint")
     time_gradients: ClassVar[bool] = False
     interpolations: ClassVar[tuple[str, ...]] = ("auto", "linear")
     bind_tolerances: ClassVar[bool] = True
@@ -568,6 +571,9 @@ class ReversibleHeun(SDEStepper):
     by the same averages, exactly in exact arithmetic. One drift and one diffusion evaluation per step. Fixed steps
     (``step_size`` or the output grid).
 
+    ``solver_options={"initial_state": (f(z0), g(z0), z0)}`` starts from a carried state (continuing an earlier
+    solve, whose :meth:`final_state` it is) instead of ``z0 = y0``.
+
     Solver state: ``f(z)`` travels as the loop's ``k1`` (FSAL: the first step's ``k1 = f(y0) = f(z0)``), ``z`` and
     ``g(z)`` in the stepper (:attr:`carried`, exposed to checkpoint replays by ``replay_record`` /
     ``replay_prepare``)."""
@@ -606,7 +612,10 @@ class ReversibleHeun(SDEStepper):
         if pend is not None and pend[0] == t and pend[1] is y:  # the previous step was accepted
             self.carried = pend
         c = self.carried
-        if c is not None and c[0] == t and c[1] is y:
+        start = self.options.pop("initial_state", None)
+        if start is not None:  # a solve continuing another (solver_options={"initial_state": (f(z), g(z), z)})
+            f_z, g_z, z = (x.view(shape) if i != 1 else x for i, x in enumerate(start))
+        elif c is not None and c[0] == t and c[1] is y:
             z, g_z = c[2], c[3]
         else:  # a new solve (or a replay without a carried state): z0 = y0
             z, g_z = ys, sde.g(t, ys)
@@ -615,8 +624,17 @@ class ReversibleHeun(SDEStepper):
         f1, g1 = sde.f_and_g(t + h, z1)
         y1 = ys + (f_z + f1) * (0.5 * h) + sde.prod(g_z + g1, 0.5 * dW)
         y1f = y1.reshape(1, -1)
-        self._pending = (t + h, y1f, z1, g1)
+        self._pending = (t + h, y1f, z1, g1, f1)
         return y1f, f1.reshape(1, -1), None
+
+    def option_names(self) -> tuple[str, ...]:
+        return ("initial_state",)
+
+    def final_state(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(f(z), g(z), z)`` after the last step (user's shapes; torchsde's extra solver state order), to continue
+        with ``solver_options={"initial_state": ...}``; None before any step."""
+        p = self._pending
+        return None if p is None else (p[4], p[3], p[2])
 
     def replay_record(self) -> tuple[Any, tuple[Tensor, ...], Any]:
         """After an accepted step: the carried ``(z, g(z))`` and its time (``f(z)`` is the FSAL ``k1``)."""
