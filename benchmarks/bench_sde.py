@@ -10,7 +10,8 @@ Sections (``--sections``):
 
 * ``forward``: one solve under ``torch.no_grad()`` (euler, milstein [Ito], srk [Ito], reversible_heun [Stratonovich]);
 * ``train``: one training step, ``loss = mean(y(1)^2)``, backward through the solver (direct backpropagation; the
-  stochastic adjoint is not on this branch);
+  ``adjoint`` section: ``gradient="adjoint"`` vs ``torchsde.sdeint_adjoint``, reversible Heun's exact adjoint and
+  the stochastic adjoint with midpoint);
 * ``latent``: one training step of ``neurodyn.models.LatentSDE`` (3-d data, 4 latent dims, context 64, hidden 64,
   batch 256, 50 observation times on [0, 1], dt = 0.02, Euler) against torchsde's ``sdeint(..., logqp=True)`` on the
   same networks (the same encoder, drifts, diffusion and decoder; torchsde integrates ``logqp`` itself);
@@ -135,6 +136,41 @@ def section_solver(repeats: int, train: bool) -> list[dict]:
     return rows
 
 
+def section_adjoint(repeats: int) -> list[dict]:
+    """One training step with the adjoint: reversible Heun's exact adjoint and the stochastic adjoint (midpoint),
+    neurodyn ``gradient="adjoint"`` vs ``torchsde.sdeint_adjoint`` on the same path; the relative difference of the
+    two parameter gradients is printed beside the times."""
+    rows = []
+    ts = torch.tensor([0.0, 1.0])
+    y0 = torch.randn(BATCH, DIM, generator=torch.Generator().manual_seed(1))
+    for method, adj in (("reversible_heun", "adjoint_reversible_heun"), ("midpoint", "midpoint")):
+        sde = MLPSDE("stratonovich")
+        params = list(sde.parameters())
+        bm = BrownianInterval(0.0, 1.0, shape=(BATCH, DIM), dtype=torch.float32, entropy=5, cache_size=None)
+
+        def nd(_sde=sde, _bm=bm, _m=method, _p=params, _a=adj) -> list[torch.Tensor]:
+            _sde.zero_grad()
+            term = neurodyn.sde_term(_sde.f, _sde.g, _bm, sde_type="stratonovich")
+            neurodyn.solve(term, y0, ts, method=_m, step_size=DT, gradient="adjoint", params=_p,
+                           adjoint_method=None if _m == "reversible_heun" else _a).ys[-1].pow(2).mean().backward()
+            return [p.grad.clone() for p in _p]
+
+        def tsd(_sde=sde, _bm=bm, _m=method, _p=params, _a=adj) -> list[torch.Tensor]:
+            _sde.zero_grad()
+            torchsde.sdeint_adjoint(_sde, y0, ts, bm=_bm, method=_m, adjoint_method=_a, dt=DT)[-1].pow(2).mean() \
+                .backward()
+            return [p.grad.clone() for p in _p]
+
+        ga, gb = nd(), tsd()
+        diff = max(float((a - b).norm() / b.norm()) for a, b in zip(ga, gb))
+        med = _median_times({"neurodyn": nd, "torchsde": tsd}, repeats)
+        rows.append({"section": "adjoint", "method": method, "neurodyn_s": med["neurodyn"],
+                     "torchsde_s": med["torchsde"], "speedup": med["torchsde"] / med["neurodyn"],
+                     "grad_rel_diff": diff})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 class _TorchsdeLatent(nn.Module):
     """torchsde's view of a ``LatentSDE``'s posterior: ``f`` (context-conditioned), ``g``, prior drift ``h``."""
 
@@ -250,6 +286,8 @@ def main() -> None:
         rows += section_solver(args.repeats, train=False)
     if "train" in sections:
         rows += section_solver(args.repeats, train=True)
+    if "adjoint" in sections:
+        rows += section_adjoint(args.repeats)
     if "latent" in sections:
         rows += section_latent(args.repeats)
     if "adaptive" in sections:

@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def child(gradient: str, k: int, batch: int) -> None:
-    import neurodyn
     from bench_sde import DIM, MLPSDE
+
+    import neurodyn
     from neurodyn.paths import BrownianInterval
 
     torch.set_num_threads(1)
@@ -50,21 +51,24 @@ def child(gradient: str, k: int, batch: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--gradients", default="direct,adjoint")
     parser.add_argument("--child", nargs=2, metavar=("GRADIENT", "K"))
     args = parser.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]), args.batch)
         return
     rows = []
-    for gradient in ("direct", "adjoint"):
+    gradients = args.gradients.split(",")
+    for gradient in gradients:
         for k in (1, 4, 16):
             out = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--child", gradient, str(k)],
                                  capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
-    for gradient in ("direct", "adjoint"):
+    for gradient in gradients:
         r = {row["k"]: row["extra_peak_kib"] for row in rows if row["gradient"] == gradient}
-        print(f"{gradient}: extra peak RSS 1x {r[1]} KiB, 4x {r[4]} KiB, 16x {r[16]} KiB")
+        print(f"{gradient}: extra peak RSS 1x {r[1]} KiB, 4x {r[4]} KiB, 16x {r[16]} KiB, growth "
+              f"{r[16] / max(r[1], 1):.2f}x")
 
 
 if __name__ == "__main__":
