@@ -85,7 +85,7 @@ class NeuralSDE(nn.Module):
         ``"log_ode"``, ``"reversible_heun"``).
     step_size : float, optional
         Fixed step ``dt``; None: adaptive steps (``rtol``, ``atol``; step doubling on the same path).
-    gradient : ``"direct"`` or ``"checkpoint"`` (any gradient :func:`neurodyn.solve` accepts for SDEs)
+    gradient : ``"direct"``, ``"checkpoint"`` or ``"adjoint"`` (any gradient :func:`neurodyn.solve` accepts for SDEs)
     entropy : int, optional
         Seed of the Brownian path each forward builds: an int gives the same path at every call; None draws a new
         one per call from torch's global generator (``torch.manual_seed`` fixes the sequence).
