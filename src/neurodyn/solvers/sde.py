@@ -309,7 +309,7 @@ class SDEStepper(StepperBase):
         mid = self.base(sde, t, ys, half, f0)
         # the second half ends where the coarse step does (t_mid + (t + h - t_mid) == t + h: Sterbenz)
         fine = self.base(sde, t_mid, mid, (t + h) - t_mid, sde.f(t_mid, mid))
-        err = (fine - coarse).reshape(1, -1) / h
+        err = (fine - coarse).detach().reshape(1, -1) / h  # the controller reads it; no graph through it
         return fine.reshape(1, -1), f0.reshape(1, -1), err
 
     def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
