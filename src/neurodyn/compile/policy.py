@@ -85,7 +85,7 @@ def decide(timing: Timing | None, loop_available: bool, compile_failed: bool = F
         Measured costs per attempted step (:func:`measure`); None where nothing was measured.
     loop_available : bool
         Whether the compiled whole loop covers this solve (no graph, events, dense output, jumps; the state-size
-        rule of :func:`neurodyn.compiled_loop.worthwhile`); used where nothing was measured.
+        rule of :func:`neurodyn.compile.loop.worthwhile`); used where nothing was measured.
     compile_failed : bool
         No compiled path could be built or run (a warning has been issued).
     force : ``"compiled"``, ``"eager"`` or None
