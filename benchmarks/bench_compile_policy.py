@@ -31,8 +31,8 @@ VARIANTS = ("eager", "step", "loop", "chosen")
 
 def run(nd, prob, method: str, variant: str):
     """One solve of ``variant``: ``step``/``loop`` force the compiled path (policy off), ``chosen`` is compile=True."""
-    import neurodyn.compile.policy as cp
     import neurodyn.compile.loop as cl
+    import neurodyn.compile.policy as cp
 
     c = prob.case
     saved = cl.worthwhile, cp.FORCE
