@@ -16,6 +16,16 @@ from ..solve import solve
 OUTPUTS = ("final", "trajectory", "solution")
 
 
+def select_output(sol: Solution, output: str) -> Tensor | Solution:
+    """What a model's ``forward`` returns for its ``output`` setting: ``"final"`` -> ``sol.ys[-1]`` (the state's
+    shape), ``"trajectory"`` -> ``sol.ys`` (``(len(t), *state)``), ``"solution"`` -> the :class:`Solution`."""
+    if output == "final":
+        return sol.ys[-1]
+    if output == "trajectory":
+        return sol.ys
+    return sol
+
+
 class _Field(nn.Module):
     """The vector field as the solver sees it: ``(t, z) -> dz/dt``.
 
@@ -164,11 +174,7 @@ class NeuralODE(nn.Module):
         # The solver's own count: excludes one-off probes (e.g. the adjoint's hidden-tensor check).
         self.nfe_forward = int(sol.stats["nfe"])
         self.last_solution = sol
-        if self.output == "final":
-            return sol.ys[-1]
-        if self.output == "trajectory":
-            return sol.ys
-        return sol
+        return select_output(sol, self.output)
 
     def extra_repr(self) -> str:
         return (f"method={self.method!r}, rtol={self.rtol}, atol={self.atol}, gradient={self.gradient!r}, "

@@ -21,6 +21,7 @@ from ..fields import takes_time
 from ..paths.brownian import BrownianInterval
 from ..solution import Solution
 from ..solve import solve
+from .neural_ode import select_output
 
 OUTPUTS = ("final", "trajectory", "solution")
 LIKELIHOODS = ("gaussian", "laplace")
@@ -169,11 +170,7 @@ class NeuralSDE(nn.Module):
         sol = solve(term, y0, tt, method=self.method, rtol=self.rtol, atol=self.atol, gradient=self.gradient,
                     dense=self.output == "solution", **opts)
         self.last_solution = sol
-        if self.output == "final":
-            return sol.ys[-1]
-        if self.output == "trajectory":
-            return sol.ys
-        return sol
+        return select_output(sol, self.output)
 
     def extra_repr(self) -> str:
         return (f"noise={self.noise!r}, sde_type={self.sde_type!r}, method={self.method!r}, "
