@@ -1,8 +1,9 @@
 """Worker of ``tests/test_training.py::test_ddp_matches_single_process`` (not a test module itself).
 
-Started as ``python -m torch.distributed.run --nproc_per_node=2 ... tests/ddp_worker.py OUT``: the
-:class:`neurodyn.Trainer` initialises the process group itself (gloo on CPU), wraps the model in
-DistributedDataParallel and shards the data. Rank 0 writes ``OUT/result.pt`` (step-1 gradients and
+Started twice as ``python tests/ddp_worker.py OUT`` with the environment torchrun would give (RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT): the :class:`neurodyn.Trainer` initialises the process group itself
+(gloo on CPU), wraps the model in DistributedDataParallel and shards the data. Each rank touches
+``OUT/init{rank}`` once the process group has formed. Rank 0 writes ``OUT/result.pt`` (step-1 gradients and
 parameters, final parameters, logged losses) and the trainer's logs/checkpoint in ``OUT/logs``; every rank
 writes ``OUT/rank{r}.pt`` with its final parameters.
 
@@ -57,6 +58,7 @@ def main(out: str) -> None:
                                max_steps=STEPS, log_dir=os.path.join(out, "logs"), checkpoint_every=2, seed=0,
                                progress=False, on_step=recorder(store))
     assert trainer.distributed and trainer.world_size == world, (trainer.distributed, trainer.world_size)
+    open(os.path.join(out, f"init{trainer.rank}"), "w").close()
     assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
     history = trainer.fit()
     params = [p.detach().clone() for p in trainer.module.parameters()]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -294,28 +296,48 @@ def _free_port() -> int:
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                     reason="torch.distributed with the gloo backend is not available in this torch build")
 def test_ddp_matches_single_process(tmp_path):
-    import signal
-
     sys.path.insert(0, str(HERE))
     try:
         import ddp_worker
     finally:
         sys.path.remove(str(HERE))
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    # Two worker processes with the environment torchrun gives them (RANK, WORLD_SIZE, MASTER_ADDR/PORT). The
+    # test owns both processes (torchrun would start them in sessions of their own, beyond a timeout's reach),
+    # writes their output to files (a pipe held open by a stuck worker would block the test), and kills them
+    # after the timeout.
+    port = str(_free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2")
     if os.path.exists("/sys/class/net/lo"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(HERE / "ddp_worker.py"), str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    procs, logs_out = [], []
+    for rank in range(2):
+        log = open(tmp_path / f"worker{rank}.log", "w")  # noqa: SIM115 - closed below
+        logs_out.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path)],
+            env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2"),
+            stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + 120
     try:
-        out, _ = proc.communicate(timeout=90)
+        for proc in procs:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish within 90 s:\n{out[-4000:]}")
-    assert proc.returncode == 0, out[-4000:]
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs_out:
+            log.close()
+    output = "\n".join(f"--- rank {r} ---\n" + (tmp_path / f"worker{r}.log").read_text()[-3000:] for r in range(2))
+    initialised = [(tmp_path / f"init{r}").exists() for r in range(2)]
+    if not all(initialised) and any(p.returncode == -signal.SIGKILL for p in procs):
+        pytest.skip(f"the gloo process group did not form within 120 s on this machine (loopback networking); "
+                    f"initialised ranks: {initialised}\n{output}")
+    for proc in procs:
+        assert proc.returncode == 0, output
 
     ddp = torch.load(tmp_path / "result.pt")
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
