@@ -1,0 +1,38 @@
+"""The docstrings' examples run as doctests in the default suite (the same examples the API reference shows)."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import neurodyn
+
+
+def modules_with_examples() -> list[str]:
+    names = ["neurodyn"] + [info.name for info in pkgutil.walk_packages(neurodyn.__path__, "neurodyn.")]
+    finder = doctest.DocTestFinder()
+    return [name for name in names if any(t.examples for t in finder.find(importlib.import_module(name)))]
+
+
+MODULES = modules_with_examples()
+
+
+def test_the_examples_are_found():
+    # solve, Solution, the models, the paths, the drop-in layers: a walk that lost them would test nothing
+    assert {"neurodyn.solve", "neurodyn.solution", "neurodyn.models.neural_ode", "neurodyn.paths.linear",
+            "neurodyn.compat.torchdiffeq"} <= set(MODULES)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_doctests(name):
+    module = importlib.import_module(name)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    tests = [t for t in doctest.DocTestFinder().find(module) if t.examples]
+    for test in sorted(tests, key=lambda t: t.name):
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} doctest examples in {name} failed (output above)"
+    assert result.attempted > 0
