@@ -128,6 +128,20 @@ def test_every_public_name_is_in_the_api_reference():
                         f"module, to a page under docs/api/): {absent}")
 
 
+def test_every_public_module_has_a_reference_entry():
+    # The command line and the demo programs are documented by `neurodyn demo --help` and docs/examples.md; the
+    # demo modules that export names (__all__) are held by the test above.
+    directives = [m.group(1) for page in API.glob("*.md") for m in DIRECTIVE.finditer(page.read_text())]
+    modules = {m.__name__ for m in public_modules()
+               if m.__name__ != "neurodyn.cli" and not m.__name__.startswith("neurodyn.demos.")}
+
+    def owner(path: str) -> str:  # the module a directive's path belongs to: its longest module prefix
+        return max((m for m in modules if path == m or path.startswith(m + ".")), key=len, default="")
+
+    absent = sorted(modules - {owner(d) for d in directives})
+    assert not absent, f"public modules with no ::: directive (the module or an object of it) under docs/api/: {absent}"
+
+
 @pytest.mark.skipif("NEURODYN_DOCS_INVENTORY" not in os.environ,
                     reason="set by `make docs` after the build: the built site's objects.inv")
 def test_built_inventory_lists_every_public_name():
