@@ -16,6 +16,8 @@ PUBLISHED = {"benchmarks/out": (".png", ".csv", ".json")}  # raw tables (.md) ar
 
 def on_files(files, config):
     for folder, suffixes in PUBLISHED.items():
+        if not (ROOT / folder).is_dir():
+            continue
         for path in sorted((ROOT / folder).iterdir()):
             if path.suffix in suffixes and path.is_file():
                 uri = f"{folder}/{path.name}"

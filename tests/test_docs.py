@@ -10,6 +10,7 @@ inventory (``objects.inv``, what the build really rendered) by setting ``NEURODY
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import pkgutil
 import re
@@ -186,3 +187,14 @@ def test_methods_page_names_every_method():
     text = (DOCS / "guide" / "methods.md").read_text()
     absent = [m for m in neurodyn.available_methods() if f"`{m}`" not in text]
     assert not absent, f"docs/guide/methods.md does not mention these methods: {absent}"
+
+
+def test_docstring_markup_extension():
+    pytest.importorskip("griffe")  # the docs extra (`make docs` runs this test after installing it)
+    spec = importlib.util.spec_from_file_location("griffe_roles", DOCS / "griffe_roles.py")
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    text = ("See :class:`~neurodyn.core.term.ControlTerm` and :func:`neurodyn.solve`. Example::\n\n    x\n\n"
+            "====  =====\nname  order\n====  =====\n``a``  1\n``b``  2\n      more\n====  =====\n")
+    assert ext.to_markdown(text) == ("See `ControlTerm` and `neurodyn.solve`. Example:\n\n    x\n\n"
+                                     "| name | order |\n|---|---|\n| ``a`` | 1 |\n| ``b`` | 2 more |\n")
