@@ -74,7 +74,7 @@ lint: $(STAMP_TEST)
 # fail the build. Then the built inventory (site/objects.inv) must list every public name, and the docstring
 # markup extension (docs/griffe_roles.py, needs the docs extra) is tested (tests/test_docs.py).
 docs: $(STAMP_DOCS) $(STAMP_TEST)
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 	NEURODYN_DOCS_INVENTORY=site/objects.inv $(PY) -m pytest tests/test_docs.py -q -p no:cacheprovider -k "inventory or markup"
 
 bench: $(STAMP_BENCH)
