@@ -38,7 +38,9 @@ def resolve(path: str):
     for i in range(len(parts), 0, -1):
         try:
             obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
+        except ModuleNotFoundError as e:
+            if e.name is not None and e.name.split(".")[0] != "neurodyn":
+                raise  # an optional dependency is missing: the caller decides
             continue
         for name in parts[i:]:
             obj = getattr(obj, name)
@@ -46,12 +48,25 @@ def resolve(path: str):
     raise ImportError(path)
 
 
+def import_optional(name: str):
+    """The module, or None when it needs an optional dependency that is not installed (a module of an extra:
+    its API page is still built, statically, by mkdocstrings)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] == "neurodyn":
+            raise
+        return None
+
+
 def public_modules():
-    """``neurodyn`` and every module under it with no ``_``-prefixed part in its name."""
+    """``neurodyn`` and every module under it with no ``_``-prefixed part in its name (that imports here)."""
     yield neurodyn
-    for info in pkgutil.walk_packages(neurodyn.__path__, "neurodyn."):
+    for info in pkgutil.walk_packages(neurodyn.__path__, "neurodyn.", onerror=lambda name: None):
         if not any(part.startswith("_") for part in info.name.split(".")):
-            yield importlib.import_module(info.name)
+            mod = import_optional(info.name)
+            if mod is not None:
+                yield mod
 
 
 def public_names():
@@ -79,7 +94,10 @@ def documented_by_directives() -> dict[int, str]:
     seen: dict[int, str] = {}
     for page in sorted(API.glob("*.md")):
         for m in DIRECTIVE.finditer(page.read_text()):
-            obj = resolve(m.group(1))
+            try:
+                obj = resolve(m.group(1))
+            except ModuleNotFoundError:  # a module of an extra that is not installed here
+                continue
             seen[id(obj)] = page.name
             if not isinstance(obj, type(neurodyn)):
                 continue
