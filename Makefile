@@ -42,7 +42,7 @@ $(STAMP_DEMO): $(STAMP_VENV) pyproject.toml
 # torchcfm (the peer of neurodyn.compat.torchcfm) goes in with --no-deps: its metadata pulls another (CUDA)
 # torch; what its conditional_flow_matching / optimal_transport modules import (numpy, POT, torch) is already here.
 $(STAMP_TEST): $(STAMP_VENV) pyproject.toml
-	$(PIP) install -e ".[test]" torchdiffeq==0.2.5 torchode==1.0.1 torchsde==0.2.6 torchcde==0.2.5 torch==$(TORCH_VERSION)
+	$(PIP) install -e ".[test,explore,browser]" torchdiffeq==0.2.5 torchode==1.0.1 torchsde==0.2.6 torchcde==0.2.5 torch==$(TORCH_VERSION)
 	$(PIP) install --no-deps torchcfm==$(TORCHCFM_VERSION)
 	touch $@
 

@@ -220,7 +220,7 @@ def load_or_train(config: ExploreConfig | None = None, *, cache_dir: str | Path 
             latent.load_state_dict(state["latent"])
             seconds = dict(state.get("train_seconds", {}))
             source = f"loaded from the cache {path} (trained once, seed {cfg.seed}; --retrain trains again)"
-        except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 (any unreadable or mismatched file: train again)
             say(f"cache file {path} unreadable ({exc}); training again")
             state = None
     if state is None:
