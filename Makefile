@@ -2,6 +2,7 @@
 #
 #   make demo    learn a 2-d spiral with a Neural ODE (writes runs/spiral/)
 #   make test    run the test suite
+#   make test-browser  only the browser test of `neurodyn explore` (needs chromium: apt-get install chromium)
 #   make lint    ruff
 #   make bench   benchmarks against torchdiffeq / torchode
 #   make bench-suite  all peers (torchdiffeq, torchode, torchdyn, diffrax on JAX-CPU), tables + plots
@@ -24,7 +25,7 @@ STAMP_DEMO := $(VENV)/.stamp-demo
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_BENCH := $(VENV)/.stamp-bench
 
-.PHONY: venv demo test lint bench bench-suite clean
+.PHONY: venv demo test test-browser lint bench bench-suite clean
 
 venv: $(STAMP_VENV)
 
@@ -59,6 +60,10 @@ demo: $(STAMP_DEMO)
 
 test: $(STAMP_TEST)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The browser test is also part of `make test`; this runs it alone, printing the click-to-redraw latency.
+test-browser: $(STAMP_TEST)
+	$(PY) -m pytest tests/test_explore_browser.py -s $(PYTEST_ARGS)
 
 lint: $(STAMP_TEST)
 	$(VENV)/bin/ruff check src tests benchmarks
