@@ -101,9 +101,17 @@ def page(server):
             pg.set_default_timeout(30_000)
             failed: list[str] = []
             pg.on("requestfailed", lambda req: failed.append(req.url))
+            external: list[str] = []  # the page must load nothing from anywhere but the local server
+
+            def block(route):
+                external.append(route.request.url)
+                route.abort()
+
+            pg.route(lambda url: not url.startswith(server + "/"), block)
             pg.goto(server + "/", wait_until="load")
             pg.wait_for_function("document.body.dataset.ready === '1'")
             pg.failed_requests = failed  # type: ignore[attr-defined]
+            pg.external_requests = external  # type: ignore[attr-defined]
             yield pg
         finally:
             browser.close()
@@ -176,7 +184,7 @@ def test_latent_clicks_update_the_band_fast(page, tmp_path):
     assert len(removed) == 1 and abs(removed[0][0] - t3) < 0.02, removed
     assert _stats(page)["latent"]["n_points"] == CLICKS - 1
     assert page.locator("#error").inner_text() == ""
-    assert page.failed_requests == []
+    assert page.failed_requests == [] and page.external_requests == []
 
 
 def test_slider_moves_the_points_and_the_accuracy(page, tmp_path):
