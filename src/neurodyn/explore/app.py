@@ -7,7 +7,9 @@
 
 Requests are validated (pydantic) before any work: malformed JSON, a wrong type, a missing or unknown field, too
 many points, a time or value out of range and NaN / infinity all get a 4xx answer ``{"error": "...", "detail":
-[...]}`` naming the problem. The models run one request at a time (a lock), on one torch thread.
+[...]}`` naming the problem. The models run one request at a time (a lock), on one torch thread (set in each
+request's worker thread: the OpenMP thread count is per thread, and a worker left at the default ran the prior's
+decode 10-100 times slower on a loaded 2-core machine).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import InputError, SolveFailure
 from .models import RING_MODELS, ExploreModels, latent_posterior, rings_state
 
-MAX_POINTS = 100
+MAX_POINTS = 50  # the server round trip at 50 points: ~100 ms on a loaded 2-core machine (100 points: ~170 ms)
 VALUE_RANGE = (-5.0, 5.0)
 GRID_POINTS = 101
 N_SAMPLES = 32
@@ -118,6 +120,7 @@ def create_app(models: ExploreModels) -> FastAPI:
     @app.post("/api/rings")
     def rings(req: RingsRequest) -> dict[str, Any]:
         with lock:
+            torch.set_num_threads(1)  # per worker thread: OpenMP's count is per thread (measured 10-100x slower)
             return {"t": req.t, "models": {name: rings_state(models, name, req.t) for name in req.models}}
 
     @app.post("/api/latent", response_model=None)
@@ -133,6 +136,7 @@ def create_app(models: ExploreModels) -> FastAPI:
         times = torch.tensor([p[0] for p in pts], dtype=grid.dtype)
         values = torch.tensor([p[1] for p in pts], dtype=grid.dtype)
         with lock:
+            torch.set_num_threads(1)
             post = latent_posterior(models.latent, times, values, grid, n_samples=N_SAMPLES)
         out = {k: post[k].tolist() for k in ("mean", "lower", "upper")}
         if not all(math.isfinite(v) for k in ("mean", "lower", "upper") for v in out[k]):
