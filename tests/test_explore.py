@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import socket
 import warnings
 
@@ -24,8 +25,13 @@ from neurodyn.explore.models import QUICK, latent_posterior, linear_fit, load_or
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return load_or_train(QUICK, cache_dir=tmp_path_factory.mktemp("explore-cache"))
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("explore-cache")
+
+
+@pytest.fixture(scope="module")
+def models(cache_dir):
+    return load_or_train(QUICK, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -206,21 +212,52 @@ def test_page_and_assets_are_local(client):
 
 
 # ---------------------------------------------------------------------------------------------- cache and CLI
-def test_cache_is_reused_and_a_broken_cache_is_retrained(tmp_path, models):
+def test_cache_is_reused_and_a_broken_cache_is_retrained(tmp_path, cache_dir, models):
     cfg = QUICK
-    path = tmp_path / f"explore-{cfg.key()}.pt"
-    path.write_bytes(b"not a torch file")
+    rings_file = f"explore-rings-{cfg.key('rings')}.pt"
+    shutil.copy(cache_dir / rings_file, tmp_path / rings_file)
+    (tmp_path / f"explore-latent-{cfg.key('latent')}.pt").write_bytes(b"not a torch file")
     lines: list[str] = []
     first = load_or_train(cfg, cache_dir=tmp_path, log=lines.append)
-    assert any("unreadable" in s for s in lines) and first.source.startswith("trained at startup")
+    assert any("unreadable" in s for s in lines)
+    assert f"rings: built in, loaded from the cache {tmp_path / rings_file}" in first.source
+    assert "latent ODE: built in, trained at startup" in first.source and list(first.train_seconds) == ["latent"]
     again = load_or_train(cfg, cache_dir=tmp_path)
-    assert again.source.startswith("loaded from the cache")
-    for a, b in zip(first.latent.state_dict().values(), again.latent.state_dict().values()):
-        assert torch.equal(a, b)
-    # deterministic: the same weights as the module's models, trained separately
-    for a, b in zip(models.rings["anode"].model.state_dict().values(),
-                    again.rings["anode"].model.state_dict().values()):
-        assert torch.equal(a, b)
+    assert again.source.count("loaded from the cache") == 2 and again.train_seconds == {}
+    # deterministic: the module's latent ODE (trained in another directory) has the same weights
+    for a, b, c in zip(models.latent.state_dict().values(), first.latent.state_dict().values(),
+                       again.latent.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_models_from_the_demos_saved_runs(tmp_path):
+    from neurodyn.demos import circles, latent
+
+    runs = tmp_path / "runs"
+    ccfg = circles.CirclesConfig(out=str(runs / "circles"), iters=8, iters_1d=2, n_train=64, n_test=128, evals=1,
+                                 aug_dim=2, plots=False)
+    metrics = circles.train(ccfg, stream=open(tmp_path / "log.txt", "w"))  # noqa: SIM115
+    lcfg = latent.LatentConfig(out=str(runs / "latent"), n_series=20, budget=1e-3, epochs=1, extrap_share=0.0,
+                               plots=False)
+    latent.train(lcfg)
+    lines: list[str] = []
+    m = load_or_train(QUICK, cache_dir=tmp_path / "cache", runs_dir=runs, log=lines.append)
+    assert f"rings: the circles demo's run {runs / 'circles'}" in m.source
+    assert f"latent ODE: the latent demo's run {runs / 'latent'}" in m.source
+    assert not (tmp_path / "cache").exists()  # nothing built in was needed
+    assert m.rings["anode"].basis.shape == (4, 2) and m.latent.latent_size == 10
+    # the loaded ANODE is the demo's: its head accuracy on the demo's test set is the one in metrics.json
+    gen = torch.Generator().manual_seed(ccfg.seed)
+    circles.make_rings(ccfg.n_train, gen)
+    x_te, y_te = circles.make_rings(ccfg.n_test, gen)
+    with torch.no_grad():
+        out = m.rings["anode"].model(x_te).squeeze(-1)
+    acc = float((torch.where(out >= 0, 1.0, -1.0) == y_te).float().mean())
+    assert acc == pytest.approx(metrics["anode"]["accuracy"], abs=1e-6)
+    # a broken run falls back to the built-in model, saying why
+    (runs / "latent" / "interpolation_model.pt").write_bytes(b"junk")
+    m2 = load_or_train(QUICK, cache_dir=tmp_path / "cache", runs_dir=runs, log=lines.append)
+    assert "latent ODE: built in" in m2.source and any("cannot use" in s for s in lines)
 
 
 @pytest.mark.parametrize("port, words", [("0", "out of range"), ("70000", "out of range"), ("web", "not a port")])

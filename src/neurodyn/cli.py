@@ -69,9 +69,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     explore = commands.add_parser(
         "explore", help="the interactive figures as a local web page (needs the explore extra)",
         description="Serve the interactive figures (nested rings through a NODE and an ANODE; a latent ODE's "
-                    "posterior on clicked points) on a local web page. The models are trained the first time "
-                    "(about three minutes on one core, fixed seed) and cached in the user cache directory; --quick "
-                    "trains small ones in seconds.")
+                    "posterior on clicked points) on a local web page. The models come from the demos' saved "
+                    "runs (--runs), else built-in ones are trained the first time (about three minutes on one "
+                    "core, fixed seed) and cached in the user cache directory; --quick trains small ones in "
+                    "seconds.")
     add_explore_arguments(explore)
     return parser
 

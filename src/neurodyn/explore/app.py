@@ -78,7 +78,7 @@ def create_app(models: ExploreModels) -> FastAPI:
     """
     app = FastAPI(title="neurodyn explore", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()
-    t_max = models.config.t_max
+    t_max = models.t_max
     grid = torch.linspace(0.0, t_max, GRID_POINTS)
     static = resources.files("neurodyn.explore") / "static"
 

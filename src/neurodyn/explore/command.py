@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
                         help="where the trained weights are cached (default: $NEURODYN_CACHE_DIR, else "
                              "$XDG_CACHE_HOME/neurodyn, else ~/.cache/neurodyn)")
+    parser.add_argument("--runs", default="runs", metavar="DIR",
+                        help="load the models the demos saved under DIR/circles and DIR/latent when present "
+                             "(`neurodyn demo circles`, `neurodyn demo latent`; default: runs)")
     parser.add_argument("--retrain", action="store_true", help="train the models again, ignoring the cache")
     parser.add_argument("--quick", action="store_true",
                         help="small, briefly trained models (seconds; for smoke tests, the figures are rough)")
@@ -77,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"neurodyn explore: {line}", flush=True)
 
     models = load_or_train(QUICK if args.quick else ExploreConfig(), cache_dir=args.cache_dir,
-                           retrain=args.retrain, log=say)
-    say(f"models {models.source}")
+                           runs_dir=None if args.quick else args.runs, retrain=args.retrain, log=say)
+    for note in models.source.split("; "):
+        say(note)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     say(f"serving on http://{shown}:{args.port}/  (Ctrl-C to stop)")
     try:

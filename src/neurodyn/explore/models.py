@@ -1,10 +1,11 @@
 """The explorer's models and the computations behind its two views.
 
 Models: a Neural ODE and an Augmented Neural ODE fitted to the nested rings (the ``circles`` demo's data and
-architecture), and a small latent ODE fitted to the periodic toy (the ``latent`` demo's data and model class).
-The demos save no weights, so the explorer trains its own, with a fixed seed and a fixed number of iterations
-(deterministic), the first time it starts; the weights go to a cache file in the user cache directory
-(:func:`default_cache_dir`) and later starts load them. Nothing is downloaded.
+architecture), and a latent ODE fitted to the periodic toy (the ``latent`` demo's data and model class). Each comes
+from the demo's saved run when there is one (``runs/circles``, ``runs/latent``: the demos write their weights), else
+a built-in model: trained with a fixed seed and a fixed number of iterations (deterministic) the first time, its
+weights cached in the user cache directory (:func:`default_cache_dir`) and loaded on later starts. Nothing is
+downloaded.
 
 Views:
 
@@ -33,7 +34,9 @@ import torch
 from torch import Tensor
 
 from ..data import compact, interpolation_mask, periodic_toy
+from ..demos.circles import WEIGHTS as CIRCLES_WEIGHTS
 from ..demos.circles import CirclesConfig, build_model, make_rings
+from ..demos.latent import WEIGHTS as LATENT_WEIGHTS
 from ..errors import InputError
 from ..models import AugmentedNeuralODE, LatentODE
 from ..solve import solve
@@ -72,11 +75,17 @@ class ExploreConfig:
     latent_units: int = 40
     t_max: float = 5.0
 
-    def key(self) -> str:
-        """A short hash of the configuration and the cache format (the cache file's name)."""
-        text = json.dumps({"format": CACHE_FORMAT, **asdict(self)}, sort_keys=True)
+    def key(self, part: str) -> str:
+        """A short hash of what ``part`` ("rings" or "latent") is trained with and the cache format (its cache file's
+        name)."""
+        fields = {k: v for k, v in asdict(self).items() if k in ("seed", "t_max") or k.startswith(PART_FIELDS[part])
+                  or k in PART_EXTRA[part]}
+        text = json.dumps({"format": CACHE_FORMAT, "part": part, **fields}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+
+PART_FIELDS = {"rings": "rings_", "latent": "latent_"}
+PART_EXTRA = {"rings": ("hidden", "aug_dim", "n_fit", "batch", "n_display"), "latent": ("grow_share",)}
 
 QUICK = ExploreConfig(rings_iters=60, n_fit=256, latent_series=100, latent_iters=20)
 
@@ -111,8 +120,9 @@ class ExploreModels:
     x_linear: Tensor  # (n_linear, 2): the points the linear classifier at t is fitted on
     y_linear: Tensor
     latent: LatentODE
-    source: str  # "trained at startup in 4.1 s, cached to ..." / "loaded from the cache ..."
-    train_seconds: dict[str, float] = field(default_factory=dict)
+    source: str  # per part: a demo's run, the cache, or trained at startup (and where it was cached)
+    t_max: float  # the latent view's time span [0, t_max]
+    train_seconds: dict[str, float] = field(default_factory=dict)  # the parts trained now
 
 
 # --------------------------------------------------------------------------------------------------- building
@@ -191,71 +201,141 @@ def _plane(model: AugmentedNeuralODE, x: Tensor) -> tuple[Tensor, float]:
         return basis, 1.05 * float((z @ basis).abs().max())
 
 
-def load_or_train(config: ExploreConfig | None = None, *, cache_dir: str | Path | None = None, retrain: bool = False,
+def _rings_from_run(run: Path, cfg: ExploreConfig) -> tuple[dict[str, AugmentedNeuralODE], str]:
+    """The rings classifiers saved by ``neurodyn demo circles --out run`` (``rings_models.pt``, built as its
+    ``metrics.json`` config says)."""
+    demo = json.loads((run / "metrics.json").read_text())["config"]
+    ccfg = CirclesConfig(hidden=int(demo["hidden"]), aug_dim=int(demo["aug_dim"]), method=str(demo["method"]),
+                         rtol=float(demo["rtol"]), atol=float(demo["atol"]))
+    state = torch.load(run / CIRCLES_WEIGHTS, weights_only=True)
+    out = {}
+    for name in RING_MODELS:
+        aug = 0 if name == "node" else ccfg.aug_dim
+        out[name] = build_model(2, aug, ccfg.hidden, ccfg, out_dim=1, augmentation=str(demo["augmentation"]))
+        out[name].load_state_dict(state[name])
+    return out, (f"rings: the circles demo's run {run} ({demo['iters']} iterations, hidden {ccfg.hidden}, ANODE "
+                 f"+{ccfg.aug_dim} dims)")
+
+
+def _latent_from_run(run: Path) -> tuple[LatentODE, float, str]:
+    """The interpolation model saved by ``neurodyn demo latent --out run`` (``interpolation_model.pt``; the demo's
+    model is ``LatentODE(1)``) and its data's time span."""
+    demo = json.loads((run / "metrics.json").read_text())["config"]
+    model = LatentODE(1)
+    model.load_state_dict(torch.load(run / LATENT_WEIGHTS, weights_only=True))
+    return model, float(demo["t_max"]), f"latent ODE: the latent demo's run {run}"
+
+
+def _cached_or_trained(part: str, cfg: ExploreConfig, directory: Path, retrain: bool, build: Callable[[], Any],
+                       train: Callable[[Any], None], say: Callable[[str], None]) -> tuple[Any, float | None, str]:
+    """``build()``'s model(s) with the weights of ``<directory>/explore-<part>-<key>.pt``, or trained by ``train``
+    and written there; returns the model(s), the training seconds (None when loaded) and a note."""
+    path = directory / f"explore-{part}-{cfg.key(part)}.pt"
+    label = "rings" if part == "rings" else "latent ODE"
+    model = build()
+    modules = model if isinstance(model, dict) else {"model": model}
+    if path.is_file() and not retrain:
+        try:
+            state = torch.load(path, weights_only=True)
+            for name, m in modules.items():
+                m.load_state_dict(state["weights"][name])
+            return model, None, (f"{label}: built in, loaded from the cache {path} (trained once with seed "
+                                 f"{cfg.seed} in {state['seconds']:.0f} s)")
+        except Exception as exc:  # noqa: BLE001 (any unreadable or mismatched file: train again)
+            say(f"cache file {path} unreadable ({exc}); training again")
+            model = build()
+            modules = model if isinstance(model, dict) else {"model": model}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    try:
+        train(model)
+    finally:
+        torch.set_num_threads(threads)
+    seconds = time.perf_counter() - t0
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"format": CACHE_FORMAT, "config": asdict(cfg), "seconds": seconds,
+                    "weights": {n: m.state_dict() for n, m in modules.items()}}, tmp)
+        os.replace(tmp, path)
+        where = f"cached to {path}"
+    except OSError as exc:
+        where = f"not cached ({exc.strerror or exc})"
+    return model, seconds, f"{label}: built in, trained at startup in {seconds:.1f} s (seed {cfg.seed}), {where}"
+
+
+def load_or_train(config: ExploreConfig | None = None, *, cache_dir: str | Path | None = None,
+                  runs_dir: str | Path | None = None, retrain: bool = False,
                   log: Callable[[str], None] | None = None) -> ExploreModels:
-    """The explorer's models: loaded from ``<cache_dir>/explore-<key>.pt`` when present (and ``retrain`` is False),
-    else trained now (deterministic: ``config.seed``) and written there.
+    """The explorer's models.
 
-    ``cache_dir=None`` uses :func:`default_cache_dir`; a directory that cannot be written only skips the write.
-    ``log`` receives one-line progress messages.
+    For each part, in this order: the demos' saved runs under ``runs_dir`` when given and present
+    (``<runs_dir>/circles/rings_models.pt`` from ``neurodyn demo circles``, ``<runs_dir>/latent/interpolation_model.pt``
+    from ``neurodyn demo latent``, each with its ``metrics.json``); else the built-in model from
+    ``<cache_dir>/explore-<part>-<key>.pt`` (unless ``retrain``); else the built-in model trained now (deterministic:
+    ``config.seed``) and written there. ``cache_dir=None`` uses :func:`default_cache_dir`; a directory that cannot be
+    written only skips the write. ``log`` receives one-line progress messages; ``source`` of the result says where
+    each part came from.
 
-    >>> m = load_or_train(QUICK, cache_dir=None, retrain=True, log=lambda s: None)  # doctest: +SKIP
+    >>> m = load_or_train(QUICK, cache_dir="/tmp/cache", log=print)  # doctest: +SKIP
     >>> sorted(m.rings), m.x_display.shape  # doctest: +SKIP
     (['anode', 'node'], torch.Size([400, 2]))
     """
     cfg = config if config is not None else ExploreConfig()
     say = log if log is not None else (lambda s: None)
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = directory / f"explore-{cfg.key()}.pt"
     data = _rings_data(cfg)
-    ring_models = {name: _new_rings_model(cfg, name) for name in RING_MODELS}
-    latent = _new_latent_model(cfg)
     seconds: dict[str, float] = {}
-    state = None
-    if path.is_file() and not retrain:
+    notes: list[str] = []
+
+    ring_models = None
+    run = Path(runs_dir) / "circles" if runs_dir is not None else None
+    if run is not None and (run / CIRCLES_WEIGHTS).is_file():
         try:
-            state = torch.load(path, weights_only=True)
-            for name in RING_MODELS:
-                ring_models[name].load_state_dict(state["rings"][name])
-            latent.load_state_dict(state["latent"])
-            seconds = dict(state.get("train_seconds", {}))
-            source = f"loaded from the cache {path} (trained once, seed {cfg.seed}; --retrain trains again)"
-        except Exception as exc:  # noqa: BLE001 (any unreadable or mismatched file: train again)
-            say(f"cache file {path} unreadable ({exc}); training again")
-            state = None
-    if state is None:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+            ring_models, note = _rings_from_run(run, cfg)
+            notes.append(note)
+        except Exception as exc:  # noqa: BLE001 (a run of another version: fall back, saying why)
+            say(f"cannot use {run / CIRCLES_WEIGHTS} ({exc}); using the built-in rings models")
+    if ring_models is None:
+        def train_rings(models: dict[str, AugmentedNeuralODE]) -> None:
             for name in RING_MODELS:
                 say(f"training the rings {name.upper()} ({cfg.rings_iters} steps)...")
-                t0 = time.perf_counter()
-                _train_rings(ring_models[name], data["x_fit"], data["y_fit"], cfg)
-                seconds[f"rings_{name}"] = time.perf_counter() - t0
-            say(f"training the latent ODE ({cfg.latent_iters} steps)...")
-            t0 = time.perf_counter()
-            _train_latent(latent, cfg)
-            seconds["latent"] = time.perf_counter() - t0
-        finally:
-            torch.set_num_threads(threads)
-        total = sum(seconds.values())
+                _train_rings(models[name], data["x_fit"], data["y_fit"], cfg)
+
+        ring_models, sec, note = _cached_or_trained(
+            "rings", cfg, directory, retrain, lambda: {n: _new_rings_model(cfg, n) for n in RING_MODELS},
+            train_rings, say)
+        notes.append(note)
+        if sec is not None:
+            seconds["rings"] = sec
+
+    latent = None
+    t_max = cfg.t_max
+    run = Path(runs_dir) / "latent" if runs_dir is not None else None
+    if run is not None and (run / LATENT_WEIGHTS).is_file():
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"format": CACHE_FORMAT, "config": asdict(cfg), "train_seconds": seconds,
-                        "rings": {n: m.state_dict() for n, m in ring_models.items()},
-                        "latent": latent.state_dict()}, tmp)
-            os.replace(tmp, path)
-            where = f"cached to {path}"
-        except OSError as exc:
-            where = f"not cached ({exc.strerror or exc})"
-        source = f"trained at startup in {total:.1f} s (seed {cfg.seed}), {where}"
+            latent, t_max, note = _latent_from_run(run)
+            notes.append(note)
+        except Exception as exc:  # noqa: BLE001
+            say(f"cannot use {run / LATENT_WEIGHTS} ({exc}); using the built-in latent ODE")
+    if latent is None:
+        def train_latent(model: LatentODE) -> None:
+            say(f"training the latent ODE ({cfg.latent_iters} steps; once, then cached)...")
+            _train_latent(model, cfg)
+
+        latent, sec, note = _cached_or_trained("latent", cfg, directory, retrain, lambda: _new_latent_model(cfg),
+                                               train_latent, say)
+        notes.append(note)
+        if sec is not None:
+            seconds["latent"] = sec
+
     for m in (*ring_models.values(), latent):
         m.eval()
         m.requires_grad_(False)
     rings = {name: RingsModel(m, *_plane(m, data["x_display"])) for name, m in ring_models.items()}
     return ExploreModels(cfg, rings, data["x_display"], data["y_display"], data["x_linear"], data["y_linear"],
-                         latent, source, seconds)
+                         latent, "; ".join(notes), t_max, seconds)
 
 
 # ------------------------------------------------------------------------------------------------------ views
