@@ -340,7 +340,13 @@ def load_or_train(config: ExploreConfig | None = None, *, cache_dir: str | Path 
 
 # ------------------------------------------------------------------------------------------------------ views
 def flow(model: AugmentedNeuralODE, x: Tensor, t: float) -> Tensor:
-    """``z(t)`` of the (augmented) ODE from ``z(0) = augment(x)``: ``x (B, 2) -> (B, D)``; ``t`` in [0, 1]."""
+    """``z(t)`` of the (augmented) ODE from ``z(0) = augment(x)``: ``x (B, in_dim) -> (B, in_dim + aug_dim)``.
+
+    >>> f = torch.nn.Linear(3, 3)
+    >>> model = AugmentedNeuralODE(f, in_dim=2, aug_dim=1, out_dim=1, autonomous=True)
+    >>> flow(model, torch.ones(4, 2), 0.5).shape, flow(model, torch.ones(4, 2), 0.0)[0].tolist()
+    (torch.Size([4, 3]), [1.0, 1.0, 0.0])
+    """
     with torch.no_grad():
         z0 = model.augment(x)
         if t == 0.0:
@@ -389,6 +395,12 @@ def latent_posterior(model: LatentODE, times: Tensor, values: Tensor, grid: Tens
     ``K = 0`` gives the prior ``z0 ~ N(0, I)`` at ``grid[0]``. Returns ``mean (G,)`` (decoded posterior mean: the
     same as ``model(x, t, mask, grid, use_mean=True)``), ``lower``/``upper (G,)`` (``m +- 2 s`` of ``n_samples``
     decoded samples, drawn with a generator seeded by ``seed``), ``samples (n_samples, G)`` and ``z0_std (L,)``.
+
+    >>> model = LatentODE(1, latent_size=2, rec_size=4, units=8, rec_units=8, gru_units=8)
+    >>> grid = torch.linspace(0.0, 5.0, 11)
+    >>> out = latent_posterior(model, torch.tensor([1.0, 2.5]), torch.tensor([0.5, 1.0]), grid, n_samples=4)
+    >>> out["mean"].shape, out["samples"].shape, bool((out["upper"] >= out["lower"]).all())
+    (torch.Size([11]), torch.Size([4, 11]), True)
     """
     with torch.no_grad():
         L = model.latent_size
