@@ -751,8 +751,6 @@ class Trainer:
                             f"loader settings.") from None
             elif pending is not None and pending.get("loader") is not None:
                 self.loader.load_state_dict(pending["loader"])  # StatefulDataLoader: continues where it was
-                gens = _loader_generators(self.loader)
-                self._loader_epoch_rng = {"rng": _rng_state(), "generators": [g.get_state() for g in gens]}
                 for smp in _loader_samplers(self.loader):
                     if callable(getattr(smp, "set_epoch", None)):
                         smp.set_epoch(self.epoch)
@@ -761,6 +759,8 @@ class Trainer:
                 self._start_loader_epoch()
             if pending is not None:  # the streams as they were at the checkpoint (iter() may have drawn from them)
                 _set_rng_state(pending["rng"])
+                for g, st in zip(_loader_generators(self.loader), pending["generators"]):
+                    g.set_state(st)
         try:
             return next(self._loader_iter)
         except StopIteration:
@@ -959,9 +959,12 @@ class Trainer:
             "train_time": self._train_time,
             # a DataLoader's position: its own state (StatefulDataLoader), or the RNG states its current epoch
             # began with (plain DataLoader, mid-epoch: resume replays the epoch)
-            "loader": self.loader.state_dict() if self.loader is not None and _stateful(self.loader) else None,
+            "loader": (self.loader.state_dict() if self.loader is not None and _stateful(self.loader)
+                       and self.batch_in_epoch > 0 else None),
             "loader_epoch_rng": (self._loader_epoch_rng if self.loader is not None and not _stateful(self.loader)
                                  and self.batch_in_epoch > 0 else None),
+            "loader_generators": ([g.get_state() for g in _loader_generators(self.loader)]
+                                  if self.loader is not None else None),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, source: str = "the checkpoint") -> None:
@@ -1008,22 +1011,38 @@ class Trainer:
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self._data_gen.set_state(state["data_rng"])
         self._batches, self._batches_epoch, self._epoch_start_state = None, -1, None
-        def mine(x: Any) -> Any:  # one per rank (DDP): ours if the world is the same, else rank 0's
-            return (x[self.rank] if len(x) == self.world_size else x[0]) if isinstance(x, list) else x
 
-        rng = mine(state["rng"])
+        def mine(per_rank: list) -> Any:  # one per rank (DDP): ours if the world is the same, else rank 0's
+            return per_rank[self.rank] if len(per_rank) == self.world_size else per_rank[0]
+
+        rng = state["rng"]
+        rng = mine(rng) if isinstance(rng, list) else rng
         _set_rng_state(rng)
         if self.loader is not None:
-            loader_state, epoch_rng = mine(state.get("loader")), mine(state.get("loader_epoch_rng"))
-            if _stateful(self.loader) and loader_state is None and self.batch_in_epoch > 0:
-                raise CheckpointError(f"Trainer: {source} was written mid-epoch with a plain DataLoader; resume it "
-                                      f"with a plain DataLoader too (not a StatefulDataLoader).")
-            if not _stateful(self.loader) and epoch_rng is None and self.batch_in_epoch > 0:
-                raise CheckpointError(f"Trainer: {source} was written mid-epoch with a StatefulDataLoader (or by "
-                                      f"another data path); resume it with the same kind of train_data.")
+            loader_state, epoch_rng, gen_states = (
+                mine(x["per_rank"]) if isinstance(x, dict) and "per_rank" in x else x
+                for x in (state.get("loader"), state.get("loader_epoch_rng"), state.get("loader_generators")))
+            gen_states = gen_states or []
+            mid = self.batch_in_epoch > 0
+            if mid and _stateful(self.loader) and loader_state is None:
+                raise CheckpointError(f"Trainer: {source} was written mid-epoch with a plain DataLoader (or another "
+                                      f"data path); resume it with a plain DataLoader too (not a StatefulDataLoader).")
+            if mid and not _stateful(self.loader) and epoch_rng is None:
+                raise CheckpointError(f"Trainer: {source} was written mid-epoch with a StatefulDataLoader (or another "
+                                      f"data path); resume it with the same kind of train_data.")
+            gens = _loader_generators(self.loader)
+            if len(gen_states) != len(gens):
+                raise CheckpointError(f"Trainer: {source} holds {len(gen_states)} DataLoader generator state(s), this "
+                                      f"DataLoader has {len(gens)} torch.Generator(s) (loader / sampler "
+                                      f"`generator`): resume with a DataLoader built the same way.")
             self._loader_iter = None
-            self._loader_resume = {"rng": rng, "loader": loader_state if _stateful(self.loader) else None,
-                                   "epoch_rng": epoch_rng if not _stateful(self.loader) else None}
+            self._loader_resume = None
+            if mid:  # the next batch restores the epoch's iterator (see _next_loader_batch)
+                self._loader_resume = {"rng": rng, "generators": gen_states, "loader": loader_state,
+                                       "epoch_rng": epoch_rng}
+            else:  # at an epoch boundary the next epoch starts from the restored RNG streams, as it would have
+                for g, st in zip(gens, gen_states):
+                    g.set_state(st)
         self._train_time = float(state.get("train_time", 0.0))
         self.resumed_from = self.step
 
@@ -1035,10 +1054,13 @@ class Trainer:
             return None
         state = self.state_dict()
         if self.distributed:  # each rank's RNG streams (they can differ, e.g. dropout with adaptive steps)
-            for key in ("rng", "loader", "loader_epoch_rng"):
+            for key in ("rng", "loader", "loader_epoch_rng", "loader_generators"):
                 per_rank: list[Any] = [None] * self.world_size
                 torch.distributed.all_gather_object(per_rank, state[key])
-                state[key] = per_rank if any(x is not None for x in per_rank) else None
+                if key == "rng":
+                    state[key] = per_rank
+                else:
+                    state[key] = {"per_rank": per_rank} if any(x is not None for x in per_rank) else None
         if self.is_main:
             atomic_save(state, path)
         return path
