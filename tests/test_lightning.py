@@ -20,6 +20,16 @@ from neurodyn.integrations.lightning import SolverStatsCallback  # noqa: E402
 N, BATCH = 32, 8
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: CPU bfloat16 matmuls of these tiny layers take ~20 ms each with 2 threads on a busy
+    machine (oneDNN's threading), 7 us with one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class CountingField(torch.nn.Module):
     """``f(t, z) = tanh(W z)`` (scaled so that dopri5 rejects steps), counting its calls."""
 
@@ -153,25 +163,19 @@ def test_callback_logs_against_counted_nfe_and_resumes_from_checkpoint(tmp_path)
     assert rows2[-1][1]["solver/nfe_total"] == total + sum(f + b for f, b in resumed.counted)
 
 
-def _run(code):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-
-
-def test_import_neurodyn_does_not_import_lightning():
-    r = _run("import sys, neurodyn; import neurodyn.integrations; "
-             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))")
+def test_lazy_import_and_missing_lightning_names_the_extra():
+    """``import neurodyn`` (and neurodyn.integrations) imports no Lightning; without Lightning, importing the
+    integration raises an ImportError naming the extra. One subprocess (Lightning blocked in it)."""
+    code = ("import sys, neurodyn, neurodyn.integrations\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))\n"
+            "for m in ('lightning', 'lightning.pytorch', 'pytorch_lightning'): sys.modules[m] = None\n"
+            "try:\n    import neurodyn.integrations.lightning\n"
+            "except ImportError as e:\n    print('ImportError:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[]"
-
-
-def test_missing_lightning_names_the_extra():
-    r = _run("import sys\n"
-             "for m in ('lightning', 'lightning.pytorch', 'pytorch_lightning'): sys.modules[m] = None\n"
-             "import neurodyn\n"
-             "try:\n    import neurodyn.integrations.lightning\n"
-             "except ImportError as e:\n    print('ImportError:', e)\n")
-    assert r.returncode == 0, r.stderr
-    assert "ImportError:" in r.stdout and 'neurodyn[lightning]' in r.stdout
+    first, second = r.stdout.strip().splitlines()
+    assert first == "[]"
+    assert second.startswith("ImportError:") and 'pip install "neurodyn[lightning]"' in second
 
 
 class _Stub(torch.nn.Module):
@@ -201,3 +205,34 @@ def test_failed_solve_status_is_logged():
     assert cb.last["status"] == "max_steps_reached"
     cb.on_train_batch_end(None, _Stub(torch.nn.Linear(2, 2)), None, None, 1)  # no solve: nothing logged
     assert len(stub.logged) == 1
+
+
+class _DtypeField(CountingField):
+    """Also records (state dtype, dtype its linear layer computes in)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def forward(self, t, z):
+        self.seen.add((z.dtype, self.lin(z).dtype))
+        return super().forward(t, z)
+
+
+def test_bf16_mixed_precision_trainer(tmp_path, one_thread):
+    """L.Trainer(precision="bf16-mixed") (autocast on CPU): the field computes in bfloat16 on a float32 state,
+    the solves succeed, the parameters stay float32 and are updated."""
+    torch.manual_seed(0)
+    model = LitODE()
+    model.field = _DtypeField()
+    model.ode = neurodyn.NeuralODE(model.field, t=(0.0, 2.0), method="dopri5", rtol=1e-3, atol=1e-4,
+                                   gradient="adjoint")
+    before = params(model).clone()
+    cb = SolverStatsCallback()
+    L.Trainer(max_epochs=1, precision="bf16-mixed", accelerator="cpu", devices=1, logger=False, callbacks=[cb],
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=str(tmp_path)).fit(model, loader())
+    assert model.field.seen == {(torch.float32, torch.bfloat16)}
+    assert cb.last["status"] == "success" and cb.last["nfe_backward"] > 0
+    after = params(model)
+    assert after.dtype == torch.float32 and bool(torch.isfinite(after).all()) and not torch.equal(after, before)

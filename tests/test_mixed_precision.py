@@ -13,6 +13,16 @@ import neurodyn
 T = torch.tensor([0.0, 1.0])
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: CPU bfloat16 matmuls of these tiny layers take ~20 ms each with 2 threads on a busy
+    machine (oneDNN's threading), 7 us with one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class MLPField(nn.Module):
     """``f(t, y) = mlp(y)``; records the dtypes it sees (input state, the network's output)."""
 
