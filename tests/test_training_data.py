@@ -189,6 +189,19 @@ def test_summary_writer_logger(tmp_path):
     assert [e.value for e in acc.Scalars("nfe_forward")] == [16.0] * 4
 
 
+def test_lightning_csv_logger_as_trainer_logger(tmp_path):
+    """Lightning's CSVLogger fits the protocol as it is; fit's end saves its file."""
+    loggers = pytest.importorskip("lightning.pytorch.loggers")
+    import csv
+
+    lg = loggers.CSVLogger(str(tmp_path), name="run", version=0)
+    h = trainer_on(data(), max_steps=3, loggers=[lg]).fit()
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert [float(r["loss"]) for r in rows] == [r["loss"] for r in h]
+
+
 def _flags():
     c = torch.backends.cudnn
     return (c.deterministic, c.benchmark, torch.are_deterministic_algorithms_enabled(),

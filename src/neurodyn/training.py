@@ -243,10 +243,11 @@ def solver_stats(model: nn.Module) -> dict[str, Any]:
 class MetricLogger(Protocol):
     """What ``Trainer(loggers=[...])`` calls on rank 0: ``log_metrics(metrics, step)`` after every optimizer
     step, ``metrics`` the step's numeric values (:data:`LOGGED`: loss, lr, nfe_forward, nfe_backward, grad_norm
-    when clipping, step_time, epoch) as floats and ``step`` the step number (1-based); and ``flush()``, if the
-    object has one, when ``fit`` returns. Lightning's loggers (``CSVLogger``, ``TensorBoardLogger``, ...) fit it
-    as they are; TensorBoard's ``SummaryWriter`` is accepted too (one ``add_scalar(name, value, step)`` per
-    metric). The Trainer never closes a logger.
+    when clipping, step_time, epoch) as floats and ``step`` the step number (1-based); and ``flush()`` (else
+    ``save()``), if the object has one, when ``fit`` returns. Lightning's loggers (``CSVLogger``,
+    ``TensorBoardLogger``, ...) fit it as they are (their ``save()`` writes the file); TensorBoard's
+    ``SummaryWriter`` is accepted too (one ``add_scalar(name, value, step)`` per metric). The Trainer never
+    closes a logger.
 
     Example: ``class Printer: def log_metrics(self, metrics, step): print(step, metrics["loss"])``.
     """
@@ -881,8 +882,9 @@ class Trainer:
                 bar.close()
             self._close_logs()
             for lg in self.loggers if self.is_main else ():
-                if callable(getattr(lg, "flush", None)):
-                    lg.flush()
+                done = getattr(lg, "flush", None) or getattr(lg, "save", None)  # Lightning's loggers: save()
+                if callable(done):
+                    done()
         if self.checkpoint_every != 0:
             self.save_checkpoint()
         if self.is_main and self.log_dir is not None:
