@@ -2,6 +2,7 @@
 #
 #   make demo    learn a 2-d spiral with a Neural ODE (writes runs/spiral/)
 #   make test    run the test suite
+#   make test-browser  only the browser test of `neurodyn explore` (needs chromium: apt-get install chromium)
 #   make lint    ruff
 #   make bench   benchmarks against torchdiffeq / torchode
 #   make bench-suite  all peers (torchdiffeq, torchode, torchdyn, diffrax on JAX-CPU), tables + plots
@@ -26,7 +27,7 @@ STAMP_TEST := $(VENV)/.stamp-test
 STAMP_BENCH := $(VENV)/.stamp-bench
 STAMP_DOCS := $(VENV)/.stamp-docs
 
-.PHONY: venv demo test lint bench bench-suite docs clean
+.PHONY: venv demo test test-browser lint bench bench-suite docs clean
 
 venv: $(STAMP_VENV)
 
@@ -44,7 +45,7 @@ $(STAMP_DEMO): $(STAMP_VENV) pyproject.toml
 # torchcfm (the peer of neurodyn.compat.torchcfm) goes in with --no-deps: its metadata pulls another (CUDA)
 # torch; what its conditional_flow_matching / optimal_transport modules import (numpy, POT, torch) is already here.
 $(STAMP_TEST): $(STAMP_VENV) pyproject.toml
-	$(PIP) install -e ".[test]" torchdiffeq==0.2.5 torchode==1.0.1 torchsde==0.2.6 torchcde==0.2.5 torch==$(TORCH_VERSION)
+	$(PIP) install -e ".[test,explore,browser]" torchdiffeq==0.2.5 torchode==1.0.1 torchsde==0.2.6 torchcde==0.2.5 torch==$(TORCH_VERSION)
 	$(PIP) install --no-deps torchcfm==$(TORCHCFM_VERSION)
 	touch $@
 
@@ -66,6 +67,10 @@ demo: $(STAMP_DEMO)
 
 test: $(STAMP_TEST)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The browser test is also part of `make test`; this runs it alone, printing the click-to-redraw latency.
+test-browser: $(STAMP_TEST)
+	$(PY) -m pytest tests/test_explore_browser.py -s $(PYTEST_ARGS)
 
 lint: $(STAMP_TEST)
 	$(VENV)/bin/ruff check src tests benchmarks

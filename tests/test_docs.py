@@ -53,8 +53,11 @@ def import_optional(name: str):
     its API page is still built, statically, by mkdocstrings)."""
     try:
         return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name is None or e.name.split(".")[0] == "neurodyn":
+    except ImportError as e:
+        cause = e  # an ImportError naming the extra may wrap the ModuleNotFoundError
+        while cause is not None and not isinstance(cause, ModuleNotFoundError):
+            cause = cause.__cause__
+        if cause is None or cause.name is None or cause.name.split(".")[0] == "neurodyn":
             raise
         return None
 

@@ -2,6 +2,7 @@
 
     neurodyn demo --help            list the demos
     neurodyn demo spiral [--out DIR] [--iters N] [--seed S] ...
+    neurodyn explore [--port N] [--host 127.0.0.1]   the interactive figures as a local web page
     python -m neurodyn demo spiral  (same thing)
 """
 
@@ -61,6 +62,18 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             module.add_arguments(sub)
         else:
             which.add_parser(name, help=desc, description=desc)
+
+    # -- neurodyn explore (issue 17 item 7): the options live in neurodyn.explore.command (no torch import) --
+    from neurodyn.explore.command import add_arguments as add_explore_arguments
+
+    explore = commands.add_parser(
+        "explore", help="the interactive figures as a local web page (needs the explore extra)",
+        description="Serve the interactive figures (nested rings through a NODE and an ANODE; a latent ODE's "
+                    "posterior on clicked points) on a local web page. The models come from the demos' saved "
+                    "runs (--runs), else built-in ones are trained the first time (about three minutes on one "
+                    "core, fixed seed) and cached in the user cache directory; --quick trains small ones in "
+                    "seconds.")
+    add_explore_arguments(explore)
     return parser
 
 
@@ -108,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (DemoError, SolveFailure) as exc:  # a run that cannot go on: one line, no traceback
             print(f"{prefix} {' '.join(str(exc).split())}", file=sys.stderr)
             return 1
+    if args.command == "explore":  # issue 17 item 7
+        from neurodyn.explore.command import run as run_explore
+
+        return run_explore(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2  # pragma: no cover
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -17,6 +18,7 @@ from .core.stepper import nextafter
 from .core.tensors import VMAP_ADAPTIVE, real_dtype, vmapped
 from .core.term import Term, as_field, check_accepts, diffusion_probe
 from .errors import InputError
+from .fields import autocast_dtype, autocast_field
 from .gradients import GRADIENTS, GradientOptions, check_hidden_tensors, find_params
 from .options import (
     INTERPOLATIONS,
@@ -256,6 +258,9 @@ def solve(
     if not callable(func):
         raise InputError(f"func must be callable as func(t, y) or be a neurodyn term, got {type(func).__name__}.")
     y0, t = validate_problem(y0, t, per_sample_steps)
+    amp = autocast_dtype(y0.device.type)
+    if amp is not None:  # inside torch.autocast: the field in its dtype, this solve's own arithmetic in the state's
+        func = autocast_field(func, y0.device.type, amp)
     solver = get_solver(method, term.kinds if term is not None else None)
     if vmapped(y0) and solver.adaptive and step_size is None:
         raise InputError(VMAP_ADAPTIVE)
@@ -382,9 +387,10 @@ def solve(
             raise InputError("per_sample_steps gives gradients with respect to y0 and parameters, not the times t "
                              "(pass t.detach()).")
         from .gradients.per_sample import solve_per_sample_gradient
-
-        return solve_per_sample_gradient(func, y0, t, solver, cfg, on_failure, gopts, gradient)
-    return _dispatch(func, y0, t, solver, cfg, on_failure, gopts, gradient)
+    with torch.autocast(y0.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
+        if per_sample_steps:
+            return solve_per_sample_gradient(func, y0, t, solver, cfg, on_failure, gopts, gradient)
+        return _dispatch(func, y0, t, solver, cfg, on_failure, gopts, gradient)
 
 
 def _event_options(event_fn: Any, events: Any, max_events: Any, min_event_gap: Any) -> tuple[Event, ...]:
