@@ -244,3 +244,25 @@ def test_loss_curve_panels_and_legends_clear_of_the_points(tmp_path):
 def test_viz_doctests():
     result = doctest.testmod(viz, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 10 and result.failed == 0
+
+
+def test_readme_plotting_example(tmp_path, monkeypatch):
+    """The README's plotting example runs as written and draws what it says."""
+    import re
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- plotting[^>]*-->\n```python\n(.*?)^```", readme, flags=re.S | re.M).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__main__"}
+    exec(compile(block, "README.md plotting", "exec"), namespace)
+    fig = namespace["fig"]
+    try:
+        ax1, ax2 = fig.axes[:2]
+        assert len(ax1.lines) == 2 * 2 and len(ax1.lines[0].get_xdata()) == 400
+        assert len(ax2.lines) == 8 and ax2.collections  # 8 trajectories over the quiver
+        assert (tmp_path / "oscillator.png").stat().st_size > 10_000
+    finally:
+        plt.close(fig)
