@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-python3}  # makes the clean venv (as the Makefile makes .venv)
+# builds the wheel: the project's venv when `make test` has made it (it has pip), else PYTHON
+BUILD_PYTHON=${BUILD_PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo "$PYTHON")}
 TORCH_VERSION=${TORCH_VERSION:-$(sed -n 's/^TORCH_VERSION := //p' Makefile)}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/neurodyn-wheel-check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -17,11 +19,11 @@ step() { echo "== wheel check: $*"; }
 fail() { echo "wheel check FAILED: $*" >&2; exit 1; }
 
 step "build the wheel (torch $TORCH_VERSION)"
-"$PYTHON" -m pip wheel --no-deps --quiet . -w "$WORK/dist" || fail "the wheel did not build"
+"$BUILD_PYTHON" -m pip wheel --no-deps --quiet . -w "$WORK/dist" || fail "the wheel did not build"
 rm -rf build  # setuptools' build folder inside the source tree
 WHEEL=$(ls "$WORK"/dist/neurodyn-*.whl) || fail "no neurodyn wheel in $WORK/dist"
 echo "$WHEEL"
-"$PYTHON" - "$WHEEL" <<'PY' || fail "the wheel misses files"
+"$BUILD_PYTHON" - "$WHEEL" <<'PY' || fail "the wheel misses files"
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 need = ["neurodyn/__init__.py", "neurodyn/py.typed", "neurodyn/viz.py", "neurodyn/demos/__init__.py"]
