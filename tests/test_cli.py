@@ -141,7 +141,7 @@ def test_help_does_not_import_torch(argv, tmp_path):
     assert res.returncode == 0, res.stderr
     marker, code, seconds = res.stderr.strip().splitlines()[-1].split()
     assert marker == "NO_TORCH" and code == "0", res.stderr
-    assert float(seconds) < 1.0, f"the help took {seconds} s"  # importing torch alone takes longer than this
+    assert float(seconds) < 2.0, f"the help took {seconds} s"  # measured 0.06-0.11 s; importing torch takes 1.5-4 s
     assert res.stdout.strip()
 
 
