@@ -564,7 +564,7 @@ def plot_loss_curve(losses: Sequence[float], path: str | Path, *,
     if len(losses) >= 20:
         k = max(len(losses) // 50, 5)
         smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-        ax.plot(it[k - 1:], smooth, color="C0", lw=1.6, label=f"{train_label} ({k}-iter mean)")
+        ax.plot(it[k - 1:], smooth, color="C0", lw=1.6, label=f"running mean over {k} iterations")
     ax.set_ylabel("training loss")
     if has_eval:
         values = np.array([np.nan if v is None else float(v) for v in eval_values])
@@ -575,8 +575,9 @@ def plot_loss_curve(losses: Sequence[float], path: str | Path, *,
             a.axvline(x, color="0.4", ls=":", lw=1.2, alpha=0.8, label=label if (label and a is axes[0]) else None)
         a.set_yscale("log")
         a.grid(alpha=0.3, which="both")
-        a.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2, frameon=False,
-                 borderaxespad=0.2)
+        labels = a.get_legend_handles_labels()[1]
+        a.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False, borderaxespad=0.2,
+                 ncols=2 if max(map(len, labels), default=0) <= 40 else 1)  # long labels one per row
     axes[-1].set_xlabel("iteration")
     if title:
         fig.suptitle(title)
