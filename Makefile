@@ -32,7 +32,7 @@ STAMP_DOCS := $(VENV)/.stamp-docs
 venv: $(STAMP_VENV)
 
 # torch is pinned and installed first, on its own: the CPU wheel of this version is what the package
-# extras are then resolved against (they ask for torch>=2.2, so pip pulls nothing more).
+# extras are then resolved against (they ask for torch>=2.13, so pip pulls nothing more).
 $(STAMP_VENV):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==$(TORCH_VERSION)

@@ -5,7 +5,8 @@ The docstrings are numpy style with a little reStructuredText, which Markdown wo
 * Sphinx cross-reference roles (``:class:`~neurodyn.core.term.ControlTerm```, ``:func:`neurodyn.solve```) become
   inline code of their target (the last component for a ``~`` target);
 * a paragraph ending in ``::`` (a literal block follows) ends in ``:``;
-* simple tables (columns under ``=====  =====`` borders) become pipe tables.
+* simple tables (columns under ``=====  =====`` borders) become pipe tables;
+* doctest examples outside an ``Examples`` section (where griffe makes them code itself) become fenced code.
 """
 
 from __future__ import annotations
@@ -66,8 +67,36 @@ def simple_tables(text: str) -> str:
     return "\n".join(out)
 
 
+SECTION = re.compile(r"^-{3,}$")
+
+
+def doctest_blocks(text: str) -> str:
+    """Fence each run of doctest lines (``>>>``, ``...`` and the output up to a blank line) outside a numpy
+    ``Examples`` section."""
+    lines = text.split("\n")
+    out: list[str] = []
+    in_examples = False
+    i = 0
+    while i < len(lines):
+        if i + 1 < len(lines) and SECTION.match(lines[i + 1].strip()) and lines[i].strip():
+            in_examples = lines[i].strip() == "Examples"
+        if not in_examples and lines[i].lstrip().startswith(">>>"):
+            indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+            j = i
+            while j < len(lines) and lines[j].strip():
+                j += 1
+            out += [indent + "```python", *lines[i:j], indent + "```"]
+            i = j
+            continue
+        out.append(lines[i])
+        i += 1
+    return "\n".join(out)
+
+
 def to_markdown(text: str) -> str:
     text = ROLE.sub(_code, text)
+    if ">>>" in text:
+        text = doctest_blocks(text)
     text = re.sub(r"(\S)::$", r"\1:", text, flags=re.M)
     text = re.sub(r"^(\s*)::$", "", text, flags=re.M)
     return simple_tables(text) if "==" in text else text

@@ -219,3 +219,6 @@ def test_docstring_markup_extension():
             "====  =====\nname  order\n====  =====\n``a``  1\n``b``  2\n      more\n====  =====\n")
     assert ext.to_markdown(text) == ("See `ControlTerm` and `neurodyn.solve`. Example:\n\n    x\n\n"
                                      "| name | order |\n|---|---|\n| ``a`` | 1 |\n| ``b`` | 2 more |\n")
+    doc = "Text.\n\n>>> f(1)  # y[0](t)\n2\n\nExamples\n--------\n>>> g()\n3\n"
+    assert ext.to_markdown(doc) == ("Text.\n\n```python\n>>> f(1)  # y[0](t)\n2\n```\n\nExamples\n--------\n"
+                                    ">>> g()\n3\n")

@@ -15,20 +15,17 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import neurodyn
 from neurodyn import demos
-from neurodyn.demos._common import DemoError
 from neurodyn.errors import SolveFailure
+
+# Nothing above imports torch (``neurodyn`` loads its public names on first use, ``neurodyn.demos`` only
+# lists the demos), so ``neurodyn --help`` and ``neurodyn demo --help`` answer at once; a demo's own module
+# (and torch) is imported only when that demo is named.
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover
-        return "unknown"
-    try:
-        return version("neurodyn")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
+    return neurodyn.__version__
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -44,11 +41,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"neurodyn {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    listing = "\n".join(f"  {name:<12s}{desc}" for name, (_, desc) in sorted(demos.DEMOS.items()))
     demo = commands.add_parser(
         "demo",
         help="run a demo (see `neurodyn demo --help`)",
-        description="Run a demo. Available demos:\n" + listing,
+        description="Run a demo (each is listed once below, with what it shows).",
         epilog="`neurodyn demo NAME --help` shows the options of one demo.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -113,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem is not None:
             print(f"{prefix} {problem}", file=sys.stderr)
             return 2
+        from neurodyn.demos._common import DemoError  # imports torch: only once a demo runs
+
         try:
             return int(demos.load(args.demo).run(args) or 0)
         except KeyboardInterrupt:
