@@ -14,6 +14,7 @@ import importlib.util
 import os
 import pkgutil
 import re
+import types
 import zlib
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def documented_by_directives() -> dict[int, str]:
             except ModuleNotFoundError:  # a module of an extra that is not installed here
                 continue
             seen[id(obj)] = page.name
-            if not isinstance(obj, type(neurodyn)):
+            if not isinstance(obj, types.ModuleType):
                 continue
             members = members_option(m.group(2))
             if members is False:
