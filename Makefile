@@ -80,7 +80,7 @@ lint: $(STAMP_TEST)
 # markup extension (docs/griffe_roles.py, needs the docs extra) is tested (tests/test_docs.py).
 docs: $(STAMP_DOCS) $(STAMP_TEST)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
-	NEURODYN_DOCS_INVENTORY=site/objects.inv $(PY) -m pytest tests/test_docs.py -q -p no:cacheprovider -k "inventory or markup"
+	NEURODYN_DOCS_INVENTORY=site/objects.inv $(PY) -m pytest tests/test_docs.py -q -p no:cacheprovider -k "inventory or markup or gallery"
 
 bench: $(STAMP_BENCH)
 	$(PY) benchmarks/bench_core.py

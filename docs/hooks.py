@@ -49,7 +49,10 @@ def gallery(scripts: list[Path], figures: Path) -> str:
         source = script.read_text()
         doc = ast.get_docstring(ast.parse(source)) or script.stem
         title, _, body = doc.partition("\n")
-        parts += ["", f"### {title.strip().rstrip('.')}", "", body.strip(), ""]
+        # the usage line ("python examples/NAME.py [--quick] ...") is given as a command block below
+        body = "\n".join(line for line in body.split("\n") if not line.strip().startswith("python examples/"))
+        parts += ["", f"### {title.strip().rstrip('.')}", "", body.strip(), "",
+                  "```bash", f"python examples/{script.name}            # --quick: the short CI run", "```", ""]
         figure = figures / f"{script.stem}.png"
         if figure.is_file():
             parts += [f"![{title.strip()}](examples/{figure.name})", ""]
