@@ -219,3 +219,17 @@ def test_bad_inputs_are_refused():
         dm.reverse_sde_sample(_exact_score(), sde, torch.zeros(3, 2), step_size=2.0)
     with pytest.raises(InputError, match="sde must be a VPSDE"):
         dm.ScoreModel(VelocityMLP(2), "vp")
+
+
+@pytest.mark.slow  # ~10-25 s: trains, samples twice, a likelihood solve, three exact W2
+def test_diffusion_demo_writes_its_metrics(tmp_path):
+    import json
+
+    from neurodyn.demos.diffusion import diffusion_experiment
+
+    m = diffusion_experiment(tmp_path, iters=20, batch=64, sde_steps=25, test_n=100, plots=False)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["reverse_sde_nfe"] == 25 and saved["reverse_sde_nfe"] == 25
+    assert saved["test_nll"] == pytest.approx(m["test_nll"], rel=1e-12)
+    assert saved["w2_probability_flow"] == pytest.approx(m["w2_probability_flow"], rel=1e-12)
+    assert m["w2_data_vs_data"] < m["w2_reverse_sde"]  # 20 iterations cannot match the data
