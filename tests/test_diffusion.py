@@ -189,9 +189,9 @@ def test_score_model_training_decreases_the_loss_on_8gaussians():
     sde = dm.VPSDE()
     score = dm.ScoreModel(VelocityMLP(2, width=64, depth=2, activation=torch.nn.SiLU), sde)
     g = torch.Generator().manual_seed(1)
-    x_eval = sample_2d("8gaussians", 4096, generator=g)
-    t_eval = 1e-5 + (1 - 1e-5) * torch.rand(4096, generator=g)
-    z_eval = torch.randn(4096, 2, generator=g)
+    x_eval = sample_2d("8gaussians", 2048, generator=g)
+    t_eval = 1e-5 + (1 - 1e-5) * torch.rand(2048, generator=g)
+    z_eval = torch.randn(2048, 2, generator=g)
 
     def eval_loss():
         with torch.no_grad():
@@ -199,8 +199,8 @@ def test_score_model_training_decreases_the_loss_on_8gaussians():
 
     before = eval_loss()
     opt = torch.optim.Adam(score.parameters(), 3e-3)
-    for _ in range(60):
-        loss = dm.denoising_score_matching_loss(score, sample_2d("8gaussians", 256, generator=g), sde)
+    for _ in range(30):
+        loss = dm.denoising_score_matching_loss(score, sample_2d("8gaussians", 128, generator=g), sde)
         opt.zero_grad()
         loss.backward()
         opt.step()
