@@ -22,6 +22,7 @@ parser.add_argument("--quick", action="store_true", help="fewer training iterati
 parser.add_argument("--out", default="examples/_out", help="folder for the figure")
 args = parser.parse_args()
 torch.manual_seed(0)
+torch.set_num_threads(1)  # tiny problems: one thread avoids contention
 
 # 1. A known ODE, its dense solution at arbitrary times ------------------------------------------------
 A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]], dtype=torch.float64)

@@ -24,6 +24,7 @@ parser.add_argument("--quick", action="store_true", help="fewer training iterati
 parser.add_argument("--out", default="examples/_out", help="folder for the figure")
 args = parser.parse_args()
 torch.manual_seed(0)
+torch.set_num_threads(1)  # tiny problems: one thread avoids contention
 K = 1000.0
 A = torch.tensor([[-0.1, 1.0], [-1.0, -0.1]])
 

@@ -28,6 +28,7 @@ parser.add_argument("--quick", action="store_true", help="smaller batch (CI)")
 parser.add_argument("--out", default="examples/_out", help="folder for the figure")
 args = parser.parse_args()
 torch.manual_seed(0)
+torch.set_num_threads(1)  # tiny problems: one thread avoids contention
 torch.set_default_dtype(torch.float64)
 
 field = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),

@@ -22,6 +22,7 @@ parser.add_argument("--quick", action="store_true", help="fewer optimisation ste
 parser.add_argument("--out", default="examples/_out", help="folder for the figure")
 args = parser.parse_args()
 torch.manual_seed(0)
+torch.set_num_threads(1)  # tiny problems: one thread avoids contention
 f64 = torch.float64
 
 
