@@ -2,6 +2,7 @@
 #
 #   make demo    learn a 2-d spiral with a Neural ODE (writes runs/spiral/)
 #   make test    run the test suite
+#   make examples  run every example in examples/ in quick mode (CI; figures to examples/_out/)
 #   make lint    ruff
 #   make bench   benchmarks against torchdiffeq / torchode
 #   make bench-suite  all peers (torchdiffeq, torchode, torchdyn, diffrax on JAX-CPU), tables + plots
@@ -24,7 +25,7 @@ STAMP_DEMO := $(VENV)/.stamp-demo
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_BENCH := $(VENV)/.stamp-bench
 
-.PHONY: venv demo test lint bench bench-suite clean
+.PHONY: venv demo test examples lint bench bench-suite clean
 
 venv: $(STAMP_VENV)
 
@@ -60,8 +61,14 @@ demo: $(STAMP_DEMO)
 test: $(STAMP_TEST)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Every example in quick mode, each in its own process with a time limit (examples/run_all.py); the test venv has
+# what they import (matplotlib, scikit-learn). EXAMPLES_ARGS: e.g. "--only digits" or drop --quick for full runs.
+EXAMPLES_ARGS ?= --quick
+examples: $(STAMP_TEST)
+	MPLBACKEND=Agg $(PY) examples/run_all.py $(EXAMPLES_ARGS)
+
 lint: $(STAMP_TEST)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
 
 bench: $(STAMP_BENCH)
 	$(PY) benchmarks/bench_core.py
