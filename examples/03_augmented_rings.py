@@ -7,7 +7,9 @@ A Neural ODE's flow is a homeomorphism: trajectories cannot cross.
    extra dimension goes around (MSE near 0).
 2. Nested rings (a disk labelled -1 inside a ring labelled +1), classified by a linear head on z(1): in 2-d the
    flow must keep the disk enclosed by the ring, and gets a linearly separable picture only by squeezing the ring
-   through the gaps between samples; with 5 extra dimensions (ANODE) the disk is lifted out of the ring.
+   through the gaps between samples (after 300 iterations it still misclassifies some points; trained longer it
+   classifies them all, with features spread along the read-out instead of at -1 and +1: a larger test MSE and
+   more evaluations per solve); with 5 extra dimensions (ANODE) the disk is lifted out of the ring.
 
     python examples/03_augmented_rings.py [--quick] [--out DIR]
 """
@@ -86,7 +88,9 @@ for name, aug in (("Neural ODE", 0), ("ANODE (+5 dims)", 5)):
     print(f"rings, {name}: test accuracy {accuracy:.3f}, test MSE {test_mse:.4f}, "
           f"{model.nfe_forward} evaluations per forward solve")
 node, anode = results.values()
-assert anode["accuracy"] > node["accuracy"] and anode["accuracy"] > 0.98, "ANODE should separate the rings better"
+print(f"rings: test MSE Neural ODE {node['mse']:.4f} vs ANODE {anode['mse']:.4f} "
+      f"({node['mse'] / anode['mse']:.0f}x); accuracy {node['accuracy']:.3f} vs {anode['accuracy']:.3f}")
+assert anode["mse"] < node["mse"] and anode["accuracy"] >= node["accuracy"] and anode["accuracy"] > 0.98
 
 fig, ax = plt.subplots(1, 3, figsize=(13, 4))
 ax[0].plot([-1, 1], [1, -1], "ko", ms=8, label="targets g(x)")

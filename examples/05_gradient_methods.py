@@ -96,6 +96,9 @@ ax[2].bar(["adjoint", "checkpoint"], [max(rel_error["adjoint"]), max(max(rel_err
           color=["C1", "C2"])
 ax[2].set(title="max relative gradient difference vs direct", yscale="log")
 ax[0].legend()
+for a in ax[:2]:
+    a.set_xticks(horizons, [f"{T:g}" for T in horizons])
+    a.minorticks_off()
 fig.tight_layout()
 out = pathlib.Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
