@@ -64,7 +64,7 @@ def loss_fn(ys):
 with torch.no_grad():
     w2_start = w2(model(x0), data).mean().item()
 opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-iters = 150 if args.quick else 800
+iters = 250 if args.quick else 800
 for _ in range(iters):
     opt.zero_grad()
     loss = loss_fn(model(x0))
