@@ -50,8 +50,7 @@ for _ in range(iters):
 print(f"training: {iters} Adam steps, final MSE on the observations {loss.item():.2e}, "
       f"{model.nfe_forward} evaluations per forward solve")
 
-model.output = "solution"                                             # now forward returns the dense Solution
-model.solve_options["dense"] = True
+model.output = "solution"                          # now forward returns the Solution, with its dense output
 t_fine = torch.linspace(0.0, 6.0, 400)
 with torch.no_grad():
     z_fine = model(z_obs[0]).evaluate(t_fine)                           # z(t) at 400 times, shape (400, 2)
