@@ -3,6 +3,7 @@
 #   make demo    learn a 2-d spiral with a Neural ODE (writes runs/spiral/)
 #   make test    run the test suite
 #   make test-browser  only the browser test of `neurodyn explore` (needs chromium: apt-get install chromium)
+#   make examples  run every example in examples/ in quick mode (CI; figures to examples/_out/)
 #   make lint    ruff
 #   make bench   benchmarks against torchdiffeq / torchode
 #   make bench-suite  all peers (torchdiffeq, torchode, torchdyn, diffrax on JAX-CPU), tables + plots
@@ -27,7 +28,7 @@ STAMP_TEST := $(VENV)/.stamp-test
 STAMP_BENCH := $(VENV)/.stamp-bench
 STAMP_DOCS := $(VENV)/.stamp-docs
 
-.PHONY: venv demo test test-browser lint bench bench-suite docs clean
+.PHONY: venv demo test test-browser examples lint bench bench-suite docs clean
 
 venv: $(STAMP_VENV)
 
@@ -72,15 +73,21 @@ test: $(STAMP_TEST)
 test-browser: $(STAMP_TEST)
 	$(PY) -m pytest tests/test_explore_browser.py -s $(PYTEST_ARGS)
 
+# Every example in quick mode, each in its own process with a time limit (examples/run_all.py); the test venv has
+# what they import (matplotlib, scikit-learn). EXAMPLES_ARGS: e.g. "--only digits" or drop --quick for full runs.
+EXAMPLES_ARGS ?= --quick
+examples: $(STAMP_TEST)
+	MPLBACKEND=Agg $(PY) examples/run_all.py $(EXAMPLES_ARGS)
+
 lint: $(STAMP_TEST)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
 
 # --strict: a docstring griffe cannot parse, a broken link or cross-reference, a page missing from the nav all
 # fail the build. Then the built inventory (site/objects.inv) must list every public name, and the docstring
 # markup extension (docs/griffe_roles.py, needs the docs extra) is tested (tests/test_docs.py).
 docs: $(STAMP_DOCS) $(STAMP_TEST)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
-	NEURODYN_DOCS_INVENTORY=site/objects.inv $(PY) -m pytest tests/test_docs.py -q -p no:cacheprovider -k "inventory or markup or gallery"
+	NEURODYN_DOCS_INVENTORY=site/objects.inv $(PY) -m pytest tests/test_docs.py -q -p no:cacheprovider -k "inventory or markup"
 
 bench: $(STAMP_BENCH)
 	$(PY) benchmarks/bench_core.py

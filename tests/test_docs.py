@@ -224,25 +224,3 @@ def test_docstring_markup_extension():
     assert ext.to_markdown(doc) == ("Text.\n\n```python\n>>> f(1)  # y[0](t)\n2\n```\n\nExamples\n--------\n"
                                     ">>> g()\n3\n")
 
-
-def test_examples_gallery_hook(tmp_path):
-    pytest.importorskip("mkdocs")  # the docs extra (`make docs` runs this test after installing it)
-    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
-    hooks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hooks)
-    (tmp_path / "01_first.py").write_text('"""First example: a title.\n\nWhat it shows.\n\n'
-                                          '    python examples/01_first.py [--quick]\n"""\nx = 1\n')
-    (tmp_path / "02_second.py").write_text('"""Second."""\n')
-    (tmp_path / "notes.py").write_text("")
-    figures = tmp_path / "_out"
-    figures.mkdir()
-    (figures / "01_first.png").write_bytes(b"png")
-    scripts = hooks.example_scripts(tmp_path)
-    assert [p.name for p in scripts] == ["01_first.py", "02_second.py"]
-    md = hooks.gallery(scripts, figures)
-    text_first = md.split("??? example")[0]  # the first example's text, before its folded source
-    assert "### First example: a title" in text_first and "What it shows." in text_first
-    assert "[--quick]" not in text_first and "python examples/01_first.py " in text_first
-    assert "![First example: a title.](examples/01_first.png)" in md
-    assert "### Second" in md and "no figure in this build" in md
-    assert '??? example "examples/01_first.py"' in md and "    x = 1" in md
