@@ -152,7 +152,7 @@ def test_every_public_name_is_in_the_api_reference():
 
 
 def test_every_public_module_has_a_reference_entry():
-    # The command line and the demo programs are documented by `neurodyn demo --help` and docs/examples.md; the
+    # The command line and the demo programs are documented by `neurodyn demo --help` and docs/demos.md; the
     # demo modules that export names (__all__) are held by the test above.
     directives = [m.group(1) for page in API.glob("*.md") for m in DIRECTIVE.finditer(page.read_text())]
     modules = {m.__name__ for m in public_modules()
