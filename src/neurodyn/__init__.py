@@ -17,6 +17,7 @@ from .core.events import Event
 from .core.term import ControlTerm, MultiTerm, ODETerm, SDETerm, SplitTerm, Term, sde_term
 from .errors import (
     InputError,
+    InputTypeError,
     MaxStepsReached,
     NeurodynError,
     NoEventError,
@@ -52,10 +53,12 @@ from .paths import (
     LinearPath,
     ReverseBrownian,
 )
+from .progress import SolveProgress  # issue 17 (part 4): progress meters
 from .regularizers import RegularizedField, regularized_solve, steer_time
 from .solution import Events, Solution
 from .solve import solve
 from .solvers import available_methods
+from .stepping import SolveState, init, step  # issue 17 (part 4): manual stepping
 from .training import Trainer, seed_everything
 
 __version__ = "0.1.0"
@@ -122,4 +125,10 @@ __all__ = [
     "spectral_radius",
     "steer_time",
     "stiffness_ratio",
+    # issue 17 (part 4): progress meters and manual stepping
+    "InputTypeError",
+    "SolveProgress",
+    "SolveState",
+    "init",
+    "step",
 ]

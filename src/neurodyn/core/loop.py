@@ -29,11 +29,11 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
     set, is called after every attempted step as ``on_attempt(t, y, h, accepted, nfe)`` (see :func:`iterate`).
     """
     run = iterate(term, solver, y0, k0, times, cfg)
-    hook = cfg.on_attempt
+    hook = cfg.on_attempt if not cfg.pause else None
     try:
         while True:
             attempt = next(run)  # only with cfg.on_attempt / cfg.pause: the loop yields nothing otherwise
-            if hook is not None and len(attempt) == 4:
+            if hook is not None:
                 hook(*attempt, term.nfe)
     except StopIteration as done:
         return done.value
@@ -45,9 +45,10 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
 
     With ``cfg.on_attempt`` or ``cfg.pause`` set it yields ``(t, y, h, accepted)`` once each attempted step is
     accepted or rejected (``t, y``: the step's end ``t + h`` and its result when accepted, the unchanged start when
-    rejected; ``h`` signed). With ``cfg.pause`` it also yields ``(t, y, step)`` after the step's outputs, events and
-    step-size control (``t, y``: where the loop stands; ``step``: the accepted :class:`Step` for dense output, else
-    None); a step that ends the solve returns instead of this second yield. Without either it never yields.
+    rejected; ``h`` signed). With ``cfg.pause`` it also yields ``(t, y, step, h_abs)`` after the step's outputs, events
+    and step-size control (``t, y``: where the loop stands; ``step``: the accepted :class:`Step` for dense output,
+    else None; ``h_abs``: the next step's size); a step that ends the solve returns instead of this second yield.
+    Without either it never yields. (:func:`integrate` calls no hook with ``cfg.pause``.)
     """
     t0, t_end = times[0], times[-1]
     direction = 1.0 if t_end > t0 else -1.0
@@ -294,7 +295,7 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
                 message = failure_message(status, t, abs(h), cfg, solver, t0, t_end, steps, rejected)
                 break
             if pause:
-                yield (t, y, st if accept else None)
+                yield (t, y, st if accept else None, h_abs)
 
     return LoopResult(outs=outs, status=status, t_final=t, y_final=y, steps=steps, rejected=rejected,
                       initial_step=first_h, last_step=abs(last_h), records=steps_kept, message=message,
