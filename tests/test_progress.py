@@ -406,3 +406,18 @@ def test_text_bar_shows_eta_and_progress_bar_picks_tqdm():
     last = [f for f in out.getvalue().split("\r") if f.strip()][-1]
     assert last.startswith("fit: 100%") and "4/4" in last and "loss=0.2500" in last and "<00:00" in last
     assert isinstance(progress_bar(4, stream=io.StringIO(), backend="text"), Progress)
+
+
+def test_without_tqdm_auto_falls_back_to_text(monkeypatch, capsys):
+    """tqdm is optional: with it absent, backend="auto" gives the text meter and the text bar."""
+    monkeypatch.setattr(progress_mod, "_TQDM", [False])
+    assert not progress_mod.has_tqdm()
+    meter = SolveProgress(delay=0.0, interval=0.0)
+    assert meter.backend == "text"
+    sol = neurodyn.solve(Counted(), *y0_t(), progress=meter)
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("solve  [####################]  100.0%")
+    assert f"nfe={sol.stats['nfe']}" in err
+    assert isinstance(progress_bar(3, stream=io.StringIO()), Progress)
+    with pytest.raises(InputError, match="needs tqdm"):
+        SolveProgress(backend="tqdm")

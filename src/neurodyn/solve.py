@@ -288,10 +288,11 @@ def solve(
                    interp=interp, perturb=perturb, params=params, adjoint_method=adjoint_method,
                    adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_adaptive=adjoint_adaptive,
                    seminorm=seminorm, checkpoints=checkpoints, compile=compile, per_sample_steps=per_sample_steps,
-                   solver_options=solver_options, accept_min_step=accept_min_step, step_callbacks=step_callbacks)
-    if meter is None and callback is None:
+                   solver_options=solver_options, accept_min_step=accept_min_step, step_callbacks=step_callbacks,
+                   on_attempt=None if meter is None and callback is None else _attempt_hook(meter, callback, y0))
+    if meter is None:
         return plan.run()
-    return _run_observed(plan, meter, callback)
+    return _run_metered(plan, meter)
 
 
 @dataclass
@@ -357,9 +358,11 @@ def prepare(
     solver_options: dict | None = None,
     accept_min_step: bool = False,
     step_callbacks: dict[str, Callable[[float, Tensor, float], None]] | None = None,
+    on_attempt: Callable[[float, Tensor, float, bool, int], None] | None = None,
 ) -> Plan:
     """Check :func:`solve`'s arguments (an :class:`InputError` before any work) and build the loop's settings;
-    the same arguments and defaults as :func:`solve` (without ``progress`` and ``callback``)."""
+    the same arguments and defaults as :func:`solve` (without ``progress`` and ``callback``; ``on_attempt``: the
+    loop's per-attempt hook, ``LoopConfig.on_attempt``)."""
     func, term = as_field(func)  # a term: its ODE form, the knots landed on, its tensors seen by the gradients
     if not callable(func):
         raise InputError(f"func must be callable as func(t, y) or be a neurodyn term, got {type(func).__name__}.")
@@ -458,7 +461,7 @@ def prepare(
         unflatten=(lambda x: x.view(y0.shape)) if norm is not None else None, record=dense,
         interp=interp, perturb=bool(perturb), events=event_list, max_events=int(max_events),
         min_event_gap=float(min_event_gap), accept_min_step=bool(accept_min_step),
-        step_callbacks=dict(step_callbacks) if step_callbacks else None,
+        step_callbacks=dict(step_callbacks) if step_callbacks else None, on_attempt=on_attempt,
     )
     if not solver.adaptive and step_size is None:
         # Fixed-step method without a step size: step on the output grid (torchdiffeq's behaviour).
@@ -492,25 +495,31 @@ def prepare(
     return Plan(func, y0, t, solver, cfg, on_failure, gopts, gradient, bool(per_sample_steps))
 
 
-def _run_observed(plan: Plan, meter: Any, callback: Callable | None) -> Solution:
-    """Run ``plan`` with ``meter.update`` and ``callback`` called after every attempted step (``cfg.on_attempt``)."""
-    shape = plan.y0.shape
+def _attempt_hook(meter: Any, callback: Callable | None, y0: Any) -> Callable[[float, Tensor, float, bool, int], None]:
+    """``cfg.on_attempt`` calling ``meter.update`` and ``callback`` (with ``y`` in ``y0``'s shape)."""
+    shape = y0.shape if isinstance(y0, Tensor) else None
+    same = shape is not None and len(shape) == 2 and shape[0] == 1  # the loop's (1, n) is y0's shape
     update = meter.update if meter is not None else None
     if callback is None:
         def hook(t: float, y: Tensor, h: float, accepted: bool, nfe: int) -> None:
             update(t, h, accepted, nfe)
+    elif update is None and same:
+        def hook(t: float, y: Tensor, h: float, accepted: bool, nfe: int) -> None:
+            callback(t, y, h, accepted)
     elif update is None:
         def hook(t: float, y: Tensor, h: float, accepted: bool, nfe: int) -> None:
             callback(t, y.view(shape), h, accepted)
     else:
         def hook(t: float, y: Tensor, h: float, accepted: bool, nfe: int) -> None:
             update(t, h, accepted, nfe)
-            callback(t, y.view(shape), h, accepted)
-    plan.cfg = replace(plan.cfg, on_attempt=hook)
-    if meter is None:
-        return plan.run()
-    ts = plan.t.detach()
-    meter.start(float(ts[0]), float(ts[-1]))
+            callback(t, y if same else y.view(shape), h, accepted)
+    return hook
+
+
+def _run_metered(plan: Plan, meter: Any) -> Solution:
+    """Run ``plan`` between ``meter.start`` and ``meter.close`` (with the solve's status, or ``"error"``)."""
+    t0, t1 = plan.t.detach()[[0, -1]].tolist()
+    meter.start(t0, t1)
     try:
         sol = plan.run()
     except SolveFailure as err:

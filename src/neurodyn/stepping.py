@@ -202,7 +202,7 @@ class SolveState:
             raise _sol.failure(sol.status, sol.message, sol.t_final, sol)
 
 
-_OPTIONS = [p for p in inspect.signature(prepare).parameters if p not in ("func", "y0", "t")]
+_OPTIONS = [p for p in inspect.signature(prepare).parameters if p not in ("func", "y0", "t", "on_attempt")]
 
 
 def init(func: Callable[[Tensor, Tensor], Tensor] | Any, y0: Tensor, t: Tensor, **options: Any) -> SolveState:

@@ -40,7 +40,7 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
 
 
 def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[float],
-            cfg: LoopConfig) -> Generator[tuple | None, None, LoopResult]:
+            cfg: LoopConfig) -> Generator[tuple, None, LoopResult]:
     """The loop of :func:`integrate` as a generator returning the :class:`LoopResult`.
 
     With ``cfg.on_attempt`` or ``cfg.pause`` set it yields ``(t, y, h, accepted)`` once each attempted step is
