@@ -421,3 +421,31 @@ def test_without_tqdm_auto_falls_back_to_text(monkeypatch, capsys):
     assert isinstance(progress_bar(3, stream=io.StringIO()), Progress)
     with pytest.raises(InputError, match="needs tqdm"):
         SolveProgress(backend="tqdm")
+
+
+@pytest.mark.slow
+def test_callback_with_compile_runs_compiled_steps():
+    """compile=True with a callback: compiled steps in the eager loop (not the whole compiled loop), every attempt
+    reported, the outputs the eager solve's to rounding."""
+    lin = torch.nn.Linear(2, 2, dtype=F64)
+    y0, t = torch.ones(2, dtype=F64), torch.linspace(0, 1, 3, dtype=F64)
+    with torch.no_grad():
+        seq = []
+        sol = neurodyn.solve(lambda tt, y: torch.tanh(lin(y)), y0, t, compile=True,
+                             callback=lambda tt, y, h, a: seq.append((tt, h, a)))
+        ref = neurodyn.solve(lambda tt, y: torch.tanh(lin(y)), y0, t)
+    assert sol.stats["compiled"] in ("step", "eager")
+    assert len(seq) == sol.stats["steps"] + sol.stats["rejected"] and seq[-1][0] == 1.0
+    assert torch.allclose(sol.ys, ref.ys, atol=1e-12)
+
+
+def test_validation_warnings_point_at_the_callers_line():
+    """solve's checks moved into prepare(): their warnings still name the line calling solve / init."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        neurodyn.solve(lambda tt, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), rtol=1e-9)
+        neurodyn.init(lambda tt, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), rtol=1e-9)
+    assert [x.category for x in w] == [neurodyn.PrecisionWarning] * 2
+    assert all(x.filename == __file__ for x in w) and w[1].lineno == w[0].lineno + 1
