@@ -449,3 +449,26 @@ def test_validation_warnings_point_at_the_callers_line():
         neurodyn.init(lambda tt, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), rtol=1e-9)
     assert [x.category for x in w] == [neurodyn.PrecisionWarning] * 2
     assert all(x.filename == __file__ for x in w) and w[1].lineno == w[0].lineno + 1
+
+
+def test_trainer_bar_is_tqdm_with_eta_when_installed(capsys, monkeypatch):
+    """Trainer(progress=True): tqdm's bar on stdout (rate, ETA, the loss/NFE postfix); text without tqdm."""
+    pytest.importorskip("tqdm")
+
+    def trainer():
+        lin = torch.nn.Linear(2, 2, dtype=F64)
+        model = neurodyn.NeuralODE(lin, method="rk4", step_size=0.5)
+        x = torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+        return neurodyn.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                lambda m, b: (m(b[0]) - b[1]).pow(2).mean(), train_data=(x, x.flip(-1)),
+                                batch_size=4, max_steps=4, log_dir=None, seed=0, progress=True, checkpoint_every=0)
+
+    trainer().fit()
+    frames = [f for f in capsys.readouterr().out.split("\r") if f.strip()]
+    assert frames[-1].startswith("train: 100%") and "4/4" in frames[-1]
+    assert "<00:00" in frames[-1] and "loss=" in frames[-1] and "nfe=8+" in frames[-1]
+    assert "<" in frames[1] and "it/s" in frames[-1]  # elapsed<remaining (the ETA), rate
+    monkeypatch.setattr(progress_mod, "_TQDM", [False])
+    trainer().fit()
+    out = capsys.readouterr().out
+    assert "train  4/4" in out and "loss=" in out
