@@ -2,6 +2,7 @@
 #
 #   make demo    learn a 2-d spiral with a Neural ODE (writes runs/spiral/)
 #   make test    run the test suite
+#   make test-browser  only the browser test of `neurodyn explore` (needs chromium: apt-get install chromium)
 #   make lint    ruff
 #   make bench   benchmarks against torchdiffeq / torchode
 #   make bench-suite  all peers (torchdiffeq, torchode, torchdyn, diffrax on JAX-CPU), tables + plots
@@ -24,12 +25,12 @@ STAMP_DEMO := $(VENV)/.stamp-demo
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_BENCH := $(VENV)/.stamp-bench
 
-.PHONY: venv demo test lint bench bench-suite clean
+.PHONY: venv demo test test-browser lint bench bench-suite clean
 
 venv: $(STAMP_VENV)
 
 # torch is pinned and installed first, on its own: the CPU wheel of this version is what the package
-# extras are then resolved against (they ask for torch>=2.2, so pip pulls nothing more).
+# extras are then resolved against (they ask for torch>=2.13, so pip pulls nothing more).
 $(STAMP_VENV):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==$(TORCH_VERSION)
@@ -42,7 +43,7 @@ $(STAMP_DEMO): $(STAMP_VENV) pyproject.toml
 # torchcfm (the peer of neurodyn.compat.torchcfm) goes in with --no-deps: its metadata pulls another (CUDA)
 # torch; what its conditional_flow_matching / optimal_transport modules import (numpy, POT, torch) is already here.
 $(STAMP_TEST): $(STAMP_VENV) pyproject.toml
-	$(PIP) install -e ".[test]" torchdiffeq==0.2.5 torchode==1.0.1 torchsde==0.2.6 torchcde==0.2.5 torch==$(TORCH_VERSION)
+	$(PIP) install -e ".[test,explore,browser]" torchdiffeq==0.2.5 torchode==1.0.1 torchsde==0.2.6 torchcde==0.2.5 torch==$(TORCH_VERSION)
 	$(PIP) install --no-deps torchcfm==$(TORCHCFM_VERSION)
 	touch $@
 
@@ -59,6 +60,10 @@ demo: $(STAMP_DEMO)
 
 test: $(STAMP_TEST)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The browser test is also part of `make test`; this runs it alone, printing the click-to-redraw latency.
+test-browser: $(STAMP_TEST)
+	$(PY) -m pytest tests/test_explore_browser.py -s $(PYTEST_ARGS)
 
 lint: $(STAMP_TEST)
 	$(VENV)/bin/ruff check src tests benchmarks

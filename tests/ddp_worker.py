@@ -5,7 +5,8 @@ WORLD_SIZE, MASTER_ADDR, MASTER_PORT): the :class:`neurodyn.Trainer` initialises
 (gloo on CPU), wraps the model in DistributedDataParallel and shards the data. Each rank touches
 ``OUT/init{rank}`` once the process group has formed. Rank 0 writes ``OUT/result.pt`` (step-1 gradients and
 parameters, final parameters, logged losses) and the trainer's logs/checkpoint in ``OUT/logs``; every rank
-writes ``OUT/rank{r}.pt`` with its final parameters.
+writes ``OUT/rank{r}.pt`` with its final parameters. Then the same training runs from a DataLoader with a
+``DistributedSampler`` (rank 0 adds its parameters and losses to ``result.pt``).
 
 The test imports :func:`make_problem` and :data:`STEPS` to run the same training in one process on the full
 batch.
@@ -17,6 +18,8 @@ import os
 import sys
 
 import torch
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
 import neurodyn
 
@@ -63,9 +66,27 @@ def main(out: str) -> None:
     history = trainer.fit()
     params = [p.detach().clone() for p in trainer.module.parameters()]
     torch.save({"params": params, "rank": trainer.rank}, os.path.join(out, f"rank{trainer.rank}.pt"))
+
+    # The same training from a DataLoader sharded by a DistributedSampler; without one the Trainer refuses it.
+    model, opt, x, y = make_problem()
+    ds = TensorDataset(x, y)
+    try:
+        neurodyn.Trainer(model, opt, torch.nn.MSELoss(), train_data=DataLoader(ds, batch_size=N // world),
+                         max_steps=STEPS, progress=False)
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
+    sampler = DistributedSampler(ds, shuffle=True, seed=0)
+    via_loader = neurodyn.Trainer(model, opt, torch.nn.MSELoss(),
+                                  train_data=DataLoader(ds, batch_size=N // world, sampler=sampler),
+                                  max_steps=STEPS, progress=False, checkpoint_every=0)
+    loader_history = via_loader.fit()
     if trainer.rank == 0:
         torch.save({"grads1": store["grads1"], "params1": store["params1"], "params": params,
-                    "losses": [r["loss"] for r in history], "world_size": trainer.world_size},
+                    "losses": [r["loss"] for r in history], "world_size": trainer.world_size,
+                    "loader_params": [p.detach().clone() for p in via_loader.module.parameters()],
+                    "loader_losses": [r["loss"] for r in loader_history], "loader_refused": refused,
+                    "loader_epochs": [r["epoch"] for r in loader_history]},
                    os.path.join(out, "result.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -118,3 +119,41 @@ def test_progress_tty_redraws_one_line():
     text = stream.getvalue()
     assert text.count("\r") >= 5 and text.endswith("\n") and text.count("\n") == 1
     assert "5/5" in text
+
+
+_NO_TORCH_PROBE = """
+import sys, time
+t0 = time.perf_counter()
+from neurodyn.cli import main
+try:
+    main({argv!r})
+except SystemExit as exc:
+    code = exc.code
+print("TORCH_IMPORTED" if "torch" in sys.modules else "NO_TORCH", code, time.perf_counter() - t0, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["--version"]])
+def test_help_does_not_import_torch(argv, tmp_path):
+    """`neurodyn --help`, `neurodyn demo --help` and `--version` answer without importing torch."""
+    res = subprocess.run([sys.executable, "-c", _NO_TORCH_PROBE.format(argv=argv)], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    marker, code, seconds = res.stderr.strip().splitlines()[-1].split()
+    assert marker == "NO_TORCH" and code == "0", res.stderr
+    assert float(seconds) < 2.0, f"the help took {seconds} s"  # measured 0.06-0.11 s; importing torch takes 1.5-4 s
+    assert res.stdout.strip()
+
+
+def test_demo_help_lists_each_demo_once():
+    from neurodyn import demos
+
+    res = subprocess.run([sys.executable, "-m", "neurodyn", "demo", "--help"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr
+    # argparse's list of sub-commands: one entry per line at an indent of 4 (wrapped help lines are deeper)
+    listed = [line.split()[0] for line in res.stdout.splitlines() if line[:4] == "    " and line[4:5].strip()]
+    assert listed == sorted(demos.DEMOS)  # every demo, each once
+    text = " ".join(res.stdout.split())
+    for _, desc in demos.DEMOS.values():
+        assert text.count(desc) == 1, desc

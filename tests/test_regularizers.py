@@ -292,3 +292,33 @@ def test_steer_time_range_and_use_with_neural_ode():
     z1 = model(z0, t=torch.tensor([0.0, t_end]))
     torch.testing.assert_close(z1, torch.full((2,), math.exp(-t_end), dtype=D64), rtol=1e-7, atol=0)
     torch.testing.assert_close(model(z0), torch.full((2,), math.exp(-1.0), dtype=D64), rtol=1e-7, atol=0)
+
+
+def test_return_solution_counts_the_field_calls():
+    """``return_solution=True`` hands back the augmented solve: its ``nfe`` is the number of calls of the
+    (augmented) field in the forward solve, and after an adjoint backward ``nfe_backward`` is the number of
+    calls the backward pass made (counted independently by wrapping the field)."""
+    calls = {"n": 0}
+
+    class Counted(RegularizedField):
+        def forward(self, t, state):
+            calls["n"] += 1
+            return super().forward(t, state)
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    field = Counted(f, kinetic=0.1)
+    z0 = torch.randn(4, 2, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    zs, penalty, parts, sol = regularized_solve(field, z0, t, method="dopri5", rtol=1e-6, atol=1e-8,
+                                                return_solution=True)
+    assert isinstance(sol, neurodyn.Solution) and sol.status == "success"
+    assert sol.stats["nfe"] == calls["n"] > 0
+    torch.testing.assert_close(field.split(sol.ys)[0], zs)
+    # the adjoint (its forward also runs a one-off check of the field, which the solver does not count)
+    zs, penalty, parts, sol = regularized_solve(field, z0, t, method="dopri5", rtol=1e-6, atol=1e-8,
+                                                gradient="adjoint", return_solution=True)
+    before = calls["n"]
+    (zs[-1].sum() + penalty).backward()
+    assert sol.stats["nfe_backward"] == calls["n"] - before > 0
+    assert len(regularized_solve(field, z0, t, method="rk4", step_size=0.5)) == 3  # default: three values

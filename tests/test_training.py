@@ -358,6 +358,12 @@ def test_ddp_matches_single_process(tmp_path):
             assert torch.allclose(p, q, rtol=0, atol=1e-10), (key, (p - q).abs().max())
     for p, q in zip(ddp["params"], params(single), strict=True):
         assert torch.allclose(p, q, rtol=0, atol=1e-10)
+    # from a DataLoader with a DistributedSampler: the same run (every global batch is the whole data set)
+    assert "needs a DistributedSampler" in ddp["loader_refused"]
+    assert ddp["loader_losses"] == pytest.approx(ddp["losses"], rel=1e-12)
+    assert ddp["loader_epochs"] == [0, 1, 2]
+    for p, q in zip(ddp["loader_params"], params(single), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-10)
     assert ddp["losses"] == pytest.approx([r["loss"] for r in single.history], abs=1e-10)
 
     # rank 0 alone logged and checkpointed; the checkpoint loads into a plain (non-DDP) trainer

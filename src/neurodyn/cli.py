@@ -2,6 +2,7 @@
 
     neurodyn demo --help            list the demos
     neurodyn demo spiral [--out DIR] [--iters N] [--seed S] ...
+    neurodyn explore [--port N] [--host 127.0.0.1]   the interactive figures as a local web page
     python -m neurodyn demo spiral  (same thing)
 """
 
@@ -14,20 +15,17 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import neurodyn
 from neurodyn import demos
-from neurodyn.demos._common import DemoError
 from neurodyn.errors import SolveFailure
+
+# Nothing above imports torch (``neurodyn`` loads its public names on first use, ``neurodyn.demos`` only
+# lists the demos), so ``neurodyn --help`` and ``neurodyn demo --help`` answer at once; a demo's own module
+# (and torch) is imported only when that demo is named.
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover
-        return "unknown"
-    try:
-        return version("neurodyn")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
+    return neurodyn.__version__
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -43,11 +41,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"neurodyn {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    listing = "\n".join(f"  {name:<12s}{desc}" for name, (_, desc) in sorted(demos.DEMOS.items()))
     demo = commands.add_parser(
         "demo",
         help="run a demo (see `neurodyn demo --help`)",
-        description="Run a demo. Available demos:\n" + listing,
+        description="Run a demo (each is listed once below, with what it shows).",
         epilog="`neurodyn demo NAME --help` shows the options of one demo.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -61,6 +58,18 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             module.add_arguments(sub)
         else:
             which.add_parser(name, help=desc, description=desc)
+
+    # -- neurodyn explore (issue 17 item 7): the options live in neurodyn.explore.command (no torch import) --
+    from neurodyn.explore.command import add_arguments as add_explore_arguments
+
+    explore = commands.add_parser(
+        "explore", help="the interactive figures as a local web page (needs the explore extra)",
+        description="Serve the interactive figures (nested rings through a NODE and an ANODE; a latent ODE's "
+                    "posterior on clicked points) on a local web page. The models come from the demos' saved "
+                    "runs (--runs), else built-in ones are trained the first time (about three minutes on one "
+                    "core, fixed seed) and cached in the user cache directory; --quick trains small ones in "
+                    "seconds.")
+    add_explore_arguments(explore)
     return parser
 
 
@@ -100,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem is not None:
             print(f"{prefix} {problem}", file=sys.stderr)
             return 2
+        from neurodyn.demos._common import DemoError  # imports torch: only once a demo runs
+
         try:
             return int(demos.load(args.demo).run(args) or 0)
         except KeyboardInterrupt:
@@ -108,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (DemoError, SolveFailure) as exc:  # a run that cannot go on: one line, no traceback
             print(f"{prefix} {' '.join(str(exc).split())}", file=sys.stderr)
             return 1
+    if args.command == "explore":  # issue 17 item 7
+        from neurodyn.explore.command import run as run_explore
+
+        return run_explore(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2  # pragma: no cover
 

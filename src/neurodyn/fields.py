@@ -28,6 +28,44 @@ def check_derivative(f0: Any, y0: Tensor) -> Tensor:
     return f0
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The lower-precision dtype of the ``torch.autocast`` region active for ``device_type`` (``"cpu"``,
+    ``"cuda"``, ...), or None when autocast is off there."""
+    try:
+        on, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError, RuntimeError):  # torch < 2.4 (per-device functions), or no autocast there
+        if device_type == "cpu":
+            on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        elif device_type == "cuda":
+            on, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        else:
+            return None
+    return dtype if on else None
+
+
+def autocast_field(func: Callable[[Tensor, Tensor], Tensor], device_type: str,
+                   dtype: torch.dtype) -> Callable[[Tensor, Tensor], Tensor]:
+    """``func`` evaluated inside ``torch.autocast(device_type, dtype)``, its result cast back to the state's dtype.
+
+    :func:`neurodyn.solve` called inside an autocast region runs its own arithmetic (stage sums, error norms,
+    Newton solves) with autocast off and the vector field through this wrapper: the field's matmuls run in
+    ``dtype`` (e.g. bfloat16), the state stays in its own dtype (e.g. float32). Only a result in ``dtype`` is
+    cast back (any other dtype mismatch is still reported). ``__wrapped__`` is ``func``.
+
+    Example: ``g = autocast_field(net_field, "cpu", torch.bfloat16); g(t, y).dtype == y.dtype``.
+    """
+
+    def field(t: Tensor, y: Tensor) -> Tensor:
+        with torch.autocast(device_type, dtype=dtype):
+            out = func(t, y)
+        if isinstance(out, Tensor) and out.dtype == dtype and y.dtype != dtype:
+            out = out.to(y.dtype)
+        return out
+
+    field.__wrapped__ = func  # type: ignore[attr-defined]  # core.term.term_of / field_params look through it
+    return field
+
+
 def takes_time(func: Callable) -> bool:
     """True when ``func`` is called as ``func(t, z)``, False for ``func(z)``.
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .errors import InputError
 from .fields import NOISES, draw_probe, jacobian_trace, per_sample_sum, takes_time
+from .solution import Solution
 from .solve import solve
 
 PENALTIES = ("kinetic", "jacobian", "taylor")
@@ -314,8 +315,9 @@ def taylor_derivative(func: Callable[[Tensor, Tensor], Tensor], t: Tensor, z: Te
 def regularized_solve(func: Callable, z0: Tensor, t: Tensor, *, kinetic: float = 0.0, jacobian: float = 0.0,
                       taylor: float = 0.0, taylor_order: int = 2, estimator: str = "hutchinson",
                       noise: str = "gaussian", generator: torch.Generator | None = None,
-                      autonomous: bool | None = None, **solve_kwargs: Any
-                      ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                      autonomous: bool | None = None, return_solution: bool = False, **solve_kwargs: Any
+                      ) -> tuple[Tensor, Tensor, dict[str, Tensor]] | tuple[Tensor, Tensor, dict[str, Tensor],
+                                                                            Solution]:
     """Solve ``dz/dt = f(t, z)`` together with the penalty integrals; one noise draw per call.
 
     Parameters
@@ -330,6 +332,9 @@ def regularized_solve(func: Callable, z0: Tensor, t: Tensor, *, kinetic: float =
         Output times, as for :func:`neurodyn.solve`; the penalties integrate from ``t[0]`` to ``t[-1]``.
     kinetic, jacobian, taylor, taylor_order, estimator, noise, generator, autonomous :
         As in :class:`RegularizedField`.
+    return_solution : bool
+        Also return the augmented solve's :class:`~neurodyn.Solution` (its ``stats``: ``nfe`` of the forward
+        solve, ``nfe_backward`` once a backward pass has run; status).
     **solve_kwargs :
         Passed to :func:`neurodyn.solve` (``method``, ``rtol``, ``atol``, ``gradient``, ``params``, ...).
         Tolerances are scalars here (the state is augmented); the penalty channels take part in the
@@ -347,6 +352,8 @@ def regularized_solve(func: Callable, z0: Tensor, t: Tensor, *, kinetic: float =
         The active penalties, ``{"kinetic", "jacobian", "taylor"}`` subset, each the per-sample integral
         over ``[t[0], t[-1]]`` (shape ``(B,)``; 0-dim for a 1-d ``z0``; positive also when ``t`` decreases),
         unweighted.
+    solution : Solution
+        With ``return_solution=True``: the solve of the augmented state.
 
     Examples
     --------
@@ -379,6 +386,8 @@ def regularized_solve(func: Callable, z0: Tensor, t: Tensor, *, kinetic: float =
     direction = 1.0 if float(t[-1]) > float(t[0]) else -1.0
     final = {k: direction * v[-1] for k, v in pens.items()}
     penalty = field.penalty(final) if field.active else z0.new_zeros(())
+    if return_solution:
+        return z_traj, penalty, final, sol
     return z_traj, penalty, final
 
 

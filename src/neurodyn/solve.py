@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -17,6 +18,7 @@ from .core.stepper import nextafter
 from .core.tensors import VMAP_ADAPTIVE, real_dtype, vmapped
 from .core.term import Term, as_field, check_accepts, diffusion_probe
 from .errors import InputError, InputTypeError, SolveFailure
+from .fields import autocast_dtype, autocast_field
 from .gradients import GRADIENTS, GradientOptions, check_hidden_tensors, find_params
 from .options import (
     INTERPOLATIONS,
@@ -309,15 +311,23 @@ class Plan:
     gopts: GradientOptions
     gradient: str
     per_sample_steps: bool
+    amp: torch.dtype | None = None  # inside torch.autocast: the field's dtype (func runs in it; the solve does not)
+
+    def context(self) -> contextlib.AbstractContextManager:
+        """Where the solve's own arithmetic runs: autocast off when the caller's autocast is on (the field keeps
+        it, ``fields.autocast_field``)."""
+        return torch.autocast(self.y0.device.type, enabled=False) if self.amp is not None else contextlib.nullcontext()
 
     def run(self) -> Solution:
         """Run the solve: the gradient method over the integrate loop (or the per-sample rows)."""
-        if self.per_sample_steps:
-            from .gradients.per_sample import solve_per_sample_gradient
+        with self.context():
+            if self.per_sample_steps:
+                from .gradients.per_sample import solve_per_sample_gradient
 
-            return solve_per_sample_gradient(self.func, self.y0, self.t, self.solver, self.cfg, self.on_failure,
-                                             self.gopts, self.gradient)
-        return _dispatch(self.func, self.y0, self.t, self.solver, self.cfg, self.on_failure, self.gopts, self.gradient)
+                return solve_per_sample_gradient(self.func, self.y0, self.t, self.solver, self.cfg, self.on_failure,
+                                                 self.gopts, self.gradient)
+            return _dispatch(self.func, self.y0, self.t, self.solver, self.cfg, self.on_failure, self.gopts,
+                             self.gradient)
 
 
 def prepare(
@@ -367,6 +377,9 @@ def prepare(
     if not callable(func):
         raise InputError(f"func must be callable as func(t, y) or be a neurodyn term, got {type(func).__name__}.")
     y0, t = validate_problem(y0, t, per_sample_steps)
+    amp = autocast_dtype(y0.device.type)
+    if amp is not None:  # inside torch.autocast: the field in its dtype, this solve's own arithmetic in the state's
+        func = autocast_field(func, y0.device.type, amp)
     solver = get_solver(method, term.kinds if term is not None else None)
     if vmapped(y0) and solver.adaptive and step_size is None:
         raise InputError(VMAP_ADAPTIVE)
@@ -492,7 +505,7 @@ def prepare(
         if t.requires_grad and torch.is_grad_enabled():
             raise InputError("per_sample_steps gives gradients with respect to y0 and parameters, not the times t "
                              "(pass t.detach()).")
-    return Plan(func, y0, t, solver, cfg, on_failure, gopts, gradient, bool(per_sample_steps))
+    return Plan(func, y0, t, solver, cfg, on_failure, gopts, gradient, bool(per_sample_steps), amp)
 
 
 def _attempt_hook(meter: Any, callback: Callable | None, y0: Any) -> Callable[[float, Tensor, float, bool, int], None]:

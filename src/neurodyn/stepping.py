@@ -76,7 +76,8 @@ class SolveState:
         self._plan = plan
         self._cfg = cfg
         self._grad = torch.is_grad_enabled()
-        self._term, y0_flat, f0, self._times = start_direct(plan.func, plan.y0, plan.t, cfg)
+        with plan.context():
+            self._term, y0_flat, f0, self._times = start_direct(plan.func, plan.y0, plan.t, cfg)
         self._run = iterate(self._term, plan.solver, y0_flat, f0, self._times, cfg)
         self._shape = plan.y0.shape
         self._y = y0_flat
@@ -132,7 +133,7 @@ class SolveState:
         if self.done:
             raise InputError(f"the solve has ended (status {self.status!r} at t={self.t:.6g}): state.solution holds "
                              f"the result; init() a new state to solve again.")
-        with torch.set_grad_enabled(self._grad):
+        with torch.set_grad_enabled(self._grad), self._plan.context():
             try:
                 attempt = next(self._run)  # (t, y, h, accepted) of this attempt
                 self.h, self.accepted = attempt[2], attempt[3]
@@ -183,7 +184,7 @@ class SolveState:
         solver = self._plan.solver
         if self._co is None:
             self._co = solver.coefficients(self._y.dtype, self._y.device)
-        with torch.set_grad_enabled(self._grad):
+        with torch.set_grad_enabled(self._grad), self._plan.context():
             rows = solver.interpolate_floats(self._term, st, [(x - st.t0) / st.h for x in ts], self._co,
                                              self._cfg.interp)
         return rows.view(self._shape) if scalar else rows.view(len(ts), *self._shape)

@@ -42,22 +42,25 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
+from torch.utils.data.distributed import DistributedSampler
 
 from .progress import progress_bar
+from .solution import CODE, EVENT, FAILURE_STATUSES, SUCCESS
 
 try:  # numpy is a dependency of neurodyn, but the trainer does not need it
     import numpy as np
 except ImportError:  # pragma: no cover
     np = None
 
-__all__ = ["CheckpointError", "Trainer", "atomic_save", "count_nfe", "seed_everything", "unwrap_model"]
+__all__ = ["CheckpointError", "MetricLogger", "Trainer", "atomic_save", "count_nfe", "deterministic_mode",
+           "seed_everything", "solver_stats", "unwrap_model"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CSV_NAME = "metrics.csv"
@@ -66,6 +69,8 @@ SUMMARY_NAME = "summary.json"
 #: Columns of ``metrics.csv`` (and keys of each ``metrics.jsonl`` row / history entry).
 COLUMNS = ("step", "epoch", "loss", "lr", "nfe_forward", "nfe_backward", "grad_norm", "step_time")
 _FORMAT = 1
+#: Numeric keys of a history row handed to the ``loggers`` (those not None).
+LOGGED = ("loss", "lr", "nfe_forward", "nfe_backward", "grad_norm", "step_time", "epoch")
 #: Keys every checkpoint written by :meth:`Trainer.save_checkpoint` holds.
 _STATE_KEYS = ("format", "step", "epoch", "batch_in_epoch", "model", "optimizer", "data_rng", "rng", "seed",
                "batch_size")
@@ -82,10 +87,11 @@ class CheckpointError(ValueError):
 def seed_everything(seed: int, *, deterministic: bool = False) -> int:
     """Seed python's ``random``, numpy's global generator (if numpy is installed) and torch (CPU and CUDA).
 
-    Also asks cuDNN for deterministic kernels and turns off its autotuner (cheap). With
-    ``deterministic=True`` it additionally calls ``torch.use_deterministic_algorithms(True, warn_only=True)``
-    (and sets ``CUBLAS_WORKSPACE_CONFIG`` if unset), which can cost speed on GPU and makes ``torch.empty``
-    fill memory; it is process-wide, so it is opt-in.
+    Nothing else: by default no process-wide flag changes. ``deterministic=True`` also asks cuDNN for
+    deterministic kernels, turns off its autotuner, calls ``torch.use_deterministic_algorithms(True,
+    warn_only=True)`` and sets ``CUBLAS_WORKSPACE_CONFIG`` if unset; these are process-wide and stay set (use
+    :func:`deterministic_mode`, or ``Trainer(deterministic=True)``, to have them restored afterwards). They can
+    cost speed on GPU, and make ``torch.empty`` fill memory.
 
     Returns the seed.
 
@@ -102,12 +108,51 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> int:
     if np is not None:
         np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        _set_deterministic()
+    return seed
+
+
+def _set_deterministic() -> None:
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    return seed
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool = True) -> Iterator[None]:
+    """Inside the block: cuDNN deterministic kernels, its autotuner off,
+    ``torch.use_deterministic_algorithms(True, warn_only=True)`` and ``CUBLAS_WORKSPACE_CONFIG`` (if unset).
+    On exit every one of them is put back as it was. ``enabled=False``: touches nothing.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurodyn.training import deterministic_mode
+    >>> before = torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
+    >>> with deterministic_mode():
+    ...     torch.are_deterministic_algorithms_enabled()
+    True
+    >>> (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()) == before
+    True
+    """
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.deterministic, cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    _set_deterministic()
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[4]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -127,7 +172,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def count_nfe(model: nn.Module) -> tuple[int, int]:
     """``(nfe_forward, nfe_backward)`` summed over every submodule exposing both attributes (each
     :class:`~neurodyn.NeuralODE`): the vector-field evaluations of its last forward solve and last backward
-    pass. Wrappers (DDP ``.module``, ``torch.compile``) are looked through.
+    pass. Wrappers (DDP ``.module``, ``torch.compile``) are looked through, and a module whose submodules expose
+    the counters too (an :class:`~neurodyn.AugmentedNeuralODE` forwards its inner NeuralODE's) is not counted
+    again.
 
     Examples
     --------
@@ -139,12 +186,99 @@ def count_nfe(model: nn.Module) -> tuple[int, int]:
     >>> count_nfe(model)
     (16, 0)
     """
+    def counts(m: nn.Module) -> bool:
+        return hasattr(m, "nfe_forward") and hasattr(m, "nfe_backward")
+
     fwd = bwd = 0
     for m in unwrap_model(model).modules():
-        if hasattr(m, "nfe_forward") and hasattr(m, "nfe_backward"):
+        if counts(m) and not any(c is not m and counts(c) for c in m.modules()):
             fwd += int(m.nfe_forward)
             bwd += int(m.nfe_backward)
     return fwd, bwd
+
+
+def solver_stats(model: nn.Module) -> dict[str, Any]:
+    """What the last solve of each submodule holding one (``last_solution``: :class:`~neurodyn.NeuralODE`,
+    :class:`~neurodyn.AugmentedNeuralODE`, :class:`~neurodyn.NeuralSDE`, the CNF, ...) did, summed; a solution
+    shared by a wrapper and its inner module counts once. Read it after ``backward()`` for the backward NFE.
+
+    Returns ``{"solves": k, "nfe_forward": sum of stats["nfe"], "nfe_backward": sum of stats["nfe_backward"]
+    (0 for gradient="direct"), "steps": accepted steps, "rejected": rejected steps, "status": str or None,
+    "status_code": int}``: ``status`` is the first failure among the solves (:data:`neurodyn.solution.STATUSES`),
+    else ``"event"`` if one stopped at an event, else ``"success"`` (None and code -1 without any solve);
+    ``status_code`` is its index in ``STATUSES`` (0 = success).
+
+    Examples
+    --------
+    >>> import torch, neurodyn
+    >>> from neurodyn.training import solver_stats
+    >>> ode = neurodyn.NeuralODE(torch.nn.Linear(2, 2), method="rk4", step_size=0.25)
+    >>> _ = ode(torch.randn(3, 2))
+    >>> s = solver_stats(torch.nn.Sequential(ode, torch.nn.Linear(2, 1)))
+    >>> s["nfe_forward"], s["steps"], s["rejected"], s["status"]
+    (16, 4, 0, 'success')
+    """
+    seen: set[int] = set()
+    out: dict[str, Any] = {"solves": 0, "nfe_forward": 0, "nfe_backward": 0, "steps": 0, "rejected": 0}
+    statuses = []
+    for m in unwrap_model(model).modules():
+        sol = getattr(m, "last_solution", None)
+        if sol is None or not hasattr(sol, "stats") or id(sol) in seen:
+            continue
+        seen.add(id(sol))
+        st = sol.stats
+        out["solves"] += 1
+        out["nfe_forward"] += int(st.get("nfe", 0))
+        out["nfe_backward"] += int(st.get("nfe_backward", 0))
+        out["steps"] += int(st.get("steps", 0))
+        out["rejected"] += int(st.get("rejected", 0))
+        statuses.append(sol.status)
+    failed = [s for s in statuses if s in FAILURE_STATUSES]
+    status = failed[0] if failed else EVENT if EVENT in statuses else SUCCESS if statuses else None
+    out["status"] = status
+    out["status_code"] = CODE[status] if status is not None else -1
+    return out
+
+
+@runtime_checkable
+class MetricLogger(Protocol):
+    """What ``Trainer(loggers=[...])`` calls on rank 0: ``log_metrics(metrics, step)`` after every optimizer
+    step, ``metrics`` the step's numeric values (:data:`LOGGED`: loss, lr, nfe_forward, nfe_backward, grad_norm
+    when clipping, step_time, epoch) as floats and ``step`` the step number (1-based); and ``flush()`` (else
+    ``save()``), if the object has one, when ``fit`` returns. Lightning's loggers (``CSVLogger``,
+    ``TensorBoardLogger``, ...) fit it as they are (their ``save()`` writes the file); TensorBoard's
+    ``SummaryWriter`` is accepted too (one ``add_scalar(name, value, step)`` per metric). The Trainer never
+    closes a logger.
+
+    Example: ``class Printer: def log_metrics(self, metrics, step): print(step, metrics["loss"])``.
+    """
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+class _ScalarWriter:
+    """A ``SummaryWriter`` (anything with ``add_scalar``) as a :class:`MetricLogger`."""
+
+    def __init__(self, writer: Any):
+        self.writer = writer
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, global_step=step)
+
+    def flush(self) -> None:
+        if callable(getattr(self.writer, "flush", None)):
+            self.writer.flush()
+
+
+def _as_logger(obj: Any, i: int) -> Any:
+    if callable(getattr(obj, "log_metrics", None)):
+        return obj
+    if callable(getattr(obj, "add_scalar", None)):
+        return _ScalarWriter(obj)
+    raise TypeError(f"Trainer: loggers[{i}] ({type(obj).__name__}) has neither log_metrics(metrics, step) nor "
+                    f"add_scalar(tag, value, global_step) (TensorBoard's SummaryWriter); see "
+                    f"neurodyn.training.MetricLogger.")
 
 
 def _fsync_dir(path: str) -> None:
@@ -267,6 +401,30 @@ def _set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(states)
 
 
+def _loader_samplers(loader: DataLoader) -> list[Any]:
+    """The loader's sampler objects (its ``sampler``, its ``batch_sampler`` and the sampler inside that)."""
+    out = []
+    for obj in (loader.sampler, loader.batch_sampler, getattr(loader.batch_sampler, "sampler", None)):
+        if obj is not None and all(obj is not o for o in out):
+            out.append(obj)
+    return out
+
+
+def _loader_generators(loader: DataLoader) -> list[torch.Generator]:
+    """The ``torch.Generator`` s a loader's order and worker seeds draw from besides the global RNG."""
+    out: list[torch.Generator] = []
+    for obj in [loader, *_loader_samplers(loader)]:
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not o for o in out):
+            out.append(g)
+    return out
+
+
+def _stateful(loader: DataLoader) -> bool:
+    """A loader that saves and restores its own position (torchdata's ``StatefulDataLoader``)."""
+    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
+
+
 # ----------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------
@@ -285,11 +443,16 @@ class Trainer:
         ``loss_fn(model, batch) -> scalar Tensor`` (call ``model(...)`` inside: under DDP it is the wrapper).
         A ``torch.nn`` loss module (``nn.MSELoss()``, ...) is called as ``loss_fn(model(x), y)`` on batches
         ``(x, y)``. For exact data-parallel gradients use a *mean* over the batch.
-    train_data : Dataset, Tensor or tuple of Tensors
+    train_data : Dataset, Tensor, tuple of Tensors, or DataLoader
         Tensors become a ``TensorDataset``: a batch is then a tuple of tensors (a bare tensor for a single one).
         Other datasets are batched with ``collate_fn`` (default: torch's ``default_collate``) in-process.
+        A ``torch.utils.data.DataLoader`` (or torchdata's ``StatefulDataLoader``) is used as it is: its batches,
+        sampler, workers and order; an epoch is one pass over it (``len(loader)`` batches; an iterable one
+        without ``len`` trains by ``max_steps``, an epoch ending when it runs out). Under DDP give it a
+        ``DistributedSampler`` (the trainer calls ``set_epoch``). What resume restores is below (``resume``).
     batch_size : int
-        Per process (under DDP the global batch is ``batch_size * world_size``).
+        Per process (under DDP the global batch is ``batch_size * world_size``). Needed unless ``train_data``
+        is a DataLoader (its ``batch_size`` is then used; a different value is refused).
     max_steps, epochs : int
         How long ``fit`` trains: at least one is needed; with both it stops at whichever comes first.
     scheduler : LR scheduler, optional
@@ -316,17 +479,32 @@ class Trainer:
         for a bitwise-identical continuation; the logs are cut back to the checkpoint's step. Starts fresh when
         there is no checkpoint. A truncated or corrupt checkpoint, or one written with another ``seed`` or
         global batch size, raises :class:`CheckpointError` naming the file. Checkpoints are pickles: resume only
-        from files you trust.
+        from files you trust. With a DataLoader: a ``StatefulDataLoader`` (torchdata) is restored from its own
+        ``state_dict`` (mid-epoch included); a plain ``DataLoader`` resumes exactly at an epoch boundary, and
+        mid-epoch by replaying the interrupted epoch's order (the RNG states at the epoch's start are in the
+        checkpoint) and skipping the batches already trained on: they are loaded again, not trained on. The
+        replay is exact when the loader's order and workers draw only from torch's, python's and numpy's global
+        RNGs or from a ``torch.Generator`` set as the loader's (or its sampler's) ``generator`` (true of torch's
+        samplers); a sampler keeping another RNG of its own is not restored.
     shuffle, drop_last : bool
-        Data order per epoch (from the trainer's generator) and whether to drop a last incomplete batch.
+        Data order per epoch (from the trainer's generator) and whether to drop a last incomplete batch
+        (defaults True, False; with a DataLoader set them on the loader).
     collate_fn : callable, optional
-        Turns a list of dataset items into a batch (not used for tensor data).
+        Turns a list of dataset items into a batch (not used for tensor data, nor with a DataLoader).
     scheduler_interval : ``"step"`` or ``"epoch"``
         When the scheduler is stepped.
     on_step : callable, optional
         ``on_step(trainer, row)`` after every step, on every rank (gradients are still in ``.grad``).
     ddp_kwargs : dict, optional
         Extra keyword arguments for ``DistributedDataParallel`` (e.g. ``find_unused_parameters=True``).
+    loggers : sequence, optional
+        Objects given every step's metrics on rank 0 (:class:`MetricLogger`: ``log_metrics(metrics, step)``,
+        e.g. Lightning's ``CSVLogger`` / ``TensorBoardLogger``), or TensorBoard ``SummaryWriter`` s
+        (``add_scalar`` per metric). Flushed when ``fit`` returns, never closed.
+    deterministic : bool
+        During ``fit``: deterministic cuDNN kernels, no autotuner, ``torch.use_deterministic_algorithms(True,
+        warn_only=True)`` (:func:`deterministic_mode`), all restored when ``fit`` returns. Default False: the
+        trainer changes no process-wide flag (bitwise resume on GPU may need it).
 
     Attributes
     ----------
@@ -361,7 +539,7 @@ class Trainer:
         loss_fn: Callable[..., Tensor],
         *,
         train_data: Any,
-        batch_size: int,
+        batch_size: int | None = None,
         max_steps: int | None = None,
         epochs: int | None = None,
         scheduler: Any = None,
@@ -372,16 +550,41 @@ class Trainer:
         device: str | torch.device | None = None,
         grad_clip: float | None = None,
         resume: bool | str | os.PathLike = False,
-        shuffle: bool = True,
-        drop_last: bool = False,
+        shuffle: bool | None = None,
+        drop_last: bool | None = None,
         collate_fn: Callable[[list], Any] | None = None,
         scheduler_interval: str = "step",
         on_step: Callable[[Trainer, dict], None] | None = None,
         ddp_kwargs: dict[str, Any] | None = None,
+        loggers: Any = None,
+        deterministic: bool = False,
     ):
         if max_steps is None and epochs is None:
             raise ValueError("Trainer: give max_steps or epochs (or both).")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        self.loader: DataLoader | None = train_data if isinstance(train_data, DataLoader) else None
+        if self.loader is not None:
+            set_here = [name for name, v in (("shuffle", shuffle), ("drop_last", drop_last),
+                                             ("collate_fn", collate_fn)) if v is not None]
+            if set_here:
+                raise ValueError(f"Trainer: train_data is a DataLoader: set {', '.join(set_here)} on the DataLoader, "
+                                 f"not on the Trainer.")
+            if batch_size is not None and self.loader.batch_size is not None and batch_size != self.loader.batch_size:
+                raise ValueError(f"Trainer: batch_size={batch_size!r} but the DataLoader's batch_size is "
+                                 f"{self.loader.batch_size}: leave batch_size out (the loader's is used).")
+            batch_size = self.loader.batch_size if batch_size is None else batch_size
+            try:
+                self._loader_len: int | None = len(self.loader)
+            except TypeError:  # an IterableDataset without __len__
+                self._loader_len = None
+            if self._loader_len is None and (epochs is not None or scheduler_interval == "epoch"):
+                raise ValueError("Trainer: the DataLoader has no len() (an IterableDataset without __len__): train "
+                                 "it by max_steps (not epochs), with scheduler_interval='step'.")
+            if self._loader_len == 0:
+                raise ValueError("Trainer: the DataLoader yields no batch (len 0).")
+        elif batch_size is None:
+            raise ValueError("Trainer: batch_size is needed (unless train_data is a DataLoader, which has its own).")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
             raise ValueError(f"Trainer: batch_size must be an integer >= 1, got {batch_size!r}.")
         for name, v in (("max_steps", max_steps), ("epochs", epochs)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
@@ -396,16 +599,22 @@ class Trainer:
         self.optimizer, self.loss_fn, self.scheduler = optimizer, loss_fn, scheduler
         self.batch_size, self.max_steps, self.epochs = batch_size, max_steps, epochs
         self.checkpoint_every = checkpoint_every
+        self.loggers = [_as_logger(lg, i) for i, lg in enumerate(loggers or ())]
+        self.deterministic = bool(deterministic)
         self.seed = seed_everything(seed)
         self.grad_clip = None if grad_clip is None else float(grad_clip)
-        self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
+        self.shuffle = True if shuffle is None else bool(shuffle)
+        self.drop_last = False if drop_last is None else bool(drop_last)
         self.collate_fn = collate_fn or default_collate
         self.scheduler_interval = scheduler_interval
         self.on_step = on_step
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
-        self.dataset, self._bare = _as_dataset(train_data)
-        if len(self.dataset) == 0:
-            raise ValueError("Trainer: train_data is empty.")
+        if self.loader is not None:
+            self.dataset, self._bare = self.loader.dataset, False
+        else:
+            self.dataset, self._bare = _as_dataset(train_data)
+            if len(self.dataset) == 0:
+                raise ValueError("Trainer: train_data is empty.")
 
         # --- distributed setup and device
         explicit = torch.device(device) if device is not None else None
@@ -426,9 +635,16 @@ class Trainer:
 
         # --- data order
         self.sampler = None
-        if self.distributed:
-            from torch.utils.data.distributed import DistributedSampler
-
+        self._loader_iter: Iterator | None = None
+        self._loader_epoch_rng: dict[str, Any] | None = None  # the RNG states as the current epoch's iter() began
+        self._loader_resume: dict[str, Any] | None = None  # what the first batch after a resume must restore
+        if self.loader is not None:
+            if self.distributed and not isinstance(self.dataset, IterableDataset) and not any(
+                    isinstance(smp, DistributedSampler) for smp in _loader_samplers(self.loader)):
+                raise ValueError("Trainer: under DDP the DataLoader needs a DistributedSampler (each rank would "
+                                 "otherwise train on all the data): DataLoader(dataset, batch_size=..., "
+                                 "sampler=DistributedSampler(dataset, seed=...)).")
+        elif self.distributed:
             self.sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank,
                                               shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last)
         self._data_gen = torch.Generator().manual_seed(self.seed)
@@ -473,6 +689,9 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
+        """Batches per epoch (``len(loader)`` for a DataLoader; 0 when it has no len)."""
+        if self.loader is not None:
+            return self._loader_len or 0
         n = len(self.sampler) if self.sampler is not None else len(self.dataset)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
@@ -506,6 +725,61 @@ class Trainer:
             self._batches, self._batches_epoch = batches, self.epoch
         return self._batches
 
+    def _start_loader_epoch(self) -> None:
+        for smp in _loader_samplers(self.loader):
+            if callable(getattr(smp, "set_epoch", None)):
+                smp.set_epoch(self.epoch)
+        gens = _loader_generators(self.loader)
+        self._loader_epoch_rng = {"rng": _rng_state(), "generators": [g.get_state() for g in gens]}
+        self._loader_iter = iter(self.loader)
+
+    def _next_loader_batch(self) -> Any:
+        """The next batch of the DataLoader; starts (or, after a resume, restores) the epoch's iterator."""
+        if self._loader_iter is None:
+            pending, self._loader_resume = self._loader_resume, None
+            if pending is not None and pending.get("epoch_rng") is not None:
+                # plain DataLoader, resumed mid-epoch: replay the epoch's order, skip what was trained on
+                epoch_rng = pending["epoch_rng"]
+                _set_rng_state(epoch_rng["rng"])
+                for g, st in zip(_loader_generators(self.loader), epoch_rng["generators"]):
+                    g.set_state(st)
+                self._start_loader_epoch()
+                for i in range(self.batch_in_epoch):
+                    try:
+                        next(self._loader_iter)
+                    except StopIteration:
+                        raise CheckpointError(
+                            f"Trainer: the checkpoint is {self.batch_in_epoch} batches into epoch {self.epoch}, but "
+                            f"the DataLoader's epoch has only {i} batches now: resume with the same data and "
+                            f"loader settings.") from None
+            elif pending is not None and pending.get("loader") is not None:
+                self.loader.load_state_dict(pending["loader"])  # StatefulDataLoader: continues where it was
+                for smp in _loader_samplers(self.loader):
+                    if callable(getattr(smp, "set_epoch", None)):
+                        smp.set_epoch(self.epoch)
+                self._loader_iter = iter(self.loader)
+            else:
+                self._start_loader_epoch()
+            if pending is not None:  # the streams as they were at the checkpoint (iter() may have drawn from them)
+                _set_rng_state(pending["rng"])
+                for g, st in zip(_loader_generators(self.loader), pending["generators"]):
+                    g.set_state(st)
+        try:
+            return next(self._loader_iter)
+        except StopIteration:
+            if self.batch_in_epoch == 0:
+                raise ValueError(f"Trainer: the DataLoader yielded no batch in epoch {self.epoch}.") from None
+            if self._loader_len is not None:
+                raise ValueError(f"Trainer: the DataLoader ran out after {self.batch_in_epoch} batches of epoch "
+                                 f"{self.epoch}, but its len() is {self._loader_len}.") from None
+            self.epoch += 1  # a loader without len(): its epoch ends when it runs out
+            self.batch_in_epoch = 0
+            self._start_loader_epoch()
+            try:
+                return next(self._loader_iter)
+            except StopIteration:
+                raise ValueError(f"Trainer: the DataLoader yielded no batch in epoch {self.epoch}.") from None
+
     def _loss(self, model: nn.Module, batch: Any) -> Tensor:
         if isinstance(self.loss_fn, nn.modules.loss._Loss):
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
@@ -523,10 +797,15 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def _train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        batches = self._epoch_batches()
+        if self.loader is not None:
+            batch = _to_device(self._next_loader_batch(), self.device)
+            n_batches = self._loader_len if self._loader_len is not None else math.inf
+        else:
+            batches = self._epoch_batches()
+            n_batches = len(batches)
+            batch = _to_device(_fetch(self.dataset, self._bare, batches[self.batch_in_epoch], self.collate_fn),
+                               self.device)
         epoch = self.epoch
-        batch = _to_device(_fetch(self.dataset, self._bare, batches[self.batch_in_epoch], self.collate_fn),
-                           self.device)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._loss(self.model, batch)
         loss.backward()
@@ -547,9 +826,10 @@ class Trainer:
         self.batch_in_epoch += 1
         if self.scheduler is not None and self.scheduler_interval == "step":
             self._step_scheduler(loss_value)
-        if self.batch_in_epoch >= len(batches):
+        if self.batch_in_epoch >= n_batches:
             self.epoch += 1
             self.batch_in_epoch = 0
+            self._loader_iter = None
             if self.scheduler is not None and self.scheduler_interval == "epoch":
                 self._step_scheduler(loss_value)
         dt = time.perf_counter() - t0
@@ -567,9 +847,14 @@ class Trainer:
         """Train until :attr:`total_steps`; returns :attr:`history` (one dict per step, keys :data:`COLUMNS`).
 
         Writes a row to ``metrics.csv``/``metrics.jsonl`` per step, the checkpoint every ``checkpoint_every``
-        steps and at the end, and ``summary.json`` at the end (rank 0). Calling ``fit`` again after raising
-        ``max_steps``/``epochs`` continues the run.
+        steps and at the end, and ``summary.json`` at the end (rank 0), and hands each step's metrics to the
+        ``loggers``. Calling ``fit`` again after raising ``max_steps``/``epochs`` continues the run. With
+        ``deterministic=True`` the deterministic flags hold during ``fit`` only.
         """
+        with deterministic_mode(self.deterministic):
+            return self._fit()
+
+    def _fit(self) -> list[dict[str, Any]]:
         self.module.train()
         if self.is_main:
             self._open_logs()
@@ -586,6 +871,7 @@ class Trainer:
                 self.history.append(row)
                 if self.is_main:
                     self._log_row(row)
+                    self._log_metrics(row)
                 if bar is not None:
                     bar.update(loss=row["loss"], nfe=f"{row['nfe_forward']}+{row['nfe_backward']}",
                                step=f"{1e3 * row['step_time']:.1f}ms")
@@ -597,6 +883,10 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self._close_logs()
+            for lg in self.loggers if self.is_main else ():
+                done = getattr(lg, "flush", None) or getattr(lg, "save", None)  # Lightning's loggers: save()
+                if callable(done):
+                    done()
         if self.checkpoint_every != 0:
             self.save_checkpoint()
         if self.is_main and self.log_dir is not None:
@@ -624,21 +914,28 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data: Any, batch_size: int | None = None) -> dict[str, Any]:
-        """Mean loss of the (unwrapped) model on ``data`` (same forms as ``train_data``), in eval mode, no grad.
+        """Mean loss of the (unwrapped) model on ``data`` (same forms as ``train_data``, a DataLoader included:
+        its batches as they come), in eval mode, no grad.
 
         Runs on the full ``data`` in every process (no sharding, no communication). Returns
         ``{"loss": mean over samples (batch losses weighted by batch size), "samples": n, "batches": k,
         "nfe_forward": mean per batch}``. Does not touch the RNG states beyond what the model itself draws.
         """
-        dataset, bare = _as_dataset(data)
-        bs = batch_size or self.batch_size
+        if isinstance(data, DataLoader):
+            batches: Any = data
+        else:
+            dataset, bare = _as_dataset(data)
+            bs = batch_size or self.batch_size
+            if bs is None:
+                raise ValueError("Trainer.evaluate: give batch_size (the trainer's DataLoader has none).")
+            batches = (_fetch(dataset, bare, list(range(i, min(i + bs, len(dataset)))), self.collate_fn)
+                       for i in range(0, len(dataset), bs))
         was_training = self.module.training
         self.module.eval()
         total, n, nfe, k = 0.0, 0, 0, 0
         try:
-            for i in range(0, len(dataset), bs):
-                batch = _to_device(_fetch(dataset, bare, list(range(i, min(i + bs, len(dataset)))),
-                                          self.collate_fn), self.device)
+            for raw in batches:
+                batch = _to_device(raw, self.device)
                 m = _batch_len(batch)
                 total += float(self._loss(self.module, batch)) * m
                 n += m
@@ -664,6 +961,14 @@ class Trainer:
             "rng": _rng_state(),
             "seed": self.seed, "world_size": self.world_size, "batch_size": self.batch_size,
             "train_time": self._train_time,
+            # a DataLoader's position: its own state (StatefulDataLoader), or the RNG states its current epoch
+            # began with (plain DataLoader, mid-epoch: resume replays the epoch)
+            "loader": (self.loader.state_dict() if self.loader is not None and _stateful(self.loader)
+                       and self.batch_in_epoch > 0 else None),
+            "loader_epoch_rng": (self._loader_epoch_rng if self.loader is not None and not _stateful(self.loader)
+                                 and self.batch_in_epoch > 0 else None),
+            "loader_generators": ([g.get_state() for g in _loader_generators(self.loader)]
+                                  if self.loader is not None else None),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, source: str = "the checkpoint") -> None:
@@ -690,7 +995,9 @@ class Trainer:
         # the global batch (batch_size per process x processes) decides the steps: a DDP run may resume in one
         # process with the whole global batch, and the other way round
         theirs_world = int(state.get("world_size", 1))
-        if state["batch_size"] * theirs_world != self.batch_size * self.world_size:
+        theirs_global = None if state["batch_size"] is None else state["batch_size"] * theirs_world
+        ours_global = None if self.batch_size is None else self.batch_size * self.world_size
+        if theirs_global != ours_global:
             clashes.append(("batch_size", f"batch_size={state['batch_size']!r} x {theirs_world} process(es) there, "
                                           f"{self.batch_size!r} x {self.world_size} here"))
         if clashes:
@@ -708,10 +1015,38 @@ class Trainer:
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self._data_gen.set_state(state["data_rng"])
         self._batches, self._batches_epoch, self._epoch_start_state = None, -1, None
+
+        def mine(per_rank: list) -> Any:  # one per rank (DDP): ours if the world is the same, else rank 0's
+            return per_rank[self.rank] if len(per_rank) == self.world_size else per_rank[0]
+
         rng = state["rng"]
-        if isinstance(rng, list):  # one per rank (DDP): ours if the world is the same, else rank 0's
-            rng = rng[self.rank] if len(rng) == self.world_size else rng[0]
+        rng = mine(rng) if isinstance(rng, list) else rng
         _set_rng_state(rng)
+        if self.loader is not None:
+            loader_state, epoch_rng, gen_states = (
+                mine(x["per_rank"]) if isinstance(x, dict) and "per_rank" in x else x
+                for x in (state.get("loader"), state.get("loader_epoch_rng"), state.get("loader_generators")))
+            gen_states = gen_states or []
+            mid = self.batch_in_epoch > 0
+            if mid and _stateful(self.loader) and loader_state is None:
+                raise CheckpointError(f"Trainer: {source} was written mid-epoch with a plain DataLoader (or another "
+                                      f"data path); resume it with a plain DataLoader too (not a StatefulDataLoader).")
+            if mid and not _stateful(self.loader) and epoch_rng is None:
+                raise CheckpointError(f"Trainer: {source} was written mid-epoch with a StatefulDataLoader (or another "
+                                      f"data path); resume it with the same kind of train_data.")
+            gens = _loader_generators(self.loader)
+            if len(gen_states) != len(gens):
+                raise CheckpointError(f"Trainer: {source} holds {len(gen_states)} DataLoader generator state(s), this "
+                                      f"DataLoader has {len(gens)} torch.Generator(s) (loader / sampler "
+                                      f"`generator`): resume with a DataLoader built the same way.")
+            self._loader_iter = None
+            self._loader_resume = None
+            if mid:  # the next batch restores the epoch's iterator (see _next_loader_batch)
+                self._loader_resume = {"rng": rng, "generators": gen_states, "loader": loader_state,
+                                       "epoch_rng": epoch_rng}
+            else:  # at an epoch boundary the next epoch starts from the restored RNG streams, as it would have
+                for g, st in zip(gens, gen_states):
+                    g.set_state(st)
         self._train_time = float(state.get("train_time", 0.0))
         self.resumed_from = self.step
 
@@ -723,9 +1058,13 @@ class Trainer:
             return None
         state = self.state_dict()
         if self.distributed:  # each rank's RNG streams (they can differ, e.g. dropout with adaptive steps)
-            rngs: list[Any] = [None] * self.world_size
-            torch.distributed.all_gather_object(rngs, state["rng"])
-            state["rng"] = rngs
+            for key in ("rng", "loader", "loader_epoch_rng", "loader_generators"):
+                per_rank: list[Any] = [None] * self.world_size
+                torch.distributed.all_gather_object(per_rank, state[key])
+                if key == "rng":
+                    state[key] = per_rank
+                else:
+                    state[key] = {"per_rank": per_rank} if any(x is not None for x in per_rank) else None
         if self.is_main:
             atomic_save(state, path)
         return path
@@ -797,6 +1136,12 @@ class Trainer:
         self._csv_file.flush()
         self._jsonl_file.write(json.dumps(row) + "\n")
         self._jsonl_file.flush()
+
+    def _log_metrics(self, row: dict[str, Any]) -> None:
+        if self.loggers:
+            metrics = {k: float(row[k]) for k in LOGGED if row.get(k) is not None}
+            for lg in self.loggers:
+                lg.log_metrics(metrics, step=row["step"])
 
     def _close_logs(self) -> None:
         for f in (self._csv_file, self._jsonl_file):

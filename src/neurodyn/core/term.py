@@ -58,7 +58,11 @@ SDE_TYPES: tuple[str, ...] = ("ito", "stratonovich")
 
 def field_params(func: Any) -> list[Tensor]:
     """The parameters requiring grad of an ``nn.Module`` vector field, or of the module a bound method belongs
-    to; ``[]`` for other callables (a closure's tensors must be passed as ``params=``)."""
+    to; ``[]`` for other callables (a closure's tensors must be passed as ``params=``). Wrappers with
+    ``__wrapped__`` (e.g. the autocast wrapper of :func:`neurodyn.solve`) are looked through."""
+    while not isinstance(func, nn.Module) and getattr(func, "__self__", None) is None \
+            and getattr(func, "__wrapped__", None) is not None:
+        func = func.__wrapped__
     owner = func if isinstance(func, nn.Module) else getattr(func, "__self__", None)
     if isinstance(owner, nn.Module):
         return [p for p in owner.parameters() if p.requires_grad]

@@ -31,6 +31,10 @@ DEMOS: dict[str, tuple[str, str]] = {
         "neurodyn.demos.flows",
         "FFJORD vs I-CFM vs OT-CFM on 8gaussians and checkerboard: NLL, exact W2, sampling NFE, wall time, plots",
     ),
+    "diffusion": (
+        "neurodyn.demos.diffusion",
+        "score-based diffusion (VP-SDE) on 8gaussians: reverse-SDE and probability-flow samples, W2, exact NLL",
+    ),
     "latent": (
         "neurodyn.demos.latent",
         "latent ODE on the periodic toy (Rubanova et al. 2019): interpolation/extrapolation MSE, posterior bands",

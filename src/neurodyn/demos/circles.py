@@ -16,8 +16,8 @@ Second experiment, the 1-d map ``g(-1) = 1, g(1) = -1``: a 1-d NODE with ``y = z
 ANODE with one extra dimension (``y`` = first coordinate of ``z(1)``) fits it.
 
 Outputs (in ``--out``, default ``runs/circles``): ``metrics.json``, ``rings_flows.png`` (decision regions,
-trajectories, final features), ``rings_training.png`` (loss, NFE and accuracy over training) and
-``map1d.png``.
+trajectories, final features), ``rings_training.png`` (loss, NFE and accuracy over training),
+``map1d.png`` and ``rings_models.pt`` (the two rings classifiers' state dicts; ``neurodyn explore`` loads them).
 
 An evaluation solve that fails (a learned field that stiffens) does not stop the demo: its points count as
 misclassified, ``eval_failures`` in ``metrics.json`` notes it, and training goes on.
@@ -58,6 +58,7 @@ NAME = "circles"
 DESCRIPTION = "nested rings and the 1-d map g(-1)=1, g(1)=-1: Neural ODE vs Augmented Neural ODE (accuracy, NFE)"
 
 R_INNER, R_RING = 0.5, (1.0, 1.5)
+WEIGHTS = "rings_models.pt"  # state dicts {"node": ..., "anode": ...} written to --out
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -325,6 +326,9 @@ def train(cfg: CirclesConfig, *, stream: Any = None) -> dict[str, Any]:
             "map1d_node_loss_stays_high": map_results["node"]["loss_tail_mean"] >= 0.9,
             "map1d_anode_fits": map_results["anode"]["final_loss"] < 1e-2,
         }
+
+        # the trained rings classifiers, for `neurodyn explore` (its continuous-depth view loads them)
+        torch.save({name: m.state_dict() for name, m in models.items()}, out / WEIGHTS)
 
         plots: list[str] = []
         if cfg.plots:

@@ -312,18 +312,6 @@ def build_model(kind: str, cfg: DigitsConfig) -> Classifier:
     return Classifier(block, w, g)
 
 
-class _CountingField(regularizers.RegularizedField):
-    """``RegularizedField`` that counts its (augmented) evaluations, as ``NeuralODE``'s field does."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.calls = 0
-
-    def forward(self, t: Tensor, state: Tensor) -> Tensor:
-        self.calls += 1
-        return super().forward(t, state)
-
-
 class RegularizedODEBlock(nn.Module):
     """The ODE-Net block trained with a regulariser (``variant`` in ``REG_VARIANTS``).
 
@@ -341,16 +329,16 @@ class RegularizedODEBlock(nn.Module):
         self.variant = variant
         self.steer_b = cfg.steer_b
         self.steer_gen = torch.Generator().manual_seed(cfg.seed + 2)
-        self.field: _CountingField | None = None
+        self.field: regularizers.RegularizedField | None = None
         if variant == "rnode":
-            self.field = _CountingField(ode.func, kinetic=cfg.reg_kinetic, jacobian=cfg.reg_jacobian,
+            self.field = regularizers.RegularizedField(ode.func, kinetic=cfg.reg_kinetic, jacobian=cfg.reg_jacobian,
                                         generator=torch.Generator().manual_seed(cfg.seed + 3))
         elif variant == "taynode":
-            self.field = _CountingField(ode.func, taylor=cfg.reg_taylor, taylor_order=cfg.taylor_order)
+            self.field = regularizers.RegularizedField(ode.func, taylor=cfg.reg_taylor, taylor_order=cfg.taylor_order)
         self.penalty: Tensor | None = None
         self.parts: dict[str, float] = {}
         self.nfe_forward = 0
-        self._calls_after_forward = 0
+        self.last_solution: neurodyn.Solution | None = None  # the last training solve with a penalty
 
     # the tolerance study and the sweep set these on the block
     @property
@@ -371,8 +359,9 @@ class RegularizedODEBlock(nn.Module):
 
     @property
     def nfe_backward(self) -> int:
-        if self.training and self.field is not None:  # the adjoint's solves call the field; "direct" does not
-            return self.field.calls - self._calls_after_forward
+        if self.training and self.field is not None:  # the solve's own count ("direct" backward calls no field)
+            sol = self.last_solution
+            return int(sol.stats.get("nfe_backward", 0)) if sol is not None else 0
         return self.ode.nfe_backward
 
     def forward(self, h: Tensor) -> Tensor:
@@ -387,11 +376,11 @@ class RegularizedODEBlock(nn.Module):
             out = self.ode(h, t=t)
             self.nfe_forward = self.ode.nfe_forward
             return out
-        c0 = self.field.calls
-        zs, penalty, parts = regularized_solve(self.field, h, t, method=self.ode.method, rtol=self.ode.rtol,
-                                               atol=self.ode.atol, gradient=self.ode.gradient)
-        self._calls_after_forward = self.field.calls
-        self.nfe_forward = self._calls_after_forward - c0
+        zs, penalty, parts, sol = regularized_solve(self.field, h, t, method=self.ode.method, rtol=self.ode.rtol,
+                                                    atol=self.ode.atol, gradient=self.ode.gradient,
+                                                    return_solution=True)
+        self.last_solution = sol
+        self.nfe_forward = int(sol.stats["nfe"])
         self.penalty = penalty
         self.parts = {k: float(v.detach().mean()) for k, v in parts.items()}
         return zs[-1]

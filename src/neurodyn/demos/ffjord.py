@@ -21,7 +21,8 @@ from neurodyn.demos._common import json_safe
 from neurodyn.errors import InputError
 from neurodyn.models.cnf import CNF, ODEnet
 
-__all__ = ["digits_data", "eight_gaussians_log_density", "ffjord_digits_experiment", "ffjord_experiment"]
+__all__ = ["bits_per_dim", "dequantise_logit", "digits_data", "eight_gaussians_log_density", "ffjord_digits_experiment",
+           "ffjord_experiment", "fit_gaussian", "logit_to_pixels"]
 
 
 def eight_gaussians_log_density(x: Tensor) -> Tensor:
@@ -217,9 +218,13 @@ def digits_data(seed: int = 0, test_fraction: float = 0.2) -> tuple[Tensor, Tens
     return x[perm[n_test:]], x[perm[:n_test]]
 
 
-def _to_logit(levels: Tensor, g: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Dequantise (``(v + u) / 17``, ``u ~ U[0, 1)``), then ``y = logit(a + (1 - 2a) x)``; returns ``y`` and
-    ``log|det dy/dv|`` per sample (so ``log p(v + u) = log p(y) + logdet``)."""
+def dequantise_logit(levels: Tensor, g: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Dequantise pixel levels ``v`` ``(B, D)`` (``x = (v + u) / 17``, ``u ~ U[0, 1)``), then
+    ``y = logit(a + (1 - 2a) x)`` with ``a = 0.05``; returns ``y`` ``(B, D)`` and ``log|det dy/dv|`` ``(B,)`` (so
+    ``log p(v + u) = log p(y) + logdet``).
+
+    Example: ``y, logdet = dequantise_logit(digits_data()[0], torch.Generator().manual_seed(0))``.
+    """
     u = torch.rand(levels.shape, generator=g, dtype=levels.dtype)
     x = (levels + u) / DIGIT_LEVELS
     s = LOGIT_ALPHA + (1 - 2 * LOGIT_ALPHA) * x
@@ -228,9 +233,33 @@ def _to_logit(levels: Tensor, g: torch.Generator | None) -> tuple[Tensor, Tensor
     return y, logdet
 
 
-def _bits_per_dim(log_p_dequantised: Tensor, dim: int) -> float:
-    """Bits per dimension of the discrete pixels from the dequantised log-density (a lower bound on log P)."""
+def bits_per_dim(log_p_dequantised: Tensor, dim: int) -> float:
+    """Bits per dimension ``-mean(log p) / (dim ln 2)`` of the discrete pixels from the dequantised log-density
+    ``(B,)`` in nats (its negative mean bounds ``-log P`` of the pixels from above).
+
+    Example: ``bits_per_dim(torch.full((4,), -64 * math.log(2)), 64) == 1.0``.
+    """
     return float(-log_p_dequantised.mean()) / (dim * math.log(2))
+
+
+def logit_to_pixels(y: Tensor) -> Tensor:
+    """Inverse of :func:`dequantise_logit`'s logit map: ``(sigmoid(y) - a) / (1 - 2a)`` clipped to ``[0, 1]``
+    (pixel intensity over 17 levels), same shape as ``y``.
+
+    Example: ``logit_to_pixels(torch.zeros(2, 64))  # 0.5 everywhere``.
+    """
+    return ((torch.sigmoid(y) - LOGIT_ALPHA) / (1 - 2 * LOGIT_ALPHA)).clamp(0, 1)
+
+
+def fit_gaussian(y: Tensor, jitter: float = 1e-6) -> torch.distributions.MultivariateNormal:
+    """The maximum-likelihood full-covariance Gaussian of the rows of ``y`` ``(N, D)`` (``jitter`` added to the
+    covariance's diagonal).
+
+    Example: ``fit_gaussian(torch.randn(500, 3)).log_prob(torch.zeros(1, 3))``.
+    """
+    d = y.shape[1]
+    cov = torch.cov(y.T, correction=0) + jitter * torch.eye(d, dtype=y.dtype)
+    return torch.distributions.MultivariateNormal(y.mean(0), covariance_matrix=cov)
 
 
 def ffjord_digits_experiment(out_dir: str | Path, iters: int = 1000, quick: bool = False, *, batch: int = 128,
@@ -251,7 +280,9 @@ def ffjord_digits_experiment(out_dir: str | Path, iters: int = 1000, quick: bool
     -------
     dict
         ``cnf_bits_per_dim``, ``gaussian_bits_per_dim`` (test), ``history`` (iteration, test bits/dim),
-        ``train_seconds``, ``seconds_per_iter``, ``sample_nfe``, settings. ``quick`` caps ``iters`` at 20.
+        ``train_seconds``, ``seconds_per_iter``, ``sample_nfe``, settings; and, not written to the JSON, ``flow``
+        (the trained CNF, on standardised logits) with ``logit_mean``, ``logit_std`` ``(64,)``. ``quick`` caps
+        ``iters`` at 20.
     """
     if quick:
         iters = min(iters, 20)
@@ -264,13 +295,12 @@ def ffjord_digits_experiment(out_dir: str | Path, iters: int = 1000, quick: bool
     g = torch.Generator().manual_seed(seed + 1)
     train, test = digits_data(seed)
     d = train.shape[1]
-    y_train, _ = _to_logit(train, g)
+    y_train, _ = dequantise_logit(train, g)
     mean, std = y_train.mean(0), y_train.std(0)
-    y_test, ld_test = _to_logit(test, torch.Generator().manual_seed(seed + 2))
+    y_test, ld_test = dequantise_logit(test, torch.Generator().manual_seed(seed + 2))
     # Gaussian baseline (logit space, full covariance, MLE)
-    cov = torch.cov(y_train.T, correction=0) + 1e-6 * torch.eye(d, dtype=y_train.dtype)
-    gauss = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)
-    gauss_bpd = _bits_per_dim(gauss.log_prob(y_test) + ld_test, d)
+    gauss = fit_gaussian(y_train)
+    gauss_bpd = bits_per_dim(gauss.log_prob(y_test) + ld_test, d)
     flow = CNF(ODEnet(d, hidden, activation), dim=d, trace="hutchinson", noise=noise, t1=t1, method="dopri5",
                rtol=rtol, atol=atol, gradient=gradient, generator=g)
     opt = torch.optim.Adam(flow.parameters(), lr=lr)
@@ -281,7 +311,7 @@ def ffjord_digits_experiment(out_dir: str | Path, iters: int = 1000, quick: bool
 
     def test_bpd() -> float:
         lp = _exact_log_prob(flow, std_of(y_test), chunk=400).double()
-        return _bits_per_dim(lp + std_logdet + ld_test, d)
+        return bits_per_dim(lp + std_logdet + ld_test, d)
 
     history: list[tuple[int, float]] = []
     train_time = 0.0
@@ -290,7 +320,7 @@ def ffjord_digits_experiment(out_dir: str | Path, iters: int = 1000, quick: bool
     for it in range(1, iters + 1):
         t0 = time.perf_counter()
         idx = torch.randint(0, train.shape[0], (batch,), generator=g)
-        y, _ = _to_logit(train[idx], g)
+        y, _ = dequantise_logit(train[idx], g)
         opt.zero_grad()
         loss = -flow.log_prob(std_of(y)).mean()
         loss.backward()
@@ -315,7 +345,7 @@ def ffjord_digits_experiment(out_dir: str | Path, iters: int = 1000, quick: bool
         import matplotlib.pyplot as plt
 
         ys = zs.double() * std + mean
-        img = ((torch.sigmoid(ys) - LOGIT_ALPHA) / (1 - 2 * LOGIT_ALPHA)).clamp(0, 1).reshape(8, 8, 8, 8)
+        img = logit_to_pixels(ys).reshape(8, 8, 8, 8)
         fig, ax = plt.subplots(1, 2, figsize=(8, 4))
         ax[0].imshow(img.permute(0, 2, 1, 3).reshape(64, 64).numpy(), cmap="gray_r")
         ax[0].set_title("FFJORD samples")
@@ -328,6 +358,7 @@ def ffjord_digits_experiment(out_dir: str | Path, iters: int = 1000, quick: bool
         plt.close(fig)
     (out / "digits_metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
     log.close()
+    metrics.update(flow=flow, logit_mean=mean, logit_std=std)  # not in the JSON: the trained model and its scaling
     return metrics
 
 

@@ -23,7 +23,8 @@ model), at most ``--epochs`` epochs each.
 
 Outputs (``--out``, default ``runs/latent``): ``metrics.json`` (test MSEs, the MSE-vs-epochs curves, seconds per
 epoch), ``interpolation.png`` and ``extrapolation.png`` (posterior samples: mean and 5-95% band over a dense grid,
-the observed points and the truth for three test series), ``mse_curve.png``.
+the observed points and the truth for three test series), ``mse_curve.png``, ``interpolation_model.pt`` (the
+interpolation model's state dict; ``neurodyn explore`` loads it).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from neurodyn.errors import SolveFailure
 from neurodyn.models import LatentODE
 
 NAME = "latent"
+WEIGHTS = "interpolation_model.pt"  # the interpolation model's state dict, written to --out
 DESCRIPTION = "latent ODE on the periodic toy (Rubanova et al. 2019): interpolation/extrapolation MSE, posterior bands"
 
 
@@ -241,6 +243,7 @@ def train(cfg: LatentConfig) -> dict[str, Any]:
     extrap = _train(cfg, "extrap", data, cfg.budget * cfg.extrap_share) if cfg.extrap_share > 0 else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    torch.save(interp["model"].state_dict(), out / WEIGHTS)  # for `neurodyn explore` (its latent ODE view)
     metrics = {
         "config": asdict(cfg),
         "interpolation": {k: v for k, v in interp.items() if k != "model"},

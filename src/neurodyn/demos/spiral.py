@@ -7,7 +7,7 @@ The system (the classic torchdiffeq ``ode_demo``, written as a column-vector ODE
 A "true" trajectory is sampled at ``data_size`` (1000) evenly spaced times by solving that ODE with
 neurodyn at tight tolerance (rtol 1e-10).  A Neural ODE ``dz/dt = MLP(z**3)`` is fitted to it from random
 windows of the trajectory (minibatches of ``batch_size`` windows of ``batch_time`` consecutive samples,
-each solved from its first sample), by backpropagating through the solver (``neurodyn.odeint``) with Adam.
+each solved from its first sample), by backpropagating through the solver (``neurodyn.solve``) with Adam.
 Short windows alone fit the field only roughly: over t in [0, 25] a 1% error in the small damping term
 already shifts the phase visibly.  So for the last 20% of the run the windows grow linearly to the whole
 trajectory.  At the end the learned ODE is solved from z(0) over the whole interval and compared with the
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neurodyn import odeint, solve
+from neurodyn import solve
 from neurodyn.demos._common import (
     POSITIVE,
     POSITIVE_INT,
@@ -88,19 +88,6 @@ class ODEFunc(nn.Module):
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.net(z**3)
-
-
-class NFECounter(nn.Module):
-    """Wraps a vector field ``f(t, y)`` and counts its evaluations in ``self.nfe``."""
-
-    def __init__(self, func: nn.Module):
-        super().__init__()
-        self.func = func
-        self.nfe = 0
-
-    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.nfe += 1
-        return self.func(t, y)
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -246,7 +233,7 @@ def train(cfg: SpiralConfig, *, stream: Any = None) -> dict[str, Any]:
         t, z_true = make_data(cfg, dtype)
         z0 = z_true[0]
 
-        func = NFECounter(ODEFunc(hidden=cfg.hidden).to(dtype))
+        func = ODEFunc(hidden=cfg.hidden).to(dtype)
         opt = torch.optim.Adam(func.parameters(), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iters, 1),
                                                            eta_min=cfg.lr * cfg.lr_final_frac)
@@ -278,12 +265,11 @@ def train(cfg: SpiralConfig, *, stream: Any = None) -> dict[str, Any]:
             length = window_length(cfg, it)
             batch_z0, batch_t, batch_z = get_batch(t, z_true, cfg.batch_size, length, gen)
             opt.zero_grad(set_to_none=True)
-            func.nfe = 0
             try:
-                pred = odeint(func, batch_z0, batch_t, rtol=cfg.rtol, atol=cfg.atol, method=cfg.method)
+                sol = solve(func, batch_z0, batch_t, rtol=cfg.rtol, atol=cfg.atol, method=cfg.method)
             except SolveFailure as exc:
                 # a long window can outlast a still-untrained field: skip this step (noted), keep training
-                nfes.append(func.nfe)
+                nfes.append(int(exc.solution.stats["nfe"]) if exc.solution is not None else 0)
                 losses.append(math.nan)
                 sched.step()
                 skipped.append(it)
@@ -295,8 +281,8 @@ def train(cfg: SpiralConfig, *, stream: Any = None) -> dict[str, Any]:
                     raise training_failure(f"{in_a_row} iterations in a row (the last: {it})", exc) from exc
             else:
                 in_a_row = 0
-                nfes.append(func.nfe)
-                loss = torch.mean((pred - batch_z) ** 2)
+                nfes.append(int(sol.stats["nfe"]))  # the solver's count of vector-field evaluations
+                loss = torch.mean((sol.ys - batch_z) ** 2)
                 loss.backward()
                 opt.step()
                 sched.step()
@@ -318,15 +304,14 @@ def train(cfg: SpiralConfig, *, stream: Any = None) -> dict[str, Any]:
         bar.close()
         train_seconds = time.perf_counter() - train0
 
-        func.nfe = 0
         sol_full, final = full_trajectory()
-        nfe_full = func.nfe
+        nfe_full = int(sol_full.stats["nfe"])
         z_pred = sol_full.ys
         mse = final["mse"]
         n_ok = final["valid_rows"]
         mae = float(torch.mean(torch.abs(z_pred - z_true))) if sol_full.success else None
         # the learned field again, solved far more accurately than in training
-        _, tight = evaluate_trajectory(func.func, z0, t, z_true, method="dopri5", rtol=cfg.true_rtol,
+        _, tight = evaluate_trajectory(func, z0, t, z_true, method="dopri5", rtol=cfg.true_rtol,
                                        atol=cfg.true_atol)
         notes = train_notes + eval_notes
         if final["note"] is not None:
@@ -410,11 +395,6 @@ def _make_plots(cfg, out, t, z_true, z_pred, n_ok, func, losses, eval_iters, eva
         print(f"skipping plots: {exc}", file=stream)
         return []
 
-    def learned_field(points: Any) -> Any:
-        with torch.no_grad():
-            pts = torch.as_tensor(points, dtype=z_true.dtype)
-            return func.func(torch.zeros((), dtype=pts.dtype), pts).numpy()
-
     title = f"neurodyn spiral demo ({cfg.iters} iters, {cfg.method})"
     vlines = []
     if cfg.grow_from < 1.0 and cfg.iters > 0:
@@ -422,7 +402,7 @@ def _make_plots(cfg, out, t, z_true, z_pred, n_ok, func, losses, eval_iters, eva
     try:
         paths = [
             viz.plot_trajectories(t, z_true, z_pred, out / "trajectories.png", title=title),
-            viz.plot_phase_portrait(z_true, z_pred[:n_ok], out / "phase_portrait.png", field=learned_field,
+            viz.plot_phase_portrait(z_true, z_pred[:n_ok], out / "phase_portrait.png", field=func,
                                     title=title),
             viz.plot_loss_curve(losses, out / "loss_curve.png", eval_iters=eval_iters, eval_values=eval_mse,
                                 vlines=vlines, title=title),

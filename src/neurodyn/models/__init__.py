@@ -3,6 +3,7 @@
 from .augmented import AugmentedNeuralODE
 from .baselines import GRUD, GRUBaseline
 from .cnf import CNF, CNFStack, ConcatSquashLinear, ODEnet
+from .diffusion import VPSDE, ScoreModel
 from .latent_ode import LatentODE
 from .neural_cde import CDEField, NeuralCDE
 from .neural_ode import NeuralODE
@@ -15,4 +16,4 @@ from .ssm import DiagonalSSM, linear_scan
 __all__ = ["CNF", "GRUD", "HNN", "LNN", "AugmentedNeuralODE", "CDEField", "CNFStack", "ConcatSquashLinear",
            "DerivativeMLP", "DiagonalDiffusion", "DiagonalSSM", "GRUBaseline", "GRUUpdate", "GatedMLPUpdate",
            "LSTMUpdate", "LatentODE", "LatentSDE", "MultipleShooting", "NeuralCDE", "NeuralODE", "NeuralSDE", "ODERNN",
-           "ODEnet", "linear_scan", "penalty_schedule"]
+           "ODEnet", "ScoreModel", "VPSDE", "linear_scan", "penalty_schedule"]
