@@ -222,7 +222,7 @@ def solve(
         written to a file). Or a configured ``SolveProgress``, or any object with ``start(t0, t1)``,
         ``update(t, h, accepted, nfe)`` (called after every attempted step) and ``close(status)`` (``status``:
         ``sol.status``, or ``"error"`` when the solve raised). The forward solve only. Not with
-        ``per_sample_steps``. Costs under 1% of a solve (see docs/progress.md).
+        ``per_sample_steps``. About 1% of a small solve (docs/progress.md).
     callback : callable ``callback(t, y, h, accepted)``, optional
         Called after every attempted step, once the step is accepted or rejected and before its outputs and events
         are processed: ``t`` (float) and ``y`` (``y0``'s shape) are the step's end ``t + h`` and its result when
