@@ -6,6 +6,7 @@
 #   make lint    ruff
 #   make bench   benchmarks against torchdiffeq / torchode
 #   make bench-suite  all peers (torchdiffeq, torchode, torchdyn, diffrax on JAX-CPU), tables + plots
+#   make docs    the documentation site (mkdocs, strict: any warning or broken reference fails) into site/
 #
 # Installs are recorded in stamp files inside .venv, so repeated runs skip pip entirely.
 
@@ -24,8 +25,9 @@ STAMP_VENV := $(VENV)/.stamp-venv-torch-$(TORCH_VERSION)
 STAMP_DEMO := $(VENV)/.stamp-demo
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_BENCH := $(VENV)/.stamp-bench
+STAMP_DOCS := $(VENV)/.stamp-docs
 
-.PHONY: venv demo test test-browser lint bench bench-suite clean
+.PHONY: venv demo test test-browser lint bench bench-suite docs clean
 
 venv: $(STAMP_VENV)
 
@@ -55,6 +57,11 @@ $(STAMP_BENCH): $(STAMP_VENV) pyproject.toml
 	$(PIP) install --no-deps torchdyn==$(TORCHDYN_VERSION)
 	touch $@
 
+# The docs extra: mkdocs-material and mkdocstrings (the API reference is read from src/ by static analysis).
+$(STAMP_DOCS): $(STAMP_VENV) pyproject.toml
+	$(PIP) install -e ".[docs]" torch==$(TORCH_VERSION)
+	touch $@
+
 demo: $(STAMP_DEMO)
 	$(VENV)/bin/neurodyn demo spiral $(DEMO_ARGS)
 
@@ -68,6 +75,13 @@ test-browser: $(STAMP_TEST)
 lint: $(STAMP_TEST)
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# --strict: a docstring griffe cannot parse, a broken link or cross-reference, a page missing from the nav all
+# fail the build. Then the built inventory (site/objects.inv) must list every public name, and the docstring
+# markup extension (docs/griffe_roles.py, needs the docs extra) is tested (tests/test_docs.py).
+docs: $(STAMP_DOCS) $(STAMP_TEST)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+	NEURODYN_DOCS_INVENTORY=site/objects.inv $(PY) -m pytest tests/test_docs.py -q -p no:cacheprovider -k "inventory or markup or gallery"
+
 bench: $(STAMP_BENCH)
 	$(PY) benchmarks/bench_core.py
 
@@ -75,4 +89,4 @@ bench-suite: $(STAMP_BENCH)
 	$(PY) benchmarks/bench_suite.py $(BENCH_ARGS)
 
 clean:
-	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf build dist site src/*.egg-info .pytest_cache .ruff_cache

@@ -29,6 +29,7 @@ from ..options import validate_state, validate_times
 
 IGNORED_OPTIONS = ("norm", "grid_points", "eps", "dtype")
 SCIPY_METHODS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")
+"""The ``scipy.integrate.solve_ivp`` methods ``method="scipy_solver"`` accepts."""
 
 
 def _as_numpy_tol(name: str, tol: Any, n: int) -> float | np.ndarray:

@@ -380,9 +380,10 @@ def cdeint(X: Any, func: Callable | nn.Module, z0: Tensor | tuple[Tensor, ...], 
         ``adjoint_*`` arguments as :func:`neurodyn.odeint_adjoint`; ``options=dict(jump_t=..., step_t=...,
         grid_points=...)`` land on times. ``"torchsde"``: the CDE is an SDE without noise; ``method`` ``"midpoint"``
         (default), ``"euler"``, ``"heun"``, ``"milstein"`` (= Euler without noise), fixed steps ``dt`` (1e-3).
-    adjoint_params : sequence of Tensor, optional (keyword)
-        Tensors needing gradients with ``adjoint=True`` (default: ``func``'s parameters). The path's tensors that
-        require grad are always added.
+    **kwargs
+        The backend's options (above), and ``adjoint_params`` (sequence of Tensor, optional): the tensors needing
+        gradients with ``adjoint=True`` (default: ``func``'s parameters). The path's tensors that require grad are
+        always added.
 
     Returns
     -------

@@ -122,6 +122,7 @@ class METHOD_OPTIONS(metaclass=_Names):  # noqa: N801
 #: torchsde's ``settings`` module.
 settings = SimpleNamespace(METHODS=METHODS, NOISE_TYPES=NOISE_TYPES, SDE_TYPES=SDE_TYPES,
                            LEVY_AREA_APPROXIMATIONS=LEVY_AREA_APPROXIMATIONS, METHOD_OPTIONS=METHOD_OPTIONS)
+"""torchsde's ``settings``: the names of its methods, noise types, SDE types and Levy-area approximations."""
 
 
 class BaseSDE(nn.Module):

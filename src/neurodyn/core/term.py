@@ -223,6 +223,8 @@ class ControlTerm(Term):
         (e.g. ``y`` of shape ``(B, d)`` with a path of data ``(B, T, channels)`` or ``(T, channels)``);
         :class:`neurodyn.LinearPath` for piecewise-linear data.
 
+    Notes
+    -----
     ``contr(t0, t1) = X(t1) - X(t0)``, ``prod(vf, dX) = vf @ dX`` (``(*y.shape, channels) x (..., channels) ->
     y.shape``), ODE form ``f(t, y) @ dX/dt(t)`` (so every ODE method integrates it, as torchcde does). The
     path's ``knots`` are landed on (as ``jump_t`` where ``dX/dt`` jumps; as ``step_t`` for a path with

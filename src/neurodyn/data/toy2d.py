@@ -128,6 +128,7 @@ TOY_2D: dict[str, Callable[[int, torch.Generator | None, torch.dtype], Tensor]] 
     "circles": _circles,
     "swissroll": _swissroll,
 }
+"""The samplers by name: ``sampler(n, generator, dtype) -> (n, 2)``."""
 
 
 def sample_2d(name: str, n: int, generator: torch.Generator | None = None,

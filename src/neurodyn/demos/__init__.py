@@ -52,6 +52,7 @@ DEMOS: dict[str, tuple[str, str]] = {
         "fit a Neural ODE to a damped pendulum observed noisily at irregular times; extrapolate",
     ),
 }
+"""The demos by command name: ``(module, one-line description)``."""
 
 
 def load(name: str) -> ModuleType:

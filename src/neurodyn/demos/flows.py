@@ -42,6 +42,7 @@ MATCHERS: dict[str, Callable[[float], ConditionalFlowMatcher]] = {
     "icfm": ConditionalFlowMatcher,
     "otcfm": ExactOptimalTransportConditionalFlowMatcher,
 }
+"""The flow matchers the demo trains, by name: ``icfm`` (independent coupling), ``otcfm`` (minibatch OT)."""
 
 __all__ = ["MATCHERS", "evaluate_flow", "flows_experiment", "train_flow_matching"]
 

@@ -52,6 +52,8 @@ class ConcatSquashLinear(nn.Module):
     dim_in, dim_out : int
         Feature sizes.
 
+    Notes
+    -----
     ``forward(t, x)``: ``t`` a scalar (or ``(B,)``, one time per sample), ``x`` of shape ``(B, dim_in)``;
     returns ``(B, dim_out)``.
 
@@ -90,6 +92,8 @@ class ODEnet(nn.Module):
     activation : str
         One of ``"tanh"``, ``"softplus"``, ``"elu"``, ``"relu"``, ``"swish"``, ``"selu"``.
 
+    Notes
+    -----
     ``forward(t, z)``: ``z`` of shape ``(B, D)`` -> ``(B, D)``.
 
     Examples

@@ -187,7 +187,9 @@ def denoising_score_matching_loss(score: ScoreFn, x0: Tensor, sde: VPSDE, *, eps
     t, noise : Tensor, optional
         ``(B,)`` times and ``(B, d)`` noise to use instead of drawing them (``torch.rand`` then ``torch.randn``).
 
-    Example: ``loss = denoising_score_matching_loss(score, sample_2d("8gaussians", 256), VPSDE())``.
+    Examples
+    --------
+    ``loss = denoising_score_matching_loss(score, sample_2d("8gaussians", 256), VPSDE())``.
     """
     _check_batch(x0, "denoising_score_matching_loss")
     eps = _check_eps(eps, "denoising_score_matching_loss")

@@ -53,6 +53,8 @@ class NeuralCDE(nn.Module):
     solve_kwargs : dict, optional
         Other :func:`neurodyn.solve` arguments.
 
+    Notes
+    -----
     ``forward(x, t=None, times=None)``: ``x`` ``(B, T, input_channels)`` with NaN for missing values, ``t`` ``(T,)``
     its times (default ``0..T-1``). Returns the readout ``(B, output_channels)`` at the last time, or at ``times``
     ``(K,)`` as ``(B, K, output_channels)``. Online/causal use: with ``path="hermite"`` the output at a time in

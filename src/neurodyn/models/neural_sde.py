@@ -228,6 +228,8 @@ class LatentSDE(nn.Module):
         The SDE solve (``step_size=None``: adaptive steps).
     **solve_options : other keywords of :func:`neurodyn.solve`.
 
+    Notes
+    -----
     Shapes: ``xs`` ``(T, B, D)``, ``ts`` ``(T,)``; latent paths ``(T, B, d)``.
 
     Examples

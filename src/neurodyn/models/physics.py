@@ -137,6 +137,8 @@ class HNN(nn.Module):
         ``L`` (``d x d``, initialised to ``dissipation_init * I``); a tensor: that fixed ``L`` (``d x d``); a
         callable ``x (..., 2d) -> L (..., d, d)``: a state-dependent learned ``L``. ``False`` (default): ``R = 0``.
 
+    Notes
+    -----
     Shapes: ``time_derivative(x)``, ``forward(t, x)``: ``(..., 2d) -> (..., 2d)``; ``energy(x)``: ``(..., 2d) ->
     (...)``.
 
@@ -316,6 +318,8 @@ class LNN(nn.Module):
     lagrangian : callable, optional
         A given ``L``: ``(..., 2d) -> (..., 1)`` or ``(...)``.
 
+    Notes
+    -----
     Shapes: ``accelerations(x)``: ``(..., 2d) -> (..., d)``; ``time_derivative(x)``, ``forward(t, x)``:
     ``(..., 2d) -> (..., 2d)``; ``energy(x)`` (``qdot . dL/dqdot - L``): ``(..., 2d) -> (...)``.
 

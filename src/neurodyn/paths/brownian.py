@@ -259,6 +259,8 @@ class BrownianInterval:
     pool_size : int
         Accepted for torchsde compatibility (seeds here are hashes of the entropy; nothing is pooled).
 
+    Notes
+    -----
     Methods: ``evaluate(t)`` (``W(t)``), ``increment(s, t)``, ``levy(s, t)`` (a :class:`BrownianIncrement`), and
     torchsde's call form ``bm(ta)`` (``W(ta)``) / ``bm(ta, tb, return_U=False, return_A=False)`` with
     ``U = int_ta^tb (W(r) - W(ta)) dr = h (W/2 + H)``. Times may be asked in any order; ``increment(s, t)`` with

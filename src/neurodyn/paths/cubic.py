@@ -179,6 +179,8 @@ class CubicPath:
         On a knot, use the piece ending there (torchcde's convention) instead of the one starting there (the
         protocol's; the two agree up to rounding, ``dX/dt`` being continuous).
 
+    Notes
+    -----
     Values and derivatives have shape ``(..., channels)``; outside ``[t_0, t_{T-1}]`` the first and last pieces
     are extended. ``smooth``: ``dX/dt`` is continuous at the knots (see :mod:`neurodyn.paths.cubic`).
 

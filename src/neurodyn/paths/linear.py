@@ -26,6 +26,8 @@ class LinearPath:
         (:func:`neurodyn.paths.fill.fill_missing`: linear between observations, constant before the first and after
         the last one).
 
+    Notes
+    -----
     ``left=True``: ``derivative`` on an interior knot is the slope of the piece ending there (torchcde's
     convention).
 

@@ -425,6 +425,8 @@ class FixedAdams(MultistepBase):
         < 1``. :func:`neurodyn.odeint` passes its ``rtol``/``atol`` (as torchdiffeq does); a plain
         ``method="implicit_adams"`` uses 1e-7 / 1e-9.
 
+    Notes
+    -----
     Shapes: ``step`` takes ``y`` ``(1, n)`` and returns ``(y1 (1, n), k, None)`` with ``k[0] = k1``
     (``(1, n)`` for AB steps, ``(2, n)`` for corrected steps -- ``k[1]`` the last corrector evaluation --
     and ``(4, n)`` for RK4 starting steps).
@@ -661,6 +663,8 @@ class VariableAdams(MultistepBase):
         Order of the first step after a (re)start (default 1; the history must fill up before higher
         orders are possible anyway).
 
+    Notes
+    -----
     Shapes: ``step`` takes ``y`` ``(1, n)`` and returns ``(y1 (1, n), k (k + 2, n), err (1, n))`` with
     ``k = [f(t0, y0), f(t1, y_pred), f_{n-1} .. f_{n-k+1}, f(t1, y1)]`` (``err`` is the order-``k`` error
     estimate divided by ``h``).
@@ -797,5 +801,6 @@ def make_adams(name: str) -> FixedAdams | VariableAdams:
 
 
 ADAMS_METHODS = ("adams", "explicit_adams", "implicit_adams")
+"""The Adams method names: ``adams`` (adaptive), ``explicit_adams`` and ``implicit_adams`` (fixed step)."""
 
 __all__ = ["ADAMS_METHODS", "FixedAdams", "VariableAdams", "make_adams", "quadrature_weights"]

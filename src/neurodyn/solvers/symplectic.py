@@ -99,6 +99,7 @@ SCHEMES: dict[str, SymplecticScheme] = {
     "yoshida4": SymplecticScheme("yoshida4", 4, (0.5 * _W1, 0.5 * (_W1 + _W0), 0.5 * (_W0 + _W1), 0.5 * _W1),
                                  (_W1, _W0, _W1)),
 }
+"""The symplectic schemes by method name: ``semi_implicit_euler``, ``leapfrog``, ``yoshida4``."""
 
 
 @dataclass
