@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .core.term import ControlTerm, MultiTerm, ODETerm, SDETerm, SplitTerm, Term, sde_term
     from .errors import (
         InputError,
+        InputTypeError,
         MaxStepsReached,
         NeurodynError,
         NoEventError,
@@ -68,10 +69,12 @@ if TYPE_CHECKING:
         LinearPath,
         ReverseBrownian,
     )
+    from .progress import SolveProgress  # issue 17 (part 4): progress meters
     from .regularizers import RegularizedField, regularized_solve, steer_time
     from .solution import Events, Solution
     from .solve import solve
     from .solvers import available_methods
+    from .stepping import SolveState, init, step  # issue 17 (part 4): manual stepping
     from .training import Trainer, seed_everything
 
 # public name -> the module that defines it (relative to this package)
@@ -137,6 +140,12 @@ _EXPORTS: dict[str, str] = {
     "available_methods": ".solvers",
     "Trainer": ".training",
     "seed_everything": ".training",
+    # issue 17 (part 4): progress meters and manual stepping
+    "InputTypeError": ".errors",
+    "SolveProgress": ".progress",
+    "SolveState": ".stepping",
+    "init": ".stepping",
+    "step": ".stepping",
 }
 
 __all__ = [
@@ -201,6 +210,12 @@ __all__ = [
     "spectral_radius",
     "steer_time",
     "stiffness_ratio",
+    # issue 17 (part 4): progress meters and manual stepping
+    "InputTypeError",
+    "SolveProgress",
+    "SolveState",
+    "init",
+    "step",
 ]
 
 

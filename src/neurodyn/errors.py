@@ -16,6 +16,11 @@ class InputError(NeurodynError, ValueError):
     """Bad input detected before any work is done (shapes, dtypes, devices, times, options)."""
 
 
+class InputTypeError(InputError, TypeError):
+    """Bad input of the wrong type (e.g. ``progress="yes"``), detected before any work; an :class:`InputError` and a
+    ``TypeError``."""
+
+
 class SolveFailure(NeurodynError, RuntimeError):
     """The integration stopped before the final time.
 

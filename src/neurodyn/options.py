@@ -149,7 +149,7 @@ def clamp_rtol(name: str, rtol: float | Tensor, dtype: torch.dtype, atol: float 
     if warn:
         warnings.warn(f"{why}: using {name}={floor:.3g} ({RTOL_FLOOR_EPS:g} times {dt}'s machine epsilon) instead. "
                       f"Pass {name} >= {floor:.3g}, or use float64 states and times for tighter tolerances.",
-                      PrecisionWarning, stacklevel=3)
+                      PrecisionWarning, stacklevel=4)  # clamp_rtol <- solve.prepare <- solve / init <- the caller
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from .core.events import Event, as_events
 from .core.stepper import nextafter
 from .core.tensors import VMAP_ADAPTIVE, real_dtype, vmapped
 from .core.term import Term, as_field, check_accepts, diffusion_probe
-from .errors import InputError
+from .errors import InputError, InputTypeError, SolveFailure
 from .fields import autocast_dtype, autocast_field
 from .gradients import GRADIENTS, GradientOptions, check_hidden_tensors, find_params
 from .options import (
@@ -34,6 +34,7 @@ from .options import (
     validate_problem,
     zero_tolerance,
 )
+from .progress import as_meter
 from .solution import Solution
 from .solvers import get_solver, methods_accepting
 
@@ -79,6 +80,8 @@ def solve(
     solver_options: dict | None = None,
     accept_min_step: bool = False,
     step_callbacks: dict[str, Callable[[float, Tensor, float], None]] | None = None,
+    progress: bool | Any = False,
+    callback: Callable[[float, Tensor, float, bool], Any] | None = None,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` and return the solution at the times ``t``.
 
@@ -212,6 +215,25 @@ def solve(
         step's start time (float), start state (a ``(1, n)`` view of the flat state) and step size magnitude:
         ``"step"`` before every attempted step, then ``"accept"`` or ``"reject"`` (fixed-step methods accept every
         step). The forward solve only (not an adjoint's backward solve).
+    progress : bool or meter
+        ``True``: show a :class:`neurodyn.progress.SolveProgress` on ``sys.stderr`` (``tqdm.auto`` when tqdm is
+        installed, else text lines): the fraction of ``[t[0], t[-1]]`` covered, ``t``, accepted and rejected steps,
+        NFE, elapsed time and ETA; drawn only once the solve has run 0.5 s, then at most every 0.1 s (2 s for text
+        written to a file). Or a configured ``SolveProgress``, or any object with ``start(t0, t1)``,
+        ``update(t, h, accepted, nfe)`` (called after every attempted step) and ``close(status)`` (``status``:
+        ``sol.status``, or ``"error"`` when the solve raised). The forward solve only. Not with
+        ``per_sample_steps``. About 1% of a small solve (docs/progress.md).
+    callback : callable ``callback(t, y, h, accepted)``, optional
+        Called after every attempted step, once the step is accepted or rejected and before its outputs and events
+        are processed: ``t`` (float) and ``y`` (``y0``'s shape) are the step's end ``t + h`` and its result when
+        accepted, the unchanged start when rejected; ``h`` (float) is the signed step attempted. ``y`` may share
+        memory with the solver's working buffers: clone it to keep it. The return value is ignored. It may read
+        anything and record anything; it must not modify ``y`` in place. An exception raised in it propagates
+        out of ``solve`` unchanged and abandons the solve (as one raised in ``func`` does); to stop early and keep
+        the partial solution, step the solve yourself with :func:`neurodyn.init` / :func:`neurodyn.step`. A
+        fixed-step method's step that ends the solve with non-finite values (status ``"non_finite"``) is not
+        reported. With ``compile=True`` the solve runs compiled steps (not the whole compiled loop). The forward
+        solve only (not an adjoint's backward solve or a checkpoint replay). Not with ``per_sample_steps``.
     compile : bool
         Compile with ``torch.compile`` (after a one-off compilation of seconds to tens of seconds on CPU, cached
         per vector field, method, shape and dtype). Where no autograd graph is recorded (under
@@ -254,6 +276,103 @@ def solve(
     >>> bool(torch.allclose(sol.ys[-1], exact, atol=1e-6))
     True
     """
+    meter = as_meter(progress)  # bad input: an InputTypeError before any work
+    if callback is not None and not callable(callback):
+        raise InputTypeError(f"callback must be callable as callback(t, y, h, accepted), got "
+                             f"{type(callback).__name__}.")
+    if per_sample_steps and (meter is not None or callback is not None):
+        raise InputError("progress and callback follow one solve's steps; with per_sample_steps=True every sample "
+                         "steps on its own: solve without them (progress=False, callback=None).")
+    plan = prepare(func, y0, t, method=method, rtol=rtol, atol=atol, gradient=gradient, step_size=step_size,
+                   first_step=first_step, min_step=min_step, max_step=max_step, max_steps=max_steps, step_t=step_t,
+                   jump_t=jump_t, controller=controller, norm=norm, dense=dense, on_failure=on_failure,
+                   event_fn=event_fn, events=events, max_events=max_events, min_event_gap=min_event_gap,
+                   interp=interp, perturb=perturb, params=params, adjoint_method=adjoint_method,
+                   adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_adaptive=adjoint_adaptive,
+                   seminorm=seminorm, checkpoints=checkpoints, compile=compile, per_sample_steps=per_sample_steps,
+                   solver_options=solver_options, accept_min_step=accept_min_step, step_callbacks=step_callbacks,
+                   on_attempt=None if meter is None and callback is None else _attempt_hook(meter, callback, y0))
+    if meter is None:
+        return plan.run()
+    return _run_metered(plan, meter)
+
+
+@dataclass
+class Plan:
+    """A validated solve ready to run: what :func:`prepare` returns (internal to ``solve`` and
+    :mod:`neurodyn.stepping`)."""
+
+    func: Callable
+    y0: Tensor
+    t: Tensor
+    solver: Any
+    cfg: LoopConfig
+    on_failure: str
+    gopts: GradientOptions
+    gradient: str
+    per_sample_steps: bool
+    amp: torch.dtype | None = None  # inside torch.autocast: the field's dtype (func runs in it; the solve does not)
+
+    def context(self) -> contextlib.AbstractContextManager:
+        """Where the solve's own arithmetic runs: autocast off when the caller's autocast is on (the field keeps
+        it, ``fields.autocast_field``)."""
+        return torch.autocast(self.y0.device.type, enabled=False) if self.amp is not None else contextlib.nullcontext()
+
+    def run(self) -> Solution:
+        """Run the solve: the gradient method over the integrate loop (or the per-sample rows)."""
+        with self.context():
+            if self.per_sample_steps:
+                from .gradients.per_sample import solve_per_sample_gradient
+
+                return solve_per_sample_gradient(self.func, self.y0, self.t, self.solver, self.cfg, self.on_failure,
+                                                 self.gopts, self.gradient)
+            return _dispatch(self.func, self.y0, self.t, self.solver, self.cfg, self.on_failure, self.gopts,
+                             self.gradient)
+
+
+def prepare(
+    func: Callable[[Tensor, Tensor], Tensor] | Term,
+    y0: Tensor,
+    t: Tensor,
+    *,
+    method: str = "dopri5",
+    rtol: float | Tensor = 1e-7,
+    atol: float | Tensor = 1e-9,
+    gradient: str = "direct",
+    step_size: float | None = None,
+    first_step: float | None = None,
+    min_step: float = 0.0,
+    max_step: float = math.inf,
+    max_steps: int = 100_000,
+    step_t: Sequence[float] | Tensor | None = None,
+    jump_t: Sequence[float] | Tensor | None = None,
+    controller: PIDController | None = None,
+    norm: Callable[[Tensor], Tensor] | None = None,
+    dense: bool = False,
+    on_failure: str = "raise",
+    event_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    events: Event | Sequence[Event] | None = None,
+    max_events: int = 10_000,
+    min_event_gap: float = 0.0,
+    interp: str = "auto",
+    perturb: bool = False,
+    params: Sequence[Tensor] | None = None,
+    adjoint_method: str | None = None,
+    adjoint_rtol: float | None = None,
+    adjoint_atol: float | None = None,
+    adjoint_adaptive: bool | None = None,
+    seminorm: bool = True,
+    checkpoints: int = 16,
+    compile: bool = False,
+    per_sample_steps: bool = False,
+    solver_options: dict | None = None,
+    accept_min_step: bool = False,
+    step_callbacks: dict[str, Callable[[float, Tensor, float], None]] | None = None,
+    on_attempt: Callable[[float, Tensor, float, bool, int], None] | None = None,
+) -> Plan:
+    """Check :func:`solve`'s arguments (an :class:`InputError` before any work) and build the loop's settings;
+    the same arguments and defaults as :func:`solve` (without ``progress`` and ``callback``; ``on_attempt``: the
+    loop's per-attempt hook, ``LoopConfig.on_attempt``)."""
     func, term = as_field(func)  # a term: its ODE form, the knots landed on, its tensors seen by the gradients
     if not callable(func):
         raise InputError(f"func must be callable as func(t, y) or be a neurodyn term, got {type(func).__name__}.")
@@ -355,7 +474,7 @@ def solve(
         unflatten=(lambda x: x.view(y0.shape)) if norm is not None else None, record=dense,
         interp=interp, perturb=bool(perturb), events=event_list, max_events=int(max_events),
         min_event_gap=float(min_event_gap), accept_min_step=bool(accept_min_step),
-        step_callbacks=dict(step_callbacks) if step_callbacks else None,
+        step_callbacks=dict(step_callbacks) if step_callbacks else None, on_attempt=on_attempt,
     )
     if not solver.adaptive and step_size is None:
         # Fixed-step method without a step size: step on the output grid (torchdiffeq's behaviour).
@@ -386,11 +505,44 @@ def solve(
         if t.requires_grad and torch.is_grad_enabled():
             raise InputError("per_sample_steps gives gradients with respect to y0 and parameters, not the times t "
                              "(pass t.detach()).")
-        from .gradients.per_sample import solve_per_sample_gradient
-    with torch.autocast(y0.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
-        if per_sample_steps:
-            return solve_per_sample_gradient(func, y0, t, solver, cfg, on_failure, gopts, gradient)
-        return _dispatch(func, y0, t, solver, cfg, on_failure, gopts, gradient)
+    return Plan(func, y0, t, solver, cfg, on_failure, gopts, gradient, bool(per_sample_steps), amp)
+
+
+def _attempt_hook(meter: Any, callback: Callable | None, y0: Any) -> Callable[[float, Tensor, float, bool, int], None]:
+    """``cfg.on_attempt`` calling ``meter.update`` and ``callback`` (with ``y`` in ``y0``'s shape)."""
+    shape = y0.shape if isinstance(y0, Tensor) else None
+    same = shape is not None and len(shape) == 2 and shape[0] == 1  # the loop's (1, n) is y0's shape
+    update = meter.update if meter is not None else None
+    if callback is None:
+        def hook(t: float, y: Tensor, h: float, accepted: bool, nfe: int) -> None:
+            update(t, h, accepted, nfe)
+    elif update is None and same:
+        def hook(t: float, y: Tensor, h: float, accepted: bool, nfe: int) -> None:
+            callback(t, y, h, accepted)
+    elif update is None:
+        def hook(t: float, y: Tensor, h: float, accepted: bool, nfe: int) -> None:
+            callback(t, y.view(shape), h, accepted)
+    else:
+        def hook(t: float, y: Tensor, h: float, accepted: bool, nfe: int) -> None:
+            update(t, h, accepted, nfe)
+            callback(t, y if same else y.view(shape), h, accepted)
+    return hook
+
+
+def _run_metered(plan: Plan, meter: Any) -> Solution:
+    """Run ``plan`` between ``meter.start`` and ``meter.close`` (with the solve's status, or ``"error"``)."""
+    t0, t1 = plan.t.detach()[[0, -1]].tolist()
+    meter.start(t0, t1)
+    try:
+        sol = plan.run()
+    except SolveFailure as err:
+        meter.close(err.status)
+        raise
+    except BaseException:
+        meter.close("error")
+        raise
+    meter.close(sol.status)
+    return sol
 
 
 def _event_options(event_fn: Any, events: Any, max_events: Any, min_event_gap: Any) -> tuple[Event, ...]:

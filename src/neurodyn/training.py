@@ -2,8 +2,9 @@
 
 :class:`Trainer` runs the usual loop (batch -> loss -> backward -> clip -> optimizer/scheduler step) and adds:
 
-* a :class:`~neurodyn.progress.Progress` bar showing the loss, the NFE (forward+backward, summed over
-  every :class:`~neurodyn.NeuralODE` in the model) and the step time;
+* a progress bar (:func:`~neurodyn.progress.progress_bar`: tqdm with its ETA when installed, else text) showing
+  the loss, the NFE (forward+backward, summed over every :class:`~neurodyn.NeuralODE` in the model) and the step
+  time;
 * per-step logs ``metrics.csv`` and ``metrics.jsonl`` (appended and flushed every step) and a
   ``summary.json`` at the end, in ``log_dir``;
 * seeded determinism: the data order comes from the trainer's own ``torch.Generator``;
@@ -50,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 from torch.utils.data.distributed import DistributedSampler
 
-from .progress import Progress
+from .progress import progress_bar
 from .solution import CODE, EVENT, FAILURE_STATUSES, SUCCESS
 
 try:  # numpy is a dependency of neurodyn, but the trainer does not need it
@@ -467,7 +468,8 @@ class Trainer:
         Seeds python/numpy/torch at construction (:func:`seed_everything`; seed *before* building the model
         for a reproducible initialisation too), the data-order generator and the ``DistributedSampler``.
     progress : bool
-        Show a :class:`~neurodyn.progress.Progress` bar (loss, NFE forward+backward, step time); rank 0 only.
+        Show a progress bar on stdout (loss, NFE forward+backward, step time, ETA): ``tqdm.auto`` when tqdm is
+        installed, else a :class:`~neurodyn.progress.Progress`; rank 0 only.
     device : str or torch.device, optional
         Default: ``cuda:LOCAL_RANK`` under DDP with CUDA, else the model's device.
     grad_clip : float, optional
@@ -861,7 +863,7 @@ class Trainer:
         bar = None
         if self.progress and total > start:
             desc = "train" if start == 0 else f"train (from step {start})"
-            bar = Progress(total - start, desc=desc)
+            bar = progress_bar(total - start, desc=desc)  # tqdm (with its ETA) when installed, else text
         wall0 = time.perf_counter()
         try:
             while self.step < total:

@@ -28,7 +28,8 @@ def plug_in(cfg: LoopConfig, solver: Stepper, func: Callable, y0: Tensor, n_time
     elif not solver.compilable:
         return cfg  # implicit, multistep and symplectic methods run eagerly (documented in solve())
     if why is not None:
-        warnings.warn(f"compile=True has no effect here: {why}; the solve runs eagerly.", RuntimeWarning, stacklevel=3)
+        # plug_in <- solve.prepare <- solve <- the caller
+        warnings.warn(f"compile=True has no effect here: {why}; the solve runs eagerly.", RuntimeWarning, stacklevel=4)
         return cfg
     from .loop import compiled_loop, worthwhile
     from .step import compiled_advance

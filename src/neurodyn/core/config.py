@@ -52,3 +52,8 @@ class LoopConfig:
     # Per-attempt hooks {"step": cb, "accept": cb, "reject": cb}, each called as cb(t, y, |h|) with the step's
     # start time, start state (1, n) and size: "step" before every attempt, then "accept" or "reject".
     step_callbacks: dict[str, Callable[[float, Tensor, float], None]] | None = None
+    # Called after every attempted step as on_attempt(t, y, h, accepted, nfe): t, y the step's end and result when
+    # accepted, its unchanged start when rejected; h signed; nfe the term's count so far (loop.iterate).
+    on_attempt: Callable[[float, Tensor, float, bool, int], None] | None = None
+    # The loop pauses (yields) after every attempted step: manual stepping (neurodyn.stepping) drives it.
+    pause: bool = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Generator
 
 import torch
 from torch import Tensor
@@ -24,7 +25,30 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
     """Integrate from ``times[0]`` through ``times[-1]``, returning the state at every time.
 
     ``y0`` has shape ``(1, n)``; ``k0`` (the user's shape) is dy/dt at ``(times[0], y0)`` (already computed by the
-    caller's shape check). Never raises for a failed solve: the status says what happened.
+    caller's shape check). Never raises for a failed solve: the status says what happened. ``cfg.on_attempt``, when
+    set, is called after every attempted step as ``on_attempt(t, y, h, accepted, nfe)`` (see :func:`iterate`).
+    """
+    run = iterate(term, solver, y0, k0, times, cfg)
+    hook = cfg.on_attempt if not cfg.pause else None
+    try:
+        while True:
+            attempt = next(run)  # only with cfg.on_attempt / cfg.pause: the loop yields nothing otherwise
+            if hook is not None:
+                hook(*attempt, term.nfe)
+    except StopIteration as done:
+        return done.value
+
+
+def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[float],
+            cfg: LoopConfig) -> Generator[tuple, None, LoopResult]:
+    """The loop of :func:`integrate` as a generator returning the :class:`LoopResult`.
+
+    With ``cfg.on_attempt`` or ``cfg.pause`` set it yields ``(t, y, h, accepted)`` once each attempted step is
+    accepted or rejected (``t, y``: the step's end ``t + h`` and its result when accepted, the unchanged start when
+    rejected; ``h`` signed). With ``cfg.pause`` it also yields ``(t, y, step, h_abs)`` after the step's outputs, events
+    and step-size control (``t, y``: where the loop stands; ``step``: the accepted :class:`Step` for dense output,
+    else None; ``h_abs``: the next step's size); a step that ends the solve returns instead of this second yield.
+    Without either it never yields. (:func:`integrate` calls no hook with ``cfg.pause``.)
     """
     t0, t_end = times[0], times[-1]
     direction = 1.0 if t_end > t0 else -1.0
@@ -114,6 +138,8 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
     attempts = 0
 
     on_accept = cfg.on_accept
+    pause = cfg.pause
+    observe = cfg.on_attempt is not None or pause
     fast = cfg.advance if path != "eager" else None
     # Without an autograd graph or recorded steps, stages go to two alternating preallocated buffers
     # (alternating: a rejected attempt must not overwrite the FSAL stage the retry starts from).
@@ -171,6 +197,8 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                 # (h_abs: a step landing on a stop may exceed its proposal by a rounding sliver)
                 if accept_min and not accept and not nonfinite_streak and min(abs(h), h_abs) <= min_step:
                     accept = True  # torchdiffeq: a step at min_step is taken whatever its error
+            if observe:
+                yield (t1, y1, h, True) if accept else (t, y, h, False)
 
             if accept:
                 if cb_accept is not None:
@@ -266,6 +294,8 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
                 status = _sol.MAX_STEPS_REACHED
                 message = failure_message(status, t, abs(h), cfg, solver, t0, t_end, steps, rejected)
                 break
+            if pause:
+                yield (t, y, st if accept else None, h_abs)
 
     return LoopResult(outs=outs, status=status, t_final=t, y_final=y, steps=steps, rejected=rejected,
                       initial_step=first_h, last_step=abs(last_h), records=steps_kept, message=message,
@@ -322,7 +352,7 @@ def _whole_loop_applies(cfg: LoopConfig, y0: Tensor, k0: Tensor) -> bool:
     """The compiled whole loop covers solves that record nothing: no graph, steps, events or per-step hooks."""
     if cfg.record or cfg.perturb or cfg.events or cfg.on_accept is not None or cfg.norm is not None:
         return False
-    if cfg.accept_min_step or cfg.step_callbacks:
+    if cfg.accept_min_step or cfg.step_callbacks or cfg.on_attempt is not None or cfg.pause:
         return False
     if cfg.error_dims is not None or vmapped(y0):  # torch.func.vmap cannot enter a compiled while_loop
         return False
