@@ -34,7 +34,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=POSITIVE_INT, default=None, help=f"torch threads (default: {d.threads})")
     parser.add_argument("--quick", action="store_true",
                         help="a short run: 1 seed, drop rates 0 and 0.5, 6 epochs (about a minute)")
+    parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                        help="write the table of runs made separately (their --out directories, e.g. one seed each) "
+                             "instead of training")
     parser.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plot")
 
 
@@ -335,6 +338,12 @@ def train(cfg: CDEConfig) -> dict[str, Any]:
                 print(f"seed {seed}  drop {100 * rate:3.0f}%  {name:9s}  test acc {100 * res['accuracy']:5.1f}%  "
                       f"({res['params']} params, NFE {res['nfe_per_forward']}, {res['train_seconds']:.1f} s)",
                       flush=True)
+    return summarise(cfg, runs, time.perf_counter() - start)
+
+
+def summarise(cfg: CDEConfig, runs: dict[str, dict[str, list[dict[str, Any]]]], seconds: float) -> dict[str, Any]:
+    """The table (mean / std / each seed per model and rate), the issue's targets, ``metrics.json`` and the plot in
+    ``cfg.out`` from the runs ``runs[model][str(rate)]`` (a list of per-seed results)."""
     table: dict[str, dict[str, Any]] = {}
     for name in cfg.models:
         table[name] = {}
@@ -359,8 +368,7 @@ def train(cfg: CDEConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {
-        "config": asdict(cfg), "table": table, "runs": runs, "target": target,
-        "seconds_total": time.perf_counter() - start,
+        "config": asdict(cfg), "table": table, "runs": runs, "target": target, "seconds_total": seconds,
         "platform": {"python": platform.python_version(), "torch": torch.__version__, "threads": cfg.threads},
     }
     plots = []
@@ -380,7 +388,36 @@ def train(cfg: CDEConfig) -> dict[str, Any]:
     return metrics
 
 
+def merge(cfg: CDEConfig, dirs: list[str]) -> dict[str, Any]:
+    """Combine the ``metrics.json`` of runs made in separate processes (e.g. one seed each, ``--seed k --seeds 1``)
+    into one table in ``cfg.out``. The runs must agree on every setting but the seeds."""
+    parts = []
+    for d in dirs:
+        path = Path(d) / "metrics.json"
+        if not path.is_file():
+            raise DemoError(f"--merge: no metrics.json in {d}")
+        parts.append(json.loads(path.read_text()))
+    ignore = {"seed", "seeds", "out", "plots", "quick"}
+    base = {k: v for k, v in parts[0]["config"].items() if k not in ignore}
+    for d, p in zip(dirs, parts):
+        other = {k: v for k, v in p["config"].items() if k not in ignore}
+        if other != base:
+            diff = sorted(k for k in base if base[k] != other.get(k))
+            raise DemoError(f"--merge: {d} was run with other settings ({', '.join(diff)})")
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for p in parts:
+        for name, by_rate in p["runs"].items():
+            for rate, rs in by_rate.items():
+                runs.setdefault(name, {}).setdefault(rate, []).extend(rs)
+    seeds = sorted({r["seed"] for by_rate in runs.values() for rs in by_rate.values() for r in rs})
+    cfg = replace(cfg, **{k: v for k, v in base.items()}, seed=seeds[0], seeds=len(seeds))
+    return summarise(cfg, runs, sum(p["seconds_total"] for p in parts))
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(CDEConfig, args, QUICK)
-    train(cfg)
+    if args.merge:
+        merge(cfg, args.merge)
+    else:
+        train(cfg)
     return 0
