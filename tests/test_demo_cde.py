@@ -56,7 +56,7 @@ def test_cde_demo_plot_and_linear_path(tmp_path):
 
     out = tmp_path / "cde"
     assert main(["demo", "cde", "--epochs", "1", "--subset", "12", "--seeds", "2", "--rates", "0.3",
-                 "--models", "NeuralCDE", "GRUD", "--path", "linear", "--out", str(out)]) == 0
+                 "--models", "NeuralCDE", "GRUD", "--path", "linear", "--readout", "mean", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     row = metrics["table"]["NeuralCDE"]["0.3"]
     assert [r["seed"] for r in metrics["runs"]["NeuralCDE"]["0.3"]] == [0, 1]
@@ -82,3 +82,28 @@ def test_cde_demo_data_drops_whole_time_points_and_the_path_keeps_the_time_chann
     vals = on_grid[..., 1:]
     seen = d["mask"] > 0
     assert torch.allclose(vals[seen], d["x"][seen], atol=1e-5)
+
+
+def test_cde_demo_merge_combines_seeds_and_refuses_other_settings(tmp_path):
+    import neurodyn.demos.cde as demo
+    from neurodyn.demos._common import DemoError
+
+    def part(seed, acc, epochs=30):
+        cfg = demo.CDEConfig(out=str(tmp_path / f"s{seed}"), seed=seed, seeds=1, rates=[0.0, 0.5],
+                             models=["NeuralCDE", "GRUD"], epochs=epochs, plots=False)
+        runs = {m: {r: [{"seed": seed, "accuracy": acc[m][r], "params": 10, "nfe_per_forward": None,
+                         "train_seconds": 1.0}] for r in ("0.0", "0.5")} for m in cfg.models}
+        demo.summarise(cfg, runs, 2.0)
+        return cfg.out
+
+    accs = [{"NeuralCDE": {"0.0": 0.9, "0.5": 0.8}, "GRUD": {"0.0": 0.95, "0.5": 0.7}},
+            {"NeuralCDE": {"0.0": 0.7, "0.5": 0.9}, "GRUD": {"0.0": 0.85, "0.5": 0.8}}]
+    dirs = [part(0, accs[0]), part(1, accs[1])]
+    m = demo.merge(demo.CDEConfig(out=str(tmp_path / "all"), plots=False), dirs)
+    assert m["config"]["seeds"] == 2 and m["config"]["epochs"] == 30 and m["seconds_total"] == 4.0
+    row = m["table"]["NeuralCDE"]["0.5"]
+    assert row["seeds"] == [0.8, 0.9] and math.isclose(row["mean"], 0.85)
+    assert math.isclose(row["std"], math.sqrt(((0.8 - 0.85) ** 2 + (0.9 - 0.85) ** 2) / 1))
+    assert m["target"] == {"within_1_point_of_best_at_0": False, "ahead_of_odernn_grud_at_0.5": True}
+    with pytest.raises(DemoError, match="other settings \\(epochs\\)"):
+        demo.merge(demo.CDEConfig(out=str(tmp_path / "bad"), plots=False), [dirs[0], part(2, accs[0], epochs=5)])
