@@ -45,7 +45,7 @@ DEMOS: dict[str, tuple[str, str]] = {
     ),
     "cde": (
         "neurodyn.demos.cde",
-        "NeuralCDE vs ODE-RNN vs GRU-D vs SSM on UEA JapaneseVowels, 0/30/50/70% dropped: accuracy, NFE, wall",
+        "NeuralCDE vs ODE-RNN vs GRU-D vs SSM on UEA JapaneseVowels, 0/30/50/70 percent dropped: accuracy, NFE, wall",
     ),
     "pendulum": (
         "neurodyn.demos.pendulum",

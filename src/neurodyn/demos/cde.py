@@ -56,7 +56,7 @@ from neurodyn.models.neural_cde import CDEField
 from neurodyn.paths.cubic import CubicPath, natural_cubic_coeffs
 
 NAME = "cde"
-DESCRIPTION = ("NeuralCDE vs ODE-RNN vs GRU-D vs SSM on UEA JapaneseVowels with 0/30/50/70% dropped: accuracy, "
+DESCRIPTION = ("NeuralCDE vs ODE-RNN vs GRU-D vs SSM on UEA JapaneseVowels with 0/30/50/70 percent dropped: accuracy, "
                "parameters, NFE, wall")
 MODELS = ("NeuralCDE", "ODERNN", "GRUD", "SSM")
 
