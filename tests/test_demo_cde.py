@@ -88,11 +88,11 @@ def test_cde_demo_merge_combines_seeds_and_refuses_other_settings(tmp_path):
     import neurodyn.demos.cde as demo
     from neurodyn.demos._common import DemoError
 
-    def part(seed, acc, epochs=30):
-        cfg = demo.CDEConfig(out=str(tmp_path / f"s{seed}"), seed=seed, seeds=1, rates=[0.0, 0.5],
+    def part(seed, acc, epochs=30, rates=("0.0", "0.5")):
+        cfg = demo.CDEConfig(out=str(tmp_path / f"s{seed}"), seed=seed, seeds=1, rates=[float(r) for r in rates],
                              models=["NeuralCDE", "GRUD"], epochs=epochs, plots=False)
         runs = {m: {r: [{"seed": seed, "accuracy": acc[m][r], "params": 10, "nfe_per_forward": None,
-                         "train_seconds": 1.0}] for r in ("0.0", "0.5")} for m in cfg.models}
+                         "train_seconds": 1.0}] for r in rates} for m in cfg.models}
         demo.summarise(cfg, runs, 2.0)
         return cfg.out
 
@@ -105,5 +105,7 @@ def test_cde_demo_merge_combines_seeds_and_refuses_other_settings(tmp_path):
     assert row["seeds"] == [0.8, 0.9] and math.isclose(row["mean"], 0.85)
     assert math.isclose(row["std"], math.sqrt(((0.8 - 0.85) ** 2 + (0.9 - 0.85) ** 2) / 1))
     assert m["target"] == {"within_1_point_of_best_at_0": False, "ahead_of_odernn_grud_at_0.5": True}
+    with pytest.raises(DemoError, match="has seeds \\[0, 1\\], the merged runs \\[0, 1, 2\\]"):
+        demo.merge(demo.CDEConfig(out=str(tmp_path / "bad"), plots=False), [*dirs, part(2, accs[0], rates=("0.0",))])
     with pytest.raises(DemoError, match="other settings \\(epochs\\)"):
         demo.merge(demo.CDEConfig(out=str(tmp_path / "bad"), plots=False), [dirs[0], part(2, accs[0], epochs=5)])

@@ -7,11 +7,14 @@ and std. For each drop rate ``r`` the same fraction of each series' time points 
 channels; ``neurodyn.data.drop_observations(per="time")``, seeded by the run's seed and the rate) in train and test.
 The classification is read at each series' last time point (its length minus one, observed or not).
 
-Models (one hidden size ``--hidden`` for all):
+Models (sizes chosen for about 6-8k parameters each: ``--cde-hidden`` 16 for the NeuralCDE, ``--hidden`` 32 for the
+others, ``--width`` 32 for the vector-field MLPs):
 
 * ``NeuralCDE``: the natural cubic spline of ``(time_scale * t, x)`` (the time channel is never dropped; dropped
-  values are NaN, filled as the path fills them), ``dz = f(z) dX``, ``f`` the default ``CDEField`` (one hidden layer
-  of ``--width``), fixed-step ``rk4`` with step 1 (one sample), gradients by backpropagation through the solver.
+  values are NaN: the spline passes through each channel's observed points), computed once per data split;
+  ``dz = f(z) dX``, ``f`` the default ``CDEField`` (one hidden layer of ``--width``), fixed-step ``rk4`` with step 1
+  (one sample), gradients by backpropagation through the solver; the readout at the series' last time point
+  (``--readout mean``: averaged over its time points; ``--path linear``: linear interpolation).
 * ``ODERNN``: GRU updates at the observed points, an MLP field (``--width`` units) between them (one Euler step per
   sample interval), linear readout of the state.
 * ``GRUD``: GRU-D (input and hidden decays, masks), linear readout.
@@ -22,7 +25,9 @@ Models (one hidden size ``--hidden`` for all):
 Training: Adam (``--lr``), batches of ``--batch-size``, ``--epochs`` epochs, cross-entropy; the test accuracy after
 the last epoch is reported (no model selection on the test set). ``metrics.json`` holds, per model and drop rate,
 the accuracy of each seed, their mean and std, parameters, NFE per forward pass (solver field evaluations; None for
-models without a solver), training seconds; ``accuracy.png`` the accuracy vs drop rate.
+models without a solver), training seconds; ``accuracy.png`` the accuracy vs drop rate. A run's results depend only on
+its seed, so seeds can run in separate processes (``--seed k --seeds 1 --out DIR_k``) and be combined by
+``--merge DIR_0 DIR_1 ...`` (into ``--out``).
 
 Results (JapaneseVowels, full mode: 3 seeds, 30 epochs, see docs/results.md): filled in below after the run.
 """
@@ -389,15 +394,16 @@ def summarise(cfg: CDEConfig, runs: dict[str, dict[str, list[dict[str, Any]]]], 
 
 
 def merge(cfg: CDEConfig, dirs: list[str]) -> dict[str, Any]:
-    """Combine the ``metrics.json`` of runs made in separate processes (e.g. one seed each, ``--seed k --seeds 1``)
-    into one table in ``cfg.out``. The runs must agree on every setting but the seeds."""
+    """Combine the ``metrics.json`` of runs made in separate processes (e.g. one seed each, ``--seed k --seeds 1``,
+    or some drop rates each) into one table in ``cfg.out``. The runs must agree on every setting but the seeds and
+    rates, and every model and rate must end up with the same seeds."""
     parts = []
     for d in dirs:
         path = Path(d) / "metrics.json"
         if not path.is_file():
             raise DemoError(f"--merge: no metrics.json in {d}")
         parts.append(json.loads(path.read_text()))
-    ignore = {"seed", "seeds", "out", "plots", "quick"}
+    ignore = {"seed", "seeds", "rates", "out", "plots", "quick"}
     base = {k: v for k, v in parts[0]["config"].items() if k not in ignore}
     for d, p in zip(dirs, parts):
         other = {k: v for k, v in p["config"].items() if k not in ignore}
@@ -410,7 +416,14 @@ def merge(cfg: CDEConfig, dirs: list[str]) -> dict[str, Any]:
             for rate, rs in by_rate.items():
                 runs.setdefault(name, {}).setdefault(rate, []).extend(rs)
     seeds = sorted({r["seed"] for by_rate in runs.values() for rs in by_rate.values() for r in rs})
-    cfg = replace(cfg, **{k: v for k, v in base.items()}, seed=seeds[0], seeds=len(seeds))
+    rates = sorted({float(r) for by_rate in runs.values() for r in by_rate})
+    for name, by_rate in runs.items():
+        for rate, rs in by_rate.items():
+            rs.sort(key=lambda r: r["seed"])
+            if [r["seed"] for r in rs] != seeds:
+                raise DemoError(f"--merge: {name} at drop rate {rate} has seeds {[r['seed'] for r in rs]}, the "
+                                f"merged runs {seeds}; every model and rate needs the same seeds")
+    cfg = replace(cfg, **base, seed=seeds[0], seeds=len(seeds), rates=rates)
     return summarise(cfg, runs, sum(p["seconds_total"] for p in parts))
 
 
