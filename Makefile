@@ -21,6 +21,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 TORCHDYN_VERSION := 1.0.6
 TORCHCFM_VERSION := 1.0.7
+AEON_VERSION := 1.6.0
 
 STAMP_VENV := $(VENV)/.stamp-venv-torch-$(TORCH_VERSION)
 STAMP_DEMO := $(VENV)/.stamp-demo
@@ -45,9 +46,12 @@ $(STAMP_DEMO): $(STAMP_VENV) pyproject.toml
 
 # torchcfm (the peer of neurodyn.compat.torchcfm) goes in with --no-deps: its metadata pulls another (CUDA)
 # torch; what its conditional_flow_matching / optimal_transport modules import (numpy, POT, torch) is already here.
+# aeon goes in with --no-deps too: neurodyn only reads the UEA .ts files its wheel ships (neurodyn.data.load_uea),
+# never imports it, so its dependencies (numba, pandas, ...) are not needed.
 $(STAMP_TEST): $(STAMP_VENV) pyproject.toml
 	$(PIP) install -e ".[test,explore,browser]" torchdiffeq==0.2.5 torchode==1.0.1 torchsde==0.2.6 torchcde==0.2.5 torch==$(TORCH_VERSION)
 	$(PIP) install --no-deps torchcfm==$(TORCHCFM_VERSION)
+	$(PIP) install --no-deps aeon==$(AEON_VERSION)
 	touch $@
 
 # The bench extra holds the peers (jax/diffrax CPU wheels, torchdyn's real import dependencies); torch is

@@ -47,6 +47,10 @@ DEMOS: dict[str, tuple[str, str]] = {
         "neurodyn.demos.latent_sde",
         "latent SDE on the stochastic Lorenz attractor: ELBO, KL, posterior samples vs data (metrics.json)",
     ),
+    "cde": (
+        "neurodyn.demos.cde",
+        "NeuralCDE vs ODE-RNN vs GRU-D vs SSM on UEA JapaneseVowels, 0/30/50/70 percent dropped: accuracy, NFE, wall",
+    ),
     "pendulum": (
         "neurodyn.demos.pendulum",
         "fit a Neural ODE to a damped pendulum observed noisily at irregular times; extrapolate",

@@ -1,0 +1,111 @@
+"""``neurodyn demo cde``: a smoke run on a subset of JapaneseVowels (all four models, two drop rates), its metrics
+against what the setup fixes (solver NFE, accuracies on the test subset, drops), and the CDE path it builds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.usefixtures("single_thread"),
+              pytest.mark.skipif(importlib.util.find_spec("aeon") is None,
+                                 reason="aeon (the wheel with the UEA files) is not installed")]
+
+
+def test_cde_demo_help_lists_its_options(capsys):
+    from neurodyn.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "cde", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--rates" in out and "--seeds" in out and "--quick" in out
+
+
+def test_cde_demo_smoke(tmp_path):
+    from neurodyn.cli import main
+
+    out = tmp_path / "cde"
+    assert main(["demo", "cde", "--quick", "--epochs", "1", "--subset", "24", "--rates", "0", "0.5",
+                 "--out", str(out), "--no-plots"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    table, runs = metrics["table"], metrics["runs"]
+    assert set(table) == {"NeuralCDE", "ODERNN", "GRUD", "SSM"}
+    from neurodyn.data import load_uea
+
+    T = int(max(load_uea("JapaneseVowels", s).lengths[:24].max() for s in ("train", "test")))
+    for name, row in table.items():
+        for rate in ("0.0", "0.5"):
+            (run,) = runs[name][rate]
+            assert run["seed"] == 0 and row[rate]["seeds"] == [run["accuracy"]] == [row[rate]["mean"]]
+            assert math.isclose(run["accuracy"] * 24, round(run["accuracy"] * 24))  # a count over 24 test series
+            assert run["params"] == row[rate]["params"] > 0
+    # rk4 with step 1 on the sample grid 0..T-1: 4 evaluations per step; ODE-RNN: one Euler step per interval
+    assert table["NeuralCDE"]["0.0"]["nfe_per_forward"] == 4 * (T - 1)
+    assert table["ODERNN"]["0.5"]["nfe_per_forward"] == T - 1
+    assert table["GRUD"]["0.0"]["nfe_per_forward"] is None
+    assert metrics["plots"] == []
+
+
+@pytest.mark.slow
+def test_cde_demo_plot_and_linear_path(tmp_path):
+    from neurodyn.cli import main
+
+    out = tmp_path / "cde"
+    assert main(["demo", "cde", "--epochs", "1", "--subset", "12", "--seeds", "2", "--rates", "0.3",
+                 "--models", "NeuralCDE", "GRUD", "--path", "linear", "--readout", "mean", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    row = metrics["table"]["NeuralCDE"]["0.3"]
+    assert [r["seed"] for r in metrics["runs"]["NeuralCDE"]["0.3"]] == [0, 1]
+    assert math.isclose(row["mean"], sum(row["seeds"]) / 2)
+    assert (out / "accuracy.png").stat().st_size > 0
+
+
+def test_cde_demo_data_drops_whole_time_points_and_the_path_keeps_the_time_channel():
+    import neurodyn.demos.cde as demo
+    from neurodyn.paths.cubic import CubicPath
+
+    cfg = demo.CDEConfig(subset=20)
+    data = demo._data(cfg)
+    d = demo._with_drop(data["train"], 0.5, 7, cfg, "NeuralCDE")
+    kept = d["mask"][..., 0].sum(-1)
+    assert kept.tolist() == [n - math.floor(0.5 * n) for n in d["lengths"].tolist()]
+    assert bool((d["mask"] == d["mask"][..., :1]).all()) and float(d["x"][d["mask"] == 0].abs().sum()) == 0
+    path = CubicPath(d["t"][0], d["coeffs"])
+    grid = d["t"][0]
+    # the time channel is the (never dropped) scaled time; the value channels pass through each observed point
+    on_grid = torch.stack([path.evaluate(s) for s in grid], 1)  # (B, T, 1 + C)
+    assert torch.allclose(on_grid[..., 0], cfg.time_scale * d["t"], atol=1e-5)
+    vals = on_grid[..., 1:]
+    seen = d["mask"] > 0
+    assert torch.allclose(vals[seen], d["x"][seen], atol=1e-5)
+
+
+def test_cde_demo_merge_combines_seeds_and_refuses_other_settings(tmp_path):
+    import neurodyn.demos.cde as demo
+    from neurodyn.demos._common import DemoError
+
+    def part(seed, acc, epochs=30, rates=("0.0", "0.5")):
+        cfg = demo.CDEConfig(out=str(tmp_path / f"s{seed}"), seed=seed, seeds=1, rates=[float(r) for r in rates],
+                             models=["NeuralCDE", "GRUD"], epochs=epochs, plots=False)
+        runs = {m: {r: [{"seed": seed, "accuracy": acc[m][r], "params": 10, "nfe_per_forward": None,
+                         "train_seconds": 1.0}] for r in rates} for m in cfg.models}
+        demo.summarise(cfg, runs, 2.0)
+        return cfg.out
+
+    accs = [{"NeuralCDE": {"0.0": 0.9, "0.5": 0.8}, "GRUD": {"0.0": 0.95, "0.5": 0.7}},
+            {"NeuralCDE": {"0.0": 0.7, "0.5": 0.9}, "GRUD": {"0.0": 0.85, "0.5": 0.8}}]
+    dirs = [part(0, accs[0]), part(1, accs[1])]
+    m = demo.merge(demo.CDEConfig(out=str(tmp_path / "all"), plots=False), dirs)
+    assert m["config"]["seeds"] == 2 and m["config"]["epochs"] == 30 and m["seconds_total"] == 4.0
+    row = m["table"]["NeuralCDE"]["0.5"]
+    assert row["seeds"] == [0.8, 0.9] and math.isclose(row["mean"], 0.85)
+    assert math.isclose(row["std"], math.sqrt(((0.8 - 0.85) ** 2 + (0.9 - 0.85) ** 2) / 1))
+    assert m["target"] == {"within_1_point_of_best_at_0": False, "ahead_of_odernn_grud_at_0.5": True}
+    with pytest.raises(DemoError, match="has seeds \\[0, 1\\], the merged runs \\[0, 1, 2\\]"):
+        demo.merge(demo.CDEConfig(out=str(tmp_path / "bad"), plots=False), [*dirs, part(2, accs[0], rates=("0.0",))])
+    with pytest.raises(DemoError, match="other settings \\(epochs\\)"):
+        demo.merge(demo.CDEConfig(out=str(tmp_path / "bad"), plots=False), [dirs[0], part(2, accs[0], epochs=5)])
