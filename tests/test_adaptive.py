@@ -214,7 +214,9 @@ def test_dense_output_backward():
 
 
 @pytest.mark.parametrize("ctrl", [neurodyn.PIDController(), neurodyn.PIDController(pcoeff=0.0, icoeff=1.0),
-                                  neurodyn.PIDController(pcoeff=0.2, icoeff=0.6, dcoeff=0.1, ifactor=5.0)])
+                                  neurodyn.PIDController(pcoeff=0.2, icoeff=0.6, dcoeff=0.1, ifactor=5.0),
+                                  neurodyn.PIDController(accept_dfactor=1.0),
+                                  neurodyn.PIDController(pcoeff=0.0, icoeff=1.0, accept_dfactor=0.5)])
 def test_controller_tensor_form_equals_scalar_form(ctrl):
     """The per-row/compiled proposal (tensor form) is the eager loop's (scalar form), step after step."""
     gen = torch.Generator().manual_seed(3)
