@@ -27,7 +27,9 @@ class PIDController:
     ``pcoeff = dcoeff = 0, icoeff = 1`` is the classic I controller (torchdiffeq's); the default
     ``pcoeff=0.1, icoeff=0.7`` is a light PI controller (Gustafsson; Hairer--Wanner). On work-precision
     (``benchmarks/controller_study.py``: an MLP field, Kepler e=0.6, Van der Pol) no setting dominates:
-    I, this PI and stronger PI settings are within about 10% of each other, this one never the worst.
+    I, this PI and stronger PI settings are within about 10% of each other, this one never the worst. At equal
+    error against diffrax's I controller (``benchmarks/controller_wp.py``) it needs 0.98-1.04x diffrax's NFE on
+    the MLP protocol cases, 0.83x on a Van der Pol batch and 0.93x (geometric mean) on the DETEST problems.
 
     Parameters
     ----------
