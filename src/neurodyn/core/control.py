@@ -29,7 +29,7 @@ class PIDController:
     (``benchmarks/controller_study.py``: an MLP field, Kepler e=0.6, Van der Pol) no setting dominates:
     I, this PI and stronger PI settings are within about 10% of each other, this one never the worst. At equal
     error against diffrax's I controller (``benchmarks/controller_wp.py``) it needs 0.98-1.04x diffrax's NFE on
-    the MLP protocol cases, 0.83x on a Van der Pol batch and 0.93x (geometric mean) on the DETEST problems.
+    the MLP protocol cases, 0.83x on a Van der Pol batch and 0.92x (geometric mean) on the DETEST problems.
 
     Parameters
     ----------
