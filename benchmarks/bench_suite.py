@@ -12,6 +12,7 @@ Usage::
     .venv/bin/python benchmarks/bench_suite.py --quick           # smoke run: 1 repeat, fewer points (~3-8 min)
     .venv/bin/python benchmarks/bench_suite.py --update-readme   # also rewrite the suite section of README.md
     .venv/bin/python benchmarks/bench_suite.py --cases small,large --sections table,wp
+    .venv/bin/python benchmarks/bench_suite.py --sections ee --libs neurodyn,torchdiffeq,diffrax   # equal error
     .venv/bin/python benchmarks/bench_suite.py --libs neurodyn,torchdiffeq,diffrax --no-plots
     .venv/bin/python benchmarks/bench_suite.py --render benchmarks/out/suite.json   # re-render only, no solving
     make bench-suite                                             # installs the peers (bench extra), full run
@@ -23,6 +24,10 @@ Sections (``--sections``, default all):
   (forward + backward of ``mean(ys**2)`` through the solve of ``--train-cases``); columns NFE, error,
   wall (median), CPU time, overhead = wall / (NFE x one call of the library's own vector field), and the
   speed-up against torchdiffeq.
+* ``ee``: equal error: each table problem (cases, Van der Pol batch, training step) at rtol x 10, 3.16, 1, 0.316,
+  0.1 (``--quick``: 3.16, 1, 0.316); per library NFE, wall and CPU time interpolated log-log
+  (``common.at_error``) at the error diffrax reaches at the problem's own rtol, beside the equal-rtol figures of
+  the same sweep (``suite_equal_error.csv``).
 * ``wp``: work-precision, max error vs wall (and CPU time) for rtol 1e-3 ... 1e-10 (atol = rtol/100), small
   and large case.
 * ``scaling``: wall (and CPU time) vs batch size, vs state dimension, vs horizon T.
