@@ -12,6 +12,7 @@ Usage::
     .venv/bin/python benchmarks/bench_suite.py --quick           # smoke run: 1 repeat, fewer points (~3-8 min)
     .venv/bin/python benchmarks/bench_suite.py --update-readme   # also rewrite the suite section of README.md
     .venv/bin/python benchmarks/bench_suite.py --cases small,large --sections table,wp
+    .venv/bin/python benchmarks/bench_suite.py --sections ee --libs neurodyn,torchdiffeq,diffrax   # equal error
     .venv/bin/python benchmarks/bench_suite.py --libs neurodyn,torchdiffeq,diffrax --no-plots
     .venv/bin/python benchmarks/bench_suite.py --render benchmarks/out/suite.json   # re-render only, no solving
     make bench-suite                                             # installs the peers (bench extra), full run
@@ -23,6 +24,10 @@ Sections (``--sections``, default all):
   (forward + backward of ``mean(ys**2)`` through the solve of ``--train-cases``); columns NFE, error,
   wall (median), CPU time, overhead = wall / (NFE x one call of the library's own vector field), and the
   speed-up against torchdiffeq.
+* ``ee``: equal error: each table problem (cases, Van der Pol batch, training step) at rtol x 10, 3.16, 1, 0.316,
+  0.1 (``--quick``: 3.16, 1, 0.316); per library NFE, wall and CPU time interpolated log-log
+  (``common.at_error``) at the error diffrax reaches at the problem's own rtol, beside the equal-rtol figures of
+  the same sweep (``suite_equal_error.csv``).
 * ``wp``: work-precision, max error vs wall (and CPU time) for rtol 1e-3 ... 1e-10 (atol = rtol/100), small
   and large case.
 * ``scaling``: wall (and CPU time) vs batch size, vs state dimension, vs horizon T.
@@ -85,7 +90,7 @@ from common import (  # noqa: E402
 
 LIBS = ("neurodyn", "neurodyn-compiled", "torchdiffeq", "torchode", "torchdyn", "diffrax")
 TORCH_PEERS = ("torchdiffeq", "torchode", "torchdyn")
-SECTIONS = ("table", "wp", "scaling")
+SECTIONS = ("table", "ee", "wp", "scaling")
 README_START = "<!-- bench-suite:start -->"
 README_END = "<!-- bench-suite:end -->"
 XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"
@@ -95,6 +100,9 @@ VDP_B, VDP_MU, VDP_RTOL, VDP_ATOL, VDP_T = 256, (1.0, 25.0), 1e-5, 1e-7, 10.0
 
 WP_RTOLS = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10)
 WP_RTOLS_QUICK = (1e-3, 1e-6, 1e-9)
+# The equal-error sweep: each table problem's rtol times these (1 included: the equal-rtol point of the same run).
+EE_FACTORS = (10.0, 10 ** 0.5, 1.0, 10 ** -0.5, 0.1)
+EE_FACTORS_QUICK = (10 ** 0.5, 1.0, 10 ** -0.5)
 # (sweep, base case, parameter, values, quick values)
 SWEEPS = (
     ("batch", Case("batch", dim=2, hidden=64, batch=1, T=10.0, rtol=1e-6), "batch",
@@ -605,6 +613,25 @@ def train_jobs(case: Case, libs: dict[str, Lib], js: JaxSide | None, repeats: in
     prob = bench_gradients.make_trainable_problem(case)
     group = f"train-{case.name}"
     g_ref, how = reference_gradient(prob, libs)
+    jobs = build_train_jobs(prob, group, g_ref, libs, js)
+    timers = train_timers(prob, js)
+    tfs = interleave(jobs, repeats, timers, group)
+    for j in jobs:
+        j.extra["t_f"] = tfs.get("torch")
+    bench_gradients.clear_grads(prob.field)
+    return jobs, {"case": case.name, "reference_gradient": how, "loss": "mean(ys**2)"}
+
+
+def train_timers(prob: Problem, js: JaxSide | None) -> dict:
+    timers = {"torch": FieldTimer(prob.field, prob.t[:1].clone(), prob.y0.detach())}
+    if js is not None:
+        timers["jax"] = js.field_timer(JaxSide.mlp, js.mlp_params(prob.field), js.jnp.asarray(prob.y0.numpy()))
+    return timers
+
+
+def build_train_jobs(prob: Problem, group: str, g_ref: torch.Tensor, libs: dict[str, Lib], js: JaxSide | None
+                     ) -> list[Job]:
+    """Build, validate (NFE, gradient error) and warm up the training-step jobs of every library for ``prob``."""
     c = prob.case
     nd = (libs.get("neurodyn") or libs.get("neurodyn-compiled") or Lib("")).module
 
@@ -664,14 +691,7 @@ def train_jobs(case: Case, libs: dict[str, Lib], js: JaxSide | None, repeats: in
             _fail(job, exc)
     if "diffrax" in libs and not libs["diffrax"].missing:
         jobs.append(diffrax_train_job(prob, group, js, g_ref))
-    timers = {"torch": FieldTimer(prob.field, prob.t[:1].clone(), prob.y0.detach())}
-    if js is not None:
-        timers["jax"] = js.field_timer(JaxSide.mlp, js.mlp_params(prob.field), js.jnp.asarray(prob.y0.numpy()))
-    tfs = interleave(jobs, repeats, timers, group)
-    for j in jobs:
-        j.extra["t_f"] = tfs.get("torch")
-    bench_gradients.clear_grads(prob.field)
-    return jobs, {"case": case.name, "reference_gradient": how, "loss": "mean(ys**2)"}
+    return jobs
 
 
 def diffrax_train_job(prob, group, js: JaxSide, g_ref) -> Job:
@@ -758,6 +778,116 @@ def section_wp(args, libs, js) -> dict:
         add_overheads(jobs, tfs)
         out[name] = jobs
     return out
+
+
+def section_ee(args, libs, js) -> dict:
+    """Equal error: every table problem solved at the sweep ``rtol x EE_FACTORS`` (own rtol included, so the
+    equal-rtol figures come from the same run); per library NFE and wall are interpolated log-log
+    (``common.at_error``) at the error diffrax reaches at the problem's own rtol (torchdiffeq's without diffrax).
+    The timed runs of one problem's whole sweep are interleaved; training steps: one interleaved run per rtol."""
+    factors = EE_FACTORS_QUICK if args.quick else EE_FACTORS
+    groups = []
+    todo = [(n, "forward") for n in args.case_names] + ([("vdp", "forward")] if not args.no_vdp else []) + \
+        [(n, "train") for n in args.train_names]
+    for name, kind in todo:
+        jobs: list[Job] = []
+        if kind == "forward":
+            base = vdp_problem() if name == "vdp" else make_problem(CASES[name])
+            ref = vdp_reference(base) if name == "vdp" else reference_solution(base, use_cache=not args.no_ref_cache)[0]
+            jf = (None if js is None else (JaxSide.vdp, js.jnp.asarray(base.field.mu.numpy()))) if name == "vdp" \
+                else mlp_jax_field(js, base)
+            timers = None
+            for fac in factors:
+                rtol = base.case.rtol * fac
+                prob = dataclasses.replace(base, case=dataclasses.replace(base.case, rtol=rtol))
+                point = forward_jobs(prob, ref, libs, f"ee-{name}-{rtol:.2e}", js, jf, vdp=name == "vdp")
+                for j in point:
+                    j.extra.update(rtol=rtol, factor=fac)
+                jobs += point
+                timers = timers or make_timers(prob, jobs, js, jf)
+            interleave(jobs, args.ee_repeats, timers, f"ee-{name}")
+            describe = groups_describe(name, base)
+        else:
+            base = bench_gradients.make_trainable_problem(CASES[name])
+            g_ref, _ = reference_gradient(base, libs)
+            for fac in factors:
+                rtol = base.case.rtol * fac
+                prob = dataclasses.replace(base, case=dataclasses.replace(base.case, rtol=rtol))
+                point = build_train_jobs(prob, f"ee-train-{name}-{rtol:.2e}", g_ref, libs, js)
+                for j in point:
+                    j.extra.update(rtol=rtol, factor=fac)
+                interleave(point, args.ee_repeats, train_timers(prob, js), f"ee-train-{name}-{rtol:.2e}")
+                jobs += point
+            bench_gradients.clear_grads(base.field)
+            name, describe = f"train-{name}", CASES[name].describe() + " (error: relative gradient error)"
+        groups.append({"group": name, "describe": describe, "rtol": base.case.rtol, "jobs": jobs})
+    return {"groups": groups}
+
+
+def groups_describe(name: str, prob: Problem) -> str:
+    return (f"Van der Pol batch={VDP_B} mu={VDP_MU[0]:g}..{VDP_MU[1]:g} T={VDP_T:g} rtol={VDP_RTOL:g} "
+            f"atol={VDP_ATOL:g}") if name == "vdp" else prob.case.describe()
+
+
+def equal_error_rows(ee: dict) -> list[dict]:
+    """Per problem and library: NFE, error, wall at the own rtol and NFE, wall, CPU interpolated at the reference
+    error (diffrax's at the own rtol), with the ratios against diffrax at equal rtol and at equal error."""
+    rows = []
+    for g in ee.get("groups", []):
+        by_label: dict[str, list[Job]] = {}
+        for j in g["jobs"]:
+            by_label.setdefault(j.label, []).append(j)
+
+        def own(js_):
+            return next((j for j in js_ if j.extra.get("factor") == 1 and j.err is not None), None)
+
+        # the reference: diffrax's shared-step solve (or training step), else torchdiffeq's odeint
+        cands = [lab for lab, js_ in by_label.items() if js_[0].lib == "diffrax" and "vmap" not in lab] + \
+            ["torchdiffeq", "torchdiffeq odeint"]
+        ref_label = next((lab for lab in cands if lab in by_label and own(by_label[lab]) is not None), None)
+        e_ref = own(by_label[ref_label]).err if ref_label else None
+        ref_row = None
+        out = []
+        for label, js_ in by_label.items():
+            pts = [(j.extra["rtol"], j.err, j.nfe, j.wall, j.cpu) for j in js_]
+            o = own(js_)
+            r = {"problem": g["group"], "library": label, "ref_error": e_ref, "ref_library": ref_label,
+                 "nfe_rtol": o.nfe if o else None, "err_rtol": o.err if o else None,
+                 "wall_rtol": o.wall if o else None,
+                 "nfe_ee": None, "wall_ee": None, "cpu_ee": None, "note": (o.note if o else "")}
+            if e_ref is not None:
+                r.update(nfe_ee=common.at_error(pts, e_ref, 2), wall_ee=common.at_error(pts, e_ref, 3),
+                         cpu_ee=common.at_error(pts, e_ref, 4))
+            out.append(r)
+            if label == ref_label:
+                ref_row = r
+        for r in out:
+            for k in ("nfe_rtol", "wall_rtol", "nfe_ee", "wall_ee", "cpu_ee"):
+                r[k + "_vs_ref"] = _ratio(r[k], ref_row[k]) if ref_row else None
+        rows += out
+    return rows
+
+
+def format_equal_error(ee: dict) -> list[str]:
+    rows = equal_error_rows(ee)
+    if not rows:
+        return []
+    lines = ["", "Equal error (sweep rtol x " + ", ".join(f"{f:g}" for f in sorted(
+        {j.extra["factor"] for g in ee["groups"] for j in g["jobs"]}, reverse=True)) + " around each problem's own "
+             "rtol, atol = rtol/100; NFE and wall interpolated log-log at the error the reference library (diffrax) "
+             "reaches at the own rtol (training: diffrax's gradient error); ratio = this / reference; — where the "
+             "sweep does not bracket that error). "
+             "Problems: " + "; ".join(f"**{g['group']}** ({g['describe']})" for g in ee["groups"]) + ".", "",
+             "| problem | library | error level | NFE @rtol | error @rtol | wall ms @rtol | NFE ratio @rtol "
+             "| NFE @error | wall ms @error | CPU ms @error | NFE ratio @error | wall ratio @error "
+             "| CPU ratio @error |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        nfe_e = "—" if r["nfe_ee"] is None else f"{r['nfe_ee']:.0f}"
+        lines.append(f"| {r['problem']} | {r['library']} | {_f(r['ref_error'], '.1e')} | {r['nfe_rtol'] or '—'} "
+                     f"| {_f(r['err_rtol'], '.1e')} | {_ms(r['wall_rtol'])} | {_f(r['nfe_rtol_vs_ref'], '.2f')} "
+                     f"| {nfe_e} | {_ms(r['wall_ee'])} | {_ms(r['cpu_ee'])} | {_f(r['nfe_ee_vs_ref'], '.2f')} "
+                     f"| {_f(r['wall_ee_vs_ref'], '.2f')} | {_f(r['cpu_ee_vs_ref'], '.2f')} |")
+    return lines
 
 
 def section_scaling(args, libs, js) -> dict:
@@ -878,24 +1008,26 @@ def format_markdown(meta: dict, table: dict, targets: list[dict], files: list[st
     descr = "; ".join(f"**{g['group']}** ({g['describe']})" for g in table.get("groups", []))
     if descr:
         lines += ["Problems: " + descr + ".", ""]
-    lines += [
-        "Columns: NFE = vector-field calls (counted; training: forward + backward); error = max abs error "
-        "against the reference at the 11 output times (training: relative 2-norm error of the parameter "
-        "gradient against backprop through a dopri8 solve at rtol 1e-12); overhead = wall / (NFE x one "
-        "call of the library's own vector field), wall and CPU; speed-up = torchdiffeq wall / this wall (> 1: "
-        "faster than torchdiffeq), wall and CPU.",
-        "",
-        "| problem | library | NFE | error | wall ms | CPU ms | overhead (wall / CPU) "
-        "| speed-up vs torchdiffeq (wall / CPU) | note |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in table_rows(table):
-        ov = "—" if r["overhead"] is None else f"{r['overhead']:.2f} / {r['overhead_cpu']:.2f}"
-        sp = "—" if r["speedup_vs_torchdiffeq"] is None else \
-            f"{r['speedup_vs_torchdiffeq']:.2f}x / {r['speedup_vs_torchdiffeq_cpu']:.2f}x"
-        lines.append(f"| {r['problem']} | {r['library']} | {r['nfe'] or '—'} | {_f(r['error'], '.1e')} "
-                     f"| {_ms(None if r['wall_ms'] is None else r['wall_ms'] / 1e3)} "
-                     f"| {_ms(None if r['cpu_ms'] is None else r['cpu_ms'] / 1e3)} | {ov} | {sp} | {r['note']} |")
+    if table.get("groups"):
+        lines += [
+            "Columns: NFE = vector-field calls (counted; training: forward + backward); error = max abs error "
+            "against the reference at the 11 output times (training: relative 2-norm error of the parameter "
+            "gradient against backprop through a dopri8 solve at rtol 1e-12); overhead = wall / (NFE x one "
+            "call of the library's own vector field), wall and CPU; speed-up = torchdiffeq wall / this wall (> 1: "
+            "faster than torchdiffeq), wall and CPU.",
+            "",
+            "| problem | library | NFE | error | wall ms | CPU ms | overhead (wall / CPU) "
+            "| speed-up vs torchdiffeq (wall / CPU) | note |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in table_rows(table):
+            ov = "—" if r["overhead"] is None else f"{r['overhead']:.2f} / {r['overhead_cpu']:.2f}"
+            sp = "—" if r["speedup_vs_torchdiffeq"] is None else \
+                f"{r['speedup_vs_torchdiffeq']:.2f}x / {r['speedup_vs_torchdiffeq_cpu']:.2f}x"
+            lines.append(f"| {r['problem']} | {r['library']} | {r['nfe'] or '—'} | {_f(r['error'], '.1e')} "
+                         f"| {_ms(None if r['wall_ms'] is None else r['wall_ms'] / 1e3)} "
+                         f"| {_ms(None if r['cpu_ms'] is None else r['cpu_ms'] / 1e3)} | {ov} | {sp} | {r['note']} |")
+    lines += format_equal_error({"groups": table.get("equal_error", [])})
     if targets:
         lines += ["", "Targets (speed-up = other / neurodyn; ratio = neurodyn / other; against the fastest of the "
                   "named peers on each clock; wall is the protocol's verdict, CPU tells whether a failure is load "
@@ -1014,6 +1146,7 @@ def parse_args(argv):
     ap.add_argument("--libs", default=",".join(LIBS), help=f"subset of {','.join(LIBS)}")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per table entry (default 5; --quick 1)")
     ap.add_argument("--wp-repeats", type=int, default=None, help="per work-precision point (default 3; --quick 1)")
+    ap.add_argument("--ee-repeats", type=int, default=None, help="per equal-error sweep point (default 3; --quick 1)")
     ap.add_argument("--scaling-repeats", type=int, default=None, help="per scaling point (default 3; --quick 1)")
     ap.add_argument("--no-vdp", action="store_true", help="skip the Van der Pol batch")
     ap.add_argument("--no-plots", action="store_true", help="write the CSV/JSON but no PNG")
@@ -1031,6 +1164,7 @@ def parse_args(argv):
     args.repeats = args.repeats or (1 if q else 5)
     args.wp_repeats = args.wp_repeats or (1 if q else 3)
     args.scaling_repeats = args.scaling_repeats or (1 if q else 3)
+    args.ee_repeats = args.ee_repeats or (1 if q else 3)
     args.wp_rtols = WP_RTOLS_QUICK if q else WP_RTOLS
     args.case_names = [c for c in (args.cases or ("small,batched" if q else ",".join(CASES))).split(",") if c]
     args.train_names = [c for c in args.train_cases.split(",") if c]
@@ -1052,10 +1186,12 @@ def _jobs(records: list[dict]) -> list[Job]:
 def render(path: Path) -> tuple[dict, dict, dict, dict]:
     """(meta, table, wp, scaling) of an earlier run, from its suite.json."""
     payload = json.loads(path.read_text())
-    table = {"groups": [{**g, "jobs": _jobs(g["jobs"])} for g in payload["table"]]}
+    table = {"groups": [{**g, "jobs": _jobs(g["jobs"])} for g in payload["table"]],
+             "equal_error": [{**g, "jobs": _jobs(g["jobs"])} for g in payload.get("equal_error", [])]}
     wp = {k: _jobs(v) for k, v in payload["work_precision"].items()}
     scaling = {k: {**d, "jobs": _jobs(d["jobs"])} for k, d in payload["scaling"].items()}
-    meta = {k: v for k, v in payload.items() if k not in ("table", "work_precision", "scaling", "targets")}
+    meta = {k: v for k, v in payload.items()
+            if k not in ("table", "equal_error", "work_precision", "scaling", "targets")}
     return meta, table, wp, scaling
 
 
@@ -1085,6 +1221,8 @@ def main(argv=None) -> int:
     }
     t_start = time.perf_counter()
     table = section_table(args, libs, js) if "table" in args.section_names else {}
+    if "ee" in args.section_names:
+        table = {**table, "equal_error": section_ee(args, libs, js)["groups"]}
     wp = section_wp(args, libs, js) if "wp" in args.section_names else {}
     scaling = section_scaling(args, libs, js) if "scaling" in args.section_names else {}
     meta["machine"]["loadavg_end"] = os.getloadavg()[0]
@@ -1099,7 +1237,9 @@ def write_outputs(args, meta: dict, table: dict, wp: dict, scaling: dict) -> int
     out.mkdir(parents=True, exist_ok=True)
     wp_rows, sc_rows = plot_rows(wp, scaling)
     files = []
-    for name, rows in (("suite_table.csv", table_rows(table)), ("suite_work_precision.csv", wp_rows),
+    for name, rows in (("suite_table.csv", table_rows(table)),
+                       ("suite_equal_error.csv", equal_error_rows({"groups": table.get("equal_error", [])})),
+                       ("suite_work_precision.csv", wp_rows),
                        ("suite_scaling.csv", sc_rows)):
         if rows:
             _write_csv(out / name, rows)
@@ -1112,6 +1252,8 @@ def write_outputs(args, meta: dict, table: dict, wp: dict, scaling: dict) -> int
         **meta, "targets": targets,
         "table": [{**{k: v for k, v in g.items() if k != "jobs"}, "jobs": [j.record() for j in g["jobs"]]}
                   for g in table.get("groups", [])],
+        "equal_error": [{**{k: v for k, v in g.items() if k != "jobs"}, "jobs": [j.record() for j in g["jobs"]]}
+                        for g in table.get("equal_error", [])],
         "work_precision": {k: [j.record() for j in v] for k, v in wp.items()},
         "scaling": {k: {**{kk: vv for kk, vv in d.items() if kk != "jobs"}, "jobs": [j.record() for j in d["jobs"]]}
                     for k, d in scaling.items()},

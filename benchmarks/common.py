@@ -414,3 +414,29 @@ def machine_info() -> dict:
         "torchode": getattr(torchode, "__version__", "?"),
         "scipy": scipy.__version__,
     }
+
+
+def at_error(points, err: float, index: int = 2) -> float | None:
+    """Log-log interpolation of a work-precision sweep at the error ``err``.
+
+    ``points``: tuples ``(rtol, error, value, ...)`` of one solver's sweep (any order; read loose to tight rtol);
+    ``index``: which entry is interpolated (2: NFE; 3: a time, say). The first pair of neighbouring points whose
+    errors bracket ``err`` is used (errors need not fall monotonically with rtol); an exact hit returns its value.
+    None when no pair brackets ``err`` (outside the sweep's range) or an entry is missing.
+    """
+    pts = sorted((p for p in points if p[1] is not None and p[1] > 0 and p[index] is not None),
+                 key=lambda p: -p[0])
+    if not (err > 0):
+        return None
+    le = math.log(err)
+    for a, b in zip(pts, pts[1:]):
+        ea, eb = math.log(a[1]), math.log(b[1])
+        if min(ea, eb) <= le <= max(ea, eb):
+            if ea == eb:
+                return float(min(a[index], b[index]))
+            w = (le - ea) / (eb - ea)
+            return math.exp((1 - w) * math.log(a[index]) + w * math.log(b[index]))
+    for p in pts:
+        if p[1] == err:
+            return float(p[index])
+    return None

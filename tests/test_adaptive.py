@@ -214,7 +214,9 @@ def test_dense_output_backward():
 
 
 @pytest.mark.parametrize("ctrl", [neurodyn.PIDController(), neurodyn.PIDController(pcoeff=0.0, icoeff=1.0),
-                                  neurodyn.PIDController(pcoeff=0.2, icoeff=0.6, dcoeff=0.1, ifactor=5.0)])
+                                  neurodyn.PIDController(pcoeff=0.2, icoeff=0.6, dcoeff=0.1, ifactor=5.0),
+                                  neurodyn.PIDController(accept_dfactor=1.0),
+                                  neurodyn.PIDController(pcoeff=0.0, icoeff=1.0, accept_dfactor=0.5)])
 def test_controller_tensor_form_equals_scalar_form(ctrl):
     """The per-row/compiled proposal (tensor form) is the eager loop's (scalar form), step after step."""
     gen = torch.Generator().manual_seed(3)
@@ -276,3 +278,34 @@ def test_initial_step_tensor_form_equals_scalar_form():
                 want = initial_step(term, 0.0, y0[b:b + 1], f0[b:b + 1], direction, 5, rtol, atol,
                                     lambda x: float(torch.linalg.vector_norm(x)) / root, max_step)
                 assert got[b].item() == pytest.approx(want, rel=1e-12)
+
+
+def test_accept_dfactor_never_shrinks_after_an_accepted_step():
+    """accept_dfactor=1.0: an accepted step's successor is at least as large (the default PI shrinks it when the
+    ratio is near 1: safety * 0.99^-(0.8/5) = 0.9015); rejected steps still shrink; bad values are refused."""
+    keep, pi = neurodyn.PIDController(accept_dfactor=1.0).start(4), neurodyn.PIDController().start(4)
+    assert keep.propose(0.1, 0.99, True) == pytest.approx(0.1, rel=1e-15)
+    assert pi.propose(0.1, 0.99, True) == pytest.approx(0.1 * 0.9 * 0.99 ** -0.16, rel=1e-12)
+    assert keep.propose(0.1, 4.0, False) == pytest.approx(0.1 * 0.9 * 4.0 ** -0.2, rel=1e-12)
+    for bad in (0.1, 1.5, math.nan):
+        with pytest.raises(neurodyn.InputError, match="accept_dfactor"):
+            neurodyn.PIDController(accept_dfactor=bad)
+
+
+def test_accept_dfactor_same_steps_in_eager_and_per_sample_loops():
+    """The eager loop (scalar proposal) and per-sample rows (tensor proposal) take the same steps with
+    accept_dfactor=1.0, and the solve meets its tolerance on Kepler e=0.5."""
+    ctrl = neurodyn.PIDController(accept_dfactor=1.0)
+    ts = irregular_times(KEPLER_05)
+    y0 = KEPLER_05.y0_tensor()[None]
+
+    def rows_field(t, y):  # (B, 4) rows through the problem's (4,)-state field
+        return KEPLER_05.f(t, y.transpose(0, 1)).transpose(0, 1)
+
+    kw = {"method": "dopri5", "rtol": 1e-7, "atol": 1e-10, "controller": ctrl}
+    eager = neurodyn.solve(rows_field, y0, ts, **kw)
+    rows = neurodyn.solve(rows_field, y0, ts, per_sample_steps=True, **kw)
+    assert eager.stats["nfe"] > 0
+    assert int(torch.as_tensor(rows.stats["nfe"]).max()) == eager.stats["nfe"]
+    assert (rows.ys - eager.ys).abs().max() < 1e-8  # same steps; rounding differs (op order), solve error ~1e-6
+    assert max_error(eager.ys[:, 0], KEPLER_05, ts) <= bound("dopri5", KEPLER_05, 1e-7)

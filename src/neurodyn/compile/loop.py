@@ -348,7 +348,7 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         return None
     base_key = (solver.name, tuple(shape), dtype, device, adaptive, interp, choose_first, UNROLL, UNROLL_ACCELERATOR,
                 (controller.pcoeff, controller.icoeff, controller.dcoeff, controller.safety, controller.ifactor,
-                 controller.dfactor))
+                 controller.dfactor, controller.accept_dfactor))
 
     def call(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps) -> LoopOutcome | None:
         if per_func.get(_FALLBACK):
