@@ -191,8 +191,6 @@ def check_norm(norm: Any, y0: Tensor, probe: bool = True) -> None:
 def validate_problem(y0: Any, t: Any, per_sample_steps: bool) -> tuple[Tensor, Tensor]:
     """``(y0, t)`` checked: the state (:func:`validate_state`, finite values), the times (:func:`validate_times`;
     with ``per_sample_steps`` also ``(B, T)``: one row of times per sample)."""
-    from .core.tensors import vmapped
-
     y0 = validate_state(y0)
     if per_sample_steps and isinstance(t, Tensor) and t.dim() == 2:
         if t.shape[0] != y0.shape[0]:

@@ -131,8 +131,16 @@ def compiled_advance(solver: ExplicitRungeKutta, func: Callable, shape: tuple[in
     if fn is None:
         fn = per_func[key] = _build(solver, func, shape, dtype, device, error_dims, adaptive)
     rdt = t_dtype
-    rt = rtol if isinstance(rtol, Tensor) else torch.tensor(float(rtol), dtype=rdt, device=device)
-    at = atol if isinstance(atol, Tensor) else torch.tensor(float(atol), dtype=rdt, device=device)
+    if isinstance(rtol, Tensor) or isinstance(atol, Tensor):
+        rt = rtol if isinstance(rtol, Tensor) else torch.tensor(float(rtol), dtype=rdt, device=device)
+        at = atol if isinstance(atol, Tensor) else torch.tensor(float(atol), dtype=rdt, device=device)
+    else:  # float tolerances: their tensors cached with the compiled step (made once, not per solve)
+        tol_key = ("tol", float(rtol), float(atol), rdt, device)
+        pair = per_func.get(tol_key)
+        if pair is None:
+            pair = per_func[tol_key] = (torch.tensor(float(rtol), dtype=rdt, device=device),
+                                        torch.tensor(float(atol), dtype=rdt, device=device))
+        rt, at = pair
     if isinstance(rt, Tensor) and rt.dim() == 2 and error_dims:
         rt = rt[:, :error_dims]
     if isinstance(at, Tensor) and at.dim() == 2 and error_dims:
