@@ -10,6 +10,8 @@ from torch import Tensor
 from ..core.control import PIDController
 from ..core.stepper import Stepper
 from ..core.tensors import real_dtype
+from .loop import compiled_loop, worthwhile
+from .step import compiled_advance
 
 
 def plug_in(solver: Stepper, func: Callable, y0: Tensor, n_times: int, per_sample_steps: bool, *,
@@ -31,9 +33,6 @@ def plug_in(solver: Stepper, func: Callable, y0: Tensor, n_times: int, per_sampl
     if why is not None:
         warnings.warn(f"compile=True has no effect here: {why}; the solve runs eagerly.", RuntimeWarning, stacklevel=3)
         return None, None
-    from .loop import compiled_loop, worthwhile
-    from .step import compiled_advance
-
     advance = compiled_advance(solver, func, tuple(y0.shape), y0.dtype, y0.device, rtol, atol, None, adaptive,
                                real_dtype(y0.dtype))
     loop = None

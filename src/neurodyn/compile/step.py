@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..core.control import rms_ratio
 from ..solvers.explicit_rk import ExplicitRungeKutta
+from . import policy
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ACTIVE = [0]  # > 0 while compiled_context() holds the compiler settings below
@@ -175,9 +176,7 @@ class CompiledStep:
                loop_available: bool) -> tuple[str, str]:
         """Which path this solve runs (``"loop"``, ``"step"`` or ``"eager"``) and why:
         :func:`neurodyn.compile.policy.choose` (measured once per field and problem)."""
-        from .policy import choose
-
-        return choose(term, solver, y0, k0, times, stops, cfg, loop_available)
+        return policy.choose(term, solver, y0, k0, times, stops, cfg, loop_available)
 
     def __call__(self, t: float, y: Tensor, h: float, k1: Tensor):
         try:
