@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .core.control import RTOL_FLOOR_EPS, rtol_floor
-from .core.tensors import real_dtype, vmapped
+from .core.control import RTOL_FLOOR_EPS, PIDController, rtol_floor
+from .core.tensors import fixed_bad, real_dtype, vmapped
 from .errors import InputError, PrecisionWarning
 
 INTERPOLATIONS = ("auto", "hermite", "linear")
@@ -191,8 +191,6 @@ def check_norm(norm: Any, y0: Tensor, probe: bool = True) -> None:
 def validate_problem(y0: Any, t: Any, per_sample_steps: bool) -> tuple[Tensor, Tensor]:
     """``(y0, t)`` checked: the state (:func:`validate_state`, finite values), the times (:func:`validate_times`;
     with ``per_sample_steps`` also ``(B, T)``: one row of times per sample)."""
-    from .core.tensors import vmapped
-
     y0 = validate_state(y0)
     if per_sample_steps and isinstance(t, Tensor) and t.dim() == 2:
         if t.shape[0] != y0.shape[0]:
@@ -202,7 +200,7 @@ def validate_problem(y0: Any, t: Any, per_sample_steps: bool) -> tuple[Tensor, T
             validate_times(row, y0)
     else:
         t = validate_times(t, y0)
-    if not vmapped(y0) and not bool(torch.isfinite(y0.detach()).all()):
+    if fixed_bad(y0):  # (skipped under vmap; screened by the sum)
         raise InputError("y0 contains NaN or inf.")
     return y0, t
 
@@ -249,8 +247,6 @@ def check_steps(step_size: Any, first_step: Any, min_step: Any, max_step: Any, m
 def check_hooks(controller: Any, step_callbacks: Any, event_fn: Any) -> None:
     """The controller is a :class:`~neurodyn.PIDController`; ``step_callbacks`` maps ``"step"``, ``"accept"``,
     ``"reject"`` to callables; ``event_fn`` is callable."""
-    from .core.control import PIDController
-
     if controller is not None and not isinstance(controller, PIDController):
         raise InputError(f"controller must be a neurodyn.PIDController, got {type(controller).__name__}.")
     if step_callbacks is not None:

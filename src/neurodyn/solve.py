@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -467,22 +467,27 @@ def prepare(
     if term is not None and term.step_knots:
         step_list = sorted(set(step_list) | set(term.step_knots))
 
-    cfg = LoopConfig(
-        rtol=rtol_v, atol=atol_v, adaptive=solver.adaptive and step_size is None, step_size=step_size,
-        first_step=first_step, min_step=min_step, max_step=max_step, max_steps=max_steps,
-        step_t=step_list, jump_t=jump_list, controller=controller or _default_controller(solver), norm=norm,
-        unflatten=(lambda x: x.view(y0.shape)) if norm is not None else None, record=dense,
-        interp=interp, perturb=bool(perturb), events=event_list, max_events=int(max_events),
-        min_event_gap=float(min_event_gap), accept_min_step=bool(accept_min_step),
-        step_callbacks=dict(step_callbacks) if step_callbacks else None, on_attempt=on_attempt,
-    )
     if not solver.adaptive and step_size is None:
         # Fixed-step method without a step size: step on the output grid (torchdiffeq's behaviour).
-        cfg = replace(cfg, step_t=cfg.step_t + t.detach().cpu().tolist())
+        step_list = step_list + t.detach().cpu().tolist()
+    controller = controller or _default_controller(solver)
+    advance = loop = None
     if compile:
         from .compile import plug_in
 
-        cfg = plug_in(cfg, solver, func, y0, t.shape[-1], per_sample_steps)
+        advance, loop = plug_in(solver, func, y0, t.shape[-1], per_sample_steps, rtol=rtol_v, atol=atol_v,
+                                adaptive=adaptive, interp=interp, controller=controller, first_step=first_step,
+                                norm=norm)
+    cfg = LoopConfig(
+        rtol=rtol_v, atol=atol_v, adaptive=adaptive, step_size=step_size,
+        first_step=first_step, min_step=min_step, max_step=max_step, max_steps=max_steps,
+        step_t=step_list, jump_t=jump_list, controller=controller, norm=norm,
+        unflatten=(lambda x: x.view(y0.shape)) if norm is not None else None, record=dense,
+        interp=interp, perturb=bool(perturb), events=event_list, max_events=int(max_events),
+        min_event_gap=float(min_event_gap), accept_min_step=bool(accept_min_step),
+        step_callbacks=dict(step_callbacks) if step_callbacks else None, on_attempt=on_attempt, advance=advance,
+        loop=loop,
+    )
     gopts = GradientOptions(params=[], adjoint_method=adjoint_method,
                             adjoint_rtol=None if adjoint_rtol is None else float(adjoint_rtol),
                             adjoint_atol=None if adjoint_atol is None else float(adjoint_atol),

@@ -181,19 +181,21 @@ def choose(term: Any, solver: Any, y0: Tensor, k0: Tensor, times: list[float], s
     step only where the loop does not apply or does not pay."""
     if FORCE is not None:
         return decide(None, loop_available, force=FORCE)
-    if vmapped(y0) or vmapped(k0):  # batched tensors: no timing the values' path, and no per-shape cache
+    if vmapped(y0, k0):  # batched tensors: no timing the values' path, and no per-shape cache
         return decide(None, loop_available)
     key = (getattr(solver, "name", type(solver).__name__), tuple(term.shape), y0.dtype, y0.device, cfg.adaptive,
            torch.is_grad_enabled(), bool(cfg.record), loop_available, len(times), len(stops))
-    try:
-        per_func = _CACHE.setdefault(term.func, {})
-    except TypeError:  # not weak-referenceable: measured every solve
-        per_func = {}
-    entry = per_func.get(key)
-    if entry is None:
-        entry = per_func[key] = calibrate(term, solver, y0, k0, times, stops, cfg, loop_available)
-    timing, failed = entry
-    return decide(timing, loop_available, compile_failed=failed)
+    per_func = _CACHE.get(term.func)
+    if per_func is None:
+        try:
+            per_func = _CACHE.setdefault(term.func, {})
+        except TypeError:  # not weak-referenceable: measured every solve
+            per_func = {}
+    decision = per_func.get(key)
+    if decision is None:  # measured once; the decision (a function of the measurement) is kept with it
+        timing, failed = calibrate(term, solver, y0, k0, times, stops, cfg, loop_available)
+        decision = per_func[key] = decide(timing, loop_available, compile_failed=failed)
+    return decision
 
 
 def calibrate(term: Any, solver: Any, y0: Tensor, k0: Tensor, times: list[float], stops: list[float], cfg: Any,

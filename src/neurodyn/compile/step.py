@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..core.control import rms_ratio
 from ..solvers.explicit_rk import ExplicitRungeKutta
+from . import policy
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ACTIVE = [0]  # > 0 while compiled_context() holds the compiler settings below
@@ -131,8 +132,16 @@ def compiled_advance(solver: ExplicitRungeKutta, func: Callable, shape: tuple[in
     if fn is None:
         fn = per_func[key] = _build(solver, func, shape, dtype, device, error_dims, adaptive)
     rdt = t_dtype
-    rt = rtol if isinstance(rtol, Tensor) else torch.tensor(float(rtol), dtype=rdt, device=device)
-    at = atol if isinstance(atol, Tensor) else torch.tensor(float(atol), dtype=rdt, device=device)
+    if isinstance(rtol, Tensor) or isinstance(atol, Tensor):
+        rt = rtol if isinstance(rtol, Tensor) else torch.tensor(float(rtol), dtype=rdt, device=device)
+        at = atol if isinstance(atol, Tensor) else torch.tensor(float(atol), dtype=rdt, device=device)
+    else:  # float tolerances: their tensors cached with the compiled step (made once, not per solve)
+        tol_key = ("tol", float(rtol), float(atol), rdt, device)
+        pair = per_func.get(tol_key)
+        if pair is None:
+            pair = per_func[tol_key] = (torch.tensor(float(rtol), dtype=rdt, device=device),
+                                        torch.tensor(float(atol), dtype=rdt, device=device))
+        rt, at = pair
     if isinstance(rt, Tensor) and rt.dim() == 2 and error_dims:
         rt = rt[:, :error_dims]
     if isinstance(at, Tensor) and at.dim() == 2 and error_dims:
@@ -167,9 +176,7 @@ class CompiledStep:
                loop_available: bool) -> tuple[str, str]:
         """Which path this solve runs (``"loop"``, ``"step"`` or ``"eager"``) and why:
         :func:`neurodyn.compile.policy.choose` (measured once per field and problem)."""
-        from .policy import choose
-
-        return choose(term, solver, y0, k0, times, stops, cfg, loop_available)
+        return policy.choose(term, solver, y0, k0, times, stops, cfg, loop_available)
 
     def __call__(self, t: float, y: Tensor, h: float, k1: Tensor):
         try:

@@ -118,8 +118,9 @@ def step_underflow(t: float, h_new: float, eps: float, frozen: bool = False) -> 
 def step_underflow_tensor(t: Tensor, h_new: Tensor, eps: float, frozen: Tensor | None = None) -> Tensor:
     """:func:`step_underflow` elementwise on tensors of one shape (e.g. ``(B,)``; per-sample rows, compiled loop);
     ``frozen`` None: rules 1 and 2 only (the caller ors in rule 3 where an attempt was rejected)."""
-    # (NaN compares False: not above the floor, so too small, as in the scalar form)
-    under = (h_new > t.abs().mul_(eps)).logical_and_(h_new < math.inf).logical_not_()
+    # Not above the floor eps |t|, or not finite. NaN and +inf map to 0, which no floor admits (-inf stays below):
+    # one comparison (the loops run this every attempt).
+    under = torch.le(torch.nan_to_num(h_new, nan=0.0, posinf=0.0), t.abs().mul_(eps))
     return under if frozen is None else under.logical_or_(frozen)
 
 

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from .paths import Path
-from .tensors import flat_cat
+from .tensors import flat_cat, vjp
 
 #: The term kinds with an ODE form: every stepper that integrates ``dy/dt`` accepts them.
 ODE_FORM_KINDS: tuple[str, ...] = ("ode", "control", "split")
@@ -639,8 +639,7 @@ def adjoint_field(func: Callable[[Tensor, Tensor], Tensor], t: Tensor, z: Tensor
         yv = y.view(shape) if diff and y.requires_grad else y.detach().view(shape).requires_grad_(True)
         fy = func(t, yv)
         if fy.requires_grad:
-            grads = torch.autograd.grad(fy, (yv, *params), -a.view(shape), allow_unused=True,
-                                        materialize_grads=False, create_graph=diff)
+            grads = vjp(fy, (yv, *params), -a.view(shape), create_graph=diff)
         else:  # a field of t alone: no dependence on y or the parameters
             grads = (None,) * (1 + len(params))
     parts = [grads[0].reshape(-1) if grads[0] is not None else torch.zeros_like(a),

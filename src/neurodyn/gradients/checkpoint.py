@@ -121,22 +121,37 @@ class RngTape:
         self.attempt: list[Any] = []
         self.after: dict[int, Any] = {}
         self._last: Any = None
+        self._last_bytes: bytes | None = None  # the CPU state of _last, compared as bytes (a memcmp)
         self._pending: Any = None
+        self._states = 0  # distinct states taped
+        self._restored = False
         self.after[-1] = self.snapshot()
 
     def snapshot(self) -> Any:
         cpu = torch.get_rng_state()
+        cpu_bytes = cpu.numpy().tobytes()
         cuda = torch.cuda.get_rng_state(self.cuda) if self.cuda is not None else None
         last = self._last
-        if last is not None and torch.equal(last[0], cpu) and (cuda is None or torch.equal(last[1], cuda)):
+        if last is not None and cpu_bytes == self._last_bytes and (cuda is None or torch.equal(last[1], cuda)):
             return last
-        self._last = (cpu, cuda)
+        self._last, self._last_bytes = (cpu, cuda), cpu_bytes
+        self._states += 1
         return self._last
 
     def restore(self, state: Any) -> None:
+        """Put the generators in ``state``. A tape of one state (no draws in the forward solve: a deterministic
+        field) is restored once; the replay of the same evaluations draws nothing either."""
+        if self._states == 1:
+            if self._restored:
+                return
+            self._restored = True
         torch.set_rng_state(state[0])
         if state[1] is not None:
             torch.cuda.set_rng_state(state[1], self.cuda)
+
+    def begin_replay(self) -> None:
+        """A new replay (each backward pass) restores the generators afresh."""
+        self._restored = False
 
     def devices(self) -> list:
         return [self.cuda] if self.cuda is not None else []
@@ -237,6 +252,7 @@ class _CheckpointFunction(torch.autograd.Function):
         keys = sorted(log.states) + [len(log.steps)]
         cot: tuple = (grad_ys.new_zeros((1, grad_ys[0].numel())), None, ())
         # The replay puts the generators where the forward had them at every step: the caller's are restored after.
+        log.rng.begin_replay()
         with torch.random.fork_rng(devices=log.rng.devices()):
             for s0, s1 in reversed(list(zip(keys[:-1], keys[1:]))):
                 cot = replayer.backprop(s0, s1, log.states[s0], cot)

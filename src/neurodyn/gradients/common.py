@@ -63,22 +63,28 @@ def find_params(func: Callable, params: Sequence[Tensor] | None) -> list[Tensor]
     return term.grad_tensors() if term is not None else field_params(func)
 
 
-def _graph_leaves(roots: Sequence[Tensor | None], stop: set) -> list[Tensor]:
+def _graph_leaves(roots: Sequence[Tensor | None], stop: set, extra: Sequence[Any] = ()) -> list[Tensor]:
     """Leaf tensors requiring grad that ``roots`` were computed from (walks the autograd graph, not past the
-    nodes in ``stop``: the ``grad_fn`` of non-leaf parameters, which receive their gradient there, and the
-    gradient accumulators of leaf parameters)."""
+    nodes in ``stop`` and ``extra``: the ``grad_fn`` of non-leaf parameters, which receive their gradient there, the
+    gradient accumulators of leaf parameters, and the ``grad_fn`` of a call's inputs). Each node is tested before
+    it is pushed, so nodes in ``stop`` cost a set lookup and nothing else."""
     leaves: list[Tensor] = []
-    seen = set(stop)
-    stack = [r.grad_fn for r in roots if isinstance(r, Tensor)]
-    pop, push, add = stack.pop, stack.extend, seen.add
+    seen = set(extra)
+    stack = []
+    for r in roots:
+        fn = r.grad_fn if isinstance(r, Tensor) else None
+        if fn is not None and fn not in stop and fn not in seen:
+            seen.add(fn)
+            stack.append(fn)
+    pop, push, add = stack.pop, stack.append, seen.add
     while stack:
         fn = pop()
-        if fn is None or fn in seen:
-            continue
-        add(fn)
         nexts = fn.next_functions
         if nexts:
-            push(nf for nf, _ in nexts)
+            for nf, _ in nexts:
+                if nf is not None and nf not in stop and nf not in seen:
+                    add(nf)
+                    push(nf)
         else:
             var = getattr(fn, "variable", None)
             if var is not None:
@@ -136,15 +142,12 @@ class HiddenTensorGuard:
 
     def watch(self, roots: Sequence[Tensor | None], inputs: Sequence[Tensor | None]) -> None:
         """Record the leaves requiring grad behind ``roots`` other than ``inputs`` and the parameters."""
-        stop = self.stop
-        for x in inputs:
-            if isinstance(x, Tensor) and x.grad_fn is not None:
-                stop = stop | {x.grad_fn}
-        leaves = _graph_leaves(roots, stop)
+        extra = [x.grad_fn for x in inputs if isinstance(x, Tensor) and x.grad_fn is not None]
+        leaves = _graph_leaves(roots, self.stop, extra)
         if not leaves:
             return
-        own = {id(x) for x in inputs if isinstance(x, Tensor)}
-        found = {id(v): v for v in leaves if id(v) not in self.known and id(v) not in own}
+        known = self.known
+        found = {id(v): v for v in leaves if id(v) not in known and not any(v is x for x in inputs)}
         if not found:
             return
         if self.mode == "alive":
@@ -177,11 +180,11 @@ class HiddenTensorGuard:
         evaluation's graph is freed by the next call, so its leaves are settled first (else the caller settles)."""
 
         def watched(t: Tensor, y: Tensor) -> Tensor:
-            if settle:
+            if settle and self.pending:
                 self.settle()
             out = func(t, y)
-            if torch.is_grad_enabled() and isinstance(out, Tensor) and out.grad_fn is not None:
-                self.watch([out], [t, y])
+            if isinstance(out, Tensor) and out.grad_fn is not None and torch.is_grad_enabled():
+                self.watch((out,), (t, y))
             return out
 
         watched.__wrapped__ = func  # type: ignore[attr-defined]  # core.term.term_of finds the term behind it

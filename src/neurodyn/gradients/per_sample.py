@@ -225,6 +225,7 @@ class _Setup:
         gy = grad_ys.reshape(grad_ys.shape[0], self.b_rows, self.n)
         if self.mode == "checkpoint":
             # The replay puts the generators where the forward had them: the caller's are restored after.
+            self.log.rng.begin_replay()
             with torch.random.fork_rng(devices=[gy.device] if gy.device.type == "cuda" else []):
                 return self._checkpoint(gy)
         return self._adjoint(gy)
