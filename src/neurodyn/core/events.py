@@ -329,14 +329,14 @@ class EventWatch:
             found = []
             for j, c in cands:
                 e = self.owner[c]
-                fn, local = self.events[e].fn, c - self.offset[e]
+                fn, local, one = self.events[e].fn, c - self.offset[e], self.sizes[e] == 1
 
-                def g_at(th: float, fn: Callable = fn, local: int = local) -> float:
+                def g_at(th: float, fn: Callable = fn, local: int = local, one: bool = one) -> float:
                     # (the function's output was checked at the step end: no checks per iteration but NaN)
                     y = solver.interpolate_floats(self.term, st, [th], co, self.interp).view(shape)
                     self._seen[th] = y
-                    v = float(fn(torch.scalar_tensor(st.t0 + th * st.h, dtype=t_dtype, device=device),
-                                 y).reshape(-1)[local])
+                    out = fn(torch.scalar_tensor(st.t0 + th * st.h, dtype=t_dtype, device=device), y)
+                    v = out.item() if one else float(out.reshape(-1)[local])
                     if v != v:
                         _nan_error(st.t0 + th * st.h, torch.tensor([v]))
                     return v
