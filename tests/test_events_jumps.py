@@ -303,6 +303,9 @@ def test_odeint_event_is_the_terminal_event():
     (dict(fn=lambda t, y: y[0], terminal=0), "terminal must be True, False or an int"),
     (dict(fn=lambda t, y: y[0], terminal=1.5), "terminal must be True, False or an int"),
     (dict(fn=lambda t, y: y[0], jump="flip"), "jump must be callable"),
+    (dict(fn=lambda t, y: y[0], samples=-1), "samples must be an int >= 0"),
+    (dict(fn=lambda t, y: y[0], samples=True), "samples must be an int >= 0"),
+    (dict(fn=lambda t, y: y[0], samples=2.0), "samples must be an int >= 0"),
 ])
 def test_bad_event_arguments(kwargs, match):
     with pytest.raises(InputError, match=match):
