@@ -303,6 +303,9 @@ def test_odeint_event_is_the_terminal_event():
     (dict(fn=lambda t, y: y[0], terminal=0), "terminal must be True, False or an int"),
     (dict(fn=lambda t, y: y[0], terminal=1.5), "terminal must be True, False or an int"),
     (dict(fn=lambda t, y: y[0], jump="flip"), "jump must be callable"),
+    (dict(fn=lambda t, y: y[0], samples=-1), "samples must be an int >= 0"),
+    (dict(fn=lambda t, y: y[0], samples=True), "samples must be an int >= 0"),
+    (dict(fn=lambda t, y: y[0], samples=2.0), "samples must be an int >= 0"),
 ])
 def test_bad_event_arguments(kwargs, match):
     with pytest.raises(InputError, match=match):
@@ -423,7 +426,8 @@ def test_per_sample_terminal_and_zeno_rows():
     gs = torch.tensor([9.81, 9.81, 9.81], dtype=F64)
     es = torch.tensor([0.9, 0.5, 0.9], dtype=F64)
     f, ev = _row_ball(gs, es)
-    stop = neurodyn.Event(lambda t, y: y[:, 0] - torch.tensor([2.0, 2.0, 0.3], dtype=F64), direction=1)
+    # (samples: row 2 rises through 0.3 and falls back below it inside one step; the step ends alone miss that)
+    stop = neurodyn.Event(lambda t, y: y[:, 0] - torch.tensor([2.0, 2.0, 0.3], dtype=F64), direction=1, samples=3)
     y0 = torch.tensor([[1.0, 0.0]] * 3, dtype=F64)
     sol = neurodyn.solve(f, y0, torch.linspace(0, 3, 7, dtype=F64), events=[ev, stop], per_sample_steps=True,
                          on_failure="return", **TOL)

@@ -4,17 +4,23 @@ them, stopping, jumping, and the differentiable event times and states.
 How a root is found
 -------------------
 1. Every event function is evaluated at ``(t0, y0)`` (and its return type checked) before the first step.
-2. After every accepted step, the functions are evaluated at the interior fractions :data:`EVENT_FRACTIONS` of the
-   step and at the step end, on the step's dense output where that needs no field evaluation (``dopri5``,
-   ``tsit5``, ``bdf``, ``adams``, collocation methods), else on its cubic Hermite interpolant (whose end derivative
-   is the next step's first stage). Two roots closer together than a step but further apart than a quarter step
-   are therefore both seen; roots closer than that may still cancel out. A step where a sign changes is checked
-   again on the dense output the solve uses (``interp``: the method's own by default).
+2. After every accepted step, the functions are evaluated at the step end only (the value at the step start is the
+   previous step's end value, kept): a step where no component leaves its sign costs one call of each event
+   function and no dense output. As in scipy's ``solve_ivp``, a component that crosses zero an even number of
+   times inside one step (a tangency, a double root, or two roots closer together than a step) is therefore not
+   seen. An :class:`Event` built with ``samples=k`` is also checked at ``k`` evenly spaced interior points of every
+   step, on the step's dense output where that needs no field evaluation (``dopri5``, ``tsit5``, ``bdf``,
+   ``adams``, collocation methods), else on its cubic Hermite interpolant (whose end derivative is the next step's
+   first stage); two roots further apart than ``1 / (k + 1)`` of a step are then both seen. A step where a sign
+   changes at an interior point is checked again on the dense output the solve uses (``interp``: the method's own
+   by default).
 3. In every sub-interval where a component leaves its sign (in its event's ``direction``), the root is bracketed
-   and shrunk (Illinois regula falsi on the dense output, with a bisection whenever an iteration fails to halve the
-   bracket) to :data:`ROOT_RTOL` relative in time (or the resolution of ``t``, if coarser). The occurrences are
-   handled in time order: each is recorded; the one that makes its event terminal (its ``n``-th), has a jump, or
-   breaks a Zeno limit (``max_events``, ``min_event_gap``) ends the step there.
+   and shrunk on the dense output to :data:`ROOT_RTOL` relative in time (or the resolution of ``t``, if coarser):
+   inverse polynomial interpolation through the latest values (superlinear on a smooth ``g``), kept inside the
+   bracket and a quarter of the resolution off its ends (so that a converged estimate closes the bracket), with a
+   bisection whenever the bracket fails to halve in two evaluations (so it reaches the resolution whatever ``g``
+   is). The occurrences are handled in time order: each is recorded; the one that makes its event terminal (its
+   ``n``-th), has a jump, or breaks a Zeno limit (``max_events``, ``min_event_gap``) ends the step there.
 
 The reported point is the end of the final bracket on the far side of the crossing (or an exact zero): it is a
 true sign change of ``g``, so a continuous ``g`` is ~0 there, and a discontinuous ``g`` (a jump, a sign-type
@@ -48,8 +54,6 @@ from .config import LoopConfig
 from .stepper import Step, Stepper
 from .term import ODETerm
 
-# Interior fractions of each accepted step where event_fn is checked, besides the step end.
-EVENT_FRACTIONS = (0.25, 0.5, 0.75)
 # Up to this many event components, the per-step sign logic runs on Python floats (fewer small tensor ops).
 _FEW = 8
 # Roots are located to this relative accuracy in time (the bracket's width), or to the resolution of t if coarser.
@@ -140,11 +144,18 @@ class Event:
         derivative evaluated afresh (no first-same-as-last reuse, multistep history restarted). The time and
         the state at the event enter ``jump`` with their gradients (implicit function theorem), so post-jump
         states are differentiable with respect to ``y0``, the field's parameters and ``jump``'s own tensors.
+    samples : int
+        Interior points of every step where ``fn`` is checked besides the step end (evenly spaced; default 0). With
+        the default a component that crosses zero twice inside one step (a tangency or double root, two roots
+        closer together than a step) is missed, as in scipy's ``solve_ivp``; with ``samples=k`` two roots further
+        apart than ``1 / (k + 1)`` of a step are both seen, at the cost of ``k`` more calls of every event's
+        function per step. (A ``max_step`` on the solve is the other way to see close roots.)
 
     Raises
     ------
     InputError
-        ``fn`` or ``jump`` not callable, ``direction`` not one of 0, 1, -1, ``terminal`` not a bool or an int >= 1.
+        ``fn`` or ``jump`` not callable, ``direction`` not one of 0, 1, -1, ``terminal`` not a bool or an int >= 1,
+        ``samples`` not an int >= 0.
 
     Examples
     --------
@@ -160,10 +171,10 @@ class Event:
     (torch.Size([2]), 0.451524)
     """
 
-    __slots__ = ("fn", "direction", "terminal", "jump")
+    __slots__ = ("fn", "direction", "terminal", "jump", "samples")
 
     def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], direction: int = 0, terminal: bool | int = True,
-                 jump: Callable[[Tensor, Tensor], Tensor] | None = None):
+                 jump: Callable[[Tensor, Tensor], Tensor] | None = None, samples: int = 0):
         if not callable(fn):
             raise InputError(f"Event: fn must be callable as fn(t, y) returning a tensor, got {type(fn).__name__}.")
         if isinstance(direction, bool) or direction not in (0, 1, -1):
@@ -175,7 +186,11 @@ class Event:
         if jump is not None and not callable(jump):
             raise InputError(f"Event: jump must be callable as jump(t, y) returning the new state, got "
                              f"{type(jump).__name__}.")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise InputError(f"Event: samples must be an int >= 0 (interior points checked per step besides the step "
+                             f"end), got {samples!r}.")
         self.fn, self.direction, self.terminal, self.jump = fn, int(direction), terminal, jump
+        self.samples = samples
 
     @property
     def stop_after(self) -> int | None:
@@ -188,7 +203,18 @@ class Event:
 
     def __repr__(self) -> str:
         return (f"Event(fn={getattr(self.fn, '__name__', type(self.fn).__name__)}, direction={self.direction}, "
-                f"terminal={self.terminal}, jump={None if self.jump is None else 'set'})")
+                f"terminal={self.terminal}, jump={None if self.jump is None else 'set'}, samples={self.samples})")
+
+
+def sample_fractions(events: tuple[Event, ...]) -> tuple[float, ...]:
+    """The interior fractions of each step where the events are checked besides the step end: ``k`` evenly spaced
+    ones, ``k`` the largest ``samples`` of ``events`` (none by default).
+
+    >>> sample_fractions((Event(lambda t, y: y[0], samples=3),))
+    (0.25, 0.5, 0.75)
+    """
+    k = max((e.samples for e in events), default=0)
+    return tuple((i + 1) / (k + 1) for i in range(k))
 
 
 def as_events(events: Any) -> tuple[Event, ...]:
@@ -234,9 +260,11 @@ class EventWatch:
         self.events: tuple[Event, ...] = cfg.events
         self.term = term
         self.interp = cfg.interp
-        # The dense output the sign checks use: ``interp``, until the method's own ("auto") turns out to evaluate
-        # the field (DOP853's three extra stages); then cubic Hermite, which costs none (its end derivative is the
-        # next step's first stage). A flagged step is confirmed on ``interp``.
+        # Interior fractions checked per step (Event(samples=k); none by default: step ends only).
+        self.fracs = sample_fractions(self.events)
+        # The dense output the interior checks use: ``interp``, until the method's own ("auto") turns out to
+        # evaluate the field (DOP853's three extra stages); then cubic Hermite, which costs none (its end derivative
+        # is the next step's first stage). A flagged step is confirmed on ``interp``.
         self.detect = cfg.interp
         tt = self._time(t0)
         with torch.no_grad():
@@ -254,7 +282,7 @@ class EventWatch:
         self.hits: list[tuple[int, Hit]] = []  # (accepted steps so far, hit): what a replay repeats
         self.probes: dict[int, float] = {}  # component -> the time its start value was taken (after a jump)
         self._seen: dict[float, Tensor] = {}
-        self._fr: Tensor | None = None  # EVENT_FRACTIONS as a tensor on the state's device
+        self._fr: Tensor | None = None  # self.fracs as a tensor on the state's device
 
     def _time(self, t: float) -> Tensor:
         return torch.scalar_tensor(t, dtype=self.term.t_dtype, device=self.term.device)
@@ -285,7 +313,7 @@ class EventWatch:
                 self.detect = "hermite"
             rows = self._rows(G, times)
             cands = self._changes(rows)
-            if cands and self.detect != self.interp:
+            if cands and self.fracs and self.detect != self.interp:
                 # Confirmed on the dense output the root is located on (the sub-point values again).
                 G, times = self._table(solver, st, co, t1, self.interp)
                 rows = self._rows(G, times)
@@ -294,32 +322,29 @@ class EventWatch:
             if not cands:
                 self.g = G[-1]
                 return None
-            thetas = (0.0, *EVENT_FRACTIONS, 1.0)
+            thetas = (0.0, *self.fracs, 1.0)
             res = _resolution(st.t0, st.h)
             self._seen = {}  # dense-output states the root finding computed, by fraction
-            shape = self.term.shape
+            shape, t_dtype, device = self.term.shape, self.term.t_dtype, self.term.device
             found = []
             for j, c in cands:
                 e = self.owner[c]
-                fn, local = self.events[e].fn, c - self.offset[e]
+                fn, local, one = self.events[e].fn, c - self.offset[e], self.sizes[e] == 1
 
-                def g_many(ths: list[float], fn: Callable = fn, local: int = local) -> list[float]:
-                    # (the function's output was checked at the step's sub-points: no checks per iteration)
-                    ys = solver.interpolate_floats(self.term, st, ths, co, self.interp).view(len(ths), *shape)
-                    tts = torch.tensor([st.t0 + th * st.h for th in ths], dtype=self.term.t_dtype)
-                    tts = tts.to(self.term.device).unbind(0)
-                    rows_y = ys.unbind(0)
-                    self._seen.update(zip(ths, rows_y))
-                    return [float(fn(tt, y).reshape(-1)[local]) for tt, y in zip(tts, rows_y)]
+                def g_at(th: float, fn: Callable = fn, local: int = local, one: bool = one) -> float:
+                    # (the function's output was checked at the step end: no checks per iteration but NaN)
+                    y = solver.interpolate_floats(self.term, st, [th], co, self.interp).view(shape)
+                    self._seen[th] = y
+                    out = fn(torch.scalar_tensor(st.t0 + th * st.h, dtype=t_dtype, device=device), y)
+                    v = out.item() if one else float(out.reshape(-1)[local])
+                    if v != v:
+                        _nan_error(st.t0 + th * st.h, torch.tensor([v]))
+                    return v
 
                 a, fa, b, fb = thetas[j], rows[j][c], thetas[j + 1], rows[j + 1][c]
                 if j == 0 and c in probes:  # the start value was taken a moment after a jump
                     a = min(max((probes[c] - st.t0) / st.h, 0.0), 0.5 * b)
-                guess = _poly_root(thetas, [r[c] for r in rows], j)
-                theta, a, fa, b, fb = _polish(g_many, a, fa, b, fb, res, guess)
-                if theta is None:
-                    theta = _crossing(lambda th, f=g_many: f([th])[0], a, fa, b, fb, res)
-                found.append((theta, c))
+                found.append((_crossing(g_at, a, fa, b, fb, res), c))
             found.sort()
             hit = Hit([])
             for th, c in found:
@@ -347,9 +372,12 @@ class EventWatch:
         return hit
 
     def _table(self, solver: Stepper, st: Step, co, t1: float, interp: str) -> tuple[Tensor, list[float]]:
-        """The event components at the step start (kept), the interior fractions on the ``interp`` dense output
-        and the step end: shape ``(len(EVENT_FRACTIONS) + 2, n)``, and the times of rows 1 onward."""
-        fr = EVENT_FRACTIONS
+        """The event components at the step start (kept), the interior fractions ``self.fracs`` on the ``interp``
+        dense output and the step end: shape ``(len(self.fracs) + 2, n)``, and the times of rows 1 onward."""
+        fr = self.fracs
+        if not fr:  # the step end only: no dense output
+            tt = torch.scalar_tensor(t1, dtype=self.term.t_dtype, device=self.term.device)
+            return torch.stack([self.g, self.values(tt, st.y1.detach().view(self.term.shape), False)]), [t1]
         if self._fr is None:
             self._fr = torch.tensor(fr, dtype=torch.float64).to(st.y0.device)
         ys = solver.interpolate(self.term, st, self._fr, co, interp)
@@ -474,113 +502,71 @@ def _resolution(t0: float, h: float) -> float:
     return max(2.0 * math.ulp(max(scale, 1e-300)), ROOT_RTOL * max(scale, abs(h))) / abs(h)
 
 
-def _poly_root(xs: tuple[float, ...], vs: list[float], j: int) -> float | None:
-    """A root in ``[xs[j], xs[j + 1]]`` of the polynomial through ``(xs, vs)`` (Newton from the secant point, on
-    Python floats), or None (no convergence, or it leaves the interval)."""
-    k = len(xs)
-    if any(not math.isfinite(v) for v in vs):
-        return None
-    # Newton's divided differences.
-    coef = list(vs)
-    for lev in range(1, k):
-        for i in range(k - 1, lev - 1, -1):
-            coef[i] = (coef[i] - coef[i - 1]) / (xs[i] - xs[i - lev])
-    a, b = xs[j], xs[j + 1]
-    fa, fb = vs[j], vs[j + 1]
-    x = a + (b - a) * (fa / (fa - fb)) if fa != fb else 0.5 * (a + b)
-    for _ in range(12):
-        p, dp = coef[-1], 0.0
-        for i in range(k - 2, -1, -1):
-            dp = dp * (x - xs[i]) + p
-            p = p * (x - xs[i]) + coef[i]
-        if dp == 0 or not math.isfinite(p):
-            return None
-        step = p / dp
-        x -= step
-        if not (a <= x <= b):
-            return None
-        if abs(step) <= 1e-15 * (b - a):
-            break
-    return x
+def _crossing(g: Callable[[float], float], a: float, fa: float, b: float, fb: float, res: float) -> float:
+    """A sign change of ``g`` in ``[a, b]`` (``fa = g(a) != 0``, ``fb = g(b)``, opposite signs or ``fb = 0``),
+    located to a bracket of width ``res``.
 
-
-def _polish(g_many: Callable[[list[float]], list[float]], a: float, fa: float, b: float, fb: float, res: float,
-            guess: float | None) -> tuple[float | None, float, float, float, float]:
-    """Newton's method on ``g`` with derivatives from pairs of nearby points (one dense-output call per pair): from
-    ``guess``, the pair ``x -+ d`` gives ``g`` and its slope at ``x``; the next ``x`` is the Newton point, the next
-    ``d`` about its expected error (the square of the step), at least ``res / 2`` -- so a pair ends up bracketing the
-    root within ``res``. Every value seen narrows the bracket ``[a, b]``. Returns ``(theta, a, fa, b, fb)``:
-    ``theta`` the far end of a bracket of width ``<= res`` (or an exact zero), else None (for :func:`_crossing`)."""
-    if fb == 0:
-        return b, a, fa, b, fb
-    if guess is None:
-        return None, a, fa, b, fb
-    x = guess
-    w0 = b - a
-    d = max(1e-3 * w0, 0.5 * res)
-    for _ in range(6):
-        if not (a < x < b):
-            return None, a, fa, b, fb
-        pts = [max(x - d, 0.5 * (a + x)), min(x + d, 0.5 * (x + b))]
-        if not (a < pts[0] < pts[1] < b):
-            return None, a, fa, b, fb
-        v1, v2 = g_many(pts)
-        xs, fs = [a, *pts, b], [fa, v1, v2, fb]
-        for i in range(3):  # the first sub-bracket where the sign leaves fa's
-            if fs[i + 1] == 0:
-                return xs[i + 1], xs[i], fs[i], xs[i + 1], fs[i + 1]
-            if (fs[i + 1] > 0) != (fa > 0):
-                a, fa, b, fb = xs[i], fs[i], xs[i + 1], fs[i + 1]
-                break
-        if b - a <= res:
-            return b, a, fa, b, fb
-        slope = (v2 - v1) / (pts[1] - pts[0])
-        if slope == 0 or not math.isfinite(slope):
-            return None, a, fa, b, fb
-        step = 0.5 * (v1 + v2) / slope
-        x = 0.5 * (pts[0] + pts[1]) - step
-        d = max(min(4.0 * step * step / w0, 0.5 * abs(step)), 0.5 * res)
-    return None, a, fa, b, fb
-
-
-def _crossing(g: Callable[[float], Tensor], a: float, fa: float, b: float, fb: float, res: float) -> float:
-    """A sign change of ``g`` in ``[a, b]`` (``fa = g(a) != 0``, ``fb = g(b)``, opposite signs or ``fb = 0``).
-
-    Illinois regula falsi on the bracket; an iteration that fails to halve the bracket is followed by a bisection,
-    so the bracket halves at least every second iteration and reaches width ``res`` whatever ``g`` is (continuous,
-    jumping, or with a pole). Returns an exact zero if one is hit, else the bracket end past the crossing.
+    Each iteration evaluates ``g`` once, at the zero of the polynomial through the latest (up to four) values as a
+    function of ``g`` (inverse interpolation: superlinear on a smooth ``g``; the secant of the bracket while fewer
+    values are known or where that zero leaves the bracket), moved at least ``res / 4`` off the bracket's ends, so
+    that an estimate within ``res / 4`` of the root lands on its other side and closes the bracket. Where two
+    iterations fail to halve the bracket the next one bisects it, so it reaches ``res`` whatever ``g`` is
+    (continuous, jumping, or with a pole). Returns an exact zero if one is hit, else the bracket end past the
+    crossing.
     """
     if fb == 0:
         return b
-    side = 0
-    bisect = False
+    pts = [(a, fa), (b, fb)]
+    widths = [math.inf, math.inf]  # the bracket's width before each evaluation
+    moves = [math.inf]  # the distance of each evaluated point from the one before
+    d = 0.25 * res
     for _ in range(_MAX_ITERATIONS):
-        if b - a <= res:
-            break
-        if bisect:
-            m = 0.5 * (a + b)
-        else:
-            m = a + (b - a) * (fa / (fa - fb))
-            if not (a < m < b):  # inf / nan weights, or the secant point on an end
-                m = 0.5 * (a + b)
-        if not (a < m < b):  # no float between the ends
-            break
-        fm = float(g(m))
-        if fm == 0:
-            return m
         width = b - a
-        if (fm > 0) == (fb > 0):
-            b, fb = m, fm
-            if side == -1:
-                fa *= 0.5
-            side = -1
+        if width <= res:
+            break
+        x = _inverse_root(pts)
+        if not (a < x < b):  # nan / inf, or outside: the secant of the bracket
+            x = a + width * (fa / (fa - fb))
+            if not (a < x < b):
+                x = 0.5 * (a + b)
+        x = min(max(x, a + d), b - d)
+        # Not halved over two evaluations and the estimates not converging superlinearly: bisect.
+        if widths[-2] < 2.0 * width and abs(x - pts[-1][0]) > 0.25 * moves[-1]:
+            x = 0.5 * (a + b)
+        if not (a < x < b):  # no float between the ends
+            break
+        fx = g(x)
+        if fx == 0:
+            return x
+        moves.append(abs(x - pts[-1][0]))
+        if (fx > 0) == (fb > 0):
+            b, fb = x, fx
         else:
-            a, fa = m, fm
-            if side == 1:
-                fb *= 0.5
-            side = 1
-        bisect = (b - a) > 0.5 * width
+            a, fa = x, fx
+        pts.append((x, fx))
+        widths.append(width)
     return b
+
+
+def _inverse_root(pts: list[tuple[float, float]]) -> float:
+    """The value at ``g = 0`` of the polynomial through the latest (up to four) points ``(x, g)`` with distinct
+    finite ``g``, as ``x`` of ``g`` (Neville's scheme); NaN where fewer than two such points exist."""
+    xs: list[float] = []
+    gs: list[float] = []
+    for x, v in reversed(pts):
+        if math.isfinite(v) and v not in gs:
+            xs.append(x)
+            gs.append(v)
+            if len(xs) == 4:
+                break
+    m = len(xs)
+    if m < 2:
+        return math.nan
+    p = xs
+    for lev in range(1, m):
+        for i in range(m - lev):
+            p[i] = (gs[i] * p[i + 1] - gs[i + lev] * p[i]) / (gs[i] - gs[i + lev])
+    return p[0]
 
 
 def implicit_event(event_fn: Callable, t: Tensor, y: Tensor, f: Tensor | Callable[[], Tensor],
@@ -654,10 +640,11 @@ class RowEventWatch:
 
     An event function receives the rows' times ``t`` (``(B,)``) and states ``y`` (``(B, *shape)``, the user's
     shape) and returns one value per row (``(B,)``) or ``k`` per row (``(B, k)``). After every attempted step the
-    accepted rows' values at :data:`EVENT_FRACTIONS` of their steps (on their dense output) and at the step ends are
-    checked for sign changes (in each event's direction); a row's first root is located by Illinois regula falsi on
-    its dense output, vectorised over the rows, to :data:`ROOT_RTOL`. That occurrence ends the row's step: the row
-    continues from the event (its state there, or the jumped state, with its derivative evaluated afresh), so
+    accepted rows' values at their step ends (and at the interior fractions of ``Event(samples=k)``, on their dense
+    output) are checked for sign changes (in each event's direction); a row's first root is located by Illinois
+    regula falsi on its dense output, vectorised over the rows, to :data:`ROOT_RTOL`. That occurrence ends the row's
+    step: the row continues from the event (its state there, or the jumped state, with its derivative evaluated
+    afresh), so
     several occurrences in one step are found one step at a time. Terminal occurrences and Zeno limits end the row
     (status ``"event"`` / ``"zeno"``); the others go on.
     """
@@ -667,6 +654,7 @@ class RowEventWatch:
         self.events, self.term, self.solver, self.shape = events, term, solver, tuple(shape)
         self.b = y0.shape[0]
         self.co = solver.coefficients(y0.dtype, y0.device)
+        self.fracs = sample_fractions(events)
         with torch.no_grad():
             g0 = [self._one(e, t0, y0, None) for e in events]
         self.sizes = [g.shape[1] for g in g0]
@@ -714,11 +702,13 @@ class RowEventWatch:
         solver, co = self.solver, self.co
         fh1 = f_last * hc if co.dense_t is None else None
         with torch.no_grad():
-            kf = solver.dense_stages_rows(self.term, t_prev, h, hc, y_prev.detach(), kh.detach(), co)
-            self.nfe += len(co.extra_a)
             yp, yn, fh = y_prev.detach(), y1.detach(), None if fh1 is None else fh1.detach()
+            kf = None  # the rows' dense output: only where interior points are checked or a root is located
+            if self.fracs:
+                kf = solver.dense_stages_rows(self.term, t_prev, h, hc, yp, kh.detach(), co)
+                self.nfe += len(co.extra_a)
             rows = [self.g]
-            for fr in EVENT_FRACTIONS:
+            for fr in self.fracs:
                 th = torch.full_like(t_prev, fr)
                 rows.append(self.values(t_prev + fr * h, solver.interpolate_rows(yp, yn, kf, fh, th, co)))
             g_end = self.values(t_prev + h, yn)
@@ -734,8 +724,11 @@ class RowEventWatch:
                 self.g = torch.where(accept.view(-1, 1), g_end, self.g)
                 self.probe_t = torch.where(accept, math.nan, self.probe_t)
                 return t_cur, y, k1, t_stop, status
+            if kf is None:
+                kf = solver.dense_stages_rows(self.term, t_prev, h, hc, yp, kh.detach(), co)
+                self.nfe += len(co.extra_a)
             j = torch.argmax(any_row.to(torch.int8), 0)  # first interval per row
-            fracs = torch.tensor((0.0, *EVENT_FRACTIONS, 1.0), dtype=torch.float64, device=h.device)
+            fracs = torch.tensor((0.0, *self.fracs, 1.0), dtype=torch.float64, device=h.device)
             ar = torch.arange(self.b, device=h.device)
             t_scale = torch.maximum(t_prev.abs(), (t_prev + h).abs())
             res = torch.maximum(2 * torch.finfo(torch.float64).eps * t_scale,
@@ -744,7 +737,7 @@ class RowEventWatch:
             comp = torch.zeros(self.b, dtype=torch.long, device=h.device)
             # rows whose start value was taken a moment after a jump: their first bracket starts there
             a0 = torch.where((j == 0) & torch.isfinite(self.probe_t),
-                             ((self.probe_t - t_prev) / h).clamp(0.0, 0.5 * EVENT_FRACTIONS[0]), fracs[j])
+                             ((self.probe_t - t_prev) / h).clamp(0.0, 0.5 * float(fracs[1])), fracs[j])
             for c in range(G.shape[2]):
                 m = occ & changed[j, ar, c]
                 if not bool(m.any()):
