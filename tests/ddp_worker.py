@@ -14,6 +14,7 @@ batch.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
@@ -53,6 +54,8 @@ def recorder(store: dict):
 
 
 def main(out: str) -> None:
+    # the test kills the workers after 120 s: print where each one stands before that, into its log
+    faulthandler.dump_traceback_later(100, exit=False)
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model, opt, x, y = make_problem()
