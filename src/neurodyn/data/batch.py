@@ -20,7 +20,9 @@ class IrregularBatch:
     ----------
     times : Tensor, shape ``(B, T)``
         Each row's observation times, nondecreasing; a row shorter than ``T`` is padded by repeating its last time
-        (so every row is a valid grid for per-sample solves; a padded step has length 0).
+        (a padded step has length 0, which the recurrent encoders skip). ``neurodyn.solve`` refuses repeated
+        times, so a per-sample solve on these rows needs the padding replaced by increasing times (its outputs
+        there are then ignored through ``lengths``/``mask``).
     values : Tensor, shape ``(B, T, C)``
         Observed values; 0 wherever ``mask`` is 0 (missing or padding).
     mask : Tensor, shape ``(B, T, C)``
