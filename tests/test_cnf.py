@@ -306,6 +306,7 @@ def test_ffjord_experiment_quick(tmp_path):
 
     m = ffjord_experiment(tmp_path, iters=20, quick=True, test_n=500, log_every=10, plots=True)
     assert m["iters"] == 20 and len(m["history"]) == 2
+    assert m["samples"].shape == (2000, 2) and torch.isfinite(m["samples"]).all()
     assert m["history"][-1][1] < m["history"][0][1] + 0.5 and math.isfinite(m["test_nll"])
     assert m["test_nll"] > m["data_entropy"] - 0.1  # no model beats the density's own entropy (test set noise aside)
     for f in ("metrics.json", "log.txt", "density.png", "samples.png", "trajectories.png"):

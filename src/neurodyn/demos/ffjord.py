@@ -80,7 +80,8 @@ def ffjord_experiment(out_dir: str | Path, dataset: str = "8gaussians", iters: i
         ``test_nll`` (nats, final), ``history`` (list of ``(iteration, test NLL)``), ``train_seconds``,
         ``seconds_per_iter``, ``nfe_forward_mean`` / ``nfe_backward_mean`` (per training iteration),
         ``sample_nfe`` (drawing the plot samples), ``end_time``, ``bits_per_dim``, ``data_entropy`` (8gaussians:
-        Monte-Carlo entropy of the true density, the lowest achievable NLL), the settings.
+        Monte-Carlo entropy of the true density, the lowest achievable NLL), the settings (all of these are also
+        written to ``metrics.json``), and ``samples`` (``(2000, 2)``, the flow's samples; not in the file).
 
     Examples
     --------
@@ -154,7 +155,7 @@ def ffjord_experiment(out_dir: str | Path, dataset: str = "8gaussians", iters: i
     (out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
     note(f"# done: test_nll {test_nll:.4f} seconds_per_iter {metrics['seconds_per_iter']:.3f}")
     log.close()
-    return metrics
+    return {**metrics, "samples": samples}  # the samples are returned, not written to metrics.json
 
 
 def _plots(flow: CNF, data: Tensor, samples: Tensor, out: Path, lim: float = 4.0, n: int = 120) -> None:
