@@ -177,22 +177,13 @@ def test_event_values_checked_along_the_solution():
                                                       ("dopri8", 1e-8, 0.1, 1e-5), ("tsit5", 1e-4, 0.1, 1e-3)])
 def test_two_roots_inside_one_step(method, rtol, delta, tol):
     """y = cos t; g = y + cos(delta) < 0 only on (pi - delta, pi + delta): two roots closer than a step, with the
-    same sign of g at both step ends. The default checks step ends only and misses them (as scipy's solve_ivp);
-    ``Event(samples=3)`` sees them. The first, pi - delta, is the event."""
+    same sign of g at both step ends. The first, pi - delta, is the event."""
     y0 = torch.tensor([1.0, 0.0], dtype=F64)
     ev = lambda t, y: y[0] + math.cos(delta)  # noqa: E731
-    tt = torch.tensor([0.0, 6.0], dtype=F64)
-    kw = dict(method=method, rtol=rtol, atol=rtol * 1e-2)
-    # Where no step end falls between the roots (the step holding pi - delta also holds pi + delta), the step-end
-    # checks miss them.
-    ends = [6.0]
-    neurodyn.solve(osc, y0, tt, step_callbacks={"accept": lambda t, y, h: ends.append(t + h)}, **kw)
-    between = any(math.pi - delta < te < math.pi + delta for te in ends)
-    assert neurodyn.solve(osc, y0, tt, event_fn=ev, **kw).status == ("event" if between else "success")
-    sol = neurodyn.solve(osc, y0, tt, events=[neurodyn.Event(ev, samples=3)], **kw)
+    sol = neurodyn.solve(osc, y0, torch.tensor([0.0, 6.0], dtype=F64), method=method, rtol=rtol, atol=rtol * 1e-2,
+                         event_fn=ev)
     assert sol.status == "event" and abs(float(sol.event_t) - (math.pi - delta)) < tol
-    t_e, s = neurodyn.odeint_event(osc, y0, t0_(), event_fn=ev, method=method, rtol=rtol, atol=rtol * 1e-2,
-                                   options={"max_step": delta / 2})
+    t_e, s = neurodyn.odeint_event(osc, y0, t0_(), event_fn=ev, method=method, rtol=rtol, atol=rtol * 1e-2)
     assert abs(float(t_e.detach()) - (math.pi - delta)) < tol
     assert abs(float(s[-1, 1]) + math.sin(delta)) < 10 * tol  # y' = -sin t
     # torchdiffeq sees both roots only with steps shorter than their distance; then it agrees.
@@ -205,31 +196,22 @@ def test_two_roots_inside_one_step(method, rtol, delta, tol):
 @pytest.mark.parametrize("method, extra", [("dopri5", 0), ("tsit5", 0), ("bdf", 0), ("radau", 0), ("adams", 0),
                                            ("kvaerno5", 0), ("dopri8", 3)])
 def test_sub_point_checks_cost_no_field_evaluations(method, extra):
-    """Step-end checks cost no field evaluation. The interior checks of ``Event(samples=3)`` use dense output that
-    comes with the step; DOP853's own needs three extra stages, so after the first step its checks use cubic
-    Hermite (the end derivative is the next step's first stage)."""
+    """The interior sign checks use dense output that comes with the step; DOP853's own needs three extra stages, so
+    after the first step its checks use cubic Hermite (the end derivative is the next step's first stage)."""
     y0 = torch.tensor([1.0, 0.0], dtype=F64)
     t = torch.tensor([0.0, 6.0], dtype=F64)
     plain = neurodyn.solve(osc, y0, t, method=method, rtol=1e-8, atol=1e-10)
-    never = lambda t, y: y[0] + 2.0  # noqa: E731
-    watched = neurodyn.solve(osc, y0, t, method=method, rtol=1e-8, atol=1e-10, event_fn=never)
+    watched = neurodyn.solve(osc, y0, t, method=method, rtol=1e-8, atol=1e-10, event_fn=lambda t, y: y[0] + 2.0)
     assert watched.status == "success" and watched.stats["steps"] == plain.stats["steps"]
-    assert watched.stats["nfe"] == plain.stats["nfe"]
-    sampled = neurodyn.solve(osc, y0, t, method=method, rtol=1e-8, atol=1e-10,
-                             events=[neurodyn.Event(never, samples=3)])
-    assert sampled.status == "success" and sampled.stats["steps"] == plain.stats["steps"]
-    assert sampled.stats["nfe"] == plain.stats["nfe"] + extra
+    assert watched.stats["nfe"] == plain.stats["nfe"] + extra
 
 
 def test_two_roots_inside_one_fixed_step():
-    """rk4 with step 0.5: the steps [3, 3.5] holds both roots pi -+ 0.1; cubic Hermite sub-points
-    (``Event(samples=3)``) see them, the step ends alone do not."""
+    """rk4 with step 0.5: the steps [3, 3.5] holds both roots pi -+ 0.1; cubic Hermite sub-points see them."""
     y0 = torch.tensor([1.0, 0.0], dtype=F64)
-    tt = torch.tensor([0.0, 6.0], dtype=F64)
-    ev = lambda t, y: y[0] + math.cos(0.1)  # noqa: E731
-    sol = neurodyn.solve(osc, y0, tt, method="rk4", step_size=0.5, events=[neurodyn.Event(ev, samples=3)])
+    sol = neurodyn.solve(osc, y0, torch.tensor([0.0, 6.0], dtype=F64), method="rk4", step_size=0.5,
+                         event_fn=lambda t, y: y[0] + math.cos(0.1))
     assert sol.status == "event" and abs(float(sol.event_t) - (math.pi - 0.1)) < 0.02
-    assert neurodyn.solve(osc, y0, tt, method="rk4", step_size=0.5, event_fn=ev).status == "success"
 
 
 # ------------------------------------------------------------------------------------------ discontinuous g
@@ -276,3 +258,23 @@ def test_steep_continuous_event_function_is_zero_at_the_root():
     assert abs(float(sol.y_final[0]) - C) < 1e-8
     td_t, _ = torchdiffeq.odeint_event(decay, y0, t0_(), event_fn=g, rtol=1e-10, atol=1e-12)
     assert abs(float(sol.event_t) - float(td_t.detach())) < 1e-9
+
+
+def test_step_end_checks_only_with_samples_zero():
+    """``Event(samples=0)`` checks the step ends only (scipy's semantics): no extra field evaluation even for DOP853,
+    and two roots inside one step are seen exactly when some accepted step end falls between them."""
+    y0 = torch.tensor([1.0, 0.0], dtype=F64)
+    tt = torch.tensor([0.0, 6.0], dtype=F64)
+    kw = dict(method="dopri8", rtol=1e-8, atol=1e-10)
+    plain = neurodyn.solve(osc, y0, tt, **kw)
+    never = neurodyn.solve(osc, y0, tt, events=[neurodyn.Event(lambda t, y: y[0] + 2.0, samples=0)], **kw)
+    assert never.status == "success" and never.stats["nfe"] == plain.stats["nfe"]
+    delta = 0.1
+    ev = lambda t, y: y[0] + math.cos(delta)  # noqa: E731  (g < 0 only on (pi - delta, pi + delta))
+    ends = [6.0]
+    neurodyn.solve(osc, y0, tt, step_callbacks={"accept": lambda t, y, h: ends.append(t + h)}, **kw)
+    between = any(math.pi - delta < te < math.pi + delta for te in ends)
+    ends_only = neurodyn.solve(osc, y0, tt, events=[neurodyn.Event(ev, samples=0)], **kw)
+    assert ends_only.status == ("event" if between else "success")
+    sampled = neurodyn.solve(osc, y0, tt, events=[neurodyn.Event(ev)], **kw)  # default: 3 interior checks
+    assert sampled.status == "event" and abs(float(sampled.event_t) - (math.pi - delta)) < 1e-5

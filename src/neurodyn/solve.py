@@ -160,8 +160,9 @@ def solve(
         Events (:class:`neurodyn.Event`: a function, a crossing ``direction``, ``terminal`` after ``n`` occurrences,
         an optional ``jump`` map of the state). Every occurrence is in ``sol.events`` (``.t``, ``.y`` before any
         jump, ``.index``); a terminal one stops the solve (status ``"event"``, ``sol.event_t``, ``sol.y_final``).
-        Signs are checked at the step ends (as scipy's ``solve_ivp``): two crossings inside one step are missed
-        unless the event has ``samples=k`` interior checks or ``max_step`` is below their distance.
+        Signs are checked at the step ends and at ``Event(samples=3)`` interior points of every step (on the dense
+        output, no field evaluation); ``samples=0`` checks the step ends only, as scipy's ``solve_ivp`` (cheaper;
+        two crossings inside one step are then missed unless ``max_step`` is below their distance).
         Event times and post-jump states are differentiable with ``gradient="direct"`` and ``"checkpoint"``;
         ``"adjoint"`` and ``"interpolated"`` take events without jumps or terminal stops (the gradient of ``sol.ys``
         is exact; differentiating ``sol.events`` raises). With ``per_sample_steps=True`` an event function gets the

@@ -4,14 +4,14 @@ them, stopping, jumping, and the differentiable event times and states.
 How a root is found
 -------------------
 1. Every event function is evaluated at ``(t0, y0)`` (and its return type checked) before the first step.
-2. After every accepted step, the functions are evaluated at the step end only (the value at the step start is the
-   previous step's end value, kept): a step where no component leaves its sign costs one call of each event
-   function and no dense output. As in scipy's ``solve_ivp``, a component that crosses zero an even number of
-   times inside one step (a tangency, a double root, or two roots closer together than a step) is therefore not
-   seen. An :class:`Event` built with ``samples=k`` is also checked at ``k`` evenly spaced interior points of every
-   step, on the step's dense output where that needs no field evaluation (``dopri5``, ``tsit5``, ``bdf``,
-   ``adams``, collocation methods), else on its cubic Hermite interpolant (whose end derivative is the next step's
-   first stage); two roots further apart than ``1 / (k + 1)`` of a step are then both seen. A step where a sign
+2. After every accepted step, the functions are evaluated at the step end (the value at the step start is the
+   previous step's end value, kept). At the step ends alone (``Event(samples=0)``, as scipy's ``solve_ivp``), a
+   component that crosses zero an even number of times inside one step (a tangency, a double root, or two roots
+   closer together than a step) would not be seen. So every :class:`Event` is also checked at ``samples``
+   (default 3) evenly spaced interior points of every step, on the step's dense output where that needs no field
+   evaluation (``dopri5``, ``tsit5``, ``bdf``, ``adams``, collocation methods), else on its cubic Hermite
+   interpolant (whose end derivative is the next step's first stage); two roots further apart than
+   ``1 / (samples + 1)`` of a step are then both seen. A step where a sign
    changes at an interior point is checked again on the dense output the solve uses (``interp``: the method's own
    by default).
 3. In every sub-interval where a component leaves its sign (in its event's ``direction``), the root is bracketed
@@ -145,11 +145,12 @@ class Event:
         the state at the event enter ``jump`` with their gradients (implicit function theorem), so post-jump
         states are differentiable with respect to ``y0``, the field's parameters and ``jump``'s own tensors.
     samples : int
-        Interior points of every step where ``fn`` is checked besides the step end (evenly spaced; default 0). With
-        the default a component that crosses zero twice inside one step (a tangency or double root, two roots
-        closer together than a step) is missed, as in scipy's ``solve_ivp``; with ``samples=k`` two roots further
-        apart than ``1 / (k + 1)`` of a step are both seen, at the cost of ``k`` more calls of every event's
-        function per step. (A ``max_step`` on the solve is the other way to see close roots.)
+        Interior points of every step where ``fn`` is checked besides the step end (evenly spaced; default 3): two
+        roots further apart than ``1 / (samples + 1)`` of a step are both seen, at the cost of ``samples`` more
+        calls of every event's function per step (no field evaluation). ``samples=0`` checks the step ends only,
+        as scipy's ``solve_ivp``: the cheapest, but a component that crosses zero twice inside one step (a
+        tangency or double root, two roots closer together than a step) is then missed. (A ``max_step`` on the
+        solve is the other way to see close roots.)
 
     Raises
     ------
@@ -174,7 +175,7 @@ class Event:
     __slots__ = ("fn", "direction", "terminal", "jump", "samples")
 
     def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], direction: int = 0, terminal: bool | int = True,
-                 jump: Callable[[Tensor, Tensor], Tensor] | None = None, samples: int = 0):
+                 jump: Callable[[Tensor, Tensor], Tensor] | None = None, samples: int = 3):
         if not callable(fn):
             raise InputError(f"Event: fn must be callable as fn(t, y) returning a tensor, got {type(fn).__name__}.")
         if isinstance(direction, bool) or direction not in (0, 1, -1):
@@ -208,7 +209,7 @@ class Event:
 
 def sample_fractions(events: tuple[Event, ...]) -> tuple[float, ...]:
     """The interior fractions of each step where the events are checked besides the step end: ``k`` evenly spaced
-    ones, ``k`` the largest ``samples`` of ``events`` (none by default).
+    ones, ``k`` the largest ``samples`` of ``events`` (3 by default).
 
     >>> sample_fractions((Event(lambda t, y: y[0], samples=3),))
     (0.25, 0.5, 0.75)
@@ -260,7 +261,7 @@ class EventWatch:
         self.events: tuple[Event, ...] = cfg.events
         self.term = term
         self.interp = cfg.interp
-        # Interior fractions checked per step (Event(samples=k); none by default: step ends only).
+        # Interior fractions checked per step (Event(samples=k), 3 by default; samples=0: step ends only).
         self.fracs = sample_fractions(self.events)
         # The dense output the interior checks use: ``interp``, until the method's own ("auto") turns out to
         # evaluate the field (DOP853's three extra stages); then cubic Hermite, which costs none (its end derivative
