@@ -7,21 +7,9 @@ import importlib
 import pkgutil
 
 import pytest
+from test_docs import import_optional  # one rule for modules of an extra that is not installed
 
 import neurodyn
-
-
-def import_optional(name: str):
-    """The module, or None when it needs an optional dependency that is not installed here."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        cause = e  # an ImportError naming the extra may wrap the ModuleNotFoundError
-        while cause is not None and not isinstance(cause, ModuleNotFoundError):
-            cause = cause.__cause__
-        if cause is None or cause.name is None or cause.name.split(".")[0] == "neurodyn":
-            raise
-        return None
 
 
 def modules_with_examples() -> list[str]:
