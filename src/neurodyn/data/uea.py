@@ -28,8 +28,8 @@ from .batch import IrregularBatch
 
 _BOOL = {"true": True, "false": False}
 _PAIR = re.compile(r"\(\s*([^,()]+?)\s*,\s*([^,()]+?)\s*\)")
-# The aeon wheel's data folder (inside the installed package) and the data sets it holds that load_uea knows.
 UEA_SETS = ("JapaneseVowels", "BasicMotions")
+"""The UEA/UCR data sets the aeon wheel ships in its data folder that `load_uea` and `uea_path` know."""
 
 
 @dataclass
