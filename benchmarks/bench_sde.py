@@ -19,7 +19,8 @@ Sections (``--sections``):
   first trained for ``--adaptive-iters`` Adam steps on 128 series, 0: untrained): fixed dt from 1/8 to
   1/256 vs adaptive step doubling at rtol = atol from 1e-1 to 1e-4, strong error (mean over series of the max-norm
   at the final time, against dt = 1/4096 on the same path: one BrownianInterval object for all solves) vs drift
-  evaluations (``stats['nfe']``: every drift evaluation of the solve, the step-doubling halves included).
+  evaluations (``stats['nfe']``: every drift evaluation of the solve, the step-doubling halves included; diffusion
+  evaluations beside them), adaptive with the embedded error estimate and with step doubling.
 
 Timings: entries run round-robin (one call of each per repeat), the median over repeats of wall time; the figure
 reported is the ratio torchsde / neurodyn (> 1: neurodyn faster). Usage:
@@ -251,24 +252,26 @@ def section_adaptive(adaptive_iters: int) -> list[dict]:
     # reference, the fixed and the adaptive solves see one sample path whatever times they query.
     bm = BrownianInterval(0.0, 1.0, shape=(32, 5), dtype=torch.float64, entropy=9, levy_area="none", cache_size=None)
 
-    def solve(**kw) -> tuple[torch.Tensor, int]:
+    def solve(**kw) -> tuple[torch.Tensor, dict]:
         model.step_size = kw.pop("step_size", None)
         model.rtol = model.atol = kw.pop("tol", 1e-3)
+        model.solve_options = {"solver_options": {"error_estimate": kw.pop("estimate", "auto")}}
         with torch.no_grad():
             zs, _, _ = model.posterior(xs, ts, bm=bm, eps=eps)
-        return zs[-1], int(model.last_solution.stats["nfe"])
+        return zs[-1], model.last_solution.stats
+
+    def add(mode: str, setting: str, z: torch.Tensor, st: dict) -> None:
+        rows.append({"section": "adaptive", "mode": mode, "setting": setting, "nfe": int(st["nfe"]),
+                     "nfe_diffusion": int(st.get("nfe_diffusion", 0)), "steps": int(st["steps"]),
+                     "rejected": int(st.get("rejected", 0)), "strong_error": float((z - ref).abs().amax(-1).mean())})
+        print(json.dumps(rows[-1]), flush=True)
 
     ref, _ = solve(step_size=1 / 4096)
     for k in (3, 4, 5, 6, 7, 8):
-        z, nfe = solve(step_size=2.0 ** -k)
-        rows.append({"section": "adaptive", "mode": "fixed", "setting": f"dt=1/{2 ** k}", "nfe": nfe,
-                     "strong_error": float((z - ref).abs().amax(-1).mean())})
-        print(json.dumps(rows[-1]), flush=True)
-    for tol in (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4):
-        z, nfe = solve(tol=tol)
-        rows.append({"section": "adaptive", "mode": "adaptive", "setting": f"tol={tol:g}", "nfe": nfe,
-                     "strong_error": float((z - ref).abs().amax(-1).mean())})
-        print(json.dumps(rows[-1]), flush=True)
+        add("fixed", f"dt=1/{2 ** k}", *solve(step_size=2.0 ** -k))
+    for estimate in ("embedded", "doubling"):
+        for tol in (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4):
+            add(f"adaptive {estimate}", f"tol={tol:g}", *solve(tol=tol, estimate=estimate))
     return rows
 
 

@@ -513,6 +513,7 @@ def test_rejected_steps_leave_the_path_unchanged(method, sde_type):
     ts = torch.tensor([0.0, 1.0], dtype=F64)
     grid = []
     sol = neurodyn.solve(term, y0, ts, method=method, rtol=1e-4, atol=1e-4,
+                         solver_options={"error_estimate": "doubling"},
                          step_callbacks={"accept": lambda t, y, h: grid.append((t, h))})
     assert sol.status == "success" and sol.stats["rejected"] > 0
     stops = sorted({t + 0.5 * h for t, h in grid} | {t + h for t, h in grid[:-1]})
@@ -590,3 +591,102 @@ def test_adaptive_checkpoint_equals_direct(method):
         grads.append(torch.autograd.grad(sol.ys.sum(), (y0, w, c)))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embedded error estimates
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,sde_type,levy", [("milstein", "ito", "none"), ("srk", "ito", "space-time"),
+                                                  ("heun", "stratonovich", "none"),
+                                                  ("midpoint", "stratonovich", "none"),
+                                                  ("euler_heun", "stratonovich", "none"),
+                                                  ("log_ode", "stratonovich", "davie")])
+def test_embedded_estimate_tracks_true_local_error(method, sde_type, levy):
+    """One step of GBM (closed form on the step's own Brownian increment) with the embedded estimate ``est = y1 -
+    y_low``: ``est`` equals the lower-order solution's true local error ``exact - y_low`` up to the method's own
+    local error, so ``mean|est - (exact - y_low)| / mean|exact - y_low|`` falls like ``h^(p - p_low) = h^0.5``
+    (measured slopes 0.49-0.51) and is small at small ``h``; the estimate costs no evaluation beyond the step
+    (milstein: one drift evaluation at the step's end, which the next step starts from)."""
+    from neurodyn.core.term import ODETerm as Bound
+    from neurodyn.solvers.sde import make_sde
+
+    n = 4000
+    mu, sig = 0.4, 0.7
+    y0 = torch.ones(n, 1, dtype=F64)
+    rels, hs = [], [2.0 ** -k for k in (4, 7, 10)]
+    for h in hs:
+        bm = BrownianInterval(0.0, h, shape=(n, 1), dtype=F64, entropy=11, levy_area=levy)
+        term = neurodyn.sde_term(lambda t, y: mu * y, lambda t, y: sig * y, bm, noise="diagonal", sde_type=sde_type)
+        bound = Bound(term.rate, (n, 1), F64, torch.device("cpu"))
+        stepper = make_sde(method).bind(error_estimate="embedded")
+        stepper.check_term(term, y0, torch.tensor(0.0, dtype=F64), True)
+        assert stepper.embedded
+        flat = y0.reshape(1, -1)
+        k1 = bound(0.0, flat)
+        nfe0, nfg0 = bound.nfe, stepper.stats["nfe_diffusion"]
+        y1, _, err = stepper.step(bound, 0.0, flat, h, k1)
+        per_step = (bound.nfe - nfe0, stepper.stats["nfe_diffusion"] - nfg0)
+        fixed = make_sde(method)
+        fixed.check_term(term, y0, torch.tensor(0.0, dtype=F64), True)
+        fixed.fixed_step()
+        nfe0, nfg0 = bound.nfe, fixed.stats["nfe_diffusion"]
+        y1_fixed, _, _ = fixed.step(bound, 0.0, flat, h, k1)
+        # the estimate is free (milstein: its drift at the step's end is the next step's first, FSAL)
+        assert (bound.nfe - nfe0 + int(stepper.fsal), fixed.stats["nfe_diffusion"] - nfg0) == per_step
+        assert torch.equal(y1, y1_fixed)  # the step itself is the solution
+        W = bm(0.0, h)
+        drift = mu if sde_type == "stratonovich" else mu - sig ** 2 / 2
+        exact = torch.exp(drift * h + sig * W).reshape(1, -1)
+        est = err * h
+        y_low = y1 - est
+        true_low = exact - y_low
+        rels.append(float((est - true_low).abs().mean() / true_low.abs().mean()))  # = mean|y1 - exact| / ...
+    s = slope(hs, rels)
+    assert abs(s - 0.5) < 0.15, (s, rels)
+    assert rels[-1] < 0.1
+
+
+@pytest.mark.parametrize("method,sde_type", [("milstein", "ito"), ("srk", "ito"), ("heun", "stratonovich")])
+def test_embedded_adaptive_path_and_cost(method, sde_type):
+    """Adaptive steps with the embedded estimate: the accepted steps are plain steps of the method (a fixed-step
+    solve on the accepted grid gives the same solution: rejected attempts did not change the Brownian path), each
+    attempt costs one step's evaluations (drift: one per accepted step for milstein and heun, whose retries reuse
+    the step-start drift; milstein's rejected attempts one drift evaluation each)."""
+    bm = BrownianInterval(0.0, 1.0, shape=(6, 2), dtype=F64, entropy=3, levy_area="space-time")
+    term = neurodyn.sde_term(lambda t, y: torch.sin(y) - 0.5 * y, lambda t, y: 0.6 * torch.cos(y) + 0.2, bm,
+                             noise="diagonal", sde_type=sde_type)
+    y0 = torch.linspace(-1, 1, 12, dtype=F64).view(6, 2)
+    ts = torch.tensor([0.0, 1.0], dtype=F64)
+    grid = []
+    sol = neurodyn.solve(term, y0, ts, method=method, rtol=1e-3, atol=1e-3,
+                         solver_options={"error_estimate": "embedded"},
+                         step_callbacks={"accept": lambda t, y, h: grid.append((t, h))})
+    assert sol.status == "success" and sol.stats["rejected"] > 0
+    fixed = neurodyn.solve(term, y0, ts, method=method, step_size=1.0, step_t=[t + h for t, h in grid[:-1]])
+    assert fixed.stats["steps"] == len(grid)
+    torch.testing.assert_close(fixed.ys, sol.ys, rtol=0, atol=1e-6)
+    attempts = sol.stats["steps"] + sol.stats["rejected"]
+    per_attempt = fixed.stats["nfe_diffusion"] / fixed.stats["steps"]
+    assert sol.stats["nfe_diffusion"] == per_attempt * attempts
+    # the initial step size's drift evaluation, then per accepted step: heun two (its start, its predictor), milstein
+    # one (its end: the next start); per rejected attempt one (heun: its predictor; milstein: its end)
+    if method == "heun":
+        assert sol.stats["nfe"] == 1 + 2 * sol.stats["steps"] + sol.stats["rejected"]
+    elif method == "milstein":
+        assert sol.stats["nfe"] == 2 + sol.stats["steps"] + sol.stats["rejected"]
+
+
+def test_error_estimate_option_rejections():
+    bm = BrownianInterval(0.0, 1.0, shape=(2, 2), dtype=F64, entropy=0)
+    term = neurodyn.sde_term(lambda t, y: -y, lambda t, y: 0.3 * y, bm, noise="diagonal")
+    y0 = torch.ones(2, 2, dtype=F64)
+    ts = torch.tensor([0.0, 1.0], dtype=F64)
+    with pytest.raises(neurodyn.InputError, match="'auto', 'embedded' or 'doubling'"):
+        neurodyn.solve(term, y0, ts, method="milstein", solver_options={"error_estimate": "richardson"})
+    with pytest.raises(neurodyn.InputError, match="no embedded error estimate"):
+        neurodyn.solve(term, y0, ts, method="euler", solver_options={"error_estimate": "embedded"})
+    add = neurodyn.sde_term(lambda t, y: -y, lambda t, y: 0.3 * torch.ones_like(y), bm, noise="additive")
+    with pytest.raises(neurodyn.InputError, match="not 'additive'"):
+        neurodyn.solve(add, y0, ts, method="milstein", solver_options={"error_estimate": "embedded"})
+    sol = neurodyn.solve(add, y0, ts, method="milstein", rtol=1e-3, atol=1e-3)  # auto: step doubling
+    assert sol.status == "success"

@@ -225,7 +225,8 @@ class LatentSDE(nn.Module):
     obs_scale : float
         The likelihood's fixed scale.
     method, step_size, gradient, rtol, atol :
-        The SDE solve (``step_size=None``: adaptive steps).
+        The SDE solve (``step_size=None``: adaptive steps, which land on the observation times: the posterior
+        drift's context changes there, passed as ``jump_t``).
     **solve_options : other keywords of :func:`neurodyn.solve`.
 
     Notes
@@ -326,10 +327,17 @@ class LatentSDE(nn.Module):
             lp = -(xs - mu).abs() / b - math.log(2 * b)
         return lp.sum(dim=(0, 2))
 
-    def _solve(self, term: Any, y0: Tensor, ts: Tensor) -> Solution:
+    def _solve(self, term: Any, y0: Tensor, ts: Tensor, jumps: Tensor | None = None) -> Solution:
         opts = dict(self.solve_options)
         if self.step_size is not None:
             opts["step_size"] = self.step_size
+        elif jumps is not None and jumps.numel():
+            # Adaptive steps land on the times where the drift jumps: an error estimate across a jump measures the
+            # jump, not the step (it rejects and shrinks the step there until the jump lies at a step end anyway).
+            given = opts.get("jump_t")
+            opts["jump_t"] = jumps if given is None else torch.cat([torch.as_tensor(given, dtype=jumps.dtype,
+                                                                                    device=jumps.device).reshape(-1),
+                                                                    jumps])
         sol = solve(term, y0, ts, method=self.method, rtol=self.rtol, atol=self.atol, gradient=self.gradient,
                     **opts)
         self.last_solution = sol
@@ -355,7 +363,8 @@ class LatentSDE(nn.Module):
             bm = brownian_for(self.method, y0.shape, float(ts[0]), float(ts[-1]), y0.dtype, y0.device, entropy)
         self._ts, self._ctx = ts, ctx
         try:
-            sol = self._solve(sde_term(self.posterior_drift, self.posterior_diffusion, bm), y0, ts)
+            sol = self._solve(sde_term(self.posterior_drift, self.posterior_diffusion, bm), y0, ts,
+                              jumps=ts.detach()[1:-1])
         finally:
             self._ts = self._ctx = None
         ys = sol.ys

@@ -23,11 +23,26 @@ Orders: "gen." general non-commutative noise, "add." additive noise (see the tes
 
 Step sizes: with ``step_size=dt`` every step is ``dt`` from ``t[0]`` (outputs between step ends by the dense
 output below; the last step lands on ``t[-1]``, as torchsde); without it the steps are
-adaptive (``reversible_heun``: on the output grid), with an error estimate by step doubling: one step of ``h``
-against two of ``h / 2`` over the same Brownian path (the half-step increments come from the same path, so a
-rejected step and its retry see one sample path; with a :class:`neurodyn.paths.BrownianInterval` any step is
-consistent). The two half steps are the accepted solution. The loop's PID controller sizes the steps with the error
-exponent ``1 / (order + 1/2)``.
+adaptive (``reversible_heun``: on the output grid). The error estimate (``solver_options={"error_estimate": ...}``):
+
+* ``"embedded"`` (the default of ``srk``; ``"auto"`` picks it there): the difference between the step and a
+  lower-order solution built from the same evaluations and the same Brownian increment. ``srk``: the step minus a
+  derivative-free Milstein step from its first two diffusion stages (diagonal, scalar noise), or minus
+  Euler--Maruyama (additive noise, where that has order 1.0), at no extra evaluation; ``heun``, ``midpoint``,
+  ``euler_heun``, ``log_ode``: the step minus the Euler--Maruyama predictor ``y + f h + g dW``, at no extra
+  evaluation; ``milstein``: its derivative term (Milstein minus Euler--Maruyama) plus the drift's trapezoidal
+  correction ``(f(t + h, y1) - f(t, y)) h / 2``, whose drift evaluation the next step starts from (FSAL). The step
+  itself is the accepted solution; the PID controller's exponent is ``1 / (p + 1/2)``, ``p`` the strong order of
+  the lower-order solution (its local error is ``O(h^(p + 1/2))``).
+* ``"doubling"`` (the default of the other methods; the only estimate of ``euler``, and of additive noise in the
+  Milstein and Stratonovich methods): one step of ``h`` against two of ``h / 2`` over the same Brownian path, the
+  two half steps the accepted solution (three steps' diffusion evaluations per attempt, two drift evaluations per
+  accepted step); exponent ``1 / (order + 1/2)``. On the latent SDE of ``benchmarks/bench_sde.py`` it needs fewer
+  evaluations than the embedded estimate for ``milstein`` at equal strong error (the derivative term over-states
+  Milstein's own error), the embedded estimate fewer for ``srk``.
+
+Either way a rejected step and its retry see one sample path: the increments of any interval come from the same
+path (with a :class:`neurodyn.paths.BrownianInterval` any step is consistent).
 
 Dense output between steps is linear interpolation of the step ends (``interp="auto"`` or ``"linear"``), what a
 sample path allows without the Brownian bridge.
@@ -169,6 +184,15 @@ class SDEStepper(StepperBase):
     noise_types: ClassVar[tuple[str, ...]] = ("general", "diagonal", "scalar", "additive")
     levy: ClassVar[str | None] = None
     needs_g: ClassVar[bool] = False  # uses g itself, not only the product g dW
+    #: Noise types with an embedded error estimate (:meth:`base_est`); the others use step doubling.
+    embedded_noise: ClassVar[tuple[str, ...]] = ()
+    #: Strong order of the embedded lower-order solution (sets the controller's exponent).
+    embedded_order: ClassVar[float] = 0.5
+    #: The embedded estimate evaluates the drift at the step's end (the next step's first drift: FSAL).
+    embedded_fsal: ClassVar[bool] = False
+    #: ``error_estimate="auto"`` uses the embedded estimate (where it was measured to need fewer evaluations than
+    #: step doubling at equal error: benchmarks/bench_sde.py, adaptive section).
+    embedded_default: ClassVar[bool] = False
     fsal = False
     has_own_dense = True
     error_order = None
@@ -187,6 +211,9 @@ class SDEStepper(StepperBase):
         self.controller_order = self.order - 0.5
         self.stats = {"nfe_diffusion": 0}
         self.options: dict[str, Any] = {}
+        self.embedded = False  # this solve's error estimate is the embedded one (set by check_term)
+        self._f1: Tensor | None = None  # embedded_fsal: the drift at the last attempted step's end
+        self._t_end = 0.0  # the time of that drift
         self._parts: tuple[Any, Any, SDEParts] | None = None
 
     # -- configuration ----------------------------------------------------------------------------------------
@@ -197,11 +224,17 @@ class SDEStepper(StepperBase):
         if bad:
             raise InputError(f"method {self.name!r} takes no solver option(s) {', '.join(map(repr, bad))}"
                              + (f"; its options: {', '.join(allowed)}." if allowed else "."))
+        est = options.get("error_estimate", "auto")
+        if est not in ("auto", "embedded", "doubling"):
+            raise InputError(f"solver_options error_estimate must be 'auto', 'embedded' or 'doubling', got {est!r}.")
+        if est == "embedded" and not self.embedded_noise:
+            raise InputError(f"method {self.name!r} has no embedded error estimate: use error_estimate='doubling' "
+                             f"(or 'auto'), or a method with one (milstein, srk, heun, midpoint, euler_heun, log_ode).")
         self.options.update(options)
         return self
 
     def option_names(self) -> tuple[str, ...]:
-        return ()
+        return ("error_estimate",)
 
     def fixed_step(self) -> SDEStepper:
         """The stepper for a fixed-step solve: no step doubling (its error estimate would go unused)."""
@@ -237,6 +270,16 @@ class SDEStepper(StepperBase):
                                  f"neurodyn.paths.BrownianInterval(t0, t1, shape=..., levy_area={need[0]!r}).")
         if self.needs_g and diff.vector_field is None:
             raise InputError(f"method {self.name!r} needs the diffusion g(t, y) itself; this SDE gives only g_prod.")
+        mode = self.options.get("error_estimate", "auto")
+        self.embedded = adaptive and noise in self.embedded_noise and (
+            mode == "embedded" or (mode == "auto" and self.embedded_default))
+        if mode == "embedded" and adaptive and not self.embedded:
+            raise InputError(f"method {self.name!r} has an embedded error estimate for "
+                             f"{', '.join(self.embedded_noise)} noise, not {noise!r}: use error_estimate='doubling' "
+                             f"(or 'auto').")
+        self.controller_order = (self.embedded_order if self.embedded else self.order) - 0.5
+        if self.embedded_fsal:
+            self.fsal = self.embedded
         if adaptive and self.name == "euler" and noise != "additive":
             warnings.warn("adaptive Euler-Maruyama with non-additive noise: the numerical solution is not guaranteed "
                           "to converge to the SDE's solution (the step sizes depend on the noise). Pass step_size=dt, "
@@ -303,6 +346,11 @@ class SDEStepper(StepperBase):
         if not self.adaptive:
             y1 = self.base(sde, t, ys, h, f0)
             return y1.reshape(1, -1), f0.reshape(1, -1), None
+        if self.embedded:
+            self._t_end = t_end_nudge if t_end_nudge is not None else t + h  # before a jump: its left limit
+            y1, est = self.base_est(sde, t, ys, h, f0)
+            k = self._f1.reshape(1, -1) if self.fsal else f0.reshape(1, -1)  # FSAL: the drift at (t + h, y1)
+            return y1.reshape(1, -1), k, est.detach().reshape(1, -1) / h
         half = 0.5 * h
         t_mid = t + half
         coarse = self.base(sde, t, ys, h, f0)
@@ -313,6 +361,10 @@ class SDEStepper(StepperBase):
         return fine.reshape(1, -1), f0.reshape(1, -1), err
 
     def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def base_est(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> tuple[Tensor, Tensor]:
+        """One step and its embedded error estimate ``(y1, y1 - y_low)`` (methods with ``embedded_noise``)."""
         raise NotImplementedError
 
     # -- dense output -----------------------------------------------------------------------------------------
@@ -377,20 +429,32 @@ class Milstein(SDEStepper):
     order = 1.0
     noise_types = ("diagonal", "scalar", "additive")
     needs_g = True
+    # The estimate: the derivative term (Milstein minus Euler--Maruyama: the noise's part) plus the trapezoidal
+    # correction of the drift, (f(t + h, y1) - f(t, y)) h / 2, whose drift evaluation the next step starts from.
+    embedded_noise = ("diagonal", "scalar")
+    embedded_fsal = True
 
     def option_names(self) -> tuple[str, ...]:
-        return ("grad_free",)
+        return ("error_estimate", "grad_free")
 
     def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
+        return self._step(sde, t, y, h, f0, False)[0]
+
+    def base_est(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> tuple[Tensor, Tensor]:
+        return self._step(sde, t, y, h, f0, True)
+
+    def _step(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor, est: bool) -> tuple[Tensor, Any]:
         dW = sde.dW(t, t + h)
         if sde.noise == "additive":
-            return y + f0 * h + sde.g_prod(t, y, dW)
+            y1 = y + f0 * h + sde.g_prod(t, y, dW)
+            return y1, (torch.zeros_like(y1) if est else None)
         v = dW * dW - h if sde.sde_type == "ito" else dW * dW
         if sde.noise == "diagonal" and not self.options.get("grad_free", False):
             # Diagonal noise (g_i depends on y_i alone): (dg_i/dy_i) g_i is the vector-Jacobian product with g, one
             # reverse pass through the same evaluation of g (no second forward pass).
             g, gdg = _g_and_diag_vjp(sde, t, y, 0.5 * v)
-            return y + f0 * h + sde.prod(g, dW) + gdg
+            y1 = y + f0 * h + sde.prod(g, dW) + gdg
+            return y1, (self._drift_est(sde, t, y1, h, f0, gdg) if est else None)
         g = sde.g(t, y)
         if self.options.get("grad_free", False):
             sq = math.sqrt(h)
@@ -403,7 +467,12 @@ class Milstein(SDEStepper):
             sde.counts["nfe_diffusion"] += 1
             jg = _jvp(lambda z: sde.diffusion.vector_field(tt, z), y, sde.vec(g))
             gdg = sde.prod(jg, 0.5 * v)
-        return y + f0 * h + sde.prod(g, dW) + gdg
+        y1 = y + f0 * h + sde.prod(g, dW) + gdg
+        return y1, (self._drift_est(sde, t, y1, h, f0, gdg) if est else None)
+
+    def _drift_est(self, sde: SDEParts, t: float, y1: Tensor, h: float, f0: Tensor, gdg: Tensor) -> Tensor:
+        f1 = self._f1 = sde.f(self._t_end, y1)
+        return gdg + (f1 - f0) * (0.5 * h)
 
 
 # Rossler (2010) SRI2-type tableau for diagonal/scalar noise and SRA1 for additive noise (Ito): stage times c0 (drift)
@@ -433,13 +502,25 @@ class SRK(SDEStepper):
     noise_types = ("diagonal", "scalar", "additive")
     levy = "H"
     needs_g = True
+    embedded_noise = ("diagonal", "scalar", "additive")
+    embedded_order = 1.0
+    embedded_default = True
 
     def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
+        return self._step(sde, t, y, h, f0, False)[0]
+
+    def base_est(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> tuple[Tensor, Tensor]:
+        """The step and its difference from an order-1.0 solution on the same evaluations: a derivative-free
+        Milstein step ``y + f h + g0 dW + (g1 - g0) I_kk / b1 sqrt(h)`` (``g1`` the second diffusion stage, at
+        ``y + a1 h f + b1 sqrt(h) g0``), or Euler--Maruyama for additive noise."""
+        return self._step(sde, t, y, h, f0, True)
+
+    def _step(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor, est: bool) -> tuple[Tensor, Any]:
         inc = sde.levy(t, t + h)
         dW, H = inc.W, inc.H
         u_h = H + 0.5 * dW  # U / h
         if sde.noise == "additive":
-            return self._additive(sde, t, y, h, f0, dW, u_h)
+            return self._additive(sde, t, y, h, f0, dW, u_h, est)
         sq = math.sqrt(h)
         i_kk = (dW * dW - h) * 0.5
         i_kkk = (dW * dW * dW - 3.0 * h * dW) / 6.0
@@ -474,18 +555,27 @@ class SRK(SDEStepper):
             gs.append(g)
             w = T["beta1"][s] * dW + (T["beta2"][s] / sq) * i_kk + T["beta3"][s] * u_h + (T["beta4"][s] / h) * i_kkk
             y1 = y1 + sde.prod(g, w)
-        return y1
+        if not est:
+            return y1, None
+        # (g(y + a1 h f + b1 sqrt(h) g0) - g0) / (b1 sqrt(h)) = g' g0 + O(sqrt(h)): Milstein's derivative term
+        low = y + f0 * h + sde.prod(gs[0], dW) + sde.prod(gs[1] - gs[0], i_kk * (1.0 / (T["b1"][1][0] * sq)))
+        return y1, y1 - low
 
-    def _additive(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor, dW: Tensor, u_h: Tensor) -> Tensor:
+    def _additive(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor, dW: Tensor, u_h: Tensor,
+                  est: bool) -> tuple[Tensor, Any]:
         T = _SRA
         # Additive noise: g depends on t only; the stages evaluate it at y.
         g0 = sde.g(t + T["c1"][0] * h, y)
         g1 = g0 if T["c1"][1] == T["c1"][0] else sde.g(t + T["c1"][1] * h, y)
         h1 = y + (T["a0"][1][0] * h) * f0 + sde.prod(g0, T["b0"][1][0] * u_h)
         f1 = sde.f(t + T["c0"][1] * h, h1)
-        return (y + (T["alpha"][0] * h) * f0 + (T["alpha"][1] * h) * f1
-                + sde.prod(g0, T["beta1"][0] * dW + T["beta2"][0] * u_h)
-                + sde.prod(g1, T["beta1"][1] * dW + T["beta2"][1] * u_h))
+        y1 = (y + (T["alpha"][0] * h) * f0 + (T["alpha"][1] * h) * f1
+              + sde.prod(g0, T["beta1"][0] * dW + T["beta2"][0] * u_h)
+              + sde.prod(g1, T["beta1"][1] * dW + T["beta2"][1] * u_h))
+        if not est:
+            return y1, None
+        g_t = g1 if T["c1"][1] == 0.0 else sde.g(t, y)  # Euler--Maruyama's g(t) (SRA1: the second stage)
+        return y1, y1 - (y + f0 * h + sde.prod(g_t, dW))
 
 
 class StratHeun(SDEStepper):
@@ -495,13 +585,21 @@ class StratHeun(SDEStepper):
     name = "heun"
     order = 1.0
     sde_types = ("stratonovich",)
+    embedded_noise = ("diagonal", "scalar", "general")  # the step minus its Euler--Maruyama predictor
 
     def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
+        return self._step(sde, t, y, h, f0, False)[0]
+
+    def base_est(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> tuple[Tensor, Tensor]:
+        return self._step(sde, t, y, h, f0, True)
+
+    def _step(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor, est: bool) -> tuple[Tensor, Any]:
         dW = sde.dW(t, t + h)
         gp = sde.g_prod(t, y, dW)
         y_p = y + f0 * h + gp
         f1, gp1 = sde.f_and_g_prod(t + h, y_p, dW)
-        return y + ((f0 + f1) * h + gp + gp1) * 0.5
+        y1 = y + ((f0 + f1) * h + gp + gp1) * 0.5
+        return y1, (y1 - y_p if est else None)
 
 
 class StratMidpoint(SDEStepper):
@@ -510,12 +608,21 @@ class StratMidpoint(SDEStepper):
     name = "midpoint"
     order = 1.0
     sde_types = ("stratonovich",)
+    embedded_noise = ("diagonal", "scalar", "general")  # the step minus Euler--Maruyama y + f h + g dW
 
     def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
+        return self._step(sde, t, y, h, f0, False)[0]
+
+    def base_est(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> tuple[Tensor, Tensor]:
+        return self._step(sde, t, y, h, f0, True)
+
+    def _step(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor, est: bool) -> tuple[Tensor, Any]:
         dW = sde.dW(t, t + h)
-        y_m = y + f0 * (0.5 * h) + 0.5 * sde.g_prod(t, y, dW)
+        gp = sde.g_prod(t, y, dW)
+        y_m = y + f0 * (0.5 * h) + 0.5 * gp
         f_m, gp_m = sde.f_and_g_prod(t + 0.5 * h, y_m, dW)
-        return y + f_m * h + gp_m
+        y1 = y + f_m * h + gp_m
+        return y1, ((f_m - f0) * h + (gp_m - gp) if est else None)
 
 
 class EulerHeun(SDEStepper):
@@ -525,12 +632,19 @@ class EulerHeun(SDEStepper):
     name = "euler_heun"
     order = 1.0
     sde_types = ("stratonovich",)
+    embedded_noise = ("diagonal", "scalar", "general")  # the step minus Euler--Maruyama y + f h + g dW
 
     def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
+        return self._step(sde, t, y, h, f0, False)[0]
+
+    def base_est(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> tuple[Tensor, Tensor]:
+        return self._step(sde, t, y, h, f0, True)
+
+    def _step(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor, est: bool) -> tuple[Tensor, Any]:
         dW = sde.dW(t, t + h)
         gp = sde.g_prod(t, y, dW)
         gp1 = sde.g_prod(t + h, y + gp, dW)
-        return y + f0 * h + (gp + gp1) * 0.5
+        return y + f0 * h + (gp + gp1) * 0.5, ((gp1 - gp) * 0.5 if est else None)
 
 
 class LogODE(SDEStepper):
@@ -543,15 +657,24 @@ class LogODE(SDEStepper):
     order = 1.0
     sde_types = ("stratonovich",)
     levy = "A"
+    embedded_noise = ("diagonal", "scalar", "general")  # the step minus Euler--Maruyama y + f h + g dW
 
     def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
+        return self._step(sde, t, y, h, f0, False)[0]
+
+    def base_est(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> tuple[Tensor, Tensor]:
+        return self._step(sde, t, y, h, f0, True)
+
+    def _step(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor, est: bool) -> tuple[Tensor, Any]:
         inc = sde.levy(t, t + h)
         dW, A = inc.W, inc.A
-        y_m = y + f0 * (0.5 * h) + 0.5 * sde.g_prod(t, y, dW)
+        gp = sde.g_prod(t, y, dW)
+        y_m = y + f0 * (0.5 * h) + 0.5 * gp
         tm = t + 0.5 * h
         if sde.noise != "general":
             f_m, gp_m = sde.f_and_g_prod(tm, y_m, dW)
-            return y + f_m * h + gp_m
+            y1 = y + f_m * h + gp_m
+            return y1, (y1 - (y + f0 * h + gp) if est else None)
         f_m, g_m = sde.f_and_g(tm, y_m)
         tt = sde.time(tm)
         m = g_m.shape[-1]
@@ -561,7 +684,8 @@ class LogODE(SDEStepper):
             sde.counts["nfe_diffusion"] += 1
             jg = _jvp(lambda z: sde.diffusion.vector_field(tt, z), y_m, g_m[..., j])
             area = area + torch.matmul(jg, A[..., j, :].unsqueeze(-1)).squeeze(-1)
-        return y + f_m * h + sde.prod(g_m, dW) + area
+        y1 = y + f_m * h + sde.prod(g_m, dW) + area
+        return y1, (y1 - (y + f0 * h + gp) if est else None)
 
 
 class ReversibleHeun(SDEStepper):
