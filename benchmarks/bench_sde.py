@@ -12,6 +12,8 @@ Sections (``--sections``):
 * ``train``: one training step, ``loss = mean(y(1)^2)``, backward through the solver (direct backpropagation; the
   ``adjoint`` section: ``gradient="adjoint"`` vs ``torchsde.sdeint_adjoint``, reversible Heun's exact adjoint and
   the stochastic adjoint with midpoint);
+* ``compiled``: an Euler loop whose step (drift and diffusion inside) is ``torch.compile``d vs the same loop eager,
+  neurodyn and torchsde (what a compiled SDE step could give on this CPU);
 * ``latent``: one training step of ``neurodyn.models.LatentSDE`` (3-d data, 4 latent dims, context 64, hidden 64,
   batch 256, 50 observation times on [0, 1], dt = 0.02, Euler) against torchsde's ``sdeint(..., logqp=True)`` on the
   same networks (the same encoder, drifts, diffusion and decoder; torchsde integrates ``logqp`` itself);
@@ -20,7 +22,9 @@ Sections (``--sections``):
   1/256 vs adaptive step doubling at rtol = atol from 1e-1 to 1e-4, strong error (mean over series of the max-norm
   at the final time, against dt = 1/4096 on the same path: one BrownianInterval object for all solves) vs drift
   evaluations (``stats['nfe']``: every drift evaluation of the solve, the step-doubling halves included; diffusion
-  evaluations beside them), adaptive with the embedded error estimate and with step doubling.
+  evaluations beside them), adaptive with the embedded error estimate and with step doubling (adaptive posterior
+  solves land on the observation times, where the drift's context jumps; the fixed-step rows are given both without
+  and with that landing).
 
 Timings: entries run round-robin (one call of each per repeat), the median over repeats of wall time; the figure
 reported is the ratio torchsde / neurodyn (> 1: neurodyn faster). Usage:
@@ -134,6 +138,62 @@ def section_solver(repeats: int, train: bool) -> list[dict]:
                      "torchsde_s": med["torchsde"], "speedup": med["torchsde"] / med["neurodyn"],
                      "err_neurodyn": err_nd, "err_torchsde": err_ts, "f_g_only_s": med.get("f+g only")})
         print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def section_compiled(repeats: int) -> list[dict]:
+    """What compiling the SDE step could give: an Euler--Maruyama loop of 100 steps whose step (drift and diffusion
+    inside, ``y + f(y) dt + g(y) dW``) is ``torch.compile``d, against the same loop eager, neurodyn's solve and
+    torchsde's, on the same Brownian increments; forward (no graph) and training step (``mean(y(1)^2)``,
+    backward through the loop). Also the compiled and eager ``tanh`` of the networks' hidden layer alone."""
+    rows = []
+    ts = torch.tensor([0.0, 1.0])
+    y0 = torch.randn(BATCH, DIM, generator=torch.Generator().manual_seed(1))
+    sde = MLPSDE("ito")
+    bm = BrownianInterval(0.0, 1.0, shape=(BATCH, DIM), dtype=torch.float32, entropy=5, cache_size=None)
+    grid = [i * DT for i in range(100)] + [1.0]
+
+    def step(y: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:
+        return y + sde.f(None, y) * DT + sde.g(None, y) * dW
+
+    options = {"cpp_wrapper": True}
+    compiled = torch.compile(step, options=options)
+
+    def loop(fn: Callable) -> torch.Tensor:
+        y = y0
+        for a, b in zip(grid[:-1], grid[1:]):
+            y = fn(y, bm(a, b))
+        return y
+
+    with torch.no_grad():
+        err = float((loop(compiled) - loop(step)).abs().max())
+        ref = _nd(sde, y0, ts, bm, "euler", DT)[-1]
+        err_nd = float((loop(step) - ref).abs().max())
+    for train in (False, True):
+        def run(fn: Callable, _train=train) -> None:
+            if _train:
+                sde.zero_grad()
+                fn().pow(2).mean().backward()
+            else:
+                with torch.no_grad():
+                    fn()
+
+        entries = {"neurodyn": lambda: run(lambda: _nd(sde, y0, ts, bm, "euler", DT)[-1]),
+                   "torchsde": lambda: run(lambda: _ts(sde, y0, ts, bm, "euler", DT)[-1]),
+                   "eager step loop": lambda: run(lambda: loop(step)),
+                   "compiled step loop": lambda: run(lambda: loop(compiled))}
+        med = _median_times(entries, repeats)
+        rows.append({"section": "compiled", "method": "euler", "train": train, **{k + "_s": v for k, v in med.items()},
+                     "compiled_vs_eager_loop": med["eager step loop"] / med["compiled step loop"],
+                     "torchsde_vs_compiled_loop": med["torchsde"] / med["compiled step loop"],
+                     "max_abs_diff_compiled_eager": err, "max_abs_diff_loop_neurodyn": err_nd})
+        print(json.dumps(rows[-1]), flush=True)
+    h = torch.randn(BATCH, HIDDEN)
+    tanh_c = torch.compile(torch.tanh, options=options)
+    med = _median_times({"eager tanh": lambda: [torch.tanh(h) for _ in range(100)],
+                         "compiled tanh": lambda: [tanh_c(h) for _ in range(100)]}, repeats)
+    rows.append({"section": "compiled", "method": "tanh (512, 128) x 100", **{k + "_s": v for k, v in med.items()}})
+    print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -256,6 +316,8 @@ def section_adaptive(adaptive_iters: int) -> list[dict]:
         model.step_size = kw.pop("step_size", None)
         model.rtol = model.atol = kw.pop("tol", 1e-3)
         model.solve_options = {"solver_options": {"error_estimate": kw.pop("estimate", "auto")}}
+        if kw.pop("landing", False):  # fixed steps that also land on the observation times (as adaptive ones do)
+            model.solve_options["jump_t"] = ts[1:-1]
         with torch.no_grad():
             zs, _, _ = model.posterior(xs, ts, bm=bm, eps=eps)
         return zs[-1], model.last_solution.stats
@@ -269,6 +331,8 @@ def section_adaptive(adaptive_iters: int) -> list[dict]:
     ref, _ = solve(step_size=1 / 4096)
     for k in (3, 4, 5, 6, 7, 8):
         add("fixed", f"dt=1/{2 ** k}", *solve(step_size=2.0 ** -k))
+    for k in (4, 5, 6, 7, 8):
+        add("fixed, landing on the observation times", f"dt=1/{2 ** k}", *solve(step_size=2.0 ** -k, landing=True))
     for estimate in ("embedded", "doubling"):
         for tol in (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4):
             add(f"adaptive {estimate}", f"tol={tol:g}", *solve(tol=tol, estimate=estimate))
@@ -289,6 +353,8 @@ def main() -> None:
         rows += section_solver(args.repeats, train=False)
     if "train" in sections:
         rows += section_solver(args.repeats, train=True)
+    if "compiled" in sections:
+        rows += section_compiled(args.repeats)
     if "adjoint" in sections:
         rows += section_adjoint(args.repeats)
     if "latent" in sections:

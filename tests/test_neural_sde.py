@@ -207,3 +207,38 @@ def test_neural_sde_reversible_heun_adjoint_equals_direct():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["euler", "milstein", "srk"])
+def test_latent_posterior_evaluates_g_once_per_state(method, monkeypatch):
+    """The posterior's diffusion reuses the g(z) its drift computed at the same state: Euler evaluates g_net once
+    per step (twice without the reuse); the loss is bit for bit and the gradients to rounding those of a solve that
+    evaluates g every time (milstein differentiates g at its own copy of the state, so it evaluates it there)."""
+    from neurodyn.models import neural_sde as ns
+
+    torch.manual_seed(0)
+    f64 = torch.float64
+    ts, xs = torch.linspace(0, 1, 11, dtype=f64), torch.randn(11, 6, 3, dtype=f64)
+    model = LatentSDE(3, 4, 8, 16, method=method, step_size=0.05).double()
+    eps = torch.randn(6, 4, dtype=f64)
+    calls = []
+    model.g_net.register_forward_hook(lambda *a: calls.append(1))
+
+    def run():
+        calls.clear()
+        model.zero_grad()
+        out = model.elbo(xs, ts, entropy=3, eps=eps)
+        out["loss"].backward()
+        return out["loss"].detach(), [p.grad.clone() for p in model.parameters()], len(calls)
+
+    loss, grads, n_reuse = run()
+    monkeypatch.setattr(ns, "_state_key", lambda y: object())  # never the same state: g evaluated every time
+    loss2, grads2, n_plain = run()
+    assert torch.equal(loss, loss2)
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    steps = 20
+    if method == "euler":  # + 1: the shape check before the solve
+        assert (n_reuse, n_plain) == (steps + 1, 2 * steps + 1)
+    else:
+        assert n_reuse < n_plain if method == "srk" else n_reuse == n_plain

@@ -198,6 +198,27 @@ class DiagonalDiffusion(nn.Module):
         return torch.sigmoid((hid * self.w2).sum(-1) + self.b2)
 
 
+class _StateKey:
+    """What identifies a state tensor for reusing a value computed from it: the tensor it views (the same object,
+    held here so that it stays alive: also the same autograd identity, a detached copy is another), its version
+    counter (in-place changes), and the view's offset, shape and strides."""
+
+    __slots__ = ("root", "rest")
+
+    def __init__(self, y: Tensor):
+        self.root = y._base if y._base is not None else y
+        self.rest = (self.root._version, y.storage_offset(), tuple(y.shape), y.stride(), y.requires_grad)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _StateKey) and other.root is self.root and other.rest == self.rest
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _state_key(y: Tensor) -> _StateKey:
+    return _StateKey(y)
+
+
 def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, hidden), nn.Softplus(), nn.Linear(hidden, hidden), nn.Softplus(),
                          nn.Linear(hidden, n_out))
@@ -273,6 +294,9 @@ class LatentSDE(nn.Module):
         self.solve_options = dict(solve_options)
         self._ts: Tensor | None = None  # the observation times and contexts of the posterior solve in progress
         self._ctx: Tensor | None = None
+        # The diffusion g(z) the posterior drift computed last, with the state it was computed at (see _same_state):
+        # the step's diffusion at that state reuses it (g is evaluated once per state, as torchsde's logqp wrapper).
+        self._g_last: tuple[_StateKey, Tensor] | None = None
         self.last_solution: Solution | None = None
 
     # ------------------------------------------------------------------ the SDEs
@@ -290,12 +314,20 @@ class LatentSDE(nn.Module):
         d = self.latent_size
         z = y[..., :d]
         f = self.f_net(torch.cat([z, self.context(t)], dim=-1))
-        u = (f - self.h_net(z)) / self.g_net(z)
+        g = self.g_net(z)
+        if self._ts is not None:  # inside posterior(): kept for the diffusion at the same state
+            self._g_last = (_state_key(y), g)
+        u = (f - self.h_net(z)) / g
         return torch.cat([f, 0.5 * (u * u).sum(-1, keepdim=True)], dim=-1)
 
     def posterior_diffusion(self, t: Tensor, y: Tensor) -> Tensor:
-        """Diagonal diffusion of the augmented state: ``[g(z), 0]``, ``(B, d + 1)``."""
-        g = self.g_net(y[..., : self.latent_size])
+        """Diagonal diffusion of the augmented state: ``[g(z), 0]``, ``(B, d + 1)``. Inside :meth:`posterior`, the
+        ``g(z)`` the drift computed at the same state (the same tensor, unmodified) is reused."""
+        last = self._g_last
+        if last is not None and last[0] == _state_key(y):
+            g = last[1]
+        else:
+            g = self.g_net(y[..., : self.latent_size])
         return torch.cat([g, torch.zeros_like(g[..., :1])], dim=-1)
 
     def prior_drift(self, t: Tensor, z: Tensor) -> Tensor:
@@ -366,7 +398,7 @@ class LatentSDE(nn.Module):
             sol = self._solve(sde_term(self.posterior_drift, self.posterior_diffusion, bm), y0, ts,
                               jumps=ts.detach()[1:-1])
         finally:
-            self._ts = self._ctx = None
+            self._ts = self._ctx = self._g_last = None
         ys = sol.ys
         return ys[..., : self.latent_size], ys[-1, :, self.latent_size], kl0
 

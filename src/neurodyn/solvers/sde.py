@@ -409,7 +409,9 @@ def _g_and_diag_vjp(sde: SDEParts, t: float, y: Tensor, c: Tensor) -> tuple[Tens
     respect to ``y`` and the parameters ``g`` uses."""
     create = torch.is_grad_enabled()
     with torch.enable_grad():
-        z = y if (create and y.requires_grad) else y.detach().requires_grad_(True)
+        # The point g is differentiated at: a tensor of its own (a clone when y carries a graph, which the gradient
+        # flows through), so that g is evaluated at it and not taken from a value some other view of y gave.
+        z = y.clone() if (create and y.requires_grad) else y.detach().requires_grad_(True)
         g = sde.g(t, z)
         sde.counts["nfe_diffusion"] += 1  # the reverse pass
         if not g.requires_grad:  # g built without z (a constant): no derivative term
