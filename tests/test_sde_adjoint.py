@@ -154,6 +154,7 @@ def test_reversible_heun_exact_adjoint(noise):
         assert float((a - b).abs().max()) < 1e-10
     assert sa.stats["reconstruction_error"] < 1e-10
     assert sa.stats["steps_backward"] == 64
+    assert sa.stats["nfe_backward"] == 65  # one drift and diffusion evaluation per step backward, + the last point's
 
 
 def test_reversible_heun_exact_adjoint_outputs_between_steps():

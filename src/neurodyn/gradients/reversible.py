@@ -17,8 +17,9 @@ times). Output times between step ends are the linear dense output ``(1 - theta)
 cotangents enter the two ends by those weights. ``sol.stats["reconstruction_error"]``: the largest
 ``|y_reconstructed - y|`` at the output times.
 
-Cost per step backward: two drift and two diffusion evaluations with their graph, one reverse pass (the forward
-step costs one of each).
+Cost per step backward: one drift and one diffusion evaluation with their graph (at the reconstructed ``z0``) and
+one reverse pass through them, taken once both uses of ``f(z0), g(z0)`` (in this step and the one before) have
+their cotangents: the forward step's cost plus a reverse pass.
 """
 
 from __future__ import annotations
@@ -118,18 +119,45 @@ class _ReversibleFunction(torch.autograd.Function):
             ts_ = tt(s)
             return drift(ts_, z), diffusion.vf(ts_, z)
 
+        def phi(s: float, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            """``(z', f(s, z'), g(s, z'))`` with ``z'`` a leaf copy of ``z``, under autograd."""
+            with torch.enable_grad():
+                zv = z.detach().requires_grad_(True)
+                return (zv, *fg(s, zv))
+
         n_valid = sol.n_valid
         y1 = setup.y_end.view(shape).clone()
         z1 = setup.z_end.view(shape).clone()
+        # a_y, a_z: the adjoints of (y1, z1) except, for z1, the part through f(z1), g(z1), whose vector-Jacobian
+        # product is taken once, when both of its uses (this step's and the next one's) have their cotangents.
         a_y = torch.zeros_like(y1)
         a_z = torch.zeros_like(a_y)
         a_p = [torch.zeros_like(p) for p in params]
         i = n_valid - 1
         err = 0.0
         nfe = 0
-        with torch.no_grad():
-            f1, g1 = fg(setup.steps[-1][0] + setup.steps[-1][1], z1) if setup.steps else (None, None)
-        for t0, h, t_end in reversed(setup.steps):
+        steps = setup.steps
+        pend = None  # the next step's cotangents of f(z1) and of g(z1) dW_next, and dW_next
+        if steps:
+            zv1, f1, g1 = phi(steps[-1][0] + steps[-1][1], z1)
+            nfe += 1
+
+        def finish(zv: Tensor, fz: Tensor, gz: Tensor, uses: list[tuple[Tensor, Tensor, Tensor | None]]) -> Tensor:
+            """One reverse pass through ``f(z), g(z)`` for all their uses ``(cot_f, cot_gdw, dW)``; adds the
+            parameters' part to ``a_p`` and returns the adjoint through ``z``."""
+            with torch.enable_grad():
+                outs, cots = [fz], [sum(u[0] for u in uses)]
+                for _, c, dw in uses:
+                    outs.append(diffusion.prod(gz, dw))
+                    cots.append(c)
+                grads = torch.autograd.grad(outs, (zv, *params), cots, allow_unused=True)
+            for k, gp in enumerate(grads[1:]):
+                if gp is not None:
+                    a_p[k] = a_p[k] + gp
+            return grads[0] if grads[0] is not None else torch.zeros_like(fz)
+
+        for idx in range(len(steps) - 1, -1, -1):
+            t0, h, t_end = steps[idx]
             # The outputs this step wrote (times in (t0, t_end]): the step end, or the linear interpolation
             # (1 - theta) y0 + theta y1 of the dense output.
             mine = []
@@ -139,29 +167,25 @@ class _ReversibleFunction(torch.autograd.Function):
                 a_y = a_y + theta * grad_ys[i]
                 i -= 1
             dW = bm.increment(t0, t0 + h)
+            # f(z1), g(z1) enter y1 = y0 + (f0 + f1) h / 2 + (g0 + g1) dW / 2 here, and the next step (pend).
+            uses = [((0.5 * h) * a_y, 0.5 * a_y, dW)] + ([pend] if pend is not None else [])
+            a_z = a_z + finish(zv1, f1, g1, uses)
+            # z1 = 2 y0 - z0 + f0 h + g0 dW and the y1 above, backward to (y0, z0); f(z0), g(z0)'s cotangents wait.
+            pend = (h * a_z + (0.5 * h) * a_y, a_z + 0.5 * a_y, dW)
+            a_y, a_z = a_y + 2.0 * a_z, -a_z
             with torch.no_grad():
                 z0 = 2.0 * y1 - z1 - f1 * h - diffusion.prod(g1, dW)
-            with torch.enable_grad():
-                z0v = z0.detach().requires_grad_(True)
-                f0v, g0v = fg(t0, z0v)
-                with torch.no_grad():
-                    y0 = y1 - (f0v + f1) * (0.5 * h) - diffusion.prod(g0v + g1, 0.5 * dW)
-                y0v = y0.detach().requires_grad_(True)
-                z1v = 2.0 * y0v - z0v + f0v * h + diffusion.prod(g0v, dW)
-                f1v, g1v = fg(t0 + h, z1v)
-                y1v = y0v + (f0v + f1v) * (0.5 * h) + diffusion.prod(g0v + g1v, 0.5 * dW)
-                grads = torch.autograd.grad((y1v, z1v), (y0v, z0v, *params), (a_y, a_z), allow_unused=True)
-            nfe += 2
-            a_y = grads[0] if grads[0] is not None else torch.zeros_like(a_y)
-            a_z = grads[1] if grads[1] is not None else torch.zeros_like(a_z)
-            for k, gp in enumerate(grads[2:]):
-                if gp is not None:
-                    a_p[k] = a_p[k] + gp
+            # f, g at z0 at the time the forward evaluated them (the end of the step before; t0 at the start)
+            zv0, f0, g0 = phi(steps[idx - 1][0] + steps[idx - 1][1] if idx else t0, z0)
+            nfe += 1
+            with torch.no_grad():
+                y0 = y1 - (f0 + f1) * (0.5 * h) - diffusion.prod(g0 + g1, 0.5 * dW)
             for j, theta in mine:
                 a_y = a_y + (1.0 - theta) * grad_ys[j]
                 err = max(err, float(((1.0 - theta) * y0 + theta * y1 - ys[j]).abs().max()))
-            y1, z1 = y0, z0
-            f1, g1 = f0v.detach(), g0v.detach()
+            y1, z1, zv1, f1, g1 = y0, z0, zv0, f0, g0
+        if steps:  # f(z0), g(z0) at the start: their uses in the first step
+            a_z = a_z + finish(zv1, f1, g1, [pend])
         err = max(err, float((y1 - ys[0]).abs().max()))
         # z0 = y0 at the start; ys[0] is y0.
         grad_y0 = (a_y + a_z + grad_ys[0]).view(shape)
