@@ -572,10 +572,11 @@ def test_dense_output_and_events_are_linear_between_steps():
     assert abs(mid - 0.5 * (0.01 + 0.3 * float(bm.increment(0.0, 0.01)))) < 1e-14
 
 
-@pytest.mark.parametrize("method", ["milstein", "srk"])
-def test_adaptive_checkpoint_equals_direct(method):
-    """Adaptive steps with rejections: the checkpoint replay of the accepted steps (step doubling again, the same
-    Brownian interval) gives direct's gradient to rounding."""
+@pytest.mark.parametrize("method,estimate", [("milstein", "auto"), ("milstein", "embedded"), ("srk", "auto")])
+def test_adaptive_checkpoint_equals_direct(method, estimate):
+    """Adaptive steps with rejections: the checkpoint replay of the accepted steps (step doubling or the embedded
+    step again, milstein's embedded one carrying its end drift as the next step's first, the same Brownian interval)
+    gives direct's gradient to rounding."""
     bm = BrownianInterval(0.0, 1.0, shape=(3, 2), dtype=F64, entropy=2, levy_area="space-time")
     w = torch.tensor(0.7, dtype=F64, requires_grad=True)
     c = torch.tensor(0.4, dtype=F64, requires_grad=True)
@@ -586,7 +587,7 @@ def test_adaptive_checkpoint_equals_direct(method):
     for gradient in ("direct", "checkpoint"):
         tol = 1e-3 if method == "milstein" else 1e-4
         sol = neurodyn.solve(term, y0, ts, method=method, rtol=tol, atol=tol, gradient=gradient, params=[w, c],
-                             checkpoints=3)
+                             checkpoints=3, solver_options={"error_estimate": estimate})
         assert sol.stats["rejected"] > 0
         grads.append(torch.autograd.grad(sol.ys.sum(), (y0, w, c)))
     for a, b in zip(*grads):
