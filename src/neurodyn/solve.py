@@ -110,8 +110,8 @@ def solve(
         ``sol.stats["switches"]``); ``neurodyn.solvers.available_methods()`` lists them all. On an SDE term:
         ``"euler"`` (Euler--Maruyama), ``"milstein"``, ``"srk"`` (Ito), ``"heun"``, ``"midpoint"``,
         ``"euler_heun"``, ``"log_ode"``, ``"reversible_heun"`` (Stratonovich; ``milstein`` both), fixed with
-        ``step_size`` or adaptive by step doubling (see :mod:`neurodyn.solvers.sde`); gradients ``"direct"`` and
-        ``"checkpoint"``.
+        ``step_size`` or adaptive (step doubling or an embedded estimate, see :mod:`neurodyn.solvers.sde`);
+        gradients ``"direct"`` and ``"checkpoint"``.
     rtol, atol : float or Tensor broadcastable to ``y0``
         Relative and absolute tolerances for the error norm
         ``RMS(err / (atol + rtol * max(|y_n|, |y_{n+1}|)))``. No component may have both 0. ``rtol`` is raised to

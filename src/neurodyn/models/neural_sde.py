@@ -85,7 +85,7 @@ class NeuralSDE(nn.Module):
         An SDE method (``"euler"``, ``"milstein"``, ``"srk"``, ``"heun"``, ``"midpoint"``, ``"euler_heun"``,
         ``"log_ode"``, ``"reversible_heun"``).
     step_size : float, optional
-        Fixed step ``dt``; None: adaptive steps (``rtol``, ``atol``; step doubling on the same path).
+        Fixed step ``dt``; None: adaptive steps (``rtol``, ``atol``; the error estimate of :mod:`neurodyn.solvers.sde`).
     gradient : ``"direct"``, ``"checkpoint"`` or ``"adjoint"`` (any gradient :func:`neurodyn.solve` accepts for SDEs)
     entropy : int, optional
         Seed of the Brownian path each forward builds: an int gives the same path at every call; None draws a new
