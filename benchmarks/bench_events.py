@@ -11,7 +11,8 @@ evaluates a step's sample points, and each round of a root's probes, in one call
 (``phi`` by ``bisect`` on ``float(t)``: one call per point). "watched, no crossing": the first function plus 2
 (checked every step, never crossing) / plain.
 
-Run: ``taskset -c 1 python benchmarks/bench_events.py [case ...]``.
+Run: ``taskset -c 1 python benchmarks/bench_events.py [--cpu] [case ...]``; ``--cpu`` times with the thread's CPU
+clock (``time.thread_time``) instead of the wall clock, which the other processes of a shared machine disturb less.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ import neurodyn as nd
 REPS = 15
 
 
+CLOCK = time.perf_counter
+
+
 def _time(fn) -> float:
-    t = time.perf_counter()
+    t = CLOCK()
     fn()
-    return time.perf_counter() - t
+    return CLOCK() - t
 
 
 def run_case(name: str, method: str = "dopri5") -> dict:
@@ -93,7 +97,11 @@ def run_case(name: str, method: str = "dopri5") -> dict:
 
 
 def main(names: list[str]) -> None:
+    global CLOCK
     torch.set_num_threads(1)
+    if "--cpu" in names:
+        CLOCK = time.thread_time
+        names = [n for n in names if n != "--cpu"] or ["small", "batched", "medium"]
     print("| case | steps | events | plain (ms) | with events (ms) | ratio (median) | ratio range | g point by point "
           "| watched, no crossing |")
     print("|---|---|---|---|---|---|---|---|---|")

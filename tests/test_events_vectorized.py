@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import neurodyn
+from neurodyn.core import events
 from neurodyn.core.events import _crossing_many
 from neurodyn.errors import InputError
 
@@ -30,11 +31,14 @@ class Recorder:
         return self.fn(t, y)
 
 
+@pytest.mark.parametrize("stacked_roots", [True, False])
 @pytest.mark.parametrize("method, tol", [("dopri5", 1e-7), ("tsit5", 1e-7), ("bdf", 1e-5)])
 @pytest.mark.parametrize("delta", [0.3, 0.05])
-def test_two_close_roots_stacked_match_closed_form(method, tol, delta):
-    """y = cos t; g = y + cos(delta) is negative only on (pi - delta, pi + delta): with stacked calls the first
-    root, pi - delta, is found to the resolution, and fewer calls are made than point by point."""
+def test_two_close_roots_stacked_match_closed_form(method, tol, delta, stacked_roots, monkeypatch):
+    """y = cos t; g = y + cos(delta) is negative only on (pi - delta, pi + delta): with stacked calls (the sample
+    points; the root's probes too, or one point per call) the first root, pi - delta, is found to the resolution,
+    and fewer calls are made than point by point."""
+    monkeypatch.setattr(events, "STACKED_ROOTS", stacked_roots)
     y0 = torch.tensor([1.0, 0.0], dtype=F64)
     t = torch.tensor([0.0, 6.0], dtype=F64)
     stacked = Recorder(lambda t, y: y[..., 0] + math.cos(delta))
@@ -50,8 +54,10 @@ def test_two_close_roots_stacked_match_closed_form(method, tol, delta):
 
 
 @pytest.mark.parametrize("samples", [0, 3, 7])
-def test_nonterminal_crossings_of_sine_at_multiples_of_pi(samples):
+@pytest.mark.parametrize("stacked_roots", [True, False])
+def test_nonterminal_crossings_of_sine_at_multiples_of_pi(samples, stacked_roots, monkeypatch):
     """y = (sin t, cos t): sin t crosses zero at k pi; every crossing on [0.5, 20] found in order, to 1e-10."""
+    monkeypatch.setattr(events, "STACKED_ROOTS", stacked_roots)
     y0 = torch.tensor([math.sin(0.5), math.cos(0.5)], dtype=F64)
     t = torch.tensor([0.5, 20.0], dtype=F64)
     field = lambda t, y: torch.stack([y[..., 1], -y[..., 0]], -1)  # noqa: E731
@@ -95,8 +101,10 @@ def test_many_components_compared_on_the_device():
         assert float((sol.events.t - torch.log(1.0 / levels)).abs().max()) < 1e-9
 
 
-def test_bouncing_ball_stacked_event_and_jump():
+@pytest.mark.parametrize("stacked_roots", [True, False])
+def test_bouncing_ball_stacked_event_and_jump(stacked_roots, monkeypatch):
     """A ball dropped from 1 m with restitution 0.9: ten bounce times against the closed form to 1e-9."""
+    monkeypatch.setattr(events, "STACKED_ROOTS", stacked_roots)
     g0, e = 9.81, 0.9
     field = lambda t, y: torch.stack([y[..., 1], torch.full_like(y[..., 1], -g0)], -1)  # noqa: E731
     bounce = neurodyn.Event(lambda t, y: y[..., 0], direction=-1, terminal=10,

@@ -11,7 +11,8 @@ How a root is found
    (default 3) evenly spaced interior points of every step, on the step's dense output where that needs no field
    evaluation (``dopri5``, ``tsit5``, ``bdf``, ``adams``, collocation methods), else on its cubic Hermite
    interpolant (whose end derivative is the next step's first stage); two roots further apart than
-   ``1 / (samples + 1)`` of a step are then both seen. A step where a sign
+   ``1 / (samples + 1)`` of a step are then both seen. An event function that takes a leading dimension of points
+   (``Event(vectorized=...)``) is evaluated at all of a step's points in one call. A step where a sign
    changes at an interior point is checked again on the dense output the solve uses (``interp``: the method's own
    by default).
 3. In every sub-interval where a component leaves its sign (in its event's ``direction``), the root is bracketed
@@ -63,6 +64,11 @@ ROOT_RTOL = 1e-12
 _MAX_ITERATIONS = 400
 # Evenly spaced points of a bracket evaluated in one call (an event function taking many points at once).
 _GRID = 31
+# Whether a root of an event function that takes many points at once is located by rounds of stacked probes
+# (:func:`_crossing_many`) rather than one point per call (:func:`_crossing`). None: on accelerators only, where
+# every call on one point costs a host synchronisation; on the CPU single-point calls are cheap and the
+# superlinear one-point iteration measured faster (benchmarks/README.md, event handling cost).
+STACKED_ROOTS: bool | None = None
 
 
 def event_values(event_fn: Callable, t: Tensor, y: Tensor, n: int | None = None, check_nan: bool = True) -> Tensor:
@@ -157,7 +163,8 @@ class Event:
     vectorized : bool or None
         Whether ``fn`` takes a leading dimension of points: ``fn(t, y)`` with ``t`` of shape ``(m,)`` and ``y`` of
         shape ``(m, *y0.shape)`` returning ``(m, ...)`` (row ``i`` the value at ``(t[i], y[i])``), so that a step's
-        sample points and a root's probes cost one call each. ``None`` (default): found out on the first step with
+        sample points cost one call (and, on an accelerator, each round of a root's probes: see
+        ``neurodyn.core.events.STACKED_ROOTS``). ``None`` (default): found out on the first step with
         several points (one stacked call compared with the calls point by point; any error, a different shape or
         different values mean no); ``True``: assumed; ``False``: never (one call per point).
 
@@ -355,7 +362,8 @@ class EventWatch:
                 a, fa, b, fb = thetas[j], rows[j][c], thetas[j + 1], rows[j + 1][c]
                 if j == 0 and c in probes:  # the start value was taken a moment after a jump
                     a = min(max((probes[c] - st.t0) / st.h, 0.0), 0.5 * b)
-                if self.vec[e]:
+                stacked = STACKED_ROOTS if STACKED_ROOTS is not None else torch.device(device).type != "cpu"
+                if self.vec[e] and stacked:
                     # One call of fn per round of probes; the table's points seed the interpolation.
                     known = [(th, r[c]) for th, r in zip(thetas, rows)]
                     found.append((_crossing_many(self._probe_fn(solver, st, co, e, local), a, fa, b, fb, res,
