@@ -150,3 +150,12 @@ def test_crossing_many_reaches_the_resolution(kind):
         assert len(rounds) <= 2
     # grid rounds shrink the bracket 32 times; between two of them at most one round around an estimate
     assert len(rounds) <= 2 * math.ceil(math.log((b - a) / res) / math.log(32)) + 1
+
+
+def test_events_under_inference_mode():
+    """The sample points' dense output and the stacked calls work on inference tensors (no version counter)."""
+    with torch.inference_mode():
+        for ev in (neurodyn.Event(lambda t, y: y[..., 0] - 0.5), neurodyn.Event(lambda t, y: y[0] - 0.5)):
+            sol = neurodyn.solve(lambda t, y: -y, torch.tensor([1.0], dtype=F64), torch.tensor([0.0, 2.0], dtype=F64),
+                                 rtol=1e-10, atol=1e-12, events=[ev])
+            assert sol.status == "event" and abs(float(sol.event_t) - math.log(2.0)) < 1e-9

@@ -416,7 +416,7 @@ class ExplicitRungeKutta(StepperBase):
                 th64 = thetas.view(m, 1).to(torch.float64)
                 powers = th64 ** torch.arange(1, d + 1, dtype=torch.float64, device=thetas.device)
                 weights = torch.mm(powers, co.dense_t).to(st.y0.dtype)  # (m, s_full)
-                if not thetas.requires_grad:
+                if not (thetas.requires_grad or thetas.is_inference() or torch.is_inference_mode_enabled()):
                     self._weights_cache = (thetas, thetas._version, co, weights)
             return torch.addmm(y0, weights, kf, alpha=st.h)
         f1 = self.end_derivative(term, st)
