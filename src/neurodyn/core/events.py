@@ -11,7 +11,8 @@ How a root is found
    (default 3) evenly spaced interior points of every step, on the step's dense output where that needs no field
    evaluation (``dopri5``, ``tsit5``, ``bdf``, ``adams``, collocation methods), else on its cubic Hermite
    interpolant (whose end derivative is the next step's first stage); two roots further apart than
-   ``1 / (samples + 1)`` of a step are then both seen. A step where a sign
+   ``1 / (samples + 1)`` of a step are then both seen. An event function that takes a leading dimension of points
+   (``Event(vectorized=...)``) is evaluated at all of a step's points in one call. A step where a sign
    changes at an interior point is checked again on the dense output the solve uses (``interp``: the method's own
    by default).
 3. In every sub-interval where a component leaves its sign (in its event's ``direction``), the root is bracketed
@@ -41,6 +42,7 @@ step they fall in, so ``gradient="direct"`` and the replays of ``"checkpoint"`` 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +62,13 @@ _FEW = 8
 ROOT_RTOL = 1e-12
 # Bracket iterations are bounded by the bisections needed to reach the resolution of t (about 2 x 53).
 _MAX_ITERATIONS = 400
+# Evenly spaced points of a bracket evaluated in one call (an event function taking many points at once).
+_GRID = 31
+# Whether a root of an event function that takes many points at once is located by rounds of stacked probes
+# (:func:`_crossing_many`) rather than one point per call (:func:`_crossing`). None: on accelerators only, where
+# every call on one point costs a host synchronisation; on the CPU single-point calls are cheap and the
+# superlinear one-point iteration measured faster (benchmarks/README.md, event handling cost).
+STACKED_ROOTS: bool | None = None
 
 
 def event_values(event_fn: Callable, t: Tensor, y: Tensor, n: int | None = None, check_nan: bool = True) -> Tensor:
@@ -151,12 +160,19 @@ class Event:
         as scipy's ``solve_ivp``: the cheapest, but a component that crosses zero twice inside one step (a
         tangency or double root, two roots closer together than a step) is then missed. (A ``max_step`` on the
         solve is the other way to see close roots.)
+    vectorized : bool or None
+        Whether ``fn`` takes a leading dimension of points: ``fn(t, y)`` with ``t`` of shape ``(m,)`` and ``y`` of
+        shape ``(m, *y0.shape)`` returning ``(m, ...)`` (row ``i`` the value at ``(t[i], y[i])``), so that a step's
+        sample points cost one call (and, on an accelerator, each round of a root's probes: see
+        ``neurodyn.core.events.STACKED_ROOTS``). ``None`` (default): found out on the first step with
+        several points (one stacked call compared with the calls point by point; any error, a different shape or
+        different values mean no); ``True``: assumed; ``False``: never (one call per point).
 
     Raises
     ------
     InputError
         ``fn`` or ``jump`` not callable, ``direction`` not one of 0, 1, -1, ``terminal`` not a bool or an int >= 1,
-        ``samples`` not an int >= 0.
+        ``samples`` not an int >= 0, ``vectorized`` not None or a bool.
 
     Examples
     --------
@@ -172,10 +188,11 @@ class Event:
     (torch.Size([2]), 0.451524)
     """
 
-    __slots__ = ("fn", "direction", "terminal", "jump", "samples")
+    __slots__ = ("fn", "direction", "terminal", "jump", "samples", "vectorized")
 
     def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], direction: int = 0, terminal: bool | int = True,
-                 jump: Callable[[Tensor, Tensor], Tensor] | None = None, samples: int = 3):
+                 jump: Callable[[Tensor, Tensor], Tensor] | None = None, samples: int = 3,
+                 vectorized: bool | None = None):
         if not callable(fn):
             raise InputError(f"Event: fn must be callable as fn(t, y) returning a tensor, got {type(fn).__name__}.")
         if isinstance(direction, bool) or direction not in (0, 1, -1):
@@ -191,7 +208,10 @@ class Event:
             raise InputError(f"Event: samples must be an int >= 0 (interior points checked per step besides the step "
                              f"end), got {samples!r}.")
         self.fn, self.direction, self.terminal, self.jump = fn, int(direction), terminal, jump
+        if vectorized is not None and not isinstance(vectorized, bool):
+            raise InputError(f"Event: vectorized must be None (find out), True or False, got {vectorized!r}.")
         self.samples = samples
+        self.vectorized = vectorized
 
     @property
     def stop_after(self) -> int | None:
@@ -204,7 +224,8 @@ class Event:
 
     def __repr__(self) -> str:
         return (f"Event(fn={getattr(self.fn, '__name__', type(self.fn).__name__)}, direction={self.direction}, "
-                f"terminal={self.terminal}, jump={None if self.jump is None else 'set'}, samples={self.samples})")
+                f"terminal={self.terminal}, jump={None if self.jump is None else 'set'}, samples={self.samples}, "
+                f"vectorized={self.vectorized})")
 
 
 def sample_fractions(events: tuple[Event, ...]) -> tuple[float, ...]:
@@ -282,8 +303,11 @@ class EventWatch:
         self.last_t: float | None = None
         self.hits: list[tuple[int, Hit]] = []  # (accepted steps so far, hit): what a replay repeats
         self.probes: dict[int, float] = {}  # component -> the time its start value was taken (after a jump)
-        self._seen: dict[float, Tensor] = {}
+        self._seen: dict[float, tuple[Tensor, int | None]] = {}  # fraction -> (states, row or None)
         self._fr: Tensor | None = None  # self.fracs as a tensor on the state's device
+        # Per event: does fn take a leading dimension of points (Event.vectorized; None: not known yet)?
+        self.vec: list[bool | None] = [e.vectorized for e in self.events]
+        self._dirs_t: Tensor | None = None  # self.dirs on the device (sign checks of many components)
 
     def _time(self, t: float) -> Tensor:
         return torch.scalar_tensor(t, dtype=self.term.t_dtype, device=self.term.device)
@@ -312,6 +336,10 @@ class EventWatch:
             G, times = self._table(solver, st, co, t1, self.detect)
             if self.detect == "auto" and self.term.nfe > nfe:
                 self.detect = "hermite"
+            if self.n > _FEW and not self._flagged(G):  # many components: one host read when nothing crossed
+                self.probes = {}
+                self.g = G[-1]
+                return None
             rows = self._rows(G, times)
             cands = self._changes(rows)
             if cands and self.fracs and self.detect != self.interp:
@@ -331,20 +359,27 @@ class EventWatch:
             for j, c in cands:
                 e = self.owner[c]
                 fn, local, one = self.events[e].fn, c - self.offset[e], self.sizes[e] == 1
+                a, fa, b, fb = thetas[j], rows[j][c], thetas[j + 1], rows[j + 1][c]
+                if j == 0 and c in probes:  # the start value was taken a moment after a jump
+                    a = min(max((probes[c] - st.t0) / st.h, 0.0), 0.5 * b)
+                stacked = STACKED_ROOTS if STACKED_ROOTS is not None else torch.device(device).type != "cpu"
+                if self.vec[e] and stacked:
+                    # One call of fn per round of probes; the table's points seed the interpolation.
+                    known = [(th, r[c]) for th, r in zip(thetas, rows)]
+                    found.append((_crossing_many(self._probe_fn(solver, st, co, e, local), a, fa, b, fb, res,
+                                                 known), c))
+                    continue
 
                 def g_at(th: float, fn: Callable = fn, local: int = local, one: bool = one) -> float:
                     # (the function's output was checked at the step end: no checks per iteration but NaN)
                     y = solver.interpolate_floats(self.term, st, [th], co, self.interp).view(shape)
-                    self._seen[th] = y
+                    self._seen[th] = (y, None)
                     out = fn(torch.scalar_tensor(st.t0 + th * st.h, dtype=t_dtype, device=device), y)
                     v = out.item() if one else float(out.reshape(-1)[local])
                     if v != v:
                         _nan_error(st.t0 + th * st.h, torch.tensor([v]))
                     return v
 
-                a, fa, b, fb = thetas[j], rows[j][c], thetas[j + 1], rows[j + 1][c]
-                if j == 0 and c in probes:  # the start value was taken a moment after a jump
-                    a = min(max((probes[c] - st.t0) / st.h, 0.0), 0.5 * b)
                 found.append((_crossing(g_at, a, fa, b, fb, res), c))
             found.sort()
             hit = Hit([])
@@ -382,12 +417,88 @@ class EventWatch:
         if self._fr is None:
             self._fr = torch.tensor(fr, dtype=torch.float64).to(st.y0.device)
         ys = solver.interpolate(self.term, st, self._fr, co, interp)
-        # The interior points and the step end as views of two tensors (no per-point tensor construction).
-        states = torch.cat([ys, st.y1.detach()]).view(len(fr) + 1, *self.term.shape).unbind(0)
+        # The interior points and the step end stacked: (len(fr) + 1, *shape).
+        states = torch.cat([ys, st.y1.detach()]).view(len(fr) + 1, *self.term.shape)
         times = [st.t0 + th * st.h for th in fr] + [t1]
-        tts = torch.tensor(times, dtype=self.term.t_dtype).to(self.term.device).unbind(0)
-        G = torch.stack([self.g] + [self.values(tt, yy, False) for tt, yy in zip(tts, states)])
-        return G, times
+        tts = torch.tensor(times, dtype=self.term.t_dtype).to(self.term.device)
+        return torch.cat([self.g.view(1, -1), self.values_many(tts, states)]), times
+
+    def values_many(self, ts: Tensor, states: Tensor) -> Tensor:
+        """Every event's components at the points ``(ts[i], states[i])`` (``ts``: ``(m,)``, ``states``:
+        ``(m, *shape)``): shape ``(m, n)``; one call per event whose function takes a leading dimension of points
+        (:attr:`Event.vectorized`, found out here on the first use with several points), else one per point."""
+        m = ts.shape[0]
+        parts = []
+        for i, (e, k) in enumerate(zip(self.events, self.sizes)):
+            v = None
+            if m > 1 and self.vec[i] is None:
+                self.vec[i] = self._takes_points(i, ts, states)
+            if m > 1 and self.vec[i]:
+                v = e.fn(ts, states)
+                if not isinstance(v, Tensor) or v.numel() != m * k or v.shape[0] != m or not v.is_floating_point():
+                    got = f"shape {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+                    raise InputError(f"Event(vectorized=True): fn(t, y) with t of shape ({m},) and y of shape "
+                                     f"{tuple(states.shape)} must return a real tensor of shape ({m}, ...) with {k} "
+                                     f"value(s) per point, got {got}; pass vectorized=False if it takes one point.")
+                v = v.reshape(m, k)
+            else:
+                v = torch.stack([event_values(e.fn, tt, yy, k, False) for tt, yy in zip(ts.unbind(0),
+                                                                                       states.unbind(0))])
+            parts.append(v)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def _takes_points(self, i: int, ts: Tensor, states: Tensor) -> bool:
+        """Whether event ``i``'s function evaluates a leading dimension of points: one stacked call against the
+        calls point by point, on a number of points equal to no dimension of the state or the output (so that a
+        function indexing the state's first dimension cannot pass for one)."""
+        fn = self.events[i].fn
+        out_shape = tuple(fn(ts[0], states[0]).shape)  # one point's output (checked by event_values already)
+        dims = set(self.term.shape) | set(out_shape) | {math.prod(self.term.shape)}
+        m = 2
+        while m in dims:
+            m += 1
+        idx = torch.arange(m, device=states.device) % ts.shape[0]
+        tm, ym = ts[idx], states[idx]
+        try:
+            v = fn(tm, ym)
+        except Exception:  # a function of one point (e.g. float(t), Python branches on a value)
+            return False
+        if not isinstance(v, Tensor) or tuple(v.shape) != (m, *out_shape) or v.dtype.is_complex \
+                or not v.is_floating_point():
+            return False
+        ref = torch.stack([fn(tt, yy).reshape(out_shape) for tt, yy in zip(tm.unbind(0), ym.unbind(0))])
+        v, ref = v.detach(), ref.detach().to(v.dtype)
+        tol = 64 * torch.finfo(v.dtype).eps
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        return bool(torch.allclose(v, ref, rtol=tol, atol=tol * scale, equal_nan=True))
+
+    def _probe_fn(self, solver: Stepper, st: Step, co, e: int, local: int) -> Callable[[list[float]], list[float]]:
+        """Component ``local`` of event ``e`` at fractions of the step ``st`` (a list), on the dense output, in one
+        call of its function; the states are kept (``self._seen``) for :meth:`occurrence`."""
+        shape, t_dtype, device = self.term.shape, self.term.t_dtype, self.term.device
+        fn, k = self.events[e].fn, self.sizes[e]
+
+        def g_many(ths: list[float]) -> list[float]:
+            th = torch.tensor(ths, dtype=torch.float64).to(device)
+            ys = solver.interpolate(self.term, st, th, co, self.interp).view(len(ths), *shape)
+            vals = fn((th * st.h + st.t0).to(t_dtype), ys).reshape(len(ths), k)[:, local].tolist()
+            if any(v != v for v in vals):
+                x = ths[next(i for i, v in enumerate(vals) if v != v)]
+                _nan_error(st.t0 + x * st.h, torch.tensor([math.nan]))
+            self._seen.update(zip(ths, zip(itertools.repeat(ys), range(len(ths)))))
+            return vals
+
+        return g_many
+
+    def _flagged(self, G: Tensor) -> bool:
+        """Whether any component of ``G`` (rows: the step's points) leaves its sign in its direction or is NaN,
+        compared on the device with one host read."""
+        if self._dirs_t is None:
+            self._dirs_t = torch.tensor(self.dirs, dtype=G.dtype, device=G.device)
+        p, q = G[:-1], G[1:]
+        d = self._dirs_t
+        changed = (p != 0) & (((q > 0) != (p > 0)) | (q == 0)) & ((d == 0) | ((d > 0) == (p < 0)))
+        return bool(changed.any() | torch.isnan(q).any())
 
     def _rows(self, G: Tensor, times: list[float]) -> list[list[float]]:
         """``G`` on the host (one synchronisation), NaN rows refused."""
@@ -414,7 +525,8 @@ class EventWatch:
         ``theta`` of ``st``, differentiable (implicit function theorem) where a graph is recorded."""
         seen = self._seen.get(theta)
         if seen is not None and not torch.is_grad_enabled():  # the root finding's own evaluation
-            return torch.scalar_tensor(st.t0 + theta * st.h, dtype=self.term.t_dtype, device=self.term.device), seen
+            y = seen[0] if seen[1] is None else seen[0][seen[1]]
+            return torch.scalar_tensor(st.t0 + theta * st.h, dtype=self.term.t_dtype, device=self.term.device), y
         return occurrence(self.term, solver, st, co, self.interp, self.events[self.owner[comp]],
                           comp - self.offset[self.owner[comp]], theta)
 
@@ -549,8 +661,65 @@ def _crossing(g: Callable[[float], float], a: float, fa: float, b: float, fb: fl
     return b
 
 
-def _inverse_root(pts: list[tuple[float, float]]) -> float:
-    """The value at ``g = 0`` of the polynomial through the latest (up to four) points ``(x, g)`` with distinct
+def _crossing_many(g: Callable[[list[float]], list[float]], a: float, fa: float, b: float, fb: float, res: float,
+                   known: list[tuple[float, float]] = ()) -> float:
+    """:func:`_crossing` for a ``g`` that evaluates a list of points in one call (the same result contract: a sign
+    change of ``g`` in ``[a, b]`` located to a bracket of width ``res``; an exact zero if one is hit, else the
+    bracket end past the crossing).
+
+    Each round is one call. The first, and any after a round that did not shrink the bracket :data:`_GRID` + 1
+    times, evaluates :data:`_GRID` evenly spaced points of the bracket. The others evaluate the estimate ``x``
+    (inverse interpolation through the six known points nearest the bracket; ``known`` seeds them), points
+    ``x -/+ s`` for spreads ``s`` from a quarter of the bracket down by factors of 100 to ``res / 2``, and the
+    bracket's midpoint. The bracket becomes the first sub-interval, from ``a``, where the sign changes (it keeps
+    the crossing nearest ``a``, in the bracket's direction); it closes to ``res`` once ``x`` is within ``res / 2``
+    of the root: two rounds on a smooth ``g`` (the grid's spacing makes the next estimate that close), and at
+    most about ``log(1 / res) / log(_GRID + 1)`` grid rounds whatever ``g`` is.
+    """
+    if fb == 0:
+        return b
+    pts = [(x, v) for x, v in known if math.isfinite(v)] + [(a, fa), (b, fb)]
+    grid = True
+    for _ in range(_MAX_ITERATIONS):
+        width = b - a
+        if width <= res:
+            break
+        if grid:
+            xs = [a + width * (j + 1) / (_GRID + 1) for j in range(_GRID)]
+        else:
+            near = sorted(pts, key=lambda p: max(a - p[0], p[0] - b, 0.0))[:6]
+            x = _inverse_root(near[::-1], 6)
+            if not (a < x < b):
+                x = a + width * (fa / (fa - fb))
+                if not (a < x < b):
+                    x = 0.5 * (a + b)
+            probes = {x, 0.5 * (a + b), x - 0.5 * res, x + 0.5 * res}
+            spread = 0.25 * width
+            while spread > 0.5 * res:
+                probes.update((x - spread, x + spread))
+                spread *= 1e-2
+            xs = sorted(probes)
+        xs = [p for p in xs if a < p < b]
+        if not xs:  # no float between the ends
+            break
+        vs = g(xs)
+        pts.extend(zip(xs, vs))
+        pa, pfa = a, fa
+        for xi, vi in zip(xs, vs):
+            if vi == 0:
+                return xi
+            if (vi > 0) != (fa > 0):
+                a, fa, b, fb = pa, pfa, xi, vi
+                break
+            pa, pfa = xi, vi
+        else:
+            a, fa = pa, pfa
+        grid = (b - a) * (_GRID + 1) > width
+    return b
+
+
+def _inverse_root(pts: list[tuple[float, float]], count: int = 4) -> float:
+    """The value at ``g = 0`` of the polynomial through the latest (up to ``count``) points ``(x, g)`` with distinct
     finite ``g``, as ``x`` of ``g`` (Neville's scheme); NaN where fewer than two such points exist."""
     xs: list[float] = []
     gs: list[float] = []
@@ -558,7 +727,7 @@ def _inverse_root(pts: list[tuple[float, float]]) -> float:
         if math.isfinite(v) and v not in gs:
             xs.append(x)
             gs.append(v)
-            if len(xs) == 4:
+            if len(xs) == count:
                 break
     m = len(xs)
     if m < 2:

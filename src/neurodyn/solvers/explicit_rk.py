@@ -29,6 +29,7 @@ import operator
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -125,6 +126,9 @@ class ExplicitRungeKutta(StepperBase):
         self.last_stage_is_y1 = tableau.fsal and tuple(tableau.a[-1]) == tuple(tableau.b[:-1])
         self._cache: dict[tuple[torch.dtype, torch.device], _Coefficients] = {}
         self._power_cache: dict[tuple[int, torch.device], Tensor] = {}
+        # The dense-output weights of the last fractions tensor interpolated at (the tensor itself, its version, the
+        # coefficients, the weights): a caller checking the same fractions every step builds them once.
+        self._weights_cache: tuple[Tensor, int, Any, Tensor] | None = None
         self._c_cache: dict[torch.device, Tensor] = {}
         self._dense_rows = [[float(v) for v in row] for row in tableau.dense] if tableau.dense is not None else None
 
@@ -403,10 +407,17 @@ class ExplicitRungeKutta(StepperBase):
             return linear(thetas.view(m, 1), st.y0, st.y1)
         if interp == "auto" and co.dense_t is not None:
             kf = self._full_stages(term, st, co)
-            d = co.dense_t.shape[0]
-            th64 = thetas.view(m, 1).to(torch.float64)
-            powers = th64 ** torch.arange(1, d + 1, dtype=torch.float64, device=thetas.device)
-            weights = torch.mm(powers, co.dense_t).to(st.y0.dtype)  # (m, s_full)
+            c = self._weights_cache
+            if c is not None and c[0] is thetas and c[1] == thetas._version and c[2] is co \
+                    and c[3].dtype == st.y0.dtype:
+                weights = c[3]
+            else:
+                d = co.dense_t.shape[0]
+                th64 = thetas.view(m, 1).to(torch.float64)
+                powers = th64 ** torch.arange(1, d + 1, dtype=torch.float64, device=thetas.device)
+                weights = torch.mm(powers, co.dense_t).to(st.y0.dtype)  # (m, s_full)
+                if not (thetas.requires_grad or thetas.is_inference() or torch.is_inference_mode_enabled()):
+                    self._weights_cache = (thetas, thetas._version, co, weights)
             return torch.addmm(y0, weights, kf, alpha=st.h)
         f1 = self.end_derivative(term, st)
         return hermite(thetas.view(m, 1).to(st.y0.dtype), st.y0, st.y1, st.k[0], f1.reshape(-1), st.h)

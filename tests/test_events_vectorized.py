@@ -1,0 +1,161 @@
+"""Event functions that take a leading dimension of points (Event(vectorized=...)): the stacked evaluation of a
+step's sample points and of the root finding's probes gives the closed-form event times and the same occurrences as
+the point-by-point path; functions of one point are recognised and evaluated point by point; many components are
+compared on the device."""
+
+import math
+
+import pytest
+import torch
+
+import neurodyn
+from neurodyn.core import events
+from neurodyn.core.events import _crossing_many
+from neurodyn.errors import InputError
+
+F64 = torch.float64
+
+
+def osc(t, y):
+    return torch.stack([y[..., 1], -y[..., 0]], -1)
+
+
+class Recorder:
+    """Wraps an event function, recording the shape of every ``t`` it is called with."""
+
+    def __init__(self, fn):
+        self.fn, self.t_shapes = fn, []
+
+    def __call__(self, t, y):
+        self.t_shapes.append(tuple(t.shape))
+        return self.fn(t, y)
+
+
+@pytest.mark.parametrize("stacked_roots", [True, False])
+@pytest.mark.parametrize("method, tol", [("dopri5", 1e-7), ("tsit5", 1e-7), ("bdf", 1e-5)])
+@pytest.mark.parametrize("delta", [0.3, 0.05])
+def test_two_close_roots_stacked_match_closed_form(method, tol, delta, stacked_roots, monkeypatch):
+    """y = cos t; g = y + cos(delta) is negative only on (pi - delta, pi + delta): with stacked calls (the sample
+    points; the root's probes too, or one point per call) the first root, pi - delta, is found to the resolution,
+    and fewer calls are made than point by point."""
+    monkeypatch.setattr(events, "STACKED_ROOTS", stacked_roots)
+    y0 = torch.tensor([1.0, 0.0], dtype=F64)
+    t = torch.tensor([0.0, 6.0], dtype=F64)
+    stacked = Recorder(lambda t, y: y[..., 0] + math.cos(delta))
+    sol = neurodyn.solve(osc, y0, t, method=method, rtol=1e-8, atol=1e-10, events=[neurodyn.Event(stacked)])
+    assert sol.status == "event" and abs(float(sol.event_t) - (math.pi - delta)) < tol  # the solver's accuracy
+    assert any(len(s) == 1 and s[0] > 1 for s in stacked.t_shapes)  # stacked calls happened
+    single = Recorder(lambda t, y: y[..., 0] + math.cos(delta))
+    ref = neurodyn.solve(osc, y0, t, method=method, rtol=1e-8, atol=1e-10,
+                         events=[neurodyn.Event(single, vectorized=False)])
+    assert all(s == () for s in single.t_shapes)
+    assert abs(float(sol.event_t) - float(ref.event_t)) < 1e-11
+    assert len(stacked.t_shapes) < len(single.t_shapes)
+
+
+@pytest.mark.parametrize("samples", [0, 3, 7])
+@pytest.mark.parametrize("stacked_roots", [True, False])
+def test_nonterminal_crossings_of_sine_at_multiples_of_pi(samples, stacked_roots, monkeypatch):
+    """y = (sin t, cos t): sin t crosses zero at k pi; every crossing on [0.5, 20] found in order, to 1e-10."""
+    monkeypatch.setattr(events, "STACKED_ROOTS", stacked_roots)
+    y0 = torch.tensor([math.sin(0.5), math.cos(0.5)], dtype=F64)
+    t = torch.tensor([0.5, 20.0], dtype=F64)
+    field = lambda t, y: torch.stack([y[..., 1], -y[..., 0]], -1)  # noqa: E731
+    ev = neurodyn.Event(lambda t, y: y[..., 0], terminal=False, samples=samples)
+    sol = neurodyn.solve(field, y0, t, rtol=1e-10, atol=1e-12, events=[ev])
+    expect = torch.tensor([k * math.pi for k in range(1, 7)], dtype=F64)
+    assert sol.status == "success" and len(sol.events) == 6
+    assert float((sol.events.t - expect).abs().max()) < 1e-10
+
+
+def test_function_indexing_the_first_dimension_is_evaluated_point_by_point():
+    """g = y[-1] on a state of shape (4,) returns the last point's whole state when given stacked points: it is
+    recognised as a function of one point (whatever the number of sample points) and the crossing is right."""
+    y0 = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=F64)
+    rec = Recorder(lambda t, y: y[-1] - 0.5)
+    sol = neurodyn.solve(lambda t, y: -y, y0, torch.tensor([0.0, 2.0], dtype=F64), rtol=1e-10, atol=1e-12,
+                         events=[neurodyn.Event(rec)])
+    assert sol.status == "event" and abs(float(sol.event_t) - math.log(2.0)) < 1e-9
+    stacked = [s for s in rec.t_shapes if s != ()]
+    assert len(stacked) == 1  # the one stacked call that found out
+
+
+def test_function_of_a_python_float_falls_back():
+    """float(t) fails on stacked times: the function is evaluated point by point."""
+    rec = Recorder(lambda t, y: y[0] - math.exp(-float(t)) * 0.0 - 0.25)
+    sol = neurodyn.solve(lambda t, y: -y, torch.tensor([1.0], dtype=F64), torch.tensor([0.0, 3.0], dtype=F64),
+                         rtol=1e-10, atol=1e-12, events=[neurodyn.Event(rec)])
+    assert sol.status == "event" and abs(float(sol.event_t) - math.log(4.0)) < 1e-9
+
+
+def test_many_components_compared_on_the_device():
+    """Twelve levels c_j of y = exp(-t) (more than the components checked on the host): every crossing at
+    log(1 / c_j), in time order, with its component's event index."""
+    levels = torch.linspace(0.9, 0.05, 12, dtype=F64)
+    ev_stacked = neurodyn.Event(lambda t, y: y[..., :1] - levels, terminal=False)
+    ev_single = neurodyn.Event(lambda t, y: y[0] - levels, terminal=False, vectorized=False)
+    for ev in (ev_stacked, ev_single):
+        sol = neurodyn.solve(lambda t, y: -y, torch.tensor([1.0], dtype=F64), torch.tensor([0.0, 4.0], dtype=F64),
+                             rtol=1e-10, atol=1e-12, events=[ev])
+        assert len(sol.events) == 12
+        assert float((sol.events.t - torch.log(1.0 / levels)).abs().max()) < 1e-9
+
+
+@pytest.mark.parametrize("stacked_roots", [True, False])
+def test_bouncing_ball_stacked_event_and_jump(stacked_roots, monkeypatch):
+    """A ball dropped from 1 m with restitution 0.9: ten bounce times against the closed form to 1e-9."""
+    monkeypatch.setattr(events, "STACKED_ROOTS", stacked_roots)
+    g0, e = 9.81, 0.9
+    field = lambda t, y: torch.stack([y[..., 1], torch.full_like(y[..., 1], -g0)], -1)  # noqa: E731
+    bounce = neurodyn.Event(lambda t, y: y[..., 0], direction=-1, terminal=10,
+                            jump=lambda t, y: torch.stack([y[0], -e * y[1]]))
+    sol = neurodyn.solve(field, torch.tensor([1.0, 0.0], dtype=F64), torch.tensor([0.0, 10.0], dtype=F64),
+                         rtol=1e-12, atol=1e-12, events=[bounce])
+    t1 = math.sqrt(2.0 / g0)
+    expect = [t1 + sum(2 * t1 * e ** k for k in range(1, n)) for n in range(1, 11)]
+    assert sol.status == "event" and len(sol.events) == 10
+    assert max(abs(float(a) - b) for a, b in zip(sol.events.t, expect)) < 1e-9
+
+
+def test_vectorized_true_with_a_function_of_one_point_is_refused():
+    ev = neurodyn.Event(lambda t, y: y[0] - 0.5, vectorized=True)
+    with pytest.raises(InputError, match="vectorized"):
+        neurodyn.solve(lambda t, y: -y, torch.tensor([1.0, 2.0], dtype=F64), torch.tensor([0.0, 2.0], dtype=F64),
+                       events=[ev])
+
+
+def test_vectorized_must_be_none_or_bool():
+    with pytest.raises(InputError, match="vectorized"):
+        neurodyn.Event(lambda t, y: y[0], vectorized="yes")
+
+
+@pytest.mark.parametrize("kind", ["smooth", "step", "pole"])
+def test_crossing_many_reaches_the_resolution(kind):
+    """The stacked root finding returns the far end of a bracket of width res around the sign change, for a smooth
+    g (in two rounds), a jump and a pole (a sign change without a zero)."""
+    root, res = 0.6180339887, 1e-12
+    g = {"smooth": lambda x: math.sin(3.0 * (x - root)),
+         "step": lambda x: -1.0 if x < root else 2.0,
+         "pole": lambda x: -1.0 / (x - root) if x != root else math.inf}[kind]
+    rounds = []
+
+    def g_many(xs):
+        rounds.append(len(xs))
+        return [g(x) for x in xs]
+
+    a, b = 0.5, 0.75
+    x = _crossing_many(g_many, a, g(a), b, g(b), res, [(0.25, g(0.25)), (1.0, g(1.0))])
+    assert 0.0 <= x - root <= res  # the bracket end past the crossing
+    if kind == "smooth":
+        assert len(rounds) <= 2
+    # grid rounds shrink the bracket 32 times; between two of them at most one round around an estimate
+    assert len(rounds) <= 2 * math.ceil(math.log((b - a) / res) / math.log(32)) + 1
+
+
+def test_events_under_inference_mode():
+    """The sample points' dense output and the stacked calls work on inference tensors (no version counter)."""
+    with torch.inference_mode():
+        for ev in (neurodyn.Event(lambda t, y: y[..., 0] - 0.5), neurodyn.Event(lambda t, y: y[0] - 0.5)):
+            sol = neurodyn.solve(lambda t, y: -y, torch.tensor([1.0], dtype=F64), torch.tensor([0.0, 2.0], dtype=F64),
+                                 rtol=1e-10, atol=1e-12, events=[ev])
+            assert sol.status == "event" and abs(float(sol.event_t) - math.log(2.0)) < 1e-9
