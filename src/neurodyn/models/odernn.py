@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..core.tensors import vmapped
 from ..errors import InputError
-from ..fields import takes_time
-from ..solve import solve
+from ..fields import autocast_dtype, takes_time
+from ..solve import Plan, prepare, solve
 
 FIXED_STEP = ("euler", "midpoint", "heun2", "heun3", "ralston", "rk4")
 
@@ -217,6 +219,7 @@ class ODERNN(nn.Module):
         self.solve_options = dict(solve_options)
         self.nfe = 0
         self._unit: dict[tuple, Tensor] = {}  # the rescaled interval [0, 1] per dtype and device
+        self._plans: dict[tuple, Plan] = {}  # prepared solves of the reused field, per state shape and options
 
     def evolve(self, h: Tensor, t0: Tensor, dt: Tensor, max_step: float | None = None,
                dt_max: float | None = None) -> Tensor:
@@ -246,9 +249,34 @@ class ODERNN(nn.Module):
         s = self._unit.get((h.dtype, h.device))
         if s is None:
             s = self._unit[(h.dtype, h.device)] = torch.tensor([0.0, 1.0], dtype=h.dtype, device=h.device)
-        sol = solve(field, h, s, method=self.method, rtol=self.rtol, atol=self.atol,
-                    gradient=self.gradient, per_sample_steps=self.per_sample_steps, **opts)
+        kw = dict(method=self.method, rtol=self.rtol, atol=self.atol, gradient=self.gradient,
+                  per_sample_steps=self.per_sample_steps, **opts)
+        if field is not self.rescaled or vmapped(h):
+            sol = solve(field, h, s, **kw)
+            return sol.ys[-1], sol.stats["nfe"]
+        # The one field object: the checks of the solve's arguments run once per state shape and options (a plan),
+        # then each interval reruns the plan (the state itself still checked for NaN/inf).
+        key = (h.shape, h.dtype, h.device, torch.is_grad_enabled(), autocast_dtype(h.device.type),
+               *sorted(kw.items()))
+        try:
+            plan = self._plans.get(key)
+        except TypeError:  # an option that is not hashable (a tensor tolerance): no reuse
+            sol = solve(field, h, s, **kw)
+            return sol.ys[-1], sol.stats["nfe"]
+        if plan is None:
+            plan = prepare(field, h, s, **kw)
+            sol = plan.run()
+            if len(self._plans) >= 64:  # many batch sizes or step counts: start afresh
+                self._plans.clear()
+            self._plans[key] = replace(plan, y0=h.detach())
+        else:
+            sol = plan.rerun(h)
         return sol.ys[-1], sol.stats["nfe"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_plans"] = {}  # prepared solves are rebuilt on use
+        return state
 
     def forward(self, x: Tensor, t: Tensor, mask: Tensor | None = None, *, reverse: bool = False,
                 state0: Tensor | None = None, max_step: float | None = None) -> tuple[Tensor, Tensor]:
