@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -150,11 +151,53 @@ def copy_weights(ref: Reference, ours: LatentODE) -> None:
         ours.decoder.load_state_dict(ref.decoder.state_dict())
 
 
+def hand_encoder(model: LatentODE, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Diagnostic only, not a neurodyn path: the arithmetic of ``model.encoder`` on the shared grid (backward,
+    ``ceil(gap / (span / encoder_steps))`` equal explicit Euler steps per interval, the gated unit's whole-series
+    update, masked by ``torch.where``) written as a plain loop with no solver, then ``to_z0``'s mean: what the encoder
+    would cost with no per-solve overhead at all."""
+    enc = model.encoder
+    H, T = enc.cell.ode_size, x.shape[1]
+    inp = torch.cat([x * mask, mask], -1).transpose(0, 1)
+    update = enc.cell.sequence(inp)
+    seen = (mask.amax(-1, keepdim=True) > 0).transpose(0, 1).unbind(0)
+    state = x.new_zeros(x.shape[0], enc.cell.state_size)
+    max_step = float(t[-1] - t[0]) / model.encoder_steps
+    gaps = t.diff().tolist()
+    for k in range(T - 1, -1, -1):
+        if k < T - 1:
+            h, rest = state.split([H, H], -1)
+            n = max(1, math.ceil(gaps[k] / max_step - 1e-9))  # equal steps of at most max_step, as the encoder's
+            for _ in range(n):
+                h = h + (-gaps[k] / n) * enc.field(h)
+            state = torch.cat([h, rest], -1)
+        state = torch.where(seen[k], update(k, state), state)
+    return model.to_z0(state).chunk(2, -1)[0]
+
+
+def encoder_floor(ref: Reference, ours: LatentODE, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
+                  reps: int) -> dict[str, float]:
+    """Median seconds of one encoder forward + backward (batch ``x``), the three alternating: the reference's,
+    neurodyn's (``LatentODE.encode``) and :func:`hand_encoder`."""
+    fns = {"reference": lambda: ref.encode(torch.cat([x * mask, mask], -1), t)[0].sum().backward(),
+           "neurodyn": lambda: ours.encode(x, t, mask)[0].sum().backward(),
+           "hand_loop": lambda: hand_encoder(ours, x, t, mask).sum().backward()}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(reps + 1):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            if r:  # the first round warms up
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--floor-reps", type=int, default=9, help="rounds of the encoder-only diagnostic (0: skip)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -198,12 +241,21 @@ def main() -> None:
                 opts[name].step()
             times[name].append(time.perf_counter() - t0)
             print(f"epoch {epoch} {name:9s} {times[name][-1]:.2f} s", flush=True)
+    floor = {}
+    if args.floor_reps:
+        m = interpolation_mask(full[:50], 50, torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            floor_diff = float((hand_encoder(ours, train[:50], tt, m) - ours.encode(train[:50], tt, m)[0]).abs().max())
+        floor = encoder_floor(ref, ours, train[:50], tt, m, args.floor_reps)
+        floor = {"median_s": floor, "ratio_to_reference": {k: v / floor["reference"] for k, v in floor.items()},
+                 "hand_loop_max_abs_diff": floor_diff}
+        print("encoder only:", json.dumps(floor), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = {k: [o / r for o, r in zip(times[k], times["reference"])] for k in nfe}
     result = {"epoch_s": times, "median_epoch_s": med, "ratio_per_epoch": ratios,
               "median_ratio": {k: statistics.median(v) for k, v in ratios.items()},
               "latent_nfe_per_iter_mean": {k: sum(v) / len(v) for k, v in nfe.items()},
-              "encoder_max_abs_diff_at_init": enc_diff,
+              "encoder_max_abs_diff_at_init": enc_diff, "encoder_only": floor,
               "torch": torch.__version__, "torchdiffeq": torchdiffeq.__version__, "threads": args.threads}
     print(json.dumps(result, indent=1))
     if args.json:
