@@ -126,3 +126,38 @@ def test_odernn_nonfinite_field_still_raises():
     rnn = ODERNN(1, 2, cell="gru", field=field, max_step=0.5)
     with pytest.raises(neurodyn.errors.NonFiniteError):
         rnn(torch.randn(2, 3, 1), torch.tensor([0.0, 1.0, 2.0]))
+
+
+# ------------------------------------------------------------------------------------------------ Plan.rerun
+def test_plan_rerun_equals_a_fresh_solve_with_gradients_and_checks_its_state():
+    from neurodyn.solve import prepare
+
+    field = mlp(3, 8, 3, 0.5).to(f64)
+    t = torch.tensor([0.0, 0.4, 1.0], dtype=f64)
+    plan = prepare(lambda s, y: field(y), torch.zeros(4, 3, dtype=f64), t, method="rk4", step_size=0.1)
+    y0 = torch.randn(4, 3, dtype=f64, requires_grad=True)
+    ys = plan.rerun(y0).ys
+    ref = neurodyn.solve(lambda s, y: field(y), y0, t, method="rk4", step_size=0.1).ys
+    assert torch.equal(ys, ref)
+    params = [y0, *field.parameters()]
+    for a, b in zip(_grads(ys, params, 7), _grads(ref, params, 7)):
+        assert torch.equal(a, b)
+    with pytest.raises(neurodyn.errors.InputError, match="match the prepared state"):
+        plan.rerun(torch.zeros(5, 3, dtype=f64))
+    with pytest.raises(neurodyn.errors.InputError, match="match the prepared state"):
+        plan.rerun(torch.zeros(4, 3))  # float32
+    with pytest.raises(neurodyn.errors.InputError, match="NaN or inf"):
+        plan.rerun(torch.full((4, 3), float("nan"), dtype=f64))
+    with torch.no_grad(), pytest.raises(neurodyn.errors.InputError, match="grad mode"):
+        plan.rerun(torch.zeros(4, 3, dtype=f64))
+
+
+def test_odernn_reuses_one_plan_per_shape_and_still_rejects_a_nan_state():
+    rnn = ODERNN(1, 2, cell="gru", max_step=0.5)
+    x, t = torch.randn(3, 4, 1), torch.tensor([0.0, 0.3, 1.2, 1.5])
+    rnn(x, t)
+    assert len(rnn._plans) == 2  # one Euler step (gaps 0.3) and two (gap 0.9)
+    rnn(x[:2], t)
+    assert len(rnn._plans) == 4  # a second batch size
+    with pytest.raises(neurodyn.errors.InputError, match="NaN or inf"):
+        rnn(x, t, state0=torch.full((3, 2), float("nan")))
