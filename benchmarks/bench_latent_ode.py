@@ -159,7 +159,7 @@ def hand_encoder(model: LatentODE, x: torch.Tensor, t: torch.Tensor, mask: torch
     enc = model.encoder
     H, T = enc.cell.ode_size, x.shape[1]
     inp = torch.cat([x * mask, mask], -1).transpose(0, 1)
-    update = enc.cell.sequence(inp)
+    update = enc.cell.series_update(inp)
     seen = (mask.amax(-1, keepdim=True) > 0).transpose(0, 1).unbind(0)
     state = x.new_zeros(x.shape[0], enc.cell.state_size)
     max_step = float(t[-1] - t[0]) / model.encoder_steps

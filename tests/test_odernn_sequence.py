@@ -31,14 +31,14 @@ def _grads(out: torch.Tensor, wrt: list[torch.Tensor], seed: int) -> list[torch.
     return list(torch.autograd.grad((out * w).sum(), wrt))
 
 
-def test_gated_unit_sequence_equals_the_papers_formula_with_gradients():
+def test_gated_unit_series_update_equals_the_papers_formula_with_gradients():
     torch.manual_seed(0)
     cell = GatedMLPUpdate(4, 3, units=7).to(f64)
     T, B = 5, 6
     inp = torch.randn(T, B, 4, dtype=f64)
     state0 = torch.cat([torch.randn(B, 3, dtype=f64), torch.rand(B, 3, dtype=f64)], -1).requires_grad_()
     params = list(cell.parameters())
-    update = cell.sequence(inp)
+    update = cell.series_update(inp)
     ours, ref = state0, state0
     for k in range(T):  # a chain of updates: the input projections of every time feed one graph
         ours, ref = update(k, ours), _paper_unit(cell, inp[k], ref)

@@ -77,7 +77,7 @@ class GatedMLPUpdate(nn.Module):
     ``mean' = (1 - u) m~ + u mean``, ``std' = |(1 - u) |s~| + u std|``. The update and reset MLPs' first layers are one
     ``Linear`` of ``2 units`` outputs (the same function and parameters as two separate layers).
 
-    :meth:`sequence` runs the unit over a whole series: the input's share of the two first layers is computed for
+    :meth:`series_update` runs the unit over a whole series: the input's share of the two first layers is computed for
     every time in one product, and the update and reset output layers are applied as one block-diagonal product
     (the same function and parameters; :class:`ODERNN` uses it).
     """
@@ -97,13 +97,13 @@ class GatedMLPUpdate(nn.Module):
 
     def forward(self, inp: Tensor, state: Tensor) -> Tensor:
         """One update: ``inp (B, I)``, ``state (B, 2H)`` -> the new state ``(B, 2H)``."""
-        return self.sequence(inp[None])(0, state)
+        return self.series_update(inp[None])(0, state)
 
-    def sequence(self, inp: Tensor) -> Callable[[int, Tensor], Tensor]:
+    def series_update(self, inp: Tensor) -> Callable[[int, Tensor], Tensor]:
         """The update over a series of inputs ``inp (T, B, I)``: returns ``update(k, state (B, 2H)) -> (B, 2H)``,
         the update with the input at time index ``k``.
 
-        Example: ``update = cell.sequence(inp); state = update(0, state)``.
+        Example: ``update = cell.series_update(inp); state = update(0, state)``.
         """
         H, S = self.hidden_size, self.state_size
         g_w, n_w = self.gates_in.weight, self.new_state[0].weight
@@ -155,7 +155,9 @@ class ODERNN(nn.Module):
         Size ``H`` of the ODE-evolved hidden state.
     cell : ``"gru"``, ``"lstm"``, ``"gated_mlp"`` or nn.Module
         The update. A module takes ``(input (B, 2C), state (B, S))`` and returns the new state, and has attributes
-        ``state_size`` (``S``) and ``ode_size`` (the leading state entries the ODE evolves; the rest is held).
+        ``state_size`` (``S``) and ``ode_size`` (the leading state entries the ODE evolves; the rest is held). A cell
+        whose class defines ``series_update(inputs (T, B, 2C))`` returning ``update(k, state) -> new state`` (as
+        :class:`GatedMLPUpdate`) is run through it (work on the inputs done once for all times).
     field : nn.Module or callable, optional
         ``f(h)`` or ``f(t, h)`` on ``(B, ode_size)`` (``t``: 0-dim, or ``(B, 1)`` when rows have their own times).
         Default: ``Linear(H, units) -> Tanh -> Linear(units, H)``.
@@ -291,8 +293,7 @@ class ODERNN(nn.Module):
         state = x.new_zeros(B, self.cell.state_size) if state0 is None else state0
         n_ode = self.cell.ode_size
         inp = torch.cat([x * mask, mask], -1).transpose(0, 1)  # (T, B, 2C)
-        seq = getattr(self.cell, "sequence", None)
-        update = seq(inp) if callable(seq) else None
+        update = self.cell.series_update(inp) if callable(getattr(type(self.cell), "series_update", None)) else None
         inps = inp.unbind(0)
         seen = (mask.amax(-1, keepdim=True) > 0).transpose(0, 1)  # (T, B, 1)
         seen_all, seen_any = seen.all(1).view(-1).tolist(), seen.any(1).view(-1).tolist()
