@@ -22,7 +22,9 @@ once with Euler steps of at most span/50, as the demo does).
 
 Same data: the periodic toy (1000 series, 100 shared times on [0, 5], 800 for training), batches of 50 with 50 of the
 100 points observed per series (the same masks for both), interpolation task (reconstruct all 100 points).
-One epoch = 16 iterations (forward + backward + optimizer step). The two alternate epoch by epoch in one process.
+One epoch = 16 iterations (forward + backward + optimizer step). The three take turns iteration by iteration in one
+process (order rotated), each epoch's time the sum of its own 16 iterations' (the machine's load shifts over seconds).
+``--floor-reps``: then an encoder-only diagnostic (:func:`encoder_floor`).
 
     taskset -c 1 python benchmarks/bench_latent_ode.py [--epochs 4]
 """
@@ -217,15 +219,16 @@ def main() -> None:
     opts = {k: torch.optim.Adamax(m.parameters(), lr=1e-2) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in models}
     nfe: dict[str, list[int]] = {k: [] for k in models if k != "reference"}
+    names = list(models)
     for epoch in range(args.epochs):
         perm = torch.randperm(800, generator=g)
         masks = [interpolation_mask(full[perm[i * 50:(i + 1) * 50]], 50, g) for i in range(16)]
-        names = list(models)
-        for name in names[epoch % 3:] + names[:epoch % 3]:  # rotate the order
-            t0 = time.perf_counter()
-            for i in range(16):
-                idx = perm[i * 50:(i + 1) * 50]
-                xb, mb = train[idx], masks[i]
+        spent = dict.fromkeys(models, 0.0)
+        for i in range(16):
+            idx = perm[i * 50:(i + 1) * 50]
+            xb, mb = train[idx], masks[i]
+            for name in names[i % 3:] + names[:i % 3]:  # the three take turns, the order rotated per iteration
+                t0 = time.perf_counter()
                 if name == "reference":
                     loss = ref.loss(xb, tt, mb, full[idx])
                 elif name == "neurodyn":  # the masked union grid, as the reference
@@ -234,13 +237,15 @@ def main() -> None:
                     b = compact(tt, xb, mb)
                     loss = ours_c.loss(b.values, b.times, b.mask, tt, xb, full[idx], n_samples=3,
                                        kl_weight=0.0)["loss"]
-                if name != "reference":
-                    nfe[name].append(models[name].ode.nfe_forward)
                 opts[name].zero_grad()
                 loss.backward()
                 opts[name].step()
-            times[name].append(time.perf_counter() - t0)
-            print(f"epoch {epoch} {name:9s} {times[name][-1]:.2f} s", flush=True)
+                spent[name] += time.perf_counter() - t0
+                if name != "reference":
+                    nfe[name].append(models[name].ode.nfe_forward)
+        for name in names:
+            times[name].append(spent[name])
+        print(f"epoch {epoch} " + " ".join(f"{k} {v:.2f} s" for k, v in spent.items()), flush=True)
     floor = {}
     if args.floor_reps:
         m = interpolation_mask(full[:50], 50, torch.Generator().manual_seed(4))
