@@ -12,8 +12,10 @@ Gaussian log-density (obs std 0.01, mean over observed times and dims), KL to N(
 and the loss ``-logsumexp_s(likelihood_s - kl_coef * KL)``; Adamax, lr 1e-2.
 
 neurodyn's side: ``LatentODE(1)`` with the same sizes and solvers (``encoder_cell="gated_mlp"``, encoder Euler with
-largest step span/50, latent dopri5 at 1e-3 / 1e-4, 3 samples), its weights copied from the reference model so both
-start from the same function; its loss is the per-series IWAE bound (``LatentODE.loss``).
+largest step span/50, latent dopri5 at 1e-3 / 1e-4 with torchdiffeq's step-size rule, I control:
+``PIDController(pcoeff=0, icoeff=1)``, or neurodyn's default PI control with ``--controller default``; 3 samples),
+its weights copied from the reference model so both start from the same function; its loss is the per-series IWAE
+bound (``LatentODE.loss``).
 
 Two neurodyn variants: ``neurodyn`` runs the encoder over the union of the 100 times with masks (the reference's
 formulation: 100 encoder steps, Euler steps of at most span/50); ``neurodyn_per_row`` gives each series' 50 observed
@@ -42,6 +44,7 @@ import torchdiffeq
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
+from neurodyn import PIDController
 from neurodyn.data import compact, interpolation_mask, periodic_toy
 from neurodyn.models import LatentODE
 
@@ -201,6 +204,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--controller", choices=("i", "default"), default="i",
+                    help="neurodyn's latent step-size control: 'i' torchdiffeq's I control, as the reference "
+                         "(default), or neurodyn's default PI control")
     ap.add_argument("--floor-reps", type=int, default=9, help="rounds of the encoder-only diagnostic (0: skip)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -209,7 +215,8 @@ def main() -> None:
     tt, train = t[0], x[:800]
     full = torch.ones_like(train)
     g = torch.Generator().manual_seed(1)
-    ref, ours, ours_c = Reference(), LatentODE(1), LatentODE(1)
+    kw = {"controller": PIDController(pcoeff=0.0, icoeff=1.0)} if args.controller == "i" else {}
+    ref, ours, ours_c = Reference(), LatentODE(1, **kw), LatentODE(1, **kw)
     copy_weights(ref, ours)
     copy_weights(ref, ours_c)
     with torch.no_grad():  # same function: same encoder output at init
@@ -265,6 +272,7 @@ def main() -> None:
               "latent_nfe_per_iter_by_epoch": {k: [sum(v[i:i + 16]) / 16 for i in range(0, len(v), 16)]
                                                for k, v in nfe.items()},
               "encoder_max_abs_diff_at_init": enc_diff, "encoder_only": floor,
+              "controller": args.controller,
               "torch": torch.__version__, "torchdiffeq": torchdiffeq.__version__, "threads": args.threads}
     print(json.dumps(result, indent=1))
     if args.json:
