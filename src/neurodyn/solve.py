@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -324,13 +324,16 @@ class Plan:
 
     def run(self) -> Solution:
         """Run the solve: the gradient method over the integrate loop (or the per-sample rows)."""
+        return self._run_from(self.y0)
+
+    def _run_from(self, y0: Tensor) -> Solution:
         with self.context():
             if self.per_sample_steps:
                 from .gradients.per_sample import solve_per_sample_gradient
 
-                return solve_per_sample_gradient(self.func, self.y0, self.t, self.solver, self.cfg, self.on_failure,
+                return solve_per_sample_gradient(self.func, y0, self.t, self.solver, self.cfg, self.on_failure,
                                                  self.gopts, self.gradient)
-            return _dispatch(self.func, self.y0, self.t, self.solver, self.cfg, self.on_failure, self.gopts,
+            return _dispatch(self.func, y0, self.t, self.solver, self.cfg, self.on_failure, self.gopts,
                              self.gradient)
 
     def rerun(self, y0: Tensor) -> Solution:
@@ -359,7 +362,7 @@ class Plan:
                              "the plan was prepared under: prepare a plan for it.")
         if fixed_bad(y0):  # (screened by the sum)
             raise InputError("y0 contains NaN or inf.")
-        return replace(self, y0=y0).run()
+        return self._run_from(y0)
 
 
 def prepare(
