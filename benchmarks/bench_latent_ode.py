@@ -209,6 +209,8 @@ def main() -> None:
                          "(default), or neurodyn's default PI control")
     ap.add_argument("--floor-reps", type=int, default=9, help="rounds of the encoder-only diagnostic (0: skip)")
     args = ap.parse_args()
+    if args.epochs < 1:
+        ap.error("--epochs must be >= 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t, x = periodic_toy(1000, 100, seed=0)
