@@ -12,8 +12,10 @@ Gaussian log-density (obs std 0.01, mean over observed times and dims), KL to N(
 and the loss ``-logsumexp_s(likelihood_s - kl_coef * KL)``; Adamax, lr 1e-2.
 
 neurodyn's side: ``LatentODE(1)`` with the same sizes and solvers (``encoder_cell="gated_mlp"``, encoder Euler with
-largest step span/50, latent dopri5 at 1e-3 / 1e-4, 3 samples), its weights copied from the reference model so both
-start from the same function; its loss is the per-series IWAE bound (``LatentODE.loss``).
+largest step span/50, latent dopri5 at 1e-3 / 1e-4 with torchdiffeq's step-size rule, I control:
+``PIDController(pcoeff=0, icoeff=1)``, or neurodyn's default PI control with ``--controller default``; 3 samples),
+its weights copied from the reference model so both start from the same function; its loss is the per-series IWAE
+bound (``LatentODE.loss``).
 
 Two neurodyn variants: ``neurodyn`` runs the encoder over the union of the 100 times with masks (the reference's
 formulation: 100 encoder steps, Euler steps of at most span/50); ``neurodyn_per_row`` gives each series' 50 observed
@@ -22,7 +24,9 @@ once with Euler steps of at most span/50, as the demo does).
 
 Same data: the periodic toy (1000 series, 100 shared times on [0, 5], 800 for training), batches of 50 with 50 of the
 100 points observed per series (the same masks for both), interpolation task (reconstruct all 100 points).
-One epoch = 16 iterations (forward + backward + optimizer step). The two alternate epoch by epoch in one process.
+One epoch = 16 iterations (forward + backward + optimizer step). The three take turns iteration by iteration in one
+process (order rotated), each epoch's time the sum of its own 16 iterations' (the machine's load shifts over seconds).
+``--floor-reps``: then an encoder-only diagnostic (:func:`encoder_floor`).
 
     taskset -c 1 python benchmarks/bench_latent_ode.py [--epochs 4]
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -39,6 +44,7 @@ import torchdiffeq
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
+from neurodyn import PIDController
 from neurodyn.data import compact, interpolation_mask, periodic_toy
 from neurodyn.models import LatentODE
 
@@ -80,8 +86,10 @@ class RefODEFunc(nn.Module):
     def __init__(self, dim: int, units: int = 100):
         super().__init__()
         self.net = _mlp(dim, units, dim, hidden=2)  # create_net(n_layers=1): two hidden layers
+        self.calls = [0]  # evaluations (a list: no module attribute set per call)
 
     def forward(self, t, y):
+        self.calls[0] += 1
         return self.net(y)
 
 
@@ -150,19 +158,67 @@ def copy_weights(ref: Reference, ours: LatentODE) -> None:
         ours.decoder.load_state_dict(ref.decoder.state_dict())
 
 
+def hand_encoder(model: LatentODE, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Diagnostic only, not a neurodyn path: the arithmetic of ``model.encoder`` on the shared grid (backward,
+    ``ceil(gap / (span / encoder_steps))`` equal explicit Euler steps per interval, the gated unit's whole-series
+    update, masked by ``torch.where``) written as a plain loop with no solver, then ``to_z0``'s mean: what the encoder
+    would cost with no per-solve overhead at all."""
+    enc = model.encoder
+    H, T = enc.cell.ode_size, x.shape[1]
+    inp = torch.cat([x * mask, mask], -1).transpose(0, 1)
+    update = enc.cell.series_update(inp)
+    seen = (mask.amax(-1, keepdim=True) > 0).transpose(0, 1).unbind(0)
+    state = x.new_zeros(x.shape[0], enc.cell.state_size)
+    max_step = float(t[-1] - t[0]) / model.encoder_steps
+    gaps = t.diff().tolist()
+    for k in range(T - 1, -1, -1):
+        if k < T - 1:
+            h, rest = state.split([H, H], -1)
+            n = max(1, math.ceil(gaps[k] / max_step - 1e-9))  # equal steps of at most max_step, as the encoder's
+            for _ in range(n):
+                h = h + (-gaps[k] / n) * enc.field(h)
+            state = torch.cat([h, rest], -1)
+        state = torch.where(seen[k], update(k, state), state)
+    return model.to_z0(state).chunk(2, -1)[0]
+
+
+def encoder_floor(ref: Reference, ours: LatentODE, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
+                  reps: int) -> dict[str, float]:
+    """Median seconds of one encoder forward + backward (batch ``x``), the three alternating: the reference's,
+    neurodyn's (``LatentODE.encode``) and :func:`hand_encoder`."""
+    fns = {"reference": lambda: ref.encode(torch.cat([x * mask, mask], -1), t)[0].sum().backward(),
+           "neurodyn": lambda: ours.encode(x, t, mask)[0].sum().backward(),
+           "hand_loop": lambda: hand_encoder(ours, x, t, mask).sum().backward()}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(reps + 1):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            if r:  # the first round warms up
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--controller", choices=("i", "default"), default="i",
+                    help="neurodyn's latent step-size control: 'i' torchdiffeq's I control, as the reference "
+                         "(default), or neurodyn's default PI control")
+    ap.add_argument("--floor-reps", type=int, default=9, help="rounds of the encoder-only diagnostic (0: skip)")
     args = ap.parse_args()
+    if args.epochs < 1:
+        ap.error("--epochs must be >= 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t, x = periodic_toy(1000, 100, seed=0)
     tt, train = t[0], x[:800]
     full = torch.ones_like(train)
     g = torch.Generator().manual_seed(1)
-    ref, ours, ours_c = Reference(), LatentODE(1), LatentODE(1)
+    kw = {"controller": PIDController(pcoeff=0.0, icoeff=1.0)} if args.controller == "i" else {}
+    ref, ours, ours_c = Reference(), LatentODE(1, **kw), LatentODE(1, **kw)
     copy_weights(ref, ours)
     copy_weights(ref, ours_c)
     with torch.no_grad():  # same function: same encoder output at init
@@ -173,16 +229,18 @@ def main() -> None:
     models = {"reference": ref, "neurodyn": ours, "neurodyn_per_row": ours_c}
     opts = {k: torch.optim.Adamax(m.parameters(), lr=1e-2) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in models}
-    nfe: dict[str, list[int]] = {k: [] for k in models if k != "reference"}
+    nfe: dict[str, list[int]] = {k: [] for k in models}
+    names = list(models)
     for epoch in range(args.epochs):
         perm = torch.randperm(800, generator=g)
         masks = [interpolation_mask(full[perm[i * 50:(i + 1) * 50]], 50, g) for i in range(16)]
-        names = list(models)
-        for name in names[epoch % 3:] + names[:epoch % 3]:  # rotate the order
-            t0 = time.perf_counter()
-            for i in range(16):
-                idx = perm[i * 50:(i + 1) * 50]
-                xb, mb = train[idx], masks[i]
+        spent = dict.fromkeys(models, 0.0)
+        for i in range(16):
+            idx = perm[i * 50:(i + 1) * 50]
+            xb, mb = train[idx], masks[i]
+            for name in names[i % 3:] + names[:i % 3]:  # the three take turns, the order rotated per iteration
+                ref.gen_func.calls[0] = 0
+                t0 = time.perf_counter()
                 if name == "reference":
                     loss = ref.loss(xb, tt, mb, full[idx])
                 elif name == "neurodyn":  # the masked union grid, as the reference
@@ -191,19 +249,32 @@ def main() -> None:
                     b = compact(tt, xb, mb)
                     loss = ours_c.loss(b.values, b.times, b.mask, tt, xb, full[idx], n_samples=3,
                                        kl_weight=0.0)["loss"]
-                if name != "reference":
-                    nfe[name].append(models[name].ode.nfe_forward)
                 opts[name].zero_grad()
                 loss.backward()
                 opts[name].step()
-            times[name].append(time.perf_counter() - t0)
-            print(f"epoch {epoch} {name:9s} {times[name][-1]:.2f} s", flush=True)
+                spent[name] += time.perf_counter() - t0
+                nfe[name].append(ref.gen_func.calls[0] if name == "reference" else models[name].ode.nfe_forward)
+        for name in names:
+            times[name].append(spent[name])
+        print(f"epoch {epoch} " + " ".join(f"{k} {v:.2f} s" for k, v in spent.items()), flush=True)
+    floor = {}
+    if args.floor_reps:
+        m = interpolation_mask(full[:50], 50, torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            floor_diff = float((hand_encoder(ours, train[:50], tt, m) - ours.encode(train[:50], tt, m)[0]).abs().max())
+        floor = encoder_floor(ref, ours, train[:50], tt, m, args.floor_reps)
+        floor = {"median_s": floor, "ratio_to_reference": {k: v / floor["reference"] for k, v in floor.items()},
+                 "hand_loop_max_abs_diff": floor_diff}
+        print("encoder only:", json.dumps(floor), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = {k: [o / r for o, r in zip(times[k], times["reference"])] for k in nfe}
+    ratios = {k: [o / r for o, r in zip(times[k], times["reference"])] for k in nfe if k != "reference"}
     result = {"epoch_s": times, "median_epoch_s": med, "ratio_per_epoch": ratios,
               "median_ratio": {k: statistics.median(v) for k, v in ratios.items()},
               "latent_nfe_per_iter_mean": {k: sum(v) / len(v) for k, v in nfe.items()},
-              "encoder_max_abs_diff_at_init": enc_diff,
+              "latent_nfe_per_iter_by_epoch": {k: [sum(v[i:i + 16]) / 16 for i in range(0, len(v), 16)]
+                                               for k, v in nfe.items()},
+              "encoder_max_abs_diff_at_init": enc_diff, "encoder_only": floor,
+              "controller": args.controller,
               "torch": torch.__version__, "torchdiffeq": torchdiffeq.__version__, "threads": args.threads}
     print(json.dumps(result, indent=1))
     if args.json:

@@ -15,7 +15,7 @@ from .core.config import LoopConfig
 from .core.control import PIDController
 from .core.events import Event, as_events
 from .core.stepper import nextafter
-from .core.tensors import VMAP_ADAPTIVE, real_dtype, vmapped
+from .core.tensors import VMAP_ADAPTIVE, fixed_bad, real_dtype, vmapped
 from .core.term import Term, as_field, check_accepts, diffusion_probe
 from .errors import InputError, InputTypeError, SolveFailure
 from .fields import autocast_dtype, autocast_field
@@ -315,6 +315,7 @@ class Plan:
     gradient: str
     per_sample_steps: bool
     amp: torch.dtype | None = None  # inside torch.autocast: the field's dtype (func runs in it; the solve does not)
+    grad_enabled: bool = True  # the grad mode the arguments were checked in
 
     def context(self) -> contextlib.AbstractContextManager:
         """Where the solve's own arithmetic runs: autocast off when the caller's autocast is on (the field keeps
@@ -323,14 +324,45 @@ class Plan:
 
     def run(self) -> Solution:
         """Run the solve: the gradient method over the integrate loop (or the per-sample rows)."""
+        return self._run_from(self.y0)
+
+    def _run_from(self, y0: Tensor) -> Solution:
         with self.context():
             if self.per_sample_steps:
                 from .gradients.per_sample import solve_per_sample_gradient
 
-                return solve_per_sample_gradient(self.func, self.y0, self.t, self.solver, self.cfg, self.on_failure,
+                return solve_per_sample_gradient(self.func, y0, self.t, self.solver, self.cfg, self.on_failure,
                                                  self.gopts, self.gradient)
-            return _dispatch(self.func, self.y0, self.t, self.solver, self.cfg, self.on_failure, self.gopts,
+            return _dispatch(self.func, y0, self.t, self.solver, self.cfg, self.on_failure, self.gopts,
                              self.gradient)
+
+    def rerun(self, y0: Tensor) -> Solution:
+        """Run the prepared solve again from another initial state: the same function, times and options, without
+        checking them again (what :func:`prepare` costs is paid once for a series of solves that differ only in
+        ``y0``, e.g. one per interval of an ODE-RNN whose field reads its interval from an attribute).
+
+        ``y0`` must have the prepared state's shape, dtype and device, and hold no NaN/inf, and the grad mode, autocast
+        state and ``torch.func`` transforms must be those the plan was prepared under: otherwise an
+        :class:`InputError` before any work (prepare again).
+
+        >>> import torch
+        >>> plan = prepare(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), method="rk4", step_size=0.1)
+        >>> sol = plan.rerun(torch.full((2,), 2.0))
+        >>> bool(torch.allclose(sol.ys[-1], 2 * torch.exp(torch.tensor(-1.0)), atol=1e-6))
+        True
+        """
+        ref = self.y0
+        if not isinstance(y0, Tensor) or y0.shape != ref.shape or y0.dtype != ref.dtype or y0.device != ref.device:
+            got = f"{tuple(y0.shape)} {y0.dtype} on {y0.device}" if isinstance(y0, Tensor) else type(y0).__name__
+            raise InputError(f"Plan.rerun: y0 must match the prepared state ({tuple(ref.shape)} {ref.dtype} on "
+                             f"{ref.device}), got {got}: prepare a plan for it.")
+        if torch.is_grad_enabled() != self.grad_enabled or autocast_dtype(y0.device.type) != self.amp \
+                or vmapped(y0):
+            raise InputError("Plan.rerun: the grad mode, autocast state or torch.func transform differs from the one "
+                             "the plan was prepared under: prepare a plan for it.")
+        if fixed_bad(y0):  # (screened by the sum)
+            raise InputError("y0 contains NaN or inf.")
+        return self._run_from(y0)
 
 
 def prepare(
@@ -513,7 +545,8 @@ def prepare(
         if t.requires_grad and torch.is_grad_enabled():
             raise InputError("per_sample_steps gives gradients with respect to y0 and parameters, not the times t "
                              "(pass t.detach()).")
-    return Plan(func, y0, t, solver, cfg, on_failure, gopts, gradient, bool(per_sample_steps), amp)
+    return Plan(func, y0, t, solver, cfg, on_failure, gopts, gradient, bool(per_sample_steps), amp,
+                torch.is_grad_enabled())
 
 
 def _attempt_hook(meter: Any, callback: Callable | None, y0: Any) -> Callable[[float, Tensor, float, bool, int], None]:

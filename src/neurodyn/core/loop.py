@@ -55,7 +55,7 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
     if vmapped(k0):
         if cfg.adaptive:  # vmapped over the field's parameters only (a batched state is refused by solve())
             raise InputError(VMAP_ADAPTIVE)
-    elif not bool(torch.isfinite(k0.detach()).all()):
+    elif fixed_bad(k0):  # screened by the sum (tensors.fixed_bad)
         return LoopResult(outs=[y0], status=_sol.NON_FINITE, t_final=t0, y_final=y0, steps=0, rejected=0,
                           initial_step=0.0, last_step=0.0, records=[],
                           message=(f"NaN/inf in the derivative func(t0, y0) at the initial time t={t0:.6g}: "

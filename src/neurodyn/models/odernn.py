@@ -10,14 +10,18 @@ times (``t`` of shape ``(B, T)``) are solved together exactly, and a padded step
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
+from ..core.tensors import vmapped
 from ..errors import InputError
-from ..fields import takes_time
-from ..solve import solve
+from ..fields import autocast_dtype, takes_time
+from ..solve import Plan, prepare, solve
 
 FIXED_STEP = ("euler", "midpoint", "heun2", "heun3", "ralston", "rk4")
 
@@ -72,6 +76,10 @@ class GatedMLPUpdate(nn.Module):
     ``u = sigmoid(MLP_u(.))``, ``r = sigmoid(MLP_r(.))``, ``(m~, s~) = MLP_n(cat(r mean, r std, input))``,
     ``mean' = (1 - u) m~ + u mean``, ``std' = |(1 - u) |s~| + u std|``. The update and reset MLPs' first layers are one
     ``Linear`` of ``2 units`` outputs (the same function and parameters as two separate layers).
+
+    :meth:`series_update` runs the unit over a whole series: the input's share of the two first layers is computed for
+    every time in one product, and the update and reset output layers are applied as one block-diagonal product
+    (the same function and parameters; :class:`ODERNN` uses it).
     """
 
     def __init__(self, input_size: int, hidden_size: int, units: int = 100, init_std: float | None = 0.1):
@@ -88,16 +96,32 @@ class GatedMLPUpdate(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, inp: Tensor, state: Tensor) -> Tensor:
-        H = self.hidden_size
-        z = torch.cat([state, inp], -1)
-        a = torch.tanh(self.gates_in(z))
-        u = torch.sigmoid(self.update_out(a[..., :self.units]))
-        r = torch.sigmoid(self.reset_out(a[..., self.units:]))
-        mean, std = state[..., :H], state[..., H:]
-        n = self.new_state(torch.cat([state * r.repeat(1, 2), inp], -1))
-        new_mean = (1 - u) * n[..., :H] + u * mean
-        new_std = ((1 - u) * n[..., H:].abs() + u * std).abs()
-        return torch.cat([new_mean, new_std], -1)
+        """One update: ``inp (B, I)``, ``state (B, 2H)`` -> the new state ``(B, 2H)``."""
+        return self.series_update(inp[None])(0, state)
+
+    def series_update(self, inp: Tensor) -> Callable[[int, Tensor], Tensor]:
+        """The update over a series of inputs ``inp (T, B, I)``: returns ``update(k, state (B, 2H)) -> (B, 2H)``,
+        the update with the input at time index ``k``.
+
+        Example: ``update = cell.series_update(inp); state = update(0, state)``.
+        """
+        H, S = self.hidden_size, self.state_size
+        g_w, n_w = self.gates_in.weight, self.new_state[0].weight
+        g_in = F.linear(inp, g_w[:, S:], self.gates_in.bias).unbind(0)  # (B, 2 units) per time
+        n_in = F.linear(inp, n_w[:, S:], self.new_state[0].bias).unbind(0)  # (B, units) per time
+        g_s, n_s = g_w[:, :S].t(), n_w[:, :S].t()
+        ur_w = torch.block_diag(self.update_out.weight, self.reset_out.weight).t()  # (2 units, 2H)
+        ur_b = torch.cat([self.update_out.bias, self.reset_out.bias])
+        out = self.new_state[2]
+
+        def update(k: int, state: Tensor) -> Tensor:
+            u, r = torch.sigmoid(torch.addmm(ur_b, torch.tanh(torch.addmm(g_in[k], state, g_s)), ur_w)).chunk(2, -1)
+            rs = (state.reshape(-1, 2, H) * r.unsqueeze(1)).view(-1, S)
+            n_mean, n_std = out(torch.tanh(torch.addmm(n_in[k], rs, n_s))).chunk(2, -1)
+            mean, std = state.chunk(2, -1)
+            return torch.cat([torch.lerp(n_mean, mean, u), torch.lerp(n_std.abs(), std, u).abs()], -1)
+
+        return update
 
 
 CELLS = {"gru": GRUUpdate, "lstm": LSTMUpdate, "gated_mlp": GatedMLPUpdate}
@@ -131,7 +155,9 @@ class ODERNN(nn.Module):
         Size ``H`` of the ODE-evolved hidden state.
     cell : ``"gru"``, ``"lstm"``, ``"gated_mlp"`` or nn.Module
         The update. A module takes ``(input (B, 2C), state (B, S))`` and returns the new state, and has attributes
-        ``state_size`` (``S``) and ``ode_size`` (the leading state entries the ODE evolves; the rest is held).
+        ``state_size`` (``S``) and ``ode_size`` (the leading state entries the ODE evolves; the rest is held). A cell
+        whose class defines ``series_update(inputs (T, B, 2C))`` returning ``update(k, state) -> new state`` (as
+        :class:`GatedMLPUpdate`) is run through it (work on the inputs done once for all times).
     field : nn.Module or callable, optional
         ``f(h)`` or ``f(t, h)`` on ``(B, ode_size)`` (``t``: 0-dim, or ``(B, 1)`` when rows have their own times).
         Default: ``Linear(H, units) -> Tanh -> Linear(units, H)``.
@@ -195,32 +221,64 @@ class ODERNN(nn.Module):
         self.solve_options = dict(solve_options)
         self.nfe = 0
         self._unit: dict[tuple, Tensor] = {}  # the rescaled interval [0, 1] per dtype and device
+        self._plans: dict[tuple, Plan] = {}  # prepared solves of the reused field, per state shape and options
 
     def evolve(self, h: Tensor, t0: Tensor, dt: Tensor, max_step: float | None = None,
                dt_max: float | None = None) -> Tensor:
         """Solve the ODE part ``h (B, ode_size)`` from ``t0`` over ``dt`` (0-dim, or ``(B, 1)`` per row; negative:
-        backward in time). ``dt_max``: ``max |dt|`` when the caller knows it (saves a device sync)."""
+        backward in time). ``dt_max``: ``max |dt|`` when the caller knows it (saves a device sync). Adds the solve's
+        NFE to ``self.nfe``."""
+        h, nfe = self._evolve(h, t0, dt, max_step, dt_max)
+        self.nfe += nfe
+        return h
+
+    def _evolve(self, h: Tensor, t0: Tensor, dt: Tensor, max_step: float | None,
+                dt_max: float | None) -> tuple[Tensor, int]:
+        """:meth:`evolve`, returning ``(h, nfe)``."""
         big = float(dt.abs().max()) if dt_max is None else dt_max
         if big == 0.0:
-            return h
-        opts = dict(self.solve_options)
+            return h, 0
+        opts = self.solve_options
         step = self.max_step if max_step is None else max_step
         if self.method in FIXED_STEP and "step_size" not in opts:
             n = max(1, math.ceil(big / step - 1e-9)) if step is not None else 1
-            opts["step_size"] = 1.0 / n
+            opts = {**opts, "step_size": 1.0 / n}
         if self.gradient == "direct":  # autograd records every evaluation now: the one field object can be reused
             field = self.rescaled
-            field.interval[:] = (t0, dt)
         else:  # the backward pass evaluates the field again later: each solve keeps its own interval
             field = _Rescaled(self.field, self.rescaled.with_time)
-            field.interval[:] = (t0, dt)
+        field.interval[:] = (t0, dt)
         s = self._unit.get((h.dtype, h.device))
         if s is None:
             s = self._unit[(h.dtype, h.device)] = torch.tensor([0.0, 1.0], dtype=h.dtype, device=h.device)
-        sol = solve(field, h.contiguous(), s, method=self.method, rtol=self.rtol, atol=self.atol,
-                    gradient=self.gradient, per_sample_steps=self.per_sample_steps, **opts)
-        self.nfe += int(sol.stats["nfe"])
-        return sol.ys[-1]
+        kw = dict(method=self.method, rtol=self.rtol, atol=self.atol, gradient=self.gradient,
+                  per_sample_steps=self.per_sample_steps, **opts)
+        if field is not self.rescaled or vmapped(h):
+            sol = solve(field, h, s, **kw)
+            return sol.ys[-1], sol.stats["nfe"]
+        # The one field object: the checks of the solve's arguments run once per state shape and options (a plan),
+        # then each interval reruns the plan (the state itself still checked for NaN/inf).
+        key = (h.shape, h.dtype, h.device, torch.is_grad_enabled(), autocast_dtype(h.device.type),
+               *sorted(kw.items()))
+        try:
+            plan = self._plans.get(key)
+        except TypeError:  # an option that is not hashable (a tensor tolerance): no reuse
+            sol = solve(field, h, s, **kw)
+            return sol.ys[-1], sol.stats["nfe"]
+        if plan is None:
+            plan = prepare(field, h, s, **kw)
+            sol = plan.run()
+            if len(self._plans) >= 64:  # many batch sizes or step counts: start afresh
+                self._plans.clear()
+            self._plans[key] = replace(plan, y0=h.detach())
+        else:
+            sol = plan.rerun(h)
+        return sol.ys[-1], sol.stats["nfe"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_plans"] = {}  # prepared solves are rebuilt on use
+        return state
 
     def forward(self, x: Tensor, t: Tensor, mask: Tensor | None = None, *, reverse: bool = False,
                 state0: Tensor | None = None, max_step: float | None = None) -> tuple[Tensor, Tensor]:
@@ -234,27 +292,39 @@ class ODERNN(nn.Module):
         tt = (t if t.dim() == 1 else t[0]) if shared else t
         state = x.new_zeros(B, self.cell.state_size) if state0 is None else state0
         n_ode = self.cell.ode_size
-        inp = torch.cat([x * mask, mask], -1)
-        seen = (mask.amax(-1, keepdim=True) > 0).to(x.dtype)  # (B, T, 1)
+        inp = torch.cat([x * mask, mask], -1).transpose(0, 1)  # (T, B, 2C)
+        update = self.cell.series_update(inp) if callable(getattr(type(self.cell), "series_update", None)) else None
+        inps = inp.unbind(0)
+        seen = (mask.amax(-1, keepdim=True) > 0).transpose(0, 1)  # (T, B, 1)
+        seen_all, seen_any = seen.all(1).view(-1).tolist(), seen.any(1).view(-1).tolist()
+        seen = seen.unbind(0)
         order = range(T - 1, -1, -1) if reverse else range(T)
         dts = (tt.diff(dim=-1)).detach()
         dt_max = dts.abs().amax(0).tolist() if not shared else dts.abs().tolist()
+        # Each interval's start and signed length, in the order of travel (one tensor op for all of them).
+        idx = list(order)
+        if shared:
+            ts = tt[idx]
+            t0s, dtv = ts[:-1].unbind(0), ts.diff().unbind(0)  # 0-dim each
+        else:
+            ts = tt[:, idx]
+            t0s, dtv = ts[:, :-1, None].unbind(1), ts.diff(dim=1)[:, :, None].unbind(1)  # (B, 1) each
         out: list[Tensor] = []
         prev = None
-        self.nfe = 0
-        for k in order:
+        nfe = 0
+        split = [n_ode, self.cell.state_size - n_ode]
+        for i, k in enumerate(order):
             if prev is not None:
-                j = min(prev, k)  # interval index between k and prev
-                if shared:
-                    dt, t0 = tt[k] - tt[prev], tt[prev]
-                else:
-                    dt, t0 = (tt[:, k] - tt[:, prev])[:, None], tt[:, prev][:, None]
-                h = self.evolve(state[:, :n_ode], t0, dt, max_step, dt_max[j])
-                state = torch.cat([h, state[:, n_ode:]], -1) if n_ode < state.shape[1] else h
-            new = self.cell(inp[:, k], state)
-            state = seen[:, k] * new + (1 - seen[:, k]) * state
+                h, rest = state.split(split, -1) if split[1] else (state, None)
+                h, n = self._evolve(h, t0s[i - 1], dtv[i - 1], max_step, dt_max[min(prev, k)])
+                nfe += n
+                state = torch.cat([h, rest], -1) if rest is not None else h
+            if seen_any[k]:  # rows with no observed channel keep their state
+                new = update(k, state) if update is not None else self.cell(inps[k], state)
+                state = new if seen_all[k] else torch.where(seen[k], new, state)
             out.append(state)
             prev = k
+        self.nfe = nfe
         states = torch.stack(out[::-1] if reverse else out, 1)
         return states, state
 

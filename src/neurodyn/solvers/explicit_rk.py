@@ -239,6 +239,8 @@ class ExplicitRungeKutta(StepperBase):
                 ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
                 ks.append(term(ti, yi).reshape(-1))
                 k = torch.stack(ks)
+        elif s == 1:  # one stage (Euler): the stage matrix is k1 itself, no buffer to copy it into
+            k = k1.reshape(1, -1)
         else:
             shaped = y.new_empty((s, *k1.shape))  # rows in the user's shape: f's output is stored as is
             k = shaped.view(s, -1)
@@ -249,6 +251,8 @@ class ExplicitRungeKutta(StepperBase):
                 shaped[i] = term(ti, yi)
         if self.last_stage_is_y1:
             y1 = yi
+        elif s == 1:  # one stage: consistency makes b = (1), so y1 = y + h k1
+            y1 = torch.add(y, k, alpha=h if full else hs)
         elif full:
             y1 = addmm(y, co.b, k, alpha=h)
         else:
