@@ -240,9 +240,10 @@ class _TorchsdeLatent(nn.Module):
     def __init__(self, model: LatentSDE):
         super().__init__()
         self.model = model
+        self.posterior = None  # the PosteriorSDE (observation times and contexts) of the solve in progress
 
     def f(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.model.f_net(torch.cat([z, self.model.context(t)], -1))
+        return self.model.f_net(torch.cat([z, self.posterior.context(t)], -1))
 
     def h(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.model.h_net(z)
@@ -258,9 +259,9 @@ def _torchsde_latent_loss(model: LatentSDE, wrap: _TorchsdeLatent, xs: torch.Ten
     z0 = mean + std * torch.randn_like(mean)
     pm, ps = model.pz0_mean, model.pz0_logstd.exp()
     kl0 = (torch.log(ps / std) + (std ** 2 + (mean - pm) ** 2) / (2 * ps ** 2) - 0.5).sum(-1)
-    model._ts, model._ctx = ts, ctx
+    wrap.posterior = model.posterior_sde(ts, ctx)
     zs, logqp = torchsde.sdeint(wrap, z0, ts, bm=bm, method="euler", dt=dt, logqp=True)
-    model._ts = model._ctx = None
+    wrap.posterior = None
     log_lik = model.log_likelihood(xs, zs)
     return (-log_lik + kl0 + logqp.sum(0)).mean()
 

@@ -201,3 +201,25 @@ def test_hidden_diffusion_tensor_refused():
     sol = neurodyn.solve(term, y0, TS, method="midpoint", step_size=0.1, gradient="adjoint", params=[w, s])
     sol.ys.sum().backward()
     assert s.grad is not None and float(s.grad.abs()) > 0
+
+
+@pytest.mark.parametrize("mode", ["alive", "repeat"])
+def test_hidden_guard_state_through_another_view(mode):
+    """The hidden-tensor guard counts the tensor a call's input is a view of as that input: a value computed from
+    the same state through another view (a diffusion reusing the g(y) its drift computed) is not a captured tensor;
+    a tensor the field closes over still is."""
+    from neurodyn.gradients.common import HiddenTensorGuard
+
+    w = torch.tensor([0.5, 2.0], dtype=F64, requires_grad=True)
+    captured = torch.tensor([1.5, 0.5], dtype=F64, requires_grad=True)
+    root = torch.randn(1, 4, dtype=F64, requires_grad=True)  # a replayed step's state; fields get views of it
+    t = torch.tensor(0.0, dtype=F64)
+    guard = HiddenTensorGuard([w], "checkpoint", mode=mode)
+    for _ in range(2):  # "repeat" refuses a captured tensor seen in a second evaluation
+        cached = torch.sin(root.view(2, 2)) * w  # computed by the drift's call at its own view
+        guard.watch([cached + 1.0], [t, root.view(2, 2)])
+    guard.settle()
+    with pytest.raises(InputError, match="not among its parameters"):
+        for _ in range(2):
+            guard.watch([root.view(2, 2) * captured], [t, root.view(2, 2)])
+        guard.settle()

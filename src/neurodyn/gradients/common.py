@@ -141,13 +141,17 @@ class HiddenTensorGuard:
         self.seen: dict[int, weakref.ref] = {}
 
     def watch(self, roots: Sequence[Tensor | None], inputs: Sequence[Tensor | None]) -> None:
-        """Record the leaves requiring grad behind ``roots`` other than ``inputs`` and the parameters."""
-        extra = [x.grad_fn for x in inputs if isinstance(x, Tensor) and x.grad_fn is not None]
+        """Record the leaves requiring grad behind ``roots`` other than ``inputs`` and the parameters. The tensor an
+        input is a view of counts as that input (a field may reach the state through another view of it, e.g. a
+        value it computed from the same state in an earlier call)."""
+        own = [x for x in inputs if isinstance(x, Tensor)]
+        own += [x._base for x in own if x._base is not None]
+        extra = [x.grad_fn for x in own if x.grad_fn is not None]
         leaves = _graph_leaves(roots, self.stop, extra)
         if not leaves:
             return
         known = self.known
-        found = {id(v): v for v in leaves if id(v) not in known and not any(v is x for x in inputs)}
+        found = {id(v): v for v in leaves if id(v) not in known and not any(v is x for x in own)}
         if not found:
             return
         if self.mode == "alive":

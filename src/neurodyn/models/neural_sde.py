@@ -201,13 +201,15 @@ class DiagonalDiffusion(nn.Module):
 class _StateKey:
     """What identifies a state tensor for reusing a value computed from it: the tensor it views (the same object,
     held here so that it stays alive: also the same autograd identity, a detached copy is another), its version
-    counter (in-place changes), and the view's offset, shape and strides."""
+    counter (in-place changes), the view's offset, shape and strides, and the grad mode (a value computed without
+    autograd has no graph to differentiate)."""
 
     __slots__ = ("root", "rest")
 
     def __init__(self, y: Tensor):
         self.root = y._base if y._base is not None else y
-        self.rest = (self.root._version, y.storage_offset(), tuple(y.shape), y.stride(), y.requires_grad)
+        self.rest = (self.root._version, y.storage_offset(), tuple(y.shape), y.stride(), y.requires_grad,
+                     torch.is_grad_enabled())
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _StateKey) and other.root is self.root and other.rest == self.rest
@@ -217,6 +219,61 @@ class _StateKey:
 
 def _state_key(y: Tensor) -> _StateKey:
     return _StateKey(y)
+
+
+class PosteriorSDE:
+    """The posterior SDE of one :meth:`LatentSDE.posterior` solve, on the augmented state ``y = [z, logqp]``
+    ``(B, d + 1)``: it holds the observation times ``ts`` ``(T,)`` and the encoder's contexts ``ctx``
+    ``(T, B, C)``, so every evaluation of its drift -- in the forward solve, a checkpoint replay, an adjoint's
+    backward solve -- sees the same context. ``ctx`` is among :meth:`grad_tensors`: the gradient methods that
+    differentiate the field themselves (``"checkpoint"``, ``"adjoint"``) pass its gradient on to the encoder.
+
+    Example: ``sde = model.posterior_sde(ts, model.encode(xs)); sde.drift(ts[0], y0).shape == y0.shape``.
+    """
+
+    def __init__(self, model: LatentSDE, ts: Tensor, ctx: Tensor):
+        if ctx.dim() != 3 or ctx.shape[0] != ts.numel():
+            raise InputError(f"PosteriorSDE: ctx must have shape ({ts.numel()}, B, C) (one context per time of ts), "
+                             f"got {tuple(ctx.shape)}.")
+        self.model, self.ts, self.ctx = model, ts.detach(), ctx
+        # The diffusion g(z) the drift computed last, with the state it was computed at (see _StateKey): the step's
+        # diffusion at that state reuses it (g is evaluated once per state, as torchsde's logqp wrapper).
+        self._g_last: tuple[_StateKey, Tensor] | None = None
+
+    def context(self, t: Tensor) -> Tensor:
+        """The context at time ``t``, ``(B, C)``: that of the first observation time strictly after ``t`` (the last
+        one at and after the final time)."""
+        ts = self.ts
+        i = torch.searchsorted(ts, t.reshape(1).to(ts.dtype), right=True).clamp(max=ts.numel() - 1)
+        return self.ctx.index_select(0, i)[0]
+
+    def drift(self, t: Tensor, y: Tensor) -> Tensor:
+        """``[f, |(f - h) / g|^2 / 2]``, ``(B, d + 1)``: the posterior drift and the KL integrand."""
+        m = self.model
+        z = y[..., : m.latent_size]
+        f = m.f_net(torch.cat([z, self.context(t)], dim=-1))
+        g = m.g_net(z)
+        self._g_last = (_state_key(y), g)
+        u = (f - m.h_net(z)) / g
+        return torch.cat([f, 0.5 * (u * u).sum(-1, keepdim=True)], dim=-1)
+
+    def diffusion(self, t: Tensor, y: Tensor) -> Tensor:
+        """Diagonal diffusion ``[g(z), 0]``, ``(B, d + 1)``; the ``g(z)`` the drift computed at the same state (the
+        same tensor, unmodified, under the same grad mode) is reused."""
+        last = self._g_last
+        if last is not None and last[0] == _state_key(y):
+            g = last[1]
+        else:
+            g = self.model.g_net(y[..., : self.model.latent_size])
+        return torch.cat([g, torch.zeros_like(g[..., :1])], dim=-1)
+
+    def grad_tensors(self) -> list[Tensor]:
+        """The tensors requiring grad that the drift and diffusion use: the parameters of ``f_net``, ``h_net``,
+        ``g_net`` and the contexts ``ctx`` (not the encoder's parameters: they reach the solve only through ``ctx``,
+        whose gradient autograd passes on to them)."""
+        m = self.model
+        out = [p for net in (m.f_net, m.h_net, m.g_net) for p in net.parameters() if p.requires_grad]
+        return out + ([self.ctx] if self.ctx.requires_grad else [])
 
 
 def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
@@ -246,8 +303,11 @@ class LatentSDE(nn.Module):
     obs_scale : float
         The likelihood's fixed scale.
     method, step_size, gradient, rtol, atol :
-        The SDE solve (``step_size=None``: adaptive steps, which land on the observation times: the posterior
-        drift's context changes there, passed as ``jump_t``).
+        The SDE solve (``step_size=None``: adaptive steps). Posterior steps land on the observation times (the
+        drift's context changes there, passed as ``jump_t``). Each posterior solve's drift and diffusion are those
+        of a :class:`PosteriorSDE` holding its contexts, which it declares as tensors needing gradients: with
+        ``gradient="checkpoint"`` or ``"adjoint"`` the encoder gets its gradient through the drift as with
+        ``"direct"``.
     **solve_options : other keywords of :func:`neurodyn.solve`.
 
     Notes
@@ -292,43 +352,13 @@ class LatentSDE(nn.Module):
         self.likelihood, self.obs_scale = likelihood, float(obs_scale)
         self.method, self.step_size, self.gradient, self.rtol, self.atol = method, step_size, gradient, rtol, atol
         self.solve_options = dict(solve_options)
-        self._ts: Tensor | None = None  # the observation times and contexts of the posterior solve in progress
-        self._ctx: Tensor | None = None
-        # The diffusion g(z) the posterior drift computed last, with the state it was computed at (see _same_state):
-        # the step's diffusion at that state reuses it (g is evaluated once per state, as torchsde's logqp wrapper).
-        self._g_last: tuple[_StateKey, Tensor] | None = None
         self.last_solution: Solution | None = None
 
     # ------------------------------------------------------------------ the SDEs
-    def context(self, t: Tensor) -> Tensor:
-        """The context at time ``t`` during a posterior solve, ``(B, C)``: that of the first observation time
-        strictly after ``t`` (the last one at and after the final time)."""
-        ts, ctx = self._ts, self._ctx
-        if ts is None or ctx is None:
-            raise InputError("LatentSDE.context: only defined inside posterior() (it needs the encoded xs).")
-        i = torch.searchsorted(ts, t.reshape(1).to(ts.dtype), right=True).clamp(max=ts.numel() - 1)
-        return ctx.index_select(0, i)[0]
-
-    def posterior_drift(self, t: Tensor, y: Tensor) -> Tensor:
-        """Drift of the augmented posterior state ``y = [z, logqp]`` ``(B, d + 1)``: ``[f, |(f - h) / g|^2 / 2]``."""
-        d = self.latent_size
-        z = y[..., :d]
-        f = self.f_net(torch.cat([z, self.context(t)], dim=-1))
-        g = self.g_net(z)
-        if self._ts is not None:  # inside posterior(): kept for the diffusion at the same state
-            self._g_last = (_state_key(y), g)
-        u = (f - self.h_net(z)) / g
-        return torch.cat([f, 0.5 * (u * u).sum(-1, keepdim=True)], dim=-1)
-
-    def posterior_diffusion(self, t: Tensor, y: Tensor) -> Tensor:
-        """Diagonal diffusion of the augmented state: ``[g(z), 0]``, ``(B, d + 1)``. Inside :meth:`posterior`, the
-        ``g(z)`` the drift computed at the same state (the same tensor, unmodified) is reused."""
-        last = self._g_last
-        if last is not None and last[0] == _state_key(y):
-            g = last[1]
-        else:
-            g = self.g_net(y[..., : self.latent_size])
-        return torch.cat([g, torch.zeros_like(g[..., :1])], dim=-1)
+    def posterior_sde(self, ts: Tensor, ctx: Tensor) -> PosteriorSDE:
+        """The posterior SDE for observation times ``ts`` ``(T,)`` and contexts ``ctx = encode(xs)``
+        ``(T, B, C)`` (see :class:`PosteriorSDE`)."""
+        return PosteriorSDE(self, ts, ctx)
 
     def prior_drift(self, t: Tensor, z: Tensor) -> Tensor:
         """``h(z)``, ``(B, d)``."""
@@ -359,17 +389,25 @@ class LatentSDE(nn.Module):
             lp = -(xs - mu).abs() / b - math.log(2 * b)
         return lp.sum(dim=(0, 2))
 
-    def _solve(self, term: Any, y0: Tensor, ts: Tensor, jumps: Tensor | None = None) -> Solution:
+    def _solve(self, term: Any, y0: Tensor, ts: Tensor, jumps: Tensor | None = None,
+               params: list[Tensor] | None = None) -> Solution:
         opts = dict(self.solve_options)
         if self.step_size is not None:
             opts["step_size"] = self.step_size
-        elif jumps is not None and jumps.numel():
-            # Adaptive steps land on the times where the drift jumps: an error estimate across a jump measures the
-            # jump, not the step (it rejects and shrinks the step there until the jump lies at a step end anyway).
+        if jumps is not None and jumps.numel():
+            # Steps land on the times where the drift jumps and evaluate it just past them in the direction of
+            # travel: adaptive steps (an error estimate across a jump measures the jump, not the step) and the
+            # backward solve of gradient="adjoint" (which runs from each observation time into the interval before
+            # it, where the context is that of the observation time itself).
             given = opts.get("jump_t")
             opts["jump_t"] = jumps if given is None else torch.cat([torch.as_tensor(given, dtype=jumps.dtype,
                                                                                     device=jumps.device).reshape(-1),
                                                                     jumps])
+        if params:
+            # Tensors the field closes over (the posterior's contexts): "checkpoint" and "adjoint" differentiate
+            # the field with respect to them and pass their gradients on.
+            given = opts.get("params")
+            opts["params"] = [*params, *(given if given is not None else ())]
         sol = solve(term, y0, ts, method=self.method, rtol=self.rtol, atol=self.atol, gradient=self.gradient,
                     **opts)
         self.last_solution = sol
@@ -393,12 +431,9 @@ class LatentSDE(nn.Module):
         y0 = torch.cat([z0, torch.zeros_like(z0[:, :1])], dim=-1)
         if bm is None:
             bm = brownian_for(self.method, y0.shape, float(ts[0]), float(ts[-1]), y0.dtype, y0.device, entropy)
-        self._ts, self._ctx = ts, ctx
-        try:
-            sol = self._solve(sde_term(self.posterior_drift, self.posterior_diffusion, bm), y0, ts,
-                              jumps=ts.detach()[1:-1])
-        finally:
-            self._ts = self._ctx = self._g_last = None
+        sde = self.posterior_sde(ts, ctx)
+        sol = self._solve(sde_term(sde.drift, sde.diffusion, bm), y0, ts, jumps=ts.detach()[1:-1],
+                          params=sde.grad_tensors())
         ys = sol.ys
         return ys[..., : self.latent_size], ys[-1, :, self.latent_size], kl0
 
