@@ -56,6 +56,8 @@ class _Coefficients:
     extra_c: list[float]
     # Below float64 precision: every stage combination is y + h (a @ k) with float32_step's h (module docstring).
     low: bool = False
+    # Row i's nonzero entries (j, a_ij): the stage combinations of a solve that records an autograd graph.
+    nonzero: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -146,8 +148,9 @@ class ExplicitRungeKutta(StepperBase):
                 # Kept in float64: DOP853's matrix has entries ~500 that cancel; weights are cast after.
                 dense_t = p.t().contiguous().to(device=device)
             extra_a = [_tensor(row, dtype, device).view(1, -1) for row in tb.extra_a]
+            nonzero = [[(j, float(v)) for j, v in enumerate(row) if float(v) != 0.0] for row in tb.a]
             co = _Coefficients(a, b, e, [float(x) for x in tb.c], dense_t, extra_a,
-                               [float(x) for x in tb.extra_c], low=torch.finfo(dtype).bits < 64)
+                               [float(x) for x in tb.extra_c], low=torch.finfo(dtype).bits < 64, nonzero=nonzero)
             self._cache[key] = co
         return co
 
@@ -188,9 +191,9 @@ class ExplicitRungeKutta(StepperBase):
         addmm = torch.addmm
         # Below float64: y + h (a @ k), rounded once at y's magnitude (module docstring); float64: one addmm.
         full = not co.low
+        add, mm = torch.add, torch.mm
         if not full:
             hs = float32_step(t, h)
-            add, mm = torch.add, torch.mm
         if buf is not None:  # no autograd graph: reuse a buffer and its cached views
             k = buf.flat
             buf.rows[0].copy_(k1)
@@ -236,13 +239,24 @@ class ExplicitRungeKutta(StepperBase):
                 ks.append(term(ti, yi).reshape(-1))
                 k = torch.stack(ks)
         else:
-            shaped = y.new_empty((s, *k1.shape))  # rows in the user's shape: f's output is stored as is
-            k = shaped.view(s, -1)
-            shaped[0] = k1
+            # An autograd graph is recorded: stages out of place (a stage written into a shared buffer costs a
+            # full-buffer CopySlices and AsStrided node per stage in the backward pass). A combination with one
+            # nonzero coefficient is one add (y + (h a_ij) k_j); with more, one (a)mm over the stages so far.
+            nonzero = co.nonzero
+            ks = [k1.reshape(1, -1)]
             for i in range(1, s):
-                yi = addmm(y, a[i], k[:i], alpha=h) if full else add(y, mm(a[i], k[:i]), alpha=hs)
+                nz = nonzero[i]
+                if len(nz) == 1:
+                    j, aij = nz[0]
+                    yi = add(y, ks[j], alpha=aij * (h if full else hs))
+                elif not nz:
+                    yi = y
+                else:
+                    kk = torch.cat(ks)
+                    yi = addmm(y, a[i], kk, alpha=h) if full else add(y, mm(a[i], kk), alpha=hs)
                 ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
-                shaped[i] = term(ti, yi)
+                ks.append(term(ti, yi).reshape(1, -1))
+            k = torch.cat(ks)
         if self.last_stage_is_y1:
             y1 = yi
         elif full:
