@@ -23,7 +23,11 @@ others, ``--width`` 32 for the vector-field MLPs):
   over the series' points, linear readout.
 
 Training: Adam (``--lr``), batches of ``--batch-size``, ``--epochs`` epochs, cross-entropy; the test accuracy after
-the last epoch is reported (no model selection on the test set). ``metrics.json`` holds, per model and drop rate,
+the last epoch is reported (no model selection on the test set). With ``--val-fraction f`` a fraction ``f`` of the
+training series (drawn by the seed, the same for every model and rate) is held out, dropped at the same rate, and
+every model's test accuracy is taken after its epoch of best validation accuracy (the latest on ties; the last
+epoch's is kept as ``accuracy_last_epoch``). ``--intensity`` adds the observational intensity (``time_scale`` times
+the count of observed time points so far) to the NeuralCDE's path. ``metrics.json`` holds, per model and drop rate,
 the accuracy of each seed, their mean and std, parameters, NFE per forward pass (solver field evaluations; None for
 models without a solver), training seconds; ``accuracy.png`` the accuracy vs drop rate. A run's results depend only on
 its seed, so seeds can run in separate processes (``--seed k --seeds 1 --out DIR_k``) and be combined by
