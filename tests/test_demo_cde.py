@@ -109,3 +109,44 @@ def test_cde_demo_merge_combines_seeds_and_refuses_other_settings(tmp_path):
         demo.merge(demo.CDEConfig(out=str(tmp_path / "bad"), plots=False), [*dirs, part(2, accs[0], rates=("0.0",))])
     with pytest.raises(DemoError, match="other settings \\(epochs\\)"):
         demo.merge(demo.CDEConfig(out=str(tmp_path / "bad"), plots=False), [dirs[0], part(2, accs[0], epochs=5)])
+
+
+def test_cde_demo_validation_split_partitions_the_training_series():
+    import neurodyn.demos.cde as demo
+
+    split = {"y": torch.arange(30), "x": torch.arange(30.0).view(30, 1, 1)}
+    tr, va = demo.split_validation(split, 0.2, seed=3)
+    assert len(va["y"]) == 6 and len(tr["y"]) == 24
+    assert sorted(tr["y"].tolist() + va["y"].tolist()) == list(range(30))
+    assert torch.equal(va["x"].view(-1), va["y"].to(torch.float32))  # rows stay together
+    tr2, va2 = demo.split_validation(split, 0.2, seed=3)
+    assert torch.equal(va2["y"], va["y"])  # the same for every model and rate of a seed
+    assert not torch.equal(demo.split_validation(split, 0.2, seed=4)[1]["y"], va["y"])
+
+
+def test_cde_demo_selects_by_validation_and_adds_the_intensity_channel(tmp_path):
+    from neurodyn.cli import main
+
+    out = tmp_path / "cde"
+    assert main(["demo", "cde", "--epochs", "2", "--subset", "24", "--seeds", "1", "--rates", "0.5",
+                 "--models", "NeuralCDE", "GRUD", "--val-fraction", "0.25", "--intensity", "--out", str(out),
+                 "--no-plots"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("NeuralCDE", "GRUD"):
+        (run,) = metrics["runs"][name]["0.5"]
+        assert run["best_epoch"] in (0, 1)
+        assert math.isclose(run["val_accuracy"] * 6, round(run["val_accuracy"] * 6))  # a count over 6 series
+        assert math.isclose(run["accuracy"] * 24, round(run["accuracy"] * 24))
+        if run["best_epoch"] == 1:  # the last epoch selected: the reported accuracy is the last epoch's
+            assert run["accuracy"] == run["accuracy_last_epoch"]
+    # the intensity channel: 1 + 12 + 1 channels into the CDE's vector field
+    import neurodyn.demos.cde as demo
+
+    cfg = demo.CDEConfig(subset=10, intensity=True)
+    data = demo._data(cfg)
+    d = demo._with_drop(data["train"], 0.5, 7, cfg, "NeuralCDE")
+    x = demo.cde_input(d, cfg.time_scale, True)
+    assert x.shape[-1] == data["channels"] + 2
+    counts = d["mask"][..., 0].cumsum(-1)
+    assert torch.allclose(x[..., 1], cfg.time_scale * counts)
+    assert not bool(torch.isnan(x[..., :2]).any())

@@ -19,7 +19,9 @@ sees.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -226,6 +228,14 @@ class CubicPath:
         self._bisect = bisect.bisect_left if left else bisect.bisect_right
         self._right = not left
         self._rows: tuple[Tensor, ...] | None = None
+        self._split: dict[int, tuple[Tensor, ...]] = {}
+        self._fast: Callable[[float, int], float] | None = None
+        if coeffs.dtype == torch.float64:
+            k64 = ts.detach().to(torch.float64).tolist()
+            self._fast = lambda tf, i: tf - k64[i]
+        elif coeffs.dtype == torch.float32:
+            k32 = [np.float32(v) for v in ts.detach().to(torch.float32).tolist()]
+            self._fast = lambda tf, i: float(np.float32(tf) - k32[i])
         self._tview: Tensor | None = None
 
     def _times(self) -> Tensor:
@@ -258,29 +268,46 @@ class CubicPath:
         """The causal cubic Hermite interpolant with backward differences (:func:`hermite_coeffs`)."""
         return cls(ts, hermite_coeffs(xs, ts), land=land)
 
-    def _piece(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
-        """``(row, s)``: the coefficient row ``(..., 4C)`` of the piece holding ``t`` and ``s = t - t_k``."""
+    def _parts(self, i: int) -> tuple[Tensor, ...]:
+        """Piece ``i``'s ``(a, b, two_c, three_d)``, each ``(..., C)``; split once per piece when the coefficients
+        require grad (one split node in the graph per piece instead of one per evaluation)."""
+        if not (self.coeffs.requires_grad and torch.is_grad_enabled()):
+            return self.coeffs.select(-2, i).split(self.channels, -1)
+        parts = self._split.get(i)
+        if parts is None:
+            parts = self._split[i] = self._row(i).split(self.channels, -1)
+        return parts
+
+    def _piece(self, t: Tensor | float) -> tuple[tuple[Tensor, ...], Tensor]:
+        """``(parts, s)``: ``(a, b, two_c, three_d)`` of the piece holding ``t`` and ``s = t - t_k``."""
         if isinstance(t, Tensor) and t.dim() == 0 and t.device.type == "cpu":
             i = self._bisect(self._inner_list, float(t))
-            return self._row(i), t.to(self.coeffs.dtype) - self._times()[i].to(self.coeffs.dtype)
+            return self._parts(i), t.to(self.coeffs.dtype) - self._times()[i].to(self.coeffs.dtype)
         tt = torch.as_tensor(t, dtype=self.ts.dtype, device=self.ts.device)
         if tt.dim() != 0:
             raise InputError(f"CubicPath: t must be a scalar time, got shape {tuple(tt.shape)}.")
         i = torch.searchsorted(self._inner, tt.reshape(1), right=self._right)
         row = self.coeffs.index_select(-2, i).squeeze(-2) if self._rows is None else \
             torch.stack(self._rows, -2).index_select(-2, i).squeeze(-2)
-        return row, (tt - self._times().index_select(0, i).squeeze(0)).to(self.coeffs.dtype)
+        return row.split(self.channels, -1), (tt - self._times().index_select(0, i).squeeze(0)).to(self.coeffs.dtype)
 
     def evaluate(self, t: Tensor | float) -> Tensor:
         """``X(t)``, shape ``(..., channels)``."""
-        row, s = self._piece(t)
-        a, b, c2, d3 = row.split(self.channels, -1)
+        (a, b, c2, d3), s = self._piece(t)
         return a + (b + (0.5 * c2 + d3 * (s / 3)) * s) * s
 
     def derivative(self, t: Tensor | float) -> Tensor:
         """``dX/dt(t)``, shape ``(..., channels)``."""
-        row, s = self._piece(t)
-        _, b, c2, d3 = row.split(self.channels, -1)
+        if self._fast is not None and isinstance(t, Tensor) and t.dim() == 0 and t.device.type == "cpu" and \
+                not t.requires_grad and not (self.ts.requires_grad and torch.is_grad_enabled()):
+            # t and the knots plain numbers: s = t - t_k in the coefficients' precision on the host, then two fused
+            # kernels (b + s (two_c + s three_d)); at a knot (s = 0) b itself.
+            tf = float(t)
+            i = self._bisect(self._inner_list, tf)
+            s = self._fast(tf, i)
+            _, b, c2, d3 = self._parts(i)
+            return b if s == 0.0 else torch.add(b, torch.add(c2, d3, alpha=s), alpha=s)
+        (_, b, c2, d3), s = self._piece(t)
         return b + (c2 + d3 * s) * s
 
     def increment(self, s: Tensor | float, t: Tensor | float) -> Tensor:

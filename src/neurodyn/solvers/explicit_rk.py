@@ -2,15 +2,15 @@
 
 States travel through the engine flattened to shape ``(1, n)``; stage derivatives are stacked into an
 ``(s, n)`` tensor so that every stage combination is one ``addmm`` over the stacked stages (one pass over
-memory, whatever the number of stages). Without autograd they are written into a buffer (reused between steps
-when no step is kept, else fresh each step, so accepted steps can be kept for dense output without copies).
-Under autograd (``gradient="direct"``, checkpoint replays) the stages are kept in a list and the ones so far
-stacked out of place for each combination: in-place writes into a buffer would add a copy node per stage to the
-backward pass.
+memory, whatever the number of stages); a combination with one nonzero coefficient is one ``add``. Without
+autograd, where no step is kept, they are written into a buffer reused between steps. Under autograd
+(``gradient="direct"``, checkpoint replays) and where steps are kept for dense output, the stages are kept in a
+list and concatenated out of place for each combination (in-place writes into a buffer would add copy nodes per
+stage to the backward pass), with the same operations, so both paths give the same values bit for bit.
 
 Under ``torch.func.vmap`` (e.g. an ensemble of fields evaluated with ``functional_call`` over stacked
 parameters) a stage may be batched while the state is not, and a batched value cannot be written into an
-unbatched buffer: there too the stages are stacked out of place (:func:`~neurodyn.core.tensors.vmapped`).
+unbatched buffer: there too the stages are built out of place (:func:`~neurodyn.core.tensors.vmapped`).
 
 Precision below float64 (float32, complex64, half types)
 --------------------------------------------------------
@@ -59,19 +59,23 @@ class _Coefficients:
     extra_c: list[float]
     # Below float64 precision: every stage combination is y + h (a @ k) with float32_step's h (module docstring).
     low: bool = False
+    # Row i's nonzero entries (j, a_ij): the stage combinations of a solve that records an autograd graph.
+    nonzero: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
 class StageBuffers:
     """A reusable stage buffer: ``shaped`` (s, *state shape), ``flat`` (s, n), ``heads[i] = flat[:i]``,
     ``rows[i] = shaped[i]``; ``plan`` (for :meth:`ExplicitRungeKutta.step`) lists per stage ``i >= 1`` its
-    tableau row, ``heads[i]``, ``rows[i]``, ``c[i]`` and whether ``c[i] == c[i-1]`` (the same stage time)."""
+    tableau row, the stages it combines (``heads[i]``, or ``flat[j:j+1]`` when ``a_ij`` is its one nonzero
+    entry), ``rows[i]``, ``c[i]``, whether ``c[i] == c[i-1]`` (the same stage time) and that one entry (else
+    None)."""
 
     shaped: Tensor
     flat: Tensor
     heads: list[Tensor]
     rows: list[Tensor]
-    plan: list[tuple[Tensor, Tensor, Tensor, float, bool]] | None = None
+    plan: list[tuple[Tensor, Tensor, Tensor, float, bool, float | None]] | None = None
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -152,8 +156,9 @@ class ExplicitRungeKutta(StepperBase):
                 # Kept in float64: DOP853's matrix has entries ~500 that cancel; weights are cast after.
                 dense_t = p.t().contiguous().to(device=device)
             extra_a = [_tensor(row, dtype, device).view(1, -1) for row in tb.extra_a]
+            nonzero = [[(j, float(v)) for j, v in enumerate(row) if float(v) != 0.0] for row in tb.a]
             co = _Coefficients(a, b, e, [float(x) for x in tb.c], dense_t, extra_a,
-                               [float(x) for x in tb.extra_c], low=torch.finfo(dtype).bits < 64)
+                               [float(x) for x in tb.extra_c], low=torch.finfo(dtype).bits < 64, nonzero=nonzero)
             self._cache[key] = co
         return co
 
@@ -172,7 +177,11 @@ class ExplicitRungeKutta(StepperBase):
         heads, rows = [flat[:i] for i in range(s + 1)], list(shaped.unbind(0))
         co = self.coefficients(y.dtype, y.device)
         c = co.c
-        plan = [(co.a[i], heads[i], rows[i], c[i], i > 1 and c[i] == c[i - 1]) for i in range(1, s)]
+        plan = []
+        for i in range(1, s):
+            nz = co.nonzero[i]
+            one, head = (nz[0][1], flat[nz[0][0]:nz[0][0] + 1]) if len(nz) == 1 else (None, heads[i])
+            plan.append((co.a[i], head, rows[i], c[i], i > 1 and c[i] == c[i - 1], one))
         return StageBuffers(shaped, flat, heads, rows, plan)
 
     # -- one step --------------------------------------------------------------------------------
@@ -194,9 +203,10 @@ class ExplicitRungeKutta(StepperBase):
         addmm = torch.addmm
         # Below float64: y + h (a @ k), rounded once at y's magnitude (module docstring); float64: one addmm.
         full = not co.low
+        add, mm = torch.add, torch.mm
         if not full:
             hs = float32_step(t, h)
-            add, mm = torch.add, torch.mm
+        hh = h if full else hs  # the step a single-entry combination y + (h a_ij) k_j is scaled by
         if buf is not None:  # no autograd graph: reuse a buffer and its cached views
             k = buf.flat
             buf.rows[0].copy_(k1)
@@ -208,8 +218,9 @@ class ExplicitRungeKutta(StepperBase):
                 scalar = torch.scalar_tensor
                 tt = None
                 if term.flat:
-                    for ai, hi, ri, ci, same in buf.plan:
-                        yi = addmm(y, ai, hi, alpha=h) if full else add(y, mm(ai, hi), alpha=hs)
+                    for ai, hi, ri, ci, same, one in buf.plan:
+                        yi = add(y, hi, alpha=one * hh) if one is not None else \
+                            addmm(y, ai, hi, alpha=h) if full else add(y, mm(ai, hi), alpha=hs)
                         if not same:
                             ti = t + ci * h if (t_end_nudge is None or ci != 1.0) else t_end_nudge
                             tt = scalar(ti, dtype=t_dtype, device=device)
@@ -218,8 +229,9 @@ class ExplicitRungeKutta(StepperBase):
                             check_output(fi, shape, float(tt))
                         ri.copy_(fi)
                 else:
-                    for ai, hi, ri, ci, same in buf.plan:
-                        yi = addmm(y, ai, hi, alpha=h) if full else add(y, mm(ai, hi), alpha=hs)
+                    for ai, hi, ri, ci, same, one in buf.plan:
+                        yi = add(y, hi, alpha=one * hh) if one is not None else \
+                            addmm(y, ai, hi, alpha=h) if full else add(y, mm(ai, hi), alpha=hs)
                         if not same:
                             ti = t + ci * h if (t_end_nudge is None or ci != 1.0) else t_end_nudge
                             tt = scalar(ti, dtype=t_dtype, device=device)
@@ -228,32 +240,32 @@ class ExplicitRungeKutta(StepperBase):
                             check_output(fi, shape, float(tt))
                         ri.copy_(fi)
             else:
-                for ai, hi, ri, ci, _ in buf.plan:
-                    yi = addmm(y, ai, hi, alpha=h) if full else add(y, mm(ai, hi), alpha=hs)
+                for ai, hi, ri, ci, _, one in buf.plan:
+                    yi = add(y, hi, alpha=one * hh) if one is not None else \
+                        addmm(y, ai, hi, alpha=h) if full else add(y, mm(ai, hi), alpha=hs)
                     ti = t + ci * h if (t_end_nudge is None or ci != 1.0) else t_end_nudge
                     ri.copy_(term(ti, yi))
-        elif torch.is_grad_enabled() or vmapped(y, k1):
-            # Out of place: the stages so far are stacked for each combination (s small). Under autograd this
-            # is cheaper than writing the stages into a buffer (whose in-place writes cost a CopySlices node per stage
-            # in the backward pass: a direct-gradient training step ~9 % faster, the same gradient bit for bit); under
-            # torch.func.vmap a batched stage cannot be written into an unbatched buffer at all.
-            ks = [k1.reshape(-1)]
-            k = ks[0].unsqueeze(0)
-            for i in range(1, s):
-                yi = addmm(y, a[i], k, alpha=h) if full else add(y, mm(a[i], k), alpha=hs)
-                ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
-                ks.append(term(ti, yi).reshape(-1))
-                k = torch.stack(ks)
         elif s == 1:  # one stage (Euler): the stage matrix is k1 itself, no buffer to copy it into
             k = k1.reshape(1, -1)
         else:
-            shaped = y.new_empty((s, *k1.shape))  # rows in the user's shape: f's output is stored as is
-            k = shaped.view(s, -1)
-            shaped[0] = k1
+            # No buffer (an autograd graph is recorded, or torch.func.vmap): stages out of place. Under autograd a
+            # stage written into a shared buffer costs a full-buffer CopySlices and AsStrided node per stage in the
+            # backward pass; under vmap a batched stage cannot be written into an unbatched buffer at all. The
+            # combinations are the buffered path's, operation for operation (the same values bit for bit): one
+            # nonzero coefficient is one add (y + (h a_ij) k_j); otherwise one (a)mm over the stages so far.
+            nonzero = co.nonzero
+            ks = [k1.reshape(1, -1)]
             for i in range(1, s):
-                yi = addmm(y, a[i], k[:i], alpha=h) if full else add(y, mm(a[i], k[:i]), alpha=hs)
+                nz = nonzero[i]
+                if len(nz) == 1:
+                    j, aij = nz[0]
+                    yi = add(y, ks[j], alpha=aij * hh)
+                else:
+                    kk = torch.cat(ks)
+                    yi = addmm(y, a[i], kk, alpha=h) if full else add(y, mm(a[i], kk), alpha=hs)
                 ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
-                shaped[i] = term(ti, yi)
+                ks.append(term(ti, yi).reshape(1, -1))
+            k = torch.cat(ks)
         if self.last_stage_is_y1:
             y1 = yi
         elif s == 1:  # one stage: consistency makes b = (1), so y1 = y + h k1
