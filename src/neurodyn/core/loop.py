@@ -349,14 +349,17 @@ def failure_message(status: str, t: float, h_abs: float, cfg: LoopConfig, solver
 
 
 def _whole_loop_applies(cfg: LoopConfig, y0: Tensor, k0: Tensor) -> bool:
-    """The compiled whole loop covers solves that record nothing: no graph, steps, events or per-step hooks."""
+    """The compiled whole loop covers solves that record no steps, events or per-step hooks, and no autograd graph
+    unless the plug-in is marked ``differentiable``."""
     if cfg.record or cfg.perturb or cfg.events or cfg.on_accept is not None or cfg.norm is not None:
         return False
     if cfg.accept_min_step or cfg.step_callbacks or cfg.on_attempt is not None or cfg.pause:
         return False
     if cfg.error_dims is not None or vmapped(y0):  # torch.func.vmap cannot enter a compiled while_loop
         return False
-    return not (torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad))
+    # A recorded graph: a loop plug-in marked `differentiable` joins its outputs to the graph itself.
+    return not (torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad)) or \
+        getattr(cfg.loop, "differentiable", False)
 
 
 def _run_compiled_loop(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[float],
