@@ -10,6 +10,10 @@ the discrete one ``gradient="direct"`` computes (the steps are the same; the rou
 with respect to ``y0``, the ``dy/dt`` at ``t0`` that the caller computed (its own graph carries the rest) and the
 parameters and buffers of the vector field.
 
+A field that draws random numbers (dropout in training mode, noise) is noticed by the random generator's state
+moving during the compiled forward solve; that solve and later ones of the field step in Python instead (a replay
+would draw other numbers, and the gradient would be another forward pass's).
+
 It applies where the compiled whole loop does (:func:`neurodyn.compile.loop.supports`, the state-size rule of
 :func:`neurodyn.compile.loop.worthwhile`), for ``nn.Module`` vector fields whose tensors needing gradients are
 their own parameters (or buffers) -- checked on the graph of ``dy/dt`` at ``t0``; elsewhere (a closure, a captured
@@ -190,10 +194,15 @@ def trainable(loop: Callable, solver: ExplicitRungeKutta, func: Callable, shape:
         if not (torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad)):
             return loop(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps)
         cap = capacity(per_func, base_key, func, y0, k0)
-        if cap is None:
+        if cap is None or per_func.get(("random", base_key)):
             return None
+        before = _rng_state(y0.device)
         o = loop(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps, record=cap)
         if o is None:
+            return None
+        if not _same_state(before, _rng_state(y0.device)):
+            # The field draws random numbers (dropout, noise): a replay in the backward pass would draw others.
+            per_func[("random", base_key)] = True
             return None
         if o.steps > cap:
             grow(per_func, base_key, o.steps)
@@ -213,3 +222,13 @@ def trainable(loop: Callable, solver: ExplicitRungeKutta, func: Callable, shape:
 
     run.differentiable = True
     return run
+
+
+def _rng_state(device: torch.device) -> tuple:
+    """The random generators a compiled program draws its seeds from (the CPU one; the device's on a GPU)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    return torch.equal(a[0], b[0]) and (a[1] is None or torch.equal(a[1], b[1]))

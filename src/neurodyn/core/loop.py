@@ -21,8 +21,9 @@ from .term import ODETerm
 
 
 def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[float],
-              cfg: LoopConfig) -> LoopResult:
-    """Integrate from ``times[0]`` through ``times[-1]``, returning the state at every time.
+              cfg: LoopConfig) -> LoopResult | None:
+    """Integrate from ``times[0]`` through ``times[-1]``, returning the state at every time (None with
+    ``cfg.loop_only`` where the whole compiled loop does not run).
 
     ``y0`` has shape ``(1, n)``; ``k0`` (the user's shape) is dy/dt at ``(times[0], y0)`` (already computed by the
     caller's shape check). Never raises for a failed solve: the status says what happened. ``cfg.on_attempt``, when
@@ -85,6 +86,8 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
             res.compile_reason = why
             return res
         path, why = "step", f"{why}; it could not be compiled: compiled steps"
+    if cfg.loop_only:
+        return None
 
     ratio_fn = None
     ctrl = None
