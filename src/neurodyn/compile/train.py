@@ -36,8 +36,9 @@ from .step import own_code
 # Accepted steps kept per solve at first; a solve that takes more is run again with compiled steps, and the next
 # solve of the field keeps 4x as many (one more compilation).
 FIRST_CAPACITY = 256
-# At most this many kept elements (capacity x (2n + 5)): the forward rewrites the record every attempt.
-MAX_RECORD_ELEMENTS = 1 << 20
+# At most this many kept elements (capacity x (2n + 5)): the forward rewrites the whole record every attempt (one
+# elementwise select, static shapes), which for larger states costs more than the Python per step it saves.
+MAX_RECORD_ELEMENTS = 32768
 _CPU_OPTIONS = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp.simdlen": 256}
 
 
