@@ -383,7 +383,7 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
     LoopOutcome | None`` running the whole loop compiled (compiled on first use for each number of output times and
     stops), without an autograd graph; it returns None where compilation failed (warned once per vector field; the
     caller then steps in Python). With ``record`` > 0 the outcome's ``rec`` holds the first ``record`` accepted steps
-    (see :mod:`neurodyn.compile.train`).
+    (see :mod:`neurodyn.compile.train`); ``state``: :func:`module_state` of the field where the caller has it.
     ``compiled_loop`` itself returns None where the whole loop is not supported."""
     if not supports(solver, adaptive, controller) or dtype not in (torch.float32, torch.float64):
         return None
@@ -398,7 +398,7 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
                  controller.dfactor, controller.accept_dfactor))
 
     def call(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps,
-             record: int = 0) -> LoopOutcome | None:
+             record: int = 0, state: dict | None = None) -> LoopOutcome | None:
         if per_func.get(_FALLBACK):
             return None
         key = (base_key, len(times), len(stops), record)
@@ -413,7 +413,7 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         try:
             with torch.no_grad(), vectorize_strided_loads():
                 ys, y_final, counters, *rec = fn(cv, y0.detach(), k0.detach(), tol, iv,
-                                                 *module_state(func).values())
+                                                 *(module_state(func) if state is None else state).values())
         except Exception as exc:  # compilation failed: Python steps from now on, for this field
             # Dynamo's messages: a headline (for higher-order operators a generic one ending in ':'), then the
             # specific reason on the next line.

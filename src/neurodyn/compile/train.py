@@ -42,10 +42,12 @@ MAX_RECORD_ELEMENTS = 32768
 _CPU_OPTIONS = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp.simdlen": 256}
 
 
-def capacity(per_func: dict, base_key: tuple, func: Callable, y0: Tensor, k0: Tensor) -> int | None:
+def capacity(per_func: dict, base_key: tuple, func: Callable, y0: Tensor, k0: Tensor,
+             named: dict[str, Tensor] | None = None) -> int | None:
     """How many accepted steps a recorded solve of ``func`` from ``y0`` keeps, or None where the compiled training
-    step does not apply (not an ``nn.Module``, a tensor requiring grad outside the module, a state too large)."""
-    if not isinstance(func, torch.nn.Module) or not own_tensors_only(func, y0, k0):
+    step does not apply (not an ``nn.Module``, a tensor requiring grad outside the module, a state too large);
+    ``named``: the module's parameters and buffers by name, where the caller has them."""
+    if not isinstance(func, torch.nn.Module) or not own_tensors_only(func, y0, k0, named):
         return None
     cap = per_func.get(("record", base_key), FIRST_CAPACITY)
     if cap * (2 * y0.shape[1] + 5) > MAX_RECORD_ELEMENTS:
@@ -61,10 +63,13 @@ def grow(per_func: dict, base_key: tuple, steps: int) -> None:
     per_func[("record", base_key)] = cap
 
 
-def own_tensors_only(func: torch.nn.Module, y0: Tensor, k0: Tensor) -> bool:
+def own_tensors_only(func: torch.nn.Module, y0: Tensor, k0: Tensor, named: dict[str, Tensor] | None = None) -> bool:
     """Whether every leaf tensor requiring grad behind ``k0 = func(t0, y0)`` is a parameter or buffer of ``func``
-    or lies behind ``y0`` (walks the autograd graph of ``k0``, not past ``y0``'s)."""
-    mine = {id(p) for p in func.parameters()} | {id(b) for b in func.buffers()}
+    (``named``: those by name, where the caller has them) or lies behind ``y0`` (walks the autograd graph of ``k0``,
+    not past ``y0``'s)."""
+    if named is None:
+        named = dict((*func.named_parameters(), *func.named_buffers()))
+    mine = {id(x) for x in named.values()}
     behind_y0: set = set()
     stack = [y0.grad_fn] if y0.grad_fn is not None else []
     while stack:
@@ -194,11 +199,15 @@ def trainable(loop: Callable, solver: ExplicitRungeKutta, func: Callable, shape:
     def run(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps):
         if not (torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad)):
             return loop(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps)
-        cap = capacity(per_func, base_key, func, y0, k0)
-        if cap is None or per_func.get(("random", base_key)):
+        if per_func.get(("random", base_key)) or not isinstance(func, torch.nn.Module):
             return None
+        named = dict((*func.named_parameters(), *func.named_buffers()))  # as module_state orders them
+        cap = capacity(per_func, base_key, func, y0, k0, named)
+        if cap is None:
+            return None
+        state = {name: x.detach() for name, x in named.items()}
         before = _rng_state(y0.device)
-        o = loop(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps, record=cap)
+        o = loop(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps, record=cap, state=state)
         if o is None:
             return None
         if not _same_state(before, _rng_state(y0.device)):
@@ -215,10 +224,8 @@ def trainable(loop: Callable, solver: ExplicitRungeKutta, func: Callable, shape:
         info = Recorded()
         info.backward, (info.rec, info.rec_y), info.steps, info.times = backward, o.rec, o.steps, o.times
         info.ys, info.y_final = o.ys, o.y_final
-        state = module_state(func)
         info.tensors = list(state.values())
-        live = dict((*func.named_parameters(), *func.named_buffers()))
-        o.ys, o.y_final = attach(info, y0, k0, [live[name] for name in state])
+        o.ys, o.y_final = attach(info, y0, k0, list(named.values()))
         return o
 
     run.differentiable = True
