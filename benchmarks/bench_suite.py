@@ -652,7 +652,14 @@ def build_train_jobs(prob: Problem, group: str, g_ref: torch.Tensor, libs: dict[
                 last["nfe"] = common._nfe_from_stats(sol.stats)
                 return sol.ys
 
-            specs.append(("neurodyn compiled direct", name, compiled))
+            def compiled_checkpoint(f, last=last_stats):
+                sol = nd.solve(f, prob.y0, prob.t, method="dopri5", rtol=c.rtol, atol=c.atol, compile=True,
+                               gradient="checkpoint")
+                last["nfe"] = common._nfe_from_stats(sol.stats)
+                return sol.ys
+
+            specs += [("neurodyn compiled direct", name, compiled),
+                      ("neurodyn compiled checkpoint", name, compiled_checkpoint)]
         elif name == "torchdiffeq":
             specs += [("torchdiffeq odeint", name, bg("torchdiffeq:odeint")),
                       ("torchdiffeq odeint_adjoint", name, bg("torchdiffeq:odeint_adjoint"))]

@@ -46,6 +46,7 @@ def test_compiled_matches_eager(method):
     assert torch.allclose(comp.ys, eager.ys, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.slow  # an nn.Module under a graph: the compiled training step, two compilations (test_compiled_train.py)
 def test_compiled_direct_gradient_matches_eager():
     f = _mlp(seed=1)
     y0 = torch.tensor([[0.5, -0.3]], dtype=F64, requires_grad=True)

@@ -125,12 +125,18 @@ def test_loop_backward_in_time_stops_float32_and_tensor_tolerances():
 
 
 def test_recorded_graphs_use_the_compiled_steps(monkeypatch):
-    """Gradients need the autograd graph: the loop stays in Python with compiled steps; same gradients."""
+    """Gradients need the autograd graph: for a field that is not an ``nn.Module`` (its tensors needing gradients
+    have no names the compiled backward could differentiate; modules: tests/test_compiled_train.py) the loop stays
+    in Python with compiled steps; same gradients."""
     from neurodyn.compile import policy as compile_policy
 
     monkeypatch.setattr(compile_policy, "FORCE", "compiled")  # the paths, not whether compiling pays here
     y0 = Y0.clone().requires_grad_(True)
-    sols = [neurodyn.solve(TANH, y0, T, method="tsit5", rtol=1e-8, atol=1e-10, compile=c) for c in (False, True)]
+
+    def field(t, y):
+        return TANH(t, y)
+
+    sols = [neurodyn.solve(field, y0, T, method="tsit5", rtol=1e-8, atol=1e-10, compile=c) for c in (False, True)]
     assert sols[1].stats["compiled"] == "step"
     grads = [torch.autograd.grad(s.ys[-1].sum(), [y0, TANH.w]) for s in sols]
     for ge, gc in zip(*grads):

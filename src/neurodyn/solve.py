@@ -245,7 +245,12 @@ def solve(
         into one program, stepping, error control, outputs and statuses included (``stats["compiled"] ==
         "loop"``; no events, ``dense``, ``jump_t``, ``perturb`` or per-sample steps; on the CPU for states with
         ``y0.numel() * len(t) <= 32768``, where per-step Python costs more than the loop's fixed-shape output
-        writes); otherwise each step is (``"step"``). Compiling does not always pay (for larger states Inductor's
+        writes); otherwise each step is (``"step"``). Where a graph is recorded (training with
+        ``gradient="direct"`` or ``"checkpoint"``) the whole loop also runs, for an ``nn.Module`` field whose tensors
+        needing gradients are its own parameters and that draws no random numbers: the forward keeps its accepted
+        steps and a compiled backward pass pulls the gradient back through them (the same discrete gradient, to
+        rounding; not differentiable twice: ``compile=False`` for second derivatives; see
+        ``neurodyn.compile.train``). Compiling does not always pay (for larger states Inductor's
         float64 ``tanh``/``exp`` are 2-4x slower than eager ATen's): the first solve of a field times a few eager
         and compiled steps from ``y0`` and runs eager steps unless the compiled step takes <= 0.9x the eager one
         (``stats["compiled"] == "eager"``); the choice is cached per field, method, shape, dtype, device and grad

@@ -12,6 +12,7 @@ from ..core.stepper import Stepper
 from ..core.tensors import real_dtype
 from .loop import compiled_loop, worthwhile
 from .step import compiled_advance
+from .train import trainable
 
 
 def plug_in(solver: Stepper, func: Callable, y0: Tensor, n_times: int, per_sample_steps: bool, *,
@@ -40,4 +41,6 @@ def plug_in(solver: Stepper, func: Callable, y0: Tensor, n_times: int, per_sampl
     if worthwhile(y0, n_times):
         loop = compiled_loop(solver, func, tuple(y0.shape), y0.dtype, y0.device, adaptive, interp, controller,
                              first_step is None)
+        if loop is not None:  # also where a graph is recorded (compiled training steps)
+            loop = trainable(loop, solver, func, tuple(y0.shape), interp, y0.device)
     return advance, loop

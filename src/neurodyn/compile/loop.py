@@ -87,23 +87,59 @@ def supports(solver: ExplicitRungeKutta, adaptive: bool, controller: PIDControll
             and type(controller) is PIDController)
 
 
-def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], adaptive: bool, interp: str,
-           controller: PIDController, choose_first: bool, device: torch.device, n_times: int,
-           n_stop_times: int) -> Callable:
-    tb = solver.tableau
-    s = solver.stages
-    c = [float(x) for x in tb.c]
-    a_rows = [nonzero(row) for row in tb.a]
-    b_row = nonzero(tb.b)
-    e_row = nonzero(tb.b_err) if adaptive else []
-    last_is_y1 = solver.last_stage_is_y1
-    fsal = solver.fsal
-    own_dense = interp == "auto" and tb.dense is not None
-    hermite = interp == "hermite" or (interp == "auto" and tb.dense is None)
-    dense_p = [[float(v) for v in row] for row in tb.dense] if own_dense else None
-    order = solver.order
-    # The controller's exponents and limits, as the eager loop's controller state computes them.
-    pid = controller.start(solver.controller_order if adaptive else 0)
+class StepPlan:
+    """An explicit Runge--Kutta step and its dense output as the compiled code writes them (internal): the tableau's
+    nonzero coefficients, which dense output (the method's own, Hermite or linear), and the method's flags."""
+
+    def __init__(self, solver: ExplicitRungeKutta, interp: str, adaptive: bool):
+        tb = solver.tableau
+        self.s = solver.stages
+        self.c = [float(x) for x in tb.c]
+        self.a_rows = [nonzero(row) for row in tb.a]
+        self.b_row = nonzero(tb.b)
+        self.e_row = nonzero(tb.b_err) if adaptive else []
+        self.last_is_y1 = solver.last_stage_is_y1
+        self.fsal = solver.fsal
+        self.own_dense = interp == "auto" and tb.dense is not None
+        self.hermite = interp == "hermite" or (interp == "auto" and tb.dense is None)
+        self.dense_p = [[float(v) for v in row] for row in tb.dense] if self.own_dense else None
+
+
+def rk_stages(f: Callable[[Tensor, Tensor], Tensor], t: Tensor, h: Tensor, y: Tensor, k1: Tensor,
+              plan: StepPlan) -> tuple[Tensor, list[Tensor], Tensor]:
+    """One step from ``(t, y)`` (rows ``(1, n)``) with ``k1 = f(t, y)``: ``(y1, stages, h in y's dtype)``."""
+    hy = h.to(y.dtype)
+    ks = [k1]
+    yi = y
+    for i in range(1, plan.s):
+        yi = y + hy * stage_sum(ks, plan.a_rows[i]) if plan.a_rows[i] else y
+        ks.append(f(t + plan.c[i] * h, yi))
+    y1 = yi if plan.last_is_y1 else y + hy * stage_sum(ks, plan.b_row)
+    return y1, ks, hy
+
+
+def dense_rows(plan: StepPlan, tz: Tensor, t: Tensor, t1: Tensor, h: Tensor, hy: Tensor, y: Tensor, y1: Tensor,
+               k1: Tensor, f_end: Tensor, ks: list[Tensor]) -> Tensor:
+    """The step's dense output at the times ``tz`` (``(m,)``, float64) as rows ``(m, n)``; a time equal to ``t1``
+    is ``y1``."""
+    theta = ((tz - t) / h).view(-1, 1)
+    if plan.own_dense:
+        dense_p = plan.dense_p
+        powers = [theta]
+        for _ in range(len(dense_p[0]) - 1):
+            powers.append(powers[-1] * theta)
+        w = [sum(p[m] * powers[m] for m in range(len(p)) if p[m] != 0.0) for p in dense_p]
+        val = y + hy * _combo_cols(w, ks, y.dtype)
+    elif plan.hermite:
+        val = interpolation.hermite(theta.to(y.dtype), y, y1, k1, f_end, hy)
+    else:
+        val = interpolation.linear(theta.to(y.dtype), y, y1)
+    return torch.where((tz == t1).view(-1, 1), y1, val)
+
+
+def field_rows(func: Callable, shape: tuple[int, ...]) -> Callable:
+    """``f(t64, y, t_dtype, state)``: ``func`` at a float64 time (cast to ``t_dtype``) and a row ``(1, n)``, as a row;
+    with ``state`` (a module's tensors by name) called through ``torch.func.functional_call``."""
     user_shape = tuple(shape)
 
     def f(t64: Tensor, y: Tensor, t_dtype: torch.dtype, state: dict | None) -> Tensor:
@@ -111,6 +147,19 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         out = func(tt, yy) if state is None else torch.func.functional_call(func, state, (tt, yy))
         return out.reshape(1, -1)
 
+    return f
+
+
+def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], adaptive: bool, interp: str,
+           controller: PIDController, choose_first: bool, device: torch.device, n_times: int,
+           n_stop_times: int, record: int = 0) -> Callable:
+    plan = StepPlan(solver, interp, adaptive)
+    e_row = plan.e_row
+    fsal = plan.fsal
+    order = solver.order
+    # The controller's exponents and limits, as the eager loop's controller state computes them.
+    pid = controller.start(solver.controller_order if adaptive else 0)
+    f = field_rows(func, shape)
     n_out, n_stops = n_times, n_stop_times
     unroll = UNROLL if device.type == "cpu" else UNROLL_ACCELERATOR
     state_names = list(module_state(func)) if isinstance(func, torch.nn.Module) else None
@@ -146,23 +195,30 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         one = torch.ones((), dtype=torch.float64, device=y0.device)
         sv = torch.stack([t0, h_abs, one, one, one * 0, one * 0])
 
-        def cond(z, sv, iv):
-            return iv[6] == 0
+        # With `record` > 0 (a recorded solve, compile.train): two more carried tensors, the accepted steps
+        # R = [t, h, t1, first output, end of outputs] (record, 5) (float64) and RY = [y, k1] (record, 2n), row j
+        # written when step j is accepted (steps past `record` are not kept: the caller checks the count).
+        carry = (z, sv, iv)
+        if record:
+            carry += (torch.zeros(record, 5, dtype=torch.float64, device=y0.device), y0.new_zeros(record, 2 * n))
 
-        def attempts_body(z, sv, iv):
+        def cond(*carry):
+            return carry[2][6] == 0
+
+        def attempts_body(*carry):
             # `unroll` attempts per loop iteration: the loop's condition (read on the host: a device sync on a GPU)
             # is checked once per `unroll` attempts; attempts after the solve ended leave the state as it was.
             for _ in range(unroll - 1):
-                z1, sv1, iv1 = attempt(z, sv, iv)
-                ended = iv[6] != 0
-                z, sv, iv = torch.where(ended, z, z1), torch.where(ended, sv, sv1), torch.where(ended, iv, iv1)
-            z1, sv1, iv1 = attempt(z, sv, iv)
+                new = attempt(*carry)
+                ended = carry[2][6] != 0
+                carry = tuple(torch.where(ended, old, nw) for old, nw in zip(carry, new))
+            new = attempt(*carry)
             if unroll == 1:
-                return z1, sv1, iv1
-            ended = iv[6] != 0
-            return torch.where(ended, z, z1), torch.where(ended, sv, sv1), torch.where(ended, iv, iv1)
+                return new
+            ended = carry[2][6] != 0
+            return tuple(torch.where(ended, old, nw) for old, nw in zip(carry, new))
 
-        def attempt(z, sv, iv):
+        def attempt(z, sv, iv, *rec):
             times, stops = cv[:n_out], cv[n_out:n_out + n_stops]
             min_step, max_step = cv[-2], cv[-1]
             rtol_s, atol_s = tol[0:1] * math.sqrt(n), tol[1:2] * math.sqrt(n)
@@ -176,13 +232,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
             landing = (next_stop - t) * direction <= h_abs * LANDING_SLACK
             h = torch.where(landing, next_stop - t, direction * h_abs)
             t1 = torch.where(landing, next_stop, t + h)
-            hy = h.to(y.dtype)
-            ks = [k1]
-            yi = y
-            for i in range(1, s):
-                yi = y + hy * stage_sum(ks, a_rows[i]) if a_rows[i] else y
-                ks.append(f(t + c[i] * h, yi, t_dtype, state))
-            y1 = yi if last_is_y1 else y + hy * stage_sum(ks, b_row)
+            y1, ks, hy = rk_stages(lambda tt, yy: f(tt, yy, t_dtype, state), t, h, y, k1, plan)
             habs_now = h.abs()
             if adaptive:
                 err = stage_sum(ks, e_row)
@@ -198,18 +248,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
             # z (rows 0 and 1, y and k1, are masked out), so that the new z is one elementwise expression.
             tz = times.index_select(0, (rows.view(-1) - 2).clamp_min(0))
             mask = (rows.view(-1) - 2 >= out_i) & ((tz - t1) * direction <= 0) & accept
-            theta = ((tz - t) / h).view(-1, 1)
-            if own_dense:
-                powers = [theta]
-                for _ in range(len(dense_p[0]) - 1):
-                    powers.append(powers[-1] * theta)
-                w = [sum(p[m] * powers[m] for m in range(len(p)) if p[m] != 0.0) for p in dense_p]
-                val = y + hy * _combo_cols(w, ks, y.dtype)
-            elif hermite:
-                val = interpolation.hermite(theta.to(y.dtype), y, y1, k1, f_end, hy)
-            else:
-                val = interpolation.linear(theta.to(y.dtype), y, y1)
-            val = torch.where((tz == t1).view(-1, 1), y1, val)
+            val = dense_rows(plan, tz, t, t1, h, hy, y, y1, k1, f_end, ks)
             finished = accept & landing & (stop_i == n_stops - 1)
             if adaptive:
                 new_h, prev, prev2 = pid.propose_tensor(habs_now, ratio, accept, prev, prev2)
@@ -234,13 +273,19 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
                             torch.where(rows == 1, torch.where(accept, f_end, k1),
                                         torch.where(mask.view(-1, 1), val, z)))
             sv = _pack([torch.where(accept, t1, t), h_abs, prev, prev2, torch.where(accept, h, last_h), habs_now])
-            iv = _pack([out_i + mask.sum(), torch.where(accept & landing & ~finished, stop_i + 1, stop_i),
+            out_end = out_i + mask.sum()
+            if rec:
+                r, ry = rec
+                at = (torch.arange(record, device=z.device).view(-1, 1) == steps) & accept
+                row = _pack([t, h, t1, out_i.to(torch.float64), out_end.to(torch.float64)])
+                rec = (torch.where(at, row.view(1, -1), r), torch.where(at, torch.cat([y, k1], 1), ry))
+            iv = _pack([out_end, torch.where(accept & landing & ~finished, stop_i + 1, stop_i),
                         steps + accept.long(), rejected + (~accept).long(), attempts, status, done.long(), iv[7]])
-            return z, sv, iv
+            return (z, sv, iv, *rec)
 
-        z, sv, iv = torch._higher_order_ops.while_loop(cond, attempts_body, (z, sv, iv))
+        z, sv, iv, *rec = torch._higher_order_ops.while_loop(cond, attempts_body, carry)
         counters = torch.cat([sv[[0, 1, 4, 5]], h_first.view(1), iv[[2, 3, 4, 0, 5]].double()])
-        return z[2:], z[0:1], counters
+        return (z[2:], z[0:1], counters, *rec)
 
     options = _CPU_OPTIONS if device.type == "cpu" else None
     own = own_code(run)
@@ -270,7 +315,7 @@ def _combo_cols(w: list[Tensor], ks: list[Tensor], dtype: torch.dtype) -> Tensor
     return acc
 
 
-class _vectorize_strided_loads:
+class vectorize_strided_loads:
     """While compiling: let Inductor's CPU code generator vectorize loops with more strided loads than it would by
     default (a batch-1 state through ``nn.Linear(2, 64)`` reads the weight with stride 2, and the layer's tanh then
     runs one element at a time: ~10% of an evaluation of a small MLP). Performance only; a no-op where this torch
@@ -328,15 +373,17 @@ class LoopOutcome:
     """What a compiled loop returns to :func:`neurodyn.core.loop.integrate` (internal)."""
 
     __slots__ = ("ys", "y_final", "t_final", "next_step", "last_step", "last_try", "initial_step", "steps",
-                 "rejected", "attempts", "n_valid", "status")
+                 "rejected", "attempts", "n_valid", "status", "rec", "times")
 
 
 def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], dtype: torch.dtype,
                   device: torch.device, adaptive: bool, interp: str, controller: PIDController,
                   choose_first: bool) -> Callable | None:
-    """A function ``run(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps) -> LoopOutcome |
-    None`` running the whole loop compiled (compiled on first use for each number of output times and stops);
-    it returns None where compilation failed (warned once per vector field; the caller then steps in Python).
+    """A function ``run(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps, record=0) ->
+    LoopOutcome | None`` running the whole loop compiled (compiled on first use for each number of output times and
+    stops), without an autograd graph; it returns None where compilation failed (warned once per vector field; the
+    caller then steps in Python). With ``record`` > 0 the outcome's ``rec`` holds the first ``record`` accepted steps
+    (see :mod:`neurodyn.compile.train`); ``state``: :func:`module_state` of the field where the caller has it.
     ``compiled_loop`` itself returns None where the whole loop is not supported."""
     if not supports(solver, adaptive, controller) or dtype not in (torch.float32, torch.float64):
         return None
@@ -350,21 +397,23 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
                 (controller.pcoeff, controller.icoeff, controller.dcoeff, controller.safety, controller.ifactor,
                  controller.dfactor, controller.accept_dfactor))
 
-    def call(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps) -> LoopOutcome | None:
+    def call(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps,
+             record: int = 0, state: dict | None = None) -> LoopOutcome | None:
         if per_func.get(_FALLBACK):
             return None
-        key = (base_key, len(times), len(stops))
+        key = (base_key, len(times), len(stops), record)
         fn = per_func.get(key)
         if fn is None:
             fn = per_func[key] = _build(solver, func, shape, adaptive, interp, controller, choose_first, device,
-                                        len(times), len(stops))
+                                        len(times), len(stops), record)
         cv = torch.tensor([*times, *stops, first if first is not None else math.inf, min_step, max_step],
                           dtype=torch.float64, device=device)
         tol = _tolerances(per_func, rtol, atol, y0)
         iv = torch.tensor([1, 0, 0, 0, 0, 0, 0, max_steps], dtype=torch.int64, device=device)
         try:
-            with torch.no_grad(), _vectorize_strided_loads():
-                ys, y_final, counters = fn(cv, y0, k0, tol, iv, *module_state(func).values())
+            with torch.no_grad(), vectorize_strided_loads():
+                ys, y_final, counters, *rec = fn(cv, y0.detach(), k0.detach(), tol, iv,
+                                                 *(module_state(func) if state is None else state).values())
         except Exception as exc:  # compilation failed: Python steps from now on, for this field
             # Dynamo's messages: a headline (for higher-order operators a generic one ending in ':'), then the
             # specific reason on the next line.
@@ -386,6 +435,9 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         o.next_step = h_abs if math.isfinite(h_abs) and h_abs > 0 else None
         o.last_step = abs(last_h)
         o.ys, o.y_final = ys, y_final
+        o.rec = tuple(rec)
+        o.times = cv[:len(times)]
         return o
 
+    call.per_func, call.base_key = per_func, base_key
     return call

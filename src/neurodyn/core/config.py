@@ -46,6 +46,9 @@ class LoopConfig:
     advance: Callable[..., Any] | None = None
     # The whole loop compiled (compile=True; compiled_loop.compiled_loop), used where it applies.
     loop: Callable[..., Any] | None = None
+    # integrate() returns None unless the whole compiled loop runs (a gradient method with a path of its own for
+    # the other cases: gradient="checkpoint" with compile=True).
+    loop_only: bool = False
     # torchdiffeq's min_step: steps are never proposed below min_step, and a step of at most min_step is accepted
     # whatever its (finite) error. False: a step that must shrink below min_step is a StepSizeUnderflow.
     accept_min_step: bool = False

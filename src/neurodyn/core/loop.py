@@ -21,8 +21,9 @@ from .term import ODETerm
 
 
 def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[float],
-              cfg: LoopConfig) -> LoopResult:
-    """Integrate from ``times[0]`` through ``times[-1]``, returning the state at every time.
+              cfg: LoopConfig) -> LoopResult | None:
+    """Integrate from ``times[0]`` through ``times[-1]``, returning the state at every time (None with
+    ``cfg.loop_only`` where the whole compiled loop does not run).
 
     ``y0`` has shape ``(1, n)``; ``k0`` (the user's shape) is dy/dt at ``(times[0], y0)`` (already computed by the
     caller's shape check). Never raises for a failed solve: the status says what happened. ``cfg.on_attempt``, when
@@ -85,6 +86,8 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
             res.compile_reason = why
             return res
         path, why = "step", f"{why}; it could not be compiled: compiled steps"
+    if cfg.loop_only:
+        return None
 
     ratio_fn = None
     ctrl = None
@@ -349,14 +352,17 @@ def failure_message(status: str, t: float, h_abs: float, cfg: LoopConfig, solver
 
 
 def _whole_loop_applies(cfg: LoopConfig, y0: Tensor, k0: Tensor) -> bool:
-    """The compiled whole loop covers solves that record nothing: no graph, steps, events or per-step hooks."""
+    """The compiled whole loop covers solves that record no steps, events or per-step hooks, and no autograd graph
+    unless the plug-in is marked ``differentiable``."""
     if cfg.record or cfg.perturb or cfg.events or cfg.on_accept is not None or cfg.norm is not None:
         return False
     if cfg.accept_min_step or cfg.step_callbacks or cfg.on_attempt is not None or cfg.pause:
         return False
     if cfg.error_dims is not None or vmapped(y0):  # torch.func.vmap cannot enter a compiled while_loop
         return False
-    return not (torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad))
+    # A recorded graph: a loop plug-in marked `differentiable` joins its outputs to the graph itself.
+    return not (torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad)) or \
+        getattr(cfg.loop, "differentiable", False)
 
 
 def _run_compiled_loop(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[float],

@@ -77,6 +77,7 @@ from ..errors import InputError, SolveFailure
 from ..fields import check_derivative
 from ..solution import EVENT, Solution, check_differentiable
 from .common import GradientOptions, HiddenTensorGuard, first_order_only
+from .direct import finish_direct, start_direct
 
 # Longest segment backpropagated as one graph; longer ones are checkpointed again (recursively), so the
 # graph held at once stays this short however many steps the solve takes.
@@ -450,6 +451,15 @@ def _check_event_tensors(cfg: LoopConfig, y0: Tensor, t0: float, params: list[Te
 def solve_checkpoint(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg: LoopConfig,
                      on_failure: str, gopts: GradientOptions) -> Solution:
     """gradient="checkpoint": see the module docstring."""
+    if _compiled_training(func, cfg, gopts):
+        # compile=True: the compiled training step (the whole loop compiled, steps kept, a compiled backward; the
+        # same discrete gradient) where it runs; its kept steps are a few numbers per step (small states only).
+        term, y0_flat, f0, times = start_direct(func, y0, t, cfg)
+        res = integrate(term, solver, y0_flat, f0, times, replace(cfg, loop_only=True))
+        if res is not None:
+            sol = finish_direct(res, term, solver, cfg, y0, t, on_failure)
+            sol.stats["gradient"] = "checkpoint"
+            return sol
     setup = _Setup(func, solver, cfg, on_failure, gopts, y0.shape)
     setup.t = t
     setup.times = t.detach().cpu().tolist()
@@ -463,3 +473,15 @@ def solve_checkpoint(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg
             sol.event_t, sol.y_final = sol.events.t[-1], ev_y[-1]
     sol.stats["gradient"] = "checkpoint"
     return sol
+
+
+def _compiled_training(func: Callable, cfg: LoopConfig, gopts: GradientOptions) -> bool:
+    """Whether a compiled whole loop that records a graph (``cfg.loop.differentiable``) may stand in for the
+    checkpointed replay: grad mode on, no events or dense output, and the tensors differentiated are the field's
+    own parameters (the compiled backward differentiates all of them)."""
+    if not (getattr(cfg.loop, "differentiable", False) and torch.is_grad_enabled()) or cfg.events or cfg.record:
+        return False
+    if not isinstance(func, torch.nn.Module):
+        return False
+    own = {id(p) for p in func.parameters() if p.requires_grad}
+    return {id(p) for p in gopts.params} == own

@@ -1,0 +1,124 @@
+"""Compiled training steps (``compile=True`` with an autograd graph, ``neurodyn.compile.train``): the whole loop
+compiled forward and backward gives the gradient of ``gradient="direct"`` without compiling (to rounding) and of
+finite differences; where it does not apply (captured tensors, random draws, more steps than kept) the solve
+steps in Python with the same gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import neurodyn
+from neurodyn.compile import policy, train
+
+
+class Field(nn.Module):
+    def __init__(self, hidden: int = 8, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.l1, self.l2 = nn.Linear(2, hidden).double(), nn.Linear(hidden, 2).double()
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 - 1)
+
+    def forward(self, t, y):
+        return self.l2(torch.tanh(self.l1(y))) - 0.1 * y
+
+
+def _grads(field, enc, x, t, compile, **kw):
+    field.zero_grad()
+    enc.zero_grad()
+    x.grad = None
+    y0 = enc(x)  # y0 behind a graph of its own (an encoder): the gradient goes through it
+    sol = neurodyn.solve(field, y0, t, rtol=1e-8, atol=1e-10, compile=compile, **kw)
+    loss = sol.ys.pow(2).sum() + sol.ys[-1, 0, 1] * 0.5
+    loss.backward()
+    return sol, [x.grad.clone(), *(p.grad.clone() for p in (*field.parameters(), *enc.parameters()))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gradient", ["direct", "checkpoint"])
+def test_compiled_training_step_matches_eager_direct_and_finite_differences(monkeypatch, gradient):
+    monkeypatch.setattr(policy, "FORCE", "compiled")  # the path, not whether compiling pays here
+    field, enc = Field(), nn.Linear(2, 2).double()
+    x = torch.tensor([[0.4, -0.7]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.3, 1.0, 1.7, 2.5], dtype=torch.float64)
+    ref_sol, ref = _grads(field, enc, x, t, False)
+    sol, got = _grads(field, enc, x, t, True, gradient=gradient)
+    assert sol.stats["compiled"] == "loop" and sol.stats["gradient"] == gradient
+    assert sol.stats["steps"] == ref_sol.stats["steps"]
+    torch.testing.assert_close(sol.ys, ref_sol.ys, rtol=0, atol=1e-13)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+    # Finite differences of the same discrete solve (fixed steps: the step sizes do not move with the parameter).
+    w = field.l1.weight
+    sol_fixed, g_fixed = _grads(field, enc, x, t, True, gradient=gradient, method="rk4", step_size=0.05)
+    assert sol_fixed.stats["compiled"] == "loop"
+    _, g_fixed_eager = _grads(field, enc, x, t, False, method="rk4", step_size=0.05)
+    for a, b in zip(g_fixed, g_fixed_eager):  # rk4: not FSAL, Hermite dense output
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+    eps = 1e-6
+    with torch.no_grad():
+        def loss():
+            ys = neurodyn.solve(field, enc(x), t, method="rk4", step_size=0.05).ys
+            return float(ys.pow(2).sum() + ys[-1, 0, 1] * 0.5)
+        w0 = w[0, 1].item()
+        w[0, 1] = w0 + eps
+        up = loss()
+        w[0, 1] = w0 - eps
+        down = loss()
+        w[0, 1] = w0
+    fd = (up - down) / (2 * eps)
+    assert abs(g_fixed[1][0, 1].item() - fd) <= 1e-7 * max(1.0, abs(fd))
+    # Cached: a second step compiles nothing and gives the same gradient.
+    sol2, got2 = _grads(field, enc, x, t, True, gradient=gradient)
+    assert sol2.stats["compiled"] == "loop"
+    for a, b in zip(got2, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_only_the_fields_own_tensors_may_need_gradients():
+    field = Field()
+    y0 = torch.tensor([[0.1, 0.2]], dtype=torch.float64, requires_grad=True)
+    t0 = torch.zeros((), dtype=torch.float64)
+    assert train.own_tensors_only(field, y0, field(t0, y0))
+    # y0 behind an encoder: the encoder's weights are not the field's, and are not walked.
+    enc = nn.Linear(2, 2).double()
+    y_enc = enc(y0)
+    assert train.own_tensors_only(field, y_enc, field(t0, y_enc))
+    # A captured tensor requiring grad: the compiled backward would miss it.
+    scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    assert not train.own_tensors_only(field, y0, field(t0, y0) * scale)
+    assert train.capacity({}, ("k",), field, y0, field(t0, y0) * scale) is None
+    assert train.capacity({}, ("k",), lambda t, y: -y, y0, -y0) is None  # not a module: no named tensors
+
+
+def test_capacity_grows_past_a_solve_that_took_more_steps():
+    per_func: dict = {}
+    field = Field()
+    y0 = torch.tensor([[0.1, 0.2]], dtype=torch.float64)
+    k0 = field(torch.zeros((), dtype=torch.float64), y0)
+    assert train.capacity(per_func, ("k",), field, y0, k0) == train.FIRST_CAPACITY
+    train.grow(per_func, ("k",), train.FIRST_CAPACITY + 1)
+    assert train.capacity(per_func, ("k",), field, y0, k0) == 4 * train.FIRST_CAPACITY
+    big = torch.zeros(1, train.MAX_RECORD_ELEMENTS // 8)  # too large a state to keep 1024 steps of
+    assert train.capacity(per_func, ("k",), field, big, k0) is None
+
+
+class Noisy(Field):
+    def forward(self, t, y):
+        return super().forward(t, y) + 1e-3 * torch.randn_like(y)
+
+
+@pytest.mark.slow
+def test_random_draws_and_captured_tensors_step_in_python(monkeypatch):
+    monkeypatch.setattr(policy, "FORCE", "compiled")
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    y0 = torch.tensor([[0.4, -0.7]], dtype=torch.float64)
+    noisy = Noisy()
+    sol = neurodyn.solve(noisy, y0, t, compile=True)
+    sol.ys.sum().backward()
+    assert sol.stats["compiled"] == "step"  # the recorded forward drew random numbers: not replayable
+    sol = neurodyn.solve(noisy, y0, t, compile=True)
+    assert sol.stats["compiled"] == "step"  # remembered: not recorded again
