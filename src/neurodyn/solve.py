@@ -474,8 +474,12 @@ def prepare(
         # Fixed-step method without a step size: step on the output grid (torchdiffeq's behaviour).
         step_list = step_list + t.detach().cpu().tolist()
     controller = controller or _default_controller(solver)
-    advance = loop = None
-    if compile:
+    advance = loop = row_step = None
+    if compile and per_sample_steps:
+        from .compile import plug_in_rows
+
+        row_step = plug_in_rows(solver, func, y0)
+    elif compile:
         from .compile import plug_in
 
         advance, loop = plug_in(solver, func, y0, t.shape[-1], per_sample_steps, rtol=rtol_v, atol=atol_v,
@@ -489,7 +493,7 @@ def prepare(
         interp=interp, perturb=bool(perturb), events=event_list, max_events=int(max_events),
         min_event_gap=float(min_event_gap), accept_min_step=bool(accept_min_step),
         step_callbacks=dict(step_callbacks) if step_callbacks else None, on_attempt=on_attempt, advance=advance,
-        loop=loop,
+        loop=loop, row_step=row_step,
     )
     gopts = GradientOptions(params=[], adjoint_method=adjoint_method,
                             adjoint_rtol=None if adjoint_rtol is None else float(adjoint_rtol),

@@ -204,7 +204,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
                 for _ in range(len(dense_p[0]) - 1):
                     powers.append(powers[-1] * theta)
                 w = [sum(p[m] * powers[m] for m in range(len(p)) if p[m] != 0.0) for p in dense_p]
-                val = y + hy * _combo_cols(w, ks, y.dtype)
+                val = y + hy * combo_cols(w, ks, y.dtype)
             elif hermite:
                 val = interpolation.hermite(theta.to(y.dtype), y, y1, k1, f_end, hy)
             else:
@@ -259,7 +259,7 @@ def _pack(vals: list[Tensor]) -> Tensor:
     return out
 
 
-def _combo_cols(w: list[Tensor], ks: list[Tensor], dtype: torch.dtype) -> Tensor:
+def combo_cols(w: list[Tensor], ks: list[Tensor], dtype: torch.dtype) -> Tensor:
     """``sum_j w[j] * ks[j]`` with ``w[j]`` columns ``(m, 1)`` (float64) and ``ks[j]`` rows ``(1, n)``."""
     acc = None
     for wj, kj in zip(w, ks):
