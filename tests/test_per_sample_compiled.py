@@ -9,8 +9,16 @@ import torch
 from scipy.integrate import solve_ivp
 
 import neurodyn
+import neurodyn.compile.rows as compiled_rows
 
 F64 = torch.float64
+
+
+@pytest.fixture(params=["row-loop", "row-step"])
+def form(request, monkeypatch):
+    """Both compiled forms: the whole loop and one compiled attempt per step."""
+    monkeypatch.setattr(compiled_rows, "FORM", request.param.removeprefix("row-"))
+    return request.param
 
 
 def _decay(lam):
@@ -37,7 +45,7 @@ def _same_decisions(eager, comp, exact=True):
 
 
 @pytest.mark.slow
-def test_compiled_rows_match_closed_form_and_eager_with_many_outputs_per_step():
+def test_compiled_rows_match_closed_form_and_eager_with_many_outputs_per_step(form):
     """y' = -lam_i y on rows of stiffness 0.05..20 with per-row output grids dense enough that slow rows pass
     several outputs in one step (the eager dense output finishes those): each row against exp(-lam_i t), and the
     same decisions and outputs (to rounding) as the eager per-sample loop."""
@@ -46,7 +54,7 @@ def test_compiled_rows_match_closed_form_and_eager_with_many_outputs_per_step():
     t = torch.stack([torch.linspace(0, 2 + i, 41, dtype=F64) for i in range(4)])  # (B, T): a grid per row
     with torch.no_grad():
         eager, comp = _solve_both(_decay(lam), y0, t, rtol=1e-8, atol=1e-10)
-    assert comp.stats["compiled"] == "row-step" and "compiled" not in eager.stats
+    assert comp.stats["compiled"] == form and "compiled" not in eager.stats
     exact = torch.exp(-lam.view(1, -1, 1) * t.t().unsqueeze(-1)) * y0
     assert (comp.ys - exact).abs().max() < 1e-7
     _same_decisions(eager, comp)
@@ -56,10 +64,12 @@ def test_compiled_rows_match_closed_form_and_eager_with_many_outputs_per_step():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,dtype", [("dopri5", F64), ("tsit5", torch.float32), ("bosh3", F64)])
-def test_compiled_rows_match_scipy_van_der_pol(method, dtype):
+@pytest.mark.parametrize("method,dtype,which", [("dopri5", F64, "loop"), ("dopri5", F64, "step"),
+                                                ("tsit5", torch.float32, "loop"), ("bosh3", F64, "step")])
+def test_compiled_rows_match_scipy_van_der_pol(method, dtype, which, monkeypatch):
     """Van der Pol rows with mu from 0.5 to 15 against scipy Radau per row; equal decisions to the eager rows
     (tsit5 in float32; bosh3 has no dense output of its own: cubic Hermite)."""
+    monkeypatch.setattr(compiled_rows, "FORM", which)
     mu = torch.tensor([0.5, 2.0, 8.0, 15.0], dtype=dtype)
 
     def f(t, y):
@@ -71,7 +81,7 @@ def test_compiled_rows_match_scipy_van_der_pol(method, dtype):
     rtol = 1e-4 if dtype == torch.float32 else 1e-7
     with torch.no_grad():
         eager, comp = _solve_both(f, y0, t, method=method, rtol=rtol, atol=rtol * 1e-2)
-    assert comp.stats["compiled"] == "row-step"
+    assert comp.stats["compiled"] == "row-" + which
     ref = np.stack([solve_ivp(lambda tt, yy, m=float(m): [yy[1], m * (1 - yy[0] ** 2) * yy[1] - yy[0]], (0, 6),
                               [2.0, 0.0], method="Radau", rtol=1e-11, atol=1e-12, t_eval=t.double().numpy()).y.T
                     for m in mu], 1)
@@ -81,7 +91,7 @@ def test_compiled_rows_match_scipy_van_der_pol(method, dtype):
 
 
 @pytest.mark.slow
-def test_compiled_rows_failures_backward_time_and_max_steps():
+def test_compiled_rows_failures_backward_time_and_max_steps(form):
     """y' = y^2: the rows with y0 = 1, 2 blow up inside [0, 1.5] (at t = 1, 0.5) and stop with the eager loop's
     status and time while the others reach the end (y = y0 / (1 - y0 t)); backward in time for every row; max_steps
     stops every row that is left."""
@@ -106,7 +116,7 @@ def test_compiled_rows_failures_backward_time_and_max_steps():
     yb = torch.tensor([[1.0], [1.0]], dtype=F64)
     with torch.no_grad():
         eager, comp = _solve_both(_decay(lam), yb, tb, rtol=1e-9, atol=1e-12)
-    assert comp.stats["compiled"] == "row-step"
+    assert comp.stats["compiled"] == form
     _same_decisions(eager, comp)
     assert (comp.ys - torch.exp(lam.view(1, -1, 1) * (1 - tb.view(-1, 1, 1)))).abs().max() < 1e-7
     with torch.no_grad():
@@ -143,6 +153,8 @@ def test_compiled_rows_gradients_match_finite_differences(gradient):
 
     f.theta.grad = None
     sol = neurodyn.solve(f, y0, t, per_sample_steps=True, compile=True, rtol=1e-10, atol=1e-12, gradient=gradient)
+    # The direct gradient records the eager rows' graph; the adjoint's forward pass (no graph) runs compiled.
+    assert sol.stats.get("compiled") == (None if gradient == "direct" else "row-loop")
     sol.ys[-1].pow(2).sum().backward()
     g = f.theta.grad.clone()
     eps = 1e-6

@@ -54,7 +54,7 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # batch-1 state through a Linear layer) as fused loops rather than library GEMV calls; 256-bit vectors (the
 # state's short rows and the MLP's 64-wide layers run ~1.5x faster per evaluation than with 512-bit ones, which
 # Inductor picks by default where the CPU has them).
-_CPU_OPTIONS = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp.simdlen": 256}
+CPU_OPTIONS = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp.simdlen": 256}
 _FALLBACK = object()
 # Compiled variants of one loop (train()/eval(), say) before a field counts as changing its Python state every solve.
 _MAX_VARIANTS = 3
@@ -242,7 +242,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         counters = torch.cat([sv[[0, 1, 4, 5]], h_first.view(1), iv[[2, 3, 4, 0, 5]].double()])
         return z[2:], z[0:1], counters
 
-    options = _CPU_OPTIONS if device.type == "cpu" else None
+    options = CPU_OPTIONS if device.type == "cpu" else None
     own = own_code(run)
     compiled = torch.compile(own, options=options, fullgraph=True)
     compiled.code = own.__code__  # to count Dynamo's compiled entries (recompilations)

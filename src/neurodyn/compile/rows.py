@@ -30,14 +30,21 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .. import solution as _sol
 from ..core import interpolation
 from ..core.control import LANDING_SLACK, PIDController, rms_ratio, step_underflow_tensor
 from ..solvers.explicit_rk import ExplicitRungeKutta
-from .loop import combo_cols
+from .loop import CPU_MAX_OUTPUT_ELEMENTS, CPU_OPTIONS, combo_cols, module_state
 from .step import compiled_context, nonzero, own_code, stage_sum
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_FALLBACK = object()
+_FALLBACK, _LOOP_FALLBACK = object(), object()
+# Which compiled form runs: None (the whole loop where worthwhile_rows says so, else compiled attempts), "loop" or
+# "step" (tests and benchmarks).
+FORM: str | None = None
+# Status codes inside the graph.
+_NON_FINITE, _UNDERFLOW, _MAX_STEPS = (_sol.CODE[s] for s in (_sol.NON_FINITE, _sol.STEP_SIZE_UNDERFLOW,
+                                                               _sol.MAX_STEPS_REACHED))
 
 
 def supports(solver: ExplicitRungeKutta, dtype: torch.dtype) -> bool:
@@ -46,106 +53,194 @@ def supports(solver: ExplicitRungeKutta, dtype: torch.dtype) -> bool:
             and dtype in (torch.float32, torch.float64))
 
 
-def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], controller: PIDController,
-           d: float, m: int, device: torch.device) -> Callable:
-    tb = solver.tableau
-    s = solver.stages
-    c = [float(x) for x in tb.c]
-    a_rows = [nonzero(row) for row in tb.a]
-    b_row = nonzero(tb.b)
-    e_rows = [nonzero(r) for r in [tb.b_err] + ([tb.b_err_low] if tb.b_err_low is not None else [])]
-    last_is_y1 = solver.last_stage_is_y1
-    fsal = solver.fsal
-    dense_p = [[float(v) for v in row] for row in tb.dense] if tb.dense is not None else None
-    pid = PIDController.start(controller, solver.controller_order)  # the PID formula, as the eager rows
-    user_shape = tuple(shape)
-    b = shape[0]
-    n = max(1, math.prod(shape[1:]))
+class _Attempt:
+    """One attempted step of every row, traced into a compiled graph (the body of both compiled forms)."""
 
-    def passed(next_out: Tensor, t: Tensor) -> Tensor:
-        return next_out <= t if d > 0 else next_out >= t
+    def __init__(self, solver: ExplicitRungeKutta, controller: PIDController, shape: tuple[int, ...], d: float,
+                 m: int):
+        tb = solver.tableau
+        self.s = solver.stages
+        self.c = [float(x) for x in tb.c]
+        self.a_rows = [nonzero(row) for row in tb.a]
+        self.b_row = nonzero(tb.b)
+        self.e_rows = [nonzero(r) for r in [tb.b_err] + ([tb.b_err_low] if tb.b_err_low is not None else [])]
+        self.last_is_y1 = solver.last_stage_is_y1
+        self.fsal = solver.fsal
+        self.dense_p = [[float(v) for v in row] for row in tb.dense] if tb.dense is not None else None
+        self.pid = PIDController.start(controller, solver.controller_order)  # the PID formula, as the eager rows
+        self.b = shape[0]
+        self.n = max(1, math.prod(shape[1:]))
+        self.d, self.m = d, m
 
-    def row_step(sv: Tensor, yv: Tensor, iv: Tensor, times_flat: Tensor, rtol: Tensor, atol: Tensor, lim: Tensor):
-        # Packed (each tensor passed to or returned from the compiled graph costs its call a handle): sv (7, B)
-        # float64 [t, |h|, t_stop, prev, prev2, ratio, h]; yv (3, B, n) [y, k1, outputs]; iv (6, B) int64
-        # [out_slot, steps, attempts, write_at, stuck, need_more] (see RowPack).
-        rdt = yv.dtype
+    def passed(self, t_out: Tensor, t: Tensor) -> Tensor:
+        """Output times at or behind ``t`` (in the direction of integration)."""
+        return t_out <= t if self.d > 0 else t_out >= t
+
+    def __call__(self, f: Callable, t: Tensor, h_abs: Tensor, t_stop: Tensor, prev: Tensor, prev2: Tensor, y: Tensor,
+                 k1: Tensor, rtol: Tensor, atol: Tensor, lim: Tensor) -> dict[str, Tensor]:
+        b, s = self.b, self.s
+        rdt = y.dtype
         eps = torch.finfo(rdt).eps
         min_step, max_step = lim[0], lim[1]
-        t, h_abs, t_stop, prev, prev2 = sv[0], sv[1], sv[2], sv[3].to(rdt), sv[4].to(rdt)
-        y, k1 = yv[0], yv[1]
-        out_slot, steps, attempts = iv[0], iv[1], iv[2]
-
-        def f(tt: Tensor, yy: Tensor) -> Tensor:
-            return func(tt.to(rdt), yy.view(user_shape)).reshape(b, n)
-
         # Landing on each row's end time (control.LANDING_SLACK), as the eager loop.
         rem = (t_stop - t).abs()
         land = rem <= h_abs * LANDING_SLACK
         hp = torch.where(land, rem, h_abs)
-        h = hp if d > 0 else -hp
+        h = hp if self.d > 0 else -hp
         t1 = torch.where(land, t_stop, t + h)
         act = rem > 0
         hy = h.to(rdt).view(b, 1)
         ks = [k1]
         yi = y
         for i in range(1, s):
-            yi = y + hy * stage_sum(ks, a_rows[i]) if a_rows[i] else y
-            ks.append(f(t + c[i] * h, yi))
-        y1 = yi if last_is_y1 else y + hy * stage_sum(ks, b_row)
-        err = torch.stack([stage_sum(ks, r) for r in e_rows]) * hy
-        if m < n:
+            yi = y + hy * stage_sum(ks, self.a_rows[i]) if self.a_rows[i] else y
+            ks.append(f(t + self.c[i] * h, yi))
+        y1 = yi if self.last_is_y1 else y + hy * stage_sum(ks, self.b_row)
+        err = torch.stack([stage_sum(ks, r) for r in self.e_rows]) * hy
+        m = self.m
+        if m < self.n:
             ratio = rms_ratio(err[..., :m], y[:, :m], y1[:, :m], rtol, atol)
         else:
             ratio = rms_ratio(err, y, y1, rtol, atol)
         accept = (ratio <= 1.0) & act
-        f_last = ks[-1] if fsal else f(t1, y1)
+        f_last = ks[-1] if self.fsal else f(t1, y1)
         acc_col = accept.view(b, 1)
-        y_new = torch.where(acc_col, y1, y)
-        k_new = torch.where(acc_col, f_last, k1)
         t_new = torch.where(accept, t1, t)
-        steps = steps + accept
-        attempts = attempts + act
         still = t_new != t_stop
         # The controller, per row (control.ControllerState.propose_tensor), with the min/max step rules.
-        h_new, prev, prev2 = pid.propose_tensor(hp, ratio, accept, prev, prev2)
+        h_new, prev, prev2 = self.pid.propose_tensor(hp, ratio, accept, prev, prev2)
         h_new = torch.minimum(h_new, max_step)
         bump = (h_new < min_step) & ~accept & (hp > min_step)
         h_new = torch.where(bump, min_step, h_new)
         h_abs = torch.where(still, h_new, h_abs)
         stuck = (step_underflow_tensor(t_new, h_abs, eps) | (h_abs < min_step)) & still
-        # The first output inside each row's step (the method's dense output; cubic Hermite without one).
+        return dict(t=t_new, h_abs=h_abs, prev=prev, prev2=prev2, y=torch.where(acc_col, y1, y),
+                    k1=torch.where(acc_col, f_last, k1), accept=accept, act=act, still=still, stuck=stuck,
+                    ratio=ratio, h=h, hy=hy, y1=y1, ks=ks, f_last=f_last)
+
+    def dense(self, theta: Tensor, y: Tensor, y1: Tensor, k1: Tensor, f_last: Tensor, hy: Tensor,
+              ks: list[Tensor]) -> Tensor:
+        """The method's dense output (cubic Hermite without one) at fractions ``theta`` (``(..., B, 1)``, float64) of
+        each row's step."""
+        if self.dense_p is None:
+            return interpolation.hermite(theta.to(y.dtype), y, y1, k1, f_last, hy)
+        powers = [theta]
+        for _ in range(len(self.dense_p[0]) - 1):
+            powers.append(powers[-1] * theta)
+        w = [sum(p[j] * powers[j] for j in range(len(p)) if p[j] != 0.0) for p in self.dense_p]
+        return y + hy * combo_cols(w, ks, y.dtype)
+
+
+def _field(func: Callable, shape: tuple[int, ...], state: dict | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """``func`` on flat rows (times cast to the state's dtype), through ``functional_call`` where ``state`` holds
+    a module's tensors passed as inputs of the compiled loop."""
+    b = shape[0]
+
+    def f(tt: Tensor, yy: Tensor) -> Tensor:
+        args = (tt.to(yy.dtype), yy.view(shape))
+        out = func(*args) if state is None else torch.func.functional_call(func, state, args)
+        return out.reshape(b, -1)
+
+    return f
+
+
+def _build_step(att: _Attempt, func: Callable, shape: tuple[int, ...], device: torch.device) -> Callable:
+    b = att.b
+
+    def row_step(sv: Tensor, yv: Tensor, iv: Tensor, times_flat: Tensor, rtol: Tensor, atol: Tensor, lim: Tensor):
+        # Packed (each tensor passed to or returned from the compiled graph costs its call a handle): sv (7, B)
+        # float64 [t, |h|, t_stop, prev, prev2, ratio, h]; yv (3, B, n) [y, k1, outputs]; iv (6, B) int64
+        # [out_slot, steps, attempts, write_at, stuck, need_more] (see RowPack).
+        rdt = yv.dtype
+        t, y, k1, out_slot = sv[0], yv[0], yv[1], iv[0]
+        r = att(_field(func, shape, None), t, sv[1], sv[2], sv[3].to(rdt), sv[4].to(rdt), y, k1, rtol, atol, lim)
+        # The first output inside each row's step.
         next_out = times_flat[out_slot]
-        need = passed(next_out, t_new)
-        theta = ((next_out - t) / h).view(b, 1)
-        if dense_p is not None:
-            powers = [theta]
-            for _ in range(len(dense_p[0]) - 1):
-                powers.append(powers[-1] * theta)
-            w = [sum(p[j] * powers[j] for j in range(len(p)) if p[j] != 0.0) for p in dense_p]
-            vals = y + hy * combo_cols(w, ks, rdt)
-        else:
-            vals = interpolation.hermite(theta.to(rdt), y, y1, k1, f_last, hy)
+        need = att.passed(next_out, r["t"])
+        theta = ((next_out - t) / r["h"]).view(b, 1)
+        vals = att.dense(theta, y, r["y1"], k1, r["f_last"], r["hy"], r["ks"])
         trash = times_flat.shape[0] + torch.arange(b, device=t.device)  # the output buffer's last block
         write_at = torch.where(need, out_slot, trash)
         out_slot = out_slot + need * b
-        need_more = passed(times_flat[out_slot], t_new)
-        flags = torch.stack([still.any(), stuck.any(), need.any(), need_more.any()])
-        sv = torch.stack([t_new, h_abs, t_stop, prev.to(torch.float64), prev2.to(torch.float64),
-                          ratio.to(torch.float64), h])
-        yv = torch.stack([y_new, k_new, vals])
-        iv = torch.stack([out_slot, steps, attempts, write_at, stuck.long(), need_more.long()])
-        return sv, yv, iv, torch.stack([y1, *ks, f_last]), flags
+        need_more = att.passed(times_flat[out_slot], r["t"])
+        flags = torch.stack([r["still"].any(), r["stuck"].any(), need.any(), need_more.any()])
+        sv = torch.stack([r["t"], r["h_abs"], sv[2], r["prev"].to(torch.float64), r["prev2"].to(torch.float64),
+                          r["ratio"].to(torch.float64), r["h"]])
+        yv = torch.stack([r["y"], r["k1"], vals])
+        iv = torch.stack([out_slot, iv[1] + r["accept"], iv[2] + r["act"], write_at, r["stuck"].long(),
+                          need_more.long()])
+        return sv, yv, iv, torch.stack([r["y1"], *r["ks"], r["f_last"]]), flags
 
     options = {"cpp_wrapper": True} if device.type == "cpu" else None
     return torch.compile(own_code(row_step), options=options, fullgraph=True)
 
 
+def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: torch.device) -> Callable:
+    state_names = list(module_state(func)) if isinstance(func, torch.nn.Module) else None
+
+    def run(sv: Tensor, yv: Tensor, iv: Tensor, ys: Tensor, cv: Tensor, times_flat: Tensor, rtol: Tensor,
+            atol: Tensor, lim: Tensor, *tensors: Tensor):
+        # Carried: sv (7, B) float64 as RowPack's; yv (3, B, n) [y, k1, -]; iv (6, B) int64 [output slot, steps,
+        # attempts, status, -, -]; ys ((T + 1) B, n) the output buffer (core.rows._Frame's layout: its last block
+        # takes the writes of rows with nothing to write); cv int64 [iterations, done, max_steps]. times_flat (T B,):
+        # the output times by slot (the last: the end time's sentinel, never interpolated).
+        state = dict(zip(state_names, tensors)) if state_names is not None else None
+        f = _field(func, shape, state)
+        b = att.b
+        rows = torch.arange(b, device=ys.device)
+        trash = times_flat.shape[0] + rows
+
+        def cond(sv, yv, iv, ys, cv):
+            return cv[1] == 0
+
+        def body(sv, yv, iv, ys, cv):
+            rdt = yv.dtype
+            # (Copies: views of one carried tensor would alias as inputs of the inner loop below.)
+            t, y, k1, status = sv[0].clone(), yv[0].clone(), yv[1].clone(), iv[3]
+            r = att(f, t, sv[1], sv[2], sv[3].to(rdt), sv[4].to(rdt), y, k1, rtol, atol, lim)
+            t_new = r["t"]
+
+            def write_next(ys, slot):
+                # The next output of every row whose step passed it (the method's dense output). (The step's tensors
+                # enter the inner loop as inputs, which must not alias: hy is made here from h.)
+                next_out = times_flat[slot]
+                need = att.passed(next_out, t_new)
+                h = r["h"]
+                theta = ((next_out - t) / h).view(b, 1)
+                vals = att.dense(theta, y, r["y1"], k1, r["f_last"], h.to(rdt).view(b, 1), r["ks"])
+                return ys.index_copy(0, torch.where(need, slot, trash), vals), slot + need * b
+
+            def more(ys, slot):
+                return att.passed(times_flat[slot], t_new).any()
+
+            # One output per row and attempt in the graph; a loop for the rare rows with several in one step.
+            ys, slot = torch._higher_order_ops.while_loop(more, write_next, write_next(ys, iv[0]))
+            stuck = r["stuck"]
+            status = torch.where(stuck, torch.where(torch.isfinite(r["ratio"]), _UNDERFLOW, _NON_FINITE), status)
+            t_stop = torch.where(stuck, t_new, sv[2])
+            still = r["still"] & ~stuck
+            it = cv[0] + 1
+            out_of_budget = (it >= cv[2]) & still.any()
+            status = torch.where(still & out_of_budget, _MAX_STEPS, status)
+            done = (~still.any()) | out_of_budget
+            sv = torch.stack([t_new, r["h_abs"], t_stop, r["prev"].to(torch.float64), r["prev2"].to(torch.float64),
+                              r["ratio"].to(torch.float64), r["h"]])
+            yv = torch.stack([r["y"], r["k1"], yv[2]])
+            iv = torch.stack([slot, iv[1] + r["accept"], iv[2] + r["act"], status, iv[4], iv[5]])
+            cv = torch.stack([it, done.long(), cv[2]])
+            return sv, yv, iv, ys, cv
+
+        return torch._higher_order_ops.while_loop(cond, body, (sv, yv, iv, ys, cv))
+
+    options = CPU_OPTIONS if device.type == "cpu" else None
+    return torch.compile(own_code(run), options=options, fullgraph=True)
+
+
 class CompiledRows:
     """The plug-in :func:`neurodyn.core.rows.integrate_rows` receives as ``LoopConfig.row_step``.
 
-    ``bind(solver, controller, dtype, device, d, m, rtol, atol)`` returns a :class:`RowPack` (one compiled attempt
-    on the packed loop state) or None where the row step is not compiled for that solve."""
+    ``bind(solver, controller, dtype, device, d, m, rtol, atol, n_times)`` returns a :class:`RowPack` (the compiled
+    forms for that solve) or None where the row step is not compiled for it."""
 
     def __init__(self, func: Callable, shape: tuple[int, ...]):
         self.func, self.shape = func, shape
@@ -154,28 +249,43 @@ class CompiledRows:
         except TypeError:  # not weak-referenceable: cache on nothing (compiles per solve)
             self.per_func = {}
 
-    context = compiled_context
-
     def bind(self, solver: ExplicitRungeKutta, controller: PIDController, dtype: torch.dtype, device: torch.device,
-             d: float, m: int, rtol: Tensor, atol: Tensor) -> Callable | None:
+             d: float, m: int, rtol: Tensor, atol: Tensor, n_times: int) -> RowPack | None:
         if not supports(solver, dtype) or self.per_func.get(_FALLBACK):
             return None
         key = (solver.name, self.shape, dtype, device, d, m, tuple(rtol.shape), tuple(atol.shape),
                (controller.pcoeff, controller.icoeff, controller.dcoeff, controller.safety, controller.ifactor,
                 controller.dfactor, controller.accept_dfactor))
-        fn = self.per_func.get(key)
-        if fn is None:
-            fn = self.per_func[key] = _build(solver, self.func, self.shape, controller, d, m, device)
-        return RowPack(fn, self.per_func, solver.stages)
+        att = _Attempt(solver, controller, self.shape, d, m)
+        per_func, func, shape = self.per_func, self.func, self.shape
+        whole = worthwhile_rows(self.shape, n_times, device) and not per_func.get(_LOOP_FALLBACK)
+
+        def build(kind: str) -> Callable:
+            fn = per_func.get((kind, key, n_times if kind == "loop" else None))
+            if fn is None:
+                fn = _build_loop(att, func, shape, device) if kind == "loop" else _build_step(att, func, shape, device)
+                per_func[(kind, key, n_times if kind == "loop" else None)] = fn
+            return fn
+
+        return RowPack(build, per_func, whole, module_state(func))
+
+
+def worthwhile_rows(shape: tuple[int, ...], n_times: int, device: torch.device) -> bool:
+    """Whether the whole per-sample loop is compiled (else one compiled attempt per step; :data:`FORM` overrides):
+    its output buffer ``((T + 1) B, n)`` is carried through the loop (copied each attempt), so on the CPU only where
+    ``B n T`` is at most :data:`neurodyn.compile.loop.CPU_MAX_OUTPUT_ELEMENTS` (as the compiled whole loop)."""
+    if FORM is not None:
+        return FORM == "loop"
+    return device.type != "cpu" or math.prod(shape) * n_times <= CPU_MAX_OUTPUT_ELEMENTS
 
 
 class RowPack:
-    """One solve's compiled attempt on the packed loop state ``(sv, yv, iv)`` (see :func:`_build`), with the
-    accessors :func:`neurodyn.core.rows.integrate_rows` reads; ``aux`` (``[y1, stages..., f_last]``, ``(s + 2, B, n)``)
-    is what the eager dense output needs for the rare second output inside a step."""
+    """One solve's compiled forms: :meth:`loop` (the whole loop, where it pays) and ``__call__`` (one attempt) on the
+    packed loop state ``(sv, yv, iv)`` (layouts: :func:`_build_step`, :func:`_build_loop`)."""
 
-    def __init__(self, fn: Callable, per_func: dict, stages: int):
-        self.fn, self.per_func, self.s = fn, per_func, stages
+    def __init__(self, build: Callable[[str], Callable], per_func: dict, whole: bool, state: dict[str, Tensor]):
+        self.build, self.per_func, self.whole, self.state = build, per_func, whole, state
+        self.fn = None
 
     @staticmethod
     def pack(t: Tensor, y: Tensor, k1: Tensor, h_abs: Tensor, t_stop: Tensor, prev: Tensor, prev2: Tensor,
@@ -186,11 +296,35 @@ class RowPack:
         return (torch.stack([t, h_abs, t_stop, prev.to(torch.float64), prev2.to(torch.float64), z, z]),
                 torch.stack([y, k1, torch.zeros_like(y)]), torch.stack([out_slot, steps, attempts, zi, zi, zi]))
 
+    def loop(self, packed: tuple[Tensor, Tensor, Tensor], status: Tensor, ys: Tensor, times_flat: Tensor,
+             rtol: Tensor, atol: Tensor, lim: Tensor, max_steps: int):
+        """The whole loop from the packed state and the rows' ``status``; ``ys``: the output buffer (written in place
+        of the returned one); ``times_flat``: the output times by slot. Returns ``(sv, yv, iv, ys, cv)`` (``iv[0]``
+        each row's next output slot, ``iv[3]`` the statuses, ``cv[0]`` the attempts made), or None where it
+        is not used (``B n T`` too large) or could not be compiled (warned once; compiled attempts then)."""
+        if not self.whole:
+            return None
+        sv, yv, iv = packed
+        iv = iv.clone()
+        iv[3] = status
+        cv = torch.tensor([0, 0, max_steps], dtype=torch.long, device=ys.device)
+        try:
+            with compiled_context():
+                return self.build("loop")(sv, yv, iv, ys, cv, times_flat, rtol, atol, lim, *self.state.values())
+        except Exception as exc:  # compilation failed: compiled attempts from now on, for this field
+            self.per_func[_LOOP_FALLBACK] = True
+            warnings.warn(f"compile=True: the per-sample loop could not be compiled as a whole ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); running compiled row steps.",
+                          RuntimeWarning, stacklevel=4)
+            return None
+
     def __call__(self, sv: Tensor, yv: Tensor, iv: Tensor, times_flat: Tensor, rtol: Tensor, atol: Tensor,
                  lim: Tensor):
         """One attempt: ``(sv, yv, iv, aux, flags)`` (flags: any row continues, any stuck, any output written, any
         second output pending), or None where the compilation failed (warned once; eager attempts from then on)."""
         try:
+            if self.fn is None:
+                self.fn = self.build("step")
             with compiled_context():
                 return self.fn(sv, yv, iv, times_flat, rtol, atol, lim)
         except Exception as exc:  # compilation failed: eager row steps from now on, for this field

@@ -47,7 +47,8 @@ class LoopConfig:
     # The whole loop compiled (compile=True; compiled_loop.compiled_loop), used where it applies.
     loop: Callable[..., Any] | None = None
     # The per-sample attempt compiled (compile=True with per_sample_steps; compile.rows.CompiledRows):
-    # row_step.bind(solver, controller, dtype, device, direction, error_dims, rtol, atol) -> a step or None.
+    # row_step.bind(solver, controller, dtype, device, direction, error_dims, rtol, atol, n_times) -> the
+    # compiled forms (a whole loop, one attempt) or None.
     row_step: Any = None
     # torchdiffeq's min_step: steps are never proposed below min_step, and a step of at most min_step is accepted
     # whatever its (finite) error. False: a step that must shrink below min_step is a StepSizeUnderflow.

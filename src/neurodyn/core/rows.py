@@ -119,7 +119,7 @@ class RowsResult:
     nfe: int  # vector-field calls (each on the whole batch)
     first_step: Tensor  # (B,) float64
     next_step: Tensor  # (B,) float64: the controller's proposal after the last step (to continue from)
-    compiled: bool = False  # the attempts ran compiled (LoopConfig.row_step)
+    compiled: str | None = None  # "row-step" / "row-loop": the attempts ran compiled (LoopConfig.row_step)
 
 
 class _Frame:
@@ -273,13 +273,21 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
     # the plug-in keeps the state packed as (sv, yv, iv) (layout: compile.rows.RowPack) while it runs.
     fast = packed = None
     if cfg.row_step is not None and not grad and hooks is None and log is None and events is None and sign is None:
-        fast = cfg.row_step.bind(solver, cfg.controller, y0.dtype, dev, d, m, rtol_t, atol_t)
+        fast = cfg.row_step.bind(solver, cfg.controller, y0.dtype, dev, d, m, rtol_t, atol_t, fr.n_out)
         if fast is not None:
             lim = torch.tensor([min_step, max_step], dtype=torch.float64, device=dev)
             packed = fast.pack(t_cur, y, k1, h_abs, t_stop, prev, prev2, out_slot, steps, attempts)
-    compiled = False
+    compiled = None
     it = 0
-    while True:
+    if packed is not None:  # the whole loop compiled, where the plug-in runs it
+        whole = fast.loop(packed, status, ys_buf, fr.times_flat, rtol_t, atol_t, lim, cfg.max_steps)
+        if whole is not None:
+            sv, yv, iv, ys_buf, cv = whole
+            status = iv[3]
+            packed = (sv, yv, iv)
+            nfe += int(cv[0]) * (s_new if fsal else s_new + 1)
+            compiled = "row-loop"
+    while compiled != "row-loop":
         out = None
         if packed is not None:
             out = fast(*packed, fr.times_flat, rtol_t, atol_t, lim)
@@ -291,7 +299,7 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
                 next_out = fr.times_flat.take(out_slot)
                 packed = None
         if out is not None:
-            compiled = True
+            compiled = "row-step"
             sv, yv, iv, aux, flags = out
             nfe += s_new if fsal else s_new + 1
             cont, any_stuck, any_need, any_more = flags.tolist()
@@ -539,7 +547,7 @@ def make_solution(res: RowsResult, t: Tensor, shape: torch.Size, method: str, on
         "gradient": gradient,
     }
     if res.compiled:
-        stats["compiled"] = "row-step"
+        stats["compiled"] = res.compiled
     message = overall if not failed else (
         f"{len(failed)} of {b_rows} samples failed (first: sample {failed[0]}, {codes[failed[0]]} at "
         f"t={float(res.t[failed[0]]):.6g}); see sol.sample_status and sol.t_final_per_sample. Loosen rtol/atol, "
