@@ -252,7 +252,11 @@ def solve(
         mode, and ``stats["compile_reason"]`` gives it with the measured times (see ``neurodyn.compile.policy``).
         Python side effects in ``func`` (counters, prints) run when it is traced, not per evaluation, and a few
         times more on the first solve (the timing). Falls back to Python stepping with a warning where compilation
-        fails. Not used with a custom ``norm``.
+        fails. Not used with a custom ``norm``. With ``per_sample_steps=True`` (explicit Runge--Kutta methods without
+        extra dense-output stages, float32/float64 states, no graph recorded, no events, every row in one
+        direction of time) the per-sample loop is compiled (``neurodyn.compile.rows``): as a whole where
+        ``y0.numel() * len(t) <= 32768`` on the CPU (``stats["compiled"] == "row-loop"``), else one compiled
+        attempt per step (``"row-step"``); not timed against eager. Elsewhere the eager per-sample loop runs.
 
     Returns
     -------
