@@ -176,3 +176,27 @@ def test_compiled_rows_unsupported_method_warns_and_runs_eagerly():
     assert "compiled" not in sol.stats
     assert torch.allclose(sol.ys, torch.exp(-t).view(3, 1, 1) * y0, rtol=1e-7, atol=0)
     assert math.isclose(float(sol.ys[-1, 0, 0]), math.exp(-1), rel_tol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_rows_give_up_on_a_field_with_python_side_effects():
+    """A field that increments a Python counter cannot run inside the compiled loop and would recompile the compiled
+    attempt at every call: compile=True warns for both and runs the eager rows (exact: the closed form exp(-t)), and
+    later solves of that field do not try again."""
+    calls = [0]
+
+    def f(t, y):
+        calls[0] += 1
+        return -y
+
+    y0 = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=F64)
+    t = torch.linspace(0, 1, 5, dtype=F64)
+    with torch.no_grad(), pytest.warns(RuntimeWarning) as rec:
+        sol = neurodyn.solve(f, y0, t, per_sample_steps=True, compile=True, rtol=1e-9, atol=1e-11)
+    text = " ".join(str(w.message) for w in rec)
+    assert "could not be compiled as a whole" in text and "compiled again at every attempt" in text
+    assert torch.allclose(sol.ys, torch.exp(-t).view(-1, 1, 1) * y0, rtol=1e-7, atol=0)
+    with torch.no_grad():
+        again = neurodyn.solve(f, y0, t, per_sample_steps=True, compile=True, rtol=1e-9, atol=1e-11)
+    assert "compiled" not in again.stats
+    assert torch.equal(again.ys, neurodyn.solve(f, y0, t, per_sample_steps=True, rtol=1e-9, atol=1e-11).ys)

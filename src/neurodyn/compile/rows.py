@@ -37,6 +37,12 @@ from ..solvers.explicit_rk import ExplicitRungeKutta
 from .loop import CPU_MAX_OUTPUT_ELEMENTS, CPU_OPTIONS, combo_cols, module_state
 from .step import compiled_context, nonzero, own_code, stage_sum
 
+try:  # Dynamo's compiled entries of a code object (to notice recompilations); private, so optional
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list as _entries
+except ImportError:  # another torch: recompilations go unnoticed (each solve still correct)
+    def _entries(code) -> list:
+        return []
+
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FALLBACK, _LOOP_FALLBACK = object(), object()
 # Which compiled form runs: None (the whole loop where worthwhile_rows says so, else compiled attempts), "loop" or
@@ -172,7 +178,10 @@ def _build_step(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
         return sv, yv, iv, torch.stack([r["y1"], *r["ks"], r["f_last"]]), flags
 
     options = {"cpp_wrapper": True} if device.type == "cpu" else None
-    return torch.compile(own_code(row_step), options=options, fullgraph=True)
+    own = own_code(row_step)
+    compiled = torch.compile(own, options=options, fullgraph=True)
+    compiled.code = own.__code__  # to count Dynamo's compiled entries (recompilations)
+    return compiled
 
 
 def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: torch.device) -> Callable:
@@ -286,6 +295,8 @@ class RowPack:
     def __init__(self, build: Callable[[str], Callable], per_func: dict, whole: bool, state: dict[str, Tensor]):
         self.build, self.per_func, self.whole, self.state = build, per_func, whole, state
         self.fn = None
+        self.calls = 0
+        self.entries = 0
 
     @staticmethod
     def pack(t: Tensor, y: Tensor, k1: Tensor, h_abs: Tensor, t_stop: Tensor, prev: Tensor, prev2: Tensor,
@@ -326,10 +337,23 @@ class RowPack:
             if self.fn is None:
                 self.fn = self.build("step")
             with compiled_context():
-                return self.fn(sv, yv, iv, times_flat, rtol, atol, lim)
+                out = self.fn(sv, yv, iv, times_flat, rtol, atol, lim)
         except Exception as exc:  # compilation failed: eager row steps from now on, for this field
-            self.per_func[_FALLBACK] = True
-            warnings.warn(f"compile=True: the per-sample row step could not be compiled ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}); running eager row steps.",
-                          RuntimeWarning, stacklevel=4)
-            return None
+            return self._give_up(f"could not be compiled ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''})")
+        # A field whose Python state changes at every call (a counter it increments, say) compiles the step again at
+        # every attempt: noticed on the second attempt of a solve.
+        self.calls += 1
+        if self.calls <= 2:
+            entries = len(_entries(self.fn.code))
+            if self.calls == 2 and entries > self.entries:
+                return self._give_up("was compiled again at every attempt because Python state of the vector field "
+                                     "changes (a counter or list it updates: sol.stats['nfe'] counts evaluations)")
+            self.entries = entries
+        return out
+
+    def _give_up(self, why: str) -> None:
+        self.per_func[_FALLBACK] = True
+        warnings.warn(f"compile=True: the per-sample row step {why}; running eager row steps (for this vector field).",
+                      RuntimeWarning, stacklevel=5)
+        return None
