@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     entries = dict([
         nd("neurodyn (one step size)"),
-        nd("neurodyn per_sample_steps"),
+        nd("neurodyn per_sample_steps", per_sample_steps=True),
         nd("neurodyn (one step size), compile=True", compile=True),
         nd("neurodyn per_sample_steps, compile=True", per_sample_steps=True, compile=True),
     ])
