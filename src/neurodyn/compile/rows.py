@@ -282,7 +282,16 @@ class CompiledRows:
 def worthwhile_rows(shape: tuple[int, ...], n_times: int, device: torch.device) -> bool:
     """Whether the whole per-sample loop is compiled (else one compiled attempt per step; :data:`FORM` overrides):
     its output buffer ``((T + 1) B, n)`` is carried through the loop (copied each attempt), so on the CPU only where
-    ``B n T`` is at most :data:`neurodyn.compile.loop.CPU_MAX_OUTPUT_ELEMENTS` (as the compiled whole loop)."""
+    ``B n T`` is at most :data:`neurodyn.compile.loop.CPU_MAX_OUTPUT_ELEMENTS` (as the compiled whole loop).
+
+    Examples
+    --------
+    >>> import torch
+    >>> worthwhile_rows((256, 2), 11, torch.device("cpu"))   # the Van der Pol batch: 5632 output elements
+    True
+    >>> worthwhile_rows((512, 64), 11, torch.device("cpu"))
+    False
+    """
     if FORM is not None:
         return FORM == "loop"
     return device.type != "cpu" or math.prod(shape) * n_times <= CPU_MAX_OUTPUT_ELEMENTS
