@@ -1,8 +1,9 @@
 """Per-sample stepping on a batch of 256 Van der Pol oscillators with mu from 1 to 25.
 
 Each oscillator is an independent 2-d problem; their stiffness differs by 25x. Compared in one run:
-neurodyn with one step size for the batch, neurodyn with ``per_sample_steps=True``, torchdiffeq (one
-step size), torchode (per-sample steps by design). dopri5, rtol 1e-5, atol 1e-7, t in [0, 10] with 11
+neurodyn with one step size for the batch, neurodyn with ``per_sample_steps=True``, both also with
+``compile=True`` (the compiled whole loop; for per-sample steps ``neurodyn.compile.rows``), torchdiffeq
+(one step size), torchode (per-sample steps by design). dopri5, rtol 1e-5, atol 1e-7, t in [0, 10] with 11
 outputs, float64, one thread; error against scipy Radau at rtol 1e-11 per oscillator.
 
 The entries run round-robin (one call of each per repeat), so a change in the machine's load hits them
@@ -49,19 +50,31 @@ def main(argv=None) -> int:
         solve_ivp(lambda tt, yy, m=float(m): [yy[1], m * (1 - yy[0] ** 2) * yy[1] - yy[0]], (0, 10), [2.0, 0.0],
                   method="Radau", rtol=1e-11, atol=1e-12, t_eval=t.numpy()).y.T for m in mu])).transpose(0, 1)
 
-    def nd(**kw):
+    def vdp_bare(t, y):  # for compile=True: a compiled loop cannot run the counter (NFE from sol.stats)
+        x, v = y[..., 0], y[..., 1]
+        return torch.stack([v, mu * (1 - x * x) * v - x], -1)
+
+    reported_nfe = {}
+
+    def nd(name, **kw):
+        field = vdp_bare if kw.get("compile") else vdp
+
         def run():
-            sol = neurodyn.solve(vdp, y0, t, rtol=RTOL, atol=ATOL, **kw)
+            sol = neurodyn.solve(field, y0, t, rtol=RTOL, atol=ATOL, **kw)
             st = sol.stats
+            if kw.get("compile"):
+                reported_nfe[name] = st["nfe"]
             if st.get("per_sample"):  # the loop runs as long as the row with the most attempts
                 return sol.ys, int((st["steps_per_sample"] + st["rejected_per_sample"]).max())
             return sol.ys, st["steps"] + st["rejected"]
-        return run
+        return name, run
 
-    entries = {
-        "neurodyn (one step size)": nd(),
-        "neurodyn per_sample_steps": nd(per_sample_steps=True),
-    }
+    entries = dict([
+        nd("neurodyn (one step size)"),
+        nd("neurodyn per_sample_steps", per_sample_steps=True),
+        nd("neurodyn (one step size), compile=True", compile=True),
+        nd("neurodyn per_sample_steps, compile=True", per_sample_steps=True, compile=True),
+    ])
     try:
         import torchdiffeq
 
@@ -110,7 +123,7 @@ def main(argv=None) -> int:
                 _, steps = fn()
                 walls[name].append(time.perf_counter() - w0)
                 cpus[name].append(time.process_time() - c0)
-                counts[name] = (calls[0], steps)
+                counts[name] = (reported_nfe.get(name, calls[0]), steps)
     base = statistics.median(walls["torchode (per-sample)"]) if "torchode (per-sample)" in walls else None
     base_cpu = statistics.median(cpus["torchode (per-sample)"]) if base else None
     print(f"Van der Pol batch: B={B}, mu in [1, 25], dopri5, rtol={RTOL}, atol={ATOL}, median of {args.repeats} "

@@ -320,11 +320,12 @@ def torchdyn_runner(prob: Problem, sensitivity: str = "autograd"):
     return run
 
 
-def neurodyn_per_sample_runner(prob: Problem, nd):
+def neurodyn_per_sample_runner(prob: Problem, nd, compile: bool = False):
     c = prob.case
 
     def run(f):
-        sol = nd.solve(f, prob.y0, prob.t, method="dopri5", rtol=c.rtol, atol=c.atol, per_sample_steps=True)
+        sol = nd.solve(f, prob.y0, prob.t, method="dopri5", rtol=c.rtol, atol=c.atol, per_sample_steps=True,
+                       compile=compile)
         return sol.ys, common._nfe_from_stats(sol.stats)
 
     return run
@@ -439,6 +440,9 @@ def forward_jobs(prob: Problem, ref: np.ndarray | None, libs: dict[str, Lib], gr
         elif name == "neurodyn-compiled":
             specs.append(("neurodyn compiled", name,
                           lambda: neurodyn_solve_runner(prob, "dopri5", nd.module, compile=True)))
+            if vdp:  # the compiled row step (compile.rows)
+                specs.append(("neurodyn compiled per_sample_steps", name,
+                              lambda: neurodyn_per_sample_runner(prob, nd.module, compile=True)))
         elif name == "torchdiffeq":
             specs.append((name, name, lambda: torchdiffeq_runner(prob, "dopri5")))
         elif name == "torchode":

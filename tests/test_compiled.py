@@ -87,14 +87,3 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
         warnings.simplefilter("error")
         again = neurodyn.solve(f, y0, t, method="dopri5", compile=True)
     assert torch.equal(again.ys, eager.ys)
-
-
-def test_compile_with_per_sample_steps_warns_and_runs_eagerly():
-    """compile=True cannot compile the per-sample row step: it says so instead of silently ignoring the flag, and
-    the result is the eager per-sample solve's (against the closed form exp(-t))."""
-    y0 = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
-    t = torch.linspace(0, 1, 3, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="compile=True has no effect here: per_sample_steps"):
-        sol = neurodyn.solve(lambda t, y: -y, y0, t, per_sample_steps=True, compile=True, rtol=1e-9, atol=1e-11)
-    assert "compiled" not in sol.stats
-    assert torch.allclose(sol.ys, torch.exp(-t).view(3, 1, 1) * y0, rtol=1e-7, atol=0)

@@ -257,7 +257,11 @@ def solve(
         mode, and ``stats["compile_reason"]`` gives it with the measured times (see ``neurodyn.compile.policy``).
         Python side effects in ``func`` (counters, prints) run when it is traced, not per evaluation, and a few
         times more on the first solve (the timing). Falls back to Python stepping with a warning where compilation
-        fails. Not used with a custom ``norm``.
+        fails. Not used with a custom ``norm``. With ``per_sample_steps=True`` (explicit Runge--Kutta methods without
+        extra dense-output stages, float32/float64 states, no graph recorded, no events, every row in one
+        direction of time) the per-sample loop is compiled (``neurodyn.compile.rows``): as a whole where
+        ``y0.numel() * len(t) <= 32768`` on the CPU (``stats["compiled"] == "row-loop"``), else one compiled
+        attempt per step (``"row-step"``); not timed against eager. Elsewhere the eager per-sample loop runs.
 
     Returns
     -------
@@ -511,8 +515,12 @@ def prepare(
         # Fixed-step method without a step size: step on the output grid (torchdiffeq's behaviour).
         step_list = step_list + t.detach().cpu().tolist()
     controller = controller or _default_controller(solver)
-    advance = loop = None
-    if compile:
+    advance = loop = row_step = None
+    if compile and per_sample_steps:
+        from .compile import plug_in_rows
+
+        row_step = plug_in_rows(solver, func, y0)
+    elif compile:
         from .compile import plug_in
 
         advance, loop = plug_in(solver, func, y0, t.shape[-1], per_sample_steps, rtol=rtol_v, atol=atol_v,
@@ -526,7 +534,7 @@ def prepare(
         interp=interp, perturb=bool(perturb), events=event_list, max_events=int(max_events),
         min_event_gap=float(min_event_gap), accept_min_step=bool(accept_min_step),
         step_callbacks=dict(step_callbacks) if step_callbacks else None, on_attempt=on_attempt, advance=advance,
-        loop=loop,
+        loop=loop, row_step=row_step,
     )
     gopts = GradientOptions(params=[], adjoint_method=adjoint_method,
                             adjoint_rtol=None if adjoint_rtol is None else float(adjoint_rtol),

@@ -54,7 +54,7 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # batch-1 state through a Linear layer) as fused loops rather than library GEMV calls; 256-bit vectors (the
 # state's short rows and the MLP's 64-wide layers run ~1.5x faster per evaluation than with 512-bit ones, which
 # Inductor picks by default where the CPU has them).
-_CPU_OPTIONS = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp.simdlen": 256}
+CPU_OPTIONS = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp.simdlen": 256}
 _FALLBACK = object()
 # Compiled variants of one loop (train()/eval(), say) before a field counts as changing its Python state every solve.
 _MAX_VARIANTS = 3
@@ -129,7 +129,7 @@ def dense_rows(plan: StepPlan, tz: Tensor, t: Tensor, t1: Tensor, h: Tensor, hy:
         for _ in range(len(dense_p[0]) - 1):
             powers.append(powers[-1] * theta)
         w = [sum(p[m] * powers[m] for m in range(len(p)) if p[m] != 0.0) for p in dense_p]
-        val = y + hy * _combo_cols(w, ks, y.dtype)
+        val = y + hy * combo_cols(w, ks, y.dtype)
     elif plan.hermite:
         val = interpolation.hermite(theta.to(y.dtype), y, y1, k1, f_end, hy)
     else:
@@ -287,7 +287,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         counters = torch.cat([sv[[0, 1, 4, 5]], h_first.view(1), iv[[2, 3, 4, 0, 5]].double()])
         return (z[2:], z[0:1], counters, *rec)
 
-    options = _CPU_OPTIONS if device.type == "cpu" else None
+    options = CPU_OPTIONS if device.type == "cpu" else None
     own = own_code(run)
     compiled = torch.compile(own, options=options, fullgraph=True)
     compiled.code = own.__code__  # to count Dynamo's compiled entries (recompilations)
@@ -304,7 +304,7 @@ def _pack(vals: list[Tensor]) -> Tensor:
     return out
 
 
-def _combo_cols(w: list[Tensor], ks: list[Tensor], dtype: torch.dtype) -> Tensor:
+def combo_cols(w: list[Tensor], ks: list[Tensor], dtype: torch.dtype) -> Tensor:
     """``sum_j w[j] * ks[j]`` with ``w[j]`` columns ``(m, 1)`` (float64) and ``ks[j]`` rows ``(1, n)``."""
     acc = None
     for wj, kj in zip(w, ks):

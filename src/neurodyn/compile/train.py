@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..solvers.explicit_rk import ExplicitRungeKutta
-from .loop import StepPlan, dense_rows, field_rows, module_state, rk_stages, vectorize_strided_loads
+from .loop import CPU_OPTIONS, StepPlan, dense_rows, field_rows, module_state, rk_stages, vectorize_strided_loads
 from .step import own_code
 
 # Accepted steps kept per solve at first; a solve that takes more is run again with compiled steps, and the next
@@ -39,7 +39,6 @@ FIRST_CAPACITY = 256
 # At most this many kept elements (capacity x (2n + 5)): the forward rewrites the whole record every attempt (one
 # elementwise select, static shapes), which for larger states costs more than the Python per step it saves.
 MAX_RECORD_ELEMENTS = 32768
-_CPU_OPTIONS = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp.simdlen": 256}
 
 
 def capacity(per_func: dict, base_key: tuple, func: Callable, y0: Tensor, k0: Tensor,
@@ -147,7 +146,7 @@ def build_backward(solver: ExplicitRungeKutta, func: torch.nn.Module, shape: tup
             grads[j] = gj
         return out[1], out[2], *grads
 
-    options = _CPU_OPTIONS if device.type == "cpu" else None
+    options = CPU_OPTIONS if device.type == "cpu" else None
     return torch.compile(own_code(run), options=options, fullgraph=True)
 
 

@@ -49,6 +49,10 @@ class LoopConfig:
     # integrate() returns None unless the whole compiled loop runs (a gradient method with a path of its own for
     # the other cases: gradient="checkpoint" with compile=True).
     loop_only: bool = False
+    # The per-sample attempt compiled (compile=True with per_sample_steps; compile.rows.CompiledRows):
+    # row_step.bind(solver, controller, dtype, device, direction, error_dims, rtol, atol, n_times) -> the
+    # compiled forms (a whole loop, one attempt) or None.
+    row_step: Any = None
     # torchdiffeq's min_step: steps are never proposed below min_step, and a step of at most min_step is accepted
     # whatever its (finite) error. False: a step that must shrink below min_step is a StepSizeUnderflow.
     accept_min_step: bool = False

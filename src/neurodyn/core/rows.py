@@ -119,6 +119,7 @@ class RowsResult:
     nfe: int  # vector-field calls (each on the whole batch)
     first_step: Tensor  # (B,) float64
     next_step: Tensor  # (B,) float64: the controller's proposal after the last step (to continue from)
+    compiled: str | None = None  # "row-step" / "row-loop": the attempts ran compiled (LoopConfig.row_step)
 
 
 class _Frame:
@@ -268,8 +269,64 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
         status = torch.where(bad0, _NON_FINITE, status)
         t_stop = torch.where(bad0, t_cur, t_stop)
     buf = None if grad else solver.make_row_buffers(y0)
+    # One compiled attempt per step (compile=True: LoopConfig.row_step) where only the loop's own state is needed:
+    # the plug-in keeps the state packed as (sv, yv, iv) (layout: compile.rows.RowPack) while it runs.
+    fast = packed = None
+    if cfg.row_step is not None and not grad and hooks is None and log is None and events is None and sign is None:
+        fast = cfg.row_step.bind(solver, cfg.controller, y0.dtype, dev, d, m, rtol_t, atol_t, fr.n_out)
+        if fast is not None:
+            lim = torch.tensor([min_step, max_step], dtype=torch.float64, device=dev)
+            packed = fast.pack(t_cur, y, k1, h_abs, t_stop, prev, prev2, out_slot, steps, attempts)
+    compiled = None
     it = 0
-    while True:
+    if packed is not None:  # the whole loop compiled, where the plug-in runs it
+        whole = fast.loop(packed, status, ys_buf, fr.times_flat, rtol_t, atol_t, lim, cfg.max_steps)
+        if whole is not None:
+            sv, yv, iv, ys_buf, cv = whole
+            status = iv[3]
+            packed = (sv, yv, iv)
+            nfe += int(cv[0]) * (s_new if fsal else s_new + 1)
+            compiled = "row-loop"
+    while compiled != "row-loop":
+        out = None
+        if packed is not None:
+            out = fast(*packed, fr.times_flat, rtol_t, atol_t, lim)
+            if out is None:  # the compilation failed (warned): eager attempts from here, from the packed state
+                sv, yv, iv = packed
+                t_cur, h_abs, t_stop, prev, prev2 = sv[0], sv[1], sv[2], sv[3].to(rdt), sv[4].to(rdt)
+                y, k1 = yv[0], yv[1]
+                out_slot, steps, attempts = iv[0], iv[1].clone(), iv[2].clone()
+                next_out = fr.times_flat.take(out_slot)
+                packed = None
+        if out is not None:
+            compiled = "row-step"
+            sv, yv, iv, aux, flags = out
+            nfe += s_new if fsal else s_new + 1
+            cont, any_stuck, any_need, any_more = flags.tolist()
+            if any_need:
+                ys_buf.index_copy_(0, iv[3], yv[2])
+            if any_more:  # a second output inside a row's step: the eager dense output writes the rest
+                h = sv[6]
+                hc = h.to(rdt).view(b, 1)
+                slot, _, extra = fr.write_outputs(ys_buf, iv[5].bool(), iv[0], fr.times_flat.take(iv[0]),
+                                                  packed[0][0], sv[0], h, hc, packed[1][0], aux[0],
+                                                  aux[1:-1] * hc.view(1, b, 1), aux[-1])
+                iv[0] = slot
+                nfe += extra
+            packed = (sv, yv, iv)
+            it += 1
+            if any_stuck:  # step size underflow (or every attempt non-finite): the row stops where it is
+                stuck = iv[4].bool()
+                code = torch.where(torch.isfinite(sv[5]), _UNDERFLOW, _NON_FINITE)
+                status = torch.where(stuck, code, status)
+                sv[2] = torch.where(stuck, sv[0], sv[2])
+                cont = bool((sv[0] != sv[2]).any())
+            if not cont:
+                break
+            if it >= cfg.max_steps:
+                status = torch.where(sv[0] != sv[2], _MAX_STEPS, status)
+                break
+            continue
         if hooks is not None:
             hooks.start_step()
         if log is not None:
@@ -309,7 +366,6 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
         steps += accept
         attempts += act
         still = t_cur != t_stop
-
         # Controller, per row (the formulas of control.PIDController); NaN/inf ratios shrink by dfactor.
         h_new, prev, prev2 = ctrl.propose_tensor(hp, ratio, accept, prev, prev2)
         if max_step < math.inf:
@@ -345,6 +401,9 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
             status = torch.where(still, _MAX_STEPS, status)
             break
 
+    if packed is not None:
+        sv, yv, iv = packed
+        t_cur, h_abs, y, out_slot, steps, attempts = sv[0], sv[1], yv[0], iv[0], iv[1], iv[2]
     success = status == 0
     ys = fr.finish_outputs(ys_buf, y, success)
     if events is not None:
@@ -352,7 +411,8 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
     if sign is not None:
         t_cur = t_cur * sign
     return RowsResult(ys=ys, y=y, t=t_cur, status=status, steps=steps, attempts=attempts,
-                      n_valid=out_slot // b + success, nfe=nfe, first_step=first, next_step=h_abs)
+                      n_valid=out_slot // b + success, nfe=nfe, first_step=first, next_step=h_abs,
+                      compiled=compiled)
 
 
 def replay_rows(term: RowTerm, solver: Stepper, times: Tensor, log: RowLog, j0: int, j1: int,
@@ -486,6 +546,8 @@ def make_solution(res: RowsResult, t: Tensor, shape: torch.Size, method: str, on
         "per_sample": True,
         "gradient": gradient,
     }
+    if res.compiled:
+        stats["compiled"] = res.compiled
     message = overall if not failed else (
         f"{len(failed)} of {b_rows} samples failed (first: sample {failed[0]}, {codes[failed[0]]} at "
         f"t={float(res.t[failed[0]]):.6g}); see sol.sample_status and sol.t_final_per_sample. Loosen rtol/atol, "

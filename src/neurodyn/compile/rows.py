@@ -1,0 +1,368 @@
+"""The compiled per-sample row step (``solve(..., per_sample_steps=True, compile=True)``).
+
+The eager per-sample loop (:func:`neurodyn.core.rows.integrate_rows`) runs some fifty small tensor operations per
+attempted step besides the vector field: landing, the stage combinations, the per-row error ratio, the masked
+accept/reject updates, the per-row PI controller, the underflow rule and the first output write. On a small
+state each costs about as much as its arithmetic. Here that whole attempt -- with the vector field's stages --
+is one ``torch.compile`` graph of fixed shapes; the loop calls it once per attempt, writes the outputs it
+computed with one ``index_copy_`` and reads four flags (continue, any row stuck, any output written, a second
+output inside the same step) in the one host read per attempt it already had. The rare cases (a row that needs
+two outputs in one step, a row that underflows, the last attempts before ``max_steps``) are finished by the eager
+code of the loop, from the tensors the graph returns.
+
+Same algorithm and formulas as the eager loop (the controller's :meth:`~neurodyn.core.control.ControllerState.
+propose_tensor`, :func:`~neurodyn.core.control.rms_ratio`, :func:`~neurodyn.core.control.step_underflow_tensor`,
+the landing rule, the method's dense output); the stage sums are fused in another order, so results agree with
+the eager per-sample solve to rounding. Used for explicit Runge--Kutta methods without extra dense-output stages,
+real floating-point states, where no autograd graph is recorded, with no hooks, replay log or events, and every
+row integrating in the same direction; everything else runs the eager row loop. Compiled steps are cached per
+vector field, method, shape, dtype, device, controller, direction and tolerance shapes; a failed compilation warns
+once and the loop continues eagerly.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .. import solution as _sol
+from ..core import interpolation
+from ..core.control import LANDING_SLACK, PIDController, rms_ratio, step_underflow_tensor
+from ..solvers.explicit_rk import ExplicitRungeKutta
+from .loop import CPU_MAX_OUTPUT_ELEMENTS, CPU_OPTIONS, combo_cols, module_state
+from .step import compiled_context, nonzero, own_code, stage_sum
+
+try:  # Dynamo's compiled entries of a code object (to notice recompilations); private, so optional
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list as _entries
+except ImportError:  # another torch: recompilations go unnoticed (each solve still correct)
+    def _entries(code) -> list:
+        return []
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FALLBACK, _LOOP_FALLBACK = object(), object()
+# Which compiled form runs: None (the whole loop where worthwhile_rows says so, else compiled attempts), "loop" or
+# "step" (tests and benchmarks).
+FORM: str | None = None
+# Status codes inside the graph.
+_NON_FINITE, _UNDERFLOW, _MAX_STEPS = (_sol.CODE[s] for s in (_sol.NON_FINITE, _sol.STEP_SIZE_UNDERFLOW,
+                                                               _sol.MAX_STEPS_REACHED))
+
+
+def supports(solver: ExplicitRungeKutta, dtype: torch.dtype) -> bool:
+    """Whether the row step of ``solver`` on a state of ``dtype`` can be compiled (see the module docstring)."""
+    return (isinstance(solver, ExplicitRungeKutta) and solver.adaptive and not solver.tableau.extra_a
+            and dtype in (torch.float32, torch.float64))
+
+
+class _Attempt:
+    """One attempted step of every row, traced into a compiled graph (the body of both compiled forms)."""
+
+    def __init__(self, solver: ExplicitRungeKutta, controller: PIDController, shape: tuple[int, ...], d: float,
+                 m: int):
+        tb = solver.tableau
+        self.s = solver.stages
+        self.c = [float(x) for x in tb.c]
+        self.a_rows = [nonzero(row) for row in tb.a]
+        self.b_row = nonzero(tb.b)
+        self.e_rows = [nonzero(r) for r in [tb.b_err] + ([tb.b_err_low] if tb.b_err_low is not None else [])]
+        self.last_is_y1 = solver.last_stage_is_y1
+        self.fsal = solver.fsal
+        self.dense_p = [[float(v) for v in row] for row in tb.dense] if tb.dense is not None else None
+        self.pid = PIDController.start(controller, solver.controller_order)  # the PID formula, as the eager rows
+        self.b = shape[0]
+        self.n = max(1, math.prod(shape[1:]))
+        self.d, self.m = d, m
+
+    def passed(self, t_out: Tensor, t: Tensor) -> Tensor:
+        """Output times at or behind ``t`` (in the direction of integration)."""
+        return t_out <= t if self.d > 0 else t_out >= t
+
+    def __call__(self, f: Callable, t: Tensor, h_abs: Tensor, t_stop: Tensor, prev: Tensor, prev2: Tensor, y: Tensor,
+                 k1: Tensor, rtol: Tensor, atol: Tensor, lim: Tensor) -> dict[str, Tensor]:
+        b, s = self.b, self.s
+        rdt = y.dtype
+        eps = torch.finfo(rdt).eps
+        min_step, max_step = lim[0], lim[1]
+        # Landing on each row's end time (control.LANDING_SLACK), as the eager loop.
+        rem = (t_stop - t).abs()
+        land = rem <= h_abs * LANDING_SLACK
+        hp = torch.where(land, rem, h_abs)
+        h = hp if self.d > 0 else -hp
+        t1 = torch.where(land, t_stop, t + h)
+        act = rem > 0
+        hy = h.to(rdt).view(b, 1)
+        ks = [k1]
+        yi = y
+        for i in range(1, s):
+            yi = y + hy * stage_sum(ks, self.a_rows[i]) if self.a_rows[i] else y
+            ks.append(f(t + self.c[i] * h, yi))
+        y1 = yi if self.last_is_y1 else y + hy * stage_sum(ks, self.b_row)
+        err = torch.stack([stage_sum(ks, r) for r in self.e_rows]) * hy
+        m = self.m
+        if m < self.n:
+            ratio = rms_ratio(err[..., :m], y[:, :m], y1[:, :m], rtol, atol)
+        else:
+            ratio = rms_ratio(err, y, y1, rtol, atol)
+        accept = (ratio <= 1.0) & act
+        f_last = ks[-1] if self.fsal else f(t1, y1)
+        acc_col = accept.view(b, 1)
+        t_new = torch.where(accept, t1, t)
+        still = t_new != t_stop
+        # The controller, per row (control.ControllerState.propose_tensor), with the min/max step rules.
+        h_new, prev, prev2 = self.pid.propose_tensor(hp, ratio, accept, prev, prev2)
+        h_new = torch.minimum(h_new, max_step)
+        bump = (h_new < min_step) & ~accept & (hp > min_step)
+        h_new = torch.where(bump, min_step, h_new)
+        h_abs = torch.where(still, h_new, h_abs)
+        stuck = (step_underflow_tensor(t_new, h_abs, eps) | (h_abs < min_step)) & still
+        return dict(t=t_new, h_abs=h_abs, prev=prev, prev2=prev2, y=torch.where(acc_col, y1, y),
+                    k1=torch.where(acc_col, f_last, k1), accept=accept, act=act, still=still, stuck=stuck,
+                    ratio=ratio, h=h, hy=hy, y1=y1, ks=ks, f_last=f_last)
+
+    def dense(self, theta: Tensor, y: Tensor, y1: Tensor, k1: Tensor, f_last: Tensor, hy: Tensor,
+              ks: list[Tensor]) -> Tensor:
+        """The method's dense output (cubic Hermite without one) at fractions ``theta`` (``(..., B, 1)``, float64) of
+        each row's step."""
+        if self.dense_p is None:
+            return interpolation.hermite(theta.to(y.dtype), y, y1, k1, f_last, hy)
+        powers = [theta]
+        for _ in range(len(self.dense_p[0]) - 1):
+            powers.append(powers[-1] * theta)
+        w = [sum(p[j] * powers[j] for j in range(len(p)) if p[j] != 0.0) for p in self.dense_p]
+        return y + hy * combo_cols(w, ks, y.dtype)
+
+
+def _field(func: Callable, shape: tuple[int, ...], state: dict | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """``func`` on flat rows (times cast to the state's dtype), through ``functional_call`` where ``state`` holds
+    a module's tensors passed as inputs of the compiled loop."""
+    b = shape[0]
+
+    def f(tt: Tensor, yy: Tensor) -> Tensor:
+        args = (tt.to(yy.dtype), yy.view(shape))
+        out = func(*args) if state is None else torch.func.functional_call(func, state, args)
+        return out.reshape(b, -1)
+
+    return f
+
+
+def _build_step(att: _Attempt, func: Callable, shape: tuple[int, ...], device: torch.device) -> Callable:
+    b = att.b
+
+    def row_step(sv: Tensor, yv: Tensor, iv: Tensor, times_flat: Tensor, rtol: Tensor, atol: Tensor, lim: Tensor):
+        # Packed (each tensor passed to or returned from the compiled graph costs its call a handle): sv (7, B)
+        # float64 [t, |h|, t_stop, prev, prev2, ratio, h]; yv (3, B, n) [y, k1, outputs]; iv (6, B) int64
+        # [out_slot, steps, attempts, write_at, stuck, need_more] (see RowPack).
+        rdt = yv.dtype
+        t, y, k1, out_slot = sv[0], yv[0], yv[1], iv[0]
+        r = att(_field(func, shape, None), t, sv[1], sv[2], sv[3].to(rdt), sv[4].to(rdt), y, k1, rtol, atol, lim)
+        # The first output inside each row's step.
+        next_out = times_flat[out_slot]
+        need = att.passed(next_out, r["t"])
+        theta = ((next_out - t) / r["h"]).view(b, 1)
+        vals = att.dense(theta, y, r["y1"], k1, r["f_last"], r["hy"], r["ks"])
+        trash = times_flat.shape[0] + torch.arange(b, device=t.device)  # the output buffer's last block
+        write_at = torch.where(need, out_slot, trash)
+        out_slot = out_slot + need * b
+        need_more = att.passed(times_flat[out_slot], r["t"])
+        flags = torch.stack([r["still"].any(), r["stuck"].any(), need.any(), need_more.any()])
+        sv = torch.stack([r["t"], r["h_abs"], sv[2], r["prev"].to(torch.float64), r["prev2"].to(torch.float64),
+                          r["ratio"].to(torch.float64), r["h"]])
+        yv = torch.stack([r["y"], r["k1"], vals])
+        iv = torch.stack([out_slot, iv[1] + r["accept"], iv[2] + r["act"], write_at, r["stuck"].long(),
+                          need_more.long()])
+        return sv, yv, iv, torch.stack([r["y1"], *r["ks"], r["f_last"]]), flags
+
+    options = {"cpp_wrapper": True} if device.type == "cpu" else None
+    own = own_code(row_step)
+    compiled = torch.compile(own, options=options, fullgraph=True)
+    compiled.code = own.__code__  # to count Dynamo's compiled entries (recompilations)
+    return compiled
+
+
+def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: torch.device) -> Callable:
+    state_names = list(module_state(func)) if isinstance(func, torch.nn.Module) else None
+
+    def run(sv: Tensor, yv: Tensor, iv: Tensor, ys: Tensor, cv: Tensor, times_flat: Tensor, rtol: Tensor,
+            atol: Tensor, lim: Tensor, *tensors: Tensor):
+        # Carried: sv (7, B) float64 as RowPack's; yv (3, B, n) [y, k1, -]; iv (6, B) int64 [output slot, steps,
+        # attempts, status, -, -]; ys ((T + 1) B, n) the output buffer (core.rows._Frame's layout: its last block
+        # takes the writes of rows with nothing to write); cv int64 [iterations, done, max_steps]. times_flat (T B,):
+        # the output times by slot (the last: the end time's sentinel, never interpolated).
+        state = dict(zip(state_names, tensors)) if state_names is not None else None
+        f = _field(func, shape, state)
+        b = att.b
+        rows = torch.arange(b, device=ys.device)
+        trash = times_flat.shape[0] + rows
+
+        def cond(sv, yv, iv, ys, cv):
+            return cv[1] == 0
+
+        def body(sv, yv, iv, ys, cv):
+            rdt = yv.dtype
+            # (Copies: views of one carried tensor would alias as inputs of the inner loop below.)
+            t, y, k1, status = sv[0].clone(), yv[0].clone(), yv[1].clone(), iv[3]
+            r = att(f, t, sv[1], sv[2], sv[3].to(rdt), sv[4].to(rdt), y, k1, rtol, atol, lim)
+            t_new = r["t"]
+
+            def write_next(ys, slot):
+                # The next output of every row whose step passed it (the method's dense output). (The step's tensors
+                # enter the inner loop as inputs, which must not alias: hy is made here from h.)
+                next_out = times_flat[slot]
+                need = att.passed(next_out, t_new)
+                h = r["h"]
+                theta = ((next_out - t) / h).view(b, 1)
+                vals = att.dense(theta, y, r["y1"], k1, r["f_last"], h.to(rdt).view(b, 1), r["ks"])
+                return ys.index_copy(0, torch.where(need, slot, trash), vals), slot + need * b
+
+            def more(ys, slot):
+                return att.passed(times_flat[slot], t_new).any()
+
+            # One output per row and attempt in the graph; a loop for the rare rows with several in one step.
+            ys, slot = torch._higher_order_ops.while_loop(more, write_next, write_next(ys, iv[0]))
+            stuck = r["stuck"]
+            status = torch.where(stuck, torch.where(torch.isfinite(r["ratio"]), _UNDERFLOW, _NON_FINITE), status)
+            t_stop = torch.where(stuck, t_new, sv[2])
+            still = r["still"] & ~stuck
+            it = cv[0] + 1
+            out_of_budget = (it >= cv[2]) & still.any()
+            status = torch.where(still & out_of_budget, _MAX_STEPS, status)
+            done = (~still.any()) | out_of_budget
+            sv = torch.stack([t_new, r["h_abs"], t_stop, r["prev"].to(torch.float64), r["prev2"].to(torch.float64),
+                              r["ratio"].to(torch.float64), r["h"]])
+            yv = torch.stack([r["y"], r["k1"], yv[2]])
+            iv = torch.stack([slot, iv[1] + r["accept"], iv[2] + r["act"], status, iv[4], iv[5]])
+            cv = torch.stack([it, done.long(), cv[2]])
+            return sv, yv, iv, ys, cv
+
+        return torch._higher_order_ops.while_loop(cond, body, (sv, yv, iv, ys, cv))
+
+    options = CPU_OPTIONS if device.type == "cpu" else None
+    return torch.compile(own_code(run), options=options, fullgraph=True)
+
+
+class CompiledRows:
+    """The plug-in :func:`neurodyn.core.rows.integrate_rows` receives as ``LoopConfig.row_step``.
+
+    ``bind(solver, controller, dtype, device, d, m, rtol, atol, n_times)`` returns a :class:`RowPack` (the compiled
+    forms for that solve) or None where the row step is not compiled for it."""
+
+    def __init__(self, func: Callable, shape: tuple[int, ...]):
+        self.func, self.shape = func, shape
+        try:
+            self.per_func = _CACHE.setdefault(func, {})
+        except TypeError:  # not weak-referenceable: cache on nothing (compiles per solve)
+            self.per_func = {}
+
+    def bind(self, solver: ExplicitRungeKutta, controller: PIDController, dtype: torch.dtype, device: torch.device,
+             d: float, m: int, rtol: Tensor, atol: Tensor, n_times: int) -> RowPack | None:
+        if not supports(solver, dtype) or self.per_func.get(_FALLBACK):
+            return None
+        key = (solver.name, self.shape, dtype, device, d, m, tuple(rtol.shape), tuple(atol.shape),
+               (controller.pcoeff, controller.icoeff, controller.dcoeff, controller.safety, controller.ifactor,
+                controller.dfactor, controller.accept_dfactor))
+        att = _Attempt(solver, controller, self.shape, d, m)
+        per_func, func, shape = self.per_func, self.func, self.shape
+        whole = worthwhile_rows(self.shape, n_times, device) and not per_func.get(_LOOP_FALLBACK)
+
+        def build(kind: str) -> Callable:
+            fn = per_func.get((kind, key, n_times if kind == "loop" else None))
+            if fn is None:
+                fn = _build_loop(att, func, shape, device) if kind == "loop" else _build_step(att, func, shape, device)
+                per_func[(kind, key, n_times if kind == "loop" else None)] = fn
+            return fn
+
+        return RowPack(build, per_func, whole, module_state(func))
+
+
+def worthwhile_rows(shape: tuple[int, ...], n_times: int, device: torch.device) -> bool:
+    """Whether the whole per-sample loop is compiled (else one compiled attempt per step; :data:`FORM` overrides):
+    its output buffer ``((T + 1) B, n)`` is carried through the loop (copied each attempt), so on the CPU only where
+    ``B n T`` is at most :data:`neurodyn.compile.loop.CPU_MAX_OUTPUT_ELEMENTS` (as the compiled whole loop).
+
+    Examples
+    --------
+    >>> import torch
+    >>> worthwhile_rows((256, 2), 11, torch.device("cpu"))   # the Van der Pol batch: 5632 output elements
+    True
+    >>> worthwhile_rows((512, 64), 11, torch.device("cpu"))
+    False
+    """
+    if FORM is not None:
+        return FORM == "loop"
+    return device.type != "cpu" or math.prod(shape) * n_times <= CPU_MAX_OUTPUT_ELEMENTS
+
+
+class RowPack:
+    """One solve's compiled forms: :meth:`loop` (the whole loop, where it pays) and ``__call__`` (one attempt) on the
+    packed loop state ``(sv, yv, iv)`` (layouts: :func:`_build_step`, :func:`_build_loop`)."""
+
+    def __init__(self, build: Callable[[str], Callable], per_func: dict, whole: bool, state: dict[str, Tensor]):
+        self.build, self.per_func, self.whole, self.state = build, per_func, whole, state
+        self.fn = None
+        self.calls = 0
+        self.entries = 0
+
+    @staticmethod
+    def pack(t: Tensor, y: Tensor, k1: Tensor, h_abs: Tensor, t_stop: Tensor, prev: Tensor, prev2: Tensor,
+             out_slot: Tensor, steps: Tensor, attempts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The loop state as ``(sv, yv, iv)``."""
+        z = torch.zeros_like(t)
+        zi = torch.zeros_like(out_slot)
+        return (torch.stack([t, h_abs, t_stop, prev.to(torch.float64), prev2.to(torch.float64), z, z]),
+                torch.stack([y, k1, torch.zeros_like(y)]), torch.stack([out_slot, steps, attempts, zi, zi, zi]))
+
+    def loop(self, packed: tuple[Tensor, Tensor, Tensor], status: Tensor, ys: Tensor, times_flat: Tensor,
+             rtol: Tensor, atol: Tensor, lim: Tensor, max_steps: int):
+        """The whole loop from the packed state and the rows' ``status``; ``ys``: the output buffer (written in place
+        of the returned one); ``times_flat``: the output times by slot. Returns ``(sv, yv, iv, ys, cv)`` (``iv[0]``
+        each row's next output slot, ``iv[3]`` the statuses, ``cv[0]`` the attempts made), or None where it
+        is not used (``B n T`` too large) or could not be compiled (warned once; compiled attempts then)."""
+        if not self.whole:
+            return None
+        sv, yv, iv = packed
+        iv = iv.clone()
+        iv[3] = status
+        cv = torch.tensor([0, 0, max_steps], dtype=torch.long, device=ys.device)
+        try:
+            with compiled_context():
+                return self.build("loop")(sv, yv, iv, ys, cv, times_flat, rtol, atol, lim, *self.state.values())
+        except Exception as exc:  # compilation failed: compiled attempts from now on, for this field
+            self.per_func[_LOOP_FALLBACK] = True
+            warnings.warn(f"compile=True: the per-sample loop could not be compiled as a whole ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); running compiled row steps.",
+                          RuntimeWarning, stacklevel=4)
+            return None
+
+    def __call__(self, sv: Tensor, yv: Tensor, iv: Tensor, times_flat: Tensor, rtol: Tensor, atol: Tensor,
+                 lim: Tensor):
+        """One attempt: ``(sv, yv, iv, aux, flags)`` (flags: any row continues, any stuck, any output written, any
+        second output pending), or None where the compilation failed (warned once; eager attempts from then on)."""
+        try:
+            if self.fn is None:
+                self.fn = self.build("step")
+            with compiled_context():
+                out = self.fn(sv, yv, iv, times_flat, rtol, atol, lim)
+        except Exception as exc:  # compilation failed: eager row steps from now on, for this field
+            return self._give_up(f"could not be compiled ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''})")
+        # A field whose Python state changes at every call (a counter it increments, say) compiles the step again at
+        # every attempt: noticed on the second attempt of a solve.
+        self.calls += 1
+        if self.calls <= 2:
+            entries = len(_entries(self.fn.code))
+            if self.calls == 2 and entries > self.entries:
+                return self._give_up("was compiled again at every attempt because Python state of the vector field "
+                                     "changes (a counter or list it updates: sol.stats['nfe'] counts evaluations)")
+            self.entries = entries
+        return out
+
+    def _give_up(self, why: str) -> None:
+        self.per_func[_FALLBACK] = True
+        warnings.warn(f"compile=True: the per-sample row step {why}; running eager row steps (for this vector field).",
+                      RuntimeWarning, stacklevel=5)
+        return None
