@@ -9,9 +9,9 @@ method: the symplectic ``leapfrog`` / ``yoshida4`` for a separable ``H`` (the wh
 :meth:`HNN.split_term`), ``implicit_midpoint`` / ``gl4`` / ``gl6`` (symplectic Gauss--Legendre) for any ``H``.
 
 Derivatives of the learned scalar (``dH/dx``, the Lagrangian's gradient and Hessian) are taken with autograd and
-``torch.func`` (``grad``, ``jacrev``, ``hessian``, ``vmap``): the result stays differentiable in the parameters
-and in ``x`` (training, the adjoint's vector-Jacobian products, an implicit method's Jacobian by
-``torch.func.jacrev``), under ``torch.no_grad`` too. The scalar network must treat the rows of a batch
+``torch.func`` (``grad``, ``jacrev``, ``hessian``, ``vmap``), the LNN's for the :func:`mlp` network in closed
+form: the result stays differentiable in the parameters and in ``x`` (training, the adjoint's vector-Jacobian
+products, an implicit method's Jacobian by ``torch.func.jacrev``), under ``torch.no_grad`` too. The scalar network must treat the rows of a batch
 independently (no batch normalisation): ``dH/dx`` is the gradient of the batch's sum (:func:`scalar_gradient`).
 """
 
@@ -343,6 +343,10 @@ def mlp_gradient_and_qdot_jacobian(net: nn.Sequential, x: Tensor) -> tuple[Tenso
     if not _closed_form_mlp(net):
         raise InputError("mlp_gradient_and_qdot_jacobian: net must be an nn.Sequential of nn.Linear layers with "
                          "nn.Tanh / nn.Softplus / nn.Sigmoid between them and one output (e.g. mlp(2d, h, 1)).")
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[-1] != net[0].in_features or x.shape[-1] % 2:
+        raise InputError(f"mlp_gradient_and_qdot_jacobian: x must be a tensor (N, 2d) with 2d = the network's input "
+                         f"size {net[0].in_features} (even), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}.")
     lins, acts = list(net)[0::2], list(net)[1::2]
     d = x.shape[-1] // 2
     a = nn.functional.linear(x, lins[0].weight, lins[0].bias)
@@ -369,7 +373,7 @@ def mlp_gradient_and_qdot_jacobian(net: nn.Sequential, x: Tensor) -> tuple[Tenso
 class LNN(nn.Module):
     """Lagrangian neural network: a scalar ``L(q, qdot)``; the accelerations solve the Euler--Lagrange equations
 
-        ``A qddot = dL/dq - B qdot``,   ``A = d2L/dqdot2`` (``d x d``),   ``B = d2L/(dqdot dq)`` (``d x d``),
+        ``A qddot = dL/dq - B qdot``,   ``A = d2L/dqdot2`` (``d x d``),   ``B = d2L/(dqdot dq)`` (``d x d``).
 
     Only the ``qdot`` columns of the Hessian are formed: ``J = d(dL/dx)/dqdot`` (``2d x d``), whose lower block is
     ``A`` and upper block ``B^T``. For the network :func:`mlp` builds (an ``nn.Sequential`` of ``nn.Linear`` layers
