@@ -9,10 +9,11 @@ method: the symplectic ``leapfrog`` / ``yoshida4`` for a separable ``H`` (the wh
 :meth:`HNN.split_term`), ``implicit_midpoint`` / ``gl4`` / ``gl6`` (symplectic Gauss--Legendre) for any ``H``.
 
 Derivatives of the learned scalar (``dH/dx``, the Lagrangian's gradient and Hessian) are taken with autograd and
-``torch.func`` (``grad``, ``jacrev``, ``hessian``, ``vmap``), the LNN's for the :func:`mlp` network in closed
-form: the result stays differentiable in the parameters and in ``x`` (training, the adjoint's vector-Jacobian
-products, an implicit method's Jacobian by ``torch.func.jacrev``), under ``torch.no_grad`` too. The scalar network must treat the rows of a batch
-independently (no batch normalisation): ``dH/dx`` is the gradient of the batch's sum (:func:`scalar_gradient`).
+``torch.func`` (``grad``, ``jacrev``, ``hessian``, ``vmap``), the LNN's for the :func:`mlp` network in closed form:
+the result stays differentiable in the parameters and in ``x`` (training, the adjoint's vector-Jacobian products, an
+implicit method's Jacobian by ``torch.func.jacrev``), under ``torch.no_grad`` too. The scalar network must treat the
+rows of a batch independently (no batch normalisation): ``dH/dx`` is the gradient of the batch's sum
+(:func:`scalar_gradient`).
 """
 
 from __future__ import annotations
