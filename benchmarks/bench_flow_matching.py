@@ -1,13 +1,21 @@
 """Flow-matching targets of issue 15, in one process (taskset -c 1, one thread):
 
-A. 8gaussians -> moons (torchcfm's toy pair: 8 Gaussians at radius 5 with covariance sqrt(0.1) I; scikit-learn's
-   moons with noise 0.2, scaled x3 and shifted by -1), 3x64 SELU MLP, sigma 0.1, batch 256, Adam 1e-3, 2,000
-   iterations: exact W2 between generated and fresh target samples, path straightness (kinetic energy over
-   squared displacement, >= 1), adaptive dopri5 sampling NFE, training wall time; I-CFM vs OT-CFM, per seed.
+A. 8gaussians -> moons, torchcfm's 2-D example protocol: torchcfm's ``sample_8gaussians`` (8 Gaussians at radius
+   5, covariance sqrt(0.1) I; torch's global stream, torchcfm's draw order) -> moons, 3x64 SELU MLP, sigma 0.1,
+   batch 256, Adam 1e-3, 2,000 iterations, seeded as torchcfm's loop (``torch.manual_seed(seed)``,
+   ``np.random.seed(seed)``, nothing drawn before the MLP's initialisation). Moons (``--moons``): ``torchcfm``
+   (default; torchcfm's ``sample_moons`` = torchdyn's ``generate_moons(n, noise=0.2) * 3 - 1``: the two arcs at
+   evenly spaced angles, each point shifted by one uniform [0, 0.2) draw on both coordinates) or ``sklearn``
+   (scikit-learn's ``make_moons(n, noise=0.2) * 3 - 1``, Gaussian noise: the target of the earlier runs).
+   Exact W2 (POT ``emd2`` on squared distances, then sqrt) between ``n`` generated points and ``n`` fresh target
+   points, ``n`` = 1,000 and 4,000, with the estimator's floor (two independent target samples of the same size);
+   straightness; adaptive dopri5 sampling NFE; training wall time; I-CFM vs OT-CFM, per seed. ``--peer`` also
+   runs torchcfm's own training loop (its ``MLP``, its matchers) on the same seed and reports its W2 and the
+   largest difference between its trained weights and neurodyn's.
 B. N(0, I) -> FFJORD's 8gaussians: training wall time of I-CFM / OT-CFM until their exact test NLL reaches the
    test NLL of FFJORD (neurodyn.demos.ffjord.ffjord_experiment, 500 iterations, run in the same process first).
 
-    taskset -c 1 python benchmarks/bench_flow_matching.py [--seeds 0 1 2] [--out runs/bench_fm]
+    taskset -c 1 python benchmarks/bench_flow_matching.py --parts a [--seeds 0 1 2] [--moons torchcfm] [--peer]
 """
 
 from __future__ import annotations
@@ -28,36 +36,91 @@ from neurodyn.models.flow_matching import flow_log_likelihood
 from neurodyn.transport import wasserstein
 
 
-def eight_gaussians_tcfm(n: int, g: torch.Generator) -> torch.Tensor:
+def eight_gaussians_tcfm(n: int) -> torch.Tensor:
+    """torchcfm's ``sample_8gaussians(n)``: the noise (covariance sqrt(0.1) I) first, then the centres, both from
+    torch's global stream."""
     c = 1 / math.sqrt(2)
-    centers = torch.tensor([(1, 0), (-1, 0), (0, 1), (0, -1), (c, c), (c, -c), (-c, c), (-c, -c)]) * 5.0
-    idx = torch.randint(0, 8, (n,), generator=g)
-    return centers[idx] + torch.randn(n, 2, generator=g) * 0.1**0.25   # covariance sqrt(0.1) I, as torchcfm
+    centers = torch.tensor([(1, 0), (-1, 0), (0, 1), (0, -1), (c, c), (c, -c), (-c, c), (-c, -c)],
+                           dtype=torch.float64) * 5.0   # float64 as torchcfm's (its centres hold numpy floats)
+    noise = torch.distributions.MultivariateNormal(torch.zeros(2), math.sqrt(0.1) * torch.eye(2)).sample((n,))
+    idx = torch.multinomial(torch.ones(8), n, replacement=True)
+    return (centers[idx] + noise).float()
 
 
-def moons_tcfm(n: int, g: torch.Generator) -> torch.Tensor:
+def moons_torchcfm(n: int) -> torch.Tensor:
+    """torchcfm's ``sample_moons(n)`` (torchdyn's moons, noise 0.2, x3 - 1): numpy's global stream."""
+    a = np.linspace(0, np.pi, n // 2)
+    b = np.linspace(0, np.pi, n - n // 2)
+    x = np.stack([np.concatenate([np.cos(a), 1 - np.cos(b)]), np.concatenate([np.sin(a), 0.5 - np.sin(b)])], 1)
+    x = x + np.random.rand(n, 1) * 0.2
+    return torch.tensor(x, dtype=torch.float32) * 3 - 1
+
+
+def moons_sklearn(n: int) -> torch.Tensor:
+    """scikit-learn's moons with Gaussian noise 0.2, x3 - 1 (its seed from numpy's global stream)."""
     from sklearn.datasets import make_moons
 
-    x, _ = make_moons(n, noise=0.2, random_state=int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+    x, _ = make_moons(n, noise=0.2, random_state=int(np.random.randint(0, 2**31 - 1)))
     return torch.as_tensor(x, dtype=torch.float32) * 3 - 1
 
 
-def part_a(seeds: list[int], iters: int, n_eval: int) -> dict:
+MOONS = {"torchcfm": moons_torchcfm, "sklearn": moons_sklearn}
+
+
+def train_torchcfm(kind: str, seed: int, moons, iters: int) -> torch.nn.Module:
+    """torchcfm's own 2-D training loop (its README / example script), seeded as :func:`train_flow_matching`."""
+    from torchcfm.conditional_flow_matching import (
+        ConditionalFlowMatcher,
+        ExactOptimalTransportConditionalFlowMatcher,
+    )
+    from torchcfm.models.models import MLP
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    model = MLP(dim=2, time_varying=True)
+    opt = torch.optim.Adam(model.parameters())
+    fm = (ConditionalFlowMatcher if kind == "icfm" else ExactOptimalTransportConditionalFlowMatcher)(sigma=0.1)
+    for _ in range(iters):
+        opt.zero_grad()
+        x0, x1 = eight_gaussians_tcfm(256), moons(256)
+        t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1)
+        loss = torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2)
+        loss.backward()
+        opt.step()
+    return model
+
+
+def part_a(seeds: list[int], iters: int, n_eval: int, moons_name: str, peer: bool, kinds: list[str]) -> dict:
+    moons = MOONS[moons_name]
+    sizes = (n_eval, 4 * n_eval)
+    evals, floors = {}, {}
+    for n in sizes:   # fixed evaluation sets, drawn before (and independently of) training
+        torch.manual_seed(10_000 + n)
+        np.random.seed(10_000 + n)
+        evals[n] = (eight_gaussians_tcfm(n), moons(n))
+        floors[n] = wasserstein(moons(n), evals[n][1])   # W2 between two independent target samples
+    print(json.dumps({"moons": moons_name, "w2_floor": floors}), flush=True)
     rows = []
-    ge = torch.Generator().manual_seed(10_000)
-    x0_eval, x1_eval = eight_gaussians_tcfm(n_eval, ge), moons_tcfm(n_eval, ge)
-    floor = wasserstein(moons_tcfm(n_eval, ge), x1_eval)   # W2 between two independent target samples
     for seed in seeds:
-        for kind in ("icfm", "otcfm"):
-            g = torch.Generator().manual_seed(seed)
-            r = train_flow_matching(kind, lambda n, g=g: eight_gaussians_tcfm(n, g), lambda n, g=g: moons_tcfm(n, g),
-                                    iters=iters, batch=256, sigma=0.1, lr=1e-3, seed=seed)
-            ev = evaluate_flow(r["net"], x0_eval, x1_eval, nll=False)
-            ev.pop("samples")
-            row = {"seed": seed, "model": kind, "train_seconds": r["train_seconds"], **ev}
+        for kind in kinds:
+            r = train_flow_matching(kind, eight_gaussians_tcfm, moons, iters=iters, batch=256, sigma=0.1, lr=1e-3,
+                                    seed=seed, dim=2)
+            row = {"seed": seed, "model": kind, "moons": moons_name, "train_seconds": r["train_seconds"]}
+            for n in sizes:
+                ev = evaluate_flow(r["net"], *evals[n], nll=False)
+                ev.pop("samples")
+                row.update({f"{k}_n{n}": v for k, v in ev.items()})
+            if peer:
+                model = train_torchcfm(kind, seed, moons, iters)
+                ours = torch.cat([p.detach().flatten() for p in r["net"].parameters()])
+                theirs = torch.cat([p.detach().flatten() for p in model.parameters()])
+                row["torchcfm_max_weight_diff"] = float((ours - theirs).abs().max())
+                field = lambda t, x, m=model: m(torch.cat([x, torch.as_tensor(t).expand(x.shape[0])[:, None]], 1))  # noqa: E731
+                row["torchcfm_w2_n1000"] = evaluate_flow(field, *evals[n_eval], nll=False)["w2"]
             rows.append(row)
             print(json.dumps(json_safe(row)), flush=True)
-    return {"rows": rows, "w2_floor_two_target_samples": floor, "n_eval": n_eval, "iters": iters}
+    return {"rows": rows, "w2_floor_two_target_samples": floors, "n_eval": list(sizes), "iters": iters,
+            "moons": moons_name}
 
 
 def part_b(seed: int, max_iters: int, eval_every: int, test_n: int, out: Path, ffjord_iters: int) -> dict:
@@ -100,6 +163,9 @@ def main() -> None:
     ap.add_argument("--max-fm-iters", type=int, default=4000)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--parts", default="ab")
+    ap.add_argument("--moons", choices=sorted(MOONS), default="torchcfm")
+    ap.add_argument("--kinds", nargs="+", default=["icfm", "otcfm"])
+    ap.add_argument("--peer", action="store_true", help="also train torchcfm's own loop (part a) and compare")
     ap.add_argument("--out", default="runs/bench_fm")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -108,7 +174,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"torch_threads": 1, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     if "a" in args.parts:
-        results["a_8gaussians_to_moons"] = part_a(args.seeds, args.iters, args.n_eval)
+        results["a_8gaussians_to_moons"] = part_a(args.seeds, args.iters, args.n_eval, args.moons, args.peer,
+                                                  args.kinds)
     if "b" in args.parts:
         results["b_time_to_ffjord_nll"] = part_b(args.seeds[0], args.max_fm_iters, args.eval_every, 5000, out,
                                                  args.ffjord_iters)

@@ -110,6 +110,47 @@ def test_lnn_ill_conditioned_hessian_regularised_with_warning():
     assert float(acc[0, 0]) == pytest.approx(-math.sin(0.4), rel=1e-12)
 
 
+@pytest.mark.parametrize("act", ["softplus", "tanh", "sigmoid"])
+def test_lnn_closed_form_mlp_path_equals_full_hessian_solve(act):
+    """The closed-form MLP path (qdot columns of the Hessian, batched) against the per-sample full Hessian by
+    torch.func and a plain solve: accelerations and parameter gradients equal to rounding (float64)."""
+    from neurodyn.models.physics import mlp, mlp_gradient_and_qdot_jacobian
+
+    torch.manual_seed(3)
+    d = 3
+    net = mlp(2 * d, 24, 1, act).double()
+    x = torch.randn(11, 2 * d, dtype=F64, generator=torch.Generator().manual_seed(4))
+    x[0, :] = 30.0   # softplus above its threshold (linear there): its exact derivatives 1 and 0
+    tgt = torch.randn(11, d, dtype=F64, generator=torch.Generator().manual_seed(5))
+
+    def reference(z):   # the previous path: full Hessian per sample, then the Euler-Lagrange solve
+        hess = torch.func.vmap(torch.func.hessian(lambda r: net(r).squeeze(-1)))(z)
+        grad = torch.func.vmap(torch.func.grad(lambda r: net(r).squeeze(-1)))(z)
+        A, B = hess[:, d:, d:], hess[:, d:, :d]
+        rhs = grad[:, :d] - (B @ z[:, d:].unsqueeze(-1)).squeeze(-1)
+        return torch.linalg.solve(A, rhs)
+
+    g, J = mlp_gradient_and_qdot_jacobian(net, x)
+    hess = torch.func.vmap(torch.func.hessian(lambda r: net(r).squeeze(-1)))(x)
+    assert torch.allclose(J, hess[:, :, d:], rtol=1e-12, atol=1e-14)
+    fast = LNN(lagrangian=net, regularization=0.0, warn=False)           # closed-form path
+    generic = LNN(lagrangian=lambda z: net(z), regularization=0.0, warn=False)   # torch.func path
+    grads = []
+    for f in (reference, fast.accelerations, generic.accelerations):
+        net.zero_grad()
+        acc = f(x)
+        (acc - tgt).pow(2).sum().backward()
+        grads.append((acc.detach(), torch.cat([p.grad.flatten() for p in list(net.parameters())[:-1]])))
+    (a_ref, p_ref), (a_fast, p_fast), (a_gen, p_gen) = grads
+    scale = float(a_ref.abs().max())
+    assert float((a_fast - a_ref).abs().max()) < 1e-11 * scale
+    assert float((a_gen - a_ref).abs().max()) < 1e-11 * scale
+    assert float((p_fast - p_ref).abs().max()) < 1e-10 * float(p_ref.abs().max())
+    assert float((p_gen - p_ref).abs().max()) < 1e-10 * float(p_ref.abs().max())
+    with pytest.raises(InputError, match="nn.Sequential"):
+        mlp_gradient_and_qdot_jacobian(torch.nn.Sequential(torch.nn.Linear(2, 1)), x[:, :2])
+
+
 # ----------------------------------------------------------------------------- symplectic integration, energy
 def _energy_errors(n_steps: int, h: float) -> dict[str, torch.Tensor]:
     hnn = _pendulum_hnn()

@@ -145,3 +145,36 @@ def test_readme_snippet_runs_unchanged():
     x = torch.randn(10, 2)
     t = torch.tensor(0.3)
     assert torch.equal(torch_wrapper(ma)(t, x), mb(torch.cat([x, torch.full((10, 1), 0.3)], 1)))
+
+
+@pytest.mark.parametrize("kind", ["icfm", "otcfm"])
+def test_train_flow_matching_with_dim_is_torchcfms_training_loop(kind):
+    """neurodyn.demos.flows.train_flow_matching(..., dim=2) on global-stream samplers is torchcfm's own training
+    loop (its MLP, its matchers, the same seed): the trained weights are bit-equal. Without dim, a probe batch is
+    drawn before the initialisation, so the run differs."""
+    from torchcfm.models.models import MLP as RefMLP
+
+    from neurodyn.demos.flows import train_flow_matching
+
+    def x0s(n):
+        return torch.randn(n, 2) * 0.5 + torch.tensor([2.0, 0.0])
+
+    def x1s(n):
+        return torch.from_numpy(np.random.rand(n, 2).astype(np.float32)) * 2 - 1
+
+    torch.manual_seed(7)
+    np.random.seed(7)
+    model = RefMLP(dim=2, time_varying=True)
+    opt = torch.optim.Adam(model.parameters())
+    fm = (ref.ConditionalFlowMatcher if kind == "icfm" else ref.ExactOptimalTransportConditionalFlowMatcher)(0.1)
+    for _ in range(20):
+        opt.zero_grad()
+        x0, x1 = x0s(64), x1s(64)
+        t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1)
+        torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2).backward()
+        opt.step()
+    theirs = torch.cat([p.detach().flatten() for p in model.parameters()])
+    net = train_flow_matching(kind, x0s, x1s, iters=20, batch=64, sigma=0.1, seed=7, dim=2)["net"]
+    assert torch.equal(torch.cat([p.detach().flatten() for p in net.parameters()]), theirs)
+    probe = train_flow_matching(kind, x0s, x1s, iters=20, batch=64, sigma=0.1, seed=7)["net"]
+    assert not torch.equal(torch.cat([p.detach().flatten() for p in probe.parameters()]), theirs)

@@ -51,13 +51,16 @@ def train_flow_matching(kind: str, sample_x0: Callable[[int], Tensor], sample_x1
                         iters: int, batch: int = 256, sigma: float = 0.1, lr: float = 1e-3, width: int = 64,
                         depth: int = 3, seed: int = 0,
                         on_eval: Callable[[int, VelocityMLP], bool] | None = None,
-                        eval_every: int = 0) -> dict[str, Any]:
+                        eval_every: int = 0, dim: int | None = None) -> dict[str, Any]:
     """Train a :class:`~neurodyn.models.flow_matching.VelocityMLP` (``depth`` x ``width``, SELU) by flow matching
     (``kind``: ``"icfm"`` or ``"otcfm"``) on batches ``sample_x0(batch)`` -> ``sample_x1(batch)`` ``(batch, d)``,
     Adam(``lr``).
 
     ``on_eval(iteration, net) -> stop`` runs every ``eval_every`` iterations, outside the timed training; returning
     True stops training. Returns ``net``, ``train_seconds`` (training only), ``iters`` (done), ``final_loss``.
+    ``dim``: the data dimension; when omitted it is read from a probe batch ``sample_x0(2)`` drawn after seeding.
+    Given, nothing is drawn before the network's initialisation, so with torchcfm's samplers on the global random
+    streams the run is the one of torchcfm's own training loop (same ``seed``, same MLP, same draws).
 
     Example: ``r = train_flow_matching("otcfm", lambda n: torch.randn(n, 2), moons, iters=2000)``.
     """
@@ -65,7 +68,8 @@ def train_flow_matching(kind: str, sample_x0: Callable[[int], Tensor], sample_x1
         raise InputError(f"kind must be one of {sorted(MATCHERS)}, got {kind!r}.")
     torch.manual_seed(seed)
     np.random.seed(seed)
-    dim = sample_x0(2).shape[1]
+    if dim is None:
+        dim = sample_x0(2).shape[1]
     net = VelocityMLP(dim, width=width, depth=depth)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     matcher = MATCHERS[kind](sigma)

@@ -254,11 +254,12 @@ def train_model(kind: str, model: torch.nn.Module, system: System, data: dict, s
 
 def rollout(kind: str, model: torch.nn.Module, system: System, starts: Tensor, t: Tensor) -> tuple[Tensor, str]:
     """Trajectories ``(len(t), trials, 2d)`` in ``(q, p)`` coordinates from ``starts`` (float64, dopri5 at rtol
-    1e-9); a failed solve keeps its partial result (NaN rows) and its status."""
+    1e-9, at most 20,000 steps: a learned field whose orbit runs off the training states can turn stiff and stall
+    the step size); a failed solve keeps its partial result (NaN rows) and its status."""
     m = model.double()
     y0 = _to_lagrangian(system, starts) if kind == "lnn" else starts
     with torch.no_grad():
-        sol = solve(m, y0, t, method="dopri5", rtol=1e-9, atol=1e-9, max_steps=200_000, on_failure="return")
+        sol = solve(m, y0, t, method="dopri5", rtol=1e-9, atol=1e-9, max_steps=20_000, on_failure="return")
     ys = _from_lagrangian(system, sol.ys) if kind == "lnn" else sol.ys
     return ys, sol.status
 

@@ -9,10 +9,11 @@ method: the symplectic ``leapfrog`` / ``yoshida4`` for a separable ``H`` (the wh
 :meth:`HNN.split_term`), ``implicit_midpoint`` / ``gl4`` / ``gl6`` (symplectic Gauss--Legendre) for any ``H``.
 
 Derivatives of the learned scalar (``dH/dx``, the Lagrangian's gradient and Hessian) are taken with autograd and
-``torch.func`` (``grad``, ``jacrev``, ``hessian``, ``vmap``): the result stays differentiable in the parameters
-and in ``x`` (training, the adjoint's vector-Jacobian products, an implicit method's Jacobian by
-``torch.func.jacrev``), under ``torch.no_grad`` too. The scalar network must treat the rows of a batch
-independently (no batch normalisation): ``dH/dx`` is the gradient of the batch's sum (:func:`scalar_gradient`).
+``torch.func`` (``grad``, ``jacrev``, ``hessian``, ``vmap``), the LNN's for the :func:`mlp` network in closed form:
+the result stays differentiable in the parameters and in ``x`` (training, the adjoint's vector-Jacobian products, an
+implicit method's Jacobian by ``torch.func.jacrev``), under ``torch.no_grad`` too. The scalar network must treat the
+rows of a batch independently (no batch normalisation): ``dH/dx`` is the gradient of the batch's sum
+(:func:`scalar_gradient`).
 """
 
 from __future__ import annotations
@@ -294,12 +295,93 @@ class HNN(nn.Module):
                              f"kinetic= / potential=. A non-separable H runs with implicit_midpoint, gl4 or gl6.")
 
 
+def _activation_derivatives(act: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(h, h', h'')`` of an activation module at pre-activations ``a`` (``tanh``, ``softplus``, ``sigmoid``)."""
+    if isinstance(act, nn.Tanh):
+        h = torch.tanh(a)
+        s1 = 1 - h * h
+        return h, s1, -2 * h * s1
+    if isinstance(act, nn.Sigmoid):
+        h = torch.sigmoid(a)
+        s1 = h * (1 - h)
+        return h, s1, s1 * (1 - 2 * h)
+    # nn.Softplus(beta, threshold): linear above a * beta > threshold
+    sig = torch.sigmoid(act.beta * a)
+    linear = act.beta * a > act.threshold
+    h = nn.functional.softplus(a, act.beta, act.threshold)
+    s1 = torch.where(linear, torch.ones_like(sig), sig)
+    s2 = torch.where(linear, torch.zeros_like(sig), act.beta * sig * (1 - sig))
+    return h, s1, s2
+
+
+def _closed_form_mlp(net: object) -> bool:
+    """Whether ``net`` is ``Linear (act Linear)*`` with a closed-form activation and one output."""
+    if not isinstance(net, nn.Sequential) or len(net) < 3 or len(net) % 2 == 0:
+        return False
+    mods = list(net)
+    return (all(isinstance(m, nn.Linear) for m in mods[0::2])
+            and all(isinstance(m, (nn.Tanh, nn.Sigmoid, nn.Softplus)) for m in mods[1::2])
+            and mods[-1].out_features == 1)
+
+
+def mlp_gradient_and_qdot_jacobian(net: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
+    """For a scalar MLP ``L = net(x)`` (``nn.Linear`` layers with ``tanh`` / ``softplus`` / ``sigmoid`` between
+    them, one output) at states ``x = (q, qdot)`` of shape ``(N, 2d)``: the gradient ``g = dL/dx`` ``(N, 2d)`` and
+    ``J = dg/dqdot`` ``(N, 2d, d)`` (the ``qdot`` columns of the Hessian), in closed form and batched over rows.
+
+    Forward over reverse by hand: the forward pass carries the ``d`` tangents of the pre-activations along ``qdot``
+    (``T_1 = W_1[:, d:]``, ``T_{k+1} = W_{k+1} (h'(a_k) T_k)``), the reverse pass the adjoints ``delta_k`` and their
+    tangents (``h''(a_k) T_k delta_k + h'(a_k) dT``); differentiable in the parameters and in ``x``.
+
+    >>> import torch
+    >>> net = mlp(4, 16, 1, "softplus").double()
+    >>> x = torch.randn(3, 4, dtype=torch.float64)
+    >>> g, J = mlp_gradient_and_qdot_jacobian(net, x)
+    >>> H = torch.func.vmap(torch.func.hessian(lambda z: net(z).squeeze(-1)))(x)
+    >>> bool(torch.allclose(J, H[:, :, 2:], atol=1e-12)), g.shape, J.shape
+    (True, torch.Size([3, 4]), torch.Size([3, 4, 2]))
+    """
+    if not _closed_form_mlp(net):
+        raise InputError("mlp_gradient_and_qdot_jacobian: net must be an nn.Sequential of nn.Linear layers with "
+                         "nn.Tanh / nn.Softplus / nn.Sigmoid between them and one output (e.g. mlp(2d, h, 1)).")
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[-1] != net[0].in_features or x.shape[-1] % 2:
+        raise InputError(f"mlp_gradient_and_qdot_jacobian: x must be a tensor (N, 2d) with 2d = the network's input "
+                         f"size {net[0].in_features} (even), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}.")
+    lins, acts = list(net)[0::2], list(net)[1::2]
+    d = x.shape[-1] // 2
+    a = nn.functional.linear(x, lins[0].weight, lins[0].bias)
+    T = lins[0].weight[:, d:].mT.expand(x.shape[0], -1, -1)   # (N, d, m): d a_1 / d qdot_j in row j
+    cache = []
+    for act, lin in zip(acts, lins[1:]):
+        h, s1, s2 = _activation_derivatives(act, a)
+        cache.append((s1, s2, T))
+        a = nn.functional.linear(h, lin.weight, lin.bias)
+        T = (s1.unsqueeze(-2) * T) @ lin.weight.mT           # one (N d, m) x (m, m') product
+    delta = lins[-1].weight[0].expand(x.shape[0], -1)      # dL/dh of the last hidden layer, (N, m)
+    ddelta: Tensor | None = None                          # its tangents along qdot, (N, d, m)
+    for (s1, s2, Tk), lin in zip(reversed(cache), reversed(lins[:-1])):
+        da = s1 * delta
+        dda = (s2 * delta).unsqueeze(-2) * Tk
+        if ddelta is not None:
+            dda = dda + s1.unsqueeze(-2) * ddelta
+        delta = da @ lin.weight
+        ddelta = dda @ lin.weight
+    assert ddelta is not None
+    return delta, ddelta.mT
+
+
 class LNN(nn.Module):
     """Lagrangian neural network: a scalar ``L(q, qdot)``; the accelerations solve the Euler--Lagrange equations
 
-        ``A qddot = dL/dq - B qdot``,   ``A = d2L/dqdot2`` (``d x d``),   ``B = d2L/(dqdot dq)`` (``d x d``),
+        ``A qddot = dL/dq - B qdot``,   ``A = d2L/dqdot2`` (``d x d``),   ``B = d2L/(dqdot dq)`` (``d x d``).
 
-    with the gradient and Hessian by ``torch.func`` (``jacrev`` / ``hessian`` under ``vmap`` over the batch).
+    Only the ``qdot`` columns of the Hessian are formed: ``J = d(dL/dx)/dqdot`` (``2d x d``), whose lower block is
+    ``A`` and upper block ``B^T``. For the network :func:`mlp` builds (an ``nn.Sequential`` of ``nn.Linear`` layers
+    with ``tanh``, ``softplus`` or ``sigmoid`` between them and one output) the gradient and ``J`` come in closed
+    form, batched over the rows: one forward pass carrying the ``d`` tangents along ``qdot`` and one reverse pass
+    with their derivatives (:func:`mlp_gradient_and_qdot_jacobian`); for any other ``L``, by ``torch.func``
+    (``jacfwd`` along ``qdot`` over ``jacrev``, under ``vmap`` over the batch).
 
     Ill-conditioned ``A`` (a learned ``L`` nearly degenerate in ``qdot``): the solve is Tikhonov-regularised,
     ``qddot = (A^T A + lam^2 I)^{-1} A^T b`` with ``lam = regularization * ||A||_F``. For ``cond(A) <<
@@ -363,24 +445,32 @@ class LNN(nn.Module):
         return _scalar(self.lagrangian, x, "Lagrangian L(q, qdot)")
 
     def _derivatives(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``g = dL/dx`` ``(N, 2d)`` and ``J = dg/dqdot`` ``(N, 2d, d)`` at the rows of ``x`` (flattened)."""
         flat = x.reshape(-1, x.shape[-1])
-        def grad_twice(z: Tensor) -> tuple[Tensor, Tensor]:
-            g = torch.func.jacrev(self._L1)(z)
+        d = flat.shape[-1] // 2
+        if _closed_form_mlp(self.lagrangian):
+            return mlp_gradient_and_qdot_jacobian(self.lagrangian, flat)
+
+        def grad_twice(qdot: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+            g = torch.func.jacrev(self._L1)(torch.cat([q, qdot]))
             return g, g
 
-        Hs, g = torch.func.vmap(torch.func.jacfwd(grad_twice, has_aux=True))(flat)  # Hessian and gradient at once
-        return g, Hs
+        def one(z: Tensor) -> tuple[Tensor, Tensor]:
+            J, g = torch.func.jacfwd(grad_twice, has_aux=True)(z[d:], z[:d])
+            return g, J
+
+        return torch.func.vmap(one)(flat)
 
     def accelerations(self, x: Tensor) -> Tensor:
         """``qddot`` from the Euler--Lagrange equations at ``x = (q, qdot)`` of shape ``(..., 2d)``; shape
         ``(..., d)``."""
         _check_state(x, self.input_dim, "LNN.accelerations")
         d = x.shape[-1] // 2
-        g, Hs = self._derivatives(x)
+        g, J = self._derivatives(x)
         flat = x.reshape(-1, 2 * d)
-        A = Hs[:, d:, d:]
-        B = Hs[:, d:, :d]
-        b = g[:, :d] - (B @ flat[:, d:].unsqueeze(-1)).squeeze(-1)
+        A = J[:, d:, :]    # d2L/dqdot2
+        Bt = J[:, :d, :]   # B^T, B = d2L/(dqdot dq)
+        b = g[:, :d] - (flat[:, d:].unsqueeze(-2) @ Bt).squeeze(-2)
         return self.regularized_solve(A, b).reshape(*x.shape[:-1], d)
 
     def regularized_solve(self, A: Tensor, b: Tensor) -> Tensor:
@@ -448,4 +538,5 @@ class DerivativeMLP(nn.Module):
         return self.time_derivative(x)
 
 
-__all__ = ["DerivativeMLP", "HNN", "LNN", "mlp", "scalar_gradient", "symplectic_gradient"]
+__all__ = ["DerivativeMLP", "HNN", "LNN", "mlp", "mlp_gradient_and_qdot_jacobian", "scalar_gradient",
+           "symplectic_gradient"]
