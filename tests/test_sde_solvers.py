@@ -500,21 +500,27 @@ def test_non_finite_keeps_partial_solution(adaptive):
     assert err.value.solution.n_valid == k
 
 
-@pytest.mark.parametrize("method,sde_type", [("srk", "ito"), ("heun", "stratonovich")])
-def test_rejected_steps_leave_the_path_unchanged(method, sde_type):
-    """An adaptive solve with rejected steps equals a fixed-step solve over its accepted half steps (step doubling
-    keeps the two halves): the rejected attempts' queries did not change the Brownian path. Not bit for bit: the
-    fixed solve's landing steps end within an ulp of the adaptive ones' times, and W moves ~sqrt(ulp) ~ 1e-9 there
-    (measured difference ~1e-7); another path differs by > 1e-2."""
+def _adaptive_solve(method, sde_type, tol, estimate):
+    """An adaptive solve of a diagonal-noise SDE on a fixed Brownian path; returns the term, y0, ts, the solution
+    and its accepted steps ``[(t, h), ...]``."""
     bm = BrownianInterval(0.0, 1.0, shape=(6, 2), dtype=F64, entropy=3, levy_area="space-time")
     term = neurodyn.sde_term(lambda t, y: torch.sin(y) - 0.5 * y, lambda t, y: 0.6 * torch.cos(y) + 0.2, bm,
                              noise="diagonal", sde_type=sde_type)
     y0 = torch.linspace(-1, 1, 12, dtype=F64).view(6, 2)
     ts = torch.tensor([0.0, 1.0], dtype=F64)
     grid = []
-    sol = neurodyn.solve(term, y0, ts, method=method, rtol=1e-4, atol=1e-4,
-                         solver_options={"error_estimate": "doubling"},
+    sol = neurodyn.solve(term, y0, ts, method=method, rtol=tol, atol=tol, solver_options={"error_estimate": estimate},
                          step_callbacks={"accept": lambda t, y, h: grid.append((t, h))})
+    return term, y0, ts, sol, grid
+
+
+@pytest.mark.parametrize("method,sde_type", [("srk", "ito"), ("heun", "stratonovich")])
+def test_rejected_steps_leave_the_path_unchanged(method, sde_type):
+    """An adaptive solve with rejected steps equals a fixed-step solve over its accepted half steps (step doubling
+    keeps the two halves): the rejected attempts' queries did not change the Brownian path. Not bit for bit: the
+    fixed solve's landing steps end within an ulp of the adaptive ones' times, and W moves ~sqrt(ulp) ~ 1e-9 there
+    (measured difference ~1e-7); another path differs by > 1e-2."""
+    term, y0, ts, sol, grid = _adaptive_solve(method, sde_type, 1e-4, "doubling")
     assert sol.status == "success" and sol.stats["rejected"] > 0
     stops = sorted({t + 0.5 * h for t, h in grid} | {t + h for t, h in grid[:-1]})
     fixed = neurodyn.solve(term, y0, ts, method=method, step_size=1.0, step_t=stops)
@@ -653,15 +659,7 @@ def test_embedded_adaptive_path_and_cost(method, sde_type):
     solve on the accepted grid gives the same solution: rejected attempts did not change the Brownian path), each
     attempt costs one step's evaluations (drift: one per accepted step for milstein and heun, whose retries reuse
     the step-start drift; milstein's rejected attempts one drift evaluation each)."""
-    bm = BrownianInterval(0.0, 1.0, shape=(6, 2), dtype=F64, entropy=3, levy_area="space-time")
-    term = neurodyn.sde_term(lambda t, y: torch.sin(y) - 0.5 * y, lambda t, y: 0.6 * torch.cos(y) + 0.2, bm,
-                             noise="diagonal", sde_type=sde_type)
-    y0 = torch.linspace(-1, 1, 12, dtype=F64).view(6, 2)
-    ts = torch.tensor([0.0, 1.0], dtype=F64)
-    grid = []
-    sol = neurodyn.solve(term, y0, ts, method=method, rtol=1e-3, atol=1e-3,
-                         solver_options={"error_estimate": "embedded"},
-                         step_callbacks={"accept": lambda t, y, h: grid.append((t, h))})
+    term, y0, ts, sol, grid = _adaptive_solve(method, sde_type, 1e-3, "embedded")
     assert sol.status == "success" and sol.stats["rejected"] > 0
     fixed = neurodyn.solve(term, y0, ts, method=method, step_size=1.0, step_t=[t + h for t, h in grid[:-1]])
     assert fixed.stats["steps"] == len(grid)
