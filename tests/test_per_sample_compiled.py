@@ -44,7 +44,6 @@ def _same_decisions(eager, comp, exact=True):
     assert eager.sample_status == comp.sample_status
 
 
-@pytest.mark.slow
 def test_compiled_rows_match_closed_form_and_eager_with_many_outputs_per_step(form):
     """y' = -lam_i y on rows of stiffness 0.05..20 with per-row output grids dense enough that slow rows pass
     several outputs in one step (the eager dense output finishes those): each row against exp(-lam_i t), and the
