@@ -7,6 +7,7 @@ and ``z0`` come from autograd through ``matrix_exp`` (no ODE solver involved).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -508,3 +509,41 @@ def test_bad_input():
         NeuralODE(Linear(), gradient="no_such_gradient")(z0)
     with pytest.raises(TypeError):
         NeuralODE(Linear(), no_such_option=1)(z0)
+
+
+def test_deepcopy_of_a_model_after_a_forward_pass_with_gradients():
+    """A model keeping its last solution (its tensors inside an autograd graph, which torch refuses to deep-copy) can
+    be deep-copied after a training step (EMA copies, checkpointing): the copy's solution holds the same values,
+    detached, and the copy computes what the original does."""
+    from neurodyn.data import interpolation_mask, periodic_toy
+    from neurodyn.models import LatentODE
+
+    torch.manual_seed(0)
+    t, x = periodic_toy(8, 40, seed=0)
+    full = torch.ones_like(x)
+    model = LatentODE(1, latent_size=4, rec_size=6, units=16)
+    mask = interpolation_mask(full, 20, torch.Generator().manual_seed(0))
+    loss = model.loss(x, t[0], mask, t[0], x, full, n_samples=2, kl_weight=0.0)["loss"]
+    loss.backward()
+    assert model.ode.last_solution.ys.grad_fn is not None
+    twin = copy.deepcopy(model)
+    assert twin.ode.last_solution.ys.grad_fn is None and not twin.ode.last_solution.ys.requires_grad
+    torch.testing.assert_close(twin.ode.last_solution.ys, model.ode.last_solution.ys.detach(), rtol=0, atol=0)
+    assert twin.ode.last_solution.stats == model.ode.last_solution.stats
+    with torch.no_grad():
+        a = model.ode(torch.ones(3, 4), t[0][:5])
+        b = twin.ode(torch.ones(3, 4), t[0][:5])
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_deepcopy_of_a_solution_detaches_its_events():
+    y0 = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    sol = neurodyn.solve(lambda t, y: torch.stack([y[1], -y[0]]), y0, torch.tensor([0.0, 7.0], dtype=torch.float64),
+                         events=[neurodyn.Event(lambda t, y: y[0], terminal=False)], rtol=1e-10, atol=1e-12, dense=True)
+    assert sol.events.t.requires_grad
+    twin = copy.deepcopy(sol)
+    assert not twin.events.t.requires_grad and not twin.ys.requires_grad
+    torch.testing.assert_close(twin.events.t, sol.events.t.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(twin.evaluate(torch.tensor([1.0], dtype=torch.float64)),
+                               sol.evaluate(torch.tensor([1.0], dtype=torch.float64)).detach(), rtol=0, atol=0)
+    assert twin.status == sol.status and twin.n_valid == sol.n_valid

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +78,21 @@ class Events:
         return int(self.t.shape[0])
 
 
+def _detached(value: Any, memo: dict) -> Any:
+    """``copy.deepcopy`` of ``value`` with every tensor in it (in dicts, lists, tuples, dataclasses) detached."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _detached(v, memo) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_detached(v, memo) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _detached(getattr(value, f.name), memo)
+                                             for f in dataclasses.fields(value) if f.init})
+    return copy.deepcopy(value, memo)
+
+
 @dataclass
 class Solution:
     """What :func:`neurodyn.solve` returns.
@@ -132,6 +149,14 @@ class Solution:
     t_final_per_sample: Tensor | None = None
     _dense: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
     _dense_span: tuple[float, float] | None = field(default=None, repr=False)
+
+    def __deepcopy__(self, memo: dict) -> Solution:
+        """A copy whose tensors are detached copies (torch cannot deep-copy a tensor inside an autograd graph), so
+        that ``copy.deepcopy`` of a model that keeps its last solution (``NeuralODE.last_solution``) works after a
+        forward pass with gradients. The dense solution is shared, not copied."""
+        kept = {"_dense", "_dense_span"}
+        return dataclasses.replace(self, **{f.name: _detached(getattr(self, f.name), memo)
+                                            for f in dataclasses.fields(self) if f.name not in kept})
 
     @property
     def success(self) -> bool:
