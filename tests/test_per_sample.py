@@ -100,6 +100,13 @@ def test_bad_input():
         neurodyn.solve(lambda tt, y: -y, y0, t, gradient="adjoint", adjoint_method="rk4", per_sample_steps=True)
     with pytest.raises(neurodyn.InputError, match="one row per sample"):
         neurodyn.solve(lambda tt, y: -y, y0, torch.zeros(3, 3, dtype=F64), per_sample_steps=True)
+    calls = []
+    with pytest.raises(neurodyn.InputError, match="step_callbacks"):  # not silently ignored
+        neurodyn.solve(lambda tt, y: -y, y0, t, per_sample_steps=True,
+                       step_callbacks={"accept": lambda tt, y, h: calls.append(tt)})
+    with pytest.raises(neurodyn.InputError, match="callback"):
+        neurodyn.solve(lambda tt, y: -y, y0, t, per_sample_steps=True, callback=lambda *a: calls.append(a))
+    assert calls == []
 
 
 def test_rows_in_both_directions_match_scipy():

@@ -217,7 +217,7 @@ def solve(
         ``{"step": cb, "accept": cb, "reject": cb}`` (any subset), each called as ``cb(t, y, h_abs)`` with the
         step's start time (float), start state (a ``(1, n)`` view of the flat state) and step size magnitude:
         ``"step"`` before every attempted step, then ``"accept"`` or ``"reject"`` (fixed-step methods accept every
-        step). The forward solve only (not an adjoint's backward solve).
+        step). The forward solve only (not an adjoint's backward solve). Not with ``per_sample_steps``.
     progress : bool or meter
         ``True``: show a :class:`neurodyn.progress.SolveProgress` on ``sys.stderr`` (``tqdm.auto`` when tqdm is
         installed, else text lines): the fraction of ``[t[0], t[-1]]`` covered, ``t``, accepted and rejected steps,
@@ -478,6 +478,9 @@ def prepare(
         adjoint_method = "rk4"  # the adjoint state is not a (q, p) pair: integrate it with a general method
     if per_sample_steps and not solver.rows:
         raise InputError(f"per_sample_steps supports the explicit Runge-Kutta methods, not {method!r}.")
+    if per_sample_steps and step_callbacks:
+        raise InputError("step_callbacks follow one solve's steps; with per_sample_steps=True every sample steps on "
+                         "its own: pass step_callbacks=None (sol.stats['steps_per_sample'] counts each sample's steps).")
     if per_sample_steps and dense:
         raise InputError("dense=True is not available with per_sample_steps=True (each sample steps on its own grid): "
                          "pass the times you need in t (per-sample times: t of shape (B, T)), or solve without "
