@@ -361,10 +361,15 @@ class SDEStepper(StepperBase):
         return fine.reshape(1, -1), f0.reshape(1, -1), err
 
     def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
-        raise NotImplementedError
+        """One step from ``(t, y)`` of size ``h`` (``f0``: the drift at ``(t, y)``)."""
+        return self._step(sde, t, y, h, f0, False)[0]
 
     def base_est(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> tuple[Tensor, Tensor]:
         """One step and its embedded error estimate ``(y1, y1 - y_low)`` (methods with ``embedded_noise``)."""
+        return self._step(sde, t, y, h, f0, True)
+
+    def _step(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor, est: bool) -> tuple[Tensor, Any]:
+        """``(y1, y1 - y_low)`` with ``est``, else ``(y1, None)``: a method defines this, or ``base`` alone."""
         raise NotImplementedError
 
     # -- dense output -----------------------------------------------------------------------------------------
@@ -439,12 +444,6 @@ class Milstein(SDEStepper):
     def option_names(self) -> tuple[str, ...]:
         return ("error_estimate", "grad_free")
 
-    def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
-        return self._step(sde, t, y, h, f0, False)[0]
-
-    def base_est(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> tuple[Tensor, Tensor]:
-        return self._step(sde, t, y, h, f0, True)
-
     def _step(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor, est: bool) -> tuple[Tensor, Any]:
         dW = sde.dW(t, t + h)
         if sde.noise == "additive":
@@ -508,16 +507,10 @@ class SRK(SDEStepper):
     embedded_order = 1.0
     embedded_default = True
 
-    def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
-        return self._step(sde, t, y, h, f0, False)[0]
-
-    def base_est(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> tuple[Tensor, Tensor]:
-        """The step and its difference from an order-1.0 solution on the same evaluations: a derivative-free
-        Milstein step ``y + f h + g0 dW + (g1 - g0) I_kk / b1 sqrt(h)`` (``g1`` the second diffusion stage, at
-        ``y + a1 h f + b1 sqrt(h) g0``), or Euler--Maruyama for additive noise."""
-        return self._step(sde, t, y, h, f0, True)
-
     def _step(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor, est: bool) -> tuple[Tensor, Any]:
+        """The step and, with ``est``, its difference from an order-1.0 solution on the same evaluations: a
+        derivative-free Milstein step ``y + f h + g0 dW + (g1 - g0) I_kk / b1 sqrt(h)`` (``g1`` the second diffusion
+        stage, at ``y + a1 h f + b1 sqrt(h) g0``), or Euler--Maruyama for additive noise."""
         inc = sde.levy(t, t + h)
         dW, H = inc.W, inc.H
         u_h = H + 0.5 * dW  # U / h
@@ -589,12 +582,6 @@ class StratHeun(SDEStepper):
     sde_types = ("stratonovich",)
     embedded_noise = ("diagonal", "scalar", "general")  # the step minus its Euler--Maruyama predictor
 
-    def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
-        return self._step(sde, t, y, h, f0, False)[0]
-
-    def base_est(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> tuple[Tensor, Tensor]:
-        return self._step(sde, t, y, h, f0, True)
-
     def _step(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor, est: bool) -> tuple[Tensor, Any]:
         dW = sde.dW(t, t + h)
         gp = sde.g_prod(t, y, dW)
@@ -611,12 +598,6 @@ class StratMidpoint(SDEStepper):
     order = 1.0
     sde_types = ("stratonovich",)
     embedded_noise = ("diagonal", "scalar", "general")  # the step minus Euler--Maruyama y + f h + g dW
-
-    def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
-        return self._step(sde, t, y, h, f0, False)[0]
-
-    def base_est(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> tuple[Tensor, Tensor]:
-        return self._step(sde, t, y, h, f0, True)
 
     def _step(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor, est: bool) -> tuple[Tensor, Any]:
         dW = sde.dW(t, t + h)
@@ -636,12 +617,6 @@ class EulerHeun(SDEStepper):
     sde_types = ("stratonovich",)
     embedded_noise = ("diagonal", "scalar", "general")  # the step minus Euler--Maruyama y + f h + g dW
 
-    def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
-        return self._step(sde, t, y, h, f0, False)[0]
-
-    def base_est(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> tuple[Tensor, Tensor]:
-        return self._step(sde, t, y, h, f0, True)
-
     def _step(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor, est: bool) -> tuple[Tensor, Any]:
         dW = sde.dW(t, t + h)
         gp = sde.g_prod(t, y, dW)
@@ -660,12 +635,6 @@ class LogODE(SDEStepper):
     sde_types = ("stratonovich",)
     levy = "A"
     embedded_noise = ("diagonal", "scalar", "general")  # the step minus Euler--Maruyama y + f h + g dW
-
-    def base(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> Tensor:
-        return self._step(sde, t, y, h, f0, False)[0]
-
-    def base_est(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor) -> tuple[Tensor, Tensor]:
-        return self._step(sde, t, y, h, f0, True)
 
     def _step(self, sde: SDEParts, t: float, y: Tensor, h: float, f0: Tensor, est: bool) -> tuple[Tensor, Any]:
         inc = sde.levy(t, t + h)
