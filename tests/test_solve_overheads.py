@@ -81,8 +81,8 @@ def test_pooled_buffers_do_not_alias_earlier_results():
         for k in range(3):
             b = _exp_decay_solve(torch.tensor([[3.0 + k, -1.0]], dtype=torch.float64))
     assert torch.equal(a, a_copy)
-    exact = torch.tensor([[1.0, 2.0]], dtype=torch.float64) * torch.exp(-torch.tensor([0.0, 0.5, 1.0],
-                                                                                      dtype=torch.float64)).view(3, 1, 1)
+    times = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    exact = torch.tensor([[1.0, 2.0]], dtype=torch.float64) * torch.exp(-times).view(3, 1, 1)
     torch.testing.assert_close(a, exact, rtol=1e-8, atol=0)
     torch.testing.assert_close(b[-1], torch.tensor([[5.0, -1.0]], dtype=torch.float64) * math.exp(-1.0), rtol=1e-8,
                                atol=0)
