@@ -624,7 +624,12 @@ def _dispatch(func, y0, t, solver, cfg, on_failure, gopts, gradient) -> Solution
 
 def _default_controller(solver: Any) -> PIDController:
     """PI control, or the stepper's own controller where it has one (``bdf`` sizes its steps with its order)."""
-    return solver.default_controller() if solver.own_controller else PIDController()
+    return solver.default_controller() if solver.own_controller else _PI_DEFAULT
+
+
+# The default controller, shared by the solves that take it (its settings are only read: each solve's loop keeps its
+# own memory in ``PIDController.start``'s state); one less validated construction per solve.
+_PI_DEFAULT = PIDController()
 
 
 def _with_time_gradients(func, y0, t, solver, cfg, on_failure, gopts, gradient) -> Solution:

@@ -172,6 +172,12 @@ class CompiledStep:
     def __init__(self, advance: Callable, per_func: dict, key: tuple):
         self._advance, self._per_func, self._key = advance, per_func, key
 
+    @property
+    def usable(self) -> bool:
+        """False once compilation has failed for its field (what :func:`compiled_advance` would then return None
+        for)."""
+        return self._per_func.get(self._key) is not _FALLBACK
+
     def choose(self, term, solver, y0: Tensor, k0: Tensor, times: list[float], stops: list[float], cfg,
                loop_available: bool) -> tuple[str, str]:
         """Which path this solve runs (``"loop"``, ``"step"`` or ``"eager"``) and why:

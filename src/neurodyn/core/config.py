@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,3 +65,32 @@ class LoopConfig:
     on_attempt: Callable[[float, Tensor, float, bool, int], None] | None = None
     # The loop pauses (yields) after every attempted step: manual stepping (neurodyn.stepping) drives it.
     pause: bool = False
+
+
+def _dict_init(cls: type) -> type:
+    """Give the frozen dataclass ``cls`` an ``__init__`` with the generated one's signature and defaults that fills the
+    instance dict in one update instead of one ``object.__setattr__`` per field (a frozen dataclass's own ``__init__``;
+    ~2.5x slower for ``LoopConfig``'s 26 fields, paid once per solve). Attribute assignment stays refused."""
+    ns: dict = {"_MISSING": dataclasses.MISSING}
+    args, body = [], []
+    for i, f in enumerate(dataclasses.fields(cls)):
+        if f.default is not dataclasses.MISSING:
+            ns[f"_d{i}"] = f.default
+            args.append(f"{f.name}=_d{i}")
+            body.append(f"{f.name}={f.name}")
+        elif f.default_factory is not dataclasses.MISSING:
+            ns[f"_f{i}"] = f.default_factory
+            args.append(f"{f.name}=_MISSING")
+            body.append(f"{f.name}=_f{i}() if {f.name} is _MISSING else {f.name}")
+        else:
+            args.append(f.name)
+            body.append(f"{f.name}={f.name}")
+    exec(f"def __init__(self, {', '.join(args)}):\n    self.__dict__.update({', '.join(body)})\n", ns)  # noqa: S102
+    init = ns["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__doc__ = cls.__init__.__doc__
+    cls.__init__ = init
+    return cls
+
+
+_dict_init(LoopConfig)

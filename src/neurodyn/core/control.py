@@ -132,6 +132,34 @@ def frozen_attempt(y0: Tensor, y1: Tensor, shrink: float | Tensor, eps: float) -
     return (y1.detach() - y0).abs().mul_(shrink).le_(y0.abs().mul_(eps)).all(dim=-1)
 
 
+# Components read by not_frozen: any component clearly outside rule 3's bound proves the attempt not frozen.
+NOT_FROZEN_PROBE = 8
+
+
+def not_frozen(y0: Tensor, y1: Tensor, shrink: float, eps: float) -> bool:
+    """A host-side screen before :func:`frozen_attempt` on one row (``y0``, ``y1`` of shape ``(1, n)``, the eager
+    loop): True when one of the first :data:`NOT_FROZEN_PROBE` components changed by clearly more than rule 3 allows,
+    ``|y1 - y0| shrink > 2 eps |y0|`` and above ``1e-30`` (computed in float64: far from the rounding and underflow of
+    any real dtype's own arithmetic, so :func:`frozen_attempt` would find the row not frozen too). False: undecided,
+    :func:`frozen_attempt` decides. One small transfer instead of the tensor form's eight operations per rejection.
+
+    >>> not_frozen(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.5, 2.0]]), 0.5, 1e-7)
+    True
+    >>> not_frozen(torch.tensor([[1.0]]), torch.tensor([[1.0]]), 0.5, 1e-7)  # unchanged: undecided
+    False
+    """
+    if y0.is_complex():
+        return False
+    k = NOT_FROZEN_PROBE
+    a = (y0 if y0.shape[1] <= k else y0[:, :k]).tolist()[0]
+    b = (y1 if y1.shape[1] <= k else y1[:, :k]).tolist()[0]
+    for ai, bi in zip(a, b):
+        d = abs(bi - ai) * shrink
+        if d > 1e-30 and d > 2.0 * eps * abs(ai):  # False for NaN
+            return True
+    return False
+
+
 class ControllerState:
     """Per-solve memory of a controller (previous error ratios) and its proposal formula, in two forms side by
     side: :meth:`propose` on Python floats (the eager loop: one step, host-side) and :meth:`propose_tensor` on

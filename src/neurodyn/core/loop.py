@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Generator
 
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor
 from .. import solution as _sol
 from ..errors import InputError
 from .config import LoopConfig
-from .control import LANDING_SLACK, frozen_attempt, initial_step, make_error_ratio, step_underflow
+from .control import LANDING_SLACK, frozen_attempt, initial_step, make_error_ratio, not_frozen, step_underflow
 from .events import EventWatch
 from .output import LoopResult, step_outputs
 from .stepper import Step, Stepper, nextafter
@@ -146,9 +147,12 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
     fast = cfg.advance if path != "eager" else None
     # Without an autograd graph or recorded steps, stages go to two alternating preallocated buffers
     # (alternating: a rejected attempt must not overwrite the FSAL stage the retry starts from).
-    buffers = None
+    buffers = pool_key = None
     if not torch.is_grad_enabled() and not cfg.record and fast is None:
-        buffers = (solver.make_buffers(y0, k0), solver.make_buffers(y0, k0))
+        pooled = watch is None and on_accept is None and not pause and k0.numel() <= POOL_MAX_NUMEL
+        buffers, pool_key = take_buffers(solver, y0, k0) if pooled else (None, None)
+        if buffers is None:
+            buffers = (solver.make_buffers(y0, k0), solver.make_buffers(y0, k0))
     which = 0
     buf = None
     new_stages = solver.stages - 1
@@ -287,8 +291,10 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
                 h_abs = min(new_h, max_step_size)
                 # The underflow rule (control.step_underflow): below the time resolution of the state's dtype, or
                 # a rejected attempt whose changes a smaller step could not resolve (a host read per rejection).
-                frozen = (not accept and not nonfinite_streak and h_abs > 0
-                          and bool(frozen_attempt(y[:, :m], y1[:, :m], h_abs / abs(h), eps)[0]))
+                frozen = False
+                if not accept and not nonfinite_streak and h_abs > 0:
+                    ym, y1m, shrink = (y, y1, h_abs / abs(h)) if m == n else (y[:, :m], y1[:, :m], h_abs / abs(h))
+                    frozen = not not_frozen(ym, y1m, shrink, eps) and bool(frozen_attempt(ym, y1m, shrink, eps)[0])
                 if step_underflow(t, h_abs, eps, frozen):
                     status = _sol.NON_FINITE if nonfinite_streak else _sol.STEP_SIZE_UNDERFLOW
                     message = failure_message(status, t, abs(h), cfg, solver, t0, t_end, steps, rejected, y0.dtype)
@@ -300,6 +306,8 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
             if pause:
                 yield (t, y, st if accept else None, h_abs)
 
+    if pool_key is not None:
+        give_back_buffers(solver, pool_key, buffers)
     return LoopResult(outs=outs, status=status, t_final=t, y_final=y, steps=steps, rejected=rejected,
                       initial_step=first_h, last_step=abs(last_h), records=steps_kept, message=message,
                       next_step=h_abs if math.isfinite(h_abs) and h_abs > 0 else None,
@@ -307,6 +315,54 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
                       hits=watch.hits if watch is not None else None,
                       compiled="step" if fast is not None else ("eager" if path == "eager" else None),
                       compile_reason=why)
+
+
+# Stage buffers kept between solves: a pair of them with their cached views costs ~30 us to build, a measurable share
+# of a small solve. A loop takes a pair out of the pool and puts it back only when it returns, so nested solves (a
+# field that solves) and threads never share a pair, and a loop abandoned half-way (an exception, manual stepping
+# given up) just drops its pair. Only loops whose results cannot alias a buffer take part: no events, on_accept hook
+# or pausing (what these keep may hold a buffer's stages past the loop; the outputs, the final state and the stage
+# derivative a loop returns are fresh tensors). Small states only (the pool holds their memory), at most
+# POOL_MAX_KEYS layouts per stepper; the pool is keyed weakly by the stepper, so a per-solve bound stepper's
+# entries go with it.
+POOL_MAX_NUMEL = 4096
+POOL_MAX_KEYS = 16
+_BUFFER_POOL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def take_buffers(solver: Stepper, y0: Tensor, k0: Tensor) -> tuple[tuple | None, tuple | None]:
+    """``(buffers, key)``: a pair of stage buffers for ``y0``/``k0``'s layout from the pool, or ``(None, key)`` where
+    the pool has none (the caller makes them and hands them back with :func:`give_back_buffers`), or ``(None, None)``
+    where the stepper cannot be pooled."""
+    key = (y0.dtype, y0.device, tuple(y0.shape), tuple(k0.shape), torch.is_inference_mode_enabled())
+    try:
+        per = _BUFFER_POOL.get(solver)
+    except TypeError:  # a stepper that cannot be weakly referenced: not pooled
+        return None, None
+    if per is None:
+        return None, key
+    free = per.get(key)
+    return (free.pop() if free else None), key
+
+
+def give_back_buffers(solver: Stepper, key: tuple, buffers: tuple) -> None:
+    """Return a pair taken with :func:`take_buffers` (or made for its key) to the pool (one spare pair kept per
+    layout)."""
+    if buffers[0] is None:  # the stepper has no buffers (or refused them under vmap)
+        return
+    try:
+        per = _BUFFER_POOL.get(solver)
+        if per is None:
+            per = _BUFFER_POOL[solver] = {}
+    except TypeError:
+        return
+    free = per.get(key)
+    if free is None:
+        if len(per) >= POOL_MAX_KEYS:
+            per.clear()
+        free = per[key] = []
+    if not free:
+        free.append(buffers)
 
 
 def zeno_message(t: float, cfg: LoopConfig, total: int, h: float | None = None) -> str:

@@ -15,7 +15,8 @@ Rules every stepper follows
    statuses; a stepper never reads tolerances unless it declares ``implicit`` (Newton tolerances, via ``bind``).
 2. ``step`` must not keep references to its inputs that it later mutates: a rejected attempt is retried from the
    same ``(t, y, k1)``. The buffers the loop passes (``buf``, from :meth:`Stepper.make_buffers`) alternate between
-   attempts for this reason.
+   attempts for this reason, and later solves of the same layout reuse them (:func:`neurodyn.core.loop.take_buffers`):
+   ``y1`` and what ``step`` and ``interpolate`` return to be kept are fresh tensors, never views of a buffer.
 3. With ``fsal`` the last row of ``k`` is ``dy/dt`` at ``(t + h, y1)``: the loop passes it on as the next ``k1``.
 4. Dense output: :meth:`Stepper.interpolate` evaluates the step's continuous extension at fractions
    ``theta`` of an accepted :class:`Step` (``"auto"``: the method's own, else cubic Hermite, see
