@@ -359,10 +359,15 @@ class ExplicitRungeKutta(StepperBase):
         """
         b_rows, n = y0.shape
         if co.dense_t is not None:
-            # theta, theta^2, ...: repeated products (the compiled rows' form; a tensor-exponent pow is ~5x slower)
-            powers = thetas.view(b_rows, 1).expand(b_rows, co.dense_t.shape[0]).cumprod(1)
-            weights = torch.mm(powers, co.dense_t).to(y0.dtype)  # (B, s_full)
-            return torch.baddbmm(y0.unsqueeze(1), weights.unsqueeze(1), kf.transpose(0, 1)).view(b_rows, n)
+            # y0 + sum_j theta^j q_j with q = P^T kh (one product for all rows), by Horner's rule in theta; in float64
+            # (or complex128): DOP853's P has entries ~500 that cancel.
+            ct = torch.promote_types(kf.dtype, co.dense_t.dtype)
+            q = torch.mm(co.dense_t.to(ct), kf.reshape(kf.shape[0], -1).to(ct)).view(-1, b_rows, n)
+            th = thetas.view(b_rows, 1)
+            acc = q[-1]
+            for j in range(q.shape[0] - 2, -1, -1):
+                acc = torch.addcmul(q[j], acc, th)
+            return torch.addcmul(y0.to(ct), acc, th).to(y0.dtype)
         return hermite(thetas.view(b_rows, 1).to(co.b.real.dtype), y0, y1, kf[0], fh1)
 
     # -- dense output ----------------------------------------------------------------------------
