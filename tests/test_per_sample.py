@@ -256,3 +256,17 @@ def test_non_contiguous_y0(gradient):
     e = math.exp(-0.7)
     torch.testing.assert_close(sol.ys[-1].detach(), y0 * e, rtol=1e-9, atol=1e-10)
     assert abs(float(w.grad) + float(y0.sum()) * e) < 1e-8
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "dopri8"])
+def test_row_dense_output_equals_shared_step_dense_output(method):
+    """The rows' dense output (one product P^T kh, Horner's rule in theta) against the shared-step loop's own
+    interpolation of the same steps: a single row takes the shared loop's steps, so the outputs between them agree to
+    rounding."""
+    mu = torch.tensor([4.0], dtype=F64)
+    y0 = torch.tensor([[2.0, 0.0]], dtype=F64)
+    t = torch.linspace(0, 7, 23, dtype=F64)  # outputs inside steps: interpolated
+    rows = neurodyn.solve(_vdp_batch(mu), y0, t, method=method, rtol=1e-8, atol=1e-10, per_sample_steps=True)
+    one = neurodyn.solve(_vdp_batch(mu), y0, t, method=method, rtol=1e-8, atol=1e-10)
+    assert int(rows.stats["steps_per_sample"][0]) == one.stats["steps"]
+    assert torch.allclose(rows.ys, one.ys, rtol=1e-11, atol=1e-11), (rows.ys - one.ys).abs().max()

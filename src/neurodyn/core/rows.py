@@ -279,6 +279,7 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
             packed = fast.pack(t_cur, y, k1, h_abs, t_stop, prev, prev2, out_slot, steps, attempts)
     compiled = None
     it = 0
+    act = None  # the rows still integrating: the previous attempt's `still` (None: computed from the times)
     if packed is not None:  # the whole loop compiled, where the plug-in runs it
         whole = fast.loop(packed, status, ys_buf, fr.times_flat, rtol_t, atol_t, lim, cfg.max_steps)
         if whole is not None:
@@ -336,7 +337,8 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
         hp = torch.where(land, rem, h_abs)
         h = hp if d > 0 else -hp
         t1 = torch.where(land, t_stop, t_cur + h)
-        act = rem > 0
+        if act is None:
+            act = rem > 0
         hc = (h if h.dtype == rdt else h.to(rdt)).view(b, 1)
         y1, kh, err, f_last = solver.step_rows(term, t_cur, y, h, hc, k1, co, buf)
         nfe += s_new
@@ -400,6 +402,7 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
         if it >= cfg.max_steps:
             status = torch.where(still, _MAX_STEPS, status)
             break
+        act = still
 
     if packed is not None:
         sv, yv, iv = packed

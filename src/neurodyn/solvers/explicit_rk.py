@@ -131,7 +131,6 @@ class ExplicitRungeKutta(StepperBase):
         # Stage s-1 lands on y1 exactly when its row equals b (FSAL): reuse it as the new state.
         self.last_stage_is_y1 = tableau.fsal and tuple(tableau.a[-1]) == tuple(tableau.b[:-1])
         self._cache: dict[tuple[torch.dtype, torch.device], _Coefficients] = {}
-        self._power_cache: dict[tuple[int, torch.device], Tensor] = {}
         # The dense-output weights of the last fractions tensor interpolated at (the tensor itself, its version, the
         # coefficients, the weights): a caller checking the same fractions every step builds them once.
         self._weights_cache: tuple[Tensor, int, Any, Tensor] | None = None
@@ -360,17 +359,16 @@ class ExplicitRungeKutta(StepperBase):
         """
         b_rows, n = y0.shape
         if co.dense_t is not None:
-            powers = thetas.view(b_rows, 1) ** self._powers(co.dense_t.shape[0], thetas.device)
-            weights = torch.mm(powers, co.dense_t).to(y0.dtype)  # (B, s_full)
-            return torch.baddbmm(y0.unsqueeze(1), weights.unsqueeze(1), kf.transpose(0, 1)).view(b_rows, n)
+            # y0 + sum_j theta^j q_j with q = P^T kh (one product for all rows), by Horner's rule in theta; in float64
+            # (or complex128): DOP853's P has entries ~500 that cancel.
+            ct = torch.promote_types(kf.dtype, co.dense_t.dtype)
+            q = torch.mm(co.dense_t.to(ct), kf.reshape(kf.shape[0], -1).to(ct)).view(-1, b_rows, n)
+            th = thetas.view(b_rows, 1)
+            acc = q[-1]
+            for j in range(q.shape[0] - 2, -1, -1):
+                acc = torch.addcmul(q[j], acc, th)
+            return torch.addcmul(y0.to(ct), acc, th).to(y0.dtype)
         return hermite(thetas.view(b_rows, 1).to(co.b.real.dtype), y0, y1, kf[0], fh1)
-
-    def _powers(self, d: int, device: torch.device) -> Tensor:
-        """``[1, 2, ..., d]`` as a float64 tensor (cached per device): exponents of the dense output."""
-        p = self._power_cache.get((d, device))
-        if p is None:
-            p = self._power_cache[(d, device)] = torch.arange(1, d + 1, dtype=torch.float64, device=device)
-        return p
 
     # -- dense output ----------------------------------------------------------------------------
     def _full_stages(self, term: Term, st: Step, co: _Coefficients) -> Tensor:
