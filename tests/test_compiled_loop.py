@@ -243,3 +243,47 @@ def test_vmap_over_a_fixed_step_solve_steps_from_python():
     exact = ys @ torch.linalg.matrix_exp(A.T)
     assert torch.allclose(comp, eager, rtol=1e-12, atol=1e-14)
     assert torch.allclose(comp, exact, atol=5e-4)  # rk4 with h = 0.1 on eigenvalues of modulus 2
+
+
+class WideTanh(nn.Module):
+    """A batched MLP field whose tanh layers hold 32 x 64 = 2048 elements: compiled through ATen's tanh kernel."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.w1 = nn.Parameter(torch.randn(2, 64, generator=g, dtype=F64) * 0.5)
+        self.w2 = nn.Parameter(torch.randn(64, 2, generator=g, dtype=F64) * 0.2)
+
+    def forward(self, t, y):
+        return torch.tanh(y @ self.w1) @ self.w2
+
+
+@pytest.mark.slow
+def test_loop_with_library_tanh_matches_eager(monkeypatch):
+    from neurodyn.compile import loop as compile_loop
+    from neurodyn.compile import policy as compile_policy
+
+    monkeypatch.setattr(compile_policy, "FORCE", "compiled")
+    f = WideTanh()
+    y0 = torch.randn(compile_loop.LIBRARY_TANH_ELEMENTS // 64, 2, generator=torch.Generator().manual_seed(2),
+                     dtype=F64)
+    eager, comp = _both(f, y0, T, rtol=1e-8, atol=1e-10)
+    _same(eager, comp, nfe_extra=0)
+
+
+def test_compile_time_lowering_changes_are_undone():
+    """The lowering changes made while compiling (library tanh, thin products) leave Inductor as it was."""
+    pytest.importorskip("torch._inductor.lowering")
+    from torch._inductor import lowering
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+
+    from neurodyn.compile.loop import library_tanh
+    from neurodyn.compile.train import decompose_thin_products
+
+    op = torch.ops.aten.tanh.default
+    before_tanh, before_mm = lowering.lowerings[op], decompose_mem_bound_mm.should_decompose_mm
+    with library_tanh(), decompose_thin_products():
+        assert lowering.lowerings[op] is not before_tanh
+        assert decompose_mem_bound_mm.should_decompose_mm is not before_mm
+    assert lowering.lowerings[op] is before_tanh
+    assert decompose_mem_bound_mm.should_decompose_mm is before_mm

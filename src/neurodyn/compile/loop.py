@@ -22,6 +22,7 @@ Everything else uses the per-step compiled path. Compilation failures fall back 
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 import weakref
@@ -50,11 +51,16 @@ except ImportError:  # another torch: recompilations go unnoticed (each solve st
         return []
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# tanh of at least this many elements calls ATen's kernel inside compiled code (library_tanh); measured crossover of a
+# library call against Sleef's inlined code, float64, one core: ~500 elements.
+LIBRARY_TANH_ELEMENTS = 2048
 # Inductor on the CPU: the graph's wrapper in C++ (no Python between kernels); products with a single row (a
 # batch-1 state through a Linear layer) as fused loops rather than library GEMV calls; 256-bit vectors (the
 # state's short rows and the MLP's 64-wide layers run ~1.5x faster per evaluation than with 512-bit ones, which
-# Inductor picks by default where the CPU has them).
-CPU_OPTIONS = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp.simdlen": 256}
+# Inductor picks by default where the CPU has them). The "neurodyn_*" entries are no Inductor settings: they name the
+# lowering changes made while compiling, so that Inductor's cache of compiled graphs tells programs apart.
+CPU_OPTIONS = {"cpp_wrapper": True, "cpp.simdlen": 256,
+               "post_grad_fusion_options": {"decompose_mm_pass": {"neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS}}}
 _FALLBACK = object()
 # Compiled variants of one loop (train()/eval(), say) before a field counts as changing its Python state every solve.
 _MAX_VARIANTS = 3
@@ -340,6 +346,61 @@ class vectorize_strided_loads:
             type(self)._stats.OVERHEAD_RATIO_THRESHOLD = self.saved
 
 
+class library_tanh:
+    """While compiling on the CPU: ``tanh`` of a tensor with at least :data:`LIBRARY_TANH_ELEMENTS` elements runs as
+    ATen's own kernel (the one eager mode calls: Intel VML where torch has MKL) instead of Inductor's inlined
+    vectorised code (Sleef ``tanh_u10``, ~4x slower per float64 element here), which dominates a batched MLP field
+    (the batched protocol case: 256 x 64 x 2 ``tanh`` per evaluation). Smaller ``tanh`` (a batch-1 state's 64-wide
+    layers) stay fused: a library call per evaluation costs more than it saves there. Performance only; a no-op
+    where this torch has no such lowering table."""
+
+    _lowering = None
+
+    def __enter__(self) -> None:
+        cls = type(self)
+        if cls._lowering is None:
+            try:
+                from torch._inductor import lowering as module
+                module.lowerings[torch.ops.aten.tanh.default]  # noqa: B018 (present in this torch?)
+            except (ImportError, AttributeError, KeyError):  # another torch: nothing to adjust
+                module = False
+            cls._lowering = module
+        module = cls._lowering
+        self.saved = None
+        if module:
+            op = torch.ops.aten.tanh.default
+            self.saved = saved = module.lowerings[op]
+            library = module.fallback_handler(op, add_to_fallback_set=False)
+
+            def lower(x, *args, **kwargs):
+                try:
+                    size = [int(d) for d in x.get_size()]
+                    big = math.prod(size) >= LIBRARY_TANH_ELEMENTS and x.get_device().type == "cpu"
+                except (TypeError, AttributeError):  # symbolic sizes, or not a tensor: the default lowering
+                    big = False
+                return (library if big else saved)(x, *args, **kwargs)
+
+            module.lowerings[op] = lower
+            # Inductor notes (a logged warning, per compilation) that ATen's tanh has no C shim and is called
+            # through its generic op dispatcher: expected here, and no concern of the user's.
+            self.ir_log = logging.getLogger("torch._inductor.ir")
+            self.ir_log.addFilter(_no_shim_notice)
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            type(self)._lowering.lowerings[torch.ops.aten.tanh.default] = self.saved
+            self.ir_log.removeFilter(_no_shim_notice)
+
+
+def _no_shim_notice(record: logging.LogRecord) -> bool:
+    """False (drop) for Inductor's notice that ``aten.tanh`` has no C shim; True for every other record."""
+    try:
+        text = record.getMessage()
+    except (TypeError, ValueError):  # a malformed record: let logging report it as usual
+        return True
+    return not ("aten.tanh" in text and "c-shim" in text)
+
+
 def _give_up(per_func: dict, why: str) -> None:
     per_func[_FALLBACK] = True
     warnings.warn(f"compile=True: the solve loop {why}; stepping from Python with compiled steps instead (for this "
@@ -411,7 +472,7 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         tol = _tolerances(per_func, rtol, atol, y0)
         iv = torch.tensor([1, 0, 0, 0, 0, 0, 0, max_steps], dtype=torch.int64, device=device)
         try:
-            with torch.no_grad(), vectorize_strided_loads():
+            with torch.no_grad(), vectorize_strided_loads(), library_tanh():
                 ys, y_final, counters, *rec = fn(cv, y0.detach(), k0.detach(), tol, iv,
                                                  *(module_state(func) if state is None else state).values())
         except Exception as exc:  # compilation failed: Python steps from now on, for this field

@@ -146,7 +146,12 @@ def build_backward(solver: ExplicitRungeKutta, func: torch.nn.Module, shape: tup
             grads[j] = gj
         return out[1], out[2], *grads
 
-    options = CPU_OPTIONS if device.type == "cpu" else None
+    options = None
+    if device.type == "cpu":
+        # The thin-product rule (decompose_thin_products) is no Inductor setting: named in the options (as
+        # loop.CPU_OPTIONS names its own), so that Inductor's cache of compiled graphs tells programs apart.
+        marks = {**CPU_OPTIONS["post_grad_fusion_options"]["decompose_mm_pass"], "neurodyn_thin_inner": THIN_INNER}
+        options = {**CPU_OPTIONS, "post_grad_fusion_options": {"decompose_mm_pass": marks}}
     return torch.compile(own_code(run), options=options, fullgraph=True)
 
 
@@ -172,12 +177,55 @@ class _RecordedSolve(torch.autograd.Function):
         g_ys = torch.zeros_like(ys) if g_ys is None else g_ys
         g_final = torch.zeros_like(y_final) if g_final is None else g_final
         last = torch.tensor(info.steps - 1, dtype=torch.int64, device=ys.device)
-        with torch.no_grad(), vectorize_strided_loads():
+        with torch.no_grad(), vectorize_strided_loads(), decompose_thin_products():
             out = info.backward(info.rec, info.rec_y, last, info.times, g_ys.contiguous(), g_final.contiguous(),
                                 info.times.new_zeros(0, dtype=ys.real.dtype if ys.is_complex() else ys.dtype),
                                 *info.tensors)
         g_y0 = out[0] + g_ys[0:1]
         return None, g_y0, out[1], *out[2:]
+
+
+class decompose_thin_products:
+    """While compiling on the CPU: let Inductor write matrix products with a short inner dimension (at most
+    :data:`THIN_INNER` terms: the backward pass's weight gradients of a small state, outer products of a layer's
+    cotangent and its input, one per stage and layer) as fused loops rather than a library ``mm``/``addmm`` call each
+    (Inductor does so by default only for products with one row). The stages' gradients of one weight then sum in one
+    loop, with no call, output handle or copy per stage. Performance only; a no-op where this torch has no such
+    pass."""
+
+    _module = None
+
+    def __enter__(self) -> None:
+        cls = type(self)
+        if cls._module is None:
+            try:
+                from torch._inductor.fx_passes import decompose_mem_bound_mm as module
+            except ImportError:  # another torch: nothing to adjust
+                module = False
+            cls._module = module
+        self.saved = getattr(cls._module, "should_decompose_mm", None) if cls._module else None
+        if self.saved is not None:
+            saved = self.saved
+
+            def rule(mat1, mat2) -> bool:
+                if saved(mat1, mat2):
+                    return True
+                a, b = (getattr(m, "meta", {}).get("val") for m in (mat1, mat2))
+                return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 2 and b.dim() == 2
+                        and a.device.type == "cpu" and b.device.type == "cpu"
+                        and isinstance(a.shape[1], int) and a.shape[1] <= THIN_INNER
+                        and all(isinstance(d, int) for d in (*a.shape, *b.shape)))
+
+            cls._module.should_decompose_mm = rule
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            type(self)._module.should_decompose_mm = self.saved
+
+
+# Matrix products with at most this inner dimension are written as fused loops in the compiled backward pass
+# (decompose_thin_products): the weight gradients of states up to this many rows.
+THIN_INNER = 32
 
 
 def attach(info: Recorded, y0: Tensor, k0: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor]:
