@@ -300,6 +300,8 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
             if pause:
                 yield (t, y, st if accept else None, h_abs)
 
+    if watch is not None:  # occurrences whose location the event watch deferred (they change nothing in the loop)
+        records = watch.finish(solver, co, records)
     return LoopResult(outs=outs, status=status, t_final=t, y_final=y, steps=steps, rejected=rejected,
                       initial_step=first_h, last_step=abs(last_h), records=steps_kept, message=message,
                       next_step=h_abs if math.isfinite(h_abs) and h_abs > 0 else None,

@@ -352,18 +352,24 @@ class ExplicitRungeKutta(StepperBase):
 
     def interpolate_rows(self, y0: Tensor, y1: Tensor, kf: Tensor, fh1: Tensor | None, thetas: Tensor,
                          co: _Coefficients) -> Tensor:
-        """Dense output of a per-sample step at one fraction per row; ``(B, n)``.
+        """Dense output of a per-sample step at one fraction per row, ``(B, n)``; or at ``m`` fractions per row
+        (``thetas`` of shape ``(B, m)``), ``(B, m, n)``.
 
-        ``kf``: the ``h``-scaled stages from :meth:`dense_stages_rows`; ``thetas`` (``(B,)``, float64): the
-        fractions of each row's step; ``fh1`` (``h`` times dy/dt at the step ends) is needed only by
+        ``kf``: the ``h``-scaled stages from :meth:`dense_stages_rows`; ``thetas`` (``(B,)`` or ``(B, m)``,
+        float64): the fractions of each row's step; ``fh1`` (``h`` times dy/dt at the step ends) is needed only by
         methods without their own continuous extension (cubic Hermite).
         """
         b_rows, n = y0.shape
+        m = 1 if thetas.dim() == 1 else thetas.shape[1]
         if co.dense_t is not None:
-            powers = thetas.view(b_rows, 1) ** self._powers(co.dense_t.shape[0], thetas.device)
-            weights = torch.mm(powers, co.dense_t).to(y0.dtype)  # (B, s_full)
-            return torch.baddbmm(y0.unsqueeze(1), weights.unsqueeze(1), kf.transpose(0, 1)).view(b_rows, n)
-        return hermite(thetas.view(b_rows, 1).to(co.b.real.dtype), y0, y1, kf[0], fh1)
+            powers = thetas.reshape(b_rows * m, 1) ** self._powers(co.dense_t.shape[0], thetas.device)
+            weights = torch.mm(powers, co.dense_t).to(y0.dtype).view(b_rows, m, -1)  # (B, m, s_full)
+            out = torch.baddbmm(y0.unsqueeze(1), weights, kf.transpose(0, 1))  # (B, m, n)
+            return out.view(b_rows, n) if thetas.dim() == 1 else out
+        if thetas.dim() == 1:
+            return hermite(thetas.view(b_rows, 1).to(co.b.real.dtype), y0, y1, kf[0], fh1)
+        return hermite(thetas.view(b_rows, m, 1).to(co.b.real.dtype), y0.unsqueeze(1), y1.unsqueeze(1),
+                       kf[0].unsqueeze(1), fh1.unsqueeze(1))
 
     def _powers(self, d: int, device: torch.device) -> Tensor:
         """``[1, 2, ..., d]`` as a float64 tensor (cached per device): exponents of the dense output."""
@@ -435,7 +441,7 @@ class ExplicitRungeKutta(StepperBase):
             else:
                 d = co.dense_t.shape[0]
                 th64 = thetas.view(m, 1).to(torch.float64)
-                powers = th64 ** torch.arange(1, d + 1, dtype=torch.float64, device=thetas.device)
+                powers = th64 ** self._powers(d, thetas.device)
                 weights = torch.mm(powers, co.dense_t).to(st.y0.dtype)  # (m, s_full)
                 if not (thetas.requires_grad or thetas.is_inference() or torch.is_inference_mode_enabled()):
                     self._weights_cache = (thetas, thetas._version, co, weights)
