@@ -177,10 +177,12 @@ class Event:
     vectorized : bool or None
         Whether ``fn`` takes a leading dimension of points: ``fn(t, y)`` with ``t`` of shape ``(m,)`` and ``y`` of
         shape ``(m, *y0.shape)`` returning ``(m, ...)`` (row ``i`` the value at ``(t[i], y[i])``), so that a step's
-        sample points cost one call (and, on an accelerator, each round of a root's probes: see
+        sample points cost one call, the roots that only need recording are located after the solve, all together
+        (see :class:`EventWatch`), and, on an accelerator, each round of a root's probes is one call (see
         ``neurodyn.core.events.STACKED_ROOTS``). ``None`` (default): found out on the first step with
         several points (one stacked call compared with the calls point by point; any error, a different shape or
-        different values mean no); ``True``: assumed; ``False``: never (one call per point).
+        different values mean no), once per state shape and dtype (the event remembers it); ``True``: assumed;
+        ``False``: never (one call per point).
 
     Raises
     ------
@@ -202,7 +204,7 @@ class Event:
     (torch.Size([2]), 0.451524)
     """
 
-    __slots__ = ("fn", "direction", "terminal", "jump", "samples", "vectorized")
+    __slots__ = ("fn", "direction", "terminal", "jump", "samples", "vectorized", "found")
 
     def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], direction: int = 0, terminal: bool | int = True,
                  jump: Callable[[Tensor, Tensor], Tensor] | None = None, samples: int = 3,
@@ -226,6 +228,8 @@ class Event:
             raise InputError(f"Event: vectorized must be None (find out), True or False, got {vectorized!r}.")
         self.samples = samples
         self.vectorized = vectorized
+        # vectorized=None: what the solves found out, by (state shape, dtype, device type)
+        self.found: dict[tuple, bool] = {}
 
     @property
     def stop_after(self) -> int | None:
@@ -320,8 +324,11 @@ class EventWatch:
         self._seen: dict[float, tuple[Tensor, int | None]] = {}  # fraction -> (states, row or None)
         self._fr: Tensor | None = None  # self.fracs as a tensor on the state's device
         # Per event: does fn take a leading dimension of points (Event.vectorized; None: not known yet)?
-        self.vec: list[bool | None] = [e.vectorized for e in self.events]
+        self._key = (tuple(term.shape), y0.dtype, y0.device.type)
+        self.vec: list[bool | None] = [e.vectorized if e.vectorized is not None else e.found.get(self._key)
+                                       for e in self.events]
         self._dirs_t: Tensor | None = None  # self.dirs on the device (sign checks of many components)
+        self._g_row: tuple[Tensor, list[float]] | None = None  # (self.g, its values on the host)
         # Occurrences that only need recording, located together at the end of the solve (:meth:`finish`):
         # (hit, the step's y0 and stages, t0, h, event, component, a, fa, b, fb, res, known points).
         self.pending: list[tuple] = []
@@ -358,7 +365,8 @@ class EventWatch:
             G, times = self._table(solver, st, co, t1, self.detect)
             if self.detect == "auto" and self.term.nfe > nfe:
                 self.detect = "hermite"
-            if self.n > _FEW and not self._flagged(G):  # many components: one host read when nothing crossed
+            if self.n > _FEW and not self._flagged(torch.cat([self.g.view(1, -1), G])):
+                # many components: one host read when nothing crossed
                 self.probes = {}
                 self.g = G[-1]
                 return None
@@ -371,14 +379,14 @@ class EventWatch:
                 cands = self._changes(rows)
             probes, self.probes = self.probes, {}
             if not cands:
-                self.g = G[-1]
+                self._end(G, rows)
                 return None
             thetas = (0.0, *self.fracs, 1.0)
             res = _resolution(st.t0, st.h)
             if not graph and self._deferrable(solver, co, cands):
                 self._defer(st, cands, rows, thetas, probes, res)
                 self.hits.append((step_index, self.pending[-1][0]))
-                self.g = G[-1]
+                self._end(G, rows)
                 return None
             self._seen = {}  # dense-output states the root finding computed, by fraction
             shape, t_dtype, device = self.term.shape, self.term.t_dtype, self.term.device
@@ -430,7 +438,7 @@ class EventWatch:
                     hit.stop = "jump"
                     break
             if hit.stop is None:
-                self.g = G[-1]
+                self._end(G, rows)
         self.hits.append((step_index, hit))
         return hit
 
@@ -488,15 +496,21 @@ class EventWatch:
             z = torch.stack([p[1] for p in pend])  # (P, s + 1, n): the steps' starts and stages
             hs = torch.tensor([p[3] for p in pend], dtype=z.dtype, device=z.device)
             y0s, kh = z[:, 0], z[:, 1:] * hs.view(-1, 1, 1)  # kh: (P, s, n)
-            thetas = self._locate_pending(solver, co, pend, y0s, kh)
-            th = torch.tensor(thetas, dtype=torch.float64, device=z.device)
-            ys = solver.interpolate_rows(y0s, y0s, kh.transpose(0, 1), None, th, co)
+            thetas, states = self._locate_pending(solver, co, pend, y0s, kh)
+            rest = [i for i, y in enumerate(states) if y is None]  # roots not among the last round's probes
+            if rest:
+                idx = torch.tensor(rest, device=z.device)
+                th = torch.tensor([thetas[i] for i in rest], dtype=torch.float64, device=z.device)
+                y_rest = solver.interpolate_rows(y0s.index_select(0, idx), y0s.index_select(0, idx),
+                                                 kh.index_select(0, idx).transpose(0, 1), None, th, co)
+                for i, y in zip(rest, y_rest.unbind(0)):
+                    states[i] = y
             ts = torch.tensor([p[2] + x * p[3] for p, x in zip(pend, thetas)], dtype=self.term.t_dtype,
                               device=self.term.device).unbind(0)
         found: dict[int, list] = {}
         for i, (p, x) in enumerate(zip(pend, thetas)):
             hit, c = p[0], p[12]
-            found.setdefault(id(hit), []).append((x, c, (ts[i], ys[i].view(self.term.shape), self.owner[c])))
+            found.setdefault(id(hit), []).append((x, c, (ts[i], states[i].view(self.term.shape), self.owner[c])))
         out, rest = [], iter(records)
         for _, hit in self.hits:
             mine = found.get(id(hit))
@@ -509,11 +523,14 @@ class EventWatch:
         out.extend(rest)
         return out
 
-    def _locate_pending(self, solver: Stepper, co, pend: list[tuple], y0s: Tensor, kh: Tensor) -> list[float]:
+    def _locate_pending(self, solver: Stepper, co, pend: list[tuple], y0s: Tensor,
+                        kh: Tensor) -> tuple[list[float], list[Tensor | None]]:
         """The fractions of the pending roots (steps' starts ``y0s`` ``(P, n)``, ``h``-scaled stages ``kh``
-        ``(P, s, n)``), located in rounds across the steps (see :meth:`finish`)."""
+        ``(P, s, n)``), located in rounds across the steps (see :meth:`finish`), and the states there where the
+        last round evaluated them (else None)."""
         shape, t_dtype, device = self.term.shape, self.term.t_dtype, self.term.device
         gens, xs, out = [], [None] * len(pend), [None] * len(pend)
+        states: list[Tensor | None] = [None] * len(pend)
         for i, p in enumerate(pend):
             gens.append(_rounds(*p[6:12]))
             try:
@@ -523,7 +540,7 @@ class EventWatch:
         while True:
             live = [i for i in range(len(pend)) if out[i] is None]
             if not live:
-                return out
+                return out, states
             for e in sorted({pend[i][4] for i in live}):
                 ids = [i for i in live if pend[i][4] == e]
                 w = max(len(xs[i]) for i in ids)  # probes per step, padded with the last one
@@ -551,25 +568,28 @@ class EventWatch:
                         bad = xs[i][next(q for q, u in enumerate(vi) if u != u)]
                         _nan_error(pend[i][2] + bad * pend[i][3], torch.tensor([math.nan]))
                     try:
+                        xs_i = xs[i]
                         xs[i] = gens[i].send(vi)
                     except StopIteration as done:
                         out[i] = done.value
+                        if done.value in xs_i:
+                            states[i] = ys[r, xs_i.index(done.value)]
 
     def _table(self, solver: Stepper, st: Step, co, t1: float, interp: str) -> tuple[Tensor, list[float]]:
-        """The event components at the step start (kept), the interior fractions ``self.fracs`` on the ``interp``
-        dense output and the step end: shape ``(len(self.fracs) + 2, n)``, and the times of rows 1 onward."""
+        """The event components at the interior fractions ``self.fracs`` on the ``interp`` dense output and the step
+        end: shape ``(len(self.fracs) + 1, n)``, and the times of the rows."""
         fr = self.fracs
         if not fr:  # the step end only: no dense output
             tt = torch.scalar_tensor(t1, dtype=self.term.t_dtype, device=self.term.device)
-            return torch.stack([self.g, self.values(tt, st.y1.detach().view(self.term.shape), False)]), [t1]
+            return self.values(tt, st.y1.detach().view(self.term.shape), False).view(1, -1), [t1]
         if self._fr is None:
             self._fr = torch.tensor(fr, dtype=torch.float64).to(st.y0.device)
         ys = solver.interpolate(self.term, st, self._fr, co, interp)
         # The interior points and the step end stacked: (len(fr) + 1, *shape).
         states = torch.cat([ys, st.y1.detach()]).view(len(fr) + 1, *self.term.shape)
         times = [st.t0 + th * st.h for th in fr] + [t1]
-        tts = torch.tensor(times, dtype=self.term.t_dtype).to(self.term.device)
-        return torch.cat([self.g.view(1, -1), self.values_many(tts, states)]), times
+        tts = torch.tensor(times, dtype=self.term.t_dtype, device=self.term.device)
+        return self.values_many(tts, states), times
 
     def values_many(self, ts: Tensor, states: Tensor) -> Tensor:
         """Every event's components at the points ``(ts[i], states[i])`` (``ts``: ``(m,)``, ``states``:
@@ -580,7 +600,7 @@ class EventWatch:
         for i, (e, k) in enumerate(zip(self.events, self.sizes)):
             v = None
             if m > 1 and self.vec[i] is None:
-                self.vec[i] = self._takes_points(i, ts, states)
+                self.vec[i] = e.found[self._key] = self._takes_points(i, ts, states)
             if m > 1 and self.vec[i]:
                 v = e.fn(ts, states)
                 if not isinstance(v, Tensor) or v.numel() != m * k or v.shape[0] != m or not v.is_floating_point():
@@ -651,12 +671,20 @@ class EventWatch:
         return bool(changed.any() | torch.isnan(q).any())
 
     def _rows(self, G: Tensor, times: list[float]) -> list[list[float]]:
-        """``G`` on the host (one synchronisation), NaN rows refused."""
+        """The values at the step start (kept on the host from the step before) and ``G`` (the rows of
+        :meth:`_table`) on the host (one synchronisation), NaN rows refused."""
+        g = self.g
+        start = self._g_row[1] if self._g_row is not None and self._g_row[0] is g else g.tolist()
         rows = G.tolist()
-        for i, r in enumerate(rows[1:]):
+        for i, r in enumerate(rows):
             if any(v != v for v in r):
-                _nan_error(times[i], G[i + 1])
-        return rows
+                _nan_error(times[i], G[i])
+        return [start, *rows]
+
+    def _end(self, G: Tensor, rows: list[list[float]]) -> None:
+        """The step end's values (the last row of ``G``, on the host as ``rows[-1]``) become the next step's start."""
+        self.g = G[-1]
+        self._g_row = (self.g, rows[-1])
 
     def _changes(self, rows: list[list[float]]) -> list[tuple[int, int]]:
         """``(j, c)``: component ``c`` leaves its nonzero sign between rows ``j`` and ``j + 1`` in its direction."""
