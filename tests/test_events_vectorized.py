@@ -148,8 +148,8 @@ def test_crossing_many_reaches_the_resolution(kind):
     assert 0.0 <= x - root <= res  # the bracket end past the crossing
     if kind == "smooth":
         assert len(rounds) <= 2
-    # grid rounds shrink the bracket 32 times; between two of them at most one round around an estimate
-    assert len(rounds) <= 2 * math.ceil(math.log((b - a) / res) / math.log(32)) + 1
+    # a round that shrinks the bracket less than _COARSE + 1 times is followed by one that spreads probes over it
+    assert len(rounds) <= 2 * math.ceil(math.log((b - a) / res) / math.log(events._COARSE + 1)) + 1
 
 
 def test_events_under_inference_mode():

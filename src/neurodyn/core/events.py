@@ -68,8 +68,8 @@ _FEW = 8
 ROOT_RTOL = 1e-12
 # Bracket iterations are bounded by the bisections needed to reach the resolution of t (about 2 x 53).
 _MAX_ITERATIONS = 400
-# A round of stacked probes (:func:`_crossing_many`): _FINE evenly spaced points on each side of the estimate,
-# _COARSE evenly spaced points of the bracket.
+# A round of stacked probes (:func:`_rounds`): _FINE evenly spaced points on each side of the estimate, and
+# _COARSE evenly spaced points of the bracket after a round that did not shrink it enough.
 _FINE = 4
 _COARSE = 5
 # Whether a root located in the loop (a terminal event's, one with a jump, or any where a graph is recorded) of an
@@ -544,8 +544,9 @@ class EventWatch:
             for e in sorted({pend[i][4] for i in live}):
                 ids = [i for i in live if pend[i][4] == e]
                 w = max(len(xs[i]) for i in ids)  # probes per step, padded with the last one
-                flat = [x for i in ids for x in (xs[i] + xs[i][-1:] * (w - len(xs[i])))]
-                times = [pend[i][2] + x * pend[i][3] for i in ids for x in (xs[i] + xs[i][-1:] * (w - len(xs[i])))]
+                padded = [(pend[i][2], pend[i][3], xs[i] + xs[i][-1:] * (w - len(xs[i]))) for i in ids]
+                flat = [x for _, _, p in padded for x in p]
+                times = [t0 + x * h for t0, h, p in padded for x in p]
                 m = len(flat)
                 th = torch.tensor(flat, dtype=torch.float64, device=y0s.device).view(len(ids), w)
                 y0r, khr = y0s, kh
@@ -859,15 +860,18 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
     sorted list of fractions), is sent ``g`` at them, and returns an exact zero if one is hit, else the bracket end
     past the crossing.
 
-    Each round evaluates, around the estimate ``x`` (the zero of the polynomial through the bracket's ends and up
-    to four nearby points, :func:`_nodes`; ``known`` seeds them) with the error estimate ``e`` (the change of that
-    zero by the polynomial's last node), ``x`` itself, ``x -/+ res / 2``, :data:`_FINE` evenly spaced points on
-    each side within ``r = 8 e`` (at most half the bracket) and :data:`_COARSE` evenly spaced points of the
-    bracket. The bracket becomes the first sub-interval, from ``a``, where the sign changes (it keeps the crossing
-    nearest ``a``, in the bracket's direction). It closes to ``res`` once ``x`` is within ``res / 2`` of the root:
-    two rounds on a smooth ``g`` from a step's sample points (the first one's points lie within ``r / _FINE`` of
-    the root, so the next estimate is that close); and every round shrinks the bracket at least ``_COARSE + 1``
-    times whatever ``g`` is.
+    Each round evaluates, around the estimate ``x`` with the error estimate ``e``, ``x`` itself, ``x -/+ res / 2``,
+    :data:`_FINE` evenly spaced points on each side within ``r = 8 e`` (at most half the bracket) and two at a
+    quarter of their spacing; after a round that shrank the bracket less than ``_COARSE + 1`` times, also
+    :data:`_COARSE` evenly spaced points of the bracket. The first estimate is the zero of the polynomial through
+    the bracket's ends and up to four nearby known points (:func:`_nodes`, :func:`_poly_root`: a step's sample
+    values need not be monotone, so not inverse interpolation), ``e`` the change of that zero by its last node; the
+    later ones the zero of the inverse interpolant through the bracket's ends and nearby probes, ``e`` its change by
+    one node less. The bracket becomes the first sub-interval, from ``a``, where the sign changes (it keeps the
+    crossing nearest ``a``, in the bracket's direction). It closes to ``res`` once ``x`` is within ``res / 2`` of
+    the root: two rounds on a smooth ``g`` from a step's sample points (the first round's points lie within
+    ``r / (4 _FINE)`` of the root, so the next estimate is that close); every other round at least shrinks the
+    bracket ``_COARSE + 1`` times whatever ``g`` is.
     """
     if fb == 0:
         return b
@@ -875,7 +879,7 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
     # g, so not inverse interpolation); then inverse interpolation through the points around each new bracket.
     x, err = _poly_root(_nodes([(p, v) for p, v in known if math.isfinite(v)], a, fa, b, fb), a, fa, b, fb,
                         0.01 * res)
-    coarse = True
+    coarse = False  # (the bracket spread with probes only after a round that did not shrink it enough)
     for _ in range(_MAX_ITERATIONS):
         width = b - a
         if width <= res:
@@ -890,7 +894,7 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
         r = min(max(8.0 * err, res), 0.5 * width)
         step = r / _FINE
         xs = [x + step * k for k in range(-_FINE, _FINE + 1)]
-        xs += [x - 0.5 * res, x + 0.5 * res]
+        xs += [x - 0.5 * res, x + 0.5 * res, x - 0.25 * step, x + 0.25 * step]
         if coarse:
             xs += [a + width * (k + 1) / (_COARSE + 1) for k in range(_COARSE)]
         xs = sorted({p for p in xs if a < p < b})
@@ -907,6 +911,8 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
                 break
         a, fa = pts[i - 1]
         b, fb = pts[i]
+        if b - a <= res:
+            break
         coarse = (b - a) * (_COARSE + 1) > width  # the next round spreads points over the bracket too
         # the bracket's ends and nearby points (:func:`_nodes`), the farthest first
         x, lower = _inverse_root(_nodes(pts[max(i - 5, 0):i - 1] + pts[i + 1:i + 5], a, fa, b, fb)[::-1], 6,
