@@ -218,3 +218,27 @@ def test_deferred_roots_with_checkpoint_gradient_equal_direct():
     for times, grad in out.values():
         assert float((times - expect).abs().max()) < 1e-9
         assert float((grad + n * dphi).abs().max()) < 1e-7
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+def test_interpolate_rows_several_fractions_per_row(method):
+    """interpolate_rows with fractions of shape (B, m) (the deferred roots' probes) equals m calls with one fraction
+    per row, for a method with its own dense output (dopri5) and one with cubic Hermite output (rk4); on y' = -y,
+    with the exact derivatives at the stage times as stages, it is exp(-t) to the interpolant's accuracy."""
+    from neurodyn.solvers import get_solver
+
+    solver = get_solver(method)
+    co = solver.coefficients(F64, torch.device("cpu"))
+    b, n, h = 3, 2, 0.1
+    y0 = torch.rand(b, n, dtype=F64, generator=torch.Generator().manual_seed(0)) + 0.5
+    y1 = y0 * math.exp(-h)
+    kh = torch.stack([-y0 * math.exp(-c * h) * h for c in list(co.c)[:solver.stages]])  # (s, B, n)
+    fh1 = -y1 * h
+    th = torch.tensor([[0.1, 0.5, 0.9], [0.2, 0.4, 0.6], [0.3, 0.7, 1.0]], dtype=F64)
+    many = solver.interpolate_rows(y0, y1, kh, fh1, th, co)
+    assert many.shape == (b, 3, n)
+    for q in range(3):
+        one = solver.interpolate_rows(y0, y1, kh, fh1, th[:, q].contiguous(), co)
+        assert torch.equal(many[:, q], one)
+    exact = y0.unsqueeze(1) * torch.exp(-h * th).unsqueeze(2)
+    assert float((many - exact).abs().max()) < 1e-5
