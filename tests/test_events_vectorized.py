@@ -148,8 +148,8 @@ def test_crossing_many_reaches_the_resolution(kind):
     assert 0.0 <= x - root <= res  # the bracket end past the crossing
     if kind == "smooth":
         assert len(rounds) <= 2
-    # grid rounds shrink the bracket 32 times; between two of them at most one round around an estimate
-    assert len(rounds) <= 2 * math.ceil(math.log((b - a) / res) / math.log(32)) + 1
+    # a round that shrinks the bracket less than _COARSE + 1 times is followed by one that spreads probes over it
+    assert len(rounds) <= 2 * math.ceil(math.log((b - a) / res) / math.log(events._COARSE + 1)) + 1
 
 
 def test_events_under_inference_mode():
@@ -159,3 +159,86 @@ def test_events_under_inference_mode():
             sol = neurodyn.solve(lambda t, y: -y, torch.tensor([1.0], dtype=F64), torch.tensor([0.0, 2.0], dtype=F64),
                                  rtol=1e-10, atol=1e-12, events=[ev])
             assert sol.status == "event" and abs(float(sol.event_t) - math.log(2.0)) < 1e-9
+
+
+def test_deferred_roots_interleave_with_jumps_and_match_one_point_location():
+    """y = (sin t, cos t) with two events: sin t crossing zero (non-terminal, no jump: located after the solve,
+    all roots together) and cos t crossing 0.5 downwards with a jump that multiplies the state by 0.9 (located in
+    the loop). Times and event order equal the run with vectorized=False (every root located in the loop) to the
+    root finding's resolution (1e-12 relative: brackets of width 1.3e-11 at t = 13), and the closed forms: the
+    jump scales the amplitude but keeps the phase, so the roots stay at k pi and 2 k pi + pi / 3."""
+    field = lambda t, y: torch.stack([y[..., 1], -y[..., 0]], -1)  # noqa: E731
+    y0 = torch.tensor([0.0, 1.0], dtype=F64) + torch.tensor([math.sin(0.2), math.cos(0.2) - 1.0], dtype=F64)
+    t = torch.tensor([0.2, 13.0], dtype=F64)
+    jump = lambda t, y: 0.9 * y  # noqa: E731
+    calls = []
+
+    def level(t, y):
+        calls.append(tuple(t.shape))
+        return y[..., 0]
+
+    sols = []
+    for vec in (None, False):
+        evs = [neurodyn.Event(level, terminal=False, vectorized=vec),
+               neurodyn.Event(lambda t, y: y[..., 1] - 0.5 * (0.9 ** (t / (2 * math.pi)).floor()), direction=-1,
+                              terminal=False, jump=jump, vectorized=vec)]
+        calls.clear()
+        sols.append(neurodyn.solve(field, y0, t, rtol=1e-10, atol=1e-12, events=evs))
+        if vec is None:  # the sine's roots: one stacked call per round for all of them, not calls per root
+            assert sum(1 for s in calls if s and s[0] > 4) <= 4
+    deferred, one_point = sols
+    assert deferred.events.index.tolist() == one_point.events.index.tolist()
+    assert float((deferred.events.t - one_point.events.t).abs().max()) < 2.6e-11
+    expect = sorted([(k * math.pi, 0) for k in range(1, 5)] + [(2 * k * math.pi + math.pi / 3, 1) for k in range(2)])
+    assert deferred.events.index.tolist() == [i for _, i in expect]
+    assert float((deferred.events.t - torch.tensor([x for x, _ in expect], dtype=F64)).abs().max()) < 1e-9
+    # states at the events: the sine's component is zero there
+    sine = deferred.events.y[deferred.events.index == 0][:, 0]
+    assert float(sine.abs().max()) < 1e-9
+
+
+def test_deferred_roots_with_checkpoint_gradient_equal_direct():
+    """A non-terminal event whose roots are located after the forward pass of gradient="checkpoint" (no graph
+    there): the event times and their gradients with respect to the initial state equal gradient="direct" (roots
+    located in the loop, in the graph)."""
+    field = lambda t, y: torch.stack([y[..., 1], -y[..., 0]], -1)  # noqa: E731
+    t = torch.tensor([0.0, 10.0], dtype=F64)
+    out = {}
+    for gradient in ("direct", "checkpoint"):
+        y0 = torch.tensor([0.3, 1.0], dtype=F64, requires_grad=True)
+        sol = neurodyn.solve(field, y0, t, rtol=1e-10, atol=1e-12, gradient=gradient,
+                             events=[neurodyn.Event(lambda t, y: y[..., 0], terminal=False)])
+        (grad,) = torch.autograd.grad(sol.events.t.sum(), y0)
+        out[gradient] = (sol.events.t.detach(), grad)
+    # y = A sin(t + phi), phi = atan2(0.3, 1): the roots are k pi - phi, each with d/dy0 = -dphi/dy0
+    phi = math.atan2(0.3, 1.0)
+    n = len(out["direct"][0])
+    expect = torch.tensor([k * math.pi - phi for k in range(1, n + 1)], dtype=F64)
+    dphi = torch.tensor([1.0, -0.3], dtype=F64) / (0.3 ** 2 + 1.0)
+    for times, grad in out.values():
+        assert float((times - expect).abs().max()) < 1e-9
+        assert float((grad + n * dphi).abs().max()) < 1e-7
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+def test_interpolate_rows_several_fractions_per_row(method):
+    """interpolate_rows with fractions of shape (B, m) (the deferred roots' probes) equals m calls with one fraction
+    per row, for a method with its own dense output (dopri5) and one with cubic Hermite output (rk4); on y' = -y,
+    with the exact derivatives at the stage times as stages, it is exp(-t) to the interpolant's accuracy."""
+    from neurodyn.solvers import get_solver
+
+    solver = get_solver(method)
+    co = solver.coefficients(F64, torch.device("cpu"))
+    b, n, h = 3, 2, 0.1
+    y0 = torch.rand(b, n, dtype=F64, generator=torch.Generator().manual_seed(0)) + 0.5
+    y1 = y0 * math.exp(-h)
+    kh = torch.stack([-y0 * math.exp(-c * h) * h for c in list(co.c)[:solver.stages]])  # (s, B, n)
+    fh1 = -y1 * h
+    th = torch.tensor([[0.1, 0.5, 0.9], [0.2, 0.4, 0.6], [0.3, 0.7, 1.0]], dtype=F64)
+    many = solver.interpolate_rows(y0, y1, kh, fh1, th, co)
+    assert many.shape == (b, 3, n)
+    for q in range(3):
+        one = solver.interpolate_rows(y0, y1, kh, fh1, th[:, q].contiguous(), co)
+        assert torch.equal(many[:, q], one)
+    exact = y0.unsqueeze(1) * torch.exp(-h * th).unsqueeze(2)
+    assert float((many - exact).abs().max()) < 1e-5

@@ -479,8 +479,9 @@ def prepare(
     if per_sample_steps and not solver.rows:
         raise InputError(f"per_sample_steps supports the explicit Runge-Kutta methods, not {method!r}.")
     if per_sample_steps and step_callbacks:
-        raise InputError("step_callbacks follow one solve's steps; with per_sample_steps=True every sample steps on "
-                         "its own: pass step_callbacks=None (sol.stats['steps_per_sample'] counts each sample's steps).")
+        raise InputError("step_callbacks follow one solve's steps; with per_sample_steps=True every sample steps "
+                         "on its own: pass step_callbacks=None (sol.stats['steps_per_sample'] counts each sample's "
+                         "steps).")
     if per_sample_steps and dense:
         raise InputError("dense=True is not available with per_sample_steps=True (each sample steps on its own grid): "
                          "pass the times you need in t (per-sample times: t of shape (B, T)), or solve without "

@@ -22,6 +22,12 @@ How a root is found
    bisection whenever the bracket fails to halve in two evaluations (so it reaches the resolution whatever ``g``
    is). The occurrences are handled in time order: each is recorded; the one that makes its event terminal (its
    ``n``-th), has a jump, or breaks a Zeno limit (``max_events``, ``min_event_gap``) ends the step there.
+4. Occurrences that change nothing in the solve (no jump, not terminal, no Zeno limit reached, no
+   ``min_event_gap``), of event functions that take stacked points, found where no graph is recorded, are counted
+   in the loop and located after it, all together (:meth:`EventWatch.finish`): each round of probes
+   (:func:`_rounds`: around the zero of the polynomial through the step's sample values, then of the inverse
+   interpolant through the probes around the bracket; two rounds on a smooth ``g``) is one dense-output evaluation
+   across the steps and one call of the event function, to the same :data:`ROOT_RTOL` brackets.
 
 The reported point is the end of the final bracket on the far side of the crossing (or an exact zero): it is a
 true sign change of ``g``, so a continuous ``g`` is ~0 there, and a discontinuous ``g`` (a jump, a sign-type
@@ -62,13 +68,21 @@ _FEW = 8
 ROOT_RTOL = 1e-12
 # Bracket iterations are bounded by the bisections needed to reach the resolution of t (about 2 x 53).
 _MAX_ITERATIONS = 400
-# Evenly spaced points of a bracket evaluated in one call (an event function taking many points at once).
-_GRID = 31
-# Whether a root of an event function that takes many points at once is located by rounds of stacked probes
-# (:func:`_crossing_many`) rather than one point per call (:func:`_crossing`). None: on accelerators only, where
-# every call on one point costs a host synchronisation; on the CPU single-point calls are cheap and the
-# superlinear one-point iteration measured faster (benchmarks/README.md, event handling cost).
+# A round of stacked probes (:func:`_rounds`): _FINE evenly spaced points on each side of the estimate, and
+# _COARSE evenly spaced points of the bracket after a round that did not shrink it enough.
+_FINE = 4
+_COARSE = 5
+# Whether a root located in the loop (a terminal event's, one with a jump, or any where a graph is recorded) of an
+# event function that takes many points at once is found by rounds of stacked probes (:func:`_crossing_many`, two
+# calls on a smooth function) rather than one point per call (:func:`_crossing`, about five). None: on accelerators
+# only, where every call on one point costs a host synchronisation; on the CPU the one-point calls measured faster
+# (benchmarks/README.md, event handling cost). (Roots that only need recording are located after the solve, all
+# together: EventWatch.finish.)
 STACKED_ROOTS: bool | None = None
+# Roots that only need recording are located after the solve, all together (EventWatch.finish), for states of at
+# most this many elements; beyond it every root's probes carry large dense-output states and locating them in the
+# loop one point per call measured faster (benchmarks/README.md, event handling cost: 16k elements).
+_DEFER_NUMEL = 4096
 
 
 def event_values(event_fn: Callable, t: Tensor, y: Tensor, n: int | None = None, check_nan: bool = True) -> Tensor:
@@ -163,10 +177,12 @@ class Event:
     vectorized : bool or None
         Whether ``fn`` takes a leading dimension of points: ``fn(t, y)`` with ``t`` of shape ``(m,)`` and ``y`` of
         shape ``(m, *y0.shape)`` returning ``(m, ...)`` (row ``i`` the value at ``(t[i], y[i])``), so that a step's
-        sample points cost one call (and, on an accelerator, each round of a root's probes: see
+        sample points cost one call, the roots that only need recording are located after the solve, all together
+        (see :class:`EventWatch`), and, on an accelerator, each round of a root's probes is one call (see
         ``neurodyn.core.events.STACKED_ROOTS``). ``None`` (default): found out on the first step with
         several points (one stacked call compared with the calls point by point; any error, a different shape or
-        different values mean no); ``True``: assumed; ``False``: never (one call per point).
+        different values mean no), once per state shape and dtype (the event remembers it); ``True``: assumed;
+        ``False``: never (one call per point).
 
     Raises
     ------
@@ -188,7 +204,7 @@ class Event:
     (torch.Size([2]), 0.451524)
     """
 
-    __slots__ = ("fn", "direction", "terminal", "jump", "samples", "vectorized")
+    __slots__ = ("fn", "direction", "terminal", "jump", "samples", "vectorized", "found")
 
     def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], direction: int = 0, terminal: bool | int = True,
                  jump: Callable[[Tensor, Tensor], Tensor] | None = None, samples: int = 3,
@@ -212,6 +228,8 @@ class Event:
             raise InputError(f"Event: vectorized must be None (find out), True or False, got {vectorized!r}.")
         self.samples = samples
         self.vectorized = vectorized
+        # vectorized=None: what the solves found out, by (state shape, dtype, device type)
+        self.found: dict[tuple, bool] = {}
 
     @property
     def stop_after(self) -> int | None:
@@ -306,8 +324,17 @@ class EventWatch:
         self._seen: dict[float, tuple[Tensor, int | None]] = {}  # fraction -> (states, row or None)
         self._fr: Tensor | None = None  # self.fracs as a tensor on the state's device
         # Per event: does fn take a leading dimension of points (Event.vectorized; None: not known yet)?
-        self.vec: list[bool | None] = [e.vectorized for e in self.events]
+        self._key = (tuple(term.shape), y0.dtype, y0.device.type)
+        self.vec: list[bool | None] = [e.vectorized if e.vectorized is not None else e.found.get(self._key)
+                                       for e in self.events]
         self._dirs_t: Tensor | None = None  # self.dirs on the device (sign checks of many components)
+        self._g_row: tuple[Tensor, list[float]] | None = None  # (self.g, its values on the host)
+        # Occurrences that only need recording, located together at the end of the solve (:meth:`finish`):
+        # (hit, the step's y0 and stages, t0, h, event, component, a, fa, b, fb, res, known points).
+        self.pending: list[tuple] = []
+        self._batchable: bool | None = None  # whether the stepper's dense output can be evaluated across steps
+        # Roots of stacked event functions located by rounds of stacked probes (see STACKED_ROOTS).
+        self.stacked = STACKED_ROOTS if STACKED_ROOTS is not None else y0.device.type != "cpu"
 
     def _time(self, t: float) -> Tensor:
         return torch.scalar_tensor(t, dtype=self.term.t_dtype, device=self.term.device)
@@ -330,13 +357,16 @@ class EventWatch:
 
     def check(self, solver: Stepper, st: Step, co, t1: float, step_index: int = 0) -> Hit | None:
         """The occurrences in the accepted step ``st`` (ending at ``t1``): located, counted, the Zeno limits
-        applied; None when no component crossed."""
+        applied; None when no component crossed, or when every crossing only needs recording and is deferred
+        (:meth:`finish` locates those)."""
+        graph = torch.is_grad_enabled()
         with torch.no_grad():
             nfe = self.term.nfe
             G, times = self._table(solver, st, co, t1, self.detect)
             if self.detect == "auto" and self.term.nfe > nfe:
                 self.detect = "hermite"
-            if self.n > _FEW and not self._flagged(G):  # many components: one host read when nothing crossed
+            if self.n > _FEW and not self._flagged(torch.cat([self.g.view(1, -1), G])):
+                # many components: one host read when nothing crossed
                 self.probes = {}
                 self.g = G[-1]
                 return None
@@ -349,10 +379,15 @@ class EventWatch:
                 cands = self._changes(rows)
             probes, self.probes = self.probes, {}
             if not cands:
-                self.g = G[-1]
+                self._end(G, rows)
                 return None
             thetas = (0.0, *self.fracs, 1.0)
             res = _resolution(st.t0, st.h)
+            if not graph and self._deferrable(solver, co, cands):
+                self._defer(st, cands, rows, thetas, probes, res)
+                self.hits.append((step_index, self.pending[-1][0]))
+                self._end(G, rows)
+                return None
             self._seen = {}  # dense-output states the root finding computed, by fraction
             shape, t_dtype, device = self.term.shape, self.term.t_dtype, self.term.device
             found = []
@@ -362,10 +397,10 @@ class EventWatch:
                 a, fa, b, fb = thetas[j], rows[j][c], thetas[j + 1], rows[j + 1][c]
                 if j == 0 and c in probes:  # the start value was taken a moment after a jump
                     a = min(max((probes[c] - st.t0) / st.h, 0.0), 0.5 * b)
-                stacked = STACKED_ROOTS if STACKED_ROOTS is not None else torch.device(device).type != "cpu"
-                if self.vec[e] and stacked:
-                    # One call of fn per round of probes; the table's points seed the interpolation.
-                    known = [(th, r[c]) for th, r in zip(thetas, rows)]
+                # The table's other points seed the inverse interpolation.
+                known = [(th, r[c]) for th, r in zip(thetas, rows) if th != thetas[j]]
+                if self.vec[e] and self.stacked:
+                    # One call of fn per round of probes.
                     found.append((_crossing_many(self._probe_fn(solver, st, co, e, local), a, fa, b, fb, res,
                                                  known), c))
                     continue
@@ -403,25 +438,159 @@ class EventWatch:
                     hit.stop = "jump"
                     break
             if hit.stop is None:
-                self.g = G[-1]
+                self._end(G, rows)
         self.hits.append((step_index, hit))
         return hit
 
+    def _deferrable(self, solver: Stepper, co, cands: list[tuple[int, int]]) -> bool:
+        """Whether the crossings ``cands`` of a step only need recording (no jump, no stop, no Zeno limit reached,
+        no minimum gap to check) and can be located after the solve: their events take stacked points, the
+        stepper's dense output is a polynomial in the fraction over its stages (evaluated across steps at once)
+        and the state has at most :data:`_DEFER_NUMEL` elements."""
+        if self.min_gap > 0 or self.total + len(cands) > self.max_events:
+            return False
+        if self._batchable is None:
+            self._batchable = bool(getattr(solver, "rows", False)) and self.interp == "auto" and \
+                getattr(co, "dense_t", None) is not None and not getattr(co, "extra_a", ()) and \
+                math.prod(self.term.shape) <= _DEFER_NUMEL
+        if not self._batchable:
+            return False
+        new = [0] * len(self.events)
+        for _, c in cands:
+            new[self.owner[c]] += 1
+        for e, k in enumerate(new):
+            if k:
+                ev = self.events[e]
+                stop = ev.stop_after
+                if not self.vec[e] or ev.jump is not None or (stop is not None and self.counts[e] + k >= stop):
+                    return False
+        return True
+
+    def _defer(self, st: Step, cands: list[tuple[int, int]], rows: list[list[float]], thetas: tuple[float, ...],
+               probes: dict[int, float], res: float) -> None:
+        """Count the crossings ``cands`` of the step ``st`` and keep what locating them needs (:meth:`finish`)."""
+        hit = Hit([])
+        saved = torch.cat([st.y0, st.k])  # the step's start and stages (stage buffers are reused)
+        for j, c in cands:
+            e = self.owner[c]
+            a, fa, b, fb = thetas[j], rows[j][c], thetas[j + 1], rows[j + 1][c]
+            if j == 0 and c in probes:  # the start value was taken a moment after a jump
+                a = min(max((probes[c] - st.t0) / st.h, 0.0), 0.5 * b)
+            known = [(th, r[c]) for th, r in zip(thetas, rows) if th != thetas[j]]
+            self.pending.append((hit, saved, st.t0, st.h, e, c - self.offset[e], a, fa, b, fb, res, known, c))
+            self.total += 1
+            self.counts[e] += 1
+            self.last_t = st.t0 + b * st.h
+
+    def finish(self, solver: Stepper, co, records: list) -> list:
+        """Locate the deferred occurrences (:meth:`check`) and return ``records`` (the occurrences the loop
+        recorded, ``(t_e, y_e, event)``) with theirs, in the order of the steps; their hits get their fractions.
+
+        All deferred roots are located together: each round of :func:`_rounds` evaluates every pending root's
+        probes in one dense-output evaluation across the steps (the stepper's ``interpolate_rows`` at several
+        fractions per step) and one call of each event's function."""
+        pend, self.pending = self.pending, []
+        if not pend:
+            return records
+        with torch.no_grad():
+            z = torch.stack([p[1] for p in pend])  # (P, s + 1, n): the steps' starts and stages
+            hs = torch.tensor([p[3] for p in pend], dtype=z.dtype, device=z.device)
+            y0s, kh = z[:, 0], z[:, 1:] * hs.view(-1, 1, 1)  # kh: (P, s, n)
+            thetas, states = self._locate_pending(solver, co, pend, y0s, kh)
+            rest = [i for i, y in enumerate(states) if y is None]  # roots not among the last round's probes
+            if rest:
+                idx = torch.tensor(rest, device=z.device)
+                th = torch.tensor([thetas[i] for i in rest], dtype=torch.float64, device=z.device)
+                y_rest = solver.interpolate_rows(y0s.index_select(0, idx), y0s.index_select(0, idx),
+                                                 kh.index_select(0, idx).transpose(0, 1), None, th, co)
+                for i, y in zip(rest, y_rest.unbind(0)):
+                    states[i] = y
+            ts = torch.tensor([p[2] + x * p[3] for p, x in zip(pend, thetas)], dtype=self.term.t_dtype,
+                              device=self.term.device).unbind(0)
+        found: dict[int, list] = {}
+        for i, (p, x) in enumerate(zip(pend, thetas)):
+            hit, c = p[0], p[12]
+            found.setdefault(id(hit), []).append((x, c, (ts[i], states[i].view(self.term.shape), self.owner[c])))
+        out, rest = [], iter(records)
+        for _, hit in self.hits:
+            mine = found.get(id(hit))
+            if mine is None:  # located in the loop: its records are next in `records`
+                out.extend(itertools.islice(rest, len(hit.occ) - (1 if hit.stop == "zeno" else 0)))
+                continue
+            mine.sort(key=lambda r: r[0])
+            hit.occ[:] = [(x, c) for x, c, _ in mine]
+            out.extend(r for _, _, r in mine)
+        out.extend(rest)
+        return out
+
+    def _locate_pending(self, solver: Stepper, co, pend: list[tuple], y0s: Tensor,
+                        kh: Tensor) -> tuple[list[float], list[Tensor | None]]:
+        """The fractions of the pending roots (steps' starts ``y0s`` ``(P, n)``, ``h``-scaled stages ``kh``
+        ``(P, s, n)``), located in rounds across the steps (see :meth:`finish`), and the states there where the
+        last round evaluated them (else None)."""
+        shape, t_dtype, device = self.term.shape, self.term.t_dtype, self.term.device
+        gens, xs, out = [], [None] * len(pend), [None] * len(pend)
+        states: list[Tensor | None] = [None] * len(pend)
+        for i, p in enumerate(pend):
+            gens.append(_rounds(*p[6:12]))
+            try:
+                xs[i] = next(gens[i])
+            except StopIteration as done:
+                out[i] = done.value
+        while True:
+            live = [i for i in range(len(pend)) if out[i] is None]
+            if not live:
+                return out, states
+            for e in sorted({pend[i][4] for i in live}):
+                ids = [i for i in live if pend[i][4] == e]
+                w = max(len(xs[i]) for i in ids)  # probes per step, padded with the last one
+                padded = [(pend[i][2], pend[i][3], xs[i] + xs[i][-1:] * (w - len(xs[i]))) for i in ids]
+                flat = [x for _, _, p in padded for x in p]
+                times = [t0 + x * h for t0, h, p in padded for x in p]
+                m = len(flat)
+                th = torch.tensor(flat, dtype=torch.float64, device=y0s.device).view(len(ids), w)
+                y0r, khr = y0s, kh
+                if len(ids) < len(pend):
+                    idx = torch.tensor(ids, device=y0s.device)
+                    y0r, khr = y0s.index_select(0, idx), kh.index_select(0, idx)
+                ys = solver.interpolate_rows(y0r, y0r, khr.transpose(0, 1), None, th, co)  # (len(ids), w, n)
+                k = self.sizes[e]
+                v = self.events[e].fn(torch.tensor(times, dtype=t_dtype, device=device), ys.view(m, *shape))
+                if not isinstance(v, Tensor) or v.numel() != m * k or v.shape[0] != m:
+                    got = f"shape {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+                    raise InputError(f"Event(vectorized=True): fn(t, y) with t of shape ({m},) must return a real "
+                                     f"tensor of shape ({m}, ...) with {k} value(s) per point, got {got}.")
+                vals = v.reshape(-1).tolist()
+                for r, i in enumerate(ids):
+                    n_i, local = len(xs[i]), pend[i][5]
+                    base = r * w * k + local
+                    vi = vals[base:base + n_i * k:k]
+                    if any(u != u for u in vi):
+                        bad = xs[i][next(q for q, u in enumerate(vi) if u != u)]
+                        _nan_error(pend[i][2] + bad * pend[i][3], torch.tensor([math.nan]))
+                    try:
+                        xs_i = xs[i]
+                        xs[i] = gens[i].send(vi)
+                    except StopIteration as done:
+                        out[i] = done.value
+                        if done.value in xs_i:
+                            states[i] = ys[r, xs_i.index(done.value)]
+
     def _table(self, solver: Stepper, st: Step, co, t1: float, interp: str) -> tuple[Tensor, list[float]]:
-        """The event components at the step start (kept), the interior fractions ``self.fracs`` on the ``interp``
-        dense output and the step end: shape ``(len(self.fracs) + 2, n)``, and the times of rows 1 onward."""
+        """The event components at the interior fractions ``self.fracs`` on the ``interp`` dense output and the step
+        end: shape ``(len(self.fracs) + 1, n)``, and the times of the rows."""
         fr = self.fracs
         if not fr:  # the step end only: no dense output
             tt = torch.scalar_tensor(t1, dtype=self.term.t_dtype, device=self.term.device)
-            return torch.stack([self.g, self.values(tt, st.y1.detach().view(self.term.shape), False)]), [t1]
+            return self.values(tt, st.y1.detach().view(self.term.shape), False).view(1, -1), [t1]
         if self._fr is None:
             self._fr = torch.tensor(fr, dtype=torch.float64).to(st.y0.device)
         ys = solver.interpolate(self.term, st, self._fr, co, interp)
         # The interior points and the step end stacked: (len(fr) + 1, *shape).
         states = torch.cat([ys, st.y1.detach()]).view(len(fr) + 1, *self.term.shape)
         times = [st.t0 + th * st.h for th in fr] + [t1]
-        tts = torch.tensor(times, dtype=self.term.t_dtype).to(self.term.device)
-        return torch.cat([self.g.view(1, -1), self.values_many(tts, states)]), times
+        tts = torch.tensor(times, dtype=self.term.t_dtype, device=self.term.device)
+        return self.values_many(tts, states), times
 
     def values_many(self, ts: Tensor, states: Tensor) -> Tensor:
         """Every event's components at the points ``(ts[i], states[i])`` (``ts``: ``(m,)``, ``states``:
@@ -432,7 +601,7 @@ class EventWatch:
         for i, (e, k) in enumerate(zip(self.events, self.sizes)):
             v = None
             if m > 1 and self.vec[i] is None:
-                self.vec[i] = self._takes_points(i, ts, states)
+                self.vec[i] = e.found[self._key] = self._takes_points(i, ts, states)
             if m > 1 and self.vec[i]:
                 v = e.fn(ts, states)
                 if not isinstance(v, Tensor) or v.numel() != m * k or v.shape[0] != m or not v.is_floating_point():
@@ -479,9 +648,11 @@ class EventWatch:
         fn, k = self.events[e].fn, self.sizes[e]
 
         def g_many(ths: list[float]) -> list[float]:
-            th = torch.tensor(ths, dtype=torch.float64).to(device)
-            ys = solver.interpolate(self.term, st, th, co, self.interp).view(len(ths), *shape)
-            vals = fn((th * st.h + st.t0).to(t_dtype), ys).reshape(len(ths), k)[:, local].tolist()
+            m = len(ths)
+            th = torch.tensor(ths, dtype=torch.float64, device=device)
+            ys = solver.interpolate(self.term, st, th, co, self.interp).view(m, *shape)
+            v = fn(torch.tensor([st.t0 + x * st.h for x in ths], dtype=t_dtype, device=device), ys)
+            vals = v.reshape(-1).tolist() if k == 1 else v.reshape(m, k)[:, local].tolist()
             if any(v != v for v in vals):
                 x = ths[next(i for i, v in enumerate(vals) if v != v)]
                 _nan_error(st.t0 + x * st.h, torch.tensor([math.nan]))
@@ -501,12 +672,20 @@ class EventWatch:
         return bool(changed.any() | torch.isnan(q).any())
 
     def _rows(self, G: Tensor, times: list[float]) -> list[list[float]]:
-        """``G`` on the host (one synchronisation), NaN rows refused."""
+        """The values at the step start (kept on the host from the step before) and ``G`` (the rows of
+        :meth:`_table`) on the host (one synchronisation), NaN rows refused."""
+        g = self.g
+        start = self._g_row[1] if self._g_row is not None and self._g_row[0] is g else g.tolist()
         rows = G.tolist()
-        for i, r in enumerate(rows[1:]):
+        for i, r in enumerate(rows):
             if any(v != v for v in r):
-                _nan_error(times[i], G[i + 1])
-        return rows
+                _nan_error(times[i], G[i])
+        return [start, *rows]
+
+    def _end(self, G: Tensor, rows: list[list[float]]) -> None:
+        """The step end's values (the last row of ``G``, on the host as ``rows[-1]``) become the next step's start."""
+        self.g = G[-1]
+        self._g_row = (self.g, rows[-1])
 
     def _changes(self, rows: list[list[float]]) -> list[tuple[int, int]]:
         """``(j, c)``: component ``c`` leaves its nonzero sign between rows ``j`` and ``j + 1`` in its direction."""
@@ -665,62 +844,147 @@ def _crossing_many(g: Callable[[list[float]], list[float]], a: float, fa: float,
                    known: list[tuple[float, float]] = ()) -> float:
     """:func:`_crossing` for a ``g`` that evaluates a list of points in one call (the same result contract: a sign
     change of ``g`` in ``[a, b]`` located to a bracket of width ``res``; an exact zero if one is hit, else the
-    bracket end past the crossing).
+    bracket end past the crossing); the rounds of :func:`_rounds`, one call each."""
+    rounds = _rounds(a, fa, b, fb, res, known)
+    try:
+        xs = next(rounds)
+        while True:
+            xs = rounds.send(g(xs))
+    except StopIteration as done:
+        return done.value
 
-    Each round is one call. The first, and any after a round that did not shrink the bracket :data:`_GRID` + 1
-    times, evaluates :data:`_GRID` evenly spaced points of the bracket. The others evaluate the estimate ``x``
-    (inverse interpolation through the six known points nearest the bracket; ``known`` seeds them), points
-    ``x -/+ s`` for spreads ``s`` from a quarter of the bracket down by factors of 100 to ``res / 2``, and the
-    bracket's midpoint. The bracket becomes the first sub-interval, from ``a``, where the sign changes (it keeps
-    the crossing nearest ``a``, in the bracket's direction); it closes to ``res`` once ``x`` is within ``res / 2``
-    of the root: two rounds on a smooth ``g`` (the grid's spacing makes the next estimate that close), and at
-    most about ``log(1 / res) / log(_GRID + 1)`` grid rounds whatever ``g`` is.
+
+def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tuple[float, float]] = ()):
+    """The rounds of probes that locate a sign change of ``g`` in ``[a, b]`` (``fa = g(a) != 0``, ``fb = g(b)``,
+    opposite signs or ``fb = 0``) to a bracket of width ``res``: a generator that yields each round's points (a
+    sorted list of fractions), is sent ``g`` at them, and returns an exact zero if one is hit, else the bracket end
+    past the crossing.
+
+    Each round evaluates, around the estimate ``x`` with the error estimate ``e``, ``x`` itself, ``x -/+ res / 2``,
+    :data:`_FINE` evenly spaced points on each side within ``r = 8 e`` (at most half the bracket) and two at a
+    quarter of their spacing; after a round that shrank the bracket less than ``_COARSE + 1`` times, also
+    :data:`_COARSE` evenly spaced points of the bracket. The first estimate is the zero of the polynomial through
+    the bracket's ends and up to four nearby known points (:func:`_nodes`, :func:`_poly_root`: a step's sample
+    values need not be monotone, so not inverse interpolation), ``e`` the change of that zero by its last node; the
+    later ones the zero of the inverse interpolant through the bracket's ends and nearby probes, ``e`` its change by
+    one node less. The bracket becomes the first sub-interval, from ``a``, where the sign changes (it keeps the
+    crossing nearest ``a``, in the bracket's direction). It closes to ``res`` once ``x`` is within ``res / 2`` of
+    the root: two rounds on a smooth ``g`` from a step's sample points (the first round's points lie within
+    ``r / (4 _FINE)`` of the root, so the next estimate is that close); every other round at least shrinks the
+    bracket ``_COARSE + 1`` times whatever ``g`` is.
     """
     if fb == 0:
         return b
-    pts = [(x, v) for x, v in known if math.isfinite(v)] + [(a, fa), (b, fb)]
-    grid = True
+    # The first estimate: the polynomial through the known points (a step's sample points need not be monotone in
+    # g, so not inverse interpolation); then inverse interpolation through the points around each new bracket.
+    x, err = _poly_root(_nodes([(p, v) for p, v in known if math.isfinite(v)], a, fa, b, fb), a, fa, b, fb,
+                        0.01 * res)
+    coarse = False  # (the bracket spread with probes only after a round that did not shrink it enough)
     for _ in range(_MAX_ITERATIONS):
         width = b - a
         if width <= res:
             break
-        if grid:
-            xs = [a + width * (j + 1) / (_GRID + 1) for j in range(_GRID)]
-        else:
-            near = sorted(pts, key=lambda p: max(a - p[0], p[0] - b, 0.0))[:6]
-            x = _inverse_root(near[::-1], 6)
+        if not (a < x < b):
+            x = a + width * (fa / (fa - fb))
             if not (a < x < b):
-                x = a + width * (fa / (fa - fb))
-                if not (a < x < b):
-                    x = 0.5 * (a + b)
-            probes = {x, 0.5 * (a + b), x - 0.5 * res, x + 0.5 * res}
-            spread = 0.25 * width
-            while spread > 0.5 * res:
-                probes.update((x - spread, x + spread))
-                spread *= 1e-2
-            xs = sorted(probes)
-        xs = [p for p in xs if a < p < b]
+                x = 0.5 * (a + b)
+            err = width
+        elif not math.isfinite(err):
+            err = width
+        r = min(max(8.0 * err, res), 0.5 * width)
+        step = r / _FINE
+        xs = [x + step * k for k in range(-_FINE, _FINE + 1)]
+        xs += [x - 0.5 * res, x + 0.5 * res, x - 0.25 * step, x + 0.25 * step]
+        if coarse:
+            xs += [a + width * (k + 1) / (_COARSE + 1) for k in range(_COARSE)]
+        xs = sorted({p for p in xs if a < p < b})
         if not xs:  # no float between the ends
             break
-        vs = g(xs)
-        pts.extend(zip(xs, vs))
-        pa, pfa = a, fa
-        for xi, vi in zip(xs, vs):
-            if vi == 0:
+        vs = yield xs
+        pts = [(a, fa), *zip(xs, vs), (b, fb)]
+        i = 0
+        for i in range(1, len(pts)):
+            xi, vi = pts[i]
+            if vi == 0 and i < len(pts) - 1:
                 return xi
             if (vi > 0) != (fa > 0):
-                a, fa, b, fb = pa, pfa, xi, vi
                 break
-            pa, pfa = xi, vi
-        else:
-            a, fa = pa, pfa
-        grid = (b - a) * (_GRID + 1) > width
+        a, fa = pts[i - 1]
+        b, fb = pts[i]
+        if b - a <= res:
+            break
+        coarse = (b - a) * (_COARSE + 1) > width  # the next round spreads points over the bracket too
+        # the bracket's ends and nearby points (:func:`_nodes`), the farthest first
+        x, lower = _inverse_root(_nodes(pts[max(i - 5, 0):i - 1] + pts[i + 1:i + 5], a, fa, b, fb)[::-1], 6,
+                                 lower=True)
+        err = abs(x - lower)
     return b
 
 
-def _inverse_root(pts: list[tuple[float, float]], count: int = 4) -> float:
+def _nodes(pts: list[tuple[float, float]], a: float, fa: float, b: float, fb: float) -> list[tuple[float, float]]:
+    """Interpolation nodes for a root in the bracket ``[a, b]``: its ends, then up to four of ``pts`` nearest it
+    outside it, none within a quarter of the bracket's width of one taken (clustered nodes amplify the rounding
+    of ``g``); sorts ``pts``."""
+    near = [(a, fa), (b, fb)]
+    gap = 0.25 * (b - a)
+    pts.sort(key=lambda p: a - p[0] if p[0] < a else p[0] - b)
+    for p in pts:
+        if a - gap < p[0] < b + gap:
+            continue
+        if all(abs(p[0] - q[0]) >= gap for q in near[2:]):
+            near.append(p)
+            if len(near) == 6:
+                break
+    return near
+
+
+def _poly_root(pts: list[tuple[float, float]], a: float, fa: float, b: float, fb: float,
+               tol: float) -> tuple[float, float]:
+    """A zero in ``(a, b)`` of the polynomial through the points ``(x, g)`` (nearest the bracket first; ``(a, fa)``
+    and ``(b, fb)`` among them, of opposite signs), to ``tol``, by Newton's method safeguarded by bisection, and an
+    estimate of its error: the change of that zero from the polynomial without the last point (its last Newton
+    term over the slope). Returns ``(x, err)``; ``err`` is inf where the slope vanishes."""
+    xs = [p[0] for p in pts]
+    c = [p[1] for p in pts]
+    m = len(xs)
+    for j in range(1, m):  # Newton's divided differences
+        for i in range(m - 1, j - 1, -1):
+            c[i] = (c[i] - c[i - 1]) / (xs[i] - xs[i - j])
+    lo, flo, hi = a, fa, b
+    x = a + (b - a) * (fa / (fa - fb))
+    if not (a < x < b):
+        x = 0.5 * (a + b)
+    dp = 0.0
+    for _ in range(60):
+        p, dp = c[-1], 0.0
+        for i in range(m - 2, -1, -1):  # Horner on the Newton form: the value and the slope at x
+            dp = dp * (x - xs[i]) + p
+            p = p * (x - xs[i]) + c[i]
+        if p == 0.0:
+            break
+        if (p > 0) == (flo > 0):
+            lo, flo = x, p
+        else:
+            hi = x
+        xn = x - p / dp if dp != 0.0 else math.nan
+        if not (lo < xn < hi):
+            xn = 0.5 * (lo + hi)
+        if abs(xn - x) <= tol or hi - lo <= tol:
+            x = xn
+            break
+        x = xn
+    if dp == 0.0 or m < 3:
+        return x, math.inf
+    w = c[-1]
+    for xi in xs[:-1]:
+        w *= x - xi
+    return x, abs(w / dp)
+
+
+def _inverse_root(pts: list[tuple[float, float]], count: int = 4, lower: bool = False) -> Any:
     """The value at ``g = 0`` of the polynomial through the latest (up to ``count``) points ``(x, g)`` with distinct
-    finite ``g``, as ``x`` of ``g`` (Neville's scheme); NaN where fewer than two such points exist."""
+    finite ``g``, as ``x`` of ``g`` (Neville's scheme); NaN where fewer than two such points exist. ``lower``: the
+    pair (that value, the value of the polynomial through all but the earliest of those points; NaN with two)."""
     xs: list[float] = []
     gs: list[float] = []
     for x, v in reversed(pts):
@@ -731,12 +995,17 @@ def _inverse_root(pts: list[tuple[float, float]], count: int = 4) -> float:
                 break
     m = len(xs)
     if m < 2:
-        return math.nan
+        return (math.nan, math.nan) if lower else math.nan
     p = xs
+    below = math.nan
     for lev in range(1, m):
+        if lev == m - 1:
+            below = p[0]
         for i in range(m - lev):
             p[i] = (gs[i] * p[i + 1] - gs[i + lev] * p[i]) / (gs[i] - gs[i + lev])
-    return p[0]
+    if not lower:
+        return p[0]
+    return p[0], (below if m > 2 else math.nan)
 
 
 def implicit_event(event_fn: Callable, t: Tensor, y: Tensor, f: Tensor | Callable[[], Tensor],

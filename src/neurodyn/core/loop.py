@@ -306,6 +306,8 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
             if pause:
                 yield (t, y, st if accept else None, h_abs)
 
+    if watch is not None:  # occurrences whose location the event watch deferred (they change nothing in the loop)
+        records = watch.finish(solver, co, records)
     if pool_key is not None:
         give_back_buffers(solver, pool_key, buffers)
     return LoopResult(outs=outs, status=status, t_final=t, y_final=y, steps=steps, rejected=rejected,

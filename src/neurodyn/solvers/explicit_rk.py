@@ -131,6 +131,7 @@ class ExplicitRungeKutta(StepperBase):
         # Stage s-1 lands on y1 exactly when its row equals b (FSAL): reuse it as the new state.
         self.last_stage_is_y1 = tableau.fsal and tuple(tableau.a[-1]) == tuple(tableau.b[:-1])
         self._cache: dict[tuple[torch.dtype, torch.device], _Coefficients] = {}
+        self._power_cache: dict[tuple[int, torch.device], Tensor] = {}
         # The dense-output weights of the last fractions tensor interpolated at (the tensor itself, its version, the
         # coefficients, the weights): a caller checking the same fractions every step builds them once.
         self._weights_cache: tuple[Tensor, int, Any, Tensor] | None = None
@@ -351,24 +352,40 @@ class ExplicitRungeKutta(StepperBase):
 
     def interpolate_rows(self, y0: Tensor, y1: Tensor, kf: Tensor, fh1: Tensor | None, thetas: Tensor,
                          co: _Coefficients) -> Tensor:
-        """Dense output of a per-sample step at one fraction per row; ``(B, n)``.
+        """Dense output of a per-sample step at one fraction per row, ``(B, n)``; or at ``m`` fractions per row
+        (``thetas`` of shape ``(B, m)``), ``(B, m, n)``.
 
-        ``kf``: the ``h``-scaled stages from :meth:`dense_stages_rows`; ``thetas`` (``(B,)``, float64): the
-        fractions of each row's step; ``fh1`` (``h`` times dy/dt at the step ends) is needed only by
+        ``kf``: the ``h``-scaled stages from :meth:`dense_stages_rows`; ``thetas`` (``(B,)`` or ``(B, m)``,
+        float64): the fractions of each row's step; ``fh1`` (``h`` times dy/dt at the step ends) is needed only by
         methods without their own continuous extension (cubic Hermite).
         """
         b_rows, n = y0.shape
+        m = 1 if thetas.dim() == 1 else thetas.shape[1]
         if co.dense_t is not None:
             # y0 + sum_j theta^j q_j with q = P^T kh (one product for all rows), by Horner's rule in theta; in float64
-            # (or complex128): DOP853's P has entries ~500 that cancel.
+            # (or complex128): DOP853's P has entries ~500 that cancel. Thetas (B, m): every q_j broadcast over m.
             ct = torch.promote_types(kf.dtype, co.dense_t.dtype)
             q = torch.mm(co.dense_t.to(ct), kf.reshape(kf.shape[0], -1).to(ct)).view(-1, b_rows, n)
-            th = thetas.view(b_rows, 1)
+            base = y0.to(ct)
+            if thetas.dim() == 1:
+                th = thetas.view(b_rows, 1)
+            else:
+                th, q, base = thetas.view(b_rows, m, 1), q.unsqueeze(2), base.unsqueeze(1)
             acc = q[-1]
             for j in range(q.shape[0] - 2, -1, -1):
                 acc = torch.addcmul(q[j], acc, th)
-            return torch.addcmul(y0.to(ct), acc, th).to(y0.dtype)
-        return hermite(thetas.view(b_rows, 1).to(co.b.real.dtype), y0, y1, kf[0], fh1)
+            return torch.addcmul(base, acc, th).to(y0.dtype)
+        if thetas.dim() == 1:
+            return hermite(thetas.view(b_rows, 1).to(co.b.real.dtype), y0, y1, kf[0], fh1)
+        return hermite(thetas.view(b_rows, m, 1).to(co.b.real.dtype), y0.unsqueeze(1), y1.unsqueeze(1),
+                       kf[0].unsqueeze(1), fh1.unsqueeze(1))
+
+    def _powers(self, d: int, device: torch.device) -> Tensor:
+        """``[1, 2, ..., d]`` as a float64 tensor (cached per device): exponents of the dense output."""
+        p = self._power_cache.get((d, device))
+        if p is None:
+            p = self._power_cache[(d, device)] = torch.arange(1, d + 1, dtype=torch.float64, device=device)
+        return p
 
     # -- dense output ----------------------------------------------------------------------------
     def _full_stages(self, term: Term, st: Step, co: _Coefficients) -> Tensor:
@@ -433,7 +450,7 @@ class ExplicitRungeKutta(StepperBase):
             else:
                 d = co.dense_t.shape[0]
                 th64 = thetas.view(m, 1).to(torch.float64)
-                powers = th64 ** torch.arange(1, d + 1, dtype=torch.float64, device=thetas.device)
+                powers = th64 ** self._powers(d, thetas.device)
                 weights = torch.mm(powers, co.dense_t).to(st.y0.dtype)  # (m, s_full)
                 if not (thetas.requires_grad or thetas.is_inference() or torch.is_inference_mode_enabled()):
                     self._weights_cache = (thetas, thetas._version, co, weights)
