@@ -89,6 +89,9 @@ class LatentODE(nn.Module):
         The encoder's solver between observations (default ``"euler"``).
     encoder_steps : int
         The encoder's largest step is the observation span divided by ``encoder_steps`` (default 50).
+    encoder_step_rule : ``"ceil"`` or ``"latent_ode"``
+        The encoder's steps per interval (``ODERNN``'s ``step_rule``): ``ceil(gap / largest step)`` (default), or the
+        latent_ode code's rule (one step below the largest step, else ``max(2, floor(gap / largest step)) - 1``).
     encoder_cell : ``"gated_mlp"`` (the paper's), ``"gru"`` or ``"lstm"``.
     poisson : bool
         Also model the observation times as a Poisson process (adds ``C`` rate integrals to the latent solve).
@@ -122,7 +125,8 @@ class LatentODE(nn.Module):
                  rec_units: int = 100, gru_units: int = 100, field_layers: int = 2, obs_std: float = 0.01,
                  method: str = "dopri5", rtol: float = 1e-3, atol: float = 1e-4, gradient: str = "direct",
                  encoder_method: str = "euler",
-                 encoder_steps: int = 50, encoder_cell: str = "gated_mlp", poisson: bool = False,
+                 encoder_steps: int = 50, encoder_step_rule: str = "ceil", encoder_cell: str = "gated_mlp",
+                 poisson: bool = False,
                  init_std: float | None = 0.1, **solve_options: Any):
         super().__init__()
         if min(input_size, latent_size, rec_size, units, rec_units, gru_units, encoder_steps, field_layers) < 1:
@@ -140,7 +144,8 @@ class LatentODE(nn.Module):
         self.input_size, self.latent_size, self.obs_std = input_size, latent_size, obs_std
         self.encoder_steps, self.poisson = encoder_steps, poisson
         rec_field = mlp(rec_size, rec_units, rec_size, init_std, field_layers)
-        self.encoder = ODERNN(input_size, rec_size, cell=cell, field=rec_field, method=encoder_method)
+        self.encoder = ODERNN(input_size, rec_size, cell=cell, field=rec_field, method=encoder_method,
+                              step_rule=encoder_step_rule)
         self.to_z0 = mlp(cell.state_size, 100, 2 * latent_size, init_std)
         self.field = _LatentField(latent_size, units, input_size, poisson, init_std, field_layers)
         self.ode = NeuralODE(self.field, output="trajectory", method=method, rtol=rtol, atol=atol,
