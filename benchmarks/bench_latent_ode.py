@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 
@@ -47,6 +46,7 @@ from torch.distributions import Normal, kl_divergence
 from neurodyn import PIDController
 from neurodyn.data import compact, interpolation_mask, periodic_toy
 from neurodyn.models import LatentODE
+from neurodyn.models.odernn_fused import euler_steps
 
 
 def _mlp(n_in: int, units: int, n_out: int, hidden: int = 1) -> nn.Sequential:
@@ -174,7 +174,7 @@ def hand_encoder(model: LatentODE, x: torch.Tensor, t: torch.Tensor, mask: torch
     for k in range(T - 1, -1, -1):
         if k < T - 1:
             h, rest = state.split([H, H], -1)
-            n = max(1, math.ceil(gaps[k] / max_step - 1e-9))  # equal steps of at most max_step, as the encoder's
+            n = euler_steps([gaps[k]], max_step, enc.step_rule)[0]  # the encoder's steps
             for _ in range(n):
                 h = h + (-gaps[k] / n) * enc.field(h)
             state = torch.cat([h, rest], -1)
@@ -207,6 +207,10 @@ def main() -> None:
     ap.add_argument("--controller", choices=("i", "default"), default="i",
                     help="neurodyn's latent step-size control: 'i' torchdiffeq's I control, as the reference "
                          "(default), or neurodyn's default PI control")
+    ap.add_argument("--step-rule", choices=("latent_ode", "ceil"), default="latent_ode",
+                    help="neurodyn's encoder steps per interval: the reference code's rule (default) or ceil(gap / "
+                         "(span/50))")
+    ap.add_argument("--skip", default="", help="comma-separated variants to leave out (not 'reference')")
     ap.add_argument("--floor-reps", type=int, default=9, help="rounds of the encoder-only diagnostic (0: skip)")
     args = ap.parse_args()
     if args.epochs < 1:
@@ -218,15 +222,21 @@ def main() -> None:
     full = torch.ones_like(train)
     g = torch.Generator().manual_seed(1)
     kw = {"controller": PIDController(pcoeff=0.0, icoeff=1.0)} if args.controller == "i" else {}
+    kw["encoder_step_rule"] = args.step_rule
     ref, ours, ours_c = Reference(), LatentODE(1, **kw), LatentODE(1, **kw)
-    copy_weights(ref, ours)
-    copy_weights(ref, ours_c)
+    ours_u = LatentODE(1, **kw)
+    ours_u.encoder.fused = False
+    for m in (ours, ours_c, ours_u):
+        copy_weights(ref, m)
     with torch.no_grad():  # same function: same encoder output at init
         m0 = interpolation_mask(full[:50], 50, torch.Generator().manual_seed(3))
         mu_r, _ = ref.encode(torch.cat([train[:50] * m0, m0], -1), tt)
         mu_o, _, _ = ours.encode(train[:50], tt, m0)
         enc_diff = float((mu_r[0] - mu_o).abs().max())
-    models = {"reference": ref, "neurodyn": ours, "neurodyn_per_row": ours_c}
+    models = {"reference": ref, "neurodyn": ours, "neurodyn_unfused": ours_u, "neurodyn_per_row": ours_c}
+    if args.skip:
+        for name in args.skip.split(","):
+            models.pop(name)
     opts = {k: torch.optim.Adamax(m.parameters(), lr=1e-2) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in models}
     nfe: dict[str, list[int]] = {k: [] for k in models}
@@ -238,13 +248,13 @@ def main() -> None:
         for i in range(16):
             idx = perm[i * 50:(i + 1) * 50]
             xb, mb = train[idx], masks[i]
-            for name in names[i % 3:] + names[:i % 3]:  # the three take turns, the order rotated per iteration
+            for name in names[i % len(names):] + names[:i % len(names)]:  # turns, the order rotated per iteration
                 ref.gen_func.calls[0] = 0
                 t0 = time.perf_counter()
                 if name == "reference":
                     loss = ref.loss(xb, tt, mb, full[idx])
-                elif name == "neurodyn":  # the masked union grid, as the reference
-                    loss = ours.loss(xb, tt, mb, tt, xb, full[idx], n_samples=3, kl_weight=0.0)["loss"]
+                elif name in ("neurodyn", "neurodyn_unfused"):  # the masked union grid, as the reference
+                    loss = models[name].loss(xb, tt, mb, tt, xb, full[idx], n_samples=3, kl_weight=0.0)["loss"]
                 else:  # each series steps through its own 50 observed times
                     b = compact(tt, xb, mb)
                     loss = ours_c.loss(b.values, b.times, b.mask, tt, xb, full[idx], n_samples=3,

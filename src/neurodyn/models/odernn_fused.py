@@ -59,159 +59,160 @@ def euler_steps(gaps: list[float], max_step: float | None, rule: str) -> list[in
 
 class FusedODERNN(torch.autograd.Function):
     """Forward: the whole ODE-RNN run (see the module docstring); backward: written out (internal to
-    :func:`fused_odernn`)."""
+    :func:`fused_odernn`). The unit's activations of all observed rows are kept in flat buffers (rows of time
+    ``order[0]`` first), so that the backward pass derives its elementwise factors and the weight gradients in one
+    operation each for all steps."""
 
     @staticmethod
-    def forward(ctx: Any, state0: Tensor, g_in: Tensor, n_in: Tensor, plan: dict, g_s: Tensor, u_w: Tensor,
+    def forward(ctx: Any, state0: Tensor, g_obs: Tensor, n_obs: Tensor, plan: dict, g_s: Tensor, u_w: Tensor,
                 r_w: Tensor, u_b: Tensor, r_b: Tensor, n_s: Tensor, o_w: Tensor, o_b: Tensor, *field: Tensor
                 ) -> Tensor:
         order, steps, dts, rows = plan["order"], plan["steps"], plan["dts"], plan["rows"]
         B, S = state0.shape
         H = S // 2
-        U2 = g_s.shape[0]
+        N = g_obs.shape[0]
         ws, bs = field[0::2], field[1::2]
         n_euler = sum(steps)
+        new_empty = state0.new_empty
         # Euler buffers: the state before each step and each hidden layer's activation.
-        hbuf = state0.new_empty(n_euler, B, H)
-        acts = [state0.new_empty(n_euler, B, w.shape[0]) for w in ws[:-1]]
-        ur_w = torch.block_diag(u_w, r_w)  # (2H, 2 units)
+        hbuf = new_empty(n_euler, B, H)
+        acts = [new_empty(n_euler, B, w.shape[0]) for w in ws[:-1]]
+        # The unit's buffers, one row per observed (time, row).
+        s_buf, a1_buf, ur_buf = new_empty(N, S), new_empty(N, g_s.shape[0]), new_empty(N, S)
+        rs_buf, a2_buf, o_buf, pre_buf = new_empty(N, S), new_empty(N, n_s.shape[0]), new_empty(N, S), new_empty(N, H)
+        ur_t = torch.block_diag(u_w, r_w).t()  # (2 units, 2H)
         ur_b = torch.cat([u_b, r_b])
-        g_t, ur_t, n_t, o_t = g_s.t(), ur_w.t(), n_s.t(), o_w.t()
+        g_t, n_t, o_t = g_s.t(), n_s.t(), o_w.t()
         ws_t = [w.t() for w in ws]
-        T = len(order)
-        states = state0.new_empty(T, B, S)
-        saved_gru: list[tuple] = []
+        states = new_empty(len(order), B, S)
         state = state0.clone()
+        # Per-step views of the buffers (split once).
+        hs, acts_e = hbuf.unbind(0), [a.unbind(0) for a in acts]
+        sizes = plan["sizes"]
+        s_p, a1_p, ur_p, rs_p, a2_p, o_p, pre_p, g_p, n_p = (
+            x.split(sizes) for x in (s_buf, a1_buf, ur_buf, rs_buf, a2_buf, o_buf, pre_buf, g_obs, n_obs))
+        n_hidden = len(acts)
         e = 0
+        slot = 0
         for i, k in enumerate(order):
-            if i:
-                h = state[:, :H]
+            if i:  # Euler steps: each step's start kept in hs, the last step's end written into the state
+                end = state[:, :H]
+                h = hs[e].copy_(end)
                 dt = dts[i - 1]
-                for _ in range(steps[i - 1]):
-                    hbuf[e].copy_(h)
+                for st in range(steps[i - 1], 0, -1):
                     a = h
-                    for j in range(len(acts)):
-                        a = torch.tanh(torch.addmm(bs[j], a, ws_t[j], out=acts[j][e]), out=acts[j][e])
-                    h = torch.add(h, torch.addmm(bs[-1], a, ws_t[-1]), alpha=dt)
+                    for j in range(n_hidden):
+                        a = torch.addmm(bs[j], a, ws_t[j], out=acts_e[j][e]).tanh_()
+                    h = torch.add(h, torch.addmm(bs[-1], a, ws_t[-1]), alpha=dt, out=end if st == 1 else hs[e + 1])
                     e += 1
-                state[:, :H] = h
             idx = rows[k]
             if idx is not None:
-                full = idx.numel() == B
-                s = state if full else state.index_select(0, idx)
-                gk = g_in[k] if full else g_in[k].index_select(0, idx)
-                nk = n_in[k] if full else n_in[k].index_select(0, idx)
-                a1 = torch.tanh(torch.addmm(gk, s, g_t))
-                ur = torch.sigmoid(torch.addmm(ur_b, a1, ur_t))
-                u, r = ur[:, :H], ur[:, H:]
-                rs = (s.view(-1, 2, H) * r.unsqueeze(1)).view(-1, S)
-                a2 = torch.tanh(torch.addmm(nk, rs, n_t))
-                o = torch.addmm(o_b, a2, o_t)
-                nm, ns = o[:, :H], o[:, H:]
-                ans = ns.abs()
-                pre = torch.lerp(ans, s[:, H:], u)
-                new = torch.cat([torch.lerp(nm, s[:, :H], u), pre.abs()], -1)
-                saved_gru.append((k, idx, s, a1, ur, rs, a2, o, pre))
+                full = sizes[slot] == B
+                if full:
+                    s = s_p[slot]
+                    s.copy_(state)
+                else:
+                    s = torch.index_select(state, 0, idx, out=s_p[slot])
+                a1 = torch.addmm(g_p[slot], s, g_t, out=a1_p[slot]).tanh_()
+                ur = torch.addmm(ur_b, a1, ur_t, out=ur_p[slot]).sigmoid_()
+                u = ur[:, :H]
+                rs = torch.mul(s.view(-1, 2, H), ur[:, None, H:], out=rs_p[slot].view(-1, 2, H)).view(-1, S)
+                a2 = torch.addmm(n_p[slot], rs, n_t, out=a2_p[slot]).tanh_()
+                o = torch.addmm(o_b, a2, o_t, out=o_p[slot])
+                pre = torch.lerp(o[:, H:].abs(), s[:, H:], u, out=pre_p[slot])
+                new = new_empty(sizes[slot], S)
+                torch.lerp(o[:, :H], s[:, :H], u, out=new[:, :H])
+                torch.abs(pre, out=new[:, H:])
                 if full:
                     state = new
                 else:
                     state.index_copy_(0, idx, new)
+                slot += 1
             states[k] = state
         ctx.plan = plan
-        ctx.saved_gru = saved_gru
-        ctx.shapes = (B, S, U2, n_in.shape[-1])
-        ctx.save_for_backward(hbuf, *acts, g_s, ur_w, n_s, o_w, *ws)
+        ctx.shapes = (B, S, len(ws))
+        ctx.save_for_backward(hbuf, *acts, s_buf, a1_buf, ur_buf, rs_buf, a2_buf, o_buf, pre_buf, g_s, ur_t, n_s,
+                              o_w, *ws)
         return states
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, d_states: Tensor) -> tuple:
         plan = ctx.plan
-        order, steps, dts = plan["order"], plan["steps"], plan["dts"]
-        B, S, U2, U = ctx.shapes
+        order, steps, dts, rows = plan["order"], plan["steps"], plan["dts"], plan["rows"]
+        B, S, n_layers = ctx.shapes
         H = S // 2
-        n_layers = (len(ctx.saved_tensors) - 5) // 2 + 1
         hbuf, *rest = ctx.saved_tensors
-        acts, (g_s, ur_w, n_s, o_w), ws = rest[:n_layers - 1], rest[n_layers - 1:n_layers + 3], rest[n_layers + 3:]
+        acts, rest = rest[:n_layers - 1], rest[n_layers - 1:]
+        (s_buf, a1_buf, ur_buf, rs_buf, a2_buf, o_buf, pre_buf, g_s, ur_t, n_s, o_w), ws = rest[:11], rest[11:]
+        ur_w = ur_t.t()
         n_euler = hbuf.shape[0]
-        # Cotangents of each Euler step's pre-activations (for the batched weight gradients at the end).
-        dz = [hbuf.new_empty(n_euler, B, w.shape[0]) for w in ws]
-        gru = {k: v for k, *v in ctx.saved_gru}
-        dg_rows, dn_rows, flat_idx = [], [], []
-        dur_all, a1_all, s_all, dz2_all, rs_all, do_all, a2_all = [], [], [], [], [], [], []
+        # Elementwise factors of every step at once.
+        d_acts = [1 - a * a for a in acts]  # tanh'
+        dz = [hbuf.new_empty(n_euler, B, w.shape[0]) for w in ws]  # cotangents of the pre-activations
+        u, r = ur_buf[:, :H], ur_buf[:, H:]
+        nm, ns = o_buf[:, :H], o_buf[:, H:]
+        sg_pre = pre_buf.sign()
+        one_u = 1 - u
+        f_do = torch.cat([one_u, one_u * ns.sign() * sg_pre], -1)  # d(new state) -> d(unit output o)
+        f_ds = torch.cat([u, u * sg_pre], -1)  # d(new state) -> d(old state), directly
+        f_um, f_us = s_buf[:, :H] - nm, (s_buf[:, H:] - ns.abs()) * sg_pre  # d(new mean, new std) -> du
+        rr = torch.cat([r, r], -1)
+        d_a1, d_a2, d_ur = 1 - a1_buf * a1_buf, 1 - a2_buf * a2_buf, ur_buf * (1 - ur_buf)
+        do_buf, dz2_buf, dur_buf, dz1_buf = (torch.empty_like(x) for x in (o_buf, a2_buf, ur_buf, a1_buf))
         ds = d_states[order[-1]].clone()
+        sizes = plan["sizes"]
+        s_p, f_do_p, f_ds_p, f_um_p, f_us_p, rr_p, d_a1_p, d_a2_p, d_ur_p, do_p, dz2_p, dur_p, dz1_p = (
+            x.split(sizes) for x in (s_buf, f_do, f_ds, f_um, f_us, rr, d_a1, d_a2, d_ur, do_buf, dz2_buf, dur_buf,
+                                     dz1_buf))
+        dz_e, d_acts_e = [x.unbind(0) for x in dz], [x.unbind(0) for x in d_acts]
+        n_hidden = len(ws) - 1
         e = n_euler
+        slot = len(sizes)
         T = len(order)
+        nonzero = d_states.flatten(1).any(1).tolist()  # (often only the last state's cotangent is not zero)
         for i in range(T - 1, -1, -1):
             k = order[i]
-            if i < T - 1:
+            if i < T - 1 and nonzero[k]:
                 ds += d_states[k]
-            if k in gru:
-                idx, s, a1, ur, rs, a2, o, pre = gru[k]
-                full = idx.numel() == B
+            idx = rows[k]
+            if idx is not None:
+                slot -= 1
+                full = sizes[slot] == B
                 dn = ds if full else ds.index_select(0, idx)
-                u, r = ur[:, :H], ur[:, H:]
-                nm, ns = o[:, :H], o[:, H:]
-                dm_out = dn[:, :H]
-                dsd_out = dn[:, H:] * pre.sign()
-                du = dm_out * (s[:, :H] - nm) + dsd_out * (s[:, H:] - ns.abs())
-                one_u = 1 - u
-                do = torch.cat([dm_out * one_u, dsd_out * one_u * ns.sign()], -1)
-                dz2 = torch.mm(do, o_w).mul_(1 - a2 * a2)
+                do = torch.mul(dn, f_do_p[slot], out=do_p[slot])
+                dz2 = torch.mm(do, o_w, out=dz2_p[slot]).mul_(d_a2_p[slot])
                 drs = torch.mm(dz2, n_s)
-                dr = (drs.view(-1, 2, H) * s.view(-1, 2, H)).sum(1)
-                dur = torch.cat([du, dr], -1).mul_(ur * (1 - ur))
-                dz1 = torch.mm(dur, ur_w).mul_(1 - a1 * a1)
-                ds_s = torch.cat([dm_out * u, dn[:, H:] * pre.sign() * u], -1)
-                ds_s += (drs.view(-1, 2, H) * r.unsqueeze(1)).view(-1, S)
-                ds_s.addmm_(dz1, g_s)
+                dur = dur_p[slot]
+                torch.mul(dn[:, :H], f_um_p[slot], out=dur[:, :H]).addcmul_(dn[:, H:], f_us_p[slot])
+                torch.sum(drs.view(-1, 2, H) * s_p[slot].view(-1, 2, H), 1, out=dur[:, H:])
+                dur.mul_(d_ur_p[slot])
+                dz1 = torch.mm(dur, ur_w, out=dz1_p[slot]).mul_(d_a1_p[slot])
+                ds_s = torch.mul(dn, f_ds_p[slot]).addcmul_(drs, rr_p[slot]).addmm_(dz1, g_s)
                 if full:
                     ds = ds_s
                 else:
                     ds.index_copy_(0, idx, ds_s)
-                flat_idx.append(idx + k * B)
-                dg_rows.append(dz1)
-                dn_rows.append(dz2)
-                dur_all.append(dur), a1_all.append(a1), s_all.append(s)
-                dz2_all.append(dz2), rs_all.append(rs), do_all.append(do), a2_all.append(a2)
             if i:
-                dh = ds[:, :H].clone()
+                dh = ds[:, :H]
                 dt = dts[i - 1]
                 for _ in range(steps[i - 1]):
                     e -= 1
-                    g = dz[-1][e]
-                    torch.mul(dh, dt, out=g)
-                    for j in range(len(ws) - 2, -1, -1):
-                        a = acts[j][e]
-                        g = torch.mm(g, ws[j + 1], out=dz[j][e]).mul_(1 - a * a)
+                    g = torch.mul(dh, dt, out=dz_e[-1][e])
+                    for j in range(n_hidden - 1, -1, -1):
+                        g = torch.mm(g, ws[j + 1], out=dz_e[j][e]).mul_(d_acts_e[j][e])
                     dh.addmm_(g, ws[0])
-                ds[:, :H] = dh
-        # Batched weight gradients.
+        # Weight gradients: one product per weight over all steps.
         field_grads: list[Tensor] = []
         ins = [hbuf, *acts]
         for j, w in enumerate(ws):
             d = dz[j].reshape(-1, w.shape[0])
             field_grads += [d.t().mm(ins[j].reshape(-1, w.shape[1])), d.sum(0)]
-        if dg_rows:
-            dur_c, dz2_c, do_c = torch.cat(dur_all), torch.cat(dz2_all), torch.cat(do_all)
-            d_gs = torch.cat(dg_rows).t().mm(torch.cat(s_all))
-            d_ur = dur_c.t().mm(torch.cat(a1_all))
-            d_ns = dz2_c.t().mm(torch.cat(rs_all))
-            d_o = do_c.t().mm(torch.cat(a2_all))
-            fi = torch.cat(flat_idx)
-            d_g_in = ds.new_zeros(len(order) * B, U2).index_copy_(0, fi, torch.cat(dg_rows))
-            d_n_in = ds.new_zeros(len(order) * B, U).index_copy_(0, fi, dz2_c)
-            d_g_in, d_n_in = d_g_in.view(-1, B, U2), d_n_in.view(-1, B, U)
-            Uh = U2 // 2
-            d_uw, d_rw = d_ur[:H, :Uh], d_ur[H:, Uh:]
-            d_ub, d_rb = dur_c[:, :H].sum(0), dur_c[:, H:].sum(0)
-            d_ob = do_c.sum(0)
-        else:
-            z = ds.new_zeros
-            d_gs, d_ns, d_o = z(g_s.shape), z(n_s.shape), z(o_w.shape)
-            d_g_in, d_n_in = z(len(order), B, U2), z(len(order), B, U)
-            d_uw, d_rw, d_ub, d_rb, d_ob = z(H, U2 // 2), z(H, U2 // 2), z(H), z(H), z(S)
-        return (ds, d_g_in, d_n_in, None, d_gs, d_uw, d_rw, d_ub, d_rb, d_ns, d_o, d_ob, *field_grads)
+        Uh = a1_buf.shape[1] // 2
+        d_urw = dur_buf.t().mm(a1_buf)
+        d_urb = dur_buf.sum(0)
+        return (ds, dz1_buf, dz2_buf, None, dz1_buf.t().mm(s_buf), d_urw[:H, :Uh], d_urw[H:, Uh:], d_urb[:H],
+                d_urb[H:], dz2_buf.t().mm(rs_buf), do_buf.t().mm(a2_buf), do_buf.sum(0), *field_grads)
 
 
 def fused_odernn(cell: nn.Module, layers: list[nn.Linear], x: Tensor, t: Tensor, mask: Tensor, reverse: bool,
@@ -222,19 +223,26 @@ def fused_odernn(cell: nn.Module, layers: list[nn.Linear], x: Tensor, t: Tensor,
     (B, S), nfe)`` as :meth:`ODERNN.forward <neurodyn.models.ODERNN.forward>` (``nfe``: field evaluations)."""
     B, T, _ = x.shape
     S = cell.state_size
-    inp = torch.cat([x * mask, mask], -1).transpose(0, 1)  # (T, B, 2C)
-    g_w, n_w = cell.gates_in.weight, cell.new_state[0].weight
-    g_in = F.linear(inp, g_w[:, S:], cell.gates_in.bias)
-    n_in = F.linear(inp, n_w[:, S:], cell.new_state[0].bias)
-    seen = (mask.amax(-1) > 0).t()  # (T, B)
-    counts = seen.sum(1).tolist()
-    rows: list[Tensor | None] = [None if c == 0 else r for c, r in zip(counts, seen.nonzero()[:, 1].split(counts))]
     order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
+    # The observed (time, row) pairs in the order of travel: their inputs, and each time's rows and range.
+    seen = (mask.amax(-1) > 0).t()[order]  # (T, B), travel order
+    counts = seen.sum(1).tolist()
+    pairs = seen.nonzero()
+    flat = (pairs[:, 1] * T + torch.as_tensor(order, device=x.device)[pairs[:, 0]])  # row * T + time index
+    obs = torch.cat([x * mask, mask], -1).reshape(B * T, -1).index_select(0, flat)  # (N, 2C)
+    rows: list[Tensor | None] = [None] * T
+    for k, c, r in zip(order, counts, pairs[:, 1].split(counts)):
+        if c:
+            rows[k] = r
+    g_w, n_w = cell.gates_in.weight, cell.new_state[0].weight
+    g_obs = F.linear(obs, g_w[:, S:], cell.gates_in.bias)  # the inputs' share of the unit's first layers
+    n_obs = F.linear(obs, n_w[:, S:], cell.new_state[0].bias)
     gaps = t.detach()[order].diff().tolist()
     steps = euler_steps(gaps, max_step, rule)
-    plan = {"order": order, "steps": steps, "dts": [g / n for g, n in zip(gaps, steps)], "rows": rows}
+    plan = {"order": order, "steps": steps, "dts": [g / n for g, n in zip(gaps, steps)], "rows": rows,
+            "sizes": [c for c in counts if c]}
     field = [p for m in layers for p in (m.weight, m.bias)]
     out = cell.new_state[2]
-    states = FusedODERNN.apply(state0, g_in, n_in, plan, g_w[:, :S], cell.update_out.weight, cell.reset_out.weight,
+    states = FusedODERNN.apply(state0, g_obs, n_obs, plan, g_w[:, :S], cell.update_out.weight, cell.reset_out.weight,
                                cell.update_out.bias, cell.reset_out.bias, n_w[:, :S], out.weight, out.bias, *field)
     return states.transpose(0, 1), states[order[-1]], sum(steps)
