@@ -164,7 +164,7 @@ class LatentODE(nn.Module):
         tt = t if t.dim() == 2 else t.expand(x.shape[0], -1)
         span = float((tt[:, -1] - tt[:, 0]).max())
         max_step = span / self.encoder_steps if span > 0 else None
-        _, state = self.encoder(x, t, mask, reverse=True, max_step=max_step)
+        _, state = self.encoder(x, t, mask, reverse=True, max_step=max_step, states=False)
         first = tt[:, 0].min()
         t_start = first if t0 is None else torch.as_tensor(t0, dtype=tt.dtype, device=tt.device).reshape(())
         if bool(t_start > first):

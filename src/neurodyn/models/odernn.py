@@ -294,21 +294,25 @@ class ODERNN(nn.Module):
         return state
 
     def forward(self, x: Tensor, t: Tensor, mask: Tensor | None = None, *, reverse: bool = False,
-                state0: Tensor | None = None, max_step: float | None = None) -> tuple[Tensor, Tensor]:
+                state0: Tensor | None = None, max_step: float | None = None, states: bool = True
+                ) -> tuple[Tensor | None, Tensor]:
         """Run over the observations (see the class docstring for shapes); ``reverse=True`` runs from the last time
-        back to the first (the latent ODE encoder); ``max_step`` overrides the module's for this call."""
+        back to the first (the latent ODE encoder); ``max_step`` overrides the module's for this call;
+        ``states=False`` returns ``(None, last)`` (the fused run then does not form the per-time states)."""
         B, T, C = self._check(x, t, mask)
         mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)
         if t.dim() == 2 and self.union and not bool((t == t[:1]).all()):
-            return self._forward_union(x, t, mask, reverse, state0, max_step)
+            seq, last = self._forward_union(x, t, mask, reverse, state0, max_step)
+            return (seq if states else None), last
         shared = t.dim() == 1 or bool((t == t[:1]).all())
         tt = (t if t.dim() == 1 else t[0]) if shared else t
         state = x.new_zeros(B, self.cell.state_size) if state0 is None else state0
         layers = self._fusable(x, tt, mask, state) if shared else None
         if layers is not None:
-            states, last, self.nfe = fused_odernn(self.cell, layers, x, tt, mask, reverse, state,
-                                                  self.max_step if max_step is None else max_step, self.step_rule)
-            return states, last
+            seq, last, self.nfe = fused_odernn(self.cell, layers, x, tt, mask, reverse, state,
+                                               self.max_step if max_step is None else max_step, self.step_rule,
+                                               states)
+            return seq, last
         n_ode = self.cell.ode_size
         inp = torch.cat([x * mask, mask], -1).transpose(0, 1)  # (T, B, 2C)
         update = self.cell.series_update(inp) if callable(getattr(type(self.cell), "series_update", None)) else None
@@ -343,8 +347,9 @@ class ODERNN(nn.Module):
             out.append(state)
             prev = k
         self.nfe = nfe
-        states = torch.stack(out[::-1] if reverse else out, 1)
-        return states, state
+        if not states:
+            return None, state
+        return torch.stack(out[::-1] if reverse else out, 1), state
 
     def _fusable(self, x: Tensor, t: Tensor, mask: Tensor, state: Tensor) -> list[nn.Linear] | None:
         """The field's ``Linear`` layers where the fused run applies (see ``fused``), else None."""

@@ -84,7 +84,8 @@ class FusedODERNN(torch.autograd.Function):
         ur_b = torch.cat([u_b, r_b])
         g_t, n_t, o_t = g_s.t(), n_s.t(), o_w.t()
         ws_t = [w.t() for w in ws]
-        states = new_empty(len(order), B, S)
+        keep = plan["keep"]
+        states = new_empty(len(order), B, S) if keep else None
         state = state0.clone()
         # Per-step views of the buffers (split once).
         hs, acts_e = hbuf.unbind(0), [a.unbind(0) for a in acts]
@@ -128,12 +129,13 @@ class FusedODERNN(torch.autograd.Function):
                 else:
                     state.index_copy_(0, idx, new)
                 slot += 1
-            states[k] = state
+            if keep:
+                states[k] = state
         ctx.plan = plan
         ctx.shapes = (B, S, len(ws))
         ctx.save_for_backward(hbuf, *acts, s_buf, a1_buf, ur_buf, rs_buf, a2_buf, o_buf, pre_buf, g_s, ur_t, n_s,
                               o_w, *ws)
-        return states
+        return states if keep else state
 
     @staticmethod
     @once_differentiable
@@ -160,7 +162,8 @@ class FusedODERNN(torch.autograd.Function):
         rr = torch.cat([r, r], -1)
         d_a1, d_a2, d_ur = 1 - a1_buf * a1_buf, 1 - a2_buf * a2_buf, ur_buf * (1 - ur_buf)
         do_buf, dz2_buf, dur_buf, dz1_buf = (torch.empty_like(x) for x in (o_buf, a2_buf, ur_buf, a1_buf))
-        ds = d_states[order[-1]].clone()
+        keep = plan["keep"]
+        ds = d_states[order[-1]].clone() if keep else d_states.clone()
         sizes = plan["sizes"]
         s_p, f_do_p, f_ds_p, f_um_p, f_us_p, rr_p, d_a1_p, d_a2_p, d_ur_p, do_p, dz2_p, dur_p, dz1_p = (
             x.split(sizes) for x in (s_buf, f_do, f_ds, f_um, f_us, rr, d_a1, d_a2, d_ur, do_buf, dz2_buf, dur_buf,
@@ -170,7 +173,8 @@ class FusedODERNN(torch.autograd.Function):
         e = n_euler
         slot = len(sizes)
         T = len(order)
-        nonzero = d_states.flatten(1).any(1).tolist()  # (often only the last state's cotangent is not zero)
+        # (often only the last state's cotangent is not zero)
+        nonzero = d_states.flatten(1).any(1).tolist() if keep else [False] * len(order)
         for i in range(T - 1, -1, -1):
             k = order[i]
             if i < T - 1 and nonzero[k]:
@@ -216,11 +220,13 @@ class FusedODERNN(torch.autograd.Function):
 
 
 def fused_odernn(cell: nn.Module, layers: list[nn.Linear], x: Tensor, t: Tensor, mask: Tensor, reverse: bool,
-                 state0: Tensor, max_step: float | None, rule: str) -> tuple[Tensor, Tensor, int]:
+                 state0: Tensor, max_step: float | None, rule: str, keep: bool = True
+                 ) -> tuple[Tensor | None, Tensor, int]:
     """Run the ODE-RNN of ``cell`` (a :class:`~neurodyn.models.odernn.GatedMLPUpdate`) and the tanh MLP field
     ``layers`` over ``x (B, T, C)`` with ``mask`` at the shared times ``t (T,)`` from ``state0 (B, S)``, Euler steps
     between observations (:func:`euler_steps` with ``max_step`` and ``rule``). Returns ``(states (B, T, S), last
-    (B, S), nfe)`` as :meth:`ODERNN.forward <neurodyn.models.ODERNN.forward>` (``nfe``: field evaluations)."""
+    (B, S), nfe)`` as :meth:`ODERNN.forward <neurodyn.models.ODERNN.forward>` (``nfe``: field evaluations;
+    ``keep=False``: ``states`` is None and not formed)."""
     B, T, _ = x.shape
     S = cell.state_size
     order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
@@ -240,9 +246,11 @@ def fused_odernn(cell: nn.Module, layers: list[nn.Linear], x: Tensor, t: Tensor,
     gaps = t.detach()[order].diff().tolist()
     steps = euler_steps(gaps, max_step, rule)
     plan = {"order": order, "steps": steps, "dts": [g / n for g, n in zip(gaps, steps)], "rows": rows,
-            "sizes": [c for c in counts if c]}
+            "sizes": [c for c in counts if c], "keep": keep}
     field = [p for m in layers for p in (m.weight, m.bias)]
     out = cell.new_state[2]
-    states = FusedODERNN.apply(state0, g_obs, n_obs, plan, g_w[:, :S], cell.update_out.weight, cell.reset_out.weight,
+    res = FusedODERNN.apply(state0, g_obs, n_obs, plan, g_w[:, :S], cell.update_out.weight, cell.reset_out.weight,
                                cell.update_out.bias, cell.reset_out.bias, n_w[:, :S], out.weight, out.bias, *field)
-    return states.transpose(0, 1), states[order[-1]], sum(steps)
+    if not keep:
+        return None, res, sum(steps)
+    return res.transpose(0, 1), res[order[-1]], sum(steps)
