@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from ..errors import NonFiniteError
+
 
 def mlp_layers(field: Any) -> list[nn.Linear] | None:
     """The ``Linear`` layers of ``field`` when it is an ``nn.Sequential`` of ``Linear -> Tanh -> ... -> Linear``
@@ -131,6 +133,9 @@ class FusedODERNN(torch.autograd.Function):
                 slot += 1
             if keep:
                 states[k] = state
+        if not bool(torch.isfinite(state).all()):  # a NaN/inf anywhere reaches the final state
+            raise NonFiniteError("ODERNN (fused run): the state became NaN or inf (check the data, the field's "
+                                 "weights and max_step).", status="non_finite", t=plan["t_end"])
         ctx.plan = plan
         ctx.shapes = (B, S, len(ws))
         ctx.save_for_backward(hbuf, *acts, s_buf, a1_buf, ur_buf, rs_buf, a2_buf, o_buf, pre_buf, g_s, ur_t, n_s,
@@ -243,10 +248,12 @@ def fused_odernn(cell: nn.Module, layers: list[nn.Linear], x: Tensor, t: Tensor,
     g_w, n_w = cell.gates_in.weight, cell.new_state[0].weight
     g_obs = F.linear(obs, g_w[:, S:], cell.gates_in.bias)  # the inputs' share of the unit's first layers
     n_obs = F.linear(obs, n_w[:, S:], cell.new_state[0].bias)
-    gaps = t.detach()[order].diff().tolist()
+    times = t.detach()[order]
+    gaps = times.diff().tolist()
     steps = euler_steps(gaps, max_step, rule)
     plan = {"order": order, "steps": steps, "dts": [g / n for g, n in zip(gaps, steps)], "rows": rows,
-            "sizes": [c for c in counts if c], "keep": keep}
+            "sizes": [c for c in counts if c], "keep": keep,
+            "t_end": float(times[-1])}
     field = [p for m in layers for p in (m.weight, m.bias)]
     out = cell.new_state[2]
     res = FusedODERNN.apply(state0, g_obs, n_obs, plan, g_w[:, :S], cell.update_out.weight, cell.reset_out.weight,
