@@ -12,19 +12,23 @@ Gaussian log-density (obs std 0.01, mean over observed times and dims), KL to N(
 and the loss ``-logsumexp_s(likelihood_s - kl_coef * KL)``; Adamax, lr 1e-2.
 
 neurodyn's side: ``LatentODE(1)`` with the same sizes and solvers (``encoder_cell="gated_mlp"``, encoder Euler with
-largest step span/50, latent dopri5 at 1e-3 / 1e-4 with torchdiffeq's step-size rule, I control:
-``PIDController(pcoeff=0, icoeff=1)``, or neurodyn's default PI control with ``--controller default``; 3 samples),
-its weights copied from the reference model so both start from the same function; its loss is the per-series IWAE
-bound (``LatentODE.loss``).
+the reference code's step counts, ``encoder_step_rule="latent_ode"``: one step for a gap below span/50, else
+``max(2, int(gap / (span/50))) - 1``; ``--step-rule ceil`` takes ``ceil(gap / (span/50))`` steps instead; latent
+dopri5 at 1e-3 / 1e-4 with torchdiffeq's step-size rule, I control: ``PIDController(pcoeff=0, icoeff=1)``, or
+neurodyn's default PI control with ``--controller default``; 3 samples), its weights copied from the reference model
+so both start from the same function; its loss is the per-series IWAE bound (``LatentODE.loss``).
 
-Two neurodyn variants: ``neurodyn`` runs the encoder over the union of the 100 times with masks (the reference's
-formulation: 100 encoder steps, Euler steps of at most span/50); ``neurodyn_per_row`` gives each series' 50 observed
-points as per-row times ``(B, 50)`` (``neurodyn.data.compact``; 50 encoder steps, each interval solved for all rows at
-once with Euler steps of at most span/50, as the demo does).
+Three neurodyn variants: ``neurodyn`` runs the encoder over the union of the 100 times with masks (the reference's
+formulation), which takes the fused ODE-RNN run (:mod:`neurodyn.models.odernn_fused`: one autograd function, the
+unit on the observed rows only, written-out backward with one weight-gradient product per weight);
+``neurodyn_unfused`` is the same model with ``encoder.fused = False`` (one :func:`neurodyn.solve` per interval, the
+path before the fused run); ``neurodyn_per_row`` gives each series' 50 observed points as per-row times ``(B, 50)``
+(``neurodyn.data.compact``; 50 encoder steps, each interval solved for all rows at once, as the demo does; the
+general path). ``--skip`` leaves variants out.
 
 Same data: the periodic toy (1000 series, 100 shared times on [0, 5], 800 for training), batches of 50 with 50 of the
 100 points observed per series (the same masks for both), interpolation task (reconstruct all 100 points).
-One epoch = 16 iterations (forward + backward + optimizer step). The three take turns iteration by iteration in one
+One epoch = 16 iterations (forward + backward + optimizer step). The variants take turns iteration by iteration in one
 process (order rotated), each epoch's time the sum of its own 16 iterations' (the machine's load shifts over seconds).
 ``--floor-reps``: then an encoder-only diagnostic (:func:`encoder_floor`).
 

@@ -5,6 +5,10 @@ observation into the state; between observations the state's ODE part ``h`` solv
 :func:`neurodyn.solve`. One solve per observation index covers the whole batch: each row's interval
 ``[t_{k-1}, t_k]`` is mapped to ``s in [0, 1]`` (``dh/ds = dt_k f(t_{k-1} + s dt_k, h)``), so rows with their own
 times (``t`` of shape ``(B, T)``) are solved together exactly, and a padded step (``dt = 0``) leaves the state as it is.
+
+The latent ODE paper's configuration (the gated MLP unit, a tanh MLP field of ``h``, explicit Euler, one time grid
+for all rows) runs instead as one autograd function, :mod:`neurodyn.models.odernn_fused` (the same results and
+gradients, the unit evaluated on the observed rows only; ``fused=False`` turns it off).
 """
 
 from __future__ import annotations
