@@ -16,7 +16,10 @@ the reference code's step counts, ``encoder_step_rule="latent_ode"``: one step f
 ``max(2, int(gap / (span/50))) - 1``; ``--step-rule ceil`` takes ``ceil(gap / (span/50))`` steps instead; latent
 dopri5 at 1e-3 / 1e-4 with torchdiffeq's step-size rule, I control: ``PIDController(pcoeff=0, icoeff=1)``, or
 neurodyn's default PI control with ``--controller default``; 3 samples), its weights copied from the reference model
-so both start from the same function; its loss is the per-series IWAE bound (``LatentODE.loss``).
+so both start from the same function; its loss is the reference's objective, ``LatentODE.loss(bound="batch")``
+(the log-sum-exp over samples of the batch-mean likelihood; ``--bound series``: the per-series IWAE bound, whose
+per-series sample weights often fall in float32's subnormal range, ~1e-39, and slow the latent backward pass on x86
+several-fold).
 
 Three neurodyn variants: ``neurodyn`` runs the encoder over the union of the 100 times with masks (the reference's
 formulation), which takes the fused ODE-RNN run (:mod:`neurodyn.models.odernn_fused`: one autograd function, the
@@ -214,6 +217,9 @@ def main() -> None:
     ap.add_argument("--step-rule", choices=("latent_ode", "ceil"), default="latent_ode",
                     help="neurodyn's encoder steps per interval: the reference code's rule (default) or ceil(gap / "
                          "(span/50))")
+    ap.add_argument("--bound", choices=("batch", "series"), default="batch",
+                    help="neurodyn's IWAE bound: the reference's log-sum-exp over samples of the batch means "
+                         "(default) or the per-series bound")
     ap.add_argument("--skip", default="", help="comma-separated variants to leave out (not 'reference')")
     ap.add_argument("--floor-reps", type=int, default=9, help="rounds of the encoder-only diagnostic (0: skip)")
     args = ap.parse_args()
@@ -258,11 +264,12 @@ def main() -> None:
                 if name == "reference":
                     loss = ref.loss(xb, tt, mb, full[idx])
                 elif name in ("neurodyn", "neurodyn_unfused"):  # the masked union grid, as the reference
-                    loss = models[name].loss(xb, tt, mb, tt, xb, full[idx], n_samples=3, kl_weight=0.0)["loss"]
+                    loss = models[name].loss(xb, tt, mb, tt, xb, full[idx], n_samples=3, kl_weight=0.0,
+                                             bound=args.bound)["loss"]
                 else:  # each series steps through its own 50 observed times
                     b = compact(tt, xb, mb)
                     loss = ours_c.loss(b.values, b.times, b.mask, tt, xb, full[idx], n_samples=3,
-                                       kl_weight=0.0)["loss"]
+                                       kl_weight=0.0, bound=args.bound)["loss"]
                 opts[name].zero_grad()
                 loss.backward()
                 opts[name].step()
@@ -288,7 +295,7 @@ def main() -> None:
               "latent_nfe_per_iter_by_epoch": {k: [sum(v[i:i + 16]) / 16 for i in range(0, len(v), 16)]
                                                for k, v in nfe.items()},
               "encoder_max_abs_diff_at_init": enc_diff, "encoder_only": floor,
-              "controller": args.controller,
+              "controller": args.controller, "bound": args.bound, "step_rule": args.step_rule,
               "torch": torch.__version__, "torchdiffeq": torchdiffeq.__version__, "threads": args.threads}
     print(json.dumps(result, indent=1))
     if args.json:

@@ -159,3 +159,25 @@ def test_fused_run_applies_only_where_it_holds():
         s_ng, l_ng = rnn(x, t, mask, state0=state0)
     s, last = rnn(x, t, mask, state0=state0)
     assert torch.equal(s_ng, s.detach()) and torch.equal(l_ng, last.detach())
+
+
+def test_latent_ode_batch_bound_is_the_latent_ode_codes_objective():
+    """``bound="batch"``: ``-(logsumexp_s mean_b (log p(y_b | z_sb) - w KL_b) - log S)``, computed here with
+    ``torch.distributions``."""
+    model = neurodyn.models.LatentODE(1, latent_size=3, rec_size=4, units=8, rec_units=8, gru_units=6).to(f64)
+    g = torch.Generator().manual_seed(2)
+    t = torch.linspace(0, 2, 12, dtype=f64)
+    x = torch.randn(5, 12, 1, generator=g, dtype=f64)
+    mask = (torch.rand(5, 12, 1, generator=g) > 0.3).to(f64)
+    torch.manual_seed(0)
+    out = model.loss(x, t, mask, n_samples=4, kl_weight=0.7, bound="batch")
+    torch.manual_seed(0)
+    pred, info = model(x, t, mask, n_samples=4)
+    logp = torch.distributions.Normal(pred, 0.01).log_prob(x) * mask
+    lik = logp.sum((-2, -1)) / mask.sum((-2, -1))  # (S, B)
+    q = torch.distributions.Normal(info["mean"], info["std"])
+    kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum(-1)  # (B,)
+    expected = -(torch.logsumexp((lik - 0.7 * kl).mean(1), 0) - torch.log(torch.tensor(4.0, dtype=f64)))
+    assert torch.allclose(out["loss"], expected, rtol=1e-12, atol=0)
+    with pytest.raises(neurodyn.errors.InputError, match="bound"):
+        model.loss(x, t, mask, bound="samples")

@@ -229,9 +229,11 @@ class LatentODE(nn.Module):
 
     def loss(self, x: Tensor, t: Tensor, mask: Tensor, t_pred: Tensor | None = None, y_pred: Tensor | None = None,
              mask_pred: Tensor | None = None, *, n_samples: int = 3, kl_weight: float = 1.0, iwae: bool = True,
-             reduction: str = "mean", use_mean: bool = False) -> dict[str, Tensor]:
+             reduction: str = "mean", use_mean: bool = False, bound: str = "series") -> dict[str, Tensor]:
         """Negative ELBO (``iwae=False``: ``-(mean_s log p(y | z_s) - kl_weight KL)``) or its importance-weighted
         bound (``iwae=True``: ``-(logsumexp_s (log p(y | z_s) - kl_weight KL) - log S)``), averaged over the batch.
+        ``bound="batch"`` (with ``iwae=True``): the latent_ode code's form, the log-sum-exp over samples of the
+        batch means, ``-(logsumexp_s mean_b (log p(y_b | z_sb) - kl_weight KL_b) - log S)``.
 
         ``x, t, mask``: what the encoder sees; the targets ``y_pred (B, P, C)`` at ``t_pred`` with ``mask_pred``
         default to ``x, t, mask``. The likelihood is :func:`gaussian_log_likelihood` (``reduction``), plus the Poisson
@@ -241,6 +243,8 @@ class LatentODE(nn.Module):
         ``kl`` (batch mean), ``mse`` (detached)
         (masked, over samples) and ``pred (S, B, P, C)``.
         """
+        if bound not in ("series", "batch"):
+            raise InputError(f"LatentODE.loss: bound must be 'series' or 'batch', got {bound!r}.")
         if t_pred is None:
             t_pred, y_pred, mask_pred = t, x, mask
         elif y_pred is None or mask_pred is None:
@@ -255,12 +259,14 @@ class LatentODE(nn.Module):
             loglik = loglik + events - integral
         kl = kl_standard_normal(info["mean"], info["std"])  # (B,)
         terms = loglik - kl_weight * kl
+        if bound == "batch" and iwae:
+            terms = terms.mean(1, keepdim=True)  # (S, 1)
         if iwae:
-            bound = torch.logsumexp(terms, 0) - math.log(terms.shape[0])
+            value = torch.logsumexp(terms, 0) - math.log(terms.shape[0])
         else:
-            bound = terms.mean(0)
+            value = terms.mean(0)
         sq = ((pred - y_pred) ** 2 * mask_pred).sum() / (mask_pred.sum() * pred.shape[0]).clamp(min=1)
-        return {"loss": -bound.mean(), "likelihood": loglik.mean(), "kl": kl.mean(), "mse": sq.detach(), "pred": pred}
+        return {"loss": -value.mean(), "likelihood": loglik.mean(), "kl": kl.mean(), "mse": sq.detach(), "pred": pred}
 
     def extra_repr(self) -> str:
         return f"input_size={self.input_size}, latent_size={self.latent_size}, obs_std={self.obs_std}, " \
