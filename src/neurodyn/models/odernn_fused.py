@@ -14,7 +14,9 @@ masks -- with three differences in how:
   small one per step and layer), as recurrent-network libraries do.
 
 Its gradients are those of the general path (``gradient="direct"``) to rounding; ``tests/test_odernn_fused.py``
-compares both, and compares them with finite differences.
+compares both, and compares them with finite differences. The backward pass is not differentiable again and there is
+no forward-mode rule: for second derivatives (``create_graph=True``) or ``torch.func.jvp`` build the ODE-RNN with
+``fused=False``. A NaN or inf in the state raises :class:`~neurodyn.errors.NonFiniteError` after the run.
 """
 
 from __future__ import annotations
