@@ -181,3 +181,28 @@ def test_latent_ode_batch_bound_is_the_latent_ode_codes_objective():
     assert torch.allclose(out["loss"], expected, rtol=1e-12, atol=0)
     with pytest.raises(neurodyn.errors.InputError, match="bound"):
         model.loss(x, t, mask, bound="samples")
+
+
+def test_fused_runs_reuse_buffers_only_when_no_backward_is_pending():
+    """Two recorded runs before either backward pass, a run whose graph is dropped, a run under no_grad: every
+    gradient equals the general path's (the second recorded run takes fresh buffers)."""
+    fused, x, t, mask, state0 = _case(2, seed=7)
+    general = copy.deepcopy(fused)
+    general.fused = False
+    x2 = x.flip(0).contiguous()
+
+    def grads(rnn, xs):
+        outs = [rnn(xx, t, mask, reverse=True, state0=state0)[1] for xx in xs]
+        result = []
+        for out in reversed(outs):  # the second run's backward first
+            result.append(torch.autograd.grad(_weighted(out, 5), list(rnn.parameters())))
+        return result
+
+    rnn_out = fused(x, t, mask, state0=state0)[1]  # recorded, then dropped without a backward pass
+    del rnn_out
+    with torch.no_grad():
+        fused(x2, t, mask, state0=state0)
+    for a, b in zip(grads(fused, [x, x2]), grads(general, [x, x2])):
+        for ga, gb in zip(a, b):
+            assert torch.allclose(ga, gb, rtol=0, atol=1e-12)
+    assert fused._workspace  # buffers kept for the next run

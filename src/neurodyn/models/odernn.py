@@ -239,6 +239,7 @@ class ODERNN(nn.Module):
         self.nfe = 0
         self._unit: dict[tuple, Tensor] = {}  # the rescaled interval [0, 1] per dtype and device
         self._plans: dict[tuple, Plan] = {}  # prepared solves of the reused field, per state shape and options
+        self._workspace: dict[str, Any] = {}  # the fused run's reused buffers
 
     def evolve(self, h: Tensor, t0: Tensor, dt: Tensor, max_step: float | None = None,
                dt_max: float | None = None) -> Tensor:
@@ -295,6 +296,7 @@ class ODERNN(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_plans"] = {}  # prepared solves are rebuilt on use
+        state["_workspace"] = {}
         return state
 
     def forward(self, x: Tensor, t: Tensor, mask: Tensor | None = None, *, reverse: bool = False,
@@ -315,7 +317,7 @@ class ODERNN(nn.Module):
         if layers is not None:
             seq, last, self.nfe = fused_odernn(self.cell, layers, x, tt, mask, reverse, state,
                                                self.max_step if max_step is None else max_step, self.step_rule,
-                                               states)
+                                               states, self._workspace)
             return seq, last
         n_ode = self.cell.ode_size
         inp = torch.cat([x * mask, mask], -1).transpose(0, 1)  # (T, B, 2C)

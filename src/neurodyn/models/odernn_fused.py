@@ -21,6 +21,7 @@ no forward-mode rule: for second derivatives (``create_graph=True``) or ``torch.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -61,6 +62,32 @@ def euler_steps(gaps: list[float], max_step: float | None, rule: str) -> list[in
     return [1 if abs(g) < max_step else max(2, int(abs(g) / max_step)) - 1 for g in gaps]
 
 
+def holds_saved(owner: weakref.ref | None) -> bool:
+    """Whether the recorded run ``owner`` (a weak reference to its autograd context) still holds its saved buffers:
+    its graph is alive and not yet freed by a backward pass (``retain_graph=True`` keeps them)."""
+    ctx = owner() if owner is not None else None
+    if ctx is None:
+        return False
+    try:
+        _ = ctx.saved_tensors
+    except RuntimeError:  # freed by the backward pass
+        return False
+    return True
+
+
+def take(space: dict | None, name: str, like: Tensor, *shape: int) -> Tensor:
+    """An uninitialised tensor of ``shape`` (dtype and device of ``like``): a leading slice of the workspace's buffer
+    ``name`` (grown as needed) when ``space`` is given, else a new one. Reusing the large buffers of one run for the
+    next spares the fresh memory pages (page faults) that new multi-megabyte tensors cost on every run."""
+    if space is None:
+        return like.new_empty(shape)
+    buf = space.get(name)
+    if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0] or buf.dtype != like.dtype \
+            or buf.device != like.device:
+        buf = space[name] = like.new_empty(shape)
+    return buf[:shape[0]]
+
+
 class FusedODERNN(torch.autograd.Function):
     """Forward: the whole ODE-RNN run (see the module docstring); backward: written out (internal to
     :func:`fused_odernn`). The unit's activations of all observed rows are kept in flat buffers (rows of time
@@ -78,12 +105,22 @@ class FusedODERNN(torch.autograd.Function):
         ws, bs = field[0::2], field[1::2]
         n_euler = sum(steps)
         new_empty = state0.new_empty
+        # The workspace of the module's previous run, unless a recorded run still needs it (its backward pending).
+        space = plan["space"]
+        if space is not None:
+            if holds_saved(space.get("owner")):
+                space = None
+            elif plan["recorded"]:  # (forward runs without grad mode: the caller decided)
+                space["owner"] = weakref.ref(ctx)
+        ctx.space = space
         # Euler buffers: the state before each step and each hidden layer's activation.
-        hbuf = new_empty(n_euler, B, H)
-        acts = [new_empty(n_euler, B, w.shape[0]) for w in ws[:-1]]
+        hbuf = take(space, "h", state0, n_euler, B, H)
+        acts = [take(space, f"a{j}", state0, n_euler, B, w.shape[0]) for j, w in enumerate(ws[:-1])]
         # The unit's buffers, one row per observed (time, row).
-        s_buf, a1_buf, ur_buf = new_empty(N, S), new_empty(N, g_s.shape[0]), new_empty(N, S)
-        rs_buf, a2_buf, o_buf, pre_buf = new_empty(N, S), new_empty(N, n_s.shape[0]), new_empty(N, S), new_empty(N, H)
+        s_buf, a1_buf, ur_buf = take(space, "s", state0, N, S), take(space, "a1", state0, N, g_s.shape[0]), \
+            take(space, "ur", state0, N, S)
+        rs_buf, a2_buf = take(space, "rs", state0, N, S), take(space, "a2", state0, N, n_s.shape[0])
+        o_buf, pre_buf = take(space, "o", state0, N, S), take(space, "pre", state0, N, H)
         # Weights laid out once as the products read them (contiguous: faster small products).
         ur_w = torch.block_diag(u_w, r_w)  # (2H, 2 units)
         ur_b = torch.cat([u_b, r_b])
@@ -157,19 +194,30 @@ class FusedODERNN(torch.autograd.Function):
         acts, rest = rest[:n_layers - 1], rest[n_layers - 1:]
         (s_buf, a1_buf, ur_buf, rs_buf, a2_buf, o_buf, pre_buf, g_s, ur_w, n_s, o_w), ws = rest[:11], rest[11:]
         n_euler = hbuf.shape[0]
-        # Elementwise factors of every step at once.
-        d_acts = [1 - a * a for a in acts]  # tanh'
-        dz = [hbuf.new_empty(n_euler, B, w.shape[0]) for w in ws]  # cotangents of the pre-activations
+        space = ctx.space
+        N = s_buf.shape[0]
+        one = hbuf.new_ones(())
+        # Elementwise factors of every step at once (tanh' = 1 - a^2 in one pass each).
+        d_acts = [torch.addcmul(one, a, a, value=-1, out=take(space, f"da{j}", a, *a.shape))
+                  for j, a in enumerate(acts)]
+        dz = [take(space, f"dz{j}", hbuf, n_euler, B, w.shape[0]) for j, w in enumerate(ws)]  # pre-activations'
         u, r = ur_buf[:, :H], ur_buf[:, H:]
         nm, ns = o_buf[:, :H], o_buf[:, H:]
         sg_pre = pre_buf.sign()
         one_u = 1 - u
-        f_do = torch.cat([one_u, one_u * ns.sign() * sg_pre], -1)  # d(new state) -> d(unit output o)
-        f_ds = torch.cat([u, u * sg_pre], -1)  # d(new state) -> d(old state), directly
-        f_um, f_us = s_buf[:, :H] - nm, (s_buf[:, H:] - ns.abs()) * sg_pre  # d(new mean, new std) -> du
+        f_do = take(space, "f_do", hbuf, N, S)  # d(new state) -> d(unit output o)
+        f_do[:, :H] = one_u
+        torch.mul(one_u, ns.sign(), out=f_do[:, H:]).mul_(sg_pre)
+        f_ds = take(space, "f_ds", hbuf, N, S)  # d(new state) -> d(old state), directly
+        f_ds[:, :H] = u
+        torch.mul(u, sg_pre, out=f_ds[:, H:])
+        f_um, f_us = s_buf[:, :H] - nm, (s_buf[:, H:] - ns.abs()).mul_(sg_pre)  # d(new mean, new std) -> du
         rr = torch.cat([r, r], -1)
-        d_a1, d_a2, d_ur = 1 - a1_buf * a1_buf, 1 - a2_buf * a2_buf, ur_buf * (1 - ur_buf)
-        do_buf, dz2_buf, dur_buf, dz1_buf = (torch.empty_like(x) for x in (o_buf, a2_buf, ur_buf, a1_buf))
+        d_a1 = torch.addcmul(one, a1_buf, a1_buf, value=-1, out=take(space, "d_a1", hbuf, *a1_buf.shape))
+        d_a2 = torch.addcmul(one, a2_buf, a2_buf, value=-1, out=take(space, "d_a2", hbuf, *a2_buf.shape))
+        d_ur = ur_buf * (1 - ur_buf)
+        do_buf, dur_buf = take(space, "do", hbuf, N, S), take(space, "dur", hbuf, N, S)
+        dz2_buf, dz1_buf = torch.empty_like(a2_buf), torch.empty_like(a1_buf)  # returned: not workspace
         keep = plan["keep"]
         ds = d_states[order[-1]].clone() if keep else d_states.clone()
         sizes = plan["sizes"]
@@ -228,13 +276,14 @@ class FusedODERNN(torch.autograd.Function):
 
 
 def fused_odernn(cell: nn.Module, layers: list[nn.Linear], x: Tensor, t: Tensor, mask: Tensor, reverse: bool,
-                 state0: Tensor, max_step: float | None, rule: str, keep: bool = True
+                 state0: Tensor, max_step: float | None, rule: str, keep: bool = True, space: dict | None = None
                  ) -> tuple[Tensor | None, Tensor, int]:
     """Run the ODE-RNN of ``cell`` (a :class:`~neurodyn.models.odernn.GatedMLPUpdate`) and the tanh MLP field
     ``layers`` over ``x (B, T, C)`` with ``mask`` at the shared times ``t (T,)`` from ``state0 (B, S)``, Euler steps
     between observations (:func:`euler_steps` with ``max_step`` and ``rule``). Returns ``(states (B, T, S), last
     (B, S), nfe)`` as :meth:`ODERNN.forward <neurodyn.models.ODERNN.forward>` (``nfe``: field evaluations;
-    ``keep=False``: ``states`` is None and not formed)."""
+    ``keep=False``: ``states`` is None and not formed). ``space``: a dict the caller keeps between runs, whose buffers
+    a run reuses (:func:`take`; not while a recorded run's backward pass is pending)."""
     B, T, _ = x.shape
     S = cell.state_size
     order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
@@ -256,9 +305,11 @@ def fused_odernn(cell: nn.Module, layers: list[nn.Linear], x: Tensor, t: Tensor,
     steps = euler_steps(gaps, max_step, rule)
     plan = {"order": order, "steps": steps, "dts": [g / n for g, n in zip(gaps, steps)], "rows": rows,
             "sizes": [c for c in counts if c], "keep": keep,
-            "t_end": float(times[-1])}
+            "t_end": float(times[-1]), "space": space}
     field = [p for m in layers for p in (m.weight, m.bias)]
     out = cell.new_state[2]
+    plan["recorded"] = torch.is_grad_enabled() and any(
+        v.requires_grad for v in (state0, g_obs, n_obs, *cell.parameters(), *field))
     res = FusedODERNN.apply(state0, g_obs, n_obs, plan, g_w[:, :S], cell.update_out.weight, cell.reset_out.weight,
                                cell.update_out.bias, cell.reset_out.bias, n_w[:, :S], out.weight, out.bias, *field)
     if not keep:
