@@ -1,17 +1,18 @@
 """The ODE-RNN with the gated MLP unit and explicit Euler steps on a shared time grid, as one autograd function.
 
-:class:`~neurodyn.models.ODERNN` runs through :func:`fused_odernn` where it applies (:func:`fused_supported`: the
+:class:`~neurodyn.models.ODERNN` runs through :func:`fused_odernn` where it applies (its ``fused`` option: the
 :class:`~neurodyn.models.odernn.GatedMLPUpdate` cell, a field that is a tanh MLP of ``h`` alone, ``method="euler"``,
 ``gradient="direct"``, one time grid for all rows, nothing under ``torch.func`` transforms or autocast). It computes
 what the general path computes -- the same Euler steps between observations, the same unit at each time, the same
-masks -- with three differences in how:
+masks -- with these differences in how:
 
 * the forward pass records no autograd graph; it keeps the activations it needs in preallocated buffers;
 * the unit runs only on the rows observed at that time (the general path runs it on every row and keeps the old
   state where a row has no observation: the same result);
 * the backward pass is written out: each step pulls the state's cotangent back through the step (products with the
   weights), and every weight's gradient is one product over all steps at the end (one large product instead of one
-  small one per step and layer), as recurrent-network libraries do.
+  small one per step and layer), as recurrent-network libraries do;
+* the large buffers stay with the module for its next run (:func:`take`), unless a recorded run still holds them.
 
 Its gradients are those of the general path (``gradient="direct"``) to rounding; ``tests/test_odernn_fused.py``
 compares both, and compares them with finite differences. The backward pass is not differentiable again and there is
