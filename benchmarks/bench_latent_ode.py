@@ -12,19 +12,26 @@ Gaussian log-density (obs std 0.01, mean over observed times and dims), KL to N(
 and the loss ``-logsumexp_s(likelihood_s - kl_coef * KL)``; Adamax, lr 1e-2.
 
 neurodyn's side: ``LatentODE(1)`` with the same sizes and solvers (``encoder_cell="gated_mlp"``, encoder Euler with
-largest step span/50, latent dopri5 at 1e-3 / 1e-4 with torchdiffeq's step-size rule, I control:
-``PIDController(pcoeff=0, icoeff=1)``, or neurodyn's default PI control with ``--controller default``; 3 samples),
-its weights copied from the reference model so both start from the same function; its loss is the per-series IWAE
-bound (``LatentODE.loss``).
+the reference code's step counts, ``encoder_step_rule="latent_ode"``: one step for a gap below span/50, else
+``max(2, int(gap / (span/50))) - 1``; ``--step-rule ceil`` takes ``ceil(gap / (span/50))`` steps instead; latent
+dopri5 at 1e-3 / 1e-4 with torchdiffeq's step-size rule, I control: ``PIDController(pcoeff=0, icoeff=1)``, or
+neurodyn's default PI control with ``--controller default``; 3 samples), its weights copied from the reference model
+so both start from the same function; its loss is the reference's objective, ``LatentODE.loss(bound="batch")``
+(the log-sum-exp over samples of the batch-mean likelihood; ``--bound series``: the per-series IWAE bound, whose
+per-series sample weights often fall in float32's subnormal range, ~1e-39, and slow the latent backward pass on x86
+several-fold).
 
-Two neurodyn variants: ``neurodyn`` runs the encoder over the union of the 100 times with masks (the reference's
-formulation: 100 encoder steps, Euler steps of at most span/50); ``neurodyn_per_row`` gives each series' 50 observed
-points as per-row times ``(B, 50)`` (``neurodyn.data.compact``; 50 encoder steps, each interval solved for all rows at
-once with Euler steps of at most span/50, as the demo does).
+Three neurodyn variants: ``neurodyn`` runs the encoder over the union of the 100 times with masks (the reference's
+formulation), which takes the fused ODE-RNN run (:mod:`neurodyn.models.odernn_fused`: one autograd function, the
+unit on the observed rows only, written-out backward with one weight-gradient product per weight);
+``neurodyn_unfused`` is the same model with ``encoder.fused = False`` (one :func:`neurodyn.solve` per interval, the
+path before the fused run); ``neurodyn_per_row`` gives each series' 50 observed points as per-row times ``(B, 50)``
+(``neurodyn.data.compact``; 50 encoder steps, each interval solved for all rows at once, as the demo does; the
+general path). ``--skip`` leaves variants out.
 
 Same data: the periodic toy (1000 series, 100 shared times on [0, 5], 800 for training), batches of 50 with 50 of the
 100 points observed per series (the same masks for both), interpolation task (reconstruct all 100 points).
-One epoch = 16 iterations (forward + backward + optimizer step). The three take turns iteration by iteration in one
+One epoch = 16 iterations (forward + backward + optimizer step). The variants take turns iteration by iteration in one
 process (order rotated), each epoch's time the sum of its own 16 iterations' (the machine's load shifts over seconds).
 ``--floor-reps``: then an encoder-only diagnostic (:func:`encoder_floor`).
 
@@ -35,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 
@@ -47,6 +53,7 @@ from torch.distributions import Normal, kl_divergence
 from neurodyn import PIDController
 from neurodyn.data import compact, interpolation_mask, periodic_toy
 from neurodyn.models import LatentODE
+from neurodyn.models.odernn_fused import euler_steps
 
 
 def _mlp(n_in: int, units: int, n_out: int, hidden: int = 1) -> nn.Sequential:
@@ -174,7 +181,7 @@ def hand_encoder(model: LatentODE, x: torch.Tensor, t: torch.Tensor, mask: torch
     for k in range(T - 1, -1, -1):
         if k < T - 1:
             h, rest = state.split([H, H], -1)
-            n = max(1, math.ceil(gaps[k] / max_step - 1e-9))  # equal steps of at most max_step, as the encoder's
+            n = euler_steps([gaps[k]], max_step, enc.step_rule)[0]  # the encoder's steps
             for _ in range(n):
                 h = h + (-gaps[k] / n) * enc.field(h)
             state = torch.cat([h, rest], -1)
@@ -207,6 +214,13 @@ def main() -> None:
     ap.add_argument("--controller", choices=("i", "default"), default="i",
                     help="neurodyn's latent step-size control: 'i' torchdiffeq's I control, as the reference "
                          "(default), or neurodyn's default PI control")
+    ap.add_argument("--step-rule", choices=("latent_ode", "ceil"), default="latent_ode",
+                    help="neurodyn's encoder steps per interval: the reference code's rule (default) or ceil(gap / "
+                         "(span/50))")
+    ap.add_argument("--bound", choices=("batch", "series"), default="batch",
+                    help="neurodyn's IWAE bound: the reference's log-sum-exp over samples of the batch means "
+                         "(default) or the per-series bound")
+    ap.add_argument("--skip", default="", help="comma-separated variants to leave out (not 'reference')")
     ap.add_argument("--floor-reps", type=int, default=9, help="rounds of the encoder-only diagnostic (0: skip)")
     args = ap.parse_args()
     if args.epochs < 1:
@@ -218,15 +232,21 @@ def main() -> None:
     full = torch.ones_like(train)
     g = torch.Generator().manual_seed(1)
     kw = {"controller": PIDController(pcoeff=0.0, icoeff=1.0)} if args.controller == "i" else {}
+    kw["encoder_step_rule"] = args.step_rule
     ref, ours, ours_c = Reference(), LatentODE(1, **kw), LatentODE(1, **kw)
-    copy_weights(ref, ours)
-    copy_weights(ref, ours_c)
+    ours_u = LatentODE(1, **kw)
+    ours_u.encoder.fused = False
+    for m in (ours, ours_c, ours_u):
+        copy_weights(ref, m)
     with torch.no_grad():  # same function: same encoder output at init
         m0 = interpolation_mask(full[:50], 50, torch.Generator().manual_seed(3))
         mu_r, _ = ref.encode(torch.cat([train[:50] * m0, m0], -1), tt)
         mu_o, _, _ = ours.encode(train[:50], tt, m0)
         enc_diff = float((mu_r[0] - mu_o).abs().max())
-    models = {"reference": ref, "neurodyn": ours, "neurodyn_per_row": ours_c}
+    models = {"reference": ref, "neurodyn": ours, "neurodyn_unfused": ours_u, "neurodyn_per_row": ours_c}
+    if args.skip:
+        for name in args.skip.split(","):
+            models.pop(name)
     opts = {k: torch.optim.Adamax(m.parameters(), lr=1e-2) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in models}
     nfe: dict[str, list[int]] = {k: [] for k in models}
@@ -238,17 +258,18 @@ def main() -> None:
         for i in range(16):
             idx = perm[i * 50:(i + 1) * 50]
             xb, mb = train[idx], masks[i]
-            for name in names[i % 3:] + names[:i % 3]:  # the three take turns, the order rotated per iteration
+            for name in names[i % len(names):] + names[:i % len(names)]:  # turns, the order rotated per iteration
                 ref.gen_func.calls[0] = 0
                 t0 = time.perf_counter()
                 if name == "reference":
                     loss = ref.loss(xb, tt, mb, full[idx])
-                elif name == "neurodyn":  # the masked union grid, as the reference
-                    loss = ours.loss(xb, tt, mb, tt, xb, full[idx], n_samples=3, kl_weight=0.0)["loss"]
+                elif name in ("neurodyn", "neurodyn_unfused"):  # the masked union grid, as the reference
+                    loss = models[name].loss(xb, tt, mb, tt, xb, full[idx], n_samples=3, kl_weight=0.0,
+                                             bound=args.bound)["loss"]
                 else:  # each series steps through its own 50 observed times
                     b = compact(tt, xb, mb)
                     loss = ours_c.loss(b.values, b.times, b.mask, tt, xb, full[idx], n_samples=3,
-                                       kl_weight=0.0)["loss"]
+                                       kl_weight=0.0, bound=args.bound)["loss"]
                 opts[name].zero_grad()
                 loss.backward()
                 opts[name].step()
@@ -274,7 +295,7 @@ def main() -> None:
               "latent_nfe_per_iter_by_epoch": {k: [sum(v[i:i + 16]) / 16 for i in range(0, len(v), 16)]
                                                for k, v in nfe.items()},
               "encoder_max_abs_diff_at_init": enc_diff, "encoder_only": floor,
-              "controller": args.controller,
+              "controller": args.controller, "bound": args.bound, "step_rule": args.step_rule,
               "torch": torch.__version__, "torchdiffeq": torchdiffeq.__version__, "threads": args.threads}
     print(json.dumps(result, indent=1))
     if args.json:

@@ -89,6 +89,9 @@ class LatentODE(nn.Module):
         The encoder's solver between observations (default ``"euler"``).
     encoder_steps : int
         The encoder's largest step is the observation span divided by ``encoder_steps`` (default 50).
+    encoder_step_rule : ``"ceil"`` or ``"latent_ode"``
+        The encoder's steps per interval (``ODERNN``'s ``step_rule``): ``ceil(gap / largest step)`` (default), or the
+        latent_ode code's rule (one step below the largest step, else ``max(2, floor(gap / largest step)) - 1``).
     encoder_cell : ``"gated_mlp"`` (the paper's), ``"gru"`` or ``"lstm"``.
     poisson : bool
         Also model the observation times as a Poisson process (adds ``C`` rate integrals to the latent solve).
@@ -122,7 +125,8 @@ class LatentODE(nn.Module):
                  rec_units: int = 100, gru_units: int = 100, field_layers: int = 2, obs_std: float = 0.01,
                  method: str = "dopri5", rtol: float = 1e-3, atol: float = 1e-4, gradient: str = "direct",
                  encoder_method: str = "euler",
-                 encoder_steps: int = 50, encoder_cell: str = "gated_mlp", poisson: bool = False,
+                 encoder_steps: int = 50, encoder_step_rule: str = "ceil", encoder_cell: str = "gated_mlp",
+                 poisson: bool = False,
                  init_std: float | None = 0.1, **solve_options: Any):
         super().__init__()
         if min(input_size, latent_size, rec_size, units, rec_units, gru_units, encoder_steps, field_layers) < 1:
@@ -140,7 +144,8 @@ class LatentODE(nn.Module):
         self.input_size, self.latent_size, self.obs_std = input_size, latent_size, obs_std
         self.encoder_steps, self.poisson = encoder_steps, poisson
         rec_field = mlp(rec_size, rec_units, rec_size, init_std, field_layers)
-        self.encoder = ODERNN(input_size, rec_size, cell=cell, field=rec_field, method=encoder_method)
+        self.encoder = ODERNN(input_size, rec_size, cell=cell, field=rec_field, method=encoder_method,
+                              step_rule=encoder_step_rule)
         self.to_z0 = mlp(cell.state_size, 100, 2 * latent_size, init_std)
         self.field = _LatentField(latent_size, units, input_size, poisson, init_std, field_layers)
         self.ode = NeuralODE(self.field, output="trajectory", method=method, rtol=rtol, atol=atol,
@@ -159,7 +164,7 @@ class LatentODE(nn.Module):
         tt = t if t.dim() == 2 else t.expand(x.shape[0], -1)
         span = float((tt[:, -1] - tt[:, 0]).max())
         max_step = span / self.encoder_steps if span > 0 else None
-        _, state = self.encoder(x, t, mask, reverse=True, max_step=max_step)
+        _, state = self.encoder(x, t, mask, reverse=True, max_step=max_step, states=False)
         first = tt[:, 0].min()
         t_start = first if t0 is None else torch.as_tensor(t0, dtype=tt.dtype, device=tt.device).reshape(())
         if bool(t_start > first):
@@ -224,9 +229,11 @@ class LatentODE(nn.Module):
 
     def loss(self, x: Tensor, t: Tensor, mask: Tensor, t_pred: Tensor | None = None, y_pred: Tensor | None = None,
              mask_pred: Tensor | None = None, *, n_samples: int = 3, kl_weight: float = 1.0, iwae: bool = True,
-             reduction: str = "mean", use_mean: bool = False) -> dict[str, Tensor]:
+             reduction: str = "mean", use_mean: bool = False, bound: str = "series") -> dict[str, Tensor]:
         """Negative ELBO (``iwae=False``: ``-(mean_s log p(y | z_s) - kl_weight KL)``) or its importance-weighted
         bound (``iwae=True``: ``-(logsumexp_s (log p(y | z_s) - kl_weight KL) - log S)``), averaged over the batch.
+        ``bound="batch"`` (with ``iwae=True``): the latent_ode code's form, the log-sum-exp over samples of the
+        batch means, ``-(logsumexp_s mean_b (log p(y_b | z_sb) - kl_weight KL_b) - log S)``.
 
         ``x, t, mask``: what the encoder sees; the targets ``y_pred (B, P, C)`` at ``t_pred`` with ``mask_pred``
         default to ``x, t, mask``. The likelihood is :func:`gaussian_log_likelihood` (``reduction``), plus the Poisson
@@ -236,6 +243,8 @@ class LatentODE(nn.Module):
         ``kl`` (batch mean), ``mse`` (detached)
         (masked, over samples) and ``pred (S, B, P, C)``.
         """
+        if bound not in ("series", "batch"):
+            raise InputError(f"LatentODE.loss: bound must be 'series' or 'batch', got {bound!r}.")
         if t_pred is None:
             t_pred, y_pred, mask_pred = t, x, mask
         elif y_pred is None or mask_pred is None:
@@ -250,12 +259,14 @@ class LatentODE(nn.Module):
             loglik = loglik + events - integral
         kl = kl_standard_normal(info["mean"], info["std"])  # (B,)
         terms = loglik - kl_weight * kl
+        if bound == "batch" and iwae:
+            terms = terms.mean(1, keepdim=True)  # (S, 1)
         if iwae:
-            bound = torch.logsumexp(terms, 0) - math.log(terms.shape[0])
+            value = torch.logsumexp(terms, 0) - math.log(terms.shape[0])
         else:
-            bound = terms.mean(0)
+            value = terms.mean(0)
         sq = ((pred - y_pred) ** 2 * mask_pred).sum() / (mask_pred.sum() * pred.shape[0]).clamp(min=1)
-        return {"loss": -bound.mean(), "likelihood": loglik.mean(), "kl": kl.mean(), "mse": sq.detach(), "pred": pred}
+        return {"loss": -value.mean(), "likelihood": loglik.mean(), "kl": kl.mean(), "mse": sq.detach(), "pred": pred}
 
     def extra_repr(self) -> str:
         return f"input_size={self.input_size}, latent_size={self.latent_size}, obs_std={self.obs_std}, " \

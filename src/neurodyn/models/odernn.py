@@ -5,11 +5,14 @@ observation into the state; between observations the state's ODE part ``h`` solv
 :func:`neurodyn.solve`. One solve per observation index covers the whole batch: each row's interval
 ``[t_{k-1}, t_k]`` is mapped to ``s in [0, 1]`` (``dh/ds = dt_k f(t_{k-1} + s dt_k, h)``), so rows with their own
 times (``t`` of shape ``(B, T)``) are solved together exactly, and a padded step (``dt = 0``) leaves the state as it is.
+
+The latent ODE paper's configuration (the gated MLP unit, a tanh MLP field of ``h``, explicit Euler, one time grid
+for all rows) runs instead as one autograd function, :mod:`neurodyn.models.odernn_fused` (the same results and
+gradients, the unit evaluated on the observed rows only; ``fused=False`` turns it off).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -22,6 +25,7 @@ from ..core.tensors import vmapped
 from ..errors import InputError
 from ..fields import autocast_dtype, takes_time
 from ..solve import Plan, prepare, solve
+from .odernn_fused import euler_steps, fused_odernn, mlp_layers
 
 FIXED_STEP = ("euler", "midpoint", "heun2", "heun3", "ralston", "rk4")
 
@@ -173,6 +177,15 @@ class ODERNN(nn.Module):
     union : bool
         For ``t`` of shape ``(B, T)`` with rows that differ: run on the union of all rows' times with per-row masks
         (True), or step each row through its own times (False, default).
+    step_rule : ``"ceil"`` or ``"latent_ode"``
+        Steps of a fixed-step method per interval ``dt`` (with ``max_step``): ``ceil(|dt| / max_step)`` (default), or
+        the latent_ode code's rule (Rubanova et al.): one step when ``|dt| < max_step``, else
+        ``max(2, floor(|dt| / max_step)) - 1`` (:func:`neurodyn.models.odernn_fused.euler_steps`).
+    fused : bool
+        Run as one autograd function (:mod:`neurodyn.models.odernn_fused`; the same results) where it applies: the
+        ``"gated_mlp"`` cell, a field that is an ``nn.Sequential`` tanh MLP of ``h``, ``method="euler"``,
+        ``gradient="direct"``, one time grid for all rows (default True; False: always :func:`neurodyn.solve` per
+        interval).
 
     Shapes
     ------
@@ -194,7 +207,8 @@ class ODERNN(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, *, cell: str | nn.Module = "gru",
                  field: nn.Module | Any | None = None, units: int = 100, method: str = "euler",
                  max_step: float | None = None, rtol: float = 1e-3, atol: float = 1e-4, gradient: str = "direct",
-                 per_sample_steps: bool = False, union: bool = False, **solve_options: Any):
+                 per_sample_steps: bool = False, union: bool = False, step_rule: str = "ceil", fused: bool = True,
+                 **solve_options: Any):
         super().__init__()
         if input_size < 1 or hidden_size < 1:
             raise InputError(f"ODERNN: input_size and hidden_size must be >= 1, got {input_size}, {hidden_size}.")
@@ -206,6 +220,8 @@ class ODERNN(nn.Module):
         for attr in ("state_size", "ode_size"):
             if not isinstance(getattr(cell, attr, None), int):
                 raise InputError(f"ODERNN: the cell module needs an integer attribute {attr!r}.")
+        if step_rule not in ("ceil", "latent_ode"):
+            raise InputError(f"ODERNN: step_rule must be 'ceil' or 'latent_ode', got {step_rule!r}.")
         if max_step is not None and not max_step > 0:
             raise InputError(f"ODERNN: max_step must be > 0, got {max_step}.")
         self.input_size, self.hidden_size = input_size, hidden_size
@@ -218,10 +234,12 @@ class ODERNN(nn.Module):
         self.rescaled = _Rescaled(field, takes_time(field))
         self.method, self.max_step, self.rtol, self.atol, self.gradient = method, max_step, rtol, atol, gradient
         self.per_sample_steps, self.union = per_sample_steps, union
+        self.step_rule, self.fused = step_rule, fused
         self.solve_options = dict(solve_options)
         self.nfe = 0
         self._unit: dict[tuple, Tensor] = {}  # the rescaled interval [0, 1] per dtype and device
         self._plans: dict[tuple, Plan] = {}  # prepared solves of the reused field, per state shape and options
+        self._workspace: dict[str, Any] = {}  # the fused run's reused buffers
 
     def evolve(self, h: Tensor, t0: Tensor, dt: Tensor, max_step: float | None = None,
                dt_max: float | None = None) -> Tensor:
@@ -241,7 +259,7 @@ class ODERNN(nn.Module):
         opts = self.solve_options
         step = self.max_step if max_step is None else max_step
         if self.method in FIXED_STEP and "step_size" not in opts:
-            n = max(1, math.ceil(big / step - 1e-9)) if step is not None else 1
+            n = euler_steps([big], step, self.step_rule)[0]
             opts = {**opts, "step_size": 1.0 / n}
         if self.gradient == "direct":  # autograd records every evaluation now: the one field object can be reused
             field = self.rescaled
@@ -278,19 +296,29 @@ class ODERNN(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_plans"] = {}  # prepared solves are rebuilt on use
+        state["_workspace"] = {}
         return state
 
     def forward(self, x: Tensor, t: Tensor, mask: Tensor | None = None, *, reverse: bool = False,
-                state0: Tensor | None = None, max_step: float | None = None) -> tuple[Tensor, Tensor]:
+                state0: Tensor | None = None, max_step: float | None = None, states: bool = True
+                ) -> tuple[Tensor | None, Tensor]:
         """Run over the observations (see the class docstring for shapes); ``reverse=True`` runs from the last time
-        back to the first (the latent ODE encoder); ``max_step`` overrides the module's for this call."""
+        back to the first (the latent ODE encoder); ``max_step`` overrides the module's for this call;
+        ``states=False`` returns ``(None, last)`` (the fused run then does not form the per-time states)."""
         B, T, C = self._check(x, t, mask)
         mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)
         if t.dim() == 2 and self.union and not bool((t == t[:1]).all()):
-            return self._forward_union(x, t, mask, reverse, state0, max_step)
+            seq, last = self._forward_union(x, t, mask, reverse, state0, max_step)
+            return (seq if states else None), last
         shared = t.dim() == 1 or bool((t == t[:1]).all())
         tt = (t if t.dim() == 1 else t[0]) if shared else t
         state = x.new_zeros(B, self.cell.state_size) if state0 is None else state0
+        layers = self._fusable(x, tt, mask, state) if shared else None
+        if layers is not None:
+            seq, last, self.nfe = fused_odernn(self.cell, layers, x, tt, mask, reverse, state,
+                                               self.max_step if max_step is None else max_step, self.step_rule,
+                                               states, self._workspace)
+            return seq, last
         n_ode = self.cell.ode_size
         inp = torch.cat([x * mask, mask], -1).transpose(0, 1)  # (T, B, 2C)
         update = self.cell.series_update(inp) if callable(getattr(type(self.cell), "series_update", None)) else None
@@ -325,8 +353,28 @@ class ODERNN(nn.Module):
             out.append(state)
             prev = k
         self.nfe = nfe
-        states = torch.stack(out[::-1] if reverse else out, 1)
-        return states, state
+        if not states:
+            return None, state
+        return torch.stack(out[::-1] if reverse else out, 1), state
+
+    def _fusable(self, x: Tensor, t: Tensor, mask: Tensor, state: Tensor) -> list[nn.Linear] | None:
+        """The field's ``Linear`` layers where the fused run applies (see ``fused``), else None."""
+        if not self.fused or type(self.cell) is not GatedMLPUpdate or self.method != "euler" or self.solve_options \
+                or self.gradient != "direct" or self.per_sample_steps or self.rescaled.with_time:
+            return None
+        layers = mlp_layers(self.field)
+        if layers is None or any(m.bias is None for m in layers):
+            return None
+        dtype = x.dtype
+        tensors = [mask, state, *self.cell.parameters(), *(p for m in layers for p in m.parameters())]
+        if dtype not in (torch.float32, torch.float64) or any(v.dtype != dtype or v.device != x.device
+                                                               for v in tensors):
+            return None
+        if t.requires_grad or mask.requires_grad or vmapped(x) or autocast_dtype(x.device.type) is not None:
+            return None
+        if layers[0].in_features != self.cell.ode_size or layers[-1].out_features != self.cell.ode_size:
+            return None
+        return layers
 
     def _forward_union(self, x: Tensor, t: Tensor, mask: Tensor, reverse: bool, state0: Tensor | None,
                        max_step: float | None) -> tuple[Tensor, Tensor]:
