@@ -86,8 +86,11 @@ class CDEConfig:
     batch_size: int = 32
     lr: float = 3e-3
     hidden: int = 32
-    cde_hidden: int = 16
+    cde_hidden: int = 32
     width: int = 32
+    cde_layers: int = 3  # hidden layers of the NeuralCDE's field (Kidger et al. 2020: 3 of width 32, ReLU)
+    cde_activation: str = "relu"
+    penalty: float = 0.03  # Kidger et al.'s penalty * sum of the norms of each model's penalised parameters
     time_scale: float = 0.1
     path: str = "cubic"
     readout: str = "final"
@@ -123,6 +126,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"hidden size of the NeuralCDE ({d.cde_hidden}: its field has hidden x channels outputs)")
     parser.add_argument("--width", type=POSITIVE_INT, default=None,
                         help=f"width of the NeuralCDE's and the ODE-RNN's vector-field MLPs ({d.width})")
+    parser.add_argument("--cde-layers", type=POSITIVE_INT, default=None,
+                        help=f"hidden layers of the NeuralCDE's vector-field MLP ({d.cde_layers})")
+    parser.add_argument("--cde-activation", choices=("relu", "softplus", "tanh"), default=None,
+                        help=f"activation of the NeuralCDE's hidden layers ({d.cde_activation})")
+    parser.add_argument("--penalty", type=float_in(0.0), default=None,
+                        help="add penalty x the sum of the Frobenius norms of the penalised parameters to the loss "
+                             "(Kidger et al. 2020: the NeuralCDE's vector field, every parameter of the other models; "
+                             f"{d.penalty:g})")
     parser.add_argument("--path", choices=("cubic", "linear"), default=None,
                         help=f"the NeuralCDE's control path: natural cubic spline or linear ({d.path})")
     parser.add_argument("--time-scale", type=POSITIVE, default=None,
@@ -181,11 +192,12 @@ class CDEClassifier(nn.Module):
     ``d["coeffs"]`` (:func:`neurodyn.paths.natural_cubic_coeffs` of :func:`cde_input`), when present, is the path."""
 
     def __init__(self, channels: int, hidden: int, width: int, classes: int, time_scale: float, path: str = "cubic",
-                 readout: str = "final", intensity: bool = False):
+                 readout: str = "final", intensity: bool = False, layers: int = 1, activation: str = "softplus"):
         super().__init__()
         self.readout = readout
         c = channels + 1 + int(intensity)
-        self.cde = _PrecomputedCDE(c, hidden, classes, vector_field=CDEField(hidden, c, width),
+        field = CDEField(hidden, c, width, depth=layers + 1, activation=activation)
+        self.cde = _PrecomputedCDE(c, hidden, classes, vector_field=field,
                                    path=path, method="rk4", step_size=1.0, gradient="direct")
         self.time_scale = time_scale
         self.intensity = intensity
@@ -244,11 +256,19 @@ class SSMClassifier(nn.Module):
         return self.readout((h * valid).sum(1) / valid.sum(1))
 
 
+def penalised_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters ``--penalty`` acts on (Kidger et al. 2020): the NeuralCDE's vector field, every parameter of
+    the other models."""
+    if isinstance(model, CDEClassifier):
+        return list(model.cde.func.parameters())
+    return list(model.parameters())
+
+
 def make_model(name: str, channels: int, classes: int, cfg: CDEConfig) -> nn.Module:
     """The classifier ``name`` (one of :data:`MODELS`) for ``channels`` inputs and ``classes`` classes."""
     if name == "NeuralCDE":
         return CDEClassifier(channels, cfg.cde_hidden, cfg.width, classes, cfg.time_scale, cfg.path, cfg.readout,
-                             cfg.intensity)
+                             cfg.intensity, cfg.cde_layers, cfg.cde_activation)
     if name in ("ODERNN", "GRUD"):
         return RNNClassifier(name, channels, cfg.hidden, cfg.width, classes)
     return SSMClassifier(channels, cfg.hidden, classes)
@@ -325,6 +345,7 @@ def train_one(name: str, cfg: CDEConfig, data: dict[str, Any], rate: float, seed
     model = make_model(name, data["channels"], data["classes"], cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.weight_decay \
         else torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    penalised = penalised_parameters(model)
     g = torch.Generator().manual_seed(seed)
     n = len(train["y"])
     start = time.perf_counter()
@@ -335,6 +356,8 @@ def train_one(name: str, cfg: CDEConfig, data: dict[str, Any], rate: float, seed
         for idx in torch.randperm(n, generator=g).split(cfg.batch_size):
             logits = model(_rows(train, idx))
             loss = nn.functional.cross_entropy(logits, train["y"][idx])
+            if cfg.penalty:
+                loss = loss + cfg.penalty * sum(p.norm() for p in penalised)
             if not torch.isfinite(loss):
                 raise DemoError(f"{name} diverged in epoch {epoch} at drop rate {rate} (loss {float(loss)}); try a "
                                 f"lower --lr or another --seed")
