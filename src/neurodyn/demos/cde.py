@@ -68,6 +68,7 @@ from neurodyn.demos._common import (
 from neurodyn.models import GRUD, ODERNN, DiagonalSSM, NeuralCDE
 from neurodyn.models.neural_cde import CDEField
 from neurodyn.paths.cubic import CubicPath, natural_cubic_coeffs
+from neurodyn.paths.fill import fill_missing
 
 NAME = "cde"
 DESCRIPTION = ("NeuralCDE vs ODE-RNN vs GRU-D vs SSM on UEA JapaneseVowels with 0/30/50/70 percent dropped: accuracy, "
@@ -298,11 +299,49 @@ def _data(cfg: CDEConfig) -> dict[str, Any]:
     return out
 
 
+def series_coeffs(x: Tensor, t: Tensor, lengths: Tensor) -> Tensor:
+    """Natural cubic coefficients ``(B, T - 1, 4C)`` (torchcde's layout) of each series' own points, constant after
+    its end: row ``b`` is the natural cubic spline of ``x[b, :L_b]`` on ``t[:L_b]`` (``L_b = lengths[b]``; NaN
+    filled as :func:`~neurodyn.paths.natural_cubic_coeffs` fills them), then, from ``t[L_b - 1]`` on, channel 0 (the
+    time) goes on with its last slope and the other channels keep their value at ``t[L_b - 1]``. The padding after a
+    series therefore does not change its path on ``[t_0, t[L_b - 1]]`` (one spline over the padded grid would end
+    at ``t[T - 1]`` instead, bending the series' last pieces towards a point that is not data).
+
+    ``x`` ``(B, T, C)`` with channel 0 the complete time channel, ``t`` ``(T,)``, ``lengths`` ``(B,)`` in ``[2, T]``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> t = torch.arange(4.0)
+    >>> x = torch.stack([t.expand(2, 4), torch.tensor([[0.0, 1.0, 0.0, 9.0], [0.0, 1.0, 0.0, 5.0]])], -1)
+    >>> c = series_coeffs(x, t, torch.tensor([3, 4]))
+    >>> c[0, 2]  # row 0 ends at t = 2: [a, b, 2c, 3d] per channel; its value 0 held, the time's slope 1 kept
+    tensor([2., 0., 1., 0., 0., 0., 0., 0.])
+    """
+    B, T, C = x.shape
+    if bool((lengths < 2).any()) or bool((lengths > T).any()):
+        raise DemoError(f"series_coeffs: every length must be in [2, {T}], got {lengths.min()}..{lengths.max()}")
+    out = torch.zeros(B, T - 1, 4 * C, dtype=x.dtype)
+    for L in sorted(set(lengths.tolist())):
+        rows = (lengths == L).nonzero().squeeze(-1)
+        xs = x[rows, :L]
+        out[rows, :L - 1] = natural_cubic_coeffs(xs, t[:L])
+        if L < T:  # constant pieces after the end: a = the value at t[k], b = the time's slope, c = d = 0
+            end = fill_missing(xs, t[:L])[:, -1]  # (n, C): the spline's value at t[L - 1]
+            slope = out[rows, L - 2, C]  # the time channel's slope on the last piece
+            a = end[:, None, :].repeat(1, T - L, 1)
+            a[..., 0] = end[:, None, 0] + slope[:, None] * (t[L - 1:T - 1] - t[L - 1])
+            b = torch.zeros_like(a)
+            b[..., 0] = slope[:, None]
+            out[rows, L - 1:] = torch.cat([a, b, torch.zeros_like(a), torch.zeros_like(a)], -1)
+    return out
+
+
 def _with_drop(split: dict[str, Tensor], rate: float, seed: int, cfg: CDEConfig, name: str) -> dict[str, Tensor]:
     mask = drop_observations(split["mask"], rate, lengths=split["lengths"], seed=seed, per="time")
     d = {**split, "mask": mask, "x": split["x"] * mask}
     if name == "NeuralCDE" and cfg.path == "cubic":
-        d["coeffs"] = natural_cubic_coeffs(cde_input(d, cfg.time_scale, cfg.intensity), d["t"][0])
+        d["coeffs"] = series_coeffs(cde_input(d, cfg.time_scale, cfg.intensity), d["t"][0], d["lengths"])
     return d
 
 
