@@ -30,7 +30,7 @@ def test_cde_demo_smoke(tmp_path):
 
     out = tmp_path / "cde"
     assert main(["demo", "cde", "--quick", "--epochs", "1", "--subset", "24", "--rates", "0", "0.5",
-                 "--out", str(out), "--no-plots"]) == 0
+                 "--cde-layers", "1", "--out", str(out), "--no-plots"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     table, runs = metrics["table"], metrics["runs"]
     assert set(table) == {"NeuralCDE", "ODERNN", "GRUD", "SSM"}
