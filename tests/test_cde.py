@@ -285,3 +285,29 @@ def test_neural_cde_shapes_gradients_and_causality():
     assert not torch.allclose(model(x2, t, times)[:, 2], y[:, 2].detach())
     with pytest.raises(neurodyn.InputError, match="channels"):
         model(torch.randn(4, 9, 2, dtype=D), t)
+
+
+@pytest.mark.parametrize("activation", ["softplus", "relu", "tanh"])
+def test_cde_field_layers_match_the_written_mlp(activation):
+    from neurodyn.models import CDEField
+
+    torch.manual_seed(0)
+    f = CDEField(5, 3, width=7, depth=4, activation=activation).double()
+    z = torch.randn(6, 5, dtype=D)
+    act = {"softplus": lambda u: torch.log1p(torch.exp(u)), "relu": lambda u: u.clamp_min(0), "tanh": torch.tanh}
+    lins = [m for m in f.net if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in lins] == [(5, 7), (7, 7), (7, 7), (7, 15)]
+    h = z
+    for m in lins[:-1]:
+        h = act[activation](h @ m.weight.T + m.bias)
+    want = torch.tanh(h @ lins[-1].weight.T + lins[-1].bias).reshape(6, 5, 3)
+    assert torch.allclose(f(torch.tensor(0.0, dtype=D), z), want, rtol=0, atol=1e-14)
+
+
+def test_cde_field_rejects_unknown_activation_and_depth():
+    from neurodyn.models import CDEField
+
+    with pytest.raises(neurodyn.InputError, match="activation must be one of softplus, relu, tanh"):
+        CDEField(4, 2, activation="gelu")
+    with pytest.raises(neurodyn.InputError, match="depth"):
+        CDEField(4, 2, depth=0)

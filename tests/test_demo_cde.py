@@ -30,7 +30,7 @@ def test_cde_demo_smoke(tmp_path):
 
     out = tmp_path / "cde"
     assert main(["demo", "cde", "--quick", "--epochs", "1", "--subset", "24", "--rates", "0", "0.5",
-                 "--out", str(out), "--no-plots"]) == 0
+                 "--cde-layers", "1", "--out", str(out), "--no-plots"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     table, runs = metrics["table"], metrics["runs"]
     assert set(table) == {"NeuralCDE", "ODERNN", "GRUD", "SSM"}
@@ -150,3 +150,33 @@ def test_cde_demo_selects_by_validation_and_adds_the_intensity_channel(tmp_path)
     counts = d["mask"][..., 0].cumsum(-1)
     assert torch.allclose(x[..., 1], cfg.time_scale * counts)
     assert not bool(torch.isnan(x[..., :2]).any())
+
+
+def test_cde_demo_series_path_is_each_series_own_spline_then_constant():
+    import numpy as np
+    import scipy.interpolate
+
+    import neurodyn.demos.cde as demo
+    from neurodyn.demos._common import DemoError
+    from neurodyn.paths.cubic import CubicPath
+
+    g = torch.Generator().manual_seed(0)
+    T, lengths = 9, torch.tensor([9, 4, 6, 4, 2])
+    t = torch.arange(T, dtype=torch.float64)
+    vals = torch.randn(5, T, 2, generator=g, dtype=torch.float64)
+    x = torch.cat([0.5 * t.expand(5, T)[..., None], vals], -1)
+    x[..., 1:] = x[..., 1:].masked_fill((torch.arange(T) >= lengths[:, None])[..., None], float("nan"))  # padding
+    path = CubicPath(t, demo.series_coeffs(x, t, lengths))
+    for b, L in enumerate(lengths.tolist()):
+        # on [0, L - 1]: scipy's natural spline of the series' own points; after: held values, the time going on
+        inside = np.linspace(0.0, L - 1.0, 17)
+        want = scipy.interpolate.CubicSpline(np.arange(L), vals[b, :L].numpy(), bc_type="natural")(inside)
+        got = torch.stack([path.evaluate(float(s))[b, 1:] for s in inside]).numpy()
+        assert np.allclose(got, want, rtol=0, atol=1e-12), b
+        for s in np.linspace(L - 1.0, T - 1.0, 7):
+            assert torch.allclose(path.evaluate(float(s))[b], torch.cat([torch.tensor([0.5 * s], dtype=t.dtype),
+                                                                         vals[b, L - 1]]), rtol=0, atol=1e-12)
+            if s > L - 1:  # (at t[L - 1] itself the derivative is the spline's, from the left)
+                assert float(path.derivative(float(s))[b, 1:].abs().max()) == 0.0
+    with pytest.raises(DemoError, match="every length must be in \\[2, 9\\]"):
+        demo.series_coeffs(x, t, torch.tensor([9, 1, 6, 4, 2]))

@@ -17,15 +17,34 @@ from ..solve import solve
 _PATHS = ("cubic", "hermite", "linear")
 
 
-class CDEField(nn.Module):
-    """The default vector field: an MLP ``(..., hidden) -> (..., hidden, channels)`` with a ``tanh`` output."""
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"softplus": nn.Softplus, "relu": nn.ReLU, "tanh": nn.Tanh}
 
-    def __init__(self, hidden: int, channels: int, width: int = 64, depth: int = 2):
+
+class CDEField(nn.Module):
+    """The default vector field: an MLP ``(..., hidden) -> (..., hidden, channels)`` with a ``tanh`` output.
+
+    ``depth - 1`` hidden layers of ``width`` units, each followed by ``activation`` (``"softplus"``, ``"relu"`` or
+    ``"tanh"``), then a linear layer to ``hidden * channels`` outputs and ``tanh``. Kidger et al. (2020) use
+    ``depth=4`` (three hidden layers) with ``"relu"``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> f = CDEField(8, 3, width=16, depth=4, activation="relu")
+    >>> f(torch.tensor(0.0), torch.randn(5, 8)).shape
+    torch.Size([5, 8, 3])
+    """
+
+    def __init__(self, hidden: int, channels: int, width: int = 64, depth: int = 2, activation: str = "softplus"):
         super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise InputError(f"CDEField: activation must be one of {', '.join(_ACTIVATIONS)}, got {activation!r}.")
+        if not isinstance(depth, int) or depth < 1:
+            raise InputError(f"CDEField: depth (the number of linear layers) must be a positive int, got {depth!r}.")
         layers: list[nn.Module] = []
         d = hidden
         for _ in range(depth - 1):
-            layers += [nn.Linear(d, width), nn.Softplus()]
+            layers += [nn.Linear(d, width), _ACTIVATIONS[activation]()]
             d = width
         layers.append(nn.Linear(d, hidden * channels))
         self.net = nn.Sequential(*layers)
