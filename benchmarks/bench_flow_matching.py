@@ -24,7 +24,7 @@ B. N(0, I) -> FFJORD's 8gaussians: training wall time of I-CFM / OT-CFM until th
    test NLL of FFJORD (neurodyn.demos.ffjord.ffjord_experiment, 500 iterations, run in the same process first).
 
     taskset -c 1 python benchmarks/bench_flow_matching.py --parts a [--seeds 0 1 2] [--moons torchcfm] [--peer]
-    taskset -c 1 python benchmarks/bench_flow_matching.py --parts s --sweep-seeds 10 11 12
+    taskset -c 1 python benchmarks/bench_flow_matching.py --parts s --sweep-seeds 10 11 12 --lr-schedules none cosine
     taskset -c 1 python benchmarks/bench_flow_matching.py --parts a --seeds 0 1 2 3 4 --ema-decay D \
         --lr-schedules none cosine
 """
@@ -252,7 +252,7 @@ def main() -> None:
     ap.add_argument("--peer", action="store_true", help="also train torchcfm's own loop (part a) and compare")
     ap.add_argument("--ema-decay", type=float, default=None, help="part a: also keep an EMA of the weights")
     ap.add_argument("--lr-schedules", nargs="+", default=["none"], choices=["none", "cosine"],
-                    help="part a: one run per lr schedule")
+                    help="parts a and s: one run per lr schedule")
     ap.add_argument("--sweep-seeds", type=int, nargs="+", default=[10, 11, 12])
     ap.add_argument("--sweep-decays", type=float, nargs="+", default=[0.99, 0.995, 0.998])
     ap.add_argument("--out", default="runs/bench_fm")
@@ -267,8 +267,9 @@ def main() -> None:
         results["a_8gaussians_to_moons"] = part_a(args.seeds, args.iters, args.n_eval, args.moons, args.peer,
                                                   args.kinds, args.ema_decay, scheds)
     if "s" in args.parts:
+        scheds = tuple(None if x == "none" else x for x in args.lr_schedules)
         results["s_recipe_sweep"] = part_s(args.sweep_seeds, args.iters, args.n_eval, args.moons, args.kinds,
-                                           args.sweep_decays)
+                                           args.sweep_decays, scheds)
     if "b" in args.parts:
         results["b_time_to_ffjord_nll"] = part_b(args.seeds[0], args.max_fm_iters, args.eval_every, 5000, out,
                                                  args.ffjord_iters)
