@@ -181,3 +181,50 @@ def test_flows_demo_small_run(tmp_path):
         assert r["iters"] == 20 and r["sample_nfe"] > 0 and r["nll_nfe"] > 0
         # cross-entropy against the data density is at least its entropy (2.84 nats) up to test-set noise
         assert r["test_nll"] > 2.84 - 0.3
+
+
+def _toy_samplers(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return (lambda n: torch.randn(n, 2, generator=g) * 0.5 + torch.tensor([2.0, 0.0]),
+            lambda n: torch.rand(n, 2, generator=g) * 2 - 1)
+
+
+def _flat(net):
+    return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+def test_train_flow_matching_ema_is_the_weighted_sum_of_the_iterates():
+    """ema_decay=d: the returned average equals d^(T-1) p_1 + sum_{k>=2} (1-d) d^(T-k) p_k over the last iterates
+    p_k of a run without the average (float64 sum of recorded iterates), and the average does not change training:
+    the last iterate is bit-equal to that run's."""
+    from neurodyn.demos.flows import train_flow_matching
+
+    T, d = 25, 0.8
+    iterates = []
+    plain = train_flow_matching("icfm", *_toy_samplers(), iters=T, batch=32, seed=3, dim=2, eval_every=1,
+                                on_eval=lambda it, net: iterates.append(_flat(net).double()) and False)
+    r = train_flow_matching("icfm", *_toy_samplers(), iters=T, batch=32, seed=3, dim=2, ema_decay=d)
+    assert len(iterates) == T and plain["ema_net"] is None
+    assert torch.equal(_flat(r["net"]), _flat(plain["net"]))
+    expected = d ** (T - 1) * iterates[0] + sum((1 - d) * d ** (T - k) * iterates[k - 1] for k in range(2, T + 1))
+    got = _flat(r["ema_net"]).double()
+    assert (got - expected).abs().max() < 1e-6
+    assert (got - iterates[-1]).abs().max() > 1e-3      # the average is not the last iterate
+
+
+def test_train_flow_matching_cosine_schedule_lr_sequence():
+    """lr_schedule="cosine": the learning rate of iteration k (1-based) is lr (1 + cos(pi (k-1) / T)) / 2;
+    constant without a schedule; bad options are refused before any work."""
+    from neurodyn.demos.flows import train_flow_matching
+
+    T, lr = 40, 3e-3
+    r = train_flow_matching("icfm", *_toy_samplers(), iters=T, batch=16, lr=lr, dim=2, lr_schedule="cosine")
+    expected = lr * (1 + np.cos(np.pi * np.arange(T) / T)) / 2
+    np.testing.assert_allclose(r["lrs"], expected, rtol=1e-14, atol=0)
+    assert r["lrs"][0] == lr and r["lrs"][T // 2] == pytest.approx(lr / 2, rel=1e-14)
+    const = train_flow_matching("icfm", *_toy_samplers(), iters=5, batch=16, lr=lr, dim=2)
+    assert const["lrs"] == [lr] * 5
+    with pytest.raises(InputError, match="lr_schedule"):
+        train_flow_matching("icfm", *_toy_samplers(), iters=5, lr_schedule="linear")
+    with pytest.raises(InputError, match="ema_decay"):
+        train_flow_matching("icfm", *_toy_samplers(), iters=5, ema_decay=1.0)

@@ -178,3 +178,37 @@ def test_train_flow_matching_with_dim_is_torchcfms_training_loop(kind):
     assert torch.equal(torch.cat([p.detach().flatten() for p in net.parameters()]), theirs)
     probe = train_flow_matching(kind, x0s, x1s, iters=20, batch=64, sigma=0.1, seed=7)["net"]
     assert not torch.equal(torch.cat([p.detach().flatten() for p in probe.parameters()]), theirs)
+
+
+def test_train_flow_matching_cosine_schedule_is_torchcfms_loop_with_cosine_lr():
+    """lr_schedule="cosine" on global-stream samplers: bit-equal weights to torchcfm's own training loop whose Adam
+    learning rate is set by hand to 1e-3 (1 + cos(pi k / T)) / 2 before step k (0-based)."""
+    import math
+
+    from torchcfm.models.models import MLP as RefMLP
+
+    from neurodyn.demos.flows import train_flow_matching
+
+    def x0s(n):
+        return torch.randn(n, 2) * 0.5 + torch.tensor([2.0, 0.0])
+
+    def x1s(n):
+        return torch.from_numpy(np.random.rand(n, 2).astype(np.float32)) * 2 - 1
+
+    T = 20
+    torch.manual_seed(7)
+    np.random.seed(7)
+    model = RefMLP(dim=2, time_varying=True)
+    opt = torch.optim.Adam(model.parameters())
+    fm = ref.ConditionalFlowMatcher(0.1)
+    for k in range(T):
+        opt.param_groups[0]["lr"] = 1e-3 * (0.5 * (1.0 + math.cos(math.pi * k / T)))
+        opt.zero_grad()
+        x0, x1 = x0s(64), x1s(64)
+        t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1)
+        torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2).backward()
+        opt.step()
+    theirs = torch.cat([p.detach().flatten() for p in model.parameters()])
+    net = train_flow_matching("icfm", x0s, x1s, iters=T, batch=64, sigma=0.1, seed=7, dim=2,
+                              lr_schedule="cosine")["net"]
+    assert torch.equal(torch.cat([p.detach().flatten() for p in net.parameters()]), theirs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from neurodyn.data.toy2d import TOY_2D, sample_2d
 from neurodyn.demos._common import DemoError, add_out_and_seed, float_in, int_at_least, json_safe
@@ -44,46 +46,87 @@ MATCHERS: dict[str, Callable[[float], ConditionalFlowMatcher]] = {
 }
 """The flow matchers the demo trains, by name: ``icfm`` (independent coupling), ``otcfm`` (minibatch OT)."""
 
-__all__ = ["MATCHERS", "evaluate_flow", "flows_experiment", "train_flow_matching"]
+__all__ = ["LR_SCHEDULES", "MATCHERS", "cosine_lr_factor", "evaluate_flow", "flows_experiment", "train_flow_matching"]
+
+
+def cosine_lr_factor(k: int, iters: int) -> float:
+    """The cosine decay's learning-rate factor at iteration ``k`` (0-based) of ``iters``:
+    ``(1 + cos(pi k / iters)) / 2``, from 1 at ``k=0`` down towards 0 at ``k=iters``.
+
+    Example: ``cosine_lr_factor(500, 1000) == 0.5``.
+    """
+    return 0.5 * (1.0 + math.cos(math.pi * k / iters))
+
+
+LR_SCHEDULES = (None, "cosine")
+"""Learning-rate schedules of :func:`train_flow_matching`: ``None`` (constant) or ``"cosine"`` (decay to 0)."""
 
 
 def train_flow_matching(kind: str, sample_x0: Callable[[int], Tensor], sample_x1: Callable[[int], Tensor], *,
                         iters: int, batch: int = 256, sigma: float = 0.1, lr: float = 1e-3, width: int = 64,
                         depth: int = 3, seed: int = 0,
                         on_eval: Callable[[int, VelocityMLP], bool] | None = None,
-                        eval_every: int = 0, dim: int | None = None) -> dict[str, Any]:
+                        eval_every: int = 0, dim: int | None = None, ema_decay: float | None = None,
+                        lr_schedule: str | None = None) -> dict[str, Any]:
     """Train a :class:`~neurodyn.models.flow_matching.VelocityMLP` (``depth`` x ``width``, SELU) by flow matching
     (``kind``: ``"icfm"`` or ``"otcfm"``) on batches ``sample_x0(batch)`` -> ``sample_x1(batch)`` ``(batch, d)``,
     Adam(``lr``).
 
+    ``lr_schedule``: ``None`` keeps ``lr`` constant; ``"cosine"`` uses ``lr * cosine_lr_factor(k, iters)`` at
+    iteration ``k`` (0-based), from ``lr`` at the first step towards 0 at ``iters``.
+    ``ema_decay``: when given (in (0, 1)), an exponential moving average of the weights is kept beside the
+    trained ones, updated after every optimiser step: ``ema = p_1`` after the first step, then
+    ``ema <- ema_decay * ema + (1 - ema_decay) * p_k`` (:class:`torch.optim.swa_utils.AveragedModel`); it is
+    returned as ``ema_net`` and is the network that ``on_eval`` receives. The average does not feed back into
+    training, and neither option draws random numbers: with both left at None the run is the plain constant-lr,
+    last-iterate recipe (torchcfm's).
+
     ``on_eval(iteration, net) -> stop`` runs every ``eval_every`` iterations, outside the timed training; returning
-    True stops training. Returns ``net``, ``train_seconds`` (training only), ``iters`` (done), ``final_loss``.
+    True stops training. Returns ``net`` (the last iterate), ``ema_net`` (the averaged network, or None),
+    ``train_seconds`` (training only, the average's updates included), ``iters`` (done), ``final_loss``, ``lrs``
+    (the learning rate of each iteration done).
     ``dim``: the data dimension; when omitted it is read from a probe batch ``sample_x0(2)`` drawn after seeding.
     Given, nothing is drawn before the network's initialisation, so with torchcfm's samplers on the global random
     streams the run is the one of torchcfm's own training loop (same ``seed``, same MLP, same draws).
 
-    Example: ``r = train_flow_matching("otcfm", lambda n: torch.randn(n, 2), moons, iters=2000)``.
+    Example: ``r = train_flow_matching("otcfm", lambda n: torch.randn(n, 2), moons, iters=2000, ema_decay=0.99)``.
     """
     if kind not in MATCHERS:
         raise InputError(f"kind must be one of {sorted(MATCHERS)}, got {kind!r}.")
+    if lr_schedule not in LR_SCHEDULES:
+        raise InputError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
+    if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+        raise InputError(f"ema_decay must be in (0, 1) (e.g. 0.99) or None for no average, got {ema_decay!r}.")
+    if iters < 1:
+        raise InputError(f"iters must be >= 1, got {iters}.")
     torch.manual_seed(seed)
     np.random.seed(seed)
     if dim is None:
         dim = sample_x0(2).shape[1]
     net = VelocityMLP(dim, width=width, depth=depth)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda k: cosine_lr_factor(k, iters))
+             if lr_schedule == "cosine" else None)
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay)) if ema_decay is not None else None
     matcher = MATCHERS[kind](sigma)
-    seconds, loss, it = 0.0, torch.tensor(float("nan")), 0
+    seconds, loss, it, lrs = 0.0, torch.tensor(float("nan")), 0, []
     for it in range(1, iters + 1):
         start = time.perf_counter()
         loss = cfm_loss(net, matcher, sample_x0(batch), sample_x1(batch))
         opt.zero_grad()
         loss.backward()
+        lrs.append(opt.param_groups[0]["lr"])
         opt.step()
+        if sched is not None:
+            sched.step()
+        if ema is not None:
+            ema.update_parameters(net)
         seconds += time.perf_counter() - start
-        if on_eval is not None and eval_every and it % eval_every == 0 and on_eval(it, net):
+        if on_eval is not None and eval_every and it % eval_every == 0 \
+                and on_eval(it, ema.module if ema is not None else net):
             break
-    return {"net": net, "train_seconds": seconds, "iters": it, "final_loss": float(loss.detach())}
+    return {"net": net, "ema_net": ema.module if ema is not None else None, "train_seconds": seconds,
+            "iters": it, "final_loss": float(loss.detach()), "lrs": lrs}
 
 
 def evaluate_flow(net: Callable[..., Tensor], x0: Tensor, x1_test: Tensor, *, nll: bool = True,
