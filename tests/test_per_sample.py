@@ -270,3 +270,22 @@ def test_row_dense_output_equals_shared_step_dense_output(method):
     one = neurodyn.solve(_vdp_batch(mu), y0, t, method=method, rtol=1e-8, atol=1e-10)
     assert int(rows.stats["steps_per_sample"][0]) == one.stats["steps"]
     assert torch.allclose(rows.ys, one.ys, rtol=1e-11, atol=1e-11), (rows.ys - one.ys).abs().max()
+
+
+@pytest.mark.parametrize("min_step, tol", [(0.3, 1e-6), (0.05, 1e-9)])
+def test_accept_min_step_matches_each_rows_own_solve(min_step, tol):
+    # torchdiffeq's min_step: per row, the same steps (count) and values as the shared loop solving that row alone
+    def f(tt, y):
+        return torch.stack([y[..., 1], -(1 + y[..., 0] ** 2) * y[..., 0]], -1)
+
+    y0 = torch.tensor([[1.0, 0.0], [2.0, 0.5], [0.1, -1.0]], dtype=F64)
+    t = torch.linspace(0, 2, 5, dtype=F64)
+    kw = dict(min_step=min_step, accept_min_step=True, rtol=tol, atol=tol)
+    sol = neurodyn.solve(f, y0, t, per_sample_steps=True, **kw)
+    assert sol.status == "success"
+    for i in range(3):
+        ref = neurodyn.solve(f, y0[i:i + 1], t, **kw)
+        assert int(sol.stats["steps_per_sample"][i]) == ref.stats["steps"]
+        torch.testing.assert_close(sol.ys[:, i], ref.ys[:, 0], rtol=0, atol=1e-13)
+    if min_step == 0.3:  # every step at least min_step (the interval is 2): far fewer than the tolerance asks for
+        assert int(sol.stats["steps_per_sample"].max()) <= 2 / 0.3 + 1

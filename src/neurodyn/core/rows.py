@@ -257,6 +257,10 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
     prev = torch.ones(b, dtype=rdt, device=dev)
     prev2 = prev
     min_step, max_step = cfg.min_step, cfg.max_step
+    # torchdiffeq's min_step (as core/loop.py): steps never below min_step, one at min_step accepted whatever its error
+    accept_min = cfg.accept_min_step and min_step > 0
+    if accept_min:
+        h_abs = h_abs.clamp(min=min_step)
 
     y, k1 = y0, f0
     ys_buf = fr.new_outputs(y0, y0)
@@ -272,7 +276,8 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
     # One compiled attempt per step (compile=True: LoopConfig.row_step) where only the loop's own state is needed:
     # the plug-in keeps the state packed as (sv, yv, iv) (layout: compile.rows.RowPack) while it runs.
     fast = packed = None
-    if cfg.row_step is not None and not grad and hooks is None and log is None and events is None and sign is None:
+    if (cfg.row_step is not None and not grad and hooks is None and log is None and events is None and sign is None
+            and not accept_min):
         fast = cfg.row_step.bind(solver, cfg.controller, y0.dtype, dev, d, m, rtol_t, atol_t, fr.n_out)
         if fast is not None:
             lim = torch.tensor([min_step, max_step], dtype=torch.float64, device=dev)
@@ -347,6 +352,8 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
         else:
             ratio = _error_ratio(err, y, y1, rtol_t, atol_t, m)
         accept = (ratio <= 1.0) & act
+        if accept_min:  # (hp: a landing step may exceed its proposal by a rounding sliver)
+            accept = accept | (act & torch.isfinite(ratio) & (torch.minimum(hp, h_abs) <= min_step))
         if not fsal:
             f_last = term(t1, y1)
             nfe += 1
@@ -372,7 +379,10 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
         h_new, prev, prev2 = ctrl.propose_tensor(hp, ratio, accept, prev, prev2)
         if max_step < math.inf:
             h_new = h_new.clamp(max=max_step)
-        if min_step > 0:
+        if accept_min:  # non-finite values at min_step cannot be stepped past: the stuck test below stops the row
+            at_min = ~torch.isfinite(ratio) & (torch.minimum(hp, h_abs) <= min_step)
+            h_new = torch.where(at_min, torch.zeros_like(h_new), h_new.clamp(min=min_step))
+        elif min_step > 0:
             bump = (h_new < min_step) & ~accept & (hp > min_step)
             h_new = torch.where(bump, torch.full_like(h_new, min_step), h_new)
         # Rows that finished keep the proposal from before their last (landing) step, to continue from.
