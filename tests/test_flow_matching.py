@@ -228,3 +228,20 @@ def test_train_flow_matching_cosine_schedule_lr_sequence():
         train_flow_matching("icfm", *_toy_samplers(), iters=5, lr_schedule="linear")
     with pytest.raises(InputError, match="ema_decay"):
         train_flow_matching("icfm", *_toy_samplers(), iters=5, ema_decay=1.0)
+
+
+def test_flows_demo_evaluates_the_weight_average_when_asked(tmp_path):
+    from neurodyn.demos.flows import evaluate_flow, flows_experiment, sample_2d, train_flow_matching
+
+    m = flows_experiment(tmp_path, ("8gaussians",), iters=4, test_n=64, ffjord=False, plots=False, ema_decay=0.5)
+    assert m["settings"]["ema_decay"] == 0.5
+    # the same run by hand (the demo's seeds: batches from seed + 1, test set seed + 2, sampling noise seed + 3)
+    gen = torch.Generator().manual_seed(1)
+    r = train_flow_matching("icfm", lambda n: torch.randn(n, 2, generator=gen),
+                            lambda n: sample_2d("8gaussians", n, generator=gen), iters=4, batch=256, sigma=0.1,
+                            lr=1e-3, seed=0, ema_decay=0.5)
+    test = sample_2d("8gaussians", 64, generator=torch.Generator().manual_seed(2))
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
+    ema, last = evaluate_flow(r["ema_net"], x0, test), evaluate_flow(r["net"], x0, test)
+    assert m["8gaussians"]["icfm"]["w2"] == pytest.approx(ema["w2"], rel=1e-9)
+    assert abs(ema["w2"] - last["w2"]) > 1e-6  # the average is not the last iterate
