@@ -22,6 +22,7 @@ no forward-mode rule: for second derivatives (``create_graph=True``) or ``torch.
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any
 
@@ -54,8 +55,6 @@ def euler_steps(gaps: list[float], max_step: float | None, rule: str) -> list[in
     >>> euler_steps([0.05, 0.15, 0.35], 0.1, "ceil"), euler_steps([0.05, 0.15, 0.35], 0.1, "latent_ode")
     ([1, 2, 4], [1, 1, 2])
     """
-    import math
-
     if max_step is None:
         return [1 for _ in gaps]
     if rule == "ceil":
