@@ -147,37 +147,51 @@ def test_readme_snippet_runs_unchanged():
     assert torch.equal(torch_wrapper(ma)(t, x), mb(torch.cat([x, torch.full((10, 1), 0.3)], 1)))
 
 
-@pytest.mark.parametrize("kind", ["icfm", "otcfm"])
-def test_train_flow_matching_with_dim_is_torchcfms_training_loop(kind):
-    """neurodyn.demos.flows.train_flow_matching(..., dim=2) on global-stream samplers is torchcfm's own training
-    loop (its MLP, its matchers, the same seed): the trained weights are bit-equal. Without dim, a probe batch is
-    drawn before the initialisation, so the run differs."""
+def _x0s(n):
+    return torch.randn(n, 2) * 0.5 + torch.tensor([2.0, 0.0])
+
+
+def _x1s(n):
+    return torch.from_numpy(np.random.rand(n, 2).astype(np.float32)) * 2 - 1
+
+
+def _flat(net):
+    return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+def _torchcfm_loop(kind, iters, lr_at=None):
+    """torchcfm's own training loop (its MLP, its matcher, Adam, batch 64, seed 7) on the global-stream samplers;
+    ``lr_at(k)``: the learning rate set by hand before step ``k``. Returns the trained weights, flattened."""
     from torchcfm.models.models import MLP as RefMLP
-
-    from neurodyn.demos.flows import train_flow_matching
-
-    def x0s(n):
-        return torch.randn(n, 2) * 0.5 + torch.tensor([2.0, 0.0])
-
-    def x1s(n):
-        return torch.from_numpy(np.random.rand(n, 2).astype(np.float32)) * 2 - 1
 
     torch.manual_seed(7)
     np.random.seed(7)
     model = RefMLP(dim=2, time_varying=True)
     opt = torch.optim.Adam(model.parameters())
     fm = (ref.ConditionalFlowMatcher if kind == "icfm" else ref.ExactOptimalTransportConditionalFlowMatcher)(0.1)
-    for _ in range(20):
+    for k in range(iters):
+        if lr_at is not None:
+            opt.param_groups[0]["lr"] = lr_at(k)
         opt.zero_grad()
-        x0, x1 = x0s(64), x1s(64)
+        x0, x1 = _x0s(64), _x1s(64)
         t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1)
         torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2).backward()
         opt.step()
-    theirs = torch.cat([p.detach().flatten() for p in model.parameters()])
-    net = train_flow_matching(kind, x0s, x1s, iters=20, batch=64, sigma=0.1, seed=7, dim=2)["net"]
-    assert torch.equal(torch.cat([p.detach().flatten() for p in net.parameters()]), theirs)
-    probe = train_flow_matching(kind, x0s, x1s, iters=20, batch=64, sigma=0.1, seed=7)["net"]
-    assert not torch.equal(torch.cat([p.detach().flatten() for p in probe.parameters()]), theirs)
+    return _flat(model)
+
+
+@pytest.mark.parametrize("kind", ["icfm", "otcfm"])
+def test_train_flow_matching_with_dim_is_torchcfms_training_loop(kind):
+    """neurodyn.demos.flows.train_flow_matching(..., dim=2) on global-stream samplers is torchcfm's own training
+    loop (its MLP, its matchers, the same seed): the trained weights are bit-equal. Without dim, a probe batch is
+    drawn before the initialisation, so the run differs."""
+    from neurodyn.demos.flows import train_flow_matching
+
+    theirs = _torchcfm_loop(kind, 20)
+    net = train_flow_matching(kind, _x0s, _x1s, iters=20, batch=64, sigma=0.1, seed=7, dim=2)["net"]
+    assert torch.equal(_flat(net), theirs)
+    probe = train_flow_matching(kind, _x0s, _x1s, iters=20, batch=64, sigma=0.1, seed=7)["net"]
+    assert not torch.equal(_flat(probe), theirs)
 
 
 def test_train_flow_matching_cosine_schedule_is_torchcfms_loop_with_cosine_lr():
@@ -185,30 +199,10 @@ def test_train_flow_matching_cosine_schedule_is_torchcfms_loop_with_cosine_lr():
     learning rate is set by hand to 1e-3 (1 + cos(pi k / T)) / 2 before step k (0-based)."""
     import math
 
-    from torchcfm.models.models import MLP as RefMLP
-
     from neurodyn.demos.flows import train_flow_matching
 
-    def x0s(n):
-        return torch.randn(n, 2) * 0.5 + torch.tensor([2.0, 0.0])
-
-    def x1s(n):
-        return torch.from_numpy(np.random.rand(n, 2).astype(np.float32)) * 2 - 1
-
     T = 20
-    torch.manual_seed(7)
-    np.random.seed(7)
-    model = RefMLP(dim=2, time_varying=True)
-    opt = torch.optim.Adam(model.parameters())
-    fm = ref.ConditionalFlowMatcher(0.1)
-    for k in range(T):
-        opt.param_groups[0]["lr"] = 1e-3 * (0.5 * (1.0 + math.cos(math.pi * k / T)))
-        opt.zero_grad()
-        x0, x1 = x0s(64), x1s(64)
-        t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1)
-        torch.mean((model(torch.cat([xt, t[:, None]], dim=-1)) - ut) ** 2).backward()
-        opt.step()
-    theirs = torch.cat([p.detach().flatten() for p in model.parameters()])
-    net = train_flow_matching("icfm", x0s, x1s, iters=T, batch=64, sigma=0.1, seed=7, dim=2,
+    theirs = _torchcfm_loop("icfm", T, lambda k: 1e-3 * (0.5 * (1.0 + math.cos(math.pi * k / T))))
+    net = train_flow_matching("icfm", _x0s, _x1s, iters=T, batch=64, sigma=0.1, seed=7, dim=2,
                               lr_schedule="cosine")["net"]
-    assert torch.equal(torch.cat([p.detach().flatten() for p in net.parameters()]), theirs)
+    assert torch.equal(_flat(net), theirs)
