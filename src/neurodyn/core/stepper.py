@@ -158,6 +158,8 @@ class StepperBase:
     stepper for a fixed-step solve, without it.
     ``check_term(term, y0, t0, adaptive)``: raises an InputError, before any work, for a term it cannot integrate
     beyond its kind (an SDE's type, noise type, Brownian path); the default checks nothing.
+    ``quadrature_weights()``: the weights ``b`` of a step that is a weighted sum of the given ``k1`` and the term's
+    evaluations inside ``step``, in order (explicit Runge--Kutta); None (the default) otherwise.
     """
 
     implicit: ClassVar[bool] = False
@@ -183,3 +185,12 @@ class StepperBase:
 
     def check_term(self, term: Any, y0: Tensor, t0: Tensor, adaptive: bool) -> None:
         """Raise an InputError before any work when the stepper cannot integrate ``term`` (default: no check)."""
+
+    def quadrature_weights(self) -> tuple[float, ...] | None:
+        """``(b_1, ..., b_s)`` where every step is ``y1 = y + h sum_i b_i k_i`` with ``k_1`` the ``k1`` the loop
+        passes to :meth:`step` and ``k_2, ..., k_s`` the derivatives of the term's evaluations inside :meth:`step`,
+        one each, in this order (an explicit Runge--Kutta method's weights ``b``); None (the default) for any other
+        form. A channel whose derivative does not depend on the state can then be integrated outside the state, as
+        ``h sum_i b_i`` times its values at the step's evaluations, with the values the state's own combination
+        would give (the continuous adjoint's parameter gradients, :mod:`neurodyn.gradients.adjoint`)."""
+        return None

@@ -586,7 +586,10 @@ class AdjointTerm(Term):
     parameters) it is ``[f(t, y), -a^T df/dy, -a^T df/dtheta]`` (integrated backward in time); with ``y_of_t`` (the
     interpolated adjoint: ``y`` read from the forward dense solution) the state is ``[a, g]`` and ``y``'s channel is
     dropped. ``f`` is the term's ODE form (or a plain field ``f(t, y)``); ``params`` default to the term's
-    :meth:`~Term.grad_tensors`.
+    :meth:`~Term.grad_tensors`. With ``on_params`` the parameter channels leave the state (``[y, a]``, or ``[a]``):
+    every evaluation hands ``on_params(z, grads)`` the state it was evaluated at and the products
+    ``-a^T df/dtheta_j`` per parameter (None for a parameter the evaluation does not depend on), for the caller to
+    integrate outside the state (a quadrature, see :meth:`~neurodyn.core.stepper.StepperBase.quadrature_weights`).
 
     When ``z`` requires grad (an implicit backward method's Jacobian by reverse passes) the field is differentiable
     in ``z``; not under ``torch.func`` transforms, which would miss the parameter channels.
@@ -600,11 +603,12 @@ class AdjointTerm(Term):
     tensor([[ 6., -2., -3.]], dtype=torch.float64)
     """
 
-    __slots__ = ("func", "shape", "n", "params", "y_of_t")
+    __slots__ = ("func", "shape", "n", "params", "y_of_t", "on_params")
     kinds: ClassVar[frozenset[str]] = frozenset({"ode"})
 
     def __init__(self, term: Term | Callable[[Tensor, Tensor], Tensor], shape: Sequence[int],
-                 params: Sequence[Tensor] | None = None, y_of_t: Callable[[float], Tensor] | None = None):
+                 params: Sequence[Tensor] | None = None, y_of_t: Callable[[float], Tensor] | None = None,
+                 on_params: Callable[[Tensor, Sequence[Tensor | None]], None] | None = None):
         self.func = term.ode if isinstance(term, Term) else term
         if params is None:
             params = term.grad_tensors() if isinstance(term, Term) else field_params(term)
@@ -612,9 +616,10 @@ class AdjointTerm(Term):
         self.shape = tuple(shape)
         self.n = math.prod(self.shape)
         self.y_of_t = y_of_t
+        self.on_params = on_params
 
     def ode(self, t: Tensor, z: Tensor) -> Tensor:
-        return adjoint_field(self.func, t, z, self.n, self.shape, self.params, self.y_of_t)
+        return adjoint_field(self.func, t, z, self.n, self.shape, self.params, self.y_of_t, self.on_params)
 
     def vf(self, t: Tensor, z: Tensor) -> Tensor:
         return self.ode(t, z)
@@ -627,11 +632,14 @@ class AdjointTerm(Term):
 
 
 def adjoint_field(func: Callable[[Tensor, Tensor], Tensor], t: Tensor, z: Tensor, n: int, shape: tuple[int, ...],
-                  params: Sequence[Tensor], y_of_t: Callable[[float], Tensor] | None = None) -> Tensor:
+                  params: Sequence[Tensor], y_of_t: Callable[[float], Tensor] | None = None,
+                  on_params: Callable[[Tensor, Sequence[Tensor | None]], None] | None = None) -> Tensor:
     """``[F(t, y), -a^T dF/dy, -a^T dF/dtheta]`` on the flat augmented state ``z = [y, a, g]`` (``(1, 2n + P)``;
     with ``y_of_t`` the state is ``[a, g]``, ``y`` read from it, and ``F`` is not returned): the augmented field of
     the continuous adjoint for one field ``F = func`` (an ODE's right-hand side; an SDE's drift, or its diffusion
-    times a fixed Brownian increment)."""
+    times a fixed Brownian increment). With ``on_params`` the state has no ``g`` (``[y, a]``, or ``[a]``): the
+    products ``-a^T dF/dtheta_j`` (None where ``F`` does not depend on ``theta_j``) go to ``on_params(z, grads)``
+    and only ``[F, -a^T dF/dy]`` (or ``[-a^T dF/dy]``) is returned."""
     zf = z.reshape(-1)
     if y_of_t is None:
         y, a = zf[:n], zf[n:2 * n]
@@ -648,8 +656,11 @@ def adjoint_field(func: Callable[[Tensor, Tensor], Tensor], t: Tensor, z: Tensor
             grads = vjp(fy, (yv, *params), -a.view(shape), create_graph=diff)
         else:  # a field of t alone: no dependence on y or the parameters
             grads = (None,) * (1 + len(params))
-    parts = [grads[0].reshape(-1) if grads[0] is not None else torch.zeros_like(a),
-             flat_cat(grads[1:], params).to(z.dtype) if params else z.new_zeros(0)]
+    parts = [grads[0].reshape(-1) if grads[0] is not None else torch.zeros_like(a)]
+    if on_params is not None:
+        on_params(z, grads[1:])
+    else:
+        parts.append(flat_cat(grads[1:], params).to(z.dtype) if params else z.new_zeros(0))
     if y_of_t is None:
         parts.insert(0, fy.reshape(-1) if diff else fy.detach().reshape(-1))
     return torch.cat(parts).view(1, -1)

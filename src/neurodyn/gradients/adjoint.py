@@ -9,7 +9,11 @@ with ``a`` jumping by ``dL/dy(t_i)`` at every output time. ``"adjoint"`` reconst
 it backward alongside (O(1) memory in the steps; the state is reset to the forward value at each
 output time, and the drift of that reconstruction is reported). ``"interpolated"`` reads ``y(t)`` from
 the forward dense solution instead (stable where the backward reconstruction diverges; memory
-O(accepted steps)). An implicit backward method solves its Newton iterations to the backward solve's
+O(accepted steps)). Where ``g``'s channels are not error-controlled (fixed steps, or ``seminorm=True``) and the
+backward method's step is a weighted sum of its evaluations (explicit Runge--Kutta: the stepper's
+``quadrature_weights()``), ``g`` is integrated outside the backward state with those weights
+the same gradient to rounding, each stage combination touching ``[y, a]`` only and each evaluation adding only to the
+parameters it depends on. An implicit backward method solves its Newton iterations to the backward solve's
 tolerances (``adjoint_rtol``/``adjoint_atol``), not the forward's.
 
 Accuracy
@@ -53,6 +57,7 @@ raises an :class:`~neurodyn.errors.InputError`; use ``gradient="direct"`` for se
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -60,11 +65,11 @@ import torch
 from torch import Tensor
 
 from ..core.config import LoopConfig
-from ..core.control import StepperController
+from ..core.control import StepperController, initial_step
 from ..core.loop import integrate
 from ..core.output import assemble
 from ..core.stepper import Step, Stepper, nextafter
-from ..core.tensors import real_dtype
+from ..core.tensors import flat_cat, real_dtype
 from ..core.term import AdjointTerm, ODETerm, SDEAdjointTerm, term_of
 from ..errors import InputError, SolveFailure
 from ..fields import check_derivative
@@ -104,6 +109,76 @@ class _DenseLookup:
         r = self.records[j]
         th = torch.tensor([(t - r.t0) / r.h], dtype=self.term.t_dtype, device=r.y0.device)
         return self.solver.interpolate(self.term, r, th, self.co, self.interp)
+
+
+class _ParamQuadrature:
+    """The parameter gradient ``g`` integrated outside the backward solve's state.
+
+    ``dg/dt = -a^T df/dtheta`` does not depend on ``g``: in a step ``y1 = y + h sum_i b_i k_i`` of the augmented
+    state (:meth:`~neurodyn.core.stepper.StepperBase.quadrature_weights`) the ``g`` channels only add
+    ``h sum_i b_i`` times their values at the step's evaluations, which is what this class accumulates, per parameter
+    and only for the evaluations that depend on it (a path's coefficient row enters the evaluations of its own
+    piece). The state is then ``[y, a]`` (or ``[a]``), and every stage combination of the backward solve touches
+    only those. The loop's hooks delimit the evaluations: those inside an attempt (between the ``"step"`` hook and
+    the acceptance or rejection) are stages ``2..s`` in order; the first stage is the last evaluation made outside an
+    attempt at the step's starting state (the caller's initial derivative, the loop's ``k1``), or, for a first-same-
+    as-last method that made none, the previous accepted step's last stage.
+    """
+
+    def __init__(self, weights: tuple[float, ...], params: list[Tensor], fsal: bool):
+        self.weights = weights
+        self.fsal = fsal
+        self.acc: list[Tensor | None] = [None] * len(params)
+        self.inside = False
+        self.stages: list[list[tuple[int, Tensor]]] = []
+        self.outside: list[tuple[int, list[tuple[int, Tensor]]]] = []  # (state's data_ptr, products)
+        self.last: list[tuple[int, Tensor]] | None = None
+        self.grads: tuple = ()  # the last evaluation's products, as handed over
+
+    def record(self, z: Tensor, grads) -> None:
+        """``AdjointTerm``'s ``on_params``: one evaluation's products (the non-None ones, with their index)."""
+        self.grads = grads
+        parts = [(j, g) for j, g in enumerate(grads) if g is not None]
+        if self.inside:
+            self.stages.append(parts)
+        else:
+            self.outside.append((z.data_ptr(), parts))
+
+    def begin(self, t: float, y: Tensor, h_abs: float) -> None:
+        self.inside = True
+        self.stages = []
+
+    def reject(self, t: float, y: Tensor, h_abs: float) -> None:
+        self.inside = False
+        self.stages = []
+
+    def accept(self, t, h, t1, nudge, k1_time, y, k1) -> None:
+        self.inside = False
+        ptr = y.data_ptr()
+        first = next((parts for p, parts in reversed(self.outside) if p == ptr), None)
+        if first is None and self.fsal:
+            first = self.last
+        if first is None or len(self.stages) != len(self.weights) - 1:
+            raise RuntimeError(f"gradient='adjoint': the backward step at t={t:.6g} did not evaluate the field as its "
+                               f"method's quadrature_weights() declare (first stage found: {first is not None}, "
+                               f"{len(self.stages)} evaluations inside the step for {len(self.weights)} weights).")
+        inc: dict[int, Tensor] = {}
+        for w, parts in zip(self.weights, [first, *self.stages]):
+            if w == 0.0:
+                continue
+            for j, g in parts:
+                cur = inc.get(j)
+                inc[j] = g * w if cur is None else cur.add_(g, alpha=w)
+        for j, v in inc.items():
+            cur = self.acc[j]
+            self.acc[j] = v.mul_(h) if cur is None else cur.add_(v, alpha=h)
+        self.last = self.stages[-1] if self.stages else first
+        self.outside = []
+        self.stages = []
+
+    def start_interval(self) -> None:
+        """A new backward solve (the next output interval): its own initial derivative, no FSAL stage carried."""
+        self.outside, self.stages, self.last, self.inside = [], [], None, False
 
 
 class _AdjointFunction(torch.autograd.Function):
@@ -150,14 +225,10 @@ class _AdjointFunction(torch.autograd.Function):
             aug = SDEAdjointTerm(user, shape, params, drift=guard.field(func), wrap=guard.field)
             adj_solver = get_solver(sde_adjoint_method(setup.solver, gopts.adjoint_method), frozenset({"sde"}))
         else:
-            aug = AdjointTerm(guard.field(func), shape, params, y_of_t)
             adj_solver = get_solver(gopts.adjoint_method) if gopts.adjoint_method else setup.solver
         rtol = gopts.adjoint_rtol if gopts.adjoint_rtol is not None else setup.cfg.rtol
         atol = gopts.adjoint_atol if gopts.adjoint_atol is not None else setup.cfg.atol
         y_dims = 0 if interpolated else n
-        if not isinstance(rtol, float) or not isinstance(atol, float):
-            # Per-element tolerances of the state apply to y and a alike; the g channels use the mean.
-            rtol, atol = _aug_tol(rtol, y_dims, n, p_total), _aug_tol(atol, y_dims, n, p_total)
         controller = setup.cfg.controller
         if adj_solver.bind_tolerances:
             # Newton's tolerance follows the backward solve's: a stepper bound to the forward tolerances would stop
@@ -172,6 +243,20 @@ class _AdjointFunction(torch.autograd.Function):
         adaptive = adj_solver.adaptive and want
         if adj_solver.optional_error and not adaptive:
             adj_solver = adj_solver.fixed_step()
+        quad = None
+        if not stochastic:
+            # g out of the state where its channels are not error-controlled (fixed steps, or the seminorm) and the
+            # method's step is a weighted sum of its evaluations: the same gradient, the steps touching [y, a] only.
+            weights = adj_solver.quadrature_weights() if p_total and (gopts.seminorm or not adaptive) else None
+            quad = _ParamQuadrature(weights, params, adj_solver.fsal) if weights is not None else None
+            aug = AdjointTerm(guard.field(func), shape, params, y_of_t,
+                              on_params=quad.record if quad is not None else None)
+        g_total = 0 if quad is not None else p_total
+        rtol_full, atol_full = rtol, atol
+        if not isinstance(rtol, float) or not isinstance(atol, float):
+            # Per-element tolerances of the state apply to y and a alike; the g channels use the mean.
+            rtol_full, atol_full = _aug_tol(rtol, y_dims, n, p_total), _aug_tol(atol, y_dims, n, p_total)
+            rtol, atol = _aug_tol(rtol, y_dims, n, g_total), _aug_tol(atol, y_dims, n, g_total)
         cfg = LoopConfig(rtol=rtol, atol=atol, adaptive=adaptive,
                          step_size=None if adaptive else setup.cfg.step_size,
                          first_step=setup.cfg.step_size if adaptive else None, max_steps=setup.cfg.max_steps,
@@ -179,21 +264,37 @@ class _AdjointFunction(torch.autograd.Function):
                          max_step=setup.cfg.max_step, controller=controller, accept_min_step=setup.cfg.accept_min_step,
                          jump_t=setup.cfg.jump_t, step_t=setup.cfg.step_t if not adj_solver.adaptive else [],
                          perturb=setup.cfg.perturb,
-                         error_dims=(y_dims + n) if gopts.seminorm else None)
+                         error_dims=(y_dims + n) if gopts.seminorm and quad is None else None,
+                         on_accept=quad.accept if quad is not None else None,
+                         step_callbacks={"step": quad.begin, "reject": quad.reject} if quad is not None else None)
         jumps = set(setup.cfg.jump_t)
         with torch.no_grad():
             a = grad_ys[-1].reshape(-1).clone()
-            g = a.new_zeros(p_total) if p_total else a.new_zeros(0)
+            g = a.new_zeros(g_total)
             nfe = steps = 0
             drift = 0.0
             for i in range(len(times) - 1, 0, -1):
                 parts = [a, g] if interpolated else [ys[i].reshape(-1), a, g]
                 z0 = torch.cat(parts).view(1, -1)
                 term = ODETerm(aug.rate, z0.shape, t_dtype, device)
+                if quad is not None:
+                    quad.start_interval()
                 # Starting on a jump (a path knot at an output time) or with perturb: the derivative of the side
                 # travelled into, one ulp of the time dtype inside the interval.
                 nudged = times[i] in jumps or cfg.perturb
                 k0 = term(nextafter(times[i], times[i - 1] - times[i], t_dtype) if nudged else times[i], z0)
+                if quad is not None and cfg.adaptive and cfg.first_step is None:
+                    # The first step proposed from the whole augmented state [y, a, g], as without the quadrature.
+                    full = ODETerm(AdjointTerm(guard.field(func), shape, params, y_of_t).rate,
+                                   (1, z0.shape[1] + p_total), t_dtype, device)
+                    zf = torch.cat([z0, flat_cat(quad.acc, params).to(z0.dtype).view(1, -1)], 1)
+                    kf = torch.cat([k0.reshape(1, -1), flat_cat(quad.grads, params).to(z0.dtype).view(1, -1)], 1)
+                    inv = 1.0 / math.sqrt(zf.shape[1])
+                    direction = 1.0 if times[i - 1] > times[i] else -1.0
+                    h0 = initial_step(full, times[i], zf, kf, direction, adj_solver.order, rtol_full, atol_full,
+                                      lambda x, _inv=inv: float(torch.linalg.vector_norm(x)) * _inv, cfg.max_step)
+                    cfg = replace(cfg, first_step=h0)
+                    nfe += full.nfe
                 res = integrate(term, adj_solver, z0, k0, [times[i], times[i - 1]], cfg)
                 # The next interval starts from the controller's proposal, not a fresh initial guess.
                 cfg = replace(cfg, first_step=res.next_step if cfg.adaptive else None)
@@ -231,7 +332,11 @@ class _AdjointFunction(torch.autograd.Function):
             grad_t = None
             grad_params = []
             off = 0
-            for p in params:
+            for j, p in enumerate(params):
+                if quad is not None:
+                    acc = quad.acc[j]
+                    grad_params.append(acc.view(p.shape).to(p.dtype) if acc is not None else torch.zeros_like(p))
+                    continue
                 k = p.numel()
                 grad_params.append(g[off:off + k].view(p.shape).to(p.dtype))
                 off += k

@@ -162,6 +162,11 @@ class ExplicitRungeKutta(StepperBase):
             self._cache[key] = co
         return co
 
+    def quadrature_weights(self) -> tuple[float, ...]:
+        """The tableau's weights ``b``: :meth:`step` evaluates the term once per stage ``2..s``, in order, and
+        returns ``y + h sum_i b_i k_i`` (up to rounding; see :meth:`StepperBase.quadrature_weights`)."""
+        return tuple(float(v) for v in self.tableau.b)
+
     # -- stage buffers ---------------------------------------------------------------------------
     def make_buffers(self, y: Tensor, k1: Tensor) -> StageBuffers | None:
         """A preallocated stage buffer with its views, for solves that keep no autograd graph.
