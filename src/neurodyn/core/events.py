@@ -87,6 +87,8 @@ _DEFER_NUMEL = 4096
 # starts and stages hold this many elements.
 _KEEP_STEPS = 4096
 _KEEP_NUMEL = 1 << 21
+# Up to this many values (kept steps x points x components), their signs are compared on the host.
+_HOST_SCAN = 4096
 
 
 def event_values(event_fn: Callable, t: Tensor, y: Tensor, n: int | None = None, check_nan: bool = True) -> Tensor:
@@ -343,6 +345,7 @@ class EventWatch:
         self._lazy: bool | None = None
         self._kept: Tensor | None = None  # (rows, s + 1, n), grown as needed up to _cap rows
         self._nk = 0  # steps kept
+        self._kept_rows: tuple[Tensor, ...] = ()  # self._kept's rows
         self._kept_t: list[tuple[float, float, float, int]] = []
         self._kept_y1: Tensor | None = None
         self._cap = 0  # steps kept at most before their checks run (memory)
@@ -540,13 +543,15 @@ class EventWatch:
                 nk = 0
             if self.total + self._most > self.max_events:
                 return False
-        kept = self._kept
-        if kept is None or nk == kept.shape[0]:  # grown by doubling, up to _cap rows
+        rows = self._kept_rows
+        if nk == len(rows):  # grown by doubling, up to _cap rows
+            kept = self._kept
             new = st.y0.new_empty((min(max(2 * nk, 32), self._cap), st.k.shape[0] + 1, st.y0.shape[1]))
             if nk:
                 new[:nk] = kept[:nk]
-            kept = self._kept = new
-        torch.cat((st.y0, st.k), out=kept[nk])  # the stage buffers are reused: one copy
+            self._kept = new
+            rows = self._kept_rows = new.unbind(0)
+        torch.cat((st.y0, st.k), out=rows[nk])  # the stage buffers are reused: one copy
         self._nk = nk + 1
         self._kept_t.append((st.t0, st.h, t1, step_index))
         self._kept_y1 = st.y1  # (a new tensor every step: the next kept step's start, or the solve's end)
@@ -580,24 +585,32 @@ class EventWatch:
             times = [x for t0, h, t1, _ in info for x in (*(t0 + q * h for q in fr), t1)]
             G = self.values_many(torch.tensor(times, dtype=t_dtype, device=device),
                                  states.reshape(m * p, *shape)).view(m, p, self.n)
-            start = torch.cat([self.g.view(1, 1, -1).to(G.dtype), G[:-1, -1:]]) if m > 1 else \
-                self.g.view(1, 1, -1).to(G.dtype)
-            full = torch.cat([start, G], 1)  # (m, p + 1, K): every step's start, sample points and end
-            if self._dirs_t is None:
-                self._dirs_t = torch.tensor(self.dirs, dtype=G.dtype, device=G.device)
-            a, b, d = full[:, :-1], full[:, 1:], self._dirs_t
-            changed = (a != 0) & (((b > 0) != (a > 0)) | (b == 0)) & ((d == 0) | ((d > 0) == (a < 0)))
-            flagged = (changed.any(2) | torch.isnan(b).any(2)).any(1)
-            idx = torch.nonzero(flagged).view(-1).tolist()
+            if m * p * self.n <= _HOST_SCAN:  # few values: compared on the host (one read, no small tensor ops)
+                g = self.g
+                prev = self._g_row[1] if self._g_row is not None and self._g_row[0] is g else g.tolist()
+                flagged = []
+                for i, r in enumerate(G.tolist()):
+                    rows = [prev, *r]
+                    prev = r[-1]
+                    if self._changes(rows) or any(v != v for row in r for v in row):
+                        flagged.append((i, rows))
+            else:  # compared on the device: one read, two where a step crossed
+                start = torch.cat([self.g.view(1, 1, -1).to(G.dtype), G[:-1, -1:]])
+                full = torch.cat([start, G], 1)  # (m, p + 1, K): every step's start, sample points and end
+                if self._dirs_t is None:
+                    self._dirs_t = torch.tensor(self.dirs, dtype=G.dtype, device=G.device)
+                a, b, d = full[:, :-1], full[:, 1:], self._dirs_t
+                changed = (a != 0) & (((b > 0) != (a > 0)) | (b == 0)) & ((d == 0) | ((d > 0) == (a < 0)))
+                idx = torch.nonzero((changed.any(2) | torch.isnan(b).any(2)).any(1)).view(-1).tolist()
+                flagged = list(zip(idx, full[idx].tolist())) if idx else []
             self.g = G[-1, -1]
             self.probes = {}
-            if not idx:
+            if not flagged:
                 return
-            rows_all = full[idx].tolist() if len(idx) < m else full.tolist()
             # the crossing steps' starts and stages, for finish (the buffer is reused unless the solve has ended)
-            saved = z if final else z[idx]
+            saved = z if final else z[[i for i, _ in flagged]]
             thetas = (0.0, *fr, 1.0)
-            for r_i, (i, rows) in enumerate(zip(idx, rows_all)):
+            for r_i, (i, rows) in enumerate(flagged):
                 t0, h, t1, j = info[i]
                 for r, row in enumerate(rows[1:]):
                     if any(v != v for v in row):
@@ -617,7 +630,7 @@ class EventWatch:
         fractions per step) and one call of each event's function."""
         if self._nk:
             self._detect_kept(solver, co, final=True)
-        self._kept = None
+        self._kept, self._kept_rows = None, ()
         pend, self.pending = self.pending, []
         if not pend:
             return records
