@@ -1020,7 +1020,8 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
 
     Each round evaluates, around the estimate ``x`` with the error estimate ``e``, ``x`` itself, ``x -/+ res / 2``,
     :data:`_FINE` evenly spaced points on each side within ``r = 8 e`` (at most half the bracket) and two at a
-    quarter of their spacing; after a round that shrank the bracket less than ``_COARSE + 1`` times, also
+    quarter of their spacing (where ``8 e <= res``, after a round that shrank the bracket enough: only ``x`` and
+    ``x -/+ res / 2``); after a round that shrank the bracket less than ``_COARSE + 1`` times, also
     :data:`_COARSE` evenly spaced points of the bracket. The first estimate is the zero of the polynomial through
     the bracket's ends and up to four nearby known points (:func:`_nodes`, :func:`_poly_root`: a step's sample
     values need not be monotone, so not inverse interpolation), ``e`` the change of that zero by its last node; the
@@ -1050,9 +1051,13 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
         elif not math.isfinite(err):
             err = width
         r = min(max(8.0 * err, res), 0.5 * width)
-        step = r / _FINE
-        xs = [x + step * k for k in range(-_FINE, _FINE + 1)]
-        xs += [x - 0.5 * res, x + 0.5 * res, x - 0.25 * step, x + 0.25 * step]
+        if 8.0 * err <= res and not coarse:
+            # The estimate within res / 8 of the root: x -/+ res / 2 close the bracket (else the next round does).
+            xs = [x - 0.5 * res, x, x + 0.5 * res]
+        else:
+            step = r / _FINE
+            xs = [x + step * k for k in range(-_FINE, _FINE + 1)]
+            xs += [x - 0.5 * res, x + 0.5 * res, x - 0.25 * step, x + 0.25 * step]
         if coarse:
             xs += [a + width * (k + 1) / (_COARSE + 1) for k in range(_COARSE)]
         xs = sorted({p for p in xs if a < p < b})
