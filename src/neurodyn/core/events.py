@@ -589,11 +589,14 @@ class EventWatch:
                 g = self.g
                 prev = self._g_row[1] if self._g_row is not None and self._g_row[0] is g else g.tolist()
                 flagged = []
+                changes = self._changes
                 for i, r in enumerate(G.tolist()):
                     rows = [prev, *r]
                     prev = r[-1]
-                    if self._changes(rows) or any(v != v for row in r for v in row):
-                        flagged.append((i, rows))
+                    cands = changes(rows)
+                    total = sum(map(sum, r))  # NaN if a value is (or inf - inf: checked below)
+                    if cands or total != total:
+                        flagged.append((i, rows, cands))
             else:  # compared on the device: one read, two where a step crossed
                 start = torch.cat([self.g.view(1, 1, -1).to(G.dtype), G[:-1, -1:]])
                 full = torch.cat([start, G], 1)  # (m, p + 1, K): every step's start, sample points and end
@@ -602,20 +605,21 @@ class EventWatch:
                 a, b, d = full[:, :-1], full[:, 1:], self._dirs_t
                 changed = (a != 0) & (((b > 0) != (a > 0)) | (b == 0)) & ((d == 0) | ((d > 0) == (a < 0)))
                 idx = torch.nonzero((changed.any(2) | torch.isnan(b).any(2)).any(1)).view(-1).tolist()
-                flagged = list(zip(idx, full[idx].tolist())) if idx else []
+                flagged = [(i, rows, None) for i, rows in zip(idx, full[idx].tolist())] if idx else []
             self.g = G[-1, -1]
             self.probes = {}
             if not flagged:
                 return
             # the crossing steps' starts and stages, for finish (the buffer is reused unless the solve has ended)
-            saved = z if final else z[[i for i, _ in flagged]]
+            saved = z if final else z[[i for i, _, _ in flagged]]
             thetas = (0.0, *fr, 1.0)
-            for r_i, (i, rows) in enumerate(flagged):
+            for r_i, (i, rows, cands) in enumerate(flagged):
                 t0, h, t1, j = info[i]
                 for r, row in enumerate(rows[1:]):
                     if any(v != v for v in row):
                         _nan_error(t0 + fr[r] * h if r < len(fr) else t1, G[i, r])
-                cands = self._changes(rows)
+                if cands is None:
+                    cands = self._changes(rows)
                 if cands:
                     hit = self._pend(saved[i if final else r_i], t0, h, cands, rows, thetas, {},
                                      _resolution(t0, h))
@@ -720,7 +724,8 @@ class EventWatch:
                     n_i, local = len(xs[i]), pend[i][5]
                     base = r * w * k + local
                     vi = vals[base:base + n_i * k:k]
-                    if any(u != u for u in vi):
+                    total = sum(vi)
+                    if total != total and any(u != u for u in vi):
                         bad = xs[i][next(q for q, u in enumerate(vi) if u != u)]
                         _nan_error(pend[i][2] + bad * pend[i][3], torch.tensor([math.nan]))
                     try:
@@ -1087,15 +1092,21 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
 def _nodes(pts: list[tuple[float, float]], a: float, fa: float, b: float, fb: float) -> list[tuple[float, float]]:
     """Interpolation nodes for a root in the bracket ``[a, b]``: its ends, then up to four of ``pts`` nearest it
     outside it, none within a quarter of the bracket's width of one taken (clustered nodes amplify the rounding
-    of ``g``); sorts ``pts``."""
+    of ``g``)."""
     near = [(a, fa), (b, fb)]
     gap = 0.25 * (b - a)
-    pts.sort(key=lambda p: a - p[0] if p[0] < a else p[0] - b)
-    for p in pts:
-        if a - gap < p[0] < b + gap:
-            continue
-        if all(abs(p[0] - q[0]) >= gap for q in near[2:]):
+    lo, hi = a - gap, b + gap
+    out = [p for p in pts if not lo < p[0] < hi]
+    out.sort(key=lambda p: a - p[0] if p[0] < a else p[0] - b)
+    taken: list[float] = []
+    for p in out:
+        x = p[0]
+        for q in taken:
+            if abs(x - q) < gap:
+                break
+        else:
             near.append(p)
+            taken.append(x)
             if len(near) == 6:
                 break
     return near
