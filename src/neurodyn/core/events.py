@@ -515,13 +515,14 @@ class EventWatch:
         """Whether every step's sign checks may wait (:meth:`_keep`): every crossing of this solve would only need
         recording (no jump, no terminal event, no minimum gap; the ``max_events`` limit is kept by flushing, see
         :meth:`_keep`), every event function takes stacked points, the stepper's dense output is a polynomial
-        over its stages and the state small (as :meth:`_deferrable`). None while some event's ``vectorized`` is
-        not known yet (it is found out on the first step's sample points)."""
+        over its stages (``interpolate_steps``) and the state small (as :meth:`_deferrable`). None while some
+        event's ``vectorized`` is not known yet (it is found out on the first step's sample points)."""
         if any(v is None for v in self.vec):
             return None
         ok = self.min_gap == 0 and all(self.vec) and self.detect == self.interp == "auto" and \
             all(e.jump is None and e.stop_after is None for e in self.events) and \
-            bool(getattr(solver, "rows", False)) and getattr(co, "dense_t", None) is not None and \
+            bool(getattr(solver, "rows", False)) and hasattr(solver, "interpolate_steps") and \
+            getattr(co, "dense_t", None) is not None and \
             not getattr(co, "extra_a", ()) and math.prod(self.term.shape) <= _DEFER_NUMEL
         if ok:
             n = math.prod(self.term.shape)
@@ -573,11 +574,10 @@ class EventWatch:
             y0s = z[:, 0]
             ends = torch.cat([y0s[1:], y_end.reshape(1, -1)]) if m > 1 else y_end.reshape(1, -1)
             if fr:
-                hs = torch.tensor([h for _, h, _, _ in info], dtype=z.real.dtype if z.is_complex() else z.dtype,
-                                  device=z.device)
-                kh = (z[:, 1:] * hs.view(-1, 1, 1)).transpose(0, 1)  # (s, m, n)
-                th = torch.tensor(fr, dtype=torch.float64, device=z.device).expand(m, len(fr))
-                inner = solver.interpolate_rows(y0s, ends, kh, None, th, co)  # (m, len(fr), n)
+                hs = torch.tensor([h for _, h, _, _ in info], dtype=z.dtype, device=z.device)
+                if self._fr is None:
+                    self._fr = torch.tensor(fr, dtype=torch.float64).to(z.device)
+                inner = solver.interpolate_steps(y0s, z[:, 1:], hs, self._fr, co)  # (m, len(fr), n)
                 states = torch.cat([inner, ends.unsqueeze(1)], 1)
             else:
                 states = ends.unsqueeze(1)
@@ -588,15 +588,23 @@ class EventWatch:
             if m * p * self.n <= _HOST_SCAN:  # few values: compared on the host (one read, no small tensor ops)
                 g = self.g
                 prev = self._g_row[1] if self._g_row is not None and self._g_row[0] is g else g.tolist()
+                seq = G.reshape(m * p, self.n).tolist()  # every step's points in time order
+                marked: list[int] = []  # steps where a component leaves its sign (as _changes), or is NaN
+                for q_i, row in enumerate(seq):
+                    for pv, qv, d in zip(prev, row, self.dirs):
+                        if qv != qv or (pv != 0 and ((qv > 0) != (pv > 0) or qv == 0)
+                                        and (d == 0 or (d > 0) == (pv < 0))):
+                            step = q_i // p
+                            if not marked or marked[-1] != step:
+                                marked.append(step)
+                            break
+                    prev = row
                 flagged = []
-                changes = self._changes
-                for i, r in enumerate(G.tolist()):
-                    rows = [prev, *r]
-                    prev = r[-1]
-                    cands = changes(rows)
-                    total = sum(map(sum, r))  # NaN if a value is (or inf - inf: checked below)
-                    if cands or total != total:
-                        flagged.append((i, rows, cands))
+                for i in marked:
+                    rows = [seq[i * p - 1] if i else (self._g_row[1] if self._g_row is not None and
+                                                      self._g_row[0] is g else g.tolist()), *seq[i * p:(i + 1) * p]]
+                    nan = any(v != v for row in rows[1:] for v in row)
+                    flagged.append((i, rows, self._changes(rows), nan))
             else:  # compared on the device: one read, two where a step crossed
                 start = torch.cat([self.g.view(1, 1, -1).to(G.dtype), G[:-1, -1:]])
                 full = torch.cat([start, G], 1)  # (m, p + 1, K): every step's start, sample points and end
@@ -605,19 +613,20 @@ class EventWatch:
                 a, b, d = full[:, :-1], full[:, 1:], self._dirs_t
                 changed = (a != 0) & (((b > 0) != (a > 0)) | (b == 0)) & ((d == 0) | ((d > 0) == (a < 0)))
                 idx = torch.nonzero((changed.any(2) | torch.isnan(b).any(2)).any(1)).view(-1).tolist()
-                flagged = [(i, rows, None) for i, rows in zip(idx, full[idx].tolist())] if idx else []
+                flagged = [(i, rows, None, True) for i, rows in zip(idx, full[idx].tolist())] if idx else []
             self.g = G[-1, -1]
             self.probes = {}
             if not flagged:
                 return
             # the crossing steps' starts and stages, for finish (the buffer is reused unless the solve has ended)
-            saved = z if final else z[[i for i, _, _ in flagged]]
+            saved = z if final else z[[f[0] for f in flagged]]
             thetas = (0.0, *fr, 1.0)
-            for r_i, (i, rows, cands) in enumerate(flagged):
+            for r_i, (i, rows, cands, nan) in enumerate(flagged):
                 t0, h, t1, j = info[i]
-                for r, row in enumerate(rows[1:]):
-                    if any(v != v for v in row):
-                        _nan_error(t0 + fr[r] * h if r < len(fr) else t1, G[i, r])
+                if nan:
+                    for r, row in enumerate(rows[1:]):
+                        if any(v != v for v in row):
+                            _nan_error(t0 + fr[r] * h if r < len(fr) else t1, G[i, r])
                 if cands is None:
                     cands = self._changes(rows)
                 if cands:
