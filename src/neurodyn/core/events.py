@@ -493,11 +493,12 @@ class EventWatch:
                probes: dict[int, float], res: float) -> Hit:
         """Count the crossings ``cands`` of the step ``st`` and keep what locating them needs (:meth:`finish`)."""
         saved = torch.cat([st.y0, st.k])  # the step's start and stages (stage buffers are reused)
-        return self._pend(saved, st.t0, st.h, cands, rows, thetas, probes, res)
+        return self._pend((saved.unsqueeze(0), 0), st.t0, st.h, cands, rows, thetas, probes, res)
 
-    def _pend(self, saved: Tensor, t0: float, h: float, cands: list[tuple[int, int]], rows: list[list[float]],
-              thetas: tuple[float, ...], probes: dict[int, float], res: float) -> Hit:
-        """:meth:`_defer` for a step given by its start and stages ``saved`` (``(s + 1, n)``), ``t0`` and ``h``."""
+    def _pend(self, saved: tuple[Tensor, int], t0: float, h: float, cands: list[tuple[int, int]],
+              rows: list[list[float]], thetas: tuple[float, ...], probes: dict[int, float], res: float) -> Hit:
+        """:meth:`_defer` for a step given by its start and stages ``saved`` (a tensor ``(R, s + 1, n)`` and the
+        step's row in it), ``t0`` and ``h``."""
         hit = Hit([])
         for j, c in cands:
             e = self.owner[c]
@@ -630,7 +631,7 @@ class EventWatch:
                 if cands is None:
                     cands = self._changes(rows)
                 if cands:
-                    hit = self._pend(saved[i if final else r_i], t0, h, cands, rows, thetas, {},
+                    hit = self._pend((saved, i if final else r_i), t0, h, cands, rows, thetas, {},
                                      _resolution(t0, h))
                     self.hits.append((j, hit))
 
@@ -648,11 +649,17 @@ class EventWatch:
         if not pend:
             return records
         with torch.no_grad():
-            z = torch.stack([p[1] for p in pend])  # (P, s + 1, n): the steps' starts and stages
+            # (P, s + 1, n): the steps' starts and stages (the kept steps' buffer itself where it holds them all)
+            base = pend[0][1][0]
+            if all(p[1][0] is base and p[1][1] == i for i, p in enumerate(pend)) and len(pend) == base.shape[0]:
+                z = base
+            else:
+                z = torch.stack([p[1][0][p[1][1]] for p in pend])
             hs = torch.tensor([p[3] for p in pend], dtype=z.real.dtype if z.is_complex() else z.dtype,
                               device=z.device)
             y0s = z[:, 0]
-            kh = (z[:, 1:] * hs.view(-1, 1, 1)).transpose(0, 1).contiguous()  # (s, P, n)
+            kh = z.new_empty((z.shape[1] - 1, z.shape[0], z.shape[2]))  # (s, P, n): the stages times h
+            torch.mul(z[:, 1:].transpose(0, 1), hs.view(1, -1, 1), out=kh)
             thetas, pieces = self._locate_pending(solver, co, pend, y0s, kh)
             have = {i for ids, _ in pieces for i in ids}
             rest = [i for i in range(len(pend)) if i not in have]  # roots not among the last round's probes
