@@ -87,6 +87,8 @@ _DEFER_NUMEL = 4096
 # starts and stages hold this many elements.
 _KEEP_STEPS = 4096
 _KEEP_NUMEL = 1 << 21
+# The sample fractions as tensors, one per (fractions, device) for all solves (EventWatch._fractions).
+_FRACTIONS: dict[tuple, Tensor] = {}
 # Up to this many values (kept steps x points x components), their signs are compared on the host.
 _HOST_SCAN = 4096
 
@@ -576,9 +578,7 @@ class EventWatch:
             ends = torch.cat([y0s[1:], y_end.reshape(1, -1)]) if m > 1 else y_end.reshape(1, -1)
             if fr:
                 hs = torch.tensor([h for _, h, _, _ in info], dtype=z.dtype, device=z.device)
-                if self._fr is None:
-                    self._fr = torch.tensor(fr, dtype=torch.float64).to(z.device)
-                inner = solver.interpolate_steps(y0s, z[:, 1:], hs, self._fr, co)  # (m, len(fr), n)
+                inner = solver.interpolate_steps(y0s, z[:, 1:], hs, self._fractions(z.device), co)  # (m, f, n)
                 states = torch.cat([inner, ends.unsqueeze(1)], 1)
             else:
                 states = ends.unsqueeze(1)
@@ -762,14 +762,26 @@ class EventWatch:
         if not fr:  # the step end only: no dense output
             tt = torch.scalar_tensor(t1, dtype=self.term.t_dtype, device=self.term.device)
             return self.values(tt, st.y1.detach().view(self.term.shape), False).view(1, -1), [t1]
-        if self._fr is None:
-            self._fr = torch.tensor(fr, dtype=torch.float64).to(st.y0.device)
-        ys = solver.interpolate(self.term, st, self._fr, co, interp)
+        ys = solver.interpolate(self.term, st, self._fractions(st.y0.device), co, interp)
         # The interior points and the step end stacked: (len(fr) + 1, *shape).
         states = torch.cat([ys, st.y1.detach()]).view(len(fr) + 1, *self.term.shape)
         times = [st.t0 + th * st.h for th in fr] + [t1]
         tts = torch.tensor(times, dtype=self.term.t_dtype, device=self.term.device)
         return self.values_many(tts, states), times
+
+    def _fractions(self, device: torch.device) -> Tensor:
+        """``self.fracs`` as a float64 tensor on ``device``: one tensor per fractions and device for all solves (a
+        stepper keeps the dense-output weights of the last fractions tensor it saw)."""
+        if self._fr is None:
+            key = (self.fracs, device)
+            fr = _FRACTIONS.get(key)
+            if fr is None or fr.is_inference() != torch.is_inference_mode_enabled():
+                fr = torch.tensor(self.fracs, dtype=torch.float64).to(device)
+                if len(_FRACTIONS) >= 16:
+                    _FRACTIONS.clear()
+                _FRACTIONS[key] = fr
+            self._fr = fr
+        return self._fr
 
     def values_many(self, ts: Tensor, states: Tensor) -> Tensor:
         """Every event's components at the points ``(ts[i], states[i])`` (``ts``: ``(m,)``, ``states``:
