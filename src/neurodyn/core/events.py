@@ -347,6 +347,7 @@ class EventWatch:
         self._lazy: bool | None = None
         self._kept: Tensor | None = None  # (rows, s + 1, n), grown as needed up to _cap rows
         self._nk = 0  # steps kept
+        self._room = 0  # steps check() may keep without _keep's tests (free rows, below _cap and max_events)
         self._kept_rows: tuple[Tensor, ...] = ()  # self._kept's rows
         self._kept_t: list[tuple[float, float, float, int]] = []
         self._kept_y1: Tensor | None = None
@@ -378,6 +379,13 @@ class EventWatch:
         """The occurrences in the accepted step ``st`` (ending at ``t1``): located, counted, the Zeno limits
         applied; None when no component crossed, or when every crossing only needs recording and is deferred
         (:meth:`finish` locates those), or when the step's check itself is deferred (:meth:`_keep`)."""
+        nk = self._nk
+        if nk < self._room and not torch.is_grad_enabled():  # kept (as _keep: a free row, no limit near)
+            torch.cat((st.y0, st.k), out=self._kept_rows[nk])
+            self._nk = nk + 1
+            self._kept_t.append((st.t0, st.h, t1, step_index))
+            self._kept_y1 = st.y1
+            return None
         graph = torch.is_grad_enabled()
         lazy = self._lazy
         if lazy is None:
@@ -557,6 +565,7 @@ class EventWatch:
             rows = self._kept_rows = new.unbind(0)
         torch.cat((st.y0, st.k), out=rows[nk])  # the stage buffers are reused: one copy
         self._nk = nk + 1
+        self._room = min(len(rows), self._cap, (self.max_events - self.total) // self._most)
         self._kept_t.append((st.t0, st.h, t1, step_index))
         self._kept_y1 = st.y1  # (a new tensor every step: the next kept step's start, or the solve's end)
         return True
@@ -569,7 +578,7 @@ class EventWatch:
         in step order. The values are those :meth:`check` computes, up to the rounding of the dense output (the
         same polynomial, evaluated across steps)."""
         m, info, y_end = self._nk, self._kept_t, self._kept_y1
-        self._nk, self._kept_t, self._kept_y1 = 0, [], None
+        self._nk, self._kept_t, self._kept_y1, self._room = 0, [], None, 0
         fr = self.fracs
         shape, t_dtype, device = self.term.shape, self.term.t_dtype, self.term.device
         with torch.no_grad():
@@ -644,7 +653,7 @@ class EventWatch:
         fractions per step) and one call of each event's function."""
         if self._nk:
             self._detect_kept(solver, co, final=True)
-        self._kept, self._kept_rows = None, ()
+        self._kept, self._kept_rows, self._room = None, (), 0
         pend, self.pending = self.pending, []
         if not pend:
             return records
