@@ -28,6 +28,13 @@ How a root is found
    (:func:`_rounds`: around the zero of the polynomial through the step's sample values, then of the inverse
    interpolant through the probes around the bracket; two rounds on a smooth ``g``) is one dense-output evaluation
    across the steps and one call of the event function, to the same :data:`ROOT_RTOL` brackets.
+5. Where every occurrence of a solve can only need recording (no event with a jump or a terminal count, no
+   ``min_event_gap``; stacked event functions, no graph, such a stepper and state), the sign checks of step 2 wait
+   too: the loop keeps each accepted step's start and stages (:meth:`EventWatch._keep`, one copy) and the kept
+   steps are checked together (:meth:`EventWatch._detect_kept`: the dense output at every step's sample fractions
+   in one product, each event function in one call over all the points), at the end of the solve, when
+   :data:`_KEEP_STEPS` steps or :data:`_KEEP_NUMEL` elements are kept, and before a step whose crossings could
+   reach ``max_events``. Their crossings then go to step 4 in step order, as if found in the loop.
 
 The reported point is the end of the final bracket on the far side of the crossing (or an exact zero): it is a
 true sign change of ``g``, so a continuous ``g`` is ~0 there, and a discontinuous ``g`` (a jump, a sign-type
@@ -83,6 +90,14 @@ STACKED_ROOTS: bool | None = None
 # most this many elements; beyond it every root's probes carry large dense-output states and locating them in the
 # loop one point per call measured faster (benchmarks/README.md, event handling cost: 16k elements).
 _DEFER_NUMEL = 4096
+# Steps whose sign checks wait (EventWatch._keep) are checked together once this many are kept, or once their
+# starts and stages hold this many elements.
+_KEEP_STEPS = 4096
+_KEEP_NUMEL = 1 << 21
+# The sample fractions as tensors, one per (fractions, device) for all solves (EventWatch._fractions).
+_FRACTIONS: dict[tuple, Tensor] = {}
+# Up to this many values (kept steps x points x components), their signs are compared on the host.
+_HOST_SCAN = 4096
 
 
 def event_values(event_fn: Callable, t: Tensor, y: Tensor, n: int | None = None, check_nan: bool = True) -> Tensor:
@@ -333,6 +348,18 @@ class EventWatch:
         # (hit, the step's y0 and stages, t0, h, event, component, a, fa, b, fb, res, known points).
         self.pending: list[tuple] = []
         self._batchable: bool | None = None  # whether the stepper's dense output can be evaluated across steps
+        # Steps whose sign checks are deferred too (:meth:`_keep`, :meth:`_detect_kept`): per step its start and
+        # stages ``(s + 1, n)`` (one copy), t0, h, t1 and index; the last one's end state. ``_lazy``: whether every
+        # step of this solve may be kept (None: not known yet).
+        self._lazy: bool | None = None
+        self._kept: Tensor | None = None  # (rows, s + 1, n), grown as needed up to _cap rows
+        self._nk = 0  # steps kept
+        self._room = 0  # steps check() may keep without _keep's tests (free rows, below _cap and max_events)
+        self._kept_rows: tuple[Tensor, ...] = ()  # self._kept's rows
+        self._kept_t: list[tuple[float, float, float, int]] = []
+        self._kept_y1: Tensor | None = None
+        self._cap = 0  # steps kept at most before their checks run (memory)
+        self._most = 0  # crossings one step can show at most (its sub-intervals x components)
         # Roots of stacked event functions located by rounds of stacked probes (see STACKED_ROOTS).
         self.stacked = STACKED_ROOTS if STACKED_ROOTS is not None else y0.device.type != "cpu"
 
@@ -358,8 +385,22 @@ class EventWatch:
     def check(self, solver: Stepper, st: Step, co, t1: float, step_index: int = 0) -> Hit | None:
         """The occurrences in the accepted step ``st`` (ending at ``t1``): located, counted, the Zeno limits
         applied; None when no component crossed, or when every crossing only needs recording and is deferred
-        (:meth:`finish` locates those)."""
+        (:meth:`finish` locates those), or when the step's check itself is deferred (:meth:`_keep`)."""
+        nk = self._nk
+        if nk < self._room and not torch.is_grad_enabled():  # kept (as _keep: a free row, no limit near)
+            torch.cat((st.y0, st.k), out=self._kept_rows[nk])
+            self._nk = nk + 1
+            self._kept_t.append((st.t0, st.h, t1, step_index))
+            self._kept_y1 = st.y1
+            return None
         graph = torch.is_grad_enabled()
+        lazy = self._lazy
+        if lazy is None:
+            lazy = self._lazy_ok(solver, co)
+        if lazy and not graph and self._keep(solver, st, co, t1, step_index):
+            return None
+        if self._nk:  # steps kept before this one are checked first (records and hits in step order)
+            self._detect_kept(solver, co)
         with torch.no_grad():
             nfe = self.term.nfe
             G, times = self._table(solver, st, co, t1, self.detect)
@@ -384,8 +425,7 @@ class EventWatch:
             thetas = (0.0, *self.fracs, 1.0)
             res = _resolution(st.t0, st.h)
             if not graph and self._deferrable(solver, co, cands):
-                self._defer(st, cands, rows, thetas, probes, res)
-                self.hits.append((step_index, self.pending[-1][0]))
+                self.hits.append((step_index, self._defer(st, cands, rows, thetas, probes, res)))
                 self._end(G, rows)
                 return None
             self._seen = {}  # dense-output states the root finding computed, by fraction
@@ -467,20 +507,149 @@ class EventWatch:
         return True
 
     def _defer(self, st: Step, cands: list[tuple[int, int]], rows: list[list[float]], thetas: tuple[float, ...],
-               probes: dict[int, float], res: float) -> None:
+               probes: dict[int, float], res: float) -> Hit:
         """Count the crossings ``cands`` of the step ``st`` and keep what locating them needs (:meth:`finish`)."""
-        hit = Hit([])
         saved = torch.cat([st.y0, st.k])  # the step's start and stages (stage buffers are reused)
+        return self._pend((saved.unsqueeze(0), 0), st.t0, st.h, cands, rows, thetas, probes, res)
+
+    def _pend(self, saved: tuple[Tensor, int], t0: float, h: float, cands: list[tuple[int, int]],
+              rows: list[list[float]], thetas: tuple[float, ...], probes: dict[int, float], res: float) -> Hit:
+        """:meth:`_defer` for a step given by its start and stages ``saved`` (a tensor ``(R, s + 1, n)`` and the
+        step's row in it), ``t0`` and ``h``."""
+        hit = Hit([])
         for j, c in cands:
             e = self.owner[c]
             a, fa, b, fb = thetas[j], rows[j][c], thetas[j + 1], rows[j + 1][c]
             if j == 0 and c in probes:  # the start value was taken a moment after a jump
-                a = min(max((probes[c] - st.t0) / st.h, 0.0), 0.5 * b)
+                a = min(max((probes[c] - t0) / h, 0.0), 0.5 * b)
             known = [(th, r[c]) for th, r in zip(thetas, rows) if th != thetas[j]]
-            self.pending.append((hit, saved, st.t0, st.h, e, c - self.offset[e], a, fa, b, fb, res, known, c))
+            self.pending.append((hit, saved, t0, h, e, c - self.offset[e], a, fa, b, fb, res, known, c))
             self.total += 1
             self.counts[e] += 1
-            self.last_t = st.t0 + b * st.h
+            self.last_t = t0 + b * h
+        return hit
+
+    def _lazy_ok(self, solver: Stepper, co) -> bool | None:
+        """Whether every step's sign checks may wait (:meth:`_keep`): every crossing of this solve would only need
+        recording (no jump, no terminal event, no minimum gap; the ``max_events`` limit is kept by flushing, see
+        :meth:`_keep`), every event function takes stacked points, the stepper's dense output is a polynomial
+        over its stages (``interpolate_steps``) and the state small (as :meth:`_deferrable`). None while some
+        event's ``vectorized`` is not known yet (it is found out on the first step's sample points)."""
+        if any(v is None for v in self.vec):
+            return None
+        ok = self.min_gap == 0 and all(self.vec) and self.detect == self.interp == "auto" and \
+            all(e.jump is None and e.stop_after is None for e in self.events) and \
+            bool(getattr(solver, "rows", False)) and hasattr(solver, "interpolate_steps") and \
+            getattr(co, "dense_t", None) is not None and \
+            not getattr(co, "extra_a", ()) and math.prod(self.term.shape) <= _DEFER_NUMEL
+        if ok:
+            n = math.prod(self.term.shape)
+            self._cap = max(1, min(_KEEP_STEPS, _KEEP_NUMEL // ((solver.stages + 1) * max(n, 1))))
+            self._most = (len(self.fracs) + 1) * self.n
+        self._lazy = ok
+        return ok
+
+    def _keep(self, solver: Stepper, st: Step, co, t1: float, step_index: int) -> bool:
+        """Keep the accepted step ``st`` (its start and stages, one copy) for its sign checks after it
+        (:meth:`_detect_kept`, in one batch with the other kept steps); False where it cannot wait: its crossings
+        might reach ``max_events`` (the kept steps are checked first). The kept steps are checked when
+        :data:`_KEEP_NUMEL` elements are kept, before a step whose crossings could reach ``max_events``, and at
+        the end of the solve."""
+        nk = self._nk
+        if nk >= self._cap or self.total + (nk + 1) * self._most > self.max_events:
+            if nk:
+                self._detect_kept(solver, co)
+                nk = 0
+            if self.total + self._most > self.max_events:
+                return False
+        rows = self._kept_rows
+        if nk == len(rows):  # grown by doubling, up to _cap rows
+            kept = self._kept
+            new = st.y0.new_empty((min(max(2 * nk, 32), self._cap), st.k.shape[0] + 1, st.y0.shape[1]))
+            if nk:
+                new[:nk] = kept[:nk]
+            self._kept = new
+            rows = self._kept_rows = new.unbind(0)
+        torch.cat((st.y0, st.k), out=rows[nk])  # the stage buffers are reused: one copy
+        self._nk = nk + 1
+        self._room = min(len(rows), self._cap, (self.max_events - self.total) // self._most)
+        self._kept_t.append((st.t0, st.h, t1, step_index))
+        self._kept_y1 = st.y1  # (a new tensor every step: the next kept step's start, or the solve's end)
+        return True
+
+    def _detect_kept(self, solver: Stepper, co, final: bool = False) -> None:
+        """The sign checks of the kept steps (:meth:`_keep`), all together: the dense output at every step's
+        sample fractions in one :meth:`interpolate_rows` evaluation, the event functions at every step's sample
+        points and end in one stacked call each, the sign changes compared on the device (one host read, two where
+        a step crossed); the crossings of each step counted and kept for :meth:`finish` as :meth:`check` does,
+        in step order. The values are those :meth:`check` computes, up to the rounding of the dense output (the
+        same polynomial, evaluated across steps)."""
+        m, info, y_end = self._nk, self._kept_t, self._kept_y1
+        self._nk, self._kept_t, self._kept_y1, self._room = 0, [], None, 0
+        fr = self.fracs
+        shape, t_dtype, device = self.term.shape, self.term.t_dtype, self.term.device
+        with torch.no_grad():
+            z = self._kept[:m]  # (m, s + 1, n): the steps' starts and stages
+            y0s = z[:, 0]
+            ends = torch.cat([y0s[1:], y_end.reshape(1, -1)]) if m > 1 else y_end.reshape(1, -1)
+            if fr:
+                hs = torch.tensor([h for _, h, _, _ in info], dtype=z.dtype, device=z.device)
+                inner = solver.interpolate_steps(y0s, z[:, 1:], hs, self._fractions(z.device), co)  # (m, f, n)
+                states = torch.cat([inner, ends.unsqueeze(1)], 1)
+            else:
+                states = ends.unsqueeze(1)
+            p = len(fr) + 1
+            times = [x for t0, h, t1, _ in info for x in (*(t0 + q * h for q in fr), t1)]
+            G = self.values_many(torch.tensor(times, dtype=t_dtype, device=device),
+                                 states.reshape(m * p, *shape)).view(m, p, self.n)
+            if m * p * self.n <= _HOST_SCAN:  # few values: compared on the host (one read, no small tensor ops)
+                g = self.g
+                prev = self._g_row[1] if self._g_row is not None and self._g_row[0] is g else g.tolist()
+                seq = G.reshape(m * p, self.n).tolist()  # every step's points in time order
+                marked: list[int] = []  # steps where a component leaves its sign (as _changes), or is NaN
+                for q_i, row in enumerate(seq):
+                    for pv, qv, d in zip(prev, row, self.dirs):
+                        if qv != qv or (pv != 0 and ((qv > 0) != (pv > 0) or qv == 0)
+                                        and (d == 0 or (d > 0) == (pv < 0))):
+                            step = q_i // p
+                            if not marked or marked[-1] != step:
+                                marked.append(step)
+                            break
+                    prev = row
+                flagged = []
+                for i in marked:
+                    rows = [seq[i * p - 1] if i else (self._g_row[1] if self._g_row is not None and
+                                                      self._g_row[0] is g else g.tolist()), *seq[i * p:(i + 1) * p]]
+                    nan = any(v != v for row in rows[1:] for v in row)
+                    flagged.append((i, rows, self._changes(rows), nan))
+            else:  # compared on the device: one read, two where a step crossed
+                start = torch.cat([self.g.view(1, 1, -1).to(G.dtype), G[:-1, -1:]])
+                full = torch.cat([start, G], 1)  # (m, p + 1, K): every step's start, sample points and end
+                if self._dirs_t is None:
+                    self._dirs_t = torch.tensor(self.dirs, dtype=G.dtype, device=G.device)
+                a, b, d = full[:, :-1], full[:, 1:], self._dirs_t
+                changed = (a != 0) & (((b > 0) != (a > 0)) | (b == 0)) & ((d == 0) | ((d > 0) == (a < 0)))
+                idx = torch.nonzero((changed.any(2) | torch.isnan(b).any(2)).any(1)).view(-1).tolist()
+                flagged = [(i, rows, None, True) for i, rows in zip(idx, full[idx].tolist())] if idx else []
+            self.g = G[-1, -1]
+            self.probes = {}
+            if not flagged:
+                return
+            # the crossing steps' starts and stages, for finish (the buffer is reused unless the solve has ended)
+            saved = z if final else z[[f[0] for f in flagged]]
+            thetas = (0.0, *fr, 1.0)
+            for r_i, (i, rows, cands, nan) in enumerate(flagged):
+                t0, h, t1, j = info[i]
+                if nan:
+                    for r, row in enumerate(rows[1:]):
+                        if any(v != v for v in row):
+                            _nan_error(t0 + fr[r] * h if r < len(fr) else t1, G[i, r])
+                if cands is None:
+                    cands = self._changes(rows)
+                if cands:
+                    hit = self._pend((saved, i if final else r_i), t0, h, cands, rows, thetas, {},
+                                     _resolution(t0, h))
+                    self.hits.append((j, hit))
 
     def finish(self, solver: Stepper, co, records: list) -> list:
         """Locate the deferred occurrences (:meth:`check`) and return ``records`` (the occurrences the loop
@@ -489,28 +658,46 @@ class EventWatch:
         All deferred roots are located together: each round of :func:`_rounds` evaluates every pending root's
         probes in one dense-output evaluation across the steps (the stepper's ``interpolate_rows`` at several
         fractions per step) and one call of each event's function."""
+        if self._nk:
+            self._detect_kept(solver, co, final=True)
+        self._kept, self._kept_rows, self._room = None, (), 0
         pend, self.pending = self.pending, []
         if not pend:
             return records
         with torch.no_grad():
-            z = torch.stack([p[1] for p in pend])  # (P, s + 1, n): the steps' starts and stages
-            hs = torch.tensor([p[3] for p in pend], dtype=z.dtype, device=z.device)
-            y0s, kh = z[:, 0], z[:, 1:] * hs.view(-1, 1, 1)  # kh: (P, s, n)
-            thetas, states = self._locate_pending(solver, co, pend, y0s, kh)
-            rest = [i for i, y in enumerate(states) if y is None]  # roots not among the last round's probes
+            # (P, s + 1, n): the steps' starts and stages (the kept steps' buffer itself where it holds them all)
+            base = pend[0][1][0]
+            if all(p[1][0] is base and p[1][1] == i for i, p in enumerate(pend)) and len(pend) == base.shape[0]:
+                z = base
+            else:
+                z = torch.stack([p[1][0][p[1][1]] for p in pend])
+            hs = torch.tensor([p[3] for p in pend], dtype=z.real.dtype if z.is_complex() else z.dtype,
+                              device=z.device)
+            y0s = z[:, 0]
+            kh = z.new_empty((z.shape[1] - 1, z.shape[0], z.shape[2]))  # (s, P, n): the stages times h
+            torch.mul(z[:, 1:].transpose(0, 1), hs.view(1, -1, 1), out=kh)
+            thetas, pieces = self._locate_pending(solver, co, pend, y0s, kh)
+            have = {i for ids, _ in pieces for i in ids}
+            rest = [i for i in range(len(pend)) if i not in have]  # roots not among the last round's probes
             if rest:
                 idx = torch.tensor(rest, device=z.device)
                 th = torch.tensor([thetas[i] for i in rest], dtype=torch.float64, device=z.device)
-                y_rest = solver.interpolate_rows(y0s.index_select(0, idx), y0s.index_select(0, idx),
-                                                 kh.index_select(0, idx).transpose(0, 1), None, th, co)
-                for i, y in zip(rest, y_rest.unbind(0)):
-                    states[i] = y
+                y0r = y0s.index_select(0, idx)
+                pieces.append((rest, solver.interpolate_rows(y0r, y0r, kh.index_select(1, idx), None, th, co)))
+            if len(pieces) == 1 and pieces[0][0] == list(range(len(pend))):
+                ys = pieces[0][1]
+            else:
+                ys = y0s.new_empty(y0s.shape)
+                for ids, y in pieces:
+                    ys[ids] = y
+            states = ys.view(len(pend), *self.term.shape).unbind(0)
             ts = torch.tensor([p[2] + x * p[3] for p, x in zip(pend, thetas)], dtype=self.term.t_dtype,
                               device=self.term.device).unbind(0)
         found: dict[int, list] = {}
-        for i, (p, x) in enumerate(zip(pend, thetas)):
+        owner = self.owner
+        for p, x, t_i, y_i in zip(pend, thetas, ts, states):
             hit, c = p[0], p[12]
-            found.setdefault(id(hit), []).append((x, c, (ts[i], states[i].view(self.term.shape), self.owner[c])))
+            found.setdefault(id(hit), []).append((x, c, (t_i, y_i, owner[c])))
         out, rest = [], iter(records)
         for _, hit in self.hits:
             mine = found.get(id(hit))
@@ -524,13 +711,13 @@ class EventWatch:
         return out
 
     def _locate_pending(self, solver: Stepper, co, pend: list[tuple], y0s: Tensor,
-                        kh: Tensor) -> tuple[list[float], list[Tensor | None]]:
+                        kh: Tensor) -> tuple[list[float], list[tuple[list[int], Tensor]]]:
         """The fractions of the pending roots (steps' starts ``y0s`` ``(P, n)``, ``h``-scaled stages ``kh``
-        ``(P, s, n)``), located in rounds across the steps (see :meth:`finish`), and the states there where the
-        last round evaluated them (else None)."""
+        ``(s, P, n)``), located in rounds across the steps (see :meth:`finish`), and the states there where the
+        last round evaluated them: a list of (root indices, their states ``(len, n)``)."""
         shape, t_dtype, device = self.term.shape, self.term.t_dtype, self.term.device
         gens, xs, out = [], [None] * len(pend), [None] * len(pend)
-        states: list[Tensor | None] = [None] * len(pend)
+        pieces: list[tuple[list[int], Tensor]] = []
         for i, p in enumerate(pend):
             gens.append(_rounds(*p[6:12]))
             try:
@@ -540,20 +727,23 @@ class EventWatch:
         while True:
             live = [i for i in range(len(pend)) if out[i] is None]
             if not live:
-                return out, states
+                return out, pieces
             for e in sorted({pend[i][4] for i in live}):
                 ids = [i for i in live if pend[i][4] == e]
                 w = max(len(xs[i]) for i in ids)  # probes per step, padded with the last one
-                padded = [(pend[i][2], pend[i][3], xs[i] + xs[i][-1:] * (w - len(xs[i]))) for i in ids]
-                flat = [x for _, _, p in padded for x in p]
-                times = [t0 + x * h for t0, h, p in padded for x in p]
+                flat, times = [], []
+                for i in ids:
+                    x_i, t0, h = xs[i], pend[i][2], pend[i][3]
+                    padded = x_i + x_i[-1:] * (w - len(x_i))
+                    flat += padded
+                    times += [t0 + x * h for x in padded]
                 m = len(flat)
                 th = torch.tensor(flat, dtype=torch.float64, device=y0s.device).view(len(ids), w)
                 y0r, khr = y0s, kh
                 if len(ids) < len(pend):
                     idx = torch.tensor(ids, device=y0s.device)
-                    y0r, khr = y0s.index_select(0, idx), kh.index_select(0, idx)
-                ys = solver.interpolate_rows(y0r, y0r, khr.transpose(0, 1), None, th, co)  # (len(ids), w, n)
+                    y0r, khr = y0s.index_select(0, idx), kh.index_select(1, idx)
+                ys = solver.interpolate_rows(y0r, y0r, khr, None, th, co)  # (len(ids), w, n)
                 k = self.sizes[e]
                 v = self.events[e].fn(torch.tensor(times, dtype=t_dtype, device=device), ys.view(m, *shape))
                 if not isinstance(v, Tensor) or v.numel() != m * k or v.shape[0] != m:
@@ -561,11 +751,13 @@ class EventWatch:
                     raise InputError(f"Event(vectorized=True): fn(t, y) with t of shape ({m},) must return a real "
                                      f"tensor of shape ({m}, ...) with {k} value(s) per point, got {got}.")
                 vals = v.reshape(-1).tolist()
+                done_ids, at = [], []
                 for r, i in enumerate(ids):
                     n_i, local = len(xs[i]), pend[i][5]
                     base = r * w * k + local
                     vi = vals[base:base + n_i * k:k]
-                    if any(u != u for u in vi):
+                    total = sum(vi)
+                    if total != total and any(u != u for u in vi):
                         bad = xs[i][next(q for q, u in enumerate(vi) if u != u)]
                         _nan_error(pend[i][2] + bad * pend[i][3], torch.tensor([math.nan]))
                     try:
@@ -574,7 +766,10 @@ class EventWatch:
                     except StopIteration as done:
                         out[i] = done.value
                         if done.value in xs_i:
-                            states[i] = ys[r, xs_i.index(done.value)]
+                            done_ids.append(i)
+                            at.append(r * w + xs_i.index(done.value))
+                if done_ids:  # the states at the roots the round evaluated, in one gather
+                    pieces.append((done_ids, ys.view(m, -1)[at]))
 
     def _table(self, solver: Stepper, st: Step, co, t1: float, interp: str) -> tuple[Tensor, list[float]]:
         """The event components at the interior fractions ``self.fracs`` on the ``interp`` dense output and the step
@@ -583,14 +778,26 @@ class EventWatch:
         if not fr:  # the step end only: no dense output
             tt = torch.scalar_tensor(t1, dtype=self.term.t_dtype, device=self.term.device)
             return self.values(tt, st.y1.detach().view(self.term.shape), False).view(1, -1), [t1]
-        if self._fr is None:
-            self._fr = torch.tensor(fr, dtype=torch.float64).to(st.y0.device)
-        ys = solver.interpolate(self.term, st, self._fr, co, interp)
+        ys = solver.interpolate(self.term, st, self._fractions(st.y0.device), co, interp)
         # The interior points and the step end stacked: (len(fr) + 1, *shape).
         states = torch.cat([ys, st.y1.detach()]).view(len(fr) + 1, *self.term.shape)
         times = [st.t0 + th * st.h for th in fr] + [t1]
         tts = torch.tensor(times, dtype=self.term.t_dtype, device=self.term.device)
         return self.values_many(tts, states), times
+
+    def _fractions(self, device: torch.device) -> Tensor:
+        """``self.fracs`` as a float64 tensor on ``device``: one tensor per fractions and device for all solves (a
+        stepper keeps the dense-output weights of the last fractions tensor it saw)."""
+        if self._fr is None:
+            key = (self.fracs, device)
+            fr = _FRACTIONS.get(key)
+            if fr is None or fr.is_inference() != torch.is_inference_mode_enabled():
+                fr = torch.tensor(self.fracs, dtype=torch.float64).to(device)
+                if len(_FRACTIONS) >= 16:
+                    _FRACTIONS.clear()
+                _FRACTIONS[key] = fr
+            self._fr = fr
+        return self._fr
 
     def values_many(self, ts: Tensor, states: Tensor) -> Tensor:
         """Every event's components at the points ``(ts[i], states[i])`` (``ts``: ``(m,)``, ``states``:
@@ -862,7 +1069,8 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
 
     Each round evaluates, around the estimate ``x`` with the error estimate ``e``, ``x`` itself, ``x -/+ res / 2``,
     :data:`_FINE` evenly spaced points on each side within ``r = 8 e`` (at most half the bracket) and two at a
-    quarter of their spacing; after a round that shrank the bracket less than ``_COARSE + 1`` times, also
+    quarter of their spacing (where ``8 e <= res``, after a round that shrank the bracket enough: only ``x`` and
+    ``x -/+ res / 2``); after a round that shrank the bracket less than ``_COARSE + 1`` times, also
     :data:`_COARSE` evenly spaced points of the bracket. The first estimate is the zero of the polynomial through
     the bracket's ends and up to four nearby known points (:func:`_nodes`, :func:`_poly_root`: a step's sample
     values need not be monotone, so not inverse interpolation), ``e`` the change of that zero by its last node; the
@@ -892,9 +1100,13 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
         elif not math.isfinite(err):
             err = width
         r = min(max(8.0 * err, res), 0.5 * width)
-        step = r / _FINE
-        xs = [x + step * k for k in range(-_FINE, _FINE + 1)]
-        xs += [x - 0.5 * res, x + 0.5 * res, x - 0.25 * step, x + 0.25 * step]
+        if 8.0 * err <= res and not coarse:
+            # The estimate within res / 8 of the root: x -/+ res / 2 close the bracket (else the next round does).
+            xs = [x - 0.5 * res, x, x + 0.5 * res]
+        else:
+            step = r / _FINE
+            xs = [x + step * k for k in range(-_FINE, _FINE + 1)]
+            xs += [x - 0.5 * res, x + 0.5 * res, x - 0.25 * step, x + 0.25 * step]
         if coarse:
             xs += [a + width * (k + 1) / (_COARSE + 1) for k in range(_COARSE)]
         xs = sorted({p for p in xs if a < p < b})
@@ -924,15 +1136,21 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
 def _nodes(pts: list[tuple[float, float]], a: float, fa: float, b: float, fb: float) -> list[tuple[float, float]]:
     """Interpolation nodes for a root in the bracket ``[a, b]``: its ends, then up to four of ``pts`` nearest it
     outside it, none within a quarter of the bracket's width of one taken (clustered nodes amplify the rounding
-    of ``g``); sorts ``pts``."""
+    of ``g``)."""
     near = [(a, fa), (b, fb)]
     gap = 0.25 * (b - a)
-    pts.sort(key=lambda p: a - p[0] if p[0] < a else p[0] - b)
-    for p in pts:
-        if a - gap < p[0] < b + gap:
-            continue
-        if all(abs(p[0] - q[0]) >= gap for q in near[2:]):
+    lo, hi = a - gap, b + gap
+    out = [p for p in pts if not lo < p[0] < hi]
+    out.sort(key=lambda p: a - p[0] if p[0] < a else p[0] - b)
+    taken: list[float] = []
+    for p in out:
+        x = p[0]
+        for q in taken:
+            if abs(x - q) < gap:
+                break
+        else:
             near.append(p)
+            taken.append(x)
             if len(near) == 6:
                 break
     return near

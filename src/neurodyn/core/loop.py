@@ -149,7 +149,7 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
     # (alternating: a rejected attempt must not overwrite the FSAL stage the retry starts from).
     buffers = pool_key = None
     if not torch.is_grad_enabled() and not cfg.record and fast is None:
-        pooled = watch is None and on_accept is None and not pause and k0.numel() <= POOL_MAX_NUMEL
+        pooled = on_accept is None and not pause and k0.numel() <= POOL_MAX_NUMEL
         buffers, pool_key = take_buffers(solver, y0, k0) if pooled else (None, None)
         if buffers is None:
             buffers = (solver.make_buffers(y0, k0), solver.make_buffers(y0, k0))
@@ -322,9 +322,10 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
 # Stage buffers kept between solves: a pair of them with their cached views costs ~30 us to build, a measurable share
 # of a small solve. A loop takes a pair out of the pool and puts it back only when it returns, so nested solves (a
 # field that solves) and threads never share a pair, and a loop abandoned half-way (an exception, manual stepping
-# given up) just drops its pair. Only loops whose results cannot alias a buffer take part: no events, on_accept hook
-# or pausing (what these keep may hold a buffer's stages past the loop; the outputs, the final state and the stage
-# derivative a loop returns are fresh tensors). Small states only (the pool holds their memory), at most
+# given up) just drops its pair. Only loops whose results cannot alias a buffer take part: no on_accept hook or
+# pausing (what these keep may hold a buffer's stages past the loop; the outputs, the final state, the stage
+# derivative and the event records a loop returns are fresh tensors, and the event watch copies the stages it keeps,
+# core/events.py). Small states only (the pool holds their memory), at most
 # POOL_MAX_KEYS layouts per stepper; the pool is keyed weakly by the stepper, so a per-solve bound stepper's
 # entries go with it.
 POOL_MAX_NUMEL = 4096
