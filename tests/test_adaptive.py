@@ -236,6 +236,34 @@ def test_controller_tensor_form_equals_scalar_form(ctrl):
         h = want
 
 
+@pytest.mark.parametrize("ctrl,order", [(neurodyn.PIDController(), 4), (neurodyn.PIDController(dcoeff=0.1), 4),
+                                        (neurodyn.PIDController(pcoeff=0.2, icoeff=0.3), 1)])
+def test_controller_tensor_form_one_pow_is_the_two_pow_formula(ctrl, order):
+    """propose_tensor on rows mixing accepted and rejected steps (one pow of the ratio per row, its exponent chosen by
+    accept) gives bit for bit what the formula with a pow per exponent gives: r**-b1 * prev**b2 * prev2**-b3 where
+    accepted, r**-(1/k) where rejected, times safety, clamped (order 1: k = 2, exponent -0.5, the two-pow path)."""
+    gen = torch.Generator().manual_seed(5)
+    r = 10.0 ** (torch.rand(257, generator=gen, dtype=torch.float64) * 6 - 4)
+    prev = 10.0 ** (torch.rand(257, generator=gen, dtype=torch.float64) * 4 - 3)
+    prev2 = 10.0 ** (torch.rand(257, generator=gen, dtype=torch.float64) * 4 - 3)
+    h = torch.rand(257, generator=gen, dtype=torch.float64) + 0.01
+    accept = r <= 1.0
+    st = ctrl.start(order)
+    got, new_prev, new_prev2 = st.propose_tensor(h, r, accept, prev, prev2)
+    k = order + 1
+    b1, b2, b3 = ((ctrl.pcoeff + ctrl.icoeff + ctrl.dcoeff) / k, (ctrl.pcoeff + 2 * ctrl.dcoeff) / k, ctrl.dcoeff / k)
+    acc = r.pow(-b1)
+    if b2:
+        acc = acc * prev.pow(b2)
+    if b3:
+        acc = acc * prev2.pow(-b3)
+    fac = torch.where(accept, acc, r.pow(-1.0 / k)) * ctrl.safety
+    fac = fac.clamp(ctrl.dfactor, ctrl.ifactor)
+    assert torch.equal(got, h * fac)
+    assert torch.equal(new_prev, torch.where(accept, r, prev))
+    assert st.one_pow == (order == 4)
+
+
 @pytest.mark.parametrize("rows", [1, 2])
 def test_error_ratio_tensor_form_equals_scalar_form(rows):
     """control.rms_ratio (per-sample rows, compiled paths) equals make_error_ratio (eager loop), single estimate and

@@ -192,3 +192,26 @@ def test_measuring_the_whole_loop_leaves_the_solve_alone(monkeypatch):
     assert comp.status == "success" and comp.stats["steps"] == eager.stats["steps"]
     assert comp.stats["nfe"] == eager.stats["nfe"]
     assert torch.allclose(comp.ys, exact(T), rtol=1e-6, atol=1e-7)
+
+
+def test_calibration_counts_cpu_time_not_waiting(monkeypatch):
+    """On the CPU the calibration times each variant on the thread's CPU clock: a variant that only waits (5 ms of
+    sleep per call, as a run interrupted by another process would) is charged its own CPU time (the call, tens of
+    microseconds), not the 5 ms the wall clock would charge it."""
+    import time as time_module
+
+    seen = []
+    real = compile_policy.measure
+
+    def with_sleeper(term, solver, y0, k0, times, cfg, compiled):
+        out = real(term, solver, y0, k0, times, cfg, {**compiled, "sleep": lambda: time_module.sleep(0.005) or 1})
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(compile_policy, "measure", with_sleeper)
+    with torch.no_grad():
+        sol = neurodyn.solve(Linear(), Y0, T, method="dopri5", rtol=1e-8, atol=1e-10, compile=True)
+    assert torch.allclose(sol.ys, exact(T), rtol=1e-6, atol=1e-7)
+    eager_s, best, rounds = seen[0]
+    assert rounds >= compile_policy.MIN_ROUNDS
+    assert best["sleep"] < 1e-3 and eager_s < 1e-2  # waited 5 ms per call: not counted (the call itself ~20 us)

@@ -61,6 +61,14 @@ LIBRARY_TANH_ELEMENTS = 2048
 # lowering changes made while compiling, so that Inductor's cache of compiled graphs tells programs apart.
 CPU_OPTIONS = {"cpp_wrapper": True, "cpp.simdlen": 256,
                "post_grad_fusion_options": {"decompose_mm_pass": {"neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS}}}
+# Matrix products with at most this inner dimension are written as fused loops in the compiled whole loop
+# (thin_products): a field's first layer on a state of a few components, (B, n) @ (n, hidden), whose library GEMM call
+# (plus ATen's copy of the bias into its output) costs more than the arithmetic; measured on the batched protocol case
+# (n = 2, B = 256): ~3% of the solve.
+LOOP_THIN_INNER = 8
+# The whole loop's options: CPU_OPTIONS, with the thin-product rule named (as CPU_OPTIONS names its own changes).
+LOOP_OPTIONS = {**CPU_OPTIONS, "post_grad_fusion_options": {"decompose_mm_pass": {
+    **CPU_OPTIONS["post_grad_fusion_options"]["decompose_mm_pass"], "neurodyn_loop_thin_inner": LOOP_THIN_INNER}}}
 _FALLBACK = object()
 # Compiled variants of one loop (train()/eval(), say) before a field counts as changing its Python state every solve.
 _MAX_VARIANTS = 3
@@ -293,7 +301,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         counters = torch.cat([sv[[0, 1, 4, 5]], h_first.view(1), iv[[2, 3, 4, 0, 5]].double()])
         return (z[2:], z[0:1], counters, *rec)
 
-    options = CPU_OPTIONS if device.type == "cpu" else None
+    options = LOOP_OPTIONS if device.type == "cpu" else None
     own = own_code(run)
     compiled = torch.compile(own, options=options, fullgraph=True)
     compiled.code = own.__code__  # to count Dynamo's compiled entries (recompilations)
@@ -392,6 +400,53 @@ class library_tanh:
             self.ir_log.removeFilter(_no_shim_notice)
 
 
+class thin_products:
+    """While compiling on the CPU: let Inductor write matrix products with a short inner dimension (at most ``inner``
+    terms) as fused loops rather than a library ``mm``/``addmm`` call each (Inductor does so by default only for
+    products with one row): a field's first layer on a state of a few components in the forward loop
+    (:data:`LOOP_THIN_INNER`), the weight gradients of a small state in the compiled backward pass
+    (:func:`neurodyn.compile.train.decompose_thin_products`). Performance only; a no-op where this torch has no such
+    pass.
+
+    Examples
+    --------
+    >>> with thin_products(8):
+    ...     pass  # torch.compile calls made here fuse products with <= 8 terms
+    """
+
+    _module = None
+
+    def __init__(self, inner: int):
+        self.inner = inner
+
+    def __enter__(self) -> None:
+        cls = type(self)
+        if cls._module is None:
+            try:
+                from torch._inductor.fx_passes import decompose_mem_bound_mm as module
+            except ImportError:  # another torch: nothing to adjust
+                module = False
+            cls._module = module
+        self.saved = getattr(cls._module, "should_decompose_mm", None) if cls._module else None
+        if self.saved is not None:
+            saved, inner = self.saved, self.inner
+
+            def rule(mat1, mat2) -> bool:
+                if saved(mat1, mat2):
+                    return True
+                a, b = (getattr(m, "meta", {}).get("val") for m in (mat1, mat2))
+                return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 2 and b.dim() == 2
+                        and a.device.type == "cpu" and b.device.type == "cpu"
+                        and isinstance(a.shape[1], int) and a.shape[1] <= inner
+                        and all(isinstance(d, int) for d in (*a.shape, *b.shape)))
+
+            cls._module.should_decompose_mm = rule
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            type(self)._module.should_decompose_mm = self.saved
+
+
 def _no_shim_notice(record: logging.LogRecord) -> bool:
     """False (drop) for Inductor's notice that ``aten.tanh`` has no C shim; True for every other record."""
     try:
@@ -472,7 +527,7 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         tol = _tolerances(per_func, rtol, atol, y0)
         iv = torch.tensor([1, 0, 0, 0, 0, 0, 0, max_steps], dtype=torch.int64, device=device)
         try:
-            with torch.no_grad(), vectorize_strided_loads(), library_tanh():
+            with torch.no_grad(), vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER):
                 ys, y_final, counters, *rec = fn(cv, y0.detach(), k0.detach(), tol, iv,
                                                  *(module_state(func) if state is None else state).values())
         except Exception as exc:  # compilation failed: Python steps from now on, for this field

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .. import solution as _sol
 from ..core import interpolation
-from ..core.control import LANDING_SLACK, PIDController, rms_ratio, step_underflow_tensor
+from ..core.control import LANDING_SLACK, PIDController, initial_step_tensor, rms_ratio, step_underflow_tensor
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from .loop import CPU_MAX_OUTPUT_ELEMENTS, CPU_OPTIONS, combo_cols, module_state
 from .step import compiled_context, nonzero, own_code, stage_sum
@@ -74,6 +74,7 @@ class _Attempt:
         self.fsal = solver.fsal
         self.dense_p = [[float(v) for v in row] for row in tb.dense] if tb.dense is not None else None
         self.pid = PIDController.start(controller, solver.controller_order)  # the PID formula, as the eager rows
+        self.order = solver.order
         self.b = shape[0]
         self.n = max(1, math.prod(shape[1:]))
         self.d, self.m = d, m
@@ -184,7 +185,8 @@ def _build_step(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
     return compiled
 
 
-def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: torch.device) -> Callable:
+def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: torch.device,
+                choose_first: bool = False) -> Callable:
     state_names = list(module_state(func)) if isinstance(func, torch.nn.Module) else None
 
     def run(sv: Tensor, yv: Tensor, iv: Tensor, ys: Tensor, cv: Tensor, times_flat: Tensor, rtol: Tensor,
@@ -192,10 +194,16 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
         # Carried: sv (7, B) float64 as RowPack's; yv (3, B, n) [y, k1, -]; iv (6, B) int64 [output slot, steps,
         # attempts, status, -, -]; ys ((T + 1) B, n) the output buffer (core.rows._Frame's layout: its last block
         # takes the writes of rows with nothing to write); cv int64 [iterations, done, max_steps]. times_flat (T B,):
-        # the output times by slot (the last: the end time's sentinel, never interpolated).
+        # the output times by slot (the last: the end time's sentinel, never interpolated). With choose_first, each
+        # row's first step (sv[1] on entry: unused) is chosen here (core.control.initial_step_tensor, as the eager
+        # rows: one evaluation of the field) and returned last.
         state = dict(zip(state_names, tensors)) if state_names is not None else None
         f = _field(func, shape, state)
         b = att.b
+        h_first = None
+        if choose_first:
+            h_first = initial_step_tensor(f, sv[0], yv[0], yv[1], att.d, att.order, rtol, atol, lim[1])
+            sv = torch.cat([sv[0:1], h_first.view(1, b), sv[2:]])
         rows = torch.arange(b, device=ys.device)
         trash = times_flat.shape[0] + rows
 
@@ -239,7 +247,8 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
             cv = torch.stack([it, done.long(), cv[2]])
             return sv, yv, iv, ys, cv
 
-        return torch._higher_order_ops.while_loop(cond, body, (sv, yv, iv, ys, cv))
+        out = torch._higher_order_ops.while_loop(cond, body, (sv, yv, iv, ys, cv))
+        return (*out, h_first) if choose_first else out
 
     options = CPU_OPTIONS if device.type == "cpu" else None
     return torch.compile(own_code(run), options=options, fullgraph=True)
@@ -265,15 +274,18 @@ class CompiledRows:
         key = (solver.name, self.shape, dtype, device, d, m, tuple(rtol.shape), tuple(atol.shape),
                (controller.pcoeff, controller.icoeff, controller.dcoeff, controller.safety, controller.ifactor,
                 controller.dfactor, controller.accept_dfactor))
-        att = _Attempt(solver, controller, self.shape, d, m)
+        att = self.per_func.get(("attempt", key))
+        if att is None:  # (the tableau's coefficients as floats: built once per key)
+            att = self.per_func[("attempt", key)] = _Attempt(solver, controller, self.shape, d, m)
         per_func, func, shape = self.per_func, self.func, self.shape
         whole = worthwhile_rows(self.shape, n_times, device) and not per_func.get(_LOOP_FALLBACK)
 
-        def build(kind: str) -> Callable:
-            fn = per_func.get((kind, key, n_times if kind == "loop" else None))
+        def build(kind: str, choose_first: bool = False) -> Callable:
+            fn = per_func.get((kind, key, n_times if kind == "loop" else None, choose_first))
             if fn is None:
-                fn = _build_loop(att, func, shape, device) if kind == "loop" else _build_step(att, func, shape, device)
-                per_func[(kind, key, n_times if kind == "loop" else None)] = fn
+                fn = (_build_loop(att, func, shape, device, choose_first) if kind == "loop"
+                      else _build_step(att, func, shape, device))
+                per_func[(kind, key, n_times if kind == "loop" else None, choose_first)] = fn
             return fn
 
         return RowPack(build, per_func, whole, module_state(func))
@@ -317,11 +329,14 @@ class RowPack:
                 torch.stack([y, k1, torch.zeros_like(y)]), torch.stack([out_slot, steps, attempts, zi, zi, zi]))
 
     def loop(self, packed: tuple[Tensor, Tensor, Tensor], status: Tensor, ys: Tensor, times_flat: Tensor,
-             rtol: Tensor, atol: Tensor, lim: Tensor, max_steps: int):
+             rtol: Tensor, atol: Tensor, lim: Tensor, max_steps: int, choose_first: bool = False):
         """The whole loop from the packed state and the rows' ``status``; ``ys``: the output buffer (written in place
-        of the returned one); ``times_flat``: the output times by slot. Returns ``(sv, yv, iv, ys, cv)`` (``iv[0]``
-        each row's next output slot, ``iv[3]`` the statuses, ``cv[0]`` the attempts made), or None where it
-        is not used (``B n T`` too large) or could not be compiled (warned once; compiled attempts then)."""
+        of the returned one); ``times_flat``: the output times by slot. Returns ``(sv, yv, iv, ys, cv, h_first)``
+        (``iv[0]`` each row's next output slot, ``iv[3]`` the statuses, ``cv[0]`` the attempts made; with
+        ``choose_first`` each row's first step is chosen in the compiled program from ``(t, y, k1)`` (the packed
+        step size is ignored) and returned as ``h_first``, ``(B,)`` float64, else ``h_first`` is None), or None
+        where it is not used (``B n T`` too large) or could not be compiled (warned once; compiled attempts
+        then)."""
         if not self.whole:
             return None
         sv, yv, iv = packed
@@ -330,7 +345,9 @@ class RowPack:
         cv = torch.tensor([0, 0, max_steps], dtype=torch.long, device=ys.device)
         try:
             with compiled_context():
-                return self.build("loop")(sv, yv, iv, ys, cv, times_flat, rtol, atol, lim, *self.state.values())
+                out = self.build("loop", choose_first)(sv, yv, iv, ys, cv, times_flat, rtol, atol, lim,
+                                                       *self.state.values())
+            return tuple(out) if choose_first else (*out, None)
         except Exception as exc:  # compilation failed: compiled attempts from now on, for this field
             self.per_func[_LOOP_FALLBACK] = True
             warnings.warn(f"compile=True: the per-sample loop could not be compiled as a whole ({type(exc).__name__}: "

@@ -30,7 +30,16 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..solvers.explicit_rk import ExplicitRungeKutta
-from .loop import CPU_OPTIONS, StepPlan, dense_rows, field_rows, module_state, rk_stages, vectorize_strided_loads
+from .loop import (
+    CPU_OPTIONS,
+    StepPlan,
+    dense_rows,
+    field_rows,
+    module_state,
+    rk_stages,
+    thin_products,
+    vectorize_strided_loads,
+)
 from .step import own_code
 
 # Accepted steps kept per solve at first; a solve that takes more is run again with compiled steps, and the next
@@ -185,42 +194,19 @@ class _RecordedSolve(torch.autograd.Function):
         return None, g_y0, out[1], *out[2:]
 
 
-class decompose_thin_products:
-    """While compiling on the CPU: let Inductor write matrix products with a short inner dimension (at most
-    :data:`THIN_INNER` terms: the backward pass's weight gradients of a small state, outer products of a layer's
-    cotangent and its input, one per stage and layer) as fused loops rather than a library ``mm``/``addmm`` call each
-    (Inductor does so by default only for products with one row). The stages' gradients of one weight then sum in one
-    loop, with no call, output handle or copy per stage. Performance only; a no-op where this torch has no such
-    pass."""
+class decompose_thin_products(thin_products):
+    """While compiling the backward pass on the CPU: :class:`~neurodyn.compile.loop.thin_products` with
+    :data:`THIN_INNER` terms (the stages' gradients of one weight, outer products of a layer's cotangent and its input
+    for a small state, then sum in one loop, with no call, output handle or copy per stage).
 
-    _module = None
+    Examples
+    --------
+    >>> decompose_thin_products().inner == THIN_INNER
+    True
+    """
 
-    def __enter__(self) -> None:
-        cls = type(self)
-        if cls._module is None:
-            try:
-                from torch._inductor.fx_passes import decompose_mem_bound_mm as module
-            except ImportError:  # another torch: nothing to adjust
-                module = False
-            cls._module = module
-        self.saved = getattr(cls._module, "should_decompose_mm", None) if cls._module else None
-        if self.saved is not None:
-            saved = self.saved
-
-            def rule(mat1, mat2) -> bool:
-                if saved(mat1, mat2):
-                    return True
-                a, b = (getattr(m, "meta", {}).get("val") for m in (mat1, mat2))
-                return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 2 and b.dim() == 2
-                        and a.device.type == "cpu" and b.device.type == "cpu"
-                        and isinstance(a.shape[1], int) and a.shape[1] <= THIN_INNER
-                        and all(isinstance(d, int) for d in (*a.shape, *b.shape)))
-
-            cls._module.should_decompose_mm = rule
-
-    def __exit__(self, *exc) -> None:
-        if self.saved is not None:
-            type(self)._module.should_decompose_mm = self.saved
+    def __init__(self):
+        super().__init__(THIN_INNER)
 
 
 # Matrix products with at most this inner dimension are written as fused loops in the compiled backward pass

@@ -166,7 +166,8 @@ class ControllerState:
     tensors (per-sample rows and the compiled loop: one value per row, no host read). tests/test_adaptive.py
     holds them equal."""
 
-    __slots__ = ("b1", "b2", "b3", "safety", "ifactor", "dfactor", "adfactor", "prev", "prev2", "inv_k", "plain_i")
+    __slots__ = ("b1", "b2", "b3", "safety", "ifactor", "dfactor", "adfactor", "prev", "prev2", "inv_k", "plain_i",
+                 "one_pow")
 
     def __init__(self, c: PIDController, k: int):
         self.b1 = (c.pcoeff + c.icoeff + c.dcoeff) / k
@@ -179,6 +180,9 @@ class ControllerState:
         self.prev2 = 1.0
         # I control: accepted and rejected steps share one exponent and no memory is needed.
         self.plain_i = self.b2 == 0 and self.b3 == 0 and self.b1 == self.inv_k
+        # propose_tensor: r ** -b1 (accepted) and r ** -inv_k (rejected) as one pow with a per-element exponent,
+        # except where an exponent is one that pow kernels special-case (sqrt, reciprocal, products: other rounding).
+        self.one_pow = all(e != round(e) and abs(e) != 0.5 for e in (self.b1, self.inv_k))
 
     def propose(self, h_abs: float, ratio: float, accepted: bool) -> float:
         """The next step size magnitude after a step of size ``h_abs`` with error ratio ``ratio``."""
@@ -203,15 +207,21 @@ class ControllerState:
         ``prev2`` (all of one shape, e.g. ``(B,)``) -> ``(h_new, prev, prev2)``. NaN/inf ratios shrink by ``dfactor``.
         """
         r = ratio.clamp_min(1e-10)  # NaN stays NaN
-        fac = r.pow(-self.b1)
-        if not self.plain_i:
+        if self.plain_i:
+            fac = r.pow(-self.b1)
+        else:
+            if self.one_pow:  # one pow of r per element, its exponent chosen by accept: the same values as two
+                rej = r.pow(torch.full_like(r, -self.inv_k).masked_fill_(accept, -self.b1))
+                fac = rej
+            else:
+                fac, rej = r.pow(-self.b1), None
             if self.b2:
                 fac = fac * prev.pow(self.b2)
             if self.b3:
                 fac = fac * prev2.pow(-self.b3)
                 prev2 = torch.where(accept, prev, prev2)
             prev = torch.where(accept, r, prev)
-            fac = torch.where(accept, fac, r.pow(-self.inv_k))
+            fac = torch.where(accept, fac, r.pow(-self.inv_k) if rej is None else rej)
         # A rejected step has r > 1, so its factor is below safety <= 1: the ifactor cap only bites accepted ones.
         fac = torch.nan_to_num(fac * self.safety, nan=self.dfactor).clamp_(self.dfactor, self.ifactor)
         if self.adfactor > self.dfactor:  # (NaN ratios never accept: they keep dfactor)

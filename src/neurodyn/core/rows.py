@@ -239,14 +239,32 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
     t_cur = times[:, 0].contiguous()
     t_stop = fr.t_end.clone()
     nfe = 0
+    min_step, max_step = cfg.min_step, cfg.max_step
+    # torchdiffeq's min_step (as core/loop.py): steps never below min_step, one at min_step accepted whatever its error
+    accept_min = cfg.accept_min_step and min_step > 0
+    # Compiled attempts (compile=True: LoopConfig.row_step) where only the loop's own state is needed: the plug-in
+    # keeps the state packed as (sv, yv, iv) (layout: compile.rows.RowPack) while it runs.
+    fast = None
+    if (cfg.row_step is not None and not grad and hooks is None and log is None and events is None and sign is None
+            and not accept_min):
+        fast = cfg.row_step.bind(solver, cfg.controller, y0.dtype, dev, d, m, rtol_t, atol_t, fr.n_out)
+    # Where the whole loop runs compiled, it chooses the first steps itself (same formula, no eager work per solve).
+    first_in_loop = (fast is not None and fast.whole and first_step is None and cfg.first_step is None and m == n)
+
+    def eager_first_step() -> Tensor:
+        rt, at = (rtol_t, atol_t) if m == n else (_scaled_tol(rtol, n, rdt, dev), _scaled_tol(atol, n, rdt, dev))
+        return initial_step_tensor(term, t_cur, y0.detach(), f0.detach(), d, solver.order, rt, at, cfg.max_step)
+
     with torch.no_grad():
         if first_step is not None:
             h_abs = first_step.to(torch.float64).clamp(max=cfg.max_step)
         elif cfg.first_step is not None:
             h_abs = torch.full((b,), min(cfg.first_step, cfg.max_step), dtype=torch.float64, device=dev)
+        elif first_in_loop:
+            h_abs = torch.zeros(b, dtype=torch.float64, device=dev)  # chosen in the compiled loop
+            nfe += 1
         else:
-            rt, at = (rtol_t, atol_t) if m == n else (_scaled_tol(rtol, n, rdt, dev), _scaled_tol(atol, n, rdt, dev))
-            h_abs = initial_step_tensor(term, t_cur, y0.detach(), f0.detach(), d, solver.order, rt, at, cfg.max_step)
+            h_abs = eager_first_step()
             nfe += 1
         # A non-finite derivative at the start stops the row there (as core/loop.py).
         bad0 = ~torch.isfinite(f0.detach()).all(1)
@@ -256,9 +274,6 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
     ctrl = PIDController.start(cfg.controller, solver.controller_order)  # the PID formula, not a stepper's own
     prev = torch.ones(b, dtype=rdt, device=dev)
     prev2 = prev
-    min_step, max_step = cfg.min_step, cfg.max_step
-    # torchdiffeq's min_step (as core/loop.py): steps never below min_step, one at min_step accepted whatever its error
-    accept_min = cfg.accept_min_step and min_step > 0
     if accept_min:
         h_abs = h_abs.clamp(min=min_step)
 
@@ -272,27 +287,32 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
     if any_bad0:
         status = torch.where(bad0, _NON_FINITE, status)
         t_stop = torch.where(bad0, t_cur, t_stop)
-    buf = None if grad else solver.make_row_buffers(y0)
-    # One compiled attempt per step (compile=True: LoopConfig.row_step) where only the loop's own state is needed:
-    # the plug-in keeps the state packed as (sv, yv, iv) (layout: compile.rows.RowPack) while it runs.
-    fast = packed = None
-    if (cfg.row_step is not None and not grad and hooks is None and log is None and events is None and sign is None
-            and not accept_min):
-        fast = cfg.row_step.bind(solver, cfg.controller, y0.dtype, dev, d, m, rtol_t, atol_t, fr.n_out)
-        if fast is not None:
-            lim = torch.tensor([min_step, max_step], dtype=torch.float64, device=dev)
-            packed = fast.pack(t_cur, y, k1, h_abs, t_stop, prev, prev2, out_slot, steps, attempts)
+    # (The eager attempts' stage buffers: not where the whole loop runs compiled.)
+    buf = None if grad or (fast is not None and fast.whole) else solver.make_row_buffers(y0)
+    packed = None
+    if fast is not None:
+        lim = torch.tensor([min_step, max_step], dtype=torch.float64, device=dev)
+        packed = fast.pack(t_cur, y, k1, h_abs, t_stop, prev, prev2, out_slot, steps, attempts)
     compiled = None
     it = 0
     act = None  # the rows still integrating: the previous attempt's `still` (None: computed from the times)
     if packed is not None:  # the whole loop compiled, where the plug-in runs it
-        whole = fast.loop(packed, status, ys_buf, fr.times_flat, rtol_t, atol_t, lim, cfg.max_steps)
+        whole = fast.loop(packed, status, ys_buf, fr.times_flat, rtol_t, atol_t, lim, cfg.max_steps, first_in_loop)
         if whole is not None:
-            sv, yv, iv, ys_buf, cv = whole
+            sv, yv, iv, ys_buf, cv, h_first = whole
+            if h_first is not None:
+                first = h_first
             status = iv[3]
             packed = (sv, yv, iv)
             nfe += int(cv[0]) * (s_new if fsal else s_new + 1)
             compiled = "row-loop"
+        elif first_in_loop:  # the whole loop did not run: the first steps, eagerly
+            with torch.no_grad():
+                h_abs = eager_first_step()
+            first = h_abs.clone()
+            packed = fast.pack(t_cur, y, k1, h_abs, t_stop, prev, prev2, out_slot, steps, attempts)
+        if whole is None and not grad:
+            buf = solver.make_row_buffers(y0)
     while compiled != "row-loop":
         out = None
         if packed is not None:
