@@ -473,6 +473,14 @@ def module_state(func: Callable) -> dict[str, Tensor]:
     return {name: v.detach() for name, v in (*func.named_parameters(), *func.named_buffers())}
 
 
+def column_major_copy(x: Tensor) -> Tensor:
+    """A matrix ``(r, c)`` as a copy stored column by column (strides ``(1, r)``; same values); other tensors as they
+    are. A one-row state times ``W.T`` (``nn.Linear``) then reads ``W`` down its columns: Inductor's CPU code
+    accumulates whole vectors of outputs instead of one horizontal sum per output (~17% less per evaluation of the
+    small protocol field, float64, one core)."""
+    return x.t().contiguous().t() if x.dim() == 2 else x
+
+
 def _tolerances(cache: dict, rtol: float | Tensor, atol: float | Tensor, y0: Tensor) -> Tensor:
     """rtol and atol as the rows of one ``(2, n)`` tensor of the state's dtype (float pairs cached per field)."""
     n = y0.shape[1]
@@ -513,6 +521,10 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
                 (controller.pcoeff, controller.icoeff, controller.dcoeff, controller.safety, controller.ifactor,
                  controller.dfactor, controller.accept_dfactor))
 
+    # A state of one row on the CPU: the field's matrices enter the compiled loop stored column by column (see
+    # column_major_copy).
+    column_major = device.type == "cpu" and math.prod(shape[:-1]) == 1
+
     def call(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps,
              record: int = 0, state: dict | None = None) -> LoopOutcome | None:
         if per_func.get(_FALLBACK):
@@ -528,8 +540,10 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         iv = torch.tensor([1, 0, 0, 0, 0, 0, 0, max_steps], dtype=torch.int64, device=device)
         try:
             with torch.no_grad(), vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER):
-                ys, y_final, counters, *rec = fn(cv, y0.detach(), k0.detach(), tol, iv,
-                                                 *(module_state(func) if state is None else state).values())
+                tensors = (module_state(func) if state is None else state).values()
+                if column_major:
+                    tensors = [column_major_copy(x) for x in tensors]
+                ys, y_final, counters, *rec = fn(cv, y0.detach(), k0.detach(), tol, iv, *tensors)
         except Exception as exc:  # compilation failed: Python steps from now on, for this field
             # Dynamo's messages: a headline (for higher-order operators a generic one ending in ':'), then the
             # specific reason on the next line.
