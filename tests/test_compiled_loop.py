@@ -275,18 +275,26 @@ def test_compile_time_lowering_changes_are_undone():
     """The lowering changes made while compiling (library tanh, thin products) leave Inductor as it was."""
     pytest.importorskip("torch._inductor.lowering")
     from torch._inductor import lowering
+    from torch._inductor.codegen.cpp import KernelOpStats
     from torch._inductor.fx_passes import decompose_mem_bound_mm
 
-    from neurodyn.compile.loop import library_tanh
+    from neurodyn.compile.loop import library_tanh, thin_products, vectorize_strided_loads
     from neurodyn.compile.train import decompose_thin_products
 
     op = torch.ops.aten.tanh.default
     before_tanh, before_mm = lowering.lowerings[op], decompose_mem_bound_mm.should_decompose_mm
-    with library_tanh(), decompose_thin_products():
+    before_ratio = KernelOpStats.OVERHEAD_RATIO_THRESHOLD
+    with library_tanh(), decompose_thin_products(), vectorize_strided_loads():
         assert lowering.lowerings[op] is not before_tanh
-        assert decompose_mem_bound_mm.should_decompose_mm is not before_mm
+        outer_mm = decompose_mem_bound_mm.should_decompose_mm
+        assert outer_mm is not before_mm
+        assert KernelOpStats.OVERHEAD_RATIO_THRESHOLD == max(before_ratio, 0.5)
+        with thin_products(8):  # nested (the compiled loop inside a compiled backward): restored to the outer rule
+            assert decompose_mem_bound_mm.should_decompose_mm is not outer_mm
+        assert decompose_mem_bound_mm.should_decompose_mm is outer_mm
     assert lowering.lowerings[op] is before_tanh
     assert decompose_mem_bound_mm.should_decompose_mm is before_mm
+    assert KernelOpStats.OVERHEAD_RATIO_THRESHOLD == before_ratio
 
 
 def test_column_major_copy_keeps_values_and_stores_columns():

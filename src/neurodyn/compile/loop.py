@@ -27,6 +27,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -329,32 +330,66 @@ def combo_cols(w: list[Tensor], ks: list[Tensor], dtype: torch.dtype) -> Tensor:
     return acc
 
 
-class vectorize_strided_loads:
+class _InductorPatch:
+    """Base of the compile-time patches below: on entering, one entry of a private Inductor object (an attribute, or
+    an item where :attr:`item` is set) is replaced by :meth:`replace` of its value; on leaving, the value is put back.
+    :meth:`locate` finds the object once per class; where this torch has no such object or entry, nothing is
+    patched. Performance only."""
+
+    item = False
+    _target = None  # per class: the object holding the entry, or False where this torch has none
+
+    @classmethod
+    def locate(cls) -> tuple[Any, Any] | None:
+        """``(object, name or key)`` of the entry to patch, or None where this torch has none."""
+        raise NotImplementedError
+
+    def replace(self, saved: Any) -> Any:
+        """The value the entry holds while patched, given its own."""
+        raise NotImplementedError
+
+    def __enter__(self) -> None:
+        cls = type(self)
+        if cls.__dict__.get("_target") is None:
+            try:
+                cls._target = cls.locate() or False
+            except (ImportError, AttributeError, KeyError):  # another torch: nothing to adjust
+                cls._target = False
+        self.saved = None
+        if cls._target:
+            obj, key = cls._target
+            self.saved = obj.get(key) if cls.item else getattr(obj, key, None)
+            if self.saved is not None:
+                self._put(self.replace(self.saved))
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            self._put(self.saved)
+
+    def _put(self, value: Any) -> None:
+        obj, key = type(self)._target
+        if self.item:
+            obj[key] = value
+        else:
+            setattr(obj, key, value)
+
+
+class vectorize_strided_loads(_InductorPatch):
     """While compiling: let Inductor's CPU code generator vectorize loops with more strided loads than it would by
     default (a batch-1 state through ``nn.Linear(2, 64)`` reads the weight with stride 2, and the layer's tanh then
     runs one element at a time: ~10% of an evaluation of a small MLP). Performance only; a no-op where this torch
     has no such knob."""
 
-    _stats = None
+    @classmethod
+    def locate(cls) -> tuple[Any, str]:
+        from torch._inductor.codegen.cpp import KernelOpStats
+        return KernelOpStats, "OVERHEAD_RATIO_THRESHOLD"
 
-    def __enter__(self) -> None:
-        cls = type(self)
-        if cls._stats is None:
-            try:
-                from torch._inductor.codegen.cpp import KernelOpStats
-            except ImportError:  # another torch: nothing to adjust
-                KernelOpStats = False
-            cls._stats = KernelOpStats
-        self.saved = getattr(cls._stats, "OVERHEAD_RATIO_THRESHOLD", None) if cls._stats else None
-        if self.saved is not None:
-            cls._stats.OVERHEAD_RATIO_THRESHOLD = max(self.saved, 0.5)
-
-    def __exit__(self, *exc) -> None:
-        if self.saved is not None:
-            type(self)._stats.OVERHEAD_RATIO_THRESHOLD = self.saved
+    def replace(self, saved: float) -> float:
+        return max(saved, 0.5)
 
 
-class library_tanh:
+class library_tanh(_InductorPatch):
     """While compiling on the CPU: ``tanh`` of a tensor with at least :data:`LIBRARY_TANH_ELEMENTS` elements runs as
     ATen's own kernel (the one eager mode calls: Intel VML where torch has MKL) instead of Inductor's inlined
     vectorised code (Sleef ``tanh_u10``, ~4x slower per float64 element here), which dominates a batched MLP field
@@ -362,45 +397,43 @@ class library_tanh:
     layers) stay fused: a library call per evaluation costs more than it saves there. Performance only; a no-op
     where this torch has no such lowering table."""
 
-    _lowering = None
+    item = True
+
+    @classmethod
+    def locate(cls) -> tuple[Any, Any]:
+        from torch._inductor import lowering
+        op = torch.ops.aten.tanh.default
+        lowering.lowerings[op]  # noqa: B018 (present in this torch?)
+        return lowering.lowerings, op
+
+    def replace(self, saved: Callable) -> Callable:
+        from torch._inductor import lowering
+        library = lowering.fallback_handler(torch.ops.aten.tanh.default, add_to_fallback_set=False)
+
+        def lower(x, *args, **kwargs):
+            try:
+                size = [int(d) for d in x.get_size()]
+                big = math.prod(size) >= LIBRARY_TANH_ELEMENTS and x.get_device().type == "cpu"
+            except (TypeError, AttributeError):  # symbolic sizes, or not a tensor: the default lowering
+                big = False
+            return (library if big else saved)(x, *args, **kwargs)
+
+        return lower
 
     def __enter__(self) -> None:
-        cls = type(self)
-        if cls._lowering is None:
-            try:
-                from torch._inductor import lowering as module
-                module.lowerings[torch.ops.aten.tanh.default]  # noqa: B018 (present in this torch?)
-            except (ImportError, AttributeError, KeyError):  # another torch: nothing to adjust
-                module = False
-            cls._lowering = module
-        module = cls._lowering
-        self.saved = None
-        if module:
-            op = torch.ops.aten.tanh.default
-            self.saved = saved = module.lowerings[op]
-            library = module.fallback_handler(op, add_to_fallback_set=False)
-
-            def lower(x, *args, **kwargs):
-                try:
-                    size = [int(d) for d in x.get_size()]
-                    big = math.prod(size) >= LIBRARY_TANH_ELEMENTS and x.get_device().type == "cpu"
-                except (TypeError, AttributeError):  # symbolic sizes, or not a tensor: the default lowering
-                    big = False
-                return (library if big else saved)(x, *args, **kwargs)
-
-            module.lowerings[op] = lower
+        super().__enter__()
+        if self.saved is not None:
             # Inductor notes (a logged warning, per compilation) that ATen's tanh has no C shim and is called
             # through its generic op dispatcher: expected here, and no concern of the user's.
-            self.ir_log = logging.getLogger("torch._inductor.ir")
-            self.ir_log.addFilter(_no_shim_notice)
+            logging.getLogger("torch._inductor.ir").addFilter(_no_shim_notice)
 
     def __exit__(self, *exc) -> None:
         if self.saved is not None:
-            type(self)._lowering.lowerings[torch.ops.aten.tanh.default] = self.saved
-            self.ir_log.removeFilter(_no_shim_notice)
+            logging.getLogger("torch._inductor.ir").removeFilter(_no_shim_notice)
+        super().__exit__(*exc)
 
 
-class thin_products:
+class thin_products(_InductorPatch):
     """While compiling on the CPU: let Inductor write matrix products with a short inner dimension (at most ``inner``
     terms) as fused loops rather than a library ``mm``/``addmm`` call each (Inductor does so by default only for
     products with one row): a field's first layer on a state of a few components in the forward loop
@@ -414,37 +447,27 @@ class thin_products:
     ...     pass  # torch.compile calls made here fuse products with <= 8 terms
     """
 
-    _module = None
-
     def __init__(self, inner: int):
         self.inner = inner
 
-    def __enter__(self) -> None:
-        cls = type(self)
-        if cls._module is None:
-            try:
-                from torch._inductor.fx_passes import decompose_mem_bound_mm as module
-            except ImportError:  # another torch: nothing to adjust
-                module = False
-            cls._module = module
-        self.saved = getattr(cls._module, "should_decompose_mm", None) if cls._module else None
-        if self.saved is not None:
-            saved, inner = self.saved, self.inner
+    @classmethod
+    def locate(cls) -> tuple[Any, str]:
+        from torch._inductor.fx_passes import decompose_mem_bound_mm
+        return decompose_mem_bound_mm, "should_decompose_mm"
 
-            def rule(mat1, mat2) -> bool:
-                if saved(mat1, mat2):
-                    return True
-                a, b = (getattr(m, "meta", {}).get("val") for m in (mat1, mat2))
-                return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 2 and b.dim() == 2
-                        and a.device.type == "cpu" and b.device.type == "cpu"
-                        and isinstance(a.shape[1], int) and a.shape[1] <= inner
-                        and all(isinstance(d, int) for d in (*a.shape, *b.shape)))
+    def replace(self, saved: Callable) -> Callable:
+        inner = self.inner
 
-            cls._module.should_decompose_mm = rule
+        def rule(mat1, mat2) -> bool:
+            if saved(mat1, mat2):
+                return True
+            a, b = (getattr(m, "meta", {}).get("val") for m in (mat1, mat2))
+            return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 2 and b.dim() == 2
+                    and a.device.type == "cpu" and b.device.type == "cpu"
+                    and isinstance(a.shape[1], int) and a.shape[1] <= inner
+                    and all(isinstance(d, int) for d in (*a.shape, *b.shape)))
 
-    def __exit__(self, *exc) -> None:
-        if self.saved is not None:
-            type(self)._module.should_decompose_mm = self.saved
+        return rule
 
 
 def _no_shim_notice(record: logging.LogRecord) -> bool:
