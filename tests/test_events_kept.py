@@ -150,31 +150,6 @@ def test_max_events_reached_with_kept_steps(monkeypatch):
     assert abs(float(kept.t_final) - float(loop.t_final)) <= 1e-9
 
 
-def test_checkpoint_gradients_with_kept_steps_in_chunks(monkeypatch):
-    """gradient="checkpoint" runs its forward pass without a graph (kept steps, here in chunks of 2): the event
-    times and their gradients equal gradient="direct" (checks in the loop, in the graph) and the closed form
-    dt_k/dy0 = -dphi/dy0."""
-    monkeypatch.setattr(events, "_KEEP_STEPS", 2)
-    spy = Spy(monkeypatch)
-    t = torch.tensor([0.0, 12.0], dtype=F64)
-    out = {}
-    for gradient in ("direct", "checkpoint"):
-        y0 = torch.tensor([0.3, 1.0], dtype=F64, requires_grad=True)
-        sol = neurodyn.solve(osc, y0, t, rtol=1e-10, atol=1e-12, gradient=gradient,
-                             events=[neurodyn.Event(lambda t, y: y[..., 0], terminal=False)])
-        (grad,) = torch.autograd.grad(sol.events.t.sum(), y0)
-        out[gradient] = (sol.events.t.detach(), grad)
-    assert spy.calls >= 2
-    phi = math.atan2(0.3, 1.0)
-    n = len(out["direct"][0])
-    dphi = torch.tensor([1.0, -0.3], dtype=F64) / (0.3 ** 2 + 1.0)
-    assert torch.allclose(out["direct"][0], out["checkpoint"][0], rtol=0, atol=1e-9)
-    for times, grad in out.values():
-        assert float((times - torch.tensor([k * math.pi - phi for k in range(1, n + 1)], dtype=F64)).abs().max()) \
-            < 1e-9
-        assert float((grad + n * dphi).abs().max()) < 1e-7
-
-
 def test_nan_at_a_kept_step_is_an_input_error():
     """An event function that turns NaN along the solution (log of y - 0.2, y = exp(-t): NaN after t = log 5)
     raises the loop's error, with the time of the first NaN sample point."""

@@ -197,12 +197,22 @@ def test_deferred_roots_interleave_with_jumps_and_match_one_point_location():
     assert float(sine.abs().max()) < 1e-9
 
 
-def test_deferred_roots_with_checkpoint_gradient_equal_direct():
+@pytest.mark.parametrize("keep_steps", [None, 2])
+def test_deferred_roots_with_checkpoint_gradient_equal_direct(monkeypatch, keep_steps):
     """A non-terminal event whose roots are located after the forward pass of gradient="checkpoint" (no graph
-    there): the event times and their gradients with respect to the initial state equal gradient="direct" (roots
-    located in the loop, in the graph)."""
+    there; with ``keep_steps`` its sign checks are made in chunks of that many kept steps): the event times and
+    their gradients with respect to the initial state equal gradient="direct" (roots located in the loop, in the
+    graph) and the closed form."""
+    from neurodyn.core import events
+
+    chunks = []
+    if keep_steps is not None:
+        monkeypatch.setattr(events, "_KEEP_STEPS", keep_steps)
+        detect = events.EventWatch._detect_kept
+        monkeypatch.setattr(events.EventWatch, "_detect_kept",
+                            lambda watch, *a, **k: chunks.append(1) or detect(watch, *a, **k))
     field = lambda t, y: torch.stack([y[..., 1], -y[..., 0]], -1)  # noqa: E731
-    t = torch.tensor([0.0, 10.0], dtype=F64)
+    t = torch.tensor([0.0, 12.0], dtype=F64)
     out = {}
     for gradient in ("direct", "checkpoint"):
         y0 = torch.tensor([0.3, 1.0], dtype=F64, requires_grad=True)
@@ -215,9 +225,11 @@ def test_deferred_roots_with_checkpoint_gradient_equal_direct():
     n = len(out["direct"][0])
     expect = torch.tensor([k * math.pi - phi for k in range(1, n + 1)], dtype=F64)
     dphi = torch.tensor([1.0, -0.3], dtype=F64) / (0.3 ** 2 + 1.0)
+    assert torch.allclose(out["direct"][0], out["checkpoint"][0], rtol=0, atol=1e-9)
     for times, grad in out.values():
         assert float((times - expect).abs().max()) < 1e-9
         assert float((grad + n * dphi).abs().max()) < 1e-7
+    assert len(chunks) >= (2 if keep_steps is not None else 0)
 
 
 @pytest.mark.parametrize("method", ["dopri5", "rk4"])
