@@ -35,6 +35,7 @@ reported is the ratio torchsde / neurodyn (> 1: neurodyn faster). Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -73,15 +74,21 @@ class MLPSDE(nn.Module):
         return 0.2 * torch.sigmoid(self.diff(y))
 
 
+# --clock: wall time (time.perf_counter), or the thread's CPU time (time.thread_time: on a machine shared with other
+# processes it leaves out the time slices others took during a run).
+CLOCK = [time.perf_counter]
+
+
 def _median_times(entries: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in entries}
+    clock = CLOCK[0]
     for fn in entries.values():  # warm-up
         fn()
     for _ in range(repeats):
         for k, fn in entries.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -131,12 +138,24 @@ def section_solver(repeats: int, train: bool) -> list[dict]:
                     y = y + _sde.f(None, y) * DT + _sde.g(None, y) * 0.1
 
         entries = {"neurodyn": lambda: run(_nd), "torchsde": lambda: run(_ts)}
+        extra = {}
+        if not train:
+            # compile=True: the compiled driven loop (neurodyn.compile.driven) where the policy measures that it pays
+            with torch.no_grad():
+                sol = neurodyn.solve(neurodyn.sde_term(sde.f, sde.g, bm, noise="diagonal", sde_type=sde.sde_type),
+                                     y0, ts, method=method, step_size=DT, compile=True)
+                extra = {"compiled_path": sol.stats.get("compiled"),
+                         "compiled_max_abs_diff": float((sol.ys - _nd(sde, y0, ts, bm, method, DT)).abs().max())}
+            entries["neurodyn compiled"] = lambda: run(functools.partial(_nd, compile=True))
         if not train and method == "euler":
             entries["f+g only"] = floor
         med = _median_times(entries, repeats)
         rows.append({"section": "train" if train else "forward", "method": method, "neurodyn_s": med["neurodyn"],
                      "torchsde_s": med["torchsde"], "speedup": med["torchsde"] / med["neurodyn"],
                      "err_neurodyn": err_nd, "err_torchsde": err_ts, "f_g_only_s": med.get("f+g only")})
+        if "neurodyn compiled" in med:
+            rows[-1].update({"neurodyn_compiled_s": med["neurodyn compiled"],
+                             "speedup_compiled": med["torchsde"] / med["neurodyn compiled"], **extra})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -345,9 +364,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--adaptive-iters", type=int, default=150, help="training steps before the adaptive study")
     parser.add_argument("--sections", default="forward,train,latent,adaptive")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time entries by wall time or by the thread's CPU time (shared machines)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "bench_sde.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
+    CLOCK[0] = time.thread_time if args.clock == "cpu" else time.perf_counter
     rows: list[dict] = []
     sections = args.sections.split(",")
     if "forward" in sections:

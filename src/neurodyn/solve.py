@@ -486,8 +486,9 @@ def prepare(
         raise InputError("dense=True is not available with per_sample_steps=True (each sample steps on its own grid): "
                          "pass the times you need in t (per-sample times: t of shape (B, T)), or solve without "
                          "per_sample_steps for a dense solution.")
-    if compile and not solver.compilable:
-        compile = False  # only explicit Runge-Kutta steps are compiled; other families run eagerly
+    if compile and not (solver.compilable or (solver.driven and not adaptive)):
+        # explicit Runge-Kutta steps, and fixed steps of driven (SDE) methods, are compiled; other families run eagerly
+        compile = False
     if adjoint_method is not None:
         if term is not None and "sde" in term.kinds and gradient == "adjoint":
             from .gradients.adjoint import sde_adjoint_method

@@ -398,8 +398,8 @@ def _solve(fns: _Functions, y0: Tensor, ts: Tensor, bm: Any, method: str, dt: fl
     sol = solve(term, y0, ts, method=stepper, step_size=None if adaptive else float(dt),
                 first_step=float(dt) if adaptive else None, min_step=float(dt_min) if adaptive else 0.0,
                 max_steps=max_steps,
-                accept_min_step=True, rtol=float(rtol), atol=float(atol), solver_options=solver_options or None,
-                **grad)
+                accept_min_step=adaptive, rtol=float(rtol), atol=float(atol), solver_options=solver_options or None,
+                compile=bool(options.get("compile", False)), **grad)
     ys = sol.ys
     state = stepper.final_state() if method == "reversible_heun" else None
     extra_state = tuple(state) if state is not None else ()
@@ -427,7 +427,9 @@ def sdeint(sde: Any, y0: Tensor, ts: Any, bm: Any = None, method: str | None = N
         generator, with the Levy area the method needs (``srk``: space-time, ``log_ode``: foster).
     method : torchsde's names; default ``srk`` (Ito, ``euler`` for general noise), ``midpoint`` (Stratonovich)
     dt, adaptive, rtol, atol, dt_min : step size (first step when adaptive), tolerances, smallest step
-    options : ``{"grad_free": True}`` for derivative-free Milstein
+    options : ``{"grad_free": True}`` for derivative-free Milstein; ``{"compile": True}``: ``solve(...,
+        compile=True)`` (fixed ``dt`` without an autograd graph: the compiled driven loop where it pays,
+        :mod:`neurodyn.compile.driven`)
     names : renames of ``drift``, ``diffusion``, ``prior_drift``, ``diffusion_prod``, ``drift_and_diffusion``,
         ``drift_and_diffusion_prod``
     logqp : also return the KL increments ``int |(f - h)/g|^2 / 2 dt`` between output times, ``(T - 1, batch)``

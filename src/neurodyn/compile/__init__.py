@@ -33,6 +33,9 @@ def plug_in(solver: Stepper, func: Callable, y0: Tensor, n_times: int, per_sampl
     if norm is not None:
         why = "a custom norm is evaluated in Python"
     elif not solver.compilable:
+        if solver.driven and not adaptive:  # fixed steps driven by host-queried inputs (SDE methods)
+            from .driven import plug_in as driven_plug_in
+            return driven_plug_in(solver, func, y0)
         return None, None  # implicit, multistep and symplectic methods run eagerly (documented in solve())
     if why is not None:
         # plug_in <- solve.prepare <- solve <- the caller

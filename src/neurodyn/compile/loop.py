@@ -520,7 +520,10 @@ class LoopOutcome:
     """What a compiled loop returns to :func:`neurodyn.core.loop.integrate` (internal)."""
 
     __slots__ = ("ys", "y_final", "t_final", "next_step", "last_step", "last_try", "initial_step", "steps",
-                 "rejected", "attempts", "n_valid", "status", "rec", "times")
+                 "rejected", "attempts", "n_valid", "status", "rec", "times", "nfe")
+
+    def __init__(self):
+        self.nfe = None  # evaluations of the field where the loop counted them (else the loop's rule from attempts)
 
 
 def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], dtype: torch.dtype,

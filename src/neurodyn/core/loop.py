@@ -431,8 +431,11 @@ def _run_compiled_loop(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, t
     o = cfg.loop(times, stops, y0, k0, first, cfg.rtol, cfg.atol, cfg.min_step, cfg.max_step, cfg.max_steps)
     if o is None:
         return None
-    per_attempt = solver.stages - (1 if solver.fsal else 0)
-    term.nfe += o.attempts * per_attempt + (1 if cfg.adaptive and cfg.first_step is None else 0)
+    if getattr(o, "nfe", None) is not None:  # the plug-in counted the evaluations itself
+        term.nfe += o.nfe
+    else:
+        per_attempt = solver.stages - (1 if solver.fsal else 0)
+        term.nfe += o.attempts * per_attempt + (1 if cfg.adaptive and cfg.first_step is None else 0)
     message = "" if o.status == _sol.SUCCESS else failure_message(
         o.status, o.t_final, o.last_try, cfg, solver, times[0], times[-1], o.steps, o.rejected, y0.dtype)
     ys = o.ys[: o.n_valid]

@@ -149,6 +149,12 @@ class StepperBase:
     ``interior_error``: ``bind(dense_error=...)`` switches the error control of the continuous extension between the
     step ends on or off (a solve whose outputs all fall on step ends, like the adjoint's backward solves, needs none).
     ``compilable``: an explicit Runge--Kutta tableau the compiled paths can generate code for.
+    ``driven``: fixed steps driven by inputs queried on the host (an SDE's Brownian increments), which the compiled
+    driven loop (:mod:`neurodyn.compile.driven`) runs: ``step_inputs(term, t0, t1)`` (the step's inputs, tensors),
+    ``driven_start(term, t, y, k1) -> (k1, carried)``, ``driven_step(term, t, y, h, k1, carried, inputs, counts=None)
+    -> (y1, k or None, carried)`` (tensor code, the same formula as ``step``; ``k``: the next ``k1`` of an FSAL method)
+    ``driven_finish(term, t, y, k, carried)`` and ``driven_key(user_term) -> (anchor, key)`` (the compiled code's
+    cache entry: the functions a step evaluates, and a weak-referenceable object it lives as long as).
     ``accepts``: the term kinds it integrates (rule 6).
     ``gradients``: the gradient methods it supports (None: all); :func:`neurodyn.solve` refuses the others.
     ``time_gradients``: gradients with respect to the output times ``t`` (they move outputs along ``dy/dt``, which
@@ -169,6 +175,7 @@ class StepperBase:
     rows: ClassVar[bool] = False
     own_controller: ClassVar[bool] = False
     compilable: ClassVar[bool] = False
+    driven: ClassVar[bool] = False
     bind_tolerances: ClassVar[bool] = False
     interior_error: ClassVar[bool] = False
     accepts: ClassVar[tuple[str, ...]] = ODE_FORM_KINDS

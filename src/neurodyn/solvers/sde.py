@@ -154,6 +154,89 @@ class SDEParts:
         """``g`` as a state-shaped tensor: diagonal noise as it is, scalar noise without its channel."""
         return g.squeeze(-1) if self.noise == "scalar" else g
 
+    def g_and_diag_vjp(self, t: float, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """``g(t, y)`` and ``(dg_i/dy_i) g_i c_i`` (diagonal noise): :func:`_g_and_diag_vjp`."""
+        return _g_and_diag_vjp(self, t, y, c)
+
+
+class GraphParts(SDEParts):
+    """:class:`SDEParts` inside a compiled graph (:meth:`SDEStepper.driven_step`): times and step sizes are 0-dim
+    float64 tensors, the Brownian quantities of the step are given (``inputs``, what :meth:`SDEStepper.step_inputs`
+    returned for it), evaluations are not counted (the plan counts them once on the host) and the diagonal
+    derivative term uses ``torch.func.vjp`` (no ``torch.autograd.grad`` in a compiled graph)."""
+
+    __slots__ = ("inputs", "area")
+
+    def __init__(self, sde: SDEParts, inputs: tuple[Tensor, ...], area: str | None = None,
+                 counts: dict | None = None):
+        for name in SDEParts.__slots__:
+            setattr(self, name, getattr(sde, name))
+        # Drift and diffusion evaluations, counted here (a dict of this object's own inside a graph; the driven loop
+        # counts one step's on the host, :meth:`SDEStepper.driven_step` with ``counts``).
+        self.counts = {"nfe": 0, "nfe_diffusion": 0} if counts is None else counts
+        self.guard = None
+        self.inputs = inputs
+        self.area = area
+
+    def time(self, t: Tensor) -> Tensor:
+        return t.to(self.t_dtype)
+
+    def f(self, t: Tensor, y: Tensor) -> Tensor:
+        self.counts["nfe"] += 1
+        return self.bound.func(self.time(t), y)
+
+    def g(self, t: Tensor, y: Tensor) -> Tensor:
+        self.counts["nfe_diffusion"] += 1
+        return self.diffusion.vector_field(self.time(t), y)
+
+    def g_prod(self, t: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        self.counts["nfe_diffusion"] += 1
+        return self.diffusion.vf_prod(self.time(t), y, v)
+
+    def f_and_g(self, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        fused = self.fused
+        if fused is not None and fused.f_and_g is not None:
+            self.counts["nfe"] += 1
+            self.counts["nfe_diffusion"] += 1
+            return fused.f_and_g(self.time(t), y)
+        return self.f(t, y), self.g(t, y)
+
+    def f_and_g_prod(self, t: Tensor, y: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        fused = self.fused
+        if fused is not None and fused.f_and_g_prod is not None:
+            self.counts["nfe"] += 1
+            self.counts["nfe_diffusion"] += 1
+            return fused.f_and_g_prod(self.time(t), y, v)
+        return self.f(t, y), self.g_prod(t, y, v)
+
+    def dW(self, t0: Any, t1: Any) -> Tensor:
+        return self.inputs[0]
+
+    def levy(self, t0: Any, t1: Any) -> Any:
+        return _Levy(self.inputs[0], self.inputs[1], self.area)
+
+    def g_and_diag_vjp(self, t: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        self.counts["nfe_diffusion"] += 2  # g and its reverse pass, as the eager form counts them
+        tt = self.time(t)
+        g, pull = torch.func.vjp(lambda z: self.diffusion.vector_field(tt, z), y)
+        return g, pull(g * c)[0]
+
+
+class _Levy:
+    """The Brownian increment ``W`` and its Levy area (``H`` or ``A``) of a step, as a path's ``levy`` returns them."""
+
+    __slots__ = ("W", "H", "A")
+
+    def __init__(self, W: Tensor, area: Tensor, kind: str | None):
+        self.W = W
+        self.H = area if kind == "H" else None
+        self.A = area if kind == "A" else None
+
+
+def _sqrt(h: Any) -> Any:
+    """``sqrt(h)`` of a float step size (``math.sqrt``) or of a 0-dim tensor (inside a compiled graph)."""
+    return h.sqrt() if isinstance(h, Tensor) else math.sqrt(h)
+
 
 def split_sde(term: Term) -> tuple[Term | None, Any]:
     """``(drift, diffusion)`` of an SDE term: the ``dt`` part (None: no drift) and the Brownian ControlTerm.
@@ -198,6 +281,7 @@ class SDEStepper(StepperBase):
     error_order = None
     stages = 1
     # Engine capability flags (core.stepper): what solve() lets through.
+    driven: ClassVar[bool] = True
     gradients: ClassVar[tuple[str, ...] | None] = ("direct", "checkpoint", "adjoint")
     time_gradients: ClassVar[bool] = False
     interpolations: ClassVar[tuple[str, ...]] = ("auto", "linear")
@@ -372,6 +456,51 @@ class SDEStepper(StepperBase):
         """``(y1, y1 - y_low)`` with ``est``, else ``(y1, None)``: a method defines this, or ``base`` alone."""
         raise NotImplementedError
 
+    # -- the compiled driven loop (neurodyn.compile.driven; fixed steps) ---------------------------------------------
+    def step_inputs(self, term: ODETerm, t0: float, t1: float) -> tuple[Tensor, ...]:
+        """What a step over ``[t0, t1]`` reads from the Brownian path, queried on the host before a compiled solve:
+        ``(dW,)``, or ``(W, H)`` / ``(W, A)`` for a method that needs the Levy area (the values :meth:`step` would
+        query for that step: the same sample path)."""
+        sde = self.parts(term)
+        if self.levy is None:
+            return (sde.dW(t0, t1),)
+        inc = sde.levy(t0, t1)
+        return (inc.W, inc.H if self.levy == "H" else inc.A)
+
+    def driven_key(self, user: Term) -> tuple[Any, tuple]:
+        """``(anchor, key)`` of the user's SDE term for the compiled code's cache: ``key`` names the functions a step
+        evaluates (a bound method by its object and function: a term built anew for every solve from the same
+        module's methods has the same key), the noise and SDE types; ``anchor`` is a weak-referenceable object the
+        cache entry lives as long as (the drift's or the diffusion's owner)."""
+        drift, diff = split_sde(user)
+        fns = (drift.func if isinstance(drift, ODETerm) else drift, diff.vector_field, diff.g_prod,
+               getattr(user, "f_and_g", None), getattr(user, "f_and_g_prod", None))
+        keys = tuple((id(fn.__self__), fn.__func__) if getattr(fn, "__func__", None) is not None else fn for fn in fns)
+        first = next(fn for fn in fns if fn is not None)
+        return getattr(first, "__self__", first), (*keys, diff.noise, diff.sde_type, type(drift))
+
+    def driven_start(self, term: ODETerm, t: float, y: Tensor, k1: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """``(k1, carried)`` at the start of a compiled fixed-step solve from ``(t, y)`` (``k1``: the drift there,
+        ``(1, n)``); a one-step method carries nothing."""
+        return k1, ()
+
+    def driven_step(self, term: ODETerm, t: Tensor, y: Tensor, h: Tensor, k1: Tensor, carried: tuple[Tensor, ...],
+                    inputs: tuple[Tensor, ...], counts: dict | None = None
+                    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
+        """One fixed step as tensor code a compiled graph runs: ``t``, ``h`` 0-dim float64 tensors, ``y`` and ``k1``
+        (the drift at ``(t, y)``) rows ``(1, n)``, ``inputs`` what :meth:`step_inputs` gave for the step. Returns
+        ``(y1, k, carried)``: ``k`` the drift at the step's end for an FSAL method, else None. The step is
+        :meth:`base`, the eager step's formula. ``counts`` (a dict with ``nfe`` and ``nfe_diffusion``): where the
+        evaluations are counted (host calls)."""
+        sde = GraphParts(self.parts(term), inputs, self.levy, counts)
+        shape = term.shape
+        y1 = self.base(sde, t, y.view(shape), h, k1.view(shape))
+        return y1.reshape(1, -1), None, ()
+
+    def driven_finish(self, term: ODETerm, t: float, y: Tensor, k: Tensor, carried: tuple[Tensor, ...]) -> None:
+        """After a compiled solve that ended at ``(t, y)`` (``k`` the drift there for an FSAL method): nothing to keep
+        for a one-step method."""
+
     # -- dense output -----------------------------------------------------------------------------------------
     def interpolate(self, term: Any, st: Step, thetas: Tensor, co: Any = None, interp: str = "auto") -> Tensor:
         """Linear interpolation between the step ends at fractions ``thetas`` (``(m,)``) -> ``(m, n)``."""
@@ -453,12 +582,12 @@ class Milstein(SDEStepper):
         if sde.noise == "diagonal" and not self.options.get("grad_free", False):
             # Diagonal noise (g_i depends on y_i alone): (dg_i/dy_i) g_i is the vector-Jacobian product with g, one
             # reverse pass through the same evaluation of g (no second forward pass).
-            g, gdg = _g_and_diag_vjp(sde, t, y, 0.5 * v)
+            g, gdg = sde.g_and_diag_vjp(t, y, 0.5 * v)
             y1 = y + f0 * h + sde.prod(g, dW) + gdg
             return y1, (self._drift_est(sde, t, y1, h, f0, gdg) if est else None)
         g = sde.g(t, y)
         if self.options.get("grad_free", False):
-            sq = math.sqrt(h)
+            sq = _sqrt(h)
             y_p = y + sde.vec(g) * sq
             if sde.sde_type == "ito":
                 y_p = y_p + f0 * h
@@ -516,7 +645,7 @@ class SRK(SDEStepper):
         u_h = H + 0.5 * dW  # U / h
         if sde.noise == "additive":
             return self._additive(sde, t, y, h, f0, dW, u_h, est)
-        sq = math.sqrt(h)
+        sq = _sqrt(h)
         i_kk = (dW * dW - h) * 0.5
         i_kkk = (dW * dW * dW - 3.0 * h * dW) / 6.0
         T = _SRID
@@ -714,13 +843,33 @@ class ReversibleHeun(SDEStepper):
             z, g_z = c[2], c[3]
         else:  # a new solve (or a replay without a carried state): z0 = y0
             z, g_z = ys, sde.g(t, ys)
-        dW = sde.dW(t, t + h)
-        z1 = 2.0 * ys - z + f_z * h + sde.prod(g_z, dW)
-        f1, g1 = sde.f_and_g(t + h, z1)
-        y1 = ys + (f_z + f1) * (0.5 * h) + sde.prod(g_z + g1, 0.5 * dW)
+        y1, z1, f1, g1 = _reversible_heun(sde, t, h, ys, z, f_z, g_z)
         y1f = y1.reshape(1, -1)
         self._pending = (t + h, y1f, z1, g1, f1)
         return y1f, f1.reshape(1, -1), None
+
+    def driven_start(self, term: ODETerm, t: float, y: Tensor, k1: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """``(f(z0), (z0, g(z0)))``: ``z0 = y0``, or the ``initial_state`` option's (as :meth:`step` starts)."""
+        sde = self.parts(term)
+        shape = term.shape
+        start = self.options.pop("initial_state", None)
+        if start is not None:
+            f_z, g_z, z = start
+            return f_z.reshape(1, -1), (z.view(shape), g_z)
+        ys = y.view(shape)
+        return k1, (ys, sde.g(t, ys))
+
+    def driven_step(self, term: ODETerm, t: Tensor, y: Tensor, h: Tensor, k1: Tensor, carried: tuple[Tensor, ...],
+                    inputs: tuple[Tensor, ...], counts: dict | None = None
+                    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
+        sde = GraphParts(self.parts(term), inputs, None, counts)
+        shape = term.shape
+        y1, z1, f1, g1 = _reversible_heun(sde, t, h, y.view(shape), carried[0], k1.view(shape), carried[1])
+        return y1.reshape(1, -1), f1.reshape(1, -1), (z1, g1)
+
+    def driven_finish(self, term: ODETerm, t: float, y: Tensor, k: Tensor, carried: tuple[Tensor, ...]) -> None:
+        """Keeps the carried state for :meth:`final_state` (as after an eager solve)."""
+        self._pending = (t, y, carried[0], carried[1], k.view(term.shape))
 
     def option_names(self) -> tuple[str, ...]:
         return ("initial_state",)
@@ -742,6 +891,16 @@ class ReversibleHeun(SDEStepper):
             (z, g_z), t_c = carry
             self.carried = (t, y, z, g_z)
             self._pending = None
+
+
+def _reversible_heun(sde: SDEParts, t: Any, h: Any, y: Tensor, z: Tensor, f_z: Tensor, g_z: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One reversible Heun step from ``y`` with the carried ``(z, f(z), g(z))``: ``(y1, z1, f(z1), g(z1))``."""
+    dW = sde.dW(t, t + h)
+    z1 = 2.0 * y - z + f_z * h + sde.prod(g_z, dW)
+    f1, g1 = sde.f_and_g(t + h, z1)
+    y1 = y + (f_z + f1) * (0.5 * h) + sde.prod(g_z + g1, 0.5 * dW)
+    return y1, z1, f1, g1
 
 
 SDE_STEPPERS: dict[str, type[SDEStepper]] = {

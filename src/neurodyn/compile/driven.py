@@ -1,0 +1,275 @@
+"""The compiled driven loop: ``solve(..., compile=True)`` for fixed-step methods whose steps read inputs queried on the
+host (``driven`` steppers, :mod:`neurodyn.core.stepper`: the SDE methods, whose steps read the Brownian path's
+increments and Levy areas).
+
+A Brownian path is a Python object (a tree of intervals, a cache), which no compiled graph can query. But with fixed
+steps the step grid is known before the solve, so the host queries each step's inputs first -- the same intervals the
+eager loop queries, in order, so the same sample path to the last bit -- and stacks them; then one compiled
+``torch._higher_order_ops.while_loop`` runs the steps between two output times: the stepper's own step formula
+(``driven_step``, the eager step's code on tensors), the drift at the step end, the finiteness check. Drift and
+diffusion evaluations, the method's stage combinations and the noise products are one graph, compiled by Inductor
+with the CPU patches of :mod:`neurodyn.compile.loop` (ATen's ``tanh``, strided-load vectorisation).
+
+It covers fixed-step solves (``step_size=``) without an autograd graph (under ``torch.no_grad()``, inference), without
+events, ``dense=True``, ``jump_t``, ``perturb`` or step hooks; elsewhere the solve runs the eager stepper. Outputs are
+the stepper's dense output between the step ends (linear for the SDE methods), computed on the host once per output
+time. Results agree with the eager solve to rounding; ``stats["nfe"]`` counts the evaluations made (the drift at the
+end of each step between two outputs, one more per output interval than the eager loop, which evaluates it at the next
+step's start). Whether compiling pays is measured once per field and problem (:mod:`neurodyn.compile.policy`);
+``stats["compiled"]`` is ``"loop"`` where this loop ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .. import solution as _sol
+from ..core.control import LANDING_SLACK
+from ..core.output import step_outputs
+from ..core.stepper import Step, Stepper
+from ..core.term import term_of
+from . import policy
+from .loop import LOOP_OPTIONS, LOOP_THIN_INNER, LoopOutcome, library_tanh, thin_products, vectorize_strided_loads
+from .step import own_code
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FALLBACK = object()
+
+
+def step_grid(times: list[float], stops: list[float], step_size: float) -> tuple[list[float], list[float]]:
+    """The step starts ``t_0 .. t_N`` (the last is the end time) and signed sizes ``h_0 .. h_{N-1}`` of a fixed-step
+    solve over ``times`` landing on ``stops`` (ascending in the direction of travel, the end time last), as the eager
+    loop (:func:`neurodyn.core.loop.iterate`) steps: ``t + h`` until a stop is within ``LANDING_SLACK`` steps.
+
+    >>> step_grid([0.0, 1.0], [1.0], 0.5)
+    ([0.0, 0.5, 1.0], [0.5, 0.5])
+    """
+    t = times[0]
+    direction = 1.0 if times[-1] > t else -1.0
+    ts, hs = [t], []
+    for stop in stops:
+        while True:
+            landing = (stop - t) * direction <= step_size * LANDING_SLACK
+            h = (stop - t) if landing else direction * step_size
+            t = stop if landing else t + h
+            ts.append(t)
+            hs.append(h)
+            if landing:
+                break
+    return ts, hs
+
+
+def _build(holder: list, n_carried: int) -> Callable:
+    """The compiled loop over steps ``i0 .. i1 - 1`` of the stepper and bound term in ``holder`` (set before each
+    call: the compiled code is shared by the solves of one field)."""
+
+    def run(i0: Tensor, i1: Tensor, y: Tensor, k: Tensor, tg: Tensor, hg: Tensor, *rest: Tensor):
+        solver, term = holder
+        shape, func, t_dtype = term.shape, term.func, term.t_dtype
+        carried, stacks = rest[:n_carried], rest[n_carried:]
+
+        def cond(i, ok, y, k, *c):
+            return (i < i1) & ok
+
+        def body(i, ok, y, k, *c):
+            at = i.view(1)
+            t = tg.index_select(0, at).view(())
+            h = hg.index_select(0, at).view(())
+            inputs = tuple(s.index_select(0, at).squeeze(0) for s in stacks)
+            y1, kn, c1 = solver.driven_step(term, t, y, h, k, c, inputs)
+            if kn is None:  # the drift at the step end: the next step's k1
+                t1 = tg.index_select(0, at + 1).view(())
+                kn = func(t1.to(t_dtype), y1.view(shape)).reshape(1, -1)
+            return (i + 1, torch.isfinite(y1).all(), y1, kn, *c1)
+
+        ok = torch.ones((), dtype=torch.bool, device=y.device)
+        return torch._higher_order_ops.while_loop(cond, body, (i0, ok, y, k, *carried))
+
+    options = LOOP_OPTIONS if holder[1].device is None or torch.device(holder[1].device).type == "cpu" else None
+    return torch.compile(own_code(run), options=options, fullgraph=True)
+
+
+class DrivenPlugIn:
+    """The ``compile=True`` plug-in of a driven stepper (internal): ``choose`` (for ``LoopConfig.advance``: the whole
+    loop where it applies and pays, else eager) and :meth:`loop` (``LoopConfig.loop``)."""
+
+    def __init__(self, solver: Stepper, func: Callable, y0: Tensor):
+        self.solver = solver
+        user = term_of(func)
+        anchor, key = solver.driven_key(user) if user is not None else (func, ())
+        try:
+            self.per_func = _CACHE.setdefault(anchor, {}).setdefault(key, {})
+        except TypeError:  # not weak-referenceable: cache on nothing (compiles per solve)
+            self.per_func = {}
+        self.key = (solver.name, tuple(y0.shape), y0.dtype, y0.device)
+        self._term = None
+
+    @property
+    def usable(self) -> bool:
+        return not self.per_func.get(_FALLBACK)
+
+    def context(self):
+        return contextlib.nullcontext()
+
+    def __call__(self, t: float, y: Tensor, h: float, k1: Tensor) -> None:
+        return None  # no compiled single step: the loop then steps with the stepper
+
+    def choose(self, term, solver: Stepper, y0: Tensor, k0: Tensor, times: list[float], stops: list[float], cfg,
+               loop_available: bool) -> tuple[str, str]:
+        """``"loop"`` or ``"eager"`` and why: measured once per field and problem (:func:`policy.measure`, the
+        loop's first :data:`policy.LOOP_ATTEMPTS` steps against eager steps), decided by :func:`policy.decide`."""
+        self._term = term  # the bound term of this solve: what loop() steps
+        if not loop_available or not self.usable:
+            why = "compiling failed for this field" if not self.usable else \
+                "the compiled driven loop covers fixed-step solves without an autograd graph, events or dense output"
+            return "eager", f"{why}: eager steps"
+        if policy.FORCE is not None:
+            return policy.decide(None, True, force=policy.FORCE)
+        key = ("decision", self.key, len(times), len(stops), torch.is_grad_enabled())
+        decision = self.per_func.get(key)
+        if decision is None:
+            options = dict(getattr(solver, "options", None) or {})
+            stats = dict(solver.stats or {})
+            first = cfg.step_size
+
+            def loop() -> int:
+                o = self.loop(times, stops, y0, k0, first, cfg.rtol, cfg.atol, cfg.min_step, cfg.max_step,
+                              min(policy.LOOP_ATTEMPTS, cfg.max_steps), term=term)
+                if o is None:
+                    raise _Failed
+                return o.attempts
+
+            variants = {"loop": loop}
+            if not getattr(solver, "fsal", False):
+                # The eager loop evaluates the drift at each step's start, outside the stepper's step that
+                # policy.measure times (the compiled loop evaluates it inside): timed beside it, and added.
+                variants["drift"] = lambda: (term(times[0], y0), 1)[1]
+            try:
+                eager_s, best, rounds = policy.measure(term, solver, y0, k0, times, cfg, variants)
+                eager_s += best.get("drift", 0.0)
+                timing = policy.Timing(eager_s=eager_s, step_s=None, loop_s=best["loop"], rounds=rounds)
+                decision = self.per_func[key] = policy.decide(timing, True)
+            except _Failed:
+                decision = ("eager", "compiling failed for this field: eager steps")
+            finally:  # the measured steps leave the stepper as it was (options such as an initial state, counters)
+                if getattr(solver, "options", None) is not None:
+                    solver.options.clear()
+                    solver.options.update(options)
+                if solver.stats is not None:
+                    solver.stats.clear()
+                    solver.stats.update(stats)
+        return decision
+
+    def loop(self, times: list[float], stops: list[float], y0: Tensor, k0: Tensor, first: float | None, rtol, atol,
+             min_step: float, max_step: float, max_steps: int, term=None) -> LoopOutcome | None:
+        """Run the solve compiled (see the module docstring); None where compiling failed (warned once)."""
+        if term is None:
+            term = self._term
+        solver = self.solver
+        if self.per_func.get(_FALLBACK) or first is None:
+            return None
+        tl, hl = step_grid(times, stops, min(first, max_step))
+        n = min(len(hl), max_steps)
+        status = _sol.MAX_STEPS_REACHED if len(hl) > max_steps else _sol.SUCCESS
+        direction = 1.0 if times[-1] > times[0] else -1.0
+        try:
+            k, carried = solver.driven_start(term, times[0], y0, k0.reshape(1, -1))
+            stacks = [torch.stack(col) for col in zip(*(solver.step_inputs(term, tl[i], tl[i] + hl[i])
+                                                        for i in range(n)))]
+            ckey = (self.key, len(carried), len(stacks))
+            entry = self.per_func.get(ckey)
+            tg = torch.tensor(tl[:n + 1], dtype=torch.float64, device=y0.device)
+            hg = torch.tensor(hl[:n], dtype=torch.float64, device=y0.device)
+            if entry is None:
+                # One step on the host counts the step's evaluations (the graph cannot count).
+                counts = {"nfe": 0, "nfe_diffusion": 0}
+                with torch.no_grad():
+                    solver.driven_step(term, tg[0], y0, hg[0], k, carried, tuple(s[0] for s in stacks), counts)
+                holder = [solver, term]
+                entry = self.per_func[ckey] = (_build(holder, len(carried)), counts, holder)
+            fn, counts, holder = entry
+            holder[:] = [solver, term]
+            outs = [y0]
+            out_i, i, y = 1, 0, y0
+            # The loop's carried tensors must not alias one another (y0 and a view of it as z0, say).
+            k, carried = k.clone(), tuple(c.clone() for c in carried)
+            with torch.no_grad(), vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER):
+
+                def advance(stop: int) -> bool:  # steps i .. stop - 1; False where one made the state non-finite
+                    nonlocal i, y, k, carried
+                    i_t = torch.tensor(i, dtype=torch.int64, device=y0.device)
+                    s_t = torch.tensor(stop, dtype=torch.int64, device=y0.device)
+                    saved = (i, y, k, carried)
+                    i_new, ok_t, y, k, *carried = fn(i_t, s_t, y, k, tg, hg, *saved[3], *stacks)
+                    i, carried = int(i_new), tuple(carried)
+                    if bool(ok_t):
+                        return True
+                    bad = i - 1  # the solve stops before this step, as the eager loop does: run up to it again
+                    i, y, k, carried = saved
+                    if bad > i:
+                        advance(bad)
+                    return False
+
+                while out_i < len(times) and i < n:
+                    # the step holding the next output time: the steps before it, then it (its start state is what
+                    # the dense output needs)
+                    b = i
+                    while b < n - 1 and (times[out_i] - tl[b + 1]) * direction > 0:
+                        b += 1
+                    if b > i and not advance(b):
+                        status = _sol.NON_FINITE
+                        break
+                    y_prev = y
+                    if not advance(b + 1):
+                        status = _sol.NON_FINITE
+                        break
+                    if (times[out_i] - tl[i]) * direction <= 0:
+                        st = Step(tl[i - 1], hl[i - 1], y_prev, y, k)
+                        out_i = step_outputs(solver, term, st, None, "auto", times, out_i, tl[i], direction, outs)
+        except Exception as exc:  # compilation failed: eager steps from now on, for this field
+            self.per_func[_FALLBACK] = True
+            # Dynamo's messages: a headline (for higher-order operators a generic one ending in ':'), then the
+            # specific reason on the next line.
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            reason = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]) if lines else ""
+            warnings.warn(f"compile=True: the fixed-step {solver.name!r} loop could not be compiled "
+                          f"({type(exc).__name__}: {reason[:300]}); stepping eagerly instead (for this vector "
+                          f"field).", RuntimeWarning, stacklevel=5)
+            return None
+        fsal = getattr(solver, "fsal", False)
+        solver.driven_finish(term, tl[i], y, k, tuple(carried))
+        if solver.stats is not None and "nfe_diffusion" in solver.stats:
+            solver.stats["nfe_diffusion"] += i * counts["nfe_diffusion"]
+        o = LoopOutcome()
+        o.ys = torch.cat(outs)
+        o.n_valid = len(outs)
+        o.y_final, o.t_final = y, tl[i]
+        o.steps = o.attempts = i
+        o.rejected = 0
+        o.status = status
+        o.initial_step = first
+        o.last_step = o.last_try = abs(hl[i - 1]) if i else 0.0
+        o.next_step = min(first, max_step) if math.isfinite(first) else None
+        o.rec = ()
+        o.times = None
+        # the steps' drift evaluations, and (not FSAL) the drift at each step's end
+        o.nfe = i * counts["nfe"] + (0 if fsal else i)
+        return o
+
+
+class _Failed(Exception):
+    """The compiled driven loop could not be built (it warned)."""
+
+
+def plug_in(solver: Stepper, func: Callable, y0: Tensor) -> tuple[DrivenPlugIn, Callable]:
+    """``(advance, loop)`` for :class:`~neurodyn.core.config.LoopConfig` of a fixed-step ``compile=True`` solve with a
+    driven stepper (see the module docstring)."""
+    p = DrivenPlugIn(solver, func, y0)
+    return p, p.loop
