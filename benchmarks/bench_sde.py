@@ -8,12 +8,17 @@ printed beside the times.
 
 Sections (``--sections``):
 
-* ``forward``: one solve under ``torch.no_grad()`` (euler, milstein [Ito], srk [Ito], reversible_heun [Stratonovich]);
+* ``forward``: one solve under ``torch.no_grad()`` (euler, milstein [Ito], srk [Ito], reversible_heun [Stratonovich]),
+  eager and ``compile=True`` (the compiled driven loop, ``neurodyn.compile.driven``, where its timing says it pays;
+  ``compiled_path`` in the row);
 * ``train``: one training step, ``loss = mean(y(1)^2)``, backward through the solver (direct backpropagation; the
   ``adjoint`` section: ``gradient="adjoint"`` vs ``torchsde.sdeint_adjoint``, reversible Heun's exact adjoint and
   the stochastic adjoint with midpoint);
 * ``compiled``: an Euler loop whose step (drift and diffusion inside) is ``torch.compile``d vs the same loop eager,
   neurodyn and torchsde (what a compiled SDE step could give on this CPU);
+* ``bound``: what bounds Euler's forward speed-up: whole solves (torchsde, neurodyn, neurodyn ``compile=True``)
+  against loops doing part of the work (the eager step on precomputed increments; the four products with ``tanh``
+  and ``sigmoid``; the products alone) and the per-operation cost of a step's pieces;
 * ``latent``: one training step of ``neurodyn.models.LatentSDE`` (3-d data, 4 latent dims, context 64, hidden 64,
   batch 256, 50 observation times on [0, 1], dt = 0.02, Euler) against torchsde's ``sdeint(..., logqp=True)`` on the
   same networks (the same encoder, drifts, diffusion and decoder; torchsde integrates ``logqp`` itself);
@@ -30,6 +35,7 @@ Timings: entries run round-robin (one call of each per repeat), the median over 
 reported is the ratio torchsde / neurodyn (> 1: neurodyn faster). Usage:
 
     taskset -c 1 .venv/bin/python benchmarks/bench_sde.py [--repeats 7] [--sections forward,train,latent,adaptive]
+        [--clock cpu]
 """
 
 from __future__ import annotations
@@ -216,6 +222,58 @@ def section_compiled(repeats: int) -> list[dict]:
     return rows
 
 
+def section_bound(repeats: int) -> list[dict]:
+    """What bounds Euler's forward speed-up on this problem: whole solves (torchsde, neurodyn eager and
+    ``compile=True``) against loops of 100 steps that do only part of the work -- the eager step (drift, diffusion,
+    ``y + f dt + g dW`` on precomputed increments), the four matrix products with the two ``tanh`` and the
+    ``sigmoid`` (ATen's kernels, what no fusion removes), the four products alone -- and the per-operation cost of one
+    step's pieces (``addmm`` (512, 64) x (64, 128) + bias, ``tanh`` (512, 128), ``sigmoid`` (512, 64), one elementwise
+    (512, 64) product). Ratios: torchsde time / entry time."""
+    ts = torch.tensor([0.0, 1.0])
+    y0 = torch.randn(BATCH, DIM, generator=torch.Generator().manual_seed(1))
+    sde = MLPSDE("ito")
+    bm = BrownianInterval(0.0, 1.0, shape=(BATCH, DIM), dtype=torch.float32, entropy=5, cache_size=None)
+    grid = [i * DT for i in range(100)] + [1.0]
+    dws = [bm(a, b) for a, b in zip(grid[:-1], grid[1:])]
+    d0, d2, g0, g2 = sde.drift[0], sde.drift[2], sde.diff[0], sde.diff[2]
+
+    def eager_loop() -> None:
+        y = y0
+        for dw in dws:
+            y = y + sde.f(None, y) * DT + sde.g(None, y) * dw
+
+    def gemm(act: bool) -> None:
+        for _ in range(100):
+            a = torch.addmm(d0.bias, y0, d0.weight.t())
+            b = torch.addmm(g0.bias, y0, g0.weight.t())
+            if act:
+                a, b = a.tanh_(), b.tanh_()
+            torch.addmm(d2.bias, a, d2.weight.t())
+            c = torch.addmm(g2.bias, b, g2.weight.t())
+            if act:
+                c.sigmoid_()
+
+    h_big, h = torch.randn(BATCH, HIDDEN), torch.randn(BATCH, DIM)
+    with torch.no_grad():
+        whole = {"torchsde": lambda: _ts(sde, y0, ts, bm, "euler", DT),
+                 "neurodyn": lambda: _nd(sde, y0, ts, bm, "euler", DT),
+                 "neurodyn compile=True": lambda: _nd(sde, y0, ts, bm, "euler", DT, compile=True),
+                 "eager step loop": eager_loop, "4 addmm + 2 tanh + sigmoid": lambda: gemm(True),
+                 "4 addmm": lambda: gemm(False)}
+        med = _median_times(whole, repeats)
+        row = {"section": "bound", "method": "euler", **{k + "_s": v for k, v in med.items()},
+               **{"torchsde / " + k: med["torchsde"] / v for k, v in med.items() if k != "torchsde"}}
+        print(json.dumps(row), flush=True)
+        ops = {"addmm": lambda: [torch.addmm(d0.bias, y0, d0.weight.t()) for _ in range(100)],
+               "tanh (512, 128)": lambda: [torch.tanh(h_big) for _ in range(100)],
+               "sigmoid (512, 64)": lambda: [torch.sigmoid(h) for _ in range(100)],
+               "mul (512, 64)": lambda: [h * DT for _ in range(100)]}
+        per_op = _median_times(ops, repeats)
+        row2 = {"section": "bound", "method": "per op (us per call)", **{k: v * 1e4 for k, v in per_op.items()}}
+        print(json.dumps(row2), flush=True)
+    return [row, row2]
+
+
 def section_adjoint(repeats: int) -> list[dict]:
     """One training step with the adjoint: reversible Heun's exact adjoint and the stochastic adjoint (midpoint),
     neurodyn ``gradient="adjoint"`` vs ``torchsde.sdeint_adjoint`` on the same path; the relative difference of the
@@ -378,6 +436,8 @@ def main() -> None:
         rows += section_solver(args.repeats, train=True)
     if "compiled" in sections:
         rows += section_compiled(args.repeats)
+    if "bound" in sections:
+        rows += section_bound(args.repeats)
     if "adjoint" in sections:
         rows += section_adjoint(args.repeats)
     if "latent" in sections:

@@ -257,7 +257,11 @@ def solve(
         mode, and ``stats["compile_reason"]`` gives it with the measured times (see ``neurodyn.compile.policy``).
         Python side effects in ``func`` (counters, prints) run when it is traced, not per evaluation, and a few
         times more on the first solve (the timing). Falls back to Python stepping with a warning where compilation
-        fails. Not used with a custom ``norm``. With ``per_sample_steps=True`` (explicit Runge--Kutta methods without
+        fails. Not used with a custom ``norm``. SDE methods with a fixed ``step_size`` and no graph recorded: each
+        step's Brownian increments (and Levy areas) are queried on the host first, then the steps between output
+        times run as one compiled loop (``neurodyn.compile.driven``; same sample path, results to rounding;
+        ``stats["compiled"] == "loop"`` where the timing says it pays); adaptive SDE solves and SDE training steps
+        run eagerly. With ``per_sample_steps=True`` (explicit Runge--Kutta methods without
         extra dense-output stages, float32/float64 states, no graph recorded, no events, every row in one
         direction of time) the per-sample loop is compiled (``neurodyn.compile.rows``): as a whole where
         ``y0.numel() * len(t) <= 32768`` on the CPU (``stats["compiled"] == "row-loop"``), else one compiled
