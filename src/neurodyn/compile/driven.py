@@ -41,6 +41,10 @@ from .step import own_code
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FALLBACK = object()
+# Steps of the loop per timed run when the policy measures it (policy.LOOP_ATTEMPTS is 16): each run also queries and
+# stacks its steps' inputs and makes two compiled calls, costs that a solve of many steps spreads over all of them
+# (16 steps of the Euler problem of benchmarks/bench_sde.py: 1.00x the eager step; the whole solve: 0.75-0.87x).
+DRIVEN_ATTEMPTS = 48
 
 
 def step_grid(times: list[float], stops: list[float], step_size: float) -> tuple[list[float], list[float]]:
@@ -124,7 +128,7 @@ class DrivenPlugIn:
     def choose(self, term, solver: Stepper, y0: Tensor, k0: Tensor, times: list[float], stops: list[float], cfg,
                loop_available: bool) -> tuple[str, str]:
         """``"loop"`` or ``"eager"`` and why: measured once per field and problem (:func:`policy.measure`, the
-        loop's first :data:`policy.LOOP_ATTEMPTS` steps against eager steps), decided by :func:`policy.decide`."""
+        loop's first :data:`DRIVEN_ATTEMPTS` steps against eager steps), decided by :func:`policy.decide`."""
         self._term = term  # the bound term of this solve: what loop() steps
         if not loop_available or not self.usable:
             why = "compiling failed for this field" if not self.usable else \
@@ -141,7 +145,7 @@ class DrivenPlugIn:
 
             def loop() -> int:
                 o = self.loop(times, stops, y0, k0, first, cfg.rtol, cfg.atol, cfg.min_step, cfg.max_step,
-                              min(policy.LOOP_ATTEMPTS, cfg.max_steps), term=term)
+                              min(DRIVEN_ATTEMPTS, cfg.max_steps), term=term)
                 if o is None:
                     raise _Failed
                 return o.attempts
