@@ -123,6 +123,20 @@ def test_compiled_non_finite_stops_as_eager(forced):
     torch.testing.assert_close(a.ys, b.ys, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.slow
+def test_compiled_in_blocks_of_steps(forced, monkeypatch):
+    """A solve whose stacked inputs exceed MAX_INPUT_ELEMENTS runs in blocks of steps (the last one padded): the same
+    result as the eager solve, here 20 steps in blocks of 7, 7 and 6, with outputs inside and across blocks."""
+    monkeypatch.setattr(driven, "MAX_INPUT_ELEMENTS", 7 * B * D)
+    model = Small().double()
+    bm = _path()
+    with torch.no_grad():
+        a = _solve(model, bm, "euler", True)
+        b = _solve(model, bm, "euler", False)
+    assert a.stats["compiled"] == "loop"
+    torch.testing.assert_close(a.ys, b.ys, rtol=0, atol=1e-13)
+
+
 def test_grad_mode_runs_eager_with_eager_gradients(forced):
     """With an autograd graph the compiled driven loop does not apply: the solve runs the eager stepper, and its
     gradients are the eager solve's."""

@@ -45,6 +45,8 @@ _FALLBACK = object()
 # stacks its steps' inputs and makes two compiled calls, costs that a solve of many steps spreads over all of them
 # (16 steps of the Euler problem of benchmarks/bench_sde.py: 1.00x the eager step; the whole solve: 0.75-0.87x).
 DRIVEN_ATTEMPTS = 48
+# Elements of stacked step inputs per compiled call (64 MiB of float32): a longer solve runs in chunks of steps.
+MAX_INPUT_ELEMENTS = 2 ** 24
 
 
 def step_grid(times: list[float], stops: list[float], step_size: float) -> tuple[list[float], list[float]]:
@@ -181,21 +183,44 @@ class DrivenPlugIn:
             return None
         tl, hl = step_grid(times, stops, min(first, max_step))
         n = min(len(hl), max_steps)
+        if n == 0:
+            return None  # nothing to step (the eager loop handles it)
         status = _sol.MAX_STEPS_REACHED if len(hl) > max_steps else _sol.SUCCESS
         direction = 1.0 if times[-1] > times[0] else -1.0
         try:
             k, carried = solver.driven_start(term, times[0], y0, k0.reshape(1, -1))
-            stacks = [torch.stack(col) for col in zip(*(solver.step_inputs(term, tl[i], tl[i] + hl[i])
-                                                        for i in range(n)))]
-            ckey = (self.key, len(carried), len(stacks))
+
+            def inputs_for(a: int, b: int) -> list[Tensor]:  # the inputs of steps a .. b - 1, stacked per position
+                return [torch.stack(col) for col in zip(*(solver.step_inputs(term, tl[j], tl[j] + hl[j])
+                                                          for j in range(a, b)))]
+
+            first_inputs = inputs_for(0, 1)
+            # Steps run in blocks of `size` (all of them where their inputs have at most MAX_INPUT_ELEMENTS elements),
+            # each block's inputs stacked once; a last shorter block is padded, so every call has the same shapes.
+            size = min(n, max(1, MAX_INPUT_ELEMENTS // max(1, sum(x.numel() for x in first_inputs))))
+            block: dict = {}
+
+            def load(j: int) -> tuple:  # block j: (stacks, tg, hg), padded to `size` steps
+                if block.get("j") != j:
+                    a, b = j * size, min(n, (j + 1) * size)
+                    stacks = first_inputs if (a, b) == (0, 1) else inputs_for(a, b)
+                    pad = size - (b - a)
+                    if pad:
+                        stacks = [torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) for x in stacks]
+                    tg = torch.tensor(tl[a:b + 1] + [tl[b]] * pad, dtype=torch.float64, device=y0.device)
+                    hg = torch.tensor(hl[a:b] + [0.0] * pad, dtype=torch.float64, device=y0.device)
+                    block.update(j=j, data=(stacks, tg, hg))
+                return block["data"]
+
+            ckey = (self.key, len(carried), len(first_inputs))
             entry = self.per_func.get(ckey)
-            tg = torch.tensor(tl[:n + 1], dtype=torch.float64, device=y0.device)
-            hg = torch.tensor(hl[:n], dtype=torch.float64, device=y0.device)
             if entry is None:
                 # One step on the host counts the step's evaluations (the graph cannot count).
                 counts = {"nfe": 0, "nfe_diffusion": 0}
                 with torch.no_grad():
-                    solver.driven_step(term, tg[0], y0, hg[0], k, carried, tuple(s[0] for s in stacks), counts)
+                    solver.driven_step(term, torch.tensor(tl[0], dtype=torch.float64, device=y0.device), y0,
+                                       torch.tensor(hl[0], dtype=torch.float64, device=y0.device), k, carried,
+                                       tuple(x[0] for x in first_inputs), counts)
                 holder = [solver, term]
                 entry = self.per_func[ckey] = (_build(holder, len(carried)), counts, holder)
             fn, counts, holder = entry
@@ -208,18 +233,25 @@ class DrivenPlugIn:
 
                 def advance(stop: int) -> bool:  # steps i .. stop - 1; False where one made the state non-finite
                     nonlocal i, y, k, carried
-                    i_t = torch.tensor(i, dtype=torch.int64, device=y0.device)
-                    s_t = torch.tensor(stop, dtype=torch.int64, device=y0.device)
-                    saved = (i, y, k, carried)
-                    i_new, ok_t, y, k, *carried = fn(i_t, s_t, y, k, tg, hg, *saved[3], *stacks)
-                    i, carried = int(i_new), tuple(carried)
-                    if bool(ok_t):
-                        return True
-                    bad = i - 1  # the solve stops before this step, as the eager loop does: run up to it again
-                    i, y, k, carried = saved
-                    if bad > i:
-                        advance(bad)
-                    return False
+                    while i < stop:
+                        j = i // size
+                        stacks, tg, hg = load(j)
+                        a, b = i - j * size, min(stop, (j + 1) * size) - j * size
+                        saved = (i, y, k, carried)
+                        done, ok_t, y, k, *carried = fn(torch.tensor(a, dtype=torch.int64, device=y0.device),
+                                                        torch.tensor(b, dtype=torch.int64, device=y0.device),
+                                                        y, k, tg, hg, *carried, *stacks)
+                        carried = tuple(carried)
+                        if not bool(ok_t):
+                            # the solve stops before the step that made the state non-finite, as the eager loop
+                            # does: run up to it again
+                            bad = j * size + int(done) - 1
+                            i, y, k, carried = saved
+                            if bad > i:
+                                advance(bad)
+                            return False
+                        i = j * size + b
+                    return True
 
                 while out_i < len(times) and i < n:
                     # the step holding the next output time: the steps before it, then it (its start state is what
