@@ -8,7 +8,8 @@ eager loop queries, in order, so the same sample path to the last bit -- and sta
 ``torch._higher_order_ops.while_loop`` runs the steps between two output times: the stepper's own step formula
 (``driven_step``, the eager step's code on tensors), the drift at the step end, the finiteness check. Drift and
 diffusion evaluations, the method's stage combinations and the noise products are one graph, compiled by Inductor
-with the CPU patches of :mod:`neurodyn.compile.loop` (ATen's ``tanh``, strided-load vectorisation).
+with the CPU patches of :mod:`neurodyn.compile.loop` (ATen's ``tanh``, strided-load vectorisation). The stacked
+inputs of one call hold at most :data:`MAX_INPUT_ELEMENTS` elements: a longer solve runs in blocks of steps.
 
 It covers fixed-step solves (``step_size=``) without an autograd graph (under ``torch.no_grad()``, inference), without
 events, ``dense=True``, ``jump_t``, ``perturb`` or step hooks; elsewhere the solve runs the eager stepper. Outputs are
