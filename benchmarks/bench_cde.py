@@ -4,7 +4,10 @@ Same model (MLP vector field, float32), same data (natural cubic coefficients co
 both), same settings; the variants are interleaved round by round on one thread after one warm-up run each, and
 the per-variant median wall of a forward+backward pass is reported with the ratio torchcde / neurodyn (> 1:
 neurodyn faster), with each library's error against a float64 rk4 reference (8 steps per knot interval,
-adjoint): z at the final time and the gradient with respect to the coefficients.
+adjoint): z at the final time and the gradient with respect to the coefficients. Also reported: the median CPU
+time of the process's thread over the same passes (``time.thread_time``: on a machine shared with other jobs the
+wall clock counts the time the process waits for the core, the CPU time does not) and its ratio, and each library's
+number of vector-field evaluations (counted in one separate, untimed pass).
 
     taskset -c 1 python benchmarks/bench_cde.py                 # batch 256, 32 channels, length 100, hidden 32
     taskset -c 1 python benchmarks/bench_cde.py --repeats 3 --batch 64
@@ -35,16 +38,29 @@ class Field(torch.nn.Module):
         return self.l2(torch.relu(self.l1(z))).tanh().view(*z.shape[:-1], self.hidden, self.channels)
 
 
+class Counted(torch.nn.Module):
+    """``func`` with its calls counted (the NFE pass only: not used in the timed passes)."""
+
+    def __init__(self, func: torch.nn.Module):
+        super().__init__()
+        self.func, self.calls = func, 0
+
+    def forward(self, t, z):
+        self.calls += 1
+        return self.func(t, z)
+
+
 def run_once(lib, coeffs, func, z0, method, adjoint, rtol, atol):
+    """One forward+backward pass: ``(wall seconds, thread CPU seconds, z)``."""
     X = lib.CubicSpline(coeffs)
     kw = dict(adjoint_params=tuple(func.parameters()) + (coeffs,)) if adjoint else {}
     opts = dict(step_size=1.0) if method == "rk4" else {}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     z = lib.cdeint(X=X, func=func, z0=z0, t=X.interval, adjoint=adjoint, method=method, options=opts, rtol=rtol,
                    atol=atol, **kw)
     loss = z[..., -1, :].pow(2).sum()
     loss.backward()
-    return time.perf_counter() - t0, z.detach()
+    return time.perf_counter() - t0, time.thread_time() - c0, z.detach()
 
 
 def main() -> None:
@@ -85,29 +101,38 @@ def main() -> None:
             if f"{method}-{'adjoint' if adjoint else 'direct'}" not in args.configs.split(","):
                 continue
             times = {"torchcde": [], "neurodyn": []}
-            errs = {}
+            cpu = {"torchcde": [], "neurodyn": []}
+            errs, nfe = {}, {}
+            for name, lib in (("torchcde", torchcde), ("neurodyn", ncde)):  # NFE: one untimed pass
+                counted = Counted(func)
+                run_once(lib, coeffs.clone().requires_grad_(True), counted, z0, method, adjoint, args.rtol, args.atol)
+                nfe[name] = counted.calls
             for _ in range(args.repeats):
                 for name, lib in (("torchcde", torchcde), ("neurodyn", ncde)):
                     func.zero_grad()
                     c = coeffs.clone().requires_grad_(True)
-                    wall, z = run_once(lib, c, func, z0, method, adjoint, args.rtol, args.atol)
+                    wall, thread, z = run_once(lib, c, func, z0, method, adjoint, args.rtol, args.atol)
                     times[name].append(wall)
+                    cpu[name].append(thread)
                     errs[name] = (float((z[..., -1, :].double() - z_ref).abs().max()),
                                   float((c.grad.double() - g_ref).abs().max() / g_ref.abs().max()))
             t_ref, t_nd = statistics.median(times["torchcde"]), statistics.median(times["neurodyn"])
-            rows.append((method, "adjoint" if adjoint else "direct", t_ref, t_nd, t_ref / t_nd, errs))
+            c_ref, c_nd = statistics.median(cpu["torchcde"]), statistics.median(cpu["neurodyn"])
+            rows.append((method, "adjoint" if adjoint else "direct", t_ref, t_nd, t_ref / t_nd, errs, c_ref / c_nd,
+                         nfe))
             print(f"{method:7s} {rows[-1][1]:8s} torchcde {t_ref:7.3f} s  neurodyn {t_nd:7.3f} s  "
-                  f"ratio {t_ref / t_nd:5.2f}x  errors vs reference (z, dL/dcoeffs) torchcde {errs['torchcde']} "
-                  f"neurodyn {errs['neurodyn']}", flush=True)
+                  f"ratio {t_ref / t_nd:5.2f}x  (CPU {c_ref:7.3f} s / {c_nd:7.3f} s: {c_ref / c_nd:5.2f}x; NFE "
+                  f"{nfe['torchcde']} / {nfe['neurodyn']})  errors vs reference (z, dL/dcoeffs) torchcde "
+                  f"{errs['torchcde']} neurodyn {errs['neurodyn']}", flush=True)
     print()
     print(f"batch {args.batch}, {args.channels} channels, length {args.length}, hidden {args.hidden}, float32, "
           f"natural cubic, rtol {args.rtol}, atol {args.atol}, rk4 step 1, median of {args.repeats}, 1 thread")
-    print("| method | gradient | torchcde (s) | neurodyn (s) | speed-up | error z(T) torchcde / neurodyn "
-          "| rel. error dL/dcoeffs torchcde / neurodyn |")
-    print("|---|---|---|---|---|---|---|")
-    for m, g, a, b, ratio, e in rows:
-        print(f"| {m} | {g} | {a:.3f} | {b:.3f} | {ratio:.2f}x | {e['torchcde'][0]:.1e} / {e['neurodyn'][0]:.1e} "
-              f"| {e['torchcde'][1]:.1e} / {e['neurodyn'][1]:.1e} |")
+    print("| method | gradient | torchcde (s) | neurodyn (s) | speed-up | speed-up (CPU time) "
+          "| NFE torchcde / neurodyn | error z(T) torchcde / neurodyn | rel. error dL/dcoeffs torchcde / neurodyn |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for m, g, a, b, ratio, e, cratio, nfe in rows:
+        print(f"| {m} | {g} | {a:.3f} | {b:.3f} | {ratio:.2f}x | {cratio:.2f}x | {nfe['torchcde']} / {nfe['neurodyn']} "
+              f"| {e['torchcde'][0]:.1e} / {e['neurodyn'][0]:.1e} | {e['torchcde'][1]:.1e} / {e['neurodyn'][1]:.1e} |")
 
 
 if __name__ == "__main__":
