@@ -30,10 +30,15 @@ the seed, the same for every model and rate) is held out, dropped at the same ra
 is taken after its epoch of best validation accuracy (the latest on ties; the last epoch's is kept as
 ``accuracy_last_epoch``); with ``--val-fraction 0`` the test accuracy after the last epoch is reported (no model
 selection on the test set either way). ``--intensity`` adds the observational intensity (``time_scale`` times
-the count of observed time points so far) to the NeuralCDE's path. ``metrics.json`` holds, per model and drop rate,
-the accuracy of each seed, their mean and std, parameters, NFE per forward pass (solver field evaluations; None for
-models without a solver), training seconds; ``accuracy.png`` the accuracy vs drop rate. A run's results depend only on
-its seed, so seeds can run in separate processes (``--seed k --seeds 1 --out DIR_k``) and be combined by
+the count of observed time points so far) to the NeuralCDE's path. ``--augment`` augments the NeuralCDE's path
+(Morrill et al. 2020; :mod:`neurodyn.paths.augment`): ``cumsum`` appends the running integral ``Z_c = int X_c
+d(time_scale t)`` of each data channel (trapezoid over each series' observed points, then splined like the data:
+``dZ = X dt``, so the channels' levels enter the CDE's dynamics; ``C`` more channels, or ``--augment-channels k``
+learned combinations of them), ``basepoint`` a point of zeros one sample before the first (so ``X(t_0)`` is an
+increment of the path, not only the initial state's input; one more rk4 step). ``metrics.json`` holds, per model and
+drop rate, the accuracy of each seed, their mean and std, parameters, NFE per forward pass (solver field evaluations;
+None for models without a solver), training seconds; ``accuracy.png`` the accuracy vs drop rate. A run's results depend
+only on its seed, so seeds can run in separate processes (``--seed k --seeds 1 --out DIR_k``) and be combined by
 ``--merge DIR_0 DIR_1 ...`` (into ``--out``).
 
 Results (docs/results.md, "Kidger et al.'s NeuralCDE setup"; these defaults, seeds 0-2, mean test accuracy % at
