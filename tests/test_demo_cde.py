@@ -182,7 +182,7 @@ def test_cde_demo_series_path_is_each_series_own_spline_then_constant():
         demo.series_coeffs(x, t, torch.tensor([9, 1, 6, 4, 2]))
 
 
-def test_cde_demo_path_augmentations_cumsum_and_basepoint(tmp_path):
+def test_cde_demo_path_augmentations_cumsum_and_basepoint(tmp_path, capsys):
     import numpy as np
     import scipy.integrate
 
@@ -219,6 +219,9 @@ def test_cde_demo_path_augmentations_cumsum_and_basepoint(tmp_path):
         id(model.summary.weight)}
     with pytest.raises(DemoError, match="augment_channels >= 0, > 0 only with 'cumsum'"):
         demo.make_model("NeuralCDE", C, 9, demo.CDEConfig(augment=["basepoint"], augment_channels=2))
+    assert main(["demo", "cde", "--augment-channels", "2", "--out", str(tmp_path / "bad")]) == 1  # before any work
+    assert "--augment-channels 2: must be >= 0, and > 0 only with --augment cumsum" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "metrics.json").exists()
     # the CLI: one epoch, both augmentations, every integral channel; rk4 takes one more step for the basepoint
     out = tmp_path / "aug"
     assert main(["demo", "cde", "--epochs", "1", "--subset", "12", "--seeds", "1", "--rates", "0.3", "--models",

@@ -613,6 +613,9 @@ def merge(cfg: CDEConfig, dirs: list[str]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(CDEConfig, args, QUICK)
+    if cfg.augment_channels < 0 or (cfg.augment_channels and "cumsum" not in cfg.augment):
+        raise DemoError(f"--augment-channels {cfg.augment_channels}: must be >= 0, and > 0 only with --augment cumsum "
+                        f"(it sets how many learned combinations of the integral channels the path gets)")
     if args.merge:
         merge(cfg, args.merge)
     else:
