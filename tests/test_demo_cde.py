@@ -180,3 +180,55 @@ def test_cde_demo_series_path_is_each_series_own_spline_then_constant():
                 assert float(path.derivative(float(s))[b, 1:].abs().max()) == 0.0
     with pytest.raises(DemoError, match="every length must be in \\[2, 9\\]"):
         demo.series_coeffs(x, t, torch.tensor([9, 1, 6, 4, 2]))
+
+
+def test_cde_demo_path_augmentations_cumsum_and_basepoint(tmp_path, capsys):
+    import numpy as np
+    import scipy.integrate
+
+    import neurodyn.demos.cde as demo
+    from neurodyn.cli import main
+    from neurodyn.demos._common import DemoError
+
+    cfg = demo.CDEConfig(subset=10, augment=["cumsum", "basepoint"], augment_channels=3)
+    data = demo._data(cfg)
+    C = data["channels"]
+    d = demo._with_drop(data["train"], 0.5, 7, cfg, "NeuralCDE")
+    x = demo.cde_input(d, cfg.time_scale, False, cfg.augment)
+    grid, lengths = demo.cde_grid(d, cfg.augment)
+    T = d["t"].shape[1]
+    assert x.shape == (10, T + 1, 1 + 2 * C) and torch.equal(grid, torch.arange(-1.0, T))
+    assert torch.equal(lengths, d["lengths"] + 1)
+    assert torch.equal(x[:, 0], torch.cat([-torch.ones(10, 1), torch.zeros(10, 2 * C)], -1))  # the basepoint
+    for b in range(10):  # the integral channels: the trapezoid over each series' observed points
+        seen = d["mask"][b, :, 0] > 0
+        want = scipy.integrate.cumulative_trapezoid(d["x"][b, seen].numpy(), grid[1:][seen].numpy(), axis=0,
+                                                    initial=0)
+        assert np.allclose(x[b, 1:][seen][:, 1 + C:].numpy(), want, rtol=0, atol=1e-5)
+        assert bool(torch.isnan(x[b, 1:][~seen][:, 1:]).all())
+    # the learned map of the integral channels acts on the spline's coefficients as on the data (linear spline)
+    torch.manual_seed(0)
+    model = demo.make_model("NeuralCDE", C, data["classes"], cfg)
+    with torch.no_grad():
+        mapped = model._summarise(x, 1)
+        assert mapped.shape[-1] == 1 + C + 3
+        assert torch.allclose(model._summarise(d["coeffs"], 4), demo.series_coeffs(mapped, grid, lengths), atol=1e-5)
+    fields = 32 * 32 + 32 + 2 * (32 * 32 + 32) + 32 * 32 * (1 + C + 3) + 32 * (1 + C + 3)
+    assert sum(p.numel() for p in model.parameters()) == fields + (1 + C + 3) * 32 + 32 + 33 * data["classes"] + 3 * C
+    assert {id(p) for p in demo.penalised_parameters(model)} == {id(p) for p in model.cde.func.parameters()} | {
+        id(model.summary.weight)}
+    with pytest.raises(DemoError, match="augment_channels >= 0, > 0 only with 'cumsum'"):
+        demo.make_model("NeuralCDE", C, 9, demo.CDEConfig(augment=["basepoint"], augment_channels=2))
+    assert main(["demo", "cde", "--augment-channels", "2", "--out", str(tmp_path / "bad")]) == 1  # before any work
+    assert "--augment-channels 2: must be >= 0, and > 0 only with --augment cumsum" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "metrics.json").exists()
+    # the CLI: one epoch, both augmentations, every integral channel; rk4 takes one more step for the basepoint
+    out = tmp_path / "aug"
+    assert main(["demo", "cde", "--epochs", "1", "--subset", "12", "--seeds", "1", "--rates", "0.3", "--models",
+                 "NeuralCDE", "--augment", "cumsum", "basepoint", "--cde-layers", "1", "--out", str(out),
+                 "--no-plots"]) == 0
+    (run,) = json.loads((out / "metrics.json").read_text())["runs"]["NeuralCDE"]["0.3"]
+    T12 = int(max(demo._data(demo.CDEConfig(subset=12))[s]["lengths"].max() for s in ("train", "test")))
+    assert run["nfe_per_forward"] == 4 * T12
+    assert run["params"] == (32 * 32 + 32) + 32 * 32 * (1 + 2 * C) + 32 * (1 + 2 * C) + (1 + 2 * C) * 32 + 32 \
+        + 33 * data["classes"]
