@@ -43,8 +43,9 @@ def test_cde_demo_smoke(tmp_path):
             assert run["seed"] == 0 and row[rate]["seeds"] == [run["accuracy"]] == [row[rate]["mean"]]
             assert math.isclose(run["accuracy"] * 24, round(run["accuracy"] * 24))  # a count over 24 test series
             assert run["params"] == row[rate]["params"] > 0
-    # rk4 with step 1 on the sample grid 0..T-1: 4 evaluations per step; ODE-RNN: one Euler step per interval
-    assert table["NeuralCDE"]["0.0"]["nfe_per_forward"] == 4 * (T - 1)
+    # rk4 with step 1 on the sample grid -1, 0..T-1 (the default basepoint adds t = -1): 4 evaluations per step;
+    # ODE-RNN: one Euler step per interval
+    assert table["NeuralCDE"]["0.0"]["nfe_per_forward"] == 4 * T
     assert table["ODERNN"]["0.5"]["nfe_per_forward"] == T - 1
     assert table["GRUD"]["0.0"]["nfe_per_forward"] is None
     assert metrics["plots"] == []
@@ -68,7 +69,7 @@ def test_cde_demo_data_drops_whole_time_points_and_the_path_keeps_the_time_chann
     import neurodyn.demos.cde as demo
     from neurodyn.paths.cubic import CubicPath
 
-    cfg = demo.CDEConfig(subset=20)
+    cfg = demo.CDEConfig(subset=20, augment=[])  # the plain path (augmentations: a test below)
     data = demo._data(cfg)
     d = demo._with_drop(data["train"], 0.5, 7, cfg, "NeuralCDE")
     kept = d["mask"][..., 0].sum(-1)
@@ -219,16 +220,27 @@ def test_cde_demo_path_augmentations_cumsum_and_basepoint(tmp_path, capsys):
         id(model.summary.weight)}
     with pytest.raises(DemoError, match="augment_channels >= 0, > 0 only with 'cumsum'"):
         demo.make_model("NeuralCDE", C, 9, demo.CDEConfig(augment=["basepoint"], augment_channels=2))
-    assert main(["demo", "cde", "--augment-channels", "2", "--out", str(tmp_path / "bad")]) == 1  # before any work
+    assert main(["demo", "cde", "--augment", "basepoint", "--augment-channels", "2", "--out",
+                 str(tmp_path / "bad")]) == 1  # before any work
     assert "--augment-channels 2: must be >= 0, and > 0 only with --augment cumsum" in capsys.readouterr().err
+    assert main(["demo", "cde", "--augment", "none", "cumsum", "--out", str(tmp_path / "bad")]) == 1
+    assert "'none' cannot be combined with an augmentation" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "metrics.json").exists()
+    assert demo.CDEConfig().augment == ["cumsum", "basepoint"]  # the demo's default
+    # --augment none: the plain path (time and data channels); rk4 on 0..T-1
+    plain = tmp_path / "plain"
+    assert main(["demo", "cde", "--epochs", "1", "--subset", "12", "--seeds", "1", "--rates", "0.3", "--models",
+                 "NeuralCDE", "--augment", "none", "--cde-layers", "1", "--out", str(plain), "--no-plots"]) == 0
+    (run,) = json.loads((plain / "metrics.json").read_text())["runs"]["NeuralCDE"]["0.3"]
+    assert json.loads((plain / "metrics.json").read_text())["config"]["augment"] == []
+    T12 = int(max(demo._data(demo.CDEConfig(subset=12))[s]["lengths"].max() for s in ("train", "test")))
+    assert run["nfe_per_forward"] == 4 * (T12 - 1)
     # the CLI: one epoch, both augmentations, every integral channel; rk4 takes one more step for the basepoint
     out = tmp_path / "aug"
     assert main(["demo", "cde", "--epochs", "1", "--subset", "12", "--seeds", "1", "--rates", "0.3", "--models",
                  "NeuralCDE", "--augment", "cumsum", "basepoint", "--cde-layers", "1", "--out", str(out),
                  "--no-plots"]) == 0
     (run,) = json.loads((out / "metrics.json").read_text())["runs"]["NeuralCDE"]["0.3"]
-    T12 = int(max(demo._data(demo.CDEConfig(subset=12))[s]["lengths"].max() for s in ("train", "test")))
     assert run["nfe_per_forward"] == 4 * T12
     assert run["params"] == (32 * 32 + 32) + 32 * 32 * (1 + 2 * C) + 32 * (1 + 2 * C) + (1 + 2 * C) * 32 + 32 \
         + 33 * data["classes"]
