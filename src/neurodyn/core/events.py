@@ -61,7 +61,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -99,11 +98,6 @@ _KEEP_NUMEL = 1 << 21
 _FRACTIONS: dict[tuple, Tensor] = {}
 # Up to this many values (kept steps x points x components), their signs are compared on the host.
 _HOST_SCAN = 4096
-# Whether the roots located after the solve (EventWatch.finish) whose brackets are sample intervals (finite values
-# at the step's sample points, at most 4 interior ones) are located all together: the first estimates and every
-# round's bracket and estimate updates as array operations over the roots (:func:`_first_many`,
-# :func:`_rounds_many`), rather than one generator of :func:`_rounds` per root (False: the latter for all).
-VECTOR_ROOTS = True
 
 
 def event_values(event_fn: Callable, t: Tensor, y: Tensor, n: int | None = None, check_nan: bool = True) -> Tensor:
@@ -523,18 +517,13 @@ class EventWatch:
         """:meth:`_defer` for a step given by its start and stages ``saved`` (a tensor ``(R, s + 1, n)`` and the
         step's row in it), ``t0`` and ``h``."""
         hit = Hit([])
-        isfinite = math.isfinite
         for j, c in cands:
             e = self.owner[c]
             a, fa, b, fb = thetas[j], rows[j][c], thetas[j + 1], rows[j + 1][c]
-            col: list[float] | None = [r[c] for r in rows]  # the component at the step's sample points
             if j == 0 and c in probes:  # the start value was taken a moment after a jump
                 a = min(max((probes[c] - t0) / h, 0.0), 0.5 * b)
-                col = None
-            elif not all(map(isfinite, col)):
-                col = None
             known = [(th, r[c]) for th, r in zip(thetas, rows) if th != thetas[j]]
-            self.pending.append((hit, saved, t0, h, e, c - self.offset[e], a, fa, b, fb, res, known, c, col, j))
+            self.pending.append((hit, saved, t0, h, e, c - self.offset[e], a, fa, b, fb, res, known, c))
             self.total += 1
             self.counts[e] += 1
             self.last_t = t0 + b * h
@@ -725,99 +714,20 @@ class EventWatch:
                         kh: Tensor) -> tuple[list[float], list[tuple[list[int], Tensor]]]:
         """The fractions of the pending roots (steps' starts ``y0s`` ``(P, n)``, ``h``-scaled stages ``kh``
         ``(s, P, n)``), located in rounds across the steps (see :meth:`finish`), and the states there where the
-        last round evaluated them: a list of (root indices, their states ``(len, n)``). Roots whose brackets are
-        sample intervals with finite values at all of at most 6 sample points are located all together
-        (:meth:`_locate_many`, the rounds' arithmetic on arrays: see :data:`VECTOR_ROOTS`), the others one
-        generator of :func:`_rounds` each (:meth:`_locate_each`)."""
-        out: list = [None] * len(pend)
+        last round evaluated them: a list of (root indices, their states ``(len, n)``)."""
+        shape, t_dtype, device = self.term.shape, self.term.t_dtype, self.term.device
+        gens, xs, out = [], [None] * len(pend), [None] * len(pend)
         pieces: list[tuple[list[int], Tensor]] = []
-        many = [i for i, p in enumerate(pend) if p[13] is not None] if VECTOR_ROOTS and len(self.fracs) <= 4 else []
-        if many:
-            self._locate_many(solver, co, pend, many, y0s, kh, out, pieces)
-        if len(many) < len(pend):
-            self._locate_each(solver, co, pend, [i for i in range(len(pend)) if out[i] is None], y0s, kh, out,
-                              pieces)
-        return out, pieces
-
-    def _locate_many(self, solver: Stepper, co, pend: list[tuple], ids: list[int], y0s: Tensor, kh: Tensor,
-                     out: list, pieces: list) -> None:
-        """Locate the pending roots ``ids`` (see :meth:`_locate_pending`) all together: the first estimates from
-        the steps' sample values (:func:`_first_many`), then rounds of probes (:func:`_rounds_many`), each one
-        dense-output evaluation over the roots' steps and one call of each event's function; ``out`` gets their
-        fractions, ``pieces`` the states at them where the last round evaluated them."""
-        shape, t_dtype, device = self.term.shape, self.term.t_dtype, self.term.device
-        sub = [pend[i] for i in ids]
-        info = np.array([(p[2], p[3], p[10], p[14], p[5], p[4]) for p in sub])  # t0, h, res, j, local, event
-        t0, h, res = info[:, 0], info[:, 1], info[:, 2]
-        local, event = info[:, 4].astype(np.int64), info[:, 5].astype(np.int64)
-        a, fa, b, fb, x, err = _first_many(np.array([p[13] for p in sub]), info[:, 3].astype(np.int64),
-                                           (0.0, *self.fracs, 1.0), res)
-        rows = np.asarray(ids)
-        if len(ids) < len(pend):
-            sel = torch.from_numpy(rows).to(y0s.device)
-            y0s, kh = y0s.index_select(0, sel), kh.index_select(1, sel)
-        one = len(set(event.tolist())) == 1
-        calls: list[tuple[np.ndarray, np.ndarray, Tensor]] = []  # (roots, their probes, the states there)
-
-        def evaluate(live: np.ndarray, xs: np.ndarray) -> np.ndarray:
-            vals = np.empty(xs.shape)
-            for e in ([int(event[0])] if one else sorted(set(event[live].tolist()))):
-                mine = slice(None) if one else np.nonzero(event[live] == e)[0]
-                r, x_r = live[mine], xs[mine]
-                n_r, w = x_r.shape
-                y0r, khr = y0s, kh
-                if n_r < len(ids):
-                    idx = torch.from_numpy(r).to(y0s.device)
-                    y0r, khr = y0s.index_select(0, idx), kh.index_select(1, idx)
-                ys = solver.interpolate_rows(y0r, y0r, khr, None, torch.from_numpy(x_r).to(y0s.device), co)
-                m, k = n_r * w, self.sizes[e]
-                tt = torch.from_numpy((t0[r, None] + x_r * h[r, None]).reshape(-1)).to(device=device, dtype=t_dtype)
-                v = self.events[e].fn(tt, ys.view(m, *shape))
-                if not isinstance(v, Tensor) or v.numel() != m * k or v.shape[0] != m:
-                    got = f"shape {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
-                    raise InputError(f"Event(vectorized=True): fn(t, y) with t of shape ({m},) must return a real "
-                                     f"tensor of shape ({m}, ...) with {k} value(s) per point, got {got}.")
-                v = v.detach().reshape(n_r, w, k).to(device="cpu", dtype=torch.float64).numpy()
-                g = v[:, :, 0] if k == 1 else v[np.arange(n_r), :, local[r]]
-                if np.isnan(g).any():
-                    q, c = np.argwhere(np.isnan(g))[0]
-                    _nan_error(t0[r[q]] + x_r[q, c] * h[r[q]], torch.tensor([math.nan]))
-                vals[mine] = g
-                calls.append((r, x_r, ys.view(m, -1)))
-            return vals
-
-        found = _rounds_many(a, fa, b, fb, res, x, err, evaluate)
-        for i, v in zip(ids, found.tolist()):
-            out[i] = v
-        # the states at the roots, from the last round that evaluated each (where the root is one of its probes)
-        left = np.ones(len(ids), dtype=bool)
-        for r, x_r, ys in reversed(calls):
-            at = (x_r == found[r, None]) & left[r, None]
-            has = at.any(1)
-            if has.any():
-                flat = np.nonzero(has)[0] * x_r.shape[1] + at.argmax(1)[has]
-                pieces.append((rows[r[has]].tolist(), ys[torch.from_numpy(flat).to(ys.device)]))
-                left[r[has]] = False
-            if not left.any():
-                break
-
-    def _locate_each(self, solver: Stepper, co, pend: list[tuple], todo: list[int], y0s: Tensor, kh: Tensor,
-                     out: list, pieces: list) -> None:
-        """Locate the pending roots ``todo`` (see :meth:`_locate_pending`), one generator of :func:`_rounds` each,
-        a round of all of them at a time."""
-        shape, t_dtype, device = self.term.shape, self.term.t_dtype, self.term.device
-        gens, xs = {}, {}
-        for i in todo:
-            p = pend[i]
-            gens[i] = _rounds(*p[6:12])
+        for i, p in enumerate(pend):
+            gens.append(_rounds(*p[6:12]))
             try:
                 xs[i] = next(gens[i])
             except StopIteration as done:
                 out[i] = done.value
         while True:
-            live = [i for i in todo if out[i] is None]
+            live = [i for i in range(len(pend)) if out[i] is None]
             if not live:
-                return
+                return out, pieces
             for e in sorted({pend[i][4] for i in live}):
                 ids = [i for i in live if pend[i][4] == e]
                 w = max(len(xs[i]) for i in ids)  # probes per step, padded with the last one
@@ -1221,161 +1131,6 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
                                  lower=True)
         err = abs(x - lower)
     return b
-
-
-# Per sample fractions (0, *fracs, 1): the matrices mapping a step's sample values to the monomial coefficients (in
-# theta - 1/2) of the polynomial through all of them and of the two through all but the first / the last
-# (:func:`_first_many`).
-_SAMPLE_POLYS: dict[tuple[float, ...], np.ndarray] = {}
-# A round's probes (:func:`_rounds_many`, as :func:`_rounds`): offsets in units of the fine spacing r / _FINE and of
-# res; the narrow round (the estimate within res / 8) is x and x -/+ res / 2; the coarse points split the bracket.
-_PROBE_STEP = np.array([*range(-_FINE, _FINE + 1), 0.0, 0.0, -0.25, 0.25])
-_PROBE_RES = np.array([0.0] * (2 * _FINE + 1) + [-0.5, 0.5, 0.0, 0.0])
-_NARROW_RES = np.array([-0.5, 0.0, 0.5])
-_COARSE_AT = np.arange(1, _COARSE + 1) / (_COARSE + 1)
-# The candidate interpolation nodes around a new bracket [pts[i - 1], pts[i]]: four on each side, nearest first.
-_NEAR = np.array([-2, -3, -4, -5, 1, 2, 3, 4])
-_SIDE_PREV = np.array([0, 0, 1, 2, 4, 4, 5, 6])  # the previous candidate on the same side (itself for the first)
-_EYE6 = np.eye(6, dtype=bool)
-_LOWER6 = np.tril(np.ones((6, 6), dtype=bool), -1)
-
-
-def _sample_poly(thetas: tuple[float, ...]) -> np.ndarray:
-    """``(K, 4K)``: a row of values at ``thetas`` (``K`` of them) times this matrix gives the monomial coefficients in
-    ``theta - 1/2`` of the polynomial through all ``K`` points, of its derivative, of the polynomial through all but
-    the first point and of the one through all but the last (each ``K`` wide, the top ones zero)."""
-    m = _SAMPLE_POLYS.get(thetas)
-    if m is None:
-        k = len(thetas)
-        u = np.array(thetas) - 0.5
-        m = np.zeros((k, 4 * k))
-        m[:, :k] = np.linalg.inv(np.vander(u, k, increasing=True)).T
-        m[:, k:2 * k - 1] = m[:, 1:k] * np.arange(1, k)
-        if k > 1:
-            m[1:, 2 * k:3 * k - 1] = np.linalg.inv(np.vander(u[1:], k - 1, increasing=True)).T
-            m[:-1, 3 * k:4 * k - 1] = np.linalg.inv(np.vander(u[:-1], k - 1, increasing=True)).T
-        _SAMPLE_POLYS[thetas] = m
-    return m
-
-
-def _first_many(samples: np.ndarray, j: np.ndarray, thetas: tuple[float, ...],
-                res: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The brackets and first estimates of many roots at once, as :func:`_rounds` starts one: ``samples`` ``(P, K)``
-    the crossing component's values at the step's sample fractions ``thetas`` (all finite), ``j`` ``(P,)`` the
-    sample interval holding the sign change. The estimate is the zero in the bracket of the polynomial through all
-    ``K`` values (Newton's method from the secant, kept in the bracket, to ``res / 100``); its error estimate the
-    polynomial without the sample farthest from the bracket, at that zero, over the slope, plus the last Newton
-    step. Returns ``(a, fa, b, fb, x, err)`` as float64 arrays."""
-    k = len(thetas)
-    th = np.array(thetas)
-    rows = np.arange(len(j))
-    a, b = th[j], th[j + 1]
-    fa, fb = samples[rows, j], samples[rows, j + 1]
-    with np.errstate(all="ignore"):
-        x = a + (b - a) * (fa / (fa - fb))
-        x = np.where((a < x) & (x < b), x, 0.5 * (a + b))
-        if k < 3:  # a line: the secant, no error estimate
-            return a, fa, b, fb, x, np.full_like(x, np.inf)
-        # (P, 4, K): the coefficients of the polynomial, its slope, and the polynomials without the first / last
-        coef = (samples @ _sample_poly(thetas)).reshape(-1, 4, k)
-        first = a > 1.0 - b  # the farthest sample from the bracket: the first one (else the last)
-        pw = np.arange(k, dtype=np.float64)
-        tol = 0.01 * res
-        for _ in range(12):
-            p, dp, low0, low1 = np.einsum("ij,ikj->ki", (x - 0.5)[:, None] ** pw, coef)
-            step = p / dp
-            err = np.abs(np.where(first, low0, low1) / dp)
-            x = np.clip(x - step, a, b)
-            # converged: the last step within a hundredth of the error estimate (or of res)
-            if not (np.abs(step) > np.maximum(tol, 0.01 * err)).any():
-                break
-        err = err + np.abs(step)
-    return a, fa, b, fb, x, err
-
-
-def _rounds_many(a: np.ndarray, fa: np.ndarray, b: np.ndarray, fb: np.ndarray, res: np.ndarray, x: np.ndarray,
-                 err: np.ndarray, evaluate: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
-    """:func:`_rounds` for many roots at once (float64 arrays ``(P,)``: the brackets ``[a, b]`` with their values,
-    the resolutions, the first estimates and their errors); ``evaluate(ids, xs)`` returns ``g`` of roots ``ids``
-    at the points ``xs`` (``(len(ids), W)``). Each round probes every unresolved root (the same points as
-    :func:`_rounds`: around the estimate, ``-/+ res / 2``, the bracket spread after a round that shrank it less than
-    ``_COARSE + 1`` times; points outside the bracket replaced by the estimate) in one ``evaluate``, takes the
-    first sub-interval where the sign changes, and estimates the next zero by inverse interpolation through the new
-    bracket's ends and up to four nearby points (none within a quarter of its width of the bracket or of the
-    previous one on its side). Returns each root's exact zero if one was hit, else the end of its final bracket
-    past the crossing."""
-    n_all = len(a)
-    out = b.copy()
-    # (P, 8): a, fa, b, fb, res, x, err, coarse
-    state = np.stack([a, fa, b, fb, res, x, err, np.zeros(n_all)], 1)
-    live = np.nonzero(fb != 0)[0]
-    with np.errstate(all="ignore"):
-        for _ in range(_MAX_ITERATIONS):
-            if live.size == 0:
-                break
-            st = state[live]
-            a, fa, b, fb, res, x, err, coarse = st.T
-            coarse = coarse > 0
-            width = b - a
-            bad = ~((a < x) & (x < b))
-            if bad.any():  # nan / inf, or outside: the secant of the bracket, else its midpoint
-                sec = a + width * (fa / (fa - fb))
-                sec = np.where((a < sec) & (sec < b), sec, 0.5 * (a + b))
-                x = np.where(bad, sec, x)
-                err = np.where(bad, width, err)
-            err = np.where(np.isfinite(err), err, width)
-            narrow = (8.0 * err <= res) & ~coarse
-            if narrow.all():
-                xs = x[:, None] + res[:, None] * _NARROW_RES
-            else:
-                r = np.minimum(np.maximum(8.0 * err, res), 0.5 * width)
-                step = np.where(narrow, 0.0, r / _FINE)
-                xs = x[:, None] + step[:, None] * _PROBE_STEP + res[:, None] * _PROBE_RES
-                if coarse.any():
-                    spread = a[:, None] + width[:, None] * _COARSE_AT
-                    xs = np.concatenate([xs, np.where(coarse[:, None], spread, x[:, None])], 1)
-            xs = np.where((a[:, None] < xs) & (xs < b[:, None]), xs, x[:, None])
-            xs.sort(1)
-            # no float between the ends: that root's bracket is final
-            stuck = ~((a < x) & (x < b))
-            vs = evaluate(live, xs)
-            w = xs.shape[1]
-            pts = np.concatenate([a[:, None], xs, b[:, None]], 1)
-            vals = np.concatenate([fa[:, None], vs, fb[:, None]], 1)
-            flip = (vals == 0) | ((vals > 0) != (fa > 0)[:, None])
-            flip[:, 0] = False
-            i = flip.argmax(1)
-            rows = np.arange(len(live))
-            xi, vi, xa, va = pts[rows, i], vals[rows, i], pts[rows, i - 1], vals[rows, i - 1]
-            done = stuck | ((vi == 0) & (i <= w)) | (xi - xa <= res)
-            out[live] = np.where(stuck, b, xi)
-            if done.all():
-                break
-            # the next estimate, by inverse interpolation (as _rounds: _nodes, then _inverse_root with its lower)
-            cand = np.clip(i[:, None] + _NEAR, 0, w + 1)
-            cx, cv = pts[rows[:, None], cand], vals[rows[:, None], cand]
-            gap = 0.25 * (xi - xa)
-            dist = np.where(_NEAR < 0, xa[:, None] - cx, cx - xi[:, None])
-            spaced = np.abs(cx - cx[:, _SIDE_PREV]) >= gap[:, None]
-            spaced[:, [0, 4]] = True
-            ok = (i[:, None] + _NEAR >= 0) & (i[:, None] + _NEAR <= w + 1) & (dist >= gap[:, None]) & spaced
-            dist = np.where(ok & np.isfinite(cv), dist, np.inf)
-            near = np.argsort(dist, 1, kind="stable")[:, :4]
-            nx = np.concatenate([xa[:, None], xi[:, None], np.take_along_axis(cx, near, 1)], 1)
-            ng = np.concatenate([va[:, None], vi[:, None], np.take_along_axis(cv, near, 1)], 1)
-            use = np.concatenate([np.ones((len(rows), 2), dtype=bool),
-                                  np.isfinite(np.take_along_axis(dist, near, 1))], 1) & np.isfinite(ng)
-            use &= ~((ng[:, :, None] == ng[:, None, :]) & _LOWER6 & use[:, None, :]).any(2)  # distinct values
-            count = use.sum(1)
-            both = np.stack([use, use & (np.cumsum(use, 1) < count[:, None])], 1)  # all, all but the farthest
-            frac = -ng[:, None, :] / (ng[:, :, None] - ng[:, None, :] + _EYE6)  # [k, j]: -g_j / (g_k - g_j)
-            lag = np.where(both[:, :, None, :] & ~_EYE6, frac[:, None], 1.0).prod(3)
-            est = (np.where(both, lag, 0.0) * (nx - xa[:, None])[:, None, :]).sum(2) + xa[:, None]
-            x_new = np.where(count >= 2, est[:, 0], np.nan)
-            err_new = np.where(count >= 3, np.abs(est[:, 0] - est[:, 1]), np.nan)
-            state[live] = np.stack([xa, va, xi, vi, res, x_new, err_new, (xi - xa) * (_COARSE + 1) > width], 1)
-            live = live[~done]
-    return out
 
 
 def _nodes(pts: list[tuple[float, float]], a: float, fa: float, b: float, fb: float) -> list[tuple[float, float]]:
