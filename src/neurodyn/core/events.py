@@ -79,6 +79,8 @@ _MAX_ITERATIONS = 400
 # _COARSE evenly spaced points of the bracket after a round that did not shrink it enough.
 _FINE = 4
 _COARSE = 5
+_FINE_STEPS = tuple(range(-_FINE, _FINE + 1))
+_COARSE_FRACTIONS = tuple((k + 1) / (_COARSE + 1) for k in range(_COARSE))
 # Whether a root located in the loop (a terminal event's, one with a jump, or any where a graph is recorded) of an
 # event function that takes many points at once is found by rounds of stacked probes (:func:`_crossing_many`, two
 # calls on a smooth function) rather than one point per call (:func:`_crossing`, about five). None: on accelerators
@@ -287,6 +289,13 @@ def as_events(events: Any) -> tuple[Event, ...]:
                                  f"neurodyn.Event(fn, direction=..., terminal=..., jump=...).")
         return tuple(events)
     raise InputError(f"events must be a neurodyn.Event or a list of them, got {type(events).__name__}.")
+
+
+class EventRecords(list):
+    """The occurrences of a solve, ``(t_e, y_e, event)`` each (a list); ``stacked``, where set, holds their times
+    ``(E,)`` and states ``(E, n)`` stacked in the same order (:meth:`EventWatch.finish` located them all together)."""
+
+    stacked: tuple[Tensor, Tensor] | None = None
 
 
 @dataclass
@@ -690,24 +699,33 @@ class EventWatch:
                 ys = y0s.new_empty(y0s.shape)
                 for ids, y in pieces:
                     ys[ids] = y
+            t_all = torch.tensor([p[2] + x * p[3] for p, x in zip(pend, thetas)], dtype=self.term.t_dtype,
+                                 device=self.term.device)
             states = ys.view(len(pend), *self.term.shape).unbind(0)
-            ts = torch.tensor([p[2] + x * p[3] for p, x in zip(pend, thetas)], dtype=self.term.t_dtype,
-                              device=self.term.device).unbind(0)
+            ts = t_all.unbind(0)
         found: dict[int, list] = {}
         owner = self.owner
-        for p, x, t_i, y_i in zip(pend, thetas, ts, states):
+        for i, (p, x, t_i, y_i) in enumerate(zip(pend, thetas, ts, states)):
             hit, c = p[0], p[12]
-            found.setdefault(id(hit), []).append((x, c, (t_i, y_i, owner[c])))
-        out, rest = [], iter(records)
+            found.setdefault(id(hit), []).append((x, c, (t_i, y_i, owner[c]), i))
+        out, rest = EventRecords(), iter(records)
+        order: list[int] = []  # the pending roots in the order of their records
         for _, hit in self.hits:
             mine = found.get(id(hit))
             if mine is None:  # located in the loop: its records are next in `records`
                 out.extend(itertools.islice(rest, len(hit.occ) - (1 if hit.stop == "zeno" else 0)))
                 continue
-            mine.sort(key=lambda r: r[0])
-            hit.occ[:] = [(x, c) for x, c, _ in mine]
-            out.extend(r for _, _, r in mine)
+            if len(mine) > 1:
+                mine.sort(key=lambda r: r[0])
+            hit.occ[:] = [(x, c) for x, c, _, _ in mine]
+            out.extend(r for _, _, r, _ in mine)
+            order.extend(i for _, _, _, i in mine)
         out.extend(rest)
+        if not records:  # every record is a pending root's: their times and states as they are stacked already
+            if order != list(range(len(pend))):
+                idx = torch.tensor(order, device=ys.device)
+                t_all, ys = t_all.index_select(0, idx.to(t_all.device)), ys.index_select(0, idx)
+            out.stacked = (t_all, ys)
         return out
 
     def _locate_pending(self, solver: Stepper, co, pend: list[tuple], y0s: Tensor,
@@ -718,6 +736,8 @@ class EventWatch:
         shape, t_dtype, device = self.term.shape, self.term.t_dtype, self.term.device
         gens, xs, out = [], [None] * len(pend), [None] * len(pend)
         pieces: list[tuple[list[int], Tensor]] = []
+        # the steps' starts and sizes (P, 1), float64: the probes' times are t0 + theta h
+        t0h = torch.tensor([(p[2], p[3]) for p in pend], dtype=torch.float64, device=y0s.device).unsqueeze(2)
         for i, p in enumerate(pend):
             gens.append(_rounds(*p[6:12]))
             try:
@@ -731,21 +751,21 @@ class EventWatch:
             for e in sorted({pend[i][4] for i in live}):
                 ids = [i for i in live if pend[i][4] == e]
                 w = max(len(xs[i]) for i in ids)  # probes per step, padded with the last one
-                flat, times = [], []
+                flat = []
                 for i in ids:
-                    x_i, t0, h = xs[i], pend[i][2], pend[i][3]
-                    padded = x_i + x_i[-1:] * (w - len(x_i))
-                    flat += padded
-                    times += [t0 + x * h for x in padded]
+                    x_i = xs[i]
+                    flat += x_i + x_i[-1:] * (w - len(x_i)) if len(x_i) < w else x_i
                 m = len(flat)
                 th = torch.tensor(flat, dtype=torch.float64, device=y0s.device).view(len(ids), w)
-                y0r, khr = y0s, kh
+                y0r, khr, t0hr = y0s, kh, t0h
                 if len(ids) < len(pend):
                     idx = torch.tensor(ids, device=y0s.device)
-                    y0r, khr = y0s.index_select(0, idx), kh.index_select(1, idx)
+                    y0r, khr, t0hr = y0s.index_select(0, idx), kh.index_select(1, idx), t0h.index_select(0, idx)
                 ys = solver.interpolate_rows(y0r, y0r, khr, None, th, co)  # (len(ids), w, n)
                 k = self.sizes[e]
-                v = self.events[e].fn(torch.tensor(times, dtype=t_dtype, device=device), ys.view(m, *shape))
+                times = torch.addcmul(t0hr[:, 0], th, t0hr[:, 1]).view(m)
+                v = self.events[e].fn(times if times.dtype == t_dtype and times.device == device else
+                                      times.to(device=device, dtype=t_dtype), ys.view(m, *shape))
                 if not isinstance(v, Tensor) or v.numel() != m * k or v.shape[0] != m:
                     got = f"shape {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
                     raise InputError(f"Event(vectorized=True): fn(t, y) with t of shape ({m},) must return a real "
@@ -1092,6 +1112,7 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
         width = b - a
         if width <= res:
             break
+        a0, fa0, b0, fb0 = a, fa, b, fb
         if not (a < x < b):
             x = a + width * (fa / (fa - fb))
             if not (a < x < b):
@@ -1099,32 +1120,38 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
             err = width
         elif not math.isfinite(err):
             err = width
-        r = min(max(8.0 * err, res), 0.5 * width)
+        half = 0.5 * res
         if 8.0 * err <= res and not coarse:
             # The estimate within res / 8 of the root: x -/+ res / 2 close the bracket (else the next round does).
-            xs = [x - 0.5 * res, x, x + 0.5 * res]
+            xs = [x - half, x, x + half]
+            if not (a < xs[0] and xs[2] < b):
+                xs = [p for p in xs if a < p < b]
         else:
-            step = r / _FINE
-            xs = [x + step * k for k in range(-_FINE, _FINE + 1)]
-            xs += [x - 0.5 * res, x + 0.5 * res, x - 0.25 * step, x + 0.25 * step]
-        if coarse:
-            xs += [a + width * (k + 1) / (_COARSE + 1) for k in range(_COARSE)]
-        xs = sorted({p for p in xs if a < p < b})
+            step = min(max(8.0 * err, res), 0.5 * width) / _FINE
+            xs = [x + step * k for k in _FINE_STEPS]
+            xs += [x - half, x + half, x - 0.25 * step, x + 0.25 * step]
+            if coarse:
+                xs += [a + width * q for q in _COARSE_FRACTIONS]
+            xs = sorted({p for p in xs if a < p < b})
         if not xs:  # no float between the ends
             break
         vs = yield xs
-        pts = [(a, fa), *zip(xs, vs), (b, fb)]
-        i = 0
-        for i in range(1, len(pts)):
-            xi, vi = pts[i]
-            if vi == 0 and i < len(pts) - 1:
-                return xi
-            if (vi > 0) != (fa > 0):
+        # the first probe past the crossing (an exact zero: the root); the bracket ends there
+        pos = fa > 0
+        i = len(xs)
+        for q, v in enumerate(vs):
+            if v == 0:
+                return xs[q]
+            if (v > 0) != pos:
+                i = q
                 break
-        a, fa = pts[i - 1]
-        b, fb = pts[i]
+        a, fa = (xs[i - 1], vs[i - 1]) if i else (a, fa)
+        if i < len(xs):
+            b, fb = xs[i], vs[i]
         if b - a <= res:
             break
+        pts = [(a0, fa0), *zip(xs, vs), (b0, fb0)]
+        i += 1  # (the bracket's far end in pts)
         coarse = (b - a) * (_COARSE + 1) > width  # the next round spreads points over the bracket too
         # the bracket's ends and nearby points (:func:`_nodes`), the farthest first
         x, lower = _inverse_root(_nodes(pts[max(i - 5, 0):i - 1] + pts[i + 1:i + 5], a, fa, b, fb)[::-1], 6,
@@ -1137,19 +1164,18 @@ def _nodes(pts: list[tuple[float, float]], a: float, fa: float, b: float, fb: fl
     """Interpolation nodes for a root in the bracket ``[a, b]``: its ends, then up to four of ``pts`` nearest it
     outside it, none within a quarter of the bracket's width of one taken (clustered nodes amplify the rounding
     of ``g``)."""
-    near = [(a, fa), (b, fb)]
     gap = 0.25 * (b - a)
     lo, hi = a - gap, b + gap
-    out = [p for p in pts if not lo < p[0] < hi]
-    out.sort(key=lambda p: a - p[0] if p[0] < a else p[0] - b)
+    # (distance to the bracket, x, g), nearest first (ties: the smaller x first, as the points come)
+    out = sorted([(a - x if x < a else x - b, x, v) for x, v in pts if x <= lo or x >= hi])
+    near = [(a, fa), (b, fb)]
     taken: list[float] = []
-    for p in out:
-        x = p[0]
+    for _, x, v in out:
         for q in taken:
             if abs(x - q) < gap:
                 break
         else:
-            near.append(p)
+            near.append((x, v))
             taken.append(x)
             if len(near) == 6:
                 break
@@ -1159,9 +1185,11 @@ def _nodes(pts: list[tuple[float, float]], a: float, fa: float, b: float, fb: fl
 def _poly_root(pts: list[tuple[float, float]], a: float, fa: float, b: float, fb: float,
                tol: float) -> tuple[float, float]:
     """A zero in ``(a, b)`` of the polynomial through the points ``(x, g)`` (nearest the bracket first; ``(a, fa)``
-    and ``(b, fb)`` among them, of opposite signs), to ``tol``, by Newton's method safeguarded by bisection, and an
-    estimate of its error: the change of that zero from the polynomial without the last point (its last Newton
-    term over the slope). Returns ``(x, err)``; ``err`` is inf where the slope vanishes."""
+    and ``(b, fb)`` among them, of opposite signs), by Newton's method safeguarded by bisection, and an estimate of
+    its error: the change of that zero from the polynomial without the last point (its last Newton term over the
+    slope). Newton's method stops at a step of ``tol``, or of a hundredth of that error estimate if coarser (the
+    zero of the polynomial is no more accurate than the polynomial). Returns ``(x, err)``; ``err`` is inf where the
+    slope vanishes."""
     xs = [p[0] for p in pts]
     c = [p[1] for p in pts]
     m = len(xs)
@@ -1173,11 +1201,14 @@ def _poly_root(pts: list[tuple[float, float]], a: float, fa: float, b: float, fb
     if not (a < x < b):
         x = 0.5 * (a + b)
     dp = 0.0
+    top = c[-1]
     for _ in range(60):
-        p, dp = c[-1], 0.0
+        p, dp, w = top, 0.0, top
         for i in range(m - 2, -1, -1):  # Horner on the Newton form: the value and the slope at x
-            dp = dp * (x - xs[i]) + p
-            p = p * (x - xs[i]) + c[i]
+            d = x - xs[i]
+            dp = dp * d + p
+            p = p * d + c[i]
+            w *= d  # (the last Newton term: the change by the last point, as the error estimate below)
         if p == 0.0:
             break
         if (p > 0) == (flo > 0):
@@ -1187,7 +1218,8 @@ def _poly_root(pts: list[tuple[float, float]], a: float, fa: float, b: float, fb
         xn = x - p / dp if dp != 0.0 else math.nan
         if not (lo < xn < hi):
             xn = 0.5 * (lo + hi)
-        if abs(xn - x) <= tol or hi - lo <= tol:
+        # converged: to tol, or (with three points or more) to a hundredth of the error estimate
+        if abs(xn - x) <= (tol if m < 3 or dp == 0.0 else max(tol, 0.01 * abs(w / dp))) or hi - lo <= tol:
             x = xn
             break
         x = xn
