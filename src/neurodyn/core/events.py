@@ -614,23 +614,43 @@ class EventWatch:
             if m * p * self.n <= _HOST_SCAN:  # few values: compared on the host (one read, no small tensor ops)
                 g = self.g
                 prev = self._g_row[1] if self._g_row is not None and self._g_row[0] is g else g.tolist()
-                seq = G.reshape(m * p, self.n).tolist()  # every step's points in time order
-                marked: list[int] = []  # steps where a component leaves its sign (as _changes), or is NaN
-                for q_i, row in enumerate(seq):
-                    for pv, qv, d in zip(prev, row, self.dirs):
+                if self.n == 1:  # one component: its values in one list
+                    vals = G.view(-1).tolist()  # every step's points in time order
+                    pv, d = prev[0], self.dirs[0]
+                    flagged = []
+                    last = -1
+                    for q_i, qv in enumerate(vals):
+                        # the value leaves its sign in its direction (as _changes), or is NaN
                         if qv != qv or (pv != 0 and ((qv > 0) != (pv > 0) or qv == 0)
                                         and (d == 0 or (d > 0) == (pv < 0))):
-                            step = q_i // p
-                            if not marked or marked[-1] != step:
-                                marked.append(step)
-                            break
-                    prev = row
-                flagged = []
-                for i in marked:
-                    rows = [seq[i * p - 1] if i else (self._g_row[1] if self._g_row is not None and
-                                                      self._g_row[0] is g else g.tolist()), *seq[i * p:(i + 1) * p]]
-                    nan = any(v != v for row in rows[1:] for v in row)
-                    flagged.append((i, rows, self._changes(rows), nan))
+                            i, r = divmod(q_i, p)
+                            if qv != qv:
+                                _nan_error(info[i][0] + fr[r] * info[i][1] if r < len(fr) else info[i][2], G[i, r])
+                            if i != last:
+                                rows = [[vals[i * p - 1] if i else prev[0]], *([v] for v in vals[i * p:(i + 1) * p])]
+                                flagged.append((i, rows, [(r, 0)], False))
+                                last = i
+                            else:
+                                flagged[-1][2].append((r, 0))
+                        pv = qv
+                else:
+                    seq = G.reshape(m * p, self.n).tolist()  # every step's points in time order
+                    first = prev
+                    marked: list[int] = []  # steps where a component leaves its sign (as _changes), or is NaN
+                    for q_i, row in enumerate(seq):
+                        for pv, qv, d in zip(prev, row, self.dirs):
+                            if qv != qv or (pv != 0 and ((qv > 0) != (pv > 0) or qv == 0)
+                                            and (d == 0 or (d > 0) == (pv < 0))):
+                                step = q_i // p
+                                if not marked or marked[-1] != step:
+                                    marked.append(step)
+                                break
+                        prev = row
+                    flagged = []
+                    for i in marked:
+                        rows = [seq[i * p - 1] if i else first, *seq[i * p:(i + 1) * p]]
+                        nan = any(v != v for row in rows[1:] for v in row)
+                        flagged.append((i, rows, self._changes(rows), nan))
             else:  # compared on the device: one read, two where a step crossed
                 start = torch.cat([self.g.view(1, 1, -1).to(G.dtype), G[:-1, -1:]])
                 full = torch.cat([start, G], 1)  # (m, p + 1, K): every step's start, sample points and end
