@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,11 +291,27 @@ def as_events(events: Any) -> tuple[Event, ...]:
     raise InputError(f"events must be a neurodyn.Event or a list of them, got {type(events).__name__}.")
 
 
-class EventRecords(list):
-    """The occurrences of a solve, ``(t_e, y_e, event)`` each (a list); ``stacked``, where set, holds their times
-    ``(E,)`` and states ``(E, n)`` stacked in the same order (:meth:`EventWatch.finish` located them all together)."""
+class EventRecords(Sequence):
+    """The occurrences of a solve that :meth:`EventWatch.finish` located all together, in order: a sequence of
+    ``(t_e, y_e, event)`` read from their times ``t`` ``(E,)``, states ``y`` ``(E, *shape)`` and event indices
+    (the form of the loop's records, without a tensor per record); ``stacked`` is ``(t, y)``."""
 
-    stacked: tuple[Tensor, Tensor] | None = None
+    __slots__ = ("t", "y", "index")
+
+    def __init__(self, t: Tensor, y: Tensor, index: list[int]):
+        self.t, self.y, self.index = t, y, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return self.t[i], self.y[i], self.index[i]
+
+    @property
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        return self.t, self.y
 
 
 @dataclass
@@ -721,31 +737,34 @@ class EventWatch:
                     ys[ids] = y
             t_all = torch.tensor([p[2] + x * p[3] for p, x in zip(pend, thetas)], dtype=self.term.t_dtype,
                                  device=self.term.device)
-            states = ys.view(len(pend), *self.term.shape).unbind(0)
-            ts = t_all.unbind(0)
         found: dict[int, list] = {}
-        owner = self.owner
-        for i, (p, x, t_i, y_i) in enumerate(zip(pend, thetas, ts, states)):
-            hit, c = p[0], p[12]
-            found.setdefault(id(hit), []).append((x, c, (t_i, y_i, owner[c]), i))
-        out, rest = EventRecords(), iter(records)
-        order: list[int] = []  # the pending roots in the order of their records
+        for i, (p, x) in enumerate(zip(pend, thetas)):
+            found.setdefault(id(p[0]), []).append((x, p[12], i))
+        plan: list[tuple[list[int] | None, int]] = []  # per hit: its pending roots in order, or its loop records
         for _, hit in self.hits:
             mine = found.get(id(hit))
             if mine is None:  # located in the loop: its records are next in `records`
-                out.extend(itertools.islice(rest, len(hit.occ) - (1 if hit.stop == "zeno" else 0)))
+                plan.append((None, len(hit.occ) - (1 if hit.stop == "zeno" else 0)))
                 continue
             if len(mine) > 1:
                 mine.sort(key=lambda r: r[0])
-            hit.occ[:] = [(x, c) for x, c, _, _ in mine]
-            out.extend(r for _, _, r, _ in mine)
-            order.extend(i for _, _, _, i in mine)
-        out.extend(rest)
-        if not records:  # every record is a pending root's: their times and states as they are stacked already
+            hit.occ[:] = [(x, c) for x, c, _ in mine]
+            plan.append(([i for _, _, i in mine], 0))
+        owner = self.owner
+        if not records:  # every record is a pending root's: read from their stacked times and states
+            order = [i for ids, _ in plan if ids is not None for i in ids]
             if order != list(range(len(pend))):
                 idx = torch.tensor(order, device=ys.device)
                 t_all, ys = t_all.index_select(0, idx.to(t_all.device)), ys.index_select(0, idx)
-            out.stacked = (t_all, ys)
+            return EventRecords(t_all, ys.view(len(pend), *self.term.shape), [owner[pend[i][12]] for i in order])
+        ts, states = t_all.unbind(0), ys.view(len(pend), *self.term.shape).unbind(0)
+        out, rest = [], iter(records)
+        for ids, k in plan:
+            if ids is None:
+                out.extend(itertools.islice(rest, k))
+            else:
+                out.extend((ts[i], states[i], owner[pend[i][12]]) for i in ids)
+        out.extend(rest)
         return out
 
     def _locate_pending(self, solver: Stepper, co, pend: list[tuple], y0s: Tensor,
