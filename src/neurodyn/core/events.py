@@ -348,13 +348,17 @@ class EventWatch:
         self.detect = cfg.interp
         tt = self._time(t0)
         with torch.no_grad():
-            parts = [event_values(e.fn, tt, y0.detach().view(term.shape)).detach() for e in self.events]
+            parts = [event_values(e.fn, tt, y0.detach().view(term.shape), check_nan=False).detach()
+                     for e in self.events]
         self.sizes = [p.numel() for p in parts]
         self.owner = [i for i, k in enumerate(self.sizes) for _ in range(k)]  # component -> event
         self.offset = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self.dirs = [self.events[i].direction for i in self.owner]
         self.n = len(self.owner)
         self.g = parts[0] if len(parts) == 1 else torch.cat(parts)
+        start = self.g.tolist()  # (one read: the NaN check, and the first step's start values on the host)
+        if any(v != v for v in start):
+            _nan_error(t0, self.g, initial=True)
         self.counts = [0] * len(self.events)
         self.total = 0
         self.max_events, self.min_gap = cfg.max_events, cfg.min_event_gap
@@ -368,7 +372,7 @@ class EventWatch:
         self.vec: list[bool | None] = [e.vectorized if e.vectorized is not None else e.found.get(self._key)
                                        for e in self.events]
         self._dirs_t: Tensor | None = None  # self.dirs on the device (sign checks of many components)
-        self._g_row: tuple[Tensor, list[float]] | None = None  # (self.g, its values on the host)
+        self._g_row: tuple[Tensor, list[float]] | None = (self.g, start)  # (self.g, its values on the host)
         # Occurrences that only need recording, located together at the end of the solve (:meth:`finish`):
         # (hit, the step's y0 and stages, t0, h, event, component, a, fa, b, fb, res, known points).
         self.pending: list[tuple] = []
@@ -716,12 +720,14 @@ class EventWatch:
                 z = base
             else:
                 z = torch.stack([p[1][0][p[1][1]] for p in pend])
-            hs = torch.tensor([p[3] for p in pend], dtype=z.real.dtype if z.is_complex() else z.dtype,
-                              device=z.device)
+            # the steps' starts and sizes (P, 2, 1), float64 (the probes' times are t0 + theta h)
+            t0h = torch.tensor([(p[2], p[3]) for p in pend], dtype=torch.float64, device=z.device).unsqueeze(2)
+            real = z.real.dtype if z.is_complex() else z.dtype
+            hs = t0h[:, 1, 0] if real == torch.float64 else t0h[:, 1, 0].to(real)
             y0s = z[:, 0]
             kh = z.new_empty((z.shape[1] - 1, z.shape[0], z.shape[2]))  # (s, P, n): the stages times h
             torch.mul(z[:, 1:].transpose(0, 1), hs.view(1, -1, 1), out=kh)
-            thetas, pieces = self._locate_pending(solver, co, pend, y0s, kh)
+            thetas, pieces = self._locate_pending(solver, co, pend, y0s, kh, t0h)
             have = {i for ids, _ in pieces for i in ids}
             rest = [i for i in range(len(pend)) if i not in have]  # roots not among the last round's probes
             if rest:
@@ -767,16 +773,15 @@ class EventWatch:
         out.extend(rest)
         return out
 
-    def _locate_pending(self, solver: Stepper, co, pend: list[tuple], y0s: Tensor,
-                        kh: Tensor) -> tuple[list[float], list[tuple[list[int], Tensor]]]:
+    def _locate_pending(self, solver: Stepper, co, pend: list[tuple], y0s: Tensor, kh: Tensor,
+                        t0h: Tensor) -> tuple[list[float], list[tuple[list[int], Tensor]]]:
         """The fractions of the pending roots (steps' starts ``y0s`` ``(P, n)``, ``h``-scaled stages ``kh``
-        ``(s, P, n)``), located in rounds across the steps (see :meth:`finish`), and the states there where the
-        last round evaluated them: a list of (root indices, their states ``(len, n)``)."""
+        ``(s, P, n)``, starts and sizes ``t0h`` ``(P, 2, 1)`` float64), located in rounds across the steps (see
+        :meth:`finish`), and the states there where the last round evaluated them: a list of (root indices, their
+        states ``(len, n)``)."""
         shape, t_dtype, device = self.term.shape, self.term.t_dtype, self.term.device
         gens, xs, out = [], [None] * len(pend), [None] * len(pend)
         pieces: list[tuple[list[int], Tensor]] = []
-        # the steps' starts and sizes (P, 1), float64: the probes' times are t0 + theta h
-        t0h = torch.tensor([(p[2], p[3]) for p in pend], dtype=torch.float64, device=y0s.device).unsqueeze(2)
         for i, p in enumerate(pend):
             gens.append(_rounds(*p[6:12]))
             try:
