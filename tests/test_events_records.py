@@ -156,3 +156,22 @@ def test_rounds_end_past_the_crossing_or_at_an_exact_zero(sign, root):
     hit = _crossing_many(lambda xs: [0.0 if p == 0.6 else sign * (p - 0.6) for p in xs], 0.5, -0.1 * sign, 0.75,
                          0.15 * sign, res, [(0.25, -0.35 * sign), (1.0, 0.4 * sign)])
     assert hit == 0.6 or 0.0 <= hit - 0.6 <= res
+
+
+def test_kept_buffer_reused_by_the_next_solve_leaves_earlier_results_alone():
+    """The kept steps' buffer goes back to a pool at the end of a solve and the next solve of the same layout
+    takes it: an earlier solution's events (times, states) are unchanged by a later solve that reuses it, and each
+    solve's events are their closed forms (y = A sin(t + phi): zeros at k pi - phi, for two amplitudes/phases)."""
+    ev = [neurodyn.Event(lambda t, y: y[..., 0], terminal=False)]
+    first = solve_osc(ev)
+    kept_t, kept_y = first.events.t.clone(), first.events.y.clone()
+    assert any(key[:2] == (8, 2) for key in events._KEPT_POOL)  # dopri5: 7 stages + the start, 2 elements
+    with torch.no_grad():
+        second = neurodyn.solve(osc, torch.tensor([-1.2, 0.5], dtype=F64), torch.tensor([0.0, 30.0], dtype=F64),
+                                rtol=1e-10, atol=1e-12, events=ev)
+    assert torch.equal(first.events.t, kept_t) and torch.equal(first.events.y, kept_y)
+    phi2 = math.atan2(-1.2, 0.5)
+    expect2 = [k * math.pi - phi2 for k in range(0, 11) if 0 < k * math.pi - phi2 < 30.0]
+    assert float((second.events.t - torch.tensor(expect2, dtype=F64)).abs().max()) < 1e-9
+    expect1 = [k * math.pi - PHI for k in range(1, 10)]
+    assert float((first.events.t - torch.tensor(expect1, dtype=F64)).abs().max()) < 1e-9

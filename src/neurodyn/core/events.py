@@ -100,6 +100,10 @@ _KEEP_NUMEL = 1 << 21
 _FRACTIONS: dict[tuple, Tensor] = {}
 # Up to this many values (kept steps x points x components), their signs are compared on the host.
 _HOST_SCAN = 4096
+# Buffers of kept steps (EventWatch._keep) given back at the end of a solve for the next one with the same layout
+# (stages + 1, state size, dtype, device, inference mode), with their rows; up to this many elements each.
+_KEPT_POOL: dict[tuple, tuple[Tensor, tuple[Tensor, ...]]] = {}
+_KEPT_POOL_NUMEL = 1 << 16
 
 
 def event_values(event_fn: Callable, t: Tensor, y: Tensor, n: int | None = None, check_nan: bool = True) -> Tensor:
@@ -385,6 +389,7 @@ class EventWatch:
         self._nk = 0  # steps kept
         self._room = 0  # steps check() may keep without _keep's tests (free rows, below _cap and max_events)
         self._kept_rows: tuple[Tensor, ...] = ()  # self._kept's rows
+        self._layout: tuple | None = None  # the kept buffer's key in _KEPT_POOL
         self._kept_t: list[tuple[float, float, float, int]] = []
         self._kept_y1: Tensor | None = None
         self._cap = 0  # steps kept at most before their checks run (memory)
@@ -594,11 +599,19 @@ class EventWatch:
         rows = self._kept_rows
         if nk == len(rows):  # grown by doubling, up to _cap rows
             kept = self._kept
-            new = st.y0.new_empty((min(max(2 * nk, 32), self._cap), st.k.shape[0] + 1, st.y0.shape[1]))
-            if nk:
-                new[:nk] = kept[:nk]
-            self._kept = new
-            rows = self._kept_rows = new.unbind(0)
+            size = min(max(2 * nk, 32), self._cap)
+            layout = (st.k.shape[0] + 1, st.y0.shape[1], st.y0.dtype, st.y0.device, torch.is_inference_mode_enabled())
+            spare = _KEPT_POOL.pop(layout, None) if not nk else None
+            if spare is not None and len(spare[1]) >= size:  # a buffer an earlier solve gave back, with its rows
+                self._kept, rows = spare
+                self._kept_rows = rows
+            else:
+                new = st.y0.new_empty((size, *layout[:2]))
+                if nk:
+                    new[:nk] = kept[:nk]
+                self._kept = new
+                rows = self._kept_rows = new.unbind(0)
+            self._layout = layout
         torch.cat((st.y0, st.k), out=rows[nk])  # the stage buffers are reused: one copy
         self._nk = nk + 1
         self._room = min(len(rows), self._cap, (self.max_events - self.total) // self._most)
@@ -709,7 +722,20 @@ class EventWatch:
         fractions per step) and one call of each event's function."""
         if self._nk:
             self._detect_kept(solver, co, final=True)
-        self._kept, self._kept_rows, self._room = None, (), 0
+        kept, self._kept, self._room = self._kept, None, 0
+        if kept is not None and kept.numel() <= _KEPT_POOL_NUMEL:
+            # the buffer goes back for the next solve once the roots it holds are located (nothing returned keeps it)
+            give_back = (self._layout, (kept, self._kept_rows))
+        else:
+            give_back = None
+        self._kept_rows = ()
+        out = self._finish(solver, co, records)
+        if give_back is not None:
+            _KEPT_POOL[give_back[0]] = give_back[1]
+        return out
+
+    def _finish(self, solver: Stepper, co, records: list) -> list | EventRecords:
+        """:meth:`finish` once the kept steps are checked."""
         pend, self.pending = self.pending, []
         if not pend:
             return records
