@@ -175,3 +175,17 @@ def test_kept_buffer_reused_by_the_next_solve_leaves_earlier_results_alone():
     assert float((second.events.t - torch.tensor(expect2, dtype=F64)).abs().max()) < 1e-9
     expect1 = [k * math.pi - PHI for k in range(1, 10)]
     assert float((first.events.t - torch.tensor(expect1, dtype=F64)).abs().max()) < 1e-9
+
+
+@pytest.mark.parametrize("samples", [0, 1, 3, 4, 7])
+def test_sample_nodes_are_the_nodes_picked_from_the_samples(samples):
+    """The first estimate's nodes taken by index for a bracket that is a sample interval (``_sample_nodes``) are
+    the ones ``_nodes`` picks from the step's other sample points, in the same order, for every interval."""
+    rng = np.random.default_rng(samples)
+    th = (0.0, *((i + 1) / (samples + 1) for i in range(samples)), 1.0)
+    for j in range(len(th) - 1):
+        vals = rng.uniform(-1.0, 1.0, len(th)).tolist()
+        known = [(t, v) for t, v in zip(th, vals) if t != th[j]]
+        picked = events._nodes(known, th[j], vals[j], th[j + 1], vals[j + 1])
+        assert [(th[q], vals[q]) for q in events._sample_nodes(th, j)] == picked
+        assert len(picked) == min(samples, 4) + 2

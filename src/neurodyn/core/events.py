@@ -554,10 +554,15 @@ class EventWatch:
         for j, c in cands:
             e = self.owner[c]
             a, fa, b, fb = thetas[j], rows[j][c], thetas[j + 1], rows[j + 1][c]
+            nodes = None
             if j == 0 and c in probes:  # the start value was taken a moment after a jump
                 a = min(max((probes[c] - t0) / h, 0.0), 0.5 * b)
+            else:  # the first estimate's nodes (as _nodes picks them from the sample points), where all are finite
+                nodes = [(thetas[q], rows[q][c]) for q in _sample_nodes(thetas, j)]
+                if not all(map(math.isfinite, (v for _, v in nodes))):
+                    nodes = None
             known = [(th, r[c]) for th, r in zip(thetas, rows) if th != thetas[j]]
-            self.pending.append((hit, saved, t0, h, e, c - self.offset[e], a, fa, b, fb, res, known, c))
+            self.pending.append((hit, saved, t0, h, e, c - self.offset[e], a, fa, b, fb, res, known, c, nodes))
             self.total += 1
             self.counts[e] += 1
             self.last_t = t0 + b * h
@@ -809,7 +814,7 @@ class EventWatch:
         gens, xs, out = [], [None] * len(pend), [None] * len(pend)
         pieces: list[tuple[list[int], Tensor]] = []
         for i, p in enumerate(pend):
-            gens.append(_rounds(*p[6:12]))
+            gens.append(_rounds(*p[6:12], nodes=p[13]))
             try:
                 xs[i] = next(gens[i])
             except StopIteration as done:
@@ -1151,7 +1156,8 @@ def _crossing_many(g: Callable[[list[float]], list[float]], a: float, fa: float,
         return done.value
 
 
-def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tuple[float, float]] = ()):
+def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tuple[float, float]] = (),
+            nodes: list[tuple[float, float]] | None = None):
     """The rounds of probes that locate a sign change of ``g`` in ``[a, b]`` (``fa = g(a) != 0``, ``fb = g(b)``,
     opposite signs or ``fb = 0``) to a bracket of width ``res``: a generator that yields each round's points (a
     sorted list of fractions), is sent ``g`` at them, and returns an exact zero if one is hit, else the bracket end
@@ -1175,8 +1181,9 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
         return b
     # The first estimate: the polynomial through the known points (a step's sample points need not be monotone in
     # g, so not inverse interpolation); then inverse interpolation through the points around each new bracket.
-    x, err = _poly_root(_nodes([(p, v) for p, v in known if math.isfinite(v)], a, fa, b, fb), a, fa, b, fb,
-                        0.01 * res)
+    if nodes is None:
+        nodes = _nodes([(p, v) for p, v in known if math.isfinite(v)], a, fa, b, fb)
+    x, err = _poly_root(nodes, a, fa, b, fb, 0.01 * res)
     coarse = False  # (the bracket spread with probes only after a round that did not shrink it enough)
     for _ in range(_MAX_ITERATIONS):
         width = b - a
@@ -1228,6 +1235,22 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
                                  lower=True)
         err = abs(x - lower)
     return b
+
+
+_SAMPLE_NODES: dict[tuple[tuple[float, ...], int], tuple[int, ...]] = {}
+
+
+def _sample_nodes(thetas: tuple[float, ...], j: int) -> tuple[int, ...]:
+    """The indices of the sample points :func:`_nodes` takes for a root in the sample interval ``j`` (the
+    interval's ends, then up to four of the others, nearest first; evenly spaced samples are a whole interval apart,
+    so none is refused for being close to another), cached per ``(thetas, j)``."""
+    key = (thetas, j)
+    got = _SAMPLE_NODES.get(key)
+    if got is None:
+        a, b = thetas[j], thetas[j + 1]
+        others = sorted((a - x if x < a else x - b, x, q) for q, x in enumerate(thetas) if q not in (j, j + 1))
+        got = _SAMPLE_NODES[key] = (j, j + 1, *(q for _, _, q in others[:4]))
+    return got
 
 
 def _nodes(pts: list[tuple[float, float]], a: float, fa: float, b: float, fb: float) -> list[tuple[float, float]]:
