@@ -371,6 +371,7 @@ class EventWatch:
         self.probes: dict[int, float] = {}  # component -> the time its start value was taken (after a jump)
         self._seen: dict[float, tuple[Tensor, int | None]] = {}  # fraction -> (states, row or None)
         self._fr: Tensor | None = None  # self.fracs as a tensor on the state's device
+        self._fr_end: Tensor | None = None  # the same and 1.0 (the kept steps' checks, _detect_kept)
         # Per event: does fn take a leading dimension of points (Event.vectorized; None: not known yet)?
         self._key = (tuple(term.shape), y0.dtype, y0.device.type)
         self.vec: list[bool | None] = [e.vectorized if e.vectorized is not None else e.found.get(self._key)
@@ -638,12 +639,13 @@ class EventWatch:
         with torch.no_grad():
             z = self._kept[:m]  # (m, s + 1, n): the steps' starts and stages
             y0s = z[:, 0]
-            ends = torch.cat([y0s[1:], y_end.reshape(1, -1)]) if m > 1 else y_end.reshape(1, -1)
             if fr:
+                # the sample points and the step end on the dense output, in one product: (m, f + 1, n) (the step
+                # end is y1 up to rounding; the next step's start value is this one)
                 hs = torch.tensor([h for _, h, _, _ in info], dtype=z.dtype, device=z.device)
-                inner = solver.interpolate_steps(y0s, z[:, 1:], hs, self._fractions(z.device), co)  # (m, f, n)
-                states = torch.cat([inner, ends.unsqueeze(1)], 1)
+                states = solver.interpolate_steps(y0s, z[:, 1:], hs, self._fractions(z.device, True), co)
             else:
+                ends = torch.cat([y0s[1:], y_end.reshape(1, -1)]) if m > 1 else y_end.reshape(1, -1)
                 states = ends.unsqueeze(1)
             p = len(fr) + 1
             times = [x for t0, h, t1, _ in info for x in (*(t0 + q * h for q in fr), t1)]
@@ -880,19 +882,24 @@ class EventWatch:
         tts = torch.tensor(times, dtype=self.term.t_dtype, device=self.term.device)
         return self.values_many(tts, states), times
 
-    def _fractions(self, device: torch.device) -> Tensor:
-        """``self.fracs`` as a float64 tensor on ``device``: one tensor per fractions and device for all solves (a
-        stepper keeps the dense-output weights of the last fractions tensor it saw)."""
-        if self._fr is None:
-            key = (self.fracs, device)
-            fr = _FRACTIONS.get(key)
-            if fr is None or fr.is_inference() != torch.is_inference_mode_enabled():
-                fr = torch.tensor(self.fracs, dtype=torch.float64).to(device)
+    def _fractions(self, device: torch.device, end: bool = False) -> Tensor:
+        """``self.fracs`` (``end``: and 1.0, the step end) as a float64 tensor on ``device``: one tensor per fractions
+        and device for all solves (a stepper keeps the dense-output weights of the last fractions tensor it saw)."""
+        mine = self._fr_end if end else self._fr
+        if mine is None:
+            fracs = (*self.fracs, 1.0) if end else self.fracs
+            key = (fracs, device)
+            mine = _FRACTIONS.get(key)
+            if mine is None or mine.is_inference() != torch.is_inference_mode_enabled():
+                mine = torch.tensor(fracs, dtype=torch.float64).to(device)
                 if len(_FRACTIONS) >= 16:
                     _FRACTIONS.clear()
-                _FRACTIONS[key] = fr
-            self._fr = fr
-        return self._fr
+                _FRACTIONS[key] = mine
+            if end:
+                self._fr_end = mine
+            else:
+                self._fr = mine
+        return mine
 
     def values_many(self, ts: Tensor, states: Tensor) -> Tensor:
         """Every event's components at the points ``(ts[i], states[i])`` (``ts``: ``(m,)``, ``states``:
