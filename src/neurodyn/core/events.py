@@ -562,7 +562,7 @@ class EventWatch:
                 nodes = [(thetas[q], rows[q][c]) for q in _sample_nodes(thetas, j)]
                 if not all(map(math.isfinite, (v for _, v in nodes))):
                     nodes = None
-            known = [(th, r[c]) for th, r in zip(thetas, rows) if th != thetas[j]]
+            known = [(th, r[c]) for th, r in zip(thetas, rows) if th != thetas[j]] if nodes is None else ()
             self.pending.append((hit, saved, t0, h, e, c - self.offset[e], a, fa, b, fb, res, known, c, nodes))
             self.total += 1
             self.counts[e] += 1
