@@ -101,7 +101,8 @@ _FRACTIONS: dict[tuple, Tensor] = {}
 # Up to this many values (kept steps x points x components), their signs are compared on the host.
 _HOST_SCAN = 4096
 # Buffers of kept steps (EventWatch._keep) given back at the end of a solve for the next one with the same layout
-# (stages + 1, state size, dtype, device, inference mode), with their rows; up to this many elements each.
+# (stages + 1, state size, dtype, device, inference mode), with their rows; up to this many elements each, and
+# (cleared beyond) 16 layouts.
 _KEPT_POOL: dict[tuple, tuple[Tensor, tuple[Tensor, ...]]] = {}
 _KEPT_POOL_NUMEL = 1 << 16
 
@@ -738,6 +739,8 @@ class EventWatch:
         self._kept_rows = ()
         out = self._finish(solver, co, records)
         if give_back is not None:
+            if len(_KEPT_POOL) >= 16 and give_back[0] not in _KEPT_POOL:
+                _KEPT_POOL.clear()
             _KEPT_POOL[give_back[0]] = give_back[1]
         return out
 
