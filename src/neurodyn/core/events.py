@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +79,8 @@ _MAX_ITERATIONS = 400
 # _COARSE evenly spaced points of the bracket after a round that did not shrink it enough.
 _FINE = 4
 _COARSE = 5
+_FINE_STEPS = tuple(range(-_FINE, _FINE + 1))
+_COARSE_FRACTIONS = tuple((k + 1) / (_COARSE + 1) for k in range(_COARSE))
 # Whether a root located in the loop (a terminal event's, one with a jump, or any where a graph is recorded) of an
 # event function that takes many points at once is found by rounds of stacked probes (:func:`_crossing_many`, two
 # calls on a smooth function) rather than one point per call (:func:`_crossing`, about five). None: on accelerators
@@ -98,6 +100,11 @@ _KEEP_NUMEL = 1 << 21
 _FRACTIONS: dict[tuple, Tensor] = {}
 # Up to this many values (kept steps x points x components), their signs are compared on the host.
 _HOST_SCAN = 4096
+# Buffers of kept steps (EventWatch._keep) given back at the end of a solve for the next one with the same layout
+# (stages + 1, state size, dtype, device, inference mode), with their rows; up to this many elements each, and
+# (cleared beyond) 16 layouts.
+_KEPT_POOL: dict[tuple, tuple[Tensor, tuple[Tensor, ...]]] = {}
+_KEPT_POOL_NUMEL = 1 << 16
 
 
 def event_values(event_fn: Callable, t: Tensor, y: Tensor, n: int | None = None, check_nan: bool = True) -> Tensor:
@@ -289,6 +296,29 @@ def as_events(events: Any) -> tuple[Event, ...]:
     raise InputError(f"events must be a neurodyn.Event or a list of them, got {type(events).__name__}.")
 
 
+class EventRecords(Sequence):
+    """The occurrences of a solve that :meth:`EventWatch.finish` located all together, in order: a sequence of
+    ``(t_e, y_e, event)`` read from their times ``t`` ``(E,)``, states ``y`` ``(E, *shape)`` and event indices
+    (the form of the loop's records, without a tensor per record); ``stacked`` is ``(t, y)``."""
+
+    __slots__ = ("t", "y", "index")
+
+    def __init__(self, t: Tensor, y: Tensor, index: list[int]):
+        self.t, self.y, self.index = t, y, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return self.t[i], self.y[i], self.index[i]
+
+    @property
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        return self.t, self.y
+
+
 @dataclass
 class Hit:
     """The occurrences :meth:`EventWatch.check` found in one step, in time order: ``occ`` lists
@@ -323,13 +353,17 @@ class EventWatch:
         self.detect = cfg.interp
         tt = self._time(t0)
         with torch.no_grad():
-            parts = [event_values(e.fn, tt, y0.detach().view(term.shape)).detach() for e in self.events]
+            parts = [event_values(e.fn, tt, y0.detach().view(term.shape), check_nan=False).detach()
+                     for e in self.events]
         self.sizes = [p.numel() for p in parts]
         self.owner = [i for i, k in enumerate(self.sizes) for _ in range(k)]  # component -> event
         self.offset = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self.dirs = [self.events[i].direction for i in self.owner]
         self.n = len(self.owner)
         self.g = parts[0] if len(parts) == 1 else torch.cat(parts)
+        start = self.g.tolist()  # (one read: the NaN check, and the first step's start values on the host)
+        if any(v != v for v in start):
+            _nan_error(t0, self.g, initial=True)
         self.counts = [0] * len(self.events)
         self.total = 0
         self.max_events, self.min_gap = cfg.max_events, cfg.min_event_gap
@@ -338,12 +372,13 @@ class EventWatch:
         self.probes: dict[int, float] = {}  # component -> the time its start value was taken (after a jump)
         self._seen: dict[float, tuple[Tensor, int | None]] = {}  # fraction -> (states, row or None)
         self._fr: Tensor | None = None  # self.fracs as a tensor on the state's device
+        self._fr_end: Tensor | None = None  # the same and 1.0 (the kept steps' checks, _detect_kept)
         # Per event: does fn take a leading dimension of points (Event.vectorized; None: not known yet)?
         self._key = (tuple(term.shape), y0.dtype, y0.device.type)
         self.vec: list[bool | None] = [e.vectorized if e.vectorized is not None else e.found.get(self._key)
                                        for e in self.events]
         self._dirs_t: Tensor | None = None  # self.dirs on the device (sign checks of many components)
-        self._g_row: tuple[Tensor, list[float]] | None = None  # (self.g, its values on the host)
+        self._g_row: tuple[Tensor, list[float]] | None = (self.g, start)  # (self.g, its values on the host)
         # Occurrences that only need recording, located together at the end of the solve (:meth:`finish`):
         # (hit, the step's y0 and stages, t0, h, event, component, a, fa, b, fb, res, known points).
         self.pending: list[tuple] = []
@@ -356,6 +391,7 @@ class EventWatch:
         self._nk = 0  # steps kept
         self._room = 0  # steps check() may keep without _keep's tests (free rows, below _cap and max_events)
         self._kept_rows: tuple[Tensor, ...] = ()  # self._kept's rows
+        self._layout: tuple | None = None  # the kept buffer's key in _KEPT_POOL
         self._kept_t: list[tuple[float, float, float, int]] = []
         self._kept_y1: Tensor | None = None
         self._cap = 0  # steps kept at most before their checks run (memory)
@@ -520,10 +556,15 @@ class EventWatch:
         for j, c in cands:
             e = self.owner[c]
             a, fa, b, fb = thetas[j], rows[j][c], thetas[j + 1], rows[j + 1][c]
+            nodes = None
             if j == 0 and c in probes:  # the start value was taken a moment after a jump
                 a = min(max((probes[c] - t0) / h, 0.0), 0.5 * b)
-            known = [(th, r[c]) for th, r in zip(thetas, rows) if th != thetas[j]]
-            self.pending.append((hit, saved, t0, h, e, c - self.offset[e], a, fa, b, fb, res, known, c))
+            else:  # the first estimate's nodes (as _nodes picks them from the sample points), where all are finite
+                nodes = [(thetas[q], rows[q][c]) for q in _sample_nodes(thetas, j)]
+                if not all(map(math.isfinite, (v for _, v in nodes))):
+                    nodes = None
+            known = [(th, r[c]) for th, r in zip(thetas, rows) if th != thetas[j]] if nodes is None else ()
+            self.pending.append((hit, saved, t0, h, e, c - self.offset[e], a, fa, b, fb, res, known, c, nodes))
             self.total += 1
             self.counts[e] += 1
             self.last_t = t0 + b * h
@@ -565,11 +606,19 @@ class EventWatch:
         rows = self._kept_rows
         if nk == len(rows):  # grown by doubling, up to _cap rows
             kept = self._kept
-            new = st.y0.new_empty((min(max(2 * nk, 32), self._cap), st.k.shape[0] + 1, st.y0.shape[1]))
-            if nk:
-                new[:nk] = kept[:nk]
-            self._kept = new
-            rows = self._kept_rows = new.unbind(0)
+            size = min(max(2 * nk, 32), self._cap)
+            layout = (st.k.shape[0] + 1, st.y0.shape[1], st.y0.dtype, st.y0.device, torch.is_inference_mode_enabled())
+            spare = _KEPT_POOL.pop(layout, None) if not nk else None
+            if spare is not None and len(spare[1]) >= size:  # a buffer an earlier solve gave back, with its rows
+                self._kept, rows = spare
+                self._kept_rows = rows
+            else:
+                new = st.y0.new_empty((size, *layout[:2]))
+                if nk:
+                    new[:nk] = kept[:nk]
+                self._kept = new
+                rows = self._kept_rows = new.unbind(0)
+            self._layout = layout
         torch.cat((st.y0, st.k), out=rows[nk])  # the stage buffers are reused: one copy
         self._nk = nk + 1
         self._room = min(len(rows), self._cap, (self.max_events - self.total) // self._most)
@@ -591,12 +640,13 @@ class EventWatch:
         with torch.no_grad():
             z = self._kept[:m]  # (m, s + 1, n): the steps' starts and stages
             y0s = z[:, 0]
-            ends = torch.cat([y0s[1:], y_end.reshape(1, -1)]) if m > 1 else y_end.reshape(1, -1)
             if fr:
+                # the sample points and the step end on the dense output, in one product: (m, f + 1, n) (the step
+                # end is y1 up to rounding; the next step's start value is this one)
                 hs = torch.tensor([h for _, h, _, _ in info], dtype=z.dtype, device=z.device)
-                inner = solver.interpolate_steps(y0s, z[:, 1:], hs, self._fractions(z.device), co)  # (m, f, n)
-                states = torch.cat([inner, ends.unsqueeze(1)], 1)
+                states = solver.interpolate_steps(y0s, z[:, 1:], hs, self._fractions(z.device, True), co)
             else:
+                ends = torch.cat([y0s[1:], y_end.reshape(1, -1)]) if m > 1 else y_end.reshape(1, -1)
                 states = ends.unsqueeze(1)
             p = len(fr) + 1
             times = [x for t0, h, t1, _ in info for x in (*(t0 + q * h for q in fr), t1)]
@@ -605,23 +655,43 @@ class EventWatch:
             if m * p * self.n <= _HOST_SCAN:  # few values: compared on the host (one read, no small tensor ops)
                 g = self.g
                 prev = self._g_row[1] if self._g_row is not None and self._g_row[0] is g else g.tolist()
-                seq = G.reshape(m * p, self.n).tolist()  # every step's points in time order
-                marked: list[int] = []  # steps where a component leaves its sign (as _changes), or is NaN
-                for q_i, row in enumerate(seq):
-                    for pv, qv, d in zip(prev, row, self.dirs):
+                if self.n == 1:  # one component: its values in one list
+                    vals = G.view(-1).tolist()  # every step's points in time order
+                    pv, d = prev[0], self.dirs[0]
+                    flagged = []
+                    last = -1
+                    for q_i, qv in enumerate(vals):
+                        # the value leaves its sign in its direction (as _changes), or is NaN
                         if qv != qv or (pv != 0 and ((qv > 0) != (pv > 0) or qv == 0)
                                         and (d == 0 or (d > 0) == (pv < 0))):
-                            step = q_i // p
-                            if not marked or marked[-1] != step:
-                                marked.append(step)
-                            break
-                    prev = row
-                flagged = []
-                for i in marked:
-                    rows = [seq[i * p - 1] if i else (self._g_row[1] if self._g_row is not None and
-                                                      self._g_row[0] is g else g.tolist()), *seq[i * p:(i + 1) * p]]
-                    nan = any(v != v for row in rows[1:] for v in row)
-                    flagged.append((i, rows, self._changes(rows), nan))
+                            i, r = divmod(q_i, p)
+                            if qv != qv:
+                                _nan_error(info[i][0] + fr[r] * info[i][1] if r < len(fr) else info[i][2], G[i, r])
+                            if i != last:
+                                rows = [[vals[i * p - 1] if i else prev[0]], *([v] for v in vals[i * p:(i + 1) * p])]
+                                flagged.append((i, rows, [(r, 0)], False))
+                                last = i
+                            else:
+                                flagged[-1][2].append((r, 0))
+                        pv = qv
+                else:
+                    seq = G.reshape(m * p, self.n).tolist()  # every step's points in time order
+                    first = prev
+                    marked: list[int] = []  # steps where a component leaves its sign (as _changes), or is NaN
+                    for q_i, row in enumerate(seq):
+                        for pv, qv, d in zip(prev, row, self.dirs):
+                            if qv != qv or (pv != 0 and ((qv > 0) != (pv > 0) or qv == 0)
+                                            and (d == 0 or (d > 0) == (pv < 0))):
+                                step = q_i // p
+                                if not marked or marked[-1] != step:
+                                    marked.append(step)
+                                break
+                        prev = row
+                    flagged = []
+                    for i in marked:
+                        rows = [seq[i * p - 1] if i else first, *seq[i * p:(i + 1) * p]]
+                        nan = any(v != v for row in rows[1:] for v in row)
+                        flagged.append((i, rows, self._changes(rows), nan))
             else:  # compared on the device: one read, two where a step crossed
                 start = torch.cat([self.g.view(1, 1, -1).to(G.dtype), G[:-1, -1:]])
                 full = torch.cat([start, G], 1)  # (m, p + 1, K): every step's start, sample points and end
@@ -660,7 +730,22 @@ class EventWatch:
         fractions per step) and one call of each event's function."""
         if self._nk:
             self._detect_kept(solver, co, final=True)
-        self._kept, self._kept_rows, self._room = None, (), 0
+        kept, self._kept, self._room = self._kept, None, 0
+        if kept is not None and kept.numel() <= _KEPT_POOL_NUMEL:
+            # the buffer goes back for the next solve once the roots it holds are located (nothing returned keeps it)
+            give_back = (self._layout, (kept, self._kept_rows))
+        else:
+            give_back = None
+        self._kept_rows = ()
+        out = self._finish(solver, co, records)
+        if give_back is not None:
+            if len(_KEPT_POOL) >= 16 and give_back[0] not in _KEPT_POOL:
+                _KEPT_POOL.clear()
+            _KEPT_POOL[give_back[0]] = give_back[1]
+        return out
+
+    def _finish(self, solver: Stepper, co, records: list) -> list | EventRecords:
+        """:meth:`finish` once the kept steps are checked."""
         pend, self.pending = self.pending, []
         if not pend:
             return records
@@ -671,12 +756,14 @@ class EventWatch:
                 z = base
             else:
                 z = torch.stack([p[1][0][p[1][1]] for p in pend])
-            hs = torch.tensor([p[3] for p in pend], dtype=z.real.dtype if z.is_complex() else z.dtype,
-                              device=z.device)
+            # the steps' starts and sizes (P, 2, 1), float64 (the probes' times are t0 + theta h)
+            t0h = torch.tensor([(p[2], p[3]) for p in pend], dtype=torch.float64, device=z.device).unsqueeze(2)
+            real = z.real.dtype if z.is_complex() else z.dtype
+            hs = t0h[:, 1, 0] if real == torch.float64 else t0h[:, 1, 0].to(real)
             y0s = z[:, 0]
             kh = z.new_empty((z.shape[1] - 1, z.shape[0], z.shape[2]))  # (s, P, n): the stages times h
             torch.mul(z[:, 1:].transpose(0, 1), hs.view(1, -1, 1), out=kh)
-            thetas, pieces = self._locate_pending(solver, co, pend, y0s, kh)
+            thetas, pieces = self._locate_pending(solver, co, pend, y0s, kh, t0h)
             have = {i for ids, _ in pieces for i in ids}
             rest = [i for i in range(len(pend)) if i not in have]  # roots not among the last round's probes
             if rest:
@@ -690,36 +777,49 @@ class EventWatch:
                 ys = y0s.new_empty(y0s.shape)
                 for ids, y in pieces:
                     ys[ids] = y
-            states = ys.view(len(pend), *self.term.shape).unbind(0)
-            ts = torch.tensor([p[2] + x * p[3] for p, x in zip(pend, thetas)], dtype=self.term.t_dtype,
-                              device=self.term.device).unbind(0)
+            t_all = torch.tensor([p[2] + x * p[3] for p, x in zip(pend, thetas)], dtype=self.term.t_dtype,
+                                 device=self.term.device)
         found: dict[int, list] = {}
-        owner = self.owner
-        for p, x, t_i, y_i in zip(pend, thetas, ts, states):
-            hit, c = p[0], p[12]
-            found.setdefault(id(hit), []).append((x, c, (t_i, y_i, owner[c])))
-        out, rest = [], iter(records)
+        for i, (p, x) in enumerate(zip(pend, thetas)):
+            found.setdefault(id(p[0]), []).append((x, p[12], i))
+        plan: list[tuple[list[int] | None, int]] = []  # per hit: its pending roots in order, or its loop records
         for _, hit in self.hits:
             mine = found.get(id(hit))
             if mine is None:  # located in the loop: its records are next in `records`
-                out.extend(itertools.islice(rest, len(hit.occ) - (1 if hit.stop == "zeno" else 0)))
+                plan.append((None, len(hit.occ) - (1 if hit.stop == "zeno" else 0)))
                 continue
-            mine.sort(key=lambda r: r[0])
+            if len(mine) > 1:
+                mine.sort(key=lambda r: r[0])
             hit.occ[:] = [(x, c) for x, c, _ in mine]
-            out.extend(r for _, _, r in mine)
+            plan.append(([i for _, _, i in mine], 0))
+        owner = self.owner
+        if not records:  # every record is a pending root's: read from their stacked times and states
+            order = [i for ids, _ in plan if ids is not None for i in ids]
+            if order != list(range(len(pend))):
+                idx = torch.tensor(order, device=ys.device)
+                t_all, ys = t_all.index_select(0, idx.to(t_all.device)), ys.index_select(0, idx)
+            return EventRecords(t_all, ys.view(len(pend), *self.term.shape), [owner[pend[i][12]] for i in order])
+        ts, states = t_all.unbind(0), ys.view(len(pend), *self.term.shape).unbind(0)
+        out, rest = [], iter(records)
+        for ids, k in plan:
+            if ids is None:
+                out.extend(itertools.islice(rest, k))
+            else:
+                out.extend((ts[i], states[i], owner[pend[i][12]]) for i in ids)
         out.extend(rest)
         return out
 
-    def _locate_pending(self, solver: Stepper, co, pend: list[tuple], y0s: Tensor,
-                        kh: Tensor) -> tuple[list[float], list[tuple[list[int], Tensor]]]:
+    def _locate_pending(self, solver: Stepper, co, pend: list[tuple], y0s: Tensor, kh: Tensor,
+                        t0h: Tensor) -> tuple[list[float], list[tuple[list[int], Tensor]]]:
         """The fractions of the pending roots (steps' starts ``y0s`` ``(P, n)``, ``h``-scaled stages ``kh``
-        ``(s, P, n)``), located in rounds across the steps (see :meth:`finish`), and the states there where the
-        last round evaluated them: a list of (root indices, their states ``(len, n)``)."""
+        ``(s, P, n)``, starts and sizes ``t0h`` ``(P, 2, 1)`` float64), located in rounds across the steps (see
+        :meth:`finish`), and the states there where the last round evaluated them: a list of (root indices, their
+        states ``(len, n)``)."""
         shape, t_dtype, device = self.term.shape, self.term.t_dtype, self.term.device
         gens, xs, out = [], [None] * len(pend), [None] * len(pend)
         pieces: list[tuple[list[int], Tensor]] = []
         for i, p in enumerate(pend):
-            gens.append(_rounds(*p[6:12]))
+            gens.append(_rounds(*p[6:12], nodes=p[13]))
             try:
                 xs[i] = next(gens[i])
             except StopIteration as done:
@@ -731,21 +831,21 @@ class EventWatch:
             for e in sorted({pend[i][4] for i in live}):
                 ids = [i for i in live if pend[i][4] == e]
                 w = max(len(xs[i]) for i in ids)  # probes per step, padded with the last one
-                flat, times = [], []
+                flat = []
                 for i in ids:
-                    x_i, t0, h = xs[i], pend[i][2], pend[i][3]
-                    padded = x_i + x_i[-1:] * (w - len(x_i))
-                    flat += padded
-                    times += [t0 + x * h for x in padded]
+                    x_i = xs[i]
+                    flat += x_i + x_i[-1:] * (w - len(x_i)) if len(x_i) < w else x_i
                 m = len(flat)
                 th = torch.tensor(flat, dtype=torch.float64, device=y0s.device).view(len(ids), w)
-                y0r, khr = y0s, kh
+                y0r, khr, t0hr = y0s, kh, t0h
                 if len(ids) < len(pend):
                     idx = torch.tensor(ids, device=y0s.device)
-                    y0r, khr = y0s.index_select(0, idx), kh.index_select(1, idx)
+                    y0r, khr, t0hr = y0s.index_select(0, idx), kh.index_select(1, idx), t0h.index_select(0, idx)
                 ys = solver.interpolate_rows(y0r, y0r, khr, None, th, co)  # (len(ids), w, n)
                 k = self.sizes[e]
-                v = self.events[e].fn(torch.tensor(times, dtype=t_dtype, device=device), ys.view(m, *shape))
+                times = torch.addcmul(t0hr[:, 0], th, t0hr[:, 1]).view(m)
+                v = self.events[e].fn(times if times.dtype == t_dtype and times.device == device else
+                                      times.to(device=device, dtype=t_dtype), ys.view(m, *shape))
                 if not isinstance(v, Tensor) or v.numel() != m * k or v.shape[0] != m:
                     got = f"shape {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
                     raise InputError(f"Event(vectorized=True): fn(t, y) with t of shape ({m},) must return a real "
@@ -785,19 +885,24 @@ class EventWatch:
         tts = torch.tensor(times, dtype=self.term.t_dtype, device=self.term.device)
         return self.values_many(tts, states), times
 
-    def _fractions(self, device: torch.device) -> Tensor:
-        """``self.fracs`` as a float64 tensor on ``device``: one tensor per fractions and device for all solves (a
-        stepper keeps the dense-output weights of the last fractions tensor it saw)."""
-        if self._fr is None:
-            key = (self.fracs, device)
-            fr = _FRACTIONS.get(key)
-            if fr is None or fr.is_inference() != torch.is_inference_mode_enabled():
-                fr = torch.tensor(self.fracs, dtype=torch.float64).to(device)
+    def _fractions(self, device: torch.device, end: bool = False) -> Tensor:
+        """``self.fracs`` (``end``: and 1.0, the step end) as a float64 tensor on ``device``: one tensor per fractions
+        and device for all solves (a stepper keeps the dense-output weights of the last fractions tensor it saw)."""
+        mine = self._fr_end if end else self._fr
+        if mine is None:
+            fracs = (*self.fracs, 1.0) if end else self.fracs
+            key = (fracs, device)
+            mine = _FRACTIONS.get(key)
+            if mine is None or mine.is_inference() != torch.is_inference_mode_enabled():
+                mine = torch.tensor(fracs, dtype=torch.float64).to(device)
                 if len(_FRACTIONS) >= 16:
                     _FRACTIONS.clear()
-                _FRACTIONS[key] = fr
-            self._fr = fr
-        return self._fr
+                _FRACTIONS[key] = mine
+            if end:
+                self._fr_end = mine
+            else:
+                self._fr = mine
+        return mine
 
     def values_many(self, ts: Tensor, states: Tensor) -> Tensor:
         """Every event's components at the points ``(ts[i], states[i])`` (``ts``: ``(m,)``, ``states``:
@@ -1061,7 +1166,8 @@ def _crossing_many(g: Callable[[list[float]], list[float]], a: float, fa: float,
         return done.value
 
 
-def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tuple[float, float]] = ()):
+def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tuple[float, float]] = (),
+            nodes: list[tuple[float, float]] | None = None):
     """The rounds of probes that locate a sign change of ``g`` in ``[a, b]`` (``fa = g(a) != 0``, ``fb = g(b)``,
     opposite signs or ``fb = 0``) to a bracket of width ``res``: a generator that yields each round's points (a
     sorted list of fractions), is sent ``g`` at them, and returns an exact zero if one is hit, else the bracket end
@@ -1085,13 +1191,15 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
         return b
     # The first estimate: the polynomial through the known points (a step's sample points need not be monotone in
     # g, so not inverse interpolation); then inverse interpolation through the points around each new bracket.
-    x, err = _poly_root(_nodes([(p, v) for p, v in known if math.isfinite(v)], a, fa, b, fb), a, fa, b, fb,
-                        0.01 * res)
+    if nodes is None:
+        nodes = _nodes([(p, v) for p, v in known if math.isfinite(v)], a, fa, b, fb)
+    x, err = _poly_root(nodes, a, fa, b, fb, 0.01 * res)
     coarse = False  # (the bracket spread with probes only after a round that did not shrink it enough)
     for _ in range(_MAX_ITERATIONS):
         width = b - a
         if width <= res:
             break
+        a0, fa0, b0, fb0 = a, fa, b, fb
         if not (a < x < b):
             x = a + width * (fa / (fa - fb))
             if not (a < x < b):
@@ -1099,32 +1207,38 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
             err = width
         elif not math.isfinite(err):
             err = width
-        r = min(max(8.0 * err, res), 0.5 * width)
+        half = 0.5 * res
         if 8.0 * err <= res and not coarse:
             # The estimate within res / 8 of the root: x -/+ res / 2 close the bracket (else the next round does).
-            xs = [x - 0.5 * res, x, x + 0.5 * res]
+            xs = [x - half, x, x + half]
+            if not (a < xs[0] and xs[2] < b):
+                xs = [p for p in xs if a < p < b]
         else:
-            step = r / _FINE
-            xs = [x + step * k for k in range(-_FINE, _FINE + 1)]
-            xs += [x - 0.5 * res, x + 0.5 * res, x - 0.25 * step, x + 0.25 * step]
-        if coarse:
-            xs += [a + width * (k + 1) / (_COARSE + 1) for k in range(_COARSE)]
-        xs = sorted({p for p in xs if a < p < b})
+            step = min(max(8.0 * err, res), 0.5 * width) / _FINE
+            xs = [x + step * k for k in _FINE_STEPS]
+            xs += [x - half, x + half, x - 0.25 * step, x + 0.25 * step]
+            if coarse:
+                xs += [a + width * q for q in _COARSE_FRACTIONS]
+            xs = sorted({p for p in xs if a < p < b})
         if not xs:  # no float between the ends
             break
         vs = yield xs
-        pts = [(a, fa), *zip(xs, vs), (b, fb)]
-        i = 0
-        for i in range(1, len(pts)):
-            xi, vi = pts[i]
-            if vi == 0 and i < len(pts) - 1:
-                return xi
-            if (vi > 0) != (fa > 0):
+        # the first probe past the crossing (an exact zero: the root); the bracket ends there
+        pos = fa > 0
+        i = len(xs)
+        for q, v in enumerate(vs):
+            if v == 0:
+                return xs[q]
+            if (v > 0) != pos:
+                i = q
                 break
-        a, fa = pts[i - 1]
-        b, fb = pts[i]
+        a, fa = (xs[i - 1], vs[i - 1]) if i else (a, fa)
+        if i < len(xs):
+            b, fb = xs[i], vs[i]
         if b - a <= res:
             break
+        pts = [(a0, fa0), *zip(xs, vs), (b0, fb0)]
+        i += 1  # (the bracket's far end in pts)
         coarse = (b - a) * (_COARSE + 1) > width  # the next round spreads points over the bracket too
         # the bracket's ends and nearby points (:func:`_nodes`), the farthest first
         x, lower = _inverse_root(_nodes(pts[max(i - 5, 0):i - 1] + pts[i + 1:i + 5], a, fa, b, fb)[::-1], 6,
@@ -1133,23 +1247,38 @@ def _rounds(a: float, fa: float, b: float, fb: float, res: float, known: list[tu
     return b
 
 
+_SAMPLE_NODES: dict[tuple[tuple[float, ...], int], tuple[int, ...]] = {}
+
+
+def _sample_nodes(thetas: tuple[float, ...], j: int) -> tuple[int, ...]:
+    """The indices of the sample points :func:`_nodes` takes for a root in the sample interval ``j`` (the
+    interval's ends, then up to four of the others, nearest first; evenly spaced samples are a whole interval apart,
+    so none is refused for being close to another), cached per ``(thetas, j)``."""
+    key = (thetas, j)
+    got = _SAMPLE_NODES.get(key)
+    if got is None:
+        a, b = thetas[j], thetas[j + 1]
+        others = sorted((a - x if x < a else x - b, x, q) for q, x in enumerate(thetas) if q not in (j, j + 1))
+        got = _SAMPLE_NODES[key] = (j, j + 1, *(q for _, _, q in others[:4]))
+    return got
+
+
 def _nodes(pts: list[tuple[float, float]], a: float, fa: float, b: float, fb: float) -> list[tuple[float, float]]:
     """Interpolation nodes for a root in the bracket ``[a, b]``: its ends, then up to four of ``pts`` nearest it
     outside it, none within a quarter of the bracket's width of one taken (clustered nodes amplify the rounding
     of ``g``)."""
-    near = [(a, fa), (b, fb)]
     gap = 0.25 * (b - a)
     lo, hi = a - gap, b + gap
-    out = [p for p in pts if not lo < p[0] < hi]
-    out.sort(key=lambda p: a - p[0] if p[0] < a else p[0] - b)
+    # (distance to the bracket, x, g), nearest first (ties: the smaller x first, as the points come)
+    out = sorted([(a - x if x < a else x - b, x, v) for x, v in pts if x <= lo or x >= hi])
+    near = [(a, fa), (b, fb)]
     taken: list[float] = []
-    for p in out:
-        x = p[0]
+    for _, x, v in out:
         for q in taken:
             if abs(x - q) < gap:
                 break
         else:
-            near.append(p)
+            near.append((x, v))
             taken.append(x)
             if len(near) == 6:
                 break
@@ -1159,9 +1288,11 @@ def _nodes(pts: list[tuple[float, float]], a: float, fa: float, b: float, fb: fl
 def _poly_root(pts: list[tuple[float, float]], a: float, fa: float, b: float, fb: float,
                tol: float) -> tuple[float, float]:
     """A zero in ``(a, b)`` of the polynomial through the points ``(x, g)`` (nearest the bracket first; ``(a, fa)``
-    and ``(b, fb)`` among them, of opposite signs), to ``tol``, by Newton's method safeguarded by bisection, and an
-    estimate of its error: the change of that zero from the polynomial without the last point (its last Newton
-    term over the slope). Returns ``(x, err)``; ``err`` is inf where the slope vanishes."""
+    and ``(b, fb)`` among them, of opposite signs), by Newton's method safeguarded by bisection, and an estimate of
+    its error: the change of that zero from the polynomial without the last point (its last Newton term over the
+    slope). Newton's method stops at a step of ``tol``, or of a hundredth of that error estimate if coarser (the
+    zero of the polynomial is no more accurate than the polynomial). Returns ``(x, err)``; ``err`` is inf where the
+    slope vanishes."""
     xs = [p[0] for p in pts]
     c = [p[1] for p in pts]
     m = len(xs)
@@ -1173,11 +1304,14 @@ def _poly_root(pts: list[tuple[float, float]], a: float, fa: float, b: float, fb
     if not (a < x < b):
         x = 0.5 * (a + b)
     dp = 0.0
+    top = c[-1]
     for _ in range(60):
-        p, dp = c[-1], 0.0
+        p, dp, w = top, 0.0, top
         for i in range(m - 2, -1, -1):  # Horner on the Newton form: the value and the slope at x
-            dp = dp * (x - xs[i]) + p
-            p = p * (x - xs[i]) + c[i]
+            d = x - xs[i]
+            dp = dp * d + p
+            p = p * d + c[i]
+            w *= d  # (the last Newton term: the change by the last point, as the error estimate below)
         if p == 0.0:
             break
         if (p > 0) == (flo > 0):
@@ -1187,7 +1321,8 @@ def _poly_root(pts: list[tuple[float, float]], a: float, fa: float, b: float, fb
         xn = x - p / dp if dp != 0.0 else math.nan
         if not (lo < xn < hi):
             xn = 0.5 * (lo + hi)
-        if abs(xn - x) <= tol or hi - lo <= tol:
+        # converged: to tol, or (with three points or more) to a hundredth of the error estimate
+        if abs(xn - x) <= (tol if m < 3 or dp == 0.0 else max(tol, 0.01 * abs(w / dp))) or hi - lo <= tol:
             x = xn
             break
         x = xn

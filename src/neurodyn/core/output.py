@@ -116,9 +116,14 @@ def stack_events(records: list[tuple[Tensor, Tensor, int]], shape: torch.Size, y
     if not records:
         return Events(t=t.new_zeros(0).detach(), y=y0.new_zeros((0, *shape)).detach(),
                       index=torch.zeros(0, dtype=torch.long, device=y0.device))
-    ts = torch.stack([r[0].to(t.dtype) for r in records])
-    ys = torch.stack([r[1].reshape(shape) for r in records])
-    index = torch.tensor([r[2] for r in records], dtype=torch.long, device=y0.device)
+    stacked = getattr(records, "stacked", None)  # (core.events.EventRecords: the times and states stacked already)
+    if stacked is not None:
+        ts, ys, which = stacked[0].to(t.dtype), stacked[1].reshape(len(records), *shape), records.index
+    else:
+        ts = torch.stack([r[0].to(t.dtype) for r in records])
+        ys = torch.stack([r[1].reshape(shape) for r in records])
+        which = [r[2] for r in records]
+    index = torch.tensor(which, dtype=torch.long, device=y0.device)
     return Events(t=ts, y=ys, index=index)
 
 
