@@ -22,6 +22,8 @@ Everything else uses the per-step compiled path. Compilation failures fall back 
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
 import math
 import warnings
@@ -476,6 +478,15 @@ class thin_products(_InductorPatch):
         return rule
 
 
+def _source_hash(obj: Any) -> str:
+    """A hash of ``obj``'s source code (empty where the source cannot be read)."""
+    try:
+        text = inspect.getsource(obj)
+    except (OSError, TypeError):
+        text = ""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 class LoopProducts(CustomGraphPass):
     """An Inductor post-grad pass (the CPU whole loop's ``post_grad_custom_post_pass``) on the matrix products
     ``addmm(bias, a, b)`` and ``mm(a, b)``, ``a`` of shape ``(m, k)`` and ``b`` of shape ``(k, n)``:
@@ -500,7 +511,8 @@ class LoopProducts(CustomGraphPass):
         self.cols = cols
 
     def uuid(self) -> tuple:
-        return ("neurodyn.LoopProducts", 2, self.cols)
+        # Inductor's cache key: the pass's own source (a changed rule compiles anew) and its setting.
+        return ("neurodyn.LoopProducts", _source_hash(type(self)), self.cols)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         aten = torch.ops.aten
