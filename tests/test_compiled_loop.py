@@ -317,3 +317,84 @@ def test_column_major_copy_keeps_values_and_stores_columns():
     assert comp.stats["compiled"] == "loop"
     assert comp.stats["nfe"] == eager.stats["nfe"] and comp.stats["steps"] == eager.stats["steps"]
     assert (comp.ys - eager.ys).abs().max() < 1e-13
+
+
+def _products_graph(x, w1, b1, w2, b2):
+    """A batched two-layer field's products (x: (B, 8); a wide hidden layer, a thin output layer), traced to ATen."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x, w1, b1, w2, b2):
+        return torch.addmm(b2, torch.tanh(torch.addmm(b1, x, w1.t())), w2.t())
+
+    return f, make_fx(f, tracing_mode="fake")(x, w1, b1, w2, b2)
+
+
+def test_loop_products_pass_rewrites_library_products_and_keeps_values():
+    """LoopProducts: the thin output layer as a transposed product, the wide layer as mm plus an in-place bias; the
+    rewritten graph computes what eager ATen computes (to rounding) and holds no addmm."""
+    from neurodyn.compile.loop import LoopProducts
+
+    g = torch.Generator().manual_seed(3)
+    x, w1, b1 = (torch.randn(*s, generator=g, dtype=F64) for s in ((32, 8), (16, 8), (16,)))
+    w2, b2 = torch.randn(2, 16, generator=g, dtype=F64), torch.randn(2, generator=g, dtype=F64)
+    f, gm = _products_graph(x, w1, b1, w2, b2)
+    aten = torch.ops.aten
+    assert sum(n.target is aten.addmm.default for n in gm.graph.nodes) == 2
+    LoopProducts(8)(gm.graph)
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert aten.addmm.default not in targets
+    assert targets.count(aten.mm.default) == 2
+    # the thin layer's product has the short dimension first: (2, 16) @ (16, 32)
+    mms = [n for n in gm.graph.nodes if n.target is aten.mm.default]
+    assert [tuple(n.meta["val"].shape) for n in mms] == [(32, 16), (2, 32)]
+    out, ref = gm(x, w1, b1, w2, b2), f(x, w1, b1, w2, b2)
+    assert out.shape == ref.shape == (32, 2)
+    assert torch.allclose(out, ref, rtol=1e-14, atol=1e-14)
+    # float32 too (its own rounding)
+    args32 = [v.float() for v in (x, w1, b1, w2, b2)]
+    f, gm = _products_graph(*args32)
+    LoopProducts(8)(gm.graph)
+    gm.recompile()
+    assert torch.allclose(gm(*args32), f(*args32), rtol=1e-5, atol=1e-6)
+
+
+def test_loop_products_pass_leaves_other_products():
+    """Products with scaling (beta) and integer products stay as they are; a single-row product is not transposed
+    (its bias is added after it)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from neurodyn.compile.loop import LoopProducts
+
+    def f(x, w, b, xi, wi):
+        return (torch.addmm(b, x[:1], w.t()), torch.addmm(b, x, w.t(), beta=2.0), torch.mm(xi, wi))
+
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(8, 4, generator=g, dtype=F64), torch.randn(2, 4, generator=g, dtype=F64)
+    b = torch.randn(2, generator=g, dtype=F64)
+    xi, wi = torch.ones(8, 4, dtype=torch.long), torch.ones(4, 2, dtype=torch.long)
+    gm = make_fx(f, tracing_mode="fake")(x, w, b, xi, wi)
+    LoopProducts(8)(gm.graph)
+    gm.recompile()
+    aten = torch.ops.aten
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    addmm = [n for n in calls if n.target is aten.addmm.default]
+    assert len(addmm) == 1 and addmm[0].kwargs.get("beta") == 2.0
+    assert not any(n.target is aten.permute.default and n.args[0].target is aten.mm.default for n in calls)
+    assert sum(n.target is aten.mm.default for n in calls) == 2  # the single-row product and the integer one
+    for got, want in zip(gm(x, w, b, xi, wi), f(x, w, b, xi, wi)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+def test_loop_with_library_products_matches_eager(monkeypatch):
+    """A batched MLP (nn.Linear layers: a thin first layer, a wide hidden one, a thin last one) through the compiled
+    whole loop, whose products LoopProducts rewrites: same steps and NFE as eager, outputs to rounding."""
+    from neurodyn.compile import policy as compile_policy
+
+    monkeypatch.setattr(compile_policy, "FORCE", "compiled")
+    torch.manual_seed(5)
+    f = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 2)).double()
+    y0 = torch.randn(24, 2, generator=torch.Generator().manual_seed(6), dtype=F64)
+    eager, comp = _both(lambda t, y: f(y), y0, T, rtol=1e-7, atol=1e-9)
+    _same(eager, comp)
