@@ -80,6 +80,9 @@ def test_cde_coefficient_gradients_rk4_adjoint_vs_direct_and_fd():
     x = torch.randn(2, 6, 3, dtype=D, generator=g)
     coeffs = ncde.natural_cubic_coeffs(x).requires_grad_(True)
     lin = torch.nn.Linear(4, 12).double()
+    with torch.no_grad():  # weights from the test's generator: the suite's global RNG state must not choose them
+        lin.weight.copy_(torch.rand(12, 4, dtype=D, generator=g).sub_(0.5))
+        lin.bias.copy_(torch.rand(12, dtype=D, generator=g).sub_(0.5))
 
     def func(t, z):
         return lin(z).tanh().view(*z.shape, 3)
