@@ -524,6 +524,9 @@ def prepare(
         # Fixed-step method without a step size: step on the output grid (torchdiffeq's behaviour).
         step_list = step_list + t.detach().cpu().tolist()
     controller = controller or _default_controller(solver)
+    if not controller.land_on_end and (compile or per_sample_steps):
+        raise InputError("PIDController(land_on_end=False) runs in the eager loop only: drop compile=True and "
+                         "per_sample_steps=True, or keep land_on_end=True.")
     advance = loop = row_step = None
     if compile and per_sample_steps:
         from .compile import plug_in_rows

@@ -31,6 +31,11 @@ _FIXED_INTERP = {"linear": "linear", "cubic": "hermite"}
 # torchdiffeq's solver classes, named in its warnings.
 _TD_SOLVER_NAMES = {"dopri5": "Dopri5Solver", "dopri8": "Dopri8Solver", "bosh3": "Bosh3Solver",
                     "adaptive_heun": "AdaptiveHeunSolver", "fehlberg2": "Fehlberg2"}
+# torchdiffeq's adaptive Runge--Kutta methods -> the neurodyn tableaus with its error estimates and dense outputs; the
+# step rule around them (odeint's controller) in _translate. (torchdiffeq's dopri8 is another 8(7) pair than neurodyn's
+# DOP853 and keeps neurodyn's step rule.)
+TD_STEP_RULE = {"dopri5": "dopri5_shampine", "bosh3": "bosh3_torchdiffeq", "fehlberg2": "fehlberg2_torchdiffeq",
+                "adaptive_heun": "adaptive_heun_torchdiffeq"}
 CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
 ADJOINT_CALLBACK_NAMES = tuple(name + "_adjoint" for name in CALLBACK_NAMES)
 # Options of particular methods (torchdiffeq's names), passed to a configured stepper.
@@ -117,7 +122,14 @@ def _translate(method: str | None, options: dict | None, func, y0: Tensor, t: Te
     if "max_num_steps" in o:  # default: solve's max_steps (torchdiffeq's 2**31 - 1 never ends a stalled solve)
         v = o.pop("max_num_steps")
         kw["max_steps"] = int(min(int(v), 2**62))
-    if any(k in o for k in ("safety", "ifactor", "dfactor")):
+    if method in TD_STEP_RULE:
+        # torchdiffeq's step rule: its error estimate and dense output, I control that never shrinks after an
+        # accepted step, the starting step with the error order's exponent, and no last step cut to the final time.
+        method = TD_STEP_RULE[method]
+        kw["controller"] = PIDController(pcoeff=0.0, icoeff=1.0, accept_dfactor=1.0, first_step_order="error",
+                                         land_on_end=False, safety=float(o.pop("safety", 0.9)),
+                                         ifactor=float(o.pop("ifactor", 10.0)), dfactor=float(o.pop("dfactor", 0.2)))
+    elif any(k in o for k in ("safety", "ifactor", "dfactor")):
         kw["controller"] = PIDController(safety=float(o.pop("safety", 0.9)), ifactor=float(o.pop("ifactor", 10.0)),
                                          dfactor=float(o.pop("dfactor", 0.2)))
     if not adaptive:
