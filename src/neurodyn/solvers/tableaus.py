@@ -31,7 +31,17 @@ name                      order  error_order  FSAL   dense_order
 ``dopri5``                5      4            yes    4 (Shampine)
 ``tsit5``                 5      4            yes    4 (Tsitouras)
 ``dopri8`` (DOP853)       8      5            yes    7 (Hairer)
+``dopri5_shampine``       5      4            yes    4 (Shampine)
+``bosh3_torchdiffeq``     3      2            yes    1 (quartic)
+``fehlberg2_torchdiffeq`` 2      1            reuse  1 (quartic)
+``adaptive_heun_torch..`` 2      1            reuse  1 (quartic)
 ========================  =====  ===========  =====  ===========
+
+The last four are torchdiffeq's methods as it runs them (:mod:`neurodyn.compat.torchdiffeq` maps its names to
+them): ``dopri5`` with Shampine's (1986) embedded estimate ``b_hat = (1951/21600, 0, 22642/50085, 451/720,
+-12231/42400, 649/6300, 1/60)``; ``bosh3``, ``fehlberg2`` and ``adaptive_heun`` (``adaptive_heun_torchdiffeq``)
+with the quartic through a midpoint estimate as dense output (:func:`midpoint_quartic_dense`), the last two reusing
+their last stage as the next step's first although it is not evaluated at ``y1`` ("reuse").
 
 The tableaus are checked against the rooted-tree order conditions in ``tests/test_tableaus.py``.
 """
@@ -311,8 +321,10 @@ def midpoint_quartic_dense(b: Sequence[Number], mid: Sequence[Number]) -> tuple[
     ``y_mid = y0 + h sum_j mid_j k_j`` (an estimate of ``y(t0 + h / 2)``) and the slopes ``k_0`` at the start and
     ``k_{s-1}`` (the last stage) at the end: torchdiffeq's interpolation for its adaptive Runge--Kutta methods.
 
-    >>> midpoint_quartic_dense((F(1, 2), F(1, 2)), (F(1, 2), 0))[0]
-    (1, Fraction(-1, 2), Fraction(0, 1), Fraction(0, 1))
+    Returns one row of four coefficients (``theta**1 .. theta**4``) per stage.
+
+    >>> midpoint_quartic_dense((F(1, 2), F(1, 2)), (F(1, 2), 0))[0]  # adaptive_heun's first stage
+    (1, Fraction(3, 2), Fraction(-4, 1), Fraction(2, 1))
     """
     s = len(b)
     rows = []
@@ -333,7 +345,7 @@ register(replace(TABLEAUS["dopri5"], name="dopri5_shampine",
 # bosh3, fehlberg2 and adaptive_heun as torchdiffeq runs them: the dense output is the quartic through a midpoint
 # estimate, and fehlberg2's and adaptive_heun's last stage (at t0 + h, but at the embedded first-order solution, not
 # at y1) is reused as the next step's first (reuse_last_stage), so their steps are not the textbook methods'.
-for _name, _mid, _order in (("bosh3", (0, F(1, 2), 0, 0), 2), ("fehlberg2", (0, F(1, 2), 0), 2),
+for _name, _mid, _order in (("bosh3", (0, F(1, 2), 0, 0), 1), ("fehlberg2", (0, F(1, 2), 0), 1),
                             ("adaptive_heun", (F(1, 2), 0), 1)):
     _tab = TABLEAUS[_name]
     register(replace(_tab, name=f"{_name}_torchdiffeq", dense=midpoint_quartic_dense(_tab.b, _mid),
