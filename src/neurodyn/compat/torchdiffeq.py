@@ -126,7 +126,7 @@ def _translate(method: str | None, options: dict | None, func, y0: Tensor, t: Te
         # torchdiffeq's step rule: its error estimate and dense output, I control that never shrinks after an
         # accepted step, the starting step with the error order's exponent, and no last step cut to the final time.
         method = TD_STEP_RULE[method]
-        kw["controller"] = PIDController(pcoeff=0.0, icoeff=1.0, accept_dfactor=1.0, first_step_order="error",
+        kw["controller"] = PIDController(pcoeff=0.0, icoeff=1.0, accept_dfactor=1.0, first_step_rule="torchdiffeq",
                                          land_on_end=False, safety=float(o.pop("safety", 0.9)),
                                          ifactor=float(o.pop("ifactor", 10.0)), dfactor=float(o.pop("dfactor", 0.2)))
     elif any(k in o for k in ("safety", "ifactor", "dfactor")):

@@ -116,9 +116,14 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
             def plain_norm(x: Tensor) -> float:
                 return float(torch.linalg.vector_norm(x)) * inv
 
-            order = solver.controller_order if cfg.controller.first_step_order == "error" else solver.order
+            order, first_norm = solver.order, plain_norm
+            if cfg.controller.first_step_rule == "torchdiffeq":
+                order = solver.controller_order
+                if cfg.norm is not None:
+                    def first_norm(x: Tensor, _n=cfg.norm, _u=cfg.unflatten) -> float:  # noqa: E306
+                        return float(_n(_u(x) if _u is not None else x))
             h_abs = initial_step(term, t0, y0.detach(), k0.detach().reshape(1, -1), direction, order,
-                                 cfg.rtol, cfg.atol, plain_norm, cfg.max_step)
+                                 cfg.rtol, cfg.atol, first_norm, cfg.max_step)
         first_h = h_abs
     h_abs = min(h_abs, cfg.max_step)
     accept_min = cfg.accept_min_step and not fixed
