@@ -180,3 +180,23 @@ def test_land_on_end_false_reads_the_final_time_off_the_dense_output():
     assert abs(float(over.ys[-1, 0]) - torch.exp(torch.tensor(-1.0, dtype=F64)).item()) < 1e-8
     assert float(over.evaluate(torch.tensor(1.0, dtype=F64))[0]) == pytest.approx(float(over.ys[-1, 0]), abs=1e-14)
     assert float(landed.ys[-1, 0]) == pytest.approx(float(over.ys[-1, 0]), abs=1e-8)
+
+
+@pytest.mark.parametrize("gradient", ["checkpoint", "adjoint", "interpolated"])
+def test_gradient_methods_under_torchdiffeqs_step_rule(gradient):
+    """With land_on_end=False (the last step past the final time) every gradient method gives direct
+    backpropagation's gradient (the adjoint's backward solves, whose parameter quadrature sums whole steps, land)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    y0 = torch.randn(4, 3, dtype=F64)
+    t = torch.linspace(0, 2, 5, dtype=F64)
+    ctrl = neurodyn.PIDController(pcoeff=0.0, icoeff=1.0, accept_dfactor=1.0, first_step_rule="torchdiffeq",
+                                  land_on_end=False)
+    grads = []
+    for g in ("direct", gradient):
+        net.zero_grad()
+        sol = neurodyn.solve(lambda t, y: net(y), y0, t, method="dopri5_shampine", rtol=1e-9, atol=1e-11,
+                             controller=ctrl, gradient=g, params=None if g == "direct" else list(net.parameters()))
+        sol.ys.pow(2).sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+    assert rel(grads[1], grads[0]) < 1e-7
