@@ -82,6 +82,19 @@ def test_same_nfe_float32(method, rtol):
     assert rel(y_nd, y_td) < 1e-4
 
 
+@pytest.mark.parametrize("options", [dict(max_step=0.05), dict(max_step=0.4), dict(safety=0.8, ifactor=5.0),
+                                     dict(first_step=0.01)])
+def test_options_keep_torchdiffeqs_steps(options):
+    out = {}
+    for lib in (torchdiffeq, nd):
+        f = Field("mlp", F64)
+        y0 = torch.tensor([[1.0, -0.5], [0.3, 0.8]], dtype=F64)
+        ys = lib.odeint(f, y0, torch.linspace(0, 3, 4, dtype=F64), rtol=1e-6, atol=1e-8, options=options)
+        out[lib] = (ys.detach(), f.nfe)
+    assert out[nd][1] == out[torchdiffeq][1]
+    assert rel(out[nd][0], out[torchdiffeq][0]) < 1e-10
+
+
 def test_tuple_state_takes_torchdiffeqs_steps():
     """A tuple state: torchdiffeq's norm (the largest RMS over the tensors) and its steps."""
     out = {}

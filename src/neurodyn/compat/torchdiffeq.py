@@ -2,6 +2,10 @@
 
 ``import neurodyn as torchdiffeq`` runs existing torchdiffeq code: the names and options are translated
 here and everything runs through :func:`neurodyn.solve`. Tuple states are flattened into one vector.
+``dopri5``, ``bosh3``, ``fehlberg2`` and ``adaptive_heun`` take torchdiffeq's steps (:data:`TD_STEP_RULE`): its
+error estimates and dense outputs (the tableaus ``dopri5_shampine`` and ``*_torchdiffeq``), I control that never
+shrinks the step after an accepted one, its starting step, and a last step run past the final time with the outputs
+read off the dense output.
 """
 
 from __future__ import annotations
@@ -248,7 +252,9 @@ def odeint(func: Callable, y0: Tensor | tuple[Tensor, ...], t: Tensor, *, rtol: 
     method : str, optional
         torchdiffeq's method names (``dopri5`` by default; ``explicit_adams``/``implicit_adams`` with the
         options ``max_order``, ``max_iters``; ``scipy_solver``) plus ``tsit5``, ``ralston``, ``adams``,
-        ``leapfrog``, ``yoshida4`` and ``semi_implicit_euler``.
+        ``leapfrog``, ``yoshida4`` and ``semi_implicit_euler``. ``dopri5``, ``bosh3``, ``fehlberg2`` and
+        ``adaptive_heun`` take torchdiffeq's steps (the same evaluations and outputs as torchdiffeq to rounding);
+        ``dopri8`` is DOP853 (torchdiffeq's dopri8 is another 8(7) pair) with neurodyn's step rule.
     options : dict, optional
         torchdiffeq's options: ``step_size``, ``first_step``, ``max_num_steps`` (default 100000 attempted steps,
         where torchdiffeq's is unbounded: a solve that needs more raises ``MaxStepsReached``), ``min_step``,

@@ -45,8 +45,8 @@ class PIDController:
     first_step_rule : str
         Hairer's starting step ``min(100 h0, (0.01 / max(d1, d2))^(1 / (q + 1)))`` when no ``first_step`` is
         given: ``"hairer"`` (``q`` the method's order, norms RMS) or ``"torchdiffeq"`` (as torchdiffeq's
-        ``_select_initial_step``: ``q`` the error estimate's order, and ``d0``, ``d1``, ``d2`` measured with the
-        solve's ``norm`` when one is given).
+        ``_select_initial_step``: ``q`` the error estimate's order, ``d0``, ``d1``, ``d2`` measured with the
+        solve's ``norm`` when one is given, and ``max_step`` capping the step taken, not the trial step ``h0``).
     land_on_end : bool
         True: the last step is shortened to end on the final time. False: steps keep their proposed sizes and the
         last one runs past the final time; the outputs up to it (the final one included) are read off the

@@ -116,14 +116,14 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
             def plain_norm(x: Tensor) -> float:
                 return float(torch.linalg.vector_norm(x)) * inv
 
-            order, first_norm = solver.order, plain_norm
-            if cfg.controller.first_step_rule == "torchdiffeq":
-                order = solver.controller_order
+            order, first_norm, first_cap = solver.order, plain_norm, cfg.max_step
+            if cfg.controller.first_step_rule == "torchdiffeq":  # (max_step caps the step below, not h0)
+                order, first_cap = solver.controller_order, math.inf
                 if cfg.norm is not None:
                     def first_norm(x: Tensor, _n=cfg.norm, _u=cfg.unflatten) -> float:  # noqa: E306
                         return float(_n(_u(x) if _u is not None else x))
             h_abs = initial_step(term, t0, y0.detach(), k0.detach().reshape(1, -1), direction, order,
-                                 cfg.rtol, cfg.atol, first_norm, cfg.max_step)
+                                 cfg.rtol, cfg.atol, first_norm, first_cap)
         first_h = h_abs
     h_abs = min(h_abs, cfg.max_step)
     accept_min = cfg.accept_min_step and not fixed
