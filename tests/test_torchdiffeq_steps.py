@@ -195,6 +195,18 @@ def test_land_on_end_false_reads_the_final_time_off_the_dense_output():
     assert float(landed.ys[-1, 0]) == pytest.approx(float(over.ys[-1, 0]), abs=1e-8)
 
 
+def test_land_on_end_false_with_events_still_lands_on_the_final_time():
+    """An event whose only crossing lies just past the final time: with land_on_end=False the last step would pass
+    it; with events the solve lands on the final time all the same, so no crossing past it is reported."""
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    y0 = torch.zeros(1, dtype=F64)
+    ev = neurodyn.Event(lambda t, y: y[..., 0] - 1.05, terminal=False)  # y = t crosses 1.05 after the end
+    sol = neurodyn.solve(lambda t, y: torch.ones_like(y), y0, t, rtol=1e-6, atol=1e-9, events=[ev],
+                         controller=neurodyn.PIDController(land_on_end=False))
+    assert sol.events.t.numel() == 0
+    assert sol.t_final == 1.0 and float(sol.ys[-1, 0]) == pytest.approx(1.0, abs=1e-12)
+
+
 @pytest.mark.parametrize("gradient", ["checkpoint", "adjoint", "interpolated"])
 def test_gradient_methods_under_torchdiffeqs_step_rule(gradient):
     """With land_on_end=False (the last step past the final time) every gradient method gives direct

@@ -51,7 +51,8 @@ class PIDController:
         True: the last step is shortened to end on the final time. False: steps keep their proposed sizes and the
         last one runs past the final time; the outputs up to it (the final one included) are read off the
         method's dense output (torchdiffeq's rule). Eager loop only (not with ``per_sample_steps`` or
-        ``compile``).
+        ``compile``); a solve with events lands on the final time all the same (a crossing past it is not the
+        solve's).
 
     Examples
     --------
