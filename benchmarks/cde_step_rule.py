@@ -5,7 +5,8 @@
 interleaved round by round on one thread:
 
 * ``torchcde``: ``torchcde.cdeint(method="dopri5")`` (torchdiffeq's dopri5);
-* ``cdeint``: ``neurodyn.compat.torchcde.cdeint(method="dopri5")`` (neurodyn's defaults);
+* ``cdeint``: ``neurodyn.compat.torchcde.cdeint(method="dopri5")`` (since the seventh session of 2026-12-06:
+  torchdiffeq's step rule, so this row's NFE is torchcde's; before, neurodyn's defaults);
 * the same ControlTerm and path through ``neurodyn.solve`` with each combination of the two rules in which the
   libraries differ: the embedded error estimate (neurodyn's ``dopri5``: Dormand--Prince's fourth-order weights as
   in Hairer's DOPRI5 and scipy's RK45; torchdiffeq's: ``(1951/21600, 0, 22642/50085, 451/720, -12231/42400,

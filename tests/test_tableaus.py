@@ -44,6 +44,12 @@ EXPECTED = {
     "dopri5": (5, 4, True, 4),
     "tsit5": (5, 4, True, 4),
     "dopri8": (8, 5, True, 7),
+    # torchdiffeq's variants (compat.torchdiffeq): Shampine's error estimate; quartic dense outputs through a midpoint
+    # estimate (fehlberg2's and adaptive_heun's reuse their last stage, which the stepper runs as FSAL).
+    "dopri5_shampine": (5, 4, True, 4),
+    "bosh3_torchdiffeq": (3, 2, True, 1),
+    "fehlberg2_torchdiffeq": (2, 1, False, 1),
+    "adaptive_heun_torchdiffeq": (2, 1, False, 1),
 }
 NAMES = sorted(EXPECTED)
 DENSE_NAMES = [name for name in NAMES if EXPECTED[name][3] is not None]
@@ -405,7 +411,7 @@ def test_empirical_error_estimate(name):
 
 
 # Step sizes 2^-k per (dense_order, problem), in the asymptotic range and above the rounding floor.
-DENSE_STEPS = {4: ((3, 4, 5, 6), (3, 4, 5, 6)), 7: ((0, 1, 2, 3), (2, 3, 4, 5))}
+DENSE_STEPS = {1: ((3, 4, 5, 6), (3, 4, 5, 6)), 4: ((3, 4, 5, 6), (3, 4, 5, 6)), 7: ((0, 1, 2, 3), (2, 3, 4, 5))}
 
 
 @pytest.mark.parametrize("problem", list(PROBLEMS))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -524,6 +524,11 @@ def prepare(
         # Fixed-step method without a step size: step on the output grid (torchdiffeq's behaviour).
         step_list = step_list + t.detach().cpu().tolist()
     controller = controller or _default_controller(solver)
+    if not controller.land_on_end and (compile or per_sample_steps):
+        raise InputError("PIDController(land_on_end=False) runs in the eager loop only: drop compile=True and "
+                         "per_sample_steps=True, or keep land_on_end=True.")
+    if not controller.land_on_end and event_list:
+        controller = replace(controller, land_on_end=True)  # a crossing past the final time is not the solve's
     advance = loop = row_step = None
     if compile and per_sample_steps:
         from .compile import plug_in_rows

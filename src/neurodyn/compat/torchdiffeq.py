@@ -2,6 +2,10 @@
 
 ``import neurodyn as torchdiffeq`` runs existing torchdiffeq code: the names and options are translated
 here and everything runs through :func:`neurodyn.solve`. Tuple states are flattened into one vector.
+``dopri5``, ``bosh3``, ``fehlberg2`` and ``adaptive_heun`` take torchdiffeq's steps (:data:`TD_STEP_RULE`): its
+error estimates and dense outputs (the tableaus ``dopri5_shampine`` and ``*_torchdiffeq``), I control that never
+shrinks the step after an accepted one, its starting step, and a last step run past the final time with the outputs
+read off the dense output.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ _FIXED_INTERP = {"linear": "linear", "cubic": "hermite"}
 # torchdiffeq's solver classes, named in its warnings.
 _TD_SOLVER_NAMES = {"dopri5": "Dopri5Solver", "dopri8": "Dopri8Solver", "bosh3": "Bosh3Solver",
                     "adaptive_heun": "AdaptiveHeunSolver", "fehlberg2": "Fehlberg2"}
+# torchdiffeq's adaptive Runge--Kutta methods -> the neurodyn tableaus with its error estimates and dense outputs; the
+# step rule around them (odeint's controller) in _translate. (torchdiffeq's dopri8 is another 8(7) pair than neurodyn's
+# DOP853 and keeps neurodyn's step rule.)
+TD_STEP_RULE = {"dopri5": "dopri5_shampine", "bosh3": "bosh3_torchdiffeq", "fehlberg2": "fehlberg2_torchdiffeq",
+                "adaptive_heun": "adaptive_heun_torchdiffeq"}
 CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
 ADJOINT_CALLBACK_NAMES = tuple(name + "_adjoint" for name in CALLBACK_NAMES)
 # Options of particular methods (torchdiffeq's names), passed to a configured stepper.
@@ -117,7 +126,14 @@ def _translate(method: str | None, options: dict | None, func, y0: Tensor, t: Te
     if "max_num_steps" in o:  # default: solve's max_steps (torchdiffeq's 2**31 - 1 never ends a stalled solve)
         v = o.pop("max_num_steps")
         kw["max_steps"] = int(min(int(v), 2**62))
-    if any(k in o for k in ("safety", "ifactor", "dfactor")):
+    if method in TD_STEP_RULE:
+        # torchdiffeq's step rule: its error estimate and dense output, I control that never shrinks after an
+        # accepted step, the starting step with the error order's exponent, and no last step cut to the final time.
+        method = TD_STEP_RULE[method]
+        kw["controller"] = PIDController(pcoeff=0.0, icoeff=1.0, accept_dfactor=1.0, first_step_rule="torchdiffeq",
+                                         land_on_end=False, safety=float(o.pop("safety", 0.9)),
+                                         ifactor=float(o.pop("ifactor", 10.0)), dfactor=float(o.pop("dfactor", 0.2)))
+    elif any(k in o for k in ("safety", "ifactor", "dfactor")):
         kw["controller"] = PIDController(safety=float(o.pop("safety", 0.9)), ifactor=float(o.pop("ifactor", 10.0)),
                                          dfactor=float(o.pop("dfactor", 0.2)))
     if not adaptive:
@@ -236,7 +252,9 @@ def odeint(func: Callable, y0: Tensor | tuple[Tensor, ...], t: Tensor, *, rtol: 
     method : str, optional
         torchdiffeq's method names (``dopri5`` by default; ``explicit_adams``/``implicit_adams`` with the
         options ``max_order``, ``max_iters``; ``scipy_solver``) plus ``tsit5``, ``ralston``, ``adams``,
-        ``leapfrog``, ``yoshida4`` and ``semi_implicit_euler``.
+        ``leapfrog``, ``yoshida4`` and ``semi_implicit_euler``. ``dopri5``, ``bosh3``, ``fehlberg2`` and
+        ``adaptive_heun`` take torchdiffeq's steps (the same evaluations and outputs as torchdiffeq to rounding);
+        ``dopri8`` is DOP853 (torchdiffeq's dopri8 is another 8(7) pair) with neurodyn's step rule.
     options : dict, optional
         torchdiffeq's options: ``step_size``, ``first_step``, ``max_num_steps`` (default 100000 attempted steps,
         where torchdiffeq's is unbounded: a solve that needs more raises ``MaxStepsReached``), ``min_step``,

@@ -42,6 +42,17 @@ class PIDController:
     accept_dfactor : float or None
         Smallest factor right after an accepted step, in ``[dfactor, 1]``; None: ``dfactor``. ``1.0`` never
         shrinks the step after an accepted one (torchdiffeq's and diffrax's rule).
+    first_step_rule : str
+        Hairer's starting step ``min(100 h0, (0.01 / max(d1, d2))^(1 / (q + 1)))`` when no ``first_step`` is
+        given: ``"hairer"`` (``q`` the method's order, norms RMS) or ``"torchdiffeq"`` (as torchdiffeq's
+        ``_select_initial_step``: ``q`` the error estimate's order, ``d0``, ``d1``, ``d2`` measured with the
+        solve's ``norm`` when one is given, and ``max_step`` capping the step taken, not the trial step ``h0``).
+    land_on_end : bool
+        True: the last step is shortened to end on the final time. False: steps keep their proposed sizes and the
+        last one runs past the final time; the outputs up to it (the final one included) are read off the
+        method's dense output (torchdiffeq's rule). Eager loop only (not with ``per_sample_steps`` or
+        ``compile``); a solve with events lands on the final time all the same (a crossing past it is not the
+        solve's).
 
     Examples
     --------
@@ -57,8 +68,13 @@ class PIDController:
     ifactor: float = 10.0
     dfactor: float = 0.2
     accept_dfactor: float | None = None
+    first_step_rule: str = "hairer"
+    land_on_end: bool = True
 
     def __post_init__(self) -> None:
+        if self.first_step_rule not in ("hairer", "torchdiffeq"):
+            raise InputError(f"PIDController: first_step_rule must be 'hairer' or 'torchdiffeq', got "
+                             f"{self.first_step_rule!r}.")
         for name in ("pcoeff", "icoeff", "dcoeff"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:

@@ -116,8 +116,14 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
             def plain_norm(x: Tensor) -> float:
                 return float(torch.linalg.vector_norm(x)) * inv
 
-            h_abs = initial_step(term, t0, y0.detach(), k0.detach().reshape(1, -1), direction, solver.order,
-                                 cfg.rtol, cfg.atol, plain_norm, cfg.max_step)
+            order, first_norm, first_cap = solver.order, plain_norm, cfg.max_step
+            if cfg.controller.first_step_rule == "torchdiffeq":  # (max_step caps the step below, not h0)
+                order, first_cap = solver.controller_order, math.inf
+                if cfg.norm is not None:
+                    def first_norm(x: Tensor, _n=cfg.norm, _u=cfg.unflatten) -> float:  # noqa: E306
+                        return float(_n(_u(x) if _u is not None else x))
+            h_abs = initial_step(term, t0, y0.detach(), k0.detach().reshape(1, -1), direction, order,
+                                 cfg.rtol, cfg.atol, first_norm, first_cap)
         first_h = h_abs
     h_abs = min(h_abs, cfg.max_step)
     accept_min = cfg.accept_min_step and not fixed
@@ -159,6 +165,7 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
     record = cfg.record
     min_step, max_step_size = cfg.min_step, cfg.max_step
     propose = ctrl.propose if ctrl is not None else None
+    land_end = fixed or cfg.controller.land_on_end
     # perturb / jump_t nudges: one ulp of the time tensor the field receives (a float64 ulp vanishes in float32).
     t_dtype = getattr(term, "t_dtype", None) or torch.get_default_dtype()
     k1_time = nextafter(t0, direction, t_dtype) if perturb else t0
@@ -169,8 +176,9 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
                 k1_time = nextafter(t, direction, t_dtype) if perturb else t
                 k1 = term(k1_time, y)
             remaining = (next_stop - t) * direction
-            # Land on the stop when within a hair of it (no sliver steps from accumulated rounding).
-            landing = remaining <= h_abs * LANDING_SLACK
+            # Land on the stop when within a hair of it (no sliver steps from accumulated rounding); the final time
+            # not with land_on_end=False: the step passing it ends the solve (its outputs from the dense output).
+            landing = remaining <= h_abs * LANDING_SLACK and (land_end or next_stop != t_end)
             h = (next_stop - t) if landing else direction * h_abs
             t1 = next_stop if landing else t + h
             nudge = nextafter(t1, -direction, t_dtype) if (perturb or (landing and next_stop in jumps)) else None
@@ -268,6 +276,9 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
                     else:
                         # dy/dt at the step end if Hermite output computed it; else evaluated at the loop top.
                         k1 = st.f1.view(term.shape) if st.f1 is not None else None
+                    if not land_end and next_stop == t_end and (t - t_end) * direction >= 0:
+                        t, y = t_end, outs[-1]  # passed the final time: the solve ends at its output
+                        break
                     if landing:
                         if next_stop == t_end:
                             break

@@ -230,6 +230,9 @@ class _AdjointFunction(torch.autograd.Function):
         atol = gopts.adjoint_atol if gopts.adjoint_atol is not None else setup.cfg.atol
         y_dims = 0 if interpolated else n
         controller = setup.cfg.controller
+        if not controller.land_on_end:
+            # The backward solves land on the interval ends: the parameter quadrature sums whole steps.
+            controller = replace(controller, land_on_end=True)
         if adj_solver.bind_tolerances:
             # Newton's tolerance follows the backward solve's: a stepper bound to the forward tolerances would stop
             # Newton far above a tighter adjoint_rtol, and the error control would then chase Newton's residual.

@@ -129,7 +129,7 @@ class ExplicitRungeKutta(StepperBase):
         self.error_order = tableau.error_order
         self.controller_order = tableau.controller_order
         self.adaptive = tableau.adaptive
-        self.fsal = tableau.fsal
+        self.fsal = tableau.fsal or tableau.reuse_last_stage
         self.stages = tableau.stages
         self.dense_order = tableau.dense_order if tableau.dense is not None else 3
         self.has_own_dense = tableau.dense is not None

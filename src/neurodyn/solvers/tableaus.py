@@ -31,7 +31,17 @@ name                      order  error_order  FSAL   dense_order
 ``dopri5``                5      4            yes    4 (Shampine)
 ``tsit5``                 5      4            yes    4 (Tsitouras)
 ``dopri8`` (DOP853)       8      5            yes    7 (Hairer)
+``dopri5_shampine``       5      4            yes    4 (Shampine)
+``bosh3_torchdiffeq``     3      2            yes    1 (quartic)
+``fehlberg2_torchdiffeq`` 2      1            reuse  1 (quartic)
+``adaptive_heun_torch..`` 2      1            reuse  1 (quartic)
 ========================  =====  ===========  =====  ===========
+
+The last four are torchdiffeq's methods as it runs them (:mod:`neurodyn.compat.torchdiffeq` maps its names to
+them): ``dopri5`` with Shampine's (1986) embedded estimate ``b_hat = (1951/21600, 0, 22642/50085, 451/720,
+-12231/42400, 649/6300, 1/60)``; ``bosh3``, ``fehlberg2`` and ``adaptive_heun`` (``adaptive_heun_torchdiffeq``)
+with the quartic through a midpoint estimate as dense output (:func:`midpoint_quartic_dense`), the last two reusing
+their last stage as the next step's first although it is not evaluated at ``y1`` ("reuse").
 
 The tableaus are checked against the rooted-tree order conditions in ``tests/test_tableaus.py``.
 """
@@ -39,7 +49,7 @@ The tableaus are checked against the rooted-tree order conditions in ``tests/tes
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 Number = Fraction | float | int
@@ -90,6 +100,10 @@ class ButcherTableau:
     extra_a: Sequence[Sequence[Number]] = field(default_factory=tuple)
     b_err_low: Sequence[Number] | None = None
     control_order: int | None = None
+    reuse_last_stage: bool = False
+
+    # ``reuse_last_stage``: the last stage (at ``t0 + h``) is the next step's first stage although it is not
+    # evaluated at ``y1`` (torchdiffeq's fehlberg2 and adaptive_heun do this); the stepper runs as FSAL.
 
     # ``b_err_low``: a second, lower-order estimate ``b - b_hat_low`` combined with ``b_err`` as in
     # Hairer's DOP853: ratio = |h| E^2 / sqrt(n (E^2 + 0.01 E_low^2)) with E^2 the sum of squared scaled
@@ -300,6 +314,42 @@ register(ButcherTableau(
     dense_order=4,
 ))
 
+
+
+def midpoint_quartic_dense(b: Sequence[Number], mid: Sequence[Number]) -> tuple[tuple[Number, ...], ...]:
+    """``dense`` (the ``P`` rows of the dense output convention) of the quartic through ``y0``, ``y1``,
+    ``y_mid = y0 + h sum_j mid_j k_j`` (an estimate of ``y(t0 + h / 2)``) and the slopes ``k_0`` at the start and
+    ``k_{s-1}`` (the last stage) at the end: torchdiffeq's interpolation for its adaptive Runge--Kutta methods.
+
+    Returns one row of four coefficients (``theta**1 .. theta**4``) per stage.
+
+    >>> midpoint_quartic_dense((F(1, 2), F(1, 2)), (F(1, 2), 0))[0]  # adaptive_heun's first stage
+    (1, Fraction(3, 2), Fraction(-4, 1), Fraction(2, 1))
+    """
+    s = len(b)
+    rows = []
+    for j in range(s):
+        e0, e1 = int(j == 0), int(j == s - 1)
+        bj, mj = F(b[j]), F(mid[j])
+        rows.append((e0, e1 - 4 * e0 - 5 * bj + 16 * mj, 5 * e0 - 3 * e1 + 14 * bj - 32 * mj,
+                     2 * e1 - 2 * e0 - 8 * bj + 16 * mj))
+    return tuple(rows)
+
+
+# Dormand--Prince 5(4) as torchdiffeq's dopri5: the error estimate of Shampine's (1986) variant of the
+# embedded fourth-order solution. The dense output stays dopri5's: Shampine's continuous extension is the
+# quartic through his midpoint estimate (torchdiffeq's interpolation; tests/test_torchdiffeq_steps.py).
+_DPS_BHAT = (F(1951, 21600), 0, F(22642, 50085), F(451, 720), F(-12231, 42400), F(649, 6300), F(1, 60))
+register(replace(TABLEAUS["dopri5"], name="dopri5_shampine",
+                 b_err=tuple(x - y for x, y in zip(_DP5_B, _DPS_BHAT))))
+# bosh3, fehlberg2 and adaptive_heun as torchdiffeq runs them: the dense output is the quartic through a midpoint
+# estimate, and fehlberg2's and adaptive_heun's last stage (at t0 + h, but at the embedded first-order solution, not
+# at y1) is reused as the next step's first (reuse_last_stage), so their steps are not the textbook methods'.
+for _name, _mid, _order in (("bosh3", (0, F(1, 2), 0, 0), 1), ("fehlberg2", (0, F(1, 2), 0), 1),
+                            ("adaptive_heun", (F(1, 2), 0), 1)):
+    _tab = TABLEAUS[_name]
+    register(replace(_tab, name=f"{_name}_torchdiffeq", dense=midpoint_quartic_dense(_tab.b, _mid),
+                     dense_order=_order, reuse_last_stage=not _tab.fsal))
 
 # ----------------------------------------------------------------------------------------------------
 # Tsitouras 5(4) (Ch. Tsitouras, "Runge--Kutta pairs of order 5(4) satisfying only the first column
