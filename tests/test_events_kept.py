@@ -193,3 +193,63 @@ def test_interpolate_rows_many_points_by_weights(method):
         assert torch.allclose(many[:, q], one, rtol=1e-14, atol=0)
     exact = y0.unsqueeze(1) * torch.exp(-h * th).unsqueeze(2)
     assert float((many - exact).abs().max()) < 1e-5
+
+
+def test_stage_buffer_into_given_memory():
+    """``make_buffers(y, k1, into)``: the stepper writes the stages into ``into`` and the step is the one with its
+    own buffer, bit for bit."""
+    rk = get_solver("dopri5")
+    co = rk.coefficients(F64, torch.device("cpu"))
+    term = neurodyn.core.term.ODETerm(osc, torch.Size([2]), F64, torch.device("cpu"))
+    y = torch.tensor([[0.3, 1.0]], dtype=F64)
+    k1 = osc(0.0, y.view(2))
+    into = torch.zeros(rk.stages, 2, dtype=F64)
+    own = rk.step(term, 0.0, y, 0.1, k1, co, None, rk.make_buffers(y, k1))
+    lent = rk.step(term, 0.0, y, 0.1, k1, co, None, rk.make_buffers(y, k1, into))
+    assert lent[1].data_ptr() == into.data_ptr() and torch.equal(into, own[1])
+    assert torch.equal(lent[0], own[0]) and torch.equal(lent[2], own[2])
+    # dy/dt of y = A (sin(t + phi), cos(t + phi)) at t = 0 in the first stage; the last (FSAL) one at t = 0.1
+    assert torch.equal(into[0], k1)
+    assert float((into[-1] - osc(0.1, lent[0].view(2))).abs().max()) < 1e-15
+
+
+@pytest.mark.parametrize("cap", [None, 1, 2])
+def test_lent_rows_give_the_copied_records(cap, monkeypatch):
+    """A solve after the first one (its kept buffer from the pool) has the stepper write every kept step's stages
+    into the buffer's rows (``EventWatch.lend``); the records, solution and statistics are those of a solve whose
+    stages are copied (lending off), bit for bit, with rejected steps (loose tolerances, a first step too large)
+    and with chunks of kept steps (``cap``; with one step per chunk every step goes through ``_keep``, nothing is
+    lent), and the in-loop checks' records."""
+    if cap is not None:
+        monkeypatch.setattr(events, "_KEEP_STEPS", cap)
+    evs = two_events()
+    lent = []
+    orig = events.EventWatch.lend
+
+    def spy(watch):
+        buf = orig(watch)
+        lent.append(buf is not None)
+        return buf
+
+    monkeypatch.setattr(events.EventWatch, "lend", spy)
+    y0 = torch.tensor([0.3, 1.0], dtype=F64)
+    ts = torch.linspace(0.0, 25.0, 9, dtype=F64)
+
+    def run():
+        with torch.no_grad():
+            return neurodyn.solve(osc, y0, ts, rtol=1e-6, atol=1e-8, events=evs, first_step=2.0)
+
+    with monkeypatch.context() as m:
+        m.setattr(events.EventWatch, "lend", lambda watch: None)
+        copied = run()
+    run()
+    lent.clear()
+    sol = run()
+    assert any(lent) == (cap != 1) and sol.stats["rejected"] >= 1
+    assert torch.equal(sol.ys, copied.ys) and sol.stats["steps"] == copied.stats["steps"]
+    assert torch.equal(sol.events.t, copied.events.t) and torch.equal(sol.events.y, copied.events.y)
+    assert sol.events.index.tolist() == copied.events.index.tolist() and len(sol.events) > 10
+    with monkeypatch.context() as m:
+        in_loop(m)
+        loop = run()
+    assert_same_records(sol, loop)
