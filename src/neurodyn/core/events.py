@@ -30,9 +30,10 @@ How a root is found
    across the steps and one call of the event function, to the same :data:`ROOT_RTOL` brackets.
 5. Where every occurrence of a solve can only need recording (no event with a jump or a terminal count, no
    ``min_event_gap``; stacked event functions, no graph, such a stepper and state), the sign checks of step 2 wait
-   too: the loop keeps each accepted step's start and stages (:meth:`EventWatch._keep`, one copy) and the kept
-   steps are checked together (:meth:`EventWatch._detect_kept`: the dense output at every step's sample fractions
-   in one product, each event function in one call over all the points), at the end of the solve, when
+   too: the loop keeps each accepted step's start and stages (:meth:`EventWatch._keep`: the start by reference, the
+   stages written into a row of the kept buffer by the stepper itself, :meth:`EventWatch.lend`, else one copy) and
+   the kept steps are checked together (:meth:`EventWatch._detect_kept`: the dense output at every step's sample
+   fractions in one product, each event function in one call over all the points), at the end of the solve, when
    :data:`_KEEP_STEPS` steps or :data:`_KEEP_NUMEL` elements are kept, and before a step whose crossings could
    reach ``max_events``. Their crossings then go to step 4 in step order, as if found in the loop.
 
