@@ -30,10 +30,9 @@ How a root is found
    across the steps and one call of the event function, to the same :data:`ROOT_RTOL` brackets.
 5. Where every occurrence of a solve can only need recording (no event with a jump or a terminal count, no
    ``min_event_gap``; stacked event functions, no graph, such a stepper and state), the sign checks of step 2 wait
-   too: the loop keeps each accepted step's start and stages (:meth:`EventWatch._keep`: the start by reference, the
-   stages written into a row of the kept buffer by the stepper itself, :meth:`EventWatch.lend`, else one copy) and
-   the kept steps are checked together (:meth:`EventWatch._detect_kept`: the dense output at every step's sample
-   fractions in one product, each event function in one call over all the points), at the end of the solve, when
+   too: the loop keeps each accepted step's start and stages (:meth:`EventWatch._keep`, one copy) and the kept
+   steps are checked together (:meth:`EventWatch._detect_kept`: the dense output at every step's sample fractions
+   in one product, each event function in one call over all the points), at the end of the solve, when
    :data:`_KEEP_STEPS` steps or :data:`_KEEP_NUMEL` elements are kept, and before a step whose crossings could
    reach ``max_events``. Their crossings then go to step 4 in step order, as if found in the loop.
 
@@ -58,7 +57,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -102,11 +100,10 @@ _KEEP_NUMEL = 1 << 21
 _FRACTIONS: dict[tuple, Tensor] = {}
 # Up to this many values (kept steps x points x components), their signs are compared on the host.
 _HOST_SCAN = 4096
-# Buffers of kept steps (EventWatch._keep) given back at the end of a solve for the next one of the same stepper
-# with the same layout (stages + 1, state size, dtype, device, inference mode), with their stage rows and the stage
-# buffers lent over them (EventWatch.lend); up to this many elements each, and (cleared beyond) 16 layouts per
-# stepper; keyed weakly by the stepper (the lent buffers hold its coefficients).
-_KEPT_POOL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Buffers of kept steps (EventWatch._keep) given back at the end of a solve for the next one with the same layout
+# (stages + 1, state size, dtype, device, inference mode), with their rows; up to this many elements each, and
+# (cleared beyond) 16 layouts.
+_KEPT_POOL: dict[tuple, tuple[Tensor, tuple[Tensor, ...]]] = {}
 _KEPT_POOL_NUMEL = 1 << 16
 
 
@@ -386,22 +383,15 @@ class EventWatch:
         # (hit, the step's y0 and stages, t0, h, event, component, a, fa, b, fb, res, known points).
         self.pending: list[tuple] = []
         self._batchable: bool | None = None  # whether the stepper's dense output can be evaluated across steps
-        # Steps whose sign checks are deferred too (:meth:`_keep`, :meth:`_detect_kept`): per step its start (a
-        # reference: the loop's states are fresh tensors), its stages ``(s, n)`` (in a row of the kept buffer:
-        # written there by the stepper through :meth:`lend`, else one copy), t0, h, t1 and index; the last one's
-        # end state. ``_lazy``: whether every step of this solve may be kept (None: not known yet).
+        # Steps whose sign checks are deferred too (:meth:`_keep`, :meth:`_detect_kept`): per step its start and
+        # stages ``(s + 1, n)`` (one copy), t0, h, t1 and index; the last one's end state. ``_lazy``: whether every
+        # step of this solve may be kept (None: not known yet).
         self._lazy: bool | None = None
-        self._kept: Tensor | None = None  # (rows, s + 1, n), grown as needed up to _cap rows; [:, 0]: the starts
+        self._kept: Tensor | None = None  # (rows, s + 1, n), grown as needed up to _cap rows
         self._nk = 0  # steps kept
         self._room = 0  # steps check() may keep without _keep's tests (free rows, below _cap and max_events)
-        self._kept_rows: tuple[Tensor, ...] = ()  # the rows' stages self._kept[r, 1:], (s, n)
-        self._lent: list = []  # per row: the stage buffer lent over its stages (lend), or None
-        self._lent_k: list = []  # per row: that buffer's stage matrix (what step returns as k), or None
-        self._lends = False  # whether rows are lent (the kept buffer came from the pool: an earlier solve's)
-        self._k1_row = -1  # the row whose stages hold the loop's next k1 (never lent: rule 2, core/stepper.py)
-        self._solver: Stepper | None = None
+        self._kept_rows: tuple[Tensor, ...] = ()  # self._kept's rows
         self._layout: tuple | None = None  # the kept buffer's key in _KEPT_POOL
-        self._kept_y0: list[Tensor] = []
         self._kept_t: list[tuple[float, float, float, int]] = []
         self._kept_y1: Tensor | None = None
         self._cap = 0  # steps kept at most before their checks run (memory)
@@ -434,13 +424,8 @@ class EventWatch:
         (:meth:`finish` locates those), or when the step's check itself is deferred (:meth:`_keep`)."""
         nk = self._nk
         if nk < self._room and not torch.is_grad_enabled():  # kept (as _keep: a free row, no limit near)
-            if st.k is self._lent_k[nk]:  # the stepper wrote the stages into the row (lend)
-                self._k1_row = nk
-            else:
-                self._kept_rows[nk].copy_(st.k)
-                self._k1_row = -1
+            torch.cat((st.y0, st.k), out=self._kept_rows[nk])
             self._nk = nk + 1
-            self._kept_y0.append(st.y0)
             self._kept_t.append((st.t0, st.h, t1, step_index))
             self._kept_y1 = st.y1
             return None
@@ -606,11 +591,11 @@ class EventWatch:
         return ok
 
     def _keep(self, solver: Stepper, st: Step, co, t1: float, step_index: int) -> bool:
-        """Keep the accepted step ``st`` (its start by reference, its stages in a row of the kept buffer) for its
-        sign checks after it (:meth:`_detect_kept`, in one batch with the other kept steps); False where it cannot
-        wait: its crossings might reach ``max_events`` (the kept steps are checked first). The kept steps are
-        checked when :data:`_KEEP_NUMEL` elements are kept, before a step whose crossings could reach
-        ``max_events``, and at the end of the solve."""
+        """Keep the accepted step ``st`` (its start and stages, one copy) for its sign checks after it
+        (:meth:`_detect_kept`, in one batch with the other kept steps); False where it cannot wait: its crossings
+        might reach ``max_events`` (the kept steps are checked first). The kept steps are checked when
+        :data:`_KEEP_NUMEL` elements are kept, before a step whose crossings could reach ``max_events``, and at
+        the end of the solve."""
         nk = self._nk
         if nk >= self._cap or self.total + (nk + 1) * self._most > self.max_events:
             if nk:
@@ -623,51 +608,23 @@ class EventWatch:
             kept = self._kept
             size = min(max(2 * nk, 32), self._cap)
             layout = (st.k.shape[0] + 1, st.y0.shape[1], st.y0.dtype, st.y0.device, torch.is_inference_mode_enabled())
-            try:
-                per = _KEPT_POOL.get(solver) if not nk else None
-            except TypeError:  # a stepper that cannot be weakly referenced: not pooled
-                per = None
-            spare = per.pop(layout, None) if per is not None else None
+            spare = _KEPT_POOL.pop(layout, None) if not nk else None
             if spare is not None and len(spare[1]) >= size:  # a buffer an earlier solve gave back, with its rows
-                self._kept, self._kept_rows, self._lent, self._lent_k = spare
-                self._lends = True
+                self._kept, rows = spare
+                self._kept_rows = rows
             else:
                 new = st.y0.new_empty((size, *layout[:2]))
                 if nk:
                     new[:nk] = kept[:nk]
                 self._kept = new
-                self._kept_rows = new[:, 1:].unbind(0)
-                self._lent, self._lent_k = [None] * size, [None] * size
-                self._lends = False  # (a first solve: building the lent buffers would cost more than the copies)
-            rows = self._kept_rows
+                rows = self._kept_rows = new.unbind(0)
             self._layout = layout
-            self._solver = solver
-        rows[nk].copy_(st.k)  # (the stages were not written into the row: one copy)
-        self._k1_row = -1
+        torch.cat((st.y0, st.k), out=rows[nk])  # the stage buffers are reused: one copy
         self._nk = nk + 1
         self._room = min(len(rows), self._cap, (self.max_events - self.total) // self._most)
-        self._kept_y0.append(st.y0)
         self._kept_t.append((st.t0, st.h, t1, step_index))
         self._kept_y1 = st.y1  # (a new tensor every step: the next kept step's start, or the solve's end)
         return True
-
-    def lend(self) -> Any:
-        """The stage buffer for the loop's next attempt (``solver.make_buffers`` over the stages of the kept
-        buffer's next row, built once per row and kept with the buffer), so that the stepper writes the step's stages
-        where :meth:`check` keeps them; None where the next accepted step is not kept that way (no free row, the
-        row holding ``k1``, a kept buffer new to this stepper)."""
-        nk = self._nk
-        if nk >= self._room or not self._lends or nk == self._k1_row:
-            return None
-        buf = self._lent[nk]
-        if buf is None:
-            row = self._kept_rows[nk]
-            buf = self._solver.make_buffers(self._kept[nk, :1], row[0].view(self.term.shape), row)
-            if buf is None:
-                self._lends = False
-                return None
-            self._lent[nk], self._lent_k[nk] = buf, buf.flat
-        return buf
 
     def _detect_kept(self, solver: Stepper, co, final: bool = False) -> None:
         """The sign checks of the kept steps (:meth:`_keep`), all together: the dense output at every step's
@@ -676,14 +633,13 @@ class EventWatch:
         a step crossed); the crossings of each step counted and kept for :meth:`finish` as :meth:`check` does,
         in step order. The values are those :meth:`check` computes, up to the rounding of the dense output (the
         same polynomial, evaluated across steps)."""
-        m, info, y_end, starts = self._nk, self._kept_t, self._kept_y1, self._kept_y0
-        self._nk, self._kept_t, self._kept_y1, self._kept_y0, self._room = 0, [], None, [], 0
+        m, info, y_end = self._nk, self._kept_t, self._kept_y1
+        self._nk, self._kept_t, self._kept_y1, self._room = 0, [], None, 0
         fr = self.fracs
         shape, t_dtype, device = self.term.shape, self.term.t_dtype, self.term.device
         with torch.no_grad():
             z = self._kept[:m]  # (m, s + 1, n): the steps' starts and stages
             y0s = z[:, 0]
-            y0s.copy_(torch.cat(starts) if m > 1 else starts[0])
             if fr:
                 # the sample points and the step end on the dense output, in one product: (m, f + 1, n) (the step
                 # end is y1 up to rounding; the next step's start value is this one)
@@ -777,22 +733,15 @@ class EventWatch:
         kept, self._kept, self._room = self._kept, None, 0
         if kept is not None and kept.numel() <= _KEPT_POOL_NUMEL:
             # the buffer goes back for the next solve once the roots it holds are located (nothing returned keeps it)
-            give_back = (self._layout, (kept, self._kept_rows, self._lent, self._lent_k))
+            give_back = (self._layout, (kept, self._kept_rows))
         else:
             give_back = None
-        self._kept_rows, self._lent, self._lent_k = (), [], []
+        self._kept_rows = ()
         out = self._finish(solver, co, records)
         if give_back is not None:
-            try:
-                per = _KEPT_POOL.get(solver)
-                if per is None:
-                    per = _KEPT_POOL[solver] = {}
-            except TypeError:  # a stepper that cannot be weakly referenced: not pooled
-                per = None
-            if per is not None:
-                if len(per) >= 16 and give_back[0] not in per:
-                    per.clear()
-                per[give_back[0]] = give_back[1]
+            if len(_KEPT_POOL) >= 16 and give_back[0] not in _KEPT_POOL:
+                _KEPT_POOL.clear()
+            _KEPT_POOL[give_back[0]] = give_back[1]
         return out
 
     def _finish(self, solver: Stepper, co, records: list) -> list | EventRecords:

@@ -155,9 +155,6 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
             buffers = (solver.make_buffers(y0, k0), solver.make_buffers(y0, k0))
     which = 0
     buf = None
-    # A solve whose event checks wait (core/events.py) keeps every accepted step's stages: the watch lends the row
-    # they go to as the stage buffer (no copy per step; None where it keeps none, or the stages go elsewhere).
-    lend = watch.lend if watch is not None and pool_key is not None and buffers[0] is not None else None
     new_stages = solver.stages - 1
     record = cfg.record
     min_step, max_step_size = cfg.min_step, cfg.max_step
@@ -189,8 +186,6 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
                     term.nfe += new_stages
             if ratio is None:
                 buf = buffers[which] if buffers else None
-                if lend is not None:
-                    buf = lend() or buf
                 y1, k, err = solver.step(term, t, y, h, k1, co, nudge, buf)
             attempts += 1
 

@@ -14,11 +14,9 @@ Rules every stepper follows
    the accept/reject decision, the error norm (:func:`neurodyn.core.control.make_error_ratio`), output times and
    statuses; a stepper never reads tolerances unless it declares ``implicit`` (Newton tolerances, via ``bind``).
 2. ``step`` must not keep references to its inputs that it later mutates: a rejected attempt is retried from the
-   same ``(t, y, k1)``. The buffers the loop passes (``buf``, from :meth:`Stepper.make_buffers`) are never the one
-   holding ``k1`` for this reason (they alternate between accepted steps, or are the rows of the event watch's
-   kept-steps buffer, one per accepted step: :meth:`neurodyn.core.events.EventWatch.lend`), and later solves of the
-   same layout reuse them (:func:`neurodyn.core.loop.take_buffers`): ``y1`` and what ``step`` and ``interpolate``
-   return to be kept are fresh tensors, never views of a buffer.
+   same ``(t, y, k1)``. The buffers the loop passes (``buf``, from :meth:`Stepper.make_buffers`) alternate between
+   attempts for this reason, and later solves of the same layout reuse them (:func:`neurodyn.core.loop.take_buffers`):
+   ``y1`` and what ``step`` and ``interpolate`` return to be kept are fresh tensors, never views of a buffer.
 3. With ``fsal`` the last row of ``k`` is ``dy/dt`` at ``(t + h, y1)``: the loop passes it on as the next ``k1``.
 4. Dense output: :meth:`Stepper.interpolate` evaluates the step's continuous extension at fractions
    ``theta`` of an accepted :class:`Step` (``"auto"``: the method's own, else cubic Hermite, see
@@ -124,7 +122,7 @@ class Stepper(Protocol):
 
     def coefficients(self, dtype: Any, device: Any) -> Any: ...
 
-    def make_buffers(self, y: Tensor, k1: Tensor, into: Tensor | None = None) -> Any: ...
+    def make_buffers(self, y: Tensor, k1: Tensor) -> Any: ...
 
     def step(self, term: Any, t: float, y: Tensor, h: float, k1: Tensor, co: Any,
              t_end_nudge: float | None = None, buf: Any = None) -> tuple[Tensor, Tensor, Tensor | None]: ...
@@ -188,11 +186,8 @@ class StepperBase:
     # Counters of the solve in progress that go into ``sol.stats`` (implicit methods: Jacobians, Newton iterations).
     stats: dict | None = None
 
-    def make_buffers(self, y: Tensor, k1: Tensor, into: Tensor | None = None) -> Any:
-        """No reusable stage buffers (the default): the stages are fresh tensors every step. A stepper with buffers
-        returns one whose stages ``step`` writes in place; given ``into`` (a contiguous ``(stages, n)`` tensor of
-        ``y``'s dtype and device), in ``into``'s memory (the event watch lends rows of its kept-steps buffer this
-        way, :meth:`neurodyn.core.events.EventWatch.lend`)."""
+    def make_buffers(self, y: Tensor, k1: Tensor) -> Any:
+        """No reusable stage buffers (the default): the stages are fresh tensors every step."""
         return None
 
     def check_term(self, term: Any, y0: Tensor, t0: Tensor, adaptive: bool) -> None:

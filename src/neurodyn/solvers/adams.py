@@ -320,7 +320,7 @@ class MultistepBase(StepperBase):
     def coefficients(self, dtype: torch.dtype, device: torch.device) -> None:
         return None
 
-    def make_buffers(self, y: Tensor, k1: Tensor, into: Tensor | None = None) -> None:
+    def make_buffers(self, y: Tensor, k1: Tensor) -> None:
         """No reusable stage buffers: the history keeps past derivatives, so stages are fresh tensors."""
         return None
 

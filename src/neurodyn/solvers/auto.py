@@ -259,9 +259,9 @@ class AutoSwitch(StepperBase):
         """Both methods' coefficients, ``(explicit, implicit)``."""
         return self.explicit.coefficients(dtype, device), self.stiff.coefficients(dtype, device)
 
-    def make_buffers(self, y: Tensor, k1: Tensor, into: Tensor | None = None) -> StageBuffers:
+    def make_buffers(self, y: Tensor, k1: Tensor) -> StageBuffers:
         """The explicit method's stage buffers (the implicit method allocates its own)."""
-        return self.explicit.make_buffers(y, k1, into)
+        return self.explicit.make_buffers(y, k1)
 
     def step(self, term: Term, t: float, y: Tensor, h: float, k1: Tensor, co: tuple,
              t_end_nudge: float | None = None, buf: StageBuffers | None = None

@@ -173,9 +173,8 @@ class ExplicitRungeKutta(StepperBase):
         return tuple(float(v) for v in self.tableau.b)
 
     # -- stage buffers ---------------------------------------------------------------------------
-    def make_buffers(self, y: Tensor, k1: Tensor, into: Tensor | None = None) -> StageBuffers | None:
-        """A preallocated stage buffer with its views, for solves that keep no autograd graph; ``into`` (a contiguous
-        ``(stages, n)`` tensor of ``y``'s dtype and device): the stages are written into its memory.
+    def make_buffers(self, y: Tensor, k1: Tensor) -> StageBuffers | None:
+        """A preallocated stage buffer with its views, for solves that keep no autograd graph.
 
         None under ``torch.func.vmap`` (``y`` or ``k1`` batched): :meth:`step` then builds its stages out of
         place, as batched stages cannot be copied into a buffer allocated from an unbatched state.
@@ -183,7 +182,7 @@ class ExplicitRungeKutta(StepperBase):
         if vmapped(y, k1):
             return None
         s = self.stages
-        shaped = y.new_empty((s, *k1.shape)) if into is None else into.view(s, *k1.shape)
+        shaped = y.new_empty((s, *k1.shape))
         flat = shaped.view(s, -1)
         heads, rows = [flat[:i] for i in range(s + 1)], list(shaped.unbind(0))
         co = self.coefficients(y.dtype, y.device)

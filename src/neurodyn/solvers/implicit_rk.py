@@ -996,7 +996,7 @@ class ImplicitRungeKutta(StepperBase):
         return Z, self._within_floor(st, dn), theta
 
     # -- one step ----------------------------------------------------------------------------------
-    def make_buffers(self, y: Tensor, k1: Tensor, into: Tensor | None = None) -> None:
+    def make_buffers(self, y: Tensor, k1: Tensor) -> None:
         """No preallocated stage buffers: stages are few and Newton allocates anyway (the loop passes None)."""
         return None
 

@@ -160,7 +160,7 @@ class SymplecticStepper(StepperBase):
                              f"backward solve is not a Hamiltonian [q, p] system.)")
         return shape, shape[-1] // 2
 
-    def make_buffers(self, y: Tensor, k1: Tensor, into: Tensor | None = None) -> None:
+    def make_buffers(self, y: Tensor, k1: Tensor) -> None:
         """No reusable stage buffers: the stages are fresh tensors every step."""
         return None
 
