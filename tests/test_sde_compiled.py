@@ -137,6 +137,26 @@ def test_compiled_in_blocks_of_steps(forced, monkeypatch):
     torch.testing.assert_close(a.ys, b.ys, rtol=0, atol=1e-13)
 
 
+def test_kept_input_buffers_carry_nothing_between_solves(forced):
+    """The stacked increments go into buffers kept for the field's next solve: solves on two different Brownian
+    paths, then the first again, each equal their eager solve to rounding (nothing of one path's increments left in the
+    other's), and the second and third solves stack into the buffers the first made."""
+    model = Small().double()
+    paths = [_path(), BrownianInterval(0.0, 1.0, shape=(B, D), dtype=torch.float64, entropy=7, cache_size=None)]
+    kept = []
+    with torch.no_grad():
+        for bm in (paths[0], paths[1], paths[0]):
+            a = _solve(model, bm, "euler", True)
+            b = _solve(model, bm, "euler", False)
+            assert a.stats["compiled"] == "loop"
+            torch.testing.assert_close(a.ys, b.ys, rtol=0, atol=1e-13)  # the dense output's rounding
+            bufs = [v for d in driven._CACHE.values() for per in d.values() for k, v in per.items()
+                    if isinstance(k, tuple) and k[0] == "inputs"]
+            kept.append({x.data_ptr() for buf in bufs for x in buf})
+    assert kept[0] and kept[0] == kept[1] == kept[2]
+    assert not torch.equal(_solve(model, paths[0], "euler", False).ys, _solve(model, paths[1], "euler", False).ys)
+
+
 def test_grad_mode_runs_eager_with_eager_gradients(forced):
     """With an autograd graph the compiled driven loop does not apply: the solve runs the eager stepper, and its
     gradients are the eager solve's."""
