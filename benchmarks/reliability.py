@@ -342,9 +342,14 @@ class Problem:
         return " ".join(parts)
 
 
+# torchdiffeq's step rules as neurodyn.odeint runs them (its error estimates, interpolants and, for fehlberg2 and
+# adaptive_heun, its reuse of the last stage): held to torchdiffeq's own steps in tests/test_torchdiffeq_steps.py.
+TORCHDIFFEQ_RULES = ("adaptive_heun_torchdiffeq", "bosh3_torchdiffeq", "dopri5_shampine", "fehlberg2_torchdiffeq")
+
+
 def _methods() -> list[str]:
-    """The ODE methods (SDE methods have their own tests: tests/test_sde_solvers.py)."""
-    return neurodyn.solvers.methods_accepting("ode")
+    """The ODE methods (SDE methods have their own tests: tests/test_sde_solvers.py; the torchdiffeq rules theirs)."""
+    return [m for m in neurodyn.solvers.methods_accepting("ode") if m not in TORCHDIFFEQ_RULES]
 
 
 def make_problem(index: int, seed: int = 0) -> Problem:
