@@ -101,6 +101,28 @@ def run_once(lib, coeffs, func, z0, method, adjoint, rtol, atol):
     return time.perf_counter() - t0, time.thread_time() - c0, z.detach()
 
 
+def problem(batch: int, length: int, channels: int, hidden: int) -> tuple:
+    """The benchmark's data and model (seeded): natural cubic coefficients of smooth series ``(batch, length - 1,
+    4 channels)``, a ``Field``, ``z0`` ``(batch, hidden)``, and the float64 reference ``z(T)`` and ``dL/dcoeffs``
+    (rk4 with 8 steps per knot interval, landing on the knots, adjoint gradients through neurodyn)."""
+    torch.manual_seed(0)
+    # smooth series: x[b, k, c] = sin(w k + phase), frequencies 0.02..0.3 per unit time (knots 1 apart)
+    w = torch.rand(batch, 1, channels) * 0.28 + 0.02
+    phase = torch.rand(batch, 1, channels) * 6.28
+    x = torch.sin(w * torch.arange(length, dtype=torch.float32).view(1, -1, 1) + phase)
+    coeffs = torchcde.natural_cubic_coeffs(x)
+    func = Field(hidden, channels)
+    z0 = torch.randn(batch, hidden) * 0.1
+    f64 = Field(hidden, channels).double()
+    f64.load_state_dict({k: v.double() for k, v in func.state_dict().items()})
+    c64 = coeffs.double().requires_grad_(True)
+    X64 = ncde.CubicSpline(c64)
+    z_ref = ncde.cdeint(X=X64, func=f64, z0=z0.double(), t=X64.interval, adjoint=True, method="rk4",
+                        options=dict(step_size=0.125, jump_t=X64.grid_points))
+    z_ref[..., -1, :].pow(2).sum().backward()
+    return coeffs, func, z0, z_ref.detach()[..., -1, :], c64.grad
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=256)
@@ -118,23 +140,7 @@ def main() -> None:
     args = ap.parse_args()
     rtols = {"torchcde": args.rtol, "neurodyn": args.rtol if args.neurodyn_rtol is None else args.neurodyn_rtol}
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    # smooth series: x[b, k, c] = sin(w k + phase), frequencies 0.02..0.3 per unit time (knots 1 apart)
-    w = torch.rand(args.batch, 1, args.channels) * 0.28 + 0.02
-    phase = torch.rand(args.batch, 1, args.channels) * 6.28
-    x = torch.sin(w * torch.arange(args.length, dtype=torch.float32).view(1, -1, 1) + phase)
-    coeffs = torchcde.natural_cubic_coeffs(x)
-    func = Field(args.hidden, args.channels)
-    z0 = torch.randn(args.batch, args.hidden) * 0.1
-    # Reference: float64, rk4 with 8 steps per knot interval, landing on the knots, adjoint gradients (neurodyn).
-    f64 = Field(args.hidden, args.channels).double()
-    f64.load_state_dict({k: v.double() for k, v in func.state_dict().items()})
-    c64 = coeffs.double().requires_grad_(True)
-    X64 = ncde.CubicSpline(c64)
-    z_ref = ncde.cdeint(X=X64, func=f64, z0=z0.double(), t=X64.interval, adjoint=True, method="rk4",
-                        options=dict(step_size=0.125, jump_t=X64.grid_points))
-    z_ref[..., -1, :].pow(2).sum().backward()
-    z_ref, g_ref = z_ref.detach()[..., -1, :], c64.grad
+    coeffs, func, z0, z_ref, g_ref = problem(args.batch, args.length, args.channels, args.hidden)
     for lib in (torchcde, ncde):  # warm-up
         run_once(lib, coeffs.clone().requires_grad_(True), func, z0, "rk4", False, args.rtol, args.atol)
     rows = []

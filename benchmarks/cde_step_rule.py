@@ -30,7 +30,7 @@ from fractions import Fraction
 
 import torch
 import torchcde
-from bench_cde import Counted, Field
+from bench_cde import Counted, problem
 
 import neurodyn
 import neurodyn.compat.torchcde as ncde
@@ -50,22 +50,7 @@ def main() -> None:
     register(dataclasses.replace(dp5, name="dopri5-td-estimate",
                                  b_err=tuple(b - bh for b, bh in zip(dp5.b, TD_BHAT))))
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    B, L, C, H = args.batch, args.length, 32, 32
-    w = torch.rand(B, 1, C) * 0.28 + 0.02
-    phase = torch.rand(B, 1, C) * 6.28
-    x = torch.sin(w * torch.arange(L, dtype=torch.float32).view(1, -1, 1) + phase)
-    coeffs = torchcde.natural_cubic_coeffs(x)
-    func = Field(H, C)
-    z0 = torch.randn(B, H) * 0.1
-    f64 = Field(H, C).double()
-    f64.load_state_dict({k: v.double() for k, v in func.state_dict().items()})
-    c64 = coeffs.double().requires_grad_(True)
-    X64 = ncde.CubicSpline(c64)
-    z_ref = ncde.cdeint(X=X64, func=f64, z0=z0.double(), t=X64.interval, adjoint=True, method="rk4",
-                        options=dict(step_size=0.125, jump_t=X64.grid_points))
-    z_ref[..., -1, :].pow(2).sum().backward()
-    z_ref, g_ref = z_ref.detach()[..., -1, :], c64.grad
+    coeffs, func, z0, z_ref, g_ref = problem(args.batch, args.length, 32, 32)
     i_control = neurodyn.PIDController(pcoeff=0.0, icoeff=1.0, accept_dfactor=1.0)
     rows = {  # name: (method, controller) for neurodyn.solve; None: the cdeint of a library
         "torchcde": None, "cdeint": None,
@@ -104,7 +89,8 @@ def main() -> None:
         for name in rows:
             times[name].append(run(name, func)[0])
     ref = statistics.median(times["torchcde"])
-    print(f"batch {B}, length {L}, dopri5, rtol 1e-4, atol 1e-6, direct, median CPU time of {args.repeats}")
+    print(f"batch {args.batch}, length {args.length}, dopri5, rtol 1e-4, atol 1e-6, direct, median CPU time of "
+          f"{args.repeats}")
     print("| run | NFE | error z(T) | rel. error dL/dcoeffs | CPU time (s) | torchcde / this |")
     print("|---|---|---|---|---|---|")
     for name in rows:
