@@ -337,6 +337,9 @@ class _ProdTerm(ControlTerm):
     def vf_prod(self, t: Tensor, y: Tensor, control: Tensor) -> Tensor:
         return self.vector_field.prod(t, y, control)
 
+    def ode_at(self, t: Tensor, y: Tensor, dxdt: Tensor) -> Tensor:
+        return self.vector_field.prod(t, y, dxdt)
+
 
 def _check_shapes(dX: Tensor, out: Tensor, z0: Tensor, is_prod: bool) -> None:
     if not isinstance(dX, Tensor) or not isinstance(out, Tensor):

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import solution as _sol
-from ..core.control import LANDING_SLACK
+from ..core.control import step_grid
 from ..core.output import step_outputs
 from ..core.stepper import Step, Stepper
 from ..core.term import term_of
@@ -48,29 +48,6 @@ _FALLBACK = object()
 DRIVEN_ATTEMPTS = 48
 # Elements of stacked step inputs per compiled call (64 MiB of float32): a longer solve runs in chunks of steps.
 MAX_INPUT_ELEMENTS = 2 ** 24
-
-
-def step_grid(times: list[float], stops: list[float], step_size: float) -> tuple[list[float], list[float]]:
-    """The step starts ``t_0 .. t_N`` (the last is the end time) and signed sizes ``h_0 .. h_{N-1}`` of a fixed-step
-    solve over ``times`` landing on ``stops`` (ascending in the direction of travel, the end time last), as the eager
-    loop (:func:`neurodyn.core.loop.iterate`) steps: ``t + h`` until a stop is within ``LANDING_SLACK`` steps.
-
-    >>> step_grid([0.0, 1.0], [1.0], 0.5)
-    ([0.0, 0.5, 1.0], [0.5, 0.5])
-    """
-    t = times[0]
-    direction = 1.0 if times[-1] > t else -1.0
-    ts, hs = [t], []
-    for stop in stops:
-        while True:
-            landing = (stop - t) * direction <= step_size * LANDING_SLACK
-            h = (stop - t) if landing else direction * step_size
-            t = stop if landing else t + h
-            ts.append(t)
-            hs.append(h)
-            if landing:
-                break
-    return ts, hs
 
 
 def _build(holder: list, n_carried: int) -> Callable:

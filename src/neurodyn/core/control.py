@@ -108,6 +108,29 @@ LANDING_SLACK = 1.0 + 1e-7
 RTOL_FLOOR_EPS = 8.0
 
 
+def step_grid(times: list[float], stops: list[float], step_size: float) -> tuple[list[float], list[float]]:
+    """The step starts ``t_0 .. t_N`` (the last is the end time) and signed sizes ``h_0 .. h_{N-1}`` of a fixed-step
+    solve over ``times`` landing on ``stops`` (ascending in the direction of travel, the end time last), as the eager
+    loop (:func:`neurodyn.core.loop.iterate`) steps: ``t + h`` until a stop is within ``LANDING_SLACK`` steps.
+
+    >>> step_grid([0.0, 1.0], [1.0], 0.5)
+    ([0.0, 0.5, 1.0], [0.5, 0.5])
+    """
+    t = times[0]
+    direction = 1.0 if times[-1] > t else -1.0
+    ts, hs = [t], []
+    for stop in stops:
+        while True:
+            landing = (stop - t) * direction <= step_size * LANDING_SLACK
+            h = (stop - t) if landing else direction * step_size
+            t = stop if landing else t + h
+            ts.append(t)
+            hs.append(h)
+            if landing:
+                break
+    return ts, hs
+
+
 def rtol_floor(dtype: torch.dtype) -> float:
     """The smallest relative tolerance a solve runs at for a state of ``dtype``: ``RTOL_FLOOR_EPS`` machine epsilons
     of its real dtype."""

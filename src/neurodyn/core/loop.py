@@ -13,7 +13,15 @@ from torch import Tensor
 from .. import solution as _sol
 from ..errors import InputError
 from .config import LoopConfig
-from .control import LANDING_SLACK, frozen_attempt, initial_step, make_error_ratio, not_frozen, step_underflow
+from .control import (
+    LANDING_SLACK,
+    frozen_attempt,
+    initial_step,
+    make_error_ratio,
+    not_frozen,
+    step_grid,
+    step_underflow,
+)
 from .events import EventWatch
 from .output import LoopResult, step_outputs
 from .stepper import Step, Stepper, nextafter
@@ -169,8 +177,10 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
     # perturb / jump_t nudges: one ulp of the time tensor the field receives (a float64 ulp vanishes in float32).
     t_dtype = getattr(term, "t_dtype", None) or torch.get_default_dtype()
     k1_time = nextafter(t0, direction, t_dtype) if perturb else t0
-    # Compiled steps: their compiler settings held once for the whole loop (not entered per step).
-    with fast.context() if fast is not None else contextlib.nullcontext():
+    # Compiled steps: their compiler settings held once for the whole loop (not entered per step). Eager fixed steps:
+    # the term's part that depends on t alone evaluated at every evaluation time at once (evaluation_grid).
+    with fast.context() if fast is not None else \
+            evaluation_grid(term, solver, times, stops, h_abs if fixed and not perturb else math.inf, k0):
         while True:
             if k1 is None:
                 k1_time = nextafter(t, direction, t_dtype) if perturb else t
@@ -328,6 +338,41 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
                       hits=watch.hits if watch is not None else None,
                       compiled="step" if fast is not None else ("eager" if path == "eager" else None),
                       compile_reason=why)
+
+
+# The most elements (evaluation times x the state's elements) an evaluation grid of a fixed-step solve may hold.
+GRID_MAX_ELEMENTS = 2 ** 24
+
+
+@contextlib.contextmanager
+def evaluation_grid(term: ODETerm, solver: Stepper, times: list[float], stops: list[float], step_size: float,
+                    k0: Tensor) -> Generator[None, None, None]:
+    """A fixed-step solve (a finite ``step_size``) with a stepper whose evaluation times are known before the step
+    (:meth:`~neurodyn.core.stepper.StepperBase.stage_times`) knows every evaluation time before its first step (the
+    step grid of :func:`~neurodyn.core.control.step_grid`): inside this context the bound ``term`` reads the part
+    of its ODE form that depends on ``t`` alone (a control path's ``dX/dt``, :meth:`~neurodyn.core.term.Term.on_grid`)
+    from one evaluation at all of them, made on entry. Evaluations elsewhere (a nudged time, dense output, after an
+    event's jump) evaluate the term as before. Nothing happens for other solves, or where the grid would hold more
+    than ``GRID_MAX_ELEMENTS`` elements (counted with the state's size) or the state is under ``torch.func.vmap``."""
+    on = False
+    use = getattr(term, "use_grid", None)
+    if use is not None and math.isfinite(step_size) and not vmapped(k0):
+        starts, hs = step_grid(times, stops, step_size)
+        grid: list[float] | None = []
+        for t, h in zip(starts, hs):
+            stage = solver.stage_times(t, h)
+            if stage is None:
+                grid = None
+                break
+            grid.append(t)
+            grid.extend(stage)
+        if grid and len(grid) * k0.numel() <= GRID_MAX_ELEMENTS:
+            on = use(grid)
+    try:
+        yield
+    finally:
+        if on:
+            term.grid = None
 
 
 # Stage buffers kept between solves: a pair of them with their cached views costs ~30 us to build, a measurable share

@@ -164,6 +164,10 @@ class StepperBase:
     stepper for a fixed-step solve, without it.
     ``check_term(term, y0, t0, adaptive)``: raises an InputError, before any work, for a term it cannot integrate
     beyond its kind (an SDE's type, noise type, Brownian path); the default checks nothing.
+    ``stage_times(t, h)``: the times at which :meth:`Stepper.step` from ``t`` by ``h`` (without ``t_end_nudge``)
+    evaluates the term, as the floats it computes them, beyond ``k1`` at ``t``; None (the default) where they are not
+    known before the step. A fixed-step solve then knows every evaluation time before its first step
+    (:meth:`neurodyn.core.term.Term.on_grid`).
     ``quadrature_weights()``: the weights ``b`` of a step that is a weighted sum of the given ``k1`` and the term's
     evaluations inside ``step``, in order (explicit Runge--Kutta); None (the default) otherwise.
     """
@@ -192,6 +196,11 @@ class StepperBase:
 
     def check_term(self, term: Any, y0: Tensor, t0: Tensor, adaptive: bool) -> None:
         """Raise an InputError before any work when the stepper cannot integrate ``term`` (default: no check)."""
+
+    def stage_times(self, t: float, h: float) -> list[float] | None:
+        """The times of the term's evaluations inside :meth:`Stepper.step` from ``t`` by ``h`` (``k1`` at ``t``
+        excluded), computed as the step computes them; None (the default): not known before the step."""
+        return None
 
     def quadrature_weights(self) -> tuple[float, ...] | None:
         """``(b_1, ..., b_s)`` where every step is ``y1 = y + h sum_i b_i k_i`` with ``k_1`` the ``k1`` the loop

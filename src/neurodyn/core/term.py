@@ -132,6 +132,15 @@ class Term:
         """The tensors the term uses that need gradients (parameters, a path's data)."""
         return []
 
+    def on_grid(self, times: Sequence[float], t_dtype: torch.dtype, device: Any) -> tuple[dict, Callable] | None:
+        """The part of the ODE form that depends on ``t`` alone, at every time of ``times`` at once (one vectorised
+        evaluation instead of one per call), for a solve that knows its evaluation times before its first step
+        (fixed steps, :meth:`neurodyn.core.stepper.StepperBase.stage_times`): ``(values, ode_at)`` with ``values``
+        ``{time: value}`` (``time`` a float of ``times``; evaluated at ``time`` as a ``t_dtype`` tensor on
+        ``device``, as the field receives it) and ``ode_at(t, y, value)`` equal to ``ode(t, y)`` to rounding. The
+        values keep their autograd graph (built under the caller's grad mode). None (the default): no such part."""
+        return None
+
 
 class ODETerm(Term):
     """``dy = f(t, y) dt``: an ordinary differential equation.
@@ -161,8 +170,7 @@ class ODETerm(Term):
     True
     """
 
-    __slots__ = ("func", "shape", "t_dtype", "device", "nfe", "flat")
-    inline = True
+    __slots__ = ("func", "shape", "t_dtype", "device", "nfe", "flat", "grid")
     kinds: ClassVar[frozenset[str]] = frozenset({"ode"})
 
     def __init__(self, func: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int] | None = None,
@@ -173,6 +181,7 @@ class ODETerm(Term):
         self.t_dtype = t_dtype
         self.device = device
         self.nfe = 0
+        self.grid: tuple[dict, Callable] | None = None
         if shape is None:
             self.shape = None
             self.flat = False
@@ -187,10 +196,31 @@ class ODETerm(Term):
         is checked (type and shape: metadata, no host sync), see :func:`check_output`."""
         self.nfe += 1
         tt = torch.scalar_tensor(t, dtype=self.t_dtype, device=self.device)
-        out = self.func(tt, y) if self.flat else self.func(tt, y.view(self.shape))
+        grid = self.grid
+        value = grid[0].get(t) if grid is not None else None
+        if value is not None:
+            out = grid[1](tt, y if self.flat else y.view(self.shape), value)
+        else:
+            out = self.func(tt, y) if self.flat else self.func(tt, y.view(self.shape))
         if not (isinstance(out, Tensor) and out.shape == self.shape):
             check_output(out, self.shape, t)
         return out
+
+    @property
+    def inline(self) -> bool:
+        """Steppers may call ``func`` themselves (see the class docstring); not while :attr:`grid` is set."""
+        return self.grid is None
+
+    def use_grid(self, times: Sequence[float]) -> bool:
+        """Bound term: evaluate the user's term's :meth:`Term.on_grid` part at ``times`` (floats, as the loop passes
+        them) once, and read it from there in calls at those times until :attr:`grid` is reset to None; True where
+        it applies (``func`` is a term's own ODE form, unwrapped, whose term has such a part)."""
+        owner = getattr(self.func, "__self__", None)
+        if not isinstance(owner, Term) or getattr(self.func, "__func__", None) not in (type(owner).ode,
+                                                                                       type(owner).rate):
+            return False
+        self.grid = owner.on_grid(times, self.t_dtype or torch.get_default_dtype(), self.device)
+        return self.grid is not None
 
     def vf(self, t: Tensor, y: Tensor) -> Tensor:
         return self.func(t, y)
@@ -341,10 +371,25 @@ class ControlTerm(Term):
                              "has no derivative): integrate it with an SDE method (neurodyn.solvers.sde).")
         return self.prod(self.vector_field(t, y), self.path.derivative(t))
 
+    def ode_at(self, t: Tensor, y: Tensor, dxdt: Tensor) -> Tensor:
+        """The ODE form with ``dX/dt(t)`` given: ``f(t, y) @ dxdt``."""
+        return self.prod(self.vector_field(t, y), dxdt)
+
     def rate(self, t: Tensor, y: Tensor) -> Tensor:
         if self.noise is not None:
             return torch.zeros_like(y)  # no dt part
         return self.ode(t, y)
+
+    def on_grid(self, times: Sequence[float], t_dtype: torch.dtype, device: Any) -> tuple[dict, Callable] | None:
+        """``dX/dt`` at every time of ``times`` from one call of the path's ``derivative_grid(t)`` (a path without
+        it, or Brownian motion: None), split into one tensor per time with ``unbind`` (the backward pass stacks
+        their gradients once), and :meth:`ode_at` (see :meth:`Term.on_grid`)."""
+        grid = getattr(self.path, "derivative_grid", None) if self.noise is None else None
+        if grid is None or not times:
+            return None
+        times = list(dict.fromkeys(times))
+        values = grid(torch.tensor(times, dtype=torch.float64).to(t_dtype).to(device))
+        return dict(zip(times, values.unbind(0))), self.ode_at
 
     @property
     def knots(self) -> tuple[float, ...]:

@@ -113,6 +113,28 @@ class LinearPath:
         at ``t`` on a knot)."""
         return self._slope(self._piece(t)[0])
 
+    def derivative_grid(self, t: Tensor) -> Tensor:
+        """``dX/dt`` at every time of ``t`` ``(N,)``, shape ``(N, ..., channels)``: ``derivative(t[i])`` in row ``i``
+        (to rounding), from one evaluation (one gather, one node each in an autograd graph).
+
+        Examples
+        --------
+        >>> import torch
+        >>> X = LinearPath(torch.tensor([0.0, 1.0, 3.0]), torch.tensor([[0.0], [2.0], [1.0]]))
+        >>> X.derivative_grid(torch.tensor([0.5, 1.0, 2.0])).squeeze(-1)
+        tensor([ 2.0000, -0.5000, -0.5000])
+        """
+        if not isinstance(t, Tensor) or t.dim() != 1:
+            raise InputError(f"LinearPath.derivative_grid: t must be a 1-d tensor of times, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}.")
+        inner = torch.tensor(self._inner_list, dtype=torch.float64)
+        i = torch.searchsorted(inner, t.detach().cpu().to(torch.float64), right=self._right).to(self.xs.device)
+        if self._slopes is not None:
+            return self._slopes.movedim(-2, 0).index_select(0, i)
+        x = self.xs.movedim(-2, 0)
+        dt = self._dt.index_select(0, i).view(-1, *([1] * (x.dim() - 1)))
+        return (x.index_select(0, i + 1) - x.index_select(0, i)) / dt
+
     def increment(self, s: Tensor | float, t: Tensor | float) -> Tensor:
         """``X(t) - X(s)``, shape ``(..., channels)``."""
         return self.evaluate(t) - self.evaluate(s)

@@ -141,6 +141,7 @@ class ExplicitRungeKutta(StepperBase):
         # coefficients, the weights): a caller checking the same fractions every step builds them once.
         self._weights_cache: tuple[Tensor, int, Any, Tensor] | None = None
         self._c_cache: dict[torch.device, Tensor] = {}
+        self._c_floats = [float(x) for x in tableau.c][1:]
         self._dense_rows = [[float(v) for v in row] for row in tableau.dense] if tableau.dense is not None else None
 
     # -- coefficients, cached per dtype/device ---------------------------------------------------
@@ -171,6 +172,10 @@ class ExplicitRungeKutta(StepperBase):
         """The tableau's weights ``b``: :meth:`step` evaluates the term once per stage ``2..s``, in order, and
         returns ``y + h sum_i b_i k_i`` (up to rounding; see :meth:`StepperBase.quadrature_weights`)."""
         return tuple(float(v) for v in self.tableau.b)
+
+    def stage_times(self, t: float, h: float) -> list[float]:
+        """``t + c_i h`` for the stages ``2..s`` (as :meth:`step` computes them without ``t_end_nudge``)."""
+        return [t + ci * h for ci in self._c_floats]
 
     # -- stage buffers ---------------------------------------------------------------------------
     def make_buffers(self, y: Tensor, k1: Tensor) -> StageBuffers | None:
