@@ -338,7 +338,7 @@ class _ProdTerm(ControlTerm):
         return self.vector_field.prod(t, y, control)
 
     def ode_at(self, t: Tensor, y: Tensor, dxdt: Tensor) -> Tensor:
-        return self.vector_field.prod(t, y, dxdt)
+        return self.vector_field.prod(t, y, dxdt.squeeze(-1))
 
 
 def _check_shapes(dX: Tensor, out: Tensor, z0: Tensor, is_prod: bool) -> None:

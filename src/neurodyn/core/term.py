@@ -241,6 +241,18 @@ class ODETerm(Term):
         return field_params(self.func)
 
 
+# The classes whose instances passed the Path protocol's check (isinstance against a runtime-checkable Protocol costs
+# ~60 us, a share of a small solve that builds its term every call).
+_PATH_TYPES: set[type] = set()
+
+
+def _is_path(path: Any) -> bool:
+    if isinstance(path, Path):
+        _PATH_TYPES.add(type(path))
+        return True
+    return False
+
+
 class ControlTerm(Term):
     """``dy = f(t, y) dX(t)``: a controlled differential equation (CDE) driven by a path ``X``.
 
@@ -311,7 +323,7 @@ class ControlTerm(Term):
             if not callable(getattr(path, "increment", None)):
                 raise InputError(f"ControlTerm(diffusion, bm, noise=...): bm must have increment(s, t) = W(t) - W(s) "
                                  f"(e.g. neurodyn.paths.BrownianInterval), got {type(path).__name__}.")
-        elif not isinstance(path, Path):
+        elif type(path) not in _PATH_TYPES and not _is_path(path):
             raise InputError(f"ControlTerm(vector_field, path): path must have evaluate(t), derivative(t), "
                              f"increment(s, t), knots and grad_tensors() (e.g. neurodyn.LinearPath(ts, xs)), got "
                              f"{type(path).__name__}.")
@@ -372,8 +384,15 @@ class ControlTerm(Term):
         return self.prod(self.vector_field(t, y), self.path.derivative(t))
 
     def ode_at(self, t: Tensor, y: Tensor, dxdt: Tensor) -> Tensor:
-        """The ODE form with ``dX/dt(t)`` given: ``f(t, y) @ dxdt``."""
-        return self.prod(self.vector_field(t, y), dxdt)
+        """The ODE form with ``dX/dt(t)`` given as a column ``(..., channels, 1)`` (as :meth:`on_grid` keeps it: no
+        ``unsqueeze`` per evaluation): ``f(t, y) @ dxdt``, the value of :meth:`ode`."""
+        vf = self.vector_field(t, y)
+        if vf.dim() == 3 and dxdt.dim() == 3 and vf.shape[0] == dxdt.shape[0]:
+            try:
+                return torch.bmm(vf, dxdt).squeeze(-1)
+            except RuntimeError:
+                pass  # shapes or dtypes that do not multiply: prod says why
+        return self.prod(vf, dxdt.squeeze(-1))
 
     def rate(self, t: Tensor, y: Tensor) -> Tensor:
         if self.noise is not None:
@@ -382,14 +401,14 @@ class ControlTerm(Term):
 
     def on_grid(self, times: Sequence[float], t_dtype: torch.dtype, device: Any) -> tuple[dict, Callable] | None:
         """``dX/dt`` at every time of ``times`` from one call of the path's ``derivative_grid(t)`` (a path without
-        it, or Brownian motion: None), split into one tensor per time with ``unbind`` (the backward pass stacks
-        their gradients once), and :meth:`ode_at` (see :meth:`Term.on_grid`)."""
+        it, or Brownian motion: None), split into one column ``(..., channels, 1)`` per time with ``unbind`` (the
+        backward pass stacks their gradients once), and :meth:`ode_at` (see :meth:`Term.on_grid`)."""
         grid = getattr(self.path, "derivative_grid", None) if self.noise is None else None
         if grid is None or not times:
             return None
         times = list(dict.fromkeys(times))
         values = grid(torch.tensor(times, dtype=torch.float64).to(t_dtype).to(device))
-        return dict(zip(times, values.unbind(0))), self.ode_at
+        return dict(zip(times, values.unsqueeze(-1).unbind(0))), self.ode_at
 
     @property
     def knots(self) -> tuple[float, ...]:
