@@ -212,10 +212,15 @@ class CubicSpline(_Interpolation):
             t = torch.linspace(0, coeffs.shape[-2], coeffs.shape[-2] + 1, dtype=coeffs.dtype, device=coeffs.device)
         self.register_buffer("_t", t)
         self.register_buffer("_coeffs", coeffs)
-        CubicPath(t, coeffs)  # checks the times against the coefficients
+        # checks the times against the coefficients; the first as_path() returns it (a path is used by one solve: it
+        # keeps the graph of the evaluations' rows)
+        self._unused_path: CubicPath | None = CubicPath(t, coeffs, land=False, left=True)
 
     def as_path(self, land: bool = False) -> CubicPath:
         """A :class:`neurodyn.paths.CubicPath` on the current buffers (torchcde's knot convention)."""
+        path, self._unused_path = self._unused_path, None
+        if path is not None and not land and path.ts is self._t and path.coeffs is self._coeffs:
+            return path
         return CubicPath(self._t, self._coeffs, land=land, left=True)
 
     def _vector(self, t: Tensor, derivative: bool) -> Tensor:
@@ -420,7 +425,7 @@ def cdeint(X: Any, func: Callable | nn.Module, z0: Tensor | tuple[Tensor, ...], 
             raise InputError("cdeint: a tuple z0 needs a TupleControl X with one control per tensor of z0.")
         paths = [_path_of(c, False) for c in X.controls]
         field = _tuple_field(func, paths, is_prod)
-        grad_tensors = [x for p in paths for x in p.grad_tensors()]
+        grad_tensors = [x for p in paths for x in p.grad_tensors()] if adjoint else []
         z0 = tuple(z0)
         with torch.no_grad():
             dXs = [p.derivative(t[0].detach()) for p in paths]
@@ -440,7 +445,7 @@ def cdeint(X: Any, func: Callable | nn.Module, z0: Tensor | tuple[Tensor, ...], 
             out = func.prod(t[0].detach(), z0, dX) if is_prod else func(t[0].detach(), z0)
         _check_shapes(dX, out, z0, is_prod)
         field = term.ode
-        grad_tensors = list(path.grad_tensors())
+        grad_tensors = list(path.grad_tensors()) if adjoint else []  # (the adjoint's: a direct solve needs none)
         del land  # landing is asked through options (translated by odeint), as in torchcde
     if t.shape[0] == 1:
         ys = torch.stack([z0]) if isinstance(z0, Tensor) else tuple(torch.stack([z]) for z in z0)

@@ -327,9 +327,8 @@ class CubicPath:
         if not isinstance(t, Tensor) or t.dim() != 1:
             raise InputError(f"CubicPath.derivative_grid: t must be a 1-d tensor of times, got "
                              f"{getattr(t, 'shape', type(t).__name__)}.")
-        inner = torch.tensor(self._inner_list, dtype=torch.float64)
-        idx = torch.searchsorted(inner, t.detach().cpu().to(torch.float64), right=self._right)
-        idx = idx.to(self.coeffs.device)
+        idx = torch.searchsorted(torch.tensor(self._inner_list, dtype=torch.float64),
+                                 t.detach().cpu().to(torch.float64), right=self._right).to(self.coeffs.device)
         s = t.to(self.coeffs.dtype) - self._times().index_select(0, idx).to(self.coeffs.dtype)
         rows = self.coeffs.movedim(-2, 0).index_select(0, idx)  # (N, ..., 4C)
         s = s.view(-1, *([1] * (rows.dim() - 1)))
