@@ -355,8 +355,8 @@ def evaluation_grid(term: ODETerm, solver: Stepper, times: list[float], stops: l
     event's jump) evaluate the term as before. Nothing happens for other solves, or where the grid would hold more
     than ``GRID_MAX_ELEMENTS`` elements (counted with the state's size) or the state is under ``torch.func.vmap``."""
     on = False
-    use = getattr(term, "use_grid", None)
-    if use is not None and math.isfinite(step_size) and not vmapped(k0):
+    owner = getattr(term, "grid_owner", None)
+    if owner is not None and math.isfinite(step_size) and owner() is not None and not vmapped(k0):
         starts, hs = step_grid(times, stops, step_size)
         grid: list[float] | None = []
         for t, h in zip(starts, hs):
@@ -367,7 +367,7 @@ def evaluation_grid(term: ODETerm, solver: Stepper, times: list[float], stops: l
             grid.append(t)
             grid.extend(stage)
         if grid and len(grid) * k0.numel() <= GRID_MAX_ELEMENTS:
-            on = use(grid)
+            on = term.use_grid(grid)
     try:
         yield
     finally:

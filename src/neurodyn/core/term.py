@@ -211,13 +211,21 @@ class ODETerm(Term):
         """Steppers may call ``func`` themselves (see the class docstring); not while :attr:`grid` is set."""
         return self.grid is None
 
+    def grid_owner(self) -> Term | None:
+        """The user's term whose :meth:`Term.on_grid` this bound term can use: ``func`` is that term's own ODE form,
+        unwrapped, and its class overrides ``on_grid``; None otherwise (a plain field, an ODE term)."""
+        owner = getattr(self.func, "__self__", None)
+        if (not isinstance(owner, Term) or type(owner).on_grid is Term.on_grid
+                or getattr(self.func, "__func__", None) not in (type(owner).ode, type(owner).rate)):
+            return None
+        return owner
+
     def use_grid(self, times: Sequence[float]) -> bool:
         """Bound term: evaluate the user's term's :meth:`Term.on_grid` part at ``times`` (floats, as the loop passes
         them) once, and read it from there in calls at those times until :attr:`grid` is reset to None; True where
-        it applies (``func`` is a term's own ODE form, unwrapped, whose term has such a part)."""
-        owner = getattr(self.func, "__self__", None)
-        if not isinstance(owner, Term) or getattr(self.func, "__func__", None) not in (type(owner).ode,
-                                                                                       type(owner).rate):
+        it applies (:meth:`grid_owner` is not None and its ``on_grid`` gives a part)."""
+        owner = self.grid_owner()
+        if owner is None:
             return False
         self.grid = owner.on_grid(times, self.t_dtype or torch.get_default_dtype(), self.device)
         return self.grid is not None
