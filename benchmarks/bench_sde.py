@@ -32,7 +32,8 @@ Sections (``--sections``):
   and with that landing); errors also over all observation times (``strong_error_all_times``); doubling with the
   error norm over every channel (``z`` and ``logqp``, LatentSDE's norm before it controlled ``z`` only); and the
   true local error's profile over the observation intervals with fixed grids shaped by it (uniform, equal local
-  error per step, between: what any step-size distribution could gain).
+  error per step, between: what any step-size distribution could gain); then ``srk`` (space-time Levy area, its
+  own reference at dt = 1/8192): fixed dt and adaptive with both estimates.
 
 Timings: entries run round-robin (one call of each per repeat), the median over repeats of wall time; the figure
 reported is the ratio torchsde / neurodyn (> 1: neurodyn faster). Usage:
@@ -428,6 +429,17 @@ def section_adaptive(adaptive_iters: int) -> list[dict]:
         add("adaptive doubling, error norm over z and logqp (before)", f"tol={tol:g}",
             *solve(tol=tol, estimate="doubling", all_channels=True))
     rows += _local_error_grids(model, xs, ts, eps, bm)
+    # srk (space-time Levy area: another path object, its own srk reference at dt = 1/8192)
+    model.method = "srk"
+    bm = BrownianInterval(0.0, 1.0, shape=(32, 5), dtype=torch.float64, entropy=9, levy_area="space-time",
+                          cache_size=None)
+    ref, _ = solve(step_size=1 / 8192)
+    for k in (4, 5, 6, 7, 8, 9):
+        add("srk fixed", f"dt=1/{2 ** k}", *solve(step_size=2.0 ** -k))
+    for estimate in ("embedded", "doubling"):
+        for tol in (1e-2, 1e-3, 1e-4):
+            add(f"srk adaptive {estimate}", f"tol={tol:g}", *solve(tol=tol, estimate=estimate))
+    model.method = "milstein"
     return rows
 
 
