@@ -29,7 +29,11 @@ Sections (``--sections``):
   evaluations (``stats['nfe']``: every drift evaluation of the solve, the step-doubling halves included; diffusion
   evaluations beside them), adaptive with the embedded error estimate and with step doubling (adaptive posterior
   solves land on the observation times, where the drift's context jumps; the fixed-step rows are given both without
-  and with that landing).
+  and with that landing); errors also over all observation times (``strong_error_all_times``); doubling with the
+  error norm over every channel (``z`` and ``logqp``, LatentSDE's norm before it controlled ``z`` only); and the
+  true local error's profile over the observation intervals with fixed grids shaped by it (uniform, equal local
+  error per step, between: what any step-size distribution could gain); then ``srk`` (space-time Levy area, its
+  own reference at dt = 1/8192): fixed dt and adaptive with both estimates.
 
 Timings: entries run round-robin (one call of each per repeat), the median over repeats of wall time; the figure
 reported is the ratio torchsde / neurodyn (> 1: neurodyn faster). Usage:
@@ -390,20 +394,27 @@ def section_adaptive(adaptive_iters: int) -> list[dict]:
     # reference, the fixed and the adaptive solves see one sample path whatever times they query.
     bm = BrownianInterval(0.0, 1.0, shape=(32, 5), dtype=torch.float64, entropy=9, levy_area="none", cache_size=None)
 
+    def every_channel(scaled: torch.Tensor) -> torch.Tensor:  # RMS over z and logqp (LatentSDE's norm before)
+        return scaled.pow(2).mean().sqrt()
+
     def solve(**kw) -> tuple[torch.Tensor, dict]:
         model.step_size = kw.pop("step_size", None)
         model.rtol = model.atol = kw.pop("tol", 1e-3)
         model.solve_options = {"solver_options": {"error_estimate": kw.pop("estimate", "auto")}}
         if kw.pop("landing", False):  # fixed steps that also land on the observation times (as adaptive ones do)
             model.solve_options["jump_t"] = ts[1:-1]
+        if kw.pop("all_channels", False):
+            model.solve_options["norm"] = every_channel
         with torch.no_grad():
             zs, _, _ = model.posterior(xs, ts, bm=bm, eps=eps)
-        return zs[-1], model.last_solution.stats
+        return zs, model.last_solution.stats
 
-    def add(mode: str, setting: str, z: torch.Tensor, st: dict) -> None:
+    def add(mode: str, setting: str, zs: torch.Tensor, st: dict) -> None:
+        e = (zs - ref).abs().amax(-1)  # (T, series): max-norm over z
         rows.append({"section": "adaptive", "mode": mode, "setting": setting, "nfe": int(st["nfe"]),
                      "nfe_diffusion": int(st.get("nfe_diffusion", 0)), "steps": int(st["steps"]),
-                     "rejected": int(st.get("rejected", 0)), "strong_error": float((z - ref).abs().amax(-1).mean())})
+                     "rejected": int(st.get("rejected", 0)), "strong_error": float(e[-1].mean()),
+                     "strong_error_all_times": float(e[1:].mean())})
         print(json.dumps(rows[-1]), flush=True)
 
     ref, _ = solve(step_size=1 / 4096)
@@ -414,6 +425,77 @@ def section_adaptive(adaptive_iters: int) -> list[dict]:
     for estimate in ("embedded", "doubling"):
         for tol in (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4):
             add(f"adaptive {estimate}", f"tol={tol:g}", *solve(tol=tol, estimate=estimate))
+    for tol in (1e-2, 3e-3, 1e-3, 3e-4):
+        add("adaptive doubling, error norm over z and logqp (before)", f"tol={tol:g}",
+            *solve(tol=tol, estimate="doubling", all_channels=True))
+    rows += _local_error_grids(model, xs, ts, eps, bm)
+    # srk (space-time Levy area: another path object, its own srk reference at dt = 1/8192)
+    model.method = "srk"
+    bm = BrownianInterval(0.0, 1.0, shape=(32, 5), dtype=torch.float64, entropy=9, levy_area="space-time",
+                          cache_size=None)
+    ref, _ = solve(step_size=1 / 8192)
+    for k in (4, 5, 6, 7, 8, 9):
+        add("srk fixed", f"dt=1/{2 ** k}", *solve(step_size=2.0 ** -k))
+    for estimate in ("embedded", "doubling"):
+        for tol in (1e-2, 1e-3, 1e-4):
+            add(f"srk adaptive {estimate}", f"tol={tol:g}", *solve(tol=tol, estimate=estimate))
+    model.method = "milstein"
+    return rows
+
+
+def _local_error_grids(model: LatentSDE, xs: torch.Tensor, ts: torch.Tensor, eps: torch.Tensor,
+                       bm: BrownianInterval, per: int = 8) -> list[dict]:
+    """What any step-size distribution can gain on the posterior solve (Milstein, same path): the true local error of
+    one step from the reference state, ``per`` equal steps per observation interval, its batch RMS over z per
+    interval ``c_j``; then fixed grids with ``m_j`` equal steps in interval ``j``, ``m_j`` proportional to
+    ``c_j^a`` (``a = 0``: uniform; ``a = 2/3``: equal local error per step, what a local-error controller aims at;
+    ``a = 1/3``), stepped one step per solve on the same path, their errors at t = 1 and over all observation
+    times against a dt = 0.05/512 reference."""
+    from neurodyn import solve as nd_solve
+    from neurodyn.core.term import sde_term
+
+    with torch.no_grad():
+        ctx = model.encode(xs)
+        mean, std = model.qz0(ctx[0])
+        y0 = torch.cat([mean + std * eps, torch.zeros_like(mean[:, :1])], dim=-1)
+        sde = model.posterior_sde(ts, ctx)
+
+        def term():
+            return sde_term(sde.drift, sde.diffusion, bm)
+
+        def grid_of(m: list[int]) -> torch.Tensor:
+            return torch.cat([ts[j] + (ts[j + 1] - ts[j]) * torch.arange(m[j], dtype=ts.dtype) / m[j]
+                              for j in range(len(ts) - 1)] + [ts[-1:]])
+
+        def stepped(y: torch.Tensor, grid: torch.Tensor) -> list[torch.Tensor]:
+            out = [y]
+            for i in range(len(grid) - 1):
+                y = nd_solve(term(), y, grid[i:i + 2], method="milstein", step_size=float(grid[i + 1] - grid[i])).ys[-1]
+                out.append(y)
+            return out
+
+        n_int = len(ts) - 1
+        fine = grid_of([per] * n_int)
+        ref = nd_solve(term(), y0, fine, method="milstein", step_size=0.05 / 512, jump_t=ts[1:-1]).ys
+        loc = torch.stack([stepped(ref[i], fine[i:i + 2])[-1] - ref[i + 1] for i in range(len(fine) - 1)])
+        c = loc[..., :4].pow(2).mean((1, 2)).reshape(n_int, per).mean(1).sqrt()  # (intervals,)
+        rows = [{"section": "adaptive", "mode": "local error profile", "setting": f"{per} steps per interval",
+                 "rms_local_error_per_interval": [float(v) for v in c]}]
+        print(json.dumps(rows[-1]), flush=True)
+        ref_ts = ref[::per]
+        for a, label in ((0.0, "uniform per interval"), (2 / 3, "m_j ~ c_j^(2/3) (equal local error)"),
+                         (1 / 3, "m_j ~ c_j^(1/3)")):
+            for n in (40, 80, 160, 320):
+                w = c ** a
+                m = [max(1, int(v)) for v in torch.round(n * w / w.sum())]
+                grid = grid_of(m)
+                ys = torch.stack(stepped(y0, grid))
+                at = [int((grid - t).abs().argmin()) for t in ts]
+                e = (ys[at][..., :4] - ref_ts[..., :4]).abs().amax(-1)
+                rows.append({"section": "adaptive", "mode": f"grid {label}", "setting": f"N={sum(m)}",
+                             "nfe": sum(m), "strong_error": float(e[-1].mean()),
+                             "strong_error_all_times": float(e[1:].mean())})
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

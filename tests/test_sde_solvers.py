@@ -689,3 +689,26 @@ def test_error_estimate_option_rejections():
         neurodyn.solve(add, y0, ts, method="milstein", solver_options={"error_estimate": "embedded"})
     sol = neurodyn.solve(add, y0, ts, method="milstein", rtol=1e-3, atol=1e-3)  # auto: step doubling
     assert sol.status == "success"
+
+
+@pytest.mark.parametrize("method,sde_type,levy", [("srk", "ito", "space-time"), ("heun", "stratonovich", "none"),
+                                                  ("milstein", "ito", "none"), ("euler_heun", "stratonovich", "none"),
+                                                  ("midpoint", "stratonovich", "none")])
+@pytest.mark.parametrize("step_size", [0.07, None])
+def test_stages_at_a_jump_take_the_left_limit(method, sde_type, levy, step_size):
+    """A step landing on a jump time (``jump_t``) evaluates its end-of-step stages just before the jump, the next
+    step just past it (as the ODE steppers do): with a drift that jumps from a to b at t = 0.3 and constant noise,
+    every method here integrates each step exactly, so y(1) = y0 + 0.3 a + 0.7 b + sigma W(1) to rounding, fixed
+    and adaptive steps alike. (Stages at t + h evaluated at the jump itself took b there: srk's error was h / 6
+    (b - a) per jump, the plateau of its error on benchmarks/bench_sde.py's latent SDE.)"""
+    a = torch.tensor([1.0, -2.0], dtype=F64)
+    b = torch.tensor([-3.0, 0.5], dtype=F64)
+    sigma = torch.tensor([0.3, 0.2], dtype=F64)
+    bm = BrownianInterval(0.0, 1.0, shape=(4, 2), dtype=F64, entropy=3, levy_area=levy)
+    y0 = torch.ones(4, 2, dtype=F64)
+    term = neurodyn.sde_term(lambda t, y: torch.where(t < 0.3, a, b).expand_as(y),
+                             lambda t, y: sigma.expand_as(y), bm, sde_type=sde_type)
+    kw = {"step_size": step_size} if step_size else {"rtol": 1e-6, "atol": 1e-6}
+    sol = neurodyn.solve(term, y0, torch.tensor([0.0, 1.0], dtype=F64), method=method, jump_t=[0.3], **kw)
+    exact = y0 + 0.3 * a + 0.7 * b + sigma * bm.increment(0.0, 1.0)
+    torch.testing.assert_close(sol.ys[-1], exact, rtol=0, atol=1e-12)

@@ -276,6 +276,17 @@ class PosteriorSDE:
         return out + ([self.ctx] if self.ctx.requires_grad else [])
 
 
+class _LeadingRMS:
+    """The RMS of the scaled error over the first ``n`` channels of its last dimension (an error norm for
+    :func:`neurodyn.solve`: the adaptive posterior solve controls the error of ``z``, not of the ``logqp`` channel)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, scaled: Tensor) -> Tensor:
+        return scaled[..., : self.n].pow(2).mean().sqrt()
+
+
 def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, hidden), nn.Softplus(), nn.Linear(hidden, hidden), nn.Softplus(),
                          nn.Linear(hidden, n_out))
@@ -304,10 +315,11 @@ class LatentSDE(nn.Module):
         The likelihood's fixed scale.
     method, step_size, gradient, rtol, atol :
         The SDE solve (``step_size=None``: adaptive steps). Posterior steps land on the observation times (the
-        drift's context changes there, passed as ``jump_t``). Each posterior solve's drift and diffusion are those
-        of a :class:`PosteriorSDE` holding its contexts, which it declares as tensors needing gradients: with
-        ``gradient="checkpoint"`` or ``"adjoint"`` the encoder gets its gradient through the drift as with
-        ``"direct"``.
+        drift's context changes there, passed as ``jump_t``). Adaptive posterior steps control the error of ``z``
+        only (``logqp``, a drift-only integral of ``z``, is left out of the error norm) unless a ``norm`` is given.
+        Each posterior solve's drift and diffusion are those of a :class:`PosteriorSDE` holding its contexts, which
+        it declares as tensors needing gradients: with ``gradient="checkpoint"`` or ``"adjoint"`` the encoder gets
+        its gradient through the drift as with ``"direct"``.
     **solve_options : other keywords of :func:`neurodyn.solve`.
 
     Notes
@@ -390,10 +402,13 @@ class LatentSDE(nn.Module):
         return lp.sum(dim=(0, 2))
 
     def _solve(self, term: Any, y0: Tensor, ts: Tensor, jumps: Tensor | None = None,
-               params: list[Tensor] | None = None) -> Solution:
+               params: list[Tensor] | None = None, error_dims: int | None = None) -> Solution:
         opts = dict(self.solve_options)
         if self.step_size is not None:
             opts["step_size"] = self.step_size
+        elif error_dims is not None and opts.get("norm") is None:
+            # Adaptive steps: the error norm over the first error_dims channels (the posterior's z, not logqp).
+            opts["norm"] = _LeadingRMS(error_dims)
         if jumps is not None and jumps.numel():
             # Steps land on the times where the drift jumps and evaluate it just past them in the direction of
             # travel: adaptive steps (an error estimate across a jump measures the jump, not the step) and the
@@ -433,7 +448,7 @@ class LatentSDE(nn.Module):
             bm = brownian_for(self.method, y0.shape, float(ts[0]), float(ts[-1]), y0.dtype, y0.device, entropy)
         sde = self.posterior_sde(ts, ctx)
         sol = self._solve(sde_term(sde.drift, sde.diffusion, bm), y0, ts, jumps=ts.detach()[1:-1],
-                          params=sde.grad_tensors())
+                          params=sde.grad_tensors(), error_dims=self.latent_size)
         ys = sol.ys
         return ys[..., : self.latent_size], ys[-1, :, self.latent_size], kl0
 

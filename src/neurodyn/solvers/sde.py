@@ -80,11 +80,13 @@ class SDEParts:
 
     ``f(t, y)`` goes through the engine's bound term (counted in ``nfe``; checkpoint replays watch it); ``g``,
     ``g_prod`` and the fused forms through the user's term (counted in ``stepper.stats["nfe_diffusion"]``).
-    States ``y`` are in the user's shape; times are floats.
+    States ``y`` are in the user's shape; times are floats. A stage at the step's end ``end`` (a step landing on a
+    jump time) evaluates the drift and diffusion at ``end_left``, the time one ulp before it (the fields' left
+    limit there, as the ODE steppers' stages with ``c = 1``); the Brownian path is queried at the times as given.
     """
 
     __slots__ = ("bound", "drift", "diffusion", "fused", "noise", "sde_type", "t_dtype", "device", "counts", "bm",
-                 "guard")
+                 "guard", "end", "end_left")
 
     def __init__(self, bound: ODETerm, user: Term, counts: dict):
         self.bound = bound
@@ -98,6 +100,12 @@ class SDEParts:
         # A checkpoint replay watches every evaluation for captured tensors outside its params (the drift through
         # the bound term; the diffusion here).
         self.guard = getattr(bound.func, "guard", None)
+        self.end: float | None = None
+        self.end_left: float | None = None
+
+    def at(self, t: float) -> float:
+        """The time a field is evaluated at for a stage at ``t``: ``end_left`` at the step's end, else ``t``."""
+        return self.end_left if (self.end_left is not None and t == self.end) else t
 
     def watch(self, out: Any, t: Tensor, y: Tensor) -> Any:
         guard = self.guard
@@ -111,16 +119,16 @@ class SDEParts:
         return torch.scalar_tensor(t, dtype=self.t_dtype, device=self.device)
 
     def f(self, t: float, y: Tensor) -> Tensor:
-        return self.bound(t, y)
+        return self.bound(self.at(t), y)
 
     def g(self, t: float, y: Tensor) -> Tensor:
         self.counts["nfe_diffusion"] += 1
-        tt = self.time(t)
+        tt = self.time(self.at(t))
         return self.watch(self.diffusion.vector_field(tt, y), tt, y)
 
     def g_prod(self, t: float, y: Tensor, v: Tensor) -> Tensor:
         self.counts["nfe_diffusion"] += 1
-        tt = self.time(t)
+        tt = self.time(self.at(t))
         return self.watch(self.diffusion.vf_prod(tt, y, v), tt, y)
 
     def prod(self, g: Tensor, v: Tensor) -> Tensor:
@@ -131,7 +139,7 @@ class SDEParts:
         if fused is not None and fused.f_and_g is not None:
             self.bound.nfe += 1
             self.counts["nfe_diffusion"] += 1
-            tt = self.time(t)
+            tt = self.time(self.at(t))
             return self.watch(fused.f_and_g(tt, y), tt, y)
         return self.f(t, y), self.g(t, y)
 
@@ -140,7 +148,7 @@ class SDEParts:
         if fused is not None and fused.f_and_g_prod is not None:
             self.bound.nfe += 1
             self.counts["nfe_diffusion"] += 1
-            tt = self.time(t)
+            tt = self.time(self.at(t))
             return self.watch(fused.f_and_g_prod(tt, y, v), tt, y)
         return self.f(t, y), self.g_prod(t, y, v)
 
@@ -424,6 +432,8 @@ class SDEStepper(StepperBase):
     def step(self, term: ODETerm, t: float, y: Tensor, h: float, k1: Tensor, co: Any = None,
              t_end_nudge: float | None = None, buf: Any = None) -> tuple[Tensor, Tensor, Tensor | None]:
         sde = self.parts(term)
+        # Stages at the step's end evaluate the fields just before it where the step lands on a jump (t_end_nudge).
+        sde.end, sde.end_left = t + h, t_end_nudge
         shape = term.shape
         ys = y.view(shape)
         f0 = k1.view(shape)
