@@ -398,3 +398,49 @@ def test_loop_with_library_products_matches_eager(monkeypatch):
     y0 = torch.randn(24, 2, generator=torch.Generator().manual_seed(6), dtype=F64)
     eager, comp = _both(lambda t, y: f(y), y0, T, rtol=1e-7, atol=1e-9)
     _same(eager, comp)
+
+
+@pytest.mark.slow
+def test_inference_loop_above_the_training_size_limit(monkeypatch):
+    """Under torch.no_grad() the whole loop is built up to CPU_MAX_INFERENCE_OUTPUT_ELEMENTS output elements (with a
+    graph recorded, up to CPU_MAX_OUTPUT_ELEMENTS): a state past the smaller limit runs as the loop, equal to the eager
+    solve and to the matrix exponential."""
+    from neurodyn.compile import loop as compile_loop
+    from neurodyn.compile import policy as compile_policy
+
+    monkeypatch.setattr(compile_policy, "FORCE", "compiled")
+    rows = compile_loop.CPU_MAX_OUTPUT_ELEMENTS // (2 * T.shape[0]) + 1
+    y0 = torch.randn(rows, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    assert not compile_loop.worthwhile(y0, T.shape[0])
+    with torch.no_grad():
+        assert compile_loop.worthwhile(y0, T.shape[0])
+    eager, comp = _both(LIN, y0, T, rtol=1e-8, atol=1e-10)
+    _same(eager, comp)
+    exact = torch.stack([y0 @ torch.linalg.matrix_exp(A.T * float(ti)) for ti in T])
+    assert torch.allclose(comp.ys, exact, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_step_with_library_tanh_matches_eager(monkeypatch):
+    """A compiled step (dense output: no whole loop) of a field whose tanh is large enough for ATen's kernel
+    (patches.library_tanh, held by compiled_context while the step compiles): the eager solve's steps and values, the
+    lowering put back after the solve."""
+    from torch._inductor import lowering
+
+    from neurodyn.compile import patches
+    from neurodyn.compile import policy as compile_policy
+
+    monkeypatch.setattr(compile_policy, "FORCE", "compiled")
+    before = lowering.lowerings[torch.ops.aten.tanh.default]
+    f = WideTanh()
+    y0 = torch.randn(patches.LIBRARY_TANH_ELEMENTS // 64, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
+    with torch.no_grad():
+        eager = neurodyn.solve(f, y0, T, rtol=1e-8, atol=1e-10, dense=True)
+        comp = neurodyn.solve(f, y0, T, rtol=1e-8, atol=1e-10, dense=True, compile=True)
+    assert comp.stats["compiled"] == "step"
+    assert lowering.lowerings[torch.ops.aten.tanh.default] is before
+    for key in ("steps", "rejected", "nfe"):
+        assert comp.stats[key] == eager.stats[key], key
+    assert torch.allclose(comp.ys, eager.ys, rtol=1e-11, atol=1e-12)
+    mid = torch.tensor(1.234, dtype=F64)
+    assert torch.allclose(comp.evaluate(mid), eager.evaluate(mid), rtol=1e-11, atol=1e-12)

@@ -6,7 +6,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 
-from torch import Tensor
+from torch import Tensor, is_grad_enabled
 
 from ..core.control import PIDController
 from ..core.stepper import Stepper
@@ -84,8 +84,9 @@ def _plug_in_key(solver: Stepper, y0: Tensor, n_times: int, rtol: float | Tensor
     if isinstance(rtol, Tensor) or isinstance(atol, Tensor) or type(controller) is not PIDController:
         return None
     c = controller
-    return (id(solver), tuple(y0.shape), y0.dtype, y0.device, n_times, float(rtol), float(atol), adaptive, interp,
-            first_step is None, c.pcoeff, c.icoeff, c.dcoeff, c.safety, c.ifactor, c.dfactor, c.accept_dfactor)
+    return (id(solver), tuple(y0.shape), y0.dtype, y0.device, n_times, is_grad_enabled(), float(rtol), float(atol),
+            adaptive, interp, first_step is None, c.pcoeff, c.icoeff, c.dcoeff, c.safety, c.ifactor, c.dfactor,
+            c.accept_dfactor)
 
 
 def plug_in_rows(solver: Stepper, func: Callable, y0: Tensor) -> CompiledRows | None:

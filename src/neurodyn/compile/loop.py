@@ -15,7 +15,8 @@ outputs, to rounding: stage sums are fused in another order) for the cases it co
 * no autograd graph to record (under ``torch.no_grad()``, or nothing requires grad: inference, the
   adjoint's forward pass), no ``dense=True``, events, ``jump_t``, ``perturb``, custom ``norm`` or
   error seminorm, no ``torch.func.vmap``; real floating-point states;
-* on the CPU, ``y0.numel() * len(t) <= CPU_MAX_OUTPUT_ELEMENTS`` (see there).
+* on the CPU, ``y0.numel() * len(t) <= CPU_MAX_OUTPUT_ELEMENTS`` (``CPU_MAX_INFERENCE_OUTPUT_ELEMENTS`` under
+  ``torch.no_grad()``; see there).
 
 Everything else uses the per-step compiled path. Compilation failures fall back with a warning.
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import logging
 import math
 import warnings
 import weakref
@@ -45,6 +45,7 @@ from ..core.control import (
     step_underflow_tensor,
 )
 from ..solvers.explicit_rk import ExplicitRungeKutta
+from .patches import LIBRARY_TANH_ELEMENTS, library_tanh, thin_products, vectorize_strided_loads
 from .step import nonzero, own_code, stage_sum
 
 try:  # Inductor's base class of custom graph passes (part of its cache key); private, so optional
@@ -59,9 +60,6 @@ except ImportError:  # another torch: recompilations go unnoticed (each solve st
         return []
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# tanh of at least this many elements calls ATen's kernel inside compiled code (library_tanh); measured crossover of a
-# library call against Sleef's inlined code, float64, one core: ~500 elements.
-LIBRARY_TANH_ELEMENTS = 2048
 # Inductor on the CPU: the graph's wrapper in C++ (no Python between kernels); products with a single row (a
 # batch-1 state through a Linear layer) as fused loops rather than library GEMV calls; 256-bit vectors (the
 # state's short rows and the MLP's 64-wide layers run ~1.5x faster per evaluation than with 512-bit ones, which
@@ -87,10 +85,14 @@ _RUNNING, _NON_FINITE, _UNDERFLOW, _MAX_STEPS = (_sol.CODE[s] for s in (_sol.SUC
                                                                          _sol.MAX_STEPS_REACHED))
 
 
-# On the CPU the whole loop is for problems whose steps are cheap: it rewrites every output row each attempt
-# (static shapes), ~7 n T multiply-adds for n state elements and T output times, against ~100 us of Python per step
-# saved. Above this n T (the batched protocol case: 5.6e3; medium: 1.8e5) compiled steps are faster.
+# On the CPU the whole loop rewrites every output row each attempt (static shapes): ~7 n T multiply-adds for n state
+# elements and T output times, against ~100 us of Python per step saved. Up to this n T (the batched protocol case:
+# 5.6e3) it is built for every solve, training steps included.
 CPU_MAX_OUTPUT_ELEMENTS = 32768
+# Up to this n T it is also built for solves that record no autograd graph (under torch.no_grad()), and the compile
+# policy measures it against eager steps: with the field's large tanh in ATen's kernel (patches.library_tanh), one core,
+# float64, the medium protocol case (n T = 1.8e5) ran at 0.73x the eager solve's time, the large one (3.6e5) at 0.95x.
+CPU_MAX_INFERENCE_OUTPUT_ELEMENTS = 1 << 19
 # Attempted steps per iteration of the compiled loop. Torch's compiled while_loop reads its condition on the host
 # every iteration: free on the CPU, a device synchronisation on a GPU. There, 8 attempts run between reads (after
 # the end of the solve, at most 7 do nothing); on the CPU one (no attempt is wasted). Not yet measured on a GPU.
@@ -99,8 +101,21 @@ UNROLL_ACCELERATOR = 8
 
 
 def worthwhile(y0: Tensor, n_times: int) -> bool:
-    """Whether compiling the whole loop pays off for this state and number of output times (else compiled steps)."""
-    return y0.device.type != "cpu" or y0.numel() * n_times <= CPU_MAX_OUTPUT_ELEMENTS
+    """Whether the whole loop may pay off for this state and number of output times, in the current grad mode (else
+    compiled steps): on the CPU up to :data:`CPU_MAX_OUTPUT_ELEMENTS` output elements, or
+    :data:`CPU_MAX_INFERENCE_OUTPUT_ELEMENTS` under ``torch.no_grad()``.
+
+    >>> worthwhile(torch.zeros(1024, 16), 11)
+    False
+    >>> with torch.no_grad():
+    ...     worthwhile(torch.zeros(1024, 16), 11)
+    True
+    """
+    if y0.device.type != "cpu":
+        return True
+    size = y0.numel() * n_times
+    limit = CPU_MAX_OUTPUT_ELEMENTS if torch.is_grad_enabled() else CPU_MAX_INFERENCE_OUTPUT_ELEMENTS
+    return size <= limit
 
 
 def supports(solver: ExplicitRungeKutta, adaptive: bool, controller: PIDController) -> bool:
@@ -338,145 +353,6 @@ def combo_cols(w: list[Tensor], ks: list[Tensor], dtype: torch.dtype) -> Tensor:
     return acc
 
 
-class _InductorPatch:
-    """Base of the compile-time patches below: on entering, one entry of a private Inductor object (an attribute, or
-    an item where :attr:`item` is set) is replaced by :meth:`replace` of its value; on leaving, the value is put back.
-    :meth:`locate` finds the object once per class; where this torch has no such object or entry, nothing is
-    patched. Performance only."""
-
-    item = False
-    _target = None  # per class: the object holding the entry, or False where this torch has none
-
-    @classmethod
-    def locate(cls) -> tuple[Any, Any] | None:
-        """``(object, name or key)`` of the entry to patch, or None where this torch has none."""
-        raise NotImplementedError
-
-    def replace(self, saved: Any) -> Any:
-        """The value the entry holds while patched, given its own."""
-        raise NotImplementedError
-
-    def __enter__(self) -> None:
-        cls = type(self)
-        if cls.__dict__.get("_target") is None:
-            try:
-                cls._target = cls.locate() or False
-            except (ImportError, AttributeError, KeyError):  # another torch: nothing to adjust
-                cls._target = False
-        self.saved = None
-        if cls._target:
-            obj, key = cls._target
-            self.saved = obj.get(key) if cls.item else getattr(obj, key, None)
-            if self.saved is not None:
-                self._put(self.replace(self.saved))
-
-    def __exit__(self, *exc) -> None:
-        if self.saved is not None:
-            self._put(self.saved)
-
-    def _put(self, value: Any) -> None:
-        obj, key = type(self)._target
-        if self.item:
-            obj[key] = value
-        else:
-            setattr(obj, key, value)
-
-
-class vectorize_strided_loads(_InductorPatch):
-    """While compiling: let Inductor's CPU code generator vectorize loops with more strided loads than it would by
-    default (a batch-1 state through ``nn.Linear(2, 64)`` reads the weight with stride 2, and the layer's tanh then
-    runs one element at a time: ~10% of an evaluation of a small MLP). Performance only; a no-op where this torch
-    has no such knob."""
-
-    @classmethod
-    def locate(cls) -> tuple[Any, str]:
-        from torch._inductor.codegen.cpp import KernelOpStats
-        return KernelOpStats, "OVERHEAD_RATIO_THRESHOLD"
-
-    def replace(self, saved: float) -> float:
-        return max(saved, 0.5)
-
-
-class library_tanh(_InductorPatch):
-    """While compiling on the CPU: ``tanh`` of a tensor with at least :data:`LIBRARY_TANH_ELEMENTS` elements runs as
-    ATen's own kernel (the one eager mode calls: Intel VML where torch has MKL) instead of Inductor's inlined
-    vectorised code (Sleef ``tanh_u10``, ~4x slower per float64 element here), which dominates a batched MLP field
-    (the batched protocol case: 256 x 64 x 2 ``tanh`` per evaluation). Smaller ``tanh`` (a batch-1 state's 64-wide
-    layers) stay fused: a library call per evaluation costs more than it saves there. Performance only; a no-op
-    where this torch has no such lowering table."""
-
-    item = True
-
-    @classmethod
-    def locate(cls) -> tuple[Any, Any]:
-        from torch._inductor import lowering
-        op = torch.ops.aten.tanh.default
-        lowering.lowerings[op]  # noqa: B018 (present in this torch?)
-        return lowering.lowerings, op
-
-    def replace(self, saved: Callable) -> Callable:
-        from torch._inductor import lowering
-        library = lowering.fallback_handler(torch.ops.aten.tanh.default, add_to_fallback_set=False)
-
-        def lower(x, *args, **kwargs):
-            try:
-                size = [int(d) for d in x.get_size()]
-                big = math.prod(size) >= LIBRARY_TANH_ELEMENTS and x.get_device().type == "cpu"
-            except (TypeError, AttributeError):  # symbolic sizes, or not a tensor: the default lowering
-                big = False
-            return (library if big else saved)(x, *args, **kwargs)
-
-        return lower
-
-    def __enter__(self) -> None:
-        super().__enter__()
-        if self.saved is not None:
-            # Inductor notes (a logged warning, per compilation) that ATen's tanh has no C shim and is called
-            # through its generic op dispatcher: expected here, and no concern of the user's.
-            logging.getLogger("torch._inductor.ir").addFilter(_no_shim_notice)
-
-    def __exit__(self, *exc) -> None:
-        if self.saved is not None:
-            logging.getLogger("torch._inductor.ir").removeFilter(_no_shim_notice)
-        super().__exit__(*exc)
-
-
-class thin_products(_InductorPatch):
-    """While compiling on the CPU: let Inductor write matrix products with a short inner dimension (at most ``inner``
-    terms) as fused loops rather than a library ``mm``/``addmm`` call each (Inductor does so by default only for
-    products with one row): a field's first layer on a state of a few components in the forward loop
-    (:data:`LOOP_THIN_INNER`), the weight gradients of a small state in the compiled backward pass
-    (:func:`neurodyn.compile.train.decompose_thin_products`). Performance only; a no-op where this torch has no such
-    pass.
-
-    Examples
-    --------
-    >>> with thin_products(8):
-    ...     pass  # torch.compile calls made here fuse products with <= 8 terms
-    """
-
-    def __init__(self, inner: int):
-        self.inner = inner
-
-    @classmethod
-    def locate(cls) -> tuple[Any, str]:
-        from torch._inductor.fx_passes import decompose_mem_bound_mm
-        return decompose_mem_bound_mm, "should_decompose_mm"
-
-    def replace(self, saved: Callable) -> Callable:
-        inner = self.inner
-
-        def rule(mat1, mat2) -> bool:
-            if saved(mat1, mat2):
-                return True
-            a, b = (getattr(m, "meta", {}).get("val") for m in (mat1, mat2))
-            return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 2 and b.dim() == 2
-                    and a.device.type == "cpu" and b.device.type == "cpu"
-                    and isinstance(a.shape[1], int) and a.shape[1] <= inner
-                    and all(isinstance(d, int) for d in (*a.shape, *b.shape)))
-
-        return rule
-
 
 def _source_hash(obj: Any) -> str:
     """A hash of ``obj``'s source code (empty where the source cannot be read)."""
@@ -573,14 +449,6 @@ LOOP_OPTIONS = {**CPU_OPTIONS, "post_grad_fusion_options": {"decompose_mm_pass":
     **CPU_OPTIONS["post_grad_fusion_options"]["decompose_mm_pass"], "neurodyn_loop_thin_inner": LOOP_THIN_INNER}},
     "post_grad_custom_post_pass": LoopProducts(LOOP_THIN_OUTPUTS)}
 
-
-def _no_shim_notice(record: logging.LogRecord) -> bool:
-    """False (drop) for Inductor's notice that ``aten.tanh`` has no C shim; True for every other record."""
-    try:
-        text = record.getMessage()
-    except (TypeError, ValueError):  # a malformed record: let logging report it as usual
-        return True
-    return not ("aten.tanh" in text and "c-shim" in text)
 
 
 def _give_up(per_func: dict, why: str) -> None:

@@ -23,6 +23,7 @@ from torch import Tensor
 from ..core.control import rms_ratio
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from . import policy
+from .patches import LIBRARY_TANH_ELEMENTS, library_tanh
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ACTIVE = [0]  # > 0 while compiled_context() holds the compiler settings below
@@ -32,12 +33,15 @@ _SAVED: list = []
 class compiled_context:
     """Holds the compiler settings of compiled steps for the duration of a solve, so that each step
     need not enter them (internal; re-entrant): integer attributes of modules (NFE counters, say) do not
-    become guards, and up to 64 compiled variants per step function."""
+    become guards, up to 64 compiled variants per step function, and a step compiled meanwhile on the CPU calls
+    ATen's ``tanh`` on large tensors (:class:`~neurodyn.compile.patches.library_tanh`)."""
 
     def __enter__(self) -> None:
         if not _ACTIVE[0]:  # set directly (a config.patch context costs ~8 us per entry)
             cfg = torch._dynamo.config
-            _SAVED[:] = [cfg.allow_unspec_int_on_nn_module, cfg.recompile_limit]
+            tanh = library_tanh()
+            tanh.__enter__()
+            _SAVED[:] = [cfg.allow_unspec_int_on_nn_module, cfg.recompile_limit, tanh]
             cfg.allow_unspec_int_on_nn_module = True
             cfg.recompile_limit = max(64, _SAVED[1])
         _ACTIVE[0] += 1
@@ -46,10 +50,18 @@ class compiled_context:
         _ACTIVE[0] -= 1
         if not _ACTIVE[0]:
             cfg = torch._dynamo.config
-            cfg.allow_unspec_int_on_nn_module, cfg.recompile_limit = _SAVED
+            cfg.allow_unspec_int_on_nn_module, cfg.recompile_limit, tanh = _SAVED
+            tanh.__exit__(*exc)
 
 
 _FALLBACK = object()
+# On the CPU the compiled graph's wrapper (which launches its kernels and library calls) is generated as C++ rather
+# than Python: a small problem's step costs ~40% less per call this way. The step is compiled inside compiled_context,
+# so large tanh call ATen's kernel (library_tanh: the medium protocol case's compiled step ~16% faster, the large
+# case's ~14%); the "neurodyn_library_tanh" entry is no Inductor setting: it names that change, so that Inductor's
+# cache of compiled graphs tells the programs apart.
+STEP_CPU_OPTIONS = {"cpp_wrapper": True,
+                    "post_grad_fusion_options": {"decompose_mm_pass": {"neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS}}}
 
 
 def nonzero(row) -> list[tuple[int, float]]:
@@ -96,9 +108,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], d
         ratio = rms_ratio(err[:, None, :m], y[:, :m], y1[:, :m], rtol * root_m, atol * root_m).reshape(())
         return y1, k, ratio
 
-    # On the CPU the compiled graph's wrapper (which launches its kernels and library calls) is generated
-    # as C++ rather than Python: a small problem's step costs ~40% less per call this way.
-    options = {"cpp_wrapper": True} if device.type == "cpu" else None
+    options = STEP_CPU_OPTIONS if device.type == "cpu" else None
     return torch.compile(own_code(step), options=options)
 
 
