@@ -218,7 +218,7 @@ class DrivenPlugIn:
             options = dict(getattr(solver, "options", None) or {})
             stats = dict(solver.stats or {})
             try:
-                timing = self._measure_graph(term, solver, y0, k0, times, stops, cfg)
+                timing = self._measure_graph(term, solver, y0, times, stops, cfg)
                 decision = self.per_func[key] = policy.decide(timing, True)
                 if decision[0] == "loop":
                     decision = ("loop", decision[1] + " (compiled blocks of steps, forward and backward)")
@@ -254,25 +254,26 @@ class DrivenPlugIn:
                 _restore(solver, options, stats)
         return decision
 
-    def _measure_graph(self, term, solver: Stepper, y0: Tensor, k0: Tensor, times: list[float], stops: list[float],
+    def _measure_graph(self, term, solver: Stepper, y0: Tensor, times: list[float], stops: list[float],
                        cfg) -> policy.Timing:
         """Forward and backward of the first :data:`GRAPH_ATTEMPTS` steps, compiled blocks against eager steps
         (``solver.step``, the drift at each step's end where the method is not FSAL), interleaved, best of
         ``policy.MIN_ROUNDS`` rounds per step, thread CPU time on the CPU. The backward asks for the gradients of
         every tensor the solve depends on (:func:`graph_leaves`) without accumulating them into ``.grad``."""
-        leaves, _ = graph_leaves(self.user, y0, k0)
+        # From a copy of y0 and the drift there evaluated anew per run (the caller's graph of k0 stays untouched).
+        y0 = y0.detach().requires_grad_(True)
+        leaves, _ = graph_leaves(self.user, y0, y0)
         tl, hl = step_grid(times, stops, min(cfg.step_size, cfg.max_step))
         m = min(GRAPH_ATTEMPTS, len(hl), cfg.max_steps)
         fsal = getattr(solver, "fsal", False)
         nfe = term.nfe
 
         def pull(out: Tensor) -> None:
-            if leaves:
-                torch.autograd.grad(out.sum(), leaves, retain_graph=True, allow_unused=True)
+            torch.autograd.grad(out.sum(), leaves, allow_unused=True)
 
         def compiled() -> int:
-            o = self.loop(times, stops, y0, k0, cfg.step_size, cfg.rtol, cfg.atol, cfg.min_step, cfg.max_step, m,
-                          term=term)
+            o = self.loop(times, stops, y0, term(times[0], y0), cfg.step_size, cfg.rtol, cfg.atol, cfg.min_step,
+                          cfg.max_step, m, term=term)
             if o is None:
                 raise _Failed
             pull(o.y_final)
@@ -282,7 +283,7 @@ class DrivenPlugIn:
             reset = getattr(solver, "reset", None)
             if reset is not None:
                 reset()
-            y, k = y0, k0
+            y, k = y0, term(times[0], y0)
             for j in range(m):
                 y, k, _ = solver.step(term, tl[j], y, hl[j], k)
                 if not fsal:
@@ -494,8 +495,10 @@ class DrivenPlugIn:
                     fn = blocks[size] = _build_block(holder, len(carried), n_in, size)
                 return fn
 
+            # The backward is compiled with the forward (inside these patches), and keeps the tensors it is given
+            # (no donated buffers: backward(retain_graph=True) stays allowed).
             patches = (vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER),
-                       torch._functorch.config.patch(force_non_lazy_backward_lowering=True))
+                       torch._functorch.config.patch(force_non_lazy_backward_lowering=True, donated_buffer=False))
 
             def run(a: int, size: int) -> tuple:  # steps a .. a + size - 1 from the current state
                 inputs = [x for j in range(a, a + size) for x in solver.step_inputs(term, tl[j], tl[j] + hl[j])]
@@ -525,6 +528,10 @@ class DrivenPlugIn:
                 return True
 
             while out_i < len(times) and i < n:
+                if (times[out_i] - tl[n]) * direction > 0:  # max_steps ends the solve before the next output
+                    if not advance(n):
+                        status = _sol.NON_FINITE
+                    break
                 b = i
                 while b < n - 1 and (times[out_i] - tl[b + 1]) * direction > 0:
                     b += 1
