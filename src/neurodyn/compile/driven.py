@@ -11,13 +11,23 @@ diffusion evaluations, the method's stage combinations and the noise products ar
 with the CPU patches of :mod:`neurodyn.compile.loop` (ATen's ``tanh``, strided-load vectorisation). The stacked
 inputs of one call hold at most :data:`MAX_INPUT_ELEMENTS` elements: a longer solve runs in blocks of steps.
 
-It covers fixed-step solves (``step_size=``) without an autograd graph (under ``torch.no_grad()``, inference), without
-events, ``dense=True``, ``jump_t``, ``perturb`` or step hooks; elsewhere the solve runs the eager stepper. Outputs are
+Where an autograd graph is recorded (``gradient="direct"``: ``y0``, the drift at ``t0`` or a parameter of the
+drift's or diffusion's module requires grad, or a function is a closure) the steps run instead as compiled blocks of
+:data:`GRAPH_BLOCK` steps unrolled in one graph (the same ``driven_step``, the same host-queried inputs), called with
+grad mode on: AOTAutograd splits each block into a compiled forward that keeps what the backward needs (the hidden
+activations of the networks, say: no step is recomputed) and one compiled backward, joined to autograd's graph, so
+the gradients are the eager solve's (to rounding) with respect to ``y0``, the parameters and any tensor the functions
+capture. Steps short of a whole block before an output time run as one-step blocks. The compiled backward cannot be
+differentiated again (``create_graph=True``: use ``compile=False``).
+
+It covers fixed-step solves (``step_size=``) without events, ``dense=True``, ``jump_t``, ``perturb``, step hooks or a
+recorded solve (``gradient="checkpoint"``, ``"adjoint"``); elsewhere the solve runs the eager stepper. Outputs are
 the stepper's dense output between the step ends (linear for the SDE methods), computed on the host once per output
 time. Results agree with the eager solve to rounding; ``stats["nfe"]`` counts the evaluations made (the drift at the
 end of each step between two outputs, one more per output interval than the eager loop, which evaluates it at the next
-step's start). Whether compiling pays is measured once per field and problem (:mod:`neurodyn.compile.policy`);
-``stats["compiled"]`` is ``"loop"`` where this loop ran.
+step's start). Whether compiling pays is measured once per field and problem (:mod:`neurodyn.compile.policy`; under
+autograd forward and backward of the first :data:`GRAPH_ATTEMPTS` steps, compiled blocks against eager steps);
+``stats["compiled"]`` is ``"loop"`` where this loop or the compiled blocks ran.
 """
 
 from __future__ import annotations
@@ -31,7 +41,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch._functorch.config
 from torch import Tensor
 
 from .. import solution as _sol
@@ -295,8 +304,14 @@ class DrivenPlugIn:
         best = dict.fromkeys(variants, math.inf)
         clock = time.thread_time if y0.device.type == "cpu" else time.perf_counter
         try:
-            for fn in variants.values():
-                fn()  # compiles
+            try:
+                for fn in variants.values():
+                    fn()  # compiles (the backward at its first call)
+            except _Failed:
+                raise
+            except Exception as exc:  # the compiled backward could not be built: eager steps for this field
+                self._failed(exc)
+                raise _Failed from exc
             for r in range(policy.MIN_ROUNDS):
                 for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
                     s = clock()
@@ -495,10 +510,9 @@ class DrivenPlugIn:
                     fn = blocks[size] = _build_block(holder, len(carried), n_in, size)
                 return fn
 
-            # The backward is compiled with the forward (inside these patches), and keeps the tensors it is given
-            # (no donated buffers: backward(retain_graph=True) stays allowed).
-            patches = (vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER),
-                       torch._functorch.config.patch(force_non_lazy_backward_lowering=True, donated_buffer=False))
+            # (The backward is compiled at its first call, by AOTAutograd: compiled ahead with the forward it could not
+            # be run with backward(retain_graph=True).)
+            patches = (vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER))
 
             def run(a: int, size: int) -> tuple:  # steps a .. a + size - 1 from the current state
                 inputs = [x for j in range(a, a + size) for x in solver.step_inputs(term, tl[j], tl[j] + hl[j])]
