@@ -171,11 +171,11 @@ def _train(model, bm, method, compile_, sde_type="ito", ts=TS, y0_grad=True, ret
     return sol, grads
 
 
+@pytest.mark.slow  # compiling a forward and a backward: 30-60 s on a loaded 2-core machine
 @pytest.mark.parametrize("method, sde_type, levy", [("euler", "ito", "none"),
-                                                     pytest.param("reversible_heun", "stratonovich", "none",
-                                                                  marks=pytest.mark.slow),
-                                                     pytest.param("milstein", "ito", "none", marks=pytest.mark.slow),
-                                                     pytest.param("srk", "ito", "space-time", marks=pytest.mark.slow)])
+                                                     ("reversible_heun", "stratonovich", "none"),
+                                                     ("milstein", "ito", "none"),
+                                                     ("srk", "ito", "space-time")])
 def test_grad_mode_compiled_blocks_match_eager_gradients(forced, monkeypatch, method, sde_type, levy):
     """With an autograd graph compile=True runs compiled blocks of steps (here 2 steps each; 20 steps, outputs at
     a step end only, so one compiled block): outputs and gradients with respect to y0 and every parameter equal the
