@@ -11,9 +11,11 @@ Sections (``--sections``):
 * ``forward``: one solve under ``torch.no_grad()`` (euler, milstein [Ito], srk [Ito], reversible_heun [Stratonovich]),
   eager and ``compile=True`` (the compiled driven loop, ``neurodyn.compile.driven``, where its timing says it pays;
   ``compiled_path`` in the row);
-* ``train``: one training step, ``loss = mean(y(1)^2)``, backward through the solver (direct backpropagation; the
-  ``adjoint`` section: ``gradient="adjoint"`` vs ``torchsde.sdeint_adjoint``, reversible Heun's exact adjoint and
-  the stochastic adjoint with midpoint);
+* ``train``: one training step, ``loss = mean(y(1)^2)``, backward through the solver (direct backpropagation), eager
+  and ``compile=True`` (compiled blocks of steps under autograd, ``neurodyn.compile.driven``, where the policy's
+  timing of forward and backward says they pay; the gradients' largest relative difference from eager's in the row;
+  the ``adjoint`` section: ``gradient="adjoint"`` vs ``torchsde.sdeint_adjoint``, reversible Heun's exact adjoint
+  and the stochastic adjoint with midpoint);
 * ``compiled``: an Euler loop whose step (drift and diffusion inside) is ``torch.compile``d vs the same loop eager,
   neurodyn and torchsde (what a compiled SDE step could give on this CPU);
 * ``bound``: what bounds Euler's forward speed-up: whole solves (torchsde, neurodyn, neurodyn ``compile=True``)
@@ -149,6 +151,22 @@ def section_solver(repeats: int, train: bool) -> list[dict]:
 
         entries = {"neurodyn": lambda: run(_nd), "torchsde": lambda: run(_ts)}
         extra = {}
+        if train:
+            # compile=True under autograd: compiled blocks of steps (neurodyn.compile.driven), where the policy's
+            # timing of forward and backward says they pay; gradients against the eager solve's
+            grads = []
+            for comp in (True, False):
+                sde.zero_grad()
+                sol = neurodyn.solve(neurodyn.sde_term(sde.f, sde.g, bm, noise="diagonal", sde_type=sde.sde_type),
+                                     y0, ts, method=method, step_size=DT, compile=comp)
+                sol.ys[-1].pow(2).mean().backward()
+                grads.append([p.grad.clone() for p in sde.parameters()])
+                if comp:
+                    extra = {"compiled_path": sol.stats.get("compiled"),
+                             "compile_reason": sol.stats.get("compile_reason")}
+            extra["compiled_grad_max_rel_diff"] = max(float((a - b).abs().max() / b.abs().max())
+                                                      for a, b in zip(*grads))
+            entries["neurodyn compiled"] = lambda: run(functools.partial(_nd, compile=True))
         if not train:
             # compile=True: the compiled driven loop (neurodyn.compile.driven) where the policy measures that it pays
             with torch.no_grad():

@@ -157,21 +157,115 @@ def test_kept_input_buffers_carry_nothing_between_solves(forced):
     assert not torch.equal(_solve(model, paths[0], "euler", False).ys, _solve(model, paths[1], "euler", False).ys)
 
 
-def test_grad_mode_runs_eager_with_eager_gradients(forced):
-    """With an autograd graph the compiled driven loop does not apply: the solve runs the eager stepper, and its
-    gradients are the eager solve's."""
+def _train(model, bm, method, compile_, sde_type="ito", ts=TS, y0_grad=True, retain=False):
+    """Gradients of ``sum(ys^2)`` with respect to ``y0`` and the model's parameters, and the solution."""
+    model.zero_grad()
+    y0 = torch.linspace(-1, 1, B * D, dtype=torch.float64).view(B, D).requires_grad_(y0_grad)
+    term = neurodyn.sde_term(model.f, model.g, bm, noise="diagonal", sde_type=sde_type)
+    sol = neurodyn.solve(term, y0, ts, method=method, step_size=0.05, compile=compile_)
+    loss = sol.ys.pow(2).sum()
+    loss.backward(retain_graph=retain)
+    if retain:  # a second backward through the same graph adds the same gradients again
+        loss.backward()
+    grads = ([y0.grad] if y0_grad else []) + [p.grad.clone() for p in model.parameters()]
+    return sol, grads
+
+
+@pytest.mark.slow  # compiling a forward and a backward: 30-60 s on a loaded 2-core machine
+@pytest.mark.parametrize("method, sde_type, levy", [("euler", "ito", "none"),
+                                                     ("reversible_heun", "stratonovich", "none"),
+                                                     ("milstein", "ito", "none"),
+                                                     ("srk", "ito", "space-time")])
+def test_grad_mode_compiled_blocks_match_eager_gradients(forced, monkeypatch, method, sde_type, levy):
+    """With an autograd graph compile=True runs compiled blocks of steps (here 2 steps each; 20 steps, outputs at
+    a step end only, so one compiled block): outputs and gradients with respect to y0 and every parameter equal the
+    eager solve's to rounding (float64), also through backward(retain_graph=True) twice; a second solve with a term
+    built anew compiles nothing."""
+    monkeypatch.setattr(driven, "GRAPH_BLOCK", 2)
+    model = Small().double()
+    bm = _path(levy)
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    a, ga = _train(model, bm, method, True, sde_type, ts, retain=True)
+    b, gb = _train(model, bm, method, False, sde_type, ts, retain=True)
+    assert a.stats["compiled"] == "loop" and b.stats.get("compiled") is None
+    assert a.stats["steps"] == b.stats["steps"] == 20
+    torch.testing.assert_close(a.ys, b.ys, rtol=0, atol=1e-13)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-13)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    c, gc = _train(model, bm, method, True, sde_type, ts, y0_grad=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    for x, y in zip(gc, gb[1:]):  # (the first solve's gradients are doubled by the second backward)
+        torch.testing.assert_close(2 * x, y, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.slow
+def test_grad_mode_compiled_gradients_match_finite_differences(forced, monkeypatch):
+    """Gradients of compiled blocks (of 3 steps, with one-step blocks up to the interior outputs and a block cut by
+    the outputs) against central differences of the eager solve (float64) along random directions in y0 and in the
+    parameters."""
+    monkeypatch.setattr(driven, "GRAPH_BLOCK", 3)
     model = Small().double()
     bm = _path()
-    grads = []
-    for comp in (True, False):
-        model.zero_grad()
-        sol = _solve(model, bm, "euler", comp)
-        sol.ys[-1].pow(2).sum().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-        if comp:
-            assert sol.stats["compiled"] == "eager"
-    for x, y in zip(*grads):
+    sol, grads = _train(model, bm, "euler", True)
+    assert sol.stats["compiled"] == "loop"
+    params = [torch.zeros(B, D, dtype=torch.float64), *[p.detach() for p in model.parameters()]]
+    gen = torch.Generator().manual_seed(0)
+    y0 = torch.linspace(-1, 1, B * D, dtype=torch.float64).view(B, D)
+    term = neurodyn.sde_term(model.f, model.g, bm, noise="diagonal")
+
+    def loss(shift: list[torch.Tensor]) -> float:
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), shift[1:]):
+                p.add_(s)
+            try:
+                return float(neurodyn.solve(term, y0 + shift[0], TS, method="euler", step_size=0.05).ys.pow(2).sum())
+            finally:
+                for p, s in zip(model.parameters(), shift[1:]):
+                    p.sub_(s)
+
+    eps = 1e-6
+    for _ in range(3):
+        v = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+        fd = (loss([eps * x for x in v]) - loss([-eps * x for x in v])) / (2 * eps)
+        an = sum(float((g * x).sum()) for g, x in zip(grads, v))
+        assert abs(fd - an) <= 1e-7 * max(1.0, abs(an))
+
+
+def test_grad_mode_policy_keeps_eager_where_blocks_do_not_pay(monkeypatch):
+    """Under autograd the policy times compiled blocks against eager steps (forward and backward): where the blocks
+    are not faster it runs the eager stepper, whose gradients are those of compile=False exactly."""
+    timing = policy.Timing(eager_s=1e-3, step_s=None, loop_s=1.5e-3, rounds=5)
+    monkeypatch.setattr(driven.DrivenPlugIn, "_measure_graph", lambda self, *a: timing)
+    model = Small().double()
+    bm = _path()
+    a, ga = _train(model, bm, "euler", True)
+    b, gb = _train(model, bm, "euler", False)
+    assert a.stats["compiled"] == "eager" and "does not pay" in a.stats["compile_reason"]
+    for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_records_graph_sees_parameters_and_closures():
+    """A solve records a graph where y0, the drift at t0 or a parameter of the drift's or diffusion's module requires
+    grad, or where a function is a closure (what it captures is unknown); not under no_grad or with everything
+    frozen."""
+    model = Small().double()
+    bm = _path()
+    y0 = torch.zeros(1, B * D, dtype=torch.float64)
+    term = neurodyn.sde_term(model.f, model.g, bm, noise="diagonal")
+    assert driven.records_graph(term, y0, y0)
+    with torch.no_grad():
+        assert not driven.records_graph(term, y0, y0)
+    model.a.requires_grad_(False)
+    leaves, known = driven.graph_leaves(term, y0, y0)
+    assert known and [id(x) for x in leaves] == [id(x) for x in model.b.parameters()]
+    model.b.requires_grad_(False)
+    assert not driven.records_graph(term, y0, y0)
+    assert driven.records_graph(term, y0.requires_grad_(), y0)
+    scale = torch.ones((), dtype=torch.float64, requires_grad=True)
+    closure = neurodyn.sde_term(lambda t, y: model.f(t, y) * scale, model.g, bm, noise="diagonal")
+    assert driven.records_graph(closure, torch.zeros(1, B * D, dtype=torch.float64), y0.detach())
 
 
 def test_step_grid_lands_as_the_eager_loop():

@@ -260,12 +260,14 @@ def solve(
         fails. Not used with a custom ``norm``. SDE methods with a fixed ``step_size`` and no graph recorded: each
         step's Brownian increments (and Levy areas) are queried on the host first, then the steps between output
         times run as one compiled loop (``neurodyn.compile.driven``; same sample path, results to rounding;
-        ``stats["compiled"] == "loop"`` where the timing says it pays); adaptive SDE solves and SDE training steps
-        run eagerly. With ``per_sample_steps=True`` (explicit Runge--Kutta methods without
-        extra dense-output stages, float32/float64 states, no graph recorded, no events, every row in one
-        direction of time) the per-sample loop is compiled (``neurodyn.compile.rows``): as a whole where
-        ``y0.numel() * len(t) <= 32768`` on the CPU (``stats["compiled"] == "row-loop"``), else one compiled
-        attempt per step (``"row-step"``); not timed against eager. Elsewhere the eager per-sample loop runs.
+        ``stats["compiled"] == "loop"`` where the timing says it pays); where a graph is recorded
+        (``gradient="direct"``) the steps run as compiled blocks of steps whose compiled backward keeps the forward's
+        activations (the eager solve's gradients to rounding; timed forward and backward against eager steps);
+        adaptive SDE solves and the other gradient modes run eagerly. With ``per_sample_steps=True`` (explicit
+        Runge--Kutta methods without extra dense-output stages, float32/float64 states, no graph recorded, no
+        events, every row in one direction of time) the per-sample loop is compiled (``neurodyn.compile.rows``): as a
+        whole where ``y0.numel() * len(t) <= 32768`` on the CPU (``stats["compiled"] == "row-loop"``), else one
+        compiled attempt per step (``"row-step"``); not timed against eager. Elsewhere the eager per-sample loop runs.
 
     Returns
     -------

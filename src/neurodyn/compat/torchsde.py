@@ -428,8 +428,8 @@ def sdeint(sde: Any, y0: Tensor, ts: Any, bm: Any = None, method: str | None = N
     method : torchsde's names; default ``srk`` (Ito, ``euler`` for general noise), ``midpoint`` (Stratonovich)
     dt, adaptive, rtol, atol, dt_min : step size (first step when adaptive), tolerances, smallest step
     options : ``{"grad_free": True}`` for derivative-free Milstein; ``{"compile": True}``: ``solve(...,
-        compile=True)`` (fixed ``dt`` without an autograd graph: the compiled driven loop where it pays,
-        :mod:`neurodyn.compile.driven`)
+        compile=True)`` (fixed ``dt``: the compiled driven loop where it pays, :mod:`neurodyn.compile.driven`;
+        under autograd, compiled blocks of steps with a compiled backward)
     names : renames of ``drift``, ``diffusion``, ``prior_drift``, ``diffusion_prod``, ``drift_and_diffusion``,
         ``drift_and_diffusion_prod``
     logqp : also return the KL increments ``int |(f - h)/g|^2 / 2 dt`` between output times, ``(T - 1, batch)``

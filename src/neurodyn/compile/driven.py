@@ -11,22 +11,34 @@ diffusion evaluations, the method's stage combinations and the noise products ar
 with the CPU patches of :mod:`neurodyn.compile.loop` (ATen's ``tanh``, strided-load vectorisation). The stacked
 inputs of one call hold at most :data:`MAX_INPUT_ELEMENTS` elements: a longer solve runs in blocks of steps.
 
-It covers fixed-step solves (``step_size=``) without an autograd graph (under ``torch.no_grad()``, inference), without
-events, ``dense=True``, ``jump_t``, ``perturb`` or step hooks; elsewhere the solve runs the eager stepper. Outputs are
+Where an autograd graph is recorded (``gradient="direct"``: ``y0``, the drift at ``t0`` or a parameter of the
+drift's or diffusion's module requires grad, or a function is a closure) the steps run instead as compiled blocks of
+:data:`GRAPH_BLOCK` steps unrolled in one graph (the same ``driven_step``, the same host-queried inputs), called with
+grad mode on: AOTAutograd splits each block into a compiled forward that keeps what the backward needs (the hidden
+activations of the networks, say: no step is recomputed) and one compiled backward, joined to autograd's graph, so
+the gradients are the eager solve's (to rounding) with respect to ``y0``, the parameters and any tensor the functions
+capture. Steps short of a whole block before an output time run as one-step blocks. The compiled backward cannot be
+differentiated again (``create_graph=True``: use ``compile=False``).
+
+It covers fixed-step solves (``step_size=``) without events, ``dense=True``, ``jump_t``, ``perturb``, step hooks or a
+recorded solve (``gradient="checkpoint"``, ``"adjoint"``); elsewhere the solve runs the eager stepper. Outputs are
 the stepper's dense output between the step ends (linear for the SDE methods), computed on the host once per output
 time. Results agree with the eager solve to rounding; ``stats["nfe"]`` counts the evaluations made (the drift at the
 end of each step between two outputs, one more per output interval than the eager loop, which evaluates it at the next
-step's start). Whether compiling pays is measured once per field and problem (:mod:`neurodyn.compile.policy`);
-``stats["compiled"]`` is ``"loop"`` where this loop ran.
+step's start). Whether compiling pays is measured once per field and problem (:mod:`neurodyn.compile.policy`; under
+autograd forward and backward of the first :data:`GRAPH_ATTEMPTS` steps, compiled blocks against eager steps);
+``stats["compiled"]`` is ``"loop"`` where this loop or the compiled blocks ran.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,7 +47,8 @@ from .. import solution as _sol
 from ..core.control import step_grid
 from ..core.output import step_outputs
 from ..core.stepper import Step, Stepper
-from ..core.term import term_of
+from ..core.term import ODETerm, term_of
+from ..solvers.sde import split_sde
 from . import policy
 from .loop import LOOP_OPTIONS, LOOP_THIN_INNER, LoopOutcome, library_tanh, thin_products, vectorize_strided_loads
 from .step import own_code
@@ -48,6 +61,14 @@ _FALLBACK = object()
 DRIVEN_ATTEMPTS = 48
 # Elements of stacked step inputs per compiled call (64 MiB of float32): a longer solve runs in chunks of steps.
 MAX_INPUT_ELEMENTS = 2 ** 24
+# Where an autograd graph is recorded: steps per compiled block (unrolled in one graph, which AOTAutograd splits into a
+# forward that keeps what the backward needs and one compiled backward). Compiling takes longer with more steps
+# (10 steps of the benchmarks/bench_sde.py Euler problem: ~13 s, 25 steps: ~4 min on this CPU) while the time per
+# step barely changes beyond ~10 (training step 1.41x vs 1.44x torchsde); steps left over after the blocks run as
+# one-step blocks.
+GRAPH_BLOCK = 10
+# Steps of forward and backward per timed run when the policy measures the graph path against eager steps.
+GRAPH_ATTEMPTS = 2 * GRAPH_BLOCK
 
 
 def _build(holder: list, n_carried: int) -> Callable:
@@ -80,6 +101,65 @@ def _build(holder: list, n_carried: int) -> Callable:
     return torch.compile(own_code(run), options=options, fullgraph=True)
 
 
+def _build_block(holder: list, n_carried: int, n_inputs: int, size: int) -> Callable:
+    """The compiled block of ``size`` steps for a solve that records an autograd graph (the steps unrolled in one
+    graph; the stepper and bound term in ``holder``, set before each call): ``run(y, k, tg, hg, *carried, *inputs) ->
+    (finite, y, k, *carried)``, ``inputs`` the steps' inputs in step order (``n_inputs`` each), ``finite`` a bool per
+    step (the state after it is finite). Called with grad mode on, AOTAutograd splits it into a compiled forward that
+    keeps the tensors the backward needs (no step is recomputed) and a compiled backward, joined to autograd's graph."""
+
+    def run(y: Tensor, k: Tensor, tg: Tensor, hg: Tensor, *rest: Tensor):
+        solver, term = holder
+        shape, func, t_dtype = term.shape, term.func, term.t_dtype
+        carried, inputs = tuple(rest[:n_carried]), rest[n_carried:]
+        finite = []
+        for j in range(size):
+            y1, kn, carried = solver.driven_step(term, tg[j], y, hg[j], k, carried,
+                                                 tuple(inputs[j * n_inputs:(j + 1) * n_inputs]))
+            if kn is None:  # the drift at the step end: the next step's k1
+                kn = func(tg[j + 1].to(t_dtype), y1.view(shape)).reshape(1, -1)
+            finite.append(torch.isfinite(y1).all())
+            y, k = y1, kn
+        return torch.stack(finite), y, k, *carried
+
+    options = LOOP_OPTIONS if holder[1].device is None or torch.device(holder[1].device).type == "cpu" else None
+    return torch.compile(own_code(run), options=options, fullgraph=True, dynamic=False)
+
+
+def graph_leaves(term: Any, y0: Tensor, k0: Tensor) -> tuple[list[Tensor], bool]:
+    """``(leaves, known)``: the tensors requiring grad that a solve of the SDE ``term`` (the user's) from ``y0`` with
+    the drift ``k0`` there depends on -- ``y0``, ``k0`` (where they require grad) and the parameters requiring grad
+    of the ``nn.Module`` owners of its drift and diffusion functions; ``known`` is False where one of those functions
+    is not a module's method or a module (a closure: what it captures is not known)."""
+    leaves = [x for x in (y0, k0) if x.requires_grad]
+    known = True
+    seen: set = set()
+    drift, diff = split_sde(term)
+    fns = (drift.func if isinstance(drift, ODETerm) else drift, diff.vector_field, diff.g_prod,
+           getattr(term, "f_and_g", None), getattr(term, "f_and_g_prod", None))
+    for fn in fns:
+        if fn is None:
+            continue
+        owner = getattr(fn, "__self__", fn)
+        if not isinstance(owner, torch.nn.Module):
+            known = False
+            continue
+        for prm in owner.parameters():
+            if prm.requires_grad and id(prm) not in seen:
+                seen.add(id(prm))
+                leaves.append(prm)
+    return leaves, known
+
+
+def records_graph(term: Any, y0: Tensor, k0: Tensor) -> bool:
+    """Whether a solve of the SDE ``term`` from ``y0`` (drift ``k0`` there) records an autograd graph: grad mode on
+    and a tensor requiring grad behind it (:func:`graph_leaves`; a closure among its functions counts as one)."""
+    if not torch.is_grad_enabled():
+        return False
+    leaves, known = graph_leaves(term, y0, k0)
+    return bool(leaves) or not known
+
+
 class DrivenPlugIn:
     """The ``compile=True`` plug-in of a driven stepper (internal): ``choose`` (for ``LoopConfig.advance``: the whole
     loop where it applies and pays, else eager) and :meth:`loop` (``LoopConfig.loop``)."""
@@ -92,6 +172,7 @@ class DrivenPlugIn:
             self.per_func = _CACHE.setdefault(anchor, {}).setdefault(key, {})
         except TypeError:  # not weak-referenceable: cache on nothing (compiles per solve)
             self.per_func = {}
+        self.user = user
         self.key = (solver.name, tuple(y0.shape), y0.dtype, y0.device)
         self._term = None
 
@@ -116,8 +197,21 @@ class DrivenPlugIn:
             return "eager", f"{why}: eager steps"
         if policy.FORCE is not None:
             return policy.decide(None, True, force=policy.FORCE)
-        key = ("decision", self.key, len(times), len(stops), torch.is_grad_enabled())
+        graph = self.user is not None and records_graph(self.user, y0, k0)
+        key = ("decision", self.key, len(times), len(stops), torch.is_grad_enabled(), graph)
         decision = self.per_func.get(key)
+        if decision is None and graph:
+            options = dict(getattr(solver, "options", None) or {})
+            stats = dict(solver.stats or {})
+            try:
+                timing = self._measure_graph(term, solver, y0, times, stops, cfg)
+                decision = self.per_func[key] = policy.decide(timing, True)
+                if decision[0] == "loop":
+                    decision = ("loop", decision[1] + " (compiled blocks of steps, forward and backward)")
+            except _Failed:
+                decision = ("eager", "compiling failed for this field: eager steps")
+            finally:
+                _restore(solver, options, stats)
         if decision is None:
             options = dict(getattr(solver, "options", None) or {})
             stats = dict(solver.stats or {})
@@ -143,13 +237,69 @@ class DrivenPlugIn:
             except _Failed:
                 decision = ("eager", "compiling failed for this field: eager steps")
             finally:  # the measured steps leave the stepper as it was (options such as an initial state, counters)
-                if getattr(solver, "options", None) is not None:
-                    solver.options.clear()
-                    solver.options.update(options)
-                if solver.stats is not None:
-                    solver.stats.clear()
-                    solver.stats.update(stats)
+                _restore(solver, options, stats)
         return decision
+
+    def _measure_graph(self, term, solver: Stepper, y0: Tensor, times: list[float], stops: list[float],
+                       cfg) -> policy.Timing:
+        """Forward and backward of the first :data:`GRAPH_ATTEMPTS` steps, compiled blocks against eager steps
+        (``solver.step``, the drift at each step's end where the method is not FSAL), interleaved, best of
+        ``policy.MIN_ROUNDS`` rounds per step, thread CPU time on the CPU. The backward asks for the gradients of
+        every tensor the solve depends on (:func:`graph_leaves`) without accumulating them into ``.grad``."""
+        # From a copy of y0 and the drift there evaluated anew per run (the caller's graph of k0 stays untouched).
+        y0 = y0.detach().requires_grad_(True)
+        leaves, _ = graph_leaves(self.user, y0, y0)
+        tl, hl = step_grid(times, stops, min(cfg.step_size, cfg.max_step))
+        m = min(GRAPH_ATTEMPTS, len(hl), cfg.max_steps)
+        fsal = getattr(solver, "fsal", False)
+        nfe = term.nfe
+
+        def pull(out: Tensor) -> None:
+            torch.autograd.grad(out.sum(), leaves, allow_unused=True)
+
+        def compiled() -> int:
+            o = self.loop(times, stops, y0, term(times[0], y0), cfg.step_size, cfg.rtol, cfg.atol, cfg.min_step,
+                          cfg.max_step, m, term=term)
+            if o is None:
+                raise _Failed
+            pull(o.y_final)
+            return o.steps
+
+        def eager() -> int:
+            reset = getattr(solver, "reset", None)
+            if reset is not None:
+                reset()
+            y, k = y0, term(times[0], y0)
+            for j in range(m):
+                y, k, _ = solver.step(term, tl[j], y, hl[j], k)
+                if not fsal:
+                    k = term(tl[j + 1], y)
+            pull(y)
+            return m
+
+        variants = {"eager": eager, "loop": compiled}
+        best = dict.fromkeys(variants, math.inf)
+        clock = time.thread_time if y0.device.type == "cpu" else time.perf_counter
+        try:
+            try:
+                for fn in variants.values():
+                    fn()  # compiles (the backward at its first call)
+            except _Failed:
+                raise
+            except Exception as exc:  # the compiled backward could not be built: eager steps for this field
+                self._failed(exc)
+                raise _Failed from exc
+            for r in range(policy.MIN_ROUNDS):
+                for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+                    s = clock()
+                    n = variants[name]()
+                    best[name] = min(best[name], (clock() - s) / max(n, 1))
+        finally:
+            term.nfe = nfe
+            reset = getattr(solver, "reset", None)
+            if reset is not None:
+                reset()
+        return policy.Timing(eager_s=best["eager"], step_s=None, loop_s=best["loop"], rounds=policy.MIN_ROUNDS)
 
     def loop(self, times: list[float], stops: list[float], y0: Tensor, k0: Tensor, first: float | None, rtol, atol,
              min_step: float, max_step: float, max_steps: int, term=None) -> LoopOutcome | None:
@@ -159,6 +309,8 @@ class DrivenPlugIn:
         solver = self.solver
         if self.per_func.get(_FALLBACK) or first is None:
             return None
+        if self.user is not None and records_graph(self.user, y0, k0):
+            return self._loop_graph(term, times, stops, y0, k0, first, max_step, max_steps)
         tl, hl = step_grid(times, stops, min(first, max_step))
         n = min(len(hl), max_steps)
         if n == 0:
@@ -268,44 +420,173 @@ class DrivenPlugIn:
                         st = Step(tl[i - 1], hl[i - 1], y_prev, y, k)
                         out_i = step_outputs(solver, term, st, None, "auto", times, out_i, tl[i], direction, outs)
         except Exception as exc:  # compilation failed: eager steps from now on, for this field
-            self.per_func[_FALLBACK] = True
-            # Dynamo's messages: a headline (for higher-order operators a generic one ending in ':'), then the
-            # specific reason on the next line.
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            reason = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]) if lines else ""
-            warnings.warn(f"compile=True: the fixed-step {solver.name!r} loop could not be compiled "
-                          f"({type(exc).__name__}: {reason[:300]}); stepping eagerly instead (for this vector "
-                          f"field).", RuntimeWarning, stacklevel=5)
+            self._failed(exc)
             return None
         if bufs is not None:
             self.per_func[bkey] = bufs
-        fsal = getattr(solver, "fsal", False)
         solver.driven_finish(term, tl[i], y, k, tuple(carried))
         if solver.stats is not None and "nfe_diffusion" in solver.stats:
             solver.stats["nfe_diffusion"] += i * counts["nfe_diffusion"]
-        o = LoopOutcome()
-        o.ys = torch.cat(outs)
-        o.n_valid = len(outs)
-        o.y_final, o.t_final = y, tl[i]
-        o.steps = o.attempts = i
-        o.rejected = 0
-        o.status = status
-        o.initial_step = first
-        o.last_step = o.last_try = abs(hl[i - 1]) if i else 0.0
-        o.next_step = min(first, max_step) if math.isfinite(first) else None
-        o.rec = ()
-        o.times = None
         # the steps' drift evaluations, and (not FSAL) the drift at each step's end
-        o.nfe = i * counts["nfe"] + (0 if fsal else i)
-        return o
+        return _outcome(outs, y, tl, hl, i, status, first, max_step, i * counts["nfe"] + (
+            0 if getattr(solver, "fsal", False) else i))
+
+    def _failed(self, exc: Exception) -> None:
+        """Compiling failed: warn, and step eagerly from now on for this field."""
+        self.per_func[_FALLBACK] = True
+        # Dynamo's messages: a headline (for higher-order operators a generic one ending in ':'), then the specific
+        # reason on the next line.
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]) if lines else ""
+        warnings.warn(f"compile=True: the fixed-step {self.solver.name!r} loop could not be compiled "
+                      f"({type(exc).__name__}: {reason[:300]}); stepping eagerly instead (for this vector field).",
+                      RuntimeWarning, stacklevel=6)
+
+    def _loop_graph(self, term, times: list[float], stops: list[float], y0: Tensor, k0: Tensor, first: float,
+                    max_step: float, max_steps: int) -> LoopOutcome | None:
+        """The solve as compiled blocks of steps under autograd (:func:`_build_block`): outputs and final state joined
+        to the graph of ``y0``, ``k0`` and the functions' tensors; None where compiling failed (warned once)."""
+        solver = self.solver
+        tl, hl = step_grid(times, stops, min(first, max_step))
+        n = min(len(hl), max_steps)
+        if n == 0:
+            return None
+        status = _sol.MAX_STEPS_REACHED if len(hl) > max_steps else _sol.SUCCESS
+        direction = 1.0 if times[-1] > times[0] else -1.0
+        dev = y0.device
+
+        def own(x: Tensor) -> Tensor:
+            # Every floating input of a block requires grad (one compiled graph whichever the caller's do; a gradient
+            # nobody asked for is a few elementwise operations), and none aliases another (z0 is y0 at the start).
+            return x.clone() if x.requires_grad else x.detach().clone().requires_grad_(True)
+
+        try:
+            k, carried = solver.driven_start(term, times[0], y0, k0.reshape(1, -1))
+            k = own(k)
+            carried = tuple(own(c) if c.is_floating_point() else c for c in carried)
+            first_inputs = solver.step_inputs(term, tl[0], tl[0] + hl[0])
+            n_in = len(first_inputs)
+            ckey = ("graph", self.key, len(carried), n_in)
+            entry = self.per_func.get(ckey)
+            if entry is None:
+                counts = {"nfe": 0, "nfe_diffusion": 0}
+                with torch.no_grad():
+                    solver.driven_step(term, torch.tensor(tl[0], dtype=torch.float64, device=dev), y0.detach(),
+                                       torch.tensor(hl[0], dtype=torch.float64, device=dev), k.detach(),
+                                       tuple(c.detach() for c in carried), first_inputs, counts)
+                holder = [solver, term]
+                entry = self.per_func[ckey] = ({}, counts, holder)
+            blocks, counts, holder = entry
+            holder[:] = [solver, term]
+            outs = [y0]
+            out_i, i, y = 1, 0, (y0 if y0.requires_grad else own(y0))
+
+            def block(size: int) -> Callable:
+                fn = blocks.get(size)
+                if fn is None:
+                    fn = blocks[size] = _build_block(holder, len(carried), n_in, size)
+                return fn
+
+            # (The backward is compiled at its first call, by AOTAutograd: compiled ahead with the forward it could not
+            # be run with backward(retain_graph=True).)
+            patches = (vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER))
+
+            def run(a: int, size: int) -> tuple:  # steps a .. a + size - 1 from the current state
+                inputs = [x for j in range(a, a + size) for x in solver.step_inputs(term, tl[j], tl[j] + hl[j])]
+                tg = torch.tensor(tl[a:a + size + 1], dtype=torch.float64, device=dev)
+                hg = torch.tensor(hl[a:a + size], dtype=torch.float64, device=dev)
+                with contextlib.ExitStack() as stack:
+                    for ptc in patches:
+                        stack.enter_context(ptc)
+                    return block(size)(y, k, tg, hg, *carried, *inputs)
+
+            def advance(stop: int) -> bool:  # steps i .. stop - 1; False where one made the state non-finite
+                nonlocal i, y, k, carried
+                while i < stop:
+                    size = GRAPH_BLOCK if stop - i >= GRAPH_BLOCK else 1
+                    finite, y1, k1, *c1 = run(i, size)
+                    if size > 1 and not bool(finite.all()):
+                        # the solve stops before the step that made the state non-finite, as the eager loop does
+                        for _ in range(int(finite.to(torch.int8).argmin())):
+                            finite, y, k, *c = run(i, 1)
+                            carried = tuple(c)
+                            i += 1
+                        return False
+                    if not bool(finite.all()):
+                        return False
+                    y, k, carried = y1, k1, tuple(c1)
+                    i += size
+                return True
+
+            while out_i < len(times) and i < n:
+                if (times[out_i] - tl[n]) * direction > 0:  # max_steps ends the solve before the next output
+                    if not advance(n):
+                        status = _sol.NON_FINITE
+                    break
+                b = i
+                while b < n - 1 and (times[out_i] - tl[b + 1]) * direction > 0:
+                    b += 1
+                on_end = times[out_i] == tl[b + 1]
+                if b > i and not on_end and not advance(b):
+                    status = _sol.NON_FINITE
+                    break
+                y_prev = y
+                if not advance(b + 1):
+                    status = _sol.NON_FINITE
+                    break
+                if (times[out_i] - tl[i]) * direction <= 0:
+                    st = Step(tl[i - 1], hl[i - 1], y_prev, y, k)
+                    out_i = step_outputs(solver, term, st, None, "auto", times, out_i, tl[i], direction, outs)
+        except Exception as exc:  # compilation failed: eager steps from now on, for this field
+            self._failed(exc)
+            return None
+        solver.driven_finish(term, tl[i], y, k, tuple(carried))
+        if solver.stats is not None and "nfe_diffusion" in solver.stats:
+            solver.stats["nfe_diffusion"] += i * counts["nfe_diffusion"]
+        return _outcome(outs, y, tl, hl, i, status, first, max_step, i * counts["nfe"] + (
+            0 if getattr(solver, "fsal", False) else i))
+
+
+def _outcome(outs: list[Tensor], y: Tensor, tl: list[float], hl: list[float], i: int, status: str, first: float,
+             max_step: float, nfe: int) -> LoopOutcome:
+    """The :class:`LoopOutcome` of a driven solve that took ``i`` steps of the grid ``tl``, ``hl``."""
+    o = LoopOutcome()
+    o.ys = torch.cat(outs)
+    o.n_valid = len(outs)
+    o.y_final, o.t_final = y, tl[i]
+    o.steps = o.attempts = i
+    o.rejected = 0
+    o.status = status
+    o.initial_step = first
+    o.last_step = o.last_try = abs(hl[i - 1]) if i else 0.0
+    o.next_step = min(first, max_step) if math.isfinite(first) else None
+    o.rec = ()
+    o.times = None
+    o.nfe = nfe
+    return o
 
 
 class _Failed(Exception):
     """The compiled driven loop could not be built (it warned)."""
 
 
+def _restore(solver: Stepper, options: dict, stats: dict) -> None:
+    """Put back the stepper's options and counters as they were before measured steps."""
+    if getattr(solver, "options", None) is not None:
+        solver.options.clear()
+        solver.options.update(options)
+    if solver.stats is not None:
+        solver.stats.clear()
+        solver.stats.update(stats)
+
+
 def plug_in(solver: Stepper, func: Callable, y0: Tensor) -> tuple[DrivenPlugIn, Callable]:
     """``(advance, loop)`` for :class:`~neurodyn.core.config.LoopConfig` of a fixed-step ``compile=True`` solve with a
     driven stepper (see the module docstring)."""
     p = DrivenPlugIn(solver, func, y0)
-    return p, p.loop
+
+    def loop(*args, **kwargs) -> LoopOutcome | None:
+        return p.loop(*args, **kwargs)
+
+    loop.differentiable = True  # it joins its outputs to a recorded graph itself (compiled blocks of steps)
+    return p, loop
