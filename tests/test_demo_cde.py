@@ -244,3 +244,42 @@ def test_cde_demo_path_augmentations_cumsum_and_basepoint(tmp_path, capsys):
     assert run["nfe_per_forward"] == 4 * T12
     assert run["params"] == (32 * 32 + 32) + 32 * 32 * (1 + 2 * C) + 32 * (1 + 2 * C) + (1 + 2 * C) * 32 + 32 \
         + 33 * data["classes"]
+
+
+def test_cde_demo_extra_channels_locf_and_delta_are_linear_between_the_samples(tmp_path):
+    import neurodyn.demos.cde as demo
+    from neurodyn.cli import main
+    from neurodyn.paths.cubic import CubicPath
+
+    nan = float("nan")
+    x = torch.tensor([[[nan, 1.0], [2.0, nan], [nan, nan], [4.0, 3.0], [nan, nan]]])
+    locf, delta = demo.last_observed(x, torch.tensor([0.0, 0.5, 2.0, 3.0, 5.0]))
+    assert torch.equal(locf[0], torch.tensor([[2.0, 1.0], [2.0, 1.0], [2.0, 1.0], [4.0, 3.0], [4.0, 3.0]]))
+    assert torch.equal(delta[0, :, 0], torch.tensor([0.0, 0.0, 1.5, 0.0, 2.0]))  # since any channel was seen
+    cfg = demo.CDEConfig(subset=10, extra=["locf", "delta"])
+    data = demo._data(cfg)
+    C = data["channels"]
+    d = demo._with_drop(data["train"], 0.7, 3, cfg, "NeuralCDE")
+    v = demo.cde_input(d, cfg.time_scale, False, cfg.augment, cfg.extra)
+    grid, lengths = demo.cde_grid(d, cfg.augment)
+    cols = demo.linear_columns(C, False, cfg.extra)
+    assert v.shape[-1] == 1 + 3 * C + 1 and cols == list(range(1 + C, 2 + 2 * C))
+    assert not bool(torch.isnan(v[..., cols]).any())
+    path = CubicPath(grid, d["coeffs"])
+    for b in range(10):  # the path of the extra channels: the linear interpolant of their values, then constant
+        L = int(lengths[b])
+        for s in (grid[0] + 0.25, grid[L // 2] + 0.5, grid[L - 1] + 0.75):
+            k = min(int(torch.searchsorted(grid, s, right=True)) - 1, L - 2)
+            w = min(float(s - grid[k]), 1.0)
+            want = v[b, k, cols] + w * (v[b, k + 1, cols] - v[b, k, cols])
+            assert torch.allclose(path.evaluate(s)[b, cols], want, atol=1e-6)
+    # the CLI: both channels, the readout from the final state and path value, rk4 with half steps
+    out = tmp_path / "extra"
+    assert main(["demo", "cde", "--epochs", "1", "--subset", "12", "--seeds", "1", "--rates", "0.5", "--models",
+                 "NeuralCDE", "--extra", "locf", "delta", "--readout", "final-path", "--cde-step", "0.5",
+                 "--cde-layers", "1", "--out", str(out), "--no-plots"]) == 0
+    (run,) = json.loads((out / "metrics.json").read_text())["runs"]["NeuralCDE"]["0.5"]
+    T12 = int(max(demo._data(demo.CDEConfig(subset=12))[s]["lengths"].max() for s in ("train", "test")))
+    assert run["nfe_per_forward"] == 8 * T12
+    c = 1 + 3 * C + 1  # time, data, locf, delta, integrals
+    assert run["params"] == (32 * 32 + 32) + 32 * 32 * c + 32 * c + c * 32 + 32 + (32 + c + 1) * data["classes"]

@@ -23,8 +23,9 @@ MLPs; the NeuralCDE's field is Kidger et al.'s shape, so it has 17.6k parameters
   discretisation), ``Linear -> 2 x [DiagonalSSM (complex state --hidden // 2) -> GELU, residual, LayerNorm]``, mean
   over the series' points, linear readout.
 
-Training: Adam (``--lr``), batches of ``--batch-size``, ``--epochs`` epochs, cross-entropy plus ``--penalty`` (0.03)
-times the sum of the Frobenius norms of the NeuralCDE's field parameters, or of every parameter of the other models
+Training: AdamW (``--lr``, ``--weight-decay`` 1.0), batches of ``--batch-size``, ``--epochs`` epochs, cross-entropy
+plus ``--penalty`` (0.03) times the sum of the Frobenius norms of the NeuralCDE's field parameters, or of every
+parameter of the other models
 (Kidger et al. 2020's regularisation). ``--val-fraction f`` (0.2): a fraction ``f`` of the training series (drawn by
 the seed, the same for every model and rate) is held out, dropped at the same rate, and every model's test accuracy
 is taken after its epoch of best validation accuracy (the latest on ties; the last epoch's is kept as
@@ -35,18 +36,24 @@ the count of observed time points so far) to the NeuralCDE's path. ``--augment``
 d(time_scale t)`` of each data channel (trapezoid over each series' observed points, then splined like the data:
 ``dZ = X dt``, so the channels' levels enter the CDE's dynamics; ``C`` more channels, or ``--augment-channels k``
 learned combinations of them), ``basepoint`` a point of zeros one sample before the first (so ``X(t_0)`` is an
-increment of the path, not only the initial state's input; one more rk4 step). ``metrics.json`` holds, per model and
+increment of the path, not only the initial state's input; one more rk4 step). ``--extra locf delta`` adds
+path channels that are linear between the sample times (GRU-D's inputs, so that the model stays a CDE): each data
+channel's last observation carried forward, and the time since the last observed time point (one channel: whole time
+points are dropped). ``--readout final-path`` reads the classes from the final state and the path's value at the
+series' last time; ``--cde-step`` sets the rk4 step (1: the knot spacing). ``metrics.json`` holds, per model and
 drop rate, the accuracy of each seed, their mean and std, parameters, NFE per forward pass (solver field evaluations;
 None for models without a solver), training seconds; ``accuracy.png`` the accuracy vs drop rate. A run's results depend
 only on its seed, so seeds can run in separate processes (``--seed k --seeds 1 --out DIR_k``) and be combined by
 ``--merge DIR_0 DIR_1 ...`` (into ``--out``).
 
-Results (docs/results.md, "Path augmentations (sixth session)"; these defaults, seeds 0-2, mean test accuracy % at
-0/30/50/70% dropped): NeuralCDE (cumsum + basepoint, 30.7k parameters) 96.9 / 96.2 / 95.0 / 93.7, ODE-RNN 96.4 / 96.1
-/ 93.4 / 90.1, GRU-D 97.4 / 97.0 / 95.9 / 95.9: within 1 point of the best at 0% (an issue 14 target), ahead of
-ODE-RNN at 50/70%, behind GRU-D there (the targets ask for ahead of both). Without the augmentations (``--augment
-none``, 17.6k parameters) 94.7 / 94.1 / 92.7 / 93.3; the earlier setup (hidden 16, one Softplus layer, no penalty,
-time 0.1 t, 30 epochs, one spline over the padded grid) 89.2 / 89.4 / 87.0 / 83.6.
+Results (docs/results.md, "Options screened on top of the augmentations (seventh session)"; these defaults, seeds
+0-2, mean test accuracy % at 0/30/50/70% dropped): NeuralCDE (cumsum + basepoint, 30.7k parameters) 97.7 / 96.8 /
+95.7 / 95.0, ODE-RNN 94.7 / 93.0 / 92.5 / 91.5, GRU-D 96.7 / 97.5 / 95.2 / 95.9: the best at 0% and ahead of both at
+50% (issue 14 targets), behind GRU-D at 70% (0.9 point). With ``--weight-decay 0`` (Adam, the sixth session's
+protocol) 96.9 / 96.2 / 95.0 / 93.7, ODE-RNN 96.4 / 96.1 / 93.4 / 90.1, GRU-D 97.4 / 97.0 / 95.9 / 95.9. Without the
+augmentations (``--augment none``, 17.6k parameters, no weight decay) 94.7 / 94.1 / 92.7 / 93.3; the earlier setup
+(hidden 16, one Softplus layer, no penalty, time 0.1 t, 30 epochs, one spline over the padded grid) 89.2 / 89.4 /
+87.0 / 83.6.
 """
 
 from __future__ import annotations
@@ -84,6 +91,7 @@ DESCRIPTION = ("NeuralCDE vs ODE-RNN vs GRU-D vs SSM on UEA JapaneseVowels with 
                "parameters, NFE, wall")
 MODELS = ("NeuralCDE", "ODERNN", "GRUD", "SSM")
 AUGMENTATIONS = ("cumsum", "basepoint")
+EXTRA_CHANNELS = ("locf", "delta")
 
 
 @dataclass
@@ -106,11 +114,13 @@ class CDEConfig:
     time_scale: float = 1.0
     path: str = "cubic"
     readout: str = "final"
-    weight_decay: float = 0.0
+    weight_decay: float = 1.0  # AdamW's decoupled weight decay of every model (0: Adam)
     val_fraction: float = 0.2  # > 0: that fraction of the training split held out, every model selected by it
     intensity: bool = False  # the NeuralCDE's path gets the cumulative count of observed time points
     augment: list[str] = field(default_factory=lambda: ["cumsum", "basepoint"])  # NeuralCDE path augmentations
     augment_channels: int = 0  # with "cumsum": 0 = the C integral channels as they are, k = a learned map to k
+    extra: list[str] = field(default_factory=list)  # NeuralCDE path channels on linear pieces: "locf", "delta"
+    cde_step: float = 1.0  # the NeuralCDE's rk4 step (the knots are 1 apart)
     subset: int = 0  # 0: all series; N: the first N of each split (smoke tests)
     threads: int = 1
     plots: bool = True
@@ -152,11 +162,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the NeuralCDE's control path: natural cubic spline or linear ({d.path})")
     parser.add_argument("--time-scale", type=POSITIVE, default=None,
                         help=f"the NeuralCDE's time channel is time_scale * t ({d.time_scale:g})")
-    parser.add_argument("--readout", choices=("final", "mean"), default=None,
-                        help=f"the NeuralCDE's readout: at the last time, or averaged over the series' times "
-                             f"({d.readout})")
+    parser.add_argument("--readout", choices=("final", "mean", "final-path"), default=None,
+                        help=f"the NeuralCDE's readout: at the last time, averaged over the series' times, or a "
+                             f"linear map of the last time's state and path value ({d.readout})")
     parser.add_argument("--weight-decay", type=float_in(0.0), default=None,
-                        help=f"AdamW weight decay of every model ({d.weight_decay:g}; 0: Adam)")
+                        help=f"AdamW weight decay of every model (default {d.weight_decay:g}; 0: Adam)")
     parser.add_argument("--val-fraction", type=float_in(0.0, 1.0, high_open=True), default=None,
                         help="hold out this fraction of the training series (seeded by --seed) and report, for every "
                              "model, the test accuracy after the epoch with the best validation accuracy "
@@ -173,6 +183,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --augment cumsum: 0 = the integral of every data channel; k > 0 = k learned linear "
                              "combinations of them (the path's integral channels mapped by a trained k x C matrix, "
                              "penalised with the field; default 0)")
+    parser.add_argument("--extra", choices=EXTRA_CHANNELS + ("none",), nargs="+", default=None,
+                        help="more channels of the NeuralCDE's path, each linear between the sample times: 'locf' "
+                             "the last observation carried forward of each data channel, 'delta' the scaled time "
+                             "since the last observed time point (GRU-D's inputs; default: none)")
+    parser.add_argument("--cde-step", type=POSITIVE, default=None,
+                        help=f"the NeuralCDE's rk4 step; the knots are 1 apart ({d.cde_step:g})")
     parser.add_argument("--subset", type=int, default=None,
                         help="use the first N series of each split only (0: all; for smoke tests)")
     parser.add_argument("--threads", type=POSITIVE_INT, default=None, help=f"torch threads (default: {d.threads})")
@@ -200,8 +216,52 @@ class _PrecomputedCDE(NeuralCDE):
         return CubicPath(t, self.coeffs) if self.coeffs is not None else super().make_path(x, t)
 
 
+def last_observed(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """``(locf, delta)`` of ``x`` ``(B, T, C)`` (NaN where missing) on the times ``t`` ``(T,)``: ``locf`` ``(B, T, C)``
+    each channel's last observed value at or before each time (before its first observation, the first), ``delta``
+    ``(B, T, 1)`` the time since the last time point with any channel observed (0 before the first).
+
+    Examples
+    --------
+    >>> import torch
+    >>> nan = float("nan")
+    >>> locf, delta = last_observed(torch.tensor([[[nan], [2.0], [nan], [nan], [5.0]]]), torch.arange(5.0))
+    >>> locf.flatten().tolist(), delta.flatten().tolist()
+    ([2.0, 2.0, 2.0, 2.0, 5.0], [0.0, 0.0, 1.0, 2.0, 0.0])
+    """
+    T = x.shape[-2]
+    obs = ~torch.isnan(x)
+    idx = torch.arange(T, device=x.device).view(T, 1).expand_as(x)
+    prev = torch.where(obs, idx, torch.full_like(idx, -1)).cummax(-2).values
+    first = torch.where(obs, idx, torch.full_like(idx, T)).amin(-2, keepdim=True).clamp(max=T - 1)
+    locf = x.nan_to_num(0.0).gather(-2, torch.where(prev < 0, first.expand_as(prev), prev))
+    any_obs = obs.any(-1)  # (B, T)
+    last = torch.where(any_obs, torch.arange(T, device=x.device), torch.full_like(any_obs, -1, dtype=torch.long))
+    last = last.cummax(-1).values
+    delta = torch.where(last < 0, torch.zeros_like(t).expand_as(last), t - t[last.clamp(min=0)])
+    return locf, delta[..., None]
+
+
+def linear_channels(coeffs: Tensor, v: Tensor, lengths: Tensor, channels: list[int]) -> Tensor:
+    """``coeffs`` ``(B, T - 1, 4C)`` (torchcde's cubic layout ``[a, b, 2c, 3d]``) with the ``channels`` of ``v``
+    ``(B, T, C)`` (complete there) replaced by linear interpolation on the unit-spaced grid up to each series' point
+    ``lengths - 1``, constant after it."""
+    if not channels:
+        return coeffs
+    B, T, C = v.shape
+    out = coeffs.clone()
+    k = torch.arange(T - 1)
+    inside = (k[None, :] < (lengths - 1)[:, None])[..., None]  # (B, T - 1, 1)
+    end = v[torch.arange(B), lengths - 1][:, None, :]  # (B, 1, C)
+    a = torch.where(inside, v[:, :-1], end)
+    b = torch.where(inside, v[:, 1:] - v[:, :-1], torch.zeros_like(a))
+    for j, part in enumerate((a, b, torch.zeros_like(a), torch.zeros_like(a))):
+        out[..., [j * C + c for c in channels]] = part[..., channels]
+    return out
+
+
 def cde_input(d: dict[str, Tensor], time_scale: float, intensity: bool = False,
-              augment: tuple[str, ...] | list[str] = ()) -> Tensor:
+              augment: tuple[str, ...] | list[str] = (), extra: tuple[str, ...] | list[str] = ()) -> Tensor:
     """``cat(time_scale * t, x)`` with NaN at the missing values: ``(B, T, 1 + C)`` (the time channel is complete);
     with ``intensity``, ``cat(time_scale * t, time_scale * n, x)``, ``(B, T, 2 + C)``, ``n`` the count of observed
     time points up to each time (complete too; the demo drops whole time points, so one count serves all channels).
@@ -215,6 +275,9 @@ def cde_input(d: dict[str, Tensor], time_scale: float, intensity: bool = False,
     if intensity:
         parts.append(time_scale * (d["mask"].amax(-1, keepdim=True) > 0).to(d["x"].dtype).cumsum(-2))
     parts.append(x)
+    if extra:
+        locf, delta = last_observed(x, t)
+        parts += [locf] * ("locf" in extra) + [time_scale * delta] * ("delta" in extra)
     if "cumsum" in augment:
         parts.append(cumulative_integral(x, time_scale * t))
     v = torch.cat(parts, -1)
@@ -241,20 +304,28 @@ class CDEClassifier(nn.Module):
 
     def __init__(self, channels: int, hidden: int, width: int, classes: int, time_scale: float, path: str = "cubic",
                  readout: str = "final", intensity: bool = False, layers: int = 1, activation: str = "softplus",
-                 augment: tuple[str, ...] | list[str] = (), augment_channels: int = 0):
+                 augment: tuple[str, ...] | list[str] = (), augment_channels: int = 0,
+                 extra: tuple[str, ...] | list[str] = (), step: float = 1.0):
         super().__init__()
         bad = [a for a in augment if a not in AUGMENTATIONS]
         if bad or augment_channels < 0 or (augment_channels and "cumsum" not in augment):
             raise DemoError(f"CDEClassifier: augment must be among {AUGMENTATIONS} (got {list(augment)}) and "
                             f"augment_channels >= 0, > 0 only with 'cumsum' (got {augment_channels})")
+        if any(e not in EXTRA_CHANNELS for e in extra) or readout not in ("final", "mean", "final-path"):
+            raise DemoError(f"CDEClassifier: extra must be among {EXTRA_CHANNELS} (got {list(extra)}) and readout "
+                            f"one of final, mean, final-path (got {readout!r})")
         self.readout = readout
         self.augment = tuple(augment)
-        self.base = 1 + int(intensity) + channels  # channels before the integral ones
+        self.extra = tuple(extra)
+        self.base = 1 + int(intensity) + channels + n_extra(channels, extra)  # channels before the integral ones
         self.summary = nn.Linear(channels, augment_channels, bias=False) if augment_channels else None
         c = self.base + (0 if "cumsum" not in augment else augment_channels or channels)
         field = CDEField(hidden, c, width, depth=layers + 1, activation=activation)
         self.cde = _PrecomputedCDE(c, hidden, classes, vector_field=field,
-                                   path=path, method="rk4", step_size=1.0, gradient="direct")
+                                   path=path, method="rk4", step_size=step, gradient="direct")
+        if readout == "final-path":  # the classes from the final state and the path's final value
+            self.cde.readout = nn.Identity()
+            self.head = nn.Linear(hidden + c, classes)
         self.time_scale = time_scale
         self.intensity = intensity
         self.nfe = 0
@@ -274,7 +345,7 @@ class CDEClassifier(nn.Module):
         coeffs = d.get("coeffs")
         self.cde.coeffs = None if coeffs is None else self._summarise(coeffs, 4)
         try:
-            x = self._summarise(cde_input(d, self.time_scale, self.intensity, self.augment), 1)
+            x = self._summarise(cde_input(d, self.time_scale, self.intensity, self.augment, self.extra), 1)
             y = self.cde(x, grid, times=grid)  # (B, T, classes)
         finally:
             self.cde.coeffs = None
@@ -284,7 +355,20 @@ class CDEClassifier(nn.Module):
             first = int("basepoint" in self.augment)
             valid = ((idx >= first) & (idx < lengths[:, None])).to(y.dtype)[..., None]
             return (y * valid).sum(1) / valid.sum(1)
+        if self.readout == "final-path":
+            return self.head(torch.cat([_last(y, lengths), _last(fill_missing(x, grid), lengths)], -1))
         return _last(y, lengths)
+
+
+def n_extra(channels: int, extra: tuple[str, ...] | list[str]) -> int:
+    """The number of path channels ``extra`` adds: ``channels`` for ``"locf"``, 1 for ``"delta"``."""
+    return channels * ("locf" in extra) + int("delta" in extra)
+
+
+def linear_columns(channels: int, intensity: bool, extra: tuple[str, ...] | list[str]) -> list[int]:
+    """The channels of :func:`cde_input` that ``extra`` adds (their path is linear between the sample times)."""
+    start = 1 + int(intensity) + channels
+    return list(range(start, start + n_extra(channels, extra)))
 
 
 class RNNClassifier(nn.Module):
@@ -339,7 +423,8 @@ def make_model(name: str, channels: int, classes: int, cfg: CDEConfig) -> nn.Mod
     """The classifier ``name`` (one of :data:`MODELS`) for ``channels`` inputs and ``classes`` classes."""
     if name == "NeuralCDE":
         return CDEClassifier(channels, cfg.cde_hidden, cfg.width, classes, cfg.time_scale, cfg.path, cfg.readout,
-                             cfg.intensity, cfg.cde_layers, cfg.cde_activation, cfg.augment, cfg.augment_channels)
+                             cfg.intensity, cfg.cde_layers, cfg.cde_activation, cfg.augment, cfg.augment_channels,
+                             cfg.extra, cfg.cde_step)
     if name in ("ODERNN", "GRUD"):
         return RNNClassifier(name, channels, cfg.hidden, cfg.width, classes)
     return SSMClassifier(channels, cfg.hidden, classes)
@@ -411,7 +496,9 @@ def _with_drop(split: dict[str, Tensor], rate: float, seed: int, cfg: CDEConfig,
     d = {**split, "mask": mask, "x": split["x"] * mask}
     if name == "NeuralCDE" and cfg.path == "cubic":
         grid, lengths = cde_grid(d, cfg.augment)
-        d["coeffs"] = series_coeffs(cde_input(d, cfg.time_scale, cfg.intensity, cfg.augment), grid, lengths)
+        v = cde_input(d, cfg.time_scale, cfg.intensity, cfg.augment, cfg.extra)
+        cols = linear_columns(d["x"].shape[-1], cfg.intensity, cfg.extra)
+        d["coeffs"] = linear_channels(series_coeffs(v, grid, lengths), v, lengths, cols)
     return d
 
 
@@ -462,6 +549,7 @@ def train_one(name: str, cfg: CDEConfig, data: dict[str, Any], rate: float, seed
     loss = torch.tensor(float("nan"))
     best: tuple[float, int, dict[str, Tensor]] | None = None  # (validation accuracy, epoch, state)
     eval_seconds = 0.0
+    val_curve: list[float] = []
     for epoch in range(cfg.epochs):
         for idx in torch.randperm(n, generator=g).split(cfg.batch_size):
             logits = model(_rows(train, idx))
@@ -477,6 +565,7 @@ def train_one(name: str, cfg: CDEConfig, data: dict[str, Any], rate: float, seed
         if val is not None:  # the latest epoch wins ties
             t1 = time.perf_counter()
             va = _accuracy(model, val)
+            val_curve.append(va)
             if best is None or va >= best[0]:
                 best = (va, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
             eval_seconds += time.perf_counter() - t1
@@ -484,7 +573,8 @@ def train_one(name: str, cfg: CDEConfig, data: dict[str, Any], rate: float, seed
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     if best is not None:
-        extra = {"accuracy_last_epoch": _accuracy(model, test), "val_accuracy": best[0], "best_epoch": best[1]}
+        extra = {"accuracy_last_epoch": _accuracy(model, test), "val_accuracy": best[0], "best_epoch": best[1],
+                 "val_curve": val_curve}
         model.load_state_dict(best[2])
     acc = _accuracy(model, test)
     return {"accuracy": acc, "train_accuracy": _accuracy(model, train), "final_loss": float(loss.detach()),
@@ -611,6 +701,10 @@ def merge(cfg: CDEConfig, dirs: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.extra is not None and "none" in args.extra:
+        if len(args.extra) > 1:
+            raise DemoError(f"--extra {' '.join(args.extra)}: 'none' cannot be combined with a channel")
+        args.extra = []
     if args.augment is not None and "none" in args.augment:
         if len(args.augment) > 1:
             raise DemoError(f"--augment {' '.join(args.augment)}: 'none' cannot be combined with an augmentation")
