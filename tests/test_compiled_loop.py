@@ -278,14 +278,16 @@ def test_compile_time_lowering_changes_are_undone():
     from torch._inductor.codegen.cpp import KernelOpStats
     from torch._inductor.fx_passes import decompose_mem_bound_mm
 
-    from neurodyn.compile.loop import library_tanh, thin_products, vectorize_strided_loads
+    from neurodyn.compile.patches import library_tanh, small_cats, thin_products, vectorize_strided_loads
     from neurodyn.compile.train import decompose_thin_products
 
-    op = torch.ops.aten.tanh.default
+    op, cat = torch.ops.aten.tanh.default, torch.ops.aten.cat.default
     before_tanh, before_mm = lowering.lowerings[op], decompose_mem_bound_mm.should_decompose_mm
+    before_cat = lowering.lowerings[cat]
     before_ratio = KernelOpStats.OVERHEAD_RATIO_THRESHOLD
-    with library_tanh(), decompose_thin_products(), vectorize_strided_loads():
+    with library_tanh(), decompose_thin_products(), vectorize_strided_loads(), small_cats(8):
         assert lowering.lowerings[op] is not before_tanh
+        assert lowering.lowerings[cat] is not before_cat
         outer_mm = decompose_mem_bound_mm.should_decompose_mm
         assert outer_mm is not before_mm
         assert KernelOpStats.OVERHEAD_RATIO_THRESHOLD == max(before_ratio, 0.5)
@@ -293,8 +295,38 @@ def test_compile_time_lowering_changes_are_undone():
             assert decompose_mem_bound_mm.should_decompose_mm is not outer_mm
         assert decompose_mem_bound_mm.should_decompose_mm is outer_mm
     assert lowering.lowerings[op] is before_tanh
+    assert lowering.lowerings[cat] is before_cat
     assert decompose_mem_bound_mm.should_decompose_mm is before_mm
     assert KernelOpStats.OVERHEAD_RATIO_THRESHOLD == before_ratio
+
+
+def test_small_cats_write_small_stacks_as_one_loop_with_the_same_values():
+    """small_cats: stacks of a few size-1 parts (last dimension and first) are written without views of their output,
+    with eager's values bit for bit; a stack of larger parts keeps Inductor's own lowering."""
+    pytest.importorskip("torch._inductor.lowering")
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from neurodyn.compile.patches import small_cats
+
+    def f(y, mu):
+        x, v = y[..., 0], y[..., 1]
+        k = torch.stack([v, mu * (1 - x * x) * v - x], -1)  # a field's components (last dimension)
+        s = torch.stack([x[0] * 0.5, v[1] * 3, mu[0] + 1])  # scalars
+        big = torch.stack([y, k])  # parts of 2 columns: not small
+        return k * 1.5, s * 2, big * 2
+
+    y = torch.randn(64, 2, dtype=torch.float64)
+    mu = torch.rand(64, dtype=torch.float64) + 0.5
+    want = f(y, mu)
+    with inductor_config.patch(fx_graph_cache=False), small_cats(8):
+        got, code = run_and_get_code(torch.compile(f, fullgraph=True), y, mu)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    text = "\n".join(code)
+    # Inductor's own lowering of the three stacks writes 2 + 3 + 2 parts through views of the outputs; the small ones
+    # are single loops now (the stack of (64, 2) parts keeps its two views).
+    assert sum("reinterpret_tensor(" in ln and "# alias" in ln for ln in text.splitlines()) <= 2
 
 
 def test_column_major_copy_keeps_values_and_stores_columns():

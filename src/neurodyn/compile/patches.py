@@ -159,6 +159,55 @@ class thin_products(_InductorPatch):
         return rule
 
 
+class small_cats(_InductorPatch):
+    """While compiling on the CPU: a concatenation of at most ``parts`` tensors of one dtype, each of size 1 along the
+    joined dimension (``torch.stack`` of a field's few components along the last dimension, or of a few scalars), is
+    written as one fused loop into one buffer; Inductor's own lowering writes each part through a view of the output,
+    and inside a compiled ``while_loop`` every such view is a tensor object created and freed at each iteration. Same
+    values (each element is its part's value). Performance only; a no-op where this torch has no such lowering.
+
+    Examples
+    --------
+    >>> with small_cats(8):
+    ...     pass  # torch.compile calls made here write small stacks as one loop
+    """
+
+    item = True
+
+    def __init__(self, parts: int):
+        self.parts = parts
+
+    @classmethod
+    def locate(cls) -> tuple[Any, Any]:
+        from torch._inductor import lowering
+        op = torch.ops.aten.cat.default
+        lowering.lowerings[op]  # noqa: B018 (present in this torch?)
+        lowering.pointwise_cat  # noqa: B018
+        return lowering.lowerings, op
+
+    def replace(self, saved: Callable) -> Callable:
+        from torch._inductor import lowering
+        parts = self.parts
+
+        def lower(inputs, dim=0):
+            try:
+                size = inputs[0].get_size()
+                d = dim + len(size) if dim < 0 else dim
+                dtype = inputs[0].get_dtype()
+                small = (1 < len(inputs) <= parts and inputs[0].get_device().type == "cpu"
+                         and all(x.get_dtype() == dtype and len(x.get_size()) == len(size)
+                                 and int(x.get_size()[d]) == 1 for x in inputs))
+            except (TypeError, AttributeError, IndexError):  # symbolic sizes, other IR: Inductor's own lowering
+                small = False
+            if not small:
+                return saved(inputs, dim)
+            out = lowering.pointwise_cat(inputs, d)
+            out.realize()
+            return out
+
+        return lower
+
+
 def _no_shim_notice(record: logging.LogRecord) -> bool:
     """False (drop) for Inductor's notice that ``aten.tanh`` has no C shim; True for every other record."""
     try:
