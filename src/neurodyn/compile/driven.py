@@ -373,63 +373,39 @@ class DrivenPlugIn:
             fn, counts, holder = entry
             holder[:] = [solver, term]
             outs = [y0]
-            out_i, i, y = 1, 0, y0
             # The loop's carried tensors must not alias one another (y0 and a view of it as z0, say).
-            k, carried = k.clone(), tuple(c.clone() for c in carried)
+            st = _Position(y0, k.clone(), tuple(c.clone() for c in carried))
             with torch.no_grad(), vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER):
 
-                def advance(stop: int) -> bool:  # steps i .. stop - 1; False where one made the state non-finite
-                    nonlocal i, y, k, carried
-                    while i < stop:
-                        j = i // size
+                def advance(stop: int) -> bool:  # steps st.i .. stop - 1; False where one made the state non-finite
+                    while st.i < stop:
+                        j = st.i // size
                         stacks, tg, hg = load(j)
-                        a, b = i - j * size, min(stop, (j + 1) * size) - j * size
-                        saved = (i, y, k, carried)
-                        done, ok_t, y, k, *carried = fn(torch.tensor(a, dtype=torch.int64, device=y0.device),
+                        a, b = st.i - j * size, min(stop, (j + 1) * size) - j * size
+                        saved = (st.i, st.y, st.k, st.carried)
+                        done, ok_t, st.y, st.k, *c = fn(torch.tensor(a, dtype=torch.int64, device=y0.device),
                                                         torch.tensor(b, dtype=torch.int64, device=y0.device),
-                                                        y, k, tg, hg, *carried, *stacks)
-                        carried = tuple(carried)
+                                                        st.y, st.k, tg, hg, *st.carried, *stacks)
+                        st.carried = tuple(c)
                         if not bool(ok_t):
                             # the solve stops before the step that made the state non-finite, as the eager loop
                             # does: run up to it again
                             bad = j * size + int(done) - 1
-                            i, y, k, carried = saved
-                            if bad > i:
+                            st.i, st.y, st.k, st.carried = saved
+                            if bad > st.i:
                                 advance(bad)
                             return False
-                        i = j * size + b
+                        st.i = j * size + b
                     return True
 
-                while out_i < len(times) and i < n:
-                    # the step holding the next output time: the steps before it, then it (its start state is what
-                    # the dense output needs)
-                    b = i
-                    while b < n - 1 and (times[out_i] - tl[b + 1]) * direction > 0:
-                        b += 1
-                    # An output time on the step's end is the state there (step_outputs): no start state needed,
-                    # so the steps up to it run in one call.
-                    on_end = times[out_i] == tl[b + 1]
-                    if b > i and not on_end and not advance(b):
-                        status = _sol.NON_FINITE
-                        break
-                    y_prev = y
-                    if not advance(b + 1):
-                        status = _sol.NON_FINITE
-                        break
-                    if (times[out_i] - tl[i]) * direction <= 0:
-                        st = Step(tl[i - 1], hl[i - 1], y_prev, y, k)
-                        out_i = step_outputs(solver, term, st, None, "auto", times, out_i, tl[i], direction, outs)
+                if not _walk_outputs(st, advance, solver, term, times, tl, hl, n, direction, outs):
+                    status = _sol.NON_FINITE
         except Exception as exc:  # compilation failed: eager steps from now on, for this field
             self._failed(exc)
             return None
         if bufs is not None:
             self.per_func[bkey] = bufs
-        solver.driven_finish(term, tl[i], y, k, tuple(carried))
-        if solver.stats is not None and "nfe_diffusion" in solver.stats:
-            solver.stats["nfe_diffusion"] += i * counts["nfe_diffusion"]
-        # the steps' drift evaluations, and (not FSAL) the drift at each step's end
-        return _outcome(outs, y, tl, hl, i, status, first, max_step, i * counts["nfe"] + (
-            0 if getattr(solver, "fsal", False) else i))
+        return _finish(solver, term, st, outs, tl, hl, status, first, max_step, counts)
 
     def _failed(self, exc: Exception) -> None:
         """Compiling failed: warn, and step eagerly from now on for this field."""
@@ -479,7 +455,7 @@ class DrivenPlugIn:
             blocks, counts, holder = entry
             holder[:] = [solver, term]
             outs = [y0]
-            out_i, i, y = 1, 0, (y0 if y0.requires_grad else own(y0))
+            st = _Position(y0 if y0.requires_grad else own(y0), k, carried)
 
             def block(size: int) -> Callable:
                 fn = blocks.get(size)
@@ -491,60 +467,86 @@ class DrivenPlugIn:
             # be run with backward(retain_graph=True).)
             patches = (vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER))
 
-            def run(a: int, size: int) -> tuple:  # steps a .. a + size - 1 from the current state
+            def run(size: int) -> tuple:  # steps st.i .. st.i + size - 1 from the current state
+                a = st.i
                 inputs = [x for j in range(a, a + size) for x in solver.step_inputs(term, tl[j], tl[j] + hl[j])]
                 tg = torch.tensor(tl[a:a + size + 1], dtype=torch.float64, device=dev)
                 hg = torch.tensor(hl[a:a + size], dtype=torch.float64, device=dev)
                 with contextlib.ExitStack() as stack:
                     for ptc in patches:
                         stack.enter_context(ptc)
-                    return block(size)(y, k, tg, hg, *carried, *inputs)
+                    return block(size)(st.y, st.k, tg, hg, *st.carried, *inputs)
 
-            def advance(stop: int) -> bool:  # steps i .. stop - 1; False where one made the state non-finite
-                nonlocal i, y, k, carried
-                while i < stop:
-                    size = GRAPH_BLOCK if stop - i >= GRAPH_BLOCK else 1
-                    finite, y1, k1, *c1 = run(i, size)
+            def advance(stop: int) -> bool:  # steps st.i .. stop - 1; False where one made the state non-finite
+                while st.i < stop:
+                    size = GRAPH_BLOCK if stop - st.i >= GRAPH_BLOCK else 1
+                    finite, y1, k1, *c1 = run(size)
                     if size > 1 and not bool(finite.all()):
                         # the solve stops before the step that made the state non-finite, as the eager loop does
                         for _ in range(int(finite.to(torch.int8).argmin())):
-                            finite, y, k, *c = run(i, 1)
-                            carried = tuple(c)
-                            i += 1
+                            finite, st.y, st.k, *c = run(1)
+                            st.carried = tuple(c)
+                            st.i += 1
                         return False
                     if not bool(finite.all()):
                         return False
-                    y, k, carried = y1, k1, tuple(c1)
-                    i += size
+                    st.y, st.k, st.carried = y1, k1, tuple(c1)
+                    st.i += size
                 return True
 
-            while out_i < len(times) and i < n:
-                if (times[out_i] - tl[n]) * direction > 0:  # max_steps ends the solve before the next output
-                    if not advance(n):
-                        status = _sol.NON_FINITE
-                    break
-                b = i
-                while b < n - 1 and (times[out_i] - tl[b + 1]) * direction > 0:
-                    b += 1
-                on_end = times[out_i] == tl[b + 1]
-                if b > i and not on_end and not advance(b):
-                    status = _sol.NON_FINITE
-                    break
-                y_prev = y
-                if not advance(b + 1):
-                    status = _sol.NON_FINITE
-                    break
-                if (times[out_i] - tl[i]) * direction <= 0:
-                    st = Step(tl[i - 1], hl[i - 1], y_prev, y, k)
-                    out_i = step_outputs(solver, term, st, None, "auto", times, out_i, tl[i], direction, outs)
+            if not _walk_outputs(st, advance, solver, term, times, tl, hl, n, direction, outs):
+                status = _sol.NON_FINITE
         except Exception as exc:  # compilation failed: eager steps from now on, for this field
             self._failed(exc)
             return None
-        solver.driven_finish(term, tl[i], y, k, tuple(carried))
-        if solver.stats is not None and "nfe_diffusion" in solver.stats:
-            solver.stats["nfe_diffusion"] += i * counts["nfe_diffusion"]
-        return _outcome(outs, y, tl, hl, i, status, first, max_step, i * counts["nfe"] + (
-            0 if getattr(solver, "fsal", False) else i))
+        return _finish(solver, term, st, outs, tl, hl, status, first, max_step, counts)
+
+
+class _Position:
+    """Where a compiled driven solve stands: steps taken, state, the solver's ``k`` and carried tensors."""
+
+    __slots__ = ("i", "y", "k", "carried")
+
+    def __init__(self, y: Tensor, k: Tensor, carried: tuple):
+        self.i, self.y, self.k, self.carried = 0, y, k, carried
+
+
+def _walk_outputs(st: _Position, advance: Callable[[int], bool], solver, term, times: list[float], tl: list[float],
+                  hl: list[float], n: int, direction: float, outs: list[Tensor]) -> bool:
+    """Step the grid ``tl``, ``hl`` (its first ``n`` steps) with ``advance`` and append the states at ``times[1:]``
+    to ``outs``; False where a step made the state non-finite."""
+    out_i = 1
+    while out_i < len(times) and st.i < n:
+        if (times[out_i] - tl[n]) * direction > 0:  # max_steps ends the solve before the next output
+            return advance(n)
+        # the step holding the next output time: the steps before it, then it (its start state is what the dense
+        # output needs)
+        b = st.i
+        while b < n - 1 and (times[out_i] - tl[b + 1]) * direction > 0:
+            b += 1
+        # An output time on the step's end is the state there (step_outputs): no start state needed, so the steps
+        # up to it run in one call.
+        on_end = times[out_i] == tl[b + 1]
+        if b > st.i and not on_end and not advance(b):
+            return False
+        y_prev = st.y
+        if not advance(b + 1):
+            return False
+        if (times[out_i] - tl[st.i]) * direction <= 0:
+            step = Step(tl[st.i - 1], hl[st.i - 1], y_prev, st.y, st.k)
+            out_i = step_outputs(solver, term, step, None, "auto", times, out_i, tl[st.i], direction, outs)
+    return True
+
+
+def _finish(solver: Stepper, term, st: _Position, outs: list[Tensor], tl: list[float], hl: list[float], status: str,
+            first: float, max_step: float, counts: dict) -> LoopOutcome:
+    """Close a compiled driven solve: the solver's state, its counters and the :class:`LoopOutcome`."""
+    solver.driven_finish(term, tl[st.i], st.y, st.k, tuple(st.carried))
+    if solver.stats is not None and "nfe_diffusion" in solver.stats:
+        solver.stats["nfe_diffusion"] += st.i * counts["nfe_diffusion"]
+    # the steps' drift evaluations, and (not FSAL) the drift at each step's end
+    return _outcome(outs, st.y, tl, hl, st.i, status, first, max_step, st.i * counts["nfe"] + (
+        0 if getattr(solver, "fsal", False) else st.i))
 
 
 def _outcome(outs: list[Tensor], y: Tensor, tl: list[float], hl: list[float], i: int, status: str, first: float,
