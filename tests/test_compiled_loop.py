@@ -59,7 +59,10 @@ def _same(eager, comp, nfe_extra=0):
     assert torch.allclose(comp.ys[: comp.n_valid], eager.ys[: eager.n_valid], rtol=1e-11, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["tsit5", "dopri5", "bosh3"])
+# dopri5 runs in the default suite; tsit5 and bosh3 (the same loop with other tableaus, ~25 s of compilation each on
+# one core) are slow.
+@pytest.mark.parametrize("method", [pytest.param("tsit5", marks=pytest.mark.slow), "dopri5",
+                                    pytest.param("bosh3", marks=pytest.mark.slow)])
 def test_loop_matches_eager_and_the_exact_solution(method):
     eager, comp = _both(TANH, Y0, T, method=method, rtol=1e-8, atol=1e-10)
     _same(eager, comp)
