@@ -282,29 +282,6 @@ def test_same_interval_same_increment_in_any_query_order(cache_size):
     assert torch.equal(bm.increment(0.1, 0.6), big)
 
 
-@pytest.mark.parametrize("levy_area", ["none", "space-time"])
-def test_increment_into_writes_the_increment(levy_area):
-    """``increment_into`` gives what ``increment`` gives on a twin path (same entropy, same queries), bit for bit, for
-    intervals made of one cached piece, of several (summed) and backward; and increments add up to ``W(t) - W(s)``."""
-    a = BrownianInterval(0.0, 1.0, shape=(3, 4), dtype=torch.float64, entropy=11, levy_area=levy_area)
-    b = BrownianInterval(0.0, 1.0, shape=(3, 4), dtype=torch.float64, entropy=11, levy_area=levy_area)
-    pieces = [(0.1 * i, 0.1 * (i + 1)) for i in range(10)]
-    queries = pieces + [(0.05, 0.37), (0.2, 0.9), (0.9, 0.2), (0.4, 0.4), (0.0, 1.0), (0.1, 0.2)]
-    out = torch.empty(3, 4, dtype=torch.float64)
-    for q in queries:
-        want = b.increment(*q)
-        assert a.increment_into(*q, out) is out
-        assert torch.equal(out, want), q
-    whole = torch.empty(10, 3, 4, dtype=torch.float64)
-    for j, q in enumerate(pieces):
-        a.increment_into(*q, whole[j])
-    torch.testing.assert_close(whole.sum(0), a.evaluate(1.0) - a.evaluate(0.0), rtol=1e-13, atol=1e-13)
-    rev = ReverseBrownian(a)
-    assert torch.equal(rev.increment_into(-0.9, -0.2, out), a.increment(0.2, 0.9))
-    with pytest.raises(InputError, match="out must be a tensor of shape"):
-        a.increment_into(0.0, 0.5, torch.empty(3, 4))  # float32 for a float64 path
-
-
 @pytest.mark.parametrize("cache_size", [45, 2])
 def test_determinism_given_entropy_and_queries(cache_size):
     a = BrownianInterval(0.0, 1.0, shape=(5,), entropy=123, cache_size=cache_size)

@@ -321,14 +321,11 @@ class DrivenPlugIn:
             k, carried = solver.driven_start(term, times[0], y0, k0.reshape(1, -1))
 
             def inputs_for(a: int, b: int, out: list[Tensor] | None = None) -> list[Tensor]:
-                # the inputs of steps a .. b - 1, stacked per position (written into `out`'s first b - a rows where
-                # given: each step's inputs straight into its rows)
+                # the inputs of steps a .. b - 1, stacked per position (into `out`'s first b - a rows where given)
+                cols = zip(*(solver.step_inputs(term, tl[j], tl[j] + hl[j]) for j in range(a, b)))
                 if out is None:
-                    cols = zip(*(solver.step_inputs(term, tl[j], tl[j] + hl[j]) for j in range(a, b)))
                     return [torch.stack(col) for col in cols]
-                for j in range(a, b):
-                    solver.step_inputs(term, tl[j], tl[j] + hl[j], tuple(o[j - a] for o in out))
-                return out
+                return [torch.stack(col, out=o[:b - a]) for col, o in zip(cols, out)]
 
             first_inputs = inputs_for(0, 1)
             # Steps run in blocks of `size` (all of them where their inputs have at most MAX_INPUT_ELEMENTS elements),

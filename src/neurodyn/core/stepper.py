@@ -150,8 +150,7 @@ class StepperBase:
     step ends on or off (a solve whose outputs all fall on step ends, like the adjoint's backward solves, needs none).
     ``compilable``: an explicit Runge--Kutta tableau the compiled paths can generate code for.
     ``driven``: fixed steps driven by inputs queried on the host (an SDE's Brownian increments), which the compiled
-    driven loop (:mod:`neurodyn.compile.driven`) runs: ``step_inputs(term, t0, t1, out=None)`` (the step's inputs,
-    tensors; written into the tensors ``out`` where given),
+    driven loop (:mod:`neurodyn.compile.driven`) runs: ``step_inputs(term, t0, t1)`` (the step's inputs, tensors),
     ``driven_start(term, t, y, k1) -> (k1, carried)``, ``driven_step(term, t, y, h, k1, carried, inputs, counts=None)
     -> (y1, k or None, carried)`` (tensor code, the same formula as ``step``; ``k``: the next ``k1`` of an FSAL method)
     ``driven_finish(term, t, y, k, carried)`` and ``driven_key(user_term) -> (anchor, key)`` (the compiled code's

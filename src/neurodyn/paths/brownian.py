@@ -261,8 +261,7 @@ class BrownianInterval:
 
     Notes
     -----
-    Methods: ``evaluate(t)`` (``W(t)``), ``increment(s, t)`` (``increment_into(s, t, out)`` writes it into a
-    given tensor), ``levy(s, t)`` (a :class:`BrownianIncrement`), and
+    Methods: ``evaluate(t)`` (``W(t)``), ``increment(s, t)``, ``levy(s, t)`` (a :class:`BrownianIncrement`), and
     torchsde's call form ``bm(ta)`` (``W(ta)``) / ``bm(ta, tb, return_U=False, return_A=False)`` with
     ``U = int_ta^tb (W(r) - W(ta)) dr = h (W/2 + H)``. Times may be asked in any order; ``increment(s, t)`` with
     ``s > t`` is ``-increment(t, s)``. Returned tensors may be the cache's own (not copied, as torchsde): changing
@@ -613,10 +612,6 @@ class BrownianInterval:
         v = self._values(nodes[0])
         if len(nodes) > 1:
             k = self._k
-            if k == 1:  # W alone: the sum of the nodes' increments, left to right
-                for n in nodes[1:]:
-                    v = v + self._values(n)
-                return v, nodes
             acc = list(v.unbind(0))
             for n in nodes[1:]:
                 w = self._values(n)
@@ -677,43 +672,6 @@ class BrownianInterval:
             return self._zeros()
         w = self._query(s, t)[0][0]
         return w if sign > 0 else -w
-
-    def increment_into(self, s: Tensor | float, t: Tensor | float, out: Tensor) -> Tensor:
-        """``increment(s, t)`` written into ``out`` (shape ``shape``, the path's dtype and device), which is returned:
-        the same values to the last bit, with no intermediate tensor (an increment made of several cached pieces is
-        summed into ``out`` directly). For a caller that collects many increments in one buffer (the compiled
-        driven loop stacks a solve's increments before it runs).
-
-        >>> bm = BrownianInterval(0.0, 1.0, shape=(4,), entropy=2)
-        >>> buf = torch.empty(2, 4)
-        >>> _ = bm.increment_into(0.0, 0.3, buf[0]); _ = bm.increment_into(0.3, 0.7, buf[1])
-        >>> torch.equal(buf[1], bm.increment(0.3, 0.7))
-        True
-        """
-        s, t = self._check_time("s", s), self._check_time("t", t)
-        if not isinstance(out, Tensor) or tuple(out.shape) != self._shape or out.dtype != self._dtype \
-                or out.device != self._device:
-            raise InputError(f"{type(self).__name__}.increment_into: out must be a tensor of shape {self._shape}, "
-                             f"{self._dtype} on {self._device} (the path's), got "
-                             f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}"
-                             f"{', ' + str(out.dtype) + ' on ' + str(out.device) if isinstance(out, Tensor) else ''}.")
-        sign = 1.0
-        if s > t:
-            s, t, sign = t, s, -1.0
-        (s, _), (t, _) = self._snap(s), self._snap(t)
-        if s == t:
-            return out.zero_()
-        if self._k > 1:
-            out.copy_(self._query(s, t)[0][0])
-        else:
-            nodes = self._locate(s, t)
-            if len(nodes) == 1:
-                out.copy_(self._values(nodes[0])[0])
-            else:  # the same sum as _query's, left to right
-                torch.add(self._values(nodes[0])[0], self._values(nodes[1])[0], out=out)
-                for n in nodes[2:]:
-                    out.add_(self._values(n)[0])
-        return out if sign > 0 else out.neg_()
 
     def derivative(self, t: Tensor | float) -> Tensor:
         """Brownian paths are nowhere differentiable: always raises :class:`~neurodyn.InputError`."""
@@ -923,13 +881,6 @@ class ReverseBrownian:
     def increment(self, s: Tensor | float, t: Tensor | float) -> Tensor:
         """``bm.increment(-t, -s)``, shape ``bm.shape``."""
         return self.base_brownian.increment(-_as_float("t", t), -_as_float("s", s))
-
-    def increment_into(self, s: Tensor | float, t: Tensor | float, out: Tensor) -> Tensor:
-        """``increment(s, t)`` written into ``out`` (``bm.increment_into(-t, -s, out)`` where ``bm`` has it), which
-        is returned."""
-        s, t = -_as_float("t", t), -_as_float("s", s)
-        into = getattr(self.base_brownian, "increment_into", None)
-        return into(s, t, out) if into is not None else out.copy_(self.base_brownian.increment(s, t))
 
     def evaluate(self, t: Tensor | float) -> Tensor:
         """``bm.increment(-t, t1)``: zero at the reversed path's start ``-t1``."""

@@ -155,12 +155,6 @@ class SDEParts:
     def dW(self, t0: float, t1: float) -> Tensor:
         return self.bm.increment(t0, t1)
 
-    def dW_into(self, t0: float, t1: float, out: Tensor) -> Tensor:
-        """``dW(t0, t1)`` written into ``out`` (the path's ``increment_into`` where it has one: no intermediate
-        tensor), which is returned."""
-        into = getattr(self.bm, "increment_into", None)
-        return into(t0, t1, out) if into is not None else out.copy_(self.bm.increment(t0, t1))
-
     def levy(self, t0: float, t1: float) -> Any:
         return self.bm.levy(t0, t1)
 
@@ -473,26 +467,15 @@ class SDEStepper(StepperBase):
         raise NotImplementedError
 
     # -- the compiled driven loop (neurodyn.compile.driven; fixed steps) ---------------------------------------------
-    def step_inputs(self, term: ODETerm, t0: float, t1: float, out: tuple[Tensor, ...] | None = None
-                    ) -> tuple[Tensor, ...]:
+    def step_inputs(self, term: ODETerm, t0: float, t1: float) -> tuple[Tensor, ...]:
         """What a step over ``[t0, t1]`` reads from the Brownian path, queried on the host before a compiled solve:
         ``(dW,)``, or ``(W, H)`` / ``(W, A)`` for a method that needs the Levy area (the values :meth:`step` would
-        query for that step: the same sample path). With ``out`` (tensors of those shapes) they are written into it,
-        the increment without an intermediate tensor where the path has ``increment_into``, and ``out`` is
-        returned."""
+        query for that step: the same sample path)."""
         sde = self.parts(term)
         if self.levy is None:
-            if out is not None:
-                sde.dW_into(t0, t1, out[0])
-                return out
             return (sde.dW(t0, t1),)
         inc = sde.levy(t0, t1)
-        got = (inc.W, inc.H if self.levy == "H" else inc.A)
-        if out is not None:
-            for o, x in zip(out, got):
-                o.copy_(x)
-            return out
-        return got
+        return (inc.W, inc.H if self.levy == "H" else inc.A)
 
     def driven_key(self, user: Term) -> tuple[Any, tuple]:
         """``(anchor, key)`` of the user's SDE term for the compiled code's cache: ``key`` names the functions a step
