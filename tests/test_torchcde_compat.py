@@ -197,3 +197,37 @@ def test_bad_input_is_named():
     with pytest.raises(neurodyn.InputError, match="detach"):
         ncde.LinearInterpolation(x, t.clone().requires_grad_(True))
     assert neurodyn.cdeint is ncde.cdeint
+
+
+class _TanhField(torch.nn.Module):
+    """f(t, z) = tanh(z W + b) reshaped to (batch, hidden, channels)."""
+
+    def __init__(self, hidden, channels):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.lin = torch.nn.Linear(hidden, hidden * channels).double()
+        with torch.no_grad():
+            self.lin.weight.copy_(0.5 * torch.randn(self.lin.weight.shape, generator=g, dtype=torch.float64))
+        self.shape = (hidden, channels)
+
+    def forward(self, t, z):
+        return self.lin(z).tanh().view(z.shape[0], *self.shape)
+
+
+def test_linear_path_with_grid_points_and_eps_options_as_torchcde_examples_pass_them():
+    """``cdeint(..., method="dopri5", options=dict(grid_points=X.grid_points, eps=1e-5))`` on a linear path (as
+    torchcde's example.py calls it): accepted (the knots become jump times) and the solution agrees with
+    torchcde's, which ignores both options with a warning, solved at tight tolerances."""
+    x = _data(seed=4, B=2, T=12, C=2)[0]
+    field = _TanhField(3, x.shape[-1])
+    z0 = torch.tensor([[0.1, -0.2, 0.3], [0.0, 0.4, -0.1]], dtype=torch.float64)
+    X = ncde.LinearInterpolation(ncde.linear_interpolation_coeffs(x))
+    Xt = torchcde.LinearInterpolation(torchcde.linear_interpolation_coeffs(x))
+    opts = dict(grid_points=X.grid_points, eps=1e-5)
+    ours = ncde.cdeint(X, field, z0, X.interval, adjoint=False, method="dopri5", rtol=1e-8, atol=1e-10, options=opts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchdiffeq: "Unexpected arguments {'grid_points': ..., 'eps': ...}"
+        theirs = torchcde.cdeint(Xt, field, z0, Xt.interval, adjoint=False, method="dopri5", rtol=1e-11,
+                                 atol=1e-13, options=opts)
+    assert float((ours - theirs).abs().max()) < 1e-7
+    assert float((ours[:, -1] - z0).abs().max()) > 0.05

@@ -15,6 +15,7 @@ import torchdiffeq
 from torch import nn
 
 import neurodyn
+import neurodyn.compat.torchdiffeq as nd_torchdiffeq
 
 F64 = torch.float64
 
@@ -369,3 +370,31 @@ def test_adjoint_callbacks_match_torchdiffeq():
         torch.testing.assert_close(a[2], b[2], rtol=0, atol=1e-8)
     assert rel(g_nd, g_td) < 1e-8
     assert math.isfinite(float(g_nd.sum()))
+
+
+def test_grid_points_with_eps_lands_on_the_kinks_and_matches_torchdiffeq():
+    """torchdiffeq 0.1's ``options=dict(grid_points=..., eps=...)`` (torchcde's examples pass it): accepted as jump
+    times (the field may jump there), agreeing with the closed form and with torchdiffeq (which ignores both options
+    with a warning) run at tight tolerances."""
+    knots = torch.tensor([0.0, 0.3, 0.7, 1.0], dtype=F64)
+    rates = torch.tensor([-1.0, 2.0, -3.0], dtype=F64)
+
+    def f(t, y):  # piecewise-constant rate: the field jumps at the knots
+        i = int(torch.searchsorted(knots[1:-1], t.detach(), right=True))
+        return rates[i] * y
+
+    y0 = torch.tensor([1.0], dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    exact = math.exp(-1.0 * 0.3 + 2.0 * 0.4 - 3.0 * 0.3)
+    ours = nd_torchdiffeq.odeint(f, y0, t, rtol=1e-9, atol=1e-12, method="dopri5",
+                                              options=dict(grid_points=knots, eps=1e-5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchdiffeq: "Unexpected arguments {'grid_points': ..., 'eps': ...}"
+        theirs = torchdiffeq.odeint(f, y0, t, rtol=1e-12, atol=1e-14, method="dopri5",
+                                    options=dict(grid_points=knots, eps=1e-5))
+    as_jumps = nd_torchdiffeq.odeint(f, y0, t, rtol=1e-9, atol=1e-12, method="dopri5", options=dict(jump_t=knots))
+    assert torch.equal(ours, as_jumps)
+    assert abs(float(ours[-1, 0]) - exact) < 2e-9
+    assert abs(float(ours[-1, 0]) - float(theirs[-1, 0])) < 2e-9
+    with pytest.raises(neurodyn.errors.InputError, match="eps must be a number >= 0"):
+        nd_torchdiffeq.odeint(f, y0, t, method="dopri5", options=dict(grid_points=knots, eps=-1.0))

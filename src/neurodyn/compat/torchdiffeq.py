@@ -26,7 +26,7 @@ from ..fields import check_derivative
 from ..solve import solve
 from ..solvers import available_methods
 
-ADAPTIVE_OPTIONS = ("first_step", "min_step", "max_step", "max_num_steps", "step_t", "grid_points", "jump_t",
+ADAPTIVE_OPTIONS = ("first_step", "min_step", "max_step", "max_num_steps", "step_t", "grid_points", "eps", "jump_t",
                     "norm", "dtype", "safety", "ifactor", "dfactor", "perturb", "step_size")
 FIXED_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb", "norm", "dtype", "step_t", "jump_t",
                  "max_num_steps")
@@ -120,6 +120,18 @@ def _translate(method: str | None, options: dict | None, func, y0: Tensor, t: Te
             o.pop(src, None)
     step_t = o.pop("step_t", None)
     grid_points = o.pop("grid_points", None)
+    # torchdiffeq 0.1's ``eps`` beside ``grid_points``: the field may jump at the grid points, evaluate it eps inside
+    # each interval. That is torchdiffeq 0.2's jump_t (land on them, evaluate each side's own value), so with eps > 0
+    # the grid points are jump times; without eps, step times.
+    eps = o.pop("eps", 0.0)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise InputError(f"option eps must be a number >= 0 (torchdiffeq 0.1's offset from grid_points), got {eps!r}.")
+    if grid_points is not None and eps > 0:
+        grid = torch.as_tensor(grid_points, dtype=torch.float64).reshape(-1).cpu()
+        jumps = kw.get("jump_t")
+        kw["jump_t"] = grid if jumps is None else torch.cat(
+            [torch.as_tensor(jumps, dtype=torch.float64).reshape(-1).cpu(), grid])
+        grid_points = None
     if step_t is not None or grid_points is not None:
         kw["step_t"] = torch.cat([torch.as_tensor(x, dtype=torch.float64).reshape(-1).cpu()
                                   for x in (step_t, grid_points) if x is not None])
@@ -258,7 +270,8 @@ def odeint(func: Callable, y0: Tensor | tuple[Tensor, ...], t: Tensor, *, rtol: 
     options : dict, optional
         torchdiffeq's options: ``step_size``, ``first_step``, ``max_num_steps`` (default 100000 attempted steps,
         where torchdiffeq's is unbounded: a solve that needs more raises ``MaxStepsReached``), ``min_step``,
-        ``max_step``, ``step_t``/``grid_points``, ``jump_t``, ``perturb``, ``norm``, ``dtype``,
+        ``max_step``, ``step_t``/``grid_points`` (with torchdiffeq 0.1's ``eps > 0`` beside
+        them, the grid points are taken as ``jump_t``), ``jump_t``, ``perturb``, ``norm``, ``dtype``,
         ``safety``, ``ifactor``, ``dfactor`` (adaptive); ``step_size``, ``grid_constructor``,
         ``interp`` (``"linear"``/``"cubic"``), ``perturb`` (fixed grid). ``method="scipy_solver"`` (as torchdiffeq:
         ``y0`` and ``t`` go to scipy detached and the result carries no gradient; ``odeint_adjoint`` gives one)

@@ -748,15 +748,19 @@ def ito_correction(diffusion: ControlTerm, t: Tensor, y: Tensor) -> Tensor:
     if diffusion.noise == "additive":
         return torch.zeros_like(y)
     g = diffusion.vf(t, y)
+    out = torch.zeros_like(y)
+    if not g.requires_grad:  # g depends on neither y nor a tensor requiring grad: dg/dy = 0
+        return out
     create = torch.is_grad_enabled()
     if diffusion.noise == "diagonal":
-        (out,) = torch.autograd.grad(g, y, g, create_graph=create)
-        return 0.5 * out
-    out = torch.zeros_like(y)
+        (dg,) = torch.autograd.grad(g, y, g, create_graph=create, allow_unused=True)
+        return out if dg is None else 0.5 * dg  # None: g does not depend on y (e.g. on parameters alone)
     for j in range(g.shape[-1]):
         col = g[..., j]
         u = torch.zeros_like(col, requires_grad=True)
-        (vjp,) = torch.autograd.grad(col, y, u, create_graph=True)
+        (vjp,) = torch.autograd.grad(col, y, u, create_graph=True, allow_unused=True)
+        if vjp is None:  # this column does not depend on y
+            continue
         (jvp,) = torch.autograd.grad(vjp, u, col, create_graph=create)
         out = out + jvp
     return 0.5 * out
