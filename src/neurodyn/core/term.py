@@ -170,7 +170,7 @@ class ODETerm(Term):
     True
     """
 
-    __slots__ = ("func", "shape", "t_dtype", "device", "nfe", "flat", "grid")
+    __slots__ = ("func", "shape", "t_dtype", "device", "nfe", "flat", "grid", "shaped")
     kinds: ClassVar[frozenset[str]] = frozenset({"ode"})
 
     def __init__(self, func: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int] | None = None,
@@ -182,6 +182,9 @@ class ODETerm(Term):
         self.device = device
         self.nfe = 0
         self.grid: tuple[dict, Callable] | None = None
+        # (flat, shaped): a stepper's last (1, n) state and the tensor in the user's shape it is a view of; a call
+        # with that very flat tensor uses the shaped one (no view per call).
+        self.shaped: tuple[Tensor, Tensor] | None = None
         if shape is None:
             self.shape = None
             self.flat = False
@@ -197,7 +200,8 @@ class ODETerm(Term):
         :func:`check_output`."""
         self.nfe += 1
         if not self.flat and y.shape != self.shape:
-            y = y.view(self.shape)
+            shaped = self.shaped
+            y = shaped[1] if shaped is not None and y is shaped[0] else y.view(self.shape)
         grid = self.grid
         at = grid[0].get(t) if grid is not None else None
         if at is not None:  # (the time tensor, the value there)

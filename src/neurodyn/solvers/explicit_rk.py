@@ -144,7 +144,8 @@ def _shaped_step(stepper: ExplicitRungeKutta, term: ODETerm, t: float, y: Tensor
     :func:`_combine` with the float32 step ``hs``, and ``y`` / ``y1`` are viewed between the loop's ``(1, n)`` and that
     shape once per step (not once per stage). Returns ``(y1, k, None)`` as :meth:`ExplicitRungeKutta.step`."""
     shape = term.shape
-    yu = y if y.shape == shape else y.view(shape)
+    known = term.shaped
+    yu = y if y.shape == shape else known[1] if known is not None and y is known[0] else y.view(shape)
     c, nonzero = co.c, co.nonzero
     ks = [k1]
     yi = yu
@@ -153,7 +154,10 @@ def _shaped_step(stepper: ExplicitRungeKutta, term: ODETerm, t: float, y: Tensor
         ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
         ks.append(term(ti, yi))
     y1 = yi if stepper.last_stage_is_y1 else _combine(yu, ks, co.b_nonzero, hs)
-    return y1.reshape(1, -1), torch.stack(ks).view(len(ks), -1), None
+    y1_flat = y1.reshape(1, -1)
+    if y1_flat is not y1:
+        term.shaped = (y1_flat, y1)  # the next step (and the loop's call at its start) take y1 in the term's shape
+    return y1_flat, torch.stack(ks).view(len(ks), -1), None
 
 
 class ExplicitRungeKutta(StepperBase):
