@@ -138,16 +138,16 @@ def test_float32_direct_rk4_elementwise_stages_agree_with_the_buffered_solve():
 
 
 def test_float32_elementwise_stages_are_as_accurate_as_torchdiffeq_and_the_buffered_path():
-    """``y' = (y2, -y1)`` in float32 with ``h = 2^-10``, 3000 rk4 steps, ``y0`` requiring grad (the elementwise
+    """``y' = (y2, -y1)`` in float32 with ``h = 2^-10``, 1000 rk4 steps, ``y0`` requiring grad (the elementwise
     path): the error against the exact solution is no larger than the buffered (no-grad) path's and torchdiffeq's
-    rk4's by more than 10 % (both ~1e-6: the float32 rounding of the steps), and the gradient of ``y(T)`` w.r.t.
+    rk4's by more than 10 % (all ~5e-7: the float32 rounding of the steps), and the gradient of ``y(T)`` w.r.t.
     ``y0`` (the rotation matrix) is exact to float32 rounding."""
     torchdiffeq = pytest.importorskip("torchdiffeq")
 
     def f(t, y):
         return torch.stack([y[..., 1], -y[..., 0]], -1)
 
-    h, n = 2.0 ** -10, 3000
+    h, n = 2.0 ** -10, 1000
     t = torch.tensor([0.0, n * h])
     T = n * h
     exact = torch.tensor([np.cos(T), -np.sin(T)], dtype=torch.float64)
