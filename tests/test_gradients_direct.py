@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import neurodyn
+from neurodyn.solvers import get_solver
 
 F64 = torch.float64
 METHODS = ["dopri5", "tsit5", "rk4", "bosh3"]
@@ -117,7 +118,10 @@ def test_gradient_through_intermediate_outputs():
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 def test_stages_under_autograd_equal_the_buffered_ones(method, dtype):
     """Under autograd the explicit RK stages are stacked out of place; without it they are written into reused
-    buffers. Both must do the same arithmetic: the same steps, the same outputs and dense output bit for bit."""
+    buffers. The same steps and NFE, and the same arithmetic: outputs and dense output bit for bit -- except for a
+    fixed-step tableau in float32, whose combinations under autograd (and with steps recorded for dense output) are
+    elementwise, another rounding order than the buffered matrix product (solvers/explicit_rk.py): there the outputs
+    agree to float32 rounding and the dense outputs (both recorded: both elementwise) bit for bit."""
     w, b, y0 = small_problem(1)
     w, b, y0 = w.detach().to(dtype), b.detach().to(dtype), y0.detach().to(dtype)
     t = torch.linspace(0.0, 2.0, 7, dtype=dtype)
@@ -132,7 +136,10 @@ def test_stages_under_autograd_equal_the_buffered_ones(method, dtype):
     graded = neurodyn.solve(f, y0g, t, method=method, **opts)
     assert graded.ys.requires_grad
     assert graded.stats["steps"] == plain.stats["steps"] and graded.stats["nfe"] == plain.stats["nfe"]
-    assert torch.equal(graded.ys.detach(), plain.ys)
+    if dtype == F64 or get_solver(method).adaptive:
+        assert torch.equal(graded.ys.detach(), plain.ys)
+    else:
+        assert float((graded.ys.detach() - plain.ys).abs().max()) <= 4e-6 * float(plain.ys.abs().max())
     # dense output (recorded steps: stages kept from the stacked path vs from a fresh buffer)
     with torch.no_grad():
         dense_plain = neurodyn.solve(f, y0, t, method=method, dense=True, **opts)

@@ -25,7 +25,7 @@ from .control import (
 from .events import EventWatch
 from .output import LoopResult, step_outputs
 from .stepper import Step, Stepper, nextafter
-from .tensors import VMAP_ADAPTIVE, fixed_bad, real_dtype, vmapped
+from .tensors import VMAP_ADAPTIVE, fixed_bad, no_transform, real_bad, real_dtype, vmapped
 from .term import ODETerm
 
 
@@ -101,6 +101,9 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
     ratio_fn = None
     ctrl = None
     m = n
+    # The fixed-step finiteness check of every step: the lean form where no torch.func transform is active (none
+    # can start inside the loop) and the state is real.
+    bad = real_bad if no_transform() and not y0.is_complex() else fixed_bad
     eps = torch.finfo(real_dtype(y0.dtype)).eps  # the state's precision: the underflow rule's unit
     if fixed:
         h_abs = cfg.step_size if cfg.step_size is not None else math.inf
@@ -209,7 +212,7 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
 
             if fixed:
                 ratio = 0.0
-                if fixed_bad(y1):
+                if bad(y1):
                     status = _sol.NON_FINITE
                     message = failure_message(status, t, abs(h), cfg, solver, t0, t_end, steps, rejected)
                     break

@@ -62,6 +62,21 @@ def fixed_bad(y: Tensor) -> bool:
     return not bool(torch.isfinite(yd).all())
 
 
+def real_bad(y: Tensor) -> bool:
+    """:func:`fixed_bad` for a real tensor where the caller knows that no ``torch.func`` transform is active (the
+    loop checks once per solve): the same sum screen, without the per-call transform and complex checks, on
+    ``y.data`` (no detach dispatch)."""
+    yd = y.data
+    if math.isfinite(float(yd.sum())):
+        return False
+    return not bool(torch.isfinite(yd).all())
+
+
+def no_transform() -> bool:
+    """True when no ``torch.func`` transform (vmap, grad, jacrev, ...) is active."""
+    return torch._C._functorch.maybe_current_level() is None
+
+
 def flat_cat(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
     """Concatenate flattened tensors, zeros (of the matching ``like`` entry's shape) where an entry is None."""
     return torch.cat([(t if t is not None else torch.zeros_like(ref)).reshape(-1) for t, ref in zip(tensors, like)])

@@ -170,7 +170,7 @@ class ODETerm(Term):
     True
     """
 
-    __slots__ = ("func", "shape", "t_dtype", "device", "nfe", "flat", "grid")
+    __slots__ = ("func", "shape", "t_dtype", "device", "nfe", "flat", "grid", "shaped")
     kinds: ClassVar[frozenset[str]] = frozenset({"ode"})
 
     def __init__(self, func: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int] | None = None,
@@ -182,6 +182,9 @@ class ODETerm(Term):
         self.device = device
         self.nfe = 0
         self.grid: tuple[dict, Callable] | None = None
+        # (flat, shaped): a stepper's last (1, n) state and the tensor in the user's shape it is a view of; a call
+        # with that very flat tensor uses the shaped one (no view per call).
+        self.shaped: tuple[Tensor, Tensor] | None = None
         if shape is None:
             self.shape = None
             self.flat = False
@@ -191,17 +194,20 @@ class ODETerm(Term):
             self.shape = tuple(shape)
 
     def __call__(self, t: float, y: Tensor) -> Tensor:
-        """dy/dt at ``(t, y)``; ``y`` of shape ``(1, n)``; the result has the user's shape (a view of
-        ``(n,)`` elements, so it can be stored straight into a stage buffer row after ``view(-1)``). Every result
-        is checked (type and shape: metadata, no host sync), see :func:`check_output`."""
+        """dy/dt at ``(t, y)``; ``y`` of shape ``(1, n)`` or already in the user's shape (then passed as it is); the
+        result has the user's shape (a view of ``(n,)`` elements, so it can be stored straight into a stage buffer
+        row after ``view(-1)``). Every result is checked (type and shape: metadata, no host sync), see
+        :func:`check_output`."""
         self.nfe += 1
-        tt = torch.scalar_tensor(t, dtype=self.t_dtype, device=self.device)
+        if not self.flat and y.shape != self.shape:
+            shaped = self.shaped
+            y = shaped[1] if shaped is not None and y is shaped[0] else y.view(self.shape)
         grid = self.grid
-        value = grid[0].get(t) if grid is not None else None
-        if value is not None:
-            out = grid[1](tt, y if self.flat else y.view(self.shape), value)
+        at = grid[0].get(t) if grid is not None else None
+        if at is not None:  # (the time tensor, the value there)
+            out = grid[1](at[0], y, at[1])
         else:
-            out = self.func(tt, y) if self.flat else self.func(tt, y.view(self.shape))
+            out = self.func(torch.scalar_tensor(t, dtype=self.t_dtype, device=self.device), y)
         if not (isinstance(out, Tensor) and out.shape == self.shape):
             check_output(out, self.shape, t)
         return out
@@ -227,8 +233,15 @@ class ODETerm(Term):
         owner = self.grid_owner()
         if owner is None:
             return False
-        self.grid = owner.on_grid(times, self.t_dtype or torch.get_default_dtype(), self.device)
-        return self.grid is not None
+        t_dtype = self.t_dtype or torch.get_default_dtype()
+        part = owner.on_grid(times, t_dtype, self.device)
+        if part is None:
+            return False
+        values, ode_at = part
+        # The time tensors the field receives there, made at once (each equal to the scalar_tensor a call makes).
+        tts = torch.tensor(list(values), dtype=torch.float64).to(t_dtype).to(self.device).unbind(0)
+        self.grid = (dict(zip(values, zip(tts, values.values()))), ode_at)
+        return True
 
     def vf(self, t: Tensor, y: Tensor) -> Tensor:
         return self.func(t, y)

@@ -23,6 +23,17 @@ magnitude of the increment, then one rounding at the magnitude of ``y``, as torc
 between the float32 times the step spans: ``h`` cast to float32 would shorten (or lengthen) every step by the
 same rounding (``h = 0.01``: 2.2e-8 relative, a phase drift ``T`` times that). One more kernel per combination
 than float64's single ``addmm``.
+
+Below float64, for a tableau without an error estimate (the fixed-step methods), without a stage buffer (an autograd
+graph is recorded, dense output is kept, or ``torch.func.vmap``) the stages stay in the bound term's state shape and
+every combination is elementwise,
+``y + (h a_1) (k_1 + sum_j (a_j / a_1) k_j)`` over the row's nonzero entries (:func:`_combine`): the same two
+roundings (the stage sum at the increment's magnitude, then one at ``y``'s), in another order than the buffered
+path's matrix product, so the two paths agree to rounding, not always bit for bit. Under autograd that is the
+cheaper graph, forward and backward: elementwise adds only, no concatenation, matrix product or ``(1, n)`` views per
+stage (one view of ``y`` and one of ``y1`` per step). Adaptive tableaus keep the matrix product under autograd too:
+their accept/reject decisions compare error ratios that a rounding difference can move across 1, and a solve
+under autograd takes the same steps as one without.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from torch import Tensor
 from ..core.interpolation import hermite, linear
 from ..core.stepper import Step, StepperBase
 from ..core.tensors import vmapped
-from ..core.term import check_output
+from ..core.term import ODETerm, check_output
 from .tableaus import ButcherTableau
 
 Term = Callable[[float, Tensor], Tensor]  # (t, y of shape (1, n)) -> dy/dt of shape (n,)
@@ -61,6 +72,8 @@ class _Coefficients:
     low: bool = False
     # Row i's nonzero entries (j, a_ij): the stage combinations of a solve that records an autograd graph.
     nonzero: list[list[tuple[int, float]]] | None = None
+    # The nonzero entries (j, b_j) of b: the last combination of a float32 solve under autograd (elementwise).
+    b_nonzero: list[tuple[int, float]] | None = None
 
 
 @dataclass
@@ -110,6 +123,41 @@ _WEIGHTS_MIN = 4096
 
 def _tensor(values, dtype, device) -> Tensor:
     return torch.tensor([float(v) for v in values], dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def _combine(y: Tensor, ks: list[Tensor], entries: list[tuple[int, float]], h: float) -> Tensor:
+    """``y + h sum_j a_j ks[j]`` over the nonzero ``entries`` ``(j, a_j)``, elementwise: the stage sum
+    ``a_1 (k_1 + sum_j (a_j / a_1) k_j)`` at the increment's magnitude, then one rounding at ``y``'s (one ``add`` per
+    entry, no concatenation or matrix product: the cheapest form under autograd, forward and backward)."""
+    j0, a0 = entries[0]
+    acc = ks[j0]
+    for j, a in entries[1:]:
+        acc = torch.add(acc, ks[j], alpha=a / a0)
+    return torch.add(y, acc, alpha=a0 * h)
+
+
+def _shaped_step(stepper: ExplicitRungeKutta, term: ODETerm, t: float, y: Tensor, h: float, hs: float, k1: Tensor,
+                 co: _Coefficients, t_end_nudge: float | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:meth:`ExplicitRungeKutta.step` below float64 for a tableau without an error estimate, without a stage buffer
+    (an autograd graph is recorded, dense output is kept, or ``torch.func.vmap``): the stages stay in the bound term's
+    state shape (``term.shape``, which ``k1`` has and the term accepts and returns), every combination is
+    :func:`_combine` with the float32 step ``hs``, and ``y`` / ``y1`` are viewed between the loop's ``(1, n)`` and that
+    shape once per step (not once per stage). Returns ``(y1, k, None)`` as :meth:`ExplicitRungeKutta.step`."""
+    shape = term.shape
+    known = term.shaped
+    yu = y if y.shape == shape else known[1] if known is not None and y is known[0] else y.view(shape)
+    c, nonzero = co.c, co.nonzero
+    ks = [k1]
+    yi = yu
+    for i in range(1, stepper.stages):
+        yi = _combine(yu, ks, nonzero[i], hs)
+        ti = t + c[i] * h if (t_end_nudge is None or c[i] != 1.0) else t_end_nudge
+        ks.append(term(ti, yi))
+    y1 = yi if stepper.last_stage_is_y1 else _combine(yu, ks, co.b_nonzero, hs)
+    y1_flat = y1.reshape(1, -1)
+    if y1_flat is not y1:
+        term.shaped = (y1_flat, y1)  # the next step (and the loop's call at its start) take y1 in the term's shape
+    return y1_flat, torch.stack(ks).view(len(ks), -1), None
 
 
 class ExplicitRungeKutta(StepperBase):
@@ -163,8 +211,10 @@ class ExplicitRungeKutta(StepperBase):
                 dense_t = p.t().contiguous().to(device=device)
             extra_a = [_tensor(row, dtype, device).view(1, -1) for row in tb.extra_a]
             nonzero = [[(j, float(v)) for j, v in enumerate(row) if float(v) != 0.0] for row in tb.a]
+            b_nonzero = [(j, float(v)) for j, v in enumerate(tb.b) if float(v) != 0.0]
             co = _Coefficients(a, b, e, [float(x) for x in tb.c], dense_t, extra_a,
-                               [float(x) for x in tb.extra_c], low=torch.finfo(dtype).bits < 64, nonzero=nonzero)
+                               [float(x) for x in tb.extra_c], low=torch.finfo(dtype).bits < 64, nonzero=nonzero,
+                               b_nonzero=b_nonzero)
             self._cache[key] = co
         return co
 
@@ -260,6 +310,11 @@ class ExplicitRungeKutta(StepperBase):
                         addmm(y, ai, hi, alpha=h) if full else add(y, mm(ai, hi), alpha=hs)
                     ti = t + ci * h if (t_end_nudge is None or ci != 1.0) else t_end_nudge
                     ri.copy_(term(ti, yi))
+        elif not full and co.e is None and s > 1 and isinstance(term, ODETerm) and term.shape is not None \
+                and k1.shape == term.shape:
+            # Below float64, a tableau without error estimate, no buffer (an autograd graph): the stages and their
+            # combinations in the term's own state shape, each combination elementwise (module docstring).
+            return _shaped_step(self, term, t, y, h, hs, k1, co, t_end_nudge)
         elif s == 1:  # one stage (Euler): the stage matrix is k1 itself, no buffer to copy it into
             k = k1.reshape(1, -1)
         else:
