@@ -471,10 +471,8 @@ def module_state(func: Callable) -> dict[str, Tensor]:
 class ModuleTensors:
     """A module's parameters and buffers in :func:`module_state` order, read at each solve without walking its
     submodules (internal; one per vector field and compiled loop): :meth:`raw` the tensors themselves, :meth:`read`
-    the inputs of a compiled loop (detached, or :func:`column_major_copy` copies), kept between solves while a tensor
-    is the same object with the same data and version counter (an in-place update, as an optimizer's step, bumps it;
-    ``p.data = ...`` changes the data). Where an entry was removed or set to None, :meth:`raw` returns None (the
-    caller builds a new reader).
+    the inputs of a compiled loop. Where an entry was removed or set to None, :meth:`raw` returns None (the caller
+    builds a new reader).
 
     Examples
     --------
@@ -483,16 +481,15 @@ class ModuleTensors:
     >>> reader = ModuleTensors(lin)
     >>> reader.names == list(module_state(lin))
     True
-    >>> a = reader.read(column_major=True)
-    >>> a[0].stride(), reader.read(column_major=True)[0] is a[0]
+    >>> w = reader.read(column_major=True)[0]
+    >>> w.stride(), bool(torch.equal(w, lin.weight))
     ((1, 3), True)
-    >>> with torch.no_grad():
-    ...     _ = lin.weight.mul_(2.0)    # an in-place update: copied anew
+    >>> _ = lin.weight.data.mul_(2.0)   # an in-place change through .data (no version bump): a new copy sees it
     >>> bool(torch.equal(reader.read(column_major=True)[0], lin.weight))
     True
     """
 
-    __slots__ = ("slots", "names", "_kept")
+    __slots__ = ("slots", "names", "_views")
 
     def __init__(self, module: torch.nn.Module):
         self.slots: list[tuple[dict, str]] = []
@@ -507,7 +504,7 @@ class ModuleTensors:
                     seen.add(id(x))
                     self.slots.append((entries, key))
                     self.names.append(f"{prefix}.{key}" if prefix else key)
-        self._kept: dict[bool, list] = {}
+        self._views: list = [None] * len(self.slots)
 
     def raw(self) -> list[Tensor] | None:
         """The tensors (not detached), or None where one is missing now."""
@@ -520,28 +517,21 @@ class ModuleTensors:
         return out
 
     def read(self, column_major: bool, raw: list[Tensor] | None = None) -> list[Tensor] | None:
-        """The tensors detached (``column_major``: matrices as :func:`column_major_copy` copies), or None where one is
-        missing now; ``raw``: :meth:`raw`, where the caller has it."""
+        """The tensors detached (views of their data, kept while a tensor is the same object with the same data,
+        shape and strides), with ``column_major`` matrices as :func:`column_major_copy` copies (made at each call:
+        they must see in-place changes); None where one is missing now. ``raw``: :meth:`raw`, where the caller has
+        it."""
         raw = self.raw() if raw is None else raw
         if raw is None:
             return None
-        kept = self._kept.setdefault(column_major, [None] * len(raw))
+        views = self._views
         out = []
         for i, x in enumerate(raw):
-            k = kept[i]
-            try:
-                version = x._version
-            except RuntimeError:  # an inference tensor: no version counter, never kept
-                version = None
-            if k is not None and version is not None and k[0] is x and k[1] == version and \
-                    k[2] == x.data_ptr() and k[3] == x.size() and k[4] == x.stride():
-                out.append(k[5])
-                continue
-            y = x.detach()
-            if column_major:
-                y = column_major_copy(y)
-            kept[i] = (x, version, x.data_ptr(), x.size(), x.stride(), y)
-            out.append(y)
+            k = views[i]
+            ptr, size, stride = x.data_ptr(), x.size(), x.stride()
+            if k is None or k[0] is not x or k[1] != ptr or k[2] != size or k[3] != stride:
+                k = views[i] = (x, ptr, size, stride, x.detach())
+            out.append(column_major_copy(k[4]) if column_major else k[4])
         return out
 
 
