@@ -468,104 +468,12 @@ def module_state(func: Callable) -> dict[str, Tensor]:
     return {name: v.detach() for name, v in (*func.named_parameters(), *func.named_buffers())}
 
 
-class ModuleTensors:
-    """A module's parameters and buffers in :func:`module_state` order, read at each solve without walking its
-    submodules (internal; one per vector field and compiled loop): :meth:`raw` the tensors themselves, :meth:`read`
-    the inputs of a compiled loop. Where an entry was removed or set to None, :meth:`raw` returns None (the caller
-    builds a new reader).
-
-    Examples
-    --------
-    >>> import torch
-    >>> lin = torch.nn.Linear(2, 3)
-    >>> reader = ModuleTensors(lin)
-    >>> reader.names == list(module_state(lin))
-    True
-    >>> w = reader.read(column_major=True)[0]
-    >>> w.stride(), bool(torch.equal(w, lin.weight))
-    ((1, 3), True)
-    >>> _ = lin.weight.data.mul_(2.0)   # an in-place change through .data (no version bump): a new copy sees it
-    >>> bool(torch.equal(reader.read(column_major=True)[0], lin.weight))
-    True
-    """
-
-    __slots__ = ("slots", "names", "_views")
-
-    def __init__(self, module: torch.nn.Module):
-        self.slots: list[tuple[dict, str]] = []
-        self.names: list[str] = []
-        seen: set[int] = set()
-        for kind in ("_parameters", "_buffers"):  # named_parameters, then named_buffers: the first of shared tensors
-            for prefix, sub in module.named_modules():
-                entries = sub.__dict__.get(kind) or {}
-                for key, x in entries.items():
-                    if x is None or id(x) in seen:
-                        continue
-                    seen.add(id(x))
-                    self.slots.append((entries, key))
-                    self.names.append(f"{prefix}.{key}" if prefix else key)
-        self._views: list = [None] * len(self.slots)
-
-    def raw(self) -> list[Tensor] | None:
-        """The tensors (not detached), or None where one is missing now."""
-        out = []
-        for entries, key in self.slots:
-            x = entries.get(key)
-            if not isinstance(x, Tensor):
-                return None
-            out.append(x)
-        return out
-
-    def read(self, column_major: bool, raw: list[Tensor] | None = None) -> list[Tensor] | None:
-        """The tensors detached (views of their data, kept while a tensor is the same object with the same data,
-        shape and strides), with ``column_major`` matrices as :func:`column_major_copy` copies (made at each call:
-        they must see in-place changes); None where one is missing now. ``raw``: :meth:`raw`, where the caller has
-        it."""
-        raw = self.raw() if raw is None else raw
-        if raw is None:
-            return None
-        views = self._views
-        out = []
-        for i, x in enumerate(raw):
-            k = views[i]
-            ptr, size, stride = x.data_ptr(), x.size(), x.stride()
-            if k is None or k[0] is not x or k[1] != ptr or k[2] != size or k[3] != stride:
-                k = views[i] = (x, ptr, size, stride, x.detach())
-            out.append(column_major_copy(k[4]) if column_major else k[4])
-        return out
-
-
-def module_tensors(per_func: dict, func: Callable) -> ModuleTensors | None:
-    """The :class:`ModuleTensors` of ``func`` kept in ``per_func`` (built anew where an entry went missing); None where
-    ``func`` is no ``nn.Module``."""
-    if not isinstance(func, torch.nn.Module):
-        return None
-    reader = per_func.get(_READER)
-    if reader is None or reader.raw() is None:
-        reader = per_func[_READER] = ModuleTensors(func)
-    return reader
-
-
-_READER = object()
-
-
 def column_major_copy(x: Tensor) -> Tensor:
     """A matrix ``(r, c)`` as a copy stored column by column (strides ``(1, r)``; same values); other tensors as they
     are. A one-row state times ``W.T`` (``nn.Linear``) then reads ``W`` down its columns: Inductor's CPU code
     accumulates whole vectors of outputs instead of one horizontal sum per output (~17% less per evaluation of the
     small protocol field, float64, one core)."""
     return x.t().contiguous().t() if x.dim() == 2 else x
-
-
-def _inputs(cache: dict, name: str, values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``torch.tensor(values)``, kept in ``cache`` while the values stay the same (the last values per ``name``:
-    repeated solves over the same times reuse it). The compiled loop only reads its inputs."""
-    kept = cache.get(name)
-    if kept is not None and kept[0] == values and kept[1].device == device:
-        return kept[1]
-    x = torch.tensor(values, dtype=dtype, device=device)
-    cache[name] = (values, x)
-    return x
 
 
 def _tolerances(cache: dict, rtol: float | Tensor, atol: float | Tensor, y0: Tensor) -> Tensor:
@@ -624,17 +532,15 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         if fn is None:
             fn = per_func[key] = _build(solver, func, shape, adaptive, interp, controller, choose_first, device,
                                         len(times), len(stops), record)
-        cv = _inputs(per_func, "cv", (*times, *stops, first if first is not None else math.inf, min_step, max_step),
-                     torch.float64, device)
+        cv = torch.tensor([*times, *stops, first if first is not None else math.inf, min_step, max_step],
+                          dtype=torch.float64, device=device)
         tol = _tolerances(per_func, rtol, atol, y0)
-        iv = _inputs(per_func, "iv", (1, 0, 0, 0, 0, 0, 0, max_steps), torch.int64, device)
-        if state is not None:
-            tensors = [column_major_copy(x) for x in state.values()] if column_major else list(state.values())
-        else:
-            reader = module_tensors(per_func, func)
-            tensors = reader.read(column_major) if reader is not None else []
+        iv = torch.tensor([1, 0, 0, 0, 0, 0, 0, max_steps], dtype=torch.int64, device=device)
         try:
             with torch.no_grad(), vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER):
+                tensors = (module_state(func) if state is None else state).values()
+                if column_major:
+                    tensors = [column_major_copy(x) for x in tensors]
                 ys, y_final, counters, *rec = fn(cv, y0.detach(), k0.detach(), tol, iv, *tensors)
         except Exception as exc:  # compilation failed: Python steps from now on, for this field
             # Dynamo's messages: a headline (for higher-order operators a generic one ending in ':'), then the

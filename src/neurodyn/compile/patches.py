@@ -27,9 +27,6 @@ class _InductorPatch:
 
     item = False
     _target = None  # per class: the object holding the entry, or False where this torch has none
-    # per class: (the entry's value, settings, replace's result) of the last entry (compiled steps and loops enter
-    # the patches at every call; the patched value is built once per value and settings)
-    _made = None
 
     @classmethod
     def locate(cls) -> tuple[Any, Any] | None:
@@ -39,10 +36,6 @@ class _InductorPatch:
     def replace(self, saved: Any) -> Any:
         """The value the entry holds while patched, given its own."""
         raise NotImplementedError
-
-    def settings(self) -> tuple:
-        """What :meth:`replace` depends on besides the entry's value."""
-        return ()
 
     def __enter__(self) -> None:
         cls = type(self)
@@ -56,10 +49,7 @@ class _InductorPatch:
             obj, key = cls._target
             self.saved = obj.get(key) if cls.item else getattr(obj, key, None)
             if self.saved is not None:
-                made, settings = cls.__dict__.get("_made"), self.settings()
-                if made is None or made[0] is not self.saved or made[1] != settings:
-                    made = cls._made = (self.saved, settings, self.replace(self.saved))
-                self._put(made[2])
+                self._put(self.replace(self.saved))
 
     def __exit__(self, *exc) -> None:
         if self.saved is not None:
@@ -149,9 +139,6 @@ class thin_products(_InductorPatch):
     def __init__(self, inner: int):
         self.inner = inner
 
-    def settings(self) -> tuple:
-        return (self.inner,)
-
     @classmethod
     def locate(cls) -> tuple[Any, str]:
         from torch._inductor.fx_passes import decompose_mem_bound_mm
@@ -189,9 +176,6 @@ class small_cats(_InductorPatch):
 
     def __init__(self, parts: int):
         self.parts = parts
-
-    def settings(self) -> tuple:
-        return (self.parts,)
 
     @classmethod
     def locate(cls) -> tuple[Any, Any]:

@@ -36,7 +36,6 @@ from .loop import (
     dense_rows,
     field_rows,
     module_state,
-    module_tensors,
     rk_stages,
     thin_products,
     vectorize_strided_loads,
@@ -235,14 +234,13 @@ def trainable(loop: Callable, solver: ExplicitRungeKutta, func: Callable, shape:
             return loop(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps)
         if per_func.get(("random", base_key)) or not isinstance(func, torch.nn.Module):
             return None
-        reader = module_tensors(per_func, func)  # the module's tensors, in module_state order
-        params = reader.raw()
-        named = dict(zip(reader.names, params))
+        named = dict((*func.named_parameters(), *func.named_buffers()))  # as module_state orders them
         cap = capacity(per_func, base_key, func, y0, k0, named)
         if cap is None:
             return None
+        state = {name: x.detach() for name, x in named.items()}
         before = _rng_state(y0.device)
-        o = loop(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps, record=cap)
+        o = loop(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps, record=cap, state=state)
         if o is None:
             return None
         if not _same_state(before, _rng_state(y0.device)):
@@ -259,8 +257,8 @@ def trainable(loop: Callable, solver: ExplicitRungeKutta, func: Callable, shape:
         info = Recorded()
         info.backward, (info.rec, info.rec_y), info.steps, info.times = backward, o.rec, o.steps, o.times
         info.ys, info.y_final = o.ys, o.y_final
-        info.tensors = reader.read(column_major=False, raw=params)
-        o.ys, o.y_final = attach(info, y0, k0, params)
+        info.tensors = list(state.values())
+        o.ys, o.y_final = attach(info, y0, k0, list(named.values()))
         return o
 
     run.differentiable = True
