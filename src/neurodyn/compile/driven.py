@@ -398,8 +398,7 @@ class DrivenPlugIn:
                         st.i = j * size + b
                     return True
 
-                if not _walk_outputs(st, advance, solver, term, times, tl, hl, n, direction, outs):
-                    status = _sol.NON_FINITE
+                status = _walk_outputs(st, advance, solver, term, times, tl, hl, n, direction, outs, status)
         except Exception as exc:  # compilation failed: eager steps from now on, for this field
             self._failed(exc)
             return None
@@ -494,8 +493,7 @@ class DrivenPlugIn:
                     st.i += size
                 return True
 
-            if not _walk_outputs(st, advance, solver, term, times, tl, hl, n, direction, outs):
-                status = _sol.NON_FINITE
+            status = _walk_outputs(st, advance, solver, term, times, tl, hl, n, direction, outs, status)
         except Exception as exc:  # compilation failed: eager steps from now on, for this field
             self._failed(exc)
             return None
@@ -512,13 +510,13 @@ class _Position:
 
 
 def _walk_outputs(st: _Position, advance: Callable[[int], bool], solver, term, times: list[float], tl: list[float],
-                  hl: list[float], n: int, direction: float, outs: list[Tensor]) -> bool:
+                  hl: list[float], n: int, direction: float, outs: list[Tensor], status: str) -> str:
     """Step the grid ``tl``, ``hl`` (its first ``n`` steps) with ``advance`` and append the states at ``times[1:]``
-    to ``outs``; False where a step made the state non-finite."""
+    to ``outs``; the solve's status: ``status``, or NON_FINITE where a step made the state non-finite."""
     out_i = 1
     while out_i < len(times) and st.i < n:
         if (times[out_i] - tl[n]) * direction > 0:  # max_steps ends the solve before the next output
-            return advance(n)
+            return status if advance(n) else _sol.NON_FINITE
         # the step holding the next output time: the steps before it, then it (its start state is what the dense
         # output needs)
         b = st.i
@@ -528,14 +526,14 @@ def _walk_outputs(st: _Position, advance: Callable[[int], bool], solver, term, t
         # up to it run in one call.
         on_end = times[out_i] == tl[b + 1]
         if b > st.i and not on_end and not advance(b):
-            return False
+            return _sol.NON_FINITE
         y_prev = st.y
         if not advance(b + 1):
-            return False
+            return _sol.NON_FINITE
         if (times[out_i] - tl[st.i]) * direction <= 0:
             step = Step(tl[st.i - 1], hl[st.i - 1], y_prev, st.y, st.k)
             out_i = step_outputs(solver, term, step, None, "auto", times, out_i, tl[st.i], direction, outs)
-    return True
+    return status
 
 
 def _finish(solver: Stepper, term, st: _Position, outs: list[Tensor], tl: list[float], hl: list[float], status: str,
