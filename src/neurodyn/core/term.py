@@ -200,8 +200,7 @@ class ODETerm(Term):
         :func:`check_output`."""
         self.nfe += 1
         if not self.flat and y.shape != self.shape:
-            shaped = self.shaped
-            y = shaped[1] if shaped is not None and y is shaped[0] else y.view(self.shape)
+            y = self.in_shape(y)
         grid = self.grid
         at = grid[0].get(t) if grid is not None else None
         if at is not None:  # (the time tensor, the value there)
@@ -211,6 +210,12 @@ class ODETerm(Term):
         if not (isinstance(out, Tensor) and out.shape == self.shape):
             check_output(out, self.shape, t)
         return out
+
+    def in_shape(self, y: Tensor) -> Tensor:
+        """``y`` (a ``(1, n)`` row) in the user's state shape: the tensor recorded in ``shaped`` where ``y`` is its
+        flat form (no new view), else ``y.view(shape)``."""
+        shaped = self.shaped
+        return shaped[1] if shaped is not None and y is shaped[0] else y.view(self.shape)
 
     @property
     def inline(self) -> bool:

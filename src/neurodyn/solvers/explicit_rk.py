@@ -143,9 +143,7 @@ def _shaped_step(stepper: ExplicitRungeKutta, term: ODETerm, t: float, y: Tensor
     state shape (``term.shape``, which ``k1`` has and the term accepts and returns), every combination is
     :func:`_combine` with the float32 step ``hs``, and ``y`` / ``y1`` are viewed between the loop's ``(1, n)`` and that
     shape once per step (not once per stage). Returns ``(y1, k, None)`` as :meth:`ExplicitRungeKutta.step`."""
-    shape = term.shape
-    known = term.shaped
-    yu = y if y.shape == shape else known[1] if known is not None and y is known[0] else y.view(shape)
+    yu = y if y.shape == term.shape else term.in_shape(y)
     c, nonzero = co.c, co.nonzero
     ks = [k1]
     yi = yu
