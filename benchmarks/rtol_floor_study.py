@@ -2,13 +2,20 @@
 
 For float32 dopri5, tsit5 and bosh3 on torchdiffeq's ode_demo spiral, DETEST problems (tests/problems.py) and an MLP
 field (batch 64), rtol in {1e-7, 2e-7, 5e-7, 9.5e-7, 2e-6}, atol 1e-9: the max error against float64 references
-(exact or scipy DOP853 at rtol 1e-13), NFE, rejected steps and status, with neurodyn's floor
-(``core.control.RTOL_FLOOR_EPS``) set to 8, 2, 1 and 0.5 machine epsilons, and torchdiffeq (dopri5, bosh3) at the
-same rtol. Then the implicit methods at rtol 1e-7 under the same floors.
+(exact or scipy DOP853 at rtol 1e-13), NFE, rejected steps and status, with neurodyn's float32 floor
+(``core.control.RTOL_FLOOR_EPS[torch.float32]``) set to 8, 2, 1 and 0.5 machine epsilons, and torchdiffeq (dopri5,
+bosh3) at the same rtol. Then the implicit methods at rtol 1e-7 under the same floors.
 
     PYTHONPATH=src taskset -c 1 python benchmarks/rtol_floor_study.py [dopri5,tsit5,bosh3]
 
 Writes benchmarks/out/rtol_floor_<methods>.json and prints one JSON line per run.
+
+The float64 floor (docs/results.md, "float64 tolerances below the floor"): rtol 1e-17 (so the floor is what runs), atol
+1e-20, floors 16, 8, 4 and 2 epsilons, DETEST A2, B5, C1 and D (e = 0.5) against their exact solutions, 20000 steps:
+
+    PYTHONPATH=src taskset -c 1 python benchmarks/rtol_floor_study.py float64 [dopri5,tsit5,...]
+
+writes benchmarks/out/rtol_floor_float64.json.
 """
 import json
 import math
@@ -39,9 +46,8 @@ FLOORS = [8.0, 2.0, 1.0, 0.5]
 ATOL = 1e-9
 MAXSTEPS = 200000
 
-def set_floor(k):
-    control.RTOL_FLOOR_EPS = k
-    options.RTOL_FLOOR_EPS = k
+def set_floor(k, dtype=F32):
+    control.RTOL_FLOOR_EPS[dtype] = k  # the dict options.clamp_rtol reads too
 
 # --- problems: (name, f(t,y) any dtype, y0 float64 tensor, t float64 grid, reference ndarray (T, *shape))
 A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]], dtype=torch.float64)
@@ -108,6 +114,36 @@ def run_td(f, y0, t, method, rtol):
         return dict(status=str(e)[:60], nfe=n[0], rej=-1, err=float("nan"))
     return dict(status=st, ys=ys, nfe=n[0], rej=-1)
 
+def float64_study(methods):
+    rows = []
+    for name in ["A2_cubic", "B5_rigid_body", "C1_chain", "D_kepler_e0.5"]:
+        p = PROBLEMS[name]
+        t = torch.linspace(p.t0, p.t1, 101, dtype=torch.float64)
+        ref = p.reference(t.numpy())
+        for method in methods:
+            for k in [16.0, 8.0, 4.0, 2.0]:
+                set_floor(k, torch.float64)
+                t0 = time.time()
+                s = neurodyn.solve(p.f, p.y0_tensor(), t, method=method, rtol=1e-17, atol=1e-20, max_steps=20000,
+                                   on_failure="return")
+                ok = s.status == "success"
+                rows.append(dict(problem=name, method=method, floor=k, status=s.status, nfe=s.stats["nfe"],
+                                 steps=s.stats["steps"], rej=s.stats["rejected"], wall=time.time() - t0,
+                                 err=err(s.ys, ref) if ok else float("nan")))
+                print(json.dumps(rows[-1]), flush=True)
+    set_floor(8.0, torch.float64)
+    return rows
+
+
+if len(sys.argv) > 1 and sys.argv[1] == "float64":
+    methods = (sys.argv[2] if len(sys.argv) > 2 else
+               "dopri5,tsit5,dopri8,bosh3,kvaerno3,kvaerno4,kvaerno5,radau,bdf,trbdf2").split(",")
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "rtol_floor_float64.json"), "w") as fh:
+        json.dump(float64_study(methods), fh)
+    sys.exit(0)
+
 methods = (sys.argv[1] if len(sys.argv) > 1 else "dopri5,tsit5,bosh3").split(",")
 rows = []
 for name, f, y0, t, ref in make_problems():
@@ -132,7 +168,7 @@ for name, f, y0, t, ref in make_problems():
                     r["err"] = err(r.pop("ys"), ref)
                 rows.append(dict(problem=name, method=method, lib="torchdiffeq", rtol=rtol, eff=rtol, **r))
             print(json.dumps(rows[-1]), flush=True)
-        set_floor(8.0)
+        set_floor(2.0)
 out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 os.makedirs(out, exist_ok=True)
 with open(os.path.join(out, f"rtol_floor_{'_'.join(methods)}.json"), "w") as fh:
@@ -155,4 +191,4 @@ for name, f, y0, t, ref in cases:
             st = s.stats
             print(f"| {name} | {m} | {k:g} | {s.status} | {e:.2g} | {st['nfe']} | {st['steps']} / {st['rejected']} |",
                   flush=True)
-set_floor(8.0)
+set_floor(2.0)
