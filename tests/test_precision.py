@@ -83,7 +83,7 @@ def test_float32_still_solves_y_prime_minus_y():
 # ------------------------------------------------------------------------------- item 8: tolerances below the dtype
 def test_rtol_floor_values():
     assert rtol_floor(F32) == pytest.approx(2 * EPS32) and 2e-7 < rtol_floor(F32) < 1e-6  # the common 1e-6 passes
-    assert rtol_floor(F64) == pytest.approx(8 * torch.finfo(F64).eps)  # float64: rounding-bound already at 8
+    assert rtol_floor(F64) == pytest.approx(2 * torch.finfo(F64).eps)
     assert rtol_floor(torch.complex64) == rtol_floor(F32)
 
 
@@ -156,17 +156,6 @@ def test_float64_tolerances_are_not_touched():
         sol = neurodyn.solve(lambda t, y: -y, torch.ones(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
                              rtol=1e-13, atol=1e-15)
     assert abs(float(sol.ys[-1, 0]) - math.exp(-1.0)) < 1e-12
-
-
-def test_float64_rtol_below_eight_epsilons_is_raised_with_a_warning():
-    """float64's floor is 8 eps (1.8e-15): 1e-15 (which 2 eps would have kept) runs at the floor, with the warning."""
-    t = torch.tensor([0.0, 1.0], dtype=F64)
-    with pytest.warns(PrecisionWarning, match=r"rtol=1e-15 .*using rtol=1.78e-15 \(8 times float64"):
-        low = neurodyn.solve(lambda t, y: -y, torch.ones(1, dtype=F64), t, rtol=1e-15, atol=1e-20)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        at = neurodyn.solve(lambda t, y: -y, torch.ones(1, dtype=F64), t, rtol=rtol_floor(F64), atol=1e-20)
-    assert low.stats["nfe"] == at.stats["nfe"] and torch.equal(low.ys, at.ys)
 
 
 def test_trbdf2_float32_default_tolerances_end_quickly_and_correctly():

@@ -147,8 +147,7 @@ def clamp_rtol(name: str, rtol: float | Tensor, dtype: torch.dtype, atol: float 
         warn = bool(unresolved.any())
         why = f"{name}=0 with atol={float(torch.as_tensor(atol).min()):.3g} asks for less than {dt} resolves at y0"
     if warn:
-        eps = RTOL_FLOOR_EPS[real_dtype(dtype)]
-        warnings.warn(f"{why}: using {name}={floor:.3g} ({eps:g} times {dt}'s machine epsilon) instead. "
+        warnings.warn(f"{why}: using {name}={floor:.3g} ({RTOL_FLOOR_EPS:g} times {dt}'s machine epsilon) instead. "
                       f"Pass {name} >= {floor:.3g}, or use float64 states and times for tighter tolerances.",
                       PrecisionWarning, stacklevel=4)  # clamp_rtol <- solve.prepare <- solve / init <- the caller
     return out

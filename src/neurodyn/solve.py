@@ -115,7 +115,7 @@ def solve(
     rtol, atol : float or Tensor broadcastable to ``y0``
         Relative and absolute tolerances for the error norm
         ``RMS(err / (atol + rtol * max(|y_n|, |y_{n+1}|)))``. No component may have both 0. ``rtol`` is raised to
-        a few machine epsilons of the state's dtype (float32: 2 eps = 2.4e-7, float64: 8 eps = 1.8e-15) with a
+        two machine epsilons of the state's dtype (float32: 2.4e-7, float64: 4.4e-16) with a
         :class:`~neurodyn.errors.PrecisionWarning` where it is below (an ``rtol`` of 0 too, silently unless ``atol``
         is below the resolution of ``y0``): below that the result is no more accurate (rounding) and implicit
         methods' error estimates are rounding noise (many more steps). The same for ``adjoint_rtol``.

@@ -102,16 +102,13 @@ LANDING_SLACK = 1.0 + 1e-7
 
 
 # Relative tolerances are raised to this many machine epsilons of the state's real dtype (float32: 2.4e-7; float64:
-# 1.8e-15; neurodyn.options.clamp_rtol warns), and methods that tighten their tolerances internally (trbdf2) stop there
-# too. Measured (docs/results.md, "float32 tolerances below the floor", "float64 tolerances below the floor"): in
-# float32, lowering the floor from 8 to 2 epsilons, dopri5, tsit5 and bosh3 asked for rtol 1e-7 on DETEST problems,
-# torchdiffeq's ode_demo spiral and MLP fields came out more accurate (error x0.55 geometric mean, NFE x1.3) with no
-# failed solve; below 2 epsilons their errors stop falling (rounding), and an implicit method's error estimate becomes
-# rounding noise (kvaerno3: 12 times the steps for a 5 times larger error at 1 epsilon). In float64 the error at 8
-# epsilons is already rounding: 2 epsilons took ~1.3x the NFE for no smaller error (explicit methods on DETEST A2, B5,
-# C1, D), and made kvaerno4 run out of steps on A2.
-RTOL_FLOOR_EPS: dict[torch.dtype, float] = {torch.float16: 2.0, torch.bfloat16: 2.0, torch.float32: 2.0,
-                                            torch.float64: 8.0}
+# 4.4e-16; neurodyn.options.clamp_rtol warns), and methods that tighten their tolerances internally (trbdf2) stop there
+# too. Measured in float32 (docs/results.md, "float32 tolerances below the floor"): lowering the floor from 8 to 2
+# epsilons, dopri5, tsit5 and bosh3 asked for rtol 1e-7 on DETEST problems, torchdiffeq's ode_demo spiral and MLP fields
+# came out more accurate (error x0.55 geometric mean, NFE x1.3) with no failed solve; below 2 epsilons their errors stop
+# falling (rounding), and an implicit method's error estimate becomes rounding noise (kvaerno3: 12 times the steps for
+# a 5 times larger error at 1 epsilon).
+RTOL_FLOOR_EPS = 2.0
 
 
 def step_grid(times: list[float], stops: list[float], step_size: float) -> tuple[list[float], list[float]]:
@@ -138,14 +135,9 @@ def step_grid(times: list[float], stops: list[float], step_size: float) -> tuple
 
 
 def rtol_floor(dtype: torch.dtype) -> float:
-    """The smallest relative tolerance a solve runs at for a state of ``dtype``: ``RTOL_FLOOR_EPS[dtype]`` machine
-    epsilons of its real dtype (float32: 2.4e-7, float64: 1.8e-15).
-
-    >>> rtol_floor(torch.complex64) == rtol_floor(torch.float32) == 2 * torch.finfo(torch.float32).eps
-    True
-    """
-    real = real_dtype(dtype)
-    return RTOL_FLOOR_EPS[real] * torch.finfo(real).eps
+    """The smallest relative tolerance a solve runs at for a state of ``dtype``: ``RTOL_FLOOR_EPS`` machine epsilons
+    of its real dtype."""
+    return RTOL_FLOOR_EPS * torch.finfo(real_dtype(dtype)).eps
 
 
 # The step-size underflow rule, judged against the precision of the state (its real dtype's machine epsilon
