@@ -34,7 +34,6 @@ from torch.autograd.function import once_differentiable
 
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from .loop import (
-    _FALLBACK,
     CPU_OPTIONS,
     StepPlan,
     dense_rows,
@@ -299,8 +298,6 @@ def trainable(loop: Callable, solver: ExplicitRungeKutta, func: Callable, shape:
         """Whether a solve from ``y0`` may leave dy/dt at the initial time to the compiled loop (``k0`` None): under
         ``torch.no_grad()``, or where ``y0`` or the field's parameters require grad (a recorded solve; elsewhere in
         grad mode a tensor the field captures might still need a graph, which only an eager evaluation shows)."""
-        if per_func.get(_FALLBACK):
-            return False
         if not torch.is_grad_enabled():
             return True
         if per_func.get(("random", base_key)) or not isinstance(func, torch.nn.Module):

@@ -520,7 +520,7 @@ def _whole_loop_applies(cfg: LoopConfig, y0: Tensor, k0: Tensor | None) -> bool:
         torch.is_grad_enabled() and (y0.requires_grad or k0 is None or k0.requires_grad))
 
 
-def _run_compiled_loop(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[float],
+def _run_compiled_loop(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor | None, times: list[float],
                        stops: list[float], cfg: LoopConfig) -> LoopResult | None:
     """Run the compiled whole loop and report it as the eager loop would (None: it could not run)."""
     first = cfg.first_step if cfg.adaptive else cfg.step_size
