@@ -214,8 +214,8 @@ class Dropping(Field):
 @pytest.mark.slow
 def test_checks_run_again_for_a_new_variant_of_the_compiled_program(monkeypatch):
     # Verified compiled programs skip the eager evaluation at t0 and its checks; a change of the field's Python state
-    # (a captured tensor starting to need gradients, train() switching dropout on) compiles a new variant, which is
-    # checked again: Python steps, with the eager gradients.
+    # (a captured tensor starting to need gradients) compiles a new variant, which is checked again: Python steps,
+    # with the eager gradients.
     monkeypatch.setattr(policy, "FORCE", "compiled")
     t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
     y0 = torch.tensor([[0.4, -0.7]], dtype=torch.float64)
@@ -233,6 +233,14 @@ def test_checks_run_again_for_a_new_variant_of_the_compiled_program(monkeypatch)
     neurodyn.solve(field, y0, t).ys.sum().backward()
     torch.testing.assert_close(got, field.scale.grad, rtol=1e-11, atol=1e-13)
 
+
+@pytest.mark.slow
+def test_train_mode_dropout_after_verified_eval_solves_steps_in_python(monkeypatch):
+    # eval() solves verify their variant; train() compiles a new one, which draws random numbers: noticed on its first
+    # (checked) solve, which steps in Python.
+    monkeypatch.setattr(policy, "FORCE", "compiled")
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    y0 = torch.tensor([[0.4, -0.7]], dtype=torch.float64)
     dropping = Dropping().eval()
     for _ in range(3):
         sol = neurodyn.solve(dropping, y0, t, compile=True)
