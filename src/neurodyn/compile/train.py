@@ -189,7 +189,7 @@ class _RecordedSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, info: Recorded, y0: Tensor, *tensors: Tensor):
         ctx.info = info
-        ctx.y0 = y0.detach()
+        ctx.save_for_backward(y0)  # (an in-place change of y0 before the backward pass raises, as in eager mode)
         return info.ys, info.y_final
 
     @staticmethod
@@ -203,7 +203,7 @@ class _RecordedSolve(torch.autograd.Function):
         with torch.no_grad(), vectorize_strided_loads(), decompose_thin_products():
             out = info.backward(info.rec, info.rec_y, last, info.times, g_ys.contiguous(), g_final.contiguous(),
                                 info.times.new_zeros(0, dtype=ys.real.dtype if ys.is_complex() else ys.dtype),
-                                ctx.y0, *info.tensors)
+                                ctx.saved_tensors[0].detach(), *info.tensors)
         g_y0 = out[0] + g_ys[0:1]
         return None, g_y0, *out[1:]
 
