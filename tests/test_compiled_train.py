@@ -77,6 +77,72 @@ def test_compiled_training_step_matches_eager_direct_and_finite_differences(monk
     assert sol2.stats["compiled"] == "loop"
     for a, b in zip(got2, got):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Once verified, dy/dt at t0 is evaluated inside the compiled programs only: no eager evaluation at the start and
+    # no graph of the field around the compiled backward (the field's tanh would show; the encoder has none).
+    starts = _count_start_evaluations(monkeypatch)
+    field.zero_grad()
+    sol3 = neurodyn.solve(field, enc(x), t, rtol=1e-8, atol=1e-10, compile=True, gradient=gradient)
+    loss = sol3.ys.pow(2).sum() + sol3.ys[-1, 0, 1] * 0.5
+    assert starts() == 0 and sol3.stats["compiled"] == "loop" and sol3.stats["nfe"] == sol.stats["nfe"]
+    names = _graph_node_names(loss)
+    assert not any("Tanh" in name for name in names), names
+    assert sum("RecordedSolve" in name for name in names) == 1
+    loss.backward()
+    for a, p in zip(got[1:5], field.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=0, atol=0)
+    # NaN in dy/dt at t0 (a weight set to NaN: the same compiled program): the eager loop's status, message and
+    # counts, from inside the compiled loop.
+    kept = field.l2.bias[0].item()
+    with torch.no_grad():
+        field.l2.bias[0] = float("nan")
+    try:
+        bad = neurodyn.solve(field, enc(x), t, rtol=1e-8, atol=1e-10, compile=True, gradient=gradient,
+                             on_failure="return")
+        assert starts() == 0
+        ref_bad = neurodyn.solve(field, enc(x), t, rtol=1e-8, atol=1e-10, on_failure="return")
+        assert bad.status == ref_bad.status == "non_finite"
+        assert bad.message == ref_bad.message and "initial time" in bad.message
+        for key in ("nfe", "steps", "rejected", "initial_step"):
+            assert bad.stats[key] == ref_bad.stats[key], key
+        torch.testing.assert_close(bad.ys, ref_bad.ys, rtol=0, atol=0, equal_nan=True)
+        with pytest.raises(neurodyn.SolveFailure, match="initial time"):
+            neurodyn.solve(field, enc(x), t, rtol=1e-8, atol=1e-10, compile=True, gradient=gradient)
+    finally:
+        with torch.no_grad():
+            field.l2.bias[0] = kept
+
+
+def _count_start_evaluations(monkeypatch):
+    """Count the eager evaluations of dy/dt at the initial time (gradients.direct's checked call)."""
+    from neurodyn.gradients import direct
+
+    n = [0]
+    checked = direct.check_derivative
+
+    def counting(f0, y0):
+        n[0] += 1
+        return checked(f0, y0)
+
+    monkeypatch.setattr(direct, "check_derivative", counting)
+
+    def count():
+        out, n[0] = n[0], 0
+        return out
+
+    return count
+
+
+def _graph_node_names(root):
+    """The names of the autograd nodes behind ``root``."""
+    names, seen, stack = [], set(), [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(nf for nf, _ in node.next_functions)
+    return names
 
 
 def test_only_the_fields_own_tensors_may_need_gradients():
@@ -123,3 +189,64 @@ def test_random_draws_and_captured_tensors_step_in_python(monkeypatch):
     assert sol.stats["compiled"] == "step"  # the recorded forward drew random numbers: not replayable
     sol = neurodyn.solve(noisy, y0, t, compile=True)
     assert sol.stats["compiled"] == "step"  # remembered: not recorded again
+
+
+class Scaled(Field):
+    """Reads a tensor that is neither a parameter nor a buffer of its own (a plain attribute)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.tensor(1.5, dtype=torch.float64)
+
+    def forward(self, t, y):
+        return super().forward(t, y) * self.scale
+
+
+class Dropping(Field):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, t, y):
+        return self.l2(self.drop(torch.tanh(self.l1(y)))) - 0.1 * y
+
+
+@pytest.mark.slow
+def test_checks_run_again_for_a_new_variant_of_the_compiled_program(monkeypatch):
+    # Verified compiled programs skip the eager evaluation at t0 and its checks; a change of the field's Python state
+    # (a captured tensor starting to need gradients) compiles a new variant, which is checked again: Python steps,
+    # with the eager gradients.
+    monkeypatch.setattr(policy, "FORCE", "compiled")
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    y0 = torch.tensor([[0.4, -0.7]], dtype=torch.float64)
+    field = Scaled()
+    for _ in range(3):
+        sol = neurodyn.solve(field, y0, t, compile=True)
+        sol.ys.sum().backward()
+        assert sol.stats["compiled"] == "loop"
+    field.scale.requires_grad_(True)
+    sol = neurodyn.solve(field, y0, t, compile=True)
+    sol.ys.sum().backward()
+    assert sol.stats["compiled"] == "step"
+    got = field.scale.grad.clone()
+    field.scale.grad = None
+    neurodyn.solve(field, y0, t).ys.sum().backward()
+    torch.testing.assert_close(got, field.scale.grad, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.slow
+def test_train_mode_dropout_after_verified_eval_solves_steps_in_python(monkeypatch):
+    # eval() solves verify their variant; train() compiles a new one, which draws random numbers: noticed on its first
+    # (checked) solve, which steps in Python.
+    monkeypatch.setattr(policy, "FORCE", "compiled")
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    y0 = torch.tensor([[0.4, -0.7]], dtype=torch.float64)
+    kw = dict(method="rk4", step_size=0.1, compile=True)  # fixed steps: a field with dropout is a random one
+    dropping = Dropping().eval()
+    for _ in range(3):
+        sol = neurodyn.solve(dropping, y0, t, **kw)
+        sol.ys.sum().backward()
+        assert sol.stats["compiled"] == "loop"
+    dropping.train()
+    sol = neurodyn.solve(dropping, y0, t, **kw)
+    assert sol.stats["compiled"] == "step"

@@ -202,7 +202,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
     unroll = UNROLL if device.type == "cpu" else UNROLL_ACCELERATOR
     state_names = list(module_state(func)) if isinstance(func, torch.nn.Module) else None
 
-    def run(cv: Tensor, y0: Tensor, k0: Tensor, tol: Tensor, iv: Tensor, *tensors: Tensor):
+    def run(cv: Tensor, y0: Tensor, tol: Tensor, iv: Tensor, *tensors: Tensor):
         # cv (float64): the output times, the stops, the first step (inf: choose), min_step, max_step. tol: rtol and
         # atol as rows, (2, n), the state's real dtype. iv (int64): the integer state, max_steps last. Few inputs:
         # the compiled loop passes every input to every iteration (a tensor handle each).
@@ -217,7 +217,12 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         rtol, atol = tol[0:1], tol[1:2]
         t0 = times[0]
         direction = torch.where(times[-1] > t0, 1.0, -1.0).to(torch.float64)
-        k0 = k0.reshape(1, -1)
+        # dy/dt at (t0, y0), evaluated here (no eager call of the field before the loop). Where it holds NaN/inf the
+        # loop runs no attempt: status non-finite, no attempt counted (the host reports the eager loop's message).
+        k0 = f(t0, y0, t_dtype, state)
+        bad_start = ~torch.isfinite(k0).all()
+        slot = torch.arange(iv.shape[0], device=iv.device)
+        iv = iv + bad_start.long() * torch.where(slot == 5, _NON_FINITE, (slot == 6).long())
         if adaptive and choose_first:  # Hairer's initial step (core.control.initial_step_tensor), in the graph
             root = math.sqrt(max(n, 1))
             h_first = initial_step_tensor(lambda tt, yy: f(tt.reshape(()), yy, t_dtype, state), t0, y0, k0,
@@ -492,7 +497,7 @@ class LoopOutcome:
     """What a compiled loop returns to :func:`neurodyn.core.loop.integrate` (internal)."""
 
     __slots__ = ("ys", "y_final", "t_final", "next_step", "last_step", "last_try", "initial_step", "steps",
-                 "rejected", "attempts", "n_valid", "status", "rec", "times", "nfe")
+                 "rejected", "attempts", "n_valid", "status", "rec", "times", "nfe", "key", "variants")
 
     def __init__(self):
         self.nfe = None  # evaluations of the field where the loop counted them (else the loop's rule from attempts)
@@ -506,7 +511,14 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
     stops), without an autograd graph; it returns None where compilation failed (warned once per vector field; the
     caller then steps in Python). With ``record`` > 0 the outcome's ``rec`` holds the first ``record`` accepted steps
     (see :mod:`neurodyn.compile.train`); ``state``: :func:`module_state` of the field where the caller has it.
-    ``compiled_loop`` itself returns None where the whole loop is not supported."""
+    ``compiled_loop`` itself returns None where the whole loop is not supported.
+
+    The loop evaluates ``dy/dt`` at ``(times[0], y0)`` itself. ``k0``: that derivative as the caller evaluated and
+    checked it (shape, dtype, device, NaN/inf), or None where the caller left it unevaluated: then the loop runs only
+    where every compiled variant of its program (one per Python state of the field, Dynamo's guards) has run before
+    with ``k0`` given and been :func:`verified <verify>` (the field's output checked for that state), and returns
+    None otherwise (also when this call compiled a new variant: the caller evaluates ``k0`` and calls again). The
+    outcome's ``key`` and ``variants`` say which program ran and how many variants it had (for :func:`verify`)."""
     if not supports(solver, adaptive, controller) or dtype not in (torch.float32, torch.float64):
         return None
     try:
@@ -529,6 +541,8 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
             return None
         key = (base_key, len(times), len(stops), record)
         fn = per_func.get(key)
+        if k0 is None and (fn is None or per_func.get(("verified", key)) != len(_debug_get_cache_entry_list(fn.code))):
+            return None  # not every variant verified: the caller evaluates dy/dt at t0 and calls again
         if fn is None:
             fn = per_func[key] = _build(solver, func, shape, adaptive, interp, controller, choose_first, device,
                                         len(times), len(stops), record)
@@ -541,7 +555,7 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
                 tensors = (module_state(func) if state is None else state).values()
                 if column_major:
                     tensors = [column_major_copy(x) for x in tensors]
-                ys, y_final, counters, *rec = fn(cv, y0.detach(), k0.detach(), tol, iv, *tensors)
+                ys, y_final, counters, *rec = fn(cv, y0.detach(), tol, iv, *tensors)
         except Exception as exc:  # compilation failed: Python steps from now on, for this field
             # Dynamo's messages: a headline (for higher-order operators a generic one ending in ':'), then the
             # specific reason on the next line.
@@ -549,7 +563,10 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
             reason = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]) if lines else ""
             _give_up(per_func, f"could not be compiled as a whole ({type(exc).__name__}: {reason[:200]})")
             return None
-        if len(_debug_get_cache_entry_list(fn.code)) > _MAX_VARIANTS:
+        variants = len(_debug_get_cache_entry_list(fn.code))
+        if k0 is None and variants != per_func[("verified", key)]:
+            return None  # compiled a new variant: not verified (the caller evaluates dy/dt at t0 and calls again)
+        if variants > _MAX_VARIANTS:
             # Recompiled again and again: Python state the field reads changes between solves (a counter it
             # increments, say). This result is right, but every solve would compile anew: compiled steps from now on
             # (their guards and recompilations are per step, and cheap).
@@ -565,7 +582,23 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         o.ys, o.y_final = ys, y_final
         o.rec = tuple(rec)
         o.times = cv[:len(times)]
+        o.key, o.variants = key, variants
+        if k0 is not None and not record:  # the caller checked k0, and nothing else is to be checked here
+            verify(per_func, o)
         return o
 
     call.per_func, call.base_key = per_func, base_key
     return call
+
+
+def verify(per_func: dict, o: LoopOutcome) -> None:
+    """Note that the compiled variant the loop outcome ``o`` came from passed the caller's checks (``dy/dt`` at the
+    initial time evaluated eagerly and checked, and for a recorded solve :mod:`neurodyn.compile.train`'s checks): once
+    every variant of the program has passed, solves may leave ``k0`` unevaluated (see :func:`compiled_loop`). A
+    variant is a program compiled for one Python state of the field (Dynamo's guards: its attributes, ``training``
+    flag, the ``requires_grad`` flags of tensors it captures), so a check passed once holds for every call of it.
+    Only where at most one variant is new since the last verification (the one this call ran: compiled by it, or by
+    an unverified call just before)."""
+    slot = ("verified", o.key)
+    if per_func.get(slot, 0) >= o.variants - 1:
+        per_func[slot] = o.variants

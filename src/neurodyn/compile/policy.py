@@ -189,8 +189,7 @@ def choose(term: Any, solver: Any, y0: Tensor, k0: Tensor, times: list[float], s
         return decide(None, loop_available, force=FORCE)
     if vmapped(y0, k0):  # batched tensors: no timing the values' path, and no per-shape cache
         return decide(None, loop_available)
-    key = (getattr(solver, "name", type(solver).__name__), tuple(term.shape), y0.dtype, y0.device, cfg.adaptive,
-           torch.is_grad_enabled(), bool(cfg.record), loop_available, len(times), len(stops))
+    key = _key(term, solver, y0, times, stops, cfg, loop_available)
     per_func = _CACHE.get(term.func)
     if per_func is None:
         try:
@@ -202,6 +201,30 @@ def choose(term: Any, solver: Any, y0: Tensor, k0: Tensor, times: list[float], s
         timing, failed = calibrate(term, solver, y0, k0, times, stops, cfg, loop_available)
         decision = per_func[key] = decide(timing, loop_available, compile_failed=failed)
     return decision
+
+
+def cached(term: Any, solver: Any, y0: Tensor, times: list[float], stops: list[float], cfg: Any,
+           loop_available: bool) -> tuple[str, str] | tuple[None, None]:
+    """What :func:`choose` returns for this solve where that needs no measurement (the decision made before for this
+    field and problem, or :data:`FORCE`'s), else ``(None, None)``: for a solve that has not evaluated dy/dt at the
+    initial time, which a measurement needs."""
+    if FORCE is not None:
+        return decide(None, loop_available, force=FORCE)
+    if vmapped(y0):
+        return None, None
+    try:
+        per_func = _CACHE.get(term.func)
+    except TypeError:
+        per_func = None
+    decision = per_func.get(_key(term, solver, y0, times, stops, cfg, loop_available)) if per_func else None
+    return decision if decision is not None else (None, None)
+
+
+def _key(term: Any, solver: Any, y0: Tensor, times: list[float], stops: list[float], cfg: Any,
+         loop_available: bool) -> tuple:
+    """What a decision depends on besides the field (the cache key of :func:`choose`)."""
+    return (getattr(solver, "name", type(solver).__name__), tuple(term.shape), y0.dtype, y0.device, cfg.adaptive,
+            torch.is_grad_enabled(), bool(cfg.record), loop_available, len(times), len(stops))
 
 
 def calibrate(term: Any, solver: Any, y0: Tensor, k0: Tensor, times: list[float], stops: list[float], cfg: Any,

@@ -194,6 +194,12 @@ class CompiledStep:
         :func:`neurodyn.compile.policy.choose` (measured once per field and problem)."""
         return policy.choose(term, solver, y0, k0, times, stops, cfg, loop_available)
 
+    def cached_choice(self, term, solver, y0: Tensor, times: list[float], stops: list[float], cfg,
+                      loop_available: bool) -> tuple[str, str] | tuple[None, None]:
+        """:meth:`choose`'s answer where it needs no measurement, else ``(None, None)``
+        (:func:`neurodyn.compile.policy.cached`)."""
+        return policy.cached(term, solver, y0, times, stops, cfg, loop_available)
+
     def __call__(self, t: float, y: Tensor, h: float, k1: Tensor):
         try:
             return self._advance(t, y, h, k1)

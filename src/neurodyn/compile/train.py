@@ -7,12 +7,15 @@ wrote -- in two preallocated tensors. Backward: one more compiled ``while_loop``
 first, and pulls the cotangents back through each step with ``torch.func.vjp`` of the same step (stages, FSAL
 stage, dense output at the output times): no Python per step or per stage in either direction. The gradient is
 the discrete one ``gradient="direct"`` computes (the steps are the same; the rounding of the stage sums differs),
-with respect to ``y0``, the ``dy/dt`` at ``t0`` that the caller computed (its own graph carries the rest) and the
-parameters and buffers of the vector field.
+with respect to ``y0`` and the parameters and buffers of the vector field. The first ``dy/dt`` at ``t0`` is evaluated
+inside the compiled forward and pulled back inside the compiled backward: once verified, a training step makes no
+eager call of the field and no autograd node of its own besides the recorded solve's.
 
 A field that draws random numbers (dropout in training mode, noise) is noticed by the random generator's state
-moving during the compiled forward solve; that solve and later ones of the field step in Python instead (a replay
-would draw other numbers, and the gradient would be another forward pass's).
+moving during a compiled forward solve; that solve and later ones of the field step in Python instead (a replay
+would draw other numbers, and the gradient would be another forward pass's). That check, and the check that the
+field's tensors requiring grad are its own, run on the solves that evaluate ``dy/dt`` at ``t0`` eagerly: the first
+one of each compiled variant of the program (:func:`neurodyn.compile.loop.verify`).
 
 It applies where the compiled whole loop does (:func:`neurodyn.compile.loop.supports`, the state-size rule of
 :func:`neurodyn.compile.loop.worthwhile`), for ``nn.Module`` vector fields whose tensors needing gradients are
@@ -39,6 +42,7 @@ from .loop import (
     rk_stages,
     thin_products,
     vectorize_strided_loads,
+    verify,
 )
 from .step import own_code
 
@@ -105,16 +109,18 @@ def own_tensors_only(func: torch.nn.Module, y0: Tensor, k0: Tensor, named: dict[
 
 def build_backward(solver: ExplicitRungeKutta, func: torch.nn.Module, shape: tuple[int, ...], interp: str,
                    device: torch.device, n_times: int) -> Callable:
-    """The compiled backward pass of a recorded solve: ``run(rec, rec_y, last, times, g_ys, g_final, t_like,
-    *tensors) -> (g_y0, g_k0, *g_tensors)`` (``tensors``: the module's floating-point parameters and buffers, in
-    :func:`neurodyn.compile.loop.module_state` order; ``last``: index of the last kept step, int64)."""
+    """The compiled backward pass of a recorded solve: ``run(rec, rec_y, last, times, g_ys, g_final, t_like, y0,
+    *tensors) -> (g_y0, *g_tensors)`` (``tensors``: the module's floating-point parameters and buffers, in
+    :func:`neurodyn.compile.loop.module_state` order; ``last``: index of the last kept step, int64; ``y0``: the
+    initial state as a row). The cotangent reaching the first step's ``k1 = dy/dt(t0, y0)`` (evaluated inside the
+    compiled forward) is pulled back through that evaluation here too."""
     plan = StepPlan(solver, interp, adaptive=False)
     f = field_rows(func, shape)
     names = list(module_state(func))
     n_out = n_times
 
     def run(rec: Tensor, rec_y: Tensor, last: Tensor, times: Tensor, g_ys: Tensor, g_final: Tensor, t_like: Tensor,
-            *tensors: Tensor):
+            y0: Tensor, *tensors: Tensor):
         n = g_ys.shape[1]
         t_dtype = t_like.dtype
         rows = torch.arange(n_out, device=g_ys.device).to(torch.float64)
@@ -122,6 +128,12 @@ def build_backward(solver: ExplicitRungeKutta, func: torch.nn.Module, shape: tup
 
         def cond(i, ay, ak, *g):
             return i >= 0
+
+        def with_state(diff):
+            vals = list(tensors)
+            for j, x in zip(floating, diff):
+                vals[j] = x
+            return dict(zip(names, vals))
 
         def body(i, ay, ak, *g):
             r = rec.index_select(0, i.view(1)).view(5)
@@ -131,10 +143,7 @@ def build_backward(solver: ExplicitRungeKutta, func: torch.nn.Module, shape: tup
             cot = torch.where(((rows >= first) & (rows < end)).view(-1, 1), g_ys, 0.0)
 
             def step(y, k1, diff):
-                vals = list(tensors)
-                for j, x in zip(floating, diff):
-                    vals[j] = x
-                state = dict(zip(names, vals))
+                state = with_state(diff)
 
                 def fs(tt, yy):
                     return f(tt, yy, t_dtype, state)
@@ -150,10 +159,14 @@ def build_backward(solver: ExplicitRungeKutta, func: torch.nn.Module, shape: tup
         zero = g_final.new_zeros(1, n)
         out = torch._higher_order_ops.while_loop(cond, body, (last, g_final, zero,
                                                               *(torch.zeros_like(tensors[j]) for j in floating)))
+        # The first step's k1 = f(t0, y0): its cotangent through that evaluation, to y0 and the tensors.
+        _, pull = torch.func.vjp(lambda y, diff: f(times[0], y, t_dtype, with_state(diff)), y0,
+                                 tuple(tensors[j] for j in floating))
+        gy0, gt0 = pull(out[2])
         grads = [None] * len(tensors)
-        for j, gj in zip(floating, out[3:]):
-            grads[j] = gj
-        return out[1], out[2], *grads
+        for j, gj, g0 in zip(floating, out[3:], gt0):
+            grads[j] = gj + g0
+        return out[1] + gy0, *grads
 
     options = None
     if device.type == "cpu":
@@ -171,11 +184,12 @@ class Recorded:
 
 
 class _RecordedSolve(torch.autograd.Function):
-    """Outputs ``(ys, y_final)`` of a recorded compiled solve, differentiable in ``y0``, ``k0`` and the tensors."""
+    """Outputs ``(ys, y_final)`` of a recorded compiled solve, differentiable in ``y0`` and the tensors."""
 
     @staticmethod
-    def forward(ctx, info: Recorded, y0: Tensor, k0: Tensor, *tensors: Tensor):
+    def forward(ctx, info: Recorded, y0: Tensor, *tensors: Tensor):
         ctx.info = info
+        ctx.save_for_backward(y0)  # (an in-place change of y0 before the backward pass raises, as in eager mode)
         return info.ys, info.y_final
 
     @staticmethod
@@ -189,9 +203,9 @@ class _RecordedSolve(torch.autograd.Function):
         with torch.no_grad(), vectorize_strided_loads(), decompose_thin_products():
             out = info.backward(info.rec, info.rec_y, last, info.times, g_ys.contiguous(), g_final.contiguous(),
                                 info.times.new_zeros(0, dtype=ys.real.dtype if ys.is_complex() else ys.dtype),
-                                *info.tensors)
+                                ctx.saved_tensors[0].detach(), *info.tensors)
         g_y0 = out[0] + g_ys[0:1]
-        return None, g_y0, out[1], *out[2:]
+        return None, g_y0, *out[1:]
 
 
 class decompose_thin_products(thin_products):
@@ -214,10 +228,10 @@ class decompose_thin_products(thin_products):
 THIN_INNER = 32
 
 
-def attach(info: Recorded, y0: Tensor, k0: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """``(ys, y_final)`` of a recorded solve joined to the autograd graph of ``y0``, ``k0`` and ``params`` (the
-    module's parameters and buffers, in ``info.tensors`` order)."""
-    return _RecordedSolve.apply(info, y0, k0, *params)
+def attach(info: Recorded, y0: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(ys, y_final)`` of a recorded solve joined to the autograd graph of ``y0`` and ``params`` (the module's
+    parameters and buffers, in ``info.tensors`` order)."""
+    return _RecordedSolve.apply(info, y0, *params)
 
 
 
@@ -226,30 +240,49 @@ def trainable(loop: Callable, solver: ExplicitRungeKutta, func: Callable, shape:
     """The compiled whole loop ``loop`` (:func:`neurodyn.compile.loop.compiled_loop`) made usable where a graph is
     recorded: same call, and where ``y0`` or ``k0`` require grad (with grad mode on) a recorded solve whose outputs
     ``ys`` and ``y_final`` are differentiable; None (the caller then steps in Python) where that does not apply or
-    the solve took more steps than it kept."""
+    the solve took more steps than it kept.
+
+    ``k0`` None (dy/dt at the initial time left to the compiled loop, see :func:`defers_start`): a recorded solve
+    where grad mode is on, a plain one where it is off; None where a compiled variant has not been verified yet (the
+    caller then evaluates ``k0`` and calls again). The checks of a recorded solve -- the field's tensors requiring
+    grad are its own (on the graph of ``k0``), the field draws no random numbers -- run where ``k0`` is given; a
+    variant of the compiled program that passed them is :func:`~neurodyn.compile.loop.verify`-ed and needs them no
+    more."""
     per_func, base_key = loop.per_func, loop.base_key
 
     def run(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps):
-        if not (torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad)):
+        grad = torch.is_grad_enabled()
+        if k0 is None:
+            if not grad:
+                return loop(times, stops, y0, None, first, rtol, atol, min_step, max_step, max_steps)
+        elif not (grad and (y0.requires_grad or k0.requires_grad)):
             return loop(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps)
         if per_func.get(("random", base_key)) or not isinstance(func, torch.nn.Module):
             return None
         named = dict((*func.named_parameters(), *func.named_buffers()))  # as module_state orders them
-        cap = capacity(per_func, base_key, func, y0, k0, named)
-        if cap is None:
-            return None
+        if k0 is None:
+            cap = per_func.get(("record", base_key), FIRST_CAPACITY)
+            if not (y0.requires_grad or any(x.requires_grad for x in named.values())) \
+                    or cap * (2 * y0.shape[1] + 5) > MAX_RECORD_ELEMENTS:
+                return None
+        else:
+            cap = capacity(per_func, base_key, func, y0, k0, named)
+            if cap is None:
+                return None
         state = {name: x.detach() for name, x in named.items()}
-        before = _rng_state(y0.device)
+        before = _rng_state(y0.device) if k0 is not None else None
         o = loop(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps, record=cap, state=state)
         if o is None:
             return None
-        if not _same_state(before, _rng_state(y0.device)):
+        if before is not None and not _same_state(before, _rng_state(y0.device)):
             # The field draws random numbers (dropout, noise): a replay in the backward pass would draw others.
             per_func[("random", base_key)] = True
             return None
         if o.steps > cap:
             grow(per_func, base_key, o.steps)
             return None
+        if k0 is not None:
+            verify(per_func, o)
         key = ("backward", base_key, len(times))
         backward = per_func.get(key)
         if backward is None:
@@ -258,10 +291,21 @@ def trainable(loop: Callable, solver: ExplicitRungeKutta, func: Callable, shape:
         info.backward, (info.rec, info.rec_y), info.steps, info.times = backward, o.rec, o.steps, o.times
         info.ys, info.y_final = o.ys, o.y_final
         info.tensors = list(state.values())
-        o.ys, o.y_final = attach(info, y0, k0, list(named.values()))
+        o.ys, o.y_final = attach(info, y0, list(named.values()))
         return o
 
+    def defers_start(y0: Tensor) -> bool:
+        """Whether a solve from ``y0`` may leave dy/dt at the initial time to the compiled loop (``k0`` None): under
+        ``torch.no_grad()``, or where ``y0`` or the field's parameters require grad (a recorded solve; elsewhere in
+        grad mode a tensor the field captures might still need a graph, which only an eager evaluation shows)."""
+        if not torch.is_grad_enabled():
+            return True
+        if per_func.get(("random", base_key)) or not isinstance(func, torch.nn.Module):
+            return False
+        return y0.requires_grad or any(p.requires_grad for p in func.parameters())
+
     run.differentiable = True
+    run.defers_start = defers_start
     return run
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 import torch
 from torch import Tensor
@@ -29,14 +29,16 @@ from .tensors import VMAP_ADAPTIVE, fixed_bad, no_transform, real_bad, real_dtyp
 from .term import ODETerm
 
 
-def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[float],
+def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor | Callable[[], Tensor], times: list[float],
               cfg: LoopConfig) -> LoopResult | None:
     """Integrate from ``times[0]`` through ``times[-1]``, returning the state at every time (None with
     ``cfg.loop_only`` where the whole compiled loop does not run).
 
     ``y0`` has shape ``(1, n)``; ``k0`` (the user's shape) is dy/dt at ``(times[0], y0)`` (already computed by the
-    caller's shape check). Never raises for a failed solve: the status says what happened. ``cfg.on_attempt``, when
-    set, is called after every attempted step as ``on_attempt(t, y, h, accepted, nfe)`` (see :func:`iterate`).
+    caller's shape check), or a function computing and checking it where the caller left it to the compiled whole
+    loop (:func:`defers_start`): called only if that loop does not run. Never raises for a failed solve: the status
+    says what happened. ``cfg.on_attempt``, when set, is called after every attempted step as
+    ``on_attempt(t, y, h, accepted, nfe)`` (see :func:`iterate`).
     """
     run = iterate(term, solver, y0, k0, times, cfg)
     hook = cfg.on_attempt if not cfg.pause else None
@@ -49,7 +51,7 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: lis
         return done.value
 
 
-def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[float],
+def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor | Callable[[], Tensor], times: list[float],
             cfg: LoopConfig) -> Generator[tuple, None, LoopResult]:
     """The loop of :func:`integrate` as a generator returning the :class:`LoopResult`.
 
@@ -62,14 +64,20 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
     """
     t0, t_end = times[0], times[-1]
     direction = 1.0 if t_end > t0 else -1.0
+    # Times the solver must land on: step_t, jump_t and the final time, in the direction of travel.
+    jumps = {x for x in cfg.jump_t if (x - t0) * direction > 0 and (t_end - x) * direction > 0}
+    stops = sorted({x for x in cfg.step_t if (x - t0) * direction > 0 and (t_end - x) * direction > 0}
+                   | jumps, key=lambda x: x * direction) + [t_end]
+    if not isinstance(k0, Tensor):  # dy/dt at t0 left to the compiled whole loop (defers_start)
+        res = None if jumps else _run_deferred(term, solver, y0, times, stops, cfg)
+        if res is not None:
+            return res
+        k0 = k0()  # the loop does not run here: evaluated (and checked) now
     if vmapped(k0):
         if cfg.adaptive:  # vmapped over the field's parameters only (a batched state is refused by solve())
             raise InputError(VMAP_ADAPTIVE)
     elif fixed_bad(k0):  # screened by the sum (tensors.fixed_bad)
-        return LoopResult(outs=[y0], status=_sol.NON_FINITE, t_final=t0, y_final=y0, steps=0, rejected=0,
-                          initial_step=0.0, last_step=0.0, records=[],
-                          message=(f"NaN/inf in the derivative func(t0, y0) at the initial time t={t0:.6g}: "
-                                   f"check the vector field and y0."))
+        return _bad_start(y0, t0)
     # The event functions evaluated and checked at (t0, y0) before any work.
     watch = EventWatch(term, cfg, t0, y0) if cfg.events else None
     records: list = []  # event occurrences (t_e, y_e, event index)
@@ -78,10 +86,6 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[
     fixed = not cfg.adaptive
     fsal = solver.fsal
 
-    # Times the solver must land on: step_t, jump_t and the final time, in the direction of travel.
-    jumps = {x for x in cfg.jump_t if (x - t0) * direction > 0 and (t_end - x) * direction > 0}
-    stops = sorted({x for x in cfg.step_t if (x - t0) * direction > 0 and (t_end - x) * direction > 0}
-                   | jumps, key=lambda x: x * direction) + [t_end]
     stop_i = 0
     next_stop = stops[0]
     # compile=True: the compiled plug-in says whether the whole loop, compiled steps or eager steps run here.
@@ -469,9 +473,42 @@ def failure_message(status: str, t: float, h_abs: float, cfg: LoopConfig, solver
             f"if the steps are tiny because the problem is stiff, {stiff_hint}.")
 
 
-def _whole_loop_applies(cfg: LoopConfig, y0: Tensor, k0: Tensor) -> bool:
+def _bad_start(y0: Tensor, t0: float) -> LoopResult:
+    """The result of a solve whose dy/dt at the initial time holds NaN/inf (no step attempted)."""
+    return LoopResult(outs=[y0], status=_sol.NON_FINITE, t_final=t0, y_final=y0, steps=0, rejected=0,
+                      initial_step=0.0, last_step=0.0, records=[],
+                      message=(f"NaN/inf in the derivative func(t0, y0) at the initial time t={t0:.6g}: "
+                               f"check the vector field and y0."))
+
+
+def defers_start(cfg: LoopConfig, y0: Tensor) -> bool:
+    """Whether a solve may pass :func:`integrate` dy/dt at the initial time unevaluated (a function computing it):
+    where the compiled whole loop, which evaluates it itself, may run -- its plug-in allows it for ``y0``
+    (``cfg.loop.defers_start``, :func:`neurodyn.compile.train.trainable`) and the solve's settings are the loop's.
+    Whether it runs is settled in :func:`iterate` (the compile policy's cached choice; the plug-in's own checks);
+    where it does not, the function is called and the solve goes on as with an evaluated ``k0``."""
+    allows = getattr(cfg.loop, "defers_start", None)
+    return allows is not None and cfg.advance is not None \
+        and _whole_loop_applies(cfg, y0, None) and allows(y0)
+
+
+def _run_deferred(term: ODETerm, solver: Stepper, y0: Tensor, times: list[float], stops: list[float],
+                  cfg: LoopConfig) -> LoopResult | None:
+    """The compiled whole loop with dy/dt at the initial time evaluated inside it, where the compile policy's choice
+    for this solve is cached and is the loop; None where it did not run (the caller evaluates dy/dt and goes on)."""
+    cached = getattr(cfg.advance, "cached_choice", None)
+    path, why = cached(term, solver, y0, times, stops, cfg, True) if cached is not None else (None, None)
+    if path != "loop":
+        return None
+    res = _run_compiled_loop(term, solver, y0, None, times, stops, cfg)
+    if res is not None and res.compiled == "loop":
+        res.compile_reason = why
+    return res
+
+
+def _whole_loop_applies(cfg: LoopConfig, y0: Tensor, k0: Tensor | None) -> bool:
     """The compiled whole loop covers solves that record no steps, events or per-step hooks, and no autograd graph
-    unless the plug-in is marked ``differentiable``."""
+    unless the plug-in is marked ``differentiable`` (``k0`` None: not evaluated yet, see :func:`defers_start`)."""
     if cfg.record or cfg.perturb or cfg.events or cfg.on_accept is not None or cfg.norm is not None:
         return False
     if cfg.accept_min_step or cfg.step_callbacks or cfg.on_attempt is not None or cfg.pause:
@@ -479,17 +516,19 @@ def _whole_loop_applies(cfg: LoopConfig, y0: Tensor, k0: Tensor) -> bool:
     if cfg.error_dims is not None or vmapped(y0):  # torch.func.vmap cannot enter a compiled while_loop
         return False
     # A recorded graph: a loop plug-in marked `differentiable` joins its outputs to the graph itself.
-    return not (torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad)) or \
-        getattr(cfg.loop, "differentiable", False)
+    return getattr(cfg.loop, "differentiable", False) or not (
+        torch.is_grad_enabled() and (y0.requires_grad or k0 is None or k0.requires_grad))
 
 
-def _run_compiled_loop(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor, times: list[float],
+def _run_compiled_loop(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor | None, times: list[float],
                        stops: list[float], cfg: LoopConfig) -> LoopResult | None:
     """Run the compiled whole loop and report it as the eager loop would (None: it could not run)."""
     first = cfg.first_step if cfg.adaptive else cfg.step_size
     o = cfg.loop(times, stops, y0, k0, first, cfg.rtol, cfg.atol, cfg.min_step, cfg.max_step, cfg.max_steps)
     if o is None:
         return None
+    if o.status == _sol.NON_FINITE and o.attempts == 0:  # dy/dt at t0 not finite (evaluated in the loop)
+        return _bad_start(y0, times[0])
     if getattr(o, "nfe", None) is not None:  # the plug-in counted the evaluations itself
         term.nfe += o.nfe
     else:
