@@ -354,6 +354,23 @@ def test_column_major_copy_keeps_values_and_stores_columns():
     assert (comp.ys - eager.ys).abs().max() < 1e-13
 
 
+def test_batch_column_major_stores_wide_matrices_by_columns():
+    """For a batched state the matrices with more than LOOP_THIN_OUTPUTS rows (a hidden layer's, a thin first layer's)
+    are column-major copies with the same values; a layer back to a small state and vectors stay as they are."""
+    from neurodyn.compile.loop import LOOP_THIN_OUTPUTS, batch_column_major
+
+    g = torch.Generator().manual_seed(7)
+    wide, first = torch.randn(64, 64, generator=g, dtype=F64), torch.randn(64, 2, generator=g, dtype=F64)
+    last, bias = torch.randn(LOOP_THIN_OUTPUTS, 64, generator=g, dtype=F64), torch.randn(64, generator=g, dtype=F64)
+    for w in (wide, first):
+        c = batch_column_major(w)
+        assert c.stride() == (1, w.shape[0]) and torch.equal(c, w) and c.data_ptr() != w.data_ptr()
+        # nn.Linear's product reads c.T, now row-major: the same product as with the row-major matrix, to rounding
+        h = torch.randn(256, w.shape[1], generator=g, dtype=F64)
+        assert c.t().is_contiguous() and torch.allclose(h @ c.t(), h @ w.t(), rtol=1e-14, atol=1e-13)
+    assert batch_column_major(last) is last and batch_column_major(bias) is bias
+
+
 def _products_graph(x, w1, b1, w2, b2):
     """A batched two-layer field's products (x: (B, 8); a wide hidden layer, a thin output layer), traced to ATen."""
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -383,6 +400,9 @@ def test_loop_products_pass_rewrites_library_products_and_keeps_values():
     # the thin layer's product has the short dimension first: (2, 16) @ (16, 32)
     mms = [n for n in gm.graph.nodes if n.target is aten.mm.default]
     assert [tuple(n.meta["val"].shape) for n in mms] == [(32, 16), (2, 32)]
+    # the thin layer's result is written once as a row-major (32, 2) buffer (not left a transposed view)
+    forced = [n for n in gm.graph.nodes if "force_stride_order" in str(n.target)]
+    assert len(forced) == 1 and list(forced[0].args[1]) == [2, 1]
     out, ref = gm(x, w1, b1, w2, b2), f(x, w1, b1, w2, b2)
     assert out.shape == ref.shape == (32, 2)
     assert torch.allclose(out, ref, rtol=1e-14, atol=1e-14)
