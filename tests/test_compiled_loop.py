@@ -441,6 +441,37 @@ def test_loop_products_pass_leaves_other_products():
         assert torch.equal(got, want)
 
 
+def test_column_sums_pass_writes_leading_sums_as_products_and_keeps_values():
+    """ColumnSums: a sum over the leading dimension of a matrix with at least min_rows rows (a bias gradient over the
+    batch) becomes ones(1, m) @ x, with and without keepdim; a short matrix's sum, a sum over the last dimension and an
+    integer sum stay as they are; the values are eager ATen's sums (to rounding)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from neurodyn.compile.loop import ColumnSums
+
+    def f(x, short, xi):
+        return x.sum(0), x.sum(0, keepdim=True), x.sum(1), short.sum(0), xi.sum(0)
+
+    g = torch.Generator().manual_seed(8)
+    x, short = torch.randn(256, 24, generator=g, dtype=F64), torch.randn(16, 24, generator=g, dtype=F64)
+    xi = torch.arange(256 * 3).reshape(256, 3)
+    gm = make_fx(f, tracing_mode="fake")(x, short, xi)
+    aten = torch.ops.aten
+    assert sum(n.target is aten.sum.dim_IntList for n in gm.graph.nodes) == 5
+    ColumnSums(8, 128)(gm.graph)
+    gm.recompile()
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    mms = [n for n in calls if n.target is aten.mm.default]
+    assert [tuple(n.meta["val"].shape) for n in mms] == [(1, 24), (1, 24)]
+    assert all(tuple(n.args[0].meta["val"].shape) == (1, 256) for n in mms)
+    assert sum(n.target is aten.sum.dim_IntList for n in calls) == 3
+    got, want = gm(x, short, xi), f(x, short, xi)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.allclose(a, b, rtol=1e-13, atol=1e-13)
+    assert torch.equal(got[4], want[4])
+
+
 @pytest.mark.slow
 def test_loop_with_library_products_matches_eager(monkeypatch):
     """A batched MLP (nn.Linear layers: a thin first layer, a wide hidden one, a thin last one) through the compiled

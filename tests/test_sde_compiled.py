@@ -277,3 +277,45 @@ def test_step_grid_lands_as_the_eager_loop():
     assert abs(sum(hs) - 1.0) < 1e-15
     ts, hs = driven.step_grid([1.0, 0.0], [0.0], 0.25)
     assert ts == [1.0, 0.75, 0.5, 0.25, 0.0] and hs == [-0.25] * 4
+
+
+@pytest.mark.slow  # compiling a forward and a backward: 30-60 s on a loaded 2-core machine
+def test_grad_mode_blocks_sum_bias_gradients_as_products_and_match_eager(forced, monkeypatch):
+    """A batch of 160 samples (at least loop.GRAPH_SUM_ROWS): the compiled blocks' backward sums each layer's output
+    gradient over the batch (the bias gradients) as library products (ColumnSums, seen rewriting them); outputs and
+    gradients with respect to y0 and every parameter equal the eager solve's to rounding (float64)."""
+    from neurodyn.compile import loop
+
+    monkeypatch.setattr(driven, "GRAPH_BLOCK", 2)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # the pass runs (no cached graph)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    rewritten = []
+    call = loop.ColumnSums.__call__
+
+    def spy(self, graph):
+        def sums():
+            return sum(n.target is torch.ops.aten.sum.dim_IntList for n in graph.nodes)
+
+        before = sums()
+        call(self, graph)
+        rewritten.append(before - sums())
+
+    monkeypatch.setattr(loop.ColumnSums, "__call__", spy)
+    model = Small().double()
+    n = 160
+    bm = BrownianInterval(0.0, 1.0, shape=(n, D), dtype=torch.float64, entropy=4, cache_size=None)
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    out = []
+    for comp in (True, False):
+        model.zero_grad()
+        y0 = torch.linspace(-1, 1, n * D, dtype=torch.float64).view(n, D).requires_grad_(True)
+        term = neurodyn.sde_term(model.f, model.g, bm, noise="diagonal")
+        sol = neurodyn.solve(term, y0, ts, method="euler", step_size=0.05, compile=comp)
+        sol.ys.pow(2).sum().backward()
+        out.append((sol, [y0.grad] + [p.grad.clone() for p in model.parameters()]))
+    (a, ga), (b, gb) = out
+    assert a.stats["compiled"] == "loop" and b.stats.get("compiled") is None
+    assert sum(rewritten) >= 4  # the two layers' bias gradients of each of the block's two steps
+    torch.testing.assert_close(a.ys, b.ys, rtol=0, atol=1e-13)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-13)

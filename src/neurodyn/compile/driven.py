@@ -50,7 +50,15 @@ from ..core.stepper import Step, Stepper
 from ..core.term import ODETerm, term_of
 from ..solvers.sde import split_sde
 from . import policy
-from .loop import LOOP_OPTIONS, LOOP_THIN_INNER, LoopOutcome, library_tanh, thin_products, vectorize_strided_loads
+from .loop import (
+    GRAPH_OPTIONS,
+    LOOP_OPTIONS,
+    LOOP_THIN_INNER,
+    LoopOutcome,
+    library_tanh,
+    thin_products,
+    vectorize_strided_loads,
+)
 from .step import own_code
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -122,7 +130,7 @@ def _build_block(holder: list, n_carried: int, n_inputs: int, size: int) -> Call
             y, k = y1, kn
         return torch.stack(finite), y, k, *carried
 
-    options = LOOP_OPTIONS if holder[1].device is None or torch.device(holder[1].device).type == "cpu" else None
+    options = GRAPH_OPTIONS if holder[1].device is None or torch.device(holder[1].device).type == "cpu" else None
     return torch.compile(own_code(run), options=options, fullgraph=True, dynamic=False)
 
 
