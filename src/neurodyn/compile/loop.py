@@ -461,7 +461,6 @@ class LoopProducts(CustomGraphPass):
             graph.erase_node(node)
 
 
-
 class ColumnSums(LoopProducts):
     """:class:`LoopProducts`, and column sums ``sum(x, [0])`` of a matrix ``x`` of shape ``(m, n)`` with
     ``m >= min_rows`` written as the product ``ones(1, m) @ x`` (the post-grad pass of the compiled blocks of steps
