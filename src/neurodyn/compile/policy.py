@@ -189,17 +189,17 @@ def choose(term: Any, solver: Any, y0: Tensor, k0: Tensor, times: list[float], s
         return decide(None, loop_available, force=FORCE)
     if vmapped(y0, k0):  # batched tensors: no timing the values' path, and no per-shape cache
         return decide(None, loop_available)
-    key = _key(term, solver, y0, times, stops, cfg, loop_available)
-    per_func = _CACHE.get(term.func)
-    if per_func is None:
-        try:
-            per_func = _CACHE.setdefault(term.func, {})
-        except TypeError:  # not weak-referenceable: measured every solve
-            per_func = {}
-    decision = per_func.get(key)
-    if decision is None:  # measured once; the decision (a function of the measurement) is kept with it
-        timing, failed = calibrate(term, solver, y0, k0, times, stops, cfg, loop_available)
-        decision = per_func[key] = decide(timing, loop_available, compile_failed=failed)
+    decision = cached(term, solver, y0, times, stops, cfg, loop_available)
+    if decision[0] is not None:
+        return decision
+    try:
+        per_func = _CACHE.setdefault(term.func, {})
+    except TypeError:  # not weak-referenceable: measured every solve
+        per_func = {}
+    # Measured once; the decision (a function of the measurement) is kept with it.
+    timing, failed = calibrate(term, solver, y0, k0, times, stops, cfg, loop_available)
+    decision = per_func[_key(term, solver, y0, times, stops, cfg, loop_available)] = \
+        decide(timing, loop_available, compile_failed=failed)
     return decision
 
 
