@@ -207,12 +207,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redrop", type=float_in(0.0, 1.0, high_open=True), default=None,
                         help="NeuralCDE only: in every training batch drop each observed time point of each series "
                              "again with this probability (at least 2 kept, else the series is left as it is) and "
-                             f"recompute its path (default {d.redrop:g}: off)")
+                             f"recompute its path (default {d.redrop:g}; 0: off)")
     parser.add_argument("--ema-decay", type=float_in(0.0, 1.0, high_open=True), default=None,
                         help="> 0: keep an exponential moving average of the weights of the --ema-models, w_ema <- "
                              "d w_ema + (1 - d) w after every optimizer step (started at the initial weights), and "
                              "select the epoch and report the test accuracy with the averaged weights "
-                             f"(default {d.ema_decay:g}: the raw weights)")
+                             f"(default {d.ema_decay:g}; 0: the raw weights)")
     parser.add_argument("--ema-models", choices=MODELS, nargs="+", default=None,
                         help=f"the models --ema-decay applies to (default: {' '.join(d.ema_models)})")
     parser.add_argument("--subset", type=int, default=None,
