@@ -191,7 +191,7 @@ def test_cde_demo_path_augmentations_cumsum_and_basepoint(tmp_path, capsys):
     from neurodyn.cli import main
     from neurodyn.demos._common import DemoError
 
-    cfg = demo.CDEConfig(subset=10, augment=["cumsum", "basepoint"], augment_channels=3)
+    cfg = demo.CDEConfig(subset=10, augment=["cumsum", "basepoint"], augment_channels=3, cde_hidden=32)
     data = demo._data(cfg)
     C = data["channels"]
     d = demo._with_drop(data["train"], 0.5, 7, cfg, "NeuralCDE")
@@ -238,8 +238,8 @@ def test_cde_demo_path_augmentations_cumsum_and_basepoint(tmp_path, capsys):
     # the CLI: one epoch, both augmentations, every integral channel; rk4 takes one more step for the basepoint
     out = tmp_path / "aug"
     assert main(["demo", "cde", "--epochs", "1", "--subset", "12", "--seeds", "1", "--rates", "0.3", "--models",
-                 "NeuralCDE", "--augment", "cumsum", "basepoint", "--cde-layers", "1", "--out", str(out),
-                 "--no-plots"]) == 0
+                 "NeuralCDE", "--augment", "cumsum", "basepoint", "--cde-layers", "1", "--cde-hidden", "32",
+                 "--out", str(out), "--no-plots"]) == 0
     (run,) = json.loads((out / "metrics.json").read_text())["runs"]["NeuralCDE"]["0.3"]
     assert run["nfe_per_forward"] == 4 * T12
     assert run["params"] == (32 * 32 + 32) + 32 * 32 * (1 + 2 * C) + 32 * (1 + 2 * C) + (1 + 2 * C) * 32 + 32 \
@@ -277,7 +277,7 @@ def test_cde_demo_extra_channels_locf_and_delta_are_linear_between_the_samples(t
     out = tmp_path / "extra"
     assert main(["demo", "cde", "--epochs", "1", "--subset", "12", "--seeds", "1", "--rates", "0.5", "--models",
                  "NeuralCDE", "--extra", "locf", "delta", "--readout", "final-path", "--cde-step", "0.5",
-                 "--cde-layers", "1", "--out", str(out), "--no-plots"]) == 0
+                 "--cde-layers", "1", "--cde-hidden", "32", "--out", str(out), "--no-plots"]) == 0
     (run,) = json.loads((out / "metrics.json").read_text())["runs"]["NeuralCDE"]["0.5"]
     T12 = int(max(demo._data(demo.CDEConfig(subset=12))[s]["lengths"].max() for s in ("train", "test")))
     assert run["nfe_per_forward"] == 8 * T12
