@@ -16,8 +16,9 @@ needs_aeon = pytest.mark.skipif(importlib.util.find_spec("aeon") is None,
 
 
 def _reference_series_coeffs(x, t, lengths):
-    """The demo's earlier ``series_coeffs``: one ``natural_cubic_coeffs`` call per distinct length (which loops over
-    the rows with holes), then the constant pieces after each series' end."""
+    """The demo's earlier ``series_coeffs``: one ``natural_cubic_coeffs`` call per distinct length (without
+    ``lengths``; its missing-value path is checked against the per-row loop in ``tests/test_cubic_missing.py``), then
+    the constant pieces after each series' end."""
     from neurodyn.paths.cubic import natural_cubic_coeffs
     from neurodyn.paths.fill import fill_missing
 

@@ -95,7 +95,7 @@ from neurodyn.demos._common import (
 from neurodyn.models import GRUD, ODERNN, DiagonalSSM, NeuralCDE
 from neurodyn.models.neural_cde import CDEField
 from neurodyn.paths.augment import basepoint, cumulative_integral
-from neurodyn.paths.cubic import CubicPath
+from neurodyn.paths.cubic import CubicPath, natural_cubic_coeffs
 from neurodyn.paths.fill import fill_missing
 
 NAME = "cde"
@@ -489,15 +489,12 @@ def series_coeffs(x: Tensor, t: Tensor, lengths: Tensor) -> Tensor:
 
     ``x`` ``(B, T, C)`` with channel 0 the complete time channel, ``t`` ``(T,)``, ``lengths`` ``(B,)`` in ``[2, T]``.
 
-    Every series and channel is solved at once (no loop over series, channels or lengths; a loop over the ``T``
-    knot positions only): each row's knots (its observed points in ``[0, L_b)``, and the positions before its first
-    and after its last observation, which take those observations' values as in
-    :func:`~neurodyn.paths.natural_cubic_coeffs`) are moved to the front, one Thomas solve runs on all rows with
-    the rows' own knot spacings (the positions past a row's last knot decoupled: zero off-diagonal, unit diagonal,
-    zero right-hand side), and each grid interval takes the piece of the knot interval that contains it,
-    re-centred at its start. The operations per row are those of :func:`~neurodyn.paths.natural_cubic_coeffs` on
-    that row alone, so the result is the same to the bit (``tests/test_demo_cde_redrop.py`` checks it); this is
-    what makes recomputing the splines for every training batch (``CDEConfig.redrop``) cheap.
+    The splines are :func:`~neurodyn.paths.natural_cubic_coeffs` with ``lengths`` (every series and channel
+    solved at once: one Thomas solve with per-row knot spacings, a loop over the ``T`` knot positions only, each
+    row the same to the bit as that row's spline alone; ``tests/test_demo_cde_redrop.py`` checks it against one call
+    per length), which also holds every channel's value after the series' end; this function only sets the time
+    channel's pieces there to its last slope. This is what makes recomputing the splines for every training batch
+    (``CDEConfig.redrop``) cheap.
 
     Examples
     --------
@@ -511,79 +508,17 @@ def series_coeffs(x: Tensor, t: Tensor, lengths: Tensor) -> Tensor:
     B, T, C = x.shape
     if bool((lengths < 2).any()) or bool((lengths > T).any()):
         raise DemoError(f"series_coeffs: every length must be in [2, {T}], got {lengths.min()}..{lengths.max()}")
+    out = natural_cubic_coeffs(x, t, lengths=lengths).reshape(B, T - 1, 4, C)
+    # the time channel after the series' end: its last slope (its value at t[L - 1] is held there already)
     tt = t.to(x.dtype)
-    N = B * C
-    rows = x.movedim(-1, -2).reshape(N, T)  # one row per (series, channel)
-    L = lengths.repeat_interleave(C)  # (N,)
-    pos = torch.arange(T)
-    valid = pos[None, :] < L[:, None]
-    obs = ~torch.isnan(rows) & valid
-    first = torch.where(obs, pos, T).amin(-1, keepdim=True)
-    last = torch.where(obs, pos, -1).amax(-1, keepdim=True)
-    empty = last[:, 0] < 0  # no observation: zero coefficients (natural_cubic_coeffs), value 0 after the end
-    x0 = torch.where(obs, rows, torch.zeros_like(rows))
-    xf = torch.where(pos < first, x0.gather(-1, first.clamp(max=T - 1)), x0)
-    xf = torch.where(pos > last, x0.gather(-1, last.clamp(min=0)), xf)  # the values the spline passes through
-    knot = valid & (obs | (pos < first) | (pos > last)) & ~empty[:, None]
-    K = knot.sum(-1)  # (N,) knots per row
-    order = torch.sort((~knot).to(torch.uint8), dim=-1, stable=True).indices  # the knots first, in time order
-    real = pos[None, :] < K[:, None]  # (N, T): slot j holds a knot
-    tk = tt[order]  # (N, T) knot times (slots past K: unused)
-    xk = xf.gather(-1, order)
-    inside = real[:, 1:] & real[:, :-1]  # (N, T - 1): knot interval j exists
-    h = torch.where(inside, tk[:, 1:] - tk[:, :-1], torch.ones_like(tk[:, 1:]))
-    dx = torch.where(inside, xk[:, 1:] - xk[:, :-1], torch.zeros_like(h))
-    r = torch.where(inside, h.reciprocal(), torch.zeros_like(h))
-    s = 3 * dx * r * r
-    zero = torch.zeros_like(r[:, :1])
-    diag = 2 * (torch.cat([zero, r], -1) + torch.cat([r, zero], -1))  # (N, T)
-    diag = torch.where(real, diag, torch.ones_like(diag))
-    rhs = torch.cat([zero, s], -1) + torch.cat([s, zero], -1)
-    rp = torch.cat([r, zero], -1)  # r[k], 0 past the last interval
-    # Thomas algorithm along the knot slots (natural_cubic_coeffs' recursion, batched over rows)
-    c_prev = rp[:, 0] / diag[:, 0]
-    d_prev = rhs[:, 0] / diag[:, 0]
-    cp, dp = [c_prev], [d_prev]
-    for k in range(1, int(K.max())):
-        denom = diag[:, k] - rp[:, k - 1] * c_prev
-        c_prev = rp[:, k] / denom
-        d_prev = (rhs[:, k] - rp[:, k - 1] * d_prev) / denom
-        cp.append(c_prev)
-        dp.append(d_prev)
-    m = [dp[-1]]
-    for k in range(len(dp) - 2, -1, -1):
-        m.append(dp[k] - cp[k] * m[-1])
-    m = torch.stack(m[::-1], -1)  # (N, K_max)
-    m = torch.nn.functional.pad(m, (0, T - m.shape[-1]))
-    m0, m1 = m[:, :-1], m[:, 1:]
-    two_c = (6 * dx * r - 4 * m0 - 2 * m1) * r
-    three_d = (-6 * dx * r + 3 * (m0 + m1)) * r * r
-    two = (K == 2)[:, None]  # two knots: the line through them (natural_cubic_coeffs' special case)
-    z = torch.zeros_like(h)
-    pieces = torch.stack([xk[:, :-1], torch.where(two, dx / h, m0), torch.where(two, z, two_c),
-                          torch.where(two, z, three_d)], -1)  # (N, T - 1, 4) per knot interval
-    # grid interval k < L - 1: the piece of the knot interval containing it, re-centred at t[k]
-    j = (knot.cumsum(-1)[:, :-1] - 1).clamp(min=0).minimum((K - 2).clamp(min=0)[:, None])  # (N, T - 1)
-    p = pieces.gather(1, j[..., None].expand(-1, -1, 4))
-    a, b, c2, d3 = p.unbind(-1)
-    o = tt[:-1] - tk.gather(-1, j)
-    holes = (knot != valid).any(-1, keepdim=True)  # natural_cubic_coeffs re-centres the rows with holes only
-    a, b, c2, d3 = (torch.where(holes, u, v) for u, v in (
-        (a + (b + (0.5 * c2 + d3 * o / 3) * o) * o, a), (b + (c2 + d3 * o) * o, b), (c2 + 2 * d3 * o, c2), (d3, d3)))
-    # from the series' last point on: the value at t[L - 1] held, the time channel going on with its last slope
-    after = pos[None, :-1] >= (L - 1)[:, None]  # (N, T - 1)
-    end = xf.gather(-1, (L - 1)[:, None])  # (N, 1)
-    slope = b.reshape(B, C, T - 1)[:, 0].gather(-1, (lengths - 2)[:, None]).repeat_interleave(C, 0)  # (N, 1)
-    is_time = (torch.arange(N) % C == 0)[:, None]
-    a_end = torch.where(is_time, end + slope * (tt[:-1] - tt[L - 1][:, None]), end)
-    a = torch.where(after, a_end, a)
-    b = torch.where(after, torch.where(is_time, slope, torch.zeros_like(slope)), b)
-    c2 = torch.where(after | empty[:, None], torch.zeros_like(c2), c2)
-    d3 = torch.where(after | empty[:, None], torch.zeros_like(d3), d3)
-    a = torch.where(empty[:, None] & ~after, torch.zeros_like(a), a)
-    b = torch.where(empty[:, None] & ~after, torch.zeros_like(b), b)
-    out = torch.stack([a, b, c2, d3], -1).reshape(B, C, T - 1, 4)  # (B, C, T - 1, [a, b, 2c, 3d])
-    return out.permute(0, 2, 3, 1).reshape(B, T - 1, 4 * C)
+    L = lengths.to(torch.long)
+    after = torch.arange(T - 1, device=x.device) >= (L - 1)[:, None]  # (B, T - 1)
+    end = out[:, :, 0, 0].gather(-1, (L - 1).clamp(max=T - 2)[:, None])  # the held value (where there is an after)
+    slope = out[:, :, 1, 0].gather(-1, (L - 2)[:, None])  # (B, 1)
+    a0 = torch.where(after, end + slope * (tt[:-1] - tt[L - 1][:, None]), out[:, :, 0, 0])
+    b0 = torch.where(after, slope, out[:, :, 1, 0])
+    out = torch.cat([torch.stack([a0, b0, out[:, :, 2, 0], out[:, :, 3, 0]], -1)[..., None], out[..., 1:]], -1)
+    return out.reshape(B, T - 1, 4 * C)
 
 
 def _with_path(d: dict[str, Tensor], cfg: CDEConfig) -> dict[str, Tensor]:

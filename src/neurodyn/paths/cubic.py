@@ -29,6 +29,26 @@ from ..errors import InputError
 from .fill import check_data, fill_missing
 
 
+def _thomas(off: Tensor, diag: Tensor, rhs: Tensor, n: int) -> Tensor:
+    """Solve the symmetric tridiagonal systems in slots ``0, ..., n - 1`` of the first dimension: off-diagonal
+    ``off[k]`` between slots ``k`` and ``k + 1``, diagonal ``diag[k]``, right-hand side ``rhs[k]`` (the trailing
+    dimensions broadcast). Thomas algorithm, a Python loop over the ``n`` slots (vectorised over the rest;
+    differentiable). Returns the solution, shape ``(n, ...)``."""
+    c_prev = off[0] / diag[0]
+    d_prev = rhs[0] / diag[0]
+    cp, dp = [c_prev], [d_prev]
+    for k in range(1, n):
+        denom = diag[k] - off[k - 1] * c_prev
+        c_prev = off[k] / denom if k < n - 1 else None
+        d_prev = (rhs[k] - off[k - 1] * d_prev) / denom
+        cp.append(c_prev)
+        dp.append(d_prev)
+    m = [dp[-1]]
+    for k in range(n - 2, -1, -1):
+        m.append(dp[k] - cp[k] * m[-1])
+    return torch.stack(m[::-1], 0)
+
+
 def _natural_no_nan(ts: Tensor, x: Tensor) -> Tensor:
     """Natural cubic spline coefficients ``(..., T - 1, 4C)`` of ``x`` ``(..., T, C)`` (no NaN) on ``ts``."""
     T = x.shape[-2]
@@ -44,22 +64,7 @@ def _natural_no_nan(ts: Tensor, x: Tensor) -> Tensor:
     diag = 2 * (torch.cat([zero_r, r], 0) + torch.cat([r, zero_r], 0))  # (T, 1)
     zero_s = torch.zeros_like(s[..., :1, :])
     rhs = torch.cat([zero_s, s], -2) + torch.cat([s, zero_s], -2)  # (..., T, C)
-    # Thomas algorithm along the time dimension (vectorised over batch and channels; differentiable).
-    cp, dp = [], []
-    c_prev = r[0] / diag[0]
-    d_prev = rhs[..., 0, :] / diag[0]
-    cp.append(c_prev)
-    dp.append(d_prev)
-    for k in range(1, T):
-        denom = diag[k] - r[k - 1] * c_prev
-        c_prev = r[k] / denom if k < T - 1 else None
-        d_prev = (rhs[..., k, :] - r[k - 1] * d_prev) / denom
-        cp.append(c_prev)
-        dp.append(d_prev)
-    m = [dp[-1]]
-    for k in range(T - 2, -1, -1):
-        m.append(dp[k] - cp[k] * m[-1])
-    m = torch.stack(m[::-1], -2)  # (..., T, C)
+    m = _thomas(r, diag, rhs.movedim(-2, 0), T).movedim(0, -2)  # (..., T, C)
     m0, m1 = m[..., :-1, :], m[..., 1:, :]
     two_c = (6 * dx * r - 4 * m0 - 2 * m1) * r
     three_d = (-6 * dx * r + 3 * (m0 + m1)) * r * r
@@ -67,13 +72,85 @@ def _natural_no_nan(ts: Tensor, x: Tensor) -> Tensor:
 
 
 def _shift(coeffs: Tensor, offset: Tensor) -> Tensor:
-    """Re-centre cubic pieces ``[a, b, two_c, three_d]`` (``(..., K, 4C)``) at ``s = offset`` (``(K, 1)``)."""
+    """Re-centre cubic pieces ``[a, b, two_c, three_d]`` (``(..., K, 4C)``) at ``s = offset`` (``(..., K, 1)``)."""
     a, b, c2, d3 = coeffs.chunk(4, -1)
     o = offset.to(coeffs.dtype)
     return torch.cat([a + (b + (0.5 * c2 + d3 * o / 3) * o) * o, b + (c2 + d3 * o) * o, c2 + 2 * d3 * o, d3], -1)
 
 
-def natural_cubic_coeffs(xs: Tensor, ts: Tensor | None = None) -> Tensor:
+def _natural_rows(xs: Tensor, ts: Tensor, lengths: Tensor | None) -> Tensor:
+    """:func:`natural_cubic_coeffs` with missing values (NaN) and/or per-series lengths: every (series, channel)
+    row's spline through its own knots, all rows in one Thomas solve.
+
+    A row's knots are its observed positions in ``[0, L)`` and the positions there before its first and after its
+    last observation (which take those observations' values). They are moved to the front of the row (stable sort),
+    and one Thomas solve runs on all rows with the rows' own knot spacings; the slots past a row's last knot are
+    decoupled (zero off-diagonal, unit diagonal, zero right-hand side), so each row's operations are those of
+    :func:`_natural_no_nan` on that row's knots alone and its result is the same to the bit. A row with two knots
+    gets the line through them (as :func:`_natural_no_nan`). Each grid interval then takes the piece of the knot
+    interval holding it, re-centred at its start (:func:`_shift`; only in rows with interior holes, the others'
+    knots being the grid). From ``t[L - 1]`` on a row holds its value there (``[x, 0, 0, 0]``); a row with no
+    observation in ``[0, L)`` is zero. The loop is over the knot slots (at most ``T``), never over rows.
+    """
+    T, C = xs.shape[-2], xs.shape[-1]
+    batch = xs.shape[:-2]
+    dev = xs.device
+    tt = ts.to(xs.dtype)
+    rows = xs.movedim(-1, -2).reshape(-1, T)  # (N, T): one row per (series, channel)
+    pos = torch.arange(T, device=dev)
+    if lengths is None:
+        L = torch.full((rows.shape[0],), T, dtype=torch.long, device=dev)
+    else:
+        L = lengths.reshape(-1).to(device=dev, dtype=torch.long).repeat_interleave(C)
+    valid = pos < L[:, None]
+    obs = ~torch.isnan(rows) & valid
+    first = torch.where(obs, pos, T).amin(-1, keepdim=True)
+    last = torch.where(obs, pos, -1).amax(-1, keepdim=True)
+    empty = last < 0  # (N, 1): no observation, zero coefficients
+    x0 = torch.where(obs, rows, torch.zeros_like(rows))
+    xf = torch.where(pos < first, x0.gather(-1, first.clamp(max=T - 1)), x0)
+    xf = torch.where(pos > last, x0.gather(-1, last.clamp(min=0)), xf)  # the values the spline passes through
+    knot = valid & (obs | (pos < first) | (pos > last)) & ~empty
+    K = knot.sum(-1)  # (N,) knots per row
+    order = torch.sort((~knot).to(torch.uint8), dim=-1, stable=True).indices  # the knots first, in time order
+    real = pos < K[:, None]  # (N, T): slot j holds a knot
+    tk = tt[order]  # (N, T) knot times (slots past K: unused)
+    xk = xf.gather(-1, order)
+    inside = real[:, 1:] & real[:, :-1]  # (N, T - 1): knot interval j exists
+    h = torch.where(inside, tk[:, 1:] - tk[:, :-1], torch.ones_like(tk[:, 1:]))
+    dx = torch.where(inside, xk[:, 1:] - xk[:, :-1], torch.zeros_like(h))
+    r = torch.where(inside, h.reciprocal(), torch.zeros_like(h))
+    s = 3 * dx * r * r
+    zero = torch.zeros_like(r[:, :1])
+    diag = 2 * (torch.cat([zero, r], -1) + torch.cat([r, zero], -1))  # (N, T)
+    diag = torch.where(real, diag, torch.ones_like(diag))
+    rhs = torch.cat([zero, s], -1) + torch.cat([s, zero], -1)
+    n = max(int(K.max()), 1)
+    m = _thomas(r.T, diag.T, rhs.T, n).T  # (N, n)
+    m = torch.nn.functional.pad(m, (0, T - n))
+    m0, m1 = m[:, :-1], m[:, 1:]
+    two_c = (6 * dx * r - 4 * m0 - 2 * m1) * r
+    three_d = (-6 * dx * r + 3 * (m0 + m1)) * r * r
+    two = (K == 2)[:, None]  # two knots: the line through them
+    z = torch.zeros_like(h)
+    pieces = torch.stack([xk[:, :-1], torch.where(two, dx / h, m0), torch.where(two, z, two_c),
+                          torch.where(two, z, three_d)], -1)  # (N, T - 1, 4) per knot interval
+    # grid interval k: the piece of the knot interval containing it, re-centred at t[k]
+    j = (knot.cumsum(-1)[:, :-1] - 1).clamp(min=0).minimum((K - 2).clamp(min=0)[:, None])  # (N, T - 1)
+    out = pieces.gather(1, j[..., None].expand(-1, -1, 4))
+    holes = (knot != valid).any(-1, keepdim=True)  # rows with interior holes
+    out = torch.where(holes[..., None], _shift(out, (tt[:-1] - tk.gather(-1, j))[..., None]), out)
+    if lengths is not None:  # from t[L - 1] on: the value at t[L - 1] held
+        after = pos[:-1] >= (L - 1)[:, None]  # (N, T - 1)
+        end = xf.gather(-1, (L - 1)[:, None]).expand(-1, T - 1)
+        zt = torch.zeros_like(end)
+        out = torch.where(after[..., None], torch.stack([end, zt, zt, zt], -1), out)
+    out = torch.where(empty[..., None], torch.zeros_like(out), out)
+    out = out.reshape(*batch, C, T - 1, 4).movedim(-3, -1)  # (..., T - 1, 4, C)
+    return out.reshape(*batch, T - 1, 4 * C)
+
+
+def natural_cubic_coeffs(xs: Tensor, ts: Tensor | None = None, *, lengths: Tensor | None = None) -> Tensor:
     """Coefficients of the natural cubic spline through ``xs``, in torchcde's layout.
 
     Parameters
@@ -81,13 +158,25 @@ def natural_cubic_coeffs(xs: Tensor, ts: Tensor | None = None) -> Tensor:
     xs : Tensor, shape ``(..., T, channels)``
         Observations; NaN marks a missing value. As torchcde's ``natural_cubic_coeffs``: per channel, missing values
         before the first (after the last) observation take its value, and the spline passes through the observed
-        values only (so it is a spline in the observed knots, re-expressed on every interval).
+        values only (so it is a spline in the observed knots, re-expressed on every interval). A channel with no
+        observation gets zero coefficients.
     ts : Tensor, shape ``(T,)``, optional
         Strictly increasing times (default ``0, ..., T - 1``); may require grad.
+    lengths : Tensor, shape ``xs.shape[:-2]``, optional
+        Integer lengths in ``[2, T]`` for series of different lengths padded to ``T``: series ``b`` is the spline of
+        ``xs[b, :L_b]`` on ``ts[:L_b]`` (what is after ``L_b`` is ignored, as if it were not there), and from
+        ``ts[L_b - 1]`` on its pieces hold its value there (``[x, 0, 0, 0]``). Default: every series has length ``T``.
 
     Returns
     -------
     Tensor, shape ``(..., T - 1, 4 * channels)``: ``[a, b, two_c, three_d]`` per piece (see the module docstring).
+
+    Notes
+    -----
+    Without NaN and ``lengths`` one Thomas solve runs on all series and channels with the shared knot spacings.
+    Otherwise every (series, channel) row is solved on its own knots, all rows at once (one Thomas solve with
+    per-row spacings, a loop over the knot slots only); each row's result is the same, to the bit, as the spline
+    of that row alone on its knots.
 
     Examples
     --------
@@ -95,38 +184,25 @@ def natural_cubic_coeffs(xs: Tensor, ts: Tensor | None = None) -> Tensor:
     >>> c = natural_cubic_coeffs(torch.tensor([[0.0], [1.0], [0.0]], dtype=torch.float64))
     >>> c.shape, CubicPath(torch.arange(3.0, dtype=torch.float64), c).evaluate(1.0)
     (torch.Size([2, 4]), tensor([1.], dtype=torch.float64))
+    >>> natural_cubic_coeffs(torch.tensor([[[0.0], [1.0], [0.0]]]), lengths=torch.tensor([2]))[0, -1]   # held
+    tensor([1., 0., 0., 0.])
     """
     ts = check_data("natural_cubic_coeffs", xs, ts)
-    nan = torch.isnan(xs)
-    if not bool(nan.any()):
+    if lengths is not None:
+        T = xs.shape[-2]
+        if not isinstance(lengths, Tensor) or lengths.is_floating_point() or lengths.is_complex() or \
+                lengths.shape != xs.shape[:-2]:
+            raise InputError(f"natural_cubic_coeffs: lengths must be an integer tensor of shape "
+                             f"{tuple(xs.shape[:-2])} (the data's batch shape), got "
+                             f"{getattr(lengths, 'dtype', type(lengths).__name__)} "
+                             f"{tuple(getattr(lengths, 'shape', ()))}.")
+        if lengths.numel() and (bool((lengths < 2).any()) or bool((lengths > T).any())):
+            raise InputError(f"natural_cubic_coeffs: every length must be in [2, {T}], got "
+                             f"{int(lengths.min())}..{int(lengths.max())}.")
+        return _natural_rows(xs, ts, lengths)
+    if not bool(torch.isnan(xs).any()):
         return _natural_no_nan(ts, xs)
-    T, C = xs.shape[-2], xs.shape[-1]
-    batch = xs.shape[:-2]
-    # Fill before the first and after the last observation with those observations (constant ends).
-    idx = torch.arange(T, device=xs.device).view(T, 1).expand_as(xs)
-    obs = ~nan
-    first = torch.where(obs, idx, torch.full_like(idx, T)).amin(-2, keepdim=True)
-    last = torch.where(obs, idx, torch.full_like(idx, -1)).amax(-2, keepdim=True)
-    x0 = torch.where(nan, torch.zeros_like(xs), xs)
-    xf = torch.where(idx < first, x0.gather(-2, first.clamp(max=T - 1)), xs)
-    xf = torch.where(idx > last, x0.gather(-2, last.clamp(min=0)), xf)
-    # series: (N, T) with N = batch * channels
-    series = xf.movedim(-1, -2).reshape(-1, T)
-    holes = torch.isnan(series)
-    empty = (last < 0).movedim(-1, -2).reshape(-1)
-    out = series.new_zeros(series.shape[0], T - 1, 4)
-    full = ~holes.any(-1) & ~empty
-    if bool(full.any()):
-        out[full] = _natural_no_nan(ts, series[full].unsqueeze(-1))
-    tt = ts.to(xs.dtype)
-    for i in torch.nonzero(holes.any(-1) & ~empty).reshape(-1).tolist():
-        keep = ~holes[i]
-        t_o, x_o = tt[keep], series[i][keep]
-        pieces = _natural_no_nan(t_o, x_o.unsqueeze(-1))  # (T_o - 1, 4)
-        j = torch.searchsorted(t_o[1:-1].detach().contiguous(), tt[:-1].detach(), right=True)
-        out[i] = _shift(pieces[j], (tt[:-1] - t_o[j]).unsqueeze(-1))
-    out = out.reshape(*batch, C, T - 1, 4).movedim(-3, -1)  # (..., T-1, 4, C)
-    return out.reshape(*batch, T - 1, 4 * C)
+    return _natural_rows(xs, ts, None)
 
 
 def hermite_coeffs(xs: Tensor, ts: Tensor | None = None) -> Tensor:
