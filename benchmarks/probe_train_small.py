@@ -89,19 +89,6 @@ def main(argv=None) -> int:
                              gradient=gradient)
         sol.ys.pow(2).mean().backward()
 
-    guards = {"kept": 0, "left out": 0}
-    from neurodyn.compile import loop as lmod
-    from neurodyn.compile import train as tmod
-
-    filt = getattr(lmod, "torch_identity_guards", None)
-    if filt is not None:  # count the guards the filter keeps and leaves out (as Dynamo builds them)
-        def counting(entries):
-            keep = filt(entries)
-            guards["kept"] += sum(keep)
-            guards["left out"] += len(keep) - sum(keep)
-            return keep
-
-        lmod.torch_identity_guards = tmod.torch_identity_guards = counting
     for g in grads:  # compile and verify
         for _ in range(5):
             step(g)
@@ -186,8 +173,6 @@ def main(argv=None) -> int:
             us["bwd_host"] = us["backward"] - us["bwd_call"]
             for k, v in us.items():
                 res[g][k].append(v)
-    if filt is not None:
-        print(f"guard entries of the programs compiled in this process: {guards}")
     print(f"CPU us per step, median (quartiles) of {args.rounds} rounds x {args.steps} steps")
     print("| part | " + " | ".join(grads) + " |")
     print("|---|" + "---|" * len(grads))

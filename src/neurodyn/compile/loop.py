@@ -46,7 +46,7 @@ from ..core.control import (
 )
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from .patches import LIBRARY_TANH_ELEMENTS, library_tanh, thin_products, vectorize_strided_loads
-from .step import nonzero, own_code, stage_sum, torch_identity_guards
+from .step import nonzero, own_code, stage_sum
 
 try:  # Inductor's base class of custom graph passes (part of its cache key); private, so optional
     from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -330,7 +330,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         counters = torch.cat([sv[[0, 1, 4, 5]], h_first.view(1), iv[[2, 3, 4, 0, 5]].double()])
         return (z[2:], z[0:1], counters, *rec)
 
-    options = {**(LOOP_OPTIONS if device.type == "cpu" else {}), "guard_filter_fn": torch_identity_guards}
+    options = LOOP_OPTIONS if device.type == "cpu" else None
     own = own_code(run)
     compiled = torch.compile(own, options=options, fullgraph=True)
     compiled.code = own.__code__  # to count Dynamo's compiled entries (recompilations)

@@ -115,41 +115,6 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], d
 _BUILDS = [0]
 
 
-# Dynamo guards that compare a torch object with the one seen when compiling (its identity, type, or a tuple's length):
-# what torch.compile's `guard_filter_fn` option of the whole loop and its backward leaves out (torch_identity_guards).
-_IDENTITY_GUARDS = frozenset(("MODULE_MATCH", "BUILTIN_MATCH", "CLASS_MATCH", "CLOSURE_MATCH", "FUNCTION_MATCH",
-                              "ID_MATCH", "TYPE_MATCH", "DUPLICATE_INPUT", "SEQUENCE_LENGTH"))
-_TORCH_GLOBALS = ("G['torch']", "G['__import_torch")
-
-
-def torch_identity_guards(entries) -> list[bool]:
-    """Dynamo guard filter (``torch.compile(..., options={"guard_filter_fn": ...})``) of the compiled whole loop and its
-    backward: keeps every guard except those that check that one of torch's own module-level objects is the one seen
-    when compiling -- ``torch.nn`` the same module, ``torch.cat`` the same builtin, ``torch.func.functional_call`` the
-    same function and defaults (``is_global``, named from ``torch`` or a ``torch.*`` module imported by traced code;
-    identity, type or tuple-length checks). They change only where torch itself is monkeypatched between solves. Kept:
-    every guard on the vector field (its attributes, ``training`` flag, hooks, the tensors it reads and their
-    ``requires_grad`` flags, which tell the compiled variants apart, :func:`neurodyn.compile.loop.verify`), on
-    globals of other modules, on values (constants, configuration flags), on torch's global module hooks, and the
-    global state (grad mode, autocast, default dtype, ...). Measured on the small case's training step (2-d state,
-    64-wide MLP, float64, one CPU thread): ~100 us less per call of each program (benchmarks/README.md).
-
-    Examples
-    --------
-    >>> from types import SimpleNamespace as E
-    >>> torch_identity_guards([E(is_global=True, guard_type="BUILTIN_MATCH", name="G['torch'].cat"),
-    ...                        E(is_global=True, guard_type="CONSTANT_MATCH", name="G['torch'].float64"),
-    ...                        E(is_global=True, guard_type="TYPE_MATCH",
-    ...                          name="G['__import_torch_dot_nn_dot_modules_dot_module']._global_forward_hooks"),
-    ...                        E(is_global=True, guard_type="ID_MATCH", name="G['scale']"),
-    ...                        E(is_global=False, guard_type="TYPE_MATCH", name="L['f'].__closure__[0]")])
-    [False, True, True, True, True]
-    """
-    return [not (e.is_global and e.guard_type in _IDENTITY_GUARDS and e.name.startswith(_TORCH_GLOBALS)
-                 and "hook" not in e.name)
-            for e in entries]
-
-
 def own_code(fn: Callable) -> Callable:
     """``fn`` with a code object of its own. Dynamo keeps its compiled entries per code object: steps built
     from the same source for different methods or fields would share one list of entries, and every call

@@ -44,7 +44,7 @@ from .loop import (
     vectorize_strided_loads,
     verify,
 )
-from .step import own_code, torch_identity_guards
+from .step import own_code
 
 # Accepted steps kept per solve at first; a solve that takes more is run again with compiled steps, and the next
 # solve of the field keeps 4x as many (one more compilation).
@@ -174,8 +174,7 @@ def build_backward(solver: ExplicitRungeKutta, func: torch.nn.Module, shape: tup
         # loop.CPU_OPTIONS names its own), so that Inductor's cache of compiled graphs tells programs apart.
         marks = {**CPU_OPTIONS["post_grad_fusion_options"]["decompose_mm_pass"], "neurodyn_thin_inner": THIN_INNER}
         options = {**CPU_OPTIONS, "post_grad_fusion_options": {"decompose_mm_pass": marks}}
-    return torch.compile(own_code(run), options={**(options or {}), "guard_filter_fn": torch_identity_guards},
-                         fullgraph=True)
+    return torch.compile(own_code(run), options=options, fullgraph=True)
 
 
 class Recorded:
