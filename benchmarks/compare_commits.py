@@ -15,6 +15,8 @@ Workloads (dopri5 everywhere):
   (``common.CASES``, ``common.neurodyn_solve_runner``), eager and ``compile=True``, under ``no_grad``;
 * ``vdp-per-sample``: bench_suite's / bench_per_sample's Van der Pol batch (256 oscillators, mu 1..25,
   rtol 1e-5) with ``per_sample_steps=True``;
+* ``train-small-{direct,checkpoint}``: bench_suite's compiled training step (``compile=True``) on the same case
+  (not run unless named in ``--workloads``);
 * ``grad-small-{direct,adjoint,checkpoint,interpolated}``: one training step of bench_gradients.py
   (forward solve, ``ys.pow(2).mean()``, ``backward``) on the protocol's small case; ``--grad-cases
   small,large`` adds the large case (3-5 s per step).
@@ -65,6 +67,8 @@ METHOD = "dopri5"
 CORE_WORKLOADS = ("core-small-eager", "core-small-compile", "core-large-eager", "core-large-compile")
 VDP_WORKLOADS = ("vdp-per-sample",)
 GRAD_METHODS = ("direct", "adjoint", "checkpoint", "interpolated")
+# bench_suite's compiled training steps (--train-cases small): compile=True, gradient direct / checkpoint.
+TRAIN_WORKLOADS = ("train-small-direct", "train-small-checkpoint")
 # A workload whose slot takes at least this long gets --slow-samples samples per round instead of --samples.
 SLOW_SAMPLE_S = 0.2
 SETUP_TIMEOUT_S = 600.0
@@ -77,7 +81,8 @@ def log(msg: str) -> None:
 
 def workload_names(grad_cases: list[str]) -> list[str]:
     """All workload names for the given gradient cases, in run order."""
-    return [*CORE_WORKLOADS, *VDP_WORKLOADS, *(f"grad-{c}-{m}" for c in grad_cases for m in GRAD_METHODS)]
+    return [*CORE_WORKLOADS, *VDP_WORKLOADS, *(f"grad-{c}-{m}" for c in grad_cases for m in GRAD_METHODS),
+            *TRAIN_WORKLOADS]
 
 
 # =========================================================================== #
@@ -218,6 +223,45 @@ class GradWorkload(Workload):
         train_step(self.entry, self.prob.field, self.prob)
 
 
+class TrainCompiledWorkload(Workload):
+    """bench_suite's compiled training step (``build_train_jobs``' "neurodyn compiled direct / checkpoint"):
+    ``solve(..., compile=True, gradient=<method>)`` on bench_gradients' trainable case, ``ys.pow(2).mean()``,
+    ``backward()``. NFE from ``sol.stats`` (a counting wrapper would be traced into the compiled program)."""
+
+    def __init__(self, name, nd, warmups, case: str, method: str):
+        super().__init__(name, nd, warmups)
+        import torch
+        from bench_gradients import CASES as GRAD_CASES
+        from bench_gradients import make_trainable_problem
+
+        self.torch = torch
+        self.method = method
+        self.prob = make_trainable_problem(GRAD_CASES[case])
+
+    def _step(self):
+        from bench_gradients import clear_grads
+
+        p, c = self.prob, self.prob.case
+        clear_grads(p.field)
+        sol = self.nd.solve(p.field, p.y0, p.t, method=METHOD, rtol=c.rtol, atol=c.atol, compile=True,
+                            gradient=self.method)
+        sol.ys.pow(2).mean().backward()
+        return sol
+
+    def prepare(self) -> dict:
+        s = time.perf_counter()
+        sol = self._step()
+        first = time.perf_counter() - s
+        sol = self._step()
+        self.output = self.torch.cat([q.grad.reshape(-1) for q in self.prob.field.parameters()]).clone()
+        st = sol.stats
+        return {"nfe": int(st["nfe"]), "steps": int(st["steps"]), "compiled": st.get("compiled"),
+                "first_call_s": first, "warm_call_cpu_s": self._warm()}
+
+    def call(self) -> None:
+        self._step()
+
+
 def make_workload(name: str, nd, warmups: int) -> Workload:
     kind, *rest = name.split("-")
     if kind == "core":
@@ -228,6 +272,9 @@ def make_workload(name: str, nd, warmups: int) -> Workload:
     if kind == "grad":
         case, method = rest
         return GradWorkload(name, nd, warmups, case, method)
+    if kind == "train":
+        case, method = rest
+        return TrainCompiledWorkload(name, nd, warmups, case, method)
     raise ValueError(f"unknown workload {name!r}")
 
 
@@ -665,7 +712,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error(f"--workloads: unknown workload(s) {bad}; choose from {', '.join(valid)} "
                      "(grad-large-* need --grad-cases small,large)")
     else:
-        names = [n for n in valid if not (args.quick and "-large-" in n)]
+        names = [n for n in valid if not (args.quick and "-large-" in n) and n not in TRAIN_WORKLOADS]
     args.workloads = names
     quick = args.quick
     args.rounds = args.rounds if args.rounds is not None else (2 if quick else 5)

@@ -250,3 +250,57 @@ def test_train_mode_dropout_after_verified_eval_solves_steps_in_python(monkeypat
     dropping.train()
     sol = neurodyn.solve(dropping, y0, t, **kw)
     assert sol.stats["compiled"] == "step"
+
+
+@pytest.mark.slow
+def test_checkpoint_hidden_tensor_check_left_to_the_compiled_step(monkeypatch):
+    # gradient="checkpoint" with compile=True: prepare leaves the hidden-tensor check at t0 to the solve, which makes it
+    # only where the compiled training step does not run (that step checks the field's tensors itself, once per
+    # compiled variant). A cached step makes no check evaluation; a captured tensor that starts to need gradients, or
+    # a buffer requiring grad, raises the same InputError as without compile=True.
+    from neurodyn.gradients import checkpoint
+
+    monkeypatch.setattr(policy, "FORCE", "compiled")
+    calls = [0]
+    real = checkpoint.check_hidden_tensors
+
+    def counting(*args):
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(checkpoint, "check_hidden_tensors", counting)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    y0 = torch.tensor([[0.4, -0.7]], dtype=torch.float64)
+    field = Scaled()
+    for _ in range(3):
+        field.zero_grad()
+        sol = neurodyn.solve(field, y0, t, compile=True, gradient="checkpoint")
+        sol.ys.sum().backward()
+        assert sol.stats["compiled"] == "loop" and sol.stats["gradient"] == "checkpoint"
+    assert calls[0] == 0
+    got = [p.grad.clone() for p in field.parameters()]
+    field.zero_grad()
+    neurodyn.solve(field, y0, t, gradient="checkpoint").ys.sum().backward()
+    for a, p in zip(got, field.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-11, atol=1e-13)
+    field.scale.requires_grad_(True)
+    with pytest.raises(neurodyn.InputError, match=r"params="):
+        neurodyn.solve(field, y0, t, compile=True, gradient="checkpoint")
+    with pytest.raises(neurodyn.InputError, match=r"params="):
+        neurodyn.solve(field, y0, t, gradient="checkpoint")
+    assert calls[0] == 1
+    shifted = Shifted()
+    with pytest.raises(neurodyn.InputError, match=r"params="):
+        neurodyn.solve(shifted, y0, t, compile=True, gradient="checkpoint")
+    assert calls[0] == 2
+
+
+class Shifted(Field):
+    """Reads a buffer requiring grad (the checkpoint replay differentiates parameters only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shift", torch.full((2,), 0.1, dtype=torch.float64, requires_grad=True))
+
+    def forward(self, t, y):
+        return super().forward(t, y) + self.shift

@@ -566,7 +566,11 @@ def prepare(
                 if perturb:  # the field is never evaluated on a grid point (nor in this check)
                     td0 = nextafter(td0, float(t.detach()[-1]) - td0, rdt)
                 t0 = torch.scalar_tensor(td0, dtype=rdt, device=y0.device)
-            check_hidden_tensors(func, t0, y0, gopts.params, gradient)
+            if gradient == "checkpoint" and _check_left_to_checkpoint(func, term, params, loop, event_list, dense,
+                                                                      per_sample_steps):
+                gopts.hidden_t0 = t0  # checked in solve_checkpoint where the compiled training step does not run
+            else:
+                check_hidden_tensors(func, t0, y0, gopts.params, gradient)
             if term is not None and "sde" in term.kinds and not per_sample_steps:
                 # The diffusion too (the drift is func): its tensors need gradients as the drift's do.
                 check_hidden_tensors(diffusion_probe(term), t0, y0, gopts.params, gradient)
@@ -576,6 +580,19 @@ def prepare(
                              "(pass t.detach()).")
     return Plan(func, y0, t, solver, cfg, on_failure, gopts, gradient, bool(per_sample_steps), amp,
                 torch.is_grad_enabled())
+
+
+def _check_left_to_checkpoint(func: Any, term: Any, params: Any, loop: Any, event_list: tuple, dense: bool,
+                              per_sample_steps: bool) -> bool:
+    """Whether ``gradient="checkpoint"``'s hidden-tensor check at ``t0`` is left to
+    :func:`~neurodyn.gradients.checkpoint.solve_checkpoint`: where the compiled training step may run (an ``nn.Module``
+    field with its parameters found automatically, a compiled whole loop that records a graph, no events or dense
+    output). That step runs only where the field's tensors requiring grad are its own (checked on the graph of
+    ``dy/dt`` at ``t0`` for every compiled variant of its program, :mod:`neurodyn.compile.train`), and where it does
+    not run the solve makes this check before stepping in Python: the same error either way, and a cached training
+    step makes no eager evaluation of the field."""
+    return (isinstance(func, torch.nn.Module) and term is None and params is None and not event_list and not dense
+            and not per_sample_steps and getattr(loop, "differentiable", False))
 
 
 def _attempt_hook(meter: Any, callback: Callable | None, y0: Any) -> Callable[[float, Tensor, float, bool, int], None]:

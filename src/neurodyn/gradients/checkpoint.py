@@ -76,7 +76,7 @@ from ..core.term import ODETerm
 from ..errors import InputError, SolveFailure
 from ..fields import check_derivative
 from ..solution import EVENT, Solution, check_differentiable
-from .common import GradientOptions, HiddenTensorGuard, first_order_only
+from .common import GradientOptions, HiddenTensorGuard, check_hidden_tensors, first_order_only
 from .direct import finish_direct, start_direct
 
 # Longest segment backpropagated as one graph; longer ones are checkpointed again (recursively), so the
@@ -460,6 +460,8 @@ def solve_checkpoint(func: Callable, y0: Tensor, t: Tensor, solver: Stepper, cfg
             sol = finish_direct(res, term, solver, cfg, y0, t, on_failure)
             sol.stats["gradient"] = "checkpoint"
             return sol
+    if gopts.hidden_t0 is not None:  # left here by prepare (see solve._check_left_to_checkpoint)
+        check_hidden_tensors(func, gopts.hidden_t0, y0, gopts.params, "checkpoint")
     setup = _Setup(func, solver, cfg, on_failure, gopts, y0.shape)
     setup.t = t
     setup.times = t.detach().cpu().tolist()
@@ -483,5 +485,6 @@ def _compiled_training(func: Callable, cfg: LoopConfig, gopts: GradientOptions) 
         return False
     if not isinstance(func, torch.nn.Module):
         return False
-    own = {id(p) for p in func.parameters() if p.requires_grad}
+    # (buffers requiring grad too: the compiled backward would differentiate them, the replay refuses them)
+    own = {id(p) for p in (*func.parameters(), *func.buffers()) if p.requires_grad}
     return {id(p) for p in gopts.params} == own

@@ -42,6 +42,10 @@ class GradientOptions:
     #: backward solve adapts from the forward's step size).
     adjoint_adaptive: bool | None = None
     checkpoints: int = 16
+    #: ``gradient="checkpoint"`` with ``compile=True``: the time of the hidden-tensor check that
+    #: :func:`neurodyn.solve.prepare` left to the solve (made there where the compiled training step does not run);
+    #: None where ``prepare`` made it (or none is due).
+    hidden_t0: Tensor | None = None
 
 
 def find_params(func: Callable, params: Sequence[Tensor] | None) -> list[Tensor]:
