@@ -56,6 +56,7 @@ from .loop import (
     LOOP_THIN_INNER,
     LoopOutcome,
     library_tanh,
+    pooled_loop_buffers,
     thin_products,
     vectorize_strided_loads,
 )
@@ -383,7 +384,8 @@ class DrivenPlugIn:
             outs = [y0]
             # The loop's carried tensors must not alias one another (y0 and a view of it as z0, say).
             st = _Position(y0, k.clone(), tuple(c.clone() for c in carried))
-            with torch.no_grad(), vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER):
+            with torch.no_grad(), vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER), \
+                    pooled_loop_buffers():
 
                 def advance(stop: int) -> bool:  # steps st.i .. stop - 1; False where one made the state non-finite
                     while st.i < stop:

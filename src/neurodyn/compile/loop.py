@@ -45,7 +45,8 @@ from ..core.control import (
     step_underflow_tensor,
 )
 from ..solvers.explicit_rk import ExplicitRungeKutta
-from .patches import LIBRARY_TANH_ELEMENTS, library_tanh, thin_products, vectorize_strided_loads
+from .patches import LIBRARY_TANH_ELEMENTS, library_tanh, pooled_loop_buffers, thin_products, vectorize_strided_loads
+from .pool import LOOP_POOL_BYTES
 from .step import nonzero, own_code, stage_sum
 
 try:  # Inductor's base class of custom graph passes (part of its cache key); private, so optional
@@ -66,7 +67,8 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Inductor picks by default where the CPU has them). The "neurodyn_*" entries are no Inductor settings: they name the
 # lowering changes made while compiling, so that Inductor's cache of compiled graphs tells programs apart.
 CPU_OPTIONS = {"cpp_wrapper": True, "cpp.simdlen": 256,
-               "post_grad_fusion_options": {"decompose_mm_pass": {"neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS}}}
+               "post_grad_fusion_options": {"decompose_mm_pass": {"neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS,
+                                                                  "neurodyn_loop_pool": LOOP_POOL_BYTES}}}
 # Matrix products with at most this inner dimension are written as fused loops in the compiled whole loop
 # (thin_products): a field's first layer on a state of a few components, (B, n) @ (n, hidden), whose library GEMM call
 # (plus ATen's copy of the bias into its output) costs more than the arithmetic; measured on the batched protocol case
@@ -629,7 +631,8 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         tol = _tolerances(per_func, rtol, atol, y0)
         iv = torch.tensor([1, 0, 0, 0, 0, 0, 0, max_steps], dtype=torch.int64, device=device)
         try:
-            with torch.no_grad(), vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER):
+            with torch.no_grad(), vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER), \
+                    pooled_loop_buffers():
                 tensors = (module_state(func) if state is None else state).values()
                 if column_major:
                     tensors = [column_major_copy(x) for x in tensors]

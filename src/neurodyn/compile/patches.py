@@ -216,3 +216,39 @@ def _no_shim_notice(record: logging.LogRecord) -> bool:
         return True
     return not ("aten.tanh" in text and "c-shim" in text)
 
+
+
+class pooled_loop_buffers(_InductorPatch):
+    """While compiling on the CPU with Inductor's C++ wrapper: the scratch buffers of each compiled ``while_loop`` are
+    allocated once per call, before the loop, instead of at every iteration (:func:`neurodyn.compile.pool.
+    pool_loop_buffers`: the wrapper code is rewritten just before Inductor adds its return statement). Same kernels
+    on the same data: bit-identical outputs. Performance only; a no-op where this torch has no such wrapper, and code
+    the rewrite does not recognise is left as Inductor wrote it.
+
+    Examples
+    --------
+    >>> with pooled_loop_buffers():
+    ...     pass  # torch.compile calls made here allocate their loops' buffers once
+    """
+
+    @classmethod
+    def locate(cls) -> tuple[Any, str]:
+        from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+        return CppWrapperCpu, "generate_return"
+
+    def replace(self, saved: Callable) -> Callable:
+        from .pool import pool_loop_buffers
+
+        def generate_return(wrapper, output_refs):
+            code = getattr(wrapper, "wrapper_call", None)
+            lines = getattr(code, "_lines", None)
+            if isinstance(lines, list):
+                try:
+                    new, pooled = pool_loop_buffers(lines)
+                except Exception:  # noqa: BLE001 (an unforeseen form of code: left as Inductor wrote it)
+                    new, pooled = lines, 0
+                if pooled:
+                    lines[:] = new
+            return saved(wrapper, output_refs)
+
+        return generate_return

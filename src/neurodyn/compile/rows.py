@@ -35,7 +35,7 @@ from ..core import interpolation
 from ..core.control import LANDING_SLACK, PIDController, initial_step_tensor, rms_ratio, step_underflow_tensor
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from .loop import CPU_MAX_OUTPUT_ELEMENTS, CPU_OPTIONS, combo_cols, module_state
-from .patches import small_cats
+from .patches import pooled_loop_buffers, small_cats
 from .step import compiled_context, nonzero, own_code, stage_sum
 
 try:  # Dynamo's compiled entries of a code object (to notice recompilations); private, so optional
@@ -356,7 +356,7 @@ class RowPack:
         cv = torch.tensor([0, 0, max_steps], dtype=torch.long, device=ys.device)
         try:
             fn = self.build("loop", choose_first)
-            with compiled_context(), small_cats(fn.cat_parts):
+            with compiled_context(), small_cats(fn.cat_parts), pooled_loop_buffers():
                 out = fn(sv, yv, iv, ys, cv, times_flat, rtol, atol, lim, *self.state.values())
             return tuple(out) if choose_first else (*out, None)
         except Exception as exc:  # compilation failed: compiled attempts from now on, for this field

@@ -39,6 +39,7 @@ from .loop import (
     dense_rows,
     field_rows,
     module_state,
+    pooled_loop_buffers,
     rk_stages,
     thin_products,
     vectorize_strided_loads,
@@ -200,7 +201,7 @@ class _RecordedSolve(torch.autograd.Function):
         g_ys = torch.zeros_like(ys) if g_ys is None else g_ys
         g_final = torch.zeros_like(y_final) if g_final is None else g_final
         last = torch.tensor(info.steps - 1, dtype=torch.int64, device=ys.device)
-        with torch.no_grad(), vectorize_strided_loads(), decompose_thin_products():
+        with torch.no_grad(), vectorize_strided_loads(), decompose_thin_products(), pooled_loop_buffers():
             out = info.backward(info.rec, info.rec_y, last, info.times, g_ys.contiguous(), g_final.contiguous(),
                                 info.times.new_zeros(0, dtype=ys.real.dtype if ys.is_complex() else ys.dtype),
                                 ctx.saved_tensors[0].detach(), *info.tensors)
