@@ -45,7 +45,7 @@ from ..core.control import (
     step_underflow_tensor,
 )
 from ..solvers.explicit_rk import ExplicitRungeKutta
-from .patches import LIBRARY_TANH_ELEMENTS, library_tanh, thin_products, vectorize_strided_loads
+from .patches import LIBRARY_TANH_ELEMENTS, TANH_FORMULA_FLOAT32, library_tanh, thin_products, vectorize_strided_loads
 from .step import nonzero, own_code, stage_sum
 
 try:  # Inductor's base class of custom graph passes (part of its cache key); private, so optional
@@ -66,7 +66,8 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Inductor picks by default where the CPU has them). The "neurodyn_*" entries are no Inductor settings: they name the
 # lowering changes made while compiling, so that Inductor's cache of compiled graphs tells programs apart.
 CPU_OPTIONS = {"cpp_wrapper": True, "cpp.simdlen": 256,
-               "post_grad_fusion_options": {"decompose_mm_pass": {"neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS}}}
+               "post_grad_fusion_options": {"decompose_mm_pass": {
+    "neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS, "neurodyn_tanh_formula": TANH_FORMULA_FLOAT32}}}
 # Matrix products with at most this inner dimension are written as fused loops in the compiled whole loop
 # (thin_products): a field's first layer on a state of a few components, (B, n) @ (n, hidden), whose library GEMM call
 # (plus ATen's copy of the bias into its output) costs more than the arithmetic; measured on the batched protocol case

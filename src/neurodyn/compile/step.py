@@ -23,7 +23,7 @@ from torch import Tensor
 from ..core.control import rms_ratio
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from . import policy
-from .patches import LIBRARY_TANH_ELEMENTS, library_tanh
+from .patches import LIBRARY_TANH_ELEMENTS, TANH_FORMULA_FLOAT32, library_tanh
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ACTIVE = [0]  # > 0 while compiled_context() holds the compiler settings below
@@ -61,7 +61,8 @@ _FALLBACK = object()
 # case's ~14%); the "neurodyn_library_tanh" entry is no Inductor setting: it names that change, so that Inductor's
 # cache of compiled graphs tells the programs apart.
 STEP_CPU_OPTIONS = {"cpp_wrapper": True,
-                    "post_grad_fusion_options": {"decompose_mm_pass": {"neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS}}}
+                    "post_grad_fusion_options": {"decompose_mm_pass": {
+    "neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS, "neurodyn_tanh_formula": TANH_FORMULA_FLOAT32}}}
 
 
 def nonzero(row) -> list[tuple[int, float]]:
