@@ -510,6 +510,31 @@ class ColumnSums(LoopProducts):
             node.replace_all_uses_with(out)
             graph.erase_node(node)
 
+class SaveSigmoids(CustomGraphPass):
+    """A pass over the joint forward-backward graph of a compiled block under autograd (:mod:`neurodyn.compile.driven`,
+    before AOTAutograd splits it): each ``sigmoid`` of the forward (a node no tangent flows into) of a CPU float tensor
+    is marked to be kept for the backward. By default the partitioner keeps the sigmoid's input instead (the same
+    size) and computes the ``sigmoid`` again in the backward for its derivative ``s (1 - s)``: one more ``exp`` per
+    element (the partitioner may then keep ``s (1 - s)``, computed in the forward's fused kernel). Same values."""
+
+    def uuid(self) -> tuple:
+        return ("neurodyn.SaveSigmoids", _source_hash(type(self)))
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        from torch.utils.checkpoint import CheckpointPolicy
+        backward: set = set()
+        for node in graph.nodes:
+            if (node.op == "placeholder" and node.name.startswith("tangents")) or any(
+                    a in backward for a in node.all_input_nodes):
+                backward.add(node)
+        for node in graph.nodes:
+            v = node.meta.get("val")
+            if (node.op == "call_function" and node.target is torch.ops.aten.sigmoid.default
+                    and node not in backward and isinstance(v, Tensor) and v.device.type == "cpu"
+                    and v.dtype in (torch.float32, torch.float64) and "recompute" not in node.meta):
+                node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+
+
 # The whole loop's options: CPU_OPTIONS, with the thin-product rule named (as CPU_OPTIONS names its own changes) and the
 # library products' pass.
 LOOP_OPTIONS = {**CPU_OPTIONS, "post_grad_fusion_options": {"decompose_mm_pass": {
@@ -517,8 +542,10 @@ LOOP_OPTIONS = {**CPU_OPTIONS, "post_grad_fusion_options": {"decompose_mm_pass":
     "post_grad_custom_post_pass": LoopProducts(LOOP_THIN_OUTPUTS)}
 # Column sums of at least this many rows as library products in the compiled blocks of steps (ColumnSums).
 GRAPH_SUM_ROWS = 128
-# The compiled blocks' options (forward and backward under autograd): LOOP_OPTIONS with ColumnSums.
-GRAPH_OPTIONS = {**LOOP_OPTIONS, "post_grad_custom_post_pass": ColumnSums(LOOP_THIN_OUTPUTS, GRAPH_SUM_ROWS)}
+# The compiled blocks' options (forward and backward under autograd): LOOP_OPTIONS with ColumnSums, and SaveSigmoids
+# on the joint graph.
+GRAPH_OPTIONS = {**LOOP_OPTIONS, "post_grad_custom_post_pass": ColumnSums(LOOP_THIN_OUTPUTS, GRAPH_SUM_ROWS),
+                 "joint_custom_post_pass": SaveSigmoids()}
 
 
 
