@@ -104,9 +104,10 @@ class library_tanh(_InductorPatch):
     """While compiling on the CPU: ``tanh`` of a tensor with at least :data:`LIBRARY_TANH_ELEMENTS` elements runs as
     ATen's own kernel (the one eager mode calls: Intel VML where torch has MKL) instead of Inductor's inlined
     vectorised code (Sleef ``tanh_u10``, ~4x slower per float64 element here), which dominates a batched MLP field
-    (the batched protocol case: 256 x 64 x 2 ``tanh`` per evaluation). Smaller ``tanh`` (a batch-1 state's 64-wide
-    layers) stay fused: a library call per evaluation costs more than it saves there. Performance only; a no-op
-    where this torch has no such lowering table."""
+    (the batched protocol case: 256 x 64 x 2 ``tanh`` per evaluation). Where :data:`TANH_FORMULA_FLOAT32` is set
+    (MKL not on an Intel CPU), such a float32 ``tanh`` is instead the fused kernel of :func:`tanh_formula` (with the
+    bias add before it). Smaller ``tanh`` (a batch-1 state's 64-wide layers) stay fused: a library call per evaluation
+    costs more than it saves there. Performance only; a no-op where this torch has no such lowering table."""
 
     item = True
 
