@@ -319,3 +319,40 @@ def test_grad_mode_blocks_sum_bias_gradients_as_products_and_match_eager(forced,
     torch.testing.assert_close(a.ys, b.ys, rtol=0, atol=1e-13)
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_block_options_keep_the_forward_sigmoid(save):
+    """The compiled blocks' options (loop.GRAPH_OPTIONS, SaveSigmoids on the joint graph): the backward of a
+    sigmoid layer reads the sigmoid the forward computed instead of computing it again (without the pass, AOTAutograd's
+    partitioner recomputes it); gradients equal eager's."""
+    from neurodyn.compile import loop as compile_loop
+
+    class Recorder(compile_loop.CustomGraphPass):  # the targets of each post-grad graph, in compilation order
+        def __init__(self):
+            self.graphs = []
+
+        def uuid(self):
+            return None  # no caching: every compilation runs the pass
+
+        def __call__(self, graph):
+            self.graphs.append([n.target for n in graph.nodes if n.op == "call_function"])
+
+    rec = Recorder()
+    options = {**compile_loop.GRAPH_OPTIONS, "post_grad_custom_post_pass": rec}
+    if not save:
+        options.pop("joint_custom_post_pass")
+
+    def f(x, w, b):
+        return (0.2 * torch.sigmoid(x @ w + b) * x).sum()
+
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(64, 16, generator=g), torch.randn(16, 16, generator=g), torch.randn(16, generator=g)
+    args = [v.clone().requires_grad_(True) for v in (x, w, b)]
+    ref = [v.clone().requires_grad_(True) for v in (x, w, b)]
+    torch.compile(f, options=options, fullgraph=True, dynamic=False)(*args).backward()
+    f(*ref).backward()
+    for a, r in zip(args, ref):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-6)
+    assert len(rec.graphs) == 2  # forward, backward
+    assert (torch.ops.aten.sigmoid.default in rec.graphs[1]) is not save

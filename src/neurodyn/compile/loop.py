@@ -45,7 +45,14 @@ from ..core.control import (
     step_underflow_tensor,
 )
 from ..solvers.explicit_rk import ExplicitRungeKutta
-from .patches import LIBRARY_TANH_ELEMENTS, library_tanh, pooled_loop_buffers, thin_products, vectorize_strided_loads
+from .patches import (
+    LIBRARY_TANH_ELEMENTS,
+    TANH_FORMULA_FLOAT32,
+    library_tanh,
+    pooled_loop_buffers,
+    thin_products,
+    vectorize_strided_loads,
+)
 from .pool import LOOP_POOL_BYTES
 from .step import nonzero, own_code, stage_sum
 
@@ -67,8 +74,9 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Inductor picks by default where the CPU has them). The "neurodyn_*" entries are no Inductor settings: they name the
 # lowering changes made while compiling, so that Inductor's cache of compiled graphs tells programs apart.
 CPU_OPTIONS = {"cpp_wrapper": True, "cpp.simdlen": 256,
-               "post_grad_fusion_options": {"decompose_mm_pass": {"neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS,
-                                                                  "neurodyn_loop_pool": LOOP_POOL_BYTES}}}
+               "post_grad_fusion_options": {"decompose_mm_pass": {
+                   "neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS, "neurodyn_tanh_formula": TANH_FORMULA_FLOAT32,
+                   "neurodyn_loop_pool": LOOP_POOL_BYTES}}}
 # Matrix products with at most this inner dimension are written as fused loops in the compiled whole loop
 # (thin_products): a field's first layer on a state of a few components, (B, n) @ (n, hidden), whose library GEMM call
 # (plus ATen's copy of the bias into its output) costs more than the arithmetic; measured on the batched protocol case
@@ -511,6 +519,31 @@ class ColumnSums(LoopProducts):
             node.replace_all_uses_with(out)
             graph.erase_node(node)
 
+class SaveSigmoids(CustomGraphPass):
+    """A pass over the joint forward-backward graph of a compiled block under autograd (:mod:`neurodyn.compile.driven`,
+    before AOTAutograd splits it): each ``sigmoid`` of the forward (a node no tangent flows into) of a CPU float tensor
+    is marked to be kept for the backward. By default the partitioner keeps the sigmoid's input instead (the same
+    size) and computes the ``sigmoid`` again in the backward for its derivative ``s (1 - s)``: one more ``exp`` per
+    element (the partitioner may then keep ``s (1 - s)``, computed in the forward's fused kernel). Same values."""
+
+    def uuid(self) -> tuple:
+        return ("neurodyn.SaveSigmoids", _source_hash(type(self)))
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        from torch.utils.checkpoint import CheckpointPolicy
+        backward: set = set()
+        for node in graph.nodes:
+            if (node.op == "placeholder" and node.name.startswith("tangents")) or any(
+                    a in backward for a in node.all_input_nodes):
+                backward.add(node)
+        for node in graph.nodes:
+            v = node.meta.get("val")
+            if (node.op == "call_function" and node.target is torch.ops.aten.sigmoid.default
+                    and node not in backward and isinstance(v, Tensor) and v.device.type == "cpu"
+                    and v.dtype in (torch.float32, torch.float64) and "recompute" not in node.meta):
+                node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+
+
 # The whole loop's options: CPU_OPTIONS, with the thin-product rule named (as CPU_OPTIONS names its own changes) and the
 # library products' pass.
 LOOP_OPTIONS = {**CPU_OPTIONS, "post_grad_fusion_options": {"decompose_mm_pass": {
@@ -518,8 +551,10 @@ LOOP_OPTIONS = {**CPU_OPTIONS, "post_grad_fusion_options": {"decompose_mm_pass":
     "post_grad_custom_post_pass": LoopProducts(LOOP_THIN_OUTPUTS)}
 # Column sums of at least this many rows as library products in the compiled blocks of steps (ColumnSums).
 GRAPH_SUM_ROWS = 128
-# The compiled blocks' options (forward and backward under autograd): LOOP_OPTIONS with ColumnSums.
-GRAPH_OPTIONS = {**LOOP_OPTIONS, "post_grad_custom_post_pass": ColumnSums(LOOP_THIN_OUTPUTS, GRAPH_SUM_ROWS)}
+# The compiled blocks' options (forward and backward under autograd): LOOP_OPTIONS with ColumnSums, and SaveSigmoids
+# on the joint graph.
+GRAPH_OPTIONS = {**LOOP_OPTIONS, "post_grad_custom_post_pass": ColumnSums(LOOP_THIN_OUTPUTS, GRAPH_SUM_ROWS),
+                 "joint_custom_post_pass": SaveSigmoids()}
 
 
 

@@ -19,6 +19,28 @@ from torch import Tensor
 LIBRARY_TANH_ELEMENTS = 2048
 
 
+def _intel_cpu() -> bool:
+    """Whether this machine's CPU is Intel's (``vendor_id`` of ``/proc/cpuinfo``, else ``platform.processor()``)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("vendor_id"):
+                    return "GenuineIntel" in line
+    except OSError:
+        pass
+    import platform
+    return "intel" in platform.processor().lower()
+
+
+# Whether float32 tanh of at least LIBRARY_TANH_ELEMENTS elements is computed in compiled code by a fused formula
+# (tanh_formula: one exp, a polynomial, a division; ~2 ulp) rather than ATen's kernel (library_tanh). ATen's float32
+# tanh is MKL's VML where torch has MKL: fast on Intel CPUs (~0.3 ns per element), and on other CPUs, which MKL runs
+# through its generic code, slower than Inductor's own (AMD EPYC, AVX2, one core: a (512, 128) tanh 211 us in ATen,
+# 218 us as Inductor's Sleef code with the bias add fused, ~130 us as this formula with it). So ATen's kernel only where
+# MKL runs on an Intel CPU; without MKL ATen's tanh is Sleef's, as Inductor's.
+TANH_FORMULA_FLOAT32 = not (torch.backends.mkl.is_available() and _intel_cpu())
+
+
 class _InductorPatch:
     """Base of the compile-time patches below: on entering, one entry of a private Inductor object (an attribute, or
     an item where :attr:`item` is set) is replaced by :meth:`replace` of its value; on leaving, the value is put back.
@@ -82,9 +104,10 @@ class library_tanh(_InductorPatch):
     """While compiling on the CPU: ``tanh`` of a tensor with at least :data:`LIBRARY_TANH_ELEMENTS` elements runs as
     ATen's own kernel (the one eager mode calls: Intel VML where torch has MKL) instead of Inductor's inlined
     vectorised code (Sleef ``tanh_u10``, ~4x slower per float64 element here), which dominates a batched MLP field
-    (the batched protocol case: 256 x 64 x 2 ``tanh`` per evaluation). Smaller ``tanh`` (a batch-1 state's 64-wide
-    layers) stay fused: a library call per evaluation costs more than it saves there. Performance only; a no-op
-    where this torch has no such lowering table."""
+    (the batched protocol case: 256 x 64 x 2 ``tanh`` per evaluation). Where :data:`TANH_FORMULA_FLOAT32` is set
+    (MKL not on an Intel CPU), such a float32 ``tanh`` is instead the fused kernel of :func:`tanh_formula` (with the
+    bias add before it). Smaller ``tanh`` (a batch-1 state's 64-wide layers) stay fused: a library call per evaluation
+    costs more than it saves there. Performance only; a no-op where this torch has no such lowering table."""
 
     item = True
 
@@ -98,13 +121,17 @@ class library_tanh(_InductorPatch):
     def replace(self, saved: Callable) -> Callable:
         from torch._inductor import lowering
         library = lowering.fallback_handler(torch.ops.aten.tanh.default, add_to_fallback_set=False)
+        formula = lowering.make_pointwise(tanh_formula)
 
         def lower(x, *args, **kwargs):
             try:
                 size = [int(d) for d in x.get_size()]
                 big = math.prod(size) >= LIBRARY_TANH_ELEMENTS and x.get_device().type == "cpu"
+                fused = big and TANH_FORMULA_FLOAT32 and x.get_dtype() == torch.float32 and not args and not kwargs
             except (TypeError, AttributeError):  # symbolic sizes, or not a tensor: the default lowering
-                big = False
+                big = fused = False
+            if fused:
+                return formula(x)
             return (library if big else saved)(x, *args, **kwargs)
 
         return lower
@@ -120,6 +147,32 @@ class library_tanh(_InductorPatch):
         if self.saved is not None:
             logging.getLogger("torch._inductor.ir").removeFilter(_no_shim_notice)
         super().__exit__(*exc)
+
+
+# Cephes' tanhf: for |x| < 0.625 the odd polynomial x + x^3 P(x^2), else sign(x) (1 - 2 / (exp(2|x|) + 1)).
+_TANH_P = (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1, -3.33332819422e-1)
+
+
+def tanh_formula(x: Any) -> Any:
+    """float32 ``tanh`` of one element in Inductor's pointwise operations (``ops``: the body of a fused kernel), the
+    formula of Cephes' ``tanhf`` (relative error ~1e-7, against ATen's ~6e-8): ``x + x^3 P(x^2)`` for ``|x| < 0.625``,
+    else ``sign(x) (1 - 2 / (exp(2|x|) + 1))`` (``+-1`` where ``exp`` overflows; NaN stays NaN; ``+-0`` as it is).
+    Both branches are computed and one is selected (vectorised code)."""
+    from torch._inductor.virtualized import ops
+
+    def c(v: float) -> Any:
+        return ops.constant(v, torch.float32)
+
+    a = ops.abs(x)
+    z = ops.mul(x, x)
+    p = c(_TANH_P[0])
+    for coef in _TANH_P[1:]:
+        p = ops.add(ops.mul(p, z), c(coef))
+    small = ops.add(ops.mul(ops.mul(p, z), x), x)
+    big = ops.sub(c(1.0), ops.truediv(c(2.0), ops.add(ops.exp(ops.add(a, a)), c(1.0))))
+    big = ops.where(ops.lt(x, c(0.0)), ops.neg(big), big)
+    out = ops.where(ops.lt(a, c(0.625)), small, big)
+    return ops.where(ops.eq(x, c(0.0)), x, out)  # tanh(-0) = -0
 
 
 class thin_products(_InductorPatch):
