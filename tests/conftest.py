@@ -14,3 +14,12 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def no_compile_caches():
+    """Inductor's graph cache and AOTAutograd's cache off for one test, so compile-time passes run (restored after;
+    ``monkeypatch.setattr`` on these config modules deletes the entry on undo instead of restoring it)."""
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(
+            enable_autograd_cache=False):
+        yield

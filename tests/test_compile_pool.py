@@ -99,10 +99,9 @@ class _Field(torch.nn.Module):
 
 
 @pytest.mark.skipif(patches.pooled_loop_buffers.locate() is None, reason="no C++ wrapper in this torch")
-def test_compiled_loop_pooled_and_bit_identical(monkeypatch):
+def test_compiled_loop_pooled_and_bit_identical(monkeypatch, no_compile_caches):
     """The whole loop compiled with and without the rewrite: the rewrite pools buffers, and the outputs are equal."""
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
     counts = []
     rewrite = pool.pool_loop_buffers
 

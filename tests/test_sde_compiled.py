@@ -280,15 +280,13 @@ def test_step_grid_lands_as_the_eager_loop():
 
 
 @pytest.mark.slow  # compiling a forward and a backward: 30-60 s on a loaded 2-core machine
-def test_grad_mode_blocks_sum_bias_gradients_as_products_and_match_eager(forced, monkeypatch):
+def test_grad_mode_blocks_sum_bias_gradients_as_products_and_match_eager(forced, monkeypatch, no_compile_caches):
     """A batch of 160 samples (at least loop.GRAPH_SUM_ROWS): the compiled blocks' backward sums each layer's output
     gradient over the batch (the bias gradients) as library products (ColumnSums, seen rewriting them); outputs and
     gradients with respect to y0 and every parameter equal the eager solve's to rounding (float64)."""
     from neurodyn.compile import loop
 
     monkeypatch.setattr(driven, "GRAPH_BLOCK", 2)
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # the pass runs (no cached graph)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     rewritten = []
     call = loop.ColumnSums.__call__
 
