@@ -94,8 +94,9 @@ def _spiral(t, y):  # torchdiffeq's examples/ode_demo.py: dy/dt = y^3 A
 
 def test_float32_rtol_1e_7_at_the_floor_is_as_accurate_as_torchdiffeq_at_1e_7():
     """ode_demo's float32 spiral at torchdiffeq's default rtol=1e-7: clamped to the floor (2 eps = 2.4e-7), the result
-    is within 1.5x of torchdiffeq's error at 1e-7 (which honours it) against scipy DOP853 at rtol 1e-13, and at
-    least 2x more accurate than at the former floor of 8 eps (9.5e-7)."""
+    is within 1.5x of torchdiffeq's error at 1e-7 (which honours it) against scipy DOP853 at rtol 1e-13. (Against the
+    former floor of 8 eps the result depends on the CPU's rounding: 2x more accurate on the Intel machines of earlier
+    sessions, 2x less on an AMD EPYC, 3.8e-6 against 1.9e-6: errors at 2-8 eps are round-off; docs/results.md.)"""
     import numpy as np
     import scipy.integrate
     import torchdiffeq
@@ -109,10 +110,8 @@ def test_float32_rtol_1e_7_at_the_floor_is_as_accurate_as_torchdiffeq_at_1e_7():
     with pytest.warns(PrecisionWarning, match=r"rtol=1e-07 is below what float32 resolves"):
         sol = neurodyn.solve(_spiral, y0, t, rtol=1e-7, atol=1e-9)
     assert sol.success
-    at_old_floor = neurodyn.solve(_spiral, y0, t, rtol=8 * EPS32, atol=1e-9)
     peer = torchdiffeq.odeint(_spiral, y0, t, rtol=1e-7, atol=1e-9)
     assert err(sol.ys) < 1.5 * err(peer), (err(sol.ys), err(peer))
-    assert err(sol.ys) < 0.5 * err(at_old_floor.ys), (err(sol.ys), err(at_old_floor.ys))
 
 
 def test_float32_rtol_1e_12_warns_clamps_and_meets_the_clamped_tolerance():
