@@ -48,7 +48,8 @@ NeuralCDE only: a path augmentation; the baselines read the masks themselves and
 each observed time point of each training series again with probability ``p`` in every batch (at least 2 kept, else
 the series is left as it is) and recomputes its path (:func:`series_coeffs` solves every series' spline at once, so
 this costs a few percent of a step). ``--ema-decay d`` (default 0.95) keeps an exponential moving average of the
-weights of the ``--ema-models`` after every optimizer step, from the initial weights; the epoch is chosen and the
+weights (and floating buffers) of the ``--ema-models`` after every optimizer step, from the initial weights
+(:func:`ema_of`: ``torch.optim.swa_utils.AveragedModel``); the epoch is chosen and the
 accuracies reported with the averaged weights (training uses the raw ones). The default applies it to the NeuralCDE
 only, as validation chose per model: the NeuralCDE's validation accuracy with the average was never below its raw
 weights' (docs/results.md), GRU-D's and ODE-RNN's fell (70% dropped, seeds 0-2: 97.5 -> 95.1 and 96.9 -> 95.7).
