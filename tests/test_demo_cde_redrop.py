@@ -96,51 +96,65 @@ def test_redrop_drops_whole_observed_time_points_and_keeps_at_least_two():
     assert torch.equal(demo.redrop(d, 0.999, torch.Generator().manual_seed(5))["mask"], mask)
 
 
-def test_ema_update_is_the_running_average():
+def test_ema_of_starts_at_the_weights_and_takes_the_running_average():
+    """Hand-computed: after two updates with weights ``w0 + 1`` then ``w0 + 3``, the average is
+    ``0.9 (0.9 w0 + 0.1 (w0 + 1)) + 0.1 (w0 + 3)``; floating buffers are averaged too (``use_buffers=True``)."""
     import neurodyn.demos.cde as demo
 
     model = torch.nn.Linear(3, 2)
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.register_buffer("level", torch.tensor([2.0]))
     w0 = model.weight.detach().clone()
+    ema = demo.ema_of(model, 0.9)
+    assert torch.equal(ema.module.weight, w0) and int(ema.n_averaged) == 1  # started at the current weights
     with torch.no_grad():
         model.weight.add_(1.0)
-    demo._ema_update(ema, model, 0.9)
-    assert torch.allclose(ema["weight"], 0.9 * w0 + 0.1 * (w0 + 1.0), rtol=0, atol=1e-6)
+        model.level.fill_(12.0)
+    ema.update_parameters(model)
+    assert torch.allclose(ema.module.weight, w0 + 0.1, rtol=0, atol=1e-6)
+    assert torch.allclose(ema.module.level, torch.tensor([3.0]), rtol=0, atol=1e-6)  # 0.9 * 2 + 0.1 * 12
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    ema.update_parameters(model)
+    want = 0.9 * (0.9 * w0 + 0.1 * (w0 + 1.0)) + 0.1 * (w0 + 3.0)
+    assert torch.allclose(ema.module.weight, want, rtol=0, atol=1e-6)
+    assert not torch.allclose(ema.module.weight, model.weight)  # not the raw weights
 
 
 @needs_aeon
 def test_train_one_validates_an_ema_started_at_the_initial_weights_two_steps(monkeypatch):
     """19 training series in batches of 10: two optimizer steps in the one epoch; the weights validated are
-    ``d (d w0 + (1 - d) w1) + (1 - d) w2`` with ``w0`` the initial weights, ``w1, w2`` the raw ones after each step."""
+    ``d (d w0 + (1 - d) w1) + (1 - d) w2`` with ``w0`` the initial weights, ``w1, w2`` the raw ones after each step
+    (the EMA's first ``update_parameters`` is made on ``w0`` before training)."""
     import neurodyn.demos.cde as demo
 
     d = 0.8
     cfg = demo.CDEConfig(subset=24, epochs=1, batch_size=10, ema_decay=d, ema_models=["NeuralCDE", "GRUD"],
                          cde_layers=1, redrop=0.3)
     data = demo._data(cfg)
-    update, accuracy = demo._ema_update, demo._accuracy
+    update, accuracy = demo.AveragedModel.update_parameters, demo._accuracy
     for name in ("NeuralCDE", "GRUD"):
         raw, seen = [], []
 
-        def record_update(ema, model, decay, raw=raw):
+        def record_update(self, model, raw=raw):
             raw.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-            update(ema, model, decay)
+            update(self, model)
 
         def record_accuracy(model, split, batch=128, seen=seen):
             seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
             return accuracy(model, split, batch)
 
-        monkeypatch.setattr(demo, "_ema_update", record_update)
+        monkeypatch.setattr(demo.AveragedModel, "update_parameters", record_update)
         monkeypatch.setattr(demo, "_accuracy", record_accuracy)
         res = demo.train_one(name, cfg, data, 0.5, seed=3)
         assert res["ema"] is True and res["best_epoch"] == 0
         torch.manual_seed(3)
         w0 = demo.make_model(name, data["channels"], data["classes"], cfg).state_dict()
-        assert len(raw) == 2
+        assert len(raw) == 3  # the initial weights, then one per optimizer step
         for k, v in seen[0].items():  # seen[0]: the validation after the epoch
-            want = d * (d * w0[k] + (1 - d) * raw[0][k]) + (1 - d) * raw[1][k]
+            assert torch.equal(raw[0][k], w0[k]), (name, k)
+            want = d * (d * w0[k] + (1 - d) * raw[1][k]) + (1 - d) * raw[2][k]
             assert torch.allclose(v, want, rtol=1e-6, atol=1e-7), (name, k)
-        assert any(not torch.allclose(seen[0][k], raw[1][k]) for k in w0)  # not the raw weights
+        assert any(not torch.allclose(seen[0][k], raw[2][k]) for k in w0)  # not the raw weights
     # a model not among ema_models trains and is evaluated on its raw weights
     monkeypatch.undo()
     res = demo.train_one("ODERNN", cfg, data, 0.5, seed=3)

@@ -48,7 +48,8 @@ NeuralCDE only: a path augmentation; the baselines read the masks themselves and
 each observed time point of each training series again with probability ``p`` in every batch (at least 2 kept, else
 the series is left as it is) and recomputes its path (:func:`series_coeffs` solves every series' spline at once, so
 this costs a few percent of a step). ``--ema-decay d`` (default 0.95) keeps an exponential moving average of the
-weights of the ``--ema-models`` after every optimizer step, from the initial weights; the epoch is chosen and the
+weights (and floating buffers) of the ``--ema-models`` after every optimizer step, from the initial weights
+(:func:`ema_of`: ``torch.optim.swa_utils.AveragedModel``); the epoch is chosen and the
 accuracies reported with the averaged weights (training uses the raw ones). The default applies it to the NeuralCDE
 only, as validation chose per model: the NeuralCDE's validation accuracy with the average was never below its raw
 weights' (docs/results.md), GRU-D's and ODE-RNN's fell (70% dropped, seeds 0-2: 97.5 -> 95.1 and 96.9 -> 95.7).
@@ -73,7 +74,6 @@ augmentations (``--augment none``, 17.6k parameters, no weight decay) 94.7 / 94.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import sys
@@ -84,6 +84,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from neurodyn.data import Normalizer, compact, drop_observations, load_uea
 from neurodyn.demos._common import (
@@ -590,15 +591,15 @@ def _accuracy(model: nn.Module, d: dict[str, Tensor], batch: int = 128) -> float
     return correct / len(d["y"])
 
 
-def _ema_update(ema: dict[str, Tensor], model: nn.Module, decay: float) -> None:
-    """``ema <- decay * ema + (1 - decay) * w`` for each floating entry ``w`` of ``model``'s state (in place); other
-    entries are copied."""
-    with torch.no_grad():
-        for k, w in model.state_dict().items():
-            if w.is_floating_point():
-                ema[k].mul_(decay).add_(w, alpha=1 - decay)
-            else:
-                ema[k].copy_(w)
+def ema_of(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s parameters and buffers, started at their current values:
+    :class:`torch.optim.swa_utils.AveragedModel` with ``get_ema_multi_avg_fn(decay)`` and ``use_buffers=True`` (each
+    floating buffer is averaged like a parameter, as GRU-D's ``x_mean``), its first ``update_parameters`` already made
+    (it copies the current values), so that every later ``update_parameters(model)`` sets
+    ``avg <- decay * avg + (1 - decay) * w`` (``torch.lerp``); ``.module`` is the averaged network."""
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema.update_parameters(model)
+    return ema
 
 
 def train_one(name: str, cfg: CDEConfig, data: dict[str, Any], rate: float, seed: int) -> dict[str, Any]:
@@ -606,7 +607,7 @@ def train_one(name: str, cfg: CDEConfig, data: dict[str, Any], rate: float, seed
 
     With ``cfg.redrop`` (NeuralCDE only) each training batch is re-dropped (:func:`redrop`, a generator seeded by the
     seed and rate) and its path recomputed. With ``cfg.ema_decay`` and ``name`` in ``cfg.ema_models``, an EMA of the
-    weights is updated after every optimizer step (:func:`_ema_update`, from the initial weights; training itself
+    weights is updated after every optimizer step (:func:`ema_of`, from the initial weights; training itself
     uses the raw weights), and the validation accuracy, the epoch choice and the reported accuracies use the
     averaged weights."""
     drop_seed = 1000 * seed + round(1000 * rate)
@@ -620,10 +621,9 @@ def train_one(name: str, cfg: CDEConfig, data: dict[str, Any], rate: float, seed
     prep = time.perf_counter() - t0
     torch.manual_seed(seed)
     model = make_model(name, data["channels"], data["classes"], cfg)
-    # the EMA of the weights (started at the initial ones) and a model that carries it for evaluation
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} \
-        if cfg.ema_decay and name in cfg.ema_models else None
-    averaged = copy.deepcopy(model) if ema is not None else model
+    # the EMA of the weights (started at the initial ones); its module is the network evaluated
+    ema = ema_of(model, cfg.ema_decay) if cfg.ema_decay and name in cfg.ema_models else None
+    averaged = ema.module if ema is not None else model
     redrops = torch.Generator().manual_seed(drop_seed + 3) if cfg.redrop and name == "NeuralCDE" else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.weight_decay \
         else torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -653,9 +653,7 @@ def train_one(name: str, cfg: CDEConfig, data: dict[str, Any], rate: float, seed
             loss.backward()
             opt.step()
             if ema is not None:
-                _ema_update(ema, model, cfg.ema_decay)
-        if ema is not None:
-            averaged.load_state_dict(ema)
+                ema.update_parameters(model)
         if val is not None:  # the latest epoch wins ties
             t1 = time.perf_counter()
             va = _accuracy(averaged, val)
@@ -671,7 +669,7 @@ def train_one(name: str, cfg: CDEConfig, data: dict[str, Any], rate: float, seed
                       "best_epoch": best[1], "val_curve": val_curve})
         model.load_state_dict(best[2])
     elif ema is not None:
-        model.load_state_dict(ema)
+        model.load_state_dict(averaged.state_dict())
     acc = _accuracy(model, test)
     return {"accuracy": acc, "train_accuracy": _accuracy(model, train), "final_loss": float(loss.detach()),
             "params": sum(p.numel() for p in model.parameters()), "nfe_per_forward": model.nfe,
