@@ -306,6 +306,51 @@ def test_library_tanh_float32_formula_and_library(monkeypatch, formula):
     assert torch.equal(torch.signbit(out[x == 0]), torch.signbit(x[x == 0]))
 
 
+@pytest.mark.parametrize("formula", [True, False])
+def test_library_tanh_float64_formula_and_library(monkeypatch, formula):
+    """float64 tanh of a large tensor in compiled code (patches.library_tanh), fused with a product before it: Cephes'
+    formula where TANH_FORMULA_FLOAT64 is set (within 2 ulp of long double tanh on [-2, 2] densely, [-40, 40], 1e-300
+    .. 1 both signs and around the branch point 0.625; within 2.5 ulp of eager float64 tanh; +-0, +-inf, NaN, +-1 where
+    exp overflows kept), ATen's kernel otherwise (bitwise eager's tanh). The float32 path is left to its own setting."""
+    pytest.importorskip("torch._inductor.lowering")
+    np = pytest.importorskip("numpy")
+    from neurodyn.compile import patches
+
+    monkeypatch.setattr(patches, "TANH_FORMULA_FLOAT64", formula)
+    monkeypatch.setattr(patches, "TANH_FORMULA_FLOAT32", False)
+    edge = 0.625 + torch.arange(-20000, 20001, dtype=F64) * math.ulp(0.625)
+    tiny = torch.logspace(-300, 0, 30001, dtype=F64)
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 5e-324, -5e-324, 1e-310, 0.625, -0.625,
+                            19.0, -19.0, 400.0, -400.0, 1e300, -1e300], dtype=F64)
+    x = torch.cat([torch.linspace(-2, 2, 400001, dtype=F64), torch.linspace(-40, 40, 100001, dtype=F64),
+                   tiny, -tiny, edge, -edge, special])
+    x = torch.cat([x, x.new_zeros(-len(x) % 64)]).view(-1, 64)
+    one = torch.ones(64, dtype=F64)  # x * 1 == x for every x, -0 and NaN included
+    assert x.numel() >= patches.LIBRARY_TANH_ELEMENTS
+    # the choice named in the options (as CPU_OPTIONS does), so that Inductor's caches tell the two programs apart
+    options = {"post_grad_fusion_options": {"decompose_mm_pass": {"neurodyn_tanh_formula_float64": formula}}}
+    fn = torch.compile(lambda v, b: torch.tanh(v * b), dynamic=False, options=options)
+    # Inductor's caches key on the graph and options, not on the lowering's code: compiled afresh, this code is tested
+    with patches.library_tanh(), torch._inductor.config.patch(force_disable_caches=True):
+        out = fn(x, one)
+    eager = torch.tanh(x)
+    if not formula:
+        torch.testing.assert_close(out, eager, rtol=0, atol=0, equal_nan=True)
+        return
+    finite = torch.isfinite(x)
+    xs, o = x[finite].numpy(), out[finite].numpy()
+    ref = np.tanh(xs.astype(np.longdouble))
+    spacing = np.spacing(np.abs(ref.astype(np.float64)))
+    ulps = np.abs(o.astype(np.longdouble) - ref) / spacing
+    assert float(ulps.max()) <= 2.0
+    assert float((np.abs(o - eager[finite].numpy()) / spacing).max()) <= 2.5
+    assert torch.equal(out[~finite & ~torch.isnan(x)], eager[~finite & ~torch.isnan(x)])
+    assert bool(torch.isnan(out[torch.isnan(x)]).all())
+    assert torch.equal(torch.signbit(out[x == 0]), torch.signbit(x[x == 0]))
+    big = x.abs() >= 19.5  # tanh rounds to +-1 in float64 from ~19.06 on
+    assert torch.equal(out[big], torch.sign(x[big]))
+
+
 def test_compile_time_lowering_changes_are_undone():
     """The lowering changes made while compiling (library tanh, thin products) leave Inductor as it was."""
     pytest.importorskip("torch._inductor.lowering")

@@ -48,6 +48,7 @@ from ..solvers.explicit_rk import ExplicitRungeKutta
 from .patches import (
     LIBRARY_TANH_ELEMENTS,
     TANH_FORMULA_FLOAT32,
+    TANH_FORMULA_FLOAT64,
     library_tanh,
     pooled_loop_buffers,
     thin_products,
@@ -76,6 +77,7 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 CPU_OPTIONS = {"cpp_wrapper": True, "cpp.simdlen": 256,
                "post_grad_fusion_options": {"decompose_mm_pass": {
                    "neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS, "neurodyn_tanh_formula": TANH_FORMULA_FLOAT32,
+                   "neurodyn_tanh_formula_float64": TANH_FORMULA_FLOAT64,
                    "neurodyn_loop_pool": LOOP_POOL_BYTES}}}
 # Matrix products with at most this inner dimension are written as fused loops in the compiled whole loop
 # (thin_products): a field's first layer on a state of a few components, (B, n) @ (n, hidden), whose library GEMM call

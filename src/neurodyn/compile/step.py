@@ -23,7 +23,7 @@ from torch import Tensor
 from ..core.control import rms_ratio
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from . import policy
-from .patches import LIBRARY_TANH_ELEMENTS, TANH_FORMULA_FLOAT32, library_tanh
+from .patches import LIBRARY_TANH_ELEMENTS, TANH_FORMULA_FLOAT32, TANH_FORMULA_FLOAT64, library_tanh
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ACTIVE = [0]  # > 0 while compiled_context() holds the compiler settings below
@@ -34,7 +34,7 @@ class compiled_context:
     """Holds the compiler settings of compiled steps for the duration of a solve, so that each step
     need not enter them (internal; re-entrant): integer attributes of modules (NFE counters, say) do not
     become guards, up to 64 compiled variants per step function, and a step compiled meanwhile on the CPU calls
-    ATen's ``tanh`` on large tensors, or the fused float32 formula (:class:`~neurodyn.compile.patches.library_tanh`)."""
+    ATen's ``tanh`` on large tensors, or a fused formula (:class:`~neurodyn.compile.patches.library_tanh`)."""
 
     def __enter__(self) -> None:
         if not _ACTIVE[0]:  # set directly (a config.patch context costs ~8 us per entry)
@@ -58,12 +58,13 @@ _FALLBACK = object()
 # On the CPU the compiled graph's wrapper (which launches its kernels and library calls) is generated as C++ rather
 # than Python: a small problem's step costs ~40% less per call this way. The step is compiled inside compiled_context,
 # so large tanh call ATen's kernel (library_tanh: the medium protocol case's compiled step ~16% faster, the large
-# case's ~14%; float32 ones as a fused formula where TANH_FORMULA_FLOAT32); the "neurodyn_library_tanh" and
-# "neurodyn_tanh_formula" entries are no Inductor settings: they name that change, so that Inductor's cache of compiled
-# graphs tells the programs apart.
+# case's ~14%; float32 and float64 ones as a fused formula where TANH_FORMULA_FLOAT32 / TANH_FORMULA_FLOAT64); the
+# "neurodyn_library_tanh" and "neurodyn_tanh_formula*" entries are no Inductor settings: they name that change, so that
+# Inductor's cache of compiled graphs tells the programs apart.
 STEP_CPU_OPTIONS = {"cpp_wrapper": True,
                     "post_grad_fusion_options": {"decompose_mm_pass": {
-    "neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS, "neurodyn_tanh_formula": TANH_FORMULA_FLOAT32}}}
+    "neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS, "neurodyn_tanh_formula": TANH_FORMULA_FLOAT32,
+    "neurodyn_tanh_formula_float64": TANH_FORMULA_FLOAT64}}}
 
 
 def nonzero(row) -> list[tuple[int, float]]:
