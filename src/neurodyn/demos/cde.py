@@ -59,11 +59,12 @@ forward pass (solver field evaluations; None for models without a solver), train
 accuracy vs drop rate. A run's results depend only on its seed, so seeds can run in separate processes (``--seed k
 --seeds 1 --out DIR_k``) and be combined by ``--merge DIR_0 DIR_1 ...`` (into ``--out``).
 
-Results (docs/results.md, "NeuralCDE defaults: hidden 64, re-drop 0.2, EMA 0.95 (tenth session)" and "GRU-D's hidden
-size by validation"; these defaults, seeds 0-2, mean test accuracy % at 0/30/50/70% dropped): NeuralCDE (59.2k
-parameters) 97.9 / 97.6 / 96.3 / 97.1, GRU-D (hidden 64, 18.7k) 96.7 / 95.3 / 96.4 / 96.3, ODE-RNN 94.7 / 93.0 /
-92.5 / 91.5: the NeuralCDE is the best model at 0, 30 and 70%, and one test series behind GRU-D at 50% (over seeds
-0-6: 97.2 against 96.1). With GRU-D at hidden 32 (6.3k parameters; 96.7 / 97.5 / 95.2 / 95.9) it led at every rate.
+Results (docs/results.md, "The epoch budget by validation" and the sections before it; these defaults, seeds 0-2,
+mean test accuracy % at 0/30/50/70% dropped): NeuralCDE (59.2k parameters, 100 epochs) 98.3 / 97.75 / 97.0 / 97.1,
+GRU-D (hidden 64, 18.7k, 60 epochs) 96.7 / 95.3 / 96.4 / 96.3, ODE-RNN 94.5 / 93.0 / 94.1 / 91.7: the NeuralCDE is the
+best model at every rate. With 60 epochs it was 97.9 / 97.6 / 96.3 / 97.1, one test series behind GRU-D at 50% (over
+seeds 0-6: 97.2 against 96.1); GRU-D at 100 epochs (not chosen by validation) 96.1 / 96.3 at 50 / 70%. With GRU-D at
+hidden 32 (6.3k parameters; 96.7 / 97.5 / 95.2 / 95.9) the 60-epoch NeuralCDE led at every rate.
 The seventh session's NeuralCDE (hidden 32, no re-drop, raw weights;
 30.7k parameters) 97.7 / 96.8 / 95.7 / 95.0, behind GRU-D at 70%. With ``--weight-decay 0`` (Adam, the sixth session's
 protocol) 96.9 / 96.2 / 95.0 / 93.7, ODE-RNN 96.4 / 96.1 / 93.4 / 90.1, GRU-D 97.4 / 97.0 / 95.9 / 95.9. Without the
