@@ -29,7 +29,8 @@ def test_cde_demo_smoke(tmp_path):
     from neurodyn.cli import main
 
     out = tmp_path / "cde"
-    assert main(["demo", "cde", "--quick", "--epochs", "1", "--subset", "24", "--rates", "0", "0.5",
+    assert main(["demo", "cde", "--quick", "--epochs", "1", "--cde-epochs", "1",
+                 "--subset", "24", "--rates", "0", "0.5",
                  "--cde-layers", "1", "--out", str(out), "--no-plots"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     table, runs = metrics["table"], metrics["runs"]
@@ -56,7 +57,8 @@ def test_cde_demo_plot_and_linear_path(tmp_path):
     from neurodyn.cli import main
 
     out = tmp_path / "cde"
-    assert main(["demo", "cde", "--epochs", "1", "--subset", "12", "--seeds", "2", "--rates", "0.3",
+    assert main(["demo", "cde", "--epochs", "1", "--cde-epochs", "1",
+                 "--subset", "12", "--seeds", "2", "--rates", "0.3",
                  "--models", "NeuralCDE", "GRUD", "--path", "linear", "--readout", "mean", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     row = metrics["table"]["NeuralCDE"]["0.3"]
@@ -129,7 +131,8 @@ def test_cde_demo_selects_by_validation_and_adds_the_intensity_channel(tmp_path)
     from neurodyn.cli import main
 
     out = tmp_path / "cde"
-    assert main(["demo", "cde", "--epochs", "2", "--subset", "24", "--seeds", "1", "--rates", "0.5",
+    assert main(["demo", "cde", "--epochs", "2", "--cde-epochs", "2",
+                 "--subset", "24", "--seeds", "1", "--rates", "0.5",
                  "--models", "NeuralCDE", "GRUD", "--val-fraction", "0.25", "--intensity", "--out", str(out),
                  "--no-plots"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -229,7 +232,8 @@ def test_cde_demo_path_augmentations_cumsum_and_basepoint(tmp_path, capsys):
     assert demo.CDEConfig().augment == ["cumsum", "basepoint"]  # the demo's default
     # --augment none: the plain path (time and data channels); rk4 on 0..T-1
     plain = tmp_path / "plain"
-    assert main(["demo", "cde", "--epochs", "1", "--subset", "12", "--seeds", "1", "--rates", "0.3", "--models",
+    assert main(["demo", "cde", "--epochs", "1", "--cde-epochs", "1",
+                 "--subset", "12", "--seeds", "1", "--rates", "0.3", "--models",
                  "NeuralCDE", "--augment", "none", "--cde-layers", "1", "--out", str(plain), "--no-plots"]) == 0
     (run,) = json.loads((plain / "metrics.json").read_text())["runs"]["NeuralCDE"]["0.3"]
     assert json.loads((plain / "metrics.json").read_text())["config"]["augment"] == []
@@ -237,7 +241,8 @@ def test_cde_demo_path_augmentations_cumsum_and_basepoint(tmp_path, capsys):
     assert run["nfe_per_forward"] == 4 * (T12 - 1)
     # the CLI: one epoch, both augmentations, every integral channel; rk4 takes one more step for the basepoint
     out = tmp_path / "aug"
-    assert main(["demo", "cde", "--epochs", "1", "--subset", "12", "--seeds", "1", "--rates", "0.3", "--models",
+    assert main(["demo", "cde", "--epochs", "1", "--cde-epochs", "1",
+                 "--subset", "12", "--seeds", "1", "--rates", "0.3", "--models",
                  "NeuralCDE", "--augment", "cumsum", "basepoint", "--cde-layers", "1", "--cde-hidden", "32",
                  "--out", str(out), "--no-plots"]) == 0
     (run,) = json.loads((out / "metrics.json").read_text())["runs"]["NeuralCDE"]["0.3"]
@@ -275,7 +280,8 @@ def test_cde_demo_extra_channels_locf_and_delta_are_linear_between_the_samples(t
             assert torch.allclose(path.evaluate(s)[b, cols], want, atol=1e-6)
     # the CLI: both channels, the readout from the final state and path value, rk4 with half steps
     out = tmp_path / "extra"
-    assert main(["demo", "cde", "--epochs", "1", "--subset", "12", "--seeds", "1", "--rates", "0.5", "--models",
+    assert main(["demo", "cde", "--epochs", "1", "--cde-epochs", "1",
+                 "--subset", "12", "--seeds", "1", "--rates", "0.5", "--models",
                  "NeuralCDE", "--extra", "locf", "delta", "--readout", "final-path", "--cde-step", "0.5",
                  "--cde-layers", "1", "--cde-hidden", "32", "--out", str(out), "--no-plots"]) == 0
     (run,) = json.loads((out / "metrics.json").read_text())["runs"]["NeuralCDE"]["0.5"]
@@ -283,3 +289,28 @@ def test_cde_demo_extra_channels_locf_and_delta_are_linear_between_the_samples(t
     assert run["nfe_per_forward"] == 8 * T12
     c = 1 + 3 * C + 1  # time, data, locf, delta, integrals
     assert run["params"] == (32 * 32 + 32) + 32 * 32 * c + 32 * c + c * 32 + 32 + (32 + c + 1) * data["classes"]
+
+
+def test_cde_demo_epochs_per_model(tmp_path):
+    """``--cde-epochs`` sets the NeuralCDE's epochs, ``--epochs`` the other models'; ``--quick`` sets both to 6 unless
+    given."""
+    import argparse
+
+    from neurodyn.cli import main
+    from neurodyn.demos import cde as demo
+
+    assert (demo.CDEConfig().cde_epochs, demo.CDEConfig().epochs) == (100, 60)  # validation's choices
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    quick = demo.config_from_args(demo.CDEConfig, parser.parse_args(["--quick"]), demo.QUICK)
+    assert (quick.cde_epochs, quick.epochs) == (6, 6)
+    quick = demo.config_from_args(demo.CDEConfig, parser.parse_args(["--quick", "--cde-epochs", "2"]), demo.QUICK)
+    assert (quick.cde_epochs, quick.epochs) == (2, 6)
+    out = tmp_path / "cde"
+    assert main(["demo", "cde", "--epochs", "2", "--cde-epochs", "3", "--subset", "12", "--seeds", "1", "--rates",
+                 "0.5", "--models", "NeuralCDE", "GRUD", "ODERNN", "--cde-layers", "1", "--cde-hidden", "8",
+                 "--out", str(out), "--no-plots"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["cde_epochs"] == 3 and metrics["config"]["epochs"] == 2
+    curves = {name: len(metrics["runs"][name]["0.5"][0]["val_curve"]) for name in ("NeuralCDE", "GRUD", "ODERNN")}
+    assert curves == {"NeuralCDE": 3, "GRUD": 2, "ODERNN": 2}

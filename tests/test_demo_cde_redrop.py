@@ -128,7 +128,8 @@ def test_train_one_validates_an_ema_started_at_the_initial_weights_two_steps(mon
     import neurodyn.demos.cde as demo
 
     d = 0.8
-    cfg = demo.CDEConfig(subset=24, epochs=1, batch_size=10, ema_decay=d, ema_models=["NeuralCDE", "GRUD"],
+    cfg = demo.CDEConfig(subset=24, epochs=1, cde_epochs=1, batch_size=10,
+                         ema_decay=d, ema_models=["NeuralCDE", "GRUD"],
                          cde_layers=1, redrop=0.3)
     data = demo._data(cfg)
     update, accuracy = demo.AveragedModel.update_parameters, demo._accuracy
@@ -170,7 +171,8 @@ def test_cde_demo_cli_redrop_and_ema(tmp_path, capsys):
     help_text = capsys.readouterr().out
     assert "--redrop" in help_text and "--ema-decay" in help_text and "--ema-models" in help_text
     out = tmp_path / "cde"
-    assert main(["demo", "cde", "--epochs", "1", "--subset", "24", "--seeds", "1", "--rates", "0.5",
+    assert main(["demo", "cde", "--epochs", "1", "--cde-epochs", "1",
+                 "--subset", "24", "--seeds", "1", "--rates", "0.5",
                  "--models", "NeuralCDE", "GRUD", "--cde-layers", "1", "--redrop", "0.2", "--ema-decay", "0.9",
                  "--ema-models", "NeuralCDE", "--out", str(out), "--no-plots"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
