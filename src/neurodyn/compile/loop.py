@@ -623,6 +623,24 @@ def _tolerances(cache: dict, rtol: float | Tensor, atol: float | Tensor, y0: Ten
     return tol
 
 
+def _inputs(per_func: dict, key: tuple, times: list[float], stops: list[float], first: float | None, min_step: float,
+            max_step: float, max_steps: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The compiled loop's inputs ``cv`` (float64: the output times, the stops, the first step or inf, ``min_step``,
+    ``max_step``) and ``iv`` (int64: the integer state's start, ``max_steps`` last). The last pair made for ``key`` is
+    kept in ``per_func`` and reused while the values are the same (zeros with the same sign): the program only reads
+    them (no input is written; an outcome's ``times`` is a view of ``cv``, read by the compiled backward)."""
+    vals = (*times, *stops, first if first is not None else math.inf, min_step, max_step, max_steps)
+    signs = tuple(math.copysign(1.0, v) for v in vals if v == 0)  # -0.0 == 0.0, but not bit for bit
+    slot = ("inputs", key)
+    kept = per_func.get(slot)
+    if kept is not None and kept[0] == vals and kept[1] == signs:
+        return kept[2], kept[3]
+    cv = torch.tensor(vals[:-1], dtype=torch.float64, device=device)
+    iv = torch.tensor([1, 0, 0, 0, 0, 0, 0, max_steps], dtype=torch.int64, device=device)
+    per_func[slot] = (vals, signs, cv, iv)
+    return cv, iv
+
+
 class LoopOutcome:
     """What a compiled loop returns to :func:`neurodyn.core.loop.integrate` (internal)."""
 
@@ -678,10 +696,8 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         if fn is None:
             fn = per_func[key] = _build(solver, func, shape, adaptive, interp, controller, choose_first, device,
                                         len(times), len(stops), record)
-        cv = torch.tensor([*times, *stops, first if first is not None else math.inf, min_step, max_step],
-                          dtype=torch.float64, device=device)
+        cv, iv = _inputs(per_func, key, times, stops, first, min_step, max_step, max_steps, device)
         tol = _tolerances(per_func, rtol, atol, y0)
-        iv = torch.tensor([1, 0, 0, 0, 0, 0, 0, max_steps], dtype=torch.int64, device=device)
         try:
             with torch.no_grad():  # (the lowering patches apply where Dynamo compiles: patched_inductor)
                 tensors = (module_state(func) if state is None else state).values()
@@ -715,7 +731,7 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         o.last_step = abs(last_h)
         o.ys, o.y_final = ys, y_final
         o.rec = tuple(rec)
-        o.times = cv[:len(times)]
+        o.times = cv[:len(times)] if record else None  # (read by a recorded solve's backward only)
         o.key, o.variants = key, variants
         if k0 is not None and not record:  # the caller checked k0, and nothing else is to be checked here
             verify(per_func, o)
