@@ -589,7 +589,31 @@ def module_state(func: Callable) -> dict[str, Tensor]:
     if not isinstance(func, torch.nn.Module):
         return {}
     # Detached: no graph is recorded, and requires_grad flags toggled between solves must not recompile the loop.
-    return {name: v.detach() for name, v in (*func.named_parameters(), *func.named_buffers())}
+    return {name: v.detach() for name, v in module_tensors(func)}
+
+
+_MODULE = torch.nn.Module
+
+
+def module_tensors(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
+    """``[*module.named_parameters(), *module.named_buffers()]``: the same names, tensors and order, from one walk of
+    ``named_modules()`` (the two methods walk it once each), where ``module``'s class keeps ``nn.Module``'s own
+    ``named_parameters``, ``named_buffers`` and ``_named_members``; otherwise by calling them."""
+    cls = type(module)
+    if cls.named_parameters is not _MODULE.named_parameters or cls.named_buffers is not _MODULE.named_buffers \
+            or cls._named_members is not _MODULE._named_members:
+        return [*module.named_parameters(), *module.named_buffers()]
+    modules = list(module.named_modules())
+    out = []
+    for kind in ("_parameters", "_buffers"):
+        memo: set = set()  # as _named_members: a tensor held twice is listed once, under its first name
+        for prefix, m in modules:
+            for k, v in getattr(m, kind).items():
+                if v is None or v in memo:
+                    continue
+                memo.add(v)
+                out.append((prefix + ("." if prefix else "") + k, v))
+    return out
 
 
 def column_major_copy(x: Tensor) -> Tensor:
@@ -598,6 +622,30 @@ def column_major_copy(x: Tensor) -> Tensor:
     accumulates whole vectors of outputs instead of one horizontal sum per output (~17% less per evaluation of the
     small protocol field, float64, one core)."""
     return x.t().contiguous().t() if x.dim() == 2 else x
+
+
+def column_major_into(tensors: Any, kept: list | None) -> tuple[list[Tensor], list[Tensor | None]]:
+    """:func:`column_major_copy` of each tensor, a matrix written into the matrix at its place in ``kept`` (a previous
+    call's ``own``, or None) where that has its shape, dtype and device (the same strides and values as a new copy;
+    one copy instead of three tensor operations), else copied anew; other tensors as they are. Returns ``(tensors,
+    own)``: ``own[i]`` is ``tensors[i]`` where that is a copy (memory of its own, to be written again), else None (a
+    vector, or a matrix stored column by column already: :func:`column_major_copy` returns a view of it)."""
+    out, own = [], []
+    for i, x in enumerate(tensors):
+        b = kept[i] if kept is not None and i < len(kept) else None
+        if x.dim() != 2:
+            c = None
+            out.append(x)
+        elif b is not None and b.shape == x.shape and b.dtype == x.dtype and b.device == x.device:
+            c = b.copy_(x)
+            out.append(c)
+        else:
+            c = column_major_copy(x)
+            out.append(c)
+            if c.data_ptr() == x.data_ptr():  # a view of x itself: never to be written
+                c = None
+        own.append(c)
+    return out, own
 
 
 def batch_column_major(x: Tensor) -> Tensor:
@@ -702,10 +750,15 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
             with torch.no_grad():  # (the lowering patches apply where Dynamo compiles: patched_inductor)
                 tensors = (module_state(func) if state is None else state).values()
                 if column_major:
-                    tensors = [column_major_copy(x) for x in tensors]
+                    # The matrices' column-major copies of the last call are written again (taken out of the cache
+                    # while the program reads them: a concurrent call of this program makes its own).
+                    slot = ("column_major", key, torch.is_inference_mode_enabled())
+                    tensors, own = column_major_into(tensors, per_func.pop(slot, None))
                 elif batch_major:
                     tensors = [batch_column_major(x) for x in tensors]
                 ys, y_final, counters, *rec = fn(cv, y0.detach(), tol, iv, *tensors)
+                if column_major:
+                    per_func[slot] = own
         except Exception as exc:  # compilation failed: Python steps from now on, for this field
             # Dynamo's messages: a headline (for higher-order operators a generic one ending in ':'), then the
             # specific reason on the next line.
