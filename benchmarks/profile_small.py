@@ -9,6 +9,7 @@ under cProfile and prints the top functions by tottime.
     .venv/bin/python benchmarks/profile_small.py --entry odeint
     .venv/bin/python benchmarks/profile_small.py --library torchdiffeq  # compare with a peer
     .venv/bin/python benchmarks/profile_small.py --save out/small.prof.tmp  # for snakeviz etc.
+    .venv/bin/python benchmarks/profile_small.py --compile --runs 500    # solve(..., compile=True), the suite's row
 
 The bare field cost is printed alongside: with ``NFE * t_f`` as the floor,
 everything else in the profile is solver overhead.
@@ -38,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--library", default="neurodyn", choices=["neurodyn", "torchdiffeq", "torchode"])
     ap.add_argument("--entry", default="solve", choices=["solve", "odeint"],
                     help="neurodyn entry point (default: solve)")
+    ap.add_argument("--compile", action="store_true",
+                    help="neurodyn.solve with compile=True (the suite's 'neurodyn compiled'; the first solve compiles)")
     ap.add_argument("--runs", type=int, default=20, help="profiled solves (default 20)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--sort", default="tottime", help="pstats sort key (default tottime)")
@@ -53,9 +56,12 @@ def main(argv=None) -> int:
         if nd is None:
             print(f"neurodyn not importable: {reason}", file=sys.stderr)
             return 2
-        make = common.neurodyn_solve_runner if args.entry == "solve" else common.neurodyn_odeint_runner
-        runner = make(prob, args.method, nd)
-        label = f"neurodyn.{args.entry} {args.method}"
+        if args.compile and args.entry == "solve":
+            runner = common.neurodyn_solve_runner(prob, args.method, nd, compile=True)
+        else:
+            make = common.neurodyn_solve_runner if args.entry == "solve" else common.neurodyn_odeint_runner
+            runner = make(prob, args.method, nd)
+        label = f"neurodyn.{args.entry} {args.method}" + (" compile=True" if args.compile else "")
     elif args.library == "torchdiffeq":
         if args.method != "dopri5":
             print("torchdiffeq has no tsit5; profiling dopri5", file=sys.stderr)
@@ -65,11 +71,12 @@ def main(argv=None) -> int:
         runner = common.torchode_runner(prob, args.method)
         label = f"torchode {args.method}"
 
-    counted = common.CountingField(prob.field)
+    # compile=True: the bare field (a counting wrapper would be compiled as another field), NFE from sol.stats
+    counted = prob.field if args.compile else common.CountingField(prob.field)
     with torch.no_grad():
-        runner(counted)  # warm-up + NFE
+        _, reported = runner(counted)  # warm-up + NFE
         runner(prob.field)
-        nfe = counted.nfe
+        nfe = reported if args.compile else counted.nfe
         t_f, t_f_cpu = common.time_field_call(prob.field, prob.t[:1].clone(), prob.y0, blocks=11)
         s, c = time.perf_counter(), time.process_time()
         for _ in range(args.runs):

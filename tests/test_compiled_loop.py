@@ -431,6 +431,44 @@ def test_column_major_copy_keeps_values_and_stores_columns():
     assert (comp.ys - eager.ys).abs().max() < 1e-13
 
 
+def test_module_tensors_and_column_major_into():
+    """module_tensors lists what named_parameters() + named_buffers() list (a shared tensor once, under its first name;
+    None entries left out); column_major_into writes a kept copy again only where its shape and dtype agree, and never
+    keeps a view of the caller's own tensor (a matrix stored column by column already)."""
+    from neurodyn.compile.loop import column_major_into, module_tensors
+
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3)
+    f = nn.Sequential(shared, nn.Tanh(), nn.BatchNorm1d(3), shared, nn.Linear(3, 2, bias=False))
+    f.register_buffer("nothing", None)
+    want = [*f.named_parameters(), *f.named_buffers()]
+    got = module_tensors(f)
+    assert [n for n, _ in got] == [n for n, _ in want] and all(a is b for (_, a), (_, b) in zip(got, want))
+
+    class Own(nn.Module):  # a class with its own named_parameters: called, not walked
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(2, 2))
+
+        def named_parameters(self, *a, **k):
+            yield "renamed", self.w
+
+    assert [n for n, _ in module_tensors(Own())] == ["renamed"]
+
+    w, b = torch.randn(4, 3, dtype=F64), torch.randn(4, dtype=F64)
+    out, own = column_major_into([w, b], None)
+    assert out[1] is b and own[1] is None and own[0] is out[0] and out[0].stride() == (1, 4) and torch.equal(out[0], w)
+    w2 = torch.randn(4, 3, dtype=F64)
+    again, own2 = column_major_into([w2, b], own)
+    assert again[0] is own[0] and torch.equal(again[0], w2) and again[0].stride() == (1, 4)
+    other = torch.randn(5, 3, dtype=F64)  # another shape: a new copy, the kept one untouched
+    third, _ = column_major_into([other, b], own2)
+    assert third[0] is not own2[0] and torch.equal(third[0], other) and torch.equal(own2[0], w2)
+    col = torch.randn(3, 4, dtype=F64).t()  # (4, 3) stored by columns: column_major_copy returns a view of it
+    fourth, own4 = column_major_into([col, b], None)
+    assert fourth[0].data_ptr() == col.data_ptr() and own4[0] is None
+
+
 def test_batch_column_major_stores_wide_matrices_by_columns():
     """For a batched state the matrices with more than LOOP_THIN_OUTPUTS rows (a hidden layer's, a thin first layer's)
     are column-major copies with the same values; a layer back to a small state and vectors stay as they are."""

@@ -344,9 +344,26 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
 
     options = LOOP_OPTIONS if device.type == "cpu" else None
     own = own_code(run)
-    compiled = torch.compile(own, options=options, fullgraph=True)
+    compiled = torch.compile(own, backend=patched_inductor(options), fullgraph=True)
     compiled.code = own.__code__  # to count Dynamo's compiled entries (recompilations)
     return compiled
+
+
+def patched_inductor(options: dict | None) -> Callable:
+    """A ``torch.compile`` backend: Inductor (``compile_fx`` with ``options``, as ``backend="inductor"`` with these
+    options calls it) run inside the whole loop's lowering patches (:func:`vectorize_strided_loads`,
+    :func:`library_tanh`, :func:`thin_products` with :data:`LOOP_THIN_INNER`, :func:`pooled_loop_buffers`). Dynamo
+    calls it only when it compiles a program (a first call, a recompilation), so a call that runs a compiled program
+    enters none of them (their entering and leaving cost ~20-80 us a call, a share of a small compiled solve)."""
+    patches = dict(options or {})
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        from torch._inductor.compile_fx import compile_fx
+
+        with vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER), pooled_loop_buffers():
+            return compile_fx(gm, example_inputs, config_patches=patches)
+
+    return backend
 
 
 def _pack(vals: list[Tensor]) -> Tensor:
@@ -574,7 +591,31 @@ def module_state(func: Callable) -> dict[str, Tensor]:
     if not isinstance(func, torch.nn.Module):
         return {}
     # Detached: no graph is recorded, and requires_grad flags toggled between solves must not recompile the loop.
-    return {name: v.detach() for name, v in (*func.named_parameters(), *func.named_buffers())}
+    return {name: v.detach() for name, v in module_tensors(func)}
+
+
+_MODULE = torch.nn.Module
+
+
+def module_tensors(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
+    """``[*module.named_parameters(), *module.named_buffers()]``: the same names, tensors and order, from one walk of
+    ``named_modules()`` (the two methods walk it once each), where ``module``'s class keeps ``nn.Module``'s own
+    ``named_parameters``, ``named_buffers`` and ``_named_members``; otherwise by calling them."""
+    cls = type(module)
+    if cls.named_parameters is not _MODULE.named_parameters or cls.named_buffers is not _MODULE.named_buffers \
+            or cls._named_members is not _MODULE._named_members:
+        return [*module.named_parameters(), *module.named_buffers()]
+    modules = list(module.named_modules())
+    out = []
+    for kind in ("_parameters", "_buffers"):
+        memo: set = set()  # as _named_members: a tensor held twice is listed once, under its first name
+        for prefix, m in modules:
+            for k, v in getattr(m, kind).items():
+                if v is None or v in memo:
+                    continue
+                memo.add(v)
+                out.append((prefix + ("." if prefix else "") + k, v))
+    return out
 
 
 def column_major_copy(x: Tensor) -> Tensor:
@@ -583,6 +624,30 @@ def column_major_copy(x: Tensor) -> Tensor:
     accumulates whole vectors of outputs instead of one horizontal sum per output (~17% less per evaluation of the
     small protocol field, float64, one core)."""
     return x.t().contiguous().t() if x.dim() == 2 else x
+
+
+def column_major_into(tensors: Any, kept: list | None) -> tuple[list[Tensor], list[Tensor | None]]:
+    """:func:`column_major_copy` of each tensor, a matrix written into the matrix at its place in ``kept`` (a previous
+    call's ``own``, or None) where that has its shape, dtype and device (the same strides and values as a new copy;
+    one copy instead of three tensor operations), else copied anew; other tensors as they are. Returns ``(tensors,
+    own)``: ``own[i]`` is ``tensors[i]`` where that is a copy (memory of its own, to be written again), else None (a
+    vector, or a matrix stored column by column already: :func:`column_major_copy` returns a view of it)."""
+    out, own = [], []
+    for i, x in enumerate(tensors):
+        b = kept[i] if kept is not None and i < len(kept) else None
+        if x.dim() != 2:
+            c = None
+            out.append(x)
+        elif b is not None and b.shape == x.shape and b.dtype == x.dtype and b.device == x.device:
+            c = b.copy_(x)
+            out.append(c)
+        else:
+            c = column_major_copy(x)
+            out.append(c)
+            if c.data_ptr() == x.data_ptr():  # a view of x itself: never to be written
+                c = None
+        own.append(c)
+    return out, own
 
 
 def batch_column_major(x: Tensor) -> Tensor:
@@ -606,6 +671,24 @@ def _tolerances(cache: dict, rtol: float | Tensor, atol: float | Tensor, y0: Ten
     if tol is None:
         tol = cache[key] = torch.tensor([[rtol] * n, [atol] * n], dtype=y0.dtype, device=y0.device)
     return tol
+
+
+def _inputs(per_func: dict, key: tuple, times: list[float], stops: list[float], first: float | None, min_step: float,
+            max_step: float, max_steps: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The compiled loop's inputs ``cv`` (float64: the output times, the stops, the first step or inf, ``min_step``,
+    ``max_step``) and ``iv`` (int64: the integer state's start, ``max_steps`` last). The last pair made for ``key`` is
+    kept in ``per_func`` and reused while the values are the same (zeros with the same sign): the program only reads
+    them (no input is written; an outcome's ``times`` is a view of ``cv``, read by the compiled backward)."""
+    vals = (*times, *stops, first if first is not None else math.inf, min_step, max_step, max_steps)
+    signs = tuple(math.copysign(1.0, v) for v in vals if v == 0)  # -0.0 == 0.0, but not bit for bit
+    slot = ("inputs", key)
+    kept = per_func.get(slot)
+    if kept is not None and kept[0] == vals and kept[1] == signs:
+        return kept[2], kept[3]
+    cv = torch.tensor(vals[:-1], dtype=torch.float64, device=device)
+    iv = torch.tensor([1, 0, 0, 0, 0, 0, 0, max_steps], dtype=torch.int64, device=device)
+    per_func[slot] = (vals, signs, cv, iv)
+    return cv, iv
 
 
 class LoopOutcome:
@@ -663,19 +746,21 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         if fn is None:
             fn = per_func[key] = _build(solver, func, shape, adaptive, interp, controller, choose_first, device,
                                         len(times), len(stops), record)
-        cv = torch.tensor([*times, *stops, first if first is not None else math.inf, min_step, max_step],
-                          dtype=torch.float64, device=device)
+        cv, iv = _inputs(per_func, key, times, stops, first, min_step, max_step, max_steps, device)
         tol = _tolerances(per_func, rtol, atol, y0)
-        iv = torch.tensor([1, 0, 0, 0, 0, 0, 0, max_steps], dtype=torch.int64, device=device)
         try:
-            with torch.no_grad(), vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER), \
-                    pooled_loop_buffers():
+            with torch.no_grad():  # (the lowering patches apply where Dynamo compiles: patched_inductor)
                 tensors = (module_state(func) if state is None else state).values()
                 if column_major:
-                    tensors = [column_major_copy(x) for x in tensors]
+                    # The matrices' column-major copies of the last call are written again (taken out of the cache
+                    # while the program reads them: a concurrent call of this program makes its own).
+                    slot = ("column_major", key, torch.is_inference_mode_enabled())
+                    tensors, own = column_major_into(tensors, per_func.pop(slot, None))
                 elif batch_major:
                     tensors = [batch_column_major(x) for x in tensors]
                 ys, y_final, counters, *rec = fn(cv, y0.detach(), tol, iv, *tensors)
+                if column_major:
+                    per_func[slot] = own
         except Exception as exc:  # compilation failed: Python steps from now on, for this field
             # Dynamo's messages: a headline (for higher-order operators a generic one ending in ':'), then the
             # specific reason on the next line.
@@ -701,7 +786,7 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         o.last_step = abs(last_h)
         o.ys, o.y_final = ys, y_final
         o.rec = tuple(rec)
-        o.times = cv[:len(times)]
+        o.times = cv[:len(times)] if record else None  # (read by a recorded solve's backward only)
         o.key, o.variants = key, variants
         if k0 is not None and not record:  # the caller checked k0, and nothing else is to be checked here
             verify(per_func, o)

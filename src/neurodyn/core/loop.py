@@ -536,7 +536,7 @@ def _run_compiled_loop(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor | 
         term.nfe += o.attempts * per_attempt + (1 if cfg.adaptive and cfg.first_step is None else 0)
     message = "" if o.status == _sol.SUCCESS else failure_message(
         o.status, o.t_final, o.last_try, cfg, solver, times[0], times[-1], o.steps, o.rejected, y0.dtype)
-    ys = o.ys[: o.n_valid]
+    ys = o.ys if o.n_valid == o.ys.shape[0] else o.ys[: o.n_valid]
     return LoopResult(outs=[], status=o.status, t_final=o.t_final, y_final=o.y_final,
                       steps=o.steps, rejected=o.rejected, initial_step=o.initial_step, last_step=o.last_step,
                       records=[], message=message, next_step=o.next_step, ys=ys, compiled="loop")
