@@ -47,6 +47,7 @@ from ..core.control import (
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from .patches import (
     LIBRARY_TANH_ELEMENTS,
+    TANH_FORMULA,
     TANH_FORMULA_FLOAT32,
     TANH_FORMULA_FLOAT64,
     library_tanh,
@@ -76,7 +77,8 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # lowering changes made while compiling, so that Inductor's cache of compiled graphs tells programs apart.
 CPU_OPTIONS = {"cpp_wrapper": True, "cpp.simdlen": 256,
                "post_grad_fusion_options": {"decompose_mm_pass": {
-                   "neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS, "neurodyn_tanh_formula": TANH_FORMULA_FLOAT32,
+                   "neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS,
+                   "neurodyn_tanh_formula": TANH_FORMULA_FLOAT32 and TANH_FORMULA,
                    "neurodyn_tanh_formula_float64": TANH_FORMULA_FLOAT64,
                    "neurodyn_loop_pool": LOOP_POOL_BYTES}}}
 # Matrix products with at most this inner dimension are written as fused loops in the compiled whole loop

@@ -23,7 +23,13 @@ from torch import Tensor
 from ..core.control import rms_ratio
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from . import policy
-from .patches import LIBRARY_TANH_ELEMENTS, TANH_FORMULA_FLOAT32, TANH_FORMULA_FLOAT64, library_tanh
+from .patches import (
+    LIBRARY_TANH_ELEMENTS,
+    TANH_FORMULA,
+    TANH_FORMULA_FLOAT32,
+    TANH_FORMULA_FLOAT64,
+    library_tanh,
+)
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ACTIVE = [0]  # > 0 while compiled_context() holds the compiler settings below
@@ -63,7 +69,7 @@ _FALLBACK = object()
 # Inductor's cache of compiled graphs tells the programs apart.
 STEP_CPU_OPTIONS = {"cpp_wrapper": True,
                     "post_grad_fusion_options": {"decompose_mm_pass": {
-    "neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS, "neurodyn_tanh_formula": TANH_FORMULA_FLOAT32,
+    "neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS, "neurodyn_tanh_formula": TANH_FORMULA_FLOAT32 and TANH_FORMULA,
     "neurodyn_tanh_formula_float64": TANH_FORMULA_FLOAT64}}}
 
 
