@@ -648,3 +648,19 @@ def test_compiled_step_with_library_tanh_matches_eager(monkeypatch):
     assert torch.allclose(comp.ys, eager.ys, rtol=1e-11, atol=1e-12)
     mid = torch.tensor(1.234, dtype=F64)
     assert torch.allclose(comp.evaluate(mid), eager.evaluate(mid), rtol=1e-11, atol=1e-12)
+
+
+def test_compile_options_name_the_source_of_neurodyn_compile():
+    """Every option set neurodyn compiles with carries the digest of neurodyn.compile's source, so Inductor's on-disk
+    cache never serves a program compiled by other code under the same option values."""
+    import hashlib
+    from pathlib import Path
+
+    from neurodyn.compile import loop, patches, step, train
+
+    files = sorted(Path(patches.__file__).parent.glob("*.py"))
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+    assert patches.SOURCE_DIGEST == digest and {f.name for f in files} >= {"patches.py", "pool.py", "loop.py"}
+    for options in (loop.CPU_OPTIONS, loop.LOOP_OPTIONS, loop.GRAPH_OPTIONS, step.STEP_CPU_OPTIONS):
+        assert options["post_grad_fusion_options"]["decompose_mm_pass"]["neurodyn_source"] == digest
+    assert train.CPU_OPTIONS is loop.CPU_OPTIONS

@@ -6,13 +6,22 @@ on leaving; where this torch has no such entry, nothing is patched and the compi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+# A digest of the source of neurodyn.compile (this module's lowerings, the passes and the wrapper rewrite of the other
+# modules), named in the compile options of every program neurodyn compiles: Inductor's on-disk cache of compiled
+# graphs keys on the graph and the options, not on the code of a lowering, so without it a program compiled by an
+# earlier neurodyn (another formula under the same option values) could be reused after an upgrade.
+SOURCE_DIGEST = hashlib.sha256(
+    b"".join(f.read_bytes() for f in sorted(Path(__file__).parent.glob("*.py")))).hexdigest()[:16]
 
 # tanh of at least this many elements calls ATen's kernel inside compiled code (library_tanh); measured crossover of a
 # library call against Sleef's inlined code, float64, one core: ~500 elements.
