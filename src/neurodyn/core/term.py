@@ -383,11 +383,12 @@ class ControlTerm(Term):
                              f"which does not multiply the Brownian increment of shape {tuple(control.shape)} "
                              f"elementwise: with diagonal noise g(t, y) has the state's shape and the Brownian "
                              f"motion too.")
-        if (vf.dim() == 3 and control.dim() == 2 and vf.shape[0] == control.shape[0]
-                and vf.shape[2] == control.shape[1] and vf.dtype == control.dtype):
-            # (B, n, c) x (B, c): elementwise product and a sum over c (faster than bmm's small matrix-vector
-            # products on the CPU, see ode_at; matmul adds expand and reshape nodes to an autograd graph)
-            return torch.mul(vf, control.unsqueeze(-2)).sum(-1)
+        if vf.dim() == 3 and control.dim() == 2 and vf.shape[0] == control.shape[0]:
+            # (B, n, c) x (B, c): bmm itself (matmul adds expand and reshape nodes to an autograd graph)
+            try:
+                return torch.bmm(vf, control.unsqueeze(-1)).squeeze(-1)
+            except RuntimeError:
+                pass  # shapes or dtypes that do not multiply: matmul below says why
         try:
             return torch.matmul(vf, control.unsqueeze(-1)).squeeze(-1)
         except RuntimeError as err:
