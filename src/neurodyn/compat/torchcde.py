@@ -343,7 +343,7 @@ class _ProdTerm(ControlTerm):
         return self.vector_field.prod(t, y, control)
 
     def ode_at(self, t: Tensor, y: Tensor, dxdt: Tensor) -> Tensor:
-        return self.vector_field.prod(t, y, dxdt.squeeze(-1))
+        return self.vector_field.prod(t, y, dxdt.squeeze(-2))
 
 
 def _check_shapes(dX: Tensor, out: Tensor, z0: Tensor, is_prod: bool) -> None:
