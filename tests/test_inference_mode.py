@@ -286,7 +286,8 @@ def test_inference_then_autograd_then_inference(name, tmp_path):
     r = _in_fresh_process(name, order, str(tmp_path / "res.pt"))
     outs, grads = r["out"], r["grads"]
     assert not any(g.is_inference() for gs in grads for g in gs)
-    tol = {"rtol": 1e-10, "atol": 1e-12}
+    # compiled: the inference graph's kernels and the training graph's round differently (float64, ~1e-12)
+    tol = {"rtol": 1e-8, "atol": 1e-10} if compiled else {"rtol": 1e-10, "atol": 1e-12}
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], **tol)
     for gs in grads[1:]:
