@@ -47,6 +47,7 @@ from .. import solution as _sol
 from ..core.control import step_grid
 from ..core.output import step_outputs
 from ..core.stepper import Step, Stepper
+from ..core.tensors import ordinary_tensors
 from ..core.term import ODETerm, term_of
 from ..solvers.sde import split_sde
 from . import policy
@@ -346,7 +347,8 @@ class DrivenPlugIn:
             bkey = ("inputs", self.key, size, tuple((x.shape, x.dtype) for x in first_inputs))
             bufs = self.per_func.pop(bkey, None) if size > 1 else None
             if bufs is None and size > 1:
-                bufs = [x.new_empty(size, *x.shape[1:]) for x in first_inputs]
+                with ordinary_tensors():  # kept for later solves, inside inference mode or not (written in place)
+                    bufs = [x.new_empty(size, *x.shape[1:]) for x in first_inputs]
             block: dict = {}
 
             def load(j: int) -> tuple:  # block j: (stacks, tg, hg), padded to `size` steps

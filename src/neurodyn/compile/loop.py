@@ -44,6 +44,7 @@ from ..core.control import (
     rms_ratio,
     step_underflow_tensor,
 )
+from ..core.tensors import ordinary_tensors
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from .patches import (
     LIBRARY_TANH_ELEMENTS,
@@ -673,7 +674,8 @@ def _tolerances(cache: dict, rtol: float | Tensor, atol: float | Tensor, y0: Ten
     key = ("tol", rtol, atol, n, y0.dtype, y0.device)
     tol = cache.get(key)
     if tol is None:
-        tol = cache[key] = torch.tensor([[rtol] * n, [atol] * n], dtype=y0.dtype, device=y0.device)
+        with ordinary_tensors():  # kept for later calls, with or without autograd
+            tol = cache[key] = torch.tensor([[rtol] * n, [atol] * n], dtype=y0.dtype, device=y0.device)
     return tol
 
 
@@ -689,8 +691,9 @@ def _inputs(per_func: dict, key: tuple, times: list[float], stops: list[float], 
     kept = per_func.get(slot)
     if kept is not None and kept[0] == vals and kept[1] == signs:
         return kept[2], kept[3]
-    cv = torch.tensor(vals[:-1], dtype=torch.float64, device=device)
-    iv = torch.tensor([1, 0, 0, 0, 0, 0, 0, max_steps], dtype=torch.int64, device=device)
+    with ordinary_tensors():  # kept for later calls, with or without autograd (the compiled backward reads cv)
+        cv = torch.tensor(vals[:-1], dtype=torch.float64, device=device)
+        iv = torch.tensor([1, 0, 0, 0, 0, 0, 0, max_steps], dtype=torch.int64, device=device)
     per_func[slot] = (vals, signs, cv, iv)
     return cv, iv
 

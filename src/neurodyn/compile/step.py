@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..core.control import rms_ratio
+from ..core.tensors import ordinary_tensors
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from . import policy
 from .patches import (
@@ -159,8 +160,9 @@ def compiled_advance(solver: ExplicitRungeKutta, func: Callable, shape: tuple[in
         tol_key = ("tol", float(rtol), float(atol), rdt, device)
         pair = per_func.get(tol_key)
         if pair is None:
-            pair = per_func[tol_key] = (torch.tensor(float(rtol), dtype=rdt, device=device),
-                                        torch.tensor(float(atol), dtype=rdt, device=device))
+            with ordinary_tensors():  # kept for later solves, with or without autograd
+                pair = per_func[tol_key] = (torch.tensor(float(rtol), dtype=rdt, device=device),
+                                            torch.tensor(float(atol), dtype=rdt, device=device))
         rt, at = pair
     if isinstance(rt, Tensor) and rt.dim() == 2 and error_dims:
         rt = rt[:, :error_dims]

@@ -67,6 +67,7 @@ from torch import Tensor
 from ..errors import InputError
 from .config import LoopConfig
 from .stepper import Step, Stepper
+from .tensors import ordinary_tensors
 from .term import ODETerm
 
 # Up to this many event components, the per-step sign logic runs on Python floats (fewer small tensor ops).
@@ -893,8 +894,9 @@ class EventWatch:
             fracs = (*self.fracs, 1.0) if end else self.fracs
             key = (fracs, device)
             mine = _FRACTIONS.get(key)
-            if mine is None or mine.is_inference() != torch.is_inference_mode_enabled():
-                mine = torch.tensor(fracs, dtype=torch.float64).to(device)
+            if mine is None:
+                with ordinary_tensors():  # shared by later solves, with or without autograd
+                    mine = torch.tensor(fracs, dtype=torch.float64).to(device)
                 if len(_FRACTIONS) >= 16:
                     _FRACTIONS.clear()
                 _FRACTIONS[key] = mine

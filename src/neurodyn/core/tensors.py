@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -19,6 +20,21 @@ _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
     """The real dtype of a (possibly complex) dtype."""
     return _REAL.get(dtype, dtype)
+
+
+@contextlib.contextmanager
+def _inference_off() -> Iterator[None]:
+    with torch.inference_mode(False), torch.no_grad():  # inference_mode(False) alone would turn grad mode on
+        yield
+
+
+def ordinary_tensors() -> contextlib.AbstractContextManager:
+    """A context for creating tensors kept in a cache that outlives the current call (coefficients, tolerances,
+    reused buffers): under ``torch.inference_mode()`` it turns inference mode off (grad mode stays off), so the
+    tensors created are ordinary ones, which a later solve under autograd may save for backward (an inference tensor
+    may not be); elsewhere it does nothing. Meant for the cache-miss path only: entering it costs a few
+    microseconds."""
+    return _inference_off() if torch.is_inference_mode_enabled() else contextlib.nullcontext()
 
 
 VMAP_ADAPTIVE = ("torch.func.vmap over an adaptive solve is not possible: the step sizes are host-side decisions on "

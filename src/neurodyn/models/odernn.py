@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..core.tensors import vmapped
+from ..core.tensors import ordinary_tensors, vmapped
 from ..errors import InputError
 from ..fields import autocast_dtype, takes_time
 from ..solve import Plan, prepare, solve
@@ -268,7 +268,8 @@ class ODERNN(nn.Module):
         field.interval[:] = (t0, dt)
         s = self._unit.get((h.dtype, h.device))
         if s is None:
-            s = self._unit[(h.dtype, h.device)] = torch.tensor([0.0, 1.0], dtype=h.dtype, device=h.device)
+            with ordinary_tensors():  # kept for later solves, with or without autograd
+                s = self._unit[(h.dtype, h.device)] = torch.tensor([0.0, 1.0], dtype=h.dtype, device=h.device)
         kw = dict(method=self.method, rtol=self.rtol, atol=self.atol, gradient=self.gradient,
                   per_sample_steps=self.per_sample_steps, **opts)
         if field is not self.rescaled or vmapped(h):

@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ..core.tensors import ordinary_tensors
 from ..errors import InputError
 
 LEVY_AREAS = ("none", "space-time", "space-time-time", "davie", "foster")
@@ -575,7 +576,7 @@ class BrownianInterval:
     def _children(self, parent: _Node, v: Tensor) -> tuple[Tensor, Tensor]:
         """Draw both children of ``parent`` from its values ``v`` (exact conditional law), and cache them."""
         if torch.is_inference_mode_enabled():  # cached values must be ordinary tensors (they carry a version counter)
-            with torch.inference_mode(False):
+            with ordinary_tensors():
                 return self._children(parent, v)
         h = parent.end - parent.start
         h1 = parent.mid - parent.start

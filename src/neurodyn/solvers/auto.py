@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from ..core.stepper import Step, StepperBase
+from ..core.tensors import ordinary_tensors
 from ..errors import InputError
 from .explicit_rk import ExplicitRungeKutta, StageBuffers, Term
 from .implicit_rk import ImplicitRungeKutta, new_stats
@@ -338,7 +339,8 @@ class AutoSwitch(StepperBase):
                 pair = [0.0] * s
                 pair[i], pair[j] = -1.0, 1.0
                 rows += [pair, list(self._pair_w)]
-            w = torch.tensor(rows, dtype=torch.float64).to(dtype=kd.dtype, device=kd.device)
+            with ordinary_tensors():  # cached for later solves, with or without autograd
+                w = torch.tensor(rows, dtype=torch.float64).to(dtype=kd.dtype, device=kd.device)
             self._estimate_weights[key] = w
         norms = torch.linalg.vector_norm(torch.mm(w, kd), dim=1).tolist()
         ah = abs(h)

@@ -56,6 +56,7 @@ from torch import Tensor
 
 from ..core.control import StepperController
 from ..core.stepper import Step
+from ..core.tensors import ordinary_tensors
 from ..errors import InputError
 from .adams import MultistepBase, StepAttempt, StepHistory
 from .explicit_rk import Term
@@ -305,10 +306,11 @@ class BDF(MultistepBase):
         key = (order, like.dtype, like.device)
         co = self._co.get(key)
         if co is None:
-            predict = [[1.0] * (order + 1), [0.0] + [g / self._alpha[order] for g in self._gamma[1:order + 1]]]
-            co = _Coefficients(
-                predict=torch.tensor(predict, dtype=torch.float64).to(dtype=like.dtype, device=like.device),
-                update=torch.ones(order + 2, order + 2, dtype=like.dtype, device=like.device).triu())
+            with ordinary_tensors():  # cached for later solves, with or without autograd
+                predict = [[1.0] * (order + 1), [0.0] + [g / self._alpha[order] for g in self._gamma[1:order + 1]]]
+                co = _Coefficients(
+                    predict=torch.tensor(predict, dtype=torch.float64).to(dtype=like.dtype, device=like.device),
+                    update=torch.ones(order + 2, order + 2, dtype=like.dtype, device=like.device).triu())
             self._co[key] = co
         return co
 

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ..core.interpolation import hermite, linear
 from ..core.stepper import Step, StepperBase
-from ..core.tensors import vmapped
+from ..core.tensors import ordinary_tensors, vmapped
 from ..core.term import ODETerm, check_output
 from .tableaus import ButcherTableau
 
@@ -195,24 +195,25 @@ class ExplicitRungeKutta(StepperBase):
         key = (dtype, device)
         co = self._cache.get(key)
         if co is None:
-            tb = self.tableau
-            a: list[Tensor | None] = [None] + [_tensor(row, dtype, device).view(1, -1) for row in tb.a[1:]]
-            b = _tensor(tb.b, dtype, device).view(1, -1)
-            e = None
-            if tb.b_err is not None:  # one row, or two for a combined estimate (DOP853)
-                rows = [tb.b_err] + ([tb.b_err_low] if tb.b_err_low is not None else [])
-                e = torch.stack([_tensor(r, dtype, device) for r in rows])
-            dense_t = None
-            if tb.dense is not None:
-                p = torch.tensor([[float(v) for v in row] for row in tb.dense], dtype=torch.float64)
-                # Kept in float64: DOP853's matrix has entries ~500 that cancel; weights are cast after.
-                dense_t = p.t().contiguous().to(device=device)
-            extra_a = [_tensor(row, dtype, device).view(1, -1) for row in tb.extra_a]
-            nonzero = [[(j, float(v)) for j, v in enumerate(row) if float(v) != 0.0] for row in tb.a]
-            b_nonzero = [(j, float(v)) for j, v in enumerate(tb.b) if float(v) != 0.0]
-            co = _Coefficients(a, b, e, [float(x) for x in tb.c], dense_t, extra_a,
-                               [float(x) for x in tb.extra_c], low=torch.finfo(dtype).bits < 64, nonzero=nonzero,
-                               b_nonzero=b_nonzero)
+            with ordinary_tensors():  # a cache shared by later solves, with or without autograd
+                tb = self.tableau
+                a: list[Tensor | None] = [None] + [_tensor(row, dtype, device).view(1, -1) for row in tb.a[1:]]
+                b = _tensor(tb.b, dtype, device).view(1, -1)
+                e = None
+                if tb.b_err is not None:  # one row, or two for a combined estimate (DOP853)
+                    rows = [tb.b_err] + ([tb.b_err_low] if tb.b_err_low is not None else [])
+                    e = torch.stack([_tensor(r, dtype, device) for r in rows])
+                dense_t = None
+                if tb.dense is not None:
+                    p = torch.tensor([[float(v) for v in row] for row in tb.dense], dtype=torch.float64)
+                    # Kept in float64: DOP853's matrix has entries ~500 that cancel; weights are cast after.
+                    dense_t = p.t().contiguous().to(device=device)
+                extra_a = [_tensor(row, dtype, device).view(1, -1) for row in tb.extra_a]
+                nonzero = [[(j, float(v)) for j, v in enumerate(row) if float(v) != 0.0] for row in tb.a]
+                b_nonzero = [(j, float(v)) for j, v in enumerate(tb.b) if float(v) != 0.0]
+                co = _Coefficients(a, b, e, [float(x) for x in tb.c], dense_t, extra_a,
+                                   [float(x) for x in tb.extra_c], low=torch.finfo(dtype).bits < 64, nonzero=nonzero,
+                                   b_nonzero=b_nonzero)
             self._cache[key] = co
         return co
 
@@ -379,7 +380,8 @@ class ExplicitRungeKutta(StepperBase):
         yi, f = y, k1
         c = self._c_cache.get(t.device)
         if c is None:
-            c = self._c_cache[t.device] = torch.tensor(co.c, dtype=torch.float64, device=t.device).view(-1, 1)
+            with ordinary_tensors():
+                c = self._c_cache[t.device] = torch.tensor(co.c, dtype=torch.float64, device=t.device).view(-1, 1)
         tc = torch.addcmul(t.view(1, b_rows), c, h.view(1, b_rows))  # every stage's times, (s, B)
         if buf is not None:
             kh, flat, heads, rows = buf.shaped, buf.flat, buf.heads, buf.rows
@@ -459,7 +461,8 @@ class ExplicitRungeKutta(StepperBase):
         """``[1, 2, ..., d]`` as a float64 tensor (cached per device): exponents of the dense output."""
         p = self._power_cache.get((d, device))
         if p is None:
-            p = self._power_cache[(d, device)] = torch.arange(1, d + 1, dtype=torch.float64, device=device)
+            with ordinary_tensors():
+                p = self._power_cache[(d, device)] = torch.arange(1, d + 1, dtype=torch.float64, device=device)
         return p
 
     # -- dense output ----------------------------------------------------------------------------

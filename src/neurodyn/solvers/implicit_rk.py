@@ -90,6 +90,7 @@ from torch import Tensor
 from ..core.control import rtol_floor
 from ..core.interpolation import hermite, linear
 from ..core.stepper import Step, StepperBase
+from ..core.tensors import ordinary_tensors
 from ..errors import InputError
 from .explicit_rk import ExplicitRungeKutta
 from .implicit_tableaus import IMPLICIT_TABLEAUS, ImplicitTableau
@@ -602,45 +603,46 @@ class ImplicitRungeKutta(StepperBase):
         key = (dtype, device)
         co = self._cache.get(key)
         if co is None:
-            tb = self.tableau
-            a = _f64(tb.a)
-            c = np.array([float(x) for x in tb.c])
+            with ordinary_tensors():  # cached for later solves, with or without autograd
+                tb = self.tableau
+                a = _f64(tb.a)
+                c = np.array([float(x) for x in tb.c])
 
-            def t_(x) -> Tensor:
-                return torch.as_tensor(np.asarray(x, dtype=np.float64)).to(dtype=dtype, device=device)
+                def t_(x) -> Tensor:
+                    return torch.as_tensor(np.asarray(x, dtype=np.float64)).to(dtype=dtype, device=device)
 
-            a_inv = None if tb.kind == "dirk" else t_(np.linalg.inv(a))
-            dense_t = None
-            if tb.dense == "collocation":
-                dense_t = torch.as_tensor(_collocation_dense(a, c).T.copy()).to(device=device)
-            dense_check = None
-            if tb.dense == "stages":
-                own = _stage_dense(a, c, tb.stage_dense)
-                dense_t = torch.as_tensor(own.T.copy()).to(device=device)
-                if tb.stage_dense_check is not None:
-                    th = np.array(DENSE_CHECK_AT)[:, None]
-                    if tb.stage_dense_check == "hermite":
-                        w_other = _stage_hermite(np.array([float(x) for x in tb.b]), th[:, 0])
-                    else:
-                        other = _stage_dense(a, c, tb.stage_dense_check)
-                        w_other = (th ** np.arange(1, other.shape[1] + 1)) @ other.T
-                    w_own = (th ** np.arange(1, own.shape[1] + 1)) @ own.T
-                    dense_check = t_(w_other - w_own)
-            radau = None
-            if tb.kind == "radau5":
-                k = _radau5_constants(a, c)
-                cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
-                ti = k["TI"]
-                radau = {"T": t_(k["T"]), "TI": t_(ti), "TI_real": t_(ti[:1]),
-                         "TI_complex": torch.as_tensor(ti[1:2] + 1j * ti[2:3]).to(dtype=cdt, device=device),
-                         "mu_real": k["mu_real"], "mu_complex": k["mu_complex"], "E": t_(k["E"][None, :]),
-                         "cdtype": cdt}
-            co = _ImplicitCoefficients(
-                A=t_(a), A_inv=a_inv, b=t_([[float(x) for x in tb.b]]),
-                b_err=None if tb.b_err is None else t_([[float(x) for x in tb.b_err]]),
-                c=[float(x) for x in c], a_rows=[[float(x) for x in row] for row in tb.a],
-                diag=[float(tb.a[i][i]) for i in range(tb.stages)], dense_t=dense_t, radau=radau,
-                dense_first=0 if tb.dense == "stages" else 1, dense_check=dense_check)
+                a_inv = None if tb.kind == "dirk" else t_(np.linalg.inv(a))
+                dense_t = None
+                if tb.dense == "collocation":
+                    dense_t = torch.as_tensor(_collocation_dense(a, c).T.copy()).to(device=device)
+                dense_check = None
+                if tb.dense == "stages":
+                    own = _stage_dense(a, c, tb.stage_dense)
+                    dense_t = torch.as_tensor(own.T.copy()).to(device=device)
+                    if tb.stage_dense_check is not None:
+                        th = np.array(DENSE_CHECK_AT)[:, None]
+                        if tb.stage_dense_check == "hermite":
+                            w_other = _stage_hermite(np.array([float(x) for x in tb.b]), th[:, 0])
+                        else:
+                            other = _stage_dense(a, c, tb.stage_dense_check)
+                            w_other = (th ** np.arange(1, other.shape[1] + 1)) @ other.T
+                        w_own = (th ** np.arange(1, own.shape[1] + 1)) @ own.T
+                        dense_check = t_(w_other - w_own)
+                radau = None
+                if tb.kind == "radau5":
+                    k = _radau5_constants(a, c)
+                    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+                    ti = k["TI"]
+                    radau = {"T": t_(k["T"]), "TI": t_(ti), "TI_real": t_(ti[:1]),
+                             "TI_complex": torch.as_tensor(ti[1:2] + 1j * ti[2:3]).to(dtype=cdt, device=device),
+                             "mu_real": k["mu_real"], "mu_complex": k["mu_complex"], "E": t_(k["E"][None, :]),
+                             "cdtype": cdt}
+                co = _ImplicitCoefficients(
+                    A=t_(a), A_inv=a_inv, b=t_([[float(x) for x in tb.b]]),
+                    b_err=None if tb.b_err is None else t_([[float(x) for x in tb.b_err]]),
+                    c=[float(x) for x in c], a_rows=[[float(x) for x in row] for row in tb.a],
+                    diag=[float(tb.a[i][i]) for i in range(tb.stages)], dense_t=dense_t, radau=radau,
+                    dense_first=0 if tb.dense == "stages" else 1, dense_check=dense_check)
             self._cache[key] = co
         return co
 
