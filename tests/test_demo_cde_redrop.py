@@ -98,8 +98,9 @@ def test_redrop_drops_whole_observed_time_points_and_keeps_at_least_two():
 
 def test_ema_of_starts_at_the_weights_and_takes_the_running_average():
     """Hand-computed: after two updates with weights ``w0 + 1`` then ``w0 + 3``, the average is
-    ``0.9 (0.9 w0 + 0.1 (w0 + 1)) + 0.1 (w0 + 3)``; floating buffers are averaged too (``use_buffers=True``)."""
-    import neurodyn.demos.cde as demo
+    ``0.9 (0.9 w0 + 0.1 (w0 + 1)) + 0.1 (w0 + 3)``; floating buffers are averaged too (``use_buffers=True``).
+    ``ema_of`` lives in ``demos._common`` (the cde and latent demos use it)."""
+    import neurodyn.demos._common as demo
 
     model = torch.nn.Linear(3, 2)
     model.register_buffer("level", torch.tensor([2.0]))
@@ -125,6 +126,8 @@ def test_train_one_validates_an_ema_started_at_the_initial_weights_two_steps(mon
     """19 training series in batches of 10: two optimizer steps in the one epoch; the weights validated are
     ``d (d w0 + (1 - d) w1) + (1 - d) w2`` with ``w0`` the initial weights, ``w1, w2`` the raw ones after each step
     (the EMA's first ``update_parameters`` is made on ``w0`` before training)."""
+    from torch.optim.swa_utils import AveragedModel
+
     import neurodyn.demos.cde as demo
 
     d = 0.8
@@ -132,7 +135,7 @@ def test_train_one_validates_an_ema_started_at_the_initial_weights_two_steps(mon
                          ema_decay=d, ema_models=["NeuralCDE", "GRUD"],
                          cde_layers=1, redrop=0.3)
     data = demo._data(cfg)
-    update, accuracy = demo.AveragedModel.update_parameters, demo._accuracy
+    update, accuracy = AveragedModel.update_parameters, demo._accuracy
     for name in ("NeuralCDE", "GRUD"):
         raw, seen = [], []
 
@@ -144,7 +147,7 @@ def test_train_one_validates_an_ema_started_at_the_initial_weights_two_steps(mon
             seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
             return accuracy(model, split, batch)
 
-        monkeypatch.setattr(demo.AveragedModel, "update_parameters", record_update)
+        monkeypatch.setattr(AveragedModel, "update_parameters", record_update)
         monkeypatch.setattr(demo, "_accuracy", record_accuracy)
         res = demo.train_one(name, cfg, data, 0.5, seed=3)
         assert res["ema"] is True and res["best_epoch"] == 0

@@ -341,6 +341,50 @@ def test_latent_demo_smoke(tmp_path):
         res = metrics[task]
         assert res["epochs"] >= 1 and math.isfinite(res["test"]["mse"])
         assert len(res["epoch_seconds"]) == res["epochs"]
+        assert not res["ema"] and res["test_raw"] == res["test"]  # the default evaluates the raw weights
+    assert metrics["config"]["ema_decay"] == 0.0
     assert metrics["target"]["met"] == (metrics["interpolation"]["test"]["mse"] <= 0.08)
     for name in ("interpolation.png", "extrapolation.png", "mse_curve.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_latent_demo_evaluates_an_ema_of_the_weights_and_decay_0_the_raw_ones(monkeypatch):
+    """Two epochs of two optimizer steps on 20 series: with ``ema_decay=0.5`` the model returned (evaluated, plotted,
+    saved) has the hand-computed average of the initial weights and the weights after each step, not the raw ones;
+    its ``test_raw`` equals ``test`` of the same training with ``ema_decay=0`` (the EMA does not change training),
+    whose model is the raw weights after the last step."""
+    from neurodyn.demos import latent as demo
+    from neurodyn.models import LatentODE
+
+    snaps: list[list[torch.Tensor]] = []
+    real_step = torch.optim.Adamax.step
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        snaps.append([p.detach().clone() for group in self.param_groups for p in group["params"]])
+        return out
+
+    monkeypatch.setattr(torch.optim.Adamax, "step", step)
+    torch.set_num_threads(1)
+    t, x = periodic_toy(20, 100, 5.0, 0.01, seed=0)
+    data = {"t": t[0], "x": x, "train": torch.arange(16), "test": torch.arange(16, 20)}
+    res, last = {}, {}
+    for decay in (0.0, 0.5):
+        snaps.clear()
+        cfg = demo.LatentConfig(n_series=20, batch_size=8, epochs=2, eval_every=1, grow_epochs=1, ema_decay=decay)
+        res[decay] = demo._train(cfg, "interp", data, 1e9)
+        assert res[decay]["epochs"] == 2 and len(snaps) == 4
+        last[decay] = snaps[-1]
+    torch.manual_seed(0)
+    avg = [p.detach().clone() for p in LatentODE(1).parameters()]  # the initial weights (the demo's seed 0)
+    for snap in snaps:
+        avg = [0.5 * a + 0.5 * w for a, w in zip(avg, snap)]
+    got = list(res[0.5]["model"].parameters())
+    assert len(got) == len(avg)
+    assert all(torch.allclose(g, a, rtol=0, atol=1e-6) for g, a in zip(got, avg))
+    assert not all(torch.equal(g, w) for g, w in zip(got, last[0.5]))
+    assert res[0.5]["ema"] and res[0.5]["test"]["mse"] != res[0.5]["test_raw"]["mse"]
+    assert not res[0.0]["ema"] and res[0.0]["test"] == res[0.0]["test_raw"]
+    assert res[0.5]["test_raw"] == pytest.approx(res[0.0]["test"], rel=1e-9)
+    assert all(torch.equal(g, w) for g, w in zip(res[0.0]["model"].parameters(), last[0.0]))
+    assert all(torch.equal(a, b) for a, b in zip(last[0.0], last[0.5]))  # the same training either way

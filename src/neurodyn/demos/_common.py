@@ -10,6 +10,7 @@ from dataclasses import fields, replace
 from typing import Any, TypeVar
 
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from neurodyn.errors import SolveFailure
 from neurodyn.solution import Solution
@@ -168,3 +169,14 @@ def failures_returned(model: nn.Module) -> Iterator[Callable[[], Solution | None
                 m.solve_options.pop("on_failure", None)
             else:
                 m.solve_options["on_failure"] = old
+
+
+def ema_of(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s parameters and buffers, started at their current values:
+    :class:`torch.optim.swa_utils.AveragedModel` with ``get_ema_multi_avg_fn(decay)`` and ``use_buffers=True`` (each
+    floating buffer is averaged like a parameter, as GRU-D's ``x_mean``), its first ``update_parameters`` already made
+    (it copies the current values), so that every later ``update_parameters(model)`` sets
+    ``avg <- decay * avg + (1 - decay) * w`` (``torch.lerp``); ``.module`` is the averaged network."""
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema.update_parameters(model)
+    return ema

@@ -86,7 +86,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from neurodyn.data import Normalizer, compact, drop_observations, load_uea
 from neurodyn.demos._common import (
@@ -95,6 +94,7 @@ from neurodyn.demos._common import (
     DemoError,
     add_out_and_seed,
     config_from_args,
+    ema_of,
     float_in,
     json_safe,
 )
@@ -595,17 +595,6 @@ def _accuracy(model: nn.Module, d: dict[str, Tensor], batch: int = 128) -> float
             correct += int((logits.argmax(-1) == d["y"][s]).sum())
     model.train()
     return correct / len(d["y"])
-
-
-def ema_of(model: nn.Module, decay: float) -> AveragedModel:
-    """An exponential moving average of ``model``'s parameters and buffers, started at their current values:
-    :class:`torch.optim.swa_utils.AveragedModel` with ``get_ema_multi_avg_fn(decay)`` and ``use_buffers=True`` (each
-    floating buffer is averaged like a parameter, as GRU-D's ``x_mean``), its first ``update_parameters`` already made
-    (it copies the current values), so that every later ``update_parameters(model)`` sets
-    ``avg <- decay * avg + (1 - decay) * w`` (``torch.lerp``); ``.module`` is the averaged network."""
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-    ema.update_parameters(model)
-    return ema
 
 
 def epochs_of(name: str, cfg: CDEConfig) -> int:
