@@ -263,12 +263,12 @@ class WideTanh(nn.Module):
 
 @pytest.mark.slow
 def test_loop_with_library_tanh_matches_eager(monkeypatch):
-    from neurodyn.compile import loop as compile_loop
+    from neurodyn.compile import patches
     from neurodyn.compile import policy as compile_policy
 
     monkeypatch.setattr(compile_policy, "FORCE", "compiled")
     f = WideTanh()
-    y0 = torch.randn(compile_loop.LIBRARY_TANH_ELEMENTS // 64, 2, generator=torch.Generator().manual_seed(2),
+    y0 = torch.randn(patches.LIBRARY_TANH_ELEMENTS // 64, 2, generator=torch.Generator().manual_seed(2),
                      dtype=F64)
     eager, comp = _both(f, y0, T, rtol=1e-8, atol=1e-10)
     _same(eager, comp, nfe_extra=0)

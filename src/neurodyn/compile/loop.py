@@ -47,11 +47,7 @@ from ..core.control import (
 from ..core.tensors import ordinary_tensors
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from .patches import (
-    LIBRARY_TANH_ELEMENTS,
-    SOURCE_DIGEST,
-    TANH_FORMULA,
-    TANH_FORMULA_FLOAT32,
-    TANH_FORMULA_FLOAT64,
+    LOWERING_MARKS,
     library_tanh,
     pooled_loop_buffers,
     thin_products,
@@ -76,14 +72,11 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # batch-1 state through a Linear layer) as fused loops rather than library GEMV calls; 256-bit vectors (the
 # state's short rows and the MLP's 64-wide layers run ~1.5x faster per evaluation than with 512-bit ones, which
 # Inductor picks by default where the CPU has them). The "neurodyn_*" entries are no Inductor settings: they name the
-# lowering changes made while compiling, so that Inductor's cache of compiled graphs tells programs apart, and
-# "neurodyn_source" the code that made them (SOURCE_DIGEST: a program compiled by another neurodyn is not reused).
+# lowering changes made while compiling (LOWERING_MARKS, and the buffer pool's), so that Inductor's cache of compiled
+# graphs tells programs apart.
 CPU_OPTIONS = {"cpp_wrapper": True, "cpp.simdlen": 256,
                "post_grad_fusion_options": {"decompose_mm_pass": {
-                   "neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS,
-                   "neurodyn_tanh_formula": TANH_FORMULA_FLOAT32 and TANH_FORMULA,
-                   "neurodyn_tanh_formula_float64": TANH_FORMULA_FLOAT64,
-                   "neurodyn_loop_pool": LOOP_POOL_BYTES, "neurodyn_source": SOURCE_DIGEST}}}
+                   **LOWERING_MARKS, "neurodyn_loop_pool": LOOP_POOL_BYTES}}}
 # Matrix products with at most this inner dimension are written as fused loops in the compiled whole loop
 # (thin_products): a field's first layer on a state of a few components, (B, n) @ (n, hidden), whose library GEMM call
 # (plus ATen's copy of the bias into its output) costs more than the arithmetic; measured on the batched protocol case

@@ -59,6 +59,15 @@ TANH_FORMULA_FLOAT64 = not (torch.backends.mkl.is_available() and _intel_cpu())
 TANH_FORMULA = "rational [9/8] on [-9, 9], clamped to [-1, 1]"
 
 
+# The compile-option entries naming the lowering changes of this module (no Inductor settings: Inductor's cache of
+# compiled graphs keys on the options, so programs compiled with and without a change, or by other code, are told
+# apart). Every option set neurodyn compiles with on the CPU includes them.
+LOWERING_MARKS = {"neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS,
+                  "neurodyn_tanh_formula": TANH_FORMULA_FLOAT32 and TANH_FORMULA,
+                  "neurodyn_tanh_formula_float64": TANH_FORMULA_FLOAT64,
+                  "neurodyn_source": SOURCE_DIGEST}
+
+
 class _InductorPatch:
     """Base of the compile-time patches below: on entering, one entry of a private Inductor object (an attribute, or
     an item where :attr:`item` is set) is replaced by :meth:`replace` of its value; on leaving, the value is put back.

@@ -25,11 +25,7 @@ from ..core.tensors import ordinary_tensors
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from . import policy
 from .patches import (
-    LIBRARY_TANH_ELEMENTS,
-    SOURCE_DIGEST,
-    TANH_FORMULA,
-    TANH_FORMULA_FLOAT32,
-    TANH_FORMULA_FLOAT64,
+    LOWERING_MARKS,
     library_tanh,
 )
 
@@ -67,12 +63,8 @@ _FALLBACK = object()
 # than Python: a small problem's step costs ~40% less per call this way. The step is compiled inside compiled_context,
 # so large tanh call ATen's kernel (library_tanh: the medium protocol case's compiled step ~16% faster, the large
 # case's ~14%; float32 and float64 ones as a fused formula where TANH_FORMULA_FLOAT32 / TANH_FORMULA_FLOAT64); the
-# "neurodyn_library_tanh" and "neurodyn_tanh_formula*" entries are no Inductor settings: they name that change, so that
-# Inductor's cache of compiled graphs tells the programs apart ("neurodyn_source": the code that made them).
-STEP_CPU_OPTIONS = {"cpp_wrapper": True,
-                    "post_grad_fusion_options": {"decompose_mm_pass": {
-    "neurodyn_library_tanh": LIBRARY_TANH_ELEMENTS, "neurodyn_tanh_formula": TANH_FORMULA_FLOAT32 and TANH_FORMULA,
-    "neurodyn_tanh_formula_float64": TANH_FORMULA_FLOAT64, "neurodyn_source": SOURCE_DIGEST}}}
+# entries of LOWERING_MARKS name those changes in Inductor's cache key.
+STEP_CPU_OPTIONS = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": dict(LOWERING_MARKS)}}
 
 
 def nonzero(row) -> list[tuple[int, float]]:
