@@ -165,8 +165,9 @@ def test_event_in_the_stiff_phase():
 # ----------------------------------------------------------------------------------------------------
 # Gradients: each replayed or differentiated step uses the method that took it.
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("gradient,options", [("direct", {}), ("checkpoint", {}), ("interpolated", {"stiff": "radau"}),
-                                              ("adjoint", "mild")])
+# checkpoint: 5 s on one core, slow (test_checkpoint_replays_each_step_with_its_method replays auto's steps by default)
+@pytest.mark.parametrize("gradient,options", [("direct", {}), pytest.param("checkpoint", {}, marks=pytest.mark.slow),
+                                              ("interpolated", {"stiff": "radau"}), ("adjoint", "mild")])
 def test_gradients_against_the_exact_solution(gradient, options):
     """d(y1(T) + y2(T))/d(p, q, y2(0)) in closed form. The backward reconstruction of ``"adjoint"`` is unstable
     through a strongly stiff phase (for any method), so it gets a milder bump and lower switching thresholds."""

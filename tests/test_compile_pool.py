@@ -98,6 +98,7 @@ class _Field(torch.nn.Module):
         return self.net(y)
 
 
+@pytest.mark.slow  # 17 s on one core (two fresh compiles); every default compiled-loop test runs the pooled rewrite
 @pytest.mark.skipif(patches.pooled_loop_buffers.locate() is None, reason="no C++ wrapper in this torch")
 def test_compiled_loop_pooled_and_bit_identical(monkeypatch, no_compile_caches):
     """The whole loop compiled with and without the rewrite: the rewrite pools buffers, and the outputs are equal."""

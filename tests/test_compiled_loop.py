@@ -412,6 +412,7 @@ def test_small_cats_write_small_stacks_as_one_loop_with_the_same_values():
     assert sum("reinterpret_tensor(" in ln and "# alias" in ln for ln in text.splitlines()) <= 2
 
 
+@pytest.mark.slow  # 9 s (a compile); test_module_tensors_and_column_major_into checks the copies by default
 def test_column_major_copy_keeps_values_and_stores_columns():
     from neurodyn.compile.loop import column_major_copy
 

@@ -37,10 +37,10 @@ def _grads(field, enc, x, t, compile, **kw):
     return sol, [x.grad.clone(), *(p.grad.clone() for p in (*field.parameters(), *enc.parameters()))]
 
 
-# The direct case runs in the default suite (~30 s of compilation on one core), so CI exercises the compiled training
-# step; the checkpoint case (the same program) is slow.
+# The direct case runs in the default suite (a dopri5 training program: ~25 s of compilation on one core), so CI
+# exercises the compiled training step; the checkpoint case (the same program) is slow.
 @pytest.mark.parametrize("gradient", ["direct", pytest.param("checkpoint", marks=pytest.mark.slow)])
-def test_compiled_training_step_matches_eager_direct_and_finite_differences(monkeypatch, gradient):
+def test_compiled_training_step_matches_eager(monkeypatch, gradient):
     monkeypatch.setattr(policy, "FORCE", "compiled")  # the path, not whether compiling pays here
     field, enc = Field(), nn.Linear(2, 2).double()
     x = torch.tensor([[0.4, -0.7]], dtype=torch.float64, requires_grad=True)
@@ -52,26 +52,6 @@ def test_compiled_training_step_matches_eager_direct_and_finite_differences(monk
     torch.testing.assert_close(sol.ys, ref_sol.ys, rtol=0, atol=1e-13)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
-    # Finite differences of the same discrete solve (fixed steps: the step sizes do not move with the parameter).
-    w = field.l1.weight
-    sol_fixed, g_fixed = _grads(field, enc, x, t, True, gradient=gradient, method="rk4", step_size=0.05)
-    assert sol_fixed.stats["compiled"] == "loop"
-    _, g_fixed_eager = _grads(field, enc, x, t, False, method="rk4", step_size=0.05)
-    for a, b in zip(g_fixed, g_fixed_eager):  # rk4: not FSAL, Hermite dense output
-        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
-    eps = 1e-6
-    with torch.no_grad():
-        def loss():
-            ys = neurodyn.solve(field, enc(x), t, method="rk4", step_size=0.05).ys
-            return float(ys.pow(2).sum() + ys[-1, 0, 1] * 0.5)
-        w0 = w[0, 1].item()
-        w[0, 1] = w0 + eps
-        up = loss()
-        w[0, 1] = w0 - eps
-        down = loss()
-        w[0, 1] = w0
-    fd = (up - down) / (2 * eps)
-    assert abs(g_fixed[1][0, 1].item() - fd) <= 1e-7 * max(1.0, abs(fd))
     # Cached: a second step compiles nothing and gives the same gradient.
     sol2, got2 = _grads(field, enc, x, t, True, gradient=gradient)
     assert sol2.stats["compiled"] == "loop"
@@ -110,6 +90,37 @@ def test_compiled_training_step_matches_eager_direct_and_finite_differences(monk
     finally:
         with torch.no_grad():
             field.l2.bias[0] = kept
+
+
+
+# A second program (rk4, fixed steps) compiled for the check against finite differences: ~15 s more, slow.
+@pytest.mark.slow
+@pytest.mark.parametrize("gradient", ["direct", "checkpoint"])
+def test_compiled_training_step_matches_finite_differences(monkeypatch, gradient):
+    monkeypatch.setattr(policy, "FORCE", "compiled")
+    field, enc = Field(), nn.Linear(2, 2).double()
+    x = torch.tensor([[0.4, -0.7]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.3, 1.0, 1.7, 2.5], dtype=torch.float64)
+    # Finite differences of the same discrete solve (fixed steps: the step sizes do not move with the parameter).
+    w = field.l1.weight
+    sol_fixed, g_fixed = _grads(field, enc, x, t, True, gradient=gradient, method="rk4", step_size=0.05)
+    assert sol_fixed.stats["compiled"] == "loop"
+    _, g_fixed_eager = _grads(field, enc, x, t, False, method="rk4", step_size=0.05)
+    for a, b in zip(g_fixed, g_fixed_eager):  # rk4: not FSAL, Hermite dense output
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+    eps = 1e-6
+    with torch.no_grad():
+        def loss():
+            ys = neurodyn.solve(field, enc(x), t, method="rk4", step_size=0.05).ys
+            return float(ys.pow(2).sum() + ys[-1, 0, 1] * 0.5)
+        w0 = w[0, 1].item()
+        w[0, 1] = w0 + eps
+        up = loss()
+        w[0, 1] = w0 - eps
+        down = loss()
+        w[0, 1] = w0
+    fd = (up - down) / (2 * eps)
+    assert abs(g_fixed[1][0, 1].item() - fd) <= 1e-7 * max(1.0, abs(fd))
 
 
 def _count_start_evaluations(monkeypatch):

@@ -146,6 +146,7 @@ def test_spearman_matches_scipy():
     assert math.isnan(digits.spearman([3, 3, 3], [1.0, 2.0, 3.0]))
 
 
+@pytest.mark.slow  # 17 s on one core: three retrained variants; the regularizers have unit tests of their own
 def test_quick_run_with_regularizers(tmp_path):
     """``--regularizers``: the ODE-Net retrained with RNODE, STEER and TayNODE; every variant reports finite
     accuracy and NFE under ``extras.regularizers`` (one tiny epoch; the numbers mean nothing)."""

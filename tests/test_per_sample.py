@@ -162,8 +162,10 @@ def _mlp_rows():
     return Field(), torch.randn(4, 3, dtype=F64), torch.randn(5, 4, 3, dtype=F64)
 
 
-@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint", "interpolated"])
-@pytest.mark.parametrize("method", ["dopri5", "dopri8", "bosh3", "adaptive_heun"])
+# adaptive_heun's adjoint and interpolated cases (the longest, 2.5 s each on one core) run with -m slow.
+@pytest.mark.parametrize("method,gradient", [
+    pytest.param(m, g, marks=pytest.mark.slow) if m == "adaptive_heun" and g != "checkpoint" else (m, g)
+    for m in ("dopri5", "dopri8", "bosh3", "adaptive_heun") for g in ("adjoint", "checkpoint", "interpolated")])
 def test_gradient_methods_match_direct(gradient, method):
     """Every gradient method agrees with autograd through the per-sample loop; checkpoint replays the same
     computation (equal to rounding), the continuous adjoints to the tolerance."""

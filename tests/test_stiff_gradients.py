@@ -87,8 +87,14 @@ def matrix_case(name: str) -> tuple[object, dict, float]:
     return name, {"rtol": 1e-6, "atol": 1e-9}, 2e-5
 
 
-@pytest.mark.parametrize("gradient", ["direct", "adjoint", "interpolated", "checkpoint"])
-@pytest.mark.parametrize("name", [*ADAPTIVE, *FIXED_ORDER, *ADAMS])
+# The longest cases (3-4 s each on one core) run with -m slow; trbdf2's direct and checkpoint gradients stay in the
+# default run, and every other method runs all four gradient methods there.
+MATRIX_SLOW = {("trbdf2", "adjoint"), ("trbdf2", "interpolated")}
+
+
+@pytest.mark.parametrize("name,gradient", [
+    pytest.param(n, g, marks=pytest.mark.slow) if (n, g) in MATRIX_SLOW else (n, g)
+    for n in [*ADAPTIVE, *FIXED_ORDER, *ADAMS] for g in ("direct", "adjoint", "interpolated", "checkpoint")])
 def test_gradient_matrix_on_a_stiff_linear_ode(name, gradient):
     method, kw, bound = matrix_case(name)
     with warnings.catch_warnings():
@@ -140,9 +146,10 @@ def bump_checkpoint_vs_direct(method, rtol, options, vs_direct, vs_exact):
     ("radau", 1e-7, None, 1e-8, 1e-8),  # 9e-11; 4e-10
     ("kvaerno5", 1e-6, None, 1e-7, 1e-5),  # 2.7e-8; 1.1e-6 (7e-7 before Newton's first test had its floor)
     ("bdf", 1e-7, None, 1e-8, 3e-6),  # 3e-10; 2.4e-7
-    ("trbdf2", 1e-5, None, 1.5e-6, 2e-4),  # 6.2e-7 (Newton tolerance x steps, interior error control); 2.7e-5
+    # 6.2e-7 (Newton tolerance x steps, interior error control); 2.7e-5; 5 s: slow
+    pytest.param("trbdf2", 1e-5, None, 1.5e-6, 2e-4, marks=pytest.mark.slow),
     ("auto", 1e-7, {"stiff": "radau"}, 1e-8, 1e-6),  # 1e-11; 1e-8 (NaN before: Newton stalled on the replay)
-    ("auto", 1e-7, None, 3e-8, 1e-6),  # 3e-9; 1e-8
+    pytest.param("auto", 1e-7, None, 3e-8, 1e-6, marks=pytest.mark.slow),  # 3e-9; 1e-8; 10 s: slow
 ])
 def test_checkpoint_matches_direct_on_the_bump(method, rtol, options, vs_direct, vs_exact):
     bump_checkpoint_vs_direct(method, rtol, options, vs_direct, vs_exact)
@@ -154,8 +161,10 @@ def test_checkpoint_matches_direct_on_the_bump_trbdf2_tight():
     bump_checkpoint_vs_direct("trbdf2", 1e-7, None, 3e-8, 2e-6)
 
 
-@pytest.mark.parametrize("method,options", [("radau", None), ("kvaerno5", None), ("auto", {"stiff": "radau"}),
-                                            ("bdf", None)])
+# radau and kvaerno5 (6 s each) run with -m slow; both replay checkpoints on the bump in the default run.
+@pytest.mark.parametrize("method,options", [pytest.param("radau", None, marks=pytest.mark.slow),
+                                            pytest.param("kvaerno5", None, marks=pytest.mark.slow),
+                                            ("auto", {"stiff": "radau"}), ("bdf", None)])
 def test_checkpoint_matches_direct_on_robertson(method, options):
     """Robertson to t = 100, d(weighted outputs) / d(k, y0); the gradients span 5 orders of magnitude."""
     grads = []
@@ -196,8 +205,10 @@ def vdp_grads(method, gradient: str, **kw):
     # Newton on the replay: to the forward's Newton tolerance (measured 2e-7 on this oscillator, whose gradient
     # amplifies perturbations; 7e-10 with the jumps; 7e-8 with a PI controller; 3e-10 on the bump, 2e-15 Robertson).
     ("bdf", {"rtol": 1e-6, "atol": 1e-8}, 2e-6),
-    ("bdf", {"rtol": 1e-7, "atol": 1e-9, "jump_t": [1.3, 2.9]}, 1e-8),
-    ("bdf", {"rtol": 1e-6, "atol": 1e-8, "controller": neurodyn.PIDController()}, 1e-6),
+    # with jumps and with a PI controller: 6 s and 3 s, slow
+    pytest.param("bdf", {"rtol": 1e-7, "atol": 1e-9, "jump_t": [1.3, 2.9]}, 1e-8, marks=pytest.mark.slow),
+    pytest.param("bdf", {"rtol": 1e-6, "atol": 1e-8, "controller": neurodyn.PIDController()}, 1e-6,
+                 marks=pytest.mark.slow),
 ])
 def test_multistep_checkpoint_matches_direct(method, kw, bound):
     make = {"explicit_adams5": lambda: FixedAdams(max_order=5),
@@ -227,6 +238,7 @@ def bump_errors(method, **kw) -> tuple[list[float], neurodyn.Solution]:
     return ((got - BUMP_EXACT) / BUMP_EXACT).abs().tolist(), sol
 
 
+@pytest.mark.slow  # 14 s on one core; the collocation test below checks both channels at the defaults
 def test_interpolated_parameter_channel_converges_with_the_adjoint_tolerance():
     """dL/dp integrates a1 (-lambda sin t + cos t): a stiff adjoint component of size ~1/|lambda| times |lambda|, and
     with seminorm=True no error control on the parameter channel. It converges with the adjoint tolerance: 3.4e-8 at

@@ -229,6 +229,7 @@ def test_cde_gradients_match_the_closed_form(gradient, rel):
         assert err < rel, (gradient, err)
 
 
+@pytest.mark.slow  # 8 s; tests/test_cde.py checks the path-data gradients against finite differences by default
 def test_cde_gradient_wrt_path_data_matches_finite_differences():
     ts, xs = _data(B=1, T=4, C=2)
     As = _matrices()

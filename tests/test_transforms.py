@@ -201,7 +201,8 @@ def test_times_given_as_a_parameter_stay_configuration():
 # ----------------------------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("method", "gradient", "calls"), [("rk4", "direct", 4), ("dopri5", "adjoint", 8)])
+@pytest.mark.parametrize(("method", "gradient", "calls"), [
+    ("rk4", "direct", 4), pytest.param("dopri5", "adjoint", 8, marks=pytest.mark.slow)])  # 6 s, slow
 def test_compiled_model_does_not_recompile_per_call(method, gradient, calls):
     """Dynamo compiles a bounded set of graphs (graph breaks at the solver's host-side decisions). Fixed steps:
     nothing more after the first call. Adaptive steps: a host-side number (a step size, an NFE count) is
