@@ -46,6 +46,7 @@ from ..core.control import (
 )
 from ..core.tensors import ordinary_tensors
 from ..solvers.explicit_rk import ExplicitRungeKutta
+from .entries import Entries
 from .patches import (
     LOWERING_MARKS,
     library_tanh,
@@ -342,9 +343,29 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
 
     options = LOOP_OPTIONS if device.type == "cpu" else None
     own = own_code(run)
-    compiled = torch.compile(own, backend=patched_inductor(options), fullgraph=True)
+    # Repeat calls run the compiled entries with their guards checked, without Dynamo's frame machinery (Entries).
+    entries = Entries(own, n_outputs=3 + (2 if record else 0))
+    compiled = torch.compile(own, backend=entries.backend(patched_inductor(options)), fullgraph=True,
+                             options={"guard_filter_fn": _own_constant_guards})
     compiled.code = own.__code__  # to count Dynamo's compiled entries (recompilations)
+    compiled.entries = entries
     return compiled
+
+
+# The whole loop's closure variables that are the build's own constants: made by _build from the solver, the
+# controller and the solve's static options (all part of the program's cache key) and never changed after.
+_OWN_CONSTANTS = ("plan", "e_row", "pid", "state_names", "unroll", "record", "order", "n_stops", "n_out", "fsal",
+                  "choose_first", "adaptive")
+_OWN_CONSTANT_NAMES = frozenset(_OWN_CONSTANTS)
+_OWN_CONSTANT_PREFIXES = tuple(name + sep for name in _OWN_CONSTANTS for sep in ".[")
+
+
+def _own_constant_guards(entries: list) -> list[bool]:
+    """Dynamo guard filter (``torch.compile``'s ``guard_filter_fn``) of the whole loop: leaves out the guards on the
+    loop's own constants (:data:`_OWN_CONSTANTS`: the tableau's coefficients, the controller's settings, the numbers
+    of outputs and stops, ...), ~200 of its ~590 guard entries, which can only fail if neurodyn's own code changed
+    those objects. Every guard on the field, the inputs, globals and the global state is kept."""
+    return [not (e.name in _OWN_CONSTANT_NAMES or e.name.startswith(_OWN_CONSTANT_PREFIXES)) for e in entries]
 
 
 def patched_inductor(options: dict | None) -> Callable:
@@ -758,7 +779,9 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
                     tensors, own = column_major_into(tensors, per_func.pop(slot, None))
                 elif batch_major:
                     tensors = [batch_column_major(x) for x in tensors]
-                ys, y_final, counters, *rec = fn(cv, y0.detach(), tol, iv, *tensors)
+                args = (cv, y0.detach(), tol, iv, *tensors)
+                out = fn.entries(args)
+                ys, y_final, counters, *rec = fn(*args) if out is None else out
                 if column_major:
                     per_func[slot] = own
         except Exception as exc:  # compilation failed: Python steps from now on, for this field

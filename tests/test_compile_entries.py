@@ -1,0 +1,132 @@
+"""Repeat calls of the compiled whole loop without Dynamo's frame machinery (``neurodyn.compile.entries``): the
+entry's guards are still checked, so whatever makes Dynamo compile a new variant (Python state the field reads, its
+``training`` flag where it reads it, a tensor's dtype, shape or ``requires_grad``) still does, and results equal
+those of Dynamo's own call bit for bit."""
+
+import torch
+from torch import nn
+
+import neurodyn
+from neurodyn.compile import entries as entries_mod
+from neurodyn.compile import loop as loop_mod
+
+F64 = torch.float64
+T = torch.linspace(0, 2, 5, dtype=F64)
+Y0 = torch.tensor([[0.3, -0.2]], dtype=F64)
+
+
+class Scaled(nn.Module):
+    """dy/dt = +-tanh(y W) (+ 1 while training): Python state the compiled loop reads. (A bool: a changed Python
+    float makes Dynamo's recompilation of the loop fail and the solve step in Python, on main as well.)"""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w = nn.Parameter(torch.randn(2, 2, generator=g, dtype=F64))
+        self.negate = True
+
+    def forward(self, t, y):
+        out = -torch.tanh(y @ self.w) if self.negate else torch.tanh(y @ self.w)
+        return out + 1.0 if self.training else out
+
+
+def _count_direct(monkeypatch):
+    """Counts of the entries' calls that ran a program (``ran``) and that left it to Dynamo (``left``)."""
+    counts = {"ran": 0, "left": 0}
+    orig = entries_mod.Entries.__call__
+
+    def counting(self, args):
+        out = orig(self, args)
+        counts["ran" if out is not None else "left"] += 1
+        return out
+
+    monkeypatch.setattr(entries_mod.Entries, "__call__", counting)
+    return counts
+
+
+def _solve(field, y0=Y0, **kw):
+    with torch.no_grad():
+        sol = neurodyn.solve(field, y0, T, method="dopri5", rtol=1e-8, atol=1e-10, compile=True, **kw)
+    assert sol.stats["compiled"] == "loop"
+    return sol
+
+
+def _eager(field, y0=Y0):
+    with torch.no_grad():
+        return neurodyn.solve(field, y0, T, method="dopri5", rtol=1e-8, atol=1e-10).ys
+
+
+def test_repeat_solves_run_the_entry_and_follow_python_state(monkeypatch):
+    field = Scaled().eval()
+    counts = _count_direct(monkeypatch)
+    first = _solve(field)
+    again = _solve(field)
+    assert counts["ran"] >= 1  # the repeat solve ran the compiled entry directly
+    assert torch.equal(first.ys, again.ys)
+    assert torch.allclose(again.ys, _eager(field), rtol=1e-10, atol=1e-12)
+    # Python state the field reads: the entry's guards fail, Dynamo compiles a new variant, the result follows it
+    field.negate = False
+    ran = counts["ran"]
+    changed = _solve(field)
+    assert torch.allclose(changed.ys, _eager(field), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(changed.ys, first.ys)
+    # the training flag, which this field reads
+    field.train()
+    trained = _solve(field)
+    assert torch.allclose(trained.ys, _eager(field), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(trained.ys, changed.ys)
+    # back to the first state: its entry runs again, with the first result
+    field.eval()
+    field.negate = True
+    back = _solve(field)
+    assert torch.equal(back.ys, first.ys)
+    assert counts["ran"] > ran
+
+
+def test_entries_equal_dynamos_call_and_refuse_other_states(monkeypatch):
+    field = Scaled().eval()
+    _solve(field)
+    _solve(field)
+    per_func = loop_mod._CACHE[field]
+    fns = [v for k, v in per_func.items() if isinstance(k, tuple) and len(k) == 4 and hasattr(v, "entries")]
+    assert len(fns) == 1
+    fn = fns[0]
+    calls = [args for args in _captured_args(monkeypatch, field)]
+    args = calls[-1]
+    with torch.no_grad():
+        direct = fn.entries(args)
+        dynamo = fn(*args)
+        assert direct is not None
+        assert all(torch.equal(a, b) for a, b in zip(direct, dynamo))
+        # another dtype of an input, or an input of another shape: no entry's guards pass (Dynamo's path)
+        assert fn.entries((args[0], args[1].float(), *args[2:])) is None
+        assert fn.entries((*args[:4], args[4][:1], *args[5:])) is None
+        # under another stance Dynamo would not run the entry as it is
+        with torch.compiler.set_stance("force_eager"):
+            assert fn.entries(args) is None
+
+
+def _captured_args(monkeypatch, field):
+    """The arguments of the compiled loop's calls during one more solve."""
+    seen = []
+    orig = entries_mod.Entries.__call__
+
+    def keep(self, args):
+        seen.append(args)
+        return orig(self, args)
+
+    monkeypatch.setattr(entries_mod.Entries, "__call__", keep)
+    _solve(field)
+    monkeypatch.setattr(entries_mod.Entries, "__call__", orig)
+    return seen
+
+
+def test_own_constant_guards_leave_out_only_the_loops_own_closure():
+    class Entry:
+        def __init__(self, name):
+            self.name = name
+
+    names = ["plan", "plan.a_rows[1][0]", "e_row[0][1]", "pid.safety", "n_out", "f", "f.__closure__[0].cell_contents",
+             "tensors[0]", "cv", "planned", "G['torch']"]
+    kept = loop_mod._own_constant_guards([Entry(n) for n in names])
+    assert kept == [False, False, False, False, False, True, True, True, True, True, True]
