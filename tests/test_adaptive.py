@@ -264,6 +264,31 @@ def test_controller_tensor_form_one_pow_is_the_two_pow_formula(ctrl, order):
     assert st.one_pow == (order == 4)
 
 
+@pytest.mark.parametrize("ctrl,order", [(neurodyn.PIDController(), 4), (neurodyn.PIDController(dcoeff=0.1), 4),
+                                        (neurodyn.PIDController(pcoeff=0.2, icoeff=0.3), 1),
+                                        (neurodyn.PIDController(accept_dfactor=0.8), 4)])
+def test_controller_log_form_matches_the_pow_form(ctrl, order):
+    """propose_tensor_log (one exp of a sum of logarithms, the compiled row loop's form) on rows mixing accepted and
+    rejected steps, NaN and inf ratios: the same step sizes as propose_tensor to a few ulp, the same previous ratios
+    bit for bit, and their logarithms carried as log(prev)."""
+    gen = torch.Generator().manual_seed(6)
+    r = 10.0 ** (torch.rand(259, generator=gen, dtype=torch.float64) * 6 - 4)
+    r[-3:] = torch.tensor([float("nan"), float("inf"), 0.0], dtype=torch.float64)
+    prev = 10.0 ** (torch.rand(259, generator=gen, dtype=torch.float64) * 4 - 3)
+    prev2 = 10.0 ** (torch.rand(259, generator=gen, dtype=torch.float64) * 4 - 3)
+    h = torch.rand(259, generator=gen, dtype=torch.float64) + 0.01
+    accept = r <= 1.0
+    want, want_prev, want_prev2 = ctrl.start(order).propose_tensor(h, r, accept, prev, prev2)
+    got, got_prev, got_prev2, lp, lp2 = ctrl.start(order).propose_tensor_log(h, r, accept, prev, prev2, prev.log(),
+                                                                             prev2.log())
+    assert torch.allclose(got, want, rtol=1e-14, atol=0)
+    assert not torch.equal(got, h)  # (the factors do change the steps)
+    assert torch.equal(got_prev, want_prev) and torch.equal(got_prev2, want_prev2)
+    assert torch.equal(lp, torch.where(accept, r.clamp_min(1e-10).log(), prev.log()))
+    assert torch.equal(lp2, torch.where(accept, prev.log(), prev2.log()) if ctrl.dcoeff else prev2.log())
+    assert got[-3] == h[-3] * ctrl.dfactor and got[-2] == h[-2] * ctrl.dfactor  # NaN, inf: shrink by dfactor
+
+
 @pytest.mark.parametrize("rows", [1, 2])
 def test_error_ratio_tensor_form_equals_scalar_form(rows):
     """control.rms_ratio (per-sample rows, compiled paths) equals make_error_ratio (eager loop), single estimate and
