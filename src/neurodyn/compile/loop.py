@@ -541,12 +541,12 @@ class BlockProducts(ColumnSums):
     blocks of steps under autograd (their post-grad pass, forward and backward graphs; :mod:`neurodyn.compile.driven`),
     on 2-d CPU tensors of a real floating dtype:
 
-    * ``weights``: products ``x @ w.T`` with ``w`` a graph input read by several products (a layer's weight, constant
-      over the block's steps) read ``w.T`` from a row-major copy made once per block (MKL's plain-times-plain product is ~3% faster than with a
-      transposed right operand); two such products of the same ``x`` (the drift's and the diffusion's first layers
-      at one state) are one product with the two transposed weights side by side, ``x @ [w1.T, w2.T]``, sliced into
-      the two results: ``x`` is read and packed once (the benchmark's (512, 64) x (64, 128) pair, float32, one core:
-      ~196 us against ~205 us).
+    * ``weights``: products ``x @ w.T`` with ``w`` a graph input read by several products (a layer's weight,
+      constant over the block's steps) read ``w.T`` from a row-major copy made once per block (MKL's
+      plain-times-plain product is ~3% faster than with a transposed right operand); two such products of the same
+      ``x`` (the drift's and the diffusion's first layers at one state) are one product with the two transposed
+      weights side by side, ``x @ [w1.T, w2.T]``, sliced into the two results: ``x`` is read and packed once (the
+      benchmark's (512, 64) x (64, 128) pair, float32, one core: ~196 us against ~205 us).
     * ``orient``: a weight gradient ``a^T b`` (``a`` of shape ``(k, m)`` and ``b`` of shape ``(k, n)`` row-major,
       ``k`` the batch, ``k > m > n``) is computed as ``(b^T a)^T``: MKL's transposed-times-plain product runs faster
       with the shorter output dimension first (``(512, 128)^T (512, 64)``, float32, one core of the AMD EPYC: ~112 us
