@@ -609,8 +609,8 @@ class BlockProducts(ColumnSums):
 
     def _fuse_weights(self, graph: torch.fx.Graph, pair: list, made: dict) -> None:
         """The products ``lhs @ w.T`` of ``pair`` (one or two, sharing ``lhs``; ``w`` a graph input) as one product
-        of ``lhs`` with the transposed weights side by side in a row-major matrix, made once per graph (before the
-        first product that needs it; shared by every step's products), then column slices of the result."""
+        of ``lhs`` with the transposed weights side by side in a row-major matrix, made once per graph (at its top;
+        shared by every step's products), then column slices of the result."""
         aten = torch.ops.aten
         ws = tuple(w for _, w in pair)
         vws = [self._val(w) for w in ws]
@@ -619,7 +619,9 @@ class BlockProducts(ColumnSums):
         fake = vws[0].fake_mode if hasattr(vws[0], "fake_mode") else None
         rhs = made.get(ws)
         if rhs is None:
-            with graph.inserting_before(node0):
+            # Made from graph inputs only: placed before the graph's first computation, ahead of every product.
+            top = next(n for n in graph.nodes if n.op != "placeholder")
+            with graph.inserting_before(top):
                 ts = [graph.call_function(aten.permute.default, (w, [1, 0])) for w in ws]
                 if len(ts) == 2:
                     rhs = graph.call_function(aten.cat.default, (ts, 1))
