@@ -822,8 +822,8 @@ LOOP_OPTIONS = {**CPU_OPTIONS, "post_grad_fusion_options": {"decompose_mm_pass":
     "post_grad_custom_post_pass": LoopProducts(LOOP_THIN_OUTPUTS)}
 # Column sums of at least this many rows as library products in the compiled blocks of steps (ColumnSums).
 GRAPH_SUM_ROWS = 128
-# The compiled blocks' options (forward and backward under autograd): LOOP_OPTIONS with ColumnSums, and SaveSigmoids
-# on the joint graph.
+# The compiled blocks' options (forward and backward under autograd): LOOP_OPTIONS with BlockProducts (ColumnSums' rules
+# and the blocks' product rules), and SaveSigmoids on the joint graph.
 GRAPH_OPTIONS = {**LOOP_OPTIONS, "post_grad_custom_post_pass": BlockProducts(LOOP_THIN_OUTPUTS, GRAPH_SUM_ROWS),
                  "joint_custom_post_pass": SaveSigmoids()}
 
