@@ -591,6 +591,61 @@ def test_column_sums_pass_writes_leading_sums_as_products_and_keeps_values():
     assert torch.equal(got[4], want[4])
 
 
+def test_block_products_pass_rewrites_products_and_keeps_values():
+    """BlockProducts: two products of one input with two weights (graph inputs, used transposed) become one product
+    with the transposed weights side by side (made once, shared by both uses of the pair) and a lone one reads a
+    row-major copy; a weight gradient a^T b with k > m > n is computed as (b^T a)^T; sums of products (directly, through
+    a reshape, and a chain over "steps" of transposed weight gradients) become addmm chains. Values equal the eager
+    function's to rounding (float64)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from neurodyn.compile.loop import BlockProducts
+
+    def t(m):  # a transpose as Inductor's post-grad graphs hold it
+        return m.permute(1, 0)
+
+    def f(x1, x2, w1, w2, w3, d1, d2, a, h):
+        # forward: two first layers at each of two states, a second layer at both (outputs wider than LoopProducts' 8)
+        p1, q1 = x1 @ t(w1), x1 @ t(w2)
+        p2, q2 = x2 @ t(w1), x2 @ t(w2)
+        r1, r2 = p1.tanh() @ t(w3), p2.tanh() @ t(w3)
+        # backward-like: weight gradients d^T x summed over two steps (k = 96 > m = 12 > n = 10)
+        gw = t(d1) @ x1 + t(d2) @ x2
+        # an input gradient: a + d1 @ w1 (through a reshape) + d2 @ w1
+        gi = (a.reshape(1, -1) + (d1 @ w1).reshape(1, -1)).reshape(96, 10) + d2 @ w1
+        return p1, q1, p2, q2, r1, r2, gw, gi, h
+
+    g = torch.Generator().manual_seed(11)
+    x1, x2 = torch.randn(96, 10, generator=g, dtype=F64), torch.randn(96, 10, generator=g, dtype=F64)
+    w1, w2, w3 = (torch.randn(12, 10, generator=g, dtype=F64), torch.randn(11, 10, generator=g, dtype=F64),
+                  torch.randn(9, 12, generator=g, dtype=F64))
+    d1, d2 = torch.randn(96, 12, generator=g, dtype=F64), torch.randn(96, 12, generator=g, dtype=F64)
+    a, h = torch.randn(96, 10, generator=g, dtype=F64), torch.randn(2, 2, generator=g, dtype=F64)
+    args = (x1, x2, w1, w2, w3, d1, d2, a, h)
+    gm = make_fx(f, tracing_mode="fake")(*args)
+    aten = torch.ops.aten
+    BlockProducts(8, 128)(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    mms = [n for n in calls if n.target is aten.mm.default]
+    addmms = [n for n in calls if n.target is aten.addmm.default]
+    cats = [n for n in calls if n.target is aten.cat.default]
+    assert len(cats) == 1 and tuple(cats[0].meta["val"].shape) == (10, 23)  # [w1.T, w2.T], made once
+    assert sum(n.args[1] is cats[0] for n in mms) == 2  # x1 and x2 times it
+    # the second layer reads one row-major copy of w3.T (nothing else is copied)
+    clones = [n for n in calls if n.target is aten.clone.default]
+    assert [tuple(n.meta["val"].shape) for n in clones] == [(12, 9)]
+    assert sum(n.args[1] is clones[0] for n in mms) == 2
+    # the weight gradient in the orientation (b^T a): a (10, 12) product, and its sum over the steps as an addmm
+    assert any(tuple(n.meta["val"].shape) == (10, 12) for n in mms + addmms)
+    assert len(addmms) == 3  # gw's sum, gi's two sums
+    got, want = gm(*args), f(*args)
+    for x, y in zip(got, want):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.slow
 def test_loop_with_library_products_matches_eager(monkeypatch):
     """A batched MLP (nn.Linear layers: a thin first layer, a wide hidden one, a thin last one) through the compiled
