@@ -73,6 +73,7 @@ def test_loop_matches_eager_and_the_exact_solution(method):
     assert torch.allclose(comp.ys, exact, atol=2e-6 if method == "bosh3" else 1e-7)
 
 
+@pytest.mark.slow  # 9-15 s (a compile); tests/test_compile_entries.py runs rk4 with a step size in the loop by default
 def test_loop_fixed_step_method_on_the_grid_and_with_a_step_size():
     # rk4 (not FSAL): the loop evaluates dy/dt at the end of every step, once more than the eager loop in all
     eager, comp = _both(TANH, Y0, T, method="rk4")
