@@ -70,7 +70,8 @@ def _coupled_grad(method: str, theta: torch.Tensor, y0: torch.Tensor, create_gra
     return torch.cat([x.reshape(-1) for x in g])
 
 
-@pytest.mark.parametrize("method", ["radau", "gl4", "gl6", "radauIIA3",
+@pytest.mark.parametrize("method", ["radau", "gl4", pytest.param("gl6", marks=pytest.mark.slow),  # gl4's family
+                                    pytest.param("radauIIA3", marks=pytest.mark.slow),  # radau's family
                                     pytest.param("kvaerno5", marks=pytest.mark.slow),  # 8 s on one core
                                     "trbdf2", "sdirk2", "rk4"])
 def test_second_order_direct_matches_finite_differences(method):

@@ -185,6 +185,8 @@ BOUND: dict[str, float] = {}
 # trbdf2 on robertson and vdp1000_t1000 (4-5 s each on one core) run with -m slow; it meets hires in the default run.
 SLOW_CASES = [(m, "vdp1000") for m in ("kvaerno3", "kvaerno4", "trbdf2")]
 SLOW_CASES += [("trbdf2", "robertson"), ("trbdf2", "vdp1000_t1000")]
+# kvaerno3 and kvaerno4 (kvaerno5's family and code, 1-2.5 s per problem) run with -m slow.
+SLOW_CASES += [(m, p) for m in ("kvaerno3", "kvaerno4") for p in ("robertson", "hires", "vdp1000_t1000")]
 DEFAULT_CASES = [(m, p) for m in ADAPTIVE for p in ("robertson", "hires", "vdp1000_t1000") if (m, p) not in SLOW_CASES]
 DEFAULT_CASES += [("radau", "vdp1000"), ("kvaerno5", "vdp1000")]
 

@@ -25,7 +25,9 @@ def _scipy_vdp(m, t_eval):
     return sol.y.T
 
 
-@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3", "dopri8", "adaptive_heun"])
+# bosh3 and adaptive_heun (2 s each on one core) run with -m slow.
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", pytest.param("bosh3", marks=pytest.mark.slow), "dopri8",
+                                    pytest.param("adaptive_heun", marks=pytest.mark.slow)])
 def test_matches_scipy_per_row_and_steps_differ(method):
     mu = torch.tensor([0.5, 2.0, 8.0, 15.0], dtype=F64)
     y0 = torch.tensor([[2.0, 0.0]] * 4, dtype=F64)

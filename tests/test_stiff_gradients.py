@@ -87,9 +87,10 @@ def matrix_case(name: str) -> tuple[object, dict, float]:
     return name, {"rtol": 1e-6, "atol": 1e-9}, 2e-5
 
 
-# The longest cases (3-4 s each on one core) run with -m slow; trbdf2's direct and checkpoint gradients stay in the
-# default run, and every other method runs all four gradient methods there.
-MATRIX_SLOW = {("trbdf2", "adjoint"), ("trbdf2", "interpolated")}
+# The longest cases (1-4 s each on one core) run with -m slow; trbdf2's and kvaerno3's direct gradients (and
+# trbdf2's checkpoint) stay in the default run, where kvaerno5 runs all four gradient methods.
+MATRIX_SLOW = {("trbdf2", "adjoint"), ("trbdf2", "interpolated"), ("kvaerno3", "adjoint"), ("kvaerno3", "checkpoint"),
+               ("kvaerno3", "interpolated"), ("kvaerno4", "adjoint"), ("kvaerno4", "interpolated")}
 
 
 @pytest.mark.parametrize("name,gradient", [
