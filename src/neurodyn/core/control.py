@@ -264,11 +264,16 @@ class ControllerState:
                 prev2 = torch.where(accept, prev, prev2)
             prev = torch.where(accept, r, prev)
             fac = torch.where(accept, fac, r.pow(-self.inv_k) if rej is None else rej)
+        return h_abs * self._bounded(fac * self.safety, accept), prev, prev2
+
+    def _bounded(self, fac: Tensor, accept: Tensor) -> Tensor:
+        """The step factors (safety included) of :meth:`propose_tensor` within ``[dfactor, ifactor]``, accepted ones
+        at least ``adfactor``; NaN factors -> ``dfactor``."""
         # A rejected step has r > 1, so its factor is below safety <= 1: the ifactor cap only bites accepted ones.
-        fac = torch.nan_to_num(fac * self.safety, nan=self.dfactor).clamp_(self.dfactor, self.ifactor)
+        fac = torch.nan_to_num(fac, nan=self.dfactor).clamp_(self.dfactor, self.ifactor)
         if self.adfactor > self.dfactor:  # (NaN ratios never accept: they keep dfactor)
             fac = torch.where(accept, fac.clamp_min(self.adfactor), fac)
-        return h_abs * fac, prev, prev2
+        return fac
 
     def propose_tensor_log(self, h_abs: Tensor, ratio: Tensor, accept: Tensor, prev: Tensor, prev2: Tensor,
                            log_prev: Tensor, log_prev2: Tensor
@@ -293,10 +298,7 @@ class ControllerState:
             e = torch.where(accept, e, lr * -self.inv_k)
             prev = torch.where(accept, r, prev)
             log_prev = torch.where(accept, lr, log_prev)
-        fac = torch.nan_to_num(e.exp() * self.safety, nan=self.dfactor).clamp_(self.dfactor, self.ifactor)
-        if self.adfactor > self.dfactor:  # (NaN ratios never accept: they keep dfactor)
-            fac = torch.where(accept, fac.clamp_min(self.adfactor), fac)
-        return h_abs * fac, prev, prev2, log_prev, log_prev2
+        return h_abs * self._bounded(e.exp() * self.safety, accept), prev, prev2, log_prev, log_prev2
 
 
 class StepperController(PIDController):
