@@ -1,7 +1,7 @@
 # neurodyn developer tasks.  Needs only python3 (>= 3.10) on the machine; everything else goes into .venv.
 #
 #   make demo    learn a 2-d spiral with a Neural ODE (writes runs/spiral/)
-#   make test    run the test suite
+#   make test    run the test suite (two processes; TEST_WORKERS=0: one)
 #   make test-browser  only the browser test of `neurodyn explore` (needs chromium: apt-get install chromium)
 #   make examples  run every example in examples/ in quick mode (CI; figures to examples/_out/)
 #   make lint    ruff
@@ -70,8 +70,17 @@ $(STAMP_DOCS): $(STAMP_VENV) pyproject.toml
 demo: $(STAMP_DEMO)
 	$(VENV)/bin/neurodyn demo spiral $(DEMO_ARGS)
 
+# Two test processes (pytest-xdist, whole files per process: the files' compiled programs are shared by their tests),
+# then the tests marked `serial` alone (exit status 5, "no tests selected", is not a failure: PYTEST_ARGS may name
+# files without serial tests). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP_TEST)
+ifeq ($(TEST_WORKERS),0)
 	$(PY) -m pytest $(PYTEST_ARGS)
+else
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow and not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -m "serial and not slow" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+endif
 
 # The browser test is also part of `make test`; this runs it alone, printing the click-to-redraw latency.
 test-browser: $(STAMP_TEST)

@@ -31,14 +31,16 @@ def _grads(field, enc, x, t, compile, **kw):
     enc.zero_grad()
     x.grad = None
     y0 = enc(x)  # y0 behind a graph of its own (an encoder): the gradient goes through it
-    sol = neurodyn.solve(field, y0, t, rtol=1e-8, atol=1e-10, compile=compile, **kw)
+    sol = neurodyn.solve(field, y0, t, compile=compile, **{**KW, **kw})
     loss = sol.ys.pow(2).sum() + sol.ys[-1, 0, 1] * 0.5
     loss.backward()
     return sol, [x.grad.clone(), *(p.grad.clone() for p in (*field.parameters(), *enc.parameters()))]
 
 
-# The direct case runs in the default suite (a dopri5 training program: ~25 s of compilation on one core), so CI
-# exercises the compiled training step; the checkpoint case (the same program) is slow.
+# An adaptive training program with few stages (bosh3: the same loop as dopri5's with a smaller graph, ~2x quicker to
+# compile); tests/test_compiled_loop.py runs dopri5's no-graph loop by default. The direct case runs in the default
+# suite, so CI exercises the compiled training step; the checkpoint case (the same program) is slow.
+KW = dict(method="bosh3", rtol=1e-6, atol=1e-8)
 @pytest.mark.parametrize("gradient", ["direct", pytest.param("checkpoint", marks=pytest.mark.slow)])
 def test_compiled_training_step_matches_eager(monkeypatch, gradient):
     monkeypatch.setattr(policy, "FORCE", "compiled")  # the path, not whether compiling pays here
@@ -61,7 +63,7 @@ def test_compiled_training_step_matches_eager(monkeypatch, gradient):
     # no graph of the field around the compiled backward (the field's tanh would show; the encoder has none).
     starts = _count_start_evaluations(monkeypatch)
     field.zero_grad()
-    sol3 = neurodyn.solve(field, enc(x), t, rtol=1e-8, atol=1e-10, compile=True, gradient=gradient)
+    sol3 = neurodyn.solve(field, enc(x), t, **KW, compile=True, gradient=gradient)
     loss = sol3.ys.pow(2).sum() + sol3.ys[-1, 0, 1] * 0.5
     assert starts() == 0 and sol3.stats["compiled"] == "loop" and sol3.stats["nfe"] == sol.stats["nfe"]
     names = _graph_node_names(loss)
@@ -76,17 +78,17 @@ def test_compiled_training_step_matches_eager(monkeypatch, gradient):
     with torch.no_grad():
         field.l2.bias[0] = float("nan")
     try:
-        bad = neurodyn.solve(field, enc(x), t, rtol=1e-8, atol=1e-10, compile=True, gradient=gradient,
+        bad = neurodyn.solve(field, enc(x), t, **KW, compile=True, gradient=gradient,
                              on_failure="return")
         assert starts() == 0
-        ref_bad = neurodyn.solve(field, enc(x), t, rtol=1e-8, atol=1e-10, on_failure="return")
+        ref_bad = neurodyn.solve(field, enc(x), t, **KW, on_failure="return")
         assert bad.status == ref_bad.status == "non_finite"
         assert bad.message == ref_bad.message and "initial time" in bad.message
         for key in ("nfe", "steps", "rejected", "initial_step"):
             assert bad.stats[key] == ref_bad.stats[key], key
         torch.testing.assert_close(bad.ys, ref_bad.ys, rtol=0, atol=0, equal_nan=True)
         with pytest.raises(neurodyn.SolveFailure, match="initial time"):
-            neurodyn.solve(field, enc(x), t, rtol=1e-8, atol=1e-10, compile=True, gradient=gradient)
+            neurodyn.solve(field, enc(x), t, **KW, compile=True, gradient=gradient)
     finally:
         with torch.no_grad():
             field.l2.bias[0] = kept

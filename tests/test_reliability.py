@@ -64,6 +64,7 @@ def test_harness_flags_a_wrong_result(monkeypatch):
     assert r.outcome == "wrong" and r.ratio > 1
 
 
+@pytest.mark.serial  # a wall-clock bound: `make test` runs it after the parallel part, alone
 def test_harness_flags_hangs_and_crashes(monkeypatch):
     p = _a_problem()
     monkeypatch.setattr(reliability.neurodyn, "solve", lambda *a, **k: time.sleep(5))
