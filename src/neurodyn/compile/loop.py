@@ -891,6 +891,46 @@ def module_tensors(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
     return out
 
 
+def module_values(func: Callable) -> list[Tensor]:
+    """The values of :func:`module_state` (the detached parameters and buffers of ``func``, in the same order),
+    without their names: the whole loop's inputs. Where every module of the tree keeps ``nn.Module``'s own
+    ``named_modules``, ``named_parameters``, ``named_buffers`` and ``_named_members``, from one walk of the tree in
+    ``named_modules``' order (depth first, children in order, a module or tensor held twice taken at its first
+    place) with no name strings built; otherwise from :func:`module_state`."""
+    if not isinstance(func, _MODULE):
+        return []
+    seen: set = set()
+    params: list = []
+    buffers: list = []
+    stack = [func]
+    while stack:
+        m = stack.pop()
+        if m in seen:
+            continue
+        cls = type(m)
+        if cls.named_modules is not _NAMED_MODULES or cls.named_parameters is not _NAMED_PARAMETERS \
+                or cls.named_buffers is not _NAMED_BUFFERS or cls._named_members is not _NAMED_MEMBERS:
+            return list(module_state(func).values())
+        seen.add(m)
+        params += m._parameters.values()
+        buffers += m._buffers.values()
+        children = m._modules
+        if children:
+            stack += reversed([c for c in children.values() if c is not None])
+    out = []
+    for group in (params, buffers):
+        memo: set = set()
+        for v in group:
+            if v is not None and v not in memo:
+                memo.add(v)
+                out.append(v.detach())
+    return out
+
+
+_NAMED_MODULES, _NAMED_PARAMETERS = _MODULE.named_modules, _MODULE.named_parameters
+_NAMED_BUFFERS, _NAMED_MEMBERS = _MODULE.named_buffers, _MODULE._named_members
+
+
 def column_major_copy(x: Tensor) -> Tensor:
     """A matrix ``(r, c)`` as a copy stored column by column (strides ``(1, r)``; same values); other tensors as they
     are. A one-row state times ``W.T`` (``nn.Linear``) then reads ``W`` down its columns: Inductor's CPU code
@@ -1025,7 +1065,7 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         tol = _tolerances(per_func, rtol, atol, y0)
         try:
             with torch.no_grad():  # (the lowering patches apply where Dynamo compiles: patched_inductor)
-                tensors = (module_state(func) if state is None else state).values()
+                tensors = module_values(func) if state is None else state.values()
                 if column_major:
                     # The matrices' column-major copies of the last call are written again (taken out of the cache
                     # while the program reads them: a concurrent call of this program makes its own).
