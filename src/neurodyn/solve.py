@@ -316,6 +316,9 @@ def solve(
     return _run_metered(plan, meter)
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # (reusable: enters and leaves nothing)
+
+
 @dataclass
 class Plan:
     """A validated solve ready to run: what :func:`prepare` returns (internal to ``solve`` and
@@ -336,7 +339,7 @@ class Plan:
     def context(self) -> contextlib.AbstractContextManager:
         """Where the solve's own arithmetic runs: autocast off when the caller's autocast is on (the field keeps
         it, ``fields.autocast_field``)."""
-        return torch.autocast(self.y0.device.type, enabled=False) if self.amp is not None else contextlib.nullcontext()
+        return torch.autocast(self.y0.device.type, enabled=False) if self.amp is not None else _NO_CONTEXT
 
     def run(self) -> Solution:
         """Run the solve: the gradient method over the integrate loop (or the per-sample rows)."""

@@ -23,6 +23,7 @@ Everything else uses the per-step compiled path. Compilation failures fall back 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import math
@@ -942,17 +943,20 @@ def column_major_copy(x: Tensor) -> Tensor:
 def column_major_into(tensors: Any, kept: list | None) -> tuple[list[Tensor], list[Tensor | None]]:
     """:func:`column_major_copy` of each tensor, a matrix written into the matrix at its place in ``kept`` (a previous
     call's ``own``, or None) where that has its shape, dtype and device (the same strides and values as a new copy;
-    one copy instead of three tensor operations), else copied anew; other tensors as they are. Returns ``(tensors,
-    own)``: ``own[i]`` is ``tensors[i]`` where that is a copy (memory of its own, to be written again), else None (a
-    vector, or a matrix stored column by column already: :func:`column_major_copy` returns a view of it)."""
-    out, own = [], []
+    one copy instead of three tensor operations, and all of them in one ``torch._foreach_copy_``), else copied anew;
+    other tensors as they are. Returns ``(tensors, own)``: ``own[i]`` is ``tensors[i]`` where that is a copy (memory
+    of its own, to be written again), else None (a vector, or a matrix stored column by column already:
+    :func:`column_major_copy` returns a view of it)."""
+    out, own, dst, src = [], [], [], []
     for i, x in enumerate(tensors):
         b = kept[i] if kept is not None and i < len(kept) else None
         if x.dim() != 2:
             c = None
             out.append(x)
         elif b is not None and b.shape == x.shape and b.dtype == x.dtype and b.device == x.device:
-            c = b.copy_(x)
+            c = b
+            dst.append(b)
+            src.append(x)
             out.append(c)
         else:
             c = column_major_copy(x)
@@ -960,6 +964,8 @@ def column_major_into(tensors: Any, kept: list | None) -> tuple[list[Tensor], li
             if c.data_ptr() == x.data_ptr():  # a view of x itself: never to be written
                 c = None
         own.append(c)
+    if dst:  # the copies into kept matrices, in one call
+        torch._foreach_copy_(dst, src)
     return out, own
 
 
@@ -1064,7 +1070,8 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         cv, iv = _inputs(per_func, key, times, stops, first, min_step, max_step, max_steps, device)
         tol = _tolerances(per_func, rtol, atol, y0)
         try:
-            with torch.no_grad():  # (the lowering patches apply where Dynamo compiles: patched_inductor)
+            # (the lowering patches apply where Dynamo compiles: patched_inductor)
+            with torch.no_grad() if torch.is_grad_enabled() else _GRAD_OFF:
                 tensors = module_values(func) if state is None else state.values()
                 if column_major:
                     # The matrices' column-major copies of the last call are written again (taken out of the cache
@@ -1111,6 +1118,9 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
 
     call.per_func, call.base_key = per_func, base_key
     return call
+
+
+_GRAD_OFF = contextlib.nullcontext()  # (grad mode already off: nothing to enter)
 
 
 def verify(per_func: dict, o: LoopOutcome) -> None:
