@@ -237,3 +237,19 @@ def test_repeated_solve_grad_mode_and_time_gradients():
         assert torch.equal(a, b)
     for a, b in zip(grads[0], grads[2]):
         assert torch.equal(a, b)
+
+
+def test_repeated_solve_memo_does_not_keep_the_field_alive():
+    """The memo of prepare holds its field weakly: an eagerly solved field is freed once the caller drops it."""
+    import gc
+    import importlib
+    import weakref
+
+    S = importlib.import_module("neurodyn.solve")
+    f = _repeat_field()
+    neurodyn.solve(f, torch.tensor([[0.3, -0.2]], dtype=torch.float64), torch.linspace(0, 1, 3, dtype=torch.float64))
+    assert S._PREPARED.get(f)
+    ref = weakref.ref(f)
+    del f
+    gc.collect()
+    assert ref() is None

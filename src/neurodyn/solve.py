@@ -604,7 +604,7 @@ def prepare(
             and rtol_v == float(rtol) and (adjoint_rtol is None or gopts.adjoint_rtol == float(adjoint_rtol)) \
             and (advance is None or advance.usable):
         # (a shared stepper; no step list from t's values; rtol not raised, so no warning is skipped on a repeat)
-        _remember(func, key, (func, solver, cfg, on_failure, gopts.adjoint_method, gopts.adjoint_rtol,
+        _remember(func, key, (weakref.ref(func), solver, cfg, on_failure, gopts.adjoint_method, gopts.adjoint_rtol,
                               gopts.adjoint_atol, gopts.seminorm, gopts.checkpoints, gopts.adjoint_adaptive))
     return Plan(func, y0, t, solver, cfg, on_failure, gopts, gradient, bool(per_sample_steps), amp,
                 torch.is_grad_enabled())
@@ -613,12 +613,13 @@ def prepare(
 # Repeats of a plain solve (gradient="direct"; no events, hooks, step or jump times, norm, controller, params, solver
 # options or per-sample steps; a method of the explicit Runge-Kutta tableaus, adaptive or with a step size): what
 # `prepare` derives from the options (the checked settings, the stepper, the LoopConfig with its compiled plug-ins) is
-# kept per vector field (weakly keyed, the entry holding the field itself: compared by identity), keyed on every
-# option it derives from -- their values, their types (1, 1.0 and True are told apart) and the signs of zeros --, on
-# y0's shape, dtype and device, t's shape and the grad mode. Every check of y0 and t runs at every call
-# (validate_problem: their types, shapes, dtypes, devices, finiteness, monotonicity), and a repeat is taken only where
-# the autocast state, torch.func transforms and the compiled step's usability are those of a fresh preparation.
-# Stored only where the preparation warned of nothing it would warn of again (rtol not raised to the dtype's floor).
+# kept per vector field (weakly keyed, the entry holding a weak reference to the field: compared by identity, and the
+# memo does not keep it alive), keyed on every option it derives from -- their values, their types (1, 1.0 and True
+# are told apart) and the signs of zeros --, on y0's shape, dtype and device, t's shape and the grad mode. Every
+# check of y0 and t runs at every call (validate_problem: their types, shapes, dtypes, devices, finiteness,
+# monotonicity), and a repeat is taken only where the autocast state, torch.func transforms and the compiled step's
+# usability are those of a fresh preparation. Stored only where the preparation warned of nothing it would warn of
+# again (rtol not raised to the dtype's floor).
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PREPARED_MAX = 32
 _SCALARS = frozenset({float, int, bool, str, type(None)})
@@ -647,7 +648,7 @@ def _prepared(func: Callable, key: tuple, y0: Tensor, t: Tensor) -> Plan | None:
     except TypeError:
         return None
     entry = per_func.get(key) if per_func is not None else None
-    if entry is None or entry[0] is not func:
+    if entry is None or entry[0]() is not func:
         return None
     _, solver, cfg, on_failure, *gkw = entry
     advance = cfg.advance
