@@ -132,3 +132,124 @@ def test_loop_config_constructor_matches_the_dataclass_fields():
         cfg.rtol = 1.0
     with pytest.raises(TypeError):
         LoopConfig(rtol=1e-6, atol=1e-8)  # adaptive is required
+
+
+class _Field(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(2, 8, dtype=torch.float64), torch.nn.Tanh(),
+                                       torch.nn.Linear(8, 2, dtype=torch.float64))
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
+def _repeat_field():
+    return _Field()
+
+
+def test_repeated_solve_checks_y0_and_t_every_call():
+    """A repeated plain solve takes its settings from prepare's memo, but y0 and t are checked at every call: NaN/inf,
+    non-monotonic or wrongly typed times, wrong dtypes and devices raise as on a first solve, and the results equal a
+    fresh preparation's (another field object with the same weights)."""
+    import importlib
+
+    S = importlib.import_module("neurodyn.solve")
+    f = _repeat_field()
+    y0 = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
+    t = torch.linspace(0, 2, 5, dtype=torch.float64)
+    first = neurodyn.solve(f, y0, t, rtol=1e-6, atol=1e-8)
+    assert S._PREPARED.get(f)  # kept
+    again = neurodyn.solve(f, y0, t, rtol=1e-6, atol=1e-8)
+    assert torch.equal(first.ys, again.ys) and first.stats == again.stats
+    y_bad = y0.clone()
+    y_bad[0, 1] = float("nan")
+    with pytest.raises(neurodyn.InputError, match="y0 contains NaN"):
+        neurodyn.solve(f, y_bad, t, rtol=1e-6, atol=1e-8)
+    t_bad = t.clone()
+    t_bad[2] = t_bad[1]
+    with pytest.raises(neurodyn.InputError, match="strictly increasing"):
+        neurodyn.solve(f, y0, t_bad, rtol=1e-6, atol=1e-8)
+    t_inf = t.clone()
+    t_inf[-1] = float("inf")
+    with pytest.raises(neurodyn.InputError, match="NaN or inf"):
+        neurodyn.solve(f, y0, t_inf, rtol=1e-6, atol=1e-8)
+    with pytest.raises(neurodyn.InputError, match="dtype"):
+        neurodyn.solve(f, y0, t.float(), rtol=1e-6, atol=1e-8)
+    with pytest.raises(neurodyn.InputError):
+        neurodyn.solve(f, y0.float(), t, rtol=1e-6, atol=1e-8)
+    # other values of y0 and t under the same settings: a fresh preparation's results
+    y1, t1 = torch.tensor([[1.0, 0.5]], dtype=torch.float64), torch.linspace(2, 0, 5, dtype=torch.float64)
+    g = _repeat_field()
+    for yy, tt in ((y1, t), (y0, t1), (y1, t1)):
+        got = neurodyn.solve(f, yy, tt, rtol=1e-6, atol=1e-8)
+        S._PREPARED.pop(g, None)
+        ref = neurodyn.solve(g, yy, tt, rtol=1e-6, atol=1e-8)
+        assert torch.equal(got.ys, ref.ys) and got.stats == ref.stats
+
+
+def test_repeated_solve_options_keyed_by_value_and_type():
+    """The memo is keyed on the options' values and types: max_steps=True is refused after max_steps=1 ran, a float
+    max_steps after an int one, another rtol gives another solve, and an rtol raised to the dtype's floor warns at
+    every call (nothing kept)."""
+    import importlib
+    import warnings
+
+    S = importlib.import_module("neurodyn.solve")
+    f = _repeat_field()
+    y0 = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
+    t = torch.linspace(0, 2, 5, dtype=torch.float64)
+    neurodyn.solve(f, y0, t, max_steps=1, on_failure="return")
+    with pytest.raises(neurodyn.InputError, match="max_steps"):
+        neurodyn.solve(f, y0, t, max_steps=True, on_failure="return")
+    neurodyn.solve(f, y0, t, max_steps=500)
+    with pytest.raises(neurodyn.InputError, match="max_steps"):
+        neurodyn.solve(f, y0, t, max_steps=500.0)
+    a = neurodyn.solve(f, y0, t, rtol=1e-3, atol=1e-6)
+    b = neurodyn.solve(f, y0, t, rtol=1e-9, atol=1e-12)
+    assert b.stats["nfe"] > a.stats["nfe"]
+    S._PREPARED.pop(f, None)
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            neurodyn.solve(f, y0, t, rtol=1e-20, atol=1e-12)
+        assert any(issubclass(w.category, neurodyn.PrecisionWarning) for w in caught)
+    assert not any(k[0][1] == 1e-20 for k in S._PREPARED.get(f, {}))
+
+
+def test_repeated_solve_grad_mode_and_time_gradients():
+    """The grad mode is part of the key: a solve under no_grad and one under autograd (with gradients to y0 and t)
+    after it give a fresh preparation's values and gradients."""
+    f = _repeat_field()
+    g = _repeat_field()
+    t = torch.linspace(0, 1, 4, dtype=torch.float64)
+    y0 = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
+    with torch.no_grad():
+        neurodyn.solve(f, y0, t)
+    grads = []
+    for field in (f, f, g):
+        yy, tt = y0.clone().requires_grad_(), t.clone().requires_grad_()
+        sol = neurodyn.solve(field, yy, tt)
+        sol.ys.pow(2).sum().backward()
+        grads.append((sol.ys.detach(), yy.grad, tt.grad))
+    for a, b in zip(grads[1], grads[2]):
+        assert torch.equal(a, b)
+    for a, b in zip(grads[0], grads[2]):
+        assert torch.equal(a, b)
+
+
+def test_repeated_solve_memo_does_not_keep_the_field_alive():
+    """The memo of prepare holds its field weakly: an eagerly solved field is freed once the caller drops it."""
+    import gc
+    import importlib
+    import weakref
+
+    S = importlib.import_module("neurodyn.solve")
+    f = _repeat_field()
+    neurodyn.solve(f, torch.tensor([[0.3, -0.2]], dtype=torch.float64), torch.linspace(0, 1, 3, dtype=torch.float64))
+    assert S._PREPARED.get(f)
+    ref = weakref.ref(f)
+    del f
+    gc.collect()
+    assert ref() is None

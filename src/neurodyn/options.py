@@ -4,6 +4,7 @@ what to do, before any work."""
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -70,9 +71,9 @@ def validate_times(t: Any, y0: Tensor) -> Tensor:
     td = t.detach()
     if td.numel() <= 256:  # short: one transfer, then plain Python (no per-check device syncs)
         vals = td.tolist()
-        finite = all(math.isfinite(v) for v in vals)
-        inc = all(b > a for a, b in zip(vals, vals[1:]))
-        monotonic = inc or all(b < a for a, b in zip(vals, vals[1:]))
+        finite = all(map(math.isfinite, vals))
+        rest = vals[1:]
+        monotonic = all(map(operator.lt, vals, rest)) or all(map(operator.gt, vals, rest))
     else:
         finite = bool(torch.isfinite(td).all())
         d = td[1:] - td[:-1]

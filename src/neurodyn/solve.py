@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -15,7 +16,7 @@ from .core.config import LoopConfig
 from .core.control import PIDController
 from .core.events import Event, as_events
 from .core.stepper import nextafter
-from .core.tensors import VMAP_ADAPTIVE, fixed_bad, real_dtype, vmapped
+from .core.tensors import VMAP_ADAPTIVE, fixed_bad, no_transform, real_dtype, vmapped
 from .core.term import Term, as_field, check_accepts, diffusion_probe
 from .errors import InputError, InputTypeError, SolveFailure
 from .fields import autocast_dtype, autocast_field
@@ -36,7 +37,7 @@ from .options import (
 )
 from .progress import as_meter
 from .solution import Solution
-from .solvers import get_solver, methods_accepting
+from .solvers import TABLEAUS, get_solver, methods_accepting
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,6 +316,9 @@ def solve(
     return _run_metered(plan, meter)
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # (reusable: enters and leaves nothing)
+
+
 @dataclass
 class Plan:
     """A validated solve ready to run: what :func:`prepare` returns (internal to ``solve`` and
@@ -335,7 +339,7 @@ class Plan:
     def context(self) -> contextlib.AbstractContextManager:
         """Where the solve's own arithmetic runs: autocast off when the caller's autocast is on (the field keeps
         it, ``fields.autocast_field``)."""
-        return torch.autocast(self.y0.device.type, enabled=False) if self.amp is not None else contextlib.nullcontext()
+        return torch.autocast(self.y0.device.type, enabled=False) if self.amp is not None else _NO_CONTEXT
 
     def run(self) -> Solution:
         """Run the solve: the gradient method over the integrate loop (or the per-sample rows)."""
@@ -426,6 +430,23 @@ def prepare(
     func, term = as_field(func)  # a term: its ODE form, the knots landed on, its tensors seen by the gradients
     if not callable(func):
         raise InputError(f"func must be callable as func(t, y) or be a neurodyn term, got {type(func).__name__}.")
+    # A repeat of a plain solve (see _PREPARED): the settings derived from the options are looked up, y0 and t are
+    # checked as below.
+    key = None
+    if term is None and gradient == "direct" and controller is None and norm is None and step_t is None \
+            and jump_t is None and event_fn is None and events is None and params is None and not per_sample_steps \
+            and solver_options is None and step_callbacks is None and on_attempt is None \
+            and isinstance(y0, Tensor) and isinstance(t, Tensor) and no_transform():
+        opts = (method, rtol, atol, step_size, first_step, min_step, max_step, max_steps, dense, on_failure,
+                max_events, min_event_gap, interp, perturb, adjoint_method, adjoint_rtol, adjoint_atol,
+                adjoint_adaptive, seminorm, checkpoints, compile, accept_min_step)
+        kinds = tuple(map(type, opts))
+        if _SCALARS.issuperset(kinds):
+            key = (opts, kinds, tuple(math.copysign(1.0, v) for v in opts if v == 0 and type(v) is float),
+                   y0.shape, y0.dtype, y0.device, t.shape, torch.is_grad_enabled())
+            plan = _prepared(func, key, y0, t)
+            if plan is not None:
+                return plan
     y0, t = validate_problem(y0, t, per_sample_steps)
     amp = autocast_dtype(y0.device.type)
     if amp is not None:  # inside torch.autocast: the field in its dtype, this solve's own arithmetic in the state's
@@ -578,8 +599,70 @@ def prepare(
         if t.requires_grad and torch.is_grad_enabled():
             raise InputError("per_sample_steps gives gradients with respect to y0 and parameters, not the times t "
                              "(pass t.detach()).")
+    if key is not None and amp is None and method in TABLEAUS and not solver.bind_tolerances \
+            and not solver.own_controller and not solver.optional_error and (adaptive or step_size is not None) \
+            and rtol_v == float(rtol) and (adjoint_rtol is None or gopts.adjoint_rtol == float(adjoint_rtol)) \
+            and (advance is None or advance.usable):
+        # (a shared stepper; no step list from t's values; rtol not raised, so no warning is skipped on a repeat)
+        _remember(func, key, (weakref.ref(func), solver, cfg, on_failure, gopts.adjoint_method, gopts.adjoint_rtol,
+                              gopts.adjoint_atol, gopts.seminorm, gopts.checkpoints, gopts.adjoint_adaptive))
     return Plan(func, y0, t, solver, cfg, on_failure, gopts, gradient, bool(per_sample_steps), amp,
                 torch.is_grad_enabled())
+
+
+# Repeats of a plain solve (gradient="direct"; no events, hooks, step or jump times, norm, controller, params, solver
+# options or per-sample steps; a method of the explicit Runge-Kutta tableaus, adaptive or with a step size): what
+# `prepare` derives from the options (the checked settings, the stepper, the LoopConfig with its compiled plug-ins) is
+# kept per vector field (weakly keyed, the entry holding a weak reference to the field: compared by identity, and the
+# memo does not keep it alive), keyed on every option it derives from -- their values, their types (1, 1.0 and True
+# are told apart) and the signs of zeros --, on y0's shape, dtype and device, t's shape and the grad mode. Every
+# check of y0 and t runs at every call (validate_problem: their types, shapes, dtypes, devices, finiteness,
+# monotonicity), and a repeat is taken only where the autocast state, torch.func transforms and the compiled step's
+# usability are those of a fresh preparation. Stored only where the preparation warned of nothing it would warn of
+# again (rtol not raised to the dtype's floor).
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PREPARED_MAX = 32
+_SCALARS = frozenset({float, int, bool, str, type(None)})
+
+
+def _remember(func: Callable, key: tuple, entry: tuple) -> None:
+    """Keep ``entry`` (see :data:`_PREPARED`) for ``func`` under ``key`` (nothing where ``func`` cannot be weakly
+    referenced or hashed)."""
+    try:
+        per_func = _PREPARED.get(func)
+        if per_func is None:
+            per_func = _PREPARED[func] = {}
+    except TypeError:
+        return
+    if len(per_func) >= _PREPARED_MAX:
+        per_func.clear()
+    per_func[key] = entry
+
+
+def _prepared(func: Callable, key: tuple, y0: Tensor, t: Tensor) -> Plan | None:
+    """The :class:`Plan` of a repeated plain solve (see :data:`_PREPARED`), with ``y0`` and ``t`` checked as
+    :func:`prepare` checks them; None where nothing is kept for ``func`` and ``key`` or the kept settings do not apply
+    (then ``prepare`` runs in full)."""
+    try:
+        per_func = _PREPARED.get(func)
+    except TypeError:
+        return None
+    entry = per_func.get(key) if per_func is not None else None
+    if entry is None or entry[0]() is not func:
+        return None
+    _, solver, cfg, on_failure, *gkw = entry
+    advance = cfg.advance
+    if advance is not None and not advance.usable:
+        return None
+    y0, t = validate_problem(y0, t, False)
+    if autocast_dtype(y0.device.type) is not None:
+        return None
+    grad = torch.is_grad_enabled()
+    if t.requires_grad and grad and not solver.time_gradients:
+        return None  # (the full preparation raises)
+    gopts = GradientOptions(params=[], adjoint_method=gkw[0], adjoint_rtol=gkw[1], adjoint_atol=gkw[2],
+                            seminorm=gkw[3], checkpoints=gkw[4], adjoint_adaptive=gkw[5])
+    return Plan(func, y0, t, solver, cfg, on_failure, gopts, "direct", False, None, grad)
 
 
 def _check_left_to_checkpoint(func: Any, term: Any, params: Any, loop: Any, event_list: tuple, dense: bool,

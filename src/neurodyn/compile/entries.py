@@ -83,8 +83,10 @@ class Entries:
                 getters = self._getters(gm)
                 compile_id = CompileContext.current_compile_id()
                 if getters is not None and compile_id is not None:
-                    # As Dynamo installs the graph's callable: with Dynamo disabled inside it.
-                    self.records[compile_id] = (torch._dynamo.disable(compiled), getters)
+                    # Dynamo installs the graph's callable with Dynamo disabled inside it; a call from here runs only
+                    # where no eval-frame callback is set (see __call__), where that wrapper sets none and restores
+                    # none: the callable itself is called.
+                    self.records[compile_id] = (compiled, getters)
             return compiled
 
         return backend

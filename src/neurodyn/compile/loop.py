@@ -23,6 +23,7 @@ Everything else uses the per-step compiled path. Compilation failures fall back 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import math
@@ -891,6 +892,46 @@ def module_tensors(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
     return out
 
 
+def module_values(func: Callable) -> list[Tensor]:
+    """The values of :func:`module_state` (the detached parameters and buffers of ``func``, in the same order),
+    without their names: the whole loop's inputs. Where every module of the tree keeps ``nn.Module``'s own
+    ``named_modules``, ``named_parameters``, ``named_buffers`` and ``_named_members``, from one walk of the tree in
+    ``named_modules``' order (depth first, children in order, a module or tensor held twice taken at its first
+    place) with no name strings built; otherwise from :func:`module_state`."""
+    if not isinstance(func, _MODULE):
+        return []
+    seen: set = set()
+    params: list = []
+    buffers: list = []
+    stack = [func]
+    while stack:
+        m = stack.pop()
+        if m in seen:
+            continue
+        cls = type(m)
+        if cls.named_modules is not _NAMED_MODULES or cls.named_parameters is not _NAMED_PARAMETERS \
+                or cls.named_buffers is not _NAMED_BUFFERS or cls._named_members is not _NAMED_MEMBERS:
+            return list(module_state(func).values())
+        seen.add(m)
+        params += m._parameters.values()
+        buffers += m._buffers.values()
+        children = m._modules
+        if children:
+            stack += reversed([c for c in children.values() if c is not None])
+    out = []
+    for group in (params, buffers):
+        memo: set = set()
+        for v in group:
+            if v is not None and v not in memo:
+                memo.add(v)
+                out.append(v.detach())
+    return out
+
+
+_NAMED_MODULES, _NAMED_PARAMETERS = _MODULE.named_modules, _MODULE.named_parameters
+_NAMED_BUFFERS, _NAMED_MEMBERS = _MODULE.named_buffers, _MODULE._named_members
+
+
 def column_major_copy(x: Tensor) -> Tensor:
     """A matrix ``(r, c)`` as a copy stored column by column (strides ``(1, r)``; same values); other tensors as they
     are. A one-row state times ``W.T`` (``nn.Linear``) then reads ``W`` down its columns: Inductor's CPU code
@@ -902,17 +943,20 @@ def column_major_copy(x: Tensor) -> Tensor:
 def column_major_into(tensors: Any, kept: list | None) -> tuple[list[Tensor], list[Tensor | None]]:
     """:func:`column_major_copy` of each tensor, a matrix written into the matrix at its place in ``kept`` (a previous
     call's ``own``, or None) where that has its shape, dtype and device (the same strides and values as a new copy;
-    one copy instead of three tensor operations), else copied anew; other tensors as they are. Returns ``(tensors,
-    own)``: ``own[i]`` is ``tensors[i]`` where that is a copy (memory of its own, to be written again), else None (a
-    vector, or a matrix stored column by column already: :func:`column_major_copy` returns a view of it)."""
-    out, own = [], []
+    one copy instead of three tensor operations, and all of them in one ``torch._foreach_copy_``), else copied anew;
+    other tensors as they are. Returns ``(tensors, own)``: ``own[i]`` is ``tensors[i]`` where that is a copy (memory
+    of its own, to be written again), else None (a vector, or a matrix stored column by column already:
+    :func:`column_major_copy` returns a view of it)."""
+    out, own, dst, src = [], [], [], []
     for i, x in enumerate(tensors):
         b = kept[i] if kept is not None and i < len(kept) else None
         if x.dim() != 2:
             c = None
             out.append(x)
         elif b is not None and b.shape == x.shape and b.dtype == x.dtype and b.device == x.device:
-            c = b.copy_(x)
+            c = b
+            dst.append(b)
+            src.append(x)
             out.append(c)
         else:
             c = column_major_copy(x)
@@ -920,6 +964,8 @@ def column_major_into(tensors: Any, kept: list | None) -> tuple[list[Tensor], li
             if c.data_ptr() == x.data_ptr():  # a view of x itself: never to be written
                 c = None
         own.append(c)
+    if dst:  # the copies into kept matrices, in one call
+        torch._foreach_copy_(dst, src)
     return out, own
 
 
@@ -1024,8 +1070,9 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
         cv, iv = _inputs(per_func, key, times, stops, first, min_step, max_step, max_steps, device)
         tol = _tolerances(per_func, rtol, atol, y0)
         try:
-            with torch.no_grad():  # (the lowering patches apply where Dynamo compiles: patched_inductor)
-                tensors = (module_state(func) if state is None else state).values()
+            # (the lowering patches apply where Dynamo compiles: patched_inductor)
+            with torch.no_grad() if torch.is_grad_enabled() else _GRAD_OFF:
+                tensors = module_values(func) if state is None else state.values()
                 if column_major:
                     # The matrices' column-major copies of the last call are written again (taken out of the cache
                     # while the program reads them: a concurrent call of this program makes its own).
@@ -1071,6 +1118,9 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
 
     call.per_func, call.base_key = per_func, base_key
     return call
+
+
+_GRAD_OFF = contextlib.nullcontext()  # (grad mode already off: nothing to enter)
 
 
 def verify(per_func: dict, o: LoopOutcome) -> None:

@@ -40,6 +40,12 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor | Callable[
     says what happened. ``cfg.on_attempt``, when set, is called after every attempted step as
     ``on_attempt(t, y, h, accepted, nfe)`` (see :func:`iterate`).
     """
+    if not isinstance(k0, Tensor):  # the compiled whole loop first, without the generator (as iterate starts)
+        jumps, stops = _stops(times, cfg)
+        res = None if jumps else _run_deferred(term, solver, y0, times, stops, cfg)
+        if res is not None:
+            return res
+        k0 = k0()  # the loop does not run here: evaluated (and checked) now
     run = iterate(term, solver, y0, k0, times, cfg)
     hook = cfg.on_attempt if not cfg.pause else None
     try:
@@ -64,10 +70,7 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor | Callable[[]
     """
     t0, t_end = times[0], times[-1]
     direction = 1.0 if t_end > t0 else -1.0
-    # Times the solver must land on: step_t, jump_t and the final time, in the direction of travel.
-    jumps = {x for x in cfg.jump_t if (x - t0) * direction > 0 and (t_end - x) * direction > 0}
-    stops = sorted({x for x in cfg.step_t if (x - t0) * direction > 0 and (t_end - x) * direction > 0}
-                   | jumps, key=lambda x: x * direction) + [t_end]
+    jumps, stops = _stops(times, cfg)
     if not isinstance(k0, Tensor):  # dy/dt at t0 left to the compiled whole loop (defers_start)
         res = None if jumps else _run_deferred(term, solver, y0, times, stops, cfg)
         if res is not None:
@@ -471,6 +474,17 @@ def failure_message(status: str, t: float, h_abs: float, cfg: LoopConfig, solver
     return (f"max_steps={cfg.max_steps} reached at t={t:.6g} of [{t0:.6g}, {t_end:.6g}] ({steps} accepted, "
             f"{rejected} rejected). Raise max_steps (odeint: options={{'max_num_steps': ...}}), loosen rtol/atol, or, "
             f"if the steps are tiny because the problem is stiff, {stiff_hint}.")
+
+
+def _stops(times: list[float], cfg: LoopConfig) -> tuple[set[float], list[float]]:
+    """``(jumps, stops)``: the jump times strictly inside the span of ``times``, and the times the solver must land
+    on (``step_t``, ``jump_t`` and the final time) in the direction of travel."""
+    t0, t_end = times[0], times[-1]
+    direction = 1.0 if t_end > t0 else -1.0
+    jumps = {x for x in cfg.jump_t if (x - t0) * direction > 0 and (t_end - x) * direction > 0}
+    stops = sorted({x for x in cfg.step_t if (x - t0) * direction > 0 and (t_end - x) * direction > 0}
+                   | jumps, key=lambda x: x * direction) + [t_end]
+    return jumps, stops
 
 
 def _bad_start(y0: Tensor, t0: float) -> LoopResult:

@@ -32,7 +32,7 @@ def start_direct(func: Callable, y0: Tensor, t: Tensor,
     initial time itself (:func:`neurodyn.core.loop.defers_start`), a function evaluating and checking it instead,
     which :func:`~neurodyn.core.loop.integrate` calls only if that loop does not run."""
     term = ODETerm(func, y0.shape, real_dtype(y0.dtype), y0.device)
-    times = t.detach().cpu().tolist()
+    times = t.detach().tolist()  # (from any device)
     t0 = times[0]
     term.nfe = 1
 
