@@ -36,6 +36,7 @@ from .. import solution as _sol
 from ..core import interpolation
 from ..core.control import LANDING_SLACK, PIDController, initial_step_tensor, rms_ratio, step_underflow_tensor
 from ..solvers.explicit_rk import ExplicitRungeKutta
+from .entries import Entries
 from .loop import CPU_MAX_OUTPUT_ELEMENTS, CPU_OPTIONS, combo_cols, module_state
 from .patches import pooled_loop_buffers, small_cats
 from .step import compiled_context, nonzero, own_code, stage_sum
@@ -304,9 +305,47 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
     if options is not None and LOOP_CAT_PARTS:  # (named in the options: Inductor's cache tells the programs apart)
         options = {**options, "post_grad_fusion_options": {"decompose_mm_pass": {
             **options["post_grad_fusion_options"]["decompose_mm_pass"], "neurodyn_small_cats": LOOP_CAT_PARTS}}}
-    compiled = torch.compile(own_code(run), options=options, fullgraph=True)
-    compiled.cat_parts = LOOP_CAT_PARTS if options is not None else 0
+    own = own_code(run)
+    # Repeat calls run the compiled entries with their guards checked, without Dynamo's frame machinery (Entries);
+    # the lowering patches are entered only where Dynamo compiles (_loop_backend).
+    entries = Entries(own, n_outputs=6 if choose_first else 5)
+    compiled = torch.compile(own, backend=entries.backend(_loop_backend(options)), fullgraph=True,
+                             options={"guard_filter_fn": _own_constant_guards})
+    compiled.entries = entries
     return compiled
+
+
+# The row loop's closure variables that are its build's own constants: made by _build_loop from the solver, the
+# controller, the shape and the module's settings (all part of the per-field cache key, with the program) and never
+# changed after.
+_OWN_CONSTANTS = ("att", "state_names", "cols", "log_control", "choose_first", "shape")
+_OWN_CONSTANT_NAMES = frozenset(_OWN_CONSTANTS)
+_OWN_CONSTANT_PREFIXES = tuple(name + sep for name in _OWN_CONSTANTS for sep in ".[")
+
+
+def _own_constant_guards(entries: list) -> list[bool]:
+    """Dynamo guard filter (``torch.compile``'s ``guard_filter_fn``) of the row loop: leaves out the guards on the
+    loop's own constants (:data:`_OWN_CONSTANTS`: the tableau's coefficients and the controller's settings in ``att``,
+    the layout flags, the state's shape), which can only fail if neurodyn's own code changed those objects. Every guard
+    on the field, the inputs, globals and the global state is kept."""
+    return [not (e.name in _OWN_CONSTANT_NAMES or e.name.startswith(_OWN_CONSTANT_PREFIXES)) for e in entries]
+
+
+def _loop_backend(options: dict | None) -> Callable:
+    """A ``torch.compile`` backend: Inductor with ``options`` (as ``backend="inductor"``), run inside the row loop's
+    lowering patches (:class:`~neurodyn.compile.patches.small_cats` with :data:`LOOP_CAT_PARTS` on the CPU,
+    :class:`~neurodyn.compile.patches.pooled_loop_buffers`). Dynamo calls it only when it compiles a program, so a
+    call that runs a compiled program enters neither."""
+    patches = dict(options or {})
+    parts = LOOP_CAT_PARTS if options is not None else 0
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        from torch._inductor.compile_fx import compile_fx
+
+        with small_cats(parts), pooled_loop_buffers():
+            return compile_fx(gm, example_inputs, config_patches=patches)
+
+    return backend
 
 
 class CompiledRows:
@@ -400,8 +439,11 @@ class RowPack:
         cv = torch.tensor([0, 0, max_steps], dtype=torch.long, device=ys.device)
         try:
             fn = self.build("loop", choose_first)
-            with compiled_context(), small_cats(fn.cat_parts), pooled_loop_buffers():
-                out = fn(sv, yv, iv, ys, cv, times_flat, rtol, atol, lim, *self.state.values())
+            args = (sv, yv, iv, ys, cv, times_flat, rtol, atol, lim, *self.state.values())
+            out = fn.entries(args)  # a compiled entry whose guards pass, or None: Dynamo's call (compiles if needed)
+            if out is None:
+                with compiled_context():
+                    out = fn(*args)
             return tuple(out) if choose_first else (*out, None)
         except Exception as exc:  # compilation failed: compiled attempts from now on, for this field
             self.per_func[_LOOP_FALLBACK] = True
