@@ -15,9 +15,12 @@ propose_tensor`, :func:`~neurodyn.core.control.rms_ratio`, :func:`~neurodyn.core
 the landing rule, the method's dense output); the stage sums are fused in another order, so results agree with
 the eager per-sample solve to rounding. The whole loop on the CPU also stores a state of a few components per row
 column by column (:data:`LOOP_COLUMNS`; same values) and computes the controller's factor as one ``exp`` of a sum of
-logarithms (:data:`LOOP_LOG_CONTROL`; the factor to rounding). Used for explicit Runge--Kutta methods without extra
-dense-output stages, real floating-point states, where no autograd graph is recorded, with no hooks, replay log or
-events, and every row integrating in the same direction; everything else runs the eager row loop. Compiled steps
+logarithms (:data:`LOOP_LOG_CONTROL`; the factor to rounding); the whole loop carries its integer rows as int32
+(:data:`LOOP_INT32`) and tests NaN by comparisons (:data:`LOOP_BLEND_NAN`), same values, and its repeat calls run the
+compiled program with its guards checked but without Dynamo's frame machinery (:mod:`neurodyn.compile.entries`). Used
+for explicit Runge--Kutta methods without extra dense-output stages, real floating-point states, where no autograd
+graph is recorded, with no hooks, replay log or events, and every row integrating in the same direction; everything
+else runs the eager row loop. Compiled steps
 are cached per vector field, method, shape, dtype, device, controller, direction and tolerance shapes; a failed
 compilation warns once and the loop continues eagerly.
 """
