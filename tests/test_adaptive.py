@@ -287,6 +287,14 @@ def test_controller_log_form_matches_the_pow_form(ctrl, order):
     assert torch.equal(lp, torch.where(accept, r.clamp_min(1e-10).log(), prev.log()))
     assert torch.equal(lp2, torch.where(accept, prev.log(), prev2.log()) if ctrl.dcoeff else prev2.log())
     assert got[-3] == h[-3] * ctrl.dfactor and got[-2] == h[-2] * ctrl.dfactor  # NaN, inf: shrink by dfactor
+    # blend (the compiled row loop's NaN/inf replacement by compare and select): the same values bit for bit
+    blend = ctrl.start(order).propose_tensor_log(h, r, accept, prev, prev2, prev.log(), prev2.log(), blend=True)
+    assert all(torch.equal(a, b) for a, b in zip(blend, (got, got_prev, got_prev2, lp, lp2)))
+    st = ctrl.start(order)
+    fac = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1e-300, 0.5, 1.0, 3.0, 1e300],
+                       dtype=torch.float64)
+    for acc in (torch.zeros(9, dtype=torch.bool), torch.ones(9, dtype=torch.bool)):
+        assert torch.equal(st._bounded(fac, acc, blend=True), st._bounded(fac, acc))
 
 
 @pytest.mark.parametrize("rows", [1, 2])

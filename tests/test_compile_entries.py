@@ -3,6 +3,7 @@ entry's guards are still checked, so whatever makes Dynamo compile a new variant
 ``training`` flag where it reads it, a tensor's dtype, shape or ``requires_grad``) still does, and results equal
 those of Dynamo's own call bit for bit."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -127,3 +128,98 @@ def test_own_constant_guards_leave_out_only_the_loops_own_closure():
              "tensors[0]", "cv", "planned", "G['torch']"]
     kept = loop_mod._own_constant_guards([Entry(n) for n in names])
     assert kept == [False, False, False, False, False, True, True, True, True, True, True]
+
+
+# --------------------------------------------------------------------------- the compiled per-sample row loop
+class Rows(nn.Module):
+    """dy/dt = +-k * y per row (k a buffer: one rate per row; the sign Python state the compiled loop reads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("k", torch.linspace(0.5, 3.0, 16, dtype=F64).view(16, 1))
+        self.negate = True
+
+    def forward(self, t, y):
+        return -self.k * y if self.negate else self.k * y
+
+
+Y0_ROWS = torch.linspace(0.5, 1.5, 32, dtype=F64).view(16, 2)
+
+
+def _solve_rows(field, **kw):
+    with torch.no_grad():
+        sol = neurodyn.solve(field, Y0_ROWS, T, rtol=1e-7, atol=1e-9, per_sample_steps=True, **kw)
+    if kw.get("compile"):
+        assert sol.stats["compiled"] == "row-loop"
+    return sol
+
+
+def _row_loop(field):
+    from neurodyn.compile import rows as rows_mod
+
+    fns = [v for k, v in rows_mod._CACHE[field].items() if isinstance(k, tuple) and k[0] == "loop"]
+    assert len(fns) == 1
+    return fns[0]
+
+
+def test_row_loop_repeat_solves_run_the_entry_equal_to_dynamos_call(monkeypatch):
+    field = Rows()
+    counts = _count_direct(monkeypatch)
+    first = _solve_rows(field, compile=True)
+    assert counts["ran"] == 0 and counts["left"] == 1  # the first call compiles through Dynamo
+    again = _solve_rows(field, compile=True)
+    assert counts["ran"] == 1  # the repeat solve ran the compiled entry directly
+    assert torch.equal(first.ys, again.ys) and first.stats["nfe"] == again.stats["nfe"]
+    eager = _solve_rows(field)
+    assert torch.allclose(again.ys, eager.ys, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(again.ys[-1], Y0_ROWS * torch.exp(-2.0 * field.k), rtol=1e-5)
+    # the entry's result equals Dynamo's call of the same program on the same arguments, bit for bit
+    fn = _row_loop(field)
+    seen = []
+    orig = entries_mod.Entries.__call__
+
+    def keep(self, args):
+        seen.append(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+        return orig(self, args)
+
+    monkeypatch.setattr(entries_mod.Entries, "__call__", keep)
+    _solve_rows(field, compile=True)
+    monkeypatch.setattr(entries_mod.Entries, "__call__", orig)
+    args = seen[-1]
+    with torch.no_grad():  # (each call on fresh copies: the program writes its output buffer, args[3], in place)
+        direct = fn.entries(tuple(a.clone() for a in args))
+        dynamo = fn(*[a.clone() for a in args])
+        assert direct is not None
+        for a, b in zip(direct, dynamo):  # (the output buffer's unused block holds NaN)
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        # an input of another dtype: no entry's guards pass (Dynamo's path)
+        assert fn.entries((args[0].float(), *args[1:])) is None
+
+
+@pytest.mark.slow
+def test_row_loop_entries_follow_python_state(monkeypatch):
+    field = Rows()
+    counts = _count_direct(monkeypatch)
+    first = _solve_rows(field, compile=True)
+    field.negate = False  # the entry's guards fail: Dynamo compiles a new variant, the result follows it
+    changed = _solve_rows(field, compile=True)
+    assert torch.allclose(changed.ys, _solve_rows(field).ys, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(changed.ys, first.ys)
+    ran = counts["ran"]
+    field.negate = True  # back: the first entry runs again, with the first result
+    back = _solve_rows(field, compile=True)
+    assert counts["ran"] > ran
+    assert torch.equal(back.ys, first.ys)
+
+
+def test_row_loop_own_constant_guards_leave_out_only_its_own_closure():
+    from neurodyn.compile import rows as rows_mod
+
+    class Entry:
+        def __init__(self, name):
+            self.name = name
+
+    names = ["att", "att.c[1]", "att.pid.safety", "cols", "log_control", "blend", "int32", "shape[0]", "state_names",
+             "choose_first", "func", "func.__closure__[0].cell_contents", "tensors[0]", "sv", "attempt", "G['torch']"]
+    kept = rows_mod._own_constant_guards([Entry(n) for n in names])
+    assert kept == [False] * 10 + [True] * 6

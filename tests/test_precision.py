@@ -213,6 +213,9 @@ def test_underflow_rule_scalar_and_tensor_forms_agree():
         got = step_underflow_tensor(t, h, eps, frozen)
         want = [step_underflow(a, b, eps, c) for a, b, c in zip(t.tolist(), h.tolist(), frozen.tolist())]
         assert got.tolist() == want
+        # the compiled row loop's form (compare and select instead of nan_to_num): the same results
+        assert step_underflow_tensor(t, h, eps, frozen, blend=True).tolist() == want
+        assert step_underflow_tensor(t, -h, eps, blend=True).tolist() == step_underflow_tensor(t, -h, eps).tolist()
     # rule 2 is "t + h rounds to t or its neighbour in the dtype"
     t32 = torch.tensor(1.0, dtype=F32)
     assert step_underflow(1.0, EPS32 / 4, EPS32) and bool(t32 + EPS32 / 4 == t32)

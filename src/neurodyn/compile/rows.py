@@ -15,9 +15,12 @@ propose_tensor`, :func:`~neurodyn.core.control.rms_ratio`, :func:`~neurodyn.core
 the landing rule, the method's dense output); the stage sums are fused in another order, so results agree with
 the eager per-sample solve to rounding. The whole loop on the CPU also stores a state of a few components per row
 column by column (:data:`LOOP_COLUMNS`; same values) and computes the controller's factor as one ``exp`` of a sum of
-logarithms (:data:`LOOP_LOG_CONTROL`; the factor to rounding). Used for explicit Runge--Kutta methods without extra
-dense-output stages, real floating-point states, where no autograd graph is recorded, with no hooks, replay log or
-events, and every row integrating in the same direction; everything else runs the eager row loop. Compiled steps
+logarithms (:data:`LOOP_LOG_CONTROL`; the factor to rounding); the whole loop carries its integer rows as int32
+(:data:`LOOP_INT32`) and tests NaN by comparisons (:data:`LOOP_BLEND_NAN`), same values, and its repeat calls run the
+compiled program with its guards checked but without Dynamo's frame machinery (:mod:`neurodyn.compile.entries`). Used
+for explicit Runge--Kutta methods without extra dense-output stages, real floating-point states, where no autograd
+graph is recorded, with no hooks, replay log or events, and every row integrating in the same direction; everything
+else runs the eager row loop. Compiled steps
 are cached per vector field, method, shape, dtype, device, controller, direction and tolerance shapes; a failed
 compilation warns once and the loop continues eagerly.
 """
@@ -36,6 +39,7 @@ from .. import solution as _sol
 from ..core import interpolation
 from ..core.control import LANDING_SLACK, PIDController, initial_step_tensor, rms_ratio, step_underflow_tensor
 from ..solvers.explicit_rk import ExplicitRungeKutta
+from .entries import Entries
 from .loop import CPU_MAX_OUTPUT_ELEMENTS, CPU_OPTIONS, combo_cols, module_state
 from .patches import pooled_loop_buffers, small_cats
 from .step import compiled_context, nonzero, own_code, stage_sum
@@ -72,6 +76,14 @@ LOOP_COLUMNS_ROWS = 16
 # carried (control.ControllerState.propose_tensor_log): one Sleef log and exp per row and attempt instead of two pow
 # (~13 % of the Van der Pol row loop). Factors equal to propose_tensor's to rounding. Read when a loop is compiled.
 LOOP_LOG_CONTROL = True
+# The whole row loop: the controller's and the underflow rule's NaN/inf replacements as a comparison and a select
+# (control.step_underflow_tensor's and ControllerState._bounded's `blend`; the same values) rather than nan_to_num,
+# whose NaN test Inductor's CPU code runs one element at a time through a bounce buffer. Read when a loop is compiled.
+LOOP_BLEND_NAN = True
+# The whole row loop: its integer rows (iv: output slots, counters, statuses) carried as int32 inside the loop (int64
+# outside; slots, counts and codes all below 2^31): Inductor's CPU code reads int64 vectors through an out-of-line
+# helper. Read when a loop is compiled.
+LOOP_INT32 = True
 # Status codes inside the graph.
 _NON_FINITE, _UNDERFLOW, _MAX_STEPS = (_sol.CODE[s] for s in (_sol.NON_FINITE, _sol.STEP_SIZE_UNDERFLOW,
                                                                _sol.MAX_STEPS_REACHED))
@@ -108,8 +120,8 @@ class _Attempt:
         return t_out <= t if self.d > 0 else t_out >= t
 
     def __call__(self, f: Callable, t: Tensor, h_abs: Tensor, t_stop: Tensor, prev: Tensor, prev2: Tensor, y: Tensor,
-                 k1: Tensor, rtol: Tensor, atol: Tensor, lim: Tensor, logs: tuple[Tensor, Tensor] | None = None
-                 ) -> dict[str, Tensor]:
+                 k1: Tensor, rtol: Tensor, atol: Tensor, lim: Tensor, logs: tuple[Tensor, Tensor] | None = None,
+                 blend: bool = False) -> dict[str, Tensor]:
         b, s = self.b, self.s
         rdt = y.dtype
         eps = torch.finfo(rdt).eps
@@ -143,12 +155,12 @@ class _Attempt:
         if logs is None:
             h_new, prev, prev2 = self.pid.propose_tensor(hp, ratio, accept, prev, prev2)
         else:  # (the whole loop: the previous ratios' logarithms carried, one exp per row)
-            h_new, prev, prev2, *logs = self.pid.propose_tensor_log(hp, ratio, accept, prev, prev2, *logs)
+            h_new, prev, prev2, *logs = self.pid.propose_tensor_log(hp, ratio, accept, prev, prev2, *logs, blend)
         h_new = torch.minimum(h_new, max_step)
         bump = (h_new < min_step) & ~accept & (hp > min_step)
         h_new = torch.where(bump, min_step, h_new)
         h_abs = torch.where(still, h_new, h_abs)
-        stuck = (step_underflow_tensor(t_new, h_abs, eps) | (h_abs < min_step)) & still
+        stuck = (step_underflow_tensor(t_new, h_abs, eps, blend=blend) | (h_abs < min_step)) & still
         return dict(t=t_new, h_abs=h_abs, prev=prev, prev2=prev2, y=torch.where(acc_col, y1, y),
                     k1=torch.where(acc_col, f_last, k1), accept=accept, act=act, still=still, stuck=stuck,
                     ratio=ratio, h=h, hy=hy, y1=y1, ks=ks, f_last=f_last, logs=logs)
@@ -218,11 +230,13 @@ def _build_step(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
 
 
 def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: torch.device,
-                choose_first: bool = False) -> Callable:
+                choose_first: bool = False, n_slots: int = 0, max_steps: int = 0) -> Callable:
     state_names = list(module_state(func)) if isinstance(func, torch.nn.Module) else None
     cols = (device.type == "cpu" and force_stride_order is not None and 1 < att.n <= LOOP_COLUMNS
             and att.b >= LOOP_COLUMNS_ROWS)
     log_control = LOOP_LOG_CONTROL
+    blend = LOOP_BLEND_NAN
+    int32 = LOOP_INT32 and n_slots + att.b < 2**31 and max_steps < 2**31  # (slots and counts fit)
 
     def run(sv: Tensor, yv: Tensor, iv: Tensor, ys: Tensor, cv: Tensor, times_flat: Tensor, rtol: Tensor,
             atol: Tensor, lim: Tensor, *tensors: Tensor):
@@ -244,6 +258,8 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
             yv = yv.transpose(1, 2).contiguous()
         if log_control:  # sv gains rows 7, 8: log(prev), log(prev2) (LOOP_LOG_CONTROL)
             sv = torch.cat([sv, sv[3:5].log()])
+        if int32:  # iv as int32 inside the loop (LOOP_INT32)
+            iv = iv.to(torch.int32)
         rows = torch.arange(b, device=ys.device)
         trash = times_flat.shape[0] + rows
 
@@ -258,7 +274,7 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
             else:
                 t, y, k1, status = sv[0].clone(), yv[0].clone(), yv[1].clone(), iv[3]
             logs = (sv[7].to(rdt), sv[8].to(rdt)) if log_control else None
-            r = att(f, t, sv[1], sv[2], sv[3].to(rdt), sv[4].to(rdt), y, k1, rtol, atol, lim, logs)
+            r = att(f, t, sv[1], sv[2], sv[3].to(rdt), sv[4].to(rdt), y, k1, rtol, atol, lim, logs, blend)
             t_new = r["t"]
 
             def write_next(ys, slot):
@@ -269,7 +285,7 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
                 h = r["h"]
                 theta = ((next_out - t) / h).view(b, 1)
                 vals = att.dense(theta, y, r["y1"], k1, r["f_last"], h.to(rdt).view(b, 1), r["ks"])
-                return ys.index_copy(0, torch.where(need, slot, trash), vals), slot + need * b
+                return ys.index_copy(0, torch.where(need, slot, trash), vals), slot + need.to(slot.dtype) * b
 
             def more(ys, slot):
                 return att.passed(times_flat[slot], t_new).any()
@@ -277,7 +293,8 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
             # One output per row and attempt in the graph; a loop for the rare rows with several in one step.
             ys, slot = torch._higher_order_ops.while_loop(more, write_next, write_next(ys, iv[0]))
             stuck = r["stuck"]
-            status = torch.where(stuck, torch.where(torch.isfinite(r["ratio"]), _UNDERFLOW, _NON_FINITE), status)
+            code = torch.where(torch.isfinite(r["ratio"]), _UNDERFLOW, _NON_FINITE).to(status.dtype)
+            status = torch.where(stuck, code, status)
             t_stop = torch.where(stuck, t_new, sv[2])
             still = r["still"] & ~stuck
             it = cv[0] + 1
@@ -297,16 +314,55 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
 
         out = torch._higher_order_ops.while_loop(cond, body, (sv, yv, iv, ys, cv))
         out = (out[0][:7] if log_control else out[0],
-               out[1].transpose(1, 2).contiguous() if cols else out[1], *out[2:])
+               out[1].transpose(1, 2).contiguous() if cols else out[1],
+               out[2].to(torch.int64) if int32 else out[2], *out[3:])
         return (*out, h_first) if choose_first else out
 
     options = CPU_OPTIONS if device.type == "cpu" else None
     if options is not None and LOOP_CAT_PARTS:  # (named in the options: Inductor's cache tells the programs apart)
         options = {**options, "post_grad_fusion_options": {"decompose_mm_pass": {
             **options["post_grad_fusion_options"]["decompose_mm_pass"], "neurodyn_small_cats": LOOP_CAT_PARTS}}}
-    compiled = torch.compile(own_code(run), options=options, fullgraph=True)
-    compiled.cat_parts = LOOP_CAT_PARTS if options is not None else 0
+    own = own_code(run)
+    # Repeat calls run the compiled entries with their guards checked, without Dynamo's frame machinery (Entries);
+    # the lowering patches are entered only where Dynamo compiles (_loop_backend).
+    entries = Entries(own, n_outputs=6 if choose_first else 5)
+    compiled = torch.compile(own, backend=entries.backend(_loop_backend(options)), fullgraph=True,
+                             options={"guard_filter_fn": _own_constant_guards})
+    compiled.entries = entries
     return compiled
+
+
+# The row loop's closure variables that are its build's own constants: made by _build_loop from the solver, the
+# controller, the shape and the module's settings (all part of the per-field cache key, with the program) and never
+# changed after.
+_OWN_CONSTANTS = ("att", "state_names", "cols", "log_control", "blend", "int32", "choose_first", "shape")
+_OWN_CONSTANT_NAMES = frozenset(_OWN_CONSTANTS)
+_OWN_CONSTANT_PREFIXES = tuple(name + sep for name in _OWN_CONSTANTS for sep in ".[")
+
+
+def _own_constant_guards(entries: list) -> list[bool]:
+    """Dynamo guard filter (``torch.compile``'s ``guard_filter_fn``) of the row loop: leaves out the guards on the
+    loop's own constants (:data:`_OWN_CONSTANTS`: the tableau's coefficients and the controller's settings in ``att``,
+    the layout flags, the state's shape), which can only fail if neurodyn's own code changed those objects. Every guard
+    on the field, the inputs, globals and the global state is kept."""
+    return [not (e.name in _OWN_CONSTANT_NAMES or e.name.startswith(_OWN_CONSTANT_PREFIXES)) for e in entries]
+
+
+def _loop_backend(options: dict | None) -> Callable:
+    """A ``torch.compile`` backend: Inductor with ``options`` (as ``backend="inductor"``), run inside the row loop's
+    lowering patches (:class:`~neurodyn.compile.patches.small_cats` with :data:`LOOP_CAT_PARTS` on the CPU,
+    :class:`~neurodyn.compile.patches.pooled_loop_buffers`). Dynamo calls it only when it compiles a program, so a
+    call that runs a compiled program enters neither."""
+    patches = dict(options or {})
+    parts = LOOP_CAT_PARTS if options is not None else 0
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        from torch._inductor.compile_fx import compile_fx
+
+        with small_cats(parts), pooled_loop_buffers():
+            return compile_fx(gm, example_inputs, config_patches=patches)
+
+    return backend
 
 
 class CompiledRows:
@@ -335,12 +391,13 @@ class CompiledRows:
         per_func, func, shape = self.per_func, self.func, self.shape
         whole = worthwhile_rows(self.shape, n_times, device) and not per_func.get(_LOOP_FALLBACK)
 
-        def build(kind: str, choose_first: bool = False) -> Callable:
-            fn = per_func.get((kind, key, n_times if kind == "loop" else None, choose_first))
+        def build(kind: str, choose_first: bool = False, wide: bool = False) -> Callable:
+            # (wide: max_steps at least 2^31, so that the loop's counters stay int64)
+            fn = per_func.get((kind, key, n_times if kind == "loop" else None, choose_first, wide))
             if fn is None:
-                fn = (_build_loop(att, func, shape, device, choose_first) if kind == "loop"
-                      else _build_step(att, func, shape, device))
-                per_func[(kind, key, n_times if kind == "loop" else None, choose_first)] = fn
+                fn = (_build_loop(att, func, shape, device, choose_first, n_times * att.b, 2**31 if wide else 0)
+                      if kind == "loop" else _build_step(att, func, shape, device))
+                per_func[(kind, key, n_times if kind == "loop" else None, choose_first, wide)] = fn
             return fn
 
         return RowPack(build, per_func, whole, module_state(func))
@@ -399,9 +456,12 @@ class RowPack:
         iv[3] = status
         cv = torch.tensor([0, 0, max_steps], dtype=torch.long, device=ys.device)
         try:
-            fn = self.build("loop", choose_first)
-            with compiled_context(), small_cats(fn.cat_parts), pooled_loop_buffers():
-                out = fn(sv, yv, iv, ys, cv, times_flat, rtol, atol, lim, *self.state.values())
+            fn = self.build("loop", choose_first, max_steps >= 2**31)
+            args = (sv, yv, iv, ys, cv, times_flat, rtol, atol, lim, *self.state.values())
+            out = fn.entries(args)  # a compiled entry whose guards pass, or None: Dynamo's call (compiles if needed)
+            if out is None:
+                with compiled_context():
+                    out = fn(*args)
             return tuple(out) if choose_first else (*out, None)
         except Exception as exc:  # compilation failed: compiled attempts from now on, for this field
             self.per_func[_LOOP_FALLBACK] = True

@@ -157,12 +157,19 @@ def step_underflow(t: float, h_new: float, eps: float, frozen: bool = False) -> 
     return not (0.0 < h_new < math.inf) or h_new < eps * abs(t) or frozen
 
 
-def step_underflow_tensor(t: Tensor, h_new: Tensor, eps: float, frozen: Tensor | None = None) -> Tensor:
+def step_underflow_tensor(t: Tensor, h_new: Tensor, eps: float, frozen: Tensor | None = None, *,
+                          blend: bool = False) -> Tensor:
     """:func:`step_underflow` elementwise on tensors of one shape (e.g. ``(B,)``; per-sample rows, compiled loop);
-    ``frozen`` None: rules 1 and 2 only (the caller ors in rule 3 where an attempt was rejected)."""
+    ``frozen`` None: rules 1 and 2 only (the caller ors in rule 3 where an attempt was rejected). ``blend``: NaN and
+    +inf replaced by a comparison and a select instead of ``nan_to_num`` (the same values; for compiled code, where
+    Inductor's CPU vectors test NaN one element at a time)."""
     # Not above the floor eps |t|, or not finite. NaN and +inf map to 0, which no floor admits (-inf stays below):
     # one comparison (the loops run this every attempt).
-    under = torch.le(torch.nan_to_num(h_new, nan=0.0, posinf=0.0), t.abs().mul_(eps))
+    if blend:  # (h < inf: False for NaN and +inf only)
+        h_new = torch.where(h_new < math.inf, h_new, 0.0)
+    else:
+        h_new = torch.nan_to_num(h_new, nan=0.0, posinf=0.0)
+    under = torch.le(h_new, t.abs().mul_(eps))
     return under if frozen is None else under.logical_or_(frozen)
 
 
@@ -266,17 +273,22 @@ class ControllerState:
             fac = torch.where(accept, fac, r.pow(-self.inv_k) if rej is None else rej)
         return h_abs * self._bounded(fac * self.safety, accept), prev, prev2
 
-    def _bounded(self, fac: Tensor, accept: Tensor) -> Tensor:
+    def _bounded(self, fac: Tensor, accept: Tensor, blend: bool = False) -> Tensor:
         """The step factors (safety included) of :meth:`propose_tensor` within ``[dfactor, ifactor]``, accepted ones
-        at least ``adfactor``; NaN factors -> ``dfactor``."""
+        at least ``adfactor``; NaN factors -> ``dfactor``. ``blend``: the lower bound and NaN as one comparison and a
+        select instead of ``nan_to_num`` and ``clamp`` (the same values; for compiled code, see
+        :func:`step_underflow_tensor`)."""
         # A rejected step has r > 1, so its factor is below safety <= 1: the ifactor cap only bites accepted ones.
-        fac = torch.nan_to_num(fac, nan=self.dfactor).clamp_(self.dfactor, self.ifactor)
+        if blend:  # (fac >= dfactor: False for NaN)
+            fac = torch.where(fac >= self.dfactor, fac, self.dfactor).clamp_max(self.ifactor)
+        else:
+            fac = torch.nan_to_num(fac, nan=self.dfactor).clamp_(self.dfactor, self.ifactor)
         if self.adfactor > self.dfactor:  # (NaN ratios never accept: they keep dfactor)
             fac = torch.where(accept, fac.clamp_min(self.adfactor), fac)
         return fac
 
     def propose_tensor_log(self, h_abs: Tensor, ratio: Tensor, accept: Tensor, prev: Tensor, prev2: Tensor,
-                           log_prev: Tensor, log_prev2: Tensor
+                           log_prev: Tensor, log_prev2: Tensor, blend: bool = False
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """:meth:`propose_tensor` with the factor's powers as one ``exp`` of a sum of logarithms: ``r^-b1 prev^b2
         prev2^-b3 = exp(-b1 log r + b2 log prev - b3 log prev2)``, the logarithms of the previous ratios carried
@@ -284,7 +296,8 @@ class ControllerState:
         element instead of two or three ``pow`` (the compiled per-sample loop: Sleef's ``pow`` ~13 % of the Van der
         Pol row loop). The factor differs from :meth:`propose_tensor`'s by rounding only (a few ulp; the exponent's
         argument is at most ~4 in magnitude), so a borderline accept/reject can differ. NaN/inf ratios shrink by
-        ``dfactor`` as there. Returns ``(h_new, prev, prev2, log_prev, log_prev2)``."""
+        ``dfactor`` as there (``blend``: see :meth:`_bounded`). Returns ``(h_new, prev, prev2, log_prev,
+        log_prev2)``."""
         r = ratio.clamp_min(1e-10)  # NaN stays NaN
         lr = r.log()
         e = lr * -self.b1
@@ -298,7 +311,7 @@ class ControllerState:
             e = torch.where(accept, e, lr * -self.inv_k)
             prev = torch.where(accept, r, prev)
             log_prev = torch.where(accept, lr, log_prev)
-        return h_abs * self._bounded(e.exp() * self.safety, accept), prev, prev2, log_prev, log_prev2
+        return h_abs * self._bounded(e.exp() * self.safety, accept, blend), prev, prev2, log_prev, log_prev2
 
 
 class StepperController(PIDController):
