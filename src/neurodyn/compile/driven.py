@@ -474,19 +474,12 @@ class DrivenPlugIn:
                     fn = blocks[size] = _build_block(holder, len(carried), n_in, size)
                 return fn
 
-            # (The backward is compiled at its first call, by AOTAutograd: compiled ahead with the forward it could not
-            # be run with backward(retain_graph=True).)
-            patches = (vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER))
-
             def run(size: int) -> tuple:  # steps st.i .. st.i + size - 1 from the current state
                 a = st.i
                 inputs = [x for j in range(a, a + size) for x in solver.step_inputs(term, tl[j], tl[j] + hl[j])]
                 tg = torch.tensor(tl[a:a + size + 1], dtype=torch.float64, device=dev)
                 hg = torch.tensor(hl[a:a + size], dtype=torch.float64, device=dev)
-                with contextlib.ExitStack() as stack:
-                    for ptc in patches:
-                        stack.enter_context(ptc)
-                    return block(size)(st.y, st.k, tg, hg, *st.carried, *inputs)
+                return block(size)(st.y, st.k, tg, hg, *st.carried, *inputs)
 
             def advance(stop: int) -> bool:  # steps st.i .. stop - 1; False where one made the state non-finite
                 while st.i < stop:
@@ -505,7 +498,12 @@ class DrivenPlugIn:
                     st.i += size
                 return True
 
-            status = _walk_outputs(st, advance, solver, term, times, tl, hl, n, direction, outs, status)
+            # The compile-time patches (a block compiles at its first call) entered once for the solve's blocks, not
+            # per block call: entering them costs ~0.1 ms (library_tanh builds its lowering), ~1.5% of a 10-step
+            # block of benchmarks/bench_sde.py's training step. (The backward is compiled at its first call, by
+            # AOTAutograd: compiled ahead with the forward it could not be run with backward(retain_graph=True).)
+            with vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER):
+                status = _walk_outputs(st, advance, solver, term, times, tl, hl, n, direction, outs, status)
         except Exception as exc:  # compilation failed: eager steps from now on, for this field
             self._failed(exc)
             return None
