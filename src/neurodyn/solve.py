@@ -436,7 +436,8 @@ def prepare(
     if term is None and gradient == "direct" and controller is None and norm is None and step_t is None \
             and jump_t is None and event_fn is None and events is None and params is None and not per_sample_steps \
             and solver_options is None and step_callbacks is None and on_attempt is None \
-            and isinstance(y0, Tensor) and isinstance(t, Tensor) and no_transform():
+            and isinstance(y0, Tensor) and isinstance(t, Tensor) and no_transform() \
+            and not torch.compiler.is_compiling():  # (under Dynamo: traced, and its guards do the memo's work)
         opts = (method, rtol, atol, step_size, first_step, min_step, max_step, max_steps, dense, on_failure,
                 max_events, min_event_gap, interp, perturb, adjoint_method, adjoint_rtol, adjoint_atol,
                 adjoint_adaptive, seminorm, checkpoints, compile, accept_min_step)
