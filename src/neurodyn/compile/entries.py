@@ -144,3 +144,25 @@ class Entries:
                 compiled, getters = record
                 return compiled(*[frame[name] if i is None else frame[name][i] for name, i in getters])
         return None
+
+
+def constant_guard_filter(names: tuple[str, ...]) -> Callable[[list], list[bool]]:
+    """A Dynamo guard filter (``torch.compile``'s ``guard_filter_fn``) that leaves out the guards on the closure
+    variables ``names`` of a compiled loop (and on anything reached through them: ``name.attr``, ``name[i]``) and keeps
+    every other guard (the field, the inputs, globals, the global state). For loops whose ``names`` are their build's
+    own constants, made from what is already in the program's cache key and never changed after, so that their guards
+    could only fail if neurodyn's own code changed those objects.
+
+    Example:
+        >>> from types import SimpleNamespace as Entry
+        >>> keep = constant_guard_filter(("plan",))
+        >>> keep([Entry(name="plan"), Entry(name="plan.a_rows[1]"), Entry(name="planner"), Entry(name="L['y0']")])
+        [False, False, True, True]
+    """
+    exact = frozenset(names)
+    prefixes = tuple(name + sep for name in names for sep in ".[")
+
+    def keep(entries: list) -> list[bool]:
+        return [not (e.name in exact or e.name.startswith(prefixes)) for e in entries]
+
+    return keep

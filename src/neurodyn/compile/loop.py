@@ -47,7 +47,7 @@ from ..core.control import (
 )
 from ..core.tensors import ordinary_tensors
 from ..solvers.explicit_rk import ExplicitRungeKutta
-from .entries import Entries
+from .entries import Entries, constant_guard_filter
 from .patches import (
     LOWERING_MARKS,
     library_tanh,
@@ -354,19 +354,10 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
 
 
 # The whole loop's closure variables that are the build's own constants: made by _build from the solver, the
-# controller and the solve's static options (all part of the program's cache key) and never changed after.
-_OWN_CONSTANTS = ("plan", "e_row", "pid", "state_names", "unroll", "record", "order", "n_stops", "n_out", "fsal",
-                  "choose_first", "adaptive")
-_OWN_CONSTANT_NAMES = frozenset(_OWN_CONSTANTS)
-_OWN_CONSTANT_PREFIXES = tuple(name + sep for name in _OWN_CONSTANTS for sep in ".[")
-
-
-def _own_constant_guards(entries: list) -> list[bool]:
-    """Dynamo guard filter (``torch.compile``'s ``guard_filter_fn``) of the whole loop: leaves out the guards on the
-    loop's own constants (:data:`_OWN_CONSTANTS`: the tableau's coefficients, the controller's settings, the numbers
-    of outputs and stops, ...), ~200 of its ~590 guard entries, which can only fail if neurodyn's own code changed
-    those objects. Every guard on the field, the inputs, globals and the global state is kept."""
-    return [not (e.name in _OWN_CONSTANT_NAMES or e.name.startswith(_OWN_CONSTANT_PREFIXES)) for e in entries]
+# controller and the solve's static options (all part of the program's cache key) and never changed after: their
+# guards (~200 of the whole loop's ~590 guard entries) are left out.
+_own_constant_guards = constant_guard_filter(("plan", "e_row", "pid", "state_names", "unroll", "record", "order",
+                                              "n_stops", "n_out", "fsal", "choose_first", "adaptive"))
 
 
 def patched_inductor(options: dict | None) -> Callable:

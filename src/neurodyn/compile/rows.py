@@ -39,7 +39,7 @@ from .. import solution as _sol
 from ..core import interpolation
 from ..core.control import LANDING_SLACK, PIDController, initial_step_tensor, rms_ratio, step_underflow_tensor
 from ..solvers.explicit_rk import ExplicitRungeKutta
-from .entries import Entries
+from .entries import Entries, constant_guard_filter
 from .loop import CPU_MAX_OUTPUT_ELEMENTS, CPU_OPTIONS, combo_cols, module_state
 from .patches import pooled_loop_buffers, small_cats
 from .step import compiled_context, nonzero, own_code, stage_sum
@@ -334,18 +334,9 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
 
 # The row loop's closure variables that are its build's own constants: made by _build_loop from the solver, the
 # controller, the shape and the module's settings (all part of the per-field cache key, with the program) and never
-# changed after.
-_OWN_CONSTANTS = ("att", "state_names", "cols", "log_control", "blend", "int32", "choose_first", "shape")
-_OWN_CONSTANT_NAMES = frozenset(_OWN_CONSTANTS)
-_OWN_CONSTANT_PREFIXES = tuple(name + sep for name in _OWN_CONSTANTS for sep in ".[")
-
-
-def _own_constant_guards(entries: list) -> list[bool]:
-    """Dynamo guard filter (``torch.compile``'s ``guard_filter_fn``) of the row loop: leaves out the guards on the
-    loop's own constants (:data:`_OWN_CONSTANTS`: the tableau's coefficients and the controller's settings in ``att``,
-    the layout flags, the state's shape), which can only fail if neurodyn's own code changed those objects. Every guard
-    on the field, the inputs, globals and the global state is kept."""
-    return [not (e.name in _OWN_CONSTANT_NAMES or e.name.startswith(_OWN_CONSTANT_PREFIXES)) for e in entries]
+# changed after: their guards are left out.
+_own_constant_guards = constant_guard_filter(("att", "state_names", "cols", "log_control", "blend", "int32",
+                                              "choose_first", "shape"))
 
 
 def _loop_backend(options: dict | None) -> Callable:
