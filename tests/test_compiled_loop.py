@@ -203,6 +203,52 @@ def test_python_side_effects_in_the_field_fall_back_with_a_warning(monkeypatch):
     assert sols[-1].stats["compiled"] == "step"
 
 
+class Rate(nn.Module):
+    """dy/dt = -rate y with ``rate`` a Python float attribute: exact solution exp(-rate t) y0."""
+
+    def __init__(self):
+        super().__init__()
+        self.rate = 1.0
+
+    def forward(self, t, y):
+        return -self.rate * y
+
+
+@pytest.mark.parametrize("loop", ["whole", pytest.param("rows", marks=pytest.mark.slow),
+                                  pytest.param("sde", marks=pytest.mark.slow)])
+def test_a_changed_float_attribute_compiles_the_loop_again(monkeypatch, loop):
+    """A Python float the field reads, changed between solves, gives a new compiled loop of the same kind (a
+    specialised one: Dynamo's automatic dynamic float made the while_loop's tracing fail, a fallback with a warning),
+    whose solution follows the new value."""
+    import warnings
+
+    from neurodyn.compile import policy as compile_policy
+    from neurodyn.paths import BrownianInterval
+
+    monkeypatch.setattr(compile_policy, "FORCE", "compiled")
+    f = Rate()
+    y0 = torch.tensor([[1.0, -0.5], [0.3, 2.0]], dtype=F64)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    kind = {"whole": "loop", "rows": "row-loop", "sde": "loop"}[loop]
+
+    def solve():
+        if loop == "sde":  # zero diffusion: the drift's Euler steps, exact to O(dt)
+            bm = BrownianInterval(0.0, 1.0, shape=(2, 2), dtype=F64, entropy=1)
+            term = neurodyn.sde_term(f, lambda t, y: torch.zeros_like(y), bm, noise="diagonal")
+            return neurodyn.solve(term, y0, t, method="euler", step_size=1e-3, compile=True)
+        return neurodyn.solve(f, y0, t, method="dopri5", rtol=1e-10, atol=1e-12, compile=True,
+                              per_sample_steps=loop == "rows")
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for rate in (1.0, 0.5):
+            f.rate = rate
+            sol = solve()
+            assert sol.stats["compiled"] == kind
+            exact = torch.exp(-rate * t).view(-1, 1, 1) * y0
+            assert torch.allclose(sol.ys, exact, rtol=1e-3 if loop == "sde" else 1e-8, atol=0)
+
+
 def test_adjoint_forward_pass_runs_the_compiled_loop():
     """gradient="adjoint" solves forward without a graph: the compiled loop; the gradients equal eager's."""
     y0 = Y0.clone().requires_grad_(True)

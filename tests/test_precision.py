@@ -275,7 +275,10 @@ def test_float32_blowup_stops_where_the_compiled_loop_stops():
         comp = neurodyn.solve(f, y0, t, method="tsit5", rtol=1e-5, on_failure="return", compile=True)
     assert comp.stats["compiled"] == "loop"
     assert eager.status == comp.status == "step_size_underflow"
-    assert comp.stats["steps"] == eager.stats["steps"] and comp.stats["rejected"] == eager.stats["rejected"]
+    # Near the singularity the last accepts hang on float32 rounding, which the compiled kernels' arithmetic does in
+    # another order (measured on an AMD EPYC: 51 steps + 49 rejected compiled, 50 + 48 eager, t_final 2.3e-8 apart).
+    assert abs(comp.stats["steps"] - eager.stats["steps"]) <= 2
+    assert abs(comp.stats["rejected"] - eager.stats["rejected"]) <= 2
     # (at rtol 1e-5 the numerical solution's own singularity lies within ~1e-5 of t = 1, either side)
     assert abs(eager.t_final - 1.0) < 1e-4 and abs(comp.t_final - eager.t_final) < 1e-6
     assert float(eager.y_final.max()) < 1e8 and float(comp.y_final.max()) < 1e8

@@ -108,7 +108,7 @@ def _build(holder: list, n_carried: int) -> Callable:
         return torch._higher_order_ops.while_loop(cond, body, (i0, ok, y, k, *carried))
 
     options = LOOP_OPTIONS if holder[1].device is None or torch.device(holder[1].device).type == "cpu" else None
-    return torch.compile(own_code(run), options=options, fullgraph=True)
+    return torch.compile(own_code(run), options=options, fullgraph=True, dynamic=False)
 
 
 def _build_block(holder: list, n_carried: int, n_inputs: int, size: int) -> Callable:

@@ -346,7 +346,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
     own = own_code(run)
     # Repeat calls run the compiled entries with their guards checked, without Dynamo's frame machinery (Entries).
     entries = Entries(own, n_outputs=3 + (2 if record else 0))
-    compiled = torch.compile(own, backend=entries.backend(patched_inductor(options)), fullgraph=True,
+    compiled = torch.compile(own, backend=entries.backend(patched_inductor(options)), fullgraph=True, dynamic=False,
                              options={"guard_filter_fn": _own_constant_guards})
     compiled.code = own.__code__  # to count Dynamo's compiled entries (recompilations)
     compiled.entries = entries

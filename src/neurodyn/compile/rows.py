@@ -224,7 +224,7 @@ def _build_step(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
 
     options = {"cpp_wrapper": True} if device.type == "cpu" else None
     own = own_code(row_step)
-    compiled = torch.compile(own, options=options, fullgraph=True)
+    compiled = torch.compile(own, options=options, fullgraph=True, dynamic=False)
     compiled.code = own.__code__  # to count Dynamo's compiled entries (recompilations)
     return compiled
 
@@ -326,7 +326,7 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
     # Repeat calls run the compiled entries with their guards checked, without Dynamo's frame machinery (Entries);
     # the lowering patches are entered only where Dynamo compiles (_loop_backend).
     entries = Entries(own, n_outputs=6 if choose_first else 5)
-    compiled = torch.compile(own, backend=entries.backend(_loop_backend(options)), fullgraph=True,
+    compiled = torch.compile(own, backend=entries.backend(_loop_backend(options)), fullgraph=True, dynamic=False,
                              options={"guard_filter_fn": _own_constant_guards})
     compiled.entries = entries
     return compiled
