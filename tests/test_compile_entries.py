@@ -36,8 +36,8 @@ def _count_direct(monkeypatch):
     counts = {"ran": 0, "left": 0}
     orig = entries_mod.Entries.__call__
 
-    def counting(self, args):
-        out = orig(self, args)
+    def counting(self, args, entries=None):
+        out = orig(self, args, entries)
         counts["ran" if out is not None else "left"] += 1
         return out
 
@@ -102,6 +102,11 @@ def test_entries_equal_dynamos_call_and_refuse_other_states(monkeypatch):
         # under another stance Dynamo would not run the entry as it is
         with torch.compiler.set_stance("force_eager"):
             assert fn.entries(args) is None
+        # torch._dynamo.config.disable stops Dynamo compiling, not running an entry whose guards pass: nor this
+        assert len(fn.entries.cache()) == 1
+        with torch._dynamo.config.patch(disable=True):
+            direct, dynamo = fn.entries(args, fn.entries.cache()), fn(*args)
+            assert direct is not None and all(torch.equal(a, b) for a, b in zip(direct, dynamo))
 
 
 def _captured_args(monkeypatch, field):
@@ -109,9 +114,9 @@ def _captured_args(monkeypatch, field):
     seen = []
     orig = entries_mod.Entries.__call__
 
-    def keep(self, args):
+    def keep(self, args, entries=None):
         seen.append(args)
-        return orig(self, args)
+        return orig(self, args, entries)
 
     monkeypatch.setattr(entries_mod.Entries, "__call__", keep)
     _solve(field)
@@ -178,9 +183,9 @@ def test_row_loop_repeat_solves_run_the_entry_equal_to_dynamos_call(monkeypatch)
     seen = []
     orig = entries_mod.Entries.__call__
 
-    def keep(self, args):
+    def keep(self, args, entries=None):
         seen.append(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
-        return orig(self, args)
+        return orig(self, args, entries)
 
     monkeypatch.setattr(entries_mod.Entries, "__call__", keep)
     _solve_rows(field, compile=True)

@@ -461,7 +461,7 @@ def test_small_cats_write_small_stacks_as_one_loop_with_the_same_values():
     assert sum("reinterpret_tensor(" in ln and "# alias" in ln for ln in text.splitlines()) <= 2
 
 
-@pytest.mark.slow  # 9 s (a compile); test_module_tensors_and_column_major_into checks the copies by default
+@pytest.mark.slow  # 9 s (a compile); test_column_major_copy_is_written_once_before_a_compiled_loop by default
 def test_column_major_copy_keeps_values_and_stores_columns():
     from neurodyn.compile.loop import column_major_copy
 
@@ -484,11 +484,10 @@ def test_column_major_copy_keeps_values_and_stores_columns():
     assert (comp.ys - eager.ys).abs().max() < 1e-13
 
 
-def test_module_tensors_and_column_major_into():
+def test_module_tensors_lists_named_parameters_and_buffers():
     """module_tensors lists what named_parameters() + named_buffers() list (a shared tensor once, under its first name;
-    None entries left out); column_major_into writes a kept copy again only where its shape and dtype agree, and never
-    keeps a view of the caller's own tensor (a matrix stored column by column already)."""
-    from neurodyn.compile.loop import column_major_into, module_tensors
+    None entries left out)."""
+    from neurodyn.compile.loop import module_tensors
 
     torch.manual_seed(0)
     shared = nn.Linear(3, 3)
@@ -508,18 +507,39 @@ def test_module_tensors_and_column_major_into():
 
     assert [n for n, _ in module_tensors(Own())] == ["renamed"]
 
-    w, b = torch.randn(4, 3, dtype=F64), torch.randn(4, dtype=F64)
-    out, own = column_major_into([w, b], None)
-    assert out[1] is b and own[1] is None and own[0] is out[0] and out[0].stride() == (1, 4) and torch.equal(out[0], w)
-    w2 = torch.randn(4, 3, dtype=F64)
-    again, own2 = column_major_into([w2, b], own)
-    assert again[0] is own[0] and torch.equal(again[0], w2) and again[0].stride() == (1, 4)
-    other = torch.randn(5, 3, dtype=F64)  # another shape: a new copy, the kept one untouched
-    third, _ = column_major_into([other, b], own2)
-    assert third[0] is not own2[0] and torch.equal(third[0], other) and torch.equal(own2[0], w2)
-    col = torch.randn(3, 4, dtype=F64).t()  # (4, 3) stored by columns: column_major_copy returns a view of it
-    fourth, own4 = column_major_into([col, b], None)
-    assert fourth[0].data_ptr() == col.data_ptr() and own4[0] is None
+
+def test_column_major_copy_is_written_once_before_a_compiled_loop():
+    """Inside a compiled program the column-major copy is made by one kernel before a while_loop that reads it, not
+    in the loop's own kernels (a copy written as x.t().contiguous().t() is fused into them: made at every
+    iteration)."""
+    pytest.importorskip("torch._inductor.inductor_prims")
+    from torch._higher_order_ops import while_loop
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from neurodyn.compile.loop import column_major_copy
+
+    def g(w, b, y, n):
+        wc = column_major_copy(w)
+
+        def body(i, y):
+            return i + 1, torch.tanh(y @ wc.t() + b)
+
+        return while_loop(lambda i, y: i < n, body, (torch.zeros((), dtype=torch.int64), y))
+
+    gen = torch.Generator().manual_seed(3)
+    w, b = torch.randn(16, 16, generator=gen, dtype=F64) * 0.3, torch.randn(16, generator=gen, dtype=F64)
+    y, n = torch.randn(1, 16, generator=gen, dtype=F64), torch.tensor(5)
+    with inductor_config.patch(fx_graph_cache=False):
+        (_, got), code = run_and_get_code(torch.compile(g, fullgraph=True), w, b, y, n)
+    want = y
+    for _ in range(5):
+        want = torch.tanh(want @ w.t() + b)
+    assert torch.allclose(got, want, rtol=1e-13, atol=1e-14)
+    text = "\n".join(code)
+    loop_graphs = [text[i:text.index("return", i)] for i in range(len(text)) if text.startswith("def while_loop_", i)]
+    assert len(loop_graphs) == 2 and not any("clone" in part or "force_stride_order" in part for part in loop_graphs)
+    assert text.count("force_stride_order") >= 1  # the copy's own kernel, called once before the loop
 
 
 def test_batch_column_major_stores_wide_matrices_by_columns():

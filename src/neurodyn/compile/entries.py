@@ -12,10 +12,12 @@ around the guards cost ~85 us of a ~500 us call, the guards themselves ~28 us.
 comes from (the function's arguments), and on a call evaluates the entries' own guard managers (the same C++ guard
 trees Dynamo evaluates, on the function's arguments and closure) in Dynamo's order; the first entry whose guards
 pass runs, with the arguments Dynamo's bytecode would pass it. Where no entry passes, where an entry is not one it
-recorded, or where Dynamo would not simply run an entry (another stance than the default, Dynamo disabled, an
-eval-frame callback active: a call from inside a region being compiled), it returns None and the caller calls the
-compiled function itself (which compiles a new entry where needed). It relies on private parts of torch (the cache
-entries' guard managers, the graph's input sources); where torch lacks them it returns None (Dynamo's path).
+recorded, or where Dynamo would not simply run an entry (another stance than the default, an eval-frame callback
+active: a call from inside a region being compiled), it returns None and the caller calls the compiled function
+itself (which compiles a new entry where needed). ``torch._dynamo.config.disable`` is not read: Dynamo reads it only
+where it would compile (no entry's guards pass), and runs an entry whose guards pass whatever its value, as this does.
+It relies on private parts of torch (the cache entries' guard managers, the graph's input sources); where torch lacks
+them it returns None (Dynamo's path).
 """
 
 from __future__ import annotations
@@ -27,10 +29,9 @@ from typing import Any
 import torch
 
 try:  # private parts of torch (2.x); without them every call takes Dynamo's path
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._C._dynamo.eval_frame import get_eval_frame_callback as _eval_frame_callback
-    from torch._dynamo import config as _dynamo_config
     from torch._dynamo import eval_frame as _eval_frame
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.source import GetItemSource, LocalSource
     from torch._guards import CompileContext
 except ImportError:  # pragma: no cover - another torch
@@ -83,10 +84,12 @@ class Entries:
                 getters = self._getters(gm)
                 compile_id = CompileContext.current_compile_id()
                 if getters is not None and compile_id is not None:
-                    # Dynamo installs the graph's callable with Dynamo disabled inside it; a call from here runs only
-                    # where no eval-frame callback is set (see __call__), where that wrapper sets none and restores
-                    # none: the callable itself is called.
-                    self.records[compile_id] = (compiled, getters)
+                    # Dynamo installs the graph's callable with Dynamo disabled inside it, and Inductor returns it
+                    # wrapped so already (torch._dynamo.disable: its wrapper sets no eval-frame callback for the call
+                    # and restores the caller's after). A call from here runs only where no callback is set and the
+                    # stance is the default (see __call__), where that wrapper changes nothing: the callable inside
+                    # it is recorded.
+                    self.records[compile_id] = (_undisabled(compiled), getters)
             return compiled
 
         return backend
@@ -115,13 +118,19 @@ class Entries:
         names = set(self.positional) | ({self.varargs} if self.varargs else set())
         return getters if all(name in names for name, _ in getters) else None
 
-    def __call__(self, args: tuple) -> Any:
+    def cache(self) -> list:
+        """Dynamo's compiled entries of the function now (its cache entries, in the order Dynamo tries them; empty
+        where torch lacks the private parts this module reads). Their number is the number of compiled variants."""
+        return _debug_get_cache_entry_list(self.code) if _debug_get_cache_entry_list is not None else []
+
+    def __call__(self, args: tuple, entries: list | None = None) -> Any:
         """The function's result on ``args`` from the first compiled entry whose guards pass, or None (call the
-        compiled function: no entry recorded, none passes, or Dynamo would not run an entry as it is)."""
-        if not self.records or _eval_frame._stance.stance != "default" or _dynamo_config.disable \
-                or _eval_frame_callback() is not None:
+        compiled function: no entry recorded, none passes, or Dynamo would not run an entry as it is). ``entries``:
+        :meth:`cache` read by the caller just before (else read here)."""
+        if not self.records or _eval_frame._stance.stance != "default" or _eval_frame_callback() is not None:
             return None
-        entries = _debug_get_cache_entry_list(self.code)
+        if entries is None:
+            entries = _debug_get_cache_entry_list(self.code)
         if not entries:
             return None
         n_pos = len(self.positional)
@@ -144,6 +153,13 @@ class Entries:
                 compiled, getters = record
                 return compiled(*[frame[name] if i is None else frame[name][i] for name, i in getters])
         return None
+
+
+def _undisabled(fn: Callable) -> Callable:
+    """``fn`` without ``torch._dynamo.disable``'s wrappers (the function each of them calls)."""
+    while getattr(fn, "_torchdynamo_disable", False) and callable(getattr(fn, "_torchdynamo_orig_callable", None)):
+        fn = fn._torchdynamo_orig_callable
+    return fn
 
 
 def constant_guard_filter(names: tuple[str, ...]) -> Callable[[list], list[bool]]:

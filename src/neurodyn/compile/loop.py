@@ -58,16 +58,14 @@ from .patches import (
 from .pool import LOOP_POOL_BYTES
 from .step import nonzero, own_code, stage_sum
 
+try:  # Inductor's layout request (private, so optional): without it the field's matrices enter the loop as they are
+    from torch._inductor.inductor_prims import force_stride_order
+except ImportError:
+    force_stride_order = None
 try:  # Inductor's base class of custom graph passes (part of its cache key); private, so optional
     from torch._inductor.custom_graph_pass import CustomGraphPass
 except ImportError:  # another torch: the pass is a plain callable (Inductor then does not cache the loop's graph)
     CustomGraphPass = object
-
-try:  # Dynamo's compiled entries of a code object (to notice recompilations); private, so optional
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-except ImportError:  # another torch: recompilations go unnoticed (each solve still correct)
-    def _debug_get_cache_entry_list(code) -> list:
-        return []
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Inductor on the CPU: the graph's wrapper in C++ (no Python between kernels); products with a single row (a
@@ -213,6 +211,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
     n_out, n_stops = n_times, n_stop_times
     unroll = UNROLL if device.type == "cpu" else UNROLL_ACCELERATOR
     state_names = list(module_state(func)) if isinstance(func, torch.nn.Module) else None
+    layout = matrix_layout(shape, device)
 
     def run(cv: Tensor, y0: Tensor, tol: Tensor, iv: Tensor, *tensors: Tensor):
         # cv (float64): the output times, the stops, the first step (inf: choose), min_step, max_step. tol: rtol and
@@ -222,7 +221,10 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
         eps = torch.finfo(t_dtype).eps  # the state's precision: the underflow rule's unit
         n = y0.shape[1]
         # A module's parameters and buffers arrive as inputs (module_state): read from the module inside the loop,
-        # each evaluation would add an input of its own, and the compiled loop rejects inputs that alias.
+        # each evaluation would add an input of its own, and the compiled loop rejects inputs that alias. Their
+        # copies in the layout the loop reads them in are made here, once per call, before the loop.
+        if layout is not None:
+            tensors = [layout(x) for x in tensors]
         state = dict(zip(state_names, tensors)) if state_names is not None else None
         times = cv[:n_out]
         h_init, max_step = cv[-3], cv[-1]
@@ -931,37 +933,10 @@ def column_major_copy(x: Tensor) -> Tensor:
     """A matrix ``(r, c)`` as a copy stored column by column (strides ``(1, r)``; same values); other tensors as they
     are. A one-row state times ``W.T`` (``nn.Linear``) then reads ``W`` down its columns: Inductor's CPU code
     accumulates whole vectors of outputs instead of one horizontal sum per output (~17% less per evaluation of the
-    small protocol field, float64, one core)."""
-    return x.t().contiguous().t() if x.dim() == 2 else x
-
-
-def column_major_into(tensors: Any, kept: list | None) -> tuple[list[Tensor], list[Tensor | None]]:
-    """:func:`column_major_copy` of each tensor, a matrix written into the matrix at its place in ``kept`` (a previous
-    call's ``own``, or None) where that has its shape, dtype and device (the same strides and values as a new copy;
-    one copy instead of three tensor operations, and all of them in one ``torch._foreach_copy_``), else copied anew;
-    other tensors as they are. Returns ``(tensors, own)``: ``own[i]`` is ``tensors[i]`` where that is a copy (memory
-    of its own, to be written again), else None (a vector, or a matrix stored column by column already:
-    :func:`column_major_copy` returns a view of it)."""
-    out, own, dst, src = [], [], [], []
-    for i, x in enumerate(tensors):
-        b = kept[i] if kept is not None and i < len(kept) else None
-        if x.dim() != 2:
-            c = None
-            out.append(x)
-        elif b is not None and b.shape == x.shape and b.dtype == x.dtype and b.device == x.device:
-            c = b
-            dst.append(b)
-            src.append(x)
-            out.append(c)
-        else:
-            c = column_major_copy(x)
-            out.append(c)
-            if c.data_ptr() == x.data_ptr():  # a view of x itself: never to be written
-                c = None
-        own.append(c)
-    if dst:  # the copies into kept matrices, in one call
-        torch._foreach_copy_(dst, src)
-    return out, own
+    small protocol field, float64, one core). Made inside the compiled whole loop's program as a layout request
+    (``inductor_prims.force_stride_order``): Inductor writes the copy once, before the loop (written as
+    ``x.t().contiguous().t()`` the copy was fused into the loop's kernels and made again at every attempt)."""
+    return force_stride_order(x, [1, x.shape[0]]) if x.dim() == 2 else x
 
 
 def batch_column_major(x: Tensor) -> Tensor:
@@ -973,6 +948,16 @@ def batch_column_major(x: Tensor) -> Tensor:
     left operand of :class:`LoopProducts`' transposed product. Measured on the batched protocol case (2-d x 256,
     dopri5): ~3.5% of the compiled solve."""
     return column_major_copy(x) if x.dim() == 2 and x.shape[0] > LOOP_THIN_OUTPUTS else x
+
+
+def matrix_layout(shape: tuple[int, ...], device: torch.device) -> Callable[[Tensor], Tensor] | None:
+    """How the compiled whole loop lays out the field's tensors for a state of ``shape`` on ``device`` (applied inside
+    the compiled program, before its loop): on the CPU :func:`column_major_copy` for a state of one row (every
+    matrix), :func:`batch_column_major` for a batch of rows; elsewhere, or where torch lacks the layout request, None
+    (as they are)."""
+    if device.type != "cpu" or force_stride_order is None:
+        return None
+    return column_major_copy if math.prod(shape[:-1]) == 1 else batch_column_major
 
 
 def _tolerances(cache: dict, rtol: float | Tensor, atol: float | Tensor, y0: Tensor) -> Tensor:
@@ -1045,41 +1030,29 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
                 (controller.pcoeff, controller.icoeff, controller.dcoeff, controller.safety, controller.ifactor,
                  controller.dfactor, controller.accept_dfactor))
 
-    # On the CPU the field's matrices enter the compiled loop stored column by column (see column_major_copy): for a
-    # state of one row all of them; for a batch of rows those with more than LOOP_THIN_OUTPUTS rows (see
-    # batch_column_major).
-    column_major = device.type == "cpu" and math.prod(shape[:-1]) == 1
-    batch_major = device.type == "cpu" and not column_major
-
     def call(times, stops, y0, k0, first, rtol, atol, min_step, max_step, max_steps,
              record: int = 0, state: dict | None = None) -> LoopOutcome | None:
         if per_func.get(_FALLBACK):
             return None
         key = (base_key, len(times), len(stops), record)
         fn = per_func.get(key)
-        if k0 is None and (fn is None or per_func.get(("verified", key)) != len(_debug_get_cache_entry_list(fn.code))):
-            return None  # not every variant verified: the caller evaluates dy/dt at t0 and calls again
         if fn is None:
+            if k0 is None:
+                return None  # nothing compiled yet: the caller evaluates dy/dt at t0 and calls again
             fn = per_func[key] = _build(solver, func, shape, adaptive, interp, controller, choose_first, device,
                                         len(times), len(stops), record)
+        cache = fn.entries.cache()  # Dynamo's compiled variants of the program, before this call
+        if k0 is None and per_func.get(("verified", key)) != len(cache):
+            return None  # not every variant verified: the caller evaluates dy/dt at t0 and calls again
         cv, iv = _inputs(per_func, key, times, stops, first, min_step, max_step, max_steps, device)
         tol = _tolerances(per_func, rtol, atol, y0)
         try:
             # (the lowering patches apply where Dynamo compiles: patched_inductor)
             with torch.no_grad() if torch.is_grad_enabled() else _GRAD_OFF:
                 tensors = module_values(func) if state is None else state.values()
-                if column_major:
-                    # The matrices' column-major copies of the last call are written again (taken out of the cache
-                    # while the program reads them: a concurrent call of this program makes its own).
-                    slot = ("column_major", key, torch.is_inference_mode_enabled())
-                    tensors, own = column_major_into(tensors, per_func.pop(slot, None))
-                elif batch_major:
-                    tensors = [batch_column_major(x) for x in tensors]
                 args = (cv, y0.detach(), tol, iv, *tensors)
-                out = fn.entries(args)
+                out = fn.entries(args, cache)
                 ys, y_final, counters, *rec = fn(*args) if out is None else out
-                if column_major:
-                    per_func[slot] = own
         except Exception as exc:  # compilation failed: Python steps from now on, for this field
             # Dynamo's messages: a headline (for higher-order operators a generic one ending in ':'), then the
             # specific reason on the next line.
@@ -1087,7 +1060,7 @@ def compiled_loop(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, 
             reason = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]) if lines else ""
             _give_up(per_func, f"could not be compiled as a whole ({type(exc).__name__}: {reason[:200]})")
             return None
-        variants = len(_debug_get_cache_entry_list(fn.code))
+        variants = len(cache) if out is not None else len(fn.entries.cache())  # (Dynamo's call may have compiled)
         if k0 is None and variants != per_func[("verified", key)]:
             return None  # compiled a new variant: not verified (the caller evaluates dy/dt at t0 and calls again)
         if variants > _MAX_VARIANTS:
