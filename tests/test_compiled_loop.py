@@ -479,20 +479,26 @@ def test_module_tensors_and_column_major_into():
     assert fourth[0].data_ptr() == col.data_ptr() and own4[0] is None
 
 
-def test_batch_column_major_stores_wide_matrices_by_columns():
-    """For a batched state the matrices with more than LOOP_THIN_OUTPUTS rows (a hidden layer's, a thin first layer's)
-    are column-major copies with the same values; a layer back to a small state and vectors stay as they are."""
+@pytest.mark.parametrize("mkl_on_intel", [True, False])
+def test_batch_column_major_stores_wide_matrices_by_columns(monkeypatch, mkl_on_intel):
+    """For a batched state the matrices with more than LOOP_THIN_OUTPUTS rows are column-major copies with the same
+    values: a thin first layer's always, a hidden layer's where MKL runs on an Intel CPU (elsewhere it stays as it is);
+    a layer back to a small state and vectors stay as they are."""
+    from neurodyn.compile import loop
     from neurodyn.compile.loop import LOOP_THIN_OUTPUTS, batch_column_major
 
+    monkeypatch.setattr(loop, "MKL_ON_INTEL", mkl_on_intel)
     g = torch.Generator().manual_seed(7)
     wide, first = torch.randn(64, 64, generator=g, dtype=F64), torch.randn(64, 2, generator=g, dtype=F64)
     last, bias = torch.randn(LOOP_THIN_OUTPUTS, 64, generator=g, dtype=F64), torch.randn(64, generator=g, dtype=F64)
-    for w in (wide, first):
+    for w in (wide, first) if mkl_on_intel else (first,):
         c = batch_column_major(w)
         assert c.stride() == (1, w.shape[0]) and torch.equal(c, w) and c.data_ptr() != w.data_ptr()
         # nn.Linear's product reads c.T, now row-major: the same product as with the row-major matrix, to rounding
         h = torch.randn(256, w.shape[1], generator=g, dtype=F64)
         assert c.t().is_contiguous() and torch.allclose(h @ c.t(), h @ w.t(), rtol=1e-14, atol=1e-13)
+    if not mkl_on_intel:
+        assert batch_column_major(wide) is wide
     assert batch_column_major(last) is last and batch_column_major(bias) is bias
 
 

@@ -41,6 +41,9 @@ def _intel_cpu() -> bool:
     return "intel" in platform.processor().lower()
 
 
+# Whether torch's CPU kernels here include MKL's running on an Intel CPU (its vector math and products take their tuned
+# paths there, generic ones on other CPUs): the choices below and loop.batch_column_major's follow it.
+MKL_ON_INTEL = torch.backends.mkl.is_available() and _intel_cpu()
 # Whether float32 tanh of at least LIBRARY_TANH_ELEMENTS elements is computed in compiled code by a fused formula
 # (tanh_formula: a rational function, no exp; ~5 ulp at most) rather than ATen's kernel (library_tanh). ATen's float32
 # tanh is MKL's VML where torch has MKL: fast on Intel CPUs (~0.3 ns per element), and on other CPUs, which MKL runs
@@ -48,13 +51,13 @@ def _intel_cpu() -> bool:
 # 218 us as Inductor's Sleef code with the bias add fused, ~40 us as this formula with it; Cephes' tanhf formula, used
 # before, ~105 us). So ATen's kernel only where MKL runs on an Intel CPU; without MKL ATen's tanh is Sleef's, as
 # Inductor's.
-TANH_FORMULA_FLOAT32 = not (torch.backends.mkl.is_available() and _intel_cpu())
+TANH_FORMULA_FLOAT32 = not MKL_ON_INTEL
 # Likewise for float64 tanh (tanh_formula_float64: a rational function and the double-angle formula, no exp; <= 1.63
 # ulp measured against long double tanh). ATen's float64 tanh is MKL's VML too, and on other CPUs it is slower than
 # Inductor's Sleef code (AMD EPYC, AVX2, one core, tanh(x + b) per call: (256, 64) ATen ~170 us, Sleef ~170 us, Cephes'
 # formula (used before) ~105 us, this formula ~80 us; (2048, 64): Cephes' ~540 us, this formula ~340 us; a compiled
 # (x + b) * 1 alone: ~52 / ~110 us).
-TANH_FORMULA_FLOAT64 = not (torch.backends.mkl.is_available() and _intel_cpu())
+TANH_FORMULA_FLOAT64 = not MKL_ON_INTEL
 # The formula's name, in the compile options beside TANH_FORMULA_FLOAT32 (Inductor's cache key): code compiled with
 # another formula is not reused.
 TANH_FORMULA = "rational [9/8] on [-9, 9], clamped to [-1, 1]"
