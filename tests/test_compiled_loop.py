@@ -360,22 +360,25 @@ def test_library_tanh_float32_formula_and_library(monkeypatch, formula):
 
 @pytest.mark.parametrize("formula", [True, False])
 def test_library_tanh_float64_formula_and_library(monkeypatch, formula):
-    """float64 tanh of a large tensor in compiled code (patches.library_tanh), fused with a product before it: Cephes'
-    formula where TANH_FORMULA_FLOAT64 is set (within 2 ulp of long double tanh on [-2, 2] densely, [-40, 40], 1e-300
-    .. 1 both signs and around the branch point 0.625; within 2.5 ulp of eager float64 tanh; +-0, +-inf, NaN, +-1 where
-    exp overflows kept), ATen's kernel otherwise (bitwise eager's tanh). The float32 path is left to its own setting."""
+    """float64 tanh of a large tensor in compiled code (patches.library_tanh), fused with a product before it: the
+    rational formula (patches.tanh_formula_float64) where TANH_FORMULA_FLOAT64 is set (within 2 ulp of long double
+    tanh on [-2, 2] densely, [-40, 40], 2e5 draws of N(0, 9), 1e-300 .. 1 both signs, and around its select bound and
+    its clamp; within 2.5 ulp of eager float64 tanh; +-0, +-inf, NaN kept, exactly +-1 from the clamp on), ATen's
+    kernel otherwise (bitwise eager's tanh). The float32 path is left to its own setting."""
     pytest.importorskip("torch._inductor.lowering")
     np = pytest.importorskip("numpy")
     from neurodyn.compile import patches
 
     monkeypatch.setattr(patches, "TANH_FORMULA_FLOAT64", formula)
     monkeypatch.setattr(patches, "TANH_FORMULA_FLOAT32", False)
-    edge = 0.625 + torch.arange(-20000, 20001, dtype=F64) * math.ulp(0.625)
+    edges = [bound + torch.arange(-20000, 20001, dtype=F64) * math.ulp(bound)
+             for bound in (patches._TANH_SMALL64, patches._TANH_CLAMP64)]
     tiny = torch.logspace(-300, 0, 30001, dtype=F64)
-    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 5e-324, -5e-324, 1e-310, 0.625, -0.625,
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 5e-324, -5e-324, 1e-310, 0.75, -0.75,
                             19.0, -19.0, 400.0, -400.0, 1e300, -1e300], dtype=F64)
-    x = torch.cat([torch.linspace(-2, 2, 400001, dtype=F64), torch.linspace(-40, 40, 100001, dtype=F64),
-                   tiny, -tiny, edge, -edge, special])
+    normal = 3 * torch.randn(200000, dtype=F64, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([torch.linspace(-2, 2, 400001, dtype=F64), torch.linspace(-40, 40, 100001, dtype=F64), normal,
+                   tiny, -tiny, *edges, *(-e for e in edges), special])
     x = torch.cat([x, x.new_zeros(-len(x) % 64)]).view(-1, 64)
     one = torch.ones(64, dtype=F64)  # x * 1 == x for every x, -0 and NaN included
     assert x.numel() >= patches.LIBRARY_TANH_ELEMENTS
@@ -399,7 +402,7 @@ def test_library_tanh_float64_formula_and_library(monkeypatch, formula):
     assert torch.equal(out[~finite & ~torch.isnan(x)], eager[~finite & ~torch.isnan(x)])
     assert bool(torch.isnan(out[torch.isnan(x)]).all())
     assert torch.equal(torch.signbit(out[x == 0]), torch.signbit(x[x == 0]))
-    big = x.abs() >= 19.5  # tanh rounds to +-1 in float64 from ~19.06 on
+    big = x.abs() >= patches._TANH_CLAMP64  # tanh rounds to +-1 in float64 from ~19.06 on
     assert torch.equal(out[big], torch.sign(x[big]))
 
 
@@ -542,20 +545,26 @@ def test_column_major_copy_is_written_once_before_a_compiled_loop():
     assert text.count("force_stride_order") >= 1  # the copy's own kernel, called once before the loop
 
 
-def test_batch_column_major_stores_wide_matrices_by_columns():
-    """For a batched state the matrices with more than LOOP_THIN_OUTPUTS rows (a hidden layer's, a thin first layer's)
-    are column-major copies with the same values; a layer back to a small state and vectors stay as they are."""
+@pytest.mark.parametrize("mkl_on_intel", [True, False])
+def test_batch_column_major_stores_wide_matrices_by_columns(monkeypatch, mkl_on_intel):
+    """For a batched state the matrices with more than LOOP_THIN_OUTPUTS rows are column-major copies with the same
+    values: a thin first layer's always, a hidden layer's where MKL runs on an Intel CPU (elsewhere it stays as it is);
+    a layer back to a small state and vectors stay as they are."""
+    from neurodyn.compile import loop
     from neurodyn.compile.loop import LOOP_THIN_OUTPUTS, batch_column_major
 
+    monkeypatch.setattr(loop, "MKL_ON_INTEL", mkl_on_intel)
     g = torch.Generator().manual_seed(7)
     wide, first = torch.randn(64, 64, generator=g, dtype=F64), torch.randn(64, 2, generator=g, dtype=F64)
     last, bias = torch.randn(LOOP_THIN_OUTPUTS, 64, generator=g, dtype=F64), torch.randn(64, generator=g, dtype=F64)
-    for w in (wide, first):
+    for w in (wide, first) if mkl_on_intel else (first,):
         c = batch_column_major(w)
         assert c.stride() == (1, w.shape[0]) and torch.equal(c, w) and c.data_ptr() != w.data_ptr()
         # nn.Linear's product reads c.T, now row-major: the same product as with the row-major matrix, to rounding
         h = torch.randn(256, w.shape[1], generator=g, dtype=F64)
         assert c.t().is_contiguous() and torch.allclose(h @ c.t(), h @ w.t(), rtol=1e-14, atol=1e-13)
+    if not mkl_on_intel:
+        assert batch_column_major(wide) is wide
     assert batch_column_major(last) is last and batch_column_major(bias) is bias
 
 

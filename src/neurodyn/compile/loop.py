@@ -50,6 +50,7 @@ from ..solvers.explicit_rk import ExplicitRungeKutta
 from .entries import Entries, constant_guard_filter
 from .patches import (
     LOWERING_MARKS,
+    MKL_ON_INTEL,
     library_tanh,
     pooled_loop_buffers,
     thin_products,
@@ -940,14 +941,18 @@ def column_major_copy(x: Tensor) -> Tensor:
 
 
 def batch_column_major(x: Tensor) -> Tensor:
-    """For a batched state: a matrix ``(r, c)`` with ``r > LOOP_THIN_OUTPUTS`` as :func:`column_major_copy`; other
-    tensors as they are. ``nn.Linear``'s ``h @ W.T`` then reaches MKL as a product of two row-major matrices (its
-    ``NN`` kernel: the batched protocol field's (256, 64) x (64, 64) layer, float64, one core, bit-equal products),
-    and a first layer of a few inputs (``W`` of shape ``(hidden, n)``, a fused loop: :data:`LOOP_THIN_INNER`) reads
-    ``W.T`` along its rows. A layer back to a small state (``r <= LOOP_THIN_OUTPUTS``) keeps its row-major ``W``, the
-    left operand of :class:`LoopProducts`' transposed product. Measured on the batched protocol case (2-d x 256,
-    dopri5): ~3.5% of the compiled solve."""
-    return column_major_copy(x) if x.dim() == 2 and x.shape[0] > LOOP_THIN_OUTPUTS else x
+    """For a batched state: a matrix ``(r, c)`` with ``r > LOOP_THIN_OUTPUTS`` as :func:`column_major_copy` where it
+    is a first layer of a few inputs (``c <= LOOP_THIN_INNER``: a fused loop, which then reads ``W.T`` along its rows),
+    and, where MKL runs on an Intel CPU (:data:`~neurodyn.compile.patches.MKL_ON_INTEL`), whatever ``c``; other
+    tensors as they are. There ``nn.Linear``'s ``h @ W.T`` then reaches MKL as a product of two row-major matrices (its
+    ``NN`` kernel: the batched protocol field's (256, 64) x (64, 64) layer 0.79-0.92x the time, bit-equal products;
+    ~3.5% of that case's compiled solve). On other CPUs MKL's generic code is the slower one with ``NN`` (AMD EPYC,
+    AVX2, float64, one core: 78 against 67 us for that product; the compiled solve ~7% slower), so a wide ``W`` stays
+    row-major. A layer back to a small state (``r <= LOOP_THIN_OUTPUTS``) keeps its row-major ``W``, the left operand
+    of :class:`LoopProducts`' transposed product."""
+    if x.dim() != 2 or x.shape[0] <= LOOP_THIN_OUTPUTS:
+        return x
+    return column_major_copy(x) if x.shape[1] <= LOOP_THIN_INNER or MKL_ON_INTEL else x
 
 
 def matrix_layout(shape: tuple[int, ...], device: torch.device) -> Callable[[Tensor], Tensor] | None:

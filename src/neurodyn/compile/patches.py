@@ -41,6 +41,9 @@ def _intel_cpu() -> bool:
     return "intel" in platform.processor().lower()
 
 
+# Whether torch's CPU kernels here include MKL's running on an Intel CPU (its vector math and products take their tuned
+# paths there, generic ones on other CPUs): the choices below and loop.batch_column_major's follow it.
+MKL_ON_INTEL = torch.backends.mkl.is_available() and _intel_cpu()
 # Whether float32 tanh of at least LIBRARY_TANH_ELEMENTS elements is computed in compiled code by a fused formula
 # (tanh_formula: a rational function, no exp; ~5 ulp at most) rather than ATen's kernel (library_tanh). ATen's float32
 # tanh is MKL's VML where torch has MKL: fast on Intel CPUs (~0.3 ns per element), and on other CPUs, which MKL runs
@@ -48,12 +51,13 @@ def _intel_cpu() -> bool:
 # 218 us as Inductor's Sleef code with the bias add fused, ~40 us as this formula with it; Cephes' tanhf formula, used
 # before, ~105 us). So ATen's kernel only where MKL runs on an Intel CPU; without MKL ATen's tanh is Sleef's, as
 # Inductor's.
-TANH_FORMULA_FLOAT32 = not (torch.backends.mkl.is_available() and _intel_cpu())
-# Likewise for float64 tanh (tanh_formula_float64: Cephes' tanh, a rational function below 0.625, else one exp and a
-# division; <= 1.4 ulp measured against long double tanh). ATen's float64 tanh is MKL's VML too, and on other CPUs it is
-# slower than Inductor's Sleef code (AMD EPYC, AVX2, one core, tanh(x + b) per call: (256, 64) ATen ~170 us, Sleef
-# ~170 us, this formula ~105 us; (1024, 64) ~430 / ~500 / ~280 us).
-TANH_FORMULA_FLOAT64 = not (torch.backends.mkl.is_available() and _intel_cpu())
+TANH_FORMULA_FLOAT32 = not MKL_ON_INTEL
+# Likewise for float64 tanh (tanh_formula_float64: a rational function and the double-angle formula, no exp; <= 1.63
+# ulp measured against long double tanh). ATen's float64 tanh is MKL's VML too, and on other CPUs it is slower than
+# Inductor's Sleef code (AMD EPYC, AVX2, one core, tanh(x + b) per call: (256, 64) ATen ~170 us, Sleef ~170 us, Cephes'
+# formula (used before) ~105 us, this formula ~80 us; (2048, 64): Cephes' ~540 us, this formula ~340 us; a compiled
+# (x + b) * 1 alone: ~52 / ~110 us).
+TANH_FORMULA_FLOAT64 = not MKL_ON_INTEL
 # The formula's name, in the compile options beside TANH_FORMULA_FLOAT32 (Inductor's cache key): code compiled with
 # another formula is not reused.
 TANH_FORMULA = "rational [9/8] on [-9, 9], clamped to [-1, 1]"
@@ -212,35 +216,54 @@ def tanh_formula(x: Any) -> Any:
     return ops.maximum(ops.minimum(t, c(1.0)), c(-1.0))  # rounding can give 1 + 1 ulp near |x| = 9
 
 
-# Cephes' tanh (double): for |x| < 0.625 the rational x + x^3 P(x^2) / Q(x^2), Q monic (its leading 1 left out here),
-# else sign(x) (1 - 2 / (exp(2|x|) + 1)).
-_TANH_P64 = (-9.64399179425052238628e-1, -9.92877231001918586564e1, -1.61468768441708447952e3)
-_TANH_Q64 = (1.12811678491632931402e2, 2.23548839060100448583e3, 4.84406305325125486048e3)
+# tanh(h) = h P(h^2) / Q(h^2) on [-9.55, 9.55] (degree 8 / 8 in h^2, P(0) = Q(0) = 1): a near-minimax fit of
+# tanh(h) / h in relative error (2.5e-20 in exact arithmetic), derived by benchmarks/fit_tanh_float64.py, which prints
+# the two tuples here: _TANH_DIF64, the coefficients of D = (P - Q) / h^2 (degree 7), and _TANH_DEN64, those of Q
+# (constant term first). tanh_formula_float64 evaluates P / Q - 1 = h^2 D / Q at h = |x| / 2 and doubles the angle.
+# float64 tanh rounds to +-1 from |x| ~ 19.06 on, and the formula gives exactly +-1 at its clamp |x| = 19.1.
+_TANH_DIF64 = (-0.3333333333333333, -0.02809814111453701, -0.0007109491388478381, -7.4827968955470994e-06,
+               -3.6175171446246824e-08, -7.930188916170272e-11, -6.881020740600995e-14, -1.557878124806015e-17)
+_TANH_DEN64 = (1.0, 0.484294423343611, 0.03394585484922603, 0.0007996826355913474, 8.0934613377308e-06,
+               3.813613105669163e-08, 8.203608371826234e-11, 7.011345127611764e-14, 1.5670488607190552e-17)
+_TANH_CLAMP64 = 19.1
+# Below this |x| the formula's result is x + x (tanh(x) / x - 1), rounded once at the end; from it on, the doubling's
+# quotient, in which the rational's rounding errors are damped.
+_TANH_SMALL64 = 0.75
 
 
 def tanh_formula_float64(x: Any) -> Any:
-    """float64 ``tanh`` of one element in Inductor's pointwise operations, the formula of Cephes' ``tanh``: ``x + x^3
-    P(x^2) / Q(x^2)`` (degrees 2 and 3) for ``|x| < 0.625``, else ``sign(x) (1 - 2 / (exp(2|x|) + 1))`` (``+-1`` where
-    ``exp`` overflows; NaN stays NaN; ``+-0`` as it is). Measured against long double ``tanh``: <= 1.4 ulp (ATen's
-    0.75, Sleef's 1.0). Both branches are computed and one is selected (vectorised code)."""
+    """float64 ``tanh`` of one element in Inductor's pointwise operations (``ops``: the body of a fused kernel), with
+    no ``exp``: for ``a`` the input clamped to ``[-19.1, 19.1]``, ``h = a / 2`` and ``s = h^2``, ``m = s D(s) /
+    Q(s)`` (``_TANH_DIF64``, ``_TANH_DEN64``, both by Horner's rule in fused multiply-adds; ``tanh(h) = h (1 + m)``),
+    ``u = a + a m`` (``2 tanh(h)``) and ``v = u / 2``; then ``tanh(a) = u / (1 + v^2)``, for ``|a| < 0.75`` written
+    ``a + a (m - v^2) / (1 + v^2)`` (no rounding near 1 there). Two divisions, one select; odd in ``x`` as written
+    (``m`` is ``+0`` at ``x = +-0``, so ``-0`` stays ``-0``).
+
+    The doubling damps the rational's rounding errors by ``(1 - v^2) / (1 + v^2)``, which is small where they are
+    largest (``|x|`` of a few units and up). Measured against long double ``tanh`` on 6.6e6 points: <= 1.63 ulp
+    (ATen's 0.75, Sleef's 1.0; Cephes' formula, used before, 1.39); ``+-0`` and subnormals as they are, ``+-1`` from
+    ``|x| = 19.1`` on (``+-inf`` included), NaN stays NaN (the clamps propagate it)."""
     from torch._inductor.virtualized import ops
 
     def c(v: float) -> Any:
         return ops.constant(v, torch.float64)
 
-    a = ops.abs(x)
-    z = ops.mul(x, x)
-    p = c(_TANH_P64[0])
-    for coef in _TANH_P64[1:]:
-        p = ops.add(ops.mul(p, z), c(coef))
-    q = ops.add(z, c(_TANH_Q64[0]))
-    for coef in _TANH_Q64[1:]:
-        q = ops.add(ops.mul(q, z), c(coef))
-    small = ops.add(ops.mul(ops.mul(ops.truediv(p, q), z), x), x)
-    big = ops.sub(c(1.0), ops.truediv(c(2.0), ops.add(ops.exp(ops.add(a, a)), c(1.0))))
-    big = ops.where(ops.lt(x, c(0.0)), ops.neg(big), big)
-    out = ops.where(ops.lt(a, c(0.625)), small, big)
-    return ops.where(ops.eq(x, c(0.0)), x, out)  # tanh(-0) = -0
+    a = ops.maximum(ops.minimum(x, c(_TANH_CLAMP64)), c(-_TANH_CLAMP64))
+    h = ops.mul(a, c(0.5))
+    s = ops.mul(h, h)
+
+    def horner(coefs: tuple) -> Any:
+        acc = c(coefs[-1])
+        for coef in coefs[-2::-1]:
+            acc = ops.fma(acc, s, c(coef))
+        return acc
+
+    m = ops.fma(s, ops.truediv(horner(_TANH_DIF64), horner(_TANH_DEN64)), c(0.0))  # s D / Q, but +0 at s = 0
+    u = ops.fma(a, m, a)
+    v = ops.mul(u, c(0.5))
+    small = ops.lt(s, c(_TANH_SMALL64 ** 2 / 4))  # |a| < _TANH_SMALL64 (the bound's square over 4 is exact)
+    r = ops.truediv(ops.where(small, ops.fma(ops.neg(v), v, m), u), ops.fma(v, v, c(1.0)))
+    return ops.where(small, ops.fma(a, r, a), r)
 
 
 class thin_products(_InductorPatch):
