@@ -394,7 +394,22 @@ def test_repeat_solves_run_the_compiled_entries_with_guards_kept(forced, monkeyp
     assert not torch.allclose(changed.ys, first.ys)
     # the forward-only loop (no graph): the repeat solve's call runs its entry, equal to the first solve bit for bit
     with torch.no_grad():
-        ran = counts["ran"]
         a = _solve(model, bm, "euler", True).ys
+        ran = counts["ran"]
         b = _solve(model, bm, "euler", True).ys
     assert counts["ran"] > ran and torch.equal(a, b)
+
+
+def test_policy_measured_solve_then_repeat_solves_compile_nothing_anew():
+    """The policy's measurement runs eager steps (which move the host's step end, ``SDEParts.end``) between calls of
+    the compiled loop: the loop's graph does not read that float, so neither the measurement's later calls nor the
+    next solves compile it anew (one graph in all, whichever path the policy chose; before, a second: guarded on the
+    step end's value)."""
+    model = Small(scale=0.75).double()
+    bm = _path()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        first = _solve(model, bm, "euler", True)
+        second = _solve(model, bm, "euler", True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+    assert torch.equal(first.ys, second.ys)

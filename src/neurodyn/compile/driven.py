@@ -8,8 +8,11 @@ eager loop queries, in order, so the same sample path to the last bit -- and sta
 ``torch._higher_order_ops.while_loop`` runs the steps between two output times: the stepper's own step formula
 (``driven_step``, the eager step's code on tensors), the drift at the step end, the finiteness check. Drift and
 diffusion evaluations, the method's stage combinations and the noise products are one graph, compiled by Inductor
-with the CPU patches of :mod:`neurodyn.compile.loop` (ATen's ``tanh``, strided-load vectorisation). The stacked
-inputs of one call hold at most :data:`MAX_INPUT_ELEMENTS` elements: a longer solve runs in blocks of steps.
+with the CPU patches of :mod:`neurodyn.compile.loop` (large ``tanh`` as a library call or a fused formula,
+strided-load vectorisation) and floating-point contraction (``loop.DRIVEN_OPTIONS``). The stacked inputs of one call
+hold at most :data:`MAX_INPUT_ELEMENTS` elements: a longer solve runs in blocks of steps. Repeat calls of the loop (and
+of the blocks below) run its compiled entries with their guards checked, without Dynamo's frame machinery
+(:class:`~neurodyn.compile.entries.Entries`).
 
 Where an autograd graph is recorded (``gradient="direct"``: ``y0``, the drift at ``t0`` or a parameter of the
 drift's or diffusion's module requires grad, or a function is a closure) the steps run instead as compiled blocks of

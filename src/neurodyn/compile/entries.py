@@ -40,6 +40,8 @@ try:  # private parts of torch (2.x); without them every call takes Dynamo's pat
         LocalSource,
         NNModuleSource,
         ParamBufferSource,
+        TensorProperty,
+        TensorPropertySource,
         UnspecializedBuiltinNNModuleSource,
         UnspecializedNNModuleSource,
         UnspecializedParamBufferSource,
@@ -160,8 +162,9 @@ class Entries:
 
 def _path(src: Any) -> tuple[str, tuple] | None:
     """``(name, steps)`` for a Dynamo source that reads a local ``name`` of the frame (an argument, or a closure
-    variable) and then items and attributes: ``steps`` one getter per item (``operator.itemgetter``) and per run of
-    attributes (``operator.attrgetter``); None for any other source (a global, a computed value)."""
+    variable) and then items, attributes and a tensor's sizes, strides or offset: ``steps`` one getter per item
+    (``operator.itemgetter``), per run of attributes (``operator.attrgetter``) and per tensor property
+    (``operator.methodcaller``); None for any other source (a global, a computed value)."""
     steps: list = []
     attrs: list[str] = []
     while True:
@@ -177,6 +180,10 @@ def _path(src: Any) -> tuple[str, tuple] | None:
                 steps.append(operator.itemgetter(src.index))
             elif type(src) is DictGetItemSource and type(src.index) in (int, str):
                 steps.append(operator.itemgetter(src.index))
+            elif type(src) is TensorPropertySource:  # a size, stride or offset of a tensor (a dynamic shape's symbol)
+                name = src.prop.method_name()
+                steps.append(operator.methodcaller(name) if src.prop is TensorProperty.STORAGE_OFFSET
+                             else operator.methodcaller(name, src.idx))
             else:
                 return None
         src = src.base
