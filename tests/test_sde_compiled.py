@@ -354,3 +354,62 @@ def test_block_options_keep_the_forward_sigmoid(save):
         torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-6)
     assert len(rec.graphs) == 2  # forward, backward
     assert (torch.ops.aten.sigmoid.default in rec.graphs[1]) is not save
+
+
+@pytest.mark.slow  # compiling a block's forward and backward twice (two Python states): ~1 min on a loaded machine
+def test_repeat_solves_run_the_compiled_entries_with_guards_kept(forced, monkeypatch):
+    """Repeat calls of the compiled blocks (under autograd) and of the forward-only loop run their compiled entries
+    without Dynamo's frame machinery (compile.entries.Entries: the module's parameters read along Dynamo's paths):
+    outputs and gradients equal those of the first, Dynamo-called solve bit for bit; Python state the drift reads
+    changed, the entry's guards fail and Dynamo compiles a variant whose results follow the eager solve's."""
+    from neurodyn.compile import entries as entries_mod
+
+    counts = {"ran": 0, "left": 0}
+    orig = entries_mod.Entries.__call__
+
+    def counting(self, args):
+        out = orig(self, args)
+        counts["ran" if out is not None else "left"] += 1
+        return out
+
+    monkeypatch.setattr(entries_mod.Entries, "__call__", counting)
+    monkeypatch.setattr(driven, "GRAPH_BLOCK", 5)
+    model = Small().double()
+    bm = _path()
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    # 20 steps: 4 blocks of 5; the first block call compiles (Dynamo's call), the other three run the entry
+    first, g_first = _train(model, bm, "euler", True, ts=ts)
+    assert counts == {"ran": 3, "left": 1} and first.stats["compiled"] == "loop"
+    again, g_again = _train(model, bm, "euler", True, ts=ts)
+    assert counts == {"ran": 7, "left": 1}
+    assert torch.equal(first.ys, again.ys)
+    assert all(torch.equal(a, b) for a, b in zip(g_first, g_again))
+    model.scale = 0.5  # Python state the drift reads: guards fail, a new variant compiles
+    changed, g_changed = _train(model, bm, "euler", True, ts=ts)
+    assert counts == {"ran": 10, "left": 2}
+    eager, g_eager = _train(model, bm, "euler", False, ts=ts)
+    torch.testing.assert_close(changed.ys, eager.ys, rtol=0, atol=1e-13)
+    for a, b in zip(g_changed, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    assert not torch.allclose(changed.ys, first.ys)
+    # the forward-only loop (no graph): the repeat solve's call runs its entry, equal to the first solve bit for bit
+    with torch.no_grad():
+        a = _solve(model, bm, "euler", True).ys
+        ran = counts["ran"]
+        b = _solve(model, bm, "euler", True).ys
+    assert counts["ran"] > ran and torch.equal(a, b)
+
+
+def test_policy_measured_solve_then_repeat_solves_compile_nothing_anew():
+    """The policy's measurement runs eager steps (which move the host's step end, ``SDEParts.end``) between calls of
+    the compiled loop: the loop's graph does not read that float, so neither the measurement's later calls nor the
+    next solves compile it anew (one graph in all, whichever path the policy chose; before, a second: guarded on the
+    step end's value)."""
+    model = Small(scale=0.75).double()
+    bm = _path()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        first = _solve(model, bm, "euler", True)
+        second = _solve(model, bm, "euler", True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+    assert torch.equal(first.ys, second.ys)

@@ -8,8 +8,11 @@ eager loop queries, in order, so the same sample path to the last bit -- and sta
 ``torch._higher_order_ops.while_loop`` runs the steps between two output times: the stepper's own step formula
 (``driven_step``, the eager step's code on tensors), the drift at the step end, the finiteness check. Drift and
 diffusion evaluations, the method's stage combinations and the noise products are one graph, compiled by Inductor
-with the CPU patches of :mod:`neurodyn.compile.loop` (ATen's ``tanh``, strided-load vectorisation). The stacked
-inputs of one call hold at most :data:`MAX_INPUT_ELEMENTS` elements: a longer solve runs in blocks of steps.
+with the CPU patches of :mod:`neurodyn.compile.loop` (large ``tanh`` as a library call or a fused formula,
+strided-load vectorisation) and floating-point contraction (``loop.DRIVEN_OPTIONS``). The stacked inputs of one call
+hold at most :data:`MAX_INPUT_ELEMENTS` elements: a longer solve runs in blocks of steps. Repeat calls of the loop (and
+of the blocks below) run its compiled entries with their guards checked, without Dynamo's frame machinery
+(:class:`~neurodyn.compile.entries.Entries`).
 
 Where an autograd graph is recorded (``gradient="direct"``: ``y0``, the drift at ``t0`` or a parameter of the
 drift's or diffusion's module requires grad, or a function is a closure) the steps run instead as compiled blocks of
@@ -51,16 +54,8 @@ from ..core.tensors import ordinary_tensors
 from ..core.term import ODETerm, term_of
 from ..solvers.sde import split_sde
 from . import policy
-from .loop import (
-    GRAPH_OPTIONS,
-    LOOP_OPTIONS,
-    LOOP_THIN_INNER,
-    LoopOutcome,
-    library_tanh,
-    pooled_loop_buffers,
-    thin_products,
-    vectorize_strided_loads,
-)
+from .entries import Entries
+from .loop import DRIVEN_OPTIONS, GRAPH_OPTIONS, LoopOutcome, patched_inductor
 from .step import own_code
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -107,8 +102,8 @@ def _build(holder: list, n_carried: int) -> Callable:
         ok = torch.ones((), dtype=torch.bool, device=y.device)
         return torch._higher_order_ops.while_loop(cond, body, (i0, ok, y, k, *carried))
 
-    options = LOOP_OPTIONS if holder[1].device is None or torch.device(holder[1].device).type == "cpu" else None
-    return torch.compile(own_code(run), options=options, fullgraph=True, dynamic=False)
+    options = DRIVEN_OPTIONS if holder[1].device is None or torch.device(holder[1].device).type == "cpu" else None
+    return _compiled(own_code(run), options, 4 + n_carried)
 
 
 def _build_block(holder: list, n_carried: int, n_inputs: int, size: int) -> Callable:
@@ -133,7 +128,30 @@ def _build_block(holder: list, n_carried: int, n_inputs: int, size: int) -> Call
         return torch.stack(finite), y, k, *carried
 
     options = GRAPH_OPTIONS if holder[1].device is None or torch.device(holder[1].device).type == "cpu" else None
-    return torch.compile(own_code(run), options=options, fullgraph=True, dynamic=False)
+    return _compiled(own_code(run), options, 3 + n_carried, dynamic=False)
+
+
+def _compiled(fn: Callable, options: dict | None, n_outputs: int, **kwargs: Any) -> Callable:
+    """``torch.compile(fn, fullgraph=True, **kwargs)`` by Inductor with ``options``, the CPU lowering patches entered
+    while it compiles (:func:`~neurodyn.compile.loop.patched_inductor`), never around a call; ``fn`` returns a tuple of
+    ``n_outputs`` tensors. Call it with :func:`_call`: repeat calls run its compiled entries with their guards checked,
+    without Dynamo's frame machinery (:class:`~neurodyn.compile.entries.Entries`)."""
+    entries = Entries(fn, n_outputs=n_outputs)
+    compiled = torch.compile(fn, backend=entries.backend(patched_inductor(options)), fullgraph=True, **kwargs)
+    compiled.entries = entries
+    return compiled
+
+
+def _call(compiled: Callable, *args: Tensor) -> tuple:
+    """``compiled(*args)`` for a function made by :func:`_compiled`: the compiled entry whose guards pass, called
+    directly, or Dynamo's call where none does (a first call compiles)."""
+    out = compiled.entries(args)
+    if out is not None:
+        return out
+    # A Python float the functions read is a constant of the graph: Dynamo's automatic dynamic float would make it
+    # a SymFloat in the while_loop's carry, which the loop's tracing rejects (a changed value compiles anew instead).
+    with torch._dynamo.config.patch(specialize_float=True):
+        return compiled(*args)
 
 
 def graph_leaves(term: Any, y0: Tensor, k0: Tensor) -> tuple[list[Tensor], bool]:
@@ -386,8 +404,7 @@ class DrivenPlugIn:
             outs = [y0]
             # The loop's carried tensors must not alias one another (y0 and a view of it as z0, say).
             st = _Position(y0, k.clone(), tuple(c.clone() for c in carried))
-            with torch.no_grad(), vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER), \
-                    pooled_loop_buffers():
+            with torch.no_grad():
 
                 def advance(stop: int) -> bool:  # steps st.i .. stop - 1; False where one made the state non-finite
                     while st.i < stop:
@@ -395,9 +412,9 @@ class DrivenPlugIn:
                         stacks, tg, hg = load(j)
                         a, b = st.i - j * size, min(stop, (j + 1) * size) - j * size
                         saved = (st.i, st.y, st.k, st.carried)
-                        done, ok_t, st.y, st.k, *c = fn(torch.tensor(a, dtype=torch.int64, device=y0.device),
-                                                        torch.tensor(b, dtype=torch.int64, device=y0.device),
-                                                        st.y, st.k, tg, hg, *st.carried, *stacks)
+                        done, ok_t, st.y, st.k, *c = _call(fn, torch.tensor(a, dtype=torch.int64, device=y0.device),
+                                                           torch.tensor(b, dtype=torch.int64, device=y0.device),
+                                                           st.y, st.k, tg, hg, *st.carried, *stacks)
                         st.carried = tuple(c)
                         if not bool(ok_t):
                             # the solve stops before the step that made the state non-finite, as the eager loop
@@ -479,7 +496,7 @@ class DrivenPlugIn:
                 inputs = [x for j in range(a, a + size) for x in solver.step_inputs(term, tl[j], tl[j] + hl[j])]
                 tg = torch.tensor(tl[a:a + size + 1], dtype=torch.float64, device=dev)
                 hg = torch.tensor(hl[a:a + size], dtype=torch.float64, device=dev)
-                return block(size)(st.y, st.k, tg, hg, *st.carried, *inputs)
+                return _call(block(size), st.y, st.k, tg, hg, *st.carried, *inputs)
 
             def advance(stop: int) -> bool:  # steps st.i .. stop - 1; False where one made the state non-finite
                 while st.i < stop:
@@ -498,12 +515,7 @@ class DrivenPlugIn:
                     st.i += size
                 return True
 
-            # The compile-time patches (a block compiles at its first call) entered once for the solve's blocks, not
-            # per block call: entering them costs ~0.1 ms (library_tanh builds its lowering), ~1.5% of a 10-step
-            # block of benchmarks/bench_sde.py's training step. (The backward is compiled at its first call, by
-            # AOTAutograd: compiled ahead with the forward it could not be run with backward(retain_graph=True).)
-            with vectorize_strided_loads(), library_tanh(), thin_products(LOOP_THIN_INNER):
-                status = _walk_outputs(st, advance, solver, term, times, tl, hl, n, direction, outs, status)
+            status = _walk_outputs(st, advance, solver, term, times, tl, hl, n, direction, outs, status)
         except Exception as exc:  # compilation failed: eager steps from now on, for this field
             self._failed(exc)
             return None

@@ -9,20 +9,22 @@ backend's compiled graph. For the small protocol case's compiled whole loop (CPU
 around the guards cost ~85 us of a ~500 us call, the guards themselves ~28 us.
 
 :class:`Entries` keeps, per compiled entry, the callable the backend returned and where each of the graph's inputs
-comes from (the function's arguments), and on a call evaluates the entries' own guard managers (the same C++ guard
-trees Dynamo evaluates, on the function's arguments and closure) in Dynamo's order; the first entry whose guards
-pass runs, with the arguments Dynamo's bytecode would pass it. Where no entry passes, where an entry is not one it
-recorded, or where Dynamo would not simply run an entry (another stance than the default, an eval-frame callback
-active: a call from inside a region being compiled), it returns None and the caller calls the compiled function
-itself (which compiles a new entry where needed). ``torch._dynamo.config.disable`` is not read: Dynamo reads it only
-where it would compile (no entry's guards pass), and runs an entry whose guards pass whatever its value, as this does.
-It relies on private parts of torch (the cache entries' guard managers, the graph's input sources); where torch lacks
-them it returns None (Dynamo's path).
+comes from (an argument or closure variable of the function, and the items and attributes Dynamo read from it: a
+module's parameters, say), and on a call evaluates the entries' own guard managers (the same C++ guard trees Dynamo
+evaluates, on the function's arguments and closure) in Dynamo's order; the first entry whose guards pass runs, with
+the arguments Dynamo's bytecode would pass it. Where no entry passes, where an entry is not one it recorded, or where
+Dynamo would not simply run an entry (another stance than the default, an eval-frame callback active: a call from
+inside a region being compiled), it returns None and the caller calls the compiled function itself (which compiles a
+new entry where needed). ``torch._dynamo.config.disable`` is not read: Dynamo reads it only where it would compile
+(no entry's guards pass), and runs an entry whose guards pass whatever its value, as this does. It relies on private
+parts of torch (the cache entries' guard managers, the graph's input sources); where torch lacks them it returns None
+(Dynamo's path).
 """
 
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -32,8 +34,24 @@ try:  # private parts of torch (2.x); without them every call takes Dynamo's pat
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._C._dynamo.eval_frame import get_eval_frame_callback as _eval_frame_callback
     from torch._dynamo import eval_frame as _eval_frame
-    from torch._dynamo.source import GetItemSource, LocalSource
+    from torch._dynamo.source import (
+        AttrSource,
+        DictGetItemSource,
+        GetItemSource,
+        LocalSource,
+        NNModuleSource,
+        ParamBufferSource,
+        TensorProperty,
+        TensorPropertySource,
+        UnspecializedBuiltinNNModuleSource,
+        UnspecializedNNModuleSource,
+        UnspecializedParamBufferSource,
+    )
     from torch._guards import CompileContext
+
+    # Dynamo's sources that read an attribute (a module's ``_parameters``, say), and those that stand for their base.
+    _ATTR_SOURCES = (AttrSource, ParamBufferSource, UnspecializedParamBufferSource)
+    _SAME_SOURCES = (NNModuleSource, UnspecializedNNModuleSource, UnspecializedBuiltinNNModuleSource)
 except ImportError:  # pragma: no cover - another torch
     _debug_get_cache_entry_list = None
 
@@ -69,7 +87,7 @@ class Entries:
         self.positional = code.co_varnames[:n_pos]
         self.varargs = code.co_varnames[n_pos] if code.co_flags & inspect.CO_VARARGS else None
         self.cells = tuple(zip(code.co_freevars, fn.__closure__ or ()))
-        self.records: dict = {}  # compile id -> (graph callable, input getters)
+        self.records: dict = {}  # compile id -> (graph callable, input paths: see _path)
         self.usable = _debug_get_cache_entry_list is not None and not code.co_kwonlyargcount \
             and not code.co_flags & inspect.CO_VARKEYWORDS
 
@@ -94,28 +112,24 @@ class Entries:
 
         return backend
 
-    def _getters(self, gm: torch.fx.GraphModule) -> list[tuple[str, int | None]] | None:
-        """``(name, index)`` per graph input: the argument ``name`` (``index`` None) or its item ``index``; None where
-        an input comes from elsewhere or the outputs are not the function's ``n_outputs`` distinct values."""
+    def _getters(self, gm: torch.fx.GraphModule) -> list[tuple[str, tuple]] | None:
+        """Where each graph input comes from: ``(name, steps)``, the function's argument or closure variable ``name``
+        read along ``steps`` (:func:`_path`); None where an input comes from elsewhere or the outputs are not the
+        function's ``n_outputs`` distinct values."""
         getters = []
         for node in gm.graph.nodes:
             if node.op == "placeholder":
                 arg = node.meta.get("grapharg")
-                src = getattr(arg, "source", None)
-                # (an argument the function's inner functions read is a cell of its frame: the same value)
-                if type(src) is LocalSource:
-                    getters.append((src.local_name, None))
-                elif (type(src) is GetItemSource and type(src.base) is LocalSource and not src.index_is_slice
-                      and type(src.index) is int):
-                    getters.append((src.base.local_name, src.index))
-                else:
+                path = _path(getattr(arg, "source", None))
+                if path is None:
                     return None
+                getters.append(path)
             elif node.op == "output":
                 outs = node.args[0]
                 if not isinstance(outs, (tuple, list)) or len(outs) != self.n_outputs or len(set(outs)) != len(outs) \
                         or not all(isinstance(o, torch.fx.Node) for o in outs):
                     return None
-        names = set(self.positional) | ({self.varargs} if self.varargs else set())
+        names = set(self.positional) | ({self.varargs} if self.varargs else set()) | {n for n, _ in self.cells}
         return getters if all(name in names for name, _ in getters) else None
 
     def cache(self) -> list:
@@ -151,7 +165,7 @@ class Entries:
                 if record is None:
                     return None
                 compiled, getters = record
-                return compiled(*[frame[name] if i is None else frame[name][i] for name, i in getters])
+                return compiled(*[_follow(frame[name], steps) for name, steps in getters])
         return None
 
 
@@ -160,6 +174,42 @@ def _undisabled(fn: Callable) -> Callable:
     while getattr(fn, "_torchdynamo_disable", False) and callable(getattr(fn, "_torchdynamo_orig_callable", None)):
         fn = fn._torchdynamo_orig_callable
     return fn
+
+
+def _path(src: Any) -> tuple[str, tuple] | None:
+    """``(name, steps)`` for a Dynamo source that reads a local ``name`` of the frame (an argument, or a closure
+    variable) and then items, attributes and a tensor's sizes, strides or offset: ``steps`` one getter per item
+    (``operator.itemgetter``), per run of attributes (``operator.attrgetter``) and per tensor property
+    (``operator.methodcaller``); None for any other source (a global, a computed value)."""
+    steps: list = []
+    attrs: list[str] = []
+    while True:
+        if type(src) in _ATTR_SOURCES:
+            attrs.append(src.member)
+        elif type(src) not in _SAME_SOURCES:
+            if attrs:
+                steps.append(operator.attrgetter(".".join(reversed(attrs))))
+                attrs = []
+            if type(src) is LocalSource:
+                return src.local_name, tuple(reversed(steps))
+            if type(src) is GetItemSource and not src.index_is_slice and type(src.index) in (int, str):
+                steps.append(operator.itemgetter(src.index))
+            elif type(src) is DictGetItemSource and type(src.index) in (int, str):
+                steps.append(operator.itemgetter(src.index))
+            elif type(src) is TensorPropertySource:  # a size, stride or offset of a tensor (a dynamic shape's symbol)
+                name = src.prop.method_name()
+                steps.append(operator.methodcaller(name) if src.prop is TensorProperty.STORAGE_OFFSET
+                             else operator.methodcaller(name, src.idx))
+            else:
+                return None
+        src = src.base
+
+
+def _follow(value: Any, steps: tuple) -> Any:
+    """``value`` read along ``steps`` (:func:`_path`)."""
+    for step in steps:
+        value = step(value)
+    return value
 
 
 def constant_guard_filter(names: tuple[str, ...]) -> Callable[[list], list[bool]]:

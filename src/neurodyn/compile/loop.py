@@ -838,14 +838,19 @@ LOOP_OPTIONS = {**CPU_OPTIONS, "post_grad_fusion_options": {"decompose_mm_pass":
     "post_grad_custom_post_pass": LoopProducts(LOOP_THIN_OUTPUTS)}
 # Column sums of at least this many rows as library products in the compiled blocks of steps (ColumnSums).
 GRAPH_SUM_ROWS = 128
+# Inductor's C++ kernels compiled with floating-point contraction (-ffp-contract=fast: a product and a sum one fused
+# multiply-add where the CPU has them, rounded once instead of twice). The float32 tanh formula (patches.tanh_formula:
+# two Horner polynomials) is compute-bound on an AVX2 CPU: with contraction a (512, 128) bias + tanh kernel took ~42 us
+# against ~56 us, its accuracy against float64 tanh max 3.1e-7 relative (5.1 ulp) against 3.4e-7 (5.7 ulp) without.
+CONTRACT_OPTIONS = {"cpp.enable_floating_point_contract_flag": "fast"}
 # The compiled blocks' options (forward and backward under autograd): LOOP_OPTIONS with BlockProducts (ColumnSums' rules
-# and the blocks' product rules), SaveSigmoids on the joint graph, and the C++ kernels compiled with floating-point
-# contraction (-ffp-contract=fast: a product and a sum one fused multiply-add where the CPU has them, rounded once
-# instead of twice). The float32 tanh formula (patches.tanh_formula: two Horner polynomials) is compute-bound on an AVX2
-# CPU: with contraction a (512, 128) bias + tanh kernel took ~42 us against ~56 us, its accuracy against float64 tanh
-# max 3.1e-7 relative (5.1 ulp) against 3.4e-7 (5.7 ulp) without.
+# and the blocks' product rules), SaveSigmoids on the joint graph, and contraction (CONTRACT_OPTIONS).
 GRAPH_OPTIONS = {**LOOP_OPTIONS, "post_grad_custom_post_pass": BlockProducts(LOOP_THIN_OUTPUTS, GRAPH_SUM_ROWS),
-                 "joint_custom_post_pass": SaveSigmoids(), "cpp.enable_floating_point_contract_flag": "fast"}
+                 "joint_custom_post_pass": SaveSigmoids(), **CONTRACT_OPTIONS}
+# The compiled driven loop's options (compile.driven: the SDE methods' fixed steps without an autograd graph):
+# LOOP_OPTIONS with contraction (CONTRACT_OPTIONS), as its compiled blocks under autograd have it. (The ODE loops keep
+# LOOP_OPTIONS: their results are compared with the eager solve's to their own tolerances.)
+DRIVEN_OPTIONS = {**LOOP_OPTIONS, **CONTRACT_OPTIONS}
 
 
 

@@ -617,7 +617,7 @@ class BrownianInterval:
             for n in nodes[1:]:
                 w = self._values(n)
                 acc = _compose(n.start - a, n.end - n.start, acc, list(w.unbind(0))) if k > 1 else [acc[0] + w[0]]
-            v = torch.stack(acc)
+            v = torch.stack(acc) if k > 1 else acc[0].unsqueeze(0)  # (W alone: its sum is a fresh tensor, not copied)
         elif nodes[0] is self._root:
             v = v.clone()  # the root's values cannot be redrawn (W, H may be given): the caller gets a copy
         return v, nodes

@@ -167,6 +167,10 @@ class SDEParts:
         return _g_and_diag_vjp(self, t, y, c)
 
 
+# The SDEParts a compiled graph's GraphParts copies from the host's (not the host's last step end: see GraphParts).
+_GRAPH_SLOTS = tuple(name for name in SDEParts.__slots__ if name not in ("end", "end_left"))
+
+
 class GraphParts(SDEParts):
     """:class:`SDEParts` inside a compiled graph (:meth:`SDEStepper.driven_step`): times and step sizes are 0-dim
     float64 tensors, the Brownian quantities of the step are given (``inputs``, what :meth:`SDEStepper.step_inputs`
@@ -177,8 +181,11 @@ class GraphParts(SDEParts):
 
     def __init__(self, sde: SDEParts, inputs: tuple[Tensor, ...], area: str | None = None,
                  counts: dict | None = None):
-        for name in SDEParts.__slots__:
+        for name in _GRAPH_SLOTS:
             setattr(self, name, getattr(sde, name))
+        # No step of a compiled graph lands on a jump (no left-limit stages). The host's step end is not read: a float
+        # that changes with every eager step, it would be a value the graph is guarded on (compiled anew when changed).
+        self.end = self.end_left = None
         # Drift and diffusion evaluations, counted here (a dict of this object's own inside a graph; the driven loop
         # counts one step's on the host, :meth:`SDEStepper.driven_step` with ``counts``).
         self.counts = {"nfe": 0, "nfe_diffusion": 0} if counts is None else counts
