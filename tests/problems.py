@@ -271,3 +271,17 @@ def irregular_times(problem: Problem, n: int = 37, seed: int = 0) -> torch.Tenso
 def max_error(ys: torch.Tensor, problem: Problem, ts) -> float:
     ref = problem.reference(np.asarray(ts.detach().cpu().numpy() if torch.is_tensor(ts) else ts))
     return float(np.abs(ys.detach().cpu().numpy().reshape(ref.shape) - ref).max())
+
+
+class TanhMLP(torch.nn.Module):
+    """dy/dt = MLP(y): ``2 -> width -> 2`` with ``tanh``, float64, weights from seed 0 (a small neural field for the
+    tests of the compiled and repeated solves)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(2, width, dtype=torch.float64), torch.nn.Tanh(),
+                                       torch.nn.Linear(width, 2, dtype=torch.float64))
+
+    def forward(self, t, y):
+        return self.net(y)

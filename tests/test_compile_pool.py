@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from problems import TanhMLP
 
 import neurodyn as nd
 from neurodyn.compile import patches, pool
@@ -87,16 +88,6 @@ def test_code_without_loops_unchanged():
     assert pool.pool_loop_buffers(lines) == (lines, 0)
 
 
-class _Field(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Linear(2, 16, dtype=torch.float64), torch.nn.Tanh(),
-                                       torch.nn.Linear(16, 2, dtype=torch.float64))
-
-    def forward(self, t, y):
-        return self.net(y)
-
 
 @pytest.mark.slow  # 17 s on one core (two fresh compiles); every default compiled-loop test runs the pooled rewrite
 @pytest.mark.skipif(patches.pooled_loop_buffers.locate() is None, reason="no C++ wrapper in this torch")
@@ -114,7 +105,7 @@ def test_compiled_loop_pooled_and_bit_identical(monkeypatch, no_compile_caches):
     monkeypatch.setattr(pool, "pool_loop_buffers", counted)
     y0 = torch.tensor([[0.5, -0.3]], dtype=torch.float64)
     t = torch.linspace(0, 2, 5, dtype=torch.float64)
-    plain, pooled = _Field(), _Field()
+    plain, pooled = TanhMLP(16), TanhMLP(16)
     saved = patches.pooled_loop_buffers.__enter__
     with torch.no_grad():
         monkeypatch.setattr(patches.pooled_loop_buffers, "__enter__", lambda self: setattr(self, "saved", None))

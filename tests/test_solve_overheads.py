@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from problems import TanhMLP
 
 import neurodyn
 from neurodyn.core import loop as core_loop
@@ -134,19 +135,9 @@ def test_loop_config_constructor_matches_the_dataclass_fields():
         LoopConfig(rtol=1e-6, atol=1e-8)  # adaptive is required
 
 
-class _Field(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Linear(2, 8, dtype=torch.float64), torch.nn.Tanh(),
-                                       torch.nn.Linear(8, 2, dtype=torch.float64))
-
-    def forward(self, t, y):
-        return self.net(y)
-
 
 def _repeat_field():
-    return _Field()
+    return TanhMLP(8)
 
 
 def test_repeated_solve_checks_y0_and_t_every_call():
