@@ -15,7 +15,8 @@ Sections (``--sections``):
   and ``compile=True`` (compiled blocks of steps under autograd, ``neurodyn.compile.driven``, where the policy's
   timing of forward and backward says they pay; the gradients' largest relative difference from eager's in the row;
   the ``adjoint`` section: ``gradient="adjoint"`` vs ``torchsde.sdeint_adjoint``, reversible Heun's exact adjoint
-  and the stochastic adjoint with midpoint);
+  and the stochastic adjoint with midpoint, eager and ``compile=True`` (the forward solve as the compiled driven
+  loop where the policy picks it; the backward solve eager));
 * ``compiled``: an Euler loop whose step (drift and diffusion inside) is ``torch.compile``d vs the same loop eager,
   neurodyn and torchsde (what a compiled SDE step could give on this CPU);
 * ``bound``: what bounds Euler's forward speed-up: whole solves (torchsde, neurodyn, neurodyn ``compile=True``)
@@ -308,11 +309,13 @@ def section_adjoint(repeats: int) -> list[dict]:
         params = list(sde.parameters())
         bm = BrownianInterval(0.0, 1.0, shape=(BATCH, DIM), dtype=torch.float32, entropy=5, cache_size=None)
 
-        def nd(_sde=sde, _bm=bm, _m=method, _p=params, _a=adj) -> list[torch.Tensor]:
+        def nd(_sde=sde, _bm=bm, _m=method, _p=params, _a=adj, compile=False) -> list[torch.Tensor]:
             _sde.zero_grad()
             term = neurodyn.sde_term(_sde.f, _sde.g, _bm, sde_type="stratonovich")
-            neurodyn.solve(term, y0, ts, method=_m, step_size=DT, gradient="adjoint", params=_p,
-                           adjoint_method=None if _m == "reversible_heun" else _a).ys[-1].pow(2).mean().backward()
+            sol = neurodyn.solve(term, y0, ts, method=_m, step_size=DT, gradient="adjoint", params=_p,
+                                 adjoint_method=None if _m == "reversible_heun" else _a, compile=compile)
+            sol.ys[-1].pow(2).mean().backward()
+            nd.compiled = sol.stats.get("compiled")
             return [p.grad.clone() for p in _p]
 
         def tsd(_sde=sde, _bm=bm, _m=method, _p=params, _a=adj) -> list[torch.Tensor]:
@@ -321,12 +324,19 @@ def section_adjoint(repeats: int) -> list[dict]:
                 .backward()
             return [p.grad.clone() for p in _p]
 
-        ga, gb = nd(), tsd()
+        ga, gb, gc = nd(), tsd(), nd(compile=True)
+        path = nd.compiled
         diff = max(float((a - b).norm() / b.norm()) for a, b in zip(ga, gb))
-        med = _median_times({"neurodyn": nd, "torchsde": tsd}, repeats)
+        # compile=True: the forward solve (no autograd graph) as the compiled driven loop where the policy picks it;
+        # the backward solve steps eagerly
+        diff_c = max(float((a - b).norm() / b.norm()) for a, b in zip(gc, ga))
+        med = _median_times({"neurodyn": nd, "torchsde": tsd, "neurodyn compiled": lambda: nd(compile=True)},
+                            repeats)
         rows.append({"section": "adjoint", "method": method, "neurodyn_s": med["neurodyn"],
                      "torchsde_s": med["torchsde"], "speedup": med["torchsde"] / med["neurodyn"],
-                     "grad_rel_diff": diff})
+                     "grad_rel_diff": diff, "neurodyn_compiled_s": med["neurodyn compiled"],
+                     "speedup_compiled": med["torchsde"] / med["neurodyn compiled"], "compiled_path": path,
+                     "compiled_grad_rel_diff": diff_c})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

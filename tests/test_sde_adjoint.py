@@ -168,6 +168,30 @@ def test_reversible_heun_exact_adjoint_outputs_between_steps():
     assert sa.stats["reconstruction_error"] < 1e-10
 
 
+def test_reversible_heun_exact_adjoint_with_a_compiled_forward():
+    """compile=True: the forward of the exact adjoint runs as the compiled driven loop (fixed steps, no per-step
+    hook: the backward takes its steps from the step grid); the outputs and the gradient are the eager solve's to
+    rounding, and the backward still reconstructs the forward (steps at 1/16 and output times off the grid, so a
+    wrong grid would give another gradient)."""
+    pytest.importorskip("torch._inductor")
+    from neurodyn.compile import policy
+
+    ts = torch.tensor([0.0, 0.3, 0.55, 0.56, 1.0], dtype=F64)
+    gd, sd = _grads("diagonal", "stratonovich", "reversible_heun", "direct", 1 / 16, ts=ts)
+    saved = policy.FORCE
+    policy.FORCE = "compiled"
+    try:
+        ga, sa = _grads("diagonal", "stratonovich", "reversible_heun", "adjoint", 1 / 16, ts=ts, compile=True)
+    finally:
+        policy.FORCE = saved
+    assert sa.stats["compiled"] == "loop"
+    torch.testing.assert_close(sa.ys, sd.ys, rtol=0, atol=1e-13)
+    for a, b in zip(ga, gd, strict=True):
+        assert float((a - b).abs().max()) < 1e-10
+    assert sa.stats["reconstruction_error"] < 1e-10
+    assert sa.stats["steps_backward"] == 16
+
+
 @pytest.mark.parametrize("method", ["reversible_heun", "midpoint"])
 def test_adjoint_memory_flat(method):
     """Both adjoints keep no per-step tensors for backward: the saved-tensor count of the forward is the same for

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from ..core.config import LoopConfig
-from ..core.loop import integrate
+from ..core.control import step_grid
+from ..core.loop import _stops, integrate
 from ..core.output import assemble
 from ..core.stepper import Stepper, nextafter
 from ..core.tensors import real_dtype
@@ -82,12 +83,19 @@ class _ReversibleFunction(torch.autograd.Function):
             if _inner is not None:
                 _inner(t0, h, t1, nudge, k1_time, y_start, k1)
 
+        # Fixed steps without a caller's hook: the steps are the grid's (step_grid, as every loop steps), so the solve
+        # runs without a per-step hook and compile=True may run it as the compiled driven loop.
+        grid = not cfg.adaptive and cfg.on_accept is None and not cfg.perturb
         with torch.no_grad():
             t_start = nextafter(times[0], times[-1] - times[0], term.t_dtype) if cfg.perturb else times[0]
             f0 = check_derivative(func(torch.scalar_tensor(t_start, dtype=term.t_dtype, device=term.device), y0), y0)
             term.nfe = 1
-            res = integrate(term, solver, y0.detach().reshape(1, -1), f0, times, replace(cfg, on_accept=on_accept))
+            res = integrate(term, solver, y0.detach().reshape(1, -1), f0, times,
+                            cfg if grid else replace(cfg, on_accept=on_accept))
             sol = assemble(res, term, solver, cfg, y0.detach(), t.detach(), setup.on_failure)
+        if grid:
+            starts, hs = step_grid(times, _stops(times, cfg)[1], min(cfg.step_size, cfg.max_step))
+            steps = [(starts[j], hs[j], starts[j + 1]) for j in range(res.steps)]
         setup.solution = sol
         setup.steps = steps
         # The carried z of the last accepted step (replay_record: (info, (z, g(z)), t)).
