@@ -55,7 +55,7 @@ except ImportError:  # another torch: recompilations go unnoticed (each solve st
         return []
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_FALLBACK, _LOOP_FALLBACK = object(), object()
+_FALLBACK, _LOOP_FALLBACK, _ONE_FALLBACK = object(), object(), object()
 # Which compiled form runs: None (the whole loop where worthwhile_rows says so, else compiled attempts), "loop" or
 # "step" (tests and benchmarks).
 FORM: str | None = None
@@ -90,6 +90,10 @@ LOOP_INT32 = True
 # the program stops there and the one with the nested loop goes on from that state (and runs from the start for later
 # solves of the same key). Same arithmetic, same results. Read when a solve starts.
 LOOP_ONE_OUTPUT = True
+# The whole row loop's one-output program: its output buffer written in place by the loop's body (a tensor the body
+# captures, not carried: torch's while_loop allows that where no autograd graph is recorded) instead of a new
+# ((T + 1) B, n) buffer made and copied at every attempt. Same values. Read when a loop is compiled.
+LOOP_YS_IN_PLACE = True
 # Status codes inside the graph.
 _NON_FINITE, _UNDERFLOW, _MAX_STEPS = (_sol.CODE[s] for s in (_sol.NON_FINITE, _sol.STEP_SIZE_UNDERFLOW,
                                                                _sol.MAX_STEPS_REACHED))
@@ -243,6 +247,7 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
             and att.b >= LOOP_COLUMNS_ROWS)
     log_control = LOOP_LOG_CONTROL
     blend = LOOP_BLEND_NAN
+    in_place = one_output and LOOP_YS_IN_PLACE
     int32 = LOOP_INT32 and n_slots + att.b < 2**31 and max_steps < 2**31  # (slots and counts fit)
 
     def run(sv: Tensor, yv: Tensor, iv: Tensor, ys: Tensor, cv: Tensor, times_flat: Tensor, rtol: Tensor,
@@ -296,7 +301,7 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
             r = att(f, t, sv[1], sv[2], sv[3].to(rdt), sv[4].to(rdt), y, k1, rtol, atol, lim, logs, blend)
             t_new = r["t"]
 
-            def write_next(ys, slot):
+            def write_next(ys, slot, mutate=False):
                 # The next output of every row whose step passed it (the method's dense output). (The step's tensors
                 # enter the inner loop as inputs, which must not alias: hy is made here from h.)
                 next_out = times_flat[slot]
@@ -304,12 +309,17 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
                 h = r["h"]
                 theta = ((next_out - t) / h).view(b, 1)
                 vals = att.dense(theta, y, r["y1"], k1, r["f_last"], h.to(rdt).view(b, 1), r["ks"])
+                if mutate:
+                    ys.index_copy_(0, torch.where(need, slot, trash), vals)
+                    return slot + need.to(slot.dtype) * b
                 return ys.index_copy(0, torch.where(need, slot, trash), vals), slot + need.to(slot.dtype) * b
 
             def more(ys, slot):
                 return att.passed(times_flat[slot], t_new).any()
 
-            if one_output:  # (no step passes two output times: see two_outputs)
+            if in_place:  # (ys: None; no step passes two output times: see two_outputs)
+                slot = write_next(ys_out, iv[0], True)
+            elif one_output:  # (no step passes two output times: see two_outputs)
                 ys, slot = write_next(ys, iv[0])
             else:
                 # One output per row and attempt in the graph; a loop for the rare rows with several in one step.
@@ -336,7 +346,18 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
             cv = torch.stack([it, done.long(), cv[2]])
             return sv, yv, iv, ys, cv
 
-        out = torch._higher_order_ops.while_loop(cond, body, (sv, yv, iv, ys, cv))
+        if in_place:  # the output buffer written in place by the loop's body, not carried (LOOP_YS_IN_PLACE)
+            ys_out = ys.clone()
+
+            def body_in_place(sv, yv, iv, cv):
+                sv, yv, iv, _, cv = body(sv, yv, iv, None, cv)
+                return sv, yv, iv, cv
+
+            sv, yv, iv, cv = torch._higher_order_ops.while_loop(lambda sv, yv, iv, cv: cv[1] == 0, body_in_place,
+                                                                (sv, yv, iv, cv))
+            out = (sv, yv, iv, ys_out, cv)
+        else:
+            out = torch._higher_order_ops.while_loop(cond, body, (sv, yv, iv, ys, cv))
         out = (out[0],  # (with LOOP_LOG_CONTROL its rows 7, 8 too: the logarithms, for a resume)
                out[1].transpose(1, 2).contiguous() if cols else out[1],
                out[2].to(torch.int64) if int32 else out[2], *out[3:])
@@ -360,7 +381,7 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
 # controller, the shape and the module's settings (all part of the per-field cache key, with the program) and never
 # changed after: their guards are left out.
 _own_constant_guards = constant_guard_filter(("att", "state_names", "cols", "log_control", "blend", "int32",
-                                              "choose_first", "shape", "one_output", "resume"))
+                                              "choose_first", "shape", "one_output", "resume", "in_place"))
 
 
 def _loop_backend(options: dict | None) -> Callable:
@@ -481,9 +502,16 @@ class RowPack:
             # The program that writes at most one output per row and attempt (LOOP_ONE_OUTPUT), unless a solve of
             # this key had a step passing two; where it stops at such a step (cv[1] = 2), the one with the nested
             # output loop goes on from its state.
-            one = LOOP_ONE_OUTPUT and not self.per_func.get(self.several_key)
-            out = self._call(self.build("loop", choose_first, wide, one), (sv, yv, iv, ys, cv), times_flat, rtol,
-                             atol, lim)
+            one = LOOP_ONE_OUTPUT and not self.per_func.get(self.several_key) and not self.per_func.get(_ONE_FALLBACK)
+            try:
+                out = self._call(self.build("loop", choose_first, wide, one), (sv, yv, iv, ys, cv), times_flat,
+                                 rtol, atol, lim)
+            except Exception:  # (the one-output program could not be compiled: the nested one, for this field)
+                if not one:
+                    raise
+                self.per_func[_ONE_FALLBACK], one = True, False
+                out = self._call(self.build("loop", choose_first, wide), (sv, yv, iv, ys, cv), times_flat, rtol,
+                                 atol, lim)
             h_first = out[5] if choose_first else None
             if one and int(out[4][1]) == 2:
                 self.per_func[self.several_key] = True
