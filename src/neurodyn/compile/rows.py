@@ -17,7 +17,10 @@ the eager per-sample solve to rounding. The whole loop on the CPU also stores a 
 column by column (:data:`LOOP_COLUMNS`; same values) and computes the controller's factor as one ``exp`` of a sum of
 logarithms (:data:`LOOP_LOG_CONTROL`; the factor to rounding); the whole loop carries its integer rows as int32
 (:data:`LOOP_INT32`) and tests NaN by comparisons (:data:`LOOP_BLEND_NAN`), same values, and its repeat calls run the
-compiled program with its guards checked but without Dynamo's frame machinery (:mod:`neurodyn.compile.entries`). Used
+compiled program with its guards checked but without Dynamo's frame machinery (:mod:`neurodyn.compile.entries`). The
+whole loop writes at most one output per row and attempt, into an output buffer updated in place
+(:data:`LOOP_ONE_OUTPUT`, :data:`LOOP_YS_IN_PLACE`); where some row's next step could pass two output times it hands
+over to a program with a nested output loop, with the same results. Used
 for explicit Runge--Kutta methods without extra dense-output stages, real floating-point states, where no autograd
 graph is recorded, with no hooks, replay log or events, and every row integrating in the same direction; everything
 else runs the eager row loop. Compiled steps
