@@ -201,3 +201,40 @@ def test_compiled_rows_give_up_on_a_field_with_python_side_effects():
         again = neurodyn.solve(f, y0, t, per_sample_steps=True, compile=True, rtol=1e-9, atol=1e-11)
     assert "compiled" not in again.stats
     assert torch.equal(again.ys, neurodyn.solve(f, y0, t, per_sample_steps=True, rtol=1e-9, atol=1e-11).ys)
+
+
+def test_compiled_row_loop_one_output_program_hands_over_to_the_nested_output_loop(monkeypatch):
+    """The whole row loop runs a program that writes at most one output per row and attempt
+    (compile.rows.LOOP_ONE_OUTPUT); where some row's next step could pass two output times it stops and the program
+    with the nested output loop goes on from its state (and runs from the start in later solves of the same key).
+    Outputs, steps, rejections, NFE and final states are those of the nested program alone, bit for bit: with sparse
+    outputs (the one-output program to the end) and with dense ones (handed over in the first solve, the nested
+    program from the start in the second)."""
+    monkeypatch.setattr(compiled_rows, "FORM", "loop")
+    mu = torch.linspace(1.0, 8.0, 16, dtype=F64)
+
+    def field():
+        m = mu.clone()
+        return lambda t, y: torch.stack([y[..., 1], m * (1 - y[..., 0] ** 2) * y[..., 1] - y[..., 0]], -1)
+
+    y0 = torch.stack([torch.full((16,), 2.0, dtype=F64), torch.zeros(16, dtype=F64)], -1)
+    for n_times, handed_over in ((5, False), (61, True)):
+        t = torch.linspace(0, 6, n_times, dtype=F64)
+        sols, marks = {}, {}
+        for one in (False, True):
+            monkeypatch.setattr(compiled_rows, "LOOP_ONE_OUTPUT", one)
+            f = field()
+            with torch.no_grad():
+                sols[one] = [neurodyn.solve(f, y0, t, per_sample_steps=True, compile=True, rtol=1e-6, atol=1e-8)
+                             for _ in range(2)]
+            marks[one] = any(k[0] == "several outputs" and v for k, v in compiled_rows._CACHE[f].items())
+        assert marks == {False: False, True: handed_over}
+        for nested, one in zip(sols[False], sols[True]):
+            assert one.stats["compiled"] == "row-loop"
+            assert torch.equal(one.ys, nested.ys)
+            assert one.stats["nfe"] == nested.stats["nfe"]
+            for key in ("steps_per_sample", "rejected_per_sample", "initial_step"):
+                assert torch.equal(one.stats[key], nested.stats[key]), key
+            assert torch.equal(one.y_final, nested.y_final)
+            assert torch.equal(one.t_final_per_sample, nested.t_final_per_sample)
+    assert int(sols[True][0].stats["steps_per_sample"].min()) < n_times - 1  # (a row passed two outputs in a step)

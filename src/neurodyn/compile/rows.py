@@ -17,7 +17,10 @@ the eager per-sample solve to rounding. The whole loop on the CPU also stores a 
 column by column (:data:`LOOP_COLUMNS`; same values) and computes the controller's factor as one ``exp`` of a sum of
 logarithms (:data:`LOOP_LOG_CONTROL`; the factor to rounding); the whole loop carries its integer rows as int32
 (:data:`LOOP_INT32`) and tests NaN by comparisons (:data:`LOOP_BLEND_NAN`), same values, and its repeat calls run the
-compiled program with its guards checked but without Dynamo's frame machinery (:mod:`neurodyn.compile.entries`). Used
+compiled program with its guards checked but without Dynamo's frame machinery (:mod:`neurodyn.compile.entries`). The
+whole loop writes at most one output per row and attempt, into an output buffer updated in place
+(:data:`LOOP_ONE_OUTPUT`, :data:`LOOP_YS_IN_PLACE`); where some row's next step could pass two output times it hands
+over to a program with a nested output loop, with the same results. Used
 for explicit Runge--Kutta methods without extra dense-output stages, real floating-point states, where no autograd
 graph is recorded, with no hooks, replay log or events, and every row integrating in the same direction; everything
 else runs the eager row loop. Compiled steps
@@ -55,7 +58,7 @@ except ImportError:  # another torch: recompilations go unnoticed (each solve st
         return []
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_FALLBACK, _LOOP_FALLBACK = object(), object()
+_FALLBACK, _LOOP_FALLBACK, _ONE_FALLBACK = object(), object(), object()
 # Which compiled form runs: None (the whole loop where worthwhile_rows says so, else compiled attempts), "loop" or
 # "step" (tests and benchmarks).
 FORM: str | None = None
@@ -84,6 +87,16 @@ LOOP_BLEND_NAN = True
 # outside; slots, counts and codes all below 2^31): Inductor's CPU code reads int64 vectors through an out-of-line
 # helper. Read when a loop is compiled.
 LOOP_INT32 = True
+# The whole row loop: the program that runs writes at most one output per row and attempt, without the nested output
+# loop (a `while_loop` inside the loop's body: its condition, inputs and carried output buffer cost every attempt,
+# ~10 % of the Van der Pol row loop). An attempt in which some row's step passes a second output time is not committed:
+# the program stops there and the one with the nested loop goes on from that state (and runs from the start for later
+# solves of the same key). Same arithmetic, same results. Read when a solve starts.
+LOOP_ONE_OUTPUT = True
+# The whole row loop's one-output program: its output buffer written in place by the loop's body (a tensor the body
+# captures, not carried: torch's while_loop allows that where no autograd graph is recorded) instead of a new
+# ((T + 1) B, n) buffer made and copied at every attempt. Same values. Read when a loop is compiled.
+LOOP_YS_IN_PLACE = True
 # Status codes inside the graph.
 _NON_FINITE, _UNDERFLOW, _MAX_STEPS = (_sol.CODE[s] for s in (_sol.NON_FINITE, _sol.STEP_SIZE_UNDERFLOW,
                                                                _sol.MAX_STEPS_REACHED))
@@ -230,12 +243,14 @@ def _build_step(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
 
 
 def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: torch.device,
-                choose_first: bool = False, n_slots: int = 0, max_steps: int = 0) -> Callable:
+                choose_first: bool = False, n_slots: int = 0, max_steps: int = 0, one_output: bool = False,
+                resume: bool = False) -> Callable:
     state_names = list(module_state(func)) if isinstance(func, torch.nn.Module) else None
     cols = (device.type == "cpu" and force_stride_order is not None and 1 < att.n <= LOOP_COLUMNS
             and att.b >= LOOP_COLUMNS_ROWS)
     log_control = LOOP_LOG_CONTROL
     blend = LOOP_BLEND_NAN
+    in_place = one_output and LOOP_YS_IN_PLACE
     int32 = LOOP_INT32 and n_slots + att.b < 2**31 and max_steps < 2**31  # (slots and counts fit)
 
     def run(sv: Tensor, yv: Tensor, iv: Tensor, ys: Tensor, cv: Tensor, times_flat: Tensor, rtol: Tensor,
@@ -256,12 +271,24 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
         if cols:  # y and k1 stored (n, B) inside the loop (LOOP_COLUMNS)
             f = _field(func, shape, state, True)
             yv = yv.transpose(1, 2).contiguous()
-        if log_control:  # sv gains rows 7, 8: log(prev), log(prev2) (LOOP_LOG_CONTROL)
+        if log_control and not resume:  # sv gains rows 7, 8: log(prev), log(prev2) (LOOP_LOG_CONTROL)
             sv = torch.cat([sv, sv[3:5].log()])
         if int32:  # iv as int32 inside the loop (LOOP_INT32)
             iv = iv.to(torch.int32)
         rows = torch.arange(b, device=ys.device)
         trash = times_flat.shape[0] + rows
+
+        def two_outputs(t, h_abs, t_stop, slot):
+            # Whether some row's next attempt, if accepted, would pass two output times (its end: the landing rule of
+            # _Attempt; a rejected attempt passes none).
+            rem = (t_stop - t).abs()
+            land = rem <= h_abs * LANDING_SLACK
+            t1 = torch.where(land, t_stop, t + h_abs if att.d > 0 else t - h_abs)
+            first = att.passed(times_flat[slot], t1)
+            return att.passed(times_flat[slot + first.to(slot.dtype) * b], t1).any()
+
+        if one_output:  # (before the first attempt as well)
+            cv = torch.stack([cv[0], torch.where(two_outputs(sv[0], sv[1], sv[2], iv[0]), 2, cv[1]), cv[2]])
 
         def cond(sv, yv, iv, ys, cv):
             return cv[1] == 0
@@ -277,7 +304,7 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
             r = att(f, t, sv[1], sv[2], sv[3].to(rdt), sv[4].to(rdt), y, k1, rtol, atol, lim, logs, blend)
             t_new = r["t"]
 
-            def write_next(ys, slot):
+            def write_next(ys, slot, mutate=False):
                 # The next output of every row whose step passed it (the method's dense output). (The step's tensors
                 # enter the inner loop as inputs, which must not alias: hy is made here from h.)
                 next_out = times_flat[slot]
@@ -285,13 +312,21 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
                 h = r["h"]
                 theta = ((next_out - t) / h).view(b, 1)
                 vals = att.dense(theta, y, r["y1"], k1, r["f_last"], h.to(rdt).view(b, 1), r["ks"])
+                if mutate:
+                    ys.index_copy_(0, torch.where(need, slot, trash), vals)
+                    return slot + need.to(slot.dtype) * b
                 return ys.index_copy(0, torch.where(need, slot, trash), vals), slot + need.to(slot.dtype) * b
 
             def more(ys, slot):
                 return att.passed(times_flat[slot], t_new).any()
 
-            # One output per row and attempt in the graph; a loop for the rare rows with several in one step.
-            ys, slot = torch._higher_order_ops.while_loop(more, write_next, write_next(ys, iv[0]))
+            if in_place:  # (ys: None; no step passes two output times: see two_outputs)
+                slot = write_next(ys_out, iv[0], True)
+            elif one_output:  # (no step passes two output times: see two_outputs)
+                ys, slot = write_next(ys, iv[0])
+            else:
+                # One output per row and attempt in the graph; a loop for the rare rows with several in one step.
+                ys, slot = torch._higher_order_ops.while_loop(more, write_next, write_next(ys, iv[0]))
             stuck = r["stuck"]
             code = torch.where(torch.isfinite(r["ratio"]), _UNDERFLOW, _NON_FINITE).to(status.dtype)
             status = torch.where(stuck, code, status)
@@ -301,6 +336,8 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
             out_of_budget = (it >= cv[2]) & still.any()
             status = torch.where(still & out_of_budget, _MAX_STEPS, status)
             done = (~still.any()) | out_of_budget
+            if one_output:  # cv[1] = 2: the next attempt may pass two outputs (RowPack.loop: the nested program)
+                done = torch.where(done, 1, torch.where(two_outputs(t_new, r["h_abs"], t_stop, slot), 2, 0))
             sv = torch.stack([t_new, r["h_abs"], t_stop, r["prev"].to(torch.float64), r["prev2"].to(torch.float64),
                               r["ratio"].to(torch.float64), r["h"]]
                              + ([x.to(torch.float64) for x in r["logs"]] if log_control else []))
@@ -312,8 +349,19 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
             cv = torch.stack([it, done.long(), cv[2]])
             return sv, yv, iv, ys, cv
 
-        out = torch._higher_order_ops.while_loop(cond, body, (sv, yv, iv, ys, cv))
-        out = (out[0][:7] if log_control else out[0],
+        if in_place:  # the output buffer written in place by the loop's body, not carried (LOOP_YS_IN_PLACE)
+            ys_out = ys.clone()
+
+            def body_in_place(sv, yv, iv, cv):
+                sv, yv, iv, _, cv = body(sv, yv, iv, None, cv)
+                return sv, yv, iv, cv
+
+            sv, yv, iv, cv = torch._higher_order_ops.while_loop(lambda sv, yv, iv, cv: cv[1] == 0, body_in_place,
+                                                                (sv, yv, iv, cv))
+            out = (sv, yv, iv, ys_out, cv)
+        else:
+            out = torch._higher_order_ops.while_loop(cond, body, (sv, yv, iv, ys, cv))
+        out = (out[0],  # (with LOOP_LOG_CONTROL its rows 7, 8 too: the logarithms, for a resume)
                out[1].transpose(1, 2).contiguous() if cols else out[1],
                out[2].to(torch.int64) if int32 else out[2], *out[3:])
         return (*out, h_first) if choose_first else out
@@ -336,7 +384,7 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
 # controller, the shape and the module's settings (all part of the per-field cache key, with the program) and never
 # changed after: their guards are left out.
 _own_constant_guards = constant_guard_filter(("att", "state_names", "cols", "log_control", "blend", "int32",
-                                              "choose_first", "shape"))
+                                              "choose_first", "shape", "one_output", "resume", "in_place"))
 
 
 def _loop_backend(options: dict | None) -> Callable:
@@ -382,16 +430,20 @@ class CompiledRows:
         per_func, func, shape = self.per_func, self.func, self.shape
         whole = worthwhile_rows(self.shape, n_times, device) and not per_func.get(_LOOP_FALLBACK)
 
-        def build(kind: str, choose_first: bool = False, wide: bool = False) -> Callable:
-            # (wide: max_steps at least 2^31, so that the loop's counters stay int64)
-            fn = per_func.get((kind, key, n_times if kind == "loop" else None, choose_first, wide))
+        def build(kind: str, choose_first: bool = False, wide: bool = False, one_output: bool = False,
+                  resume: bool = False) -> Callable:
+            # (wide: max_steps at least 2^31, so that the loop's counters stay int64; one_output, resume: see
+            # _build_loop)
+            k = (kind, key, n_times if kind == "loop" else None, choose_first, wide, one_output, resume)
+            fn = per_func.get(k)
             if fn is None:
-                fn = (_build_loop(att, func, shape, device, choose_first, n_times * att.b, 2**31 if wide else 0)
+                fn = (_build_loop(att, func, shape, device, choose_first, n_times * att.b, 2**31 if wide else 0,
+                                  one_output, resume)
                       if kind == "loop" else _build_step(att, func, shape, device))
-                per_func[(kind, key, n_times if kind == "loop" else None, choose_first, wide)] = fn
+                per_func[k] = fn
             return fn
 
-        return RowPack(build, per_func, whole, module_state(func))
+        return RowPack(build, per_func, whole, module_state(func), ("several outputs", key, n_times))
 
 
 def worthwhile_rows(shape: tuple[int, ...], n_times: int, device: torch.device) -> bool:
@@ -416,8 +468,10 @@ class RowPack:
     """One solve's compiled forms: :meth:`loop` (the whole loop, where it pays) and ``__call__`` (one attempt) on the
     packed loop state ``(sv, yv, iv)`` (layouts: :func:`_build_step`, :func:`_build_loop`)."""
 
-    def __init__(self, build: Callable[[str], Callable], per_func: dict, whole: bool, state: dict[str, Tensor]):
+    def __init__(self, build: Callable[..., Callable], per_func: dict, whole: bool, state: dict[str, Tensor],
+                 several_key: tuple = ()):
         self.build, self.per_func, self.whole, self.state = build, per_func, whole, state
+        self.several_key = several_key  # per_func's mark: a solve of this key had a step passing two outputs
         self.fn = None
         self.calls = 0
         self.entries = 0
@@ -446,20 +500,44 @@ class RowPack:
         iv = iv.clone()
         iv[3] = status
         cv = torch.tensor([0, 0, max_steps], dtype=torch.long, device=ys.device)
+        wide = max_steps >= 2**31
         try:
-            fn = self.build("loop", choose_first, max_steps >= 2**31)
-            args = (sv, yv, iv, ys, cv, times_flat, rtol, atol, lim, *self.state.values())
-            out = fn.entries(args)  # a compiled entry whose guards pass, or None: Dynamo's call (compiles if needed)
-            if out is None:
-                with compiled_context():
-                    out = fn(*args)
-            return tuple(out) if choose_first else (*out, None)
+            # The program that writes at most one output per row and attempt (LOOP_ONE_OUTPUT), unless a solve of
+            # this key had a step passing two; where it stops at such a step (cv[1] = 2), the one with the nested
+            # output loop goes on from its state.
+            one = LOOP_ONE_OUTPUT and not self.per_func.get(self.several_key) and not self.per_func.get(_ONE_FALLBACK)
+            try:
+                out = self._call(self.build("loop", choose_first, wide, one), (sv, yv, iv, ys, cv), times_flat,
+                                 rtol, atol, lim)
+            except Exception:  # (the one-output program could not be compiled: the nested one, for this field)
+                if not one:
+                    raise
+                self.per_func[_ONE_FALLBACK], one = True, False
+                out = self._call(self.build("loop", choose_first, wide), (sv, yv, iv, ys, cv), times_flat, rtol,
+                                 atol, lim)
+            h_first = out[5] if choose_first else None
+            if one and int(out[4][1]) == 2:
+                self.per_func[self.several_key] = True
+                cv = out[4].clone()
+                cv[1] = 0
+                out = self._call(self.build("loop", False, wide, False, True), (*out[:4], cv), times_flat, rtol,
+                                 atol, lim)
+            return (out[0][:7], *out[1:5], h_first)
         except Exception as exc:  # compilation failed: compiled attempts from now on, for this field
             self.per_func[_LOOP_FALLBACK] = True
             warnings.warn(f"compile=True: the per-sample loop could not be compiled as a whole ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}); running compiled row steps.",
                           RuntimeWarning, stacklevel=4)
             return None
+
+    def _call(self, fn: Callable, carried: tuple[Tensor, ...], times_flat: Tensor, rtol: Tensor, atol: Tensor,
+              lim: Tensor) -> tuple[Tensor, ...]:
+        args = (*carried, times_flat, rtol, atol, lim, *self.state.values())
+        out = fn.entries(args)  # a compiled entry whose guards pass, or None: Dynamo's call (compiles if needed)
+        if out is None:
+            with compiled_context():
+                out = fn(*args)
+        return tuple(out)
 
     def __call__(self, sv: Tensor, yv: Tensor, iv: Tensor, times_flat: Tensor, rtol: Tensor, atol: Tensor,
                  lim: Tensor):
