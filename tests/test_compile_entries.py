@@ -228,28 +228,3 @@ def test_row_loop_own_constant_guards_leave_out_only_its_own_closure():
              "choose_first", "func", "func.__closure__[0].cell_contents", "tensors[0]", "sv", "attempt", "G['torch']"]
     kept = rows_mod._own_constant_guards([Entry(n) for n in names])
     assert kept == [False] * 10 + [True] * 6
-
-
-def test_graph_inputs_read_in_argument_order_or_along_their_paths():
-    """An entry whose graph inputs are the call's arguments in order is called with them as they are; one whose
-    inputs are elsewhere (a closure tensor, an argument left out, another order) reads them along their paths; both
-    give the function's result."""
-    w = torch.full((3,), 2.0)
-
-    def in_order(x, *ws):
-        return (x * ws[0] + 1, x.sum())
-
-    def closure_and_skipped(x, y, *ws):
-        return (y * w + ws[1], y.sum())
-
-    x, a, b = torch.ones(3), torch.full((3,), 3.0), torch.full((3,), 5.0)
-    for fn, args, direct in ((in_order, (x, a), 2), (closure_and_skipped, (x, a, x, b), -1)):
-        torch._dynamo.reset()
-        entries = entries_mod.Entries(fn, n_outputs=2)
-        compiled = torch.compile(fn, backend=entries.backend(lambda gm, inputs: gm), fullgraph=True)
-        first = compiled(*args)
-        assert [record[2] for record in entries.records.values()] == [direct]
-        again = entries(args)
-        assert again is not None and all(torch.equal(p, q) for p, q in zip(first, again))
-        assert all(torch.equal(p, q) for p, q in zip(fn(*args), again))
-    torch._dynamo.reset()

@@ -107,7 +107,7 @@ class Entries:
                     # and restores the caller's after). A call from here runs only where no callback is set and the
                     # stance is the default (see __call__), where that wrapper changes nothing: the callable inside
                     # it is recorded.
-                    self.records[compile_id] = (_undisabled(compiled), getters, self._direct(getters))
+                    self.records[compile_id] = (_undisabled(compiled), getters)
             return compiled
 
         return backend
@@ -132,18 +132,6 @@ class Entries:
         names = set(self.positional) | ({self.varargs} if self.varargs else set()) | {n for n, _ in self.cells}
         return getters if all(name in names for name, _ in getters) else None
 
-    def _direct(self, getters: list[tuple[str, tuple]]) -> int:
-        """The number of arguments of a call whose graph inputs are exactly those arguments in order (each positional
-        parameter, then each item of ``*args`` by index), else -1 (the inputs are read along their paths)."""
-        expected = [(name, ()) for name in self.positional]
-        if getters[:len(expected)] != expected:
-            return -1
-        for j, (name, steps) in enumerate(getters[len(expected):]):
-            if name != self.varargs or len(steps) != 1 or type(steps[0]) is not operator.itemgetter \
-                    or repr(steps[0]) != f"operator.itemgetter({j})":
-                return -1
-        return len(getters)
-
     def cache(self) -> list:
         """Dynamo's compiled entries of the function now (its cache entries, in the order Dynamo tries them; empty
         where torch lacks the private parts this module reads). Their number is the number of compiled variants."""
@@ -162,15 +150,12 @@ class Entries:
         n_pos = len(self.positional)
         if len(args) < n_pos or (self.varargs is None and len(args) != n_pos):
             return None
-        try:
-            frame = {name: cell.cell_contents for name, cell in self.cells}
-        except ValueError:  # an empty cell: not a local of the frame either
-            frame = {}
-            for name, cell in self.cells:
-                try:
-                    frame[name] = cell.cell_contents
-                except ValueError:
-                    pass
+        frame = {}
+        for name, cell in self.cells:
+            try:
+                frame[name] = cell.cell_contents
+            except ValueError:  # an empty cell: not a local of the frame either
+                pass
         frame.update(zip(self.positional, args))
         if self.varargs is not None:
             frame[self.varargs] = tuple(args[n_pos:])
@@ -179,9 +164,7 @@ class Entries:
                 record = self.records.get(entry.compile_id)
                 if record is None:
                     return None
-                compiled, getters, direct = record
-                if direct == len(args):  # the graph's inputs are the arguments, in order
-                    return compiled(*args)
+                compiled, getters = record
                 return compiled(*[_follow(frame[name], steps) for name, steps in getters])
         return None
 
