@@ -42,11 +42,13 @@ def test_scratch_buffer_pooled_and_carried_output_left():
             "        slot = std::move(out);"]
     lines, changed = pool.pool_loop_buffers(_loop(body))
     text = "\n".join(lines)
-    assert changed == 2  # tmp pooled, arg0 a reference
+    assert changed == 3  # tmp pooled, arg0 a reference, the carried out recycled
     assert "auto& tmp = tmp_pool;" in text and "auto& tmp2 = tmp;  // reuse" in text
     assert "tmp2.reset();" not in text and "arg0.reset();" not in text
     assert "auto& arg0 = slot;" in text
-    assert "&out_handle));" in text and "out_pool" not in text  # leaves the iteration: allocated each time
+    assert "&out_handle));" in text and "out_pool" not in text  # leaves the iteration: not pooled, but recycled
+    assert "if (out_spare.get() != nullptr) { out_handle = out_spare.release(); } else { " in text
+    assert "if (slot_recycle) { out_spare = std::move(slot); } else { slot.reset(); } slot_recycle = true;" in text
     # the pool is declared once, before the loop, in a block that encloses it
     head = text.index("tmp_pool_handle));")
     assert head < text.index("while (1) {") < text.index("auto& tmp = tmp_pool;")
@@ -66,6 +68,76 @@ def test_buffers_that_may_leave_the_iteration_are_left():
             "        cpp_kernel(d);"]  # the handle itself, not its data pointer
     lines, changed = pool.pool_loop_buffers(_loop(body))
     assert changed == 0 and lines == _loop(body)
+
+
+def _carried_loop(body: list[str]) -> list[str]:
+    return ["    static constexpr int64_t int_array_1[] = {1L, 64L};",
+            "    static constexpr int64_t int_array_2[] = {64L, 1L};",
+            "    static constexpr int64_t *int_array_3=nullptr;",
+            "    RAIIAtenTensorHandle cond_result;",
+            "    RAIIAtenTensorHandle slot(initial_handle);",
+            "    while (1) {",
+            "        AtenTensorHandle c_handle;",
+            "        AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(0, int_array_3, int_array_3, "
+            "cached_torch_dtype_bool, cached_torch_device_type_cpu, 0, &c_handle));",
+            "        RAIIAtenTensorHandle c(c_handle);",
+            "        cond_kernel((const double*)(slot.data_ptr()), (bool*)(c.data_ptr()));",
+            "        cond_result.reset();",
+            "        cond_result = std::move(c);",
+            "        bool cond_result_scalar;",
+            "        AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_item_bool(cond_result, &cond_result_scalar));",
+            "        if (!cond_result_scalar) break;",
+            "        auto& arg0 = slot;",
+            *body,
+            "    }",
+            "    use(slot);"]
+
+
+def test_carried_values_recycled():
+    """The condition's result and the body's output, fresh buffers moved into handles declared before the loop:
+    the buffer a handle held in the iteration before is the next allocation of the same buffer (from the third
+    iteration on), the loop's initial value (first iteration) is freed as before."""
+    body = [*_buffer("o"), "        auto o2 = std::move(o);  // reuse",
+            "        body_kernel((const double*)(arg0.data_ptr()), (double*)(o2.data_ptr()));",
+            "        slot.reset();", "        slot = std::move(o2);"]
+    lines, changed = pool.pool_loop_buffers(_carried_loop(body))
+    text = "\n".join(lines)
+    assert changed == 2
+    pre = text.index("while (1) {")
+    for decl in ("RAIIAtenTensorHandle c_spare;", "bool cond_result_recycle = false;", "RAIIAtenTensorHandle o_spare;",
+                 "bool slot_recycle = false;"):
+        assert 0 <= text.index(decl) < pre
+    assert "if (c_spare.get() != nullptr) { c_handle = c_spare.release(); } else { AOTI_TORCH_ERROR_CODE_CHECK(" \
+           "aoti_torch_empty_strided(0, int_array_3, int_array_3, cached_torch_dtype_bool" in text
+    assert "if (cond_result_recycle) { c_spare = std::move(cond_result); } else { cond_result.reset(); } " \
+           "cond_result_recycle = true;" in text
+    assert "if (o_spare.get() != nullptr) { o_handle = o_spare.release(); } else { " in text
+    assert "if (slot_recycle) { o_spare = std::move(slot); } else { slot.reset(); } slot_recycle = true;" in text
+    assert text.count("{") == text.count("}")
+
+
+@pytest.mark.parametrize("line", [
+    "        other = std::move(o2);",  # another carried value, not reset first
+    "        AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_view(slot, &v_handle));",  # may keep a view of slot
+    "        AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_view(o2, &v_handle));",  # may keep a view of the new buffer
+    "        keep_kernel(slot);",  # the handle itself, not its data pointer
+    "        while (1) {  }",  # a nested loop
+])
+def test_carried_values_left_where_they_may_be_kept(line):
+    body = [*_buffer("o"), "        auto o2 = std::move(o);  // reuse",
+            "        body_kernel((const double*)(arg0.data_ptr()), (double*)(o2.data_ptr()));", line,
+            "        slot.reset();", "        slot = std::move(o2);"]
+    lines, _ = pool.pool_loop_buffers(_carried_loop(body))
+    assert not any("_spare" in ln or "_recycle" in ln for ln in lines)
+
+
+def test_carried_view_left():
+    """A carried value that is a view of another buffer (not a buffer allocated in the iteration): nothing recycled,
+    the condition's result neither."""
+    body = ["        auto v = wrap_with_raii_handle_if_needed(reinterpret_tensor_wrapper(arg0, 2, int_array_1, "
+            "int_array_2, 0L));  // alias", "        slot.reset();", "        slot = std::move(v);"]
+    lines, _ = pool.pool_loop_buffers(_carried_loop(body))
+    assert not any("_spare" in ln or "_recycle" in ln for ln in lines)
 
 
 def test_non_constant_sizes_and_budget():
