@@ -265,11 +265,12 @@ def solve(
         (``gradient="direct"``) the steps run as compiled blocks of steps whose compiled backward keeps the forward's
         activations (the eager solve's gradients to rounding; timed forward and backward against eager steps);
         with ``gradient="adjoint"`` the forward solve (no graph) may run as that compiled loop, reversible Heun's
-        exact adjoint included; adaptive SDE solves and the backward solves of the gradient modes run eagerly. With ``per_sample_steps=True`` (explicit
-        Runge--Kutta methods without extra dense-output stages, float32/float64 states, no graph recorded, no
-        events, every row in one direction of time) the per-sample loop is compiled (``neurodyn.compile.rows``): as a
-        whole where ``y0.numel() * len(t) <= 32768`` on the CPU (``stats["compiled"] == "row-loop"``), else one
-        compiled attempt per step (``"row-step"``); not timed against eager. Elsewhere the eager per-sample loop runs.
+        exact adjoint included; adaptive SDE solves and the backward solves of the gradient modes run eagerly.
+        With ``per_sample_steps=True`` (explicit Runge--Kutta methods without extra dense-output stages, float32/float64
+        states, no graph recorded, no events, every row in one direction of time) the per-sample loop is compiled
+        (``neurodyn.compile.rows``): as a whole where ``y0.numel() * len(t) <= 32768`` on the CPU (``stats["compiled"]
+        == "row-loop"``), else one compiled attempt per step (``"row-step"``); not timed against eager. Elsewhere the
+        eager per-sample loop runs.
 
     Returns
     -------

@@ -41,7 +41,7 @@ def integrate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor | Callable[
     ``on_attempt(t, y, h, accepted, nfe)`` (see :func:`iterate`).
     """
     if not isinstance(k0, Tensor):  # the compiled whole loop first, without the generator (as iterate starts)
-        jumps, stops = _stops(times, cfg)
+        jumps, stops = landing_times(times, cfg)
         res = None if jumps else _run_deferred(term, solver, y0, times, stops, cfg)
         if res is not None:
             return res
@@ -70,7 +70,7 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor | Callable[[]
     """
     t0, t_end = times[0], times[-1]
     direction = 1.0 if t_end > t0 else -1.0
-    jumps, stops = _stops(times, cfg)
+    jumps, stops = landing_times(times, cfg)
     if not isinstance(k0, Tensor):  # dy/dt at t0 left to the compiled whole loop (defers_start)
         res = None if jumps else _run_deferred(term, solver, y0, times, stops, cfg)
         if res is not None:
@@ -476,7 +476,7 @@ def failure_message(status: str, t: float, h_abs: float, cfg: LoopConfig, solver
             f"if the steps are tiny because the problem is stiff, {stiff_hint}.")
 
 
-def _stops(times: list[float], cfg: LoopConfig) -> tuple[set[float], list[float]]:
+def landing_times(times: list[float], cfg: LoopConfig) -> tuple[set[float], list[float]]:
     """``(jumps, stops)``: the jump times strictly inside the span of ``times``, and the times the solver must land
     on (``step_t``, ``jump_t`` and the final time) in the direction of travel."""
     t0, t_end = times[0], times[-1]
