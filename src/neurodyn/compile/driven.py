@@ -106,29 +106,44 @@ def _build(holder: list, n_carried: int) -> Callable:
     return _compiled(own_code(run), options, 4 + n_carried)
 
 
-def _build_block(holder: list, n_carried: int, n_inputs: int, size: int) -> Callable:
+def _build_block(holder: list, n_carried: int, n_inputs: int, size: int, start_drift: bool = False) -> Callable:
     """The compiled block of ``size`` steps for a solve that records an autograd graph (the steps unrolled in one
     graph; the stepper and bound term in ``holder``, set before each call): ``run(y, k, tg, hg, *carried, *inputs) ->
     (finite, y, k, *carried)``, ``inputs`` the steps' inputs in step order (``n_inputs`` each), ``finite`` a bool per
-    step (the state after it is finite). Called with grad mode on, AOTAutograd splits it into a compiled forward that
-    keeps the tensors the backward needs (no step is recomputed) and a compiled backward, joined to autograd's graph."""
+    step (the state after it is finite), ``k`` the drift at the state (FSAL methods: the step's own). With
+    ``start_drift`` (methods that are not FSAL) the block evaluates the drift at each step's start itself and neither
+    takes nor returns it: ``run(y, tg, hg, *carried, *inputs) -> (finite, y, *carried)`` -- no drift is evaluated on
+    the host before the first block, nor after the last step. Called with grad mode on, AOTAutograd splits it into a
+    compiled forward that keeps the tensors the backward needs (no step is recomputed) and a compiled backward, joined
+    to autograd's graph."""
 
-    def run(y: Tensor, k: Tensor, tg: Tensor, hg: Tensor, *rest: Tensor):
+    def steps(y: Tensor, k: Tensor | None, tg: Tensor, hg: Tensor, rest: tuple) -> tuple:
         solver, term = holder
         shape, func, t_dtype = term.shape, term.func, term.t_dtype
         carried, inputs = tuple(rest[:n_carried]), rest[n_carried:]
         finite = []
         for j in range(size):
+            if start_drift:  # the drift at the step's start
+                k = func(tg[j].to(t_dtype), y.view(shape)).reshape(1, -1)
             y1, kn, carried = solver.driven_step(term, tg[j], y, hg[j], k, carried,
                                                  tuple(inputs[j * n_inputs:(j + 1) * n_inputs]))
-            if kn is None:  # the drift at the step end: the next step's k1
+            if kn is None and not start_drift:  # the drift at the step end: the next step's k1
                 kn = func(tg[j + 1].to(t_dtype), y1.view(shape)).reshape(1, -1)
             finite.append(torch.isfinite(y1).all())
             y, k = y1, kn
-        return torch.stack(finite), y, k, *carried
+        return torch.stack(finite), y, k, carried
+
+    if start_drift:
+        def run(y: Tensor, tg: Tensor, hg: Tensor, *rest: Tensor):
+            finite, y, _, carried = steps(y, None, tg, hg, rest)
+            return finite, y, *carried
+    else:
+        def run(y: Tensor, k: Tensor, tg: Tensor, hg: Tensor, *rest: Tensor):
+            finite, y, k, carried = steps(y, k, tg, hg, rest)
+            return finite, y, k, *carried
 
     options = GRAPH_OPTIONS if holder[1].device is None or torch.device(holder[1].device).type == "cpu" else None
-    return _compiled(own_code(run), options, 3 + n_carried, dynamic=False)
+    return _compiled(own_code(run), options, (2 if start_drift else 3) + n_carried, dynamic=False)
 
 
 def _compiled(fn: Callable, options: dict | None, n_outputs: int, **kwargs: Any) -> Callable:
@@ -154,12 +169,13 @@ def _call(compiled: Callable, *args: Tensor) -> tuple:
         return compiled(*args)
 
 
-def graph_leaves(term: Any, y0: Tensor, k0: Tensor) -> tuple[list[Tensor], bool]:
+def graph_leaves(term: Any, y0: Tensor, k0: Tensor | None) -> tuple[list[Tensor], bool]:
     """``(leaves, known)``: the tensors requiring grad that a solve of the SDE ``term`` (the user's) from ``y0`` with
-    the drift ``k0`` there depends on -- ``y0``, ``k0`` (where they require grad) and the parameters requiring grad
+    the drift ``k0`` there (None: not evaluated) depends on -- ``y0``, ``k0`` (where they require grad) and the
+    parameters requiring grad
     of the ``nn.Module`` owners of its drift and diffusion functions; ``known`` is False where one of those functions
     is not a module's method or a module (a closure: what it captures is not known)."""
-    leaves = [x for x in (y0, k0) if x.requires_grad]
+    leaves = [x for x in (y0, k0) if x is not None and x.requires_grad]
     known = True
     seen: set = set()
     drift, diff = split_sde(term)
@@ -179,7 +195,7 @@ def graph_leaves(term: Any, y0: Tensor, k0: Tensor) -> tuple[list[Tensor], bool]
     return leaves, known
 
 
-def records_graph(term: Any, y0: Tensor, k0: Tensor) -> bool:
+def records_graph(term: Any, y0: Tensor, k0: Tensor | None) -> bool:
     """Whether a solve of the SDE ``term`` from ``y0`` (drift ``k0`` there) records an autograd graph: grad mode on
     and a tensor requiring grad behind it (:func:`graph_leaves`; a closure among its functions counts as one)."""
     if not torch.is_grad_enabled():
@@ -268,6 +284,31 @@ class DrivenPlugIn:
                 _restore(solver, options, stats)
         return decision
 
+    def cached_choice(self, term, solver: Stepper, y0: Tensor, times: list[float], stops: list[float], cfg,
+                      loop_available: bool) -> tuple[str, str] | tuple[None, None]:
+        """:meth:`choose`'s answer for a solve whose drift at the initial time is not evaluated yet
+        (:meth:`defers_start`), where it is cached and is the loop; else ``(None, None)`` (the caller evaluates the
+        drift and calls :meth:`choose`)."""
+        if not loop_available or not self.usable or self.user is None:
+            return None, None
+        if policy.FORCE is not None:
+            decision = policy.decide(None, True, force=policy.FORCE)
+        else:
+            graph = records_graph(self.user, y0, None)
+            decision = self.per_func.get(("decision", self.key, len(times), len(stops), torch.is_grad_enabled(),
+                                          graph))
+        if decision is None or decision[0] != "loop":
+            return None, None
+        self._term = term  # the bound term of this solve: what loop() steps
+        return decision
+
+    def defers_start(self, y0: Tensor) -> bool:
+        """Whether a solve from ``y0`` may leave the drift at the initial time unevaluated
+        (:func:`neurodyn.core.loop.defers_start`): where it records an autograd graph and the method is not FSAL, the
+        compiled blocks evaluate it at the first step's start themselves (:func:`_build_block`'s ``start_drift``)."""
+        return torch.is_grad_enabled() and self.usable and self.user is not None \
+            and not getattr(self.solver, "fsal", False) and records_graph(self.user, y0, None)
+
     def _measure_graph(self, term, solver: Stepper, y0: Tensor, times: list[float], stops: list[float],
                        cfg) -> policy.Timing:
         """Forward and backward of the first :data:`GRAPH_ATTEMPTS` steps, compiled blocks against eager steps
@@ -339,6 +380,8 @@ class DrivenPlugIn:
             return None
         if self.user is not None and records_graph(self.user, y0, k0):
             return self._loop_graph(term, times, stops, y0, k0, first, max_step, max_steps)
+        if k0 is None:  # the loop below starts from the drift at the initial time
+            return None
         tl, hl = step_grid(times, stops, min(first, max_step))
         n = min(len(hl), max_steps)
         if n == 0:
@@ -446,11 +489,16 @@ class DrivenPlugIn:
                       f"({type(exc).__name__}: {reason[:300]}); stepping eagerly instead (for this vector field).",
                       RuntimeWarning, stacklevel=6)
 
-    def _loop_graph(self, term, times: list[float], stops: list[float], y0: Tensor, k0: Tensor, first: float,
+    def _loop_graph(self, term, times: list[float], stops: list[float], y0: Tensor, k0: Tensor | None, first: float,
                     max_step: float, max_steps: int) -> LoopOutcome | None:
         """The solve as compiled blocks of steps under autograd (:func:`_build_block`): outputs and final state joined
-        to the graph of ``y0``, ``k0`` and the functions' tensors; None where compiling failed (warned once)."""
+        to the graph of ``y0``, ``k0`` and the functions' tensors; None where compiling failed (warned once). A method
+        that is not FSAL runs blocks that evaluate the drift at each step's start (``start_drift``): ``k0`` is not read
+        (None: not evaluated, :meth:`defers_start`); an FSAL method needs it (None: returns None)."""
         solver = self.solver
+        start_drift = not getattr(solver, "fsal", False)
+        if k0 is None and not start_drift:
+            return None
         tl, hl = step_grid(times, stops, min(first, max_step))
         n = min(len(hl), max_steps)
         if n == 0:
@@ -465,18 +513,20 @@ class DrivenPlugIn:
             return x.clone() if x.requires_grad else x.detach().clone().requires_grad_(True)
 
         try:
-            k, carried = solver.driven_start(term, times[0], y0, k0.reshape(1, -1))
-            k = own(k)
+            k, carried = solver.driven_start(term, times[0], y0, None if k0 is None else k0.reshape(1, -1))
+            k = None if start_drift else own(k)
             carried = tuple(own(c) if c.is_floating_point() else c for c in carried)
             first_inputs = solver.step_inputs(term, tl[0], tl[0] + hl[0])
             n_in = len(first_inputs)
-            ckey = ("graph", self.key, len(carried), n_in)
+            ckey = ("graph", self.key, len(carried), n_in, start_drift)
             entry = self.per_func.get(ckey)
             if entry is None:
                 counts = {"nfe": 0, "nfe_diffusion": 0}
                 with torch.no_grad():
+                    # (the step's own evaluations; a drift where none was evaluated yet: any values, only counted)
                     solver.driven_step(term, torch.tensor(tl[0], dtype=torch.float64, device=dev), y0.detach(),
-                                       torch.tensor(hl[0], dtype=torch.float64, device=dev), k.detach(),
+                                       torch.tensor(hl[0], dtype=torch.float64, device=dev),
+                                       y0.detach().reshape(1, -1) if k is None else k.detach(),
                                        tuple(c.detach() for c in carried), first_inputs, counts)
                 holder = [solver, term]
                 entry = self.per_func[ckey] = ({}, counts, holder)
@@ -488,14 +538,17 @@ class DrivenPlugIn:
             def block(size: int) -> Callable:
                 fn = blocks.get(size)
                 if fn is None:
-                    fn = blocks[size] = _build_block(holder, len(carried), n_in, size)
+                    fn = blocks[size] = _build_block(holder, len(carried), n_in, size, start_drift)
                 return fn
 
-            def run(size: int) -> tuple:  # steps st.i .. st.i + size - 1 from the current state
+            def run(size: int) -> tuple:  # steps st.i .. st.i + size - 1 from the current state: (finite, y, k, *c)
                 a = st.i
                 inputs = [x for j in range(a, a + size) for x in solver.step_inputs(term, tl[j], tl[j] + hl[j])]
                 tg = torch.tensor(tl[a:a + size + 1], dtype=torch.float64, device=dev)
                 hg = torch.tensor(hl[a:a + size], dtype=torch.float64, device=dev)
+                if start_drift:
+                    finite, y1, *c1 = _call(block(size), st.y, tg, hg, *st.carried, *inputs)
+                    return finite, y1, None, *c1
                 return _call(block(size), st.y, st.k, tg, hg, *st.carried, *inputs)
 
             def advance(stop: int) -> bool:  # steps st.i .. stop - 1; False where one made the state non-finite
@@ -519,7 +572,10 @@ class DrivenPlugIn:
         except Exception as exc:  # compilation failed: eager steps from now on, for this field
             self._failed(exc)
             return None
-        return _finish(solver, term, st, outs, tl, hl, status, first, max_step, counts)
+        # The drift at each step's start (start_drift) or end: one per step either way; with k0 not evaluated, the
+        # one at the initial time is the one the solve already counts (the direct solve's NFE starts at 1).
+        return _finish(solver, term, st, outs, tl, hl, status, first, max_step, counts,
+                       -1 if k0 is None and st.i else 0)
 
 
 class _Position:
@@ -559,14 +615,15 @@ def _walk_outputs(st: _Position, advance: Callable[[int], bool], solver, term, t
 
 
 def _finish(solver: Stepper, term, st: _Position, outs: list[Tensor], tl: list[float], hl: list[float], status: str,
-            first: float, max_step: float, counts: dict) -> LoopOutcome:
-    """Close a compiled driven solve: the solver's state, its counters and the :class:`LoopOutcome`."""
+            first: float, max_step: float, counts: dict, nfe_offset: int = 0) -> LoopOutcome:
+    """Close a compiled driven solve: the solver's state, its counters and the :class:`LoopOutcome` (its ``nfe``
+    shifted by ``nfe_offset``)."""
     solver.driven_finish(term, tl[st.i], st.y, st.k, tuple(st.carried))
     if solver.stats is not None and "nfe_diffusion" in solver.stats:
         solver.stats["nfe_diffusion"] += st.i * counts["nfe_diffusion"]
     # the steps' drift evaluations, and (not FSAL) the drift at each step's end
     return _outcome(outs, st.y, tl, hl, st.i, status, first, max_step, st.i * counts["nfe"] + (
-        0 if getattr(solver, "fsal", False) else st.i))
+        0 if getattr(solver, "fsal", False) else st.i) + nfe_offset)
 
 
 def _outcome(outs: list[Tensor], y: Tensor, tl: list[float], hl: list[float], i: int, status: str, first: float,
@@ -611,4 +668,5 @@ def plug_in(solver: Stepper, func: Callable, y0: Tensor) -> tuple[DrivenPlugIn, 
         return p.loop(*args, **kwargs)
 
     loop.differentiable = True  # it joins its outputs to a recorded graph itself (compiled blocks of steps)
+    loop.defers_start = p.defers_start
     return p, loop
