@@ -16,20 +16,24 @@ of the blocks below) run its compiled entries with their guards checked, without
 
 Where an autograd graph is recorded (``gradient="direct"``: ``y0``, the drift at ``t0`` or a parameter of the
 drift's or diffusion's module requires grad, or a function is a closure) the steps run instead as compiled blocks of
-:data:`GRAPH_BLOCK` steps unrolled in one graph (the same ``driven_step``, the same host-queried inputs), called with
+:data:`GRAPH_BLOCK` steps (:data:`GRAPH_BLOCK_CHEAP` for a step of one drift and one diffusion evaluation) unrolled in
+one graph (the same ``driven_step``, the same host-queried inputs), called with
 grad mode on: AOTAutograd splits each block into a compiled forward that keeps what the backward needs (the hidden
 activations of the networks, say: no step is recomputed) and one compiled backward, joined to autograd's graph, so
 the gradients are the eager solve's (to rounding) with respect to ``y0``, the parameters and any tensor the functions
-capture. Steps short of a whole block before an output time run as one-step blocks. The compiled backward cannot be
-differentiated again (``create_graph=True``: use ``compile=False``).
+capture. The blocks of a method that is not FSAL evaluate the drift at each step's start themselves (the solve
+evaluates none on the host: :meth:`DrivenPlugIn.defers_start`). Steps short of a whole block before an output time run
+as one-step blocks. The compiled backward cannot be differentiated again (``create_graph=True``: use
+``compile=False``).
 
 It covers fixed-step solves (``step_size=``) without events, ``dense=True``, ``jump_t``, ``perturb``, step hooks or a
 recorded solve (``gradient="checkpoint"``, ``"adjoint"``); elsewhere the solve runs the eager stepper. Outputs are
 the stepper's dense output between the step ends (linear for the SDE methods), computed on the host once per output
-time. Results agree with the eager solve to rounding; ``stats["nfe"]`` counts the evaluations made (the drift at the
-end of each step between two outputs, one more per output interval than the eager loop, which evaluates it at the next
-step's start). Whether compiling pays is measured once per field and problem (:mod:`neurodyn.compile.policy`; under
-autograd forward and backward of the first :data:`GRAPH_ATTEMPTS` steps, compiled blocks against eager steps);
+time. Results agree with the eager solve to rounding; ``stats["nfe"]`` counts the evaluations made (without a graph:
+the drift at the end of each step between two outputs, one more per output interval than the eager loop, which
+evaluates it at the next step's start; the compiled blocks of a method that is not FSAL evaluate the eager loop's).
+Whether compiling pays is measured once per field and problem (:mod:`neurodyn.compile.policy`; under autograd forward
+and backward of the first :data:`GRAPH_ATTEMPTS` steps, compiled blocks against eager steps);
 ``stats["compiled"]`` is ``"loop"`` where this loop or the compiled blocks ran.
 """
 
@@ -68,10 +72,16 @@ DRIVEN_ATTEMPTS = 48
 MAX_INPUT_ELEMENTS = 2 ** 24
 # Where an autograd graph is recorded: steps per compiled block (unrolled in one graph, which AOTAutograd splits into a
 # forward that keeps what the backward needs and one compiled backward). Compiling takes longer with more steps
-# (10 steps of the benchmarks/bench_sde.py Euler problem: ~13 s, 25 steps: ~4 min on this CPU) while the time per
-# step barely changes beyond ~10 (training step 1.41x vs 1.44x torchsde); steps left over after the blocks run as
-# one-step blocks.
+# (10 steps of the benchmarks/bench_sde.py Euler problem: ~13 s, 20 steps: ~75 s, 25 steps: ~4 min on this CPU;
+# Milstein's 20: ~4 min) while the time per step changes little beyond ~10 (Milstein 10 -> 20: 1.006x); steps left
+# over after the blocks run as one-step blocks.
 GRAPH_BLOCK = 10
+# Steps per block for a method whose step evaluates the drift and the diffusion once each (at most GRAPH_CHEAP_EVALS
+# evaluations: Euler, reversible Heun): each block call costs ~0.5 ms of host work forward and ~0.3 ms backward
+# (AOTAutograd's wrappers, the guards), a larger share of these cheap steps (Euler's training step of
+# benchmarks/bench_sde.py: 0.94-0.95x the time with blocks of 20 instead of 10).
+GRAPH_BLOCK_CHEAP = 20
+GRAPH_CHEAP_EVALS = 2
 # Steps of forward and backward per timed run when the policy measures the graph path against eager steps.
 GRAPH_ATTEMPTS = 2 * GRAPH_BLOCK
 
@@ -117,9 +127,14 @@ def _build_block(holder: list, n_carried: int, n_inputs: int, size: int, start_d
     compiled forward that keeps the tensors the backward needs (no step is recomputed) and a compiled backward, joined
     to autograd's graph."""
 
-    def steps(y: Tensor, k: Tensor | None, tg: Tensor, hg: Tensor, rest: tuple) -> tuple:
+    # One function for both forms (its arguments and closure are what compile.entries reads the graph's inputs from).
+    def run(y: Tensor, *rest: Tensor):
         solver, term = holder
         shape, func, t_dtype = term.shape, term.func, term.t_dtype
+        if start_drift:
+            k, tg, hg, rest = None, rest[0], rest[1], rest[2:]
+        else:
+            k, tg, hg, rest = rest[0], rest[1], rest[2], rest[3:]
         carried, inputs = tuple(rest[:n_carried]), rest[n_carried:]
         finite = []
         for j in range(size):
@@ -131,16 +146,9 @@ def _build_block(holder: list, n_carried: int, n_inputs: int, size: int, start_d
                 kn = func(tg[j + 1].to(t_dtype), y1.view(shape)).reshape(1, -1)
             finite.append(torch.isfinite(y1).all())
             y, k = y1, kn
-        return torch.stack(finite), y, k, carried
-
-    if start_drift:
-        def run(y: Tensor, tg: Tensor, hg: Tensor, *rest: Tensor):
-            finite, y, _, carried = steps(y, None, tg, hg, rest)
-            return finite, y, *carried
-    else:
-        def run(y: Tensor, k: Tensor, tg: Tensor, hg: Tensor, *rest: Tensor):
-            finite, y, k, carried = steps(y, k, tg, hg, rest)
-            return finite, y, k, *carried
+        if start_drift:
+            return torch.stack(finite), y, *carried
+        return torch.stack(finite), y, k, *carried
 
     options = GRAPH_OPTIONS if holder[1].device is None or torch.device(holder[1].device).type == "cpu" else None
     return _compiled(own_code(run), options, (2 if start_drift else 3) + n_carried, dynamic=False)
@@ -534,6 +542,9 @@ class DrivenPlugIn:
             holder[:] = [solver, term]
             outs = [y0]
             st = _Position(y0 if y0.requires_grad else own(y0), k, carried)
+            # the step's drift and diffusion evaluations (the drift at its start or end included)
+            evals = counts["nfe"] + counts["nfe_diffusion"] + (0 if getattr(solver, "fsal", False) else 1)
+            long = GRAPH_BLOCK_CHEAP if evals <= GRAPH_CHEAP_EVALS else GRAPH_BLOCK
 
             def block(size: int) -> Callable:
                 fn = blocks.get(size)
@@ -553,7 +564,7 @@ class DrivenPlugIn:
 
             def advance(stop: int) -> bool:  # steps st.i .. stop - 1; False where one made the state non-finite
                 while st.i < stop:
-                    size = GRAPH_BLOCK if stop - st.i >= GRAPH_BLOCK else 1
+                    size = long if stop - st.i >= long else 1
                     finite, y1, k1, *c1 = run(size)
                     if size > 1 and not bool(finite.all()):
                         # the solve stops before the step that made the state non-finite, as the eager loop does
