@@ -182,6 +182,7 @@ def test_grad_mode_compiled_blocks_match_eager_gradients(forced, monkeypatch, me
     eager solve's to rounding (float64), also through backward(retain_graph=True) twice; a second solve with a term
     built anew compiles nothing."""
     monkeypatch.setattr(driven, "GRAPH_BLOCK", 2)
+    monkeypatch.setattr(driven, "GRAPH_BLOCK_CHEAP", 2)
     model = Small().double()
     bm = _path(levy)
     ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
@@ -205,6 +206,7 @@ def test_grad_mode_compiled_gradients_match_finite_differences(forced, monkeypat
     the outputs) against central differences of the eager solve (float64) along random directions in y0 and in the
     parameters."""
     monkeypatch.setattr(driven, "GRAPH_BLOCK", 3)
+    monkeypatch.setattr(driven, "GRAPH_BLOCK_CHEAP", 3)
     model = Small().double()
     bm = _path()
     sol, grads = _train(model, bm, "euler", True)
@@ -230,6 +232,69 @@ def test_grad_mode_compiled_gradients_match_finite_differences(forced, monkeypat
         fd = (loss([eps * x for x in v]) - loss([-eps * x for x in v])) / (2 * eps)
         an = sum(float((g * x).sum()) for g, x in zip(grads, v))
         assert abs(fd - an) <= 1e-7 * max(1.0, abs(an))
+
+
+class _HostCounted(Small):
+    """``Small`` counting the drift's evaluations made on the host (outside a graph being compiled)."""
+
+    def __init__(self):
+        super().__init__()
+        self.host = 0
+
+    def f(self, t, y):
+        if not torch.compiler.is_compiling():
+            self.host += 1
+        return super().f(t, y)
+
+
+@pytest.mark.slow  # compiling a block's forward and backward
+def test_grad_mode_blocks_evaluate_the_first_drift_themselves(forced, monkeypatch):
+    """Under autograd the blocks of a method that is not FSAL (Euler) evaluate the drift at each step's start: the
+    solve evaluates no drift on the host (before, the direct solve's dy/dt at t0, checked, and the last block's drift
+    at the final step's end, never used), counts the eager loop's evaluations, and its outputs and gradients equal the
+    eager solve's to rounding (float64). An FSAL method (reversible Heun) still starts from the drift at t0."""
+    monkeypatch.setattr(driven, "GRAPH_BLOCK", 5)
+    monkeypatch.setattr(driven, "GRAPH_BLOCK_CHEAP", 5)
+    model = _HostCounted().double()
+    bm = _path()
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    _train(model, bm, "euler", True, ts=ts)  # compiles
+    model.host = 0
+    a, ga = _train(model, bm, "euler", True, ts=ts)
+    assert a.stats["compiled"] == "loop" and model.host == 0
+    b, gb = _train(model, bm, "euler", False, ts=ts)
+    assert model.host == b.stats["nfe"] == a.stats["nfe"] == 20
+    torch.testing.assert_close(a.ys, b.ys, rtol=0, atol=1e-13)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-13)
+    model.host = 0
+    c, _ = _train(model, bm, "reversible_heun", True, "stratonovich", ts=ts)
+    assert c.stats["compiled"] == "loop" and model.host >= 1
+
+
+@pytest.mark.slow  # compiling two methods' blocks
+def test_grad_mode_block_length_follows_the_step_cost(forced, monkeypatch):
+    """Blocks of GRAPH_BLOCK_CHEAP steps for a method whose step evaluates the drift and the diffusion once each
+    (Euler), of GRAPH_BLOCK steps for one that evaluates more (Milstein: the diffusion and its derivative term)."""
+    monkeypatch.setattr(driven, "GRAPH_BLOCK", 2)
+    monkeypatch.setattr(driven, "GRAPH_BLOCK_CHEAP", 4)
+    sizes = []
+    build = driven._build_block
+
+    def spy(holder, n_carried, n_inputs, size, *args):
+        sizes.append(size)
+        return build(holder, n_carried, n_inputs, size, *args)
+
+    monkeypatch.setattr(driven, "_build_block", spy)
+    model = Small().double()
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    for method, want in (("euler", 4), ("milstein", 2)):
+        sizes.clear()
+        a, ga = _train(model, _path(), method, True, ts=ts)
+        b, gb = _train(model, _path(), method, False, ts=ts)
+        assert a.stats["compiled"] == "loop" and sizes == [want]
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-13)
 
 
 def test_grad_mode_policy_keeps_eager_where_blocks_do_not_pay(monkeypatch):
@@ -287,6 +352,7 @@ def test_grad_mode_blocks_sum_bias_gradients_as_products_and_match_eager(forced,
     from neurodyn.compile import loop
 
     monkeypatch.setattr(driven, "GRAPH_BLOCK", 2)
+    monkeypatch.setattr(driven, "GRAPH_BLOCK_CHEAP", 2)
     rewritten = []
     call = loop.ColumnSums.__call__
 
@@ -374,6 +440,7 @@ def test_repeat_solves_run_the_compiled_entries_with_guards_kept(forced, monkeyp
 
     monkeypatch.setattr(entries_mod.Entries, "__call__", counting)
     monkeypatch.setattr(driven, "GRAPH_BLOCK", 5)
+    monkeypatch.setattr(driven, "GRAPH_BLOCK_CHEAP", 5)
     model = Small().double()
     bm = _path()
     ts = torch.tensor([0.0, 1.0], dtype=torch.float64)

@@ -16,20 +16,24 @@ of the blocks below) run its compiled entries with their guards checked, without
 
 Where an autograd graph is recorded (``gradient="direct"``: ``y0``, the drift at ``t0`` or a parameter of the
 drift's or diffusion's module requires grad, or a function is a closure) the steps run instead as compiled blocks of
-:data:`GRAPH_BLOCK` steps unrolled in one graph (the same ``driven_step``, the same host-queried inputs), called with
+:data:`GRAPH_BLOCK` steps (:data:`GRAPH_BLOCK_CHEAP` for a step of one drift and one diffusion evaluation) unrolled in
+one graph (the same ``driven_step``, the same host-queried inputs), called with
 grad mode on: AOTAutograd splits each block into a compiled forward that keeps what the backward needs (the hidden
 activations of the networks, say: no step is recomputed) and one compiled backward, joined to autograd's graph, so
 the gradients are the eager solve's (to rounding) with respect to ``y0``, the parameters and any tensor the functions
-capture. Steps short of a whole block before an output time run as one-step blocks. The compiled backward cannot be
-differentiated again (``create_graph=True``: use ``compile=False``).
+capture. The blocks of a method that is not FSAL evaluate the drift at each step's start themselves (the solve
+evaluates none on the host: :meth:`DrivenPlugIn.defers_start`). Steps short of a whole block before an output time run
+as one-step blocks. The compiled backward cannot be differentiated again (``create_graph=True``: use
+``compile=False``).
 
 It covers fixed-step solves (``step_size=``) without events, ``dense=True``, ``jump_t``, ``perturb``, step hooks or a
 recorded solve (``gradient="checkpoint"``, ``"adjoint"``); elsewhere the solve runs the eager stepper. Outputs are
 the stepper's dense output between the step ends (linear for the SDE methods), computed on the host once per output
-time. Results agree with the eager solve to rounding; ``stats["nfe"]`` counts the evaluations made (the drift at the
-end of each step between two outputs, one more per output interval than the eager loop, which evaluates it at the next
-step's start). Whether compiling pays is measured once per field and problem (:mod:`neurodyn.compile.policy`; under
-autograd forward and backward of the first :data:`GRAPH_ATTEMPTS` steps, compiled blocks against eager steps);
+time. Results agree with the eager solve to rounding; ``stats["nfe"]`` counts the evaluations made (without a graph:
+the drift at the end of each step between two outputs, one more per output interval than the eager loop, which
+evaluates it at the next step's start; the compiled blocks of a method that is not FSAL evaluate the eager loop's).
+Whether compiling pays is measured once per field and problem (:mod:`neurodyn.compile.policy`; under autograd forward
+and backward of the first :data:`GRAPH_ATTEMPTS` steps, compiled blocks against eager steps);
 ``stats["compiled"]`` is ``"loop"`` where this loop or the compiled blocks ran.
 """
 
@@ -68,10 +72,16 @@ DRIVEN_ATTEMPTS = 48
 MAX_INPUT_ELEMENTS = 2 ** 24
 # Where an autograd graph is recorded: steps per compiled block (unrolled in one graph, which AOTAutograd splits into a
 # forward that keeps what the backward needs and one compiled backward). Compiling takes longer with more steps
-# (10 steps of the benchmarks/bench_sde.py Euler problem: ~13 s, 25 steps: ~4 min on this CPU) while the time per
-# step barely changes beyond ~10 (training step 1.41x vs 1.44x torchsde); steps left over after the blocks run as
-# one-step blocks.
+# (10 steps of the benchmarks/bench_sde.py Euler problem: ~13 s, 20 steps: ~75 s, 25 steps: ~4 min on this CPU;
+# Milstein's 20: ~4 min) while the time per step changes little beyond ~10 (Milstein 10 -> 20: 1.006x); steps left
+# over after the blocks run as one-step blocks.
 GRAPH_BLOCK = 10
+# Steps per block for a method whose step evaluates the drift and the diffusion once each (at most GRAPH_CHEAP_EVALS
+# evaluations: Euler, reversible Heun): each block call costs ~0.5 ms of host work forward and ~0.3 ms backward
+# (AOTAutograd's wrappers, the guards), a larger share of these cheap steps (Euler's training step of
+# benchmarks/bench_sde.py: 0.94-0.95x the time with blocks of 20 instead of 10).
+GRAPH_BLOCK_CHEAP = 20
+GRAPH_CHEAP_EVALS = 2
 # Steps of forward and backward per timed run when the policy measures the graph path against eager steps.
 GRAPH_ATTEMPTS = 2 * GRAPH_BLOCK
 
@@ -106,29 +116,42 @@ def _build(holder: list, n_carried: int) -> Callable:
     return _compiled(own_code(run), options, 4 + n_carried)
 
 
-def _build_block(holder: list, n_carried: int, n_inputs: int, size: int) -> Callable:
+def _build_block(holder: list, n_carried: int, n_inputs: int, size: int, start_drift: bool = False) -> Callable:
     """The compiled block of ``size`` steps for a solve that records an autograd graph (the steps unrolled in one
     graph; the stepper and bound term in ``holder``, set before each call): ``run(y, k, tg, hg, *carried, *inputs) ->
     (finite, y, k, *carried)``, ``inputs`` the steps' inputs in step order (``n_inputs`` each), ``finite`` a bool per
-    step (the state after it is finite). Called with grad mode on, AOTAutograd splits it into a compiled forward that
-    keeps the tensors the backward needs (no step is recomputed) and a compiled backward, joined to autograd's graph."""
+    step (the state after it is finite), ``k`` the drift at the state (FSAL methods: the step's own). With
+    ``start_drift`` (methods that are not FSAL) the block evaluates the drift at each step's start itself and neither
+    takes nor returns it: ``run(y, tg, hg, *carried, *inputs) -> (finite, y, *carried)`` -- no drift is evaluated on
+    the host before the first block, nor after the last step. Called with grad mode on, AOTAutograd splits it into a
+    compiled forward that keeps the tensors the backward needs (no step is recomputed) and a compiled backward, joined
+    to autograd's graph."""
 
-    def run(y: Tensor, k: Tensor, tg: Tensor, hg: Tensor, *rest: Tensor):
+    # One function for both forms (its arguments and closure are what compile.entries reads the graph's inputs from).
+    def run(y: Tensor, *rest: Tensor):
         solver, term = holder
         shape, func, t_dtype = term.shape, term.func, term.t_dtype
+        if start_drift:
+            k, tg, hg, rest = None, rest[0], rest[1], rest[2:]
+        else:
+            k, tg, hg, rest = rest[0], rest[1], rest[2], rest[3:]
         carried, inputs = tuple(rest[:n_carried]), rest[n_carried:]
         finite = []
         for j in range(size):
+            if start_drift:  # the drift at the step's start
+                k = func(tg[j].to(t_dtype), y.view(shape)).reshape(1, -1)
             y1, kn, carried = solver.driven_step(term, tg[j], y, hg[j], k, carried,
                                                  tuple(inputs[j * n_inputs:(j + 1) * n_inputs]))
-            if kn is None:  # the drift at the step end: the next step's k1
+            if kn is None and not start_drift:  # the drift at the step end: the next step's k1
                 kn = func(tg[j + 1].to(t_dtype), y1.view(shape)).reshape(1, -1)
             finite.append(torch.isfinite(y1).all())
             y, k = y1, kn
+        if start_drift:
+            return torch.stack(finite), y, *carried
         return torch.stack(finite), y, k, *carried
 
     options = GRAPH_OPTIONS if holder[1].device is None or torch.device(holder[1].device).type == "cpu" else None
-    return _compiled(own_code(run), options, 3 + n_carried, dynamic=False)
+    return _compiled(own_code(run), options, (2 if start_drift else 3) + n_carried, dynamic=False)
 
 
 def _compiled(fn: Callable, options: dict | None, n_outputs: int, **kwargs: Any) -> Callable:
@@ -154,12 +177,13 @@ def _call(compiled: Callable, *args: Tensor) -> tuple:
         return compiled(*args)
 
 
-def graph_leaves(term: Any, y0: Tensor, k0: Tensor) -> tuple[list[Tensor], bool]:
+def graph_leaves(term: Any, y0: Tensor, k0: Tensor | None) -> tuple[list[Tensor], bool]:
     """``(leaves, known)``: the tensors requiring grad that a solve of the SDE ``term`` (the user's) from ``y0`` with
-    the drift ``k0`` there depends on -- ``y0``, ``k0`` (where they require grad) and the parameters requiring grad
+    the drift ``k0`` there (None: not evaluated) depends on -- ``y0``, ``k0`` (where they require grad) and the
+    parameters requiring grad
     of the ``nn.Module`` owners of its drift and diffusion functions; ``known`` is False where one of those functions
     is not a module's method or a module (a closure: what it captures is not known)."""
-    leaves = [x for x in (y0, k0) if x.requires_grad]
+    leaves = [x for x in (y0, k0) if x is not None and x.requires_grad]
     known = True
     seen: set = set()
     drift, diff = split_sde(term)
@@ -179,7 +203,7 @@ def graph_leaves(term: Any, y0: Tensor, k0: Tensor) -> tuple[list[Tensor], bool]
     return leaves, known
 
 
-def records_graph(term: Any, y0: Tensor, k0: Tensor) -> bool:
+def records_graph(term: Any, y0: Tensor, k0: Tensor | None) -> bool:
     """Whether a solve of the SDE ``term`` from ``y0`` (drift ``k0`` there) records an autograd graph: grad mode on
     and a tensor requiring grad behind it (:func:`graph_leaves`; a closure among its functions counts as one)."""
     if not torch.is_grad_enabled():
@@ -268,6 +292,31 @@ class DrivenPlugIn:
                 _restore(solver, options, stats)
         return decision
 
+    def cached_choice(self, term, solver: Stepper, y0: Tensor, times: list[float], stops: list[float], cfg,
+                      loop_available: bool) -> tuple[str, str] | tuple[None, None]:
+        """:meth:`choose`'s answer for a solve whose drift at the initial time is not evaluated yet
+        (:meth:`defers_start`), where it is cached and is the loop; else ``(None, None)`` (the caller evaluates the
+        drift and calls :meth:`choose`)."""
+        if not loop_available or not self.usable or self.user is None:
+            return None, None
+        if policy.FORCE is not None:
+            decision = policy.decide(None, True, force=policy.FORCE)
+        else:
+            graph = records_graph(self.user, y0, None)
+            decision = self.per_func.get(("decision", self.key, len(times), len(stops), torch.is_grad_enabled(),
+                                          graph))
+        if decision is None or decision[0] != "loop":
+            return None, None
+        self._term = term  # the bound term of this solve: what loop() steps
+        return decision
+
+    def defers_start(self, y0: Tensor) -> bool:
+        """Whether a solve from ``y0`` may leave the drift at the initial time unevaluated
+        (:func:`neurodyn.core.loop.defers_start`): where it records an autograd graph and the method is not FSAL, the
+        compiled blocks evaluate it at the first step's start themselves (:func:`_build_block`'s ``start_drift``)."""
+        return torch.is_grad_enabled() and self.usable and self.user is not None \
+            and not getattr(self.solver, "fsal", False) and records_graph(self.user, y0, None)
+
     def _measure_graph(self, term, solver: Stepper, y0: Tensor, times: list[float], stops: list[float],
                        cfg) -> policy.Timing:
         """Forward and backward of the first :data:`GRAPH_ATTEMPTS` steps, compiled blocks against eager steps
@@ -339,6 +388,8 @@ class DrivenPlugIn:
             return None
         if self.user is not None and records_graph(self.user, y0, k0):
             return self._loop_graph(term, times, stops, y0, k0, first, max_step, max_steps)
+        if k0 is None:  # the loop below starts from the drift at the initial time
+            return None
         tl, hl = step_grid(times, stops, min(first, max_step))
         n = min(len(hl), max_steps)
         if n == 0:
@@ -446,11 +497,16 @@ class DrivenPlugIn:
                       f"({type(exc).__name__}: {reason[:300]}); stepping eagerly instead (for this vector field).",
                       RuntimeWarning, stacklevel=6)
 
-    def _loop_graph(self, term, times: list[float], stops: list[float], y0: Tensor, k0: Tensor, first: float,
+    def _loop_graph(self, term, times: list[float], stops: list[float], y0: Tensor, k0: Tensor | None, first: float,
                     max_step: float, max_steps: int) -> LoopOutcome | None:
         """The solve as compiled blocks of steps under autograd (:func:`_build_block`): outputs and final state joined
-        to the graph of ``y0``, ``k0`` and the functions' tensors; None where compiling failed (warned once)."""
+        to the graph of ``y0``, ``k0`` and the functions' tensors; None where compiling failed (warned once). A method
+        that is not FSAL runs blocks that evaluate the drift at each step's start (``start_drift``): ``k0`` is not read
+        (None: not evaluated, :meth:`defers_start`); an FSAL method needs it (None: returns None)."""
         solver = self.solver
+        start_drift = not getattr(solver, "fsal", False)
+        if k0 is None and not start_drift:
+            return None
         tl, hl = step_grid(times, stops, min(first, max_step))
         n = min(len(hl), max_steps)
         if n == 0:
@@ -465,18 +521,20 @@ class DrivenPlugIn:
             return x.clone() if x.requires_grad else x.detach().clone().requires_grad_(True)
 
         try:
-            k, carried = solver.driven_start(term, times[0], y0, k0.reshape(1, -1))
-            k = own(k)
+            k, carried = solver.driven_start(term, times[0], y0, None if k0 is None else k0.reshape(1, -1))
+            k = None if start_drift else own(k)
             carried = tuple(own(c) if c.is_floating_point() else c for c in carried)
             first_inputs = solver.step_inputs(term, tl[0], tl[0] + hl[0])
             n_in = len(first_inputs)
-            ckey = ("graph", self.key, len(carried), n_in)
+            ckey = ("graph", self.key, len(carried), n_in, start_drift)
             entry = self.per_func.get(ckey)
             if entry is None:
                 counts = {"nfe": 0, "nfe_diffusion": 0}
                 with torch.no_grad():
+                    # (the step's own evaluations; a drift where none was evaluated yet: any values, only counted)
                     solver.driven_step(term, torch.tensor(tl[0], dtype=torch.float64, device=dev), y0.detach(),
-                                       torch.tensor(hl[0], dtype=torch.float64, device=dev), k.detach(),
+                                       torch.tensor(hl[0], dtype=torch.float64, device=dev),
+                                       y0.detach().reshape(1, -1) if k is None else k.detach(),
                                        tuple(c.detach() for c in carried), first_inputs, counts)
                 holder = [solver, term]
                 entry = self.per_func[ckey] = ({}, counts, holder)
@@ -484,23 +542,29 @@ class DrivenPlugIn:
             holder[:] = [solver, term]
             outs = [y0]
             st = _Position(y0 if y0.requires_grad else own(y0), k, carried)
+            # the step's drift and diffusion evaluations (the drift at its start or end included)
+            evals = counts["nfe"] + counts["nfe_diffusion"] + (0 if getattr(solver, "fsal", False) else 1)
+            long = GRAPH_BLOCK_CHEAP if evals <= GRAPH_CHEAP_EVALS else GRAPH_BLOCK
 
             def block(size: int) -> Callable:
                 fn = blocks.get(size)
                 if fn is None:
-                    fn = blocks[size] = _build_block(holder, len(carried), n_in, size)
+                    fn = blocks[size] = _build_block(holder, len(carried), n_in, size, start_drift)
                 return fn
 
-            def run(size: int) -> tuple:  # steps st.i .. st.i + size - 1 from the current state
+            def run(size: int) -> tuple:  # steps st.i .. st.i + size - 1 from the current state: (finite, y, k, *c)
                 a = st.i
                 inputs = [x for j in range(a, a + size) for x in solver.step_inputs(term, tl[j], tl[j] + hl[j])]
                 tg = torch.tensor(tl[a:a + size + 1], dtype=torch.float64, device=dev)
                 hg = torch.tensor(hl[a:a + size], dtype=torch.float64, device=dev)
+                if start_drift:
+                    finite, y1, *c1 = _call(block(size), st.y, tg, hg, *st.carried, *inputs)
+                    return finite, y1, None, *c1
                 return _call(block(size), st.y, st.k, tg, hg, *st.carried, *inputs)
 
             def advance(stop: int) -> bool:  # steps st.i .. stop - 1; False where one made the state non-finite
                 while st.i < stop:
-                    size = GRAPH_BLOCK if stop - st.i >= GRAPH_BLOCK else 1
+                    size = long if stop - st.i >= long else 1
                     finite, y1, k1, *c1 = run(size)
                     if size > 1 and not bool(finite.all()):
                         # the solve stops before the step that made the state non-finite, as the eager loop does
@@ -519,7 +583,10 @@ class DrivenPlugIn:
         except Exception as exc:  # compilation failed: eager steps from now on, for this field
             self._failed(exc)
             return None
-        return _finish(solver, term, st, outs, tl, hl, status, first, max_step, counts)
+        # The drift at each step's start (start_drift) or end: one per step either way; with k0 not evaluated, the
+        # one at the initial time is the one the solve already counts (the direct solve's NFE starts at 1).
+        return _finish(solver, term, st, outs, tl, hl, status, first, max_step, counts,
+                       -1 if k0 is None and st.i else 0)
 
 
 class _Position:
@@ -559,14 +626,15 @@ def _walk_outputs(st: _Position, advance: Callable[[int], bool], solver, term, t
 
 
 def _finish(solver: Stepper, term, st: _Position, outs: list[Tensor], tl: list[float], hl: list[float], status: str,
-            first: float, max_step: float, counts: dict) -> LoopOutcome:
-    """Close a compiled driven solve: the solver's state, its counters and the :class:`LoopOutcome`."""
+            first: float, max_step: float, counts: dict, nfe_offset: int = 0) -> LoopOutcome:
+    """Close a compiled driven solve: the solver's state, its counters and the :class:`LoopOutcome` (its ``nfe``
+    shifted by ``nfe_offset``)."""
     solver.driven_finish(term, tl[st.i], st.y, st.k, tuple(st.carried))
     if solver.stats is not None and "nfe_diffusion" in solver.stats:
         solver.stats["nfe_diffusion"] += st.i * counts["nfe_diffusion"]
     # the steps' drift evaluations, and (not FSAL) the drift at each step's end
     return _outcome(outs, st.y, tl, hl, st.i, status, first, max_step, st.i * counts["nfe"] + (
-        0 if getattr(solver, "fsal", False) else st.i))
+        0 if getattr(solver, "fsal", False) else st.i) + nfe_offset)
 
 
 def _outcome(outs: list[Tensor], y: Tensor, tl: list[float], hl: list[float], i: int, status: str, first: float,
@@ -611,4 +679,5 @@ def plug_in(solver: Stepper, func: Callable, y0: Tensor) -> tuple[DrivenPlugIn, 
         return p.loop(*args, **kwargs)
 
     loop.differentiable = True  # it joins its outputs to a recorded graph itself (compiled blocks of steps)
+    loop.defers_start = p.defers_start
     return p, loop
