@@ -180,9 +180,8 @@ def _call(compiled: Callable, *args: Tensor) -> tuple:
 def graph_leaves(term: Any, y0: Tensor, k0: Tensor | None) -> tuple[list[Tensor], bool]:
     """``(leaves, known)``: the tensors requiring grad that a solve of the SDE ``term`` (the user's) from ``y0`` with
     the drift ``k0`` there (None: not evaluated) depends on -- ``y0``, ``k0`` (where they require grad) and the
-    parameters requiring grad
-    of the ``nn.Module`` owners of its drift and diffusion functions; ``known`` is False where one of those functions
-    is not a module's method or a module (a closure: what it captures is not known)."""
+    parameters requiring grad of the ``nn.Module`` owners of its drift and diffusion functions; ``known`` is False
+    where one of those functions is not a module's method or a module (a closure: what it captures is not known)."""
     leaves = [x for x in (y0, k0) if x is not None and x.requires_grad]
     known = True
     seen: set = set()
