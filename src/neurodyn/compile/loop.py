@@ -51,8 +51,12 @@ from .entries import Entries, constant_guard_filter
 from .patches import (
     LOWERING_MARKS,
     MKL_ON_INTEL,
+    ONEDNN_FLOAT32,
+    ONEDNN_MIN_INNER,
+    ONEDNN_MIN_MACS,
     library_tanh,
     pooled_loop_buffers,
+    register_onednn_lowering,
     thin_products,
     vectorize_strided_loads,
 )
@@ -436,9 +440,87 @@ class LoopProducts(CustomGraphPass):
 
     def uuid(self) -> tuple:
         # Inductor's cache key: the pass's own source (a changed rule compiles anew) and its setting.
-        return ("neurodyn.LoopProducts", _source_hash(type(self)), self.cols)
+        return ("neurodyn.LoopProducts", _source_hash(type(self)), self.cols, ONEDNN_FLOAT32 and ONEDNN_MIN_MACS)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        self._rewrite(graph)
+        if ONEDNN_FLOAT32 and register_onednn_lowering():
+            self._onednn(graph)
+
+    def _onednn(self, graph: torch.fx.Graph) -> None:
+        """Each product ``mm(a, b)`` of float32 CPU matrices of shapes ``(m, k)`` and ``(k, n)``, each row-major or
+        transposed row-major, with at least :data:`~neurodyn.compile.patches.ONEDNN_MIN_MACS` multiply-adds and
+        :data:`ONEDNN_MIN_INNER` terms, as :func:`~neurodyn.compile.patches.onednn_mm` of ``a`` and ``b.T`` (both
+        operands read row-major). An operand that is not (``w.T`` of a layer's weight ``w`` in the forward is) is
+        copied row-major once, after its node, for all its products (a weight read by every step's products in the
+        backward; a weight gradient's two factors ``dy.T`` and ``x``)."""
+        aten = torch.ops.aten
+        made: dict = {}
+        first = next((n for n in graph.nodes if n.op != "placeholder"), None)
+
+        def transposed(x: torch.fx.Node) -> torch.fx.Node:
+            inner = self._transpose_of(x)
+            if inner is not None:
+                return inner
+            with graph.inserting_before(first) if x.op == "placeholder" else graph.inserting_after(x):
+                tr = graph.call_function(aten.permute.default, (x, [1, 0]))
+            tr.meta["val"] = self._val(x).permute(1, 0)
+            return tr
+
+        def row_major(x: torch.fx.Node) -> torch.fx.Node:
+            if self._val(x).is_contiguous():
+                return x
+            if x not in made:
+                with graph.inserting_after(x):
+                    made[x] = graph.call_function(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
+                made[x].meta["val"] = self._val(x).contiguous()
+            return made[x]
+
+        for node in list(graph.nodes):
+            if not self._onednn_product(node):
+                continue
+            a, b = node.args
+            va = self._val(a)
+            with va.fake_mode if hasattr(va, "fake_mode") else contextlib.nullcontext():
+                x, wt = row_major(a), row_major(transposed(b))
+            with graph.inserting_before(node):
+                prod = graph.call_function(torch.ops.neurodyn.onednn_mm.default, (x, wt))
+            prod.meta["val"] = self._val(node)
+            node.replace_all_uses_with(prod)
+            graph.erase_node(node)
+
+    @classmethod
+    def _onednn_product(cls, node: Any) -> bool:
+        """Whether ``node`` is a product that :meth:`_onednn` computes by oneDNN (where :data:`ONEDNN_FLOAT32` is
+        set)."""
+        if not (ONEDNN_FLOAT32 and node.op == "call_function" and node.target is torch.ops.aten.mm.default):
+            return False
+        va, vb = (cls._val(x) for x in node.args)
+        if not (cls._plain(va, torch.float32) and cls._plain(vb, torch.float32) and va.is_contiguous()
+                and (vb.is_contiguous() or vb.t().is_contiguous())):
+            return False
+        (m, k), n = va.shape, vb.shape[1]
+        return k >= ONEDNN_MIN_INNER and m * k * n >= ONEDNN_MIN_MACS
+
+    @staticmethod
+    def _val(node: Any) -> Tensor | None:
+        v = getattr(node, "meta", {}).get("val") if isinstance(node, torch.fx.Node) else None
+        return v if isinstance(v, Tensor) else None
+
+    @classmethod
+    def _plain(cls, v: Tensor | None, dtype: torch.dtype | None = None) -> bool:
+        return (v is not None and v.dim() == 2 and v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
+                and (dtype is None or v.dtype == dtype) and all(isinstance(d, int) for d in v.shape))
+
+    @staticmethod
+    def _transpose_of(node: Any) -> Any:
+        """The node ``x`` where ``node`` is ``permute(x, [1, 0])``, else None."""
+        if (isinstance(node, torch.fx.Node) and node.op == "call_function"
+                and node.target is torch.ops.aten.permute.default and list(node.args[1]) == [1, 0]):
+            return node.args[0]
+        return None
+
+    def _rewrite(self, graph: torch.fx.Graph) -> None:
         aten = torch.ops.aten
         try:  # Inductor's layout request (private, so optional): without it the transposed product stays a view
             from torch._inductor.inductor_prims import force_stride_order
@@ -522,8 +604,8 @@ class ColumnSums(LoopProducts):
         return ("neurodyn.ColumnSums", _source_hash(LoopProducts), _source_hash(type(self)), self.cols,
                 self.min_rows)
 
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        super().__call__(graph)
+    def _rewrite(self, graph: torch.fx.Graph) -> None:
+        super()._rewrite(graph)
         aten = torch.ops.aten
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target is not aten.sum.dim_IntList:
@@ -587,8 +669,8 @@ class BlockProducts(ColumnSums):
                 _source_hash(type(self)), self.cols, self.min_rows, self.orient, self.accumulate,
                 self.accumulate_views, self.weights)
 
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        super().__call__(graph)
+    def _rewrite(self, graph: torch.fx.Graph) -> None:
+        super()._rewrite(graph)
         if self.weights:
             self._weights(graph)
         if self.orient:
@@ -671,24 +753,6 @@ class BlockProducts(ColumnSums):
             node.replace_all_uses_with(o)
             graph.erase_node(node)
 
-    @staticmethod
-    def _val(node: Any) -> Tensor | None:
-        v = getattr(node, "meta", {}).get("val") if isinstance(node, torch.fx.Node) else None
-        return v if isinstance(v, Tensor) else None
-
-    @classmethod
-    def _plain(cls, v: Tensor | None, dtype: torch.dtype | None = None) -> bool:
-        return (v is not None and v.dim() == 2 and v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
-                and (dtype is None or v.dtype == dtype) and all(isinstance(d, int) for d in v.shape))
-
-    @staticmethod
-    def _transpose_of(node: Any) -> Any:
-        """The node ``x`` where ``node`` is ``permute(x, [1, 0])``, else None."""
-        if (isinstance(node, torch.fx.Node) and node.op == "call_function"
-                and node.target is torch.ops.aten.permute.default and list(node.args[1]) == [1, 0]):
-            return node.args[0]
-        return None
-
     def _orient(self, graph: torch.fx.Graph) -> None:
         aten = torch.ops.aten
         for node in list(graph.nodes):
@@ -736,8 +800,9 @@ class BlockProducts(ColumnSums):
             x = self._transpose_of(q)
             if not reshaped and x is not None and single(q):
                 q, transposed = x, True
+            # (Not a product oneDNN computes: its add stays a fused pass, cheaper than MKL's product with it.)
             if (isinstance(q, torch.fx.Node) and q.op == "call_function" and q.target is aten.mm.default
-                    and single(q)):
+                    and single(q) and not self._onednn_product(q)):
                 return q, transposed, reshaped
             return None
 
