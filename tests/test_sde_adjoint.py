@@ -247,3 +247,106 @@ def test_hidden_guard_state_through_another_view(mode):
         for _ in range(2):
             guard.watch([root.view(2, 2) * captured], [t, root.view(2, 2)])
         guard.settle()
+
+
+class _Module(torch.nn.Module):
+    """Drift and diagonal diffusion as a module's methods (what the compiled adjoint evaluations need)."""
+
+    def __init__(self, hidden: torch.Tensor | None = None):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.a = torch.nn.Linear(D, D).double()
+        self.b = torch.nn.Linear(D, D).double()
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen, dtype=F64))
+        self.hidden = hidden
+
+    def f(self, t, y):
+        out = torch.tanh(self.a(y)) - 0.5 * y
+        return out if self.hidden is None else out * self.hidden
+
+    def g(self, t, y):
+        return 0.3 * torch.sigmoid(self.b(y)) + 0.05 * t
+
+
+def _module_grads(model, method, compile, sde_type="stratonovich", entropy=2):
+    bm = BrownianInterval(0.0, 1.0, shape=(B, D), dtype=F64, entropy=entropy)
+    term = neurodyn.sde_term(model.f, model.g, bm, sde_type=sde_type)
+    y0 = torch.linspace(-1, 1, B * D, dtype=F64).view(B, D).requires_grad_(True)
+    params = list(model.parameters())
+    sol = neurodyn.solve(term, y0, TS, method=method, step_size=1 / 16, gradient="adjoint", params=params,
+                         compile=compile)
+    return torch.autograd.grad((sol.ys[1:] ** 2).sum(), [y0, *params]), sol, term
+
+
+@pytest.mark.parametrize("method", ["midpoint", "heun"])
+def test_stochastic_adjoint_compiled_evaluations_match_eager(method, monkeypatch):
+    """compile=True: the backward solve's augmented drift and diffusion products are compiled programs
+    (neurodyn.compile.adjoint, seen returning their values); the gradients equal the eager adjoint's to rounding, and a
+    second solve with a term built anew runs the same programs (nothing compiled again)."""
+    pytest.importorskip("torch._inductor")
+    from neurodyn.compile import adjoint as compiled_adjoint
+
+    calls = []
+    run = compiled_adjoint.AdjointFields._run
+
+    def spy(self, *args):
+        out = run(self, *args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(compiled_adjoint.AdjointFields, "_run", spy)
+    model = _Module()
+    ge, _, _ = _module_grads(model, method, False)
+    assert not calls
+    gc, sol, term = _module_grads(model, method, True)
+    assert calls and all(calls)
+    for a, b in zip(gc, ge, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    gc2, _, _ = _module_grads(model, method, True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    for a, b in zip(gc2, gc, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_stochastic_adjoint_compiled_only_where_it_applies():
+    """The compiled evaluations are not used (None: eager) for an Ito SDE with non-additive noise (its drift
+    correction), for closures (what they capture is not known), and for params other than the modules' parameters."""
+    from neurodyn.compile.adjoint import adjoint_fields
+
+    model = _Module()
+    y = torch.zeros(B, D, dtype=F64)
+    bm = BrownianInterval(0.0, 1.0, shape=(B, D), dtype=F64, entropy=0)
+    params = list(model.parameters())
+    strat = neurodyn.sde_term(model.f, model.g, bm, sde_type="stratonovich")
+    assert adjoint_fields(strat, (B, D), params, y) is not None
+    assert adjoint_fields(neurodyn.sde_term(model.f, model.g, bm, sde_type="ito"), (B, D), params, y) is None
+    closure = neurodyn.sde_term(lambda t, y: model.f(t, y), model.g, bm, sde_type="stratonovich")
+    assert adjoint_fields(closure, (B, D), params, y) is None
+    assert adjoint_fields(strat, (B, D), params[:2], y) is None
+
+
+def test_stochastic_adjoint_compiled_refuses_a_hidden_tensor():
+    """A module method capturing a tensor requiring grad that params lacks (a plain attribute, not a parameter): with
+    compile=True the solve refuses it as the eager adjoint does."""
+    w = torch.tensor([1.5], dtype=F64, requires_grad=True)
+    model = _Module(hidden=w)
+    for compile in (False, True):
+        with pytest.raises(InputError, match="not among its parameters"):
+            _module_grads(model, "midpoint", compile)
+    # The compiled evaluations themselves find it too (a graph input requiring grad) and give way to the eager ones,
+    # whose guard reports it, without a warning of their own.
+    from neurodyn.compile.adjoint import adjoint_fields
+
+    bm = BrownianInterval(0.0, 1.0, shape=(B, D), dtype=F64, entropy=0)
+    fields = adjoint_fields(neurodyn.sde_term(model.f, model.g, bm, sde_type="stratonovich"), (B, D),
+                            list(model.parameters()), torch.zeros(B, D, dtype=F64))
+    z = torch.zeros(1, 2 * B * D + sum(p.numel() for p in model.parameters()), dtype=F64)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert fields.drift(torch.tensor(0.5, dtype=F64), z, list(model.parameters())) is None
+    assert fields.failed

@@ -265,7 +265,12 @@ def solve(
         (``gradient="direct"``) the steps run as compiled blocks of steps whose compiled backward keeps the forward's
         activations (the eager solve's gradients to rounding; timed forward and backward against eager steps);
         with ``gradient="adjoint"`` the forward solve (no graph) may run as that compiled loop, reversible Heun's
-        exact adjoint included; adaptive SDE solves and the backward solves of the gradient modes run eagerly.
+        exact adjoint included, and on the CPU the stochastic adjoint's backward solve evaluates its augmented drift
+        and diffusion products as compiled programs (forward and vector-Jacobian product in one; for a Stratonovich
+        SDE or additive noise whose drift and diffusion are methods of modules holding exactly ``params``:
+        ``neurodyn.compile.adjoint``) while it steps eagerly; adaptive SDE solves and the other backward solves run
+        eagerly. On CPUs other than Intel's, float32 matrix products in compiled code call oneDNN's kernel
+        (``neurodyn.compile.patches.ONEDNN_FLOAT32``).
         With ``per_sample_steps=True`` (explicit Runge--Kutta methods without extra dense-output stages, float32/float64
         states, no graph recorded, no events, every row in one direction of time) the per-sample loop is compiled
         (``neurodyn.compile.rows``): as a whole where ``y0.numel() * len(t) <= 32768`` on the CPU (``stats["compiled"]
@@ -580,6 +585,10 @@ def prepare(
                             adjoint_rtol=None if adjoint_rtol is None else float(adjoint_rtol),
                             adjoint_atol=None if adjoint_atol is None else float(adjoint_atol),
                             seminorm=bool(seminorm), checkpoints=checkpoints, adjoint_adaptive=adjoint_adaptive)
+    if compile and gradient == "adjoint" and term is not None and "sde" in term.kinds:
+        from .compile.adjoint import adjoint_fields
+
+        gopts.sde_adjoint_fields = adjoint_fields
     if gradient != "direct":
         gopts.params = find_params(func, params)
         if torch.is_grad_enabled():

@@ -157,15 +157,15 @@ def _build_block(holder: list, n_carried: int, n_inputs: int, size: int, start_d
 def _compiled(fn: Callable, options: dict | None, n_outputs: int, **kwargs: Any) -> Callable:
     """``torch.compile(fn, fullgraph=True, **kwargs)`` by Inductor with ``options``, the CPU lowering patches entered
     while it compiles (:func:`~neurodyn.compile.loop.patched_inductor`), never around a call; ``fn`` returns a tuple of
-    ``n_outputs`` tensors. Call it with :func:`_call`: repeat calls run its compiled entries with their guards checked,
-    without Dynamo's frame machinery (:class:`~neurodyn.compile.entries.Entries`)."""
+    ``n_outputs`` tensors. Call it with :func:`call_compiled`: repeat calls run its compiled entries with their guards
+    checked, without Dynamo's frame machinery (:class:`~neurodyn.compile.entries.Entries`)."""
     entries = Entries(fn, n_outputs=n_outputs)
     compiled = torch.compile(fn, backend=entries.backend(patched_inductor(options)), fullgraph=True, **kwargs)
     compiled.entries = entries
     return compiled
 
 
-def _call(compiled: Callable, *args: Tensor) -> tuple:
+def call_compiled(compiled: Callable, *args: Tensor) -> tuple:
     """``compiled(*args)`` for a function made by :func:`_compiled`: the compiled entry whose guards pass, called
     directly, or Dynamo's call where none does (a first call compiles)."""
     out = compiled.entries(args)
@@ -462,9 +462,10 @@ class DrivenPlugIn:
                         stacks, tg, hg = load(j)
                         a, b = st.i - j * size, min(stop, (j + 1) * size) - j * size
                         saved = (st.i, st.y, st.k, st.carried)
-                        done, ok_t, st.y, st.k, *c = _call(fn, torch.tensor(a, dtype=torch.int64, device=y0.device),
-                                                           torch.tensor(b, dtype=torch.int64, device=y0.device),
-                                                           st.y, st.k, tg, hg, *st.carried, *stacks)
+                        done, ok_t, st.y, st.k, *c = call_compiled(
+                            fn, torch.tensor(a, dtype=torch.int64, device=y0.device),
+                            torch.tensor(b, dtype=torch.int64, device=y0.device), st.y, st.k, tg, hg, *st.carried,
+                            *stacks)
                         st.carried = tuple(c)
                         if not bool(ok_t):
                             # the solve stops before the step that made the state non-finite, as the eager loop
@@ -557,9 +558,9 @@ class DrivenPlugIn:
                 tg = torch.tensor(tl[a:a + size + 1], dtype=torch.float64, device=dev)
                 hg = torch.tensor(hl[a:a + size], dtype=torch.float64, device=dev)
                 if start_drift:
-                    finite, y1, *c1 = _call(block(size), st.y, tg, hg, *st.carried, *inputs)
+                    finite, y1, *c1 = call_compiled(block(size), st.y, tg, hg, *st.carried, *inputs)
                     return finite, y1, None, *c1
-                return _call(block(size), st.y, st.k, tg, hg, *st.carried, *inputs)
+                return call_compiled(block(size), st.y, st.k, tg, hg, *st.carried, *inputs)
 
             def advance(stop: int) -> bool:  # steps st.i .. stop - 1; False where one made the state non-finite
                 while st.i < stop:

@@ -815,6 +815,9 @@ class SDEAdjointTerm(MultiTerm):
 
     ``params`` default to the term's :meth:`~Term.grad_tensors` (drift and diffusion parameters); ``drift`` replaces
     the term's drift (e.g. watched for captured tensors) and ``wrap`` wraps each diffusion-product evaluation.
+    ``fast`` (optional) evaluates the two augmented fields another way (``fast.drift(t, z, params)``,
+    ``fast.g_prod(t, z, dW, params)``: the same values, or None where it cannot, and the eager evaluation is used):
+    ``compile=True``'s compiled evaluations (:mod:`neurodyn.compile.adjoint`).
 
     Examples
     --------
@@ -833,7 +836,7 @@ class SDEAdjointTerm(MultiTerm):
 
     def __init__(self, term: Term, shape: Sequence[int], params: Sequence[Tensor] | None = None,
                  drift: Callable[[Tensor, Tensor], Tensor] | None = None,
-                 wrap: Callable[[Callable], Callable] | None = None):
+                 wrap: Callable[[Callable], Callable] | None = None, fast: Any = None):
         parts = term.terms if isinstance(term, MultiTerm) else (term,)
         noisy = [p for p in parts if "sde" in p.kinds]
         rest = [p for p in parts if "sde" not in p.kinds]
@@ -861,9 +864,14 @@ class SDEAdjointTerm(MultiTerm):
         n, shp, ps = self.n, self.shape, self.params
 
         def aug_drift(t: Tensor, z: Tensor) -> Tensor:
-            return adjoint_field(self.drift_of, t, z, n, shp, ps)
+            out = fast.drift(t, z, ps) if fast is not None and not z.requires_grad else None
+            return out if out is not None else adjoint_field(self.drift_of, t, z, n, shp, ps)
 
         def aug_g_prod(t: Tensor, z: Tensor, dW: Tensor) -> Tensor:
+            out = fast.g_prod(t, z, dW, ps) if fast is not None and not z.requires_grad else None
+            if out is not None:
+                return out
+
             def g_dw(s: Tensor, y: Tensor) -> Tensor:
                 return diffusion.vf_prod(s, y, dW)
             return adjoint_field(wrap(g_dw) if wrap is not None else g_dw, t, z, n, shp, ps)

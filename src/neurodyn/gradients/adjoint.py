@@ -222,7 +222,8 @@ class _AdjointFunction(torch.autograd.Function):
         user = term_of(func)
         stochastic = user is not None and "sde" in user.kinds
         if stochastic:  # the stochastic adjoint: an augmented Stratonovich SDE on the forward's Brownian path
-            aug = SDEAdjointTerm(user, shape, params, drift=guard.field(func), wrap=guard.field)
+            fast = gopts.sde_adjoint_fields(user, shape, params, ys) if gopts.sde_adjoint_fields else None
+            aug = SDEAdjointTerm(user, shape, params, drift=guard.field(func), wrap=guard.field, fast=fast)
             adj_solver = get_solver(sde_adjoint_method(setup.solver, gopts.adjoint_method), frozenset({"sde"}))
         else:
             adj_solver = get_solver(gopts.adjoint_method) if gopts.adjoint_method else setup.solver
