@@ -19,6 +19,7 @@ eager path then checks hidden tensors as it does without ``compile=True``), with
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -68,11 +69,10 @@ class AdjointFields:
         self.module = _Owners(owners, self.holder)
         self.names = names
         self.shape = shape
-        self.n = 1
-        for d in shape:
-            self.n *= d
+        self.n = math.prod(shape)
         self.failed = False
         self.programs = {False: self._build(False), True: self._build(True)}
+        self.close()
 
     def _build(self, diffusion: bool) -> Callable:
         module, names, shape, n = self.module, self.names, self.shape, self.n
@@ -104,10 +104,19 @@ class AdjointFields:
         compiled.entries = entries
         return compiled
 
-    def bind(self, drift: Callable, diffusion: Any) -> AdjointFields:
-        """Sets the functions of this solve's term (its drift, its Brownian ControlTerm)."""
+    def bind(self, drift: Callable, diffusion: Any, owners: Sequence[torch.nn.Module]) -> AdjointFields:
+        """Sets the functions of this solve's term (its drift, its Brownian ControlTerm) and their modules (in the
+        order this object was made with)."""
         self.holder[0], self.holder[1] = drift, diffusion
+        if not len(self.module.owners):
+            self.module.owners.extend(owners)
         return self
+
+    def close(self) -> None:
+        """Forgets the bound term and modules (after the backward solve): this object lives in a cache keyed weakly
+        by a module, so it must not keep the module alive."""
+        self.holder[0] = self.holder[1] = None
+        del self.module.owners[:]
 
     def _run(self, diffusion: bool, t: Tensor, z: Tensor, dW: Tensor | None, params: Sequence[Tensor]) -> Tensor | None:
         if self.failed:
@@ -181,4 +190,4 @@ def adjoint_fields(user: Term, shape: Sequence[int], params: Sequence[Tensor], y
         per[key] = _FAILED
         return None
     field = drift.func if isinstance(drift, ODETerm) else drift
-    return fields.bind(field if field is not None else (lambda t, y: torch.zeros_like(y)), diffusion)
+    return fields.bind(field if field is not None else (lambda t, y: torch.zeros_like(y)), diffusion, unique)

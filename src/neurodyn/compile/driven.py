@@ -395,6 +395,7 @@ class DrivenPlugIn:
             return None  # nothing to step (the eager loop handles it)
         status = _sol.MAX_STEPS_REACHED if len(hl) > max_steps else _sol.SUCCESS
         direction = 1.0 if times[-1] > times[0] else -1.0
+        holder = None
         try:
             k, carried = solver.driven_start(term, times[0], y0, k0.reshape(1, -1))
 
@@ -482,6 +483,8 @@ class DrivenPlugIn:
         except Exception as exc:  # compilation failed: eager steps from now on, for this field
             self._failed(exc)
             return None
+        finally:
+            _release(holder)
         if bufs is not None:
             self.per_func[bkey] = bufs
         return _finish(solver, term, st, outs, tl, hl, status, first, max_step, counts)
@@ -520,6 +523,7 @@ class DrivenPlugIn:
             # nobody asked for is a few elementwise operations), and none aliases another (z0 is y0 at the start).
             return x.clone() if x.requires_grad else x.detach().clone().requires_grad_(True)
 
+        holder = None
         try:
             k, carried = solver.driven_start(term, times[0], y0, None if k0 is None else k0.reshape(1, -1))
             k = None if start_drift else own(k)
@@ -583,10 +587,20 @@ class DrivenPlugIn:
         except Exception as exc:  # compilation failed: eager steps from now on, for this field
             self._failed(exc)
             return None
+        finally:
+            _release(holder)
         # The drift at each step's start (start_drift) or end: one per step either way; with k0 not evaluated, the
         # one at the initial time is the one the solve already counts (the direct solve's NFE starts at 1).
         return _finish(solver, term, st, outs, tl, hl, status, first, max_step, counts,
                        -1 if k0 is None and st.i else 0)
+
+
+def _release(holder: list | None) -> None:
+    """Empty a compiled program's ``holder`` after a solve: the cache entry holding it lives as long as the user's
+    module (its weak key), so a holder keeping the solve's term -- the module's bound methods -- would keep the module
+    alive for good. The next solve sets it again before calling the program."""
+    if holder is not None:
+        holder[:] = [None] * len(holder)
 
 
 class _Position:

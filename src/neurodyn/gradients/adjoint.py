@@ -57,6 +57,7 @@ raises an :class:`~neurodyn.errors.InputError`; use ``gradient="direct"`` for se
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -221,6 +222,7 @@ class _AdjointFunction(torch.autograd.Function):
         guard = HiddenTensorGuard(params, setup.mode)
         user = term_of(func)
         stochastic = user is not None and "sde" in user.kinds
+        fast = None
         if stochastic:  # the stochastic adjoint: an augmented Stratonovich SDE on the forward's Brownian path
             fast = gopts.sde_adjoint_fields(user, shape, params, ys) if gopts.sde_adjoint_fields else None
             aug = SDEAdjointTerm(user, shape, params, drift=guard.field(func), wrap=guard.field, fast=fast)
@@ -272,7 +274,8 @@ class _AdjointFunction(torch.autograd.Function):
                          on_accept=quad.accept if quad is not None else None,
                          step_callbacks={"step": quad.begin, "reject": quad.reject} if quad is not None else None)
         jumps = set(setup.cfg.jump_t)
-        with torch.no_grad():
+        # (closing: the compiled evaluations forget this solve's term and modules afterwards)
+        with torch.no_grad(), contextlib.closing(fast) if fast is not None else contextlib.nullcontext():
             a = grad_ys[-1].reshape(-1).clone()
             g = a.new_zeros(g_total)
             nfe = steps = 0
