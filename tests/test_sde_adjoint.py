@@ -309,6 +309,14 @@ def test_stochastic_adjoint_compiled_evaluations_match_eager(method, monkeypatch
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     for a, b in zip(gc2, gc, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the compiled programs' cache (keyed weakly by the module) does not keep the module alive once it is dropped
+    import gc as collector
+    import weakref
+
+    ref = weakref.ref(model)
+    del model, sol, term
+    collector.collect()
+    assert ref() is None
 
 
 def test_stochastic_adjoint_compiled_only_where_it_applies():

@@ -68,6 +68,14 @@ def test_compiled_matches_eager(forced, method, sde_type, levy):
     assert a.stats["nfe_diffusion"] == b.stats["nfe_diffusion"]
     # the drift at each step's end (one more than the eager loop, which evaluates it at the next step's start)
     assert a.stats["nfe"] - b.stats["nfe"] == (0 if method == "reversible_heun" else 1)
+    # the compiled code's cache (keyed weakly by the module) does not keep the module alive once it is dropped
+    import gc
+    import weakref
+
+    ref = weakref.ref(model)
+    del model, a, b, c
+    gc.collect()
+    assert ref() is None
 
 
 def test_compiled_reversible_heun_final_state(forced):
