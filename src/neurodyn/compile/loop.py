@@ -54,6 +54,7 @@ from .patches import (
     ONEDNN_FLOAT32,
     ONEDNN_MIN_INNER,
     ONEDNN_MIN_MACS,
+    SIMD_BITS,
     library_tanh,
     pooled_loop_buffers,
     register_onednn_lowering,
@@ -74,12 +75,11 @@ except ImportError:  # another torch: the pass is a plain callable (Inductor the
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Inductor on the CPU: the graph's wrapper in C++ (no Python between kernels); products with a single row (a
-# batch-1 state through a Linear layer) as fused loops rather than library GEMV calls; 256-bit vectors (the
-# state's short rows and the MLP's 64-wide layers run ~1.5x faster per evaluation than with 512-bit ones, which
-# Inductor picks by default where the CPU has them). The "neurodyn_*" entries are no Inductor settings: they name the
+# batch-1 state through a Linear layer) as fused loops rather than library GEMV calls; the vector width of
+# patches.SIMD_BITS (256 bits on Intel CPUs). The "neurodyn_*" entries are no Inductor settings: they name the
 # lowering changes made while compiling (LOWERING_MARKS, and the buffer pool's), so that Inductor's cache of compiled
 # graphs tells programs apart.
-CPU_OPTIONS = {"cpp_wrapper": True, "cpp.simdlen": 256,
+CPU_OPTIONS = {"cpp_wrapper": True, **({"cpp.simdlen": SIMD_BITS} if SIMD_BITS else {}),
                "post_grad_fusion_options": {"decompose_mm_pass": {
                    **LOWERING_MARKS, "neurodyn_loop_pool": LOOP_POOL_BYTES}}}
 # Matrix products with at most this inner dimension are written as fused loops in the compiled whole loop

@@ -44,6 +44,12 @@ def _intel_cpu() -> bool:
 # Whether torch's CPU kernels here include MKL's running on an Intel CPU (its vector math and products take their tuned
 # paths there, generic ones on other CPUs): the choices below and loop.batch_column_major's follow it.
 MKL_ON_INTEL = torch.backends.mkl.is_available() and _intel_cpu()
+# The vector width of Inductor's CPU kernels (its ``cpp.simdlen``): 256 bits on Intel CPUs, where a field's short rows
+# and 64-wide layers ran ~1.5x faster per evaluation than with the 512-bit vectors Inductor picks by default where the
+# CPU has them (Intel Xeon, 2026-11-22); elsewhere Inductor's default (None), the widest the CPU has. On an AMD EPYC
+# with AVX-512 the 512-bit kernels are the faster ones (bench_suite, compiled, CPU time: small 0.265 against 0.306 ms,
+# batched 23.1 against 27.7 ms); AVX2-only CPUs get 256 bits either way.
+SIMD_BITS = 256 if _intel_cpu() else None
 # Whether float32 tanh of at least LIBRARY_TANH_ELEMENTS elements is computed in compiled code by a fused formula
 # (tanh_formula: a rational function, no exp; ~5 ulp at most) rather than ATen's kernel (library_tanh). ATen's float32
 # tanh is MKL's VML where torch has MKL: fast on Intel CPUs (~0.3 ns per element), and on other CPUs, which MKL runs
