@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,6 @@ def _intel_cpu() -> bool:
                     return "GenuineIntel" in line
     except OSError:
         pass
-    import platform
     return "intel" in platform.processor().lower()
 
 
@@ -64,11 +64,12 @@ TANH_FORMULA_FLOAT32 = not MKL_ON_INTEL
 # formula (used before) ~105 us, this formula ~80 us; (2048, 64): Cephes' ~540 us, this formula ~340 us; a compiled
 # (x + b) * 1 alone: ~52 / ~110 us).
 TANH_FORMULA_FLOAT64 = not MKL_ON_INTEL
-# Whether float32 matrix products in compiled CPU code call oneDNN's kernel (the library behind torch's mkldnn ops;
+# Whether float32 matrix products in compiled x86 CPU code call oneDNN's kernel (the library behind torch's mkldnn ops;
 # onednn_mm) instead of ATen's mm, which is MKL's. Where MKL runs its generic code (not an Intel CPU) oneDNN's kernels
-# are the faster ones: AMD EPYC, AVX2, one core, (512, 64) x (64, 128) 43 us against 78 us, (4096, 64) x (64, 128) 275
-# against 619 us. oneDNN has no float64 product.
-ONEDNN_FLOAT32 = torch.backends.mkldnn.is_available() and not MKL_ON_INTEL
+# are the faster ones: AMD EPYC with AVX-512, one core, (512, 64) x (64, 128) 43 us against 78 us, (4096, 64) x
+# (64, 128) 275 against 619 us. oneDNN has no float64 product.
+ONEDNN_FLOAT32 = (torch.backends.mkldnn.is_available() and not MKL_ON_INTEL
+                  and platform.machine().lower() in ("x86_64", "amd64"))
 # ... for products of at least this many multiply-adds (m k n) and at least ONEDNN_MIN_INNER terms each: oneDNN's call
 # costs ~10 us more than MKL's ((16, 64) x (64, 128): 11.6 against 4.0 us; (64, 64) x (64, 64): 11.2 against 5.8 us;
 # (1024, 16) x (16, 128): 26 against 40 us).
