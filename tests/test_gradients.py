@@ -486,3 +486,59 @@ def test_odeint_adjoint_matches_torchdiffeq(norm):
     (l_nd, g_nd), (l_td, g_td) = results
     assert rel_err(l_nd, l_td) < 1e-6
     assert rel_err(g_nd, g_td) < 1e-6, rel_err(g_nd, g_td)
+
+
+class _Field(nn.Module):
+    def __init__(self, d: int = 3, hidden: int = 16):
+        super().__init__()
+        torch.manual_seed(5)
+        self.net = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, d)).double()
+
+    def forward(self, t, y):
+        return self.net(y) - 0.2 * y
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "interpolated"])
+def test_compiled_adjoint_evaluations_match_eager(gradient, monkeypatch):
+    """compile=True with gradient="adjoint"/"interpolated" on a module field (CPU): the backward solve's
+    evaluations of the field and its vector-Jacobian products are compiled programs (neurodyn.compile.adjoint, seen
+    returning their values); the gradients equal the eager solve's to rounding (same steps)."""
+    pytest.importorskip("torch._inductor")
+    from neurodyn.compile import adjoint as compiled_adjoint
+
+    calls = []
+    run = compiled_adjoint.AdjointFields._run
+
+    def spy(self, *args):
+        out = run(self, *args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(compiled_adjoint.AdjointFields, "_run", spy)
+    field = _Field()
+    t = torch.linspace(0.0, 1.0, 4, dtype=torch.float64)
+    grads, sols = [], []
+    for compile in (False, True):
+        y0 = torch.linspace(-1, 1, 12, dtype=torch.float64).view(4, 3).requires_grad_(True)
+        sol = neurodyn.solve(field, y0, t, method="dopri5", rtol=1e-8, atol=1e-10, gradient=gradient,
+                             compile=compile)
+        grads.append(torch.autograd.grad(sol.ys.pow(2).sum(), [y0, *field.parameters()]))
+        sols.append(sol)
+        assert bool(calls) == compile and all(calls)
+    assert sols[0].stats["steps_backward"] == sols[1].stats["steps_backward"]
+    for a, b in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_compiled_adjoint_evaluations_only_for_module_fields():
+    """A closure field (what it captures is not known) or params other than its module's parameters: the compiled
+    evaluations do not apply (None: eager)."""
+    from neurodyn.compile.adjoint import adjoint_fields
+
+    field = _Field()
+    y = torch.zeros(4, 3, dtype=torch.float64)
+    params = list(field.parameters())
+    assert adjoint_fields(field, (4, 3), params, y) is not None
+    assert adjoint_fields(lambda t, y: field(t, y), (4, 3), params, y) is None
+    assert adjoint_fields(field, (4, 3), params[:1], y) is None
+    assert adjoint_fields(field, (4, 3), params, y.float()) is not None

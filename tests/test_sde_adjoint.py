@@ -329,11 +329,11 @@ def test_stochastic_adjoint_compiled_only_where_it_applies():
     bm = BrownianInterval(0.0, 1.0, shape=(B, D), dtype=F64, entropy=0)
     params = list(model.parameters())
     strat = neurodyn.sde_term(model.f, model.g, bm, sde_type="stratonovich")
-    assert adjoint_fields(strat, (B, D), params, y) is not None
-    assert adjoint_fields(neurodyn.sde_term(model.f, model.g, bm, sde_type="ito"), (B, D), params, y) is None
+    assert adjoint_fields(strat.rate, (B, D), params, y) is not None
+    assert adjoint_fields(neurodyn.sde_term(model.f, model.g, bm, sde_type="ito").rate, (B, D), params, y) is None
     closure = neurodyn.sde_term(lambda t, y: model.f(t, y), model.g, bm, sde_type="stratonovich")
-    assert adjoint_fields(closure, (B, D), params, y) is None
-    assert adjoint_fields(strat, (B, D), params[:2], y) is None
+    assert adjoint_fields(closure.rate, (B, D), params, y) is None
+    assert adjoint_fields(strat.rate, (B, D), params[:2], y) is None
 
 
 def test_stochastic_adjoint_compiled_refuses_a_hidden_tensor():
@@ -349,12 +349,12 @@ def test_stochastic_adjoint_compiled_refuses_a_hidden_tensor():
     from neurodyn.compile.adjoint import adjoint_fields
 
     bm = BrownianInterval(0.0, 1.0, shape=(B, D), dtype=F64, entropy=0)
-    fields = adjoint_fields(neurodyn.sde_term(model.f, model.g, bm, sde_type="stratonovich"), (B, D),
+    fields = adjoint_fields(neurodyn.sde_term(model.f, model.g, bm, sde_type="stratonovich").rate, (B, D),
                             list(model.parameters()), torch.zeros(B, D, dtype=F64))
-    z = torch.zeros(1, 2 * B * D + sum(p.numel() for p in model.parameters()), dtype=F64)
+    y = torch.zeros(B, D, dtype=F64)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        assert fields.drift(torch.tensor(0.5, dtype=F64), z, list(model.parameters())) is None
+        assert fields.drift(torch.tensor(0.5, dtype=F64), y, y) is None
     assert fields.failed

@@ -585,10 +585,10 @@ def prepare(
                             adjoint_rtol=None if adjoint_rtol is None else float(adjoint_rtol),
                             adjoint_atol=None if adjoint_atol is None else float(adjoint_atol),
                             seminorm=bool(seminorm), checkpoints=checkpoints, adjoint_adaptive=adjoint_adaptive)
-    if compile and gradient == "adjoint" and term is not None and "sde" in term.kinds:
+    if compile and gradient in ("adjoint", "interpolated") and not per_sample_steps:
         from .compile.adjoint import adjoint_fields
 
-        gopts.sde_adjoint_fields = adjoint_fields
+        gopts.adjoint_fields = adjoint_fields
     if gradient != "direct":
         gopts.params = find_params(func, params)
         if torch.is_grad_enabled():

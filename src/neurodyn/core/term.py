@@ -682,6 +682,7 @@ class AdjointTerm(Term):
     every evaluation hands ``on_params(z, grads)`` the state it was evaluated at and the products
     ``-a^T df/dtheta_j`` per parameter (None for a parameter the evaluation does not depend on), for the caller to
     integrate outside the state (a quadrature, see :meth:`~neurodyn.core.stepper.StepperBase.quadrature_weights`).
+    ``fast`` (optional): :func:`adjoint_field`'s ``fast`` (``compile=True``'s compiled program).
 
     When ``z`` requires grad (an implicit backward method's Jacobian by reverse passes) the field is differentiable
     in ``z``; not under ``torch.func`` transforms, which would miss the parameter channels.
@@ -695,12 +696,14 @@ class AdjointTerm(Term):
     tensor([[ 6., -2., -3.]], dtype=torch.float64)
     """
 
-    __slots__ = ("func", "shape", "n", "params", "y_of_t", "on_params")
+    __slots__ = ("func", "shape", "n", "params", "y_of_t", "on_params", "fast")
     kinds: ClassVar[frozenset[str]] = frozenset({"ode"})
 
     def __init__(self, term: Term | Callable[[Tensor, Tensor], Tensor], shape: Sequence[int],
                  params: Sequence[Tensor] | None = None, y_of_t: Callable[[float], Tensor] | None = None,
-                 on_params: Callable[[Tensor, Sequence[Tensor | None]], None] | None = None):
+                 on_params: Callable[[Tensor, Sequence[Tensor | None]], None] | None = None,
+                 fast: Callable | None = None):
+        self.fast = fast
         self.func = term.ode if isinstance(term, Term) else term
         if params is None:
             params = term.grad_tensors() if isinstance(term, Term) else field_params(term)
@@ -711,7 +714,8 @@ class AdjointTerm(Term):
         self.on_params = on_params
 
     def ode(self, t: Tensor, z: Tensor) -> Tensor:
-        return adjoint_field(self.func, t, z, self.n, self.shape, self.params, self.y_of_t, self.on_params)
+        return adjoint_field(self.func, t, z, self.n, self.shape, self.params, self.y_of_t, self.on_params,
+                             self.fast)
 
     def vf(self, t: Tensor, z: Tensor) -> Tensor:
         return self.ode(t, z)
@@ -725,13 +729,17 @@ class AdjointTerm(Term):
 
 def adjoint_field(func: Callable[[Tensor, Tensor], Tensor], t: Tensor, z: Tensor, n: int, shape: tuple[int, ...],
                   params: Sequence[Tensor], y_of_t: Callable[[float], Tensor] | None = None,
-                  on_params: Callable[[Tensor, Sequence[Tensor | None]], None] | None = None) -> Tensor:
+                  on_params: Callable[[Tensor, Sequence[Tensor | None]], None] | None = None,
+                  fast: Callable | None = None) -> Tensor:
     """``[F(t, y), -a^T dF/dy, -a^T dF/dtheta]`` on the flat augmented state ``z = [y, a, g]`` (``(1, 2n + P)``;
     with ``y_of_t`` the state is ``[a, g]``, ``y`` read from it, and ``F`` is not returned): the augmented field of
     the continuous adjoint for one field ``F = func`` (an ODE's right-hand side; an SDE's drift, or its diffusion
     times a fixed Brownian increment). With ``on_params`` the state has no ``g`` (``[y, a]``, or ``[a]``): the
     products ``-a^T dF/dtheta_j`` (None where ``F`` does not depend on ``theta_j``) go to ``on_params(z, grads)``
-    and only ``[F, -a^T dF/dy]`` (or ``[-a^T dF/dy]``) is returned."""
+    and only ``[F, -a^T dF/dy]`` (or ``[-a^T dF/dy]``) is returned. ``fast(t, y, a)`` (optional; ``y`` and ``a`` of
+    the state's shape) computes ``(F, (-a^T dF/dy, *(-a^T dF/dtheta_j)))`` another way -- ``compile=True``'s compiled
+    program (:mod:`neurodyn.compile.adjoint`) -- or returns None (then, and where ``z`` requires grad, autograd
+    does)."""
     zf = z.reshape(-1)
     if y_of_t is None:
         y, a = zf[:n], zf[n:2 * n]
@@ -741,13 +749,17 @@ def adjoint_field(func: Callable[[Tensor, Tensor], Tensor], t: Tensor, z: Tensor
     # Not under torch.func: its transforms would miss the parameter channels (wrong, silently), so the
     # requires_grad_ below makes them fail instead and the Jacobian comes from plain autograd.
     diff = z.requires_grad and torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(z)
-    with torch.enable_grad():
-        yv = y.view(shape) if diff and y.requires_grad else y.detach().view(shape).requires_grad_(True)
-        fy = func(t, yv)
-        if fy.requires_grad:
-            grads = vjp(fy, (yv, *params), -a.view(shape), create_graph=diff)
-        else:  # a field of t alone: no dependence on y or the parameters
-            grads = (None,) * (1 + len(params))
+    done = fast(t, y.view(shape), a.view(shape)) if fast is not None and not z.requires_grad else None
+    if done is not None:
+        fy, grads = done
+    else:
+        with torch.enable_grad():
+            yv = y.view(shape) if diff and y.requires_grad else y.detach().view(shape).requires_grad_(True)
+            fy = func(t, yv)
+            if fy.requires_grad:
+                grads = vjp(fy, (yv, *params), -a.view(shape), create_graph=diff)
+            else:  # a field of t alone: no dependence on y or the parameters
+                grads = (None,) * (1 + len(params))
     parts = [grads[0].reshape(-1) if grads[0] is not None else torch.zeros_like(a)]
     if on_params is not None:
         on_params(z, grads[1:])
@@ -815,9 +827,9 @@ class SDEAdjointTerm(MultiTerm):
 
     ``params`` default to the term's :meth:`~Term.grad_tensors` (drift and diffusion parameters); ``drift`` replaces
     the term's drift (e.g. watched for captured tensors) and ``wrap`` wraps each diffusion-product evaluation.
-    ``fast`` (optional) evaluates the two augmented fields another way (``fast.drift(t, z, params)``,
-    ``fast.g_prod(t, z, dW, params)``: the same values, or None where it cannot, and the eager evaluation is used):
-    ``compile=True``'s compiled evaluations (:mod:`neurodyn.compile.adjoint`).
+    ``fast`` (optional) computes the two fields' values and vector-Jacobian products another way
+    (``fast.drift(t, y, a)``, ``fast.g_prod(t, y, a, dW)``, as :func:`adjoint_field`'s ``fast``):
+    ``compile=True``'s compiled programs (:mod:`neurodyn.compile.adjoint`).
 
     Examples
     --------
@@ -864,17 +876,16 @@ class SDEAdjointTerm(MultiTerm):
         n, shp, ps = self.n, self.shape, self.params
 
         def aug_drift(t: Tensor, z: Tensor) -> Tensor:
-            out = fast.drift(t, z, ps) if fast is not None and not z.requires_grad else None
-            return out if out is not None else adjoint_field(self.drift_of, t, z, n, shp, ps)
+            return adjoint_field(self.drift_of, t, z, n, shp, ps, fast=fast.drift if fast is not None else None)
 
         def aug_g_prod(t: Tensor, z: Tensor, dW: Tensor) -> Tensor:
-            out = fast.g_prod(t, z, dW, ps) if fast is not None and not z.requires_grad else None
-            if out is not None:
-                return out
-
             def g_dw(s: Tensor, y: Tensor) -> Tensor:
                 return diffusion.vf_prod(s, y, dW)
-            return adjoint_field(wrap(g_dw) if wrap is not None else g_dw, t, z, n, shp, ps)
+
+            def fast_g(s: Tensor, y: Tensor, a: Tensor) -> Any:
+                return fast.g_prod(s, y, a, dW)
+            return adjoint_field(wrap(g_dw) if wrap is not None else g_dw, t, z, n, shp, ps,
+                                 fast=fast_g if fast is not None else None)
 
         super().__init__(ODETerm(aug_drift), ControlTerm(None, diffusion.path, noise="general",
                                                          sde_type="stratonovich", g_prod=aug_g_prod))

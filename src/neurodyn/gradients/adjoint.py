@@ -222,9 +222,9 @@ class _AdjointFunction(torch.autograd.Function):
         guard = HiddenTensorGuard(params, setup.mode)
         user = term_of(func)
         stochastic = user is not None and "sde" in user.kinds
-        fast = None
+        # compile=True: the backward evaluations as compiled programs where they apply (neurodyn.compile.adjoint)
+        fast = gopts.adjoint_fields(func, shape, params, ys) if gopts.adjoint_fields is not None else None
         if stochastic:  # the stochastic adjoint: an augmented Stratonovich SDE on the forward's Brownian path
-            fast = gopts.sde_adjoint_fields(user, shape, params, ys) if gopts.sde_adjoint_fields else None
             aug = SDEAdjointTerm(user, shape, params, drift=guard.field(func), wrap=guard.field, fast=fast)
             adj_solver = get_solver(sde_adjoint_method(setup.solver, gopts.adjoint_method), frozenset({"sde"}))
         else:
@@ -256,7 +256,8 @@ class _AdjointFunction(torch.autograd.Function):
             weights = adj_solver.quadrature_weights() if p_total and (gopts.seminorm or not adaptive) else None
             quad = _ParamQuadrature(weights, params, adj_solver.fsal) if weights is not None else None
             aug = AdjointTerm(guard.field(func), shape, params, y_of_t,
-                              on_params=quad.record if quad is not None else None)
+                              on_params=quad.record if quad is not None else None,
+                              fast=fast.drift if fast is not None else None)
         g_total = 0 if quad is not None else p_total
         rtol_full, atol_full = rtol, atol
         if not isinstance(rtol, float) or not isinstance(atol, float):

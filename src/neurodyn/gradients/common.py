@@ -46,10 +46,10 @@ class GradientOptions:
     #: :func:`neurodyn.solve.prepare` left to the solve (made there where the compiled training step does not run);
     #: None where ``prepare`` made it (or none is due).
     hidden_t0: Tensor | None = None
-    #: ``compile=True``: what compiles the stochastic adjoint's backward evaluations
-    #: (:func:`neurodyn.compile.adjoint.adjoint_fields`, called as ``(term, shape, params, y)``; it returns None where
+    #: ``compile=True``: what compiles the adjoints' backward evaluations
+    #: (:func:`neurodyn.compile.adjoint.adjoint_fields`, called as ``(func, shape, params, y)``; it returns None where
     #: they stay eager); None: eager.
-    sde_adjoint_fields: Callable | None = None
+    adjoint_fields: Callable | None = None
 
 
 def find_params(func: Callable, params: Sequence[Tensor] | None) -> list[Tensor]:
