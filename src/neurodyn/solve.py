@@ -265,11 +265,12 @@ def solve(
         (``gradient="direct"``) the steps run as compiled blocks of steps whose compiled backward keeps the forward's
         activations (the eager solve's gradients to rounding; timed forward and backward against eager steps);
         with ``gradient="adjoint"`` the forward solve (no graph) may run as that compiled loop, reversible Heun's
-        exact adjoint included, and on the CPU the stochastic adjoint's backward solve evaluates its augmented drift
-        and diffusion products as compiled programs (forward and vector-Jacobian product in one; for a Stratonovich
-        SDE or additive noise whose drift and diffusion are methods of modules holding exactly ``params``:
-        ``neurodyn.compile.adjoint``) while it steps eagerly; adaptive SDE solves and the other backward solves run
-        eagerly. On CPUs other than Intel's, float32 matrix products in compiled code call oneDNN's kernel
+        exact adjoint included; adaptive SDE solves run eagerly. On the CPU the backward solves of
+        ``gradient="adjoint"`` and ``"interpolated"`` (ODEs, and the stochastic adjoint of a Stratonovich SDE or
+        additive noise) step eagerly but evaluate the field's value and vector-Jacobian products as compiled
+        programs where the field (drift, diffusion) is a module or a module's method holding exactly ``params``
+        (``neurodyn.compile.adjoint``; eager otherwise, and where compiling fails, with a warning). On x86 CPUs
+        other than Intel's, float32 matrix products in compiled code call oneDNN's kernel
         (``neurodyn.compile.patches.ONEDNN_FLOAT32``).
         With ``per_sample_steps=True`` (explicit Runge--Kutta methods without extra dense-output stages, float32/float64
         states, no graph recorded, no events, every row in one direction of time) the per-sample loop is compiled
