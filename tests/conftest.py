@@ -23,3 +23,22 @@ def no_compile_caches():
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(
             enable_autograd_cache=False):
         yield
+
+
+@pytest.fixture
+def compiled_adjoint_calls(monkeypatch):
+    """A list recording, per evaluation that neurodyn.compile.adjoint's compiled programs were asked for, whether a
+    program gave the values (True) or the evaluation fell back to eager (False)."""
+    pytest.importorskip("torch._inductor")
+    from neurodyn.compile import adjoint as compiled_adjoint
+
+    calls = []
+    run = compiled_adjoint.AdjointFields._run
+
+    def spy(self, *args):
+        out = run(self, *args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(compiled_adjoint.AdjointFields, "_run", spy)
+    return calls

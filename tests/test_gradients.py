@@ -499,22 +499,11 @@ class _Field(nn.Module):
 
 
 @pytest.mark.parametrize("gradient", ["adjoint", "interpolated"])
-def test_compiled_adjoint_evaluations_match_eager(gradient, monkeypatch):
+def test_compiled_adjoint_evaluations_match_eager(gradient, compiled_adjoint_calls):
     """compile=True with gradient="adjoint"/"interpolated" on a module field (CPU): the backward solve's
     evaluations of the field and its vector-Jacobian products are compiled programs (neurodyn.compile.adjoint, seen
     returning their values); the gradients equal the eager solve's to rounding (same steps)."""
-    pytest.importorskip("torch._inductor")
-    from neurodyn.compile import adjoint as compiled_adjoint
-
-    calls = []
-    run = compiled_adjoint.AdjointFields._run
-
-    def spy(self, *args):
-        out = run(self, *args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(compiled_adjoint.AdjointFields, "_run", spy)
+    calls = compiled_adjoint_calls
     field = _Field()
     t = torch.linspace(0.0, 1.0, 4, dtype=torch.float64)
     grads, sols = [], []

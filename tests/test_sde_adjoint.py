@@ -281,22 +281,11 @@ def _module_grads(model, method, compile, sde_type="stratonovich", entropy=2):
 
 
 @pytest.mark.parametrize("method", ["midpoint", "heun"])
-def test_stochastic_adjoint_compiled_evaluations_match_eager(method, monkeypatch):
+def test_stochastic_adjoint_compiled_evaluations_match_eager(method, compiled_adjoint_calls):
     """compile=True: the backward solve's augmented drift and diffusion products are compiled programs
     (neurodyn.compile.adjoint, seen returning their values); the gradients equal the eager adjoint's to rounding, and a
     second solve with a term built anew runs the same programs (nothing compiled again)."""
-    pytest.importorskip("torch._inductor")
-    from neurodyn.compile import adjoint as compiled_adjoint
-
-    calls = []
-    run = compiled_adjoint.AdjointFields._run
-
-    def spy(self, *args):
-        out = run(self, *args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(compiled_adjoint.AdjointFields, "_run", spy)
+    calls = compiled_adjoint_calls
     model = _Module()
     ge = _module_grads(model, method, False)[0]
     assert not calls
