@@ -448,12 +448,13 @@ class LoopProducts(CustomGraphPass):
             self._onednn(graph)
 
     def _onednn(self, graph: torch.fx.Graph) -> None:
-        """Each product ``mm(a, b)`` of float32 CPU matrices of shapes ``(m, k)`` and ``(k, n)``, each row-major or
-        transposed row-major, with at least :data:`~neurodyn.compile.patches.ONEDNN_MIN_MACS` multiply-adds and
-        :data:`ONEDNN_MIN_INNER` terms, as :func:`~neurodyn.compile.patches.onednn_mm` of ``a`` and ``b.T`` (both
-        operands read row-major). An operand that is not (``w.T`` of a layer's weight ``w`` in the forward is) is
-        copied row-major once, after its node, for all its products (a weight read by every step's products in the
-        backward; a weight gradient's two factors ``dy.T`` and ``x``)."""
+        """Each product ``mm(a, b)`` of float32 CPU matrices of shapes ``(m, k)`` and ``(k, n)``, ``a`` row-major and
+        ``b`` row-major or transposed row-major, with at least :data:`~neurodyn.compile.patches.ONEDNN_MIN_MACS`
+        multiply-adds and :data:`ONEDNN_MIN_INNER` terms, as :func:`~neurodyn.compile.patches.onednn_mm` of ``a``
+        and ``b.T`` (read row-major). ``b.T`` is read as it is where ``b`` is a transposed row-major matrix (``w.T``
+        of a layer's weight ``w``, in the forward); otherwise a row-major copy of it is made once, after ``b``, for
+        all of ``b``'s products (a weight read by every step's products in the backward). Weight gradients, whose
+        left factor is a transposed matrix, stay ATen's: both their factors would need copies (measured slower)."""
         aten = torch.ops.aten
         made: dict = {}
         first = next((n for n in graph.nodes if n.op != "placeholder"), None)
@@ -482,9 +483,9 @@ class LoopProducts(CustomGraphPass):
             a, b = node.args
             va = self._val(a)
             with va.fake_mode if hasattr(va, "fake_mode") else contextlib.nullcontext():
-                x, wt = row_major(a), row_major(transposed(b))
+                wt = row_major(transposed(b))
             with graph.inserting_before(node):
-                prod = graph.call_function(torch.ops.neurodyn.onednn_mm.default, (x, wt))
+                prod = graph.call_function(torch.ops.neurodyn.onednn_mm.default, (a, wt))
             prod.meta["val"] = self._val(node)
             node.replace_all_uses_with(prod)
             graph.erase_node(node)
