@@ -31,9 +31,8 @@ from torch import Tensor
 
 from ..core.term import ODETerm, term_of
 from ..solvers.sde import split_sde
-from .driven import call_compiled
-from .entries import Entries
-from .loop import DRIVEN_OPTIONS, patched_inductor
+from .driven import call_compiled, compiled_program
+from .loop import DRIVEN_OPTIONS
 from .step import own_code
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -87,20 +86,7 @@ class AdjointFields:
             fy, back = torch.func.vjp(field, y, *ps)
             return (fy, *back(-a))
 
-        fn = own_code(run)
-        entries = Entries(fn, n_outputs=2 + len(names))
-        inductor = patched_inductor(DRIVEN_OPTIONS)
-
-        def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-            # The program's inputs are y, a, dW and the detached parameters: one requiring grad is a tensor the
-            # functions capture, whose gradient this program would not compute.
-            if any(isinstance(x, Tensor) and x.requires_grad for x in example_inputs):
-                raise _Hidden("a tensor requiring grad captured by the field")
-            return inductor(gm, example_inputs)
-
-        compiled = torch.compile(fn, backend=entries.backend(backend), fullgraph=True, dynamic=False)
-        compiled.entries = entries
-        return compiled
+        return compiled_program(own_code(run), DRIVEN_OPTIONS, 2 + len(names), check=_no_hidden, dynamic=False)
 
     def bind(self, field: Callable, diffusion: Any, owners: Sequence[torch.nn.Module]) -> AdjointFields:
         """Sets the functions of this solve (the field, the Brownian ControlTerm or None) and their modules (in the
@@ -138,6 +124,13 @@ class AdjointFields:
 
     def g_prod(self, t: Tensor, y: Tensor, a: Tensor, dW: Tensor) -> tuple | None:
         return self._run(True, t, y, a, dW)
+
+
+def _no_hidden(example_inputs: list) -> None:
+    """The programs' inputs are y, a, dW and the detached parameters: one requiring grad is a tensor the functions
+    capture, whose gradient the program would not compute."""
+    if any(isinstance(x, Tensor) and x.requires_grad for x in example_inputs):
+        raise _Hidden("a tensor requiring grad captured by the field")
 
 
 def _is_hidden(err: BaseException | None) -> bool:

@@ -113,7 +113,7 @@ def _build(holder: list, n_carried: int) -> Callable:
         return torch._higher_order_ops.while_loop(cond, body, (i0, ok, y, k, *carried))
 
     options = DRIVEN_OPTIONS if holder[1].device is None or torch.device(holder[1].device).type == "cpu" else None
-    return _compiled(own_code(run), options, 4 + n_carried)
+    return compiled_program(own_code(run), options, 4 + n_carried)
 
 
 def _build_block(holder: list, n_carried: int, n_inputs: int, size: int, start_drift: bool = False) -> Callable:
@@ -151,22 +151,31 @@ def _build_block(holder: list, n_carried: int, n_inputs: int, size: int, start_d
         return torch.stack(finite), y, k, *carried
 
     options = GRAPH_OPTIONS if holder[1].device is None or torch.device(holder[1].device).type == "cpu" else None
-    return _compiled(own_code(run), options, (2 if start_drift else 3) + n_carried, dynamic=False)
+    return compiled_program(own_code(run), options, (2 if start_drift else 3) + n_carried, dynamic=False)
 
 
-def _compiled(fn: Callable, options: dict | None, n_outputs: int, **kwargs: Any) -> Callable:
+def compiled_program(fn: Callable, options: dict | None, n_outputs: int,
+                     check: Callable[[list], None] | None = None, **kwargs: Any) -> Callable:
     """``torch.compile(fn, fullgraph=True, **kwargs)`` by Inductor with ``options``, the CPU lowering patches entered
     while it compiles (:func:`~neurodyn.compile.loop.patched_inductor`), never around a call; ``fn`` returns a tuple of
-    ``n_outputs`` tensors. Call it with :func:`call_compiled`: repeat calls run its compiled entries with their guards
-    checked, without Dynamo's frame machinery (:class:`~neurodyn.compile.entries.Entries`)."""
+    ``n_outputs`` tensors. ``check(example_inputs)`` (optional) runs on the graph's inputs before Inductor compiles
+    it (it raises to refuse the graph). Call it with :func:`call_compiled`: repeat calls run its compiled entries with
+    their guards checked, without Dynamo's frame machinery (:class:`~neurodyn.compile.entries.Entries`)."""
     entries = Entries(fn, n_outputs=n_outputs)
-    compiled = torch.compile(fn, backend=entries.backend(patched_inductor(options)), fullgraph=True, **kwargs)
+    inductor = patched_inductor(options)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        if check is not None:
+            check(example_inputs)
+        return inductor(gm, example_inputs)
+
+    compiled = torch.compile(fn, backend=entries.backend(backend), fullgraph=True, **kwargs)
     compiled.entries = entries
     return compiled
 
 
 def call_compiled(compiled: Callable, *args: Tensor) -> tuple:
-    """``compiled(*args)`` for a function made by :func:`_compiled`: the compiled entry whose guards pass, called
+    """``compiled(*args)`` for a function made by :func:`compiled_program`: the compiled entry whose guards pass, called
     directly, or Dynamo's call where none does (a first call compiles)."""
     out = compiled.entries(args)
     if out is not None:
