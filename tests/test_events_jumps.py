@@ -1,7 +1,8 @@
 """Events with directions, counts and jump maps (issue 16 item 2): event times against closed forms (free fall, a
 bouncing ball's bounce times) and scipy's ``solve_ivp`` events; gradients of event times and post-jump states
 against closed forms and finite differences (direct, checkpoint; the adjoint's clear errors); terminal after n;
-Zeno status with the partial solution; bad input."""
+Zeno status with the partial solution; bad input. Adaptive steps toward ``jump_t`` times: equal, no sliver step
+landing on a jump."""
 
 import math
 
@@ -452,3 +453,59 @@ def test_per_sample_events_bad_input():
     with pytest.raises(InputError, match="gradient='direct' only"):
         neurodyn.solve(f, y0, t, events=[neurodyn.Event(lambda t, y: y[:, 0])], per_sample_steps=True,
                        gradient="checkpoint")
+
+
+# ------------------------------------------------------------------------------ jump_t: even steps to a jump
+JUMPS = [1.0, 1.7, 3.1]
+
+
+def _piecewise(rates):
+    """``t -> rates[i]`` on the i-th piece between the jump times ``JUMPS``."""
+    return lambda t: rates[sum(float(t) >= j for j in JUMPS)]
+
+
+def _solve_with_steps(f, y0, ts, **kw):
+    """The solution with ``jump_t=JUMPS`` and its accepted steps' sizes on each piece ``[0, 1], [1, 1.7],
+    [1.7, 3.1], [3.1, ts[-1]]``."""
+    steps = []
+    sol = neurodyn.solve(f, y0, ts, jump_t=JUMPS,
+                         step_callbacks={"accept": lambda t, y, h: steps.append((float(t), float(h)))}, **kw)
+    edges = [0.0, *JUMPS, float(ts[-1])]
+    return sol, [[h for t, h in steps if a - 1e-12 <= t < b - 1e-12] for a, b in zip(edges, edges[1:])]
+
+
+def test_adaptive_steps_split_the_distance_to_a_jump_evenly():
+    """Toward a jump time an adaptive step is the distance split into equal steps no larger than the controller's
+    proposal (control.even_step), not steps of the proposal and a sliver landing on the jump. A constant rate on each
+    piece: the error estimate is zero, so every proposal is max_step = 0.3 (ifactor growth, clipped). Each piece
+    ending at a jump takes ceil(length / 0.3) equal steps; the last piece, ending at the final time (no jump), takes
+    steps of 0.3 and a shorter one landing on it, as before. The solution (piecewise linear) is exact to rounding."""
+    rate = _piecewise([1.0, -3.0, 0.5, 2.0])
+    sol, pieces = _solve_with_steps(lambda t, y: rate(t) * torch.ones_like(y), torch.zeros(1, dtype=F64),
+                                    torch.tensor([0.0, 4.2], dtype=F64), first_step=0.3, max_step=0.3, **TOL)
+    for hs, n, length in zip(pieces[:3], [4, 3, 5], [1.0, 0.7, 1.4]):
+        assert len(hs) == n and max(abs(h - length / n) for h in hs) < 1e-12, hs
+    assert len(pieces[3]) == 4 and all(abs(h - 0.3) < 1e-12 for h in pieces[3][:3]), pieces[3]
+    assert abs(pieces[3][3] - 0.2) < 1e-12
+    assert sol.stats["steps"] == 16 and sol.stats["rejected"] == 0
+    assert abs(float(sol.ys[-1, 0]) - (1.0 - 3.0 * 0.7 + 0.5 * 1.4 + 2.0 * 1.1)) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3"])
+def test_no_sliver_step_before_a_jump_and_the_tolerance_met(method):
+    """y' = -a(t) y with a rate jumping at each of JUMPS: on every piece ending at a jump no accepted step is a
+    sliver (the last step, landing on the jump, is at least half the one before it; without the even split dopri5's
+    is 0.47 of it on [1, 1.7], and in general as small as the rounding), and the solution matches the exact one at
+    every output time."""
+    rates = [1.0, 3.0, 0.5, 2.0]
+    rate = _piecewise(rates)
+    ts = torch.tensor([0.0, 0.6, 1.0, 1.3, 1.7, 2.5, 3.1, 4.0], dtype=F64)
+    sol, pieces = _solve_with_steps(lambda t, y: -rate(t) * y, torch.ones(1, dtype=F64), ts, method=method,
+                                    rtol=1e-6, atol=1e-9)
+    assert sol.status == "success"
+    for hs in pieces[:3]:
+        assert len(hs) >= 3 and hs[-1] >= 0.5 * hs[-2], hs
+    edges = [0.0, *JUMPS, math.inf]
+    exact = [math.exp(-sum(a * max(0.0, min(float(t), hi) - lo) for a, lo, hi in zip(rates, edges, edges[1:])))
+             for t in ts]
+    torch.testing.assert_close(sol.ys[:, 0], torch.tensor(exact, dtype=F64), rtol=0, atol=5e-6)

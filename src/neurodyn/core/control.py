@@ -101,6 +101,26 @@ class PIDController:
 LANDING_SLACK = 1.0 + 1e-7
 
 
+def even_step(remaining: float, h_abs: float) -> float:
+    """The length of an adaptive step toward a stop ``remaining`` away (> 0) when the controller proposes ``h_abs``:
+    ``remaining`` split into ``ceil(remaining / h_abs)`` equal steps, so the steps up to the stop are equal and no
+    larger than the proposal, instead of steps of ``h_abs`` and then a short sliver step landing on the stop (and the
+    step after the stop proposed from that sliver). The eager loop (:func:`neurodyn.core.loop.iterate`) steps so
+    toward a jump time (``jump_t``), where the next step starts afresh anyway; toward the final time and ordinary
+    stops it steps ``h_abs`` (the landing rule, ``LANDING_SLACK``, takes the last one). Each step is recomputed from
+    the distance left and the controller's latest proposal.
+
+    >>> even_step(1.0, 0.4)  # three steps of 1/3, not 0.4, 0.4 and a sliver of 0.2
+    0.3333333333333333
+    >>> even_step(1.0, 0.5), even_step(0.3, 0.5)  # the proposal divides the distance; within one step: the distance
+    (0.5, 0.3)
+    """
+    q = remaining / h_abs
+    if not q < 2.0 ** 53:  # (huge, inf or NaN: the split would change nothing a float resolves)
+        return h_abs
+    return remaining / max(1, math.ceil(q))
+
+
 # Relative tolerances are raised to this many machine epsilons of the state's real dtype (float32: 2.4e-7; float64:
 # 4.4e-16; neurodyn.options.clamp_rtol warns), and methods that tighten their tolerances internally (trbdf2) stop there
 # too. Measured in float32 (docs/results.md, "float32 tolerances below the floor"): lowering the floor from 8 to 2

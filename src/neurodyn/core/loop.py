@@ -15,6 +15,7 @@ from ..errors import InputError
 from .config import LoopConfig
 from .control import (
     LANDING_SLACK,
+    even_step,
     frozen_attempt,
     initial_step,
     make_error_ratio,
@@ -199,7 +200,14 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor | Callable[[]
             # Land on the stop when within a hair of it (no sliver steps from accumulated rounding); the final time
             # not with land_on_end=False: the step passing it ends the solve (its outputs from the dense output).
             landing = remaining <= h_abs * LANDING_SLACK and (land_end or next_stop != t_end)
-            h = (next_stop - t) if landing else direction * h_abs
+            if landing:
+                h = next_stop - t
+            elif not fixed and next_stop in jumps:
+                # Toward a jump (never the final time): equal steps no larger than the proposal, no sliver step
+                # before it (h_abs, the proposal, stays as it is; the next one is proposed from the step taken).
+                h = direction * even_step(remaining, h_abs)
+            else:
+                h = direction * h_abs
             t1 = next_stop if landing else t + h
             nudge = nextafter(t1, -direction, t_dtype) if (perturb or (landing and next_stop in jumps)) else None
             if cb_step is not None:
