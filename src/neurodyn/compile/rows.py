@@ -366,7 +366,11 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
                out[2].to(torch.int64) if int32 else out[2], *out[3:])
         return (*out, h_first) if choose_first else out
 
-    options = CPU_OPTIONS if device.type == "cpu" else None
+    # Inductor's default vector width (the widest the CPU has; loop.CPU_OPTIONS sets 256 bits on Intel CPUs): the row
+    # loop's per-row control is elementwise work across the batch's rows, where 512-bit vectors are the faster ones
+    # (Intel Xeon with AVX-512, bench_suite's Van der Pol batch of 256 rows: 6.91 -> 5.65 ms; its batched MLP case
+    # with per_sample_steps: 29.8 -> 30.4 ms, within the noise).
+    options = {k: v for k, v in CPU_OPTIONS.items() if k != "cpp.simdlen"} if device.type == "cpu" else None
     if options is not None and LOOP_CAT_PARTS:  # (named in the options: Inductor's cache tells the programs apart)
         options = {**options, "post_grad_fusion_options": {"decompose_mm_pass": {
             **options["post_grad_fusion_options"]["decompose_mm_pass"], "neurodyn_small_cats": LOOP_CAT_PARTS}}}
