@@ -48,7 +48,8 @@ MKL_ON_INTEL = torch.backends.mkl.is_available() and _intel_cpu()
 # and 64-wide layers ran ~1.5x faster per evaluation than with the 512-bit vectors Inductor picks by default where the
 # CPU has them (Intel Xeon, 2026-11-22); elsewhere Inductor's default (None), the widest the CPU has. On an AMD EPYC
 # with AVX-512 the 512-bit kernels are the faster ones (bench_suite, compiled, CPU time: small 0.265 against 0.306 ms,
-# batched 23.1 against 27.7 ms); AVX2-only CPUs get 256 bits either way.
+# batched 23.1 against 27.7 ms); AVX2-only CPUs get 256 bits either way. The per-sample row loop (compile.rows) keeps
+# Inductor's default everywhere.
 SIMD_BITS = 256 if _intel_cpu() else None
 # Whether float32 tanh of at least LIBRARY_TANH_ELEMENTS elements is computed in compiled code by a fused formula
 # (tanh_formula: a rational function, no exp; ~5 ulp at most) rather than ATen's kernel (library_tanh). ATen's float32
