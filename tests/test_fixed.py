@@ -136,3 +136,28 @@ def test_step_size_backward_in_time():
     err = float(np.abs(sol.ys[-1].numpy() - np.asarray(RIGID.y0)).max())
     fwd_err, _ = final_error("rk4", 64)
     assert err < 1e-6 and err < 10 * fwd_err, (err, fwd_err)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_float32_times_landed_without_a_sliver_step(compile):
+    """Times given in float32 are rounded (0.3 is 0.30000001192...), so steps of the given size accumulated in float64
+    miss them by less than a float32 ulp. The step that comes within that of a stop lands on it: [0, 0.3] with
+    step_size=0.1 takes 3 steps (it took a fourth of 1.2e-8), observation times every 1/49 with jump_t and
+    step_size=1/49 one step per interval (it took 62 for 49), backward in time too; Euler's exact product of factors
+    (1 - h) meets the result."""
+    for t_end, n in ((0.3, 3), (2.9, 29), (5.3, 53)):
+        sol = neurodyn.solve(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, t_end]), method="euler",
+                             step_size=0.1, compile=compile)
+        assert sol.stats["steps"] == n, (t_end, sol.stats)
+        assert abs(sol.stats["last_step"] - 0.1) < 1e-6
+        torch.testing.assert_close(sol.ys[-1], torch.full((2,), 0.9 ** n), rtol=2e-6, atol=0)
+        back = neurodyn.solve(lambda t, y: y, torch.ones(2), torch.tensor([t_end, 0.0]), method="euler",
+                              step_size=0.1, compile=compile)
+        assert back.stats["steps"] == n, (t_end, back.stats)
+    ts = torch.linspace(0.0, 1.0, 50)
+    sol = neurodyn.solve(lambda t, y: -y, torch.ones(2), ts, method="euler", step_size=1 / 49, jump_t=ts[1:-1],
+                         compile=compile)
+    assert sol.stats["steps"] == 49, sol.stats
+    # A stop farther than the float32 resolution is still reached by a step of its own (3 steps, then 0.05).
+    sol = neurodyn.solve(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 0.35]), method="euler", step_size=0.1)
+    assert sol.stats["steps"] == 4 and abs(sol.stats["last_step"] - 0.05) < 1e-6

@@ -342,13 +342,14 @@ def test_records_graph_sees_parameters_and_closures():
 
 
 def test_step_grid_lands_as_the_eager_loop():
-    """The grid the driven loop precomputes: steps of dt from t0, landing on stops within LANDING_SLACK steps (the
+    """The grid the driven loop precomputes: steps of dt from t0, landing on stops within control.landing_reach (the
     eager loop's rule), the last step shorter where dt does not divide the span; and backwards in time."""
-    ts, hs = driven.step_grid([0.0, 1.0], [0.25, 1.0], 0.1)
+    eps64 = torch.finfo(torch.float64).eps
+    ts, hs = driven.step_grid([0.0, 1.0], [0.25, 1.0], 0.1, eps64)
     assert ts[:4] == [0.0, 0.1, 0.2, 0.25] and ts[-1] == 1.0 and ts[-2] == pytest.approx(0.95)
     assert len(hs) == len(ts) - 1 and all(h > 0 for h in hs)
     assert abs(sum(hs) - 1.0) < 1e-15
-    ts, hs = driven.step_grid([1.0, 0.0], [0.0], 0.25)
+    ts, hs = driven.step_grid([1.0, 0.0], [0.0], 0.25, eps64)
     assert ts == [1.0, 0.75, 0.5, 0.25, 0.0] and hs == [-0.25] * 4
 
 

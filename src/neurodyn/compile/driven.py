@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from .. import solution as _sol
-from ..core.control import step_grid
+from ..core.control import step_grid, time_eps
 from ..core.output import step_outputs
 from ..core.stepper import Step, Stepper
 from ..core.tensors import ordinary_tensors
@@ -334,7 +334,7 @@ class DrivenPlugIn:
         # From a copy of y0 and the drift there evaluated anew per run (the caller's graph of k0 stays untouched).
         y0 = y0.detach().requires_grad_(True)
         leaves, _ = graph_leaves(self.user, y0, y0)
-        tl, hl = step_grid(times, stops, min(cfg.step_size, cfg.max_step))
+        tl, hl = step_grid(times, stops, min(cfg.step_size, cfg.max_step), time_eps(term.t_dtype))
         m = min(GRAPH_ATTEMPTS, len(hl), cfg.max_steps)
         fsal = getattr(solver, "fsal", False)
         nfe = term.nfe
@@ -398,7 +398,7 @@ class DrivenPlugIn:
             return self._loop_graph(term, times, stops, y0, k0, first, max_step, max_steps)
         if k0 is None:  # the loop below starts from the drift at the initial time
             return None
-        tl, hl = step_grid(times, stops, min(first, max_step))
+        tl, hl = step_grid(times, stops, min(first, max_step), time_eps(term.t_dtype))
         n = min(len(hl), max_steps)
         if n == 0:
             return None  # nothing to step (the eager loop handles it)
@@ -519,7 +519,7 @@ class DrivenPlugIn:
         start_drift = not getattr(solver, "fsal", False)
         if k0 is None and not start_drift:
             return None
-        tl, hl = step_grid(times, stops, min(first, max_step))
+        tl, hl = step_grid(times, stops, min(first, max_step), time_eps(term.t_dtype))
         n = min(len(hl), max_steps)
         if n == 0:
             return None

@@ -38,10 +38,10 @@ from torch import Tensor
 from .. import solution as _sol
 from ..core import interpolation
 from ..core.control import (
-    LANDING_SLACK,
     PIDController,
     frozen_attempt,
     initial_step_tensor,
+    landing_reach,
     rms_ratio,
     step_underflow_tensor,
 )
@@ -291,7 +291,7 @@ def _build(solver: ExplicitRungeKutta, func: Callable, shape: tuple[int, ...], a
             t, h_abs, prev, prev2, last_h = sv[0], sv[1], sv[2], sv[3], sv[4]
             out_i, stop_i, steps, rejected, attempts, status = iv[0], iv[1], iv[2], iv[3], iv[4], iv[5]
             next_stop = stops.index_select(0, stop_i.view(1)).view(())
-            landing = (next_stop - t) * direction <= h_abs * LANDING_SLACK
+            landing = (next_stop - t) * direction <= landing_reach(h_abs, times[0].abs() + times[-1].abs(), eps)
             h = torch.where(landing, next_stop - t, direction * h_abs)
             t1 = torch.where(landing, next_stop, t + h)
             y1, ks, hy = rk_stages(lambda tt, yy: f(tt, yy, t_dtype, state), t, h, y, k1, plan)

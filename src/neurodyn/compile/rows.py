@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .. import solution as _sol
 from ..core import interpolation
-from ..core.control import LANDING_SLACK, PIDController, initial_step_tensor, rms_ratio, step_underflow_tensor
+from ..core.control import PIDController, initial_step_tensor, landing_reach, rms_ratio, step_underflow_tensor
 from ..solvers.explicit_rk import ExplicitRungeKutta
 from .entries import Entries, constant_guard_filter
 from .loop import CPU_MAX_OUTPUT_ELEMENTS, CPU_OPTIONS, combo_cols, module_state
@@ -139,9 +139,9 @@ class _Attempt:
         rdt = y.dtype
         eps = torch.finfo(rdt).eps
         min_step, max_step = lim[0], lim[1]
-        # Landing on each row's end time (control.LANDING_SLACK), as the eager loop.
+        # Landing on each row's end time (control.landing_reach), as the eager loop.
         rem = (t_stop - t).abs()
-        land = rem <= h_abs * LANDING_SLACK
+        land = rem <= landing_reach(h_abs, t.abs() + t_stop.abs(), eps)
         hp = torch.where(land, rem, h_abs)
         h = hp if self.d > 0 else -hp
         t1 = torch.where(land, t_stop, t + h)
@@ -282,7 +282,7 @@ def _build_loop(att: _Attempt, func: Callable, shape: tuple[int, ...], device: t
             # Whether some row's next attempt, if accepted, would pass two output times (its end: the landing rule of
             # _Attempt; a rejected attempt passes none).
             rem = (t_stop - t).abs()
-            land = rem <= h_abs * LANDING_SLACK
+            land = rem <= landing_reach(h_abs, t.abs() + t_stop.abs(), torch.finfo(yv.dtype).eps)
             t1 = torch.where(land, t_stop, t + h_abs if att.d > 0 else t - h_abs)
             first = att.passed(times_flat[slot], t1)
             return att.passed(times_flat[slot + first.to(slot.dtype) * b], t1).any()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -96,9 +97,25 @@ class PIDController:
         return ControllerState(self, error_order + 1)
 
 
-# The landing rule: a step lands on the next stop when the distance to it is within this factor of the step
-# (no sliver steps from accumulated rounding). Every loop (eager, per-sample rows, compiled) uses it.
+# The landing rule (landing_reach): a step lands on the next stop when the distance to it is within this factor of the
+# step (no sliver steps from accumulated rounding) plus LANDING_TIME_EPS machine epsilons of the times' dtype times the
+# span's scale |t0| + |t_end|. Times given in float32 are rounded by up to half an ulp of that scale, so steps of the
+# given size (accumulated in float64 from one of them) can miss the next by a sliver no float32 time resolves: [0, 0.3]
+# in float32 with step_size=0.1 took a fourth step of 1.2e-8, and [2.9, 0] a thirtieth of 9.5e-8. Every loop (eager,
+# per-sample rows, compiled) uses it.
 LANDING_SLACK = 1.0 + 1e-7
+LANDING_TIME_EPS = 2.0
+
+
+def landing_reach(h_abs: Any, scale: Any, eps: float) -> Any:
+    """How far away a stop may be for a step of size ``h_abs`` to land on it: ``h_abs`` by ``LANDING_SLACK`` plus
+    ``LANDING_TIME_EPS * eps * scale``; ``scale`` is ``|t0| + |t_end|`` of the solve (a per-sample row's: its time
+    and end time), ``eps`` the machine epsilon of the times' dtype (:func:`time_eps`). Floats or tensors.
+
+    >>> 0.30000001192 - 0.2 <= landing_reach(0.1, 0.3, 2.0 ** -23)  # [0, 0.3] in float32, two steps of 0.1 taken
+    True
+    """
+    return h_abs * LANDING_SLACK + LANDING_TIME_EPS * eps * scale
 
 
 def even_step(remaining: float, h_abs: float) -> float:
@@ -131,20 +148,27 @@ def even_step(remaining: float, h_abs: float) -> float:
 RTOL_FLOOR_EPS = 2.0
 
 
-def step_grid(times: list[float], stops: list[float], step_size: float) -> tuple[list[float], list[float]]:
+def time_eps(t_dtype: torch.dtype | None) -> float:
+    """The machine epsilon of the times' dtype (``None``: torch's default dtype), the unit of the landing rule."""
+    return torch.finfo(t_dtype or torch.get_default_dtype()).eps
+
+
+def step_grid(times: list[float], stops: list[float], step_size: float, eps: float) -> tuple[list[float], list[float]]:
     """The step starts ``t_0 .. t_N`` (the last is the end time) and signed sizes ``h_0 .. h_{N-1}`` of a fixed-step
     solve over ``times`` landing on ``stops`` (ascending in the direction of travel, the end time last), as the eager
-    loop (:func:`neurodyn.core.loop.iterate`) steps: ``t + h`` until a stop is within ``LANDING_SLACK`` steps.
+    loop (:func:`neurodyn.core.loop.iterate`) steps: ``t + h`` until a stop is within :func:`landing_reach` (``eps``:
+    :func:`time_eps` of the times' dtype).
 
-    >>> step_grid([0.0, 1.0], [1.0], 0.5)
+    >>> step_grid([0.0, 1.0], [1.0], 0.5, 2.0 ** -52)
     ([0.0, 0.5, 1.0], [0.5, 0.5])
     """
     t = times[0]
     direction = 1.0 if times[-1] > t else -1.0
+    scale = abs(times[0]) + abs(times[-1])
     ts, hs = [t], []
     for stop in stops:
         while True:
-            landing = (stop - t) * direction <= step_size * LANDING_SLACK
+            landing = (stop - t) * direction <= landing_reach(step_size, scale, eps)
             h = (stop - t) if landing else direction * step_size
             t = stop if landing else t + h
             ts.append(t)

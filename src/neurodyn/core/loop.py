@@ -14,14 +14,15 @@ from .. import solution as _sol
 from ..errors import InputError
 from .config import LoopConfig
 from .control import (
-    LANDING_SLACK,
     even_step,
     frozen_attempt,
     initial_step,
+    landing_reach,
     make_error_ratio,
     not_frozen,
     step_grid,
     step_underflow,
+    time_eps,
 )
 from .events import EventWatch
 from .output import LoopResult, step_outputs
@@ -187,6 +188,7 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor | Callable[[]
     land_end = fixed or cfg.controller.land_on_end
     # perturb / jump_t nudges: one ulp of the time tensor the field receives (a float64 ulp vanishes in float32).
     t_dtype = getattr(term, "t_dtype", None) or torch.get_default_dtype()
+    t_eps, t_scale = time_eps(t_dtype), abs(t0) + abs(t_end)
     k1_time = nextafter(t0, direction, t_dtype) if perturb else t0
     # Compiled steps: their compiler settings held once for the whole loop (not entered per step). Eager fixed steps:
     # the term's part that depends on t alone evaluated at every evaluation time at once (evaluation_grid).
@@ -199,7 +201,7 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor | Callable[[]
             remaining = (next_stop - t) * direction
             # Land on the stop when within a hair of it (no sliver steps from accumulated rounding); the final time
             # not with land_on_end=False: the step passing it ends the solve (its outputs from the dense output).
-            landing = remaining <= h_abs * LANDING_SLACK and (land_end or next_stop != t_end)
+            landing = remaining <= landing_reach(h_abs, t_scale, t_eps) and (land_end or next_stop != t_end)
             if landing:
                 h = next_stop - t
             elif not fixed and next_stop in jumps:
@@ -375,7 +377,7 @@ def evaluation_grid(term: ODETerm, solver: Stepper, times: list[float], stops: l
     on = False
     owner = getattr(term, "grid_owner", None)
     if owner is not None and math.isfinite(step_size) and owner() is not None and not vmapped(k0):
-        starts, hs = step_grid(times, stops, step_size)
+        starts, hs = step_grid(times, stops, step_size, time_eps(term.t_dtype))
         grid: list[float] | None = []
         for t, h in zip(starts, hs):
             stage = solver.stage_times(t, h)

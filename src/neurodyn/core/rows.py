@@ -32,9 +32,9 @@ from ..errors import InputError
 from ..solution import Events, Solution
 from .config import LoopConfig
 from .control import (
-    LANDING_SLACK,
     PIDController,
     initial_step_tensor,
+    landing_reach,
     rms_ratio,
     step_underflow_tensor,
 )
@@ -358,7 +358,7 @@ def integrate_rows(term: RowTerm, y0: Tensor, f0: Tensor, times: Tensor, solver:
         if log is not None:
             log.begin()
         rem = (t_stop - t_cur).abs()
-        land = rem <= h_abs * LANDING_SLACK
+        land = rem <= landing_reach(h_abs, t_cur.abs() + t_stop.abs(), eps)
         hp = torch.where(land, rem, h_abs)
         h = hp if d > 0 else -hp
         t1 = torch.where(land, t_stop, t_cur + h)

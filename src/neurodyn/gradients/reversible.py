@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..core.config import LoopConfig
-from ..core.control import step_grid
+from ..core.control import step_grid, time_eps
 from ..core.loop import integrate, landing_times
 from ..core.output import assemble
 from ..core.stepper import Stepper, nextafter
@@ -94,7 +94,8 @@ class _ReversibleFunction(torch.autograd.Function):
                             cfg if grid else replace(cfg, on_accept=on_accept))
             sol = assemble(res, term, solver, cfg, y0.detach(), t.detach(), setup.on_failure)
         if grid:
-            starts, hs = step_grid(times, landing_times(times, cfg)[1], min(cfg.step_size, cfg.max_step))
+            starts, hs = step_grid(times, landing_times(times, cfg)[1], min(cfg.step_size, cfg.max_step),
+                                   time_eps(term.t_dtype))
             steps = [(starts[j], hs[j], starts[j + 1]) for j in range(res.steps)]
         setup.solution = sol
         setup.steps = steps
