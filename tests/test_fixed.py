@@ -161,3 +161,8 @@ def test_float32_times_landed_without_a_sliver_step(compile):
     # A stop farther than the float32 resolution is still reached by a step of its own (3 steps, then 0.05).
     sol = neurodyn.solve(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 0.35]), method="euler", step_size=0.1)
     assert sol.stats["steps"] == 4 and abs(sol.stats["last_step"] - 0.05) < 1e-6
+    # Near t = 1e6 float32 resolves 0.0625 only: the allowance is capped (control.LANDING_TIME_CAP), so no step
+    # grows past 1.001 step sizes (uncapped, the first step's end would land on the end time, 0.275 away).
+    t = torch.tensor([1e6, 1e6 + 0.375])
+    sol = neurodyn.solve(lambda t, y: -y, torch.ones(2), t, method="euler", step_size=0.1, compile=compile)
+    assert sol.stats["steps"] == 4 and abs(sol.stats["last_step"] - 0.075) < 1e-9, sol.stats

@@ -101,21 +101,29 @@ class PIDController:
 # step (no sliver steps from accumulated rounding) plus LANDING_TIME_EPS machine epsilons of the times' dtype times the
 # span's scale |t0| + |t_end|. Times given in float32 are rounded by up to half an ulp of that scale, so steps of the
 # given size (accumulated in float64 from one of them) can miss the next by a sliver no float32 time resolves: [0, 0.3]
-# in float32 with step_size=0.1 took a fourth step of 1.2e-8, and [2.9, 0] a thirtieth of 9.5e-8. Every loop (eager,
-# per-sample rows, compiled) uses it.
+# in float32 with step_size=0.1 took a fourth step of 1.2e-8, and [2.9, 0] a thirtieth of 9.5e-8. That allowance is
+# capped at LANDING_TIME_CAP steps: where float32 times cannot resolve the step (t ~ 1e6, step 0.01) no step grows
+# by more than that. Every loop (eager, per-sample rows, compiled) uses it.
 LANDING_SLACK = 1.0 + 1e-7
 LANDING_TIME_EPS = 2.0
+LANDING_TIME_CAP = 1e-3
 
 
 def landing_reach(h_abs: Any, scale: Any, eps: float) -> Any:
     """How far away a stop may be for a step of size ``h_abs`` to land on it: ``h_abs`` by ``LANDING_SLACK`` plus
-    ``LANDING_TIME_EPS * eps * scale``; ``scale`` is ``|t0| + |t_end|`` of the solve (a per-sample row's: its time
-    and end time), ``eps`` the machine epsilon of the times' dtype (:func:`time_eps`). Floats or tensors.
+    ``LANDING_TIME_EPS * eps * scale``, at most ``LANDING_TIME_CAP * h_abs``; ``scale`` is ``|t0| + |t_end|`` of the
+    solve (a per-sample row's: its time and end time), ``eps`` the machine epsilon of the times' dtype
+    (:func:`time_eps`). Floats, or tensors with ``scale`` a tensor.
 
     >>> 0.30000001192 - 0.2 <= landing_reach(0.1, 0.3, 2.0 ** -23)  # [0, 0.3] in float32, two steps of 0.1 taken
     True
+    >>> landing_reach(0.01, 2e6, 2.0 ** -23) < 0.01 * 1.0011  # float32 times near 1e6: capped at 1e-3 steps
+    True
     """
-    return h_abs * LANDING_SLACK + LANDING_TIME_EPS * eps * scale
+    allowance = LANDING_TIME_EPS * eps * scale
+    cap = LANDING_TIME_CAP * h_abs
+    allowance = torch.clamp(allowance, max=cap) if isinstance(allowance, Tensor) else min(allowance, cap)
+    return h_abs * LANDING_SLACK + allowance
 
 
 def even_step(remaining: float, h_abs: float) -> float:
