@@ -253,7 +253,8 @@ class DrivenPlugIn:
         self._term = term  # the bound term of this solve: what loop() steps
         if not loop_available or not self.usable:
             why = "compiling failed for this field" if not self.usable else \
-                "the compiled driven loop covers fixed-step solves without an autograd graph, events or dense output"
+                "the compiled driven loop covers fixed-step solves without events, jump_t, perturb, step hooks, " \
+                "a custom norm or a recorded solve"
             return "eager", f"{why}: eager steps"
         if policy.FORCE is not None:
             return policy.decide(None, True, force=policy.FORCE)
