@@ -491,6 +491,31 @@ def test_adaptive_steps_split_the_distance_to_a_jump_evenly():
     assert abs(float(sol.ys[-1, 0]) - (1.0 - 3.0 * 0.7 + 0.5 * 1.4 + 2.0 * 1.1)) < 1e-12
 
 
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_fixed_steps_split_the_distance_to_a_jump_evenly(method):
+    """Fixed steps toward a jump time: the distance split into ceil(length / step_size) equal steps (as adaptive
+    steps toward a jump), not steps of step_size and a sliver landing on the jump; toward the final time (no jump),
+    steps of step_size and a shorter last one, as before. step_size = 0.3 on pieces of 1.0, 0.7 and 1.4: 4, 3 and 5
+    equal steps. y' = -a(t) y, piecewise: every step stays inside one piece, so the result is the method's exact
+    one-step factor per step (Euler: 1 - a h; rk4: its degree-4 Taylor polynomial of exp(-a h))."""
+    rates = [1.0, 3.0, 0.5, 2.0]
+    rate = _piecewise(rates)
+    sol, pieces = _solve_with_steps(lambda t, y: -rate(t) * y, torch.ones(1, dtype=F64),
+                                    torch.tensor([0.0, 4.2], dtype=F64), method=method, step_size=0.3)
+    for hs, n, length in zip(pieces[:3], [4, 3, 5], [1.0, 0.7, 1.4]):
+        assert len(hs) == n and max(abs(h - length / n) for h in hs) < 1e-12, hs
+    assert [round(h, 12) for h in pieces[3]] == [0.3, 0.3, 0.3, 0.2], pieces[3]
+
+    def factor(z):  # the method's growth factor for y' = lambda y, z = lambda h
+        return 1.0 + z if method == "euler" else 1.0 + z + z * z / 2 + z ** 3 / 6 + z ** 4 / 24
+
+    expected = 1.0
+    for a, hs in zip(rates, pieces):
+        for h in hs:
+            expected *= factor(-a * h)
+    assert abs(float(sol.ys[-1, 0]) - expected) < 1e-13, (float(sol.ys[-1, 0]), expected)
+
+
 @pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3"])
 def test_no_sliver_step_before_a_jump_and_the_tolerance_met(method):
     """y' = -a(t) y with a rate jumping at each of JUMPS: on every piece ending at a jump no accepted step is a

@@ -127,13 +127,13 @@ def landing_reach(h_abs: Any, scale: Any, eps: float) -> Any:
 
 
 def even_step(remaining: float, h_abs: float) -> float:
-    """The length of an adaptive step toward a stop ``remaining`` away (> 0) when the controller proposes ``h_abs``:
-    ``remaining`` split into ``ceil(remaining / h_abs)`` equal steps, so the steps up to the stop are equal and no
-    larger than the proposal, instead of steps of ``h_abs`` and then a short sliver step landing on the stop (and the
-    step after the stop proposed from that sliver). The eager loop (:func:`neurodyn.core.loop.iterate`) steps so
-    toward a jump time (``jump_t``), where the next step starts afresh anyway; toward the final time and ordinary
-    stops it steps ``h_abs`` (the landing rule, ``LANDING_SLACK``, takes the last one). Each step is recomputed from
-    the distance left and the controller's latest proposal.
+    """The length of a step toward a stop ``remaining`` away (> 0) for a step size ``h_abs`` (the controller's
+    proposal, or the fixed step's :func:`landing_reach`): ``remaining`` split into ``ceil(remaining / h_abs)`` equal
+    steps, so the steps up to the stop are equal and no larger than ``h_abs``, instead of steps of ``h_abs`` and then
+    a short sliver step landing on the stop (and, adaptive, the step after the stop proposed from that sliver). The
+    eager loop (:func:`neurodyn.core.loop.iterate`) and :func:`step_grid` step so toward a jump time (``jump_t``),
+    where the next step starts afresh anyway; toward the final time and ordinary stops they step ``h_abs`` (the
+    landing rule takes the last one). Each step is recomputed from the distance left and the latest ``h_abs``.
 
     >>> even_step(1.0, 0.4)  # three steps of 1/3, not 0.4, 0.4 and a sliver of 0.2
     0.3333333333333333
@@ -161,23 +161,28 @@ def time_eps(t_dtype: torch.dtype | None) -> float:
     return torch.finfo(t_dtype or torch.get_default_dtype()).eps
 
 
-def step_grid(times: list[float], stops: list[float], step_size: float, eps: float) -> tuple[list[float], list[float]]:
+def step_grid(times: list[float], stops: list[float], step_size: float, eps: float,
+              jumps: frozenset[float] | set[float] = frozenset()) -> tuple[list[float], list[float]]:
     """The step starts ``t_0 .. t_N`` (the last is the end time) and signed sizes ``h_0 .. h_{N-1}`` of a fixed-step
     solve over ``times`` landing on ``stops`` (ascending in the direction of travel, the end time last), as the eager
     loop (:func:`neurodyn.core.loop.iterate`) steps: ``t + h`` until a stop is within :func:`landing_reach` (``eps``:
-    :func:`time_eps` of the times' dtype).
+    :func:`time_eps` of the times' dtype); toward a stop among ``jumps``, equal steps (:func:`even_step`).
 
     >>> step_grid([0.0, 1.0], [1.0], 0.5, 2.0 ** -52)
     ([0.0, 0.5, 1.0], [0.5, 0.5])
+    >>> step_grid([0.0, 1.0], [0.75, 1.0], 0.5, 2.0 ** -52, {0.75})[0]  # two steps of 0.375 to the jump at 0.75
+    [0.0, 0.375, 0.75, 1.0]
     """
     t = times[0]
     direction = 1.0 if times[-1] > t else -1.0
     scale = abs(times[0]) + abs(times[-1])
+    reach = landing_reach(step_size, scale, eps)
     ts, hs = [t], []
     for stop in stops:
         while True:
-            landing = (stop - t) * direction <= landing_reach(step_size, scale, eps)
-            h = (stop - t) if landing else direction * step_size
+            remaining = (stop - t) * direction
+            landing = remaining <= reach
+            h = (stop - t) if landing else direction * (even_step(remaining, reach) if stop in jumps else step_size)
             t = stop if landing else t + h
             ts.append(t)
             hs.append(h)

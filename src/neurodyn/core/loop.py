@@ -193,7 +193,7 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor | Callable[[]
     # Compiled steps: their compiler settings held once for the whole loop (not entered per step). Eager fixed steps:
     # the term's part that depends on t alone evaluated at every evaluation time at once (evaluation_grid).
     with fast.context() if fast is not None else \
-            evaluation_grid(term, solver, times, stops, h_abs if fixed and not perturb else math.inf, k0):
+            evaluation_grid(term, solver, times, stops, h_abs if fixed and not perturb else math.inf, k0, jumps):
         while True:
             if k1 is None:
                 k1_time = nextafter(t, direction, t_dtype) if perturb else t
@@ -204,10 +204,11 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor | Callable[[]
             landing = remaining <= landing_reach(h_abs, t_scale, t_eps) and (land_end or next_stop != t_end)
             if landing:
                 h = next_stop - t
-            elif not fixed and next_stop in jumps:
-                # Toward a jump (never the final time): equal steps no larger than the proposal, no sliver step
-                # before it (h_abs, the proposal, stays as it is; the next one is proposed from the step taken).
-                h = direction * even_step(remaining, h_abs)
+            elif next_stop in jumps:
+                # Toward a jump (never the final time): equal steps no larger than the proposal or the fixed step
+                # (within the landing rule's reach), no sliver step before it (h_abs stays as it is; an adaptive
+                # solve's next proposal comes from the step taken).
+                h = direction * even_step(remaining, h_abs if not fixed else landing_reach(h_abs, t_scale, t_eps))
             else:
                 h = direction * h_abs
             t1 = next_stop if landing else t + h
@@ -366,7 +367,7 @@ GRID_MAX_ELEMENTS = 2 ** 24
 
 @contextlib.contextmanager
 def evaluation_grid(term: ODETerm, solver: Stepper, times: list[float], stops: list[float], step_size: float,
-                    k0: Tensor) -> Generator[None, None, None]:
+                    k0: Tensor, jumps: set[float]) -> Generator[None, None, None]:
     """A fixed-step solve (a finite ``step_size``) with a stepper whose evaluation times are known before the step
     (:meth:`~neurodyn.core.stepper.StepperBase.stage_times`) knows every evaluation time before its first step (the
     step grid of :func:`~neurodyn.core.control.step_grid`): inside this context the bound ``term`` reads the part
@@ -377,7 +378,7 @@ def evaluation_grid(term: ODETerm, solver: Stepper, times: list[float], stops: l
     on = False
     owner = getattr(term, "grid_owner", None)
     if owner is not None and math.isfinite(step_size) and owner() is not None and not vmapped(k0):
-        starts, hs = step_grid(times, stops, step_size, time_eps(term.t_dtype))
+        starts, hs = step_grid(times, stops, step_size, time_eps(term.t_dtype), jumps)
         grid: list[float] | None = []
         for t, h in zip(starts, hs):
             stage = solver.stage_times(t, h)

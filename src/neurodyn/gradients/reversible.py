@@ -94,8 +94,8 @@ class _ReversibleFunction(torch.autograd.Function):
                             cfg if grid else replace(cfg, on_accept=on_accept))
             sol = assemble(res, term, solver, cfg, y0.detach(), t.detach(), setup.on_failure)
         if grid:
-            starts, hs = step_grid(times, landing_times(times, cfg)[1], min(cfg.step_size, cfg.max_step),
-                                   time_eps(term.t_dtype))
+            jumps, stops = landing_times(times, cfg)
+            starts, hs = step_grid(times, stops, min(cfg.step_size, cfg.max_step), time_eps(term.t_dtype), jumps)
             steps = [(starts[j], hs[j], starts[j + 1]) for j in range(res.steps)]
         setup.solution = sol
         setup.steps = steps
