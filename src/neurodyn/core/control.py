@@ -146,6 +146,20 @@ def even_step(remaining: float, h_abs: float) -> float:
     return remaining / max(1, math.ceil(q))
 
 
+def fixed_even_step(remaining: float, step_size: float, reach: float) -> float:
+    """The length of a fixed step toward a jump time ``remaining`` away (> ``reach``, :func:`landing_reach` of
+    ``step_size``): ``step_size`` itself where a whole number of steps reaches the jump (within the landing rule's
+    slack, so the grid is ``t + k h`` as without a jump), else :func:`even_step`'s equal split.
+
+    >>> fixed_even_step(0.2, 0.05, 0.05 * (1 + 1e-7)), fixed_even_step(0.0204, 0.02, 0.02 * (1 + 1e-7))
+    (0.05, 0.0102)
+    """
+    q = remaining / step_size
+    if not q < 2.0 ** 53 or abs(remaining - round(q) * step_size) <= reach - step_size:
+        return step_size
+    return even_step(remaining, reach)
+
+
 # Relative tolerances are raised to this many machine epsilons of the state's real dtype (float32: 2.4e-7; float64:
 # 4.4e-16; neurodyn.options.clamp_rtol warns), and methods that tighten their tolerances internally (trbdf2) stop there
 # too. Measured in float32 (docs/results.md, "float32 tolerances below the floor"): lowering the floor from 8 to 2
@@ -166,7 +180,7 @@ def step_grid(times: list[float], stops: list[float], step_size: float, eps: flo
     """The step starts ``t_0 .. t_N`` (the last is the end time) and signed sizes ``h_0 .. h_{N-1}`` of a fixed-step
     solve over ``times`` landing on ``stops`` (ascending in the direction of travel, the end time last), as the eager
     loop (:func:`neurodyn.core.loop.iterate`) steps: ``t + h`` until a stop is within :func:`landing_reach` (``eps``:
-    :func:`time_eps` of the times' dtype); toward a stop among ``jumps``, equal steps (:func:`even_step`).
+    :func:`time_eps` of the times' dtype); toward a stop among ``jumps``, :func:`fixed_even_step`.
 
     >>> step_grid([0.0, 1.0], [1.0], 0.5, 2.0 ** -52)
     ([0.0, 0.5, 1.0], [0.5, 0.5])
@@ -182,7 +196,8 @@ def step_grid(times: list[float], stops: list[float], step_size: float, eps: flo
         while True:
             remaining = (stop - t) * direction
             landing = remaining <= reach
-            h = (stop - t) if landing else direction * (even_step(remaining, reach) if stop in jumps else step_size)
+            h = (stop - t) if landing else direction * (fixed_even_step(remaining, step_size, reach) if stop in jumps
+                                                        else step_size)
             t = stop if landing else t + h
             ts.append(t)
             hs.append(h)

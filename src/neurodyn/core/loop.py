@@ -15,6 +15,7 @@ from ..errors import InputError
 from .config import LoopConfig
 from .control import (
     even_step,
+    fixed_even_step,
     frozen_attempt,
     initial_step,
     landing_reach,
@@ -208,7 +209,8 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor | Callable[[]
                 # Toward a jump (never the final time): equal steps no larger than the proposal or the fixed step
                 # (within the landing rule's reach), no sliver step before it (h_abs stays as it is; an adaptive
                 # solve's next proposal comes from the step taken).
-                h = direction * even_step(remaining, h_abs if not fixed else landing_reach(h_abs, t_scale, t_eps))
+                h = direction * (even_step(remaining, h_abs) if not fixed else
+                                 fixed_even_step(remaining, h_abs, landing_reach(h_abs, t_scale, t_eps)))
             else:
                 h = direction * h_abs
             t1 = next_stop if landing else t + h
