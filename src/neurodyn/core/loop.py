@@ -202,15 +202,15 @@ def iterate(term: ODETerm, solver: Stepper, y0: Tensor, k0: Tensor | Callable[[]
             remaining = (next_stop - t) * direction
             # Land on the stop when within a hair of it (no sliver steps from accumulated rounding); the final time
             # not with land_on_end=False: the step passing it ends the solve (its outputs from the dense output).
-            landing = remaining <= landing_reach(h_abs, t_scale, t_eps) and (land_end or next_stop != t_end)
+            reach = landing_reach(h_abs, t_scale, t_eps)
+            landing = remaining <= reach and (land_end or next_stop != t_end)
             if landing:
                 h = next_stop - t
             elif next_stop in jumps:
                 # Toward a jump (never the final time): equal steps no larger than the proposal or the fixed step
                 # (within the landing rule's reach), no sliver step before it (h_abs stays as it is; an adaptive
                 # solve's next proposal comes from the step taken).
-                h = direction * (even_step(remaining, h_abs) if not fixed else
-                                 fixed_even_step(remaining, h_abs, landing_reach(h_abs, t_scale, t_eps)))
+                h = direction * (fixed_even_step(remaining, h_abs, reach) if fixed else even_step(remaining, h_abs))
             else:
                 h = direction * h_abs
             t1 = next_stop if landing else t + h
